@@ -1,0 +1,42 @@
+# envctl — two commands do all set-up on a fresh machine: `make run` and `make test`.
+# The venv is built from Debian's python3 (not a pyenv build under /root) so that processes
+# running as other uids — test users, the build user — can execute it.
+PYTHON ?= /usr/bin/python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+APT_PACKAGES := python3-venv bindfs fuse3 libfuse2 inotify-tools strace libsystemd-dev pkg-config systemd-container
+PYTEST_ARGS ?=
+
+.PHONY: run test deps venv apt bench clean install
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+venv: $(BIN)/python
+	$(BIN)/pip install -q -e '.[daemon,test]'
+	# systemd-python is optional (journald logging, sd_notify via libsystemd): best effort.
+	$(BIN)/pip install -q -e '.[systemd]' || echo "systemd-python unavailable: falling back to the built-in notify/stderr logging"
+
+apt:
+	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	  else echo "missing Debian packages:$$missing (run as root or install them)"; exit 1; fi; \
+	fi
+
+deps: apt venv
+
+# Run the daemon in the foreground on the embedded demo config: root, socket, state under ./var/.
+run: venv
+	@mkdir -p var/envs var/state var/run
+	$(BIN)/envctld --config config/dev.yaml
+
+test: deps
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+bench: deps
+	$(BIN)/python bench/run_all.py
+
+clean:
+	rm -rf var .pytest_cache

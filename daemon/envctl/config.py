@@ -1,0 +1,407 @@
+"""Load and validate envctl's YAML configuration into frozen dataclasses.
+
+Why strict: a typo in a daemon's config that is silently ignored (``exlude:``) turns into a
+security or data-loss incident months later. Every unknown key, wrong type, relative path,
+unknown group or overlapping root is a :class:`~envctl.errors.ConfigError` whose message names
+the file, the key path (``roots[0].group``) and what is wrong. Nothing here touches the trees;
+it only describes them.
+"""
+
+from __future__ import annotations
+
+import grp
+import os
+import pwd
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Literal, TypeVar
+
+import yaml
+
+from .errors import ConfigError
+
+Others = Literal["keep", "none", "read"]
+WatchMode = Literal["auto", "inotify", "poll"]
+BACKENDS = ("rattler", "venv", "conda", "mamba", "micromamba")
+DEFAULT_SOCKET = "/run/envctl/envctld.sock"
+
+
+@dataclass(frozen=True)
+class RootConfig:
+    """One shared tree and the policy that makes it correct."""
+
+    path: Path
+    group: str
+    gid: int
+    others: Others = "keep"
+    exclude: tuple[str, ...] = ()
+    protected_owners: tuple[int, ...] = (0,)
+
+
+@dataclass(frozen=True)
+class WatchConfig:
+    """How the daemon notices changes: inotify, polling, or both (auto)."""
+
+    mode: WatchMode = "auto"
+    poll_interval: float = 10.0
+    full_scan_interval: float = 3600.0
+    workers: int = 2
+    status_interval: float = 300.0
+
+
+@dataclass(frozen=True)
+class WalkConfig:
+    """Concurrency of every tree walk; ``None`` picks a default per filesystem type."""
+
+    concurrency: int | None = None
+
+
+@dataclass(frozen=True)
+class SocketConfig:
+    """The request socket; ``group`` None leaves the daemon's primary group."""
+
+    path: Path = Path(DEFAULT_SOCKET)
+    mode: int = 0o660
+    group: str | None = None
+
+
+@dataclass(frozen=True)
+class RequestsConfig:
+    """Who may ask for environments, and how the daemon builds them."""
+
+    enabled: bool = True
+    root: Path | None = None
+    state_dir: Path = Path("/var/lib/envctl")
+    backend: str = "rattler"
+    allowed_backends: tuple[str, ...] = ("rattler", "venv")
+    build_user: str | None = None
+    max_concurrent: int = 2
+    timeout: float = 3600.0
+    allow_users: tuple[str, ...] = ()
+    allow_groups: tuple[str, ...] = ()
+    admin_users: tuple[str, ...] = ()
+    admin_groups: tuple[str, ...] = ()
+    channels: tuple[str, ...] = ()
+    default_channels: tuple[str, ...] = ("conda-forge",)
+    platforms: tuple[str, ...] = ()
+    conda_exe: str | None = None
+    venv_python: str = "/usr/bin/python3"
+    pip_args: tuple[str, ...] = ()
+    allow_pip_options: bool = False
+    allow_pip_urls: bool = False
+    max_spec_bytes: int = 65536
+    max_packages: int = 200
+    max_request_bytes: int = 262144
+    keep_logs_days: int = 30
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    """``journal`` auto = use journald when JOURNAL_STREAM says stderr goes there."""
+
+    level: str = "INFO"
+    journal: Literal["auto", "true", "false"] = "auto"
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole configuration; ``source`` is the file it came from (for messages)."""
+
+    roots: tuple[RootConfig, ...]
+    watch: WatchConfig = field(default_factory=WatchConfig)
+    walk: WalkConfig = field(default_factory=WalkConfig)
+    socket: SocketConfig = field(default_factory=SocketConfig)
+    requests: RequestsConfig = field(default_factory=RequestsConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    source: str = "<memory>"
+
+    def root_for(self, path: Path) -> RootConfig | None:
+        """The configured root that contains ``path`` (lexically), if any."""
+        for root in self.roots:
+            if path == root.path or root.path in path.parents:
+                return root
+        return None
+
+    @property
+    def requests_root(self) -> RootConfig:
+        """The root environment requests are built into (``requests.root`` or the first root)."""
+        want = self.requests.root or self.roots[0].path
+        root = self.root_for(want)
+        assert root is not None  # validated at load time
+        return root
+
+
+T = TypeVar("T")
+
+
+class _Reader:
+    """Walks one mapping of the YAML document, recording which keys were consumed."""
+
+    def __init__(self, source: str, where: str, data: Any) -> None:
+        self.source = source
+        self.where = where
+        if data is None:
+            data = {}
+        if not isinstance(data, dict):
+            self.fail("", f"must be a mapping, not {type(data).__name__}")
+        self.data: dict[str, Any] = data
+        self.seen: set[str] = set()
+
+    def fail(self, key: str, what: str) -> None:
+        name = f"{self.where}.{key}" if self.where and key else (self.where or key or "<top>")
+        raise ConfigError(f"{self.source}: {name}: {what}",
+                          hint="see config/envctld.yaml for every key with its meaning")
+
+    def get(self, key: str, kind: type[T] | tuple[type, ...], default: Any,
+            check: Callable[[Any], str | None] | None = None) -> Any:
+        self.seen.add(key)
+        if key not in self.data or self.data[key] is None:
+            return default
+        value = self.data[key]
+        kinds = kind if isinstance(kind, tuple) else (kind,)
+        if isinstance(value, bool) and bool not in kinds:
+            self.fail(key, f"must be {_kind_names(kinds)}, not a boolean")
+        if float in kinds and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if not isinstance(value, kinds):
+            self.fail(key, f"must be {_kind_names(kinds)}, not {type(value).__name__}")
+        if check is not None:
+            problem = check(value)
+            if problem:
+                self.fail(key, problem)
+        return value
+
+    def strings(self, key: str, default: tuple[str, ...] = ()) -> tuple[str, ...]:
+        items = self.get(key, list, None)
+        if items is None:
+            return default
+        for i, item in enumerate(items):
+            if not isinstance(item, str) or not item:
+                self.fail(f"{key}[{i}]", "must be a non-empty string")
+        return tuple(items)
+
+    def finish(self) -> None:
+        unknown = sorted(set(self.data) - self.seen)
+        if unknown:
+            self.fail(unknown[0], f"unknown key (known keys: {', '.join(sorted(self.seen))})")
+
+
+def _kind_names(kinds: tuple[type, ...]) -> str:
+    names = {str: "a string", int: "an integer", float: "a number", bool: "true or false",
+             list: "a list", dict: "a mapping"}
+    return " or ".join(names.get(k, k.__name__) for k in kinds)
+
+
+def _positive(value: float) -> str | None:
+    return None if value > 0 else "must be greater than zero"
+
+
+def resolve_group(name: str | int) -> int:
+    """Group name or numeric gid → gid; ``KeyError`` when the name is unknown."""
+    if isinstance(name, int) or str(name).isdigit():
+        return int(name)
+    return grp.getgrnam(str(name)).gr_gid
+
+
+def _absolute(reader: _Reader, key: str, value: str | None) -> Path | None:
+    if value is None:
+        return None
+    path = Path(value)
+    if not path.is_absolute():
+        reader.fail(key, f"must be an absolute path, got {value!r}")
+    if ".." in path.parts:
+        reader.fail(key, f"must not contain '..', got {value!r}")
+    return Path(os.path.normpath(path))
+
+
+def _root(source: str, i: int, data: Any) -> RootConfig:
+    r = _Reader(source, f"roots[{i}]", data)
+    path = _absolute(r, "path", r.get("path", str, None))
+    if path is None:
+        r.fail("path", "is required")
+    assert path is not None
+    if path == Path("/"):
+        r.fail("path", "must not be '/'")
+    group = r.get("group", (str, int), None)
+    if group is None:
+        r.fail("group", "is required (a group name or a numeric gid)")
+    try:
+        gid = resolve_group(group)
+    except KeyError:
+        r.fail("group", f"no such group {group!r} on this host")
+    others = r.get("others", str, "keep",
+                   lambda v: None if v in ("keep", "none", "read") else
+                   f"must be keep, none or read, not {v!r}")
+    exclude = r.strings("exclude")
+    for j, pattern in enumerate(exclude):
+        if pattern.startswith("/") or ".." in pattern.split("/"):
+            r.fail(f"exclude[{j}]", f"must be a pattern relative to the root, got {pattern!r}")
+    owners = r.get("protected_owners", list, [0])
+    for j, uid in enumerate(owners):
+        if not isinstance(uid, int) or isinstance(uid, bool) or uid < 0:
+            r.fail(f"protected_owners[{j}]", "must be a numeric uid")
+    r.finish()
+    return RootConfig(path=path, group=str(group), gid=gid, others=others,
+                      exclude=exclude, protected_owners=tuple(owners))
+
+
+def _check_user(name: str) -> str | None:
+    try:
+        pwd.getpwnam(name)
+    except KeyError:
+        return f"no such user {name!r} on this host"
+    return None
+
+
+def _requests(source: str, data: Any, roots: tuple[RootConfig, ...],
+              base: Path) -> RequestsConfig:
+    r = _Reader(source, "requests", data)
+    d = RequestsConfig()
+    root = _absolute(r, "root", r.get("root", str, None))
+    if root is not None and not any(root == x.path for x in roots):
+        r.fail("root", f"{root} is not one of the configured roots")
+    backend = r.get("backend", str, d.backend,
+                    lambda v: None if v in BACKENDS else f"unknown backend {v!r} "
+                    f"(known: {', '.join(BACKENDS)})")
+    allowed = r.strings("allowed_backends", (backend,))
+    for j, b in enumerate(allowed):
+        if b not in BACKENDS:
+            r.fail(f"allowed_backends[{j}]", f"unknown backend {b!r}")
+    if backend not in allowed:
+        r.fail("backend", f"{backend!r} is not in allowed_backends")
+    build_user = r.get("build_user", str, None, _check_user)
+    state_dir = r.get("state_dir", str, None)
+    conda_exe = r.get("conda_exe", str, None)
+    if any(b in ("conda", "mamba", "micromamba") for b in allowed) and not conda_exe:
+        r.fail("conda_exe", "is required when a conda-style backend is allowed")
+    cfg = RequestsConfig(
+        enabled=r.get("enabled", bool, d.enabled),
+        root=root,
+        state_dir=_absolute(r, "state_dir", _relative_to(base, state_dir)) or d.state_dir,
+        backend=backend,
+        allowed_backends=allowed,
+        build_user=build_user,
+        max_concurrent=r.get("max_concurrent", int, d.max_concurrent, _positive),
+        timeout=r.get("timeout", float, d.timeout, _positive),
+        allow_users=r.strings("allow_users"),
+        allow_groups=r.strings("allow_groups"),
+        admin_users=r.strings("admin_users"),
+        admin_groups=r.strings("admin_groups"),
+        channels=r.strings("channels"),
+        default_channels=r.strings("default_channels", d.default_channels),
+        platforms=r.strings("platforms"),
+        conda_exe=conda_exe,
+        venv_python=r.get("venv_python", str, d.venv_python),
+        pip_args=r.strings("pip_args"),
+        allow_pip_options=r.get("allow_pip_options", bool, d.allow_pip_options),
+        allow_pip_urls=r.get("allow_pip_urls", bool, d.allow_pip_urls),
+        max_spec_bytes=r.get("max_spec_bytes", int, d.max_spec_bytes, _positive),
+        max_packages=r.get("max_packages", int, d.max_packages, _positive),
+        max_request_bytes=r.get("max_request_bytes", int, d.max_request_bytes, _positive),
+        keep_logs_days=r.get("keep_logs_days", int, d.keep_logs_days, _positive),
+    )
+    r.finish()
+    return cfg
+
+
+def _relative_to(base: Path, value: str | None) -> str | None:
+    """Paths under ``./`` in a config are relative to the config file (for the dev config)."""
+    if value is not None and value.startswith("./"):
+        return str(base / value[2:])
+    return value
+
+
+def parse(data: Any, source: str = "<memory>", base: Path | None = None) -> Config:
+    """Validate a parsed YAML document; ``base`` anchors ``./`` paths (the config's folder)."""
+    base = base or Path.cwd()
+    top = _Reader(source, "", data)
+    raw_roots = top.get("roots", list, None)
+    if not raw_roots:
+        top.fail("roots", "at least one root is required")
+    for item in raw_roots:
+        if isinstance(item, dict) and isinstance(item.get("path"), str):
+            item["path"] = _relative_to(base, item["path"])
+    roots = tuple(_root(source, i, item) for i, item in enumerate(raw_roots))
+    for i, a in enumerate(roots):
+        for j, b in enumerate(roots):
+            if i < j and (a.path == b.path or a.path in b.path.parents
+                          or b.path in a.path.parents):
+                top.fail(f"roots[{j}].path", f"{b.path} overlaps roots[{i}] ({a.path})")
+
+    w = _Reader(source, "watch", top.get("watch", dict, None))
+    dw = WatchConfig()
+    watch = WatchConfig(
+        mode=w.get("mode", str, dw.mode, lambda v: None if v in ("auto", "inotify", "poll")
+                   else f"must be auto, inotify or poll, not {v!r}"),
+        poll_interval=w.get("poll_interval", float, dw.poll_interval, _positive),
+        full_scan_interval=w.get("full_scan_interval", float, dw.full_scan_interval, _positive),
+        workers=w.get("workers", int, dw.workers, _positive),
+        status_interval=w.get("status_interval", float, dw.status_interval, _positive),
+    )
+    w.finish()
+
+    k = _Reader(source, "walk", top.get("walk", dict, None))
+    concurrency = k.get("concurrency", (int, str), "auto",
+                        lambda v: None if v == "auto" or (isinstance(v, int) and 1 <= v <= 256)
+                        else "must be 'auto' or an integer from 1 to 256")
+    k.finish()
+    walk = WalkConfig(concurrency=None if concurrency == "auto" else concurrency)
+
+    s = _Reader(source, "socket", top.get("socket", dict, None))
+    mode = s.get("mode", (int, str), 0o660)
+    if isinstance(mode, str):
+        try:
+            mode = int(mode, 8)
+        except ValueError:
+            s.fail("mode", f"must be an octal mode like 0660, not {mode!r}")
+    if not 0 <= mode <= 0o777:
+        s.fail("mode", "must be between 0000 and 0777")
+    sock_group = s.get("group", (str, int), None)
+    if sock_group is not None:
+        try:
+            resolve_group(sock_group)
+        except KeyError:
+            s.fail("group", f"no such group {sock_group!r} on this host")
+    socket_cfg = SocketConfig(
+        path=_absolute(s, "path", _relative_to(base, s.get("path", str, DEFAULT_SOCKET)))
+        or Path(DEFAULT_SOCKET),
+        mode=mode, group=None if sock_group is None else str(sock_group))
+    s.finish()
+
+    requests = _requests(source, top.get("requests", dict, None), roots, base)
+
+    lg = _Reader(source, "logging", top.get("logging", dict, None))
+    level = lg.get("level", str, "INFO",
+                   lambda v: None if v.upper() in ("DEBUG", "INFO", "WARNING", "ERROR")
+                   else "must be DEBUG, INFO, WARNING or ERROR")
+    journal = lg.get("journal", (str, bool), "auto")
+    journal = {True: "true", False: "false"}.get(journal, journal)
+    if journal not in ("auto", "true", "false"):
+        lg.fail("journal", "must be auto, true or false")
+    lg.finish()
+    top.finish()
+    return Config(roots=roots, watch=watch, walk=walk, socket=socket_cfg, requests=requests,
+                  logging=LoggingConfig(level=level.upper(), journal=journal), source=source)
+
+
+def load(path: str | os.PathLike[str]) -> Config:
+    """Read and validate a config file; every failure is a ConfigError naming the file."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{p}: cannot read configuration: {exc.strerror}",
+                          hint="pass --config with a readable file") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{p}: not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
+    return parse(data, source=str(p), base=p.resolve().parent)
+
+
+def single_root(path: str | os.PathLike[str], group: str, others: Others = "keep") -> Config:
+    """A one-root config built from command-line flags (``envctl heal PATH --group G``)."""
+    return parse({"roots": [{"path": os.path.abspath(path), "group": group, "others": others}]},
+                 source="<command line>")

@@ -1,0 +1,79 @@
+"""Counters and findings a heal or check pass returns.
+
+Why separate: the CLI prints them, the daemon adds them to its status, benchmarks read them;
+none of those should import the walker to do so. Workers each fill their own
+:class:`HealStats` and merge at the end, so counting needs no lock on the hot path.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One entry worth reporting: fixed, would be fixed (check/dry-run), skipped or failed."""
+
+    path: str  # relative to the root; "" is the root itself
+    kind: str  # dir | file | symlink | special
+    action: str  # fixed | would-fix | skipped | error
+    problems: tuple[str, ...] = ()
+    reason: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"path": self.path, "kind": self.kind, "action": self.action}
+        if self.problems:
+            out["problems"] = list(self.problems)
+        if self.reason:
+            out["reason"] = self.reason
+        return out
+
+
+FindingSink = Callable[[Finding], None]
+
+
+@dataclass
+class HealStats:
+    """What one pass saw and did.
+
+    ``violations`` counts entries found wrong (whether or not they were fixed); ``fixed`` counts
+    the writes made, by what was changed (``group``/``mode``) and by kind (``dir``/``file``/
+    ``symlink``); ``skipped`` counts entries left alone on purpose, by reason.
+    """
+
+    scanned: int = 0
+    violations: int = 0
+    fixed: Counter[str] = field(default_factory=Counter)
+    fixed_kinds: Counter[str] = field(default_factory=Counter)
+    skipped: Counter[str] = field(default_factory=Counter)
+    errors: int = 0
+    dirs: int = 0
+    duration: float = 0.0
+
+    @property
+    def writes(self) -> int:
+        """Metadata calls that changed something (each chgrp or chmod is one)."""
+        return sum(self.fixed.values())
+
+    def merge(self, other: HealStats) -> None:
+        self.scanned += other.scanned
+        self.violations += other.violations
+        self.fixed.update(other.fixed)
+        self.fixed_kinds.update(other.fixed_kinds)
+        self.skipped.update(other.skipped)
+        self.errors += other.errors
+        self.dirs += other.dirs
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "scanned": self.scanned,
+            "dirs": self.dirs,
+            "violations": self.violations,
+            "fixed": {"group": self.fixed["group"], "mode": self.fixed["mode"],
+                      "by_kind": dict(sorted(self.fixed_kinds.items()))},
+            "skipped": dict(sorted(self.skipped.items())),
+            "errors": self.errors,
+            "duration_s": round(self.duration, 4),
+        }

@@ -1,0 +1,402 @@
+"""The one walker behind every pass: fd-based, no-follow, concurrent, zero writes when correct.
+
+Used by ``envctl heal``/``check``, the daemon's startup and periodic reconciles, its subtree
+reconciles of new directories and its per-event heals. Safety rules, all enforced here:
+
+- Directories are opened relative to their parent's fd with ``O_NOFOLLOW|O_DIRECTORY``; an entry
+  is changed only through an fd opened ``O_PATH|O_NOFOLLOW`` and ``fstat``-ed, so what is judged
+  is exactly the inode that is changed. A symlink or rename swapped in mid-walk can at worst
+  make us chgrp the link itself.
+- Nothing on another device or mount (bind mounts on the same device included, via the mount
+  id) is changed or descended into; entries owned by ``protected_owners`` are never changed
+  (the root directory itself excepted: the admin named it); fifos, sockets and devices are only
+  reported; excluded patterns are neither changed nor descended into.
+- A compliant entry costs one ``fstatat`` and no open, no write.
+
+Concurrency: on NFS/EFS each call is a network round trip, so directories are listed and their
+entries inspected and fixed by a bounded pool of threads (the GIL is released in every syscall).
+Tasks sit on a LIFO stack: depth-first order keeps the open directory fds near tree depth ×
+workers, and when the stack is long, batches run inline instead of being queued, which bounds
+memory on very wide trees. With concurrency 1 everything runs in the caller's thread.
+"""
+
+from __future__ import annotations
+
+import errno
+import fnmatch
+import os
+import re
+import stat
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+from ..config import RootConfig
+from ..policy import Kind, judge
+from .fsops import DIR_FLAGS, PATH_FLAGS, chgrp_fd, chmod_fd, mount_id
+from .stats import Finding, FindingSink, HealStats
+
+BATCH = 16  # entries inspected per task when concurrent
+MAX_QUEUED = 4096  # beyond this many queued tasks, listers inspect their entries inline
+
+
+class _DirRef:
+    """A directory fd shared by the tasks that still need it; closed by the last one."""
+
+    __slots__ = ("fd", "rel", "_refs", "_lock")
+
+    def __init__(self, fd: int, rel: str) -> None:
+        self.fd = fd
+        self.rel = rel
+        self._refs = 1
+        self._lock = threading.Lock()
+
+    def acquire(self) -> _DirRef:
+        with self._lock:
+            self._refs += 1
+        return self
+
+    def release(self) -> None:
+        with self._lock:
+            self._refs -= 1
+            last = self._refs == 0
+        if last:
+            os.close(self.fd)
+
+    def child(self, name: str) -> str:
+        return f"{self.rel}/{name}" if self.rel else name
+
+
+@dataclass
+class _DirTask:
+    parent: _DirRef | None  # None: the root itself
+    name: str
+    rel: str
+    descend: bool = True
+
+
+@dataclass
+class _EntriesTask:
+    parent: _DirRef
+    names: list[str]
+    descend: bool = True  # for an entry that turns out to be a directory
+
+
+_Task = _DirTask | _EntriesTask
+
+
+def compile_excludes(patterns: tuple[str, ...]) -> Callable[[str], bool]:
+    """A predicate on root-relative paths; ``*`` matches across ``/`` like fnmatch."""
+    if not patterns:
+        return lambda rel: False
+    rx = re.compile("|".join(f"(?:{fnmatch.translate(p.rstrip('/'))})" for p in patterns))
+    return lambda rel: bool(rx.match(rel))
+
+
+class Healer:
+    """Heals (or, with ``dry_run``, only inspects) one root according to its policy."""
+
+    def __init__(self, root: RootConfig, *, dry_run: bool = False, concurrency: int = 1,
+                 on_finding: FindingSink | None = None) -> None:
+        self.root = root
+        self.dry_run = dry_run
+        self.concurrency = max(1, concurrency)
+        self._on_finding = on_finding
+        self._report_lock = threading.Lock()
+        self.excluded = compile_excludes(root.exclude)
+
+    # -- public API -----------------------------------------------------------------------
+
+    def run(self, rel: str = "", recursive: bool = True) -> HealStats:
+        """Heal the entry at root-relative ``rel`` ("" = the root), and its subtree if asked.
+
+        ``rel`` is re-resolved component by component from the root fd without following
+        symlinks: a path that came from an event is a hint, never trusted.
+        """
+        return _Pass(self).run(rel, recursive)
+
+    def is_compliant(self, rel: str) -> bool:
+        """One ``lstat`` and no write: the daemon's cheap check for its own echo events."""
+        try:
+            st = os.lstat(self.root.path / rel)
+        except OSError:
+            return True  # gone: nothing to heal
+        return judge(st.st_mode, st.st_gid, self.root).ok
+
+    # -- reporting (called from worker threads) ------------------------------------------
+
+    def report(self, finding: Finding) -> None:
+        if self._on_finding is not None:
+            with self._report_lock:
+                self._on_finding(finding)
+
+
+class _Pass:
+    """One walk: the root fd, the task stack and the worker threads."""
+
+    def __init__(self, healer: Healer) -> None:
+        self.h = healer
+        self.root = healer.root
+        self.stack: list[_Task] = []
+        self.cond = threading.Condition()
+        self.pending = 0
+        self.root_dev = -1
+        self.root_mnt: int | None = None
+        self.totals = HealStats()
+
+    # -- driving ---------------------------------------------------------------------------
+
+    def run(self, rel: str, recursive: bool) -> HealStats:
+        start = time.monotonic()
+        stats = HealStats()
+        root_fd = os.open(self.root.path, DIR_FLAGS)
+        root_ref = _DirRef(root_fd, "")
+        try:
+            st = os.fstat(root_fd)
+            self.root_dev, self.root_mnt = st.st_dev, mount_id(root_fd)
+            first = self._resolve(root_ref, rel, recursive, stats)
+        finally:
+            root_ref.release()
+        if first is not None:
+            self._push(first)
+            if self.h.concurrency == 1:
+                self._drain_inline(stats)
+            else:
+                self._drain_threads()
+        self.totals.merge(stats)
+        self.totals.duration = time.monotonic() - start
+        return self.totals
+
+    def _resolve(self, root_ref: _DirRef, rel: str, recursive: bool,
+                 stats: HealStats) -> _Task | None:
+        """Open every parent of ``rel`` no-follow from the root; the last part becomes a task."""
+        if not rel:
+            return _DirTask(None, "", "", recursive)
+        parts = rel.split("/")
+        if any(p in ("", ".", "..") for p in parts):
+            raise ValueError(f"not a clean relative path: {rel!r}")
+        parent = root_ref.acquire()
+        try:
+            for i, part in enumerate(parts[:-1]):
+                prefix = "/".join(parts[:i + 1])
+                if self.h.excluded(prefix):
+                    stats.skipped["excluded"] += 1
+                    return None
+                try:
+                    fd = os.open(part, DIR_FLAGS, dir_fd=parent.fd)
+                except OSError as exc:
+                    if exc.errno not in (errno.ENOENT, errno.ELOOP, errno.ENOTDIR):
+                        self._error(stats, prefix, "dir", exc)
+                    else:
+                        stats.skipped["vanished"] += 1
+                    return None
+                nxt = _DirRef(fd, prefix)
+                parent.release()
+                parent = nxt
+                if not self._same_fs(os.fstat(fd), fd):
+                    stats.skipped["mount"] += 1
+                    return None
+            if self.h.excluded(rel):
+                stats.skipped["excluded"] += 1
+                return None
+            return _EntriesTask(parent.acquire(), [parts[-1]], recursive)
+        finally:
+            parent.release()
+
+    def _push(self, task: _Task) -> None:
+        with self.cond:
+            self.stack.append(task)
+            self.pending += 1
+            self.cond.notify()
+
+    def _drain_inline(self, stats: HealStats) -> None:
+        while self.stack:
+            task = self.stack.pop()
+            self.pending -= 1
+            self._do(task, stats)
+
+    def _drain_threads(self) -> None:
+        workers = [threading.Thread(target=self._worker, name=f"envctl-walk-{i}", daemon=True)
+                   for i in range(self.h.concurrency)]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+
+    def _worker(self) -> None:
+        stats = HealStats()
+        while True:
+            with self.cond:
+                while not self.stack and self.pending:
+                    self.cond.wait()
+                if not self.stack:
+                    break
+                task = self.stack.pop()
+            try:
+                self._do(task, stats)
+            finally:
+                with self.cond:
+                    self.pending -= 1
+                    if not self.pending:
+                        self.cond.notify_all()
+        with self.cond:
+            self.totals.merge(stats)
+
+    def _do(self, task: _Task, stats: HealStats) -> None:
+        try:
+            if isinstance(task, _DirTask):
+                self._visit_dir(task, stats)
+            else:
+                for name in task.names:
+                    self._inspect(task.parent, name, stats, task.descend)
+        finally:
+            if task.parent is not None:
+                task.parent.release()
+
+    # -- the work ----------------------------------------------------------------------------
+
+    def _same_fs(self, st: os.stat_result, fd: int) -> bool:
+        if st.st_dev != self.root_dev:
+            return False
+        mnt = mount_id(fd)
+        return mnt is None or self.root_mnt is None or mnt == self.root_mnt
+
+    def _visit_dir(self, task: _DirTask, stats: HealStats) -> None:
+        rel = task.rel
+        try:
+            if task.parent is None:
+                fd = os.open(self.root.path, DIR_FLAGS)
+            else:
+                fd = os.open(task.name, DIR_FLAGS, dir_fd=task.parent.fd)
+        except OSError as exc:
+            if exc.errno in (errno.ELOOP, errno.ENOTDIR) and task.parent is not None:
+                # Swapped for a symlink or a file since it was listed: judge it as an entry.
+                self._inspect(task.parent, task.name, stats)
+            elif exc.errno == errno.ENOENT:
+                stats.skipped["vanished"] += 1
+            else:
+                self._error(stats, rel, "dir", exc)
+            return
+        ref = _DirRef(fd, rel)
+        try:
+            st = os.fstat(fd)
+            stats.scanned += 1
+            stats.dirs += 1
+            if task.parent is not None and not self._same_fs(st, fd):
+                self._skip(stats, rel, "dir", "mount")
+                return
+            self._judge_and_fix(fd, st, rel, stats, is_dir_fd=True, is_root=task.parent is None)
+            if task.descend:
+                self._list(ref, stats)
+        except OSError as exc:
+            self._error(stats, rel, "dir", exc)
+        finally:
+            ref.release()
+
+    def _list(self, ref: _DirRef, stats: HealStats) -> None:
+        concurrent = self.h.concurrency > 1
+        batch: list[str] = []
+        with os.scandir(ref.fd) as it:
+            for entry in it:
+                rel = ref.child(entry.name)
+                if self.h.excluded(rel):
+                    stats.skipped["excluded"] += 1
+                    continue
+                try:
+                    is_dir = entry.is_dir(follow_symlinks=False)
+                except OSError:
+                    is_dir = False  # vanished: _inspect will count it
+                if is_dir:
+                    self._push(_DirTask(ref.acquire(), entry.name, rel))
+                elif concurrent and len(self.stack) < MAX_QUEUED:
+                    batch.append(entry.name)
+                    if len(batch) == BATCH:
+                        self._push(_EntriesTask(ref.acquire(), batch))
+                        batch = []
+                else:
+                    self._inspect(ref, entry.name, stats)
+        if batch:
+            self._push(_EntriesTask(ref.acquire(), batch))
+
+    def _inspect(self, parent: _DirRef, name: str, stats: HealStats,
+                 descend: bool = True) -> None:
+        """Judge a non-directory entry by ``fstatat``; open and fix it only when wrong."""
+        rel = parent.child(name)
+        try:
+            st = os.stat(name, dir_fd=parent.fd, follow_symlinks=False)
+        except FileNotFoundError:
+            stats.skipped["vanished"] += 1
+            return
+        except OSError as exc:
+            self._error(stats, rel, "file", exc)
+            return
+        if stat.S_ISDIR(st.st_mode):  # a directory now (listed as something else, or an event)
+            self._push(_DirTask(parent.acquire(), name, rel, descend))
+            return
+        stats.scanned += 1
+        verdict = judge(st.st_mode, st.st_gid, self.root)
+        if verdict.kind is Kind.SPECIAL:
+            self._skip(stats, rel, verdict.kind.value, "special")
+            return
+        if verdict.ok:
+            return
+        try:
+            fd = os.open(name, PATH_FLAGS, dir_fd=parent.fd)
+        except FileNotFoundError:
+            stats.skipped["vanished"] += 1
+            return
+        except OSError as exc:
+            self._error(stats, rel, verdict.kind.value, exc)
+            return
+        try:
+            st = os.fstat(fd)
+            if stat.S_ISDIR(st.st_mode):
+                self._push(_DirTask(parent.acquire(), name, rel, descend))
+            elif not self._same_fs(st, fd):
+                self._skip(stats, rel, verdict.kind.value, "mount")
+            else:
+                self._judge_and_fix(fd, st, rel, stats, is_dir_fd=False, is_root=False)
+        except OSError as exc:
+            self._error(stats, rel, verdict.kind.value, exc)
+        finally:
+            os.close(fd)
+
+    def _judge_and_fix(self, fd: int, st: os.stat_result, rel: str, stats: HealStats, *,
+                       is_dir_fd: bool, is_root: bool) -> None:
+        """Decide from the fd's own fstat, then change that inode through that fd."""
+        verdict = judge(st.st_mode, st.st_gid, self.root)
+        kind = verdict.kind.value
+        if verdict.kind is Kind.SPECIAL:
+            self._skip(stats, rel, kind, "special")
+            return
+        if verdict.ok:
+            return
+        if st.st_uid in self.root.protected_owners and not is_root:
+            self._skip(stats, rel, kind, "protected", verdict.problems(st.st_gid, st.st_mode))
+            return
+        stats.violations += 1
+        problems = tuple(verdict.problems(st.st_gid, st.st_mode))
+        if self.h.dry_run:
+            self.h.report(Finding(rel, kind, "would-fix", problems))
+            return
+        if verdict.gid is not None:
+            chgrp_fd(fd, verdict.gid)
+            stats.fixed["group"] += 1
+            st = os.fstat(fd)  # chown clears setuid/setgid on files: judge the bits afresh
+            verdict = judge(st.st_mode, st.st_gid, self.root)
+        if verdict.mode is not None:
+            chmod_fd(fd, verdict.mode, is_dir_fd)
+            stats.fixed["mode"] += 1
+        stats.fixed_kinds[kind] += 1
+        self.h.report(Finding(rel, kind, "fixed", problems))
+
+    def _skip(self, stats: HealStats, rel: str, kind: str, reason: str,
+              problems: list[str] | None = None) -> None:
+        stats.skipped[reason] += 1
+        self.h.report(Finding(rel, kind, "skipped", tuple(problems or ()), reason))
+
+    def _error(self, stats: HealStats, rel: str, kind: str, exc: OSError) -> None:
+        stats.errors += 1
+        self.h.report(Finding(rel, kind, "error", (), exc.strerror or str(exc)))
+

@@ -1,0 +1,96 @@
+"""What "correct" means for one entry under a shared root.
+
+Pure functions of an ``os.stat_result`` and a :class:`~envctl.config.RootConfig`: no I/O, so the
+healer, the checker and the daemon agree by construction, and the rules are testable on their
+own. The rules (README, "Policy"):
+
+- group = the root's group; the owner is never changed;
+- directories: group rwx and SGID (so new entries inherit the group);
+- regular files: group rw, group x exactly when user x;
+- ``others``: keep as is, ``none`` (no access, 2770-style) or ``read`` (r and X, no w: 2775-style);
+- setuid/setgid are never added to files; the sticky bit is left alone;
+- symlinks: only their own group (their mode means nothing on Linux);
+- fifos, sockets, devices: never touched, only reported.
+"""
+
+from __future__ import annotations
+
+import stat
+from dataclasses import dataclass
+from enum import Enum
+
+from .config import RootConfig
+
+
+class Kind(str, Enum):
+    """What the policy does with an entry, by its file type."""
+
+    DIR = "dir"
+    FILE = "file"
+    SYMLINK = "symlink"
+    SPECIAL = "special"  # fifo, socket, block or character device
+
+
+def kind_of(mode: int) -> Kind:
+    """Classify an ``st_mode``."""
+    if stat.S_ISDIR(mode):
+        return Kind.DIR
+    if stat.S_ISREG(mode):
+        return Kind.FILE
+    if stat.S_ISLNK(mode):
+        return Kind.SYMLINK
+    return Kind.SPECIAL
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """The corrections an entry needs; both ``None`` means it is already correct."""
+
+    kind: Kind
+    gid: int | None = None  # the group to set, when different
+    mode: int | None = None  # the permission bits (07777) to set, when different
+
+    @property
+    def ok(self) -> bool:
+        return self.gid is None and self.mode is None
+
+    def problems(self, st_gid: int, st_mode: int) -> list[str]:
+        """Human-readable descriptions, e.g. ``group 1001, want 100``."""
+        out = []
+        if self.gid is not None:
+            out.append(f"group {st_gid}, want {self.gid}")
+        if self.mode is not None:
+            out.append(f"mode {stat.S_IMODE(st_mode):04o}, want {self.mode:04o}")
+        return out
+
+
+_OTHER_BITS = stat.S_IRWXO
+
+
+def wanted_mode(mode: int, kind: Kind, others: str) -> int:
+    """The permission bits an entry of ``kind`` with bits ``mode`` should have."""
+    perm = stat.S_IMODE(mode)
+    if kind is Kind.DIR:
+        perm |= stat.S_IRWXG | stat.S_ISGID
+        user_x = True
+    else:
+        perm |= stat.S_IRGRP | stat.S_IWGRP
+        user_x = bool(perm & stat.S_IXUSR)
+        perm = perm | stat.S_IXGRP if user_x else perm & ~stat.S_IXGRP
+    if others == "none":
+        perm &= ~_OTHER_BITS
+    elif others == "read":
+        perm = (perm & ~_OTHER_BITS) | stat.S_IROTH | (stat.S_IXOTH if user_x else 0)
+    return perm
+
+
+def judge(st_mode: int, st_gid: int, root: RootConfig) -> Verdict:
+    """The verdict for an entry whose lstat/fstat gave ``st_mode`` and ``st_gid``."""
+    kind = kind_of(st_mode)
+    if kind is Kind.SPECIAL:
+        return Verdict(kind)
+    gid = None if st_gid == root.gid else root.gid
+    if kind is Kind.SYMLINK:
+        return Verdict(kind, gid=gid)
+    want = wanted_mode(st_mode, kind, root.others)
+    return Verdict(kind, gid=gid, mode=None if want == stat.S_IMODE(st_mode) else want)

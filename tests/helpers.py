@@ -1,0 +1,72 @@
+"""Shared test helpers: real other users, an independent audit, waiting without fixed sleeps.
+
+Everything here uses real parts: ``setpriv`` to run as another uid with its own umask, GNU
+``find`` to audit a tree independently of envctl's own code.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+REPO = Path(__file__).resolve().parent.parent
+# Debian's python: other uids cannot execute the pyenv build under /root (mode 700).
+SYSTEM_PYTHON = "/usr/bin/python3"
+VENV_BIN = Path(sys.executable).parent
+
+
+def as_user(uid: int, gid: int, cmd: list[str] | str, *, umask: int = 0o077,
+            check: bool = True, **kw: object) -> subprocess.CompletedProcess[str]:
+    """Run ``cmd`` as uid/gid with no supplementary groups and the given umask."""
+    if isinstance(cmd, str):
+        cmd = ["sh", "-c", cmd]
+    full = ["setpriv", f"--reuid={uid}", f"--regid={gid}", "--clear-groups",
+            "sh", "-c", f'umask {umask:03o}; exec "$@"', "sh", *cmd]
+    return subprocess.run(full, check=check, text=True, capture_output=True, **kw)  # type: ignore[call-overload]
+
+
+def find_violations(root: Path, gid: int) -> list[str]:
+    """Entries under ``root`` that break the policy, found by GNU find (not by envctl).
+
+    Directories: wrong group, or missing g+rwx or SGID. Files: wrong group, missing g+rw, or
+    group x differing from user x. Symlinks: wrong group.
+    """
+    expr = [
+        "(", "-type", "d", "(", "!", "-group", str(gid), "-o", "!", "-perm", "-2070", ")", ")",
+        "-o", "(", "-type", "f", "(", "!", "-group", str(gid), "-o", "!", "-perm", "-0060",
+        "-o", "-perm", "-0100", "!", "-perm", "-0010", "-o", "!", "-perm", "-0100",
+        "-perm", "-0010", ")", ")",
+        "-o", "(", "-type", "l", "!", "-group", str(gid), ")",
+    ]
+    out = subprocess.run(["find", str(root), *expr, "-print"], check=True, text=True,
+                         capture_output=True).stdout
+    return [line for line in out.splitlines() if line]
+
+
+def wait_for(pred: Callable[[], bool], timeout: float, interval: float = 0.02,
+             what: str = "condition") -> float:
+    """Poll ``pred`` until true; return the seconds it took, fail the test after ``timeout``."""
+    start = time.monotonic()
+    while True:
+        if pred():
+            return time.monotonic() - start
+        if time.monotonic() - start > timeout:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+def snapshot(path: Path) -> dict[str, tuple[int, int, int]]:
+    """(mode, uid, gid) of every entry under ``path`` (lstat): to prove nothing changed."""
+    out = {}
+    for dirpath, dirnames, filenames in os.walk(path):
+        for name in dirnames + filenames:
+            p = os.path.join(dirpath, name)
+            st = os.lstat(p)
+            out[p] = (st.st_mode, st.st_uid, st.st_gid)
+    st = os.lstat(path)
+    out[str(path)] = (st.st_mode, st.st_uid, st.st_gid)
+    return out
