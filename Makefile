@@ -28,9 +28,11 @@ apt:
 deps: apt venv
 
 # Run the daemon in the foreground on the embedded demo config: root, socket, state under ./var/.
+# config/dev.yaml is rendered into var/ (its ./ paths are relative to the rendered file).
 run: venv
 	@mkdir -p var/envs var/state var/run
-	$(BIN)/envctld --config config/dev.yaml
+	sed "s/@GROUP@/$$(id -gn)/" config/dev.yaml > var/dev.yaml
+	$(BIN)/envctld --config var/dev.yaml
 
 test: deps
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

@@ -20,11 +20,14 @@ VENV_BIN = Path(sys.executable).parent
 
 
 def as_user(uid: int, gid: int, cmd: list[str] | str, *, umask: int = 0o077,
-            check: bool = True, **kw: object) -> subprocess.CompletedProcess[str]:
-    """Run ``cmd`` as uid/gid with no supplementary groups and the given umask."""
+            check: bool = True, init_groups: bool = False,
+            **kw: object) -> subprocess.CompletedProcess[str]:
+    """Run ``cmd`` as uid/gid with the given umask; supplementary groups cleared unless
+    ``init_groups`` (then the user's groups from /etc/group, as a login would have)."""
     if isinstance(cmd, str):
         cmd = ["sh", "-c", cmd]
-    full = ["setpriv", f"--reuid={uid}", f"--regid={gid}", "--clear-groups",
+    groups = "--init-groups" if init_groups else "--clear-groups"
+    full = ["setpriv", f"--reuid={uid}", f"--regid={gid}", groups,
             "sh", "-c", f'umask {umask:03o}; exec "$@"', "sh", *cmd]
     return subprocess.run(full, check=check, text=True, capture_output=True, **kw)  # type: ignore[call-overload]
 
@@ -42,7 +45,7 @@ def find_violations(root: Path, gid: int) -> list[str]:
         "-perm", "-0010", ")", ")",
         "-o", "(", "-type", "l", "!", "-group", str(gid), ")",
     ]
-    out = subprocess.run(["find", str(root), *expr, "-print"], check=True, text=True,
+    out = subprocess.run(["find", str(root), "(", *expr, ")", "-print"], check=True, text=True,
                          capture_output=True).stdout
     return [line for line in out.splitlines() if line]
 

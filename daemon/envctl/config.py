@@ -63,6 +63,8 @@ class SocketConfig:
     path: Path = Path(DEFAULT_SOCKET)
     mode: int = 0o660
     group: str | None = None
+    read_timeout: float = 10.0  # seconds a client has to send a request line / take a reply
+    max_connections: int = 256  # concurrent clients; one more is told "busy"
 
 
 @dataclass(frozen=True)
@@ -365,7 +367,9 @@ def parse(data: Any, source: str = "<memory>", base: Path | None = None) -> Conf
     socket_cfg = SocketConfig(
         path=_absolute(s, "path", _relative_to(base, s.get("path", str, DEFAULT_SOCKET)))
         or Path(DEFAULT_SOCKET),
-        mode=mode, group=None if sock_group is None else str(sock_group))
+        mode=mode, group=None if sock_group is None else str(sock_group),
+        read_timeout=s.get("read_timeout", float, SocketConfig.read_timeout, _positive),
+        max_connections=s.get("max_connections", int, SocketConfig.max_connections, _positive))
     s.finish()
 
     requests = _requests(source, top.get("requests", dict, None), roots, base)

@@ -1,0 +1,134 @@
+"""The client side of the protocol, for the CLI and for anything else that scripts the daemon.
+
+Why its own module: the CLI must talk *only* the protocol (it may run in a user pod with no
+daemon code paths in use), and the three ways a connection can fail must stay three different
+messages — nobody listening (DaemonUnavailable), the kernel refusing us the socket file
+(SocketPermissionDenied), and the daemon refusing the request (whatever error it sent, e.g.
+NotAuthorised). Error envelopes are rebuilt into the same EnvctlError class the daemon raised, so
+the user sees the daemon's words and the CLI exits with the matching code.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import socket
+from pathlib import Path
+from typing import Any, Iterator
+
+from ..config import DEFAULT_SOCKET
+from ..errors import DaemonUnavailable, EnvctlError, ProtocolError, SocketPermissionDenied
+from . import protocol
+
+SOCKET_ENV = "ENVCTL_SOCKET"
+MAX_REPLY_BYTES = 64 * 1024 * 1024  # a reply is trusted, but a runaway one must not eat memory
+
+
+def socket_path(explicit: str | None = None) -> Path:
+    """``--socket``, else ``$ENVCTL_SOCKET``, else the default ``/run/envctl/envctld.sock``."""
+    return Path(explicit or os.environ.get(SOCKET_ENV) or DEFAULT_SOCKET)
+
+
+class Client:
+    """One connection to the daemon; several requests may be sent on it in turn."""
+
+    def __init__(self, path: str | Path | None = None, timeout: float | None = 30.0) -> None:
+        self.path = Path(path) if path else socket_path()
+        self.timeout = timeout
+        self._sock: socket.socket | None = None
+        self._file: Any = None
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        try:
+            sock.connect(str(self.path))
+        except OSError as exc:
+            sock.close()
+            raise _connect_error(self.path, exc) from None
+        self._sock = sock
+        self._file = sock.makefile("rb")
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+        if self._sock is not None:
+            self._sock.close()
+        self._sock = self._file = None
+
+    def call(self, op: str, **args: Any) -> Any:
+        """Send one request and return its ``data``; an error reply is raised as EnvctlError."""
+        self._send(op, args)
+        msg = self._receive()
+        if "event" in msg or msg.get("end"):
+            raise ProtocolError(f"{op}: unexpected stream message from the daemon")
+        return msg.get("data")
+
+    def stream(self, op: str, **args: Any) -> Iterator[dict[str, Any]]:
+        """Send a streaming request; yield each ``{"event", "data"}`` and finally the ``end``
+        message (``{"end": true, "data": ...}``). A daemon that replies once (e.g. because
+        the stream had nothing to follow) yields that reply as the end."""
+        self._send(op, args)
+        while True:
+            msg = self._receive()
+            if "event" in msg:
+                yield msg
+                continue
+            yield {"end": True, "data": msg.get("data")}
+            return
+
+    def _send(self, op: str, args: dict[str, Any]) -> None:
+        if self._sock is None:
+            self.connect()
+        assert self._sock is not None
+        try:
+            self._sock.sendall(protocol.encode(protocol.request(op, args)))
+        except OSError as exc:
+            raise DaemonUnavailable(f"lost the connection to the daemon at {self.path}: "
+                                    f"{exc.strerror or exc}") from None
+
+    def _receive(self) -> dict[str, Any]:
+        try:
+            line = self._file.readline(MAX_REPLY_BYTES)
+        except TimeoutError:
+            raise DaemonUnavailable(f"the daemon at {self.path} did not answer within "
+                                    f"{self.timeout:g}s", hint="check 'systemctl status envctld' "
+                                    "or the daemon's log") from None
+        except OSError as exc:
+            raise DaemonUnavailable(f"lost the connection to the daemon at {self.path}: "
+                                    f"{exc.strerror or exc}") from None
+        if not line:
+            raise DaemonUnavailable(f"the daemon at {self.path} closed the connection",
+                                    hint="it may be restarting; retry in a moment")
+        try:
+            msg = json.loads(line)
+        except ValueError:
+            raise ProtocolError("the daemon sent a reply that is not JSON",
+                                hint="client and daemon versions may differ") from None
+        if not isinstance(msg, dict) or "ok" not in msg:
+            raise ProtocolError("the daemon sent a reply without an ok field")
+        if not msg["ok"]:
+            raise EnvctlError.from_dict(dict(msg.get("error") or {}))
+        return msg
+
+
+def _connect_error(path: Path, exc: OSError) -> EnvctlError:
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        return SocketPermissionDenied(
+            f"permission denied on the daemon socket {path}",
+            hint="the socket's group decides who may use envctl requests; ask an administrator "
+            "to add you to it (socket.group), then log in again")
+    if exc.errno in (errno.ENOENT, errno.ECONNREFUSED, errno.ENOTDIR):
+        return DaemonUnavailable(
+            f"the envctl daemon is not running (no one is listening on {path})",
+            hint="start it ('systemctl start envctld'), or point --socket / ENVCTL_SOCKET at "
+            "the right socket")
+    return DaemonUnavailable(f"cannot connect to the daemon at {path}: {exc.strerror or exc}",
+                             hint="point --socket / ENVCTL_SOCKET at the daemon's socket")

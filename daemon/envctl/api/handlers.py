@@ -1,0 +1,170 @@
+"""What each op does: authorise, call the jobs layer or the status callback, shape the reply.
+
+Why separate from ``server``: the server owns bytes, threads and sockets; this module owns
+meaning. Every handler takes the checked :class:`~envctl.api.protocol.Request` and the peer's
+kernel identity and yields protocol messages — one for plain ops, a stream of events ending in an
+``end`` message for ``create``/``logs`` with ``follow``. Handlers raise
+:class:`~envctl.errors.EnvctlError`; the server turns that into the error envelope.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from typing import Any, Callable, Iterator
+
+from .. import __version__
+from ..config import Config
+from ..errors import DaemonUnavailable, NotAuthorised
+from ..jobs.manager import JobManager
+from ..jobs.model import Job, Requester
+from . import protocol
+from .auth import Authoriser
+from .peercred import PeerCred
+
+log = logging.getLogger(__name__)
+
+Message = dict[str, Any]
+StatusFn = Callable[[], dict[str, Any]]
+
+# How often a follow stream re-reads the log when nothing else woke it (the jobs layer's wait()
+# wakes on state/phase changes only, log growth is polled).
+FOLLOW_POLL = 0.25
+LOG_CHUNK = 65536
+
+
+class Handlers:
+    """The op implementations, bound to one daemon's jobs, status source and authoriser."""
+
+    def __init__(self, config: Config, jobs: JobManager | None, status: StatusFn,
+                 stopping: threading.Event) -> None:
+        self.jobs = jobs
+        self.status_fn = status
+        self.stopping = stopping
+        self.started = time.monotonic()
+        self.reload(config)
+
+    def reload(self, config: Config) -> None:
+        """New allow/admin lists take effect for the next request; open streams keep going."""
+        self.config = config
+        self.auth = Authoriser(config.requests)
+
+    def handle(self, req: protocol.Request, cred: PeerCred,
+               gone: Callable[[], bool]) -> Iterator[Message]:
+        """Dispatch one request; ``gone()`` tells a stream its client has hung up."""
+        claimed = req.args.get("claimed_user") if req.op.name == "create" else None
+        who = self.auth.requester(cred, claimed)
+        method: Callable[..., Iterator[Message]] = getattr(self, "op_" + req.op.name)
+        yield from method(who, gone=gone, **req.args)
+
+    # -- ops anyone who can connect may call ---------------------------------------------
+
+    def op_ping(self, who: Requester, gone: Callable[[], bool]) -> Iterator[Message]:
+        yield protocol.ok({"pong": True, "version": __version__, "protocol": protocol.VERSION})
+
+    def op_version(self, who: Requester, gone: Callable[[], bool]) -> Iterator[Message]:
+        yield protocol.ok({"version": __version__, "protocol": protocol.VERSION})
+
+    def op_whoami(self, who: Requester, gone: Callable[[], bool]) -> Iterator[Message]:
+        yield protocol.ok(self.auth.describe(who))
+
+    def op_status(self, who: Requester, gone: Callable[[], bool]) -> Iterator[Message]:
+        data = dict(self.status_fn())
+        data.update(version=__version__, protocol=protocol.VERSION, pid=os.getpid(),
+                    uptime=round(time.monotonic() - self.started, 3),
+                    requests_enabled=self.jobs is not None,
+                    jobs=self.jobs.counts() if self.jobs is not None else None)
+        yield protocol.ok(data)
+
+    # -- job ops ---------------------------------------------------------------------------
+
+    def _manager(self) -> JobManager:
+        if self.jobs is None:
+            raise DaemonUnavailable("environment requests are disabled on this daemon",
+                                    hint="an administrator can set requests.enabled: true")
+        return self.jobs
+
+    def _visible(self, who: Requester, job_id: str | int) -> Job:
+        job = self._manager().get(str(job_id))
+        self.auth.require_view(who, job)
+        return job
+
+    def op_create(self, who: Requester, gone: Callable[[], bool], name: str, spec: str,
+                  backend: str | None, replace: bool, claimed_user: str | None,
+                  follow: bool) -> Iterator[Message]:
+        jobs = self._manager()
+        try:
+            self.auth.require_create(who)
+        except NotAuthorised:
+            log.info("api refused op=create uid=%d user=%s claimed=%s name=%s", who.uid,
+                     who.username, who.claimed_user, name)
+            raise
+        job = jobs.submit(who, name, spec, backend=backend, replace=replace)
+        log.info("api create job=%s name=%s backend=%s uid=%d user=%s claimed=%s replace=%s",
+                 job.id, job.name, job.backend, who.uid, who.username, who.claimed_user, replace)
+        if not follow:
+            yield protocol.ok(job.to_dict())
+            return
+        yield protocol.event("created", job.to_dict())
+        yield from self._follow(job.id, 0, gone, job_events=True)
+
+    def op_get(self, who: Requester, gone: Callable[[], bool], id: str | int) -> Iterator[Message]:
+        yield protocol.ok(self._visible(who, id).to_dict())
+
+    def op_list(self, who: Requester, gone: Callable[[], bool], all: bool,
+                finished: bool) -> Iterator[Message]:
+        if all:
+            self.auth.require_view_all(who)
+        jobs = self._manager().list(uid=None if all else who.uid, include_finished=finished)
+        yield protocol.ok([j.to_dict() for j in jobs])
+
+    def op_logs(self, who: Requester, gone: Callable[[], bool], id: str | int, offset: int,
+                follow: bool) -> Iterator[Message]:
+        job = self._visible(who, id)
+        if not follow:
+            data, new_offset = self._manager().read_log(job.id, max(offset, 0), LOG_CHUNK)
+            yield protocol.ok({"offset": new_offset, "text": data.decode("utf-8", "replace"),
+                               "terminal": job.terminal})
+            return
+        yield from self._follow(job.id, max(offset, 0), gone, job_events=False)
+
+    def op_cancel(self, who: Requester, gone: Callable[[], bool],
+                  id: str | int) -> Iterator[Message]:
+        job = self._manager().cancel(str(id), who)
+        log.info("api cancel job=%s name=%s uid=%d user=%s", job.id, job.name, who.uid,
+                 who.username)
+        yield protocol.ok(job.to_dict())
+
+    # -- streaming -------------------------------------------------------------------------
+
+    def _follow(self, job_id: str, offset: int, gone: Callable[[], bool],
+                job_events: bool) -> Iterator[Message]:
+        """Log chunks (and job state/phase changes) until the job is over and the log drained.
+
+        The job is read *before* the log: once a terminal state has been seen, the runner has
+        finished writing, so an empty read afterwards means the log is complete.
+        """
+        jobs = self._manager()
+        last: tuple[str, str | None] | None = None
+        while not self.stopping.is_set():
+            job = jobs.get(job_id)
+            if job_events and (job.state.value, job.phase) != last:
+                last = (job.state.value, job.phase)
+                yield protocol.event("job", job.to_dict())
+            data, new_offset = jobs.read_log(job_id, offset, LOG_CHUNK)
+            if data:
+                yield protocol.event("log", {"offset": offset,
+                                             "text": data.decode("utf-8", "replace")})
+                offset = new_offset
+                continue
+            if job.terminal:
+                yield protocol.end({**job.to_dict(), "log_offset": offset})
+                return
+            if gone():
+                return
+            jobs.wait(job_id, FOLLOW_POLL)
+        raise DaemonUnavailable("the daemon is shutting down",
+                                hint="the job continues or resumes when the daemon is back; "
+                                "re-attach with 'envctl request logs ID -f'")

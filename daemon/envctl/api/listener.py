@@ -1,0 +1,95 @@
+"""Create the daemon's listening Unix socket safely, or refuse with a reason.
+
+Why so careful: the daemon runs privileged and the socket usually lives in a directory it does
+not fully control. The checks: the parent directory exists, is a real directory (not a symlink),
+is owned by root or by us, and is not writable by others unless it is sticky (``/tmp``-style,
+where others cannot remove or replace our entry). An existing path is removed only when it is a
+socket, owned by us (or root when we are root), and nothing answers on it (a stale socket left by
+a crash); a live one means another daemon is running, and we refuse rather than steal it. The
+socket is bound under a 0177 umask so it is never reachable before ``chgrp`` + ``chmod`` have
+applied the configured ``socket.group`` and ``socket.mode``.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import socket
+import stat
+from pathlib import Path
+
+from ..config import SocketConfig, resolve_group
+from ..errors import Conflict, FilesystemError
+
+log = logging.getLogger(__name__)
+
+
+def bind_unix(cfg: SocketConfig, backlog: int = 128) -> socket.socket:
+    """A listening socket at ``cfg.path`` with ``cfg.mode`` and ``cfg.group`` applied."""
+    path = cfg.path
+    _check_parent(path.parent)
+    _remove_stale(path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        old = os.umask(0o177)
+        try:
+            sock.bind(str(path))
+        finally:
+            os.umask(old)
+        if cfg.group is not None:
+            os.chown(path, -1, resolve_group(cfg.group), follow_symlinks=False)
+        os.chmod(path, cfg.mode)
+        sock.listen(backlog)
+    except OSError as exc:
+        sock.close()
+        raise FilesystemError(f"cannot create socket {path}: {exc.strerror}",
+                              hint="check socket.path and socket.group in the config") from None
+    log.info("api listening socket=%s mode=%04o group=%s", path, cfg.mode, cfg.group or "-")
+    return sock
+
+
+def _check_parent(parent: Path) -> None:
+    try:
+        st = os.lstat(parent)
+    except FileNotFoundError:
+        raise FilesystemError(f"socket directory {parent} does not exist",
+                              hint="create it (systemd: RuntimeDirectory=envctl) or change "
+                              "socket.path") from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise FilesystemError(f"socket directory {parent} is not a directory (or is a symlink)")
+    if st.st_uid not in (0, os.geteuid()):
+        raise FilesystemError(f"socket directory {parent} is owned by uid {st.st_uid}",
+                              hint="use a directory owned by root or by the daemon's user")
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and not st.st_mode & stat.S_ISVTX:
+        raise FilesystemError(f"socket directory {parent} is writable by others "
+                              f"(mode {stat.S_IMODE(st.st_mode):04o})",
+                              hint="others could replace the socket; use a directory only the "
+                              "daemon's user can write, e.g. /run/envctl (mode 0755)")
+
+
+def _remove_stale(path: Path) -> None:
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise FilesystemError(f"{path} exists and is not a socket",
+                              hint="remove it or change socket.path")
+    if st.st_uid != os.geteuid():
+        raise FilesystemError(f"{path} is a socket owned by uid {st.st_uid}, not by the daemon",
+                              hint="remove it if no other service uses it")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(1.0)
+    try:
+        probe.connect(str(path))
+    except OSError as exc:
+        if exc.errno not in (errno.ECONNREFUSED, errno.ENOENT):
+            raise FilesystemError(f"cannot probe existing socket {path}: {exc.strerror}") from None
+        log.info("api removing_stale_socket=%s", path)
+        os.unlink(path)
+        return
+    finally:
+        probe.close()
+    raise Conflict(f"another daemon is already listening on {path}",
+                   hint="stop it first, or give this daemon another socket.path")

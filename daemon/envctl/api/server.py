@@ -1,0 +1,254 @@
+"""The socket server the daemon runs: accept loop, one thread per connection, hard limits.
+
+Why threads and not asyncio: the work behind each op (SQLite reads, waiting on a job) is
+blocking, the connection count is bounded, and a thread per connection keeps one slow or
+vanished client from ever stalling another. The limits that make an unprivileged peer harmless:
+
+- a request line may be at most ``requests.max_request_bytes``, enforced while reading (the
+  buffer never grows past it; the connection is closed because the stream cannot be resynced);
+- a whole request line must arrive within ``socket.read_timeout`` seconds (a client that
+  trickles bytes or never sends a newline is dropped), and a reply must be taken within the
+  same time (a client that stops reading is dropped);
+- at most ``socket.max_connections`` connections; one more is told "busy" and closed;
+- anything that is not a valid request gets an error reply and the connection keeps serving.
+
+``heartbeat()`` is the monotonic time of the accept loop's last turn: the daemon feeds the
+systemd watchdog only while it advances.
+"""
+
+from __future__ import annotations
+
+import logging
+import select
+import socket
+import threading
+import time
+from typing import Iterator
+
+from ..config import Config
+from ..errors import DaemonUnavailable, EnvctlError, ProtocolError
+from ..jobs.manager import JobManager
+from . import protocol
+from .handlers import Handlers, StatusFn
+from .listener import bind_unix
+from .peercred import PeerCred, peer_cred
+
+log = logging.getLogger(__name__)
+
+TICK = 0.5  # accept-loop period: bounds heartbeat staleness and shutdown latency
+RECV_SIZE = 65536
+
+
+class _LineReader:
+    """Reads newline-terminated requests with a size cap and a per-line deadline."""
+
+    def __init__(self, conn: socket.socket, max_bytes: int, timeout: float) -> None:
+        self.conn = conn
+        self.max_bytes = max_bytes
+        self.timeout = timeout
+        self.buf = bytearray()
+
+    def readline(self) -> bytes | None:
+        """The next line without its newline; None at EOF. Raises ProtocolError (too long) or
+        TimeoutError (deadline)."""
+        deadline = time.monotonic() + self.timeout
+        while True:
+            nl = self.buf.find(b"\n")
+            if nl >= 0:
+                if nl > self.max_bytes:
+                    raise self._too_long()
+                line = bytes(self.buf[:nl])
+                del self.buf[:nl + 1]
+                return line
+            if len(self.buf) > self.max_bytes:
+                raise self._too_long()
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError
+            self.conn.settimeout(remaining)
+            chunk = self.conn.recv(min(RECV_SIZE, self.max_bytes + 1 - len(self.buf)))
+            if not chunk:
+                return None
+            self.buf += chunk
+
+    def _too_long(self) -> ProtocolError:
+        return ProtocolError(f"request larger than {self.max_bytes} bytes",
+                             hint="requests.max_request_bytes limits one request line; "
+                             "shrink the environment file")
+
+
+class Server:
+    """The daemon's request socket; see the module docstring for its guarantees."""
+
+    def __init__(self, config: Config, jobs: JobManager | None, status: StatusFn) -> None:
+        self.config = config
+        self._stopping = threading.Event()
+        self.handlers = Handlers(config, jobs, status, self._stopping)
+        self._listen: socket.socket | None = None
+        self._owns_path = False
+        self._conns: set[socket.socket] = set()
+        self._lock = threading.Lock()
+        self._accept_thread: threading.Thread | None = None
+        self._beat = time.monotonic()
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def start(self, listen_sock: socket.socket | None = None) -> None:
+        """Serve on ``listen_sock`` (inherited from systemd; never unlinked) or bind
+        ``socket.path`` ourselves (see ``listener``)."""
+        if listen_sock is None:
+            self._listen = bind_unix(self.config.socket)
+            self._owns_path = True
+        else:
+            self._listen = listen_sock
+            log.info("api listening inherited_fd=%d", listen_sock.fileno())
+        self._listen.settimeout(TICK)
+        self._beat = time.monotonic()
+        self._accept_thread = threading.Thread(target=self._accept_loop, name="api-accept",
+                                               daemon=True)
+        self._accept_thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop accepting, hang up on every client, remove the socket file if we created it."""
+        self._stopping.set()
+        if self._accept_thread is not None:
+            self._accept_thread.join(timeout)
+        with self._lock:
+            conns = list(self._conns)
+        for conn in conns:
+            try:
+                conn.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        if self._listen is not None:
+            if self._owns_path:
+                try:
+                    self.config.socket.path.unlink()
+                except FileNotFoundError:
+                    pass
+            self._listen.close()
+        deadline = time.monotonic() + timeout
+        for thread in threading.enumerate():
+            if thread.name.startswith("api-conn-"):
+                thread.join(max(0.0, deadline - time.monotonic()))
+
+    def reload(self, config: Config) -> None:
+        """Limits and authorisation lists apply to the next request; the socket's path, mode and
+        group are fixed until a restart (it is already bound and may be inherited)."""
+        if config.socket != self.config.socket:
+            log.warning("api socket settings changed; they take effect at the next restart")
+        self.config = config
+        self.handlers.reload(config)
+
+    def heartbeat(self) -> float:
+        return self._beat
+
+    @property
+    def connections(self) -> int:
+        with self._lock:
+            return len(self._conns)
+
+    # -- accept loop -----------------------------------------------------------------------
+
+    def _accept_loop(self) -> None:
+        assert self._listen is not None
+        while not self._stopping.is_set():
+            self._beat = time.monotonic()
+            try:
+                conn, _ = self._listen.accept()
+            except TimeoutError:
+                continue
+            except OSError as exc:
+                if self._stopping.is_set():
+                    return
+                log.warning("api accept_error=%s", exc)
+                time.sleep(0.05)  # e.g. EMFILE: do not spin
+                continue
+            self._admit(conn)
+
+    def _admit(self, conn: socket.socket) -> None:
+        with self._lock:
+            busy = len(self._conns) >= self.config.socket.max_connections
+            if not busy:
+                self._conns.add(conn)
+        if busy:
+            log.warning("api busy connections=%d", self.config.socket.max_connections)
+            self._send_quietly(conn, protocol.error(DaemonUnavailable(
+                "the daemon is serving too many connections", hint="retry in a moment")))
+            conn.close()
+            return
+        threading.Thread(target=self._serve, args=(conn,), daemon=True,
+                         name=f"api-conn-{conn.fileno()}").start()
+
+    # -- one connection --------------------------------------------------------------------
+
+    def _serve(self, conn: socket.socket) -> None:
+        try:
+            cred = peer_cred(conn)
+            self._converse(conn, cred)
+        except (TimeoutError, OSError) as exc:
+            log.debug("api connection_closed reason=%s", exc.__class__.__name__)
+        finally:
+            with self._lock:
+                self._conns.discard(conn)
+            conn.close()
+
+    def _converse(self, conn: socket.socket, cred: PeerCred) -> None:
+        cfg = self.config
+        reader = _LineReader(conn, cfg.requests.max_request_bytes, cfg.socket.read_timeout)
+        while not self._stopping.is_set():
+            try:
+                line = reader.readline()
+            except ProtocolError as err:
+                log.info("api refused reason=oversized uid=%d pid=%d", cred.uid, cred.pid)
+                self._send(conn, protocol.error(err))
+                return
+            except TimeoutError:
+                log.debug("api timeout uid=%d pid=%d", cred.uid, cred.pid)
+                return
+            if line is None:
+                return
+            if not line.strip():
+                continue
+            for message in self._replies(line, cred, conn):
+                self._send(conn, message)
+
+    def _replies(self, line: bytes, cred: PeerCred, conn: socket.socket) -> Iterator[dict]:
+        """The messages answering one line; any error becomes the last (error) message."""
+        try:
+            req = protocol.parse_request(line)
+            log.debug("api request op=%s uid=%d pid=%d", req.op.name, cred.uid, cred.pid)
+            yield from self.handlers.handle(req, cred, lambda: _hung_up(conn))
+        except EnvctlError as err:
+            yield protocol.error(err)
+        except Exception:  # a bug in a handler must not take the connection's peers down
+            log.exception("api internal_error uid=%d", cred.uid)
+            yield protocol.error(EnvctlError("internal error in the daemon",
+                                             hint="the daemon's log has the details"))
+
+    def _send(self, conn: socket.socket, message: dict) -> None:
+        conn.settimeout(self.config.socket.read_timeout)
+        conn.sendall(protocol.encode(message))
+
+    @staticmethod
+    def _send_quietly(conn: socket.socket, message: dict) -> None:
+        try:
+            conn.settimeout(0.1)
+            conn.sendall(protocol.encode(message))
+        except OSError:
+            pass
+
+
+def _hung_up(conn: socket.socket) -> bool:
+    """True when the peer has closed its end (readable and EOF) during a stream."""
+    try:
+        readable, _, _ = select.select([conn], [], [], 0)
+        if not readable:
+            return False
+        conn.settimeout(0)
+        try:
+            return conn.recv(1, socket.MSG_PEEK) == b""
+        except BlockingIOError:
+            return False
+    except OSError:
+        return True

@@ -1,0 +1,164 @@
+"""``envctl heal`` and ``envctl check``: the healer from the command line, no daemon needed.
+
+``check`` is what an admin runs from cron or CI: it only reads, lists every violation and exits
+1 when there is one. ``heal`` fixes and reports counts. Both take the policy from a config file
+(each PATH must lie inside a configured root; no PATH means every root) or from ``--group``
+(each PATH is then a root of its own).
+
+Exit codes: 0 clean (check) / everything fixed (heal); 1 violations found (check, or
+``heal --dry-run``); 74 some entries could not be inspected or fixed (the pass is incomplete).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .. import config as cfgmod
+from ..errors import EX_FAILURE, EX_IOERR, EX_OK, FilesystemError, UsageError
+from ..fsinfo import default_concurrency
+from ..heal import Finding, HealStats, Healer
+from .output import emit_json
+
+
+@dataclass(frozen=True)
+class Target:
+    """One pass to run: a root's policy and the root-relative path to walk."""
+
+    root: cfgmod.RootConfig
+    rel: str
+
+    @property
+    def path(self) -> Path:
+        return self.root.path / self.rel if self.rel else self.root.path
+
+
+def add_parser(sub: Any) -> None:
+    for name, helptext in (("heal", "fix group and permissions under PATHs"),
+                           ("check", "list entries that break the policy (exit 1 if any)")):
+        p = sub.add_parser(name, help=helptext, description=helptext)
+        p.add_argument("paths", nargs="*", metavar="PATH",
+                       help="trees to walk (default with --config: every configured root)")
+        src = p.add_mutually_exclusive_group()
+        src.add_argument("--config", "-c", metavar="FILE", help="take roots and policy from FILE")
+        src.add_argument("--group", "-g", metavar="GROUP",
+                         help="treat each PATH as a root owned by GROUP (name or gid)")
+        p.add_argument("--others", choices=("keep", "none", "read"), default="keep",
+                       help="with --group: what others may do (default: keep)")
+        p.add_argument("--concurrency", "-j", type=int, metavar="N",
+                       help="parallel metadata calls (default: 1 on local disks, 16 on NFS/FUSE)")
+        p.add_argument("--json", action="store_true", help="print one JSON document")
+        p.add_argument("--verbose", "-v", action="store_true",
+                       help="also list skipped entries (protected, special, mounts)")
+        if name == "heal":
+            p.add_argument("--dry-run", "-n", action="store_true",
+                           help="report what would change, change nothing")
+        p.set_defaults(func=run, dry_run=name == "check", mode=name)
+
+
+def targets(args: argparse.Namespace) -> list[Target]:
+    """Resolve PATH arguments into (root policy, relative path) pairs, validating each."""
+    if args.group is None and args.config is None:
+        raise UsageError("say which policy to apply: --config FILE or --group GROUP",
+                         hint="e.g. 'envctl check --group users /efs/shared/.conda/envs'")
+    if args.group is not None:
+        if not args.paths:
+            raise UsageError("--group needs at least one PATH")
+        out = []
+        for p in args.paths:
+            _must_be_dir(p)
+            out.append(Target(cfgmod.single_root(p, args.group, args.others).roots[0], ""))
+        return out
+    conf = cfgmod.load(args.config)
+    if not args.paths:
+        return [Target(root, "") for root in conf.roots]
+    out = []
+    for p in args.paths:
+        path = Path(os.path.abspath(p))
+        root = conf.root_for(path)
+        if root is None:
+            raise UsageError(f"{p} is not inside any root of {conf.source}",
+                             hint="roots: " + ", ".join(str(r.path) for r in conf.roots))
+        if not os.path.lexists(path):
+            raise FilesystemError(f"{p}: no such file or directory")
+        out.append(Target(root, "" if path == root.path else str(path.relative_to(root.path))))
+    return out
+
+
+def _must_be_dir(p: str) -> None:
+    if not os.path.isdir(p) or os.path.islink(p):
+        raise FilesystemError(f"{p}: not a directory",
+                              hint="a root must be a real directory, not a symlink")
+
+
+class _Reporter:
+    """Prints findings as they come (text mode) or keeps them for the JSON document."""
+
+    def __init__(self, target: Target, as_json: bool, verbose: bool) -> None:
+        self.target = target
+        self.as_json = as_json
+        self.verbose = verbose
+        self.findings: list[dict[str, Any]] = []
+
+    def __call__(self, f: Finding) -> None:
+        if self.as_json:
+            self.findings.append({**f.to_dict(), "path": self._abs(f.path)})
+            return
+        if f.action == "skipped" and not self.verbose:
+            return
+        what = "; ".join(f.problems)
+        detail = {"fixed": f"fixed: {what}", "would-fix": what,
+                  "skipped": f"skipped ({f.reason}){': ' + what if what else ''}",
+                  "error": f"error: {f.reason}"}[f.action]
+        print(f"{self._abs(f.path)}: {detail}", flush=False)
+
+    def _abs(self, rel: str) -> str:
+        return str(self.target.root.path / rel) if rel else str(self.target.root.path)
+
+
+def _summary(mode: str, t: Target, s: HealStats) -> str:
+    skipped = ", ".join(f"{k} {v}" for k, v in sorted(s.skipped.items())) or "none"
+    head = (f"{t.path}: scanned {s.scanned}, {s.violations} wrong" if mode == "check"
+            else f"{t.path}: scanned {s.scanned}, fixed {sum(s.fixed_kinds.values())}"
+            f" (group {s.fixed['group']}, mode {s.fixed['mode']})")
+    return f"{head}, skipped: {skipped}, errors {s.errors}, {s.duration:.2f}s"
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.concurrency is not None and not 1 <= args.concurrency <= 256:
+        raise UsageError("--concurrency must be between 1 and 256")
+    dry = bool(args.dry_run)
+    results = []
+    total = HealStats()
+    for t in targets(args):
+        reporter = _Reporter(t, args.json, args.verbose)
+        conc = args.concurrency or default_concurrency(t.root.path)
+        healer = Healer(t.root, dry_run=dry, concurrency=conc, on_finding=reporter)
+        start = time.monotonic()
+        try:
+            stats = healer.run(t.rel)
+        except (FileNotFoundError, NotADirectoryError) as exc:
+            raise FilesystemError(f"{t.path}: {exc.strerror}") from None
+        except PermissionError as exc:
+            raise FilesystemError(f"{t.path}: {exc.strerror}",
+                                  hint="heal and check need read access to the whole tree; "
+                                  "run them as root or as the daemon's user") from None
+        stats.duration = time.monotonic() - start
+        total.merge(stats)
+        if args.json:
+            results.append({"root": str(t.root.path), "path": str(t.path), "group": t.root.gid,
+                            "stats": stats.to_dict(), "findings": reporter.findings})
+        else:
+            sys.stdout.flush()
+            print(_summary("check" if dry else "heal", t, stats))
+    found = total.violations if dry else 0
+    code = EX_IOERR if total.errors else (EX_FAILURE if found else EX_OK)
+    if args.json:
+        emit_json({"mode": args.mode, "dry_run": dry, "ok": code == EX_OK,
+                   "exit_code": code, "totals": total.to_dict(), "paths": results})
+    return code

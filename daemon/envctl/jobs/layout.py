@@ -1,0 +1,190 @@
+"""The directories the daemon owns: ``<root>/.envctl`` in the shared root, and the state dir.
+
+Why so careful: the shared root is writable by every member of its group, and the daemon is
+root. A member could plant ``.envctl/staging -> /etc`` and wait for the daemon to build, chown or
+delete "its" staging directory. So every daemon-owned directory is created and re-opened one
+component at a time relative to a parent fd with ``O_NOFOLLOW|O_DIRECTORY``, its owner is checked
+to be the daemon's uid (anything else is refused as tampered), and its mode is put back to the
+expected one (the healer may have added group write when the daemon is not root and not a
+``protected_owner``). Callers then act only through the returned fds (``mkdir``/``rename``/
+``rmtree`` with ``dir_fd``), never through path strings.
+
+Layout in the root: ``.envctl/locks/<name>.lock`` (fcntl locks, 0644), ``.envctl/staging/<job>``
+(relocatable builds, owned by the build user; ``<job>.old`` is a replaced env waiting for
+removal), ``.envctl/building/<name>`` (marker: a non-relocatable build is in progress at
+``<root>/<name>``; it holds the job id). Layout of the state dir (local disk, 0711 so the build
+user can reach its own job files without listing anyone else's): ``jobs.db``,
+``jobs/<id>/{environment.yml,build.json}`` (root:build-group 0640: the build user reads them,
+the requester cannot), ``jobs/<id>/build.log`` (written by the daemon only),
+``jobs/<id>/home`` (the build's HOME/TMPDIR), ``cache-<uid>`` (package cache per build uid).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import stat
+from pathlib import Path
+from typing import Iterator
+
+from ..errors import FilesystemError
+from ..heal.fsops import DIR_FLAGS
+
+log = logging.getLogger(__name__)
+
+AREA = ".envctl"
+AREA_DIRS = {"locks": 0o755, "staging": 0o711, "building": 0o755}
+
+
+def _checked_dir(parent_fd: int | None, path: str, mode: int, shown: str) -> int:
+    """Open (creating if missing) a daemon-owned directory without following symlinks."""
+    kw = {} if parent_fd is None else {"dir_fd": parent_fd}
+    try:
+        os.mkdir(path, mode, **kw)  # type: ignore[arg-type]
+    except FileExistsError:
+        pass
+    try:
+        fd = os.open(path, DIR_FLAGS, **kw)  # type: ignore[arg-type]
+    except OSError as exc:
+        raise FilesystemError(f"{shown} cannot be opened as a directory: {exc.strerror} "
+                              "(a symlink or a file where the daemon's directory should be)",
+                              hint="someone tampered with it: inspect it and remove it; the "
+                                   "daemon recreates it") from None
+    st = os.fstat(fd)
+    if st.st_uid != os.geteuid():
+        os.close(fd)
+        raise FilesystemError(f"{shown} is owned by uid {st.st_uid}, not by the daemon "
+                              f"(uid {os.geteuid()}): refusing to use it",
+                              hint="someone tampered with it: inspect it and remove it; the "
+                                   "daemon recreates it")
+    if stat.S_IMODE(st.st_mode) != mode:
+        log.warning("layout mode-reset path=%s mode=%04o want=%04o", shown,
+                    stat.S_IMODE(st.st_mode), mode)
+        os.fchmod(fd, mode)
+    return fd
+
+
+class RootArea:
+    """``<root>/.envctl``: locks, staging prefixes and build markers in the shared root."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    @contextlib.contextmanager
+    def open(self) -> Iterator[dict[str, int]]:
+        """fds of the root (``""``), ``.envctl`` (``"area"``) and its subdirectories."""
+        fds: dict[str, int] = {}
+        try:
+            fds[""] = os.open(self.root, DIR_FLAGS)
+            fds["area"] = _checked_dir(fds[""], AREA, 0o755, f"{self.root}/{AREA}")
+            for sub, mode in AREA_DIRS.items():
+                fds[sub] = _checked_dir(fds["area"], sub, mode, f"{self.root}/{AREA}/{sub}")
+            yield fds
+        finally:
+            for fd in fds.values():
+                os.close(fd)
+
+    def staging_rel(self, job_id: str) -> str:
+        """Root-relative path of a job's staging prefix (what the healer is given)."""
+        return f"{AREA}/staging/{job_id}"
+
+    def path(self, *parts: str) -> Path:
+        return self.root.joinpath(AREA, *parts)
+
+
+def make_owned_dir(parent_fd: int, name: str, uid: int, gid: int, mode: int) -> None:
+    """Create ``name`` under ``parent_fd`` for the build user; it must not exist already."""
+    os.mkdir(name, 0o700, dir_fd=parent_fd)
+    fd = os.open(name, DIR_FLAGS, dir_fd=parent_fd)
+    try:
+        os.fchown(fd, uid, gid)
+        os.fchmod(fd, mode)
+    finally:
+        os.close(fd)
+
+
+def remove_tree(parent_fd: int, name: str) -> bool:
+    """Remove ``name`` under ``parent_fd`` (fd-based, never follows symlinks); True if it was
+    there. A symlink or file in its place is unlinked, never followed."""
+    try:
+        st = os.stat(name, dir_fd=parent_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    if stat.S_ISDIR(st.st_mode):
+        shutil.rmtree(name, dir_fd=parent_fd)
+    else:
+        os.unlink(name, dir_fd=parent_fd)
+    return True
+
+
+def exists(parent_fd: int, name: str) -> bool:
+    try:
+        os.stat(name, dir_fd=parent_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    return True
+
+
+class StateDir:
+    """The daemon's private state on local disk: the database and per-job directories."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def ensure(self) -> None:
+        """Create the state dir (0711, the daemon's own) and ``jobs/``; refuse a foreign one."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        os.close(_checked_dir(None, str(self.path), 0o711, str(self.path)))
+        os.close(_checked_dir(None, str(self.path / "jobs"), 0o711, str(self.path / "jobs")))
+
+    @property
+    def db_path(self) -> Path:
+        return self.path / "jobs.db"
+
+    def job_dir(self, job_id: str) -> Path:
+        return self.path / "jobs" / job_id
+
+    def log_path(self, job_id: str) -> Path:
+        return self.job_dir(job_id) / "build.log"
+
+    def prepare_job(self, job_id: str, uid: int, gid: int, files: dict[str, str]) -> Path:
+        """(Re)create ``jobs/<id>`` with ``files`` readable by the build group, and ``home``."""
+        jdir = self.job_dir(job_id)
+        fd = _checked_dir(None, str(jdir), 0o711, str(jdir))
+        try:
+            remove_tree(fd, "home")
+            make_owned_dir(fd, "home", uid, gid, 0o700)
+            for name, text in files.items():
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(name, dir_fd=fd)
+                ffd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                              | os.O_CLOEXEC, 0o600, dir_fd=fd)
+                with os.fdopen(ffd, "w", encoding="utf-8") as fh:
+                    fh.write(text)
+                    os.fchown(fh.fileno(), -1, gid)
+                    os.fchmod(fh.fileno(), 0o640)
+        finally:
+            os.close(fd)
+        return jdir
+
+    def cache_dir(self, uid: int, gid: int) -> Path:
+        """A package cache on local disk for one build uid, created owned by it."""
+        name = f"cache-{uid}"
+        fd = os.open(self.path, DIR_FLAGS)
+        try:
+            if not exists(fd, name):
+                make_owned_dir(fd, name, uid, gid, 0o700)
+            st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+            if not stat.S_ISDIR(st.st_mode) or st.st_uid != uid:
+                raise FilesystemError(f"{self.path / name} is not a directory owned by uid {uid}",
+                                      hint="remove it; the daemon recreates it")
+        finally:
+            os.close(fd)
+        return self.path / name
+
+    def open_log(self, job_id: str) -> int:
+        """An append fd on the job's log, created 0600 by the daemon, never via a symlink."""
+        return os.open(self.log_path(job_id), os.O_WRONLY | os.O_CREAT | os.O_APPEND
+                       | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)

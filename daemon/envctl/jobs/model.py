@@ -1,0 +1,96 @@
+"""The jobs layer's value types: who asked (``Requester``), and what became of it (``Job``).
+
+Why frozen dataclasses: a ``Job`` is a snapshot read from SQLite and handed to the API thread;
+nobody may mutate it behind the store's back. ``Job.to_dict()`` is the protocol's job object,
+with these stable keys (times are Unix seconds, or null when not reached yet)::
+
+    id, name, state, phase, backend, requester: {uid, gid, groups, name}, claimed_user,
+    replace, created_at, started_at, finished_at, prefix, exit_detail, log_path, terminal
+
+``state`` is one of queued, running, succeeded, failed, cancelled, interrupted; ``phase`` is the
+running build's current step (``preparing``, ``solving``, ``downloading``, ``linking``,
+``creating``, ``installing``, ``healing``, ``finalizing``) or null. ``claimed_user`` is what the
+client *said* it acts for (JUPYTERHUB_USER): recorded for audit, never used to authorise.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Requester:
+    """The kernel-verified identity of a client (SO_PEERCRED), built by the API layer."""
+
+    uid: int
+    gid: int
+    groups: tuple[int, ...]
+    pid: int
+    username: str  # pwd name of uid (or str(uid))
+    claimed_user: str | None  # unverified claim (JUPYTERHUB_USER), recorded only
+    is_admin: bool
+
+
+class State(str, Enum):
+    """A job's lifecycle: queued → running → one of the four terminal states."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    INTERRUPTED = "interrupted"  # the daemon went away (stop or crash) while it was running
+
+    @property
+    def terminal(self) -> bool:
+        return self not in (State.QUEUED, State.RUNNING)
+
+
+@dataclass(frozen=True)
+class Job:
+    """One environment request as persisted; see the module docstring for ``to_dict``."""
+
+    id: str
+    name: str
+    state: State
+    phase: str | None
+    backend: str
+    requester_uid: int
+    requester_gid: int
+    requester_groups: tuple[int, ...]
+    requester_name: str
+    claimed_user: str | None
+    replace: bool
+    created_at: float
+    started_at: float | None
+    finished_at: float | None
+    prefix: str
+    exit_detail: str | None
+    log_path: str
+
+    @property
+    def terminal(self) -> bool:
+        """True once the job can change no more (succeeded, failed, cancelled, interrupted)."""
+        return self.state.terminal
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "name": self.name,
+            "state": self.state.value,
+            "phase": self.phase,
+            "backend": self.backend,
+            "requester": {"uid": self.requester_uid, "gid": self.requester_gid,
+                          "groups": list(self.requester_groups), "name": self.requester_name},
+            "claimed_user": self.claimed_user,
+            "replace": self.replace,
+            "created_at": self.created_at,
+            "started_at": self.started_at,
+            "finished_at": self.finished_at,
+            "prefix": self.prefix,
+            "exit_detail": self.exit_detail,
+            "log_path": self.log_path,
+            "terminal": self.terminal,
+        }

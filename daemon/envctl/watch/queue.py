@@ -1,0 +1,84 @@
+"""A coalescing work queue of root-relative paths, between event readers and heal workers.
+
+Why coalesce: a burst (``cp -r``, ``tar x``, conda linking) produces several events per entry,
+and our own chgrp/chmod produce more. Each path is queued at most once until a worker takes it;
+a path queued as ``subtree`` (a new or moved-in directory, or the whole root after an overflow)
+absorbs later requests for itself and for anything below it that are still waiting, because the
+subtree pass will see them anyway. Readers never block: ``put`` only touches a dict.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+
+
+class WorkQueue:
+    """FIFO of distinct paths; ``subtree`` wins over ``entry`` for the same or a deeper path."""
+
+    def __init__(self) -> None:
+        self._items: OrderedDict[str, bool] = OrderedDict()  # rel -> subtree?
+        self._cond = threading.Condition()
+        self._busy = 0
+        self._closed = False
+
+    def put(self, rel: str, subtree: bool = False) -> bool:
+        """Queue ``rel``; False when it was already covered by a waiting item."""
+        with self._cond:
+            if self._closed:
+                return False
+            if rel in self._items:
+                if subtree and not self._items[rel]:
+                    self._items[rel] = True
+                    return True
+                return False
+            if self._covered(rel):
+                return False
+            self._items[rel] = subtree
+            self._cond.notify()
+            return True
+
+    def _covered(self, rel: str) -> bool:
+        """A waiting subtree item on an ancestor (or the root "") already includes ``rel``."""
+        if self._items.get("") is True:
+            return True
+        while "/" in rel:
+            rel = rel.rsplit("/", 1)[0]
+            if self._items.get(rel) is True:
+                return True
+        return False
+
+    def get(self, timeout: float) -> tuple[str, bool] | None:
+        """The oldest waiting item, or None after ``timeout`` (so workers can show liveness)."""
+        with self._cond:
+            if not self._items and not self._closed:
+                self._cond.wait(timeout)
+            if not self._items:
+                return None
+            self._busy += 1
+            return self._items.popitem(last=False)
+
+    def done(self) -> None:
+        """A worker finished the item it got (for :meth:`wait_idle`)."""
+        with self._cond:
+            self._busy -= 1
+            self._cond.notify_all()
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Block until nothing is waiting or being worked on; False on timeout."""
+        with self._cond:
+            return self._cond.wait_for(lambda: not self._items and not self._busy, timeout)
+
+    def close(self) -> None:
+        """Wake every waiting worker; later ``put`` calls are ignored."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def __len__(self) -> int:
+        with self._cond:
+            return len(self._items) + self._busy

@@ -1,0 +1,127 @@
+"""Real, offline package sources for the jobs tests: a local conda channel and a wheelhouse.
+
+Why hand-made: the tests must build environments for real (solve, download from a ``file://``
+channel, link, relocate) without a network. A conda ``.tar.bz2`` is just a tarball with
+``info/index.json``, ``info/paths.json``, ``info/files`` and the payload; a wheel is a zip with a
+``.dist-info``. Both are written here from scratch, then the channel is indexed with py-rattler's
+own ``index_fs`` so the solver reads a repodata.json produced by the real tool.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import io
+import json
+import os
+import tarfile
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+# conda's convention: a long placeholder path that the installer rewrites to the real prefix.
+PLACEHOLDER = "/opt/anaconda1anaconda2anaconda3"
+
+
+@dataclass
+class CondaPackage:
+    """One noarch package: ``files`` maps prefix-relative paths to (content, executable)."""
+
+    name: str
+    version: str = "1.0"
+    depends: list[str] = field(default_factory=list)
+    files: dict[str, tuple[str, bool]] = field(default_factory=dict)
+
+    @property
+    def filename(self) -> str:
+        return f"{self.name}-{self.version}-0.tar.bz2"
+
+
+def _add(tar: tarfile.TarFile, name: str, data: bytes, mode: int = 0o644) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.mode = mode
+    tar.addfile(info, io.BytesIO(data))
+
+
+def write_conda_package(pkg: CondaPackage, subdir: Path) -> Path:
+    """Write ``pkg`` as a .tar.bz2 into ``subdir``; text files containing PLACEHOLDER are
+    declared with a prefix placeholder, so installing relocates them."""
+    index = {"name": pkg.name, "version": pkg.version, "build": "0", "build_number": 0,
+             "depends": pkg.depends, "subdir": "noarch", "noarch": "generic",
+             "license": "MIT"}
+    paths = []
+    for rel, (content, _exe) in sorted(pkg.files.items()):
+        data = content.encode()
+        entry: dict[str, object] = {"_path": rel, "path_type": "hardlink",
+                                    "sha256": hashlib.sha256(data).hexdigest(),
+                                    "size_in_bytes": len(data)}
+        if PLACEHOLDER in content:
+            entry.update(prefix_placeholder=PLACEHOLDER, file_mode="text")
+        paths.append(entry)
+    out = subdir / pkg.filename
+    with tarfile.open(out, "w:bz2") as tar:
+        _add(tar, "info/index.json", json.dumps(index).encode())
+        _add(tar, "info/paths.json", json.dumps({"paths": paths, "paths_version": 1}).encode())
+        _add(tar, "info/files", "".join(f"{p}\n" for p in sorted(pkg.files)).encode())
+        for rel, (content, exe) in sorted(pkg.files.items()):
+            _add(tar, rel, content.encode(), 0o755 if exe else 0o644)
+    return out
+
+
+def hello_packages() -> list[CondaPackage]:
+    """A dependency chain: ``hello`` (a script with the prefix baked in) → ``libgreet`` →
+    ``greet-data``; plus ``bigdata``, a package whose payload is a few MB (to give a cancel
+    something to interrupt)."""
+    script = f"#!/bin/sh\n# installed in {PLACEHOLDER}\ncat {PLACEHOLDER}/share/greet/message\n"
+    return [
+        CondaPackage("greet-data", files={"share/greet/message": ("hello from envctl\n", False)}),
+        CondaPackage("libgreet", depends=["greet-data"],
+                     files={"lib/greet/VERSION": ("1.0\n", False)}),
+        CondaPackage("hello", "2.1", depends=["libgreet >=1.0"],
+                     files={"bin/hello": (script, True)}),
+    ]
+
+
+def build_channel(root: Path, packages: list[CondaPackage]) -> Path:
+    """Write a channel with a ``noarch`` subdir and index it with rattler; return its dir."""
+    noarch = root / "noarch"
+    noarch.mkdir(parents=True, exist_ok=True)
+    for pkg in packages:
+        write_conda_package(pkg, noarch)
+    import rattler.index  # the venv has py-rattler (the daemon extra)
+
+    asyncio.run(rattler.index.index_fs(root))
+    for dirpath, dirnames, filenames in os.walk(root):  # readable by the build user
+        os.chmod(dirpath, 0o755)
+        for name in filenames:
+            os.chmod(os.path.join(dirpath, name), 0o644)
+    return root
+
+
+def _record_line(path: str, data: bytes) -> str:
+    digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+    return f"{path},sha256={digest},{len(data)}"
+
+
+def write_wheel(wheelhouse: Path, name: str, version: str = "1.0",
+                module_source: str = "GREETING = 'hi'\n") -> Path:
+    """A pure-Python ``py3-none-any`` wheel with one module ``<name>.py``, written by hand."""
+    dist = f"{name}-{version}.dist-info"
+    files = {
+        f"{name}.py": module_source.encode(),
+        f"{dist}/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n".encode(),
+        f"{dist}/WHEEL": b"Wheel-Version: 1.0\nGenerator: envctl-tests\nRoot-Is-Purelib: true\n"
+                         b"Tag: py3-none-any\n",
+    }
+    record = [_record_line(p, d) for p, d in files.items()] + [f"{dist}/RECORD,,"]
+    files[f"{dist}/RECORD"] = ("\n".join(record) + "\n").encode()
+    wheelhouse.mkdir(parents=True, exist_ok=True)
+    os.chmod(wheelhouse, 0o755)
+    out = wheelhouse / f"{name}-{version}-py3-none-any.whl"
+    with zipfile.ZipFile(out, "w") as zf:
+        for path, data in files.items():
+            zf.writestr(path, data)
+    os.chmod(out, 0o644)
+    return out
