@@ -244,10 +244,12 @@ def test_unreadable_dir_as_non_root_is_an_error_not_an_abort(scratch: Path,
             f"cd {root} && mkdir ok closed && echo x > ok/f && chmod 000 closed")
     r = as_user(accounts.bob.uid, accounts.bob.gid,
                 [str(VENV_BIN / "envctl"), "heal", "--json", "--group",
-                 accounts.shared_group, str(root)], check=False)
+                 accounts.shared_group, str(root)], check=False, init_groups=True)
     assert r.returncode == 74, r.stderr
     doc = json.loads(r.stdout)
     assert doc["totals"]["errors"] == 1, doc["paths"][0]["findings"]
+    assert [f["path"] for f in doc["paths"][0]["findings"] if f["action"] == "error"] == [
+        str(root / "closed")]
     assert _mode(root / "ok/f") == 0o660 and os.lstat(root / "ok/f").st_gid == accounts.shared_gid
 
 
