@@ -1,0 +1,94 @@
+"""Shared benchmark plumbing: a throwaway writer account, timing, syscall counts, result tables.
+
+Benchmarks print a table and write it (plus the raw numbers as JSON) under ``bench/results/``;
+every comparison is made in the same run, on the same machine state, and reported as a ratio.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import grp
+import json
+import os
+import platform
+import pwd
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+RESULTS = Path(__file__).resolve().parent / "results"
+VENV_BIN = Path(sys.executable).parent
+
+
+@dataclass(frozen=True)
+class Writer:
+    """An unprivileged account (the one who leaves broken trees) and the shared group."""
+
+    uid: int
+    gid: int
+    group: str
+    shared_gid: int
+
+
+@contextlib.contextmanager
+def writer_account(tag: str) -> Iterator[Writer]:
+    """Create ``envb<pid>-<tag>`` and a shared group for the benchmark; always removed."""
+    user, group = f"envb{os.getpid()}-{tag}", f"envb{os.getpid()}-shared"
+    subprocess.run(["groupadd", group], check=True)
+    subprocess.run(["useradd", "-M", "-U", "-s", "/bin/sh", "-G", group, user], check=True)
+    try:
+        pw = pwd.getpwnam(user)
+        yield Writer(pw.pw_uid, pw.pw_gid, group, grp.getgrnam(group).gr_gid)
+    finally:
+        subprocess.run(["userdel", user], check=False)
+        subprocess.run(["groupdel", user], check=False, capture_output=True)
+        subprocess.run(["groupdel", group], check=False)
+
+
+def timed(cmd: list[str] | Callable[[], object], repeat: int = 3,
+          setup: Callable[[], object] | None = None) -> float:
+    """Median wall time of ``repeat`` runs (``setup`` before each, untimed)."""
+    times = []
+    for _ in range(repeat):
+        if setup is not None:
+            setup()
+        start = time.perf_counter()
+        if callable(cmd):
+            cmd()
+        else:
+            subprocess.run(cmd, check=False, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def count_syscalls(cmd: list[str], names: str) -> int:
+    """How many of the syscalls ``names`` (strace syntax) ``cmd`` made, following children."""
+    out = subprocess.run(["strace", "-f", "-c", "-e", f"trace={names}", "-o", "/dev/stderr",
+                          *cmd], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    for line in out.stderr.splitlines():
+        parts = line.split()
+        if parts and parts[-1] == "total":
+            return int(parts[3])  # % time, seconds, usecs/call, calls[, errors], total
+    return 0
+
+
+def write_results(name: str, title: str, headers: list[str], rows: list[list[str]],
+                  raw: dict[str, object]) -> str:
+    """Print a Markdown table and store it with the raw numbers under bench/results/."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    widths = [max(len(str(r[i])) for r in [headers, *rows]) for i in range(len(headers))]
+    fmt = lambda r: "| " + " | ".join(str(c).ljust(w) for c, w in zip(r, widths)) + " |"  # noqa: E731
+    lines = [f"## {title}", "",
+             f"_{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {platform.node()}, "
+             f"{os.cpu_count()} CPUs, python {platform.python_version()}_", "",
+             fmt(headers), "|" + "|".join("-" * (w + 2) for w in widths) + "|",
+             *[fmt(r) for r in rows], ""]
+    text = "\n".join(lines)
+    print(text)
+    (RESULTS / f"{name}.md").write_text(text)
+    (RESULTS / f"{name}.json").write_text(json.dumps(raw, indent=2, sort_keys=True) + "\n")
+    return text
