@@ -24,7 +24,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import VENV_BIN, count_syscalls, timed, write_results, writer_account  # noqa: E402
+from bench.common import (VENV_BIN, count_syscalls, exit_on_sigterm, timed,  # noqa: E402
+                          write_results, writer_account)
 from bench.envtree import copy_as, count_entries, make_template  # noqa: E402
 from bench.slowfs import slowfs  # noqa: E402
 
@@ -140,10 +141,11 @@ def main() -> int:
     ap.add_argument("--latency", type=float, default=1.0, help="slowfs ms per metadata call")
     ap.add_argument("--quick", action="store_true", help="small trees, one repeat (CI smoke)")
     args = ap.parse_args()
+    exit_on_sigterm()
     if args.quick:
         args.entries, args.slow_entries, args.latency = 3000, 1000, 0.2
     repeat = 1 if args.quick else 3
-    base = Path("/tmp/envctl-bench")
+    base = Path("/tmp/envctl-bench-heal")
     base.mkdir(mode=0o755, exist_ok=True)
     work = Path(tempfile.mkdtemp(dir=base))
     work.chmod(0o755)

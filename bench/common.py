@@ -12,6 +12,7 @@ import json
 import os
 import platform
 import pwd
+import signal
 import statistics
 import subprocess
 import sys
@@ -32,6 +33,11 @@ class Writer:
     gid: int
     group: str
     shared_gid: int
+
+
+def exit_on_sigterm() -> None:
+    """Turn SIGTERM into SystemExit so ``finally`` blocks remove accounts, mounts and trees."""
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
 
 @contextlib.contextmanager
