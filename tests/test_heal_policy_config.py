@@ -48,7 +48,8 @@ def test_judge_kinds() -> None:
     link = judge(stat.S_IFLNK | 0o777, 5, _root())
     assert (link.kind, link.gid, link.mode) == (Kind.SYMLINK, 100, None)
     fifo = judge(stat.S_IFIFO | 0o600, 5, _root())
-    assert fifo.kind is Kind.SPECIAL and fifo.ok  # never changed
+    assert fifo.kind is Kind.SPECIAL and fifo.gid is None and fifo.mode is None  # never changed
+    assert not fifo.ok  # but always reported
 
 
 def _write(tmp_path: Path, text: str) -> Path:

@@ -52,7 +52,8 @@ class Verdict:
 
     @property
     def ok(self) -> bool:
-        return self.gid is None and self.mode is None
+        """Nothing to change and nothing to report (special files are always reported)."""
+        return self.gid is None and self.mode is None and self.kind is not Kind.SPECIAL
 
     def problems(self, st_gid: int, st_mode: int) -> list[str]:
         """Human-readable descriptions, e.g. ``group 1001, want 100``."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import os
+import threading
 
 O_PATH: int = getattr(os, "O_PATH", 0o10000000)
 AT_EMPTY_PATH = 0x1000
@@ -19,7 +20,6 @@ AT_STATX_DONT_SYNC = 0x4000  # a cached mount id is fine; no round trip on NFS
 STATX_MNT_ID = 0x1000
 _STATX_SIZE = 256
 _STATX_MNT_ID_OFFSET = 144
-_STATX_MASK_OFFSET = 0
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
 _fchownat = _libc.fchownat
@@ -54,15 +54,26 @@ def chmod_fd(fd: int, mode: int, is_dir_fd: bool) -> None:
         os.chmod(f"/proc/self/fd/{fd}", mode)
 
 
+class _StatxHead(ctypes.Structure):
+    """The leading fields of ``struct statx`` we read; the buffer itself is 256 bytes."""
+
+    _fields_ = [("mask", ctypes.c_uint32), ("pad", ctypes.c_byte * (_STATX_MNT_ID_OFFSET - 4)),
+                ("mnt_id", ctypes.c_uint64), ("rest", ctypes.c_byte * (_STATX_SIZE - 152))]
+
+
+_buffers = threading.local()
+
+
 def mount_id(fd: int) -> int | None:
-    """The mount id of the file behind ``fd``, or None when the kernel cannot tell us."""
+    """The mount id of the file behind ``fd``, or None when the kernel cannot tell us.
+
+    Called once per directory on every walk, so each thread reuses one statx buffer.
+    """
     if _statx is None:
         return None
-    buf = ctypes.create_string_buffer(_STATX_SIZE)
-    if _statx(fd, b"", AT_EMPTY_PATH | AT_STATX_DONT_SYNC, STATX_MNT_ID, buf) != 0:
+    buf = getattr(_buffers, "statx", None)
+    if buf is None:
+        buf = _buffers.statx = _StatxHead()
+    if _statx(fd, b"", AT_EMPTY_PATH | AT_STATX_DONT_SYNC, STATX_MNT_ID, ctypes.byref(buf)):
         return None
-    mask = int.from_bytes(buf.raw[_STATX_MASK_OFFSET:_STATX_MASK_OFFSET + 4], "little")
-    if not mask & STATX_MNT_ID:
-        return None
-    return int.from_bytes(buf.raw[_STATX_MNT_ID_OFFSET:_STATX_MNT_ID_OFFSET + 8], "little")
-
+    return int(buf.mnt_id) if buf.mask & STATX_MNT_ID else None

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from ..config import RootConfig
-from ..policy import Kind, judge
+from ..policy import Kind, Verdict, judge
 from .fsops import DIR_FLAGS, PATH_FLAGS, chgrp_fd, chmod_fd, mount_id
 from .stats import Finding, FindingSink, HealStats
 
@@ -105,6 +105,18 @@ class Healer:
         self._on_finding = on_finding
         self._report_lock = threading.Lock()
         self.excluded = compile_excludes(root.exclude)
+        self._verdicts: dict[tuple[int, int], Verdict] = {}
+
+    def verdict(self, st_mode: int, st_gid: int) -> Verdict:
+        """``policy.judge`` memoised: a tree has few distinct (mode, group) pairs, and this is
+        asked once per entry of every walk."""
+        key = (st_mode, st_gid)
+        found = self._verdicts.get(key)
+        if found is None:
+            found = judge(st_mode, st_gid, self.root)
+            if len(self._verdicts) < 4096:
+                self._verdicts[key] = found
+        return found
 
     # -- public API -----------------------------------------------------------------------
 
@@ -295,12 +307,18 @@ class _Pass:
             ref.release()
 
     def _list(self, ref: _DirRef, stats: HealStats) -> None:
+        """List a directory: subdirectories become tasks, other entries are inspected.
+
+        This loop runs once per entry of every tree, so it avoids building paths it does not
+        need (only exclusion patterns need the relative path here).
+        """
         concurrent = self.h.concurrency > 1
+        excluded = self.h.excluded if self.root.exclude else None
         batch: list[str] = []
         with os.scandir(ref.fd) as it:
             for entry in it:
-                rel = ref.child(entry.name)
-                if self.h.excluded(rel):
+                name = entry.name
+                if excluded is not None and excluded(ref.child(name)):
                     stats.skipped["excluded"] += 1
                     continue
                 try:
@@ -308,38 +326,38 @@ class _Pass:
                 except OSError:
                     is_dir = False  # vanished: _inspect will count it
                 if is_dir:
-                    self._push(_DirTask(ref.acquire(), entry.name, rel))
+                    self._push(_DirTask(ref.acquire(), name, ref.child(name)))
                 elif concurrent and len(self.stack) < MAX_QUEUED:
-                    batch.append(entry.name)
+                    batch.append(name)
                     if len(batch) == BATCH:
                         self._push(_EntriesTask(ref.acquire(), batch))
                         batch = []
                 else:
-                    self._inspect(ref, entry.name, stats)
+                    self._inspect(ref, name, stats)
         if batch:
             self._push(_EntriesTask(ref.acquire(), batch))
 
     def _inspect(self, parent: _DirRef, name: str, stats: HealStats,
                  descend: bool = True) -> None:
         """Judge a non-directory entry by ``fstatat``; open and fix it only when wrong."""
-        rel = parent.child(name)
         try:
             st = os.stat(name, dir_fd=parent.fd, follow_symlinks=False)
         except FileNotFoundError:
             stats.skipped["vanished"] += 1
             return
         except OSError as exc:
-            self._error(stats, rel, "file", exc)
+            self._error(stats, parent.child(name), "file", exc)
             return
         if stat.S_ISDIR(st.st_mode):  # a directory now (listed as something else, or an event)
-            self._push(_DirTask(parent.acquire(), name, rel, descend))
+            self._push(_DirTask(parent.acquire(), name, parent.child(name), descend))
             return
         stats.scanned += 1
-        verdict = judge(st.st_mode, st.st_gid, self.root)
+        verdict = self.h.verdict(st.st_mode, st.st_gid)
+        if verdict.ok:
+            return
+        rel = parent.child(name)
         if verdict.kind is Kind.SPECIAL:
             self._skip(stats, rel, verdict.kind.value, "special")
-            return
-        if verdict.ok:
             return
         try:
             fd = os.open(name, PATH_FLAGS, dir_fd=parent.fd)
@@ -365,7 +383,7 @@ class _Pass:
     def _judge_and_fix(self, fd: int, st: os.stat_result, rel: str, stats: HealStats, *,
                        is_dir_fd: bool, is_root: bool) -> None:
         """Decide from the fd's own fstat, then change that inode through that fd."""
-        verdict = judge(st.st_mode, st.st_gid, self.root)
+        verdict = self.h.verdict(st.st_mode, st.st_gid)
         kind = verdict.kind.value
         if verdict.kind is Kind.SPECIAL:
             self._skip(stats, rel, kind, "special")
@@ -384,7 +402,7 @@ class _Pass:
             chgrp_fd(fd, verdict.gid)
             stats.fixed["group"] += 1
             st = os.fstat(fd)  # chown clears setuid/setgid on files: judge the bits afresh
-            verdict = judge(st.st_mode, st.st_gid, self.root)
+            verdict = self.h.verdict(st.st_mode, st.st_gid)
         if verdict.mode is not None:
             chmod_fd(fd, verdict.mode, is_dir_fd)
             stats.fixed["mode"] += 1
