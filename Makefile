@@ -4,7 +4,7 @@
 PYTHON ?= /usr/bin/python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
-APT_PACKAGES := python3-venv bindfs fuse3 libfuse2 inotify-tools strace libsystemd-dev pkg-config systemd-container
+APT_PACKAGES := python3-venv bindfs fuse3 libfuse2 inotify-tools strace libsystemd-dev pkg-config systemd-container tini
 PYTEST_ARGS ?=
 
 .PHONY: run test deps venv apt bench clean install
@@ -39,6 +39,11 @@ test: deps
 
 bench: deps
 	$(BIN)/python bench/run_all.py
+
+# Install system-wide (root): venv /opt/envctl from $(PYTHON), units, sysusers/tmpfiles, config
+# if absent, daemon-reload. Does not start anything; see docs/systemd.md.
+install:
+	PYTHON=$(PYTHON) sh scripts/install.sh
 
 clean:
 	rm -rf var .pytest_cache

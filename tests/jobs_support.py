@@ -5,6 +5,10 @@ channel, link, relocate) without a network. A conda ``.tar.bz2`` is just a tarba
 ``info/index.json``, ``info/paths.json``, ``info/files`` and the payload; a wheel is a zip with a
 ``.dist-info``. Both are written here from scratch, then the channel is indexed with py-rattler's
 own ``index_fs`` so the solver reads a repodata.json produced by the real tool.
+
+Also the plain helpers the tests import: ``JobsEnv`` (a root, state dir, channel and wheelhouse
+with a config factory), ``wait_done`` and ``full_log``. The fixtures live in
+``tests.fixtures_jobs``.
 """
 
 from __future__ import annotations
@@ -16,9 +20,14 @@ import io
 import json
 import os
 import tarfile
+import time
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
+
+from envctl.config import Config, parse
+from envctl.jobs import Job, JobManager, Requester
 
 # conda's convention: a long placeholder path that the installer rewrites to the real prefix.
 PLACEHOLDER = "/opt/anaconda1anaconda2anaconda3"
@@ -125,3 +134,62 @@ def write_wheel(wheelhouse: Path, name: str, version: str = "1.0",
             zf.writestr(path, data)
     os.chmod(out, 0o644)
     return out
+
+
+# -- fixtures shared by the test_jobs_* modules (imported there by name) ------------------------
+
+
+@dataclass
+class JobsEnv:
+    """A root, a state dir, a local channel and a wheelhouse, and a config factory for them."""
+
+    root: Path
+    state_dir: Path
+    channel: Path
+    wheelhouse: Path
+    accounts: Any
+
+    def config(self, **requests: Any) -> Config:
+        req: dict[str, Any] = {
+            "state_dir": str(self.state_dir), "build_user": self.accounts.builder.name,
+            "backend": "rattler", "allowed_backends": ["rattler", "venv"],
+            "channels": [str(self.channel)], "default_channels": [str(self.channel)],
+            "pip_args": ["--no-index", "--find-links", str(self.wheelhouse)],
+            "timeout": 120,
+        }
+        req.update(requests)
+        return parse({"roots": [{"path": str(self.root), "group": self.accounts.shared_group,
+                                 "others": "read"}], "requests": req})
+
+    def requester(self, who: str = "alice", admin: bool = False,
+                  claimed: str | None = None) -> Requester:
+        user = getattr(self.accounts, who)
+        groups = (self.accounts.shared_gid,) if who in ("alice", "bob") else ()
+        return Requester(uid=user.uid, gid=user.gid, groups=groups, pid=os.getpid(),
+                         username=user.name, claimed_user=claimed, is_admin=admin)
+
+
+def wait_done(mgr: JobManager, job_id: str, timeout: float = 60.0) -> Job:
+    """Follow a job with ``wait`` (as ``logs -f`` does) until it is terminal."""
+    deadline = time.monotonic() + timeout
+    job = mgr.get(job_id)
+    while not job.terminal:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise AssertionError(f"job {job_id} still {job.state.value}/{job.phase} "
+                                 f"after {timeout}s")
+        job = mgr.wait(job_id, min(left, 5.0))
+    return job
+
+
+def full_log(mgr: JobManager, job_id: str) -> str:
+    out, offset = b"", 0
+    while True:
+        chunk, offset = mgr.read_log(job_id, offset, 4096)
+        if not chunk:
+            return out.decode("utf-8", "replace")
+        out += chunk
+
+
+ENV_HELLO = "name: ignored\nchannels: []\ndependencies:\n  - hello\n"
+ENV_VENV = "dependencies:\n  - python\n  - pip:\n    - envctl_demo\n"

@@ -95,7 +95,15 @@ class Machine:
 
     def systemctl(self, *args: str, check: bool = True,
                   timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
-        return self.run(["systemctl", "--no-ask-password", *args], check=check, timeout=timeout)
+        """``systemctl ARGS``; a failure's message carries the journal's tail (the reason)."""
+        done = self.run(["systemctl", "--no-ask-password", *args], check=False, timeout=timeout)
+        if check and done.returncode != 0:
+            self.run(["journalctl", "--sync"], check=False)
+            tail = self.run(["journalctl", "--no-pager", "-n", "60", "-o", "short-monotonic"],
+                            check=False).stdout
+            raise AssertionError(f"systemctl {' '.join(args)} exited {done.returncode}: "
+                                 f"{done.stderr}\n--- journal ---\n{tail}")
+        return done
 
     def show(self, unit: str, *props: str) -> dict[str, str]:
         """``systemctl show`` properties of a unit as a dict."""
@@ -187,11 +195,12 @@ def _wait_booted(machine: Machine, deadline: float) -> None:
 
 @contextmanager
 def boot(binds: Sequence[Bind] = (), units: Mapping[str, Path] = {},
-         timeout: float = BOOT_TIMEOUT) -> Iterator[Machine]:
+         timeout: float = BOOT_TIMEOUT, network: bool = False) -> Iterator[Machine]:
     """Boot systemd (basic.target only) in a host-overlay container; tear it down on exit.
 
     ``units`` maps unit names to host files bound read-only into ``/etc/systemd/system`` — the
-    files under test, unchanged. The container has no network (``--private-network``).
+    files under test, unchanged. The container has no network (``--private-network``) unless
+    ``network`` shares the host's (only for what must download, like ``make install``).
     """
     name = f"envctl-nspawn-{os.getpid()}-{next(_COUNTER)}"
     workdir = Path(tempfile.mkdtemp(prefix="envctl-nspawn-", dir="/tmp"))
@@ -202,7 +211,8 @@ def boot(binds: Sequence[Bind] = (), units: Mapping[str, Path] = {},
                                for unit, src in units.items()]
     nspawn_argv = ["systemd-nspawn", "--quiet", "-D", str(rootdir), "--volatile=overlay",
                    "--register=no", "--keep-unit", "--boot", "--console=passive",
-                   "--private-network", *(b.option() for b in all_binds),
+                   *([] if network else ["--private-network"]),
+                   *(b.option() for b in all_binds),
                    "--", "--unit=basic.target"]
     inner = ("set -e; mount --make-rprivate /; mkdir -p /run/systemd/nspawn; "
              "mount -t tmpfs tmpfs /run/systemd/nspawn; "

@@ -27,7 +27,7 @@ import pwd
 from typing import Any
 
 from ..config import RequestsConfig, resolve_group
-from ..errors import NotAuthorised
+from ..errors import NotAuthorised, ValidationError
 from ..jobs.model import Job, Requester
 from .peercred import PeerCred
 
@@ -76,7 +76,13 @@ class Authoriser:
         self.allow_gids = _gids(cfg.allow_groups, "allow_groups")
 
     def requester(self, cred: PeerCred, claimed_user: str | None = None) -> Requester:
-        """The identity a request acts with: the kernel's, plus the client's unverified claim."""
+        """The identity a request acts with: the kernel's, plus the client's unverified claim.
+
+        The claim is free text from an untrusted peer that ends up in logs and the job store,
+        so it is held to a short printable name (no newlines to forge log lines with)."""
+        if claimed_user is not None and not _plain_name(claimed_user):
+            raise ValidationError("claimed_user must be 1-128 printable characters without "
+                                  "spaces", hint="JUPYTERHUB_USER should hold a user name")
         groups = tuple(sorted(set(cred.groups)))
         all_gids = {cred.gid, *groups}
         is_admin = cred.uid in self.admin_uids or bool(all_gids & self.admin_gids)
@@ -110,6 +116,11 @@ class Authoriser:
                 "username": who.username, "claimed_user": who.claimed_user,
                 "is_admin": who.is_admin, "may_create": self.may_create(who),
                 "group_names": [_group_name(g) for g in who.groups]}
+
+
+def _plain_name(text: str) -> bool:
+    """1-128 printable characters, no whitespace (so no newline, no Unicode line separator)."""
+    return 0 < len(text) <= 128 and text.isprintable() and not any(c.isspace() for c in text)
 
 
 def _group_name(gid: int) -> str:

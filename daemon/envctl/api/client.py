@@ -14,6 +14,7 @@ import errno
 import json
 import os
 import socket
+import time
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -46,13 +47,22 @@ class Client:
         self.close()
 
     def connect(self) -> None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(self.timeout)
-        try:
-            sock.connect(str(self.path))
-        except OSError as exc:
-            sock.close()
-            raise _connect_error(self.path, exc) from None
+        """Connect; a full listen backlog (EAGAIN: the daemon is busy accepting) is waited
+        out until the timeout, like a blocking connect would."""
+        deadline = time.monotonic() + (self.timeout if self.timeout is not None else 3600.0)
+        delay = 0.001
+        while True:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.settimeout(self.timeout)
+            try:
+                sock.connect(str(self.path))
+                break
+            except OSError as exc:
+                sock.close()
+                if exc.errno != errno.EAGAIN or time.monotonic() + delay > deadline:
+                    raise _connect_error(self.path, exc) from None
+            time.sleep(delay)
+            delay = min(delay * 2, 0.05)
         self._sock = sock
         self._file = sock.makefile("rb")
 
@@ -91,6 +101,8 @@ class Client:
         try:
             self._sock.sendall(protocol.encode(protocol.request(op, args)))
         except OSError as exc:
+            # The daemon may have refused the request mid-send (too large): its reply explains.
+            self._receive()
             raise DaemonUnavailable(f"lost the connection to the daemon at {self.path}: "
                                     f"{exc.strerror or exc}") from None
 
@@ -130,5 +142,8 @@ def _connect_error(path: Path, exc: OSError) -> EnvctlError:
             f"the envctl daemon is not running (no one is listening on {path})",
             hint="start it ('systemctl start envctld'), or point --socket / ENVCTL_SOCKET at "
             "the right socket")
+    if exc.errno == errno.EAGAIN:
+        return DaemonUnavailable(f"the daemon at {path} is not accepting connections fast "
+                                 "enough (listen queue full)", hint="retry in a moment")
     return DaemonUnavailable(f"cannot connect to the daemon at {path}: {exc.strerror or exc}",
                              hint="point --socket / ENVCTL_SOCKET at the daemon's socket")

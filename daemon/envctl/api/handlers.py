@@ -13,16 +13,18 @@ import logging
 import os
 import threading
 import time
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from .. import __version__
 from ..config import Config
 from ..errors import DaemonUnavailable, NotAuthorised
-from ..jobs.manager import JobManager
 from ..jobs.model import Job, Requester
 from . import protocol
 from .auth import Authoriser
 from .peercred import PeerCred
+
+if TYPE_CHECKING:  # the manager is only ever handed to us by the daemon
+    from ..jobs.manager import JobManager
 
 log = logging.getLogger(__name__)
 
@@ -102,13 +104,14 @@ class Handlers:
                      who.username, who.claimed_user, name)
             raise
         job = jobs.submit(who, name, spec, backend=backend, replace=replace)
-        log.info("api create job=%s name=%s backend=%s uid=%d user=%s claimed=%s replace=%s",
+        log.debug("api create job=%s name=%s backend=%s uid=%d user=%s claimed=%s replace=%s",
                  job.id, job.name, job.backend, who.uid, who.username, who.claimed_user, replace)
         if not follow:
             yield protocol.ok(job.to_dict())
             return
         yield protocol.event("created", job.to_dict())
-        yield from self._follow(job.id, 0, gone, job_events=True)
+        yield from self._follow(job.id, 0, gone, job_events=True,
+                                last=(job.state.value, job.phase))
 
     def op_get(self, who: Requester, gone: Callable[[], bool], id: str | int) -> Iterator[Message]:
         yield protocol.ok(self._visible(who, id).to_dict())
@@ -133,21 +136,20 @@ class Handlers:
     def op_cancel(self, who: Requester, gone: Callable[[], bool],
                   id: str | int) -> Iterator[Message]:
         job = self._manager().cancel(str(id), who)
-        log.info("api cancel job=%s name=%s uid=%d user=%s", job.id, job.name, who.uid,
+        log.debug("api cancel job=%s name=%s uid=%d user=%s", job.id, job.name, who.uid,
                  who.username)
         yield protocol.ok(job.to_dict())
 
     # -- streaming -------------------------------------------------------------------------
 
-    def _follow(self, job_id: str, offset: int, gone: Callable[[], bool],
-                job_events: bool) -> Iterator[Message]:
+    def _follow(self, job_id: str, offset: int, gone: Callable[[], bool], job_events: bool,
+                last: tuple[str, str | None] | None = None) -> Iterator[Message]:
         """Log chunks (and job state/phase changes) until the job is over and the log drained.
 
         The job is read *before* the log: once a terminal state has been seen, the runner has
         finished writing, so an empty read afterwards means the log is complete.
         """
         jobs = self._manager()
-        last: tuple[str, str | None] | None = None
         while not self.stopping.is_set():
             job = jobs.get(job_id)
             if job_events and (job.state.value, job.phase) != last:

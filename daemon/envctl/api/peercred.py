@@ -10,8 +10,9 @@ been reused — and the result is used only if the uid there still matches the k
 
 from __future__ import annotations
 
-import array
+import ctypes
 import errno
+import os
 import socket
 import struct
 from dataclasses import dataclass
@@ -19,8 +20,11 @@ from dataclasses import dataclass
 SO_PEERCRED = getattr(socket, "SO_PEERCRED", 17)
 SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)  # not exported by Python 3.11
 _UCRED = struct.Struct("iII")  # pid_t pid; uid_t uid; gid_t gid
-_GID_SIZE = array.array("I").itemsize  # gid_t is a 32-bit unsigned int on Linux
+_GID_SIZE = ctypes.sizeof(ctypes.c_uint32)  # gid_t is a 32-bit unsigned int on Linux
 _MAX_GROUPS = 65536  # NGROUPS_MAX
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.getsockopt.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p,
+                             ctypes.POINTER(ctypes.c_uint32)]
 
 
 @dataclass(frozen=True)
@@ -46,19 +50,23 @@ def peer_cred(sock: socket.socket) -> PeerCred:
 
 
 def peer_groups(sock: socket.socket) -> tuple[int, ...]:
-    """Supplementary groups via SO_PEERGROUPS, growing the buffer when the kernel says ERANGE."""
-    size = 64 * _GID_SIZE
+    """Supplementary groups via SO_PEERGROUPS.
+
+    Through libc rather than ``socket.getsockopt``: Python caps that buffer at 1024 bytes
+    (256 groups) while Linux allows 65536 groups. When the buffer is too small the kernel
+    answers ERANGE and writes the size it needs, and we ask again with that size.
+    """
+    count = 64
     while True:
-        try:
-            raw = sock.getsockopt(socket.SOL_SOCKET, SO_PEERGROUPS, size)
-        except OSError as exc:
-            if exc.errno != errno.ERANGE or size >= _MAX_GROUPS * _GID_SIZE:
-                raise
-            size *= 4
-            continue
-        gids = array.array("I")
-        gids.frombytes(raw[:len(raw) - len(raw) % _GID_SIZE])
-        return tuple(gids)
+        buf = (ctypes.c_uint32 * count)()
+        size = ctypes.c_uint32(ctypes.sizeof(buf))
+        if _libc.getsockopt(sock.fileno(), socket.SOL_SOCKET, SO_PEERGROUPS, buf,
+                            ctypes.byref(size)) == 0:
+            return tuple(buf[:size.value // _GID_SIZE])
+        err = ctypes.get_errno()
+        if err != errno.ERANGE or count >= _MAX_GROUPS:
+            raise OSError(err, os.strerror(err))
+        count = min(_MAX_GROUPS, max(count * 2, size.value // _GID_SIZE))
 
 
 def proc_groups(pid: int, uid: int) -> tuple[int, ...]:

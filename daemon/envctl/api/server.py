@@ -19,24 +19,27 @@ systemd watchdog only while it advances.
 from __future__ import annotations
 
 import logging
-import select
 import socket
 import threading
 import time
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 from ..config import Config
 from ..errors import DaemonUnavailable, EnvctlError, ProtocolError
-from ..jobs.manager import JobManager
 from . import protocol
 from .handlers import Handlers, StatusFn
 from .listener import bind_unix
 from .peercred import PeerCred, peer_cred
 
+if TYPE_CHECKING:  # the manager is only ever handed to us by the daemon
+    from ..jobs.manager import JobManager
+
 log = logging.getLogger(__name__)
 
 TICK = 0.5  # accept-loop period: bounds heartbeat staleness and shutdown latency
 RECV_SIZE = 65536
+BUSY_LOG_EVERY = 10.0  # at most one "busy" warning per this many seconds (a flood must not
+                       # become a log flood)
 
 
 class _LineReader:
@@ -86,10 +89,12 @@ class Server:
         self.handlers = Handlers(config, jobs, status, self._stopping)
         self._listen: socket.socket | None = None
         self._owns_path = False
-        self._conns: set[socket.socket] = set()
+        self._conns: dict[socket.socket, threading.Thread] = {}
         self._lock = threading.Lock()
         self._accept_thread: threading.Thread | None = None
         self._beat = time.monotonic()
+        self._refused = 0  # connections turned away as "busy", since start
+        self._refused_logged = -BUSY_LOG_EVERY
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -114,7 +119,7 @@ class Server:
         if self._accept_thread is not None:
             self._accept_thread.join(timeout)
         with self._lock:
-            conns = list(self._conns)
+            conns = dict(self._conns)
         for conn in conns:
             try:
                 conn.shutdown(socket.SHUT_RDWR)
@@ -128,9 +133,8 @@ class Server:
                     pass
             self._listen.close()
         deadline = time.monotonic() + timeout
-        for thread in threading.enumerate():
-            if thread.name.startswith("api-conn-"):
-                thread.join(max(0.0, deadline - time.monotonic()))
+        for thread in conns.values():
+            thread.join(max(0.0, deadline - time.monotonic()))
 
     def reload(self, config: Config) -> None:
         """Limits and authorisation lists apply to the next request; the socket's path, mode and
@@ -142,11 +146,6 @@ class Server:
 
     def heartbeat(self) -> float:
         return self._beat
-
-    @property
-    def connections(self) -> int:
-        with self._lock:
-            return len(self._conns)
 
     # -- accept loop -----------------------------------------------------------------------
 
@@ -170,15 +169,21 @@ class Server:
         with self._lock:
             busy = len(self._conns) >= self.config.socket.max_connections
             if not busy:
-                self._conns.add(conn)
+                thread = threading.Thread(target=self._serve, args=(conn,), daemon=True,
+                                          name=f"api-conn-{conn.fileno()}")
+                self._conns[conn] = thread
         if busy:
-            log.warning("api busy connections=%d", self.config.socket.max_connections)
+            self._refused += 1
+            if time.monotonic() - self._refused_logged > BUSY_LOG_EVERY:
+                log.warning("api busy max_connections=%d refused=%d",
+                            self.config.socket.max_connections, self._refused)
+                self._refused_logged = time.monotonic()
             self._send_quietly(conn, protocol.error(DaemonUnavailable(
                 "the daemon is serving too many connections", hint="retry in a moment")))
+            _drain(conn, self.config.requests.max_request_bytes, seconds=0)  # never block here
             conn.close()
             return
-        threading.Thread(target=self._serve, args=(conn,), daemon=True,
-                         name=f"api-conn-{conn.fileno()}").start()
+        thread.start()
 
     # -- one connection --------------------------------------------------------------------
 
@@ -190,7 +195,7 @@ class Server:
             log.debug("api connection_closed reason=%s", exc.__class__.__name__)
         finally:
             with self._lock:
-                self._conns.discard(conn)
+                self._conns.pop(conn, None)
             conn.close()
 
     def _converse(self, conn: socket.socket, cred: PeerCred) -> None:
@@ -202,9 +207,15 @@ class Server:
             except ProtocolError as err:
                 log.info("api refused reason=oversized uid=%d pid=%d", cred.uid, cred.pid)
                 self._send(conn, protocol.error(err))
+                _drain(conn, 4 * cfg.requests.max_request_bytes)
                 return
             except TimeoutError:
-                log.debug("api timeout uid=%d pid=%d", cred.uid, cred.pid)
+                log.debug("api timeout uid=%d pid=%d partial=%d", cred.uid, cred.pid,
+                          len(reader.buf))
+                if reader.buf:  # a request was started and never finished: say why we hang up
+                    self._send_quietly(conn, protocol.error(ProtocolError(
+                        f"request not completed within {cfg.socket.read_timeout:g}s",
+                        hint="send the whole request line, ending with a newline")))
                 return
             if line is None:
                 return
@@ -240,15 +251,34 @@ class Server:
 
 
 def _hung_up(conn: socket.socket) -> bool:
-    """True when the peer has closed its end (readable and EOF) during a stream."""
+    """True when the peer has closed its end during a stream (a non-blocking peek sees EOF).
+
+    The socket is switched to non-blocking first: with a timeout set, Python would wait for
+    readability before the recv, whatever the flags. ``_send`` restores the timeout.
+    """
     try:
-        readable, _, _ = select.select([conn], [], [], 0)
-        if not readable:
-            return False
         conn.settimeout(0)
-        try:
-            return conn.recv(1, socket.MSG_PEEK) == b""
-        except BlockingIOError:
-            return False
+        return conn.recv(1, socket.MSG_PEEK) == b""
+    except BlockingIOError:
+        return False  # nothing to read: still there
     except OSError:
         return True
+
+
+def _drain(conn: socket.socket, limit: int, seconds: float = 1.0) -> None:
+    """Swallow (a bounded amount of) what the client is still sending before we close.
+
+    Closing with unread input makes the kernel send RST, and the client would see "connection
+    reset" instead of our error reply; a bounded drain lets the reply arrive intact.
+    """
+    try:
+        conn.shutdown(socket.SHUT_WR)
+        deadline = time.monotonic() + seconds
+        while limit > 0:
+            conn.settimeout(max(0.0, deadline - time.monotonic()))  # 0: only what is there
+            chunk = conn.recv(min(RECV_SIZE, limit))
+            if not chunk:
+                return
+            limit -= len(chunk)
+    except OSError:
+        pass

@@ -26,8 +26,8 @@ import logging
 import os
 import shutil
 import stat
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from ..errors import FilesystemError
 from ..heal.fsops import DIR_FLAGS
@@ -41,10 +41,11 @@ AREA_DIRS = {"locks": 0o755, "staging": 0o711, "building": 0o755}
 def _checked_dir(parent_fd: int | None, path: str, mode: int, shown: str) -> int:
     """Open (creating if missing) a daemon-owned directory without following symlinks."""
     kw = {} if parent_fd is None else {"dir_fd": parent_fd}
+    created = True
     try:
         os.mkdir(path, mode, **kw)  # type: ignore[arg-type]
     except FileExistsError:
-        pass
+        created = False
     try:
         fd = os.open(path, DIR_FLAGS, **kw)  # type: ignore[arg-type]
     except OSError as exc:
@@ -59,9 +60,10 @@ def _checked_dir(parent_fd: int | None, path: str, mode: int, shown: str) -> int
                               f"(uid {os.geteuid()}): refusing to use it",
                               hint="someone tampered with it: inspect it and remove it; the "
                                    "daemon recreates it")
-    if stat.S_IMODE(st.st_mode) != mode:
-        log.warning("layout mode-reset path=%s mode=%04o want=%04o", shown,
-                    stat.S_IMODE(st.st_mode), mode)
+    if stat.S_IMODE(st.st_mode) != mode:  # umask, an SGID parent, or the healer
+        if not created:
+            log.warning("layout mode-reset path=%s mode=%04o want=%04o", shown,
+                        stat.S_IMODE(st.st_mode), mode)
         os.fchmod(fd, mode)
     return fd
 
@@ -127,6 +129,19 @@ def exists(parent_fd: int, name: str) -> bool:
     return True
 
 
+def _write_new(dir_fd: int, name: str, text: str, uid: int, gid: int) -> None:
+    """Write a fresh file (any old one unlinked first, never followed), 0640 uid:gid."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(name, dir_fd=dir_fd)
+    fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                 0o600, dir_fd=dir_fd)
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fchown(fd, uid, gid)
+        os.fchmod(fd, 0o640)
+
+
 class StateDir:
     """The daemon's private state on local disk: the database and per-job directories."""
 
@@ -149,22 +164,38 @@ class StateDir:
     def log_path(self, job_id: str) -> Path:
         return self.job_dir(job_id) / "build.log"
 
+    def create_job_dir(self, job_id: str) -> None:
+        """``jobs/<id>`` (0711, the daemon's) with an empty log, at submit time."""
+        os.close(_checked_dir(None, str(self.job_dir(job_id)), 0o711, str(self.job_dir(job_id))))
+        os.close(self.open_log(job_id))
+
+    def remove_job_dir(self, job_id: str) -> bool:
+        """Delete ``jobs/<id>`` (retention); True if it was there."""
+        fd = os.open(self.path / "jobs", DIR_FLAGS)
+        try:
+            return remove_tree(fd, job_id)
+        finally:
+            os.close(fd)
+
     def prepare_job(self, job_id: str, uid: int, gid: int, files: dict[str, str]) -> Path:
-        """(Re)create ``jobs/<id>`` with ``files`` readable by the build group, and ``home``."""
+        """(Re)create ``jobs/<id>/home`` for the build user and write the build's inputs.
+
+        Plain names are written root-owned, group ``gid``, 0640 (the build user reads them,
+        nobody else); ``home/<name>`` goes into the build's writable HOME, owned by it.
+        """
         jdir = self.job_dir(job_id)
         fd = _checked_dir(None, str(jdir), 0o711, str(jdir))
         try:
             remove_tree(fd, "home")
             make_owned_dir(fd, "home", uid, gid, 0o700)
-            for name, text in files.items():
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(name, dir_fd=fd)
-                ffd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
-                              | os.O_CLOEXEC, 0o600, dir_fd=fd)
-                with os.fdopen(ffd, "w", encoding="utf-8") as fh:
-                    fh.write(text)
-                    os.fchown(fh.fileno(), -1, gid)
-                    os.fchmod(fh.fileno(), 0o640)
+            home = os.open("home", DIR_FLAGS, dir_fd=fd)
+            try:
+                for name, text in files.items():
+                    in_home = name.startswith("home/")
+                    _write_new(home if in_home else fd, name.removeprefix("home/"), text,
+                               uid if in_home else -1, gid)
+            finally:
+                os.close(home)
         finally:
             os.close(fd)
         return jdir

@@ -32,10 +32,8 @@ from typing import Any, Callable, Protocol
 from watchdog.events import (
     DirAttribEvent,
     DirCreatedEvent,
-    DirMovedEvent,
     FileAttribEvent,
     FileCreatedEvent,
-    FileMovedEvent,
     FileSystemEvent,
     FileSystemEventHandler,
 )
@@ -52,14 +50,17 @@ warnings.filterwarnings("ignore", message=r"Callback with id .* already exists",
 warnings.filterwarnings("ignore", message=r"Callback with id .* does not exist",
                         category=RuntimeWarning)
 # Our own WARNING line (with the root) replaces watchdog's per-overflow one.
-logging.getLogger("watchdog.observers.inotify_c").setLevel(logging.ERROR)
-logging.getLogger("watchdog.observers.inotify").setLevel(logging.ERROR)
+logging.getLogger("watchdog").setLevel(logging.ERROR)
+# Stopping an emitter races with its last read; watchdog logs that benign race as an ERROR.
+logging.getLogger("watchdog.observers.inotify").addFilter(
+    lambda record: "called when the thread is inactive" not in record.getMessage())
 
 MASK = (InotifyConstants.IN_CREATE | InotifyConstants.IN_MOVED_TO | InotifyConstants.IN_ATTRIB
         | InotifyConstants.IN_DELETE_SELF)
+# Without IN_MOVED_FROM watchdog never pairs moves: a moved-in entry (from outside the root or
+# from elsewhere in it) arrives as created, plus synthetic creates for a directory's contents.
 EVENT_FILTER: list[type[FileSystemEvent]] = [
-    DirCreatedEvent, FileCreatedEvent, DirMovedEvent, FileMovedEvent, DirAttribEvent,
-    FileAttribEvent,
+    DirCreatedEvent, FileCreatedEvent, DirAttribEvent, FileAttribEvent,
 ]
 
 
@@ -131,12 +132,9 @@ class _Handler(FileSystemEventHandler):
 
     def dispatch(self, event: FileSystemEvent) -> None:
         self._count()
-        moved = isinstance(event, (DirMovedEvent, FileMovedEvent))
-        rel = self._rel(event.dest_path if moved else event.src_path)
-        if rel is None:
-            return
-        subtree = event.is_directory and not isinstance(event, DirAttribEvent)
-        self._queue.put(rel, subtree)
+        rel = self._rel(event.src_path)
+        if rel is not None:  # a created/moved-in directory is a subtree; anything else an entry
+            self._queue.put(rel, isinstance(event, DirCreatedEvent))
 
 
 class InotifyWatch:

@@ -271,8 +271,9 @@ class RootWatcher:
         """Monotonic time of the stalest thread's last sign of progress."""
         return min(self._beats) if self._beats else time.monotonic()
 
-    def status(self) -> dict[str, Any]:
-        """JSON-ready counters of this root."""
+    def status(self, watches: bool = True) -> dict[str, Any]:
+        """JSON-ready counters of this root; ``watches=False`` skips counting the kernel's
+        watches (it reads /proc, one line per watch: too costly for a 5 s STATUS= line)."""
         st = self._status
         with self._lock:
             h = st.heals
@@ -287,7 +288,7 @@ class RootWatcher:
             "echoes": st.echoes,
             "overflows": st.overflows,
             "queue": len(self.queue),
-            "watches": self._inotify.watch_count() if self._inotify else 0,
+            "watches": (self._inotify.watch_count() if self._inotify else 0) if watches else None,
             "poll_dirs": self._poller.directories if self._poller else 0,
             "full_passes": st.full_passes,
             "last_full_pass": st.last_full_pass,

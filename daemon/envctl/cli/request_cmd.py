@@ -1,0 +1,220 @@
+"""``envctl request ...``: ask the daemon to build an environment, and follow, list or cancel it.
+
+Why the CLI does so little: the daemon validates, authorises and builds; this module only sends
+the protocol and formats what comes back (``--json`` prints the daemon's data as it is). Exit
+codes carry the outcome so scripts need not parse text: ``create`` (when it waits) and
+``status`` exit 0 for a job that succeeded or is still on its way, 1 (BuildFailed) for one that
+failed, was cancelled or was interrupted; refusals keep their own codes (65 invalid request,
+75 conflict, 77 not authorised or socket permission, 69 daemon not running).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from ..errors import EX_OK, BuildFailed, FilesystemError
+from .output import emit_json, table
+from .status_cmd import add_socket_option, client_for
+
+CLAIM_ENV = "JUPYTERHUB_USER"  # on JupyterHub every user is uid jovyan; this says who it is
+_FAILED = ("failed", "cancelled", "interrupted")
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = subparsers.add_parser("request", help="ask the daemon to build shared environments",
+                              description="Environment builds performed by the envctl daemon.")
+    sub = p.add_subparsers(dest="action", metavar="ACTION", parser_class=type(p))
+    sub.required = True
+
+    c = sub.add_parser("create", help="build an environment from an environment.yml",
+                       description="Queue a build, then follow it until it ends (exit 0 on "
+                       "success, printing the prefix and how to activate it).")
+    c.add_argument("name", help="environment name (letters, digits, . _ -)")
+    c.add_argument("-f", "--file", required=True, metavar="FILE",
+                   help="environment.yml (name/channels/dependencies; '-' reads stdin)")
+    c.add_argument("--backend", help="build backend, if the daemon allows choosing one")
+    c.add_argument("--replace", action="store_true",
+                   help="replace an existing environment of that name once the new one is built")
+    c.add_argument("--no-wait", action="store_true", help="print the job id and return")
+    c.add_argument("--json", action="store_true", help="print the job as JSON")
+    c.set_defaults(func=run_create)
+
+    s = sub.add_parser("status", help="show one job (exit 1 if it failed)")
+    s.add_argument("id", help="job id")
+    s.add_argument("--json", action="store_true", help="print the job as JSON")
+    s.set_defaults(func=run_status)
+
+    ls = sub.add_parser("list", help="list your jobs (or everyone's with --all)")
+    ls.add_argument("--all", action="store_true", help="everyone's jobs (requesters and admins)")
+    ls.add_argument("--finished", action="store_true", help="include finished jobs")
+    ls.add_argument("--json", action="store_true", help="print the jobs as JSON")
+    ls.set_defaults(func=run_list)
+
+    lg = sub.add_parser("logs", help="print a job's build log")
+    lg.add_argument("id", help="job id")
+    lg.add_argument("-f", "--follow", action="store_true", help="keep printing until it ends")
+    lg.set_defaults(func=run_logs)
+
+    x = sub.add_parser("cancel", help="cancel a queued or running job (yours; admins any)")
+    x.add_argument("id", help="job id")
+    x.add_argument("--json", action="store_true", help="print the job as JSON")
+    x.set_defaults(func=run_cancel)
+
+    for parser in (c, s, ls, lg, x):
+        add_socket_option(parser)
+
+
+def _read_spec(path: str) -> str:
+    try:
+        if path == "-":
+            return sys.stdin.read()
+        return Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = getattr(exc, "strerror", None) or str(exc)
+        raise FilesystemError(f"cannot read {path}: {reason}",
+                              hint="pass -f with a readable environment.yml") from None
+
+
+def run_create(args: argparse.Namespace) -> int:
+    spec = _read_spec(args.file)
+    request = {"name": args.name, "spec": spec, "backend": args.backend,
+               "replace": args.replace, "claimed_user": os.environ.get(CLAIM_ENV) or None}
+    if args.no_wait:
+        with client_for(args) as client:
+            queued = client.call("create", **request)
+        if args.json:
+            emit_json(queued)
+        else:
+            print(queued["id"])
+            print(f"queued {queued['name']} ({queued['backend']}); follow with: "
+                  f"envctl request logs {queued['id']} -f", file=sys.stderr)
+        return EX_OK
+    # A queued build may stay silent for a long time: no read timeout while following (a dead
+    # daemon closes the socket, which ends the stream with DaemonUnavailable).
+    job: dict[str, Any] = {}
+    with client_for(args, timeout=None) as client:
+        for msg in client.stream("create", follow=True, **request):
+            job = _progress(msg, job, quiet=args.json)
+    return _outcome(job, as_json=args.json)
+
+
+def _progress(msg: dict[str, Any], job: dict[str, Any], quiet: bool) -> dict[str, Any]:
+    """Print one stream message for people; return the latest job object."""
+    kind, data = msg.get("event"), msg.get("data") or {}
+    if msg.get("end"):
+        return dict(data or job)
+    if kind == "created":
+        if not quiet:
+            print(data["id"], flush=True)
+            print(f"queued {data['name']} ({data['backend']})", file=sys.stderr, flush=True)
+        return dict(data)
+    if kind == "job":
+        if not quiet:
+            step = data["state"] + (f": {data['phase']}" if data.get("phase") else "")
+            print(f"==> {step}", file=sys.stderr, flush=True)
+        return dict(data)
+    if kind == "log" and not quiet:
+        sys.stdout.write(data["text"])
+        sys.stdout.flush()
+    return job
+
+
+def _outcome(job: dict[str, Any], as_json: bool) -> int:
+    """Exit 0 and say how to activate on success; BuildFailed (exit 1) otherwise."""
+    if as_json:
+        emit_json(job)
+    state = job.get("state")
+    if state == "succeeded":
+        if not as_json:
+            prefix = job["prefix"]
+            how = (f"source {prefix}/bin/activate" if job.get("backend") == "venv"
+                   else f"conda activate {prefix}")
+            print(f"environment {job['name']} is ready: {prefix}")
+            print(f"activate it with: {how}")
+        return EX_OK
+    if state in _FAILED:
+        detail = f": {job['exit_detail']}" if job.get("exit_detail") else ""
+        raise BuildFailed(f"job {job.get('id')} ({job.get('name')}) {state}{detail}",
+                          hint=f"the full log: envctl request logs {job.get('id')}")
+    return EX_OK  # still queued/running (only when following was cut short)
+
+
+def run_status(args: argparse.Namespace) -> int:
+    with client_for(args) as client:
+        job = client.call("get", id=args.id)
+    if args.json:
+        emit_json(job)
+    else:
+        print(render_job(job))
+    if job["state"] in _FAILED:
+        raise BuildFailed(f"job {job['id']} {job['state']}", hint="see the exit detail above")
+    return EX_OK
+
+
+def render_job(job: dict[str, Any]) -> str:
+    req = job.get("requester") or {}
+    who = req.get("name", "?") + (f" (claims {job['claimed_user']})"
+                                  if job.get("claimed_user") else "")
+    rows = [("id", job["id"]), ("name", job["name"]), ("state", job["state"]),
+            ("phase", job.get("phase") or "-"), ("backend", job.get("backend")),
+            ("requester", who), ("replace", "yes" if job.get("replace") else "no"),
+            ("created", _when(job.get("created_at"))), ("started", _when(job.get("started_at"))),
+            ("finished", _when(job.get("finished_at"))), ("prefix", job.get("prefix") or "-"),
+            ("detail", job.get("exit_detail") or "-")]
+    return "\n".join(f"{k + ':':<11}{v}" for k, v in rows)
+
+
+def _when(ts: float | None) -> str:
+    return "-" if ts is None else time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts))
+
+
+def run_list(args: argparse.Namespace) -> int:
+    with client_for(args) as client:
+        jobs = client.call("list", all=args.all, finished=args.finished)
+    if args.json:
+        emit_json(jobs)
+        return EX_OK
+    if not jobs:
+        print("no jobs" + ("" if args.finished else " (--finished shows finished ones)"))
+        return EX_OK
+    rows = [[j["id"], j["name"], j["state"], j.get("phase") or "-", j["backend"],
+             (j.get("requester") or {}).get("name", "?")
+             + (f" ({j['claimed_user']})" if j.get("claimed_user") else ""),
+             _when(j.get("created_at"))] for j in jobs]
+    print(table(rows, ["ID", "NAME", "STATE", "PHASE", "BACKEND", "USER", "CREATED"]))
+    return EX_OK
+
+
+def run_logs(args: argparse.Namespace) -> int:
+    if args.follow:
+        with client_for(args, timeout=None) as client:
+            for msg in client.stream("logs", id=args.id, follow=True):
+                if msg.get("event") == "log":
+                    sys.stdout.write(msg["data"]["text"])
+                    sys.stdout.flush()
+        return EX_OK
+    offset = 0
+    with client_for(args) as client:
+        while True:
+            chunk = client.call("logs", id=args.id, offset=offset)
+            sys.stdout.write(chunk["text"])
+            if chunk["offset"] == offset:
+                break
+            offset = chunk["offset"]
+    sys.stdout.flush()
+    return EX_OK
+
+
+def run_cancel(args: argparse.Namespace) -> int:
+    with client_for(args) as client:
+        job = client.call("cancel", id=args.id)
+    if args.json:
+        emit_json(job)
+    else:
+        print(f"job {job['id']} ({job['name']}): {job['state']}")
+    return EX_OK

@@ -1,0 +1,72 @@
+"""Logging for envctld: key=value lines on stderr, or structured records in the journal.
+
+Why two sinks: an admin greps stderr/container logs for ``root=/shared/envs``; under systemd
+the same facts are better as journal fields (``journalctl ENVCTL_ROOT=/shared/envs``). Call
+sites pass those fields with ``extra=fields(root=..., path=..., job=...)``; the stderr formatter
+ignores them (the message already says ``root=...``), the journal handler stores them and sets
+``PRIORITY`` from the level. Python warnings go through logging too, so a library's warning
+flood cannot bypass the level.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from ..config import LoggingConfig
+from . import systemd
+
+_HANDLER_NAME = "envctld"
+
+
+class KeyValueFormatter(logging.Formatter):
+    """``2026-01-01T12:00:00Z INFO envctl.watch reconcile root=/x fixed=3``."""
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(record.created))
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = f"{self.formatTime(record)} {record.levelname} {record.name} {record.getMessage()}"
+        if record.exc_info:
+            line += "\n" + self.formatException(record.exc_info)
+        return line
+
+
+def fields(root: Path | str | None = None, path: str | None = None,
+           job: str | None = None) -> dict[str, Any]:
+    """Journal fields for ``extra=``: ENVCTL_ROOT, ENVCTL_PATH, ENVCTL_JOB (only those given)."""
+    out: dict[str, Any] = {}
+    if root is not None:
+        out["ENVCTL_ROOT"] = str(root)
+    if path is not None:
+        out["ENVCTL_PATH"] = path
+    if job is not None:
+        out["ENVCTL_JOB"] = job
+    return out
+
+
+def setup(cfg: LoggingConfig, debug: bool = False) -> str:
+    """(Re)configure the root logger; returns the sink used (``journal`` or ``stderr``)."""
+    level = logging.DEBUG if debug else getattr(logging, cfg.level)
+    use_journal = cfg.journal == "true" or (cfg.journal == "auto" and systemd.stderr_is_journal())
+    handler: logging.Handler | None = systemd.journal_handler() if use_journal else None
+    sink = "journal"
+    if handler is None:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(KeyValueFormatter())
+        sink = "stderr"
+    handler.set_name(_HANDLER_NAME)
+    root = logging.getLogger()
+    for old in [h for h in root.handlers if h.get_name() == _HANDLER_NAME]:
+        root.removeHandler(old)
+        old.close()
+    root.addHandler(handler)
+    root.setLevel(level)
+    logging.captureWarnings(True)
+    if use_journal and sink == "stderr":
+        logging.getLogger("envctl.daemon").warning(
+            "journal logging requested but systemd-python is not installed: using stderr")
+    return sink

@@ -1,0 +1,151 @@
+"""``envctld``: the foreground process: signals, readiness, reloads, status and the watchdog.
+
+Why a thin loop on the main thread: Python runs signal handlers only there, so the handlers just
+set flags and wake the loop, and the loop does the work (reload, shutdown) outside any handler.
+The same loop tells the service manager the truth: ``READY=1`` only after every root has been
+watched and reconciled, ``WATCHDOG=1`` only while every worker and the server show recent
+progress (a wedged worker stops the pings, and systemd restarts us), ``STOPPING=1`` on the way
+out. Exit codes: 0 after SIGTERM/SIGINT, the error's exit code (sysexits) when startup fails.
+
+Test hook: ``ENVCTL_TEST_WEDGE_AFTER=<seconds>`` makes one heal worker per root block forever
+after that many seconds, so tests can prove the watchdog fires. It is read only from the
+environment and does nothing when unset.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from types import FrameType
+
+from .. import __version__
+from ..config import Config, load
+from ..errors import EX_SOFTWARE, EnvctlError
+from . import logsetup, systemd
+from .service import Daemon
+
+log = logging.getLogger("envctl.daemon")
+STATUS_NOTIFY_EVERY = 5.0  # seconds between STATUS= updates
+STALE_DEFAULT = 60.0  # progress older than this is "stuck" when systemd sets no watchdog
+
+
+class _Signals:
+    """Flags set by signal handlers; ``wake`` interrupts the main loop's wait."""
+
+    def __init__(self) -> None:
+        self.wake = threading.Event()
+        self.stop = False
+        self.reload = False
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._on_stop)
+        signal.signal(signal.SIGHUP, self._on_hup)
+
+    def _on_stop(self, signum: int, frame: FrameType | None) -> None:
+        self.stop = True
+        self.wake.set()
+
+    def _on_hup(self, signum: int, frame: FrameType | None) -> None:
+        self.reload = True
+        self.wake.set()
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="envctld", description="Heal shared environment roots in "
+                                "real time and serve environment requests.")
+    p.add_argument("--config", required=True, help="the daemon's YAML configuration")
+    p.add_argument("--debug", action="store_true", help="log at DEBUG level")
+    p.add_argument("--version", action="version", version=f"envctld {__version__}")
+    return p.parse_args(argv)
+
+
+def _wedge_after() -> float | None:
+    value = os.environ.get("ENVCTL_TEST_WEDGE_AFTER")
+    return float(value) if value else None
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse(argv)
+    try:
+        config = load(args.config)
+    except EnvctlError as exc:
+        print(f"envctld: error: {exc.message}" + (f" (hint: {exc.hint})" if exc.hint else ""),
+              file=sys.stderr)
+        return exc.exit_code
+    logsetup.setup(config.logging, args.debug)
+    signals = _Signals()
+    daemon = Daemon(config, wedge_after=_wedge_after())
+    t0 = time.monotonic()
+    try:
+        daemon.start(systemd.listen_socket())
+    except EnvctlError as exc:
+        log.error("startup failed error=%s hint=%s", exc.message, exc.hint or "")
+        daemon.stop(1.0)
+        return exc.exit_code
+    except Exception:
+        log.exception("startup failed")
+        daemon.stop(1.0)
+        return EX_SOFTWARE
+    log.info("ready roots=%d start=%.3f pid=%d", len(config.roots), time.monotonic() - t0,
+             os.getpid())
+    systemd.notify(f"READY=1\nSTATUS={daemon.summary()}")
+    _loop(daemon, signals, args)
+    systemd.notify("STOPPING=1")
+    log.info("stopping")
+    drained = daemon.stop()
+    log.info("stopped drained=%s", drained)
+    return 0
+
+
+def _loop(daemon: Daemon, signals: _Signals, args: argparse.Namespace) -> None:
+    """Until SIGTERM/SIGINT: reloads, periodic status, STATUS= updates, watchdog pings."""
+    wd = systemd.watchdog_interval()
+    stale_after = wd if wd else STALE_DEFAULT
+    now = time.monotonic()
+    next_status = now + daemon.config.watch.status_interval
+    next_notify = now + STATUS_NOTIFY_EVERY
+    next_ping = now
+    while not signals.stop:
+        now = time.monotonic()
+        if signals.reload:
+            signals.reload = False
+            _reload(daemon, args)
+        if wd and now >= next_ping:
+            age = now - daemon.heartbeat()
+            if age < stale_after:
+                systemd.notify("WATCHDOG=1")
+            else:
+                log.error("no progress for %.1fs: withholding watchdog ping", age)
+            next_ping = now + wd / 2
+        if now >= next_notify:
+            systemd.notify(f"STATUS={daemon.summary()}")
+            next_notify = now + STATUS_NOTIFY_EVERY
+        if now >= next_status:
+            daemon.log_status()
+            next_status = now + daemon.config.watch.status_interval
+        deadlines = [next_notify, next_status] + ([next_ping] if wd else [])
+        signals.wake.wait(max(0.0, min(deadlines) - time.monotonic()))
+        signals.wake.clear()
+
+
+def _reload(daemon: Daemon, args: argparse.Namespace) -> None:
+    """SIGHUP: load and apply the config file again; on any error keep the running one."""
+    systemd.notify(f"RELOADING=1\nMONOTONIC_USEC={time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000}")
+    try:
+        new: Config = load(args.config)
+        daemon.reload(new)
+    except EnvctlError as exc:
+        log.error("reload rejected error=%s hint=%s keeping=%s", exc.message, exc.hint or "",
+                  daemon.config.source)
+    else:
+        logsetup.setup(new.logging, args.debug)
+        log.info("reloaded roots=%d", len(new.roots))
+    systemd.notify(f"READY=1\nSTATUS={daemon.summary()}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,184 @@
+"""The composition root: one :class:`Daemon` owns every root's watcher and the request side.
+
+Why here and nowhere else: the layers below (watch, jobs, api) do not know about each other;
+this module wires them together, applies a reloaded config as a diff (an unchanged root keeps
+its watches and counters; a changed or new one is started afresh, which includes its full
+reconcile), and answers the two questions the service manager and ``envctl status`` ask: how
+is every root doing (``status``), and is everything still making progress (``heartbeat``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+from typing import Any, Protocol
+
+from ..config import Config, RootConfig
+from ..errors import ConfigError, EnvctlError
+from ..fsinfo import default_concurrency
+from ..watch import RootWatcher
+from .logsetup import fields
+
+log = logging.getLogger("envctl.daemon")
+
+
+class _Jobs(Protocol):
+    def start(self) -> None: ...
+    def stop(self, timeout: float) -> Any: ...
+    def reload(self, config: Config) -> None: ...
+    def counts(self) -> dict[str, int]: ...
+
+
+class _Server(Protocol):
+    def start(self, listen_sock: socket.socket | None) -> None: ...
+    def stop(self) -> None: ...
+    def reload(self, config: Config) -> None: ...
+    def heartbeat(self) -> float: ...
+
+
+def check_roots(config: Config) -> None:
+    """Refuse a config whose roots do not exist (before anything is started or replaced)."""
+    for root in config.roots:
+        if not root.path.is_dir() or root.path.is_symlink():
+            raise ConfigError(f"{config.source}: root {root.path} is not an existing directory",
+                              hint="create the directory or fix roots[].path")
+
+
+class Daemon:
+    """Every root watched and healed, plus (when enabled) the job manager and the API server."""
+
+    def __init__(self, config: Config, wedge_after: float | None = None) -> None:
+        self.config = config
+        self._wedge_after = wedge_after
+        self._roots: dict[str, RootWatcher] = {}
+        self._jobs: _Jobs | None = None
+        self._server: _Server | None = None
+        self._started = time.time()
+        self.ready = False
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    def start(self, listen_sock: socket.socket | None = None) -> None:
+        """Watch and reconcile every root, then open the request side. Returns when ready."""
+        check_roots(self.config)
+        for root in self.config.roots:
+            self._start_root(root)
+        if self.config.requests.enabled:
+            self._jobs, self._server = _start_requests(self.config, self.status, listen_sock)
+        self.ready = True
+
+    def _start_root(self, root: RootConfig) -> None:
+        concurrency = self.config.walk.concurrency or default_concurrency(root.path)
+        watcher = RootWatcher(root, self.config.watch, concurrency, self._wedge_after)
+        t0 = time.monotonic()
+        watcher.start()
+        self._roots[str(root.path)] = watcher
+        st = watcher.status()
+        log.info("watching root=%s mode=%s watches=%d scanned=%d fixed=%d start=%.3f",
+                 root.path, st["mode"], st["watches"], st["scanned"], st["fixed"],
+                 time.monotonic() - t0, extra=fields(root=root.path))
+
+    def stop(self, timeout: float = 10.0) -> bool:
+        """Stop taking requests, drain every root's queue, stop everything. True if drained."""
+        self.ready = False
+        if self._server is not None:
+            self._server.stop()
+        if self._jobs is not None:
+            self._jobs.stop(timeout)
+        drained = True
+        for path, watcher in list(self._roots.items()):
+            drained = watcher.stop(timeout) and drained
+            del self._roots[path]
+        return drained
+
+    def reload(self, new: Config) -> None:
+        """Apply ``new`` as a diff; raises (before changing anything) if it cannot be used."""
+        check_roots(new)
+        if new.requests.enabled and self._jobs is None:
+            raise ConfigError(f"{new.source}: enabling requests needs a restart",
+                              hint="systemctl restart envctld")
+        same_watch = (new.watch, new.walk) == (self.config.watch, self.config.walk)
+        wanted = {str(r.path): r for r in new.roots}
+        for path, watcher in list(self._roots.items()):
+            if path not in wanted or not same_watch or watcher.root != wanted[path]:
+                watcher.stop()
+                del self._roots[path]
+                log.info("unwatched root=%s", path, extra=fields(root=path))
+        self.config = new
+        for path, root in wanted.items():
+            if path not in self._roots:
+                try:
+                    self._start_root(root)
+                except EnvctlError as exc:
+                    log.error("cannot watch root=%s error=%s", path, exc.message,
+                              extra=fields(root=path))
+        if self._jobs is not None:
+            self._jobs.reload(new)
+        if self._server is not None:
+            self._server.reload(new)
+
+    # -- what systemd, the API and the log see -------------------------------------------------
+
+    def heartbeat(self) -> float:
+        """Monotonic time of the stalest component's last progress (workers, pollers, server)."""
+        beats = [w.heartbeat() for w in self._roots.values()]
+        if self._server is not None:
+            beats.append(self._server.heartbeat())
+        return min(beats) if beats else time.monotonic()
+
+    def status(self, watches: bool = True) -> dict[str, Any]:
+        """JSON-ready: every root's counters, the job counts, the daemon's identity."""
+        return {
+            "pid": os.getpid(),
+            "ready": self.ready,
+            "config": self.config.source,
+            "uptime_s": round(time.time() - self._started, 1),
+            "roots": [w.status(watches) for w in self._roots.values()],
+            "jobs": self._jobs.counts() if self._jobs is not None else None,
+        }
+
+    def wait_idle(self, timeout: float) -> bool:
+        """True once every root's queue is empty and no heal is running."""
+        deadline = time.monotonic() + timeout
+        return all(w.wait_idle(max(0.0, deadline - time.monotonic()))
+                   for w in list(self._roots.values()))
+
+    def summary(self) -> str:
+        """One line for systemd's STATUS=."""
+        st = self.status(watches=False)
+        roots = st["roots"]
+        modes = sorted({r["mode"] for r in roots})
+        line = (f"roots={len(roots)} mode={','.join(modes) or '-'} "
+                f"fixed={sum(r['fixed'] for r in roots)} queue={sum(r['queue'] for r in roots)} "
+                f"errors={sum(r['errors'] for r in roots)}")
+        if st["jobs"] is not None:
+            line += " jobs=" + ",".join(f"{k}:{v}" for k, v in sorted(st["jobs"].items()))
+        return line
+
+    def log_status(self) -> None:
+        for r in self.status(watches=False)["roots"]:
+            log.info("status root=%s mode=%s scanned=%d fixed=%d skipped=%d errors=%d "
+                     "events=%d overflows=%d queue=%d full_passes=%d last_full_duration=%.3f",
+                     r["path"], r["mode"], r["scanned"], r["fixed"], sum(r["skipped"].values()),
+                     r["errors"], r["events"], r["overflows"], r["queue"], r["full_passes"],
+                     r["last_full_duration"] or 0.0, extra=fields(root=r["path"]))
+
+
+def _start_requests(config: Config, status: Any,
+                    listen_sock: socket.socket | None) -> tuple[_Jobs, _Server]:
+    """Create and start the job manager and the API server (imported here: the only place
+    the daemon depends on the request side, which a heal-only deployment never loads)."""
+    from ..api.server import Server
+    from ..jobs.manager import JobManager
+
+    jobs = JobManager(config)
+    jobs.start()
+    server = Server(config, jobs, status)
+    try:
+        server.start(listen_sock)
+    except BaseException:
+        jobs.stop(5.0)
+        raise
+    return jobs, server

@@ -1,0 +1,83 @@
+"""Backends: how an environment is built, as data — the command lines a build runs.
+
+Why "command lines as data": the runner owns everything that must be the same for every
+backend (user switch, process group, log, timeout, cancel, staging, healing, rename); a backend
+only says (1) whether it can build in a staging prefix and be moved into place (``relocatable``),
+(2) what it refuses at submit time (``check``), (3) which input files it needs in the job's
+directory (``files``) and (4) the steps to run (``steps``). That keeps each backend small and
+lets the conda-family command lines be unit-tested on a machine without conda.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from ...config import RequestsConfig
+from ...errors import ValidationError
+from ..spec import EnvSpec
+
+PHASES = ("preparing", "solving", "downloading", "linking", "creating", "installing",
+          "building", "healing", "finalizing")
+PHASE_MARK = "ENVCTL-PHASE "  # a child prints "ENVCTL-PHASE linking" on its stdout
+
+
+@dataclass(frozen=True)
+class Step:
+    """One process of a build; ``phase`` is shown while it runs (children may refine it)."""
+
+    phase: str
+    argv: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class BuildContext:
+    """Where a build happens. ``build_prefix`` is the staging dir for relocatable backends,
+    else the final prefix itself; ``job_dir`` holds the daemon-written inputs (read-only to
+    the build user); ``home`` is the build's writable HOME."""
+
+    spec: EnvSpec
+    cfg: RequestsConfig
+    job_dir: Path
+    home: Path
+    build_prefix: Path
+    final_prefix: Path
+    cache_dir: Path
+
+
+class Backend(Protocol):
+    """What every backend module provides (as a class with these members)."""
+
+    name: str
+    relocatable: bool
+
+    def check(self, spec: EnvSpec, cfg: RequestsConfig) -> None:
+        """Refuse (ValidationError) a spec this backend cannot build."""
+
+    def files(self, spec: EnvSpec, cfg: RequestsConfig) -> dict[str, str]:
+        """Inputs to write: job-dir-relative names (``home/x`` lands in the writable HOME)."""
+
+    def steps(self, ctx: BuildContext) -> list[Step]:
+        """The processes to run, in order."""
+
+
+def backend_named(name: str) -> Backend:
+    """The backend implementation called ``name``, allowed or not (recovery needs it)."""
+    from . import conda, rattler, venv
+
+    if name == "rattler":
+        return rattler.RattlerBackend()
+    if name == "venv":
+        return venv.VenvBackend()
+    if name in ("conda", "mamba", "micromamba"):
+        return conda.CondaBackend(name)
+    raise ValidationError(f"unknown backend {name!r}")
+
+
+def get_backend(name: str, cfg: RequestsConfig) -> Backend:
+    """The backend called ``name``, if this daemon allows it."""
+    if name not in cfg.allowed_backends:
+        raise ValidationError(f"backend {name!r} is not allowed on this daemon",
+                              hint=f"allowed: {', '.join(cfg.allowed_backends)}")
+    return backend_named(name)

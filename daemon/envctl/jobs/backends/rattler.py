@@ -1,0 +1,52 @@
+"""The ``rattler`` backend: py-rattler solves and installs, in a child process as the build user.
+
+Why a child process: ``rattler.solve``/``install`` run native code that cannot be interrupted
+from Python; a separate process (``rattler_child``) can be killed with its group on cancel or
+timeout, and runs with the build user's privileges rather than the daemon's. Relocatable: the
+child installs into the staging prefix with ``alternative_target_prefix`` set to the final path,
+so every prefix baked into files is already correct when the runner renames it into place.
+``pip:`` entries are refused (rattler installs conda packages only): use the venv backend.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import sys
+
+from ...config import RequestsConfig
+from ...errors import ValidationError
+from ..spec import EnvSpec
+from . import BuildContext, Step
+
+BUILD_FILE = "build.json"
+
+
+def default_platforms() -> list[str]:
+    machine = {"x86_64": "64", "aarch64": "aarch64", "ppc64le": "ppc64le"}
+    return [f"linux-{machine.get(platform.machine(), platform.machine())}", "noarch"]
+
+
+class RattlerBackend:
+    """Solve + install with py-rattler into a staging prefix."""
+
+    name = "rattler"
+    relocatable = True
+
+    def check(self, spec: EnvSpec, cfg: RequestsConfig) -> None:
+        if spec.pip:
+            raise ValidationError("the rattler backend does not install pip: entries",
+                                  hint="use --backend venv, or list conda packages only")
+        if not spec.conda:
+            raise ValidationError("spec lists no conda packages for the rattler backend")
+
+    def files(self, spec: EnvSpec, cfg: RequestsConfig) -> dict[str, str]:
+        build = {"channels": list(spec.channels), "specs": list(spec.conda),
+                 "platforms": list(cfg.platforms) or default_platforms()}
+        return {BUILD_FILE: json.dumps(build, indent=2) + "\n"}
+
+    def steps(self, ctx: BuildContext) -> list[Step]:
+        return [Step("solving", (
+            sys.executable, "-m", "envctl.jobs.backends.rattler_child",
+            "--build", str(ctx.job_dir / BUILD_FILE), "--prefix", str(ctx.build_prefix),
+            "--target-prefix", str(ctx.final_prefix), "--cache-dir", str(ctx.cache_dir)))]

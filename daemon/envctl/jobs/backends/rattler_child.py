@@ -1,0 +1,101 @@
+"""The process that runs py-rattler for one build, as the build user (see ``rattler.py``).
+
+Reads the daemon-written ``build.json`` (channels, match specs, platforms), solves, installs
+into ``--prefix`` with ``--target-prefix`` baked into files, and reports its phase as lines
+``ENVCTL-PHASE solving|downloading|linking`` on stdout, which the runner turns into the job's
+``phase``. It must not import anything privileged: it is an ordinary, killable child.
+
+It ends with ``os._exit``: py-rattler 0.28 leaves native worker threads that, at interpreter
+finalisation, crash the process in about 1 run in 10 (measured here: SIGSEGV or SIGABRT with
+"PyGILState_Release: thread state ... must be current" *after* a complete install). The work is
+done and flushed by then; skipping finalisation keeps a finished build from reporting failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import rattler
+
+from . import PHASE_MARK
+
+
+def phase(name: str) -> None:
+    print(f"{PHASE_MARK}{name}", flush=True)
+
+
+class _Reporter:
+    """Turns rattler's install callbacks into phase lines (each phase printed once)."""
+
+    def __init__(self) -> None:
+        self.current = ""
+
+    def _enter(self, name: str) -> None:
+        if self.current != name:
+            self.current = name
+            phase(name)
+
+    def on_download_start(self, cache_entry: int) -> int:
+        self._enter("downloading")
+        return 0
+
+    def on_link_start(self, operation: int, package_name: str) -> int:
+        self._enter("linking")
+        print(f"link {package_name}", flush=True)
+        return 0
+
+    def __getattr__(self, name: str) -> Any:  # every other callback: a no-op
+        if name.startswith("on_"):
+            return lambda *args, **kwargs: 0
+        raise AttributeError(name)
+
+
+def _source(channel: str) -> str:
+    """An absolute directory is a local channel: give rattler a file:// URL."""
+    return Path(channel).as_uri() if channel.startswith("/") else channel
+
+
+async def build(args: argparse.Namespace) -> None:
+    spec = json.loads(Path(args.build).read_text(encoding="utf-8"))
+    phase("solving")
+    start = time.monotonic()
+    records = await rattler.solve([_source(c) for c in spec["channels"]], spec["specs"],
+                                  platforms=spec["platforms"],
+                                  timestamp_policy="allow-missing")
+    print(f"solved {len(records)} packages in {time.monotonic() - start:.2f}s:", flush=True)
+    for rec in records:
+        print(f"  {rec.name.normalized} {rec.version} {rec.build} ({rec.channel})", flush=True)
+    phase("downloading")
+    await rattler.install(records, target_prefix=args.prefix, cache_dir=Path(args.cache_dir),
+                          alternative_target_prefix=args.target_prefix, show_progress=False,
+                          reporter=_Reporter())
+    print(f"installed {len(records)} packages for {args.target_prefix}", flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--build", required=True, help="build.json written by the daemon")
+    p.add_argument("--prefix", required=True, help="where to install (the staging prefix)")
+    p.add_argument("--target-prefix", required=True, help="the final prefix baked into files")
+    p.add_argument("--cache-dir", required=True, help="the package cache (local disk)")
+    args = p.parse_args(argv)
+    try:
+        asyncio.run(build(args))
+    except Exception as exc:  # noqa: BLE001 - report any solver/installer failure plainly
+        print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

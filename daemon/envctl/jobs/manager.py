@@ -1,0 +1,336 @@
+"""The jobs layer's public API and scheduler: what the socket API calls.
+
+Why a manager between the API and the builds: it is the one place that knows every job at once,
+so it enforces the limits (``requests.max_concurrent``, one queued/running job per name), turns
+a daemon restart into a non-event (``start`` resumes queued jobs and turns running ones into
+``interrupted`` after killing what the dead daemon left and removing its partial output), and
+wakes waiters (``wait``) on every state, phase or log change so ``logs -f`` needs no polling of
+its own. Threads: one scheduler, one thread per running build (plus its log reader). Every
+public method is safe to call from any thread.
+
+Validation order in ``submit`` is what makes "nothing is created on bad input" true: name,
+backend, spec, backend-specific checks and the build user are all checked before the job row
+and its directory exist.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+
+from ..config import Config
+from ..errors import Conflict, EnvctlError, NotAuthorised, ValidationError
+from . import layout, procs
+from .backends import backend_named, get_backend
+from .lock import NameLock
+from .model import Job, Requester, State
+from .runner import Build, discard
+from .spec import parse_spec, validate_name
+from .store import JobStore
+
+log = logging.getLogger(__name__)
+
+MAX_LOG_CHUNK = 1 << 20
+
+
+class JobManager:
+    """Owns the store, the scheduler and the running builds of one daemon."""
+
+    def __init__(self, config: Config) -> None:
+        self._config = config
+        self._state = layout.StateDir(config.requests.state_dir)
+        self._store: JobStore | None = None
+        self._cond = threading.Condition()
+        self._version = 0  # bumped on every change; waiters compare it
+        self._running: dict[str, Build] = {}
+        self._threads: dict[str, threading.Thread] = {}
+        self._submit_lock = threading.Lock()
+        self._stopping = False
+        self._scheduler: threading.Thread | None = None
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    @property
+    def store(self) -> JobStore:
+        if self._store is None:
+            raise Conflict("the job manager is not started")
+        return self._store
+
+    def start(self) -> None:
+        """Open the store, recover from a previous daemon, start scheduling."""
+        self._state.ensure()
+        self._store = JobStore(self._state.db_path)
+        try:
+            with layout.RootArea(self._config.requests_root.path).open():
+                pass  # create <root>/.envctl now; a tampered one fails each job, not the daemon
+        except (OSError, EnvctlError) as exc:
+            log.warning("jobs-area-unusable root=%s error=%s", self._config.requests_root.path,
+                        exc)
+        self._recover()
+        self._prune_logs()
+        self._scheduler = threading.Thread(target=self._schedule, name="envctl-jobs",
+                                           daemon=True)
+        self._scheduler.start()
+        log.info("jobs-start state_dir=%s %s", self._state.path,
+                 " ".join(f"{k}={v}" for k, v in self.counts().items()))
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop scheduling; kill running builds (they become ``interrupted``)."""
+        with self._cond:
+            self._stopping = True
+            for build in self._running.values():
+                build.abort(State.INTERRUPTED, "the daemon stopped during the build")
+            threads = list(self._threads.values())
+            self._cond.notify_all()
+        deadline = time.monotonic() + timeout
+        for t in threads:
+            t.join(max(0.0, deadline - time.monotonic()))
+        if self._scheduler is not None:
+            self._scheduler.join(max(0.0, deadline - time.monotonic()))
+        if all(not t.is_alive() for t in threads) and self._store is not None:
+            self._store.close()
+            self._store = None
+        log.info("jobs-stop interrupted=%d", len(threads))
+
+    def reload(self, config: Config) -> None:
+        """New limits and policy for jobs started from now on (running ones keep theirs)."""
+        if config.requests.state_dir != self._config.requests.state_dir:
+            log.warning("jobs-reload state_dir change needs a restart old=%s new=%s",
+                        self._config.requests.state_dir, config.requests.state_dir)
+            config = _with_state_dir(config, self._config.requests.state_dir)
+        with self._cond:
+            self._config = config
+            self._cond.notify_all()
+
+    def _recover(self) -> None:
+        """Running jobs of a dead daemon: kill their orphans, discard output, → interrupted."""
+        for job in self.store.list(states=(State.RUNNING,)):
+            uid, pgid, started = self.store.process(job.id)
+            killed = procs.kill_orphans(pgid, started, uid) if pgid and started and uid else 0
+            lines = [f"the daemon stopped during the build; killed {killed} orphaned process(es)"]
+            try:
+                self._discard_dead(job, lines.append)
+            except Exception as exc:
+                lines.append(f"could not remove the partial output: {exc}")
+                log.exception("jobs-recover-discard id=%s", job.id)
+            self.store.update(job.id, state=State.INTERRUPTED, phase=None,
+                              finished_at=time.time(), pgid=None, pgid_start=None,
+                              exit_detail="interrupted: the daemon stopped during the build; "
+                                          "partial output removed")
+            self._append_log(job.id, lines)
+            log.info("jobs-recover id=%s name=%s killed=%d", job.id, job.name, killed)
+
+    def _discard_dead(self, job: Job, say: Callable[[str], None]) -> None:
+        area = layout.RootArea(self._config.requests_root.path)
+        relocatable = backend_named(job.backend).relocatable
+        with area.open() as fds:
+            lock = NameLock(fds["locks"], str(area.root), job.name, job.id)
+            try:
+                lock.acquire()
+            except Conflict:  # another host builds this name now: only our staging is ours
+                if layout.remove_tree(fds["staging"], job.id):
+                    say(f"removed staging prefix .envctl/staging/{job.id}")
+                return
+            try:
+                discard(job, relocatable, fds, say)
+            finally:
+                lock.release()
+
+    def _prune_logs(self) -> None:
+        """Remove job directories (spec copy, log) of jobs finished over keep_logs_days ago;
+        the job rows stay, so history and audit survive."""
+        cutoff = time.time() - self._config.requests.keep_logs_days * 86400
+        pruned = 0
+        for job in self.store.list(include_finished=True):
+            if job.terminal and (job.finished_at or 0) < cutoff:
+                pruned += self._state.remove_job_dir(job.id)
+        if pruned:
+            log.info("jobs-prune removed=%d days=%d", pruned,
+                     self._config.requests.keep_logs_days)
+
+    def _append_log(self, job_id: str, lines: list[str]) -> None:
+        try:
+            fd = self._state.open_log(job_id)
+        except OSError:
+            return
+        with os.fdopen(fd, "a", encoding="utf-8") as fh:
+            for line in lines:
+                fh.write(f"[envctl {time.strftime('%H:%M:%S')}] {line}\n")
+
+    # -- scheduling -----------------------------------------------------------------------------
+
+    def _notify(self) -> None:
+        with self._cond:
+            self._version += 1
+            self._cond.notify_all()
+
+    def _schedule(self) -> None:
+        while True:
+            with self._cond:
+                if self._stopping:
+                    return
+                free = self._config.requests.max_concurrent - len(self._running)
+                queued = self.store.list(states=(State.QUEUED,)) if free > 0 else []
+                for job in queued[:free]:
+                    self._launch(job)
+                self._cond.wait(1.0)
+
+    def _launch(self, job: Job) -> None:
+        """Start one queued job (called with ``_cond`` held)."""
+        now = time.time()
+        if not self.store.update(job.id, expect=(State.QUEUED,), state=State.RUNNING,
+                                 started_at=now, phase="preparing"):
+            return  # cancelled meanwhile
+        job = self.store.get(job.id)
+        try:
+            build = Build(job, self._config, self.store, self._state, self._notify)
+        except Exception as exc:  # noqa: BLE001 - e.g. backend no longer allowed after reload
+            self.store.update(job.id, state=State.FAILED, phase=None, finished_at=now,
+                              exit_detail=str(exc))
+            self._version += 1
+            return
+        thread = threading.Thread(target=self._execute, args=(build,), daemon=True,
+                                  name=f"envctl-job-{job.id}")
+        self._running[job.id] = build
+        self._threads[job.id] = thread
+        self._version += 1
+        self._cond.notify_all()
+        log.info("job-start id=%s name=%s backend=%s", job.id, job.name, job.backend)
+        thread.start()
+
+    def _execute(self, build: Build) -> None:
+        outcome = build.run()
+        job = build.job
+        with self._cond:
+            self.store.update(job.id, expect=(State.RUNNING,), state=outcome.state, phase=None,
+                              finished_at=time.time(), exit_detail=outcome.detail)
+            del self._running[job.id]
+            del self._threads[job.id]
+            self._version += 1
+            self._cond.notify_all()
+        log.info("job-end id=%s name=%s state=%s seconds=%.1f", job.id, job.name,
+                 outcome.state.value, time.time() - (job.started_at or time.time()))
+
+    # -- the API --------------------------------------------------------------------------------
+
+    def submit(self, requester: Requester, name: str, spec_text: str,
+               backend: str | None = None, replace: bool = False) -> Job:
+        """Validate, persist and queue a build; ValidationError/Conflict before anything exists."""
+        config = self._config
+        cfg = config.requests
+        if not cfg.enabled:
+            raise NotAuthorised("environment requests are disabled on this daemon",
+                                hint="ask the administrator (requests.enabled)")
+        name = validate_name(name)
+        chosen = get_backend(backend or cfg.backend, cfg)
+        spec = parse_spec(spec_text, cfg)
+        chosen.check(spec, cfg)
+        procs.build_user(cfg)
+        prefix = config.requests_root.path / name
+        with self._submit_lock:
+            if os.path.lexists(prefix) and not replace:
+                raise Conflict(f"{prefix} already exists",
+                               hint="pick another name, or ask for --replace")
+            job_id = secrets.token_hex(6)
+            job = Job(id=job_id, name=name, state=State.QUEUED, phase=None, backend=chosen.name,
+                      requester_uid=requester.uid, requester_gid=requester.gid,
+                      requester_groups=tuple(requester.groups),
+                      requester_name=requester.username, claimed_user=requester.claimed_user,
+                      replace=replace, created_at=time.time(), started_at=None,
+                      finished_at=None, prefix=str(prefix), exit_detail=None,
+                      log_path=str(self._state.log_path(job_id)))
+            self._state.create_job_dir(job_id)  # before the row: the scheduler may start it
+            try:
+                self.store.insert(job, spec_text, requester.pid)
+            except Conflict:
+                self._state.remove_job_dir(job_id)
+                raise
+        log.info("job-submit id=%s name=%s backend=%s uid=%d claimed=%s replace=%s", job_id,
+                 name, job.backend, requester.uid, requester.claimed_user, replace)
+        self._notify()
+        return job
+
+    def get(self, job_id: str) -> Job:
+        return self.store.get(job_id)
+
+    def list(self, uid: int | None = None, include_finished: bool = False) -> list[Job]:
+        return self.store.list(uid=uid, include_finished=include_finished)
+
+    def cancel(self, job_id: str, requester: Requester) -> Job:
+        """Cancel a queued or running job: the requester's own, or any for an admin."""
+        job = self.store.get(job_id)
+        if job.requester_uid != requester.uid and not requester.is_admin:
+            raise NotAuthorised(f"job {job_id} belongs to {job.requester_name}; you may cancel "
+                                "only your own jobs", hint="ask an envctl admin")
+        detail = f"cancelled by {requester.username} (uid {requester.uid})"
+        with self._cond:
+            if self.store.update(job_id, expect=(State.QUEUED,), state=State.CANCELLED,
+                                 finished_at=time.time(), exit_detail=detail):
+                self._version += 1
+                self._cond.notify_all()
+                log.info("job-cancel id=%s by=%d queued", job_id, requester.uid)
+                return self.store.get(job_id)
+            build = self._running.get(job_id)
+            if build is None:
+                job = self.store.get(job_id)
+                raise Conflict(f"job {job_id} has already ended ({job.state.value})")
+            build.abort(State.CANCELLED, detail)
+            thread = self._threads[job_id]
+        log.info("job-cancel id=%s by=%d running", job_id, requester.uid)
+        thread.join(procs.KILL_GRACE + 10.0)
+        return self.store.get(job_id)
+
+    def read_log(self, job_id: str, offset: int = 0, limit: int = 65536) -> tuple[bytes, int]:
+        """Up to ``limit`` bytes of the build log from ``offset``; returns (chunk, next offset)."""
+        if offset < 0 or limit < 0:
+            raise ValidationError("log offset and limit must not be negative")
+        job = self.store.get(job_id)
+        try:
+            fd = os.open(job.log_path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return b"", offset
+        try:
+            chunk = os.pread(fd, min(limit, MAX_LOG_CHUNK), offset)
+        finally:
+            os.close(fd)
+        return chunk, offset + len(chunk)
+
+    def wait(self, job_id: str, timeout: float) -> Job:
+        """Return when the job's state or phase changes, its log grows, or after ``timeout``."""
+        job = self.store.get(job_id)
+        if job.terminal:
+            return job
+        size = _size(job.log_path)
+        deadline = time.monotonic() + max(0.0, timeout)
+        while True:
+            with self._cond:
+                seen = self._version
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return self.store.get(job_id)
+                while self._version == seen and remaining > 0:
+                    self._cond.wait(remaining)
+                    remaining = deadline - time.monotonic()
+            now = self.store.get(job_id)
+            if (now.state, now.phase) != (job.state, job.phase) or _size(job.log_path) != size:
+                return now
+
+    def counts(self) -> dict[str, int]:
+        return self.store.counts()
+
+
+def _size(path: str) -> int:
+    try:
+        return os.stat(path).st_size
+    except OSError:
+        return 0
+
+
+def _with_state_dir(config: Config, state_dir: Path) -> Config:
+    return replace(config, requests=replace(config.requests, state_dir=state_dir))

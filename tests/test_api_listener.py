@@ -1,0 +1,158 @@
+"""Socket creation safety and kernel identity, on real sockets and real other users.
+
+The listener must refuse to bind where others could swap the socket, remove only a provably
+stale socket, never steal a live one, and never expose the socket before its mode and group are
+set. ``peercred`` must report what the kernel holds for the connecting process — including
+supplementary groups — and its /proc fallback must agree with SO_PEERGROUPS.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from envctl.api.client import Client
+from envctl.api.listener import bind_unix
+from envctl.api.peercred import peer_cred, proc_groups
+from envctl.api.server import Server
+from envctl.config import SocketConfig, parse
+from envctl.errors import Conflict, DaemonUnavailable, FilesystemError
+
+from tests.conftest import Accounts
+
+
+def _cfg(path: Path, mode: int = 0o660, group: str | None = None) -> SocketConfig:
+    return SocketConfig(path=path, mode=mode, group=group)
+
+
+def test_binds_with_mode_and_group(scratch: Path, accounts: Accounts) -> None:
+    path = scratch / "d.sock"
+    sock = bind_unix(_cfg(path, 0o660, accounts.shared_group))
+    try:
+        st = os.lstat(path)
+        assert stat.S_ISSOCK(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o660
+        assert st.st_gid == accounts.shared_gid
+    finally:
+        sock.close()
+
+
+def test_stale_socket_is_replaced_live_one_refused(scratch: Path) -> None:
+    path = scratch / "d.sock"
+    first = bind_unix(_cfg(path))
+    with pytest.raises(Conflict, match="already listening"):
+        bind_unix(_cfg(path))
+    first.close()  # the file stays behind: a crashed daemon's stale socket
+    assert path.exists()
+    second = bind_unix(_cfg(path))
+    with Client(path, timeout=2) as client:
+        client.connect()  # the new one really listens there
+    second.close()
+
+
+def test_refuses_unsafe_places(scratch: Path, accounts: Accounts) -> None:
+    with pytest.raises(FilesystemError, match="does not exist"):
+        bind_unix(_cfg(scratch / "missing" / "d.sock"))
+    shared = scratch / "shared"
+    shared.mkdir()
+    os.chmod(shared, 0o777)
+    with pytest.raises(FilesystemError, match="writable by others"):
+        bind_unix(_cfg(shared / "d.sock"))
+    os.chmod(shared, 0o1777)  # sticky, like /tmp: others cannot replace our entry
+    bind_unix(_cfg(shared / "d.sock")).close()
+    theirs = scratch / "theirs"
+    theirs.mkdir()
+    os.chown(theirs, accounts.mallory.uid, accounts.mallory.gid)
+    with pytest.raises(FilesystemError, match="owned by uid"):
+        bind_unix(_cfg(theirs / "d.sock"))
+    link = scratch / "link"
+    link.symlink_to(scratch)
+    with pytest.raises(FilesystemError, match="not a directory"):
+        bind_unix(_cfg(link / "d.sock"))
+    plain = scratch / "plain"
+    plain.write_text("")
+    with pytest.raises(FilesystemError, match="not a socket"):
+        bind_unix(_cfg(plain))
+    assert plain.read_text() == ""  # never removed
+
+
+def test_client_says_daemon_not_running(scratch: Path) -> None:
+    with pytest.raises(DaemonUnavailable, match="not running"):
+        Client(scratch / "nothing.sock").call("ping")
+    listener = bind_unix(_cfg(scratch / "d.sock"))
+    listener.close()  # the file is there, nobody listens: ECONNREFUSED
+    with pytest.raises(DaemonUnavailable, match="not running"):
+        Client(scratch / "d.sock").call("ping")
+
+
+def test_peer_credentials_are_the_kernels(scratch: Path, accounts: Accounts) -> None:
+    path = scratch / "d.sock"
+    listener = bind_unix(_cfg(path, 0o666))
+    listener.settimeout(30)
+    alice = accounts.alice
+    code = ("import socket,sys,time;s=socket.socket(socket.AF_UNIX);s.connect(sys.argv[1]);"
+            "s.recv(1)")
+    proc = subprocess.Popen(["setpriv", f"--reuid={alice.uid}", f"--regid={alice.gid}",
+                             "--init-groups", "/usr/bin/python3", "-c", code, str(path)])
+    try:
+        conn, _ = listener.accept()
+        with conn:
+            cred = peer_cred(conn)
+            assert (cred.uid, cred.gid) == (alice.uid, alice.gid)
+            assert cred.groups_source == "SO_PEERGROUPS"
+            assert accounts.shared_gid in cred.groups
+            # The fallback reads the same truth from /proc, and refuses a uid mismatch.
+            assert set(proc_groups(cred.pid, alice.uid)) == set(cred.groups)
+            assert proc_groups(cred.pid, accounts.bob.uid) == ()
+            conn.sendall(b"x")
+    finally:
+        proc.wait(10)
+        listener.close()
+    deadline = time.monotonic() + 5
+    while os.path.exists(f"/proc/{proc.pid}") and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert proc_groups(proc.pid, alice.uid) == ()  # gone: no groups, never a guess
+
+
+def test_inherited_socket_is_never_unlinked(scratch: Path) -> None:
+    """systemd owns a socket it passes us (it may re-pass it to the next daemon): stop() must
+    leave the file; and a daemon with requests disabled says so instead of failing oddly."""
+    path = scratch / "inherited.sock"
+    inherited = bind_unix(_cfg(path, 0o666))
+    cfg = parse({"roots": [{"path": str(scratch), "group": "root"}],
+                 "socket": {"path": str(scratch / "unused.sock")}})
+    server = Server(cfg, None, lambda: {"ready": True})
+    server.start(inherited)
+    try:
+        with Client(path, timeout=5) as client:
+            assert client.call("status")["requests_enabled"] is False
+            with pytest.raises(DaemonUnavailable, match="requests are disabled"):
+                client.call("list")
+    finally:
+        server.stop()
+    assert stat.S_ISSOCK(os.lstat(path).st_mode)
+    assert not (scratch / "unused.sock").exists()
+
+
+def test_many_supplementary_groups_are_all_read(scratch: Path, accounts: Accounts) -> None:
+    """More groups than the first SO_PEERGROUPS buffer holds (64): the ERANGE retry path."""
+    path = scratch / "d.sock"
+    listener = bind_unix(_cfg(path, 0o666))
+    listener.settimeout(30)
+    gids = list(range(50_000, 50_300))
+    code = "import socket,sys;s=socket.socket(socket.AF_UNIX);s.connect(sys.argv[1]);s.recv(1)"
+    proc = subprocess.Popen(["setpriv", f"--reuid={accounts.bob.uid}",
+                             f"--regid={accounts.bob.gid}",
+                             f"--groups={','.join(map(str, gids))}", "/usr/bin/python3", "-c",
+                             code, str(path)])
+    try:
+        conn, _ = listener.accept()
+        with conn:
+            assert sorted(peer_cred(conn).groups) == gids
+            conn.sendall(b"x")
+    finally:
+        proc.wait(10)
+        listener.close()

@@ -1,0 +1,116 @@
+"""The container image's process model, run for real: tini as PID 1 of a PID namespace.
+
+Why: there is no container engine on this machine kind, but the part of the image that can go
+wrong at run time is not the layers, it is PID 1. The kernel gives PID 1 no default signal
+actions and makes it the parent of every orphan. So the Containerfile's ENTRYPOINT + CMD are run
+here as PID 1 of a fresh PID namespace (``unshare --pid --fork --mount-proc``), with the image's
+paths mapped to this checkout's venv: SIGTERM from "the runtime" must stop the daemon cleanly,
+and an orphaned grandchild (what a double-forking build script leaves) must not stay a zombie.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import time
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+import yaml
+
+from tests.conftest import Accounts
+from tests.helpers import REPO, VENV_BIN, wait_for
+
+CONTAINERFILE = REPO / "Containerfile"
+IMAGE_BIN = "/opt/envctl/bin"
+
+
+def instruction(name: str) -> list[str]:
+    """The exec-form (JSON) argument list of the last ``NAME [...]`` line of the Containerfile."""
+    found = re.findall(rf"^{name} (\[.*\])$", CONTAINERFILE.read_text(), re.M)
+    assert found, f"no exec-form {name} in the Containerfile"
+    return list(json.loads(found[-1]))
+
+
+def test_containerfile_shape() -> None:
+    text = CONTAINERFILE.read_text()
+    final_stage = text.split("\nFROM ")[-1]
+    assert final_stage.startswith("debian:12"), "same Debian python3 as the systemd install"
+    assert re.search(r"install -y[^\n]*\\\n[^\n]*\btini\b", final_stage), "tini in the image"
+    assert "python3-venv" in final_stage, "the venv backend needs it at run time"
+    entry = instruction("ENTRYPOINT")
+    assert entry[:2] == ["/usr/bin/tini", "--"], "tini must be PID 1"
+    assert "-g" not in entry, "SIGTERM goes to the daemon only; it cancels builds itself"
+    assert entry[2] == f"{IMAGE_BIN}/envctld"
+    ignored = set((REPO / ".dockerignore").read_text().split())
+    assert {".git", ".venv", "var"} <= ignored
+
+
+def _pids_under(ppid: int) -> list[tuple[int, str]]:
+    """(pid, state) of the direct children of ``ppid``, from /proc."""
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == ppid:
+            out.append((int(stat.parent.name), fields[0]))
+    return out
+
+
+@pytest.fixture
+def pid1(scratch: Path, accounts: Accounts) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
+    """ENTRYPOINT + CMD as PID 1 of a new PID namespace; yields (unshare process, PID 1's pid)."""
+    root = scratch / "envs"
+    root.mkdir()
+    config = scratch / "envctld.yaml"
+    config.write_text(yaml.safe_dump({
+        "roots": [{"path": str(root), "group": accounts.shared_group}],
+        "socket": {"path": str(scratch / "envctld.sock")},
+        "requests": {"enabled": True, "backend": "venv", "allowed_backends": ["venv"],
+                     "build_user": accounts.builder.name, "state_dir": str(scratch / "state")},
+        "logging": {"journal": "false"}}))
+    argv = [a.replace(IMAGE_BIN, str(VENV_BIN)) for a in
+            instruction("ENTRYPOINT") + instruction("CMD")]
+    argv[argv.index("--config") + 1] = str(config)
+    proc = subprocess.Popen(["unshare", "--pid", "--fork", "--mount-proc", *argv],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        wait_for(lambda: bool(_pids_under(proc.pid)), timeout=10, what="PID 1")
+        init = _pids_under(proc.pid)[0][0]
+        wait_for(lambda: subprocess.run([str(VENV_BIN / "envctl"), "status", "--socket",
+                                         str(scratch / "envctld.sock")],
+                                        capture_output=True).returncode == 0,
+                 timeout=30, what="the daemon answering under tini")
+        yield proc, init
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(timeout=10)
+
+
+def test_pid1_is_tini_and_reaps_orphans(pid1: tuple[subprocess.Popen[bytes], int]) -> None:
+    proc, init = pid1
+    assert Path(f"/proc/{init}/comm").read_text().strip() == "tini"
+    # A double fork inside the namespace: the grandchild is re-parented to PID 1 and exits.
+    subprocess.run(["nsenter", "-t", str(init), "-p", "-m", "sh", "-c",
+                    "(sleep 0.3 &); exit 0"], check=True, timeout=10)
+    orphans = [pid for pid, _ in _pids_under(init)
+               if Path(f"/proc/{pid}/comm").read_text().strip() == "sleep"]
+    assert orphans, "the orphan was not re-parented to PID 1"
+    wait_for(lambda: not any(pid in orphans for pid, _ in _pids_under(init)), timeout=10,
+             what="PID 1 reaping the orphan (a zombie stays listed until reaped)")
+
+
+def test_sigterm_to_pid1_stops_the_daemon_cleanly(
+        pid1: tuple[subprocess.Popen[bytes], int]) -> None:
+    proc, init = pid1
+    t0 = time.monotonic()
+    subprocess.run(["kill", "-TERM", str(init)], check=True)  # what the runtime sends
+    assert proc.wait(timeout=30) == 0, proc.stdout.read().decode() if proc.stdout else ""
+    assert time.monotonic() - t0 < 15
+    out = proc.stdout.read().decode() if proc.stdout else ""
+    assert "stopped drained=True" in out, out  # the daemon's own shutdown, not a kill

@@ -1,0 +1,331 @@
+"""Controlling builds for real: cancel, timeout, daemon stop, ``kill -9`` of the daemon and
+restart, two submits of one name at once, another daemon holding the name lock, tampering
+with ``<root>/.envctl``, and the concurrency limit. The slow step that cancel, timeout and
+kill interrupt is a real one: ``python -m venv`` seeding pip (seconds on this machine).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from envctl.config import parse
+from envctl.errors import Conflict, NotAuthorised
+from envctl.jobs import JobManager, State
+
+from tests.helpers import wait_for
+from tests.jobs_support import ENV_HELLO, ENV_VENV, JobsEnv, full_log, wait_done
+
+pytest_plugins = ("tests.fixtures_jobs",)  # the jobs fixtures
+
+LOCK_PROBE = """
+import fcntl, os, sys
+fd = os.open(sys.argv[1], os.O_RDWR)
+try:
+    fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+except OSError:
+    sys.exit(1)
+"""
+
+
+def lock_is_free(root: Path, name: str) -> bool:
+    """Probe the name lock from another process (POSIX locks are per process)."""
+    path = root / ".envctl" / "locks" / f"{name}.lock"
+    return subprocess.run([sys.executable, "-c", LOCK_PROBE, str(path)],
+                          check=False).returncode == 0
+
+
+def procs_of(uid: int) -> list[int]:
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                if os.stat(f"/proc/{entry}").st_uid == uid:
+                    out.append(int(entry))
+            except OSError:
+                pass
+    return out
+
+
+def db_row(state_dir: Path, job_id: str) -> tuple[str, str | None, int | None]:
+    db = sqlite3.connect(f"file:{state_dir / 'jobs.db'}?mode=ro", uri=True)
+    try:
+        row = db.execute("SELECT state, phase, pgid FROM jobs WHERE id=?", (job_id,)).fetchone()
+    finally:
+        db.close()
+    return row
+
+
+def group_size(pgid: int) -> int:
+    n = 0
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                data = Path(f"/proc/{entry}/stat").read_bytes()
+            except OSError:
+                continue
+            if int(data[data.rindex(b")") + 2:].split()[2]) == pgid:
+                n += 1
+    return n
+
+
+def assert_clean(env: JobsEnv, name: str) -> None:
+    """No partial prefix, marker, staging dir or build process; the name lock is free."""
+    assert not (env.root / name).exists()
+    assert os.listdir(env.root / ".envctl" / "building") == []
+    assert os.listdir(env.root / ".envctl" / "staging") == []
+    assert lock_is_free(env.root, name)
+    wait_for(lambda: not procs_of(env.accounts.builder.uid), 10, what="build processes gone")
+
+
+def wait_creating(env: JobsEnv, job_id: str) -> int:
+    """Wait until ``python -m venv`` really runs (its group has a live process); its pgid."""
+    def running() -> bool:
+        _, phase, pgid = db_row(env.state_dir, job_id)
+        return phase == "creating" and pgid is not None and group_size(pgid) >= 1
+    wait_for(running, 60, what="the venv step")
+    return db_row(env.state_dir, job_id)[2]  # type: ignore[return-value]
+
+
+def test_cancel_mid_build(jobs_env: JobsEnv, manager_factory) -> None:
+    mgr = manager_factory()
+    alice, bob = jobs_env.requester("alice"), jobs_env.requester("bob")
+    job = mgr.submit(alice, "cx", ENV_VENV, backend="venv")
+    wait_creating(jobs_env, job.id)
+    assert (jobs_env.root / "cx").is_dir()  # built in place, behind the marker
+    assert (jobs_env.root / ".envctl" / "building" / "cx").read_text().startswith(job.id)
+    with pytest.raises(NotAuthorised, match="only your own jobs"):
+        mgr.cancel(job.id, bob)
+    t0 = time.monotonic()
+    done = mgr.cancel(job.id, alice)
+    took = time.monotonic() - t0
+    assert done.state is State.CANCELLED, full_log(mgr, job.id)
+    assert "cancelled by" in (done.exit_detail or "") and took < 10
+    assert_clean(jobs_env, "cx")
+    with pytest.raises(Conflict, match="already ended"):
+        mgr.cancel(job.id, alice)
+    log = full_log(mgr, job.id)
+    assert "stopping the build" in log and "removed the partial" in log
+
+
+def test_admin_cancels_queued_job(jobs_env: JobsEnv, manager_factory) -> None:
+    mgr = manager_factory(jobs_env.config(max_concurrent=1))
+    first = mgr.submit(jobs_env.requester("alice"), "one", ENV_VENV, backend="venv")
+    second = mgr.submit(jobs_env.requester("alice"), "two", ENV_HELLO)
+    wait_creating(jobs_env, first.id)
+    assert mgr.get(second.id).state is State.QUEUED  # max_concurrent=1
+    admin = jobs_env.requester("mallory", admin=True)
+    assert mgr.cancel(second.id, admin).state is State.CANCELLED
+    assert mgr.cancel(first.id, admin).state is State.CANCELLED
+    assert mgr.counts()["cancelled"] == 2
+    assert not (jobs_env.root / "two").exists()
+    assert_clean(jobs_env, "one")
+
+
+def test_timeout_kills_the_group(jobs_env: JobsEnv, manager_factory) -> None:
+    mgr = manager_factory(jobs_env.config(timeout=1.5))
+    job = mgr.submit(jobs_env.requester(), "slow", ENV_VENV, backend="venv")
+    done = wait_done(mgr, job.id, 60)
+    assert done.state is State.FAILED and "timed out after 1.5s" in (done.exit_detail or "")
+    assert done.finished_at and done.started_at and done.finished_at - done.started_at < 10
+    assert_clean(jobs_env, "slow")
+
+
+def test_stop_interrupts_running_build(jobs_env: JobsEnv, accounts) -> None:
+    mgr = JobManager(jobs_env.config())
+    mgr.start()
+    job = mgr.submit(jobs_env.requester(), "st", ENV_VENV, backend="venv")
+    wait_creating(jobs_env, job.id)
+    mgr.stop(timeout=20)
+    again = JobManager(jobs_env.config())
+    again.start()
+    try:
+        done = again.get(job.id)
+        assert done.state is State.INTERRUPTED, done
+        assert_clean(jobs_env, "st")
+    finally:
+        again.stop()
+
+
+DAEMON = """
+import json, sys, time
+from envctl.config import parse
+from envctl.jobs import JobManager, Requester
+cfg, who, specs = json.loads(sys.argv[1]), json.loads(sys.argv[2]), json.loads(sys.argv[3])
+mgr = JobManager(parse(cfg))
+mgr.start()
+for name, text, backend in specs:
+    print(mgr.submit(Requester(**who), name, text, backend=backend).id, flush=True)
+time.sleep(600)
+"""
+
+
+def test_kill9_daemon_then_restart(jobs_env: JobsEnv, accounts) -> None:
+    """The first manager runs in its own process and is SIGKILLed mid-build; the build's own
+    children survive it (only the group leader has a parent-death signal), so the restarted
+    manager must find and kill that orphaned group, remove the half-built prefix, mark the job
+    interrupted, release the lock and resume the job that was still queued."""
+    cfg = {"roots": [{"path": str(jobs_env.root), "group": accounts.shared_group}],
+           "requests": {"state_dir": str(jobs_env.state_dir), "build_user": accounts.builder.name,
+                        "allowed_backends": ["rattler", "venv"], "max_concurrent": 1,
+                        "channels": [str(jobs_env.channel)],
+                        "default_channels": [str(jobs_env.channel)]}}
+    req = jobs_env.requester()
+    who = {k: getattr(req, k) for k in ("uid", "gid", "groups", "pid", "username",
+                                        "claimed_user", "is_admin")}
+    specs = [["k9", ENV_VENV, "venv"], ["after", ENV_HELLO, "rattler"]]
+    daemon = subprocess.Popen([sys.executable, "-c", DAEMON, json.dumps(cfg), json.dumps(who),
+                               json.dumps(specs)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert daemon.stdout is not None
+        running_id, queued_id = daemon.stdout.readline().strip(), daemon.stdout.readline().strip()
+        wait_for(lambda: db_row(jobs_env.state_dir, running_id)[1] == "creating"
+                 and db_row(jobs_env.state_dir, running_id)[2] is not None, 60,
+                 what="the build to start")
+        pgid = db_row(jobs_env.state_dir, running_id)[2]
+        wait_for(lambda: group_size(pgid) >= 2, 60, what="venv to start ensurepip")
+    finally:
+        daemon.send_signal(signal.SIGKILL)
+        daemon.wait()
+    time.sleep(0.5)  # the leader dies of its parent-death signal; its children do not
+    assert group_size(pgid) >= 1, "expected an orphaned build process to survive the daemon"
+    assert (jobs_env.root / "k9").exists()
+    assert lock_is_free(jobs_env.root, "k9")  # died with the daemon: no build inherited it
+    mgr = JobManager(parse(cfg))
+    mgr.start()
+    try:
+        job = mgr.get(running_id)
+        assert job.state is State.INTERRUPTED and "partial output removed" in job.exit_detail
+        assert group_size(pgid) == 0
+        assert not (jobs_env.root / "k9").exists()
+        assert lock_is_free(jobs_env.root, "k9")
+        assert "orphaned process" in full_log(mgr, running_id)
+        resumed = wait_done(mgr, queued_id, 60)
+        assert resumed.state is State.SUCCEEDED, resumed.exit_detail
+        assert os.listdir(jobs_env.root / ".envctl" / "building") == []
+    finally:
+        mgr.stop()
+
+
+def test_two_submits_of_one_name_at_once(jobs_env: JobsEnv, manager_factory) -> None:
+    mgr = manager_factory()
+    barrier = threading.Barrier(8)
+    results: list[object] = []
+
+    def submit(i: int) -> None:
+        barrier.wait()
+        try:
+            results.append(mgr.submit(jobs_env.requester(), "race", ENV_HELLO))
+        except Conflict as exc:
+            results.append(exc)
+
+    threads = [threading.Thread(target=submit, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    won = [r for r in results if not isinstance(r, Conflict)]
+    assert len(won) == 1 and len(results) == 8
+    assert wait_done(mgr, won[0].id).state is State.SUCCEEDED  # type: ignore[attr-defined]
+    with pytest.raises(Conflict, match="already exists"):
+        mgr.submit(jobs_env.requester(), "race", ENV_HELLO)
+
+
+HOLDER = """
+import fcntl, os, sys, time
+fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT, 0o644)
+fcntl.lockf(fd, fcntl.LOCK_EX)
+os.ftruncate(fd, 0)
+os.write(fd, b"otherhost 4242 j-other\\n")
+print("locked", flush=True)
+time.sleep(600)
+"""
+
+
+def test_name_locked_by_another_daemon(jobs_env: JobsEnv, manager_factory) -> None:
+    mgr = manager_factory()
+    lock = jobs_env.root / ".envctl" / "locks" / "shared.lock"
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(lock)], stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "locked\n"
+        job = wait_done(mgr, mgr.submit(jobs_env.requester(), "shared", ENV_HELLO).id)
+        assert job.state is State.FAILED
+        assert "another envctl daemon is building 'shared'" in (job.exit_detail or "")
+        assert "otherhost 4242" in (job.exit_detail or "")
+        assert not (jobs_env.root / "shared").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    job = wait_done(mgr, mgr.submit(jobs_env.requester(), "shared", ENV_HELLO).id)
+    assert job.state is State.SUCCEEDED, job.exit_detail
+
+
+def test_tampered_staging_is_refused(jobs_env: JobsEnv, manager_factory, scratch: Path) -> None:
+    mgr = manager_factory()
+    target = scratch / "target"
+    target.mkdir()
+    staging = jobs_env.root / ".envctl" / "staging"
+    staging.rmdir()
+    staging.symlink_to(target)
+    job = wait_done(mgr, mgr.submit(jobs_env.requester(), "t", ENV_HELLO).id)
+    assert job.state is State.FAILED and "tampered" in (job.exit_detail or "")
+    assert os.listdir(target) == []
+    staging.unlink()
+    os.mkdir(staging)
+    os.chown(staging, jobs_env.accounts.alice.uid, -1)  # a user's directory in its place
+    job = wait_done(mgr, mgr.submit(jobs_env.requester(), "t", ENV_HELLO).id)
+    assert job.state is State.FAILED and "not by the daemon" in (job.exit_detail or "")
+    os.rmdir(staging)
+    assert wait_done(mgr, mgr.submit(jobs_env.requester(), "t", ENV_HELLO).id).state \
+        is State.SUCCEEDED
+
+
+def test_max_concurrent_and_logs(jobs_env: JobsEnv, manager_factory) -> None:
+    mgr = manager_factory(jobs_env.config(max_concurrent=1))
+    ids = [mgr.submit(jobs_env.requester(), f"c{i}", ENV_HELLO).id for i in range(3)]
+    jobs = [wait_done(mgr, i) for i in ids]
+    assert all(j.state is State.SUCCEEDED for j in jobs)
+    for a, b in itertools.pairwise(jobs):
+        assert a.finished_at is not None and b.started_at is not None
+        assert b.started_at >= a.finished_at - 0.05  # one at a time, oldest first
+    chunk, nxt = mgr.read_log(ids[0], 0, 10)
+    assert len(chunk) == 10 and nxt == 10
+    rest, end = mgr.read_log(ids[0], nxt, 1 << 20)
+    assert (chunk + rest).decode().endswith(f"succeeded: ready at {jobs[0].prefix}\n")
+    assert mgr.read_log(ids[0], end)[0] == b""
+    assert [j.id for j in mgr.list(include_finished=True)] == ids
+    assert mgr.list() == []
+    assert mgr.list(uid=jobs_env.accounts.bob.uid, include_finished=True) == []
+
+
+def test_leftovers_of_a_dead_build_elsewhere_are_undone(jobs_env: JobsEnv,
+                                                         manager_factory) -> None:
+    """Another host's daemon died mid-replace of a venv: its marker, its half-built prefix and
+    the old env it had moved aside are in the root. The next build of that name (holding the
+    lock) undoes them first: half-built removed, old env back, then replaced properly."""
+    mgr = manager_factory()
+    area = jobs_env.root / ".envctl"
+    (area / "building" / "lost").write_text("0123456789ab otherhost 77\n")
+    (jobs_env.root / "lost").mkdir()
+    (jobs_env.root / "lost" / "half").write_text("half-built")
+    old = area / "staging" / "0123456789ab.old"
+    old.mkdir()
+    (old / "previous").write_text("the old env")
+    job = wait_done(mgr, mgr.submit(jobs_env.requester(), "lost", ENV_HELLO, replace=True).id)
+    assert job.state is State.SUCCEEDED, job.exit_detail
+    log = full_log(mgr, job.id)
+    assert "undoing an interrupted build of 'lost' (job 0123456789ab)" in log
+    assert "restored the previous 'lost'" in log and "removed the previous 'lost'" in log
+    assert (jobs_env.root / "lost" / "bin" / "hello").is_file()
+    assert not (jobs_env.root / "lost" / "half").exists()
+    assert os.listdir(area / "staging") == [] and os.listdir(area / "building") == []

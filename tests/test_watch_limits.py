@@ -1,0 +1,117 @@
+"""Where inotify fails: FUSE (writes it cannot see), queue overflow, running out of watches.
+
+Each test reproduces the failure for real (a bindfs mount, a tiny ``max_queued_events``, a tiny
+``max_user_watches``), restores what it changed in a ``finally``, and checks by an independent
+``find`` audit that the daemon still healed everything. The sysctls are machine-wide (the watch
+limit even counts every root process), so they are lowered only for the moment they must be.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from tests.conftest import Accounts
+from tests.daemon_support import envctld, write_config  # noqa: F401 - fixture
+from tests.helpers import as_user, find_violations, wait_for
+from tests.watch_support import make_root, make_source, scaled
+
+INOTIFY = Path("/proc/sys/fs/inotify")
+
+
+@contextmanager
+def sysctl(name: str, value: int) -> Iterator[int]:
+    """Set /proc/sys/fs/inotify/<name>; always restore the old value."""
+    path = INOTIFY / name
+    old = int(path.read_text())
+    path.write_text(str(value))
+    try:
+        yield old
+    finally:
+        path.write_text(str(old))
+
+
+def _watches_of_uid0() -> int:
+    """inotify watches held by root's processes now (the kernel's per-user count)."""
+    total = 0
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if os.stat(f"/proc/{pid}").st_uid != 0:
+                continue
+            for fd in os.listdir(f"/proc/{pid}/fdinfo"):
+                with open(f"/proc/{pid}/fdinfo/{fd}") as fh:
+                    total += sum(1 for line in fh if line.startswith("inotify wd:"))
+        except OSError:
+            continue
+    return total
+
+
+@pytest.mark.fuse
+def test_bindfs_writes_through_backing_are_healed_by_polling(accounts: Accounts, scratch: Path,
+                                                              envctld) -> None:
+    backing = make_root(scratch, accounts, "backing")
+    mnt = scratch / "mnt"
+    mnt.mkdir()
+    subprocess.run(["bindfs", str(backing), str(mnt)], check=True)
+    try:
+        cfg = write_config(scratch, [(mnt, accounts.shared_group)],
+                           watch={"mode": "auto", "poll_interval": 1})
+        d = envctld(cfg)
+        assert "mode=inotify+poll" in d.log_text()  # fuse.bindfs detected as remote
+        a = accounts.alice
+        src = make_source(scratch, scaled(40), 5)
+        as_user(a.uid, a.gid, ["cp", "-r", str(src), str(backing / "via-backing")])
+        as_user(a.uid, a.gid, f"mkdir {backing}/x && echo > {backing}/x/f && chmod 600 "
+                              f"{backing}/x/f")
+        took = wait_for(lambda: not find_violations(backing, accounts.shared_gid), 1 + 8, 0.1,
+                        "writes through the backing dir healed by polling")
+        assert not find_violations(mnt, accounts.shared_gid)
+        print(f"bindfs heal after writer end: {took:.2f}s")
+        d.stop()
+    finally:
+        subprocess.run(["fusermount", "-u", str(mnt)], check=False)
+
+
+def test_queue_overflow_triggers_reconcile(accounts: Accounts, scratch: Path, envctld) -> None:
+    root = make_root(scratch, accounts)
+    cfg = write_config(scratch, [(root, accounts.shared_group)])
+    src = make_source(scratch, scaled(300), 10)
+    with sysctl("max_queued_events", 16):  # applies to inotify instances created now
+        d = envctld(cfg)
+    a = accounts.alice
+    as_user(a.uid, a.gid, ["cp", "-r", str(src), str(root / "copy")])
+    wait_for(lambda: not find_violations(root, accounts.shared_gid), 15, 0.1,
+             "healed despite overflows")
+    assert "inotify queue overflow" in d.log_text()
+    d.stop()
+
+
+def test_watch_exhaustion_falls_back_to_polling(accounts: Accounts, scratch: Path,
+                                                envctld) -> None:
+    root = make_root(scratch, accounts)
+    cfg = write_config(scratch, [(root, accounts.shared_group)],
+                       watch={"mode": "inotify", "poll_interval": 1})
+    d = envctld(cfg)
+    a = accounts.alice
+    dirs = 400
+    script = ("import os,sys\n"
+              "for i in range(int(sys.argv[2])):\n"
+              "    p=os.path.join(sys.argv[1],'many',f'd{i}'); os.makedirs(p)\n"
+              "    open(os.path.join(p,'f'),'w').close()\n")
+    with sysctl("max_user_watches", _watches_of_uid0() + dirs // 2):
+        as_user(a.uid, a.gid, ["/usr/bin/python3", "-c", script, str(root), str(dirs)])
+        wait_for(lambda: "inotify watch limit reached" in d.log_text(), 15, 0.05,
+                 "fallback to polling logged")
+    assert d.log_text().count("inotify watch limit reached") == 1  # one clear line
+    wait_for(lambda: not find_violations(root, accounts.shared_gid), 15, 0.1,
+             "healed after the fallback")
+    as_user(a.uid, a.gid, f"mkdir {root}/later && echo > {root}/later/f")  # polling now
+    wait_for(lambda: not find_violations(root, accounts.shared_gid), 10, 0.1,
+             "new writes healed by polling")
+    assert d.alive
+    d.stop()

@@ -1,0 +1,119 @@
+"""The watcher's parts on their own, on real trees: queue coalescing, poller, inotify filter.
+
+No daemon process here: these pin down the properties the daemon tests rely on (a poll pass on
+an unchanged tree lists nothing; the inotify mask delivers chmod but not reads or writes).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+from envctl.config import parse
+from envctl.heal import Healer
+from envctl.watch.inotify import InotifyWatch
+from envctl.watch.poll import Poller
+from envctl.watch.queue import WorkQueue
+from tests.conftest import Accounts
+from tests.helpers import as_user
+from tests.watch_support import make_root, make_source
+
+
+def _drain(q: WorkQueue) -> list[tuple[str, bool]]:
+    out = []
+    while (item := q.get(0)) is not None:
+        out.append(item)
+        q.done()
+    return out
+
+
+def test_queue_coalesces_and_subtree_wins() -> None:
+    q = WorkQueue()
+    assert q.put("a/b")
+    assert not q.put("a/b")
+    assert q.put("a", subtree=True)
+    assert not q.put("a/c/d")  # covered by the waiting subtree "a"
+    assert q.put("a/b", subtree=True)  # upgrade in place
+    assert q.put("ab/x")  # a sibling whose name starts like "a" is not covered
+    assert _drain(q) == [("a/b", True), ("a", True), ("ab/x", False)]
+    assert q.wait_idle(0)
+    q.put("", subtree=True)
+    assert not q.put("anything/at/all")
+    q.close()
+    assert not q.put("late")
+    assert _drain(q) == [("", True)]
+
+
+def _root_cfg(root: Path, group: str):  # type: ignore[no-untyped-def]
+    return parse({"roots": [{"path": str(root), "group": group}]}).roots[0]
+
+
+def test_poller_lists_only_changed_directories(accounts: Accounts, scratch: Path) -> None:
+    root = make_root(scratch, accounts)
+    src = make_source(scratch, 60, 5)
+    os.system(f"cp -a {src} {root}/tree && chown -R {accounts.alice.uid} {root}/tree")
+    (root / "outside-link").symlink_to(scratch)  # must never be followed
+    cfg = _root_cfg(root, accounts.shared_group)
+    Healer(cfg).run("")  # a compliant tree: the poller must queue nothing on it
+    q = WorkQueue()
+    p = Poller(cfg, q)
+    first = p.run()
+    assert first.queued == 0 and p.directories == first.dirs > 60
+    again = p.run()
+    assert (again.listed, again.queued) == (0, 0)
+    assert again.dirs == first.dirs  # the symlink to scratch added nothing
+    a = accounts.alice
+    time.sleep(0.01)
+    as_user(a.uid, a.gid, f"touch {root}/tree/pkg1/mod25/new && mkdir -p {root}/tree/fresh/sub")
+    changed = p.run()
+    # mod25 and tree changed; fresh and fresh/sub are new (listed to be recorded). No other.
+    assert changed.listed == 4
+    items = dict(_drain(q))
+    assert items == {"tree/pkg1/mod25/new": False, "tree/fresh": True}
+    as_user(a.uid, a.gid, f"chmod g-w {root}/tree/pkg0")  # a dir's own chmod moves its ctime
+    assert p.run().listed == 1 and dict(_drain(q)) == {"tree/pkg0": False}
+    os.system(f"rm -rf {root}/tree/pkg2")
+    p.run()
+    assert not any(k.startswith("tree/pkg2") for k in p._dirs)  # noqa: SLF001
+
+
+def test_inotify_filter_delivers_chmod_not_reads_or_writes(accounts: Accounts,
+                                                           scratch: Path) -> None:
+    root = make_root(scratch, accounts)
+    (root / "d").mkdir()
+    (root / "d" / "f").write_text("x")
+    q = WorkQueue()
+    counted = []
+
+    class Hooks:
+        def on_overflow(self) -> None:
+            counted.append("overflow")
+
+        def on_watch_failed(self, path: str, err: int) -> None:
+            counted.append("failed")
+
+    w = InotifyWatch(root, q, Hooks(), lambda: counted.append("event"))
+    w.start()
+    try:
+        assert w.watch_count() == 2
+        (root / "d" / "f").read_text()
+        with open(root / "d" / "f", "a") as fh:
+            fh.write("more")
+        time.sleep(0.5)
+        assert _drain(q) == [] and counted == []
+        os.chmod(root / "d" / "f", 0o600)
+        os.mkdir(root / "d" / "new")
+        (root / "d" / "new" / "g").touch()
+        os.rename(root / "d" / "new", root / "d" / "renamed")
+        deadline = time.monotonic() + 5
+        got: dict[str, bool] = {}
+        while time.monotonic() < deadline and "d/renamed" not in got:
+            got.update(_drain(q))
+            time.sleep(0.05)
+        assert got.get("d/f") is False  # chmod → attrib → entry
+        assert got.get("d/new") is True  # created dir → subtree
+        assert got.get("d/renamed") is True  # moved (in) dir → subtree
+        assert "failed" not in counted and "overflow" not in counted
+    finally:
+        w.stop()
