@@ -13,9 +13,9 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
 from envctl.config import parse
 from envctl.daemon.service import Daemon
+
 from tests.conftest import Accounts
 from tests.helpers import VENV_BIN, as_user, find_violations
 from tests.watch_support import make_root
@@ -102,6 +102,9 @@ def test_status_is_json_and_counts_what_was_healed(accounts: Accounts, scratch: 
         from tests.helpers import wait_for
         wait_for(lambda: not find_violations(root, accounts.shared_gid), 10, 0.02, "healed")
         wait_for(lambda: d.status()["roots"][0]["events"] >= 1, 10, 0.02, "event counted")
+        # Our own chgrp/chmod come back as events and end as "echoes": one lstat, no write.
+        wait_for(lambda: d.status()["roots"][0]["echoes"] >= 1, 10, 0.02, "echo counted")
+        assert d.status()["roots"][0]["violations"] == 5
         assert d.summary().startswith("roots=1 mode=inotify fixed=")
     finally:
         assert d.stop()

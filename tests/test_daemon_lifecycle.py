@@ -12,9 +12,11 @@ import time
 from pathlib import Path
 
 from tests.conftest import Accounts
-from tests.daemon_support import envctld, write_config  # noqa: F401 - fixture
+from tests.daemon_support import ENVCTLD, write_config
 from tests.helpers import as_user, find_violations, wait_for
 from tests.watch_support import make_root, make_source, scaled
+
+pytest_plugins = ("tests.daemon_support",)  # the envctld fixture
 
 
 def test_ready_only_after_startup_reconcile_and_restart_after_kill9(
@@ -48,8 +50,8 @@ def test_sigterm_during_burst_exits_zero(accounts: Accounts, scratch: Path, envc
     # Copies until told to stop (at most 50): the daemon is mid-burst whenever SIGTERM lands.
     writer = subprocess.Popen(["setpriv", f"--reuid={a.uid}", f"--regid={a.gid}",
                                "--clear-groups", "sh", "-c",
-                               f"umask 077; i=0; while [ ! -e {stop_file} ] && [ $i -lt 50 ]; "
-                               f"do cp -r {src} {root}/c$i; i=$((i+1)); done"])
+                               (f"umask 077; i=0; while [ ! -e {stop_file} ] && [ $i -lt 50 ]; "
+                                f"do cp -r {src} {root}/c$i; i=$((i+1)); done")])
     try:
         wait_for(lambda: (root / "c1").exists(), 20, 0.01, "writer under way")
         assert writer.poll() is None
@@ -114,9 +116,8 @@ def test_sighup_with_broken_config_keeps_the_old_one(accounts: Accounts, scratch
 def test_invalid_config_at_start_exits_with_config_code(scratch: Path) -> None:
     cfg = scratch / "bad.yaml"
     cfg.write_text("roots: []\n")
-    from tests.daemon_support import ENVCTLD
     r = subprocess.run([ENVCTLD, "--config", str(cfg)], capture_output=True, text=True,
-                       timeout=30)
+                       timeout=30, check=False)
     assert r.returncode == 78 and "roots" in r.stderr
 
 

@@ -22,6 +22,7 @@ import io
 import os
 import stat
 import subprocess
+import time
 import zipfile
 from pathlib import Path
 from typing import Callable, Iterator
@@ -77,15 +78,15 @@ class Site:
         """Where a path under /efs/shared inside the container lives on the host."""
         return self.efs / Path(inside).relative_to(EFS)
 
-    def shared_dir(self, inside: Path) -> None:
-        """A root directory as an admin makes one: root-owned, the shared group, 2775."""
+    def shared_dir(self, inside: Path, owner: User | None = None) -> None:
+        """A root directory, the shared group, 2775; owned by root, or by a user who made it
+        (then creating a prefix in it takes CAP_DAC_OVERRIDE: the daemon is not in the group)."""
         path = self.host(inside)
         path.mkdir()
-        os.chown(path, 0, self.acc.shared_gid)
+        os.chown(path, owner.uid if owner else 0, self.acc.shared_gid)
         os.chmod(path, 0o2775)
 
-    def write_config(self, roots: list[Path] | None = None, level: str = "INFO",
-                     **requests: object) -> None:
+    def write_config(self, roots: list[Path] | None = None, level: str = "INFO") -> None:
         """The daemon's config inside the container: the roots, the shipped socket path, and
         venv builds from the local wheel directory only."""
         group = self.acc.shared_group
@@ -93,7 +94,7 @@ class Site:
                "allowed_backends": ["venv"], "build_user": "envctl-build",
                "allow_groups": [group], "venv_python": "/usr/bin/python3",
                "pip_args": ["--no-index", "--find-links", str(EFS / "wheels")],
-               "max_concurrent": 1, "timeout": 120, "root": str(self.root), **requests}
+               "max_concurrent": 1, "timeout": 120, "root": str(self.root)}
         cfg = {"roots": [{"path": str(r), "group": group} for r in roots or [self.root]],
                "watch": {"mode": "inotify", "status_interval": 60},
                "socket": {"path": SOCKET, "mode": "0660", "group": "users"},
@@ -129,7 +130,7 @@ def site(accounts: Accounts, scratch: Path) -> Iterator[Site]:
         for user in (accounts.alice, accounts.mallory):
             machine.run(["usermod", "-aG", "users", user.name])
         s = Site(machine, scratch, accounts)
-        s.shared_dir(s.root)
+        s.shared_dir(s.root, owner=accounts.alice)
         s.write_config()
         machine.write(DROP_IN, _drop_in())
         machine.systemctl("daemon-reload")
@@ -197,8 +198,11 @@ def test_heal_inside_the_sandbox(site: Site) -> None:
     """A file another uid writes with umask 077 is healed: ReadWritePaths= and the capability
     set are enough (group change, chmod of others' files, SGID kept, private dirs walked)."""
     site.m.systemctl("start", SERVICE)
+    # chmod 700 clears the SGID bob's directory inherited: restoring it on a directory of a
+    # group root is not in takes CAP_FSETID (the kernel silently drops it otherwise).
     site.as_user(site.acc.bob, f"mkdir -p {site.root}/bob/deep && echo x > {site.root}/bob/deep/f"
-                 f" && printf '#!/bin/sh\\n' > {site.root}/bob/run && chmod u+x {site.root}/bob/run")
+                 f" && printf '#!/bin/sh\\n' > {site.root}/bob/run && chmod u+x {site.root}/bob/run"
+                 f" && chmod 700 {site.root}/bob/deep")
     host = site.host(site.root / "bob")
     wait_for(lambda: violations(site, site.root / "bob") == [], timeout=15,
              what="bob's private tree healed by the sandboxed daemon")
@@ -287,7 +291,9 @@ def test_reload_applies_a_changed_config(site: Site) -> None:
 
 def test_stop_is_clean_and_keeps_the_socket(site: Site) -> None:
     site.m.systemctl("start", "envctld.socket", SERVICE)
+    t0 = time.monotonic()
     site.m.systemctl("stop", SERVICE)
+    assert time.monotonic() - t0 < 10, "stop waited for a timeout"
     gone = site.m.show(SERVICE, "ActiveState", "Result", "ExecMainStatus", "ExecMainCode",
                        "NRestarts")
     assert gone == {"ActiveState": "inactive", "Result": "success", "ExecMainStatus": "0",
@@ -297,7 +303,9 @@ def test_stop_is_clean_and_keeps_the_socket(site: Site) -> None:
     wait_for(lambda: site.envctl(site.acc.alice, "status", check=False).returncode == 0,
              timeout=30, what="the daemon started again by a client")
     assert site.m.show(SERVICE, "ActiveState")["ActiveState"] == "active"
-    assert "stopped drained=True" in site.m.journal_text(SERVICE)
+    text = site.m.journal_text(SERVICE)
+    assert "stopped drained=True" in text
+    assert "Killing process" not in text and "left-over process" not in text, text
 
 
 def test_watchdog_kills_and_restarts_a_wedged_daemon(site: Site) -> None:
@@ -308,7 +316,8 @@ def test_watchdog_kills_and_restarts_a_wedged_daemon(site: Site) -> None:
     site.m.systemctl("daemon-reload")
     site.m.systemctl("start", SERVICE)
     first = site.m.show(SERVICE, "MainPID")["MainPID"]
-    site.m.wait_for(SERVICE, timeout=30, NRestarts="1")
+    wait_for(lambda: int(site.m.show(SERVICE, "NRestarts")["NRestarts"]) >= 1, timeout=30,
+             what="a watchdog restart")
     site.m.wait_for(SERVICE, timeout=15, ActiveState="active", SubState="running")
     assert site.m.show(SERVICE, "MainPID")["MainPID"] != first
     text = site.m.journal_text(SERVICE)

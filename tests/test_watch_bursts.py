@@ -2,18 +2,21 @@
 
 Every check is the independent ``find`` audit (tests.helpers.find_violations) with a deadline,
 never the daemon's own counters. Each writer finishes before the clock starts: the deadline is
-time from the writer's end to a fully compliant tree.
+time from the writer's end to a fully compliant tree. The ``soak`` tests scale their trees with
+ENVCTL_SOAK_SCALE (default 1: a few thousand entries).
 """
 
 from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
+
+import pytest
 
 from tests.conftest import Accounts
-from tests.daemon_support import Envctld, envctld, write_config  # noqa: F401 - fixture
+from tests.daemon_support import Envctld, write_config
 from tests.helpers import VENV_BIN, as_user, find_violations, wait_for
 from tests.watch_support import alice_tmp, make_root, make_source, scaled
 
@@ -30,6 +33,7 @@ def _healed(root: Path, gid: int, what: str) -> float:
     return wait_for(lambda: not find_violations(root, gid), DEADLINE, 0.05, what)
 
 
+@pytest.mark.soak
 def test_cp_r_and_tar_x_burst_fully_healed(accounts: Accounts, scratch: Path, envctld) -> None:
     src = make_source(scratch, scaled(150), 12)
     root, d = _start(scratch, accounts, envctld)
@@ -51,6 +55,7 @@ def test_cp_r_and_tar_x_burst_fully_healed(accounts: Accounts, scratch: Path, en
     d.stop()
 
 
+@pytest.mark.soak
 def test_deep_mkdir_chains_with_files_at_speed(accounts: Accounts, scratch: Path,
                                                envctld) -> None:
     root, d = _start(scratch, accounts, envctld)
@@ -128,6 +133,8 @@ RATTLER_INSTALL = r"""
 import asyncio, os, sys
 from pathlib import Path
 import rattler
+
+pytest_plugins = ("tests.daemon_support",)  # the envctld fixture
 channel, prefix, cache, n = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 async def main():
     recs = await rattler.solve([Path(channel).as_uri()], [f"pkg{i}" for i in range(n)],
@@ -152,6 +159,10 @@ def test_rattler_install_from_local_channel_healed(accounts: Accounts, scratch: 
     root, d = _start(scratch, accounts, envctld)
     a = accounts.alice
     cache = alice_tmp(scratch, accounts, "cache")
+    control = alice_tmp(scratch, accounts, "control")  # unwatched: proves the install breaks
+    as_user(a.uid, a.gid, [str(VENV_BIN / "python"), "-c", RATTLER_INSTALL, str(channel),
+                           str(control / "env"), str(cache), str(n)])
+    assert find_violations(control, accounts.shared_gid)
     out = as_user(a.uid, a.gid, [str(VENV_BIN / "python"), "-c", RATTLER_INSTALL, str(channel),
                                  str(root / "env"), str(cache), str(n)])
     assert "installed" in out.stdout

@@ -9,17 +9,20 @@ limit even counts every root process), so they are lowered only for the moment t
 from __future__ import annotations
 
 import os
+import re
 import subprocess
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
 from tests.conftest import Accounts
-from tests.daemon_support import envctld, write_config  # noqa: F401 - fixture
+from tests.daemon_support import write_config
 from tests.helpers import as_user, find_violations, wait_for
 from tests.watch_support import make_root, make_source, scaled
+
+pytest_plugins = ("tests.daemon_support",)  # the envctld fixture
 
 INOTIFY = Path("/proc/sys/fs/inotify")
 
@@ -114,4 +117,23 @@ def test_watch_exhaustion_falls_back_to_polling(accounts: Accounts, scratch: Pat
     wait_for(lambda: not find_violations(root, accounts.shared_gid), 10, 0.1,
              "new writes healed by polling")
     assert d.alive
+    d.stop()
+
+
+def test_poll_mode_and_periodic_full_reconcile(accounts: Accounts, scratch: Path,
+                                               envctld) -> None:
+    root = make_root(scratch, accounts)
+    a = accounts.alice
+    cfg = write_config(scratch, [(root, accounts.shared_group)],
+                       watch={"mode": "poll", "poll_interval": 0.5, "full_scan_interval": 3})
+    d = envctld(cfg)
+    assert "mode=poll watches=0" in d.log_text()
+    as_user(a.uid, a.gid, f"mkdir -p {root}/p/q && echo > {root}/p/q/f && echo > {root}/g")
+    wait_for(lambda: not find_violations(root, accounts.shared_gid), 5, 0.05, "healed by a poll")
+    # A file's own chmod changes no directory: only the periodic full reconcile can see it.
+    as_user(a.uid, a.gid, f"chmod g-w {root}/p/q/f")
+    wait_for(lambda: not find_violations(root, accounts.shared_gid), 10, 0.05,
+             "healed by the periodic full reconcile")
+    # Only a reconcile that fixed something logs at INFO (polls' heals do not log).
+    assert re.search(r"reconcile root=\S+ scanned=\d+ fixed=[1-9]", d.log_text())
     d.stop()

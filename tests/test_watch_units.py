@@ -15,6 +15,7 @@ from envctl.heal import Healer
 from envctl.watch.inotify import InotifyWatch
 from envctl.watch.poll import Poller
 from envctl.watch.queue import WorkQueue
+
 from tests.conftest import Accounts
 from tests.helpers import as_user
 from tests.watch_support import make_root, make_source
@@ -75,7 +76,7 @@ def test_poller_lists_only_changed_directories(accounts: Accounts, scratch: Path
     assert p.run().listed == 1 and dict(_drain(q)) == {"tree/pkg0": False}
     os.system(f"rm -rf {root}/tree/pkg2")
     p.run()
-    assert not any(k.startswith("tree/pkg2") for k in p._dirs)  # noqa: SLF001
+    assert not any(k.startswith("tree/pkg2") for k in p._dirs)
 
 
 def test_inotify_filter_delivers_chmod_not_reads_or_writes(accounts: Accounts,

@@ -19,7 +19,7 @@ from typing import Any
 log = logging.getLogger("envctl.daemon")
 
 try:  # optional: systemd-python
-    from systemd import daemon as _sd_daemon
+    from systemd import daemon as _sd_daemon  # type: ignore[attr-defined]  # repo has systemd/
 except ImportError:  # pragma: no cover - depends on the host
     _sd_daemon = None
 

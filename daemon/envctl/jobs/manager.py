@@ -25,7 +25,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from ..config import Config
-from ..errors import Conflict, EnvctlError, NotAuthorised, ValidationError
+from ..errors import Conflict, DaemonUnavailable, EnvctlError, NotAuthorised, ValidationError
 from . import layout, procs
 from .backends import backend_named, get_backend
 from .lock import NameLock
@@ -59,7 +59,8 @@ class JobManager:
     @property
     def store(self) -> JobStore:
         if self._store is None:
-            raise Conflict("the job manager is not started")
+            raise DaemonUnavailable("the daemon's job manager is not running",
+                                    hint="the daemon is starting or stopping; retry shortly")
         return self._store
 
     def start(self) -> None:

@@ -89,7 +89,11 @@ def _check_channels(channels: list[str], cfg: RequestsConfig) -> tuple[str, ...]
 
 
 def parse_spec(text: str, cfg: RequestsConfig) -> EnvSpec:
-    """Parse and validate environment.yml text against the daemon's request policy."""
+    """Parse and validate environment.yml text against the daemon's request policy.
+
+    A ``name:`` in the file is accepted (files exported by conda have one) and ignored: the
+    environment is named by the request, which is what was validated as a path component.
+    """
     size = len(text.encode("utf-8", "surrogatepass"))
     if size > cfg.max_spec_bytes:
         raise ValidationError(f"spec is {size} bytes, more than the limit of {cfg.max_spec_bytes}",

@@ -26,8 +26,9 @@ import errno
 import logging
 import os
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 from watchdog.events import (
     DirAttribEvent,
@@ -169,7 +170,7 @@ class InotifyWatch:
 
     def watch_count(self) -> int:
         """Watches in this inotify instance (from /proc, so it is the kernel's count)."""
-        fd = self._fd._inotify_fd  # noqa: SLF001 - the kernel fd; watchdog exposes no accessor
+        fd = self._fd._inotify_fd
         try:
             with open(f"/proc/self/fdinfo/{fd}", encoding="ascii") as fh:
                 return sum(1 for line in fh if line.startswith("inotify wd:"))

@@ -20,7 +20,6 @@ import os
 import stat
 import time
 from dataclasses import dataclass
-from typing import Union
 
 from ..config import RootConfig
 from ..heal.fsops import DIR_FLAGS
@@ -32,7 +31,7 @@ from .queue import WorkQueue
 class _Dir:
     """What the last pass saw of one directory."""
 
-    __slots__ = ("ino", "mtime", "ctime", "subdirs")
+    __slots__ = ("ctime", "ino", "mtime", "subdirs")
 
     def __init__(self, st: os.stat_result, subdirs: tuple[str, ...]) -> None:
         self.ino = st.st_ino
@@ -87,7 +86,7 @@ class Poller:
         stats = PollStats()
         record_only = not self._dirs
         self._dev = os.lstat(self.root.path).st_dev
-        stack: list[Union[_Visit, _Close]] = [_Visit(-1, str(self.root.path), "", record_only)]
+        stack: list[_Visit | _Close] = [_Visit(-1, str(self.root.path), "", record_only)]
         try:
             while stack:
                 item = stack.pop()
@@ -102,7 +101,7 @@ class Poller:
         stats.duration = time.monotonic() - start
         return stats
 
-    def _visit(self, v: _Visit, stack: list[Union[_Visit, _Close]], stats: PollStats) -> None:
+    def _visit(self, v: _Visit, stack: list[_Visit | _Close], stats: PollStats) -> None:
         dir_fd = None if v.parent_fd < 0 else v.parent_fd
         try:
             st = os.stat(v.name, dir_fd=dir_fd, follow_symlinks=False)
