@@ -4,10 +4,13 @@ Readiness is the real signal systemd would get: each daemon gets its own ``NOTIF
 datagram socket the test binds) and :meth:`Envctld.start` returns when ``READY=1`` arrives, so
 no test sleeps and hopes. Every sd_notify message is kept (``messages``) for tests of STATUS=,
 RELOADING=1, WATCHDOG=1 and STOPPING=1. stderr goes to a file (``log_text()``) so tests can
-assert on key=value log lines. The ``envctld`` fixture stops whatever was started, whatever
-happened in the test: a daemon left running would keep healing the next test's tree.
+assert on key=value log lines. The ``envctld`` fixture (``tests.fixtures_daemon``) stops
+whatever was started, whatever happened in the test: a daemon left running would keep healing
+the next test's tree.
 
 Usage::
+
+    pytest_plugins = ("tests.fixtures_daemon",)
 
     def test_x(envctld, scratch):
         cfg = write_config(scratch, roots=[(root, group)])
@@ -24,11 +27,10 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import pytest
 import yaml
 
 from tests.helpers import VENV_BIN
@@ -170,19 +172,3 @@ class Envctld:
             sock.close()
             if self._reader is not None:
                 self._reader.join(2)
-
-
-@pytest.fixture
-def envctld(scratch: Path) -> Iterator[Callable[..., Envctld]]:
-    """Factory: ``envctld(config, env=None, args=(), wait_ready=True)`` → a started daemon."""
-    started: list[Envctld] = []
-
-    def make(config: Path, env: dict[str, str] | None = None, args: tuple[str, ...] = (),
-             wait_ready: bool = True, timeout: float = 60.0) -> Envctld:
-        d = Envctld(config, scratch, env, args)
-        started.append(d)
-        return d.start(timeout, wait_ready)
-
-    yield make
-    for d in started:
-        d.cleanup()

@@ -13,7 +13,9 @@ Isolation and cleanup, in order of what could leak:
 - mounts: everything (the tmpfs on ``/run/systemd/nspawn``, the bind of ``/``, the overlay) is
   made inside a private mount namespace (``unshare -m``) that dies with the nspawn process;
 - processes: the container is a PID namespace; SIGTERM to nspawn halts it, SIGKILL is the
-  fallback, and the cgroup sweep catches anything else.
+  fallback, and the cgroup sweep catches anything else;
+- a test process killed outright (no finally runs): nspawn dies with it (pdeathsig), and the
+  next boot sweeps the cgroups and workdir named after the dead pid.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from typing import Iterator, Mapping, Sequence
 
 CGROUP_HIERARCHIES = (Path("/sys/fs/cgroup/unified"), Path("/sys/fs/cgroup/systemd"))
 _COUNTER = itertools.count()
+WORK_BASE = "/tmp"  # workdirs and cgroups are both named envctl-nspawn-<test pid>-<n>
 BOOT_TIMEOUT = 30.0
 
 
@@ -170,6 +173,22 @@ def _remove_cgroups(name: str) -> None:
             top.rmdir()
 
 
+def _sweep_stale() -> None:
+    """Remove what earlier test processes left when they were killed before tearing down:
+    their containers and cgroups, then their workdirs (the mounts in those lived in mount
+    namespaces that died with the processes, so here they are plain directories)."""
+    places = [*CGROUP_HIERARCHIES, Path(WORK_BASE)]
+    for place in places:
+        for top in place.glob("envctl-nspawn-*-*") if place.exists() else ():
+            owner = top.name.split("-")[2]
+            if not owner.isdigit() or Path(f"/proc/{owner}").exists():
+                continue
+            if place in CGROUP_HIERARCHIES:
+                _remove_cgroups(top.name)
+            elif top.is_dir():
+                shutil.rmtree(top)
+
+
 def _find_leader(nspawn: subprocess.Popen[bytes], deadline: float) -> int:
     """The container's systemd: a child of nspawn named systemd (the first child is brief)."""
     while time.monotonic() < deadline:
@@ -202,8 +221,9 @@ def boot(binds: Sequence[Bind] = (), units: Mapping[str, Path] = {},
     files under test, unchanged. The container has no network (``--private-network``) unless
     ``network`` shares the host's (only for what must download, like ``make install``).
     """
+    _sweep_stale()
     name = f"envctl-nspawn-{os.getpid()}-{next(_COUNTER)}"
-    workdir = Path(tempfile.mkdtemp(prefix="envctl-nspawn-", dir="/tmp"))
+    workdir = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=WORK_BASE))
     rootdir = workdir / "root"
     rootdir.mkdir()
     console = workdir / "console.log"
@@ -219,7 +239,10 @@ def boot(binds: Sequence[Bind] = (), units: Mapping[str, Path] = {},
              f"mount --bind / {shlex.quote(str(rootdir))}; exec {shlex.join(nspawn_argv)}")
     cgroup_join = "; ".join(f"mkdir -p {h / name} && echo $$ > {h / name}/cgroup.procs"
                             for h in CGROUP_HIERARCHIES)
-    wrapper = f"set -e; {cgroup_join}; exec unshare -m sh -c {shlex.quote(inner)}"
+    # pdeathsig: if the test process is killed outright, nspawn (and with it the container)
+    # goes too; the cgroups it leaves are swept by the next boot (_sweep_stale).
+    wrapper = (f"set -e; {cgroup_join}; exec setpriv --pdeathsig KILL -- "
+               f"unshare -m sh -c {shlex.quote(inner)}")
     nspawn: subprocess.Popen[bytes] | None = None
     try:
         with console.open("wb") as log:

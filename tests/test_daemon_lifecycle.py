@@ -16,7 +16,7 @@ from tests.daemon_support import ENVCTLD, write_config
 from tests.helpers import as_user, find_violations, wait_for
 from tests.watch_support import make_root, make_source, scaled
 
-pytest_plugins = ("tests.daemon_support",)  # the envctld fixture
+pytest_plugins = ("tests.fixtures_daemon",)  # the envctld fixture
 
 
 def test_ready_only_after_startup_reconcile_and_restart_after_kill9(

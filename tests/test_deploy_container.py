@@ -11,9 +11,12 @@ and an orphaned grandchild (what a double-forking build script leaves) must not 
 from __future__ import annotations
 
 import json
+import os
+import signal
 import re
 import subprocess
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -48,6 +51,13 @@ def test_containerfile_shape() -> None:
     assert {".git", ".venv", "var"} <= ignored
 
 
+@dataclass(frozen=True)
+class Pid1:
+    unshare: subprocess.Popen[bytes]  # outside the namespace; exits with PID 1's status
+    init: int  # host pid of PID 1 (tini)
+    log: Path  # PID 1's stdout/stderr (the daemon's key=value log)
+
+
 def _pids_under(ppid: int) -> list[tuple[int, str]]:
     """(pid, state) of the direct children of ``ppid``, from /proc."""
     out = []
@@ -62,8 +72,8 @@ def _pids_under(ppid: int) -> list[tuple[int, str]]:
 
 
 @pytest.fixture
-def pid1(scratch: Path, accounts: Accounts) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
-    """ENTRYPOINT + CMD as PID 1 of a new PID namespace; yields (unshare process, PID 1's pid)."""
+def pid1(scratch: Path, accounts: Accounts) -> Iterator[Pid1]:
+    """ENTRYPOINT + CMD as PID 1 of a new PID namespace, killed with its namespace at the end."""
     root = scratch / "envs"
     root.mkdir()
     config = scratch / "envctld.yaml"
@@ -76,8 +86,11 @@ def pid1(scratch: Path, accounts: Accounts) -> Iterator[tuple[subprocess.Popen[b
     argv = [a.replace(IMAGE_BIN, str(VENV_BIN)) for a in
             instruction("ENTRYPOINT") + instruction("CMD")]
     argv[argv.index("--config") + 1] = str(config)
-    proc = subprocess.Popen(["unshare", "--pid", "--fork", "--mount-proc", *argv],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    log = (scratch / "pid1.log").open("wb")
+    # --kill-child: should unshare itself be killed, the namespace's init dies with it.
+    proc = subprocess.Popen(["unshare", "--pid", "--fork", "--mount-proc", "--kill-child",
+                             *argv], stdout=log, stderr=subprocess.STDOUT)
+    init = 0
     try:
         wait_for(lambda: bool(_pids_under(proc.pid)), timeout=10, what="PID 1")
         init = _pids_under(proc.pid)[0][0]
@@ -85,32 +98,36 @@ def pid1(scratch: Path, accounts: Accounts) -> Iterator[tuple[subprocess.Popen[b
                                          str(scratch / "envctld.sock")],
                                         capture_output=True).returncode == 0,
                  timeout=30, what="the daemon answering under tini")
-        yield proc, init
+        yield Pid1(proc, init, scratch / "pid1.log")
     finally:
         if proc.poll() is None:
-            proc.kill()
+            # SIGKILL to a PID namespace's init kills every process in the namespace.
+            if init:
+                os.kill(init, signal.SIGKILL)
+            else:
+                proc.kill()
         proc.wait(timeout=10)
+        log.close()
 
 
-def test_pid1_is_tini_and_reaps_orphans(pid1: tuple[subprocess.Popen[bytes], int]) -> None:
-    proc, init = pid1
-    assert Path(f"/proc/{init}/comm").read_text().strip() == "tini"
+def test_pid1_is_tini_and_reaps_orphans(pid1: Pid1) -> None:
+    assert Path(f"/proc/{pid1.init}/comm").read_text().strip() == "tini"
     # A double fork inside the namespace: the grandchild is re-parented to PID 1 and exits.
-    subprocess.run(["nsenter", "-t", str(init), "-p", "-m", "sh", "-c",
+    subprocess.run(["nsenter", "-t", str(pid1.init), "-p", "-m", "sh", "-c",
                     "(sleep 0.3 &); exit 0"], check=True, timeout=10)
-    orphans = [pid for pid, _ in _pids_under(init)
+    orphans = [pid for pid, _ in _pids_under(pid1.init)
                if Path(f"/proc/{pid}/comm").read_text().strip() == "sleep"]
     assert orphans, "the orphan was not re-parented to PID 1"
-    wait_for(lambda: not any(pid in orphans for pid, _ in _pids_under(init)), timeout=10,
+    wait_for(lambda: not any(pid in orphans for pid, _ in _pids_under(pid1.init)), timeout=10,
              what="PID 1 reaping the orphan (a zombie stays listed until reaped)")
 
 
-def test_sigterm_to_pid1_stops_the_daemon_cleanly(
-        pid1: tuple[subprocess.Popen[bytes], int]) -> None:
-    proc, init = pid1
+def test_sigterm_to_pid1_stops_the_daemon_cleanly(pid1: Pid1) -> None:
+    daemon = [pid for pid, _ in _pids_under(pid1.init)]
+    assert daemon, "envctld is not PID 1's child"
     t0 = time.monotonic()
-    subprocess.run(["kill", "-TERM", str(init)], check=True)  # what the runtime sends
-    assert proc.wait(timeout=30) == 0, proc.stdout.read().decode() if proc.stdout else ""
+    os.kill(pid1.init, signal.SIGTERM)  # what the container runtime sends
+    assert pid1.unshare.wait(timeout=30) == 0, pid1.log.read_text()
     assert time.monotonic() - t0 < 15
-    out = proc.stdout.read().decode() if proc.stdout else ""
-    assert "stopped drained=True" in out, out  # the daemon's own shutdown, not a kill
+    assert "stopped drained=True" in pid1.log.read_text()  # its own shutdown, not a kill
+    assert not any(Path(f"/proc/{pid}").exists() for pid in [pid1.init, *daemon])
