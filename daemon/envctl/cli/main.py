@@ -13,22 +13,10 @@ from typing import Sequence
 
 from .. import __version__
 from ..errors import EX_SOFTWARE, EnvctlError, UsageError
-from . import heal_cmd
+from . import heal_cmd, request_cmd, status_cmd
 from .output import print_error
 
-COMMAND_MODULES = [heal_cmd]
-
-
-def _optional_modules() -> list:  # type: ignore[type-arg]
-    """Command groups that talk to the daemon (request, status) register here when present."""
-    mods = []
-    for name in ("request_cmd", "status_cmd"):
-        try:
-            mods.append(__import__(f"envctl.cli.{name}", fromlist=["add_parser"]))
-        except ModuleNotFoundError as exc:
-            if exc.name != f"envctl.cli.{name}":
-                raise
-    return mods
+COMMAND_MODULES = [heal_cmd, request_cmd, status_cmd]
 
 
 class _Parser(argparse.ArgumentParser):
@@ -44,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
-    for mod in COMMAND_MODULES + _optional_modules():
+    for mod in COMMAND_MODULES:
         mod.add_parser(sub)
     return parser
 
