@@ -125,9 +125,12 @@ def test_watchdog_pings_stop_when_a_worker_wedges(accounts: Accounts, scratch: P
                                                   envctld) -> None:
     root = make_root(scratch, accounts)
     cfg = write_config(scratch, [(root, accounts.shared_group)])
-    d = envctld(cfg, env={"WATCHDOG_USEC": "1000000", "ENVCTL_TEST_WEDGE_AFTER": "1.5"})
+    d = envctld(cfg, env={"WATCHDOG_USEC": "1000000", "ENVCTL_TEST_WEDGE_AFTER": "3"})
     d.wait_message(lambda m: m == "WATCHDOG=1", 5, "a first watchdog ping")
-    wait_for(lambda: "withholding watchdog ping" in d.log_text(), 10, 0.1, "pings withheld")
+    # Before the wedge: pings, never a withheld one (idle workers are not "stuck").
+    time.sleep(2.5)
+    assert "withholding" not in d.log_text()
+    wait_for(lambda: "withholding watchdog ping" in d.log_text(), 15, 0.1, "pings withheld")
     n = len(d.messages)
     time.sleep(1.5)
     assert "WATCHDOG=1" not in d.messages[n:]

@@ -98,7 +98,8 @@ def test_subtree_renamed_into_root_and_within(accounts: Accounts, scratch: Path,
 
 def test_chmod_g_minus_w_after_healing_is_reverted(accounts: Accounts, scratch: Path,
                                                    envctld) -> None:
-    root, d = _start(scratch, accounts, envctld)
+    root = make_root(scratch, accounts)
+    d = envctld(write_config(scratch, [(root, accounts.shared_group)]), args=("--debug",))
     a = accounts.alice
     as_user(a.uid, a.gid, f"mkdir -p {root}/env/bin && echo hi > {root}/env/bin/tool")
     _healed(root, accounts.shared_gid, "initial heal")
@@ -114,6 +115,8 @@ def test_chmod_g_minus_w_after_healing_is_reverted(accounts: Accounts, scratch: 
     before = os.lstat(root / "env/bin/tool").st_ctime_ns
     time.sleep(1.0)
     assert os.lstat(root / "env/bin/tool").st_ctime_ns == before, "daemon keeps rewriting"
+    # At DEBUG every fix is one line naming the path (ENVCTL_PATH in the journal).
+    assert f"fixed root={root} path=env/bin/tool kind=file" in d.log_text()
     d.stop()
 
 

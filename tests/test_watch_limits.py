@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
 import time
 from collections.abc import Iterator
@@ -84,13 +85,24 @@ def test_bindfs_writes_through_backing_are_healed_by_polling(accounts: Accounts,
 def test_queue_overflow_triggers_reconcile(accounts: Accounts, scratch: Path, envctld) -> None:
     root = make_root(scratch, accounts)
     cfg = write_config(scratch, [(root, accounts.shared_group)])
-    src = make_source(scratch, scaled(300), 10)
+    src = make_source(scratch, scaled(100), 10)
     with sysctl("max_queued_events", 16):  # applies to inotify instances created now
         d = envctld(cfg)
     a = accounts.alice
-    as_user(a.uid, a.gid, ["cp", "-r", str(src), str(root / "copy")])
+    as_user(a.uid, a.gid, ["mkdir", str(root / "copy")])
+    wait_for(lambda: not find_violations(root, accounts.shared_gid), 15, 0.05, "copy/ healed")
+    # The daemon is frozen while the writer runs: the kernel keeps the first 16 events (the
+    # first loose files) and drops the rest, so only the overflow's reconcile can heal the
+    # later files and the copied trees.
+    assert d.proc is not None
+    d.proc.send_signal(signal.SIGSTOP)
+    try:
+        as_user(a.uid, a.gid, f"for i in $(seq 40); do echo > {root}/copy/f$i; done; "
+                              f"cp -r {src}/. {root}/copy")
+    finally:
+        d.proc.send_signal(signal.SIGCONT)
     wait_for(lambda: not find_violations(root, accounts.shared_gid), 15, 0.1,
-             "healed despite overflows")
+             "healed despite the overflow")
     assert "inotify queue overflow" in d.log_text()
     d.stop()
 
@@ -114,9 +126,10 @@ def test_watch_exhaustion_falls_back_to_polling(accounts: Accounts, scratch: Pat
     assert d.log_text().count("inotify watch limit reached") == 1  # one clear line
     wait_for(lambda: not find_violations(root, accounts.shared_gid), 15, 0.1,
              "healed after the fallback")
-    as_user(a.uid, a.gid, f"mkdir {root}/later && echo > {root}/later/f")  # polling now
+    # A file in a directory that got no watch: no event can come; only polling sees it.
+    as_user(a.uid, a.gid, f"echo > {root}/many/d{dirs - 1}/late")
     wait_for(lambda: not find_violations(root, accounts.shared_gid), 10, 0.1,
-             "new writes healed by polling")
+             "a write in an unwatched directory healed by polling")
     assert d.alive
     d.stop()
 

@@ -11,23 +11,33 @@ import time
 from pathlib import Path
 
 import pytest
-
 from envctl.config import parse
 from envctl.heal import Healer
 from envctl.watch.inotify import InotifyWatch
 from envctl.watch.poll import Poller
-from envctl.watch.queue import WorkQueue
+from envctl.watch.queue import Item, WorkQueue
 
 from tests.conftest import Accounts
-from tests.helpers import as_user
+from tests.helpers import as_user, find_violations
 from tests.watch_support import make_root, make_source
 
 
-def _drain(q: WorkQueue) -> list[tuple[str, bool]]:
+def _drain(q: WorkQueue) -> list[Item]:
     out = []
     while (item := q.get(0)) is not None:
         out.append(item)
         q.done()
+    return out
+
+
+def _rels(q: WorkQueue) -> dict[str, bool]:
+    """Drained items flattened back to {rel: subtree}."""
+    out: dict[str, bool] = {}
+    for item in _drain(q):
+        if item.subtree:
+            out[item.rel] = True
+        for name in item.names:
+            out[f"{item.rel}/{name}" if item.rel else name] = False
     return out
 
 
@@ -39,13 +49,23 @@ def test_queue_coalesces_and_subtree_wins() -> None:
     assert not q.put("a/c/d")  # covered by the waiting subtree "a"
     assert q.put("a/b", subtree=True)  # upgrade in place
     assert q.put("ab/x")  # a sibling whose name starts like "a" is not covered
-    assert _drain(q) == [("a/b", True), ("a", True), ("ab/x", False)]
+    assert _drain(q) == [Item("a/b", True), Item("a", True), Item("ab", False, ("x",))]
     assert q.wait_idle(0)
     q.put("", subtree=True)
     assert not q.put("anything/at/all")
     q.close()
     assert not q.put("late")
-    assert _drain(q) == [("", True)]
+    assert _drain(q) == [Item("", True)]
+
+
+def test_queue_hands_out_siblings_together() -> None:
+    q = WorkQueue()
+    for rel in ("d/x", "e/y", "d/z", "top", "d/sub", ""):
+        q.put(rel)
+    q.put("d/sub", subtree=True)  # a directory: its own subtree item, not a sibling entry
+    assert _drain(q) == [Item("d", False, ("x", "z")), Item("e", False, ("y",)),
+                         Item("", False, ("top",)), Item("d/sub", True), Item("", False)]
+    assert len(q) == 0
 
 
 def _root_cfg(root: Path, group: str):  # type: ignore[no-untyped-def]
@@ -72,10 +92,10 @@ def test_poller_lists_only_changed_directories(accounts: Accounts, scratch: Path
     changed = p.run()
     # mod25 and tree changed; fresh and fresh/sub are new (listed to be recorded). No other.
     assert changed.listed == 4
-    items = dict(_drain(q))
-    assert items == {"tree/pkg1/mod25/new": False, "tree/fresh": True}
+    assert sorted(_drain(q)) == [Item("tree/fresh", True),
+                                 Item("tree/pkg1/mod25", False, ("new",))]
     as_user(a.uid, a.gid, f"chmod g-w {root}/tree/pkg0")  # a dir's own chmod moves its ctime
-    assert p.run().listed == 1 and dict(_drain(q)) == {"tree/pkg0": False}
+    assert p.run().listed == 1 and _drain(q) == [Item("tree", False, ("pkg0",))]
     os.system(f"rm -rf {root}/tree/pkg2")
     p.run()
     assert not any(k.startswith("tree/pkg2") for k in p._dirs)
@@ -115,7 +135,7 @@ def test_inotify_filter_delivers_chmod_not_reads_or_writes(accounts: Accounts,
         deadline = time.monotonic() + 5
         got: dict[str, bool] = {}
         while time.monotonic() < deadline and "d/renamed" not in got:
-            got.update(_drain(q))
+            got.update(_rels(q))
             time.sleep(0.05)
         assert got.get("d/f") is False  # chmod → attrib → entry
         assert got.get("d/new") is True  # created dir → subtree
@@ -123,3 +143,21 @@ def test_inotify_filter_delivers_chmod_not_reads_or_writes(accounts: Accounts,
         assert "failed" not in counted and "overflow" not in counted
     finally:
         w.stop()
+
+
+def test_run_entries_heals_siblings_not_subtrees(accounts: Accounts, scratch: Path) -> None:
+    """The healer's batch entry point the workers use (one resolution of the parent)."""
+    root = make_root(scratch, accounts)
+    a = accounts.alice
+    as_user(a.uid, a.gid, f"mkdir -p {root}/d/sub/deeper {root}/d/skip && "
+                          f"touch {root}/d/f1 {root}/d/f2 {root}/d/sub/inner {root}/d/skip/x && "
+                          f"ln -s /etc/shadow {root}/d/link")
+    cfg = parse({"roots": [{"path": str(root), "group": accounts.shared_group,
+                            "exclude": ["d/skip"]}]}).roots[0]
+    stats = Healer(cfg).run_entries("d", ["f1", "f2", "sub", "link", "skip", "gone"])
+    left = {p.removeprefix(f"{root}/") for p in find_violations(root, accounts.shared_gid)}
+    assert left == {"d", "d/sub/inner", "d/sub/deeper", "d/skip", "d/skip/x"}
+    assert stats.skipped["excluded"] == 1 and stats.skipped["vanished"] == 1
+    assert os.stat("/etc/shadow").st_gid != accounts.shared_gid
+    again = Healer(cfg).run_entries("d", ["f1", "f2", "sub", "link"])
+    assert again.violations == 0 and again.writes == 0  # compliant: one stat each, no write

@@ -2,7 +2,8 @@
 
 Why two sinks: an admin greps stderr/container logs for ``root=/shared/envs``; under systemd
 the same facts are better as journal fields (``journalctl ENVCTL_ROOT=/shared/envs``). Call
-sites pass those fields with ``extra=fields(root=..., path=..., job=...)``; the stderr formatter
+sites pass those fields with ``extra=envctl.logfields.fields(root=..., path=..., job=...)``; the
+stderr formatter
 ignores them (the message already says ``root=...``), the journal handler stores them and sets
 ``PRIORITY`` from the level. Python warnings go through logging too, so a library's warning
 flood cannot bypass the level.
@@ -13,8 +14,6 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from pathlib import Path
-from typing import Any
 
 from ..config import LoggingConfig
 from . import systemd
@@ -33,19 +32,6 @@ class KeyValueFormatter(logging.Formatter):
         if record.exc_info:
             line += "\n" + self.formatException(record.exc_info)
         return line
-
-
-def fields(root: Path | str | None = None, path: str | None = None,
-           job: str | None = None) -> dict[str, Any]:
-    """Journal fields for ``extra=``: ENVCTL_ROOT, ENVCTL_PATH, ENVCTL_JOB (only those given)."""
-    out: dict[str, Any] = {}
-    if root is not None:
-        out["ENVCTL_ROOT"] = str(root)
-    if path is not None:
-        out["ENVCTL_PATH"] = path
-    if job is not None:
-        out["ENVCTL_JOB"] = job
-    return out
 
 
 def setup(cfg: LoggingConfig, debug: bool = False) -> str:

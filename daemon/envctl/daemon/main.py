@@ -26,6 +26,7 @@ from types import FrameType
 from .. import __version__
 from ..config import Config, load
 from ..errors import EX_SOFTWARE, EnvctlError
+from ..watch.service import IDLE_TICK
 from . import logsetup, systemd
 from .service import Daemon
 
@@ -104,7 +105,8 @@ def main(argv: list[str] | None = None) -> int:
 def _loop(daemon: Daemon, signals: _Signals, args: argparse.Namespace) -> None:
     """Until SIGTERM/SIGINT: reloads, periodic status, STATUS= updates, watchdog pings."""
     wd = systemd.watchdog_interval()
-    stale_after = wd if wd else STALE_DEFAULT
+    # An idle worker shows it is alive every IDLE_TICK: never call that "no progress".
+    stale_after = max(wd, 3 * IDLE_TICK) if wd else STALE_DEFAULT
     now = time.monotonic()
     next_status = now + daemon.config.watch.status_interval
     next_notify = now + STATUS_NOTIFY_EVERY

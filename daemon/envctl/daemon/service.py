@@ -18,8 +18,8 @@ from typing import Any, Protocol
 from ..config import Config, RootConfig
 from ..errors import ConfigError, EnvctlError
 from ..fsinfo import default_concurrency
+from ..logfields import fields
 from ..watch import RootWatcher
-from .logsetup import fields
 
 log = logging.getLogger("envctl.daemon")
 
@@ -114,6 +114,12 @@ class Daemon:
                 except EnvctlError as exc:
                     log.error("cannot watch root=%s error=%s", path, exc.message,
                               extra=fields(root=path))
+        if not new.requests.enabled and self._server is not None:
+            self._server.stop()  # requests switched off: close the socket, let builds finish
+            self._server = None
+        if not new.requests.enabled and self._jobs is not None:
+            self._jobs.stop(10.0)
+            self._jobs = None
         if self._jobs is not None:
             self._jobs.reload(new)
         if self._server is not None:

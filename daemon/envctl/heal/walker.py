@@ -30,7 +30,7 @@ import stat
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Protocol, Sequence
 
 from ..config import RootConfig
 from ..policy import Kind, Verdict, judge
@@ -94,6 +94,21 @@ def compile_excludes(patterns: tuple[str, ...]) -> Callable[[str], bool]:
     return lambda rel: bool(rx.match(rel))
 
 
+class DirPlanner(Protocol):
+    """Lets a caller skip listing directories it knows to be unchanged (the poll pass).
+
+    ``plan`` is asked for every directory the walk opens, with its fresh ``fstat`` (after any
+    fix to the directory itself): return the names of its subdirectories to descend into
+    without listing it — its other entries are then not inspected — or None to list it.
+    ``listed`` reports what a listing found, with the stat taken before it, so a change made
+    during the listing shows up as a change next time. Both are called from worker threads.
+    """
+
+    def plan(self, rel: str, st: os.stat_result) -> Sequence[str] | None: ...
+
+    def listed(self, rel: str, st: os.stat_result, subdirs: list[str]) -> None: ...
+
+
 class Healer:
     """Heals (or, with ``dry_run``, only inspects) one root according to its policy."""
 
@@ -120,13 +135,19 @@ class Healer:
 
     # -- public API -----------------------------------------------------------------------
 
-    def run(self, rel: str = "", recursive: bool = True) -> HealStats:
+    def run(self, rel: str = "", recursive: bool = True,
+            planner: DirPlanner | None = None) -> HealStats:
         """Heal the entry at root-relative ``rel`` ("" = the root), and its subtree if asked.
 
         ``rel`` is re-resolved component by component from the root fd without following
         symlinks: a path that came from an event is a hint, never trusted.
         """
-        return _Pass(self).run(rel, recursive)
+        return _Pass(self, planner).run(rel, recursive)
+
+    def run_entries(self, parent: str, names: list[str]) -> HealStats:
+        """Heal entries ``names`` of the directory ``parent`` (not their subtrees), resolving
+        ``parent`` once: the daemon's batches of event paths cost what a walk pays per entry."""
+        return _Pass(self).run(parent, False, names)
 
     def is_compliant(self, rel: str) -> bool:
         """One ``lstat`` and no write: the daemon's cheap check for its own echo events."""
@@ -147,8 +168,9 @@ class Healer:
 class _Pass:
     """One walk: the root fd, the task stack and the worker threads."""
 
-    def __init__(self, healer: Healer) -> None:
+    def __init__(self, healer: Healer, planner: DirPlanner | None = None) -> None:
         self.h = healer
+        self.planner = planner
         self.root = healer.root
         self.stack: list[_Task] = []
         self.cond = threading.Condition()
@@ -159,7 +181,7 @@ class _Pass:
 
     # -- driving ---------------------------------------------------------------------------
 
-    def run(self, rel: str, recursive: bool) -> HealStats:
+    def run(self, rel: str, recursive: bool, names: list[str] | None = None) -> HealStats:
         start = time.monotonic()
         stats = HealStats()
         root_fd = os.open(self.root.path, DIR_FLAGS)
@@ -167,7 +189,7 @@ class _Pass:
         try:
             st = os.fstat(root_fd)
             self.root_dev, self.root_mnt = st.st_dev, mount_id(root_fd)
-            first = self._resolve(root_ref, rel, recursive, stats)
+            first = self._resolve(root_ref, rel, recursive, stats, names)
         finally:
             root_ref.release()
         if first is not None:
@@ -180,17 +202,19 @@ class _Pass:
         self.totals.duration = time.monotonic() - start
         return self.totals
 
-    def _resolve(self, root_ref: _DirRef, rel: str, recursive: bool,
-                 stats: HealStats) -> _Task | None:
-        """Open every parent of ``rel`` no-follow from the root; the last part becomes a task."""
-        if not rel:
+    def _resolve(self, root_ref: _DirRef, rel: str, recursive: bool, stats: HealStats,
+                 names: list[str] | None = None) -> _Task | None:
+        """Open every parent of ``rel`` no-follow from the root; the last part becomes a task
+        (with ``names``, ``rel`` is their directory: it is opened too, and they are the task)."""
+        if not rel and names is None:
             return _DirTask(None, "", "", recursive)
-        parts = rel.split("/")
-        if any(p in ("", ".", "..") for p in parts):
-            raise ValueError(f"not a clean relative path: {rel!r}")
+        parts = rel.split("/") if rel else []
+        if any(p in ("", ".", "..") for p in parts + list(names or ())) or \
+                any("/" in n for n in names or ()):
+            raise ValueError(f"not a clean relative path: {rel!r} {names!r}")
         parent = root_ref.acquire()
         try:
-            for i, part in enumerate(parts[:-1]):
+            for i, part in enumerate(parts if names is not None else parts[:-1]):
                 prefix = "/".join(parts[:i + 1])
                 if self.h.excluded(prefix):
                     stats.skipped["excluded"] += 1
@@ -209,6 +233,10 @@ class _Pass:
                 if not self._same_fs(os.fstat(fd), fd):
                     stats.skipped["mount"] += 1
                     return None
+            if names is not None:
+                keep = [n for n in names if not self.h.excluded(parent.child(n))]
+                stats.skipped["excluded"] += len(names) - len(keep)
+                return _EntriesTask(parent.acquire(), keep, False) if keep else None
             if self.h.excluded(rel):
                 stats.skipped["excluded"] += 1
                 return None
@@ -298,16 +326,27 @@ class _Pass:
             if task.parent is not None and not self._same_fs(st, fd):
                 self._skip(stats, rel, "dir", "mount")
                 return
-            self._judge_and_fix(fd, st, rel, stats, is_dir_fd=True, is_root=task.parent is None)
-            if task.descend:
-                self._list(ref, stats)
+            if self._judge_and_fix(fd, st, rel, stats, is_dir_fd=True,
+                                   is_root=task.parent is None):
+                st = os.fstat(fd)
+            if not task.descend:
+                return
+            known = self.planner.plan(rel, st) if self.planner is not None else None
+            if known is None:
+                subdirs = self._list(ref, stats)
+                if self.planner is not None:
+                    self.planner.listed(rel, st, subdirs)
+            else:
+                for name in known:
+                    self._push(_DirTask(ref.acquire(), name, ref.child(name)))
         except OSError as exc:
             self._error(stats, rel, "dir", exc)
         finally:
             ref.release()
 
-    def _list(self, ref: _DirRef, stats: HealStats) -> None:
-        """List a directory: subdirectories become tasks, other entries are inspected.
+    def _list(self, ref: _DirRef, stats: HealStats) -> list[str]:
+        """List a directory: subdirectories become tasks (their names are returned), other
+        entries are inspected.
 
         This loop runs once per entry of every tree, so it avoids building paths it does not
         need (only exclusion patterns need the relative path here).
@@ -315,6 +354,7 @@ class _Pass:
         concurrent = self.h.concurrency > 1
         excluded = self.h.excluded if self.root.exclude else None
         batch: list[str] = []
+        subdirs: list[str] = []
         with os.scandir(ref.fd) as it:
             for entry in it:
                 name = entry.name
@@ -326,6 +366,7 @@ class _Pass:
                 except OSError:
                     is_dir = False  # vanished: _inspect will count it
                 if is_dir:
+                    subdirs.append(name)
                     self._push(_DirTask(ref.acquire(), name, ref.child(name)))
                 elif concurrent and len(self.stack) < MAX_QUEUED:
                     batch.append(name)
@@ -336,6 +377,7 @@ class _Pass:
                     self._inspect(ref, name, stats)
         if batch:
             self._push(_EntriesTask(ref.acquire(), batch))
+        return subdirs
 
     def _inspect(self, parent: _DirRef, name: str, stats: HealStats,
                  descend: bool = True) -> None:
@@ -381,23 +423,25 @@ class _Pass:
             os.close(fd)
 
     def _judge_and_fix(self, fd: int, st: os.stat_result, rel: str, stats: HealStats, *,
-                       is_dir_fd: bool, is_root: bool) -> None:
-        """Decide from the fd's own fstat, then change that inode through that fd."""
+                       is_dir_fd: bool, is_root: bool) -> bool:
+        """Decide from the fd's own fstat, then change that inode through that fd.
+
+        Returns True when something was written (the caller's stat is then stale)."""
         verdict = self.h.verdict(st.st_mode, st.st_gid)
         kind = verdict.kind.value
         if verdict.kind is Kind.SPECIAL:
             self._skip(stats, rel, kind, "special")
-            return
+            return False
         if verdict.ok:
-            return
+            return False
         if st.st_uid in self.root.protected_owners and not is_root:
             self._skip(stats, rel, kind, "protected", verdict.problems(st.st_gid, st.st_mode))
-            return
+            return False
         stats.violations += 1
         problems = tuple(verdict.problems(st.st_gid, st.st_mode))
         if self.h.dry_run:
             self.h.report(Finding(rel, kind, "would-fix", problems))
-            return
+            return False
         if verdict.gid is not None:
             chgrp_fd(fd, verdict.gid)
             stats.fixed["group"] += 1
@@ -408,6 +452,7 @@ class _Pass:
             stats.fixed["mode"] += 1
         stats.fixed_kinds[kind] += 1
         self.h.report(Finding(rel, kind, "fixed", problems))
+        return True
 
     def _skip(self, stats: HealStats, rel: str, kind: str, reason: str,
               problems: list[str] | None = None) -> None:

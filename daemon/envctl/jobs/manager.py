@@ -26,6 +26,7 @@ from pathlib import Path
 
 from ..config import Config
 from ..errors import Conflict, DaemonUnavailable, EnvctlError, NotAuthorised, ValidationError
+from ..logfields import fields
 from . import layout, procs
 from .backends import backend_named, get_backend
 from .lock import NameLock
@@ -202,7 +203,8 @@ class JobManager:
         self._threads[job.id] = thread
         self._version += 1
         self._cond.notify_all()
-        log.info("job-start id=%s name=%s backend=%s", job.id, job.name, job.backend)
+        log.info("job-start id=%s name=%s backend=%s", job.id, job.name, job.backend,
+                 extra=fields(job=job.id))
         thread.start()
 
     def _execute(self, build: Build) -> None:
@@ -216,7 +218,8 @@ class JobManager:
             self._version += 1
             self._cond.notify_all()
         log.info("job-end id=%s name=%s state=%s seconds=%.1f", job.id, job.name,
-                 outcome.state.value, time.time() - (job.started_at or time.time()))
+                 outcome.state.value, time.time() - (job.started_at or time.time()),
+                 extra=fields(job=job.id))
 
     # -- the API --------------------------------------------------------------------------------
 
@@ -253,7 +256,8 @@ class JobManager:
                 self._state.remove_job_dir(job_id)
                 raise
         log.info("job-submit id=%s name=%s backend=%s uid=%d claimed=%s replace=%s", job_id,
-                 name, job.backend, requester.uid, requester.claimed_user, replace)
+                 name, job.backend, requester.uid, requester.claimed_user, replace,
+                 extra=fields(job=job_id))
         self._notify()
         return job
 
@@ -275,7 +279,8 @@ class JobManager:
                                  finished_at=time.time(), exit_detail=detail):
                 self._version += 1
                 self._cond.notify_all()
-                log.info("job-cancel id=%s by=%d queued", job_id, requester.uid)
+                log.info("job-cancel id=%s by=%d queued", job_id, requester.uid,
+                         extra=fields(job=job_id))
                 return self.store.get(job_id)
             build = self._running.get(job_id)
             if build is None:
@@ -283,7 +288,8 @@ class JobManager:
                 raise Conflict(f"job {job_id} has already ended ({job.state.value})")
             build.abort(State.CANCELLED, detail)
             thread = self._threads[job_id]
-        log.info("job-cancel id=%s by=%d running", job_id, requester.uid)
+        log.info("job-cancel id=%s by=%d running", job_id, requester.uid,
+                 extra=fields(job=job_id))
         thread.join(procs.KILL_GRACE + 10.0)
         return self.store.get(job_id)
 

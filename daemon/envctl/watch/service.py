@@ -8,8 +8,9 @@ files created in it before the watch existed are found by the subtree pass, and 
 after produce events. Losses end in reconciles: an overflow queues the whole root; a watch that
 cannot be added (``max_user_watches``) switches the root to polling with one WARNING line.
 
-Workers only call :class:`envctl.heal.Healer`; an item queued as an *entry* first costs one
-``is_compliant`` lstat, so the echo events of our own chgrp/chmod end there with no write.
+Workers only call :class:`envctl.heal.Healer`; entries come in batches of siblings, each one
+costing one ``fstatat`` when already compliant, so the echo events of our own chgrp/chmod end
+there with no write.
 """
 
 from __future__ import annotations
@@ -24,10 +25,11 @@ from typing import Any
 from ..config import RootConfig, WatchConfig
 from ..errors import FilesystemError
 from ..fsinfo import mount_of
-from ..heal import Healer, HealStats
+from ..heal import Finding, Healer, HealStats
+from ..logfields import fields
 from .inotify import InotifyWatch
 from .poll import Poller
-from .queue import WorkQueue
+from .queue import Item, WorkQueue
 
 log = logging.getLogger("envctl.watch")
 IDLE_TICK = 1.0  # workers wake at least this often, so their heartbeat shows they are alive
@@ -58,8 +60,9 @@ class RootWatcher:
         self.root = root
         self.watch_cfg = watch
         self.queue = WorkQueue()
-        self._healer = Healer(root)  # single entries: serial, no thread start-up cost
-        self._walker = Healer(root, concurrency=concurrency)  # subtrees and reconciles
+        # Entry batches: serial, no thread start-up cost. Subtrees and reconciles: concurrent.
+        self._healer = Healer(root, on_finding=self._finding)
+        self._walker = Healer(root, concurrency=concurrency, on_finding=self._finding)
         self._status = RootStatus()
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -186,26 +189,27 @@ class RootWatcher:
                     return
                 continue
             try:
-                self._heal(*item)
+                self._heal(item)
             except Exception:  # a bug must not kill the worker: log it, keep healing
-                log.exception("heal failed root=%s path=%s", self.root.path, item[0],
-                              extra={"ENVCTL_ROOT": str(self.root.path),
-                                     "ENVCTL_PATH": item[0]})
+                log.exception("heal failed root=%s path=%s", self.root.path, item.rel,
+                              extra=fields(root=self.root.path, path=item.rel))
                 self._status.heals.errors += 1
             finally:
                 self.queue.done()
 
-    def _heal(self, rel: str, subtree: bool) -> None:
-        if not subtree:
-            if self._healer.is_compliant(rel):
-                self._status.echoes += 1
-                return
-            stats = self._healer.run(rel, recursive=False)
-        elif rel == "":
+    def _heal(self, item: Item) -> None:
+        if item.subtree and not item.rel:
             self._reconcile()
             return
+        if item.subtree:
+            stats = self._walker.run(item.rel, recursive=True)
+        elif item.names:
+            # One fstatat per entry; an entry already compliant (mostly the echo of our own
+            # chgrp/chmod) ends there, with no open and no write.
+            stats = self._healer.run_entries(item.rel, list(item.names))
+            self._status.echoes += max(0, len(item.names) - stats.violations)
         else:
-            stats = self._walker.run(rel, recursive=True)
+            stats = self._healer.run("", recursive=False)  # the root directory itself
         self._account(stats)
 
     def _reconcile(self) -> None:
@@ -214,7 +218,7 @@ class RootWatcher:
             stats = self._walker.run("", recursive=True)
         except OSError as exc:
             log.error("reconcile failed root=%s error=%s", self.root.path, exc.strerror,
-                      extra={"ENVCTL_ROOT": str(self.root.path)})
+                      extra=fields(root=self.root.path))
             self._status.heals.errors += 1
             return
         self._account(stats)
@@ -225,7 +229,15 @@ class RootWatcher:
         level = logging.INFO if stats.violations or stats.errors else logging.DEBUG
         log.log(level, "reconcile root=%s scanned=%d fixed=%d errors=%d duration=%.3f",
                 self.root.path, stats.scanned, stats.writes, stats.errors, stats.duration,
-                extra={"ENVCTL_ROOT": str(self.root.path)})
+                extra=fields(root=self.root.path))
+
+    def _finding(self, f: Finding) -> None:
+        """Each entry fixed, skipped or failed, at DEBUG (with ENVCTL_PATH for the journal);
+        compliant entries produce no finding, so this costs nothing on a correct tree."""
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("%s root=%s path=%s kind=%s problems=%s reason=%s", f.action,
+                      self.root.path, f.path, f.kind, ";".join(f.problems), f.reason or "",
+                      extra=fields(root=self.root.path, path=f.path))
 
     def _account(self, stats: HealStats) -> None:
         with self._lock:
