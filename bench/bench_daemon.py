@@ -38,7 +38,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from envctl.config import parse
 from envctl.heal import Healer
 from envctl.watch.poll import Poller
-from envctl.watch.queue import WorkQueue
 
 from bench.common import write_results, writer_account
 from bench.envtree import count_entries, make_template
@@ -189,7 +188,7 @@ def bench_idle(work: Path, w, template: Path, envs: int, idle_s: float) -> dict:
     finally:
         d.stop()
     walk = min(_timed(lambda: Healer(cfg_root).run("")) for _ in range(3))
-    poller = Poller(cfg_root, WorkQueue())
+    poller = Poller(Healer(cfg_root))
     poller.run()  # the first pass records the table
     poll = min(_timed(poller.run) for _ in range(3))
     return {"idle_entries": entries, "ready_s": ready_s, "idle_cpu_pct": 100 * cpu,

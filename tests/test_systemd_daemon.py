@@ -346,9 +346,6 @@ def test_journal_has_structured_fields(site: Site) -> None:
     assert "CODE_FILE" in rooted[0], "not the native journal protocol (stderr fallback?)"
 
 
-@pytest.mark.xfail(strict=True, reason="contract gap: no daemon log record carries ENVCTL_JOB "
-                   "(jobs/) or ENVCTL_PATH (watch/); logsetup.fields() exists but only "
-                   "root= is passed. Remove this marker when they are logged.")
 def test_journal_names_paths_and_jobs(site: Site) -> None:
     """ENVCTL_JOB on a build's records, ENVCTL_PATH on a healed path's (at DEBUG)."""
     site.write_config(level="DEBUG")

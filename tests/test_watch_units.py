@@ -78,27 +78,30 @@ def test_poller_lists_only_changed_directories(accounts: Accounts, scratch: Path
     os.system(f"cp -a {src} {root}/tree && chown -R {accounts.alice.uid} {root}/tree")
     (root / "outside-link").symlink_to(scratch)  # must never be followed
     cfg = _root_cfg(root, accounts.shared_group)
-    Healer(cfg).run("")  # a compliant tree: the poller must queue nothing on it
-    q = WorkQueue()
-    p = Poller(cfg, q)
+    Healer(cfg).run("")  # a compliant tree: the poller must write nothing on it
+    p = Poller(Healer(cfg, concurrency=4))
     first = p.run()
-    assert first.queued == 0 and p.directories == first.dirs > 60
+    assert first.heal.writes == 0 and p.directories == first.dirs == first.listed > 60
     again = p.run()
-    assert (again.listed, again.queued) == (0, 0)
-    assert again.dirs == first.dirs  # the symlink to scratch added nothing
+    assert (again.listed, again.heal.writes, again.dirs) == (0, 0, first.dirs)
+    assert again.heal.scanned == first.dirs  # only directories were looked at
     a = accounts.alice
     time.sleep(0.01)
     as_user(a.uid, a.gid, f"touch {root}/tree/pkg1/mod25/new && mkdir -p {root}/tree/fresh/sub")
     changed = p.run()
     # mod25 and tree changed; fresh and fresh/sub are new (listed to be recorded). No other.
     assert changed.listed == 4
-    assert sorted(_drain(q)) == [Item("tree/fresh", True),
-                                 Item("tree/pkg1/mod25", False, ("new",))]
+    assert find_violations(root, accounts.shared_gid) == []
     as_user(a.uid, a.gid, f"chmod g-w {root}/tree/pkg0")  # a dir's own chmod moves its ctime
-    assert p.run().listed == 1 and _drain(q) == [Item("tree", False, ("pkg0",))]
+    fixed = p.run()
+    assert fixed.heal.writes == 1 and find_violations(root, accounts.shared_gid) == []
+    assert p.run().listed == 0  # the stamp recorded after our own fix: no echo listing
+    as_user(a.uid, a.gid, f"chmod g-w {root}/tree/pkg1/mod25/new")  # a file: invisible here...
+    assert p.run().heal.writes == 0
+    assert p.run(full=True).heal.writes == 1  # ...until the full pass
     os.system(f"rm -rf {root}/tree/pkg2")
     p.run()
-    assert not any(k.startswith("tree/pkg2") for k in p._dirs)
+    assert not any(k.startswith("tree/pkg2") for k in p._stamps)
 
 
 # pytest resets warning filters per test; the daemon's own filter is checked on its stderr

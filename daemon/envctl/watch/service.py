@@ -88,11 +88,9 @@ class RootWatcher:
         if mode in ("auto", "inotify"):
             self._start_inotify()
         if mode == "poll" or (mode == "auto" and mount_of(path).remote):
-            self._poller = Poller(self.root, self.queue)
+            self._poller = Poller(self._walker)
         if self._degrade.is_set():
             self._fall_back_to_polling()
-        if self._poller is not None:
-            self._poller.run()  # records the directory table before the reconcile
         self._update_mode()
         self._reconcile()
         n = self.watch_cfg.workers
@@ -162,7 +160,7 @@ class RootWatcher:
             self._inotify.stop()
             self._inotify = None
         if self._poller is None:
-            self._poller = Poller(self.root, self.queue)
+            self._poller = Poller(self._walker)
         log.warning("inotify watch limit reached root=%s watches=%d action=poll "
                     "poll_interval=%s hint=raise fs.inotify.max_user_watches",
                     self.root.path, watches, self.watch_cfg.poll_interval)
@@ -213,9 +211,12 @@ class RootWatcher:
         self._account(stats)
 
     def _reconcile(self) -> None:
-        """A full pass over the root: at start, after an overflow, and periodically."""
+        """A full pass over the root: at start, after an overflow, and periodically.
+
+        With a poller, the pass goes through it, so that it also refreshes its table."""
         try:
-            stats = self._walker.run("", recursive=True)
+            stats = (self._poller.run(full=True).heal if self._poller is not None
+                     else self._walker.run("", recursive=True))
         except OSError as exc:
             log.error("reconcile failed root=%s error=%s", self.root.path, exc.strerror,
                       extra=fields(root=self.root.path))
@@ -252,8 +253,7 @@ class RootWatcher:
             self._beats[idx] = now = time.monotonic()
             if self._degrade.is_set():
                 self._fall_back_to_polling()
-                self._poller.run()  # type: ignore[union-attr]  # record the table, then...
-                self.queue.put("", subtree=True)  # ...reconcile what the lost watches missed
+                self.queue.put("", subtree=True)  # reconcile what the lost watches missed
                 self._update_mode()
             if self._poller is not None and now >= next_poll:
                 self._poll()
@@ -271,11 +271,12 @@ class RootWatcher:
         except OSError as exc:
             log.error("poll failed root=%s error=%s", self.root.path, exc.strerror)
             return
+        self._account(ps.heal)
         self._status.poll_passes += 1
         self._status.last_poll_duration = ps.duration
-        if ps.queued:
-            log.debug("poll root=%s dirs=%d listed=%d queued=%d duration=%.3f",
-                      self.root.path, ps.dirs, ps.listed, ps.queued, ps.duration)
+        if ps.heal.violations:
+            log.debug("poll root=%s dirs=%d listed=%d fixed=%d duration=%.3f",
+                      self.root.path, ps.dirs, ps.listed, ps.heal.writes, ps.duration)
 
     # -- what the daemon reads -----------------------------------------------------------------
 
