@@ -41,11 +41,13 @@ ENVCTLD = str(VENV_BIN / "envctld")
 def write_config(directory: Path, roots: list[tuple[Path, str]], *, name: str = "envctld.yaml",
                  others: str = "keep", watch: dict[str, Any] | None = None,
                  extra: dict[str, Any] | None = None) -> Path:
-    """A daemon config in ``directory`` watching ``roots`` [(path, group)], requests off."""
+    """A daemon config in ``directory`` watching ``roots`` [(path, group)], requests off,
+    its socket (status only) in ``directory``."""
     data: dict[str, Any] = {
         "roots": [{"path": str(p), "group": g, "others": others} for p, g in roots],
         "watch": {"poll_interval": 1, "status_interval": 60, **(watch or {})},
         "requests": {"enabled": False},
+        "socket": {"path": str(directory / "envctld.sock")},
         "logging": {"level": "INFO"},
     }
     data.update(extra or {})

@@ -86,7 +86,7 @@ def test_status_is_json_and_counts_what_was_healed(accounts: Accounts, scratch: 
     a = accounts.alice
     as_user(a.uid, a.gid, f"mkdir -p {root}/x/y && touch {root}/x/y/f {root}/x/g")
     cfg = parse({"roots": [{"path": str(root), "group": accounts.shared_group}],
-                 "requests": {"enabled": False}})
+                 "requests": {"enabled": False}, "socket": {"path": str(scratch / "s.sock")}})
     d = Daemon(cfg)
     d.start()
     try:

@@ -136,13 +136,15 @@ class Server:
         for thread in conns.values():
             thread.join(max(0.0, deadline - time.monotonic()))
 
-    def reload(self, config: Config) -> None:
-        """Limits and authorisation lists apply to the next request; the socket's path, mode and
-        group are fixed until a restart (it is already bound and may be inherited)."""
+    def reload(self, config: Config, jobs: JobManager | None) -> None:
+        """Limits, authorisation lists and the job manager (requests switched on or off) apply
+        to the next request; the socket's path, mode and group are fixed until a restart (it
+        is already bound and may be inherited)."""
         if config.socket != self.config.socket:
             log.warning("api socket settings changed; they take effect at the next restart")
         self.config = config
         self.handlers.reload(config)
+        self.handlers.jobs = jobs
 
     def heartbeat(self) -> float:
         return self._beat

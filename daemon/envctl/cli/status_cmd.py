@@ -3,7 +3,8 @@
 Why exit codes matter here: this command is the readiness/liveness probe of a Kubernetes or
 systemd deployment. 0 = the daemon answered; 69 (EX_UNAVAILABLE) = nobody is listening (or the
 daemon hung up); 77 (EX_NOPERM) = the socket's permissions keep us out; 75 (EX_TEMPFAIL) = the
-daemon answered but says it is not ready yet (``ready: false``, e.g. its first scan is running).
+daemon answered but says it is not ready yet (``ready: false``, e.g. its first scan is running)
+or shows no progress for ``--stale`` seconds (a wedged worker: the liveness probe's signal).
 This module also owns the socket option and the client factory that ``request_cmd`` shares,
 because both command groups reach the daemon the same way.
 """
@@ -11,6 +12,7 @@ because both command groups reach the daemon the same way.
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from typing import Any
 
@@ -40,6 +42,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[
     p.add_argument("--json", action="store_true", help="print the daemon's status as JSON")
     p.add_argument("--timeout", type=float, default=10.0, metavar="SECONDS",
                    help="give up waiting for an answer after this long (default 10)")
+    p.add_argument("--stale", type=float, default=300.0, metavar="SECONDS",
+                   help="exit 75 when the daemon has shown no progress for this long "
+                   "(a wedged worker; default 300)")
     p.set_defaults(func=run)
 
 
@@ -50,7 +55,14 @@ def run(args: argparse.Namespace) -> int:
         emit_json(data)
     else:
         print(render(data))
-    return EX_TEMPFAIL if data.get("ready") is False else EX_OK
+    if data.get("ready") is False:
+        return EX_TEMPFAIL
+    age = data.get("progress_age_s")
+    if isinstance(age, (int, float)) and age > args.stale:
+        print(f"envctl: daemon shows no progress for {age:.0f}s (limit {args.stale:.0f}s): "
+              "wedged", file=sys.stderr)
+        return EX_TEMPFAIL
+    return EX_OK
 
 
 def render(data: dict[str, Any]) -> str:

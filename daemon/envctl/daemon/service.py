@@ -34,7 +34,7 @@ class _Jobs(Protocol):
 class _Server(Protocol):
     def start(self, listen_sock: socket.socket | None) -> None: ...
     def stop(self) -> None: ...
-    def reload(self, config: Config) -> None: ...
+    def reload(self, config: Config, jobs: Any) -> None: ...
     def heartbeat(self) -> float: ...
 
 
@@ -65,8 +65,8 @@ class Daemon:
         check_roots(self.config)
         for root in self.config.roots:
             self._start_root(root)
-        if self.config.requests.enabled:
-            self._jobs, self._server = _start_requests(self.config, self.status, listen_sock)
+        self._jobs = _start_jobs(self.config) if self.config.requests.enabled else None
+        self._server = _start_server(self.config, self._jobs, self.status, listen_sock)
         self.ready = True
 
     def _start_root(self, root: RootConfig) -> None:
@@ -96,9 +96,6 @@ class Daemon:
     def reload(self, new: Config) -> None:
         """Apply ``new`` as a diff; raises (before changing anything) if it cannot be used."""
         check_roots(new)
-        if new.requests.enabled and self._jobs is None:
-            raise ConfigError(f"{new.source}: enabling requests needs a restart",
-                              hint="systemctl restart envctld")
         same_watch = (new.watch, new.walk) == (self.config.watch, self.config.walk)
         wanted = {str(r.path): r for r in new.roots}
         for path, watcher in list(self._roots.items()):
@@ -114,16 +111,15 @@ class Daemon:
                 except EnvctlError as exc:
                     log.error("cannot watch root=%s error=%s", path, exc.message,
                               extra=fields(root=path))
-        if not new.requests.enabled and self._server is not None:
-            self._server.stop()  # requests switched off: close the socket, let builds finish
-            self._server = None
         if not new.requests.enabled and self._jobs is not None:
-            self._jobs.stop(10.0)
+            self._jobs.stop(10.0)  # switched off: running builds end as interrupted
             self._jobs = None
-        if self._jobs is not None:
+        elif new.requests.enabled and self._jobs is None:
+            self._jobs = _start_jobs(new)
+        elif self._jobs is not None:
             self._jobs.reload(new)
         if self._server is not None:
-            self._server.reload(new)
+            self._server.reload(new, self._jobs)
 
     # -- what systemd, the API and the log see -------------------------------------------------
 
@@ -141,6 +137,9 @@ class Daemon:
             "ready": self.ready,
             "config": self.config.source,
             "uptime_s": round(time.time() - self._started, 1),
+            # Seconds since the stalest worker, poller or server loop showed progress: what a
+            # liveness probe without systemd's watchdog (Kubernetes) judges a wedge by.
+            "progress_age_s": round(time.monotonic() - self.heartbeat(), 1),
             "roots": [w.status(watches) for w in self._roots.values()],
             "jobs": self._jobs.counts() if self._jobs is not None else None,
         }
@@ -172,19 +171,26 @@ class Daemon:
                      r["last_full_duration"] or 0.0, extra=fields(root=r["path"]))
 
 
-def _start_requests(config: Config, status: Any,
-                    listen_sock: socket.socket | None) -> tuple[_Jobs, _Server]:
-    """Create and start the job manager and the API server (imported here: the only place
-    the daemon depends on the request side, which a heal-only deployment never loads)."""
-    from ..api.server import Server
+def _start_jobs(config: Config) -> _Jobs:
+    """The job manager (imported here: a heal-only daemon never loads the build side)."""
     from ..jobs.manager import JobManager
 
     jobs = JobManager(config)
     jobs.start()
-    server = Server(config, jobs, status)
+    return jobs
+
+
+def _start_server(config: Config, jobs: _Jobs | None, status: Any,
+                  listen_sock: socket.socket | None) -> _Server:
+    """The API server, always: even a heal-only daemon answers ``status`` (the probes use it);
+    with requests disabled, job ops get a clear "requests are disabled" error."""
+    from ..api.server import Server
+
+    server = Server(config, jobs, status)  # type: ignore[arg-type]
     try:
         server.start(listen_sock)
     except BaseException:
-        jobs.stop(5.0)
+        if jobs is not None:
+            jobs.stop(5.0)
         raise
-    return jobs, server
+    return server

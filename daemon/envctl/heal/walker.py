@@ -113,8 +113,12 @@ class Healer:
     """Heals (or, with ``dry_run``, only inspects) one root according to its policy."""
 
     def __init__(self, root: RootConfig, *, dry_run: bool = False, concurrency: int = 1,
-                 on_finding: FindingSink | None = None) -> None:
+                 on_finding: FindingSink | None = None,
+                 on_progress: Callable[[], None] | None = None) -> None:
+        """``on_progress`` is called (from any walk thread) for every directory visited: the
+        daemon's liveness signal during long passes, so a watchdog tells slow from wedged."""
         self.root = root
+        self.on_progress = on_progress
         self.dry_run = dry_run
         self.concurrency = max(1, concurrency)
         self._on_finding = on_finding
@@ -319,6 +323,8 @@ class _Pass:
                 self._error(stats, rel, "dir", exc)
             return
         ref = _DirRef(fd, rel)
+        if self.h.on_progress is not None:
+            self.h.on_progress()
         try:
             st = os.fstat(fd)
             stats.scanned += 1

@@ -62,7 +62,9 @@ class RootWatcher:
         self.queue = WorkQueue()
         # Entry batches: serial, no thread start-up cost. Subtrees and reconciles: concurrent.
         self._healer = Healer(root, on_finding=self._finding)
-        self._walker = Healer(root, concurrency=concurrency, on_finding=self._finding)
+        self._walker = Healer(root, concurrency=concurrency, on_finding=self._finding,
+                              on_progress=self._walk_progressed)
+        self._walk_beat = time.monotonic()  # last directory any walk of this root visited
         self._status = RootStatus()
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -72,6 +74,7 @@ class RootWatcher:
         self._poller: Poller | None = None
         self._threads: list[threading.Thread] = []
         self._beats: list[float] = []
+        self._busy: list[bool] = []  # per thread: inside a heal or a poll pass
         self._wedge_after = wedge_after
         self._started = time.monotonic()
         self._last_overflow_log = 0.0
@@ -95,6 +98,7 @@ class RootWatcher:
         self._reconcile()
         n = self.watch_cfg.workers
         self._beats = [time.monotonic()] * (n + 1)
+        self._busy = [False] * (n + 1)
         for i in range(n):
             self._spawn(f"envctl-heal-{i}", self._work, i)
         self._spawn("envctl-maint", self._maintain, n)
@@ -186,6 +190,7 @@ class RootWatcher:
                 if self.queue.closed:
                     return
                 continue
+            self._busy[idx] = True
             try:
                 self._heal(item)
             except Exception:  # a bug must not kill the worker: log it, keep healing
@@ -193,7 +198,11 @@ class RootWatcher:
                               extra=fields(root=self.root.path, path=item.rel))
                 self._status.heals.errors += 1
             finally:
+                self._busy[idx] = False
                 self.queue.done()
+
+    def _walk_progressed(self) -> None:
+        self._walk_beat = time.monotonic()
 
     def _heal(self, item: Item) -> None:
         if item.subtree and not item.rel:
@@ -256,7 +265,11 @@ class RootWatcher:
                 self.queue.put("", subtree=True)  # reconcile what the lost watches missed
                 self._update_mode()
             if self._poller is not None and now >= next_poll:
-                self._poll()
+                self._busy[idx] = True
+                try:
+                    self._poll()
+                finally:
+                    self._busy[idx] = False
                 next_poll = time.monotonic() + self.watch_cfg.poll_interval
             if now >= next_full:
                 self.queue.put("", subtree=True)
@@ -281,8 +294,14 @@ class RootWatcher:
     # -- what the daemon reads -----------------------------------------------------------------
 
     def heartbeat(self) -> float:
-        """Monotonic time of the stalest thread's last sign of progress."""
-        return min(self._beats) if self._beats else time.monotonic()
+        """Monotonic time of the stalest thread's last sign of progress.
+
+        A worker inside a long pass (a full reconcile of a big NFS root) shows progress through
+        its walk, which reports every directory it visits: slow is alive, wedged is not."""
+        if not self._beats:
+            return time.monotonic()
+        return min(max(beat, self._walk_beat) if busy else beat
+                   for beat, busy in zip(self._beats, self._busy))
 
     def status(self, watches: bool = True) -> dict[str, Any]:
         """JSON-ready counters of this root; ``watches=False`` skips counting the kernel's
