@@ -14,7 +14,7 @@ import pytest
 
 from bench.slowfs import slowfs
 from envctl.config import RootConfig
-from envctl.fsinfo import default_concurrency, mount_of
+from envctl.fsinfo import mount_of, walk_concurrency
 from envctl.heal import Healer
 
 from .conftest import Accounts
@@ -33,8 +33,9 @@ def test_fuse_detected_as_remote_and_walked_concurrently(scratch: Path) -> None:
     backing.mkdir()
     with slowfs(backing, scratch / "m", 0.2) as mnt:
         assert mount_of(mnt).fstype.startswith("fuse")
-        assert mount_of(mnt).remote and default_concurrency(mnt) == 16
-    assert not mount_of(scratch).remote and default_concurrency(scratch) == 1
+        assert mount_of(mnt).remote and walk_concurrency(mnt) == 16
+        assert walk_concurrency(mnt, 4) == 4
+    assert not mount_of(scratch).remote and walk_concurrency(scratch, 32) == 1
 
 
 def test_concurrency_1_and_32_identical_through_slowfs(scratch: Path,

@@ -17,7 +17,7 @@ from typing import Any, Protocol
 
 from ..config import Config, RootConfig
 from ..errors import ConfigError, EnvctlError
-from ..fsinfo import default_concurrency
+from ..fsinfo import walk_concurrency
 from ..logfields import fields
 from ..watch import RootWatcher
 
@@ -70,7 +70,7 @@ class Daemon:
         self.ready = True
 
     def _start_root(self, root: RootConfig) -> None:
-        concurrency = self.config.walk.concurrency or default_concurrency(root.path)
+        concurrency = walk_concurrency(root.path, self.config.walk.concurrency)
         watcher = RootWatcher(root, self.config.watch, concurrency, self._wedge_after)
         t0 = time.monotonic()
         watcher.start()

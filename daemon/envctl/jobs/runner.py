@@ -34,7 +34,7 @@ from pathlib import Path
 
 from ..config import Config
 from ..errors import BuildFailed, Conflict, EnvctlError
-from ..fsinfo import default_concurrency
+from ..fsinfo import walk_concurrency
 from ..heal import Healer
 from . import layout, procs
 from .backends import PHASE_MARK, PHASES, BuildContext, get_backend
@@ -275,7 +275,7 @@ class Build:
         may well be excluded by the admin).
         """
         root = replace(self.config.requests_root, exclude=())
-        workers = self.config.walk.concurrency or default_concurrency(root.path)
+        workers = walk_concurrency(root.path, self.config.walk.concurrency)
         stats = Healer(root, concurrency=workers).run(rel)
         left = Healer(root, dry_run=True, concurrency=workers).run(rel)
         self.say(f"healed {rel}: scanned={stats.scanned} fixed={stats.writes} "
