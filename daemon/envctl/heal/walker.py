@@ -359,8 +359,11 @@ class _Pass:
         """
         concurrent = self.h.concurrency > 1
         excluded = self.h.excluded if self.root.exclude else None
+        verdicts = self.h._verdicts
+        is_dir_mode = stat.S_ISDIR
         batch: list[str] = []
         subdirs: list[str] = []
+        quick = 0  # entries the serial fast path found correct
         with os.scandir(ref.fd) as it:
             for entry in it:
                 name = entry.name
@@ -380,7 +383,18 @@ class _Pass:
                         self._push(_EntriesTask(ref.acquire(), batch))
                         batch = []
                 else:
+                    # Serial fast path: the DirEntry's own fstatat and a memoised verdict; only
+                    # an entry needing attention (or not judged before) goes to _inspect.
+                    try:
+                        st = entry.stat(follow_symlinks=False)
+                        verdict = verdicts.get((st.st_mode, st.st_gid))
+                        if verdict is not None and verdict.ok and not is_dir_mode(st.st_mode):
+                            quick += 1
+                            continue
+                    except OSError:
+                        pass  # vanished or unreadable: _inspect counts it
                     self._inspect(ref, name, stats)
+        stats.scanned += quick
         if batch:
             self._push(_EntriesTask(ref.acquire(), batch))
         return subdirs
