@@ -8,6 +8,8 @@ there, so walks should be concurrent. On a local disk neither is worth its cost.
 from __future__ import annotations
 
 import os
+import select
+import threading
 from dataclasses import dataclass
 
 # Filesystem types where inotify misses writes made elsewhere and metadata calls are remote.
@@ -59,6 +61,54 @@ def mount_of(path: str | os.PathLike[str], mountinfo: str = "/proc/self/mountinf
             if inside and len(point) >= len(best.mount_point):
                 best = MountInfo(point, fstype)
     return best
+
+
+class MountWatch:
+    """The mount points of this process, re-read only when the kernel says they changed.
+
+    Why: a same-device bind mount inside a root is invisible to ``st_dev``; only the mount id
+    (``statx``) tells, at a syscall per entry. Asking instead "is anything mounted below this
+    root?" costs one ``poll`` per pass: /proc/self/mountinfo raises POLLPRI when the mount
+    table changes. Most roots have no mount below them, and their walks skip the mount ids.
+    """
+
+    def __init__(self, mountinfo: str = "/proc/self/mountinfo") -> None:
+        self._fh = open(mountinfo, "rb", buffering=0)  # noqa: SIM115 (kept open: polled)
+        self._poll = select.poll()
+        self._poll.register(self._fh.fileno(), select.POLLPRI | select.POLLERR)
+        self._lock = threading.Lock()
+        self._poll.poll(0)  # consume the event pending since open
+        self._points = self._read()
+
+    def _read(self) -> tuple[str, ...]:
+        self._fh.seek(0)
+        chunks = []
+        while chunk := self._fh.read(65536):
+            chunks.append(chunk)
+        lines = b"".join(chunks).decode("utf-8", "replace").splitlines()
+        return tuple(_unescape(line.split()[4]) for line in lines if line)
+
+    def any_below(self, path: str) -> bool:
+        """True when some mount point lies strictly below the real path ``path``."""
+        with self._lock:
+            if self._poll.poll(0):
+                self._points = self._read()
+            points = self._points
+        prefix = path.rstrip("/") + "/"
+        return any(p.startswith(prefix) for p in points)
+
+
+_watch: MountWatch | None = None
+_watch_lock = threading.Lock()
+
+
+def mounts_below(path: str) -> bool:
+    """``MountWatch.any_below`` on the process-wide watch (created on first use)."""
+    global _watch
+    with _watch_lock:
+        if _watch is None:
+            _watch = MountWatch()
+    return _watch.any_below(path)
 
 
 def walk_concurrency(path: str | os.PathLike[str], configured: int | None = None) -> int:

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from typing import Callable, Protocol, Sequence
 
 from ..config import RootConfig
+from ..fsinfo import mounts_below
 from ..policy import Kind, Verdict, judge
 from .fsops import DIR_FLAGS, PATH_FLAGS, chgrp_fd, chmod_fd, mount_id
 from .stats import Finding, FindingSink, HealStats
@@ -124,6 +125,7 @@ class Healer:
         self._on_finding = on_finding
         self._report_lock = threading.Lock()
         self.excluded = compile_excludes(root.exclude)
+        self.real_root = os.path.realpath(root.path)
         self._verdicts: dict[tuple[int, int], Verdict] = {}
 
     def verdict(self, st_mode: int, st_gid: int) -> Verdict:
@@ -163,6 +165,11 @@ class Healer:
 
     # -- reporting (called from worker threads) ------------------------------------------
 
+    @property
+    def reporting(self) -> bool:
+        """Whether anyone listens for findings (building them costs string formatting)."""
+        return self._on_finding is not None
+
     def report(self, finding: Finding) -> None:
         if self._on_finding is not None:
             with self._report_lock:
@@ -181,6 +188,7 @@ class _Pass:
         self.pending = 0
         self.root_dev = -1
         self.root_mnt: int | None = None
+        self.check_mounts = True  # False when nothing is mounted below the root
         self.totals = HealStats()
 
     # -- driving ---------------------------------------------------------------------------
@@ -193,6 +201,7 @@ class _Pass:
         try:
             st = os.fstat(root_fd)
             self.root_dev, self.root_mnt = st.st_dev, mount_id(root_fd)
+            self.check_mounts = mounts_below(self.h.real_root)
             first = self._resolve(root_ref, rel, recursive, stats, names)
         finally:
             root_ref.release()
@@ -303,6 +312,8 @@ class _Pass:
     def _same_fs(self, st: os.stat_result, fd: int) -> bool:
         if st.st_dev != self.root_dev:
             return False
+        if not self.check_mounts:
+            return True
         mnt = mount_id(fd)
         return mnt is None or self.root_mnt is None or mnt == self.root_mnt
 
@@ -387,23 +398,26 @@ class _Pass:
                     # an entry needing attention (or not judged before) goes to _inspect.
                     try:
                         st = entry.stat(follow_symlinks=False)
-                        verdict = verdicts.get((st.st_mode, st.st_gid))
-                        if verdict is not None and verdict.ok and not is_dir_mode(st.st_mode):
-                            quick += 1
-                            continue
                     except OSError:
-                        pass  # vanished or unreadable: _inspect counts it
-                    self._inspect(ref, name, stats)
+                        self._inspect(ref, name, stats)  # vanished or unreadable: counted there
+                        continue
+                    verdict = verdicts.get((st.st_mode, st.st_gid))
+                    if verdict is not None and verdict.ok and not is_dir_mode(st.st_mode):
+                        quick += 1
+                        continue
+                    self._inspect(ref, name, stats, st=st)
         stats.scanned += quick
         if batch:
             self._push(_EntriesTask(ref.acquire(), batch))
         return subdirs
 
     def _inspect(self, parent: _DirRef, name: str, stats: HealStats,
-                 descend: bool = True) -> None:
-        """Judge a non-directory entry by ``fstatat``; open and fix it only when wrong."""
+                 descend: bool = True, st: os.stat_result | None = None) -> None:
+        """Judge a non-directory entry by ``fstatat`` (``st``: already done by the lister);
+        open and fix it only when wrong."""
         try:
-            st = os.stat(name, dir_fd=parent.fd, follow_symlinks=False)
+            if st is None:
+                st = os.stat(name, dir_fd=parent.fd, follow_symlinks=False)
         except FileNotFoundError:
             stats.skipped["vanished"] += 1
             return
@@ -455,29 +469,34 @@ class _Pass:
         if verdict.ok:
             return False
         if st.st_uid in self.root.protected_owners and not is_root:
-            self._skip(stats, rel, kind, "protected", verdict.problems(st.st_gid, st.st_mode))
+            self._skip(stats, rel, kind, "protected",
+                       lambda: verdict.problems(st.st_gid, st.st_mode))
             return False
         stats.violations += 1
-        problems = tuple(verdict.problems(st.st_gid, st.st_mode))
+        problems = tuple(verdict.problems(st.st_gid, st.st_mode)) if self.h.reporting else ()
         if self.h.dry_run:
             self.h.report(Finding(rel, kind, "would-fix", problems))
             return False
         if verdict.gid is not None:
             chgrp_fd(fd, verdict.gid)
             stats.fixed["group"] += 1
-            st = os.fstat(fd)  # chown clears setuid/setgid on files: judge the bits afresh
-            verdict = self.h.verdict(st.st_mode, st.st_gid)
+            if st.st_mode & (stat.S_ISUID | stat.S_ISGID) and not is_dir_fd:
+                st = os.fstat(fd)  # chown cleared setuid/setgid: judge the bits afresh
+            verdict = self.h.verdict(st.st_mode, verdict.gid)
         if verdict.mode is not None:
             chmod_fd(fd, verdict.mode, is_dir_fd)
             stats.fixed["mode"] += 1
         stats.fixed_kinds[kind] += 1
-        self.h.report(Finding(rel, kind, "fixed", problems))
+        if self.h.reporting:
+            self.h.report(Finding(rel, kind, "fixed", problems))
         return True
 
     def _skip(self, stats: HealStats, rel: str, kind: str, reason: str,
-              problems: list[str] | None = None) -> None:
+              problems: Callable[[], list[str]] | None = None) -> None:
         stats.skipped[reason] += 1
-        self.h.report(Finding(rel, kind, "skipped", tuple(problems or ()), reason))
+        if self.h.reporting:
+            self.h.report(Finding(rel, kind, "skipped", tuple(problems() if problems else ()),
+                                  reason))
 
     def _error(self, stats: HealStats, rel: str, kind: str, exc: OSError) -> None:
         stats.errors += 1
