@@ -26,6 +26,7 @@ import logging
 import os
 import shutil
 import stat
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -94,6 +95,9 @@ class RootArea:
 
     def path(self, *parts: str) -> Path:
         return self.root.joinpath(AREA, *parts)
+
+
+_CACHE_LOCK = threading.Lock()
 
 
 def make_owned_dir(parent_fd: int, name: str, uid: int, gid: int, mode: int) -> None:
@@ -205,8 +209,11 @@ class StateDir:
         name = f"cache-{uid}"
         fd = os.open(self.path, DIR_FLAGS)
         try:
-            if not exists(fd, name):
-                make_owned_dir(fd, name, uid, gid, 0o700)
+            # Two builds of one uid may start together: the lock keeps the second from seeing
+            # the directory between its mkdir and its chown.
+            with _CACHE_LOCK:
+                if not exists(fd, name):
+                    make_owned_dir(fd, name, uid, gid, 0o700)
             st = os.stat(name, dir_fd=fd, follow_symlinks=False)
             if not stat.S_ISDIR(st.st_mode) or st.st_uid != uid:
                 raise FilesystemError(f"{self.path / name} is not a directory owned by uid {uid}",
