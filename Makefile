@@ -29,7 +29,9 @@ deps: apt venv
 
 # Run the daemon in the foreground on the embedded demo config: root, socket, state under ./var/.
 # config/dev.yaml is rendered into var/ (its ./ paths are relative to the rendered file).
-run: venv
+run:
+	@$(MAKE) --no-print-directory apt APT_PACKAGES=python3-venv
+	@$(MAKE) --no-print-directory venv
 	@mkdir -p var/envs var/state var/run
 	sed "s/@GROUP@/$$(id -gn)/" config/dev.yaml > var/dev.yaml
 	$(BIN)/envctld --config var/dev.yaml
@@ -37,8 +39,11 @@ run: venv
 test: deps
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
+# Full benchmarks (tables under bench/results/); each takes minutes. `--quick` runs are in the tests.
 bench: deps
-	$(BIN)/python bench/run_all.py
+	$(BIN)/python bench/bench_heal.py
+	$(BIN)/python bench/bench_daemon.py
+	$(BIN)/python bench/bench_api.py
 
 # Install system-wide (root): venv /opt/envctl from $(PYTHON), units, sysusers/tmpfiles, config
 # if absent, daemon-reload. Does not start anything; see docs/systemd.md.
