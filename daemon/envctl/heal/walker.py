@@ -155,14 +155,6 @@ class Healer:
         ``parent`` once: the daemon's batches of event paths cost what a walk pays per entry."""
         return _Pass(self).run(parent, False, names)
 
-    def is_compliant(self, rel: str) -> bool:
-        """One ``lstat`` and no write: the daemon's cheap check for its own echo events."""
-        try:
-            st = os.lstat(self.root.path / rel)
-        except OSError:
-            return True  # gone: nothing to heal
-        return judge(st.st_mode, st.st_gid, self.root).ok
-
     # -- reporting (called from worker threads) ------------------------------------------
 
     @property
