@@ -47,29 +47,14 @@ def _unescape(field: str) -> str:
     return "".join(out)
 
 
-def mount_of(path: str | os.PathLike[str], mountinfo: str = "/proc/self/mountinfo") -> MountInfo:
-    """The innermost mount containing ``path`` (resolved), by longest mount-point prefix."""
-    target = os.path.realpath(path)
-    best = MountInfo("/", "unknown")
-    with open(mountinfo, encoding="utf-8") as fh:
-        for line in fh:
-            fields = line.split()
-            sep = fields.index("-")
-            point = _unescape(fields[4])
-            fstype = fields[sep + 1]
-            inside = target == point or target.startswith(point.rstrip("/") + "/")
-            if inside and len(point) >= len(best.mount_point):
-                best = MountInfo(point, fstype)
-    return best
-
-
 class MountWatch:
-    """The mount points of this process, re-read only when the kernel says they changed.
+    """The mount table of this process, re-read only when the kernel says it changed.
 
     Why: a same-device bind mount inside a root is invisible to ``st_dev``; only the mount id
     (``statx``) tells, at a syscall per entry. Asking instead "is anything mounted below this
     root?" costs one ``poll`` per pass: /proc/self/mountinfo raises POLLPRI when the mount
     table changes. Most roots have no mount below them, and their walks skip the mount ids.
+    The same table answers which filesystem a root is on (``mount_of``).
     """
 
     def __init__(self, mountinfo: str = "/proc/self/mountinfo") -> None:
@@ -78,37 +63,57 @@ class MountWatch:
         self._poll.register(self._fh.fileno(), select.POLLPRI | select.POLLERR)
         self._lock = threading.Lock()
         self._poll.poll(0)  # consume the event pending since open
-        self._points = self._read()
+        self._mounts = self._read()
 
-    def _read(self) -> tuple[str, ...]:
+    def _read(self) -> tuple[MountInfo, ...]:
         self._fh.seek(0)
         chunks = []
         while chunk := self._fh.read(65536):
             chunks.append(chunk)
-        lines = b"".join(chunks).decode("utf-8", "replace").splitlines()
-        return tuple(_unescape(line.split()[4]) for line in lines if line)
+        mounts = []
+        for line in b"".join(chunks).decode("utf-8", "replace").splitlines():
+            fields = line.split()
+            if fields:
+                mounts.append(MountInfo(_unescape(fields[4]), fields[fields.index("-") + 1]))
+        return tuple(mounts)
 
-    def any_below(self, path: str) -> bool:
-        """True when some mount point lies strictly below the real path ``path``."""
+    def mounts(self) -> tuple[MountInfo, ...]:
+        """The current table (re-read when the kernel signalled a change)."""
         with self._lock:
             if self._poll.poll(0):
-                self._points = self._read()
-            points = self._points
-        prefix = path.rstrip("/") + "/"
-        return any(p.startswith(prefix) for p in points)
+                self._mounts = self._read()
+            return self._mounts
 
 
 _watch: MountWatch | None = None
 _watch_lock = threading.Lock()
 
 
-def mounts_below(path: str) -> bool:
-    """``MountWatch.any_below`` on the process-wide watch (created on first use)."""
+def _table() -> tuple[MountInfo, ...]:
+    """The process-wide MountWatch's table (the watch is created on first use)."""
     global _watch
     with _watch_lock:
         if _watch is None:
             _watch = MountWatch()
-    return _watch.any_below(path)
+    return _watch.mounts()
+
+
+def mounts_below(path: str) -> bool:
+    """True when some mount point lies strictly below the real path ``path``."""
+    prefix = path.rstrip("/") + "/"
+    return any(m.mount_point.startswith(prefix) for m in _table())
+
+
+def mount_of(path: str | os.PathLike[str]) -> MountInfo:
+    """The innermost mount containing ``path`` (resolved), by longest mount-point prefix."""
+    target = os.path.realpath(path)
+    best = MountInfo("/", "unknown")
+    for m in _table():
+        point = m.mount_point
+        inside = target == point or target.startswith(point.rstrip("/") + "/")
+        if inside and len(point) >= len(best.mount_point):
+            best = m
+    return best
 
 
 def walk_concurrency(path: str | os.PathLike[str], configured: int | None = None) -> int:
