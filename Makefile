@@ -4,7 +4,9 @@
 PYTHON ?= /usr/bin/python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
-APT_PACKAGES := python3-venv bindfs fuse3 libfuse2 inotify-tools strace libsystemd-dev pkg-config systemd-container tini
+# gcc + python3-dev build the healer's C extension (envctl/heal/_fastfs.c) at install time.
+BUILD_PACKAGES := python3-venv python3-dev gcc
+APT_PACKAGES := $(BUILD_PACKAGES) bindfs fuse3 libfuse2 inotify-tools strace libsystemd-dev pkg-config systemd-container tini
 PYTEST_ARGS ?=
 
 .PHONY: run test deps venv apt bench clean install
@@ -30,7 +32,7 @@ deps: apt venv
 # Run the daemon in the foreground on the embedded demo config: root, socket, state under ./var/.
 # config/dev.yaml is rendered into var/ (its ./ paths are relative to the rendered file).
 run:
-	@$(MAKE) --no-print-directory apt APT_PACKAGES=python3-venv
+	@$(MAKE) --no-print-directory apt APT_PACKAGES="$(BUILD_PACKAGES)"
 	@$(MAKE) --no-print-directory venv
 	@mkdir -p var/envs var/state var/run
 	sed "s/@GROUP@/$$(id -gn)/" config/dev.yaml > var/dev.yaml
@@ -48,7 +50,8 @@ bench: deps
 # Install system-wide (root): venv /opt/envctl from $(PYTHON), units, sysusers/tmpfiles, config
 # if absent, daemon-reload. Does not start anything; see docs/systemd.md.
 install:
+	@$(MAKE) --no-print-directory apt APT_PACKAGES="$(BUILD_PACKAGES)"
 	PYTHON=$(PYTHON) sh scripts/install.sh
 
 clean:
-	rm -rf var .pytest_cache
+	rm -rf var .pytest_cache build daemon/envctl/heal/*.so

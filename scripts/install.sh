@@ -11,6 +11,7 @@
 # then `systemctl daemon-reload`. It does not enable or start anything: the config and the
 # roots' ReadWritePaths= drop-in must be right first (the script prints the next steps).
 #
+# Needs a C compiler and the Python headers (gcc, python3-dev): the healer has a C extension.
 # Environment: PYTHON (default /usr/bin/python3), PREFIX (default /opt/envctl), ENVCTL_PIP_ARGS
 # (extra pip arguments, e.g. "--no-index --find-links /srv/wheelhouse" on an offline host).
 set -eu

@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Literal, TypeVar
 
-import yaml
 
 from .errors import ConfigError
 
@@ -24,6 +23,7 @@ Others = Literal["keep", "none", "read"]
 WatchMode = Literal["auto", "inotify", "poll"]
 BACKENDS = ("rattler", "venv", "conda", "mamba", "micromamba")
 DEFAULT_SOCKET = "/run/envctl/envctld.sock"
+SOCKET_ENV = "ENVCTL_SOCKET"  # where clients look for the socket before DEFAULT_SOCKET
 
 
 @dataclass(frozen=True)
@@ -396,6 +396,8 @@ def load(path: str | os.PathLike[str]) -> Config:
     except OSError as exc:
         raise ConfigError(f"{p}: cannot read configuration: {exc.strerror}",
                           hint="pass --config with a readable file") from None
+    import yaml  # here, not at the top: `envctl check --group` never reads YAML
+
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:

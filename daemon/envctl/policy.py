@@ -16,8 +16,10 @@ own. The rules (README, "Policy"):
 from __future__ import annotations
 
 import stat
+from array import array
 from dataclasses import dataclass
 from enum import Enum
+from functools import lru_cache
 
 from .config import RootConfig
 
@@ -95,3 +97,22 @@ def judge(st_mode: int, st_gid: int, root: RootConfig) -> Verdict:
         return Verdict(kind, gid=gid)
     want = wanted_mode(st_mode, kind, root.others)
     return Verdict(kind, gid=gid, mode=None if want == stat.S_IMODE(st_mode) else want)
+
+
+NEVER_FIXED = 0xFFFF  # mode_table value for entries the fast path hands back (specials)
+
+
+@lru_cache(maxsize=None)
+def mode_table(others: str) -> bytes:
+    """The wanted permission bits for every possible ``st_mode``, as 65536 native uint16.
+
+    The healer's C fast path judges an entry as ``gid == root gid and table[st_mode] ==
+    st_mode & 0o7777`` and fixes it to ``table[st_mode]``, so the rules stay here, in one place.
+    Directories and special files get ``NEVER_FIXED``: directories are judged through their
+    own fd when visited, special files are only reported.
+    """
+    table = array("H", [NEVER_FIXED]) * 65536
+    for perm in range(0o10000):
+        table[stat.S_IFREG | perm] = wanted_mode(perm, Kind.FILE, others)
+        table[stat.S_IFLNK | perm] = perm  # a symlink's mode means nothing: only its group
+    return table.tobytes()

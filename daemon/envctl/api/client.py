@@ -18,11 +18,10 @@ import time
 from pathlib import Path
 from typing import Any, Iterator
 
-from ..config import DEFAULT_SOCKET
+from ..config import DEFAULT_SOCKET, SOCKET_ENV
 from ..errors import DaemonUnavailable, EnvctlError, ProtocolError, SocketPermissionDenied
 from . import protocol
 
-SOCKET_ENV = "ENVCTL_SOCKET"
 MAX_REPLY_BYTES = 64 * 1024 * 1024  # a reply is trusted, but a runaway one must not eat memory
 
 

@@ -1,7 +1,8 @@
 """``envctl heal`` and ``envctl check``: the healer from the command line, no daemon needed.
 
 ``check`` is what an admin runs from cron or CI: it only reads, lists every violation and exits
-1 when there is one. ``heal`` fixes and reports counts. Both take the policy from a config file
+1 when there is one. ``heal`` fixes and reports counts (each entry fixed with ``-v``/``--json``;
+errors always). Both take the policy from a config file
 (each PATH must lie inside a configured root; no PATH means every root) or from ``--group``
 (each PATH is then a root of its own).
 
@@ -55,7 +56,8 @@ def add_parser(sub: Any) -> None:
                        "local disks are always serial (threads only slow them down)")
         p.add_argument("--json", action="store_true", help="print one JSON document")
         p.add_argument("--verbose", "-v", action="store_true",
-                       help="also list skipped entries (protected, special, mounts)")
+                       help="also list each entry fixed, and skipped ones (protected, special, "
+                       "mounts)")
         if name == "heal":
             p.add_argument("--dry-run", "-n", action="store_true",
                            help="report what would change, change nothing")
@@ -139,7 +141,8 @@ def run(args: argparse.Namespace) -> int:
     for t in targets(args):
         reporter = _Reporter(t, args.json, args.verbose)
         conc = walk_concurrency(t.root.path, args.concurrency)
-        healer = Healer(t.root, dry_run=dry, concurrency=conc, on_finding=reporter)
+        healer = Healer(t.root, dry_run=dry, concurrency=conc, on_finding=reporter,
+                        report_fixes=args.json or args.verbose)
         start = time.monotonic()
         try:
             stats = healer.run(t.rel)

@@ -14,12 +14,14 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ..api.client import SOCKET_ENV, Client
-from ..config import DEFAULT_SOCKET
+from ..config import DEFAULT_SOCKET, SOCKET_ENV
 from ..errors import EX_OK, EX_TEMPFAIL
 from .output import emit_json, table
+
+if TYPE_CHECKING:
+    from ..api.client import Client
 
 
 def add_socket_option(parser: argparse.ArgumentParser) -> None:
@@ -28,7 +30,10 @@ def add_socket_option(parser: argparse.ArgumentParser) -> None:
 
 
 def client_for(args: argparse.Namespace, timeout: float | None = 30.0) -> Client:
-    """A client on ``--socket`` / ``$ENVCTL_SOCKET`` / the default path."""
+    """A client on ``--socket`` / ``$ENVCTL_SOCKET`` / the default path (imported here: the
+    socket client is not loaded for ``heal``/``check``, which must start fast)."""
+    from ..api.client import Client
+
     return Client(args.socket, timeout=timeout)
 
 

@@ -1,79 +1,73 @@
 """Race-free metadata primitives on file descriptors, for a privileged process in a user tree.
 
-Why these exist: Python's ``os`` module offers no way to chown the inode behind an ``O_PATH`` fd
-(``fchown`` on it fails with EBADF, and ``os.chown("", dir_fd=...)`` lacks ``AT_EMPTY_PATH``),
-nor to read a file's mount id (``statx`` is not wrapped in 3.11). Both are needed to change an
-entry only through an fd proven to be the inode that was inspected, and to refuse bind mounts
-that sit on the same device as the root. Everything else in the healer is plain ``os``.
+Python's ``os`` module cannot chown or chmod the inode behind an ``O_PATH`` fd, nor read a
+mount id, and its per-call overhead dominates a walk whose syscalls take a microsecond. The
+C extension :mod:`envctl.heal._fastfs` provides those primitives and the per-directory batch
+loop (``scan``); this module is its typed face, so the walker never touches ctypes or C types.
 """
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import os
-import threading
+from typing import NamedTuple, Sequence
+
+from . import _fastfs
 
 O_PATH: int = getattr(os, "O_PATH", 0o10000000)
-AT_EMPTY_PATH = 0x1000
-AT_STATX_DONT_SYNC = 0x4000  # a cached mount id is fine; no round trip on NFS
-STATX_MNT_ID = 0x1000
-_STATX_SIZE = 256
-_STATX_MNT_ID_OFFSET = 144
-
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
-_fchownat = _libc.fchownat
-_fchownat.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_uint, ctypes.c_uint, ctypes.c_int]
-_statx = getattr(_libc, "statx", None)
-if _statx is not None:
-    _statx.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_uint,
-                       ctypes.c_void_p]
-
 DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 PATH_FLAGS = O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
-_KEEP_IDS = 0xFFFFFFFF  # (uid_t)-1: leave the owner as it is
+
+
+class Stat(NamedTuple):
+    """What the healer needs of a ``statx``; field names follow ``os.stat_result``."""
+
+    st_mode: int
+    st_uid: int
+    st_gid: int
+    st_ino: int
+    st_dev: int
+    st_mtime_ns: int
+    st_ctime_ns: int
+    mnt_id: int  # -1: the kernel did not say
+
+
+def stat_at(dirfd: int, name: str = "") -> Stat:
+    """``statx`` of ``name`` in ``dirfd`` ("" = the fd itself), never following a symlink.
+
+    Cached attributes are accepted (``AT_STATX_DONT_SYNC``): on NFS/FUSE a lookup has just
+    refreshed them, and a second GETATTR round trip would double the cost of every entry.
+    """
+    return Stat(*_fastfs.stat(dirfd, name))
 
 
 def chgrp_fd(fd: int, gid: int) -> None:
     """Set the group of the inode ``fd`` refers to (a symlink stays the link, never its target)."""
-    if _fchownat(fd, b"", _KEEP_IDS, gid, AT_EMPTY_PATH) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
+    _fastfs.chgrp(fd, gid)
 
 
-def chmod_fd(fd: int, mode: int, is_dir_fd: bool) -> None:
-    """Set permission bits on the inode behind ``fd``.
+def chmod_fd(fd: int, mode: int) -> None:
+    """Set the permission bits of the inode behind ``fd``, an ``O_PATH`` fd included."""
+    _fastfs.chmod(fd, mode)
 
-    A real directory fd takes ``fchmod``; an ``O_PATH`` fd goes through ``/proc/self/fd``, which
-    resolves to that very inode (for a symlink's O_PATH fd the kernel refuses with EOPNOTSUPP
-    instead of following it, and we never ask it to).
+
+class ScanResult(NamedTuple):
+    """One batch of a directory's entries, inspected (and with ``fix``, healed) in C."""
+
+    ok: int  # compliant non-directories
+    subdirs: list[str]  # directories, not inspected: the walk visits them through their own fd
+    attention: list[tuple[str, int, int, int, int]]  # (name, errno, mode, uid, gid)
+    fixed: list[tuple[str, int, int, int, int]]  # (name, old mode, old gid, set_gid, set_mode)
+
+
+def scan(dirfd: int, names: Sequence[str] | None, gid: int, table: bytes,
+         protected: Sequence[int], fix: bool, root_dev: int, root_mnt: int) -> ScanResult:
+    """Inspect ``names`` in ``dirfd`` (None: list it) with the GIL released.
+
+    ``table`` maps every ``st_mode`` to its wanted permission bits (``policy.mode_table``).
+    Plain cases are fixed in C through a proven ``O_PATH`` fd; everything else — special
+    files, protected owners, an entry swapped or re-owned mid-fix, another mount (``root_mnt``
+    -1: none below the root) — comes back in ``attention`` with errno 0 for the walker's slow
+    path, or with the errno that failed (ENOENT: vanished).
     """
-    if is_dir_fd:
-        os.fchmod(fd, mode)
-    else:
-        os.chmod(f"/proc/self/fd/{fd}", mode)
-
-
-class _StatxHead(ctypes.Structure):
-    """The leading fields of ``struct statx`` we read; the buffer itself is 256 bytes."""
-
-    _fields_ = [("mask", ctypes.c_uint32), ("pad", ctypes.c_byte * (_STATX_MNT_ID_OFFSET - 4)),
-                ("mnt_id", ctypes.c_uint64), ("rest", ctypes.c_byte * (_STATX_SIZE - 152))]
-
-
-_buffers = threading.local()
-
-
-def mount_id(fd: int) -> int | None:
-    """The mount id of the file behind ``fd``, or None when the kernel cannot tell us.
-
-    Called once per directory on every walk, so each thread reuses one statx buffer.
-    """
-    if _statx is None:
-        return None
-    buf = getattr(_buffers, "statx", None)
-    if buf is None:
-        buf = _buffers.statx = _StatxHead()
-    if _statx(fd, b"", AT_EMPTY_PATH | AT_STATX_DONT_SYNC, STATX_MNT_ID, ctypes.byref(buf)):
-        return None
-    return int(buf.mnt_id) if buf.mask & STATX_MNT_ID else None
+    return ScanResult(*_fastfs.scan(dirfd, names, gid, table, protected, fix, root_dev,
+                                    root_mnt))

@@ -11,13 +11,18 @@ reconciles of new directories and its per-event heals. Safety rules, all enforce
   id) is changed or descended into; entries owned by ``protected_owners`` are never changed
   (the root directory itself excepted: the admin named it); fifos, sockets and devices are only
   reported; excluded patterns are neither changed nor descended into.
-- A compliant entry costs one ``fstatat`` and no open, no write.
+- A compliant entry costs one ``statx`` and no open, no write.
+
+Speed: the per-entry loop — list, inspect, fix the plain cases — runs in C (``fsops.scan``)
+with the GIL released, judged by the policy's ``mode_table``; Python handles directories and
+whatever the fast path hands back (special files, protected owners, races, other mounts).
 
 Concurrency: on NFS/EFS each call is a network round trip, so directories are listed and their
-entries inspected and fixed by a bounded pool of threads (the GIL is released in every syscall).
+entries inspected and fixed by a bounded pool of threads, in batches of ``BATCH`` names.
 Tasks sit on a LIFO stack: depth-first order keeps the open directory fds near tree depth ×
 workers, and when the stack is long, batches run inline instead of being queued, which bounds
-memory on very wide trees. With concurrency 1 everything runs in the caller's thread.
+memory on very wide trees. With concurrency 1 everything runs in the caller's thread and the
+C loop lists each directory itself.
 """
 
 from __future__ import annotations
@@ -34,11 +39,11 @@ from typing import Callable, Protocol, Sequence
 
 from ..config import RootConfig
 from ..fsinfo import mounts_below
-from ..policy import Kind, Verdict, judge
-from .fsops import DIR_FLAGS, PATH_FLAGS, chgrp_fd, chmod_fd, mount_id
+from ..policy import Kind, Verdict, judge, mode_table
+from .fsops import DIR_FLAGS, PATH_FLAGS, ScanResult, Stat, chgrp_fd, chmod_fd, scan, stat_at
 from .stats import Finding, FindingSink, HealStats
 
-BATCH = 16  # entries inspected per task when concurrent
+BATCH = 32  # entries inspected per task when concurrent
 MAX_QUEUED = 4096  # beyond this many queued tasks, listers inspect their entries inline
 
 
@@ -69,6 +74,27 @@ class _DirRef:
         return f"{self.rel}/{name}" if self.rel else name
 
 
+class _Listing:
+    """A directory listed in several concurrent batches: tells the planner its subdirectories
+    once the last batch has inspected its share."""
+
+    __slots__ = ("rel", "st", "subdirs", "_left", "_lock", "_planner")
+
+    def __init__(self, planner: DirPlanner, rel: str, st: Stat, batches: int) -> None:
+        self._planner, self.rel, self.st = planner, rel, st
+        self.subdirs: list[str] = []
+        self._left = batches
+        self._lock = threading.Lock()
+
+    def done(self, subdirs: list[str]) -> None:
+        with self._lock:
+            self.subdirs.extend(subdirs)
+            self._left -= 1
+            last = self._left == 0
+        if last:
+            self._planner.listed(self.rel, self.st, self.subdirs)
+
+
 @dataclass
 class _DirTask:
     parent: _DirRef | None  # None: the root itself
@@ -82,6 +108,7 @@ class _EntriesTask:
     parent: _DirRef
     names: list[str]
     descend: bool = True  # for an entry that turns out to be a directory
+    listing: _Listing | None = None
 
 
 _Task = _DirTask | _EntriesTask
@@ -105,27 +132,32 @@ class DirPlanner(Protocol):
     during the listing shows up as a change next time. Both are called from worker threads.
     """
 
-    def plan(self, rel: str, st: os.stat_result) -> Sequence[str] | None: ...
+    def plan(self, rel: str, st: Stat) -> Sequence[str] | None: ...
 
-    def listed(self, rel: str, st: os.stat_result, subdirs: list[str]) -> None: ...
+    def listed(self, rel: str, st: Stat, subdirs: list[str]) -> None: ...
 
 
 class Healer:
     """Heals (or, with ``dry_run``, only inspects) one root according to its policy."""
 
     def __init__(self, root: RootConfig, *, dry_run: bool = False, concurrency: int = 1,
-                 on_finding: FindingSink | None = None,
+                 on_finding: FindingSink | None = None, report_fixes: bool = True,
                  on_progress: Callable[[], None] | None = None) -> None:
-        """``on_progress`` is called (from any walk thread) for every directory visited: the
-        daemon's liveness signal during long passes, so a watchdog tells slow from wedged."""
+        """``on_finding`` hears of every entry found wrong, skipped or failed; with
+        ``report_fixes`` False, not of each entry fixed (a 60k-entry heal would otherwise build
+        60k findings nobody reads). ``on_progress`` is called (from any walk thread) for every
+        directory visited: the daemon's liveness signal during long passes, so a watchdog tells
+        slow from wedged."""
         self.root = root
         self.on_progress = on_progress
         self.dry_run = dry_run
         self.concurrency = max(1, concurrency)
         self._on_finding = on_finding
+        self.report_fixes = report_fixes and on_finding is not None
         self._report_lock = threading.Lock()
         self.excluded = compile_excludes(root.exclude)
         self.real_root = os.path.realpath(root.path)
+        self.table = mode_table(root.others)
         self._verdicts: dict[tuple[int, int], Verdict] = {}
 
     def verdict(self, st_mode: int, st_gid: int) -> Verdict:
@@ -179,8 +211,7 @@ class _Pass:
         self.cond = threading.Condition()
         self.pending = 0
         self.root_dev = -1
-        self.root_mnt: int | None = None
-        self.check_mounts = True  # False when nothing is mounted below the root
+        self.root_mnt = -1  # -1: unknown, or nothing is mounted below the root
         self.totals = HealStats()
 
     # -- driving ---------------------------------------------------------------------------
@@ -191,9 +222,9 @@ class _Pass:
         root_fd = os.open(self.root.path, DIR_FLAGS)
         root_ref = _DirRef(root_fd, "")
         try:
-            st = os.fstat(root_fd)
-            self.root_dev, self.root_mnt = st.st_dev, mount_id(root_fd)
-            self.check_mounts = mounts_below(self.h.real_root)
+            st = stat_at(root_fd)
+            self.root_dev = st.st_dev
+            self.root_mnt = st.mnt_id if mounts_below(self.h.real_root) else -1
             first = self._resolve(root_ref, rel, recursive, stats, names)
         finally:
             root_ref.release()
@@ -235,7 +266,7 @@ class _Pass:
                 nxt = _DirRef(fd, prefix)
                 parent.release()
                 parent = nxt
-                if not self._same_fs(os.fstat(fd), fd):
+                if not self._same_fs(stat_at(fd)):
                     stats.skipped["mount"] += 1
                     return None
             if names is not None:
@@ -293,21 +324,19 @@ class _Pass:
             if isinstance(task, _DirTask):
                 self._visit_dir(task, stats)
             else:
-                for name in task.names:
-                    self._inspect(task.parent, name, stats, task.descend)
+                subdirs = self._scan(task.parent, task.names, stats, task.descend)
+                if task.listing is not None:
+                    task.listing.done(subdirs)
         finally:
             if task.parent is not None:
                 task.parent.release()
 
     # -- the work ----------------------------------------------------------------------------
 
-    def _same_fs(self, st: os.stat_result, fd: int) -> bool:
+    def _same_fs(self, st: Stat) -> bool:
         if st.st_dev != self.root_dev:
             return False
-        if not self.check_mounts:
-            return True
-        mnt = mount_id(fd)
-        return mnt is None or self.root_mnt is None or mnt == self.root_mnt
+        return self.root_mnt < 0 or st.mnt_id < 0 or st.mnt_id == self.root_mnt
 
     def _visit_dir(self, task: _DirTask, stats: HealStats) -> None:
         rel = task.rel
@@ -329,22 +358,20 @@ class _Pass:
         if self.h.on_progress is not None:
             self.h.on_progress()
         try:
-            st = os.fstat(fd)
+            st = stat_at(fd)
             stats.scanned += 1
             stats.dirs += 1
-            if task.parent is not None and not self._same_fs(st, fd):
+            if task.parent is not None and not self._same_fs(st):
                 self._skip(stats, rel, "dir", "mount")
                 return
             if self._judge_and_fix(fd, st, rel, stats, is_dir_fd=True,
                                    is_root=task.parent is None):
-                st = os.fstat(fd)
+                st = stat_at(fd)
             if not task.descend:
                 return
             known = self.planner.plan(rel, st) if self.planner is not None else None
             if known is None:
-                subdirs = self._list(ref, stats)
-                if self.planner is not None:
-                    self.planner.listed(rel, st, subdirs)
+                self._list(ref, st, stats)
             else:
                 for name in known:
                     self._push(_DirTask(ref.acquire(), name, ref.child(name)))
@@ -353,63 +380,90 @@ class _Pass:
         finally:
             ref.release()
 
-    def _list(self, ref: _DirRef, stats: HealStats) -> list[str]:
-        """List a directory: subdirectories become tasks (their names are returned), other
-        entries are inspected.
+    def _list(self, ref: _DirRef, st: Stat, stats: HealStats) -> None:
+        """List a directory: subdirectories become tasks, other entries are inspected.
 
-        This loop runs once per entry of every tree, so it avoids building paths it does not
-        need (only exclusion patterns need the relative path here).
+        Serially, with no exclusion patterns, the C loop lists and inspects in one call.
+        Otherwise the names are listed here (no stat: on FUSE/NFS a listing may lack types),
+        excluded ones dropped, and the rest inspected in batches by whichever worker is free.
         """
         concurrent = self.h.concurrency > 1
-        excluded = self.h.excluded if self.root.exclude else None
-        verdicts = self.h._verdicts
-        is_dir_mode = stat.S_ISDIR
-        batch: list[str] = []
-        subdirs: list[str] = []
-        quick = 0  # entries the serial fast path found correct
-        with os.scandir(ref.fd) as it:
-            for entry in it:
-                name = entry.name
-                if excluded is not None and excluded(ref.child(name)):
-                    stats.skipped["excluded"] += 1
-                    continue
-                try:
-                    is_dir = entry.is_dir(follow_symlinks=False)
-                except OSError:
-                    is_dir = False  # vanished: _inspect will count it
-                if is_dir:
-                    subdirs.append(name)
-                    self._push(_DirTask(ref.acquire(), name, ref.child(name)))
-                elif concurrent and len(self.stack) < MAX_QUEUED:
-                    batch.append(name)
-                    if len(batch) == BATCH:
-                        self._push(_EntriesTask(ref.acquire(), batch))
-                        batch = []
+        if not concurrent and not self.root.exclude:
+            subdirs = self._scan(ref, None, stats)
+            if self.planner is not None:
+                self.planner.listed(ref.rel, st, subdirs)
+            return
+        names = os.listdir(ref.fd)
+        if self.root.exclude:
+            keep = [n for n in names if not self.h.excluded(ref.child(n))]
+            stats.skipped["excluded"] += len(names) - len(keep)
+            names = keep
+        step = BATCH if concurrent and len(self.stack) < MAX_QUEUED else max(1, len(names))
+        batches = [names[i:i + step] for i in range(0, len(names), step)]
+        listing = (_Listing(self.planner, ref.rel, st, len(batches))
+                   if self.planner is not None else None)
+        if not batches and listing is not None:
+            self.planner.listed(ref.rel, st, [])  # type: ignore[union-attr]
+        if not concurrent:
+            for batch in batches:
+                subdirs = self._scan(ref, batch, stats)
+                if listing is not None:
+                    listing.done(subdirs)
+            return
+        for batch in batches:
+            self._push(_EntriesTask(ref.acquire(), batch, True, listing))
+
+    def _scan(self, ref: _DirRef, names: list[str] | None, stats: HealStats,
+              descend: bool = True) -> list[str]:
+        """Inspect (and heal) ``names`` of ``ref`` (None: all of it) through the C fast path;
+        returns the subdirectories found, which are queued as tasks."""
+        found: ScanResult = scan(ref.fd, names, self.root.gid, self.h.table,
+                                 self.root.protected_owners, not self.h.dry_run,
+                                 self.root_dev, self.root_mnt)
+        stats.scanned += found.ok + len(found.fixed)
+        for name in found.subdirs:
+            self._push(_DirTask(ref.acquire(), name, ref.child(name), descend))
+        for name, err, _mode, _uid, _gid in found.attention:
+            if err == errno.ENOENT:
+                stats.skipped["vanished"] += 1
+            elif err:
+                self._error(stats, ref.child(name), "file", OSError(err, os.strerror(err)))
+            else:
+                self._inspect(ref, name, stats, descend)
+        if found.fixed:
+            self._count_fixed(ref, found.fixed, stats)
+        return found.subdirs
+
+    def _count_fixed(self, ref: _DirRef, fixed: list[tuple[str, int, int, int, int]],
+                     stats: HealStats) -> None:
+        """Account for what the C loop fixed, as ``_judge_and_fix`` does for the slow path."""
+        stats.violations += len(fixed)
+        groups = modes = links = files = 0
+        for name, mode, gid, set_gid, set_mode in fixed:
+            groups += set_gid
+            modes += set_mode >= 0
+            if set_gid or set_mode >= 0:
+                if stat.S_ISLNK(mode):
+                    links += 1
                 else:
-                    # Serial fast path: the DirEntry's own fstatat and a memoised verdict; only
-                    # an entry needing attention (or not judged before) goes to _inspect.
-                    try:
-                        st = entry.stat(follow_symlinks=False)
-                    except OSError:
-                        self._inspect(ref, name, stats)  # vanished or unreadable: counted there
-                        continue
-                    verdict = verdicts.get((st.st_mode, st.st_gid))
-                    if verdict is not None and verdict.ok and not is_dir_mode(st.st_mode):
-                        quick += 1
-                        continue
-                    self._inspect(ref, name, stats, st=st)
-        stats.scanned += quick
-        if batch:
-            self._push(_EntriesTask(ref.acquire(), batch))
-        return subdirs
+                    files += 1
+            if self.h.report_fixes:
+                kind = Kind.SYMLINK if stat.S_ISLNK(mode) else Kind.FILE
+                problems = tuple(self.h.verdict(mode, gid).problems(gid, mode))
+                self.h.report(Finding(ref.child(name), kind.value, "fixed", problems))
+        stats.fixed["group"] += groups
+        stats.fixed["mode"] += modes
+        if files:
+            stats.fixed_kinds[Kind.FILE.value] += files
+        if links:
+            stats.fixed_kinds[Kind.SYMLINK.value] += links
 
     def _inspect(self, parent: _DirRef, name: str, stats: HealStats,
-                 descend: bool = True, st: os.stat_result | None = None) -> None:
-        """Judge a non-directory entry by ``fstatat`` (``st``: already done by the lister);
-        open and fix it only when wrong."""
+                 descend: bool = True) -> None:
+        """The slow path for one entry the fast path handed back (or a directory's name that
+        turned out not to be one): judge it by ``statx``, open and fix it only when wrong."""
         try:
-            if st is None:
-                st = os.stat(name, dir_fd=parent.fd, follow_symlinks=False)
+            st = stat_at(parent.fd, name)
         except FileNotFoundError:
             stats.skipped["vanished"] += 1
             return
@@ -436,10 +490,10 @@ class _Pass:
             self._error(stats, rel, verdict.kind.value, exc)
             return
         try:
-            st = os.fstat(fd)
+            st = stat_at(fd)
             if stat.S_ISDIR(st.st_mode):
                 self._push(_DirTask(parent.acquire(), name, rel, descend))
-            elif not self._same_fs(st, fd):
+            elif not self._same_fs(st):
                 self._skip(stats, rel, verdict.kind.value, "mount")
             else:
                 self._judge_and_fix(fd, st, rel, stats, is_dir_fd=False, is_root=False)
@@ -448,7 +502,7 @@ class _Pass:
         finally:
             os.close(fd)
 
-    def _judge_and_fix(self, fd: int, st: os.stat_result, rel: str, stats: HealStats, *,
+    def _judge_and_fix(self, fd: int, st: Stat, rel: str, stats: HealStats, *,
                        is_dir_fd: bool, is_root: bool) -> bool:
         """Decide from the fd's own fstat, then change that inode through that fd.
 
@@ -465,7 +519,8 @@ class _Pass:
                        lambda: verdict.problems(st.st_gid, st.st_mode))
             return False
         stats.violations += 1
-        problems = tuple(verdict.problems(st.st_gid, st.st_mode)) if self.h.reporting else ()
+        wanted = self.h.reporting if self.h.dry_run else self.h.report_fixes
+        problems = tuple(verdict.problems(st.st_gid, st.st_mode)) if wanted else ()
         if self.h.dry_run:
             self.h.report(Finding(rel, kind, "would-fix", problems))
             return False
@@ -473,13 +528,13 @@ class _Pass:
             chgrp_fd(fd, verdict.gid)
             stats.fixed["group"] += 1
             if st.st_mode & (stat.S_ISUID | stat.S_ISGID) and not is_dir_fd:
-                st = os.fstat(fd)  # chown cleared setuid/setgid: judge the bits afresh
+                st = stat_at(fd)  # chown cleared setuid/setgid: judge the bits afresh
             verdict = self.h.verdict(st.st_mode, verdict.gid)
         if verdict.mode is not None:
-            chmod_fd(fd, verdict.mode, is_dir_fd)
+            chmod_fd(fd, verdict.mode)
             stats.fixed["mode"] += 1
         stats.fixed_kinds[kind] += 1
-        if self.h.reporting:
+        if self.h.report_fixes:
             self.h.report(Finding(rel, kind, "fixed", problems))
         return True
 

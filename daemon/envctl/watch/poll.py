@@ -18,12 +18,12 @@ owners, zero writes when correct) holds unchanged. The poller heals directly; it
 
 from __future__ import annotations
 
-import os
 import threading
 from dataclasses import dataclass, field
 from typing import Sequence
 
 from ..heal import Healer, HealStats
+from ..heal.fsops import Stat
 
 
 class _Stamp:
@@ -31,13 +31,13 @@ class _Stamp:
 
     __slots__ = ("ino", "mtime", "ctime", "subdirs")
 
-    def __init__(self, st: os.stat_result, subdirs: tuple[str, ...]) -> None:
+    def __init__(self, st: Stat, subdirs: tuple[str, ...]) -> None:
         self.ino = st.st_ino
         self.mtime = st.st_mtime_ns
         self.ctime = st.st_ctime_ns
         self.subdirs = subdirs
 
-    def same(self, st: os.stat_result) -> bool:
+    def same(self, st: Stat) -> bool:
         return (self.ino, self.mtime, self.ctime) == (st.st_ino, st.st_mtime_ns, st.st_ctime_ns)
 
 
@@ -62,7 +62,7 @@ class _Plan:
         self.full = full
         self.stats = PollStats()
 
-    def plan(self, rel: str, st: os.stat_result) -> Sequence[str] | None:
+    def plan(self, rel: str, st: Stat) -> Sequence[str] | None:
         known = self.poller.stamp(rel)
         with self.poller.lock:
             self.stats.dirs += 1
@@ -71,9 +71,8 @@ class _Plan:
                 return None
         return known.subdirs
 
-    def listed(self, rel: str, st: os.stat_result, subdirs: list[str]) -> None:
+    def listed(self, rel: str, st: Stat, subdirs: list[str]) -> None:
         self.poller.record(rel, _Stamp(st, tuple(subdirs)))
-
 
 class Poller:
     """Keeps the directory table of one root and runs passes of its walker over it."""

@@ -61,9 +61,10 @@ class RootWatcher:
         self.watch_cfg = watch
         self.queue = WorkQueue()
         # Entry batches: serial, no thread start-up cost. Subtrees and reconciles: concurrent.
-        self._healer = Healer(root, on_finding=self._finding)
+        per_fix = log.isEnabledFor(logging.DEBUG)  # each fix is logged only at DEBUG
+        self._healer = Healer(root, on_finding=self._finding, report_fixes=per_fix)
         self._walker = Healer(root, concurrency=concurrency, on_finding=self._finding,
-                              on_progress=self._walk_progressed)
+                              report_fixes=per_fix, on_progress=self._walk_progressed)
         self._walk_beat = time.monotonic()  # last directory any walk of this root visited
         self._status = RootStatus()
         self._lock = threading.Lock()
