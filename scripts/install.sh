@@ -38,7 +38,8 @@ esac
 # Build from a copy: pip builds in the source tree, which may be read-only or someone's checkout.
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
-tar -C "$SRC" --exclude=__pycache__ --exclude='*.egg-info' -cf - pyproject.toml README.md daemon \
+tar -C "$SRC" --exclude=__pycache__ --exclude='*.egg-info' --exclude='*.so' -cf - \
+    pyproject.toml setup.py README.md daemon \
     | tar -C "$work" -xf -
 
 say "venv $PREFIX (from $PYTHON)"

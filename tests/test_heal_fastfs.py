@@ -1,0 +1,169 @@
+"""The C fast path (``envctl.heal._fastfs`` via ``fsops.scan``) on its own, on a real directory.
+
+The walker's tree tests exercise it end to end; these pin down its contract: the policy table
+means what ``policy.judge`` means, plain entries are fixed through a proven fd, and everything
+unusual — special files, protected owners, other mounts, vanished names — is handed back
+untouched for the slow path.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+import subprocess
+from array import array
+from pathlib import Path
+
+import pytest
+
+from envctl.config import RootConfig
+from envctl.heal.fsops import ScanResult, chgrp_fd, chmod_fd, scan, stat_at
+from envctl.policy import NEVER_FIXED, judge, mode_table
+
+from .conftest import Accounts
+
+
+@pytest.mark.parametrize("others", ["keep", "none", "read"])
+def test_mode_table_agrees_with_judge(others: str) -> None:
+    table = array("H")
+    table.frombytes(mode_table(others))
+    root = RootConfig(path=Path("/x"), group="0", gid=0, others=others)  # type: ignore[arg-type]
+    for kind in (stat.S_IFREG, stat.S_IFLNK):
+        for perm in range(0o10000):
+            mode = kind | perm
+            verdict = judge(mode, 0, root)
+            assert (table[mode] == perm) == verdict.ok, oct(mode)
+            if verdict.mode is not None:
+                assert table[mode] == verdict.mode, oct(mode)
+    for kind in (stat.S_IFDIR, stat.S_IFIFO, stat.S_IFSOCK, stat.S_IFCHR, stat.S_IFBLK, 0):
+        assert table[kind | 0o755] == NEVER_FIXED
+
+
+def _scan(d: Path, gid: int, names: list[str] | None = None, fix: bool = True,
+          root_mnt: int = -1) -> ScanResult:
+    fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        return scan(fd, names, gid, mode_table("keep"), (0,), fix, os.fstat(fd).st_dev, root_mnt)
+    finally:
+        os.close(fd)
+
+
+def _populate(d: Path, accounts: Accounts) -> None:
+    uid, ugid = accounts.alice.uid, accounts.alice.gid
+    for name, mode in (("broken", 0o600), ("exe", 0o700), ("setgid", 0o2750)):
+        (d / name).touch()
+        os.chmod(d / name, mode)
+        os.chown(d / name, uid, ugid)
+    (d / "good").touch()
+    os.chmod(d / "good", 0o660)
+    os.chown(d / "good", uid, accounts.shared_gid)
+    os.symlink("/etc/passwd", d / "link")
+    os.lchown(d / "link", uid, ugid)
+    (d / "sub").mkdir(mode=0o700)
+    os.mkfifo(d / "fifo")
+    (d / "rootfile").touch()
+    os.chmod(d / "rootfile", 0o600)  # owned by uid 0: protected
+
+
+def test_scan_fixes_plain_entries_and_hands_back_the_rest(scratch: Path,
+                                                          accounts: Accounts) -> None:
+    gid = accounts.shared_gid
+    _populate(scratch, accounts)
+    passwd = os.stat("/etc/passwd")
+
+    found = _scan(scratch, gid)
+
+    assert found.ok == 1  # "good"
+    assert found.subdirs == ["sub"]  # listed, not inspected or changed
+    assert stat.S_IMODE(os.lstat(scratch / "sub").st_mode) == 0o700
+    assert sorted(a[0] for a in found.attention) == ["fifo", "rootfile"]
+    assert all(a[1] == 0 for a in found.attention)  # decisions, not errors
+    fixed = {f[0]: f for f in found.fixed}
+    assert sorted(fixed) == ["broken", "exe", "link", "setgid"]
+    assert fixed["broken"][1:] == (stat.S_IFREG | 0o600, accounts.alice.gid, 1, 0o660)
+    assert fixed["link"][3:] == (1, -1)  # a symlink: its group only
+    assert os.lstat(scratch / "link").st_gid == gid
+    assert os.stat("/etc/passwd") == passwd  # never its target
+    assert stat.S_IMODE(os.lstat(scratch / "exe").st_mode) == 0o770
+    # chown cleared setgid on a file; the bits were judged afresh, and setgid is never added
+    assert stat.S_IMODE(os.lstat(scratch / "setgid").st_mode) == 0o770
+    for name in ("broken", "exe", "setgid"):
+        assert os.lstat(scratch / name).st_gid == gid
+    assert stat.S_IMODE(os.lstat(scratch / "rootfile").st_mode) == 0o600  # untouched
+    assert os.lstat(scratch / "rootfile").st_gid == 0
+
+    again = _scan(scratch, gid)  # a second pass: nothing left to fix
+    assert again.fixed == [] and again.ok == 5
+
+
+def test_scan_without_fix_changes_nothing(scratch: Path, accounts: Accounts) -> None:
+    _populate(scratch, accounts)
+    before = {p.name: os.lstat(p) for p in scratch.iterdir()}
+    found = _scan(scratch, accounts.shared_gid, fix=False)
+    assert found.fixed == []
+    assert sorted(a[0] for a in found.attention) == [
+        "broken", "exe", "fifo", "link", "rootfile", "setgid"]
+    assert {p.name: os.lstat(p) for p in scratch.iterdir()} == before
+
+
+def test_scan_of_named_entries_reports_vanished_and_directories(scratch: Path,
+                                                                accounts: Accounts) -> None:
+    _populate(scratch, accounts)
+    found = _scan(scratch, accounts.shared_gid, names=["broken", "gone", "sub"])
+    assert found.subdirs == ["sub"]
+    assert [f[0] for f in found.fixed] == ["broken"]
+    assert [(a[0], a[1]) for a in found.attention] == [("gone", errno.ENOENT)]
+    with pytest.raises(UnicodeEncodeError):
+        _scan(scratch, accounts.shared_gid, names=["bad\udcff\ud800"])
+
+
+def test_scan_hands_back_a_bind_mounted_file(scratch: Path, accounts: Accounts) -> None:
+    """Same device, other mount: only the mount id tells, and the fast path checks it."""
+    d = scratch / "root"
+    d.mkdir()
+    victim = scratch / "victim"
+    victim.touch()
+    os.chmod(victim, 0o600)
+    os.chown(victim, accounts.alice.uid, accounts.alice.gid)
+    (d / "mnt").touch()
+    subprocess.run(["mount", "--bind", str(victim), str(d / "mnt")], check=True)
+    try:
+        fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            found = scan(fd, None, accounts.shared_gid, mode_table("keep"), (0,), True,
+                         os.fstat(fd).st_dev, stat_at(fd).mnt_id)
+        finally:
+            os.close(fd)
+    finally:
+        subprocess.run(["umount", str(d / "mnt")], check=True)
+    assert [a[0] for a in found.attention] == ["mnt"] and found.fixed == []
+    assert stat.S_IMODE(os.lstat(victim).st_mode) == 0o600
+
+
+def test_fd_primitives_act_on_the_inode_behind_an_o_path_fd(scratch: Path,
+                                                            accounts: Accounts) -> None:
+    target = scratch / "target"
+    target.touch()
+    os.chmod(target, 0o600)
+    link = scratch / "link"
+    os.symlink(target, link)
+    fd = os.open(target, os.O_PATH | os.O_NOFOLLOW)
+    try:
+        chgrp_fd(fd, accounts.shared_gid)
+        chmod_fd(fd, 0o640)
+    finally:
+        os.close(fd)
+    assert os.lstat(target).st_gid == accounts.shared_gid
+    assert stat.S_IMODE(os.lstat(target).st_mode) == 0o640
+    lfd = os.open(link, os.O_PATH | os.O_NOFOLLOW)
+    try:
+        chgrp_fd(lfd, accounts.bob.gid)  # the link itself
+        with pytest.raises(OSError):
+            chmod_fd(lfd, 0o777)  # the kernel refuses a symlink's mode; nothing followed
+        st = stat_at(lfd)
+    finally:
+        os.close(lfd)
+    assert stat.S_ISLNK(st.st_mode) and st.st_gid == accounts.bob.gid
+    assert os.lstat(target).st_gid == accounts.shared_gid
+    assert stat.S_IMODE(os.lstat(target).st_mode) == 0o640
