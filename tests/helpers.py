@@ -32,11 +32,12 @@ def as_user(uid: int, gid: int, cmd: list[str] | str, *, umask: int = 0o077,
     return subprocess.run(full, check=check, text=True, capture_output=True, **kw)  # type: ignore[call-overload]
 
 
-def find_violations(root: Path, gid: int) -> list[str]:
+def find_violations(root: Path, gid: int, only: list[str] | None = None) -> list[str]:
     """Entries under ``root`` that break the policy, found by GNU find (not by envctl).
 
     Directories: wrong group, or missing g+rwx or SGID. Files: wrong group, missing g+rw, or
-    group x differing from user x. Symlinks: wrong group.
+    group x differing from user x. Symlinks: wrong group. With ``only`` (paths an earlier
+    audit found wrong), just those entries are judged, by the same expression.
     """
     expr = [
         "(", "-type", "d", "(", "!", "-group", str(gid), "-o", "!", "-perm", "-2070", ")", ")",
@@ -45,8 +46,13 @@ def find_violations(root: Path, gid: int) -> list[str]:
         "-perm", "-0010", ")", ")",
         "-o", "(", "-type", "l", "!", "-group", str(gid), ")",
     ]
-    out = subprocess.run(["find", str(root), "(", *expr, ")", "-print"], check=True, text=True,
-                         capture_output=True).stdout
+    if only is None:
+        out = subprocess.run(["find", str(root), "(", *expr, ")", "-print"], check=True,
+                             text=True, capture_output=True).stdout
+    else:
+        out = subprocess.run(["find", "-files0-from", "-", "-maxdepth", "0", "(", *expr, ")",
+                              "-print"], check=True, text=True, capture_output=True,
+                             input="\0".join(only) + "\0" if only else "").stdout
     return [line for line in out.splitlines() if line]
 
 

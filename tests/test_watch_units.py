@@ -68,6 +68,22 @@ def test_queue_hands_out_siblings_together() -> None:
     assert len(q) == 0
 
 
+def test_queue_puts_attribute_changes_after_new_entries() -> None:
+    """Echoes of our own fixes (IN_ATTRIB) must not delay entries still broken."""
+    q = WorkQueue()
+    assert q.put("a/echo1", urgent=False)
+    assert q.put("b/echo2", urgent=False)
+    assert not q.put("b/echo2", urgent=False)
+    assert q.put("c/new")
+    assert q.put("b/echo2")  # a creation names a path waiting in the later lane: promoted
+    assert q.put("d", subtree=True)
+    assert q.put("a/sibling", urgent=False)
+    assert len(q) == 5
+    assert _drain(q) == [Item("c", False, ("new",)), Item("b", False, ("echo2",)),
+                         Item("d", True), Item("a", False, ("echo1", "sibling"))]
+    assert q.wait_idle(0)
+
+
 def _root_cfg(root: Path, group: str):  # type: ignore[no-untyped-def]
     return parse({"roots": [{"path": str(root), "group": group}]}).roots[0]
 

@@ -40,7 +40,8 @@ from typing import Any, Protocol
 from watchdog.events import FileSystemEventHandler
 from watchdog.observers.api import BaseObserver, EventQueue, ObservedWatch
 from watchdog.observers.inotify import InotifyEmitter, InotifyWatchGroup
-from watchdog.observers.inotify_c import InotifyConstants, InotifyEvent, InotifyFD
+from watchdog.observers.inotify_c import (InotifyConstants, InotifyEvent, InotifyFD,
+                                          inotify_add_watch)
 
 from .queue import WorkQueue
 
@@ -70,7 +71,7 @@ class _WatchGroup(InotifyWatchGroup):
     """watchdog's recursive watch bookkeeping, reporting overflows and failed watches."""
 
     hooks: Hooks | None = None
-    sink: Callable[[bytes, bool], None] | None = None
+    sink: Callable[[bytes, bool, bool], None] | None = None
 
     def on_event(self, event: InotifyEvent) -> None:
         """watchdog's watch bookkeeping (a new or moved-in directory is watched, recursively,
@@ -86,8 +87,47 @@ class _WatchGroup(InotifyWatchGroup):
             new_dir = event.is_directory and (event.is_create or event.is_moved_to)
             if new_dir and self.is_recursive:
                 self._add_all_callbacks(path)
-        if self.sink is not None and (event.is_create or event.is_moved_to or event.is_attrib):
-            self.sink(path, new_dir)
+        if self.sink is not None:
+            urgent = event.is_create or event.is_moved_to
+            if urgent or event.is_attrib:
+                self.sink(path, new_dir, urgent)
+
+    def _add_all_callbacks(self, path: bytes) -> None:
+        """Watch directory ``path`` and every directory below it that is not watched yet.
+
+        watchdog's version re-walks (``os.walk`` plus an ``lstat`` per directory) the whole
+        subtree of every new directory, on the reader thread. In a ``cp -r`` burst a
+        directory is usually watched already by its parent's walk when its own IN_CREATE
+        arrives, and that walk listed it right after its watch was added: whatever appeared
+        in it later has events of its own. So a directory already watched as this inode ends
+        the walk there; a new inode at a known path (deleted and re-created, or moved in) is
+        walked. After an overflow watchdog removes every watch first, so its rebuild still
+        walks everything.
+        """
+        if not self._watch(path):
+            return
+        stack = [path]
+        while stack:
+            top = stack.pop()
+            try:
+                with os.scandir(top) as it:
+                    subdirs = [e.path for e in it if e.is_dir(follow_symlinks=False)]
+            except OSError:
+                continue  # vanished or unreadable: nothing below it to watch
+            stack.extend(p for p in subdirs if self._watch(p))
+
+    def _watch(self, path: bytes) -> bool:
+        """Add the watch; True when ``path`` was not already watched as this very inode.
+
+        The kernel returns the existing watch descriptor for an inode already watched; that
+        case ends here, without watchdog's bookkeeping (which formats a warning for it)."""
+        known = self._active_callbacks_by_path.get(path)
+        if known is not None and inotify_add_watch(self._inotify_fd._inotify_fd, path,
+                                                   self.event_mask) == known:
+            return False
+        self._add_callback(path)
+        now = self._active_callbacks_by_path.get(path)
+        return now is not None and now != known
 
     def on_queue_overflow(self) -> None:
         super().on_queue_overflow()  # watchdog re-adds its watches first...
@@ -111,7 +151,7 @@ class _Emitter(InotifyEmitter):
     """An inotify emitter with our mask and our watch group."""
 
     def __init__(self, event_queue: EventQueue, watch: ObservedWatch, *, hooks: Hooks,
-                 sink: Callable[[bytes, bool], None], **kwargs: Any) -> None:
+                 sink: Callable[[bytes, bool, bool], None], **kwargs: Any) -> None:
         super().__init__(event_queue, watch, **kwargs)
         self._hooks = hooks
         self._sink = sink
@@ -138,12 +178,13 @@ class _Sink:
         self._queue = queue
         self._count = count
 
-    def __call__(self, path: bytes, new_dir: bool) -> None:
+    def __call__(self, path: bytes, new_dir: bool, urgent: bool) -> None:
+        """``urgent``: created or moved in (an attribute change otherwise)."""
         self._count()
         if path == self._root:
             self._queue.put("")
         elif path.startswith(self._prefix):  # a new directory is a subtree, the rest entries
-            self._queue.put(os.fsdecode(path[len(self._prefix):]), new_dir)
+            self._queue.put(os.fsdecode(path[len(self._prefix):]), new_dir, urgent)
 
 
 class InotifyWatch:

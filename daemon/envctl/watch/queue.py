@@ -9,6 +9,12 @@ subtree pass will see them anyway. Readers never block: ``put`` only touches a d
 Entries are handed out in batches of siblings: taking one entry takes every waiting entry of
 the same directory with it, so a worker resolves that directory once for all of them (a burst
 writes many files per directory; resolving each path from the root costs ~4x the heal itself).
+
+Two lanes: creations and moves (``urgent``) go before attribute changes. Most IN_ATTRIB events
+of a burst are the echoes of our own fixes, which find nothing to do; in one lane they would
+queue ahead of entries still broken and delay the end of the burst by seconds. A real chmod by
+a user waits only until the new entries are done, and a path waiting in the later lane moves to
+the first when an urgent event names it.
 """
 
 from __future__ import annotations
@@ -38,16 +44,24 @@ class WorkQueue:
 
     def __init__(self) -> None:
         self._items: OrderedDict[str, bool] = OrderedDict()  # rel -> subtree?
-        self._siblings: dict[str, set[str]] = {}  # parent -> names waiting as entries
+        self._later: OrderedDict[str, None] = OrderedDict()  # entries from attribute events
+        self._siblings: dict[str, set[str]] = {}  # parent -> names waiting as entries (any lane)
         self._cond = threading.Condition()
         self._busy = 0
         self._closed = False
 
-    def put(self, rel: str, subtree: bool = False) -> bool:
-        """Queue ``rel``; False when it was already covered by a waiting item."""
+    def put(self, rel: str, subtree: bool = False, urgent: bool = True) -> bool:
+        """Queue ``rel``; False when it was already covered by a waiting item.
+
+        ``urgent`` False (an attribute change) queues an entry in the later lane."""
         with self._cond:
             if self._closed:
                 return False
+            if rel in self._later:
+                if not (urgent or subtree):
+                    return False
+                del self._later[rel]  # promoted: re-queued below in the first lane
+                self._unlink(rel)
             if rel in self._items:
                 if subtree and not self._items[rel]:
                     self._items[rel] = True
@@ -56,7 +70,10 @@ class WorkQueue:
                 return False
             if self._covered(rel):
                 return False
-            self._items[rel] = subtree
+            if urgent or subtree or not rel:
+                self._items[rel] = subtree
+            else:
+                self._later[rel] = None
             if not subtree and rel:
                 parent, name = _split(rel)
                 self._siblings.setdefault(parent, set()).add(name)
@@ -85,18 +102,23 @@ class WorkQueue:
         """The oldest waiting item (with its waiting siblings), or None after ``timeout`` (so
         workers wake to show liveness)."""
         with self._cond:
-            if not self._items and not self._closed:
+            if not self._items and not self._later and not self._closed:
                 self._cond.wait(timeout)
-            if not self._items:
+            if self._items:
+                rel, subtree = self._items.popitem(last=False)
+            elif self._later:
+                rel, subtree = self._later.popitem(last=False)[0], False
+            else:
                 return None
             self._busy += 1
-            rel, subtree = self._items.popitem(last=False)
             if subtree or not rel:
                 return Item(rel, subtree)
             parent, _ = _split(rel)
             names = self._siblings.pop(parent)
-            for name in names:
-                self._items.pop(f"{parent}/{name}" if parent else name, None)
+            for name in names:  # siblings from both lanes: one resolve serves them all
+                key = f"{parent}/{name}" if parent else name
+                self._items.pop(key, None)
+                self._later.pop(key, None)
             return Item(parent, False, tuple(sorted(names)))
 
     def done(self) -> None:
@@ -108,7 +130,8 @@ class WorkQueue:
     def wait_idle(self, timeout: float) -> bool:
         """Block until nothing is waiting or being worked on; False on timeout."""
         with self._cond:
-            return self._cond.wait_for(lambda: not self._items and not self._busy, timeout)
+            return self._cond.wait_for(
+                lambda: not self._items and not self._later and not self._busy, timeout)
 
     def close(self) -> None:
         """Wake every waiting worker; later ``put`` calls are ignored."""
@@ -122,4 +145,4 @@ class WorkQueue:
 
     def __len__(self) -> int:
         with self._cond:
-            return len(self._items) + self._busy
+            return len(self._items) + len(self._later) + self._busy
