@@ -39,7 +39,7 @@ from envctl.config import parse
 from envctl.heal import Healer
 from envctl.watch.poll import Poller
 
-from bench.common import write_results, writer_account
+from bench.common import fresh_ext4, write_results, writer_account
 from bench.envtree import count_entries, make_template
 from tests.daemon_support import Envctld, write_config
 from tests.helpers import find_violations
@@ -269,10 +269,10 @@ def main() -> None:
     envs = args.envs or (2 if args.quick else 5)
     idle = args.idle or (2.0 if args.quick else 60.0)
     BASE.mkdir(mode=0o755, exist_ok=True)
-    work = Path(tempfile.mkdtemp(dir=BASE))
-    os.chmod(work, 0o755)
+    scratch = Path(tempfile.mkdtemp(dir=BASE))
+    os.chmod(scratch, 0o755)
     try:
-        with writer_account("daemon") as w:
+        with fresh_ext4(scratch / "fs") as work, writer_account("daemon") as w:
             template = work / "template"
             make_template(template, entries)
             os.chmod(template, 0o755)
@@ -292,7 +292,7 @@ def main() -> None:
                 results.update(run())
                 print(f"stage {stage}: {time.monotonic() - t0:.1f}s", file=sys.stderr)
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        shutil.rmtree(scratch, ignore_errors=True)
     headers, rows = table(results)
     name = "daemon" + ("-quick" if args.quick else "")
     if set(parts) != set(PARTS):

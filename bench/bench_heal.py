@@ -25,8 +25,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import (VENV_BIN, count_syscalls, exit_on_sigterm, timed,  # noqa: E402
-                          write_results, writer_account)
+from bench.common import (VENV_BIN, count_syscalls, exit_on_sigterm,  # noqa: E402
+                          fresh_ext4, timed, write_results, writer_account)
 from bench.envtree import copy_as, count_entries, make_template  # noqa: E402
 from bench.slowfs import slowfs  # noqa: E402
 
@@ -173,10 +173,10 @@ def main() -> int:
     repeat = 1 if args.quick else 3
     base = Path("/tmp/envctl-bench-heal")
     base.mkdir(mode=0o755, exist_ok=True)
-    work = Path(tempfile.mkdtemp(dir=base))
-    work.chmod(0o755)
+    scratch = Path(tempfile.mkdtemp(dir=base))
+    scratch.chmod(0o755)
     try:
-        with writer_account("w") as w:
+        with fresh_ext4(scratch / "fs") as work, writer_account("w") as w:
             template = work / "template"
             make_template(template, args.entries)
             n_local = count_entries(template)
@@ -189,7 +189,7 @@ def main() -> int:
             n_poll = make_template(poll_template, args.poll_entries)
             prows, praw = poll_part(work, poll_template, w, args.latency)
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        shutil.rmtree(scratch, ignore_errors=True)
     raw |= sraw | praw | {"entries_local": n_local, "entries_slowfs": n_slow,
                           "entries_poll": n_poll,
                    "latency_ms": args.latency, "quick": args.quick}

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from envctl.config import RootConfig
-from envctl.heal.fsops import ScanResult, chgrp_fd, chmod_fd, scan, stat_at
+from envctl.heal.fsops import ScanResult, chgrp_fd, chmod_fd, scan, stat_at, walk
 from envctl.policy import NEVER_FIXED, judge, mode_table
 
 from .conftest import Accounts
@@ -29,14 +29,14 @@ def test_mode_table_agrees_with_judge(others: str) -> None:
     table = array("H")
     table.frombytes(mode_table(others))
     root = RootConfig(path=Path("/x"), group="0", gid=0, others=others)  # type: ignore[arg-type]
-    for kind in (stat.S_IFREG, stat.S_IFLNK):
+    for kind in (stat.S_IFDIR, stat.S_IFREG, stat.S_IFLNK):
         for perm in range(0o10000):
             mode = kind | perm
             verdict = judge(mode, 0, root)
             assert (table[mode] == perm) == verdict.ok, oct(mode)
             if verdict.mode is not None:
                 assert table[mode] == verdict.mode, oct(mode)
-    for kind in (stat.S_IFDIR, stat.S_IFIFO, stat.S_IFSOCK, stat.S_IFCHR, stat.S_IFBLK, 0):
+    for kind in (stat.S_IFIFO, stat.S_IFSOCK, stat.S_IFCHR, stat.S_IFBLK, 0):
         assert table[kind | 0o755] == NEVER_FIXED
 
 
@@ -167,3 +167,57 @@ def test_fd_primitives_act_on_the_inode_behind_an_o_path_fd(scratch: Path,
     assert stat.S_ISLNK(st.st_mode) and st.st_gid == accounts.bob.gid
     assert os.lstat(target).st_gid == accounts.shared_gid
     assert stat.S_IMODE(os.lstat(target).st_mode) == 0o640
+
+
+def test_walk_heals_a_subtree_and_hands_back_what_is_not_plain(scratch: Path,
+                                                               accounts: Accounts) -> None:
+    """``walk`` takes directories too: healed through their own fd and entered; a protected,
+    mounted or (with fix off) wrong directory comes back by its path and is not entered."""
+    uid, ugid, gid = accounts.alice.uid, accounts.alice.gid, accounts.shared_gid
+    top = scratch / "top"
+    for d in ("a", "a/b", "a/b/c", "prot", "prot/inner", "mnt"):
+        (top / d).mkdir(parents=True, mode=0o700)
+    for d in ("a", "a/b", "a/b/c", "mnt"):
+        os.chown(top / d, uid, ugid)
+    for f in ("a/f", "a/b/c/g", "prot/inner/h"):
+        (top / f).touch()
+        os.chmod(top / f, 0o600)
+        os.chown(top / f, uid, ugid)
+    os.symlink(top / "a", top / "a/b/loop")  # a symlink to a directory: never entered
+    os.lchown(top / "a/b/loop", uid, ugid)
+    other = scratch / "other"
+    other.mkdir(mode=0o700)
+    (other / "x").touch()
+    subprocess.run(["mount", "--bind", str(other), str(top / "mnt")], check=True)
+    try:
+        fd = os.open(top, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            st = stat_at(fd)
+            found = walk(fd, gid, mode_table("keep"), (0,), True, st.st_dev, st.mnt_id)
+        finally:
+            os.close(fd)
+    finally:
+        subprocess.run(["umount", str(top / "mnt")], check=True)
+    assert sorted(f[0] for f in found.fixed) == ["a", "a/b", "a/b/c", "a/b/c/g", "a/b/loop",
+                                                "a/f"]
+    assert sorted(a[0] for a in found.attention) == ["mnt", "prot"]
+    assert found.dirs == 3 and found.ok == 0
+    for d in ("a", "a/b", "a/b/c"):
+        assert stat.S_IMODE(os.lstat(top / d).st_mode) == 0o2770
+        assert os.lstat(top / d).st_gid == gid
+    assert stat.S_IMODE(os.lstat(top / "a/b/c/g").st_mode) == 0o660
+    # not entered: the protected directory's content and the mount's are untouched
+    assert stat.S_IMODE(os.lstat(top / "prot/inner/h").st_mode) == 0o600
+    assert stat.S_IMODE(os.lstat(other / "x").st_mode) != 0o660 or \
+        os.lstat(other / "x").st_gid != gid
+    assert stat.S_IMODE(os.lstat(other).st_mode) == 0o700
+
+    fd = os.open(top, os.O_RDONLY | os.O_DIRECTORY)
+    try:  # a check (fix off) of a tree with one wrong directory: handed back, not entered
+        os.chmod(top / "a/b", 0o2700)
+        st = stat_at(fd)
+        audit = walk(fd, gid, mode_table("keep"), (0,), False, st.st_dev, -1)
+    finally:
+        os.close(fd)
+    assert [a[0] for a in audit.attention if a[0].startswith("a")] == ["a/b"]
+    assert audit.fixed == [] and stat.S_IMODE(os.lstat(top / "a/b").st_mode) == 0o2700

@@ -108,11 +108,11 @@ def mode_table(others: str) -> bytes:
 
     The healer's C fast path judges an entry as ``gid == root gid and table[st_mode] ==
     st_mode & 0o7777`` and fixes it to ``table[st_mode]``, so the rules stay here, in one place.
-    Directories and special files get ``NEVER_FIXED``: directories are judged through their
-    own fd when visited, special files are only reported.
+    Special files get ``NEVER_FIXED``: they are only reported.
     """
     table = array("H", [NEVER_FIXED]) * 65536
     for perm in range(0o10000):
+        table[stat.S_IFDIR | perm] = wanted_mode(perm, Kind.DIR, others)
         table[stat.S_IFREG | perm] = wanted_mode(perm, Kind.FILE, others)
         table[stat.S_IFLNK | perm] = perm  # a symlink's mode means nothing: only its group
     return table.tobytes()

@@ -23,6 +23,7 @@
 #include <Python.h>
 
 #include <dirent.h>
+#include <limits.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <stdint.h>
@@ -59,7 +60,7 @@ typedef union {
 enum outcome { OK, SUBDIR, ATTENTION, ERROR, VANISHED, FIXED };
 
 typedef struct {
-    size_t name_off; /* into the batch's name arena */
+    size_t path_off; /* into the batch's output arena: the path relative to the start dir */
     enum outcome what;
     int err;
     uint32_t mode, uid, gid;
@@ -68,20 +69,29 @@ typedef struct {
 } record;
 
 typedef struct {
-    int dirfd;
+    char *buf;
+    size_t len, cap;
+} arena;
+
+typedef struct {
     uint32_t gid;
     const uint16_t *table;
     const uint32_t *protected_uids;
     Py_ssize_t n_protected;
     int fix;
+    int walk; /* descend into subdirectories (walk) instead of reporting them (scan) */
     unsigned long long root_dev;
     long long root_mnt; /* -1: no mount id check needed */
-    char *arena;        /* NUL-terminated names, back to back */
-    size_t arena_len, arena_cap;
+    arena out;          /* record paths, NUL-terminated */
+    arena names;        /* scratch: names listed, used as a stack across the walk */
+    arena rel;          /* the current directory relative to the start (walk), NUL-ended */
+    char *dents;        /* getdents64 buffer */
     record *recs;
     size_t n_recs, cap_recs;
-    Py_ssize_t n_ok;
+    Py_ssize_t n_ok, n_dirs;
 } batch;
+
+#define DENTS_SIZE 32768
 
 static int fd_statx(int dirfd, const char *name, int flags, unsigned int mask, statx_buf *buf)
 {
@@ -108,26 +118,29 @@ static int chmod_path_fd(int fd, unsigned int mode)
     return chmod(path, mode);
 }
 
-static int add_name(batch *b, const char *name, size_t len, size_t *off)
+/* Append `len` bytes and a NUL; the offset of the copy goes to *off. */
+static int arena_put(arena *a, const char *s, size_t len, size_t *off)
 {
-    if (b->arena_len + len + 1 > b->arena_cap) {
-        size_t cap = b->arena_cap ? b->arena_cap * 2 : 4096;
-        while (cap < b->arena_len + len + 1)
+    if (a->len + len + 1 > a->cap) {
+        size_t cap = a->cap ? a->cap * 2 : 4096;
+        while (cap < a->len + len + 1)
             cap *= 2;
-        char *grown = realloc(b->arena, cap);
+        char *grown = realloc(a->buf, cap);
         if (!grown)
             return -1;
-        b->arena = grown;
-        b->arena_cap = cap;
+        a->buf = grown;
+        a->cap = cap;
     }
-    memcpy(b->arena + b->arena_len, name, len);
-    b->arena[b->arena_len + len] = '\0';
-    *off = b->arena_len;
-    b->arena_len += len + 1;
+    memcpy(a->buf + a->len, s, len);
+    a->buf[a->len + len] = '\0';
+    if (off)
+        *off = a->len;
+    a->len += len + 1;
     return 0;
 }
 
-static record *add_record(batch *b, size_t name_off, enum outcome what)
+/* A record for `name` in the current directory; its path is b->rel + "/" + name. */
+static record *add_record(batch *b, const char *name, enum outcome what)
 {
     if (b->n_recs == b->cap_recs) {
         size_t cap = b->cap_recs ? b->cap_recs * 2 : 64;
@@ -137,12 +150,43 @@ static record *add_record(batch *b, size_t name_off, enum outcome what)
         b->recs = grown;
         b->cap_recs = cap;
     }
+    size_t off = b->out.len;
+    if (b->rel.len) {
+        if (arena_put(&b->out, b->rel.buf, b->rel.len, NULL) != 0)
+            return NULL;
+        b->out.buf[b->out.len - 1] = '/'; /* the separator replaces the prefix's NUL */
+    }
+    if (arena_put(&b->out, name, strlen(name), NULL) != 0)
+        return NULL;
     record *r = &b->recs[b->n_recs++];
     memset(r, 0, sizeof *r);
-    r->name_off = name_off;
+    r->path_off = off;
     r->what = what;
     r->set_mode = -1;
     return r;
+}
+
+/* Descend: b->rel becomes "rel/name". Returns the previous length, or -1 when out of memory. */
+static long rel_push(batch *b, const char *name)
+{
+    size_t plen = b->rel.len, nlen = strlen(name), need = plen + nlen + 2;
+    if (need > b->rel.cap) {
+        size_t cap = b->rel.cap ? b->rel.cap * 2 : 256;
+        while (cap < need)
+            cap *= 2;
+        char *grown = realloc(b->rel.buf, cap);
+        if (!grown)
+            return -1;
+        b->rel.buf = grown;
+        b->rel.cap = cap;
+    }
+    size_t pos = plen;
+    if (plen)
+        b->rel.buf[pos++] = '/';
+    memcpy(b->rel.buf + pos, name, nlen);
+    b->rel.len = pos + nlen;
+    b->rel.buf[b->rel.len] = '\0';
+    return (long)plen;
 }
 
 static int is_protected(const batch *b, uint32_t uid)
@@ -153,12 +197,46 @@ static int is_protected(const batch *b, uint32_t uid)
     return 0;
 }
 
+static int same_fs(const batch *b, const statx_buf *st)
+{
+    return makedev(st->sx.stx_dev_major, st->sx.stx_dev_minor) == b->root_dev &&
+           (b->root_mnt < 0 || ((st->sx.stx_mask & STATX_MNT_ID) &&
+                                statx_mnt_id(st) == (uint64_t)b->root_mnt));
+}
+
+/* Set group and permission bits on the inode behind fd (an O_PATH or a directory fd), as
+ * judged from `now`; fills r->set_gid/set_mode. Returns 0 or -1 with r->err set. */
+static int apply_fix(const batch *b, int fd, statx_buf *now, record *r)
+{
+    uint16_t want = b->table[now->sx.stx_mode];
+    if (now->sx.stx_gid != b->gid) {
+        if (fchownat(fd, "", (uid_t)-1, b->gid, AT_EMPTY_PATH) != 0)
+            goto fail;
+        r->set_gid = 1;
+        if (!S_ISDIR(now->sx.stx_mode) && (now->sx.stx_mode & (S_ISUID | S_ISGID))) {
+            /* chown may clear setuid/setgid on a file: judge the bits afresh */
+            if (fd_statx(fd, "", AT_EMPTY_PATH, STATX_WANT, now) != 0)
+                goto fail;
+            want = b->table[now->sx.stx_mode];
+        }
+    }
+    if (want != NO_FIX && want != (now->sx.stx_mode & 07777)) {
+        if (chmod_path_fd(fd, want) != 0)
+            goto fail;
+        r->set_mode = want;
+    }
+    return 0;
+fail:
+    r->err = errno;
+    return -1;
+}
+
 /* Change the entry judged as `seen` through an O_PATH fd proven to be that inode.
  * Returns the outcome; ATTENTION when anything is unusual (Python's slow path decides). */
-static enum outcome fix_entry(const batch *b, const char *name, const statx_buf *seen,
-                              record *r)
+static enum outcome fix_entry(const batch *b, int dirfd, const char *name,
+                              const statx_buf *seen, record *r)
 {
-    int fd = openat(b->dirfd, name, O_PATH | O_NOFOLLOW | O_CLOEXEC);
+    int fd = openat(dirfd, name, O_PATH | O_NOFOLLOW | O_CLOEXEC);
     if (fd < 0) {
         r->err = errno;
         return errno == ENOENT ? VANISHED : ERROR;
@@ -169,158 +247,276 @@ static enum outcome fix_entry(const batch *b, const char *name, const statx_buf 
     if (fd_statx(fd, "", AT_EMPTY_PATH, mask, &now) != 0) {
         r->err = errno;
         out = ERROR;
-        goto done;
-    }
-    if (now.sx.stx_ino != seen->sx.stx_ino || now.sx.stx_uid != seen->sx.stx_uid ||
-        (now.sx.stx_mode & S_IFMT) != (seen->sx.stx_mode & S_IFMT) ||
-        makedev(now.sx.stx_dev_major, now.sx.stx_dev_minor) != b->root_dev ||
-        (b->root_mnt >= 0 && (!(now.sx.stx_mask & STATX_MNT_ID) ||
-                              statx_mnt_id(&now) != (uint64_t)b->root_mnt))) {
+    } else if (now.sx.stx_ino != seen->sx.stx_ino || now.sx.stx_uid != seen->sx.stx_uid ||
+               (now.sx.stx_mode & S_IFMT) != (seen->sx.stx_mode & S_IFMT) ||
+               !same_fs(b, &now)) {
         out = ATTENTION; /* swapped, re-owned or another mount: the slow path re-judges it */
-        goto done;
+    } else if (apply_fix(b, fd, &now, r) != 0) {
+        out = ERROR;
     }
-    uint16_t want = b->table[now.sx.stx_mode];
-    if (now.sx.stx_gid != b->gid) {
-        if (fchownat(fd, "", (uid_t)-1, b->gid, AT_EMPTY_PATH) != 0) {
-            r->err = errno;
-            out = ERROR;
-            goto done;
-        }
-        r->set_gid = 1;
-        if (now.sx.stx_mode & (S_ISUID | S_ISGID)) {
-            /* chown may clear setuid/setgid on a file: judge the bits afresh */
-            if (fd_statx(fd, "", AT_EMPTY_PATH, STATX_WANT, &now) != 0) {
-                r->err = errno;
-                out = ERROR;
-                goto done;
-            }
-            want = b->table[now.sx.stx_mode];
-        }
-    }
-    if (want != NO_FIX && want != (now.sx.stx_mode & 07777)) {
-        if (chmod_path_fd(fd, want) != 0) {
-            r->err = errno;
-            out = ERROR;
-            goto done;
-        }
-        r->set_mode = want;
-    }
-done:
     close(fd);
     return out;
 }
 
-/* Inspect (and with b->fix, heal) one entry; the GIL is not held. */
-static int do_entry(batch *b, size_t name_off, int known_dir)
+/* Inspect (and with b->fix, heal) one entry of dirfd; the GIL is not held. A directory is
+ * not inspected: *is_dir is set and the caller decides. Returns -1 only when out of memory. */
+static int do_entry(batch *b, int dirfd, const char *name, int known_dir, int *is_dir)
 {
-    const char *name = b->arena + name_off;
+    *is_dir = known_dir;
     if (known_dir)
-        return add_record(b, name_off, SUBDIR) ? 0 : -1;
+        return 0;
     statx_buf seen;
-    if (fd_statx(b->dirfd, name, 0, STATX_WANT, &seen) != 0) {
+    if (fd_statx(dirfd, name, 0, STATX_WANT, &seen) != 0) {
         int err = errno;
-        record *r = add_record(b, name_off, err == ENOENT ? VANISHED : ERROR);
+        record *r = add_record(b, name, err == ENOENT ? VANISHED : ERROR);
         if (!r)
             return -1;
         r->err = err;
         return 0;
     }
     uint16_t mode = seen.sx.stx_mode;
-    if (S_ISDIR(mode))
-        return add_record(b, name_off, SUBDIR) ? 0 : -1;
+    if (S_ISDIR(mode)) {
+        *is_dir = 1;
+        return 0;
+    }
     uint16_t want = b->table[mode];
     if (want != NO_FIX && seen.sx.stx_gid == b->gid && want == (mode & 07777)) {
         b->n_ok++;
         return 0;
     }
-    record tmp = {.name_off = name_off, .set_mode = -1, .mode = mode,
-                  .uid = seen.sx.stx_uid, .gid = seen.sx.stx_gid};
+    record tmp = {.set_mode = -1, .mode = mode, .uid = seen.sx.stx_uid,
+                  .gid = seen.sx.stx_gid};
     tmp.what = (want == NO_FIX || !b->fix || is_protected(b, seen.sx.stx_uid))
                    ? ATTENTION
-                   : fix_entry(b, name, &seen, &tmp);
-    record *r = add_record(b, name_off, tmp.what);
+                   : fix_entry(b, dirfd, name, &seen, &tmp);
+    record *r = add_record(b, name, tmp.what);
     if (!r)
         return -1;
+    tmp.path_off = r->path_off;
     *r = tmp;
     return 0;
 }
 
-/* List b->dirfd with getdents64 and inspect every entry; the GIL is not held. The walker
- * owns its directory fds and reads them nowhere else, so the fd's own offset is used
- * (rewound first) instead of paying an openat/close per directory for a private one. */
-static int list_and_inspect(batch *b)
+/* A subdirectory met in scan mode is reported; in walk mode it is queued on b->names. */
+static int found_dir(batch *b, const char *name)
 {
-    if (lseek(b->dirfd, 0, SEEK_SET) < 0)
-        return errno;
-    char buf[32768];
-    int err = 0;
+    if (b->walk)
+        return arena_put(&b->names, name, strlen(name), NULL);
+    return add_record(b, name, SUBDIR) ? 0 : -1;
+}
+
+static int walk_dir(batch *b, int dirfd);
+
+/* Walk mode: open a subdirectory no-follow, prove it is on the root's mount, judge and heal
+ * it through its own fd, then walk it. Anything else goes back to Python, which visits it
+ * and its subtree itself. Returns -1 only when out of memory. */
+static int visit_subdir(batch *b, int parent, const char *name)
+{
+    int fd = openat(parent, name, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+    if (fd < 0) {
+        int err = errno;
+        int swapped = err == ELOOP || err == ENOTDIR; /* a symlink or a file since listed */
+        record *r = add_record(b, name, err == ENOENT ? VANISHED : swapped ? ATTENTION : ERROR);
+        if (!r)
+            return -1;
+        r->err = swapped ? 0 : err;
+        r->mode = S_IFDIR; /* as it was listed */
+        return 0;
+    }
+    int rc = 0;
+    statx_buf st;
+    unsigned int mask = STATX_WANT | (b->root_mnt >= 0 ? STATX_MNT_ID : 0);
+    record tmp = {.set_mode = -1};
+    enum outcome what = OK;
+    if (fd_statx(fd, "", AT_EMPTY_PATH, mask, &st) != 0) {
+        tmp.err = errno;
+        what = ERROR;
+    } else {
+        uint16_t want = b->table[st.sx.stx_mode];
+        int ok = st.sx.stx_gid == b->gid && want == (st.sx.stx_mode & 07777);
+        if (!same_fs(b, &st) || (!ok && (!b->fix || is_protected(b, st.sx.stx_uid)))) {
+            what = ATTENTION;
+        } else if (!ok) {
+            statx_buf now = st;
+            what = apply_fix(b, fd, &now, &tmp) == 0 ? FIXED : ERROR;
+        }
+        tmp.mode = st.sx.stx_mode;
+        tmp.uid = st.sx.stx_uid;
+        tmp.gid = st.sx.stx_gid;
+    }
+    if (what != OK) {
+        record *r = add_record(b, name, what);
+        if (!r) {
+            rc = -1;
+            goto done;
+        }
+        tmp.path_off = r->path_off;
+        tmp.what = what;
+        if (what != ERROR)
+            tmp.err = 0;
+        *r = tmp;
+        if (what != FIXED)
+            goto done;
+    }
+    b->n_dirs++;
+    long plen = rel_push(b, name);
+    if (plen < 0) {
+        rc = -1;
+        goto done;
+    }
+    rc = walk_dir(b, fd);
+    b->rel.len = (size_t)plen;
+    b->rel.buf[plen] = '\0';
+    if (rc > 0) { /* listing it failed: report the directory, go on */
+        record *r = add_record(b, name, ERROR);
+        if (r)
+            r->err = rc;
+        rc = r ? 0 : -1;
+    }
+done:
+    close(fd);
+    return rc;
+}
+
+/* List dirfd with getdents64 and inspect every entry; in walk mode, then descend into each
+ * subdirectory. The walker owns its directory fds and reads them nowhere else, so the fd's
+ * own offset is used (rewound first). The GIL is not held. Returns 0, an errno from the
+ * listing, or -1 when out of memory. */
+static int walk_dir(batch *b, int dirfd)
+{
+    size_t mark = b->names.len;
+    int rc = 0;
+    if (lseek(dirfd, 0, SEEK_SET) < 0) {
+        rc = errno;
+        goto out;
+    }
     for (;;) {
-        long n = syscall(SYS_getdents64, b->dirfd, buf, sizeof buf);
+        long n = syscall(SYS_getdents64, dirfd, b->dents, DENTS_SIZE);
         if (n < 0) {
-            err = errno;
-            break;
+            rc = errno;
+            goto out;
         }
         if (n == 0)
             break;
         for (long pos = 0; pos < n;) {
-            struct dirent64 *d = (struct dirent64 *)(buf + pos);
+            struct dirent64 *d = (struct dirent64 *)(b->dents + pos);
             pos += d->d_reclen;
             const char *nm = d->d_name;
             if (nm[0] == '.' && (nm[1] == '\0' || (nm[1] == '.' && nm[2] == '\0')))
                 continue;
-            size_t off;
-            if (add_name(b, nm, strlen(nm), &off) != 0 ||
-                do_entry(b, off, d->d_type == DT_DIR) != 0) {
-                err = ENOMEM;
+            int is_dir;
+            if (do_entry(b, dirfd, nm, d->d_type == DT_DIR, &is_dir) != 0 ||
+                (is_dir && found_dir(b, nm) != 0)) {
+                rc = -1;
                 goto out;
             }
         }
     }
+    /* Subdirectories after the listing: the getdents buffer is free again for them. */
+    for (size_t off = mark; off < b->names.len;) {
+        char name[NAME_MAX + 1];
+        size_t nlen = strlen(b->names.buf + off);
+        memcpy(name, b->names.buf + off, nlen + 1); /* the arena may move below */
+        off += nlen + 1;
+        if (visit_subdir(b, dirfd, name) != 0) {
+            rc = -1;
+            goto out;
+        }
+    }
 out:
-    return err;
+    b->names.len = mark; /* this directory's names are done with, whatever happened */
+    return rc;
 }
 
-static PyObject *build_result(batch *b)
+static PyObject *build_lists(batch *b, PyObject **attention, PyObject **fixed)
 {
-    PyObject *subdirs = PyList_New(0), *attention = PyList_New(0), *fixed = PyList_New(0);
-    if (!subdirs || !attention || !fixed)
+    PyObject *subdirs = PyList_New(0);
+    *attention = PyList_New(0);
+    *fixed = PyList_New(0);
+    if (!subdirs || !*attention || !*fixed)
         goto fail;
     for (size_t i = 0; i < b->n_recs; i++) {
         record *r = &b->recs[i];
-        PyObject *name = PyUnicode_DecodeFSDefault(b->arena + r->name_off);
-        if (!name)
+        PyObject *path = PyUnicode_DecodeFSDefault(b->out.buf + r->path_off);
+        if (!path)
             goto fail;
-        PyObject *item = NULL;
-        PyObject *target = NULL;
+        PyObject *item = NULL, *target = NULL;
         switch (r->what) {
         case SUBDIR:
             target = subdirs;
-            item = name;
-            Py_INCREF(name);
+            item = path;
+            Py_INCREF(path);
             break;
         case FIXED:
-            target = fixed;
-            item = Py_BuildValue("(OIIii)", name, r->mode, r->gid, r->set_gid, r->set_mode);
+            target = *fixed;
+            item = Py_BuildValue("(OIIii)", path, r->mode, r->gid, r->set_gid, r->set_mode);
             break;
-        default: /* ATTENTION, ERROR, VANISHED: (name, errno, mode, uid, gid) */
-            target = attention;
-            item = Py_BuildValue("(OiIII)", name, r->what == ATTENTION ? 0 : r->err,
+        default: /* ATTENTION, ERROR, VANISHED: (path, errno, mode, uid, gid) */
+            target = *attention;
+            item = Py_BuildValue("(OiIII)", path, r->what == ATTENTION ? 0 : r->err,
                                  r->mode, r->uid, r->gid);
             break;
         }
-        Py_DECREF(name);
+        Py_DECREF(path);
         if (!item || PyList_Append(target, item) != 0) {
             Py_XDECREF(item);
             goto fail;
         }
         Py_DECREF(item);
     }
-    return Py_BuildValue("(nNNN)", b->n_ok, subdirs, attention, fixed);
+    return subdirs;
 fail:
     Py_XDECREF(subdirs);
-    Py_XDECREF(attention);
-    Py_XDECREF(fixed);
+    Py_CLEAR(*attention);
+    Py_CLEAR(*fixed);
     return NULL;
+}
+
+/* Parse the arguments both entry points share; fills b and the protected uid array. */
+static int setup_batch(batch *b, Py_buffer *table, PyObject *protected_seq, uint32_t **prot)
+{
+    if (table->len != TABLE_BYTES) {
+        PyErr_SetString(PyExc_ValueError, "table must hold 65536 uint16 values");
+        return -1;
+    }
+    b->table = table->buf;
+    PyObject *pseq = PySequence_Fast(protected_seq, "protected must be a sequence of uids");
+    if (!pseq)
+        return -1;
+    b->n_protected = PySequence_Fast_GET_SIZE(pseq);
+    *prot = PyMem_Calloc(b->n_protected + 1, sizeof **prot);
+    for (Py_ssize_t i = 0; *prot && i < b->n_protected; i++)
+        (*prot)[i] = (uint32_t)PyLong_AsUnsignedLong(PySequence_Fast_GET_ITEM(pseq, i));
+    Py_DECREF(pseq);
+    if (!*prot) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    if (PyErr_Occurred())
+        return -1;
+    b->protected_uids = *prot;
+    b->dents = malloc(DENTS_SIZE);
+    if (!b->dents) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    return 0;
+}
+
+static void free_batch(batch *b)
+{
+    free(b->out.buf);
+    free(b->names.buf);
+    free(b->rel.buf);
+    free(b->dents);
+    free(b->recs);
+}
+
+static int raise_errno(int err)
+{
+    errno = err;
+    PyErr_SetFromErrno(err == ENOMEM || err == -1 ? PyExc_MemoryError : PyExc_OSError);
+    return -1;
 }
 
 PyDoc_STRVAR(scan_doc,
@@ -344,55 +540,37 @@ static PyObject *py_scan(PyObject *self, PyObject *args)
     if (!PyArg_ParseTuple(args, "iOIy*OpKL", &dirfd, &names, &gid, &table, &protected_seq,
                           &fix, &root_dev, &root_mnt))
         return NULL;
-    batch b = {.dirfd = dirfd, .gid = gid, .fix = fix, .root_dev = root_dev,
-               .root_mnt = root_mnt};
+    batch b = {.gid = gid, .fix = fix, .root_dev = root_dev, .root_mnt = root_mnt};
     PyObject *result = NULL;
     uint32_t *prot = NULL;
-    if (table.len != TABLE_BYTES) {
-        PyErr_SetString(PyExc_ValueError, "table must hold 65536 uint16 values");
+    size_t *offs = NULL;
+    if (setup_batch(&b, &table, protected_seq, &prot) != 0)
         goto out;
-    }
-    b.table = table.buf;
-    PyObject *pseq = PySequence_Fast(protected_seq, "protected must be a sequence of uids");
-    if (!pseq)
-        goto out;
-    b.n_protected = PySequence_Fast_GET_SIZE(pseq);
-    prot = PyMem_Calloc(b.n_protected + 1, sizeof *prot);
-    for (Py_ssize_t i = 0; prot && i < b.n_protected; i++)
-        prot[i] = (uint32_t)PyLong_AsUnsignedLong(PySequence_Fast_GET_ITEM(pseq, i));
-    Py_DECREF(pseq);
-    if (!prot || PyErr_Occurred()) {
-        if (!prot)
-            PyErr_NoMemory();
-        goto out;
-    }
-    b.protected_uids = prot;
-
     int err = 0;
     if (names == Py_None) {
         Py_BEGIN_ALLOW_THREADS
-        err = list_and_inspect(&b);
+        err = walk_dir(&b, dirfd);
         Py_END_ALLOW_THREADS
     } else {
-        /* Copy the names into the arena first: the loop below runs without the GIL. */
+        /* Copy the names first: the loop below runs without the GIL. */
         PyObject *nseq = PySequence_Fast(names, "names must be a sequence of str");
         if (!nseq)
             goto out;
         Py_ssize_t n = PySequence_Fast_GET_SIZE(nseq);
-        size_t *offs = PyMem_Malloc((n + 1) * sizeof *offs);
+        offs = PyMem_Malloc((n + 1) * sizeof *offs);
         for (Py_ssize_t i = 0; offs && i < n; i++) {
             PyObject *enc = PyUnicode_EncodeFSDefault(PySequence_Fast_GET_ITEM(nseq, i));
             if (!enc) {
-                PyMem_Free(offs);
                 Py_DECREF(nseq);
                 goto out;
             }
-            int bad = add_name(&b, PyBytes_AS_STRING(enc), (size_t)PyBytes_GET_SIZE(enc),
-                               &offs[i]);
+            int bad = arena_put(&b.names, PyBytes_AS_STRING(enc),
+                                (size_t)PyBytes_GET_SIZE(enc), &offs[i]);
             Py_DECREF(enc);
             if (bad) {
-                PyMem_Free(offs);
-                offs = NULL;
+                Py_DECREF(nseq);
+                PyErr_NoMemory();
+                goto out;
             }
         }
         Py_DECREF(nseq);
@@ -401,23 +579,74 @@ static PyObject *py_scan(PyObject *self, PyObject *args)
             goto out;
         }
         Py_BEGIN_ALLOW_THREADS
-        for (Py_ssize_t i = 0; i < n && !err; i++)
-            if (do_entry(&b, offs[i], 0) != 0)
-                err = ENOMEM;
+        for (Py_ssize_t i = 0; i < n && !err; i++) {
+            const char *nm = b.names.buf + offs[i];
+            int is_dir;
+            if (do_entry(&b, dirfd, nm, 0, &is_dir) != 0 || (is_dir && found_dir(&b, nm) != 0))
+                err = -1;
+        }
         Py_END_ALLOW_THREADS
-        PyMem_Free(offs);
     }
     if (err) {
-        errno = err;
-        PyErr_SetFromErrno(err == ENOMEM ? PyExc_MemoryError : PyExc_OSError);
+        raise_errno(err);
         goto out;
     }
-    result = build_result(&b);
+    PyObject *attention, *fixed;
+    PyObject *subdirs = build_lists(&b, &attention, &fixed);
+    if (subdirs)
+        result = Py_BuildValue("(nNNN)", b.n_ok, subdirs, attention, fixed);
 out:
     PyBuffer_Release(&table);
     PyMem_Free(prot);
-    free(b.arena);
-    free(b.recs);
+    PyMem_Free(offs);
+    free_batch(&b);
+    return result;
+}
+
+PyDoc_STRVAR(walk_doc,
+"walk(dirfd, gid, table, protected, fix, root_dev, root_mnt)\n"
+"    -> (n_ok, n_dirs, attention, fixed)\n\n"
+"scan() for the whole subtree below ``dirfd`` (not dirfd itself): each subdirectory is\n"
+"opened O_NOFOLLOW, must be on the root's mount, is judged by ``table`` and healed through\n"
+"its own fd, then walked. A subdirectory that is not plain (another mount, a protected\n"
+"owner, wrong with ``fix`` off, swapped) is returned in ``attention`` by its path and not\n"
+"entered: the caller visits it and what lies below. Paths are relative to ``dirfd``.\n"
+"n_dirs counts the subdirectories walked.");
+
+static PyObject *py_walk(PyObject *self, PyObject *args)
+{
+    int dirfd, fix;
+    unsigned int gid;
+    PyObject *protected_seq;
+    Py_buffer table;
+    unsigned long long root_dev;
+    long long root_mnt;
+    if (!PyArg_ParseTuple(args, "iIy*OpKL", &dirfd, &gid, &table, &protected_seq, &fix,
+                          &root_dev, &root_mnt))
+        return NULL;
+    batch b = {.gid = gid, .fix = fix, .walk = 1, .root_dev = root_dev, .root_mnt = root_mnt};
+    PyObject *result = NULL;
+    uint32_t *prot = NULL;
+    if (setup_batch(&b, &table, protected_seq, &prot) != 0)
+        goto out;
+    int err;
+    Py_BEGIN_ALLOW_THREADS
+    err = walk_dir(&b, dirfd);
+    Py_END_ALLOW_THREADS
+    if (err) {
+        raise_errno(err);
+        goto out;
+    }
+    PyObject *attention, *fixed;
+    PyObject *subdirs = build_lists(&b, &attention, &fixed);
+    if (subdirs) {
+        Py_DECREF(subdirs); /* always empty in walk mode */
+        result = Py_BuildValue("(nnNN)", b.n_ok, b.n_dirs, attention, fixed);
+    }
+out:
+    PyBuffer_Release(&table);
+    PyMem_Free(prot);
+    free_batch(&b);
     return result;
 }
 
@@ -493,6 +722,7 @@ static PyObject *py_chmod(PyObject *self, PyObject *args)
 
 static PyMethodDef methods[] = {
     {"scan", py_scan, METH_VARARGS, scan_doc},
+    {"walk", py_walk, METH_VARARGS, walk_doc},
     {"stat", py_stat, METH_VARARGS, stat_doc},
     {"chgrp", py_chgrp, METH_VARARGS, chgrp_doc},
     {"chmod", py_chmod, METH_VARARGS, chmod_doc},

@@ -71,3 +71,26 @@ def scan(dirfd: int, names: Sequence[str] | None, gid: int, table: bytes,
     """
     return ScanResult(*_fastfs.scan(dirfd, names, gid, table, protected, fix, root_dev,
                                     root_mnt))
+
+
+class WalkResult(NamedTuple):
+    """A whole subtree inspected (and with ``fix``, healed) in C; paths are relative to the
+    directory walked."""
+
+    ok: int  # compliant non-directories
+    dirs: int  # subdirectories walked (correct, or healed through their own fd)
+    attention: list[tuple[str, int, int, int, int]]  # (path, errno, mode, uid, gid)
+    fixed: list[tuple[str, int, int, int, int]]  # (path, old mode, old gid, set_gid, set_mode)
+
+
+def walk(dirfd: int, gid: int, table: bytes, protected: Sequence[int], fix: bool,
+         root_dev: int, root_mnt: int) -> WalkResult:
+    """``scan`` the whole subtree below ``dirfd`` in one call, with the GIL released.
+
+    Each subdirectory is opened ``O_NOFOLLOW|O_DIRECTORY``, proven to be on the root's mount,
+    judged by ``table`` and healed through its own fd, then walked. One that is not plain —
+    another mount, a protected owner, wrong while ``fix`` is off, swapped for a symlink — is
+    returned in ``attention`` and not entered: the walker visits it, and its subtree, itself.
+    Raises OSError when ``dirfd`` itself cannot be listed.
+    """
+    return WalkResult(*_fastfs.walk(dirfd, gid, table, protected, fix, root_dev, root_mnt))

@@ -15,7 +15,10 @@ reconciles of new directories and its per-event heals. Safety rules, all enforce
 
 Speed: the per-entry loop — list, inspect, fix the plain cases — runs in C (``fsops.scan``)
 with the GIL released, judged by the policy's ``mode_table``; Python handles directories and
-whatever the fast path hands back (special files, protected owners, races, other mounts).
+whatever the fast path hands back (special files, protected owners, races, other mounts). A
+serial walk with no exclusions and no planner (``heal``/``check`` and reconciles on a local
+disk) hands whole subtrees to C (``fsops.walk``), which takes directories too and returns only
+what is not plain; Python then visits those by their path, from the root, as usual.
 
 Concurrency: on NFS/EFS each call is a network round trip, so directories are listed and their
 entries inspected and fixed by a bounded pool of threads, in batches of ``BATCH`` names.
@@ -34,13 +37,15 @@ import re
 import stat
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass
 from typing import Callable, Protocol, Sequence
 
 from ..config import RootConfig
 from ..fsinfo import mounts_below
-from ..policy import Kind, Verdict, judge, mode_table
-from .fsops import DIR_FLAGS, PATH_FLAGS, ScanResult, Stat, chgrp_fd, chmod_fd, scan, stat_at
+from ..policy import Kind, Verdict, judge, kind_of, mode_table
+from .fsops import (DIR_FLAGS, PATH_FLAGS, ScanResult, Stat, chgrp_fd, chmod_fd, scan, stat_at,
+                    walk)
 from .stats import Finding, FindingSink, HealStats
 
 BATCH = 32  # entries inspected per task when concurrent
@@ -212,6 +217,7 @@ class _Pass:
         self.pending = 0
         self.root_dev = -1
         self.root_mnt = -1  # -1: unknown, or nothing is mounted below the root
+        self.root_ref: _DirRef | None = None  # open for the whole pass (paths from C walks)
         self.totals = HealStats()
 
     # -- driving ---------------------------------------------------------------------------
@@ -220,20 +226,20 @@ class _Pass:
         start = time.monotonic()
         stats = HealStats()
         root_fd = os.open(self.root.path, DIR_FLAGS)
-        root_ref = _DirRef(root_fd, "")
+        root_ref = self.root_ref = _DirRef(root_fd, "")
         try:
             st = stat_at(root_fd)
             self.root_dev = st.st_dev
             self.root_mnt = st.mnt_id if mounts_below(self.h.real_root) else -1
             first = self._resolve(root_ref, rel, recursive, stats, names)
+            if first is not None:
+                self._push(first)
+                if self.h.concurrency == 1:
+                    self._drain_inline(stats)
+                else:
+                    self._drain_threads()
         finally:
             root_ref.release()
-        if first is not None:
-            self._push(first)
-            if self.h.concurrency == 1:
-                self._drain_inline(stats)
-            else:
-                self._drain_threads()
         self.totals.merge(stats)
         self.totals.duration = time.monotonic() - start
         return self.totals
@@ -389,6 +395,9 @@ class _Pass:
         """
         concurrent = self.h.concurrency > 1
         if not concurrent and not self.root.exclude:
+            if self.planner is None:
+                self._walk_below(ref, stats)
+                return
             subdirs = self._scan(ref, None, stats)
             if self.planner is not None:
                 self.planner.listed(ref.rel, st, subdirs)
@@ -420,7 +429,7 @@ class _Pass:
         found: ScanResult = scan(ref.fd, names, self.root.gid, self.h.table,
                                  self.root.protected_owners, not self.h.dry_run,
                                  self.root_dev, self.root_mnt)
-        stats.scanned += found.ok + len(found.fixed)
+        stats.scanned += found.ok
         for name in found.subdirs:
             self._push(_DirTask(ref.acquire(), name, ref.child(name), descend))
         for name, err, _mode, _uid, _gid in found.attention:
@@ -434,29 +443,48 @@ class _Pass:
             self._count_fixed(ref, found.fixed, stats)
         return found.subdirs
 
+    def _walk_below(self, ref: _DirRef, stats: HealStats) -> None:
+        """Hand the whole subtree below ``ref`` to C; visit what it hands back by its path."""
+        found = walk(ref.fd, self.root.gid, self.h.table, self.root.protected_owners,
+                     not self.h.dry_run, self.root_dev, self.root_mnt)
+        stats.scanned += found.ok + found.dirs
+        stats.dirs += found.dirs
+        assert self.root_ref is not None
+        for rel, err, mode, _uid, _gid in found.attention:
+            path = ref.child(rel)
+            if err == errno.ENOENT:
+                stats.skipped["vanished"] += 1
+            elif err:
+                kind = kind_of(mode).value if mode else Kind.FILE.value
+                self._error(stats, path, kind, OSError(err, os.strerror(err)))
+            else:
+                task = self._resolve(self.root_ref, path, True, stats)
+                if task is not None:
+                    self._push(task)
+        if found.fixed:
+            self._count_fixed(ref, found.fixed, stats)
+
     def _count_fixed(self, ref: _DirRef, fixed: list[tuple[str, int, int, int, int]],
                      stats: HealStats) -> None:
-        """Account for what the C loop fixed, as ``_judge_and_fix`` does for the slow path."""
+        """Account for what C fixed (paths relative to ``ref``), as ``_judge_and_fix`` does for
+        the slow path. Fixed directories were counted as scanned by the C walk already."""
         stats.violations += len(fixed)
-        groups = modes = links = files = 0
-        for name, mode, gid, set_gid, set_mode in fixed:
+        groups = modes = dirs = 0
+        kinds: Counter[int] = Counter()
+        for path, mode, gid, set_gid, set_mode in fixed:
+            dirs += stat.S_ISDIR(mode)
             groups += set_gid
             modes += set_mode >= 0
             if set_gid or set_mode >= 0:
-                if stat.S_ISLNK(mode):
-                    links += 1
-                else:
-                    files += 1
+                kinds[stat.S_IFMT(mode)] += 1
             if self.h.report_fixes:
-                kind = Kind.SYMLINK if stat.S_ISLNK(mode) else Kind.FILE
                 problems = tuple(self.h.verdict(mode, gid).problems(gid, mode))
-                self.h.report(Finding(ref.child(name), kind.value, "fixed", problems))
+                self.h.report(Finding(ref.child(path), kind_of(mode).value, "fixed", problems))
         stats.fixed["group"] += groups
         stats.fixed["mode"] += modes
-        if files:
-            stats.fixed_kinds[Kind.FILE.value] += files
-        if links:
-            stats.fixed_kinds[Kind.SYMLINK.value] += links
+        for fmt, n in kinds.items():
+            stats.fixed_kinds[kind_of(fmt).value] += n
+        stats.scanned += len(fixed) - dirs
 
     def _inspect(self, parent: _DirRef, name: str, stats: HealStats,
                  descend: bool = True) -> None:
