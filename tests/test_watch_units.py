@@ -88,14 +88,16 @@ def _root_cfg(root: Path, group: str):  # type: ignore[no-untyped-def]
     return parse({"roots": [{"path": str(root), "group": group}]}).roots[0]
 
 
-def test_poller_lists_only_changed_directories(accounts: Accounts, scratch: Path) -> None:
+@pytest.mark.parametrize("concurrency", [1, 4])  # 1: the stamps are checked in one C call
+def test_poller_lists_only_changed_directories(accounts: Accounts, scratch: Path,
+                                               concurrency: int) -> None:
     root = make_root(scratch, accounts)
     src = make_source(scratch, 60, 5)
     os.system(f"cp -a {src} {root}/tree && chown -R {accounts.alice.uid} {root}/tree")
     (root / "outside-link").symlink_to(scratch)  # must never be followed
     cfg = _root_cfg(root, accounts.shared_group)
     Healer(cfg).run("")  # a compliant tree: the poller must write nothing on it
-    p = Poller(Healer(cfg, concurrency=4))
+    p = Poller(Healer(cfg, concurrency=concurrency))
     first = p.run()
     assert first.heal.writes == 0 and p.directories == first.dirs == first.listed > 60
     again = p.run()

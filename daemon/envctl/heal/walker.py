@@ -39,13 +39,13 @@ import threading
 import time
 from collections import Counter
 from dataclasses import dataclass
-from typing import Callable, Protocol, Sequence
+from typing import Any, Callable, Mapping, Protocol, Sequence
 
 from ..config import RootConfig
 from ..fsinfo import mounts_below
 from ..policy import Kind, Verdict, judge, kind_of, mode_table
-from .fsops import (DIR_FLAGS, PATH_FLAGS, ScanResult, Stat, chgrp_fd, chmod_fd, scan, stat_at,
-                    walk)
+from .fsops import (DIR_FLAGS, PATH_FLAGS, ScanResult, Stat, check_stamps, chgrp_fd, chmod_fd,
+                    scan, stat_at, walk)
 from .stats import Finding, FindingSink, HealStats
 
 BATCH = 32  # entries inspected per task when concurrent
@@ -186,6 +186,18 @@ class Healer:
         symlinks: a path that came from an event is a hint, never trusted.
         """
         return _Pass(self, planner).run(rel, recursive)
+
+    def stale_dirs(self, stamps: Mapping[str, Any]) -> tuple[int, list[str]]:
+        """The directories of ``stamps`` (see ``fsops.check_stamps``) that a serial poll pass
+        must visit: unknown, changed since stamped, wrong, or on another mount. Returns how
+        many directories were checked, and those paths."""
+        fd = os.open(self.root.path, DIR_FLAGS)
+        try:
+            st = stat_at(fd)
+            mnt = st.mnt_id if mounts_below(self.real_root) else -1
+            return check_stamps(fd, stamps, self.root.gid, self.table, st.st_dev, mnt)
+        finally:
+            os.close(fd)
 
     def run_entries(self, parent: str, names: list[str]) -> HealStats:
         """Heal entries ``names`` of the directory ``parent`` (not their subtrees), resolving
