@@ -44,13 +44,22 @@ def lock_is_free(root: Path, name: str) -> bool:
                           check=False).returncode == 0
 
 
-def procs_of(uid: int) -> list[int]:
+def procs_of(uid: int, home_under: Path | None = None) -> list[int]:
+    """Processes of ``uid``; with ``home_under``, only builds of that state dir (a build's
+    scrubbed environment has HOME in its job dir), so a straggler of another test's build
+    under a loaded suite is not blamed on this one."""
     out = []
+    prefix = f"HOME={home_under}/".encode() if home_under is not None else None
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             try:
-                if os.stat(f"/proc/{entry}").st_uid == uid:
-                    out.append(int(entry))
+                if os.stat(f"/proc/{entry}").st_uid != uid:
+                    continue
+                if prefix is not None and not any(
+                        v.startswith(prefix)
+                        for v in Path(f"/proc/{entry}/environ").read_bytes().split(b"\0")):
+                    continue
+                out.append(int(entry))
             except OSError:
                 pass
     return out
@@ -84,7 +93,8 @@ def assert_clean(env: JobsEnv, name: str) -> None:
     assert os.listdir(env.root / ".envctl" / "building") == []
     assert os.listdir(env.root / ".envctl" / "staging") == []
     assert lock_is_free(env.root, name)
-    wait_for(lambda: not procs_of(env.accounts.builder.uid), 10, what="build processes gone")
+    wait_for(lambda: not procs_of(env.accounts.builder.uid, env.state_dir), 10,
+             what="build processes gone")
 
 
 def wait_creating(env: JobsEnv, job_id: str) -> int:
