@@ -111,6 +111,7 @@ def test_cancel_mid_build(jobs_env: JobsEnv, manager_factory) -> None:
     alice, bob = jobs_env.requester("alice"), jobs_env.requester("bob")
     job = mgr.submit(alice, "cx", ENV_VENV, backend="venv")
     wait_creating(jobs_env, job.id)
+    assert procs_of(jobs_env.accounts.builder.uid, jobs_env.state_dir)  # the filter sees it
     assert (jobs_env.root / "cx").is_dir()  # built in place, behind the marker
     assert (jobs_env.root / ".envctl" / "building" / "cx").read_text().startswith(job.id)
     with pytest.raises(NotAuthorised, match="only your own jobs"):
