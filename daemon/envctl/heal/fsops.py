@@ -16,6 +16,9 @@ from . import _fastfs
 O_PATH: int = getattr(os, "O_PATH", 0o10000000)
 DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 PATH_FLAGS = O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
+# A directory used only as the base of *at() calls: on NFS/FUSE an O_PATH open is one LOOKUP,
+# without the OPENDIR/RELEASEDIR round trips of a readable one.
+PATH_DIR_FLAGS = PATH_FLAGS | os.O_DIRECTORY
 
 
 class Stat(NamedTuple):

@@ -44,7 +44,7 @@ from typing import Any, Callable, Mapping, Protocol, Sequence
 from ..config import RootConfig
 from ..fsinfo import mounts_below
 from ..policy import Kind, Verdict, judge, kind_of, mode_table
-from .fsops import (DIR_FLAGS, PATH_FLAGS, ScanResult, Stat, check_stamps, chgrp_fd, chmod_fd,
+from .fsops import (DIR_FLAGS, PATH_DIR_FLAGS, PATH_FLAGS, ScanResult, Stat, check_stamps, chgrp_fd, chmod_fd,
                     scan, stat_at, walk)
 from .stats import Finding, FindingSink, HealStats
 
@@ -274,7 +274,7 @@ class _Pass:
                     stats.skipped["excluded"] += 1
                     return None
                 try:
-                    fd = os.open(part, DIR_FLAGS, dir_fd=parent.fd)
+                    fd = os.open(part, PATH_DIR_FLAGS, dir_fd=parent.fd)
                 except OSError as exc:
                     if exc.errno not in (errno.ENOENT, errno.ELOOP, errno.ENOTDIR):
                         self._error(stats, prefix, "dir", exc)
@@ -358,11 +358,15 @@ class _Pass:
 
     def _visit_dir(self, task: _DirTask, stats: HealStats) -> None:
         rel = task.rel
+        # With a planner most directories are unchanged and need no listing: open them O_PATH
+        # (enough to stat, fix and reach the children), and for reading only to list them.
+        path_only = self.planner is not None and task.parent is not None
         try:
             if task.parent is None:
                 fd = os.open(self.root.path, DIR_FLAGS)
             else:
-                fd = os.open(task.name, DIR_FLAGS, dir_fd=task.parent.fd)
+                fd = os.open(task.name, PATH_DIR_FLAGS if path_only else DIR_FLAGS,
+                             dir_fd=task.parent.fd)
         except OSError as exc:
             if exc.errno in (errno.ELOOP, errno.ENOTDIR) and task.parent is not None:
                 # Swapped for a symlink or a file since it was listed: judge it as an entry.
@@ -388,7 +392,13 @@ class _Pass:
             if not task.descend:
                 return
             known = self.planner.plan(rel, st) if self.planner is not None else None
-            if known is None:
+            if known is None and path_only:
+                listing = _DirRef(os.open(".", DIR_FLAGS, dir_fd=fd), rel)
+                try:
+                    self._list(listing, st, stats)
+                finally:
+                    listing.release()
+            elif known is None:
                 self._list(ref, st, stats)
             else:
                 for name in known:
