@@ -411,18 +411,18 @@ class _Pass:
     def _list(self, ref: _DirRef, st: Stat, stats: HealStats) -> None:
         """List a directory: subdirectories become tasks, other entries are inspected.
 
-        Serially, with no exclusion patterns, the C loop lists and inspects in one call.
-        Otherwise the names are listed here (no stat: on FUSE/NFS a listing may lack types),
-        excluded ones dropped, and the rest inspected in batches by whichever worker is free.
+        Serially, with no exclusion patterns, C does it: the whole subtree in one call
+        (``_walk_below``), or with a planner, which must hear of every directory listed, this
+        directory in one call. Otherwise the names are listed here (no stat: on FUSE/NFS a
+        listing may lack types), excluded ones dropped, and the rest inspected in batches by
+        whichever worker is free.
         """
         concurrent = self.h.concurrency > 1
         if not concurrent and not self.root.exclude:
             if self.planner is None:
                 self._walk_below(ref, stats)
-                return
-            subdirs = self._scan(ref, None, stats)
-            if self.planner is not None:
-                self.planner.listed(ref.rel, st, subdirs)
+            else:
+                self.planner.listed(ref.rel, st, self._scan(ref, None, stats))
             return
         names = os.listdir(ref.fd)
         if self.root.exclude:
