@@ -18,6 +18,7 @@ Usage: ``bench/bench_heal.py [--entries N] [--slow-entries N] [--latency MS] [--
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import sys
 import tempfile
@@ -149,6 +150,7 @@ def poll_part(work: Path, template: Path, w: object, latency: float) -> tuple[li
         cfg = single_root(mnt / "env", w.group).roots[0]  # type: ignore[attr-defined]
         poller = Poller(Healer(cfg, concurrency=16))
         first = poller.run(full=True)
+        os.sync()  # the trees this part wrote: their writeback is not the pass's cost
         incremental = [poller.run() for _ in range(3)]
     best = min(incremental, key=lambda p: p.duration)
     rows = [["slowfs poll: full pass (records table)", f"{first.duration:.3f}", "1.00×",

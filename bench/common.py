@@ -83,11 +83,15 @@ def fresh_ext4(mountpoint: Path, size_gb: int = 8, inodes: int = 2_000_000) -> I
 
 def timed(cmd: list[str] | Callable[[], object], repeat: int = 3,
           setup: Callable[[], object] | None = None) -> float:
-    """Median wall time of ``repeat`` runs (``setup`` before each, untimed)."""
+    """Median wall time of ``repeat`` runs (``setup`` before each, untimed).
+
+    Dirty data is flushed before each run: the writeback of a tree a setup just wrote would
+    otherwise land in whichever measurement comes next."""
     times = []
     for _ in range(repeat):
         if setup is not None:
             setup()
+        os.sync()
         start = time.perf_counter()
         if callable(cmd):
             cmd()
