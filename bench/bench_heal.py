@@ -36,8 +36,8 @@ WRITES = "chmod,fchmod,fchmodat,chown,fchown,lchown,fchownat"
 
 
 def chmod_r(root: Path, group: str) -> list[str]:
-    return ["sh", "-c", f'chgrp -R "$1" "$0" && chmod -R g+rwX "$0" && '
-            f'find "$0" -type d -exec chmod g+s {{}} +', str(root), group]
+    return ["sh", "-c", 'chgrp -R "$1" "$0" && chmod -R g+rwX "$0" && '
+            'find "$0" -type d -exec chmod g+s {} +', str(root), group]
 
 
 def find_fix(root: Path, group: str) -> list[str]:

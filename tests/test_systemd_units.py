@@ -179,7 +179,7 @@ def test_every_directive_is_explained(name: str) -> None:
     lines = (UNITS / name).read_text().splitlines()
     unexplained = []
     for n, line in enumerate(lines):
-        if not line or line.startswith(("#", "[")) or line.startswith(("Description=", "Documentation=")):
+        if not line or line.startswith(("#", "[", "Description=", "Documentation=")):
             continue
         k = n - 1
         while k >= 0 and lines[k] and not lines[k].startswith(("#", "[")):

@@ -25,7 +25,8 @@ pytest_plugins = ("tests.fixtures_daemon",)  # the envctld fixture
 DEADLINE = 10.0  # generous for a shared 2-core CI machine; the benchmark measures the real figure
 
 
-def _start(scratch: Path, accounts: Accounts, envctld: Callable[..., Envctld]) -> tuple[Path, Envctld]:
+def _start(scratch: Path, accounts: Accounts,
+           envctld: Callable[..., Envctld]) -> tuple[Path, Envctld]:
     root = make_root(scratch, accounts)
     cfg = write_config(scratch, [(root, accounts.shared_group)])
     return root, envctld(cfg)

@@ -136,7 +136,8 @@ def _loop(daemon: Daemon, signals: _Signals, args: argparse.Namespace) -> None:
 
 def _reload(daemon: Daemon, args: argparse.Namespace) -> None:
     """SIGHUP: load and apply the config file again; on any error keep the running one."""
-    systemd.notify(f"RELOADING=1\nMONOTONIC_USEC={time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000}")
+    now_us = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+    systemd.notify(f"RELOADING=1\nMONOTONIC_USEC={now_us}")
     try:
         new: Config = load(args.config)
         daemon.reload(new)

@@ -9,7 +9,7 @@ loop (``scan``); this module is its typed face, so the walker never touches ctyp
 from __future__ import annotations
 
 import os
-from typing import Any, Mapping, NamedTuple, Sequence
+from typing import Any, NamedTuple, Sequence
 
 from . import _fastfs
 
@@ -99,7 +99,7 @@ def walk(dirfd: int, gid: int, table: bytes, protected: Sequence[int], fix: bool
     return WalkResult(*_fastfs.walk(dirfd, gid, table, protected, fix, root_dev, root_mnt))
 
 
-def check_stamps(root_fd: int, stamps: Mapping[str, Any], gid: int, table: bytes,
+def check_stamps(root_fd: int, stamps: dict[str, Any], gid: int, table: bytes,
                  root_dev: int, root_mnt: int) -> tuple[int, list[str]]:
     """The poller's incremental pass on a local disk, in one C call: every directory known to
     ``stamps`` (rel -> object with ``ino``, ``mtime``, ``ctime``, ``subdirs``) is opened
@@ -107,4 +107,4 @@ def check_stamps(root_fd: int, stamps: Mapping[str, Any], gid: int, table: bytes
     checked and the paths that are unknown, changed, wrong or on another mount (not entered).
     Holds the GIL throughout: it reads the dict.
     """
-    return _fastfs.check_stamps(root_fd, dict(stamps), gid, table, root_dev, root_mnt)
+    return _fastfs.check_stamps(root_fd, stamps, gid, table, root_dev, root_mnt)

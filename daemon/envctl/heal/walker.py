@@ -39,13 +39,13 @@ import threading
 import time
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Protocol, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 from ..config import RootConfig
 from ..fsinfo import mounts_below
 from ..policy import Kind, Verdict, judge, kind_of, mode_table
-from .fsops import (DIR_FLAGS, PATH_DIR_FLAGS, PATH_FLAGS, ScanResult, Stat, check_stamps, chgrp_fd, chmod_fd,
-                    scan, stat_at, walk)
+from .fsops import (DIR_FLAGS, PATH_DIR_FLAGS, PATH_FLAGS, ScanResult, Stat, check_stamps,
+                    chgrp_fd, chmod_fd, scan, stat_at, walk)
 from .stats import Finding, FindingSink, HealStats
 
 BATCH = 32  # entries inspected per task when concurrent
@@ -187,7 +187,7 @@ class Healer:
         """
         return _Pass(self, planner).run(rel, recursive)
 
-    def stale_dirs(self, stamps: Mapping[str, Any]) -> tuple[int, list[str]]:
+    def stale_dirs(self, stamps: dict[str, Any]) -> tuple[int, list[str]]:
         """The directories of ``stamps`` (see ``fsops.check_stamps``) that a serial poll pass
         must visit: unknown, changed since stamped, wrong, or on another mount. Returns how
         many directories were checked, and those paths."""

@@ -23,7 +23,8 @@ from ..errors import ValidationError
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 KNOWN_KEYS = ("name", "channels", "dependencies")
 _URL_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://|^git\+|@\s*[A-Za-z][A-Za-z0-9+.-]*://")
-_SPEC_HINT = "an environment.yml has only name:, channels: and dependencies: (with an optional pip: list)"
+_SPEC_HINT = ("an environment.yml has only name:, channels: and dependencies: "
+              "(with an optional pip: list)")
 
 
 @dataclass(frozen=True)
