@@ -810,18 +810,31 @@ PyDoc_STRVAR(chgrp_doc,
 "chgrp(fd, gid)\n\nSet the group of the inode behind ``fd`` (an O_PATH fd included: a symlink\n"
 "stays the link) with fchownat(AT_EMPTY_PATH), which Python's os module cannot express.");
 
-static PyObject *py_chgrp(PyObject *self, PyObject *args)
+/* chgrp and chmod of the inode behind an fd: parse (fd, value), run without the GIL. */
+typedef int (*fd_op)(int fd, unsigned int value);
+
+static PyObject *call_fd_op(PyObject *args, fd_op op)
 {
     int fd, rc;
-    unsigned int gid;
-    if (!PyArg_ParseTuple(args, "iI", &fd, &gid))
+    unsigned int value;
+    if (!PyArg_ParseTuple(args, "iI", &fd, &value))
         return NULL;
     Py_BEGIN_ALLOW_THREADS
-    rc = fchownat(fd, "", (uid_t)-1, gid, AT_EMPTY_PATH);
+    rc = op(fd, value);
     Py_END_ALLOW_THREADS
     if (rc != 0)
         return PyErr_SetFromErrno(PyExc_OSError);
     Py_RETURN_NONE;
+}
+
+static int chgrp_fd(int fd, unsigned int gid)
+{
+    return fchownat(fd, "", (uid_t)-1, gid, AT_EMPTY_PATH);
+}
+
+static PyObject *py_chgrp(PyObject *self, PyObject *args)
+{
+    return call_fd_op(args, chgrp_fd);
 }
 
 PyDoc_STRVAR(chmod_doc,
@@ -830,16 +843,7 @@ PyDoc_STRVAR(chmod_doc,
 
 static PyObject *py_chmod(PyObject *self, PyObject *args)
 {
-    int fd, rc;
-    unsigned int mode;
-    if (!PyArg_ParseTuple(args, "iI", &fd, &mode))
-        return NULL;
-    Py_BEGIN_ALLOW_THREADS
-    rc = chmod_path_fd(fd, mode);
-    Py_END_ALLOW_THREADS
-    if (rc != 0)
-        return PyErr_SetFromErrno(PyExc_OSError);
-    Py_RETURN_NONE;
+    return call_fd_op(args, chmod_path_fd);
 }
 
 static PyMethodDef methods[] = {
