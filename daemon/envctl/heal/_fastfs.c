@@ -197,11 +197,12 @@ static int is_protected(const batch *b, uint32_t uid)
     return 0;
 }
 
-static int same_fs(const batch *b, const statx_buf *st)
+/* On the root's device and, when root_mnt >= 0, on its very mount (bind mounts included). */
+static int same_fs(unsigned long long root_dev, long long root_mnt, const statx_buf *st)
 {
-    return makedev(st->sx.stx_dev_major, st->sx.stx_dev_minor) == b->root_dev &&
-           (b->root_mnt < 0 || ((st->sx.stx_mask & STATX_MNT_ID) &&
-                                statx_mnt_id(st) == (uint64_t)b->root_mnt));
+    return makedev(st->sx.stx_dev_major, st->sx.stx_dev_minor) == root_dev &&
+           (root_mnt < 0 || ((st->sx.stx_mask & STATX_MNT_ID) &&
+                             statx_mnt_id(st) == (uint64_t)root_mnt));
 }
 
 /* Set group and permission bits on the inode behind fd (an O_PATH or a directory fd), as
@@ -249,7 +250,7 @@ static enum outcome fix_entry(const batch *b, int dirfd, const char *name,
         out = ERROR;
     } else if (now.sx.stx_ino != seen->sx.stx_ino || now.sx.stx_uid != seen->sx.stx_uid ||
                (now.sx.stx_mode & S_IFMT) != (seen->sx.stx_mode & S_IFMT) ||
-               !same_fs(b, &now)) {
+               !same_fs(b->root_dev, b->root_mnt, &now)) {
         out = ATTENTION; /* swapped, re-owned or another mount: the slow path re-judges it */
     } else if (apply_fix(b, fd, &now, r) != 0) {
         out = ERROR;
@@ -334,7 +335,7 @@ static int visit_subdir(batch *b, int parent, const char *name)
     } else {
         uint16_t want = b->table[st.sx.stx_mode];
         int ok = st.sx.stx_gid == b->gid && want == (st.sx.stx_mode & 07777);
-        if (!same_fs(b, &st) || (!ok && (!b->fix || is_protected(b, st.sx.stx_uid)))) {
+        if (!same_fs(b->root_dev, b->root_mnt, &st) || (!ok && (!b->fix || is_protected(b, st.sx.stx_uid)))) {
             what = ATTENTION;
         } else if (!ok) {
             statx_buf now = st;
@@ -512,11 +513,22 @@ static void free_batch(batch *b)
     free(b->recs);
 }
 
-static int raise_errno(int err)
+/* The result of a scan (n_ok, subdirs, attention, fixed) or of a walk (n_ok, n_dirs,
+ * attention, fixed), or the exception for `err` (an errno, or -1: out of memory). */
+static PyObject *batch_result(batch *b, int err)
 {
-    errno = err;
-    PyErr_SetFromErrno(err == ENOMEM || err == -1 ? PyExc_MemoryError : PyExc_OSError);
-    return -1;
+    if (err) {
+        errno = err == -1 ? ENOMEM : err;
+        return PyErr_SetFromErrno(err == -1 ? PyExc_MemoryError : PyExc_OSError);
+    }
+    PyObject *attention, *fixed;
+    PyObject *subdirs = build_lists(b, &attention, &fixed);
+    if (!subdirs)
+        return NULL;
+    if (!b->walk)
+        return Py_BuildValue("(nNNN)", b->n_ok, subdirs, attention, fixed);
+    Py_DECREF(subdirs); /* always empty in walk mode */
+    return Py_BuildValue("(nnNN)", b->n_ok, b->n_dirs, attention, fixed);
 }
 
 PyDoc_STRVAR(scan_doc,
@@ -587,14 +599,7 @@ static PyObject *py_scan(PyObject *self, PyObject *args)
         }
         Py_END_ALLOW_THREADS
     }
-    if (err) {
-        raise_errno(err);
-        goto out;
-    }
-    PyObject *attention, *fixed;
-    PyObject *subdirs = build_lists(&b, &attention, &fixed);
-    if (subdirs)
-        result = Py_BuildValue("(nNNN)", b.n_ok, subdirs, attention, fixed);
+    result = batch_result(&b, err);
 out:
     PyBuffer_Release(&table);
     PyMem_Free(prot);
@@ -633,16 +638,7 @@ static PyObject *py_walk(PyObject *self, PyObject *args)
     Py_BEGIN_ALLOW_THREADS
     err = walk_dir(&b, dirfd);
     Py_END_ALLOW_THREADS
-    if (err) {
-        raise_errno(err);
-        goto out;
-    }
-    PyObject *attention, *fixed;
-    PyObject *subdirs = build_lists(&b, &attention, &fixed);
-    if (subdirs) {
-        Py_DECREF(subdirs); /* always empty in walk mode */
-        result = Py_BuildValue("(nnNN)", b.n_ok, b.n_dirs, attention, fixed);
-    }
+    result = batch_result(&b, err);
 out:
     PyBuffer_Release(&table);
     PyMem_Free(prot);
@@ -671,9 +667,8 @@ static int dir_unchanged(stamp_walk *w, int fd, PyObject *stamp)
     if (fd_statx(fd, "", AT_EMPTY_PATH, mask, &st) != 0)
         return 0;
     w->visited++;
-    batch b = {.root_dev = w->root_dev, .root_mnt = w->root_mnt};
     uint16_t mode = st.sx.stx_mode;
-    if (!S_ISDIR(mode) || !same_fs(&b, &st) || st.sx.stx_gid != w->gid ||
+    if (!S_ISDIR(mode) || !same_fs(w->root_dev, w->root_mnt, &st) || st.sx.stx_gid != w->gid ||
         w->table[mode] != (mode & 07777))
         return 0;
     long long mtime = (long long)st.sx.stx_mtime.tv_sec * 1000000000LL + st.sx.stx_mtime.tv_nsec;

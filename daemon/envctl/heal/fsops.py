@@ -53,13 +53,17 @@ def chmod_fd(fd: int, mode: int) -> None:
     _fastfs.chmod(fd, mode)
 
 
+Attention = list[tuple[str, int, int, int, int]]  # (path, errno, mode, uid, gid)
+Fixed = list[tuple[str, int, int, int, int]]  # (path, old mode, old gid, set_gid, set_mode)
+
+
 class ScanResult(NamedTuple):
     """One batch of a directory's entries, inspected (and with ``fix``, healed) in C."""
 
     ok: int  # compliant non-directories
     subdirs: list[str]  # directories, not inspected: the walk visits them through their own fd
-    attention: list[tuple[str, int, int, int, int]]  # (name, errno, mode, uid, gid)
-    fixed: list[tuple[str, int, int, int, int]]  # (name, old mode, old gid, set_gid, set_mode)
+    attention: Attention  # paths are the entries' names
+    fixed: Fixed
 
 
 def scan(dirfd: int, names: Sequence[str] | None, gid: int, table: bytes,
@@ -82,8 +86,8 @@ class WalkResult(NamedTuple):
 
     ok: int  # compliant non-directories
     dirs: int  # subdirectories walked (correct, or healed through their own fd)
-    attention: list[tuple[str, int, int, int, int]]  # (path, errno, mode, uid, gid)
-    fixed: list[tuple[str, int, int, int, int]]  # (path, old mode, old gid, set_gid, set_mode)
+    attention: Attention
+    fixed: Fixed
 
 
 def walk(dirfd: int, gid: int, table: bytes, protected: Sequence[int], fix: bool,

@@ -44,8 +44,8 @@ from typing import Any, Callable, Protocol, Sequence
 from ..config import RootConfig
 from ..fsinfo import mounts_below
 from ..policy import Kind, Verdict, judge, kind_of, mode_table
-from .fsops import (DIR_FLAGS, PATH_DIR_FLAGS, PATH_FLAGS, ScanResult, Stat, check_stamps,
-                    chgrp_fd, chmod_fd, scan, stat_at, walk)
+from .fsops import (DIR_FLAGS, PATH_DIR_FLAGS, PATH_FLAGS, Fixed, ScanResult, Stat,
+                    check_stamps, chgrp_fd, chmod_fd, scan, stat_at, walk)
 from .stats import Finding, FindingSink, HealStats
 
 BATCH = 32  # entries inspected per task when concurrent
@@ -486,8 +486,7 @@ class _Pass:
         if found.fixed:
             self._count_fixed(ref, found.fixed, stats)
 
-    def _count_fixed(self, ref: _DirRef, fixed: list[tuple[str, int, int, int, int]],
-                     stats: HealStats) -> None:
+    def _count_fixed(self, ref: _DirRef, fixed: Fixed, stats: HealStats) -> None:
         """Account for what C fixed (paths relative to ``ref``), as ``_judge_and_fix`` does for
         the slow path. Fixed directories were counted as scanned by the C walk already."""
         stats.violations += len(fixed)
