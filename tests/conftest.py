@@ -10,8 +10,10 @@ import grp
 import os
 import pwd
 import shutil
+import signal
 import subprocess
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -44,6 +46,7 @@ _TAG = f"{os.getpid()}"
 _ROLES = ("alice", "bob", "mallory", "build")
 _USERS = tuple(f"envt{_TAG}-{role}" for role in _ROLES)
 _GROUP = f"envt{_TAG}-shared"
+_UIDS: set[int] = set()  # filled once the accounts exist: whose processes must not outlive a test
 
 
 def _remove_accounts(tag: str) -> None:
@@ -75,9 +78,56 @@ def accounts() -> Iterator[Accounts]:
     try:
         users = [pwd.getpwnam(n) for n in _USERS]
         made = [User(u.pw_name, u.pw_uid, u.pw_gid) for u in users]
+        _UIDS.update(u.uid for u in made)
         yield Accounts(*made, shared_group=_GROUP, shared_gid=grp.getgrnam(_GROUP).gr_gid)
     finally:
+        _UIDS.clear()
         _remove_accounts(_TAG)
+
+
+def _processes_of(uids: set[int]) -> dict[int, str]:
+    """pid -> "state ppid=P cmd=... HOME=..." of every process running as one of ``uids``."""
+    found = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            if os.stat(f"/proc/{entry}").st_uid not in uids:
+                continue
+            stat = Path(f"/proc/{entry}/stat").read_bytes()
+            fields = stat[stat.rindex(b")") + 2:].split()
+            cmd = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").strip()
+            home = [v for v in Path(f"/proc/{entry}/environ").read_bytes().split(b"\0")
+                    if v.startswith(b"HOME=")]
+        except OSError:
+            continue  # it ended while being looked at
+        found[int(entry)] = (f"state={fields[0].decode()} ppid={int(fields[1])} "
+                             f"cmd={cmd.decode(errors='replace')[:200]!r} "
+                             f"{home[0].decode(errors='replace') if home else 'HOME=?'}")
+    return found
+
+
+@pytest.fixture(autouse=True)
+def no_leaked_processes() -> Iterator[None]:
+    """Fail the test that leaves a process of a test account running (and kill it).
+
+    A leaked build or writer would otherwise be blamed on a later test, keep ``userdel`` from
+    removing its account, and break the rule that tests clean up after themselves.
+    """
+    yield
+    if not _UIDS:
+        return
+    deadline = time.monotonic() + 5.0  # a killed group may take a moment to be reaped
+    while (left := _processes_of(_UIDS)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if left:
+        for pid in left:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        pytest.fail("processes of test accounts outlived the test: " +
+                    "; ".join(f"pid={pid} {what}" for pid, what in left.items()))
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ import time
 import pytest
 from envctl.errors import Conflict
 from envctl.jobs import JobManager, State
-from envctl.jobs.procs import kill_orphans, start_time
+from envctl.jobs.procs import BuildUser, kill_orphans, spawn, start_time
 from envctl.jobs.store import SCHEMA_VERSION, JobStore
 
 from tests.helpers import REPO, find_violations, wait_for
@@ -101,6 +101,61 @@ def test_orphan_killer_only_kills_our_group(accounts) -> None:
         if proc.poll() is None:
             os.killpg(proc.pid, 9)
             proc.wait()
+
+
+
+def _builder(accounts) -> BuildUser:
+    b = accounts.builder
+    return BuildUser(b.uid, b.gid, b.name, True)
+
+
+def test_step_runs_only_after_release(accounts, scratch) -> None:
+    """Held at its gate the command has not run; released, it runs as the build user with
+    /dev/null as stdin; a gate closed without release exits 125 and runs nothing."""
+    os.chmod(scratch, 0o777)
+    script = 'cat; id -u > "$1"'  # cat returns at once on /dev/null, so stdin is not the gate
+    step = spawn(["sh", "-c", script, "sh", str(scratch / "ran")], _builder(accounts), scratch)
+    time.sleep(0.3)
+    assert step.proc.poll() is None and not (scratch / "ran").exists()
+    step.release()
+    assert step.proc.wait(10) == 0
+    assert (scratch / "ran").read_text().strip() == str(accounts.builder.uid)
+    held = spawn(["touch", str(scratch / "never")], _builder(accounts), scratch)
+    held.close_gate()
+    assert held.proc.wait(10) == 125 and not (scratch / "never").exists()
+
+
+DIES_BEFORE_RELEASE = """
+import os, sys
+from pathlib import Path
+from envctl.jobs.procs import BuildUser, spawn
+step = spawn(["sh", "-c", "sleep 60 & touch " + sys.argv[2]], BuildUser(*map(int, sys.argv[3:5]),
+             "b", True), Path(sys.argv[1]))
+print(step.proc.pid, flush=True)
+os._exit(0)  # a daemon killed between spawn and recording the group
+"""
+
+
+def test_daemon_dying_before_release_leaves_nothing(accounts, scratch) -> None:
+    """The window a restarted daemon cannot see (group not yet on disk) runs no build code."""
+    os.chmod(scratch, 0o777)
+    b = accounts.builder
+    out = subprocess.run([sys.executable, "-c", DIES_BEFORE_RELEASE, str(scratch),
+                          str(scratch / "ran"), str(b.uid), str(b.gid)], cwd=REPO,
+                         capture_output=True, text=True, check=True, timeout=30).stdout
+    gate = int(out)
+    wait_for(lambda: _ended(gate), 10, what="the gate to exit")
+    time.sleep(0.2)
+    assert not (scratch / "ran").exists()
+
+
+def _ended(pid: int) -> bool:
+    """Gone, or a zombie its new parent has not reaped yet."""
+    try:
+        data = open(f"/proc/{pid}/stat", "rb").read()
+    except OSError:
+        return True
+    return data[data.rindex(b")") + 2:].split()[0] == b"Z"
 
 
 NONROOT = """

@@ -11,6 +11,11 @@ Why these rules:
 - the pgid and the leader's start time are recorded, and a restarted daemon kills the group it
   left behind (``kill_orphans``) — checking the start time, the uid and the group so that a
   recycled pid is never hit;
+- a gate: the step starts as ``sh`` blocked reading its stdin, and ``exec``s the real command
+  only when ``Step.release`` writes ``go`` — which the runner does after the group is on disk.
+  Without it a daemon killed between fork and that write left a group no restart could find
+  (the leader died of its parent-death signal, its children ran on). If the daemon dies before
+  the release the pipe reads EOF and the gate exits: nothing of the build ever ran;
 - a scrubbed environment: only PATH, HOME/TMPDIR (the job's own dir), LANG and a few tool
   switches; nothing of the daemon's environment (tokens, proxies, SSH agents) leaks in.
 """
@@ -31,6 +36,9 @@ from ..errors import ConfigError
 
 KILL_GRACE = 3.0  # seconds between SIGTERM and SIGKILL
 SAFE_PATH = "/usr/local/bin:/usr/bin:/bin"
+# argv[0] of the gate ("$0"), then the step's argv ("$@"); the step gets /dev/null as stdin.
+GATE = ("/bin/sh", "-c", 'IFS= read -r go && [ "$go" = go ] || exit 125; exec "$@" </dev/null',
+        "envctl-gate")
 
 
 @dataclass(frozen=True)
@@ -69,18 +77,45 @@ def scrubbed_env(user: BuildUser, home: Path) -> dict[str, str]:
             "PIP_NO_INPUT": "1", "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
 
 
-def spawn(argv: list[str], user: BuildUser, home: Path) -> subprocess.Popen[bytes]:
-    """Start one build step; stdout and stderr come back merged on ``proc.stdout``."""
+@dataclass
+class Step:
+    """A spawned build step, held at its gate until :meth:`release`."""
+
+    proc: subprocess.Popen[bytes]
+
+    def release(self) -> None:
+        """Let the command run: call only once its process group is recorded."""
+        assert self.proc.stdin is not None
+        try:
+            self.proc.stdin.write(b"go\n")
+            self.proc.stdin.flush()
+        except BrokenPipeError:
+            pass  # the gate was killed (cancel or stop): the step just fails
+        self.close_gate()
+
+    def close_gate(self) -> None:
+        """Never released: the gate reads EOF and exits without running anything."""
+        assert self.proc.stdin is not None
+        try:
+            self.proc.stdin.close()
+        except BrokenPipeError:
+            pass
+
+
+def spawn(argv: list[str], user: BuildUser, home: Path) -> Step:
+    """Start one build step behind its gate; stdout and stderr come back merged on
+    ``step.proc.stdout``."""
     setpriv = shutil.which("setpriv", path=SAFE_PATH)
     if setpriv is None:
         raise ConfigError("setpriv (util-linux) is not installed; builds need it")
     ids: dict[str, object] = {}
     if user.switch:
         ids = {"user": user.uid, "group": user.gid, "extra_groups": []}
-    return subprocess.Popen(  # type: ignore[call-overload]
-        [setpriv, "--pdeathsig", "KILL", "--", *argv], cwd=home,
-        env=scrubbed_env(user, home), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+    proc = subprocess.Popen(  # type: ignore[call-overload]
+        [setpriv, "--pdeathsig", "KILL", "--", *GATE, *argv], cwd=home,
+        env=scrubbed_env(user, home), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT, close_fds=True, start_new_session=True, umask=0o022, **ids)
+    return Step(proc)
 
 
 def _stat_fields(pid: int) -> tuple[int, int] | None:

@@ -227,14 +227,16 @@ class Build:
     def _run_step(self, phase: str, argv: list[str], user: procs.BuildUser, home: Path) -> None:
         self._phase(phase)
         self.say("run: " + " ".join(argv))
-        proc = procs.spawn(argv, user, home)
-        started = procs.start_time(proc.pid)
-        self.store.update(self.job.id, build_uid=user.uid, pgid=proc.pid, pgid_start=started)
+        step = procs.spawn(argv, user, home)
+        proc = step.proc
         reader = threading.Thread(target=self._pump, args=(proc,), daemon=True,
                                   name=f"envctl-log-{self.job.id}")
         reader.start()
         deadline = (self.job.started_at or time.time()) + self.cfg.timeout
         try:
+            started = procs.start_time(proc.pid)
+            self.store.update(self.job.id, build_uid=user.uid, pgid=proc.pid, pgid_start=started)
+            step.release()  # only now, with its group on disk, does the command run
             while proc.poll() is None:
                 if time.time() >= deadline:
                     self.abort(State.FAILED, f"timed out after {self.cfg.timeout:g}s "
@@ -245,6 +247,7 @@ class Build:
                     break
                 self._abort_event.wait(0.1)
         finally:
+            step.close_gate()
             procs.kill_group(proc.pid, grace=0, leader=proc)  # nothing of a step outlives it
             proc.wait()
             reader.join(5)
