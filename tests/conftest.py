@@ -20,6 +20,8 @@ from typing import Iterator
 
 import pytest
 
+from tests.helpers import live_processes
+
 
 @dataclass(frozen=True)
 class User:
@@ -51,7 +53,8 @@ _UIDS: set[int] = set()  # filled once the accounts exist: whose processes must 
 
 def _remove_accounts(tag: str) -> None:
     for role in _ROLES:
-        subprocess.run(["userdel", f"envt{tag}-{role}"], capture_output=True)
+        # -f: a zombie not yet reaped by init must not keep the account ("user is in use")
+        subprocess.run(["userdel", "-f", f"envt{tag}-{role}"], capture_output=True)
         subprocess.run(["groupdel", f"envt{tag}-{role}"], capture_output=True)
     subprocess.run(["groupdel", f"envt{tag}-shared"], capture_output=True)
 
@@ -85,28 +88,6 @@ def accounts() -> Iterator[Accounts]:
         _remove_accounts(_TAG)
 
 
-def _processes_of(uids: set[int]) -> dict[int, str]:
-    """pid -> "state ppid=P cmd=... HOME=..." of every process running as one of ``uids``."""
-    found = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            if os.stat(f"/proc/{entry}").st_uid not in uids:
-                continue
-            stat = Path(f"/proc/{entry}/stat").read_bytes()
-            fields = stat[stat.rindex(b")") + 2:].split()
-            cmd = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").strip()
-            home = [v for v in Path(f"/proc/{entry}/environ").read_bytes().split(b"\0")
-                    if v.startswith(b"HOME=")]
-        except OSError:
-            continue  # it ended while being looked at
-        found[int(entry)] = (f"state={fields[0].decode()} ppid={int(fields[1])} "
-                             f"cmd={cmd.decode(errors='replace')[:200]!r} "
-                             f"{home[0].decode(errors='replace') if home else 'HOME=?'}")
-    return found
-
-
 @pytest.fixture(autouse=True)
 def no_leaked_processes() -> Iterator[None]:
     """Fail the test that leaves a process of a test account running (and kill it).
@@ -117,8 +98,8 @@ def no_leaked_processes() -> Iterator[None]:
     yield
     if not _UIDS:
         return
-    deadline = time.monotonic() + 5.0  # a killed group may take a moment to be reaped
-    while (left := _processes_of(_UIDS)) and time.monotonic() < deadline:
+    deadline = time.monotonic() + 5.0  # a killed group may take a moment to die
+    while (left := live_processes(_UIDS, reap_adopted=True)) and time.monotonic() < deadline:
         time.sleep(0.05)
     if left:
         for pid in left:

@@ -79,3 +79,45 @@ def snapshot(path: Path) -> dict[str, tuple[int, int, int]]:
     st = os.lstat(path)
     out[str(path)] = (st.st_mode, st.st_uid, st.st_gid)
     return out
+
+
+def live_processes(uids: set[int] | None = None, pgrp: int | None = None,
+                   home_under: Path | None = None,
+                   reap_adopted: bool = False) -> dict[int, str]:
+    """pid -> "state ppid=P cmd=... HOME=..." of every live (not zombie) process, optionally
+    only of ``uids``, of process group ``pgrp``, or with HOME under ``home_under`` (a build's
+    scrubbed environment has HOME in its job dir: tells one test's builds from another's).
+
+    Read from /proc directly, not through envctl's own process code. A zombie is dead: it holds
+    no resources and runs no code, whoever is slow to reap it. ``reap_adopted`` collects the
+    matching zombies whose parent is this process — orphans adopted once a job manager running
+    in the suite made it a subreaper, which nothing else would collect (never use it while a
+    ``Popen`` of this process may still be waiting for its child).
+    """
+    prefix = f"HOME={home_under}/".encode() if home_under is not None else None
+    found = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            if uids is not None and os.stat(f"/proc/{entry}").st_uid not in uids:
+                continue
+            stat = Path(f"/proc/{entry}/stat").read_bytes()
+            fields = stat[stat.rindex(b")") + 2:].split()
+            if pgrp is not None and int(fields[2]) != pgrp:
+                continue
+            if fields[0] == b"Z":
+                if reap_adopted and int(fields[1]) == os.getpid():
+                    os.waitpid(int(entry), os.WNOHANG)
+                continue
+            cmd = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").strip()
+            home = [v for v in Path(f"/proc/{entry}/environ").read_bytes().split(b"\0")
+                    if v.startswith(b"HOME=")]
+        except (OSError, ChildProcessError):
+            continue  # it ended while being looked at
+        if prefix is not None and not (home and home[0].startswith(prefix)):
+            continue
+        found[int(entry)] = (f"state={fields[0].decode()} ppid={int(fields[1])} "
+                             f"cmd={cmd.decode(errors='replace')[:200]!r} "
+                             f"{home[0].decode(errors='replace') if home else 'HOME=?'}")
+    return found

@@ -22,7 +22,7 @@ from envctl.config import parse
 from envctl.errors import Conflict, NotAuthorised
 from envctl.jobs import JobManager, State
 
-from tests.helpers import wait_for
+from tests.helpers import live_processes, wait_for
 from tests.jobs_support import ENV_HELLO, ENV_VENV, JobsEnv, full_log, wait_done
 
 pytest_plugins = ("tests.fixtures_jobs",)  # the jobs fixtures
@@ -45,24 +45,8 @@ def lock_is_free(root: Path, name: str) -> bool:
 
 
 def procs_of(uid: int, home_under: Path | None = None) -> list[int]:
-    """Processes of ``uid``; with ``home_under``, only builds of that state dir (a build's
-    scrubbed environment has HOME in its job dir), so a straggler of another test's build
-    under a loaded suite is not blamed on this one."""
-    out = []
-    prefix = f"HOME={home_under}/".encode() if home_under is not None else None
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                if os.stat(f"/proc/{entry}").st_uid != uid:
-                    continue
-                if prefix is not None and not any(
-                        v.startswith(prefix)
-                        for v in Path(f"/proc/{entry}/environ").read_bytes().split(b"\0")):
-                    continue
-                out.append(int(entry))
-            except OSError:
-                pass
-    return out
+    """Live processes of ``uid`` (with ``home_under``: only builds of that state dir)."""
+    return list(live_processes({uid}, home_under=home_under))
 
 
 def db_row(state_dir: Path, job_id: str) -> tuple[str, str | None, int | None]:
@@ -75,16 +59,8 @@ def db_row(state_dir: Path, job_id: str) -> tuple[str, str | None, int | None]:
 
 
 def group_size(pgid: int) -> int:
-    n = 0
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                data = Path(f"/proc/{entry}/stat").read_bytes()
-            except OSError:
-                continue
-            if int(data[data.rindex(b")") + 2:].split()[2]) == pgid:
-                n += 1
-    return n
+    """Live members of a process group."""
+    return len(live_processes(pgrp=pgid))
 
 
 def assert_clean(env: JobsEnv, name: str) -> None:
@@ -207,8 +183,8 @@ def test_kill9_daemon_then_restart(jobs_env: JobsEnv, accounts) -> None:
     finally:
         daemon.send_signal(signal.SIGKILL)
         daemon.wait()
-    # the leader dies of its parent-death signal (and is reaped by init); its children do not
-    wait_for(lambda: not os.path.exists(f"/proc/{pgid}"), 10, what="the leader to die")
+    # the leader dies of its parent-death signal; its children do not
+    wait_for(lambda: pgid not in live_processes(pgrp=pgid), 10, what="the leader to die")
     assert group_size(pgid) >= 1, "expected an orphaned build process to survive the daemon"
     assert (jobs_env.root / "k9").exists()
     assert lock_is_free(jobs_env.root, "k9")  # died with the daemon: no build inherited it
@@ -343,3 +319,35 @@ def test_leftovers_of_a_dead_build_elsewhere_are_undone(jobs_env: JobsEnv,
     assert (jobs_env.root / "lost" / "bin" / "hello").is_file()
     assert not (jobs_env.root / "lost" / "half").exists()
     assert os.listdir(area / "staging") == [] and os.listdir(area / "building") == []
+
+
+ESCAPING_PYTHON = """#!/bin/sh
+# envctl test wrapper: every step leaves a process behind in a session of its own (setsid),
+# out of reach of a kill of the step's process group, then runs the real python.
+setsid sh -c 'echo $$ >> "$HOME/escapees"; exec sleep 300' </dev/null >/dev/null 2>&1 &
+exec {python} "$@"
+"""
+
+
+@pytest.mark.parametrize("cancel", [False, True], ids=["succeeds", "cancelled"])
+def test_processes_that_leave_the_group_are_killed(jobs_env: JobsEnv, manager_factory,
+                                                   scratch: Path, cancel: bool) -> None:
+    """A build that daemonizes something (setsid) outlives no step: the daemon is its
+    subreaper and sweeps the build user's processes outside running steps' groups."""
+    wrapper = scratch / "escaping-python"
+    wrapper.write_text(ESCAPING_PYTHON.format(python=sys.executable))
+    os.chmod(wrapper, 0o755)
+    os.chmod(scratch, 0o755)
+    mgr = manager_factory(jobs_env.config(venv_python=str(wrapper)))
+    alice = jobs_env.requester("alice")
+    job = mgr.submit(alice, "esc", ENV_VENV, backend="venv")
+    pids_file = jobs_env.state_dir / "jobs" / job.id / "home" / "escapees"
+    wait_for(pids_file.exists, 60, what="the first escapee")
+    first = int(pids_file.read_text().split()[0])
+    assert os.getsid(first) == first  # really out of the build's session and group
+    done = mgr.cancel(job.id, alice) if cancel else wait_done(mgr, job.id, 120)
+    assert done.state is (State.CANCELLED if cancel else State.SUCCEEDED), full_log(mgr, job.id)
+    for pid in map(int, pids_file.read_text().split()):
+        assert not os.path.exists(f"/proc/{pid}"), f"escapee {pid} still there"
+    assert "that had left the build's process group" in full_log(mgr, job.id)
+    assert not procs_of(jobs_env.accounts.builder.uid, jobs_env.state_dir)

@@ -16,7 +16,7 @@ import pytest
 from envctl.errors import Conflict
 from envctl.jobs import State
 
-from tests.helpers import find_violations, wait_for
+from tests.helpers import find_violations, live_processes, wait_for
 from tests.jobs_support import ENV_HELLO, JobsEnv, full_log, wait_done
 
 pytest_plugins = ("tests.fixtures_jobs",)  # the jobs fixtures
@@ -64,7 +64,5 @@ def test_builds_with_random_cancels(jobs_env: JobsEnv, manager_factory, accounts
     assert counts["succeeded"] + counts["cancelled"] == len(jobs)
     assert counts["queued"] == counts["running"] == 0
 
-    def no_build_processes() -> bool:
-        return not any(os.stat(f"/proc/{p}").st_uid == accounts.builder.uid
-                       for p in os.listdir("/proc") if p.isdigit() and os.path.exists(f"/proc/{p}"))
-    wait_for(no_build_processes, 10, what="no build processes left")
+    wait_for(lambda: not live_processes({accounts.builder.uid}, home_under=jobs_env.state_dir),
+             10, what="no build processes left")

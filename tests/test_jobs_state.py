@@ -17,7 +17,7 @@ from envctl.jobs import JobManager, State
 from envctl.jobs.procs import BuildUser, kill_orphans, spawn, start_time
 from envctl.jobs.store import SCHEMA_VERSION, JobStore
 
-from tests.helpers import REPO, find_violations, wait_for
+from tests.helpers import REPO, find_violations, live_processes, wait_for
 from tests.jobs_support import ENV_HELLO, JobsEnv, wait_done
 
 pytest_plugins = ("tests.fixtures_jobs",)  # the jobs fixtures
@@ -144,18 +144,9 @@ def test_daemon_dying_before_release_leaves_nothing(accounts, scratch) -> None:
                           str(scratch / "ran"), str(b.uid), str(b.gid)], cwd=REPO,
                          capture_output=True, text=True, check=True, timeout=30).stdout
     gate = int(out)
-    wait_for(lambda: _ended(gate), 10, what="the gate to exit")
+    wait_for(lambda: gate not in live_processes(), 10, what="the gate to exit")
     time.sleep(0.2)
     assert not (scratch / "ran").exists()
-
-
-def _ended(pid: int) -> bool:
-    """Gone, or a zombie its new parent has not reaped yet."""
-    try:
-        data = open(f"/proc/{pid}/stat", "rb").read()
-    except OSError:
-        return True
-    return data[data.rindex(b")") + 2:].split()[0] == b"Z"
 
 
 NONROOT = """

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from typing import Any, NamedTuple, Sequence
 
-from . import _fastfs
+from . import _fastfs  # type: ignore[attr-defined]  # the C extension; typed here
 
 O_PATH: int = getattr(os, "O_PATH", 0o10000000)
 DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC

@@ -66,6 +66,7 @@ class JobManager:
 
     def start(self) -> None:
         """Open the store, recover from a previous daemon, start scheduling."""
+        procs.adopt_orphans()  # before any build: their escaped children must come to us
         self._state.ensure()
         self._store = JobStore(self._state.db_path)
         try:

@@ -11,6 +11,11 @@ Why these rules:
 - the pgid and the leader's start time are recorded, and a restarted daemon kills the group it
   left behind (``kill_orphans``) — checking the start time, the uid and the group so that a
   recycled pid is never hit;
+- the daemon is the subreaper of its builds (``adopt_orphans``): a process whose parent exits
+  is re-parented to us, not to init. After every step, ``sweep`` kills what runs as the build
+  user below us outside any running step's group — a build that ``setsid``-ed a background
+  process out of its group would otherwise outlive cancel and keep writing, as the owner, to
+  the environment declared ready — and reaps the zombies that killing leaves us;
 - a gate: the step starts as ``sh`` blocked reading its stdin, and ``exec``s the real command
   only when ``Step.release`` writes ``go`` — which the runner does after the group is on disk.
   Without it a daemon killed between fork and that write left a group no restart could find
@@ -22,17 +27,22 @@ Why these rules:
 
 from __future__ import annotations
 
+import ctypes
+import logging
 import os
 import pwd
 import shutil
 import signal
 import subprocess
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..config import RequestsConfig
 from ..errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 KILL_GRACE = 3.0  # seconds between SIGTERM and SIGKILL
 SAFE_PATH = "/usr/local/bin:/usr/bin:/bin"
@@ -79,7 +89,8 @@ def scrubbed_env(user: BuildUser, home: Path) -> dict[str, str]:
 
 @dataclass
 class Step:
-    """A spawned build step, held at its gate until :meth:`release`."""
+    """A spawned build step, held at its gate until :meth:`release`, counted as running (its
+    group spared by :func:`sweep`) until :meth:`wait` has reaped it."""
 
     proc: subprocess.Popen[bytes]
 
@@ -101,6 +112,13 @@ class Step:
         except BrokenPipeError:
             pass
 
+    def wait(self) -> int:
+        """Reap the leader; from now on its group is no running step's."""
+        code = self.proc.wait()
+        with _steps_lock:
+            _running.discard(self.proc.pid)
+        return code
+
 
 def spawn(argv: list[str], user: BuildUser, home: Path) -> Step:
     """Start one build step behind its gate; stdout and stderr come back merged on
@@ -111,44 +129,96 @@ def spawn(argv: list[str], user: BuildUser, home: Path) -> Step:
     ids: dict[str, object] = {}
     if user.switch:
         ids = {"user": user.uid, "group": user.gid, "extra_groups": []}
-    proc = subprocess.Popen(  # type: ignore[call-overload]
-        [setpriv, "--pdeathsig", "KILL", "--", *GATE, *argv], cwd=home,
-        env=scrubbed_env(user, home), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT, close_fds=True, start_new_session=True, umask=0o022, **ids)
+    with _steps_lock:  # a sweep never sees the new group before it counts as running
+        proc = subprocess.Popen(  # type: ignore[call-overload]
+            [setpriv, "--pdeathsig", "KILL", "--", *GATE, *argv], cwd=home,
+            env=scrubbed_env(user, home), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT, close_fds=True, start_new_session=True, umask=0o022,
+            **ids)
+        _running.add(proc.pid)
     return Step(proc)
 
 
-def _stat_fields(pid: int) -> tuple[int, int] | None:
-    """(pgrp, start time in clock ticks) of ``pid`` from /proc, or None if it is gone."""
+# Leaders (= process groups) of this process's steps that are not reaped yet; process-wide,
+# like the subreaper flag, so that several managers in one process spare each other's steps.
+_steps_lock = threading.Lock()
+_running: set[int] = set()
+_PR_SET_CHILD_SUBREAPER = 36
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def adopt_orphans() -> None:
+    """Make this process the subreaper of its descendants (Linux ≥ 3.4)."""
+    if _libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+        err = ctypes.get_errno()
+        log.warning("subreaper-unavailable error=%s: processes that leave a build's group "
+                    "are not found after their parent exits", os.strerror(err))
+
+
+@dataclass(frozen=True)
+class Proc:
+    """What /proc says about one process."""
+
+    pid: int
+    state: str  # "R", "S", "Z", ...
+    ppid: int
+    pgrp: int
+    start: int  # clock ticks since boot
+    uid: int
+
+    @property
+    def zombie(self) -> bool:
+        return self.state == "Z"
+
+
+def _proc(pid: int) -> Proc | None:
     try:
         with open(f"/proc/{pid}/stat", "rb") as fh:
             data = fh.read()
+        uid = os.stat(f"/proc/{pid}").st_uid
     except OSError:
-        return None
-    fields = data[data.rindex(b")") + 2:].split()
-    return int(fields[2]), int(fields[19])  # pgrp is field 5, starttime field 22
+        return None  # gone
+    f = data[data.rindex(b")") + 2:].split()  # after "pid (comm) ": state is field 3
+    return Proc(pid, f[0].decode(), int(f[1]), int(f[2]), int(f[19]), uid)
+
+
+def _table() -> list[Proc]:
+    procs = (_proc(int(e)) for e in os.listdir("/proc") if e.isdigit())
+    return [p for p in procs if p is not None]
 
 
 def start_time(pid: int) -> int | None:
-    fields = _stat_fields(pid)
-    return None if fields is None else fields[1]
+    info = _proc(pid)
+    return None if info is None else info.start
 
 
-def group_alive(pgid: int) -> bool:
+def _reap(pid: int) -> None:
+    """Collect a zombie child that no ``Popen`` owns (an adopted orphan)."""
     try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+        os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        pass  # reaped meanwhile or not ours after all
+
+
+def _settle(pgid: int, leader: int) -> bool:
+    """Reap the group's zombies that are ours (never the leader: its ``Popen`` does);
+    True while a member still runs. A zombie is dead: its parent reaps it."""
+    me, running = os.getpid(), False
+    for p in _table():
+        if p.pgrp != pgid:
+            continue
+        if not p.zombie:
+            running = True
+        elif p.ppid == me and p.pid != leader:
+            _reap(p.pid)
+    return running
 
 
 def kill_group(pgid: int, grace: float = KILL_GRACE,
                leader: subprocess.Popen[bytes] | None = None) -> None:
     """SIGTERM the whole group, then SIGKILL whatever is left after ``grace`` seconds.
 
-    ``leader`` is reaped while waiting: an unreaped zombie would keep the group "alive".
+    ``leader`` is reaped while waiting, so that its ``Popen`` keeps the exit status.
     """
     for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 2.0)):
         try:
@@ -156,29 +226,64 @@ def kill_group(pgid: int, grace: float = KILL_GRACE,
         except ProcessLookupError:
             return
         deadline = time.monotonic() + wait
-        while time.monotonic() < deadline:
+        while True:
             if leader is not None:
                 leader.poll()
-            if not group_alive(pgid):
+            if not _settle(pgid, leader.pid if leader is not None else 0):
                 return
+            if time.monotonic() >= deadline:
+                break
             time.sleep(0.05)
 
 
-def _members(pgid: int) -> list[tuple[int, int, int]]:
-    """(pid, uid, start time) of every process in group ``pgid``."""
+def _strays(uid: int) -> list[Proc]:
+    """Processes of ``uid`` hanging below this process through ``uid`` processes only, in no
+    running step's group (a daemon running as root in between, as in tests, is a boundary)."""
+    me = os.getpid()
+    table = {p.pid: p for p in _table()}
     out = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
+    for p in table.values():
+        if p.uid != uid or p.pgrp in _running:
             continue
-        fields = _stat_fields(int(entry))
-        if fields is None or fields[0] != pgid:
-            continue
-        try:
-            uid = os.stat(f"/proc/{entry}").st_uid
-        except OSError:
-            continue
-        out.append((int(entry), uid, fields[1]))
+        up: Proc | None = p
+        hops = 0
+        while up is not None and up.uid == uid and up.ppid != me and hops < 64:
+            up, hops = table.get(up.ppid), hops + 1
+        if up is not None and up.uid == uid and up.ppid == me:
+            out.append(p)
     return out
+
+
+def sweep(user: BuildUser) -> int:
+    """Kill the build user's processes below us that belong to no running step; reap them.
+
+    Returns how many were killed. Only with a dedicated build user: a daemon that builds as
+    itself cannot tell its builds' strays from itself.
+    """
+    if not user.switch:
+        return 0
+    me, killed = os.getpid(), set()
+    deadline = time.monotonic() + 2.0
+    while True:
+        with _steps_lock:  # no step is being spawned (and not yet counted) meanwhile
+            strays = _strays(user.uid)
+            for p in strays:
+                if p.zombie:
+                    if p.ppid == me:
+                        _reap(p.pid)
+                elif p.pid not in killed:
+                    try:
+                        os.kill(p.pid, signal.SIGKILL)
+                        killed.add(p.pid)
+                    except ProcessLookupError:
+                        pass
+        # Zombies whose parent is not us are dead and not ours to reap; the rest need a turn.
+        if not [p for p in strays if not p.zombie or p.ppid == me]:
+            return len(killed)
+        if time.monotonic() >= deadline:
+            log.warning("sweep-incomplete uid=%d left=%d", user.uid, len(strays))
+            return len(killed)
+        time.sleep(0.02)
 
 
 def kill_orphans(pgid: int, leader_start: int, uid: int) -> int:
@@ -187,14 +292,16 @@ def kill_orphans(pgid: int, leader_start: int, uid: int) -> int:
     The group is ours only if every member runs as the build uid and started no earlier than
     the recorded leader, and the leader (if still there) is the very process we started.
     """
-    members = _members(pgid)
+    members = [p for p in _table() if p.pgrp == pgid and not p.zombie]
     if not members:
         return 0
-    for pid, puid, started in members:
-        if puid != uid or started < leader_start or (pid == pgid and started != leader_start):
+    for p in members:
+        if p.uid != uid or p.start < leader_start or (p.pid == pgid and p.start != leader_start):
             return 0
     deadline = time.monotonic() + 5.0
-    while _members(pgid) and time.monotonic() < deadline:
+    # No reaping here: the dead daemon's orphans went to init (or to its subreaper), not to us.
+    while (any(p.pgrp == pgid and not p.zombie for p in _table())
+           and time.monotonic() < deadline):
         try:
             os.killpg(pgid, signal.SIGKILL)
         except ProcessLookupError:

@@ -249,9 +249,14 @@ class Build:
         finally:
             step.close_gate()
             procs.kill_group(proc.pid, grace=0, leader=proc)  # nothing of a step outlives it
-            proc.wait()
+            step.wait()
             reader.join(5)
             self.store.update(self.job.id, pgid=None, pgid_start=None)
+            escaped = procs.sweep(user)  # nor anything that left its group
+            if escaped:
+                self.say(f"killed {escaped} build process(es) that had left the build's "
+                         "process group")
+                log.warning("job-escapees id=%s killed=%d", self.job.id, escaped)
         self._check_abort()
         if proc.returncode != 0:
             raise BuildFailed(f"{phase} step failed: {Path(argv[0]).name} exited with status "
