@@ -21,7 +21,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
-RESULTS = Path(__file__).resolve().parent / "results"
+# Where tables go: bench/results/ (committed), or ENVCTL_BENCH_RESULTS (the test suite's smoke
+# runs write to a scratch dir, so running the tests never rewrites the committed results).
+RESULTS = Path(os.environ.get("ENVCTL_BENCH_RESULTS")
+               or Path(__file__).resolve().parent / "results")
 VENV_BIN = Path(sys.executable).parent
 
 
@@ -114,7 +117,7 @@ def count_syscalls(cmd: list[str], names: str) -> int:
 
 def write_results(name: str, title: str, headers: list[str], rows: list[list[str]],
                   raw: dict[str, object]) -> str:
-    """Print a Markdown table and store it with the raw numbers under bench/results/."""
+    """Print a Markdown table and store it with the raw numbers under ``RESULTS``."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     widths = [max(len(str(r[i])) for r in [headers, *rows]) for i in range(len(headers))]
     fmt = lambda r: "| " + " | ".join(str(c).ljust(w) for c, w in zip(r, widths)) + " |"  # noqa: E731

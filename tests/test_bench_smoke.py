@@ -7,6 +7,7 @@ checks that every row they promise is measured.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -18,28 +19,30 @@ REPO = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.soak
 
 
-def _run(script: str, *extra: str) -> str:
+def _run(script: str, results: Path, *extra: str) -> str:
     r = subprocess.run([sys.executable, str(REPO / "bench" / script), "--quick", *extra],
-                       capture_output=True, text=True, timeout=600)
+                       capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "ENVCTL_BENCH_RESULTS": str(results)})
     assert r.returncode == 0, r.stderr[-3000:]
     return r.stdout
 
 
-def test_bench_heal_quick() -> None:
-    out = _run("bench_heal.py")
+def test_bench_heal_quick(tmp_path: Path) -> None:
+    out = _run("bench_heal.py", tmp_path)
     assert "broken tree: chgrp -R && chmod -R" in out and "slowfs compliant" in out
-    raw = json.loads((REPO / "bench/results/heal-quick.json").read_text())
+    assert (tmp_path / "heal-quick.md").read_text().startswith("## ")
+    raw = json.loads((tmp_path / "heal-quick.json").read_text())
     assert raw["writes_heal_compliant"] == 0  # counted by strace
     assert raw["writes_chmod_r_compliant"] > raw["entries_local"]  # the baseline rewrites all
 
 
-def test_bench_daemon_quick() -> None:
-    out = _run("bench_daemon.py")
+def test_bench_daemon_quick(tmp_path: Path) -> None:
+    out = _run("bench_daemon.py", tmp_path)
     assert "inotifywait" in out and "poll pass vs full walk" in out
-    raw = json.loads((REPO / "bench/results/daemon-quick.json").read_text())
+    raw = json.loads((tmp_path / "daemon-quick.json").read_text())
     assert raw["template_entries"] >= 3000
 
 
-def test_bench_api_quick() -> None:
-    out = _run("bench_api.py", "--builds", "1")
+def test_bench_api_quick(tmp_path: Path) -> None:
+    out = _run("bench_api.py", tmp_path, "--builds", "1")
     assert "ping" in out and "100 clients" in out

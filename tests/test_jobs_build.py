@@ -8,13 +8,14 @@ their command lines are unit-tested instead.
 from __future__ import annotations
 
 import os
+import re
 import stat
 from pathlib import Path
 
 import pytest
 from envctl.errors import ConfigError
 from envctl.jobs import State
-from envctl.jobs.backends import BuildContext, get_backend
+from envctl.jobs.backends import PHASES, BuildContext, get_backend
 from envctl.jobs.spec import parse_spec
 
 from tests.helpers import as_user, find_violations
@@ -38,7 +39,11 @@ def test_rattler_build_end_to_end(jobs_env: JobsEnv, manager_factory, accounts) 
     assert seen.state is State.SUCCEEDED, (seen.exit_detail, log)
     prefix = jobs_env.root / "hello-env"
     assert seen.prefix == str(prefix)
-    assert {"solving", "healing"} <= phases, phases
+    # Followers see the phase of the moment: a step lasting a few ms (healing this tiny env) may
+    # be over before they look, so the log proves it ran; solving runs a process, long enough.
+    assert "solving" in phases and phases <= set(PHASES), phases
+    assert re.search(r"healed \.envctl/staging/\w+: scanned=\d+ fixed=\d+ errors=0 left=0",
+                     log), log
     assert "ENVCTL-PHASE linking" in log and "link hello" in log
     # built as the build user, relocated to the final path, nothing left in staging
     assert os.stat(prefix / "bin" / "hello").st_uid == accounts.builder.uid
