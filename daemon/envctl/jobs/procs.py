@@ -11,16 +11,16 @@ Why these rules:
 - the pgid and the leader's start time are recorded, and a restarted daemon kills the group it
   left behind (``kill_orphans``) — checking the start time, the uid and the group so that a
   recycled pid is never hit;
-- the daemon is the subreaper of its builds (``adopt_orphans``): a process whose parent exits
-  is re-parented to us, not to init. After every step, ``sweep`` kills what runs as the build
-  user below us outside any running step's group — a build that ``setsid``-ed a background
-  process out of its group would otherwise outlive cancel and keep writing, as the owner, to
-  the environment declared ready — and reaps the zombies that killing leaves us;
 - a gate: the step starts as ``sh`` blocked reading its stdin, and ``exec``s the real command
   only when ``Step.release`` writes ``go`` — which the runner does after the group is on disk.
   Without it a daemon killed between fork and that write left a group no restart could find
   (the leader died of its parent-death signal, its children ran on). If the daemon dies before
   the release the pipe reads EOF and the gate exits: nothing of the build ever ran;
+- the daemon is the subreaper of its builds (``adopt_orphans``): a process whose parent exits
+  is re-parented to us, not to init. After every step, ``sweep`` kills what runs as the build
+  user below us outside any running step's group — a build that ``setsid``-ed a background
+  process out of its group would otherwise outlive cancel and keep writing, as the owner, to
+  the environment declared ready — and reaps the zombies that killing leaves us;
 - a scrubbed environment: only PATH, HOME/TMPDIR (the job's own dir), LANG and a few tool
   switches; nothing of the daemon's environment (tokens, proxies, SSH agents) leaks in.
 """
