@@ -145,7 +145,6 @@ def test_daemon_dying_before_release_leaves_nothing(accounts, scratch) -> None:
                          capture_output=True, text=True, check=True, timeout=30).stdout
     gate = int(out)
     wait_for(lambda: gate not in live_processes(), 10, what="the gate to exit")
-    time.sleep(0.2)
     assert not (scratch / "ran").exists()
 
 

@@ -192,6 +192,10 @@ def start_time(pid: int) -> int | None:
     return None if info is None else info.start
 
 
+def _live_members(pgid: int) -> list[Proc]:
+    return [p for p in _table() if p.pgrp == pgid and not p.zombie]
+
+
 def _reap(pid: int) -> None:
     """Collect a zombie child that no ``Popen`` owns (an adopted orphan)."""
     try:
@@ -292,7 +296,7 @@ def kill_orphans(pgid: int, leader_start: int, uid: int) -> int:
     The group is ours only if every member runs as the build uid and started no earlier than
     the recorded leader, and the leader (if still there) is the very process we started.
     """
-    members = [p for p in _table() if p.pgrp == pgid and not p.zombie]
+    members = _live_members(pgid)
     if not members:
         return 0
     for p in members:
@@ -300,8 +304,7 @@ def kill_orphans(pgid: int, leader_start: int, uid: int) -> int:
             return 0
     deadline = time.monotonic() + 5.0
     # No reaping here: the dead daemon's orphans went to init (or to its subreaper), not to us.
-    while (any(p.pgrp == pgid and not p.zombie for p in _table())
-           and time.monotonic() < deadline):
+    while _live_members(pgid) and time.monotonic() < deadline:
         try:
             os.killpg(pgid, signal.SIGKILL)
         except ProcessLookupError:

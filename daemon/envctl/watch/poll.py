@@ -75,6 +75,7 @@ class _Plan:
     def listed(self, rel: str, st: Stat, subdirs: list[str]) -> None:
         self.poller.record(rel, _Stamp(st, tuple(subdirs)))
 
+
 class Poller:
     """Keeps the directory table of one root and runs passes of its walker over it."""
 
