@@ -4,7 +4,7 @@
 PYTHON ?= /usr/bin/python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
-# gcc + python3-dev build the healer's C extension (envctl/heal/_fastfs.c) at install time.
+# gcc + python3-dev build the healer's C extension (envctl_shared/heal/_fastfs.c) at install time.
 BUILD_PACKAGES := python3-venv python3-dev gcc
 APT_PACKAGES := $(BUILD_PACKAGES) bindfs fuse3 libfuse2 inotify-tools strace libsystemd-dev pkg-config systemd-container tini
 PYTEST_ARGS ?=
@@ -54,4 +54,4 @@ install:
 	PYTHON=$(PYTHON) sh scripts/install.sh
 
 clean:
-	rm -rf var .pytest_cache build daemon/envctl/heal/*.so
+	rm -rf var .pytest_cache build daemon/envctl_shared/heal/*.so

@@ -2,7 +2,7 @@
 
 from setuptools import Extension, setup
 
-setup(ext_modules=[Extension("envctl.heal._fastfs", ["daemon/envctl/heal/_fastfs.c"],
+setup(ext_modules=[Extension("envctl_shared.heal._fastfs", ["daemon/envctl_shared/heal/_fastfs.c"],
                              extra_compile_args=["-O2", "-Wall", "-Wextra",
                                                  "-Wno-unused-parameter",
                                                  "-Wno-missing-field-initializers"])])

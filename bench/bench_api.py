@@ -32,8 +32,8 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from envctl.api.client import Client  # noqa: E402
-from envctl.errors import EnvctlError  # noqa: E402
+from envctl_shared.api.client import Client  # noqa: E402
+from envctl_shared.errors import EnvctlError  # noqa: E402
 
 from bench.common import VENV_BIN, write_results, writer_account  # noqa: E402
 from tests.jobs_support import write_wheel  # noqa: E402

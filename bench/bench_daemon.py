@@ -35,9 +35,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from envctl.config import parse
-from envctl.heal import Healer
-from envctl.watch.poll import Poller
+from envctl_shared.config import parse
+from envctl_shared.heal import Healer
+from envctl_shared.watch.poll import Poller
 
 from bench.common import fresh_ext4, write_results, writer_account
 from bench.envtree import count_entries, make_template

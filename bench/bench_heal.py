@@ -138,9 +138,9 @@ def slow_part(work: Path, template: Path, w: object, latency: float) -> tuple[li
 
 def poll_part(work: Path, template: Path, w: object, latency: float) -> tuple[list, dict]:
     """The poller's incremental pass through slowfs: only directories are stat'ed."""
-    from envctl.config import single_root
-    from envctl.heal import Healer
-    from envctl.watch.poll import Poller
+    from envctl_shared.config import single_root
+    from envctl_shared.heal import Healer
+    from envctl_shared.watch.poll import Poller
 
     backing, mnt = work / "poll-backing", work / "poll-mnt"
     backing.mkdir()

@@ -26,8 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from envctl.config import Config, parse
-from envctl.jobs import Job, JobManager, Requester
+from envctl_shared.config import Config, parse
+from envctl_shared.jobs import Job, JobManager, Requester
 
 # conda's convention: a long placeholder path that the installer rewrites to the real prefix.
 PLACEHOLDER = "/opt/anaconda1anaconda2anaconda3"

@@ -22,8 +22,8 @@ from typing import Iterator
 
 import pytest
 import yaml
-from envctl.api.client import Client
-from envctl.errors import EX_DATAERR, EX_NOPERM, EX_UNAVAILABLE
+from envctl_shared.api.client import Client
+from envctl_shared.errors import EX_DATAERR, EX_NOPERM, EX_UNAVAILABLE
 
 from tests.api_support import ApiDaemon, start_api_daemon
 from tests.conftest import Accounts

@@ -15,12 +15,12 @@ import time
 from pathlib import Path
 
 import pytest
-from envctl.api.client import Client
-from envctl.api.listener import bind_unix
-from envctl.api.peercred import peer_cred, proc_groups
-from envctl.api.server import Server
-from envctl.config import SocketConfig, parse
-from envctl.errors import Conflict, DaemonUnavailable, FilesystemError
+from envctl_shared.api.client import Client
+from envctl_shared.api.listener import bind_unix
+from envctl_shared.api.peercred import peer_cred, proc_groups
+from envctl_shared.api.server import Server
+from envctl_shared.config import SocketConfig, parse
+from envctl_shared.errors import Conflict, DaemonUnavailable, FilesystemError
 
 from tests.conftest import Accounts
 

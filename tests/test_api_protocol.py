@@ -10,8 +10,8 @@ from __future__ import annotations
 import json
 
 import pytest
-from envctl.api import protocol
-from envctl.errors import ProtocolError
+from envctl_shared.api import protocol
+from envctl_shared.errors import ProtocolError
 
 from tests.helpers import REPO
 

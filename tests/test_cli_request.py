@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Iterator
 
 import pytest
-from envctl.api.client import Client
-from envctl.errors import EX_FAILURE, EX_NOPERM, EX_TEMPFAIL, EX_UNAVAILABLE
+from envctl_shared.api.client import Client
+from envctl_shared.errors import EX_FAILURE, EX_NOPERM, EX_TEMPFAIL, EX_UNAVAILABLE
 
 from tests.api_support import VENV_SPEC, ApiDaemon, start_api_daemon
 from tests.conftest import Accounts

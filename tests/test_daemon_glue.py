@@ -13,8 +13,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from envctl.config import parse
-from envctl.daemon.service import Daemon
+from envctl_shared.config import parse
+from envctl_shared.daemon.service import Daemon
 
 from tests.conftest import Accounts
 from tests.helpers import VENV_BIN, as_user, find_violations
@@ -33,7 +33,7 @@ def test_notify_reaches_an_abstract_socket(prelude: str) -> None:
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
         s.bind("\0" + name)
         s.settimeout(10)
-        code = prelude + ("from envctl.daemon.systemd import notify; "
+        code = prelude + ("from envctl_shared.daemon.systemd import notify; "
                           "print(notify('READY=1\\nSTATUS=ok'))")
         out = subprocess.run([PY, "-c", code], env={**os.environ, "NOTIFY_SOCKET": "@" + name},
                              capture_output=True, text=True, check=True).stdout
@@ -54,7 +54,7 @@ def _activated(names: str, count: int, scratch: Path, prelude: str) -> dict[str,
         s.listen()
         socks.append(s)
     redirs = " ".join(f"{3 + i}<&{s.fileno()}" for i, s in enumerate(socks))
-    code = (prelude + "import json, os; from envctl.daemon.systemd import listen_socket; "
+    code = (prelude + "import json, os; from envctl_shared.daemon.systemd import listen_socket; "
             "s = listen_socket(); print(json.dumps({'name': s.getsockname(), "
             "'env': [k for k in os.environ if k.startswith('LISTEN_')], "
             "'fd3_open': os.path.exists('/proc/self/fd/3')}))")

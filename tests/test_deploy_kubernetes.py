@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 import yaml
 
-from envctl import config as envctl_config
+from envctl_shared import config as envctl_config
 from tests.conftest import Accounts
 from tests.helpers import REPO
 

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 
 from bench.slowfs import slowfs
-from envctl.config import RootConfig
-from envctl.fsinfo import mount_of, walk_concurrency
-from envctl.heal import Healer
+from envctl_shared.config import RootConfig
+from envctl_shared.fsinfo import mount_of, walk_concurrency
+from envctl_shared.heal import Healer
 
 from .conftest import Accounts
 from .helpers import as_user, find_violations, snapshot

@@ -1,4 +1,4 @@
-"""The C fast path (``envctl.heal._fastfs`` via ``fsops.scan``) on its own, on a real directory.
+"""The C fast path (``envctl_shared.heal._fastfs`` via ``fsops.scan``) on its own, on a real directory.
 
 The walker's tree tests exercise it end to end; these pin down its contract: the policy table
 means what ``policy.judge`` means, plain entries are fixed through a proven fd, and everything
@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from envctl.config import RootConfig
-from envctl.heal.fsops import ScanResult, chgrp_fd, chmod_fd, scan, stat_at, walk
-from envctl.policy import NEVER_FIXED, judge, mode_table
+from envctl_shared.config import RootConfig
+from envctl_shared.heal.fsops import ScanResult, chgrp_fd, chmod_fd, scan, stat_at, walk
+from envctl_shared.policy import NEVER_FIXED, judge, mode_table
 
 from .conftest import Accounts
 

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from envctl import config
-from envctl.errors import ConfigError
-from envctl.policy import Kind, judge, wanted_mode
+from envctl_shared import config
+from envctl_shared.errors import ConfigError
+from envctl_shared.policy import Kind, judge, wanted_mode
 
 from .helpers import VENV_BIN
 

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from envctl.config import RootConfig
-from envctl.heal import Healer
+from envctl_shared.config import RootConfig
+from envctl_shared.heal import Healer
 
 from .conftest import Accounts
 from .helpers import VENV_BIN, as_user, find_violations, snapshot

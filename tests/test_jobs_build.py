@@ -13,10 +13,10 @@ import stat
 from pathlib import Path
 
 import pytest
-from envctl.errors import ConfigError
-from envctl.jobs import State
-from envctl.jobs.backends import PHASES, BuildContext, get_backend
-from envctl.jobs.spec import parse_spec
+from envctl_shared.errors import ConfigError
+from envctl_shared.jobs import State
+from envctl_shared.jobs.backends import PHASES, BuildContext, get_backend
+from envctl_shared.jobs.spec import parse_spec
 
 from tests.helpers import as_user, find_violations
 from tests.jobs_support import ENV_HELLO, ENV_VENV, JobsEnv, full_log, wait_done

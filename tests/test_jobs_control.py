@@ -18,9 +18,9 @@ import time
 from pathlib import Path
 
 import pytest
-from envctl.config import parse
-from envctl.errors import Conflict, NotAuthorised
-from envctl.jobs import JobManager, State
+from envctl_shared.config import parse
+from envctl_shared.errors import Conflict, NotAuthorised
+from envctl_shared.jobs import JobManager, State
 
 from tests.helpers import live_processes, wait_for
 from tests.jobs_support import ENV_HELLO, ENV_VENV, JobsEnv, full_log, wait_done
@@ -145,8 +145,8 @@ def test_stop_interrupts_running_build(jobs_env: JobsEnv, accounts) -> None:
 
 DAEMON = """
 import json, sys, time
-from envctl.config import parse
-from envctl.jobs import JobManager, Requester
+from envctl_shared.config import parse
+from envctl_shared.jobs import JobManager, Requester
 cfg, who, specs = json.loads(sys.argv[1]), json.loads(sys.argv[2]), json.loads(sys.argv[3])
 mgr = JobManager(parse(cfg))
 mgr.start()

@@ -13,8 +13,8 @@ import random
 import threading
 
 import pytest
-from envctl.errors import Conflict
-from envctl.jobs import State
+from envctl_shared.errors import Conflict
+from envctl_shared.jobs import State
 
 from tests.helpers import find_violations, live_processes, wait_for
 from tests.jobs_support import ENV_HELLO, JobsEnv, full_log, wait_done

@@ -7,9 +7,9 @@ from __future__ import annotations
 import os
 
 import pytest
-from envctl.config import parse
-from envctl.errors import Conflict, ValidationError
-from envctl.jobs.spec import parse_spec, validate_name
+from envctl_shared.config import parse
+from envctl_shared.errors import Conflict, ValidationError
+from envctl_shared.jobs.spec import parse_spec, validate_name
 
 from tests.jobs_support import ENV_HELLO, JobsEnv
 

@@ -12,10 +12,10 @@ import sys
 import time
 
 import pytest
-from envctl.errors import Conflict
-from envctl.jobs import JobManager, State
-from envctl.jobs.procs import BuildUser, kill_orphans, spawn, start_time
-from envctl.jobs.store import SCHEMA_VERSION, JobStore
+from envctl_shared.errors import Conflict
+from envctl_shared.jobs import JobManager, State
+from envctl_shared.jobs.procs import BuildUser, kill_orphans, spawn, start_time
+from envctl_shared.jobs.store import SCHEMA_VERSION, JobStore
 
 from tests.helpers import REPO, find_violations, live_processes, wait_for
 from tests.jobs_support import ENV_HELLO, JobsEnv, wait_done
@@ -128,7 +128,7 @@ def test_step_runs_only_after_release(accounts, scratch) -> None:
 DIES_BEFORE_RELEASE = """
 import os, sys
 from pathlib import Path
-from envctl.jobs.procs import BuildUser, spawn
+from envctl_shared.jobs.procs import BuildUser, spawn
 step = spawn(["sh", "-c", "sleep 60 & touch " + sys.argv[2]], BuildUser(*map(int, sys.argv[3:5]),
              "b", True), Path(sys.argv[1]))
 print(step.proc.pid, flush=True)
@@ -150,8 +150,8 @@ def test_daemon_dying_before_release_leaves_nothing(accounts, scratch) -> None:
 
 NONROOT = """
 import json, sys
-from envctl.config import parse
-from envctl.jobs import JobManager, Requester
+from envctl_shared.config import parse
+from envctl_shared.jobs import JobManager, Requester
 sys.path.insert(0, sys.argv[3])
 from tests.jobs_support import wait_done
 mgr = JobManager(parse(json.loads(sys.argv[1])))

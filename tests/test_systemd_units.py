@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from envctl import config as envctl_config
+from envctl_shared import config as envctl_config
 from tests.helpers import REPO
 
 UNITS = REPO / "systemd"

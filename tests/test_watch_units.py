@@ -11,11 +11,11 @@ import time
 from pathlib import Path
 
 import pytest
-from envctl.config import parse
-from envctl.heal import Healer
-from envctl.watch.inotify import InotifyWatch
-from envctl.watch.poll import Poller
-from envctl.watch.queue import Item, WorkQueue
+from envctl_shared.config import parse
+from envctl_shared.heal import Healer
+from envctl_shared.watch.inotify import InotifyWatch
+from envctl_shared.watch.poll import Poller
+from envctl_shared.watch.queue import Item, WorkQueue
 
 from tests.conftest import Accounts
 from tests.helpers import as_user, find_violations

@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from envctl.config import Config
-from envctl.jobs import JobManager
+from envctl_shared.config import Config
+from envctl_shared.jobs import JobManager
 
 from tests.jobs_support import JobsEnv, build_channel, hello_packages, write_wheel
 

@@ -2,7 +2,7 @@
 
 Python's ``os`` module cannot chown or chmod the inode behind an ``O_PATH`` fd, nor read a
 mount id, and its per-call overhead dominates a walk whose syscalls take a microsecond. The
-C extension :mod:`envctl.heal._fastfs` provides those primitives and the per-directory batch
+C extension :mod:`envctl_shared.heal._fastfs` provides those primitives and the per-directory batch
 loop (``scan``); this module is its typed face, so the walker never touches ctypes or C types.
 """
 

@@ -2,7 +2,7 @@
 
 Why two sinks: an admin greps stderr/container logs for ``root=/shared/envs``; under systemd
 the same facts are better as journal fields (``journalctl ENVCTL_ROOT=/shared/envs``). Call
-sites pass those fields with ``extra=envctl.logfields.fields(root=..., path=..., job=...)``; the
+sites pass those fields with ``extra=envctl_shared.logfields.fields(root=..., path=..., job=...)``; the
 stderr formatter
 ignores them (the message already says ``root=...``), the journal handler stores them and sets
 ``PRIORITY`` from the level. Python warnings go through logging too, so a library's warning
@@ -22,7 +22,7 @@ _HANDLER_NAME = "envctld"
 
 
 class KeyValueFormatter(logging.Formatter):
-    """``2026-01-01T12:00:00Z INFO envctl.watch reconcile root=/x fixed=3``."""
+    """``2026-01-01T12:00:00Z INFO envctl_shared.watch reconcile root=/x fixed=3``."""
 
     def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
         return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(record.created))

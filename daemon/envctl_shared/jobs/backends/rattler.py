@@ -47,6 +47,6 @@ class RattlerBackend:
 
     def steps(self, ctx: BuildContext) -> list[Step]:
         return [Step("solving", (
-            sys.executable, "-m", "envctl.jobs.backends.rattler_child",
+            sys.executable, "-m", "envctl_shared.jobs.backends.rattler_child",
             "--build", str(ctx.job_dir / BUILD_FILE), "--prefix", str(ctx.build_prefix),
             "--target-prefix", str(ctx.final_prefix), "--cache-dir", str(ctx.cache_dir)))]

@@ -4,7 +4,7 @@ Why this shape: one JSON object per line is trivially debuggable (``socat``, ``n
 no schema compiler, and can be parsed safely from an untrusted peer with the stdlib — never pickle,
 never eval. The op table below is the single source of truth: the server dispatches from it, it
 validates every request's arguments before any handler sees them, and ``python -m
-envctl.api.protocol`` prints it as the reference in ``docs/protocol.md``.
+envctl_shared.api.protocol`` prints it as the reference in ``docs/protocol.md``.
 
 Request: ``{"v": 1, "op": "<op>", "args": {...}}``. Replies: ``{"ok": true, "data": ...}`` or
 ``{"ok": false, "error": {"code", "message"[, "hint"]}}``. Streaming ops send any number of

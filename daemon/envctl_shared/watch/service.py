@@ -8,7 +8,7 @@ files created in it before the watch existed are found by the subtree pass, and 
 after produce events. Losses end in reconciles: an overflow queues the whole root; a watch that
 cannot be added (``max_user_watches``) switches the root to polling with one WARNING line.
 
-Workers only call :class:`envctl.heal.Healer`; entries come in batches of siblings, each one
+Workers only call :class:`envctl_shared.heal.Healer`; entries come in batches of siblings, each one
 costing one ``fstatat`` when already compliant, so the echo events of our own chgrp/chmod end
 there with no write.
 """

@@ -10,8 +10,8 @@ which touches only that file's ctime — is caught by the full pass (``full=True
 after overflows and every ``watch.full_scan_interval``), which lists everything and refreshes
 the table.
 
-Both kinds of pass are the healer's own walk (:class:`envctl.heal.Healer`, with a
-:class:`~envctl.heal.walker.DirPlanner` over this table): concurrent on NFS/EFS, where every
+Both kinds of pass are the healer's own walk (:class:`envctl_shared.heal.Healer`, with a
+:class:`~envctl_shared.heal.walker.DirPlanner` over this table): concurrent on NFS/EFS, where every
 call is a round trip, and every safety rule of the healer (no-follow, same mount, protected
 owners, zero writes when correct) holds unchanged. The poller heals directly; it queues nothing.
 """

@@ -1,6 +1,6 @@
 """What "correct" means for one entry under a shared root.
 
-Pure functions of an ``os.stat_result`` and a :class:`~envctl.config.RootConfig`: no I/O, so the
+Pure functions of an ``os.stat_result`` and a :class:`~envctl_shared.config.RootConfig`: no I/O, so the
 healer, the checker and the daemon agree by construction, and the rules are testable on their
 own. The rules (README, "Policy"):
 

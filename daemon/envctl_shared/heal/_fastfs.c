@@ -1,5 +1,5 @@
 /*
- * envctl.heal._fastfs — the healer's per-directory hot loop, in C.
+ * envctl_shared.heal._fastfs — the healer's per-directory hot loop, in C.
  *
  * Why C: a walk costs one metadata call per entry, and on a local disk that call takes ~1 µs;
  * a Python loop around it took 8 µs per compliant entry and ~60 µs per fixed one, which made
@@ -7,7 +7,7 @@
  * Here a whole batch of entries is listed, inspected and fixed with the GIL released, so
  * walk threads on NFS/FUSE really overlap and Python only sees what needs a decision.
  *
- * This module holds mechanism only. What "correct" means stays in envctl.policy: the caller
+ * This module holds mechanism only. What "correct" means stays in envctl_shared.policy: the caller
  * passes a table of the wanted permission bits for every st_mode (computed by the policy) and
  * the wanted group. Anything unusual (special files, protected owners, an entry that changed
  * between inspection and fix, another mount, a directory) is handed back to Python's slow path,
@@ -852,7 +852,7 @@ static PyMethodDef methods[] = {
 };
 
 static struct PyModuleDef module = {
-    PyModuleDef_HEAD_INIT, "envctl.heal._fastfs",
+    PyModuleDef_HEAD_INIT, "envctl_shared.heal._fastfs",
     "The healer's per-directory hot loop and fd primitives (see _fastfs.c).", -1, methods,
 };
 

@@ -1,7 +1,7 @@
 """Entry point of ``envctl``: parse, dispatch to a command module, turn errors into exit codes.
 
 Every command module exposes ``add_parser(subparsers)`` and sets ``func`` (``args -> int``) on
-its parser. This is the only place that catches :class:`~envctl.errors.EnvctlError`: it prints
+its parser. This is the only place that catches :class:`~envctl_shared.errors.EnvctlError`: it prints
 one line (plus a hint) and returns the error's exit code; tracebacks only with ``--debug``.
 """
 

@@ -1,10 +1,10 @@
 """What each op does: authorise, call the jobs layer or the status callback, shape the reply.
 
 Why separate from ``server``: the server owns bytes, threads and sockets; this module owns
-meaning. Every handler takes the checked :class:`~envctl.api.protocol.Request` and the peer's
+meaning. Every handler takes the checked :class:`~envctl_shared.api.protocol.Request` and the peer's
 kernel identity and yields protocol messages — one for plain ops, a stream of events ending in an
 ``end`` message for ``create``/``logs`` with ``follow``. Handlers raise
-:class:`~envctl.errors.EnvctlError`; the server turns that into the error envelope.
+:class:`~envctl_shared.errors.EnvctlError`; the server turns that into the error envelope.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ shared root (traversal, hidden names); the spec decides which channels and index
 (exfiltration, untrusted code) and how much work is done (size and package caps). Only known
 keys are accepted, so a typo is an error rather than a silently different environment, and
 ``prefix:`` is refused because the daemon — not the spec — decides where environments live.
-Every refusal is a :class:`~envctl.errors.ValidationError` with a hint saying what to change.
+Every refusal is a :class:`~envctl_shared.errors.ValidationError` with a hint saying what to change.
 """
 
 from __future__ import annotations

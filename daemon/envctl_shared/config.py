@@ -2,7 +2,7 @@
 
 Why strict: a typo in a daemon's config that is silently ignored (``exlude:``) turns into a
 security or data-loss incident months later. Every unknown key, wrong type, relative path,
-unknown group or overlapping root is a :class:`~envctl.errors.ConfigError` whose message names
+unknown group or overlapping root is a :class:`~envctl_shared.errors.ConfigError` whose message names
 the file, the key path (``roots[0].group``) and what is wrong. Nothing here touches the trees;
 it only describes them.
 """
