@@ -1,10 +1,14 @@
 """Validation of env names and environment.yml: every bad input is a clear ValidationError with
 a hint, and a refused submit leaves nothing behind (no job row, no job dir, nothing in the root).
+Hostile YAML (alias bombs, deep nesting, absurd scalars) is refused at a bounded cost, and pip:
+entries are judged as the requirements-file lines pip reads them as.
 """
 
 from __future__ import annotations
 
 import os
+import string
+import time
 
 import pytest
 from envctl_shared.config import parse
@@ -59,6 +63,27 @@ def test_default_channels_when_none_given() -> None:
     ("dependencies: [{pip: ['x @ https://evil/x.whl']}]\n", "is a URL"),
     ("dependencies: [{pip: ['git+https://evil/x.git']}]\n", "is a URL"),
     ("dependencies: [{pip: [/tmp/x.whl]}]\n", "local path"),
+    # per-requirement options hide behind a requirement: pip still obeys them
+    ("dependencies: [{pip: ['x --hash=sha256:00']}]\n", "has the option '--hash'"),
+    ("dependencies: [{pip: ['x==1 --global-option=--evil']}]\n",
+     "has the option '--global-option'"),
+    ("dependencies: [{pip: ['x --config-settings k=v']}]\n", "has the option '--config-settings'"),
+    ("dependencies: [{pip: ['x --index-url http://evil/simple']}]\n",
+     "has the option '--index-url'"),
+    ("dependencies: [{pip: ['-r /etc/shadow']}]\n", "is an option, '-r'"),
+    # one entry is one line: no second line smuggled in, no continuation joining the next
+    ("dependencies: [{pip: [\"x\\n--index-url=http://evil\"]}]\n", "one line"),
+    ("dependencies: [{pip: ['x \\', '--pre']}]\n", "one line"),
+    ("dependencies: [{pip: ['# nothing']}]\n", "only a comment"),
+    # direct references, whatever their spelling
+    ("dependencies: [{pip: ['x @ file:///tmp/x']}]\n", "is a local path"),
+    ("dependencies: [{pip: ['x@git+https://evil/x']}]\n", "is a URL"),
+    ("dependencies: [{pip: ['https://evil/x-1.0-py3-none-any.whl']}]\n", "is a URL"),
+    ("dependencies: [{pip: ['file:/tmp/x']}]\n", "is a URL"),
+    ("dependencies: [{pip: [./pkg]}]\n", "is a local path"),
+    ("dependencies: [{pip: [x-1.0-py3-none-any.whl]}]\n", "is a local path"),
+    ("dependencies: [{pip: ['${HOME}']}]\n", "not a valid requirement"),
+    ("dependencies: [{pip: ['x==']}]\n", "not a valid requirement"),
     ("dependencies: []\n", "no dependencies"),
     ("name: [1]\ndependencies: [x]\n", "name must be a string"),
     ("!!python/object/apply:os.system ['true']\n", "not valid YAML"),
@@ -73,6 +98,78 @@ def test_pip_options_and_urls_when_allowed() -> None:
     spec = parse_spec("dependencies: [{pip: [--pre, 'x @ https://h/x.whl']}]\n",
                       _cfg(allow_pip_options=True, allow_pip_urls=True))
     assert spec.pip == ("--pre", "x @ https://h/x.whl")
+
+
+def test_plain_requirements_markers_and_comments_pass() -> None:
+    entries = ["requests==2.31", "numpy >=1.26", "pkg[a,b]>=1,<2", "name.with-dots_x",
+               "pkg; python_version < '3.12'", "pkg  # pinned by the team"]
+    text = "dependencies:\n  - pip:\n" + "".join(f"    - \"{e}\"\n" for e in entries)
+    assert parse_spec(text, _cfg()).pip == tuple(entries)
+
+
+def test_options_and_urls_are_separate_permissions() -> None:
+    """allow_pip_options alone does not open direct references: a per-requirement option is
+    then fine, a URL requirement or an editable install (always a path or URL) is not."""
+    options = _cfg(allow_pip_options=True)
+    assert parse_spec("dependencies: [{pip: ['x --hash=sha256:00', --pre]}]\n", options).pip
+    for entry in ("x @ https://h/x.whl --hash=sha256:00", "-e git+https://h/x", "--editable=.",
+                  "-e."):
+        with pytest.raises(ValidationError, match="is a URL|editable install"):
+            parse_spec(f"dependencies: [{{pip: ['{entry}']}}]\n", options)
+    urls = _cfg(allow_pip_urls=True)
+    assert parse_spec("dependencies: [{pip: ['x @ https://h/x.whl', ./pkg]}]\n", urls).pip
+    with pytest.raises(ValidationError, match="has the option '--hash'"):
+        parse_spec("dependencies: [{pip: ['x @ https://h/x.whl --hash=sha256:00']}]\n", urls)
+
+
+def _alias_bomb(levels: int = 9, width: int = 9) -> str:
+    """The classic "billion laughs" in an environment.yml: ``width ** levels`` leaves in ~350
+    bytes, where the old validator's error message repr-ed all of them (9.3 GB, 114 s)."""
+    names = string.ascii_lowercase
+    parts = ["&a [" + ",".join(["lol"] * width) + "]"]
+    parts += [f"&{names[i]} [" + ",".join([f"*{names[i - 1]}"] * width) + "]"
+              for i in range(1, levels)]
+    return "dependencies:\n  - [" + ", ".join(parts) + "]\n"
+
+
+@pytest.mark.parametrize("text,message", [
+    (_alias_bomb(), "spec is refused at line 2: the document expands to more than"),
+    ("dependencies: [&a [*a]]\n", "cycle"),
+    ("dependencies: " + "[" * 20_000 + "]" * 20_000 + "\n", "nested more than 64 levels"),
+    ("dependencies:\n  " + "- " * 20_000 + "x\n", "nested more than 64 levels"),
+    ("dependencies:\n" + "".join(f"{'  ' * i}- \n" for i in range(1, 200)), "nested more"),
+    ("dependencies: [" + "1" * 5000 + "]\n", "4300 digits"),
+    ("dependencies: [!!int 0x]\n", "cannot read the value"),
+    ("dependencies: [2020-13-45]\n", "month must be in 1..12"),
+])
+def test_hostile_yaml_is_refused_cheaply(text: str, message: str) -> None:
+    """Refused with a validation error (never RecursionError/ValueError), in bounded time."""
+    t0 = time.monotonic()
+    with pytest.raises(ValidationError, match=message):
+        parse_spec(text, _cfg(max_spec_bytes=100_000))
+    assert time.monotonic() - t0 < 2.0
+
+
+def test_ordinary_aliases_still_work() -> None:
+    spec = parse_spec("channels: &c [conda-forge]\ndependencies: [numpy, {pip: [x]}]\n"
+                      "name: env\n", _cfg())
+    assert spec.channels == ("conda-forge",)
+
+
+def test_messages_quote_user_data_briefly() -> None:
+    """Whatever was sent, the message that quotes it stays short (it goes to the log and back
+    over the socket)."""
+    cases = ["dependencies: [[" + ", ".join(["x" * 1000] * 50) + "]]\n",
+             "dependencies: [x]\n" + "k" * 5000 + ": 1\n",
+             "channels: [" + "c" * 5000 + "]\ndependencies: [x]\n",
+             "dependencies: [{pip: [" + "p" * 5000 + " --hash=x]}]\n"]
+    for text in cases:
+        with pytest.raises(ValidationError) as err:
+            parse_spec(text, _cfg())
+        assert len(err.value.message) < 400, err.value.message
+    with pytest.raises(ValidationError) as err:
+        validate_name("n" * 100_000)
+    assert len(err.value.message) < 200
 
 
 def test_size_and_count_caps() -> None:

@@ -398,8 +398,10 @@ def load(path: str | os.PathLike[str]) -> Config:
                           hint="pass --config with a readable file") from None
     import yaml  # here, not at the top: `envctl check --group` never reads YAML
 
+    from .safeyaml import safe_load
+
     try:
-        data = yaml.safe_load(text)
+        data = safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""

@@ -6,6 +6,12 @@ shared root (traversal, hidden names); the spec decides which channels and index
 (exfiltration, untrusted code) and how much work is done (size and package caps). Only known
 keys are accepted, so a typo is an error rather than a silently different environment, and
 ``prefix:`` is refused because the daemon — not the spec — decides where environments live.
+The YAML is read by :mod:`~envctl_shared.safeyaml` (depth and alias expansion bounded before
+anything is built) and values are quoted in messages through :func:`~envctl_shared.untrusted.brief`
+(bounded length), so no spec costs the daemon more than a bounded amount of CPU and memory.
+``pip:`` entries are lines of a pip requirements file: each is parsed the way pip splits it
+(requirement, then per-requirement options) and the requirement by ``packaging``, so options
+and direct references (URLs, VCS links, local paths) are refused wherever they hide in a line.
 Every refusal is a :class:`~envctl_shared.errors.ValidationError` with a hint saying what to change.
 """
 
@@ -15,14 +21,23 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-import yaml
+from packaging.requirements import InvalidRequirement, Requirement
 
+from .. import safeyaml
 from ..config import RequestsConfig
 from ..errors import ValidationError
+from ..untrusted import brief
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 KNOWN_KEYS = ("name", "channels", "dependencies")
-_URL_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://|^git\+|@\s*[A-Za-z][A-Za-z0-9+.-]*://")
+_SCHEME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")  # http:, git+ssh:, file: ...
+_COMMENT_RE = re.compile(r"(^|\s+)#.*$")  # pip's own rule for comments in requirement files
+# Names pip installs as a local archive file rather than looking up on the index.
+_ARCHIVES = (".whl", ".zip", ".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz", ".tar.xz", ".txz",
+             ".tar.lz", ".tlz", ".tar.lzma")
+_OPTIONS_HINT = ("list plain requirements (name, name==1.2, name[extra]; markers are fine); "
+                 "the site sets pip's options (requests.allow_pip_options)")
+_DIRECT_HINT = "name a package from the site's index instead (requests.allow_pip_urls)"
 _SPEC_HINT = ("an environment.yml has only name:, channels: and dependencies: "
               "(with an optional pip: list)")
 
@@ -43,9 +58,9 @@ class EnvSpec:
 def validate_name(name: object) -> str:
     """The env name, or ValidationError: it becomes ``<root>/<name>``, so no traversal."""
     if not isinstance(name, str) or not NAME_RE.fullmatch(name) or name in (".", ".."):
-        shown = name if isinstance(name, str) else type(name).__name__
+        shown = brief(name) if isinstance(name, str) else type(name).__name__
         raise ValidationError(
-            f"invalid environment name {shown!r}",
+            f"invalid environment name {shown}",
             hint="use 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit "
                  "(no '/', no leading dot)")
     return name
@@ -58,22 +73,61 @@ def _strings(value: object, where: str) -> list[str]:
     return [v.strip() for v in value]
 
 
-def _check_pip(entries: list[str], cfg: RequestsConfig) -> None:
-    for entry in entries:
-        if entry.startswith("-") and not cfg.allow_pip_options:
-            raise ValidationError(
-                f"spec: pip entry {entry!r} is an option, which this daemon does not allow",
-                hint="list plain requirements (name, name==1.2); the site sets pip's index "
-                     "options (requests.allow_pip_options)")
-        if _URL_RE.search(entry) and not cfg.allow_pip_urls:
-            raise ValidationError(
-                f"spec: pip entry {entry!r} is a URL, which this daemon does not allow",
-                hint="name a package from the site's index instead (requests.allow_pip_urls)")
-        if not cfg.allow_pip_urls and ("/" in entry or entry.startswith(".")) and \
-                not entry.startswith("-"):
-            raise ValidationError(
-                f"spec: pip entry {entry!r} looks like a local path, which is not allowed",
-                hint="name a package from the site's index instead")
+def _check_pip(entry: str, cfg: RequestsConfig) -> None:
+    """One ``pip:`` entry, judged as the requirements-file line pip will read it as.
+
+    pip splits a line at the first token starting with ``-``: what comes before is the
+    requirement, what follows are per-requirement options (``--hash``, ``--global-option``,
+    ``--config-settings``); a line that starts with ``-`` is an option line (``--index-url``,
+    ``-e``, ``-r``). A line break or a trailing backslash would let one entry become, or join,
+    another line, so an entry must be one line of printable text.
+    """
+    if not entry.isprintable() or entry.endswith("\\"):
+        raise ValidationError(f"spec: pip entry {brief(entry)} is not one line of printable "
+                              "text", hint="each pip: entry is one requirement, e.g. name==1.2")
+    line = _COMMENT_RE.sub("", entry).strip()
+    if not line:
+        raise ValidationError(f"spec: pip entry {brief(entry)} is only a comment",
+                              hint="each pip: entry is one requirement, e.g. name==1.2")
+    tokens = line.split()
+    first_option = next((i for i, tok in enumerate(tokens) if tok.startswith("-")), None)
+    if first_option is not None:
+        option = tokens[first_option].split("=", 1)[0]
+        if not cfg.allow_pip_options:
+            what = "has the option" if first_option else "is an option,"
+            raise ValidationError(f"spec: pip entry {brief(entry)} {what} {brief(option)}, "
+                                  "which this daemon does not allow", hint=_OPTIONS_HINT)
+        if first_option == 0:
+            if option == "--editable" or option.startswith("-e"):  # -e X, -eX: a path or URL
+                _direct(entry, "an editable install (a path or URL)", cfg)
+            return
+    _check_requirement(entry, " ".join(tokens[:first_option]), cfg)
+
+
+def _check_requirement(entry: str, text: str, cfg: RequestsConfig) -> None:
+    """A PEP 508 requirement from the index; a direct reference only if the site allows it."""
+    try:
+        req = Requirement(text)
+    except InvalidRequirement as exc:
+        if _SCHEME_RE.match(text):
+            return _direct(entry, "a URL", cfg)
+        if "/" in text or text.startswith((".", "~")):
+            return _direct(entry, "a local path", cfg)
+        reason = str(exc).splitlines()[0][:120]
+        raise ValidationError(f"spec: pip entry {brief(entry)} is not a valid requirement: "
+                              f"{reason}", hint="write name, name==1.2 or name[extra]>=1; "
+                              "see PEP 508") from None
+    if req.url is not None:
+        _direct(entry, "a local path" if req.url.lower().startswith("file:") else "a URL", cfg)
+    elif req.name.lower().endswith(_ARCHIVES):
+        _direct(entry, "a local path", cfg)
+
+
+def _direct(entry: str, what: str, cfg: RequestsConfig) -> None:
+    """Install from somewhere other than the site's index: only where the site allows it."""
+    if not cfg.allow_pip_urls:
+        raise ValidationError(f"spec: pip entry {brief(entry)} is {what}, which this daemon "
+                              "does not allow", hint=_DIRECT_HINT)
 
 
 def _check_channels(channels: list[str], cfg: RequestsConfig) -> tuple[str, ...]:
@@ -83,7 +137,7 @@ def _check_channels(channels: list[str], cfg: RequestsConfig) -> tuple[str, ...]
         for ch in channels:
             if ch not in cfg.channels:
                 raise ValidationError(
-                    f"spec: channel {ch!r} is not allowed on this daemon",
+                    f"spec: channel {brief(ch)} is not allowed on this daemon",
                     hint=f"allowed channels: {', '.join(cfg.channels)} (or leave channels: out "
                          f"to use {', '.join(cfg.default_channels)})")
     return tuple(channels)
@@ -100,11 +154,12 @@ def parse_spec(text: str, cfg: RequestsConfig) -> EnvSpec:
         raise ValidationError(f"spec is {size} bytes, more than the limit of {cfg.max_spec_bytes}",
                               hint="trim the environment file (requests.max_spec_bytes)")
     try:
-        data: Any = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
+        data: Any = safeyaml.safe_load(text)
+    except safeyaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
-        raise ValidationError(f"spec is not valid YAML{where}: {getattr(exc, 'problem', exc)}",
+        what = "is refused" if isinstance(exc, safeyaml.LimitExceeded) else "is not valid YAML"
+        raise ValidationError(f"spec {what}{where}: {getattr(exc, 'problem', exc)}",
                               hint=_SPEC_HINT) from None
     if not isinstance(data, dict):
         raise ValidationError("spec must be a YAML mapping", hint=_SPEC_HINT)
@@ -113,9 +168,9 @@ def parse_spec(text: str, cfg: RequestsConfig) -> EnvSpec:
             "spec: 'prefix:' is not allowed: the daemon decides where environments are built",
             hint="remove the prefix: line; the environment goes to <root>/<name>, where <name> "
                  "is the name given on the command line")
-    unknown = sorted(str(k) for k in data if k not in KNOWN_KEYS)
+    unknown = sorted(brief(k) for k in data if k not in KNOWN_KEYS)
     if unknown:
-        raise ValidationError(f"spec: unknown key {unknown[0]!r}", hint=_SPEC_HINT)
+        raise ValidationError(f"spec: unknown key {unknown[0]}", hint=_SPEC_HINT)
     if "name" in data and not isinstance(data["name"], str):
         raise ValidationError("spec: name must be a string", hint=_SPEC_HINT)
     channels = _check_channels(_strings(data.get("channels") or [], "channels"), cfg)
@@ -130,10 +185,11 @@ def parse_spec(text: str, cfg: RequestsConfig) -> EnvSpec:
         elif isinstance(dep, dict) and list(dep) == ["pip"]:
             pip.extend(_strings(dep["pip"], "dependencies.pip"))
         else:
-            raise ValidationError(f"spec: unsupported dependency {dep!r}",
+            raise ValidationError(f"spec: unsupported dependency {brief(dep)}",
                                   hint="each dependency is a match spec string, or one "
                                        "mapping {pip: [...]}")
-    _check_pip(pip, cfg)
+    for entry in pip:
+        _check_pip(entry, cfg)
     spec = EnvSpec(tuple(conda), tuple(pip), channels)
     if spec.package_count > cfg.max_packages:
         raise ValidationError(

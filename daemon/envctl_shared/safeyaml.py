@@ -1,0 +1,102 @@
+"""The one YAML loader envctl uses: PyYAML's safe subset, bounded before anything is built.
+
+Why: ``yaml.safe_load`` refuses arbitrary Python objects but not arbitrary *cost*. A 380-byte
+"billion laughs" document (nine levels of nine aliases) is composed in microseconds into a graph
+whose expansion has 9⁹ leaves; the first thing that walks it (a ``repr`` in an error message, a
+validation loop) runs for minutes and takes gigabytes. A document nested 20,000 deep makes the
+recursive composer raise ``RecursionError``, and a 5,000-digit plain scalar makes the int
+constructor raise ``ValueError`` — neither of which callers expect from a YAML parser.
+
+So the limits are enforced while the node graph is *composed*, before any Python object exists:
+
+- ``max_depth`` levels of nesting (a count, checked before descending: never a RecursionError);
+- ``max_nodes`` nodes *as expanded*: an alias costs the full size of the subtree it names, so an
+  alias bomb is refused after at most ``max_nodes`` units of work, while an ordinary alias still
+  works; an alias to a node that is still being composed (a cycle) is refused outright;
+- any ``ValueError``/``OverflowError``/``TypeError`` a constructor raises on a well-formed but
+  absurd scalar (``!!int 0x``, ``2020-13-45``, a 5,000-digit integer) becomes a YAML error.
+
+Every refusal is a :class:`yaml.MarkedYAMLError` (``problem`` + ``problem_mark``), so callers
+report it exactly as they report a syntax error: one line naming the line number.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import yaml
+from yaml import YAMLError
+from yaml.nodes import Node
+
+__all__ = ["BoundedLoader", "LimitExceeded", "YAMLError", "safe_load"]
+
+MAX_DEPTH = 64  # an environment.yml needs 4 levels, the daemon's config 3
+MAX_NODES = 100_000  # far above any real document (a 64 KiB spec holds ~30,000 nodes at most)
+
+
+class LimitExceeded(yaml.MarkedYAMLError):
+    """The document is well-formed YAML but exceeds a size, depth or value limit."""
+
+
+class BoundedLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that counts depth and expanded nodes while composing."""
+
+    max_depth = MAX_DEPTH
+    max_nodes = MAX_NODES
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._depth = 0
+        self._expanded = 0
+        self._anchored_size: dict[int, int] = {}  # id(anchored node) -> its expanded size
+
+    def _refuse(self, problem: str, mark: Any) -> LimitExceeded:
+        return LimitExceeded(problem=problem, problem_mark=mark)
+
+    def _spend(self, nodes: int, mark: Any) -> None:
+        self._expanded += nodes
+        if self._expanded > self.max_nodes:
+            raise self._refuse(f"the document expands to more than {self.max_nodes} nodes "
+                               "(aliases count as the nodes they repeat)", mark)
+
+    def compose_node(self, parent: Node | None, index: Any) -> Node:
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent):
+            target = self.anchors.get(event.anchor)
+            if target is not None:
+                size = self._anchored_size.get(id(target))
+                if size is None:
+                    raise self._refuse(f"alias *{event.anchor} refers to a node that contains "
+                                       "it (a cycle)", event.start_mark)
+                self._spend(size, event.start_mark)
+            return super().compose_node(parent, index)
+        if self._depth >= self.max_depth:
+            raise self._refuse(f"nested more than {self.max_depth} levels deep",
+                               event.start_mark)
+        before = self._expanded
+        self._spend(1, event.start_mark)
+        self._depth += 1
+        try:
+            node = super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+        if getattr(event, "anchor", None) is not None:
+            self._anchored_size[id(node)] = self._expanded - before
+        return node
+
+    def construct_object(self, node: Node, deep: bool = False) -> Any:
+        """Constructor errors that are not YAML errors become YAML errors with a line."""
+        try:
+            return super().construct_object(node, deep)
+        except (ValueError, OverflowError, TypeError) as exc:
+            raise self._refuse(f"cannot read the value: {str(exc)[:120]}",
+                               node.start_mark) from None
+
+
+def safe_load(text: str) -> Any:
+    """``yaml.safe_load`` with the limits above; every failure is a ``yaml.YAMLError``."""
+    loader = BoundedLoader(text)
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
