@@ -183,7 +183,7 @@ def test_slow_client_is_dropped_and_others_are_served(api: ApiDaemon) -> None:
 def test_connection_flood_is_bounded(accounts: Accounts) -> None:
     """A daemon with 4 slots: the 5th client is told "busy"; idle holders are dropped after
     read_timeout, so the slots come back by themselves."""
-    gen = start_api_daemon(accounts, sock={"max_connections": 4})
+    gen = start_api_daemon(accounts, sock={"max_connections": 4, "admin_connections": 1})
     small = next(gen)
     held = [socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) for _ in range(4)]
     try:

@@ -65,6 +65,8 @@ class SocketConfig:
     group: str | None = None
     read_timeout: float = 10.0  # seconds a client has to send a request line / take a reply
     max_connections: int = 256  # concurrent clients; one more is told "busy"
+    max_connections_per_uid: int = 64  # concurrent clients of one non-admin uid
+    admin_connections: int = 16  # of max_connections, kept for admins (and readiness probes)
 
 
 @dataclass(frozen=True)
@@ -369,7 +371,14 @@ def parse(data: Any, source: str = "<memory>", base: Path | None = None) -> Conf
         or Path(DEFAULT_SOCKET),
         mode=mode, group=None if sock_group is None else str(sock_group),
         read_timeout=s.get("read_timeout", float, SocketConfig.read_timeout, _positive),
-        max_connections=s.get("max_connections", int, SocketConfig.max_connections, _positive))
+        max_connections=s.get("max_connections", int, SocketConfig.max_connections, _positive),
+        max_connections_per_uid=s.get("max_connections_per_uid", int,
+                                      SocketConfig.max_connections_per_uid, _positive),
+        admin_connections=s.get("admin_connections", int, SocketConfig.admin_connections,
+                                lambda v: None if v >= 0 else "must not be negative"))
+    if socket_cfg.admin_connections >= socket_cfg.max_connections:
+        s.fail("admin_connections", "must be less than max_connections (the rest is for "
+               "everyone else)")
     s.finish()
 
     requests = _requests(source, top.get("requests", dict, None), roots, base)

@@ -83,12 +83,15 @@ class Authoriser:
         if claimed_user is not None and not _plain_name(claimed_user):
             raise ValidationError("claimed_user must be 1-128 printable characters without "
                                   "spaces", hint="JUPYTERHUB_USER should hold a user name")
-        groups = tuple(sorted(set(cred.groups)))
-        all_gids = {cred.gid, *groups}
-        is_admin = cred.uid in self.admin_uids or bool(all_gids & self.admin_gids)
-        return Requester(uid=cred.uid, gid=cred.gid, groups=groups, pid=cred.pid,
-                         username=username(cred.uid), claimed_user=claimed_user or None,
-                         is_admin=is_admin)
+        return Requester(uid=cred.uid, gid=cred.gid, groups=tuple(sorted(set(cred.groups))),
+                         pid=cred.pid, username=username(cred.uid),
+                         claimed_user=claimed_user or None, is_admin=self.is_admin(cred))
+
+    def is_admin(self, cred: PeerCred) -> bool:
+        """Admin by uid, or by primary or supplementary group (cheap: the server asks this
+        for every connection it accepts, to keep the admins' share of connections)."""
+        return cred.uid in self.admin_uids or \
+            bool({cred.gid, *cred.groups} & self.admin_gids)
 
     def may_create(self, who: Requester) -> bool:
         return who.is_admin or who.uid in self.allow_uids or \

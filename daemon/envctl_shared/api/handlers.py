@@ -127,11 +127,11 @@ class Handlers:
                 follow: bool) -> Iterator[Message]:
         job = self._visible(who, id)
         if not follow:
-            data, new_offset = self._manager().read_log(job.id, max(offset, 0), LOG_CHUNK)
+            data, new_offset = self._manager().read_log(job.id, offset, LOG_CHUNK)
             yield protocol.ok({"offset": new_offset, "text": data.decode("utf-8", "replace"),
                                "terminal": job.terminal})
             return
-        yield from self._follow(job.id, max(offset, 0), gone, job_events=False)
+        yield from self._follow(job.id, offset, gone, job_events=False)
 
     def op_cancel(self, who: Requester, gone: Callable[[], bool],
                   id: str | int) -> Iterator[Message]:

@@ -6,6 +6,12 @@ never eval. The op table below is the single source of truth: the server dispatc
 validates every request's arguments before any handler sees them, and ``python -m
 envctl_shared.api.protocol`` prints it as the reference in ``docs/protocol.md``.
 
+Every request is untrusted: decoding is bounded (nesting depth, integer length, no NaN), every
+string argument must be valid Unicode, every argument is checked for type *and* range before a
+handler sees it (a job id is a short word, a log offset fits a file offset), and values are
+quoted in messages through :func:`~envctl_shared.untrusted.brief`. Whatever a peer sends, the
+answer is a ``protocol-error`` naming the problem, never an internal error.
+
 Request: ``{"v": 1, "op": "<op>", "args": {...}}``. Replies: ``{"ok": true, "data": ...}`` or
 ``{"ok": false, "error": {"code", "message"[, "hint"]}}``. Streaming ops send any number of
 ``{"ok": true, "event": "<kind>", "data": ...}`` lines and then ``{"ok": true, "end": true,
@@ -15,13 +21,19 @@ Request: ``{"v": 1, "op": "<op>", "args": {...}}``. Replies: ``{"ok": true, "dat
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from ..errors import EnvctlError, ProtocolError
+from ..untrusted import brief
 
 VERSION = 1
 ENCODING = "utf-8"
+MAX_INT_DIGITS = 20  # every integer the protocol uses fits (offsets < 2**53, ids, v)
+MAX_OFFSET = 2**53 - 1  # the largest integer every JSON implementation represents exactly
+_WORD_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+_HINT = "send one JSON object per line, see docs/protocol.md"
 
 
 @dataclass(frozen=True)
@@ -32,6 +44,22 @@ class Arg:
     help: str
     required: bool = False
     default: Any = None
+    check: Callable[[Any], str | None] | None = None  # a problem with the value, or None
+
+
+def _job_id(value: str | int) -> str | None:
+    if isinstance(value, int):
+        return None if value >= 0 else "must not be negative"
+    return None if _WORD_RE.fullmatch(value) else \
+        "must be 1-64 letters, digits, '.', '_' or '-' (a job id as printed by create/list)"
+
+
+def _offset(value: int) -> str | None:
+    return None if 0 <= value <= MAX_OFFSET else f"must be between 0 and {MAX_OFFSET}"
+
+
+def _word(value: str) -> str | None:
+    return None if _WORD_RE.fullmatch(value) else "must be 1-64 letters, digits, '.', '_' or '-'"
 
 
 @dataclass(frozen=True)
@@ -45,7 +73,7 @@ class Op:
     aliases: tuple[str, ...] = ()
 
 
-_ID = Arg((str, int), "job id, as printed by create/list", required=True)
+_ID = Arg((str, int), "job id, as printed by create/list", required=True, check=_job_id)
 _FOLLOW = Arg((bool,), "stream events until the job ends instead of replying once", default=False)
 
 OPS: dict[str, Op] = {op.name: op for op in (
@@ -57,7 +85,8 @@ OPS: dict[str, Op] = {op.name: op for op in (
     Op("create", "Queue an environment build (requires allow_users/allow_groups or admin).", {
         "name": Arg((str,), "environment name, ^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$", required=True),
         "spec": Arg((str,), "environment.yml text (name/channels/dependencies)", required=True),
-        "backend": Arg((str,), "one of requests.allowed_backends; default requests.backend"),
+        "backend": Arg((str,), "one of requests.allowed_backends; default requests.backend",
+                       check=_word),
         "replace": Arg((bool,), "replace an existing environment of that name once the new "
                        "one is built", default=False),
         "claimed_user": Arg((str,), "who the client says it acts for (e.g. JUPYTERHUB_USER); "
@@ -72,7 +101,8 @@ OPS: dict[str, Op] = {op.name: op for op in (
     }),
     Op("logs", "Build log bytes from an offset; with follow, stream until the job ends.", {
         "id": _ID,
-        "offset": Arg((int,), "byte offset to start from", default=0),
+        "offset": Arg((int,), f"byte offset to start from (0 to {MAX_OFFSET})", default=0,
+                      check=_offset),
         "follow": _FOLLOW,
     }, streaming=True),
     Op("cancel", "Cancel a queued or running job: your own; admins any.", {"id": _ID}),
@@ -118,27 +148,30 @@ def request(op: str, args: dict[str, Any] | None = None) -> dict[str, Any]:
 def parse_request(line: bytes) -> Request:
     """Decode and check one request line; every problem is a ProtocolError a user can act on."""
     try:
-        msg = json.loads(line.decode(ENCODING))
+        msg = json.loads(line.decode(ENCODING), parse_int=_parse_int,
+                         parse_constant=_no_constant)
     except UnicodeDecodeError:
-        raise ProtocolError("request is not UTF-8 text",
-                            hint="send one JSON object per line, see docs/protocol.md") from None
+        raise ProtocolError("request is not UTF-8 text", hint=_HINT) from None
     except json.JSONDecodeError as exc:
         raise ProtocolError(f"request is not valid JSON: {exc.msg} at column {exc.colno}",
-                            hint="send one JSON object per line, see docs/protocol.md") from None
+                            hint=_HINT) from None
+    except RecursionError:
+        raise ProtocolError("request is not acceptable JSON: nested too deeply",
+                            hint=_HINT) from None
     if not isinstance(msg, dict):
         raise ProtocolError(f"request must be a JSON object, not {type(msg).__name__}")
     unknown = sorted(set(msg) - {"v", "op", "args"})
     if unknown:
-        raise ProtocolError(f"unknown request field {unknown[0]!r}",
+        raise ProtocolError(f"unknown request field {brief(unknown[0])}",
                             hint="a request has only v, op and args")
     if msg.get("v") != VERSION or isinstance(msg.get("v"), bool):
-        raise ProtocolError(f"unsupported protocol version {msg.get('v')!r}; this daemon "
+        raise ProtocolError(f"unsupported protocol version {brief(msg.get('v'))}; this daemon "
                             f"speaks version {VERSION}",
                             hint="use an envctl client of the same release as the daemon")
     name = msg.get("op")
     op = _BY_NAME.get(name) if isinstance(name, str) else None
     if op is None:
-        raise ProtocolError(f"unknown op {name!r}",
+        raise ProtocolError(f"unknown op {brief(name)}",
                             hint=f"known ops: {', '.join(sorted(OPS))}")
     args = msg.get("args", {})
     if not isinstance(args, dict):
@@ -146,12 +179,26 @@ def parse_request(line: bytes) -> Request:
     return Request(op, _check_args(op, args))
 
 
+def _parse_int(digits: str) -> int:
+    """JSON integers, bounded before conversion (Python refuses > 4300 digits with a
+    ValueError, and a long one costs quadratic time to convert)."""
+    if len(digits.lstrip("-")) > MAX_INT_DIGITS:
+        raise ProtocolError(f"request is not acceptable JSON: a number has more than "
+                            f"{MAX_INT_DIGITS} digits", hint=_HINT)
+    return int(digits)
+
+
+def _no_constant(name: str) -> Any:
+    """Python's json accepts NaN and Infinity; JSON does not, and neither do we."""
+    raise ProtocolError(f"request is not valid JSON: {name} is not a JSON value", hint=_HINT)
+
+
 def _check_args(op: Op, args: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key in args:
         if key not in op.args:
             known = ", ".join(sorted(op.args)) or "none"
-            raise ProtocolError(f"{op.name}: unknown argument {key!r} (known: {known})")
+            raise ProtocolError(f"{op.name}: unknown argument {brief(key)} (known: {known})")
     for key, spec in op.args.items():
         value = args.get(key)
         if value is None:
@@ -164,8 +211,22 @@ def _check_args(op: Op, args: dict[str, Any]) -> dict[str, Any]:
             want = " or ".join(t.__name__ for t in spec.types)
             raise ProtocolError(f"{op.name}: argument {key!r} must be {want}, "
                                 f"not {type(value).__name__}")
+        problem = _unicode_problem(value) or (spec.check(value) if spec.check else None)
+        if problem:
+            raise ProtocolError(f"{op.name}: argument {key!r} {problem}, not {brief(value)}")
         out[key] = value
     return out
+
+
+def _unicode_problem(value: object) -> str | None:
+    """JSON's ``\\ud800`` escapes decode to lone surrogates: text no file, log line or SQLite
+    column can hold."""
+    if isinstance(value, str):
+        try:
+            value.encode(ENCODING)
+        except UnicodeEncodeError:
+            return "must be valid Unicode (it holds a lone surrogate such as \\ud800)"
+    return None
 
 
 def reference() -> str:

@@ -9,7 +9,12 @@ vanished client from ever stalling another. The limits that make an unprivileged
 - a whole request line must arrive within ``socket.read_timeout`` seconds (a client that
   trickles bytes or never sends a newline is dropped), and a reply must be taken within the
   same time (a client that stops reading is dropped);
-- at most ``socket.max_connections`` connections; one more is told "busy" and closed;
+- at most ``socket.max_connections`` connections; one more is told "busy" and closed. Of
+  those, ``socket.admin_connections`` are kept for admins (the readiness probe runs as one),
+  and one uid that is not an admin holds at most ``socket.max_connections_per_uid``: a user
+  who opens (and keeps reopening) hundreds of connections is refused beyond its share and
+  named in the log, while everyone else, and above all the admins, are still served. The
+  peer's uid comes from ``SO_PEERCRED`` at accept time, before a thread is spent on it;
 - anything that is not a valid request gets an error reply and the connection keeps serving.
 
 ``heartbeat()`` is the monotonic time of the accept loop's last turn: the daemon feeds the
@@ -22,6 +27,7 @@ import logging
 import socket
 import threading
 import time
+from collections import Counter
 from typing import TYPE_CHECKING, Iterator
 
 from ..config import Config
@@ -38,8 +44,8 @@ log = logging.getLogger(__name__)
 
 TICK = 0.5  # accept-loop period: bounds heartbeat staleness and shutdown latency
 RECV_SIZE = 65536
-BUSY_LOG_EVERY = 10.0  # at most one "busy" warning per this many seconds (a flood must not
-                       # become a log flood)
+BUSY_LOG_EVERY = 10.0  # at most one "busy" warning per uid per this many seconds (a flood
+                       # must not become a log flood)
 
 
 class _LineReader:
@@ -90,11 +96,12 @@ class Server:
         self._listen: socket.socket | None = None
         self._owns_path = False
         self._conns: dict[socket.socket, threading.Thread] = {}
+        self._held: Counter[int] = Counter()  # open connections of each non-admin uid
         self._lock = threading.Lock()
         self._accept_thread: threading.Thread | None = None
         self._beat = time.monotonic()
-        self._refused = 0  # connections turned away as "busy", since start
-        self._refused_logged = -BUSY_LOG_EVERY
+        self._refused: Counter[int] = Counter()  # connections turned away as "busy", per uid
+        self._busy_logged: dict[int, float] = {}  # uid -> when its last "busy" line was logged
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -168,36 +175,72 @@ class Server:
             self._admit(conn)
 
     def _admit(self, conn: socket.socket) -> None:
-        with self._lock:
-            busy = len(self._conns) >= self.config.socket.max_connections
-            if not busy:
-                thread = threading.Thread(target=self._serve, args=(conn,), daemon=True,
-                                          name=f"api-conn-{conn.fileno()}")
-                self._conns[conn] = thread
-        if busy:
-            self._refused += 1
-            if time.monotonic() - self._refused_logged > BUSY_LOG_EVERY:
-                log.warning("api busy max_connections=%d refused=%d",
-                            self.config.socket.max_connections, self._refused)
-                self._refused_logged = time.monotonic()
-            self._send_quietly(conn, protocol.error(DaemonUnavailable(
-                "the daemon is serving too many connections", hint="retry in a moment")))
-            _drain(conn, self.config.requests.max_request_bytes, seconds=0)  # never block here
+        try:
+            cred = peer_cred(conn)
+        except OSError as exc:  # the peer is already gone
+            log.debug("api connection_closed reason=%s", exc.__class__.__name__)
             conn.close()
+            return
+        admin = self.handlers.auth.is_admin(cred)
+        with self._lock:
+            limit = self._limit_reached(cred.uid, admin)
+            if limit is None:
+                thread = threading.Thread(target=self._serve, args=(conn, cred, admin),
+                                          daemon=True, name=f"api-conn-{conn.fileno()}")
+                self._conns[conn] = thread
+                if not admin:
+                    self._held[cred.uid] += 1
+        if limit is not None:
+            self._refuse_busy(conn, cred, limit)
             return
         thread.start()
 
+    def _limit_reached(self, uid: int, admin: bool) -> str | None:
+        """Which limit a new connection of ``uid`` would break, as ``key=value``; None if
+        none. Called with the lock held."""
+        cfg = self.config.socket
+        if len(self._conns) >= cfg.max_connections:
+            return f"max_connections={cfg.max_connections}"
+        if admin:
+            return None
+        if len(self._conns) >= cfg.max_connections - cfg.admin_connections:
+            return f"admin_connections={cfg.admin_connections}"
+        if self._held[uid] >= cfg.max_connections_per_uid:
+            return f"max_connections_per_uid={cfg.max_connections_per_uid}"
+        return None
+
+    def _refuse_busy(self, conn: socket.socket, cred: PeerCred, limit: str) -> None:
+        """Tell the peer why, log who (at most once per uid per BUSY_LOG_EVERY), hang up."""
+        self._refused[cred.uid] += 1
+        now = time.monotonic()
+        if now - self._busy_logged.get(cred.uid, -BUSY_LOG_EVERY) > BUSY_LOG_EVERY:
+            if len(self._busy_logged) > 4096:  # forget quiet uids; the maps stay small
+                self._busy_logged = {u: t for u, t in self._busy_logged.items()
+                                     if now - t <= BUSY_LOG_EVERY}
+                self._refused = Counter({u: n for u, n in self._refused.items()
+                                         if u in self._busy_logged or u == cred.uid})
+            self._busy_logged[cred.uid] = now
+            log.warning("api busy uid=%d pid=%d limit=%s held=%d refused=%d", cred.uid,
+                        cred.pid, limit, self._held[cred.uid], self._refused[cred.uid])
+        self._send_quietly(conn, protocol.error(DaemonUnavailable(
+            "the daemon is serving too many connections", hint="retry in a moment")))
+        _drain(conn, self.config.requests.max_request_bytes, seconds=0)  # never block here
+        conn.close()
+
     # -- one connection --------------------------------------------------------------------
 
-    def _serve(self, conn: socket.socket) -> None:
+    def _serve(self, conn: socket.socket, cred: PeerCred, admin: bool) -> None:
         try:
-            cred = peer_cred(conn)
             self._converse(conn, cred)
         except (TimeoutError, OSError) as exc:
             log.debug("api connection_closed reason=%s", exc.__class__.__name__)
         finally:
             with self._lock:
                 self._conns.pop(conn, None)
+                if not admin:
+                    self._held[cred.uid] -= 1
+                    if not self._held[cred.uid]:
+                        del self._held[cred.uid]
             conn.close()
 
     def _converse(self, conn: socket.socket, cred: PeerCred) -> None:
