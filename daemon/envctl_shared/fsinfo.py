@@ -2,7 +2,8 @@
 
 Why: two decisions depend on it. inotify is blind to other clients' writes on network and FUSE
 filesystems, so the watcher must add polling there; and every metadata call is a round trip
-there, so walks should be concurrent. On a local disk neither is worth its cost.
+there, so walks should be concurrent. On a local disk neither is worth its cost. (Whether an
+entry is on the root's mount is not decided here: the healer compares ``statx`` mount ids.)
 """
 
 from __future__ import annotations
@@ -50,11 +51,9 @@ def _unescape(field: str) -> str:
 class MountWatch:
     """The mount table of this process, re-read only when the kernel says it changed.
 
-    Why: a same-device bind mount inside a root is invisible to ``st_dev``; only the mount id
-    (``statx``) tells, at a syscall per entry. Asking instead "is anything mounted below this
-    root?" costs one ``poll`` per pass: /proc/self/mountinfo raises POLLPRI when the mount
-    table changes. Most roots have no mount below them, and their walks skip the mount ids.
-    The same table answers which filesystem a root is on (``mount_of``).
+    Why: ``mount_of`` is asked for every walk, and re-reading the table each time would cost
+    more than a small walk; /proc/self/mountinfo raises POLLPRI when the table changes, so
+    one ``poll`` per call tells whether the cached copy is still good.
     """
 
     def __init__(self, mountinfo: str = "/proc/self/mountinfo") -> None:
@@ -96,12 +95,6 @@ def _table() -> tuple[MountInfo, ...]:
         if _watch is None:
             _watch = MountWatch()
     return _watch.mounts()
-
-
-def mounts_below(path: str) -> bool:
-    """True when some mount point lies strictly below the real path ``path``."""
-    prefix = path.rstrip("/") + "/"
-    return any(m.mount_point.startswith(prefix) for m in _table())
 
 
 def mount_of(path: str | os.PathLike[str]) -> MountInfo:

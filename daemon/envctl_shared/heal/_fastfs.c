@@ -45,22 +45,43 @@
 #define SYS_fchmodat2 452 /* the same number on every architecture (Linux >= 6.6) */
 #endif
 
+/* STATX_MNT_ID costs nothing (the kernel reads it off the path's mount), so every statx asks
+ * for it: the mount id, not st_dev, says whether an entry is on the root's mount. On overlayfs
+ * a regular file reports its layer's st_dev while it is on the overlay mount like its parent. */
 #define STATX_WANT (STATX_TYPE | STATX_MODE | STATX_UID | STATX_GID | STATX_INO | \
-                    STATX_MTIME | STATX_CTIME)
+                    STATX_MTIME | STATX_CTIME | STATX_MNT_ID)
 #define STATX_MNT_OFFSET 144 /* stx_mnt_id; glibc 2.36's struct statx predates the field */
-#define NO_FIX 0xFFFF        /* table value: never fix here, always hand to Python */
+#define NO_FIX 0xFFFF        /* table value: never fix here (special files: only reported) */
 #define TABLE_BYTES (65536 * 2)
+/* Directory fds a walk keeps open: the deepest WINDOW levels (and the start). Deeper trees
+ * reopen a level on the way back up through its child's "..", its identity checked. */
+#define WINDOW 48
+#define NO_NODE ((size_t)-1)
 
 typedef union {
     struct statx sx;
     unsigned char raw[256];
 } statx_buf;
 
-/* One entry's outcome in a batch. */
-enum outcome { OK, SUBDIR, ATTENTION, ERROR, VANISHED, FIXED };
+/* One entry's outcome in a batch. Compliant entries get no record, only a count. */
+enum outcome {
+    COMPLIANT,      /* no record, only a count */
+    SUBDIR,         /* scan: a directory, not inspected (the caller visits it) */
+    ATTENTION,      /* changed under us (swapped, re-owned, moved): Python re-judges it */
+    ERROR,          /* a syscall failed: err */
+    VANISHED,       /* gone since listed */
+    FIXED,          /* healed here: set_gid / set_mode */
+    WOULD_FIX,      /* wrong, fix off (check, dry run) */
+    SKIP_PROTECTED, /* wrong, but owned by a protected uid: left alone (a directory is entered) */
+    SKIP_SPECIAL,   /* fifo, socket, device: only reported */
+    SKIP_MOUNT,     /* on another mount: neither changed nor entered */
+};
+static const char *const skip_reason[] = {
+    [SKIP_PROTECTED] = "protected", [SKIP_SPECIAL] = "special", [SKIP_MOUNT] = "mount"};
 
 typedef struct {
-    size_t path_off; /* into the batch's output arena: the path relative to the start dir */
+    size_t node;     /* the directory the entry is in (scan: always 0, the directory scanned) */
+    size_t name_off; /* the entry's name, in the batch's output arena */
     enum outcome what;
     int err;
     uint32_t mode, uid, gid;
@@ -73,6 +94,25 @@ typedef struct {
     size_t len, cap;
 } arena;
 
+/* A directory the walk entered. Records name their directory by node, never by a path string:
+ * a path per record would cost depth x entries bytes (quadratic on a deep chain, and gigabytes
+ * with long names). Python joins the names up the parents when it reports one. */
+typedef struct {
+    size_t parent; /* NO_NODE for the start directory */
+    size_t name_off; /* in the output arena */
+} dnode;
+
+/* One level of the walk's explicit stack (no C recursion, whatever the depth). */
+typedef struct {
+    int fd;        /* -1: closed (outside the window) */
+    int lost;      /* could not be reopened as the same directory: abandoned */
+    uint64_t ino, mnt;
+    unsigned long long dev;
+    size_t node;
+    size_t mark; /* its subdirectory names begin here in b->names (they end at the child's mark) */
+    size_t next; /* the next of them to visit */
+} frame;
+
 typedef struct {
     uint32_t gid;
     const uint16_t *table;
@@ -81,14 +121,18 @@ typedef struct {
     int fix;
     int walk; /* descend into subdirectories (walk) instead of reporting them (scan) */
     unsigned long long root_dev;
-    long long root_mnt; /* -1: no mount id check needed */
-    arena out;          /* record paths, NUL-terminated */
-    arena names;        /* scratch: names listed, used as a stack across the walk */
-    arena rel;          /* the current directory relative to the start (walk), NUL-ended */
+    long long root_mnt; /* -1: the kernel gives no mount ids, st_dev decides */
+    arena out;          /* record and node names, NUL-terminated */
+    arena names;        /* walk: the subdirectory names still to visit, a stack */
     char *dents;        /* getdents64 buffer */
     record *recs;
     size_t n_recs, cap_recs;
-    Py_ssize_t n_ok, n_dirs;
+    dnode *nodes;
+    size_t n_nodes, cap_nodes;
+    frame *frames;
+    size_t depth, cap_frames;
+    size_t cur; /* the node of the directory being listed */
+    Py_ssize_t n_scanned, n_dirs;
 } batch;
 
 #define DENTS_SIZE 32768
@@ -118,19 +162,27 @@ static int chmod_path_fd(int fd, unsigned int mode)
     return chmod(path, mode);
 }
 
+/* Make room for `need` elements of `size` bytes in *buf (capacity *cap, doubling). */
+static int grow(void **buf, size_t *cap, size_t need, size_t size)
+{
+    if (need <= *cap)
+        return 0;
+    size_t n = *cap ? *cap * 2 : 64;
+    while (n < need)
+        n *= 2;
+    void *grown = realloc(*buf, n * size);
+    if (!grown)
+        return -1;
+    *buf = grown;
+    *cap = n;
+    return 0;
+}
+
 /* Append `len` bytes and a NUL; the offset of the copy goes to *off. */
 static int arena_put(arena *a, const char *s, size_t len, size_t *off)
 {
-    if (a->len + len + 1 > a->cap) {
-        size_t cap = a->cap ? a->cap * 2 : 4096;
-        while (cap < a->len + len + 1)
-            cap *= 2;
-        char *grown = realloc(a->buf, cap);
-        if (!grown)
-            return -1;
-        a->buf = grown;
-        a->cap = cap;
-    }
+    if (grow((void **)&a->buf, &a->cap, a->len + len + 1, 1) != 0)
+        return -1;
     memcpy(a->buf + a->len, s, len);
     a->buf[a->len + len] = '\0';
     if (off)
@@ -139,54 +191,37 @@ static int arena_put(arena *a, const char *s, size_t len, size_t *off)
     return 0;
 }
 
-/* A record for `name` in the current directory; its path is b->rel + "/" + name. */
-static record *add_record(batch *b, const char *name, enum outcome what)
+/* A record for `name` in directory node `node`. */
+static record *add_record_in(batch *b, size_t node, const char *name, enum outcome what)
 {
-    if (b->n_recs == b->cap_recs) {
-        size_t cap = b->cap_recs ? b->cap_recs * 2 : 64;
-        record *grown = realloc(b->recs, cap * sizeof *grown);
-        if (!grown)
-            return NULL;
-        b->recs = grown;
-        b->cap_recs = cap;
-    }
-    size_t off = b->out.len;
-    if (b->rel.len) {
-        if (arena_put(&b->out, b->rel.buf, b->rel.len, NULL) != 0)
-            return NULL;
-        b->out.buf[b->out.len - 1] = '/'; /* the separator replaces the prefix's NUL */
-    }
-    if (arena_put(&b->out, name, strlen(name), NULL) != 0)
+    size_t off;
+    if (grow((void **)&b->recs, &b->cap_recs, b->n_recs + 1, sizeof *b->recs) != 0 ||
+        arena_put(&b->out, name, strlen(name), &off) != 0)
         return NULL;
     record *r = &b->recs[b->n_recs++];
     memset(r, 0, sizeof *r);
-    r->path_off = off;
+    r->node = node;
+    r->name_off = off;
     r->what = what;
     r->set_mode = -1;
     return r;
 }
 
-/* Descend: b->rel becomes "rel/name". Returns the previous length, or -1 when out of memory. */
-static long rel_push(batch *b, const char *name)
+/* A record for `name` in the directory being listed. */
+static record *add_record(batch *b, const char *name, enum outcome what)
 {
-    size_t plen = b->rel.len, nlen = strlen(name), need = plen + nlen + 2;
-    if (need > b->rel.cap) {
-        size_t cap = b->rel.cap ? b->rel.cap * 2 : 256;
-        while (cap < need)
-            cap *= 2;
-        char *grown = realloc(b->rel.buf, cap);
-        if (!grown)
-            return -1;
-        b->rel.buf = grown;
-        b->rel.cap = cap;
-    }
-    size_t pos = plen;
-    if (plen)
-        b->rel.buf[pos++] = '/';
-    memcpy(b->rel.buf + pos, name, nlen);
-    b->rel.len = pos + nlen;
-    b->rel.buf[b->rel.len] = '\0';
-    return (long)plen;
+    return add_record_in(b, b->cur, name, what);
+}
+
+static int add_node(batch *b, size_t parent, const char *name, size_t *node)
+{
+    size_t off;
+    if (grow((void **)&b->nodes, &b->cap_nodes, b->n_nodes + 1, sizeof *b->nodes) != 0 ||
+        arena_put(&b->out, name, strlen(name), &off) != 0)
+        return -1;
+    b->nodes[b->n_nodes] = (dnode){.parent = parent, .name_off = off};
+    *node = b->n_nodes++;
+    return 0;
 }
 
 static int is_protected(const batch *b, uint32_t uid)
@@ -197,12 +232,13 @@ static int is_protected(const batch *b, uint32_t uid)
     return 0;
 }
 
-/* On the root's device and, when root_mnt >= 0, on its very mount (bind mounts included). */
+/* On the root's very mount (bind mounts on the same device included). Only a kernel that
+ * gives no mount id (before Linux 5.8) is judged by st_dev. */
 static int same_fs(unsigned long long root_dev, long long root_mnt, const statx_buf *st)
 {
-    return makedev(st->sx.stx_dev_major, st->sx.stx_dev_minor) == root_dev &&
-           (root_mnt < 0 || ((st->sx.stx_mask & STATX_MNT_ID) &&
-                             statx_mnt_id(st) == (uint64_t)root_mnt));
+    if (root_mnt >= 0 && (st->sx.stx_mask & STATX_MNT_ID))
+        return statx_mnt_id(st) == (uint64_t)root_mnt;
+    return makedev(st->sx.stx_dev_major, st->sx.stx_dev_minor) == root_dev;
 }
 
 /* Set group and permission bits on the inode behind fd (an O_PATH or a directory fd), as
@@ -233,7 +269,7 @@ fail:
 }
 
 /* Change the entry judged as `seen` through an O_PATH fd proven to be that inode.
- * Returns the outcome; ATTENTION when anything is unusual (Python's slow path decides). */
+ * Returns the outcome; ATTENTION when it changed in between (Python's slow path decides). */
 static enum outcome fix_entry(const batch *b, int dirfd, const char *name,
                               const statx_buf *seen, record *r)
 {
@@ -243,9 +279,8 @@ static enum outcome fix_entry(const batch *b, int dirfd, const char *name,
         return errno == ENOENT ? VANISHED : ERROR;
     }
     statx_buf now;
-    unsigned int mask = STATX_WANT | (b->root_mnt >= 0 ? STATX_MNT_ID : 0);
     enum outcome out = FIXED;
-    if (fd_statx(fd, "", AT_EMPTY_PATH, mask, &now) != 0) {
+    if (fd_statx(fd, "", AT_EMPTY_PATH, STATX_WANT, &now) != 0) {
         r->err = errno;
         out = ERROR;
     } else if (now.sx.stx_ino != seen->sx.stx_ino || now.sx.stx_uid != seen->sx.stx_uid ||
@@ -257,6 +292,30 @@ static enum outcome fix_entry(const batch *b, int dirfd, const char *name,
     }
     close(fd);
     return out;
+}
+
+/* What to do with an entry of a directory (not the start) judged by `st`: COMPLIANT,
+ * WOULD_FIX, FIXED (call fix), or one of the SKIP_ outcomes. The one place the fast path's
+ * rules are ordered: another mount first, then specials, then compliance, then owners. */
+static enum outcome classify(const batch *b, const statx_buf *st)
+{
+    uint16_t mode = st->sx.stx_mode, want = b->table[mode];
+    if (!same_fs(b->root_dev, b->root_mnt, st))
+        return SKIP_MOUNT;
+    if (want == NO_FIX)
+        return SKIP_SPECIAL;
+    if (st->sx.stx_gid == b->gid && want == (mode & 07777))
+        return COMPLIANT;
+    if (is_protected(b, st->sx.stx_uid))
+        return SKIP_PROTECTED;
+    return b->fix ? FIXED : WOULD_FIX;
+}
+
+static void fill_seen(record *r, const statx_buf *st)
+{
+    r->mode = st->sx.stx_mode;
+    r->uid = st->sx.stx_uid;
+    r->gid = st->sx.stx_gid;
 }
 
 /* Inspect (and with b->fix, heal) one entry of dirfd; the GIL is not held. A directory is
@@ -275,44 +334,127 @@ static int do_entry(batch *b, int dirfd, const char *name, int known_dir, int *i
         r->err = err;
         return 0;
     }
-    uint16_t mode = seen.sx.stx_mode;
-    if (S_ISDIR(mode)) {
+    if (S_ISDIR(seen.sx.stx_mode)) {
         *is_dir = 1;
         return 0;
     }
-    uint16_t want = b->table[mode];
-    if (want != NO_FIX && seen.sx.stx_gid == b->gid && want == (mode & 07777)) {
-        b->n_ok++;
+    enum outcome what = classify(b, &seen);
+    if (what == COMPLIANT) {
+        b->n_scanned++;
         return 0;
     }
-    record tmp = {.set_mode = -1, .mode = mode, .uid = seen.sx.stx_uid,
-                  .gid = seen.sx.stx_gid};
-    tmp.what = (want == NO_FIX || !b->fix || is_protected(b, seen.sx.stx_uid))
-                   ? ATTENTION
-                   : fix_entry(b, dirfd, name, &seen, &tmp);
-    record *r = add_record(b, name, tmp.what);
+    record tmp = {.set_mode = -1};
+    fill_seen(&tmp, &seen);
+    if (what == FIXED)
+        what = fix_entry(b, dirfd, name, &seen, &tmp);
+    if (what != ATTENTION && what != VANISHED)
+        b->n_scanned++;
+    record *r = add_record(b, name, what);
     if (!r)
         return -1;
-    tmp.path_off = r->path_off;
+    tmp.node = r->node;
+    tmp.name_off = r->name_off;
+    tmp.what = what;
     *r = tmp;
     return 0;
 }
 
-/* A subdirectory met in scan mode is reported; in walk mode it is queued on b->names. */
-static int found_dir(batch *b, const char *name)
+/* List dirfd with getdents64 and inspect every entry. Subdirectories are reported (scan) or
+ * pushed on b->names for the walk to visit. The fd's own offset is used (rewound first): the
+ * batch owns its directory fds. Returns 0, an errno from the listing, or -1 (no memory). */
+static int list_dir(batch *b, int dirfd)
 {
-    if (b->walk)
-        return arena_put(&b->names, name, strlen(name), NULL);
-    return add_record(b, name, SUBDIR) ? 0 : -1;
+    if (lseek(dirfd, 0, SEEK_SET) < 0)
+        return errno;
+    for (;;) {
+        long n = syscall(SYS_getdents64, dirfd, b->dents, DENTS_SIZE);
+        if (n < 0)
+            return errno;
+        if (n == 0)
+            return 0;
+        for (long pos = 0; pos < n;) {
+            struct dirent64 *d = (struct dirent64 *)(b->dents + pos);
+            pos += d->d_reclen;
+            const char *nm = d->d_name;
+            if (nm[0] == '.' && (nm[1] == '\0' || (nm[1] == '.' && nm[2] == '\0')))
+                continue;
+            int is_dir;
+            if (do_entry(b, dirfd, nm, d->d_type == DT_DIR, &is_dir) != 0)
+                return -1;
+            if (is_dir && (b->walk ? arena_put(&b->names, nm, strlen(nm), NULL)
+                                   : (add_record(b, nm, SUBDIR) ? 0 : -1)) != 0)
+                return -1;
+        }
+    }
 }
 
-static int walk_dir(batch *b, int dirfd);
-
-/* Walk mode: open a subdirectory no-follow, prove it is on the root's mount, judge and heal
- * it through its own fd, then walk it. Anything else goes back to Python, which visits it
- * and its subtree itself. Returns -1 only when out of memory. */
-static int visit_subdir(batch *b, int parent, const char *name)
+/* Whether the directory behind fd is the one frame f entered (same inode, device, mount). */
+static int same_dir(int fd, const frame *f)
 {
+    statx_buf st;
+    return fd_statx(fd, "", AT_EMPTY_PATH, STATX_WANT, &st) == 0 && S_ISDIR(st.sx.stx_mode) &&
+           st.sx.stx_ino == f->ino &&
+           makedev(st.sx.stx_dev_major, st.sx.stx_dev_minor) == f->dev &&
+           (!(st.sx.stx_mask & STATX_MNT_ID) || statx_mnt_id(&st) == f->mnt);
+}
+
+/* Open frame i again, proven to be the directory it was: through its child's ".." (one
+ * openat: the way back up a deep chain), else down by name from the nearest open ancestor.
+ * A level that is no longer where it was (moved or swapped mid-walk) and everything below it
+ * are marked lost; the first lost level is handed back (ATTENTION) for Python to revisit by
+ * its path. Returns -1 only when out of memory. */
+static int reopen_frame(batch *b, size_t i)
+{
+    frame *f = &b->frames[i];
+    int fd = -1;
+    if (i + 1 < b->depth && b->frames[i + 1].fd >= 0) {
+        fd = openat(b->frames[i + 1].fd, "..", O_PATH | O_DIRECTORY | O_CLOEXEC);
+        if (fd >= 0 && !same_dir(fd, f)) {
+            close(fd);
+            fd = -1;
+        }
+    }
+    if (fd < 0 && !f->lost) {
+        size_t j = i;
+        while (b->frames[j].fd < 0) /* frame 0, the caller's fd, is always open */
+            j--;
+        int cur = b->frames[j].fd;
+        for (size_t k = j + 1; k <= i; k++) {
+            const char *name = b->out.buf + b->nodes[b->frames[k].node].name_off;
+            int next = openat(cur, name, O_PATH | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+            if (next >= 0 && !same_dir(next, &b->frames[k])) {
+                close(next);
+                next = -1;
+            }
+            if (cur != b->frames[j].fd)
+                close(cur);
+            if (next < 0) {
+                for (size_t m = k; m <= i; m++)
+                    b->frames[m].lost = 1;
+                size_t node = b->frames[k].node;
+                record *r = add_record_in(b, b->nodes[node].parent,
+                                          b->out.buf + b->nodes[node].name_off, ATTENTION);
+                if (!r)
+                    return -1;
+                r->mode = S_IFDIR;
+                break;
+            }
+            cur = next;
+        }
+        if (!f->lost)
+            fd = cur;
+    }
+    f->fd = fd;
+    if (fd < 0)
+        f->next = b->names.len; /* its remaining subdirectories are not visited from here */
+    return 0;
+}
+
+/* Walk mode: open a subdirectory no-follow, judge it and heal it through its own fd; when it
+ * is on the root's mount and could be opened, push it as a new frame (*entered = 1). */
+static int visit_subdir(batch *b, int parent, const char *name, int *entered)
+{
+    *entered = 0;
     int fd = openat(parent, name, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
     if (fd < 0) {
         int err = errno;
@@ -324,141 +466,164 @@ static int visit_subdir(batch *b, int parent, const char *name)
         r->mode = S_IFDIR; /* as it was listed */
         return 0;
     }
-    int rc = 0;
     statx_buf st;
-    unsigned int mask = STATX_WANT | (b->root_mnt >= 0 ? STATX_MNT_ID : 0);
-    record tmp = {.set_mode = -1};
-    enum outcome what = OK;
-    if (fd_statx(fd, "", AT_EMPTY_PATH, mask, &st) != 0) {
+    record tmp = {.set_mode = -1, .mode = S_IFDIR};
+    enum outcome what;
+    if (fd_statx(fd, "", AT_EMPTY_PATH, STATX_WANT, &st) != 0) {
         tmp.err = errno;
         what = ERROR;
     } else {
-        uint16_t want = b->table[st.sx.stx_mode];
-        int ok = st.sx.stx_gid == b->gid && want == (st.sx.stx_mode & 07777);
-        if (!same_fs(b->root_dev, b->root_mnt, &st) || (!ok && (!b->fix || is_protected(b, st.sx.stx_uid)))) {
-            what = ATTENTION;
-        } else if (!ok) {
+        b->n_scanned++;
+        b->n_dirs++;
+        fill_seen(&tmp, &st);
+        what = classify(b, &st);
+        if (what == FIXED) {
             statx_buf now = st;
-            what = apply_fix(b, fd, &now, &tmp) == 0 ? FIXED : ERROR;
+            if (apply_fix(b, fd, &now, &tmp) != 0)
+                what = ERROR;
         }
-        tmp.mode = st.sx.stx_mode;
-        tmp.uid = st.sx.stx_uid;
-        tmp.gid = st.sx.stx_gid;
     }
-    if (what != OK) {
+    if (what != COMPLIANT) {
         record *r = add_record(b, name, what);
         if (!r) {
-            rc = -1;
-            goto done;
+            close(fd);
+            return -1;
         }
-        tmp.path_off = r->path_off;
+        tmp.node = r->node;
+        tmp.name_off = r->name_off;
         tmp.what = what;
-        if (what != ERROR)
-            tmp.err = 0;
         *r = tmp;
-        if (what != FIXED)
-            goto done;
     }
-    b->n_dirs++;
-    long plen = rel_push(b, name);
-    if (plen < 0) {
-        rc = -1;
-        goto done;
+    if (what == ERROR || what == SKIP_MOUNT) {
+        close(fd);
+        return 0;
     }
-    rc = walk_dir(b, fd);
-    b->rel.len = (size_t)plen;
-    b->rel.buf[plen] = '\0';
-    if (rc > 0) { /* listing it failed: report the directory, go on */
-        record *r = add_record(b, name, ERROR);
-        if (r)
-            r->err = rc;
-        rc = r ? 0 : -1;
+    size_t node;
+    if (add_node(b, b->cur, name, &node) != 0 ||
+        grow((void **)&b->frames, &b->cap_frames, b->depth + 1, sizeof *b->frames) != 0) {
+        close(fd);
+        return -1;
     }
-done:
-    close(fd);
-    return rc;
+    size_t d = b->depth++;
+    b->frames[d] = (frame){.fd = fd, .ino = st.sx.stx_ino, .node = node,
+                           .mnt = (st.sx.stx_mask & STATX_MNT_ID) ? statx_mnt_id(&st) : 0,
+                           .dev = makedev(st.sx.stx_dev_major, st.sx.stx_dev_minor),
+                           .mark = b->names.len, .next = b->names.len};
+    if (d > WINDOW && b->frames[d - WINDOW].fd >= 0) {
+        close(b->frames[d - WINDOW].fd);
+        b->frames[d - WINDOW].fd = -1;
+    }
+    *entered = 1;
+    return 0;
 }
 
-/* List dirfd with getdents64 and inspect every entry; in walk mode, then descend into each
- * subdirectory. The walker owns its directory fds and reads them nowhere else, so the fd's
- * own offset is used (rewound first). The GIL is not held. Returns 0, an errno from the
- * listing, or -1 when out of memory. */
-static int walk_dir(batch *b, int dirfd)
+/* Leave the top frame: drop its names, reopen its parent if the window had closed it. */
+static int pop_frame(batch *b)
 {
-    size_t mark = b->names.len;
+    size_t i = b->depth - 1;
+    frame *f = &b->frames[i];
+    b->names.len = f->mark;
     int rc = 0;
-    if (lseek(dirfd, 0, SEEK_SET) < 0) {
-        rc = errno;
-        goto out;
-    }
-    for (;;) {
-        long n = syscall(SYS_getdents64, dirfd, b->dents, DENTS_SIZE);
-        if (n < 0) {
-            rc = errno;
-            goto out;
-        }
-        if (n == 0)
-            break;
-        for (long pos = 0; pos < n;) {
-            struct dirent64 *d = (struct dirent64 *)(b->dents + pos);
-            pos += d->d_reclen;
-            const char *nm = d->d_name;
-            if (nm[0] == '.' && (nm[1] == '\0' || (nm[1] == '.' && nm[2] == '\0')))
-                continue;
-            int is_dir;
-            if (do_entry(b, dirfd, nm, d->d_type == DT_DIR, &is_dir) != 0 ||
-                (is_dir && found_dir(b, nm) != 0)) {
-                rc = -1;
-                goto out;
-            }
-        }
-    }
-    /* Subdirectories after the listing: the getdents buffer is free again for them. */
-    for (size_t off = mark; off < b->names.len;) {
-        char name[NAME_MAX + 1];
-        size_t nlen = strlen(b->names.buf + off);
-        memcpy(name, b->names.buf + off, nlen + 1); /* the arena may move below */
-        off += nlen + 1;
-        if (visit_subdir(b, dirfd, name) != 0) {
-            rc = -1;
-            goto out;
-        }
-    }
-out:
-    b->names.len = mark; /* this directory's names are done with, whatever happened */
+    if (i > 0 && b->frames[i - 1].fd < 0 && !b->frames[i - 1].lost)
+        rc = reopen_frame(b, i - 1);
+    if (i > 0 && f->fd >= 0)
+        close(f->fd); /* frame 0's fd is the caller's */
+    b->depth--;
     return rc;
 }
 
-static PyObject *build_lists(batch *b, PyObject **attention, PyObject **fixed)
+/* The whole subtree below dirfd, depth first on an explicit stack: memory and open fds are
+ * bounded whatever the depth (WINDOW levels keep their fd), and each entry costs the same at
+ * any depth. The GIL is not held. Returns 0, an errno from listing dirfd itself, or -1. */
+static int walk_tree(batch *b, int dirfd)
+{
+    size_t root_node;
+    if (add_node(b, NO_NODE, "", &root_node) != 0 ||
+        grow((void **)&b->frames, &b->cap_frames, 1, sizeof *b->frames) != 0)
+        return -1;
+    b->frames[0] = (frame){.fd = dirfd, .node = root_node};
+    b->depth = 1;
+    b->cur = root_node;
+    int rc = list_dir(b, dirfd);
+    if (rc != 0)
+        return rc;
+    while (b->depth > 0) {
+        frame *f = &b->frames[b->depth - 1];
+        if (f->fd < 0 || f->next >= b->names.len) { /* done, or lost */
+            if (pop_frame(b) != 0)
+                return -1;
+            continue;
+        }
+        char name[NAME_MAX + 1];
+        size_t nlen = strlen(b->names.buf + f->next);
+        memcpy(name, b->names.buf + f->next, nlen + 1); /* the arena may move below */
+        f->next += nlen + 1;
+        b->cur = f->node;
+        int entered;
+        if (visit_subdir(b, f->fd, name, &entered) != 0) /* f may move: not used after */
+            return -1;
+        if (!entered)
+            continue;
+        frame *child = &b->frames[b->depth - 1];
+        b->cur = child->node;
+        rc = list_dir(b, child->fd);
+        if (rc < 0)
+            return -1;
+        if (rc > 0) { /* listing it failed: report the directory, go on */
+            child->next = b->names.len;
+            record *r = add_record_in(b, b->frames[b->depth - 2].node, name, ERROR);
+            if (!r)
+                return -1;
+            r->err = rc;
+            r->mode = S_IFDIR;
+        }
+    }
+    return 0;
+}
+
+/* Python's view of the records: (subdirs, attention, fixed, skipped); see scan_doc. */
+static PyObject *build_lists(batch *b, PyObject **attention, PyObject **fixed,
+                             PyObject **skipped)
 {
     PyObject *subdirs = PyList_New(0);
     *attention = PyList_New(0);
     *fixed = PyList_New(0);
-    if (!subdirs || !*attention || !*fixed)
+    *skipped = PyList_New(0);
+    if (!subdirs || !*attention || !*fixed || !*skipped)
         goto fail;
     for (size_t i = 0; i < b->n_recs; i++) {
         record *r = &b->recs[i];
-        PyObject *path = PyUnicode_DecodeFSDefault(b->out.buf + r->path_off);
-        if (!path)
+        PyObject *name = PyUnicode_DecodeFSDefault(b->out.buf + r->name_off);
+        if (!name)
             goto fail;
+        Py_ssize_t node = (Py_ssize_t)r->node;
         PyObject *item = NULL, *target = NULL;
         switch (r->what) {
         case SUBDIR:
             target = subdirs;
-            item = path;
-            Py_INCREF(path);
+            item = name;
+            Py_INCREF(name);
             break;
         case FIXED:
+        case WOULD_FIX:
             target = *fixed;
-            item = Py_BuildValue("(OIIii)", path, r->mode, r->gid, r->set_gid, r->set_mode);
+            item = Py_BuildValue("(nOIIii)", node, name, r->mode, r->gid, r->set_gid,
+                                 r->set_mode);
             break;
-        default: /* ATTENTION, ERROR, VANISHED: (path, errno, mode, uid, gid) */
+        case SKIP_PROTECTED:
+        case SKIP_SPECIAL:
+        case SKIP_MOUNT:
+            target = *skipped;
+            item = Py_BuildValue("(nOsIII)", node, name, skip_reason[r->what], r->mode,
+                                 r->uid, r->gid);
+            break;
+        default: /* ATTENTION, ERROR, VANISHED: (node, name, errno, mode, uid, gid) */
             target = *attention;
-            item = Py_BuildValue("(OiIII)", path, r->what == ATTENTION ? 0 : r->err,
+            item = Py_BuildValue("(nOiIII)", node, name, r->what == ATTENTION ? 0 : r->err,
                                  r->mode, r->uid, r->gid);
             break;
         }
-        Py_DECREF(path);
+        Py_DECREF(name);
         if (!item || PyList_Append(target, item) != 0) {
             Py_XDECREF(item);
             goto fail;
@@ -470,7 +635,30 @@ fail:
     Py_XDECREF(subdirs);
     Py_CLEAR(*attention);
     Py_CLEAR(*fixed);
+    Py_CLEAR(*skipped);
     return NULL;
+}
+
+/* The directories records refer to, as [(parent index or -1, name)]; empty without records
+ * (a compliant tree builds nothing). */
+static PyObject *build_nodes(batch *b)
+{
+    Py_ssize_t n = b->n_recs ? (Py_ssize_t)b->n_nodes : 0;
+    PyObject *nodes = PyList_New(n);
+    for (Py_ssize_t i = 0; nodes && i < n; i++) {
+        dnode *d = &b->nodes[i];
+        PyObject *name = PyUnicode_DecodeFSDefault(b->out.buf + d->name_off);
+        PyObject *item = name ? Py_BuildValue("(nN)", d->parent == NO_NODE
+                                                          ? (Py_ssize_t)-1
+                                                          : (Py_ssize_t)d->parent, name)
+                              : NULL;
+        if (!item) {
+            Py_CLEAR(nodes);
+            break;
+        }
+        PyList_SET_ITEM(nodes, i, item);
+    }
+    return nodes;
 }
 
 /* Parse the arguments both entry points share; fills b and the protected uid array. */
@@ -506,40 +694,55 @@ static int setup_batch(batch *b, Py_buffer *table, PyObject *protected_seq, uint
 
 static void free_batch(batch *b)
 {
+    for (size_t i = 1; i < b->depth; i++) /* left open only when the walk stopped early */
+        if (b->frames[i].fd >= 0)
+            close(b->frames[i].fd);
     free(b->out.buf);
     free(b->names.buf);
-    free(b->rel.buf);
     free(b->dents);
     free(b->recs);
+    free(b->nodes);
+    free(b->frames);
 }
 
-/* The result of a scan (n_ok, subdirs, attention, fixed) or of a walk (n_ok, n_dirs,
- * attention, fixed), or the exception for `err` (an errno, or -1: out of memory). */
+/* The result of a scan (n_scanned, subdirs, attention, fixed, skipped) or of a walk
+ * (n_scanned, n_dirs, nodes, attention, fixed, skipped), or the exception for `err` (an
+ * errno, or -1: out of memory). */
 static PyObject *batch_result(batch *b, int err)
 {
     if (err) {
         errno = err == -1 ? ENOMEM : err;
         return PyErr_SetFromErrno(err == -1 ? PyExc_MemoryError : PyExc_OSError);
     }
-    PyObject *attention, *fixed;
-    PyObject *subdirs = build_lists(b, &attention, &fixed);
+    PyObject *attention, *fixed, *skipped;
+    PyObject *subdirs = build_lists(b, &attention, &fixed, &skipped);
     if (!subdirs)
         return NULL;
     if (!b->walk)
-        return Py_BuildValue("(nNNN)", b->n_ok, subdirs, attention, fixed);
+        return Py_BuildValue("(nNNNN)", b->n_scanned, subdirs, attention, fixed, skipped);
     Py_DECREF(subdirs); /* always empty in walk mode */
-    return Py_BuildValue("(nnNN)", b->n_ok, b->n_dirs, attention, fixed);
+    PyObject *nodes = build_nodes(b);
+    if (!nodes) {
+        Py_DECREF(attention);
+        Py_DECREF(fixed);
+        Py_DECREF(skipped);
+        return NULL;
+    }
+    return Py_BuildValue("(nnNNNN)", b->n_scanned, b->n_dirs, nodes, attention, fixed, skipped);
 }
 
 PyDoc_STRVAR(scan_doc,
 "scan(dirfd, names, gid, table, protected, fix, root_dev, root_mnt)\n"
-"    -> (n_ok, subdirs, attention, fixed)\n\n"
+"    -> (n_scanned, subdirs, attention, fixed, skipped)\n\n"
 "Inspect the entries ``names`` of the directory ``dirfd`` (None: list it), and with ``fix``\n"
-"heal the plain cases. ``table`` is 65536 native uint16: the wanted permission bits for\n"
-"each st_mode, 0xFFFF for entries never fixed here. ``root_mnt`` -1 skips mount id checks.\n"
-"n_ok counts compliant non-directories; subdirs are directory names (not inspected);\n"
-"attention holds (name, errno, mode, uid, gid) for what Python must decide (errno 0) or\n"
-"what failed (ENOENT: vanished); fixed holds (name, old_mode, old_gid, set_gid, set_mode).");
+"heal them. ``table`` is 65536 native uint16: the wanted permission bits for each st_mode,\n"
+"0xFFFF for entries never fixed (special files). ``root_mnt`` is the root's mount id (-1:\n"
+"unknown, st_dev decides). n_scanned counts the non-directories judged here; subdirs are\n"
+"directory names (not inspected). Entries are (node, name, ...) with node 0: attention holds\n"
+"(node, name, errno, mode, uid, gid) for what changed under us (errno 0) or failed (ENOENT:\n"
+"vanished); fixed holds (node, name, old_mode, old_gid, set_gid, set_mode), entries fixed or,\n"
+"with fix off, that would be; skipped holds (node, name, reason, mode, uid, gid), reason\n"
+"'protected', 'special' or 'mount'.");
 
 static PyObject *py_scan(PyObject *self, PyObject *args)
 {
@@ -561,7 +764,7 @@ static PyObject *py_scan(PyObject *self, PyObject *args)
     int err = 0;
     if (names == Py_None) {
         Py_BEGIN_ALLOW_THREADS
-        err = walk_dir(&b, dirfd);
+        err = list_dir(&b, dirfd);
         Py_END_ALLOW_THREADS
     } else {
         /* Copy the names first: the loop below runs without the GIL. */
@@ -594,7 +797,8 @@ static PyObject *py_scan(PyObject *self, PyObject *args)
         for (Py_ssize_t i = 0; i < n && !err; i++) {
             const char *nm = b.names.buf + offs[i];
             int is_dir;
-            if (do_entry(&b, dirfd, nm, 0, &is_dir) != 0 || (is_dir && found_dir(&b, nm) != 0))
+            if (do_entry(&b, dirfd, nm, 0, &is_dir) != 0 ||
+                (is_dir && !add_record(&b, nm, SUBDIR)))
                 err = -1;
         }
         Py_END_ALLOW_THREADS
@@ -610,13 +814,15 @@ out:
 
 PyDoc_STRVAR(walk_doc,
 "walk(dirfd, gid, table, protected, fix, root_dev, root_mnt)\n"
-"    -> (n_ok, n_dirs, attention, fixed)\n\n"
-"scan() for the whole subtree below ``dirfd`` (not dirfd itself): each subdirectory is\n"
-"opened O_NOFOLLOW, must be on the root's mount, is judged by ``table`` and healed through\n"
-"its own fd, then walked. A subdirectory that is not plain (another mount, a protected\n"
-"owner, wrong with ``fix`` off, swapped) is returned in ``attention`` by its path and not\n"
-"entered: the caller visits it and what lies below. Paths are relative to ``dirfd``.\n"
-"n_dirs counts the subdirectories walked.");
+"    -> (n_scanned, n_dirs, nodes, attention, fixed, skipped)\n\n"
+"scan() for the whole subtree below ``dirfd`` (not dirfd itself), on an explicit stack:\n"
+"no recursion and a bounded number of open fds whatever the depth. Each subdirectory is\n"
+"opened O_NOFOLLOW, judged and healed through its own fd, and entered unless it is on\n"
+"another mount (skipped) or could not be opened or fixed. n_dirs counts the subdirectories\n"
+"judged. ``nodes`` lists the directories entered as (parent index, name), index 0 being\n"
+"dirfd itself (parent -1); every record names its directory by such an index (paths are\n"
+"never built here: they can be far longer than PATH_MAX). ``nodes`` is empty when there\n"
+"are no records. attention also holds directories that were moved mid-walk (errno 0).");
 
 static PyObject *py_walk(PyObject *self, PyObject *args)
 {
@@ -636,7 +842,7 @@ static PyObject *py_walk(PyObject *self, PyObject *args)
         goto out;
     int err;
     Py_BEGIN_ALLOW_THREADS
-    err = walk_dir(&b, dirfd);
+    err = walk_tree(&b, dirfd);
     Py_END_ALLOW_THREADS
     result = batch_result(&b, err);
 out:
@@ -657,25 +863,33 @@ typedef struct {
     Py_ssize_t visited;
 } stamp_walk;
 
+/* One level of check_stamps' explicit stack. */
+typedef struct {
+    int fd; /* -1: closed (outside the window) */
+    uint64_t ino, mnt;
+    unsigned long long dev;
+    PyObject *rel;     /* owned */
+    PyObject *subdirs; /* owned: the stamp's tuple of names */
+    Py_ssize_t next;
+} stamp_frame;
+
 static PyObject *s_ino, *s_mtime, *s_ctime, *s_subdirs;
 
-/* Whether the directory behind fd is correct and exactly as `stamp` recorded it. */
-static int dir_unchanged(stamp_walk *w, int fd, PyObject *stamp)
+/* Whether the directory behind fd is correct and exactly as `stamp` recorded it; fills *st. */
+static int dir_unchanged(stamp_walk *w, int fd, PyObject *stamp, statx_buf *st)
 {
-    statx_buf st;
-    unsigned int mask = STATX_WANT | (w->root_mnt >= 0 ? STATX_MNT_ID : 0);
-    if (fd_statx(fd, "", AT_EMPTY_PATH, mask, &st) != 0)
+    if (fd_statx(fd, "", AT_EMPTY_PATH, STATX_WANT, st) != 0)
         return 0;
     w->visited++;
-    uint16_t mode = st.sx.stx_mode;
-    if (!S_ISDIR(mode) || !same_fs(w->root_dev, w->root_mnt, &st) || st.sx.stx_gid != w->gid ||
+    uint16_t mode = st->sx.stx_mode;
+    if (!S_ISDIR(mode) || !same_fs(w->root_dev, w->root_mnt, st) || st->sx.stx_gid != w->gid ||
         w->table[mode] != (mode & 07777))
         return 0;
-    long long mtime = (long long)st.sx.stx_mtime.tv_sec * 1000000000LL + st.sx.stx_mtime.tv_nsec;
-    long long ctime = (long long)st.sx.stx_ctime.tv_sec * 1000000000LL + st.sx.stx_ctime.tv_nsec;
+    long long mtime = (long long)st->sx.stx_mtime.tv_sec * 1000000000LL + st->sx.stx_mtime.tv_nsec;
+    long long ctime = (long long)st->sx.stx_ctime.tv_sec * 1000000000LL + st->sx.stx_ctime.tv_nsec;
     PyObject *ino = PyObject_GetAttr(stamp, s_ino), *mt = PyObject_GetAttr(stamp, s_mtime),
              *ct = PyObject_GetAttr(stamp, s_ctime);
-    int same = ino && mt && ct && PyLong_AsUnsignedLongLong(ino) == st.sx.stx_ino &&
+    int same = ino && mt && ct && PyLong_AsUnsignedLongLong(ino) == st->sx.stx_ino &&
                PyLong_AsLongLong(mt) == mtime && PyLong_AsLongLong(ct) == ctime;
     Py_XDECREF(ino);
     Py_XDECREF(mt);
@@ -683,44 +897,95 @@ static int dir_unchanged(stamp_walk *w, int fd, PyObject *stamp)
     return same;
 }
 
-/* Check the known subdirectories of the unchanged directory fd (at `rel`), recursively.
- * Returns -1 on a Python error. */
-static int check_subdirs(stamp_walk *w, int fd, PyObject *rel, PyObject *stamp)
+/* Push the unchanged directory fd at `rel` (references stolen), its identity from st. */
+static int stamp_push(stamp_frame **frames, size_t *depth, size_t *cap, int fd, PyObject *rel,
+                      PyObject *stamp, const statx_buf *st)
 {
     PyObject *subdirs = PyObject_GetAttr(stamp, s_subdirs);
-    if (!subdirs)
+    if (!subdirs || grow((void **)frames, cap, *depth + 1, sizeof **frames) != 0) {
+        Py_XDECREF(subdirs);
+        if (!PyErr_Occurred())
+            PyErr_NoMemory();
         return -1;
-    int rc = 0;
-    Py_ssize_t n = PyTuple_Check(subdirs) ? PyTuple_GET_SIZE(subdirs) : 0;
-    for (Py_ssize_t i = 0; i < n && rc == 0; i++) {
-        PyObject *name = PyTuple_GET_ITEM(subdirs, i);
-        PyObject *child = PyUnicode_GET_LENGTH(rel) ? PyUnicode_FromFormat("%U/%U", rel, name)
-                                                     : (Py_INCREF(name), name);
+    }
+    if (!PyTuple_Check(subdirs)) { /* nothing known below */
+        Py_DECREF(subdirs);
+        subdirs = PyTuple_New(0);
+    }
+    stamp_frame *f = &(*frames)[(*depth)++];
+    *f = (stamp_frame){.fd = fd, .ino = st->sx.stx_ino, .rel = rel, .subdirs = subdirs,
+                       .mnt = (st->sx.stx_mask & STATX_MNT_ID) ? statx_mnt_id(st) : 0,
+                       .dev = makedev(st->sx.stx_dev_major, st->sx.stx_dev_minor)};
+    if (*depth - 1 > WINDOW && (*frames)[*depth - 1 - WINDOW].fd >= 0) {
+        close((*frames)[*depth - 1 - WINDOW].fd);
+        (*frames)[*depth - 1 - WINDOW].fd = -1;
+    }
+    return 0;
+}
+
+/* Check every known subdirectory below the unchanged root, depth first on an explicit stack
+ * (open fds bounded as in walk_tree). A level whose fd was closed is reopened through its
+ * child's "..", identity checked; if that fails it is reported stale (the poller walks it).
+ * Returns -1 on a Python error. */
+static int check_tree(stamp_walk *w, stamp_frame **frames, size_t *depth, size_t *cap)
+{
+    while (*depth > 0) {
+        stamp_frame *f = &(*frames)[*depth - 1];
+        if (f->fd < 0 || f->next >= PyTuple_GET_SIZE(f->subdirs)) {
+            size_t i = *depth - 1;
+            stamp_frame *up = i > 0 ? &(*frames)[i - 1] : NULL;
+            if (up && up->fd < 0 && f->fd >= 0) {
+                int fd = openat(f->fd, "..", O_PATH | O_DIRECTORY | O_CLOEXEC);
+                frame id = {.ino = up->ino, .mnt = up->mnt, .dev = up->dev};
+                if (fd >= 0 && !same_dir(fd, &id)) {
+                    close(fd);
+                    fd = -1;
+                }
+                up->fd = fd;
+            }
+            if (up && up->fd < 0 && up->next < PyTuple_GET_SIZE(up->subdirs)) {
+                up->next = PyTuple_GET_SIZE(up->subdirs); /* lost: let the poller walk it */
+                if (PyList_Append(w->stale, up->rel) != 0)
+                    return -1;
+            }
+            if (i > 0 && f->fd >= 0)
+                close(f->fd);
+            Py_DECREF(f->rel);
+            Py_DECREF(f->subdirs);
+            (*depth)--;
+            continue;
+        }
+        PyObject *name = PyTuple_GET_ITEM(f->subdirs, f->next++);
+        PyObject *child = PyUnicode_GET_LENGTH(f->rel) ? PyUnicode_FromFormat("%U/%U", f->rel, name)
+                                                        : (Py_INCREF(name), name);
         PyObject *enc = child ? PyUnicode_EncodeFSDefault(name) : NULL;
         if (!enc) {
             Py_XDECREF(child);
-            rc = -1;
-            break;
+            return -1;
         }
         PyObject *cstamp = PyDict_GetItemWithError(w->stamps, child); /* borrowed */
         int cfd = -1;
         if (cstamp)
-            cfd = openat(fd, PyBytes_AS_STRING(enc),
+            cfd = openat(f->fd, PyBytes_AS_STRING(enc),
                          O_PATH | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
-        if (PyErr_Occurred()) {
-            rc = -1;
-        } else if (cfd < 0 || !dir_unchanged(w, cfd, cstamp)) {
-            rc = PyList_Append(w->stale, child);
-        } else {
-            rc = check_subdirs(w, cfd, child, cstamp);
-        }
-        if (cfd >= 0)
-            close(cfd);
         Py_DECREF(enc);
-        Py_DECREF(child);
+        statx_buf st;
+        if (PyErr_Occurred() || cfd < 0 || !dir_unchanged(w, cfd, cstamp, &st)) {
+            if (cfd >= 0)
+                close(cfd);
+            int rc = PyErr_Occurred() ? -1 : PyList_Append(w->stale, child);
+            Py_DECREF(child);
+            if (rc != 0)
+                return -1;
+            continue;
+        }
+        if (stamp_push(frames, depth, cap, cfd, child, cstamp, &st) != 0) {
+            close(cfd);
+            Py_DECREF(child);
+            return -1;
+        }
     }
-    Py_DECREF(subdirs);
-    return rc;
+    return 0;
 }
 
 PyDoc_STRVAR(check_stamps_doc,
@@ -729,8 +994,9 @@ PyDoc_STRVAR(check_stamps_doc,
 "directory paths to objects with ``ino``, ``mtime``, ``ctime`` (ns) and ``subdirs`` (a\n"
 "tuple of names). From the root, every known subdirectory is opened O_PATH|O_NOFOLLOW\n"
 "relative to its parent and statx'ed; one that is unknown, changed, wrong by ``table`` or\n"
-"on another mount is returned in ``stale`` and not entered. Runs with the GIL held (it\n"
-"reads the dict): meant for local disks, where the whole pass takes a fraction of a second.");
+"on another mount is returned in ``stale`` and not entered. Iterative, with a bounded\n"
+"number of open fds whatever the depth. Runs with the GIL held (it reads the dict): meant\n"
+"for local disks, where the whole pass takes a fraction of a second.");
 
 static PyObject *py_check_stamps(PyObject *self, PyObject *args)
 {
@@ -746,6 +1012,8 @@ static PyObject *py_check_stamps(PyObject *self, PyObject *args)
     PyObject *result = NULL, *root = PyUnicode_FromString("");
     stamp_walk w = {.stamps = stamps, .stale = PyList_New(0), .gid = gid, .table = table.buf,
                     .root_dev = root_dev, .root_mnt = root_mnt};
+    stamp_frame *frames = NULL;
+    size_t depth = 0, cap = 0;
     if (!root || !w.stale)
         goto out;
     if (table.len != TABLE_BYTES) {
@@ -755,12 +1023,28 @@ static PyObject *py_check_stamps(PyObject *self, PyObject *args)
     PyObject *stamp = PyDict_GetItemWithError(stamps, root);
     if (PyErr_Occurred())
         goto out;
-    int rc = (!stamp || !dir_unchanged(&w, root_fd, stamp)) ? PyList_Append(w.stale, root)
-                                                             : check_subdirs(&w, root_fd, root,
-                                                                             stamp);
+    statx_buf st;
+    int rc;
+    if (!stamp || !dir_unchanged(&w, root_fd, stamp, &st)) {
+        rc = PyList_Append(w.stale, root);
+    } else {
+        Py_INCREF(root);
+        rc = stamp_push(&frames, &depth, &cap, root_fd, root, stamp, &st);
+        if (rc != 0)
+            Py_DECREF(root);
+        else
+            rc = check_tree(&w, &frames, &depth, &cap);
+    }
     if (rc == 0)
         result = Py_BuildValue("(nO)", w.visited, w.stale);
 out:
+    for (size_t i = 0; i < depth; i++) { /* left only after an error */
+        if (i > 0 && frames[i].fd >= 0)
+            close(frames[i].fd);
+        Py_DECREF(frames[i].rel);
+        Py_DECREF(frames[i].subdirs);
+    }
+    free(frames);
     Py_XDECREF(root);
     Py_XDECREF(w.stale);
     PyBuffer_Release(&table);

@@ -53,17 +53,23 @@ def chmod_fd(fd: int, mode: int) -> None:
     _fastfs.chmod(fd, mode)
 
 
-Attention = list[tuple[str, int, int, int, int]]  # (path, errno, mode, uid, gid)
-Fixed = list[tuple[str, int, int, int, int]]  # (path, old mode, old gid, set_gid, set_mode)
+# Entries handed back by the C loop name their directory by a node index (see ``WalkResult``;
+# always 0 in a scan) and carry their own name.
+Attention = list[tuple[int, str, int, int, int, int]]  # (node, name, errno, mode, uid, gid)
+Fixed = list[tuple[int, str, int, int, int, int]]  # (node, name, old mode, old gid, set_gid,
+#                                                     set_mode): fixed, or with fix off, wrong
+Skipped = list[tuple[int, str, str, int, int, int]]  # (node, name, reason, mode, uid, gid)
+Nodes = list[tuple[int, str]]  # (parent index or -1, name): the directories a walk entered
 
 
 class ScanResult(NamedTuple):
     """One batch of a directory's entries, inspected (and with ``fix``, healed) in C."""
 
-    ok: int  # compliant non-directories
+    scanned: int  # non-directories judged (compliant, fixed, wrong or skipped)
     subdirs: list[str]  # directories, not inspected: the walk visits them through their own fd
-    attention: Attention  # paths are the entries' names
+    attention: Attention  # changed under us (errno 0: re-judge), failed, vanished (ENOENT)
     fixed: Fixed
+    skipped: Skipped  # reason: protected, special, mount
 
 
 def scan(dirfd: int, names: Sequence[str] | None, gid: int, table: bytes,
@@ -71,33 +77,48 @@ def scan(dirfd: int, names: Sequence[str] | None, gid: int, table: bytes,
     """Inspect ``names`` in ``dirfd`` (None: list it) with the GIL released.
 
     ``table`` maps every ``st_mode`` to its wanted permission bits (``policy.mode_table``).
-    Plain cases are fixed in C through a proven ``O_PATH`` fd; everything else — special
-    files, protected owners, an entry swapped or re-owned mid-fix, another mount (``root_mnt``
-    -1: none below the root) — comes back in ``attention`` with errno 0 for the walker's slow
-    path, or with the errno that failed (ENOENT: vanished).
+    Wrong entries are fixed in C through a proven ``O_PATH`` fd (or with ``fix`` off, listed
+    in ``fixed`` unchanged); special files, protected owners and other mounts (by mount id,
+    ``root_mnt``; -1: by ``root_dev``) come back in ``skipped``; an entry swapped or re-owned
+    mid-fix in ``attention`` with errno 0, for the walker's slow path.
     """
     return ScanResult(*_fastfs.scan(dirfd, names, gid, table, protected, fix, root_dev,
                                     root_mnt))
 
 
 class WalkResult(NamedTuple):
-    """A whole subtree inspected (and with ``fix``, healed) in C; paths are relative to the
-    directory walked."""
+    """A whole subtree inspected (and with ``fix``, healed) in C."""
 
-    ok: int  # compliant non-directories
-    dirs: int  # subdirectories walked (correct, or healed through their own fd)
+    scanned: int  # entries judged, directories included
+    dirs: int  # subdirectories judged
+    nodes: Nodes  # index 0: the directory walked; empty when nothing was handed back
     attention: Attention
     fixed: Fixed
+    skipped: Skipped
+
+    def rel(self, node: int, name: str) -> str:
+        """The path of entry ``name`` of directory ``node``, relative to the directory walked.
+
+        Built only when asked (a finding to report, a race to revisit): the walk itself never
+        holds per-entry paths, whose total size grows with depth x entries."""
+        parts = [name]
+        while node > 0:
+            node, part = self.nodes[node]
+            parts.append(part)
+        return "/".join(reversed(parts))
 
 
 def walk(dirfd: int, gid: int, table: bytes, protected: Sequence[int], fix: bool,
          root_dev: int, root_mnt: int) -> WalkResult:
     """``scan`` the whole subtree below ``dirfd`` in one call, with the GIL released.
 
-    Each subdirectory is opened ``O_NOFOLLOW|O_DIRECTORY``, proven to be on the root's mount,
-    judged by ``table`` and healed through its own fd, then walked. One that is not plain —
-    another mount, a protected owner, wrong while ``fix`` is off, swapped for a symlink — is
-    returned in ``attention`` and not entered: the walker visits it, and its subtree, itself.
+    Iterative, with a bounded number of open fds at any depth: levels beyond a window are
+    reopened on the way back up through their child's ``..``, proven to be the same
+    directory (inode, device, mount). Each subdirectory is opened ``O_NOFOLLOW|O_DIRECTORY``,
+    judged by ``table``, healed through its own fd and entered — protected and (with ``fix``
+    off) wrong ones too, since what lies below them may need healing; one on another mount is
+    skipped and not entered. ``attention`` holds what changed under the walk (a directory
+    swapped for a symlink, a level moved away mid-walk), for the walker to revisit by path.
     Raises OSError when ``dirfd`` itself cannot be listed.
     """
     return WalkResult(*_fastfs.walk(dirfd, gid, table, protected, fix, root_dev, root_mnt))

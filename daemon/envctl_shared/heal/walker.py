@@ -42,9 +42,8 @@ from dataclasses import dataclass
 from typing import Any, Callable, Protocol, Sequence
 
 from ..config import RootConfig
-from ..fsinfo import mounts_below
 from ..policy import Kind, Verdict, judge, kind_of, mode_table
-from .fsops import (DIR_FLAGS, PATH_DIR_FLAGS, PATH_FLAGS, Fixed, ScanResult, Stat,
+from .fsops import (DIR_FLAGS, PATH_DIR_FLAGS, PATH_FLAGS, Fixed, ScanResult, Skipped, Stat,
                     check_stamps, chgrp_fd, chmod_fd, scan, stat_at, walk)
 from .stats import Finding, FindingSink, HealStats
 
@@ -161,7 +160,6 @@ class Healer:
         self.report_fixes = report_fixes and on_finding is not None
         self._report_lock = threading.Lock()
         self.excluded = compile_excludes(root.exclude)
-        self.real_root = os.path.realpath(root.path)
         self.table = mode_table(root.others)
         self._verdicts: dict[tuple[int, int], Verdict] = {}
 
@@ -194,8 +192,7 @@ class Healer:
         fd = os.open(self.root.path, DIR_FLAGS)
         try:
             st = stat_at(fd)
-            mnt = st.mnt_id if mounts_below(self.real_root) else -1
-            return check_stamps(fd, stamps, self.root.gid, self.table, st.st_dev, mnt)
+            return check_stamps(fd, stamps, self.root.gid, self.table, st.st_dev, st.mnt_id)
         finally:
             os.close(fd)
 
@@ -228,7 +225,7 @@ class _Pass:
         self.cond = threading.Condition()
         self.pending = 0
         self.root_dev = -1
-        self.root_mnt = -1  # -1: unknown, or nothing is mounted below the root
+        self.root_mnt = -1  # -1: the kernel gives no mount ids (st_dev decides)
         self.root_ref: _DirRef | None = None  # open for the whole pass (paths from C walks)
         self.totals = HealStats()
 
@@ -242,7 +239,7 @@ class _Pass:
         try:
             st = stat_at(root_fd)
             self.root_dev = st.st_dev
-            self.root_mnt = st.mnt_id if mounts_below(self.h.real_root) else -1
+            self.root_mnt = st.mnt_id
             first = self._resolve(root_ref, rel, recursive, stats, names)
             if first is not None:
                 self._push(first)
@@ -352,9 +349,11 @@ class _Pass:
     # -- the work ----------------------------------------------------------------------------
 
     def _same_fs(self, st: Stat) -> bool:
-        if st.st_dev != self.root_dev:
-            return False
-        return self.root_mnt < 0 or st.mnt_id < 0 or st.mnt_id == self.root_mnt
+        """On the root's very mount. The mount id decides, not ``st_dev``: bind mounts share a
+        device, and on overlayfs a regular file reports its layer's device."""
+        if self.root_mnt >= 0 and st.mnt_id >= 0:
+            return st.mnt_id == self.root_mnt
+        return st.st_dev == self.root_dev
 
     def _visit_dir(self, task: _DirTask, stats: HealStats) -> None:
         rel = task.rel
@@ -451,61 +450,71 @@ class _Pass:
         found: ScanResult = scan(ref.fd, names, self.root.gid, self.h.table,
                                  self.root.protected_owners, not self.h.dry_run,
                                  self.root_dev, self.root_mnt)
-        stats.scanned += found.ok
+        stats.scanned += found.scanned
         for name in found.subdirs:
             self._push(_DirTask(ref.acquire(), name, ref.child(name), descend))
-        for name, err, _mode, _uid, _gid in found.attention:
+        for _node, name, err, _mode, _uid, _gid in found.attention:
             if err == errno.ENOENT:
                 stats.skipped["vanished"] += 1
             elif err:
                 self._error(stats, ref.child(name), "file", OSError(err, os.strerror(err)))
             else:
                 self._inspect(ref, name, stats, descend)
-        if found.fixed:
-            self._count_fixed(ref, found.fixed, stats)
+        self._count_c(found.fixed, found.skipped, lambda _node, name: ref.child(name), stats)
         return found.subdirs
 
     def _walk_below(self, ref: _DirRef, stats: HealStats) -> None:
         """Hand the whole subtree below ``ref`` to C; visit what it hands back by its path."""
         found = walk(ref.fd, self.root.gid, self.h.table, self.root.protected_owners,
                      not self.h.dry_run, self.root_dev, self.root_mnt)
-        stats.scanned += found.ok + found.dirs
+        stats.scanned += found.scanned
         stats.dirs += found.dirs
+
+        def path(node: int, name: str) -> str:
+            return ref.child(found.rel(node, name))
+
         assert self.root_ref is not None
-        for rel, err, mode, _uid, _gid in found.attention:
-            path = ref.child(rel)
+        for node, name, err, mode, _uid, _gid in found.attention:
             if err == errno.ENOENT:
                 stats.skipped["vanished"] += 1
             elif err:
                 kind = kind_of(mode).value if mode else Kind.FILE.value
-                self._error(stats, path, kind, OSError(err, os.strerror(err)))
-            else:
-                task = self._resolve(self.root_ref, path, True, stats)
+                self._error(stats, path(node, name), kind, OSError(err, os.strerror(err)))
+            else:  # changed under the walk: revisit it by its path, from the root
+                task = self._resolve(self.root_ref, path(node, name), True, stats)
                 if task is not None:
                     self._push(task)
-        if found.fixed:
-            self._count_fixed(ref, found.fixed, stats)
+        self._count_c(found.fixed, found.skipped, path, stats)
 
-    def _count_fixed(self, ref: _DirRef, fixed: Fixed, stats: HealStats) -> None:
-        """Account for what C fixed (paths relative to ``ref``), as ``_judge_and_fix`` does for
-        the slow path. Fixed directories were counted as scanned by the C walk already."""
+    def _count_c(self, fixed: Fixed, skipped: Skipped, path: Callable[[int, str], str],
+                 stats: HealStats) -> None:
+        """Account for what C fixed (or with fix off, found wrong) and skipped, as
+        ``_judge_and_fix`` and ``_skip`` do for the slow path; ``path`` names an entry (built
+        only for a finding someone listens to). C counted every one of them as scanned."""
         stats.violations += len(fixed)
-        groups = modes = dirs = 0
+        groups = modes = 0
         kinds: Counter[int] = Counter()
-        for path, mode, gid, set_gid, set_mode in fixed:
-            dirs += stat.S_ISDIR(mode)
+        reporting = self.h.reporting if self.h.dry_run else self.h.report_fixes
+        action = "would-fix" if self.h.dry_run else "fixed"
+        for node, name, mode, gid, set_gid, set_mode in fixed:
             groups += set_gid
             modes += set_mode >= 0
             if set_gid or set_mode >= 0:
                 kinds[stat.S_IFMT(mode)] += 1
-            if self.h.report_fixes:
+            if reporting:
                 problems = tuple(self.h.verdict(mode, gid).problems(gid, mode))
-                self.h.report(Finding(ref.child(path), kind_of(mode).value, "fixed", problems))
+                self.h.report(Finding(path(node, name), kind_of(mode).value, action, problems))
         stats.fixed["group"] += groups
         stats.fixed["mode"] += modes
         for fmt, n in kinds.items():
             stats.fixed_kinds[kind_of(fmt).value] += n
-        stats.scanned += len(fixed) - dirs
+        for node, name, reason, mode, _uid, gid in skipped:
+            stats.skipped[reason] += 1
+            if self.h.reporting:
+                verdict = self.h.verdict(mode, gid)
+                problems = tuple(verdict.problems(gid, mode)) if reason == "protected" else ()
+                self.h.report(Finding(path(node, name), verdict.kind.value, "skipped", problems,
+                                      reason))
 
     def _inspect(self, parent: _DirRef, name: str, stats: HealStats,
                  descend: bool = True) -> None:
