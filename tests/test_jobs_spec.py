@@ -7,6 +7,7 @@ entries are judged as the requirements-file lines pip reads them as.
 from __future__ import annotations
 
 import os
+import random
 import string
 import time
 
@@ -84,6 +85,7 @@ def test_default_channels_when_none_given() -> None:
     ("dependencies: [{pip: [x-1.0-py3-none-any.whl]}]\n", "is a local path"),
     ("dependencies: [{pip: ['${HOME}']}]\n", "not a valid requirement"),
     ("dependencies: [{pip: ['x==']}]\n", "not a valid requirement"),
+    ("dependencies: [" + "x" * 1001 + "]\n", "longer than 1000 characters"),
     ("dependencies: []\n", "no dependencies"),
     ("name: [1]\ndependencies: [x]\n", "name must be a string"),
     ("!!python/object/apply:os.system ['true']\n", "not valid YAML"),
@@ -141,6 +143,7 @@ def _alias_bomb(levels: int = 9, width: int = 9) -> str:
     ("dependencies: [" + "1" * 5000 + "]\n", "4300 digits"),
     ("dependencies: [!!int 0x]\n", "cannot read the value"),
     ("dependencies: [2020-13-45]\n", "month must be in 1..12"),
+    ("dependencies: [!!timestamp x]\n", "cannot read the value"),
 ])
 def test_hostile_yaml_is_refused_cheaply(text: str, message: str) -> None:
     """Refused with a validation error (never RecursionError/ValueError), in bounded time."""
@@ -160,6 +163,7 @@ def test_messages_quote_user_data_briefly() -> None:
     """Whatever was sent, the message that quotes it stays short (it goes to the log and back
     over the socket)."""
     cases = ["dependencies: [[" + ", ".join(["x" * 1000] * 50) + "]]\n",
+             "dependencies: [*" + "a" * 5000 + "]\n",  # PyYAML quotes the alias it lacks
              "dependencies: [x]\n" + "k" * 5000 + ": 1\n",
              "channels: [" + "c" * 5000 + "]\ndependencies: [x]\n",
              "dependencies: [{pip: [" + "p" * 5000 + " --hash=x]}]\n"]
@@ -204,3 +208,30 @@ def test_existing_name_needs_replace(jobs_env: JobsEnv, manager_factory) -> None
         mgr.submit(jobs_env.requester(), "taken", ENV_HELLO)
     assert "--replace" in (err.value.hint or "")
     assert mgr.list(include_finished=True) == []
+
+
+_TOKENS = ["&a ", "*a", "&b [*a, *a]", "[", "]", "{", "}", "- ", ": ", "!!int ", "!!float ",
+           "!!binary ", "!!timestamp ", "!!set ", "!!omap ", "!!python/name:os.system ", "\t",
+           "\n", "\n  ", "%YAML 1.1\n", "---\n", "...\n", "'", '"', "\\", "? ", "<<: ", "#",
+           "1" * 5000, "0x", "2020-13-45", "1e999", ".nan", "~", "\ud800", "\x00", "\u2028",
+           "pip", "dependencies", "channels", "prefix", "--hash=x", " @ file:///x", "git+",
+           "x" * 1200]
+
+
+def test_spec_fuzz_only_validation_errors() -> None:
+    """Random mutations of a valid spec: the parser answers ValidationError or a spec, never
+    anything else, and quickly (seeded; ENVCTL_FUZZ_SEED to explore)."""
+    rng = random.Random(int(os.environ.get("ENVCTL_FUZZ_SEED", "7")))
+    base = "name: e\nchannels: [conda-forge]\ndependencies:\n  - numpy\n  - pip:\n    - x==1\n"
+    t0 = time.monotonic()
+    for _ in range(3000):
+        text = list(base)
+        for _ in range(rng.randrange(1, 8)):
+            text.insert(rng.randrange(len(text) + 1), rng.choice(_TOKENS))
+        spec = "".join(text)
+        try:
+            parse_spec(spec, _cfg(allow_pip_urls=rng.random() < 0.5,
+                                  allow_pip_options=rng.random() < 0.5))
+        except ValidationError as err:
+            assert len(err.message) < 500, (spec, err.message)
+    assert time.monotonic() - t0 < 60

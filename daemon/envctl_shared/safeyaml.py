@@ -13,8 +13,8 @@ So the limits are enforced while the node graph is *composed*, before any Python
 - ``max_nodes`` nodes *as expanded*: an alias costs the full size of the subtree it names, so an
   alias bomb is refused after at most ``max_nodes`` units of work, while an ordinary alias still
   works; an alias to a node that is still being composed (a cycle) is refused outright;
-- any ``ValueError``/``OverflowError``/``TypeError`` a constructor raises on a well-formed but
-  absurd scalar (``!!int 0x``, ``2020-13-45``, a 5,000-digit integer) becomes a YAML error.
+- any exception a constructor raises on a well-formed but absurd value (``!!int 0x``,
+  ``2020-13-45``, ``!!timestamp x``, a 5,000-digit integer) becomes a YAML error.
 
 Every refusal is a :class:`yaml.MarkedYAMLError` (``problem`` + ``problem_mark``), so callers
 report it exactly as they report a syntax error: one line naming the line number.
@@ -32,6 +32,7 @@ __all__ = ["BoundedLoader", "LimitExceeded", "YAMLError", "safe_load"]
 
 MAX_DEPTH = 64  # an environment.yml needs 4 levels, the daemon's config 3
 MAX_NODES = 100_000  # far above any real document (a 64 KiB spec holds ~30,000 nodes at most)
+MAX_PROBLEM = 160  # characters of a parser's problem text kept in the error
 
 
 class LimitExceeded(yaml.MarkedYAMLError):
@@ -85,18 +86,35 @@ class BoundedLoader(yaml.SafeLoader):
         return node
 
     def construct_object(self, node: Node, deep: bool = False) -> Any:
-        """Constructor errors that are not YAML errors become YAML errors with a line."""
+        """Constructor errors that are not YAML errors become YAML errors with a line.
+
+        PyYAML's constructors trust a tag's value to have the tag's shape: ``!!int 0x`` and
+        ``2020-13-45`` raise ValueError, ``!!timestamp x`` an AttributeError (its regex did
+        not match). Whatever they raise, the document is refused, never the daemon's request.
+        """
         try:
             return super().construct_object(node, deep)
-        except (ValueError, OverflowError, TypeError) as exc:
+        except yaml.YAMLError:
+            raise
+        except Exception as exc:  # noqa: BLE001 — see the docstring
             raise self._refuse(f"cannot read the value: {str(exc)[:120]}",
                                node.start_mark) from None
 
 
 def safe_load(text: str) -> Any:
-    """``yaml.safe_load`` with the limits above; every failure is a ``yaml.YAMLError``."""
+    """``yaml.safe_load`` with the limits above; every failure is a ``yaml.YAMLError``.
+
+    PyYAML quotes the document in its problems (``found undefined alias 'a111...'``): the
+    quote is cut to :data:`MAX_PROBLEM` characters, since messages go to logs and peers.
+    """
     loader = BoundedLoader(text)
     try:
         return loader.get_single_data()
+    except yaml.MarkedYAMLError as exc:
+        for attr in ("problem", "context"):
+            value = getattr(exc, attr, None)
+            if isinstance(value, str) and len(value) > MAX_PROBLEM:
+                setattr(exc, attr, value[:MAX_PROBLEM] + "...")
+        raise
     finally:
         loader.dispose()

@@ -30,6 +30,7 @@ from ..untrusted import brief
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 KNOWN_KEYS = ("name", "channels", "dependencies")
+MAX_ENTRY_CHARS = 1000  # one channel URL, match spec or requirement line; bounds every message
 _SCHEME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")  # http:, git+ssh:, file: ...
 _COMMENT_RE = re.compile(r"(^|\s+)#.*$")  # pip's own rule for comments in requirement files
 # Names pip installs as a local archive file rather than looking up on the index.
@@ -70,7 +71,15 @@ def _strings(value: object, where: str) -> list[str]:
     if not isinstance(value, list) or not all(isinstance(v, str) and v.strip() for v in value):
         raise ValidationError(f"spec: {where} must be a list of non-empty strings",
                               hint=_SPEC_HINT)
-    return [v.strip() for v in value]
+    return [_entry(v, where) for v in value]
+
+
+def _entry(text: str, where: str) -> str:
+    """One channel, match spec or requirement: stripped, and short enough to quote."""
+    if len(text) > MAX_ENTRY_CHARS:
+        raise ValidationError(f"spec: an entry of {where} is longer than {MAX_ENTRY_CHARS} "
+                              f"characters: {brief(text)}", hint=_SPEC_HINT)
+    return text.strip()
 
 
 def _check_pip(entry: str, cfg: RequestsConfig) -> None:
@@ -181,7 +190,7 @@ def parse_spec(text: str, cfg: RequestsConfig) -> EnvSpec:
         raise ValidationError("spec: dependencies must be a list", hint=_SPEC_HINT)
     for dep in deps:
         if isinstance(dep, str) and dep.strip():
-            conda.append(dep.strip())
+            conda.append(_entry(dep, "dependencies"))
         elif isinstance(dep, dict) and list(dep) == ["pip"]:
             pip.extend(_strings(dep["pip"], "dependencies.pip"))
         else:
