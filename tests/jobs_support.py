@@ -19,6 +19,7 @@ import hashlib
 import io
 import json
 import os
+import sys
 import tarfile
 import time
 import zipfile
@@ -149,7 +150,8 @@ class JobsEnv:
     wheelhouse: Path
     accounts: Any
 
-    def config(self, **requests: Any) -> Config:
+    def raw(self, **requests: Any) -> dict[str, Any]:
+        """The configuration as the YAML file would hold it (for a daemon in its own process)."""
         req: dict[str, Any] = {
             "state_dir": str(self.state_dir), "build_user": self.accounts.builder.name,
             "backend": "rattler", "allowed_backends": ["rattler", "venv"],
@@ -158,8 +160,11 @@ class JobsEnv:
             "timeout": 120,
         }
         req.update(requests)
-        return parse({"roots": [{"path": str(self.root), "group": self.accounts.shared_group,
-                                 "others": "read"}], "requests": req})
+        return {"roots": [{"path": str(self.root), "group": self.accounts.shared_group,
+                           "others": "read"}], "requests": req}
+
+    def config(self, **requests: Any) -> Config:
+        return parse(self.raw(**requests))
 
     def requester(self, who: str = "alice", admin: bool = False,
                   claimed: str | None = None) -> Requester:
@@ -189,6 +194,29 @@ def full_log(mgr: JobManager, job_id: str) -> str:
         if not chunk:
             return out.decode("utf-8", "replace")
         out += chunk
+
+
+# A job manager in a process of its own (to be killed with SIGKILL): argv = config, requester,
+# [[name, spec, backend], ...]; prints each submitted job's id, then idles.
+DAEMON = """
+import json, sys, time
+from envctl_shared.config import parse
+from envctl_shared.jobs import JobManager, Requester
+cfg, who, specs = json.loads(sys.argv[1]), json.loads(sys.argv[2]), json.loads(sys.argv[3])
+mgr = JobManager(parse(cfg))
+mgr.start()
+for name, text, backend in specs:
+    print(mgr.submit(Requester(**who), name, text, backend=backend).id, flush=True)
+time.sleep(600)
+"""
+
+
+def daemon_argv(cfg: dict[str, Any], who: Requester, specs: list[list[str]]) -> list[str]:
+    """The command line of a :data:`DAEMON` (run it with ``cwd`` anywhere: the package is
+    installed in the venv)."""
+    fields = {k: getattr(who, k) for k in ("uid", "gid", "groups", "pid", "username",
+                                           "claimed_user", "is_admin")}
+    return [sys.executable, "-c", DAEMON, json.dumps(cfg), json.dumps(fields), json.dumps(specs)]
 
 
 ENV_HELLO = "name: ignored\nchannels: []\ndependencies:\n  - hello\n"

@@ -7,7 +7,6 @@ kill interrupt is a real one: ``python -m venv`` seeding pip (seconds on this ma
 from __future__ import annotations
 
 import itertools
-import json
 import os
 import signal
 import sqlite3
@@ -23,7 +22,8 @@ from envctl_shared.errors import Conflict, NotAuthorised
 from envctl_shared.jobs import JobManager, State
 
 from tests.helpers import live_processes, wait_for
-from tests.jobs_support import ENV_HELLO, ENV_VENV, JobsEnv, full_log, wait_done
+from tests.jobs_support import (ENV_HELLO, ENV_VENV, JobsEnv, daemon_argv, full_log,
+                                wait_done)
 
 pytest_plugins = ("tests.fixtures_jobs",)  # the jobs fixtures
 
@@ -143,35 +143,15 @@ def test_stop_interrupts_running_build(jobs_env: JobsEnv, accounts) -> None:
         again.stop()
 
 
-DAEMON = """
-import json, sys, time
-from envctl_shared.config import parse
-from envctl_shared.jobs import JobManager, Requester
-cfg, who, specs = json.loads(sys.argv[1]), json.loads(sys.argv[2]), json.loads(sys.argv[3])
-mgr = JobManager(parse(cfg))
-mgr.start()
-for name, text, backend in specs:
-    print(mgr.submit(Requester(**who), name, text, backend=backend).id, flush=True)
-time.sleep(600)
-"""
-
-
 def test_kill9_daemon_then_restart(jobs_env: JobsEnv, accounts) -> None:
     """The first manager runs in its own process and is SIGKILLed mid-build; the build's own
     children survive it (only the group leader has a parent-death signal), so the restarted
     manager must find and kill that orphaned group, remove the half-built prefix, mark the job
     interrupted, release the lock and resume the job that was still queued."""
-    cfg = {"roots": [{"path": str(jobs_env.root), "group": accounts.shared_group}],
-           "requests": {"state_dir": str(jobs_env.state_dir), "build_user": accounts.builder.name,
-                        "allowed_backends": ["rattler", "venv"], "max_concurrent": 1,
-                        "channels": [str(jobs_env.channel)],
-                        "default_channels": [str(jobs_env.channel)]}}
-    req = jobs_env.requester()
-    who = {k: getattr(req, k) for k in ("uid", "gid", "groups", "pid", "username",
-                                        "claimed_user", "is_admin")}
+    cfg = jobs_env.raw(max_concurrent=1)
     specs = [["k9", ENV_VENV, "venv"], ["after", ENV_HELLO, "rattler"]]
-    daemon = subprocess.Popen([sys.executable, "-c", DAEMON, json.dumps(cfg), json.dumps(who),
-                               json.dumps(specs)], stdout=subprocess.PIPE, text=True)
+    daemon = subprocess.Popen(daemon_argv(cfg, jobs_env.requester(), specs),
+                              stdout=subprocess.PIPE, text=True)
     try:
         assert daemon.stdout is not None
         running_id, queued_id = daemon.stdout.readline().strip(), daemon.stdout.readline().strip()

@@ -35,6 +35,21 @@ def test_schema_version_and_newer_file_refused(scratch) -> None:
         JobStore(path)
 
 
+def test_schema_1_file_is_upgraded(scratch) -> None:
+    """A job store written before builds had cgroups gains the column."""
+    path = scratch / "jobs.db"
+    JobStore(path).close()
+    db = sqlite3.connect(path)
+    db.execute("ALTER TABLE jobs DROP COLUMN cgroup")
+    db.execute("PRAGMA user_version=1")
+    db.close()
+    JobStore(path).close()
+    db = sqlite3.connect(path)
+    assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
+    assert "cgroup" in [row[1] for row in db.execute("PRAGMA table_info(jobs)")]
+    db.close()
+
+
 def test_old_logs_pruned_rows_kept(jobs_env: JobsEnv) -> None:
     mgr = JobManager(jobs_env.config(keep_logs_days=1))
     mgr.start()

@@ -25,8 +25,10 @@ from dataclasses import replace
 from pathlib import Path
 
 from ..config import Config
-from ..errors import Conflict, DaemonUnavailable, EnvctlError, NotAuthorised, ValidationError
+from ..errors import (ConfigError, Conflict, DaemonUnavailable, EnvctlError, NotAuthorised,
+                      ValidationError)
 from ..logfields import fields
+from . import cgroup as cgroups
 from . import layout, procs
 from .backends import backend_named, get_backend
 from .lock import NameLock
@@ -54,6 +56,8 @@ class JobManager:
         self._submit_lock = threading.Lock()
         self._stopping = False
         self._scheduler: threading.Thread | None = None
+        self._cgroups: cgroups.CgroupTree | None = None
+        self.containment = "none"  # how builds are contained: "cgroup" or "sweep" once started
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -68,6 +72,9 @@ class JobManager:
         """Open the store, recover from a previous daemon, start scheduling."""
         procs.adopt_orphans()  # before any build: their escaped children must come to us
         self._state.ensure()
+        self._cgroups, how = cgroups.setup(self._state.path)
+        self.containment = "cgroup" if self._cgroups is not None else "sweep"
+        log.info("jobs-containment mechanism=%s %s", self.containment, how)
         self._store = JobStore(self._state.db_path)
         try:
             with layout.RootArea(self._config.requests_root.path).open():
@@ -99,6 +106,8 @@ class JobManager:
         if all(not t.is_alive() for t in threads) and self._store is not None:
             self._store.close()
             self._store = None
+            if self._cgroups is not None:
+                self._cgroups.close()
         log.info("jobs-stop interrupted=%d", len(threads))
 
     def reload(self, config: Config) -> None:
@@ -112,22 +121,51 @@ class JobManager:
             self._cond.notify_all()
 
     def _recover(self) -> None:
-        """Running jobs of a dead daemon: kill their orphans, discard output, → interrupted."""
-        for job in self.store.list(states=(State.RUNNING,)):
-            uid, pgid, started = self.store.process(job.id)
-            killed = procs.kill_orphans(pgid, started, uid) if pgid and started and uid else 0
-            lines = [f"the daemon stopped during the build; killed {killed} orphaned process(es)"]
+        """What a dead daemon left: kill everything its builds still run, discard their output,
+        mark their jobs interrupted.
+
+        Three nets, widest last: each running job's recorded cgroup (nothing escapes it), its
+        recorded process group, and — for builds that had no cgroup (no writable cgroup v2 here,
+        or an older daemon) and left their group — every build-user process no daemon holds
+        any more (``procs.sweep_orphans``). Each job's log says which net caught how many.
+        """
+        jobs = self.store.list(states=(State.RUNNING,))
+        notes: dict[str, list[str]] = {}
+        for job in jobs:
+            uid, pgid, started, cgroup = self.store.process(job.id)
+            in_cgroup = cgroups.remove(Path(cgroup)) if cgroup else 0
+            in_group = procs.kill_orphans(pgid, started, uid) if pgid and started and uid else 0
+            notes[job.id] = [f"the daemon stopped during the build; killed {in_cgroup} "
+                             f"process(es) in the build's cgroup and {in_group} orphaned "
+                             "process(es) of its process group"]
+            log.info("jobs-recover id=%s name=%s cgroup_killed=%d group_killed=%d", job.id,
+                     job.name, in_cgroup, in_group)
+        unrecorded = self._cgroups.clear() if self._cgroups is not None else 0
+        swept = self._sweep_orphans()
+        if unrecorded or swept:
+            log.warning("jobs-recover-leftovers cgroup_killed=%d swept=%d", unrecorded, swept)
+        for job in jobs:
+            lines = notes[job.id]
+            if swept:
+                lines.append(f"killed {swept} orphaned build-user process(es) that had left "
+                             "every group (start-up sweep)")
             try:
                 self._discard_dead(job, lines.append)
             except Exception as exc:
                 lines.append(f"could not remove the partial output: {exc}")
                 log.exception("jobs-recover-discard id=%s", job.id)
             self.store.update(job.id, state=State.INTERRUPTED, phase=None,
-                              finished_at=time.time(), pgid=None, pgid_start=None,
+                              finished_at=time.time(), pgid=None, pgid_start=None, cgroup=None,
                               exit_detail="interrupted: the daemon stopped during the build; "
                                           "partial output removed")
             self._append_log(job.id, lines)
-            log.info("jobs-recover id=%s name=%s killed=%d", job.id, job.name, killed)
+
+    def _sweep_orphans(self) -> int:
+        try:
+            user = procs.build_user(self._config.requests)
+        except ConfigError:
+            return 0  # no build user: nothing was ever built here
+        return procs.sweep_orphans(user)
 
     def _discard_dead(self, job: Job, say: Callable[[str], None]) -> None:
         area = layout.RootArea(self._config.requests_root.path)
@@ -192,7 +230,8 @@ class JobManager:
             return  # cancelled meanwhile
         job = self.store.get(job.id)
         try:
-            build = Build(job, self._config, self.store, self._state, self._notify)
+            build = Build(job, self._config, self.store, self._state, self._notify,
+                          self._cgroups)
         except Exception as exc:  # noqa: BLE001 - e.g. backend no longer allowed after reload
             self.store.update(job.id, state=State.FAILED, phase=None, finished_at=now,
                               exit_detail=str(exc))

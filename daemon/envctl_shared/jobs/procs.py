@@ -16,11 +16,18 @@ Why these rules:
   Without it a daemon killed between fork and that write left a group no restart could find
   (the leader died of its parent-death signal, its children ran on). If the daemon dies before
   the release the pipe reads EOF and the gate exits: nothing of the build ever ran;
+- a cgroup per build where cgroup v2 is writable (``jobs/cgroup.py``): the gate process is
+  moved into it before the release, so nothing of the build can leave it, and the cgroup is
+  killed after every step and by a restarted daemon — the one mechanism that misses nothing;
 - the daemon is the subreaper of its builds (``adopt_orphans``): a process whose parent exits
   is re-parented to us, not to init. After every step, ``sweep`` kills what runs as the build
   user below us outside any running step's group — a build that ``setsid``-ed a background
   process out of its group would otherwise outlive cancel and keep writing, as the owner, to
   the environment declared ready — and reaps the zombies that killing leaves us;
+- at start, ``sweep_orphans`` kills what runs as the build user below init or our own
+  ancestors (whichever subreaper adopted them): the builds of a daemon that died
+  (``kill -9``) that no cgroup holds (a host without a writable cgroup v2, or an older
+  daemon) and that left their process group;
 - a scrubbed environment: only PATH, HOME/TMPDIR (the job's own dir), LANG and a few tool
   switches; nothing of the daemon's environment (tokens, proxies, SSH agents) leaks in.
 """
@@ -41,6 +48,7 @@ from pathlib import Path
 
 from ..config import RequestsConfig
 from ..errors import ConfigError
+from . import cgroup as cgroups
 
 log = logging.getLogger(__name__)
 
@@ -120,9 +128,10 @@ class Step:
         return code
 
 
-def spawn(argv: list[str], user: BuildUser, home: Path) -> Step:
-    """Start one build step behind its gate; stdout and stderr come back merged on
-    ``step.proc.stdout``."""
+def spawn(argv: list[str], user: BuildUser, home: Path, cgroup: Path | None = None) -> Step:
+    """Start one build step behind its gate, in ``cgroup`` when given (moved there while the
+    gate still holds it: everything the command starts is born inside); stdout and stderr
+    come back merged on ``step.proc.stdout``."""
     setpriv = shutil.which("setpriv", path=SAFE_PATH)
     if setpriv is None:
         raise ConfigError("setpriv (util-linux) is not installed; builds need it")
@@ -136,7 +145,16 @@ def spawn(argv: list[str], user: BuildUser, home: Path) -> Step:
             stderr=subprocess.STDOUT, close_fds=True, start_new_session=True, umask=0o022,
             **ids)
         _running.add(proc.pid)
-    return Step(proc)
+    step = Step(proc)
+    if cgroup is not None:
+        try:
+            cgroups.enter(cgroup, proc.pid)
+        except OSError:
+            step.close_gate()  # never contained, so never run
+            kill_group(proc.pid, grace=0, leader=proc)
+            step.wait()
+            raise
+    return step
 
 
 # Leaders (= process groups) of this process's steps that are not reaped yet; process-wide,
@@ -164,22 +182,32 @@ class Proc:
     ppid: int
     pgrp: int
     start: int  # clock ticks since boot
-    uid: int
+    uid: int  # real
+    euid: int
 
     @property
     def zombie(self) -> bool:
         return self.state == "Z"
 
+    def runs_as(self, uid: int) -> bool:
+        """Real or effective uid: a build that ran a setuid binary is still the build."""
+        return uid in (self.uid, self.euid)
+
 
 def _proc(pid: int) -> Proc | None:
+    """From ``stat`` and ``status``; the uids come from ``status``, not from who owns the
+    ``/proc/<pid>`` entries: a process that made itself non-dumpable (``PR_SET_DUMPABLE`` 0)
+    has its files there owned by root."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as fh:
             data = fh.read()
-        uid = os.stat(f"/proc/{pid}").st_uid
-    except OSError:
+        with open(f"/proc/{pid}/status", "rb") as fh:
+            uids = next(line for line in fh if line.startswith(b"Uid:")).split()
+    except (OSError, StopIteration):
         return None  # gone
     f = data[data.rindex(b")") + 2:].split()  # after "pid (comm) ": state is field 3
-    return Proc(pid, f[0].decode(), int(f[1]), int(f[2]), int(f[19]), uid)
+    return Proc(pid, f[0].decode(), int(f[1]), int(f[2]), int(f[19]), int(uids[1]),
+                int(uids[2]))
 
 
 def _table() -> list[Proc]:
@@ -240,20 +268,20 @@ def kill_group(pgid: int, grace: float = KILL_GRACE,
             time.sleep(0.05)
 
 
-def _strays(uid: int) -> list[Proc]:
-    """Processes of ``uid`` hanging below this process through ``uid`` processes only, in no
-    running step's group (a daemon running as root in between, as in tests, is a boundary)."""
-    me = os.getpid()
+def _strays(uid: int, tops: frozenset[int]) -> list[Proc]:
+    """Processes of ``uid`` hanging below one of ``tops`` through ``uid`` processes only, in
+    no running step's group (a daemon running as root in between, as in tests, is a
+    boundary)."""
     table = {p.pid: p for p in _table()}
     out = []
     for p in table.values():
-        if p.uid != uid or p.pgrp in _running:
+        if not p.runs_as(uid) or p.pgrp in _running:
             continue
         up: Proc | None = p
         hops = 0
-        while up is not None and up.uid == uid and up.ppid != me and hops < 64:
+        while up is not None and up.runs_as(uid) and up.ppid not in tops and hops < 64:
             up, hops = table.get(up.ppid), hops + 1
-        if up is not None and up.uid == uid and up.ppid == me:
+        if up is not None and up.runs_as(uid) and up.ppid in tops:
             out.append(p)
     return out
 
@@ -264,13 +292,38 @@ def sweep(user: BuildUser) -> int:
     Returns how many were killed. Only with a dedicated build user: a daemon that builds as
     itself cannot tell its builds' strays from itself.
     """
+    return _kill_strays(user, frozenset({os.getpid()}))
+
+
+def sweep_orphans(user: BuildUser) -> int:
+    """At start: kill every build-user process that no live daemon holds — the builds of a
+    daemon that died (``kill -9``), whatever group or session they made for themselves; return
+    how many.
+
+    A dead daemon's build processes were re-parented to the nearest subreaper above it: init,
+    or the supervisor that restarts daemons (tini, a service manager, a test runner), which is
+    an ancestor of ours as well. So the build-user processes hanging, through build-user
+    processes only, below init, below one of our ancestors or below us are the orphans. Safe
+    because the build user is envctl's alone (a dedicated system account) and a live daemon is
+    the subreaper of its builds: every build process of a running daemon, escaped or not,
+    hangs below that daemon. Another daemon sharing the build user is therefore spared.
+    """
+    table = {p.pid: p for p in _table()}
+    tops, up = {1}, table.get(os.getpid())
+    while up is not None:
+        tops.add(up.pid)
+        up = table.get(up.ppid)
+    return _kill_strays(user, frozenset(tops))
+
+
+def _kill_strays(user: BuildUser, tops: frozenset[int]) -> int:
     if not user.switch:
         return 0
     me, killed = os.getpid(), set()
     deadline = time.monotonic() + 2.0
     while True:
         with _steps_lock:  # no step is being spawned (and not yet counted) meanwhile
-            strays = _strays(user.uid)
+            strays = _strays(user.uid, tops)
             for p in strays:
                 if p.zombie:
                     if p.ppid == me:
@@ -300,7 +353,8 @@ def kill_orphans(pgid: int, leader_start: int, uid: int) -> int:
     if not members:
         return 0
     for p in members:
-        if p.uid != uid or p.start < leader_start or (p.pid == pgid and p.start != leader_start):
+        recycled = p.pid == pgid and p.start != leader_start
+        if not p.runs_as(uid) or p.start < leader_start or recycled:
             return 0
     deadline = time.monotonic() + 5.0
     # No reaping here: the dead daemon's orphans went to init (or to its subreaper), not to us.

@@ -36,6 +36,7 @@ from ..config import Config
 from ..errors import BuildFailed, Conflict, EnvctlError
 from ..fsinfo import walk_concurrency
 from ..heal import Healer
+from . import cgroup as cgroups
 from . import layout, procs
 from .backends import PHASE_MARK, PHASES, BuildContext, get_backend
 from .lock import NameLock
@@ -84,7 +85,7 @@ class Build:
     """Runs one job; ``abort`` may be called from any thread."""
 
     def __init__(self, job: Job, config: Config, store: JobStore, state_dir: layout.StateDir,
-                 notify: Callable[[], None]) -> None:
+                 notify: Callable[[], None], cgroup_tree: cgroups.CgroupTree | None) -> None:
         self.job = job
         self.config = config
         self.cfg = config.requests
@@ -98,6 +99,8 @@ class Build:
         self._log_fd = state_dir.open_log(job.id)
         self._log_bytes = os.fstat(self._log_fd).st_size
         self._log_lock = threading.Lock()
+        self._cgroup_tree = cgroup_tree
+        self._cgroup: Path | None = None  # made before the first step, removed at the end
 
     # -- control from other threads ------------------------------------------------------------
 
@@ -157,6 +160,7 @@ class Build:
         except Exception as exc:
             log.exception("job-crash id=%s", job.id)
             outcome = Outcome(State.FAILED, f"internal error: {type(exc).__name__}: {exc}")
+        self._remove_cgroup()
         self.say(f"{outcome.state.value}: {outcome.detail}")
         with self._log_lock:
             os.close(self._log_fd)
@@ -224,10 +228,32 @@ class Build:
         return BuildContext(spec=spec, cfg=self.cfg, job_dir=job_dir, home=job_dir / "home",
                             build_prefix=build_prefix, final_prefix=final, cache_dir=cache)
 
+    def _job_cgroup(self) -> Path | None:
+        """The build's cgroup: recorded with the job before it exists, so that a restarted
+        daemon finds it whenever it may hold a process."""
+        if self._cgroup is None and self._cgroup_tree is not None:
+            self.store.update(self.job.id, cgroup=str(self._cgroup_tree.path(self.job.id)))
+            self._cgroup = self._cgroup_tree.create(self.job.id)
+        return self._cgroup
+
+    def _remove_cgroup(self) -> None:
+        if self._cgroup is None:
+            return
+        try:
+            killed = cgroups.remove(self._cgroup)
+        except OSError as exc:
+            log.warning("job-cgroup-remove id=%s path=%s error=%s", self.job.id, self._cgroup,
+                        exc.strerror)
+            return
+        if killed:  # every step's end kills it already: only a bug leaves something here
+            log.warning("job-cgroup-leftovers id=%s killed=%d", self.job.id, killed)
+        self.store.update(self.job.id, cgroup=None)
+
     def _run_step(self, phase: str, argv: list[str], user: procs.BuildUser, home: Path) -> None:
         self._phase(phase)
         self.say("run: " + " ".join(argv))
-        step = procs.spawn(argv, user, home)
+        cgroup = self._job_cgroup()
+        step = procs.spawn(argv, user, home, cgroup)
         proc = step.proc
         reader = threading.Thread(target=self._pump, args=(proc,), daemon=True,
                                   name=f"envctl-log-{self.job.id}")
@@ -250,9 +276,11 @@ class Build:
             step.close_gate()
             procs.kill_group(proc.pid, grace=0, leader=proc)  # nothing of a step outlives it
             step.wait()
-            reader.join(5)
+            # nor anything that left its group: all of it is in the cgroup, if there is one;
+            # the sweep reaps what that leaves us (and is all there is without a cgroup)
+            escaped = (cgroups.kill(cgroup) if cgroup is not None else 0) + procs.sweep(user)
+            reader.join(5)  # after the kills: an escapee may hold the output pipe
             self.store.update(self.job.id, pgid=None, pgid_start=None)
-            escaped = procs.sweep(user)  # nor anything that left its group
             if escaped:
                 self.say(f"killed {escaped} build process(es) that had left the build's "
                          "process group")

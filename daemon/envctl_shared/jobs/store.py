@@ -9,7 +9,7 @@ invariant, so two concurrent submits of the same name cannot both be accepted.
 
 Besides the public job fields, each row keeps the private copy of the spec and what recovery
 needs after a ``kill -9``: the build's process group id, its leader's start time (to tell our
-group from a recycled pid) and the build uid.
+group from a recycled pid), the build uid and the build's cgroup (schema 2).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from typing import Any
 from ..errors import Conflict, NotFound
 from .model import Job, State
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 _SCHEMA = """
 CREATE TABLE jobs (
     id TEXT PRIMARY KEY,
@@ -47,7 +47,8 @@ CREATE TABLE jobs (
     spec TEXT NOT NULL,
     build_uid INTEGER,
     pgid INTEGER,
-    pgid_start INTEGER
+    pgid_start INTEGER,
+    cgroup TEXT
 );
 CREATE UNIQUE INDEX jobs_active_name ON jobs(name) WHERE state IN ('queued', 'running');
 CREATE INDEX jobs_state ON jobs(state, created_at);
@@ -90,6 +91,9 @@ class JobStore:
             if version == 0:
                 self._db.executescript(f"BEGIN; {_SCHEMA} PRAGMA user_version={SCHEMA_VERSION};"
                                        " COMMIT;")
+            elif version == 1:  # the cgroup column came with schema 2
+                self._db.executescript("BEGIN; ALTER TABLE jobs ADD COLUMN cgroup TEXT; "
+                                       f"PRAGMA user_version={SCHEMA_VERSION}; COMMIT;")
 
     def close(self) -> None:
         with self._lock:
@@ -166,12 +170,12 @@ class JobStore:
         with self._lock:
             return self._db.execute(sql, vals).rowcount == 1
 
-    def process(self, job_id: str) -> tuple[int | None, int | None, int | None]:
-        """(build uid, pgid, leader start time) recorded for a running job."""
+    def process(self, job_id: str) -> tuple[int | None, int | None, int | None, str | None]:
+        """(build uid, pgid, leader start time, cgroup) recorded for a running job."""
         with self._lock:
-            row = self._db.execute("SELECT build_uid, pgid, pgid_start FROM jobs WHERE id=?",
-                                   (job_id,)).fetchone()
-        return (None, None, None) if row is None else (row[0], row[1], row[2])
+            row = self._db.execute("SELECT build_uid, pgid, pgid_start, cgroup FROM jobs "
+                                   "WHERE id=?", (job_id,)).fetchone()
+        return (None, None, None, None) if row is None else (row[0], row[1], row[2], row[3])
 
     def counts(self) -> dict[str, int]:
         with self._lock:
