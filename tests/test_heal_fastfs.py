@@ -18,10 +18,12 @@ from pathlib import Path
 import pytest
 
 from envctl_shared.config import RootConfig
-from envctl_shared.heal.fsops import ScanResult, chgrp_fd, chmod_fd, scan, stat_at, walk
+from envctl_shared.heal.fsops import (NodePaths, ScanResult, WalkResult, chgrp_fd, chmod_fd, scan,
+                                      stat_at, walk)
 from envctl_shared.policy import NEVER_FIXED, judge, mode_table
 
 from .conftest import Accounts
+from .trees import make_chain, remove_tree
 
 
 @pytest.mark.parametrize("others", ["keep", "none", "read"])
@@ -74,15 +76,16 @@ def test_scan_fixes_plain_entries_and_hands_back_the_rest(scratch: Path,
 
     found = _scan(scratch, gid)
 
-    assert found.ok == 1  # "good"
+    assert found.scanned == 7  # "good", the four fixed, fifo and rootfile (skipped)
     assert found.subdirs == ["sub"]  # listed, not inspected or changed
     assert stat.S_IMODE(os.lstat(scratch / "sub").st_mode) == 0o700
-    assert sorted(a[0] for a in found.attention) == ["fifo", "rootfile"]
-    assert all(a[1] == 0 for a in found.attention)  # decisions, not errors
-    fixed = {f[0]: f for f in found.fixed}
+    assert found.attention == []
+    assert sorted((s[1], s[2]) for s in found.skipped) == [("fifo", "special"),
+                                                           ("rootfile", "protected")]
+    fixed = {f[1]: f for f in found.fixed}
     assert sorted(fixed) == ["broken", "exe", "link", "setgid"]
-    assert fixed["broken"][1:] == (stat.S_IFREG | 0o600, accounts.alice.gid, 1, 0o660)
-    assert fixed["link"][3:] == (1, -1)  # a symlink: its group only
+    assert fixed["broken"][2:] == (stat.S_IFREG | 0o600, accounts.alice.gid, 1, 0o660)
+    assert fixed["link"][4:] == (1, -1)  # a symlink: its group only
     assert os.lstat(scratch / "link").st_gid == gid
     assert os.stat("/etc/passwd") == passwd  # never its target
     assert stat.S_IMODE(os.lstat(scratch / "exe").st_mode) == 0o770
@@ -94,16 +97,17 @@ def test_scan_fixes_plain_entries_and_hands_back_the_rest(scratch: Path,
     assert os.lstat(scratch / "rootfile").st_gid == 0
 
     again = _scan(scratch, gid)  # a second pass: nothing left to fix
-    assert again.fixed == [] and again.ok == 5
+    assert again.fixed == [] and again.scanned == 7 and len(again.skipped) == 2
 
 
 def test_scan_without_fix_changes_nothing(scratch: Path, accounts: Accounts) -> None:
     _populate(scratch, accounts)
     before = {p.name: os.lstat(p) for p in scratch.iterdir()}
     found = _scan(scratch, accounts.shared_gid, fix=False)
-    assert found.fixed == []
-    assert sorted(a[0] for a in found.attention) == [
-        "broken", "exe", "fifo", "link", "rootfile", "setgid"]
+    # reported as they are (would-fix), none fixed
+    assert sorted(f[1] for f in found.fixed) == ["broken", "exe", "link", "setgid"]
+    assert all(f[4:] == (0, -1) for f in found.fixed)
+    assert sorted(s[1] for s in found.skipped) == ["fifo", "rootfile"]
     assert {p.name: os.lstat(p) for p in scratch.iterdir()} == before
 
 
@@ -112,13 +116,13 @@ def test_scan_of_named_entries_reports_vanished_and_directories(scratch: Path,
     _populate(scratch, accounts)
     found = _scan(scratch, accounts.shared_gid, names=["broken", "gone", "sub"])
     assert found.subdirs == ["sub"]
-    assert [f[0] for f in found.fixed] == ["broken"]
-    assert [(a[0], a[1]) for a in found.attention] == [("gone", errno.ENOENT)]
+    assert [f[1] for f in found.fixed] == ["broken"]
+    assert [(a[1], a[2]) for a in found.attention] == [("gone", errno.ENOENT)]
     with pytest.raises(UnicodeEncodeError):
         _scan(scratch, accounts.shared_gid, names=["bad\udcff\ud800"])
 
 
-def test_scan_hands_back_a_bind_mounted_file(scratch: Path, accounts: Accounts) -> None:
+def test_scan_skips_a_bind_mounted_file(scratch: Path, accounts: Accounts) -> None:
     """Same device, other mount: only the mount id tells, and the fast path checks it."""
     d = scratch / "root"
     d.mkdir()
@@ -137,7 +141,7 @@ def test_scan_hands_back_a_bind_mounted_file(scratch: Path, accounts: Accounts) 
             os.close(fd)
     finally:
         subprocess.run(["umount", str(d / "mnt")], check=True)
-    assert [a[0] for a in found.attention] == ["mnt"] and found.fixed == []
+    assert [(s[1], s[2]) for s in found.skipped] == [("mnt", "mount")] and found.fixed == []
     assert stat.S_IMODE(os.lstat(victim).st_mode) == 0o600
 
 
@@ -169,15 +173,23 @@ def test_fd_primitives_act_on_the_inode_behind_an_o_path_fd(scratch: Path,
     assert stat.S_IMODE(os.lstat(target).st_mode) == 0o640
 
 
-def test_walk_heals_a_subtree_and_hands_back_what_is_not_plain(scratch: Path,
-                                                               accounts: Accounts) -> None:
-    """``walk`` takes directories too: healed through their own fd and entered; a protected,
-    mounted or (with fix off) wrong directory comes back by its path and is not entered."""
+def _walk(top: Path, gid: int, fix: bool = True) -> WalkResult:
+    fd = os.open(top, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        st = stat_at(fd)
+        return walk(fd, gid, mode_table("keep"), (0,), fix, st.st_dev, st.mnt_id)
+    finally:
+        os.close(fd)
+
+
+def test_walk_heals_a_subtree_and_skips_what_it_must(scratch: Path, accounts: Accounts) -> None:
+    """``walk`` takes directories too: healed through their own fd and entered; a protected
+    directory is left as it is but entered (its content is healed), a mount is not entered."""
     uid, ugid, gid = accounts.alice.uid, accounts.alice.gid, accounts.shared_gid
     top = scratch / "top"
     for d in ("a", "a/b", "a/b/c", "prot", "prot/inner", "mnt"):
         (top / d).mkdir(parents=True, mode=0o700)
-    for d in ("a", "a/b", "a/b/c", "mnt"):
+    for d in ("a", "a/b", "a/b/c", "mnt", "prot/inner"):
         os.chown(top / d, uid, ugid)
     for f in ("a/f", "a/b/c/g", "prot/inner/h"):
         (top / f).touch()
@@ -190,34 +202,55 @@ def test_walk_heals_a_subtree_and_hands_back_what_is_not_plain(scratch: Path,
     (other / "x").touch()
     subprocess.run(["mount", "--bind", str(other), str(top / "mnt")], check=True)
     try:
-        fd = os.open(top, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            st = stat_at(fd)
-            found = walk(fd, gid, mode_table("keep"), (0,), True, st.st_dev, st.mnt_id)
-        finally:
-            os.close(fd)
+        found = _walk(top, gid)
     finally:
         subprocess.run(["umount", str(top / "mnt")], check=True)
-    assert sorted(f[0] for f in found.fixed) == ["a", "a/b", "a/b/c", "a/b/c/g", "a/b/loop",
-                                                "a/f"]
-    assert sorted(a[0] for a in found.attention) == ["mnt", "prot"]
-    assert found.dirs == 3 and found.ok == 0
+    paths = NodePaths(found.nodes)
+    assert sorted(paths(f[0], f[1]) for f in found.fixed) == [
+        "a", "a/b", "a/b/c", "a/b/c/g", "a/b/loop", "a/f", "prot/inner", "prot/inner/h"]
+    assert sorted((paths(s[0], s[1]), s[2]) for s in found.skipped) == [
+        ("mnt", "mount"), ("prot", "protected")]
+    assert found.attention == []
+    assert found.dirs == 6 and found.scanned == 6 + 4
     for d in ("a", "a/b", "a/b/c"):
         assert stat.S_IMODE(os.lstat(top / d).st_mode) == 0o2770
         assert os.lstat(top / d).st_gid == gid
     assert stat.S_IMODE(os.lstat(top / "a/b/c/g").st_mode) == 0o660
-    # not entered: the protected directory's content and the mount's are untouched
-    assert stat.S_IMODE(os.lstat(top / "prot/inner/h").st_mode) == 0o600
+    assert stat.S_IMODE(os.lstat(top / "prot/inner/h").st_mode) == 0o660  # below a protected dir
+    assert stat.S_IMODE(os.lstat(top / "prot").st_mode) == 0o700  # the protected dir: as it was
     assert stat.S_IMODE(os.lstat(other / "x").st_mode) != 0o660 or \
-        os.lstat(other / "x").st_gid != gid
+        os.lstat(other / "x").st_gid != gid  # not entered: the mount's content is untouched
     assert stat.S_IMODE(os.lstat(other).st_mode) == 0o700
 
-    fd = os.open(top, os.O_RDONLY | os.O_DIRECTORY)
-    try:  # a check (fix off) of a tree with one wrong directory: handed back, not entered
-        os.chmod(top / "a/b", 0o2700)
-        st = stat_at(fd)
-        audit = walk(fd, gid, mode_table("keep"), (0,), False, st.st_dev, -1)
+    # a check (fix off): a wrong directory is reported and entered, nothing changes
+    os.chmod(top / "a/b", 0o2700)
+    os.chmod(top / "a/b/c/g", 0o600)
+    audit = _walk(top, gid, fix=False)
+    apaths = NodePaths(audit.nodes)
+    # (and "mnt": the directory the mount hid, now unmounted, never healed)
+    assert sorted(apaths(f[0], f[1]) for f in audit.fixed) == ["a/b", "a/b/c/g", "mnt"]
+    assert stat.S_IMODE(os.lstat(top / "a/b").st_mode) == 0o2700
+
+
+def test_walk_of_a_chain_deeper_than_the_fd_window(scratch: Path, accounts: Accounts) -> None:
+    """Far more levels than the walk keeps fds for (and than PATH_MAX allows in a path): each
+    level is healed, the ones closed on the way down are reopened through ".." and proven."""
+    gid = accounts.shared_gid
+    levels = 3000  # > WINDOW, and 3000 x 9 bytes > PATH_MAX
+    top = scratch / "top"
+    top.mkdir()
+    try:
+        make_chain(top, levels, accounts.alice.uid, accounts.alice.gid, name="level-xx",
+                   side="s")
+        found = _walk(top, gid)
+        again = _walk(top, gid)
     finally:
-        os.close(fd)
-    assert [a[0] for a in audit.attention if a[0].startswith("a")] == ["a/b"]
-    assert audit.fixed == [] and stat.S_IMODE(os.lstat(top / "a/b").st_mode) == 0o2700
+        remove_tree(top)
+    assert found.attention == [] and found.skipped == []
+    assert found.dirs == levels and len(found.fixed) == 2 * levels  # each level and its file
+    paths = NodePaths(found.nodes)
+    deepest = max((paths(f[0], f[1]) for f in found.fixed), key=len)
+    assert deepest.count("/") == levels and deepest.endswith("level-xx/s")
+    assert again.fixed == [] and again.scanned == 2 * levels  # healed down to the bottom
+
+

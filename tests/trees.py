@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
 
 from .conftest import Accounts
@@ -35,3 +36,44 @@ def build_tree(scratch: Path, acc: Accounts, hardlink: bool = True) -> tuple[Pat
     if hardlink:
         os.link("/etc/passwd", root / "env" / "hardlink-to-passwd")  # root-owned, same fs
     return root, outside
+
+
+_CHAIN = """
+import os, sys
+top, levels, name, side, shared, wrong_from, gid = sys.argv[1:]
+levels, shared, wrong_from, gid = int(levels), int(shared), int(wrong_from), int(gid)
+cur = os.open(top, os.O_RDONLY | os.O_DIRECTORY)
+for i in range(levels):
+    right = i < wrong_from
+    os.mkdir(name, dir_fd=cur)
+    nxt = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=cur)
+    os.fchown(nxt, -1, shared if right else gid)
+    if right:
+        os.fchmod(nxt, 0o2770)
+    if side:
+        f = os.open(side, os.O_CREAT | os.O_WRONLY | os.O_NOFOLLOW, 0o666, dir_fd=nxt)
+        os.fchown(f, -1, shared if right else gid)
+        if right:
+            os.fchmod(f, 0o660)
+        os.close(f)
+    os.close(cur)
+    cur = nxt
+"""
+
+
+def make_chain(top: Path, levels: int, uid: int, gid: int, *, name: str = "d",
+               side: str = "", shared_gid: int = -1, wrong_from: int = 0) -> None:
+    """A chain of ``levels`` directories ``name`` below ``top``, made by uid/gid with umask
+    077 the way an attacker would (mkdir + chdir, fd-relative: far deeper than PATH_MAX), each
+    level holding a file ``side`` if given. Levels before ``wrong_from`` are made compliant
+    (group ``shared_gid``, 2770/660: the user must be in it); the rest are left broken, in the
+    user's own group."""
+    os.chown(top, uid, gid)
+    as_user(uid, gid, ["/usr/bin/python3", "-c", _CHAIN, str(top), str(levels), name, side,
+                       str(shared_gid), str(wrong_from), str(gid)], init_groups=wrong_from > 0)
+
+
+def remove_tree(path: Path) -> None:
+    """Remove a tree of any depth: GNU ``rm`` walks it fd-relative (``shutil.rmtree``
+    recurses once per level and builds full paths, which a 20,000-level chain defeats)."""
+    subprocess.run(["rm", "-rf", "--one-file-system", "--", str(path)], check=True)

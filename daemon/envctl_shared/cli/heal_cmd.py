@@ -7,7 +7,10 @@ errors always). Both take the policy from a config file
 (each PATH is then a root of its own).
 
 Exit codes: 0 clean (check) / everything fixed (heal); 1 violations found (check, or
-``heal --dry-run``); 74 some entries could not be inspected or fixed (the pass is incomplete).
+``heal --dry-run``); 74 the pass is incomplete: some entries could not be inspected or fixed,
+or lie on another mount inside the tree (never entered, so never audited: a check must not
+call such a tree clean). The summary line names each count. Names in human output are escaped
+(``output.quote_name``): a name cannot forge a line; ``--json`` carries them exactly.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from .. import config as cfgmod
 from ..errors import EX_FAILURE, EX_IOERR, EX_OK, FilesystemError, UsageError
 from ..fsinfo import walk_concurrency
 from ..heal import Finding, HealStats, Healer
-from .output import emit_json
+from .output import emit_json, quote_name
 
 
 @dataclass(frozen=True)
@@ -85,17 +88,17 @@ def targets(args: argparse.Namespace) -> list[Target]:
         path = Path(os.path.abspath(p))
         root = conf.root_for(path)
         if root is None:
-            raise UsageError(f"{p} is not inside any root of {conf.source}",
+            raise UsageError(f"{quote_name(p)} is not inside any root of {conf.source}",
                              hint="roots: " + ", ".join(str(r.path) for r in conf.roots))
         if not os.path.lexists(path):
-            raise FilesystemError(f"{p}: no such file or directory")
+            raise FilesystemError(f"{quote_name(p)}: no such file or directory")
         out.append(Target(root, "" if path == root.path else str(path.relative_to(root.path))))
     return out
 
 
 def _must_be_dir(p: str) -> None:
     if not os.path.isdir(p) or os.path.islink(p):
-        raise FilesystemError(f"{p}: not a directory",
+        raise FilesystemError(f"{quote_name(p)}: not a directory",
                               hint="a root must be a real directory, not a symlink")
 
 
@@ -118,18 +121,34 @@ class _Reporter:
         detail = {"fixed": f"fixed: {what}", "would-fix": what,
                   "skipped": f"skipped ({f.reason}){': ' + what if what else ''}",
                   "error": f"error: {f.reason}"}[f.action]
-        print(f"{self._abs(f.path)}: {detail}", flush=False)
+        print(f"{quote_name(self._abs(f.path))}: {detail}", flush=False)
 
     def _abs(self, rel: str) -> str:
-        return str(self.target.root.path / rel) if rel else str(self.target.root.path)
+        """String concatenation, not pathlib: a path thousands of levels deep costs its length,
+        not a Python object per component."""
+        root = str(self.target.root.path)
+        return f"{root.rstrip('/')}/{rel}" if rel else root
 
 
 def _summary(mode: str, t: Target, s: HealStats) -> str:
     skipped = ", ".join(f"{k} {v}" for k, v in sorted(s.skipped.items())) or "none"
-    head = (f"{t.path}: scanned {s.scanned}, {s.violations} wrong" if mode == "check"
-            else f"{t.path}: scanned {s.scanned}, fixed {sum(s.fixed_kinds.values())}"
+    path = quote_name(str(t.path))
+    head = (f"{path}: scanned {s.scanned}, {s.violations} wrong" if mode == "check"
+            else f"{path}: scanned {s.scanned}, fixed {sum(s.fixed_kinds.values())}"
             f" (group {s.fixed['group']}, mode {s.fixed['mode']})")
-    return f"{head}, skipped: {skipped}, errors {s.errors}, {s.duration:.2f}s"
+    line = f"{head}, skipped: {skipped}, errors {s.errors}, {s.duration:.2f}s"
+    if s.skipped["mount"]:
+        line += (f"; INCOMPLETE: {s.skipped['mount']} entries on another mount not "
+                 f"{'audited' if mode == 'check' else 'healed'} (-v lists them)")
+    return line
+
+
+def exit_code(s: HealStats, dry_run: bool) -> int:
+    """74 when the pass did not cover the tree (errors, or entries on another mount), else 1
+    when a check (dry run) found violations, else 0."""
+    if s.errors or s.skipped["mount"]:
+        return EX_IOERR
+    return EX_FAILURE if dry_run and s.violations else EX_OK
 
 
 def run(args: argparse.Namespace) -> int:
@@ -147,9 +166,9 @@ def run(args: argparse.Namespace) -> int:
         try:
             stats = healer.run(t.rel)
         except (FileNotFoundError, NotADirectoryError) as exc:
-            raise FilesystemError(f"{t.path}: {exc.strerror}") from None
+            raise FilesystemError(f"{quote_name(str(t.path))}: {exc.strerror}") from None
         except PermissionError as exc:
-            raise FilesystemError(f"{t.path}: {exc.strerror}",
+            raise FilesystemError(f"{quote_name(str(t.path))}: {exc.strerror}",
                                   hint="heal and check need read access to the whole tree; "
                                   "run them as root or as the daemon's user") from None
         stats.duration = time.monotonic() - start
@@ -160,8 +179,7 @@ def run(args: argparse.Namespace) -> int:
         else:
             sys.stdout.flush()
             print(_summary("check" if dry else "heal", t, stats))
-    found = total.violations if dry else 0
-    code = EX_IOERR if total.errors else (EX_FAILURE if found else EX_OK)
+    code = exit_code(total, dry)
     if args.json:
         emit_json({"mode": args.mode, "dry_run": dry, "ok": code == EX_OK,
                    "exit_code": code, "totals": total.to_dict(), "paths": results})

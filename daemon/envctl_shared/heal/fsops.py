@@ -96,16 +96,48 @@ class WalkResult(NamedTuple):
     fixed: Fixed
     skipped: Skipped
 
-    def rel(self, node: int, name: str) -> str:
-        """The path of entry ``name`` of directory ``node``, relative to the directory walked.
 
-        Built only when asked (a finding to report, a race to revisit): the walk itself never
-        holds per-entry paths, whose total size grows with depth x entries."""
-        parts = [name]
-        while node > 0:
-            node, part = self.nodes[node]
-            parts.append(part)
-        return "/".join(reversed(parts))
+class NodePaths:
+    """Paths of a walk's entries, from its node table, relative to the directory walked.
+
+    Built only when asked (a finding someone listens to, a race to revisit): the walk itself
+    holds no per-entry path, whose total size grows with depth x entries. Entries are asked
+    for in walk order, so the path of the last directory asked is kept with the offsets where
+    each of its ancestors' paths end: the next entry's directory shares a prefix with it, and
+    each path costs its own length, not its depth times a Python step.
+    """
+
+    def __init__(self, nodes: Nodes) -> None:
+        self._nodes = nodes
+        self._chain: list[int] = []  # nodes from below the top down to the last one asked
+        self._ends: list[int] = []  # where each one's path ends in self._path
+        self._at: dict[int, int] = {}  # node -> its index in self._chain
+        self._path = ""
+
+    def __call__(self, node: int, name: str) -> str:
+        base = self._dir(node)
+        return f"{base}/{name}" if base else name
+
+    def _dir(self, node: int) -> str:
+        new: list[int] = []
+        while node > 0 and node not in self._at:
+            new.append(node)
+            node = self._nodes[node][0]
+        keep = self._at[node] + 1 if node > 0 else 0
+        for gone in self._chain[keep:]:
+            del self._at[gone]
+        del self._chain[keep:], self._ends[keep:]
+        if not new:
+            return self._path[:self._ends[-1]] if keep else ""
+        names = [self._nodes[n][1] for n in reversed(new)]
+        end = self._ends[-1] if keep else -1
+        for n, part in zip(reversed(new), names):
+            end += len(part) + 1
+            self._at[n] = len(self._chain)
+            self._chain.append(n)
+            self._ends.append(end)
+        self._path = "/".join([self._path[:self._ends[keep - 1]], *names] if keep else names)
+        return self._path
 
 
 def walk(dirfd: int, gid: int, table: bytes, protected: Sequence[int], fix: bool,

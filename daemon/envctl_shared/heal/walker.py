@@ -43,8 +43,8 @@ from typing import Any, Callable, Protocol, Sequence
 
 from ..config import RootConfig
 from ..policy import Kind, Verdict, judge, kind_of, mode_table
-from .fsops import (DIR_FLAGS, PATH_DIR_FLAGS, PATH_FLAGS, Fixed, ScanResult, Skipped, Stat,
-                    check_stamps, chgrp_fd, chmod_fd, scan, stat_at, walk)
+from .fsops import (DIR_FLAGS, PATH_DIR_FLAGS, PATH_FLAGS, Fixed, NodePaths, ScanResult,
+                    Skipped, Stat, check_stamps, chgrp_fd, chmod_fd, scan, stat_at, walk)
 from .stats import Finding, FindingSink, HealStats
 
 BATCH = 32  # entries inspected per task when concurrent
@@ -470,8 +470,10 @@ class _Pass:
         stats.scanned += found.scanned
         stats.dirs += found.dirs
 
+        rel = NodePaths(found.nodes)
+
         def path(node: int, name: str) -> str:
-            return ref.child(found.rel(node, name))
+            return ref.child(rel(node, name))
 
         assert self.root_ref is not None
         for node, name, err, mode, _uid, _gid in found.attention:
