@@ -5,10 +5,13 @@ working together — ``Delegate=yes``, ``ProtectControlGroups=yes`` and the ``Re
 that gives the daemon its own subtree back — and only systemd shows whether the sandbox really
 lets the daemon create, fill, kill and remove a build's cgroup (without that line the daemon
 logs ``mechanism=sweep reason=EROFS``). The build's ``venv_python`` is a wrapper that leaves a
-``setsid`` process behind which records its own cgroup, as a package's setup.py could.
+``setsid`` process behind which records its own cgroup, as a package's setup.py could; the
+mechanism in use is also what ``envctl status --json`` reports as ``containment``.
 """
 
 from __future__ import annotations
+
+import json
 
 import yaml
 
@@ -29,6 +32,8 @@ def test_build_runs_in_a_cgroup_of_the_delegated_subtree(site: Site) -> None:
     cfg["requests"]["venv_python"] = "/usr/local/bin/escaping-python"
     site.m.write(CONFIG, yaml.safe_dump(cfg))
     _build_demo(site)
+    status = json.loads(site.envctl(site.acc.alice, "status --json").stdout)
+    assert status["containment"] == "cgroup", status
     journal = site.m.journal_text(SERVICE)
     assert "jobs-containment mechanism=cgroup cgroup=/sys/fs/cgroup/" in journal, journal
     assert "/system.slice/envctld.service/envctl-" in journal, journal

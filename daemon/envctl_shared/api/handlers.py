@@ -77,7 +77,9 @@ class Handlers:
         data.update(version=__version__, protocol=protocol.VERSION, pid=os.getpid(),
                     uptime=round(time.monotonic() - self.started, 3),
                     requests_enabled=self.jobs is not None,
-                    jobs=self.jobs.counts() if self.jobs is not None else None)
+                    jobs=self.jobs.counts() if self.jobs is not None else None,
+                    # how builds are kept from outliving their job: "cgroup" or "sweep"
+                    containment=self.jobs.containment if self.jobs is not None else None)
         yield protocol.ok(data)
 
     # -- job ops ---------------------------------------------------------------------------
