@@ -13,8 +13,6 @@ import re
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -22,24 +20,9 @@ import pytest
 from tests.conftest import Accounts
 from tests.daemon_support import write_config
 from tests.helpers import as_user, find_violations, wait_for
-from tests.watch_support import make_root, make_source, scaled
+from tests.watch_support import make_root, make_source, scaled, sysctl
 
 pytest_plugins = ("tests.fixtures_daemon",)  # the envctld fixture
-
-INOTIFY = Path("/proc/sys/fs/inotify")
-
-
-@contextmanager
-def sysctl(name: str, value: int) -> Iterator[int]:
-    """Set /proc/sys/fs/inotify/<name>; always restore the old value."""
-    path = INOTIFY / name
-    old = int(path.read_text())
-    path.write_text(str(value))
-    try:
-        yield old
-    finally:
-        path.write_text(str(old))
-
 
 def _watches_of_uid0() -> int:
     """inotify watches held by root's processes now (the kernel's per-user count)."""

@@ -8,13 +8,24 @@ audit decides that it has.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from tests.conftest import Accounts
+from tests.helpers import VENV_BIN, as_user, find_violations, wait_for
 
 SCALE = float(os.environ.get("ENVCTL_SOAK_SCALE", "1"))
+INOTIFY = Path("/proc/sys/fs/inotify")
+# Real time: seconds from a writer's end to a compliant tree, far below anything but the watch
+# that could heal a local root (no poller there, the full reconcile is hourly).
+REALTIME = 2.0
+SETTLE = 15.0  # for set-up steps and reconciles, not for what a test proves
 
 
 def make_root(base: Path, acc: Accounts, name: str = "root") -> Path:
@@ -57,3 +68,46 @@ def scaled(n: int) -> int:
 
 def remove(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
+
+
+@contextmanager
+def sysctl(name: str, value: int) -> Iterator[int]:
+    """Set /proc/sys/fs/inotify/<name>; always restore the old value. Machine-wide: hold it
+    only for the moment it must be (``max_queued_events`` applies to instances created while
+    it is set)."""
+    path = INOTIFY / name
+    old = int(path.read_text())
+    path.write_text(str(value))
+    try:
+        yield old
+    finally:
+        path.write_text(str(old))
+
+
+def daemon_status(sock: Path) -> dict[str, Any]:
+    """``envctl status --json`` of the daemon on ``sock`` (it must answer)."""
+    r = subprocess.run([str(VENV_BIN / "envctl"), "status", "--json", "--socket", str(sock)],
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode in (0, 75), r.stderr
+    data: dict[str, Any] = json.loads(r.stdout)
+    return data
+
+
+def alice_sh(accounts: Accounts, root: Path, script: str) -> None:
+    """Run shell ``script`` in ``root`` as alice (umask 077, no supplementary groups)."""
+    a = accounts.alice
+    as_user(a.uid, a.gid, f"cd {root} && {script}")
+
+
+def settled(root: Path, accounts: Accounts, what: str, timeout: float = SETTLE) -> float:
+    """Wait until the ``find`` audit finds nothing wrong under ``root``."""
+    return wait_for(lambda: not find_violations(root, accounts.shared_gid), timeout, 0.02, what)
+
+
+def new_entries_healed(root: Path, accounts: Accounts, dirs: list[str],
+                       tag: str = "new") -> float:
+    """alice creates a file, and a directory with a file, in each of ``dirs`` (relative to
+    ``root``); all must be healed within ``REALTIME``. Returns the seconds it took."""
+    alice_sh(accounts, root, " && ".join(
+        f"echo > {d}/{tag}-file && mkdir {d}/{tag}-dir && echo > {d}/{tag}-dir/f" for d in dirs))
+    return settled(root, accounts, f"new entries in {dirs} healed in real time", REALTIME)

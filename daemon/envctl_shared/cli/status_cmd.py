@@ -79,10 +79,16 @@ def render(data: dict[str, Any]) -> str:
     roots = data.get("roots")
     if isinstance(roots, list) and roots:
         rows = [[str(r.get(k, "-")) for k in ("path", "mode", "scanned", "violations", "fixed",
-                                                "errors", "events", "overflows")]
+                                                "errors", "events", "overflows", "rebuilds",
+                                                "watch_errors")]
                 for r in roots if isinstance(r, dict)]
         lines += ["", table(rows, ["ROOT", "WATCH", "SCANNED", "VIOLATIONS", "FIXED", "ERRORS",
-                                   "EVENTS", "OVERFLOWS"])]
+                                   "EVENTS", "OVERFLOWS", "REBUILDS", "WATCH-ERRORS"])]
+    failure = data.get("failure")
+    if failure:  # printable only: it may quote a name from the tree
+        lines += ["", "FAILED: " + "".join(c if c.isprintable() else
+                                           c.encode("unicode_escape").decode("ascii")
+                                           for c in str(failure))]
     jobs = data.get("jobs")
     if isinstance(jobs, dict):
         counts = ", ".join(f"{k} {v}" for k, v in sorted(jobs.items())) or "none"

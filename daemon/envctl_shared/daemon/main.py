@@ -5,7 +5,10 @@ set flags and wake the loop, and the loop does the work (reload, shutdown) outsi
 The same loop tells the service manager the truth: ``READY=1`` only after every root has been
 watched and reconciled, ``WATCHDOG=1`` only while every worker and the server show recent
 progress (a wedged worker stops the pings, and systemd restarts us), ``STOPPING=1`` on the way
-out. Exit codes: 0 after SIGTERM/SIGINT, the error's exit code (sysexits) when startup fails.
+out. Exit codes: 0 after SIGTERM/SIGINT, the error's exit code (sysexits) when startup fails,
+70 (EX_SOFTWARE) when a root fails at run time (its watch cannot be rebuilt, one of its threads
+died): running on without real-time healing would be a blind spot nobody sees, so the daemon
+says why, stops, and leaves the restart to systemd (``Restart=on-failure``) or Kubernetes.
 
 Test hook: ``ENVCTL_TEST_WEDGE_AFTER=<seconds>`` makes one heal worker per root block forever
 after that many seconds, so tests can prove the watchdog fires. It is read only from the
@@ -79,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         return exc.exit_code
     logsetup.setup(config.logging, args.debug)
     signals = _Signals()
-    daemon = Daemon(config, wedge_after=_wedge_after())
+    daemon = Daemon(config, wedge_after=_wedge_after(), on_failure=signals.wake.set)
     t0 = time.monotonic()
     try:
         daemon.start(systemd.listen_socket())
@@ -91,10 +94,21 @@ def main(argv: list[str] | None = None) -> int:
         log.exception("startup failed")
         daemon.stop(1.0)
         return EX_SOFTWARE
-    log.info("ready roots=%d start=%.3f pid=%d", len(config.roots), time.monotonic() - t0,
-             os.getpid())
-    systemd.notify(f"READY=1\nSTATUS={daemon.summary()}")
-    _loop(daemon, signals, args)
+    if daemon.failure is None:
+        log.info("ready roots=%d start=%.3f pid=%d", len(config.roots), time.monotonic() - t0,
+                 os.getpid())
+        systemd.notify(f"READY=1\nSTATUS={daemon.summary()}")
+        _loop(daemon, signals, args)
+    if daemon.failure is not None:
+        log.error("failed error=%s action=exit hint=the service manager restarts the daemon; "
+                  "the lines above say what failed", daemon.failure)
+        systemd.notify(f"STATUS=failed: {daemon.failure}\nSTOPPING=1")
+        daemon.stop(5.0)
+        # Leave without interpreter teardown: a failed daemon's threads may be stuck (that
+        # can be why it failed), and out of fds, a thread ending at teardown aborts the process
+        # (pthread_exit cannot load libgcc_s) instead of exiting with our code.
+        logging.shutdown()
+        os._exit(EX_SOFTWARE)
     systemd.notify("STOPPING=1")
     log.info("stopping")
     drained = daemon.stop()
@@ -103,7 +117,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _loop(daemon: Daemon, signals: _Signals, args: argparse.Namespace) -> None:
-    """Until SIGTERM/SIGINT: reloads, periodic status, STATUS= updates, watchdog pings."""
+    """Until SIGTERM/SIGINT or a failed root: reloads, periodic status, STATUS= updates,
+    watchdog pings."""
     wd = systemd.watchdog_interval()
     # An idle worker shows it is alive every IDLE_TICK: never call that "no progress".
     stale_after = max(wd, 3 * IDLE_TICK) if wd else STALE_DEFAULT
@@ -111,7 +126,7 @@ def _loop(daemon: Daemon, signals: _Signals, args: argparse.Namespace) -> None:
     next_status = now + daemon.config.watch.status_interval
     next_notify = now + STATUS_NOTIFY_EVERY
     next_ping = now
-    while not signals.stop:
+    while not signals.stop and daemon.failure is None:
         now = time.monotonic()
         if signals.reload:
             signals.reload = False

@@ -4,7 +4,10 @@ Why here and nowhere else: the layers below (watch, jobs, api) do not know about
 this module wires them together, applies a reloaded config as a diff (an unchanged root keeps
 its watches and counters; a changed or new one is started afresh, which includes its full
 reconcile), and answers the two questions the service manager and ``envctl status`` ask: how
-is every root doing (``status``), and is everything still making progress (``heartbeat``).
+is every root doing (``status``), and is everything still making progress (``heartbeat``). A root
+that can no longer be kept correct in real time (its watch cannot be rebuilt, one of its threads
+died) sets ``failure``: the daemon is then not ready, and ``main`` exits non-zero so that the
+service manager restarts it.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import logging
 import os
 import socket
 import time
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from ..config import Config, RootConfig
@@ -49,9 +53,13 @@ def check_roots(config: Config) -> None:
 class Daemon:
     """Every root watched and healed, plus (when enabled) the job manager and the API server."""
 
-    def __init__(self, config: Config, wedge_after: float | None = None) -> None:
+    def __init__(self, config: Config, wedge_after: float | None = None,
+                 on_failure: Callable[[], None] | None = None) -> None:
+        """``on_failure`` is called (from any thread) once ``failure`` is set."""
         self.config = config
         self._wedge_after = wedge_after
+        self._on_failure = on_failure
+        self.failure: str | None = None
         self._roots: dict[str, RootWatcher] = {}
         self._jobs: _Jobs | None = None
         self._server: _Server | None = None
@@ -67,11 +75,12 @@ class Daemon:
             self._start_root(root)
         self._jobs = _start_jobs(self.config) if self.config.requests.enabled else None
         self._server = _start_server(self.config, self._jobs, self.status, listen_sock)
-        self.ready = True
+        self.ready = self.failure is None
 
     def _start_root(self, root: RootConfig) -> None:
         concurrency = walk_concurrency(root.path, self.config.walk.concurrency)
-        watcher = RootWatcher(root, self.config.watch, concurrency, self._wedge_after)
+        watcher = RootWatcher(root, self.config.watch, concurrency, self._wedge_after,
+                              on_fatal=lambda reason: self._root_failed(root, reason))
         t0 = time.monotonic()
         watcher.start()
         self._roots[str(root.path)] = watcher
@@ -79,6 +88,13 @@ class Daemon:
         log.info("watching root=%s mode=%s watches=%d scanned=%d fixed=%d start=%.3f",
                  root.path, st["mode"], st["watches"], st["scanned"], st["fixed"],
                  time.monotonic() - t0, extra=fields(root=root.path))
+
+    def _root_failed(self, root: RootConfig, reason: str) -> None:
+        if self.failure is None:
+            self.failure = f"root {root.path}: {reason}"
+        self.ready = False
+        if self._on_failure is not None:
+            self._on_failure()
 
     def stop(self, timeout: float = 10.0) -> bool:
         """Stop taking requests, drain every root's queue, stop everything. True if drained."""
@@ -135,6 +151,7 @@ class Daemon:
         return {
             "pid": os.getpid(),
             "ready": self.ready,
+            "failure": self.failure,
             "config": self.config.source,
             "uptime_s": round(time.time() - self._started, 1),
             # Seconds since the stalest worker, poller or server loop showed progress: what a
@@ -157,7 +174,9 @@ class Daemon:
         modes = sorted({r["mode"] for r in roots})
         line = (f"roots={len(roots)} mode={','.join(modes) or '-'} "
                 f"fixed={sum(r['fixed'] for r in roots)} queue={sum(r['queue'] for r in roots)} "
-                f"errors={sum(r['errors'] for r in roots)}")
+                f"errors={sum(r['errors'] for r in roots)} "
+                f"watch_errors={sum(r['watch_errors'] for r in roots)} "
+                f"rebuilds={sum(r['rebuilds'] for r in roots)}")
         if st["jobs"] is not None:
             line += " jobs=" + ",".join(f"{k}:{v}" for k, v in sorted(st["jobs"].items()))
         return line
@@ -165,10 +184,12 @@ class Daemon:
     def log_status(self) -> None:
         for r in self.status(watches=False)["roots"]:
             log.info("status root=%s mode=%s scanned=%d fixed=%d skipped=%d errors=%d "
-                     "events=%d overflows=%d queue=%d full_passes=%d last_full_duration=%.3f",
+                     "events=%d overflows=%d rebuilds=%d watch_errors=%d queue=%d "
+                     "full_passes=%d last_full_duration=%.3f",
                      r["path"], r["mode"], r["scanned"], r["fixed"], sum(r["skipped"].values()),
-                     r["errors"], r["events"], r["overflows"], r["queue"], r["full_passes"],
-                     r["last_full_duration"] or 0.0, extra=fields(root=r["path"]))
+                     r["errors"], r["events"], r["overflows"], r["rebuilds"], r["watch_errors"],
+                     r["queue"], r["full_passes"], r["last_full_duration"] or 0.0,
+                     extra=fields(root=r["path"]))
 
 
 def _start_jobs(config: Config) -> _Jobs:

@@ -30,7 +30,11 @@ API_SOCKET_NAME = "envctl-api"
 def notify(state: str) -> bool:
     """Send ``state`` (e.g. ``READY=1\\nSTATUS=...``) to the service manager; False if none."""
     if _sd_daemon is not None:
-        return bool(_sd_daemon.notify(state))
+        try:
+            return bool(_sd_daemon.notify(state))
+        except OSError as exc:  # e.g. out of fds: the caller's loop must not die of it
+            log.debug("sd_notify failed error=%s", exc)
+            return False
     addr = os.environ.get("NOTIFY_SOCKET")
     if not addr:
         return False

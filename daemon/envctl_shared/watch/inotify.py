@@ -1,229 +1,569 @@
-"""watchdog's inotify machinery, adapted to tell us what it normally keeps to itself.
+"""Real-time change notification for one root: inotify, keyed by directory identity.
 
-We keep watchdog's inotify instance (reader thread, watch descriptors) and its recursive watch
-group (a new or moved-in directory is watched, with every subdirectory, before its event goes
-further). Why not a plain ``Observer().schedule(handler)``: watchdog 7.1 (see
-``../shared/notes/field-facts.md``) logs an inotify queue overflow but never tells the handler,
-swallows ENOSPC when a subdirectory watch cannot be added (``max_user_watches``), builds its mask
-from the event filter with a bug (Attrib classes alone yield nothing), and floods stderr with
-``RuntimeWarning: Callback ... already exists`` during bursts. Each of those would make the
-daemon silently miss entries, so this module:
+What must be right here is *where an event belongs*. inotify reports an event as (watch
+descriptor, name); the watch descriptor names a directory inode, which keeps it whatever the
+directory is renamed to. So the table here maps each watch descriptor to a node holding that
+directory's identity (``st_dev``, ``st_ino``) and its *current* place: a parent node and a name.
+A rename updates one node (paired ``IN_MOVED_FROM``/``IN_MOVED_TO`` by cookie), and every path
+below it follows without being rewritten; a path string is computed from the nodes only when an
+item is queued, and the healer re-resolves it from the root fd anyway. Doubt is resolved from
+the disk, never guessed: a directory renamed inside the root has its subtree re-watched from
+where it is now and queued for a subtree reconcile; one renamed out (``IN_MOVE_SELF`` with no
+``IN_MOVED_TO`` here) loses its watches; a directory that cannot be found where the table says
+(renamed again since, events pending) is left to those pending events, which will place it;
+anything that would leave the table inconsistent (an overflow, a rename cycle) or any exception
+on the reader thread ends this watch, and :class:`~envctl_shared.watch.service.RootWatcher`
+rebuilds it from scratch and reconciles the root (``Hooks.on_end``): the reader never dies
+silently, and never keeps running on a table it cannot trust.
 
-- builds the inotify mask itself: IN_CREATE, IN_MOVED_TO, IN_ATTRIB (and IN_DELETE_SELF, which
-  watchdog always adds). Not IN_OPEN/IN_CLOSE_NOWRITE/IN_MODIFY/IN_CLOSE_WRITE: writing data
-  never changes an inode's group or mode, and those events are the bulk of a burst (and of
-  overflows). Not IN_MOVED_FROM either: watchdog parks it in a queue that delays every later
-  event by 0.5 s and scans linearly; without it, a move inside the root arrives as a moved-in
-  directory, which is exactly what we want to reconcile;
-- subclasses watchdog's watch group so that an overflow (after watchdog has rebuilt its
-  watches) and a failed watch (ENOSPC) call our hooks;
-- takes each event's path straight from that group to our work queue, on the reader thread.
-  watchdog would build event objects, emit synthetic "created" events for everything already
-  in a new directory (our subtree reconcile covers those), and pass each through an emitter and
-  an observer thread: measured on a 60k-entry burst, skipping that halves the time from the
-  writer's end to a compliant tree. The observer remains only to run the emitter's lifecycle;
-- silences that RuntimeWarning and watchdog's own overflow warning (we log our own, once).
+Watches are added through ``/proc/self/fd/N`` of a directory fd opened ``O_NOFOLLOW`` relative
+to its parent's fd: no path string is ever resolved, so a symlink swapped in cannot redirect a
+watch outside the root, and directories deeper than ``PATH_MAX`` are watched like any other.
+Walks (the initial one, new and moved-in directories, rebuilds) are iterative and keep a
+bounded number of fds open whatever the depth: a directory's fd is released before descending
+into its last subdirectory, and past ``FD_BUDGET`` open levels it is released anyway and
+re-opened on the way back through ``..`` (checked against its identity).
 
-The sink does no I/O: it turns each path into a root-relative queue item.
+Why not watchdog's observer (see docs/field-facts.md): its inotify bookkeeping is keyed by path,
+so a directory renamed away and back kept its events attributed to the old path (and after a
+rename plus an overflow its reader thread died on a ``KeyError`` while status said all was
+well); it adds watches by path string (nothing below ``PATH_MAX``); it reports a queue overflow
+to no handler, swallows ``ENOSPC`` when a watch cannot be added, floods stderr with
+``RuntimeWarning``\\s in bursts, and passes every event through two extra threads. Fixing that
+meant reaching into its private internals. What it does serve is its public, decade-stable
+binding of the kernel interface (``inotify_init``, ``inotify_add_watch``, ``inotify_rm_watch``
+and ``InotifyConstants`` in ``watchdog.observers.inotify_c``, unchanged since watchdog 0.x):
+that is what is used here, with its public names only. Its polling observer does not fit either
+(see :mod:`~envctl_shared.watch.poll`).
+
+The mask: IN_CREATE, IN_MOVED_TO, IN_MOVED_FROM (to pair renames), IN_ATTRIB, IN_MOVE_SELF and
+IN_DELETE_SELF (the root itself). Not IN_OPEN/IN_CLOSE_*/IN_MODIFY: writing data never changes
+an inode's group or mode, and those events are the bulk of a burst (and of overflows).
+
+Everything runs on one reader thread; the queue it feeds does no I/O.
 """
 
 from __future__ import annotations
 
+import ctypes
 import errno
-import logging
 import os
-import warnings
+import select
+import struct
+import threading
+import time
+from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
-from watchdog.events import FileSystemEventHandler
-from watchdog.observers.api import BaseObserver, EventQueue, ObservedWatch
-from watchdog.observers.inotify import InotifyEmitter, InotifyWatchGroup
-from watchdog.observers.inotify_c import (InotifyConstants, InotifyEvent, InotifyFD,
-                                          inotify_add_watch)
+from watchdog.observers.inotify_c import InotifyConstants as IN
+from watchdog.observers.inotify_c import inotify_add_watch, inotify_init, inotify_rm_watch
 
+from ..heal.fsops import DIR_FLAGS, PATH_DIR_FLAGS, Stat, stat_at
 from .queue import WorkQueue
 
-log = logging.getLogger("envctl.watch")
+MASK = (IN.IN_CREATE | IN.IN_MOVED_TO | IN.IN_MOVED_FROM | IN.IN_ATTRIB | IN.IN_MOVE_SELF
+        | IN.IN_DELETE_SELF | IN.IN_ONLYDIR)
+_ARRIVED = IN.IN_CREATE | IN.IN_MOVED_TO
+_ROOT_GONE = IN.IN_MOVE_SELF | IN.IN_DELETE_SELF | IN.IN_UNMOUNT | IN.IN_IGNORED
+_HEADER = struct.Struct("iIII")  # struct inotify_event: wd, mask, cookie, len; then the name
+_VANISHED = (errno.ENOENT, errno.ENOTDIR, errno.ELOOP)  # gone, or replaced by a non-directory
+READ_SIZE = 64 * 1024
+TICK = 1.0  # the reader wakes at least this often: its heartbeat, and idle fds released
+FD_BUDGET = 64  # directory fds a walk keeps open on its path, whatever the depth
+CACHE_SIZE = 64  # fds of recently used directories (the parent of the next new directory)
 
-warnings.filterwarnings("ignore", message=r"Callback with id .* already exists",
-                        category=RuntimeWarning)
-warnings.filterwarnings("ignore", message=r"Callback with id .* does not exist",
-                        category=RuntimeWarning)
-# Our own WARNING line (with the root) replaces watchdog's per-overflow one.
-logging.getLogger("watchdog").setLevel(logging.ERROR)
-# Stopping an emitter races with its last read; watchdog logs that benign race as an ERROR.
-logging.getLogger("watchdog.observers.inotify").addFilter(
-    lambda record: "called when the thread is inactive" not in record.getMessage())
+Ident = tuple[int, int]  # (st_dev, st_ino)
 
-MASK = (InotifyConstants.IN_CREATE | InotifyConstants.IN_MOVED_TO | InotifyConstants.IN_ATTRIB
-        | InotifyConstants.IN_DELETE_SELF)
+
 class Hooks(Protocol):
-    """What the watcher wants to hear about, called from watchdog's reader thread."""
+    """What the owner of a watch hears, called from its reader thread."""
 
-    def on_overflow(self) -> None: ...
+    def on_watch_failed(self, rel: str, err: int) -> None:
+        """A watch could not be added (``ENOSPC``: out of ``max_user_watches``)."""
 
-    def on_watch_failed(self, path: str, err: int) -> None: ...
-
-
-class _WatchGroup(InotifyWatchGroup):
-    """watchdog's recursive watch bookkeeping, reporting overflows and failed watches."""
-
-    hooks: Hooks | None = None
-    sink: Callable[[bytes, bool, bool], None] | None = None
-
-    def on_event(self, event: InotifyEvent) -> None:
-        """watchdog's watch bookkeeping (a new or moved-in directory is watched, recursively,
-        before anything else), then the path goes straight to our queue from this reader
-        thread: no event objects, no emitter and observer hops (each a thread switch under
-        the GIL) for the tens of thousands of events of a burst."""
-        with self._lock:
-            if not self.is_active:
-                return
-            path = self._build_event_source_path(event)
-            if path is None:
-                return
-            new_dir = event.is_directory and (event.is_create or event.is_moved_to)
-            if new_dir and self.is_recursive:
-                self._add_all_callbacks(path)
-        if self.sink is not None:
-            urgent = event.is_create or event.is_moved_to
-            if urgent or event.is_attrib:
-                self.sink(path, new_dir, urgent)
-
-    def _add_all_callbacks(self, path: bytes) -> None:
-        """Watch directory ``path`` and every directory below it that is not watched yet.
-
-        watchdog's version re-walks (``os.walk`` plus an ``lstat`` per directory) the whole
-        subtree of every new directory, on the reader thread. In a ``cp -r`` burst a
-        directory is usually watched already by its parent's walk when its own IN_CREATE
-        arrives, and that walk listed it right after its watch was added: whatever appeared
-        in it later has events of its own. So a directory already watched as this inode ends
-        the walk there; a new inode at a known path (deleted and re-created, or moved in) is
-        walked. After an overflow watchdog removes every watch first, so its rebuild still
-        walks everything.
-        """
-        if not self._watch(path):
-            return
-        stack = [path]
-        while stack:
-            top = stack.pop()
-            try:
-                with os.scandir(top) as it:
-                    subdirs = [e.path for e in it if e.is_dir(follow_symlinks=False)]
-            except OSError:
-                continue  # vanished or unreadable: nothing below it to watch
-            stack.extend(p for p in subdirs if self._watch(p))
-
-    def _watch(self, path: bytes) -> bool:
-        """Add the watch; True when ``path`` was not already watched as this very inode.
-
-        The kernel returns the existing watch descriptor for an inode already watched; that
-        case ends here, without watchdog's bookkeeping (which formats a warning for it)."""
-        known = self._active_callbacks_by_path.get(path)
-        if known is not None and inotify_add_watch(self._inotify_fd._inotify_fd, path,
-                                                   self.event_mask) == known:
-            return False
-        self._add_callback(path)
-        now = self._active_callbacks_by_path.get(path)
-        return now is not None and now != known
-
-    def on_queue_overflow(self) -> None:
-        super().on_queue_overflow()  # watchdog re-adds its watches first...
-        if self.hooks is not None:
-            self.hooks.on_overflow()  # ...so the reconcile we ask for runs after that
-
-    def _add_callback(self, path: bytes) -> None:
-        try:
-            wd = self._inotify_fd.add_callback(path, self.event_mask, self._callback, self._id)
-        except OSError as exc:
-            if exc.errno == errno.ENOSPC and self.hooks is not None:
-                self.hooks.on_watch_failed(os.fsdecode(path), exc.errno)
-            if path == self.path:
-                raise
-            return  # vanished or unreadable since it was listed: nothing to watch
-        self._active_callbacks_by_path[path] = wd
-        self._active_callbacks_by_watch[wd] = path
+    def on_end(self, reason: str, exc: BaseException | None) -> None:
+        """The watch stopped by itself and must be rebuilt: ``reason`` is ``overflow``,
+        ``error`` (``exc`` is the exception), ``resync`` or ``root``."""
 
 
-class _Emitter(InotifyEmitter):
-    """An inotify emitter with our mask and our watch group."""
-
-    def __init__(self, event_queue: EventQueue, watch: ObservedWatch, *, hooks: Hooks,
-                 sink: Callable[[bytes, bool, bool], None], **kwargs: Any) -> None:
-        super().__init__(event_queue, watch, **kwargs)
-        self._hooks = hooks
-        self._sink = sink
-
-    def get_event_mask_from_filter(self) -> Any:
-        return MASK
-
-    def on_thread_start(self) -> None:
-        group = _WatchGroup.__new__(_WatchGroup)
-        group.hooks = self._hooks  # set before __init__, which adds the watches
-        group.sink = self._sink
-        group.__init__(self._inotify_fd, os.fsencode(self.watch.path),  # type: ignore[misc]
-                       is_recursive=True, event_mask=self.get_event_mask_from_filter(),
-                       follow_symlink=False)
-        self._inotify = group
+class _Resync(Exception):
+    """The table cannot follow what happened (a rename that would make a cycle in it)."""
 
 
-class _Sink:
-    """Turns event paths into queue items; never touches the filesystem."""
+class _Node:
+    """One watched directory: identity (its watch descriptor and inode, which no rename
+    changes) and current place (parent node and name, which a rename updates)."""
 
-    def __init__(self, root: Path, queue: WorkQueue, count: Callable[[], None]) -> None:
-        self._root = os.fsencode(root)
-        self._prefix = self._root + b"/"
-        self._queue = queue
-        self._count = count
+    __slots__ = ("wd", "ident", "parent", "name", "children", "cookie")
 
-    def __call__(self, path: bytes, new_dir: bool, urgent: bool) -> None:
-        """``urgent``: created or moved in (an attribute change otherwise)."""
-        self._count()
-        if path == self._root:
-            self._queue.put("")
-        elif path.startswith(self._prefix):  # a new directory is a subtree, the rest entries
-            self._queue.put(os.fsdecode(path[len(self._prefix):]), new_dir, urgent)
+    def __init__(self, wd: int, ident: Ident, parent: _Node | None, name: str) -> None:
+        self.wd = wd
+        self.ident = ident
+        self.parent = parent
+        self.name = name
+        self.children: dict[str, _Node] = {}  # subdirectory name -> node
+        self.cookie = 0  # the IN_MOVED_FROM cookie while its rename is unresolved
+
+
+class _Level:
+    """One directory on a walk's path: its fd (-1 once released) and the subdirectories
+    still to visit; ``force`` lists even the ones already watched in place."""
+
+    __slots__ = ("node", "fd", "names", "force")
+
+    def __init__(self, node: _Node, fd: int, names: list[str], force: bool) -> None:
+        self.node = node
+        self.fd = fd
+        self.names = names
+        self.force = force
 
 
 class InotifyWatch:
-    """One recursive inotify watch on one root, with its own inotify instance.
+    """Every directory of one root watched, its events turned into queue items.
 
-    Its own instance (not watchdog's shared one) so that an overflow is attributed to the root
-    it happened on and a removed root releases its watches.
+    Its own inotify instance (not one shared between roots), so that an overflow or a failure
+    is attributed to the root it happened on, and a removed root releases its watches.
     """
 
-    def __init__(self, root: Path, queue: WorkQueue, hooks: Hooks,
-                 count: Callable[[], None]) -> None:
-        self._fd = InotifyFD()
-        self._fd.start()
-        self._observer = BaseObserver(_Emitter, timeout=1.0, inotify_fd=self._fd, hooks=hooks,
-                                      sink=_Sink(root, queue, count))
-        # The observer only runs the emitter's lifecycle (which builds our watch group): events
-        # reach the queue from the group itself, so its handler is watchdog's no-op base class.
-        self._observer.schedule(FileSystemEventHandler(), str(root), recursive=True)
+    def __init__(self, root: Path, queue: WorkQueue, hooks: Hooks, count: Callable[[], None],
+                 progress: Callable[[], None] | None = None) -> None:
+        """``count`` is called for every event; ``progress`` for every directory a walk
+        visits (a liveness signal during long walks)."""
+        self._root_path = root
+        self._queue = queue
+        self._hooks = hooks
+        self._count = count
+        self._progress = progress
+        self._ifd = -1
+        self._wake_r, self._wake_w = -1, -1
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self._nodes: dict[int, _Node] = {}
+        self._root: _Node | None = None
+        self._root_dev = self._root_mnt = -1
+        self._moving: dict[int, _Node] = {}  # cookie -> node renamed, destination not seen yet
+        self._cache: OrderedDict[_Node, int] = OrderedDict()  # node -> fd (LRU)
+        self._rels: dict[_Node, str] = {}  # computed paths; cleared by any rename
+        self._limited = False  # ENOSPC seen: adding more watches is pointless
+        self.beat = time.monotonic()  # last sign of life of the reader (or of a walk)
+
+    # -- lifecycle ------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Add the watches (blocking until every directory present now is watched)."""
+        """Watch every directory present now (returns once they are), then read events."""
         try:
-            self._observer.start()
+            fd = inotify_init()
+            if fd < 0:
+                err = ctypes.get_errno()
+                raise OSError(err, f"inotify_init: {os.strerror(err)}")
+            self._ifd = fd
+            os.set_inheritable(fd, False)
+            os.set_blocking(fd, False)
+            self._wake_r, self._wake_w = os.pipe()
+            self._watch_root()
         except BaseException:
-            self._fd.stop()
+            self._close()
             raise
+        self._thread = threading.Thread(target=self._run, name="envctl-inotify", daemon=True)
+        self._thread.start()
 
     def stop(self) -> None:
-        """Remove every watch and stop the threads."""
-        self._observer.stop()
-        self._observer.join()
-        self._fd.stop()
-        self._fd.join()
+        """Stop reading and remove every watch (closing the instance removes them)."""
+        self._stopping = True
+        if self._thread is not None:
+            os.write(self._wake_w, b"x")
+            self._thread.join()
+            self._thread = None
+        self._close()
+
+    def _close(self) -> None:
+        self._clear_cache()
+        for fd in (self._ifd, self._wake_r, self._wake_w):
+            if fd >= 0:
+                os.close(fd)
+        self._ifd = self._wake_r = self._wake_w = -1
 
     def watch_count(self) -> int:
-        """Watches in this inotify instance (from /proc, so it is the kernel's count)."""
-        fd = self._fd._inotify_fd
+        """Watches in this inotify instance (from /proc: the kernel's count, not ours)."""
         try:
-            with open(f"/proc/self/fdinfo/{fd}", encoding="ascii") as fh:
+            with open(f"/proc/self/fdinfo/{self._ifd}", encoding="ascii") as fh:
                 return sum(1 for line in fh if line.startswith("inotify wd:"))
         except OSError:
             return -1
+
+    # -- the reader thread ----------------------------------------------------------------
+
+    def _run(self) -> None:
+        """Read until stopped; whatever ends it otherwise is reported, exceptions included."""
+        reason, failure = "stopped", None
+        try:
+            reason = self._read_loop()
+        except _Resync:
+            reason = "resync"
+        except BaseException as exc:  # reported with its traceback by the owner, never lost
+            reason, failure = "error", exc
+        finally:
+            self._clear_cache()
+        if not self._stopping:
+            self._hooks.on_end(reason, failure)
+
+    def _read_loop(self) -> str:
+        poller = select.poll()
+        poller.register(self._ifd, select.POLLIN)
+        poller.register(self._wake_r, select.POLLIN)
+        while True:
+            self.beat = time.monotonic()
+            ready = poller.poll(TICK * 1000)
+            if self._stopping:
+                return "stopped"
+            if not ready:
+                self._clear_cache()  # idle: hold no directory open
+                continue
+            try:
+                data = os.read(self._ifd, READ_SIZE)
+            except BlockingIOError:
+                continue
+            reason = self._dispatch(data)
+            if reason is not None:
+                return reason
+
+    def _dispatch(self, data: bytes) -> str | None:
+        """Handle one read's events in order; a reason when the watch must end."""
+        nodes = self._nodes
+        off, end = 0, len(data)
+        while off < end:
+            wd, mask, cookie, length = _HEADER.unpack_from(data, off)
+            name = data[off + 16:off + 16 + length].rstrip(b"\0")
+            off += 16 + length
+            node = nodes.get(wd)
+            if node is None:
+                if mask & IN.IN_Q_OVERFLOW:
+                    return "overflow"
+                continue  # a watch removed since (its IN_IGNORED, or late events)
+            self._count()
+            if name:
+                self._on_entry(node, os.fsdecode(name), mask, cookie)
+            elif node is self._root:
+                if mask & _ROOT_GONE:
+                    return "root"
+                if mask & IN.IN_ATTRIB:
+                    self._queue.put("")  # the root directory itself
+            elif mask & IN.IN_IGNORED:
+                self._forget(node)
+            elif mask & IN.IN_MOVE_SELF and node.cookie:
+                self._moved_out(node)
+        return None
+
+    def _on_entry(self, parent: _Node, name: str, mask: int, cookie: int) -> None:
+        """An event about entry ``name`` of the watched directory ``parent``."""
+        if mask & IN.IN_ISDIR:
+            if mask & IN.IN_MOVED_FROM:
+                child = parent.children.get(name)
+                if child is not None:  # where it lands decides: here, or out of the root
+                    child.cookie = cookie
+                    self._moving[cookie] = child
+                return
+            if mask & _ARRIVED:
+                moved = self._moving.pop(cookie, None) if mask & IN.IN_MOVED_TO else None
+                self._arrived(parent, name, moved)
+                return
+        elif mask & IN.IN_MOVED_FROM:
+            return  # a file leaving: nothing to heal
+        self._queue.put(self._rel(parent, name), False, bool(mask & _ARRIVED))
+
+    def _arrived(self, parent: _Node, name: str, moved: _Node | None) -> None:
+        """A directory created or moved in: watch it (and everything below it not watched in
+        place yet), then queue its subtree, which is reconciled after those watches exist."""
+        force = moved is not None
+        if moved is not None:  # renamed inside the root: it is here now, with its subtree
+            moved.cookie = 0
+            self._place(moved, parent, name)
+        pfd = self._fd_of(parent)
+        if pfd >= 0:
+            level, known = self._enter(pfd, parent, name, force)
+            if level is not None:
+                self._walk(level)
+            elif known:
+                return  # watched in place by an earlier walk, whose queued subtree covers it
+        # Queued even when not found (gone, or renamed again: pending events place it).
+        self._queue.put(self._rel(parent, name), True)
+
+    def _moved_out(self, node: _Node) -> None:
+        """Renamed and no IN_MOVED_TO in this root named it: it left the root. Its watches go
+        (no event from outside may be taken for one inside), with everything below it."""
+        self._moving.pop(node.cookie, None)
+        stack = [node]
+        while stack:
+            n = stack.pop()
+            stack.extend(n.children.values())
+            inotify_rm_watch(self._ifd, n.wd)  # EINVAL when already gone: nothing to do
+            self._forget(n)
+
+    def _forget(self, node: _Node) -> None:
+        """The watch is gone (IN_IGNORED: deleted, or removed by us)."""
+        if self._nodes.get(node.wd) is node:
+            del self._nodes[node.wd]
+        parent = node.parent
+        if parent is not None and parent.children.get(node.name) is node:
+            del parent.children[node.name]
+        if node.cookie:
+            self._moving.pop(node.cookie, None)
+        fd = self._cache.pop(node, None)
+        if fd is not None:
+            os.close(fd)
+        self._rels.pop(node, None)
+
+    # -- the table --------------------------------------------------------------------------
+
+    def _place(self, node: _Node, parent: _Node, name: str) -> None:
+        """Record that ``node`` is now ``name`` in ``parent`` (a rename, or what a walk found)."""
+        if node.parent is parent and node.name == name:
+            return
+        up: _Node | None = parent
+        while up is not None:
+            if up is node:
+                raise _Resync
+            up = up.parent
+        old = node.parent
+        if old is not None and old.children.get(node.name) is node:
+            del old.children[node.name]
+        node.parent, node.name = parent, name
+        parent.children[name] = node
+        self._rels.clear()
+
+    def _rel(self, node: _Node, name: str = "") -> str:
+        """Root-relative path of ``node`` (and of its entry ``name``), as placed now."""
+        rel = self._rels.get(node)
+        if rel is None:
+            parts: list[str] = []
+            up: _Node | None = node
+            while up is not None and up.parent is not None:
+                parts.append(up.name)
+                up = up.parent
+            rel = "/".join(reversed(parts))
+            if len(self._rels) >= 256:
+                self._rels.clear()
+            self._rels[node] = rel
+        if not name:
+            return rel
+        return f"{rel}/{name}" if rel else name
+
+    # -- directory fds --------------------------------------------------------------------
+
+    def _fd_of(self, node: _Node) -> int:
+        """An fd of ``node``'s directory (owned by the cache), or -1 when it is not where the
+        table says: renamed or deleted since, and the events saying so are still to come.
+
+        From the nearest cached ancestor (or the root), each component is opened no-follow and
+        must be the inode the table knows: a path that now leads elsewhere is never taken."""
+        fd = self._cache.get(node)
+        if fd is not None:
+            self._cache.move_to_end(node)
+            return fd
+        chain: list[_Node] = []
+        up: _Node | None = node
+        while up is not None and up not in self._cache:
+            chain.append(up)
+            up = up.parent
+        if up is None:  # nothing cached: start again from the root's path
+            base = chain.pop()
+            fd = self._open_checked(os.fspath(self._root_path), None, base, DIR_FLAGS)
+            if fd < 0:
+                return -1
+            self._keep(base, fd)
+        else:
+            fd = self._cache[up]
+        for n in reversed(chain):
+            fd = self._open_checked(n.name, fd, n, PATH_DIR_FLAGS)
+            if fd < 0:
+                return -1
+            self._keep(n, fd)
+        return fd
+
+    def _open_checked(self, name: str, dirfd: int | None, node: _Node, flags: int) -> int:
+        """Open ``name`` in ``dirfd``; -1 unless it is ``node``'s inode."""
+        try:
+            fd = os.open(name, flags, dir_fd=dirfd)
+        except OSError as exc:
+            if exc.errno in _VANISHED:
+                return -1
+            raise
+        try:
+            st = stat_at(fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        if (st.st_dev, st.st_ino) != node.ident:
+            os.close(fd)
+            return -1
+        return fd
+
+    def _keep(self, node: _Node, fd: int) -> None:
+        """Hand ``fd`` to the cache (which closes what it evicts)."""
+        old = self._cache.pop(node, None)
+        if old is not None and old != fd:
+            os.close(old)
+        self._cache[node] = fd
+        if len(self._cache) > CACHE_SIZE:
+            os.close(self._cache.popitem(last=False)[1])
+
+    def _clear_cache(self) -> None:
+        while self._cache:
+            os.close(self._cache.popitem()[1])
+
+    # -- walks: adding watches ------------------------------------------------------------
+
+    def _watch_root(self) -> None:
+        """Watch the root and every directory below it (the first walk of this instance)."""
+        fd = os.open(self._root_path, DIR_FLAGS)
+        try:
+            st = stat_at(fd)
+            self._root_dev, self._root_mnt = st.st_dev, st.mnt_id
+            wd = self._add_watch(fd)
+            if wd < 0:
+                raise OSError(errno.ENOSPC, "inotify watch limit reached")
+            root = self._root = _Node(wd, (st.st_dev, st.st_ino), None, "")
+            self._nodes[wd] = root
+            names = self._subdirs(fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        self._walk(_Level(root, fd, names, True))
+
+    def _add_watch(self, fd: int) -> int:
+        """The watch descriptor of the directory behind ``fd`` (the kernel returns the existing
+        one for an inode already watched); -1 when out of watches."""
+        wd = inotify_add_watch(self._ifd, b"/proc/self/fd/%d" % fd, MASK)
+        if wd >= 0:
+            return wd
+        err = ctypes.get_errno()
+        if err == errno.ENOSPC:
+            self._limited = True
+            return -1
+        raise OSError(err, f"inotify_add_watch: {os.strerror(err)}")
+
+    def _same_mount(self, st: Stat) -> bool:
+        if st.mnt_id >= 0 and self._root_mnt >= 0:
+            return st.mnt_id == self._root_mnt
+        return st.st_dev == self._root_dev
+
+    @staticmethod
+    def _subdirs(fd: int) -> list[str]:
+        with os.scandir(fd) as it:
+            return [e.name for e in it if e.is_dir(follow_symlinks=False)]
+
+    def _enter(self, dirfd: int, parent: _Node, name: str,
+               force: bool) -> tuple[_Level | None, bool]:
+        """Open and watch directory ``name`` of ``parent`` and place its node. Returns the level
+        to walk (None: nothing to walk) and whether it was already watched in place."""
+        if self._limited:
+            return None, False
+        try:
+            fd = os.open(name, DIR_FLAGS | os.O_NONBLOCK, dir_fd=dirfd)
+        except OSError as exc:
+            if exc.errno in _VANISHED:
+                return None, False
+            raise
+        try:
+            st = stat_at(fd)
+            if not self._same_mount(st):  # the healer never enters another mount either
+                os.close(fd)
+                return None, False
+            wd = self._add_watch(fd)
+            if wd < 0:
+                os.close(fd)
+                self._hooks.on_watch_failed(self._rel(parent, name), errno.ENOSPC)
+                return None, False
+            ident = (st.st_dev, st.st_ino)
+            node = self._nodes.get(wd)
+            known = node is not None and node.ident == ident
+            if node is None or not known:  # new (or a watch descriptor reused: a new inode)
+                if node is not None:
+                    self._forget(node)
+                node = self._nodes[wd] = _Node(wd, ident, parent, name)
+                parent.children[name] = node
+            elif node.parent is not parent or node.name != name:
+                self._place(node, parent, name)  # found elsewhere than the table said
+                known, force = False, True
+            if known and not force:
+                self._keep(node, fd)
+                return None, True
+            names = self._subdirs(fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        return _Level(node, fd, names, force), known
+
+    def _walk(self, first: _Level) -> None:
+        """Watch every directory below ``first`` (already watched), depth first, iteratively.
+
+        Directories already watched in place are not listed again unless ``force`` (a renamed
+        subtree: what was created in it while it could not be found is watched now). The path
+        of levels holds at most ``FD_BUDGET`` fds: a level's fd is released once its last
+        subdirectory is entered, or when the budget is exceeded; a level that still has
+        subdirectories to visit re-opens its fd from the level below through ``..``, checked
+        against its identity (a mismatch: renamed meanwhile, its pending events place it)."""
+        levels = [first]
+        held = 1  # levels whose fd is open
+        carry: tuple[_Node, int] | None = None  # the last popped level that had an fd
+        climb: list[_Node] = []  # levels popped since ``carry``, without an fd, bottom-up
+        try:
+            while levels:
+                top = levels[-1]
+                if not top.names:
+                    levels.pop()
+                    if top.fd >= 0:
+                        held -= 1
+                        if carry is not None:
+                            self._keep(*carry)
+                        carry, climb = (top.node, top.fd), []
+                    else:
+                        climb.append(top.node)
+                    continue
+                if top.fd < 0:  # released on the way down: still cached, or climb back
+                    top.fd = self._cache.pop(top.node, -1)
+                    if top.fd < 0:
+                        top.fd = self._climb(carry, climb, top.node)
+                        carry = None
+                    climb = []
+                    if top.fd < 0:
+                        top.names.clear()
+                        continue
+                    held += 1
+                if carry is not None:
+                    self._keep(*carry)
+                    carry, climb = None, []
+                self.beat = time.monotonic()
+                if self._progress is not None:
+                    self._progress()
+                level, _ = self._enter(top.fd, top.node, top.names.pop(), top.force)
+                if level is None:
+                    continue
+                if not top.names or held >= FD_BUDGET:
+                    self._keep(top.node, top.fd)
+                    top.fd = -1
+                    held -= 1
+                levels.append(level)
+                held += 1
+        finally:
+            if carry is not None:
+                self._keep(*carry)
+            for lv in levels:
+                if lv.fd >= 0:
+                    self._keep(lv.node, lv.fd)
+
+    def _climb(self, carry: tuple[_Node, int] | None, climb: list[_Node], target: _Node) -> int:
+        """An fd of ``target``, reached through ``..`` from ``carry`` via the ``climb`` nodes,
+        each checked against its identity; -1 when a step is not what the table says."""
+        if carry is None:
+            return -1
+        node, fd = carry
+        for up in [*climb, target]:
+            nxt = self._open_checked("..", fd, up, PATH_DIR_FLAGS)
+            self._keep(node, fd)
+            if nxt < 0:
+                return -1
+            node, fd = up, nxt
+        return fd

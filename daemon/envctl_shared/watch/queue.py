@@ -46,6 +46,7 @@ class WorkQueue:
         self._items: OrderedDict[str, bool] = OrderedDict()  # rel -> subtree?
         self._later: OrderedDict[str, None] = OrderedDict()  # entries from attribute events
         self._siblings: dict[str, set[str]] = {}  # parent -> names waiting as entries (any lane)
+        self._subtrees: set[str] = set()  # rels waiting as subtree items
         self._cond = threading.Condition()
         self._busy = 0
         self._closed = False
@@ -65,6 +66,7 @@ class WorkQueue:
             if rel in self._items:
                 if subtree and not self._items[rel]:
                     self._items[rel] = True
+                    self._subtrees.add(rel)
                     self._unlink(rel)
                     return True
                 return False
@@ -72,6 +74,8 @@ class WorkQueue:
                 return False
             if urgent or subtree or not rel:
                 self._items[rel] = subtree
+                if subtree:
+                    self._subtrees.add(rel)
             else:
                 self._later[rel] = None
             if not subtree and rel:
@@ -89,9 +93,18 @@ class WorkQueue:
                 del self._siblings[parent]
 
     def _covered(self, rel: str) -> bool:
-        """A waiting subtree item on an ancestor (or the root "") already includes ``rel``."""
-        if self._items.get("") is True:
+        """A waiting subtree item on an ancestor (or the root "") already includes ``rel``.
+
+        Few subtrees wait at a time, and paths can be thousands of components deep (a chain
+        deeper than PATH_MAX): then each waiting subtree is compared, rather than every
+        ancestor sliced out of ``rel``."""
+        subtrees = self._subtrees
+        if not subtrees:
+            return False
+        if "" in subtrees:
             return True
+        if len(subtrees) < rel.count("/"):
+            return any(rel.startswith(s) and rel[len(s):len(s) + 1] == "/" for s in subtrees)
         while "/" in rel:
             rel = rel.rsplit("/", 1)[0]
             if self._items.get(rel) is True:
@@ -106,6 +119,8 @@ class WorkQueue:
                 self._cond.wait(timeout)
             if self._items:
                 rel, subtree = self._items.popitem(last=False)
+                if subtree:
+                    self._subtrees.discard(rel)
             elif self._later:
                 rel, subtree = self._later.popitem(last=False)[0], False
             else:

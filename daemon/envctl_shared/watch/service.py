@@ -3,10 +3,16 @@
 Order is the core correctness property. At start the watches are added (or the poll table is
 recorded) *before* the startup reconcile, so anything written while the reconcile runs is either
 seen by it or produces an event. At run time a created or moved-in directory is queued as a
-subtree only once watchdog has added its watch (watchdog adds it before it emits the event), so
-files created in it before the watch existed are found by the subtree pass, and files created
-after produce events. Losses end in reconciles: an overflow queues the whole root; a watch that
-cannot be added (``max_user_watches``) switches the root to polling with one WARNING line.
+subtree only once its watch (and those of the directories already in it) exists, so files
+created in it before are found by the subtree pass, and files created after produce events.
+Losses end in reconciles: a watch that cannot be added (``max_user_watches``) switches the root
+to polling with one WARNING line; an overflow, a table the watch cannot trust any more, or an
+exception on its reader thread ends the watch, and the maintenance thread rebuilds it (every
+directory watched again) and then reconciles the whole root. Nothing dies silently: every
+exception is logged with its traceback and counted (``watch_errors``, ``rebuilds`` in status);
+a watch that cannot be rebuilt after a few attempts, errors that keep coming back, or any
+thread of this root ending on an exception make the root *failed* (``on_fatal``): the daemon
+then reports not ready and exits non-zero, for systemd or Kubernetes to restart it.
 
 Workers only call :class:`envctl_shared.heal.Healer`; entries come in batches of siblings, each one
 costing one ``fstatat`` when already compliant, so the echo events of our own chgrp/chmod end
@@ -19,6 +25,7 @@ import errno
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,6 +41,8 @@ from .queue import Item, WorkQueue
 log = logging.getLogger("envctl.watch")
 IDLE_TICK = 1.0  # workers wake at least this often, so their heartbeat shows they are alive
 OVERFLOW_LOG_EVERY = 10.0  # at most one overflow WARNING per root per this many seconds
+REBUILD_ATTEMPTS = 4  # consecutive failed rebuilds (1 s, 2 s, 4 s apart) before the root fails
+ERROR_REBUILDS = (5, 600.0)  # this many rebuilds after errors within this many seconds: failed
 
 
 @dataclass
@@ -43,6 +52,8 @@ class RootStatus:
     mode: str = "starting"
     events: int = 0
     overflows: int = 0
+    rebuilds: int = 0  # the inotify watch rebuilt (after an overflow, a resync or an error)
+    watch_errors: int = 0  # exceptions in the watch layer (reader, rebuilds, this root's threads)
     echoes: int = 0  # queued entries found already compliant (our own events, mostly)
     heals: HealStats = field(default_factory=HealStats)
     full_passes: int = 0
@@ -56,8 +67,13 @@ class RootWatcher:
     """Watches and heals one root until stopped."""
 
     def __init__(self, root: RootConfig, watch: WatchConfig, concurrency: int,
-                 wedge_after: float | None = None) -> None:
+                 wedge_after: float | None = None,
+                 on_fatal: Callable[[str], None] | None = None) -> None:
+        """``on_fatal(reason)`` is called (once, from any thread) when this root can no longer
+        be kept correct in real time and only a restart of the daemon can help."""
         self.root = root
+        self._on_fatal = on_fatal
+        self.failure: str | None = None
         self.watch_cfg = watch
         self.queue = WorkQueue()
         # Entry batches: serial, no thread start-up cost. Subtrees and reconciles: concurrent.
@@ -72,6 +88,7 @@ class RootWatcher:
         self._wake = threading.Event()
         self._degrade = threading.Event()
         self._inotify: InotifyWatch | None = None
+        self._watch_lock = threading.Lock()  # swaps of ``_inotify`` (maint thread vs stop)
         self._poller: Poller | None = None
         self._threads: list[threading.Thread] = []
         self._beats: list[float] = []
@@ -79,6 +96,11 @@ class RootWatcher:
         self._wedge_after = wedge_after
         self._started = time.monotonic()
         self._last_overflow_log = 0.0
+        self._rebuild = threading.Event()  # the inotify watch ended: the maint thread rebuilds
+        self._rebuild_after_error = False
+        self._rebuild_failures = 0
+        self._next_rebuild = 0.0
+        self._error_rebuilds: list[float] = []  # monotonic times of rebuilds after errors
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -106,11 +128,12 @@ class RootWatcher:
 
     def stop(self, timeout: float = 10.0) -> bool:
         """Stop noticing, finish what is queued (up to ``timeout``), stop the threads."""
-        self._stop.set()
-        self._wake.set()
-        if self._inotify is not None:
-            self._inotify.stop()
-            self._inotify = None
+        with self._watch_lock:
+            self._stop.set()
+            self._wake.set()
+            if self._inotify is not None:
+                self._inotify.stop()
+                self._inotify = None
         drained = self.queue.wait_idle(timeout)
         self.queue.close()
         for t in self._threads:
@@ -121,13 +144,36 @@ class RootWatcher:
         """True once nothing is queued or being healed (tests and benchmarks)."""
         return self.queue.wait_idle(timeout)
 
-    def _spawn(self, name: str, target: Any, arg: int) -> None:
-        t = threading.Thread(target=target, args=(arg,), name=name, daemon=True)
+    def _spawn(self, name: str, target: Callable[[int], None], arg: int) -> None:
+        t = threading.Thread(target=self._guarded, args=(target, arg), name=name, daemon=True)
         t.start()
         self._threads.append(t)
 
+    def _guarded(self, target: Callable[[int], None], arg: int) -> None:
+        """A thread of this root: if it ever ends on an exception, that is logged, counted, and
+        the root fails (a dead worker or maintenance thread would be a silent blind spot)."""
+        try:
+            target(arg)
+        except BaseException as exc:
+            self._status.watch_errors += 1
+            name = threading.current_thread().name
+            log.error("thread died root=%s thread=%s error=%s", self.root.path, name,
+                      _describe(exc), exc_info=exc, extra=fields(root=self.root.path))
+            self._fail(f"thread {name} died: {_describe(exc)}")
+
+    def _fail(self, reason: str) -> None:
+        if self.failure is not None:
+            return
+        self.failure = reason
+        self._status.mode = "failed"
+        log.error("root failed root=%s reason=%s action=exit", self.root.path, reason,
+                  extra=fields(root=self.root.path))
+        if self._on_fatal is not None:
+            self._on_fatal(reason)
+
     def _start_inotify(self) -> None:
-        watch = InotifyWatch(self.root.path, self.queue, self, self._count_event)
+        watch = InotifyWatch(self.root.path, self.queue, self, self._count_event,
+                             self._walk_progressed)
         try:
             watch.start()
         except OSError as exc:
@@ -143,27 +189,79 @@ class RootWatcher:
     def _count_event(self) -> None:
         self._status.events += 1
 
-    def on_overflow(self) -> None:
-        """Events were lost: reconcile the whole root (after watchdog re-added its watches)."""
-        self._status.overflows += 1
-        self.queue.put("", subtree=True)
-        now = time.monotonic()
-        if now - self._last_overflow_log >= OVERFLOW_LOG_EVERY:
-            self._last_overflow_log = now
-            log.warning("inotify queue overflow root=%s overflows=%d action=reconcile",
-                        self.root.path, self._status.overflows)
+    def on_end(self, reason: str, exc: BaseException | None) -> None:
+        """The watch ended by itself: the maintenance thread rebuilds it, then reconciles."""
+        st = self._status
+        if exc is not None:
+            st.watch_errors += 1
+            log.error("inotify watch failed root=%s error=%s action=rebuild", self.root.path,
+                      _describe(exc), exc_info=exc, extra=fields(root=self.root.path))
+        elif reason == "overflow":
+            st.overflows += 1
+            now = time.monotonic()
+            if now - self._last_overflow_log >= OVERFLOW_LOG_EVERY:
+                self._last_overflow_log = now
+                log.warning("inotify queue overflow root=%s overflows=%d action=rebuild",
+                            self.root.path, st.overflows)
+        else:
+            log.warning("inotify watch ended root=%s reason=%s action=rebuild", self.root.path,
+                        reason)
+        self._rebuild_after_error = exc is not None
+        self._rebuild.set()
+        self._wake.set()
 
-    def on_watch_failed(self, path: str, err: int) -> None:
+    def on_watch_failed(self, rel: str, err: int) -> None:
         """Out of inotify watches: polling takes over this root (done on the maint thread)."""
         self._degrade.set()
         self._wake.set()
 
-    def _fall_back_to_polling(self) -> None:
-        watches = -1
+    def _rebuild_watch(self) -> None:
+        """A new watch (every directory watched again), then a reconcile of the whole root:
+        whatever happened while no watch existed is found by it. A failure is retried a few
+        times, then the root fails; so do errors that keep coming back after rebuilds."""
+        with self._watch_lock:
+            if not self._stop.is_set():
+                self._replace_watch()
+
+    def _replace_watch(self) -> None:
         if self._inotify is not None:
-            watches = self._inotify.watch_count()
             self._inotify.stop()
             self._inotify = None
+        self._update_mode()
+        try:
+            self._start_inotify()
+        except Exception as exc:
+            self._status.watch_errors += 1
+            self._rebuild_failures += 1
+            log.error("inotify rebuild failed root=%s attempt=%d error=%s", self.root.path,
+                      self._rebuild_failures, _describe(exc), extra=fields(root=self.root.path))
+            if self._rebuild_failures >= REBUILD_ATTEMPTS:
+                self._fail(f"inotify watch cannot be rebuilt: {_describe(exc)}")
+            self._next_rebuild = time.monotonic() + 2.0 ** (self._rebuild_failures - 1)
+            return
+        now = time.monotonic()
+        self._rebuild.clear()
+        self._rebuild_failures = 0
+        self._status.rebuilds += 1
+        self.queue.put("", subtree=True)
+        self._update_mode()
+        log.info("inotify rebuilt root=%s rebuilds=%d watches=%d action=reconcile",
+                 self.root.path, self._status.rebuilds,
+                 self._inotify.watch_count() if self._inotify is not None else 0,
+                 extra=fields(root=self.root.path))
+        if self._rebuild_after_error:
+            limit, window = ERROR_REBUILDS
+            self._error_rebuilds = [t for t in self._error_rebuilds if now - t < window] + [now]
+            if len(self._error_rebuilds) >= limit:
+                self._fail(f"inotify watch failed {limit} times within {window:.0f}s")
+
+    def _fall_back_to_polling(self) -> None:
+        watches = -1
+        with self._watch_lock:
+            if self._inotify is not None:
+                watches = self._inotify.watch_count()
+                self._inotify.stop()
+                self._inotify = None
         if self._poller is None:
             self._poller = Poller(self._walker)
         log.warning("inotify watch limit reached root=%s watches=%d action=poll "
@@ -172,7 +270,10 @@ class RootWatcher:
         self._degrade.clear()
 
     def _update_mode(self) -> None:
-        parts = (["inotify"] if self._inotify is not None else []) + \
+        if self.failure is not None:
+            return
+        parts = (["inotify"] if self._inotify is not None else
+                 ["rebuilding"] if self._rebuild.is_set() else []) + \
             (["poll"] if self._poller is not None else [])
         self._status.mode = "+".join(parts)
 
@@ -262,9 +363,16 @@ class RootWatcher:
         while not self._stop.is_set():
             self._beats[idx] = now = time.monotonic()
             if self._degrade.is_set():
+                self._rebuild.clear()  # no watch to rebuild: polling replaces it
                 self._fall_back_to_polling()
                 self.queue.put("", subtree=True)  # reconcile what the lost watches missed
                 self._update_mode()
+            elif self._rebuild.is_set() and now >= self._next_rebuild and self.failure is None:
+                self._busy[idx] = True  # a long rebuild shows progress through its walk
+                try:
+                    self._rebuild_watch()
+                finally:
+                    self._busy[idx] = False
             if self._poller is not None and now >= next_poll:
                 self._busy[idx] = True
                 try:
@@ -275,7 +383,9 @@ class RootWatcher:
             if now >= next_full:
                 self.queue.put("", subtree=True)
                 next_full = now + self.watch_cfg.full_scan_interval
-            wait = min(next_full, next_poll if self._poller else next_full) - time.monotonic()
+            wait = min(next_full, next_poll if self._poller else next_full,
+                       self._next_rebuild if self._rebuild.is_set() else next_full)
+            wait -= time.monotonic()
             self._wake.wait(max(0.0, min(wait, IDLE_TICK)))
             self._wake.clear()
 
@@ -301,8 +411,12 @@ class RootWatcher:
         its walk, which reports every directory it visits: slow is alive, wedged is not."""
         if not self._beats:
             return time.monotonic()
-        return min(max(beat, self._walk_beat) if busy else beat
-                   for beat, busy in zip(self._beats, self._busy))
+        beats = [max(beat, self._walk_beat) if busy else beat
+                 for beat, busy in zip(self._beats, self._busy)]
+        watch = self._inotify
+        if watch is not None:  # the reader beats every tick, and every directory it walks
+            beats.append(watch.beat)
+        return min(beats)
 
     def status(self, watches: bool = True) -> dict[str, Any]:
         """JSON-ready counters of this root; ``watches=False`` skips counting the kernel's
@@ -320,6 +434,9 @@ class RootWatcher:
             "events": st.events,
             "echoes": st.echoes,
             "overflows": st.overflows,
+            "rebuilds": st.rebuilds,
+            "watch_errors": st.watch_errors,
+            "failure": self.failure,
             "queue": len(self.queue),
             "watches": (self._inotify.watch_count() if self._inotify else 0) if watches else None,
             "poll_dirs": self._poller.directories if self._poller else 0,
@@ -330,3 +447,10 @@ class RootWatcher:
             "last_poll_duration": st.last_poll_duration,
         }
 
+
+
+def _describe(exc: BaseException) -> str:
+    """One printable line naming an exception (its traceback goes to the log separately):
+    its message may quote a name from the tree, which must not forge a log or status line."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii")
+                   for c in f"{type(exc).__name__}: {exc}")
