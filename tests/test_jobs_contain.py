@@ -128,6 +128,14 @@ def cgroup2_mounts() -> list[str]:
     return out
 
 
+def without_cgroups(argv: list[str]) -> list[str]:
+    """``argv`` in a mount namespace whose cgroup2 mounts are read-only (as in an unprivileged
+    container): a daemon run so finds no writable cgroup."""
+    return ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+            'while [ "$1" != -- ]; do mount -o remount,bind,ro "$1" || exit 1; shift; done; '
+            'shift; exec "$@"', "sh", *cgroup2_mounts(), "--", *argv]
+
+
 def job_row(state_dir: Path, job_id: str) -> tuple[str, str | None, int | None, str | None]:
     db = sqlite3.connect(f"file:{state_dir / 'jobs.db'}?mode=ro", uri=True)
     try:
@@ -178,10 +186,8 @@ def test_escapee_does_not_survive_kill9_and_restart(jobs_env: JobsEnv, manager_f
     builder = jobs_env.accounts.builder.uid
     cfg = jobs_env.raw(venv_python=wrapper(scratch, kind))
     argv = daemon_argv(cfg, jobs_env.requester(), [["k9", ENV_VENV, "venv"]])
-    if mechanism == "sweep":  # the daemon sees read-only cgroup2 mounts, like a container
-        argv = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
-                'while [ "$1" != -- ]; do mount -o remount,bind,ro "$1" || exit 1; shift; done;'
-                ' shift; exec "$@"', "sh", *cgroup2_mounts(), "--", *argv]
+    if mechanism == "sweep":
+        argv = without_cgroups(argv)
     escapees: list[int] = []
     recorded: str | None = None
     with not_a_subreaper():  # the dead daemon's orphans go where they go in production
@@ -312,3 +318,29 @@ def test_start_sweep_kills_orphans_and_spares_held_builds(accounts, scratch: Pat
     finally:
         kill_all([p for p in [*orphans, *procs_of(b.uid)] if runs_as(p, b.uid)])
         held.wait(10)
+
+
+def test_step_end_kills_escapees_without_cgroups(jobs_env: JobsEnv, scratch: Path) -> None:
+    """No writable cgroup: the end of each step still kills what left the step's group, and
+    the hardest escapee too (the daemon is its subreaper and sweeps the build user below it)."""
+    builder = jobs_env.accounts.builder.uid
+    cfg = jobs_env.raw(venv_python=wrapper(scratch, "tries-hard"))
+    daemon = subprocess.Popen(without_cgroups(daemon_argv(cfg, jobs_env.requester(),
+                                                          [["nc", ENV_VENV, "venv"]])),
+                              stdout=subprocess.PIPE, text=True)
+    escapees: list[int] = []
+    try:
+        assert daemon.stdout is not None
+        job_id = daemon.stdout.readline().strip()
+        escapees = wait_escapees(jobs_env.state_dir / "jobs" / job_id / "home")
+        wait_for(lambda: job_row(jobs_env.state_dir, job_id)[0] not in ("queued", "running"),
+                 120, what="the build to end")
+        log = (jobs_env.state_dir / "jobs" / job_id / "build.log").read_text()
+        state, _, _, recorded = job_row(jobs_env.state_dir, job_id)
+        assert state == "succeeded" and recorded is None, log
+        assert not [p for p in escapees if runs_as(p, builder)]
+        assert "killed 1 build process(es) that had left the build's process group" in log
+    finally:
+        daemon.kill()
+        daemon.wait()
+        kill_all([p for p in escapees if runs_as(p, builder)])
