@@ -20,7 +20,7 @@ from envctl_shared.api.listener import bind_unix
 from envctl_shared.api.peercred import peer_cred, proc_groups
 from envctl_shared.api.server import Server
 from envctl_shared.config import SocketConfig, parse
-from envctl_shared.errors import Conflict, DaemonUnavailable, FilesystemError
+from envctl_shared.errors import ConfigError, Conflict, DaemonUnavailable, FilesystemError
 
 from tests.conftest import Accounts
 
@@ -156,3 +156,20 @@ def test_many_supplementary_groups_are_all_read(scratch: Path, accounts: Account
     finally:
         proc.wait(10)
         listener.close()
+
+
+def test_connection_limits_are_checked_at_load(scratch: Path) -> None:
+    """The admins' share must leave room for everyone else; the defaults are documented."""
+    def sock(**keys: object) -> SocketConfig:
+        return parse({"roots": [{"path": str(scratch), "group": "root"}],
+                      "socket": {"path": str(scratch / "d.sock"), **keys}}).socket
+
+    cfg = sock()
+    assert (cfg.max_connections, cfg.max_connections_per_uid, cfg.admin_connections) == \
+        (256, 64, 16)
+    assert sock(max_connections=8, admin_connections=0).admin_connections == 0
+    with pytest.raises(ConfigError, match="admin_connections: must be less than "
+                                          "max_connections"):
+        sock(max_connections=8)
+    with pytest.raises(ConfigError, match="max_connections_per_uid: must be greater than zero"):
+        sock(max_connections_per_uid=0)

@@ -34,10 +34,31 @@ def test_defaults_are_filled_and_aliases_resolve() -> None:
     (b'{"v": 1, "op": "ping", "extra": 1}', "unknown request field"),
     (b'{"v": 1, "op": "ping", "args": []}', "args must be a JSON object"),
     (b'{"v": 1, "op": 7}', "unknown op"),
+    # hostile values: named, never an internal error (see test_api_hostile for the daemon)
+    (b"[" * 100_000, "nested too deeply"),
+    (b'{"v": 1, "op": "get", "args": {"id": ' + b"1" * 5000 + b"}}", "more than 20 digits"),
+    (b'{"v": 1, "op": "get", "args": {"id": "\\ud800"}}', "lone surrogate"),
+    (_req("logs", id="a", offset=2**63), "'offset' must be between 0 and 9007199254740991"),
+    (_req("logs", id="a", offset=-1), "'offset' must be between 0 and"),
+    (_req("get", id=-5), "'id' must not be negative"),
+    (_req("get", id="../x"), "'id' must be 1-64 letters"),
+    (_req("create", name="a", spec="s", backend="b" * 100), "'backend' must be 1-64"),
+    (b'{"v": Infinity, "op": "ping"}', "Infinity is not a JSON value"),
+    (b'{"v": ' + b"[" * 900 + b"]" * 900 + b', "op": "ping"}', "unsupported protocol version"),
 ])
 def test_malformed_requests_are_named(line: bytes, words: str) -> None:
     with pytest.raises(ProtocolError, match=words):
         protocol.parse_request(line)
+
+
+def test_quoted_values_are_brief() -> None:
+    """A message quotes at most a few dozen characters of what the peer sent."""
+    for line in (_req("x" * 100_000), _req("get", id="y" * 100_000),
+                 json.dumps({"v": "z" * 100_000}).encode(),
+                 json.dumps({"v": 1, "op": "ping", "args": {"k" * 100_000: 1}}).encode()):
+        with pytest.raises(ProtocolError) as err:
+            protocol.parse_request(line)
+        assert len(err.value.message) < 300
 
 
 def test_encoded_lines_are_single_ascii_lines() -> None:

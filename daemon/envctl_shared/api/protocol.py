@@ -1,8 +1,8 @@
 """The wire protocol: the op table, JSON-lines framing, envelopes and argument checking.
 
 Why this shape: one JSON object per line is trivially debuggable (``socat``, ``nc -U``), needs
-no schema compiler, and can be parsed safely from an untrusted peer with the stdlib — never pickle,
-never eval. The op table below is the single source of truth: the server dispatches from it, it
+no schema compiler, and can be parsed safely from an untrusted peer with the stdlib — never
+pickle, never eval. The op table below is the single source of truth: the server dispatches from it, it
 validates every request's arguments before any handler sees them, and ``python -m
 envctl_shared.api.protocol`` prints it as the reference in ``docs/protocol.md``.
 
