@@ -36,7 +36,7 @@ from envctl_shared.errors import ConfigError, ValidationError
 from envctl_shared.jobs.spec import NAME_RE
 
 from tests.api_support import ENVCTL, ApiDaemon, start_api_daemon
-from tests.conftest import Accounts
+from tests.conftest import Accounts, User
 from tests.helpers import SYSTEM_PYTHON, wait_for
 
 EXISTING = "hostile-existing"  # an env that exists: a fuzzed create that validates ends in
@@ -386,38 +386,80 @@ print("opened", opened, flush=True)
 """
 
 
+class _Flood:
+    """A child process running as ``user`` that holds ``count`` connections and reopens each
+    one the daemon refuses or drops, until the test closes its stdin."""
+
+    def __init__(self, api: ApiDaemon, user: User, count: int) -> None:
+        self.proc = subprocess.Popen(
+            ["setpriv", f"--reuid={user.uid}", f"--regid={user.gid}", "--clear-groups",
+             SYSTEM_PYTHON, "-c", _FLOOD, str(api.sock), str(count)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.opened = 0
+
+    def __enter__(self) -> _Flood:
+        assert self.proc.stdout is not None
+        assert self.proc.stdout.readline().strip() == "holding"
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        try:
+            self.proc.stdin.close()
+            out = self.proc.stdout.read()
+            assert self.proc.wait(30) == 0
+            self.opened = int(out.split()[-1])
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+                self.proc.wait(30)
+
+
+def _status_probes(api: ApiDaemon, rounds: int, others: tuple[User, ...] = ()) -> list[str]:
+    """Root's `envctl status` ``rounds`` times (and each of ``others`` every 4th round); the
+    failures, as text."""
+    root_env = {"PATH": "/usr/bin:/bin", "ENVCTL_SOCKET": str(api.sock), "LANG": "C.UTF-8"}
+    failures = []
+    for i in range(rounds):
+        res = subprocess.run([ENVCTL, "status", "--json"], env=root_env, text=True,
+                             capture_output=True, timeout=30)
+        if res.returncode:
+            failures.append(f"root: {res.returncode} {res.stderr.strip()[-200:]}")
+        for user in others if i % 4 == 0 else ():
+            res = api.cli(user, "status", "--json", timeout=30)
+            if res.returncode:
+                failures.append(f"{user.name}: {res.returncode} {res.stderr.strip()[-200:]}")
+        time.sleep(0.3)
+    return failures
+
+
 def test_one_uid_cannot_lock_out_admins(api: ApiDaemon, accounts: Accounts) -> None:
     """mallory (not in allow_groups) holds 300 connections and reopens every one that is
     refused or dropped; meanwhile root's `envctl status` answers 20 times out of 20 and
     alice (another user) is served too."""
-    mallory = accounts.mallory
-    flood = subprocess.Popen(
-        ["setpriv", f"--reuid={mallory.uid}", f"--regid={mallory.gid}", "--clear-groups",
-         SYSTEM_PYTHON, "-c", _FLOOD, str(api.sock), "300"],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    assert flood.stdin is not None and flood.stdout is not None
-    try:
-        assert flood.stdout.readline().strip() == "holding"
-        root_env = {"PATH": "/usr/bin:/bin", "ENVCTL_SOCKET": str(api.sock), "LANG": "C.UTF-8"}
-        results = []
-        for i in range(20):
-            res = subprocess.run([ENVCTL, "status", "--json"], env=root_env, text=True,
-                                 capture_output=True, timeout=30)
-            results.append((res.returncode, res.stderr.strip()[-200:]))
-            if i % 4 == 0:
-                other = api.cli(accounts.alice, "status", "--json", timeout=30)
-                results.append((other.returncode, "alice: " + other.stderr.strip()[-200:]))
-            time.sleep(0.3)
-        flood.stdin.close()
-        out = flood.stdout.read()
-        assert flood.wait(30) == 0
-    finally:
-        if flood.poll() is None:
-            flood.kill()
-            flood.wait(30)
-    assert [r for r in results if r[0] != 0] == [], results
-    opened = int(out.split()[-1])
-    assert opened > 1000, f"the flood reopened only {opened - 300} connections"
+    with _Flood(api, accounts.mallory, 300) as flood:
+        failures = _status_probes(api, 20, others=(accounts.alice,))
+    assert failures == []
+    assert flood.opened > 1000, f"the flood reopened only {flood.opened - 300} connections"
     log = api.daemon.log_text()
-    assert f"api busy uid={mallory.uid} " in log, log[-2000:]
-    assert "limit=max_connections_per_uid=64" in log
+    assert f"api busy uid={accounts.mallory.uid} " in log, log[-2000:]
+    assert "limit=max_connections_per_uid max=64 " in log
+
+
+def test_admins_keep_their_share_when_every_user_floods(accounts: Accounts) -> None:
+    """Three users each within their own limit fill every slot but the admins' share: root's
+    status still answers every time, and the log says which limit refused whom."""
+    gen = start_api_daemon(accounts, sock={"max_connections": 24, "max_connections_per_uid": 10,
+                                           "admin_connections": 4})
+    small = next(gen)
+    try:
+        users = (accounts.alice, accounts.bob, accounts.mallory)
+        with _Flood(small, users[0], 12), _Flood(small, users[1], 12), \
+                _Flood(small, users[2], 12):
+            failures = _status_probes(small, 10)
+        assert failures == []
+        log = small.daemon.log_text()
+        assert "limit=admin_connections max=4 " in log, log[-2000:]
+        assert all(f"api busy uid={u.uid} " in log for u in users), log[-2000:]
+    finally:
+        next(gen, None)  # stop the daemon (asserts it exits 0) and remove its files

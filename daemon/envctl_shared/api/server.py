@@ -195,21 +195,21 @@ class Server:
             return
         thread.start()
 
-    def _limit_reached(self, uid: int, admin: bool) -> str | None:
-        """Which limit a new connection of ``uid`` would break, as ``key=value``; None if
-        none. Called with the lock held."""
+    def _limit_reached(self, uid: int, admin: bool) -> tuple[str, int] | None:
+        """The limit (config key, value) a new connection of ``uid`` would break, or None.
+        Called with the lock held."""
         cfg = self.config.socket
         if len(self._conns) >= cfg.max_connections:
-            return f"max_connections={cfg.max_connections}"
+            return "max_connections", cfg.max_connections
         if admin:
             return None
         if len(self._conns) >= cfg.max_connections - cfg.admin_connections:
-            return f"admin_connections={cfg.admin_connections}"
+            return "admin_connections", cfg.admin_connections
         if self._held[uid] >= cfg.max_connections_per_uid:
-            return f"max_connections_per_uid={cfg.max_connections_per_uid}"
+            return "max_connections_per_uid", cfg.max_connections_per_uid
         return None
 
-    def _refuse_busy(self, conn: socket.socket, cred: PeerCred, limit: str) -> None:
+    def _refuse_busy(self, conn: socket.socket, cred: PeerCred, limit: tuple[str, int]) -> None:
         """Tell the peer why, log who (at most once per uid per BUSY_LOG_EVERY), hang up."""
         self._refused[cred.uid] += 1
         now = time.monotonic()
@@ -220,8 +220,8 @@ class Server:
                 self._refused = Counter({u: n for u, n in self._refused.items()
                                          if u in self._busy_logged or u == cred.uid})
             self._busy_logged[cred.uid] = now
-            log.warning("api busy uid=%d pid=%d limit=%s held=%d refused=%d", cred.uid,
-                        cred.pid, limit, self._held[cred.uid], self._refused[cred.uid])
+            log.warning("api busy uid=%d pid=%d limit=%s max=%d held=%d refused=%d", cred.uid,
+                        cred.pid, *limit, self._held[cred.uid], self._refused[cred.uid])
         self._send_quietly(conn, protocol.error(DaemonUnavailable(
             "the daemon is serving too many connections", hint="retry in a moment")))
         _drain(conn, self.config.requests.max_request_bytes, seconds=0)  # never block here
