@@ -222,8 +222,12 @@ class Server:
             self._busy_logged[cred.uid] = now
             log.warning("api busy uid=%d pid=%d limit=%s max=%d held=%d refused=%d", cred.uid,
                         cred.pid, *limit, self._held[cred.uid], self._refused[cred.uid])
+        key, value = limit
+        message = (f"too many connections from uid {cred.uid} (socket.{key} is {value})"
+                   if key == "max_connections_per_uid" else
+                   f"the daemon is serving too many connections (socket.{key} is {value})")
         self._send_quietly(conn, protocol.error(DaemonUnavailable(
-            "the daemon is serving too many connections", hint="retry in a moment")))
+            message, hint="retry in a moment; close connections you no longer use")))
         _drain(conn, self.config.requests.max_request_bytes, seconds=0)  # never block here
         conn.close()
 
