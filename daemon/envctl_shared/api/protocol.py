@@ -2,8 +2,8 @@
 
 Why this shape: one JSON object per line is trivially debuggable (``socat``, ``nc -U``), needs
 no schema compiler, and can be parsed safely from an untrusted peer with the stdlib — never
-pickle, never eval. The op table below is the single source of truth: the server dispatches from it, it
-validates every request's arguments before any handler sees them, and ``python -m
+pickle, never eval. The op table below is the single source of truth: the server dispatches
+from it, it validates every request's arguments before any handler sees them, and ``python -m
 envctl_shared.api.protocol`` prints it as the reference in ``docs/protocol.md``.
 
 Every request is untrusted: decoding is bounded (nesting depth, integer length, no NaN), every
