@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 
 from envctl_shared.config import RootConfig
-from envctl_shared.heal.fsops import (NodePaths, ScanResult, WalkResult, chgrp_fd, chmod_fd, scan,
-                                      stat_at, walk)
+from envctl_shared.heal.fsops import (NodePaths, ScanResult, WalkResult, chgrp_fd, chmod_fd,
+                                      open_dir, scan, stat_at, walk)
 from envctl_shared.policy import NEVER_FIXED, judge, mode_table
 
 from .conftest import Accounts
@@ -254,3 +254,37 @@ def test_walk_of_a_chain_deeper_than_the_fd_window(scratch: Path, accounts: Acco
     assert again.fixed == [] and again.scanned == 2 * levels  # healed down to the bottom
 
 
+
+
+def test_open_dir_resolves_beneath_without_symlinks_or_mounts(scratch: Path,
+                                                              accounts: Accounts) -> None:
+    """The event path's resolver: one kernel walk, paths longer than PATH_MAX included, and
+    a symlink or a mount anywhere on the way refused (ELOOP, EXDEV), never followed."""
+    top = scratch / "top"
+    (top / "a/b").mkdir(parents=True)
+    os.symlink(scratch, top / "a/link")
+    (top / "a/mnt").mkdir()
+    levels = 1500  # "level-xx/" x 1500 > PATH_MAX: resolved in chunks
+    try:
+        make_chain(top / "a/b", levels, accounts.alice.uid, accounts.alice.gid, name="level-xx")
+        subprocess.run(["mount", "--bind", str(top / "a/b"), str(top / "a/mnt")], check=True)
+        fd = os.open(top, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            deep = "a/b/" + "/".join(["level-xx"] * levels)
+            assert len(deep) > os.pathconf("/", "PC_PATH_MAX")
+            dfd = open_dir(fd, deep)
+            try:
+                assert os.listdir(f"/proc/self/fd/{dfd}") == []  # the bottom of the chain
+            finally:
+                os.close(dfd)
+            for rel, err in (("a/link", errno.ELOOP), ("a/link/top", errno.ELOOP),
+                             ("a/mnt", errno.EXDEV), ("a/mnt/level-xx", errno.EXDEV),
+                             ("a/missing", errno.ENOENT)):
+                with pytest.raises(OSError) as exc:
+                    os.close(open_dir(fd, rel))
+                assert exc.value.errno == err, rel
+        finally:
+            os.close(fd)
+            subprocess.run(["umount", str(top / "a/mnt")], check=False)
+    finally:
+        remove_tree(top)

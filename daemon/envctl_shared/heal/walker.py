@@ -44,7 +44,8 @@ from typing import Any, Callable, Protocol, Sequence
 from ..config import RootConfig
 from ..policy import Kind, Verdict, judge, kind_of, mode_table
 from .fsops import (DIR_FLAGS, PATH_DIR_FLAGS, PATH_FLAGS, Fixed, NodePaths, ScanResult,
-                    Skipped, Stat, check_stamps, chgrp_fd, chmod_fd, scan, stat_at, walk)
+                    Skipped, Stat, check_stamps, chgrp_fd, chmod_fd, open_dir, scan, stat_at,
+                    walk)
 from .stats import Finding, FindingSink, HealStats
 
 BATCH = 32  # entries inspected per task when concurrent
@@ -255,35 +256,37 @@ class _Pass:
 
     def _resolve(self, root_ref: _DirRef, rel: str, recursive: bool, stats: HealStats,
                  names: list[str] | None = None) -> _Task | None:
-        """Open every parent of ``rel`` no-follow from the root; the last part becomes a task
-        (with ``names``, ``rel`` is their directory: it is opened too, and they are the task)."""
+        """Open the parent of ``rel`` from the root (no symlink, no mount crossed: ``open_dir``);
+        the last part becomes a task (with ``names``, ``rel`` is their directory: it is opened,
+        and they are the task)."""
         if not rel and names is None:
             return _DirTask(None, "", "", recursive)
         parts = rel.split("/") if rel else []
         if any(p in ("", ".", "..") for p in parts + list(names or ())) or \
                 any("/" in n for n in names or ()):
             raise ValueError(f"not a clean relative path: {rel!r} {names!r}")
-        parent = root_ref.acquire()
-        try:
-            for i, part in enumerate(parts if names is not None else parts[:-1]):
-                prefix = "/".join(parts[:i + 1])
-                if self.h.excluded(prefix):
+        parent_rel = rel if names is not None else rel.rpartition("/")[0]
+        if self.root.exclude:  # every prefix, as a slice of rel (joins would cost depth²)
+            end = -1
+            for part in parent_rel.split("/") if parent_rel else ():
+                end += len(part) + 1
+                if self.h.excluded(parent_rel[:end]):
                     stats.skipped["excluded"] += 1
                     return None
-                try:
-                    fd = os.open(part, PATH_DIR_FLAGS, dir_fd=parent.fd)
-                except OSError as exc:
-                    if exc.errno not in (errno.ENOENT, errno.ELOOP, errno.ENOTDIR):
-                        self._error(stats, prefix, "dir", exc)
-                    else:
-                        stats.skipped["vanished"] += 1
-                    return None
-                nxt = _DirRef(fd, prefix)
-                parent.release()
-                parent = nxt
-                if not self._same_fs(stat_at(fd)):
+        if not parent_rel:
+            parent = root_ref.acquire()
+        else:
+            try:
+                parent = _DirRef(open_dir(root_ref.fd, parent_rel), parent_rel)
+            except OSError as exc:
+                if exc.errno == errno.EXDEV:
                     stats.skipped["mount"] += 1
-                    return None
+                elif exc.errno in (errno.ENOENT, errno.ELOOP, errno.ENOTDIR):
+                    stats.skipped["vanished"] += 1
+                else:
+                    self._error(stats, parent_rel, "dir", exc)
+                return None
+        try:
             if names is not None:
                 keep = [n for n in names if not self.h.excluded(parent.child(n))]
                 stats.skipped["excluded"] += len(names) - len(keep)

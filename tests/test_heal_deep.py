@@ -1,0 +1,89 @@
+"""A directory chain 20,000 levels deep, made by a group member: no crash, no freeze.
+
+``mkdir d && cd d`` in a loop is all it takes; the old C walk recursed once per level and
+segfaulted ``envctl heal``/``check`` (exit 139) and the daemon's reconcile, and ``check`` spent
+minutes re-resolving each deep entry from the root. Here the CLI and a real ``envctld`` must
+finish such a tree in seconds, with the right counts, every level healed — the bottom ones far
+deeper than PATH_MAX — and the independent ``find`` audit clean afterwards.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import Accounts
+from tests.daemon_support import Envctld, write_config
+from tests.helpers import VENV_BIN, find_violations
+from tests.trees import make_chain, remove_tree
+
+pytest_plugins = ("tests.fixtures_daemon",)  # the envctld fixture
+
+LEVELS = 20_000
+WRONG = 1_000  # the deepest levels are broken (each with its file): 2,000 violations
+BOUND = 60.0  # seconds: generous on a shared 2-core machine; quadratic behaviour blows it
+
+
+@pytest.fixture
+def chain(scratch: Path, accounts: Accounts) -> Iterator[Path]:
+    """The root of the chain: compliant down to level 19,000, broken below (alice, umask 077,
+    her own group), a file at every level. Removed with ``rm -rf`` (deeper than rmtree goes)."""
+    root = scratch / "deep"
+    root.mkdir()
+    try:
+        make_chain(root, LEVELS, accounts.alice.uid, accounts.alice.gid, side="f",
+                   shared_gid=accounts.shared_gid, wrong_from=LEVELS - WRONG)
+        os.chown(root, accounts.alice.uid, accounts.shared_gid)
+        os.chmod(root, 0o2770)
+        yield root
+    finally:
+        remove_tree(root)
+
+
+def _cli(*args: str) -> tuple[subprocess.CompletedProcess[str], float]:
+    start = time.monotonic()
+    r = subprocess.run([str(VENV_BIN / "envctl"), *args], capture_output=True, text=True,
+                       timeout=BOUND * 3)
+    return r, time.monotonic() - start
+
+
+def test_check_and_heal_a_20000_level_chain(chain: Path, accounts: Accounts) -> None:
+    group = ["--group", accounts.shared_group, str(chain)]
+    entries = 1 + 2 * LEVELS  # the root, each level and its file
+
+    r, took = _cli("check", *group)
+    assert r.returncode == 1, r.stderr[-2000:]
+    lines = r.stdout.splitlines()
+    assert lines[-1].startswith(f"{chain}: scanned {entries}, {2 * WRONG} wrong, skipped: none,")
+    assert len(lines) == 2 * WRONG + 1  # one line per violation, the deepest included
+    assert max(len(line) for line in lines) > 2 * LEVELS > os.pathconf("/", "PC_PATH_MAX")
+    assert took < BOUND, f"check took {took:.1f}s"
+
+    r, took = _cli("heal", *group)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert f"scanned {entries}, fixed {2 * WRONG} (group {2 * WRONG}, mode {2 * WRONG})" in \
+        r.stdout
+    assert took < BOUND, f"heal took {took:.1f}s"
+
+    r, _ = _cli("check", *group)
+    assert r.returncode == 0 and f"scanned {entries}, 0 wrong" in r.stdout, r.stdout[-2000:]
+    assert find_violations(chain, accounts.shared_gid) == []  # GNU find agrees, to the bottom
+
+
+def test_daemon_reconciles_a_20000_level_chain(chain: Path, accounts: Accounts, scratch: Path,
+                                               envctld: Callable[..., Envctld]) -> None:
+    """The startup reconcile is the daemon's full pass through the healer: it must survive
+    the chain and heal it before READY=1, and the daemon must still stop cleanly."""
+    cfg = write_config(scratch, [(chain, accounts.shared_group)])
+    assert len(find_violations(chain, accounts.shared_gid)) == 2 * WRONG
+    start = time.monotonic()
+    d = envctld(cfg, timeout=BOUND * 2)
+    assert time.monotonic() - start < BOUND * 2
+    assert find_violations(chain, accounts.shared_gid) == []
+    assert d.alive
+    d.stop()
