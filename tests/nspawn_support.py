@@ -3,7 +3,7 @@
 Why: unit files are only proven by the systemd that runs them — socket activation, Type=notify
 readiness, the watchdog and the sandbox (ProtectSystem=, capabilities, SystemCallFilter=) cannot
 be faked. PID 1 of this machine kind is not systemd, so each test boots its own system manager in
-a "host overlay" container (``../shared/notes/systemd-in-ci.md``): the host's ``/`` read-only
+a "host overlay" container (``docs/testing-systemd.md``): the host's ``/`` read-only
 under a throwaway overlay, no image to build, ready in well under a second.
 
 Isolation and cleanup, in order of what could leak:

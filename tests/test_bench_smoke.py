@@ -29,11 +29,14 @@ def _run(script: str, results: Path, *extra: str) -> str:
 
 def test_bench_heal_quick(tmp_path: Path) -> None:
     out = _run("bench_heal.py", tmp_path)
-    assert "broken tree: chgrp -R && chmod -R" in out and "slowfs compliant" in out
+    assert "broken tree: chgrp -R && chmod -R" in out and "latencyfs compliant" in out
     assert (tmp_path / "heal-quick.md").read_text().startswith("## ")
     raw = json.loads((tmp_path / "heal-quick.json").read_text())
     assert raw["writes_heal_compliant"] == 0  # counted by strace
     assert raw["writes_chmod_r_compliant"] > raw["entries_local"]  # the baseline rewrites all
+    # latencyfs counted what envctl asked of it, and measured its own capacity beside it.
+    assert raw["latencyfs_check_calls"] >= raw["entries_latencyfs"]  # a LOOKUP per entry at least
+    assert raw["latencyfs_capacity_calls_per_s"] > raw["latencyfs_check_calls_per_s"] > 0
 
 
 def test_bench_daemon_quick(tmp_path: Path) -> None:
