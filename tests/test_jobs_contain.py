@@ -9,8 +9,8 @@ started them is SIGKILLed mid-build (with this test process not a subreaper, so 
 end up below PID 1, as in production); the daemon restarted on the same state dir must kill
 them: through the build's cgroup where cgroup v2 is writable, through its start-up sweep of
 the build user where it is not (the first daemon runs in a mount namespace whose cgroup2
-mounts are read-only, as in an unprivileged container). Whether a process is alive, and as whom it runs,
-is read here from ``/proc/<pid>/status``, not through envctl's own process code.
+mounts are read-only, as in an unprivileged container). Whether a process is alive, and as
+whom it runs, is read here from ``/proc/<pid>/status``, not through envctl's own process code.
 """
 
 from __future__ import annotations
@@ -233,14 +233,12 @@ def test_escapee_does_not_survive_kill9_and_restart(jobs_env: JobsEnv, manager_f
     finally:  # what a failure before the restart would leave
         kill_all([p for p in escapees if runs_as(p, builder)])
         if recorded is not None:
-            tree = cgroups.CgroupTree(Path(recorded).parent)
-            tree.clear()
-            tree.close()
+            cgroups.CgroupTree(Path(recorded).parent).clear()
 
 
 def test_build_runs_in_its_cgroup_which_goes_with_it(jobs_env: JobsEnv, scratch: Path) -> None:
     """Step and escapee are in the job's cgroup (recorded before the step ran); when the job
-    ends the escapee is dead and the cgroup removed; a stopped daemon leaves no cgroup."""
+    ends the escapee is dead and the cgroup removed, and with the last one the daemon's base."""
     if not cgroup_writable():
         pytest.skip("no writable cgroup v2 here")
     builder = jobs_env.accounts.builder.uid
@@ -262,10 +260,10 @@ def test_build_runs_in_its_cgroup_which_goes_with_it(jobs_env: JobsEnv, scratch:
         assert "1 build process(es) that had left the build's process group" in \
             full_log(mgr, job.id)
         assert not Path(recorded).exists()
+        assert not Path(recorded).parent.exists()  # an idle daemon holds no cgroup at all
         assert job_row(jobs_env.state_dir, job.id)[3] is None
     finally:
         mgr.stop()
-    assert not Path(recorded).parent.exists()  # the daemon's tree goes with a clean stop
 
 
 def test_freezer_kills_everything_in_the_cgroup(accounts, scratch: Path) -> None:
@@ -290,7 +288,6 @@ def test_freezer_kills_everything_in_the_cgroup(accounts, scratch: Path) -> None
         kill_all([p for p in cgroups.members(path) if runs_as(p, b.uid)])
         step.wait()
         tree.clear()
-        tree.close()
     assert not tree.base.exists()
 
 

@@ -31,8 +31,9 @@ import hashlib
 import logging
 import os
 import signal
+import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -42,9 +43,11 @@ SETTLE = 5.0  # seconds a killed cgroup may take to empty (exit of many processe
 
 @dataclass(frozen=True)
 class CgroupTree:
-    """This daemon's build cgroups: ``base`` exists and is writable."""
+    """This daemon's build cgroups below ``base``, which exists only while it holds one: an idle
+    daemon leaves no cgroup behind, even when it is killed."""
 
     base: Path
+    _lock: threading.Lock = field(default_factory=threading.Lock, compare=False, repr=False)
 
     def path(self, job_id: str) -> Path:
         return self.base / f"job-{job_id}"
@@ -53,23 +56,32 @@ class CgroupTree:
         """A new, empty cgroup for one job, owned by root: a build can neither write to it nor
         make cgroups below it."""
         path = self.path(job_id)
-        path.mkdir(mode=0o755)
+        with self._lock:  # not between another job's removal of its cgroup and of base
+            self.base.mkdir(exist_ok=True)
+            path.mkdir(mode=0o755)
         return path
+
+    def discard(self, path: Path) -> int:
+        """Kill and remove one job's cgroup (and ``base`` if it was the last); return how many
+        processes were killed."""
+        with self._lock:
+            killed = remove(path)
+            self._tidy()
+        return killed
 
     def clear(self) -> int:
         """Kill and remove every job cgroup under ``base``: what a dead daemon on this state dir
         left (called at start, before any build of ours exists). Returns processes killed."""
-        killed = 0
-        for child in _children(self.base):
-            killed += remove(child)
+        with self._lock:
+            killed = sum(remove(child) for child in _children(self.base))
+            self._tidy()
         return killed
 
-    def close(self) -> None:
-        """Remove ``base`` when no build cgroup is left in it (a clean stop)."""
+    def _tidy(self) -> None:
         try:
             self.base.rmdir()
         except OSError:
-            pass  # a build still ends, or another daemon process on this state dir
+            pass  # another job's cgroup is still in it (or it is gone already)
 
 
 def setup(state_dir: Path) -> tuple[CgroupTree | None, str]:
@@ -81,7 +93,7 @@ def setup(state_dir: Path) -> tuple[CgroupTree | None, str]:
     tag = hashlib.sha256(str(state_dir).encode()).hexdigest()[:12]
     base = mine / f"envctl-{tag}"
     try:
-        base.mkdir(exist_ok=True)
+        base.mkdir(exist_ok=True)  # the proof that we may (:meth:`CgroupTree.clear` tidies)
     except OSError as exc:
         return None, f"reason={errno.errorcode.get(exc.errno or 0, exc.errno)} cgroup={mine}"
     how = "cgroup.kill" if (base / "cgroup.kill").exists() else "freeze"

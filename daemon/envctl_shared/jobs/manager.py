@@ -106,8 +106,6 @@ class JobManager:
         if all(not t.is_alive() for t in threads) and self._store is not None:
             self._store.close()
             self._store = None
-            if self._cgroups is not None:
-                self._cgroups.close()
         log.info("jobs-stop interrupted=%d", len(threads))
 
     def reload(self, config: Config) -> None:
@@ -133,7 +131,9 @@ class JobManager:
         notes: dict[str, list[str]] = {}
         for job in jobs:
             uid, pgid, started, cgroup = self.store.process(job.id)
-            in_cgroup = cgroups.remove(Path(cgroup)) if cgroup else 0
+            in_cgroup = 0
+            if cgroup:  # maybe below another base: the dead daemon ran in another cgroup
+                in_cgroup = cgroups.CgroupTree(Path(cgroup).parent).discard(Path(cgroup))
             in_group = procs.kill_orphans(pgid, started, uid) if pgid and started and uid else 0
             notes[job.id] = [f"the daemon stopped during the build; killed {in_cgroup} "
                              f"process(es) in the build's cgroup and {in_group} orphaned "

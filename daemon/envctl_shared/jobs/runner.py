@@ -239,8 +239,9 @@ class Build:
     def _remove_cgroup(self) -> None:
         if self._cgroup is None:
             return
+        assert self._cgroup_tree is not None
         try:
-            killed = cgroups.remove(self._cgroup)
+            killed = self._cgroup_tree.discard(self._cgroup)
         except OSError as exc:
             log.warning("job-cgroup-remove id=%s path=%s error=%s", self.job.id, self._cgroup,
                         exc.strerror)
