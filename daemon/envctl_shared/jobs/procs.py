@@ -194,24 +194,27 @@ class Proc:
         return uid in (self.uid, self.euid)
 
 
-def _proc(pid: int) -> Proc | None:
-    """From ``stat`` and ``status``; the uids come from ``status``, not from who owns the
-    ``/proc/<pid>`` entries: a process that made itself non-dumpable (``PR_SET_DUMPABLE`` 0)
-    has its files there owned by root."""
+def _proc(pid: int, pgrp: int | None = None) -> Proc | None:
+    """From ``stat`` and ``status`` (None when gone, or not in process group ``pgrp``). The
+    uids come from ``status``, not from who owns the ``/proc/<pid>`` entries: a process that
+    made itself non-dumpable (``PR_SET_DUMPABLE`` 0) has its files there owned by root."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as fh:
             data = fh.read()
+        f = data[data.rindex(b")") + 2:].split()  # after "pid (comm) ": state is field 3
+        if pgrp is not None and int(f[2]) != pgrp:
+            return None  # not wanted: spare the second read
         with open(f"/proc/{pid}/status", "rb") as fh:
             uids = next(line for line in fh if line.startswith(b"Uid:")).split()
     except (OSError, StopIteration):
         return None  # gone
-    f = data[data.rindex(b")") + 2:].split()  # after "pid (comm) ": state is field 3
     return Proc(pid, f[0].decode(), int(f[1]), int(f[2]), int(f[19]), int(uids[1]),
                 int(uids[2]))
 
 
-def _table() -> list[Proc]:
-    procs = (_proc(int(e)) for e in os.listdir("/proc") if e.isdigit())
+def _table(pgrp: int | None = None) -> list[Proc]:
+    """Every process, or the members of process group ``pgrp``."""
+    procs = (_proc(int(e), pgrp) for e in os.listdir("/proc") if e.isdigit())
     return [p for p in procs if p is not None]
 
 
@@ -221,7 +224,7 @@ def start_time(pid: int) -> int | None:
 
 
 def _live_members(pgid: int) -> list[Proc]:
-    return [p for p in _table() if p.pgrp == pgid and not p.zombie]
+    return [p for p in _table(pgid) if not p.zombie]
 
 
 def _reap(pid: int) -> None:
@@ -236,9 +239,7 @@ def _settle(pgid: int, leader: int) -> bool:
     """Reap the group's zombies that are ours (never the leader: its ``Popen`` does);
     True while a member still runs. A zombie is dead: its parent reaps it."""
     me, running = os.getpid(), False
-    for p in _table():
-        if p.pgrp != pgid:
-            continue
+    for p in _table(pgid):
         if not p.zombie:
             running = True
         elif p.ppid == me and p.pid != leader:
