@@ -5,8 +5,10 @@ PYTHON ?= /usr/bin/python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 # gcc + python3-dev build the healer's C extension (envctl_shared/heal/_fastfs.c) at install time.
+# Tests and benchmarks also build our FUSE latency filesystem (bench/latencyfs/) with gcc and
+# libfuse3-dev (+ pkg-config), and mount it with fuse3.
 BUILD_PACKAGES := python3-venv python3-dev gcc
-APT_PACKAGES := $(BUILD_PACKAGES) bindfs fuse3 libfuse2 inotify-tools strace libsystemd-dev pkg-config systemd-container tini
+APT_PACKAGES := $(BUILD_PACKAGES) bindfs fuse3 libfuse3-dev inotify-tools strace libsystemd-dev pkg-config systemd-container tini
 PYTEST_ARGS ?=
 
 .PHONY: run test deps venv apt bench clean install
@@ -15,8 +17,10 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 
+# ENVCTL_REQUIRE_EXTENSION=1: the C extension is optional for client-only installs (see setup.py);
+# here it must build, or the healer cannot run.
 venv: $(BIN)/python
-	$(BIN)/pip install -q -e '.[daemon,test]'
+	ENVCTL_REQUIRE_EXTENSION=1 $(BIN)/pip install -q -e '.[daemon,test]'
 	# systemd-python is optional (journald logging, sd_notify via libsystemd): best effort.
 	$(BIN)/pip install -q -e '.[systemd]' || echo "systemd-python unavailable: falling back to the built-in notify/stderr logging"
 

@@ -11,7 +11,8 @@
 # then `systemctl daemon-reload`. It does not enable or start anything: the config and the
 # roots' ReadWritePaths= drop-in must be right first (the script prints the next steps).
 #
-# Needs a C compiler and the Python headers (gcc, python3-dev): the healer has a C extension.
+# Needs a C compiler and the Python headers (gcc, python3-dev): the healer has a C extension,
+# optional for client-only installs but required here (ENVCTL_REQUIRE_EXTENSION=1).
 # Environment: PYTHON (default /usr/bin/python3), PREFIX (default /opt/envctl), ENVCTL_PIP_ARGS
 # (extra pip arguments, e.g. "--no-index --find-links /srv/wheelhouse" on an offline host).
 set -eu
@@ -45,7 +46,8 @@ tar -C "$SRC" --exclude=__pycache__ --exclude='*.egg-info' --exclude='*.so' -cf 
 say "venv $PREFIX (from $PYTHON)"
 [ -x "$PREFIX/bin/python" ] || "$PYTHON" -m venv "$PREFIX"
 # shellcheck disable=SC2086  # ENVCTL_PIP_ARGS is a list of words on purpose
-"$PREFIX/bin/pip" install -q --disable-pip-version-check $ENVCTL_PIP_ARGS "$work[daemon]"
+ENVCTL_REQUIRE_EXTENSION=1 "$PREFIX/bin/pip" install -q --disable-pip-version-check \
+    $ENVCTL_PIP_ARGS "$work[daemon]"
 # Optional: journald fields and libsystemd's sd_notify. Needs libsystemd-dev and a compiler; the
 # daemon works without it (its own sd_notify, key=value logs that journald still captures).
 # shellcheck disable=SC2086

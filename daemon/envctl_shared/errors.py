@@ -119,6 +119,14 @@ class DaemonUnavailable(EnvctlError):
     exit_code = EX_UNAVAILABLE
 
 
+class ExtensionMissing(EnvctlError):
+    """The healer's C extension was not built with this install (no compiler at install time):
+    ``heal``/``check`` cannot run, the commands that talk to the daemon still do."""
+
+    code = "extension-missing"
+    exit_code = EX_UNAVAILABLE
+
+
 class ProtocolError(EnvctlError):
     """A peer sent something that is not a valid protocol message."""
 

@@ -8,10 +8,36 @@ loop (``scan``); this module is its typed face, so the walker never touches ctyp
 
 from __future__ import annotations
 
+import importlib
 import os
+from types import ModuleType
 from typing import Any, NamedTuple, Sequence
 
-from . import _fastfs  # type: ignore[attr-defined]  # the C extension; typed here
+from ..errors import ExtensionMissing
+
+
+class _Extension:
+    """The C extension, imported on first use, not when this module is.
+
+    Why: the extension is optional at install time (a client pod has no compiler), and every
+    CLI command imports the healer's modules while building its parser. Commands that only talk
+    to the daemon never touch it; ``heal``/``check`` without it get one line and a hint.
+    """
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            module: ModuleType = importlib.import_module(f"{__package__}._fastfs")
+        except ImportError as exc:
+            raise ExtensionMissing(
+                "the healer's C extension (envctl_shared.heal._fastfs) is not built in this "
+                "install", hint="reinstall with gcc and the Python headers present "
+                "(Debian: apt-get install gcc python3-dev); 'envctl request' and 'envctl "
+                "status' work without it") from exc
+        globals()["_fastfs"] = module  # later calls go straight to the module
+        return getattr(module, name)
+
+
+_fastfs: Any = _Extension()
 
 O_PATH: int = getattr(os, "O_PATH", 0o10000000)
 DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
