@@ -2,8 +2,9 @@
 
 Why: a process group or a session is a build's to leave (``setsid``, ``setpgid``, a double
 fork), a parent chain ends at init once the daemon is gone, and a non-dumpable process has
-its ``/proc/<pid>`` files owned by root. Cgroup membership is none of these: an unprivileged process
-cannot move itself out of a cgroup it cannot write, and every child starts in its parent's.
+its ``/proc/<pid>`` files owned by root. Cgroup membership is none of these: an unprivileged
+process cannot move itself out of a cgroup it cannot write, and every child starts in its
+parent's.
 So each build gets ``<base>/job-<id>``; the step's gate process is moved into it *before* the
 gate opens (nothing of the build has run yet) and its path is stored with the job before that.
 Killing the cgroup then cannot miss a process, however hard it tries: ``cgroup.kill`` (Linux
@@ -155,7 +156,7 @@ def kill(path: Path, freeze: bool = False) -> int:
     if (path / "cgroup.kill").exists() and not freeze:
         _write(path / "cgroup.kill", "1")
     else:
-        _freeze_and_kill(path, found)
+        _freeze_and_kill(path)
     deadline = time.monotonic() + SETTLE
     while populated(path) and time.monotonic() < deadline:
         time.sleep(0.02)
@@ -164,13 +165,14 @@ def kill(path: Path, freeze: bool = False) -> int:
     return len(found)
 
 
-def _freeze_and_kill(path: Path, found: set[int]) -> None:
-    """Linux < 5.14: frozen, nothing forks between reading ``cgroup.procs`` and the kills."""
+def _freeze_and_kill(path: Path) -> None:
+    """Linux < 5.14: frozen, nothing forks or exits between reading ``cgroup.procs`` and the
+    kills (so no pid read there can meanwhile belong to another process)."""
     _write(path / "cgroup.freeze", "1")
     deadline = time.monotonic() + 1.0
     while "frozen 1" not in _read(path / "cgroup.events") and time.monotonic() < deadline:
         time.sleep(0.01)
-    for pid in set(members(path)) | found:
+    for pid in members(path):
         try:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
