@@ -3,8 +3,8 @@
 The extension (the healer's hot loop) is optional at build time: a user pod that only runs
 `envctl request ...`/`envctl status` has no compiler, and its install must still succeed
 (`heal`/`check` then say in one line that they need the extension). Installs that run the
-healer — `make`, `make install`, the Containerfile — set ENVCTL_REQUIRE_EXTENSION=1, so a missing
-compiler fails them loudly instead of producing a daemon that cannot heal.
+healer (`make`, `make install`, the Containerfile) set ENVCTL_REQUIRE_EXTENSION=1, so a
+missing compiler fails them loudly instead of producing a daemon that cannot heal.
 """
 
 import os

@@ -67,7 +67,7 @@ def test_latency_applied_counted_and_overlapping(scratch: Path) -> None:
         os.chmod(fs.path / "d", 0o2770)
         os.rename(fs.path / names[35], fs.path / "d" / "moved")
         delta = fs.counters().since(before)
-        assert delta.errors == 3  # ENOENT lookups: 'missing', then 'd' and 'moved' before they exist
+        assert delta.errors == 3  # ENOENT lookups: 'missing'; 'd', 'moved' before they exist
         assert delta.ops["mkdir"] == 1 and delta.ops["chmod"] == 1 and delta.ops["rename"] == 1
         assert delta.total == sum(delta.ops.values())
     assert not os.path.ismount(scratch / "m")
