@@ -341,3 +341,15 @@ def test_step_end_kills_escapees_without_cgroups(jobs_env: JobsEnv, scratch: Pat
         daemon.kill()
         daemon.wait()
         kill_all([p for p in escapees if runs_as(p, builder)])
+
+
+def test_step_that_cannot_enter_its_cgroup_never_runs(accounts, scratch: Path) -> None:
+    """The move into the cgroup comes before the gate opens: when it fails, the step is killed
+    at its gate and the error raised — the command never ran outside its cgroup."""
+    b = accounts.builder
+    os.chmod(scratch, 0o777)
+    gone = scratch / "no-such-cgroup"
+    with pytest.raises(FileNotFoundError):
+        spawn(["touch", str(scratch / "ran")], BuildUser(b.uid, b.gid, b.name, True), scratch,
+              gone)
+    assert not (scratch / "ran").exists() and not procs_of(b.uid)
