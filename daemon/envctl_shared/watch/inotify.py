@@ -109,14 +109,16 @@ class _Node:
 
 class _Level:
     """One directory on a walk's path: its fd (-1 once released) and the subdirectories
-    still to visit; ``force`` lists even the ones already watched in place."""
+    still to visit; ``force`` lists even the ones already watched in place; ``empty``: it had
+    no entry at all when listed (after its watch was added)."""
 
-    __slots__ = ("node", "fd", "names", "force")
+    __slots__ = ("node", "fd", "names", "force", "empty")
 
-    def __init__(self, node: _Node, fd: int, names: list[str], force: bool) -> None:
+    def __init__(self, node: _Node, fd: int, listing: tuple[list[str], bool],
+                 force: bool) -> None:
         self.node = node
         self.fd = fd
-        self.names = names
+        self.names, self.empty = listing
         self.force = force
 
 
@@ -281,14 +283,18 @@ class InotifyWatch:
             moved.cookie = 0
             self._place(moved, parent, name)
         pfd = self._fd_of(parent)
+        subtree = True  # also when not found (gone, or renamed again: pending events place it)
         if pfd >= 0:
             level, known = self._enter(pfd, parent, name, force)
             if level is not None:
+                # Empty when listed after its watch existed: whatever appears in it has events
+                # of its own, only the directory itself is to heal (a chain built one level
+                # at a time is then not walked again from each level).
+                subtree = force or not level.empty
                 self._walk(level)
             elif known:
                 return  # watched in place by an earlier walk, whose queued subtree covers it
-        # Queued even when not found (gone, or renamed again: pending events place it).
-        self._queue.put(self._rel(parent, name), True)
+        self._queue.put(self._rel(parent, name), subtree)
 
     def _moved_out(self, node: _Node) -> None:
         """Renamed and no IN_MOVED_TO in this root named it: it left the root. Its watches go
@@ -426,11 +432,11 @@ class InotifyWatch:
                 raise OSError(errno.ENOSPC, "inotify watch limit reached")
             root = self._root = _Node(wd, (st.st_dev, st.st_ino), None, "")
             self._nodes[wd] = root
-            names = self._subdirs(fd)
+            listing = self._listing(fd)
         except BaseException:
             os.close(fd)
             raise
-        self._walk(_Level(root, fd, names, True))
+        self._walk(_Level(root, fd, listing, True))
 
     def _add_watch(self, fd: int) -> int:
         """The watch descriptor of the directory behind ``fd`` (the kernel returns the existing
@@ -450,9 +456,15 @@ class InotifyWatch:
         return st.st_dev == self._root_dev
 
     @staticmethod
-    def _subdirs(fd: int) -> list[str]:
+    def _listing(fd: int) -> tuple[list[str], bool]:
+        """The subdirectories of directory ``fd``, and whether it has no entry at all."""
+        subdirs, empty = [], True
         with os.scandir(fd) as it:
-            return [e.name for e in it if e.is_dir(follow_symlinks=False)]
+            for e in it:
+                empty = False
+                if e.is_dir(follow_symlinks=False):
+                    subdirs.append(e.name)
+        return subdirs, empty
 
     def _enter(self, dirfd: int, parent: _Node, name: str,
                force: bool) -> tuple[_Level | None, bool]:
@@ -490,11 +502,11 @@ class InotifyWatch:
             if known and not force:
                 self._keep(node, fd)
                 return None, True
-            names = self._subdirs(fd)
+            listing = self._listing(fd)
         except BaseException:
             os.close(fd)
             raise
-        return _Level(node, fd, names, force), known
+        return _Level(node, fd, listing, force), known
 
     def _walk(self, first: _Level) -> None:
         """Watch every directory below ``first`` (already watched), depth first, iteratively.
