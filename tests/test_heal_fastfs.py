@@ -1,9 +1,9 @@
-"""The C fast path (``envctl_shared.heal._fastfs`` via ``fsops.scan``) on its own, on a real directory.
+"""The C fast path (``envctl_shared.heal._fastfs`` via ``fsops``) on its own, on real directories.
 
 The walker's tree tests exercise it end to end; these pin down its contract: the policy table
-means what ``policy.judge`` means, plain entries are fixed through a proven fd, and everything
-unusual — special files, protected owners, other mounts, vanished names — is handed back
-untouched for the slow path.
+means what ``policy.judge`` means, wrong entries are fixed through a proven fd, special files,
+protected owners and other mounts are skipped untouched (a protected directory still entered),
+and the walk keeps going at any depth with a bounded number of fds.
 """
 
 from __future__ import annotations
