@@ -21,7 +21,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -30,6 +30,7 @@ from envctl_shared.jobs import JobManager, State
 from envctl_shared.jobs import cgroup as cgroups
 from envctl_shared.jobs.procs import BuildUser, spawn, sweep_orphans
 
+from tests.conftest import Accounts
 from tests.helpers import wait_for
 from tests.jobs_support import ENV_VENV, JobsEnv, daemon_argv, full_log, wait_done
 
@@ -178,7 +179,8 @@ def kill_all(pids: list[int]) -> None:
 
 @pytest.mark.parametrize("kind,mechanism", [("setsid", "cgroup"), ("tries-hard", "cgroup"),
                                             ("tries-hard", "sweep")])
-def test_escapee_does_not_survive_kill9_and_restart(jobs_env: JobsEnv, manager_factory,
+def test_escapee_does_not_survive_kill9_and_restart(jobs_env: JobsEnv,
+                                                    manager_factory: Callable[..., JobManager],
                                                     scratch: Path, kind: str,
                                                     mechanism: str) -> None:
     if mechanism == "cgroup" and not cgroup_writable():
@@ -266,7 +268,7 @@ def test_build_runs_in_its_cgroup_which_goes_with_it(jobs_env: JobsEnv, scratch:
         mgr.stop()
 
 
-def test_freezer_kills_everything_in_the_cgroup(accounts, scratch: Path) -> None:
+def test_freezer_kills_everything_in_the_cgroup(accounts: Accounts, scratch: Path) -> None:
     """The path of kernels without ``cgroup.kill`` (< 5.14): freeze, SIGKILL each, thaw."""
     if not cgroup_writable():
         pytest.skip("no writable cgroup v2 here")
@@ -291,7 +293,8 @@ def test_freezer_kills_everything_in_the_cgroup(accounts, scratch: Path) -> None
     assert not tree.base.exists()
 
 
-def test_start_sweep_kills_orphans_and_spares_held_builds(accounts, scratch: Path) -> None:
+def test_start_sweep_kills_orphans_and_spares_held_builds(accounts: Accounts,
+                                                          scratch: Path) -> None:
     """The fallback's rule: a build-user process that no live process holds any more (below
     init, or below us) is killed, even non-dumpable in a session and group of its own; one
     that a live process other than us holds (another daemon's build) is spared."""
@@ -343,7 +346,7 @@ def test_step_end_kills_escapees_without_cgroups(jobs_env: JobsEnv, scratch: Pat
         kill_all([p for p in escapees if runs_as(p, builder)])
 
 
-def test_step_that_cannot_enter_its_cgroup_never_runs(accounts, scratch: Path) -> None:
+def test_step_that_cannot_enter_its_cgroup_never_runs(accounts: Accounts, scratch: Path) -> None:
     """The move into the cgroup comes before the gate opens: when it fails, the step is killed
     at its gate and the error raised — the command never ran outside its cgroup."""
     b = accounts.builder
