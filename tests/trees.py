@@ -40,7 +40,7 @@ def build_tree(scratch: Path, acc: Accounts, hardlink: bool = True) -> tuple[Pat
 
 _CHAIN = """
 import os, sys
-top, levels, name, side, shared, wrong_from, gid = sys.argv[1:]
+top, levels, name, side, sibling, shared, wrong_from, gid = sys.argv[1:]
 levels, shared, wrong_from, gid = int(levels), int(shared), int(wrong_from), int(gid)
 cur = os.open(top, os.O_RDONLY | os.O_DIRECTORY)
 for i in range(levels):
@@ -50,6 +50,8 @@ for i in range(levels):
     os.fchown(nxt, -1, shared if right else gid)
     if right:
         os.fchmod(nxt, 0o2770)
+    if sibling:  # an empty directory beside the next level, named per level (listing orders vary)
+        os.mkdir(f"{sibling}{i}", dir_fd=nxt)
     if side:
         f = os.open(side, os.O_CREAT | os.O_WRONLY | os.O_NOFOLLOW, 0o666, dir_fd=nxt)
         os.fchown(f, -1, shared if right else gid)
@@ -62,15 +64,17 @@ for i in range(levels):
 
 
 def make_chain(top: Path, levels: int, uid: int, gid: int, *, name: str = "d",
-               side: str = "", shared_gid: int = -1, wrong_from: int = 0) -> None:
+               side: str = "", sibling: str = "", shared_gid: int = -1,
+               wrong_from: int = 0) -> None:
     """A chain of ``levels`` directories ``name`` below ``top``, made by uid/gid with umask
     077 the way an attacker would (mkdir + chdir, fd-relative: far deeper than PATH_MAX), each
-    level holding a file ``side`` if given. Levels before ``wrong_from`` are made compliant
+    level holding a file ``side`` and an empty directory ``sibling<level>`` if given (a comb:
+    a depth-first walk leaves work queued at every level). Levels before ``wrong_from`` are made compliant
     (group ``shared_gid``, 2770/660: the user must be in it); the rest are left broken, in the
     user's own group."""
     os.chown(top, uid, gid)
     as_user(uid, gid, ["/usr/bin/python3", "-c", _CHAIN, str(top), str(levels), name, side,
-                       str(shared_gid), str(wrong_from), str(gid)], init_groups=wrong_from > 0)
+                       sibling, str(shared_gid), str(wrong_from), str(gid)], init_groups=wrong_from > 0)
 
 
 def remove_tree(path: Path) -> None:

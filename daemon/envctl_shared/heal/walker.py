@@ -37,7 +37,7 @@ import re
 import stat
 import threading
 import time
-from collections import Counter
+from collections import Counter, OrderedDict
 from dataclasses import dataclass
 from typing import Any, Callable, Protocol, Sequence
 
@@ -52,31 +52,129 @@ BATCH = 32  # entries inspected per task when concurrent
 MAX_QUEUED = 4096  # beyond this many queued tasks, listers inspect their entries inline
 
 
+FD_BUDGET = 128  # directory fds a pass keeps open for queued tasks (beyond those in use)
+
+
 class _DirRef:
-    """A directory fd shared by the tasks that still need it; closed by the last one."""
+    """A directory shared by the tasks that still need it (``acquire``/``release``; the last
+    one closes it), and used by one or more of them right now (``use``/``unuse``).
 
-    __slots__ = ("fd", "rel", "_refs", "_lock")
+    Its fd may be closed while only queued tasks hold it (see ``_Fds``) and reopened when one
+    runs, proven to be the same directory (inode, device, mount)."""
 
-    def __init__(self, fd: int, rel: str) -> None:
+    __slots__ = ("fd", "rel", "ident", "refs", "users", "child_seen", "_fds")
+
+    def __init__(self, fds: _Fds, fd: int, rel: str, st: Stat) -> None:
+        self._fds = fds
         self.fd = fd
         self.rel = rel
-        self._refs = 1
-        self._lock = threading.Lock()
+        self.ident = (st.st_ino, st.st_dev, st.mnt_id)
+        self.refs = 1
+        self.users = 1  # its creator uses it: call unuse() when done
+        self.child_seen: _DirRef | None = None  # the last subdirectory opened: ".." leads back
 
     def acquire(self) -> _DirRef:
-        with self._lock:
-            self._refs += 1
+        with self._fds.lock:
+            self.refs += 1
         return self
 
     def release(self) -> None:
-        with self._lock:
-            self._refs -= 1
-            last = self._refs == 0
-        if last:
-            os.close(self.fd)
+        self._fds.release(self)
+
+    def use(self) -> bool:
+        """Make sure the fd is open for the caller (call ``unuse`` after, whatever the result);
+        False when it had been closed and the directory is no longer where it was."""
+        return self._fds.use(self)
+
+    def unuse(self) -> None:
+        self._fds.unuse(self)
 
     def child(self, name: str) -> str:
         return f"{self.rel}/{name}" if self.rel else name
+
+
+class _Fds:
+    """The directory fds of one pass, bounded whatever the shape of the tree.
+
+    A queued task keeps its directory referenced, and depth-first order leaves a task queued
+    at every level of a deep tree whose directories have several subdirectories: 20,000
+    levels would hold 20,000 fds (EMFILE long before). Directories that no running task uses
+    are closed beyond ``FD_BUDGET``, least recently used first, and reopened when a task needs
+    them: through the ".." of their last subdirectory when that one is still open (the way
+    back up a deep tree: one call), else from the root by the kernel (``open_dir``: no
+    symlink, no mount, never outside); either way proven to be the same directory.
+    """
+
+    def __init__(self, root_fd: int) -> None:
+        self.lock = threading.Lock()
+        self.root_fd = root_fd
+        self._idle: OrderedDict[_DirRef, None] = OrderedDict()  # open, not in use, LRU first
+
+    def new(self, fd: int, rel: str, st: Stat, parent: _DirRef | None = None) -> _DirRef:
+        """A directory just opened by the caller (in ``parent``), who uses it until ``unuse``."""
+        ref = _DirRef(self, fd, rel, st)
+        if parent is not None:
+            parent.child_seen = ref
+        return ref
+
+    def use(self, ref: _DirRef) -> bool:
+        with self.lock:
+            ref.users += 1
+            self._idle.pop(ref, None)
+            if ref.fd >= 0:
+                return True
+            child = ref.child_seen
+            if child is not None and child.fd >= 0:
+                ref.fd = self._reopen(ref, lambda: os.open("..", PATH_DIR_FLAGS, dir_fd=child.fd))
+            if ref.fd < 0:
+                ref.fd = self._reopen(ref, lambda: open_dir(self.root_fd, ref.rel))
+            return ref.fd >= 0
+
+    @staticmethod
+    def _reopen(ref: _DirRef, how: Callable[[], int]) -> int:
+        """An fd from ``how`` when it is the directory ``ref`` was, else -1."""
+        try:
+            fd = how()
+        except OSError:
+            return -1
+        try:
+            st = stat_at(fd)
+            if (st.st_ino, st.st_dev, st.mnt_id) == ref.ident:
+                return fd
+        except OSError:
+            pass
+        os.close(fd)
+        return -1
+
+    def unuse(self, ref: _DirRef) -> None:
+        with self.lock:
+            ref.users -= 1
+            self._park(ref)
+
+    def release(self, ref: _DirRef) -> None:
+        with self.lock:
+            ref.refs -= 1
+            self._park(ref)
+
+    def _park(self, ref: _DirRef) -> None:
+        """An fd nobody uses right now stays open among the most recent FD_BUDGET, needed by
+        queued tasks or not: a released directory's ".." is how its parent is reopened."""
+        if ref.users or ref.fd < 0:
+            return
+        self._idle[ref] = None
+        self._idle.move_to_end(ref)
+        while len(self._idle) > FD_BUDGET:
+            old, _ = self._idle.popitem(last=False)
+            os.close(old.fd)
+            old.fd = -1
+
+    def close_all(self) -> None:
+        """At the end of the pass."""
+        with self.lock:
+            for ref in self._idle:
+                os.close(ref.fd)
+                ref.fd = -1
+            self._idle.clear()
 
 
 class _Listing:
@@ -228,6 +326,7 @@ class _Pass:
         self.root_dev = -1
         self.root_mnt = -1  # -1: the kernel gives no mount ids (st_dev decides)
         self.root_ref: _DirRef | None = None  # open for the whole pass (paths from C walks)
+        self.fds: _Fds | None = None
         self.totals = HealStats()
 
     # -- driving ---------------------------------------------------------------------------
@@ -236,9 +335,14 @@ class _Pass:
         start = time.monotonic()
         stats = HealStats()
         root_fd = os.open(self.root.path, DIR_FLAGS)
-        root_ref = self.root_ref = _DirRef(root_fd, "")
         try:
             st = stat_at(root_fd)
+        except OSError:
+            os.close(root_fd)
+            raise
+        self.fds = _Fds(root_fd)
+        root_ref = self.root_ref = self.fds.new(root_fd, "", st)  # in use: never closed early
+        try:
             self.root_dev = st.st_dev
             self.root_mnt = st.mnt_id
             first = self._resolve(root_ref, rel, recursive, stats, names)
@@ -249,7 +353,9 @@ class _Pass:
                 else:
                     self._drain_threads()
         finally:
+            root_ref.unuse()
             root_ref.release()
+            self.fds.close_all()  # the root's fd among them
         self.totals.merge(stats)
         self.totals.duration = time.monotonic() - start
         return self.totals
@@ -276,8 +382,9 @@ class _Pass:
         if not parent_rel:
             parent = root_ref.acquire()
         else:
+            assert self.fds is not None
             try:
-                parent = _DirRef(open_dir(root_ref.fd, parent_rel), parent_rel)
+                fd = open_dir(root_ref.fd, parent_rel)
             except OSError as exc:
                 if exc.errno == errno.EXDEV:
                     stats.skipped["mount"] += 1
@@ -286,6 +393,14 @@ class _Pass:
                 else:
                     self._error(stats, parent_rel, "dir", exc)
                 return None
+            try:
+                st = stat_at(fd)
+            except OSError as exc:
+                os.close(fd)
+                self._error(stats, parent_rel, "dir", exc)
+                return None
+            parent = self.fds.new(fd, parent_rel, st)
+            parent.unuse()  # its tasks use it when they run
         try:
             if names is not None:
                 keep = [n for n in names if not self.h.excluded(parent.child(n))]
@@ -338,16 +453,22 @@ class _Pass:
             self.totals.merge(stats)
 
     def _do(self, task: _Task, stats: HealStats) -> None:
+        parent = task.parent
         try:
-            if isinstance(task, _DirTask):
+            if parent is not None and not parent.use():  # closed, then moved away or gone
+                stats.skipped["vanished"] += 1 if isinstance(task, _DirTask) else len(task.names)
+                if isinstance(task, _EntriesTask) and task.listing is not None:
+                    task.listing.done([])
+            elif isinstance(task, _DirTask):
                 self._visit_dir(task, stats)
             else:
                 subdirs = self._scan(task.parent, task.names, stats, task.descend)
                 if task.listing is not None:
                     task.listing.done(subdirs)
         finally:
-            if task.parent is not None:
-                task.parent.release()
+            if parent is not None:
+                parent.unuse()
+                parent.release()
 
     # -- the work ----------------------------------------------------------------------------
 
@@ -378,11 +499,17 @@ class _Pass:
             else:
                 self._error(stats, rel, "dir", exc)
             return
-        ref = _DirRef(fd, rel)
         if self.h.on_progress is not None:
             self.h.on_progress()
         try:
             st = stat_at(fd)
+        except OSError as exc:
+            os.close(fd)
+            self._error(stats, rel, "dir", exc)
+            return
+        assert self.fds is not None
+        ref = self.fds.new(fd, rel, st, task.parent)
+        try:
             stats.scanned += 1
             stats.dirs += 1
             if task.parent is not None and not self._same_fs(st):
@@ -395,10 +522,11 @@ class _Pass:
                 return
             known = self.planner.plan(rel, st) if self.planner is not None else None
             if known is None and path_only:
-                listing = _DirRef(os.open(".", DIR_FLAGS, dir_fd=fd), rel)
+                listing = self.fds.new(os.open(".", DIR_FLAGS, dir_fd=fd), rel, st)
                 try:
                     self._list(listing, st, stats)
                 finally:
+                    listing.unuse()
                     listing.release()
             elif known is None:
                 self._list(ref, st, stats)
@@ -408,6 +536,7 @@ class _Pass:
         except OSError as exc:
             self._error(stats, rel, "dir", exc)
         finally:
+            ref.unuse()
             ref.release()
 
     def _list(self, ref: _DirRef, st: Stat, stats: HealStats) -> None:
