@@ -32,8 +32,10 @@ from tests.jobs_support import build_channel, hello_packages, write_wheel
 
 ENVCTL = str(VENV_BIN / "envctl")
 SLOW_PYTHON = """#!/bin/sh
-# envctl test wrapper: a venv build whose prefix mentions "slow" stays in its first phase.
+# envctl test wrapper: a venv build whose prefix mentions "slow" stays in its first phase; one
+# whose prefix mentions "envdump" prints the whole environment the build sees into its log.
 case "$*" in *slow*) sleep 120 ;; esac
+case "$*" in *envdump*) echo "BUILD ENVIRONMENT:"; env ;; esac
 exec /usr/bin/python3 "$@"
 """
 HELLO_SPEC = "channels: [{channel}]\ndependencies:\n  - hello\n"
@@ -98,9 +100,10 @@ class ApiDaemon:
 
 
 def api_config(base: Path, accounts: Accounts, sock: dict[str, Any] | None = None,
-               **requests: Any) -> Path:
+               extra: dict[str, Any] | None = None, **requests: Any) -> Path:
     """The daemon config: one root (the shared group), a world-connectable socket (so users
-    outside the group reach the daemon and meet *its* authorisation), requests for the group."""
+    outside the group reach the daemon and meet *its* authorisation), requests for the group;
+    ``extra`` adds or replaces top-level sections (``jupyterhub``, ``kernels``, ``logging``)."""
     root = base / "envs"
     root.mkdir(mode=0o2775, exist_ok=True)
     os.chown(root, 0, accounts.shared_gid)
@@ -130,6 +133,7 @@ def api_config(base: Path, accounts: Accounts, sock: dict[str, Any] | None = Non
             "max_request_bytes": 65536, **requests,
         },
         "logging": {"level": "INFO"},
+        **(extra or {}),
     }
     path = base / "envctld.yaml"
     path.write_text(yaml.safe_dump(data))
@@ -137,6 +141,7 @@ def api_config(base: Path, accounts: Accounts, sock: dict[str, Any] | None = Non
 
 
 def start_api_daemon(accounts: Accounts, sock: dict[str, Any] | None = None,
+                     extra: dict[str, Any] | None = None,
                      **requests: Any) -> Iterator[ApiDaemon]:
     """Generator for a module fixture: start, yield, always clean up (process and files)."""
     tests_base = Path("/tmp/envctl-tests")
@@ -145,7 +150,7 @@ def start_api_daemon(accounts: Accounts, sock: dict[str, Any] | None = None,
     os.chmod(base, 0o755)
     daemon: Envctld | None = None
     try:
-        config = api_config(base, accounts, sock, **requests)
+        config = api_config(base, accounts, sock, extra, **requests)
         daemon = Envctld(config, base).start()
         cfg = yaml.safe_load(config.read_text())
         yield ApiDaemon(daemon, base, Path(cfg["requests"]["root"]),

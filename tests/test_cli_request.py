@@ -71,7 +71,11 @@ def test_rattler_build_end_to_end(api: ApiDaemon, accounts: Accounts) -> None:
     res = api.cli(accounts.alice, "request", "create", "hello-env", "-f", str(spec))
     assert res.returncode == EX_TEMPFAIL and "already exists" in res.stderr
     assert "--replace" in res.stderr
+    # Replacing is for the environment's owner (bob built it) or admins.
     res = api.cli(accounts.alice, "request", "create", "hello-env", "-f", str(spec),
+                  "--replace")
+    assert res.returncode == EX_NOPERM and "only its owner or an admin" in res.stderr
+    res = api.cli(accounts.bob, "request", "create", "hello-env", "-f", str(spec),
                   "--replace", "--json")
     assert res.returncode == 0, res.stderr
     assert json.loads(res.stdout)["replace"] is True

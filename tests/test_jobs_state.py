@@ -35,18 +35,22 @@ def test_schema_version_and_newer_file_refused(scratch) -> None:
         JobStore(path)
 
 
-def test_schema_1_file_is_upgraded(scratch) -> None:
-    """A job store written before builds had cgroups gains the column."""
+@pytest.mark.parametrize("version,dropped", [(1, ("cgroup", "hub_user")), (2, ("hub_user",))])
+def test_older_schema_file_is_upgraded(scratch, version: int, dropped: tuple[str, ...]) -> None:
+    """A job store written before builds had cgroups (1), or before jobs recorded the verified
+    hub user (2), gains the columns."""
     path = scratch / "jobs.db"
     JobStore(path).close()
     db = sqlite3.connect(path)
-    db.execute("ALTER TABLE jobs DROP COLUMN cgroup")
-    db.execute("PRAGMA user_version=1")
+    for column in dropped:
+        db.execute(f"ALTER TABLE jobs DROP COLUMN {column}")
+    db.execute(f"PRAGMA user_version={version}")
     db.close()
     JobStore(path).close()
     db = sqlite3.connect(path)
-    assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
-    assert "cgroup" in [row[1] for row in db.execute("PRAGMA table_info(jobs)")]
+    assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
+    columns = [row[1] for row in db.execute("PRAGMA table_info(jobs)")]
+    assert all(column in columns for column in dropped)
     db.close()
 
 

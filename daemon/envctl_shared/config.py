@@ -85,6 +85,8 @@ class RequestsConfig:
     allow_groups: tuple[str, ...] = ()
     admin_users: tuple[str, ...] = ()
     admin_groups: tuple[str, ...] = ()
+    allow_hub_groups: tuple[str, ...] = ()  # JupyterHub groups (of verified hub users)
+    admin_hub_groups: tuple[str, ...] = ()
     channels: tuple[str, ...] = ()
     default_channels: tuple[str, ...] = ("conda-forge",)
     platforms: tuple[str, ...] = ()
@@ -97,6 +99,28 @@ class RequestsConfig:
     max_packages: int = 200
     max_request_bytes: int = 262144
     keep_logs_days: int = 30
+
+
+@dataclass(frozen=True)
+class JupyterHubConfig:
+    """Where hub tokens are checked, and which peer uids must present one.
+
+    ``api_url`` None disables hub identity (every peer is who the kernel says)."""
+
+    api_url: str | None = None
+    shared_uids: tuple[int, ...] = ()
+    timeout: float = 5.0
+    cache_seconds: float = 60.0
+    ca_file: Path | None = None
+
+
+@dataclass(frozen=True)
+class KernelsConfig:
+    """The shared Jupyter kernels directory the daemon keeps one kernelspec per env in;
+    ``dir`` None: no kernelspecs."""
+
+    dir: Path | None = None
+    display_prefix: str = "envctl"
 
 
 @dataclass(frozen=True)
@@ -117,6 +141,8 @@ class Config:
     socket: SocketConfig = field(default_factory=SocketConfig)
     requests: RequestsConfig = field(default_factory=RequestsConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    jupyterhub: JupyterHubConfig = field(default_factory=JupyterHubConfig)
+    kernels: KernelsConfig = field(default_factory=KernelsConfig)
     source: str = "<memory>"
 
     def root_for(self, path: Path) -> RootConfig | None:
@@ -291,6 +317,8 @@ def _requests(source: str, data: Any, roots: tuple[RootConfig, ...],
         allow_groups=r.strings("allow_groups"),
         admin_users=r.strings("admin_users"),
         admin_groups=r.strings("admin_groups"),
+        allow_hub_groups=r.strings("allow_hub_groups"),
+        admin_hub_groups=r.strings("admin_hub_groups"),
         channels=r.strings("channels"),
         default_channels=r.strings("default_channels", d.default_channels),
         platforms=r.strings("platforms"),
@@ -306,6 +334,57 @@ def _requests(source: str, data: Any, roots: tuple[RootConfig, ...],
     )
     r.finish()
     return cfg
+
+
+def _jupyterhub(source: str, data: Any, base: Path) -> JupyterHubConfig:
+    h = _Reader(source, "jupyterhub", data)
+    d = JupyterHubConfig()
+    url = h.get("api_url", str, None, _hub_url)
+    uids = h.get("shared_uids", list, [])
+    for j, uid in enumerate(uids):
+        if not isinstance(uid, int) or isinstance(uid, bool) or uid < 0:
+            h.fail(f"shared_uids[{j}]", "must be a numeric uid")
+        if uid == 0:
+            h.fail(f"shared_uids[{j}]", "must not be 0 (root is always an admin)")
+    if uids and url is None:
+        h.fail("api_url", "is required when shared_uids is set (where tokens are checked)")
+    ca_file = _absolute(h, "ca_file", _relative_to(base, h.get("ca_file", str, None)))
+    if ca_file is not None and not ca_file.is_file():
+        h.fail("ca_file", f"{ca_file} is not a readable file (the hub's CA certificates, PEM)")
+    cfg = JupyterHubConfig(
+        api_url=None if url is None else url.rstrip("/"), shared_uids=tuple(uids),
+        timeout=h.get("timeout", float, d.timeout, _positive),
+        cache_seconds=h.get("cache_seconds", float, d.cache_seconds,
+                            lambda v: None if v >= 0 else "must not be negative"),
+        ca_file=ca_file)
+    h.finish()
+    return cfg
+
+
+def _hub_url(value: str) -> str | None:
+    """An http(s) URL without credentials, query or fragment: tokens go in a header only."""
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(value)
+    except ValueError as exc:
+        return f"is not a URL: {exc}"
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return f"must be an http:// or https:// URL, not {value!r}"
+    if parts.username or parts.password or parts.query or parts.fragment:
+        return "must not carry credentials, a query or a fragment"
+    return None
+
+
+def _kernels(source: str, data: Any, base: Path) -> KernelsConfig:
+    k = _Reader(source, "kernels", data)
+    d = KernelsConfig()
+    kdir = _absolute(k, "dir", _relative_to(base, k.get("dir", str, None)))
+    prefix = k.get("display_prefix", str, d.display_prefix,
+                   lambda v: None if 0 < len(v) <= 40 and v.isprintable()
+                   else "must be 1-40 printable characters")
+    k.finish()
+    return KernelsConfig(dir=kdir, display_prefix=prefix)
 
 
 def _relative_to(base: Path, value: str | None) -> str | None:
@@ -382,6 +461,8 @@ def parse(data: Any, source: str = "<memory>", base: Path | None = None) -> Conf
     s.finish()
 
     requests = _requests(source, top.get("requests", dict, None), roots, base)
+    jupyterhub = _jupyterhub(source, top.get("jupyterhub", dict, None), base)
+    kernels = _kernels(source, top.get("kernels", dict, None), base)
 
     lg = _Reader(source, "logging", top.get("logging", dict, None))
     level = lg.get("level", str, "INFO",
@@ -394,7 +475,8 @@ def parse(data: Any, source: str = "<memory>", base: Path | None = None) -> Conf
     lg.finish()
     top.finish()
     return Config(roots=roots, watch=watch, walk=walk, socket=socket_cfg, requests=requests,
-                  logging=LoggingConfig(level=level.upper(), journal=journal), source=source)
+                  logging=LoggingConfig(level=level.upper(), journal=journal),
+                  jupyterhub=jupyterhub, kernels=kernels, source=source)
 
 
 def load(path: str | os.PathLike[str]) -> Config:

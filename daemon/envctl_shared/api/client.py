@@ -23,6 +23,7 @@ from ..errors import DaemonUnavailable, EnvctlError, ProtocolError, SocketPermis
 from . import protocol
 
 MAX_REPLY_BYTES = 64 * 1024 * 1024  # a reply is trusted, but a runaway one must not eat memory
+HUB_TOKEN_ENV = "JUPYTERHUB_API_TOKEN"  # set by JupyterHub in every user's server
 
 
 def socket_path(explicit: str | None = None) -> Path:
@@ -33,9 +34,13 @@ def socket_path(explicit: str | None = None) -> Path:
 class Client:
     """One connection to the daemon; several requests may be sent on it in turn."""
 
-    def __init__(self, path: str | Path | None = None, timeout: float | None = 30.0) -> None:
+    def __init__(self, path: str | Path | None = None, timeout: float | None = 30.0,
+                 hub_token: str | None = None) -> None:
+        """``hub_token`` defaults to ``$JUPYTERHUB_API_TOKEN``: inside a hub user's server, it
+        is what proves to the daemon which hub user is asking (the uid cannot)."""
         self.path = Path(path) if path else socket_path()
         self.timeout = timeout
+        self.hub_token = hub_token or os.environ.get(HUB_TOKEN_ENV) or None
         self._sock: socket.socket | None = None
         self._file: Any = None
 
@@ -98,7 +103,7 @@ class Client:
             self.connect()
         assert self._sock is not None
         try:
-            self._sock.sendall(protocol.encode(protocol.request(op, args)))
+            self._sock.sendall(protocol.encode(protocol.request(op, args, self.hub_token)))
         except OSError as exc:
             # The daemon may have refused the request mid-send (too large): its reply explains.
             self._receive()

@@ -2,7 +2,8 @@
 
 Why separate from ``server``: the server owns bytes, threads and sockets; this module owns
 meaning. Every handler takes the checked :class:`~envctl_shared.api.protocol.Request` and the peer's
-kernel identity and yields protocol messages — one for plain ops, a stream of events ending in an
+identity (the kernel's, and on a shared uid the hub user the hub verified) and yields protocol
+messages — one for plain ops, a stream of events ending in an
 ``end`` message for ``create``/``logs`` with ``follow``. Handlers raise
 :class:`~envctl_shared.errors.EnvctlError`; the server turns that into the error envelope.
 """
@@ -18,9 +19,11 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 from .. import __version__
 from ..config import Config
 from ..errors import DaemonUnavailable, NotAuthorised
-from ..jobs.model import Job, Requester
+from ..jobs.model import Job, Requester, State
+from ..jobs.spec import validate_name
 from . import protocol
 from .auth import Authoriser
+from .hub import TOKEN_HINT, HubUser, HubVerifier
 from .peercred import PeerCred
 
 if TYPE_CHECKING:  # the manager is only ever handed to us by the daemon
@@ -35,6 +38,8 @@ StatusFn = Callable[[], dict[str, Any]]
 # wakes on state/phase changes only, log growth is polled).
 FOLLOW_POLL = 0.25
 LOG_CHUNK = 65536
+# What a peer on a shared uid may ask without proving which hub user it is: nothing about jobs.
+ANONYMOUS_OPS = frozenset({"ping", "version", "status", "whoami"})
 
 
 class Handlers:
@@ -46,20 +51,46 @@ class Handlers:
         self.status_fn = status
         self.stopping = stopping
         self.started = time.monotonic()
+        self.config = config
+        self.hub: HubVerifier | None = None
         self.reload(config)
 
     def reload(self, config: Config) -> None:
-        """New allow/admin lists take effect for the next request; open streams keep going."""
+        """New allow/admin lists take effect for the next request; open streams keep going.
+        The hub verifier (and its cache) is kept unless the jupyterhub section changed."""
+        hub = config.jupyterhub
+        if self.hub is None or self.hub.cfg != hub:
+            self.hub = HubVerifier(hub) if hub.api_url is not None else None
         self.config = config
-        self.auth = Authoriser(config.requests)
+        self.auth = Authoriser(config.requests, hub)
 
     def handle(self, req: protocol.Request, cred: PeerCred,
                gone: Callable[[], bool]) -> Iterator[Message]:
-        """Dispatch one request; ``gone()`` tells a stream its client has hung up."""
+        """Dispatch one request; ``gone()`` tells a stream its client has hung up. Runs in the
+        connection's thread, so asking the hub never holds up the accept loop."""
         claimed = req.args.get("claimed_user") if req.op.name == "create" else None
-        who = self.auth.requester(cred, claimed)
-        method: Callable[..., Iterator[Message]] = getattr(self, "op_" + req.op.name)
+        who = self.auth.requester(cred, claimed, self._hub_user(req, cred))
+        method: Callable[..., Iterator[Message]] = getattr(self, "op_" + req.op.name.replace(
+            "-", "_"))
         yield from method(who, gone=gone, **req.args)
+
+    def _hub_user(self, req: protocol.Request, cred: PeerCred) -> HubUser | None:
+        """The hub user of a peer on a shared uid, as the hub names the owner of its token.
+        Peers on other uids are who the kernel says (their token, if any, is not used)."""
+        if self.hub is None or cred.uid not in self.auth.shared_uids:
+            return None
+        if req.hub_token is None:
+            if req.op.name in ANONYMOUS_OPS:
+                return None
+            log.info("api refused reason=no-hub-token op=%s uid=%d pid=%d", req.op.name,
+                     cred.uid, cred.pid)
+            raise NotAuthorised(f"uid {cred.uid} is shared by the users of JupyterHub "
+                                "(jupyterhub.shared_uids): a request from it must carry the "
+                                "hub API token that says which hub user you are",
+                                hint=TOKEN_HINT)
+        if req.op.name in ("ping", "version", "status"):
+            return None  # nothing to decide: the hub is not asked
+        return self.hub.user(req.hub_token)
 
     # -- ops anyone who can connect may call ---------------------------------------------
 
@@ -101,19 +132,31 @@ class Handlers:
         jobs = self._manager()
         try:
             self.auth.require_create(who)
+            if replace:
+                self._require_env_owner(who, validate_name(name))
         except NotAuthorised:
-            log.info("api refused op=create uid=%d user=%s claimed=%s name=%s", who.uid,
-                     who.username, who.claimed_user, name)
+            log.info("api refused op=create uid=%d user=%s hub_user=%s claimed=%s name=%s "
+                     "replace=%s", who.uid, who.username, who.hub_user, who.claimed_user, name,
+                     replace)
             raise
         job = jobs.submit(who, name, spec, backend=backend, replace=replace)
-        log.debug("api create job=%s name=%s backend=%s uid=%d user=%s claimed=%s replace=%s",
-                 job.id, job.name, job.backend, who.uid, who.username, who.claimed_user, replace)
+        log.debug("api create job=%s name=%s backend=%s uid=%d user=%s hub_user=%s claimed=%s "
+                  "replace=%s", job.id, job.name, job.backend, who.uid, who.username,
+                  who.hub_user, who.claimed_user, replace)
         if not follow:
             yield protocol.ok(job.to_dict())
             return
         yield protocol.event("created", job.to_dict())
         yield from self._follow(job.id, 0, gone, job_events=True,
                                 last=(job.state.value, job.phase))
+
+    def _require_env_owner(self, who: Requester, name: str) -> None:
+        """An existing environment belongs to the requester of the last job that built it."""
+        if not os.path.lexists(self.config.requests_root.path / name):
+            return
+        built = [job for job in self._manager().list(include_finished=True)
+                 if job.name == name and job.state is State.SUCCEEDED]
+        self.auth.require_owner(who, built[-1] if built else None, f"environment {name!r}")
 
     def op_get(self, who: Requester, gone: Callable[[], bool], id: str | int) -> Iterator[Message]:
         yield protocol.ok(self._visible(who, id).to_dict())
@@ -122,7 +165,8 @@ class Handlers:
                 finished: bool) -> Iterator[Message]:
         if all:
             self.auth.require_view_all(who)
-        jobs = self._manager().list(uid=None if all else who.uid, include_finished=finished)
+        jobs = self._manager().list(uid=None if all else who.uid, include_finished=finished,
+                                    hub_user=who.hub_user)
         yield protocol.ok([j.to_dict() for j in jobs])
 
     def op_logs(self, who: Requester, gone: Callable[[], bool], id: str | int, offset: int,
@@ -138,8 +182,8 @@ class Handlers:
     def op_cancel(self, who: Requester, gone: Callable[[], bool],
                   id: str | int) -> Iterator[Message]:
         job = self._manager().cancel(str(id), who)
-        log.debug("api cancel job=%s name=%s uid=%d user=%s", job.id, job.name, who.uid,
-                 who.username)
+        log.debug("api cancel job=%s name=%s uid=%d user=%s hub_user=%s", job.id, job.name,
+                  who.uid, who.username, who.hub_user)
         yield protocol.ok(job.to_dict())
 
     # -- streaming -------------------------------------------------------------------------

@@ -12,7 +12,8 @@ handler sees it (a job id is a short word, a log offset fits a file offset), and
 quoted in messages through :func:`~envctl_shared.untrusted.brief`. Whatever a peer sends, the
 answer is a ``protocol-error`` naming the problem, never an internal error.
 
-Request: ``{"v": 1, "op": "<op>", "args": {...}}``. Replies: ``{"ok": true, "data": ...}`` or
+Request: ``{"v": 1, "op": "<op>", "args": {...}[, "hub_token": "..."]}`` (``hub_token``: the
+caller's ``JUPYTERHUB_API_TOKEN``, checked with the hub by the daemon; see ``hub``). Replies: ``{"ok": true, "data": ...}`` or
 ``{"ok": false, "error": {"code", "message"[, "hint"]}}``. Streaming ops send any number of
 ``{"ok": true, "event": "<kind>", "data": ...}`` lines and then ``{"ok": true, "end": true,
 "data": ...}``.
@@ -34,6 +35,9 @@ MAX_INT_DIGITS = 20  # every integer the protocol uses fits (offsets < 2**53, id
 MAX_OFFSET = 2**53 - 1  # the largest integer every JSON implementation represents exactly
 _WORD_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _HINT = "send one JSON object per line, see docs/protocol.md"
+MAX_TOKEN = 512
+_TOKEN_RE = re.compile(r"[A-Za-z0-9._~+/=-]{8,%d}" % MAX_TOKEN)
+FIELDS = ("v", "op", "args", "hub_token")
 
 
 @dataclass(frozen=True)
@@ -79,10 +83,12 @@ _FOLLOW = Arg((bool,), "stream events until the job ends instead of replying onc
 OPS: dict[str, Op] = {op.name: op for op in (
     Op("ping", "Liveness check; replies {pong, version, protocol}. Anyone who can connect."),
     Op("version", "Daemon and protocol version. Anyone who can connect."),
-    Op("whoami", "Your identity as the kernel reports it, your claim, and what you may do."),
+    Op("whoami", "How the daemon sees you: uid and groups from the kernel, the hub user (verified "
+       "by the hub when your uid is one of jupyterhub.shared_uids), and what you may do."),
     Op("status", "Daemon status: roots, watch modes, healer counters, job counts, uptime. "
        "Anyone who can connect (used by readiness probes).", aliases=("daemon-status",)),
-    Op("create", "Queue an environment build (requires allow_users/allow_groups or admin).", {
+    Op("create", "Queue an environment build (requires allow_users/allow_groups/allow_hub_groups "
+       "or admin); replace only for the owner of the environment or admins.", {
         "name": Arg((str,), "environment name, ^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$", required=True),
         "spec": Arg((str,), "environment.yml text (name/channels/dependencies)", required=True),
         "backend": Arg((str,), "one of requests.allowed_backends; default requests.backend",
@@ -90,12 +96,13 @@ OPS: dict[str, Op] = {op.name: op for op in (
         "replace": Arg((bool,), "replace an existing environment of that name once the new "
                        "one is built", default=False),
         "claimed_user": Arg((str,), "who the client says it acts for (e.g. JUPYTERHUB_USER); "
-                            "recorded, never trusted"),
+                            "recorded, never trusted (hub users are identified by hub_token)"),
         "follow": _FOLLOW,
     }, streaming=True),
     Op("get", "One job (state, phase, prefix, exit detail). Own jobs; everyone's for "
        "requesters and admins.", {"id": _ID}),
-    Op("list", "Jobs: your own by default; everyone's with all=true (requesters and admins).", {
+    Op("list", "Jobs: your own by default (on a shared uid: your verified hub user's); "
+       "everyone's with all=true (requesters and admins).", {
         "all": Arg((bool,), "include other users' jobs", default=False),
         "finished": Arg((bool,), "include finished jobs", default=False),
     }),
@@ -105,7 +112,8 @@ OPS: dict[str, Op] = {op.name: op for op in (
                       check=_offset),
         "follow": _FOLLOW,
     }, streaming=True),
-    Op("cancel", "Cancel a queued or running job: your own; admins any.", {"id": _ID}),
+    Op("cancel", "Cancel a queued or running job: the owner's (same uid and, on a shared uid, "
+       "same verified hub user); admins any.", {"id": _ID}),
 )}
 _BY_NAME: dict[str, Op] = {alias: op for op in OPS.values() for alias in (op.name, *op.aliases)}
 
@@ -116,6 +124,7 @@ class Request:
 
     op: Op
     args: dict[str, Any]
+    hub_token: str | None = field(default=None, repr=False)  # a secret: never shown
 
 
 def encode(message: dict[str, Any]) -> bytes:
@@ -139,10 +148,15 @@ def error(err: EnvctlError) -> dict[str, Any]:
     return {"ok": False, "error": err.to_dict()}
 
 
-def request(op: str, args: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The message a client sends (``args`` without ``None`` values)."""
-    return {"v": VERSION, "op": op, "args": {k: v for k, v in (args or {}).items()
-                                             if v is not None}}
+def request(op: str, args: dict[str, Any] | None = None,
+            hub_token: str | None = None) -> dict[str, Any]:
+    """The message a client sends (``args`` without ``None`` values; ``hub_token`` only when
+    there is one, so a client outside JupyterHub sends what older daemons understand)."""
+    msg: dict[str, Any] = {"v": VERSION, "op": op,
+                           "args": {k: v for k, v in (args or {}).items() if v is not None}}
+    if hub_token:
+        msg["hub_token"] = hub_token
+    return msg
 
 
 def parse_request(line: bytes) -> Request:
@@ -160,10 +174,10 @@ def parse_request(line: bytes) -> Request:
                             hint=_HINT) from None
     if not isinstance(msg, dict):
         raise ProtocolError(f"request must be a JSON object, not {type(msg).__name__}")
-    unknown = sorted(set(msg) - {"v", "op", "args"})
+    unknown = sorted(set(msg) - set(FIELDS))
     if unknown:
         raise ProtocolError(f"unknown request field {brief(unknown[0])}",
-                            hint="a request has only v, op and args")
+                            hint="a request has only v, op, args and hub_token")
     if msg.get("v") != VERSION or isinstance(msg.get("v"), bool):
         raise ProtocolError(f"unsupported protocol version {brief(msg.get('v'))}; this daemon "
                             f"speaks version {VERSION}",
@@ -176,7 +190,23 @@ def parse_request(line: bytes) -> Request:
     args = msg.get("args", {})
     if not isinstance(args, dict):
         raise ProtocolError(f"{op.name}: args must be a JSON object")
-    return Request(op, _check_args(op, args))
+    token = msg.get("hub_token")
+    problem = None if token is None else check_token(token)
+    if problem:
+        raise ProtocolError(f"hub_token {problem}",
+                            hint="send the JUPYTERHUB_API_TOKEN of your JupyterHub server")
+    return Request(op, _check_args(op, args), token)
+
+
+def check_token(value: object) -> str | None:
+    """What is wrong with a ``hub_token`` value, or None. The message never quotes the value:
+    it may be a real token sent to the wrong place."""
+    if not isinstance(value, str):
+        return f"must be a string, not {type(value).__name__}"
+    if not _TOKEN_RE.fullmatch(value):
+        return (f"must be 8-{MAX_TOKEN} letters, digits or ._~+/=- characters "
+                "(a JupyterHub API token)")
+    return None
 
 
 def _parse_int(digits: str) -> int:

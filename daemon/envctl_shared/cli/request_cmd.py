@@ -156,10 +156,17 @@ def run_status(args: argparse.Namespace) -> int:
     return EX_OK
 
 
+def _requester(job: dict[str, Any]) -> str:
+    """The verified hub user when there is one (uid's name otherwise), plus any claim."""
+    name = (job.get("requester") or {}).get("name", "?")
+    if job.get("hub_user"):
+        name = f"{job['hub_user']} (hub, uid {(job.get('requester') or {}).get('uid')})"
+    claim = job.get("claimed_user")
+    return name + (f" (claims {claim})" if claim and claim != job.get("hub_user") else "")
+
+
 def render_job(job: dict[str, Any]) -> str:
-    req = job.get("requester") or {}
-    who = req.get("name", "?") + (f" (claims {job['claimed_user']})"
-                                  if job.get("claimed_user") else "")
+    who = _requester(job)
     rows = [("id", job["id"]), ("name", job["name"]), ("state", job["state"]),
             ("phase", job.get("phase") or "-"), ("backend", job.get("backend")),
             ("requester", who), ("replace", "yes" if job.get("replace") else "no"),
@@ -183,8 +190,7 @@ def run_list(args: argparse.Namespace) -> int:
         print("no jobs" + ("" if args.finished else " (--finished shows finished ones)"))
         return EX_OK
     rows = [[j["id"], j["name"], j["state"], j.get("phase") or "-", j["backend"],
-             (j.get("requester") or {}).get("name", "?")
-             + (f" ({j['claimed_user']})" if j.get("claimed_user") else ""),
+             _requester(j),
              _when(j.get("created_at"))] for j in jobs]
     print(table(rows, ["ID", "NAME", "STATE", "PHASE", "BACKEND", "USER", "CREATED"]))
     return EX_OK

@@ -288,15 +288,16 @@ class JobManager:
                       requester_name=requester.username, claimed_user=requester.claimed_user,
                       replace=replace, created_at=time.time(), started_at=None,
                       finished_at=None, prefix=str(prefix), exit_detail=None,
-                      log_path=str(self._state.log_path(job_id)))
+                      log_path=str(self._state.log_path(job_id)), hub_user=requester.hub_user)
             self._state.create_job_dir(job_id)  # before the row: the scheduler may start it
             try:
                 self.store.insert(job, spec_text, requester.pid)
             except Conflict:
                 self._state.remove_job_dir(job_id)
                 raise
-        log.info("job-submit id=%s name=%s backend=%s uid=%d claimed=%s replace=%s", job_id,
-                 name, job.backend, requester.uid, requester.claimed_user, replace,
+        log.info("job-submit id=%s name=%s backend=%s uid=%d hub_user=%s claimed=%s replace=%s",
+                 job_id, name, job.backend, requester.uid, requester.hub_user,
+                 requester.claimed_user, replace,
                  extra=fields(job=job_id))
         self._notify()
         return job
@@ -304,16 +305,17 @@ class JobManager:
     def get(self, job_id: str) -> Job:
         return self.store.get(job_id)
 
-    def list(self, uid: int | None = None, include_finished: bool = False) -> list[Job]:
-        return self.store.list(uid=uid, include_finished=include_finished)
+    def list(self, uid: int | None = None, include_finished: bool = False,
+             hub_user: str | None = None) -> list[Job]:
+        return self.store.list(uid=uid, include_finished=include_finished, hub_user=hub_user)
 
     def cancel(self, job_id: str, requester: Requester) -> Job:
         """Cancel a queued or running job: the requester's own, or any for an admin."""
         job = self.store.get(job_id)
-        if job.requester_uid != requester.uid and not requester.is_admin:
-            raise NotAuthorised(f"job {job_id} belongs to {job.requester_name}; you may cancel "
+        if not requester.owns(job) and not requester.is_admin:
+            raise NotAuthorised(f"job {job_id} belongs to {job.owner}; you may cancel "
                                 "only your own jobs", hint="ask an envctl admin")
-        detail = f"cancelled by {requester.username} (uid {requester.uid})"
+        detail = f"cancelled by {requester.who}"
         with self._cond:
             if self.store.update(job_id, expect=(State.QUEUED,), state=State.CANCELLED,
                                  finished_at=time.time(), exit_detail=detail):

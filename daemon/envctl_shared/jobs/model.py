@@ -4,14 +4,17 @@ Why frozen dataclasses: a ``Job`` is a snapshot read from SQLite and handed to t
 nobody may mutate it behind the store's back. ``Job.to_dict()`` is the protocol's job object,
 with these stable keys (times are Unix seconds, or null when not reached yet)::
 
-    id, name, state, phase, backend, requester: {uid, gid, groups, name}, claimed_user,
-    replace, created_at, started_at, finished_at, prefix, exit_detail, log_path, terminal
+    id, name, state, phase, backend, requester: {uid, gid, groups, name}, hub_user,
+    claimed_user, replace, created_at, started_at, finished_at, prefix, exit_detail, log_path,
+    terminal
 
 ``state`` is one of queued, running, succeeded, failed, cancelled, interrupted; ``phase`` is the
 running build's current step (``preparing``, ``solving``, ``downloading``, ``linking``,
 ``creating``, ``installing``, ``building``, ``healing``, ``finalizing``, ``cleanup``) or
 null. ``claimed_user`` is what the
 client *said* it acts for (JUPYTERHUB_USER): recorded for audit, never used to authorise.
+``hub_user`` is the JupyterHub user the hub itself named as the owner of the client's token
+(peers on ``jupyterhub.shared_uids``), or null.
 """
 
 from __future__ import annotations
@@ -32,6 +35,20 @@ class Requester:
     username: str  # pwd name of uid (or str(uid))
     claimed_user: str | None  # unverified claim (JUPYTERHUB_USER), recorded only
     is_admin: bool
+    hub_user: str | None = None  # verified by the hub (peers on jupyterhub.shared_uids)
+    hub_groups: tuple[str, ...] = ()
+
+    def owns(self, job: Job) -> bool:
+        """Same uid and same verified hub user (None on both sides off the hub): on a shared
+        uid the uid alone would make every hub user the owner of every job."""
+        return job.requester_uid == self.uid and job.hub_user == self.hub_user
+
+    @property
+    def who(self) -> str:
+        """How records and messages name this requester."""
+        if self.hub_user is not None:
+            return f"hub user {self.hub_user} (uid {self.uid})"
+        return f"{self.username} (uid {self.uid})"
 
 
 class State(str, Enum):
@@ -70,11 +87,17 @@ class Job:
     prefix: str
     exit_detail: str | None
     log_path: str
+    hub_user: str | None = None
 
     @property
     def terminal(self) -> bool:
         """True once the job can change no more (succeeded, failed, cancelled, interrupted)."""
         return self.state.terminal
+
+    @property
+    def owner(self) -> str:
+        """Who the job belongs to, as messages name them."""
+        return f"hub user {self.hub_user}" if self.hub_user else self.requester_name
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -85,6 +108,7 @@ class Job:
             "backend": self.backend,
             "requester": {"uid": self.requester_uid, "gid": self.requester_gid,
                           "groups": list(self.requester_groups), "name": self.requester_name},
+            "hub_user": self.hub_user,
             "claimed_user": self.claimed_user,
             "replace": self.replace,
             "created_at": self.created_at,

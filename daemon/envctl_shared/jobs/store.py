@@ -9,7 +9,8 @@ invariant, so two concurrent submits of the same name cannot both be accepted.
 
 Besides the public job fields, each row keeps the private copy of the spec and what recovery
 needs after a ``kill -9``: the build's process group id, its leader's start time (to tell our
-group from a recycled pid), the build uid and the build's cgroup (schema 2).
+group from a recycled pid), the build uid and the build's cgroup (schema 2). Schema 3 adds the
+verified JupyterHub user (``hub_user``); a hub token itself is never stored.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from typing import Any
 from ..errors import Conflict, NotFound
 from .model import Job, State
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 _SCHEMA = """
 CREATE TABLE jobs (
     id TEXT PRIMARY KEY,
@@ -48,25 +49,26 @@ CREATE TABLE jobs (
     build_uid INTEGER,
     pgid INTEGER,
     pgid_start INTEGER,
-    cgroup TEXT
+    cgroup TEXT,
+    hub_user TEXT
 );
 CREATE UNIQUE INDEX jobs_active_name ON jobs(name) WHERE state IN ('queued', 'running');
 CREATE INDEX jobs_state ON jobs(state, created_at);
 """
 _PUBLIC = ("id, name, state, phase, backend, requester_uid, requester_gid, requester_groups, "
            "requester_name, claimed_user, replace, created_at, started_at, finished_at, prefix, "
-           "exit_detail, log_path")
+           "exit_detail, log_path, hub_user")
 
 
 def _job(row: tuple[Any, ...]) -> Job:
     (jid, name, state, phase, backend, uid, gid, groups, rname, claimed, replace, created,
-     started, finished, prefix, detail, log_path) = row
+     started, finished, prefix, detail, log_path, hub_user) = row
     return Job(id=jid, name=name, state=State(state), phase=phase, backend=backend,
                requester_uid=uid, requester_gid=gid,
                requester_groups=tuple(json.loads(groups)), requester_name=rname,
                claimed_user=claimed, replace=bool(replace), created_at=created,
                started_at=started, finished_at=finished, prefix=prefix, exit_detail=detail,
-               log_path=log_path)
+               log_path=log_path, hub_user=hub_user)
 
 
 class JobStore:
@@ -91,9 +93,11 @@ class JobStore:
             if version == 0:
                 self._db.executescript(f"BEGIN; {_SCHEMA} PRAGMA user_version={SCHEMA_VERSION};"
                                        " COMMIT;")
-            elif version == 1:  # the cgroup column came with schema 2
-                self._db.executescript("BEGIN; ALTER TABLE jobs ADD COLUMN cgroup TEXT; "
-                                       f"PRAGMA user_version={SCHEMA_VERSION}; COMMIT;")
+            elif version < SCHEMA_VERSION:  # cgroup came with schema 2, hub_user with 3
+                added = {1: ("cgroup", "hub_user"), 2: ("hub_user",)}[version]
+                self._db.executescript("BEGIN; " + "".join(
+                    f"ALTER TABLE jobs ADD COLUMN {col} TEXT; " for col in added)
+                    + f"PRAGMA user_version={SCHEMA_VERSION}; COMMIT;")
 
     def close(self) -> None:
         with self._lock:
@@ -106,11 +110,11 @@ class JobStore:
             with self._lock:
                 self._db.execute(
                     f"INSERT INTO jobs ({_PUBLIC}, requester_pid, spec) VALUES "
-                    "(?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                    "(?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                     (d.id, d.name, d.state.value, d.phase, d.backend, d.requester_uid,
                      d.requester_gid, json.dumps(list(d.requester_groups)), d.requester_name,
                      d.claimed_user, int(d.replace), d.created_at, d.started_at, d.finished_at,
-                     d.prefix, d.exit_detail, d.log_path, requester_pid, spec_text))
+                     d.prefix, d.exit_detail, d.log_path, d.hub_user, requester_pid, spec_text))
         except sqlite3.IntegrityError:
             raise Conflict(f"a build of {job.name!r} is already queued or running",
                            hint="wait for it to finish (envctl request list), or cancel it"
@@ -132,12 +136,13 @@ class JobStore:
         return str(row[0])
 
     def list(self, uid: int | None = None, include_finished: bool = False,
-             states: tuple[State, ...] | None = None) -> list[Job]:
-        """Jobs oldest first, filtered by requester uid and/or state."""
+             states: tuple[State, ...] | None = None, hub_user: str | None = None) -> list[Job]:
+        """Jobs oldest first, filtered by state and/or owner: with ``uid``, that uid's jobs of
+        ``hub_user`` (None: the jobs no hub user made)."""
         where, args = [], []  # type: list[str], list[Any]
         if uid is not None:
-            where.append("requester_uid=?")
-            args.append(uid)
+            where.append("requester_uid=? AND hub_user IS ?")
+            args.extend((uid, hub_user))
         if states is None and not include_finished:
             states = (State.QUEUED, State.RUNNING)
         if states is not None:
