@@ -10,16 +10,18 @@ from __future__ import annotations
 
 import errno
 import os
+import resource
 import stat
 import subprocess
 from array import array
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 
 from envctl_shared.config import RootConfig
-from envctl_shared.heal.fsops import (NodePaths, ScanResult, WalkResult, chgrp_fd, chmod_fd,
-                                      open_dir, scan, stat_at, walk)
+from envctl_shared.heal.fsops import (NodePaths, ScanResult, WalkResult, check_stamps, chgrp_fd,
+                                      chmod_fd, open_dir, scan, stat_at, walk)
 from envctl_shared.policy import NEVER_FIXED, judge, mode_table
 
 from .conftest import Accounts
@@ -288,3 +290,56 @@ def test_open_dir_resolves_beneath_without_symlinks_or_mounts(scratch: Path,
             subprocess.run(["umount", str(top / "a/mnt")], check=False)
     finally:
         remove_tree(top)
+
+
+class _Stamp(NamedTuple):
+    ino: int
+    mtime: int
+    ctime: int
+    subdirs: tuple[str, ...]
+
+
+def test_check_stamps_of_a_chain_deeper_than_the_fd_window(scratch: Path,
+                                                           accounts: Accounts) -> None:
+    """The poller's stamp check descends on an explicit stack: thousands of levels, no
+    recursion, a bounded number of fds; a changed level deep down is found, nothing else."""
+    gid, levels = accounts.shared_gid, 2000
+    top = scratch / "top"
+    top.mkdir()
+    try:
+        make_chain(top, levels, accounts.alice.uid, accounts.alice.gid)
+        fd = os.open(top, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            st = stat_at(fd)
+            walk(fd, gid, mode_table("keep"), (0,), True, st.st_dev, st.mnt_id)  # compliant
+            os.chown(top, accounts.alice.uid, gid)
+            os.chmod(top, 0o2770)
+            stamps: dict[str, _Stamp] = {}
+            cur, rel = os.dup(fd), ""
+            for i in range(levels + 1):  # stamp every level, fd by fd (paths > PATH_MAX)
+                st = stat_at(cur)
+                last = i == levels
+                stamps[rel] = _Stamp(st.st_ino, st.st_mtime_ns, st.st_ctime_ns,
+                                     () if last else ("d",))
+                nxt = -1 if last else os.open("d", os.O_RDONLY | os.O_DIRECTORY, dir_fd=cur)
+                os.close(cur)
+                cur, rel = nxt, f"{rel}/d" if rel else "d"
+            marked = "/".join(["d"] * (levels - 10))
+            mfd = open_dir(fd, marked)
+            os.mkdir("new", dir_fd=mfd)  # a change after its stamp
+            os.close(mfd)
+            st = stat_at(fd)
+            soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+            resource.setrlimit(resource.RLIMIT_NOFILE,  # an fd per level would not fit
+                               (len(os.listdir("/proc/self/fd")) + 100, hard))
+            try:
+                visited, stale = check_stamps(fd, stamps, gid, mode_table("keep"), st.st_dev,
+                                              st.mnt_id)
+            finally:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        finally:
+            os.close(fd)
+    finally:
+        remove_tree(top)
+    assert stale == [marked]  # its mtime changed after it was stamped
+    assert visited == levels - 10 + 1  # the root and every level down to it, none below
