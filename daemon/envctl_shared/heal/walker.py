@@ -7,25 +7,29 @@ reconciles of new directories and its per-event heals. Safety rules, all enforce
   is changed only through an fd opened ``O_PATH|O_NOFOLLOW`` and ``fstat``-ed, so what is judged
   is exactly the inode that is changed. A symlink or rename swapped in mid-walk can at worst
   make us chgrp the link itself.
-- Nothing on another device or mount (bind mounts on the same device included, via the mount
-  id) is changed or descended into; entries owned by ``protected_owners`` are never changed
-  (the root directory itself excepted: the admin named it); fifos, sockets and devices are only
-  reported; excluded patterns are neither changed nor descended into.
+- Nothing on another mount (by ``statx`` mount id: bind mounts on the same device are other
+  mounts; overlayfs files, which report their layer's device, are not) is changed or descended
+  into; entries owned by ``protected_owners`` are never changed (the root directory itself
+  excepted: the admin named it); fifos, sockets and devices are only reported; excluded
+  patterns are neither changed nor descended into.
 - A compliant entry costs one ``statx`` and no open, no write.
+- Any depth: no recursion (C or Python), a bounded number of open fds, and each entry costs
+  the same at level 20,000 as at level 2 (paths are built only for what is reported; a path
+  from an event is resolved by the kernel in one ``openat2``).
 
-Speed: the per-entry loop — list, inspect, fix the plain cases — runs in C (``fsops.scan``)
-with the GIL released, judged by the policy's ``mode_table``; Python handles directories and
-whatever the fast path hands back (special files, protected owners, races, other mounts). A
-serial walk with no exclusions and no planner (``heal``/``check`` and reconciles on a local
-disk) hands whole subtrees to C (``fsops.walk``), which takes directories too and returns only
-what is not plain; Python then visits those by their path, from the root, as usual.
+Speed: the per-entry loop — list, inspect, fix, or report as skipped (special files, protected
+owners, other mounts) — runs in C (``fsops.scan``) with the GIL released, judged by the
+policy's ``mode_table``; Python handles directories and what changed under the fast path (an
+entry swapped mid-fix). A serial walk with no exclusions and no planner (``heal``/``check``
+and reconciles on a local disk) hands whole subtrees to C (``fsops.walk``), which takes
+directories too; Python then revisits by path only what was swapped or moved mid-walk.
 
 Concurrency: on NFS/EFS each call is a network round trip, so directories are listed and their
 entries inspected and fixed by a bounded pool of threads, in batches of ``BATCH`` names.
-Tasks sit on a LIFO stack: depth-first order keeps the open directory fds near tree depth ×
-workers, and when the stack is long, batches run inline instead of being queued, which bounds
-memory on very wide trees. With concurrency 1 everything runs in the caller's thread and the
-C loop lists each directory itself.
+Tasks sit on a LIFO stack (depth first), and when the stack is long, batches run inline instead
+of being queued, which bounds memory on very wide trees. A queued task pins its directory but
+not its fd (``_Fds``). With concurrency 1 everything runs in the caller's thread and the C loop
+lists each directory itself.
 """
 
 from __future__ import annotations
