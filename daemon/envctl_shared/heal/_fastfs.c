@@ -8,14 +8,20 @@
  * walk threads on NFS/FUSE really overlap and Python only sees what needs a decision.
  *
  * This module holds mechanism only. What "correct" means stays in envctl_shared.policy: the caller
- * passes a table of the wanted permission bits for every st_mode (computed by the policy) and
- * the wanted group. Anything unusual (special files, protected owners, an entry that changed
- * between inspection and fix, another mount, a directory) is handed back to Python's slow path,
- * which applies every rule itself. The fast path keeps the healer's safety rules:
+ * passes a table of the wanted permission bits for every st_mode (computed by the policy), the
+ * wanted group and the protected owners. Entries never changed (special files, protected
+ * owners, another mount) come back as skipped with their reason; an entry that changed between
+ * inspection and fix is handed back to Python's slow path, which re-judges it. A walk has no
+ * recursion and keeps at most WINDOW directory fds whatever the depth, and names entries by
+ * (directory node, name), never by a path string. The fast path keeps the healer's safety rules:
  *
  *   - entries are inspected with statx(AT_SYMLINK_NOFOLLOW) relative to a directory fd;
  *   - an entry is changed only through an O_PATH|O_NOFOLLOW fd whose own statx shows the very
  *     inode (same ino, type and owner) that was judged;
+ *   - "another mount" is another statx mount id (st_dev only without one): on overlayfs a
+ *     regular file reports its layer's st_dev;
+ *   - a directory reopened on the way back up (through its child's "..") must show the inode,
+ *     device and mount it had;
  *   - statx uses AT_STATX_DONT_SYNC: on NFS/FUSE the attributes the lookup just returned are
  *     used instead of a second GETATTR round trip (a local filesystem ignores the flag).
  */
