@@ -14,11 +14,13 @@ import logging
 import os
 import threading
 import time
+from dataclasses import asdict
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from .. import __version__
 from ..config import Config
-from ..errors import DaemonUnavailable, NotAuthorised
+from ..errors import DaemonUnavailable, NotAuthorised, ValidationError
+from ..jobs import kernels, procs
 from ..jobs.model import Job, Requester, State
 from ..jobs.spec import validate_name
 from . import protocol
@@ -185,6 +187,19 @@ class Handlers:
         log.debug("api cancel job=%s name=%s uid=%d user=%s hub_user=%s", job.id, job.name,
                   who.uid, who.username, who.hub_user)
         yield protocol.ok(job.to_dict())
+
+    def op_kernels_sync(self, who: Requester, gone: Callable[[], bool]) -> Iterator[Message]:
+        if not who.is_admin:
+            raise NotAuthorised("only envctl admins may rewrite the kernelspecs",
+                                hint="ask an administrator to run 'envctl kernels sync'")
+        if self.config.kernels.dir is None:
+            raise ValidationError("this daemon keeps no kernelspecs (kernels.dir is not set)",
+                                  hint="an administrator sets kernels.dir in the configuration")
+        busy = {job.name for job in self._manager().list()}  # queued or running builds
+        result = kernels.sync(self.config, procs.build_user(self.config.requests), busy)
+        log.info("api kernels-sync uid=%d hub_user=%s written=%d removed=%d", who.uid,
+                 who.hub_user, len(result.written), len(result.removed))
+        yield protocol.ok(asdict(result))
 
     # -- streaming -------------------------------------------------------------------------
 

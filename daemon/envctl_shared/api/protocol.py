@@ -114,6 +114,9 @@ OPS: dict[str, Op] = {op.name: op for op in (
     }, streaming=True),
     Op("cancel", "Cancel a queued or running job: the owner's (same uid and, on a shared uid, "
        "same verified hub user); admins any.", {"id": _ID}),
+    Op("kernels-sync", "Rewrite the kernelspec of every environment in the root that has "
+       "ipykernel (hand-made ones included) and remove those of environments that have none "
+       "or are gone; replies {written, removed, skipped}. Admins."),
 )}
 _BY_NAME: dict[str, Op] = {alias: op for op in OPS.values() for alias in (op.name, *op.aliases)}
 

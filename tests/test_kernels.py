@@ -1,0 +1,161 @@
+"""Every env with ipykernel becomes a Jupyter kernel, found and started by real jupyter_client.
+
+A real daemon builds a venv env with ipykernel (offline: the wheels of ipykernel and its
+dependencies are downloaded from PyPI once into :data:`WHEELS` and reused by later runs) and a
+hand-made ``kversion`` wheel whose module says which version it is. Then, as a user's server
+would: ``JUPYTER_PATH`` points at the shared ``share/jupyter``, ``KernelSpecManager`` lists
+the kernelspec, a ``KernelManager`` starts it, the kernel prints ``sys.prefix`` and the
+version, and it is shut down cleanly. A replace with ``kversion`` 2.0 is seen by the next kernel
+start through the same kernelspec; ``envctl kernels sync`` (admins) adds a hand-made env and
+removes the kernel of an env that is gone.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+from envctl_shared.errors import EX_NOPERM
+
+from tests.api_support import ApiDaemon, start_api_daemon
+from tests.conftest import Accounts
+from tests.helpers import VENV_BIN
+from tests.jobs_support import write_wheel
+
+jupyter_client = pytest.importorskip("jupyter_client")
+from jupyter_client.kernelspec import KernelSpecManager  # noqa: E402
+from jupyter_client.manager import KernelManager  # noqa: E402
+
+WHEELS = Path("/tmp/envctl-kernel-wheels")  # a download cache shared by test runs
+SPEC = "dependencies:\n  - pip:\n    - ipykernel\n    - kversion=={version}\n"
+ROOT_ONLY = Path("/")
+
+
+def kernel_wheels() -> Path:
+    """ipykernel and its dependencies as wheels, downloaded at first use."""
+    if not any(WHEELS.glob("ipykernel-*.whl")):
+        WHEELS.mkdir(mode=0o755, parents=True, exist_ok=True)
+        subprocess.run([str(VENV_BIN / "pip"), "download", "--quiet", "--only-binary=:all:",
+                        "-d", str(WHEELS), "ipykernel"], check=True, timeout=540)
+    os.chmod(WHEELS, 0o755)
+    for wheel in WHEELS.iterdir():
+        os.chmod(wheel, 0o644)  # the build user reads them
+    return WHEELS
+
+
+@pytest.fixture(scope="module")
+def kapi(accounts: Accounts) -> Iterator[tuple[ApiDaemon, Path]]:
+    base = Path(tempfile.mkdtemp(dir="/tmp", prefix="envctl-kernels-"))
+    os.chmod(base, 0o755)
+    own = base / "wheels"
+    for version in ("1.0", "2.0"):
+        write_wheel(own, "kversion", version, f"VERSION = {version!r}\n")
+    kernels = base / "share" / "jupyter" / "kernels"
+    try:
+        for api in start_api_daemon(
+                accounts, extra={"kernels": {"dir": str(kernels)}}, timeout=600,
+                pip_args=["--no-index", "--find-links", str(kernel_wheels()),
+                          "--find-links", str(own)]):
+            yield api, kernels
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def _build(api: ApiDaemon, accounts: Accounts, name: str, version: str,
+           *extra: str) -> dict:
+    spec = api.write_spec(SPEC.format(version=version))
+    res = api.cli(accounts.alice, "request", "create", name, "-f", str(spec), "--backend",
+                  "venv", "--json", *extra, timeout=600)
+    assert res.returncode == 0, res.stderr + res.stdout
+    return dict(json.loads(res.stdout))
+
+
+def _specs(kernels: Path, monkeypatch: pytest.MonkeyPatch) -> KernelSpecManager:
+    """What a user's server sees with the shared directory on its JUPYTER_PATH."""
+    monkeypatch.setenv("JUPYTER_PATH", str(kernels.parent))
+    return KernelSpecManager()
+
+
+def _run(ksm: KernelSpecManager, name: str, code: str, runtime: Path) -> str:
+    """Start kernel ``name``, run ``code``, return its stdout; shut it down cleanly."""
+    km = KernelManager(kernel_name=name, kernel_spec_manager=ksm,
+                       connection_file=str(runtime / f"{name}.json"))
+    km.start_kernel()
+    out: list[str] = []
+    try:
+        kc = km.client()
+        kc.start_channels()
+        try:
+            kc.wait_for_ready(timeout=120)
+            reply = kc.execute_interactive(
+                code, timeout=60,
+                output_hook=lambda m: out.append(m["content"]["text"])
+                if m["msg_type"] == "stream" else None)
+            assert reply["content"]["status"] == "ok", reply["content"]
+        finally:
+            kc.stop_channels()
+    finally:
+        km.shutdown_kernel(now=False)
+    assert not km.is_alive()
+    return "".join(out)
+
+
+CODE = "import sys, kversion; print(sys.prefix, kversion.VERSION)"
+
+
+def test_a_built_env_is_a_kernel_and_an_update_is_the_next_start(
+        kapi: tuple[ApiDaemon, Path], accounts: Accounts, monkeypatch: pytest.MonkeyPatch,
+        tmp_path: Path) -> None:
+    api, kernels = kapi
+    job = _build(api, accounts, "kenv", "1.0")
+    assert "kernelspec envctl-kenv written" in Path(job["log_path"]).read_text()
+    ksm = _specs(kernels, monkeypatch)
+    assert "envctl-kenv" in ksm.find_kernel_specs()
+    spec = ksm.get_kernel_spec("envctl-kenv")
+    prefix = api.root / "kenv"
+    assert spec.display_name == "envctl: kenv" and spec.language == "python"
+    assert spec.argv[0] == f"{prefix}/bin/python"  # the stable path, not a resolved one
+    assert spec.env["VIRTUAL_ENV"] == str(prefix)
+    kernel_json = kernels / "envctl-kenv" / "kernel.json"
+    st = kernel_json.stat()
+    assert (st.st_uid, st.st_mode & 0o777) == (0, 0o644)
+    assert [p.name for p in kernel_json.parent.iterdir()] == ["kernel.json"]  # no temp left
+    assert _run(ksm, "envctl-kenv", CODE, tmp_path) == f"{prefix} 1.0\n"
+    # An update: the same kernelspec, the new env at the next kernel start.
+    _build(api, accounts, "kenv", "2.0", "--replace")
+    assert json.loads(kernel_json.read_text())["argv"][0] == f"{prefix}/bin/python"
+    assert _run(_specs(kernels, monkeypatch), "envctl-kenv", CODE, tmp_path) == \
+        f"{prefix} 2.0\n"
+
+
+def test_kernels_sync_adds_hand_made_envs_and_drops_gone_ones(
+        kapi: tuple[ApiDaemon, Path], accounts: Accounts, monkeypatch: pytest.MonkeyPatch,
+        tmp_path: Path) -> None:
+    api, kernels = kapi
+    if not (api.root / "kenv").exists():
+        _build(api, accounts, "kenv", "1.0")
+    hand = api.root / "handmade"
+    subprocess.run(["cp", "-a", str(api.root / "kenv"), str(hand)], check=True)
+    (api.root / "no-python").mkdir()  # not a kernel: skipped quietly
+    res = api.cli(accounts.alice, "kernels", "sync")
+    assert res.returncode == EX_NOPERM and "only envctl admins" in res.stderr
+    res = subprocess.run([str(VENV_BIN / "envctl"), "kernels", "sync", "--json", "--socket",
+                          str(api.sock)], text=True, capture_output=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    done = json.loads(res.stdout)
+    assert sorted(done["written"]) == ["envctl-handmade", "envctl-kenv"], done
+    assert _run(_specs(kernels, monkeypatch), "envctl-handmade", CODE, tmp_path) \
+        .startswith(f"{hand} ")
+    shutil.rmtree(hand)  # an admin removes an env by hand: the next sync drops its kernel
+    res = subprocess.run([str(VENV_BIN / "envctl"), "kernels", "sync", "--json", "--socket",
+                          str(api.sock)], text=True, capture_output=True, timeout=300)
+    assert json.loads(res.stdout)["removed"] == ["envctl-handmade"], res.stderr
+    assert "envctl-handmade" not in _specs(kernels, monkeypatch).find_kernel_specs()
+    assert not (kernels / "envctl-handmade").exists()
+    (api.root / "no-python").rmdir()
