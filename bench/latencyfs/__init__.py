@@ -7,7 +7,8 @@ in C on libfuse3's multi-threaded loop, that answers each metadata call after ``
 and counts what it served (see the header of ``latencyfs.c`` for the model).
 
 The binary is compiled here from source the first time it is needed (gcc, ``pkg-config fuse3``;
-Debian: ``libfuse3-dev``), cached under ``build/latencyfs/`` by a hash of the source and flags.
+Debian: ``libfuse3-dev``), cached under ``build/latencyfs/`` by a hash of the source and flags;
+so is ``statstorm.c``, the client that measures its capacity.
 By hand: ``python -c 'from bench.latencyfs import binary; print(binary())'``, then
 ``latencyfs BACKING MNT -f -o latency=1``.
 """
@@ -23,7 +24,6 @@ import signal
 import subprocess
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -31,8 +31,26 @@ from typing import Iterator
 SOURCE = Path(__file__).resolve().with_name("latencyfs.c")
 BUILD_DIR = SOURCE.parent.parent.parent / "build" / "latencyfs"
 CFLAGS = ["-O2", "-Wall", "-Wextra", "-Werror", "-Wno-unused-parameter"]
-DEFAULT_THREADS = 64
+DEFAULT_THREADS = 16  # workers; requests in flight are bounded by the callers (late replies)
 _MOUNT_TIMEOUT = 20.0
+
+
+def _build(name: str, libs: list[str]) -> Path:
+    """``name``.c from this directory compiled with gcc, cached by a hash of source and flags."""
+    source = SOURCE.with_name(f"{name}.c")
+    digest = hashlib.sha256(source.read_bytes() + " ".join(CFLAGS + libs).encode())
+    exe = BUILD_DIR / f"{name}-{digest.hexdigest()[:16]}"
+    if exe.is_file():
+        return exe
+    BUILD_DIR.mkdir(parents=True, exist_ok=True)
+    tmp = exe.with_name(f"{exe.name}.{os.getpid()}.tmp")  # concurrent builders never collide
+    out = subprocess.run(["gcc", *CFLAGS, "-o", str(tmp), str(source), *libs],
+                         capture_output=True, text=True)
+    if out.returncode != 0:
+        tmp.unlink(missing_ok=True)
+        raise RuntimeError(f"building {name} failed:\n{out.stderr}")
+    os.replace(tmp, exe)
+    return exe
 
 
 def binary() -> Path:
@@ -43,19 +61,7 @@ def binary() -> Path:
     except (OSError, subprocess.CalledProcessError) as exc:
         raise RuntimeError("latencyfs needs libfuse3's headers and pkg-config "
                            "(Debian: apt-get install libfuse3-dev pkg-config)") from exc
-    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(CFLAGS + flags).encode())
-    exe = BUILD_DIR / f"latencyfs-{digest.hexdigest()[:16]}"
-    if exe.is_file():
-        return exe
-    BUILD_DIR.mkdir(parents=True, exist_ok=True)
-    tmp = exe.with_name(f"{exe.name}.{os.getpid()}.tmp")  # concurrent builders never collide
-    out = subprocess.run(["gcc", *CFLAGS, "-o", str(tmp), str(SOURCE), *flags],
-                         capture_output=True, text=True)
-    if out.returncode != 0:
-        tmp.unlink(missing_ok=True)
-        raise RuntimeError(f"building latencyfs failed:\n{out.stderr}")
-    os.replace(tmp, exe)
-    return exe
+    return _build("latencyfs", flags)
 
 
 @dataclass(frozen=True)
@@ -178,19 +184,13 @@ def _unmount(mountpoint: Path, proc: subprocess.Popen[bytes]) -> None:
         proc.stderr.close()
 
 
-def stat_storm(fs: LatencyFs, files: list[str], concurrency: int) -> tuple[float, Counters]:
-    """``stat`` each of ``files`` (names in the mount's top directory, never looked up before)
-    once from ``concurrency`` threads: the calls per second the filesystem sustained, and what
-    its own counters say it served meanwhile (each stat is one uncached LOOKUP)."""
+def stat_storm(fs: LatencyFs, prefix: str, count: int, threads: int) -> tuple[float, Counters]:
+    """``lstat`` the names ``prefix0`` .. ``prefix{count-1}`` in the mount's top directory (never
+    looked up before: each is one LOOKUP that reaches the filesystem), each once, from
+    ``threads`` threads of a small C client (``statstorm.c``: a Python client would be the
+    bottleneck). Returns the calls per second sustained and what the filesystem's own counters
+    say it served meanwhile."""
     before = fs.counters()
-    chunks = [files[i::concurrency] for i in range(concurrency)]
-
-    def run(names: list[str]) -> None:
-        for name in names:
-            os.lstat(fs.path / name)
-
-    start = time.perf_counter()
-    with ThreadPoolExecutor(concurrency) as pool:
-        list(pool.map(run, chunks))
-    took = time.perf_counter() - start
-    return len(files) / took, fs.counters().since(before)
+    out = subprocess.run([str(_build("statstorm", ["-lpthread"])), str(fs.path), prefix,
+                          str(count), str(threads)], capture_output=True, text=True, check=True)
+    return count / float(out.stdout), fs.counters().since(before)

@@ -3,20 +3,21 @@
  * fixed latency, as an NFS/EFS server does, and counts what it served.
  *
  *   latencyfs BACKING MOUNTPOINT -f -o latency=1.0,stats=FILE[,history=FILE][,stats_interval=S]
- *             [,threads=64] [-o entry_timeout=..,attr_timeout=..]
+ *             [,threads=16] [-o entry_timeout=..,attr_timeout=..]
  *
  * Why it exists: envctl walks network filesystems concurrently because every metadata call there
  * is a round trip. Benchmarks and tests need that cost on a laptop, with requests that overlap
  * like parallel RPCs, and a server fast enough never to be the bottleneck it is meant to model.
- * Hence C, libfuse3's multi-threaded loop (`threads` workers, default 64, all idle-kept) and a
- * sleep that runs concurrently in each worker.
+ * Hence C on libfuse3's multi-threaded loop (`threads` workers, default 16), and replies held
+ * back until their deadline by one reply thread instead of workers asleep: requests in flight
+ * are bounded by the callers, not by the server's threads (see "late replies" below).
  *
  * The model:
  * - Metadata calls (getattr, which is also every LOOKUP in libfuse's path API; readlink, mknod,
  *   mkdir, unlink, rmdir, symlink, rename, link, chmod, chown, truncate, utimens, open, create,
- *   opendir, readdir, statfs) finish no earlier than `latency` ms after they arrived: the work
- *   is done first, then the worker sleeps to the deadline (the reply is what is late). Data and
- *   close calls (read, write, flush, release, releasedir, fsync) are not delayed.
+ *   opendir, readdir, statfs) are answered `latency` ms after they arrived: the work is done at
+ *   once, the reply is what is late. Data and close calls (read, write, flush, release,
+ *   releasedir, fsync) are not delayed.
  * - readdir serves a whole directory in one call, without attributes (no READDIRPLUS): each
  *   entry then costs the walker its own LOOKUP, the conservative case.
  * - Inode numbers are the backing ones (use_ino) and st_dev is the mount's, so identity checks
@@ -118,12 +119,25 @@ struct call {
     struct timespec deadline;
 };
 
+/* The reply of the request this worker is serving, when a delayed call made it late: finish()
+ * sets it, dev_writev (in the same thread, right after) hands the reply to the reply thread. */
+static __thread struct {
+    int deferred;
+    struct timespec deadline;
+} pending;
+
 static struct call begin(enum op op)
 {
     struct call c = {.op = op};
     clock_gettime(CLOCK_MONOTONIC, &c.deadline);
     c.deadline = ts_add_ns(c.deadline, op_delayed[op] ? fs.latency_ns : 0);
     atomic_fetch_add_explicit(&counters.calls[op], 1, memory_order_relaxed);
+    if (pending.deferred) {
+        /* A second call for the same request (libfuse's getattr after create/mkdir/...): one
+         * reply, one round trip, as an NFS CREATE returns the attributes with it. */
+        pending.deferred = 0;
+        atomic_fetch_sub_explicit(&counters.inflight, 1, memory_order_relaxed);
+    }
     long now = atomic_fetch_add_explicit(&counters.inflight, 1, memory_order_relaxed) + 1;
     long max = atomic_load_explicit(&counters.inflight_max, memory_order_relaxed);
     while (now > max && !atomic_compare_exchange_weak(&counters.inflight_max, &max, now))
@@ -131,15 +145,17 @@ static struct call begin(enum op op)
     return c;
 }
 
-/* Reply no earlier than the deadline; `res` is 0/positive or -errno. */
+/* The call is done; its reply leaves at the deadline. `res` is 0/positive or -errno. */
 static int finish(const struct call *c, int res)
 {
     if (res < 0)
         atomic_fetch_add_explicit(&counters.errors, 1, memory_order_relaxed);
-    if (op_delayed[c->op] && fs.latency_ns > 0)
-        while (clock_nanosleep(CLOCK_MONOTONIC, TIMER_ABSTIME, &c->deadline, NULL) == EINTR)
-            ;
-    atomic_fetch_sub_explicit(&counters.inflight, 1, memory_order_relaxed);
+    if (op_delayed[c->op] && fs.latency_ns > 0) {
+        pending.deferred = 1;
+        pending.deadline = c->deadline;
+    } else {
+        atomic_fetch_sub_explicit(&counters.inflight, 1, memory_order_relaxed);
+    }
     return res;
 }
 
@@ -184,14 +200,105 @@ static void become_root(int switched)
     syscall(SYS_setgroups, (size_t)fs.root_ngroups, fs.root_groups);
 }
 
-/* ---- the INIT reply ---------------------------------------------------------------------- */
+/* ---- /dev/fuse traffic: late replies, and the INIT reply ------------------------------------ */
+
+/* Why replies are late rather than workers asleep: a worker that slept through each call's
+ * latency cost two extra context switches per call and one thread per request in flight; on
+ * two cores that, not the latency, capped what the filesystem could serve (~20k calls/s at
+ * 1 ms). Instead a worker does the call, queues the reply with its deadline and takes the next
+ * request; one reply thread sends each reply when its deadline has passed (in the order they
+ * were queued: deadlines differ only by the calls' own microseconds). The kernel keeps each
+ * request pending until its reply arrives, exactly as if the server had been slow. */
+struct late_reply {
+    struct late_reply *next;
+    struct timespec deadline;
+    int fd;
+    size_t len;
+    char data[];
+};
+
+static struct {
+    pthread_mutex_t lock;
+    pthread_cond_t cond;
+    struct late_reply *head, *tail;
+    int stop;
+    pthread_t thread;
+} replies = {.lock = PTHREAD_MUTEX_INITIALIZER, .cond = PTHREAD_COND_INITIALIZER};
+
+static int ts_before(const struct timespec *a, const struct timespec *b)
+{
+    return a->tv_sec < b->tv_sec || (a->tv_sec == b->tv_sec && a->tv_nsec < b->tv_nsec);
+}
+
+static void sleep_until(const struct timespec *deadline)
+{
+    struct timespec now;
+    clock_gettime(CLOCK_MONOTONIC, &now);
+    if (ts_before(&now, deadline))
+        while (clock_nanosleep(CLOCK_MONOTONIC, TIMER_ABSTIME, deadline, NULL) == EINTR)
+            ;
+}
+
+static void *reply_main(void *arg)
+{
+    pthread_mutex_lock(&replies.lock);
+    for (;;) {
+        while (!replies.head && !replies.stop)
+            pthread_cond_wait(&replies.cond, &replies.lock);
+        struct late_reply *r = replies.head;
+        if (!r)
+            break;  /* stopping, and every reply is out */
+        pthread_mutex_unlock(&replies.lock);
+        sleep_until(&r->deadline);  /* only this thread removes entries: r stays the head */
+        pthread_mutex_lock(&replies.lock);
+        replies.head = r->next;
+        if (!replies.head)
+            replies.tail = NULL;
+        pthread_mutex_unlock(&replies.lock);
+        /* ENOENT: the request was interrupted meanwhile; nothing to do, as in libfuse. */
+        if (write(r->fd, r->data, r->len) < 0 && errno != ENOENT && errno != ENODEV)
+            fprintf(stderr, "latencyfs: reply: %s\n", strerror(errno));
+        atomic_fetch_sub_explicit(&counters.inflight, 1, memory_order_relaxed);
+        free(r);
+        pthread_mutex_lock(&replies.lock);
+    }
+    pthread_mutex_unlock(&replies.lock);
+    return NULL;
+}
+
+/* Queue a reply for its deadline; it counts as written. Without memory, reply late in place. */
+static ssize_t queue_reply(int fd, const struct iovec *iov, int count, struct timespec deadline)
+{
+    size_t len = 0;
+    for (int i = 0; i < count; i++)
+        len += iov[i].iov_len;
+    struct late_reply *r = malloc(sizeof *r + len);
+    if (!r) {
+        sleep_until(&deadline);
+        ssize_t n = writev(fd, iov, count);
+        atomic_fetch_sub_explicit(&counters.inflight, 1, memory_order_relaxed);
+        return n;
+    }
+    *r = (struct late_reply){.deadline = deadline, .fd = fd, .len = len};
+    for (size_t i = 0, off = 0; i < (size_t)count; off += iov[i].iov_len, i++)
+        memcpy(r->data + off, iov[i].iov_base, iov[i].iov_len);
+    pthread_mutex_lock(&replies.lock);
+    if (replies.tail)
+        replies.tail->next = r;
+    else
+        replies.head = r;
+    replies.tail = r;
+    pthread_cond_signal(&replies.cond);
+    pthread_mutex_unlock(&replies.lock);
+    return (ssize_t)len;
+}
 
 /* libfuse 3.14 (Debian 12) never sends FUSE_PARALLEL_DIROPS, whatever init() asks: the line that
  * maps it into the INIT reply is missing (later releases have it). Without it the kernel
  * serialises every LOOKUP in one directory, and a walk's parallel stats of a wide directory
- * would queue behind each other as they do not on NFS. So the /dev/fuse writes go through this
- * hook, which sets the flag in the INIT reply (the first reply sent) when the kernel offered it
- * and init() asked for it. With a libfuse that sends the flag itself this changes nothing. */
+ * would queue behind each other as they do not on NFS. So the INIT reply (the first reply
+ * sent) gets the flag here when the kernel offered it and init() asked for it. With a libfuse
+ * that sends the flag itself this changes nothing. */
 static struct {
     atomic_int parallel_dirops;  /* init() wants it and the kernel offered it */
     atomic_int done;             /* the INIT reply has gone out */
@@ -206,6 +313,10 @@ static ssize_t dev_writev(int fd, struct iovec *iov, int count, void *userdata)
                                                  sizeof(uint32_t) &&
             atomic_load(&init_patch.parallel_dirops))
             ((struct fuse_init_out *)iov[1].iov_base)->flags |= FUSE_PARALLEL_DIROPS;
+    }
+    if (pending.deferred) {
+        pending.deferred = 0;
+        return queue_reply(fd, iov, count, pending.deadline);
     }
     return writev(fd, iov, count);
 }
@@ -596,7 +707,8 @@ static void usage(const char *prog)
            "    -o stats=FILE          JSON counters: on SIGUSR1, every stats_interval, at exit\n"
            "    -o history=FILE        append every snapshot as one JSON line\n"
            "    -o stats_interval=S    also snapshot every S seconds (default 0: never)\n"
-           "    -o threads=N           worker threads = requests served at once (default 64)\n\n");
+           "    -o threads=N           worker threads (default 16); requests in flight are not\n"
+           "                           bounded by it: replies wait in a queue, not in workers\n\n");
 }
 
 int main(int argc, char *argv[])
@@ -609,7 +721,7 @@ int main(int argc, char *argv[])
     sigaddset(&usr1, SIGUSR1);
     pthread_sigmask(SIG_BLOCK, &usr1, NULL);
     struct fuse_args args = FUSE_ARGS_INIT(argc, argv);
-    struct options opts = {.threads = 64};
+    struct options opts = {.threads = 16};
     if (fuse_opt_parse(&args, &opts, option_spec, opt_proc) == -1)
         return 2;
     if (opts.show_help) {
@@ -661,12 +773,24 @@ int main(int argc, char *argv[])
 
     stats_thread.opts = &opts;
     int stats_running = pthread_create(&stats_thread.thread, NULL, stats_main, NULL) == 0;
+    if (pthread_create(&replies.thread, NULL, reply_main, NULL) != 0) {
+        fprintf(stderr, "latencyfs: cannot start the reply thread\n");
+        res = 1;
+        goto out_threads;
+    }
 
     struct fuse_loop_config *loop = fuse_loop_cfg_create();
     fuse_loop_cfg_set_max_threads(loop, (unsigned)opts.threads);
-    fuse_loop_cfg_set_idle_threads(loop, (unsigned)opts.threads);
+    fuse_loop_cfg_set_idle_threads(loop, (unsigned)opts.threads);  /* no churn of threads */
     res = fuse_loop_mt(fuse, loop) == 0 ? 0 : 1;
     fuse_loop_cfg_destroy(loop);
+    pthread_mutex_lock(&replies.lock);
+    replies.stop = 1;
+    pthread_cond_signal(&replies.cond);
+    pthread_mutex_unlock(&replies.lock);
+    pthread_join(replies.thread, NULL);
+
+out_threads:
 
     if (stats_running) {
         atomic_store(&stats_thread.stop, 1);
