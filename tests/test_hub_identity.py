@@ -54,6 +54,9 @@ c.JupyterHub.load_roles = [{{
 """
 
 
+SERVER_SCOPES = ["users:activity!user", "access:servers!server"]
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -78,9 +81,13 @@ class Hub:
         with urllib.request.urlopen(req, timeout=10) as resp:
             return json.loads(resp.read() or b"null")
 
-    def token(self, user: str) -> str:
-        """A new API token of ``user``, as the hub creates it."""
-        return str(self.call("POST", f"/users/{user}/tokens", {"note": "envctl tests"})["token"])
+    def token(self, user: str, scopes: list[str] | None = None) -> str:
+        """A new API token of ``user``, as the hub creates it (with all of the user's
+        permissions, or only ``scopes``)."""
+        body: dict[str, Any] = {"note": "envctl tests"}
+        if scopes is not None:
+            body["scopes"] = scopes
+        return str(self.call("POST", f"/users/{user}/tokens", body)["token"])
 
     def signal(self, sig: int) -> None:
         os.killpg(self.proc.pid, sig)
@@ -158,7 +165,10 @@ def world(accounts: Accounts) -> Iterator[World]:
     try:
         hub.call("POST", "/users", {"usernames": ["alice", "bob", "dave"]})
         hub.call("POST", "/groups/builders", {"users": ["alice", "bob"]})
-        tokens = {name: hub.token(name) for name in ("alice", "bob", "carol", "dave")}
+        tokens = {name: hub.token(name) for name in ("alice", "carol", "dave")}
+        # bob's has only what a single-user server's JUPYTERHUB_API_TOKEN gets by default (the
+        # hub's "server" role): enough for the hub to tell the daemon his name and groups.
+        tokens["bob"] = hub.token("bob", SERVER_SCOPES)
         extra = {"jupyterhub": {"api_url": hub.api_url, "shared_uids": [accounts.alice.uid],
                                 "timeout": 2, "cache_seconds": 60},
                  "logging": {"level": "DEBUG"}}
