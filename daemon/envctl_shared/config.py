@@ -336,6 +336,31 @@ def _requests(source: str, data: Any, roots: tuple[RootConfig, ...],
     return cfg
 
 
+def _check_venv_python(source: str, cfg: RequestsConfig, roots: tuple[RootConfig, ...]) -> None:
+    """A venv runs its base interpreter for life (``pyvenv.cfg`` ``home``). On a root that other
+    hosts and pods mount (a network or FUSE filesystem), a ``venv_python`` outside that root —
+    the daemon's own ``/usr/bin/python3`` — is one they may not have, or have in another
+    version: every venv built with it would be broken there. Refused here, not at the first
+    build. The interpreter's real path counts (a symlink in the root to /usr/bin is outside)."""
+    if "venv" not in cfg.allowed_backends or not cfg.enabled:
+        return
+    from .fsinfo import mount_of  # here: the filesystem is only asked when venvs are built
+
+    root = cfg.root or roots[0].path
+    if not os.path.isdir(root) or not mount_of(root).remote:
+        return
+    python = Path(os.path.normpath(cfg.venv_python))
+    for path in (python, Path(os.path.realpath(python))):
+        if root not in path.parents:
+            _Reader(source, "requests", {}).fail(
+                "venv_python", f"{cfg.venv_python} is outside the requests root {root}, which "
+                "is on a network filesystem: a venv built with it runs that interpreter "
+                f"({path}), which other hosts and user pods mounting {root} may not have. "
+                "Build a Python env in the root (envctl request create python -f "
+                "python.yml, with python in its dependencies) and set venv_python to its "
+                "bin/python3, or remove venv from allowed_backends")
+
+
 def _jupyterhub(source: str, data: Any, base: Path) -> JupyterHubConfig:
     h = _Reader(source, "jupyterhub", data)
     d = JupyterHubConfig()
@@ -461,6 +486,7 @@ def parse(data: Any, source: str = "<memory>", base: Path | None = None) -> Conf
     s.finish()
 
     requests = _requests(source, top.get("requests", dict, None), roots, base)
+    _check_venv_python(source, requests, roots)
     jupyterhub = _jupyterhub(source, top.get("jupyterhub", dict, None), base)
     kernels = _kernels(source, top.get("kernels", dict, None), base)
 
