@@ -42,14 +42,16 @@ def test_rattler_build_end_to_end(jobs_env: JobsEnv, manager_factory, accounts) 
     # Followers see the phase of the moment: a step lasting a few ms (healing this tiny env) may
     # be over before they look, so the log proves it ran; solving runs a process, long enough.
     assert "solving" in phases and phases <= set(PHASES), phases
-    assert re.search(r"healed \.envctl/staging/\w+: scanned=\d+ fixed=\d+ errors=0 left=0",
-                     log), log
+    assert re.search(r"healed \.envctl/envs/hello-env/v1: scanned=\d+ fixed=\d+ errors=0 "
+                     r"left=0", log), log
     assert "ENVCTL-PHASE linking" in log and "link hello" in log
-    # built as the build user, relocated to the final path, nothing left in staging
+    # built as the build user at the version's own path, which the stable name points to
+    assert os.readlink(prefix) == ".envctl/envs/hello-env/v1"
+    version = jobs_env.root / ".envctl" / "envs" / "hello-env" / "v1"
     assert os.stat(prefix / "bin" / "hello").st_uid == accounts.builder.uid
     script = (prefix / "bin" / "hello").read_text()
-    assert str(prefix) in script and ".envctl/staging" not in script
-    assert os.listdir(jobs_env.root / ".envctl" / "staging") == []
+    assert f"cat {version}/share/greet/message" in script  # the prefix baked in is the version's
+    assert sorted(os.listdir(version.parent)) == ["env.json", "v1", "v1.json"]
     assert find_violations(prefix, accounts.shared_gid) == []
     # a group member can run it; the claimed user is recorded, not trusted
     out = as_user(accounts.bob.uid, accounts.bob.gid, [str(prefix / "bin" / "hello")])
@@ -83,8 +85,7 @@ def test_venv_build_then_failed_replace_restores_it(jobs_env: JobsEnv, manager_f
     done = wait_done(mgr, job.id, 180)
     assert done.state is State.SUCCEEDED, (done.exit_detail, full_log(mgr, job.id))
     prefix = jobs_env.root / "webenv"
-    assert os.listdir(jobs_env.root / ".envctl" / "building") == []
-    assert find_violations(prefix, accounts.shared_gid) == []
+    assert find_violations(prefix.resolve(), accounts.shared_gid) == []
     py = prefix / "bin" / "python"
     out = as_user(accounts.alice.uid, accounts.alice.gid,
                   [str(py), "-c", "import envctl_demo; print(envctl_demo.GREETING)"])
@@ -95,9 +96,9 @@ def test_venv_build_then_failed_replace_restores_it(jobs_env: JobsEnv, manager_f
                      replace=True)
     failed = wait_done(mgr, bad.id, 180)
     assert failed.state is State.FAILED and "installing step failed" in failed.exit_detail
-    assert os.lstat(py).st_ino == before  # the very same old env is back
-    assert os.listdir(jobs_env.root / ".envctl" / "building") == []
-    assert os.listdir(jobs_env.root / ".envctl" / "staging") == []
+    assert os.lstat(py).st_ino == before  # the very same old env, never moved
+    assert os.readlink(prefix) == ".envctl/envs/webenv/v1"
+    assert sorted(os.listdir(prefix.resolve().parent)) == ["env.json", "v1", "v1.json"]
 
 
 def test_replace_keeps_old_until_new_succeeds(jobs_env: JobsEnv, manager_factory) -> None:
@@ -113,12 +114,14 @@ def test_replace_keeps_old_until_new_succeeds(jobs_env: JobsEnv, manager_factory
                                     replace=True).id)
     assert bad.state is State.FAILED
     assert os.stat(marker).st_ino == old_inode
-    # a replace that succeeds swaps in the new env and removes the old one
+    # a replace that succeeds switches the name to the new version; the old one stays (GC)
     good = wait_done(mgr, mgr.submit(req, "rep", "dependencies: [libgreet]\n",
                                      replace=True).id)
     assert good.state is State.SUCCEEDED, good.exit_detail
     assert not (prefix / "bin" / "hello").exists() and (prefix / "lib" / "greet").is_dir()
-    assert os.listdir(jobs_env.root / ".envctl" / "staging") == []
+    assert os.readlink(prefix) == ".envctl/envs/rep/v2"
+    assert os.stat(jobs_env.root / ".envctl/envs/rep/v1/share/greet/message").st_ino \
+        == old_inode
 
 
 def test_refuses_to_build_as_root_without_build_user(jobs_env: JobsEnv, manager_factory) -> None:
@@ -144,7 +147,7 @@ def test_conda_family_command_lines(jobs_env: JobsEnv, flavour: str, expected: l
     ctx = BuildContext(spec, cfg, Path("/state/jobs/j1"), Path("/state/jobs/j1/home"),
                        Path("/root/env"), Path("/root/env"), Path("/state/cache"))
     steps = backend.steps(ctx)
-    assert len(steps) == 1 and not backend.relocatable
+    assert len(steps) == 1
     want = [x.format(p="/root/env", f="/state/jobs/j1/home/environment.yml") for x in expected]
     assert list(steps[0].argv) == [f"/opt/{flavour}/bin/{flavour}", *want]
     import yaml

@@ -7,6 +7,7 @@ kill interrupt is a real one: ``python -m venv`` seeding pip (seconds on this ma
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import signal
 import sqlite3
@@ -64,10 +65,9 @@ def group_size(pgid: int) -> int:
 
 
 def assert_clean(env: JobsEnv, name: str) -> None:
-    """No partial prefix, marker, staging dir or build process; the name lock is free."""
-    assert not (env.root / name).exists()
-    assert os.listdir(env.root / ".envctl" / "building") == []
-    assert os.listdir(env.root / ".envctl" / "staging") == []
+    """No name, no partial version or record, no build process; the name lock is free."""
+    assert not os.path.lexists(env.root / name)
+    assert os.listdir(env.root / ".envctl" / "envs" / name) == []
     assert lock_is_free(env.root, name)
     wait_for(lambda: not procs_of(env.accounts.builder.uid, env.state_dir), 10,
              what="build processes gone")
@@ -88,8 +88,9 @@ def test_cancel_mid_build(jobs_env: JobsEnv, manager_factory) -> None:
     job = mgr.submit(alice, "cx", ENV_VENV, backend="venv")
     wait_creating(jobs_env, job.id)
     assert procs_of(jobs_env.accounts.builder.uid, jobs_env.state_dir)  # the filter sees it
-    assert (jobs_env.root / "cx").is_dir()  # built in place, behind the marker
-    assert (jobs_env.root / ".envctl" / "building" / "cx").read_text().startswith(job.id)
+    version = jobs_env.root / ".envctl" / "envs" / "cx" / "v1"
+    assert version.is_dir() and not os.path.lexists(jobs_env.root / "cx")  # built aside
+    assert f'"job": "{job.id}"' in (version.parent / "v1.json").read_text()
     with pytest.raises(NotAuthorised, match="only your own jobs"):
         mgr.cancel(job.id, bob)
     t0 = time.monotonic()
@@ -101,7 +102,7 @@ def test_cancel_mid_build(jobs_env: JobsEnv, manager_factory) -> None:
     with pytest.raises(Conflict, match="already ended"):
         mgr.cancel(job.id, alice)
     log = full_log(mgr, job.id)
-    assert "stopping the build" in log and "removed the partial" in log
+    assert "stopping the build" in log and "removed the unfinished version v1" in log
 
 
 def test_admin_cancels_queued_job(jobs_env: JobsEnv, manager_factory) -> None:
@@ -166,7 +167,7 @@ def test_kill9_daemon_then_restart(jobs_env: JobsEnv, accounts) -> None:
     # the leader dies of its parent-death signal; its children do not
     wait_for(lambda: pgid not in live_processes(pgrp=pgid), 10, what="the leader to die")
     assert group_size(pgid) >= 1, "expected an orphaned build process to survive the daemon"
-    assert (jobs_env.root / "k9").exists()
+    assert (jobs_env.root / ".envctl" / "envs" / "k9" / "v1").exists()
     assert lock_is_free(jobs_env.root, "k9")  # died with the daemon: no build inherited it
     mgr = JobManager(parse(cfg))
     mgr.start()
@@ -174,12 +175,10 @@ def test_kill9_daemon_then_restart(jobs_env: JobsEnv, accounts) -> None:
         job = mgr.get(running_id)
         assert job.state is State.INTERRUPTED and "partial output removed" in job.exit_detail
         assert group_size(pgid) == 0
-        assert not (jobs_env.root / "k9").exists()
-        assert lock_is_free(jobs_env.root, "k9")
+        assert_clean(jobs_env, "k9")
         assert "orphaned process" in full_log(mgr, running_id)
         resumed = wait_done(mgr, queued_id, 60)
         assert resumed.state is State.SUCCEEDED, resumed.exit_detail
-        assert os.listdir(jobs_env.root / ".envctl" / "building") == []
     finally:
         mgr.stop()
         if group_size(pgid):  # only if the test failed: leave no process behind
@@ -240,22 +239,22 @@ def test_name_locked_by_another_daemon(jobs_env: JobsEnv, manager_factory) -> No
     assert job.state is State.SUCCEEDED, job.exit_detail
 
 
-def test_tampered_staging_is_refused(jobs_env: JobsEnv, manager_factory, scratch: Path) -> None:
+def test_tampered_area_is_refused(jobs_env: JobsEnv, manager_factory, scratch: Path) -> None:
     mgr = manager_factory()
     target = scratch / "target"
     target.mkdir()
-    staging = jobs_env.root / ".envctl" / "staging"
-    staging.rmdir()
-    staging.symlink_to(target)
+    area = jobs_env.root / ".envctl" / "envs"
+    area.rmdir()
+    area.symlink_to(target)
     job = wait_done(mgr, mgr.submit(jobs_env.requester(), "t", ENV_HELLO).id)
     assert job.state is State.FAILED and "tampered" in (job.exit_detail or "")
     assert os.listdir(target) == []
-    staging.unlink()
-    os.mkdir(staging)
-    os.chown(staging, jobs_env.accounts.alice.uid, -1)  # a user's directory in its place
+    area.unlink()
+    os.mkdir(area)
+    os.chown(area, jobs_env.accounts.alice.uid, -1)  # a user's directory in its place
     job = wait_done(mgr, mgr.submit(jobs_env.requester(), "t", ENV_HELLO).id)
     assert job.state is State.FAILED and "not by the daemon" in (job.exit_detail or "")
-    os.rmdir(staging)
+    os.rmdir(area)
     assert wait_done(mgr, mgr.submit(jobs_env.requester(), "t", ENV_HELLO).id).state \
         is State.SUCCEEDED
 
@@ -271,7 +270,8 @@ def test_max_concurrent_and_logs(jobs_env: JobsEnv, manager_factory) -> None:
     chunk, nxt = mgr.read_log(ids[0], 0, 10)
     assert len(chunk) == 10 and nxt == 10
     rest, end = mgr.read_log(ids[0], nxt, 1 << 20)
-    assert (chunk + rest).decode().endswith(f"succeeded: ready at {jobs[0].prefix}\n")
+    assert (chunk + rest).decode().endswith(
+        f"succeeded: ready at {jobs[0].prefix} (version v1)\n")
     assert mgr.read_log(ids[0], end)[0] == b""
     assert [j.id for j in mgr.list(include_finished=True)] == ids
     assert mgr.list() == []
@@ -280,25 +280,26 @@ def test_max_concurrent_and_logs(jobs_env: JobsEnv, manager_factory) -> None:
 
 def test_leftovers_of_a_dead_build_elsewhere_are_undone(jobs_env: JobsEnv,
                                                          manager_factory) -> None:
-    """Another host's daemon died mid-replace of a venv: its marker, its half-built prefix and
-    the old env it had moved aside are in the root. The next build of that name (holding the
-    lock) undoes them first: half-built removed, old env back, then replaced properly."""
+    """Another host's daemon died mid-update: its version v2 is half-built (its record still
+    says ``building``). The next build of that name (holding the lock) removes it first and
+    builds v2 anew; v1, current all along, is untouched."""
     mgr = manager_factory()
-    area = jobs_env.root / ".envctl"
-    (area / "building" / "lost").write_text("0123456789ab otherhost 77\n")
-    (jobs_env.root / "lost").mkdir()
-    (jobs_env.root / "lost" / "half").write_text("half-built")
-    old = area / "staging" / "0123456789ab.old"
-    old.mkdir()
-    (old / "previous").write_text("the old env")
-    job = wait_done(mgr, mgr.submit(jobs_env.requester(), "lost", ENV_HELLO, replace=True).id)
+    req = jobs_env.requester()
+    assert wait_done(mgr, mgr.submit(req, "lost", ENV_HELLO).id).state is State.SUCCEEDED
+    envdir = jobs_env.root / ".envctl" / "envs" / "lost"
+    record = json.loads((envdir / "v1.json").read_text())
+    (envdir / "v2.json").write_text(json.dumps({**record, "version": "v2", "state": "building",
+                                                "job": "0123456789ab", "host": "otherhost"}))
+    (envdir / "v2").mkdir()
+    (envdir / "v2" / "half").write_text("half-built")
+    job = wait_done(mgr, mgr.submit(req, "lost", "dependencies: [libgreet]\n",
+                                    replace=True).id)
     assert job.state is State.SUCCEEDED, job.exit_detail
     log = full_log(mgr, job.id)
-    assert "undoing an interrupted build of 'lost' (job 0123456789ab)" in log
-    assert "restored the previous 'lost'" in log and "removed the previous 'lost'" in log
-    assert (jobs_env.root / "lost" / "bin" / "hello").is_file()
-    assert not (jobs_env.root / "lost" / "half").exists()
-    assert os.listdir(area / "staging") == [] and os.listdir(area / "building") == []
+    assert "removed v2 of 'lost', left half-built by an interrupted build" in log
+    assert os.readlink(jobs_env.root / "lost") == ".envctl/envs/lost/v2"
+    assert not (envdir / "v2" / "half").exists() and (envdir / "v1" / "bin" / "hello").exists()
+    assert json.loads((envdir / "v2.json").read_text())["job"] == job.id
 
 
 ESCAPING_PYTHON = """#!/bin/sh

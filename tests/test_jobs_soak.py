@@ -1,7 +1,8 @@
 """Soak: many real rattler builds through one JobManager with cancels landing at random points
 (queued, preparing, solving, linking, healing, finalizing). Whatever the timing, every job ends
 in a terminal state that matches the disk: succeeded ⇒ a compliant prefix under its name,
-anything else ⇒ nothing under its name; no staging dir, marker, lock or build process is left.
+anything else ⇒ nothing under its name and no version; no half-built version or build process
+is left.
 
 Scale with ENVCTL_SOAK_SCALE (default 1: 12 jobs, a few seconds; 10 gives 120 jobs).
 """
@@ -53,13 +54,14 @@ def test_builds_with_random_cancels(jobs_env: JobsEnv, manager_factory, accounts
         (j.id, j.exit_detail, full_log(mgr, j.id)) for j in done if j.state is State.FAILED]
     for job in done:
         prefix = jobs_env.root / job.name
+        envdir = jobs_env.root / ".envctl" / "envs" / job.name  # none if cancelled queued
+        versions = sorted(os.listdir(envdir)) if envdir.exists() else []
         if job.state is State.SUCCEEDED:
             assert (prefix / "bin" / "hello").is_file(), job
-            assert find_violations(prefix, accounts.shared_gid) == []
+            assert find_violations(prefix.resolve(), accounts.shared_gid) == []
+            assert versions == ["env.json", "v1", "v1.json"], job
         else:
-            assert not prefix.exists(), job
-    area = jobs_env.root / ".envctl"
-    assert os.listdir(area / "staging") == [] and os.listdir(area / "building") == []
+            assert not os.path.lexists(prefix) and versions == [], job
     counts = mgr.counts()
     assert counts["succeeded"] + counts["cancelled"] == len(jobs)
     assert counts["queued"] == counts["running"] == 0

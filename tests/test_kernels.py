@@ -141,7 +141,7 @@ def test_kernels_sync_adds_hand_made_envs_and_drops_gone_ones(
     if not (api.root / "kenv").exists():
         _build(api, accounts, "kenv", "1.0")
     hand = api.root / "handmade"
-    subprocess.run(["cp", "-a", str(api.root / "kenv"), str(hand)], check=True)
+    subprocess.run(["cp", "-a", f"{api.root / 'kenv'}/.", str(hand)], check=True)  # a copy
     (api.root / "no-python").mkdir()  # not a kernel: skipped quietly
     res = api.cli(accounts.alice, "kernels", "sync")
     assert res.returncode == EX_NOPERM and "only envctl admins" in res.stderr

@@ -99,6 +99,9 @@ class RequestsConfig:
     max_packages: int = 200
     max_request_bytes: int = 262144
     keep_logs_days: int = 30
+    keep_versions: int = 2  # the newest versions of an env GC keeps (the current one always)
+    gc_grace: float = 86400.0  # seconds a version stays after it stopped being current
+    gc_interval: float = 3600.0  # how often the daemon runs the env GC
 
 
 @dataclass(frozen=True)
@@ -331,6 +334,10 @@ def _requests(source: str, data: Any, roots: tuple[RootConfig, ...],
         max_packages=r.get("max_packages", int, d.max_packages, _positive),
         max_request_bytes=r.get("max_request_bytes", int, d.max_request_bytes, _positive),
         keep_logs_days=r.get("keep_logs_days", int, d.keep_logs_days, _positive),
+        keep_versions=r.get("keep_versions", int, d.keep_versions, _positive),
+        gc_grace=r.get("gc_grace", float, d.gc_grace,
+                       lambda v: None if v >= 0 else "must not be negative"),
+        gc_interval=r.get("gc_interval", float, d.gc_interval, _positive),
     )
     r.finish()
     return cfg

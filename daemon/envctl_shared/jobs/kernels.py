@@ -40,7 +40,7 @@ from ..config import Config
 from ..errors import FilesystemError
 from ..heal.fsops import DIR_FLAGS
 from . import cgroup as cgroups
-from . import procs
+from . import envs, procs
 from .layout import remove_tree
 
 log = logging.getLogger(__name__)
@@ -137,8 +137,10 @@ def sync(config: Config, user: procs.BuildUser, busy: set[str]) -> SyncResult:
     root = config.requests_root.path
     wanted: dict[str, str] = {}
     skipped = []
+    managed = _managed_names(root)
     for entry in sorted(os.scandir(root), key=lambda e: e.name):
-        if entry.name.startswith(".") or not entry.is_dir(follow_symlinks=False):
+        if entry.name.startswith(".") or not (entry.is_dir(follow_symlinks=False)
+                                              or entry.name in managed):
             continue
         if entry.name in busy:
             skipped.append(entry.name)
@@ -157,6 +159,15 @@ def sync(config: Config, user: procs.BuildUser, busy: set[str]) -> SyncResult:
     log.info("kernels-sync written=%d removed=%d skipped=%d", len(written), len(removed),
              len(skipped))
     return SyncResult(tuple(written), tuple(removed), tuple(skipped))
+
+
+def _managed_names(root: Path) -> set[str]:
+    """Names in the root that are the daemon's symlinks to a current version (``envs``)."""
+    fd = os.open(root, DIR_FLAGS)
+    try:
+        return {n for n in os.listdir(fd) if envs.current(fd, n).kind == "managed"}
+    finally:
+        os.close(fd)
 
 
 class _KernelsDir:

@@ -9,10 +9,11 @@ expected one (the healer may have added group write when the daemon is not root 
 ``protected_owner``). Callers then act only through the returned fds (``mkdir``/``rename``/
 ``rmtree`` with ``dir_fd``), never through path strings.
 
-Layout in the root: ``.envctl/locks/<name>.lock`` (fcntl locks, 0644), ``.envctl/staging/<job>``
-(relocatable builds, owned by the build user; ``<job>.old`` is a replaced env waiting for
-removal), ``.envctl/building/<name>`` (marker: a non-relocatable build is in progress at
-``<root>/<name>``; it holds the job id). Layout of the state dir (local disk, 0711 so the build
+Layout in the root: ``.envctl/locks/<name>.lock`` (fcntl locks, 0644) and
+``.envctl/envs/<name>/`` (0755, the daemon's): the versions of one environment, each built at
+the path it keeps for its whole life (``v<N>/``, owned by the build user), its metadata
+(``v<N>.json``, ``env.json``, the daemon's, 0644), while ``<root>/<name>`` is the daemon's
+symlink to the current version (see ``envs``). Layout of the state dir (local disk, 0711 so the build
 user can reach its own job files without listing anyone else's): ``jobs.db``,
 ``jobs/<id>/{environment.yml,build.json}`` (root:build-group 0640: the build user reads them,
 the requester cannot), ``jobs/<id>/build.log`` (written by the daemon only),
@@ -22,6 +23,7 @@ the requester cannot), ``jobs/<id>/build.log`` (written by the daemon only),
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import shutil
@@ -36,19 +38,26 @@ from ..heal.fsops import DIR_FLAGS
 log = logging.getLogger(__name__)
 
 AREA = ".envctl"
-AREA_DIRS = {"locks": 0o755, "staging": 0o711, "building": 0o755}
+AREA_DIRS = {"locks": 0o755, "envs": 0o755}
 
 
-def _checked_dir(parent_fd: int | None, path: str, mode: int, shown: str) -> int:
-    """Open (creating if missing) a daemon-owned directory without following symlinks."""
+def checked_dir(parent_fd: int | None, path: str, mode: int, shown: str,
+                 create: bool = True) -> int:
+    """Open (creating if missing, unless ``create`` is False: then FileNotFoundError) a
+    daemon-owned directory without following symlinks."""
     kw = {} if parent_fd is None else {"dir_fd": parent_fd}
-    created = True
-    try:
-        os.mkdir(path, mode, **kw)  # type: ignore[arg-type]
-    except FileExistsError:
-        created = False
+    created = create
+    if create:
+        try:
+            os.mkdir(path, mode, **kw)  # type: ignore[arg-type]
+        except FileExistsError:
+            created = False
     try:
         fd = os.open(path, DIR_FLAGS, **kw)  # type: ignore[arg-type]
+    except FileNotFoundError:
+        if not create:
+            raise
+        raise FilesystemError(f"{shown} vanished as it was created", hint="retry") from None
     except OSError as exc:
         raise FilesystemError(f"{shown} cannot be opened as a directory: {exc.strerror} "
                               "(a symlink or a file where the daemon's directory should be)",
@@ -70,7 +79,7 @@ def _checked_dir(parent_fd: int | None, path: str, mode: int, shown: str) -> int
 
 
 class RootArea:
-    """``<root>/.envctl``: locks, staging prefixes and build markers in the shared root."""
+    """``<root>/.envctl``: name locks and the environments' versions in the shared root."""
 
     def __init__(self, root: Path) -> None:
         self.root = root
@@ -81,17 +90,13 @@ class RootArea:
         fds: dict[str, int] = {}
         try:
             fds[""] = os.open(self.root, DIR_FLAGS)
-            fds["area"] = _checked_dir(fds[""], AREA, 0o755, f"{self.root}/{AREA}")
+            fds["area"] = checked_dir(fds[""], AREA, 0o755, f"{self.root}/{AREA}")
             for sub, mode in AREA_DIRS.items():
-                fds[sub] = _checked_dir(fds["area"], sub, mode, f"{self.root}/{AREA}/{sub}")
+                fds[sub] = checked_dir(fds["area"], sub, mode, f"{self.root}/{AREA}/{sub}")
             yield fds
         finally:
             for fd in fds.values():
                 os.close(fd)
-
-    def staging_rel(self, job_id: str) -> str:
-        """Root-relative path of a job's staging prefix (what the healer is given)."""
-        return f"{AREA}/staging/{job_id}"
 
     def path(self, *parts: str) -> Path:
         return self.root.joinpath(AREA, *parts)
@@ -155,8 +160,8 @@ class StateDir:
     def ensure(self) -> None:
         """Create the state dir (0711, the daemon's own) and ``jobs/``; refuse a foreign one."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        os.close(_checked_dir(None, str(self.path), 0o711, str(self.path)))
-        os.close(_checked_dir(None, str(self.path / "jobs"), 0o711, str(self.path / "jobs")))
+        os.close(checked_dir(None, str(self.path), 0o711, str(self.path)))
+        os.close(checked_dir(None, str(self.path / "jobs"), 0o711, str(self.path / "jobs")))
 
     @property
     def db_path(self) -> Path:
@@ -170,7 +175,7 @@ class StateDir:
 
     def create_job_dir(self, job_id: str) -> None:
         """``jobs/<id>`` (0711, the daemon's) with an empty log, at submit time."""
-        os.close(_checked_dir(None, str(self.job_dir(job_id)), 0o711, str(self.job_dir(job_id))))
+        os.close(checked_dir(None, str(self.job_dir(job_id)), 0o711, str(self.job_dir(job_id))))
         os.close(self.open_log(job_id))
 
     def remove_job_dir(self, job_id: str) -> bool:
@@ -188,7 +193,7 @@ class StateDir:
         nobody else); ``home/<name>`` goes into the build's writable HOME, owned by it.
         """
         jdir = self.job_dir(job_id)
-        fd = _checked_dir(None, str(jdir), 0o711, str(jdir))
+        fd = checked_dir(None, str(jdir), 0o711, str(jdir))
         try:
             remove_tree(fd, "home")
             make_owned_dir(fd, "home", uid, gid, 0o700)
@@ -221,6 +226,24 @@ class StateDir:
         finally:
             os.close(fd)
         return self.path / name
+
+    def write_tests(self, job_id: str, tests: list[str]) -> None:
+        """The job's ``--test`` commands (kept with its log: a queued job survives a restart)."""
+        fd = os.open(self.job_dir(job_id), DIR_FLAGS)
+        try:
+            _write_new(fd, "tests.json", json.dumps(tests), -1, -1)
+        finally:
+            os.close(fd)
+
+    def read_tests(self, job_id: str) -> list[str]:
+        try:
+            fd = os.open(self.job_dir(job_id) / "tests.json", os.O_RDONLY | os.O_NOFOLLOW
+                         | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return []
+        with os.fdopen(fd, encoding="utf-8") as fh:
+            tests = json.load(fh)
+        return [str(t) for t in tests]
 
     def open_log(self, job_id: str) -> int:
         """An append fd on the job's log, created 0600 by the daemon, never via a symlink."""

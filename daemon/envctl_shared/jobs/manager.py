@@ -15,26 +15,28 @@ and its directory exist.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import secrets
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 from ..config import Config
 from ..errors import (ConfigError, Conflict, DaemonUnavailable, EnvctlError, NotAuthorised,
-                      ValidationError)
+                      NotFound, ValidationError)
 from ..logfields import fields
 from . import cgroup as cgroups
-from . import layout, procs
-from .backends import backend_named, get_backend
+from . import envs, layout, procs
+from .backends import get_backend
 from .lock import NameLock
 from .model import Job, Requester, State
 from .runner import Build, discard
-from .spec import parse_spec, validate_name
+from .spec import parse_spec, validate_name, validate_tests
 from .store import JobStore
 
 log = logging.getLogger(__name__)
@@ -56,6 +58,7 @@ class JobManager:
         self._submit_lock = threading.Lock()
         self._stopping = False
         self._scheduler: threading.Thread | None = None
+        self._gc_stop = threading.Event()
         self._cgroups: cgroups.CgroupTree | None = None
         self.containment = "none"  # how builds are contained: "cgroup" or "sweep" once started
 
@@ -87,11 +90,13 @@ class JobManager:
         self._scheduler = threading.Thread(target=self._schedule, name="envctl-jobs",
                                            daemon=True)
         self._scheduler.start()
+        threading.Thread(target=self._gc_loop, name="envctl-gc", daemon=True).start()
         log.info("jobs-start state_dir=%s %s", self._state.path,
                  " ".join(f"{k}={v}" for k, v in self.counts().items()))
 
     def stop(self, timeout: float = 10.0) -> None:
         """Stop scheduling; kill running builds (they become ``interrupted``)."""
+        self._gc_stop.set()
         with self._cond:
             self._stopping = True
             for build in self._running.values():
@@ -169,17 +174,16 @@ class JobManager:
 
     def _discard_dead(self, job: Job, say: Callable[[str], None]) -> None:
         area = layout.RootArea(self._config.requests_root.path)
-        relocatable = backend_named(job.backend).relocatable
         with area.open() as fds:
             lock = NameLock(fds["locks"], str(area.root), job.name, job.id)
             try:
                 lock.acquire()
-            except Conflict:  # another host builds this name now: only our staging is ours
-                if layout.remove_tree(fds["staging"], job.id):
-                    say(f"removed staging prefix .envctl/staging/{job.id}")
+            except Conflict:  # another host builds this name now: its next build or GC
+                say("another daemon holds the name: the unfinished version is removed by "
+                    "the next build of the name or by GC")
                 return
             try:
-                discard(job, relocatable, fds, say)
+                discard(job, fds, say)
             finally:
                 lock.release()
 
@@ -264,8 +268,10 @@ class JobManager:
     # -- the API --------------------------------------------------------------------------------
 
     def submit(self, requester: Requester, name: str, spec_text: str,
-               backend: str | None = None, replace: bool = False) -> Job:
-        """Validate, persist and queue a build; ValidationError/Conflict before anything exists."""
+               backend: str | None = None, replace: bool = False,
+               tests: Sequence[str] = ()) -> Job:
+        """Validate, persist and queue a build; ValidationError/Conflict before anything exists.
+        ``tests`` are command lines the new version must pass before it is made current."""
         config = self._config
         cfg = config.requests
         if not cfg.enabled:
@@ -275,12 +281,18 @@ class JobManager:
         chosen = get_backend(backend or cfg.backend, cfg)
         spec = parse_spec(spec_text, cfg)
         chosen.check(spec, cfg)
+        tests = validate_tests(list(tests))
         procs.build_user(cfg)
         prefix = config.requests_root.path / name
         with self._submit_lock:
-            if os.path.lexists(prefix) and not replace:
+            kind = self._current(name).kind
+            if kind != "missing" and not replace:
                 raise Conflict(f"{prefix} already exists",
                                hint="pick another name, or ask for --replace")
+            if kind == "unmanaged":
+                raise Conflict(f"{prefix} is not an environment envctl manages (made by hand):"
+                               " the daemon never replaces or moves it",
+                               hint="pick another name, or move it away yourself")
             job_id = secrets.token_hex(6)
             job = Job(id=job_id, name=name, state=State.QUEUED, phase=None, backend=chosen.name,
                       requester_uid=requester.uid, requester_gid=requester.gid,
@@ -290,6 +302,8 @@ class JobManager:
                       finished_at=None, prefix=str(prefix), exit_detail=None,
                       log_path=str(self._state.log_path(job_id)), hub_user=requester.hub_user)
             self._state.create_job_dir(job_id)  # before the row: the scheduler may start it
+            if tests:
+                self._state.write_tests(job_id, list(tests))
             try:
                 self.store.insert(job, spec_text, requester.pid)
             except Conflict:
@@ -372,6 +386,171 @@ class JobManager:
 
     def counts(self) -> dict[str, int]:
         return self.store.counts()
+
+    # -- environments (versions behind the stable path; see ``envs``) ---------------------------
+
+    @contextlib.contextmanager
+    def _root(self) -> Iterator[dict[str, int]]:
+        with layout.RootArea(self._config.requests_root.path).open() as fds:
+            yield fds
+
+    def _current(self, name: str) -> envs.Current:
+        fd = os.open(self._config.requests_root.path, layout.DIR_FLAGS)
+        try:
+            return envs.current(fd, name)
+        finally:
+            os.close(fd)
+
+    @contextlib.contextmanager
+    def _env_locked(self, name: str, why: str) -> Iterator[tuple[dict[str, int], int]]:
+        """The root's fds and the env's directory, with the name's lock held (no build of it
+        runs, here or on another host); NotFound when envctl never built that name."""
+        name = validate_name(name)
+        area = layout.RootArea(self._config.requests_root.path)
+        with area.open() as fds:
+            lock = NameLock(fds["locks"], str(area.root), name, why)
+            lock.acquire()
+            try:
+                with envs.env_dir(fds, name, create=False) as env_fd:
+                    if env_fd is None:
+                        raise NotFound(f"no environment {name!r} built by envctl",
+                                       hint="see: envctl env list")
+                    yield fds, env_fd
+            finally:
+                lock.release()
+
+    def env_owner(self, name: str) -> dict[str, Any] | None:
+        """The owner recorded (by the daemon) for a managed env; None when there is none."""
+        with self._root() as fds, envs.env_dir(fds, validate_name(name), False) as env_fd:
+            rec = envs.read_record(env_fd, envs.ENV_FILE) if env_fd is not None else None
+        owner = (rec or {}).get("owner")
+        return owner if isinstance(owner, dict) else None
+
+    def _require_owner(self, who: Requester, name: str, env_fd: int, what: str) -> None:
+        owner = (envs.read_record(env_fd, envs.ENV_FILE) or {}).get("owner")
+        if who.is_admin or envs.owned_by(owner, who.uid, who.hub_user):
+            return
+        raise NotAuthorised(f"environment {name!r} belongs to {envs.owner_name(owner)}; only "
+                            f"its owner or an admin may {what} it",
+                            hint="ask its owner or an envctl admin")
+
+    def env_list(self) -> list[dict[str, Any]]:
+        """Every env in the request root, hand-made ones included (``unmanaged``)."""
+        with self._root() as fds:
+            return [d for name in envs.scan_names(fds[""], fds["envs"])
+                    if (d := self._describe(fds, name, versions=False)) is not None]
+
+    def env_show(self, name: str) -> dict[str, Any]:
+        with self._root() as fds:
+            found = self._describe(fds, validate_name(name), versions=True)
+        if found is None:
+            raise NotFound(f"no environment {name!r}", hint="see: envctl env list")
+        return found
+
+    def _describe(self, fds: dict[str, int], name: str,
+                  versions: bool) -> dict[str, Any] | None:
+        cur = envs.current(fds[""], name)
+        root = self._config.requests_root.path
+        out: dict[str, Any] = {"name": name, "prefix": str(root / name), "current": None,
+                               "kernel": self._kernel(name)}
+        if cur.kind == "unmanaged":
+            return {**out, "status": "unmanaged"}
+        with envs.env_dir(fds, name, create=False) as env_fd:
+            if env_fd is None:
+                return None
+            return {**out, **envs.describe(env_fd, name, cur, versions)}
+
+    def _kernel(self, name: str) -> str | None:
+        kdir = self._config.kernels.dir
+        if kdir is None:
+            return None
+        from .kernels import kernel_name
+
+        kname = kernel_name(name)
+        return kname if (kdir / kname / "kernel.json").is_file() else None
+
+    def env_export(self, name: str, version: str | None = None) -> dict[str, Any]:
+        """An environment.yml with exact pins of ``version`` (default: the current one)."""
+        with self._root() as fds, envs.env_dir(fds, validate_name(name), False) as env_fd:
+            cur = envs.current(fds[""], name)
+            version = version or cur.version
+            rec = envs.ready(env_fd, version) if env_fd is not None and version else None
+        if rec is None:
+            raise NotFound(f"no built version {version or '(current)'} of {name!r}",
+                           hint="see: envctl env show " + name)
+        return {"name": name, "version": version, "text": envs.export(rec)}
+
+    def env_rollback(self, who: Requester, name: str, to: str | None = None) -> dict[str, Any]:
+        """Make an earlier (or ``to``) version current again: one atomic rename."""
+        with self._env_locked(name, "rollback") as (fds, env_fd):
+            self._require_owner(who, name, env_fd, "roll back")
+            cur = envs.current(fds[""], name)
+            if cur.kind == "unmanaged":
+                raise Conflict(f"{name!r} is not an environment envctl manages")
+            done = [v for v in envs.versions(env_fd) if envs.ready(env_fd, v) is not None]
+            if to is None:
+                older = [v for v in done if cur.version is None or
+                         envs.version_number(v) < envs.version_number(cur.version)]
+                if not older:
+                    raise Conflict(f"{name!r} has no version before {cur.version} to roll back "
+                                   "to", hint=f"see: envctl env show {name}")
+                to = older[-1]
+            elif to not in done:
+                envs.version_number(to)  # NotFound for a malformed name
+                raise NotFound(f"{name!r} has no built version {to}",
+                               hint=f"see: envctl env show {name}")
+            previous = envs.switch(fds[""], env_fd, name, to)
+        log.info("env-rollback name=%s from=%s to=%s by=%s", name, previous, to, who.who)
+        return {"name": name, "current": to, "previous": previous}
+
+    def env_remove(self, who: Requester, name: str) -> dict[str, Any]:
+        """The name disappears at once; its versions go at GC (after gc_grace)."""
+        with self._env_locked(name, "remove") as (fds, env_fd):
+            self._require_owner(who, name, env_fd, "remove")
+            was = envs.unlink_name(fds[""], env_fd, name)
+        log.info("env-remove name=%s version=%s by=%s", name, was, who.who)
+        return {"name": name, "removed": was}
+
+    def env_gc(self, dry_run: bool = False) -> dict[str, Any]:
+        """Remove the versions nobody may need any more (see ``envs.collectable``) and what
+        dead builds left; names being built are skipped (their lock is taken)."""
+        cfg = self._config.requests
+        now = time.time()
+        removed: list[dict[str, str]] = []
+        skipped: list[str] = []
+        area = layout.RootArea(self._config.requests_root.path)
+        with area.open() as fds:
+            for name in sorted(os.listdir(fds["envs"])):
+                if not envs.is_env_name(name):
+                    continue
+                lock = NameLock(fds["locks"], str(area.root), name, "gc")
+                try:
+                    lock.acquire()
+                except Conflict:
+                    skipped.append(name)
+                    continue
+                try:
+                    with envs.env_dir(fds, name, create=False) as env_fd:
+                        if env_fd is not None:
+                            cur = envs.current(fds[""], name).version
+                            gone = envs.gc_one(fds["envs"], env_fd, name, cur, cfg.keep_versions,
+                                               cfg.gc_grace, now, dry_run)
+                            removed.extend({"name": name, "version": v} for v in gone)
+                finally:
+                    lock.release()
+        if removed:
+            log.info("env-gc removed=%d dry_run=%s skipped=%d", len(removed), dry_run,
+                     len(skipped))
+        return {"removed": removed, "skipped": skipped, "dry_run": dry_run,
+                "keep_versions": cfg.keep_versions, "gc_grace": cfg.gc_grace}
+
+    def _gc_loop(self) -> None:
+        """The periodic GC (``requests.gc_interval``); a failure is logged, never fatal."""
+        while not self._gc_stop.wait(self._config.requests.gc_interval):
+            try:
+                self.env_gc()
+            except Exception:  # noqa: BLE001 - e.g. a tampered .envctl: say so, try again later
+                log.exception("env-gc-failed")
 
 
 def _size(path: str) -> int:

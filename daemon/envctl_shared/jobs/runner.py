@@ -1,29 +1,21 @@
-"""One build, from name lock to a healed prefix under its final name — or to nothing at all.
+"""One build, from name lock to a healed, tested version made current — or to nothing at all.
 
 Why one class owns the whole sequence: the guarantees are about ordering. The name lock is
-taken before anything is created and released only after the outcome is on disk; the output
-is healed (and re-checked with a dry run: zero violations left) before it gets its final name;
-an old environment being replaced is removed only after the new one is in place; and every way
-out (failure, cancel, timeout, daemon stop, crash recovery) goes through ``discard``, which
-removes partial output and puts a replaced environment back.
-
-Relocatable backends (rattler) build in ``<root>/.envctl/staging/<job>`` and are renamed into
-place with ``renameat2``: ``RENAME_NOREPLACE`` for a new name (a directory someone created
-meanwhile is never clobbered), ``RENAME_EXCHANGE`` for ``replace`` (atomic swap; the old env
-lands in staging and is removed after). Filesystems without ``renameat2`` (NFS) fall back to
-check-then-rename, and to rename-old-aside + rename-new-in for replace. Non-relocatable backends
-(venv, conda family) build at ``<root>/<name>`` behind the marker ``.envctl/building/<name>``
-(holding the job id); with ``replace`` the old env is first moved to ``staging/<job>.old`` and
-moved back if the build does not succeed.
+taken before anything is created and released only after the outcome is on disk; a new version
+is built at its own path (``.envctl/envs/<name>/vN``, see ``envs``) while ``<root>/<name>``
+keeps pointing at the current one; it is healed (and re-checked with a dry run: zero
+violations left), the requester's ``--test`` commands pass inside it, its record says
+``ready`` — and only then is the stable path switched to it, by one atomic rename. Every way
+out before that (failure, a failing test, cancel, timeout, daemon stop, crash recovery) goes
+through ``discard``, which removes the new version and leaves the current one untouched and
+serving. Every backend goes the same way, relocatable or not: the path a version is built at
+is the path it runs at.
 """
 
 from __future__ import annotations
 
-import ctypes
-import errno
 import logging
 import os
-import re
 import socket
 import subprocess
 import threading
@@ -31,14 +23,15 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 from ..config import Config
 from ..errors import BuildFailed, Conflict, EnvctlError
 from ..fsinfo import walk_concurrency
 from ..heal import Healer
 from . import cgroup as cgroups
-from . import kernels, layout, procs
-from .backends import PHASE_MARK, PHASES, BuildContext, get_backend
+from . import envs, kernels, layout, procs
+from .backends import PHASE_MARK, PHASES, BuildContext, get_backend, test_step
 from .lock import NameLock
 from .model import Job, State
 from .spec import EnvSpec, parse_spec
@@ -47,22 +40,7 @@ from .store import JobStore
 log = logging.getLogger(__name__)
 
 MAX_LOG_BYTES = 64 << 20  # a runaway build cannot fill the state disk through its log
-RENAME_NOREPLACE, RENAME_EXCHANGE = 1, 2
-_JOB_ID = re.compile(r"[0-9a-f]{1,32}")
-_libc = ctypes.CDLL(None, use_errno=True)
-_renameat2 = getattr(_libc, "renameat2", None)
-
-
-def renameat2(src_fd: int, src: str, dst_fd: int, dst: str, flags: int) -> bool:
-    """renameat2(2); False when the kernel or filesystem does not support ``flags``."""
-    if _renameat2 is None:
-        return False
-    if _renameat2(src_fd, src.encode(), dst_fd, dst.encode(), flags) == 0:
-        return True
-    err = ctypes.get_errno()
-    if err in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP):
-        return False
-    raise OSError(err, os.strerror(err), dst)
+TESTS_FILE = "tests.json"  # the job's --test commands, next to its log (the daemon's)
 
 
 @dataclass
@@ -101,6 +79,7 @@ class Build:
         self._log_lock = threading.Lock()
         self._cgroup_tree = cgroup_tree
         self._cgroup: Path | None = None  # made before the first step, removed at the end
+        self.tests: list[str] = state_dir.read_tests(job.id)
 
     # -- control from other threads ------------------------------------------------------------
 
@@ -168,29 +147,37 @@ class Build:
         return outcome
 
     def _locked(self, fds: dict[str, int], user: procs.BuildUser, spec: EnvSpec) -> Outcome:
-        job, relocatable = self.job, self.backend.relocatable
-        self._clear_leftovers(fds)
-        if layout.exists(fds[""], job.name) and not job.replace:
-            raise Conflict(f"{job.prefix} already exists", hint="request it with --replace")
-        try:
-            ctx = self._prepare(fds, user, spec)
-            for step in self.backend.steps(ctx):
+        job = self.job
+        with envs.env_dir(fds, job.name, create=True) as env_fd:
+            assert env_fd is not None
+            cur = envs.current(fds[""], job.name)
+            self._clear_leftovers(env_fd, cur.version)
+            if cur.kind == "unmanaged":
+                raise Conflict(f"{job.prefix} is not an environment envctl manages (made by "
+                               "hand): the daemon never replaces or moves it",
+                               hint="pick another name, or move it away yourself")
+            if cur.kind == "managed" and not job.replace:
+                raise Conflict(f"{job.prefix} already exists", hint="request it with --replace")
+            version = envs.next_version(env_fd)
+            try:
+                ctx = self._prepare(env_fd, user, spec, version)
+                for step in self.backend.steps(ctx):
+                    self._check_abort()
+                    self._run_step(step.phase, list(step.argv), user, ctx.home)
                 self._check_abort()
-                self._run_step(step.phase, list(step.argv), user, ctx.home)
-            self._check_abort()
-            kernel = self._probe_kernel(ctx, user)
-            self._phase("healing")
-            rel = self.area.staging_rel(job.id) if relocatable else job.name
-            self._heal(rel)
-            self._check_abort()
-            self._phase("finalizing")
-            self._finalize(fds)
-        except BaseException:
-            self._phase("cleanup")
-            self.discard(fds)
-            raise
+                kernel = self._probe_kernel(ctx, user)
+                self._phase("healing")
+                self._heal(f"{layout.AREA}/envs/{job.name}/{version}")
+                self._test(ctx, user)
+                self._check_abort()
+                self._phase("finalizing")
+                self._finalize(fds, env_fd, version, spec)
+            except BaseException:
+                self._phase("cleanup")
+                self.discard(env_fd, cur.version)
+                raise
         self._publish_kernel(kernel)
-        return Outcome(State.SUCCEEDED, f"ready at {job.prefix}")
+        return Outcome(State.SUCCEEDED, f"ready at {job.prefix} (version {version})")
 
     def _probe_kernel(self, ctx: BuildContext, user: procs.BuildUser) -> bool | None:
         """Whether the new env has ipykernel (its python asked as the build user, before the
@@ -212,43 +199,52 @@ class Build:
             log.warning("job-kernelspec id=%s name=%s error=%s", self.job.id, self.job.name,
                         exc)
 
-    def _clear_leftovers(self, fds: dict[str, int]) -> None:
-        """With the lock held, a marker for this name means a dead build (here or on another
-        host) left a half-built prefix: undo it as its own daemon would have."""
-        owner = _marker_job(fds, self.job.name)
-        if owner is None:
-            return
-        self.say(f"undoing an interrupted build of {self.job.name!r} (job {owner})")
-        discard(replace(self.job, id=owner), False, fds, self.say)
+    def _clear_leftovers(self, env_fd: int, cur: str | None) -> None:
+        """With the lock held, a version still ``building`` is a dead build's (here or on
+        another host): remove it as its own daemon would have."""
+        removed = envs.clear_dead(env_fd, cur)
+        if removed:
+            self.say(f"removed {', '.join(removed)} of {self.job.name!r}, left half-built by "
+                     "an interrupted build")
 
-    def _prepare(self, fds: dict[str, int], user: procs.BuildUser, spec: EnvSpec) -> BuildContext:
+    def _record(self, version: str, spec: EnvSpec) -> dict[str, Any]:
+        """What ``vN.json`` says about the version (completed by ``_finalize``)."""
+        job = self.job
+        return {"format": envs.FORMAT, "name": job.name, "version": version, "job": job.id,
+                "backend": job.backend, "host": socket.gethostname(),
+                "requester": {"uid": job.requester_uid, "name": job.requester_name,
+                              "hub_user": job.hub_user, "claimed_user": job.claimed_user},
+                "created_at": time.time(), "spec": self.store.spec_text(job.id),
+                "spec_channels": list(spec.channels), "spec_pip": list(spec.pip),
+                "tests": self.tests, "prefix": str(self.version_path(version))}
+
+    def version_path(self, version: str) -> Path:
+        return self.area.path("envs", self.job.name, version)
+
+    def _prepare(self, env_fd: int, user: procs.BuildUser, spec: EnvSpec,
+                 version: str) -> BuildContext:
         job = self.job
         self._phase("preparing")
         files = {"environment.yml": self.store.spec_text(job.id),
                  **self.backend.files(spec, self.cfg)}
         job_dir = self.state_dir.prepare_job(job.id, user.uid, user.gid, files)
         cache = self.state_dir.cache_dir(user.uid, user.gid)
-        final = Path(job.prefix)
-        if self.backend.relocatable:
-            layout.make_owned_dir(fds["staging"], job.id, user.uid, user.gid, 0o755)
-            build_prefix = self.area.path("staging", job.id)
-        else:
-            if job.replace and layout.exists(fds[""], job.name):
-                os.rename(job.name, f"{job.id}.old", src_dir_fd=fds[""],
-                          dst_dir_fd=fds["staging"])
-                self.say(f"moved the existing {job.name!r} aside until the new one is ready")
-            marker = os.open(job.name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
-                             | os.O_CLOEXEC, 0o644, dir_fd=fds["building"])
-            os.write(marker, f"{job.id} {socket.gethostname()} {os.getpid()}\n".encode())
-            os.close(marker)
-            try:
-                layout.make_owned_dir(fds[""], job.name, user.uid, user.gid, 0o755)
-            except FileExistsError:  # created meanwhile: not ours, so discard must not touch it
-                os.unlink(job.name, dir_fd=fds["building"])
-                raise Conflict(f"{job.prefix} appeared before the build started") from None
-            build_prefix = final
+        envs.begin(env_fd, version, self._record(version, spec), user.uid, user.gid)
+        prefix = self.version_path(version)
+        self.say(f"building version {version} of {job.name!r} at {prefix}")
         return BuildContext(spec=spec, cfg=self.cfg, job_dir=job_dir, home=job_dir / "home",
-                            build_prefix=build_prefix, final_prefix=final, cache_dir=cache)
+                            build_prefix=prefix, final_prefix=prefix, cache_dir=cache)
+
+    def _test(self, ctx: BuildContext, user: procs.BuildUser) -> None:
+        """The requester's ``--test`` commands, each inside the new version (activated, its
+        ``bin`` first on PATH) as the build user; the first failure fails the job."""
+        for n, command in enumerate(self.tests, 1):
+            self._check_abort()
+            step = test_step(ctx, self.job.name, command)
+            self._run_step(step.phase, list(step.argv), user, ctx.home,
+                           what=f"test {n} ({command!r})")
+        if self.tests:
+            self.say(f"{len(self.tests)} test command(s) passed")
 
     def _job_cgroup(self) -> Path | None:
         """The build's cgroup: recorded with the job before it exists, so that a restarted
@@ -272,7 +268,8 @@ class Build:
             log.warning("job-cgroup-leftovers id=%s killed=%d", self.job.id, killed)
         self.store.update(self.job.id, cgroup=None)
 
-    def _run_step(self, phase: str, argv: list[str], user: procs.BuildUser, home: Path) -> None:
+    def _run_step(self, phase: str, argv: list[str], user: procs.BuildUser, home: Path,
+                  what: str | None = None) -> None:
         self._phase(phase)
         self.say("run: " + " ".join(argv))
         cgroup = self._job_cgroup()
@@ -310,8 +307,9 @@ class Build:
                 log.warning("job-escapees id=%s killed=%d", self.job.id, escaped)
         self._check_abort()
         if proc.returncode != 0:
-            raise BuildFailed(f"{phase} step failed: {Path(argv[0]).name} exited with status "
-                              f"{proc.returncode}", hint="see the build log")
+            how = (f"{what} failed with status" if what else
+                   f"{phase} step failed: {Path(argv[0]).name} exited with status")
+            raise BuildFailed(f"{how} {proc.returncode}", hint="see the build log")
 
     def _pump(self, proc: subprocess.Popen[bytes]) -> None:
         """Copy the step's output to the log; turn ``ENVCTL-PHASE x`` lines into phases."""
@@ -343,53 +341,37 @@ class Build:
             raise BuildFailed(f"the new environment could not be healed ({stats.errors} errors, "
                               f"{left.violations} violations left)", hint="see the build log")
 
-    def _finalize(self, fds: dict[str, int]) -> None:
+    def _finalize(self, fds: dict[str, int], env_fd: int, version: str,
+                  spec: EnvSpec) -> None:
+        """Inventory the version, mark it ready, then switch the stable path to it."""
         job = self.job
-        if self.backend.relocatable:
-            if job.replace and layout.exists(fds[""], job.name):
-                if not renameat2(fds["staging"], job.id, fds[""], job.name, RENAME_EXCHANGE):
-                    os.rename(job.name, f"{job.id}.old", src_dir_fd=fds[""],
-                              dst_dir_fd=fds["staging"])
-                    os.rename(job.id, job.name, src_dir_fd=fds["staging"], dst_dir_fd=fds[""])
-                else:
-                    os.rename(job.id, f"{job.id}.old", src_dir_fd=fds["staging"],
-                              dst_dir_fd=fds["staging"])
-            elif not renameat2(fds["staging"], job.id, fds[""], job.name, RENAME_NOREPLACE):
-                if layout.exists(fds[""], job.name):
-                    raise Conflict(f"{job.prefix} appeared during the build")
-                os.rename(job.id, job.name, src_dir_fd=fds["staging"], dst_dir_fd=fds[""])
-        else:
-            os.unlink(job.name, dir_fd=fds["building"])
-        if layout.remove_tree(fds["staging"], f"{job.id}.old"):
-            self.say(f"removed the previous {job.name!r}")
+        prefix_fd = os.open(version, layout.DIR_FLAGS, dir_fd=env_fd)
+        try:
+            packages = envs.inventory(prefix_fd)
+            size, entries = envs.tree_size(prefix_fd)
+        finally:
+            os.close(prefix_fd)
+        record = {**self._record(version, spec), "state": "ready", "built_at": time.time(),
+                  "packages": packages, "size_bytes": size, "entries": entries}
+        envs.write_record(env_fd, f"{version}.json", record)
+        self._check_abort()  # the last moment a cancel can still keep the current version
+        previous = envs.switch(fds[""], env_fd, job.name, version, owner=record["requester"])
+        self.say(f"{job.prefix} now points to {version} ({len(packages)} packages, "
+                 f"{entries} entries)" + (f"; {previous} stays on disk until GC"
+                                         if previous else ""))
 
-    def discard(self, fds: dict[str, int]) -> None:
-        """Remove this job's partial output and restore a replaced env (idempotent)."""
-        discard(self.job, self.backend.relocatable, fds, self.say)
+    def discard(self, env_fd: int, keep: str | None) -> None:
+        """Remove this job's new version (idempotent); ``keep`` (the current one) never."""
+        for version in envs.clear_dead(env_fd, keep, job_id=self.job.id):
+            self.say(f"removed the unfinished version {version}")
 
 
-def discard(job: Job, relocatable: bool, fds: dict[str, int],
-            say: Callable[[str], None]) -> None:
-    """Undo a build that did not succeed; also used by crash recovery (lock held by caller)."""
-    if layout.remove_tree(fds["staging"], job.id):
-        say(f"removed staging prefix .envctl/staging/{job.id}")
-    if not relocatable and _marker_job(fds, job.name) == job.id:
-        layout.remove_tree(fds[""], job.name)
-        os.unlink(job.name, dir_fd=fds["building"])
-        say(f"removed the partial {job.prefix}")
-    if layout.exists(fds["staging"], f"{job.id}.old") and not layout.exists(fds[""], job.name):
-        os.rename(f"{job.id}.old", job.name, src_dir_fd=fds["staging"], dst_dir_fd=fds[""])
-        say(f"restored the previous {job.name!r}")
-
-
-def _marker_job(fds: dict[str, int], name: str) -> str | None:
-    """The job id in ``.envctl/building/<name>``, or None when there is no marker."""
-    try:
-        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fds["building"])
-    except FileNotFoundError:
-        return None
-    try:
-        owner = os.read(fd, 256).decode("utf-8", "replace").split(" ")[0].strip()
-    finally:
-        os.close(fd)
-    return owner if _JOB_ID.fullmatch(owner) else "unknown"
+def discard(job: Job, fds: dict[str, int], say: Callable[[str], None]) -> None:
+    """Undo a dead job's build (crash recovery; the caller holds the name's lock): its
+    versions that are not current, and whatever else a dead build left of that name."""
+    with envs.env_dir(fds, job.name, create=False) as env_fd:
+        if env_fd is None:
+            return
+        cur = envs.current(fds[""], job.name).version
+        for version in envs.clear_dead(env_fd, cur, job_id=job.id):
+            say(f"removed the unfinished version {version} of {job.name!r}")

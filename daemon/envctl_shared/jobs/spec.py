@@ -207,3 +207,25 @@ def parse_spec(text: str, cfg: RequestsConfig) -> EnvSpec:
     if not spec.package_count:
         raise ValidationError("spec lists no dependencies", hint=_SPEC_HINT)
     return spec
+
+
+MAX_TESTS = 16
+
+
+def validate_tests(tests: object) -> tuple[str, ...]:
+    """``--test`` commands: a list of at most MAX_TESTS shell command lines, each printable
+    text of at most MAX_ENTRY_CHARS (they run as the build user inside the new version, where
+    a build already runs the packages' own code; bounded so the log and messages stay sane)."""
+    if not isinstance(tests, (list, tuple)) or not all(isinstance(t, str) for t in tests):
+        raise ValidationError("tests must be a list of command lines",
+                              hint="give each command with --test CMD")
+    if len(tests) > MAX_TESTS:
+        raise ValidationError(f"{len(tests)} test commands, more than the limit of {MAX_TESTS}",
+                              hint="put the checks in one script and run that")
+    for cmd in tests:
+        if not cmd.strip() or len(cmd) > MAX_ENTRY_CHARS or \
+                not all(c.isprintable() or c in "\t\n" for c in cmd):
+            raise ValidationError(f"test command {brief(cmd)} must be 1-{MAX_ENTRY_CHARS} "
+                                  "characters of printable text",
+                                  hint="e.g. --test 'python -c \"import numpy\"'")
+    return tuple(tests)

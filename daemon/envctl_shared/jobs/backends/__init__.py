@@ -1,10 +1,10 @@
 """Backends: how an environment is built, as data — the command lines a build runs.
 
 Why "command lines as data": the runner owns everything that must be the same for every
-backend (user switch, process group, log, timeout, cancel, staging, healing, rename); a backend
-only says (1) whether it can build in a staging prefix and be moved into place (``relocatable``),
-(2) what it refuses at submit time (``check``), (3) which input files it needs in the job's
-directory (``files``) and (4) the steps to run (``steps``). That keeps each backend small and
+backend (user switch, process group, log, timeout, cancel, versions, healing, tests, the
+switch of the stable path); a backend only says (1) what it refuses at submit time (``check``),
+(2) which input files it needs in the job's directory (``files``) and (3) the steps to run
+(``steps``), building at the path the version keeps for its whole life. That keeps each backend small and
 lets the conda-family command lines be unit-tested on a machine without conda.
 """
 
@@ -16,10 +16,11 @@ from typing import Protocol
 
 from ...config import RequestsConfig
 from ...errors import ValidationError
+from ..procs import SAFE_PATH
 from ..spec import EnvSpec
 
 PHASES = ("preparing", "solving", "downloading", "linking", "creating", "installing",
-          "building", "healing", "finalizing")
+          "building", "healing", "testing", "finalizing")
 PHASE_MARK = "ENVCTL-PHASE "  # a child prints "ENVCTL-PHASE linking" on its stdout
 
 
@@ -33,8 +34,8 @@ class Step:
 
 @dataclass(frozen=True)
 class BuildContext:
-    """Where a build happens. ``build_prefix`` is the staging dir for relocatable backends,
-    else the final prefix itself; ``job_dir`` holds the daemon-written inputs (read-only to
+    """Where a build happens. ``build_prefix`` is where it installs and ``final_prefix`` the
+    path it will run at (the same: a version is built where it stays); ``job_dir`` holds the daemon-written inputs (read-only to
     the build user); ``home`` is the build's writable HOME."""
 
     spec: EnvSpec
@@ -50,7 +51,6 @@ class Backend(Protocol):
     """What every backend module provides (as a class with these members)."""
 
     name: str
-    relocatable: bool
 
     def check(self, spec: EnvSpec, cfg: RequestsConfig) -> None:
         """Refuse (ValidationError) a spec this backend cannot build."""
@@ -60,6 +60,22 @@ class Backend(Protocol):
 
     def steps(self, ctx: BuildContext) -> list[Step]:
         """The processes to run, in order."""
+
+
+# Activation for --test commands: the env's activate.d scripts (conda), then the command.
+_ACTIVATE = ('for f in "$CONDA_PREFIX"/etc/conda/activate.d/*.sh; do [ -f "$f" ] && . "$f"; '
+             'done; eval "$1"')
+
+
+def test_step(ctx: BuildContext, name: str, command: str) -> Step:
+    """A ``--test`` command run inside the new version as if it were activated: its ``bin``
+    first on PATH, CONDA_PREFIX (or VIRTUAL_ENV for a venv) set, activate.d scripts sourced."""
+    prefix = str(ctx.final_prefix)
+    where = (f"VIRTUAL_ENV={prefix}" if (ctx.final_prefix / "pyvenv.cfg").exists()
+             else f"CONDA_PREFIX={prefix}")
+    return Step("testing", ("/usr/bin/env", f"PATH={prefix}/bin:{SAFE_PATH}", where,
+                            f"CONDA_DEFAULT_ENV={name}", "/bin/sh", "-c", _ACTIVATE,
+                            "envctl-test", command))
 
 
 def backend_named(name: str) -> Backend:

@@ -4,8 +4,9 @@ The daemon writes a normalised environment.yml (the validated channels plus ``no
 ``.condarc`` cannot add channels the policy did not allow; no ``name``/``prefix``) into the
 build's HOME — conda writes a pip requirements file next to it, so that directory must be
 writable by the build user — and runs ``<conda_exe> env create --prefix FINAL --file FILE``
-(micromamba: ``create``). Not relocatable: built at the final path behind a marker, removed on
-failure. No conda is installable on the test machines: the command lines are unit-tested.
+(micromamba: ``create``) with the version's own path as the prefix (not relocatable: it runs
+where it is built). No conda is installable on the test machines: the command lines are
+unit-tested.
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ SPEC_FILE = "home/environment.yml"
 class CondaBackend:
     """conda-style CLIs; ``flavour`` picks the sub-command spelling."""
 
-    relocatable = False
 
     def __init__(self, flavour: str) -> None:
         self.name = flavour

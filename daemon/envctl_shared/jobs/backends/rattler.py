@@ -2,9 +2,9 @@
 
 Why a child process: ``rattler.solve``/``install`` run native code that cannot be interrupted
 from Python; a separate process (``rattler_child``) can be killed with its group on cancel or
-timeout, and runs with the build user's privileges rather than the daemon's. Relocatable: the
-child installs into the staging prefix with ``alternative_target_prefix`` set to the final path,
-so every prefix baked into files is already correct when the runner renames it into place.
+timeout, and runs with the build user's privileges rather than the daemon's. The child installs
+into the version's directory, the path the version keeps (``--target-prefix``, baked into every
+file with a prefix placeholder, is that same path).
 ``pip:`` entries are refused (rattler installs conda packages only): use the venv backend.
 """
 
@@ -28,10 +28,9 @@ def default_platforms() -> list[str]:
 
 
 class RattlerBackend:
-    """Solve + install with py-rattler into a staging prefix."""
+    """Solve + install with py-rattler into the version's prefix."""
 
     name = "rattler"
-    relocatable = True
 
     def check(self, spec: EnvSpec, cfg: RequestsConfig) -> None:
         if spec.pip:

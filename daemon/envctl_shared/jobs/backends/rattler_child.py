@@ -82,7 +82,7 @@ async def build(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--build", required=True, help="build.json written by the daemon")
-    p.add_argument("--prefix", required=True, help="where to install (the staging prefix)")
+    p.add_argument("--prefix", required=True, help="where to install")
     p.add_argument("--target-prefix", required=True, help="the final prefix baked into files")
     p.add_argument("--cache-dir", required=True, help="the package cache (local disk)")
     args = p.parse_args(argv)

@@ -3,8 +3,8 @@
 Decisions: conda dependencies are refused, except bare ``python`` and ``pip`` (the venv has both,
 from ``requests.venv_python``); everything else must be in the ``pip:`` list, which pip installs
 from a requirements file with the admin's ``requests.pip_args`` (e.g. ``--no-index
---find-links /srv/wheelhouse``) in front. Not relocatable (scripts carry absolute shebangs), so
-the runner builds it at its final path behind a marker and removes it on failure.
+--find-links /srv/wheelhouse``) in front. Not relocatable (scripts carry absolute shebangs): built
+at the version's own path, where it runs.
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ class VenvBackend:
     """A stdlib venv plus pip requirements."""
 
     name = "venv"
-    relocatable = False
 
     def check(self, spec: EnvSpec, cfg: RequestsConfig) -> None:
         extra = [dep for dep in spec.conda if dep not in _IMPLIED]

@@ -1,0 +1,519 @@
+"""Environments as versions behind one stable path: ``<root>/<name>`` → ``.envctl/envs/<name>/vN``.
+
+Why versions and a symlink: conda and venv prefixes are not relocatable — an environment must
+run at the path it was built at — and users, kernels and ``envs_dirs`` need one path that never
+moves. So every build of a name gets a new version directory, at the path it keeps for its whole
+life, and ``<root>/<name>`` is a symlink (owned by the daemon) that is switched to it by
+``rename(2)`` of a new symlink over the old one: atomic on local filesystems, NFS and EFS alike,
+so a reader of ``<root>/<name>/bin/x`` sees the old or the new version, never a gap. A process
+started in the previous version keeps it: versions stay on disk until GC (``keep_versions``
+newest, and ``gc_grace`` after they stopped being current).
+
+Layout of ``<root>/.envctl/envs/<name>/`` (the daemon's, 0755; nothing in it is a user's to
+change): ``vN/`` (the prefix, owned by the build user, healed like the root), ``vN.json`` (that
+version's record: ``state`` ``building`` until it is healed, tested and inventoried, then
+``ready``; who built it, when, from which spec and tests, the installed packages, its size),
+``env.json`` (the owner — the requester of the first version —, when each version stopped being
+current, whether the name was removed). The symlink is the truth about which version is current;
+``env.json`` is written before every switch, so a crash between the two leaves at worst a
+``retired`` time on a version that is still current, which GC ignores (it never removes the
+current version). Records are written atomically (a temporary file renamed over) and trusted
+only when the daemon wrote them: a regular file owned by the daemon's uid and writable by nobody
+else. Every mutation runs under the name's lock (``lock``), so a version in state ``building``
+found by a lock holder is a dead build's and is removed.
+
+A hand-made environment (a plain directory, or a symlink the daemon did not make) at
+``<root>/<name>`` is ``unmanaged``: listed, never moved, replaced or removed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import logging
+import os
+import re
+import secrets
+import shutil
+import stat
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from ..errors import Conflict, NotFound
+from ..heal.fsops import DIR_FLAGS
+from . import layout
+
+log = logging.getLogger(__name__)
+
+FORMAT = 1
+VERSION_RE = re.compile(r"v([1-9][0-9]{0,8})")
+ENV_FILE = "env.json"
+MAX_RECORD = 4 << 20  # a record holds a spec (≤ 64 KiB) and a package list
+_TMP, _TRASH, _LINK = ".tmp-", ".gc-", ".link-"
+MAX_PACKAGES = 20000
+_FIELD = 256  # longest package name/version/build/channel kept from a build's metadata
+
+
+def version_number(version: str) -> int:
+    m = VERSION_RE.fullmatch(version)
+    if m is None:
+        raise NotFound(f"no version {version!r}", hint="versions are named v1, v2, ...")
+    return int(m.group(1))
+
+
+def link_target(name: str, version: str) -> str:
+    """What ``<root>/<name>`` points to: relative, so the root may be mounted anywhere."""
+    return f"{layout.AREA}/envs/{name}/{version}"
+
+
+@dataclass(frozen=True)
+class Current:
+    """What ``<root>/<name>`` is: ``managed`` (our symlink to ``version``), ``unmanaged`` (a
+    plain directory or anybody else's entry) or ``missing``."""
+
+    kind: str
+    version: str | None = None
+
+
+def current(root_fd: int, name: str) -> Current:
+    try:
+        st = os.stat(name, dir_fd=root_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return Current("missing")
+    if stat.S_ISLNK(st.st_mode) and st.st_uid == os.geteuid():
+        target = os.readlink(name, dir_fd=root_fd)
+        head, _, version = target.rpartition("/")
+        if head == link_target(name, "").rstrip("/") and VERSION_RE.fullmatch(version):
+            return Current("managed", version)
+    return Current("unmanaged")
+
+
+# -- records ---------------------------------------------------------------------------------
+
+
+def write_record(dir_fd: int, name: str, data: dict[str, Any]) -> None:
+    """Write ``name`` atomically (temporary file, fsync, rename): a reader on any host sees the
+    old record or the new one, never a torn one."""
+    tmp = f"{_TMP}{secrets.token_hex(6)}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                 0o644, dir_fd=dir_fd)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            json.dump(data, fh, indent=1, sort_keys=True)
+            fh.write("\n")
+            fh.flush()
+            os.fchmod(fd, 0o644)
+            os.fsync(fd)
+        os.rename(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp, dir_fd=dir_fd)
+        raise
+
+
+def read_record(dir_fd: int, name: str) -> dict[str, Any] | None:
+    """A record the daemon wrote, or None (missing, or not trustworthy: another owner, writable
+    by others, not a regular file, too large, not a JSON object)."""
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
+                     dir_fd=dir_fd)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:  # ELOOP: a symlink in its place
+        log.warning("envs record-refused name=%s error=%s", name, exc.strerror)
+        return None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or \
+                st.st_mode & 0o022 or st.st_size > MAX_RECORD:
+            log.warning("envs record-refused name=%s uid=%d mode=%04o size=%d", name,
+                        st.st_uid, stat.S_IMODE(st.st_mode), st.st_size)
+            return None
+        data = os.read(fd, MAX_RECORD + 1)
+    finally:
+        os.close(fd)
+    try:
+        doc = json.loads(data)
+    except (ValueError, RecursionError):
+        return None
+    return doc if isinstance(doc, dict) else None
+
+
+# -- one environment's directory --------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def env_dir(fds: dict[str, int], name: str, create: bool) -> Iterator[int | None]:
+    """The fd of ``.envctl/envs/<name>`` (None when it does not exist and ``create`` is off)."""
+    try:
+        fd = layout.checked_dir(fds["envs"], name, 0o755, f".envctl/envs/{name}", create)
+    except FileNotFoundError:
+        yield None
+        return
+    try:
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def versions(env_fd: int) -> list[str]:
+    """Version names present (a directory or a record), oldest first."""
+    found = {entry.removesuffix(".json") for entry in os.listdir(env_fd)}
+    return sorted((v for v in found if VERSION_RE.fullmatch(v)), key=version_number)
+
+
+def next_version(env_fd: int) -> str:
+    """One more than any version present or remembered in ``env.json``."""
+    known = versions(env_fd) + list((read_record(env_fd, ENV_FILE) or {}).get("retired", {}))
+    numbers = [version_number(v) for v in known if VERSION_RE.fullmatch(str(v))]
+    return f"v{max(numbers, default=0) + 1}"
+
+
+def ready(env_fd: int, version: str) -> dict[str, Any] | None:
+    """The record of a complete version whose directory is there, else None."""
+    rec = read_record(env_fd, f"{version}.json")
+    if rec is None or rec.get("state") != "ready" or not layout.exists(env_fd, version):
+        return None
+    return rec
+
+
+def drop_version(env_fd: int, version: str) -> None:
+    """Remove one version: first renamed out of its name (so it is gone at once and a crash
+    mid-removal leaves no half-deleted version under a valid name), then its record, then the
+    tree (fd-based, never following a symlink)."""
+    trash = f"{_TRASH}{version}-{secrets.token_hex(4)}"
+    with contextlib.suppress(FileNotFoundError):
+        os.rename(version, trash, src_dir_fd=env_fd, dst_dir_fd=env_fd)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(f"{version}.json", dir_fd=env_fd)
+    layout.remove_tree(env_fd, trash)
+
+
+def clear_dead(env_fd: int, cur: str | None, job_id: str | None = None) -> list[str]:
+    """With the name's lock held: remove what no live build can be writing — versions still in
+    state ``building`` (or without a record), temporary and half-removed entries — and, with
+    ``job_id``, that job's versions unless current. Returns the versions removed."""
+    removed = []
+    for entry in os.listdir(env_fd):
+        if entry.startswith((_TMP, _TRASH, _LINK)):
+            layout.remove_tree(env_fd, entry)
+    for version in versions(env_fd):
+        if version == cur:
+            continue
+        rec = read_record(env_fd, f"{version}.json")
+        dead = rec is None or rec.get("state") != "ready" or not layout.exists(env_fd, version)
+        if dead or (job_id is not None and rec is not None and rec.get("job") == job_id):
+            drop_version(env_fd, version)
+            removed.append(version)
+    return removed
+
+
+def begin(env_fd: int, version: str, record: dict[str, Any], uid: int, gid: int) -> None:
+    """Record the version as ``building``, then create its directory for the build user: a
+    directory never exists without a record saying what it is."""
+    write_record(env_fd, f"{version}.json", {**record, "state": "building"})
+    layout.make_owned_dir(env_fd, version, uid, gid, 0o755)
+
+
+def switch(root_fd: int, env_fd: int, name: str, version: str,
+           owner: dict[str, Any] | None = None) -> str | None:
+    """Make ``version`` current: ``env.json`` first (owner when the name is new, when the
+    previous version stopped being current), then a new symlink renamed over ``<root>/<name>``.
+    Returns the previous version. Refuses (Conflict) an unmanaged entry at the name: rename
+    cannot put a symlink over a directory, and the daemon never removes one."""
+    cur = current(root_fd, name)
+    if cur.kind == "unmanaged":
+        raise Conflict(f"{name!r} in the root is not an environment envctl manages (a plain "
+                       "directory or someone else's link): the daemon never replaces it",
+                       hint="pick another name, or move it away yourself")
+    now = time.time()
+    env = read_record(env_fd, ENV_FILE) or {"format": FORMAT, "name": name}
+    if owner is not None and (cur.kind == "missing" or "owner" not in env):
+        env.update(owner=owner, created_at=now)  # a new name: its first version's requester
+    retired = dict(env.get("retired", {}))
+    if cur.version is not None and cur.version != version:
+        retired[cur.version] = now
+    retired.pop(version, None)
+    env.update(retired=retired, removed_at=None, current=version)
+    write_record(env_fd, ENV_FILE, env)
+    link = f"{_LINK}{secrets.token_hex(6)}"
+    os.symlink(link_target(name, version), link, dir_fd=env_fd)
+    try:  # the root's group, as if made in the (SGID) root: the healer has nothing to fix
+        os.chown(link, -1, os.fstat(root_fd).st_gid, dir_fd=env_fd, follow_symlinks=False)
+        os.rename(link, name, src_dir_fd=env_fd, dst_dir_fd=root_fd)
+    except OSError as exc:
+        os.unlink(link, dir_fd=env_fd)
+        if exc.errno in (errno.EISDIR, errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR):
+            raise Conflict(f"{name!r} in the root became a directory: the daemon never "
+                           "replaces one", hint="move it away yourself") from None
+        raise
+    return cur.version
+
+
+def unlink_name(root_fd: int, env_fd: int, name: str) -> str:
+    """``env remove``: the name disappears at once (one unlink of the symlink); its versions
+    stay until GC, counted from now."""
+    cur = current(root_fd, name)
+    if cur.kind != "managed" or cur.version is None:
+        raise Conflict(f"{name!r} is not a current environment envctl manages" + (
+            " (a hand-made one: the daemon never removes those)"
+            if cur.kind == "unmanaged" else ""), hint="see: envctl env list")
+    now = time.time()
+    env = read_record(env_fd, ENV_FILE) or {"format": FORMAT, "name": name}
+    env.update(retired={**env.get("retired", {}), cur.version: now}, removed_at=now,
+               current=None)
+    write_record(env_fd, ENV_FILE, env)
+    os.unlink(name, dir_fd=root_fd)
+    return cur.version
+
+
+def collectable(env_fd: int, cur: str | None, keep: int, grace: float, now: float,
+                record: bool = True) -> list[str]:
+    """Ready versions GC may remove: not current; not among the ``keep`` newest while the name
+    exists (a removed name keeps none); stopped being current over ``grace`` seconds ago (a
+    version with no retirement time recorded gets one now: its clock starts)."""
+    env = read_record(env_fd, ENV_FILE) or {}
+    retired: dict[str, float] = dict(env.get("retired", {}))
+    done = [v for v in versions(env_fd) if ready(env_fd, v) is not None]
+    kept = set(done[-keep:]) if cur is not None and keep > 0 else set()
+    out = []
+    for version in done:
+        if version == cur or version in kept:
+            continue
+        since = retired.get(version)
+        if not isinstance(since, (int, float)):
+            retired[version] = now
+            continue
+        if now - since >= grace:
+            out.append(version)
+    if record and env and retired != env.get("retired", {}):
+        write_record(env_fd, ENV_FILE, {**env, "retired": retired})
+    return out
+
+
+# -- what a built version holds ---------------------------------------------------------------
+
+
+def _child(dir_fd: int, name: str) -> int | None:
+    try:
+        return os.open(name, DIR_FLAGS, dir_fd=dir_fd)
+    except OSError:
+        return None
+
+
+def _read_small(dir_fd: int, name: str, limit: int = 1 << 20) -> bytes | None:
+    """A regular file's first ``limit`` bytes, never through a symlink or a fifo."""
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
+                     dir_fd=dir_fd)
+    except OSError:
+        return None
+    try:
+        return os.read(fd, limit) if stat.S_ISREG(os.fstat(fd).st_mode) else None
+    finally:
+        os.close(fd)
+
+
+def _field(value: object) -> str:
+    return str(value)[:_FIELD] if isinstance(value, (str, int, float)) else ""
+
+
+def inventory(prefix_fd: int) -> list[dict[str, str]]:
+    """The packages installed in a prefix, read from what the installers leave (conda-meta
+    records; pip's ``.dist-info`` whose INSTALLER is pip). The tree belongs to the build user,
+    so it is read as untrusted: relative to fds, no symlink followed, sizes bounded."""
+    found: list[dict[str, str]] = []
+    meta = _child(prefix_fd, "conda-meta")
+    if meta is not None:
+        try:
+            for entry in sorted(os.listdir(meta))[:MAX_PACKAGES]:
+                raw = _read_small(meta, entry) if entry.endswith(".json") else None
+                try:
+                    rec = json.loads(raw) if raw else None
+                except ValueError:
+                    rec = None
+                if isinstance(rec, dict) and rec.get("name"):
+                    found.append({"manager": "conda", "name": _field(rec.get("name")),
+                                  "version": _field(rec.get("version")),
+                                  "build": _field(rec.get("build")),
+                                  "channel": _field(rec.get("channel"))})
+        finally:
+            os.close(meta)
+    for site in _site_packages(prefix_fd):
+        try:
+            for entry in sorted(os.listdir(site))[:MAX_PACKAGES]:
+                if entry.endswith(".dist-info"):
+                    pkg = _dist_info(site, entry)
+                    if pkg is not None:
+                        found.append(pkg)
+        finally:
+            os.close(site)
+    return found
+
+
+def _site_packages(prefix_fd: int) -> Iterator[int]:
+    lib = _child(prefix_fd, "lib")
+    if lib is None:
+        return
+    try:
+        for entry in sorted(os.listdir(lib)):
+            if entry.startswith("python"):
+                py = _child(lib, entry)
+                if py is None:
+                    continue
+                site = _child(py, "site-packages")
+                os.close(py)
+                if site is not None:
+                    yield site
+    finally:
+        os.close(lib)
+
+
+def _dist_info(site: int, entry: str) -> dict[str, str] | None:
+    info = _child(site, entry)
+    if info is None:
+        return None
+    try:
+        if (_read_small(info, "INSTALLER", 64) or b"").strip() != b"pip":
+            return None  # conda's own python packages say "conda": listed above
+        fields: dict[str, str] = {}
+        for line in (_read_small(info, "METADATA", 65536) or b"").decode(
+                "utf-8", "replace").splitlines():
+            if not line:
+                break
+            key, _, value = line.partition(":")
+            if key in ("Name", "Version"):
+                fields.setdefault(key, value.strip())
+    finally:
+        os.close(info)
+    if "Name" not in fields:
+        return None
+    return {"manager": "pip", "name": _field(fields["Name"]),
+            "version": _field(fields.get("Version", ""))}
+
+
+def tree_size(prefix_fd: int) -> tuple[int, int]:
+    """(bytes, entries) of a prefix, walked without following symlinks."""
+    total = count = 0
+    for _top, dirs, files, top_fd in os.fwalk(".", dir_fd=prefix_fd, follow_symlinks=False):
+        for name in files + dirs:
+            with contextlib.suppress(OSError):
+                total += os.stat(name, dir_fd=top_fd, follow_symlinks=False).st_size
+                count += 1
+    return total, count
+
+
+def export(record: dict[str, Any]) -> str:
+    """An environment.yml with exact pins that ``request create -f`` accepts back: conda
+    packages as ``name=version=build``, pip packages as ``name==version`` (for a venv, the pip
+    and setuptools the venv brings are left out unless the spec asked for them)."""
+    import yaml
+
+    spec = record.get("spec_channels") or []
+    packages = record.get("packages") or []
+    conda = [f"{p['name']}={p['version']}={p['build']}" for p in packages
+             if p.get("manager") == "conda"]
+    asked = {str(r).split("=")[0].split("<")[0].split(">")[0].strip().lower()
+             for r in record.get("spec_pip") or []}
+    pip = [f"{p['name']}=={p['version']}" for p in packages if p.get("manager") == "pip"
+           and (record.get("backend") != "venv" or p["name"].lower() not in
+                ("pip", "setuptools") or p["name"].lower() in asked)]
+    deps: list[Any] = conda if conda else (["python", "pip"] if pip else [])
+    if pip:
+        deps.append({"pip": pip})
+    doc: dict[str, Any] = {"name": record.get("name"), "channels": list(spec),
+                           "dependencies": deps}
+    head = (f"# {record.get('name')} {record.get('version')}: exported by envctl "
+            f"(job {record.get('job')}, backend {record.get('backend')})\n")
+    return head + yaml.safe_dump(doc, sort_keys=False)
+
+
+def scan_names(root_fd: int, envs_fd: int) -> list[str]:
+    """Every name in the root (hand-made ones included) and every name with versions."""
+    names = {e for e in os.listdir(root_fd) if not e.startswith(".")}
+    names.update(e for e in os.listdir(envs_fd) if not e.startswith("."))
+    return sorted(names)
+
+
+def is_env_name(name: str) -> bool:
+    """A name the request API could have created (the env directory of one)."""
+    from .spec import NAME_RE
+
+    return bool(NAME_RE.fullmatch(name))
+
+
+def owned_by(owner: object, uid: int, hub_user: str | None) -> bool:
+    """The same rule as for jobs: the same uid and the same verified hub user (None on both
+    sides off the hub)."""
+    return isinstance(owner, dict) and owner.get("uid") == uid and \
+        owner.get("hub_user") == hub_user
+
+
+def owner_name(owner: object) -> str:
+    if not isinstance(owner, dict):
+        return "nobody (no owner recorded by the daemon)"
+    if owner.get("hub_user"):
+        return f"hub user {owner['hub_user']}"
+    return f"{owner.get('name')} (uid {owner.get('uid')})"
+
+
+_SUMMARY = ("job", "backend", "requester", "created_at", "built_at", "size_bytes", "entries",
+            "prefix", "tests")
+
+
+def describe(env_fd: int, name: str, cur: Current, with_versions: bool) -> dict[str, Any]:
+    """An env for ``env list`` (and, ``with_versions``, ``env show``: every version with its
+    spec and packages). ``status``: ready (current version complete), building (no current
+    version yet, a build under way), removed (``env remove``d, versions not yet collected),
+    broken (the stable path is missing or points to no complete version)."""
+    env = read_record(env_fd, ENV_FILE) or {}
+    retired = env.get("retired", {})
+    rows = []
+    building = False
+    for version in versions(env_fd):
+        rec = read_record(env_fd, f"{version}.json") or {}
+        state = rec.get("state") if layout.exists(env_fd, version) else "missing"
+        building = building or state == "building"
+        row = {"version": version, "state": state, "current": version == cur.version,
+               "retired_at": retired.get(version), **{k: rec.get(k) for k in _SUMMARY}}
+        if with_versions:
+            row.update(spec=rec.get("spec"), packages=rec.get("packages") or [])
+        rows.append(row)
+    now = next((r for r in rows if r["current"]), None)
+    if now is not None and now["state"] == "ready":
+        status = "ready"
+    elif cur.kind == "missing" and env.get("removed_at") is not None:
+        status = "removed"
+    elif cur.kind == "missing" and building and not any(r["state"] == "ready" for r in rows):
+        status = "building"
+    else:
+        status = "broken"
+    out: dict[str, Any] = {
+        "status": status, "current": cur.version, "updating": building,
+        "owner": env.get("owner"), "created_at": env.get("created_at"),
+        "removed_at": env.get("removed_at"),
+        "versions": rows if with_versions else len([r for r in rows if r["state"] == "ready"])}
+    for key in ("backend", "requester", "built_at", "size_bytes", "entries", "job"):
+        out[key] = now.get(key) if now else None
+    return out
+
+
+def gc_one(envs_fd: int, env_fd: int, name: str, cur: str | None, keep: int, grace: float,
+           now: float, dry_run: bool) -> list[str]:
+    """GC of one name (its lock held): dead builds' leftovers, then collectable versions; the
+    env's directory itself once nothing of it is left."""
+    if dry_run:
+        return collectable(env_fd, cur, keep, grace, now, record=False)
+    clear_dead(env_fd, cur)
+    gone = collectable(env_fd, cur, keep, grace, now)
+    for version in gone:
+        drop_version(env_fd, version)
+    if cur is None and not versions(env_fd):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(ENV_FILE, dir_fd=env_fd)
+        with contextlib.suppress(OSError):  # not empty: something appeared meanwhile
+            os.rmdir(name, dir_fd=envs_fd)
+    return gone
