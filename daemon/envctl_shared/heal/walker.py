@@ -41,6 +41,7 @@ import re
 import stat
 import threading
 import time
+import weakref
 from collections import Counter, OrderedDict
 from dataclasses import dataclass
 from typing import Any, Callable, Protocol, Sequence
@@ -66,7 +67,7 @@ class _DirRef:
     Its fd may be closed while only queued tasks hold it (see ``_Fds``) and reopened when one
     runs, proven to be the same directory (inode, device, mount)."""
 
-    __slots__ = ("fd", "rel", "ident", "refs", "users", "child_seen", "_fds")
+    __slots__ = ("fd", "rel", "ident", "refs", "users", "child_seen", "_fds", "__weakref__")
 
     def __init__(self, fds: _Fds, fd: int, rel: str, st: Stat) -> None:
         self._fds = fds
@@ -75,7 +76,9 @@ class _DirRef:
         self.ident = (st.st_ino, st.st_dev, st.mnt_id)
         self.refs = 1
         self.users = 1  # its creator uses it: call unuse() when done
-        self.child_seen: _DirRef | None = None  # the last subdirectory opened: ".." leads back
+        # The last subdirectory opened (".." leads back here), weakly: a strong link would keep
+        # every level of a deep chain, and its path, alive for the whole pass.
+        self.child_seen: weakref.ref[_DirRef] | None = None
 
     def acquire(self) -> _DirRef:
         with self._fds.lock:
@@ -118,7 +121,7 @@ class _Fds:
         """A directory just opened by the caller (in ``parent``), who uses it until ``unuse``."""
         ref = _DirRef(self, fd, rel, st)
         if parent is not None:
-            parent.child_seen = ref
+            parent.child_seen = weakref.ref(ref)
         return ref
 
     def use(self, ref: _DirRef) -> bool:
@@ -127,7 +130,7 @@ class _Fds:
             self._idle.pop(ref, None)
             if ref.fd >= 0:
                 return True
-            child = ref.child_seen
+            child = ref.child_seen() if ref.child_seen is not None else None
             if child is not None and child.fd >= 0:
                 ref.fd = self._reopen(ref, lambda: os.open("..", PATH_DIR_FLAGS, dir_fd=child.fd))
             if ref.fd < 0:
