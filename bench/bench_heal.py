@@ -131,14 +131,19 @@ def served(fs: LatencyFs, cmd: list[str]) -> tuple[float, int, float, int]:
 
 def capacity(work: Path, latency: float, files: int) -> tuple[float, int]:
     """latencyfs's own throughput at ``latency``: uncached stats from ``STORM_THREADS`` threads
-    on a mount of its own (calls/s, and the most it had in flight)."""
+    on a mount of its own (calls/s, and the most it had in flight). Best of three storms, each on
+    names never looked up before: a capacity is what it can do, and the two cores are shared
+    with whatever else runs."""
     backing = work / "storm-backing"
     backing.mkdir()
-    for i in range(files):
-        (backing / f"s{i}").touch()
+    prefixes = ("a", "b", "c")
+    for prefix in prefixes:
+        for i in range(files):
+            (backing / f"{prefix}{i}").touch()
     with latencyfs(backing, work / "storm-mnt", latency) as fs:
-        rate, counted = stat_storm(fs, "s", files, STORM_THREADS)
+        storms = [stat_storm(fs, prefix, files, STORM_THREADS) for prefix in prefixes]
     shutil.rmtree(backing)
+    rate, counted = max(storms, key=lambda s: s[0])
     return rate, counted.inflight_max
 
 
@@ -215,14 +220,14 @@ def main() -> int:
     ap.add_argument("--slow-entries", type=int, default=10000)
     ap.add_argument("--poll-entries", type=int, default=60000)
     ap.add_argument("--latency", type=float, default=1.0, help="latencyfs ms per metadata call")
-    ap.add_argument("--storm-files", type=int, default=50000,
-                    help="stats in latencyfs's capacity storm")
+    ap.add_argument("--storm-files", type=int, default=30000,
+                    help="stats in each of latencyfs's three capacity storms")
     ap.add_argument("--quick", action="store_true", help="small trees, one repeat (CI smoke)")
     args = ap.parse_args()
     exit_on_sigterm()
     if args.quick:
         args.entries, args.slow_entries, args.poll_entries, args.latency = 3000, 1000, 2000, 0.2
-        args.storm_files = 3000
+        args.storm_files = 2000
     repeat = 1 if args.quick else 3
     base = Path("/tmp/envctl-bench-heal")
     base.mkdir(mode=0o755, exist_ok=True)
