@@ -168,6 +168,8 @@ class _Fds:
         queued tasks or not: a released directory's ".." is how its parent is reopened."""
         if ref.users or ref.fd < 0:
             return
+        if not ref.refs:
+            ref.rel = ""  # no task will reopen it: its path (long in a deep tree) can go
         self._idle[ref] = None
         self._idle.move_to_end(ref)
         while len(self._idle) > FD_BUDGET:
