@@ -171,6 +171,7 @@ def world(accounts: Accounts) -> Iterator[World]:
         tokens["bob"] = hub.token("bob", SERVER_SCOPES)
         extra = {"jupyterhub": {"api_url": hub.api_url, "shared_uids": [accounts.alice.uid],
                                 "timeout": 2, "cache_seconds": 60},
+                 "kernels": {"dir": str(base / "kernels")},
                  "logging": {"level": "DEBUG"}}
         for api in start_api_daemon(accounts, extra=extra, allow_groups=[],
                                     allow_hub_groups=["builders"]):
@@ -283,6 +284,12 @@ def test_replace_is_for_the_owner_or_a_hub_admin(world: World) -> None:
     res = world.cli("carol", "request", "cancel", job_id)
     assert res.returncode == 0, res.stderr
     assert world.job(job_id)["exit_detail"].startswith("cancelled by hub user carol")
+    # Admin ops too: kernels sync is for admins, which alice (same uid) is not.
+    res = world.cli("alice", "kernels", "sync")
+    assert res.returncode == EX_NOPERM and "only envctl admins" in res.stderr
+    res = world.cli("carol", "kernels", "sync", "--json")
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout)["written"] == []  # these venvs have no ipykernel
 
 
 def test_the_token_never_reaches_the_log_the_store_or_a_build(world: World) -> None:

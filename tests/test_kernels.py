@@ -7,7 +7,7 @@ would: ``JUPYTER_PATH`` points at the shared ``share/jupyter``, ``KernelSpecMana
 the kernelspec, a ``KernelManager`` starts it, the kernel prints ``sys.prefix`` and the
 version, and it is shut down cleanly. A replace with ``kversion`` 2.0 is seen by the next kernel
 start through the same kernelspec; ``envctl kernels sync`` (admins) adds a hand-made env and
-removes the kernel of an env that is gone.
+removes the kernel of an env that is gone; an update without ipykernel removes the kernel.
 """
 
 from __future__ import annotations
@@ -34,7 +34,6 @@ from jupyter_client.manager import KernelManager  # noqa: E402
 
 WHEELS = Path("/tmp/envctl-kernel-wheels")  # a download cache shared by test runs
 SPEC = "dependencies:\n  - pip:\n    - ipykernel\n    - kversion=={version}\n"
-ROOT_ONLY = Path("/")
 
 
 def kernel_wheels() -> Path:
@@ -159,3 +158,10 @@ def test_kernels_sync_adds_hand_made_envs_and_drops_gone_ones(
     assert "envctl-handmade" not in _specs(kernels, monkeypatch).find_kernel_specs()
     assert not (kernels / "envctl-handmade").exists()
     (api.root / "no-python").rmdir()
+    # An update without ipykernel takes the kernel away with it.
+    spec = api.write_spec("dependencies:\n  - pip:\n    - kversion==1.0\n")
+    res = api.cli(accounts.alice, "request", "create", "kenv", "-f", str(spec), "--backend",
+                  "venv", "--replace", "--json", timeout=600)
+    assert res.returncode == 0, res.stderr
+    assert "kernelspec envctl-kenv removed" in Path(json.loads(res.stdout)["log_path"]).read_text()
+    assert "envctl-kenv" not in _specs(kernels, monkeypatch).find_kernel_specs()
