@@ -41,7 +41,8 @@ def test_the_daemon_asks_the_hub_service_on_a_port_the_policy_opens() -> None:
     pod_labels = load("daemonset.yaml")["spec"]["template"]["metadata"]["labels"]
     selector = policy["spec"]["podSelector"]["matchLabels"]
     assert all(pod_labels.get(k) == v for k, v in selector.items())
-    assert policy["spec"]["policyTypes"] == ["Ingress", "Egress"] and policy["spec"]["ingress"] == []
+    assert policy["spec"]["policyTypes"] == ["Ingress", "Egress"]
+    assert policy["spec"]["ingress"] == []
     to_hub = [rule for rule in policy["spec"]["egress"]
               if any(peer.get("podSelector", {}).get("matchLabels", {}).get("component") == "hub"
                      for peer in rule["to"])]

@@ -2,7 +2,8 @@
 
 A real ``jupyterhub`` (PyPI, with the PyPI ``configurable-http-proxy`` on PATH, so it starts a
 real proxy) runs on loopback with the dummy authenticator and a service whose token may create
-users, groups and tokens (carol is made a hub admin by the hub's configuration). Four hub users get real API tokens from it: alice and bob (hub group
+users, groups and tokens (carol is made a hub admin by the hub's configuration). Four hub
+users get real API tokens from it: alice and bob (hub group
 ``builders``), carol (hub admin) and dave (no group). Every one of them runs the CLI as the
 *same* Unix uid (alice's test account, configured as ``jupyterhub.shared_uids``), each with
 their own ``JUPYTERHUB_API_TOKEN``. The daemon must tell them apart through the hub alone;
