@@ -80,12 +80,20 @@ def write_conda_package(pkg: CondaPackage, subdir: Path) -> Path:
     return out
 
 
+def app_package(version: str) -> CondaPackage:
+    """``app``: every file knows its version, and two hold the prefix (``has_prefix`` text
+    replacement), so a test can tell which version — and which prefix — served a read."""
+    return CondaPackage("app", version, files={
+        "share/app/VERSION": (f"{version}\n", False),
+        "share/app/prefix.txt": (f"{PLACEHOLDER}\n", False),
+        "bin/app": (f"#!/bin/sh\necho \"app {version} in {PLACEHOLDER}\"\n", True)})
+
+
 def hello_packages() -> list[CondaPackage]:
     """A dependency chain: ``hello`` (a script with the prefix baked in) → ``libgreet`` →
-    ``greet-data``; plus ``bigdata``, a package whose payload is a few MB (to give a cancel
-    something to interrupt)."""
+    ``greet-data``; and ``app`` in two versions (1.0, 2.0: see ``app_package``)."""
     script = f"#!/bin/sh\n# installed in {PLACEHOLDER}\ncat {PLACEHOLDER}/share/greet/message\n"
-    return [
+    return [app_package("1.0"), app_package("2.0"),
         CondaPackage("greet-data", files={"share/greet/message": ("hello from envctl\n", False)}),
         CondaPackage("libgreet", depends=["greet-data"],
                      files={"lib/greet/VERSION": ("1.0\n", False)}),
@@ -197,7 +205,7 @@ def full_log(mgr: JobManager, job_id: str) -> str:
 
 
 # A job manager in a process of its own (to be killed with SIGKILL): argv = config, requester,
-# [[name, spec, backend], ...]; prints each submitted job's id, then idles.
+# [[name, spec, backend], ...], replace; prints each submitted job's id, then idles.
 DAEMON = """
 import json, sys, time
 from envctl_shared.config import parse
@@ -206,17 +214,20 @@ cfg, who, specs = json.loads(sys.argv[1]), json.loads(sys.argv[2]), json.loads(s
 mgr = JobManager(parse(cfg))
 mgr.start()
 for name, text, backend in specs:
-    print(mgr.submit(Requester(**who), name, text, backend=backend).id, flush=True)
+    print(mgr.submit(Requester(**who), name, text, backend=backend,
+                     replace=sys.argv[4] == "replace").id, flush=True)
 time.sleep(600)
 """
 
 
-def daemon_argv(cfg: dict[str, Any], who: Requester, specs: list[list[str]]) -> list[str]:
+def daemon_argv(cfg: dict[str, Any], who: Requester, specs: list[list[str]],
+                replace: bool = False) -> list[str]:
     """The command line of a :data:`DAEMON` (run it with ``cwd`` anywhere: the package is
     installed in the venv)."""
     fields = {k: getattr(who, k) for k in ("uid", "gid", "groups", "pid", "username",
                                            "claimed_user", "is_admin")}
-    return [sys.executable, "-c", DAEMON, json.dumps(cfg), json.dumps(fields), json.dumps(specs)]
+    return [sys.executable, "-c", DAEMON, json.dumps(cfg), json.dumps(fields), json.dumps(specs),
+            "replace" if replace else "new"]
 
 
 ENV_HELLO = "name: ignored\nchannels: []\ndependencies:\n  - hello\n"

@@ -53,11 +53,12 @@ def test_rattler_build_end_to_end(api: ApiDaemon, accounts: Accounts) -> None:
     assert f"environment hello-env is ready: {prefix}" in res.stdout
     assert f"conda activate {prefix}" in res.stdout
     assert "==> running" in res.stderr  # live phases were followed
-    # Really built, relocated to its final path, and healed before "ready".
+    # Really built at its version's own path (where <root>/NAME points), healed before "ready".
     out = subprocess.run([str(prefix / "bin" / "hello")], text=True, capture_output=True)
     assert out.stdout == "hello from envctl\n"
-    assert str(prefix) in (prefix / "bin" / "hello").read_text()
+    assert str(prefix.resolve()) in (prefix / "bin" / "hello").read_text()
     assert find_violations(prefix, accounts.shared_gid) == []
+    assert find_violations(prefix.resolve(), accounts.shared_gid) == []
     # The kernel identity and the unverified claim are both on the record.
     res = api.cli(accounts.bob, "request", "status", job_id, "--json")
     assert res.returncode == 0, res.stderr

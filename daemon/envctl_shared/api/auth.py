@@ -32,6 +32,7 @@ from typing import Any
 
 from ..config import JupyterHubConfig, RequestsConfig, resolve_group
 from ..errors import NotAuthorised, ValidationError
+from ..jobs import envs
 from ..jobs.model import Job, Requester
 from .hub import HubUser
 from .peercred import PeerCred
@@ -132,15 +133,16 @@ class Authoriser:
             raise NotAuthorised(f"job {job.id} belongs to {job.owner}; you may only "
                                 "see your own jobs", hint=_ALLOW_HINT)
 
-    def require_owner(self, who: Requester, job: Job | None, what: str) -> None:
-        """Replace (and whatever else changes an existing environment) is for the owner of the
-        job that built it, or admins; an environment envctl did not build is for admins."""
-        if who.is_admin or (job is not None and who.owns(job)):
+    def require_env_owner(self, who: Requester, owner: dict[str, Any] | None,
+                          what: str) -> None:
+        """Replace (and whatever else changes an existing environment) is for its owner — the
+        requester of its first version, as the daemon recorded it (``jobs.envs``) — or admins;
+        an environment envctl did not build is for admins."""
+        if who.is_admin or envs.owned_by(owner, who.uid, who.hub_user):
             return
-        owner = "nobody (envctl did not build it)" if job is None else job.owner
-        raise NotAuthorised(f"{what} belongs to {owner}; only its owner or an admin may "
-                            "replace it", hint="pick another name, or ask its owner or an "
-                            "envctl admin")
+        raise NotAuthorised(f"{what} belongs to {envs.owner_name(owner)}; only its owner or an "
+                            "admin may replace it", hint="pick another name, or ask its owner "
+                            "or an envctl admin")
 
     def require_view_all(self, who: Requester) -> None:
         if not self.may_create(who):

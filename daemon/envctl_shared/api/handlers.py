@@ -21,10 +21,11 @@ from .. import __version__
 from ..config import Config
 from ..errors import DaemonUnavailable, NotAuthorised, ValidationError
 from ..jobs import kernels, procs
-from ..jobs.model import Job, Requester, State
+from ..jobs.model import Job, Requester
 from ..jobs.spec import validate_name
 from . import protocol
 from .auth import Authoriser
+from .env_handlers import EnvHandlers
 from .hub import TOKEN_HINT, HubUser, HubVerifier
 from .peercred import PeerCred
 
@@ -44,7 +45,7 @@ LOG_CHUNK = 65536
 ANONYMOUS_OPS = frozenset({"ping", "version", "status", "whoami"})
 
 
-class Handlers:
+class Handlers(EnvHandlers):
     """The op implementations, bound to one daemon's jobs, status source and authoriser."""
 
     def __init__(self, config: Config, jobs: JobManager | None, status: StatusFn,
@@ -130,7 +131,7 @@ class Handlers:
 
     def op_create(self, who: Requester, gone: Callable[[], bool], name: str, spec: str,
                   backend: str | None, replace: bool, claimed_user: str | None,
-                  follow: bool) -> Iterator[Message]:
+                  follow: bool, tests: list[str]) -> Iterator[Message]:
         jobs = self._manager()
         try:
             self.auth.require_create(who)
@@ -141,7 +142,7 @@ class Handlers:
                      "replace=%s", who.uid, who.username, who.hub_user, who.claimed_user, name,
                      replace)
             raise
-        job = jobs.submit(who, name, spec, backend=backend, replace=replace)
+        job = jobs.submit(who, name, spec, backend=backend, replace=replace, tests=tests)
         log.debug("api create job=%s name=%s backend=%s uid=%d user=%s hub_user=%s claimed=%s "
                   "replace=%s", job.id, job.name, job.backend, who.uid, who.username,
                   who.hub_user, who.claimed_user, replace)
@@ -153,12 +154,11 @@ class Handlers:
                                 last=(job.state.value, job.phase))
 
     def _require_env_owner(self, who: Requester, name: str) -> None:
-        """An existing environment belongs to the requester of the last job that built it."""
+        """An existing environment belongs to the requester of its first version, as the
+        daemon recorded it in the root (``jobs.envs``; an env without a record: admins)."""
         if not os.path.lexists(self.config.requests_root.path / name):
             return
-        built = [job for job in self._manager().list(include_finished=True)
-                 if job.name == name and job.state is State.SUCCEEDED]
-        self.auth.require_owner(who, built[-1] if built else None, f"environment {name!r}")
+        self.auth.require_env_owner(who, self._manager().env_owner(name), f"environment {name!r}")
 
     def op_get(self, who: Requester, gone: Callable[[], bool], id: str | int) -> Iterator[Message]:
         yield protocol.ok(self._visible(who, id).to_dict())

@@ -66,6 +66,13 @@ def _word(value: str) -> str | None:
     return None if _WORD_RE.fullmatch(value) else "must be 1-64 letters, digits, '.', '_' or '-'"
 
 
+def _commands(value: list[Any]) -> str | None:
+    """Command lines: each a string of valid Unicode (their limits are the daemon's policy)."""
+    if not all(isinstance(v, str) for v in value):
+        return "must be a list of strings"
+    return next(("must hold valid Unicode only" for v in value if _unicode_problem(v)), None)
+
+
 @dataclass(frozen=True)
 class Op:
     """One operation: who may call it is decided in ``auth``; here only its shape."""
@@ -79,6 +86,7 @@ class Op:
 
 _ID = Arg((str, int), "job id, as printed by create/list", required=True, check=_job_id)
 _FOLLOW = Arg((bool,), "stream events until the job ends instead of replying once", default=False)
+_ENV = Arg((str,), "environment name", required=True, check=_word)
 
 OPS: dict[str, Op] = {op.name: op for op in (
     Op("ping", "Liveness check; replies {pong, version, protocol}. Anyone who can connect."),
@@ -98,6 +106,10 @@ OPS: dict[str, Op] = {op.name: op for op in (
         "claimed_user": Arg((str,), "who the client says it acts for (e.g. JUPYTERHUB_USER); "
                             "recorded, never trusted (hub users are identified by hub_token)"),
         "follow": _FOLLOW,
+        "tests": Arg((list,), "shell command lines (at most 16, each at most 1000 characters) "
+                     "run as the build user inside the new version, activated, before it is "
+                     "made current; any failure: not promoted, the job fails",
+                     default=(), check=_commands),
     }, streaming=True),
     Op("get", "One job (state, phase, prefix, exit detail). Own jobs; everyone's for "
        "requesters and admins.", {"id": _ID}),
@@ -117,6 +129,27 @@ OPS: dict[str, Op] = {op.name: op for op in (
     Op("kernels-sync", "Rewrite the kernelspec of every environment in the root that has "
        "ipykernel (hand-made ones included) and remove those of environments that have none "
        "or are gone; replies {written, removed, skipped}. Admins."),
+    # environments: versions behind the stable path <root>/NAME (see docs/admin-envs.md)
+    Op("env-list", "Every environment in the request root: name, status (ready, building, "
+       "removed, broken, unmanaged for hand-made ones), current version, backend, owner, when "
+       "built, size, kernel. Anyone who can connect."),
+    Op("env-show", "One environment with all its versions (current marked): who built each, "
+       "when, from which spec and tests, the exact packages installed. Anyone who can connect.",
+       {"name": _ENV}),
+    Op("env-export", "An environment.yml with exact pins of a version (default: the current "
+       "one), which create accepts back; replies {name, version, text}. Anyone who can "
+       "connect.", {"name": _ENV, "version": Arg((str,), "a version (v1, v2, ...)",
+                                                 check=_word)}),
+    Op("env-rollback", "Make an earlier version current again (default: the newest one older "
+       "than the current), by one atomic rename. The owner (requester of the first version) "
+       "or admins.", {"name": _ENV, "to": Arg((str,), "the version to make current",
+                                               check=_word)}),
+    Op("env-remove", "The name disappears at once (atomically); its versions are removed by "
+       "GC after requests.gc_grace. The owner or admins.", {"name": _ENV}),
+    Op("env-gc", "Remove versions that are neither current nor among the newest "
+       "requests.keep_versions and stopped being current over requests.gc_grace ago, and "
+       "what dead builds left; replies {removed, skipped, ...}. Admins.",
+       {"dry_run": Arg((bool,), "only say what would be removed", default=False)}),
 )}
 _BY_NAME: dict[str, Op] = {alias: op for op in OPS.values() for alias in (op.name, *op.aliases)}
 

@@ -13,10 +13,10 @@ from typing import Sequence
 
 from .. import __version__
 from ..errors import EX_SOFTWARE, EnvctlError, UsageError
-from . import heal_cmd, kernels_cmd, request_cmd, status_cmd, whoami_cmd
+from . import env_cmd, heal_cmd, kernels_cmd, request_cmd, status_cmd, whoami_cmd
 from .output import print_error
 
-COMMAND_MODULES = [heal_cmd, request_cmd, status_cmd, whoami_cmd, kernels_cmd]
+COMMAND_MODULES = [heal_cmd, request_cmd, env_cmd, status_cmd, whoami_cmd, kernels_cmd]
 
 
 class _Parser(argparse.ArgumentParser):

@@ -40,6 +40,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[
     c.add_argument("--backend", help="build backend, if the daemon allows choosing one")
     c.add_argument("--replace", action="store_true",
                    help="replace an existing environment of that name once the new one is built")
+    c.add_argument("--test", action="append", default=[], metavar="CMD", dest="tests",
+                   help="a shell command the new version must pass before it is made current "
+                        "(run inside it, activated, as the build user; repeatable)")
     c.add_argument("--no-wait", action="store_true", help="print the job id and return")
     c.add_argument("--json", action="store_true", help="print the job as JSON")
     c.set_defaults(func=run_create)
@@ -83,7 +86,8 @@ def _read_spec(path: str) -> str:
 def run_create(args: argparse.Namespace) -> int:
     spec = _read_spec(args.file)
     request = {"name": args.name, "spec": spec, "backend": args.backend,
-               "replace": args.replace, "claimed_user": os.environ.get(CLAIM_ENV) or None}
+               "replace": args.replace, "claimed_user": os.environ.get(CLAIM_ENV) or None,
+               "tests": args.tests or None}
     if args.no_wait:
         with client_for(args) as client:
             queued = client.call("create", **request)

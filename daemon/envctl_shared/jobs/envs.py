@@ -408,13 +408,13 @@ def tree_size(prefix_fd: int) -> tuple[int, int]:
 
 def export(record: dict[str, Any]) -> str:
     """An environment.yml with exact pins that ``request create -f`` accepts back: conda
-    packages as ``name=version=build``, pip packages as ``name==version`` (for a venv, the pip
+    packages as ``name ==version build`` (the canonical match spec), pip packages as ``name==version`` (for a venv, the pip
     and setuptools the venv brings are left out unless the spec asked for them)."""
     import yaml
 
     spec = record.get("spec_channels") or []
     packages = record.get("packages") or []
-    conda = [f"{p['name']}={p['version']}={p['build']}" for p in packages
+    conda = [f"{p['name']} =={p['version']} {p['build']}".rstrip() for p in packages
              if p.get("manager") == "conda"]
     asked = {str(r).split("=")[0].split("<")[0].split(">")[0].strip().lower()
              for r in record.get("spec_pip") or []}
@@ -454,7 +454,7 @@ def owned_by(owner: object, uid: int, hub_user: str | None) -> bool:
 
 def owner_name(owner: object) -> str:
     if not isinstance(owner, dict):
-        return "nobody (no owner recorded by the daemon)"
+        return "nobody (envctl did not build it)"
     if owner.get("hub_user"):
         return f"hub user {owner['hub_user']}"
     return f"{owner.get('name')} (uid {owner.get('uid')})"

@@ -1,0 +1,158 @@
+"""``envctl env ...``: the environments in the shared root, their versions, and the way back.
+
+Why through the daemon: the versions and their records live in the root (readable by everyone),
+but the daemon is the one that checks they are its own before trusting them, and the one that
+may switch, remove and collect; the CLI only talks the protocol and formats the answer
+(``--json`` prints the daemon's data as it is).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from typing import Any
+
+from ..errors import EX_OK
+from .output import emit_json, quote_name, table
+from .status_cmd import add_socket_option, client_for
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = subparsers.add_parser("env", help="list, inspect, export, roll back and remove shared "
+                              "environments", description="Environments in the request root: "
+                              "each build is a version; NAME points to the current one.")
+    sub = p.add_subparsers(dest="action", metavar="ACTION", parser_class=type(p))
+    sub.required = True
+
+    ls = sub.add_parser("list", help="every environment in the root (hand-made ones too)")
+    ls.set_defaults(func=run_list)
+    show = sub.add_parser("show", help="an environment's versions, specs and packages")
+    show.add_argument("name")
+    show.set_defaults(func=run_show)
+    exp = sub.add_parser("export", help="an environment.yml with exact pins (request create "
+                         "-f accepts it back)")
+    exp.add_argument("name")
+    exp.add_argument("--version", metavar="V", help="a version (default: the current one)")
+    exp.set_defaults(func=run_export)
+    rb = sub.add_parser("rollback", help="make an earlier version current again (atomic)")
+    rb.add_argument("name")
+    rb.add_argument("--to", metavar="V", help="the version (default: the one before)")
+    rb.set_defaults(func=run_rollback)
+    rm = sub.add_parser("remove", help="remove the name at once; versions go at the next GC")
+    rm.add_argument("name")
+    rm.set_defaults(func=run_remove)
+    gc = sub.add_parser("gc", help="remove old versions now (admins)")
+    gc.add_argument("--dry-run", action="store_true", help="only say what would be removed")
+    gc.set_defaults(func=run_gc)
+    for parser in (ls, show, exp, rb, rm, gc):
+        parser.add_argument("--json", action="store_true", help="print the answer as JSON")
+        add_socket_option(parser)
+
+
+def _call(args: argparse.Namespace, op: str, **kw: Any) -> Any:
+    with client_for(args) as client:
+        return client.call(op, **kw)
+
+
+def _when(ts: float | None) -> str:
+    return "-" if ts is None else time.strftime("%Y-%m-%d %H:%M", time.localtime(ts))
+
+
+def _size(n: int | None) -> str:
+    if n is None:
+        return "-"
+    size = float(n)
+    for unit in ("B", "K", "M", "G"):
+        if size < 1024 or unit == "G":
+            return f"{size:.0f}{unit}" if unit == "B" else f"{size:.1f}{unit}"
+        size /= 1024
+    return "-"
+
+
+def _who(rec: dict[str, Any] | None) -> str:
+    if not rec:
+        return "-"
+    if rec.get("hub_user"):
+        return f"{rec['hub_user']} (hub)"
+    claim = rec.get("claimed_user")
+    return str(rec.get("name")) + (f" (claims {claim})" if claim else "")
+
+
+def run_list(args: argparse.Namespace) -> int:
+    envs = _call(args, "env-list")
+    if args.json:
+        emit_json(envs)
+        return EX_OK
+    if not envs:
+        print("no environments")
+        return EX_OK
+    rows = [[quote_name(e["name"]), e["status"] + (" (updating)" if e.get("updating") else ""),
+             e.get("current") or "-", e.get("backend") or "-", _who(e.get("owner")),
+             _when(e.get("built_at")), _size(e.get("size_bytes")), e.get("kernel") or "-"]
+            for e in envs]
+    print(table(rows, ["NAME", "STATUS", "CURRENT", "BACKEND", "OWNER", "BUILT", "SIZE",
+                       "KERNEL"]))
+    return EX_OK
+
+
+def run_show(args: argparse.Namespace) -> int:
+    env = _call(args, "env-show", name=args.name)
+    if args.json:
+        emit_json(env)
+        return EX_OK
+    print(f"{quote_name(env['name'])}: {env['status']}, current {env.get('current') or '-'}, "
+          f"owner {_who(env.get('owner'))}, path {quote_name(env['prefix'])}")
+    for v in env.get("versions") or []:
+        mark = "*" if v.get("current") else " "
+        print(f"\n{mark} {v['version']}  {v.get('state')}  built {_when(v.get('built_at'))} by "
+              f"{_who(v.get('requester'))}  job {v.get('job') or '-'}  "
+              f"{_size(v.get('size_bytes'))}"
+              + (f"  (not current since {_when(v['retired_at'])})"
+                 if v.get("retired_at") and not v.get("current") else ""))
+        for test in v.get("tests") or []:
+            print(f"    tested: {test}")
+        for pkg in v.get("packages") or []:
+            build = f" {pkg['build']}" if pkg.get("build") else ""
+            print(f"    {pkg['name']} {pkg['version']}{build}  ({pkg['manager']})")
+    return EX_OK
+
+
+def run_export(args: argparse.Namespace) -> int:
+    out = _call(args, "env-export", name=args.name, version=args.version)
+    if args.json:
+        emit_json(out)
+    else:
+        sys.stdout.write(out["text"])
+    return EX_OK
+
+
+def run_rollback(args: argparse.Namespace) -> int:
+    out = _call(args, "env-rollback", name=args.name, to=args.to)
+    if args.json:
+        emit_json(out)
+    else:
+        print(f"{out['name']}: now {out['current']} (was {out.get('previous') or '-'})")
+    return EX_OK
+
+
+def run_remove(args: argparse.Namespace) -> int:
+    out = _call(args, "env-remove", name=args.name)
+    if args.json:
+        emit_json(out)
+    else:
+        print(f"{out['name']} removed (was {out['removed']}); its versions go at the next GC")
+    return EX_OK
+
+
+def run_gc(args: argparse.Namespace) -> int:
+    out = _call(args, "env-gc", dry_run=args.dry_run)
+    if args.json:
+        emit_json(out)
+        return EX_OK
+    verb = "would remove" if out["dry_run"] else "removed"
+    for item in out["removed"]:
+        print(f"{verb} {item['name']} {item['version']}")
+    print(f"{verb} {len(out['removed'])} version(s)" + (
+        f"; skipped (being built): {', '.join(out['skipped'])}" if out["skipped"] else ""))
+    return EX_OK

@@ -1,0 +1,278 @@
+"""Updating an environment while people use it, with real builds (rattler from the local channel,
+venv from the hand-made wheelhouse) and real other users:
+
+- a poller (bob, every 20 ms, its own process) reads ``<root>/NAME/...`` during the whole update
+  and sees the old version, then the new one — never an error, never an empty read;
+- a process started in the old version (cwd there, paths resolved at start) reads its files
+  after the switch; the prefix baked into the new version's files is the new version's;
+- a failing ``--test`` does not promote (the log has the command's output), a passing one does,
+  run inside the new version as the build user with the env activated;
+- ``kill -9`` of the daemon mid-update leaves the current version serving, and the restarted
+  daemon removes the half-built version;
+- rollback and remove are one rename / one unlink; GC keeps the current version, the newest
+  ``keep_versions`` and anything retired less than ``gc_grace`` ago; a hand-made env is listed
+  ``unmanaged`` and never touched.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from envctl_shared.config import parse
+from envctl_shared.errors import Conflict, NotAuthorised, NotFound
+from envctl_shared.jobs import JobManager, State
+
+from tests.helpers import live_processes, wait_for
+from tests.jobs_support import JobsEnv, daemon_argv, full_log, wait_done, write_wheel
+
+pytest_plugins = ("tests.fixtures_jobs",)  # the jobs fixtures
+
+APP = "dependencies:\n  - app={v}\n"
+DEMO = "dependencies:\n  - python\n  - pip:\n    - envctl_demo=={v}\n"
+
+# Reads one file every 20 ms until the stop file appears; prints the distinct runs it saw.
+POLLER = """
+import os, sys, time
+path, stop = sys.argv[1], sys.argv[2]
+runs, n = [], 0
+while not os.path.exists(stop):
+    try:
+        with open(path) as f:
+            got = f.read().strip() or "<empty>"
+    except OSError as exc:
+        got = f"<{exc.strerror}>"
+    n += 1
+    if not runs or runs[-1] != got:
+        runs.append(got)
+    time.sleep(0.02)
+print(n)
+print("\\n".join(runs))
+"""
+
+
+class Poller:
+    """``POLLER`` as another user (bob), in its own process."""
+
+    def __init__(self, env: JobsEnv, path: Path, scratch: Path) -> None:
+        self.stop = scratch / "stop-poller"
+        bob = env.accounts.bob
+        self.proc = subprocess.Popen(
+            ["setpriv", f"--reuid={bob.uid}", f"--regid={bob.gid}", "--init-groups",
+             sys.executable, "-c", POLLER, str(path), str(self.stop)],
+            stdout=subprocess.PIPE, text=True)
+
+    def finish(self) -> tuple[int, list[str]]:
+        self.stop.touch()
+        out, _ = self.proc.communicate(timeout=30)
+        lines = out.splitlines()
+        return int(lines[0]), lines[1:]
+
+
+def _build(mgr: JobManager, env: JobsEnv, name: str, spec: str, backend: str = "rattler",
+           **kw: object) -> str:
+    job = wait_done(mgr, mgr.submit(env.requester(), name, spec, backend=backend,
+                                    **kw).id, 240)  # type: ignore[arg-type]
+    assert job.state is State.SUCCEEDED, full_log(mgr, job.id)
+    return job.id
+
+
+@pytest.mark.parametrize("backend", ["rattler", "venv"])
+def test_update_without_a_gap_and_old_process_keeps_its_version(
+        jobs_env: JobsEnv, manager_factory, scratch: Path, backend: str) -> None:
+    mgr = manager_factory()
+    name = f"live-{backend}"
+    stable = jobs_env.root / name
+    if backend == "rattler":
+        spec, rel = APP, "share/app/VERSION"
+    else:
+        write_wheel(jobs_env.wheelhouse, "envctl_demo", "2.0", "GREETING = '2.0'\n")
+        spec, rel = DEMO, ""
+    _build(mgr, jobs_env, name, spec.format(v="1.0"), backend)
+    old = stable.resolve()
+    assert old == jobs_env.root / ".envctl" / "envs" / name / "v1"
+    if backend == "venv":
+        rel = os.path.relpath(glob.glob(f"{old}/lib/python3*/site-packages/envctl_demo.py")[0],
+                              old)
+        first = (old / rel).read_text().strip()
+    else:
+        first = "1.0"
+    # bound to the old version at start: cwd there, its baked prefix read after the switch
+    survivor = subprocess.Popen(
+        ["setpriv", f"--reuid={jobs_env.accounts.alice.uid}",
+         f"--regid={jobs_env.accounts.alice.gid}", "--init-groups", "sh", "-c",
+         f'sleep 3; cat {rel}; ls bin >/dev/null && echo "bin ok"'], cwd=old,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    poller = Poller(jobs_env, stable / rel, scratch)
+    try:
+        time.sleep(0.2)
+        job = _build(mgr, jobs_env, name, spec.format(v="2.0"), backend, replace=True)
+        time.sleep(0.2)
+    finally:
+        samples, runs = poller.finish()
+    new = stable.resolve()
+    second = (new / rel).read_text().strip()
+    assert new == old.parent / "v2" and second != first
+    assert runs == [first, second], runs  # never missing, never empty, never back
+    assert samples > 10
+    out, _ = survivor.communicate(timeout=30)
+    assert out == f"{first}\nbin ok\n", out  # after the switch (sleep 3 > the update)
+    assert (old / rel).read_text().strip() == first  # the old version stays until GC
+    if backend == "rattler":  # has_prefix: each version's files name that version's prefix
+        assert (new / "share/app/prefix.txt").read_text() == f"{new}\n"
+        assert (old / "share/app/prefix.txt").read_text() == f"{old}\n"
+        out = subprocess.run([str(stable / "bin" / "app")], capture_output=True, text=True)
+        assert out.stdout == f"app 2.0 in {new}\n"
+    assert f"{stable} now points to v2" in full_log(mgr, job)
+
+
+def test_tests_gate_the_promotion(jobs_env: JobsEnv, manager_factory) -> None:
+    mgr = manager_factory()
+    _build(mgr, jobs_env, "gated", APP.format(v="1.0"))
+    stable = jobs_env.root / "gated"
+    versions = stable.resolve().parent
+    bad = mgr.submit(jobs_env.requester(), "gated", APP.format(v="2.0"), replace=True,
+                     tests=["echo checking the version; app | grep -q 3.0"])
+    done = wait_done(mgr, bad.id)
+    log = full_log(mgr, bad.id)
+    assert done.state is State.FAILED, log
+    assert "test 1 ('echo checking the version; app | grep -q 3.0') failed with status 1" \
+        in (done.exit_detail or "")
+    assert "checking the version\n" in log  # the command's own output
+    assert os.readlink(stable) == ".envctl/envs/gated/v1"  # not promoted
+    assert sorted(os.listdir(versions)) == ["env.json", "v1", "v1.json"]  # v2 removed
+    # the test runs inside the new version, activated, as the build user
+    probe = ('test "$CONDA_PREFIX" = "$(dirname "$(dirname "$(command -v app)")")" && '
+             'case "$CONDA_PREFIX" in */v2) ;; *) exit 9 ;; esac && '
+             'test "$(id -u)" = ' + str(jobs_env.accounts.builder.uid) + ' && app')
+    good = wait_done(mgr, mgr.submit(jobs_env.requester(), "gated", APP.format(v="2.0"),
+                                     replace=True, tests=["true", probe]).id)
+    log = full_log(mgr, good.id)
+    assert good.state is State.SUCCEEDED, log
+    assert f"app 2.0 in {versions / 'v2'}\n" in log and "2 test command(s) passed" in log
+    assert os.readlink(stable) == ".envctl/envs/gated/v2"
+    assert json.loads((versions / "v2.json").read_text())["tests"] == ["true", probe]
+
+
+def test_kill9_mid_update_keeps_current_and_restart_cleans(jobs_env: JobsEnv, scratch: Path,
+                                                          manager_factory) -> None:
+    """The daemon (a JobManager in its own process) is SIGKILLed while v2 of a venv is being
+    built: v1 keeps serving throughout (a poller watches), and the restarted daemon removes
+    the half-built v2 and says so."""
+    first = manager_factory()
+    _build(first, jobs_env, "k9env", DEMO.format(v="1.0"), "venv")
+    first.stop()
+    stable = jobs_env.root / "k9env"
+    versions = stable.resolve().parent
+    rel = os.path.relpath(glob.glob(f"{versions}/v1/lib/python3*/site-packages/"
+                                    "envctl_demo.py")[0], versions / "v1")
+    poller = Poller(jobs_env, stable / rel, scratch)
+    cfg = jobs_env.raw()
+    daemon = subprocess.Popen(daemon_argv(cfg, jobs_env.requester(), [
+        ["k9env", DEMO.format(v="1.0"), "venv"]], replace=True), stdout=subprocess.PIPE,
+        text=True)
+    try:
+        assert daemon.stdout is not None
+        job_id = daemon.stdout.readline().strip()
+        wait_for(lambda: (versions / "v2" / "bin").exists(), 60, what="v2 half-built")
+    finally:
+        daemon.send_signal(signal.SIGKILL)
+        daemon.wait()
+    assert os.readlink(stable) == ".envctl/envs/k9env/v1"
+    assert json.loads((versions / "v2.json").read_text())["state"] == "building"
+    mgr = JobManager(parse(cfg))
+    mgr.start()
+    try:
+        samples, runs = poller.finish()
+        assert runs == ["GREETING = 'hello from a wheel'"] and samples > 10, runs
+        job = mgr.get(job_id)
+        assert job.state is State.INTERRUPTED
+        assert "removed the unfinished version v2 of 'k9env'" in full_log(mgr, job_id)
+        assert sorted(os.listdir(versions)) == ["env.json", "v1", "v1.json"]
+        assert os.readlink(stable) == ".envctl/envs/k9env/v1"
+    finally:
+        mgr.stop()
+        wait_for(lambda: not live_processes({jobs_env.accounts.builder.uid},
+                                            home_under=jobs_env.state_dir), 10,
+                 what="no build left")
+
+
+def test_rollback_remove_and_gc(jobs_env: JobsEnv, manager_factory) -> None:
+    mgr = manager_factory(jobs_env.config(keep_versions=2, gc_grace=2.0))
+    alice, bob = jobs_env.requester("alice"), jobs_env.requester("bob")
+    admin = jobs_env.requester("mallory", admin=True)
+    for v in ("1.0", "2.0", "1.0"):
+        _build(mgr, jobs_env, "rb", APP.format(v=v), replace=True)
+    stable = jobs_env.root / "rb"
+    assert os.readlink(stable) == ".envctl/envs/rb/v3"
+    with pytest.raises(NotAuthorised, match="belongs to .*alice"):
+        mgr.env_rollback(bob, "rb")
+    t0 = time.monotonic()
+    done = mgr.env_rollback(alice, "rb")
+    assert time.monotonic() - t0 < 1.0
+    assert done == {"name": "rb", "current": "v2", "previous": "v3"}
+    assert (stable / "share/app/VERSION").read_text() == "2.0\n"
+    assert mgr.env_rollback(admin, "rb", to="v3")["current"] == "v3"  # admins may; forward too
+    with pytest.raises(NotFound):
+        mgr.env_rollback(alice, "rb", to="v9")
+    # GC: v3 current, v2 among the 2 newest, v1 retired under 2 s ago: all kept
+    assert mgr.env_gc()["removed"] == []
+    time.sleep(2.1)
+    assert mgr.env_gc(dry_run=True)["removed"] == [{"name": "rb", "version": "v1"}]
+    assert (stable.resolve().parent / "v1").is_dir()  # a dry run removes nothing
+    assert mgr.env_gc()["removed"] == [{"name": "rb", "version": "v1"}]
+    assert sorted(os.listdir(stable.resolve().parent)) == [
+        "env.json", "v2", "v2.json", "v3", "v3.json"]
+    # remove: the name goes at once, the versions after the grace
+    with pytest.raises(NotAuthorised):
+        mgr.env_remove(bob, "rb")
+    assert mgr.env_remove(alice, "rb") == {"name": "rb", "removed": "v3"}
+    assert not os.path.lexists(stable)
+    listed = {e["name"]: e for e in mgr.env_list()}
+    assert listed["rb"]["status"] == "removed"
+    # a removed name keeps no newest versions: v2 (not current for over 2 s) goes now,
+    # v3 (current until just now) only after the grace
+    assert mgr.env_gc()["removed"] == [{"name": "rb", "version": "v2"}]
+    time.sleep(2.1)
+    assert mgr.env_gc()["removed"] == [{"name": "rb", "version": "v3"}]
+    assert not (jobs_env.root / ".envctl" / "envs" / "rb").exists()
+    assert "rb" not in {e["name"] for e in mgr.env_list()}
+
+
+def test_hand_made_env_is_unmanaged_and_never_touched(jobs_env: JobsEnv,
+                                                      manager_factory) -> None:
+    mgr = manager_factory(jobs_env.config(gc_grace=0.0))
+    hand = jobs_env.root / "byhand"
+    (hand / "bin").mkdir(parents=True)
+    (hand / "bin" / "tool").write_text("mine\n")
+    before = sorted((p.name, p.stat().st_ino) for p in hand.rglob("*"))
+    _build(mgr, jobs_env, "managed", APP.format(v="1.0"))
+    listed = {e["name"]: e for e in mgr.env_list()}
+    assert listed["byhand"]["status"] == "unmanaged" and listed["byhand"]["current"] is None
+    assert listed["managed"]["status"] == "ready" and listed["managed"]["current"] == "v1"
+    assert listed["managed"]["owner"]["uid"] == jobs_env.accounts.alice.uid
+    assert listed["managed"]["backend"] == "rattler" and listed["managed"]["size_bytes"] > 0
+    admin = jobs_env.requester("mallory", admin=True)
+    with pytest.raises(Conflict, match="not an environment envctl manages"):
+        mgr.submit(admin, "byhand", APP.format(v="1.0"), replace=True)
+    with pytest.raises(NotFound):
+        mgr.env_remove(admin, "byhand")
+    with pytest.raises(NotFound):
+        mgr.env_rollback(admin, "byhand")
+    mgr.env_gc()
+    assert sorted((p.name, p.stat().st_ino) for p in hand.rglob("*")) == before
+    # show and export: the exact packages, and a spec create accepts back
+    shown = mgr.env_show("managed")
+    pkgs = shown["versions"][0]["packages"]
+    assert {(p["name"], p["version"]) for p in pkgs} == {("app", "1.0")}
+    text = mgr.env_export("managed")["text"]
+    assert "- app ==1.0 0" in text
+    again = _build(mgr, jobs_env, "copy", text)
+    assert (jobs_env.root / "copy" / "share/app/VERSION").read_text() == "1.0\n", again
