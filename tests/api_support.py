@@ -31,6 +31,8 @@ from tests.helpers import VENV_BIN
 from tests.jobs_support import build_channel, hello_packages, write_wheel
 
 ENVCTL = str(VENV_BIN / "envctl")
+# The CLI runs the code the tests import (a checkout other than the installed one included).
+_PYTHONPATH = {"PYTHONPATH": os.environ["PYTHONPATH"]} if os.environ.get("PYTHONPATH") else {}
 SLOW_PYTHON = """#!/bin/sh
 # envctl test wrapper: a venv build whose prefix mentions "slow" stays in its first phase; one
 # whose prefix mentions "envdump" prints the whole environment the build sees into its log.
@@ -73,7 +75,7 @@ class ApiDaemon:
     def cli_argv(self, user: User, *args: str, groups: bool = True,
                  env: dict[str, str] | None = None) -> list[str]:
         environ = {"PATH": "/usr/bin:/bin", "ENVCTL_SOCKET": str(self.sock), "HOME": "/",
-                   "LANG": "C.UTF-8", **(env or {})}
+                   "LANG": "C.UTF-8", **_PYTHONPATH, **(env or {})}
         return ["setpriv", f"--reuid={user.uid}", f"--regid={user.gid}",
                 "--init-groups" if groups else "--clear-groups", "env", "-i",
                 *(f"{k}={v}" for k, v in environ.items()), ENVCTL, *args]
