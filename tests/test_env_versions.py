@@ -276,3 +276,15 @@ def test_hand_made_env_is_unmanaged_and_never_touched(jobs_env: JobsEnv,
     assert "- app ==1.0 0" in text
     again = _build(mgr, jobs_env, "copy", text)
     assert (jobs_env.root / "copy" / "share/app/VERSION").read_text() == "1.0\n", again
+
+
+def test_the_daemon_collects_periodically(jobs_env: JobsEnv, manager_factory) -> None:
+    """Nobody runs ``env gc``: the daemon's own pass (``gc_interval``) removes v1 once v2 is
+    current (keep_versions 1, no grace), and leaves the current version alone."""
+    mgr = manager_factory(jobs_env.config(keep_versions=1, gc_grace=0.0, gc_interval=0.3))
+    _build(mgr, jobs_env, "periodic", APP.format(v="1.0"))
+    _build(mgr, jobs_env, "periodic", APP.format(v="2.0"), replace=True)
+    versions = jobs_env.root / ".envctl" / "envs" / "periodic"
+    wait_for(lambda: not (versions / "v1").exists(), 10, what="v1 collected")
+    assert sorted(os.listdir(versions)) == ["env.json", "v2", "v2.json"]
+    assert (jobs_env.root / "periodic" / "share/app/VERSION").read_text() == "2.0\n"
