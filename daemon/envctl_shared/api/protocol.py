@@ -129,7 +129,7 @@ OPS: dict[str, Op] = {op.name: op for op in (
     Op("kernels-sync", "Rewrite the kernelspec of every environment in the root that has "
        "ipykernel (hand-made ones included) and remove those of environments that have none "
        "or are gone; replies {written, removed, skipped}. Admins."),
-    # environments: versions behind the stable path <root>/NAME (see docs/admin-envs.md)
+    # environments: versions behind the stable path <root>/NAME (see docs/environments.md)
     Op("env-list", "Every environment in the request root: name, status (ready, building, "
        "removed, broken, unmanaged for hand-made ones), current version, backend, owner, when "
        "built, size, kernel. Anyone who can connect."),
