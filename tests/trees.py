@@ -1,4 +1,4 @@
-"""Adversarial trees shared by the healer tests (local disk and slowfs)."""
+"""Adversarial trees shared by the healer tests (local disk and latencyfs)."""
 
 from __future__ import annotations
 
