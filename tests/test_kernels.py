@@ -40,8 +40,12 @@ def kernel_wheels() -> Path:
     """ipykernel and its dependencies as wheels, downloaded at first use."""
     if not any(WHEELS.glob("ipykernel-*.whl")):
         WHEELS.mkdir(mode=0o755, parents=True, exist_ok=True)
-        subprocess.run([str(VENV_BIN / "pip"), "download", "--quiet", "--only-binary=:all:",
-                        "-d", str(WHEELS), "ipykernel"], check=True, timeout=540)
+        got = subprocess.run([str(VENV_BIN / "pip"), "download", "--quiet",
+                              "--only-binary=:all:", "-d", str(WHEELS), "ipykernel"],
+                             capture_output=True, text=True, timeout=540)
+        if got.returncode != 0:  # offline and no cache: say so instead of failing
+            pytest.skip(f"cannot download ipykernel's wheels into {WHEELS}: "
+                        f"{got.stderr.strip()[-300:]}")
     os.chmod(WHEELS, 0o755)
     for wheel in WHEELS.iterdir():
         os.chmod(wheel, 0o644)  # the build user reads them
