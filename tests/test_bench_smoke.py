@@ -49,3 +49,11 @@ def test_bench_daemon_quick(tmp_path: Path) -> None:
 def test_bench_api_quick(tmp_path: Path) -> None:
     out = _run("bench_api.py", tmp_path, "--builds", "1")
     assert "ping" in out and "100 clients" in out
+
+
+def test_bench_envs_quick(tmp_path: Path) -> None:
+    out = _run("bench_envs.py", tmp_path, "--rollbacks", "4")
+    assert "stable path unavailable" in out and "rollback, socket op" in out
+    raw = json.loads((tmp_path / "envs-quick.json").read_text())
+    assert raw["update_unavailable_s"] == 0 and raw["update_seen"] == ["1.0", "2.0"]
+    assert raw["update_reads"] > 100 and max(raw["rollback_socket_s"]) < 1.0

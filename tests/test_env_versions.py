@@ -131,6 +131,12 @@ def test_update_without_a_gap_and_old_process_keeps_its_version(
         out = subprocess.run([str(stable / "bin" / "app")], capture_output=True, text=True)
         assert out.stdout == f"app 2.0 in {new}\n"
     assert f"{stable} now points to v2" in full_log(mgr, job)
+    if backend == "venv":  # the inventory and the export of a venv: pip's own records
+        pkgs = {p["name"]: p for p in mgr.env_show(name)["versions"][1]["packages"]}
+        assert pkgs["envctl_demo"] == {"manager": "pip", "name": "envctl_demo",
+                                       "version": "2.0"}
+        text = mgr.env_export(name)["text"]
+        assert "- envctl_demo==2.0" in text and "- pip==" not in text  # the venv brings pip
 
 
 def test_tests_gate_the_promotion(jobs_env: JobsEnv, manager_factory) -> None:
@@ -253,8 +259,10 @@ def test_hand_made_env_is_unmanaged_and_never_touched(jobs_env: JobsEnv,
     (hand / "bin").mkdir(parents=True)
     (hand / "bin" / "tool").write_text("mine\n")
     before = sorted((p.name, p.stat().st_ino) for p in hand.rglob("*"))
+    (jobs_env.root / "notes.txt").write_text("a file is not an env\n")
     _build(mgr, jobs_env, "managed", APP.format(v="1.0"))
     listed = {e["name"]: e for e in mgr.env_list()}
+    assert sorted(listed) == ["byhand", "managed"]
     assert listed["byhand"]["status"] == "unmanaged" and listed["byhand"]["current"] is None
     assert listed["managed"]["status"] == "ready" and listed["managed"]["current"] == "v1"
     assert listed["managed"]["owner"]["uid"] == jobs_env.accounts.alice.uid

@@ -432,8 +432,11 @@ def export(record: dict[str, Any]) -> str:
 
 
 def scan_names(root_fd: int, envs_fd: int) -> list[str]:
-    """Every name in the root (hand-made ones included) and every name with versions."""
-    names = {e for e in os.listdir(root_fd) if not e.startswith(".")}
+    """Every directory or symlink in the root (hand-made envs included; files are not envs)
+    and every name with versions."""
+    with os.scandir(root_fd) as entries:
+        names = {e.name for e in entries if not e.name.startswith(".") and
+                 (e.is_symlink() or e.is_dir(follow_symlinks=False))}
     names.update(e for e in os.listdir(envs_fd) if not e.startswith("."))
     return sorted(names)
 
