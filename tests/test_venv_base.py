@@ -16,7 +16,7 @@ from typing import Any, Iterator
 
 import pytest
 import yaml
-from envctl_shared.config import parse
+from envctl_shared.config import parse, single_root
 from envctl_shared.errors import EX_CONFIG, ConfigError
 
 from tests.conftest import Accounts
@@ -62,6 +62,7 @@ def test_venv_python_outside_a_network_root_is_refused_at_load(
         parse(_raw(mnt, accounts, venv_python=str(bindir / "host-python")))
     # No venv builds, or a local root: nothing to refuse.
     parse(_raw(mnt, accounts, allowed_backends=["rattler"]))
+    single_root(mnt, accounts.shared_group)  # `envctl heal PATH --group G` builds nothing
     parse(_raw(backing, accounts))
     # The daemon's commands say so and exit 78 (configuration).
     cfg = scratch / "envctld.yaml"
