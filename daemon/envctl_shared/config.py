@@ -529,7 +529,9 @@ def load(path: str | os.PathLike[str]) -> Config:
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
-        raise ConfigError(f"{p}: not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
+        raise ConfigError(f"{p}: not valid YAML{where}: {getattr(exc, 'problem', exc)}",
+                          hint="fix the YAML there (indentation, quoting of ':' and '#')"
+                          ) from None
     return parse(data, source=str(p), base=p.resolve().parent)
 
 

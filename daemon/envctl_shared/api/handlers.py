@@ -183,7 +183,7 @@ class Handlers(EnvHandlers):
 
     def op_cancel(self, who: Requester, gone: Callable[[], bool],
                   id: str | int) -> Iterator[Message]:
-        job = self._manager().cancel(str(id), who)
+        job = self._manager().cancel(self._manager().get(str(id)).id, who)  # a prefix too
         log.debug("api cancel job=%s name=%s uid=%d user=%s hub_user=%s", job.id, job.name,
                   who.uid, who.username, who.hub_user)
         yield protocol.ok(job.to_dict())
@@ -229,5 +229,6 @@ class Handlers(EnvHandlers):
                 return
             jobs.wait(job_id, FOLLOW_POLL)
         raise DaemonUnavailable("the daemon is shutting down",
-                                hint="the job continues or resumes when the daemon is back; "
-                                "re-attach with 'envctl request logs ID -f'")
+                                hint="a queued job starts when the daemon is back; a running "
+                                "build is interrupted and must be requested again: see "
+                                f"'envctl request status {job_id}' then")

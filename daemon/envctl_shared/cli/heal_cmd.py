@@ -16,6 +16,7 @@ call such a tree clean). The summary line names each count. Names in human outpu
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 import time
@@ -27,6 +28,7 @@ from .. import config as cfgmod
 from ..errors import EX_FAILURE, EX_IOERR, EX_OK, FilesystemError, UsageError
 from ..fsinfo import walk_concurrency
 from ..heal import Finding, HealStats, Healer
+from .access import missing_hint, permission_hint
 from .output import emit_json, quote_name
 
 
@@ -74,7 +76,8 @@ def targets(args: argparse.Namespace) -> list[Target]:
                          hint="e.g. 'envctl check --group users /efs/shared/.conda/envs'")
     if args.group is not None:
         if not args.paths:
-            raise UsageError("--group needs at least one PATH")
+            raise UsageError("--group needs at least one PATH",
+                             hint="e.g. 'envctl check --group users /efs/shared/.conda/envs'")
         out = []
         for p in args.paths:
             _must_be_dir(p)
@@ -91,15 +94,32 @@ def targets(args: argparse.Namespace) -> list[Target]:
             raise UsageError(f"{quote_name(p)} is not inside any root of {conf.source}",
                              hint="roots: " + ", ".join(str(r.path) for r in conf.roots))
         if not os.path.lexists(path):
-            raise FilesystemError(f"{quote_name(p)}: no such file or directory")
+            raise FilesystemError(f"{quote_name(p)}: no such file or directory",
+                                  hint=missing_hint(path))
         out.append(Target(root, "" if path == root.path else str(path.relative_to(root.path))))
     return out
 
 
 def _must_be_dir(p: str) -> None:
-    if not os.path.isdir(p) or os.path.islink(p):
-        raise FilesystemError(f"{quote_name(p)}: not a directory",
-                              hint="a root must be a real directory, not a symlink")
+    """A root must be a real directory; say which of the usual mistakes it is."""
+    if os.path.islink(p):
+        raise FilesystemError(f"{quote_name(p)} is a symlink",
+                              hint=f"name the real directory: {quote_name(os.path.realpath(p))}")
+    if not os.path.lexists(p):
+        raise FilesystemError(f"{quote_name(p)}: no such directory",
+                              hint=missing_hint(Path(os.path.abspath(p))))
+    if not os.path.isdir(p):
+        raise FilesystemError(f"{quote_name(p)} is not a directory",
+                              hint="name the root directory of the shared environments")
+
+
+# The daemon's own area in a root (``jobs.layout.AREA``: locks, versions being built). Parts of
+# it are private to the daemon; a user's check must not call its tree incomplete for them.
+DAEMON_AREA = ".envctl"
+
+
+def in_daemon_area(rel: str) -> bool:
+    return rel == DAEMON_AREA or rel.startswith(DAEMON_AREA + "/")
 
 
 class _Reporter:
@@ -110,8 +130,15 @@ class _Reporter:
         self.as_json = as_json
         self.verbose = verbose
         self.findings: list[dict[str, Any]] = []
+        self.daemons = 0  # entries of the daemon's area this user may not read
+        self.denied = 0  # other entries that refused us (EACCES): worth a hint
 
     def __call__(self, f: Finding) -> None:
+        if f.action == "error" and os.geteuid() != 0 and in_daemon_area(f.path):
+            self.daemons += 1
+            f = Finding(f.path, f.kind, "skipped", (), "daemon")
+        elif f.action == "error" and f.reason == os.strerror(errno.EACCES):
+            self.denied += 1
         if self.as_json:
             self.findings.append({**f.to_dict(), "path": self._abs(f.path)})
             return
@@ -153,7 +180,8 @@ def exit_code(s: HealStats, dry_run: bool) -> int:
 
 def run(args: argparse.Namespace) -> int:
     if args.concurrency is not None and not 1 <= args.concurrency <= 256:
-        raise UsageError("--concurrency must be between 1 and 256")
+        raise UsageError("--concurrency must be between 1 and 256",
+                         hint="leave it out for the default (16 on network filesystems)")
     dry = bool(args.dry_run)
     results = []
     total = HealStats()
@@ -166,12 +194,16 @@ def run(args: argparse.Namespace) -> int:
         try:
             stats = healer.run(t.rel)
         except (FileNotFoundError, NotADirectoryError) as exc:
-            raise FilesystemError(f"{quote_name(str(t.path))}: {exc.strerror}") from None
+            raise FilesystemError(f"{quote_name(str(t.path))}: {exc.strerror}",
+                                  hint="it vanished or was replaced while starting: retry"
+                                  ) from None
         except PermissionError as exc:
             raise FilesystemError(f"{quote_name(str(t.path))}: {exc.strerror}",
-                                  hint="heal and check need read access to the whole tree; "
-                                  "run them as root or as the daemon's user") from None
+                                  hint=permission_hint(t.root.gid)) from None
         stats.duration = time.monotonic() - start
+        stats.errors -= reporter.daemons
+        if reporter.daemons:
+            stats.skipped["daemon"] += reporter.daemons
         total.merge(stats)
         if args.json:
             results.append({"root": str(t.root.path), "path": str(t.path), "group": t.root.gid,
@@ -179,6 +211,8 @@ def run(args: argparse.Namespace) -> int:
         else:
             sys.stdout.flush()
             print(_summary("check" if dry else "heal", t, stats))
+            if reporter.denied:
+                print(f"  hint: {permission_hint(t.root.gid)}", file=sys.stderr)
     code = exit_code(total, dry)
     if args.json:
         emit_json({"mode": args.mode, "dry_run": dry, "ok": code == EX_OK,

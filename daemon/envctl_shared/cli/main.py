@@ -3,20 +3,34 @@
 Every command module exposes ``add_parser(subparsers)`` and sets ``func`` (``args -> int``) on
 its parser. This is the only place that catches :class:`~envctl_shared.errors.EnvctlError`: it prints
 one line (plus a hint) and returns the error's exit code; tracebacks only with ``--debug``.
+Under ``--json`` an error is a JSON document on stdout too (unless the command already printed
+its own), so a script never has to parse a human sentence.
+
+The global options ``--socket``, ``--json`` and ``--debug`` are accepted before the subcommand
+(``envctl --json status``) as well as after it: people type them where they think of them.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-from typing import Sequence
+from typing import Iterator, Sequence
 
 from .. import __version__
+from ..config import DEFAULT_SOCKET, SOCKET_ENV
 from ..errors import EX_SOFTWARE, EnvctlError, UsageError
 from . import env_cmd, heal_cmd, kernels_cmd, request_cmd, status_cmd, whoami_cmd
-from .output import print_error
+from .output import emit_error, json_emitted
 
 COMMAND_MODULES = [heal_cmd, request_cmd, env_cmd, status_cmd, whoami_cmd, kernels_cmd]
+# Options every command accepts on either side of its name: (flags, argparse keywords).
+GLOBAL_OPTIONS: dict[str, tuple[tuple[str, ...], dict[str, object]]] = {
+    "socket": (("--socket",), {"metavar": "PATH", "default": None}),
+    "json": (("--json",), {"action": "store_true", "default": False}),
+    "debug": (("--debug",), {"action": "store_true", "default": False}),
+}
+_GLOBAL_HELP = {"socket": f"daemon socket (default: ${SOCKET_ENV} or {DEFAULT_SOCKET})", "json": "print one JSON document (errors too)",
+                "debug": "show tracebacks on errors"}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -26,28 +40,60 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{message}", hint=f"run '{self.prog} --help'")
 
 
+def _leaves(parser: argparse.ArgumentParser) -> Iterator[argparse.ArgumentParser]:
+    """Every parser that ends a command line (``heal``, ``request create``, ...)."""
+    subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    if not subs:
+        yield parser
+    for action in subs:
+        for child in dict.fromkeys(action.choices.values()):  # aliases share a parser
+            yield from _leaves(child)
+
+
+def _globals_after(leaf: argparse.ArgumentParser) -> None:
+    """Accept the global options after the subcommand without overriding the ones given before
+    it: argparse copies a subparser's defaults over the main namespace, so here they are
+    SUPPRESS (absent unless typed). A command's own ``--json``/``--socket`` keeps its help."""
+    have = {a.dest: a for a in leaf._actions}
+    for dest, (flags, kw) in GLOBAL_OPTIONS.items():
+        if dest in have:
+            have[dest].default = argparse.SUPPRESS
+        else:
+            leaf.add_argument(*flags, **{**kw, "default": argparse.SUPPRESS,  # type: ignore[arg-type]
+                                         "help": argparse.SUPPRESS})
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="envctl", description="Shared conda environments that simply work.")
     parser.add_argument("--version", action="version", version=f"envctl {__version__}")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    for dest, (flags, kw) in GLOBAL_OPTIONS.items():
+        parser.add_argument(*flags, **kw, help=_GLOBAL_HELP[dest])  # type: ignore[arg-type]
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
     for mod in COMMAND_MODULES:
         mod.add_parser(sub)
+    for leaf in _leaves(parser):
+        _globals_after(leaf)
     return parser
+
+
+def _typed(argv: list[str], flag: str) -> bool:
+    """Whether ``flag`` is on the command line (before any ``--``): for errors raised before
+    argparse is done, e.g. a usage error under ``--json``."""
+    return flag in argv[:argv.index("--")] if "--" in argv else flag in argv
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    debug = "--debug" in argv
+    debug, as_json = _typed(argv, "--debug"), _typed(argv, "--json")
     try:
         args = build_parser().parse_args(argv)
+        debug, as_json = bool(args.debug), bool(args.json)
         return int(args.func(args))
     except EnvctlError as err:
         if debug:
             raise
-        print_error(err)
-        return err.exit_code
+        return _fail(err, as_json)
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:
@@ -55,9 +101,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:  # a bug: say so in one line unless debugging
         if debug:
             raise
-        print_error(EnvctlError(f"internal error: {exc.__class__.__name__}: {exc}",
-                                hint="re-run with --debug and report the traceback"))
-        return EX_SOFTWARE
+        err = EnvctlError(f"internal error: {exc.__class__.__name__}: {exc}",
+                          hint="re-run with --debug and report the traceback")
+        err.exit_code = EX_SOFTWARE  # type: ignore[misc]
+        return _fail(err, as_json)
+
+
+def _fail(err: EnvctlError, as_json: bool) -> int:
+    """Report ``err`` once: as JSON when asked and no document was printed yet (a command that
+    printed its result, e.g. a failed build's job, has said it), else as text on stderr."""
+    emit_error(err, as_json=as_json and not json_emitted())
+    return err.exit_code
 
 
 if __name__ == "__main__":

@@ -40,23 +40,69 @@ def quote_name(name: str) -> str:
     return name if _NOT_PLAIN.search(name) is None else _NOT_PLAIN.sub(_escape_char, name)
 
 
+_emitted = False  # a JSON document was printed by this process (see ``json_emitted``)
+
+
 def emit_json(data: Any, stream: TextIO | None = None) -> None:
     """One JSON document per command (``--json``): stable keys, sorted, newline-terminated.
 
     ASCII only: a name's byte that is not UTF-8 (decoded with surrogateescape) is written as
     the lone surrogate ``\\udcXX``, which ``json.loads`` + ``os.fsencode`` turn back into
     the exact bytes."""
+    global _emitted
     out = stream or sys.stdout
     out.write(json.dumps(data, sort_keys=True) + "\n")
     out.flush()
+    _emitted = True
+
+
+def json_emitted() -> bool:
+    """Whether this process printed a JSON document already: ``--json`` promises one."""
+    return _emitted
+
+
+# The hint for an error raised without one (by code): true for every error of that code, so a
+# user is never left with a bare message. Raisers should still give a more precise one.
+DEFAULT_HINTS = {
+    "usage": "run 'envctl --help'",
+    "config-invalid": "fix the configuration file as the message says",
+    "invalid-request": "change the request as the message says; 'envctl request create --help'",
+    "not-found": "list what exists: 'envctl request list --finished', 'envctl env list'",
+    "conflict": "wait for the other operation on that name to end ('envctl request list'), "
+                "then retry",
+    "not-authorised": "ask an envctl administrator ('envctl whoami' shows what you may do)",
+    "socket-permission-denied": "ask an administrator to add you to the socket's group",
+    "daemon-unavailable": "check the daemon: 'envctl status', 'systemctl status envctld'",
+    "extension-missing": "reinstall with a C compiler and python3-dev present",
+    "protocol-error": "the CLI and the daemon may be of different versions: compare "
+                      "'envctl --version' with 'envctl status'",
+    "build-failed": "read the job's log: 'envctl request logs ID' (ID from 'envctl request "
+                    "list --finished')",
+    "filesystem-error": "check the path and its owner, group and mode: 'namei -l PATH'",
+}
+GENERIC_HINT = "re-run with --debug for details"
+
+
+def hint_of(err: EnvctlError) -> str:
+    """The error's own hint, else the one that is true of its kind."""
+    return err.hint or DEFAULT_HINTS.get(err.code, GENERIC_HINT)
+
+
+def emit_error(err: EnvctlError, as_json: bool) -> None:
+    """An error as the one JSON document of ``--json`` (on stdout, where a script reads:
+    ``{"ok": false, "exit_code", "error": {"code", "message", "hint"}}``), or as text."""
+    if as_json:
+        emit_json({"ok": False, "exit_code": err.exit_code,
+                   "error": {**err.to_dict(), "hint": hint_of(err)}})
+    else:
+        print_error(err)
 
 
 def print_error(err: EnvctlError, stream: TextIO | None = None) -> None:
-    """``envctl: error: <message>`` and, when there is one, ``  hint: <hint>``."""
+    """``envctl: error: <message>`` and ``  hint: <hint>`` (every error has one)."""
     out = stream or sys.stderr
     out.write(f"envctl: error: {err.message}\n")
-    if err.hint:
-        out.write(f"  hint: {err.hint}\n")
+    out.write(f"  hint: {hint_of(err)}\n")
 
 
 def table(rows: list[list[str]], headers: list[str]) -> str:

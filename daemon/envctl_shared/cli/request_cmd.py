@@ -14,6 +14,7 @@ import argparse
 import os
 import sys
 import time
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ from ..errors import EX_OK, BuildFailed, FilesystemError
 from .output import emit_json, table
 from .status_cmd import add_socket_option, client_for
 
+_ID_HELP = "job id, or a unique prefix of it (at least 4 digits)"
 CLAIM_ENV = "JUPYTERHUB_USER"  # on JupyterHub every user is uid jovyan; this says who it is
 _FAILED = ("failed", "cancelled", "interrupted")
 
@@ -47,24 +49,35 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[
     c.add_argument("--json", action="store_true", help="print the job as JSON")
     c.set_defaults(func=run_create)
 
-    s = sub.add_parser("status", help="show one job (exit 1 if it failed)")
-    s.add_argument("id", help="job id")
+    s = sub.add_parser("status", help="show one job (exit 1 if it failed)",
+                       description="Show one job: state, phase, requester, times (in your "
+                       "time zone), prefix. Exit 0 when it succeeded or is on its way, 1 when it "
+                       "failed, was cancelled or was interrupted.")
+    s.add_argument("id", help=_ID_HELP)
     s.add_argument("--json", action="store_true", help="print the job as JSON")
     s.set_defaults(func=run_status)
 
-    ls = sub.add_parser("list", help="list your jobs (or everyone's with --all)")
+    ls = sub.add_parser("list", help="list your jobs (or everyone's with --all)",
+                        description="List your queued and running jobs, oldest first; "
+                        "--finished adds finished ones, --all shows everyone's (requesters and "
+                        "admins). Times are in your time zone.")
     ls.add_argument("--all", action="store_true", help="everyone's jobs (requesters and admins)")
     ls.add_argument("--finished", action="store_true", help="include finished jobs")
     ls.add_argument("--json", action="store_true", help="print the jobs as JSON")
     ls.set_defaults(func=run_list)
 
-    lg = sub.add_parser("logs", help="print a job's build log")
-    lg.add_argument("id", help="job id")
+    lg = sub.add_parser("logs", help="print a job's build log",
+                        description="Print a job's build log (your own jobs; requesters and "
+                        "admins: anyone's); -f keeps following it until the job ends.")
+    lg.add_argument("id", help=_ID_HELP)
     lg.add_argument("-f", "--follow", action="store_true", help="keep printing until it ends")
     lg.set_defaults(func=run_logs)
 
-    x = sub.add_parser("cancel", help="cancel a queued or running job (yours; admins any)")
-    x.add_argument("id", help="job id")
+    x = sub.add_parser("cancel", help="cancel a queued or running job (yours; admins any)",
+                       description="Cancel a queued job, or stop a running build (its "
+                       "processes are killed and nothing of it is kept). Yours only; admins "
+                       "may cancel any.")
+    x.add_argument("id", help=_ID_HELP)
     x.add_argument("--json", action="store_true", help="print the job as JSON")
     x.set_defaults(func=run_cancel)
 
@@ -92,7 +105,7 @@ def run_create(args: argparse.Namespace) -> int:
         with client_for(args) as client:
             queued = client.call("create", **request)
         if args.json:
-            emit_json(queued)
+            emit_json(with_iso_times(queued))
         else:
             print(queued["id"])
             print(f"queued {queued['name']} ({queued['backend']}); follow with: "
@@ -131,7 +144,7 @@ def _progress(msg: dict[str, Any], job: dict[str, Any], quiet: bool) -> dict[str
 def _outcome(job: dict[str, Any], as_json: bool) -> int:
     """Exit 0 and say how to activate on success; BuildFailed (exit 1) otherwise."""
     if as_json:
-        emit_json(job)
+        emit_json(with_iso_times(job))
     state = job.get("state")
     if state == "succeeded":
         if not as_json:
@@ -152,11 +165,12 @@ def run_status(args: argparse.Namespace) -> int:
     with client_for(args) as client:
         job = client.call("get", id=args.id)
     if args.json:
-        emit_json(job)
+        emit_json(with_iso_times(job))
     else:
         print(render_job(job))
     if job["state"] in _FAILED:
-        raise BuildFailed(f"job {job['id']} {job['state']}", hint="see the exit detail above")
+        raise BuildFailed(f"job {job['id']} {job['state']}",
+                          hint=f"the full log: envctl request logs {job['id']}")
     return EX_OK
 
 
@@ -181,14 +195,29 @@ def render_job(job: dict[str, Any]) -> str:
 
 
 def _when(ts: float | None) -> str:
-    return "-" if ts is None else time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts))
+    """A job time for people: their local time, with the zone (a team spans zones)."""
+    return "-" if ts is None else time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(ts))
+
+
+_TIMES = ("created", "started", "finished")
+
+
+def with_iso_times(job: dict[str, Any]) -> dict[str, Any]:
+    """The job for ``--json``: the daemon's epoch seconds (``created_at``...) as they are, plus
+    ``created``/``started``/``finished`` in ISO 8601 with the local UTC offset (or null)."""
+    out = dict(job)
+    for key in _TIMES:
+        ts = job.get(f"{key}_at")
+        out[key] = (None if ts is None else
+                    datetime.fromtimestamp(ts).astimezone().isoformat(timespec="seconds"))
+    return out
 
 
 def run_list(args: argparse.Namespace) -> int:
     with client_for(args) as client:
         jobs = client.call("list", all=args.all, finished=args.finished)
     if args.json:
-        emit_json(jobs)
+        emit_json([with_iso_times(j) for j in jobs])
         return EX_OK
     if not jobs:
         print("no jobs" + ("" if args.finished else " (--finished shows finished ones)"))
@@ -224,7 +253,7 @@ def run_cancel(args: argparse.Namespace) -> int:
     with client_for(args) as client:
         job = client.call("cancel", id=args.id)
     if args.json:
-        emit_json(job)
+        emit_json(with_iso_times(job))
     else:
         print(f"job {job['id']} ({job['name']}): {job['state']}")
     return EX_OK

@@ -317,10 +317,11 @@ class Build:
         for line in proc.stdout:
             if self._log_fd < 0:
                 break  # the job is over; only an escaped process can still be writing
-            if line.startswith(PHASE_MARK.encode()):
+            if line.startswith(PHASE_MARK.encode()):  # ours, not the user's: never logged
                 name = line[len(PHASE_MARK):].decode("ascii", "replace").strip()
                 if name in PHASES:
                     self._phase(name)
+                continue
             self._write(line)
         proc.stdout.close()
 

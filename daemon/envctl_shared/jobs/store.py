@@ -16,6 +16,7 @@ verified JupyterHub user (``hub_user``); a hub token itself is never stored.
 from __future__ import annotations
 
 import json
+import re
 import sqlite3
 import threading
 from pathlib import Path
@@ -25,6 +26,8 @@ from ..errors import Conflict, NotFound
 from .model import Job, State
 
 SCHEMA_VERSION = 3
+MIN_PREFIX = 4  # hex digits of a job id that may stand for it when unique (ids have 12)
+_HEX = re.compile(r"[0-9a-fA-F]+")
 _SCHEMA = """
 CREATE TABLE jobs (
     id TEXT PRIMARY KEY,
@@ -121,12 +124,21 @@ class JobStore:
                            ) from None
 
     def get(self, job_id: str) -> Job:
+        """The job ``job_id`` names: its full id, or (git-style) a unique prefix of at least
+        MIN_PREFIX hex digits, which is what people copy from a table."""
         with self._lock:
-            row = self._db.execute(f"SELECT {_PUBLIC} FROM jobs WHERE id=?",
-                                   (job_id,)).fetchone()
-        if row is None:
-            raise NotFound(f"no job {job_id!r}", hint="list jobs with: envctl request list --all")
-        return _job(row)
+            rows = self._db.execute(f"SELECT {_PUBLIC} FROM jobs WHERE id=?",
+                                    (job_id,)).fetchall()
+            if not rows and MIN_PREFIX <= len(job_id) and _HEX.fullmatch(job_id):
+                rows = self._db.execute(f"SELECT {_PUBLIC} FROM jobs WHERE substr(id, 1, ?)=?"
+                                        " LIMIT 2", (len(job_id), job_id.lower())).fetchall()
+        if not rows:
+            raise NotFound(f"no job {job_id!r}", hint="list jobs with: envctl request list "
+                           "--finished (or --all --finished for everyone's)")
+        if len(rows) > 1:
+            raise NotFound(f"job id prefix {job_id!r} is ambiguous",
+                           hint="give more digits of the id (envctl request list --finished)")
+        return _job(rows[0])
 
     def spec_text(self, job_id: str) -> str:
         with self._lock:

@@ -1,0 +1,232 @@
+"""The CLI never leaves a user guessing: global options on either side of the subcommand, JSON
+errors under ``--json``, a true hint on every error, git-style job id prefixes, times with their
+zone, ``--help`` that says what a command does, the daemon's own ``.envctl`` reported as the
+daemon's, and no internal phase marker in a build log.
+
+Everything runs the real ``envctl`` as real users against one real request-serving daemon.
+"""
+
+from __future__ import annotations
+
+import ast
+import io
+import json
+import os
+import subprocess
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+from envctl_shared import errors
+from envctl_shared.cli.output import DEFAULT_HINTS, print_error
+from envctl_shared.errors import EX_DATAERR, EX_IOERR, EX_OK, EX_USAGE, NotFound
+from envctl_shared.jobs.model import Job, State
+from envctl_shared.jobs.store import JobStore
+
+from tests.api_support import VENV_SPEC, ApiDaemon, start_api_daemon
+from tests.conftest import Accounts, User
+from tests.helpers import REPO, VENV_BIN, as_user, wait_for
+
+PACKAGE = REPO / "daemon" / "envctl_shared"
+
+
+@pytest.fixture(scope="module")
+def api(accounts: Accounts) -> Iterator[ApiDaemon]:
+    yield from start_api_daemon(accounts)
+
+
+def _envctl(api: ApiDaemon, user: User, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    """``envctl ARGS`` as ``user`` without ENVCTL_SOCKET: the socket comes from the options."""
+    argv = api.cli_argv(user, *args, env=env)
+    argv = [a for a in argv if not a.startswith("ENVCTL_SOCKET=")]
+    return subprocess.run(argv, text=True, capture_output=True, timeout=120, cwd="/")
+
+
+@pytest.mark.parametrize("where", ["before", "after", "both sides"])
+def test_global_options_before_or_after_the_subcommand(api: ApiDaemon, accounts: Accounts,
+                                                       where: str) -> None:
+    sock = ["--socket", str(api.sock)]
+    argv = {"before": [*sock, "--json", "status"], "after": ["status", *sock, "--json"],
+            "both sides": ["--json", "status", *sock]}[where]
+    res = _envctl(api, accounts.alice, *argv)
+    assert res.returncode == EX_OK, res.stderr
+    assert json.loads(res.stdout)["pid"] == api.daemon.proc.pid  # type: ignore[union-attr]
+    res = _envctl(api, accounts.alice, "--socket", str(api.sock), "request", "list")
+    assert res.returncode == EX_OK, res.stderr
+
+
+def test_errors_are_json_under_json(api: ApiDaemon, accounts: Accounts) -> None:
+    # a daemon-side error, --json before the subcommand
+    res = _envctl(api, accounts.alice, "--json", "--socket", str(api.sock), "request", "status",
+                  "0123456789ab")
+    assert res.returncode == EX_DATAERR
+    doc = json.loads(res.stdout)
+    assert doc["ok"] is False and doc["exit_code"] == EX_DATAERR
+    assert doc["error"]["code"] == "not-found" and doc["error"]["hint"]
+    assert res.stderr == ""
+    # a usage error, found by argparse before it knew what --json meant
+    res = _envctl(api, accounts.alice, "--json", "request", "frobnicate")
+    assert res.returncode == EX_USAGE
+    assert json.loads(res.stdout)["error"]["code"] == "usage"
+    # a local error after the subcommand (heal/check)
+    res = _envctl(api, accounts.alice, "check", "--group", accounts.shared_group,
+                  "/nonexistent-share/envs", "--json")
+    assert res.returncode == EX_IOERR
+    assert "findmnt" in json.loads(res.stdout)["error"]["hint"]
+    # without --json: text on stderr, nothing on stdout
+    res = _envctl(api, accounts.alice, "--socket", str(api.sock), "request", "status", "nope")
+    assert res.stdout == "" and res.stderr.startswith("envctl: error: ")
+
+
+def _hintless_raises(path: Path, error_names: set[str]) -> list[str]:
+    tree = ast.parse(path.read_text())
+    out = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Raise) and isinstance(node.exc, ast.Call):
+            func = node.exc.func
+            name = func.id if isinstance(func, ast.Name) else getattr(func, "attr", None)
+            if name in error_names and len(node.exc.args) < 2 and \
+                    not any(k.arg == "hint" for k in node.exc.keywords):
+                out.append(f"{path.relative_to(REPO)}:{node.lineno} {name}")
+    return out
+
+
+def test_every_error_the_cli_raises_has_a_hint() -> None:
+    """The CLI's own errors each carry a hint of their own (errors from elsewhere fall back to
+    the one that is true of their kind: ``output.DEFAULT_HINTS``, checked below)."""
+    names = {n for n, c in vars(errors).items()
+             if isinstance(c, type) and issubclass(c, errors.EnvctlError)}
+    files = [*sorted((PACKAGE / "cli").glob("*.py")), PACKAGE / "condarc.py",
+             PACKAGE / "jobs" / "spec.py"]
+    assert [h for f in files for h in _hintless_raises(f, names)] == []
+
+
+def test_an_error_without_a_hint_still_gets_a_true_one() -> None:
+    """Errors raised elsewhere (the daemon, the client) without a hint get their kind's."""
+    codes = {c.code for c in vars(errors).values()
+             if isinstance(c, type) and issubclass(c, errors.EnvctlError)} - {"error"}
+    assert codes <= set(DEFAULT_HINTS)
+    out = io.StringIO()
+    print_error(errors.EnvctlError.from_dict({"code": "conflict", "message": "busy"}), out)
+    assert out.getvalue() == f"envctl: error: busy\n  hint: {DEFAULT_HINTS['conflict']}\n"
+
+
+def _slow_job(api: ApiDaemon, user: User, name: str) -> str:
+    spec = api.write_spec(VENV_SPEC)
+    res = api.cli(user, "request", "create", name, "-f", str(spec), "--backend", "venv",
+                  "--no-wait")
+    assert res.returncode == 0, res.stderr
+    return res.stdout.strip()
+
+
+def test_job_id_prefixes_and_times_with_their_zone(api: ApiDaemon, accounts: Accounts) -> None:
+    job_id = _slow_job(api, accounts.alice, "slow-prefix")
+    try:
+        res = api.cli(accounts.alice, "request", "status", job_id[:5],
+                      env={"TZ": "Asia/Tokyo"})
+        assert res.returncode == EX_OK, res.stderr
+        assert f"id:        {job_id}" in res.stdout
+        created = next(line for line in res.stdout.splitlines() if line.startswith("created:"))
+        assert created.endswith(" JST"), created
+        res = api.cli(accounts.alice, "request", "list", "--json", env={"TZ": "Asia/Tokyo"})
+        job = next(j for j in json.loads(res.stdout) if j["id"] == job_id)
+        assert job["created"].endswith("+09:00") and isinstance(job["created_at"], float)
+        assert job["finished"] is None
+        res = api.cli(accounts.alice, "request", "cancel", job_id[:6])
+        assert res.returncode == EX_OK, res.stderr
+        assert f"job {job_id} (slow-prefix): cancelled" in res.stdout
+        # too short to stand for a job: refused, not guessed
+        res = api.cli(accounts.alice, "request", "status", job_id[:3])
+        assert res.returncode == EX_DATAERR and "no job" in res.stderr
+    finally:
+        api.cli(accounts.alice, "request", "cancel", job_id)
+        wait_for(lambda: api.cli(accounts.alice, "request", "status", job_id).returncode != 0,
+                 30, what="the slow job cancelled")
+
+
+def _job(job_id: str) -> Job:
+    return Job(id=job_id, name=f"n{job_id}", state=State.SUCCEEDED, phase=None, backend="venv",
+               requester_uid=1, requester_gid=1, requester_groups=(), requester_name="u",
+               claimed_user=None, replace=False, created_at=0.0, started_at=None,
+               finished_at=None, prefix="/x", exit_detail=None, log_path="/x.log")
+
+
+def test_an_ambiguous_prefix_is_refused(scratch: Path) -> None:
+    store = JobStore(scratch / "jobs.sqlite")
+    try:
+        for job_id in ("abcd11112222", "abcd33334444"):
+            store.insert(_job(job_id), "dependencies: []", 1)
+        assert store.get("abcd1").id == "abcd11112222"
+        assert store.get("ABCD3").id == "abcd33334444"
+        with pytest.raises(NotFound, match="ambiguous"):
+            store.get("abcd")
+        with pytest.raises(NotFound, match="no job"):
+            store.get("abc")  # shorter than MIN_PREFIX
+        with pytest.raises(NotFound):
+            store.get("ab%d")  # never a LIKE pattern
+    finally:
+        store.close()
+
+
+@pytest.mark.parametrize("action,words", [("status", "Show one job"),
+                                          ("list", "oldest first"),
+                                          ("logs", "build log"),
+                                          ("cancel", "stop a running build")])
+def test_request_subcommand_help_says_what_it_does(api: ApiDaemon, accounts: Accounts,
+                                                   action: str, words: str) -> None:
+    res = api.cli(accounts.alice, "request", action, "--help")
+    assert res.returncode == EX_OK
+    assert words in res.stdout
+
+
+def test_daemon_area_is_the_daemons_not_an_error(accounts: Accounts, scratch: Path) -> None:
+    """A normal user's check of a root with the daemon's private ``.envctl`` in it: those
+    entries are the daemon's, the tree is complete; elsewhere an unreadable dir stays an error,
+    with a hint that names the actual cause."""
+    root = scratch / "envs"
+    root.mkdir()
+    os.chown(root, 0, accounts.shared_gid)
+    os.chmod(root, 0o2775)
+    private = root / ".envctl" / "private"
+    private.mkdir(parents=True)
+    os.chmod(root / ".envctl", 0o755)
+    os.chmod(private, 0o700)
+    (private / "x").touch()
+    cmd = [str(VENV_BIN / "envctl"), "check", "--group", accounts.shared_group, str(root)]
+    res = as_user(accounts.alice.uid, accounts.alice.gid, cmd, init_groups=True, check=False)
+    assert res.returncode == EX_OK, res.stdout + res.stderr
+    assert "daemon 1" in res.stdout and "errors 0" in res.stdout
+    res = as_user(accounts.alice.uid, accounts.alice.gid, [*cmd, "--json"], init_groups=True,
+                  check=False)
+    doc = json.loads(res.stdout)
+    assert doc["totals"]["skipped"]["daemon"] == 1 and doc["totals"]["errors"] == 0
+    findings = doc["paths"][0]["findings"]
+    assert [f["reason"] for f in findings].count("daemon") == 1
+    assert not [f for f in findings if f["action"] == "error"]
+    # the same private directory elsewhere: an error (exit 74), and the hint names the mode
+    os.rename(private, root / "private")
+    res = as_user(accounts.alice.uid, accounts.alice.gid, cmd, init_groups=True, check=False)
+    assert res.returncode == EX_IOERR
+    assert "keeps the group out" in res.stderr
+    # mallory, not in the group, on a 2770 root: the hint says so (not "run as root")
+    os.chmod(root, 0o2770)
+    res = as_user(accounts.mallory.uid, accounts.mallory.gid, cmd, init_groups=True,
+                  check=False)
+    assert res.returncode == EX_IOERR
+    assert f"not in group {accounts.shared_group}" in res.stderr, res.stderr
+    # alice added to the group database but her session predates it: log in again
+    res = as_user(accounts.alice.uid, accounts.alice.gid, cmd, init_groups=False, check=False)
+    assert res.returncode == EX_IOERR
+    assert "log in again" in res.stderr and "after this session started" in res.stderr
+
+
+def test_no_phase_marker_in_the_build_log(api: ApiDaemon, accounts: Accounts) -> None:
+    spec = api.write_spec(api.hello_spec())
+    res = api.cli(accounts.bob, "request", "create", "marker-env", "-f", str(spec))
+    assert res.returncode == EX_OK, res.stderr
+    job_id = res.stdout.splitlines()[0]
+    assert "==> running: " in res.stderr  # phases still reach the user, as phases
+    assert "ENVCTL-PHASE" not in res.stdout
+    log = api.cli(accounts.bob, "request", "logs", job_id[:8])
+    assert log.returncode == EX_OK and log.stdout
+    assert "ENVCTL-PHASE" not in log.stdout
