@@ -66,12 +66,13 @@ def _free_port() -> int:
 
 @dataclass
 class Hub:
-    """A running JupyterHub (its own process group: the hub and its proxy)."""
+    """A running JupyterHub (its own process group) and its proxy (the hub starts it in a
+    session of its own and records its pid in ``jupyterhub-proxy.pid``)."""
 
     proc: subprocess.Popen[bytes]
     api_url: str
     service_token: str
-    log: Path
+    base: Path
 
     def call(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
         """The hub's REST API with the service token."""
@@ -101,11 +102,17 @@ class Hub:
                 self.proc.wait(20)
             except subprocess.TimeoutExpired:
                 pass
-        try:  # the proxy too, whatever the hub managed to clean up
+        try:
             os.killpg(self.proc.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
         self.proc.wait(10)
+        try:  # the proxy too, whatever the hub managed to clean up
+            pid = int((self.base / "jupyterhub-proxy.pid").read_text())
+            if b"configurable-http-proxy" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                os.kill(pid, signal.SIGKILL)
+        except (OSError, ValueError):
+            pass  # no pid file (a clean stop removes it) or the proxy is gone
 
 
 def start_hub(base: Path) -> Hub:
@@ -120,10 +127,10 @@ def start_hub(base: Path) -> Hub:
             [str(VENV_BIN / "jupyterhub"), "-f", str(base / "jupyterhub_config.py")],
             cwd=base, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
             env={"PATH": f"{VENV_BIN}:/usr/bin:/bin", "HOME": str(base), "LANG": "C.UTF-8"})
-    hub = Hub(proc, f"http://127.0.0.1:{ports['hub_port']}/hub/api", service_token, log)
+    hub = Hub(proc, f"http://127.0.0.1:{ports['hub_port']}/hub/api", service_token, base)
     try:
         def up() -> bool:
-            assert proc.poll() is None, log.read_text()[-3000:]
+            assert proc.poll() is None, log.read_text()[-3000:]  # the hub's own output
             try:
                 hub.call("GET", "/")
             except OSError:
