@@ -16,11 +16,13 @@ import signal
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import Accounts
 from tests.daemon_support import Envctld, write_config
-from tests.helpers import find_violations, wait_for
+from tests.helpers import SYSTEM_PYTHON, as_user, find_violations, wait_for
 from tests.watch_support import (SETTLE, alice_sh, alice_tmp, daemon_status, make_root,
-                                 new_entries_healed, settled, sysctl)
+                                 new_entries_healed, scaled, settled, sysctl)
 
 pytest_plugins = ("tests.fixtures_daemon",)  # the envctld fixture
 
@@ -112,4 +114,63 @@ def test_renames_then_overflow_keep_healing_in_real_time(accounts: Accounts, scr
     alice_sh(accounts, root, "mv ra ra2 && mv ra2 ra")
     settled(root, accounts, "renames after the rebuild settled")
     new_entries_healed(root, accounts, ["ra", "ra/sub"], tag="again")
+    d.stop()
+
+
+RENAME_FUZZ = r"""
+import os, random, sys
+root, outside, ops, seed = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+rnd = random.Random(seed)
+
+def dirs(top):
+    out = []
+    for dirpath, dirnames, _ in os.walk(top):
+        out += [os.path.join(dirpath, d) for d in dirnames]
+    return out
+
+for i in range(ops):
+    inside, out = dirs(root), dirs(outside)
+    op = rnd.random()
+    try:
+        if op < 0.5 and inside + out:  # rename anything anywhere (not below itself)
+            src = rnd.choice(inside + out)
+            dst = rnd.choice([root, outside] + inside + out)
+            if dst != src and not dst.startswith(src + "/"):  # few names: paths recur,
+                os.rename(src, os.path.join(dst, rnd.choice("pqrs")))  # empty dirs replaced
+        elif op < 0.75:
+            os.mkdir(os.path.join(rnd.choice([root] + inside + out), f"m{i}"))
+        else:
+            open(os.path.join(rnd.choice([root] + inside + out), f"f{i}"), "w").close()
+    except OSError:
+        pass  # a rename onto a non-empty directory, and the like
+"""
+
+
+@pytest.mark.parametrize("frozen", [False, True], ids=["live", "frozen"])
+def test_rename_fuzz_leaves_every_directory_watched_in_place(accounts: Accounts, scratch: Path,
+                                                             envctld, frozen: bool) -> None:
+    """Random renames inside, out of and into the root (with creations all along): afterwards
+    the kernel holds exactly one watch per directory of the root (none left on directories
+    moved out, none missing), and new entries in every directory are healed in real time.
+    ``frozen``: the daemon reads the events only once the disk is far ahead of them (every
+    directory they name may have moved again since)."""
+    root, d = _start(scratch, accounts, envctld, "mkdir -p a/b/c d/e f")
+    outside = alice_tmp(scratch, accounts)
+    a = accounts.alice
+    assert d.proc is not None
+    if frozen:
+        d.proc.send_signal(signal.SIGSTOP)
+    try:
+        as_user(a.uid, a.gid, [SYSTEM_PYTHON, "-c", RENAME_FUZZ, str(root), str(outside),
+                               str(scaled(400)), "10"])
+    finally:
+        d.proc.send_signal(signal.SIGCONT)
+    settled(root, accounts, "everything renamed or created in healed")
+    inside = [p for p in root.rglob("*") if p.is_dir() and not p.is_symlink()]
+    sock = scratch / "envctld.sock"
+    wait_for(lambda: daemon_status(sock)["roots"][0]["watches"] == 1 + len(inside), SETTLE,
+             0.05, f"one watch per directory ({1 + len(inside)})")
+    r = daemon_status(sock)["roots"][0]
+    assert (r["watch_errors"], r["mode"]) == (0, "inotify"), r
+    new_entries_healed(root, accounts, ["."] + [str(p.relative_to(root)) for p in inside])
     d.stop()

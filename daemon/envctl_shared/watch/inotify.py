@@ -3,18 +3,25 @@
 What must be right here is *where an event belongs*. inotify reports an event as (watch
 descriptor, name); the watch descriptor names a directory inode, which keeps it whatever the
 directory is renamed to. So the table here maps each watch descriptor to a node holding that
-directory's identity (``st_dev``, ``st_ino``) and its *current* place: a parent node and a name.
-A rename updates one node (paired ``IN_MOVED_FROM``/``IN_MOVED_TO`` by cookie), and every path
-below it follows without being rewritten; a path string is computed from the nodes only when an
-item is queued, and the healer re-resolves it from the root fd anyway. Doubt is resolved from
-the disk, never guessed: a directory renamed inside the root has its subtree re-watched from
-where it is now and queued for a subtree reconcile; one renamed out (``IN_MOVE_SELF`` with no
-``IN_MOVED_TO`` here) loses its watches; a directory that cannot be found where the table says
-(renamed again since, events pending) is left to those pending events, which will place it;
-anything that would leave the table inconsistent (an overflow, a rename cycle) or any exception
-on the reader thread ends this watch, and :class:`~envctl_shared.watch.service.RootWatcher`
-rebuilds it from scratch and reconciles the root (``Hooks.on_end``): the reader never dies
-silently, and never keeps running on a table it cannot trust.
+directory's identity (``st_dev``, ``st_ino``) and its place: a parent node and a name. A rename
+updates one node (paired ``IN_MOVED_FROM``/``IN_MOVED_TO`` by cookie), and every path below it
+follows without being rewritten; a path string is computed from the nodes only when an item is
+queued, and the healer re-resolves it from the root fd anyway.
+
+Two clocks meet in that table. Events are history, read in batches (everything queued is
+drained first); walks, which add watches, see the disk *now*, newer than every event of the
+batch being handled. A walk places what it finds where it is, but never takes a name from a
+node that history still has there (an ``IN_MOVED_FROM`` still to come must find it); a rename
+event moves its node and takes the name. A directory renamed inside the root has its subtree
+re-walked where it is and queued for a subtree reconcile; one renamed away with no
+``IN_MOVED_TO`` in the root loses its watches (no event from outside may be taken for one
+inside), unless a walk of the same batch found it in the root, which is newer news; a directory
+that cannot be found where the table says (renamed again since) is left to the pending events
+that will place it. Anything that leaves the table unable to follow (an overflow, a rename that
+would make a cycle in it) or any exception on the reader thread ends this watch, and
+:class:`~envctl_shared.watch.service.RootWatcher` rebuilds it from scratch and reconciles the
+root (``Hooks.on_end``): the reader never dies silently, and never runs on a table it cannot
+trust. (Tested with random renames in, out and across the root, read live and read late.)
 
 Watches are added through ``/proc/self/fd/N`` of a directory fd opened ``O_NOFOLLOW`` relative
 to its parent's fd: no path string is ever resolved, so a symlink swapped in cannot redirect a
@@ -70,6 +77,7 @@ _ROOT_GONE = IN.IN_MOVE_SELF | IN.IN_DELETE_SELF | IN.IN_UNMOUNT | IN.IN_IGNORED
 _HEADER = struct.Struct("iIII")  # struct inotify_event: wd, mask, cookie, len; then the name
 _VANISHED = (errno.ENOENT, errno.ENOTDIR, errno.ELOOP)  # gone, or replaced by a non-directory
 READ_SIZE = 64 * 1024
+DRAIN_MAX = 8 * 1024 * 1024  # a full default queue (16,384 events) is ~0.5-4 MB
 TICK = 1.0  # the reader wakes at least this often: its heartbeat, and idle fds released
 FD_BUDGET = 64  # directory fds a walk keeps open on its path, whatever the depth
 CACHE_SIZE = 64  # fds of recently used directories (the parent of the next new directory)
@@ -96,15 +104,45 @@ class _Node:
     """One watched directory: identity (its watch descriptor and inode, which no rename
     changes) and current place (parent node and name, which a rename updates)."""
 
-    __slots__ = ("wd", "ident", "parent", "name", "children", "cookie")
+    __slots__ = ("wd", "ident", "parent", "name", "children", "strays", "cookie", "seen")
 
     def __init__(self, wd: int, ident: Ident, parent: _Node | None, name: str) -> None:
         self.wd = wd
         self.ident = ident
         self.parent = parent
         self.name = name
-        self.children: dict[str, _Node] = {}  # subdirectory name -> node
+        self.children: dict[str, _Node] = {}  # subdirectory name -> node holding the name
+        # Placed here without holding their name (see _place), still below this directory.
+        self.strays: set[_Node] | None = None
         self.cookie = 0  # the IN_MOVED_FROM cookie while its rename is unresolved
+        self.seen = -1  # the batch during which a walk last found it on the disk
+
+    def below(self) -> list[_Node]:
+        """The nodes placed directly below this one."""
+        return [*self.children.values(), *(self.strays or ())]
+
+    def unlink(self, child: _Node) -> None:
+        if self.children.get(child.name) is child:
+            del self.children[child.name]
+        elif self.strays:
+            self.strays.discard(child)
+
+    def link(self, child: _Node, hold: bool) -> None:
+        """``child`` is placed here; ``hold``: it takes its name (whoever held it strays)."""
+        if hold or self.children.get(child.name, child) is child:
+            held = self.children.get(child.name)
+            if held is not None and held is not child:
+                self._stray(held)
+            self.children[child.name] = child
+            if self.strays:
+                self.strays.discard(child)
+        else:
+            self._stray(child)
+
+    def _stray(self, node: _Node) -> None:
+        if self.strays is None:
+            self.strays = set()
+        self.strays.add(node)
 
 
 class _Level:
@@ -149,6 +187,7 @@ class InotifyWatch:
         self._cache: OrderedDict[_Node, int] = OrderedDict()  # node -> fd (LRU)
         self._rels: dict[_Node, str] = {}  # computed paths; cleared by any rename
         self._limited = False  # ENOSPC seen: adding more watches is pointless
+        self._batch = 0  # drained batches of events so far
         self.beat = time.monotonic()  # last sign of life of the reader (or of a walk)
 
     # -- lifecycle ------------------------------------------------------------------------
@@ -223,13 +262,27 @@ class InotifyWatch:
             if not ready:
                 self._clear_cache()  # idle: hold no directory open
                 continue
-            try:
-                data = os.read(self._ifd, READ_SIZE)
-            except BlockingIOError:
+            data = self._drain()
+            if not data:
                 continue
+            self._batch += 1
             reason = self._dispatch(data)
             if reason is not None:
                 return reason
+
+    def _drain(self) -> bytes:
+        """Every event queued now (up to DRAIN_MAX bytes), in one batch: whatever a walk then
+        finds on the disk is newer than all of them (see :meth:`_place`)."""
+        chunks: list[bytes] = []
+        size = 0
+        while size < DRAIN_MAX:
+            try:
+                chunk = os.read(self._ifd, READ_SIZE)
+            except BlockingIOError:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+        return b"".join(chunks)
 
     def _dispatch(self, data: bytes) -> str | None:
         """Handle one read's events in order; a reason when the watch must end."""
@@ -255,7 +308,11 @@ class InotifyWatch:
             elif mask & IN.IN_IGNORED:
                 self._forget(node)
             elif mask & IN.IN_MOVE_SELF and node.cookie:
-                self._moved_out(node)
+                if node.seen == self._batch:  # a walk found it since, in the root: it stays
+                    self._moving.pop(node.cookie, None)
+                    node.cookie = 0
+                else:
+                    self._moved_out(node)
         return None
 
     def _on_entry(self, parent: _Node, name: str, mask: int, cookie: int) -> None:
@@ -264,6 +321,7 @@ class InotifyWatch:
             if mask & IN.IN_MOVED_FROM:
                 child = parent.children.get(name)
                 if child is not None:  # where it lands decides: here, or out of the root
+                    self._moving.pop(child.cookie, None)
                     child.cookie = cookie
                     self._moving[cookie] = child
                 return
@@ -281,11 +339,13 @@ class InotifyWatch:
         force = moved is not None
         if moved is not None:  # renamed inside the root: it is here now, with its subtree
             moved.cookie = 0
-            self._place(moved, parent, name)
+            self._place(moved, parent, name, evict=True)
         pfd = self._fd_of(parent)
         subtree = True  # also when not found (gone, or renamed again: pending events place it)
         if pfd >= 0:
-            level, known = self._enter(pfd, parent, name, force)
+            # A renamed node holds its name from its event on; what is found there now is
+            # only seen. A created (or moved-in) directory is the name's new holder.
+            level, known = self._enter(pfd, parent, name, force, evict=moved is None)
             if level is not None:
                 # Empty when listed after its watch existed: whatever appears in it has events
                 # of its own, only the directory itself is to heal (a chain built one level
@@ -303,7 +363,7 @@ class InotifyWatch:
         stack = [node]
         while stack:
             n = stack.pop()
-            stack.extend(n.children.values())
+            stack.extend(n.below())
             inotify_rm_watch(self._ifd, n.wd)  # EINVAL when already gone: nothing to do
             self._forget(n)
 
@@ -311,9 +371,8 @@ class InotifyWatch:
         """The watch is gone (IN_IGNORED: deleted, or removed by us)."""
         if self._nodes.get(node.wd) is node:
             del self._nodes[node.wd]
-        parent = node.parent
-        if parent is not None and parent.children.get(node.name) is node:
-            del parent.children[node.name]
+        if node.parent is not None:
+            node.parent.unlink(node)
         if node.cookie:
             self._moving.pop(node.cookie, None)
         fd = self._cache.pop(node, None)
@@ -323,21 +382,26 @@ class InotifyWatch:
 
     # -- the table --------------------------------------------------------------------------
 
-    def _place(self, node: _Node, parent: _Node, name: str) -> None:
-        """Record that ``node`` is now ``name`` in ``parent`` (a rename, or what a walk found)."""
-        if node.parent is parent and node.name == name:
-            return
-        up: _Node | None = parent
-        while up is not None:
-            if up is node:
-                raise _Resync
-            up = up.parent
-        old = node.parent
-        if old is not None and old.children.get(node.name) is node:
-            del old.children[node.name]
-        node.parent, node.name = parent, name
-        parent.children[name] = node
-        self._rels.clear()
+    def _place(self, node: _Node, parent: _Node, name: str, evict: bool) -> None:
+        """Record that ``node`` is ``name`` in ``parent``.
+
+        ``evict``: history says so (a rename or arrival event), and the name is its own from
+        that point on. Otherwise a walk saw it there on the disk, ahead of the events still to
+        be handled: it is placed there (its events are attributed there) but takes no name from
+        another node, whose pending IN_MOVED_FROM must still find it; its own arrival event, if
+        one is pending, gives it the name when its turn comes. A node placed without its name
+        is a stray of its parent: still below it, dropped with it."""
+        if node.parent is not parent or node.name != name:
+            up: _Node | None = parent
+            while up is not None:
+                if up is node:
+                    raise _Resync
+                up = up.parent
+            if node.parent is not None:
+                node.parent.unlink(node)
+            node.parent, node.name = parent, name
+            self._rels.clear()
+        parent.link(node, evict)
 
     def _rel(self, node: _Node, name: str = "") -> str:
         """Root-relative path of ``node`` (and of its entry ``name``), as placed now."""
@@ -466,9 +530,10 @@ class InotifyWatch:
                     subdirs.append(e.name)
         return subdirs, empty
 
-    def _enter(self, dirfd: int, parent: _Node, name: str,
-               force: bool) -> tuple[_Level | None, bool]:
-        """Open and watch directory ``name`` of ``parent`` and place its node. Returns the level
+    def _enter(self, dirfd: int, parent: _Node, name: str, force: bool,
+               evict: bool = False) -> tuple[_Level | None, bool]:
+        """Open and watch directory ``name`` of ``parent`` and place its node where it is now
+        (``evict``: for an arrival event at that name, see :meth:`_place`). Returns the level
         to walk (None: nothing to walk) and whether it was already watched in place."""
         if self._limited:
             return None, False
@@ -490,15 +555,18 @@ class InotifyWatch:
                 return None, False
             ident = (st.st_dev, st.st_ino)
             node = self._nodes.get(wd)
-            known = node is not None and node.ident == ident
-            if node is None or not known:  # new (or a watch descriptor reused: a new inode)
-                if node is not None:
-                    self._forget(node)
+            if node is not None and node.ident != ident:  # a watch descriptor reused
+                self._forget(node)
+                node = None
+            known = (node is not None and node.parent is parent and node.name == name
+                     and parent.children.get(name) is node)
+            if node is None:
                 node = self._nodes[wd] = _Node(wd, ident, parent, name)
-                parent.children[name] = node
-            elif node.parent is not parent or node.name != name:
-                self._place(node, parent, name)  # found elsewhere than the table said
-                known, force = False, True
+                self._place(node, parent, name, evict)
+            elif not known:  # found elsewhere than the table said: the disk is newer
+                self._place(node, parent, name, evict)
+                force = True
+            node.seen = self._batch
             if known and not force:
                 self._keep(node, fd)
                 return None, True
