@@ -1,0 +1,475 @@
+"""``envctl doctor [NAME]``: the troubleshooting list of the users' guide, run for you.
+
+Why: "Permission denied" on a shared root has a handful of usual causes — not in the root's
+group, in it but not in this session, a umask that strips group write with no daemon to heal it,
+a root without SGID, a share that is not mounted, a daemon that is down or wedged, a
+``.condarc`` that conda never reads — and each has a different fix. ``doctor`` checks every one
+as the user who runs it (no root needed), prints one line per check (✓, or ✗ and the fix), and
+exits 0 when all is well, 1 when something is not. With NAME it also checks one environment: its
+tree, who built it and when, whether its python runs, whether its kernel is registered.
+
+Roots come from the daemon (``status``), or from ``--config FILE`` / ``--root PATH`` when none
+answers (or to check a root the daemon does not watch). Nothing here changes anything.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import stat
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .. import condarc
+from .. import config as cfgmod
+from ..errors import EX_FAILURE, EX_OK, EnvctlError
+from ..fsinfo import mount_of
+from .access import group_access, group_name, membership_fix, missing_hint
+from .output import emit_json, hint_of, quote_name
+
+PROBLEMS_SHOWN = 5  # violations listed for an env (the count says how many in all)
+PYTHON_TIMEOUT = 60.0  # a first import on a cold network filesystem can take a while
+
+
+@dataclass
+class Check:
+    """One line of the report: what was checked, what was found, and the fix when it failed."""
+
+    check: str
+    ok: bool
+    summary: str
+    fix: str | None = None
+    subject: str | None = None  # the root or env it is about
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"check": self.check, "ok": self.ok, "summary": self.summary, "fix": self.fix,
+                "subject": self.subject}
+
+
+@dataclass
+class RootInfo:
+    """A root to check: its path, and its group when a configuration says what it must be."""
+
+    path: Path
+    gid: int | None = None
+
+
+@dataclass
+class Context:
+    """What the checks learn along the way and share: the daemon's answer, the roots."""
+
+    daemon: dict[str, Any] | None = None
+    roots: list[RootInfo] = field(default_factory=list)
+    requests_root: Path | None = None
+    kernels_dir: Path | None = None
+    checks: list[Check] = field(default_factory=list)
+
+    def add(self, *args: Any, **kw: Any) -> Check:
+        c = Check(*args, **kw)
+        self.checks.append(c)
+        return c
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser("doctor", help="check that shared environments work for you",
+                       description="Check, as you, everything that makes shared environments "
+                       "work: each root exists and is mounted, you are in its group (in this "
+                       "session too), your umask, the root's group/mode/SGID, the daemon is up "
+                       "and not stale, conda's envs_dirs lists the root, your JupyterHub "
+                       "identity. With NAME: that environment's tree, builder, python and "
+                       "kernel. One line per check; exit 0 all good, 1 problems found.")
+    p.add_argument("name", nargs="?", metavar="NAME", help="also check this environment")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--config", "-c", metavar="FILE",
+                     help="take roots from FILE (the daemon's configuration)")
+    src.add_argument("--root", metavar="PATH", action="append",
+                     help="check this root (repeatable; default: the daemon's roots)")
+    p.add_argument("--stale", type=float, default=300.0, metavar="SECONDS",
+                   help="call the daemon stale after this long without progress (default 300)")
+    p.add_argument("--timeout", type=float, default=10.0, metavar="SECONDS",
+                   help="how long to wait for the daemon's answer (default 10)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    ctx = Context()
+    conf = cfgmod.load(args.config) if args.config else None
+    socket = args.socket or (str(conf.socket.path) if conf is not None else None)
+    if conf is not None:
+        ctx.roots = [RootInfo(r.path, r.gid) for r in conf.roots]
+        ctx.requests_root = conf.requests_root.path
+        ctx.kernels_dir = conf.kernels.dir
+    elif args.root:
+        ctx.roots = [RootInfo(Path(os.path.abspath(p))) for p in args.root]
+    check_daemon(ctx, socket, args.timeout, args.stale)
+    if not ctx.roots and ctx.daemon is not None:
+        ctx.roots = [RootInfo(Path(r["path"])) for r in ctx.daemon.get("roots") or []
+                     if isinstance(r, dict) and r.get("path")]
+    if not ctx.roots:
+        ctx.add("roots", False, "no root to check: the daemon did not say, and none was given",
+                "name one: 'envctl doctor --root /efs/shared/.conda/envs', or --config FILE")
+    umask = current_umask()
+    envs = condarc.envs_dirs()
+    for root in ctx.roots:
+        check_root(ctx, root, umask, envs)
+    check_condarc_files(ctx, envs)
+    if ctx.daemon is not None:
+        check_hub(ctx, socket, args.timeout)
+    if args.name:
+        check_env(ctx, args.name, socket, args.timeout)
+    code = EX_OK if all(c.ok for c in ctx.checks) else EX_FAILURE
+    if args.json:
+        emit_json({"ok": code == EX_OK, "exit_code": code,
+                   "checks": [c.to_dict() for c in ctx.checks]})
+    else:
+        print_report(ctx.checks)
+    return code
+
+
+def print_report(checks: list[Check]) -> None:
+    """One line per check; the fix indented below a failed one. ✓/✗ where the terminal's
+    encoding has them (a C locale gets OK/!!)."""
+    enc = sys.stdout.encoding or "ascii"
+    try:
+        "✓✗".encode(enc)
+        good, bad = "✓", "✗"
+    except (UnicodeEncodeError, LookupError):
+        good, bad = "OK", "!!"
+    for c in checks:
+        print(f"{good if c.ok else bad} {c.check}: {c.summary}")
+        if not c.ok and c.fix:
+            print(f"    fix: {c.fix}")
+
+
+# -- the daemon -------------------------------------------------------------------------------
+
+def _client(socket: str | None, timeout: float) -> Any:
+    from ..api.client import Client  # not loaded unless the daemon is asked
+
+    return Client(socket, timeout=timeout)
+
+
+def check_daemon(ctx: Context, socket: str | None, timeout: float, stale: float) -> None:
+    """Reachable, ready, making progress; the heal lag is what a user waits for."""
+    try:
+        with _client(socket, timeout) as client:
+            data = client.call("status")
+    except EnvctlError as err:
+        ctx.add("daemon", False, err.message, hint_of(err) + "; until it runs nothing heals "
+                "what you write (files may lack group access)")
+        return
+    ctx.daemon = data
+    head = f"envctld {data.get('version', '?')} (pid {data.get('pid', '?')})"
+    if data.get("failure"):
+        ctx.add("daemon", False, f"{head} reports a failure: {quote_name(str(data['failure']))}",
+                "an administrator reads its log ('journalctl -u envctld') and restarts it")
+        return
+    if data.get("ready") is False:
+        ctx.add("daemon", False, f"{head} is up but not ready (its first scan is running)",
+                "wait a minute and run doctor again ('envctl status' shows progress)")
+        return
+    age = data.get("progress_age_s")
+    if isinstance(age, (int, float)) and age > stale:
+        ctx.add("daemon", False, f"{head} shows no progress for {age:.0f}s: wedged",
+                "an administrator restarts it ('systemctl restart envctld')")
+        return
+    queue = sum(int(r.get("queue") or 0) for r in data.get("roots") or [] if isinstance(r, dict))
+    lag = f"heal queue {queue}" + (f", last progress {age:.1f}s ago"
+                                   if isinstance(age, (int, float)) else "")
+    ctx.add("daemon", True, f"{head} is up and ready; {lag}")
+
+
+def check_hub(ctx: Context, socket: str | None, timeout: float) -> None:
+    """On a JupyterHub the daemon must know which hub user you are (only when that applies:
+    a token in the environment, or a uid the daemon says is shared)."""
+    from ..api.client import HUB_TOKEN_ENV
+
+    try:
+        with _client(socket, timeout) as client:
+            me = client.call("whoami")
+    except EnvctlError as err:
+        if os.environ.get(HUB_TOKEN_ENV):
+            ctx.add("hub identity", False, err.message, hint_of(err))
+        return
+    if me.get("hub_verified"):
+        ctx.add("hub identity", True, f"hub user {quote_name(str(me.get('hub_user')))} "
+                "(verified by JupyterHub)")
+    elif me.get("shared_uid"):
+        ctx.add("hub identity", False, f"uid {me.get('uid')} is shared by the hub's users and "
+                "the daemon could not tell which one you are",
+                "run envctl in a terminal of your JupyterHub server (it carries "
+                f"{HUB_TOKEN_ENV}); if it does, restart the server from the hub's control panel")
+
+
+# -- a root -----------------------------------------------------------------------------------
+
+def current_umask() -> int:
+    """This process's umask (inherited from the shell that ran us), read without changing it."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def check_root(ctx: Context, root: RootInfo, umask: int, envs: condarc.EnvsDirs) -> None:
+    shown = quote_name(str(root.path))
+    try:
+        st = os.stat(root.path)
+    except FileNotFoundError:
+        ctx.add("root", False, f"{shown} does not exist", missing_hint(root.path), str(root.path))
+        return
+    except PermissionError:
+        gid = root.gid if root.gid is not None else _parent_gid(root.path)
+        fix = (membership_fix(group_access(gid)) if gid is not None else None)
+        ctx.add("root", False, f"{shown} cannot be reached: permission denied",
+                fix or "check the directories on the way: 'namei -l " + shown + "'",
+                str(root.path))
+        return
+    if not stat.S_ISDIR(st.st_mode):
+        ctx.add("root", False, f"{shown} is not a directory",
+                "name the root directory of the shared environments", str(root.path))
+        return
+    mnt = mount_of(root.path)
+    where = "network or FUSE: the daemon polls it" if mnt.remote else "local disk"
+    ctx.add("root", True, f"{shown} exists, on {mnt.fstype} mounted at "
+            f"{quote_name(mnt.mount_point)} ({where})", subject=str(root.path))
+    gid = root.gid if root.gid is not None else st.st_gid
+    acc = group_access(gid)
+    fix = membership_fix(acc)
+    ctx.add("group", fix is None,
+            f"you ({acc.user}) are in group {acc.group}, and this session has it" if fix is None
+            else f"{shown} belongs to group {acc.group}, which this session lacks", fix,
+            str(root.path))
+    check_umask(ctx, root, umask)
+    check_mode(ctx, root, st, gid)
+    check_envs_dirs(ctx, root, envs)
+
+
+def _parent_gid(path: Path) -> int | None:
+    try:
+        return os.stat(path.parent).st_gid
+    except OSError:
+        return None
+
+
+def _watched(ctx: Context, root: Path) -> bool:
+    """Whether the daemon answered and watches ``root`` (so it heals what users write)."""
+    if ctx.daemon is None:
+        return False
+    return any(isinstance(r, dict) and r.get("path") == str(root)
+               for r in ctx.daemon.get("roots") or [])
+
+
+def _group_bits(mask: int) -> str:
+    """The group permissions set in ``mask``, as ``rwx`` letters."""
+    return "".join(c for bit, c in ((0o040, "r"), (0o020, "w"), (0o010, "x")) if mask & bit)
+
+
+def check_umask(ctx: Context, root: RootInfo, umask: int) -> None:
+    """What the umask means here: group access to what you create, or the daemon's healing."""
+    shown = f"umask {umask:04o}"
+    lost = _group_bits(umask)
+    if not lost:
+        ctx.add("umask", True, f"{shown}: what you create is usable by your group",
+                subject=str(root.path))
+    elif _watched(ctx, root.path):
+        ctx.add("umask", True, f"{shown} removes group {lost} from what you create; the daemon "
+                "heals it within seconds", subject=str(root.path))
+    else:
+        ctx.add("umask", False, f"{shown} removes group {lost} from what you create, and no "
+                "daemon heals this root", "run 'umask 002' (and add it to ~/.bashrc), or ask "
+                "an administrator to run envctld on this root", str(root.path))
+
+
+def check_mode(ctx: Context, root: RootInfo, st: os.stat_result, gid: int) -> None:
+    """The root itself: its group, group rwx, and SGID (so new entries inherit the group)."""
+    shown = quote_name(str(root.path))
+    mode = stat.S_IMODE(st.st_mode)
+    wrong = []
+    if st.st_gid != gid:
+        wrong.append(f"group {group_name(st.st_gid)}, want {group_name(gid)}")
+    if mode & 0o070 != 0o070:
+        wrong.append(f"group lacks {_group_bits(~mode)}")
+    if not mode & stat.S_ISGID:
+        wrong.append("no SGID: new entries will not inherit the group")
+    desc = f"group {group_name(st.st_gid)}, mode {mode:04o}"
+    if not wrong:
+        ctx.add("root mode", True, f"{shown}: {desc}", subject=str(root.path))
+        return
+    want = 0o2000 | (mode & 0o707) | 0o070
+    ctx.add("root mode", False, f"{shown}: {desc}: " + "; ".join(wrong),
+            f"an administrator runs 'chgrp {group_name(gid)} {shown} && chmod {want:04o} "
+            f"{shown}' (or 'envctl init'); a running daemon heals it at its next pass",
+            str(root.path))
+
+
+def check_envs_dirs(ctx: Context, root: RootInfo, envs: condarc.EnvsDirs) -> None:
+    """conda lists a root's envs only when envs_dirs names it; only the root where envs are
+    built matters when a configuration says which."""
+    if ctx.requests_root is not None and root.path != ctx.requests_root:
+        return
+    shown = quote_name(str(root.path))
+    source = envs.source_of(root.path)
+    if source is not None:
+        ctx.add("envs_dirs", True, f"conda lists environments from {shown} (from "
+                f"{quote_name(source)})", subject=str(root.path))
+    else:
+        ctx.add("envs_dirs", False, f"conda's envs_dirs does not list {shown}: 'conda env list'"
+                " will not show its environments",
+                f"run 'conda config --append envs_dirs {shown}' (or an administrator runs "
+                f"'envctl init {shown} --group G' for everyone)", str(root.path))
+
+
+def check_condarc_files(ctx: Context, envs: condarc.EnvsDirs) -> None:
+    for path, reason in envs.broken:
+        ctx.add("condarc", False, f"conda cannot read {quote_name(path)}: {reason}",
+                "fix or remove that file (conda fails on it too)", path)
+
+
+# -- one environment --------------------------------------------------------------------------
+
+def check_env(ctx: Context, name: str, socket: str | None, timeout: float) -> None:
+    """The env as the daemon recorded it (status, builder, last build, kernel), then its tree,
+    audited as you, and its python, run as you."""
+    info: dict[str, Any] | None = None
+    if ctx.daemon is not None:
+        try:
+            with _client(socket, timeout) as client:
+                info = client.call("env-show", name=name)
+        except EnvctlError as err:
+            ctx.add("env", False, err.message, hint_of(err), name)
+            return
+        status = info.get("status")
+        built = (f"version {info.get('current')} built by "
+                 f"{quote_name(str(info.get('requester') or '?'))} on {_when(info.get('built_at'))}"
+                 f", owner {quote_name(str(info.get('owner') or '?'))}")
+        ctx.add("env", status == "ready", f"{name}: {status}; {built}",
+                None if status == "ready" else "see 'envctl env show " + name + "'", name)
+    prefix = Path(info["prefix"]) if info and info.get("prefix") else _find_prefix(ctx, name)
+    if prefix is None or not os.path.isdir(prefix):
+        ctx.add("env tree", False, f"no environment {name!r} in "
+                + ", ".join(quote_name(str(r.path)) for r in ctx.roots),
+                "list them: 'envctl env list' or 'conda env list'", name)
+        return
+    check_env_tree(ctx, name, prefix)
+    has_kernel = check_python(ctx, name, prefix)
+    check_kernel(ctx, name, info, has_kernel)
+
+
+def _when(ts: object) -> str:
+    if not isinstance(ts, (int, float)):
+        return "?"
+    return time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(ts))
+
+
+def _find_prefix(ctx: Context, name: str) -> Path | None:
+    roots = [ctx.requests_root] if ctx.requests_root else [r.path for r in ctx.roots]
+    return next((r / name for r in roots if os.path.isdir(r / name)), None)
+
+
+def check_env_tree(ctx: Context, name: str, prefix: Path) -> None:
+    """The env's real tree (the stable path is a symlink to its current version), audited with
+    its root's policy; the first few violations shown."""
+    from ..errors import ExtensionMissing
+    from ..heal import Finding, Healer
+
+    real = Path(os.path.realpath(prefix))
+    root = next((r for r in ctx.roots if real == r.path or r.path in real.parents), None)
+    if root is None:
+        ctx.add("env tree", False, f"{quote_name(str(real))} is outside every root",
+                "envs live under a shared root; rebuild it there", name)
+        return
+    gid = root.gid if root.gid is not None else os.stat(root.path).st_gid
+    policy = cfgmod.single_root(root.path, str(gid)).roots[0]
+    found: list[Finding] = []
+    healer = Healer(policy, dry_run=True, on_finding=found.append)
+    try:
+        stats = healer.run(str(real.relative_to(root.path)))
+    except ExtensionMissing as err:
+        ctx.add("env tree", False, err.message, hint_of(err), name)
+        return
+    except OSError as exc:
+        ctx.add("env tree", False, f"{quote_name(str(real))}: {exc.strerror}",
+                membership_fix(group_access(gid)) or "check 'namei -l PATH'", name)
+        return
+    bad = [f for f in found if f.action in ("would-fix", "error")]
+    if not bad:
+        ctx.add("env tree", True, f"{quote_name(str(real))}: {stats.scanned} entries, all "
+                "shared correctly", subject=name)
+        return
+    shown = "; ".join(f"{quote_name(f.path)}: " + ("; ".join(f.problems) or str(f.reason))
+                      for f in bad[:PROBLEMS_SHOWN])
+    more = f" (and {len(bad) - PROBLEMS_SHOWN} more)" if len(bad) > PROBLEMS_SHOWN else ""
+    ctx.add("env tree", False, f"{len(bad)} of {stats.scanned} entries are wrong: {shown}{more}",
+            "the daemon heals them if it runs; else an administrator runs 'envctl heal "
+            f"{quote_name(str(prefix))} --config /etc/envctl/envctld.yaml'", name)
+
+
+_PROBE = ("import sys, importlib.util; print(sys.version.split()[0], "
+          "importlib.util.find_spec('ipykernel') is not None)")
+
+
+def check_python(ctx: Context, name: str, prefix: Path) -> bool:
+    """Run the env's python as you; True when it has ipykernel (a kernel is then expected)."""
+    python = prefix / "bin" / "python"
+    if not os.path.lexists(python):
+        ctx.add("python", True, f"{name} has no bin/python (not a Python environment)",
+                subject=name)
+        return False
+    try:
+        res = subprocess.run([str(python), "-c", _PROBE], capture_output=True, text=True,
+                             timeout=PYTHON_TIMEOUT, stdin=subprocess.DEVNULL)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        ctx.add("python", False, f"{quote_name(str(python))} does not run: {exc}",
+                "check the env's tree above; rebuild it with 'envctl request create --replace'",
+                name)
+        return False
+    if res.returncode != 0:
+        last = (res.stderr.strip().splitlines() or ["?"])[-1]
+        ctx.add("python", False, f"{quote_name(str(python))} exits {res.returncode}: "
+                f"{quote_name(last)}", "check the env's tree above; rebuild it with "
+                "'envctl request create --replace'", name)
+        return False
+    version, has_kernel = (res.stdout.split() + ["?", "False"])[:2]
+    ctx.add("python", True, f"python {version} runs", subject=name)
+    return has_kernel == "True"
+
+
+def jupyter_kernel_dirs() -> list[Path]:
+    """Where Jupyter looks for kernelspecs for this user (``jupyter --paths``, data part)."""
+    paths = [p for p in os.environ.get("JUPYTER_PATH", "").split(os.pathsep) if p]
+    data = os.environ.get("XDG_DATA_HOME") or os.path.expanduser("~/.local/share")
+    paths += [os.path.join(data, "jupyter"), "/usr/local/share/jupyter", "/usr/share/jupyter"]
+    return [Path(p) / "kernels" for p in paths]
+
+
+def check_kernel(ctx: Context, name: str, info: dict[str, Any] | None, has_kernel: bool) -> None:
+    """An env with ipykernel should be a kernel in the launcher: registered by the daemon in
+    kernels.dir, and found by Jupyter through JUPYTER_PATH."""
+    from ..jobs.kernels import kernel_name
+
+    kname = kernel_name(name)
+    dirs = jupyter_kernel_dirs() + ([ctx.kernels_dir] if ctx.kernels_dir else [])
+    found = next((d / kname for d in dirs if (d / kname / "kernel.json").is_file()), None)
+    if found is not None:
+        ctx.add("kernel", True, f"kernel {kname} registered in {quote_name(str(found.parent))}",
+                subject=name)
+    elif info is not None and info.get("kernel"):
+        ctx.add("kernel", False, f"the daemon registered kernel {kname}, but Jupyter does not "
+                "look where it is", "set JUPYTER_PATH to the parent of the daemon's kernels.dir"
+                " in your server's environment (z2jh: singleuser.extraEnv)", name)
+    elif has_kernel:
+        ctx.add("kernel", False, f"{name} has ipykernel but no kernel {kname} is registered",
+                "an administrator runs 'envctl kernels sync' (and sets kernels.dir)", name)
+    else:
+        ctx.add("kernel", True, f"{name} has no ipykernel: no kernel expected", subject=name)

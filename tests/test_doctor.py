@@ -1,0 +1,241 @@
+"""``envctl doctor``: every check driven both ways, as real users, against real trees, a real
+daemon (up, absent, stopped with SIGSTOP) and real ``.condarc`` files found through HOME and
+CONDARC as conda would find them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+
+from tests.conftest import Accounts, User
+from tests.daemon_support import Envctld, write_config
+from tests.helpers import VENV_BIN
+
+pytest_plugins = ("tests.fixtures_daemon",)
+ENVCTL = str(VENV_BIN / "envctl")
+
+
+def doctor(user: User, *args: str, umask: int = 0o002, groups: bool = True,
+           home: Path | None = None, env: dict[str, str] | None = None) -> tuple[int, dict[str, Any]]:
+    """``envctl doctor --json ARGS`` as ``user`` with ``umask``; (exit code, checks by name —
+    the last of each name, with every one under ``all``)."""
+    environ = {"PATH": "/usr/bin:/bin", "HOME": str(home or "/nonexistent"), "LANG": "C.UTF-8",
+               **(env or {})}
+    argv = ["setpriv", f"--reuid={user.uid}", f"--regid={user.gid}",
+            "--init-groups" if groups else "--clear-groups", "env", "-i",
+            *(f"{k}={v}" for k, v in environ.items()),
+            "sh", "-c", f'umask {umask:03o}; exec "$@"', "sh", ENVCTL, "doctor", "--json", *args]
+    res = subprocess.run(argv, capture_output=True, text=True, timeout=120, cwd="/")
+    assert res.stdout, res.stderr
+    doc = json.loads(res.stdout)
+    assert doc["exit_code"] == res.returncode
+    checks: dict[str, Any] = {c["check"]: c for c in doc["checks"]}
+    checks["all"] = doc["checks"]
+    return res.returncode, checks
+
+
+@pytest.fixture
+def root(scratch: Path, accounts: Accounts) -> Path:
+    """A correct shared root: the shared group, 2775."""
+    path = scratch / "envs"
+    path.mkdir()
+    os.chown(path, 0, accounts.shared_gid)
+    os.chmod(path, 0o2775)
+    return path
+
+
+def _no_daemon(scratch: Path) -> str:
+    return str(scratch / "no-daemon.sock")
+
+
+def test_all_good_with_a_daemon_whose_roots_it_learns(
+        root: Path, scratch: Path, accounts: Accounts,
+        envctld: Callable[..., Envctld]) -> None:
+    home = scratch / "home-alice"
+    home.mkdir()
+    (home / ".condarc").write_text(f"channels: [conda-forge]\nenvs_dirs:\n  - {root}\n")
+    os.chmod(home, 0o755)
+    cfg = write_config(scratch, [(root, accounts.shared_group)],
+                       extra={"socket": {"path": str(scratch / "envctld.sock"), "mode": "0666"}})
+    envctld(cfg)
+    code, c = doctor(accounts.alice, "--socket", str(scratch / "envctld.sock"), home=home)
+    assert code == 0, c["all"]
+    assert all(x["ok"] for x in c["all"])
+    assert c["root"]["subject"] == str(root)  # learned from the daemon: no --root given
+    assert "up and ready" in c["daemon"]["summary"]
+    assert str(home / ".condarc") in c["envs_dirs"]["summary"]
+    # the daemon heals what a umask 077 leaves: still fine, and said so
+    code, c = doctor(accounts.alice, "--socket", str(scratch / "envctld.sock"), home=home,
+                     umask=0o077)
+    assert code == 0 and "heals it" in c["umask"]["summary"]
+
+
+def test_no_daemon_and_no_root(scratch: Path, accounts: Accounts) -> None:
+    code, c = doctor(accounts.alice, "--socket", _no_daemon(scratch))
+    assert code == 1
+    assert not c["daemon"]["ok"] and "not running" in c["daemon"]["summary"]
+    assert "systemctl start envctld" in c["daemon"]["fix"]
+    assert not c["roots"]["ok"] and "--root" in c["roots"]["fix"]
+
+
+def test_a_stopped_daemon_is_reported(root: Path, scratch: Path, accounts: Accounts,
+                                      envctld: Callable[..., Envctld]) -> None:
+    """A daemon that holds its socket but answers nothing (here SIGSTOPped: what a wedged one
+    looks like from outside) is a problem, not a hang."""
+    cfg = write_config(scratch, [(root, accounts.shared_group)],
+                       extra={"socket": {"path": str(scratch / "envctld.sock"), "mode": "0666"}})
+    d = envctld(cfg)
+    assert d.proc is not None
+    os.kill(d.proc.pid, signal.SIGSTOP)
+    try:
+        code, c = doctor(accounts.alice, "--socket", str(scratch / "envctld.sock"),
+                         "--timeout", "1", "--root", str(root))
+    finally:
+        os.kill(d.proc.pid, signal.SIGCONT)
+    assert code == 1 and not c["daemon"]["ok"]
+    assert "did not answer" in c["daemon"]["summary"]
+    # and the --stale limit: a daemon with any progress age beyond it is called wedged
+    code, c = doctor(accounts.alice, "--socket", str(scratch / "envctld.sock"),
+                     "--stale", "-1", "--root", str(root))
+    assert not c["daemon"]["ok"] and "wedged" in c["daemon"]["summary"]
+
+
+def test_group_membership_three_ways(root: Path, scratch: Path, accounts: Accounts) -> None:
+    sock = ("--socket", _no_daemon(scratch), "--root", str(root))
+    _, c = doctor(accounts.alice, *sock)
+    assert c["group"]["ok"], c["group"]
+    _, c = doctor(accounts.mallory, *sock)
+    assert not c["group"]["ok"]
+    assert f"not in group {accounts.shared_group}" in c["group"]["fix"]
+    assert "usermod -aG" in c["group"]["fix"]
+    _, c = doctor(accounts.alice, *sock, groups=False)  # in /etc/group, not in this session
+    assert not c["group"]["ok"] and "log in again" in c["group"]["fix"]
+    assert "restart your server" in c["group"]["fix"]
+
+
+def test_umask_without_a_daemon(root: Path, scratch: Path, accounts: Accounts) -> None:
+    sock = ("--socket", _no_daemon(scratch), "--root", str(root))
+    _, c = doctor(accounts.alice, *sock, umask=0o002)
+    assert c["umask"]["ok"] and "0002" in c["umask"]["summary"]
+    _, c = doctor(accounts.alice, *sock, umask=0o077)
+    assert not c["umask"]["ok"] and "removes group rwx" in c["umask"]["summary"]
+    assert "umask 002" in c["umask"]["fix"]
+
+
+def test_root_mode_and_sgid(root: Path, scratch: Path, accounts: Accounts) -> None:
+    sock = ("--socket", _no_daemon(scratch), "--root", str(root))
+    _, c = doctor(accounts.alice, *sock)
+    assert c["root mode"]["ok"]
+    os.chmod(root, 0o0775)
+    _, c = doctor(accounts.alice, *sock)
+    assert not c["root mode"]["ok"] and "no SGID" in c["root mode"]["summary"]
+    assert "chmod 2775" in c["root mode"]["fix"]
+
+
+def test_missing_root(scratch: Path, accounts: Accounts) -> None:
+    missing = scratch / "share" / "envs"
+    code, c = doctor(accounts.alice, "--socket", _no_daemon(scratch), "--root", str(missing))
+    assert code == 1 and not c["root"]["ok"]
+    assert "does not exist" in c["root"]["summary"] and "findmnt" in c["root"]["fix"]
+    assert "group" not in c  # nothing more to say about a root that is not there
+
+
+def test_envs_dirs_from_real_condarc_files(root: Path, scratch: Path,
+                                           accounts: Accounts) -> None:
+    sock = ("--socket", _no_daemon(scratch), "--root", str(root))
+    home = scratch / "home"
+    home.mkdir()
+    os.chmod(home, 0o755)
+    _, c = doctor(accounts.alice, *sock, home=home)  # no .condarc at all
+    assert not c["envs_dirs"]["ok"]
+    assert f"conda config --append envs_dirs {root}" in c["envs_dirs"]["fix"]
+    (home / ".condarc").write_text("envs_dirs:\n  - /somewhere/else\n")
+    _, c = doctor(accounts.alice, *sock, home=home)
+    assert not c["envs_dirs"]["ok"]
+    (home / ".condarc").write_text(f"envs_dirs:\n  - /somewhere/else\n  - {root}/\n")
+    _, c = doctor(accounts.alice, *sock, home=home)
+    assert c["envs_dirs"]["ok"], c["envs_dirs"]
+    # $CONDARC names a file elsewhere; ~ in an entry is the user's home
+    (home / ".condarc").unlink()
+    link = home / "envs-link"
+    link.symlink_to(root)
+    other = scratch / "site.condarc"
+    other.write_text("envs_dirs: ['~/envs-link']\n")
+    _, c = doctor(accounts.alice, *sock, home=home, env={"CONDARC": str(other)})
+    assert c["envs_dirs"]["ok"] and str(other) in c["envs_dirs"]["summary"]
+    # $CONDA_ENVS_DIRS
+    _, c = doctor(accounts.alice, *sock, home=home, env={"CONDA_ENVS_DIRS": f"/x:{root}"})
+    assert c["envs_dirs"]["ok"] and "$CONDA_ENVS_DIRS" in c["envs_dirs"]["summary"]
+    # a .condarc conda cannot read is a problem of its own
+    (home / ".condarc").write_text("envs_dirs: [unclosed\n")
+    code, c = doctor(accounts.alice, *sock, home=home)
+    assert code == 1 and not c["condarc"]["ok"] and "not valid" in c["condarc"]["summary"]
+
+
+def test_one_environment(root: Path, scratch: Path, accounts: Accounts) -> None:
+    """NAME: its tree audited as the user (first violations named), its python run."""
+    sock = ("--socket", _no_daemon(scratch), "--root", str(root))
+    env = root / "analysis"
+    (env / "bin").mkdir(parents=True)
+    os.symlink("/usr/bin/python3", env / "bin" / "python")
+    for d in (env, env / "bin"):
+        os.chown(d, accounts.alice.uid, accounts.shared_gid)
+        os.chmod(d, 0o2775)
+    os.lchown(env / "bin" / "python", accounts.alice.uid, accounts.shared_gid)
+    code, c = doctor(accounts.alice, *sock, "analysis")
+    assert c["env tree"]["ok"], c["env tree"]
+    assert c["python"]["ok"] and c["python"]["summary"].startswith("python 3.")
+    assert c["kernel"]["ok"]
+    bad = env / "notes.txt"
+    bad.write_text("x")
+    os.chown(bad, accounts.alice.uid, accounts.alice.gid)
+    os.chmod(bad, 0o600)
+    (env / "bin" / "python").unlink()
+    (env / "bin" / "python").write_text("#!/bin/sh\necho 'broken libpython' >&2\nexit 3\n")
+    os.chmod(env / "bin" / "python", 0o775)
+    os.chown(env / "bin" / "python", accounts.alice.uid, accounts.shared_gid)
+    code, c = doctor(accounts.alice, *sock, "analysis")
+    assert code == 1
+    assert not c["env tree"]["ok"] and "notes.txt" in c["env tree"]["summary"]
+    assert not c["python"]["ok"] and "broken libpython" in c["python"]["summary"]
+    code, c = doctor(accounts.alice, *sock, "nothere")
+    assert not c["env tree"]["ok"] and "no environment" in c["env tree"]["summary"]
+
+
+def test_text_report(root: Path, scratch: Path, accounts: Accounts) -> None:
+    """People get one line per check, ✓ or ✗, and the fix under a failed one."""
+    res = subprocess.run(
+        ["setpriv", f"--reuid={accounts.mallory.uid}", f"--regid={accounts.mallory.gid}",
+         "--init-groups", "env", "-i", "PATH=/usr/bin:/bin", "LANG=C.UTF-8", "HOME=/",
+         ENVCTL, "doctor", "--socket", _no_daemon(scratch), "--root", str(root)],
+        capture_output=True, text=True, timeout=60)
+    assert res.returncode == 1
+    lines = res.stdout.splitlines()
+    assert any(line.startswith("✓ root: ") for line in lines)
+    i = next(i for i, line in enumerate(lines) if line.startswith("✗ group: "))
+    assert lines[i + 1].startswith("    fix: ") and "usermod" in lines[i + 1]
+
+
+def test_hub_identity_on_a_shared_uid(root: Path, scratch: Path, accounts: Accounts,
+                                      envctld: Callable[..., Envctld]) -> None:
+    """On a uid the daemon says JupyterHub users share, doctor says the daemon cannot tell who
+    you are without the hub's token (a verified hub user is tested with a real hub in
+    test_hub_identity); on any other uid there is nothing to check."""
+    sock = str(scratch / "envctld.sock")
+    cfg = write_config(scratch, [(root, accounts.shared_group)],
+                       extra={"socket": {"path": sock, "mode": "0666"},
+                              "jupyterhub": {"api_url": "http://127.0.0.1:9/hub/api",
+                                             "shared_uids": [accounts.alice.uid]}})
+    envctld(cfg)
+    code, c = doctor(accounts.alice, "--socket", sock)
+    assert code == 1 and not c["hub identity"]["ok"]
+    assert "JUPYTERHUB_API_TOKEN" in c["hub identity"]["fix"]
+    code, c = doctor(accounts.bob, "--socket", sock)
+    assert "hub identity" not in c
