@@ -30,6 +30,7 @@ import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
+from typing import Any
 
 from ..config import JupyterHubConfig
 from ..errors import DaemonUnavailable, NotAuthorised
@@ -101,7 +102,7 @@ class HubVerifier:
         started = time.monotonic()
         try:
             with self._opener.open(req, timeout=self.cfg.timeout) as resp:
-                body = resp.read(MAX_ANSWER + 1)
+                body = self._read(resp, started + self.cfg.timeout)
         except urllib.error.HTTPError as exc:
             exc.close()
             if exc.code in (401, 403, 404):
@@ -112,19 +113,29 @@ class HubVerifier:
         except (urllib.error.URLError, OSError, ValueError) as exc:
             reason = getattr(exc, "reason", None) or exc
             raise self._unavailable(f"cannot be reached ({_short(reason)})") from None
-        if len(body) > MAX_ANSWER:
-            raise self._unavailable(f"sent more than {MAX_ANSWER} bytes for one user")
         user = self._parse(body)
         log.debug("hub verified user=%s admin=%s groups=%d seconds=%.3f", user.name,
                   user.admin, len(user.groups), time.monotonic() - started)
         return user
+
+    def _read(self, resp: Any, deadline: float) -> bytes:
+        """The whole answer within the timeout and MAX_ANSWER: the socket's timeout bounds
+        each read only, and a hub trickling bytes must not hold a connection for long."""
+        body = bytearray()
+        while chunk := resp.read1(65536):
+            body += chunk
+            if len(body) > MAX_ANSWER:
+                raise self._unavailable(f"sent more than {MAX_ANSWER} bytes for one user")
+            if time.monotonic() > deadline:
+                raise self._unavailable(f"did not answer within {self.cfg.timeout:g}s")
+        return bytes(body)
 
     def _parse(self, body: bytes) -> HubUser:
         """Name, groups and admin of a ``kind: user`` model; anything else is refused. A token
         whose scopes hide ``groups`` or ``admin`` gets none (least privilege), not an error."""
         try:
             model = json.loads(body)
-        except ValueError:
+        except (ValueError, RecursionError):
             raise self._unavailable("sent an answer that is not JSON") from None
         if not isinstance(model, dict):
             raise self._unavailable("sent an answer that is not a user model")
