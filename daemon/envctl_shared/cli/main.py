@@ -19,11 +19,12 @@ from typing import Iterator, Sequence
 from .. import __version__
 from ..config import DEFAULT_SOCKET, SOCKET_ENV
 from ..errors import EX_SOFTWARE, EnvctlError, UsageError
-from . import doctor_cmd, env_cmd, heal_cmd, kernels_cmd, request_cmd, status_cmd, whoami_cmd
+from . import (doctor_cmd, env_cmd, heal_cmd, init_cmd, kernels_cmd, request_cmd, status_cmd,
+               whoami_cmd)
 from .output import emit_error, json_emitted
 
 COMMAND_MODULES = [heal_cmd, request_cmd, env_cmd, status_cmd, whoami_cmd, kernels_cmd,
-                   doctor_cmd]
+                   doctor_cmd, init_cmd]
 # Options every command accepts on either side of its name: (flags, argparse keywords).
 GLOBAL_OPTIONS: dict[str, tuple[tuple[str, ...], dict[str, object]]] = {
     "socket": (("--socket",), {"metavar": "PATH", "default": None}),

@@ -1,0 +1,128 @@
+"""``envctl init``: a fresh root set up in one go, a second run that changes nothing, a dry run
+that touches nothing, real ``.condarc`` files (the user's through HOME, an explicit one) kept
+as they were apart from the one entry, and a root the daemon's own loader and ``doctor`` accept.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import subprocess
+from pathlib import Path
+
+import yaml
+from envctl_shared import config as cfgmod
+
+from tests.conftest import Accounts
+from tests.helpers import VENV_BIN
+
+ENVCTL = str(VENV_BIN / "envctl")
+
+
+def init(*args: str, home: Path | None = None) -> subprocess.CompletedProcess[str]:
+    env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": str(home or "/nonexistent")}
+    return subprocess.run([ENVCTL, "init", *args], capture_output=True, text=True, env=env,
+                          timeout=60)
+
+
+def _state(*paths: Path) -> dict[str, tuple[int, int, int, float]]:
+    """What a second run must not change: mode, group, size and mtime of each path."""
+    out = {}
+    for p in paths:
+        st = os.stat(p)
+        out[str(p)] = (st.st_mode, st.st_gid, st.st_size, st.st_mtime)
+    return out
+
+
+def test_fresh_then_again_then_doctor(scratch: Path, accounts: Accounts) -> None:
+    root = scratch / "shared" / ".conda" / "envs"
+    rc = scratch / "condarc"
+    cfg = scratch / "etc" / "envctld.yaml"
+    args = (str(root), "--group", accounts.shared_group, "--condarc", str(rc),
+            "--write-config", str(cfg), "--parents")
+    res = init(*args)
+    assert res.returncode == 0, res.stderr
+    st = os.stat(root)
+    assert st.st_gid == accounts.shared_gid and stat.S_IMODE(st.st_mode) == 0o2775
+    assert yaml.safe_load(rc.read_text()) == {"envs_dirs": [str(root)]}
+    kernels = scratch / "shared" / "share" / "jupyter" / "kernels"
+    assert kernels.is_dir()
+    conf = cfgmod.load(cfg)  # the daemon's own strict loader accepts it
+    assert conf.roots[0].path == root and conf.roots[0].gid == accounts.shared_gid
+    assert conf.kernels.dir == kernels
+    assert [line.split()[0] for line in res.stdout.splitlines()] == \
+        ["created", "created", "changed", "created"]
+    before = _state(root, rc, cfg, kernels)
+    res = init(*args, "--json")
+    assert res.returncode == 0, res.stderr
+    doc = json.loads(res.stdout)
+    assert doc["changed"] is False
+    assert {s["outcome"] for s in doc["steps"]} == {"unchanged"}
+    assert _state(root, rc, cfg, kernels) == before
+    # what init set up, doctor calls good (as a member of the group, with that .condarc)
+    res = subprocess.run(
+        ["setpriv", f"--reuid={accounts.alice.uid}", f"--regid={accounts.alice.gid}",
+         "--init-groups", "env", "-i", "PATH=/usr/bin:/bin", "HOME=/", f"CONDARC={rc}",
+         "sh", "-c", "umask 002; exec \"$@\"", "sh", ENVCTL, "doctor", "--json", "--config",
+         str(cfg), "--socket", str(scratch / "none.sock")],
+        capture_output=True, text=True, timeout=60)
+    checks = {c["check"]: c for c in json.loads(res.stdout)["checks"]}
+    for name in ("root", "group", "umask", "root mode", "envs_dirs"):
+        assert checks[name]["ok"], checks[name]
+
+
+def test_dry_run_changes_nothing(scratch: Path, accounts: Accounts) -> None:
+    root = scratch / "envs"
+    rc = scratch / "condarc"
+    res = init(str(root), "--group", accounts.shared_group, "--condarc", str(rc),
+               "--kernels-dir", str(scratch / "kernels"), "--mode", "2770", "--dry-run")
+    assert res.returncode == 0, res.stderr
+    assert sorted(os.listdir(scratch)) == []
+    lines = res.stdout.splitlines()
+    assert lines[0] == f"would create {root} (group {accounts.shared_group}, mode 2770)"
+    assert lines[1].startswith("would change envs_dirs in")
+    assert lines[2].startswith("would create kernels directory")
+    assert "others: none" in res.stdout  # the printed daemon configuration
+
+
+def test_existing_root_and_condarc_are_fixed_not_replaced(scratch: Path,
+                                                          accounts: Accounts) -> None:
+    root = scratch / "envs"
+    root.mkdir(mode=0o755)  # wrong group, no SGID
+    home = scratch / "home"
+    home.mkdir()
+    user_rc = home / ".condarc"
+    user_rc.write_text("# my settings\nchannels:\n  - conda-forge\n")
+    res = init(str(root), "--group", accounts.shared_group, "--user",
+               "--kernels-dir", str(scratch / "k"), home=home)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.startswith("changed ")
+    assert stat.S_IMODE(os.stat(root).st_mode) == 0o2775
+    text = user_rc.read_text()
+    assert text.startswith("# my settings\n")  # appended, comments kept
+    assert yaml.safe_load(text) == {"channels": ["conda-forge"], "envs_dirs": [str(root)]}
+    # a .condarc that lists other envs_dirs (and the root with a trailing slash): no duplicate
+    user_rc.write_text(f"envs_dirs: [/other, {root}/]\n")
+    res = init(str(root), "--group", accounts.shared_group, "--user",
+               "--kernels-dir", str(scratch / "k"), home=home)
+    assert "unchanged    envs_dirs" in res.stdout
+    user_rc.write_text("envs_dirs: [/other]\n")
+    init(str(root), "--group", accounts.shared_group, "--user", "--kernels-dir",
+         str(scratch / "k"), home=home)
+    assert yaml.safe_load(user_rc.read_text()) == {"envs_dirs": ["/other", str(root)]}
+
+
+def test_refusals_say_what_to_do(scratch: Path, accounts: Accounts) -> None:
+    res = init(str(scratch / "not-mounted" / "envs"), "--group", accounts.shared_group,
+               "--condarc", str(scratch / "rc"))
+    assert res.returncode == 74 and "findmnt" in res.stderr and "--parents" in res.stderr
+    assert not (scratch / "not-mounted").exists()
+    res = init(str(scratch / "envs"), "--group", "no-such-group-xyz")
+    assert res.returncode == 64 and "groupadd" in res.stderr
+    cfg = scratch / "envctld.yaml"
+    cfg.write_text("roots: []\n")
+    res = init(str(scratch / "envs"), "--group", accounts.shared_group, "--write-config",
+               str(cfg), "--condarc", str(scratch / "rc"), "--kernels-dir", str(scratch / "k"))
+    assert res.returncode == 74 and "other settings" in res.stderr
+    assert cfg.read_text() == "roots: []\n"
