@@ -91,6 +91,8 @@ def test_cancel_mid_build(jobs_env: JobsEnv, manager_factory) -> None:
     version = jobs_env.root / ".envctl" / "envs" / "cx" / "v1"
     assert version.is_dir() and not os.path.lexists(jobs_env.root / "cx")  # built aside
     assert f'"job": "{job.id}"' in (version.parent / "v1.json").read_text()
+    listed = {e["name"]: e for e in mgr.env_list()}
+    assert (listed["cx"]["status"], listed["cx"]["current"]) == ("building", None)
     with pytest.raises(NotAuthorised, match="only your own jobs"):
         mgr.cancel(job.id, bob)
     t0 = time.monotonic()

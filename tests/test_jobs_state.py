@@ -108,7 +108,9 @@ def test_orphan_killer_only_kills_our_group(accounts) -> None:
     proc = subprocess.Popen(["setpriv", f"--reuid={a.uid}", f"--regid={a.gid}",
                              "--clear-groups", "sleep", "60"], start_new_session=True)
     try:
-        wait_for(lambda: start_time(proc.pid) is not None, 5)
+        # setpriv has switched to alice and exec'd sleep (before that the pid is root's)
+        wait_for(lambda: os.stat(f"/proc/{proc.pid}").st_uid == a.uid and
+                 os.readlink(f"/proc/{proc.pid}/exe").endswith("sleep"), 5)
         started = start_time(proc.pid)
         assert started is not None
         assert kill_orphans(proc.pid, started, accounts.builder.uid) == 0  # wrong uid

@@ -1,4 +1,5 @@
-"""Environments as versions behind one stable path: ``<root>/<name>`` → ``.envctl/envs/<name>/vN``.
+"""Environments as versions behind one stable path: ``<root>/<name>`` is a symlink to
+``.envctl/envs/<name>/vN``, switched atomically.
 
 Why versions and a symlink: conda and venv prefixes are not relocatable — an environment must
 run at the path it was built at — and users, kernels and ``envs_dirs`` need one path that never
@@ -408,8 +409,9 @@ def tree_size(prefix_fd: int) -> tuple[int, int]:
 
 def export(record: dict[str, Any]) -> str:
     """An environment.yml with exact pins that ``request create -f`` accepts back: conda
-    packages as ``name ==version build`` (the canonical match spec), pip packages as ``name==version`` (for a venv, the pip
-    and setuptools the venv brings are left out unless the spec asked for them)."""
+    packages as ``name ==version build`` (the canonical match spec), pip packages as
+    ``name==version`` (for a venv, the pip and setuptools the venv brings are left out unless
+    the spec asked for them)."""
     import yaml
 
     spec = record.get("spec_channels") or []

@@ -13,11 +13,12 @@ Layout in the root: ``.envctl/locks/<name>.lock`` (fcntl locks, 0644) and
 ``.envctl/envs/<name>/`` (0755, the daemon's): the versions of one environment, each built at
 the path it keeps for its whole life (``v<N>/``, owned by the build user), its metadata
 (``v<N>.json``, ``env.json``, the daemon's, 0644), while ``<root>/<name>`` is the daemon's
-symlink to the current version (see ``envs``). Layout of the state dir (local disk, 0711 so the build
-user can reach its own job files without listing anyone else's): ``jobs.db``,
+symlink to the current version (see ``envs``). Layout of the state dir (local disk, 0711 so
+the build user can reach its own job files without listing anyone else's): ``jobs.db``,
 ``jobs/<id>/{environment.yml,build.json}`` (root:build-group 0640: the build user reads them,
 the requester cannot), ``jobs/<id>/build.log`` (written by the daemon only),
-``jobs/<id>/home`` (the build's HOME/TMPDIR), ``cache-<uid>`` (package cache per build uid).
+``jobs/<id>/home`` (the build's HOME/TMPDIR), ``jobs/<id>/tests.json`` (the ``--test``
+commands, the daemon's), ``cache-<uid>`` (package cache per build uid).
 """
 
 from __future__ import annotations

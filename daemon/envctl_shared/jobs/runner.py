@@ -184,7 +184,7 @@ class Build:
         healing pass), or None when no kernels.dir is configured."""
         if self.config.kernels.dir is None:
             return None
-        return kernels.probe(ctx.build_prefix, user, ctx.home, self._job_cgroup(),
+        return kernels.probe(ctx.prefix, user, ctx.home, self._job_cgroup(),
                              self._abort_event)
 
     def _publish_kernel(self, kernel: bool | None) -> None:
@@ -233,7 +233,7 @@ class Build:
         prefix = self.version_path(version)
         self.say(f"building version {version} of {job.name!r} at {prefix}")
         return BuildContext(spec=spec, cfg=self.cfg, job_dir=job_dir, home=job_dir / "home",
-                            build_prefix=prefix, final_prefix=prefix, cache_dir=cache)
+                            prefix=prefix, cache_dir=cache)
 
     def _test(self, ctx: BuildContext, user: procs.BuildUser) -> None:
         """The requester's ``--test`` commands, each inside the new version (activated, its

@@ -4,8 +4,9 @@ Why "command lines as data": the runner owns everything that must be the same fo
 backend (user switch, process group, log, timeout, cancel, versions, healing, tests, the
 switch of the stable path); a backend only says (1) what it refuses at submit time (``check``),
 (2) which input files it needs in the job's directory (``files``) and (3) the steps to run
-(``steps``), building at the path the version keeps for its whole life. That keeps each backend small and
-lets the conda-family command lines be unit-tested on a machine without conda.
+(``steps``), building at the path the version keeps for its whole life. That keeps each
+backend small and lets the conda-family command lines be unit-tested on a machine without
+conda.
 """
 
 from __future__ import annotations
@@ -34,16 +35,15 @@ class Step:
 
 @dataclass(frozen=True)
 class BuildContext:
-    """Where a build happens. ``build_prefix`` is where it installs and ``final_prefix`` the
-    path it will run at (the same: a version is built where it stays); ``job_dir`` holds the daemon-written inputs (read-only to
-    the build user); ``home`` is the build's writable HOME."""
+    """Where a build happens. ``prefix`` is the version's directory: where it installs and the
+    path it runs at (a version is built where it stays); ``job_dir`` holds the daemon-written
+    inputs (read-only to the build user); ``home`` is the build's writable HOME."""
 
     spec: EnvSpec
     cfg: RequestsConfig
     job_dir: Path
     home: Path
-    build_prefix: Path
-    final_prefix: Path
+    prefix: Path
     cache_dir: Path
 
 
@@ -70,8 +70,8 @@ _ACTIVATE = ('for f in "$CONDA_PREFIX"/etc/conda/activate.d/*.sh; do [ -f "$f" ]
 def test_step(ctx: BuildContext, name: str, command: str) -> Step:
     """A ``--test`` command run inside the new version as if it were activated: its ``bin``
     first on PATH, CONDA_PREFIX (or VIRTUAL_ENV for a venv) set, activate.d scripts sourced."""
-    prefix = str(ctx.final_prefix)
-    where = (f"VIRTUAL_ENV={prefix}" if (ctx.final_prefix / "pyvenv.cfg").exists()
+    prefix = str(ctx.prefix)
+    where = (f"VIRTUAL_ENV={prefix}" if (ctx.prefix / "pyvenv.cfg").exists()
              else f"CONDA_PREFIX={prefix}")
     return Step("testing", ("/usr/bin/env", f"PATH={prefix}/bin:{SAFE_PATH}", where,
                             f"CONDA_DEFAULT_ENV={name}", "/bin/sh", "-c", _ACTIVATE,

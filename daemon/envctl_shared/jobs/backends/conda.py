@@ -42,7 +42,7 @@ class CondaBackend:
     def steps(self, ctx: BuildContext) -> list[Step]:
         exe = ctx.cfg.conda_exe or self.name
         spec_file = str(ctx.job_dir / SPEC_FILE)
-        prefix = str(ctx.build_prefix)
+        prefix = str(ctx.prefix)
         args: tuple[str, ...]
         if self.name == "micromamba":
             args = ("create", "--yes", "--prefix", prefix, "--file", spec_file)

@@ -3,8 +3,8 @@
 Why a child process: ``rattler.solve``/``install`` run native code that cannot be interrupted
 from Python; a separate process (``rattler_child``) can be killed with its group on cancel or
 timeout, and runs with the build user's privileges rather than the daemon's. The child installs
-into the version's directory, the path the version keeps (``--target-prefix``, baked into every
-file with a prefix placeholder, is that same path).
+into the version's directory, the path the version keeps: the prefix baked into every file with
+a prefix placeholder is the one it runs at.
 ``pip:`` entries are refused (rattler installs conda packages only): use the venv backend.
 """
 
@@ -47,5 +47,5 @@ class RattlerBackend:
     def steps(self, ctx: BuildContext) -> list[Step]:
         return [Step("solving", (
             sys.executable, "-m", "envctl_shared.jobs.backends.rattler_child",
-            "--build", str(ctx.job_dir / BUILD_FILE), "--prefix", str(ctx.build_prefix),
-            "--target-prefix", str(ctx.final_prefix), "--cache-dir", str(ctx.cache_dir)))]
+            "--build", str(ctx.job_dir / BUILD_FILE), "--prefix", str(ctx.prefix),
+            "--cache-dir", str(ctx.cache_dir)))]

@@ -1,7 +1,7 @@
 """The process that runs py-rattler for one build, as the build user (see ``rattler.py``).
 
 Reads the daemon-written ``build.json`` (channels, match specs, platforms), solves, installs
-into ``--prefix`` with ``--target-prefix`` baked into files, and reports its phase as lines
+into ``--prefix`` (the prefix baked into files: it runs there), and reports its phase as lines
 ``ENVCTL-PHASE solving|downloading|linking`` on stdout, which the runner turns into the job's
 ``phase``. It must not import anything privileged: it is an ordinary, killable child.
 
@@ -74,16 +74,15 @@ async def build(args: argparse.Namespace) -> None:
         print(f"  {rec.name.normalized} {rec.version} {rec.build} ({rec.channel})", flush=True)
     phase("downloading")
     await rattler.install(records, target_prefix=args.prefix, cache_dir=Path(args.cache_dir),
-                          alternative_target_prefix=args.target_prefix, show_progress=False,
+                          show_progress=False,
                           reporter=_Reporter())
-    print(f"installed {len(records)} packages for {args.target_prefix}", flush=True)
+    print(f"installed {len(records)} packages in {args.prefix}", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--build", required=True, help="build.json written by the daemon")
     p.add_argument("--prefix", required=True, help="where to install")
-    p.add_argument("--target-prefix", required=True, help="the final prefix baked into files")
     p.add_argument("--cache-dir", required=True, help="the package cache (local disk)")
     args = p.parse_args(argv)
     try:

@@ -38,7 +38,7 @@ class VenvBackend:
         return {REQUIREMENTS: "".join(f"{req}\n" for req in spec.pip)}
 
     def steps(self, ctx: BuildContext) -> list[Step]:
-        prefix = str(ctx.build_prefix)
+        prefix = str(ctx.prefix)
         return [
             Step("creating", (ctx.cfg.venv_python, "-m", "venv", prefix)),
             Step("installing", (f"{prefix}/bin/python", "-m", "pip", "install", "--no-input",
