@@ -101,6 +101,7 @@ def test_cancel_mid_build(jobs_env: JobsEnv, manager_factory) -> None:
     assert done.state is State.CANCELLED, full_log(mgr, job.id)
     assert "cancelled by" in (done.exit_detail or "") and took < 10
     assert_clean(jobs_env, "cx")
+    assert "cx" not in {e["name"] for e in mgr.env_list()}
     with pytest.raises(Conflict, match="already ended"):
         mgr.cancel(job.id, alice)
     log = full_log(mgr, job.id)

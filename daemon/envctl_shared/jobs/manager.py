@@ -456,8 +456,8 @@ class JobManager:
         if cur.kind == "unmanaged":
             return {**out, "status": "unmanaged"}
         with envs.env_dir(fds, name, create=False) as env_fd:
-            if env_fd is None:
-                return None
+            if env_fd is None or cur.kind == "missing" and not envs.versions(env_fd):
+                return None  # never built, or nothing left of a failed first build
             return {**out, **envs.describe(env_fd, name, cur, versions)}
 
     def _kernel(self, name: str) -> str | None:
