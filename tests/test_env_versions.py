@@ -23,6 +23,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -296,3 +297,20 @@ def test_the_daemon_collects_periodically(jobs_env: JobsEnv, manager_factory) ->
     wait_for(lambda: not (versions / "v1").exists(), 10, what="v1 collected")
     assert sorted(os.listdir(versions)) == ["env.json", "v2", "v2.json"]
     assert (jobs_env.root / "periodic" / "share/app/VERSION").read_text() == "2.0\n"
+
+
+def test_owner_on_a_shared_uid_is_the_hub_user(jobs_env: JobsEnv, manager_factory) -> None:
+    """Two hub users on one uid (verified hub users, as the API hands them over): the env
+    belongs to the one who built its first version, not to the uid."""
+    mgr = manager_factory()
+    ann = replace(jobs_env.requester("alice"), hub_user="ann")
+    ben = replace(ann, hub_user="ben")
+    for v in ("1.0", "2.0"):
+        job = wait_done(mgr, mgr.submit(ann, "hubenv", APP.format(v=v), replace=True).id)
+        assert job.state is State.SUCCEEDED, full_log(mgr, job.id)
+    assert mgr.env_owner("hubenv")["hub_user"] == "ann"  # type: ignore[index]
+    with pytest.raises(NotAuthorised, match="belongs to hub user ann"):
+        mgr.env_rollback(ben, "hubenv")
+    with pytest.raises(NotAuthorised, match="belongs to hub user ann"):
+        mgr.env_remove(ben, "hubenv")
+    assert mgr.env_rollback(ann, "hubenv")["current"] == "v1"
