@@ -12,11 +12,12 @@ are healed in real time again; when it cannot be rebuilt, the daemon says why an
 from __future__ import annotations
 
 import resource
+import subprocess
 from pathlib import Path
 
 from tests.conftest import Accounts
 from tests.daemon_support import write_config
-from tests.helpers import wait_for
+from tests.helpers import VENV_BIN, wait_for
 from tests.watch_support import (SETTLE, alice_sh, daemon_status, make_root, new_entries_healed,
                                  settled)
 
@@ -89,6 +90,11 @@ def test_root_renamed_away_fails_the_daemon_visibly(accounts: Accounts, scratch:
                  "the failed rebuilds counted")
         r = daemon_status(sock)["roots"][0]
         assert r["mode"] == "rebuilding" and r["rebuilds"] == 0, r
+        human = subprocess.run([str(VENV_BIN / "envctl"), "status", "--socket", str(sock)],
+                               capture_output=True, text=True, timeout=30).stdout
+        head, row = human.splitlines()[2:4]  # after the daemon's line and a blank one
+        assert head.split()[-2:] == ["REBUILDS", "WATCH-ERRORS"], human
+        assert row.split()[1] == "rebuilding" and int(row.split()[-1]) >= 1, human
         assert d.proc is not None
         assert d.proc.wait(SETTLE) == EX_SOFTWARE, d.log_text()[-3000:]
     finally:

@@ -285,7 +285,7 @@ class InotifyWatch:
         return b"".join(chunks)
 
     def _dispatch(self, data: bytes) -> str | None:
-        """Handle one read's events in order; a reason when the watch must end."""
+        """Handle one batch's events in order; a reason when the watch must end."""
         nodes = self._nodes
         off, end = 0, len(data)
         while off < end:
