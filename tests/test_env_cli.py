@@ -11,9 +11,10 @@ import time
 from collections.abc import Iterator
 
 import pytest
+from envctl_shared.api.client import Client
 from envctl_shared.errors import EX_FAILURE, EX_NOPERM, EX_TEMPFAIL
 
-from tests.api_support import ApiDaemon, start_api_daemon
+from tests.api_support import VENV_SPEC, ApiDaemon, start_api_daemon
 from tests.conftest import Accounts, User
 from tests.helpers import as_user, wait_for
 
@@ -174,3 +175,38 @@ def test_protocol_checks_new_arguments(api: ApiDaemon) -> None:
 def _root() -> User:
     """The CLI as root (an admin), through the same helper as the users."""
     return User("root", 0, 0)
+
+
+def test_envctld_killed_mid_update_keeps_serving_and_cleans_up(api: ApiDaemon,
+                                                               accounts: Accounts) -> None:
+    """The real daemon, SIGKILLed while a venv replace of a rattler-built env is in its first
+    step (the test's python wrapper sleeps for prefixes naming "slow"): the stable path keeps
+    serving v1 while no daemon runs; the restarted daemon kills the build, removes v2 and
+    marks the job interrupted. Last in this module: it restarts the module's daemon."""
+    a = accounts
+    res = api.cli(a.alice, "request", "create", "slowk9", "-f", _spec(api, "1.0"))
+    assert res.returncode == 0, res.stderr
+    res = api.cli(a.alice, "request", "create", "slowk9", "-f", str(api.write_spec(VENV_SPEC)),
+                  "--backend", "venv", "--replace", "--no-wait")
+    assert res.returncode == 0, res.stderr
+    job_id = res.stdout.strip()
+    versions = api.root / ".envctl/envs/slowk9"
+    wait_for(lambda: _get(api, job_id)["phase"] == "creating" and (versions / "v2").is_dir(),
+             60, what="v2 being built")
+    api.daemon.kill9()
+    stable = api.root / "slowk9"
+    assert os.readlink(stable) == ".envctl/envs/slowk9/v1"
+    assert as_user(a.bob.uid, a.bob.gid, ["cat", str(stable / "share/app/VERSION")]).stdout \
+        == "1.0\n"
+    api.daemon.restart()
+    job = _get(api, job_id)
+    assert job["state"] == "interrupted", job
+    assert sorted(os.listdir(versions)) == ["env.json", "v1", "v1.json"]
+    log = api.cli(a.alice, "request", "logs", job_id).stdout
+    assert "removed the unfinished version v2 of 'slowk9'" in log
+    assert (stable / "share/app/VERSION").read_text() == "1.0\n"
+
+
+def _get(api: ApiDaemon, job_id: str) -> dict[str, object]:
+    with Client(api.sock) as client:
+        return client.call("get", id=job_id)  # type: ignore[no-any-return]
