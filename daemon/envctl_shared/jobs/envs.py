@@ -80,6 +80,8 @@ class Current:
 
 
 def current(root_fd: int, name: str) -> Current:
+    """Managed only when the entry is a symlink the daemon made (its owner: group members can
+    replace entries of the root) pointing where the daemon points names."""
     try:
         st = os.stat(name, dir_fd=root_fd, follow_symlinks=False)
     except FileNotFoundError:
@@ -133,7 +135,9 @@ def read_record(dir_fd: int, name: str) -> dict[str, Any] | None:
             log.warning("envs record-refused name=%s uid=%d mode=%04o size=%d", name,
                         st.st_uid, stat.S_IMODE(st.st_mode), st.st_size)
             return None
-        data = os.read(fd, MAX_RECORD + 1)
+        data = b""
+        while chunk := os.read(fd, MAX_RECORD + 1 - len(data)):  # NFS may return less
+            data += chunk
     finally:
         os.close(fd)
     try:
