@@ -257,7 +257,9 @@ def test_request_build_runs_as_the_build_user(site: Site) -> None:
     build_uid = int(site.m.run(["id", "-u", "envctl-build"]).stdout)
     pkg = next(site.host(prefix).glob(f"lib/python3*/site-packages/{WHEEL_NAME}/__init__.py"))
     assert pkg.stat().st_uid == build_uid, "the build did not run as envctl-build"
+    # the name is the daemon's symlink to the version, which is built (and healed) in .envctl
     assert violations(site, prefix) == []
+    assert find_violations(site.host(prefix).resolve(), site.acc.shared_gid) == []
     greeting = site.as_user(site.acc.bob, f"{prefix}/bin/python -c "
                             f"'import {WHEEL_NAME}; print({WHEEL_NAME}.GREETING)'").stdout
     assert greeting.strip() == "built by envctld"
