@@ -314,3 +314,58 @@ def test_owner_on_a_shared_uid_is_the_hub_user(jobs_env: JobsEnv, manager_factor
     with pytest.raises(NotAuthorised, match="belongs to hub user ann"):
         mgr.env_remove(ben, "hubenv")
     assert mgr.env_rollback(ann, "hubenv")["current"] == "v1"
+
+
+RECORD_READER = """
+import json, os, sys, time
+path, stop = sys.argv[1], sys.argv[2]
+n = bad = 0
+while not os.path.exists(stop):
+    try:
+        with open(path) as f:
+            json.load(f)
+    except ValueError:
+        bad += 1
+    n += 1
+print(n, bad)
+"""
+
+
+def test_rollback_and_remove_are_atomic_for_readers(jobs_env: JobsEnv, manager_factory,
+                                                    scratch: Path) -> None:
+    """Readers of the stable path during 60 rollbacks see 1.0 or 2.0, never an error; readers
+    of ``env.json`` (rewritten at each one) never see a torn record; during remove, the name
+    goes from the version to absent in one step."""
+    mgr = manager_factory()
+    for v in ("1.0", "2.0"):
+        _build(mgr, jobs_env, "atomic", APP.format(v=v), replace=True)
+    stable = jobs_env.root / "atomic"
+    alice = jobs_env.requester("alice")
+    poller = Poller(jobs_env, stable / "share/app/VERSION", scratch)
+    stop = scratch / "stop-records"
+    bob = jobs_env.accounts.bob
+    records = subprocess.Popen(
+        ["setpriv", f"--reuid={bob.uid}", f"--regid={bob.gid}", "--init-groups",
+         sys.executable, "-c", RECORD_READER, str(stable.resolve().parent / "env.json"),
+         str(stop)], stdout=subprocess.PIPE, text=True)
+    try:
+        time.sleep(0.2)
+        for i in range(60):
+            mgr.env_rollback(alice, "atomic", to="v1" if i % 2 == 0 else "v2")
+            time.sleep(0.005)
+    finally:
+        samples, runs = poller.finish()
+        stop.touch()
+        out, _ = records.communicate(timeout=30)
+    assert set(runs) == {"1.0", "2.0"} and samples > 10, runs
+    reads, torn = map(int, out.split())
+    assert torn == 0 and reads > 100, out
+    (scratch / "rm").mkdir()
+    poller = Poller(jobs_env, stable / "share/app/VERSION", scratch / "rm")
+    try:
+        time.sleep(0.2)
+        mgr.env_remove(alice, "atomic")
+        time.sleep(0.2)
+    finally:
+        samples, runs = poller.finish()
+    assert runs == ["2.0", "<No such file or directory>"], runs
