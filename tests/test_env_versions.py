@@ -369,3 +369,38 @@ def test_rollback_and_remove_are_atomic_for_readers(jobs_env: JobsEnv, manager_f
     finally:
         samples, runs = poller.finish()
     assert runs == ["2.0", "<No such file or directory>"], runs
+
+
+FAKE_CONDA = """#!/bin/sh
+# envctl test stand-in for `conda env create --prefix P --file F` (no conda here): a prefix
+# with a conda-meta record and a script that names the prefix it was made for.
+while [ $# -gt 0 ]; do case "$1" in --prefix) p="$2"; shift ;; esac; shift; done
+mkdir -p "$p/conda-meta" "$p/bin"
+printf '{"name": "fake", "version": "1.0", "build": "0", "channel": "local"}' \\
+    > "$p/conda-meta/fake-1.0-0.json"
+printf '#!/bin/sh\\necho "fake in %s"\\n' "$p" > "$p/bin/fake"
+chmod 755 "$p/bin/fake"
+"""
+
+
+def test_conda_backend_builds_versions_the_same_way(jobs_env: JobsEnv, manager_factory,
+                                                   scratch: Path) -> None:
+    """The conda family goes the same way (first build and update): built at the version's
+    path, switched, inventoried from conda-meta. conda itself cannot run here: a stand-in
+    takes its command line."""
+    exe = scratch / "conda"
+    exe.write_text(FAKE_CONDA)
+    os.chmod(exe, 0o755)
+    mgr = manager_factory(jobs_env.config(allowed_backends=["rattler", "conda"],
+                                          conda_exe=str(exe)))
+    for _ in range(2):
+        _build(mgr, jobs_env, "condaenv", "dependencies: [fake]\n", "conda", replace=True)
+    stable = jobs_env.root / "condaenv"
+    assert os.readlink(stable) == ".envctl/envs/condaenv/v2"
+    out = subprocess.run([str(stable / "bin" / "fake")], capture_output=True, text=True)
+    assert out.stdout == f"fake in {stable.resolve()}\n"
+    assert (stable.resolve().parent / "v1" / "bin" / "fake").exists()
+    shown = mgr.env_show("condaenv")
+    assert shown["backend"] == "conda" and shown["versions"][1]["packages"] == [
+        {"manager": "conda", "name": "fake", "version": "1.0", "build": "0",
+         "channel": "local"}]
