@@ -30,6 +30,7 @@ from ..fsinfo import walk_concurrency
 from ..heal import Finding, HealStats, Healer
 from .access import missing_hint, permission_hint
 from .output import emit_json, quote_name
+from .progress import Progress
 
 
 @dataclass(frozen=True)
@@ -126,6 +127,7 @@ class _Reporter:
     """Prints findings as they come (text mode) or keeps them for the JSON document."""
 
     def __init__(self, target: Target, as_json: bool, verbose: bool) -> None:
+        self.progress: Progress | None = None  # erased before a line is printed
         self.target = target
         self.as_json = as_json
         self.verbose = verbose
@@ -144,6 +146,8 @@ class _Reporter:
             return
         if f.action == "skipped" and not self.verbose:
             return
+        if self.progress is not None:
+            self.progress.clear()
         what = "; ".join(f.problems)
         detail = {"fixed": f"fixed: {what}", "would-fix": what,
                   "skipped": f"skipped ({f.reason}){': ' + what if what else ''}",
@@ -190,9 +194,13 @@ def run(args: argparse.Namespace) -> int:
         conc = walk_concurrency(t.root.path, args.concurrency)
         healer = Healer(t.root, dry_run=dry, concurrency=conc, on_finding=reporter,
                         report_fixes=args.json or args.verbose)
+        progress = Progress(str(t.path), healer.progress, dry,
+                            enabled=not args.json and sys.stderr.isatty())
+        reporter.progress = progress
         start = time.monotonic()
         try:
-            stats = healer.run(t.rel)
+            with progress:
+                stats = healer.run(t.rel)
         except (FileNotFoundError, NotADirectoryError) as exc:
             raise FilesystemError(f"{quote_name(str(t.path))}: {exc.strerror}",
                                   hint="it vanished or was replaced while starting: retry"

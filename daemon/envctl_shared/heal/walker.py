@@ -268,6 +268,7 @@ class Healer:
         self.report_fixes = report_fixes and on_finding is not None
         self._report_lock = threading.Lock()
         self.excluded = compile_excludes(root.exclude)
+        self._current: _Pass | None = None  # the latest pass started (see ``progress``)
         self.table = mode_table(root.others)
         self._verdicts: dict[tuple[int, int], Verdict] = {}
 
@@ -292,6 +293,22 @@ class Healer:
         symlinks: a path that came from an event is a hint, never trusted.
         """
         return _Pass(self, planner).run(rel, recursive)
+
+    def progress(self) -> tuple[int, int, int, int]:
+        """(scanned, violations, fixed, errors) of the latest pass so far, read from another
+        thread without stopping the walk (a progress display: plain int reads, no lock; a
+        count can lag by the batch a worker is adding)."""
+        current = self._current
+        if current is None:
+            return (0, 0, 0, 0)
+        out = [0, 0, 0, 0]
+        for st in list(current.live):
+            fixed = st.fixed
+            out[0] += st.scanned
+            out[1] += st.violations
+            out[2] += fixed["group"] + fixed["mode"]
+            out[3] += st.errors
+        return (out[0], out[1], out[2], out[3])
 
     def stale_dirs(self, stamps: dict[str, Any]) -> tuple[int, list[str]]:
         """The directories of ``stamps`` (see ``fsops.check_stamps``) that a serial poll pass
@@ -337,12 +354,15 @@ class _Pass:
         self.root_ref: _DirRef | None = None  # open for the whole pass (paths from C walks)
         self.fds: _Fds | None = None
         self.totals = HealStats()
+        self.live: list[HealStats] = []  # every counter of the pass, for Healer.progress
 
     # -- driving ---------------------------------------------------------------------------
 
     def run(self, rel: str, recursive: bool, names: list[str] | None = None) -> HealStats:
         start = time.monotonic()
         stats = HealStats()
+        self.live.append(stats)
+        self.h._current = self
         root_fd = os.open(self.root.path, DIR_FLAGS)
         try:
             st = stat_at(root_fd)
@@ -444,6 +464,8 @@ class _Pass:
 
     def _worker(self) -> None:
         stats = HealStats()
+        with self.cond:
+            self.live.append(stats)
         while True:
             with self.cond:
                 while not self.stack and self.pending:
