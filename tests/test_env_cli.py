@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from envctl_shared.api.client import Client
@@ -31,9 +33,9 @@ def _spec(api: ApiDaemon, version: str) -> str:
                               f"dependencies:\n  - app={version}\n"))
 
 
-def _json(res: object) -> object:
-    assert res.returncode == 0, (res.stdout, res.stderr)  # type: ignore[attr-defined]
-    return json.loads(res.stdout)  # type: ignore[attr-defined]
+def _json(res: subprocess.CompletedProcess[str]) -> Any:
+    assert res.returncode == 0, (res.stdout, res.stderr)
+    return json.loads(res.stdout)
 
 
 def test_update_with_tests_then_list_show_export(api: ApiDaemon, accounts: Accounts) -> None:
@@ -157,19 +159,19 @@ def test_hand_made_and_planted_records_are_not_trusted(api: ApiDaemon,
 
 
 def test_protocol_checks_new_arguments(api: ApiDaemon) -> None:
-    def ask(msg: dict[str, object]) -> dict[str, object]:
+    def ask(msg: dict[str, object]) -> Any:
         return json.loads(api.raw((json.dumps(msg) + "\n").encode(), lines=1))
 
     err = ask({"v": 1, "op": "env-show", "args": {"name": "../etc"}})["error"]
-    assert err["code"] == "protocol-error" and "'name'" in err["message"]  # type: ignore[index]
+    assert err["code"] == "protocol-error" and "'name'" in err["message"]
     err = ask({"v": 1, "op": "create", "args": {"name": "x", "spec": "dependencies: [app]",
                                                 "tests": [1]}})["error"]
-    assert err["code"] == "protocol-error" and "list of strings" in err["message"]  # type: ignore[index]
+    assert err["code"] == "protocol-error" and "list of strings" in err["message"]
     err = ask({"v": 1, "op": "create", "args": {"name": "x", "spec": "dependencies: [app]",
                                                 "tests": ["true"] * 17}})["error"]
-    assert err["code"] == "invalid-request" and "17 test commands" in err["message"]  # type: ignore[index]
+    assert err["code"] == "invalid-request" and "17 test commands" in err["message"]
     err = ask({"v": 1, "op": "env-rollback", "args": {"name": "nosuch"}})["error"]
-    assert err["code"] == "not-found"  # type: ignore[index]
+    assert err["code"] == "not-found"
 
 
 def _root() -> User:
@@ -207,6 +209,6 @@ def test_envctld_killed_mid_update_keeps_serving_and_cleans_up(api: ApiDaemon,
     assert (stable / "share/app/VERSION").read_text() == "1.0\n"
 
 
-def _get(api: ApiDaemon, job_id: str) -> dict[str, object]:
+def _get(api: ApiDaemon, job_id: str) -> Any:
     with Client(api.sock) as client:
-        return client.call("get", id=job_id)  # type: ignore[no-any-return]
+        return client.call("get", id=job_id)

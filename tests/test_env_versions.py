@@ -23,6 +23,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -35,6 +36,7 @@ from tests.helpers import live_processes, wait_for
 from tests.jobs_support import JobsEnv, daemon_argv, full_log, wait_done, write_wheel
 
 pytest_plugins = ("tests.fixtures_jobs",)  # the jobs fixtures
+Factory = Callable[..., JobManager]
 
 APP = "dependencies:\n  - app={v}\n"
 DEMO = "dependencies:\n  - python\n  - pip:\n    - envctl_demo=={v}\n"
@@ -87,7 +89,7 @@ def _build(mgr: JobManager, env: JobsEnv, name: str, spec: str, backend: str = "
 
 @pytest.mark.parametrize("backend", ["rattler", "venv"])
 def test_update_without_a_gap_and_old_process_keeps_its_version(
-        jobs_env: JobsEnv, manager_factory, scratch: Path, backend: str) -> None:
+        jobs_env: JobsEnv, manager_factory: Factory, scratch: Path, backend: str) -> None:
     mgr = manager_factory()
     name = f"live-{backend}"
     stable = jobs_env.root / name
@@ -129,8 +131,8 @@ def test_update_without_a_gap_and_old_process_keeps_its_version(
     if backend == "rattler":  # has_prefix: each version's files name that version's prefix
         assert (new / "share/app/prefix.txt").read_text() == f"{new}\n"
         assert (old / "share/app/prefix.txt").read_text() == f"{old}\n"
-        out = subprocess.run([str(stable / "bin" / "app")], capture_output=True, text=True)
-        assert out.stdout == f"app 2.0 in {new}\n"
+        ran = subprocess.run([str(stable / "bin" / "app")], capture_output=True, text=True)
+        assert ran.stdout == f"app 2.0 in {new}\n"
     assert f"{stable} now points to v2" in full_log(mgr, job)
     if backend == "venv":  # the inventory and the export of a venv: pip's own records
         pkgs = {p["name"]: p for p in mgr.env_show(name)["versions"][1]["packages"]}
@@ -140,7 +142,7 @@ def test_update_without_a_gap_and_old_process_keeps_its_version(
         assert "- envctl_demo==2.0" in text and "- pip==" not in text  # the venv brings pip
 
 
-def test_tests_gate_the_promotion(jobs_env: JobsEnv, manager_factory) -> None:
+def test_tests_gate_the_promotion(jobs_env: JobsEnv, manager_factory: Factory) -> None:
     mgr = manager_factory()
     _build(mgr, jobs_env, "gated", APP.format(v="1.0"))
     stable = jobs_env.root / "gated"
@@ -169,7 +171,7 @@ def test_tests_gate_the_promotion(jobs_env: JobsEnv, manager_factory) -> None:
 
 
 def test_kill9_mid_update_keeps_current_and_restart_cleans(jobs_env: JobsEnv, scratch: Path,
-                                                          manager_factory) -> None:
+                                                          manager_factory: Factory) -> None:
     """The daemon (a JobManager in its own process) is SIGKILLed while v2 of a venv is being
     built: v1 keeps serving throughout (a poller watches), and the restarted daemon removes
     the half-built v2 and says so."""
@@ -211,7 +213,7 @@ def test_kill9_mid_update_keeps_current_and_restart_cleans(jobs_env: JobsEnv, sc
                  what="no build left")
 
 
-def test_rollback_remove_and_gc(jobs_env: JobsEnv, manager_factory) -> None:
+def test_rollback_remove_and_gc(jobs_env: JobsEnv, manager_factory: Factory) -> None:
     mgr = manager_factory(jobs_env.config(keep_versions=2, gc_grace=2.0))
     alice, bob = jobs_env.requester("alice"), jobs_env.requester("bob")
     admin = jobs_env.requester("mallory", admin=True)
@@ -254,7 +256,7 @@ def test_rollback_remove_and_gc(jobs_env: JobsEnv, manager_factory) -> None:
 
 
 def test_hand_made_env_is_unmanaged_and_never_touched(jobs_env: JobsEnv,
-                                                      manager_factory) -> None:
+                                                      manager_factory: Factory) -> None:
     mgr = manager_factory(jobs_env.config(gc_grace=0.0))
     hand = jobs_env.root / "byhand"
     (hand / "bin").mkdir(parents=True)
@@ -287,7 +289,7 @@ def test_hand_made_env_is_unmanaged_and_never_touched(jobs_env: JobsEnv,
     assert (jobs_env.root / "copy" / "share/app/VERSION").read_text() == "1.0\n", again
 
 
-def test_the_daemon_collects_periodically(jobs_env: JobsEnv, manager_factory) -> None:
+def test_the_daemon_collects_periodically(jobs_env: JobsEnv, manager_factory: Factory) -> None:
     """Nobody runs ``env gc``: the daemon's own pass (``gc_interval``) removes v1 once v2 is
     current (keep_versions 1, no grace), and leaves the current version alone."""
     mgr = manager_factory(jobs_env.config(keep_versions=1, gc_grace=0.0, gc_interval=0.3))
@@ -300,7 +302,7 @@ def test_the_daemon_collects_periodically(jobs_env: JobsEnv, manager_factory) ->
     assert (jobs_env.root / "periodic" / "share/app/VERSION").read_text() == "2.0\n"
 
 
-def test_owner_on_a_shared_uid_is_the_hub_user(jobs_env: JobsEnv, manager_factory) -> None:
+def test_owner_on_a_shared_uid_is_the_hub_user(jobs_env: JobsEnv, manager_factory: Factory) -> None:
     """Two hub users on one uid (verified hub users, as the API hands them over): the env
     belongs to the one who built its first version, not to the uid."""
     mgr = manager_factory()
@@ -332,7 +334,7 @@ print(n, bad)
 """
 
 
-def test_rollback_and_remove_are_atomic_for_readers(jobs_env: JobsEnv, manager_factory,
+def test_rollback_and_remove_are_atomic_for_readers(jobs_env: JobsEnv, manager_factory: Factory,
                                                     scratch: Path) -> None:
     """Readers of the stable path during 60 rollbacks see 1.0 or 2.0, never an error; readers
     of ``env.json`` (rewritten at each one) never see a torn record; during remove, the name
@@ -384,7 +386,7 @@ chmod 755 "$p/bin/fake"
 """
 
 
-def test_conda_backend_builds_versions_the_same_way(jobs_env: JobsEnv, manager_factory,
+def test_conda_backend_builds_versions_the_same_way(jobs_env: JobsEnv, manager_factory: Factory,
                                                    scratch: Path) -> None:
     """The conda family goes the same way (first build and update): built at the version's
     path, switched, inventoried from conda-meta. conda itself cannot run here: a stand-in

@@ -15,6 +15,7 @@ and its directory exist.
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import logging
 import os
@@ -434,7 +435,7 @@ class JobManager:
                             f"its owner or an admin may {what} it",
                             hint="ask its owner or an envctl admin")
 
-    def env_list(self) -> list[dict[str, Any]]:
+    def env_list(self) -> builtins.list[dict[str, Any]]:  # (``list`` is a method here)
         """Every env in the request root, hand-made ones included (``unmanaged``)."""
         with self._root() as fds:
             return [d for name in envs.scan_names(fds[""], fds["envs"])
