@@ -407,3 +407,19 @@ def test_conda_backend_builds_versions_the_same_way(jobs_env: JobsEnv, manager_f
     assert shown["backend"] == "conda" and shown["versions"][1]["packages"] == [
         {"manager": "conda", "name": "fake", "version": "1.0", "build": "0",
          "channel": "local"}]
+
+
+def test_cancelled_update_leaves_the_current_version(jobs_env: JobsEnv,
+                                                     manager_factory: Factory) -> None:
+    mgr = manager_factory()
+    _build(mgr, jobs_env, "cu", APP.format(v="1.0"))
+    alice = jobs_env.requester("alice")
+    job = mgr.submit(alice, "cu", DEMO.format(v="1.0"), backend="venv", replace=True)
+    versions = jobs_env.root / ".envctl" / "envs" / "cu"
+    wait_for(lambda: mgr.get(job.id).phase == "creating" and (versions / "v2").is_dir(), 60,
+             what="v2 being built")
+    assert mgr.cancel(job.id, alice).state is State.CANCELLED
+    assert os.readlink(jobs_env.root / "cu") == ".envctl/envs/cu/v1"
+    assert (jobs_env.root / "cu" / "share/app/VERSION").read_text() == "1.0\n"
+    assert sorted(os.listdir(versions)) == ["env.json", "v1", "v1.json"]
+    assert "removed the unfinished version v2" in full_log(mgr, job.id)
