@@ -10,7 +10,8 @@ with these stable keys (times are Unix seconds, or null when not reached yet)::
 
 ``state`` is one of queued, running, succeeded, failed, cancelled, interrupted; ``phase`` is the
 running build's current step (``preparing``, ``solving``, ``downloading``, ``linking``,
-``creating``, ``installing``, ``building``, ``healing``, ``finalizing``, ``cleanup``) or
+``creating``, ``installing``, ``building``, ``testing``, ``healing``, ``finalizing``,
+``cleanup``) or
 null. ``claimed_user`` is what the
 client *said* it acts for (JUPYTERHUB_USER): recorded for audit, never used to authorise.
 ``hub_user`` is the JupyterHub user the hub itself named as the owner of the client's token

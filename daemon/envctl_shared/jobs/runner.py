@@ -3,9 +3,9 @@
 Why one class owns the whole sequence: the guarantees are about ordering. The name lock is
 taken before anything is created and released only after the outcome is on disk; a new version
 is built at its own path (``.envctl/envs/<name>/vN``, see ``envs``) while ``<root>/<name>``
-keeps pointing at the current one; it is healed (and re-checked with a dry run: zero
-violations left), the requester's ``--test`` commands pass inside it, its record says
-``ready`` — and only then is the stable path switched to it, by one atomic rename. Every way
+keeps pointing at the current one; the requester's ``--test`` commands pass inside it, it is
+healed (and re-checked with a dry run: zero violations left, whatever the tests wrote), its
+record says ``ready`` — and only then is the stable path switched to it, by one atomic rename. Every way
 out before that (failure, a failing test, cancel, timeout, daemon stop, crash recovery) goes
 through ``discard``, which removes the new version and leaves the current one untouched and
 serving. Every backend goes the same way, relocatable or not: the path a version is built at
@@ -122,7 +122,9 @@ class Build:
                      f"for {job.requester_name} (uid {job.requester_uid}) on "
                      f"{socket.gethostname()}")
             user = procs.build_user(self.cfg)
-            spec = parse_spec(self.store.spec_text(job.id), self.cfg)
+            spec = parse_spec(self.store.spec_text(job.id), self.cfg, job.name)
+            for note in spec.notes:
+                self.say(note)
             with self.area.open() as fds:
                 lock = NameLock(fds["locks"], str(self.area.root), job.name, job.id)
                 lock.acquire()
@@ -166,9 +168,10 @@ class Build:
                     self._run_step(step.phase, list(step.argv), user, ctx.home)
                 self._check_abort()
                 kernel = self._probe_kernel(ctx, user)
+                self._test(ctx, user)  # before healing: what a test writes is healed too
+                self._check_abort()
                 self._phase("healing")
                 self._heal(f"{layout.AREA}/envs/{job.name}/{version}")
-                self._test(ctx, user)
                 self._check_abort()
                 self._phase("finalizing")
                 self._finalize(fds, env_fd, version, spec)
@@ -273,7 +276,7 @@ class Build:
         self._phase(phase)
         self.say("run: " + " ".join(argv))
         cgroup = self._job_cgroup()
-        step = procs.spawn(argv, user, home, cgroup)
+        step = procs.spawn(argv, user, home, cgroup, self.cfg.build_env)
         proc = step.proc
         reader = threading.Thread(target=self._pump, args=(proc,), daemon=True,
                                   name=f"envctl-log-{self.job.id}")

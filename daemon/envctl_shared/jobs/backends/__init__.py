@@ -21,7 +21,7 @@ from ..procs import SAFE_PATH
 from ..spec import EnvSpec
 
 PHASES = ("preparing", "solving", "downloading", "linking", "creating", "installing",
-          "building", "healing", "testing", "finalizing")
+          "building", "testing", "healing", "finalizing")
 PHASE_MARK = "ENVCTL-PHASE "  # a child prints "ENVCTL-PHASE linking" on its stdout
 
 
