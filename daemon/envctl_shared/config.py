@@ -12,6 +12,7 @@ from __future__ import annotations
 import grp
 import os
 import pwd
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Literal, TypeVar
@@ -93,6 +94,9 @@ class RequestsConfig:
     conda_exe: str | None = None
     venv_python: str = "/usr/bin/python3"
     pip_args: tuple[str, ...] = ()
+    # Variables of the daemon's own environment passed to builds (e.g. HTTPS_PROXY,
+    # PIP_INDEX_URL); everything else is scrubbed.
+    build_env: tuple[str, ...] = ()
     allow_pip_options: bool = False
     allow_pip_urls: bool = False
     max_spec_bytes: int = 65536
@@ -328,6 +332,7 @@ def _requests(source: str, data: Any, roots: tuple[RootConfig, ...],
         conda_exe=conda_exe,
         venv_python=r.get("venv_python", str, d.venv_python),
         pip_args=r.strings("pip_args"),
+        build_env=_build_env(r),
         allow_pip_options=r.get("allow_pip_options", bool, d.allow_pip_options),
         allow_pip_urls=r.get("allow_pip_urls", bool, d.allow_pip_urls),
         max_spec_bytes=r.get("max_spec_bytes", int, d.max_spec_bytes, _positive),
@@ -341,6 +346,21 @@ def _requests(source: str, data: Any, roots: tuple[RootConfig, ...],
     )
     r.finish()
     return cfg
+
+
+# Set by the build's scrubbed environment itself (jobs.procs.scrubbed_env): not passed through.
+_SCRUB_OWNS = frozenset({"PATH", "HOME", "TMPDIR", "USER", "LOGNAME"})
+
+
+def _build_env(r: _Reader) -> tuple[str, ...]:
+    """``requests.build_env``: names of environment variables, none the scrub sets itself."""
+    names = r.strings("build_env")
+    for j, name in enumerate(names):
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+            r.fail(f"build_env[{j}]", f"{name!r} is not an environment variable name")
+        if name in _SCRUB_OWNS:
+            r.fail(f"build_env[{j}]", f"{name} is set for every build by the daemon itself")
+    return names
 
 
 def _check_venv_python(source: str, cfg: RequestsConfig, roots: tuple[RootConfig, ...]) -> None:

@@ -88,11 +88,14 @@ def build_user(cfg: RequestsConfig) -> BuildUser:
     return BuildUser(pw.pw_uid, pw.pw_gid, pw.pw_name, True)
 
 
-def scrubbed_env(user: BuildUser, home: Path) -> dict[str, str]:
-    """The whole environment a build sees."""
-    return {"PATH": SAFE_PATH, "HOME": str(home), "TMPDIR": str(home), "USER": user.name,
-            "LOGNAME": user.name, "LANG": "C.UTF-8", "PYTHONNOUSERSITE": "1",
-            "PIP_NO_INPUT": "1", "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
+def scrubbed_env(user: BuildUser, home: Path,
+                 passthrough: tuple[str, ...] = ()) -> dict[str, str]:
+    """The whole environment a build sees: the fixed set, plus the variables the admin named
+    (``requests.build_env``, e.g. HTTPS_PROXY) as the daemon itself has them."""
+    passed = {k: os.environ[k] for k in passthrough if k in os.environ}
+    return {**passed, "PATH": SAFE_PATH, "HOME": str(home), "TMPDIR": str(home),
+            "USER": user.name, "LOGNAME": user.name, "LANG": "C.UTF-8",
+            "PYTHONNOUSERSITE": "1", "PIP_NO_INPUT": "1", "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
 
 
 @dataclass
@@ -128,7 +131,8 @@ class Step:
         return code
 
 
-def spawn(argv: list[str], user: BuildUser, home: Path, cgroup: Path | None = None) -> Step:
+def spawn(argv: list[str], user: BuildUser, home: Path, cgroup: Path | None = None,
+          passthrough: tuple[str, ...] = ()) -> Step:
     """Start one build step behind its gate, in ``cgroup`` when given (moved there while the
     gate still holds it: everything the command starts is born inside); stdout and stderr
     come back merged on ``step.proc.stdout``."""
@@ -141,7 +145,7 @@ def spawn(argv: list[str], user: BuildUser, home: Path, cgroup: Path | None = No
     with _steps_lock:  # a sweep never sees the new group before it counts as running
         proc = subprocess.Popen(  # type: ignore[call-overload]
             [setpriv, "--pdeathsig", "KILL", "--", *GATE, *argv], cwd=home,
-            env=scrubbed_env(user, home), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            env=scrubbed_env(user, home, passthrough), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT, close_fds=True, start_new_session=True, umask=0o022,
             **ids)
         _running.add(proc.pid)

@@ -4,8 +4,11 @@ Why here and so strict: the daemon builds with more privilege than the requester
 field of the request is attacker-controlled input. The name becomes a path component in the
 shared root (traversal, hidden names); the spec decides which channels and indexes are contacted
 (exfiltration, untrusted code) and how much work is done (size and package caps). Only known
-keys are accepted, so a typo is an error rather than a silently different environment, and
-``prefix:`` is refused because the daemon — not the spec — decides where environments live.
+keys are accepted, so a typo is an error rather than a silently different environment. What
+``conda env export`` writes is accepted as it is: its ``prefix:`` is ignored (the daemon, not
+the spec, decides where environments live) and a ``name:`` that differs from the requested name
+is built under the requested one, each with a note for the job's log; ``variables:`` become the
+env's activation variables (conda's ``env_vars``), names and values bounded.
 The YAML is read by :mod:`~envctl_shared.safeyaml` (depth and alias expansion bounded before
 anything is built) and values are quoted in messages through :func:`~envctl_shared.untrusted.brief`
 (bounded length), so no spec costs the daemon more than a bounded amount of CPU and memory.
@@ -29,7 +32,12 @@ from ..errors import ValidationError
 from ..untrusted import brief
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-KNOWN_KEYS = ("name", "channels", "dependencies")
+KNOWN_KEYS = ("name", "channels", "dependencies", "prefix", "variables")
+MAX_VARIABLES = 64
+_VAR_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
+# Set by activation itself: a spec that set them would break activating the env.
+RESERVED_VARIABLES = frozenset({"PATH", "CONDA_PREFIX", "CONDA_DEFAULT_ENV", "CONDA_SHLVL",
+                                "CONDA_PROMPT_MODIFIER", "CONDA_EXE", "VIRTUAL_ENV"})
 MAX_ENTRY_CHARS = 1000  # one channel URL, match spec or requirement line; bounds every message
 _SCHEME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")  # http:, git+ssh:, file: ...
 _COMMENT_RE = re.compile(r"(^|\s+)#.*$")  # pip's own rule for comments in requirement files
@@ -39,17 +47,20 @@ _ARCHIVES = (".whl", ".zip", ".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz", ".ta
 _OPTIONS_HINT = ("list plain requirements (name, name==1.2, name[extra]; markers are fine); "
                  "the site sets pip's options (requests.allow_pip_options)")
 _DIRECT_HINT = "name a package from the site's index instead (requests.allow_pip_urls)"
-_SPEC_HINT = ("an environment.yml has only name:, channels: and dependencies: "
-              "(with an optional pip: list)")
+_SPEC_HINT = ("an environment.yml has name:, channels:, dependencies: (with an optional pip: "
+              "list) and variables:; prefix: is ignored")
 
 
 @dataclass(frozen=True)
 class EnvSpec:
-    """A validated request: conda match specs, pip requirements, and the channels to use."""
+    """A validated request: conda match specs, pip requirements, the channels to use, the
+    activation variables (name, value), and notes for the job's log (what was ignored)."""
 
     conda: tuple[str, ...]
     pip: tuple[str, ...]
     channels: tuple[str, ...]
+    variables: tuple[tuple[str, str], ...] = ()
+    notes: tuple[str, ...] = ()
 
     @property
     def package_count(self) -> int:
@@ -152,11 +163,47 @@ def _check_channels(channels: list[str], cfg: RequestsConfig) -> tuple[str, ...]
     return tuple(channels)
 
 
-def parse_spec(text: str, cfg: RequestsConfig) -> EnvSpec:
+def _variables(value: object) -> tuple[tuple[str, str], ...]:
+    """``variables:``: a mapping of environment variable names to scalar values (as conda
+    takes them: numbers and booleans become their text)."""
+    if value is None:
+        return ()
+    if not isinstance(value, dict):
+        raise ValidationError("spec: variables must be a mapping of NAME: value",
+                              hint="e.g. variables: {OMP_NUM_THREADS: 4}")
+    if len(value) > MAX_VARIABLES:
+        raise ValidationError(f"spec: {len(value)} variables, more than the limit of "
+                              f"{MAX_VARIABLES}", hint="set fewer activation variables")
+    out = []
+    for key, val in value.items():
+        if not isinstance(key, str) or not _VAR_NAME_RE.fullmatch(key):
+            raise ValidationError(f"spec: variable name {brief(key)} is not a valid environment "
+                                  "variable name", hint="letters, digits and _, not starting "
+                                  "with a digit")
+        if key in RESERVED_VARIABLES:
+            raise ValidationError(f"spec: variable {key} is set by activation itself",
+                                  hint="leave it out; activation sets it")
+        if isinstance(val, bool):
+            text = "true" if val else "false"
+        elif isinstance(val, (str, int, float)):
+            text = str(val)
+        else:
+            raise ValidationError(f"spec: variable {key} must be a string or a number",
+                                  hint="quote it: NAME: \"value\"")
+        if len(text) > MAX_ENTRY_CHARS or not text.isprintable():
+            raise ValidationError(f"spec: the value of {key} must be one line of at most "
+                                  f"{MAX_ENTRY_CHARS} printable characters", hint=_SPEC_HINT)
+        out.append((key, text))
+    return tuple(out)
+
+
+def parse_spec(text: str, cfg: RequestsConfig, name: str | None = None) -> EnvSpec:
     """Parse and validate environment.yml text against the daemon's request policy.
 
-    A ``name:`` in the file is accepted (files exported by conda have one) and ignored: the
-    environment is named by the request, which is what was validated as a path component.
+    The environment is named by the request (``name``, validated as a path component): a
+    ``name:`` in the file is not used, and noted when it differs; a ``prefix:`` (``conda env
+    export`` writes one) is ignored with a note. An empty spec is valid here (an empty venv);
+    backends that cannot build one refuse it in their ``check``.
     """
     size = len(text.encode("utf-8", "surrogatepass"))
     if size > cfg.max_spec_bytes:
@@ -172,16 +219,19 @@ def parse_spec(text: str, cfg: RequestsConfig) -> EnvSpec:
                               hint=_SPEC_HINT) from None
     if not isinstance(data, dict):
         raise ValidationError("spec must be a YAML mapping", hint=_SPEC_HINT)
-    if "prefix" in data:
-        raise ValidationError(
-            "spec: 'prefix:' is not allowed: the daemon decides where environments are built",
-            hint="remove the prefix: line; the environment goes to <root>/<name>, where <name> "
-                 "is the name given on the command line")
     unknown = sorted(brief(k) for k in data if k not in KNOWN_KEYS)
     if unknown:
         raise ValidationError(f"spec: unknown key {unknown[0]}", hint=_SPEC_HINT)
+    notes = []
     if "name" in data and not isinstance(data["name"], str):
         raise ValidationError("spec: name must be a string", hint=_SPEC_HINT)
+    if name is not None and data.get("name") not in (None, name):
+        notes.append(f"warning: the spec says name: {brief(data['name'])}; this environment "
+                     f"is {name!r}, the name it was requested under")
+    if data.get("prefix") is not None:
+        notes.append(f"note: the spec's prefix: {brief(data['prefix'])} is ignored; the daemon "
+                     "builds every environment in its shared root")
+    variables = _variables(data.get("variables"))
     channels = _check_channels(_strings(data.get("channels") or [], "channels"), cfg)
     conda: list[str] = []
     pip: list[str] = []
@@ -199,13 +249,11 @@ def parse_spec(text: str, cfg: RequestsConfig) -> EnvSpec:
                                        "mapping {pip: [...]}")
     for entry in pip:
         _check_pip(entry, cfg)
-    spec = EnvSpec(tuple(conda), tuple(pip), channels)
+    spec = EnvSpec(tuple(conda), tuple(pip), channels, variables, tuple(notes))
     if spec.package_count > cfg.max_packages:
         raise ValidationError(
             f"spec lists {spec.package_count} packages, more than the limit of "
             f"{cfg.max_packages}", hint="split the environment (requests.max_packages)")
-    if not spec.package_count:
-        raise ValidationError("spec lists no dependencies", hint=_SPEC_HINT)
     return spec
 
 

@@ -36,7 +36,10 @@ class CondaBackend:
         deps: list[object] = list(spec.conda)
         if spec.pip:
             deps.append({"pip": list(spec.pip)})
-        doc = {"channels": [*spec.channels, "nodefaults"], "dependencies": deps}
+        doc: dict[str, object] = {"channels": [*spec.channels, "nodefaults"],
+                                  "dependencies": deps}
+        if spec.variables:  # conda env create writes them to conda-meta/state itself
+            doc["variables"] = dict(spec.variables)
         return {SPEC_FILE: yaml.safe_dump(doc, sort_keys=False)}
 
     def steps(self, ctx: BuildContext) -> list[Step]:

@@ -37,11 +37,14 @@ class RattlerBackend:
             raise ValidationError("the rattler backend does not install pip: entries",
                                   hint="use --backend venv, or list conda packages only")
         if not spec.conda:
-            raise ValidationError("spec lists no conda packages for the rattler backend")
+            raise ValidationError("spec lists no conda packages for the rattler backend",
+                                  hint="list packages under dependencies:, or request an empty "
+                                  "environment with --backend venv")
 
     def files(self, spec: EnvSpec, cfg: RequestsConfig) -> dict[str, str]:
         build = {"channels": list(spec.channels), "specs": list(spec.conda),
-                 "platforms": list(cfg.platforms) or default_platforms()}
+                 "platforms": list(cfg.platforms) or default_platforms(),
+                 "variables": dict(spec.variables)}
         return {BUILD_FILE: json.dumps(build, indent=2) + "\n"}
 
     def steps(self, ctx: BuildContext) -> list[Step]:

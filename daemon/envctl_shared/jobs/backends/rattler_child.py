@@ -77,6 +77,11 @@ async def build(args: argparse.Namespace) -> None:
                           show_progress=False,
                           reporter=_Reporter())
     print(f"installed {len(records)} packages in {args.prefix}", flush=True)
+    if spec.get("variables"):  # where conda keeps them: 'conda activate' exports them
+        state = Path(args.prefix) / "conda-meta" / "state"
+        state.write_text(json.dumps({"env_vars": spec["variables"]}, indent=2) + "\n",
+                         encoding="utf-8")
+        print(f"activation variables: {', '.join(spec['variables'])}", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:

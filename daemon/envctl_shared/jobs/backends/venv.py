@@ -4,7 +4,8 @@ Decisions: conda dependencies are refused, except bare ``python`` and ``pip`` (t
 from ``requests.venv_python``); everything else must be in the ``pip:`` list, which pip installs
 from a requirements file with the admin's ``requests.pip_args`` (e.g. ``--no-index
 --find-links /srv/wheelhouse``) in front. Not relocatable (scripts carry absolute shebangs): built
-at the version's own path, where it runs.
+at the version's own path, where it runs. An empty ``pip:`` list is an empty venv (python and
+pip only). ``variables:`` are refused: a venv's activate script has no place for them.
 """
 
 from __future__ import annotations
@@ -30,18 +31,19 @@ class VenvBackend:
                 f"the venv backend cannot install conda package {extra[0]!r}",
                 hint="put Python packages under 'dependencies: - pip: [...]', or use a conda "
                      "backend (python and pip alone are fine: the venv provides them)")
-        if not spec.pip:
-            raise ValidationError("spec lists no pip: packages for the venv backend",
-                                  hint="add 'dependencies: - pip: [name, ...]'")
+        if spec.variables:
+            raise ValidationError("the venv backend cannot set activation variables",
+                                  hint="leave variables: out, or use a conda backend")
 
     def files(self, spec: EnvSpec, cfg: RequestsConfig) -> dict[str, str]:
         return {REQUIREMENTS: "".join(f"{req}\n" for req in spec.pip)}
 
     def steps(self, ctx: BuildContext) -> list[Step]:
         prefix = str(ctx.prefix)
-        return [
-            Step("creating", (ctx.cfg.venv_python, "-m", "venv", prefix)),
-            Step("installing", (f"{prefix}/bin/python", "-m", "pip", "install", "--no-input",
-                                "--disable-pip-version-check", *ctx.cfg.pip_args,
-                                "-r", str(ctx.job_dir / REQUIREMENTS))),
-        ]
+        steps = [Step("creating", (ctx.cfg.venv_python, "-m", "venv", prefix))]
+        if ctx.spec.pip:  # none: an empty venv
+            steps.append(Step("installing", (
+                f"{prefix}/bin/python", "-m", "pip", "install", "--no-input",
+                "--disable-pip-version-check", *ctx.cfg.pip_args, "-r",
+                str(ctx.job_dir / REQUIREMENTS))))
+        return steps

@@ -1,0 +1,107 @@
+"""Specs as conda users have them, built for real: ``conda env export`` output (prefix ignored
+with a note in the job log, a different name warned about), ``variables:`` as the env's
+activation variables, an empty venv, and ``requests.build_env`` passing the site's proxy
+variables (and nothing else of the daemon's environment) to builds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+import yaml
+
+from tests.api_support import ApiDaemon, api_config
+from tests.conftest import Accounts
+from tests.daemon_support import Envctld
+
+PROXY = "http://proxy.example.internal:3128"
+
+
+@pytest.fixture(scope="module")
+def api(accounts: Accounts) -> Iterator[ApiDaemon]:
+    """A request-serving daemon whose own environment has a proxy and a secret; only the proxy
+    is named in requests.build_env."""
+    base = Path(tempfile.mkdtemp(dir="/tmp/envctl-tests"))
+    os.chmod(base, 0o755)
+    daemon: Envctld | None = None
+    try:
+        config = api_config(base, accounts, build_env=["HTTPS_PROXY", "NO_PROXY"])
+        daemon = Envctld(config, base, env={"HTTPS_PROXY": PROXY,
+                                            "ENVCTL_TEST_SECRET": "do-not-leak"}).start()
+        cfg = yaml.safe_load(config.read_text())
+        yield ApiDaemon(daemon, base, Path(cfg["requests"]["root"]),
+                        Path(cfg["socket"]["path"]), base / "channel", config)
+        daemon.stop()
+    finally:
+        if daemon is not None:
+            daemon.cleanup()
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def test_conda_env_export_output_builds(api: ApiDaemon, accounts: Accounts) -> None:
+    exported = (f"name: hello-laptop\nchannels:\n  - {api.channel.as_uri()}\n"
+                "dependencies:\n  - hello\n"
+                "variables:\n  OMP_NUM_THREADS: 4\n  GREETING: hello world\n"
+                "prefix: /home/alice/miniconda3/envs/hello-laptop\n")
+    spec = api.write_spec(exported)
+    res = api.cli(accounts.alice, "request", "create", "hello-shared", "-f", str(spec))
+    assert res.returncode == 0, res.stderr + res.stdout
+    assert "prefix: '/home/alice/miniconda3/envs/hello-laptop' is ignored" in res.stdout
+    assert "warning: the spec says name: 'hello-laptop'" in res.stdout
+    state = json.loads((api.root / "hello-shared" / "conda-meta" / "state").read_text())
+    assert state == {"env_vars": {"OMP_NUM_THREADS": "4", "GREETING": "hello world"}}
+    # the log keeps the notes too
+    job_id = res.stdout.splitlines()[0]
+    log = api.cli(accounts.alice, "request", "logs", job_id)
+    assert "is ignored" in log.stdout and "warning: the spec says name" in log.stdout
+
+
+def test_an_empty_venv(api: ApiDaemon, accounts: Accounts) -> None:
+    spec = api.write_spec("dependencies: []\n")
+    res = api.cli(accounts.alice, "request", "create", "empty-venv", "-f", str(spec),
+                  "--backend", "venv")
+    assert res.returncode == 0, res.stderr + res.stdout
+    assert (api.root / "empty-venv" / "bin" / "python").exists()
+    assert (api.root / "empty-venv" / "pyvenv.cfg").exists()
+    # a conda-family backend cannot make an empty env: refused up front, with the way out
+    res = api.cli(accounts.alice, "request", "create", "empty-conda", "-f", str(spec))
+    assert res.returncode == 65 and "--backend venv" in res.stderr
+
+
+def test_variables_are_refused_for_a_venv(api: ApiDaemon, accounts: Accounts) -> None:
+    spec = api.write_spec("dependencies: [{pip: [greetlib]}]\nvariables: {A: b}\n")
+    res = api.cli(accounts.alice, "request", "create", "vars-venv", "-f", str(spec),
+                  "--backend", "venv")
+    assert res.returncode == 65 and "activation variables" in res.stderr
+
+
+def test_build_env_passes_the_proxy_and_nothing_else(api: ApiDaemon,
+                                                     accounts: Accounts) -> None:
+    """The test venv python prints the whole environment a build sees (``envdump``)."""
+    spec = api.write_spec("dependencies: [{pip: [greetlib]}]\n")
+    res = api.cli(accounts.alice, "request", "create", "envdump-proxy", "-f", str(spec),
+                  "--backend", "venv")
+    assert res.returncode == 0, res.stderr + res.stdout
+    assert f"HTTPS_PROXY={PROXY}" in res.stdout
+    assert "NO_PROXY" not in res.stdout  # named, but the daemon has none: nothing invented
+    assert "do-not-leak" not in res.stdout and "ENVCTL_TEST_SECRET" not in res.stdout
+
+
+@pytest.mark.parametrize("names,message", [(["HTTPS_PROXY", "PATH"], "set for every build"),
+                                           (["HTTPS-PROXY"], "not an environment variable")])
+def test_build_env_names_are_checked(names: list[str], message: str) -> None:
+    from envctl_shared import config as cfgmod
+    from envctl_shared.errors import ConfigError
+
+    data = {"roots": [{"path": "/tmp", "group": "root"}],
+            "requests": {"enabled": False, "build_env": names}}
+    with pytest.raises(ConfigError, match=message):
+        cfgmod.parse(data, source="t.yaml")
+    assert cfgmod.parse({**data, "requests": {"enabled": False, "build_env": ["NO_PROXY"]}},
+                        source="t.yaml").requests.build_env == ("NO_PROXY",)
