@@ -567,6 +567,9 @@ class InotifyWatch:
                 self._place(node, parent, name, evict)
                 force = True
             node.seen = self._batch
+            if node.cookie:  # seen after its IN_MOVED_FROM was handled: it is in the root
+                self._moving.pop(node.cookie, None)
+                node.cookie = 0
             if known and not force:
                 self._keep(node, fd)
                 return None, True
