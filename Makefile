@@ -11,7 +11,7 @@ BUILD_PACKAGES := python3-venv python3-dev gcc
 APT_PACKAGES := $(BUILD_PACKAGES) bindfs fuse3 libfuse3-dev inotify-tools strace libsystemd-dev pkg-config systemd-container tini
 PYTEST_ARGS ?=
 
-.PHONY: run test deps venv apt bench clean install
+.PHONY: run demo-config test deps venv apt bench clean install
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -34,13 +34,31 @@ apt:
 deps: apt venv
 
 # Run the daemon in the foreground on the embedded demo config: root, socket, state under ./var/.
-# config/dev.yaml is rendered into var/ (its ./ paths are relative to the rendered file).
+# demo-config renders config/dev.yaml into $(DEMO)/ (its ./ paths are relative to the rendered
+# file); the daemon creates its state dir itself (its own mode). Builds run as you when you are
+# not root, else as $SUDO_USER, else as the demo account $(DEMO_BUILD_USER) (created here: a
+# root daemon never builds as root). config/quickstart.sh is what to try next (the README's
+# quick start is the same text).
+DEMO ?= var
+DEMO_BUILD_USER ?= envctl-demo
 run:
 	@$(MAKE) --no-print-directory apt APT_PACKAGES="$(BUILD_PACKAGES)"
 	@$(MAKE) --no-print-directory venv
-	@mkdir -p var/envs var/state var/run
-	sed "s/@GROUP@/$$(id -gn)/" config/dev.yaml > var/dev.yaml
-	$(BIN)/envctld --config var/dev.yaml
+	@$(MAKE) --no-print-directory demo-config
+	@cat config/quickstart.sh
+	$(BIN)/envctld --config $(DEMO)/dev.yaml
+
+demo-config:
+	@mkdir -p $(DEMO)/envs $(DEMO)/run
+	@if [ "$$(id -u)" != 0 ]; then u=$$(id -un); \
+	elif [ -n "$$SUDO_USER" ] && [ "$$SUDO_USER" != root ]; then u=$$SUDO_USER; \
+	else u=$(DEMO_BUILD_USER); id -u $$u >/dev/null 2>&1 || \
+	  useradd --system --no-create-home --shell /usr/sbin/nologin $$u; fi; \
+	if [ "$$(id -u)" = 0 ] && ! setpriv --reuid=$$u --regid=$$(id -g $$u) --clear-groups \
+	    test -x "$(abspath $(DEMO))"; then \
+	  echo "make: builds run as $$u, who cannot reach $(abspath $(DEMO)): use a checkout" \
+	    "others can traverse (not under /root)"; exit 1; fi; \
+	sed -e "s/@GROUP@/$$(id -gn)/g" -e "s/@BUILD_USER@/$$u/" config/dev.yaml > $(DEMO)/dev.yaml
 
 test: deps
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

@@ -1,0 +1,65 @@
+"""``make run`` as a demo of the whole product: the rendered demo configuration starts a daemon
+without a single warning (first start and restart), and config/quickstart.sh — what ``make run``
+prints, and what the README's quick start shows verbatim — runs as written: a file written with
+a private umask is healed in the root and left alone elsewhere, and an environment is built.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+from pathlib import Path
+
+from tests.conftest import Accounts
+from tests.daemon_support import Envctld
+from tests.helpers import REPO
+
+QUICKSTART = REPO / "config" / "quickstart.sh"
+
+
+def _warnings(log: str) -> list[str]:
+    return [line for line in log.splitlines() if re.search(r" (WARNING|ERROR|CRITICAL) ", line)]
+
+
+def test_readme_quick_start_is_what_make_run_prints() -> None:
+    text = QUICKSTART.read_text()
+    assert text in (REPO / "README.md").read_text()
+    res = subprocess.run(["make", "-n", "run"], cwd=REPO, capture_output=True, text=True)
+    assert "cat config/quickstart.sh" in res.stdout
+
+
+def test_make_run_demo_end_to_end(scratch: Path, accounts: Accounts) -> None:
+    checkout = scratch / "checkout"  # stands for the checkout: var/ and .venv as make run has
+    checkout.mkdir()
+    os.chmod(checkout, 0o755)
+    (checkout / ".venv").symlink_to(REPO / ".venv")
+    var = checkout / "var"
+    res = subprocess.run(["make", "-s", "--no-print-directory", "demo-config", f"DEMO={var}",
+                          f"DEMO_BUILD_USER={accounts.builder.name}"],
+                         cwd=REPO, capture_output=True, text=True, env={**os.environ,
+                                                                         "SUDO_USER": ""})
+    assert res.returncode == 0, res.stderr + res.stdout
+    rendered = (var / "dev.yaml").read_text()
+    assert f'build_user: "{accounts.builder.name}"' in rendered and "@" not in rendered
+    daemon = Envctld(var / "dev.yaml", scratch).start()
+    try:
+        assert _warnings(daemon.log_text()) == [], daemon.log_text()
+        res = subprocess.run(["bash", "-e", str(QUICKSTART)], cwd=checkout, capture_output=True,
+                             text=True, timeout=300, env={"PATH": "/usr/bin:/bin",
+                                                          "HOME": str(scratch),
+                                                          "LANG": "C.UTF-8"})
+        assert res.returncode == 0, res.stderr + res.stdout
+        out = res.stdout
+        assert re.search(r"^-rw------- .* var/elsewhere/a\.csv$", out, re.M), out
+        assert re.search(r"^-rw-rw---- .* var/envs/demo/a\.csv$", out, re.M), out
+        assert re.search(r"^/\S+/var/envs  inotify .*", out, re.M), out
+        assert f"environment demo-env is ready: {var}/envs/demo-env" in out
+        assert out.rstrip().endswith(f"\n{var}/envs/demo-env"), out  # its python runs
+        version = os.path.realpath(var / "envs" / "demo-env")
+        assert os.stat(version).st_uid == accounts.builder.uid  # built as the build account
+        daemon.stop()
+        daemon.start()  # a restart is as quiet
+        assert _warnings(daemon.log_text()) == [], daemon.log_text()
+    finally:
+        daemon.cleanup()  # stops it if still running
