@@ -166,3 +166,47 @@ def test_concurrent_writers_and_a_clean_exit(scratch: Path) -> None:
     assert sorted(int(p.read_text()) for p in backing.iterdir()) == list(range(200))
     assert not os.path.ismount(scratch / "m") and not Path(f"/proc/{pid}").exists()
     assert fs.final is not None and fs.final.ops["create"] == 200
+
+
+def _ofd_lock(fd: int, kind: int) -> None:
+    """An OFD write/unlock of the whole file, not waiting (EAGAIN when another holds it)."""
+    import fcntl
+    import struct
+
+    fcntl.fcntl(fd, fcntl.F_OFD_SETLK, struct.pack("hhqqi", kind, 0, 0, 0, 0))
+
+
+def test_two_mounts_of_one_backing_directory_share_locks(scratch: Path) -> None:
+    """Hosts sharing an export see each other's record locks through the server; so must two
+    latencyfs mounts of one backing directory (separate servers), or every cluster test built
+    on them would elect a leader per mount. Fails without latencyfs's lock operation: each
+    kernel mount then grants locks on its own."""
+    import fcntl
+
+    backing = scratch / "b"
+    backing.mkdir()
+    (backing / "lock").touch()
+    with latencyfs(backing, scratch / "m1", 0.2) as a, latencyfs(backing, scratch / "m2", 0.2) as b:
+        fa = os.open(a.path / "lock", os.O_RDWR)
+        fb = os.open(b.path / "lock", os.O_RDWR)
+        try:
+            before = a.counters()
+            _ofd_lock(fa, fcntl.F_WRLCK)
+            assert a.counters().since(before).ops["lock"] == 1
+            with pytest.raises(BlockingIOError):
+                _ofd_lock(fb, fcntl.F_WRLCK)
+            with pytest.raises(BlockingIOError):  # classic POSIX locks (lockf) too
+                fcntl.lockf(fb, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            with pytest.raises(BlockingIOError):  # and a third party on the backing file
+                fd = os.open(backing / "lock", os.O_RDWR)
+                try:
+                    _ofd_lock(fd, fcntl.F_WRLCK)
+                finally:
+                    os.close(fd)
+            os.close(fa)  # the holder's close releases it (so does its death: same path)
+            fa = -1
+            _ofd_lock(fb, fcntl.F_WRLCK)
+        finally:
+            for fd in (fa, fb):
+                if fd >= 0:
+                    os.close(fd)

@@ -15,7 +15,7 @@
  * The model:
  * - Metadata calls (getattr, which is also every LOOKUP in libfuse's path API; readlink, mknod,
  *   mkdir, unlink, rmdir, symlink, rename, link, chmod, chown, truncate, utimens, open, create,
- *   opendir, readdir, statfs) are answered `latency` ms after they arrived: the work is done at
+ *   opendir, readdir, statfs, lock) are answered `latency` ms after they arrived: the work is done at
  *   once, the reply is what is late. Data and close calls (read, write, flush, release,
  *   releasedir, fsync) are not delayed.
  * - readdir serves a whole directory in one call, without attributes (no READDIRPLUS): each
@@ -29,6 +29,16 @@
  *   and supplementary groups (per worker thread, as AUTH_SYS carries them), so ownership and
  *   SGID inheritance come out as on a real server, atomically. Everything else runs as root: the
  *   kernel has already said yes.
+ *
+ * - fcntl record locks pass through to the backing file (`lock`), so mounts of one backing
+ *   directory by separate latencyfs processes — hosts sharing an NFS export, in a test — see
+ *   each other's locks, as NFS clients do through the server. Without a lock operation the
+ *   kernel would keep every mount's locks to itself. A lock is held by the FUSE open it was
+ *   taken through: it becomes an open-file-description lock on that open's backing fd, which
+ *   the holder's close (or death: the kernel releases its files) drops. That is the owner
+ *   model of OFD locks exactly, and of classic POSIX locks as long as a process locks a file
+ *   through one open of it (what envctl does). A blocking F_SETLKW holds a worker until
+ *   granted.
  *
  * Counters: calls per operation, total, errors, and the most requests in flight at once. A JSON
  * snapshot is written atomically to `stats` on SIGUSR1, every `stats_interval` seconds (if > 0)
@@ -67,8 +77,8 @@
 #define OPS(X)                                                                                  \
     X(getattr, 1) X(readlink, 1) X(mknod, 1) X(mkdir, 1) X(unlink, 1) X(rmdir, 1)               \
     X(symlink, 1) X(rename, 1) X(link, 1) X(chmod, 1) X(chown, 1) X(truncate, 1) X(utimens, 1)  \
-    X(open, 1) X(create, 1) X(opendir, 1) X(readdir, 1) X(statfs, 1) X(read, 0) X(write, 0)     \
-    X(flush, 0) X(release, 0) X(releasedir, 0) X(fsync, 0)
+    X(open, 1) X(create, 1) X(opendir, 1) X(readdir, 1) X(statfs, 1) X(lock, 1) X(read, 0)      \
+    X(write, 0) X(flush, 0) X(release, 0) X(releasedir, 0) X(fsync, 0)
 
 #define AS_ENUM(name, delayed) OP_##name,
 enum op { OPS(AS_ENUM) OP_COUNT };
@@ -564,6 +574,17 @@ static int lfs_releasedir(const char *path, struct fuse_file_info *fi)
     return finish(&c, 0);
 }
 
+/* Record locks, passed through as OFD locks on the backing fd of the open they came through
+ * (see the header): the kernel's F_GETLK/F_SETLK/F_SETLKW arrive here once FUSE_POSIX_LOCKS is
+ * on, which libfuse asks for because this operation exists. */
+static int lfs_lock(const char *path, struct fuse_file_info *fi, int cmd, struct flock *lk)
+{
+    struct call c = begin(OP_lock);
+    int ofd = cmd == F_GETLK ? F_OFD_GETLK : cmd == F_SETLKW ? F_OFD_SETLKW : F_OFD_SETLK;
+    lk->l_pid = 0;  /* OFD locks require it; F_OFD_GETLK reports -1 for the holder */
+    return finish(&c, SYS(fcntl((int)fi->fh, ofd, lk)));
+}
+
 static const struct fuse_operations lfs_ops = {
     .init = lfs_init,
     .getattr = lfs_getattr,
@@ -590,6 +611,7 @@ static const struct fuse_operations lfs_ops = {
     .opendir = lfs_opendir,
     .readdir = lfs_readdir,
     .releasedir = lfs_releasedir,
+    .lock = lfs_lock,
 };
 
 /* ---- counters out ------------------------------------------------------------------------ */
