@@ -105,3 +105,23 @@ def test_build_env_names_are_checked(names: list[str], message: str) -> None:
         cfgmod.parse(data, source="t.yaml")
     assert cfgmod.parse({**data, "requests": {"enabled": False, "build_env": ["NO_PROXY"]}},
                         source="t.yaml").requests.build_env == ("NO_PROXY",)
+
+
+def test_doctor_on_a_built_env(api: ApiDaemon, accounts: Accounts) -> None:
+    """``doctor NAME`` with a daemon: the daemon's record (status, version, builder), the tree
+    audited as the user, the python run, the kernel question."""
+    spec = api.write_spec("dependencies: []\n")
+    res = api.cli(accounts.bob, "request", "create", "doctor-venv", "-f", str(spec),
+                  "--backend", "venv")
+    assert res.returncode == 0, res.stderr
+    res = api.cli(accounts.alice, "doctor", "doctor-venv", "--json")
+    checks = {c["check"]: c for c in json.loads(res.stdout)["checks"]}
+    assert checks["env"]["ok"] and "ready; version v1 built by" in checks["env"]["summary"]
+    assert accounts.bob.name in checks["env"]["summary"]
+    assert checks["env tree"]["ok"], checks["env tree"]
+    assert checks["python"]["ok"] and checks["kernel"]["ok"]
+    assert checks["daemon"]["ok"]
+    res = api.cli(accounts.alice, "doctor", "no-such-env", "--json")
+    checks = {c["check"]: c for c in json.loads(res.stdout)["checks"]}
+    assert res.returncode == 1 and not checks["env"]["ok"]
+    assert "envctl env list" in checks["env"]["fix"]

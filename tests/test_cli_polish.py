@@ -230,3 +230,30 @@ def test_no_phase_marker_in_the_build_log(api: ApiDaemon, accounts: Accounts) ->
     log = api.cli(accounts.bob, "request", "logs", job_id[:8])
     assert log.returncode == EX_OK and log.stdout
     assert "ENVCTL-PHASE" not in log.stdout
+
+
+def test_a_build_interrupted_by_a_daemon_stop_is_hinted_truthfully(api: ApiDaemon,
+                                                                  accounts: Accounts) -> None:
+    """A follower told the daemon is stopping learns the job's real id and that a running build
+    does not resume; afterwards the job says to request it again."""
+    job_id = _slow_job(api, accounts.alice, "slow-interrupted")
+    wait_for(lambda: json.loads(api.cli(accounts.alice, "request", "status", job_id,
+                                        "--json").stdout)["state"] == "running", 30,
+             what="the slow job running")
+    follower = subprocess.Popen(api.cli_argv(accounts.alice, "request", "logs", job_id, "-f"),
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert follower.stdout is not None
+        assert follower.stdout.readline()  # attached: the log is streaming
+        api.daemon.stop()
+        _, err = follower.communicate(timeout=60)
+        api.daemon.restart()
+    finally:
+        if follower.poll() is None:
+            follower.kill()
+            follower.wait()
+    assert "shutting down" in err and f"envctl request status {job_id}" in err, err
+    assert "resume" not in err and " ID" not in err
+    res = api.cli(accounts.alice, "request", "status", job_id)
+    assert res.returncode == 1 and "interrupted" in res.stderr
+    assert "request it again (envctl request create slow-interrupted" in res.stderr

@@ -157,8 +157,17 @@ def _outcome(job: dict[str, Any], as_json: bool) -> int:
     if state in _FAILED:
         detail = f": {job['exit_detail']}" if job.get("exit_detail") else ""
         raise BuildFailed(f"job {job.get('id')} ({job.get('name')}) {state}{detail}",
-                          hint=f"the full log: envctl request logs {job.get('id')}")
+                          hint=failed_hint(job))
     return EX_OK  # still queued/running (only when following was cut short)
+
+
+def failed_hint(job: dict[str, Any]) -> str:
+    """Where to look, and for a build the daemon's stop interrupted: it never resumes, so it
+    must be requested again."""
+    log = f"the full log: envctl request logs {job.get('id')}"
+    if job.get("state") == "interrupted":
+        return f"request it again (envctl request create {job.get('name')} -f FILE); {log}"
+    return log
 
 
 def run_status(args: argparse.Namespace) -> int:
@@ -169,8 +178,7 @@ def run_status(args: argparse.Namespace) -> int:
     else:
         print(render_job(job))
     if job["state"] in _FAILED:
-        raise BuildFailed(f"job {job['id']} {job['state']}",
-                          hint=f"the full log: envctl request logs {job['id']}")
+        raise BuildFailed(f"job {job['id']} {job['state']}", hint=failed_hint(job))
     return EX_OK
 
 
