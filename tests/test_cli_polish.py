@@ -257,3 +257,27 @@ def test_a_build_interrupted_by_a_daemon_stop_is_hinted_truthfully(api: ApiDaemo
     res = api.cli(accounts.alice, "request", "status", job_id)
     assert res.returncode == 1 and "interrupted" in res.stderr
     assert "request it again (envctl request create slow-interrupted" in res.stderr
+
+
+def test_a_name_being_built_is_not_hinted_to_replace(api: ApiDaemon, accounts: Accounts) -> None:
+    """While a new version of NAME is being built, another request for it — with or without
+    --replace — is told to wait or cancel (a --replace would fail the same way)."""
+    first = api.write_spec(api.hello_spec())  # rattler: fast; the venv wrapper is the slow one
+    res = api.cli(accounts.alice, "request", "create", "slow-busy", "-f", str(first))
+    assert res.returncode == 0, res.stderr
+    spec = api.write_spec(VENV_SPEC)
+    res = api.cli(accounts.alice, "request", "create", "slow-busy", "-f", str(spec),
+                  "--backend", "venv", "--replace", "--no-wait")
+    assert res.returncode == 0, res.stderr
+    job_id = res.stdout.strip()
+    try:
+        for extra in ((), ("--replace",)):
+            res = api.cli(accounts.alice, "request", "create", "slow-busy", "-f", str(spec),
+                          "--backend", "venv", "--no-wait", *extra)
+            assert res.returncode == 75, res.stderr
+            assert "already queued or running" in res.stderr
+            assert "--replace" not in res.stderr and "cancel it" in res.stderr
+    finally:
+        api.cli(accounts.alice, "request", "cancel", job_id)
+        wait_for(lambda: api.cli(accounts.alice, "request", "status", job_id).returncode != 0,
+                 30, what="the slow job cancelled")

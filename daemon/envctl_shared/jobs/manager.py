@@ -286,10 +286,15 @@ class JobManager:
         procs.build_user(cfg)
         prefix = config.requests_root.path / name
         with self._submit_lock:
+            if any(j.name == name for j in self.store.list()):  # first: --replace cannot help
+                raise Conflict(f"a build of {name!r} is already queued or running",
+                               hint="wait for it to finish ('envctl request list --all'), or "
+                                    "cancel it")
             kind = self._current(name).kind
             if kind != "missing" and not replace:
                 raise Conflict(f"{prefix} already exists",
-                               hint="pick another name, or ask for --replace")
+                               hint="pick another name, or replace it with --replace (its "
+                                    "owner or an admin)")
             if kind == "unmanaged":
                 raise Conflict(f"{prefix} is not an environment envctl manages (made by hand):"
                                " the daemon never replaces or moves it",
