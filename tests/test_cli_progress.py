@@ -21,7 +21,8 @@ from bench.latencyfs import latencyfs
 from tests.helpers import VENV_BIN
 
 ENVCTL = str(VENV_BIN / "envctl")
-LINE = re.compile(rb"\r\x1b\[K[|/\\-] [^\r]*: ([\d,]+) entries \([\d,]+/s\), ([\d,]+) (wrong|fixed)")
+LINE = re.compile(rb"\r\x1b\[K[|/\\-] [^\r]*: ([\d,]+) entries \([\d,]+/s\), "
+                  rb"([\d,]+) (wrong|fixed)")
 
 
 def _under_pty(argv: list[str]) -> tuple[int, bytes, bytes]:

@@ -23,7 +23,8 @@ ENVCTL = str(VENV_BIN / "envctl")
 
 
 def doctor(user: User, *args: str, umask: int = 0o002, groups: bool = True,
-           home: Path | None = None, env: dict[str, str] | None = None) -> tuple[int, dict[str, Any]]:
+           home: Path | None = None,
+           env: dict[str, str] | None = None) -> tuple[int, dict[str, Any]]:
     """``envctl doctor --json ARGS`` as ``user`` with ``umask``; (exit code, checks by name —
     the last of each name, with every one under ``all``)."""
     environ = {"PATH": "/usr/bin:/bin", "HOME": str(home or "/nonexistent"), "LANG": "C.UTF-8",

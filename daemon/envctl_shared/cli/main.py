@@ -1,8 +1,9 @@
 """Entry point of ``envctl``: parse, dispatch to a command module, turn errors into exit codes.
 
 Every command module exposes ``add_parser(subparsers)`` and sets ``func`` (``args -> int``) on
-its parser. This is the only place that catches :class:`~envctl_shared.errors.EnvctlError`: it prints
-one line (plus a hint) and returns the error's exit code; tracebacks only with ``--debug``.
+its parser. This is the only place that catches :class:`~envctl_shared.errors.EnvctlError`:
+it prints one line (plus a hint) and returns the error's exit code; tracebacks only with
+``--debug``.
 Under ``--json`` an error is a JSON document on stdout too (unless the command already printed
 its own), so a script never has to parse a human sentence.
 
@@ -31,7 +32,8 @@ GLOBAL_OPTIONS: dict[str, tuple[tuple[str, ...], dict[str, object]]] = {
     "json": (("--json",), {"action": "store_true", "default": False}),
     "debug": (("--debug",), {"action": "store_true", "default": False}),
 }
-_GLOBAL_HELP = {"socket": f"daemon socket (default: ${SOCKET_ENV} or {DEFAULT_SOCKET})", "json": "print one JSON document (errors too)",
+_GLOBAL_HELP = {"socket": f"daemon socket (default: ${SOCKET_ENV} or {DEFAULT_SOCKET})",
+                "json": "print one JSON document (errors too)",
                 "debug": "show tracebacks on errors"}
 
 
@@ -61,8 +63,8 @@ def _globals_after(leaf: argparse.ArgumentParser) -> None:
         if dest in have:
             have[dest].default = argparse.SUPPRESS
         else:
-            leaf.add_argument(*flags, **{**kw, "default": argparse.SUPPRESS,  # type: ignore[arg-type]
-                                         "help": argparse.SUPPRESS})
+            hidden = {**kw, "default": argparse.SUPPRESS, "help": argparse.SUPPRESS}
+            leaf.add_argument(*flags, **hidden)  # type: ignore[arg-type]
 
 
 def build_parser() -> argparse.ArgumentParser:
