@@ -3,7 +3,7 @@ export ENVCTL_SOCKET=var/run/envctld.sock
 # 1. Files written with a private umask, by another user (root's own files are never touched):
 #    elsewhere they stay private; in the shared root the daemon shares them as they appear
 mkdir -p -m 1777 var/elsewhere && chmod 1777 var/envs
-W=$([ "$(id -u)" = 0 ] && echo setpriv --reuid=nobody --regid=nogroup --clear-groups)
+W=$([ "$(id -u)" != 0 ] || echo setpriv --reuid=nobody --regid=nogroup --clear-groups)
 $W sh -c 'umask 077; mkdir var/envs/demo; touch var/elsewhere/a.csv var/envs/demo/a.csv'
 .venv/bin/envctl check --config var/dev.yaml        # exit 0: nothing left to fix in the root
 ls -l var/elsewhere/a.csv var/envs/demo/a.csv       # -rw------- elsewhere, -rw-rw---- in the root

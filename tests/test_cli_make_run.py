@@ -13,7 +13,7 @@ from pathlib import Path
 
 from tests.conftest import Accounts
 from tests.daemon_support import Envctld
-from tests.helpers import REPO
+from tests.helpers import REPO, wait_for
 
 QUICKSTART = REPO / "config" / "quickstart.sh"
 
@@ -63,3 +63,38 @@ def test_make_run_demo_end_to_end(scratch: Path, accounts: Accounts) -> None:
         assert _warnings(daemon.log_text()) == [], daemon.log_text()
     finally:
         daemon.cleanup()  # stops it if still running
+
+
+def test_make_run_demo_as_a_normal_user(scratch: Path, accounts: Accounts) -> None:
+    """Not root: the daemon runs as you and builds as you; the quick start works as written and
+    the daemon's log has no warning (its own .envctl is not a protected owner's here)."""
+    alice = accounts.alice
+    checkout = scratch / "checkout"
+    checkout.mkdir()
+    (checkout / ".venv").symlink_to(REPO / ".venv")
+    os.chown(checkout, alice.uid, alice.gid)
+    var = checkout / "var"
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(checkout), "LANG": "C.UTF-8"}
+    as_alice = ["setpriv", f"--reuid={alice.uid}", f"--regid={alice.gid}", "--init-groups",
+                "env", "-i", *(f"{k}={v}" for k, v in env.items())]
+    res = subprocess.run([*as_alice, "make", "-s", "--no-print-directory", "-C", str(REPO),
+                          "demo-config", f"DEMO={var}"], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr + res.stdout
+    assert f'build_user: "{alice.name}"' in (var / "dev.yaml").read_text()
+    log = scratch / "envctld.log"
+    with open(log, "wb") as out:
+        daemon = subprocess.Popen([*as_alice, str(REPO / ".venv" / "bin" / "envctld"),
+                                   "--config", str(var / "dev.yaml")], stdout=out, stderr=out,
+                                  stdin=subprocess.DEVNULL, start_new_session=True)
+    try:
+        wait_for(lambda: " ready " in log.read_text(), 30, what="the daemon ready")
+        res = subprocess.run([*as_alice, "bash", "-e", str(QUICKSTART)], cwd=checkout,
+                             capture_output=True, text=True, timeout=300)
+        assert res.returncode == 0, res.stderr + res.stdout + log.read_text()
+        assert re.search(r"^-rw-rw---- .* var/envs/demo/a\.csv$", res.stdout, re.M), res.stdout
+        assert f"environment demo-env is ready: {var}/envs/demo-env" in res.stdout
+        assert os.stat(os.path.realpath(var / "envs" / "demo-env")).st_uid == alice.uid
+    finally:
+        daemon.terminate()
+        daemon.wait(30)
+    assert _warnings(log.read_text()) == [], log.read_text()

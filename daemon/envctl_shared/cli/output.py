@@ -76,8 +76,8 @@ DEFAULT_HINTS = {
     "extension-missing": "reinstall with a C compiler and python3-dev present",
     "protocol-error": "the CLI and the daemon may be of different versions: compare "
                       "'envctl --version' with 'envctl status'",
-    "build-failed": "read the job's log: 'envctl request logs ID' (ID from 'envctl request "
-                    "list --finished')",
+    "build-failed": "find the job with 'envctl request list --finished', then read its log "
+                    "with 'envctl request logs' and its id",
     "filesystem-error": "check the path and its owner, group and mode: 'namei -l PATH'",
 }
 GENERIC_HINT = "re-run with --debug for details"
