@@ -12,13 +12,14 @@ removes the kernel of an env that is gone; an update without ipykernel removes t
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import subprocess
 import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import pytest
 from envctl_shared.errors import EX_NOPERM
@@ -85,28 +86,38 @@ def _specs(kernels: Path, monkeypatch: pytest.MonkeyPatch) -> KernelSpecManager:
     return KernelSpecManager()
 
 
-def _run(ksm: KernelSpecManager, name: str, code: str, runtime: Path) -> str:
-    """Start kernel ``name``, run ``code``, return its stdout; shut it down cleanly."""
+@contextlib.contextmanager
+def _kernel(ksm: KernelSpecManager, name: str, runtime: Path) -> Iterator[Callable[[str], str]]:
+    """Start kernel ``name``; yield a function running code in it (its stdout); shut it down."""
     km = KernelManager(kernel_name=name, kernel_spec_manager=ksm,
                        connection_file=str(runtime / f"{name}.json"))
     km.start_kernel()
-    out: list[str] = []
     try:
         kc = km.client()
         kc.start_channels()
         try:
             kc.wait_for_ready(timeout=120)
-            reply = kc.execute_interactive(
-                code, timeout=60,
-                output_hook=lambda m: out.append(m["content"]["text"])
-                if m["msg_type"] == "stream" else None)
-            assert reply["content"]["status"] == "ok", reply["content"]
+
+            def run(code: str) -> str:
+                out: list[str] = []
+                reply = kc.execute_interactive(
+                    code, timeout=60,
+                    output_hook=lambda m: out.append(m["content"]["text"])
+                    if m["msg_type"] == "stream" else None)
+                assert reply["content"]["status"] == "ok", reply["content"]
+                return "".join(out)
+            yield run
         finally:
             kc.stop_channels()
     finally:
         km.shutdown_kernel(now=False)
     assert not km.is_alive()
-    return "".join(out)
+
+
+def _run(ksm: KernelSpecManager, name: str, code: str, runtime: Path) -> str:
+    """Start kernel ``name``, run ``code``, return its stdout; shut it down cleanly."""
+    with _kernel(ksm, name, runtime) as run:
+        return run(code)
 
 
 CODE = "import sys, kversion; print(sys.prefix, kversion.VERSION)"
@@ -123,18 +134,25 @@ def test_a_built_env_is_a_kernel_and_an_update_is_the_next_start(
     spec = ksm.get_kernel_spec("envctl-kenv")
     prefix = api.root / "kenv"
     assert spec.display_name == "envctl: kenv" and spec.language == "python"
-    assert spec.argv[0] == f"{prefix}/bin/python"  # the stable path, not a resolved one
-    assert spec.env["VIRTUAL_ENV"] == str(prefix)
+    assert spec.argv[:2] == ["/bin/sh", "-c"] and str(prefix) in spec.argv  # the stable path
     kernel_json = kernels / "envctl-kenv" / "kernel.json"
     st = kernel_json.stat()
     assert (st.st_uid, st.st_mode & 0o777) == (0, 0o644)
     assert [p.name for p in kernel_json.parent.iterdir()] == ["kernel.json"]  # no temp left
-    assert _run(ksm, "envctl-kenv", CODE, tmp_path) == f"{prefix} 1.0\n"
-    # An update: the same kernelspec, the new env at the next kernel start.
-    _build(api, accounts, "kenv", "2.0", "--replace")
-    assert json.loads(kernel_json.read_text())["argv"][0] == f"{prefix}/bin/python"
+    v1 = os.path.realpath(prefix)
+    assert v1 != str(prefix)  # the daemon's symlink to its first version
+    with _kernel(ksm, "envctl-kenv", tmp_path) as run:
+        assert run("import os, sys; print(sys.prefix, os.environ['VIRTUAL_ENV'])") == \
+            f"{v1} {v1}\n"
+        # An update while the kernel runs: the same kernelspec; the running kernel keeps
+        # its version (a module first imported now still comes from 1.0) ...
+        _build(api, accounts, "kenv", "2.0", "--replace")
+        assert os.path.realpath(prefix) != v1
+        assert run(CODE) == f"{v1} 1.0\n"
+    assert json.loads(kernel_json.read_text())["argv"] == spec.argv  # unchanged by the update
+    # ... and the next start runs the new one.
     assert _run(_specs(kernels, monkeypatch), "envctl-kenv", CODE, tmp_path) == \
-        f"{prefix} 2.0\n"
+        f"{os.path.realpath(prefix)} 2.0\n"
 
 
 def test_kernels_sync_adds_hand_made_envs_and_drops_gone_ones(

@@ -11,9 +11,11 @@ first on PATH. Users of a shared root want "the env called X" in the launcher. S
   files) never runs as root;
 - writes ``<kernels.dir>/envctl-<name>/kernel.json``: a name that cannot collide with anyone
   else's (``envctl-`` + the env name, lower case as Jupyter wants, with a short hash when the
-  name had capitals), a display name users recognise, ``argv`` through the env's stable path
-  ``<root>/<name>/bin/python`` (a replaced env is picked up at the next kernel start), and the
-  variables activation would set (``PATH`` first, ``CONDA_PREFIX`` or ``VIRTUAL_ENV``);
+  name had capitals), a display name users recognise, ``argv`` a small ``sh`` launcher that resolves
+  the env's stable path ``<root>/<name>`` when the kernel starts and runs that version's
+  ``bin/python`` with the variables activation would set (``PATH`` first, ``CONDA_PREFIX`` or
+  ``VIRTUAL_ENV``): a replaced env is picked up at the next kernel start, and a running kernel
+  keeps importing from the version it started on (which GC keeps for ``gc_grace``);
 - writes atomically (a temporary file renamed over ``kernel.json``) through directory fds
   opened ``O_NOFOLLOW`` (the kernels directory may be writable by users: a symlink planted as
   ``envctl-x`` is refused, never followed). Files are the daemon's, 0644 in 0755 directories:
@@ -100,19 +102,25 @@ def probe(prefix: Path, user: procs.BuildUser, home: Path, cgroup: Path | None =
     return proc.returncode == 0
 
 
+# The kernel's launcher: resolve the stable path once, at start, and run the version it names.
+# A running kernel so stays on the version it started with (its imports, its subprocesses'
+# PATH) while ``<root>/<name>`` switches under it; the next start takes the new one. POSIX sh,
+# no braces: jupyter_client substitutes ``{name}`` patterns in every argv element.
+_LAUNCH = ('if ! p=$(cd -P -- "$1" 2>/dev/null && pwd); then '
+           'echo "envctl: environment $1 is gone" >&2; exit 1; fi\n'
+           'export PATH="$p/bin:$PATH"\n'
+           'if [ -f "$p/pyvenv.cfg" ]; then export VIRTUAL_ENV="$p"; '
+           'else export CONDA_PREFIX="$p" CONDA_DEFAULT_ENV="$3"; fi\n'
+           'exec "$p/bin/python" -m ipykernel_launcher -f "$2"\n')
+
+
 def spec_for(config: Config, env: str) -> dict[str, object]:
-    """The kernelspec of the env called ``env`` (through its stable path in the root)."""
+    """The kernelspec of the env called ``env``: through its stable path, resolved at start."""
     prefix = config.requests_root.path / env
-    variables = {"PATH": f"{prefix}/bin:${{PATH}}"}  # jupyter_client substitutes ${PATH}
-    if (prefix / "pyvenv.cfg").exists():
-        variables["VIRTUAL_ENV"] = str(prefix)
-    else:
-        variables.update(CONDA_PREFIX=str(prefix), CONDA_DEFAULT_ENV=env)
-    return {"argv": [f"{prefix}/bin/python", "-m", "ipykernel_launcher", "-f",
-                     "{connection_file}"],
+    return {"argv": ["/bin/sh", "-c", _LAUNCH, "envctl-kernel", str(prefix),
+                     "{connection_file}", env],
             "display_name": f"{config.kernels.display_prefix}: {env}",
             "language": "python",
-            "env": variables,
             "metadata": {"envctl": {"env": env, "prefix": str(prefix)},
                          "debugger": True}}
 
