@@ -60,8 +60,11 @@ class Envctld:
     """One daemon process with its own notify socket."""
 
     def __init__(self, config: Path, workdir: Path, env: dict[str, str] | None = None,
-                 args: tuple[str, ...] = ()) -> None:
+                 args: tuple[str, ...] = (), host: str | None = None) -> None:
+        """``host``: run in a UTS namespace of its own with this host name (a simulated host
+        of a cluster sharing one root; the pid is still the daemon's)."""
         self.config = config
+        self.host = host
         self.workdir = workdir
         self.extra_env = env or {}
         self.args = args
@@ -85,7 +88,10 @@ class Envctld:
         env = {**os.environ, "NOTIFY_SOCKET": str(notify_path), **self.extra_env}
         env.pop("JOURNAL_STREAM", None)
         with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen([ENVCTLD, "--config", str(self.config), *self.args],
+            wrap = ([] if self.host is None else
+                    ["unshare", "--uts", "sh", "-c", 'hostname "$0" && exec "$@"', self.host])
+            self.proc = subprocess.Popen([*wrap, ENVCTLD, "--config", str(self.config),
+                                          *self.args],
                                          stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                                          env=env, start_new_session=True)
         if wait_ready:

@@ -16,12 +16,13 @@ from tests.daemon_support import Envctld
 
 @pytest.fixture
 def envctld(scratch: Path) -> Iterator[Callable[..., Envctld]]:
-    """Factory: ``envctld(config, env=None, args=(), wait_ready=True)`` → a started daemon."""
+    """Factory: ``envctld(config, env=None, args=(), wait_ready=True, host=None)`` → a started
+    daemon (``host``: in a UTS namespace of its own with that host name)."""
     started: list[Envctld] = []
 
     def make(config: Path, env: dict[str, str] | None = None, args: tuple[str, ...] = (),
-             wait_ready: bool = True, timeout: float = 60.0) -> Envctld:
-        d = Envctld(config, scratch, env, args)
+             wait_ready: bool = True, timeout: float = 60.0, host: str | None = None) -> Envctld:
+        d = Envctld(config, scratch, env, args, host)
         started.append(d)
         return d.start(timeout, wait_ready)
 

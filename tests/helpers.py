@@ -47,7 +47,10 @@ def find_violations(root: Path, gid: int, only: list[str] | None = None) -> list
         "-o", "(", "-type", "l", "!", "-group", str(gid), ")",
     ]
     if only is None:
-        out = subprocess.run(["find", str(root), "(", *expr, ")", "-print"], check=True,
+        # The daemon's own area (``.envctl``: its locks, env records, the poller election) is
+        # root's, 0755, by design: not the group's to write, and left alone by the healer.
+        out = subprocess.run(["find", str(root), "-path", f"{root}/.envctl", "-prune", "-o",
+                              "(", *expr, ")", "-print"], check=True,
                              text=True, capture_output=True).stdout
     else:
         out = subprocess.run(["find", "-files0-from", "-", "-maxdepth", "0", "(", *expr, ")",

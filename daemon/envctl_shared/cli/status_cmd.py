@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..config import DEFAULT_SOCKET, SOCKET_ENV
 from ..errors import EX_OK, EX_TEMPFAIL
-from .output import emit_json, table
+from .output import emit_json, quote_name, table
 
 if TYPE_CHECKING:
     from ..api.client import Client
@@ -84,6 +84,9 @@ def render(data: dict[str, Any]) -> str:
                 for r in roots if isinstance(r, dict)]
         lines += ["", table(rows, ["ROOT", "WATCH", "SCANNED", "VIOLATIONS", "FIXED", "ERRORS",
                                    "EVENTS", "OVERFLOWS", "REBUILDS", "WATCH-ERRORS"])]
+        pollers = [line for r in roots if isinstance(r, dict) if (line := _poller_line(r))]
+        if pollers:
+            lines += ["", *pollers]
     failure = data.get("failure")
     if failure:  # printable only: it may quote a name from the tree
         lines += ["", "FAILED: " + "".join(c if c.isprintable() else
@@ -96,6 +99,30 @@ def render(data: dict[str, Any]) -> str:
     elif not data.get("requests_enabled", True):
         lines += ["", "jobs: requests disabled"]
     return "\n".join(lines)
+
+
+def _poller_line(root: dict[str, Any]) -> str | None:
+    """Who polls this root for every daemon sharing it, and since when (the election)."""
+    p = root.get("poller")
+    if not isinstance(p, dict):
+        return None
+    path = quote_name(str(root.get("path", "?")))
+    role = p.get("role")
+    if role == "standalone":
+        return f"poller {path}: this daemon, alone ({quote_name(str(p.get('error') or ''))})"
+    leader = p.get("leader") if isinstance(p.get("leader"), dict) else None
+    who = "nobody known"
+    if leader:
+        since = leader.get("since")
+        when = (time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(since))
+                if isinstance(since, (int, float)) else "?")
+        who = f"{quote_name(str(leader.get('host')))} (pid {leader.get('pid')}) since {when}"
+        if leader.get("held") is False:
+            who += ", its lock released: takeover pending"
+    mine = {"leader": "this daemon polls", "follower": "this daemon stands by",
+            "unreachable": "this daemon cannot reach the lock: not polling "
+                           f"({quote_name(str(p.get('error') or ''))})"}.get(str(role), str(role))
+    return f"poller {path}: {who}; {mine} (host {quote_name(str(p.get('host')))})"
 
 
 def _duration(seconds: float) -> str:

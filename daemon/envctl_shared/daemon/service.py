@@ -21,9 +21,10 @@ from typing import Any, Protocol
 
 from ..config import Config, RootConfig
 from ..errors import ConfigError, EnvctlError
-from ..fsinfo import walk_concurrency
+from ..fsinfo import mount_of, walk_concurrency
 from ..logfields import fields
 from ..watch import RootWatcher
+from .leader import PollerLease
 
 log = logging.getLogger("envctl.daemon")
 
@@ -61,6 +62,7 @@ class Daemon:
         self._on_failure = on_failure
         self.failure: str | None = None
         self._roots: dict[str, RootWatcher] = {}
+        self._leases: dict[str, PollerLease] = {}  # per root: who polls it, cluster-wide
         self._jobs: _Jobs | None = None
         self._server: _Server | None = None
         self._started = time.time()
@@ -79,15 +81,27 @@ class Daemon:
 
     def _start_root(self, root: RootConfig) -> None:
         concurrency = walk_concurrency(root.path, self.config.walk.concurrency)
+        # Other hosts write only to network filesystems: on a local disk every writer is on
+        # this host, its inotify sees them all, and there is nothing to share out.
+        lease = PollerLease(root.path) if mount_of(root.path).remote else None
         watcher = RootWatcher(root, self.config.watch, concurrency, self._wedge_after,
-                              on_fatal=lambda reason: self._root_failed(root, reason))
+                              on_fatal=lambda reason: self._root_failed(root, reason),
+                              gate=lease)
         t0 = time.monotonic()
-        watcher.start()
+        try:
+            watcher.start()
+        except BaseException:
+            if lease is not None:
+                lease.close()
+            raise
         self._roots[str(root.path)] = watcher
+        if lease is not None:
+            self._leases[str(root.path)] = lease
         st = watcher.status()
-        log.info("watching root=%s mode=%s watches=%d scanned=%d fixed=%d start=%.3f",
-                 root.path, st["mode"], st["watches"], st["scanned"], st["fixed"],
-                 time.monotonic() - t0, extra=fields(root=root.path))
+        log.info("watching root=%s mode=%s watches=%d scanned=%d fixed=%d start=%.3f "
+                 "poller=%s", root.path, st["mode"], st["watches"], st["scanned"], st["fixed"],
+                 time.monotonic() - t0, lease.role if lease else "-",
+                 extra=fields(root=root.path))
 
     def _root_failed(self, root: RootConfig, reason: str) -> None:
         if self.failure is None:
@@ -104,9 +118,17 @@ class Daemon:
         if self._jobs is not None:
             self._jobs.stop(timeout)
         drained = True
-        for path, watcher in list(self._roots.items()):
-            drained = watcher.stop(timeout) and drained
-            del self._roots[path]
+        for path in list(self._roots):
+            drained = self._unwatch(path, timeout) and drained
+        return drained
+
+    def _unwatch(self, path: str, timeout: float = 10.0) -> bool:
+        """Stop one root's watcher, then give up its poller lock (another daemon takes it
+        over at its next attempt instead of waiting for this process to exit)."""
+        drained = self._roots.pop(path).stop(timeout)
+        lease = self._leases.pop(path, None)
+        if lease is not None:
+            lease.close()
         return drained
 
     def reload(self, new: Config) -> None:
@@ -116,8 +138,7 @@ class Daemon:
         wanted = {str(r.path): r for r in new.roots}
         for path, watcher in list(self._roots.items()):
             if path not in wanted or not same_watch or watcher.root != wanted[path]:
-                watcher.stop()
-                del self._roots[path]
+                self._unwatch(path)
                 log.info("unwatched root=%s", path, extra=fields(root=path))
         self.config = new
         for path, root in wanted.items():

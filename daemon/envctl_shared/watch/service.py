@@ -14,6 +14,11 @@ a watch that cannot be rebuilt after a few attempts, errors that keep coming bac
 thread of this root ending on an exception make the root *failed* (``on_fatal``): the daemon
 then reports not ready and exits non-zero, for systemd or Kubernetes to restart it.
 
+Daemons on several hosts sharing a root poll it once between them: a :class:`PollGate` (the
+daemon's election) says before every poll and periodic full pass whether this daemon is the one
+to run it. The others keep their inotify watch, which is what heals their own host's writes in
+real time, and their startup and overflow reconciles, which recover what that watch missed.
+
 Workers only call :class:`envctl_shared.heal.Healer`; entries come in batches of siblings, each one
 costing one ``fstatat`` when already compliant, so the echo events of our own chgrp/chmod end
 there with no write.
@@ -27,13 +32,14 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from ..config import RootConfig, WatchConfig
 from ..errors import FilesystemError
 from ..fsinfo import mount_of
 from ..heal import Finding, Healer, HealStats
 from ..logfields import fields
+from ..quoting import quote_name
 from .inotify import InotifyWatch
 from .poll import Poller
 from .queue import Item, WorkQueue
@@ -63,15 +69,26 @@ class RootStatus:
     last_poll_duration: float | None = None
 
 
+class PollGate(Protocol):
+    """Who polls a root shared by several daemons (``envctl_shared.daemon.leader``)."""
+
+    def may_poll(self) -> bool: ...
+    def status(self, fresh: bool = True) -> dict[str, Any]: ...
+
+
 class RootWatcher:
     """Watches and heals one root until stopped."""
 
     def __init__(self, root: RootConfig, watch: WatchConfig, concurrency: int,
                  wedge_after: float | None = None,
-                 on_fatal: Callable[[str], None] | None = None) -> None:
+                 on_fatal: Callable[[str], None] | None = None,
+                 gate: PollGate | None = None) -> None:
         """``on_fatal(reason)`` is called (once, from any thread) when this root can no longer
-        be kept correct in real time and only a restart of the daemon can help."""
+        be kept correct in real time and only a restart of the daemon can help. ``gate``: asked
+        before every poll and periodic full pass (None: this daemon runs them all)."""
         self.root = root
+        self._gate = gate
+        self._leading = gate is None
         self._on_fatal = on_fatal
         self.failure: str | None = None
         self.watch_cfg = watch
@@ -117,7 +134,7 @@ class RootWatcher:
             self._poller = Poller(self._walker)
         if self._degrade.is_set():
             self._fall_back_to_polling()
-        self._update_mode()
+        self._may_poll()
         self._reconcile()
         n = self.watch_cfg.workers
         self._beats = [time.monotonic()] * (n + 1)
@@ -274,7 +291,7 @@ class RootWatcher:
             return
         parts = (["inotify"] if self._inotify is not None else
                  ["rebuilding"] if self._rebuild.is_set() else []) + \
-            (["poll"] if self._poller is not None else [])
+            ([] if self._poller is None else ["poll"] if self._leading else ["standby"])
         self._status.mode = "+".join(parts)
 
     # -- threads -------------------------------------------------------------------------------
@@ -296,7 +313,8 @@ class RootWatcher:
             try:
                 self._heal(item)
             except Exception:  # a bug must not kill the worker: log it, keep healing
-                log.exception("heal failed root=%s path=%s", self.root.path, item.rel,
+                log.exception("heal failed root=%s path=%s", self.root.path,
+                              quote_name(item.rel),
                               extra=fields(root=self.root.path, path=item.rel))
                 self._status.heals.errors += 1
             finally:
@@ -348,7 +366,8 @@ class RootWatcher:
         compliant entries produce no finding, so this costs nothing on a correct tree."""
         if log.isEnabledFor(logging.DEBUG):
             log.debug("%s root=%s path=%s kind=%s problems=%s reason=%s", f.action,
-                      self.root.path, f.path, f.kind, ";".join(f.problems), f.reason or "",
+                      self.root.path, quote_name(f.path), f.kind, ";".join(f.problems),
+                      f.reason or "",
                       extra=fields(root=self.root.path, path=f.path))
 
     def _account(self, stats: HealStats) -> None:
@@ -373,21 +392,34 @@ class RootWatcher:
                     self._rebuild_watch()
                 finally:
                     self._busy[idx] = False
-            if self._poller is not None and now >= next_poll:
-                self._busy[idx] = True
-                try:
-                    self._poll()
-                finally:
-                    self._busy[idx] = False
+            # The election runs at the polling cadence even without a poller: a follower
+            # takes over within one poll_interval of the leader's lock being released.
+            if (self._poller is not None or self._gate is not None) and now >= next_poll:
+                if self._may_poll() and self._poller is not None:
+                    self._busy[idx] = True
+                    try:
+                        self._poll()
+                    finally:
+                        self._busy[idx] = False
                 next_poll = time.monotonic() + self.watch_cfg.poll_interval
             if now >= next_full:
-                self.queue.put("", subtree=True)
+                if self._may_poll():
+                    self.queue.put("", subtree=True)
                 next_full = now + self.watch_cfg.full_scan_interval
-            wait = min(next_full, next_poll if self._poller else next_full,
+            polls = self._poller is not None or self._gate is not None
+            wait = min(next_full, next_poll if polls else next_full,
                        self._next_rebuild if self._rebuild.is_set() else next_full)
             wait -= time.monotonic()
             self._wake.wait(max(0.0, min(wait, IDLE_TICK)))
             self._wake.clear()
+
+    def _may_poll(self) -> bool:
+        """Ask the election (right before a pass: a leader that lost its lock or its
+        filesystem learns it here and does not start the pass)."""
+        if self._gate is not None:
+            self._leading = self._gate.may_poll()
+        self._update_mode()
+        return self._leading
 
     def _poll(self) -> None:
         try:
@@ -420,7 +452,8 @@ class RootWatcher:
 
     def status(self, watches: bool = True) -> dict[str, Any]:
         """JSON-ready counters of this root; ``watches=False`` skips counting the kernel's
-        watches (it reads /proc, one line per watch: too costly for a 5 s STATUS= line)."""
+        watches (it reads /proc, one line per watch: too costly for a 5 s STATUS= line) and
+        reading the poller leader's record (round trips on the shared filesystem)."""
         st = self._status
         with self._lock:
             h = st.heals
@@ -445,6 +478,7 @@ class RootWatcher:
             "last_full_duration": st.last_full_duration,
             "poll_passes": st.poll_passes,
             "last_poll_duration": st.last_poll_duration,
+            "poller": self._gate.status(fresh=watches) if self._gate is not None else None,
         }
 
 

@@ -1,0 +1,136 @@
+"""Several hosts, one shared root: one poller between them, every daemon healing its own host.
+
+Three simulated hosts: three real ``envctld`` processes, each in a UTS namespace of its own (its
+own host name), each on its own latencyfs mount of one backing directory (separate FUSE
+servers: what one host writes through its mount, the others' kernels never report, exactly as
+NFS clients), each with its own socket. latencyfs passes record locks through to the backing
+file, so the mounts share the election lock as NFS clients share it through the server; its
+counters give the metadata operations each host sends to the "server".
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bench.latencyfs import Counters, LatencyFs, latencyfs
+from tests.conftest import Accounts
+from tests.daemon_support import write_config
+from tests.helpers import VENV_BIN, as_user, find_violations, wait_for
+from tests.watch_support import daemon_status, make_root, make_source
+
+pytest_plugins = ("tests.fixtures_daemon",)  # the envctld fixture
+pytestmark = pytest.mark.fuse
+
+POLL = 2.0  # poll_interval of every daemon: takeover must come within 2 x this
+WINDOW = 10.0  # seconds of idle metadata traffic compared (per-minute rates, scaled down)
+HOSTS = ("hostA", "hostB", "hostC")
+
+
+def _poller(sock: Path) -> dict[str, Any]:
+    root = daemon_status(sock)["roots"][0]
+    return {"role": root["poller"]["role"], "leader": root["poller"]["leader"],
+            "polls": root["poll_passes"], "fixed": root["fixed"], "mode": root["mode"]}
+
+
+def _traffic(mounts: list[LatencyFs], seconds: float) -> list[Counters]:
+    """What each mount served to its daemon during ``seconds`` of doing nothing else."""
+    before = [m.counters() for m in mounts]
+    time.sleep(seconds)
+    return [m.counters().since(b) for m, b in zip(mounts, before)]
+
+
+def _healed(backing: Path, accounts: Accounts, timeout: float, what: str) -> float:
+    return wait_for(lambda: not find_violations(backing, accounts.shared_gid), timeout, 0.02,
+                    what)
+
+
+def test_three_hosts_one_poller(accounts: Accounts, scratch: Path, envctld) -> None:
+    a = accounts.alice
+    backing = make_root(scratch, accounts, "backing")
+    src = make_source(scratch, 60, 5)
+    as_user(a.uid, a.gid, ["cp", "-r", str(src), str(backing / "tree")])  # broken: umask 077
+    with contextlib.ExitStack() as stack:
+        mounts = [stack.enter_context(latencyfs(backing, scratch / f"m-{h}", 0.0))
+                  for h in HOSTS]
+        socks, daemons = [], []
+        for host, mnt in zip(HOSTS, mounts):
+            conf = scratch / f"conf-{host}"
+            conf.mkdir()
+            cfg = write_config(conf, [(mnt.path, accounts.shared_group)],
+                               watch={"mode": "auto", "poll_interval": POLL,
+                                      "full_scan_interval": 3600})
+            socks.append(conf / "envctld.sock")
+            daemons.append((host, cfg))
+
+        # One host alone: it leads, polls, and sets the baseline of metadata traffic.
+        first = envctld(daemons[0][1], host="hostA")
+        _healed(backing, accounts, 15, "the startup reconcile healed the copied tree")
+        assert _poller(socks[0])["role"] == "leader"
+        wait_for(lambda: _poller(socks[0])["polls"] >= 2, 4 * POLL, 0.1, "hostA polls")
+        alone = sum(c.total for c in _traffic(mounts, WINDOW))
+
+        # Three hosts: still one poller, and about the same traffic on the shared filesystem.
+        others = [envctld(cfg, host=host) for host, cfg in daemons[1:]]
+        time.sleep(POLL)  # their start-up passes are over; measure the steady state
+        together = _traffic(mounts, WINDOW)
+        states = [_poller(s) for s in socks]
+        assert [s["role"] for s in states] == ["leader", "follower", "follower"], states
+        assert all(s["leader"]["host"] == "hostA" for s in states), states
+        assert states[0]["mode"] == "inotify+poll" and states[1]["mode"] == "inotify+standby"
+        assert states[1]["polls"] == 0 and states[2]["polls"] == 0
+        total = sum(c.total for c in together)
+        print(f"metadata ops in {WINDOW:.0f}s: one daemon {alone}, three daemons {total} "
+              f"({total / alone:.3f}x); per host "
+              f"{[(c.total, c.ops.get('lock', 0)) for c in together]} (total, lock)")
+        assert total <= 1.25 * alone
+        for follower in together[1:]:  # a standby host sends its lock attempts, nothing else
+            assert follower.total - follower.ops["lock"] <= 2, follower.ops
+        human = _status_text(socks[2])
+        assert "poller " in human and "hostA (pid " in human and "stands by" in human, human
+
+        # A write through host B's mount: B's inotify heals it at once (the poller is far).
+        fixed_b = _poller(socks[1])["fixed"]
+        as_user(a.uid, a.gid, f"mkdir {mounts[1].path}/viaB && echo > {mounts[1].path}/viaB/f")
+        took = _healed(backing, accounts, POLL / 2, "a write through hostB's mount, healed by B")
+        assert _poller(socks[1])["fixed"] >= fixed_b + 2
+        print(f"write through hostB healed by hostB in {took:.3f}s")
+
+        # A write by a host without a daemon (straight into the backing directory): the
+        # leader's poll heals it; no follower ever sees it.
+        fixed = [_poller(s)["fixed"] for s in socks]
+        as_user(a.uid, a.gid, f"mkdir {backing}/direct && echo > {backing}/direct/f")
+        took = _healed(backing, accounts, 3 * POLL, "a write without a daemon, healed by a poll")
+        after = [_poller(s)["fixed"] for s in socks]
+        assert after[0] >= fixed[0] + 2 and after[1:] == fixed[1:], (fixed, after)
+        print(f"write into the backing dir healed by hostA's poll in {took:.3f}s")
+
+        # The leader dies without a word: another host polls within 2 x poll_interval.
+        first.kill9()
+        killed = time.monotonic()
+        new = wait_for(lambda: any(_poller(s)["role"] == "leader" and _poller(s)["polls"] > 0
+                                   for s in socks[1:]), 2 * POLL, 0.05,
+                       "a follower took over the polling")
+        states = [_poller(s) for s in socks[1:]]
+        assert sorted(s["role"] for s in states) == ["follower", "leader"], states
+        leader = states[0]["leader"]["host"]
+        assert leader in ("hostB", "hostC") and states[1]["leader"]["host"] == leader
+        print(f"takeover by {leader} {time.monotonic() - killed:.2f}s after kill -9 "
+              f"(polling after {new:.2f}s; bound {2 * POLL:.0f}s)")
+        as_user(a.uid, a.gid, f"mkdir {backing}/after && echo > {backing}/after/f")
+        _healed(backing, accounts, 3 * POLL, "a write without a daemon, healed by the new leader")
+        for d in others:
+            d.stop()
+
+
+def _status_text(sock: Path) -> str:
+    import subprocess
+
+    r = subprocess.run([str(VENV_BIN / "envctl"), "status", "--socket", str(sock)],
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, r.stderr
+    return r.stdout
