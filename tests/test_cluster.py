@@ -134,3 +134,40 @@ def _status_text(sock: Path) -> str:
                        capture_output=True, text=True, timeout=30)
     assert r.returncode == 0, r.stderr
     return r.stdout
+
+
+def test_a_leader_that_loses_its_filesystem_stops_polling(accounts: Accounts,
+                                                          scratch: Path) -> None:
+    """Two daemons' elections on two mounts; the leader's filesystem goes away (its FUSE
+    server dies: every call now fails with ENOTCONN, as a hung-up NFS mount fails). Its next
+    attempt says it may not poll, and the other side, whose lock attempt now succeeds (the
+    dead client's lock went with it), takes over."""
+    from envctl_shared.daemon.leader import PollerLease
+
+    backing = make_root(scratch, accounts, "backing")
+    with latencyfs(backing, scratch / "ma", 0.0) as ma, \
+            latencyfs(backing, scratch / "mb", 0.0) as mb:
+        first, second = PollerLease(ma.path), PollerLease(mb.path)
+        try:
+            assert first.may_poll() and first.role == "leader"
+            assert not second.may_poll() and second.role == "follower"
+            assert second.status()["leader"]["held"] is True
+            assert first.may_poll()  # asserted again: still the leader
+            ma.crash()  # the filesystem is gone, not the daemon
+            assert not first.may_poll() and first.role == "unreachable", first.status()
+            assert second.may_poll() and second.role == "leader"
+            assert not first.may_poll()
+        finally:
+            first.close()
+            second.close()
+
+
+def test_a_local_root_holds_no_election(accounts: Accounts, scratch: Path, envctld) -> None:
+    """On a local disk every writer is on this host: a lone daemon there behaves as before
+    elections existed (it polls nothing, creates nothing in the root)."""
+    root = make_root(scratch, accounts)
+    d = envctld(write_config(scratch, [(root, accounts.shared_group)]))
+    status = daemon_status(scratch / "envctld.sock")["roots"][0]
+    assert status["poller"] is None and status["mode"] == "inotify"
+    assert not (root / ".envctl").exists()
+    d.stop()

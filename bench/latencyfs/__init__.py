@@ -108,6 +108,13 @@ class LatencyFs:
             return 0, ""
         return json.loads(text)["seq"], text
 
+    def crash(self) -> None:
+        """Kill the server: the mount stays, every call on it now fails (ENOTCONN), as a
+        network filesystem whose server is gone fails its clients. Unmounted at the end of the
+        ``latencyfs`` block as usual."""
+        self._proc.send_signal(signal.SIGKILL)
+        self._proc.wait()
+
     def counters(self) -> Counters:
         """A fresh snapshot: ask for one (SIGUSR1) and wait until it is written."""
         seq, _ = self._read()
