@@ -121,6 +121,9 @@ def test_doctor_on_a_built_env(api: ApiDaemon, accounts: Accounts) -> None:
     assert checks["env tree"]["ok"], checks["env tree"]
     assert checks["python"]["ok"] and checks["kernel"]["ok"]
     assert checks["daemon"]["ok"]
+    assert " on 20" in checks["env"]["summary"]  # when it was built, in the user's zone
+    res = api.cli(accounts.alice, "env", "show", "doctor-venv", env={"TZ": "Asia/Tokyo"})
+    assert res.returncode == 0 and " JST by " in res.stdout, res.stdout
     res = api.cli(accounts.alice, "doctor", "no-such-env", "--json")
     checks = {c["check"]: c for c in json.loads(res.stdout)["checks"]}
     assert res.returncode == 1 and not checks["env"]["ok"]

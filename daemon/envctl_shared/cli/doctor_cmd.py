@@ -19,7 +19,6 @@ import os
 import stat
 import subprocess
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,7 +28,7 @@ from .. import config as cfgmod
 from ..errors import EX_FAILURE, EX_OK, EnvctlError
 from ..fsinfo import mount_of
 from .access import group_access, group_name, membership_fix, missing_hint
-from .output import emit_json, hint_of, quote_name
+from .output import emit_json, hint_of, local_time, quote_name
 
 PROBLEMS_SHOWN = 5  # violations listed for an env (the count says how many in all)
 PYTHON_TIMEOUT = 60.0  # a first import on a cold network filesystem can take a while
@@ -351,7 +350,8 @@ def check_env(ctx: Context, name: str, socket: str | None, timeout: float) -> No
             return
         status = info.get("status")
         built = (f"version {info.get('current')} built by "
-                 f"{quote_name(str(info.get('requester') or '?'))} on {_when(info.get('built_at'))}"
+                 f"{quote_name(str(info.get('requester') or '?'))} on "
+                 f"{local_time(info.get('built_at'))}"
                  f", owner {quote_name(str(info.get('owner') or '?'))}")
         ctx.add("env", status == "ready", f"{name}: {status}; {built}",
                 None if status == "ready" else "see 'envctl env show " + name + "'", name)
@@ -364,12 +364,6 @@ def check_env(ctx: Context, name: str, socket: str | None, timeout: float) -> No
     check_env_tree(ctx, name, prefix)
     has_kernel = check_python(ctx, name, prefix)
     check_kernel(ctx, name, info, has_kernel)
-
-
-def _when(ts: object) -> str:
-    if not isinstance(ts, (int, float)):
-        return "?"
-    return time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(ts))
 
 
 def _find_prefix(ctx: Context, name: str) -> Path | None:

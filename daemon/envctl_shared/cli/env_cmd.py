@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from typing import Any
 
 from ..errors import EX_OK
-from .output import emit_json, quote_name, table
+from .output import emit_json, local_time, quote_name, table
 from .status_cmd import add_socket_option, client_for
 
 
@@ -55,10 +54,6 @@ def _call(args: argparse.Namespace, op: str, **kw: Any) -> Any:
         return client.call(op, **kw)
 
 
-def _when(ts: float | None) -> str:
-    return "-" if ts is None else time.strftime("%Y-%m-%d %H:%M", time.localtime(ts))
-
-
 def _size(n: int | None) -> str:
     if n is None:
         return "-"
@@ -89,7 +84,7 @@ def run_list(args: argparse.Namespace) -> int:
         return EX_OK
     rows = [[quote_name(e["name"]), e["status"] + (" (updating)" if e.get("updating") else ""),
              e.get("current") or "-", e.get("backend") or "-", _who(e.get("owner")),
-             _when(e.get("built_at")), _size(e.get("size_bytes")), e.get("kernel") or "-"]
+             local_time(e.get("built_at")), _size(e.get("size_bytes")), e.get("kernel") or "-"]
             for e in envs]
     print(table(rows, ["NAME", "STATUS", "CURRENT", "BACKEND", "OWNER", "BUILT", "SIZE",
                        "KERNEL"]))
@@ -105,10 +100,11 @@ def run_show(args: argparse.Namespace) -> int:
           f"owner {_who(env.get('owner'))}, path {quote_name(env['prefix'])}")
     for v in env.get("versions") or []:
         mark = "*" if v.get("current") else " "
-        print(f"\n{mark} {v['version']}  {v.get('state')}  built {_when(v.get('built_at'))} by "
+        built = local_time(v.get("built_at"))
+        print(f"\n{mark} {v['version']}  {v.get('state')}  built {built} by "
               f"{_who(v.get('requester'))}  job {v.get('job') or '-'}  "
               f"{_size(v.get('size_bytes'))}"
-              + (f"  (not current since {_when(v['retired_at'])})"
+              + (f"  (not current since {local_time(v['retired_at'])})"
                  if v.get("retired_at") and not v.get("current") else ""))
         for test in v.get("tests") or []:
             print(f"    tested: {test}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from typing import Any, TextIO
 
 from ..errors import EnvctlError
@@ -75,6 +76,14 @@ def print_error(err: EnvctlError, stream: TextIO | None = None) -> None:
     out = stream or sys.stderr
     out.write(f"envctl: error: {err.message}\n")
     out.write(f"  hint: {hint_of(err)}\n")
+
+
+def local_time(ts: object) -> str:
+    """A time for people: their local time with the zone's name (a team spans zones, and a
+    daemon's log is in UTC); ``-`` when there is none."""
+    if not isinstance(ts, (int, float)) or isinstance(ts, bool):
+        return "-"
+    return time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(ts))
 
 
 def table(rows: list[list[str]], headers: list[str]) -> str:

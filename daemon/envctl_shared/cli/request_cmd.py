@@ -13,13 +13,12 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from ..errors import EX_OK, BuildFailed, FilesystemError
-from .output import emit_json, table
+from .output import emit_json, local_time, table
 from .status_cmd import add_socket_option, client_for
 
 _ID_HELP = "job id, or a unique prefix of it (at least 4 digits)"
@@ -196,15 +195,11 @@ def render_job(job: dict[str, Any]) -> str:
     rows = [("id", job["id"]), ("name", job["name"]), ("state", job["state"]),
             ("phase", job.get("phase") or "-"), ("backend", job.get("backend")),
             ("requester", who), ("replace", "yes" if job.get("replace") else "no"),
-            ("created", _when(job.get("created_at"))), ("started", _when(job.get("started_at"))),
-            ("finished", _when(job.get("finished_at"))), ("prefix", job.get("prefix") or "-"),
+            ("created", local_time(job.get("created_at"))),
+            ("started", local_time(job.get("started_at"))),
+            ("finished", local_time(job.get("finished_at"))), ("prefix", job.get("prefix") or "-"),
             ("detail", job.get("exit_detail") or "-")]
     return "\n".join(f"{k + ':':<11}{v}" for k, v in rows)
-
-
-def _when(ts: float | None) -> str:
-    """A job time for people: their local time, with the zone (a team spans zones)."""
-    return "-" if ts is None else time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(ts))
 
 
 _TIMES = ("created", "started", "finished")
@@ -232,7 +227,7 @@ def run_list(args: argparse.Namespace) -> int:
         return EX_OK
     rows = [[j["id"], j["name"], j["state"], j.get("phase") or "-", j["backend"],
              _requester(j),
-             _when(j.get("created_at"))] for j in jobs]
+             local_time(j.get("created_at"))] for j in jobs]
     print(table(rows, ["ID", "NAME", "STATE", "PHASE", "BACKEND", "USER", "CREATED"]))
     return EX_OK
 
