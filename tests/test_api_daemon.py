@@ -109,7 +109,8 @@ def test_bad_names_refused_over_socket(api: ApiDaemon, accounts: Accounts, name:
 
 
 @pytest.mark.parametrize("spec,words", [
-    ("prefix: /tmp/evil\ndependencies: [hello]\n", "prefix"),
+    # (a prefix: is accepted and ignored: conda env export writes one; see test_cli_conda_compat)
+    ("dependencies: [hello]\nvariables: {PATH: /tmp/evil}\n", "set by activation"),
     ("channels: [https://evil.example/chan]\ndependencies: [hello]\n", "channel"),
     ("dependencies: [hello]\nsurprise: 1\n", "surprise"),
     ("dependencies:\n  - pip:\n    - --index-url=https://evil.example\n", "pip"),
