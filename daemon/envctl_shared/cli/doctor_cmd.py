@@ -21,14 +21,16 @@ import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .. import condarc
 from .. import config as cfgmod
 from ..errors import EX_FAILURE, EX_OK, EnvctlError
 from ..fsinfo import mount_of
 from .access import group_access, group_name, membership_fix, missing_hint
 from .output import emit_json, hint_of, local_time, quote_name
+
+if TYPE_CHECKING:
+    from ..condarc import EnvsDirs
 
 PROBLEMS_SHOWN = 5  # violations listed for an env (the count says how many in all)
 PYTHON_TIMEOUT = 60.0  # a first import on a cold network filesystem can take a while
@@ -111,8 +113,10 @@ def run(args: argparse.Namespace) -> int:
     if not ctx.roots:
         ctx.add("roots", False, "no root to check: the daemon did not say, and none was given",
                 "name one: 'envctl doctor --root /efs/shared/.conda/envs', or --config FILE")
+    from ..condarc import envs_dirs  # here: YAML is not loaded for other commands
+
     umask = current_umask()
-    envs = condarc.envs_dirs()
+    envs = envs_dirs()
     for root in ctx.roots:
         check_root(ctx, root, umask, envs)
     check_condarc_files(ctx, envs)
@@ -220,7 +224,7 @@ def current_umask() -> int:
     return mask
 
 
-def check_root(ctx: Context, root: RootInfo, umask: int, envs: condarc.EnvsDirs) -> None:
+def check_root(ctx: Context, root: RootInfo, umask: int, envs: EnvsDirs) -> None:
     shown = quote_name(str(root.path))
     try:
         st = os.stat(root.path)
@@ -312,7 +316,7 @@ def check_mode(ctx: Context, root: RootInfo, st: os.stat_result, gid: int) -> No
             str(root.path))
 
 
-def check_envs_dirs(ctx: Context, root: RootInfo, envs: condarc.EnvsDirs) -> None:
+def check_envs_dirs(ctx: Context, root: RootInfo, envs: EnvsDirs) -> None:
     """conda lists a root's envs only when envs_dirs names it; only the root where envs are
     built matters when a configuration says which."""
     if ctx.requests_root is not None and root.path != ctx.requests_root:
@@ -329,7 +333,7 @@ def check_envs_dirs(ctx: Context, root: RootInfo, envs: condarc.EnvsDirs) -> Non
                 f"'envctl init {shown} --group G' for everyone)", str(root.path))
 
 
-def check_condarc_files(ctx: Context, envs: condarc.EnvsDirs) -> None:
+def check_condarc_files(ctx: Context, envs: EnvsDirs) -> None:
     for path, reason in envs.broken:
         ctx.add("condarc", False, f"conda cannot read {quote_name(path)}: {reason}",
                 "fix or remove that file (conda fails on it too)", path)

@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .. import condarc
 from .. import config as cfgmod
 from ..errors import EX_OK, ConfigError, FilesystemError, UsageError
 from .access import missing_hint
@@ -69,6 +68,8 @@ def add_parser(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from .. import condarc  # here: YAML is not loaded for other commands
+
     root = Path(os.path.abspath(args.root))
     others, bits = MODES[args.mode]
     gid = _gid(args.group)
