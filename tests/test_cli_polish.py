@@ -281,3 +281,13 @@ def test_a_name_being_built_is_not_hinted_to_replace(api: ApiDaemon, accounts: A
         api.cli(accounts.alice, "request", "cancel", job_id)
         wait_for(lambda: api.cli(accounts.alice, "request", "status", job_id).returncode != 0,
                  30, what="the slow job cancelled")
+
+
+def test_the_cli_starts_without_yaml_or_the_healer_extension() -> None:
+    """Every command's start-up cost: YAML (doctor/init/config) and the C extension are loaded
+    only by the commands that use them."""
+    code = ("import sys, envctl_shared.cli.main; "
+            "print(sorted(m for m in sys.modules if m == 'yaml' or m.endswith('_fastfs')))")
+    res = subprocess.run([str(VENV_BIN / "python"), "-c", code], capture_output=True,
+                         text=True, check=True)
+    assert res.stdout.strip() == "[]"
