@@ -36,12 +36,16 @@ PLACEHOLDER = "/opt/anaconda1anaconda2anaconda3"
 
 @dataclass
 class CondaPackage:
-    """One noarch package: ``files`` maps prefix-relative paths to (content, executable)."""
+    """One package: ``files`` maps prefix-relative paths to (content, executable), ``links``
+    prefix-relative paths to symlink targets. ``subdir`` noarch is a ``noarch: generic``
+    package; a platform's (``linux-64``) holds binaries for it."""
 
     name: str
     version: str = "1.0"
     depends: list[str] = field(default_factory=list)
-    files: dict[str, tuple[str, bool]] = field(default_factory=dict)
+    files: dict[str, tuple[str | bytes, bool]] = field(default_factory=dict)
+    links: dict[str, str] = field(default_factory=dict)
+    subdir: str = "noarch"
 
     @property
     def filename(self) -> str:
@@ -55,29 +59,81 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes, mode: int = 0o644) -> Non
     tar.addfile(info, io.BytesIO(data))
 
 
+def _bytes(content: str | bytes) -> bytes:
+    return content.encode() if isinstance(content, str) else content
+
+
 def write_conda_package(pkg: CondaPackage, subdir: Path) -> Path:
     """Write ``pkg`` as a .tar.bz2 into ``subdir``; text files containing PLACEHOLDER are
     declared with a prefix placeholder, so installing relocates them."""
-    index = {"name": pkg.name, "version": pkg.version, "build": "0", "build_number": 0,
-             "depends": pkg.depends, "subdir": "noarch", "noarch": "generic",
-             "license": "MIT"}
-    paths = []
+    index: dict[str, object] = {"name": pkg.name, "version": pkg.version, "build": "0",
+                                "build_number": 0, "depends": pkg.depends,
+                                "subdir": pkg.subdir, "license": "MIT"}
+    if pkg.subdir == "noarch":
+        index["noarch"] = "generic"
+    paths: list[dict[str, object]] = []
     for rel, (content, _exe) in sorted(pkg.files.items()):
-        data = content.encode()
+        data = _bytes(content)
         entry: dict[str, object] = {"_path": rel, "path_type": "hardlink",
                                     "sha256": hashlib.sha256(data).hexdigest(),
                                     "size_in_bytes": len(data)}
-        if PLACEHOLDER in content:
+        if PLACEHOLDER.encode() in data:
             entry.update(prefix_placeholder=PLACEHOLDER, file_mode="text")
         paths.append(entry)
+    paths += [{"_path": rel, "path_type": "softlink"} for rel in sorted(pkg.links)]
     out = subdir / pkg.filename
     with tarfile.open(out, "w:bz2") as tar:
         _add(tar, "info/index.json", json.dumps(index).encode())
         _add(tar, "info/paths.json", json.dumps({"paths": paths, "paths_version": 1}).encode())
-        _add(tar, "info/files", "".join(f"{p}\n" for p in sorted(pkg.files)).encode())
+        _add(tar, "info/files", "".join(f"{p}\n" for p in sorted([*pkg.files, *pkg.links]))
+             .encode())
         for rel, (content, exe) in sorted(pkg.files.items()):
-            _add(tar, rel, content.encode(), 0o755 if exe else 0o644)
+            _add(tar, rel, _bytes(content), 0o755 if exe else 0o644)
+        for rel, target in sorted(pkg.links.items()):
+            info = tarfile.TarInfo(rel)
+            info.type, info.linkname = tarfile.SYMTYPE, target
+            tar.addfile(info)
     return out
+
+
+HOST_PYTHON = Path("/usr/bin/python3.11")
+HOST_STDLIB = Path("/usr/lib/python3.11")
+# Left out of the test's python package: tests, the static library, GUI and 2to3 tools,
+# bytecode (written on first use) and Debian's pointers back to the host (/etc, pip's refusal).
+_STDLIB_SKIP = {"test", "idlelib", "tkinter", "turtledemo", "lib2to3", "pydoc_data",
+                "__pycache__", "EXTERNALLY-MANAGED", "sitecustomize.py"}
+
+
+def python_package() -> CondaPackage:
+    """``python`` 3.11 for linux-64 made of this machine's Debian interpreter, as a conda
+    package is: ``bin/python3.11`` (+ ``python3``/``python`` links), the stdlib under
+    ``lib/python3.11`` (where the interpreter looks first, from its own path: the ``os.py``
+    landmark, so no PYTHONHOME), and pip's and setuptools' wheels under
+    ``share/python-wheels`` for ``venv``'s ensurepip — found through sysconfig's
+    ``WHEEL_PKG_DIR``, a prefix placeholder that the installer relocates (as conda-forge's
+    python bakes its prefix into ``_sysconfigdata``)."""
+    files: dict[str, tuple[str | bytes, bool]] = {
+        "bin/python3.11": (HOST_PYTHON.read_bytes(), True)}
+    links = {"bin/python3": "python3.11", "bin/python": "python3.11"}
+    for dirpath, dirnames, filenames in os.walk(HOST_STDLIB):
+        dirnames[:] = [d for d in dirnames if d not in _STDLIB_SKIP
+                       and not d.startswith("config-")]
+        for name in filenames:
+            path = Path(dirpath) / name
+            rel = f"lib/python3.11/{path.relative_to(HOST_STDLIB)}"
+            if name in _STDLIB_SKIP:
+                continue
+            if path.is_symlink():  # Debian: one _sysconfigdata under two names
+                links[rel] = os.readlink(path)
+                continue
+            data = path.read_bytes()
+            if name.startswith("_sysconfigdata_"):
+                data = data.replace(b"'/usr/share/python-wheels/'",
+                                    f"'{PLACEHOLDER}/share/python-wheels/'".encode())
+            files[rel] = (data, os.access(path, os.X_OK))
+    for wheel in Path("/usr/share/python-wheels").glob("*.whl"):
+        files[f"share/python-wheels/{wheel.name}"] = (wheel.read_bytes(), False)
+    return CondaPackage("python", "3.11.2", files=files, links=links, subdir="linux-64")
 
 
 def app_package(version: str) -> CondaPackage:
@@ -103,11 +159,12 @@ def hello_packages() -> list[CondaPackage]:
 
 
 def build_channel(root: Path, packages: list[CondaPackage]) -> Path:
-    """Write a channel with a ``noarch`` subdir and index it with rattler; return its dir."""
-    noarch = root / "noarch"
-    noarch.mkdir(parents=True, exist_ok=True)
+    """Write a channel (a ``noarch`` subdir, and the platforms' the packages need) and index
+    it with rattler; return its dir."""
+    (root / "noarch").mkdir(parents=True, exist_ok=True)
     for pkg in packages:
-        write_conda_package(pkg, noarch)
+        (root / pkg.subdir).mkdir(exist_ok=True)
+        write_conda_package(pkg, root / pkg.subdir)
     import rattler.index  # the venv has py-rattler (the daemon extra)
 
     asyncio.run(rattler.index.index_fs(root))

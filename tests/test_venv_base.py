@@ -5,12 +5,21 @@ and user pods mount (NFS, EFS, FUSE), the daemon's own ``/usr/bin/python3`` is o
 have: loading a configuration that would build such venvs is refused, naming the key and the
 way out. The network filesystem here is a real FUSE mount (bindfs), which the daemon treats as
 remote like NFS; the same root reached without FUSE is local and keeps the old default.
+
+The way out, ``requests.venv_base``, for real: a daemon builds its base Python into the root
+with rattler — from a local channel holding a real ``python`` conda package made of this
+machine's Debian interpreter and stdlib (``jobs_support.python_package``; conda-forge is not
+reachable here) — and builds a venv on it; that venv then runs, as a user, in a mount namespace
+where the host's Python is hidden, as in a user pod whose image has none.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -19,8 +28,10 @@ import yaml
 from envctl_shared.config import parse, single_root
 from envctl_shared.errors import EX_CONFIG, ConfigError
 
-from tests.conftest import Accounts
+from tests.api_support import VENV_SPEC, ApiDaemon, start_api_daemon
+from tests.conftest import Accounts, User
 from tests.helpers import VENV_BIN
+from tests.jobs_support import HOST_PYTHON, HOST_STDLIB, build_channel, python_package
 
 
 @pytest.fixture
@@ -50,7 +61,7 @@ def test_venv_python_outside_a_network_root_is_refused_at_load(
         parse(_raw(mnt, accounts), source="envctld.yaml")  # the default /usr/bin/python3
     msg = err.value.message
     assert msg.startswith("envctld.yaml: requests.venv_python: /usr/bin/python3 is outside")
-    assert "network filesystem" in msg and "envctl request create python" in msg
+    assert "network filesystem" in msg and "requests.venv_base" in msg
     # A Python env inside the root is what every consumer has.
     bindir = mnt / "python" / "bin"
     bindir.mkdir(parents=True)
@@ -60,6 +71,14 @@ def test_venv_python_outside_a_network_root_is_refused_at_load(
     os.symlink("/usr/bin/python3", bindir / "host-python")
     with pytest.raises(ConfigError, match="outside the requests root"):
         parse(_raw(mnt, accounts, venv_python=str(bindir / "host-python")))
+    # A base the daemon keeps in the root is the way out; it names python, and is the only
+    # interpreter a venv could run.
+    base = {"dependencies": ["python=3.12"]}
+    assert parse(_raw(mnt, accounts, venv_base=base)).requests.venv_base is not None
+    with pytest.raises(ConfigError, match="requests.venv_base: set either venv_base"):
+        parse(_raw(mnt, accounts, venv_base=base, venv_python=str(bindir / "python3")))
+    with pytest.raises(ConfigError, match="venv_base.dependencies: must list python"):
+        parse(_raw(mnt, accounts, venv_base={"dependencies": ["pythonista"]}))
     # No venv builds, or a local root: nothing to refuse.
     parse(_raw(mnt, accounts, allowed_backends=["rattler"]))
     single_root(mnt, accounts.shared_group)  # `envctl heal PATH --group G` builds nothing
@@ -70,3 +89,93 @@ def test_venv_python_outside_a_network_root_is_refused_at_load(
     res = subprocess.run([str(VENV_BIN / "envctl"), "check", "--config", str(cfg)], text=True,
                          capture_output=True, timeout=60)
     assert res.returncode == EX_CONFIG and "requests.venv_python" in res.stderr, res.stderr
+
+
+# -- the base Python the daemon keeps in the root ------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def python_channel() -> Iterator[Path]:
+    """A local channel with the machine's Python as a linux-64 ``python`` package."""
+    base = Path("/tmp/envctl-tests")
+    base.mkdir(mode=0o755, exist_ok=True)
+    path = Path(tempfile.mkdtemp(dir=base, prefix="pychannel-"))
+    os.chmod(path, 0o755)
+    try:
+        yield build_channel(path, [python_package()])
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def base_api(accounts: Accounts, python_channel: Path) -> Iterator[ApiDaemon]:
+    """A real daemon whose venvs are built on a base Python it keeps in the root."""
+    yield from start_api_daemon(accounts, venv_python=None, venv_base={
+        "dependencies": ["python 3.11.*"], "channels": [str(python_channel)]})
+
+
+def _hidden_host_python(user: User, *argv: str) -> subprocess.CompletedProcess[str]:
+    """``argv`` as ``user`` in a mount namespace without the host's Python — an empty
+    directory over its stdlib, /dev/null over its interpreter —, as in a user pod whose image
+    has none. The namespace (and its mounts) ends with the command."""
+    empty = tempfile.mkdtemp(dir="/tmp/envctl-tests")
+    hide = (f"mount --bind {empty} {HOST_STDLIB} && mount --bind /dev/null {HOST_PYTHON} && "
+            f"exec setpriv --reuid={user.uid} --regid={user.gid} --clear-groups \"$@\"")
+    try:
+        return subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c",
+                               hide, "sh", *argv], text=True, capture_output=True, timeout=60,
+                              cwd="/", env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"})
+    finally:
+        os.rmdir(empty)
+
+
+def _home(prefix: Path) -> str:
+    lines = (prefix / "pyvenv.cfg").read_text().splitlines()
+    return next(line.split("=", 1)[1].strip() for line in lines if line.startswith("home"))
+
+
+def test_venv_on_the_base_python_in_the_root_runs_without_the_host_python(
+        base_api: ApiDaemon, accounts: Accounts, scratch: Path) -> None:
+    api = base_api
+    spec = api.write_spec(VENV_SPEC)  # pip: [greetlib], from the daemon's wheelhouse
+    res = api.cli(accounts.alice, "request", "create", "pyenv", "-f", str(spec), "--backend",
+                  "venv", "--json", timeout=300)
+    assert res.returncode == 0, res.stderr + res.stdout
+    log = Path(json.loads(res.stdout)["log_path"]).read_text()
+    # The daemon built its base with rattler into the root, healed it, and recorded it.
+    bases = [p for p in (api.root / ".envctl" / "base").iterdir() if p.is_dir()]
+    assert len(bases) == 1 and bases[0].name.startswith("python-"), bases
+    base = bases[0]
+    assert f"building the venv base {base.name}" in log and "link python" in log, log
+    assert f"healed .envctl/base/{base.name}:" in log, log
+    record = json.loads((base.parent / f"{base.name}.json").read_text())
+    assert record["state"] == "ready" and record["kind"] == "venv-base"
+    assert [p["name"] for p in record["packages"]] == ["python"]
+    assert base.stat().st_gid == accounts.shared_gid  # healed like the rest of the root
+    # The venv runs that base for life.
+    version = (api.root / "pyenv").resolve()
+    assert _home(version) == str(base / "bin")
+    assert os.readlink(version / "bin" / "python3") == str(base / "bin" / "python3")
+    # ... and runs, for a user, where the host's Python is not.
+    code = "import sys, greetlib; print(sys.prefix, greetlib.GREETING)"
+    run = _hidden_host_python(accounts.alice, str(api.root / "pyenv" / "bin" / "python"),
+                              "-c", code)
+    assert run.returncode == 0, run.stderr
+    prefix, greeting = run.stdout.split()
+    assert Path(prefix).resolve() == version and greeting == "hi", run.stdout
+    # The same run fails for a venv on the host's Python (the old venv_python, /usr/bin/python3):
+    # its interpreter is not there (here /dev/null: cannot be executed).
+    old = scratch / "old-venv"
+    subprocess.run([str(HOST_PYTHON), "-m", "venv", "--without-pip", str(old)], check=True)
+    assert _home(old) == str(HOST_PYTHON.parent)
+    broken = _hidden_host_python(accounts.alice, str(old / "bin" / "python"), "-c", code)
+    assert broken.returncode != 0 and not broken.stdout, broken.stderr
+    # A second venv is built on the same base, not on a new one.
+    res = api.cli(accounts.bob, "request", "create", "pyenv2", "-f", str(spec), "--backend",
+                  "venv", "--json", timeout=300)
+    assert res.returncode == 0, res.stderr + res.stdout
+    log = Path(json.loads(res.stdout)["log_path"]).read_text()
+    assert f"venv base: {base}/bin/python3 (built before)" in log, log
+    assert _home((api.root / "pyenv2").resolve()) == str(base / "bin")
+    assert [p.name for p in (api.root / ".envctl" / "base").iterdir() if p.is_dir()] == [
+        base.name]

@@ -71,6 +71,16 @@ class SocketConfig:
 
 
 @dataclass(frozen=True)
+class VenvBaseConfig:
+    """The venvs' base Python, built by the daemon with rattler inside the requests root (see
+    ``jobs.base_python``): ``dependencies`` are conda match specs (python among them),
+    ``channels`` empty means ``requests.default_channels``."""
+
+    dependencies: tuple[str, ...]
+    channels: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class RequestsConfig:
     """Who may ask for environments, and how the daemon builds them."""
 
@@ -93,6 +103,7 @@ class RequestsConfig:
     platforms: tuple[str, ...] = ()
     conda_exe: str | None = None
     venv_python: str = "/usr/bin/python3"
+    venv_base: VenvBaseConfig | None = None  # set: venvs run a Python the daemon keeps in the root
     pip_args: tuple[str, ...] = ()
     # Variables of the daemon's own environment passed to builds (e.g. HTTPS_PROXY,
     # PIP_INDEX_URL); everything else is scrubbed.
@@ -331,6 +342,7 @@ def _requests(source: str, data: Any, roots: tuple[RootConfig, ...],
         platforms=r.strings("platforms"),
         conda_exe=conda_exe,
         venv_python=r.get("venv_python", str, d.venv_python),
+        venv_base=_venv_base(source, r),
         pip_args=r.strings("pip_args"),
         build_env=_build_env(r),
         allow_pip_options=r.get("allow_pip_options", bool, d.allow_pip_options),
@@ -363,14 +375,33 @@ def _build_env(r: _Reader) -> tuple[str, ...]:
     return names
 
 
+def _venv_base(source: str, r: _Reader) -> VenvBaseConfig | None:
+    """``requests.venv_base``: the Python env venvs are built on, kept by the daemon in the
+    root. Exclusive with ``venv_python`` (which interpreter would a venv run?)."""
+    data = r.get("venv_base", dict, None)
+    if data is None:
+        return None
+    if r.data.get("venv_python") is not None:
+        r.fail("venv_base", "set either venv_base (a Python the daemon builds in the root) or "
+               "venv_python (an interpreter you provide), not both")
+    b = _Reader(source, "requests.venv_base", data)
+    deps = b.strings("dependencies")
+    if not any(re.split(r"[\s=<>!~\[]", dep, maxsplit=1)[0] == "python" for dep in deps):
+        b.fail("dependencies", "must list python (e.g. [python=3.12]): it is the venvs' "
+               "interpreter")
+    channels = b.strings("channels")
+    b.finish()
+    return VenvBaseConfig(dependencies=deps, channels=channels)
+
+
 def _check_venv_python(source: str, cfg: RequestsConfig, roots: tuple[RootConfig, ...]) -> None:
     """A venv runs its base interpreter for life (``pyvenv.cfg`` ``home``). On a root that other
     hosts and pods mount (a network or FUSE filesystem), a ``venv_python`` outside that root —
     the daemon's own ``/usr/bin/python3`` — is one they may not have, or have in another
     version: every venv built with it would be broken there. Refused here, not at the first
     build. The interpreter's real path counts (a symlink in the root to /usr/bin is outside)."""
-    if "venv" not in cfg.allowed_backends or not cfg.enabled:
-        return
+    if "venv" not in cfg.allowed_backends or not cfg.enabled or cfg.venv_base is not None:
+        return  # venv_base: a Python in the root by construction
     from .fsinfo import mount_of  # here: the filesystem is only asked when venvs are built
 
     root = cfg.root or roots[0].path
@@ -383,9 +414,9 @@ def _check_venv_python(source: str, cfg: RequestsConfig, roots: tuple[RootConfig
                 "venv_python", f"{cfg.venv_python} is outside the requests root {root}, which "
                 "is on a network filesystem: a venv built with it runs that interpreter "
                 f"({path}), which other hosts and user pods mounting {root} may not have. "
-                "Build a Python env in the root (envctl request create python -f "
-                "python.yml, with python in its dependencies) and set venv_python to its "
-                "bin/python3, or remove venv from allowed_backends")
+                "Let the daemon keep a Python in the root instead (requests.venv_base: "
+                "{dependencies: [python=3.12]}, built with rattler), or remove venv from "
+                "allowed_backends")
 
 
 def _jupyterhub(source: str, data: Any, base: Path) -> JupyterHubConfig:

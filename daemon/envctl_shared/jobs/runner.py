@@ -30,8 +30,8 @@ from ..errors import BuildFailed, Conflict, EnvctlError
 from ..fsinfo import walk_concurrency
 from ..heal import Healer
 from . import cgroup as cgroups
-from . import envs, kernels, layout, procs
-from .backends import PHASE_MARK, PHASES, BuildContext, get_backend, test_step
+from . import base_python, envs, kernels, layout, procs
+from .backends import PHASE_MARK, PHASES, BuildContext, backend_named, get_backend, test_step
 from .lock import NameLock
 from .model import Job, State
 from .spec import EnvSpec, parse_spec
@@ -163,6 +163,8 @@ class Build:
             version = envs.next_version(env_fd)
             try:
                 ctx = self._prepare(env_fd, user, spec, version)
+                if job.backend == "venv" and self.cfg.venv_base is not None:
+                    ctx = self._venv_base(fds, ctx, user)
                 for step in self.backend.steps(ctx):
                     self._check_abort()
                     self._run_step(step.phase, list(step.argv), user, ctx.home)
@@ -181,6 +183,26 @@ class Build:
                 raise
         self._publish_kernel(kernel)
         return Outcome(State.SUCCEEDED, f"ready at {job.prefix} (version {version})")
+
+    def _venv_base(self, fds: dict[str, int], ctx: BuildContext,
+                   user: procs.BuildUser) -> BuildContext:
+        """The venv's base interpreter is the Python env the daemon keeps in the root
+        (``requests.venv_base``), built here with rattler and healed if this is the first venv
+        that needs it (see ``base_python``); the venv is then created by it."""
+        def build(prefix: Path) -> None:
+            for step in backend_named("rattler").steps(replace(ctx, prefix=prefix)):
+                self._check_abort()
+                self._run_step(step.phase, list(step.argv), user, ctx.home)
+            self._check_abort()
+            self._heal(str(prefix.relative_to(self.area.root)))
+
+        def wait(seconds: float) -> None:
+            self._abort_event.wait(seconds)
+            self._check_abort()
+
+        python = base_python.ensure(fds, self.area, self.cfg, user, self.job.id, build,
+                                    self.say, wait)
+        return replace(ctx, cfg=replace(ctx.cfg, venv_python=str(python)))
 
     def _probe_kernel(self, ctx: BuildContext, user: procs.BuildUser) -> bool | None:
         """Whether the new env has ipykernel (its python asked as the build user, before the

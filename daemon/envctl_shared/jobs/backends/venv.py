@@ -1,19 +1,25 @@
 """The ``venv`` backend: ``python -m venv`` + pip, for sites without conda.
 
 Decisions: conda dependencies are refused, except bare ``python`` and ``pip`` (the venv has both,
-from ``requests.venv_python``); everything else must be in the ``pip:`` list, which pip installs
+from its base interpreter); everything else must be in the ``pip:`` list, which pip installs
 from a requirements file with the admin's ``requests.pip_args`` (e.g. ``--no-index
 --find-links /srv/wheelhouse``) in front. Not relocatable (scripts carry absolute shebangs): built
 at the version's own path, where it runs. An empty ``pip:`` list is an empty venv (python and
 pip only). ``variables:`` are refused: a venv's activate script has no place for them.
+
+The base interpreter, which a venv runs for life (``pyvenv.cfg`` ``home``), is
+``requests.venv_python``, or with ``requests.venv_base`` a Python env the daemon keeps in the
+root (``jobs.base_python``): then the job's inputs also hold the rattler ``build.json`` of that
+base, which the runner builds the first time a venv needs it and passes in as ``venv_python``.
 """
 
 from __future__ import annotations
 
 from ...config import RequestsConfig
 from ...errors import ValidationError
+from ..base_python import build_file
 from ..spec import EnvSpec
-from . import BuildContext, Step
+from . import BuildContext, Step, rattler
 
 REQUIREMENTS = "requirements.txt"
 _IMPLIED = ("python", "pip")
@@ -36,7 +42,10 @@ class VenvBackend:
                                   hint="leave variables: out, or use a conda backend")
 
     def files(self, spec: EnvSpec, cfg: RequestsConfig) -> dict[str, str]:
-        return {REQUIREMENTS: "".join(f"{req}\n" for req in spec.pip)}
+        files = {REQUIREMENTS: "".join(f"{req}\n" for req in spec.pip)}
+        if cfg.venv_base is not None:
+            files[rattler.BUILD_FILE] = build_file(cfg)
+        return files
 
     def steps(self, ctx: BuildContext) -> list[Step]:
         prefix = str(ctx.prefix)
