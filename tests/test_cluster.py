@@ -11,6 +11,7 @@ counters give the metadata operations each host sends to the "server".
 from __future__ import annotations
 
 import contextlib
+import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ from typing import Any
 import pytest
 
 from bench.latencyfs import Counters, LatencyFs, latencyfs
+from envctl_shared.daemon.leader import PollerLease
 from tests.conftest import Accounts
 from tests.daemon_support import write_config
 from tests.helpers import VENV_BIN, as_user, find_violations, wait_for
@@ -27,7 +29,7 @@ pytest_plugins = ("tests.fixtures_daemon",)  # the envctld fixture
 pytestmark = pytest.mark.fuse
 
 POLL = 2.0  # poll_interval of every daemon: takeover must come within 2 x this
-WINDOW = 10.0  # seconds of idle metadata traffic compared (per-minute rates, scaled down)
+PASSES = 5  # poll passes per window of metadata traffic compared
 HOSTS = ("hostA", "hostB", "hostC")
 
 
@@ -37,11 +39,19 @@ def _poller(sock: Path) -> dict[str, Any]:
             "polls": root["poll_passes"], "fixed": root["fixed"], "mode": root["mode"]}
 
 
-def _traffic(mounts: list[LatencyFs], seconds: float) -> list[Counters]:
-    """What each mount served to its daemon during ``seconds`` of doing nothing else."""
-    before = [m.counters() for m in mounts]
-    time.sleep(seconds)
-    return [m.counters().since(b) for m, b in zip(mounts, before)]
+def _traffic(mounts: list[LatencyFs], leader: Path) -> tuple[list[Counters], float]:
+    """What each mount served to its daemon while the leader (on socket ``leader``) ran
+    exactly ``PASSES`` poll passes and nothing else happened, and how long that took: a window
+    of whole passes, so that rates compare without a pass more or less in one of them."""
+    def passes() -> int:
+        return int(daemon_status(leader)["roots"][0]["poll_passes"])
+
+    n = passes()
+    wait_for(lambda: passes() > n, 3 * POLL, 0.01, "a poll pass ended")
+    before, start, n = [m.counters() for m in mounts], time.monotonic(), passes()
+    wait_for(lambda: passes() >= n + PASSES, (PASSES + 2) * POLL, 0.01, f"{PASSES} poll passes")
+    took = time.monotonic() - start
+    return [m.counters().since(b) for m, b in zip(mounts, before)], took
 
 
 def _healed(backing: Path, accounts: Accounts, timeout: float, what: str) -> float:
@@ -72,20 +82,21 @@ def test_three_hosts_one_poller(accounts: Accounts, scratch: Path, envctld) -> N
         _healed(backing, accounts, 15, "the startup reconcile healed the copied tree")
         assert _poller(socks[0])["role"] == "leader"
         wait_for(lambda: _poller(socks[0])["polls"] >= 2, 4 * POLL, 0.1, "hostA polls")
-        alone = sum(c.total for c in _traffic(mounts, WINDOW))
+        traffic, took = _traffic(mounts, socks[0])
+        alone = sum(c.total for c in traffic) / took * 60
 
         # Three hosts: still one poller, and about the same traffic on the shared filesystem.
         others = [envctld(cfg, host=host) for host, cfg in daemons[1:]]
         time.sleep(POLL)  # their start-up passes are over; measure the steady state
-        together = _traffic(mounts, WINDOW)
+        together, took = _traffic(mounts, socks[0])
         states = [_poller(s) for s in socks]
         assert [s["role"] for s in states] == ["leader", "follower", "follower"], states
         assert all(s["leader"]["host"] == "hostA" for s in states), states
         assert states[0]["mode"] == "inotify+poll" and states[1]["mode"] == "inotify+standby"
         assert states[1]["polls"] == 0 and states[2]["polls"] == 0
-        total = sum(c.total for c in together)
-        print(f"metadata ops in {WINDOW:.0f}s: one daemon {alone}, three daemons {total} "
-              f"({total / alone:.3f}x); per host "
+        total = sum(c.total for c in together) / took * 60
+        print(f"metadata ops per minute: one daemon {alone:.0f}, three daemons {total:.0f} "
+              f"({total / alone:.3f}x); per host in {took:.1f}s "
               f"{[(c.total, c.ops.get('lock', 0)) for c in together]} (total, lock)")
         assert total <= 1.25 * alone
         for follower in together[1:]:  # a standby host sends its lock attempts, nothing else
@@ -128,8 +139,6 @@ def test_three_hosts_one_poller(accounts: Accounts, scratch: Path, envctld) -> N
 
 
 def _status_text(sock: Path) -> str:
-    import subprocess
-
     r = subprocess.run([str(VENV_BIN / "envctl"), "status", "--socket", str(sock)],
                        capture_output=True, text=True, timeout=30)
     assert r.returncode == 0, r.stderr
@@ -142,8 +151,6 @@ def test_a_leader_that_loses_its_filesystem_stops_polling(accounts: Accounts,
     server dies: every call now fails with ENOTCONN, as a hung-up NFS mount fails). Its next
     attempt says it may not poll, and the other side, whose lock attempt now succeeds (the
     dead client's lock went with it), takes over."""
-    from envctl_shared.daemon.leader import PollerLease
-
     backing = make_root(scratch, accounts, "backing")
     with latencyfs(backing, scratch / "ma", 0.0) as ma, \
             latencyfs(backing, scratch / "mb", 0.0) as mb:

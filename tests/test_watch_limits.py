@@ -19,8 +19,8 @@ import pytest
 
 from tests.conftest import Accounts
 from tests.daemon_support import write_config
-from tests.helpers import as_user, find_violations, wait_for
-from tests.watch_support import make_root, make_source, scaled, sysctl
+from tests.helpers import VENV_BIN, as_user, find_violations, wait_for
+from tests.watch_support import daemon_status, make_root, make_source, scaled, sysctl
 
 pytest_plugins = ("tests.fixtures_daemon",)  # the envctld fixture
 
@@ -136,4 +136,33 @@ def test_poll_mode_and_periodic_full_reconcile(accounts: Accounts, scratch: Path
              "healed by the periodic full reconcile")
     # Only a reconcile that fixed something logs at INFO (polls' heals do not log).
     wait_for(lambda: len(fixes.findall(d.log_text())) > before, 5, 0.05, "the reconcile's line")
+    d.stop()
+
+
+def test_watches_needed_against_the_limit_at_start_and_in_status(accounts: Accounts,
+                                                                  scratch: Path,
+                                                                  envctld) -> None:
+    """An admin sizes fs.inotify.max_user_watches from what the daemon says it needs: one
+    watch per directory of every root, said at start (a WARNING with the value to set when the
+    limit is short) and in ``envctl status``, also once the root fell back to polling."""
+    root = make_root(scratch, accounts)
+    dirs = 300
+    for i in range(dirs):
+        (root / "many" / f"d{i}").mkdir(parents=True)
+    cfg = write_config(scratch, [(root, accounts.shared_group)], watch={"mode": "auto"})
+    with sysctl("max_user_watches", _watches_of_uid0() + dirs // 2) as old:
+        d = envctld(cfg)
+        limit = int((Path("/proc/sys/fs/inotify/max_user_watches")).read_text())
+    line = re.search(r"WARNING \S+ inotify watches needed=(\d+) max_user_watches=(\d+) "
+                     r"hint=raise fs.inotify.max_user_watches above (\d+)", d.log_text())
+    assert line, d.log_text()[-3000:]
+    assert int(line[1]) >= dirs + 2 and int(line[2]) == limit
+    status = daemon_status(scratch / "envctld.sock")
+    assert status["inotify"]["needed"] == status["roots"][0]["watches_needed"] == int(line[1])
+    assert status["inotify"]["max_user_watches"] == old  # restored: read live
+    assert status["roots"][0]["mode"] == "poll"
+    text = subprocess.run([str(VENV_BIN / "envctl"), "status", "--socket",
+                           str(scratch / "envctld.sock")], capture_output=True, text=True).stdout
+    assert f"inotify watches: {int(line[1]):,} needed, fs.inotify.max_user_watches {old:,}" \
+        in text, text
     d.stop()

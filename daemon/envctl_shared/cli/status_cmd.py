@@ -87,6 +87,12 @@ def render(data: dict[str, Any]) -> str:
         pollers = [line for r in roots if isinstance(r, dict) if (line := _poller_line(r))]
         if pollers:
             lines += ["", *pollers]
+    budget = data.get("inotify")
+    if isinstance(budget, dict) and budget.get("needed"):
+        limit = budget.get("max_user_watches")
+        lines += ["", f"inotify watches: {budget['needed']:,} needed, "
+                      f"fs.inotify.max_user_watches "
+                      f"{f'{limit:,}' if isinstance(limit, int) else 'unknown'}"]
     failure = data.get("failure")
     if failure:  # printable only: it may quote a name from the tree
         lines += ["", "FAILED: " + "".join(c if c.isprintable() else

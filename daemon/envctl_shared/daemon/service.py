@@ -27,6 +27,10 @@ from ..watch import RootWatcher
 from .leader import PollerLease
 
 log = logging.getLogger("envctl.daemon")
+MAX_USER_WATCHES = "/proc/sys/fs/inotify/max_user_watches"
+# Warn when the roots alone need more than this share of the limit: the daemon's uid (root,
+# usually) shares it with every other process of that uid, and trees grow.
+WATCH_HEADROOM = 0.8
 
 
 class _Jobs(Protocol):
@@ -75,6 +79,7 @@ class Daemon:
         check_roots(self.config)
         for root in self.config.roots:
             self._start_root(root)
+        self._log_watch_budget()
         self._jobs = _start_jobs(self.config) if self.config.requests.enabled else None
         self._server = _start_server(self.config, self._jobs, self.status, listen_sock)
         self.ready = self.failure is None
@@ -102,6 +107,29 @@ class Daemon:
                  "poller=%s", root.path, st["mode"], st["watches"], st["scanned"], st["fixed"],
                  time.monotonic() - t0, lease.role if lease else "-",
                  extra=fields(root=root.path))
+
+    def inotify_budget(self) -> dict[str, int | None]:
+        """The inotify watches every root needs (one per directory) against the kernel's
+        per-user limit, which every process of the daemon's uid shares."""
+        needed = [w.status(watches=False)["watches_needed"] for w in self._roots.values()]
+        return {"needed": sum(n or 0 for n in needed),
+                "max_user_watches": _read_int(MAX_USER_WATCHES)}
+
+    def _log_watch_budget(self) -> None:
+        """One line at start: what the roots need against the limit; a WARNING with the
+        value to set when the limit is close or a root already fell back to polling for
+        want of watches (other processes of this uid held the rest)."""
+        budget = self.inotify_budget()
+        needed, limit = budget["needed"] or 0, budget["max_user_watches"]
+        roots = [w.status(watches=True) for w in self._roots.values()]
+        starved = any(r["watches_needed"] and "inotify" not in r["mode"] for r in roots)
+        short = limit is not None and (starved or needed > WATCH_HEADROOM * limit)
+        held = sum(r["watches"] or 0 for r in roots)
+        want = max(int(needed / WATCH_HEADROOM), (limit or 0) + needed - held)
+        log.log(logging.WARNING if short else logging.INFO,
+                "inotify watches needed=%d max_user_watches=%s%s", needed,
+                limit if limit is not None else "unknown",
+                f" hint=raise fs.inotify.max_user_watches above {want}" if short else "")
 
     def _root_failed(self, root: RootConfig, reason: str) -> None:
         if self.failure is None:
@@ -179,6 +207,7 @@ class Daemon:
             # liveness probe without systemd's watchdog (Kubernetes) judges a wedge by.
             "progress_age_s": round(time.monotonic() - self.heartbeat(), 1),
             "roots": [w.status(watches) for w in self._roots.values()],
+            "inotify": self.inotify_budget(),
             "jobs": self._jobs.counts() if self._jobs is not None else None,
         }
 
@@ -211,6 +240,14 @@ class Daemon:
                      r["errors"], r["events"], r["overflows"], r["rebuilds"], r["watch_errors"],
                      r["queue"], r["full_passes"], r["last_full_duration"] or 0.0,
                      extra=fields(root=r["path"]))
+
+
+def _read_int(path: str) -> int | None:
+    try:
+        with open(path) as fh:
+            return int(fh.read())
+    except (OSError, ValueError):
+        return None
 
 
 def _start_jobs(config: Config) -> _Jobs:

@@ -63,6 +63,7 @@ class RootStatus:
     echoes: int = 0  # queued entries found already compliant (our own events, mostly)
     heals: HealStats = field(default_factory=HealStats)
     full_passes: int = 0
+    dirs: int | None = None  # directories the last full pass found: one inotify watch each
     last_full_pass: float | None = None  # wall clock (time.time) of the last full reconcile end
     last_full_duration: float | None = None
     poll_passes: int = 0
@@ -354,6 +355,7 @@ class RootWatcher:
         self._account(stats)
         st = self._status
         st.full_passes += 1
+        st.dirs = stats.dirs
         st.last_full_pass = time.time()
         st.last_full_duration = stats.duration
         level = logging.INFO if stats.violations or stats.errors else logging.DEBUG
@@ -472,6 +474,9 @@ class RootWatcher:
             "failure": self.failure,
             "queue": len(self.queue),
             "watches": (self._inotify.watch_count() if self._inotify else 0) if watches else None,
+            # What inotify needs for this root (one watch per directory), whatever the mode:
+            # the figure to size fs.inotify.max_user_watches by (0 when configured to poll).
+            "watches_needed": 0 if self.watch_cfg.mode == "poll" else st.dirs,
             "poll_dirs": self._poller.directories if self._poller else 0,
             "full_passes": st.full_passes,
             "last_full_pass": st.last_full_pass,
