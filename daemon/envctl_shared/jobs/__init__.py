@@ -13,6 +13,7 @@ API builds a :class:`~envctl_shared.jobs.model.Requester` from the kernel's peer
 - ``procs``: spawning a build as the build user in its own process group, and killing groups
   (including orphans left by a ``kill -9``-ed daemon);
 - ``runner``: one job from lock to healed, renamed prefix; ``backends``: the command lines;
+- ``base_python``: the venvs' base Python the daemon keeps in the root (``requests.venv_base``);
 - ``manager``: the scheduler and the public API.
 """
 
