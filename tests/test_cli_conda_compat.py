@@ -128,3 +128,18 @@ def test_doctor_on_a_built_env(api: ApiDaemon, accounts: Accounts) -> None:
     checks = {c["check"]: c for c in json.loads(res.stdout)["checks"]}
     assert res.returncode == 1 and not checks["env"]["ok"]
     assert "envctl env list" in checks["env"]["fix"]
+
+
+def test_conda_backend_hands_variables_to_conda_env_create() -> None:
+    """The conda-family backends write the environment.yml that ``conda env create`` reads:
+    ``variables:`` go in it, and conda writes them to conda-meta/state itself."""
+    from envctl_shared.config import RequestsConfig
+    from envctl_shared.jobs.backends.conda import SPEC_FILE, CondaBackend
+    from envctl_shared.jobs.spec import parse_spec
+
+    cfg = RequestsConfig(conda_exe="/opt/conda/bin/conda")
+    spec = parse_spec("dependencies: [numpy]\nvariables: {OMP_NUM_THREADS: 4}\n", cfg)
+    doc = yaml.safe_load(CondaBackend("conda").files(spec, cfg)[SPEC_FILE])
+    assert doc["variables"] == {"OMP_NUM_THREADS": "4"} and doc["dependencies"] == ["numpy"]
+    plain = parse_spec("dependencies: [numpy]\n", cfg)
+    assert "variables" not in yaml.safe_load(CondaBackend("conda").files(plain, cfg)[SPEC_FILE])
