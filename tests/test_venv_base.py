@@ -21,17 +21,21 @@ import shutil
 import subprocess
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import pytest
 import yaml
 from envctl_shared.config import parse, single_root
 from envctl_shared.errors import EX_CONFIG, ConfigError
+from envctl_shared.jobs import JobManager, State, base_python, envs, layout
 
 from tests.api_support import VENV_SPEC, ApiDaemon, start_api_daemon
 from tests.conftest import Accounts, User
 from tests.helpers import VENV_BIN
-from tests.jobs_support import HOST_PYTHON, HOST_STDLIB, build_channel, python_package
+from tests.jobs_support import (ENV_VENV, HOST_PYTHON, HOST_STDLIB, JobsEnv, build_channel,
+                                full_log, python_package, wait_done)
+
+pytest_plugins = ("tests.fixtures_jobs",)  # jobs_env, manager_factory
 
 
 @pytest.fixture
@@ -179,3 +183,37 @@ def test_venv_on_the_base_python_in_the_root_runs_without_the_host_python(
     assert _home((api.root / "pyenv2").resolve()) == str(base / "bin")
     assert [p.name for p in (api.root / ".envctl" / "base").iterdir() if p.is_dir()] == [
         base.name]
+
+
+def test_one_base_for_venv_jobs_at_once_and_a_dead_builds_base_is_replaced(
+        jobs_env: JobsEnv, manager_factory: Callable[..., JobManager],
+        python_channel: Path) -> None:
+    """Two venv jobs started together need the same base: one builds it, the other waits for
+    it and reuses it (one base, built once). A base a dead build left (record still
+    ``building``) is removed and built again by the next venv job."""
+    cfg = jobs_env.config(max_concurrent=2, venv_python=None, venv_base={
+        "dependencies": ["python"], "channels": [str(python_channel)]})
+    area = layout.RootArea(jobs_env.root)
+    name = base_python.base_name(cfg.requests)
+    with area.open() as fds:  # as a build killed mid-way leaves it
+        base_fd = layout.checked_dir(fds["area"], "base", 0o755, "base")
+        envs.begin(base_fd, name, {"name": name}, 0, 0)
+        os.close(base_fd)
+    (area.path("base", name) / "half-linked").write_text("")
+    mgr = manager_factory(cfg)
+    who = jobs_env.requester("alice")
+    jobs = [mgr.submit(who, f"twin{i}", ENV_VENV, backend="venv") for i in (1, 2)]
+    logs = []
+    for job in jobs:
+        assert wait_done(mgr, job.id, 300).state == State.SUCCEEDED, full_log(mgr, job.id)
+        logs.append(full_log(mgr, job.id))
+    built = [log for log in logs if f"building the venv base {name}" in log]
+    assert len(built) == 1, logs
+    assert "left half-built by an interrupted build" in built[0]
+    waited = [log for log in logs if "(built before)" in log]
+    assert len(waited) == 1 and "waiting for the venv base" in waited[0], logs
+    assert sorted(p.name for p in area.path("base").iterdir()) == [name, f"{name}.json"]
+    assert not (area.path("base", name) / "half-linked").exists()
+    for i in (1, 2):
+        cfg_text = ((jobs_env.root / f"twin{i}").resolve() / "pyvenv.cfg").read_text()
+        assert f"home = {area.path('base', name, 'bin')}\n" in cfg_text

@@ -21,10 +21,10 @@ Decisions:
   shows the base's build; its timeout and cancel apply; a failure fails that job and the next
   venv job tries again): the record first (``building``), then the directory for the build
   user, the rattler child as the build user, the healing pass with its proof, the package
-  inventory, the record ``ready``. One build of a base at a time: a lock file in
-  ``.envctl/locks`` across daemons sharing the root (a base not ``ready`` found by the holder is
-  a dead build's: removed), and a thread lock within this daemon (POSIX locks do not exclude
-  threads of one process); a second venv job waits for the first's base instead of failing.
+  inventory, the record ``ready``. One build of a base at a time, under its ``NameLock``
+  (``.envctl/locks/.base-python-<key>.lock``: across daemons sharing the root, and between the
+  jobs of this one); a base not ``ready`` found by the holder is a dead build's (removed). A
+  second venv job waits for the lock — for the base it needs — instead of failing.
 """
 
 from __future__ import annotations
@@ -34,7 +34,6 @@ import hashlib
 import json
 import os
 import socket
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -48,7 +47,6 @@ from .lock import NameLock
 from .procs import BuildUser
 
 AREA_DIR = "base"  # <root>/.envctl/base: the daemon's (0755), like .envctl/envs
-_THREAD_LOCK = threading.Lock()  # one base build at a time in this daemon
 _RETRY = 2.0  # seconds between tries for a base another daemon is building
 
 
@@ -80,35 +78,27 @@ def interpreter(area: layout.RootArea, name: str) -> Path:
 def _locked(fds: dict[str, int], area: layout.RootArea, name: str, job_id: str,
             say: Callable[[str], None], wait: Callable[[float], None],
             timeout: float) -> Iterator[None]:
-    """Hold the base's build lock, waiting (abortably, up to ``timeout``) for another thread
-    or daemon that holds it: it is building the very base this job needs."""
+    """Hold the base's build lock, waiting (abortably, up to ``timeout``) while another job of
+    this daemon or another daemon holds it: it is building the very base this job needs."""
     deadline = time.monotonic() + timeout
-    while not _THREAD_LOCK.acquire(timeout=_RETRY):
-        wait(0)
-        if time.monotonic() >= deadline:
-            raise BuildFailed(f"gave up waiting for the venv base {name} (being built by "
-                              "another job of this daemon)", hint="request it again later")
-    try:
-        lock = NameLock(fds["locks"], str(area.root), f".base-{name}", job_id)
-        told = False
-        while True:
-            try:
-                lock.acquire()
-                break
-            except Conflict as exc:
-                if time.monotonic() >= deadline:
-                    raise BuildFailed(f"gave up waiting for the venv base {name}: {exc.message}",
-                                      hint="request it again later") from None
-                if not told:
-                    say(f"waiting for the venv base {name}: {exc.message}")
-                    told = True
-                wait(_RETRY)
+    lock = NameLock(fds["locks"], str(area.root), f".base-{name}", job_id)
+    told = False
+    while True:
         try:
-            yield
-        finally:
-            lock.release()
+            lock.acquire()
+            break
+        except Conflict as exc:
+            if time.monotonic() >= deadline:
+                raise BuildFailed(f"gave up waiting for the venv base {name}: {exc.message}",
+                                  hint="request it again later") from None
+            if not told:
+                say(f"waiting for the venv base {name}: {exc.message}")
+                told = True
+            wait(_RETRY)
+    try:
+        yield
     finally:
-        _THREAD_LOCK.release()
+        lock.release()
 
 
 def ensure(fds: dict[str, int], area: layout.RootArea, cfg: RequestsConfig, user: BuildUser,
