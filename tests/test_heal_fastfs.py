@@ -314,13 +314,13 @@ def test_check_stamps_of_a_chain_deeper_than_the_fd_window(scratch: Path,
             walk(fd, gid, mode_table("keep"), (0,), True, st.st_dev, st.mnt_id)  # compliant
             os.chown(top, accounts.alice.uid, gid)
             os.chmod(top, 0o2770)
-            stamps: dict[str, _Stamp] = {}
+            stamps: dict[int, _Stamp] = {}
             cur, rel = os.dup(fd), ""
             for i in range(levels + 1):  # stamp every level, fd by fd (paths > PATH_MAX)
                 st = stat_at(cur)
                 last = i == levels
-                stamps[rel] = _Stamp(st.st_ino, st.st_mtime_ns, st.st_ctime_ns,
-                                     () if last else ("d",))
+                stamps[st.st_ino] = _Stamp(st.st_ino, st.st_mtime_ns, st.st_ctime_ns,
+                                           () if last else ("d",))
                 nxt = -1 if last else os.open("d", os.O_RDONLY | os.O_DIRECTORY, dir_fd=cur)
                 os.close(cur)
                 cur, rel = nxt, f"{rel}/d" if rel else "d"

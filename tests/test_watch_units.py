@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from envctl_shared.watch.queue import Item, WorkQueue
 
 from tests.conftest import Accounts
 from tests.helpers import as_user, find_violations
+from tests.trees import make_chain
 from tests.watch_support import make_root, make_source
 
 
@@ -119,9 +121,30 @@ def test_poller_lists_only_changed_directories(accounts: Accounts, scratch: Path
     as_user(a.uid, a.gid, f"chmod g-w {root}/tree/pkg1/mod25/new")  # a file: invisible here...
     assert p.run().heal.writes == 0
     assert p.run(full=True).heal.writes == 1  # ...until the full pass
+    gone = {os.stat(d).st_ino for d, _, _ in os.walk(root / "tree" / "pkg2")}
+    known = p.directories
     os.system(f"rm -rf {root}/tree/pkg2")
-    p.run()
-    assert not any(k.startswith("tree/pkg2") for k in p._stamps)
+    p.run()  # a concurrent pass forgets what it did not see; the serial one, a full pass
+    if concurrency == 1:
+        p.run(full=True)
+    assert gone and not gone & set(p._stamps) and p.directories == known - len(gone)
+
+
+def test_poller_table_of_a_deep_chain_grows_linearly(accounts: Accounts, scratch: Path) -> None:
+    """The table holds one record per directory whose key does not grow with its depth: keyed
+    by path, a chain of 1,500 levels cost ~2.3 MB of keys (d²), here ~40 KB."""
+    root = make_root(scratch, accounts)
+    levels = 1500
+    make_chain(root, levels, accounts.alice.uid, accounts.alice.gid)
+    p = Poller(Healer(_root_cfg(root, accounts.shared_group)))
+    assert p.run().dirs == levels + 1
+    assert p.directories == levels + 1
+    keys = sum(sys.getsizeof(k) for k in p._stamps)
+    assert keys < 64 * (levels + 1), keys
+    assert p.run().listed == 0  # and it still knows every level unchanged
+    subprocess.run(["rm", "-rf", str(root / "d")], check=True)
+    p.run(full=True)
+    assert p.directories == 1
 
 
 class _Hooks:

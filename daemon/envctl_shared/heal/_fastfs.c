@@ -864,7 +864,7 @@ out:
 
 /* The stamp check of a serial poll pass: what the walk needs of the poller's table. */
 typedef struct {
-    PyObject *stamps; /* dict: rel -> object with ino, mtime, ctime, subdirs */
+    PyObject *stamps; /* dict: inode number -> object with ino, mtime, ctime, subdirs */
     PyObject *stale;  /* list of rel */
     uint32_t gid;
     const uint16_t *table;
@@ -885,12 +885,24 @@ typedef struct {
 
 static PyObject *s_ino, *s_mtime, *s_ctime, *s_subdirs;
 
-/* Whether the directory behind fd is correct and exactly as `stamp` recorded it; fills *st. */
-static int dir_unchanged(stamp_walk *w, int fd, PyObject *stamp, statx_buf *st)
+/* statx of the directory behind fd (counted as visited) and its stamp, looked up by its inode
+ * number: NULL (no Python error set) when it has none or cannot be statx'ed. Borrowed. */
+static PyObject *dir_stamp(stamp_walk *w, int fd, statx_buf *st)
 {
     if (fd_statx(fd, "", AT_EMPTY_PATH, STATX_WANT, st) != 0)
-        return 0;
+        return NULL;
     w->visited++;
+    PyObject *key = PyLong_FromUnsignedLongLong(st->sx.stx_ino);
+    if (!key)
+        return NULL;
+    PyObject *stamp = PyDict_GetItemWithError(w->stamps, key);
+    Py_DECREF(key);
+    return stamp;
+}
+
+/* Whether the directory statx'ed in *st is correct and exactly as `stamp` recorded it. */
+static int dir_unchanged(stamp_walk *w, PyObject *stamp, const statx_buf *st)
+{
     uint16_t mode = st->sx.stx_mode;
     if (!S_ISDIR(mode) || !same_fs(w->root_dev, w->root_mnt, st) || st->sx.stx_gid != w->gid ||
         w->table[mode] != (mode & 07777))
@@ -973,14 +985,12 @@ static int check_tree(stamp_walk *w, stamp_frame **frames, size_t *depth, size_t
             Py_XDECREF(child);
             return -1;
         }
-        PyObject *cstamp = PyDict_GetItemWithError(w->stamps, child); /* borrowed */
-        int cfd = -1;
-        if (cstamp)
-            cfd = openat(f->fd, PyBytes_AS_STRING(enc),
+        int cfd = openat(f->fd, PyBytes_AS_STRING(enc),
                          O_PATH | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
         Py_DECREF(enc);
         statx_buf st;
-        if (PyErr_Occurred() || cfd < 0 || !dir_unchanged(w, cfd, cstamp, &st)) {
+        PyObject *cstamp = cfd < 0 ? NULL : dir_stamp(w, cfd, &st); /* borrowed */
+        if (PyErr_Occurred() || !cstamp || !dir_unchanged(w, cstamp, &st)) {
             if (cfd >= 0)
                 close(cfd);
             int rc = PyErr_Occurred() ? -1 : PyList_Append(w->stale, child);
@@ -1000,10 +1010,11 @@ static int check_tree(stamp_walk *w, stamp_frame **frames, size_t *depth, size_t
 
 PyDoc_STRVAR(check_stamps_doc,
 "check_stamps(root_fd, stamps, gid, table, root_dev, root_mnt) -> (visited, stale)\n\n"
-"The incremental poll pass of a serial (local disk) walk. ``stamps`` maps root-relative\n"
-"directory paths to objects with ``ino``, ``mtime``, ``ctime`` (ns) and ``subdirs`` (a\n"
+"The incremental poll pass of a serial (local disk) walk. ``stamps`` maps directories'\n"
+"inode numbers to objects with ``ino``, ``mtime``, ``ctime`` (ns) and ``subdirs`` (a\n"
 "tuple of names). From the root, every known subdirectory is opened O_PATH|O_NOFOLLOW\n"
-"relative to its parent and statx'ed; one that is unknown, changed, wrong by ``table`` or\n"
+"relative to its parent, statx'ed and looked up by its inode number; one that is\n"
+"unknown, changed, wrong by ``table`` or\n"
 "on another mount is returned in ``stale`` and not entered. Iterative, with a bounded\n"
 "number of open fds whatever the depth. Runs with the GIL held (it reads the dict): meant\n"
 "for local disks, where the whole pass takes a fraction of a second.");
@@ -1030,12 +1041,12 @@ static PyObject *py_check_stamps(PyObject *self, PyObject *args)
         PyErr_SetString(PyExc_ValueError, "table must hold 65536 uint16 values");
         goto out;
     }
-    PyObject *stamp = PyDict_GetItemWithError(stamps, root);
+    statx_buf st;
+    PyObject *stamp = dir_stamp(&w, root_fd, &st); /* borrowed */
     if (PyErr_Occurred())
         goto out;
-    statx_buf st;
     int rc;
-    if (!stamp || !dir_unchanged(&w, root_fd, stamp, &st)) {
+    if (!stamp || !dir_unchanged(&w, stamp, &st)) {
         rc = PyList_Append(w.stale, root);
     } else {
         Py_INCREF(root);

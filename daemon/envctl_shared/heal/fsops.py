@@ -192,11 +192,12 @@ def walk(dirfd: int, gid: int, table: bytes, protected: Sequence[int], fix: bool
     return WalkResult(*_fastfs.walk(dirfd, gid, table, protected, fix, root_dev, root_mnt))
 
 
-def check_stamps(root_fd: int, stamps: dict[str, Any], gid: int, table: bytes,
+def check_stamps(root_fd: int, stamps: dict[int, Any], gid: int, table: bytes,
                  root_dev: int, root_mnt: int) -> tuple[int, list[str]]:
     """The poller's incremental pass on a local disk, in one C call: every directory known to
-    ``stamps`` (rel -> object with ``ino``, ``mtime``, ``ctime``, ``subdirs``) is opened
-    ``O_PATH|O_NOFOLLOW`` relative to its parent and ``statx``-ed. Returns how many were
+    ``stamps`` (inode number -> object with ``ino``, ``mtime``, ``ctime``, ``subdirs``) is
+    opened ``O_PATH|O_NOFOLLOW`` relative to its parent, ``statx``-ed and looked up by its
+    inode number (keys of bounded size, whatever the depth). Returns how many were
     checked and the paths that are unknown, changed, wrong or on another mount (not entered).
     Holds the GIL throughout: it reads the dict.
     """

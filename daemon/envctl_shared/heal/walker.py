@@ -310,7 +310,7 @@ class Healer:
             out[3] += st.errors
         return (out[0], out[1], out[2], out[3])
 
-    def stale_dirs(self, stamps: dict[str, Any]) -> tuple[int, list[str]]:
+    def stale_dirs(self, stamps: dict[int, Any]) -> tuple[int, list[str]]:
         """The directories of ``stamps`` (see ``fsops.check_stamps``) that a serial poll pass
         must visit: unknown, changed since stamped, wrong, or on another mount. Returns how
         many directories were checked, and those paths."""

@@ -2,13 +2,19 @@
 
 Why not watchdog's PollingObserver: it keeps a full stat per entry (~800 B each) and follows
 symlinks. Here the state is one small record per *directory* (inode, mtime, ctime, names of its
-subdirectories). Creating, removing or renaming an entry changes its parent directory's mtime,
+subdirectories), keyed by the directory's inode number: a key of bounded size whatever the
+depth (keyed by path, a chain of d directories would cost d²/2 characters of keys), and one a
+directory keeps when it is renamed within the root. Creating, removing or renaming an entry changes its parent directory's mtime,
 and a chmod/chgrp of a directory changes its own ctime, so an incremental pass opens and stats
 every directory but lists — and inspects the entries of — only those whose stamp moved; new
 subdirectories are walked whole. What it cannot see — a chmod of a *file* by another NFS client,
 which touches only that file's ctime — is caught by the full pass (``full=True``, run at start,
 after overflows and every ``watch.full_scan_interval``), which lists everything and refreshes
 the table.
+
+Records of directories that are gone are dropped after every pass that saw the whole root
+through this table (full passes, and every pass of a concurrent walk); the serial pass of a
+local disk checks the table in C and leaves them to the next full pass.
 
 Both kinds of pass are the healer's own walk (:class:`envctl_shared.heal.Healer`, with a
 :class:`~envctl_shared.heal.walker.DirPlanner` over this table): concurrent on NFS/EFS, where every
@@ -62,10 +68,12 @@ class _Plan:
         self.poller = poller
         self.full = full
         self.stats = PollStats()
+        self.seen: set[int] = set()  # inode numbers of the directories this pass visited
 
     def plan(self, rel: str, st: Stat) -> Sequence[str] | None:
-        known = self.poller.stamp(rel)
+        known = self.poller.stamp(st.st_ino)
         with self.poller.lock:
+            self.seen.add(st.st_ino)
             self.stats.dirs += 1
             if self.full or known is None or not known.same(st):
                 self.stats.listed += 1
@@ -73,7 +81,7 @@ class _Plan:
         return known.subdirs
 
     def listed(self, rel: str, st: Stat, subdirs: list[str]) -> None:
-        self.poller.record(rel, _Stamp(st, tuple(subdirs)))
+        self.poller.record(_Stamp(st, tuple(subdirs)))
 
 
 class Poller:
@@ -82,7 +90,7 @@ class Poller:
     def __init__(self, walker: Healer) -> None:
         self.walker = walker
         self.lock = threading.Lock()
-        self._stamps: dict[str, _Stamp] = {}
+        self._stamps: dict[int, _Stamp] = {}  # directory inode number -> what was seen
 
     @property
     def directories(self) -> int:
@@ -93,6 +101,7 @@ class Poller:
         plan = _Plan(self, full)
         if full or not self._stamps or self.walker.concurrency > 1:
             plan.stats.heal = self.walker.run("", recursive=True, planner=plan)
+            self._sweep(plan.seen)
             return plan.stats
         return self._run_serial(plan)
 
@@ -116,20 +125,18 @@ class Poller:
         plan.stats.heal = heal
         return plan.stats
 
-    def stamp(self, rel: str) -> _Stamp | None:
+    def stamp(self, ino: int) -> _Stamp | None:
         with self.lock:
-            return self._stamps.get(rel)
+            return self._stamps.get(ino)
 
-    def record(self, rel: str, stamp: _Stamp) -> None:
-        """Store a fresh listing; forget subdirectories that are gone, with their subtrees."""
+    def record(self, stamp: _Stamp) -> None:
+        """Store a fresh listing of the directory ``stamp.ino``."""
         with self.lock:
-            old = self._stamps.get(rel)
-            self._stamps[rel] = stamp
-            if old is None:
-                return
-            stack = [f"{rel}/{n}" if rel else n for n in set(old.subdirs) - set(stamp.subdirs)]
-            while stack:
-                top = stack.pop()
-                gone = self._stamps.pop(top, None)
-                if gone is not None:
-                    stack.extend(f"{top}/{n}" for n in gone.subdirs)
+            self._stamps[stamp.ino] = stamp
+
+    def _sweep(self, seen: set[int]) -> None:
+        """After a pass that visited every directory of the root: forget the others (gone, or
+        no longer reachable from the root). A pass that failed part-way raised before this."""
+        with self.lock:
+            for ino in [ino for ino in self._stamps if ino not in seen]:
+                del self._stamps[ino]
