@@ -23,6 +23,7 @@ import sys
 import tarfile
 import time
 import zipfile
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,8 +44,8 @@ class CondaPackage:
     name: str
     version: str = "1.0"
     depends: list[str] = field(default_factory=list)
-    files: dict[str, tuple[str | bytes, bool]] = field(default_factory=dict)
-    links: dict[str, str] = field(default_factory=dict)
+    files: Mapping[str, tuple[str | bytes, bool]] = field(default_factory=dict)
+    links: Mapping[str, str] = field(default_factory=dict)
     subdir: str = "noarch"
 
     @property
