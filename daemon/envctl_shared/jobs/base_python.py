@@ -114,6 +114,7 @@ def ensure(fds: dict[str, int], area: layout.RootArea, cfg: RequestsConfig, user
     with _locked(fds, area, name, job_id, say, wait, cfg.timeout):
         base_fd = layout.checked_dir(fds["area"], AREA_DIR, 0o755, str(area.path(AREA_DIR)))
         try:
+            envs.clear_dead(base_fd, None)  # only what a dead removal or write left: no vN here
             if envs.ready(base_fd, name) is not None:
                 say(f"venv base: {python} (built before)")
                 return python
