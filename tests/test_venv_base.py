@@ -217,3 +217,20 @@ def test_one_base_for_venv_jobs_at_once_and_a_dead_builds_base_is_replaced(
     for i in (1, 2):
         cfg_text = ((jobs_env.root / f"twin{i}").resolve() / "pyvenv.cfg").read_text()
         assert f"home = {area.path('base', name, 'bin')}\n" in cfg_text
+
+
+def test_a_base_that_cannot_be_built_fails_the_venv_job_and_leaves_nothing(
+        jobs_env: JobsEnv, manager_factory: Callable[..., JobManager],
+        python_channel: Path) -> None:
+    """No such Python in the channel: the job fails saying why, and neither a base nor the
+    version is left behind (the next venv job tries again)."""
+    cfg = jobs_env.config(venv_python=None, venv_base={
+        "dependencies": ["python=9.9"], "channels": [str(python_channel)]})
+    mgr = manager_factory(cfg)
+    job = mgr.submit(jobs_env.requester("alice"), "nopy", ENV_VENV, backend="venv")
+    done = wait_done(mgr, job.id, 120)
+    log = full_log(mgr, job.id)
+    assert done.state == State.FAILED and "solving step failed" in (done.exit_detail or ""), log
+    assert "python=9.9" in log and "removed the unfinished venv base" in log, log
+    assert list(layout.RootArea(jobs_env.root).path("base").iterdir()) == []
+    assert not (jobs_env.root / "nopy").exists()
