@@ -12,6 +12,7 @@ import errno
 import json
 import os
 import stat
+import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -193,6 +194,9 @@ def test_two_mounts_of_one_backing_directory_share_locks(scratch: Path) -> None:
             before = a.counters()
             _ofd_lock(fa, fcntl.F_WRLCK)
             assert a.counters().since(before).ops["lock"] == 1
+            # A forked child closing its copy of the descriptor (at exec) sends a FLUSH, on
+            # which libfuse unlocks "the closing owner": the open file's lock must survive it.
+            subprocess.run(["true"], check=True)
             with pytest.raises(BlockingIOError):
                 _ofd_lock(fb, fcntl.F_WRLCK)
             with pytest.raises(BlockingIOError):  # classic POSIX locks (lockf) too

@@ -36,9 +36,10 @@
  *   kernel would keep every mount's locks to itself. A lock is held by the FUSE open it was
  *   taken through: it becomes an open-file-description lock on that open's backing fd, which
  *   the holder's close (or death: the kernel releases its files) drops. That is the owner
- *   model of OFD locks exactly, and of classic POSIX locks as long as a process locks a file
- *   through one open of it (what envctl does). A blocking F_SETLKW holds a worker until
- *   granted.
+ *   model of OFD locks exactly (a close of one descriptor, e.g. by a forked child, keeps it),
+ *   and of classic POSIX locks as long as a process locks a file through one open of it and
+ *   unlocks or closes it for good (what envctl does). A blocking F_SETLKW holds a worker
+ *   until granted.
  *
  * Counters: calls per operation, total, errors, and the most requests in flight at once. A JSON
  * snapshot is written atomically to `stats` on SIGUSR1, every `stats_interval` seconds (if > 0)
@@ -580,6 +581,13 @@ static int lfs_releasedir(const char *path, struct fuse_file_info *fi)
 static int lfs_lock(const char *path, struct fuse_file_info *fi, int cmd, struct flock *lk)
 {
     struct call c = begin(OP_lock);
+    /* libfuse unlocks the closing owner's locks on every FLUSH, i.e. on every close() of any
+     * descriptor of the open file — a forked child's close-on-exec included. That is POSIX
+     * owner bookkeeping; here the lock belongs to the open file (its backing fd), which the
+     * RELEASE of the last descriptor closes, dropping the lock. An OFD lock must survive a
+     * child's exec, as it does on NFS. */
+    if (fi->flush && lk->l_type == F_UNLCK)
+        return finish(&c, 0);
     int ofd = cmd == F_GETLK ? F_OFD_GETLK : cmd == F_SETLKW ? F_OFD_SETLKW : F_OFD_SETLK;
     lk->l_pid = 0;  /* OFD locks require it; F_OFD_GETLK reports -1 for the holder */
     return finish(&c, SYS(fcntl((int)fi->fh, ofd, lk)));
