@@ -11,12 +11,14 @@ counters give the metadata operations each host sends to the "server".
 from __future__ import annotations
 
 import contextlib
+import json
 import subprocess
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from bench.latencyfs import Counters, LatencyFs, latencyfs
 from envctl_shared.daemon.leader import PollerLease
@@ -25,7 +27,7 @@ from tests.daemon_support import write_config
 from tests.helpers import VENV_BIN, as_user, find_violations, wait_for
 from tests.watch_support import daemon_status, make_root, make_source
 
-pytest_plugins = ("tests.fixtures_daemon",)  # the envctld fixture
+pytest_plugins = ("tests.fixtures_daemon", "tests.fixtures_jobs")  # envctld, jobs_env
 pytestmark = pytest.mark.fuse
 
 POLL = 2.0  # poll_interval of every daemon: takeover must come within 2 x this
@@ -178,3 +180,62 @@ def test_a_local_root_holds_no_election(accounts: Accounts, scratch: Path, envct
     assert status["poller"] is None and status["mode"] == "inotify"
     assert not (root / ".envctl").exists()
     d.stop()
+
+
+def test_jobs_of_every_host_seen_from_any_host(accounts: Accounts, scratch: Path, envctld,
+                                               jobs_env) -> None:
+    """A job started on host A is listed with its state by host C (its record in the root),
+    its status too; its log is A's, and C says so; once A's daemon is gone, C marks its jobs
+    instead of losing them."""
+    backing = jobs_env.root
+    with contextlib.ExitStack() as stack:
+        socks = {}
+        for host in ("hostA", "hostC"):
+            mnt = stack.enter_context(latencyfs(backing, scratch / f"m-{host}", 0.0))
+            conf = scratch / f"conf-{host}"
+            conf.mkdir()
+            raw = jobs_env.raw(state_dir=str(scratch / f"state-{host}"),
+                               allowed_backends=["rattler"])
+            raw["roots"][0]["path"] = str(mnt.path)
+            raw["socket"] = {"path": str(conf / "envctld.sock")}
+            raw["watch"] = {"poll_interval": 1}
+            (conf / "envctld.yaml").write_text(yaml.safe_dump(raw))
+            socks[host] = conf / "envctld.sock"
+            daemons = envctld(conf / "envctld.yaml", host=host)
+            if host == "hostA":
+                first = daemons
+        spec = scratch / "hello.yml"
+        spec.write_text(f"channels: [{jobs_env.channel}]\ndependencies: [hello]\n")
+        create = subprocess.Popen([str(VENV_BIN / "envctl"), "request", "create", "greeter",
+                                   "-f", str(spec), "--test", "sleep 3",
+                                   "--socket", str(socks["hostA"])],
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        try:
+            def seen_on_c(state: str) -> dict[str, Any] | None:
+                jobs = _cli_json(socks["hostC"], "request", "list", "--all", "--finished")
+                hits = [j for j in jobs if j["name"] == "greeter" and j["state"] == state]
+                return hits[0] if hits else None
+
+            wait_for(lambda: seen_on_c("running") is not None, 60, 0.2,
+                     "hostA's running job listed by hostC")
+            job = seen_on_c("running")
+            assert job and job["host"] == "hostA" and job["host_alive"] is True
+        finally:
+            out, _ = create.communicate(timeout=120)
+        assert create.returncode == 0, out
+        done = _cli_json(socks["hostC"], "request", "status", job["id"])
+        assert (done["state"], done["host"]) == ("succeeded", "hostA"), done
+        logs = subprocess.run([str(VENV_BIN / "envctl"), "request", "logs", job["id"],
+                               "--socket", str(socks["hostC"])], capture_output=True, text=True)
+        assert logs.returncode != 0 and "on host hostA (its daemon is up)" in logs.stderr, \
+            logs.stderr
+        first.kill9()
+        gone = _cli_json(socks["hostC"], "request", "status", job["id"])
+        assert (gone["state"], gone["host_alive"]) == ("succeeded", False), gone
+
+
+def _cli_json(sock: Path, *args: str) -> Any:
+    r = subprocess.run([str(VENV_BIN / "envctl"), *args, "--json", "--socket", str(sock)],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)

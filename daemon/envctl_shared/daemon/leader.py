@@ -32,7 +32,6 @@ import fcntl
 import json
 import logging
 import os
-import socket
 import stat
 import struct
 import threading
@@ -41,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import FilesystemError
+from ..jobs.cluster import FLOCK, host_name
 from ..jobs.layout import AREA, checked_dir
 from ..logfields import fields
 
@@ -48,18 +48,12 @@ log = logging.getLogger("envctl.leader")
 
 LOCK_FILE = "poller.lock"
 RECORD_FILE = "poller.json"
-_FLOCK = "hhqqi4x"  # struct flock on Linux x86_64/aarch64: type, whence, start, len, pid
 # The root cannot host a lock at all: coordinate with nobody, poll as a lone daemon does.
 _STANDALONE_ERRNOS = {errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EDQUOT}
 
 
 def _ofd(fd: int, cmd: int, kind: int) -> bytes:
-    return fcntl.fcntl(fd, cmd, struct.pack(_FLOCK, kind, os.SEEK_SET, 0, 0, 0))
-
-
-def host_name() -> str:
-    """This daemon's host as other daemons will see it (the pod's name under Kubernetes)."""
-    return socket.gethostname()
+    return fcntl.fcntl(fd, cmd, struct.pack(FLOCK, kind, os.SEEK_SET, 0, 0, 0))
 
 
 class PollerLease:
@@ -232,4 +226,4 @@ class PollerLease:
                 out = _ofd(fd, fcntl.F_OFD_GETLK, fcntl.F_WRLCK)
             except OSError:
                 return None
-        return struct.unpack(_FLOCK, out)[0] != fcntl.F_UNLCK
+        return struct.unpack(FLOCK, out)[0] != fcntl.F_UNLCK

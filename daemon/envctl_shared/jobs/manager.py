@@ -34,6 +34,7 @@ from ..logfields import fields
 from . import cgroup as cgroups
 from . import envs, layout, procs
 from .backends import get_backend
+from .cluster import ClusterJobs
 from .lock import NameLock
 from .model import Job, Requester, State
 from .runner import Build, discard
@@ -61,6 +62,7 @@ class JobManager:
         self._scheduler: threading.Thread | None = None
         self._gc_stop = threading.Event()
         self._cgroups: cgroups.CgroupTree | None = None
+        self._cluster: ClusterJobs | None = None  # our jobs in the root, other hosts' read back
         self.containment = "none"  # how builds are contained: "cgroup" or "sweep" once started
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -80,6 +82,7 @@ class JobManager:
         self.containment = "cgroup" if self._cgroups is not None else "sweep"
         log.info("jobs-containment mechanism=%s %s", self.containment, how)
         self._store = JobStore(self._state.db_path)
+        self._start_cluster()
         try:
             with layout.RootArea(self._config.requests_root.path).open():
                 pass  # create <root>/.envctl now; a tampered one fails each job, not the daemon
@@ -94,6 +97,22 @@ class JobManager:
         threading.Thread(target=self._gc_loop, name="envctl-gc", daemon=True).start()
         log.info("jobs-start state_dir=%s %s", self._state.path,
                  " ".join(f"{k}={v}" for k, v in self.counts().items()))
+
+    def _start_cluster(self) -> None:
+        """Publish our jobs where the other hosts sharing the root read them (``cluster``);
+        a root that cannot hold them leaves this daemon's view local, as before."""
+        cluster = ClusterJobs(self._config.requests_root.path)
+        try:
+            cluster.start()
+        except (OSError, EnvctlError) as exc:
+            log.warning("jobs-cluster unusable root=%s error=%s",
+                        self._config.requests_root.path, exc)
+            return
+        self._cluster = cluster
+        store = self.store
+        store.on_change = lambda job_id: cluster.publish(store.get(job_id))
+        for job in store.list(include_finished=True):  # what changed while we were away
+            cluster.publish(job)
 
     def stop(self, timeout: float = 10.0) -> None:
         """Stop scheduling; kill running builds (they become ``interrupted``)."""
@@ -112,6 +131,9 @@ class JobManager:
         if all(not t.is_alive() for t in threads) and self._store is not None:
             self._store.close()
             self._store = None
+        if self._cluster is not None:
+            self._cluster.stop()
+            self._cluster = None
         log.info("jobs-stop interrupted=%d", len(threads))
 
     def reload(self, config: Config) -> None:
@@ -323,15 +345,38 @@ class JobManager:
         return job
 
     def get(self, job_id: str) -> Job:
-        return self.store.get(job_id)
+        """Our job, or another host's as its record in the root says (``host`` set)."""
+        try:
+            return self.store.get(job_id)
+        except NotFound:
+            remote = self._cluster.find(job_id) if self._cluster is not None else None
+            if remote is None:
+                raise
+            return remote
 
     def list(self, uid: int | None = None, include_finished: bool = False,
              hub_user: str | None = None) -> list[Job]:
-        return self.store.list(uid=uid, include_finished=include_finished, hub_user=hub_user)
+        """Our jobs, then the other hosts' sharing the root (their records), filtered alike."""
+        jobs = self.store.list(uid=uid, include_finished=include_finished, hub_user=hub_user)
+        if self._cluster is not None:
+            jobs += [j for j in self._cluster.others()
+                     if (include_finished or not j.terminal)
+                     and (uid is None or (j.requester_uid, j.hub_user) == (uid, hub_user))]
+        return jobs
+
+    def _local(self, job: Job, what: str) -> None:
+        """Refuse what only the job's own daemon can do (its log, cancelling it)."""
+        if job.host is not None:
+            up = {True: "its daemon is up", False: "its daemon is gone: the host left or "
+                  "stopped", None: "its daemon's state is unknown"}[job.host_alive]
+            raise Conflict(f"job {job.id} is on host {job.host} ({up}): {what} there",
+                           hint=f"run the command on {job.host}, or with the socket of its "
+                                "daemon")
 
     def cancel(self, job_id: str, requester: Requester) -> Job:
         """Cancel a queued or running job: the requester's own, or any for an admin."""
-        job = self.store.get(job_id)
+        job = self.get(job_id)
+        self._local(job, "cancel it")
         if not requester.owns(job) and not requester.is_admin:
             raise NotAuthorised(f"job {job_id} belongs to {job.owner}; you may cancel "
                                 "only your own jobs", hint="ask an envctl admin")
@@ -359,7 +404,8 @@ class JobManager:
         """Up to ``limit`` bytes of the build log from ``offset``; returns (chunk, next offset)."""
         if offset < 0 or limit < 0:
             raise ValidationError("log offset and limit must not be negative")
-        job = self.store.get(job_id)
+        job = self.get(job_id)
+        self._local(job, "its build log is kept")
         try:
             fd = os.open(job.log_path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         except FileNotFoundError:
@@ -372,8 +418,8 @@ class JobManager:
 
     def wait(self, job_id: str, timeout: float) -> Job:
         """Return when the job's state or phase changes, its log grows, or after ``timeout``."""
-        job = self.store.get(job_id)
-        if job.terminal:
+        job = self.get(job_id)
+        if job.terminal or job.host is not None:
             return job
         size = _size(job.log_path)
         deadline = time.monotonic() + max(0.0, timeout)

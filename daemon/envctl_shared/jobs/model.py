@@ -89,6 +89,10 @@ class Job:
     exit_detail: str | None
     log_path: str
     hub_user: str | None = None
+    # Another host's job, read from its record in the root (``cluster``): that host, and
+    # whether its daemon is alive (None: cannot tell). None for this daemon's own jobs.
+    host: str | None = None
+    host_alive: bool | None = None
 
     @property
     def terminal(self) -> bool:
@@ -119,4 +123,6 @@ class Job:
             "exit_detail": self.exit_detail,
             "log_path": self.log_path,
             "terminal": self.terminal,
+            "host": self.host,
+            "host_alive": self.host_alive,
         }

@@ -19,6 +19,7 @@ import json
 import re
 import sqlite3
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -79,6 +80,9 @@ class JobStore:
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        # Called with a job's id after each insert and each update that changed it (outside the
+        # store's lock): the daemon publishes the job to the other hosts (``cluster``).
+        self.on_change: Callable[[str], None] | None = None
         self._lock = threading.Lock()
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None,
                                    timeout=30)
@@ -122,6 +126,11 @@ class JobStore:
             raise Conflict(f"a build of {job.name!r} is already queued or running",
                            hint="wait for it to finish (envctl request list), or cancel it"
                            ) from None
+        self._changed(job.id)
+
+    def _changed(self, job_id: str) -> None:
+        if self.on_change is not None:
+            self.on_change(job_id)
 
     def get(self, job_id: str) -> Job:
         """The job ``job_id`` names: its full id, or (git-style) a unique prefix of at least
@@ -185,7 +194,10 @@ class JobStore:
             sql += f" AND state IN ({','.join('?' * len(expect))})"
             vals.extend(s.value for s in expect)
         with self._lock:
-            return self._db.execute(sql, vals).rowcount == 1
+            changed: bool = self._db.execute(sql, vals).rowcount == 1
+        if changed:
+            self._changed(job_id)
+        return changed
 
     def process(self, job_id: str) -> tuple[int | None, int | None, int | None, str | None]:
         """(build uid, pgid, leader start time, cgroup) recorded for a running job."""
