@@ -14,9 +14,10 @@ decided by the same independent ``find`` audit the tests use. Compared in the sa
   core), RSS (≤ 200 MB);
 - a poll pass on the unchanged 300k tree vs a full healer walk (target ≤ 0.25×).
 
-Usage: ``bench/bench_daemon.py [--quick] [--entries N] [--envs N] [--idle S] [--parts P,...]``;
-writes ``bench/results/daemon.md`` (``daemon-quick.md`` with --quick, ``daemon-<parts>.md`` for
-a subset) and the raw JSON beside it.
+Usage: ``bench/bench_daemon.py [--quick] [--entries N] [--envs N] [--idle S] [--parts P,...]
+[--tag T]``; writes ``bench/results/daemon.md`` (``daemon-quick.md`` with --quick,
+``daemon-<parts>.md`` for a subset, ``-<tag>`` appended) and the raw JSON beside it. The 1M-entry
+targets: ``--parts idle --envs 17 --tag 1m`` (17 envs of ~60k entries).
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from bench.common import fresh_ext4, write_results, writer_account
 from bench.envtree import count_entries, make_template
 from tests.daemon_support import Envctld, write_config
 from tests.helpers import find_violations
+from tests.watch_support import daemon_status
 
 BASE = Path("/tmp/envctl-bench-daemon")  # our own: other benchmarks clean theirs up whole
 LATENCY_WRITER = r"""
@@ -192,6 +194,7 @@ def bench_idle(work: Path, w, template: Path, envs: int, idle_s: float) -> dict:
         time.sleep(idle_s)
         cpu = (_proc_cpu(pid) - c0) / (time.monotonic() - t1)
         rss, hwm = _proc_kb(pid, "VmRSS"), _proc_kb(pid, "VmHWM")
+        status = daemon_status(work / "envctld.sock")
     finally:
         d.stop()
     walk = min(_timed(lambda: Healer(cfg_root).run("")) for _ in range(3))
@@ -200,7 +203,10 @@ def bench_idle(work: Path, w, template: Path, envs: int, idle_s: float) -> dict:
     poll = min(_timed(poller.run) for _ in range(3))
     return {"idle_entries": entries, "ready_s": ready_s, "idle_cpu_pct": 100 * cpu,
             "idle_window_s": idle_s, "rss_mb": rss / 1024, "rss_peak_mb": hwm / 1024,
-            "walk_s": walk, "poll_s": poll, "poll_dirs": poller.directories}
+            "walk_s": walk, "poll_s": poll, "poll_dirs": poller.directories,
+            "mode": status["roots"][0]["mode"], "watches": status["roots"][0]["watches"],
+            "watches_needed": status["inotify"]["needed"],
+            "max_user_watches": status["inotify"]["max_user_watches"]}
 
 
 def _timed(fn) -> float:  # type: ignore[no-untyped-def]
@@ -242,6 +248,9 @@ def table(r: dict) -> tuple[list[str], list[list[str]]]:
             ["idle CPU", f"over {r['idle_window_s']:.0f} s",
              f"{r['idle_cpu_pct']:.2f} % of a core", "< 1 %"],
             ["RSS (peak)", "", f"{r['rss_mb']:.0f} MB ({r['rss_peak_mb']:.0f} MB)", "≤ 200 MB"],
+            ["inotify watches: held / needed", f"fs.inotify.max_user_watches "
+             f"{r['max_user_watches']}", f"{r['watches']} / {r['watches_needed']} "
+             f"(mode {r['mode']})", "needed ≤ limit"],
             ["poll pass vs full walk", f"unchanged, {r['poll_dirs']} dirs",
              f"{r['poll_s']:.3f} s vs {r['walk_s']:.3f} s = {r['poll_s'] / r['walk_s']:.2f}×",
              "≤ 0.25×"],
@@ -258,6 +267,7 @@ def main() -> None:
     ap.add_argument("--entries", type=int, default=None, help="entries of the burst tree")
     ap.add_argument("--envs", type=int, default=None, help="envs watched for the idle part")
     ap.add_argument("--idle", type=float, default=None, help="idle CPU window, seconds")
+    ap.add_argument("--tag", default="", help="appended to the results' name (e.g. 1m)")
     ap.add_argument("--parts", default=",".join(PARTS),
                     help=f"comma-separated subset of {','.join(PARTS)} (default: all)")
     args = ap.parse_args()
@@ -297,6 +307,8 @@ def main() -> None:
     name = "daemon" + ("-quick" if args.quick else "")
     if set(parts) != set(PARTS):
         name += "-" + "-".join(parts)
+    if args.tag:
+        name += f"-{args.tag}"
     write_results(name, "envctld: bursts, latency, idle cost, polling (issue 3)", headers, rows,
                   results)
 
