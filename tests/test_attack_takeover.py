@@ -1,13 +1,15 @@
-"""A group member can take over every managed environment (found attacking issue 10's fixes).
+"""A group member can break every managed environment with one ``mv`` (found attacking issue 10).
 
 The shared root is group-writable without the sticky bit (``init`` makes it 2770/2775, and the
 daemon leaves the sticky bit alone), so any member may rename any entry of the root, including
 the daemon's root-owned ``<root>/.envctl`` (a rename within one directory needs write access to
-the directory only, not to the entry). ``<root>/NAME`` is the relative symlink
-``.envctl/envs/NAME/vN``: a member who renames ``.envctl`` away and makes her own
-``.envctl/envs/NAME/vN/bin/python`` runs her code as every user who activates ``NAME`` and in
-every Jupyter kernel of it; ``envctl status`` still says "ready" (``env list`` refuses with
-"tampered"). The same holds for renaming one ``<root>/NAME`` symlink and planting one of hers.
+the directory only, not to the entry). Every ``<root>/NAME`` is the relative symlink
+``.envctl/envs/NAME/vN``: after ``mv .envctl .x`` every managed environment is gone for every
+user and kernel, the daemon recreates an empty ``.envctl`` at the next build, ``env list`` no
+longer lists them at all (not even as broken) and ``envctl status`` says "ready". A member who
+makes her own ``.envctl/envs/NAME/vN`` instead has ``env list`` refuse ("tampered") while
+``<root>/NAME`` runs her files (env contents are group-writable by design anyway, so this adds
+no new write access, but the daemon's records and its view of the envs are lost silently).
 
 Marked ``xfail(strict=True)``: it fails on the code as it is; remove the mark with the fix
 (e.g. the sticky bit on the root, set by the daemon and ``init``, so that members cannot rename
@@ -32,7 +34,7 @@ def api(accounts: Accounts) -> Iterator[ApiDaemon]:
 
 
 @pytest.mark.xfail(strict=True, reason="the root has no sticky bit: a group member can rename "
-                   "the daemon's .envctl (and <root>/NAME) and plant her own versions")
+                   "the daemon's .envctl away (every managed env dangles, unnoticed)")
 def test_group_member_cannot_rename_the_daemons_area(api: ApiDaemon,
                                                      accounts: Accounts) -> None:
     area = api.root / ".envctl"
