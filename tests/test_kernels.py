@@ -187,3 +187,15 @@ def test_kernels_sync_adds_hand_made_envs_and_drops_gone_ones(
     assert res.returncode == 0, res.stderr
     assert "kernelspec envctl-kenv removed" in Path(json.loads(res.stdout)["log_path"]).read_text()
     assert "envctl-kenv" not in _specs(kernels, monkeypatch).find_kernel_specs()
+
+
+def test_removing_an_env_removes_its_kernel(
+        kapi: tuple[ApiDaemon, Path], accounts: Accounts, monkeypatch: pytest.MonkeyPatch) -> None:
+    api, kernels = kapi
+    _build(api, accounts, "kgone", "1.0")
+    assert "envctl-kgone" in _specs(kernels, monkeypatch).find_kernel_specs()
+    res = api.cli(accounts.alice, "env", "remove", "kgone", "--json")
+    assert res.returncode == 0, res.stderr + res.stdout
+    assert not (api.root / "kgone").exists()
+    assert "envctl-kgone" not in _specs(kernels, monkeypatch).find_kernel_specs()
+    assert not (kernels / "envctl-kgone").exists()
