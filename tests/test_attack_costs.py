@@ -1,6 +1,6 @@
 """Costs a group member or a requester can still impose on the root daemon (found attacking the
-fixes of issue 10). Both are marked ``xfail(strict=True)``: they fail on the code as it is and
-turn the suite red the day they pass, so the mark is removed with the fix.
+fixes of issue 10). A test marked ``xfail(strict=True)`` fails on the code as it is and turns
+the suite red the day it passes, so the mark is removed with the fix.
 
 - Memory quadratic in path length: a group member's chain of 2,000 directories with 255-byte
   names (built in 0.1 s) is healed, but the daemon's peak RSS grows by 0.25-0.7 GB (3,000
@@ -9,7 +9,9 @@ turn the suite red the day they pass, so the mark is removed with the fix.
   here: memory grows with the sum of the path lengths, not with the number of entries.
 - CPU-bound spec parsing on connection threads: one requester holding 64 connections, each
   sending a 60 KB spec that takes ~0.5-1 s of pure-Python YAML parsing, starves every other
-  thread of the GIL; root's ``ping`` (the readiness probe) goes unanswered for over 20 s.
+  thread of the GIL; root's ``ping`` (the readiness probe) went unanswered for over 20 s. Fixed:
+  libyaml parses the events (~0.1 s for that spec) and at most ``PARSE_SLOTS`` specs are
+  checked at once; a create that waits ``PARSE_WAIT`` for a turn is answered "busy".
 """
 
 from __future__ import annotations
@@ -122,9 +124,6 @@ def api(accounts: Accounts) -> Iterator[ApiDaemon]:
     yield from start_api_daemon(accounts, max_request_bytes=262144)
 
 
-@pytest.mark.xfail(strict=True, reason="specs are parsed (pure-Python YAML, ~0.5-1 s each) on "
-                   "the connections' own threads with no concurrency bound: 64 of them starve "
-                   "root's ping for > 20 s")
 def test_requester_parse_flood_leaves_the_probe_answering(api: ApiDaemon,
                                                           accounts: Accounts) -> None:
     a = accounts.alice

@@ -5,9 +5,8 @@ its log, and ``envctl request logs ID`` writes that log to the terminal as it is
 sequences included. Admins and other requesters read anyone's logs, so a requester can clear
 their screen, set the terminal's title, or print a forged "environment ready" line (and, on
 terminals that honour them, OSC 52 clipboard writes). Names are escaped in human output; log text
-is not. On a terminal, control characters other than newline and tab should be shown escaped.
-
-Marked ``xfail(strict=True)``: it fails on the code as it is; remove the mark with the fix.
+is not. On a terminal, control characters other than newline and tab are now shown escaped
+(``\\033``); redirected to a file or a pipe, the log is written exactly as stored.
 """
 
 from __future__ import annotations
@@ -33,8 +32,6 @@ def api(accounts: Accounts) -> Iterator[ApiDaemon]:
     yield from start_api_daemon(accounts)
 
 
-@pytest.mark.xfail(strict=True, reason="request logs writes build output (escape sequences "
-                   "included) to the terminal raw")
 def test_build_output_cannot_drive_the_readers_terminal(api: ApiDaemon,
                                                         accounts: Accounts) -> None:
     spec = api.write_spec("dependencies: []\n")
@@ -43,10 +40,16 @@ def test_build_output_cannot_drive_the_readers_terminal(api: ApiDaemon,
     assert res.returncode == 0, res.stderr
     job = json.loads(res.stdout)
     # root reads the log on a terminal (script(1) gives the command a pty)
-    envctl = f"{VENV_BIN / 'envctl'} --socket {api.sock} request logs {job['id']}"
-    seen = subprocess.run(["script", "-qec", envctl, "/dev/null"], capture_output=True,
-                          timeout=60, env={**os.environ, "TERM": "xterm"})
-    assert seen.returncode == 0, seen.stderr
-    assert b"pwned" in seen.stdout  # the output is shown...
-    assert b"\x1b" not in seen.stdout and b"\x07" not in seen.stdout, \
-        "escape sequences from a build reached the reader's terminal"
+    for follow in ("", " -f"):  # the whole log, and the stream (-f ends with the job)
+        envctl = f"{VENV_BIN / 'envctl'} --socket {api.sock} request logs {job['id']}{follow}"
+        seen = subprocess.run(["script", "-qec", envctl, "/dev/null"], capture_output=True,
+                              timeout=60, env={**os.environ, "TERM": "xterm"})
+        assert seen.returncode == 0, seen.stderr
+        # the output is shown, its escapes as text...
+        assert b"\\033]0;pwned\\a\\033[2J" in seen.stdout, seen.stdout
+        assert b"\x1b" not in seen.stdout and b"\x07" not in seen.stdout, \
+            "escape sequences from a build reached the reader's terminal"
+    # ...while redirected, the log is exact (what the daemon stored).
+    exact = api.cli(accounts.alice, "request", "logs", str(job["id"]))
+    assert exact.returncode == 0, exact.stderr
+    assert "\x1b]0;pwned\x07\x1b[2J" in exact.stdout

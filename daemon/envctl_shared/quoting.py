@@ -38,3 +38,20 @@ def quote_name(name: str) -> str:
     JSON output is never escaped this way: it carries the exact name.
     """
     return name if _NOT_PLAIN.search(name) is None else _NOT_PLAIN.sub(_escape_char, name)
+
+
+# What text may show as is: newline, tab, printable ASCII (backslash included: log text is not a
+# name, and doubling every backslash of a Windows path or a regex would only obscure it).
+_NOT_TEXT = re.compile(r"[^\n\t -~]")
+
+
+def quote_text(text: str) -> str:
+    """Someone else's program output (a build log) made safe for a terminal, lines kept.
+
+    Like :func:`quote_name` but newline and tab pass and backslash is not escaped: escape
+    sequences (OSC titles and clipboard writes, screen clears), carriage returns (which would
+    overwrite a line with a forged one), other control characters and bidi overrides are shown
+    as ``\\033``, ``\\r``, ``\\ooo``... Stateless per character, so chunks can be quoted as
+    they arrive.
+    """
+    return text if _NOT_TEXT.search(text) is None else _NOT_TEXT.sub(_escape_char, text)

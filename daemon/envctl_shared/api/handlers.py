@@ -43,6 +43,14 @@ FOLLOW_POLL = 0.25
 LOG_CHUNK = 65536
 # What a peer on a shared uid may ask without proving which hub user it is: nothing about jobs.
 ANONYMOUS_OPS = frozenset({"ping", "version", "status", "whoami"})
+# Specs checked at once, across all connections, and how long a create waits for a turn. Parsing
+# a spec is CPU-bound Python holding the GIL (~0.1 s for 60 KB even with libyaml's parser): with
+# one turn per connection thread, a requester holding dozens of connections would starve every
+# other thread (root's status/ping, the healer's). A turn not had in PARSE_WAIT is answered
+# "busy, try again" rather than queued without bound.
+PARSE_SLOTS = 2
+PARSE_WAIT = 5.0
+_parse_turns = threading.BoundedSemaphore(PARSE_SLOTS)
 
 
 class Handlers(EnvHandlers):
@@ -142,7 +150,15 @@ class Handlers(EnvHandlers):
                      "replace=%s", who.uid, who.username, who.hub_user, who.claimed_user, name,
                      replace)
             raise
-        job = jobs.submit(who, name, spec, backend=backend, replace=replace, tests=tests)
+        if not _parse_turns.acquire(timeout=PARSE_WAIT):
+            log.debug("api busy op=create uid=%d user=%s name=%s parse_slots=%d", who.uid,
+                     who.username, name, PARSE_SLOTS)
+            raise DaemonUnavailable("the daemon is busy checking other requests' specs",
+                                    hint="try again in a few seconds")
+        try:
+            job = jobs.submit(who, name, spec, backend=backend, replace=replace, tests=tests)
+        finally:
+            _parse_turns.release()
         log.debug("api create job=%s name=%s backend=%s uid=%d user=%s hub_user=%s claimed=%s "
                   "replace=%s", job.id, job.name, job.backend, who.uid, who.username,
                   who.hub_user, who.claimed_user, replace)

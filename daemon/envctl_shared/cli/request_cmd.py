@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import EX_OK, BuildFailed, FilesystemError
+from ..quoting import quote_text
 from .output import emit_json, local_time, table
 from .status_cmd import add_socket_option, client_for
 
@@ -67,7 +68,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[
 
     lg = sub.add_parser("logs", help="print a job's build log",
                         description="Print a job's build log (your own jobs; requesters and "
-                        "admins: anyone's); -f keeps following it until the job ends.")
+                        "admins: anyone's); -f keeps following it until the job ends. On a "
+                        "terminal, control characters other than newline and tab are shown "
+                        "escaped (\\033, \\r...); redirected, the log is written exactly.")
     lg.add_argument("id", help=_ID_HELP)
     lg.add_argument("-f", "--follow", action="store_true", help="keep printing until it ends")
     lg.set_defaults(func=run_logs)
@@ -135,9 +138,16 @@ def _progress(msg: dict[str, Any], job: dict[str, Any], quiet: bool) -> dict[str
             print(f"==> {step}", file=sys.stderr, flush=True)
         return dict(data)
     if kind == "log" and not quiet:
-        sys.stdout.write(data["text"])
-        sys.stdout.flush()
+        _show_log(data["text"])
     return job
+
+
+def _show_log(text: str) -> None:
+    """Write build output: on a terminal with its control characters escaped, since whoever
+    requested the build wrote it (an escape sequence would retitle, clear or forge the reader's
+    screen); redirected, exactly as the daemon stored it."""
+    sys.stdout.write(quote_text(text) if sys.stdout.isatty() else text)
+    sys.stdout.flush()
 
 
 def _outcome(job: dict[str, Any], as_json: bool) -> int:
@@ -237,18 +247,16 @@ def run_logs(args: argparse.Namespace) -> int:
         with client_for(args, timeout=None) as client:
             for msg in client.stream("logs", id=args.id, follow=True):
                 if msg.get("event") == "log":
-                    sys.stdout.write(msg["data"]["text"])
-                    sys.stdout.flush()
+                    _show_log(msg["data"]["text"])
         return EX_OK
     offset = 0
     with client_for(args) as client:
         while True:
             chunk = client.call("logs", id=args.id, offset=offset)
-            sys.stdout.write(chunk["text"])
+            _show_log(chunk["text"])
             if chunk["offset"] == offset:
                 break
             offset = chunk["offset"]
-    sys.stdout.flush()
     return EX_OK
 
 
