@@ -8,7 +8,8 @@ path is reported as "scanned 0, skipped: vanished 1" and exit 0: a clean result 
 was not audited. Each component of PATH should be opened no-follow like every other step of a
 walk (or the path refused when it resolves elsewhere, as for the last component).
 
-Marked ``xfail(strict=True)``: it fails on the code as it is; remove the mark with the fix.
+Now refused: with ``--group`` when any component of PATH is a symlink, with ``--config`` when one
+below the configured root is; the error names the link and the hint the real directory.
 """
 
 from __future__ import annotations
@@ -20,14 +21,15 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import Accounts
+from tests.daemon_support import write_config
 from tests.helpers import VENV_BIN, as_user
 from tests.watch_support import make_root
 
 
-@pytest.mark.xfail(strict=True, reason="heal resolves symlinks in the parents of the path it "
-                   "is given and heals what lies outside the root")
+@pytest.mark.parametrize("policy", ["group", "config"])
 def test_heal_does_not_follow_a_symlink_in_the_paths_parents(accounts: Accounts,
-                                                              scratch: Path) -> None:
+                                                              scratch: Path,
+                                                              policy: str) -> None:
     root = make_root(scratch, accounts)
     private = scratch / "bob-private"
     private.mkdir(mode=0o711)
@@ -41,9 +43,13 @@ def test_heal_does_not_follow_a_symlink_in_the_paths_parents(accounts: Accounts,
     as_user(a.uid, a.gid, ["ln", "-s", str(private), str(root / "alices-dir")])
     before = [(p.stat().st_gid, p.stat().st_mode) for p in (private / "sub",
                                                              private / "sub" / "key")]
+    how = (["--group", accounts.shared_group] if policy == "group" else
+           ["--config", str(write_config(scratch, [(root, accounts.shared_group)]))])
     res = subprocess.run([str(VENV_BIN / "envctl"), "heal", str(root / "alices-dir" / "sub"),
-                          "--group", accounts.shared_group], capture_output=True, text=True)
+                          *how], capture_output=True, text=True)
     after = [(p.stat().st_gid, p.stat().st_mode) for p in (private / "sub",
                                                             private / "sub" / "key")]
     assert after == before, f"bob's files changed through alice's symlink: {res.stdout}"
-    assert res.returncode != 0, res.stdout
+    assert res.returncode == 74, (res.returncode, res.stdout, res.stderr)  # refused, not clean
+    assert f"{root / 'alices-dir'} is a symlink" in res.stderr, res.stderr
+    assert str(private / "sub") in res.stderr, res.stderr  # the hint: the real directory

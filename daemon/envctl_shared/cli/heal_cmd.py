@@ -9,7 +9,10 @@ errors always). Both take the policy from a config file
 Exit codes: 0 clean (check) / everything fixed (heal); 1 violations found (check, or
 ``heal --dry-run``); 74 the pass is incomplete: some entries could not be inspected or fixed,
 or lie on another mount inside the tree (never entered, so never audited: a check must not
-call such a tree clean). The summary line names each count. Names in human output are escaped
+call such a tree clean), or PATH itself vanished or was replaced before it was audited. The
+summary line names each count. No component of a PATH may be a symlink (below the configured
+root with ``--config``; anywhere with ``--group``, where PATH is the root): whoever owns the link
+would choose which directory root's permissions land on. Names in human output are escaped
 (``output.quote_name``): a name cannot forge a line; ``--json`` carries them exactly.
 """
 
@@ -18,6 +21,7 @@ from __future__ import annotations
 import argparse
 import errno
 import os
+import stat
 import sys
 import time
 from dataclasses import dataclass
@@ -97,21 +101,58 @@ def targets(args: argparse.Namespace) -> list[Target]:
         if not os.path.lexists(path):
             raise FilesystemError(f"{quote_name(p)}: no such file or directory",
                                   hint=missing_hint(path))
+        _refuse_symlinks(p, path, root.path)
         out.append(Target(root, "" if path == root.path else str(path.relative_to(root.path))))
     return out
 
 
 def _must_be_dir(p: str) -> None:
-    """A root must be a real directory; say which of the usual mistakes it is."""
-    if os.path.islink(p):
-        raise FilesystemError(f"{quote_name(p)} is a symlink",
-                              hint=f"name the real directory: {quote_name(os.path.realpath(p))}")
+    """A root must be a real directory, reached through no symlink; say which of the usual
+    mistakes it is."""
     if not os.path.lexists(p):
         raise FilesystemError(f"{quote_name(p)}: no such directory",
                               hint=missing_hint(Path(os.path.abspath(p))))
+    _refuse_symlinks(p, Path(os.path.abspath(p)), Path("/"))
     if not os.path.isdir(p):
         raise FilesystemError(f"{quote_name(p)} is not a directory",
                               hint="name the root directory of the shared environments")
+
+
+def _first_symlink(path: Path, base: Path) -> Path | None:
+    """The first component of ``path`` below ``base`` that is a symlink, looked at through an
+    ``O_PATH`` fd per directory (never by re-resolving a path string), or None."""
+    fd = os.open(base, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        here = base
+        for part in path.relative_to(base).parts:
+            here = here / part
+            st = os.stat(part, dir_fd=fd, follow_symlinks=False)
+            if stat.S_ISLNK(st.st_mode):
+                return here
+            if not stat.S_ISDIR(st.st_mode):
+                return None  # the last component (or an error reported later)
+            nxt = os.open(part, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                          dir_fd=fd)
+            os.close(fd)
+            fd = nxt
+    except FileNotFoundError:
+        return None  # reported as missing by the caller
+    finally:
+        os.close(fd)
+    return None
+
+
+def _refuse_symlinks(p: str, path: Path, base: Path) -> None:
+    """Refuse ``path`` when a component below ``base`` is a symlink: healing through it would
+    change whatever its owner points it at (another user's private directory), as root."""
+    link = _first_symlink(path, base)
+    if link is None:
+        return
+    what = f"{quote_name(p)} is a symlink" if link == path else \
+        f"{quote_name(p)}: {quote_name(str(link))} is a symlink"
+    raise FilesystemError(what, hint=f"name the real directory: "
+                          f"{quote_name(os.path.realpath(path))} (check who owns the link: "
+                          "envctl never heals through one)")
 
 
 # The daemon's own area in a root (``jobs.layout.AREA``: locks, versions being built). Parts of
@@ -161,6 +202,11 @@ class _Reporter:
         return f"{root.rstrip('/')}/{rel}" if rel else root
 
 
+def not_audited(s: HealStats) -> bool:
+    """PATH itself vanished, or was replaced (by a symlink...) once the walk reached it."""
+    return s.scanned == 0 and s.skipped["vanished"] > 0
+
+
 def _summary(mode: str, t: Target, s: HealStats) -> str:
     skipped = ", ".join(f"{k} {v}" for k, v in sorted(s.skipped.items())) or "none"
     path = quote_name(str(t.path))
@@ -171,13 +217,15 @@ def _summary(mode: str, t: Target, s: HealStats) -> str:
     if s.skipped["mount"]:
         line += (f"; INCOMPLETE: {s.skipped['mount']} entries on another mount not "
                  f"{'audited' if mode == 'check' else 'healed'} (-v lists them)")
+    if not_audited(s):
+        line += "; INCOMPLETE: the path vanished or was replaced before it was reached"
     return line
 
 
-def exit_code(s: HealStats, dry_run: bool) -> int:
-    """74 when the pass did not cover the tree (errors, or entries on another mount), else 1
-    when a check (dry run) found violations, else 0."""
-    if s.errors or s.skipped["mount"]:
+def exit_code(s: HealStats, dry_run: bool, incomplete: bool = False) -> int:
+    """74 when the pass did not cover the tree (errors, entries on another mount, a PATH not
+    reached: ``incomplete``), else 1 when a check (dry run) found violations, else 0."""
+    if incomplete or s.errors or s.skipped["mount"]:
         return EX_IOERR
     return EX_FAILURE if dry_run and s.violations else EX_OK
 
@@ -189,6 +237,7 @@ def run(args: argparse.Namespace) -> int:
     dry = bool(args.dry_run)
     results = []
     total = HealStats()
+    incomplete = False
     for t in targets(args):
         reporter = _Reporter(t, args.json, args.verbose)
         conc = walk_concurrency(t.root.path, args.concurrency)
@@ -213,6 +262,7 @@ def run(args: argparse.Namespace) -> int:
         if reporter.daemons:
             stats.skipped["daemon"] += reporter.daemons
         total.merge(stats)
+        incomplete = incomplete or not_audited(stats)
         if args.json:
             results.append({"root": str(t.root.path), "path": str(t.path), "group": t.root.gid,
                             "stats": stats.to_dict(), "findings": reporter.findings})
@@ -221,7 +271,7 @@ def run(args: argparse.Namespace) -> int:
             print(_summary("check" if dry else "heal", t, stats))
             if reporter.denied:
                 print(f"  hint: {permission_hint(t.root.gid)}", file=sys.stderr)
-    code = exit_code(total, dry)
+    code = exit_code(total, dry, incomplete)
     if args.json:
         emit_json({"mode": args.mode, "dry_run": dry, "ok": code == EX_OK,
                    "exit_code": code, "totals": total.to_dict(), "paths": results})
