@@ -1,12 +1,13 @@
 """Costs a group member or a requester can still impose on the root daemon (found attacking the
-fixes of issue 10). A test marked ``xfail(strict=True)`` fails on the code as it is and turns
-the suite red the day it passes, so the mark is removed with the fix.
+fixes of issue 10). Both were found as ``xfail(strict=True)`` tests, and are fixed.
 
 - Memory quadratic in path length: a group member's chain of 2,000 directories with 255-byte
   names (built in 0.1 s) is healed, but the daemon's peak RSS grows by 0.25-0.7 GB (3,000
   levels: 1.9 GB; 6,000: 6.1 GB, kept after the work is done). Every queued event carries its
   full root-relative path string (and its parent's, in the sibling map), each up to ~500 KB
-  here: memory grows with the sum of the path lengths, not with the number of entries.
+  here: memory grows with the sum of the path lengths, not with the number of entries. Fixed:
+  the queue holds the watch's directory nodes and entry names, and a path is built only when
+  a worker takes the item (2,000 levels: +6 MiB; 6,000: see the README).
 - CPU-bound spec parsing on connection threads: one requester holding 64 connections, each
   sending a 60 KB spec that takes ~0.5-1 s of pure-Python YAML parsing, starves every other
   thread of the GIL; root's ``ping`` (the readiness probe) went unanswered for over 20 s. Fixed:
@@ -69,9 +70,6 @@ def _chain_wrong(root: Path, gid: int) -> int:
     return wrong
 
 
-@pytest.mark.xfail(strict=True, reason="queued events hold full path strings: daemon memory "
-                   "grows with the sum of path lengths (~1.9 GB for a 3,000-level chain of "
-                   "255-byte names)")
 def test_deep_chain_of_long_names_costs_bounded_memory(accounts: Accounts, scratch: Path,
                                                        envctld) -> None:
     root = make_root(scratch, accounts)

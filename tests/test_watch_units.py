@@ -18,7 +18,7 @@ from envctl_shared.config import parse
 from envctl_shared.heal import Healer
 from envctl_shared.watch.inotify import InotifyWatch
 from envctl_shared.watch.poll import Poller
-from envctl_shared.watch.queue import Item, WorkQueue
+from envctl_shared.watch.queue import ROOT, WorkQueue
 
 from tests.conftest import Accounts
 from tests.helpers import as_user, find_violations
@@ -26,10 +26,13 @@ from tests.trees import make_chain
 from tests.watch_support import make_root, make_source
 
 
-def _drain(q: WorkQueue) -> list[Item]:
+Drained = tuple[str, bool, tuple[str, ...]]  # an item as (rel, subtree, names)
+
+
+def _drain(q: WorkQueue) -> list[Drained]:
     out = []
     while (item := q.get(0)) is not None:
-        out.append(item)
+        out.append((item.rel, item.subtree, item.names))
         q.done()
     return out
 
@@ -37,54 +40,82 @@ def _drain(q: WorkQueue) -> list[Item]:
 def _rels(q: WorkQueue) -> dict[str, bool]:
     """Drained items flattened back to {rel: subtree}."""
     out: dict[str, bool] = {}
-    for item in _drain(q):
-        if item.subtree:
-            out[item.rel] = True
-        for name in item.names:
-            out[f"{item.rel}/{name}" if item.rel else name] = False
+    for rel, subtree, names in _drain(q):
+        if subtree:
+            out[rel] = True
+        for name in names:
+            out[f"{rel}/{name}" if rel else name] = False
     return out
+
+
+class _Dir:
+    """A directory placed as the watch's nodes are: a parent link and a name."""
+
+    def __init__(self, parent: _Dir | None, name: str) -> None:
+        self.parent, self.name = parent, name
+
+
+class _Tree:
+    """Queues entries by path, through one node per directory (as the watch layer does)."""
+
+    def __init__(self, q: WorkQueue) -> None:
+        self.q = q
+        self.dirs = {"": _Dir(None, "")}
+
+    def dir(self, rel: str) -> _Dir:
+        if rel not in self.dirs:
+            parent, _, name = rel.rpartition("/")
+            self.dirs[rel] = _Dir(self.dir(parent), name)
+        return self.dirs[rel]
+
+    def put(self, rel: str, subtree: bool = False, urgent: bool = True) -> bool:
+        parent, _, name = rel.rpartition("/")
+        return self.q.put(self.dir(parent), name, subtree, urgent)
 
 
 def test_queue_coalesces_and_subtree_wins() -> None:
     q = WorkQueue()
-    assert q.put("a/b")
-    assert not q.put("a/b")
-    assert q.put("a", subtree=True)
-    assert not q.put("a/c/d")  # covered by the waiting subtree "a"
-    assert q.put("a/b", subtree=True)  # upgrade in place
-    assert q.put("ab/x")  # a sibling whose name starts like "a" is not covered
-    assert _drain(q) == [Item("a/b", True), Item("a", True), Item("ab", False, ("x",))]
+    t = _Tree(q)
+    assert t.put("a/b")
+    assert not t.put("a/b")
+    assert t.put("a", subtree=True)
+    assert not t.put("a/c/d")  # covered by the waiting subtree "a"
+    assert t.put("a/b", subtree=True)  # upgrade in place
+    assert t.put("ab/x")  # a sibling whose name starts like "a" is not covered
+    assert _drain(q) == [("a/b", True, ()), ("a", True, ()), ("ab", False, ("x",))]
     assert q.wait_idle(0)
-    q.put("", subtree=True)
-    assert not q.put("anything/at/all")
+    q.put(ROOT, subtree=True)  # the service's reconcile: the same item as the watch's root
+    assert not t.put("", subtree=True) and not t.put("anything/at/all")
     q.close()
-    assert not q.put("late")
-    assert _drain(q) == [Item("", True)]
+    assert not t.put("late")
+    assert _drain(q) == [("", True, ())]
 
 
 def test_queue_hands_out_siblings_together() -> None:
     q = WorkQueue()
+    t = _Tree(q)
     for rel in ("d/x", "e/y", "d/z", "top", "d/sub", ""):
-        q.put(rel)
-    q.put("d/sub", subtree=True)  # a directory: its own subtree item, not a sibling entry
-    assert _drain(q) == [Item("d", False, ("x", "z")), Item("e", False, ("y",)),
-                         Item("", False, ("top",)), Item("d/sub", True), Item("", False)]
+        t.put(rel)
+    t.put("d/sub", subtree=True)  # a directory: its own subtree item, not a sibling entry
+    assert _drain(q) == [("d", False, ("x", "z")), ("e", False, ("y",)),
+                         ("", False, ("top",)), ("d/sub", True, ()), ("", False, ())]
     assert len(q) == 0
 
 
 def test_queue_puts_attribute_changes_after_new_entries() -> None:
     """Echoes of our own fixes (IN_ATTRIB) must not delay entries still broken."""
     q = WorkQueue()
-    assert q.put("a/echo1", urgent=False)
-    assert q.put("b/echo2", urgent=False)
-    assert not q.put("b/echo2", urgent=False)
-    assert q.put("c/new")
-    assert q.put("b/echo2")  # a creation names a path waiting in the later lane: promoted
-    assert q.put("d", subtree=True)
-    assert q.put("a/sibling", urgent=False)
+    t = _Tree(q)
+    assert t.put("a/echo1", urgent=False)
+    assert t.put("b/echo2", urgent=False)
+    assert not t.put("b/echo2", urgent=False)
+    assert t.put("c/new")
+    assert t.put("b/echo2")  # a creation names a path waiting in the later lane: promoted
+    assert t.put("d", subtree=True)
+    assert t.put("a/sibling", urgent=False)
     assert len(q) == 5
-    assert _drain(q) == [Item("c", False, ("new",)), Item("b", False, ("echo2",)),
-                         Item("d", True), Item("a", False, ("echo1", "sibling"))]
+    assert _drain(q) == [("c", False, ("new",)), ("b", False, ("echo2",)),
+                         ("d", True, ()), ("a", False, ("echo1", "sibling"))]
     assert q.wait_idle(0)
 
 
@@ -187,8 +218,10 @@ def test_inotify_filter_delivers_chmod_not_reads_or_writes(accounts: Accounts,
             got.update(_rels(q))
             time.sleep(0.05)
         assert got.get("d/f") is False  # chmod → attrib → entry
-        # Created dir: a subtree, or (empty when its watch was added) itself, g its own event.
-        assert "d/new" in got and (got["d/new"] or got.get("d/new/g") is False), got
+        # Created dir: a subtree, or (empty when its watch was added) itself, g its own event,
+        # named where its directory is when the item is taken (renamed since, maybe).
+        g = got.get("d/new/g", got.get("d/renamed/g"))
+        assert "d/new" in got and (got["d/new"] or g is False), got
         assert got.get("d/renamed") is True  # moved (in) dir → subtree
         assert "failed" not in counted and not any(c.startswith("end:") for c in counted)
     finally:

@@ -5,8 +5,9 @@ descriptor, name); the watch descriptor names a directory inode, which keeps it 
 directory is renamed to. So the table here maps each watch descriptor to a node holding that
 directory's identity (``st_dev``, ``st_ino``) and its place: a parent node and a name. A rename
 updates one node (paired ``IN_MOVED_FROM``/``IN_MOVED_TO`` by cookie), and every path below it
-follows without being rewritten; a path string is computed from the nodes only when an item is
-queued, and the healer re-resolves it from the root fd anyway.
+follows without being rewritten. The queue holds nodes and names, not path strings (see
+:mod:`~envctl_shared.watch.queue`): a path is built from the nodes only when a worker takes an
+item, and the healer re-resolves it from the root fd anyway.
 
 Two clocks meet in that table. Events are history, read in batches (everything queued is
 drained first); walks, which add watches, see the disk *now*, newer than every event of the
@@ -68,7 +69,7 @@ from watchdog.observers.inotify_c import InotifyConstants as IN
 from watchdog.observers.inotify_c import inotify_add_watch, inotify_init, inotify_rm_watch
 
 from ..heal.fsops import DIR_FLAGS, PATH_DIR_FLAGS, Stat, stat_at
-from .queue import WorkQueue
+from .queue import WorkQueue, path_of
 
 MASK = (IN.IN_CREATE | IN.IN_MOVED_TO | IN.IN_MOVED_FROM | IN.IN_ATTRIB | IN.IN_MOVE_SELF
         | IN.IN_DELETE_SELF | IN.IN_ONLYDIR)
@@ -185,7 +186,6 @@ class InotifyWatch:
         self._root_dev = self._root_mnt = -1
         self._moving: dict[int, _Node] = {}  # cookie -> node renamed, destination not seen yet
         self._cache: OrderedDict[_Node, int] = OrderedDict()  # node -> fd (LRU)
-        self._rels: dict[_Node, str] = {}  # computed paths; cleared by any rename
         self._limited = False  # ENOSPC seen: adding more watches is pointless
         self._batch = 0  # drained batches of events so far
         self.beat = time.monotonic()  # last sign of life of the reader (or of a walk)
@@ -304,7 +304,7 @@ class InotifyWatch:
                 if mask & _ROOT_GONE:
                     return "root"
                 if mask & IN.IN_ATTRIB:
-                    self._queue.put("")  # the root directory itself
+                    self._queue.put(node)  # the root directory itself
             elif mask & IN.IN_IGNORED:
                 self._forget(node)
             elif mask & IN.IN_MOVE_SELF and node.cookie:
@@ -331,7 +331,7 @@ class InotifyWatch:
                 return
         elif mask & IN.IN_MOVED_FROM:
             return  # a file leaving: nothing to heal
-        self._queue.put(self._rel(parent, name), False, bool(mask & _ARRIVED))
+        self._queue.put(parent, name, False, bool(mask & _ARRIVED))
 
     def _arrived(self, parent: _Node, name: str, moved: _Node | None) -> None:
         """A directory created or moved in: watch it (and everything below it not watched in
@@ -354,7 +354,7 @@ class InotifyWatch:
                 self._walk(level)
             elif known:
                 return  # watched in place by an earlier walk, whose queued subtree covers it
-        self._queue.put(self._rel(parent, name), subtree)
+        self._queue.put(parent, name, subtree)
 
     def _moved_out(self, node: _Node) -> None:
         """Renamed and no IN_MOVED_TO in this root named it: it left the root. Its watches go
@@ -378,7 +378,6 @@ class InotifyWatch:
         fd = self._cache.pop(node, None)
         if fd is not None:
             os.close(fd)
-        self._rels.pop(node, None)
 
     # -- the table --------------------------------------------------------------------------
 
@@ -400,25 +399,7 @@ class InotifyWatch:
             if node.parent is not None:
                 node.parent.unlink(node)
             node.parent, node.name = parent, name
-            self._rels.clear()
         parent.link(node, evict)
-
-    def _rel(self, node: _Node, name: str = "") -> str:
-        """Root-relative path of ``node`` (and of its entry ``name``), as placed now."""
-        rel = self._rels.get(node)
-        if rel is None:
-            parts: list[str] = []
-            up: _Node | None = node
-            while up is not None and up.parent is not None:
-                parts.append(up.name)
-                up = up.parent
-            rel = "/".join(reversed(parts))
-            if len(self._rels) >= 256:
-                self._rels.clear()
-            self._rels[node] = rel
-        if not name:
-            return rel
-        return f"{rel}/{name}" if rel else name
 
     # -- directory fds --------------------------------------------------------------------
 
@@ -551,7 +532,7 @@ class InotifyWatch:
             wd = self._add_watch(fd)
             if wd < 0:
                 os.close(fd)
-                self._hooks.on_watch_failed(self._rel(parent, name), errno.ENOSPC)
+                self._hooks.on_watch_failed(path_of(parent, name), errno.ENOSPC)
                 return None, False
             ident = (st.st_dev, st.st_ino)
             node = self._nodes.get(wd)

@@ -1,10 +1,18 @@
-"""A coalescing work queue of root-relative paths, between event readers and heal workers.
+"""A coalescing work queue of directory entries, between event readers and heal workers.
+
+What is queued is a place in the watch layer's table, not a path string: an entry ``name`` of a
+directory node (:class:`Dir`: a parent link and a name, kept current by the watch through
+renames). Its root-relative path is built only when a worker takes the item (:attr:`Item.rel`),
+and dropped after the heal. A path string per queued event would make the queue's memory the
+sum of the path lengths: a member's chain of 6,000 directories with 255-byte names (built in
+0.3 s) held 6 GB in the daemon that way, each of its events carrying a path of up to 1.5 MB
+(and its parent's again as a sibling key). Held as places, it is a few hundred bytes an entry.
 
 Why coalesce: a burst (``cp -r``, ``tar x``, conda linking) produces several events per entry,
-and our own chgrp/chmod produce more. Each path is queued at most once until a worker takes it;
-a path queued as ``subtree`` (a new or moved-in directory, or the whole root after an overflow)
-absorbs later requests for itself and for anything below it that are still waiting, because the
-subtree pass will see them anyway. Readers never block: ``put`` only touches a dict.
+and our own chgrp/chmod produce more. Each entry is queued at most once until a worker takes it;
+an entry queued as ``subtree`` (a new or moved-in directory, or the whole root after an
+overflow) absorbs later requests for itself and for anything below it that are still waiting,
+because the subtree pass will see them anyway. Readers never block: ``put`` only touches dicts.
 
 Entries are handed out in batches of siblings: taking one entry takes every waiting entry of
 the same directory with it, so a worker resolves that directory once for all of them (a burst
@@ -13,102 +21,151 @@ writes many files per directory; resolving each path from the root costs ~4x the
 Two lanes: creations and moves (``urgent``) go before attribute changes. Most IN_ATTRIB events
 of a burst are the echoes of our own fixes, which find nothing to do; in one lane they would
 queue ahead of entries still broken and delay the end of the burst by seconds. A real chmod by
-a user waits only until the new entries are done, and a path waiting in the later lane moves to
-the first when an urgent event names it.
+a user waits only until the new entries are done, and an entry waiting in the later lane moves
+to the first when an urgent event names it.
+
+Thread-safety of the places: only the watch's reader thread changes them (and calls ``put``);
+a worker reads a place's parent links to build its path. A rename racing that read gives a
+path that is only a hint, as every event path is: the healer re-resolves it from the root fd,
+and the rename's own events queue the new place.
 """
 
 from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
+
+# Parent links followed to build one path, at most: past it a rename racing the read (see the
+# module docstring) made a loop, which no tree deeper than this can be confused with.
+MAX_DEPTH = 1 << 22
+
+
+class Dir(Protocol):
+    """A directory as the watch layer places it now; ``parent`` None: the root."""
+
+    @property
+    def parent(self) -> Dir | None: ...
+
+    @property
+    def name(self) -> str: ...
+
+
+class _Root:
+    """The root of every tree: what the service queues (a reconcile) without a watch."""
+
+    __slots__ = ()
+    parent = None
+    name = ""
+
+
+ROOT: Dir = _Root()
+Key = tuple[Dir, str]  # (directory, entry name); name "" only for the root itself
+
+
+def _key(d: Dir, name: str) -> Key:
+    """The one key of a place: every root node is ROOT (a rebuilt watch has a new one)."""
+    return (ROOT if d.parent is None else d), name
+
+
+def path_of(d: Dir, name: str = "") -> str:
+    """Root-relative path of entry ``name`` of ``d`` ("" : ``d`` itself), as placed now."""
+    parts = [name] if name else []
+    up: Dir | None = d
+    for _ in range(MAX_DEPTH):
+        if up is None or up.parent is None:
+            return "/".join(reversed(parts))
+        parts.append(up.name)
+        up = up.parent
+    raise RuntimeError("directory renamed in a loop while its path was read")
 
 
 class Item(NamedTuple):
-    """A subtree to reconcile (``names`` empty), or entries ``names`` of directory ``rel``.
+    """A subtree to reconcile (``subtree``: entry ``name`` of ``dir``, or the root), or entries
+    ``names`` of directory ``dir`` (none: the root directory itself, an event on the root)."""
 
-    An entry batch with no names is the root directory itself (an event on the root)."""
-
-    rel: str
+    dir: Dir
+    name: str
     subtree: bool
     names: tuple[str, ...] = ()
 
-
-def _split(rel: str) -> tuple[str, str]:
-    parent, _, name = rel.rpartition("/")
-    return parent, name
+    @property
+    def rel(self) -> str:
+        """The root-relative path of the subtree, or of the entries' directory (built now:
+        read it once per heal)."""
+        return path_of(self.dir, self.name)
 
 
 class WorkQueue:
-    """FIFO of distinct paths; ``subtree`` wins over ``entry`` for the same or a deeper path."""
+    """FIFO of distinct entries; ``subtree`` wins over ``entry`` for the same or a deeper one."""
 
     def __init__(self) -> None:
-        self._items: OrderedDict[str, bool] = OrderedDict()  # rel -> subtree?
-        self._later: OrderedDict[str, None] = OrderedDict()  # entries from attribute events
-        self._siblings: dict[str, set[str]] = {}  # parent -> names waiting as entries (any lane)
-        self._subtrees: set[str] = set()  # rels waiting as subtree items
+        self._items: OrderedDict[Key, bool] = OrderedDict()  # key -> subtree?
+        self._later: OrderedDict[Key, None] = OrderedDict()  # entries from attribute events
+        self._siblings: dict[Dir, set[str]] = {}  # directory -> names waiting as entries
+        self._subtrees: set[Key] = set()  # keys waiting as subtree items
         self._cond = threading.Condition()
         self._busy = 0
         self._closed = False
 
-    def put(self, rel: str, subtree: bool = False, urgent: bool = True) -> bool:
-        """Queue ``rel``; False when it was already covered by a waiting item.
+    def put(self, d: Dir, name: str = "", subtree: bool = False, urgent: bool = True) -> bool:
+        """Queue entry ``name`` of directory ``d`` (the root: ``ROOT`` and ""); False when it
+        was already covered by a waiting item.
 
         ``urgent`` False (an attribute change) queues an entry in the later lane."""
+        key = _key(d, name)
         with self._cond:
             if self._closed:
                 return False
-            if rel in self._later:
+            if key in self._later:
                 if not (urgent or subtree):
                     return False
-                del self._later[rel]  # promoted: re-queued below in the first lane
-                self._unlink(rel)
-            if rel in self._items:
-                if subtree and not self._items[rel]:
-                    self._items[rel] = True
-                    self._subtrees.add(rel)
-                    self._unlink(rel)
+                del self._later[key]  # promoted: re-queued below in the first lane
+                self._unlink(key)
+            if key in self._items:
+                if subtree and not self._items[key]:
+                    self._items[key] = True
+                    self._subtrees.add(key)
+                    self._unlink(key)
                     return True
                 return False
-            if self._covered(rel):
+            if self._covered(key):
                 return False
-            if urgent or subtree or not rel:
-                self._items[rel] = subtree
+            if urgent or subtree or not name:
+                self._items[key] = subtree
                 if subtree:
-                    self._subtrees.add(rel)
+                    self._subtrees.add(key)
             else:
-                self._later[rel] = None
-            if not subtree and rel:
-                parent, name = _split(rel)
-                self._siblings.setdefault(parent, set()).add(name)
+                self._later[key] = None
+            if not subtree and name:
+                self._siblings.setdefault(key[0], set()).add(name)
             self._cond.notify()
             return True
 
-    def _unlink(self, rel: str) -> None:
-        parent, name = _split(rel)
-        names = self._siblings.get(parent)
+    def _unlink(self, key: Key) -> None:
+        d, name = key
+        names = self._siblings.get(d)
         if names is not None:
             names.discard(name)
             if not names:
-                del self._siblings[parent]
+                del self._siblings[d]
 
-    def _covered(self, rel: str) -> bool:
-        """A waiting subtree item on an ancestor (or the root "") already includes ``rel``.
+    def _covered(self, key: Key) -> bool:
+        """A waiting subtree item on an ancestor (or the root) already includes ``key``.
 
-        Few subtrees wait at a time, and paths can be thousands of components deep (a chain
-        deeper than PATH_MAX): then each waiting subtree is compared, rather than every
-        ancestor sliced out of ``rel``."""
+        Nothing to look up while no subtree waits (a chain built one level at a time queues
+        entries only); else the directories above are looked up by their parent links, which
+        only the reader thread (the caller) changes."""
         subtrees = self._subtrees
         if not subtrees:
             return False
-        if "" in subtrees:
+        if (ROOT, "") in subtrees:
             return True
-        if len(subtrees) < rel.count("/"):
-            return any(rel.startswith(s) and rel[len(s):len(s) + 1] == "/" for s in subtrees)
-        while "/" in rel:
-            rel = rel.rsplit("/", 1)[0]
-            if self._items.get(rel) is True:
+        up = key[0]
+        while up.parent is not None:
+            if _key(up.parent, up.name) in subtrees:
                 return True
+            up = up.parent
         return False
 
     def get(self, timeout: float) -> Item | None:
@@ -118,23 +175,22 @@ class WorkQueue:
             if not self._items and not self._later and not self._closed:
                 self._cond.wait(timeout)
             if self._items:
-                rel, subtree = self._items.popitem(last=False)
+                key, subtree = self._items.popitem(last=False)
                 if subtree:
-                    self._subtrees.discard(rel)
+                    self._subtrees.discard(key)
             elif self._later:
-                rel, subtree = self._later.popitem(last=False)[0], False
+                key, subtree = self._later.popitem(last=False)[0], False
             else:
                 return None
             self._busy += 1
-            if subtree or not rel:
-                return Item(rel, subtree)
-            parent, _ = _split(rel)
-            names = self._siblings.pop(parent)
-            for name in names:  # siblings from both lanes: one resolve serves them all
-                key = f"{parent}/{name}" if parent else name
-                self._items.pop(key, None)
-                self._later.pop(key, None)
-            return Item(parent, False, tuple(sorted(names)))
+            d, name = key
+            if subtree or not name:
+                return Item(d, name, subtree)
+            names = self._siblings.pop(d)
+            for n in names:  # siblings from both lanes: one resolve serves them all
+                self._items.pop((d, n), None)
+                self._later.pop((d, n), None)
+            return Item(d, "", False, tuple(sorted(names)))
 
     def done(self) -> None:
         """A worker finished the item it got (for :meth:`wait_idle`)."""

@@ -42,7 +42,7 @@ from ..logfields import fields
 from ..quoting import quote_name
 from .inotify import InotifyWatch
 from .poll import Poller
-from .queue import Item, WorkQueue
+from .queue import ROOT, Item, WorkQueue
 
 log = logging.getLogger("envctl.watch")
 IDLE_TICK = 1.0  # workers wake at least this often, so their heartbeat shows they are alive
@@ -261,7 +261,7 @@ class RootWatcher:
         self._rebuild.clear()
         self._rebuild_failures = 0
         self._status.rebuilds += 1
-        self.queue.put("", subtree=True)
+        self.queue.put(ROOT, subtree=True)
         self._update_mode()
         log.info("inotify rebuilt root=%s rebuilds=%d watches=%d action=reconcile",
                  self.root.path, self._status.rebuilds,
@@ -326,15 +326,16 @@ class RootWatcher:
         self._walk_beat = time.monotonic()
 
     def _heal(self, item: Item) -> None:
-        if item.subtree and not item.rel:
+        rel = item.rel  # built from the watch's nodes now, once (thousands of levels deep)
+        if item.subtree and not rel:
             self._reconcile()
             return
         if item.subtree:
-            stats = self._walker.run(item.rel, recursive=True)
+            stats = self._walker.run(rel, recursive=True)
         elif item.names:
             # One fstatat per entry; an entry already compliant (mostly the echo of our own
             # chgrp/chmod) ends there, with no open and no write.
-            stats = self._healer.run_entries(item.rel, list(item.names))
+            stats = self._healer.run_entries(rel, list(item.names))
             self._status.echoes += max(0, len(item.names) - stats.violations)
         else:
             stats = self._healer.run("", recursive=False)  # the root directory itself
@@ -386,7 +387,7 @@ class RootWatcher:
             if self._degrade.is_set():
                 self._rebuild.clear()  # no watch to rebuild: polling replaces it
                 self._fall_back_to_polling()
-                self.queue.put("", subtree=True)  # reconcile what the lost watches missed
+                self.queue.put(ROOT, subtree=True)  # reconcile what the lost watches missed
                 self._update_mode()
             elif self._rebuild.is_set() and now >= self._next_rebuild and self.failure is None:
                 self._busy[idx] = True  # a long rebuild shows progress through its walk
@@ -406,7 +407,7 @@ class RootWatcher:
                 next_poll = time.monotonic() + self.watch_cfg.poll_interval
             if now >= next_full:
                 if self._may_poll():
-                    self.queue.put("", subtree=True)
+                    self.queue.put(ROOT, subtree=True)
                 next_full = now + self.watch_cfg.full_scan_interval
             polls = self._poller is not None or self._gate is not None
             wait = min(next_full, next_poll if polls else next_full,
