@@ -11,13 +11,15 @@ makes her own ``.envctl/envs/NAME/vN`` instead has ``env list`` refuse ("tampere
 ``<root>/NAME`` runs her files (env contents are group-writable by design anyway, so this adds
 no new write access, but the daemon's records and its view of the envs are lost silently).
 
-Marked ``xfail(strict=True)``: it fails on the code as it is; remove the mark with the fix
-(e.g. the sticky bit on the root, set by the daemon and ``init``, so that members cannot rename
-or delete entries they do not own; and status flagging a ``.envctl`` that is not the daemon's).
+Fixed: the requests root's own directory is sticky by policy (``policy.judge``; the healer
+sets the bit again when it is cleared, ``envctl init`` creates the root with it), so members
+still create their own entries but cannot rename or delete entries they do not own.
 """
 
 from __future__ import annotations
 
+import os
+import stat
 import subprocess
 from collections.abc import Iterator
 
@@ -25,7 +27,7 @@ import pytest
 
 from tests.api_support import ApiDaemon, start_api_daemon
 from tests.conftest import Accounts
-from tests.helpers import SYSTEM_PYTHON
+from tests.helpers import SYSTEM_PYTHON, wait_for
 
 
 @pytest.fixture(scope="module")
@@ -33,8 +35,6 @@ def api(accounts: Accounts) -> Iterator[ApiDaemon]:
     yield from start_api_daemon(accounts)
 
 
-@pytest.mark.xfail(strict=True, reason="the root has no sticky bit: a group member can rename "
-                   "the daemon's .envctl away (every managed env dangles, unnoticed)")
 def test_group_member_cannot_rename_the_daemons_area(api: ApiDaemon,
                                                      accounts: Accounts) -> None:
     area = api.root / ".envctl"
@@ -48,3 +48,12 @@ def test_group_member_cannot_rename_the_daemons_area(api: ApiDaemon,
         (api.root / ".envctl-x").rename(area)
     assert moved.returncode != 0 and "PermissionError" in moved.stderr, \
         "a group member renamed the daemon's .envctl"
+
+
+def test_the_daemon_keeps_the_requests_root_sticky(api: ApiDaemon) -> None:
+    """The sticky bit is policy for the requests root's own directory: cleared (by its owner,
+    or a careless chmod), the healer sets it again like any other wrong bit."""
+    assert api.root.stat().st_mode & stat.S_ISVTX
+    os.chmod(api.root, stat.S_IMODE(api.root.stat().st_mode) & ~stat.S_ISVTX)
+    wait_for(lambda: api.root.stat().st_mode & stat.S_ISVTX, 30, 0.2,
+             "the daemon setting the sticky bit again")

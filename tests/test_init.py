@@ -44,7 +44,8 @@ def test_fresh_then_again_then_doctor(scratch: Path, accounts: Accounts) -> None
     res = init(*args)
     assert res.returncode == 0, res.stderr
     st = os.stat(root)
-    assert st.st_gid == accounts.shared_gid and stat.S_IMODE(st.st_mode) == 0o2775
+    assert st.st_gid == accounts.shared_gid
+    assert stat.S_IMODE(st.st_mode) == 0o3775  # SGID and sticky
     assert yaml.safe_load(rc.read_text()) == {"envs_dirs": [str(root)]}
     kernels = scratch / "shared" / "share" / "jupyter" / "kernels"
     assert kernels.is_dir()
@@ -80,7 +81,7 @@ def test_dry_run_changes_nothing(scratch: Path, accounts: Accounts) -> None:
     assert res.returncode == 0, res.stderr
     assert sorted(os.listdir(scratch)) == []
     lines = res.stdout.splitlines()
-    assert lines[0] == f"would create {root} (group {accounts.shared_group}, mode 2770)"
+    assert lines[0] == f"would create {root} (group {accounts.shared_group}, mode 3770)"
     assert lines[1].startswith("would change envs_dirs in")
     assert lines[2].startswith("would create kernels directory")
     assert "others: none" in res.stdout  # the printed daemon configuration
@@ -98,7 +99,7 @@ def test_existing_root_and_condarc_are_fixed_not_replaced(scratch: Path,
                "--kernels-dir", str(scratch / "k"), home=home)
     assert res.returncode == 0, res.stderr
     assert res.stdout.startswith("changed ")
-    assert stat.S_IMODE(os.stat(root).st_mode) == 0o2775
+    assert stat.S_IMODE(os.stat(root).st_mode) == 0o3775  # SGID and sticky
     text = user_rc.read_text()
     assert text.startswith("# my settings\n")  # appended, comments kept
     assert yaml.safe_load(text) == {"channels": ["conda-forge"], "envs_dirs": [str(root)]}

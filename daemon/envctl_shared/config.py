@@ -13,7 +13,7 @@ import grp
 import os
 import pwd
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Literal, TypeVar
 
@@ -37,6 +37,9 @@ class RootConfig:
     others: Others = "keep"
     exclude: tuple[str, ...] = ()
     protected_owners: tuple[int, ...] = (0,)
+    # The daemon builds requested envs here (requests enabled): the directory itself must be
+    # sticky, or any member could rename the daemon's .envctl away (policy.judge).
+    holds_requests: bool = False
 
 
 @dataclass(frozen=True)
@@ -544,6 +547,10 @@ def parse(data: Any, source: str = "<memory>", base: Path | None = None) -> Conf
     s.finish()
 
     requests = _requests(source, top.get("requests", dict, None), roots, base)
+    if requests.enabled:
+        want = requests.root or roots[0].path
+        roots = tuple(replace(r, holds_requests=True) if r.path == want else r
+                      for r in roots)
     _check_venv_python(source, requests, roots)
     jupyterhub = _jupyterhub(source, top.get("jupyterhub", dict, None), base)
     kernels = _kernels(source, top.get("kernels", dict, None), base)

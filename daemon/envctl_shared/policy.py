@@ -8,7 +8,10 @@ own. The rules (README, "Policy"):
 - directories: group rwx and SGID (so new entries inherit the group);
 - regular files: group rw, group x exactly when user x;
 - ``others``: keep as is, ``none`` (no access, 2770-style) or ``read`` (r and X, no w: 2775-style);
-- setuid/setgid are never added to files; the sticky bit is left alone;
+- setuid/setgid are never added to files; the sticky bit is left alone, except:
+- the requests root's own directory also has the sticky bit (``RootConfig.holds_requests``):
+  members still create their own entries, but cannot rename or delete the daemon's ``.envctl``
+  and ``NAME`` links, or each other's entries (like /tmp);
 - symlinks: only their own group (their mode means nothing on Linux);
 - fifos, sockets, devices: never touched, only reported.
 """
@@ -87,8 +90,9 @@ def wanted_mode(mode: int, kind: Kind, others: str) -> int:
     return perm
 
 
-def judge(st_mode: int, st_gid: int, root: RootConfig) -> Verdict:
-    """The verdict for an entry whose lstat/fstat gave ``st_mode`` and ``st_gid``."""
+def judge(st_mode: int, st_gid: int, root: RootConfig, is_root: bool = False) -> Verdict:
+    """The verdict for an entry whose lstat/fstat gave ``st_mode`` and ``st_gid``; ``is_root``:
+    the entry is the root directory itself."""
     kind = kind_of(st_mode)
     if kind is Kind.SPECIAL:
         return Verdict(kind)
@@ -96,6 +100,8 @@ def judge(st_mode: int, st_gid: int, root: RootConfig) -> Verdict:
     if kind is Kind.SYMLINK:
         return Verdict(kind, gid=gid)
     want = wanted_mode(st_mode, kind, root.others)
+    if is_root and kind is Kind.DIR and root.holds_requests:
+        want |= stat.S_ISVTX
     return Verdict(kind, gid=gid, mode=None if want == stat.S_IMODE(st_mode) else want)
 
 

@@ -25,7 +25,10 @@ from ..errors import EX_OK, ConfigError, FilesystemError, UsageError
 from .access import missing_hint
 from .output import emit_json, quote_name
 
-MODES = {"2770": ("none", 0o2770), "2775": ("read", 0o2775)}  # --mode: (others, bits)
+# --mode: (others, bits). The root is also sticky (the daemon builds requested envs in it, and
+# policy.judge wants its directory sticky): members create their own entries but cannot rename
+# or delete the daemon's .envctl and NAME links, or each other's entries.
+MODES = {"2770": ("none", 0o3770), "2775": ("read", 0o3775)}
 
 
 @dataclass
@@ -41,7 +44,9 @@ class Step:
 
 def add_parser(sub: Any) -> None:
     p = sub.add_parser("init", help="set up a shared root (admins): group, SGID, conda, daemon",
-                       description="Create ROOT with group G, mode 2775 (or 2770) and SGID; "
+                       description="Create ROOT with group G, mode 2775 (or 2770), SGID and "
+                       "the sticky bit (members cannot rename or delete entries they do not "
+                       "own, such as the daemon's .envctl); "
                        "write (--write-config FILE) or print a daemon configuration for it; add "
                        "it to envs_dirs in the system .condarc (--user: ~/.condarc) unless "
                        "listed; create the kernels directory. Idempotent: a second run changes "

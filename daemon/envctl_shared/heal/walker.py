@@ -730,7 +730,7 @@ class _Pass:
         """Decide from the fd's own fstat, then change that inode through that fd.
 
         Returns True when something was written (the caller's stat is then stale)."""
-        verdict = self.h.verdict(st.st_mode, st.st_gid)
+        verdict = self._verdict(st.st_mode, st.st_gid, is_root)
         kind = verdict.kind.value
         if verdict.kind is Kind.SPECIAL:
             self._skip(stats, rel, kind, "special")
@@ -752,7 +752,7 @@ class _Pass:
             stats.fixed["group"] += 1
             if st.st_mode & (stat.S_ISUID | stat.S_ISGID) and not is_dir_fd:
                 st = stat_at(fd)  # chown cleared setuid/setgid: judge the bits afresh
-            verdict = self.h.verdict(st.st_mode, verdict.gid)
+            verdict = self._verdict(st.st_mode, verdict.gid, is_root)
         if verdict.mode is not None:
             chmod_fd(fd, verdict.mode)
             stats.fixed["mode"] += 1
@@ -760,6 +760,11 @@ class _Pass:
         if self.h.report_fixes:
             self.h.report(Finding(rel, kind, "fixed", problems))
         return True
+
+    def _verdict(self, st_mode: int, st_gid: int, is_root: bool) -> Verdict:
+        """The root directory's own rule differs (the requests root is sticky): not memoised."""
+        return judge(st_mode, st_gid, self.root, True) if is_root else \
+            self.h.verdict(st_mode, st_gid)
 
     def _skip(self, stats: HealStats, rel: str, kind: str, reason: str,
               problems: Callable[[], list[str]] | None = None) -> None:
