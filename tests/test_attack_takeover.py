@@ -18,7 +18,9 @@ still create their own entries but cannot rename or delete entries they do not o
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import stat
 import subprocess
 from collections.abc import Iterator
@@ -57,3 +59,24 @@ def test_the_daemon_keeps_the_requests_root_sticky(api: ApiDaemon) -> None:
     os.chmod(api.root, stat.S_IMODE(api.root.stat().st_mode) & ~stat.S_ISVTX)
     wait_for(lambda: api.root.stat().st_mode & stat.S_ISVTX, 30, 0.2,
              "the daemon setting the sticky bit again")
+
+
+def test_a_managed_env_whose_area_is_gone_is_listed_broken(api: ApiDaemon,
+                                                           accounts: Accounts) -> None:
+    """Should ``.envctl`` still go away (root's own mistake, or a root without the bit), a
+    managed ``<root>/NAME`` whose versions are gone is listed ``broken``, not silently dropped."""
+    spec = api.write_spec("dependencies: []\n")
+    res = api.cli(accounts.alice, "request", "create", "kept-env", "-f", str(spec),
+                  "--backend", "venv", "--json")
+    assert res.returncode == 0, res.stderr
+    area = api.root / ".envctl"
+    area.rename(api.root / ".envctl-x")  # root may: the sticky bit does not bind the owner
+    try:
+        listed = api.cli(accounts.alice, "env", "list", "--json")
+        assert listed.returncode == 0, listed.stderr
+        found = {e["name"]: e for e in json.loads(listed.stdout)}
+        assert found.get("kept-env", {}).get("status") == "broken", found
+    finally:
+        if area.exists():  # recreated, empty, by the daemon
+            shutil.rmtree(area)
+        (api.root / ".envctl-x").rename(area)

@@ -508,6 +508,10 @@ class JobManager:
         if cur.kind == "unmanaged":
             return {**out, "status": "unmanaged"}
         with envs.env_dir(fds, name, create=False) as env_fd:
+            if env_fd is None and cur.kind == "managed":  # our link, its versions gone
+                log.warning("env-broken name=%s current=%s reason=no-versions-in-area", name,
+                            cur.version)
+                return {**out, "status": "broken", "current": cur.version}
             if env_fd is None or cur.kind == "missing" and not envs.versions(env_fd):
                 return None  # never built, or nothing left of a failed first build
             return {**out, **envs.describe(env_fd, name, cur, versions)}
