@@ -32,7 +32,7 @@ Drained = tuple[str, bool, tuple[str, ...]]  # an item as (rel, subtree, names)
 def _drain(q: WorkQueue) -> list[Drained]:
     out = []
     while (item := q.get(0)) is not None:
-        out.append((item.rel, item.subtree, item.names))
+        out.append((q.path(item), item.subtree, item.names))
         q.done()
     return out
 
@@ -100,6 +100,23 @@ def test_queue_hands_out_siblings_together() -> None:
     assert _drain(q) == [("d", False, ("x", "z")), ("e", False, ("y",)),
                          ("", False, ("top",)), ("d/sub", True, ()), ("", False, ())]
     assert len(q) == 0
+
+
+def test_queue_paths_are_built_when_taken_and_follow_renames() -> None:
+    """Entries wait as (directory node, name), not as path strings (a deep chain's paths made
+    the daemon's memory quadratic): the path is the directory's place when a worker takes the
+    item. The path kept from the last item (extended along a chain) is dropped on a rename."""
+    q = WorkQueue()
+    t = _Tree(q)
+    t.put("a/b/x")
+    assert _drain(q) == [("a/b", False, ("x",))]
+    t.put("a/b/c/y")  # the next level of a chain: the kept path, extended
+    t.put("a/b/c/z", subtree=True)
+    assert _drain(q) == [("a/b/c", False, ("y",)), ("a/b/c/z", True, ())]
+    t.put("a/b/c/w")
+    t.dirs["a/b"].parent = t.dir("m")  # renamed to m/b while c's entry waits
+    q.moved()
+    assert _drain(q) == [("m/b/c", False, ("w",))]
 
 
 def test_queue_puts_attribute_changes_after_new_entries() -> None:

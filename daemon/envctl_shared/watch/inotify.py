@@ -399,6 +399,7 @@ class InotifyWatch:
             if node.parent is not None:
                 node.parent.unlink(node)
             node.parent, node.name = parent, name
+            self._queue.moved()
         parent.link(node, evict)
 
     # -- directory fds --------------------------------------------------------------------

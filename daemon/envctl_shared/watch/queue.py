@@ -2,8 +2,8 @@
 
 What is queued is a place in the watch layer's table, not a path string: an entry ``name`` of a
 directory node (:class:`Dir`: a parent link and a name, kept current by the watch through
-renames). Its root-relative path is built only when a worker takes the item (:attr:`Item.rel`),
-and dropped after the heal. A path string per queued event would make the queue's memory the
+renames). Its root-relative path is built only when a worker takes the item
+(:meth:`WorkQueue.path`), and dropped after the heal. A path string per queued event would make the queue's memory the
 sum of the path lengths: a member's chain of 6,000 directories with 255-byte names (built in
 0.3 s) held 6 GB in the daemon that way, each of its events carrying a path of up to 1.5 MB
 (and its parent's again as a sibling key). Held as places, it is a few hundred bytes an entry.
@@ -24,10 +24,12 @@ queue ahead of entries still broken and delay the end of the burst by seconds. A
 a user waits only until the new entries are done, and an entry waiting in the later lane moves
 to the first when an urgent event names it.
 
-Thread-safety of the places: only the watch's reader thread changes them (and calls ``put``);
-a worker reads a place's parent links to build its path. A rename racing that read gives a
-path that is only a hint, as every event path is: the healer re-resolves it from the root fd,
-and the rename's own events queue the new place.
+Thread-safety of the places: only the watch's reader thread changes them (and calls ``put``
+and then ``moved``); a worker reads a place's parent links to build its path. A rename racing
+that read gives a path that is only a hint, as every event path is: the healer re-resolves it
+from the root fd, and the rename's own events queue the new place. The last path built is kept
+for the next item's (a chain built level by level queues each level's child next: extending
+it is one string copy, not a walk up thousands of parent links); any rename discards it.
 """
 
 from __future__ import annotations
@@ -89,12 +91,6 @@ class Item(NamedTuple):
     subtree: bool
     names: tuple[str, ...] = ()
 
-    @property
-    def rel(self) -> str:
-        """The root-relative path of the subtree, or of the entries' directory (built now:
-        read it once per heal)."""
-        return path_of(self.dir, self.name)
-
 
 class WorkQueue:
     """FIFO of distinct entries; ``subtree`` wins over ``entry`` for the same or a deeper one."""
@@ -107,6 +103,8 @@ class WorkQueue:
         self._cond = threading.Condition()
         self._busy = 0
         self._closed = False
+        self._moves = 0  # renames so far: a path built before one may be stale
+        self._last: tuple[Dir, str, int] | None = None  # a directory, its path, at _moves
 
     def put(self, d: Dir, name: str = "", subtree: bool = False, urgent: bool = True) -> bool:
         """Queue entry ``name`` of directory ``d`` (the root: ``ROOT`` and ""); False when it
@@ -191,6 +189,28 @@ class WorkQueue:
                 self._items.pop((d, n), None)
                 self._later.pop((d, n), None)
             return Item(d, "", False, tuple(sorted(names)))
+
+    def moved(self) -> None:
+        """A directory was placed elsewhere (called by the reader once the place is updated):
+        the path kept from an earlier item may be stale."""
+        self._moves += 1
+
+    def path(self, item: Item) -> str:
+        """The root-relative path of ``item``'s subtree, or of its entries' directory, built
+        now (from the path kept from the last item when its directory is the same or the
+        parent, as along a chain)."""
+        moves, last, d = self._moves, self._last, item.dir
+        if last is not None and last[2] == moves and last[0] is d:
+            rel = last[1]
+        elif last is not None and last[2] == moves and d.parent is last[0]:
+            rel = f"{last[1]}/{d.name}" if last[1] else d.name
+        else:
+            rel = path_of(d)
+        if self._moves == moves:  # no rename since ``moves`` was read: keep it
+            self._last = (d, rel, moves)
+        if not item.name:
+            return rel
+        return f"{rel}/{item.name}" if rel else item.name
 
     def done(self) -> None:
         """A worker finished the item it got (for :meth:`wait_idle`)."""

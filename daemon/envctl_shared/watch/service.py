@@ -314,9 +314,9 @@ class RootWatcher:
             try:
                 self._heal(item)
             except Exception:  # a bug must not kill the worker: log it, keep healing
-                log.exception("heal failed root=%s path=%s", self.root.path,
-                              quote_name(item.rel),
-                              extra=fields(root=self.root.path, path=item.rel))
+                rel = self.queue.path(item)
+                log.exception("heal failed root=%s path=%s", self.root.path, quote_name(rel),
+                              extra=fields(root=self.root.path, path=rel))
                 self._status.heals.errors += 1
             finally:
                 self._busy[idx] = False
@@ -326,7 +326,7 @@ class RootWatcher:
         self._walk_beat = time.monotonic()
 
     def _heal(self, item: Item) -> None:
-        rel = item.rel  # built from the watch's nodes now, once (thousands of levels deep)
+        rel = self.queue.path(item)  # built from the watch's nodes now, once per item
         if item.subtree and not rel:
             self._reconcile()
             return
