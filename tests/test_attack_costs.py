@@ -7,7 +7,7 @@ fixes of issue 10). Both were found as ``xfail(strict=True)`` tests, and are fix
   full root-relative path string (and its parent's, in the sibling map), each up to ~500 KB
   here: memory grows with the sum of the path lengths, not with the number of entries. Fixed:
   the queue holds the watch's directory nodes and entry names, and a path is built only when
-  a worker takes the item (2,000 levels: +6 MiB; 6,000: see the README).
+  a worker takes the item (peak RSS +6-7 MiB here; 6,000 levels, measured by hand: +21-23 MiB).
 - CPU-bound spec parsing on connection threads: one requester holding 64 connections, each
   sending a 60 KB spec that takes ~0.5-1 s of pure-Python YAML parsing, starves every other
   thread of the GIL; root's ``ping`` (the readiness probe) went unanswered for over 20 s. Fixed:
