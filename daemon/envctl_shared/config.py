@@ -594,6 +594,10 @@ def load(path: str | os.PathLike[str]) -> Config:
 
 
 def single_root(path: str | os.PathLike[str], group: str, others: Others = "keep") -> Config:
-    """A one-root config built from command-line flags (``envctl heal PATH --group G``)."""
-    return parse({"roots": [{"path": os.path.abspath(path), "group": group, "others": others}]},
+    """A one-root config built from command-line flags (``envctl heal PATH --group G``).
+
+    Requests are off: a tree named on the command line is not the daemon's requests root, so
+    it gets the plain policy (no sticky bit on its top directory)."""
+    return parse({"roots": [{"path": os.path.abspath(path), "group": group, "others": others}],
+                  "requests": {"enabled": False}},
                  source="<command line>")
