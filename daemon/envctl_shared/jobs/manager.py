@@ -44,6 +44,7 @@ from .store import JobStore
 log = logging.getLogger(__name__)
 
 MAX_LOG_CHUNK = 1 << 20
+REPUBLISH_S = 86400.0  # jobs that ended this recently are published again at start
 
 
 class JobManager:
@@ -111,8 +112,13 @@ class JobManager:
         self._cluster = cluster
         store = self.store
         store.on_change = lambda job_id: cluster.publish(store.get(job_id))
-        for job in store.list(include_finished=True):  # what changed while we were away
-            cluster.publish(job)
+        # Every change is published as it happens; a daemon that died between its store and
+        # its record left a recent job stale (recovery just changed some too). Older records
+        # are current, and rewriting thousands would cost a start round trips on NFS.
+        recent = time.time() - REPUBLISH_S
+        for job in store.list(include_finished=True):
+            if not job.terminal or (job.finished_at or 0) >= recent:
+                cluster.publish(job)
 
     def stop(self, timeout: float = 10.0) -> None:
         """Stop scheduling; kill running builds (they become ``interrupted``)."""
