@@ -94,6 +94,8 @@ def test_three_hosts_one_poller(accounts: Accounts, scratch: Path, envctld) -> N
         states = [_poller(s) for s in socks]
         assert [s["role"] for s in states] == ["leader", "follower", "follower"], states
         assert all(s["leader"]["host"] == "hostA" for s in states), states
+        since = states[0]["leader"]["since"]
+        assert time.time() - 60 < since < time.time() and states[2]["leader"]["since"] == since
         assert states[0]["mode"] == "inotify+poll" and states[1]["mode"] == "inotify+standby"
         assert states[1]["polls"] == 0 and states[2]["polls"] == 0
         total = sum(c.total for c in together) / took * 60
