@@ -231,9 +231,21 @@ def test_jobs_of_every_host_seen_from_any_host(accounts: Accounts, scratch: Path
                                "--socket", str(socks["hostC"])], capture_output=True, text=True)
         assert logs.returncode != 0 and "on host hostA (its daemon is up)" in logs.stderr, \
             logs.stderr
+        human = _cli_table(socks["hostC"])
+        assert human[0][-1] == "HOST" and [job["id"], "hostA"] in ([r[0], r[-1]] for r in human)
         first.kill9()
         gone = _cli_json(socks["hostC"], "request", "status", job["id"])
         assert (gone["state"], gone["host_alive"]) == ("succeeded", False), gone
+        assert [job["id"], "hostA (gone)"] in ([r[0], " ".join(r[-2:])]
+                                              for r in _cli_table(socks["hostC"]))
+
+
+def _cli_table(sock: Path) -> list[list[str]]:
+    """``request list --all --finished`` as a person sees it: the rows, split on blanks."""
+    r = subprocess.run([str(VENV_BIN / "envctl"), "request", "list", "--all", "--finished",
+                        "--socket", str(sock)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    return [line.split() for line in r.stdout.splitlines() if line.strip()]
 
 
 def _cli_json(sock: Path, *args: str) -> Any:

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import EX_OK, BuildFailed, FilesystemError
-from ..quoting import quote_text
+from ..quoting import quote_name, quote_text
 from .output import emit_json, local_time, table
 from .status_cmd import add_socket_option, client_for
 
@@ -238,8 +238,21 @@ def run_list(args: argparse.Namespace) -> int:
     rows = [[j["id"], j["name"], j["state"], j.get("phase") or "-", j["backend"],
              _requester(j),
              local_time(j.get("created_at"))] for j in jobs]
-    print(table(rows, ["ID", "NAME", "STATE", "PHASE", "BACKEND", "USER", "CREATED"]))
+    headers = ["ID", "NAME", "STATE", "PHASE", "BACKEND", "USER", "CREATED"]
+    if any(j.get("host") for j in jobs):  # other hosts' jobs (records in the shared root)
+        for row, j in zip(rows, jobs):
+            row.append(_host(j))
+        headers.append("HOST")
+    print(table(rows, headers))
     return EX_OK
+
+
+def _host(job: dict[str, Any]) -> str:
+    """Where a job runs: ``-`` for this daemon's own, else the host, marked when it is gone."""
+    host = job.get("host")
+    if not host:
+        return "-"
+    return quote_name(host) + (" (gone)" if job.get("host_alive") is False else "")
 
 
 def run_logs(args: argparse.Namespace) -> int:
