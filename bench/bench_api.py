@@ -28,17 +28,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from envctl_shared.api.client import Client  # noqa: E402
 from envctl_shared.errors import EnvctlError  # noqa: E402
 
-from bench.common import VENV_BIN, write_results, writer_account  # noqa: E402
+from bench.common import start_requests_daemon, write_results, writer_account  # noqa: E402
 from tests.jobs_support import write_wheel  # noqa: E402
 
-ENVCTLD = str(VENV_BIN / "envctld")
 PYTHON = "/usr/bin/python3"
 SPEC = "dependencies:\n  - pip:\n    - benchlib\n"
 
@@ -50,38 +47,6 @@ def _ms(seconds: float) -> str:
 def pct(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
-
-
-def start_daemon(base: Path, group: str, build_user: str) -> tuple[subprocess.Popen[bytes], Path]:
-    root = base / "envs"
-    root.mkdir(mode=0o2775)
-    shutil.chown(root, group=group)
-    os.chmod(root, 0o2775)
-    (base / "run").mkdir()
-    sock = base / "run" / "envctld.sock"
-    config = {
-        "roots": [{"path": str(root), "group": group}],
-        "socket": {"path": str(sock), "mode": "0666"},
-        "requests": {"root": str(root), "state_dir": str(base / "state"), "backend": "venv",
-                     "allowed_backends": ["venv"], "build_user": build_user,
-                     "venv_python": PYTHON, "allow_groups": [group],
-                     "pip_args": ["--no-index", "--find-links", str(base / "wheels")]},
-        "logging": {"level": "WARNING"},
-    }
-    (base / "envctld.yaml").write_text(yaml.safe_dump(config))
-    with open(base / "envctld.log", "wb") as log:
-        proc = subprocess.Popen([ENVCTLD, "--config", str(base / "envctld.yaml")],
-                                stdout=log, stderr=log, start_new_session=True)
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            with Client(sock, timeout=2) as c:
-                c.call("ping")
-            return proc, sock
-        except EnvctlError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit((base / "envctld.log").read_text())
-            time.sleep(0.05)
 
 
 def bench_ping(sock: Path, n: int) -> dict[str, float]:
@@ -182,7 +147,9 @@ def main() -> None:
             import pwd
             build_name = pwd.getpwuid(builder.uid).pw_name
             write_wheel(base / "wheels", "benchlib")
-            proc, sock = start_daemon(base, builder.group, build_name)
+            proc, sock = start_requests_daemon(base, builder.group, build_name, {
+                "backend": "venv", "allowed_backends": ["venv"], "venv_python": PYTHON,
+                "pip_args": ["--no-index", "--find-links", str(base / "wheels")]})
             ping = bench_ping(sock, pings) if "ping" in parts else {}
             status = bench_status(sock, args.clients, seconds) if "status" in parts else {}
             direct: list[float] = []

@@ -29,17 +29,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from envctl_shared.api.client import Client  # noqa: E402
-from envctl_shared.errors import EnvctlError  # noqa: E402
 
-from bench.common import VENV_BIN, write_results, writer_account  # noqa: E402
+from bench.common import (VENV_BIN, start_requests_daemon, write_results,  # noqa: E402
+                          writer_account)
 from tests.jobs_support import CondaPackage, build_channel  # noqa: E402
 
-ENVCTLD = str(VENV_BIN / "envctld")
 ENVCTL = str(VENV_BIN / "envctl")
 SPEC = "channels: [{channel}]\ndependencies:\n  - big={version}\n"
 
@@ -78,39 +75,6 @@ def big_package(version: str, files: int) -> CondaPackage:
             for i in range(files)}
     body["share/big/VERSION"] = (f"{version}\n", False)
     return CondaPackage("big", version, files=body)
-
-
-def start_daemon(base: Path, group: str, build_user: str,
-                 channel: Path) -> tuple[subprocess.Popen[bytes], Path, Path]:
-    root = base / "envs"
-    root.mkdir(mode=0o2775)
-    shutil.chown(root, group=group)
-    os.chmod(root, 0o2775)
-    (base / "run").mkdir()
-    sock = base / "run" / "envctld.sock"
-    config = {
-        "roots": [{"path": str(root), "group": group}],
-        "socket": {"path": str(sock), "mode": "0666"},
-        "requests": {"root": str(root), "state_dir": str(base / "state"), "backend": "rattler",
-                     "allowed_backends": ["rattler"], "build_user": build_user,
-                     "allow_groups": [group], "timeout": 3600,
-                     "channels": [channel.as_uri()], "default_channels": [channel.as_uri()]},
-        "logging": {"level": "WARNING"},
-    }
-    (base / "envctld.yaml").write_text(yaml.safe_dump(config))
-    with open(base / "envctld.log", "wb") as log:
-        proc = subprocess.Popen([ENVCTLD, "--config", str(base / "envctld.yaml")],
-                                stdout=log, stderr=log, start_new_session=True)
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            with Client(sock, timeout=2) as c:
-                c.call("ping")
-            return proc, sock, root
-        except EnvctlError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit((base / "envctld.log").read_text())
-            time.sleep(0.05)
 
 
 def build(sock: Path, spec: str, replace: bool) -> tuple[float, dict[str, Any]]:
@@ -177,7 +141,10 @@ def main() -> None:
                                                        big_package("2.0", files)])
             channel_s = time.perf_counter() - t
             build_name = pwd.getpwuid(builder.uid).pw_name
-            proc, sock, root = start_daemon(base, builder.group, build_name, channel)
+            proc, sock = start_requests_daemon(base, builder.group, build_name, {
+                "backend": "rattler", "allowed_backends": ["rattler"], "timeout": 3600,
+                "channels": [channel.as_uri()], "default_channels": [channel.as_uri()]})
+            root = base / "envs"
             first_s, _ = build(sock, SPEC.format(channel=channel.as_uri(), version="1.0"),
                                replace=False)
             entries = sum(len(d) + len(f) for _, d, f in os.walk(root / "big/"))

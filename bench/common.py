@@ -131,3 +131,43 @@ def write_results(name: str, title: str, headers: list[str], rows: list[list[str
     (RESULTS / f"{name}.md").write_text(text)
     (RESULTS / f"{name}.json").write_text(json.dumps(raw, indent=2, sort_keys=True) + "\n")
     return text
+
+
+def start_requests_daemon(base: Path, group: str, build_user: str,
+                          requests: dict[str, object]) -> tuple[subprocess.Popen[bytes], Path]:
+    """A real ``envctld`` on ``base/envs`` (SGID, ``group``) with requests on for ``group``
+    (``requests`` adds the backend's keys), its socket in ``base/run``; returned once it answers
+    ``ping``. The caller stops it (own session: a kill reaches nothing else)."""
+    import yaml
+
+    from envctl_shared.api.client import Client
+    from envctl_shared.errors import EnvctlError
+
+    root = base / "envs"
+    root.mkdir(mode=0o2775)
+    os.chown(root, -1, grp.getgrnam(group).gr_gid)
+    os.chmod(root, 0o2775)
+    (base / "run").mkdir()
+    sock = base / "run" / "envctld.sock"
+    config = {
+        "roots": [{"path": str(root), "group": group}],
+        "socket": {"path": str(sock), "mode": "0666"},
+        "requests": {"root": str(root), "state_dir": str(base / "state"),
+                     "build_user": build_user, "allow_groups": [group], **requests},
+        "logging": {"level": "WARNING"},
+    }
+    (base / "envctld.yaml").write_text(yaml.safe_dump(config))
+    with open(base / "envctld.log", "wb") as log:
+        proc = subprocess.Popen([str(VENV_BIN / "envctld"), "--config",
+                                 str(base / "envctld.yaml")],
+                                stdout=log, stderr=log, start_new_session=True)
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            with Client(sock, timeout=2) as c:
+                c.call("ping")
+            return proc, sock
+        except EnvctlError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit((base / "envctld.log").read_text())
+            time.sleep(0.05)

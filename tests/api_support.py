@@ -143,9 +143,10 @@ def api_config(base: Path, accounts: Accounts, sock: dict[str, Any] | None = Non
 
 
 def start_api_daemon(accounts: Accounts, sock: dict[str, Any] | None = None,
-                     extra: dict[str, Any] | None = None,
+                     extra: dict[str, Any] | None = None, env: dict[str, str] | None = None,
                      **requests: Any) -> Iterator[ApiDaemon]:
-    """Generator for a module fixture: start, yield, always clean up (process and files)."""
+    """Generator for a module fixture: start, yield, always clean up (process and files).
+    ``env``: variables added to the daemon's own environment."""
     tests_base = Path("/tmp/envctl-tests")
     tests_base.mkdir(mode=0o755, exist_ok=True)
     base = Path(tempfile.mkdtemp(dir=tests_base))
@@ -153,7 +154,7 @@ def start_api_daemon(accounts: Accounts, sock: dict[str, Any] | None = None,
     daemon: Envctld | None = None
     try:
         config = api_config(base, accounts, sock, extra, **requests)
-        daemon = Envctld(config, base).start()
+        daemon = Envctld(config, base, env=env).start()
         cfg = yaml.safe_load(config.read_text())
         yield ApiDaemon(daemon, base, Path(cfg["requests"]["root"]),
                         Path(cfg["socket"]["path"]), base / "channel", config)

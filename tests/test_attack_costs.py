@@ -30,7 +30,7 @@ from tests.api_support import ApiDaemon, start_api_daemon
 from tests.conftest import Accounts
 from tests.daemon_support import write_config
 from tests.helpers import SYSTEM_PYTHON, as_user, wait_for
-from tests.watch_support import make_root
+from tests.watch_support import chain_wrong, make_root
 
 pytest_plugins = ("tests.fixtures_daemon",)  # the envctld fixture
 
@@ -54,22 +54,6 @@ def _cpu_ticks(pid: int) -> int:
     return int(fields[11]) + int(fields[12])  # utime + stime
 
 
-def _chain_wrong(root: Path, gid: int) -> int:
-    """Directories of the chain that break the policy, looked at level by level through fds."""
-    wrong = 0
-    fd = os.open(root, os.O_PATH | os.O_DIRECTORY)
-    try:
-        for _ in range(DEPTH):
-            nxt = os.open(NAME, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
-            os.close(fd)
-            fd = nxt
-            st = os.stat(fd)
-            wrong += st.st_gid != gid or st.st_mode & 0o2070 != 0o2070
-    finally:
-        os.close(fd)
-    return wrong
-
-
 def test_deep_chain_of_long_names_costs_bounded_memory(accounts: Accounts, scratch: Path,
                                                        envctld) -> None:
     root = make_root(scratch, accounts)
@@ -79,7 +63,7 @@ def test_deep_chain_of_long_names_costs_bounded_memory(accounts: Accounts, scrat
     before = _status_kib(pid, "VmHWM")
     try:
         as_user(a.uid, a.gid, [SYSTEM_PYTHON, "-c", CHAIN, str(root), str(DEPTH), NAME])
-        wait_for(lambda: _chain_wrong(root, gid) == 0, 120, 0.5, "the chain healed")
+        wait_for(lambda: chain_wrong(root, gid, DEPTH, NAME) == 0, 120, 0.5, "the chain healed")
         ticks = [_cpu_ticks(pid)]
 
         def idle() -> bool:  # the daemon's work is done: < 0.1 s of CPU in the last second

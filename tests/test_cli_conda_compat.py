@@ -7,18 +7,13 @@ variables (and nothing else of the daemon's environment) to builds.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
-from pathlib import Path
 from typing import Iterator
 
 import pytest
 import yaml
 
-from tests.api_support import ApiDaemon, api_config
+from tests.api_support import ApiDaemon, start_api_daemon
 from tests.conftest import Accounts
-from tests.daemon_support import Envctld
 
 PROXY = "http://proxy.example.internal:3128"
 
@@ -27,21 +22,9 @@ PROXY = "http://proxy.example.internal:3128"
 def api(accounts: Accounts) -> Iterator[ApiDaemon]:
     """A request-serving daemon whose own environment has a proxy and a secret; only the proxy
     is named in requests.build_env."""
-    base = Path(tempfile.mkdtemp(dir="/tmp/envctl-tests"))
-    os.chmod(base, 0o755)
-    daemon: Envctld | None = None
-    try:
-        config = api_config(base, accounts, build_env=["HTTPS_PROXY", "NO_PROXY"])
-        daemon = Envctld(config, base, env={"HTTPS_PROXY": PROXY,
-                                            "ENVCTL_TEST_SECRET": "do-not-leak"}).start()
-        cfg = yaml.safe_load(config.read_text())
-        yield ApiDaemon(daemon, base, Path(cfg["requests"]["root"]),
-                        Path(cfg["socket"]["path"]), base / "channel", config)
-        daemon.stop()
-    finally:
-        if daemon is not None:
-            daemon.cleanup()
-        shutil.rmtree(base, ignore_errors=True)
+    yield from start_api_daemon(accounts, env={"HTTPS_PROXY": PROXY,
+                                               "ENVCTL_TEST_SECRET": "do-not-leak"},
+                                build_env=["HTTPS_PROXY", "NO_PROXY"])
 
 
 def test_conda_env_export_output_builds(api: ApiDaemon, accounts: Accounts) -> None:

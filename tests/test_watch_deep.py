@@ -9,15 +9,13 @@ by fds too (``find`` and path-based tools have limits of their own at that depth
 
 from __future__ import annotations
 
-import os
-import stat
 import subprocess
 from pathlib import Path
 
 from tests.conftest import Accounts
 from tests.daemon_support import write_config
 from tests.helpers import SYSTEM_PYTHON, as_user, wait_for
-from tests.watch_support import REALTIME, make_root
+from tests.watch_support import REALTIME, chain_wrong, make_root
 
 pytest_plugins = ("tests.fixtures_daemon",)  # the envctld fixture
 
@@ -31,27 +29,6 @@ AT_BOTTOM = ("import os, sys\nos.chdir(sys.argv[1])\n"
              "exec(sys.argv[3])\n")
 
 
-def _wrong_levels(root: Path, gid: int, leaf: tuple[str, ...] = ()) -> int:
-    """How many directories of the chain (and entries ``leaf`` at its bottom) break the policy,
-    looked at through fds opened level by level (no path is ever longer than a name)."""
-    wrong = 0
-    fd = os.open(root, os.O_PATH | os.O_DIRECTORY)
-    try:
-        for _ in range(DEPTH):
-            nxt = os.open(NAME, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
-            os.close(fd)
-            fd = nxt
-            st = os.stat(fd)
-            wrong += st.st_gid != gid or st.st_mode & 0o2070 != 0o2070
-        for name in leaf:
-            st = os.stat(name, dir_fd=fd, follow_symlinks=False)
-            want = 0o2070 if stat.S_ISDIR(st.st_mode) else 0o060
-            wrong += st.st_gid != gid or st.st_mode & want != want
-    finally:
-        os.close(fd)
-    return wrong
-
-
 def test_chain_deeper_than_path_max_is_healed_in_real_time(accounts: Accounts, scratch: Path,
                                                            envctld) -> None:
     root = make_root(scratch, accounts)
@@ -59,7 +36,7 @@ def test_chain_deeper_than_path_max_is_healed_in_real_time(accounts: Accounts, s
     a, gid = accounts.alice, accounts.shared_gid
     try:
         as_user(a.uid, a.gid, [SYSTEM_PYTHON, "-c", AT_BOTTOM, str(root), str(DEPTH), ""])
-        took = wait_for(lambda: _wrong_levels(root, gid) == 0, 120, 0.2,
+        took = wait_for(lambda: chain_wrong(root, gid, DEPTH, NAME) == 0, 120, 0.2,
                         "the chain built in real time healed")
         print(f"{DEPTH}-level chain healed {took:.1f}s after its writer ended")
         # At the bottom, ~9,000 bytes below the root: a file, and a new directory with a file.
@@ -67,7 +44,7 @@ def test_chain_deeper_than_path_max_is_healed_in_real_time(accounts: Accounts, s
                                "open('leaf', 'w').close(); os.mkdir('sub'); "
                                "open('sub/f', 'w').close()"])
         leaf = ("leaf", "sub", "sub/f")
-        took = wait_for(lambda: _wrong_levels(root, gid, leaf) == 0, REALTIME, 0.05,
+        took = wait_for(lambda: chain_wrong(root, gid, DEPTH, NAME, leaf) == 0, REALTIME, 0.05,
                         "new entries below PATH_MAX healed in real time")
         print(f"entries at depth {DEPTH} healed {took:.3f}s after the writer's end")
         d.stop()

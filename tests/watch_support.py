@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import stat
 import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -111,3 +112,25 @@ def new_entries_healed(root: Path, accounts: Accounts, dirs: list[str],
     alice_sh(accounts, root, " && ".join(
         f"echo > {d}/{tag}-file && mkdir {d}/{tag}-dir && echo > {d}/{tag}-dir/f" for d in dirs))
     return settled(root, accounts, f"new entries in {dirs} healed in real time", REALTIME)
+
+
+def chain_wrong(root: Path, gid: int, depth: int, name: str, leaf: tuple[str, ...] = ()) -> int:
+    """How many directories of a ``depth``-level chain of ``name`` (and entries ``leaf`` at its
+    bottom) break the policy, looked at through fds opened level by level (no path is ever
+    longer than a name, however deep the chain)."""
+    wrong = 0
+    fd = os.open(root, os.O_PATH | os.O_DIRECTORY)
+    try:
+        for _ in range(depth):
+            nxt = os.open(name, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
+            os.close(fd)
+            fd = nxt
+            st = os.stat(fd)
+            wrong += st.st_gid != gid or st.st_mode & 0o2070 != 0o2070
+        for entry in leaf:
+            st = os.stat(entry, dir_fd=fd, follow_symlinks=False)
+            want = 0o2070 if stat.S_ISDIR(st.st_mode) else 0o060
+            wrong += st.st_gid != gid or st.st_mode & want != want
+    finally:
+        os.close(fd)
+    return wrong
