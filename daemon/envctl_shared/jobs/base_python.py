@@ -145,18 +145,12 @@ def _build(base_fd: int, area: layout.RootArea, cfg: RequestsConfig, user: Build
         if not os.access(interpreter(area, name), os.X_OK):
             raise BuildFailed(f"the venv base {name} has no bin/python3",
                               hint="requests.venv_base.dependencies must install python")
-        prefix_fd = os.open(name, layout.DIR_FLAGS, dir_fd=base_fd)
-        try:
-            packages = envs.inventory(prefix_fd)
-            size, entries = envs.tree_size(prefix_fd)
-        finally:
-            os.close(prefix_fd)
-        envs.write_record(base_fd, f"{name}.json", {
-            **record, "state": "ready", "built_at": time.time(), "packages": packages,
-            "size_bytes": size, "entries": entries})
+        ready = envs.ready_fields(base_fd, name)
+        envs.write_record(base_fd, f"{name}.json", {**record, **ready})
     except BaseException:
         envs.drop_version(base_fd, name)
         say(f"removed the unfinished venv base {name}")
         raise
-    say(f"venv base {name} is ready ({len(packages)} packages, {entries} entries)")
+    say(f"venv base {name} is ready ({len(ready['packages'])} packages, "
+        f"{ready['entries']} entries)")
 

@@ -36,7 +36,6 @@ import logging
 import os
 import re
 import secrets
-import shutil
 import stat
 import time
 from collections.abc import Iterator
@@ -398,6 +397,20 @@ def _dist_info(site: int, entry: str) -> dict[str, str] | None:
         return None
     return {"manager": "pip", "name": _field(fields["Name"]),
             "version": _field(fields.get("Version", ""))}
+
+
+def ready_fields(dir_fd: int, name: str) -> dict[str, Any]:
+    """What a ``ready`` record says of the built prefix ``name`` in ``dir_fd``: its packages,
+    size and entry count (an env version and a venv base are recorded alike)."""
+    prefix_fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                        dir_fd=dir_fd)
+    try:
+        packages = inventory(prefix_fd)
+        size, entries = tree_size(prefix_fd)
+    finally:
+        os.close(prefix_fd)
+    return {"state": "ready", "built_at": time.time(), "packages": packages,
+            "size_bytes": size, "entries": entries}
 
 
 def tree_size(prefix_fd: int) -> tuple[int, int]:

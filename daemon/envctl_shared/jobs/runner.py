@@ -371,19 +371,12 @@ class Build:
                   spec: EnvSpec) -> None:
         """Inventory the version, mark it ready, then switch the stable path to it."""
         job = self.job
-        prefix_fd = os.open(version, layout.DIR_FLAGS, dir_fd=env_fd)
-        try:
-            packages = envs.inventory(prefix_fd)
-            size, entries = envs.tree_size(prefix_fd)
-        finally:
-            os.close(prefix_fd)
-        record = {**self._record(version, spec), "state": "ready", "built_at": time.time(),
-                  "packages": packages, "size_bytes": size, "entries": entries}
+        record = {**self._record(version, spec), **envs.ready_fields(env_fd, version)}
         envs.write_record(env_fd, f"{version}.json", record)
         self._check_abort()  # the last moment a cancel can still keep the current version
         previous = envs.switch(fds[""], env_fd, job.name, version, owner=record["requester"])
-        self.say(f"{job.prefix} now points to {version} ({len(packages)} packages, "
-                 f"{entries} entries)" + (f"; {previous} stays on disk until GC"
+        self.say(f"{job.prefix} now points to {version} ({len(record['packages'])} packages, "
+                 f"{record['entries']} entries)" + (f"; {previous} stays on disk until GC"
                                          if previous else ""))
 
     def discard(self, env_fd: int, keep: str | None) -> None:
