@@ -29,7 +29,10 @@ def as_user(uid: int, gid: int, cmd: list[str] | str, *, umask: int = 0o077,
     groups = "--init-groups" if init_groups else "--clear-groups"
     full = ["setpriv", f"--reuid={uid}", f"--regid={gid}", groups,
             "sh", "-c", f'umask {umask:03o}; exec "$@"', "sh", *cmd]
-    return subprocess.run(full, check=check, text=True, capture_output=True, **kw)  # type: ignore[call-overload]
+    res = subprocess.run(full, text=True, capture_output=True, **kw)  # type: ignore[call-overload]
+    if check and res.returncode != 0:  # the user's stderr says why (CalledProcessError hides it)
+        raise AssertionError(f"as uid {uid}: {cmd!r} exited {res.returncode}: {res.stderr.strip()}")
+    return res
 
 
 def find_violations(root: Path, gid: int, only: list[str] | None = None) -> list[str]:

@@ -81,6 +81,10 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return exc.exit_code
     logsetup.setup(config.logging, args.debug)
+    # Whatever umask we were started with (a container's 077): the daemon gives every file
+    # and directory it makes its mode at creation, and a chmod after creation can race the
+    # healer's own (see jobs.layout.make_owned_dir). Builds set their own umask.
+    os.umask(0o022)
     signals = _Signals()
     daemon = Daemon(config, wedge_after=_wedge_after(), on_failure=signals.wake.set)
     t0 = time.monotonic()

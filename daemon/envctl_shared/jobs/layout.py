@@ -107,12 +107,20 @@ _CACHE_LOCK = threading.Lock()
 
 
 def make_owned_dir(parent_fd: int, name: str, uid: int, gid: int, mode: int) -> None:
-    """Create ``name`` under ``parent_fd`` for the build user; it must not exist already."""
-    os.mkdir(name, 0o700, dir_fd=parent_fd)
+    """Create ``name`` under ``parent_fd`` for the build user; it must not exist already.
+
+    Why the mode is given to ``mkdir`` and not set after the ``chown``: in the shared root the
+    healer watches this directory appear, and a heal computes its ``chmod`` from the mode it
+    read. A ``chmod`` of ours landing between that read and the healer's write was undone by it
+    (a version made ``0700``, then ``0755``, stayed ``2770``: unreadable to other users). So the
+    mode only ever grows after creation; ``fchmod`` remains for a umask that took bits away
+    (the daemon sets 022 at start: see ``daemon.main``)."""
+    os.mkdir(name, mode, dir_fd=parent_fd)
     fd = os.open(name, DIR_FLAGS, dir_fd=parent_fd)
     try:
         os.fchown(fd, uid, gid)
-        os.fchmod(fd, mode)
+        if stat.S_IMODE(os.fstat(fd).st_mode) != mode:
+            os.fchmod(fd, mode)
     finally:
         os.close(fd)
 

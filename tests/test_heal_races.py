@@ -1,0 +1,47 @@
+"""The daemon's own writes in a watched root against its healer: no chmod of ours undone.
+
+Found by a flaky end-to-end test: a version directory made ``mkdir 0700`` → ``chown`` →
+``chmod 0755`` was sometimes left ``2770`` (other users locked out of an env), because the
+healer read ``0700`` after the ``chown`` and wrote ``2770`` after our ``chmod``. The layout now
+gives the mode at ``mkdir``, so the mode only ever grows; this test makes the same directories
+the daemon makes, as fast as it can, next to a real daemon healing them.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from collections.abc import Callable
+from pathlib import Path
+
+from envctl_shared.jobs.layout import make_owned_dir
+
+from tests.conftest import Accounts
+from tests.daemon_support import Envctld, write_config
+from tests.helpers import wait_for
+from tests.watch_support import make_root
+
+pytest_plugins = ("tests.fixtures_daemon",)
+DIRS = 1500  # the old code lost bits on ~1 in 200
+
+
+def test_owned_dirs_keep_their_mode_under_the_healer(scratch: Path, accounts: Accounts,
+                                                      envctld: Callable[..., Envctld]) -> None:
+    root = make_root(scratch, accounts)
+    envctld(write_config(scratch, [(root, accounts.shared_group)]))
+    parent = root / "versions"
+    parent.mkdir()
+    fd = os.open(parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for i in range(DIRS):
+            make_owned_dir(fd, f"v{i}", accounts.builder.uid, accounts.builder.gid, 0o755)
+    finally:
+        os.close(fd)
+
+    def modes() -> list[int]:
+        return [stat.S_IMODE(os.stat(parent / f"v{i}").st_mode) for i in range(DIRS)]
+
+    # healed: the root's group, SGID and group write added, nothing taken away
+    wait_for(lambda: all(m & 0o2070 == 0o2070 for m in modes()), 30, what="dirs healed")
+    lost = [f"v{i}={m:04o}" for i, m in enumerate(modes()) if m & 0o755 != 0o755]
+    assert not lost, f"{len(lost)} of {DIRS} lost bits: {lost[:5]}"
