@@ -18,7 +18,7 @@ from envctl_shared.jobs.layout import make_owned_dir
 
 from tests.conftest import Accounts
 from tests.daemon_support import Envctld, write_config
-from tests.helpers import wait_for
+from tests.helpers import SYSTEM_PYTHON, as_user, wait_for
 from tests.watch_support import make_root
 
 pytest_plugins = ("tests.fixtures_daemon",)
@@ -45,3 +45,39 @@ def test_owned_dirs_keep_their_mode_under_the_healer(scratch: Path, accounts: Ac
     wait_for(lambda: all(m & 0o2070 == 0o2070 for m in modes()), 30, what="dirs healed")
     lost = [f"v{i}={m:04o}" for i, m in enumerate(modes()) if m & 0o755 != 0o755]
     assert not lost, f"{len(lost)} of {DIRS} lost bits: {lost[:5]}"
+
+
+WRITER = """
+import os, sys
+os.umask(0o077)
+base = sys.argv[1]
+for i in range(int(sys.argv[2])):
+    d = os.path.join(base, f"d{i}")
+    os.mkdir(d)                        # 0700: the umask
+    os.chmod(d, 0o755)                 # then what tar/pip do: the archive's mode
+    f = os.path.join(d, "script")
+    os.close(os.open(f, os.O_CREAT | os.O_WRONLY, 0o644))
+    os.chmod(f, 0o755)
+"""
+
+
+def test_a_writers_chmod_after_create_is_not_undone(scratch: Path, accounts: Accounts,
+                                                    envctld: Callable[..., Envctld]) -> None:
+    """tar and pip create an entry, then chmod it to the archive's mode: the heal triggered by
+    the create must not write a mode computed before that chmod (x bits lost on a script, o+rx
+    on a directory)."""
+    root = make_root(scratch, accounts)
+    envctld(write_config(scratch, [(root, accounts.shared_group)]))
+    a = accounts.alice
+    as_user(a.uid, a.gid, [SYSTEM_PYTHON, "-c", WRITER, str(root), str(DIRS)])
+
+    def modes() -> list[tuple[str, int]]:
+        out = []
+        for i in range(DIRS):
+            for p in (root / f"d{i}", root / f"d{i}/script"):
+                out.append((str(p.relative_to(root)), stat.S_IMODE(os.stat(p).st_mode)))
+        return out
+
+    wait_for(lambda: all(m & 0o060 == 0o060 for _, m in modes()), 30, what="tree healed")
+    lost = [f"{p}={m:04o}" for p, m in modes() if m & 0o755 != 0o755]
+    assert not lost, f"{len(lost)} of {2 * DIRS} lost bits: {lost[:5]}"
