@@ -94,6 +94,9 @@ class RequestsConfig:
     allowed_backends: tuple[str, ...] = ("rattler", "venv")
     build_user: str | None = None
     max_concurrent: int = 2
+    # Jobs one requester (a verified hub user, else a uid) may have queued or running at once;
+    # admins are not limited. Bounds what one user can make the daemon store and run.
+    max_queued_per_user: int = 8
     timeout: float = 3600.0
     allow_users: tuple[str, ...] = ()
     allow_groups: tuple[str, ...] = ()
@@ -333,6 +336,7 @@ def _requests(source: str, data: Any, roots: tuple[RootConfig, ...],
         allowed_backends=allowed,
         build_user=build_user,
         max_concurrent=r.get("max_concurrent", int, d.max_concurrent, _positive),
+        max_queued_per_user=r.get("max_queued_per_user", int, d.max_queued_per_user, _positive),
         timeout=r.get("timeout", float, d.timeout, _positive),
         allow_users=r.strings("allow_users"),
         allow_groups=r.strings("allow_groups"),

@@ -98,6 +98,14 @@ class Conflict(EnvctlError):
     exit_code = EX_TEMPFAIL
 
 
+class LimitReached(EnvctlError):
+    """A requester already has as many jobs queued or running as one may
+    (``requests.max_queued_per_user``): try again when one has ended."""
+
+    code = "limit-reached"
+    exit_code = EX_TEMPFAIL
+
+
 class NotAuthorised(EnvctlError):
     """The daemon knows who you are, and policy says no."""
 
@@ -150,7 +158,8 @@ class FilesystemError(EnvctlError):
 
 _BY_CODE: dict[str, type[EnvctlError]] = {
     cls.code: cls
-    for cls in (UsageError, ConfigError, ValidationError, NotFound, Conflict, NotAuthorised,
+    for cls in (UsageError, ConfigError, ValidationError, NotFound, Conflict, LimitReached,
+                NotAuthorised,
                 SocketPermissionDenied, DaemonUnavailable, ProtocolError, BuildFailed,
                 FilesystemError)
 }

@@ -1,11 +1,11 @@
 """The jobs layer's public API and scheduler: what the socket API calls.
 
 Why a manager between the API and the builds: it is the one place that knows every job at once,
-so it enforces the limits (``requests.max_concurrent``, one queued/running job per name), turns
-a daemon restart into a non-event (``start`` resumes queued jobs and turns running ones into
-``interrupted`` after killing what the dead daemon left and removing its partial output), and
-wakes waiters (``wait``) on every state, phase or log change so ``logs -f`` needs no polling of
-its own. Threads: one scheduler, one thread per running build (plus its log reader). Every
+so it enforces the limits (``requests.max_concurrent``, one queued/running job per name,
+``requests.max_queued_per_user`` per requester), turns a daemon restart into a non-event
+(``start`` resumes queued jobs and turns running ones into ``interrupted`` after killing what
+the dead daemon left and removing its partial output), and wakes waiters (``wait``) on every
+state, phase or log change so ``logs -f`` needs no polling of its own. Threads: one scheduler, one thread per running build (plus its log reader). Every
 public method is safe to call from any thread.
 
 Validation order in ``submit`` is what makes "nothing is created on bad input" true: name,
@@ -28,7 +28,8 @@ from pathlib import Path
 from typing import Any
 
 from ..config import Config
-from ..errors import (ConfigError, Conflict, DaemonUnavailable, EnvctlError, NotAuthorised,
+from ..errors import (ConfigError, Conflict, DaemonUnavailable, EnvctlError, LimitReached,
+                      NotAuthorised,
                       NotFound, ValidationError)
 from ..logfields import fields
 from . import cgroup as cgroups
@@ -314,10 +315,17 @@ class JobManager:
         procs.build_user(cfg)
         prefix = config.requests_root.path / name
         with self._submit_lock:
-            if any(j.name == name for j in self.store.list()):  # first: --replace cannot help
+            active = self.store.list()
+            if any(j.name == name for j in active):  # first: --replace cannot help
                 raise Conflict(f"a build of {name!r} is already queued or running",
                                hint="wait for it to finish ('envctl request list --all'), or "
                                     "cancel it")
+            mine = sum(1 for j in active if requester.owns(j))
+            if not requester.is_admin and mine >= cfg.max_queued_per_user:
+                raise LimitReached(
+                    f"{requester.who} already has {mine} jobs queued or running, the most one "
+                    f"requester may (requests.max_queued_per_user = {cfg.max_queued_per_user})",
+                    hint="wait for one to finish, or cancel one ('envctl request list')")
             kind = self._current(name).kind
             if kind != "missing" and not replace:
                 raise Conflict(f"{prefix} already exists",
