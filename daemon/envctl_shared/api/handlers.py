@@ -13,7 +13,6 @@ from __future__ import annotations
 import logging
 import os
 import threading
-import time
 from dataclasses import asdict
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
@@ -61,7 +60,6 @@ class Handlers(EnvHandlers):
         self.jobs = jobs
         self.status_fn = status
         self.stopping = stopping
-        self.started = time.monotonic()
         self.config = config
         self.hub: HubVerifier | None = None
         self.reload(config)
@@ -115,11 +113,9 @@ class Handlers(EnvHandlers):
         yield protocol.ok(self.auth.describe(who))
 
     def op_status(self, who: Requester, gone: Callable[[], bool]) -> Iterator[Message]:
-        data = dict(self.status_fn())
-        data.update(version=__version__, protocol=protocol.VERSION, pid=os.getpid(),
-                    uptime=round(time.monotonic() - self.started, 3),
+        data = dict(self.status_fn())  # the daemon's own: pid, uptime_s, roots, jobs...
+        data.update(version=__version__, protocol=protocol.VERSION,
                     requests_enabled=self.jobs is not None,
-                    jobs=self.jobs.counts() if self.jobs is not None else None,
                     # how builds are kept from outliving their job: "cgroup" or "sweep"
                     containment=self.jobs.containment if self.jobs is not None else None)
         yield protocol.ok(data)

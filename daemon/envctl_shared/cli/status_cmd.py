@@ -74,7 +74,7 @@ def render(data: dict[str, Any]) -> str:
     """People's view: a header line, one row per root, the job counts."""
     ready = {True: "ready", False: "NOT READY", None: "up"}[data.get("ready")]
     head = (f"envctld {data.get('version', '?')} (pid {data.get('pid', '?')}), {ready}, "
-            f"up {_duration(float(data.get('uptime') or 0))}")
+            f"up {_duration(float(data.get('uptime_s') or 0))}")
     lines = [head]
     roots = data.get("roots")
     if isinstance(roots, list) and roots:
