@@ -23,11 +23,10 @@ from ..config import Config, RootConfig
 from ..errors import ConfigError, EnvctlError
 from ..fsinfo import mount_of, walk_concurrency
 from ..logfields import fields
-from ..watch import RootWatcher
+from ..watch import RootWatcher, max_user_watches
 from .leader import PollerLease
 
 log = logging.getLogger("envctl.daemon")
-MAX_USER_WATCHES = "/proc/sys/fs/inotify/max_user_watches"
 # Warn when the roots alone need more than this share of the limit: the daemon's uid (root,
 # usually) shares it with every other process of that uid, and trees grow.
 WATCH_HEADROOM = 0.8
@@ -113,7 +112,7 @@ class Daemon:
         per-user limit, which every process of the daemon's uid shares."""
         needed = [w.status(watches=False)["watches_needed"] for w in self._roots.values()]
         return {"needed": sum(n or 0 for n in needed),
-                "max_user_watches": _read_int(MAX_USER_WATCHES)}
+                "max_user_watches": max_user_watches()}
 
     def _log_watch_budget(self) -> None:
         """One line at start: what the roots need against the limit; a WARNING with the
@@ -240,14 +239,6 @@ class Daemon:
                      r["errors"], r["events"], r["overflows"], r["rebuilds"], r["watch_errors"],
                      r["queue"], r["full_passes"], r["last_full_duration"] or 0.0,
                      extra=fields(root=r["path"]))
-
-
-def _read_int(path: str) -> int | None:
-    try:
-        with open(path) as fh:
-            return int(fh.read())
-    except (OSError, ValueError):
-        return None
 
 
 def _start_jobs(config: Config) -> _Jobs:

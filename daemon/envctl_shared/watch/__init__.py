@@ -7,6 +7,7 @@ path safely. Events can be lost (queue overflow, watch limits, network filesyste
 loss ends in a reconcile pass: events are for speed, reconciles are the guarantee.
 """
 
+from .inotify import max_user_watches
 from .service import RootStatus, RootWatcher
 
-__all__ = ["RootStatus", "RootWatcher"]
+__all__ = ["RootStatus", "RootWatcher", "max_user_watches"]

@@ -78,6 +78,7 @@ _ROOT_GONE = IN.IN_MOVE_SELF | IN.IN_DELETE_SELF | IN.IN_UNMOUNT | IN.IN_IGNORED
 _HEADER = struct.Struct("iIII")  # struct inotify_event: wd, mask, cookie, len; then the name
 _VANISHED = (errno.ENOENT, errno.ENOTDIR, errno.ELOOP)  # gone, or replaced by a non-directory
 READ_SIZE = 64 * 1024
+MAX_USER_WATCHES = "/proc/sys/fs/inotify/max_user_watches"
 DRAIN_MAX = 8 * 1024 * 1024  # a full default queue (16,384 events) is ~0.5-4 MB
 TICK = 1.0  # the reader wakes at least this often: its heartbeat, and idle fds released
 FD_BUDGET = 64  # directory fds a walk keeps open on its path, whatever the depth
@@ -159,6 +160,16 @@ class _Level:
         self.fd = fd
         self.names, self.empty = listing
         self.force = force
+
+
+def max_user_watches() -> int | None:
+    """The kernel's per-user watch limit now (every process of the daemon's uid shares it);
+    None where it cannot be read."""
+    try:
+        with open(MAX_USER_WATCHES) as fh:
+            return int(fh.read())
+    except (OSError, ValueError):
+        return None
 
 
 class InotifyWatch:

@@ -6,7 +6,9 @@ seen by it or produces an event. At run time a created or moved-in directory is 
 subtree only once its watch (and those of the directories already in it) exists, so files
 created in it before are found by the subtree pass, and files created after produce events.
 Losses end in reconciles: a watch that cannot be added (``max_user_watches``) switches the root
-to polling with one WARNING line; an overflow, a table the watch cannot trust any more, or an
+to polling with one WARNING line, until the limit is raised (or, at a periodic full pass, the
+root or this uid's other watchers need fewer): then inotify is tried again, and the root is back
+to real time with one INFO line and a reconcile; an overflow, a table the watch cannot trust any more, or an
 exception on its reader thread ends the watch, and the maintenance thread rebuilds it (every
 directory watched again) and then reconciles the whole root. Nothing dies silently: every
 exception is logged with its traceback and counted (``watch_errors``, ``rebuilds`` in status);
@@ -40,7 +42,7 @@ from ..fsinfo import mount_of
 from ..heal import Finding, Healer, HealStats
 from ..logfields import fields
 from ..quoting import quote_name
-from .inotify import InotifyWatch
+from .inotify import InotifyWatch, max_user_watches
 from .poll import Poller
 from .queue import ROOT, Item, WorkQueue
 
@@ -105,6 +107,10 @@ class RootWatcher:
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._degrade = threading.Event()
+        # Polling for want of watches: the limit then (inotify is retried when it changes, and
+        # at full passes), and whether the poller exists only for that (dropped on recovery).
+        self._starved_at: int | None = None
+        self._starved_poller = False
         self._inotify: InotifyWatch | None = None
         self._watch_lock = threading.Lock()  # swaps of ``_inotify`` (maint thread vs stop)
         self._poller: Poller | None = None
@@ -282,10 +288,47 @@ class RootWatcher:
                 self._inotify = None
         if self._poller is None:
             self._poller = Poller(self._walker)
+            self._starved_poller = True
+        self._starved_at = max_user_watches()
         log.warning("inotify watch limit reached root=%s watches=%d action=poll "
                     "poll_interval=%s hint=raise fs.inotify.max_user_watches",
                     self.root.path, watches, self.watch_cfg.poll_interval)
         self._degrade.clear()
+
+    def _retry_inotify(self) -> None:
+        """Polling for want of watches: try a whole new watch. Every directory watched →
+        real time again (the poller dropped if it existed only for this), then a reconcile
+        for what fell between the last poll and the watch; still short → the attempt's
+        watches are released and polling goes on, without another WARNING."""
+        self._starved_at = max_user_watches()
+        watch = InotifyWatch(self.root.path, self.queue, self, self._count_event,
+                             self._walk_progressed)
+        try:
+            watch.start()
+        except OSError as exc:
+            if exc.errno != errno.ENOSPC:
+                log.warning("inotify retry failed root=%s error=%s", self.root.path,
+                            exc.strerror)
+            return
+        if self._degrade.is_set():  # some directory got no watch: still short
+            watch.stop()
+            self._degrade.clear()
+            log.debug("inotify retry short root=%s limit=%s", self.root.path, self._starved_at)
+            return
+        with self._watch_lock:
+            if self._stop.is_set():
+                watch.stop()
+                return
+            self._inotify = watch
+        if self._starved_poller:
+            self._poller = None
+            self._starved_poller = False
+        self._starved_at = None
+        self.queue.put(ROOT, subtree=True)
+        self._update_mode()
+        log.info("inotify restored root=%s watches=%d limit=%s action=reconcile",
+                 self.root.path, watch.watch_count(), max_user_watches(),
+                 extra=fields(root=self.root.path))
 
     def _update_mode(self) -> None:
         if self.failure is not None:
@@ -393,6 +436,13 @@ class RootWatcher:
                 self._busy[idx] = True  # a long rebuild shows progress through its walk
                 try:
                     self._rebuild_watch()
+                finally:
+                    self._busy[idx] = False
+            elif self._starved_at is not None and (now >= next_full
+                                                   or max_user_watches() != self._starved_at):
+                self._busy[idx] = True
+                try:
+                    self._retry_inotify()
                 finally:
                     self._busy[idx] = False
             # The election runs at the polling cadence even without a poller: a follower
