@@ -86,6 +86,12 @@ class JobManager:
         self._store = JobStore(self._state.db_path)
         self._start_cluster()
         try:
+            user = procs.build_user(self._config.requests)
+        except ConfigError:
+            user = None  # none configured: every request says so
+        if user is not None:  # a build user who cannot reach the root: refuse to start
+            procs.check_reach(user, self._config.requests_root.path)
+        try:
             with layout.RootArea(self._config.requests_root.path).open():
                 pass  # create <root>/.envctl now; a tampered one fails each job, not the daemon
         except (OSError, EnvctlError) as exc:
@@ -312,7 +318,7 @@ class JobManager:
         spec = parse_spec(spec_text, cfg)
         chosen.check(spec, cfg)
         tests = validate_tests(list(tests))
-        procs.build_user(cfg)
+        procs.check_reach(procs.build_user(cfg), config.requests_root.path)
         prefix = config.requests_root.path / name
         with self._submit_lock:
             active = self.store.list()

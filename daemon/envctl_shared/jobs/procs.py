@@ -1,9 +1,13 @@
 """Build processes: spawned as the build user in their own group; groups killed, orphans too.
 
 Why these rules:
-- never root: the child drops to the build user with ``setgroups([])``, ``setregid``,
+- never root: the child drops to the build user with ``setgroups`` (the build user's own
+  groups from the group database, as a login would have: never the daemon's), ``setregid``,
   ``setreuid`` (``subprocess``'s ``extra_groups``/``group``/``user``, done in C between fork and
-  exec — a ``preexec_fn`` is unsafe in a threaded daemon);
+  exec — a ``preexec_fn`` is unsafe in a threaded daemon). An admin who adds the build user to
+  a ``2770`` root's group as a supplementary member therefore gets what they expect, and a
+  build user who cannot enter the requests root at all is refused at start with the fix
+  (:func:`check_reach`), not by every build failing on "Permission denied";
 - ``start_new_session``: the build is the leader of a new session and process group, so cancel
   and timeout kill everything it started (``killpg``), not just the first process;
 - ``setpriv --pdeathsig KILL``: the leader dies with the daemon thread that started it (set
@@ -35,11 +39,13 @@ Why these rules:
 from __future__ import annotations
 
 import ctypes
+import grp
 import logging
 import os
 import pwd
 import shutil
 import signal
+import stat
 import subprocess
 import threading
 import time
@@ -67,6 +73,7 @@ class BuildUser:
     gid: int
     name: str
     switch: bool
+    groups: tuple[int, ...] = ()  # supplementary, from the group database
 
 
 def build_user(cfg: RequestsConfig) -> BuildUser:
@@ -85,7 +92,39 @@ def build_user(cfg: RequestsConfig) -> BuildUser:
         raise ConfigError(f"requests.build_user {cfg.build_user!r} does not exist") from None
     if pw.pw_uid == 0:
         raise ConfigError("requests.build_user must not be root")
-    return BuildUser(pw.pw_uid, pw.pw_gid, pw.pw_name, True)
+    groups = tuple(g for g in os.getgrouplist(pw.pw_name, pw.pw_gid) if g != pw.pw_gid)
+    return BuildUser(pw.pw_uid, pw.pw_gid, pw.pw_name, True, groups)
+
+
+def check_reach(user: BuildUser, root: Path) -> None:
+    """ConfigError unless the build user can enter ``root``: every version is built below it.
+
+    Asked of the kernel, as the build user with its groups (a ``cd`` in a child), so that
+    modes, supplementary groups and ACLs all count as they will for the build."""
+    if not user.switch:
+        return  # the daemon's own uid: it made the area below the root itself
+    res = subprocess.run(["/bin/sh", "-c", 'cd -- "$1"', "sh", str(root)], env={"PATH": SAFE_PATH},
+                         capture_output=True, timeout=30, user=user.uid, group=user.gid,
+                         extra_groups=list(user.groups), cwd="/")
+    if res.returncode == 0:
+        return
+    try:
+        st = os.stat(root)
+        group = _group_name(st.st_gid)
+        how = f" (mode {stat.S_IMODE(st.st_mode):04o}, group {group})"
+    except OSError as exc:
+        group, how = "its group", f" ({exc.strerror})"
+    raise ConfigError(f"the build user {user.name} cannot enter the requests root {root}{how}:"
+                      " every build would fail",
+                      hint=f"add {user.name} to {group} (usermod -aG {group} {user.name}), "
+                           "then restart envctld")
+
+
+def _group_name(gid: int) -> str:
+    try:
+        return grp.getgrgid(gid).gr_name
+    except KeyError:
+        return str(gid)
 
 
 def scrubbed_env(user: BuildUser, home: Path,
@@ -141,7 +180,7 @@ def spawn(argv: list[str], user: BuildUser, home: Path, cgroup: Path | None = No
         raise ConfigError("setpriv (util-linux) is not installed; builds need it")
     ids: dict[str, object] = {}
     if user.switch:
-        ids = {"user": user.uid, "group": user.gid, "extra_groups": []}
+        ids = {"user": user.uid, "group": user.gid, "extra_groups": list(user.groups)}
     with _steps_lock:  # a sweep never sees the new group before it counts as running
         proc = subprocess.Popen(  # type: ignore[call-overload]
             [setpriv, "--pdeathsig", "KILL", "--", *GATE, *argv], cwd=home,
