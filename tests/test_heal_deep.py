@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import resource
 import subprocess
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -24,7 +25,7 @@ from envctl_shared.heal.walker import FD_BUDGET
 from tests.conftest import Accounts
 from tests.daemon_support import Envctld, write_config
 from tests.helpers import VENV_BIN, find_violations
-from tests.trees import make_chain, remove_tree
+from tests.trees import make_chain, remove_tree, unheal_chain
 
 pytest_plugins = ("tests.fixtures_daemon",)  # the envctld fixture
 
@@ -33,11 +34,15 @@ WRONG = 1_000  # the deepest levels are broken (each with its file): 2,000 viola
 BOUND = 60.0  # seconds: generous on a shared 2-core machine; quadratic behaviour blows it
 
 
-@pytest.fixture
-def chain(scratch: Path, accounts: Accounts) -> Iterator[Path]:
-    """The root of the chain: compliant down to level 19,000, broken below (alice, umask 077,
-    her own group), a file at every level. Removed with ``rm -rf`` (deeper than rmtree goes)."""
-    root = scratch / "deep"
+@pytest.fixture(scope="module")
+def deep_chain(accounts: Accounts) -> Iterator[Path]:
+    """The chain, made once for the module (seconds for 20,000 levels) and removed with
+    ``rm -rf`` (deeper than rmtree goes); each test gets it broken through :func:`chain`."""
+    tests_base = Path("/tmp/envctl-tests")
+    tests_base.mkdir(mode=0o755, exist_ok=True)
+    base = Path(tempfile.mkdtemp(dir=tests_base, prefix="deep-"))
+    os.chmod(base, 0o755)  # alice reaches the chain
+    root = base / "deep"
     root.mkdir()
     try:
         make_chain(root, LEVELS, accounts.alice.uid, accounts.alice.gid, side="f",
@@ -46,7 +51,16 @@ def chain(scratch: Path, accounts: Accounts) -> Iterator[Path]:
         os.chmod(root, 0o2770)
         yield root
     finally:
-        remove_tree(root)
+        remove_tree(base)
+
+
+@pytest.fixture
+def chain(deep_chain: Path, accounts: Accounts) -> Path:
+    """The root of the chain: compliant down to level 19,000, broken below (alice, umask 077,
+    her own group), a file at every level — broken again if an earlier test healed it."""
+    unheal_chain(deep_chain, LEVELS, accounts.alice.uid, accounts.alice.gid, side="f",
+                 wrong_from=LEVELS - WRONG)
+    return deep_chain
 
 
 def _cli(*args: str) -> tuple[subprocess.CompletedProcess[str], float]:

@@ -77,6 +77,36 @@ def make_chain(top: Path, levels: int, uid: int, gid: int, *, name: str = "d",
                        sibling, str(shared_gid), str(wrong_from), str(gid)], init_groups=wrong_from > 0)
 
 
+_UNHEAL = """
+import os, sys
+top, levels, name, side, wrong_from, gid = sys.argv[1:]
+levels, wrong_from, gid = int(levels), int(wrong_from), int(gid)
+cur = os.open(top, os.O_RDONLY | os.O_DIRECTORY)
+for i in range(levels):
+    nxt = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=cur)
+    os.close(cur)
+    cur = nxt
+    if i >= wrong_from:
+        os.fchown(cur, -1, gid)
+        os.fchmod(cur, 0o2700)  # what mkdir with umask 077 below a setgid parent made
+        if side:
+            f = os.open(side, os.O_WRONLY | os.O_NOFOLLOW, dir_fd=cur)
+            os.fchown(f, -1, gid)
+            os.fchmod(f, 0o600)
+            os.close(f)
+"""
+
+
+def unheal_chain(top: Path, levels: int, uid: int, gid: int, *, name: str = "d",
+                 side: str = "", wrong_from: int) -> None:
+    """Break again, as their owner, the levels from ``wrong_from`` down of a chain that
+    :func:`make_chain` made with ``shared_gid`` and ``wrong_from`` and a heal fixed: each
+    back in the user's own group with the modes umask 077 gave (a few seconds cheaper than
+    making a deep chain again)."""
+    as_user(uid, gid, ["/usr/bin/python3", "-c", _UNHEAL, str(top), str(levels), name, side,
+                       str(wrong_from), str(gid)])
+
+
 def remove_tree(path: Path) -> None:
     """Remove a tree of any depth: GNU ``rm`` walks it fd-relative (``shutil.rmtree``
     recurses once per level and builds full paths, which a 20,000-level chain defeats)."""
