@@ -13,7 +13,12 @@ own. The rules (README, "Policy"):
   members still create their own entries, but cannot rename or delete the daemon's ``.envctl``
   and ``NAME`` links, or each other's entries (like /tmp);
 - symlinks: only their own group (their mode means nothing on Linux);
-- fifos, sockets, devices: never touched, only reported.
+- fifos, sockets, devices: never touched, only reported;
+- regular files with setuid or setgid: never touched either, only reported. Widening one gives
+  its owner's (or its group's) privileges to everyone it is widened to: a member's private
+  ``4700`` copy of a shell would become ``4770``, a shell as that member for the whole group
+  (and with ``others: read``, ``4755``: for everyone). A chgrp alone is no better: on a ``2750``
+  file it would hand the root's group to whoever can run it. Conda and pip never make such files.
 """
 
 from __future__ import annotations
@@ -33,7 +38,10 @@ class Kind(str, Enum):
     DIR = "dir"
     FILE = "file"
     SYMLINK = "symlink"
-    SPECIAL = "special"  # fifo, socket, block or character device
+    SPECIAL = "special"  # fifo, socket, block or character device; a setuid/setgid file
+
+
+_SETID = stat.S_ISUID | stat.S_ISGID
 
 
 def kind_of(mode: int) -> Kind:
@@ -41,7 +49,7 @@ def kind_of(mode: int) -> Kind:
     if stat.S_ISDIR(mode):
         return Kind.DIR
     if stat.S_ISREG(mode):
-        return Kind.FILE
+        return Kind.SPECIAL if mode & _SETID else Kind.FILE
     if stat.S_ISLNK(mode):
         return Kind.SYMLINK
     return Kind.SPECIAL
@@ -114,11 +122,12 @@ def mode_table(others: str) -> bytes:
 
     The healer's C fast path judges an entry as ``gid == root gid and table[st_mode] ==
     st_mode & 0o7777`` and fixes it to ``table[st_mode]``, so the rules stay here, in one place.
-    Special files get ``NEVER_FIXED``: they are only reported.
+    Special files (setuid/setgid ones included) get ``NEVER_FIXED``: they are only reported.
     """
     table = array("H", [NEVER_FIXED]) * 65536
     for perm in range(0o10000):
         table[stat.S_IFDIR | perm] = wanted_mode(perm, Kind.DIR, others)
-        table[stat.S_IFREG | perm] = wanted_mode(perm, Kind.FILE, others)
+        if not perm & _SETID:
+            table[stat.S_IFREG | perm] = wanted_mode(perm, Kind.FILE, others)
         table[stat.S_IFLNK | perm] = perm  # a symlink's mode means nothing: only its group
     return table.tobytes()

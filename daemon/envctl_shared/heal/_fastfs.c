@@ -260,12 +260,6 @@ static int apply_fix(const batch *b, int fd, statx_buf *now, record *r)
         if (fchownat(fd, "", (uid_t)-1, b->gid, AT_EMPTY_PATH) != 0)
             goto fail;
         r->set_gid = 1;
-        if (!S_ISDIR(now->sx.stx_mode) && (now->sx.stx_mode & (S_ISUID | S_ISGID))) {
-            /* chown may clear setuid/setgid on a file: judge the bits afresh */
-            if (fd_statx(fd, "", AT_EMPTY_PATH, STATX_WANT, now) != 0)
-                goto fail;
-            want = b->table[now->sx.stx_mode];
-        }
     }
     if (want != NO_FIX && want != (now->sx.stx_mode & 07777)) {
         if (chmod_path_fd(fd, want) != 0)
@@ -297,6 +291,8 @@ static enum outcome fix_entry(const batch *b, int dirfd, const char *name,
                (now.sx.stx_mode & S_IFMT) != (seen->sx.stx_mode & S_IFMT) ||
                !same_fs(b->root_dev, b->root_mnt, &now)) {
         out = ATTENTION; /* swapped, re-owned or another mount: the slow path re-judges it */
+    } else if (b->table[now.sx.stx_mode] == NO_FIX) {
+        out = ATTENTION; /* became special (a chmod u+s): never touched, the slow path reports it */
     } else if (apply_fix(b, fd, &now, r) != 0) {
         out = ERROR;
     }

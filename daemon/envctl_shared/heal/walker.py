@@ -750,8 +750,6 @@ class _Pass:
         if verdict.gid is not None:
             chgrp_fd(fd, verdict.gid)
             stats.fixed["group"] += 1
-            if st.st_mode & (stat.S_ISUID | stat.S_ISGID) and not is_dir_fd:
-                st = stat_at(fd)  # chown cleared setuid/setgid: judge the bits afresh
             verdict = self._verdict(st.st_mode, verdict.gid, is_root)
         if verdict.mode is not None:
             chmod_fd(fd, verdict.mode)
