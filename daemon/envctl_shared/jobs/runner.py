@@ -267,7 +267,7 @@ class Build:
             self._check_abort()
             step = test_step(ctx, self.job.name, command)
             self._run_step(step.phase, list(step.argv), user, ctx.home,
-                           what=f"test {n} ({command!r})")
+                           what=f"test {n} ({command!r})", site_env=False)
         if self.tests:
             self.say(f"{len(self.tests)} test command(s) passed")
 
@@ -294,11 +294,13 @@ class Build:
         self.store.update(self.job.id, cgroup=None)
 
     def _run_step(self, phase: str, argv: list[str], user: procs.BuildUser, home: Path,
-                  what: str | None = None) -> None:
+                  what: str | None = None, site_env: bool = True) -> None:
+        """One step as the build user; ``site_env``: with the admin's ``requests.build_env``
+        (proxies, index URLs: for the package managers, never for the requester's commands)."""
         self._phase(phase)
         self.say("run: " + " ".join(argv))
         cgroup = self._job_cgroup()
-        step = procs.spawn(argv, user, home, cgroup, self.cfg.build_env)
+        step = procs.spawn(argv, user, home, cgroup, self.cfg.build_env if site_env else ())
         proc = step.proc
         reader = threading.Thread(target=self._pump, args=(proc,), daemon=True,
                                   name=f"envctl-log-{self.job.id}")

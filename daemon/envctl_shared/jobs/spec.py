@@ -100,11 +100,19 @@ def _check_pip(entry: str, cfg: RequestsConfig) -> None:
     requirement, what follows are per-requirement options (``--hash``, ``--global-option``,
     ``--config-settings``); a line that starts with ``-`` is an option line (``--index-url``,
     ``-e``, ``-r``). A line break or a trailing backslash would let one entry become, or join,
-    another line, so an entry must be one line of printable text.
+    another line, so an entry must be one line of printable text. pip also expands
+    ``${NAME}`` from its environment anywhere in such a line: with ``requests.build_env``
+    holding a proxy or index URL with credentials, ``numpy===${PIP_INDEX_URL}`` printed them
+    into the requester's log ("no matching distribution for numpy===https://user:token@...").
     """
     if not entry.isprintable() or entry.endswith("\\"):
         raise ValidationError(f"spec: pip entry {brief(entry)} is not one line of printable "
                               "text", hint="each pip: entry is one requirement, e.g. name==1.2")
+    if "${" in entry:
+        raise ValidationError(f"spec: pip entry {brief(entry)} contains '${{', which pip would "
+                              "expand from the build's environment",
+                              hint="write the value itself; builds do not take variables from "
+                                   "requests")
     line = _COMMENT_RE.sub("", entry).strip()
     if not line:
         raise ValidationError(f"spec: pip entry {brief(entry)} is only a comment",
