@@ -83,7 +83,9 @@ def write_conda_package(pkg: CondaPackage, subdir: Path) -> Path:
         paths.append(entry)
     paths += [{"_path": rel, "path_type": "softlink"} for rel in sorted(pkg.links)]
     out = subdir / pkg.filename
-    with tarfile.open(out, "w:bz2") as tar:
+    # bzip2's fastest level: a third quicker on the python package (the whole stdlib), which
+    # is written once per session; the size of a local channel's files matters to nobody.
+    with tarfile.open(out, "w:bz2", compresslevel=1) as tar:
         _add(tar, "info/index.json", json.dumps(index).encode())
         _add(tar, "info/paths.json", json.dumps({"paths": paths, "paths_version": 1}).encode())
         _add(tar, "info/files", "".join(f"{p}\n" for p in sorted([*pkg.files, *pkg.links]))
