@@ -40,15 +40,15 @@ def test_bench_heal_quick(tmp_path: Path) -> None:
 
 
 def test_bench_daemon_quick(tmp_path: Path) -> None:
-    out = _run("bench_daemon.py", tmp_path)
+    out = _run("bench_daemon.py", tmp_path, "--idle", "1")  # a row, not a measurement
     assert "inotifywait" in out and "poll pass vs full walk" in out
     raw = json.loads((tmp_path / "daemon-quick.json").read_text())
     assert raw["template_entries"] >= 3000
 
 
 def test_bench_api_quick(tmp_path: Path) -> None:
-    out = _run("bench_api.py", tmp_path, "--builds", "1")
-    assert "ping" in out and "100 clients" in out
+    out = _run("bench_api.py", tmp_path, "--builds", "1", "--seconds", "1")
+    assert "ping" in out and "100 clients × status for 1 s" in out
 
 
 def test_bench_envs_quick(tmp_path: Path) -> None:
