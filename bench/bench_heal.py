@@ -41,10 +41,13 @@ from bench.common import (VENV_BIN, count_syscalls, exit_on_sigterm,  # noqa: E4
                           fresh_ext4, timed, write_results, writer_account)
 from bench.envtree import copy_as, count_entries, make_template  # noqa: E402
 from bench.latencyfs import LatencyFs, latencyfs, stat_storm  # noqa: E402
+from envctl_shared.heal.walker import LANES  # noqa: E402
 
 ENVCTL = str(VENV_BIN / "envctl")
 WRITES = "chmod,fchmod,fchmodat,chown,fchown,lchown,fchownat"
-STORM_THREADS = 128  # latencyfs capacity: stats in flight at once, 8× what envctl's -j16 asks
+# latencyfs capacity: stats in flight at once, 8× what envctl's -j16 asks (16 walk threads,
+# each with walker.LANES lookups in flight)
+STORM_THREADS = 8 * 16 * LANES
 
 
 def chmod_r(root: Path, group: str) -> list[str]:

@@ -175,6 +175,43 @@ def test_fd_primitives_act_on_the_inode_behind_an_o_path_fd(scratch: Path,
     assert stat.S_IMODE(os.lstat(target).st_mode) == 0o640
 
 
+def test_tallied_and_laned_scans_do_what_a_listed_scan_does(scratch: Path,
+                                                            accounts: Accounts) -> None:
+    """``tally`` only counts the entries fixed, ``lanes`` shares the names among C threads:
+    the same entries end up healed, skipped and handed back, and the counts add up."""
+    dirs = [scratch / "listed", scratch / "tallied"]
+    for d in dirs:
+        d.mkdir()
+        _populate(d, accounts)
+        for i in range(20):  # enough names for every lane
+            (d / f"f{i}").touch()
+            os.chmod(d / f"f{i}", 0o600 if i % 3 else 0o660)
+            os.chown(d / f"f{i}", accounts.alice.uid, accounts.alice.gid if i % 2 else
+                     accounts.shared_gid)
+    gid, table = accounts.shared_gid, mode_table("keep")
+    results = []
+    for d, tally, lanes in ((dirs[0], False, 1), (dirs[1], True, 3)):
+        names = sorted(os.listdir(d)) + ["gone"]
+        fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            results.append(scan(fd, names, gid, table, (0,), True, os.fstat(fd).st_dev, -1,
+                                tally=tally, lanes=lanes))
+        finally:
+            os.close(fd)
+    listed, tallied = results
+    assert listed.tallied == [] and tallied.fixed == []
+    assert tallied.tallied == [(stat.S_IFREG, len(listed.fixed) - 1,
+                                sum(f[4] for f in listed.fixed if f[1] != "link"),
+                                sum(f[5] >= 0 for f in listed.fixed), len(listed.fixed) - 1),
+                               (stat.S_IFLNK, 1, 1, 0, 1)]
+    assert tallied.scanned == listed.scanned and tallied.subdirs == listed.subdirs == ["sub"]
+    assert sorted(tallied.skipped) == sorted(listed.skipped)
+    assert [a[1:3] for a in tallied.attention] == [a[1:3] for a in listed.attention] == [
+        ("gone", errno.ENOENT)]
+    assert {p.name: (os.lstat(p).st_mode, os.lstat(p).st_gid) for p in dirs[0].iterdir()} == \
+        {p.name: (os.lstat(p).st_mode, os.lstat(p).st_gid) for p in dirs[1].iterdir()}
+
+
 def _walk(top: Path, gid: int, fix: bool = True) -> WalkResult:
     fd = os.open(top, os.O_RDONLY | os.O_DIRECTORY)
     try:

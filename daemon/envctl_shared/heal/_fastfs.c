@@ -15,7 +15,9 @@
  * recursion and keeps at most WINDOW directory fds whatever the depth, and names entries by
  * (directory node, name), never by a path string. The fast path keeps the healer's safety rules:
  *
- *   - entries are inspected with statx(AT_SYMLINK_NOFOLLOW) relative to a directory fd;
+ *   - entries are inspected with statx(AT_SYMLINK_NOFOLLOW) relative to a directory fd, or
+ *     after an entry fixed in the same directory, opened O_PATH|O_NOFOLLOW relative to it and
+ *     judged by that fd's own statx (then healed through it: the very inode judged);
  *   - an entry is changed only through an O_PATH|O_NOFOLLOW fd whose own statx shows the very
  *     inode (same ino, type and owner) that was judged;
  *   - "another mount" is another statx mount id (st_dev only without one): on overlayfs a
@@ -30,6 +32,7 @@
 
 #include <dirent.h>
 #include <limits.h>
+#include <pthread.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <stdint.h>
@@ -129,7 +132,9 @@ typedef struct {
     const uint32_t *protected_uids;
     Py_ssize_t n_protected;
     int fix;
-    int walk; /* descend into subdirectories (walk) instead of reporting them (scan) */
+    int tally; /* fixed entries are only counted (in tallies), not recorded one by one */
+    int walk;  /* descend into subdirectories (walk) instead of reporting them (scan) */
+    int open_first; /* the last entry judged in this directory was fixed: see judge_open */
     unsigned long long root_dev;
     long long root_mnt; /* -1: the kernel gives no mount ids, st_dev decides */
     arena out;          /* record and node names, NUL-terminated */
@@ -143,6 +148,9 @@ typedef struct {
     size_t depth, cap_frames;
     size_t cur; /* the node of the directory being listed */
     Py_ssize_t n_scanned, n_dirs;
+    /* tally: by file type (S_IFMT >> 12): entries fixed (or wrong), groups set, modes set,
+     * entries changed */
+    Py_ssize_t tallies[16][4];
 } batch;
 
 #define DENTS_SIZE 32768
@@ -324,6 +332,59 @@ static void fill_seen(record *r, const statx_buf *st)
     r->gid = st->sx.stx_gid;
 }
 
+/* Keep the outcome `tmp` of `name`: a record, or with b->tally only counts for a FIXED or
+ * WOULD_FIX one (nobody reads a heal's 60k fixed entries one by one: building them cost a
+ * tenth of the walk). COMPLIANT gets nothing. Returns -1 only when out of memory. */
+static int put_outcome(batch *b, const char *name, record *tmp)
+{
+    if (tmp->what == COMPLIANT)
+        return 0;
+    if ((tmp->what == FIXED || tmp->what == WOULD_FIX) && b->tally) {
+        Py_ssize_t *t = b->tallies[(tmp->mode & S_IFMT) >> 12];
+        t[0]++;
+        t[1] += tmp->set_gid;
+        t[2] += tmp->set_mode >= 0;
+        t[3] += tmp->set_gid || tmp->set_mode >= 0;
+        return 0;
+    }
+    record *r = add_record(b, name, tmp->what);
+    if (!r)
+        return -1;
+    tmp->node = r->node;
+    tmp->name_off = r->name_off;
+    *r = *tmp;
+    return 0;
+}
+
+/* Judge and heal an entry through an O_PATH|O_NOFOLLOW fd opened first, by that fd's own
+ * statx: what is judged is then the very inode changed, with no identity check to make, and
+ * the name's statx is saved (five calls per wrong entry instead of six). Used after a fixed
+ * entry in the same directory: in a broken tree nearly every entry is wrong, and a compliant
+ * one costs an open and a close more than a statx. Returns -1 only when out of memory. */
+static int judge_open(batch *b, int dirfd, const char *name, int *is_dir)
+{
+    record tmp = {.set_mode = -1};
+    statx_buf st;
+    int fd = openat(dirfd, name, O_PATH | O_NOFOLLOW | O_CLOEXEC);
+    if (fd < 0 || fd_statx(fd, "", AT_EMPTY_PATH, STATX_WANT, &st) != 0) {
+        tmp.err = errno;
+        tmp.what = tmp.err == ENOENT ? VANISHED : ERROR;
+    } else if (S_ISDIR(st.sx.stx_mode)) {
+        *is_dir = 1;
+        tmp.what = COMPLIANT; /* not judged here: the caller visits it */
+    } else {
+        b->n_scanned++;
+        fill_seen(&tmp, &st);
+        tmp.what = classify(b, &st);
+        if (tmp.what == FIXED && apply_fix(b, fd, &st, &tmp) != 0)
+            tmp.what = ERROR;
+    }
+    if (fd >= 0)
+        close(fd);
+    b->open_first = tmp.what == FIXED;
+    return put_outcome(b, name, &tmp);
+}
+
 /* Inspect (and with b->fix, heal) one entry of dirfd; the GIL is not held. A directory is
  * not inspected: *is_dir is set and the caller decides. Returns -1 only when out of memory. */
 static int do_entry(batch *b, int dirfd, const char *name, int known_dir, int *is_dir)
@@ -331,47 +392,39 @@ static int do_entry(batch *b, int dirfd, const char *name, int known_dir, int *i
     *is_dir = known_dir;
     if (known_dir)
         return 0;
+    if (b->fix && b->open_first)
+        return judge_open(b, dirfd, name, is_dir);
     statx_buf seen;
+    record tmp = {.set_mode = -1};
     if (fd_statx(dirfd, name, 0, STATX_WANT, &seen) != 0) {
-        int err = errno;
-        record *r = add_record(b, name, err == ENOENT ? VANISHED : ERROR);
-        if (!r)
-            return -1;
-        r->err = err;
-        return 0;
+        tmp.err = errno;
+        tmp.what = tmp.err == ENOENT ? VANISHED : ERROR;
+        return put_outcome(b, name, &tmp);
     }
     if (S_ISDIR(seen.sx.stx_mode)) {
         *is_dir = 1;
         return 0;
     }
-    enum outcome what = classify(b, &seen);
-    if (what == COMPLIANT) {
+    tmp.what = classify(b, &seen);
+    if (tmp.what != COMPLIANT)
+        fill_seen(&tmp, &seen);
+    if (tmp.what == FIXED)
+        tmp.what = fix_entry(b, dirfd, name, &seen, &tmp);
+    if (tmp.what != ATTENTION && tmp.what != VANISHED)
         b->n_scanned++;
-        return 0;
-    }
-    record tmp = {.set_mode = -1};
-    fill_seen(&tmp, &seen);
-    if (what == FIXED)
-        what = fix_entry(b, dirfd, name, &seen, &tmp);
-    if (what != ATTENTION && what != VANISHED)
-        b->n_scanned++;
-    record *r = add_record(b, name, what);
-    if (!r)
-        return -1;
-    tmp.node = r->node;
-    tmp.name_off = r->name_off;
-    tmp.what = what;
-    *r = tmp;
-    return 0;
+    b->open_first = tmp.what == FIXED;
+    return put_outcome(b, name, &tmp);
 }
 
 /* List dirfd with getdents64 and inspect every entry. Subdirectories are reported (scan) or
- * pushed on b->names for the walk to visit. The fd's own offset is used (rewound first): the
- * batch owns its directory fds. Returns 0, an errno from the listing, or -1 (no memory). */
-static int list_dir(batch *b, int dirfd)
+ * pushed on b->names for the walk to visit. The fd's own offset is used, rewound first when
+ * `rewind` (a caller's fd; one the walk just opened is at 0). Returns 0, an errno from the
+ * listing, or -1 (no memory). */
+static int list_dir(batch *b, int dirfd, int rewind)
 {
-    if (lseek(dirfd, 0, SEEK_SET) < 0)
+    if (rewind && lseek(dirfd, 0, SEEK_SET) < 0)
         return errno;
+    b->open_first = 0;
     for (;;) {
         long n = syscall(SYS_getdents64, dirfd, b->dents, DENTS_SIZE);
         if (n < 0)
@@ -489,16 +542,10 @@ static int visit_subdir(batch *b, int parent, const char *name, int *entered)
                 what = ERROR;
         }
     }
-    if (what != COMPLIANT) {
-        record *r = add_record(b, name, what);
-        if (!r) {
-            close(fd);
-            return -1;
-        }
-        tmp.node = r->node;
-        tmp.name_off = r->name_off;
-        tmp.what = what;
-        *r = tmp;
+    tmp.what = what;
+    if (put_outcome(b, name, &tmp) != 0) {
+        close(fd);
+        return -1;
     }
     if (what == ERROR || what == SKIP_MOUNT) {
         close(fd);
@@ -550,7 +597,7 @@ static int walk_tree(batch *b, int dirfd)
     b->frames[0] = (frame){.fd = dirfd, .node = root_node};
     b->depth = 1;
     b->cur = root_node;
-    int rc = list_dir(b, dirfd);
+    int rc = list_dir(b, dirfd, 1);
     if (rc != 0)
         return rc;
     while (b->depth > 0) {
@@ -572,7 +619,7 @@ static int walk_tree(batch *b, int dirfd)
             continue;
         frame *child = &b->frames[b->depth - 1];
         b->cur = child->node;
-        rc = list_dir(b, child->fd);
+        rc = list_dir(b, child->fd, 0);
         if (rc < 0)
             return -1;
         if (rc > 0) { /* listing it failed: report the directory, go on */
@@ -587,44 +634,38 @@ static int walk_tree(batch *b, int dirfd)
     return 0;
 }
 
-/* Python's view of the records: (subdirs, attention, fixed, skipped); see scan_doc. */
-static PyObject *build_lists(batch *b, PyObject **attention, PyObject **fixed,
-                             PyObject **skipped)
+/* Python's view of b's records, appended to lists[] = {subdirs, attention, fixed, skipped}
+ * (see scan_doc). Returns -1 on a Python error. */
+static int append_records(const batch *b, PyObject *const lists[4])
 {
-    PyObject *subdirs = PyList_New(0);
-    *attention = PyList_New(0);
-    *fixed = PyList_New(0);
-    *skipped = PyList_New(0);
-    if (!subdirs || !*attention || !*fixed || !*skipped)
-        goto fail;
     for (size_t i = 0; i < b->n_recs; i++) {
-        record *r = &b->recs[i];
+        const record *r = &b->recs[i];
         PyObject *name = PyUnicode_DecodeFSDefault(b->out.buf + r->name_off);
         if (!name)
-            goto fail;
+            return -1;
         Py_ssize_t node = (Py_ssize_t)r->node;
         PyObject *item = NULL, *target = NULL;
         switch (r->what) {
         case SUBDIR:
-            target = subdirs;
+            target = lists[0];
             item = name;
             Py_INCREF(name);
             break;
         case FIXED:
         case WOULD_FIX:
-            target = *fixed;
+            target = lists[2];
             item = Py_BuildValue("(nOIIii)", node, name, r->mode, r->gid, r->set_gid,
                                  r->set_mode);
             break;
         case SKIP_PROTECTED:
         case SKIP_SPECIAL:
         case SKIP_MOUNT:
-            target = *skipped;
+            target = lists[3];
             item = Py_BuildValue("(nOsIII)", node, name, skip_reason[r->what], r->mode,
                                  r->uid, r->gid);
             break;
         default: /* ATTENTION, ERROR, VANISHED: (node, name, errno, mode, uid, gid) */
-            target = *attention;
+            target = lists[1];
             item = Py_BuildValue("(nOiIII)", node, name, r->what == ATTENTION ? 0 : r->err,
                                  r->mode, r->uid, r->gid);
             break;
@@ -632,17 +673,11 @@ static PyObject *build_lists(batch *b, PyObject **attention, PyObject **fixed,
         Py_DECREF(name);
         if (!item || PyList_Append(target, item) != 0) {
             Py_XDECREF(item);
-            goto fail;
+            return -1;
         }
         Py_DECREF(item);
     }
-    return subdirs;
-fail:
-    Py_XDECREF(subdirs);
-    Py_CLEAR(*attention);
-    Py_CLEAR(*fixed);
-    Py_CLEAR(*skipped);
-    return NULL;
+    return 0;
 }
 
 /* The directories records refer to, as [(parent index or -1, name)]; empty without records
@@ -711,35 +746,50 @@ static void free_batch(batch *b)
     free(b->frames);
 }
 
-/* The result of a scan (n_scanned, subdirs, attention, fixed, skipped) or of a walk
- * (n_scanned, n_dirs, nodes, attention, fixed, skipped), or the exception for `err` (an
- * errno, or -1: out of memory). */
-static PyObject *batch_result(batch *b, int err)
+/* The result of a scan (n_scanned, subdirs, attention, fixed, skipped, tallied) or of a walk
+ * (n_scanned, n_dirs, nodes, attention, fixed, skipped, tallied) over the `n` batches of its
+ * lanes (a walk has one), or the exception for `err` (an errno, or -1: out of memory). */
+static PyObject *batch_result(batch *bs, int n, int err)
 {
     if (err) {
         errno = err == -1 ? ENOMEM : err;
         return PyErr_SetFromErrno(err == -1 ? PyExc_MemoryError : PyExc_OSError);
     }
-    PyObject *attention, *fixed, *skipped;
-    PyObject *subdirs = build_lists(b, &attention, &fixed, &skipped);
-    if (!subdirs)
-        return NULL;
-    if (!b->walk)
-        return Py_BuildValue("(nNNNN)", b->n_scanned, subdirs, attention, fixed, skipped);
-    Py_DECREF(subdirs); /* always empty in walk mode */
-    PyObject *nodes = build_nodes(b);
-    if (!nodes) {
-        Py_DECREF(attention);
-        Py_DECREF(fixed);
-        Py_DECREF(skipped);
-        return NULL;
+    PyObject *lists[4] = {PyList_New(0), PyList_New(0), PyList_New(0), PyList_New(0)};
+    PyObject *tallied = PyList_New(0), *nodes = NULL, *result = NULL;
+    Py_ssize_t scanned = 0, tallies[16][4] = {{0}};
+    int ok = lists[0] && lists[1] && lists[2] && lists[3] && tallied;
+    for (int i = 0; ok && i < n; i++) {
+        ok = append_records(&bs[i], lists) == 0;
+        scanned += bs[i].n_scanned;
+        for (int t = 0; t < 16; t++)
+            for (int k = 0; k < 4; k++)
+                tallies[t][k] += bs[i].tallies[t][k];
     }
-    return Py_BuildValue("(nnNNNN)", b->n_scanned, b->n_dirs, nodes, attention, fixed, skipped);
+    for (int t = 0; ok && t < 16; t++) {
+        if (!tallies[t][0])
+            continue;
+        PyObject *item = Py_BuildValue("(innnn)", t << 12, tallies[t][0], tallies[t][1],
+                                       tallies[t][2], tallies[t][3]);
+        ok = item && PyList_Append(tallied, item) == 0;
+        Py_XDECREF(item);
+    }
+    if (ok && !bs[0].walk)
+        result = Py_BuildValue("(nOOOOO)", scanned, lists[0], lists[1], lists[2], lists[3],
+                               tallied);
+    else if (ok && (nodes = build_nodes(&bs[0])) != NULL) /* subdirs: always empty */
+        result = Py_BuildValue("(nnOOOOO)", scanned, bs[0].n_dirs, nodes, lists[1], lists[2],
+                               lists[3], tallied);
+    for (int i = 0; i < 4; i++)
+        Py_XDECREF(lists[i]);
+    Py_XDECREF(tallied);
+    Py_XDECREF(nodes);
+    return result;
 }
 
 PyDoc_STRVAR(scan_doc,
-"scan(dirfd, names, gid, table, protected, fix, root_dev, root_mnt)\n"
-"    -> (n_scanned, subdirs, attention, fixed, skipped)\n\n"
+"scan(dirfd, names, gid, table, protected, fix, root_dev, root_mnt, tally=False, lanes=1)\n"
+"    -> (n_scanned, subdirs, attention, fixed, skipped, tallied)\n\n"
 "Inspect the entries ``names`` of the directory ``dirfd`` (None: list it), and with ``fix``\n"
 "heal them. ``table`` is 65536 native uint16: the wanted permission bits for each st_mode,\n"
 "0xFFFF for entries never fixed (special files). ``root_mnt`` is the root's mount id (-1:\n"
@@ -748,29 +798,103 @@ PyDoc_STRVAR(scan_doc,
 "(node, name, errno, mode, uid, gid) for what changed under us (errno 0) or failed (ENOENT:\n"
 "vanished); fixed holds (node, name, old_mode, old_gid, set_gid, set_mode), entries fixed or,\n"
 "with fix off, that would be; skipped holds (node, name, reason, mode, uid, gid), reason\n"
-"'protected', 'special' or 'mount'.");
+"'protected', 'special' or 'mount'. With ``tally``, the entries of ``fixed`` are not listed\n"
+"but counted in tallied, as (S_IFMT type, entries, groups set, modes set, entries changed).\n"
+"``names`` are inspected by\n"
+"up to ``lanes`` threads at once, each its own share (on NFS/FUSE: lookups in flight).");
+
+/* One share of a scan's names, inspected by its own thread (GIL not held) into its own batch. */
+typedef struct {
+    batch *b;
+    int dirfd;
+    const char *names; /* the arena holding them (shared, read only) */
+    const size_t *offs;
+    Py_ssize_t n;
+    int err; /* -1: out of memory */
+} lane;
+
+static void *run_lane(void *arg)
+{
+    lane *l = arg;
+    for (Py_ssize_t i = 0; i < l->n && !l->err; i++) {
+        const char *nm = l->names + l->offs[i];
+        int is_dir;
+        if (do_entry(l->b, l->dirfd, nm, 0, &is_dir) != 0 ||
+            (is_dir && !add_record(l->b, nm, SUBDIR)))
+            l->err = -1;
+    }
+    return NULL;
+}
+
+#define MAX_LANES 8
+#define LANE_STACK (256 * 1024)
+
+/* Inspect n names over up to `lanes` threads: lane i fills bs[i] (bs[0] already set up, the
+ * others get its settings). The calling thread runs lane 0; a lane whose thread cannot be
+ * started runs there too. Returns the number of batches used, *err as run_lane's. */
+static int scan_names(batch *bs, int lanes, int dirfd, const size_t *offs, Py_ssize_t n,
+                      int *err)
+{
+    lane ls[MAX_LANES];
+    pthread_t th[MAX_LANES];
+    int started[MAX_LANES] = {0};
+    if (lanes > n)
+        lanes = n > 0 ? (int)n : 1;
+    pthread_attr_t attr;
+    int have_attr = lanes > 1 && pthread_attr_init(&attr) == 0;
+    if (have_attr)
+        pthread_attr_setstacksize(&attr, LANE_STACK);
+    for (int i = 0; i < lanes; i++) {
+        if (i > 0)
+            bs[i] = (batch){.gid = bs[0].gid, .table = bs[0].table, .fix = bs[0].fix,
+                            .protected_uids = bs[0].protected_uids,
+                            .n_protected = bs[0].n_protected, .tally = bs[0].tally,
+                            .root_dev = bs[0].root_dev, .root_mnt = bs[0].root_mnt};
+        Py_ssize_t lo = n * i / lanes, hi = n * (i + 1) / lanes;
+        ls[i] = (lane){.b = &bs[i], .dirfd = dirfd, .names = bs[0].names.buf,
+                       .offs = offs + lo, .n = hi - lo};
+        if (i > 0 && have_attr)
+            started[i] = pthread_create(&th[i], &attr, run_lane, &ls[i]) == 0;
+    }
+    if (have_attr)
+        pthread_attr_destroy(&attr);
+    run_lane(&ls[0]);
+    *err = ls[0].err;
+    for (int i = 1; i < lanes; i++) {
+        if (started[i])
+            pthread_join(th[i], NULL);
+        else
+            run_lane(&ls[i]);
+        if (ls[i].err)
+            *err = ls[i].err;
+    }
+    return lanes;
+}
 
 static PyObject *py_scan(PyObject *self, PyObject *args)
 {
-    int dirfd, fix;
+    int dirfd, fix, tally = 0, lanes = 1;
     unsigned int gid;
     PyObject *names, *protected_seq;
     Py_buffer table;
     unsigned long long root_dev;
     long long root_mnt;
-    if (!PyArg_ParseTuple(args, "iOIy*OpKL", &dirfd, &names, &gid, &table, &protected_seq,
-                          &fix, &root_dev, &root_mnt))
+    if (!PyArg_ParseTuple(args, "iOIy*OpKL|pi", &dirfd, &names, &gid, &table, &protected_seq,
+                          &fix, &root_dev, &root_mnt, &tally, &lanes))
         return NULL;
-    batch b = {.gid = gid, .fix = fix, .root_dev = root_dev, .root_mnt = root_mnt};
+    batch bs[MAX_LANES] = {{.gid = gid, .fix = fix, .tally = tally, .root_dev = root_dev,
+                            .root_mnt = root_mnt}};
+    int used = 1;
+    lanes = lanes < 1 ? 1 : lanes > MAX_LANES ? MAX_LANES : lanes;
     PyObject *result = NULL;
     uint32_t *prot = NULL;
     size_t *offs = NULL;
-    if (setup_batch(&b, &table, protected_seq, &prot) != 0)
+    if (setup_batch(&bs[0], &table, protected_seq, &prot) != 0)
         goto out;
     int err = 0;
     if (names == Py_None) {
         Py_BEGIN_ALLOW_THREADS
-        err = list_dir(&b, dirfd);
+        err = list_dir(&bs[0], dirfd, 1);
         Py_END_ALLOW_THREADS
     } else {
         /* Copy the names first: the loop below runs without the GIL. */
@@ -785,7 +909,7 @@ static PyObject *py_scan(PyObject *self, PyObject *args)
                 Py_DECREF(nseq);
                 goto out;
             }
-            int bad = arena_put(&b.names, PyBytes_AS_STRING(enc),
+            int bad = arena_put(&bs[0].names, PyBytes_AS_STRING(enc),
                                 (size_t)PyBytes_GET_SIZE(enc), &offs[i]);
             Py_DECREF(enc);
             if (bad) {
@@ -800,27 +924,22 @@ static PyObject *py_scan(PyObject *self, PyObject *args)
             goto out;
         }
         Py_BEGIN_ALLOW_THREADS
-        for (Py_ssize_t i = 0; i < n && !err; i++) {
-            const char *nm = b.names.buf + offs[i];
-            int is_dir;
-            if (do_entry(&b, dirfd, nm, 0, &is_dir) != 0 ||
-                (is_dir && !add_record(&b, nm, SUBDIR)))
-                err = -1;
-        }
+        used = scan_names(bs, lanes, dirfd, offs, n, &err);
         Py_END_ALLOW_THREADS
     }
-    result = batch_result(&b, err);
+    result = batch_result(bs, used, err);
 out:
     PyBuffer_Release(&table);
     PyMem_Free(prot);
     PyMem_Free(offs);
-    free_batch(&b);
+    for (int i = 0; i < used; i++)
+        free_batch(&bs[i]);
     return result;
 }
 
 PyDoc_STRVAR(walk_doc,
-"walk(dirfd, gid, table, protected, fix, root_dev, root_mnt)\n"
-"    -> (n_scanned, n_dirs, nodes, attention, fixed, skipped)\n\n"
+"walk(dirfd, gid, table, protected, fix, root_dev, root_mnt, tally=False)\n"
+"    -> (n_scanned, n_dirs, nodes, attention, fixed, skipped, tallied)\n\n"
 "scan() for the whole subtree below ``dirfd`` (not dirfd itself), on an explicit stack:\n"
 "no recursion and a bounded number of open fds whatever the depth. Each subdirectory is\n"
 "opened O_NOFOLLOW, judged and healed through its own fd, and entered unless it is on\n"
@@ -838,10 +957,12 @@ static PyObject *py_walk(PyObject *self, PyObject *args)
     Py_buffer table;
     unsigned long long root_dev;
     long long root_mnt;
-    if (!PyArg_ParseTuple(args, "iIy*OpKL", &dirfd, &gid, &table, &protected_seq, &fix,
-                          &root_dev, &root_mnt))
+    int tally = 0;
+    if (!PyArg_ParseTuple(args, "iIy*OpKL|p", &dirfd, &gid, &table, &protected_seq, &fix,
+                          &root_dev, &root_mnt, &tally))
         return NULL;
-    batch b = {.gid = gid, .fix = fix, .walk = 1, .root_dev = root_dev, .root_mnt = root_mnt};
+    batch b = {.gid = gid, .fix = fix, .tally = tally, .walk = 1, .root_dev = root_dev,
+               .root_mnt = root_mnt};
     PyObject *result = NULL;
     uint32_t *prot = NULL;
     if (setup_batch(&b, &table, protected_seq, &prot) != 0)
@@ -850,7 +971,7 @@ static PyObject *py_walk(PyObject *self, PyObject *args)
     Py_BEGIN_ALLOW_THREADS
     err = walk_tree(&b, dirfd);
     Py_END_ALLOW_THREADS
-    result = batch_result(&b, err);
+    result = batch_result(&b, 1, err);
 out:
     PyBuffer_Release(&table);
     PyMem_Free(prot);

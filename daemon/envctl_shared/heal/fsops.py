@@ -95,6 +95,8 @@ Attention = list[tuple[int, str, int, int, int, int]]  # (node, name, errno, mod
 Fixed = list[tuple[int, str, int, int, int, int]]  # (node, name, old mode, old gid, set_gid,
 #                                                     set_mode): fixed, or with fix off, wrong
 Skipped = list[tuple[int, str, str, int, int, int]]  # (node, name, reason, mode, uid, gid)
+Tallied = list[tuple[int, int, int, int, int]]  # (S_IFMT type, entries as in Fixed, groups
+#                                                  set, modes set, entries changed)
 Nodes = list[tuple[int, str]]  # (parent index or -1, name): the directories a walk entered
 
 
@@ -106,20 +108,25 @@ class ScanResult(NamedTuple):
     attention: Attention  # changed under us (errno 0: re-judge), failed, vanished (ENOENT)
     fixed: Fixed
     skipped: Skipped  # reason: protected, special, mount
+    tallied: Tallied  # with tally: the entries fixed, counted instead of listed in ``fixed``
 
 
 def scan(dirfd: int, names: Sequence[str] | None, gid: int, table: bytes,
-         protected: Sequence[int], fix: bool, root_dev: int, root_mnt: int) -> ScanResult:
+         protected: Sequence[int], fix: bool, root_dev: int, root_mnt: int, *,
+         tally: bool = False, lanes: int = 1) -> ScanResult:
     """Inspect ``names`` in ``dirfd`` (None: list it) with the GIL released.
 
     ``table`` maps every ``st_mode`` to its wanted permission bits (``policy.mode_table``).
     Wrong entries are fixed in C through a proven ``O_PATH`` fd (or with ``fix`` off, listed
     in ``fixed`` unchanged); special files, protected owners and other mounts (by mount id,
     ``root_mnt``; -1: by ``root_dev``) come back in ``skipped``; an entry swapped or re-owned
-    mid-fix in ``attention`` with errno 0, for the walker's slow path.
+    mid-fix in ``attention`` with errno 0, for the walker's slow path. With ``tally``, entries
+    fixed are only counted (``tallied``): a heal nobody reads entry by entry builds no tuple
+    per entry. ``names`` are shared among up to ``lanes`` C threads, each inspecting its share
+    (on NFS/FUSE each lookup is a round trip: lanes keep that many in flight per caller).
     """
     return ScanResult(*_fastfs.scan(dirfd, names, gid, table, protected, fix, root_dev,
-                                    root_mnt))
+                                    root_mnt, tally, lanes))
 
 
 class WalkResult(NamedTuple):
@@ -131,6 +138,7 @@ class WalkResult(NamedTuple):
     attention: Attention
     fixed: Fixed
     skipped: Skipped
+    tallied: Tallied
 
 
 class NodePaths:
@@ -177,7 +185,7 @@ class NodePaths:
 
 
 def walk(dirfd: int, gid: int, table: bytes, protected: Sequence[int], fix: bool,
-         root_dev: int, root_mnt: int) -> WalkResult:
+         root_dev: int, root_mnt: int, *, tally: bool = False) -> WalkResult:
     """``scan`` the whole subtree below ``dirfd`` in one call, with the GIL released.
 
     Iterative, with a bounded number of open fds at any depth: levels beyond a window are
@@ -187,9 +195,10 @@ def walk(dirfd: int, gid: int, table: bytes, protected: Sequence[int], fix: bool
     off) wrong ones too, since what lies below them may need healing; one on another mount is
     skipped and not entered. ``attention`` holds what changed under the walk (a directory
     swapped for a symlink, a level moved away mid-walk), for the walker to revisit by path.
-    Raises OSError when ``dirfd`` itself cannot be listed.
+    ``tally`` as for ``scan``. Raises OSError when ``dirfd`` itself cannot be listed.
     """
-    return WalkResult(*_fastfs.walk(dirfd, gid, table, protected, fix, root_dev, root_mnt))
+    return WalkResult(*_fastfs.walk(dirfd, gid, table, protected, fix, root_dev, root_mnt,
+                                    tally))
 
 
 def check_stamps(root_fd: int, stamps: dict[int, Any], gid: int, table: bytes,
