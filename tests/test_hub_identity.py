@@ -95,24 +95,19 @@ class Hub:
         os.killpg(self.proc.pid, sig)
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.signal(signal.SIGCONT)
-            self.signal(signal.SIGTERM)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                pass
+        """Killed, the hub and its proxy: their clean shutdown (2 s) is not what any test is
+        about; the proxy is found through the pid file the hub leaves behind."""
         try:
             os.killpg(self.proc.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
         self.proc.wait(10)
-        try:  # the proxy too, whatever the hub managed to clean up
+        try:
             pid = int((self.base / "jupyterhub-proxy.pid").read_text())
             if b"configurable-http-proxy" in Path(f"/proc/{pid}/cmdline").read_bytes():
                 os.kill(pid, signal.SIGKILL)
         except (OSError, ValueError):
-            pass  # no pid file (a clean stop removes it) or the proxy is gone
+            pass  # no pid file or the proxy is gone
 
 
 def start_hub(base: Path) -> Hub:
