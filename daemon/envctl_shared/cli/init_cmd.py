@@ -7,12 +7,17 @@ share was not mounted. ``init`` does every step, says what it did (``created``, 
 ``unchanged``) and is idempotent: a second run changes nothing. ``--dry-run`` prints the same
 steps as ``would ...`` and touches nothing. It never creates a missing parent unless asked
 (``--parents``): a missing ``/efs/shared`` usually means EFS is not mounted.
+
+Nothing half-done: every step is first run as a dry run, and each checks what the kernel would
+refuse it part-way — giving the root to a group the user is not in, changing a root someone else
+owns, creating a file or directory where the user may not write — so a refusal (exit 77, with
+the fix) comes before anything changed, and ``--dry-run`` predicts it. Only then are the steps
+done. (Run as a user, not root, init is refused most often for exactly these reasons.)
 """
 
 from __future__ import annotations
 
 import argparse
-import grp
 import os
 import stat
 import sys
@@ -21,14 +26,26 @@ from pathlib import Path
 from typing import Any
 
 from .. import config as cfgmod
-from ..errors import EX_OK, ConfigError, FilesystemError, UsageError
-from .access import missing_hint
+from ..errors import EX_NOPERM, EX_OK, ConfigError, EnvctlError, FilesystemError, UsageError
+from .access import group_access, group_name, membership_fix, missing_hint, user_name
 from .output import emit_json, quote_name
 
 # --mode: (others, bits). The root is also sticky (the daemon builds requested envs in it, and
 # policy.judge wants its directory sticky): members create their own entries but cannot rename
 # or delete the daemon's .envctl and NAME links, or each other's entries.
 MODES = {"2770": ("none", 0o3770), "2775": ("read", 0o3775)}
+
+# Capabilities (bits of CapEff) that let a process change a file it does not own / give it to a
+# group it is not in: root has them, a container's root may lack them, a user may hold them.
+CAP_CHOWN = 1 << 0
+CAP_FOWNER = 1 << 3
+
+
+class PermissionDenied(EnvctlError):
+    """A step the kernel would refuse for want of permission, found before anything changed."""
+
+    code = "permission-denied"
+    exit_code = EX_NOPERM
 
 
 @dataclass
@@ -72,47 +89,127 @@ def add_parser(sub: Any) -> None:
     p.set_defaults(func=run)
 
 
+@dataclass(frozen=True)
+class Plan:
+    """What init was asked to do, from the command line."""
+
+    root: Path
+    gid: int
+    bits: int
+    parents: bool
+    config: Path | None  # --write-config
+    text: str  # the daemon configuration
+    condarc: Path
+    kernels: Path
+
+    def steps(self, dry: bool) -> list[Step]:
+        """Every step in order; each raises (before changing anything) what it cannot do."""
+        out = [make_root(self.root, self.gid, self.bits, self.parents, dry)]
+        if self.config is not None:
+            out.append(write_config(self.config, self.text, dry))
+        out.append(add_to_condarc(self.condarc, self.root, dry))
+        out.append(make_kernels_dir(self.kernels, dry))
+        return out
+
+
 def run(args: argparse.Namespace) -> int:
     from .. import condarc  # here: YAML is not loaded for other commands
 
     root = Path(os.path.abspath(args.root))
     others, bits = MODES[args.mode]
-    gid = _gid(args.group)
     kernels = Path(os.path.normpath(args.kernels_dir or root.parent.parent / "share" /
                                     "jupyter" / "kernels"))
-    steps: list[Step] = []
+    plan = Plan(root=root, gid=_gid(args.group), bits=bits, parents=args.parents,
+                config=Path(args.write_config) if args.write_config else None,
+                text=daemon_config(root, args.group, others, kernels),
+                condarc=(Path(args.condarc) if args.condarc else
+                         Path(os.path.expanduser("~/.condarc")) if args.user else
+                         condarc.SYSTEM_CONDARC),
+                kernels=kernels)
     dry = bool(args.dry_run)
-    steps.append(make_root(root, gid, bits, args.parents, dry))
-    text = daemon_config(root, args.group, others, kernels)
-    if args.write_config:
-        steps.append(write_config(Path(args.write_config), text, dry))
-    target = (Path(args.condarc) if args.condarc else
-              Path(os.path.expanduser("~/.condarc")) if args.user else condarc.SYSTEM_CONDARC)
-    changed = condarc.add_envs_dir(target, root, dry_run=dry)
-    steps.append(Step(f"envs_dirs in {target} lists {root}",
-                      _outcome(changed, dry, "changed")))
-    steps.append(make_dir(kernels, 0o755, dry, "kernels directory"))
+    steps = plan.steps(dry=True)  # all checks, no change: a refusal leaves nothing half-done
+    if not dry:
+        try:
+            steps = plan.steps(dry=False)
+        except OSError as exc:  # what no check could foresee (a race, a full disk, NFS)
+            cls = PermissionDenied if isinstance(exc, PermissionError) else FilesystemError
+            where = f"{quote_name(str(exc.filename))}: " if exc.filename else ""
+            raise cls(f"{where}{exc.strerror}",
+                      hint="the steps before this one were done; fix this and run init again "
+                      "(it only does what is left)") from None
     if args.json:
         emit_json({"dry_run": dry, "changed": any(s.outcome != "unchanged" for s in steps),
                    "steps": [s.to_dict() for s in steps],
-                   "config": None if args.write_config else text})
+                   "config": None if args.write_config else plan.text})
         return EX_OK
     for s in steps:
         print(f"{s.outcome:<12} {quote_name(s.what)}")
     if not args.write_config:
         print("\n# daemon configuration (save as /etc/envctl/envctld.yaml, or pass "
               "--write-config FILE):")
-        sys.stdout.write(text)
+        sys.stdout.write(plan.text)
     return EX_OK
 
 
 def _gid(group: str) -> int:
+    """The gid of a name or number, as the daemon's configuration reads it (a bare gid is one;
+    -1 and numbers that would wrap are not)."""
     try:
-        return int(group) if group.isdigit() else grp.getgrnam(group).gr_gid
-    except KeyError:
-        raise UsageError(f"no group {group!r}",
-                         hint="create it first ('groupadd " + group + "'), or name an "
-                         "existing one ('getent group')") from None
+        return cfgmod.resolve_group(group)
+    except KeyError as exc:
+        hint = ("name a group ('getent group') or a gid" if group.lstrip("-").isdigit() else
+                f"create it first ('groupadd {group}'), or name an existing one "
+                "('getent group')")
+        raise UsageError(str(exc.args[0]), hint=hint) from None
+
+
+def _capable(cap: int) -> bool:
+    """Whether this process holds capability ``cap`` (root in a container may not)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("CapEff:"):
+                    return (int(line.split()[1], 16) & cap) == cap
+    except (OSError, ValueError, IndexError):
+        pass
+    return os.geteuid() == 0
+
+
+def _denied(message: str, hint: str) -> PermissionDenied:
+    if os.geteuid() == 0:
+        hint = ("even root was refused: a read-only or root-squashing NFS/EFS mount? run init "
+                "where root may write (on the server)")
+    return PermissionDenied(message, hint=hint)
+
+
+_AS_ROOT = "or run init as root ('sudo envctl init ...')"
+
+
+def _check_can_create(path: Path, hint: str) -> None:
+    """Refuse now what creating ``path`` (and missing parents) would be refused later: the
+    nearest directory on the way that exists must be one this user may write in."""
+    base = path.parent
+    while not os.path.lexists(base):
+        base = base.parent
+    if not os.path.isdir(base):
+        raise FilesystemError(f"cannot create {quote_name(str(path))}: "
+                              f"{quote_name(str(base))} is not a directory", hint=hint)
+    if not os.access(base, os.W_OK | os.X_OK, effective_ids=True):
+        verb = "replace" if os.path.lexists(path) else "create"  # a .condarc: by a rename
+        raise _denied(f"cannot {verb} {quote_name(str(path))}: you "
+                      f"({user_name(os.geteuid())}) may not write in {quote_name(str(base))}",
+                      hint)
+
+
+def _check_can_chgrp(root: Path, gid: int) -> None:
+    """chgrp to a group needs membership in it (in this session) or CAP_CHOWN."""
+    if _capable(CAP_CHOWN):
+        return
+    acc = group_access(gid)
+    fix = membership_fix(acc)
+    if fix is not None:
+        raise _denied(f"you ({acc.user}) cannot give {quote_name(str(root))} to group "
+                      f"{acc.group}: only its members and root can", f"{fix}; {_AS_ROOT}")
 
 
 _WOULD = {"created": "would create", "changed": "would change"}
@@ -127,38 +224,91 @@ def _outcome(changed: bool, dry: bool, verb: str) -> str:
 
 def make_root(root: Path, gid: int, bits: int, parents: bool, dry: bool) -> Step:
     """The root: created, or its group and mode set; a symlink or a file there is refused."""
-    what = f"{root} (group {grp.getgrgid(gid).gr_name}, mode {bits:04o})"
+    what = f"{root} (group {group_name(gid)}, mode {bits:04o})"
     if not os.path.isdir(root.parent):
         if not parents:
             raise FilesystemError(f"{quote_name(str(root.parent))} does not exist",
                                   hint=missing_hint(root) + "; or pass --parents to create it")
-        if not dry:
+        if not dry:  # the dry run checked below that they can be created
             os.makedirs(root.parent, 0o755, exist_ok=True)
     try:
         st = os.lstat(root)
     except FileNotFoundError:
+        _check_can_create(root, f"name a ROOT in a directory you may write, {_AS_ROOT}")
+        _check_can_chgrp(root, gid)
         if not dry:
             os.mkdir(root, 0o700)  # no window in which it is open with the wrong group
-            os.chown(root, -1, gid)
-            os.chmod(root, bits)
+            try:
+                os.chown(root, -1, gid)
+                os.chmod(root, bits)
+            except OSError:
+                os.rmdir(root)  # not left private and half set up
+                raise
         return Step(what, _outcome(True, dry, "created"))
     if not stat.S_ISDIR(st.st_mode):
         raise FilesystemError(f"{quote_name(str(root))} exists and is not a directory",
                               hint="move it away, or name another root")
-    changed = st.st_gid != gid or stat.S_IMODE(st.st_mode) != bits
-    if changed and not dry:
-        os.chown(root, -1, gid)
-        os.chmod(root, bits)
-    return Step(what, _outcome(changed, dry, "changed"))
-
-
-def make_dir(path: Path, mode: int, dry: bool, label: str) -> Step:
-    if os.path.isdir(path):
-        return Step(f"{label} {path}", "unchanged")
+    regroup = st.st_gid != gid
+    remode = stat.S_IMODE(st.st_mode) != bits
+    if (regroup or remode) and st.st_uid != os.geteuid() and not _capable(
+            (CAP_CHOWN if regroup else 0) | (CAP_FOWNER if remode else 0)):
+        raise _denied(f"{quote_name(str(root))} belongs to {user_name(st.st_uid)}: only its "
+                      "owner or root can change its group and mode",
+                      f"ask {user_name(st.st_uid)}, {_AS_ROOT}")
+    if regroup:
+        _check_can_chgrp(root, gid)
     if not dry:
-        os.makedirs(path, mode, exist_ok=True)
-        os.chmod(path, mode)
-    return Step(f"{label} {path}", _outcome(True, dry, "created"))
+        if regroup:
+            os.chown(root, -1, gid)
+        if remode:
+            os.chmod(root, bits)
+    return Step(what, _outcome(regroup or remode, dry, "changed"))
+
+
+def add_to_condarc(target: Path, root: Path, dry: bool) -> Step:
+    """``root`` appended to ``envs_dirs`` in ``target`` unless listed: a file that cannot be
+    read or parsed, or replaced (through a temporary file beside it), is refused first."""
+    from .. import condarc, safeyaml
+
+    try:
+        changed = condarc.add_envs_dir(target, root, dry_run=True)
+    except PermissionError:
+        raise _denied(f"cannot read {quote_name(str(target))}: permission denied",
+                      f"name a .condarc you may read and write (--condarc FILE), {_AS_ROOT}"
+                      ) from None
+    except OSError as exc:
+        raise FilesystemError(f"cannot read {quote_name(str(target))}: {exc.strerror}",
+                              hint="name another .condarc (--condarc FILE)") from None
+    except (safeyaml.YAMLError, ValueError) as exc:
+        raise FilesystemError(f"{quote_name(str(target))} is not a valid .condarc: "
+                              f"{getattr(exc, 'problem', None) or exc}",
+                              hint="fix it (conda cannot read it either), or name another "
+                              "(--condarc FILE)") from None
+    if not changed:
+        return Step(f"envs_dirs in {target}: lists {root}", "unchanged")
+    _check_can_create(target, (
+        "as a user, pass --user (your ~/.condarc) or --condarc FILE; the system file needs "
+        "root" if target == condarc.SYSTEM_CONDARC else f"name a .condarc you may write, "
+        f"{_AS_ROOT}"))
+    if dry:
+        return Step(f"envs_dirs in {target}: append {root}", "would change")
+    condarc.add_envs_dir(target, root)
+    return Step(f"envs_dirs in {target}: appended {root}", "changed")
+
+
+def make_kernels_dir(path: Path, dry: bool) -> Step:
+    what = f"kernels directory {path}"
+    if os.path.isdir(path):
+        return Step(what, "unchanged")
+    if os.path.lexists(path):
+        raise FilesystemError(f"{quote_name(str(path))} exists and is not a directory",
+                              hint="move it away, or pass --kernels-dir DIR")
+    _check_can_create(path, "pass --kernels-dir DIR, a directory you may create (Jupyter "
+                      f"finds it through JUPYTER_PATH=its parent), {_AS_ROOT}")
+    if not dry:
+        os.makedirs(path, 0o755, exist_ok=True)
+        os.chmod(path, 0o755)
+    return Step(what, _outcome(True, dry, "created"))
 
 
 def daemon_config(root: Path, group: str, others: str, kernels: Path) -> str:
@@ -187,6 +337,8 @@ def write_config(path: Path, text: str, dry: bool) -> Step:
     try:
         old = path.read_text(encoding="utf-8")
     except FileNotFoundError:
+        _check_can_create(path, f"name a FILE in a directory you may write (or leave out "
+                          f"--write-config: the configuration is printed), {_AS_ROOT}")
         if not dry:
             path.parent.mkdir(parents=True, exist_ok=True)
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
