@@ -2,9 +2,17 @@
 
 Why strict: a typo in a daemon's config that is silently ignored (``exlude:``) turns into a
 security or data-loss incident months later. Every unknown key, wrong type, relative path,
-unknown group or overlapping root is a :class:`~envctl_shared.errors.ConfigError` whose message names
+unknown group name, numeric gid that is not one, root path through a symlink or overlapping
+root is a :class:`~envctl_shared.errors.ConfigError` whose message names
 the file, the key path (``roots[0].group``) and what is wrong. Nothing here touches the trees;
-it only describes them.
+it only describes them (it looks at a root path's components, never changes them).
+
+Roots are compared by where they really are: two roots that overlap through a symlink would
+have two watchers heal the same entries and feed each other's events forever, so a root path
+with a symlink in any component is refused (name the real directory) and overlap is judged on
+real paths. A bare numeric gid with no entry in the group database is accepted (NFS sites share
+gids, not names), but only 0..4294967294: chown(2) reads -1 (4294967295) as "leave the group
+alone" and larger numbers wrap around (2**40 is gid 0).
 """
 
 from __future__ import annotations
@@ -13,9 +21,10 @@ import grp
 import os
 import pwd
 import re
+import stat
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Literal, TypeVar
+from typing import Any, Callable, Literal, NoReturn, TypeVar
 
 
 from .errors import ConfigError
@@ -201,7 +210,7 @@ class _Reader:
         self.data: dict[str, Any] = data
         self.seen: set[str] = set()
 
-    def fail(self, key: str, what: str) -> None:
+    def fail(self, key: str, what: str) -> NoReturn:
         name = f"{self.where}.{key}" if self.where and key else (self.where or key or "<top>")
         raise ConfigError(f"{self.source}: {name}: {what}",
                           hint="see config/envctld.yaml for every key with its meaning")
@@ -250,22 +259,61 @@ def _positive(value: float) -> str | None:
     return None if value > 0 else "must be greater than zero"
 
 
+# The largest gid chown(2) can set: (gid_t)-1 means "leave the group as it is".
+MAX_GID = 2**32 - 2
+
+
 def resolve_group(name: str | int) -> int:
-    """Group name or numeric gid → gid; ``KeyError`` when the name is unknown."""
-    if isinstance(name, int) or str(name).isdigit():
-        return int(name)
-    return grp.getgrnam(str(name)).gr_gid
+    """Group name or numeric gid (ASCII digits: ``str.isdigit`` would take ``'²'``) → gid.
+
+    ``KeyError`` whose argument says what is wrong: an unknown name, or a number outside
+    0..MAX_GID (chown would leave the group alone, or wrap it to another gid). A number with no
+    entry in the group database is a gid all the same."""
+    if isinstance(name, int) or re.fullmatch(r"[0-9]+", name):
+        gid = int(name)
+        if not 0 <= gid <= MAX_GID:
+            raise KeyError(f"numeric gid {name} is out of range: a gid is 0 to {MAX_GID} "
+                           "(-1 means 'no change' to chown, larger numbers wrap around)")
+        return gid
+    try:
+        return grp.getgrnam(name).gr_gid
+    except KeyError:
+        raise KeyError(f"no such group {name!r} on this host") from None
+
+
+def _gid(reader: _Reader, key: str, group: str | int) -> int:
+    try:
+        return resolve_group(group)
+    except KeyError as exc:
+        reader.fail(key, str(exc.args[0]))
 
 
 def _absolute(reader: _Reader, key: str, value: str | None) -> Path | None:
     if value is None:
         return None
+    if "\0" in value:
+        reader.fail(key, "must not contain a NUL character")
     path = Path(value)
     if not path.is_absolute():
         reader.fail(key, f"must be an absolute path, got {value!r}")
     if ".." in path.parts:
         reader.fail(key, f"must not contain '..', got {value!r}")
-    return Path(os.path.normpath(path))
+    # normpath keeps a leading '//' (POSIX leaves it implementation-defined; Linux: '/')
+    return Path("/" + os.path.normpath(path).lstrip("/"))
+
+
+def _first_symlink(path: Path) -> Path | None:
+    """The first component of ``path`` that is a symlink (lstat, from '/' down), or None; the
+    look stops at the first component that does not exist or cannot be looked at."""
+    here = Path("/")
+    for part in path.parts[1:]:
+        here = here / part
+        try:
+            if stat.S_ISLNK(os.lstat(here).st_mode):
+                return here
+        except OSError:
+            return None
+    return None
 
 
 def _root(source: str, i: int, data: Any) -> RootConfig:
@@ -276,13 +324,15 @@ def _root(source: str, i: int, data: Any) -> RootConfig:
     assert path is not None
     if path == Path("/"):
         r.fail("path", "must not be '/'")
+    link = _first_symlink(path)
+    if link is not None:
+        r.fail("path", f"{path}: {link} is a symlink (to {os.path.realpath(link)}): name the "
+               f"real directory, {os.path.realpath(path)} (through a link a root could overlap "
+               "another unseen, and the link's owner would choose where it is)")
     group = r.get("group", (str, int), None)
     if group is None:
         r.fail("group", "is required (a group name or a numeric gid)")
-    try:
-        gid = resolve_group(group)
-    except KeyError:
-        r.fail("group", f"no such group {group!r} on this host")
+    gid = _gid(r, "group", group)
     others = r.get("others", str, "keep",
                    lambda v: None if v in ("keep", "none", "read") else
                    f"must be keep, none or read, not {v!r}")
@@ -495,11 +545,14 @@ def parse(data: Any, source: str = "<memory>", base: Path | None = None) -> Conf
         if isinstance(item, dict) and isinstance(item.get("path"), str):
             item["path"] = _relative_to(base, item["path"])
     roots = tuple(_root(source, i, item) for i, item in enumerate(raw_roots))
-    for i, a in enumerate(roots):
-        for j, b in enumerate(roots):
-            if i < j and (a.path == b.path or a.path in b.path.parents
-                          or b.path in a.path.parents):
-                top.fail(f"roots[{j}].path", f"{b.path} overlaps roots[{i}] ({a.path})")
+    real = [Path(os.path.realpath(r.path)) for r in roots]  # what exists of each, resolved
+    for i, a in enumerate(real):
+        for j, b in enumerate(real):
+            if i < j and (a == b or a in b.parents or b in a.parents):
+                really = "" if (a, b) == (roots[i].path, roots[j].path) else \
+                    f" (really {b} and {a})"
+                top.fail(f"roots[{j}].path",
+                         f"{roots[j].path} overlaps roots[{i}] ({roots[i].path}){really}")
 
     w = _Reader(source, "watch", top.get("watch", dict, None))
     dw = WatchConfig()
@@ -531,10 +584,7 @@ def parse(data: Any, source: str = "<memory>", base: Path | None = None) -> Conf
         s.fail("mode", "must be between 0000 and 0777")
     sock_group = s.get("group", (str, int), None)
     if sock_group is not None:
-        try:
-            resolve_group(sock_group)
-        except KeyError:
-            s.fail("group", f"no such group {sock_group!r} on this host")
+        _gid(s, "group", sock_group)
     socket_cfg = SocketConfig(
         path=_absolute(s, "path", _relative_to(base, s.get("path", str, DEFAULT_SOCKET)))
         or Path(DEFAULT_SOCKET),
