@@ -11,13 +11,13 @@ failed, was cancelled or was interrupted; refusals keep their own codes (65 inva
 from __future__ import annotations
 
 import argparse
+import io
 import os
 import sys
 from datetime import datetime
-from pathlib import Path
 from typing import Any
 
-from ..errors import EX_OK, BuildFailed, FilesystemError
+from ..errors import EX_OK, BuildFailed, FilesystemError, ValidationError
 from ..quoting import quote_name, quote_text
 from .output import emit_json, local_time, table
 from .status_cmd import add_socket_option, client_for
@@ -87,14 +87,31 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[
         add_socket_option(parser)
 
 
+# The most of a spec file the CLI reads. The daemon's own limits (requests.max_spec_bytes,
+# max_request_bytes: 64 KiB and 256 KiB by default) are not known here, so this is generous;
+# what it prevents is reading -f /dev/zero (or an endless pipe) until memory runs out.
+MAX_SPEC_FILE = 1 << 20
+
+
 def _read_spec(path: str) -> str:
+    """The spec file (``-``: stdin) as text, read up to MAX_SPEC_FILE + 1 bytes only: one more
+    than the cap tells a file that is too large without reading the rest of it."""
+    shown = "standard input" if path == "-" else quote_name(path)
     try:
         if path == "-":
-            return sys.stdin.read()
-        return Path(path).read_text(encoding="utf-8")
+            data = sys.stdin.buffer.read(MAX_SPEC_FILE + 1)
+        else:
+            with open(path, "rb") as fh:
+                data = fh.read(MAX_SPEC_FILE + 1)
+        if len(data) > MAX_SPEC_FILE:
+            raise ValidationError(f"{shown} is too large for an environment file "
+                                  f"(more than {MAX_SPEC_FILE >> 20} MiB)",
+                                  hint="pass -f with the environment.yml (a few KiB)")
+        # text as read_text() gives it: UTF-8, universal newlines
+        return io.TextIOWrapper(io.BytesIO(data), encoding="utf-8").read()
     except (OSError, UnicodeDecodeError) as exc:
         reason = getattr(exc, "strerror", None) or str(exc)
-        raise FilesystemError(f"cannot read {path}: {reason}",
+        raise FilesystemError(f"cannot read {shown}: {reason}",
                               hint="pass -f with a readable environment.yml") from None
 
 
