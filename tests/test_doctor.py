@@ -140,6 +140,25 @@ def test_root_mode_and_sgid(root: Path, scratch: Path, accounts: Accounts) -> No
     assert "chmod 2775" in c["root mode"]["fix"]
 
 
+def test_hardlink_protection(root: Path, scratch: Path, accounts: Accounts) -> None:
+    """fs.protected_hardlinks=0 lets a member hard-link another user's private file into the
+    root, where the healer shares it: doctor says so, with the sysctl that fixes it. Set for
+    real, machine-wide: only for the one doctor run, always restored."""
+    sock = ("--socket", _no_daemon(scratch), "--root", str(root))
+    sysctl = Path("/proc/sys/fs/protected_hardlinks")
+    old = sysctl.read_text()
+    sysctl.write_text("0")
+    try:
+        code, c = doctor(accounts.alice, *sock)
+    finally:
+        sysctl.write_text(old)
+    assert code == 1 and not c["hardlinks"]["ok"]
+    assert "another user's private file" in c["hardlinks"]["summary"]
+    assert "sysctl fs.protected_hardlinks=1" in c["hardlinks"]["fix"]
+    _, c = doctor(accounts.alice, *sock)
+    assert c["hardlinks"]["ok"] and "= 1" in c["hardlinks"]["summary"]
+
+
 def test_missing_root(scratch: Path, accounts: Accounts) -> None:
     missing = scratch / "share" / "envs"
     code, c = doctor(accounts.alice, "--socket", _no_daemon(scratch), "--root", str(missing))

@@ -3,7 +3,9 @@
 Why: "Permission denied" on a shared root has a handful of usual causes — not in the root's
 group, in it but not in this session, a umask that strips group write with no daemon to heal it,
 a root without SGID, a share that is not mounted, a daemon that is down or wedged, a
-``.condarc`` that conda never reads — and each has a different fix. ``doctor`` checks every one
+``.condarc`` that conda never reads — and each has a different fix. One check is about the
+machine, not the user: a kernel that lets anyone hard-link others' files (``fs.protected_hardlinks
+= 0``) lets a member share another user's private file through a root. ``doctor`` checks every one
 as the user who runs it (no root needed), prints one line per check (✓, or ✗ and the fix), and
 exits 0 when all is well, 1 when something is not. With NAME it also checks one environment: its
 tree, who built it and when, whether its python runs, whether its kernel is registered.
@@ -81,8 +83,9 @@ def add_parser(sub: Any) -> None:
                        "work: each root exists and is mounted, you are in its group (in this "
                        "session too), your umask, the root's group/mode/SGID, the daemon is up "
                        "and not stale, conda's envs_dirs lists the root, your JupyterHub "
-                       "identity. With NAME: that environment's tree, builder, python and "
-                       "kernel. One line per check; exit 0 all good, 1 problems found.")
+                       "identity, the kernel's hardlink protection. With NAME: that "
+                       "environment's tree, builder, python and kernel. One line per check; "
+                       "exit 0 all good, 1 problems found.")
     p.add_argument("name", nargs="?", metavar="NAME", help="also check this environment")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--config", "-c", metavar="FILE",
@@ -119,6 +122,7 @@ def run(args: argparse.Namespace) -> int:
     envs = envs_dirs()
     for root in ctx.roots:
         check_root(ctx, root, umask, envs)
+    check_hardlinks(ctx)
     check_condarc_files(ctx, envs)
     if ctx.daemon is not None:
         check_hub(ctx, socket, args.timeout)
@@ -314,6 +318,29 @@ def check_mode(ctx: Context, root: RootInfo, st: os.stat_result, gid: int) -> No
             f"an administrator runs 'chgrp {group_name(gid)} {shown} && chmod {want:04o} "
             f"{shown}' (or 'envctl init'); a running daemon heals it at its next pass",
             str(root.path))
+
+
+PROTECTED_HARDLINKS = Path("/proc/sys/fs/protected_hardlinks")
+
+
+def check_hardlinks(ctx: Context) -> None:
+    """The kernel's fs.protected_hardlinks: at 0 anyone may hard-link any file they can reach,
+    even one they may not read, so a group member can link another user's private file into a
+    root, where the healer (judging the inode, not how it got there) makes it group-readable
+    and -writable. Not shown where /proc/sys cannot be read (some containers): nothing can be
+    said there."""
+    try:
+        value = PROTECTED_HARDLINKS.read_text(encoding="ascii").strip()
+    except OSError:
+        return
+    if value != "0":
+        ctx.add("hardlinks", True, f"fs.protected_hardlinks = {value}: users can hard-link only "
+                "files they own or may read and write")
+        return
+    ctx.add("hardlinks", False, "fs.protected_hardlinks = 0: a member of a root's group can "
+            "hard-link another user's private file into the root, and the healer would share "
+            "it with the group", "an administrator runs 'sysctl fs.protected_hardlinks=1' and "
+            "keeps it in /etc/sysctl.d/ (most distributions set it by default)")
 
 
 def check_envs_dirs(ctx: Context, root: RootInfo, envs: EnvsDirs) -> None:
