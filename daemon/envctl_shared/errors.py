@@ -113,6 +113,14 @@ class NotAuthorised(EnvctlError):
     exit_code = EX_NOPERM
 
 
+class PermissionDenied(EnvctlError):
+    """Something the kernel would refuse you for want of permission (a chgrp to a group you are
+    not in, a directory you cannot write), found before anything was changed."""
+
+    code = "permission-denied"
+    exit_code = EX_NOPERM
+
+
 class SocketPermissionDenied(EnvctlError):
     """The kernel refused to let us connect to the socket (mode/group of the socket file)."""
 
@@ -159,7 +167,7 @@ class FilesystemError(EnvctlError):
 _BY_CODE: dict[str, type[EnvctlError]] = {
     cls.code: cls
     for cls in (UsageError, ConfigError, ValidationError, NotFound, Conflict, LimitReached,
-                NotAuthorised,
+                NotAuthorised, PermissionDenied,
                 SocketPermissionDenied, DaemonUnavailable, ProtocolError, BuildFailed,
                 FilesystemError)
 }

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import config as cfgmod
-from ..errors import EX_NOPERM, EX_OK, ConfigError, EnvctlError, FilesystemError, UsageError
+from ..errors import EX_OK, ConfigError, FilesystemError, PermissionDenied, UsageError
 from .access import group_access, group_name, membership_fix, missing_hint, user_name
 from .output import emit_json, quote_name
 
@@ -39,13 +39,6 @@ MODES = {"2770": ("none", 0o3770), "2775": ("read", 0o3775)}
 # group it is not in: root has them, a container's root may lack them, a user may hold them.
 CAP_CHOWN = 1 << 0
 CAP_FOWNER = 1 << 3
-
-
-class PermissionDenied(EnvctlError):
-    """A step the kernel would refuse for want of permission, found before anything changed."""
-
-    code = "permission-denied"
-    exit_code = EX_NOPERM
 
 
 @dataclass

@@ -43,7 +43,10 @@ DEFAULT_HINTS = {
     "not-found": "list what exists: 'envctl request list --finished', 'envctl env list'",
     "conflict": "wait for the other operation on that name to end ('envctl request list'), "
                 "then retry",
+    "limit-reached": "wait for one of your jobs to end, or cancel one ('envctl request list')",
     "not-authorised": "ask an envctl administrator ('envctl whoami' shows what you may do)",
+    "permission-denied": "run it as a user the kernel allows (the message says what is "
+                         "missing), or as root",
     "socket-permission-denied": "ask an administrator to add you to the socket's group",
     "daemon-unavailable": "check the daemon: 'envctl status', 'systemctl status envctld'",
     "extension-missing": "reinstall with a C compiler and python3-dev present",
