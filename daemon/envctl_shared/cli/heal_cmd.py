@@ -93,7 +93,7 @@ def targets(args: argparse.Namespace) -> list[Target]:
         return [Target(root, "") for root in conf.roots]
     out = []
     for p in args.paths:
-        path = Path(os.path.abspath(p))
+        path = _absolute(p)
         root = conf.root_for(path)
         if root is None:
             raise UsageError(f"{quote_name(p)} is not inside any root of {conf.source}",
@@ -109,13 +109,36 @@ def targets(args: argparse.Namespace) -> list[Target]:
 def _must_be_dir(p: str) -> None:
     """A root must be a real directory, reached through no symlink; say which of the usual
     mistakes it is."""
+    path = _absolute(p)
     if not os.path.lexists(p):
-        raise FilesystemError(f"{quote_name(p)}: no such directory",
-                              hint=missing_hint(Path(os.path.abspath(p))))
-    _refuse_symlinks(p, Path(os.path.abspath(p)), Path("/"))
+        raise FilesystemError(f"{quote_name(p)}: no such directory", hint=missing_hint(path))
+    _refuse_symlinks(p, path, Path("/"))
     if not os.path.isdir(p):
         raise FilesystemError(f"{quote_name(p)} is not a directory",
                               hint="name the root directory of the shared environments")
+
+
+def _absolute(p: str) -> Path:
+    """``p`` as an absolute path without ``.``/``..``, refused when a ``..`` follows a symlink.
+
+    Why: ``lnk/..`` is, to the kernel, the parent of ``lnk``'s *target*, while text
+    normalisation (``abspath``) makes it ``lnk``'s own directory: the tree named and the tree
+    walked would differ, and the symlink check after normalisation would never see ``lnk``.
+    (The working directory itself is already physical: the kernel resolved it.)"""
+    kept: list[str] = []
+    for part in os.path.join(os.getcwd(), p).split("/"):
+        if part in ("", "."):
+            continue
+        if part == "..":
+            here = "/" + "/".join(kept)
+            if kept and os.path.islink(here):
+                raise FilesystemError(f"{quote_name(p)}: '..' after the symlink "
+                                      f"{quote_name(here)}", hint="name the real directory: "
+                                      f"{quote_name(os.path.realpath(p))}")
+            kept = kept[:-1]
+        else:
+            kept.append(part)
+    return Path("/" + "/".join(kept))
 
 
 def _first_symlink(path: Path, base: Path) -> Path | None:
