@@ -14,7 +14,8 @@ Layout in the root: ``.envctl/locks/<name>.lock`` (fcntl locks, 0644) and
 the path it keeps for its whole life (``v<N>/``, owned by the build user), its metadata
 (``v<N>.json``, ``env.json``, the daemon's, 0644), while ``<root>/<name>`` is the daemon's
 symlink to the current version (see ``envs``). Layout of the state dir (local disk, 0711 so
-the build user can reach its own job files without listing anyone else's): ``jobs.db``,
+the build user can reach its own job files without listing anyone else's): ``envctld.lock``
+(see ``StateDir.ensure``), ``jobs.db``,
 ``jobs/<id>/{environment.yml,build.json}`` (root:build-group 0640: the build user reads them,
 the requester cannot), ``jobs/<id>/build.log`` (written by the daemon only),
 ``jobs/<id>/home`` (the build's HOME/TMPDIR), ``jobs/<id>/tests.json`` (the ``--test``
@@ -24,6 +25,8 @@ commands, the daemon's), ``cache-<uid>`` (package cache per build uid).
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import json
 import logging
 import os
@@ -33,7 +36,7 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
-from ..errors import FilesystemError
+from ..errors import Conflict, FilesystemError
 from ..heal.fsops import DIR_FLAGS
 
 log = logging.getLogger(__name__)
@@ -104,6 +107,10 @@ class RootArea:
 
 
 _CACHE_LOCK = threading.Lock()
+STATE_LOCK = "envctld.lock"
+# (st_dev, st_ino) of a state dir -> [fd holding its lock, job managers using it], per process.
+_STATE_LOCKS: dict[tuple[int, int], list[int]] = {}
+_STATE_LOCKS_GUARD = threading.Lock()
 
 
 def make_owned_dir(parent_fd: int, name: str, uid: int, gid: int, mode: int) -> None:
@@ -165,12 +172,71 @@ class StateDir:
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        self._lock_key: tuple[int, int] | None = None  # set while this holds the state dir
 
     def ensure(self) -> None:
-        """Create the state dir (0711, the daemon's own) and ``jobs/``; refuse a foreign one."""
+        """Create the state dir (0711, the daemon's own), take its lock, then ``jobs/``;
+        refuse a foreign state dir, and one another daemon uses (Conflict, exit 75).
+
+        Why the lock: two daemons on one state dir share its job store and cgroup names, and
+        the second one's recovery would kill the first one's running builds and tell their
+        requesters the daemon had stopped. So before anything in it is opened, the daemon takes
+        an exclusive ``flock`` on ``envctld.lock`` (0600: whoever could open it could hold a
+        shared lock and keep every daemon from starting) and writes its pid there, so a refusal
+        names the holder. The kernel drops the lock when the holder dies, ``kill -9`` included:
+        no stale lock. The fd is ``O_CLOEXEC`` (builds are also spawned with ``close_fds``), so
+        a build that outlives its daemon never keeps the lock. The lock is the process's: a job
+        manager started again in it before the last one let go (a stop that timed out with
+        builds still running) shares it, and ``release`` by the last user unlocks."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        os.close(checked_dir(None, str(self.path), 0o711, str(self.path)))
+        fd = checked_dir(None, str(self.path), 0o711, str(self.path))
+        try:
+            self._lock(fd)
+        finally:
+            os.close(fd)
         os.close(checked_dir(None, str(self.path / "jobs"), 0o711, str(self.path / "jobs")))
+
+    def _lock(self, dir_fd: int) -> None:
+        if self._lock_key is not None:
+            return
+        st = os.fstat(dir_fd)
+        key = (st.st_dev, st.st_ino)
+        with _STATE_LOCKS_GUARD:
+            if key in _STATE_LOCKS:
+                _STATE_LOCKS[key][1] += 1
+                self._lock_key = key
+                return
+            fd = os.open(STATE_LOCK, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
+                         0o600, dir_fd=dir_fd)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as exc:
+                holder = os.pread(fd, 64, 0).decode("ascii", "replace").strip() or "unknown"
+                os.close(fd)
+                if exc.errno != errno.EWOULDBLOCK:
+                    raise FilesystemError(f"cannot lock {self.path / STATE_LOCK}: "
+                                          f"{exc.strerror}") from None
+                raise Conflict(f"another envctld (pid {holder}) is using the state dir "
+                               f"{self.path}",
+                               hint="stop that daemon first, or give this one a "
+                               "requests.state_dir of its own") from None
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            _STATE_LOCKS[key] = [fd, 1]
+            self._lock_key = key
+
+    def release(self) -> None:
+        """Let go of the lock ``ensure`` took (idempotent): once the job manager has closed
+        the store, with no build left running, another daemon may have the state dir."""
+        with _STATE_LOCKS_GUARD:
+            if self._lock_key is None:
+                return
+            held = _STATE_LOCKS[self._lock_key]
+            held[1] -= 1
+            if held[1] == 0:
+                os.close(held[0])  # the only fd on that open file: the flock goes with it
+                del _STATE_LOCKS[self._lock_key]
+            self._lock_key = None
 
     @property
     def db_path(self) -> Path:

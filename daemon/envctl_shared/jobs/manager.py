@@ -77,7 +77,8 @@ class JobManager:
         return self._store
 
     def start(self) -> None:
-        """Open the store, recover from a previous daemon, start scheduling."""
+        """Lock the state dir (another daemon's: Conflict, see ``StateDir.ensure``), open the
+        store, recover from a previous daemon, start scheduling."""
         procs.adopt_orphans()  # before any build: their escaped children must come to us
         self._state.ensure()
         self._cgroups, how = cgroups.setup(self._state.path)
@@ -144,6 +145,7 @@ class JobManager:
         if all(not t.is_alive() for t in threads) and self._store is not None:
             self._store.close()
             self._store = None
+            self._state.release()  # another daemon may have it now (not while builds run)
         if self._cluster is not None:
             self._cluster.stop()
             self._cluster = None
