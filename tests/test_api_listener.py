@@ -61,8 +61,9 @@ def test_refuses_unsafe_places(scratch: Path, accounts: Accounts) -> None:
     os.chmod(shared, 0o777)
     with pytest.raises(FilesystemError, match="writable by others"):
         bind_unix(_cfg(shared / "d.sock"))
-    os.chmod(shared, 0o1777)  # sticky, like /tmp: others cannot replace our entry
-    bind_unix(_cfg(shared / "d.sock")).close()
+    os.chmod(shared, 0o1777)  # sticky, like /tmp: others could still bind the name first
+    with pytest.raises(FilesystemError, match="writable by others"):
+        bind_unix(_cfg(shared / "d.sock"))
     theirs = scratch / "theirs"
     theirs.mkdir()
     os.chown(theirs, accounts.mallory.uid, accounts.mallory.gid)

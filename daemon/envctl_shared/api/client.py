@@ -1,11 +1,18 @@
 """The client side of the protocol, for the CLI and for anything else that scripts the daemon.
 
 Why its own module: the CLI must talk *only* the protocol (it may run in a user pod with no
-daemon code paths in use), and the three ways a connection can fail must stay three different
-messages — nobody listening (DaemonUnavailable), the kernel refusing us the socket file
-(SocketPermissionDenied), and the daemon refusing the request (whatever error it sent, e.g.
-NotAuthorised). Error envelopes are rebuilt into the same EnvctlError class the daemon raised, so
-the user sees the daemon's words and the CLI exits with the matching code.
+daemon code paths in use), and the ways a connection can fail must stay different messages —
+nobody listening (DaemonUnavailable), the kernel refusing us the socket file
+(SocketPermissionDenied), someone other than the daemon listening (UntrustedSocket), and the
+daemon refusing the request (whatever error it sent, e.g. NotAuthorised). Error envelopes are
+rebuilt into the same EnvctlError class the daemon raised, so the user sees the daemon's words
+and the CLI exits with the matching code.
+
+Why the client checks who listens before it sends a byte: a request carries the caller's
+JupyterHub token, and whoever can bind the socket path first (a world-writable directory, a
+wrong ``--socket``) would receive it and could answer anything. The kernel's ``SO_PEERCRED`` on
+our end names the uid that listens; only root or the owner of the socket's directory (the
+daemon's user owns ``/run/envctl``) may be the daemon.
 """
 
 from __future__ import annotations
@@ -19,11 +26,22 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from ..config import DEFAULT_SOCKET, SOCKET_ENV
-from ..errors import DaemonUnavailable, EnvctlError, ProtocolError, SocketPermissionDenied
+from ..errors import (EX_NOPERM, DaemonUnavailable, EnvctlError, ProtocolError,
+                      SocketPermissionDenied)
 from . import protocol
+from .peercred import peer_cred
 
 MAX_REPLY_BYTES = 64 * 1024 * 1024  # a reply is trusted, but a runaway one must not eat memory
 HUB_TOKEN_ENV = "JUPYTERHUB_API_TOKEN"  # set by JupyterHub in every user's server
+
+
+class UntrustedSocket(EnvctlError):
+    """The socket is served by a uid that cannot be the daemon; nothing was sent to it.
+    Client-side only (the daemon never sends it). Exit 77 like the kernel's refusal of the
+    socket: retrying does not help, an administrator has to look."""
+
+    code = "socket-untrusted"
+    exit_code = EX_NOPERM
 
 
 def socket_path(explicit: str | None = None) -> Path:
@@ -67,6 +85,11 @@ class Client:
                     raise _connect_error(self.path, exc) from None
             time.sleep(delay)
             delay = min(delay * 2, 0.05)
+        try:
+            _check_server(sock, self.path)
+        except BaseException:
+            sock.close()
+            raise
         self._sock = sock
         self._file = sock.makefile("rb")
 
@@ -133,6 +156,28 @@ class Client:
         if not msg["ok"]:
             raise EnvctlError.from_dict(dict(msg.get("error") or {}))
         return msg
+
+
+def _check_server(sock: socket.socket, path: Path) -> None:
+    """Refuse a server that is neither root nor the owner of the socket's directory.
+
+    The uid is the kernel's, captured when the server called ``listen()`` (under socket
+    activation that is systemd, root). The directory is looked up after the connect: whoever
+    owns the directory the path leads to decides what is bound in it, so its owner (or root) is
+    who may serve it; a directory that cannot be looked up leaves only root trusted."""
+    uid = peer_cred(sock).uid
+    try:
+        owner: int | None = os.stat(path.parent).st_uid
+    except OSError:
+        owner = None
+    if uid in (0, owner):
+        return
+    raise UntrustedSocket(
+        f"refusing to talk to {path}: it is served by uid {uid}, which is neither root nor "
+        f"the owner of {path.parent} (uid {owner if owner is not None else 'unknown'})",
+        hint="someone other than the envctl daemon may be listening there; nothing was sent "
+        "(no request, no JupyterHub token). Check --socket / ENVCTL_SOCKET and tell an "
+        "administrator")
 
 
 def _connect_error(path: Path, exc: OSError) -> EnvctlError:

@@ -2,12 +2,15 @@
 
 Why so careful: the daemon runs privileged and the socket usually lives in a directory it does
 not fully control. The checks: the parent directory exists, is a real directory (not a symlink),
-is owned by root or by us, and is not writable by others unless it is sticky (``/tmp``-style,
-where others cannot remove or replace our entry). An existing path is removed only when it is a
-socket, owned by us (or root when we are root), and nothing answers on it (a stale socket left by
-a crash); a live one means another daemon is running, and we refuse rather than steal it. The
-socket is bound under a 0177 umask so it is never reachable before ``chgrp`` + ``chmod`` have
-applied the configured ``socket.group`` and ``socket.mode``.
+is owned by root or by us, and is writable by nobody else — sticky or not: the sticky bit of a
+``/tmp``-style directory stops others from removing our entry, not from binding the name first
+(before the daemon starts, or while it restarts) and posing as the daemon to every client, who
+would send it requests and JupyterHub tokens (the client refuses such a server too: see
+``client``). An existing path is removed only when it is a socket, owned by us (or root when we
+are root), and nothing answers on it (a stale socket left by a crash); a live one means another
+daemon is running, and we refuse rather than steal it. The socket is bound under a 0177 umask so
+it is never reachable before ``chgrp`` + ``chmod`` have applied the configured ``socket.group``
+and ``socket.mode``.
 """
 
 from __future__ import annotations
@@ -61,11 +64,12 @@ def _check_parent(parent: Path) -> None:
     if st.st_uid not in (0, os.geteuid()):
         raise FilesystemError(f"socket directory {parent} is owned by uid {st.st_uid}",
                               hint="use a directory owned by root or by the daemon's user")
-    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and not st.st_mode & stat.S_ISVTX:
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
         raise FilesystemError(f"socket directory {parent} is writable by others "
-                              f"(mode {stat.S_IMODE(st.st_mode):04o})",
-                              hint="others could replace the socket; use a directory only the "
-                              "daemon's user can write, e.g. /run/envctl (mode 0755)")
+                              f"(mode {stat.S_IMODE(st.st_mode):04o}; sticky or not, another "
+                              "user could bind the socket name first and pose as the daemon)",
+                              hint=f"'chmod go-w {parent}', or set socket.path in a directory "
+                              "only the daemon's user can write, e.g. /run/envctl (mode 0755)")
 
 
 def _remove_stale(path: Path) -> None:
