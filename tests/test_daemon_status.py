@@ -7,6 +7,7 @@ run ``envctl status``, so its exit code must tell "up", "not there" and "wedged"
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
@@ -44,6 +45,7 @@ def test_heal_only_daemon_answers_status(accounts: Accounts, scratch: Path,
 def test_reload_switches_requests_on(accounts: Accounts, scratch: Path,
                                      envctld: Callable[..., Envctld]) -> None:
     root = make_root(scratch, accounts)
+    os.chmod(root, 0o2775)  # the build user (not in the group) must enter it to build
     cfg = write_config(scratch, [(root, accounts.shared_group)])
     d = envctld(cfg)
     write_config(scratch, [(root, accounts.shared_group)],

@@ -66,6 +66,7 @@ def test_daemon_commands_work_without_the_extension(client_bin: Path, accounts: 
     assert "Error" not in down.stderr and "Traceback" not in down.stderr
 
     root = make_root(scratch, accounts)
+    os.chmod(root, 0o2775)  # the build user (not in the group) must be able to enter it
     cfg = write_config(scratch, [(root, accounts.shared_group)],
                        extra={"requests": {"enabled": True, "state_dir": str(scratch / "state"),
                                            "backend": "venv", "allowed_backends": ["venv"],

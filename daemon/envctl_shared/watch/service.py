@@ -510,8 +510,11 @@ class RootWatcher:
         st = self._status
         with self._lock:
             h = st.heals
+            # fixed: entries changed (at most the violations found); fixed_by: the writes
+            # that took (a wrong group and a wrong mode are two writes to one entry)
             heals: dict[str, Any] = {"scanned": h.scanned, "violations": h.violations,
-                                     "fixed": h.writes, "fixed_by": dict(h.fixed),
+                                     "fixed": sum(h.fixed_kinds.values()),
+                                     "fixed_by": dict(h.fixed),
                                      "skipped": dict(h.skipped), "errors": h.errors}
         return {
             "path": str(self.root.path),
