@@ -18,7 +18,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from envctl_shared.api.client import Client, UntrustedSocket
+from envctl_shared.api.client import Client
+from envctl_shared.errors import UntrustedSocket
 from envctl_shared.errors import EX_IOERR, EX_NOPERM
 
 from tests.api_support import ENVCTL

@@ -128,6 +128,15 @@ class SocketPermissionDenied(EnvctlError):
     exit_code = EX_NOPERM
 
 
+class UntrustedSocket(EnvctlError):
+    """The socket is served by a uid that cannot be the daemon (neither root nor the owner of
+    the socket's directory); nothing was sent to it. Client-side only. Exit 77 like the
+    kernel's refusal of the socket: retrying does not help, an administrator has to look."""
+
+    code = "socket-untrusted"
+    exit_code = EX_NOPERM
+
+
 class DaemonUnavailable(EnvctlError):
     """No daemon is listening on the socket."""
 
@@ -167,7 +176,7 @@ class FilesystemError(EnvctlError):
 _BY_CODE: dict[str, type[EnvctlError]] = {
     cls.code: cls
     for cls in (UsageError, ConfigError, ValidationError, NotFound, Conflict, LimitReached,
-                NotAuthorised, PermissionDenied,
+                NotAuthorised, PermissionDenied, UntrustedSocket,
                 SocketPermissionDenied, DaemonUnavailable, ProtocolError, BuildFailed,
                 FilesystemError)
 }

@@ -26,22 +26,13 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from ..config import DEFAULT_SOCKET, SOCKET_ENV
-from ..errors import (EX_NOPERM, DaemonUnavailable, EnvctlError, ProtocolError,
-                      SocketPermissionDenied)
+from ..errors import (DaemonUnavailable, EnvctlError, ProtocolError, SocketPermissionDenied,
+                      UntrustedSocket)
 from . import protocol
 from .peercred import peer_cred
 
 MAX_REPLY_BYTES = 64 * 1024 * 1024  # a reply is trusted, but a runaway one must not eat memory
 HUB_TOKEN_ENV = "JUPYTERHUB_API_TOKEN"  # set by JupyterHub in every user's server
-
-
-class UntrustedSocket(EnvctlError):
-    """The socket is served by a uid that cannot be the daemon; nothing was sent to it.
-    Client-side only (the daemon never sends it). Exit 77 like the kernel's refusal of the
-    socket: retrying does not help, an administrator has to look."""
-
-    code = "socket-untrusted"
-    exit_code = EX_NOPERM
 
 
 def socket_path(explicit: str | None = None) -> Path:

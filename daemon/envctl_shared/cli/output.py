@@ -48,6 +48,7 @@ DEFAULT_HINTS = {
     "permission-denied": "run it as a user the kernel allows (the message says what is "
                          "missing), or as root",
     "socket-permission-denied": "ask an administrator to add you to the socket's group",
+    "socket-untrusted": "check --socket / ENVCTL_SOCKET, and tell an administrator",
     "daemon-unavailable": "check the daemon: 'envctl status', 'systemctl status envctld'",
     "extension-missing": "reinstall with a C compiler and python3-dev present",
     "protocol-error": "the CLI and the daemon may be of different versions: compare "
