@@ -19,8 +19,7 @@ from pathlib import Path
 
 import pytest
 from envctl_shared.api.client import Client
-from envctl_shared.errors import UntrustedSocket
-from envctl_shared.errors import EX_IOERR, EX_NOPERM
+from envctl_shared.errors import EX_IOERR, EX_NOPERM, UntrustedSocket
 
 from tests.api_support import ENVCTL
 from tests.conftest import Accounts, User
