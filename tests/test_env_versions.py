@@ -216,8 +216,21 @@ def test_kill9_mid_update_keeps_current_and_restart_cleans(jobs_env: JobsEnv, sc
                  what="no build left")
 
 
+def _age(jobs_env: JobsEnv, name: str, seconds: float) -> None:
+    """Make every retirement of ``name`` ``seconds`` older, as the passing of time would (the
+    record stays the daemon's: written by root, 0644, replaced atomically). Why not sleep: a
+    grace short enough to sleep through is shorter than a build on a loaded machine."""
+    path = jobs_env.root / ".envctl" / "envs" / name / "env.json"
+    env = json.loads(path.read_text())
+    env["retired"] = {v: t - seconds for v, t in env["retired"].items()}
+    tmp = path.with_name(".env.json.test")
+    tmp.write_text(json.dumps(env))
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)
+
+
 def test_rollback_remove_and_gc(jobs_env: JobsEnv, manager_factory: Factory) -> None:
-    mgr = manager_factory(jobs_env.config(keep_versions=2, gc_grace=2.0))
+    mgr = manager_factory(jobs_env.config(keep_versions=2, gc_grace=600.0))
     alice, bob = jobs_env.requester("alice"), jobs_env.requester("bob")
     admin = jobs_env.requester("mallory", admin=True)
     for v in ("1.0", "2.0", "1.0"):
@@ -234,9 +247,9 @@ def test_rollback_remove_and_gc(jobs_env: JobsEnv, manager_factory: Factory) -> 
     assert mgr.env_rollback(admin, "rb", to="v3")["current"] == "v3"  # admins may; forward too
     with pytest.raises(NotFound):
         mgr.env_rollback(alice, "rb", to="v9")
-    # GC: v3 current, v2 among the 2 newest, v1 retired under 2 s ago: all kept
+    # GC: v3 current, v2 among the 2 newest, v1 retired under the grace: all kept
     assert mgr.env_gc()["removed"] == []
-    time.sleep(2.1)
+    _age(jobs_env, "rb", 601)
     assert mgr.env_gc(dry_run=True)["removed"] == [{"name": "rb", "version": "v1"}]
     assert (stable.resolve().parent / "v1").is_dir()  # a dry run removes nothing
     assert mgr.env_gc()["removed"] == [{"name": "rb", "version": "v1"}]
@@ -249,10 +262,10 @@ def test_rollback_remove_and_gc(jobs_env: JobsEnv, manager_factory: Factory) -> 
     assert not os.path.lexists(stable)
     listed = {e["name"]: e for e in mgr.env_list()}
     assert listed["rb"]["status"] == "removed"
-    # a removed name keeps no newest versions: v2 (not current for over 2 s) goes now,
+    # a removed name keeps no newest versions: v2 (not current for over the grace) goes now,
     # v3 (current until just now) only after the grace
     assert mgr.env_gc()["removed"] == [{"name": "rb", "version": "v2"}]
-    time.sleep(2.1)
+    _age(jobs_env, "rb", 601)
     assert mgr.env_gc()["removed"] == [{"name": "rb", "version": "v3"}]
     assert not (jobs_env.root / ".envctl" / "envs" / "rb").exists()
     assert "rb" not in {e["name"] for e in mgr.env_list()}
