@@ -10,6 +10,7 @@ their own ``JUPYTERHUB_API_TOKEN``. The daemon must tell them apart through the 
 ``JUPYTERHUB_USER`` is set to lies throughout and must change nothing.
 
 The hub is started once for the module (it takes a few seconds); the last test stops it.
+``envctl doctor``'s hub identity check is tested against the same hub.
 """
 
 from __future__ import annotations
@@ -316,6 +317,22 @@ def test_the_token_never_reaches_the_log_the_store_or_a_build(world: World) -> N
         for where, text in places.items():
             assert token not in text, f"{user}'s token is in {where}"
     assert "JUPYTERHUB" not in build_log
+
+
+def test_doctor_checks_the_hub_identity_both_ways(world: World) -> None:
+    """``envctl doctor`` on a JupyterHub: a server's token the hub verifies, one it does not
+    accept, none at all. (Here, not in a module of its own: a hub costs seconds to start.)"""
+    def hub_check(hub_user: str | None, token: str | None = None) -> dict[str, Any]:
+        res = world.cli(hub_user, "doctor", "--json", token=token)
+        return dict({c["check"]: c for c in json.loads(res.stdout)["checks"]}["hub identity"])
+
+    check = hub_check("bob")  # a single-user server's token (SERVER_SCOPES)
+    assert check["ok"] and check["summary"] == "hub user bob (verified by JupyterHub)", check
+    check = hub_check(None, "0" * 32)  # a token the hub never issued
+    assert not check["ok"] and "does not accept the API token" in check["summary"]
+    assert check["fix"]
+    check = hub_check(None)  # outside a server: no token at all
+    assert not check["ok"] and "JUPYTERHUB_API_TOKEN" in check["fix"]
 
 
 def test_an_unreachable_hub_is_unavailable_and_nothing_is_trusted(world: World) -> None:
