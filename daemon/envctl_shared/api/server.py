@@ -124,6 +124,7 @@ class Server:
         """Stop accepting, hang up on every client, remove the socket file if we created it."""
         self._stopping.set()
         if self._accept_thread is not None:
+            self._wake_accept()
             self._accept_thread.join(timeout)
         with self._lock:
             conns = dict(self._conns)
@@ -142,6 +143,20 @@ class Server:
         deadline = time.monotonic() + timeout
         for thread in conns.values():
             thread.join(max(0.0, deadline - time.monotonic()))
+
+    def _wake_accept(self) -> None:
+        """Wake the accept loop now rather than at its next TICK (every stop, restart and
+        reload of a test or a service would wait for it): one connection to our own socket,
+        which the loop, seeing ``_stopping``, closes. (A ``shutdown`` of the listening socket
+        would wake it too, but an inherited socket is systemd's, kept for the next daemon.)"""
+        assert self._listen is not None
+        try:
+            path = self._listen.getsockname()
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as poke:
+                poke.settimeout(0.2)
+                poke.connect(path)
+        except OSError:
+            pass  # then the loop ends at its next tick
 
     def reload(self, config: Config, jobs: JobManager | None) -> None:
         """Limits, authorisation lists and the job manager (requests switched on or off) apply
@@ -172,6 +187,9 @@ class Server:
                 log.warning("api accept_error=%s", exc)
                 time.sleep(0.05)  # e.g. EMFILE: do not spin
                 continue
+            if self._stopping.is_set():  # our own wake-up call, or a client too late
+                conn.close()
+                return
             self._admit(conn)
 
     def _admit(self, conn: socket.socket) -> None:
