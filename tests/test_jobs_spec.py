@@ -87,7 +87,7 @@ def test_default_channels_when_none_given() -> None:
     ("dependencies: [{pip: ['file:/tmp/x']}]\n", "is a URL"),
     ("dependencies: [{pip: [./pkg]}]\n", "is a local path"),
     ("dependencies: [{pip: [x-1.0-py3-none-any.whl]}]\n", "is a local path"),
-    ("dependencies: [{pip: ['${HOME}']}]\n", "not a valid requirement"),
+    ("dependencies: [{pip: ['${HOME}']}]\n", "which pip would expand"),
     ("dependencies: [{pip: ['x==']}]\n", "not a valid requirement"),
     ("dependencies: [" + "x" * 1001 + "]\n", "longer than 1000 characters"),
     ("name: [1]\ndependencies: [x]\n", "name must be a string"),

@@ -43,6 +43,10 @@ if TYPE_CHECKING:  # the manager is only ever handed to us by the daemon
 log = logging.getLogger(__name__)
 
 TICK = 0.5  # accept-loop period: bounds heartbeat staleness and shutdown latency
+# At stop, how long connections get to end by themselves before they are hung up on: a
+# follower (``logs -f``) notices the stop within its poll (handlers.FOLLOW_POLL) and tells its
+# client the truth ("shutting down", the job to look up) instead of a bare hang-up.
+GOODBYE = 0.5
 RECV_SIZE = 65536
 BUSY_LOG_EVERY = 10.0  # at most one "busy" warning per uid per this many seconds (a flood
                        # must not become a log flood)
@@ -128,7 +132,12 @@ class Server:
             self._accept_thread.join(timeout)
         with self._lock:
             conns = dict(self._conns)
-        for conn in conns:
+        goodbye = time.monotonic() + GOODBYE
+        for thread in conns.values():
+            thread.join(max(0.0, goodbye - time.monotonic()))
+        for conn, thread in conns.items():
+            if not thread.is_alive():
+                continue
             try:
                 conn.shutdown(socket.SHUT_RDWR)
             except OSError:
