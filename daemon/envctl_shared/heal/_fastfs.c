@@ -1360,6 +1360,45 @@ static PyObject *py_chmod(PyObject *self, PyObject *args)
     return call_fd_op(args, chmod_path_fd);
 }
 
+PyDoc_STRVAR(fix_doc,
+"fix(fd, gid, table) -> (set_gid, set_mode)\n\nHeal the inode behind ``fd`` (an O_PATH or a directory fd):\n"
+"judged from its own statx and changed right after, in one call without the GIL. Why: a\n"
+"chmod computed from a mode read earlier undoes a chmod its writer made in between (tar\n"
+"and pip create, then chmod at once); here that window is the few microseconds between\n"
+"the statx and the write. ``set_gid``: the group was changed; ``set_mode``: the bits set,\n"
+"or -1. A mode the table never fixes (a special file, setuid/setgid) is left alone.");
+
+static PyObject *py_fix(PyObject *self, PyObject *args)
+{
+    int fd, rc = 0;
+    Py_buffer table;
+    batch b = {0};
+    record r = {.set_mode = -1};
+    statx_buf now;
+    if (!PyArg_ParseTuple(args, "iIy*", &fd, &b.gid, &table))
+        return NULL;
+    if (table.len != TABLE_BYTES) {
+        PyBuffer_Release(&table);
+        PyErr_SetString(PyExc_ValueError, "table must hold 65536 uint16 values");
+        return NULL;
+    }
+    b.table = table.buf;
+    Py_BEGIN_ALLOW_THREADS
+    if (fd_statx(fd, "", AT_EMPTY_PATH, STATX_WANT, &now) != 0) {
+        r.err = errno;
+        rc = -1;
+    } else if (b.table[now.sx.stx_mode] != NO_FIX) {
+        rc = apply_fix(&b, fd, &now, &r);
+    }
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&table);
+    if (rc != 0) {
+        errno = r.err;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    return Py_BuildValue("(Oi)", r.set_gid ? Py_True : Py_False, r.set_mode);
+}
+
 static PyMethodDef methods[] = {
     {"scan", py_scan, METH_VARARGS, scan_doc},
     {"walk", py_walk, METH_VARARGS, walk_doc},
@@ -1368,6 +1407,7 @@ static PyMethodDef methods[] = {
     {"stat", py_stat, METH_VARARGS, stat_doc},
     {"chgrp", py_chgrp, METH_VARARGS, chgrp_doc},
     {"chmod", py_chmod, METH_VARARGS, chmod_doc},
+    {"fix", py_fix, METH_VARARGS, fix_doc},
     {NULL, NULL, 0, NULL},
 };
 

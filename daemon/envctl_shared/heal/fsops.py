@@ -79,6 +79,14 @@ def chmod_fd(fd: int, mode: int) -> None:
     _fastfs.chmod(fd, mode)
 
 
+def fix_fd(fd: int, gid: int, table: bytes) -> tuple[bool, int]:
+    """Heal the inode behind ``fd`` as judged from its own ``statx`` right then, in C without
+    the GIL: (group changed, bits set or -1). A chmod computed in Python from an earlier stat
+    could land after a writer's own chmod and undo it (the GIL can pause us in between)."""
+    set_gid, set_mode = _fastfs.fix(fd, gid, table)
+    return bool(set_gid), int(set_mode)
+
+
 # Entries handed back by the C loop name their directory by a node index (see ``WalkResult``;
 # always 0 in a scan) and carry their own name.
 def open_dir(dirfd: int, rel: str) -> int:

@@ -56,8 +56,8 @@ from typing import Any, Callable, Protocol, Sequence
 from ..config import RootConfig
 from ..policy import Kind, Verdict, judge, kind_of, mode_table
 from .fsops import (DIR_FLAGS, PATH_DIR_FLAGS, PATH_FLAGS, Fixed, NodePaths, ScanResult,
-                    Skipped, Stat, Tallied, check_stamps, chgrp_fd, chmod_fd, open_dir, scan,
-                    stat_at, walk)
+                    Skipped, Stat, Tallied, check_stamps, chgrp_fd, chmod_fd, fix_fd, open_dir,
+                    scan, stat_at, walk)
 from .stats import Finding, FindingSink, HealStats
 
 BATCH = 32  # entries inspected per task when concurrent
@@ -770,13 +770,20 @@ class _Pass:
         if self.h.dry_run:
             self.h.report(Finding(rel, kind, "would-fix", problems))
             return False
-        if verdict.gid is not None:
-            chgrp_fd(fd, verdict.gid)
-            stats.fixed["group"] += 1
-            verdict = self._verdict(st.st_mode, verdict.gid, is_root)
-        if verdict.mode is not None:
-            chmod_fd(fd, verdict.mode)
-            stats.fixed["mode"] += 1
+        if is_root:  # its own rule (sticky), outside the table; only the admin names it
+            if verdict.gid is not None:
+                chgrp_fd(fd, verdict.gid)
+                stats.fixed["group"] += 1
+                verdict = self._verdict(st.st_mode, verdict.gid, is_root)
+            if verdict.mode is not None:
+                chmod_fd(fd, verdict.mode)
+                stats.fixed["mode"] += 1
+        else:  # judged again from the fd's own statx at the moment of the write (see fix_fd)
+            set_gid, set_mode = fix_fd(fd, self.root.gid, self.h.table)
+            stats.fixed["group"] += set_gid
+            stats.fixed["mode"] += set_mode >= 0
+            if not set_gid and set_mode < 0:
+                return False  # fixed meanwhile by its writer (or became special)
         stats.fixed_kinds[kind] += 1
         if self.h.report_fixes:
             self.h.report(Finding(rel, kind, "fixed", problems))
