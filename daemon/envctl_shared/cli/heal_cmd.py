@@ -62,8 +62,9 @@ def add_parser(sub: Any) -> None:
         p.add_argument("--others", choices=("keep", "none", "read"), default="keep",
                        help="with --group: what others may do (default: keep)")
         p.add_argument("--concurrency", "-j", type=int, metavar="N",
-                       help="parallel metadata calls on NFS/EFS/FUSE (default 16); walks on "
-                       "local disks are always serial (threads only slow them down)")
+                       help="walk threads on NFS/EFS/FUSE (default 16), each with two "
+                       "lookups in flight; walks on local disks are always serial (threads "
+                       "only slow them down)")
         p.add_argument("--json", action="store_true", help="print one JSON document")
         p.add_argument("--verbose", "-v", action="store_true",
                        help="also list each entry fixed, and skipped ones (protected, special, "
