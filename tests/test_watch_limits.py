@@ -20,7 +20,8 @@ import pytest
 from tests.conftest import Accounts
 from tests.daemon_support import write_config
 from tests.helpers import VENV_BIN, as_user, find_violations, wait_for
-from tests.watch_support import daemon_status, make_root, make_source, scaled, sysctl
+from tests.watch_support import (MANY_DIRS, daemon_status, make_root, make_source, scaled,
+                                 sysctl)
 
 pytest_plugins = ("tests.fixtures_daemon",)  # the envctld fixture
 
@@ -98,12 +99,8 @@ def test_watch_exhaustion_falls_back_to_polling(accounts: Accounts, scratch: Pat
     d = envctld(cfg)
     a = accounts.alice
     dirs = 400
-    script = ("import os,sys\n"
-              "for i in range(int(sys.argv[2])):\n"
-              "    p=os.path.join(sys.argv[1],'many',f'd{i}'); os.makedirs(p)\n"
-              "    open(os.path.join(p,'f'),'w').close()\n")
     with sysctl("max_user_watches", _watches_of_uid0() + dirs // 2):
-        as_user(a.uid, a.gid, ["/usr/bin/python3", "-c", script, str(root), str(dirs)])
+        as_user(a.uid, a.gid, ["/usr/bin/python3", "-c", MANY_DIRS, str(root), str(dirs)])
         wait_for(lambda: "inotify watch limit reached" in d.log_text(), 15, 0.05,
                  "fallback to polling logged")
     assert d.log_text().count("inotify watch limit reached") == 1  # one clear line

@@ -15,14 +15,10 @@ from tests.conftest import Accounts
 from tests.daemon_support import write_config
 from tests.helpers import as_user, find_violations, wait_for
 from tests.test_watch_limits import _watches_of_uid0
-from tests.watch_support import REALTIME, daemon_status, make_root, sysctl
+from tests.watch_support import MANY_DIRS, REALTIME, daemon_status, make_root, sysctl
 
 pytest_plugins = ("tests.fixtures_daemon",)  # the envctld fixture
 DIRS = 400
-MAKE_DIRS = ("import os,sys\n"
-             "for i in range(int(sys.argv[2])):\n"
-             "    p=os.path.join(sys.argv[1],'many',f'd{i}'); os.makedirs(p)\n"
-             "    open(os.path.join(p,'f'),'w').close()\n")
 
 
 def test_raising_the_watch_limit_brings_inotify_back(accounts: Accounts, scratch: Path,
@@ -34,7 +30,7 @@ def test_raising_the_watch_limit_brings_inotify_back(accounts: Accounts, scratch
     d = envctld(cfg)
     a = accounts.alice
     with sysctl("max_user_watches", _watches_of_uid0() + DIRS // 2):
-        as_user(a.uid, a.gid, ["/usr/bin/python3", "-c", MAKE_DIRS, str(root), str(DIRS)])
+        as_user(a.uid, a.gid, ["/usr/bin/python3", "-c", MANY_DIRS, str(root), str(DIRS)])
         wait_for(lambda: "inotify watch limit reached" in d.log_text(), 15, 0.05,
                  "fallback to polling logged")
         assert daemon_status(scratch / "envctld.sock")["roots"][0]["mode"] == "poll"

@@ -29,6 +29,14 @@ REALTIME = 2.0
 SETTLE = 15.0  # for set-up steps and reconciles, not for what a test proves
 
 
+# ``python3 -c MANY_DIRS ROOT N``: N directories under ROOT/many, a file in each (as a user,
+# to use up inotify watches).
+MANY_DIRS = ("import os,sys\n"
+             "for i in range(int(sys.argv[2])):\n"
+             "    p=os.path.join(sys.argv[1],'many',f'd{i}'); os.makedirs(p)\n"
+             "    open(os.path.join(p,'f'),'w').close()\n")
+
+
 def make_root(base: Path, acc: Accounts, name: str = "root") -> Path:
     """A root owned by alice:shared, 2770, ready for alice to write into."""
     root = base / name

@@ -195,15 +195,26 @@ class RootWatcher:
         if self._on_fatal is not None:
             self._on_fatal(reason)
 
-    def _start_inotify(self) -> None:
+    def _new_watch(self) -> InotifyWatch | None:
+        """A started watch of the whole root, or None when not even the root gets a watch
+        (``ENOSPC``); other OSErrors are raised."""
         watch = InotifyWatch(self.root.path, self.queue, self, self._count_event,
                              self._walk_progressed)
         try:
             watch.start()
         except OSError as exc:
             if exc.errno != errno.ENOSPC:
-                raise FilesystemError(f"cannot watch root {self.root.path}: {exc.strerror}",
-                                      hint="check the path and inotify limits") from None
+                raise
+            return None
+        return watch
+
+    def _start_inotify(self) -> None:
+        try:
+            watch = self._new_watch()
+        except OSError as exc:
+            raise FilesystemError(f"cannot watch root {self.root.path}: {exc.strerror}",
+                                  hint="check the path and inotify limits") from None
+        if watch is None:
             self._degrade.set()
             return
         self._inotify = watch
@@ -301,14 +312,12 @@ class RootWatcher:
         for what fell between the last poll and the watch; still short → the attempt's
         watches are released and polling goes on, without another WARNING."""
         self._starved_at = max_user_watches()
-        watch = InotifyWatch(self.root.path, self.queue, self, self._count_event,
-                             self._walk_progressed)
         try:
-            watch.start()
+            watch = self._new_watch()
         except OSError as exc:
-            if exc.errno != errno.ENOSPC:
-                log.warning("inotify retry failed root=%s error=%s", self.root.path,
-                            exc.strerror)
+            log.warning("inotify retry failed root=%s error=%s", self.root.path, exc.strerror)
+            return
+        if watch is None:
             return
         if self._degrade.is_set():  # some directory got no watch: still short
             watch.stop()
