@@ -49,6 +49,11 @@ class RootConfig:
     # The daemon builds requested envs here (requests enabled): the directory itself must be
     # sticky, or any member could rename the daemon's .envctl away (policy.judge).
     holds_requests: bool = False
+    # owners: members — only entries of these uids are changed (the group's members from the
+    # group database at load or reload, the build user, the daemon); None: any owner (default).
+    # Why: a member who moves into the root a tree a non-member wrote (a 0777 drop box, a
+    # hard link) would otherwise have the non-member's files shared with the group.
+    member_uids: frozenset[int] | None = None
 
 
 @dataclass(frozen=True)
@@ -344,9 +349,30 @@ def _root(source: str, i: int, data: Any) -> RootConfig:
     for j, uid in enumerate(owners):
         if not isinstance(uid, int) or isinstance(uid, bool) or uid < 0:
             r.fail(f"protected_owners[{j}]", "must be a numeric uid")
+    heal_owners = r.get("owners", str, "any",
+                        lambda v: None if v in ("any", "members") else
+                        f"must be any or members, not {v!r}")
     r.finish()
     return RootConfig(path=path, group=str(group), gid=gid, others=others,
-                      exclude=exclude, protected_owners=tuple(owners))
+                      exclude=exclude, protected_owners=tuple(owners),
+                      member_uids=group_members(gid) if heal_owners == "members" else None)
+
+
+def group_members(gid: int) -> frozenset[int]:
+    """The uids whose primary group is ``gid`` or who are listed in it, and the daemon's own
+    (``owners: members``; the build user is added by the requests section). Read once per
+    load: a member added later counts after a reload (SIGHUP)."""
+    uids = {pw.pw_uid for pw in pwd.getpwall() if pw.pw_gid == gid}
+    try:
+        names = grp.getgrgid(gid).gr_mem
+    except KeyError:
+        names = []
+    for name in names:
+        try:
+            uids.add(pwd.getpwnam(name).pw_uid)
+        except KeyError:
+            continue
+    return frozenset(uids | {os.geteuid()})
 
 
 def _check_user(name: str) -> str | None:
@@ -605,6 +631,11 @@ def parse(data: Any, source: str = "<memory>", base: Path | None = None) -> Conf
         want = requests.root or roots[0].path
         roots = tuple(replace(r, holds_requests=True) if r.path == want else r
                       for r in roots)
+        if requests.build_user is not None:  # its builds are healed like a member's work
+            builder = pwd.getpwnam(requests.build_user).pw_uid
+            roots = tuple(replace(r, member_uids=r.member_uids | {builder})
+                          if r.holds_requests and r.member_uids is not None else r
+                          for r in roots)
     _check_venv_python(source, requests, roots)
     jupyterhub = _jupyterhub(source, top.get("jupyterhub", dict, None), base)
     kernels = _kernels(source, top.get("kernels", dict, None), base)

@@ -88,9 +88,11 @@ enum outcome {
     SKIP_PROTECTED, /* wrong, but owned by a protected uid: left alone (a directory is entered) */
     SKIP_SPECIAL,   /* fifo, socket, device: only reported */
     SKIP_MOUNT,     /* on another mount: neither changed nor entered */
+    SKIP_FOREIGN,   /* wrong, owned by a non-member of a members-only root: left alone, entered */
 };
 static const char *const skip_reason[] = {
-    [SKIP_PROTECTED] = "protected", [SKIP_SPECIAL] = "special", [SKIP_MOUNT] = "mount"};
+    [SKIP_PROTECTED] = "protected", [SKIP_SPECIAL] = "special", [SKIP_MOUNT] = "mount",
+    [SKIP_FOREIGN] = "foreign"};
 
 typedef struct {
     size_t node;     /* the directory the entry is in (scan: always 0, the directory scanned) */
@@ -131,6 +133,9 @@ typedef struct {
     const uint16_t *table;
     const uint32_t *protected_uids;
     Py_ssize_t n_protected;
+    const uint32_t *member_uids; /* members_only: the owners that may be healed */
+    Py_ssize_t n_members;
+    int members_only;
     int fix;
     int tally; /* fixed entries are only counted (in tallies), not recorded one by one */
     int walk;  /* descend into subdirectories (walk) instead of reporting them (scan) */
@@ -242,10 +247,10 @@ static int add_node(batch *b, size_t parent, const char *name, size_t *node)
     return 0;
 }
 
-static int is_protected(const batch *b, uint32_t uid)
+static int in_uids(const uint32_t *uids, Py_ssize_t n, uint32_t uid)
 {
-    for (Py_ssize_t i = 0; i < b->n_protected; i++)
-        if (b->protected_uids[i] == uid)
+    for (Py_ssize_t i = 0; i < n; i++)
+        if (uids[i] == uid)
             return 1;
     return 0;
 }
@@ -320,8 +325,10 @@ static enum outcome classify(const batch *b, const statx_buf *st)
         return SKIP_SPECIAL;
     if (st->sx.stx_gid == b->gid && want == (mode & 07777))
         return COMPLIANT;
-    if (is_protected(b, st->sx.stx_uid))
+    if (in_uids(b->protected_uids, b->n_protected, st->sx.stx_uid))
         return SKIP_PROTECTED;
+    if (b->members_only && !in_uids(b->member_uids, b->n_members, st->sx.stx_uid))
+        return SKIP_FOREIGN;
     return b->fix ? FIXED : WOULD_FIX;
 }
 
@@ -661,6 +668,7 @@ static int append_records(const batch *b, PyObject *const lists[4])
         case SKIP_PROTECTED:
         case SKIP_SPECIAL:
         case SKIP_MOUNT:
+        case SKIP_FOREIGN:
             target = lists[3];
             item = Py_BuildValue("(nOsIII)", node, name, skip_reason[r->what], r->mode,
                                  r->uid, r->gid);
@@ -704,28 +712,43 @@ static PyObject *build_nodes(batch *b)
 }
 
 /* Parse the arguments both entry points share; fills b and the protected uid array. */
-static int setup_batch(batch *b, Py_buffer *table, PyObject *protected_seq, uint32_t **prot)
+/* A Python sequence of uids as a C array (PyMem, freed by the caller); -1 with an exception. */
+static int uid_array(PyObject *seq, const char *what, uint32_t **out, Py_ssize_t *n)
+{
+    PyObject *fast = PySequence_Fast(seq, what);
+    if (!fast)
+        return -1;
+    *n = PySequence_Fast_GET_SIZE(fast);
+    *out = PyMem_Calloc(*n + 1, sizeof **out);
+    for (Py_ssize_t i = 0; *out && i < *n; i++)
+        (*out)[i] = (uint32_t)PyLong_AsUnsignedLong(PySequence_Fast_GET_ITEM(fast, i));
+    Py_DECREF(fast);
+    if (!*out) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    return PyErr_Occurred() ? -1 : 0;
+}
+
+/* `members`: None, or the only owners whose entries may be changed (a members-only root). */
+static int setup_batch(batch *b, Py_buffer *table, PyObject *protected_seq, PyObject *members,
+                       uint32_t **prot, uint32_t **mem)
 {
     if (table->len != TABLE_BYTES) {
         PyErr_SetString(PyExc_ValueError, "table must hold 65536 uint16 values");
         return -1;
     }
     b->table = table->buf;
-    PyObject *pseq = PySequence_Fast(protected_seq, "protected must be a sequence of uids");
-    if (!pseq)
-        return -1;
-    b->n_protected = PySequence_Fast_GET_SIZE(pseq);
-    *prot = PyMem_Calloc(b->n_protected + 1, sizeof **prot);
-    for (Py_ssize_t i = 0; *prot && i < b->n_protected; i++)
-        (*prot)[i] = (uint32_t)PyLong_AsUnsignedLong(PySequence_Fast_GET_ITEM(pseq, i));
-    Py_DECREF(pseq);
-    if (!*prot) {
-        PyErr_NoMemory();
-        return -1;
-    }
-    if (PyErr_Occurred())
+    if (uid_array(protected_seq, "protected must be a sequence of uids", prot,
+                  &b->n_protected) != 0)
         return -1;
     b->protected_uids = *prot;
+    if (members != NULL && members != Py_None) {
+        if (uid_array(members, "members must be a sequence of uids", mem, &b->n_members) != 0)
+            return -1;
+        b->member_uids = *mem;
+        b->members_only = 1;
+    }
     b->dents = malloc(DENTS_SIZE);
     if (!b->dents) {
         PyErr_NoMemory();
@@ -789,7 +812,8 @@ static PyObject *batch_result(batch *bs, int n, int err)
 }
 
 PyDoc_STRVAR(scan_doc,
-"scan(dirfd, names, gid, table, protected, fix, root_dev, root_mnt, tally=False, lanes=1)\n"
+"scan(dirfd, names, gid, table, protected, fix, root_dev, root_mnt, tally=False, lanes=1,\n"
+"     members=None)\n"
 "    -> (n_scanned, subdirs, attention, fixed, skipped, tallied)\n\n"
 "Inspect the entries ``names`` of the directory ``dirfd`` (None: list it), and with ``fix``\n"
 "heal them. ``table`` is 65536 native uint16: the wanted permission bits for each st_mode,\n"
@@ -799,7 +823,8 @@ PyDoc_STRVAR(scan_doc,
 "(node, name, errno, mode, uid, gid) for what changed under us (errno 0) or failed (ENOENT:\n"
 "vanished); fixed holds (node, name, old_mode, old_gid, set_gid, set_mode), entries fixed or,\n"
 "with fix off, that would be; skipped holds (node, name, reason, mode, uid, gid), reason\n"
-"'protected', 'special' or 'mount'. With ``tally``, the entries of ``fixed`` are not listed\n"
+"'protected', 'special', 'mount' or 'foreign' (``members`` given: the owner is not one of\n"
+"those uids, whose entries alone may be changed). With ``tally``, the entries of ``fixed`` are not listed\n"
 "but counted in tallied, as (S_IFMT type, entries, groups set, modes set, entries changed).\n"
 "``names`` are inspected by up to ``lanes`` threads at once, each its own share (on\n"
 "NFS/FUSE: that many lookups in flight).");
@@ -849,7 +874,9 @@ static int scan_names(batch *bs, int lanes, int dirfd, const size_t *offs, Py_ss
         if (i > 0)
             bs[i] = (batch){.gid = bs[0].gid, .table = bs[0].table, .fix = bs[0].fix,
                             .protected_uids = bs[0].protected_uids,
-                            .n_protected = bs[0].n_protected, .tally = bs[0].tally,
+                            .n_protected = bs[0].n_protected,
+                            .member_uids = bs[0].member_uids, .n_members = bs[0].n_members,
+                            .members_only = bs[0].members_only, .tally = bs[0].tally,
                             .root_dev = bs[0].root_dev, .root_mnt = bs[0].root_mnt};
         Py_ssize_t lo = n * i / lanes, hi = n * (i + 1) / lanes;
         ls[i] = (lane){.b = &bs[i], .dirfd = dirfd, .names = bs[0].names.buf,
@@ -876,21 +903,21 @@ static PyObject *py_scan(PyObject *self, PyObject *args)
 {
     int dirfd, fix, tally = 0, lanes = 1;
     unsigned int gid;
-    PyObject *names, *protected_seq;
+    PyObject *names, *protected_seq, *members = NULL;
     Py_buffer table;
     unsigned long long root_dev;
     long long root_mnt;
-    if (!PyArg_ParseTuple(args, "iOIy*OpKL|pi", &dirfd, &names, &gid, &table, &protected_seq,
-                          &fix, &root_dev, &root_mnt, &tally, &lanes))
+    if (!PyArg_ParseTuple(args, "iOIy*OpKL|piO", &dirfd, &names, &gid, &table, &protected_seq,
+                          &fix, &root_dev, &root_mnt, &tally, &lanes, &members))
         return NULL;
     batch bs[MAX_LANES] = {{.gid = gid, .fix = fix, .tally = tally, .root_dev = root_dev,
                             .root_mnt = root_mnt}};
     int used = 1;
     lanes = lanes < 1 ? 1 : lanes > MAX_LANES ? MAX_LANES : lanes;
     PyObject *result = NULL;
-    uint32_t *prot = NULL;
+    uint32_t *prot = NULL, *mem = NULL;
     size_t *offs = NULL;
-    if (setup_batch(&bs[0], &table, protected_seq, &prot) != 0)
+    if (setup_batch(&bs[0], &table, protected_seq, members, &prot, &mem) != 0)
         goto out;
     int err = 0;
     if (names == Py_None) {
@@ -932,6 +959,7 @@ static PyObject *py_scan(PyObject *self, PyObject *args)
 out:
     PyBuffer_Release(&table);
     PyMem_Free(prot);
+    PyMem_Free(mem);
     PyMem_Free(offs);
     for (int i = 0; i < used; i++)
         free_batch(&bs[i]);
@@ -939,7 +967,7 @@ out:
 }
 
 PyDoc_STRVAR(walk_doc,
-"walk(dirfd, gid, table, protected, fix, root_dev, root_mnt, tally=False)\n"
+"walk(dirfd, gid, table, protected, fix, root_dev, root_mnt, tally=False, members=None)\n"
 "    -> (n_scanned, n_dirs, nodes, attention, fixed, skipped, tallied)\n\n"
 "scan() for the whole subtree below ``dirfd`` (not dirfd itself), on an explicit stack:\n"
 "no recursion and a bounded number of open fds whatever the depth. Each subdirectory is\n"
@@ -954,19 +982,19 @@ static PyObject *py_walk(PyObject *self, PyObject *args)
 {
     int dirfd, fix;
     unsigned int gid;
-    PyObject *protected_seq;
+    PyObject *protected_seq, *members = NULL;
     Py_buffer table;
     unsigned long long root_dev;
     long long root_mnt;
     int tally = 0;
-    if (!PyArg_ParseTuple(args, "iIy*OpKL|p", &dirfd, &gid, &table, &protected_seq, &fix,
-                          &root_dev, &root_mnt, &tally))
+    if (!PyArg_ParseTuple(args, "iIy*OpKL|pO", &dirfd, &gid, &table, &protected_seq, &fix,
+                          &root_dev, &root_mnt, &tally, &members))
         return NULL;
     batch b = {.gid = gid, .fix = fix, .tally = tally, .walk = 1, .root_dev = root_dev,
                .root_mnt = root_mnt};
     PyObject *result = NULL;
-    uint32_t *prot = NULL;
-    if (setup_batch(&b, &table, protected_seq, &prot) != 0)
+    uint32_t *prot = NULL, *mem = NULL;
+    if (setup_batch(&b, &table, protected_seq, members, &prot, &mem) != 0)
         goto out;
     int err;
     Py_BEGIN_ALLOW_THREADS
@@ -976,6 +1004,7 @@ static PyObject *py_walk(PyObject *self, PyObject *args)
 out:
     PyBuffer_Release(&table);
     PyMem_Free(prot);
+    PyMem_Free(mem);
     free_batch(&b);
     return result;
 }

@@ -121,7 +121,8 @@ class ScanResult(NamedTuple):
 
 def scan(dirfd: int, names: Sequence[str] | None, gid: int, table: bytes,
          protected: Sequence[int], fix: bool, root_dev: int, root_mnt: int, *,
-         tally: bool = False, lanes: int = 1) -> ScanResult:
+         tally: bool = False, lanes: int = 1,
+         members: Sequence[int] | None = None) -> ScanResult:
     """Inspect ``names`` in ``dirfd`` (None: list it) with the GIL released.
 
     ``table`` maps every ``st_mode`` to its wanted permission bits (``policy.mode_table``).
@@ -132,9 +133,11 @@ def scan(dirfd: int, names: Sequence[str] | None, gid: int, table: bytes,
     fixed are only counted (``tallied``): a heal nobody reads entry by entry builds no tuple
     per entry. ``names`` are shared among up to ``lanes`` C threads, each inspecting its share
     (on NFS/FUSE each lookup is a round trip: lanes keep that many in flight per caller).
+    ``members``: the only owners whose entries may be changed (a members-only root); the
+    others' wrong entries come back in ``skipped`` as ``foreign``.
     """
     return ScanResult(*_fastfs.scan(dirfd, names, gid, table, protected, fix, root_dev,
-                                    root_mnt, tally, lanes))
+                                    root_mnt, tally, lanes, members))
 
 
 class WalkResult(NamedTuple):
@@ -193,7 +196,8 @@ class NodePaths:
 
 
 def walk(dirfd: int, gid: int, table: bytes, protected: Sequence[int], fix: bool,
-         root_dev: int, root_mnt: int, *, tally: bool = False) -> WalkResult:
+         root_dev: int, root_mnt: int, *, tally: bool = False,
+         members: Sequence[int] | None = None) -> WalkResult:
     """``scan`` the whole subtree below ``dirfd`` in one call, with the GIL released.
 
     Iterative, with a bounded number of open fds at any depth: levels beyond a window are
@@ -203,10 +207,11 @@ def walk(dirfd: int, gid: int, table: bytes, protected: Sequence[int], fix: bool
     off) wrong ones too, since what lies below them may need healing; one on another mount is
     skipped and not entered. ``attention`` holds what changed under the walk (a directory
     swapped for a symlink, a level moved away mid-walk), for the walker to revisit by path.
-    ``tally`` as for ``scan``. Raises OSError when ``dirfd`` itself cannot be listed.
+    ``tally`` and ``members`` as for ``scan``. Raises OSError when ``dirfd`` itself cannot be
+    listed.
     """
     return WalkResult(*_fastfs.walk(dirfd, gid, table, protected, fix, root_dev, root_mnt,
-                                    tally))
+                                    tally, members))
 
 
 def check_stamps(root_fd: int, stamps: dict[int, Any], gid: int, table: bytes,

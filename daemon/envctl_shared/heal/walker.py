@@ -354,6 +354,8 @@ class _Pass:
         self.h = healer
         self.planner = planner
         self.root = healer.root
+        # owners: members — a C array is built per call from this: sorted for a stable order
+        self._members = None if self.root.member_uids is None else sorted(self.root.member_uids)
         self.stack: list[_Task] = []
         self.cond = threading.Condition()
         self.pending = 0
@@ -621,7 +623,8 @@ class _Pass:
         found: ScanResult = scan(ref.fd, names, self.root.gid, self.h.table,
                                  self.root.protected_owners, not self.h.dry_run,
                                  self.root_dev, self.root_mnt, tally=not self._reporting,
-                                 lanes=LANES if self.h.concurrency > 1 else 1)
+                                 lanes=LANES if self.h.concurrency > 1 else 1,
+                                 members=self._members)
         stats.scanned += found.scanned
         for name in found.subdirs:
             self._push(_DirTask(ref.acquire(), name, ref.child(name), descend))
@@ -639,7 +642,8 @@ class _Pass:
     def _walk_below(self, ref: _DirRef, stats: HealStats) -> None:
         """Hand the whole subtree below ``ref`` to C; visit what it hands back by its path."""
         found = walk(ref.fd, self.root.gid, self.h.table, self.root.protected_owners,
-                     not self.h.dry_run, self.root_dev, self.root_mnt, tally=not self._reporting)
+                     not self.h.dry_run, self.root_dev, self.root_mnt, tally=not self._reporting,
+                     members=self._members)
         stats.scanned += found.scanned
         stats.dirs += found.dirs
 
@@ -762,6 +766,11 @@ class _Pass:
             return False
         if st.st_uid in self.root.protected_owners and not is_root:
             self._skip(stats, rel, kind, "protected",
+                       lambda: verdict.problems(st.st_gid, st.st_mode))
+            return False
+        members = self.root.member_uids
+        if members is not None and st.st_uid not in members and not is_root:
+            self._skip(stats, rel, kind, "foreign",
                        lambda: verdict.problems(st.st_gid, st.st_mode))
             return False
         stats.violations += 1
