@@ -1,5 +1,5 @@
 # Try it from a second shell, in the checkout (`make run` keeps the daemon in the foreground):
-export ENVCTL_SOCKET=var/run/envctld.sock
+export ENVCTL_SOCKET=$PWD/var/run/envctld.sock
 # 1. Files written with a private umask, by another user (root's own files are never touched):
 #    elsewhere they stay private; in the shared root the daemon shares them as they appear
 mkdir -p -m 1777 var/elsewhere && chmod 1777 var/envs

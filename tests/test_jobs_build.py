@@ -75,6 +75,11 @@ def test_job_files_private_to_build_user(jobs_env: JobsEnv, manager_factory, acc
     assert denied.returncode != 0
     assert stat.S_IMODE(os.stat(jobs_env.state_dir).st_mode) == 0o711
     assert os.stat(jobs_env.state_dir / "jobs.db").st_uid == 0
+    # the store (every job's spec and requester) is the daemon's alone, its WAL files too
+    for name in ("jobs.db", "jobs.db-wal", "jobs.db-shm"):
+        assert stat.S_IMODE(os.stat(jobs_env.state_dir / name).st_mode) == 0o600, name
+    assert as_user(a.alice.uid, a.alice.gid, ["cat", str(jobs_env.state_dir / "jobs.db")],
+                   check=False).returncode != 0
 
 
 def test_venv_build_then_failed_replace_restores_it(jobs_env: JobsEnv, manager_factory,

@@ -685,4 +685,4 @@ def single_root(path: str | os.PathLike[str], group: str, others: Others = "keep
     it gets the plain policy (no sticky bit on its top directory)."""
     return parse({"roots": [{"path": os.path.abspath(path), "group": group, "others": others}],
                   "requests": {"enabled": False}},
-                 source="<command line>")
+                 source="<command line>", base=Path("/"))  # no ./ paths: no cwd needed

@@ -27,12 +27,20 @@ from typing import Any, Iterator
 
 from ..config import DEFAULT_SOCKET, SOCKET_ENV
 from ..errors import (DaemonUnavailable, EnvctlError, ProtocolError, SocketPermissionDenied,
-                      UntrustedSocket)
+                      UntrustedSocket, UsageError)
 from . import protocol
 from .peercred import peer_cred
 
 MAX_REPLY_BYTES = 64 * 1024 * 1024  # a reply is trusted, but a runaway one must not eat memory
 HUB_TOKEN_ENV = "JUPYTERHUB_API_TOKEN"  # set by JupyterHub in every user's server
+
+
+def _cwd_exists() -> bool:
+    try:
+        os.getcwd()
+    except OSError:
+        return False
+    return True
 
 
 def socket_path(explicit: str | None = None) -> Path:
@@ -48,6 +56,13 @@ class Client:
         """``hub_token`` defaults to ``$JUPYTERHUB_API_TOKEN``: inside a hub user's server, it
         is what proves to the daemon which hub user is asking (the uid cannot)."""
         self.path = Path(path) if path else socket_path()
+        if not self.path.is_absolute():
+            # found anew in whatever directory the CLI runs in: in /tmp or a shared root,
+            # whoever made var/run there would be its "daemon" (and get the hub token)
+            raise UsageError(f"the socket path {self.path} is relative: it would be looked up "
+                             "in the current directory, where others may listen",
+                             hint=f"give it as an absolute path, e.g. {Path.cwd() / self.path}"
+                             if _cwd_exists() else "give it as an absolute path")
         self.timeout = timeout
         self.hub_token = hub_token or os.environ.get(HUB_TOKEN_ENV) or None
         self._sock: socket.socket | None = None

@@ -126,8 +126,17 @@ def _absolute(p: str) -> Path:
     normalisation (``abspath``) makes it ``lnk``'s own directory: the tree named and the tree
     walked would differ, and the symlink check after normalisation would never see ``lnk``.
     (The working directory itself is already physical: the kernel resolved it.)"""
+    if not os.path.isabs(p):
+        try:
+            p_abs = os.path.join(os.getcwd(), p)
+        except FileNotFoundError:
+            raise FilesystemError(f"{quote_name(p)}: the current directory was removed",
+                                  hint="cd somewhere that exists, or give an absolute "
+                                       "path") from None
+    else:
+        p_abs = p
     kept: list[str] = []
-    for part in os.path.join(os.getcwd(), p).split("/"):
+    for part in p_abs.split("/"):
         if part in ("", "."):
             continue
         if part == "..":

@@ -15,7 +15,9 @@ verified JupyterHub user (``hub_user``); a hub token itself is never stored.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import re
 import sqlite3
 import threading
@@ -84,6 +86,13 @@ class JobStore:
         # store's lock): the daemon publishes the job to the other hosts (``cluster``).
         self.on_change: Callable[[str], None] | None = None
         self._lock = threading.Lock()
+        # The daemon's alone, 0600 (its -wal and -shm take the same mode from it): specs,
+        # requesters and hub users of every job are not for any local user to read (the
+        # protocol shows a user their own jobs only). Earlier daemons made it 0644.
+        os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600))
+        for name in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+            with contextlib.suppress(FileNotFoundError):
+                os.chmod(name, 0o600)
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None,
                                    timeout=30)
         self._db.execute("PRAGMA journal_mode=WAL")
