@@ -25,6 +25,8 @@ from typing import Any, Iterator
 
 import yaml
 
+from envctl_shared.api.client import Client
+
 from tests.conftest import Accounts, User
 from tests.daemon_support import Envctld
 from tests.helpers import VENV_BIN
@@ -54,6 +56,11 @@ class ApiDaemon:
     sock: Path
     channel: Path
     config: Path
+
+    def job(self, job_id: str) -> Any:
+        """The job object the daemon replies to ``get`` (asked as root, over the socket)."""
+        with Client(self.sock) as client:
+            return client.call("get", id=job_id)
 
     def hello_spec(self) -> str:
         return HELLO_SPEC.format(channel=self.channel.as_uri())
@@ -142,15 +149,22 @@ def api_config(base: Path, accounts: Accounts, sock: dict[str, Any] | None = Non
     return path
 
 
+def new_base() -> Path:
+    """A fresh directory under /tmp/envctl-tests that every test user can traverse (the build
+    user runs inside it); the caller removes it."""
+    tests_base = Path("/tmp/envctl-tests")
+    tests_base.mkdir(mode=0o755, exist_ok=True)
+    base = Path(tempfile.mkdtemp(dir=tests_base))
+    os.chmod(base, 0o755)
+    return base
+
+
 def start_api_daemon(accounts: Accounts, sock: dict[str, Any] | None = None,
                      extra: dict[str, Any] | None = None, env: dict[str, str] | None = None,
                      **requests: Any) -> Iterator[ApiDaemon]:
     """Generator for a module fixture: start, yield, always clean up (process and files).
     ``env``: variables added to the daemon's own environment."""
-    tests_base = Path("/tmp/envctl-tests")
-    tests_base.mkdir(mode=0o755, exist_ok=True)
-    base = Path(tempfile.mkdtemp(dir=tests_base))
-    os.chmod(base, 0o755)
+    base = new_base()
     daemon: Envctld | None = None
     try:
         config = api_config(base, accounts, sock, extra, **requests)

@@ -128,6 +128,15 @@ class Envctld:
         return self.wait_message(lambda m: "READY=1" in m, timeout, "READY=1 after reload",
                                  after=n)
 
+    def start_failing(self, timeout: float = 60.0) -> int:
+        """Start a daemon that must refuse to start; its exit code (cleaned up either way)."""
+        try:
+            self.start(wait_ready=False)
+            assert self.proc is not None
+            return self.proc.wait(timeout)
+        finally:
+            self.cleanup()
+
     def cleanup(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()

@@ -11,10 +11,8 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import tempfile
-from pathlib import Path
 
-from tests.api_support import ENVCTL, api_config
+from tests.api_support import ENVCTL, api_config, new_base
 from tests.conftest import Accounts
 from tests.daemon_support import Envctld
 
@@ -22,22 +20,18 @@ EX_CONFIG = 78
 
 
 def test_build_user_must_reach_the_root_and_its_groups_count(accounts: Accounts) -> None:
-    tests_base = Path("/tmp/envctl-tests")
-    tests_base.mkdir(mode=0o755, exist_ok=True)
-    base = Path(tempfile.mkdtemp(dir=tests_base))
-    os.chmod(base, 0o755)
+    base = new_base()
     builder, group = accounts.builder.name, accounts.shared_group
     daemon: Envctld | None = None
     try:
         config = api_config(base, accounts)
         root = base / "envs"
         os.chmod(root, 0o2770)  # members only; the build user is not one
-        daemon = Envctld(config, base).start(wait_ready=False)
-        assert daemon.proc is not None and daemon.proc.wait(60) == EX_CONFIG
+        daemon = Envctld(config, base)
+        assert daemon.start_failing() == EX_CONFIG
         text = daemon.log_text()
         assert f"the build user {builder} cannot enter the requests root {root}" in text
         assert f"usermod -aG {group} {builder}" in text
-        daemon.cleanup()
 
         subprocess.run(["usermod", "-aG", group, builder], check=True)
         daemon = Envctld(config, base).start()

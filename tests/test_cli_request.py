@@ -27,10 +27,6 @@ def api(accounts: Accounts) -> Iterator[ApiDaemon]:
     yield from start_api_daemon(accounts)
 
 
-def _job(api: ApiDaemon, job_id: str) -> dict:
-    with Client(api.sock) as client:
-        return client.call("get", id=job_id)
-
 
 def _slow_job(api: ApiDaemon, accounts: Accounts, name: str) -> str:
     """Queue a venv build that hangs in its first phase (see api_support); wait until running."""
@@ -39,7 +35,7 @@ def _slow_job(api: ApiDaemon, accounts: Accounts, name: str) -> str:
                   "venv", "--no-wait")
     assert res.returncode == 0, res.stderr
     job_id = res.stdout.strip()
-    wait_for(lambda: _job(api, job_id)["state"] == "running", 30, what="slow job running")
+    wait_for(lambda: api.job(job_id)["state"] == "running", 30, what="slow job running")
     return job_id
 
 
@@ -122,7 +118,7 @@ def test_cancel_mid_build_over_the_socket(api: ApiDaemon, accounts: Accounts) ->
     res = api.cli(accounts.alice, "request", "cancel", job_id)
     assert res.returncode == 0, res.stderr
     assert "cancelled" in res.stdout
-    job = _job(api, job_id)
+    job = api.job(job_id)
     assert job["state"] == "cancelled" and accounts.alice.name in job["exit_detail"]
     assert not (api.root / "slow-cancel").exists()
     # Cancelling again is a conflict, not a success.

@@ -13,7 +13,6 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from envctl_shared.api.client import Client
 from envctl_shared.errors import EX_FAILURE, EX_NOPERM, EX_TEMPFAIL
 
 from tests.api_support import VENV_SPEC, ApiDaemon, start_api_daemon
@@ -193,7 +192,7 @@ def test_envctld_killed_mid_update_keeps_serving_and_cleans_up(api: ApiDaemon,
     assert res.returncode == 0, res.stderr
     job_id = res.stdout.strip()
     versions = api.root / ".envctl/envs/slowk9"
-    wait_for(lambda: _get(api, job_id)["phase"] == "creating" and (versions / "v2").is_dir(),
+    wait_for(lambda: api.job(job_id)["phase"] == "creating" and (versions / "v2").is_dir(),
              60, what="v2 being built")
     api.daemon.kill9()
     stable = api.root / "slowk9"
@@ -201,14 +200,10 @@ def test_envctld_killed_mid_update_keeps_serving_and_cleans_up(api: ApiDaemon,
     assert as_user(a.bob.uid, a.bob.gid, ["cat", str(stable / "share/app/VERSION")]).stdout \
         == "1.0\n"
     api.daemon.restart()
-    job = _get(api, job_id)
+    job = api.job(job_id)
     assert job["state"] == "interrupted", job
     assert sorted(os.listdir(versions)) == ["env.json", "v1", "v1.json"]
     log = api.cli(a.alice, "request", "logs", job_id).stdout
     assert "removed the unfinished version v2 of 'slowk9'" in log
     assert (stable / "share/app/VERSION").read_text() == "1.0\n"
 
-
-def _get(api: ApiDaemon, job_id: str) -> Any:
-    with Client(api.sock) as client:
-        return client.call("get", id=job_id)

@@ -68,3 +68,27 @@ def test_a_non_members_tree_moved_in_is_left_alone(scratch: Path, accounts: Acco
     res = subprocess.run([str(VENV_BIN / "envctl"), "check", "-v", "--config", str(cfg)],
                          capture_output=True, text=True, timeout=60)
     assert "foreign 2" in res.stdout and "drop/priv/secret" in res.stdout, res.stdout
+
+
+def test_the_fast_path_finds_an_owner_among_many_members(tmp_path: Path,
+                                                         accounts: Accounts) -> None:
+    """C looks owners up by binary search: an owner anywhere in a long sorted list is a
+    member, a uid between two members is not."""
+    from envctl_shared.heal.fsops import scan, stat_at
+    from envctl_shared.policy import mode_table
+
+    for name, owner in (("mine", accounts.alice.uid), ("theirs", accounts.mallory.uid)):
+        (tmp_path / name).write_text("x")
+        os.chown(tmp_path / name, owner, owner)
+        os.chmod(tmp_path / name, 0o600)
+    alice = accounts.alice.uid  # in the middle of 1,000 others; mallory between two of them
+    members = sorted({*range(alice - 999, alice + 1000, 2), alice} - {accounts.mallory.uid})
+    fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        st = stat_at(fd)
+        found = scan(fd, ["mine", "theirs"], accounts.shared_gid, mode_table("keep"), [0],
+                     False, st.st_dev, st.mnt_id, members=members)
+    finally:
+        os.close(fd)
+    assert [f[1] for f in found.fixed] == ["mine"]  # would be fixed
+    assert [(s[1], s[2]) for s in found.skipped] == [("theirs", "foreign")]

@@ -121,12 +121,7 @@ def test_daemon_refuses_a_sticky_world_writable_socket_dir(scratch: Path,
     cfg = write_config(scratch, [(root, accounts.shared_group)],
                        extra={"socket": {"path": str(shared / "envctld.sock")}})
     daemon = Envctld(cfg, scratch)
-    try:
-        daemon.start(wait_ready=False)
-        assert daemon.proc is not None
-        rc = daemon.proc.wait(60)
-    finally:
-        daemon.cleanup()
+    rc = daemon.start_failing()
     log = daemon.log_text()
     assert rc == EX_IOERR, log[-2000:]
     assert f"socket directory {shared} is writable by others (mode 1777" in log

@@ -15,7 +15,6 @@ from typing import Iterator
 
 import pytest
 import yaml
-from envctl_shared.api.client import Client
 from envctl_shared.errors import EX_TEMPFAIL
 
 from tests.api_support import VENV_SPEC, ApiDaemon, start_api_daemon
@@ -28,10 +27,6 @@ from tests.helpers import live_processes, wait_for
 def api(accounts: Accounts) -> Iterator[ApiDaemon]:
     yield from start_api_daemon(accounts)
 
-
-def _job(api: ApiDaemon, job_id: str) -> dict:
-    with Client(api.sock) as client:
-        return client.call("get", id=job_id)
 
 
 def _second_config(api: ApiDaemon) -> Path:
@@ -52,19 +47,14 @@ def test_second_daemon_on_the_same_state_dir_leaves_the_first_alone(
                   "--backend", "venv", "--no-wait")
     assert res.returncode == 0, res.stderr
     job_id = res.stdout.strip()
-    wait_for(lambda: _job(api, job_id)["state"] == "running", 30, what="slow job running")
+    wait_for(lambda: api.job(job_id)["state"] == "running", 30, what="slow job running")
     home = api.base / "state" / "jobs" / job_id  # the build's HOME is its home/ below
     wait_for(lambda: bool(live_processes({accounts.builder.uid}, home_under=home)), 30,
              what="the build's processes")
     build = live_processes({accounts.builder.uid}, home_under=home)
 
     second = Envctld(_second_config(api), api.base)
-    try:
-        second.start(wait_ready=False)
-        assert second.proc is not None
-        rc = second.proc.wait(60)
-    finally:
-        second.cleanup()
+    rc = second.start_failing()
     log = second.log_text()
     assert rc == EX_TEMPFAIL, log[-3000:]
     assert api.daemon.proc is not None
@@ -76,13 +66,13 @@ def test_second_daemon_on_the_same_state_dir_leaves_the_first_alone(
 
     # The first daemon's build was not touched: same processes, still running, no false story.
     assert set(build) <= set(live_processes({accounts.builder.uid}, home_under=home))
-    job = _job(api, job_id)
+    job = api.job(job_id)
     assert job["state"] == "running", job
     assert "interrupted" not in (api.base / "state" / "jobs" / job_id / "build.log").read_text()
     # ...and it is cancelled as usual by its requester.
     res = api.cli(accounts.alice, "request", "cancel", job_id)
     assert res.returncode == 0, res.stderr
-    job = _job(api, job_id)
+    job = api.job(job_id)
     assert job["state"] == "cancelled" and accounts.alice.name in job["exit_detail"], job
     wait_for(lambda: not live_processes({accounts.builder.uid}, home_under=home), 10,
              what="the cancelled build to end")

@@ -14,8 +14,7 @@ from pathlib import Path
 from tests.conftest import Accounts
 from tests.daemon_support import write_config
 from tests.helpers import as_user, find_violations, wait_for
-from tests.test_watch_limits import _watches_of_uid0
-from tests.watch_support import MANY_DIRS, REALTIME, daemon_status, make_root, sysctl
+from tests.watch_support import REALTIME, daemon_status, make_root, out_of_watches
 
 pytest_plugins = ("tests.fixtures_daemon",)  # the envctld fixture
 DIRS = 400
@@ -29,10 +28,7 @@ def test_raising_the_watch_limit_brings_inotify_back(accounts: Accounts, scratch
                        watch={"mode": "inotify", "poll_interval": 60})
     d = envctld(cfg)
     a = accounts.alice
-    with sysctl("max_user_watches", _watches_of_uid0() + DIRS // 2):
-        as_user(a.uid, a.gid, ["/usr/bin/python3", "-c", MANY_DIRS, str(root), str(DIRS)])
-        wait_for(lambda: "inotify watch limit reached" in d.log_text(), 15, 0.05,
-                 "fallback to polling logged")
+    with out_of_watches(d.log_text, root, accounts, DIRS):
         assert daemon_status(scratch / "envctld.sock")["roots"][0]["mode"] == "poll"
     # the limit is back up (restored): within a tick of the maintenance thread, inotify again
     wait_for(lambda: "inotify restored" in d.log_text(), 10, 0.05, "inotify restored")

@@ -13,7 +13,7 @@ import os
 import shutil
 import stat
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -29,12 +29,41 @@ REALTIME = 2.0
 SETTLE = 15.0  # for set-up steps and reconciles, not for what a test proves
 
 
-# ``python3 -c MANY_DIRS ROOT N``: N directories under ROOT/many, a file in each (as a user,
-# to use up inotify watches).
+# ``python3 -c MANY_DIRS ROOT N``: N directories under ROOT/many, a file in each.
 MANY_DIRS = ("import os,sys\n"
              "for i in range(int(sys.argv[2])):\n"
              "    p=os.path.join(sys.argv[1],'many',f'd{i}'); os.makedirs(p)\n"
              "    open(os.path.join(p,'f'),'w').close()\n")
+
+
+def watches_of_uid0() -> int:
+    """inotify watches held by root's processes now (the kernel's per-user count)."""
+    total = 0
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if os.stat(f"/proc/{pid}").st_uid != 0:
+                continue
+            for fd in os.listdir(f"/proc/{pid}/fdinfo"):
+                with open(f"/proc/{pid}/fdinfo/{fd}") as fh:
+                    total += sum(1 for line in fh if line.startswith("inotify wd:"))
+        except OSError:
+            continue
+    return total
+
+
+@contextmanager
+def out_of_watches(log_text: Callable[[], str], root: Path, acc: Accounts,
+                   dirs: int) -> Iterator[None]:
+    """A running daemon (``log_text``: its log) out of inotify watches: the machine-wide limit
+    lowered to half of what alice's ``dirs`` new directories under ``root`` need, held until
+    the daemon has logged its fallback to polling and the ``with`` body has run; restored
+    after."""
+    with sysctl("max_user_watches", watches_of_uid0() + dirs // 2):
+        as_user(acc.alice.uid, acc.alice.gid,
+                ["/usr/bin/python3", "-c", MANY_DIRS, str(root), str(dirs)])
+        wait_for(lambda: "inotify watch limit reached" in log_text(), 15, 0.05,
+                 "fallback to polling logged")
+        yield
 
 
 def make_root(base: Path, acc: Accounts, name: str = "root") -> Path:

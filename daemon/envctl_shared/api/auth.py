@@ -24,12 +24,12 @@ The rules (also in docs/protocol.md):
 
 from __future__ import annotations
 
-import grp
 import logging
 import os
 import pwd
 from typing import Any
 
+from ..accounts import group_name, user_name
 from ..config import JupyterHubConfig, RequestsConfig, resolve_group
 from ..errors import NotAuthorised, ValidationError
 from ..jobs import envs
@@ -42,13 +42,6 @@ log = logging.getLogger(__name__)
 _ALLOW_HINT = ("ask an administrator to add you or one of your groups to requests.allow_users "
                "or requests.allow_groups in the daemon's configuration")
 
-
-def username(uid: int) -> str:
-    """Account name for a uid, or the number itself when the uid has no passwd entry."""
-    try:
-        return pwd.getpwuid(uid).pw_name
-    except KeyError:
-        return str(uid)
 
 
 def _uids(names: tuple[str, ...], key: str) -> frozenset[int]:
@@ -98,7 +91,7 @@ class Authoriser:
         hub_admin = hub_user is not None and \
             (hub_user.admin or bool(self.admin_hub_groups.intersection(hub_user.groups)))
         return Requester(uid=cred.uid, gid=cred.gid, groups=tuple(sorted(set(cred.groups))),
-                         pid=cred.pid, username=username(cred.uid),
+                         pid=cred.pid, username=user_name(cred.uid),
                          claimed_user=claimed_user or None,
                          is_admin=self.is_admin(cred) or hub_admin,
                          hub_user=None if hub_user is None else hub_user.name,
@@ -155,7 +148,7 @@ class Authoriser:
         shared = who.uid in self.shared_uids
         return {"uid": who.uid, "gid": who.gid, "groups": list(who.groups), "pid": who.pid,
                 "username": who.username, "claimed_user": who.claimed_user,
-                "group_names": [_group_name(g) for g in who.groups],
+                "group_names": [group_name(g) for g in who.groups],
                 "shared_uid": shared, "hub_user": who.hub_user,
                 "hub_verified": who.hub_user is not None, "hub_groups": list(who.hub_groups),
                 "is_admin": who.is_admin and not self.unverified(who),
@@ -170,8 +163,3 @@ def _plain_name(text: str) -> bool:
     return 0 < len(text) <= 128 and text.isprintable() and not any(c.isspace() for c in text)
 
 
-def _group_name(gid: int) -> str:
-    try:
-        return grp.getgrgid(gid).gr_name
-    except KeyError:
-        return str(gid)

@@ -15,6 +15,7 @@ import pwd
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..accounts import group_name, user_name
 from .output import quote_name
 
 
@@ -29,19 +30,6 @@ class GroupAccess:
     in_database: bool
     in_session: bool
 
-
-def group_name(gid: int) -> str:
-    try:
-        return grp.getgrgid(gid).gr_name
-    except KeyError:
-        return str(gid)
-
-
-def user_name(uid: int) -> str:
-    try:
-        return pwd.getpwuid(uid).pw_name
-    except KeyError:
-        return str(uid)
 
 
 def group_access(gid: int) -> GroupAccess:

@@ -26,9 +26,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .. import config as cfgmod
+from ..accounts import group_name
 from ..errors import EX_FAILURE, EX_OK, EnvctlError
 from ..fsinfo import mount_of
-from .access import group_access, group_name, membership_fix, missing_hint
+from .access import group_access, membership_fix, missing_hint
 from .output import emit_json, hint_of, local_time, quote_name
 
 if TYPE_CHECKING:

@@ -26,8 +26,9 @@ from pathlib import Path
 from typing import Any
 
 from .. import config as cfgmod
+from ..accounts import group_name, user_name
 from ..errors import EX_OK, ConfigError, FilesystemError, PermissionDenied, UsageError
-from .access import group_access, group_name, membership_fix, missing_hint, user_name
+from .access import group_access, membership_fix, missing_hint
 from .output import emit_json, quote_name
 
 # --mode: (others, bits). The root is also sticky (the daemon builds requested envs in it, and

@@ -255,6 +255,21 @@ static int in_uids(const uint32_t *uids, Py_ssize_t n, uint32_t uid)
     return 0;
 }
 
+/* Binary search of a sorted uid array: a members-only root may list thousands of members, and
+ * every wrong entry is looked up. */
+static int in_sorted_uids(const uint32_t *uids, Py_ssize_t n, uint32_t uid)
+{
+    Py_ssize_t lo = 0, hi = n;
+    while (lo < hi) {
+        Py_ssize_t mid = lo + (hi - lo) / 2;
+        if (uids[mid] < uid)
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    return lo < n && uids[lo] == uid;
+}
+
 /* On the root's very mount (bind mounts on the same device included). Only a kernel that
  * gives no mount id (before Linux 5.8) is judged by st_dev. */
 static int same_fs(unsigned long long root_dev, long long root_mnt, const statx_buf *st)
@@ -327,7 +342,7 @@ static enum outcome classify(const batch *b, const statx_buf *st)
         return COMPLIANT;
     if (in_uids(b->protected_uids, b->n_protected, st->sx.stx_uid))
         return SKIP_PROTECTED;
-    if (b->members_only && !in_uids(b->member_uids, b->n_members, st->sx.stx_uid))
+    if (b->members_only && !in_sorted_uids(b->member_uids, b->n_members, st->sx.stx_uid))
         return SKIP_FOREIGN;
     return b->fix ? FIXED : WOULD_FIX;
 }
@@ -823,8 +838,8 @@ PyDoc_STRVAR(scan_doc,
 "(node, name, errno, mode, uid, gid) for what changed under us (errno 0) or failed (ENOENT:\n"
 "vanished); fixed holds (node, name, old_mode, old_gid, set_gid, set_mode), entries fixed or,\n"
 "with fix off, that would be; skipped holds (node, name, reason, mode, uid, gid), reason\n"
-"'protected', 'special', 'mount' or 'foreign' (``members`` given: the owner is not one of\n"
-"those uids, whose entries alone may be changed). With ``tally``, the entries of ``fixed`` are not listed\n"
+"'protected', 'special', 'mount' or 'foreign' (``members`` given, sorted: the owner is not\n"
+"one of those uids, whose entries alone may be changed). With ``tally``, the entries of ``fixed`` are not listed\n"
 "but counted in tallied, as (S_IFMT type, entries, groups set, modes set, entries changed).\n"
 "``names`` are inspected by up to ``lanes`` threads at once, each its own share (on\n"
 "NFS/FUSE: that many lookups in flight).");

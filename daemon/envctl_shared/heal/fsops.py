@@ -133,7 +133,7 @@ def scan(dirfd: int, names: Sequence[str] | None, gid: int, table: bytes,
     fixed are only counted (``tallied``): a heal nobody reads entry by entry builds no tuple
     per entry. ``names`` are shared among up to ``lanes`` C threads, each inspecting its share
     (on NFS/FUSE each lookup is a round trip: lanes keep that many in flight per caller).
-    ``members``: the only owners whose entries may be changed (a members-only root); the
+    ``members``: the only owners whose entries may be changed, sorted (a members-only root); the
     others' wrong entries come back in ``skipped`` as ``foreign``.
     """
     return ScanResult(*_fastfs.scan(dirfd, names, gid, table, protected, fix, root_dev,

@@ -354,7 +354,7 @@ class _Pass:
         self.h = healer
         self.planner = planner
         self.root = healer.root
-        # owners: members — a C array is built per call from this: sorted for a stable order
+        # owners: members — sorted: C looks an owner up by binary search
         self._members = None if self.root.member_uids is None else sorted(self.root.member_uids)
         self.stack: list[_Task] = []
         self.cond = threading.Condition()

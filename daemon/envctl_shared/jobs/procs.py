@@ -39,7 +39,6 @@ Why these rules:
 from __future__ import annotations
 
 import ctypes
-import grp
 import logging
 import os
 import pwd
@@ -52,6 +51,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..accounts import group_name
 from ..config import RequestsConfig
 from ..errors import ConfigError
 from . import cgroup as cgroups
@@ -110,7 +110,7 @@ def check_reach(user: BuildUser, root: Path) -> None:
         return
     try:
         st = os.stat(root)
-        group = _group_name(st.st_gid)
+        group = group_name(st.st_gid)
         how = f" (mode {stat.S_IMODE(st.st_mode):04o}, group {group})"
     except OSError as exc:
         group, how = "its group", f" ({exc.strerror})"
@@ -118,13 +118,6 @@ def check_reach(user: BuildUser, root: Path) -> None:
                       " every build would fail",
                       hint=f"add {user.name} to {group} (usermod -aG {group} {user.name}), "
                            "then restart envctld")
-
-
-def _group_name(gid: int) -> str:
-    try:
-        return grp.getgrgid(gid).gr_name
-    except KeyError:
-        return str(gid)
 
 
 def scrubbed_env(user: BuildUser, home: Path,
