@@ -5,7 +5,10 @@ are mixed into :class:`~envctl_shared.api.handlers.Handlers` (which dispatches `
 ``op_env_list``). Who may do what: anyone who can connect may list, show and export (the
 records are world-readable in the root anyway); rollback and remove are for the env's owner —
 the requester of its first version, as the daemon recorded it — or admins (the jobs layer
-checks it under the name's lock); GC is for admins.
+checks it under the name's lock); GC is for admins. ``env-add`` and ``env-update`` are a create
+with replace whose spec the daemon takes from the current version's record (the one copy it
+trusts), so they are authorised, queued and followed exactly as such a create; a refusal says
+what everyone else can do instead.
 """
 
 from __future__ import annotations
@@ -13,14 +16,16 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
-from ..errors import EnvctlError, NotAuthorised
-from ..jobs import kernels
+from ..errors import EnvctlError, NotAuthorised, ValidationError
+from ..jobs import kernels, spec_edit
 from ..jobs.model import Requester
+from ..jobs.spec import validate_name
 from . import protocol
 
 if TYPE_CHECKING:
     from ..config import Config
     from ..jobs.manager import JobManager
+    from ..jobs.model import Job
     from .auth import Authoriser
 
 log = logging.getLogger(__name__)
@@ -35,6 +40,13 @@ class EnvHandlers:
     auth: Authoriser
 
     def _manager(self) -> JobManager:
+        raise NotImplementedError
+
+    def _queue(self, op: str, who: Requester, gone: Callable[[], bool], follow: bool,
+               submit: Callable[[], Job]) -> Iterator[Message]:
+        raise NotImplementedError
+
+    def _require_env_owner(self, who: Requester, name: str) -> None:
         raise NotImplementedError
 
     def op_env_list(self, who: Requester, gone: Callable[[], bool]) -> Iterator[Message]:
@@ -64,6 +76,34 @@ class EnvHandlers:
                 log.warning("env-remove kernelspec name=%s error=%s", name, exc)
         yield protocol.ok(done)
 
+    def op_env_add(self, who: Requester, gone: Callable[[], bool], name: str,
+                   packages: list[str], pip: list[str], tests: list[str],
+                   follow: bool) -> Iterator[Message]:
+        if not packages and not pip:
+            raise ValidationError("env-add needs at least one package (packages or pip)",
+                                  hint=f"to solve the same spec again: envctl env update {name}")
+        yield from self._change("env-add", who, gone, name, tests, follow,
+                                lambda text: spec_edit.add_packages(text, packages, pip))
+
+    def op_env_update(self, who: Requester, gone: Callable[[], bool], name: str,
+                      tests: list[str], follow: bool) -> Iterator[Message]:
+        yield from self._change("env-update", who, gone, name, tests, follow, None)
+
+    def _change(self, op: str, who: Requester, gone: Callable[[], bool], name: str,
+                tests: list[str], follow: bool,
+                change: Callable[[str], str] | None) -> Iterator[Message]:
+        """A replace of ``name`` from its current spec (``change``d): a create's checks."""
+        jobs = self._manager()
+        try:
+            self.auth.require_create(who)
+            self._require_env_owner(who, validate_name(name))
+        except NotAuthorised as exc:
+            log.info("api refused op=%s uid=%d user=%s hub_user=%s name=%s", op, who.uid,
+                     who.username, who.hub_user, name)
+            raise NotAuthorised(exc.message, hint=alternatives(name)) from None
+        yield from self._queue(op, who, gone, follow,
+                               lambda: jobs.submit_change(who, name, change, tests))
+
     def op_env_gc(self, who: Requester, gone: Callable[[], bool],
                   dry_run: bool) -> Iterator[Message]:
         if not who.is_admin or self.auth.unverified(who):
@@ -80,3 +120,11 @@ class EnvHandlers:
             raise NotAuthorised(f"user {who.username} (uid {who.uid}) may not change "
                                 "environments on this daemon",
                                 hint="only an environment's owner or an envctl admin may")
+
+
+def alternatives(name: str) -> str:
+    """What a user who may not change the shared environment ``name`` can do instead."""
+    return (f"ask its owner or an envctl admin; meanwhile, test changes in a separate "
+            f"environment first: envctl request create {name}-test -f FILE (envctl env export "
+            f"{name} > FILE gives its spec), or install into a personal layer over it: "
+            f"envctl env layer {name}")

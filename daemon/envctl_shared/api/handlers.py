@@ -146,18 +146,25 @@ class Handlers(EnvHandlers):
                      "replace=%s", who.uid, who.username, who.hub_user, who.claimed_user, name,
                      replace)
             raise
+        yield from self._queue("create", who, gone, follow, lambda: jobs.submit(
+            who, name, spec, backend=backend, replace=replace, tests=tests))
+
+    def _queue(self, op: str, who: Requester, gone: Callable[[], bool], follow: bool,
+               submit: Callable[[], Job]) -> Iterator[Message]:
+        """Queue a build (``submit`` parses its spec: in one of the PARSE_SLOTS turns) and
+        reply with the job, or with ``follow`` stream it to its end."""
         if not _parse_turns.acquire(timeout=PARSE_WAIT):
-            log.debug("api busy op=create uid=%d user=%s name=%s parse_slots=%d", who.uid,
-                     who.username, name, PARSE_SLOTS)
+            log.debug("api busy op=%s uid=%d user=%s parse_slots=%d", op, who.uid,
+                      who.username, PARSE_SLOTS)
             raise DaemonUnavailable("the daemon is busy checking other requests' specs",
                                     hint="try again in a few seconds")
         try:
-            job = jobs.submit(who, name, spec, backend=backend, replace=replace, tests=tests)
+            job = submit()
         finally:
             _parse_turns.release()
-        log.debug("api create job=%s name=%s backend=%s uid=%d user=%s hub_user=%s claimed=%s "
-                  "replace=%s", job.id, job.name, job.backend, who.uid, who.username,
-                  who.hub_user, who.claimed_user, replace)
+        log.debug("api %s job=%s name=%s backend=%s uid=%d user=%s hub_user=%s claimed=%s "
+                  "replace=%s", op, job.id, job.name, job.backend, who.uid, who.username,
+                  who.hub_user, who.claimed_user, job.replace)
         if not follow:
             yield protocol.ok(job.to_dict())
             return

@@ -87,6 +87,9 @@ class Op:
 _ID = Arg((str, int), "job id, as printed by create/list", required=True, check=_job_id)
 _FOLLOW = Arg((bool,), "stream events until the job ends instead of replying once", default=False)
 _ENV = Arg((str,), "environment name", required=True, check=_word)
+_TESTS = Arg((list,), "shell command lines (at most 16, each at most 1000 characters) run as "
+             "the build user inside the new version, activated, before it is made current; "
+             "any failure: not promoted, the job fails", default=(), check=_commands)
 
 OPS: dict[str, Op] = {op.name: op for op in (
     Op("ping", "Liveness check; replies {pong, version, protocol}. Anyone who can connect."),
@@ -106,10 +109,7 @@ OPS: dict[str, Op] = {op.name: op for op in (
         "claimed_user": Arg((str,), "who the client says it acts for (e.g. JUPYTERHUB_USER); "
                             "recorded, never trusted (hub users are identified by hub_token)"),
         "follow": _FOLLOW,
-        "tests": Arg((list,), "shell command lines (at most 16, each at most 1000 characters) "
-                     "run as the build user inside the new version, activated, before it is "
-                     "made current; any failure: not promoted, the job fails",
-                     default=(), check=_commands),
+        "tests": _TESTS,
     }, streaming=True),
     Op("get", "One job (state, phase, prefix, exit detail). Own jobs; everyone's for "
        "requesters and admins.", {"id": _ID}),
@@ -146,6 +146,25 @@ OPS: dict[str, Op] = {op.name: op for op in (
                                                check=_word)}),
     Op("env-remove", "The name disappears at once (atomically); its versions are removed by "
        "GC after requests.gc_grace. The owner or admins.", {"name": _ENV}),
+    Op("env-add", "A new version of an environment: the current version's spec (as its "
+       "record keeps it) with packages added — a package already listed is replaced by the "
+       "new entry of the same name —, built, tested (the current version's tests, then "
+       "these) and made current: a create with replace (the same checks, queue and limits; "
+       "cancel it like any job), refused with conflict when another version became current "
+       "meanwhile. Replies (or streams, with follow) like create. The owner (requester of the "
+       "first version) or admins.", {
+        "name": _ENV,
+        "packages": Arg((list,), "conda match specs added to dependencies", default=(),
+                        check=_commands),
+        "pip": Arg((list,), "pip requirements added to the pip: list (created if absent)",
+                   default=(), check=_commands),
+        "tests": _TESTS,
+        "follow": _FOLLOW,
+    }, streaming=True),
+    Op("env-update", "A new version built from the current version's spec unchanged: solved "
+       "again, so it takes newer packages where the spec allows them; otherwise as env-add. "
+       "The owner or admins.", {"name": _ENV, "tests": _TESTS, "follow": _FOLLOW},
+       streaming=True),
     Op("env-gc", "Remove versions that are neither current nor among the newest "
        "requests.keep_versions and stopped being current over requests.gc_grace ago, and "
        "what dead builds left; replies {removed, skipped, ...}. Admins.",

@@ -12,15 +12,18 @@ import argparse
 import sys
 from typing import Any
 
-from ..errors import EX_OK
+from ..errors import EX_OK, UsageError
+from . import layer_cmd
 from .output import emit_json, local_time, quote_name, table
+from .request_cmd import queue
 from .status_cmd import add_socket_option, client_for
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    p = subparsers.add_parser("env", help="list, inspect, export, roll back and remove shared "
-                              "environments", description="Environments in the request root: "
-                              "each build is a version; NAME points to the current one.")
+    p = subparsers.add_parser("env", help="list, inspect, export, change, roll back and remove "
+                              "shared environments, or layer your own over one",
+                              description="Environments in the request root: each build is a "
+                              "version; NAME points to the current one.")
     sub = p.add_subparsers(dest="action", metavar="ACTION", parser_class=type(p))
     sub.required = True
 
@@ -46,6 +49,37 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[
     gc.set_defaults(func=run_gc)
     for parser in (ls, show, exp, rb, rm, gc):
         parser.add_argument("--json", action="store_true", help="print the answer as JSON")
+        add_socket_option(parser)
+    _add_change_parsers(sub)
+    layer_cmd.add_parser(sub)
+
+
+def _add_change_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    """``env add`` and ``env update``: a new version of a shared env (its owner, admins)."""
+    add = sub.add_parser("add", help="a new version with more packages (the owner, admins)",
+                         description="Build a new version from the current version's spec "
+                         "plus the packages named (a package already listed is replaced by the "
+                         "new entry of its name), test it and make it current; follows the "
+                         "build like 'request create'. Others: 'envctl env layer NAME'.")
+    add.add_argument("name")
+    add.add_argument("packages", nargs="*", metavar="PKG", help="conda match specs to add")
+    add.add_argument("--pip", nargs="+", action="extend", default=[], metavar="PKG",
+                     help="pip requirements to add to the spec's pip: list")
+    add.set_defaults(func=run_add)
+    upd = sub.add_parser("update", help="a new version of the same spec, solved again for "
+                         "newer packages (the owner, admins)",
+                         description="Build a new version from the current version's spec as "
+                         "it is (a new solve takes newer packages where the spec allows), test "
+                         "it and make it current; follows the build like 'request create'.")
+    upd.add_argument("name")
+    upd.set_defaults(func=run_update)
+    for parser in (add, upd):
+        parser.add_argument("--test", action="append", default=[], metavar="CMD", dest="tests",
+                            help="a shell command the new version must pass, after the current "
+                                 "version's own tests (repeatable)")
+        parser.add_argument("--no-wait", action="store_true",
+                            help="print the job id and return")
+        parser.add_argument("--json", action="store_true", help="print the job as JSON")
         add_socket_option(parser)
 
 
@@ -152,3 +186,15 @@ def run_gc(args: argparse.Namespace) -> int:
     print(f"{verb} {len(out['removed'])} version(s)" + (
         f"; skipped (being built): {', '.join(out['skipped'])}" if out["skipped"] else ""))
     return EX_OK
+
+
+def run_add(args: argparse.Namespace) -> int:
+    if not args.packages and not args.pip:
+        raise UsageError("name at least one package (PKG or --pip PKG)",
+                         hint=f"to solve the same spec again: envctl env update {args.name}")
+    return queue(args, "env-add", {"name": args.name, "packages": args.packages or None,
+                                   "pip": args.pip or None, "tests": args.tests or None})
+
+
+def run_update(args: argparse.Namespace) -> int:
+    return queue(args, "env-update", {"name": args.name, "tests": args.tests or None})

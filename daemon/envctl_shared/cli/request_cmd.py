@@ -117,12 +117,17 @@ def _read_spec(path: str) -> str:
 
 def run_create(args: argparse.Namespace) -> int:
     spec = _read_spec(args.file)
-    request = {"name": args.name, "spec": spec, "backend": args.backend,
-               "replace": args.replace, "claimed_user": os.environ.get(CLAIM_ENV) or None,
-               "tests": args.tests or None}
+    return queue(args, "create", {
+        "name": args.name, "spec": spec, "backend": args.backend, "replace": args.replace,
+        "claimed_user": os.environ.get(CLAIM_ENV) or None, "tests": args.tests or None})
+
+
+def queue(args: argparse.Namespace, op: str, request: dict[str, Any]) -> int:
+    """Send ``op`` (a build: ``create``, ``env-add``...), then print the job id and return
+    (``--no-wait``), or follow it to its end and exit with its outcome."""
     if args.no_wait:
         with client_for(args) as client:
-            queued = client.call("create", **request)
+            queued = client.call(op, **request)
         if args.json:
             emit_json(with_iso_times(queued))
         else:
@@ -134,7 +139,7 @@ def run_create(args: argparse.Namespace) -> int:
     # daemon closes the socket, which ends the stream with DaemonUnavailable).
     job: dict[str, Any] = {}
     with client_for(args, timeout=None) as client:
-        for msg in client.stream("create", follow=True, **request):
+        for msg in client.stream(op, follow=True, **request):
             job = _progress(msg, job, quiet=args.json)
     return _outcome(job, as_json=args.json)
 

@@ -307,9 +307,10 @@ class JobManager:
 
     def submit(self, requester: Requester, name: str, spec_text: str,
                backend: str | None = None, replace: bool = False,
-               tests: Sequence[str] = ()) -> Job:
+               tests: Sequence[str] = (), base: str | None = None) -> Job:
         """Validate, persist and queue a build; ValidationError/Conflict before anything exists.
-        ``tests`` are command lines the new version must pass before it is made current."""
+        ``tests`` are command lines the new version must pass before it is made current;
+        ``base``: the version the spec was derived from, which must still be current."""
         config = self._config
         cfg = config.requests
         if not cfg.enabled:
@@ -334,7 +335,12 @@ class JobManager:
                     f"{requester.who} already has {mine} jobs queued or running, the most one "
                     f"requester may (requests.max_queued_per_user = {cfg.max_queued_per_user})",
                     hint="wait for one to finish, or cancel one ('envctl request list')")
-            kind = self._current(name).kind
+            cur = self._current(name)
+            kind = cur.kind
+            if base is not None and cur.version != base:
+                raise Conflict(f"{name!r} changed while the request was prepared (now "
+                               f"{cur.version or 'no version'}, was {base})",
+                               hint="run the command again")
             if kind != "missing" and not replace:
                 raise Conflict(f"{prefix} already exists",
                                hint="pick another name, or replace it with --replace (its "
@@ -365,6 +371,25 @@ class JobManager:
                  extra=fields(job=job_id))
         self._notify()
         return job
+
+    def submit_change(self, requester: Requester, name: str,
+                      change: Callable[[str], str] | None, tests: Sequence[str] = ()) -> Job:
+        """``env add``/``env update``: a replace built from the current version's spec as its
+        record keeps it (``change`` edits the text; None re-solves it as it is), its backend,
+        and its tests followed by ``tests``. The record is read under the name's lock (no build
+        of the name is running) and ``submit`` queues the job only if that version is still
+        current, so a replace or rollback that came in between is never undone."""
+        with self._env_locked(name, "change") as (fds, env_fd):
+            cur = envs.current(fds[""], name)
+            rec = envs.ready(env_fd, cur.version) if cur.version is not None else None
+        if rec is None or not isinstance(rec.get("spec"), str):
+            raise Conflict(f"{name!r} has no current version built from a spec to start from",
+                           hint=f"see: envctl env show {name}; or request it anew with "
+                                "'envctl request create --replace'")
+        spec = rec["spec"] if change is None else change(rec["spec"])
+        kept = [t for t in rec.get("tests") or [] if isinstance(t, str)]
+        return self.submit(requester, name, spec, backend=rec.get("backend"), replace=True,
+                           tests=list(dict.fromkeys([*kept, *tests])), base=cur.version)
 
     def get(self, job_id: str) -> Job:
         """Our job, or another host's as its record in the root says (``host`` set)."""
