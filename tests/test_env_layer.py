@@ -36,8 +36,17 @@ from envctl_shared.jobs import JobManager, State
 from tests.api_support import ApiDaemon, start_api_daemon
 from tests.conftest import Accounts, User
 from tests.helpers import VENV_BIN
-from tests.jobs_support import (CondaPackage, JobsEnv, app_package, build_channel, full_log, python_package,
-                                wait_done, write_conda_package, write_wheel)
+from tests.jobs_support import (
+    CondaPackage,
+    JobsEnv,
+    app_package,
+    build_channel,
+    full_log,
+    python_package,
+    wait_done,
+    write_conda_package,
+    write_wheel,
+)
 from tests.test_kernels import kernel_wheels
 
 pytest_plugins = ("tests.fixtures_jobs",)  # jobs_env, manager_factory
@@ -165,7 +174,7 @@ def _as(user: User, home: Path, *argv: str, env: dict[str, str] | None = None,
     res = subprocess.run(["setpriv", f"--reuid={user.uid}", f"--regid={user.gid}",
                           "--init-groups", "env", "-i",
                           *(f"{k}={v}" for k, v in environ.items()), *argv],
-                         text=True, capture_output=True, timeout=timeout, cwd="/")
+                         text=True, capture_output=True, timeout=timeout, cwd="/", check=False)
     if check:
         assert res.returncode == 0, f"{argv}: {res.stderr}{res.stdout}"
     return res

@@ -192,7 +192,7 @@ def _check_dest(dest: Path, env: Path) -> bool:
 
 def _run(argv: list[str], what: str) -> str:
     try:
-        done = subprocess.run(argv, capture_output=True, text=True, timeout=TIMEOUT,
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=TIMEOUT, check=False,
                               stdin=subprocess.DEVNULL, cwd="/")
     except (OSError, subprocess.TimeoutExpired) as exc:
         raise EnvctlError(f"{what}: {exc}") from None
