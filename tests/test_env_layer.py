@@ -64,6 +64,7 @@ def api(accounts: Accounts) -> Iterator[ApiDaemon]:
     try:
         for version in ("1.0", "2.0"):
             write_wheel(own, "kversion", version, f"VERSION = {version!r}\n")
+        write_wheel(own, "kextra", "1.0")
         yield from start_api_daemon(accounts, timeout=600, pip_args=[
             "--no-index", "--no-compile", "--find-links", str(kernel_wheels()),
             "--find-links", str(own)])
@@ -142,6 +143,18 @@ def test_env_add_and_update_by_the_owner_and_a_clear_refusal_for_others(
     assert api.cli(accounts.alice, "env", "add", name).returncode == 64
     res = api.cli(accounts.alice, "env", "update", "no-such-env")
     assert res.returncode == 65 and "no environment 'no-such-env'" in res.stderr
+
+
+def test_env_add_pip_replaces_a_listed_requirement_and_adds_another(
+        api: ApiDaemon, accounts: Accounts) -> None:
+    name = "addpip"
+    _create(api, accounts.alice, name, "dependencies:\n  - pip:\n    - kversion==1.0\n",
+            "--backend", "venv")
+    res = api.cli(accounts.alice, "env", "add", name, "--pip", "kversion==2.0", "kextra")
+    assert res.returncode == 0, res.stderr + res.stdout
+    v2 = _version(_show(api, accounts.alice, name), "v2")
+    assert "kversion==1.0" not in v2["spec"] and "- kversion==2.0" in v2["spec"]
+    assert _names(v2)["kversion"] == "2.0" and _names(v2)["kextra"] == "1.0"
 
 
 def test_a_change_is_not_built_over_a_version_that_stopped_being_current(
@@ -235,7 +248,7 @@ print(json.dumps({"display_name": spec.display_name, "out": "".join(out)}))
 
 
 def test_a_layer_takes_pip_installs_follows_the_shared_env_and_is_a_kernel(
-        api: ApiDaemon, accounts: Accounts) -> None:
+        api: ApiDaemon, accounts: Accounts, capsys: pytest.CaptureFixture[str]) -> None:
     name = "layered"
     _create(api, accounts.alice, name, KSPEC.format(v="1.0"), "--backend", "venv")
     version = (api.root / name).resolve()
@@ -243,7 +256,8 @@ def test_a_layer_takes_pip_installs_follows_the_shared_env_and_is_a_kernel(
     bob = accounts.bob
     home = _home(api, bob, name)
     made = _layer(api, bob, home, name)
-    print(f"\nenv layer made in {made['seconds']:.3f} s (a venv over a shared venv)")
+    with capsys.disabled():
+        print(f"\nenv layer made in {made['seconds']:.3f} s (a venv over a shared venv)")
     assert made["seconds"] < 1.0
     layer = home / ".local" / "share" / "envctl" / "layers" / name
     assert made["prefix"] == str(layer) and made["env"] == str(api.root / name)
@@ -331,13 +345,14 @@ def pyapi(accounts: Accounts) -> Iterator[ApiDaemon]:
 
 
 def test_a_layer_over_a_conda_prefix_has_its_stable_bin_as_home(
-        pyapi: ApiDaemon, accounts: Accounts) -> None:
+        pyapi: ApiDaemon, accounts: Accounts, capsys: pytest.CaptureFixture[str]) -> None:
     name = "condashared"
     _create(pyapi, accounts.alice, name, "dependencies:\n  - python\n  - pymod=1\n")
     bob = accounts.bob
     home = _home(pyapi, bob, name)
     made = _layer(pyapi, bob, home, name)
-    print(f"\nenv layer made in {made['seconds']:.3f} s (a venv over a conda prefix)")
+    with capsys.disabled():
+        print(f"\nenv layer made in {made['seconds']:.3f} s (a venv over a conda prefix)")
     stable = pyapi.root / name
     assert made["seconds"] < 1.0 and made["home"] == str(stable / "bin")
     assert made["kernel"] is None  # no ipykernel anywhere

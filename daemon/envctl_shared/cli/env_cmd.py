@@ -3,7 +3,9 @@
 Why through the daemon: the versions and their records live in the root (readable by everyone),
 but the daemon is the one that checks they are its own before trusting them, and the one that
 may switch, remove and collect; the CLI only talks the protocol and formats the answer
-(``--json`` prints the daemon's data as it is).
+(``--json`` prints the daemon's data as it is). ``env add``/``env update`` are builds, followed
+as ``request create`` follows one; ``env layer`` is the exception, made by the user alone
+(``layer_cmd``).
 """
 
 from __future__ import annotations

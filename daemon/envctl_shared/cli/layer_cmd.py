@@ -211,6 +211,7 @@ def _make(env: Path, dest: Path) -> None:
           str(dest)], f"{base} -m venv")
     shared = _cfg(env)  # a venv itself: chained by a .pth (venvs do not nest)
     cfg = _cfg(dest)
+    xy = ".".join(cfg.get("version", "").split(".")[:2])  # the version the venv was made for
     cfg.update(home=shared.get("home", str(env / "bin")), executable=base,
                **{"include-system-site-packages":
                   shared.get("include-system-site-packages", "true"), MARKER: str(env)})
@@ -219,9 +220,9 @@ def _make(env: Path, dest: Path) -> None:
     for link in bindir.glob("python*"):  # venv's, to its resolved base: made anew below
         link.unlink()
     os.symlink(base, bindir / "python")  # resolved through <root>/NAME at every start
-    for alias in ("python3", *(f"python{v}" for v in _versions(dest))):
+    for alias in ("python3", f"python{xy}"):
         os.symlink("python", bindir / alias)
-    site = next(iter(sorted(dest.glob("lib/python*/site-packages"))))
+    site = dest / "lib" / f"python{xy}" / "site-packages"
     chained = [str(p) for p in sorted(env.glob("lib/python*/site-packages"))]
     if shared and chained:
         _write(site / PTH, "".join(f"import site; site.addsitedir({p!r})\n" for p in chained))
@@ -234,10 +235,6 @@ def _make(env: Path, dest: Path) -> None:
     for name in ("pip", "pip3"):
         if not (bindir / name).exists():  # pip's own script, once ensurepip put it there
             _write(bindir / name, shim, 0o755)
-
-
-def _versions(dest: Path) -> list[str]:
-    return [p.name.removeprefix("python") for p in sorted((dest / "lib").glob("python*"))]
 
 
 def _write(path: Path, text: str, mode: int = 0o644) -> None:
