@@ -360,7 +360,21 @@ def test_a_layer_over_a_conda_prefix_has_its_stable_bin_as_home(
     code = "import sys, pymod; print(sys.base_prefix, pymod.V, pymod.__file__)"
     out = _as(bob, home, str(layer / "bin" / "python"), "-c", code).stdout.split()
     assert out[0] == str(stable) and out[1] == "1" and out[2].startswith(str(stable))
+    # no pip in the shared env: the layer's pip bootstraps itself into the layer, then installs
+    assert made["pip"] is False
+    wheels = Path(tempfile.mkdtemp(dir=pyapi.base, prefix="mine-"))
+    write_wheel(wheels, "mine", "1.0", "WHO = 'mine'\n")
+    os.chmod(wheels, 0o755)
+    _as(bob, home, str(layer / "bin" / "pip"), "install", "--no-index", "--find-links",
+        str(wheels), "mine")
+    assert list(layer.glob("lib/python3.11/site-packages/pip")) and \
+        not list(stable.glob("lib/python3.11/site-packages/pip"))
     _create(pyapi, accounts.alice, name, "dependencies:\n  - python\n  - pymod=2\n",
             "--replace")
-    out = _as(bob, home, str(layer / "bin" / "python"), "-c", code).stdout.split()
-    assert out[0] == str(stable) and out[1] == "2"
+    out = _as(bob, home, str(layer / "bin" / "python"), "-c", code + "; import mine").stdout
+    assert out.split()[0] == str(stable) and out.split()[1] == "2"
+    # as root: refused, nothing run
+    res = subprocess.run([str(VENV_BIN / "envctl"), "env", "layer", str(stable), "--prefix",
+                          str(home / "root-layer")], capture_output=True, text=True, check=False)
+    assert res.returncode == 64 and "not as root" in res.stderr
+    assert not (home / "root-layer").exists()

@@ -87,6 +87,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
 def run(args: argparse.Namespace) -> int:
     from ..jobs.spec import validate_name  # not at import: the jobs layer costs every command
 
+    if os.geteuid() == 0:
+        raise UsageError("env layer runs the shared environment's python as you: not as root",
+                         hint="run it as the user who will use the layer")
     started = time.monotonic()
     env = _shared_env(args)
     name = validate_name(env.name)

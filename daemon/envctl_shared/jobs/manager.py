@@ -325,10 +325,7 @@ class JobManager:
         prefix = config.requests_root.path / name
         with self._submit_lock:
             active = self.store.list()
-            if any(j.name == name for j in active):  # first: --replace cannot help
-                raise Conflict(f"a build of {name!r} is already queued or running",
-                               hint="wait for it to finish ('envctl request list --all'), or "
-                                    "cancel it")
+            _refuse_busy(name, active)  # first: --replace cannot help
             mine = sum(1 for j in active if requester.owns(j))
             if not requester.is_admin and mine >= cfg.max_queued_per_user:
                 raise LimitReached(
@@ -378,7 +375,9 @@ class JobManager:
         record keeps it (``change`` edits the text; None re-solves it as it is), its backend,
         and its tests followed by ``tests``. The record is read under the name's lock (no build
         of the name is running) and ``submit`` queues the job only if that version is still
-        current, so a replace or rollback that came in between is never undone."""
+        current, so a replace or rollback that came in between is never undone. A queued
+        build of the name is refused first: taking its lock now would fail that build."""
+        _refuse_busy(name, self.store.list())
         with self._env_locked(name, "change") as (fds, env_fd):
             cur = envs.current(fds[""], name)
             rec = envs.ready(env_fd, cur.version) if cur.version is not None else None
@@ -654,6 +653,13 @@ class JobManager:
                 self.env_gc()
             except Exception:  # noqa: BLE001 - e.g. a tampered .envctl: say so, try again later
                 log.exception("env-gc-failed")
+
+
+def _refuse_busy(name: str, active: Sequence[Job]) -> None:
+    """One queued or running build per name."""
+    if any(j.name == name for j in active):
+        raise Conflict(f"a build of {name!r} is already queued or running",
+                       hint="wait for it to finish ('envctl request list --all'), or cancel it")
 
 
 def _size(path: str) -> int:
