@@ -166,7 +166,7 @@ def _cfg(prefix: Path) -> dict[str, str]:
         return {}
     except OSError as exc:
         raise FilesystemError(f"cannot read {quote_name(str(prefix / 'pyvenv.cfg'))}: "
-                              f"{exc.strerror}") from None
+                              f"{exc.strerror}", hint="see: envctl doctor") from None
     return {k.strip(): v.strip() for k, sep, v in (line.partition("=") for line in lines) if sep}
 
 
@@ -193,17 +193,18 @@ def _check_dest(dest: Path, env: Path) -> bool:
 # -- making it ----------------------------------------------------------------------------------
 
 
+_RUN_HINT = "the shared environment's python must run for you; see: envctl doctor NAME"
+
+
 def _run(argv: list[str], what: str) -> str:
     try:
         done = subprocess.run(argv, capture_output=True, text=True, timeout=TIMEOUT, check=False,
                               stdin=subprocess.DEVNULL, cwd="/")
     except (OSError, subprocess.TimeoutExpired) as exc:
-        raise EnvctlError(f"{what}: {exc}") from None
+        raise EnvctlError(f"{what}: {exc}", hint=_RUN_HINT) from None
     if done.returncode != 0:
         tail = (done.stderr.strip() or done.stdout.strip())[-500:]
-        raise EnvctlError(f"{what}: exit {done.returncode}: {tail}",
-                          hint="the shared environment's python must run for you; see: "
-                               "envctl doctor")
+        raise EnvctlError(f"{what}: exit {done.returncode}: {tail}", hint=_RUN_HINT)
     return done.stdout
 
 
