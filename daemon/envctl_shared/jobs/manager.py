@@ -545,7 +545,7 @@ class JobManager:
         from .kernels import kernel_name
 
         kname = kernel_name(name)
-        return kname if (kdir / kname / "kernel.json").is_file() else None
+        return kname if kname and (kdir / kname / "kernel.json").is_file() else None
 
     def env_export(self, name: str, version: str | None = None) -> dict[str, Any]:
         """An environment.yml with exact pins of ``version`` (default: the current one)."""
@@ -578,8 +578,23 @@ class JobManager:
                 raise NotFound(f"{name!r} has no built version {to}",
                                hint=f"see: envctl env show {name}")
             previous = envs.switch(fds[""], env_fd, name, to)
+            kernel = self._refresh_kernel(name)
         log.info("env-rollback name=%s from=%s to=%s by=%s", name, previous, to, who.who)
-        return {"name": name, "current": to, "previous": previous}
+        return {"name": name, "current": to, "previous": previous, "kernel": kernel}
+
+    def _refresh_kernel(self, name: str) -> str | None:
+        """The kernelspec the version just made current needs (written, or removed when it has
+        no ipykernel); a failure is logged, the switch stands (``kernels sync`` repairs it)."""
+        if self._config.kernels.dir is None:
+            return None
+        from . import kernels
+
+        try:
+            return kernels.refresh(self._config, name)
+        except (OSError, EnvctlError) as exc:
+            log.warning("env-kernelspec name=%s error=%s", name, exc)
+            return f"kernelspec not written: {exc}"
+
 
     def env_remove(self, who: Requester, name: str) -> dict[str, Any]:
         """The name disappears at once; its versions go at GC (after gc_grace)."""
