@@ -108,20 +108,20 @@ def has_ipykernel(fds: dict[str, int], env: str) -> bool:
             if isinstance(packages, list) and packages:
                 return any(isinstance(p, dict) and str(p.get("name", "")).lower() == "ipykernel"
                            for p in packages)
-            return _launcher_in(env_fd, cur.version)
-    return cur.kind == "unmanaged" and _launcher_in(fds[""], env)
+            return launcher_in(env_fd, cur.version)
+    return cur.kind == "unmanaged" and launcher_in(fds[""], env)
 
 
-def _open_dir(parent: int, name: str) -> int | None:
+def _open_dir(parent: int | None, name: str) -> int | None:
     try:
         return os.open(name, DIR_FLAGS, dir_fd=parent)
     except OSError:
         return None
 
 
-def _launcher_in(parent: int, name: str) -> bool:
-    """A site directory of the prefix ``name`` holds ``ipykernel_launcher.py`` (a regular file:
-    no symlink followed on the way or at the end)."""
+def launcher_in(parent: int | None, name: str) -> bool:
+    """A site directory of the prefix ``name`` (in ``parent``, or a path) holds
+    ``ipykernel_launcher.py`` (a regular file: no symlink followed from the prefix on)."""
     prefix = _open_dir(parent, name)
     if prefix is None:
         return False
