@@ -273,12 +273,20 @@ def sync(config: Config, busy: set[str], limit: float = SYNC_LIMIT) -> SyncResul
                 wanted[name] = env
     written, removed = [], []
     with _KernelsDir(config.kernels.dir) as kdir:
-        for name, env in wanted.items():
-            kdir.write(name, env, spec_for(config, env))
-            written.append(name)
-        for name, owner in kdir.ours().items():
-            if name not in wanted and owner not in keep and kdir.remove(name, owner):
+        # First what no env wants any more under its owner (gone, no ipykernel, an old name
+        # now another env's), then the writes: a name is free when it is written.
+        for name, owner in sorted(kdir.ours().items()):
+            if wanted.get(name) != owner and owner not in keep and kdir.remove(name, owner):
                 removed.append(name)
+        for name, env in wanted.items():
+            try:
+                kdir.write(name, env, spec_for(config, env))
+            except Conflict as exc:  # held by an env being built: its build decides
+                log.warning("kernels-sync-conflict name=%s env=%s problem=%s", name, env,
+                            exc.message)
+                skipped.append(env)
+                continue
+            written.append(name)
     log.info("kernels-sync written=%d removed=%d skipped=%d", len(written), len(removed),
              len(skipped))
     return SyncResult(tuple(written), tuple(removed), tuple(skipped))
