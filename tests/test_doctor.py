@@ -292,12 +292,12 @@ def test_doctor_as_root_never_runs_an_envs_code_as_root(root: Path, scratch: Pat
     _venv_with_pth(_managed(root, "shared"), marks)
     rootuser = User("root", 0, 0)
     for name in ("hand", "shared"):
-        code, c = doctor(rootuser, "--socket", _no_daemon(scratch), "--root", str(root), name)
+        _, c = doctor(rootuser, "--socket", _no_daemon(scratch), "--root", str(root), name)
         assert c["python"]["ok"] and "runs as nobody" in c["python"]["summary"], c["python"]
         assert list(marks.iterdir()) == []
         # ... and as the user who runs it, for their own run: still no .pth
-        code, c = doctor(accounts.alice, "--socket", _no_daemon(scratch), "--root", str(root),
-                         name)
+        _, c = doctor(accounts.alice, "--socket", _no_daemon(scratch), "--root", str(root),
+                      name)
         assert c["python"]["summary"].startswith("python 3."), c["python"]
         assert list(marks.iterdir()) == []
     evil = root / "evil"
@@ -318,16 +318,16 @@ def test_a_read_only_version_explains_permission_denied(root: Path, scratch: Pat
     for d in (version / "bin", version):
         os.chmod(d, 0o2555)
     try:
-        code, c = doctor(accounts.alice, "--socket", _no_daemon(scratch), "--root", str(root),
-                         "team")
+        _, c = doctor(accounts.alice, "--socket", _no_daemon(scratch), "--root", str(root),
+                      "team")
         said = c["installing"]["summary"]
         assert c["installing"]["ok"] and "read-only by design" in said
         assert "Permission denied" in said and "envctl env add team PKG..." in said
         assert "envctl env layer team" in said
         # a hand-made env is the group's to install into: nothing said
         (root / "hand").mkdir()
-        code, c = doctor(accounts.alice, "--socket", _no_daemon(scratch), "--root", str(root),
-                         "hand")
+        _, c = doctor(accounts.alice, "--socket", _no_daemon(scratch), "--root", str(root),
+                      "hand")
         assert "installing" not in c
     finally:
         for d in (version, version / "bin"):

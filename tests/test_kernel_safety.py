@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 from envctl_shared import config as cfgmod
-from envctl_shared.errors import ConfigError
+from envctl_shared.errors import ConfigError, Conflict
 from envctl_shared.jobs import kernels
 
 from tests.api_support import ApiDaemon, start_api_daemon
@@ -55,7 +55,7 @@ def hand_made_env(path: Path) -> None:
 
 def sync(api: ApiDaemon, timeout: float = 150) -> dict:
     res = subprocess.run([ENVCTL, "kernels", "sync", "--json", "--socket", str(api.sock)],
-                         text=True, capture_output=True, timeout=timeout)
+                         text=True, capture_output=True, timeout=timeout, check=False)
     assert res.returncode == 0, res.stderr
     return dict(json.loads(res.stdout))
 
@@ -65,7 +65,7 @@ def owner(kdir: Path, name: str) -> str:
 
 
 def test_sync_never_runs_a_hand_made_python(kapi: tuple[ApiDaemon, Path]) -> None:
-    api, kdir = kapi
+    api, _ = kapi
     marker = api.base / "ran"
     for name in ("evil1", "evil2"):
         env = api.root / name
@@ -114,9 +114,9 @@ def test_kernelspec_names_are_one_to_one_and_owned(kapi: tuple[ApiDaemon, Path])
         assert sorted(p.name for p in kdir.iterdir()) == ["envctl-_foo", "envctl-foo"]
         # A kernelspec another env owns is never overwritten under its name.
         cfg = cfgmod.load(api.config)
-        with pytest.raises(Exception, match="belongs to environment 'Foo'"):
-            with kernels._KernelsDir(kdir) as kd:
-                kd.write("envctl-_foo", "foo", kernels.spec_for(cfg, "foo"))
+        with pytest.raises(Conflict, match="belongs to environment 'Foo'"), \
+                kernels._KernelsDir(kdir) as kd:
+            kd.write("envctl-_foo", "foo", kernels.spec_for(cfg, "foo"))
         assert owner(kdir, "envctl-_foo") == "Foo"
         # Past the sync's time limit nothing more is decided: kept, said skipped.
         late = kernels.sync(cfg, set(), limit=0)
