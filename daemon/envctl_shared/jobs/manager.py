@@ -580,8 +580,8 @@ class JobManager:
             previous = envs.switch(fds[""], env_fd, name, to)
             kernel = self._refresh_kernel(name)
         log.info("env-rollback name=%s from=%s to=%s by=%s", name, previous, to, who.who)
-        done = {"name": name, "current": to, "previous": previous}
-        return done if kernel is None else {**done, "kernel": kernel}
+        reply: dict[str, Any] = {"name": name, "current": to, "previous": previous}
+        return reply if kernel is None else {**reply, "kernel": kernel}
 
     def _refresh_kernel(self, name: str) -> str | None:
         """The kernelspec the version just made current needs (written, or removed when it has
