@@ -53,7 +53,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..config import Config
-from ..errors import Conflict, FilesystemError
+from ..errors import Conflict, EnvctlError, FilesystemError
 from ..heal.fsops import DIR_FLAGS
 from . import envs, layout
 from .layout import remove_tree
@@ -220,12 +220,19 @@ def spec_for(config: Config, env: str) -> dict[str, object]:
                          "debugger": True}}
 
 
-def refresh(config: Config, env: str) -> str:
-    """Make the env's kernelspec match the env as it is now (its current version, or gone);
-    a line for a log. The caller holds the name's lock or is fine with the last one winning."""
-    with layout.RootArea(config.requests_root.path).open() as fds:
-        present = has_ipykernel(fds, env)
-    return publish(config, env, present)
+def refresh(config: Config, env: str) -> str | None:
+    """After a switch (build, rollback; the name's lock held): make the env's kernelspec match
+    the version now current; a line for the log, None without ``kernels.dir``. A failure is
+    logged and said, never raised: the switch stands, ``kernels sync`` repairs the rest."""
+    if config.kernels.dir is None:
+        return None
+    try:
+        with layout.RootArea(config.requests_root.path).open() as fds:
+            present = has_ipykernel(fds, env)
+        return publish(config, env, present)
+    except (OSError, EnvctlError) as exc:
+        log.warning("kernelspec-failed name=%s error=%s", env, exc)
+        return f"kernelspec not written: {exc}"
 
 
 def publish(config: Config, env: str, has_kernel: bool) -> str:

@@ -205,16 +205,10 @@ class Build:
 
     def _publish_kernel(self) -> None:
         """Write or remove the env's kernelspec now that its version is current (decided from
-        the version's record: nothing of the env runs); a failure here is logged and said, but
-        the env is ready all the same (``kernels sync`` repairs it)."""
-        if self.config.kernels.dir is None:
-            return
-        try:
-            self.say(kernels.refresh(self.config, self.job.name))
-        except (OSError, EnvctlError) as exc:
-            self.say(f"kernelspec not written: {exc}")
-            log.warning("job-kernelspec id=%s name=%s error=%s", self.job.id, self.job.name,
-                        exc)
+        the version's record: nothing of the env runs); the env is ready whatever happens."""
+        said = kernels.refresh(self.config, self.job.name)
+        if said is not None:
+            self.say(said)
 
     def _clear_leftovers(self, env_fd: int, cur: str | None) -> None:
         """With the lock held, a version still ``building`` is a dead build's (here or on
