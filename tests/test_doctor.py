@@ -259,3 +259,76 @@ def test_hub_identity_on_a_shared_uid(root: Path, scratch: Path, accounts: Accou
     assert "JUPYTERHUB_API_TOKEN" in c["hub identity"]["fix"]
     code, c = doctor(accounts.bob, "--socket", sock)
     assert "hub identity" not in c
+
+
+def _venv_with_pth(env: Path, marker_dir: Path) -> None:
+    """A real env whose site-packages holds a ``.pth`` a member planted: it writes a marker
+    named after the uid that ran it."""
+    subprocess.run([str(VENV_BIN / "python"), "-m", "venv", "--without-pip", str(env)],
+                   check=True, timeout=60)
+    site = next(env.glob("lib/python*/site-packages"))
+    (site / "zz.pth").write_text(f"import os; open('{marker_dir}/pth-' + str(os.getuid()), "
+                                 "'w').close()\n")
+
+
+def _managed(root: Path, name: str) -> Path:
+    """The daemon's layout, as a build leaves it: ``<root>/NAME`` a root-owned symlink to
+    ``.envctl/envs/NAME/v1``."""
+    version = root / ".envctl" / "envs" / name / "v1"
+    version.parent.mkdir(parents=True)
+    os.symlink(f".envctl/envs/{name}/v1", root / name)
+    return version
+
+
+def test_doctor_as_root_never_runs_an_envs_code_as_root(root: Path, scratch: Path,
+                                                        accounts: Accounts) -> None:
+    """A planted ``.pth`` in a hand-made env and in a managed one: doctor as root ran it as
+    root. Now the python runs as nobody, with -I -S (no .pth at all); a hostile bin/python
+    that is not python at all runs as nobody, never as root."""
+    marks = scratch / "marks"
+    marks.mkdir(mode=0o777)
+    os.chmod(marks, 0o1777)
+    _venv_with_pth(root / "hand", marks)
+    _venv_with_pth(_managed(root, "shared"), marks)
+    rootuser = User("root", 0, 0)
+    for name in ("hand", "shared"):
+        _, c = doctor(rootuser, "--socket", _no_daemon(scratch), "--root", str(root), name)
+        assert c["python"]["ok"] and "runs as nobody" in c["python"]["summary"], c["python"]
+        assert list(marks.iterdir()) == []
+        # ... and as the user who runs it, for their own run: still no .pth
+        _, c = doctor(accounts.alice, "--socket", _no_daemon(scratch), "--root", str(root),
+                      name)
+        assert c["python"]["summary"].startswith("python 3."), c["python"]
+        assert list(marks.iterdir()) == []
+    evil = root / "evil"
+    (evil / "bin").mkdir(parents=True)
+    (evil / "bin" / "python").write_text(f"#!/bin/sh\nid -u > {marks}/sh\n")
+    os.chmod(evil / "bin" / "python", 0o755)
+    doctor(rootuser, "--socket", _no_daemon(scratch), "--root", str(root), "evil")
+    st = (marks / "sh").stat()
+    assert st.st_uid != 0 and (marks / "sh").read_text().strip() == str(st.st_uid)
+
+
+def test_a_read_only_version_explains_permission_denied(root: Path, scratch: Path,
+                                                        accounts: Accounts) -> None:
+    """A version envctl built is frozen: pip install there says "Permission denied"; doctor
+    says why and names the two commands to use instead."""
+    version = _managed(root, "team")
+    (version / "bin").mkdir(parents=True)
+    for d in (version / "bin", version):
+        os.chmod(d, 0o2555)
+    try:
+        _, c = doctor(accounts.alice, "--socket", _no_daemon(scratch), "--root", str(root),
+                      "team")
+        said = c["installing"]["summary"]
+        assert c["installing"]["ok"] and "read-only by design" in said
+        assert "Permission denied" in said and "envctl env add team PKG..." in said
+        assert "envctl env layer team" in said
+        # a hand-made env is the group's to install into: nothing said
+        (root / "hand").mkdir()
+        _, c = doctor(accounts.alice, "--socket", _no_daemon(scratch), "--root", str(root),
+                      "hand")
+        assert "installing" not in c
+    finally:
+        for d in (version, version / "bin"):
+            os.chmod(d, 0o755)

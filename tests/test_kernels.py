@@ -7,7 +7,8 @@ would: ``JUPYTER_PATH`` points at the shared ``share/jupyter``, ``KernelSpecMana
 the kernelspec, a ``KernelManager`` starts it, the kernel prints ``sys.prefix`` and the
 version, and it is shut down cleanly. A replace with ``kversion`` 2.0 is seen by the next kernel
 start through the same kernelspec; ``envctl kernels sync`` (admins) adds a hand-made env and
-removes the kernel of an env that is gone; an update without ipykernel removes the kernel.
+removes the kernel of an env that is gone; an update without ipykernel removes the kernel, a
+rollback to a version with it brings it back; a kernel sees its version's variables.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from typing import Callable, Iterator
 
 import pytest
 from envctl_shared.errors import EX_NOPERM
+from envctl_shared.jobs import envs
 
 from tests.api_support import ApiDaemon, start_api_daemon
 from tests.conftest import Accounts
@@ -201,3 +203,44 @@ def test_removing_an_env_removes_its_kernel(
     assert not (api.root / "kgone").exists()
     assert "envctl-kgone" not in _specs(kernels, monkeypatch).find_kernel_specs()
     assert not (kernels / "envctl-kgone").exists()
+
+
+def _set_variables(api: ApiDaemon, name: str, version: str, variables: dict[str, str]) -> None:
+    """``variables`` in a version's record, as a build of a spec with ``variables:`` writes
+    them (the daemon runs as root here: a record root writes is the daemon's)."""
+    env_dir = api.root / ".envctl" / "envs" / name
+    fd = os.open(env_dir, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        rec = envs.read_record(fd, f"{version}.json")
+        assert rec is not None and rec["state"] == "ready"
+        envs.write_record(fd, f"{version}.json", {**rec, "variables": variables})
+    finally:
+        os.close(fd)
+
+
+VARS = "import os, sys, kversion; print(os.environ.get('KVAR'), kversion.VERSION)"
+
+
+def test_rollback_restores_the_kernel_and_a_kernel_sees_its_versions_variables(
+        kapi: tuple[ApiDaemon, Path], accounts: Accounts, monkeypatch: pytest.MonkeyPatch,
+        tmp_path: Path) -> None:
+    """v1 has ipykernel and KVAR=one; v2 has no ipykernel: the update removes the kernel, a
+    rollback to v1 brings it back (started, it sees v1's variable), a rollback to v2 removes
+    it again. The variables are read when the kernel starts, from the version it starts on."""
+    api, kernels = kapi
+    _build(api, accounts, "kroll", "1.0")
+    _set_variables(api, "kroll", "v1", {"KVAR": "one"})
+    assert _run(_specs(kernels, monkeypatch), "envctl-kroll", VARS, tmp_path) == "one 1.0\n"
+    spec = api.write_spec("dependencies:\n  - pip:\n    - kversion==2.0\n")
+    res = api.cli(accounts.alice, "request", "create", "kroll", "-f", str(spec), "--backend",
+                  "venv", "--replace", "--json", timeout=600)
+    assert res.returncode == 0, res.stderr
+    assert not (kernels / "envctl-kroll").exists()
+    res = api.cli(accounts.alice, "env", "rollback", "kroll", "--json")
+    assert res.returncode == 0, res.stderr + res.stdout
+    assert json.loads(res.stdout)["kernel"].startswith("kernelspec envctl-kroll written")
+    assert _run(_specs(kernels, monkeypatch), "envctl-kroll", VARS, tmp_path) == "one 1.0\n"
+    res = api.cli(accounts.alice, "env", "rollback", "kroll", "--to", "v2", "--json")
+    assert res.returncode == 0, res.stderr + res.stdout
+    assert "envctl-kroll" not in _specs(kernels, monkeypatch).find_kernel_specs()
+    assert not (kernels / "envctl-kroll").exists()

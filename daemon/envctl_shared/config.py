@@ -542,10 +542,23 @@ def _hub_url(value: str) -> str | None:
     return None
 
 
-def _kernels(source: str, data: Any, base: Path) -> KernelsConfig:
+def _kernels(source: str, data: Any, base: Path,
+             roots: tuple[RootConfig, ...]) -> KernelsConfig:
     k = _Reader(source, "kernels", data)
     d = KernelsConfig()
     kdir = _absolute(k, "dir", _relative_to(base, k.get("dir", str, None)))
+    if kdir is not None:
+        # Inside a root, members may rename and replace entries: kernelspecs there could be
+        # swapped for ones that start anything in anyone's Jupyter (resolved: a symlink too).
+        real = Path(os.path.realpath(kdir))
+        for i, root in enumerate(roots):
+            rpath = Path(os.path.realpath(root.path))
+            if kdir == root.path or root.path in kdir.parents or real == rpath \
+                    or rpath in real.parents:
+                raise ConfigError(f"{source}: kernels.dir: {kdir} is inside roots[{i}] "
+                                  f"({root.path}), where its members could replace kernelspecs",
+                                  hint="put kernels.dir outside every root, e.g. "
+                                       "/usr/local/share/jupyter/kernels")
     prefix = k.get("display_prefix", str, d.display_prefix,
                    lambda v: None if 0 < len(v) <= 40 and v.isprintable()
                    else "must be 1-40 printable characters")
@@ -638,7 +651,7 @@ def parse(data: Any, source: str = "<memory>", base: Path | None = None) -> Conf
                           for r in roots)
     _check_venv_python(source, requests, roots)
     jupyterhub = _jupyterhub(source, top.get("jupyterhub", dict, None), base)
-    kernels = _kernels(source, top.get("kernels", dict, None), base)
+    kernels = _kernels(source, top.get("kernels", dict, None), base, roots)
 
     lg = _Reader(source, "logging", top.get("logging", dict, None))
     level = lg.get("level", str, "INFO",

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 from .. import __version__
 from ..config import Config
 from ..errors import DaemonUnavailable, NotAuthorised, ValidationError
-from ..jobs import kernels, procs
+from ..jobs import kernels
 from ..jobs.model import Job, Requester
 from ..jobs.spec import validate_name
 from . import protocol
@@ -215,7 +215,7 @@ class Handlers(EnvHandlers):
             raise ValidationError("this daemon keeps no kernelspecs (kernels.dir is not set)",
                                   hint="an administrator sets kernels.dir in the configuration")
         busy = {job.name for job in self._manager().list()}  # queued or running builds
-        result = kernels.sync(self.config, procs.build_user(self.config.requests), busy)
+        result = kernels.sync(self.config, busy)
         log.info("api kernels-sync uid=%d hub_user=%s written=%d removed=%d", who.uid,
                  who.hub_user, len(result.written), len(result.removed))
         yield protocol.ok(asdict(result))

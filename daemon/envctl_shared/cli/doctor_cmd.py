@@ -8,7 +8,10 @@ machine, not the user: a kernel that lets anyone hard-link others' files (``fs.p
 = 0``) lets a member share another user's private file through a root. ``doctor`` checks every one
 as the user who runs it (no root needed), prints one line per check (✓, or ✗ and the fix), and
 exits 0 when all is well, 1 when something is not. With NAME it also checks one environment: its
-tree, who built it and when, whether its python runs, whether its kernel is registered.
+tree, who built it and when, whether its python runs (as the user; run as root, as ``nobody``:
+an env's interpreter and its ``.pth`` files are its members' code, never run as root), why a
+``pip install`` into it says "Permission denied" (a version envctl built is read-only by design)
+and what to run instead, whether its kernel is registered.
 
 Roots come from the daemon (``status``), or from ``--config FILE`` / ``--root PATH`` when none
 answers (or to check a root the daemon does not watch). Nothing here changes anything.
@@ -17,7 +20,10 @@ answers (or to check a root the daemon does not watch). Nothing here changes any
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import pwd
+import signal
 import stat
 import subprocess
 import sys
@@ -371,7 +377,8 @@ def check_condarc_files(ctx: Context, envs: EnvsDirs) -> None:
 
 def check_env(ctx: Context, name: str, socket: str | None, timeout: float) -> None:
     """The env as the daemon recorded it (status, builder, last build, kernel), then its tree,
-    audited as you, and its python, run as you."""
+    audited as you, its python, run as you (never as root), whether it is a read-only version,
+    and its kernel (ipykernel found from its files: none of its code runs for that)."""
     info: dict[str, Any] | None = None
     if ctx.daemon is not None:
         try:
@@ -393,9 +400,13 @@ def check_env(ctx: Context, name: str, socket: str | None, timeout: float) -> No
                 + ", ".join(quote_name(str(r.path)) for r in ctx.roots),
                 "list them: 'envctl env list' or 'conda env list'", name)
         return
+    from ..jobs.kernels import launcher_in
+
     check_env_tree(ctx, name, prefix)
-    has_kernel = check_python(ctx, name, prefix)
-    check_kernel(ctx, name, info, has_kernel)
+    check_python(ctx, name, prefix)
+    real = Path(os.path.realpath(prefix))
+    check_frozen(ctx, name, real)
+    check_kernel(ctx, name, info, launcher_in(None, str(real)))
 
 
 def _find_prefix(ctx: Context, name: str) -> Path | None:
@@ -441,34 +452,76 @@ def check_env_tree(ctx: Context, name: str, prefix: Path) -> None:
             f"{quote_name(str(prefix))} --config /etc/envctl/envctld.yaml'", name)
 
 
-_PROBE = ("import sys, importlib.util; print(sys.version.split()[0], "
-          "importlib.util.find_spec('ipykernel') is not None)")
+# Only the version is asked: isolated (no PYTHON* variables, no user site) and without ``site``,
+# so none of the env's ``.pth`` files or packages run.
+_VERSION = "import sys; print(sys.version.split()[0])"
+UNPRIVILEGED = "nobody"
 
 
-def check_python(ctx: Context, name: str, prefix: Path) -> bool:
-    """Run the env's python as you; True when it has ipykernel (a kernel is then expected)."""
+def check_python(ctx: Context, name: str, prefix: Path) -> None:
+    """Whether the env's python starts: as you, or — run as root — as ``nobody`` (an env's
+    interpreter is its members' code: root never runs it); ``-I -S``, a timeout."""
     python = prefix / "bin" / "python"
     if not os.path.lexists(python):
         ctx.add("python", True, f"{name} has no bin/python (not a Python environment)",
                 subject=name)
-        return False
+        return
+    as_user: dict[str, Any] = {}
+    if os.geteuid() == 0:
+        try:
+            pw = pwd.getpwnam(UNPRIVILEGED)
+        except KeyError:
+            ctx.add("python", True, f"not run: doctor runs as root and this host has no "
+                    f"'{UNPRIVILEGED}' user to run it as (root never runs an env's code)",
+                    subject=name)
+            return
+        as_user = {"user": pw.pw_uid, "group": pw.pw_gid, "extra_groups": []}
+    who = f" as {UNPRIVILEGED}" if as_user else ""
     try:
-        res = subprocess.run([str(python), "-c", _PROBE], capture_output=True, text=True,
-                             timeout=PYTHON_TIMEOUT, stdin=subprocess.DEVNULL)
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        ctx.add("python", False, f"{quote_name(str(python))} does not run: {exc}",
+        proc = subprocess.Popen([str(python), "-I", "-S", "-c", _VERSION], cwd="/",
+                                env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"},
+                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, start_new_session=True,
+                                **as_user)
+    except OSError as exc:
+        ctx.add("python", False, f"{quote_name(str(python))} does not run{who}: {exc.strerror}",
                 "check the env's tree above; rebuild it with 'envctl request create --replace'",
                 name)
-        return False
-    if res.returncode != 0:
-        last = (res.stderr.strip().splitlines() or ["?"])[-1]
-        ctx.add("python", False, f"{quote_name(str(python))} exits {res.returncode}: "
+        return
+    try:
+        out, err = proc.communicate(timeout=PYTHON_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        ctx.add("python", False, f"{quote_name(str(python))} did not answer{who} within "
+                f"{PYTHON_TIMEOUT:g}s", "check the env's tree above and its filesystem", name)
+        return
+    if proc.returncode != 0:
+        last = (err.strip().splitlines() or ["?"])[-1]
+        ctx.add("python", False, f"{quote_name(str(python))} exits {proc.returncode}{who}: "
                 f"{quote_name(last)}", "check the env's tree above; rebuild it with "
                 "'envctl request create --replace'", name)
-        return False
-    version, has_kernel = (res.stdout.split() + ["?", "False"])[:2]
-    ctx.add("python", True, f"python {version} runs", subject=name)
-    return has_kernel == "True"
+        return
+    ctx.add("python", True, f"python {(out.split() or ['?'])[0]} runs{who}", subject=name)
+
+
+def check_frozen(ctx: Context, name: str, real: Path) -> None:
+    """A version envctl built is read-only by design: a ``pip install`` or ``conda install``
+    into it says "Permission denied". Say so, with the two ways to get more packages."""
+    area = real.parent.parent
+    if area.name != "envs" or area.parent.name != ".envctl":
+        return
+    try:
+        frozen = not os.stat(real).st_mode & 0o222
+    except OSError:
+        return
+    state = "read-only by design" if frozen else "the daemon's (it becomes read-only)"
+    ctx.add("installing", True, f"{name} is version {real.name}, {state}: 'pip install' or "
+            "'conda install' into it fails with Permission denied; for more packages, "
+            f"'envctl env add {name} PKG...' builds a new version (its owner and admins), "
+            f"'envctl env layer {name}' makes your own layer on top where pip install works",
+            subject=name)
 
 
 def jupyter_kernel_dirs() -> list[Path]:
@@ -485,6 +538,10 @@ def check_kernel(ctx: Context, name: str, info: dict[str, Any] | None, has_kerne
     from ..jobs.kernels import kernel_name
 
     kname = kernel_name(name)
+    if kname is None:
+        ctx.add("kernel", True, f"{name!r} cannot be a kernel name: no kernel expected",
+                subject=name)
+        return
     dirs = jupyter_kernel_dirs() + ([ctx.kernels_dir] if ctx.kernels_dir else [])
     found = next((d / kname for d in dirs if (d / kname / "kernel.json").is_file()), None)
     if found is not None:

@@ -2,7 +2,8 @@
 
 Why a command: builds keep ``kernels.dir`` current on their own, but envs made by hand, envs
 removed by hand, or a kernels directory that was lost need one pass over the whole root. The
-daemon does it (the probe runs each env's python as the build user); admins only.
+daemon does it, admins only, from what each env has on disk (its record, its site directories):
+no env's code runs, and one time limit bounds the pass (``jobs.kernels``).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[
 
 
 def run_sync(args: argparse.Namespace) -> int:
-    # Each env's python is started once: a big root takes a while.
+    # The daemon's own time limit (kernels.SYNC_LIMIT) ends a sync: wait for it.
     with client_for(args, timeout=None) as client:
         done = client.call("kernels-sync")
     if args.json:

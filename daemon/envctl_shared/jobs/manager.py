@@ -33,7 +33,7 @@ from ..errors import (ConfigError, Conflict, DaemonUnavailable, EnvctlError, Lim
                       NotFound, ValidationError)
 from ..logfields import fields
 from . import cgroup as cgroups
-from . import envs, layout, procs
+from . import envs, kernels, layout, procs
 from .backends import get_backend
 from .cluster import ClusterJobs
 from .lock import NameLock
@@ -566,10 +566,8 @@ class JobManager:
         kdir = self._config.kernels.dir
         if kdir is None:
             return None
-        from .kernels import kernel_name
-
-        kname = kernel_name(name)
-        return kname if (kdir / kname / "kernel.json").is_file() else None
+        kname = kernels.kernel_name(name)
+        return kname if kname and (kdir / kname / "kernel.json").is_file() else None
 
     def env_export(self, name: str, version: str | None = None) -> dict[str, Any]:
         """An environment.yml with exact pins of ``version`` (default: the current one)."""
@@ -602,8 +600,10 @@ class JobManager:
                 raise NotFound(f"{name!r} has no built version {to}",
                                hint=f"see: envctl env show {name}")
             previous = envs.switch(fds[""], env_fd, name, to)
+            kernel = kernels.refresh(self._config, name)
         log.info("env-rollback name=%s from=%s to=%s by=%s", name, previous, to, who.who)
-        return {"name": name, "current": to, "previous": previous}
+        reply: dict[str, Any] = {"name": name, "current": to, "previous": previous}
+        return reply if kernel is None else {**reply, "kernel": kernel}
 
     def env_remove(self, who: Requester, name: str) -> dict[str, Any]:
         """The name disappears at once; its versions go at GC (after gc_grace)."""

@@ -169,7 +169,6 @@ class Build:
                     self._check_abort()
                     self._run_step(step.phase, list(step.argv), user, ctx.home)
                 self._check_abort()
-                kernel = self._probe_kernel(ctx, user)
                 self._test(ctx, user)  # before healing: what a test writes is healed too
                 self._check_abort()
                 self._phase("healing")
@@ -181,7 +180,7 @@ class Build:
                 self._phase("cleanup")
                 self.discard(env_fd, cur.version)
                 raise
-        self._publish_kernel(kernel)
+        self._publish_kernel()
         return Outcome(State.SUCCEEDED, f"ready at {job.prefix} (version {version})")
 
     def _venv_base(self, fds: dict[str, int], ctx: BuildContext,
@@ -204,25 +203,12 @@ class Build:
                                     self.say, wait)
         return replace(ctx, cfg=replace(ctx.cfg, venv_python=str(python)))
 
-    def _probe_kernel(self, ctx: BuildContext, user: procs.BuildUser) -> bool | None:
-        """Whether the new env has ipykernel (its python asked as the build user, before the
-        healing pass), or None when no kernels.dir is configured."""
-        if self.config.kernels.dir is None:
-            return None
-        return kernels.probe(ctx.prefix, user, ctx.home, self._job_cgroup(),
-                             self._abort_event)
-
-    def _publish_kernel(self, kernel: bool | None) -> None:
-        """Write or remove the env's kernelspec now that it is in place; a failure here is
-        logged and said, but the env is ready all the same (``kernels sync`` repairs it)."""
-        if kernel is None:
-            return
-        try:
-            self.say(kernels.publish(self.config, self.job.name, kernel))
-        except (OSError, EnvctlError) as exc:
-            self.say(f"kernelspec not written: {exc}")
-            log.warning("job-kernelspec id=%s name=%s error=%s", self.job.id, self.job.name,
-                        exc)
+    def _publish_kernel(self) -> None:
+        """Write or remove the env's kernelspec now that its version is current (decided from
+        the version's record: nothing of the env runs); the env is ready whatever happens."""
+        said = kernels.refresh(self.config, self.job.name)
+        if said is not None:
+            self.say(said)
 
     def _clear_leftovers(self, env_fd: int, cur: str | None) -> None:
         """With the lock held, a version still ``building`` is a dead build's (here or on
