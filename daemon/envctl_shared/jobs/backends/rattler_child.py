@@ -1,6 +1,8 @@
 """The process that runs py-rattler for one build, as the build user (see ``rattler.py``).
 
-Reads the daemon-written ``build.json`` (channels, match specs, platforms), solves, installs
+Reads the daemon-written ``build.json`` (channels, match specs, platforms), solves (the match
+specs parsed leniently, as conda reads them: ``name=version=build`` from ``conda env export``
+too; ``spec.py`` validated them alike at submit time), installs
 into ``--prefix`` (the prefix baked into files: it runs there), and reports its phase as lines
 ``ENVCTL-PHASE solving|downloading|linking`` on stdout, which the runner turns into the job's
 ``phase``. It must not import anything privileged: it is an ordinary, killable child.
@@ -66,7 +68,8 @@ async def build(args: argparse.Namespace) -> None:
     spec = json.loads(Path(args.build).read_text(encoding="utf-8"))
     phase("solving")
     start = time.monotonic()
-    records = await rattler.solve([_source(c) for c in spec["channels"]], spec["specs"],
+    specs = [rattler.MatchSpec(s, strict=False) for s in spec["specs"]]
+    records = await rattler.solve([_source(c) for c in spec["channels"]], specs,
                                   platforms=spec["platforms"],
                                   timestamp_policy="allow-missing")
     print(f"solved {len(records)} packages in {time.monotonic() - start:.2f}s:", flush=True)
