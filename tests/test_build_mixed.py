@@ -130,3 +130,39 @@ def test_match_specs_conda_would_not_read_are_named(mixed: tuple[JobManager, str
         mgr.submit(jobs_env.requester(), "badspec", f"dependencies:\n  - python\n  - '{dep}'\n")
     assert message in exc.value.message
     assert mgr.list(include_finished=True) == []
+
+
+def test_pip_does_the_installing_when_the_site_options_are_pips_own(
+        jobs_env: JobsEnv, py_channel: Path, manager_factory: Factory) -> None:
+    """``--progress-bar off`` means nothing to uv: the env's own pip installs instead, and its
+    dists (INSTALLER pip) are inventoried the same."""
+    write_wheel(jobs_env.wheelhouse, "mixdep", "2.0", "VALUE = 42\n")
+    channels = [str(py_channel)]
+    mgr = manager_factory(jobs_env.config(
+        channels=channels, default_channels=channels,
+        pip_args=["--no-index", "--find-links", str(jobs_env.wheelhouse), "--progress-bar",
+                  "off"]))
+    log = _build(mgr, jobs_env, "bypip", "dependencies: [python, pip, {pip: [mixdep]}]\n",
+                 tests=('python -c "import mixdep"',))
+    assert "/bin/python -m pip install" in log and "uv pip" not in log
+    assert ("pip", "mixdep", "2.0") in _packages(mgr, "bypip")
+
+
+def test_a_venv_on_uv_has_pip_only_when_asked(mixed: tuple[JobManager, str],
+                                              jobs_env: JobsEnv) -> None:
+    mgr, _ = mixed
+    job = mgr.submit(jobs_env.requester(), "lean", "dependencies: [{pip: [mixdemo]}]\n",
+                     backend="venv", tests=('python -c "import mixdemo"',))
+    assert wait_done(mgr, job.id).state is State.SUCCEEDED, full_log(mgr, job.id)
+    env = jobs_env.root / "lean"
+    assert _packages(mgr, "lean") == {("pip", "mixdemo", "1.0"), ("pip", "mixdep", "2.0")}
+    site = next(env.glob("lib/python3.*/site-packages"))
+    assert not (site / "pip").exists() and list((site / "__pycache__").glob("mixdemo.*.pyc"))
+    res = as_user(jobs_env.accounts.bob.uid, jobs_env.accounts.bob.gid,
+                  [str(env / "bin/python"), "-c", "import mixdemo; print(mixdemo.ANSWER)"])
+    assert res.stdout.strip() == "42"
+    # asked for: pip is there (seeded from the base python's own wheel, offline)
+    job = mgr.submit(jobs_env.requester(), "withpip",
+                     "dependencies: [pip, {pip: [mixdemo]}]\n", backend="venv",
+                     tests=('python -m pip --version',))
+    assert wait_done(mgr, job.id).state is State.SUCCEEDED, full_log(mgr, job.id)
