@@ -148,9 +148,9 @@ def pip_package() -> CondaPackage:
     wheel = next(Path("/usr/share/python-wheels").glob("pip-*.whl"))
     version = wheel.name.split("-")[1]
     site = "lib/python3.11/dist-packages"
-    files: dict[str, tuple[str | bytes, bool]] = {
-        "bin/pip": (f"#!{PLACEHOLDER}/bin/python3.11\nimport sys\nfrom pip._internal.cli.main "
-                    "import main\nsys.exit(main())\n", True)}
+    script = (f"#!{PLACEHOLDER}/bin/python3.11\nimport sys\n"
+              "from pip._internal.cli.main import main\nsys.exit(main())\n")
+    files: dict[str, tuple[str | bytes, bool]] = {"bin/pip": (script, True)}
     with zipfile.ZipFile(wheel) as zf:
         for name in zf.namelist():
             if not name.endswith("/"):

@@ -18,8 +18,7 @@ import pytest
 from envctl_shared.config import Config
 from envctl_shared.jobs import JobManager
 
-from tests.jobs_support import (JobsEnv, build_channel, hello_packages, python_channel,
-                                write_wheel)
+from tests.jobs_support import JobsEnv, build_channel, hello_packages, python_channel, write_wheel
 
 
 @pytest.fixture(scope="session")
