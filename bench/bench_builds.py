@@ -128,7 +128,8 @@ class Bench:
         cmd = (f"{sys.executable} -c '{BARE_RATTLER}' {self.channel} {prefix} "
                f"{self.scratch}/{cache} python=3.11.2=0 pip")
         if compiled:
-            cmd += f" && {prefix}/bin/python -I -m compileall -q -j 0 {prefix}/lib"
+            cmd += (f" && {prefix}/bin/python -I -m compileall -q -j 0 "
+                    f"{prefix}/lib/python3.11/dist-packages")  # the site dir, as envctl
         if pip:
             cmd += f" && {self._uv_install(prefix, 'rattler-uv-cache-' + str(self.n))}"
         return self._user(cmd)
