@@ -29,10 +29,10 @@ from ...config import RequestsConfig
 from ...errors import ValidationError
 from ..procs import SAFE_PATH
 from ..spec import EnvSpec
+from .rattler_child import PHASE_MARK as PHASE_MARK  # the runner reads it from here
 
 PHASES = ("preparing", "solving", "downloading", "linking", "creating", "installing",
           "building", "compiling", "testing", "healing", "finalizing")
-PHASE_MARK = "ENVCTL-PHASE "  # a child prints "ENVCTL-PHASE linking" on its stdout
 
 
 @dataclass(frozen=True)

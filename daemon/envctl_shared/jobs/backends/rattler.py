@@ -19,7 +19,7 @@ import sys
 from ...config import RequestsConfig
 from ...errors import ValidationError
 from ..spec import EnvSpec, conda_names
-from . import REQUIREMENTS, BuildContext, Step, compile_step, install_step
+from . import REQUIREMENTS, BuildContext, Step, compile_step, install_step, rattler_child
 
 BUILD_FILE = "build.json"
 
@@ -55,7 +55,7 @@ class RattlerBackend:
 
     def steps(self, ctx: BuildContext) -> list[Step]:
         steps = [Step("solving", (
-            sys.executable, "-m", "envctl_shared.jobs.backends.rattler_child",
+            sys.executable, "-I", rattler_child.__file__,
             "--build", str(ctx.job_dir / BUILD_FILE), "--prefix", str(ctx.prefix),
             "--cache-dir", str(ctx.cache_dir)), trusted=True)]
         if ctx.spec.pip:
