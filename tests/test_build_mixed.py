@@ -63,6 +63,8 @@ def _build(mgr: JobManager, jobs_env: JobsEnv, name: str, text: str,
     done = wait_done(mgr, job.id, timeout=120)
     log = full_log(mgr, job.id)
     assert done.state is State.SUCCEEDED, log
+    # the installer's cache was the build's own and is gone with it (no wheel kept in HOME)
+    assert not list((jobs_env.state_dir / "jobs" / job.id / "home").rglob("mixdep*")), log
     return log
 
 
