@@ -123,6 +123,8 @@ def test_a_pip_section_needs_a_python(mixed: tuple[JobManager, str], jobs_env: J
     ("nu$mpy", "dependency 2 ('nu$mpy') is not a match spec: invalid package name"),
     ("conda-forge::hello", "names channel 'conda-forge', which is not among"),
     ("hello[url=https://evil.example/hello-9-0.tar.bz2]", "names a package URL"),
+    ("hello>q{!3!''\"^H", "is not a match spec: scalar"),  # YAML '' is one '
+    ("hello\t1.0", "is not one line of printable text"),
 ])
 def test_match_specs_conda_would_not_read_are_named(mixed: tuple[JobManager, str],
                                                     jobs_env: JobsEnv, dep: str,

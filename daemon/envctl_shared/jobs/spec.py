@@ -174,17 +174,21 @@ def _match_spec(entry: str) -> Any:
 
 def _check_conda(entry: str, position: int, channels: tuple[str, ...]) -> None:
     """One conda dependency (``position`` counts from 1 in ``dependencies:``)."""
-    from rattler.exceptions import InvalidMatchSpecError
+    from rattler.exceptions import CanonicalMatchSpecError, InvalidMatchSpecError
 
     where = f"spec: dependency {position} ({brief(entry)})"
+    if not entry.isprintable():
+        raise ValidationError(f"{where} is not one line of printable text",
+                              hint="write name, name=1.2 or name=1.2=build_0")
     try:
         spec = _match_spec(entry)
-    except InvalidMatchSpecError as exc:
+        canonical = spec.to_canonical_string()
+    except (InvalidMatchSpecError, CanonicalMatchSpecError) as exc:
         reason = str(exc).splitlines()[0][:120]
         raise ValidationError(f"{where} is not a match spec: {reason}",
                               hint="write name, name=1.2, name=1.2=build_0, 'name >=1.2' or "
                                    "channel::name") from None
-    if 'url="' in spec.to_canonical_string():
+    if 'url="' in canonical:
         raise ValidationError(f"{where} names a package URL", hint="name the package; it "
                               "comes from the spec's channels")
     if spec.channel is not None:
