@@ -15,7 +15,8 @@ compilation, tests) and runs as the build's uid. Python packages go in with uv w
 installed (a dependency of the daemon extra: as pixi does, conda packages by rattler and PyPI
 packages by uv into the same prefix), else with the env's own pip; either way the env's
 interpreter then byte-compiles every site directory (``compile_step``), so a version never
-needs to write into itself once it is frozen read-only.
+needs to write into itself once it is frozen read-only (a venv holds only what its installer
+put there, which compiles it as it installs).
 """
 
 from __future__ import annotations
@@ -102,10 +103,12 @@ def uv_bin() -> str | None:
         return shutil.which("uv", path=SAFE_PATH)
 
 
-def install_step(ctx: BuildContext, python: str) -> Step:
+def install_step(ctx: BuildContext, python: str, compile_bytecode: bool = False) -> Step:
     """Install the spec's ``pip:`` requirements (the job's REQUIREMENTS file) into the
     environment of ``python``, with the site's ``requests.pip_args`` in front: by uv unless uv
     is missing or the site's options are pip's own, else by that python's pip.
+    ``compile_bytecode``: the installer byte-compiles what it installs (pip always does), for a
+    prefix where it installs everything, so that no ``compile_step`` is needed after it.
 
     uv's cache is private to the step (``--no-cache``: a temporary one in TMPDIR, the job's
     HOME, removed when uv exits): a shared one would let one build poison the next, and from
@@ -116,7 +119,8 @@ def install_step(ctx: BuildContext, python: str) -> Step:
     if uv is not None and options <= _UV_OPTIONS:
         return Step("installing", (
             "/usr/bin/env", "UV_LINK_MODE=copy", "UV_PYTHON_DOWNLOADS=never", uv, "pip",
-            "install", "--no-cache", "--python", python,
+            "install", "--no-cache", *(("--compile-bytecode",) if compile_bytecode else ()),
+            "--python", python,
             *ctx.cfg.pip_args, "-r", requirements))
     return Step("installing", (python, "-m", "pip", "install", "--no-input",
                                "--disable-pip-version-check", *ctx.cfg.pip_args,

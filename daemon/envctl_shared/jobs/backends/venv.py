@@ -6,7 +6,8 @@ must be in the ``pip:`` list, installed from a requirements file with the admin'
 is installed, else by the venv's pip (``install_step``). The venv itself is made by the base
 interpreter (``python -m venv``: its own layout, Debian's or conda-forge's, in 0.03 s) without
 pip — pip is seeded (``ensurepip``, from the wheel the base python bundles: offline, 2 s) only
-when the spec lists ``pip`` or when uv is missing and pip must do the installing. Not
+when the spec lists ``pip`` or when uv is missing and pip must do the installing. The
+installer byte-compiles what it installs (uv ``--compile-bytecode``; pip by default). Not
 relocatable (scripts carry absolute shebangs): built at the version's own path, where it runs.
 An empty ``pip:`` list is an empty venv. ``variables:`` are refused: a venv's activate script
 has no place for them.
@@ -23,7 +24,7 @@ from ...config import RequestsConfig
 from ...errors import ValidationError
 from ..base_python import build_file
 from ..spec import EnvSpec
-from . import REQUIREMENTS, BuildContext, Step, compile_step, install_step, rattler
+from . import REQUIREMENTS, BuildContext, Step, install_step, rattler
 
 _IMPLIED = ("python", "pip")
 
@@ -53,10 +54,10 @@ class VenvBackend:
     def steps(self, ctx: BuildContext) -> list[Step]:
         prefix = str(ctx.prefix)
         python = f"{prefix}/bin/python"
-        install = install_step(ctx, python) if ctx.spec.pip else None
+        install = install_step(ctx, python, compile_bytecode=True) if ctx.spec.pip else None
         pip = "pip" in ctx.spec.conda or (install is not None and install.argv[0] == python)
         steps = [Step("creating", (ctx.cfg.venv_python, "-m", "venv",
                                    *(() if pip else ("--without-pip",)), prefix))]
         if install is not None:  # none: an empty venv
             steps.append(install)
-        return [*steps, compile_step(ctx)]
+        return steps
