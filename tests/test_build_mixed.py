@@ -12,6 +12,8 @@ channel policy.
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -170,3 +172,27 @@ def test_a_venv_on_uv_has_pip_only_when_asked(mixed: tuple[JobManager, str],
                      "dependencies: [pip, {pip: [mixdemo]}]\n", backend="venv",
                      tests=('python -m pip --version',))
     assert wait_done(mgr, job.id).state is State.SUCCEEDED, full_log(mgr, job.id)
+
+
+def test_the_steps_of_a_mixed_build(mixed: tuple[JobManager, str], jobs_env: JobsEnv,
+                                    py_channel: Path) -> None:
+    """Only the rattler child is trusted (it runs no package code); uv runs for the env's
+    python; the compile step comes last. The child imports nothing of envctl (0.2 s a build)."""
+    from envctl_shared.jobs.backends import BuildContext, get_backend, rattler_child
+    from envctl_shared.jobs.spec import parse_spec
+
+    _, text = mixed
+    channels = [str(py_channel), str(jobs_env.channel)]
+    cfg = jobs_env.config(channels=channels, default_channels=channels).requests
+    spec = parse_spec(text, cfg)
+    ctx = BuildContext(spec, cfg, Path("/state/jobs/j1"), Path("/state/jobs/j1/home"),
+                       Path("/root/.envctl/envs/analysis/v1"), Path("/state/cache"))
+    steps = get_backend("rattler", cfg).steps(ctx)
+    assert [(s.phase, s.trusted) for s in steps] == [
+        ("solving", True), ("installing", False), ("compiling", False)]
+    uv = steps[1].argv
+    assert "--python" in uv and uv[uv.index("--python") + 1] == f"{ctx.prefix}/bin/python"
+    assert uv[-2:] == ("-r", "/state/jobs/j1/requirements.txt") and "--no-index" in uv
+    res = subprocess.run([sys.executable, "-I", "-X", "importtime", rattler_child.__file__,
+                          "--help"], capture_output=True, text=True, check=True)
+    assert "envctl_shared" not in res.stderr and "usage:" in res.stdout
