@@ -120,6 +120,17 @@ def test_a_pip_section_needs_a_python(mixed: tuple[JobManager, str], jobs_env: J
     assert mgr.list(include_finished=True) == []
 
 
+def test_without_uv_a_pip_section_needs_pip(jobs_env: JobsEnv, py_channel: Path,
+                                            manager_factory: Factory) -> None:
+    """pip installs when the site's options are pip's own: a spec without pip is refused at
+    submit time, not at the end of a solve."""
+    channels = [str(py_channel)]
+    mgr = manager_factory(jobs_env.config(channels=channels, default_channels=channels,
+                                          pip_args=["--progress-bar", "off"]))
+    with pytest.raises(ValidationError, match="needs pip in the environment"):
+        mgr.submit(jobs_env.requester(), "nopip", "dependencies: [python, {pip: [mixdep]}]\n")
+
+
 @pytest.mark.parametrize("dep,message", [
     ("numpy>>1", "dependency 2 ('numpy>>1') is not a match spec"),
     ("nu$mpy", "dependency 2 ('nu$mpy') is not a match spec: invalid package name"),

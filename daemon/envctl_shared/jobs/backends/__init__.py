@@ -103,6 +103,13 @@ def uv_bin() -> str | None:
         return shutil.which("uv", path=SAFE_PATH)
 
 
+def uv_for(cfg: RequestsConfig) -> str | None:
+    """uv, when it is installed and reads every option of ``requests.pip_args`` as pip does;
+    None: the env's own pip installs the ``pip:`` entries."""
+    options = {arg.split("=", 1)[0] for arg in cfg.pip_args if arg.startswith("-")}
+    return uv_bin() if options <= _UV_OPTIONS else None
+
+
 def install_step(ctx: BuildContext, python: str, compile_bytecode: bool = False) -> Step:
     """Install the spec's ``pip:`` requirements (the job's REQUIREMENTS file) into the
     environment of ``python``, with the site's ``requests.pip_args`` in front: by uv unless uv
@@ -114,9 +121,8 @@ def install_step(ctx: BuildContext, python: str, compile_bytecode: bool = False)
     HOME, removed when uv exits): a shared one would let one build poison the next, and from
     local wheels a cold uv takes 0.1 s; files are copied, never linked, into the version."""
     requirements = str(ctx.job_dir / REQUIREMENTS)
-    uv = uv_bin()
-    options = {arg.split("=", 1)[0] for arg in ctx.cfg.pip_args if arg.startswith("-")}
-    if uv is not None and options <= _UV_OPTIONS:
+    uv = uv_for(ctx.cfg)
+    if uv is not None:
         return Step("installing", (
             "/usr/bin/env", "UV_LINK_MODE=copy", "UV_PYTHON_DOWNLOADS=never", uv, "pip",
             "install", "--no-cache", *(("--compile-bytecode",) if compile_bytecode else ()),

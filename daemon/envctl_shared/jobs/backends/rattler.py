@@ -7,7 +7,8 @@ interpreter). It installs into the version's directory, the path the version kee
 baked into every file with a prefix placeholder is the one it runs at.
 ``pip:`` entries then go into the same prefix, for the env's own interpreter, as pixi does
 (``install_step``): so a spec with a ``pip:`` section must list python among its conda
-packages (refused at submit time otherwise: nothing could run what pip installs).
+packages, and pip too where pip rather than uv installs (refused at submit time otherwise,
+not after a solve).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import sys
 from ...config import RequestsConfig
 from ...errors import ValidationError
 from ..spec import EnvSpec, conda_names
-from . import REQUIREMENTS, BuildContext, Step, compile_step, install_step, rattler_child
+from . import REQUIREMENTS, BuildContext, Step, compile_step, install_step, rattler_child, uv_for
 
 BUILD_FILE = "build.json"
 
@@ -39,10 +40,18 @@ class RattlerBackend:
             raise ValidationError("spec lists no conda packages for the rattler backend",
                                   hint="list packages under dependencies:, or request an empty "
                                   "environment with --backend venv")
-        if spec.pip and "python" not in conda_names(spec):
+        if not spec.pip:
+            return
+        names = conda_names(spec)
+        if "python" not in names:
             raise ValidationError(
                 "spec: the pip: section needs a python in the environment, and dependencies: "
                 "lists none", hint="add python to dependencies: (e.g. - python=3.11)")
+        if "pip" not in names and uv_for(cfg) is None:
+            raise ValidationError(
+                "spec: the pip: section needs pip in the environment on this daemon (it "
+                "installs pip: entries with the env's own pip), and dependencies: lists none",
+                hint="add pip to dependencies:")
 
     def files(self, spec: EnvSpec, cfg: RequestsConfig) -> dict[str, str]:
         build = {"channels": list(spec.channels), "specs": list(spec.conda),
