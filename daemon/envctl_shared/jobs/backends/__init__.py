@@ -83,12 +83,14 @@ _UV_OPTIONS = frozenset({"--no-index", "--find-links", "-f", "--index-url", "-i"
                          "--require-hashes", "--prefer-binary"})
 # Byte-compile every site directory of the interpreter that runs it (purelib, platlib and
 # site's own list: Debian's dist-packages, a venv's site-packages). A file that does not
-# compile (a test fixture with Python 2 syntax) is left as it is, as conda and pip do.
-_COMPILE = ("import compileall, site, sys, sysconfig, os\n"
+# compile (a test fixture with Python 2 syntax) is left as it is, as conda and pip do. Workers:
+# the CPUs the build may use, at most 8 (a pool forks them all at once, however few the files).
+_COMPILE = ("import compileall, site, sysconfig, os\n"
             "dirs = {sysconfig.get_path('purelib'), sysconfig.get_path('platlib'), "
             "*site.getsitepackages()}\n"
+            "workers = min(8, len(os.sched_getaffinity(0)))\n"
             "for d in sorted(x for x in dirs if os.path.isdir(x)):\n"
-            "    compileall.compile_dir(d, quiet=1, workers=0)\n"
+            "    compileall.compile_dir(d, quiet=1, workers=workers)\n"
             "    print('compiled', d, flush=True)\n")
 
 
