@@ -80,7 +80,7 @@ REQUIREMENTS = "requirements.txt"  # the spec's pip: entries, one per line
 _UV_OPTIONS = frozenset({"--no-index", "--find-links", "-f", "--index-url", "-i",
                          "--extra-index-url", "--pre", "--no-deps", "--only-binary",
                          "--no-binary", "--no-build-isolation", "--constraint", "-c",
-                         "--require-hashes", "--prefer-binary"})
+                         "--require-hashes"})
 # Byte-compile every site directory of the interpreter that runs it (purelib, platlib and
 # site's own list: Debian's dist-packages, a venv's site-packages). A file that does not
 # compile (a test fixture with Python 2 syntax) is left as it is, as conda and pip do. Workers:
@@ -128,8 +128,7 @@ def install_step(ctx: BuildContext, python: str, compile_bytecode: bool = False)
         return Step("installing", (
             "/usr/bin/env", "UV_LINK_MODE=copy", "UV_PYTHON_DOWNLOADS=never", uv, "pip",
             "install", "--no-cache", *(("--compile-bytecode",) if compile_bytecode else ()),
-            "--python", python,
-            *ctx.cfg.pip_args, "-r", requirements))
+            "--python", python, *ctx.cfg.pip_args, "-r", requirements))
     return Step("installing", (python, "-m", "pip", "install", "--no-input",
                                "--disable-pip-version-check", *ctx.cfg.pip_args,
                                "-r", requirements))
