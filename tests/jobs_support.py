@@ -19,8 +19,10 @@ import hashlib
 import io
 import json
 import os
+import shutil
 import sys
 import tarfile
+import tempfile
 import time
 import zipfile
 from collections.abc import Mapping
@@ -139,6 +141,50 @@ def python_package() -> CondaPackage:
     return CondaPackage("python", "3.11.2", files=files, links=links, subdir="linux-64")
 
 
+def pip_package() -> CondaPackage:
+    """``pip`` 23.0.1 as a noarch conda package for the python above: the wheel Debian bundles
+    for ensurepip, unpacked into ``lib/python3.11/dist-packages`` (a site directory of Debian's
+    interpreter) with INSTALLER ``conda``, as conda-forge's pip is; ``bin/pip`` runs it."""
+    wheel = next(Path("/usr/share/python-wheels").glob("pip-*.whl"))
+    version = wheel.name.split("-")[1]
+    site = "lib/python3.11/dist-packages"
+    script = (f"#!{PLACEHOLDER}/bin/python3.11\nimport sys\n"
+              "from pip._internal.cli.main import main\nsys.exit(main())\n")
+    files: dict[str, tuple[str | bytes, bool]] = {"bin/pip": (script, True)}
+    with zipfile.ZipFile(wheel) as zf:
+        for name in zf.namelist():
+            if not name.endswith("/"):
+                files[f"{site}/{name}"] = (zf.read(name), False)
+    files[f"{site}/pip-{version}.dist-info/INSTALLER"] = ("conda\n", False)
+    return CondaPackage("pip", version, depends=["python"], files=files)
+
+
+def python_channel(base: Path = Path("/tmp/envctl-tests")) -> Path:
+    """A channel with ``python`` and ``pip`` (above), built once and kept under ``base`` by a
+    hash of its inputs (this machine's interpreter, stdlib and wheels, and this file), so a
+    session, and the next, pay the ~10 s of writing the stdlib into a .tar.bz2 once."""
+    digest = hashlib.sha256(Path(__file__).read_bytes())
+    digest.update(hashlib.sha256(HOST_PYTHON.read_bytes()).digest())
+    for top in (HOST_STDLIB, Path("/usr/share/python-wheels")):
+        for dirpath, dirnames, filenames in os.walk(top):
+            dirnames.sort()
+            for name in sorted(filenames):
+                st = os.lstat(os.path.join(dirpath, name))
+                digest.update(f"{dirpath}/{name} {st.st_size} {st.st_mtime_ns}\n".encode())
+    path = base / f"pychannel-{digest.hexdigest()[:16]}"
+    if (path / "linux-64" / "repodata.json").exists():
+        return path
+    base.mkdir(mode=0o755, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=base, prefix=".pychannel-"))
+    build_channel(tmp, [python_package(), pip_package()])
+    os.chmod(tmp, 0o755)
+    try:
+        tmp.rename(path)
+    except OSError:  # built meanwhile by another session: theirs is the same
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
 def app_package(version: str) -> CondaPackage:
     """``app``: every file knows its version, and two hold the prefix (``has_prefix`` text
     replacement), so a test can tell which version — and which prefix — served a read."""
@@ -184,12 +230,15 @@ def _record_line(path: str, data: bytes) -> str:
 
 
 def write_wheel(wheelhouse: Path, name: str, version: str = "1.0",
-                module_source: str = "GREETING = 'hi'\n") -> Path:
-    """A pure-Python ``py3-none-any`` wheel with one module ``<name>.py``, written by hand."""
+                module_source: str = "GREETING = 'hi'\n", requires: tuple[str, ...] = ()) -> Path:
+    """A pure-Python ``py3-none-any`` wheel with one module ``<name>.py`` (and the
+    ``Requires-Dist`` lines ``requires``), written by hand."""
     dist = f"{name}-{version}.dist-info"
+    metadata = f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n" + "".join(
+        f"Requires-Dist: {req}\n" for req in requires)
     files = {
         f"{name}.py": module_source.encode(),
-        f"{dist}/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n".encode(),
+        f"{dist}/METADATA": metadata.encode(),
         f"{dist}/WHEEL": b"Wheel-Version: 1.0\nGenerator: envctl-tests\nRoot-Is-Purelib: true\n"
                          b"Tag: py3-none-any\n",
     }

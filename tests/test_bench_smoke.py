@@ -57,3 +57,11 @@ def test_bench_envs_quick(tmp_path: Path) -> None:
     raw = json.loads((tmp_path / "envs-quick.json").read_text())
     assert raw["update_unavailable_s"] == 0 and raw["update_seen"] == ["1.0", "2.0"]
     assert raw["update_reads"] > 100 and max(raw["rollback_socket_s"]) < 1.0
+
+
+def test_bench_builds_quick(tmp_path: Path) -> None:
+    out = _run("bench_builds.py", tmp_path)
+    assert "envctl rattler vs bare py-rattler" in out and "unchanged --replace" in out
+    raw = json.loads((tmp_path / "builds-quick.json").read_text())
+    assert all(len(v) == 1 and v[0] > 0 for v in raw["times"].values())
+    assert set(raw["disk"]) == {"rattler", "venv"}

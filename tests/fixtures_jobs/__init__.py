@@ -18,7 +18,7 @@ import pytest
 from envctl_shared.config import Config
 from envctl_shared.jobs import JobManager
 
-from tests.jobs_support import JobsEnv, build_channel, hello_packages, write_wheel
+from tests.jobs_support import JobsEnv, build_channel, hello_packages, python_channel, write_wheel
 
 
 @pytest.fixture(scope="session")
@@ -31,6 +31,13 @@ def channel_dir() -> Iterator[Path]:
     build_channel(path, hello_packages())
     yield path
     shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def py_channel() -> Path:
+    """The channel with a real python and pip (``jobs_support.python_channel``): built once,
+    kept between sessions under /tmp/envctl-tests by a hash of its inputs."""
+    return python_channel()
 
 
 @pytest.fixture

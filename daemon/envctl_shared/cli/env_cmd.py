@@ -144,6 +144,8 @@ def run_show(args: argparse.Namespace) -> int:
                  if v.get("retired_at") and not v.get("current") else ""))
         for test in v.get("tests") or []:
             print(f"    tested: {test}")
+        for key, value in (v.get("variables") or {}).items():
+            print(f"    variable: {key}={value}")
         for pkg in v.get("packages") or []:
             build = f" {pkg['build']}" if pkg.get("build") else ""
             print(f"    {pkg['name']} {pkg['version']}{build}  ({pkg['manager']})")

@@ -327,8 +327,9 @@ def _field(value: object) -> str:
 
 def inventory(prefix_fd: int) -> list[dict[str, str]]:
     """The packages installed in a prefix, read from what the installers leave (conda-meta
-    records; pip's ``.dist-info`` whose INSTALLER is pip). The tree belongs to the build user,
-    so it is read as untrusted: relative to fds, no symlink followed, sizes bounded."""
+    records; the ``.dist-info`` of every site directory whose INSTALLER is uv or pip). The tree
+    belongs to the build user, so it is read as untrusted: relative to fds, no symlink
+    followed, sizes bounded."""
     found: list[dict[str, str]] = []
     meta = _child(prefix_fd, "conda-meta")
     if meta is not None:
@@ -358,22 +359,47 @@ def inventory(prefix_fd: int) -> list[dict[str, str]]:
     return found
 
 
+# Where a python's installers put packages: conda-forge's and a venv's site-packages, Debian's
+# dist-packages (its pip and uv install under local/ when the prefix is not a venv).
+_SITE_DIRS = (("lib",), ("local", "lib"))
+_SITE_NAMES = ("site-packages", "dist-packages")
+_INSTALLERS = (b"uv", b"pip")
+
+
 def _site_packages(prefix_fd: int) -> Iterator[int]:
-    lib = _child(prefix_fd, "lib")
-    if lib is None:
-        return
-    try:
-        for entry in sorted(os.listdir(lib)):
-            if entry.startswith("python"):
+    for parts in _SITE_DIRS:
+        lib = _descend(prefix_fd, parts)
+        if lib is None:
+            continue
+        try:
+            for entry in sorted(os.listdir(lib)):
+                if not entry.startswith("python"):
+                    continue
                 py = _child(lib, entry)
                 if py is None:
                     continue
-                site = _child(py, "site-packages")
-                os.close(py)
-                if site is not None:
-                    yield site
-    finally:
-        os.close(lib)
+                try:
+                    for name in _SITE_NAMES:
+                        site = _child(py, name)
+                        if site is not None:
+                            yield site
+                finally:
+                    os.close(py)
+        finally:
+            os.close(lib)
+
+
+def _descend(dir_fd: int, parts: tuple[str, ...]) -> int | None:
+    """The directory ``parts`` below ``dir_fd`` (never through a symlink), or None."""
+    fd: int | None = os.dup(dir_fd)
+    for part in parts:
+        assert fd is not None
+        below = _child(fd, part)
+        os.close(fd)
+        fd = below
+        if fd is None:
+            return None
+    return fd
 
 
 def _dist_info(site: int, entry: str) -> dict[str, str] | None:
@@ -381,7 +407,7 @@ def _dist_info(site: int, entry: str) -> dict[str, str] | None:
     if info is None:
         return None
     try:
-        if (_read_small(info, "INSTALLER", 64) or b"").strip() != b"pip":
+        if (_read_small(info, "INSTALLER", 64) or b"").strip() not in _INSTALLERS:
             return None  # conda's own python packages say "conda": listed above
         fields: dict[str, str] = {}
         for line in (_read_small(info, "METADATA", 65536) or b"").decode(
@@ -428,7 +454,7 @@ def export(record: dict[str, Any]) -> str:
     """An environment.yml with exact pins that ``request create -f`` accepts back: conda
     packages as ``name ==version build`` (the canonical match spec), pip packages as
     ``name==version`` (for a venv, the pip and setuptools the venv brings are left out unless
-    the spec asked for them)."""
+    the spec asked for them), and the version's activation ``variables:``."""
     import yaml
 
     spec = record.get("spec_channels") or []
@@ -445,6 +471,8 @@ def export(record: dict[str, Any]) -> str:
         deps.append({"pip": pip})
     doc: dict[str, Any] = {"name": record.get("name"), "channels": list(spec),
                            "dependencies": deps}
+    if record.get("variables"):
+        doc["variables"] = dict(record["variables"])
     head = (f"# {record.get('name')} {record.get('version')}: exported by envctl "
             f"(job {record.get('job')}, backend {record.get('backend')})\n")
     return head + yaml.safe_dump(doc, sort_keys=False)
@@ -502,7 +530,8 @@ def describe(env_fd: int, name: str, cur: Current, with_versions: bool) -> dict[
         row = {"version": version, "state": state, "current": version == cur.version,
                "retired_at": retired.get(version), **{k: rec.get(k) for k in _SUMMARY}}
         if with_versions:
-            row.update(spec=rec.get("spec"), packages=rec.get("packages") or [])
+            row.update(spec=rec.get("spec"), packages=rec.get("packages") or [],
+                       variables=rec.get("variables") or {})
         rows.append(row)
     now = next((r for r in rows if r["current"]), None)
     if now is not None and now["state"] == "ready":

@@ -189,7 +189,8 @@ class Build:
         (``requests.venv_base``), built here with rattler and healed if this is the first venv
         that needs it (see ``base_python``); the venv is then created by it."""
         def build(prefix: Path) -> None:
-            for step in backend_named("rattler").steps(replace(ctx, prefix=prefix)):
+            base = replace(ctx, prefix=prefix, spec=replace(ctx.spec, pip=()))  # python alone
+            for step in backend_named("rattler").steps(base):
                 self._check_abort()
                 self._run_step(step.phase, list(step.argv), user, ctx.home)
             self._check_abort()
@@ -227,6 +228,7 @@ class Build:
                               "hub_user": job.hub_user, "claimed_user": job.claimed_user},
                 "created_at": time.time(), "spec": self.store.spec_text(job.id),
                 "spec_channels": list(spec.channels), "spec_pip": list(spec.pip),
+                "variables": dict(spec.variables),
                 "tests": self.tests, "prefix": str(self.version_path(version))}
 
     def version_path(self, version: str) -> Path:

@@ -12,6 +12,11 @@ env's activation variables (conda's ``env_vars``), names and values bounded.
 The YAML is read by :mod:`~envctl_shared.safeyaml` (depth and alias expansion bounded before
 anything is built) and values are quoted in messages through :func:`~envctl_shared.untrusted.brief`
 (bounded length), so no spec costs the daemon more than a bounded amount of CPU and memory.
+Conda dependencies are match specs read as conda reads them (py-rattler's lenient parser: the
+``name=version=build`` pins of ``conda env export``, ``name==version``, ``name version build``,
+``channel::name``, version globs), and the solver reads them the same way; a ``channel::`` must be one of
+the spec's (allowed) channels and a ``[url=...]`` is refused, so a match spec cannot reach past
+the channel policy.
 ``pip:`` entries are lines of a pip requirements file: each is parsed the way pip splits it
 (requirement, then per-requirement options) and the requirement by ``packaging``, so options
 and direct references (URLs, VCS links, local paths) are refused wherever they hide in a line.
@@ -22,6 +27,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from packaging.requirements import InvalidRequirement, Requirement
@@ -158,6 +164,48 @@ def _direct(entry: str, what: str, cfg: RequestsConfig) -> None:
                               "does not allow", hint=_DIRECT_HINT)
 
 
+def _match_spec(entry: str) -> Any:
+    """``entry`` parsed as conda reads it (rattler is a daemon dependency: imported here, where
+    only the daemon parses specs)."""
+    from rattler import MatchSpec
+
+    return MatchSpec(entry, strict=False)
+
+
+def _check_conda(entry: str, position: int, channels: tuple[str, ...]) -> None:
+    """One conda dependency (``position`` counts from 1 in ``dependencies:``)."""
+    from rattler.exceptions import CanonicalMatchSpecError, InvalidMatchSpecError
+
+    where = f"spec: dependency {position} ({brief(entry)})"
+    if not entry.isprintable():
+        raise ValidationError(f"{where} is not one line of printable text",
+                              hint="write name, name=1.2 or name=1.2=build_0")
+    try:
+        spec = _match_spec(entry)
+        canonical = spec.to_canonical_string()
+    except (InvalidMatchSpecError, CanonicalMatchSpecError) as exc:
+        reason = str(exc).splitlines()[0][:120]
+        raise ValidationError(f"{where} is not a match spec: {reason}",
+                              hint="write name, name=1.2, name=1.2=build_0, 'name >=1.2' or "
+                                   "channel::name") from None
+    if 'url="' in canonical:
+        raise ValidationError(f"{where} names a package URL", hint="name the package; it "
+                              "comes from the spec's channels")
+    if spec.channel is not None:
+        known = {c.rstrip("/") for c in channels} | {
+            Path(c).as_uri() for c in channels if c.startswith("/")}
+        if spec.channel.name not in known and spec.channel.base_url.rstrip("/") not in known:
+            raise ValidationError(f"{where} names channel {brief(spec.channel.name or '')}, "
+                                  "which is not among the spec's channels",
+                                  hint="list that channel under channels: (if the site "
+                                       "allows it), or leave the channel:: out")
+
+
+def conda_names(spec: EnvSpec) -> set[str]:
+    """The package names of the spec's conda dependencies (validated: they parse)."""
+    return {_match_spec(entry).name.normalized for entry in spec.conda}
+
+
 def _check_channels(channels: list[str], cfg: RequestsConfig) -> tuple[str, ...]:
     if not channels:
         return cfg.default_channels
@@ -246,15 +294,19 @@ def parse_spec(text: str, cfg: RequestsConfig, name: str | None = None) -> EnvSp
     deps = data.get("dependencies") or []
     if not isinstance(deps, list):
         raise ValidationError("spec: dependencies must be a list", hint=_SPEC_HINT)
-    for dep in deps:
+    conda_positions: list[tuple[int, str]] = []
+    for position, dep in enumerate(deps, 1):
         if isinstance(dep, str) and dep.strip():
             conda.append(_entry(dep, "dependencies"))
+            conda_positions.append((position, conda[-1]))
         elif isinstance(dep, dict) and list(dep) == ["pip"]:
             pip.extend(_strings(dep["pip"], "dependencies.pip"))
         else:
             raise ValidationError(f"spec: unsupported dependency {brief(dep)}",
                                   hint="each dependency is a match spec string, or one "
                                        "mapping {pip: [...]}")
+    for position, entry in conda_positions:
+        _check_conda(entry, position, channels)
     for entry in pip:
         _check_pip(entry, cfg)
     spec = EnvSpec(tuple(conda), tuple(pip), channels, variables, tuple(notes))

@@ -1,11 +1,14 @@
-"""The ``rattler`` backend: py-rattler solves and installs, in a child process as the build user.
+"""The ``rattler`` backend: conda packages by py-rattler, then the ``pip:`` entries by uv.
 
-Why a child process: ``rattler.solve``/``install`` run native code that cannot be interrupted
-from Python; a separate process (``rattler_child``) can be killed with its group on cancel or
-timeout, and runs with the build user's privileges rather than the daemon's. The child installs
-into the version's directory, the path the version keeps: the prefix baked into every file with
-a prefix placeholder is the one it runs at.
-``pip:`` entries are refused (rattler installs conda packages only): use the venv backend.
+Why a child process for rattler: ``rattler.solve``/``install`` run native code that cannot be
+interrupted from Python; a separate process (``rattler_child``) can be killed with its group on
+cancel or timeout. It is the one ``trusted`` step (it runs no package code and never the env's
+interpreter). It installs into the version's directory, the path the version keeps: the prefix
+baked into every file with a prefix placeholder is the one it runs at.
+``pip:`` entries then go into the same prefix, for the env's own interpreter, as pixi does
+(``install_step``): so a spec with a ``pip:`` section must list python among its conda
+packages, and pip too where pip rather than uv installs (refused at submit time otherwise,
+not after a solve).
 """
 
 from __future__ import annotations
@@ -16,8 +19,8 @@ import sys
 
 from ...config import RequestsConfig
 from ...errors import ValidationError
-from ..spec import EnvSpec
-from . import BuildContext, Step
+from ..spec import EnvSpec, conda_names
+from . import REQUIREMENTS, BuildContext, Step, compile_step, install_step, rattler_child, uv_for
 
 BUILD_FILE = "build.json"
 
@@ -28,27 +31,42 @@ def default_platforms() -> list[str]:
 
 
 class RattlerBackend:
-    """Solve + install with py-rattler into the version's prefix."""
+    """Solve + install with py-rattler into the version's prefix; pip entries with uv."""
 
     name = "rattler"
 
     def check(self, spec: EnvSpec, cfg: RequestsConfig) -> None:
-        if spec.pip:
-            raise ValidationError("the rattler backend does not install pip: entries",
-                                  hint="use --backend venv, or list conda packages only")
         if not spec.conda:
             raise ValidationError("spec lists no conda packages for the rattler backend",
                                   hint="list packages under dependencies:, or request an empty "
                                   "environment with --backend venv")
+        if not spec.pip:
+            return
+        names = conda_names(spec)
+        if "python" not in names:
+            raise ValidationError(
+                "spec: the pip: section needs a python in the environment, and dependencies: "
+                "lists none", hint="add python to dependencies: (e.g. - python=3.11)")
+        if "pip" not in names and uv_for(cfg) is None:
+            raise ValidationError(
+                "spec: the pip: section needs pip in the environment on this daemon (it "
+                "installs pip: entries with the env's own pip), and dependencies: lists none",
+                hint="add pip to dependencies:")
 
     def files(self, spec: EnvSpec, cfg: RequestsConfig) -> dict[str, str]:
         build = {"channels": list(spec.channels), "specs": list(spec.conda),
                  "platforms": list(cfg.platforms) or default_platforms(),
                  "variables": dict(spec.variables)}
-        return {BUILD_FILE: json.dumps(build, indent=2) + "\n"}
+        files = {BUILD_FILE: json.dumps(build, indent=2) + "\n"}
+        if spec.pip:
+            files[REQUIREMENTS] = "".join(f"{req}\n" for req in spec.pip)
+        return files
 
     def steps(self, ctx: BuildContext) -> list[Step]:
-        return [Step("solving", (
-            sys.executable, "-m", "envctl_shared.jobs.backends.rattler_child",
+        steps = [Step("solving", (
+            sys.executable, "-I", rattler_child.__file__,
             "--build", str(ctx.job_dir / BUILD_FILE), "--prefix", str(ctx.prefix),
-            "--cache-dir", str(ctx.cache_dir)))]
+            "--cache-dir", str(ctx.cache_dir)), trusted=True)]
+        if ctx.spec.pip:
+            steps.append(install_step(ctx, f"{ctx.prefix}/bin/python"))
+        return [*steps, compile_step(ctx)]

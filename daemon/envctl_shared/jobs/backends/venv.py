@@ -1,11 +1,16 @@
-"""The ``venv`` backend: ``python -m venv`` + pip, for sites without conda.
+"""The ``venv`` backend: a stdlib venv of the base interpreter + the ``pip:`` entries, by uv.
 
-Decisions: conda dependencies are refused, except bare ``python`` and ``pip`` (the venv has both,
-from its base interpreter); everything else must be in the ``pip:`` list, which pip installs
-from a requirements file with the admin's ``requests.pip_args`` (e.g. ``--no-index
---find-links /srv/wheelhouse``) in front. Not relocatable (scripts carry absolute shebangs): built
-at the version's own path, where it runs. An empty ``pip:`` list is an empty venv (python and
-pip only). ``variables:`` are refused: a venv's activate script has no place for them.
+Decisions: conda dependencies are refused, except bare ``python`` and ``pip``; everything else
+must be in the ``pip:`` list, installed from a requirements file with the admin's
+``requests.pip_args`` (e.g. ``--no-index --find-links /srv/wheelhouse``) in front, by uv when it
+is installed, else by the venv's pip (``install_step``). The venv itself is made by the base
+interpreter (``python -m venv``: its own layout, Debian's or conda-forge's, in 0.03 s) without
+pip — pip is seeded (``ensurepip``, from the wheel the base python bundles: offline, 2 s) only
+when the spec lists ``pip`` or when uv is missing and pip must do the installing. The
+installer byte-compiles what it installs (uv ``--compile-bytecode``; pip by default). Not
+relocatable (scripts carry absolute shebangs): built at the version's own path, where it runs.
+An empty ``pip:`` list is an empty venv. ``variables:`` are refused: a venv's activate script
+has no place for them.
 
 The base interpreter, which a venv runs for life (``pyvenv.cfg`` ``home``), is
 ``requests.venv_python``, or with ``requests.venv_base`` a Python env the daemon keeps in the
@@ -19,9 +24,8 @@ from ...config import RequestsConfig
 from ...errors import ValidationError
 from ..base_python import build_file
 from ..spec import EnvSpec
-from . import BuildContext, Step, rattler
+from . import REQUIREMENTS, BuildContext, Step, install_step, rattler
 
-REQUIREMENTS = "requirements.txt"
 _IMPLIED = ("python", "pip")
 
 
@@ -49,10 +53,11 @@ class VenvBackend:
 
     def steps(self, ctx: BuildContext) -> list[Step]:
         prefix = str(ctx.prefix)
-        steps = [Step("creating", (ctx.cfg.venv_python, "-m", "venv", prefix))]
-        if ctx.spec.pip:  # none: an empty venv
-            steps.append(Step("installing", (
-                f"{prefix}/bin/python", "-m", "pip", "install", "--no-input",
-                "--disable-pip-version-check", *ctx.cfg.pip_args, "-r",
-                str(ctx.job_dir / REQUIREMENTS))))
+        python = f"{prefix}/bin/python"
+        install = install_step(ctx, python, compile_bytecode=True) if ctx.spec.pip else None
+        pip = "pip" in ctx.spec.conda or (install is not None and install.argv[0] == python)
+        steps = [Step("creating", (ctx.cfg.venv_python, "-m", "venv",
+                                   *(() if pip else ("--without-pip",)), prefix))]
+        if install is not None:  # none: an empty venv
+            steps.append(install)
         return steps
