@@ -31,6 +31,7 @@ class Step:
 
     phase: str
     argv: tuple[str, ...]
+    trusted: bool = False
 
 
 @dataclass(frozen=True)

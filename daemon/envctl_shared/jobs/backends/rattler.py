@@ -51,4 +51,4 @@ class RattlerBackend:
         return [Step("solving", (
             sys.executable, "-m", "envctl_shared.jobs.backends.rattler_child",
             "--build", str(ctx.job_dir / BUILD_FILE), "--prefix", str(ctx.prefix),
-            "--cache-dir", str(ctx.cache_dir)))]
+            "--cache-dir", str(ctx.cache_dir)), trusted=True)]
