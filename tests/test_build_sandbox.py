@@ -45,7 +45,7 @@ class Pool:
 def pool(accounts: Accounts) -> Iterator[Pool]:
     names = (f"envt{os.getpid()}-pool1", f"envt{os.getpid()}-pool2")
     for name in names:
-        subprocess.run(["userdel", "-f", name], capture_output=True)
+        subprocess.run(["userdel", "-f", name], capture_output=True, check=False)
         subprocess.run(["useradd", "--no-create-home", "--user-group", "-s", "/bin/sh",
                         "-G", accounts.shared_group, name], check=True)
     try:
@@ -54,9 +54,9 @@ def pool(accounts: Accounts) -> Iterator[Pool]:
         yield Pool(names, (int(ids[0]), int(ids[1])), (int(ids[2]), int(ids[3])))
     finally:
         for name in names:
-            subprocess.run(["pkill", "-KILL", "-u", name], capture_output=True)
-            subprocess.run(["userdel", "-f", name], capture_output=True)
-            subprocess.run(["groupdel", name], capture_output=True)
+            subprocess.run(["pkill", "-KILL", "-u", name], capture_output=True, check=False)
+            subprocess.run(["userdel", "-f", name], capture_output=True, check=False)
+            subprocess.run(["groupdel", name], capture_output=True, check=False)
 
 
 def _build(mgr: JobManager, jobs_env: JobsEnv, name: str, spec: str = ENV_HELLO,
@@ -258,14 +258,15 @@ def test_no_step_can_remount_not_even_a_trusted_one(scratch: Path, pool: Pool) -
     try:
         for root in (backing, mnt):
             sandbox = Sandbox((root,), (root / "own", home))
-            script = (f"touch {root}/own/ok-$(id -u) && echo OWN-OK; touch {root}/top || echo TOP-RO; "
+            script = (f"touch {root}/own/ok-$(id -u) && echo OWN-OK; "
+                      f"touch {root}/top || echo TOP-RO; "
                       f"mount -o remount,rw {root} && echo REMOUNTED; "
                       f"umount -l {root} && echo UNMOUNTED; "
                       f"unshare -Urm sh -c 'mount -o remount,rw {root}' && echo LIFTED; "
                       f"touch {root}/top2 && echo WROTE-TOP")
             for user in (procs.daemon_user(),
                          BuildUser(pool.uids[0], pool.gids[0], pool.names[0], True)):
-                code, out = _sandboxed(user, home, sandbox, script)
+                _code, out = _sandboxed(user, home, sandbox, script)
                 assert "OWN-OK" in out and "TOP-RO" in out, (root, user, out)
                 for bad in ("REMOUNTED", "UNMOUNTED", "LIFTED", "WROTE-TOP"):
                     assert bad not in out, (root, user, out)

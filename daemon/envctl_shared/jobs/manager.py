@@ -271,7 +271,8 @@ class JobManager:
                 free = min(self._config.requests.max_concurrent - len(self._running),
                            len(users) if pool else 1)  # no account: each job says so
                 queued = self.store.list(states=(State.QUEUED,)) if free > 0 else []
-                for job, user in zip(queued[:free], users or [None] * free):
+                slots: list[procs.BuildUser | None] = [*users] if pool else [None] * free
+                for job, user in zip(queued[:free], slots):
                     self._launch(job, user)
                 self._cond.wait(1.0)
 

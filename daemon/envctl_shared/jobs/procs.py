@@ -57,9 +57,9 @@ import os
 import pwd
 import shutil
 import signal
-import sys
 import stat
 import subprocess
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -207,7 +207,7 @@ while [ "$1" != -- ]; do
   shift 2
 done
 shift
-for d in %s; do mount -t tmpfs -o nosuid,nodev,mode=1777 envctl-private "$d"; done
+for d in {private}; do mount -t tmpfs -o nosuid,nodev,mode=1777 envctl-private "$d"; done
 for i in "${!paths[@]}"; do
   p=${paths[$i]} fd=${fds[$i]}
   mkdir -p -- "$p"
@@ -218,7 +218,7 @@ for i in "${!paths[@]}"; do
 done
 cd -- "$HOME"  # again: the cwd inherited is on the original mount, not on its bind
 exec "$@"
-""" % " ".join(PRIVATE_DIRS)
+""".replace("{private}", " ".join(PRIVATE_DIRS))
 
 
 @dataclass(frozen=True)
@@ -278,7 +278,7 @@ def _probe_namespaces() -> str:
     try:
         res = subprocess.run([unshare, "--mount", "--propagation", "private", bash, "-c",
                               "mount -t tmpfs envctl-probe /tmp"], env={"PATH": SAFE_PATH},
-                             capture_output=True, timeout=30, cwd="/")
+                             capture_output=True, timeout=30, cwd="/", check=False)
     except (OSError, subprocess.TimeoutExpired) as exc:
         return str(exc)
     if res.returncode != 0:
