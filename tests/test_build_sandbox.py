@@ -12,7 +12,9 @@ from __future__ import annotations
 import io
 import os
 import subprocess
+import stat
 import tarfile
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -277,3 +279,48 @@ def test_no_step_can_remount_not_even_a_trusted_one(scratch: Path, pool: Pool) -
                 p.unlink()
     finally:
         subprocess.run(["fusermount", "-u", str(mnt)], check=False)
+
+
+def test_hand_over_gives_directories_only(scratch: Path, pool: Pool) -> None:
+    """A version a trusted step made: its directories become the build uid's (so pip can add
+    to them), its files stay the daemon's and read-only, a symlink is neither followed nor
+    changed, and nothing outside moves (a link to a directory outside is not entered)."""
+    from envctl_shared.jobs import layout
+
+    outside = scratch / "outside"
+    outside.mkdir()
+    version = scratch / "v1"
+    (version / "lib" / "python3.11" / "site-packages").mkdir(parents=True)
+    (version / "lib" / "data.txt").write_text("cached\n")
+    (version / "lib" / "out").symlink_to(outside)
+    fd = os.open(scratch, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        assert layout.hand_over(fd, "v1", pool.uids[0], pool.gids[0]) == 4
+        assert layout.hand_over(fd, "v1", pool.uids[0], pool.gids[0]) == 0
+    finally:
+        os.close(fd)
+    for d in (version, version / "lib", version / "lib" / "python3.11",
+              version / "lib" / "python3.11" / "site-packages"):
+        assert (d.stat().st_uid, d.stat().st_gid) == (pool.uids[0], pool.gids[0]), d
+    assert (version / "lib" / "data.txt").stat().st_uid == 0
+    assert (version / "lib" / "out").lstat().st_uid == 0 and outside.stat().st_uid == 0
+
+
+def test_seal_cache_takes_group_and_other_write_off_what_is_new(jobs_env: JobsEnv) -> None:
+    """What a trusted step added to the cache with a group/other write bit (a package's
+    tarball says 0666) loses it; older entries are not walked again."""
+    from envctl_shared.jobs import layout
+
+    area = layout.RootArea(jobs_env.root)
+    with area.open() as fds:
+        cache = area.conda_cache(fds)
+        pkg = cache / "pkg-1.0-0"
+        (pkg / "bin").mkdir(parents=True)
+        (pkg / "bin" / "tool").write_text("#!/bin/sh\n")
+        os.chmod(pkg / "bin" / "tool", 0o777)
+        os.chmod(pkg / "bin", 0o777)
+        (pkg / "lnk").symlink_to("bin/tool")
+        assert layout.seal_cache(fds, time.time() - 5) == 2
+        assert stat.S_IMODE((pkg / "bin" / "tool").stat().st_mode) == 0o755
+        assert stat.S_IMODE((pkg / "bin").stat().st_mode) == 0o755
+        assert layout.seal_cache(fds, time.time() + 5) == 0

@@ -241,15 +241,17 @@ class Sandbox:
 
 def sandbox_places(config: Config) -> tuple[Path, ...]:
     """What every step sees read-only: the roots (every env, built or hand-made), the state
-    dir (other jobs' homes), the kernels dir, and the inputs an admin configured by path (local
-    channels, ``pip_args`` wheelhouses, the daemon's own Python) — bound so that they stay
-    visible when they lie below a private dir (a root in ``/tmp``, as in the tests)."""
+    dir (other jobs' homes), the kernels dir, and the inputs an admin configured by path — the
+    local channels, ``pip_args`` wheelhouses, ``venv_python``/``conda_exe``, the daemon's own
+    Python — bound so that they stay visible below a private dir (a root in ``/tmp``, as in
+    the tests)."""
     cfg = config.requests
     places = [r.path for r in config.roots] + [cfg.state_dir, Path(sys.prefix),
                                                Path(sys.base_prefix)]
     if config.kernels.dir is not None:
         places.append(config.kernels.dir)
-    for arg in (*cfg.channels, *cfg.default_channels, *cfg.pip_args):
+    for arg in (*cfg.channels, *cfg.default_channels, *cfg.pip_args, cfg.venv_python,
+                cfg.conda_exe or ""):
         path = Path(arg.removeprefix("file://"))
         if path.is_absolute():
             places.append(path if path.is_dir() else path.parent)
