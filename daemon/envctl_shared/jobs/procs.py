@@ -250,8 +250,9 @@ def sandbox_places(config: Config) -> tuple[Path, ...]:
                                                Path(sys.base_prefix)]
     if config.kernels.dir is not None:
         places.append(config.kernels.dir)
-    for arg in (*cfg.channels, *cfg.default_channels, *cfg.pip_args, cfg.venv_python,
-                cfg.conda_exe or ""):
+    base_channels = cfg.venv_base.channels if cfg.venv_base is not None else ()
+    for arg in (*cfg.channels, *cfg.default_channels, *base_channels, *cfg.pip_args,
+                cfg.venv_python, cfg.conda_exe or ""):
         path = Path(arg.removeprefix("file://"))
         if path.is_absolute():
             places.append(path if path.is_dir() else path.parent)
