@@ -310,7 +310,7 @@ mgr = JobManager(parse(cfg))
 mgr.start()
 try:
     job = mgr.submit(Requester(**who), "plain", "dependencies: [hello]\\n",
-                     tests=["touch $CONDA_PREFIX/x 2>&1 || true; touch /tmp/y"])
+                     tests=['test ! -w "$CONDA_PREFIX"'])  # the daemon's, not the build's
     done = wait_done(mgr, job.id, 120)
     print(json.dumps({"sandbox": mgr.sandbox, "max_builds": mgr.max_builds(),
                       "state": done.state.value, "detail": done.exit_detail}), flush=True)

@@ -318,13 +318,16 @@ class Build:
             self._hand_over(user)
         self.say(("run (trusted): " if step.trusted else "run: ") + " ".join(argv))
         cgroup = self._job_cgroup()
+        # a trusted step's HOME is the daemon's job dir: root never writes where a build uid
+        # may have planted a symlink
+        home = ctx.job_dir if step.trusted else ctx.home
         sandbox = None
         if procs.namespaces() is None:
-            places = [ctx.home, *([ctx.prefix] if writes else []),
+            places = [home, *([ctx.prefix] if writes else []),
                       *([ctx.cache_dir] if step.trusted else [])]
             sandbox = procs.Sandbox(procs.sandbox_places(self.config), tuple(places))
         since = time.time() - 1.0  # ctime granularity
-        running = procs.spawn(argv, procs.daemon_user() if step.trusted else user, ctx.home,
+        running = procs.spawn(argv, procs.daemon_user() if step.trusted else user, home,
                               cgroup, self.cfg.build_env if site_env else (), sandbox)
         proc = running.proc
         reader = threading.Thread(target=self._pump, args=(proc,), daemon=True,
