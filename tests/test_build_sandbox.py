@@ -337,3 +337,19 @@ def test_without_namespaces_builds_run_and_status_says_so(jobs_env: JobsEnv,
     out = json.loads(res.stdout.strip().splitlines()[-1])
     assert out == {"sandbox": "none", "max_builds": 2, "state": "succeeded",
                    "detail": out["detail"]}, out
+
+
+def test_status_says_how_builds_are_kept_apart(accounts: Accounts) -> None:
+    """``envctl status --json`` of a real daemon: steps in mount namespaces, and one build at
+    a time with its one build user, whatever ``max_concurrent`` (4 here) says."""
+    from tests.api_support import start_api_daemon
+
+    fixture = start_api_daemon(accounts)
+    api = next(fixture)
+    try:
+        res = api.cli(accounts.alice, "status", "--json")
+        assert res.returncode == 0, res.stderr
+        status = json.loads(res.stdout)
+        assert (status["sandbox"], status["max_builds"]) == ("mount-namespace", 1), status
+    finally:
+        fixture.close()
