@@ -194,9 +194,10 @@ class Build:
         (``requests.venv_base``), built here with rattler and healed if this is the first venv
         that needs it (see ``base_python``); the venv is then created by it."""
         def build(prefix: Path) -> None:
-            for step in backend_named("rattler").steps(replace(ctx, prefix=prefix)):
+            base = replace(ctx, prefix=prefix)
+            for step in backend_named("rattler").steps(base):
                 self._check_abort()
-                self._run_step(step, user, replace(ctx, prefix=prefix))
+                self._run_step(step, user, base)
             self._check_abort()
             self._heal(str(prefix.relative_to(self.area.root)))
 

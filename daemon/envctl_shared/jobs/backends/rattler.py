@@ -1,10 +1,12 @@
-"""The ``rattler`` backend: py-rattler solves and installs, in a child process as the build user.
+"""The ``rattler`` backend: py-rattler solves and installs, in a child process (a trusted step).
 
 Why a child process: ``rattler.solve``/``install`` run native code that cannot be interrupted
 from Python; a separate process (``rattler_child``) can be killed with its group on cancel or
-timeout, and runs with the build user's privileges rather than the daemon's. The child installs
-into the version's directory, the path the version keeps: the prefix baked into every file with
-a prefix placeholder is the one it runs at.
+timeout. It is a *trusted* step (``Step.trusted``): it runs as the daemon, since it writes the
+shared package cache, but in the build's cgroup and mount namespace; it never runs package code
+(no link scripts) nor the env's interpreter. The child installs into the version's directory,
+the path the version keeps: the prefix baked into every file with a prefix placeholder is the
+one it runs at.
 ``pip:`` entries are refused (rattler installs conda packages only): use the venv backend.
 """
 
