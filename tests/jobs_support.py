@@ -291,6 +291,16 @@ class JobsEnv:
                          username=user.name, claimed_user=claimed, is_admin=admin)
 
 
+@dataclass(frozen=True)
+class Pool:
+    """Three build accounts in the root's group (a pool like Nix's nixbld users), for
+    ``requests.build_users``."""
+
+    names: tuple[str, ...]
+    uids: tuple[int, ...]
+    gids: tuple[int, ...]
+
+
 def wait_done(mgr: JobManager, job_id: str, timeout: float = 60.0) -> Job:
     """Follow a job with ``wait`` (as ``logs -f`` does) until it is terminal."""
     deadline = time.monotonic() + timeout

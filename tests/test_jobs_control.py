@@ -87,7 +87,8 @@ def test_cancel_mid_build(jobs_env: JobsEnv, manager_factory) -> None:
     alice, bob = jobs_env.requester("alice"), jobs_env.requester("bob")
     job = mgr.submit(alice, "cx", ENV_VENV, backend="venv")
     wait_creating(jobs_env, job.id)
-    assert procs_of(jobs_env.accounts.builder.uid, jobs_env.state_dir)  # the filter sees it
+    wait_for(lambda: procs_of(jobs_env.accounts.builder.uid, jobs_env.state_dir), 10,
+             what="the filter to see it")  # (once past its namespace's set-up, as root)
     version = jobs_env.root / ".envctl" / "envs" / "cx" / "v1"
     assert version.is_dir() and not os.path.lexists(jobs_env.root / "cx")  # built aside
     assert f'"job": "{job.id}"' in (version.parent / "v1.json").read_text()
@@ -163,7 +164,8 @@ def test_kill9_daemon_then_restart(jobs_env: JobsEnv, accounts) -> None:
                  and db_row(jobs_env.state_dir, running_id)[2] is not None, 60,
                  what="the build to start")
         pgid = db_row(jobs_env.state_dir, running_id)[2]
-        wait_for(lambda: group_size(pgid) >= 2, 60, what="venv to start ensurepip")
+        wait_for(lambda: len(live_processes({accounts.builder.uid}, pgrp=pgid)) >= 2, 60,
+                 what="venv to start ensurepip")  # (past its namespace's set-up, as root)
     finally:
         daemon.send_signal(signal.SIGKILL)
         daemon.wait()

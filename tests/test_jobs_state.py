@@ -77,9 +77,12 @@ def test_old_logs_pruned_rows_kept(jobs_env: JobsEnv) -> None:
         mgr.stop()
 
 
-def test_reload_raises_concurrency(jobs_env: JobsEnv, manager_factory) -> None:
-    mgr = manager_factory(jobs_env.config(max_concurrent=1))
-    mgr.reload(jobs_env.config(max_concurrent=3, allowed_backends=["rattler"]))
+def test_reload_raises_concurrency(jobs_env: JobsEnv, manager_factory, pool) -> None:
+    """Three build accounts, so three builds may run at once (one per account)."""
+    mgr = manager_factory(jobs_env.config(build_user=None, build_users=list(pool.names),
+                                          max_concurrent=1))
+    mgr.reload(jobs_env.config(build_user=None, build_users=list(pool.names), max_concurrent=3,
+                               allowed_backends=["rattler"]))
     ids = [mgr.submit(jobs_env.requester(), f"r{i}", ENV_HELLO).id for i in range(3)]
     jobs = [wait_done(mgr, i) for i in ids]
     assert all(j.state is State.SUCCEEDED for j in jobs)

@@ -32,8 +32,8 @@ from envctl_shared.jobs import JobManager, State, base_python, envs, layout
 from tests.api_support import VENV_SPEC, ApiDaemon, start_api_daemon
 from tests.conftest import Accounts, User
 from tests.helpers import VENV_BIN
-from tests.jobs_support import (ENV_VENV, HOST_PYTHON, HOST_STDLIB, JobsEnv, build_channel,
-                                full_log, python_package, wait_done)
+from tests.jobs_support import (ENV_VENV, HOST_PYTHON, HOST_STDLIB, JobsEnv, Pool,
+                                build_channel, full_log, python_package, wait_done)
 
 pytest_plugins = ("tests.fixtures_jobs",)  # jobs_env, manager_factory
 
@@ -187,11 +187,12 @@ def test_venv_on_the_base_python_in_the_root_runs_without_the_host_python(
 
 def test_one_base_for_venv_jobs_at_once_and_a_dead_builds_base_is_replaced(
         jobs_env: JobsEnv, manager_factory: Callable[..., JobManager],
-        python_channel: Path) -> None:
-    """Two venv jobs started together need the same base: one builds it, the other waits for
-    it and reuses it (one base, built once). A base a dead build left (record still
-    ``building``) is removed and built again by the next venv job."""
-    cfg = jobs_env.config(max_concurrent=2, venv_python=None, venv_base={
+        python_channel: Path, pool: Pool) -> None:
+    """Two venv jobs started together (two build accounts) need the same base: one builds it,
+    the other waits for it and reuses it (one base, built once). A base a dead build left
+    (record still ``building``) is removed and built again by the next venv job."""
+    cfg = jobs_env.config(max_concurrent=2, build_user=None, build_users=list(pool.names),
+                          venv_python=None, venv_base={
         "dependencies": ["python"], "channels": [str(python_channel)]})
     area = layout.RootArea(jobs_env.root)
     name = base_python.base_name(cfg.requests)

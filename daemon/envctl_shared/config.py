@@ -107,6 +107,9 @@ class RequestsConfig:
     backend: str = "rattler"
     allowed_backends: tuple[str, ...] = ("rattler", "venv")
     build_user: str | None = None
+    # A pool of build accounts (like Nix's nixbld1..N): one running build per account, so
+    # builds cannot reach each other (see jobs.procs). Exclusive with build_user.
+    build_users: tuple[str, ...] = ()
     max_concurrent: int = 2
     # Jobs one requester (a verified hub user, else a uid) may have queued or running at once;
     # admins are not limited. Bounds what one user can make the daemon store and run.
@@ -400,6 +403,15 @@ def _requests(source: str, data: Any, roots: tuple[RootConfig, ...],
     if backend not in allowed:
         r.fail("backend", f"{backend!r} is not in allowed_backends")
     build_user = r.get("build_user", str, None, _check_user)
+    build_users = r.strings("build_users")
+    for i, name in enumerate(build_users):
+        if (problem := _check_user(name)) is not None:
+            r.fail(f"build_users[{i}]", problem)
+    if len(set(build_users)) != len(build_users):
+        r.fail("build_users", "lists an account twice (one running build per account)")
+    if build_user is not None and build_users:
+        r.fail("build_users", "set build_user (one account, one build at a time) or "
+               "build_users (a pool), not both")
     state_dir = r.get("state_dir", str, None)
     conda_exe = r.get("conda_exe", str, None)
     if any(b in ("conda", "mamba", "micromamba") for b in allowed) and not conda_exe:
@@ -411,6 +423,7 @@ def _requests(source: str, data: Any, roots: tuple[RootConfig, ...],
         backend=backend,
         allowed_backends=allowed,
         build_user=build_user,
+        build_users=build_users,
         max_concurrent=r.get("max_concurrent", int, d.max_concurrent, _positive),
         max_queued_per_user=r.get("max_queued_per_user", int, d.max_queued_per_user, _positive),
         timeout=r.get("timeout", float, d.timeout, _positive),
@@ -644,9 +657,10 @@ def parse(data: Any, source: str = "<memory>", base: Path | None = None) -> Conf
         want = requests.root or roots[0].path
         roots = tuple(replace(r, holds_requests=True) if r.path == want else r
                       for r in roots)
-        if requests.build_user is not None:  # its builds are healed like a member's work
-            builder = pwd.getpwnam(requests.build_user).pw_uid
-            roots = tuple(replace(r, member_uids=r.member_uids | {builder})
+        builders = {pwd.getpwnam(n).pw_uid  # their builds are healed like a member's work
+                    for n in (*requests.build_users, *filter(None, [requests.build_user]))}
+        if builders:
+            roots = tuple(replace(r, member_uids=r.member_uids | builders)
                           if r.holds_requests and r.member_uids is not None else r
                           for r in roots)
     _check_venv_python(source, requests, roots)

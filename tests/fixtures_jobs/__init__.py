@@ -8,7 +8,9 @@ a root owned by the shared group, JobManagers stopped (builds killed) at the end
 from __future__ import annotations
 
 import os
+import pwd
 import shutil
+import subprocess
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -18,7 +20,8 @@ import pytest
 from envctl_shared.config import Config
 from envctl_shared.jobs import JobManager
 
-from tests.jobs_support import JobsEnv, build_channel, hello_packages, python_channel, write_wheel
+from tests.jobs_support import (JobsEnv, Pool, build_channel, hello_packages, python_channel,
+                                 write_wheel)
 
 
 @pytest.fixture(scope="session")
@@ -65,3 +68,22 @@ def manager_factory(jobs_env: JobsEnv) -> Iterator[Callable[..., JobManager]]:
     yield make
     for mgr in made:
         mgr.stop(timeout=20)
+
+
+@pytest.fixture(scope="session")
+def pool(accounts: Any) -> Iterator[Pool]:
+    """Build accounts ``envt<pid>-pool1..3``, members of the shared group; removed at the end
+    (their processes first: the accounts are the tests' alone)."""
+    names = tuple(f"envt{os.getpid()}-pool{i}" for i in (1, 2, 3))
+    for name in names:
+        subprocess.run(["userdel", "-f", name], capture_output=True, check=False)
+        subprocess.run(["useradd", "--no-create-home", "--user-group", "-s", "/bin/sh",
+                        "-G", accounts.shared_group, name], check=True)
+    try:
+        pws = [pwd.getpwnam(n) for n in names]
+        yield Pool(names, tuple(p.pw_uid for p in pws), tuple(p.pw_gid for p in pws))
+    finally:
+        for name in names:
+            subprocess.run(["pkill", "-KILL", "-u", name], capture_output=True, check=False)
+            subprocess.run(["userdel", "-f", name], capture_output=True, check=False)
+            subprocess.run(["groupdel", name], capture_output=True, check=False)

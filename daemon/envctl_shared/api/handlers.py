@@ -117,7 +117,11 @@ class Handlers(EnvHandlers):
         data.update(version=__version__, protocol=protocol.VERSION,
                     requests_enabled=self.jobs is not None,
                     # how builds are kept from outliving their job: "cgroup" or "sweep"
-                    containment=self.jobs.containment if self.jobs is not None else None)
+                    containment=self.jobs.containment if self.jobs is not None else None,
+                    # how they are kept from each other: a mount namespace per step, or
+                    # "none" (then only their uids and file modes), and how many run at once
+                    sandbox=self.jobs.sandbox if self.jobs is not None else None,
+                    max_builds=self.jobs.max_builds() if self.jobs is not None else None)
         yield protocol.ok(data)
 
     # -- job ops ---------------------------------------------------------------------------

@@ -19,7 +19,13 @@ the build user can reach its own job files without listing anyone else's): ``env
 ``jobs/<id>/{environment.yml,build.json}`` (root:build-group 0640: the build user reads them,
 the requester cannot), ``jobs/<id>/build.log`` (written by the daemon only),
 ``jobs/<id>/home`` (the build's HOME/TMPDIR), ``jobs/<id>/tests.json`` (the ``--test``
-commands, the daemon's), ``cache-<uid>`` (package cache per build uid).
+commands, the daemon's).
+
+The conda package cache is ``<root>/.envctl/cache/conda`` (the daemon's, 0755): on the
+versions' filesystem, so that installing hard-links from it. Only trusted steps (running as
+the daemon) write it, and :func:`seal_cache` takes every group/other write bit off what they
+added: a build uid can read and link its files, never change them, so one build cannot
+poison the next.
 """
 
 from __future__ import annotations
@@ -33,7 +39,7 @@ import os
 import shutil
 import stat
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from ..errors import Conflict, FilesystemError
@@ -105,8 +111,96 @@ class RootArea:
     def path(self, *parts: str) -> Path:
         return self.root.joinpath(AREA, *parts)
 
+    def conda_cache(self, fds: dict[str, int]) -> Path:
+        """``.envctl/cache/conda``, created (or checked) as the daemon's own."""
+        cache = checked_dir(fds["area"], "cache", 0o755, str(self.path("cache")))
+        try:
+            os.close(checked_dir(cache, "conda", 0o755, str(self.path("cache", "conda"))))
+        finally:
+            os.close(cache)
+        return self.path("cache", "conda")
 
-_CACHE_LOCK = threading.Lock()
+
+def _walk(top_fd: int, descend: Callable[[os.stat_result], bool]
+          ) -> Iterator[tuple[int, str, os.stat_result, int | None]]:
+    """Every entry below the directory ``top_fd``: fd-based, never following a symlink, with
+    an explicit stack (no recursion, whatever the depth). Yields (parent fd, name, lstat, fd):
+    ``fd`` is the entry's own ``O_NOFOLLOW`` fd when it is a directory (valid until the next
+    item), else None; a directory is entered when ``descend(its stat)`` is true."""
+    stack = [os.dup(top_fd)]
+    try:
+        while stack:
+            dfd = stack.pop()
+            try:
+                for name in os.listdir(dfd):
+                    st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+                    if not stat.S_ISDIR(st.st_mode):
+                        yield dfd, name, st, None
+                        continue
+                    sub = os.open(name, DIR_FLAGS, dir_fd=dfd)
+                    try:
+                        st = os.fstat(sub)
+                        yield dfd, name, st, sub
+                    except BaseException:
+                        os.close(sub)
+                        raise
+                    if descend(st):
+                        stack.append(sub)
+                    else:
+                        os.close(sub)
+            finally:
+                os.close(dfd)
+    finally:
+        for fd in stack:
+            os.close(fd)
+
+
+def hand_over(parent_fd: int, name: str, uid: int, gid: int) -> int:
+    """Give the directories of ``name`` (a version the daemon made for a trusted step) to the
+    build uid, files untouched: what a trusted step linked from the cache stays the daemon's
+    and read-only. Returns how many directories changed owner."""
+    def give(fd: int, st: os.stat_result) -> int:
+        if (st.st_uid, st.st_gid) == (uid, gid):
+            return 0
+        os.fchown(fd, uid, gid)
+        return 1
+
+    top = os.open(name, DIR_FLAGS, dir_fd=parent_fd)
+    try:
+        changed = give(top, os.fstat(top))
+        for _parent, _name, st, fd in _walk(top, lambda st: True):
+            if fd is not None:
+                changed += give(fd, st)
+    finally:
+        os.close(top)
+    return changed
+
+
+def seal_cache(fds: dict[str, int], since: float) -> int:
+    """Take group and other write off what a trusted step added to the conda cache since
+    ``since`` (a directory changed since then is entered: new entries change its ctime);
+    returns how many entries changed."""
+    fd = checked_dir(fds["area"], "cache", 0o755, "cache", create=False)
+    try:
+        conda = checked_dir(fd, "conda", 0o755, "cache/conda", create=False)
+    finally:
+        os.close(fd)
+    changed = 0
+    try:
+        for parent, name, st, sub in _walk(conda, lambda st: st.st_ctime >= since):
+            mode = stat.S_IMODE(st.st_mode)
+            if not mode & 0o022 or stat.S_ISLNK(st.st_mode):
+                continue
+            if sub is not None:
+                os.fchmod(sub, mode & ~0o022)
+            else:
+                os.chmod(name, mode & ~0o022, dir_fd=parent, follow_symlinks=False)
+            changed += 1
+    finally:
+        os.close(conda)
+    return changed
+
+
 STATE_LOCK = "envctld.lock"
 # (st_dev, st_ino) of a state dir -> [fd holding its lock, job managers using it], per process.
 _STATE_LOCKS: dict[tuple[int, int], list[int]] = {}
@@ -283,24 +377,6 @@ class StateDir:
         finally:
             os.close(fd)
         return jdir
-
-    def cache_dir(self, uid: int, gid: int) -> Path:
-        """A package cache on local disk for one build uid, created owned by it."""
-        name = f"cache-{uid}"
-        fd = os.open(self.path, DIR_FLAGS)
-        try:
-            # Two builds of one uid may start together: the lock keeps the second from seeing
-            # the directory between its mkdir and its chown.
-            with _CACHE_LOCK:
-                if not exists(fd, name):
-                    make_owned_dir(fd, name, uid, gid, 0o700)
-            st = os.stat(name, dir_fd=fd, follow_symlinks=False)
-            if not stat.S_ISDIR(st.st_mode) or st.st_uid != uid:
-                raise FilesystemError(f"{self.path / name} is not a directory owned by uid {uid}",
-                                      hint="remove it; the daemon recreates it")
-        finally:
-            os.close(fd)
-        return self.path / name
 
     def write_tests(self, job_id: str, tests: list[str]) -> None:
         """The job's ``--test`` commands (kept with its log: a queued job survives a restart)."""

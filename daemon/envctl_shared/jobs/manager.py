@@ -66,6 +66,8 @@ class JobManager:
         self._cgroups: cgroups.CgroupTree | None = None
         self._cluster: ClusterJobs | None = None  # our jobs in the root, other hosts' read back
         self.containment = "none"  # how builds are contained: "cgroup" or "sweep" once started
+        self.sandbox = "none"  # "mount-namespace" once started where the kernel allows it
+        self._busy_uids: set[int] = set()  # the pool's accounts running a build now
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -86,11 +88,10 @@ class JobManager:
         log.info("jobs-containment mechanism=%s %s", self.containment, how)
         self._store = JobStore(self._state.db_path)
         self._start_cluster()
-        try:
-            user = procs.build_user(self._config.requests)
-        except ConfigError:
-            user = None  # none configured: every request says so
-        if user is not None:  # a build user who cannot reach the root: refuse to start
+        why = procs.namespaces()
+        self.sandbox = "mount-namespace" if why is None else "none"
+        log.info("jobs-sandbox mechanism=%s%s", self.sandbox, f" reason={why!r}" if why else "")
+        for user in self._pool():  # one who cannot reach the root: refuse to start
             procs.check_reach(user, self._config.requests_root.path)
         try:
             with layout.RootArea(self._config.requests_root.path).open():
@@ -203,12 +204,19 @@ class JobManager:
                                           "partial output removed")
             self._append_log(job.id, lines)
 
-    def _sweep_orphans(self) -> int:
+    def _pool(self) -> tuple[procs.BuildUser, ...]:
+        """The build accounts (none configured: every request says so)."""
         try:
-            user = procs.build_user(self._config.requests)
+            return procs.build_users(self._config.requests)
         except ConfigError:
-            return 0  # no build user: nothing was ever built here
-        return procs.sweep_orphans(user)
+            return ()
+
+    def max_builds(self) -> int:
+        """How many builds run at once: one per build account, at most max_concurrent."""
+        return min(self._config.requests.max_concurrent, len(self._pool()))
+
+    def _sweep_orphans(self) -> int:
+        return sum(procs.sweep_orphans(user) for user in self._pool())
 
     def _discard_dead(self, job: Job, say: Callable[[str], None]) -> None:
         area = layout.RootArea(self._config.requests_root.path)
@@ -258,14 +266,19 @@ class JobManager:
             with self._cond:
                 if self._stopping:
                     return
-                free = self._config.requests.max_concurrent - len(self._running)
+                pool = self._pool()
+                users = [u for u in pool if u.uid not in self._busy_uids]
+                free = min(self._config.requests.max_concurrent - len(self._running),
+                           len(users) if pool else 1)  # no account: each job says so
                 queued = self.store.list(states=(State.QUEUED,)) if free > 0 else []
-                for job in queued[:free]:
-                    self._launch(job)
+                slots: list[procs.BuildUser | None] = [*users] if pool else [None] * free
+                for job, user in zip(queued[:free], slots):
+                    self._launch(job, user)
                 self._cond.wait(1.0)
 
-    def _launch(self, job: Job) -> None:
-        """Start one queued job (called with ``_cond`` held)."""
+    def _launch(self, job: Job, user: procs.BuildUser | None) -> None:
+        """Start one queued job as ``user``, a free account of the pool (called with
+        ``_cond`` held)."""
         now = time.time()
         if not self.store.update(job.id, expect=(State.QUEUED,), state=State.RUNNING,
                                  started_at=now, phase="preparing"):
@@ -273,7 +286,7 @@ class JobManager:
         job = self.store.get(job.id)
         try:
             build = Build(job, self._config, self.store, self._state, self._notify,
-                          self._cgroups)
+                          self._cgroups, user or procs.build_user(self._config.requests))
         except Exception as exc:  # noqa: BLE001 - e.g. backend no longer allowed after reload
             self.store.update(job.id, state=State.FAILED, phase=None, finished_at=now,
                               exit_detail=str(exc))
@@ -282,6 +295,7 @@ class JobManager:
         thread = threading.Thread(target=self._execute, args=(build,), daemon=True,
                                   name=f"envctl-job-{job.id}")
         self._running[job.id] = build
+        self._busy_uids.add(build.user.uid)
         self._threads[job.id] = thread
         self._version += 1
         self._cond.notify_all()
@@ -296,6 +310,7 @@ class JobManager:
             self.store.update(job.id, expect=(State.RUNNING,), state=outcome.state, phase=None,
                               finished_at=time.time(), exit_detail=outcome.detail)
             del self._running[job.id]
+            self._busy_uids.discard(build.user.uid)
             del self._threads[job.id]
             self._version += 1
             self._cond.notify_all()

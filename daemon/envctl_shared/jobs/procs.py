@@ -1,10 +1,12 @@
 """Build processes: spawned as the build user in their own group; groups killed, orphans too.
 
 Why these rules:
-- never root: the child drops to the build user with ``setgroups`` (the build user's own
+- package code never as root: the child drops to the build user with ``setgroups`` (the build user's own
   groups from the group database, as a login would have: never the daemon's), ``setregid``,
   ``setreuid`` (``subprocess``'s ``extra_groups``/``group``/``user``, done in C between fork and
-  exec — a ``preexec_fn`` is unsafe in a threaded daemon). An admin who adds the build user to
+  exec — a ``preexec_fn`` is unsafe in a threaded daemon; in a :class:`Sandbox`, ``setpriv``
+  does the same once the namespace is set up). Only a *trusted* step (the daemon's own code,
+  e.g. py-rattler's download and link) runs as the daemon. An admin who adds the build user to
   a ``2770`` root's group as a supplementary member therefore gets what they expect, and a
   build user who cannot enter the requests root at all is refused at start with the fix
   (:func:`check_reach`), not by every build failing on "Permission denied";
@@ -33,7 +35,20 @@ Why these rules:
   (``kill -9``) that no cgroup holds (a host without a writable cgroup v2, or an older
   daemon) and that left their process group;
 - a scrubbed environment: only PATH, HOME/TMPDIR (the job's own dir), LANG and a few tool
-  switches; nothing of the daemon's environment (tokens, proxies, SSH agents) leaks in.
+  switches; nothing of the daemon's environment (tokens, proxies, SSH agents) leaks in;
+- one uid per running build, from a pool (``requests.build_users``): processes of one uid can
+  ``ptrace`` each other and open each other's files through ``/proc/<pid>/root`` — mount
+  namespace or not (tried here: a second build of the same uid wrote into the first one's
+  writable version through it). So a daemon with one build user runs one build at a time;
+- a mount namespace per step (:class:`Sandbox`, where ``unshare --mount`` works): every root,
+  the state dir and the kernels dir read-only, only the step's own directories writable,
+  ``/tmp`` and ``/dev/shm`` fresh and private. It is set up as root *before* the uid switch
+  (the writable places are bound from fds opened before anything was covered: a bind made
+  through a read-only mount is read-only, and a tmpfs on ``/tmp`` hides what lay below it),
+  every fd to the original mounts is closed before the step's code runs, and no step keeps
+  ``CAP_SYS_ADMIN`` (a trusted step, which stays root, drops it from its bounding set): no
+  step can remount. Mount flags of a namespace made by root are locked for a user namespace a
+  build makes inside it, so ``unshare -Urm`` cannot lift them either.
 """
 
 from __future__ import annotations
@@ -46,13 +61,14 @@ import shutil
 import signal
 import stat
 import subprocess
+import sys
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..accounts import group_name
-from ..config import RequestsConfig
+from ..config import Config, RequestsConfig
 from ..errors import ConfigError
 from . import cgroup as cgroups
 
@@ -76,22 +92,39 @@ class BuildUser:
     groups: tuple[int, ...] = ()  # supplementary, from the group database
 
 
-def build_user(cfg: RequestsConfig) -> BuildUser:
-    """The account builds run as; ConfigError when the daemon is root and none is configured."""
+def daemon_user() -> BuildUser:
+    """The daemon itself, as the user of a trusted step (no switch)."""
+    me = pwd.getpwuid(os.geteuid())
+    return BuildUser(me.pw_uid, os.getegid(), me.pw_name, False)
+
+
+def build_users(cfg: RequestsConfig) -> tuple[BuildUser, ...]:
+    """The pool of accounts builds run as, one running build per account
+    (``requests.build_users``, else the one ``requests.build_user``); ConfigError when the
+    daemon is root and none is configured. A daemon that is not root builds as itself."""
     if os.geteuid() != 0:
-        me = pwd.getpwuid(os.geteuid())
-        return BuildUser(me.pw_uid, os.getegid(), me.pw_name, False)
-    if not cfg.build_user:
-        raise ConfigError("requests.build_user is not set: the daemon runs as root and never "
+        return (daemon_user(),)
+    names = cfg.build_users or ((cfg.build_user,) if cfg.build_user else ())
+    if not names:
+        raise ConfigError("requests.build_users is not set: the daemon runs as root and never "
                           "builds environments as root",
-                          hint="create an unprivileged account (e.g. envctl-build) and set "
-                               "requests.build_user to it")
+                          hint="create unprivileged accounts (see docs/systemd.md: "
+                               "envctl-build1..N) and list them in requests.build_users")
+    return tuple(_account(name) for name in names)
+
+
+def build_user(cfg: RequestsConfig) -> BuildUser:
+    """The pool's first account (for work outside a build: a kernel probe, ``kernels sync``)."""
+    return build_users(cfg)[0]
+
+
+def _account(name: str) -> BuildUser:
     try:
-        pw = pwd.getpwnam(cfg.build_user)
+        pw = pwd.getpwnam(name)
     except KeyError:
-        raise ConfigError(f"requests.build_user {cfg.build_user!r} does not exist") from None
+        raise ConfigError(f"build user {name!r} does not exist") from None
     if pw.pw_uid == 0:
-        raise ConfigError("requests.build_user must not be root")
+        raise ConfigError(f"build user {name!r} is root: builds never run as root")
     groups = tuple(g for g in os.getgrouplist(pw.pw_name, pw.pw_gid) if g != pw.pw_gid)
     return BuildUser(pw.pw_uid, pw.pw_gid, pw.pw_name, True, groups)
 
@@ -163,20 +196,136 @@ class Step:
         return code
 
 
-def spawn(argv: list[str], user: BuildUser, home: Path, cgroup: Path | None = None,
-          passthrough: tuple[str, ...] = ()) -> Step:
-    """Start one build step behind its gate, in ``cgroup`` when given (moved there while the
-    gate still holds it: everything the command starts is born inside); stdout and stderr
-    come back merged on ``step.proc.stdout``."""
+PRIVATE_DIRS = ("/tmp", "/dev/shm")  # a fresh tmpfs each, in every sandboxed step
+# Run as root in the step's new mount namespace; argv: (ro|rw PATH)... -- COMMAND...
+# Each place is opened first, so that it is bound from the original mount (neither covered by
+# a tmpfs nor read-only through a bind made earlier); each bind is then remounted with its own
+# flags, and its fd closed before the command (which drops root) is exec'd.
+_SETUP = r"""set -eu
+kinds=() paths=() fds=()
+while [ "$1" != -- ]; do
+  exec {fd}<"$2"
+  kinds+=("$1") paths+=("$2") fds+=("$fd")
+  shift 2
+done
+shift
+for d in {private}; do mount -t tmpfs -o nosuid,nodev,mode=1777 envctl-private "$d"; done
+for i in "${!paths[@]}"; do
+  p=${paths[$i]} fd=${fds[$i]}
+  mkdir -p -- "$p"
+  mount -c --bind "/proc/self/fd/$fd" "$p"
+  flags=nosuid,nodev; [ "${kinds[$i]}" = rw ] || flags=ro,$flags
+  mount -c -o "remount,bind,$flags" "$p"
+  exec {fd}<&-
+done
+cd -- "$HOME"  # again: the cwd inherited is on the original mount, not on its bind
+exec "$@"
+""".replace("{private}", " ".join(PRIVATE_DIRS))
+
+
+@dataclass(frozen=True)
+class Sandbox:
+    """A step's mount namespace: ``read_only`` places bound read-only onto themselves,
+    ``writable`` ones (the step's own: its version, its home, the cache for a trusted step)
+    bound writable on top, and :data:`PRIVATE_DIRS` fresh. Missing places are left out (a
+    mount point must exist)."""
+
+    read_only: tuple[Path, ...]
+    writable: tuple[Path, ...]
+
+    def argv(self) -> list[str]:
+        """``kind path`` pairs, outer places first: a bind covers what lies below it."""
+        places = sorted({(str(p), "ro") for p in self.read_only if p.is_dir()}
+                        | {(str(p), "rw") for p in self.writable if p.is_dir()},
+                        key=lambda e: (e[0].count("/"), e[1] == "rw", e[0]))
+        return [x for path, kind in places for x in (kind, path)]
+
+
+def sandbox_places(config: Config) -> tuple[Path, ...]:
+    """What every step sees read-only: the roots (every env, built or hand-made), the state
+    dir (other jobs' homes), the kernels dir, and the inputs an admin configured by path — the
+    local channels, ``pip_args`` wheelhouses, ``venv_python``/``conda_exe``, the daemon's own
+    Python — bound so that they stay visible below a private dir (a root in ``/tmp``, as in
+    the tests)."""
+    cfg = config.requests
+    places = [r.path for r in config.roots] + [cfg.state_dir, Path(sys.prefix),
+                                               Path(sys.base_prefix)]
+    if config.kernels.dir is not None:
+        places.append(config.kernels.dir)
+    base_channels = cfg.venv_base.channels if cfg.venv_base is not None else ()
+    for arg in (*cfg.channels, *cfg.default_channels, *base_channels, *cfg.pip_args,
+                cfg.venv_python, cfg.conda_exe or ""):
+        path = Path(arg.removeprefix("file://"))
+        if path.is_absolute():
+            places.append(path if path.is_dir() else path.parent)
+    return tuple(places)
+
+
+_NAMESPACES: list[str] = []  # the probe's answer, once per process
+_NAMESPACES_LOCK = threading.Lock()
+
+
+def namespaces() -> str | None:
+    """None when steps get a mount namespace here, else why not (asked once of the kernel)."""
+    with _NAMESPACES_LOCK:
+        if not _NAMESPACES:
+            _NAMESPACES.append(_probe_namespaces())
+    return _NAMESPACES[0] or None
+
+
+def _probe_namespaces() -> str:
+    unshare = shutil.which("unshare", path=SAFE_PATH)
+    bash = shutil.which("bash", path=SAFE_PATH)
+    if os.geteuid() != 0:
+        return "the daemon is not root"
+    if unshare is None or bash is None:
+        return "unshare (util-linux) or bash is not installed"
+    try:
+        res = subprocess.run([unshare, "--mount", "--propagation", "private", bash, "-c",
+                              "mount -t tmpfs envctl-probe /tmp"], env={"PATH": SAFE_PATH},
+                             capture_output=True, timeout=30, cwd="/", check=False)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return str(exc)
+    if res.returncode != 0:
+        said = res.stderr.decode("utf-8", "replace").strip().splitlines()
+        return said[-1] if said else f"unshare exited with status {res.returncode}"
+    return ""
+
+
+def _wrapped(argv: list[str], user: BuildUser, sandbox: Sandbox | None) -> tuple[list[str],
+                                                                                  bool]:
+    """The full command line of a step, and whether ``Popen`` must switch the user (only
+    without a sandbox: in one, ``setpriv`` does it after the namespace is set up)."""
     setpriv = shutil.which("setpriv", path=SAFE_PATH)
     if setpriv is None:
         raise ConfigError("setpriv (util-linux) is not installed; builds need it")
-    ids: dict[str, object] = {}
+    if sandbox is None:
+        return [setpriv, "--pdeathsig", "KILL", "--", *GATE, *argv], user.switch
+    unshare, bash = shutil.which("unshare", path=SAFE_PATH), shutil.which("bash", path=SAFE_PATH)
+    assert unshare is not None and bash is not None  # namespaces() said they are there
+    who: list[str] = []
     if user.switch:
+        who = [f"--reuid={user.uid}", f"--regid={user.gid}",
+               f"--groups={','.join(map(str, user.groups))}" if user.groups
+               else "--clear-groups"]
+    drop = ["--inh-caps=-sys_admin", "--bounding-set=-sys_admin"]
+    return [setpriv, "--pdeathsig", "KILL", "--", unshare, "--mount", "--propagation",
+            "private", bash, "-c", _SETUP, "envctl-sandbox", *sandbox.argv(), "--",
+            setpriv, *who, *drop, "--pdeathsig", "KILL", "--", *GATE, *argv], False
+
+
+def spawn(argv: list[str], user: BuildUser, home: Path, cgroup: Path | None = None,
+          passthrough: tuple[str, ...] = (), sandbox: Sandbox | None = None) -> Step:
+    """Start one build step behind its gate, in ``cgroup`` when given (moved there while the
+    gate still holds it: everything the command starts is born inside) and in ``sandbox``
+    when given; stdout and stderr come back merged on ``step.proc.stdout``."""
+    command, switch = _wrapped(argv, user, sandbox)
+    ids: dict[str, object] = {}
+    if switch:
         ids = {"user": user.uid, "group": user.gid, "extra_groups": list(user.groups)}
     with _steps_lock:  # a sweep never sees the new group before it counts as running
         proc = subprocess.Popen(  # type: ignore[call-overload]
-            [setpriv, "--pdeathsig", "KILL", "--", *GATE, *argv], cwd=home,
+            command, cwd=home,
             env=scrubbed_env(user, home, passthrough), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT, close_fds=True, start_new_session=True, umask=0o022,
             **ids)

@@ -31,7 +31,8 @@ from ..fsinfo import walk_concurrency
 from ..heal import Healer
 from . import cgroup as cgroups
 from . import base_python, envs, kernels, layout, procs
-from .backends import PHASE_MARK, PHASES, BuildContext, backend_named, get_backend, test_step
+from .backends import (PHASE_MARK, PHASES, BuildContext, Step, backend_named, get_backend,
+                       test_step)
 from .lock import NameLock
 from .model import Job, State
 from .spec import EnvSpec, parse_spec
@@ -63,8 +64,10 @@ class Build:
     """Runs one job; ``abort`` may be called from any thread."""
 
     def __init__(self, job: Job, config: Config, store: JobStore, state_dir: layout.StateDir,
-                 notify: Callable[[], None], cgroup_tree: cgroups.CgroupTree | None) -> None:
+                 notify: Callable[[], None], cgroup_tree: cgroups.CgroupTree | None,
+                 user: procs.BuildUser) -> None:
         self.job = job
+        self.user = user  # this build's own uid, from the pool (see procs)
         self.config = config
         self.cfg = config.requests
         self.store = store
@@ -79,6 +82,7 @@ class Build:
         self._log_lock = threading.Lock()
         self._cgroup_tree = cgroup_tree
         self._cgroup: Path | None = None  # made before the first step, removed at the end
+        self._daemon_owned: str | None = None  # a version made for a trusted step, not handed over
         self.tests: list[str] = state_dir.read_tests(job.id)
 
     # -- control from other threads ------------------------------------------------------------
@@ -121,7 +125,7 @@ class Build:
             self.say(f"job {job.id}: building {job.name!r} with backend {job.backend} "
                      f"for {job.requester_name} (uid {job.requester_uid}) on "
                      f"{socket.gethostname()}")
-            user = procs.build_user(self.cfg)
+            user = self.user
             spec = parse_spec(self.store.spec_text(job.id), self.cfg, job.name)
             for note in spec.notes:
                 self.say(note)
@@ -167,7 +171,7 @@ class Build:
                     ctx = self._venv_base(fds, ctx, user)
                 for step in self.backend.steps(ctx):
                     self._check_abort()
-                    self._run_step(step.phase, list(step.argv), user, ctx.home)
+                    self._run_step(step, user, ctx)
                 self._check_abort()
                 self._test(ctx, user)  # before healing: what a test writes is healed too
                 self._check_abort()
@@ -192,7 +196,7 @@ class Build:
             base = replace(ctx, prefix=prefix, spec=replace(ctx.spec, pip=()))  # python alone
             for step in backend_named("rattler").steps(base):
                 self._check_abort()
-                self._run_step(step.phase, list(step.argv), user, ctx.home)
+                self._run_step(step, user, base)
             self._check_abort()
             self._heal(str(prefix.relative_to(self.area.root)))
 
@@ -241,21 +245,28 @@ class Build:
         files = {"environment.yml": self.store.spec_text(job.id),
                  **self.backend.files(spec, self.cfg)}
         job_dir = self.state_dir.prepare_job(job.id, user.uid, user.gid, files)
-        cache = self.state_dir.cache_dir(user.uid, user.gid)
-        envs.begin(env_fd, version, self._record(version, spec), user.uid, user.gid)
+        with self.area.open() as fds:
+            cache = self.area.conda_cache(fds)
         prefix = self.version_path(version)
+        ctx = BuildContext(spec=spec, cfg=self.cfg, job_dir=job_dir, home=job_dir / "home",
+                           prefix=prefix, cache_dir=cache)
+        first = self.backend.steps(ctx)[:1]
+        # the version's first writer owns it: the daemon for a trusted step (hand_over gives
+        # its directories to the build uid before a build-uid step writes there)
+        owner = procs.daemon_user() if first and first[0].trusted else user
+        envs.begin(env_fd, version, self._record(version, spec), owner.uid, owner.gid)
+        if not owner.switch:
+            self._daemon_owned = version
         self.say(f"building version {version} of {job.name!r} at {prefix}")
-        return BuildContext(spec=spec, cfg=self.cfg, job_dir=job_dir, home=job_dir / "home",
-                            prefix=prefix, cache_dir=cache)
+        return ctx
 
     def _test(self, ctx: BuildContext, user: procs.BuildUser) -> None:
         """The requester's ``--test`` commands, each inside the new version (activated, its
         ``bin`` first on PATH) as the build user; the first failure fails the job."""
         for n, command in enumerate(self.tests, 1):
             self._check_abort()
-            step = test_step(ctx, self.job.name, command)
-            self._run_step(step.phase, list(step.argv), user, ctx.home,
-                           what=f"test {n} ({command!r})", site_env=False)
+            self._run_step(test_step(ctx, self.job.name, command), user, ctx,
+                           what=f"test {n} ({command!r})", site_env=False, writes=False)
         if self.tests:
             self.say(f"{len(self.tests)} test command(s) passed")
 
@@ -281,15 +292,32 @@ class Build:
             log.warning("job-cgroup-leftovers id=%s killed=%d", self.job.id, killed)
         self.store.update(self.job.id, cgroup=None)
 
-    def _run_step(self, phase: str, argv: list[str], user: procs.BuildUser, home: Path,
-                  what: str | None = None, site_env: bool = True) -> None:
-        """One step as the build user; ``site_env``: with the admin's ``requests.build_env``
-        (proxies, index URLs: for the package managers, never for the requester's commands)."""
+    def _run_step(self, step: Step, user: procs.BuildUser, ctx: BuildContext,
+                  what: str | None = None, site_env: bool = True, writes: bool = True) -> None:
+        """One step: a trusted one as the daemon, any other as this build's uid, in its
+        cgroup and, where the kernel allows, its mount namespace (see ``procs``), where it may
+        write its HOME and — when it ``writes`` the version (a build step, not a test) —
+        ``ctx.prefix``, plus the conda cache for a trusted step. ``site_env``: with the admin's
+        ``requests.build_env`` (proxies, index URLs: for the package managers, never for the
+        requester's commands)."""
+        phase, argv = step.phase, list(step.argv)
         self._phase(phase)
-        self.say("run: " + " ".join(argv))
+        if writes and not step.trusted:
+            self._hand_over(user)
+        self.say(("run (trusted): " if step.trusted else "run: ") + " ".join(argv))
         cgroup = self._job_cgroup()
-        step = procs.spawn(argv, user, home, cgroup, self.cfg.build_env if site_env else ())
-        proc = step.proc
+        # a trusted step's HOME is the daemon's job dir: root never writes where a build uid
+        # may have planted a symlink
+        home = ctx.job_dir if step.trusted else ctx.home
+        sandbox = None
+        if procs.namespaces() is None:
+            places = [home, *([ctx.prefix] if writes else []),
+                      *([ctx.cache_dir] if step.trusted else [])]
+            sandbox = procs.Sandbox(procs.sandbox_places(self.config), tuple(places))
+        since = time.time() - 1.0  # ctime granularity
+        running = procs.spawn(argv, procs.daemon_user() if step.trusted else user, home,
+                              cgroup, self.cfg.build_env if site_env else (), sandbox)
+        proc = running.proc
         reader = threading.Thread(target=self._pump, args=(proc,), daemon=True,
                                   name=f"envctl-log-{self.job.id}")
         reader.start()
@@ -297,7 +325,7 @@ class Build:
         try:
             started = procs.start_time(proc.pid)
             self.store.update(self.job.id, build_uid=user.uid, pgid=proc.pid, pgid_start=started)
-            step.release()  # only now, with its group on disk, does the command run
+            running.release()  # only now, with its group on disk, does the command run
             while proc.poll() is None:
                 if time.time() >= deadline:
                     self.abort(State.FAILED, f"timed out after {self.cfg.timeout:g}s "
@@ -308,9 +336,9 @@ class Build:
                     break
                 self._abort_event.wait(0.1)
         finally:
-            step.close_gate()
+            running.close_gate()
             procs.kill_group(proc.pid, grace=0, leader=proc)  # nothing of a step outlives it
-            step.wait()
+            running.wait()
             # nor anything that left its group: all of it is in the cgroup, if there is one;
             # the sweep reaps what that leaves us (and is all there is without a cgroup)
             escaped = (cgroups.kill(cgroup) if cgroup is not None else 0) + procs.sweep(user)
@@ -320,11 +348,25 @@ class Build:
                 self.say(f"killed {escaped} build process(es) that had left the build's "
                          "process group")
                 log.warning("job-escapees id=%s killed=%d", self.job.id, escaped)
+            if step.trusted:
+                with self.area.open() as fds:
+                    layout.seal_cache(fds, since)
         self._check_abort()
         if proc.returncode != 0:
             how = (f"{what} failed with status" if what else
                    f"{phase} step failed: {Path(argv[0]).name} exited with status")
             raise BuildFailed(f"{how} {proc.returncode}", hint="see the build log")
+
+    def _hand_over(self, user: procs.BuildUser) -> None:
+        """Before a build-uid step writes the version a trusted step made: its directories
+        become the build uid's (``layout.hand_over``)."""
+        version, self._daemon_owned = self._daemon_owned, None
+        if version is None:
+            return
+        with self.area.open() as fds, envs.env_dir(fds, self.job.name, create=False) as env_fd:
+            assert env_fd is not None
+            changed = layout.hand_over(env_fd, version, user.uid, user.gid)
+        log.debug("job-hand-over id=%s version=%s dirs=%d", self.job.id, version, changed)
 
     def _pump(self, proc: subprocess.Popen[bytes]) -> None:
         """Copy the step's output to the log; turn ``ENVCTL-PHASE x`` lines into phases."""

@@ -2,13 +2,15 @@
 
 Why a child process for rattler: ``rattler.solve``/``install`` run native code that cannot be
 interrupted from Python; a separate process (``rattler_child``) can be killed with its group on
-cancel or timeout. It is the one ``trusted`` step (it runs no package code and never the env's
-interpreter). It installs into the version's directory, the path the version keeps: the prefix
-baked into every file with a prefix placeholder is the one it runs at.
+cancel or timeout. It is the one *trusted* step (``Step.trusted``): it runs as the daemon, since
+it writes the shared package cache, but in the build's cgroup and mount namespace; it never runs
+package code (no link scripts) nor the env's interpreter. It installs into the version's
+directory, the path the version keeps: the prefix baked into every file with a prefix
+placeholder is the one it runs at.
 ``pip:`` entries then go into the same prefix, for the env's own interpreter, as pixi does
-(``install_step``): so a spec with a ``pip:`` section must list python among its conda
-packages, and pip too where pip rather than uv installs (refused at submit time otherwise,
-not after a solve).
+(``install_step``, as the build's uid): so a spec with a ``pip:`` section must list python among
+its conda packages, and pip too where pip rather than uv installs (refused at submit time
+otherwise, not after a solve).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The process that runs py-rattler for one build, as the build user (see ``rattler.py``).
+"""The process that runs py-rattler for one build, as a trusted step (see ``rattler.py``).
 
 Reads the daemon-written ``build.json`` (channels, match specs, platforms), solves (the match
 specs parsed leniently, as conda reads them: ``name=version=build`` from ``conda env export``
@@ -80,8 +80,8 @@ async def build(args: argparse.Namespace) -> None:
         print(f"  {rec.name.normalized} {rec.version} {rec.build} ({rec.channel})", flush=True)
     phase("downloading")
     await rattler.install(records, target_prefix=args.prefix, cache_dir=Path(args.cache_dir),
-                          show_progress=False,
-                          reporter=_Reporter())
+                          show_progress=False, execute_link_scripts=False,  # trusted: no
+                          reporter=_Reporter())  # package code runs here
     print(f"installed {len(records)} packages in {args.prefix}", flush=True)
     if spec.get("variables"):  # where conda keeps them: 'conda activate' exports them
         state = Path(args.prefix) / "conda-meta" / "state"
