@@ -180,15 +180,18 @@ def test_two_builds_at_once_cannot_write_each_other(jobs_env: JobsEnv, manager_f
     _sdist(jobs_env.wheelhouse, "probepkg", PROBE_SETUP.format(other=str(b_version)))
     cfg = jobs_env.raw(build_users=list(pool.names), max_concurrent=4)
     cfg["requests"].pop("build_user")
-    cfg["requests"]["pip_args"] = [*cfg["requests"]["pip_args"], "--no-build-isolation"]
+    # pip (a pip-only option picks it): the venv's old setuptools builds these sdists without
+    # the wheel package, which uv's build frontend would need
+    cfg["requests"]["pip_args"] = [*cfg["requests"]["pip_args"], "--no-build-isolation",
+                                   "--prefer-binary"]
     from envctl_shared.config import parse
 
     mgr = manager_factory(parse(cfg))
     assert mgr.max_builds() == 3 and mgr.sandbox == "mount-namespace"
     b = mgr.submit(jobs_env.requester("bob"), "envb",
-                   "dependencies:\n  - pip:\n    - slowpkg\n", backend="venv")
+                   "dependencies:\n  - pip\n  - pip:\n    - slowpkg\n", backend="venv")
     a = mgr.submit(jobs_env.requester("alice"), "enva",
-                   "dependencies:\n  - pip:\n    - probepkg\n", backend="venv")
+                   "dependencies:\n  - pip\n  - pip:\n    - probepkg\n", backend="venv")
     try:
         a_done = wait_done(mgr, a.id, 120)
     finally:
