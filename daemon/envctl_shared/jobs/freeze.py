@@ -138,7 +138,7 @@ def parse_manifest(data: bytes) -> dict[str, Entry]:
 class _Ref:
     """A directory fd shared by its pending subdirectories and files; closed by the last."""
 
-    __slots__ = ("fd", "count", "lock", "walk")
+    __slots__ = ("count", "fd", "lock", "walk")
 
     def __init__(self, fd: int, walk: _Walk) -> None:
         self.fd, self.count, self.lock, self.walk = fd, 1, threading.Lock(), walk
@@ -288,10 +288,10 @@ class _Walk:
         def finish() -> None:
             try:
                 entry.sha = self._hash(fd, st)
-                if self.store is not None and st.st_size:
-                    if self.store.link(parent.fd, name, fd, st, entry):
-                        with self.lock:
-                            self.linked += 1
+                if self.store is not None and st.st_size and \
+                        self.store.link(parent.fd, name, fd, st, entry):
+                    with self.lock:
+                        self.linked += 1
             finally:
                 os.close(fd)
                 parent.release()

@@ -1,11 +1,11 @@
-"""One build, from name lock to a healed, tested version made current — or to nothing at all.
+"""One build, from name lock to a frozen, tested version made current — or to nothing at all.
 
 Why one class owns the whole sequence: the guarantees are about ordering. The name lock is
 taken before anything is created and released only after the outcome is on disk; a new version
 is built at its own path (``.envctl/envs/<name>/vN``, see ``envs``) while ``<root>/<name>``
-keeps pointing at the current one; the requester's ``--test`` commands pass inside it, it is
-healed (and re-checked with a dry run: zero violations left, whatever the tests wrote), its
-record says ``ready`` — and only then is the stable path switched to it, by one atomic rename. Every way
+keeps pointing at the current one; it is frozen (the daemon's, read-only, its digest taken:
+see ``freeze``), the requester's ``--test`` commands pass inside the frozen version (what users
+will get), its record says ``ready`` with the digest — and only then is the stable path switched to it, by one atomic rename. Every way
 out before that (failure, a failing test, cancel, timeout, daemon stop, crash recovery) goes
 through ``discard``, which removes the new version and leaves the current one untouched and
 serving. Every backend goes the same way, relocatable or not: the path a version is built at
@@ -27,10 +27,8 @@ from typing import Any
 
 from ..config import Config
 from ..errors import BuildFailed, Conflict, EnvctlError
-from ..fsinfo import walk_concurrency
-from ..heal import Healer
 from . import cgroup as cgroups
-from . import base_python, envs, kernels, layout, procs
+from . import base_python, envs, freeze, kernels, layout, procs
 from .backends import PHASE_MARK, PHASES, BuildContext, backend_named, get_backend, test_step
 from .lock import NameLock
 from .model import Job, State
@@ -170,13 +168,12 @@ class Build:
                     self._run_step(step.phase, list(step.argv), user, ctx.home)
                 self._check_abort()
                 kernel = self._probe_kernel(ctx, user)
-                self._test(ctx, user)  # before healing: what a test writes is healed too
+                frozen = self._freeze(fds, env_fd, version, self.version_path(version))
                 self._check_abort()
-                self._phase("healing")
-                self._heal(f"{layout.AREA}/envs/{job.name}/{version}")
+                self._test(ctx, user)  # against the frozen version: what users get
                 self._check_abort()
                 self._phase("finalizing")
-                self._finalize(fds, env_fd, version, spec)
+                self._finalize(fds, env_fd, version, spec, frozen)
             except BaseException:
                 self._phase("cleanup")
                 self.discard(env_fd, cur.version)
@@ -187,14 +184,14 @@ class Build:
     def _venv_base(self, fds: dict[str, int], ctx: BuildContext,
                    user: procs.BuildUser) -> BuildContext:
         """The venv's base interpreter is the Python env the daemon keeps in the root
-        (``requests.venv_base``), built here with rattler and healed if this is the first venv
+        (``requests.venv_base``), built here with rattler and frozen if this is the first venv
         that needs it (see ``base_python``); the venv is then created by it."""
-        def build(prefix: Path) -> None:
+        def build(base_fd: int, prefix: Path) -> freeze.Frozen:
             for step in backend_named("rattler").steps(replace(ctx, prefix=prefix)):
                 self._check_abort()
                 self._run_step(step.phase, list(step.argv), user, ctx.home)
             self._check_abort()
-            self._heal(str(prefix.relative_to(self.area.root)))
+            return self._freeze(fds, base_fd, prefix.name, prefix)
 
         def wait(seconds: float) -> None:
             self._abort_event.wait(seconds)
@@ -352,28 +349,28 @@ class Build:
             self._write(line)
         proc.stdout.close()
 
-    def _heal(self, rel: str) -> None:
-        """Heal the new prefix with the root's policy, then prove nothing is left to fix.
-
-        The root's ``exclude`` patterns are not applied: they protect users' content from the
-        healer, while this tree is brand new and entirely the daemon's (and ``.envctl`` itself
-        may well be excluded by the admin).
-        """
-        root = replace(self.config.requests_root, exclude=())
-        workers = walk_concurrency(root.path, self.config.walk.concurrency)
-        stats = Healer(root, concurrency=workers).run(rel)
-        left = Healer(root, dry_run=True, concurrency=workers).run(rel)
-        self.say(f"healed {rel}: scanned={stats.scanned} fixed={stats.writes} "
-                 f"errors={stats.errors} left={left.violations}")
-        if stats.errors or left.violations or left.errors:
-            raise BuildFailed(f"the new environment could not be healed ({stats.errors} errors, "
-                              f"{left.violations} violations left)", hint="see the build log")
+    def _freeze(self, fds: dict[str, int], dir_fd: int, name: str,
+                shown: Path) -> freeze.Frozen:
+        """Make the built prefix ``name`` in ``dir_fd`` (at ``shown``) the daemon's and
+        read-only (see ``freeze``), its files shared through the root's store; returns its
+        digest."""
+        self._phase("freezing")
+        target = freeze.Target.of(self.config.requests_root)
+        store = freeze.Store(fds["area"], str(self.area.path(freeze.STORE)), target)
+        try:
+            frozen = freeze.freeze(dir_fd, name, target, str(shown), store)
+        finally:
+            store.close()
+        self.say(f"froze {shown}: {frozen.entries} entries, {frozen.linked} file(s) shared "
+                 f"with the store, digest {frozen.digest}")
+        return frozen
 
     def _finalize(self, fds: dict[str, int], env_fd: int, version: str,
-                  spec: EnvSpec) -> None:
+                  spec: EnvSpec, frozen: freeze.Frozen) -> None:
         """Inventory the version, mark it ready, then switch the stable path to it."""
         job = self.job
-        record = {**self._record(version, spec), **envs.ready_fields(env_fd, version)}
+        record = {**self._record(version, spec), **envs.ready_fields(env_fd, version),
+                  **frozen.fields()}
         envs.write_record(env_fd, f"{version}.json", record)
         self._check_abort()  # the last moment a cancel can still keep the current version
         previous = envs.switch(fds[""], env_fd, job.name, version, owner=record["requester"])
