@@ -18,9 +18,10 @@ special files (fifo, socket, device) fail the freeze with their path: a shared e
 them, and freezing one would hand the daemon's ownership to whatever it is.
 
 The digest: sha256 over the sorted manifest, one JSON line per entry (relative path, type,
-mode, size, content sha256, link target). The manifest is kept beside the record
-(``vN.manifest.gz``) so that ``verify`` names every path that differs, not only "changed";
-the record's digest covers the manifest, so altering it is a difference too. Content hashing
+mode, size, content sha256, link target). The manifest is kept in the store under its digest
+(``store/manifests/<hex>.gz``: identical versions share it) so that ``verify`` names every
+path that differs, not only "changed"; the record holds the digest, so altering the manifest
+is a difference too. Content hashing
 of larger files runs in threads (hashlib releases the GIL on large buffers); small files are
 hashed inline, where a thread hop would cost more than the hash.
 
@@ -60,7 +61,7 @@ from . import layout
 log = logging.getLogger(__name__)
 
 STORE = "store"  # <root>/.envctl/store
-MANIFEST = ".manifest.gz"  # vN.manifest.gz beside vN.json
+MANIFESTS = "manifests"  # <root>/.envctl/store/manifests/<digest hex>.gz
 FD_BUDGET = 512  # directory fds a walk may hold (pending siblings on the way down)
 INLINE_BYTES = 1 << 20  # files below this are hashed on the walking thread
 IN_FLIGHT = 64  # files being hashed at once (each holds its fd)
@@ -320,6 +321,10 @@ def _scan(fd: int) -> list[os.DirEntry[str]]:
         return list(it)
 
 
+def _manifest_name(digest: str) -> str:
+    return f"{digest.removeprefix('sha256:')}.gz"
+
+
 class Store:
     """``<root>/.envctl/store``: one read-only copy per (content, mode), the daemon's."""
 
@@ -343,6 +348,44 @@ class Store:
                 fd = self._subs[prefix] = layout.checked_dir(
                     self.fd, prefix, 0o755, f"{self.shown}/{prefix}")
             return fd
+
+    def write_manifest(self, manifest: bytes) -> str:
+        """Keep ``manifest`` under its digest (atomically: temporary name, fsync, rename; the
+        daemon's, 0444); returns the digest."""
+        digest = digest_of(manifest)
+        sub = self._sub(MANIFESTS)
+        tmp = f".tmp-{secrets.token_hex(6)}"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     0o444, dir_fd=sub)
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(gzip.compress(manifest, compresslevel=6, mtime=0))
+                fh.flush()
+                os.fchown(fd, self.target.uid, self.target.gid)
+                os.fchmod(fd, 0o444)
+                os.fsync(fd)
+            os.rename(tmp, _manifest_name(digest), src_dir_fd=sub, dst_dir_fd=sub)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp, dir_fd=sub)
+            raise
+        return digest
+
+    def read_manifest(self, digest: str) -> bytes | None:
+        """The manifest of ``digest`` if the daemon wrote it and it still hashes to it."""
+        try:
+            fd = os.open(_manifest_name(digest), _FILE_FLAGS, dir_fd=self._sub(MANIFESTS))
+        except FileNotFoundError:
+            return None
+        with os.fdopen(fd, "rb") as fh:
+            st = os.fstat(fh.fileno())
+            if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
+                return None
+            try:
+                data = gzip.decompress(fh.read())
+            except (OSError, EOFError):
+                return None
+        return data if digest_of(data) == digest else None
 
     def link(self, dir_fd: int, name: str, fd: int, st: os.stat_result, entry: Entry) -> bool:
         """Share the frozen file ``name`` (open as ``fd``) with the store; True when the
@@ -400,50 +443,15 @@ class Frozen:
         return {"digest": self.digest, "frozen_at": self.frozen_at}
 
 
-def freeze(dir_fd: int, name: str, target: Target, shown: str,
-           store: Store | None = None) -> Frozen:
-    """Freeze the tree ``name`` in ``dir_fd`` for ``target``, write its manifest beside it
-    (``<name>.manifest.gz``) and return its digest. Raises BuildFailed naming a path that
+def freeze(dir_fd: int, name: str, target: Target, shown: str, store: Store) -> Frozen:
+    """Freeze the tree ``name`` in ``dir_fd`` for ``target``, its files shared with ``store``
+    and its manifest kept there; returns its digest. Raises BuildFailed naming a path that
     cannot be frozen (a special or setuid/setgid file)."""
     walk = _Walk(target, mutate=True, shown=shown, store=store)
     walk.run(dir_fd, name)
     manifest = manifest_bytes(walk.entries)
-    _write_manifest(dir_fd, name, manifest)
-    return Frozen(digest_of(manifest), manifest, len(walk.entries), walk.linked, time.time())
-
-
-def _write_manifest(dir_fd: int, name: str, manifest: bytes) -> None:
-    """Atomically (temporary name, fsync, rename), the daemon's, 0444."""
-    tmp = f".tmp-{secrets.token_hex(6)}"  # envs.clear_dead removes leftovers of this prefix
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                 0o444, dir_fd=dir_fd)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(gzip.compress(manifest, compresslevel=6, mtime=0))
-            fh.flush()
-            os.fchmod(fd, 0o444)
-            os.fsync(fd)
-        os.rename(tmp, f"{name}{MANIFEST}", src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp, dir_fd=dir_fd)
-        raise
-
-
-def read_manifest(dir_fd: int, name: str) -> bytes | None:
-    """The manifest the daemon wrote for ``name`` (None: missing or not the daemon's)."""
-    try:
-        fd = os.open(f"{name}{MANIFEST}", _FILE_FLAGS, dir_fd=dir_fd)
-    except FileNotFoundError:
-        return None
-    with os.fdopen(fd, "rb") as fh:
-        st = os.fstat(fh.fileno())
-        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o022:
-            return None
-        try:
-            return gzip.decompress(fh.read())
-        except (OSError, EOFError):
-            return None
+    digest = store.write_manifest(manifest)
+    return Frozen(digest, manifest, len(walk.entries), walk.linked, time.time())
 
 
 @dataclass(frozen=True)
@@ -462,18 +470,18 @@ class Difference:
 MAX_DIFFERENCES = 1000  # listed in a record and a reply; the count is always exact
 
 
-def verify(dir_fd: int, name: str, target: Target, digest: str | None,
-           shown: str) -> tuple[str, list[Difference]]:
-    """Walk the frozen tree ``name`` again (reading only) and compare it with its manifest
-    and the record's ``digest``: (the digest now, every difference)."""
+def verify(dir_fd: int, name: str, target: Target, digest: str, shown: str,
+           store: Store) -> tuple[str, list[Difference]]:
+    """Walk the frozen tree ``name`` again (reading only) and compare it with the manifest
+    of the record's ``digest``: (the digest now, every difference)."""
     walk = _Walk(target, mutate=False, shown=shown)
     walk.run(dir_fd, name)
     now = manifest_bytes(walk.entries)
     out: list[Difference] = []
-    stored = read_manifest(dir_fd, name)
-    if stored is None or digest_of(stored) != digest:
-        out.append(Difference(".", "manifest", f"{name}{MANIFEST} is missing or does not "
-                              f"match the record's digest {digest}"))
+    stored = store.read_manifest(digest)
+    if stored is None:
+        out.append(Difference(".", "manifest", f"the manifest of {digest} is missing from "
+                              "the store or altered: every entry is listed as added"))
     old = parse_manifest(stored) if stored is not None else {}
     for rel in sorted(set(old) | set(walk.entries)):
         out.extend(_compare(rel, old.get(rel), walk.entries.get(rel)))

@@ -36,12 +36,13 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
+from ..config import DAEMON_AREA
 from ..errors import Conflict, FilesystemError
 from ..heal.fsops import DIR_FLAGS
 
 log = logging.getLogger(__name__)
 
-AREA = ".envctl"
+AREA = DAEMON_AREA
 AREA_DIRS = {"locks": 0o755, "envs": 0o755}
 
 
