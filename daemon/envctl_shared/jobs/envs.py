@@ -483,7 +483,7 @@ def owner_name(owner: object) -> str:
 
 
 _SUMMARY = ("job", "backend", "requester", "created_at", "built_at", "size_bytes", "entries",
-            "prefix", "tests")
+            "prefix", "tests", "digest", "frozen_at", "verified_at", "verify")
 
 
 def describe(env_fd: int, name: str, cur: Current, with_versions: bool) -> dict[str, Any]:
@@ -517,7 +517,8 @@ def describe(env_fd: int, name: str, cur: Current, with_versions: bool) -> dict[
         "status": status, "current": cur.version, "updating": building,
         "owner": env.get("owner"), "created_at": env.get("created_at"),
         "removed_at": env.get("removed_at"),
-        "versions": rows if with_versions else len([r for r in rows if r["state"] == "ready"])}
+        "versions": rows if with_versions else len([r for r in rows if r["state"] == "ready"]),
+        "failed_verify": [r["version"] for r in rows if (r["verify"] or {}).get("ok") is False]}
     for key in ("backend", "requester", "built_at", "size_bytes", "entries", "job"):
         out[key] = now.get(key) if now else None
     return out

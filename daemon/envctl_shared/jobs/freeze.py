@@ -437,10 +437,19 @@ class Frozen:
     entries: int
     linked: int
     frozen_at: float
+    stamp: list[int]
 
     def fields(self) -> dict[str, Any]:
         """The record's keys."""
-        return {"digest": self.digest, "frozen_at": self.frozen_at}
+        return {"digest": self.digest, "frozen_at": self.frozen_at, "stamp": self.stamp}
+
+
+def stamp(dir_fd: int, name: str) -> list[int]:
+    """The top-level stamp of a frozen tree, recorded after the freeze: what changes when
+    anything is done to its directory (a ``chmod``/``chown``, an entry added, removed or
+    renamed at its top). The daemon's periodic check compares it without hashing."""
+    st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    return [st.st_uid, st.st_gid, st.st_mode, st.st_mtime_ns, st.st_ctime_ns]
 
 
 def freeze(dir_fd: int, name: str, target: Target, shown: str, store: Store) -> Frozen:
@@ -451,7 +460,8 @@ def freeze(dir_fd: int, name: str, target: Target, shown: str, store: Store) -> 
     walk.run(dir_fd, name)
     manifest = manifest_bytes(walk.entries)
     digest = store.write_manifest(manifest)
-    return Frozen(digest, manifest, len(walk.entries), walk.linked, time.time())
+    return Frozen(digest, manifest, len(walk.entries), walk.linked, time.time(),
+                  stamp(dir_fd, name))
 
 
 @dataclass(frozen=True)

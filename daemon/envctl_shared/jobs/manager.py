@@ -33,7 +33,7 @@ from ..errors import (ConfigError, Conflict, DaemonUnavailable, EnvctlError, Lim
                       NotFound, ValidationError)
 from ..logfields import fields
 from . import cgroup as cgroups
-from . import envs, layout, procs
+from . import envs, integrity, layout, procs
 from .backends import get_backend
 from .cluster import ClusterJobs
 from .lock import NameLock
@@ -66,6 +66,8 @@ class JobManager:
         self._cgroups: cgroups.CgroupTree | None = None
         self._cluster: ClusterJobs | None = None  # our jobs in the root, other hosts' read back
         self.containment = "none"  # how builds are contained: "cgroup" or "sweep" once started
+        # The last periodic integrity check (see ``integrity.check``), for ``status``.
+        self.integrity: dict[str, Any] = {"tampered": [], "failed_verify": [], "checked_at": None}
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -622,11 +624,27 @@ class JobManager:
         return {"removed": removed, "skipped": skipped, "dry_run": dry_run,
                 "keep_versions": cfg.keep_versions, "gc_grace": cfg.gc_grace}
 
+    def env_verify(self, name: str, version: str | None = None) -> dict[str, Any]:
+        """Recompute a version's digest and list every difference (see ``integrity.verify``)."""
+        return integrity.verify(self._config, validate_name(name), version)
+
+    def _check_integrity(self) -> None:
+        self.integrity = {**integrity.check(self._config), "checked_at": time.time()}
+
     def _gc_loop(self) -> None:
-        """The periodic GC (``requests.gc_interval``); a failure is logged, never fatal."""
+        """At start, the freeze of versions built before freezing existed; then the periodic
+        GC and integrity check (``requests.gc_interval``); a failure is logged, never fatal."""
+        try:
+            frozen = integrity.freeze_old(self._config)
+            if frozen:
+                log.info("env-freeze-old frozen=%d", frozen)
+            self._check_integrity()
+        except Exception:  # e.g. a tampered .envctl: say so, go on with the GC
+            log.exception("env-freeze-old-failed")
         while not self._gc_stop.wait(self._config.requests.gc_interval):
             try:
                 self.env_gc()
+                self._check_integrity()
             except Exception:  # noqa: BLE001 - e.g. a tampered .envctl: say so, try again later
                 log.exception("env-gc-failed")
 
