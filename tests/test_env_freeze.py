@@ -73,8 +73,8 @@ def test_members_cannot_change_a_version(jobs_env: JobsEnv, manager_factory: Fac
         assert res.returncode != 0 and ("Permission denied" in res.stderr
                                         or "not permitted" in res.stderr), (attack, res.stderr)
     assert (version / "bin" / "hello").read_text().startswith("#!/bin/sh")
-    assert subprocess.run([str(jobs_env.root / "frozen" / "bin" / "hello")], capture_output=True,
-                          text=True).stdout == "hello from envctl\n"
+    assert subprocess.run([str(jobs_env.root / "frozen" / "bin" / "hello")], check=True,
+                          capture_output=True, text=True).stdout == "hello from envctl\n"
 
 
 def test_verify_names_what_root_changed(jobs_env: JobsEnv, manager_factory: Factory) -> None:
@@ -213,8 +213,9 @@ def test_versions_built_before_are_frozen_at_start(jobs_env: JobsEnv,
              0.1, "the old version frozen at start")
     assert _writable(version) == [] and _owners(version) == {f"0:{acc.shared_gid}"}
     assert second.env_verify("legacy")["ok"]
-    assert subprocess.run([str(jobs_env.root / "legacy" / "bin" / "hello")],
-                          capture_output=True, text=True).stdout == "hello from envctl\n"
+    ran = subprocess.run([str(jobs_env.root / "legacy" / "bin" / "hello")], check=True,
+                         capture_output=True, text=True)
+    assert ran.stdout == "hello from envctl\n"
 
 
 # -- with a real daemon: watches, the healer, the CLI, status ----------------------------------
