@@ -1,7 +1,7 @@
 """Backends: how an environment is built, as data — the command lines a build runs.
 
 Why "command lines as data": the runner owns everything that must be the same for every
-backend (user switch, process group, log, timeout, cancel, versions, healing, tests, the
+backend (user switch, process group, log, timeout, cancel, versions, freezing, tests, the
 switch of the stable path); a backend only says (1) what it refuses at submit time (``check``),
 (2) which input files it needs in the job's directory (``files``) and (3) the steps to run
 (``steps``), building at the path the version keeps for its whole life. That keeps each
@@ -21,7 +21,7 @@ from ..procs import SAFE_PATH
 from ..spec import EnvSpec
 
 PHASES = ("preparing", "solving", "downloading", "linking", "creating", "installing",
-          "building", "testing", "healing", "finalizing")
+          "building", "freezing", "testing", "finalizing")
 PHASE_MARK = "ENVCTL-PHASE "  # a child prints "ENVCTL-PHASE linking" on its stdout
 
 
