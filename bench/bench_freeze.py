@@ -8,7 +8,8 @@ On a ~60k-entry tree with real contents (a full CPython install with site-packag
   ``cp -a`` is the harder baseline for the ratio); then the tree is chowned to another uid,
   as a build leaves it;
 - freeze + digest (``jobs.freeze.freeze``: the fd-based walk, chown/chmod, every file hashed,
-  the store's links) of that version with an empty store. Target: ≤ 10 % of the build;
+  the store's links) of that version with an empty store, as the daemon runs it (no sync of
+  its own). Target: ≤ 10 % of the build;
 - the same for a second, identical version (every file found in the store: replaced by a
   link), and what ``du`` says the two take against one;
 - ``verify`` of the frozen version, against ``find DIR -type f -exec sha256sum {} +`` of the
@@ -57,10 +58,9 @@ def _freeze(env: Path, name: str, store: freeze.Store, target: freeze.Target
             ) -> tuple[float, freeze.Frozen]:
     fd = os.open(env, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        os.sync()
+        os.sync()  # the chown's writeback is the build's, not the freeze's
         start = time.perf_counter()
         frozen = freeze.freeze(fd, name, target, str(env / name), store)
-        os.sync()
         return time.perf_counter() - start, frozen
     finally:
         os.close(fd)

@@ -63,7 +63,7 @@ log = logging.getLogger(__name__)
 STORE = "store"  # <root>/.envctl/store
 MANIFESTS = "manifests"  # <root>/.envctl/store/manifests/<digest hex>.gz
 FD_BUDGET = 512  # directory fds a walk may hold (pending siblings on the way down)
-INLINE_BYTES = 1 << 20  # files below this are hashed on the walking thread
+INLINE_BYTES = 64 << 10  # files below this are hashed on the walking thread, read at once
 IN_FLIGHT = 64  # files being hashed at once (each holds its fd)
 _FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
 _LINK_TMP = ".envctl-link-"
@@ -308,8 +308,14 @@ class _Walk:
                 known = self._hashes.get(key)
             if known is not None:
                 return known
-        with io.FileIO(fd, closefd=False) as fh:
-            sha = hashlib.file_digest(fh, "sha256").hexdigest()
+        if st.st_size < INLINE_BYTES:  # one read (file_digest allocates 256 KiB per call)
+            data = b""
+            while chunk := os.read(fd, INLINE_BYTES):
+                data += chunk
+            sha = hashlib.sha256(data).hexdigest()
+        else:
+            with io.FileIO(fd, closefd=False) as fh:
+                sha = hashlib.file_digest(fh, "sha256").hexdigest()
         if st.st_nlink > 1:
             with self.lock:
                 self._hashes[key] = sha
