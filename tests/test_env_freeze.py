@@ -146,7 +146,10 @@ def test_specials_fail_the_freeze_naming_the_path(scratch: Path, kind: str) -> N
     else:
         (tree / "odd").write_text("#!/bin/sh\n")
         os.chmod(tree / "odd", 0o4755)
+    for n in range(20):  # directories still to visit when it fails: their fds are let go
+        (scratch / "v1" / f"z{n}" / "sub").mkdir(parents=True)
     target = freeze.Target(0, 0, "keep")
+    fds = len(os.listdir("/proc/self/fd"))
     fd = os.open(scratch, os.O_RDONLY)
     store = freeze.Store(fd, str(scratch / "store"), target)
     try:
@@ -155,6 +158,7 @@ def test_specials_fail_the_freeze_naming_the_path(scratch: Path, kind: str) -> N
     finally:
         store.close()
         os.close(fd)
+    assert len(os.listdir("/proc/self/fd")) == fds
     assert f"{scratch}/v1/lib/odd is a" in err.value.message
     assert ("fifo" if kind == "fifo" else "setuid") in err.value.message
 

@@ -200,6 +200,15 @@ class _Walk:
     def _walk(self, parent_fd: int, name: str, submit: Callable[[Callable[[], None]], None]
               ) -> None:
         stack: list[tuple[_Ref | None, str, str]] = [(None, name, ".")]
+        try:
+            self._descend(parent_fd, stack, submit)
+        finally:  # an error: the directories still to visit let go of their parents' fds
+            for parent, _sub, _rel in stack:
+                if parent is not None:
+                    parent.release()
+
+    def _descend(self, parent_fd: int, stack: list[tuple[_Ref | None, str, str]],
+                 submit: Callable[[Callable[[], None]], None]) -> None:
         while stack:
             parent, sub, rel = stack.pop()
             try:
