@@ -11,8 +11,8 @@ started in the previous version keeps it: versions stay on disk until GC (``keep
 newest, and ``gc_grace`` after they stopped being current).
 
 Layout of ``<root>/.envctl/envs/<name>/`` (the daemon's, 0755; nothing in it is a user's to
-change): ``vN/`` (the prefix, owned by the build user, healed like the root), ``vN.json`` (that
-version's record: ``state`` ``building`` until it is healed, tested and inventoried, then
+change): ``vN/`` (the prefix, built by the build user, then frozen: see ``freeze``), ``vN.json``
+(that version's record: ``state`` ``building`` until it is frozen, tested and inventoried, then
 ``ready``; who built it, when, from which spec and tests, the installed packages, its size),
 ``env.json`` (the owner — the requester of the first version —, when each version stopped being
 current, whether the name was removed). The symlink is the truth about which version is current;
