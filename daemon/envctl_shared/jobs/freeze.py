@@ -75,24 +75,29 @@ _SETID = stat.S_ISUID | stat.S_ISGID
 
 @dataclass(frozen=True)
 class Target:
-    """Whom a frozen tree belongs to: the daemon's uid, the root's group and others policy."""
+    """Whom a frozen tree belongs to: the daemon's uid, the root's group and others policy;
+    ``dir_write``: the owner keeps write on directories (a daemon that is not root: without
+    it, it could neither share files with the store nor remove its versions at GC; root
+    needs no bit for either)."""
 
     uid: int
     gid: int
     others: str
+    dir_write: bool = False
 
     @classmethod
     def of(cls, root: RootConfig) -> Target:
-        return cls(os.geteuid(), root.gid, root.others)
+        return cls(os.geteuid(), root.gid, root.others, dir_write=os.geteuid() != 0)
 
-
-def frozen_mode(st_mode: int, others: str) -> int:
-    """The permission bits of a frozen directory or regular file: the root's policy for it
-    (``policy.wanted_mode``: the group's r and X, SGID on directories, others as configured)
-    with the owner's read (and a directory's search) and no write bit for anyone."""
-    if stat.S_ISDIR(st_mode):
-        return (wanted_mode(st_mode, Kind.DIR, others) | stat.S_IRUSR | stat.S_IXUSR) & ~_WRITE
-    return (wanted_mode(st_mode, Kind.FILE, others) | stat.S_IRUSR) & ~_WRITE
+    def mode(self, st_mode: int) -> int:
+        """The permission bits of a frozen directory or regular file: the root's policy for
+        it (``policy.wanted_mode``: the group's r and X, SGID on directories, others as
+        configured) with the owner's read (and a directory's search) and no write bit for
+        anyone (but ``dir_write``)."""
+        if stat.S_ISDIR(st_mode):
+            perm = wanted_mode(st_mode, Kind.DIR, self.others) | stat.S_IRUSR | stat.S_IXUSR
+            return perm & ~_WRITE | (stat.S_IWUSR if self.dir_write else 0)
+        return (wanted_mode(st_mode, Kind.FILE, self.others) | stat.S_IRUSR) & ~_WRITE
 
 
 def _type(st_mode: int) -> str:
@@ -252,7 +257,7 @@ class _Walk:
         if self.mutate:
             if (st.st_uid, st.st_gid) != (self.target.uid, self.target.gid):
                 os.fchown(fd, self.target.uid, self.target.gid)  # clears no bit we keep
-            want = frozen_mode(st.st_mode, self.target.others)
+            want = self.target.mode(st.st_mode)
             if perm != want or st.st_uid != self.target.uid:
                 os.fchmod(fd, want)
             perm = want
