@@ -353,6 +353,11 @@ class Store:
         self._subs: dict[str, int] = {}
         self._lock = threading.Lock()
 
+    @classmethod
+    def in_area(cls, area: layout.RootArea, area_fd: int, target: Target) -> Store:
+        """The store of the root's area (``area_fd``: its ``.envctl``)."""
+        return cls(area_fd, str(area.path(STORE)), target)
+
     def close(self) -> None:
         for fd in self._subs.values():
             os.close(fd)

@@ -45,7 +45,7 @@ class Area:
     def open(self) -> Iterator[tuple[layout.RootArea, dict[str, int], freeze.Store]]:
         area = layout.RootArea(self.config.requests_root.path)
         with area.open() as fds:
-            store = freeze.Store(fds["area"], str(area.path(freeze.STORE)), self.target)
+            store = freeze.Store.in_area(area, fds["area"], self.target)
             try:
                 yield area, fds, store
             finally:

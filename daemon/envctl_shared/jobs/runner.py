@@ -5,10 +5,10 @@ taken before anything is created and released only after the outcome is on disk;
 is built at its own path (``.envctl/envs/<name>/vN``, see ``envs``) while ``<root>/<name>``
 keeps pointing at the current one; it is frozen (the daemon's, read-only, its digest taken:
 see ``freeze``), the requester's ``--test`` commands pass inside the frozen version (what users
-will get), its record says ``ready`` with the digest — and only then is the stable path switched to it, by one atomic rename. Every way
-out before that (failure, a failing test, cancel, timeout, daemon stop, crash recovery) goes
-through ``discard``, which removes the new version and leaves the current one untouched and
-serving. Every backend goes the same way, relocatable or not: the path a version is built at
+will get), its record says ``ready`` with the digest — and only then is the stable path
+switched to it, by one atomic rename. Every way out before that (failure, a failing test,
+cancel, timeout, daemon stop, crash recovery) goes through ``discard``, which removes the new
+version and leaves the current one untouched and serving. Every backend goes the same way, relocatable or not: the path a version is built at
 is the path it runs at.
 """
 
@@ -356,7 +356,7 @@ class Build:
         digest."""
         self._phase("freezing")
         target = freeze.Target.of(self.config.requests_root)
-        store = freeze.Store(fds["area"], str(self.area.path(freeze.STORE)), target)
+        store = freeze.Store.in_area(self.area, fds["area"], target)
         try:
             frozen = freeze.freeze(dir_fd, name, target, str(shown), store)
         finally:
