@@ -8,8 +8,8 @@ see ``freeze``), the requester's ``--test`` commands pass inside the frozen vers
 will get), its record says ``ready`` with the digest — and only then is the stable path
 switched to it, by one atomic rename. Every way out before that (failure, a failing test,
 cancel, timeout, daemon stop, crash recovery) goes through ``discard``, which removes the new
-version and leaves the current one untouched and serving. Every backend goes the same way, relocatable or not: the path a version is built at
-is the path it runs at.
+version and leaves the current one untouched and serving. Every backend goes the same way,
+relocatable or not: the path a version is built at is the path it runs at.
 """
 
 from __future__ import annotations
