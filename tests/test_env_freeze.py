@@ -247,7 +247,8 @@ def test_daemon_neither_watches_nor_heals_versions(api: ApiDaemon, accounts: obj
     pid = api.daemon.proc.pid
     before = _watches(pid)
     spec = api.write_spec(api.hello_spec())
-    res = api.cli(acc.alice, "request", "create", "watched", "-f", str(spec))  # type: ignore[attr-defined]
+    res = api.cli(acc.alice, "request", "create", "watched",  # type: ignore[attr-defined]
+                  "-f", str(spec))
     assert res.returncode == 0, res.stderr
     version = (api.root / "watched").resolve()
     time.sleep(2.5)  # events handled, two poll passes (poll_interval 1)
