@@ -22,9 +22,10 @@ Decisions:
   venv job tries again): the record first (``building``), then the directory for the build
   user, the rattler child as the build user, the freeze (the daemon's, read-only, with its
   digest: see ``freeze``), the package inventory, the record ``ready``. One build of a base at
-  a time, under its ``NameLock`` (``.envctl/locks/.base-python-<key>.lock``: across daemons sharing the root, and between the
-  jobs of this one); a base not ``ready`` found by the holder is a dead build's (removed). A
-  second venv job waits for the lock — for the base it needs — instead of failing.
+  a time, under its ``NameLock`` (``.envctl/locks/.base-python-<key>.lock``: across daemons
+  sharing the root, and between the jobs of this one); a base not ``ready`` found by the
+  holder is a dead build's (removed). A second venv job waits for the lock — for the base it
+  needs — instead of failing.
 """
 
 from __future__ import annotations
