@@ -97,6 +97,7 @@ class JobManager:
         try:
             with layout.RootArea(self._config.requests_root.path).open():
                 pass  # create <root>/.envctl now; a tampered one fails each job, not the daemon
+            self._freeze_old()
         except (OSError, EnvctlError) as exc:
             log.warning("jobs-area-unusable root=%s error=%s", self._config.requests_root.path,
                         exc)
@@ -631,16 +632,17 @@ class JobManager:
     def _check_integrity(self) -> None:
         self.integrity = {**integrity.check(self._config), "checked_at": time.time()}
 
+    def _freeze_old(self) -> None:
+        """At start, before any build: freeze the versions built before freezing existed (once:
+        then they have a digest), and take the first integrity check."""
+        frozen = integrity.freeze_old(self._config)
+        if frozen:
+            log.info("env-freeze-old frozen=%d", frozen)
+        self._check_integrity()
+
     def _gc_loop(self) -> None:
-        """At start, the freeze of versions built before freezing existed; then the periodic
-        GC and integrity check (``requests.gc_interval``); a failure is logged, never fatal."""
-        try:
-            frozen = integrity.freeze_old(self._config)
-            if frozen:
-                log.info("env-freeze-old frozen=%d", frozen)
-            self._check_integrity()
-        except Exception:  # e.g. a tampered .envctl: say so, go on with the GC
-            log.exception("env-freeze-old-failed")
+        """The periodic GC and integrity check (``requests.gc_interval``); a failure is logged,
+        never fatal."""
         while not self._gc_stop.wait(self._config.requests.gc_interval):
             try:
                 self.env_gc()
