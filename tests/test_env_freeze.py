@@ -26,6 +26,7 @@ import pytest
 from envctl_shared.api.client import Client
 from envctl_shared.errors import BuildFailed
 from envctl_shared.jobs import JobManager, State, envs, freeze, integrity
+from envctl_shared.jobs.lock import NameLock
 
 from tests.api_support import ApiDaemon, start_api_daemon
 from tests.helpers import as_user, wait_for
@@ -80,7 +81,14 @@ def test_members_cannot_change_a_version(jobs_env: JobsEnv, manager_factory: Fac
 def test_verify_names_what_root_changed(jobs_env: JobsEnv, manager_factory: Factory) -> None:
     mgr = manager_factory()
     version = _build(mgr, jobs_env, "checked")
-    clean = mgr.env_verify("checked")
+    locks = os.open(jobs_env.root / ".envctl" / "locks", os.O_RDONLY)
+    update = NameLock(locks, str(jobs_env.root), "checked", "an update")
+    update.acquire()  # an update of the name under way does not hold a verify back
+    try:
+        clean = mgr.env_verify("checked")
+    finally:
+        update.release()
+        os.close(locks)
     assert clean["ok"] and clean["differences"] == [] and clean["digest_now"] == clean["digest"]
     shown = mgr.env_show("checked")["versions"][0]
     assert shown["verify"]["ok"] and shown["verified_at"] == clean["verified_at"]

@@ -54,33 +54,39 @@ class Area:
 
 def verify(config: Config, name: str, version: str | None) -> dict[str, Any]:
     """``env verify``: recompute the digest of ``version`` (default: the current one), list
-    every difference, record ``verified_at`` and the result in its record."""
-    with Area(config).open() as (area, fds, store):
-        lock = NameLock(fds["locks"], str(area.root), name, "verify")
-        lock.acquire()
+    every difference, record ``verified_at`` and the result in its record.
+
+    Without the name's lock: a frozen version does not change under a build of the name (a
+    verify during an update would otherwise be refused, or hold the update back), and the
+    record is rewritten atomically from a fresh read; a version GC removes meanwhile is
+    NotFound."""
+    with Area(config).open() as (area, fds, store), \
+            envs.env_dir(fds, name, create=False) as env_fd:
+        if env_fd is None:
+            raise NotFound(f"no environment {name!r} built by envctl",
+                           hint="see: envctl env list")
+        version = version or envs.current(fds[""], name).version
+        rec = envs.ready(env_fd, version) if version else None
+        if rec is None or version is None:
+            raise NotFound(f"no built version {version or '(current)'} of {name!r}",
+                           hint=f"see: envctl env show {name}")
+        if not rec.get("digest"):
+            raise Conflict(f"{name} {version} has no digest yet (built before versions were "
+                           "frozen)", hint="the daemon freezes it at its next start")
+        shown = str(area.path("envs", name, version))
         try:
-            with envs.env_dir(fds, name, create=False) as env_fd:
-                if env_fd is None:
-                    raise NotFound(f"no environment {name!r} built by envctl",
-                                   hint="see: envctl env list")
-                version = version or envs.current(fds[""], name).version
-                rec = envs.ready(env_fd, version) if version else None
-                if rec is None or version is None:
-                    raise NotFound(f"no built version {version or '(current)'} of {name!r}",
-                                   hint=f"see: envctl env show {name}")
-                if not rec.get("digest"):
-                    raise Conflict(f"{name} {version} has no digest yet (built before versions "
-                                   "were frozen)", hint="the daemon freezes it at its next start")
-                shown = str(area.path("envs", name, version))
-                digest, diffs = freeze.verify(env_fd, version, store.target, rec["digest"],
-                                              shown, store)
-                now = time.time()
-                result = {"ok": not diffs, "count": len(diffs),
-                          "differences": [d.as_dict() for d in diffs[:freeze.MAX_DIFFERENCES]]}
-                envs.write_record(env_fd, f"{version}.json",
-                                  {**rec, "verified_at": now, "verify": result})
-        finally:
-            lock.release()
+            digest, diffs = freeze.verify(env_fd, version, store.target, rec["digest"], shown,
+                                          store)
+        except FileNotFoundError:
+            raise NotFound(f"{name} {version} was removed while it was verified",
+                           hint=f"see: envctl env show {name}") from None
+        now = time.time()
+        result = {"ok": not diffs, "count": len(diffs),
+                  "differences": [d.as_dict() for d in diffs[:freeze.MAX_DIFFERENCES]]}
+        fresh = envs.ready(env_fd, version)
+        if fresh is not None:
+            envs.write_record(env_fd, f"{version}.json",
+                              {**fresh, "verified_at": now, "verify": result})
     log.log(logging.INFO if diffs else logging.DEBUG,
             "env-verify name=%s version=%s ok=%s differences=%d", name, version, not diffs,
             len(diffs))
