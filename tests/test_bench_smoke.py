@@ -57,3 +57,10 @@ def test_bench_envs_quick(tmp_path: Path) -> None:
     raw = json.loads((tmp_path / "envs-quick.json").read_text())
     assert raw["update_unavailable_s"] == 0 and raw["update_seen"] == ["1.0", "2.0"]
     assert raw["update_reads"] > 100 and max(raw["rollback_socket_s"]) < 1.0
+
+
+def test_bench_freeze_quick(tmp_path: Path) -> None:
+    out = _run("bench_freeze.py", tmp_path)
+    assert "freeze + digest, empty store" in out and "sha256sum via find" in out
+    raw = json.loads((tmp_path / "freeze-quick.json").read_text())
+    assert raw["linked2"] > 0 and raw["du_two_kib"] <= 1.2 * raw["du_one_kib"]
