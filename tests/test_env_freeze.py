@@ -200,6 +200,30 @@ def test_store_shares_identical_versions(scratch: Path) -> None:
     assert total <= 1.2 * single, (total, single)
 
 
+def test_store_sweep_drops_what_only_removed_versions_held(scratch: Path) -> None:
+    env = scratch / "env"
+    for n in (1, 2):
+        (env / f"v{n}").mkdir(parents=True)
+        (env / f"v{n}" / "shared").write_text("in both\n")
+        (env / f"v{n}" / "own").write_text(f"only in v{n}\n")
+    target = freeze.Target(0, 0, "read")
+    fd = os.open(env, os.O_RDONLY)
+    store = freeze.Store(fd, str(env / "store"), target)
+    try:
+        digests = [freeze.freeze(fd, f"v{n}", target, f"v{n}", store).digest for n in (1, 2)]
+        assert store.sweep(set(digests), time.time()) == {"files": 0, "bytes": 0,
+                                                          "manifests": 0}
+        subprocess.run(["rm", "-rf", str(env / "v1")], check=True)  # as GC drops a version
+        out = store.sweep({digests[1]}, time.time() + 7200)  # v1's manifest: old enough
+        assert (out["files"], out["manifests"]) == (1, 1) and out["bytes"] > len("only in v1")
+        assert freeze.verify(fd, "v2", target, digests[1], "v2", store)[1] == []
+    finally:
+        store.close()
+        os.close(fd)
+    left = sorted(p.read_text() for p in (env / "store").glob("??/*"))
+    assert left == ["in both\n", "only in v2\n"]
+
+
 def test_versions_built_before_are_frozen_at_start(jobs_env: JobsEnv,
                                                     manager_factory: Factory) -> None:
     first = manager_factory()

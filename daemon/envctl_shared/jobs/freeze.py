@@ -410,6 +410,30 @@ class Store:
                 return None
         return data if digest_of(data) == digest else None
 
+    def sweep(self, referenced: set[str], now: float, min_age: float = 3600.0) -> dict[str, int]:
+        """GC of the store: copies no version links any more (``st_nlink`` 1: only the store's
+        name is left), and manifests no record names (``referenced`` digests) older than
+        ``min_age`` (a freeze writes its manifest before its record)."""
+        out = {"files": 0, "bytes": 0, "manifests": 0}
+        for prefix in sorted(os.listdir(self.fd)):
+            if prefix.startswith("."):
+                continue
+            sub = self._sub(prefix)
+            for name in os.listdir(sub):
+                st = os.stat(name, dir_fd=sub, follow_symlinks=False)
+                if prefix == MANIFESTS:
+                    gone = (f"sha256:{name.removesuffix('.gz')}" not in referenced
+                            and now - st.st_mtime >= min_age)
+                else:  # a concurrent freeze that links it after this finds it gone (ENOENT)
+                    gone = st.st_nlink == 1
+                if gone and stat.S_ISREG(st.st_mode):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(name, dir_fd=sub)
+                        key = "manifests" if prefix == MANIFESTS else "files"
+                        out[key] += 1
+                        out["bytes"] += st.st_size
+        return out
+
     def link(self, dir_fd: int, name: str, fd: int, st: os.stat_result, entry: Entry) -> bool:
         """Share the frozen file ``name`` (open as ``fd``) with the store; True when the
         version's copy was replaced by a link to an identical one already there."""

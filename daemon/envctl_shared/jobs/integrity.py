@@ -154,6 +154,24 @@ def _freeze_one(area: layout.RootArea, dir_fd: int, where: str, version: str,
     return 1
 
 
+def sweep_store(config: Config) -> dict[str, int]:
+    """After the env GC: drop what the store keeps for versions that are gone (see
+    ``freeze.Store.sweep``); the digests still referenced are read from every record."""
+    with Area(config).open() as (_area, fds, store):
+        digests = set()
+        for _lock, _where, dir_fd in _versions(fds):
+            for entry in os.listdir(dir_fd):
+                if entry.endswith(".json") and not entry.startswith("."):
+                    digest = (envs.read_record(dir_fd, entry) or {}).get("digest")
+                    if isinstance(digest, str):
+                        digests.add(digest)
+        swept = store.sweep(digests, time.time())
+    if swept["files"] or swept["manifests"]:
+        log.info("env-store-sweep files=%d manifests=%d bytes=%d", swept["files"],
+                 swept["manifests"], swept["bytes"])
+    return swept
+
+
 def check(config: Config) -> dict[str, list[dict[str, Any]]]:
     """The periodic check: ``tampered`` current versions (stamp or record no longer as the
     daemon left them) and versions whose last verify ``failed``; no hashing."""

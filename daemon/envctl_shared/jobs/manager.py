@@ -622,8 +622,9 @@ class JobManager:
         if removed:
             log.info("env-gc removed=%d dry_run=%s skipped=%d", len(removed), dry_run,
                      len(skipped))
+        store = None if dry_run else integrity.sweep_store(self._config)
         return {"removed": removed, "skipped": skipped, "dry_run": dry_run,
-                "keep_versions": cfg.keep_versions, "gc_grace": cfg.gc_grace}
+                "keep_versions": cfg.keep_versions, "gc_grace": cfg.gc_grace, "store": store}
 
     def env_verify(self, name: str, version: str | None = None) -> dict[str, Any]:
         """Recompute a version's digest and list every difference (see ``integrity.verify``)."""
