@@ -224,8 +224,8 @@ def test_store_sweep_drops_what_only_removed_versions_held(scratch: Path) -> Non
     assert left == ["in both\n", "only in v2\n"]
 
 
-def test_versions_built_before_are_frozen_at_start(jobs_env: JobsEnv,
-                                                    manager_factory: Factory) -> None:
+def test_versions_built_before_are_frozen_at_start(jobs_env: JobsEnv, manager_factory: Factory,
+                                                    caplog: pytest.LogCaptureFixture) -> None:
     first = manager_factory()
     version = _build(first, jobs_env, "legacy")
     first.stop()
@@ -244,11 +244,15 @@ def test_versions_built_before_are_frozen_at_start(jobs_env: JobsEnv,
     finally:
         os.close(env_fd)
     assert _writable(version)
-    second = manager_factory()
-    wait_for(lambda: "digest" in json.loads((version.parent / "v1.json").read_text()), 30,
-             0.1, "the old version frozen at start")
+    caplog.set_level("INFO", logger="envctl_shared.jobs.integrity")
+    second = manager_factory()  # frozen in start, before any build
+    assert "digest" in json.loads((version.parent / "v1.json").read_text())
     assert _writable(version) == [] and _owners(version) == {f"0:{acc.shared_gid}"}
     assert second.env_verify("legacy")["ok"]
+    second.stop()
+    manager_factory()  # once: a later start has nothing to freeze
+    said = [r.getMessage() for r in caplog.records if "env-freeze-old" in r.getMessage()]
+    assert said == ["env-freeze-old name=legacy versions=v1"], said
     ran = subprocess.run([str(jobs_env.root / "legacy" / "bin" / "hello")], check=True,
                          capture_output=True, text=True)
     assert ran.stdout == "hello from envctl\n"

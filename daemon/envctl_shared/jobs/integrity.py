@@ -113,45 +113,46 @@ def _versions(fds: dict[str, int]) -> Iterator[tuple[str, str, int]]:
 
 def freeze_old(config: Config) -> int:
     """At start: freeze every ready version (and venv base) that has no digest, under its
-    lock; a name being built is left for the next start. Returns how many were frozen."""
+    lock (a name being built is left for the next start); logged once per env. Returns how
+    many were frozen."""
     done = 0
     with Area(config).open() as (area, fds, store):
         for lock_name, where, dir_fd in _versions(fds):
-            names = [v for v in os.listdir(dir_fd) if v.endswith(".json")
-                     and v != envs.ENV_FILE and not v.startswith(".")]
-            old = [v.removesuffix(".json") for v in sorted(names)
-                   if (rec := envs.ready(dir_fd, v.removesuffix(".json"))) is not None
+            names = [v.removesuffix(".json") for v in sorted(os.listdir(dir_fd))
+                     if v.endswith(".json") and v != envs.ENV_FILE and not v.startswith(".")]
+            old = [v for v in names if (rec := envs.ready(dir_fd, v)) is not None
                    and not rec.get("digest")]
-            for version in old:
-                lock = NameLock(fds["locks"], str(area.root),
-                                lock_name or f".base-{version}", "freeze")
-                try:
-                    lock.acquire()
-                except Conflict:
-                    continue
-                try:
-                    done += _freeze_one(area, dir_fd, where, version, store)
-                finally:
-                    lock.release()
+            frozen = [v for v in old if _freeze_one(area, fds, lock_name, dir_fd, where, v,
+                                                    store)]
+            if frozen:
+                log.info("env-freeze-old name=%s versions=%s", where, ",".join(frozen))
+            done += len(frozen)
     return done
 
 
-def _freeze_one(area: layout.RootArea, dir_fd: int, where: str, version: str,
-                store: freeze.Store) -> int:
-    rec = envs.ready(dir_fd, version)
-    if rec is None or rec.get("digest"):
-        return 0
-    shown = str(area.path(where if where == BASE_DIR else f"envs/{where}", version))
+def _freeze_one(area: layout.RootArea, fds: dict[str, int], lock_name: str, dir_fd: int,
+                where: str, version: str, store: freeze.Store) -> bool:
+    """Freeze one old version under its lock; False when skipped or not freezable (logged:
+    it stays serving as it was)."""
+    lock = NameLock(fds["locks"], str(area.root), lock_name or f".base-{version}", "freeze")
     try:
-        frozen = freeze.freeze(dir_fd, version, store.target, shown, store)
-    except (OSError, EnvctlError) as exc:
-        log.warning("env-freeze-old-failed path=%s error=%s", shown, exc)
-        return 0
-    envs.write_record(dir_fd, f"{version}.json",
-                      {**rec, **frozen.fields()})
-    log.info("env-freeze-old path=%s entries=%d shared=%d digest=%s", shown, frozen.entries,
-             frozen.linked, frozen.digest)
-    return 1
+        lock.acquire()
+    except Conflict:
+        return False
+    try:
+        rec = envs.ready(dir_fd, version)
+        if rec is None or rec.get("digest"):
+            return False
+        shown = str(area.path(where if where == BASE_DIR else f"envs/{where}", version))
+        try:
+            frozen = freeze.freeze(dir_fd, version, store.target, shown, store)
+        except (OSError, EnvctlError) as exc:
+            log.warning("env-freeze-old-failed path=%s error=%s", shown, exc)
+            return False
+        envs.write_record(dir_fd, f"{version}.json", {**rec, **frozen.fields()})
+        return True
+    finally:
+        lock.release()
 
 
 def sweep_store(config: Config) -> dict[str, int]:
