@@ -42,7 +42,6 @@ import errno
 import gzip
 import hashlib
 import json
-import logging
 import os
 import secrets
 import stat
@@ -59,14 +58,12 @@ from ..heal.fsops import DIR_FLAGS
 from ..policy import Kind, wanted_mode
 from . import layout
 
-log = logging.getLogger(__name__)
-
 STORE = "store"  # <root>/.envctl/store
 MANIFESTS = "manifests"  # <root>/.envctl/store/manifests/<digest hex>.gz
 FD_BUDGET = 512  # directory fds a walk may hold (pending siblings on the way down)
 PARALLEL_BYTES = 8 << 20  # files from this size are hashed on workers (see the docstring)
 _CHUNK = 1 << 20
-IN_FLIGHT = 64  # files being hashed at once (each holds its fd)
+IN_FLIGHT = 16  # large files queued or being hashed at once (each holds its fd)
 _FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
 _LINK_TMP = ".envctl-link-"
 _WRITE = stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH
