@@ -57,7 +57,8 @@ def test_make_run_demo_end_to_end(scratch: Path, accounts: Accounts) -> None:
         assert f"environment demo-env is ready: {var}/envs/demo-env" in out
         assert out.rstrip().endswith(f"\n{var}/envs/demo-env"), out  # its python runs
         version = os.path.realpath(var / "envs" / "demo-env")
-        assert os.stat(version).st_uid == accounts.builder.uid  # built as the build account
+        st = os.stat(version)  # built as the build account, then frozen: the daemon's
+        assert st.st_uid == 0 and st.st_mode & 0o222 == 0
         daemon.stop()
         daemon.start()  # a restart is as quiet
         assert _warnings(daemon.log_text()) == [], daemon.log_text()

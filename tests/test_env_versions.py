@@ -161,6 +161,8 @@ def test_tests_gate_the_promotion(jobs_env: JobsEnv, manager_factory: Factory) -
     probe = ('test "$CONDA_PREFIX" = "$(dirname "$(dirname "$(command -v app)")")" && '
              'case "$CONDA_PREFIX" in */v2) ;; *) exit 9 ;; esac && '
              'test "$(id -u)" = ' + str(jobs_env.accounts.builder.uid) + ' && app')
+    # the tests run against the frozen version (read-only, and below a read-only mount):
+    # what users get, nothing left to write into
     litter = '! mkdir "$CONDA_PREFIX/cache"'  # a test cannot change the version it tests
     good = wait_done(mgr, mgr.submit(jobs_env.requester(), "gated", APP.format(v="2.0"),
                                      replace=True, tests=["true", probe, litter]).id)
@@ -170,7 +172,7 @@ def test_tests_gate_the_promotion(jobs_env: JobsEnv, manager_factory: Factory) -
     assert os.readlink(stable) == ".envctl/envs/gated/v2"
     assert json.loads((versions / "v2.json").read_text())["tests"] == ["true", probe, litter]
     assert not (versions / "v2" / "cache").exists()
-    assert os.stat(versions / "v2").st_uid == 0  # made by the trusted step, never handed over
+    assert os.stat(versions / "v2").st_uid == 0  # frozen: the daemon's
 
 
 def test_kill9_mid_update_keeps_current_and_restart_cleans(jobs_env: JobsEnv, scratch: Path,

@@ -146,16 +146,17 @@ def test_venv_on_the_base_python_in_the_root_runs_without_the_host_python(
                   "venv", "--json", timeout=300)
     assert res.returncode == 0, res.stderr + res.stdout
     log = Path(json.loads(res.stdout)["log_path"]).read_text()
-    # The daemon built its base with rattler into the root, healed it, and recorded it.
+    # The daemon built its base with rattler into the root, froze it, and recorded it.
     bases = [p for p in (api.root / ".envctl" / "base").iterdir() if p.is_dir()]
     assert len(bases) == 1 and bases[0].name.startswith("python-"), bases
     base = bases[0]
     assert f"building the venv base {base.name}" in log and "link python" in log, log
-    assert f"healed .envctl/base/{base.name}:" in log, log
+    assert f"froze {base}:" in log, log
     record = json.loads((base.parent / f"{base.name}.json").read_text())
     assert record["state"] == "ready" and record["kind"] == "venv-base"
+    assert record["digest"].startswith("sha256:") and base.stat().st_uid == 0
     assert [p["name"] for p in record["packages"]] == ["python"]
-    assert base.stat().st_gid == accounts.shared_gid  # healed like the rest of the root
+    assert base.stat().st_gid == accounts.shared_gid  # frozen for the root's group
     # The venv runs that base for life.
     version = (api.root / "pyenv").resolve()
     assert _home(version) == str(base / "bin")

@@ -34,6 +34,9 @@ WatchMode = Literal["auto", "inotify", "poll"]
 BACKENDS = ("rattler", "venv", "conda", "mamba", "micromamba")
 DEFAULT_SOCKET = "/run/envctl/envctld.sock"
 SOCKET_ENV = "ENVCTL_SOCKET"  # where clients look for the socket before DEFAULT_SOCKET
+# The daemon's area in the requests root (``jobs.layout``): frozen versions, their store, the
+# locks. Excluded from healing, watching and polling: nothing in it is a member's to fix.
+DAEMON_AREA = ".envctl"
 
 
 @dataclass(frozen=True)
@@ -655,8 +658,8 @@ def parse(data: Any, source: str = "<memory>", base: Path | None = None) -> Conf
     requests = _requests(source, top.get("requests", dict, None), roots, base)
     if requests.enabled:
         want = requests.root or roots[0].path
-        roots = tuple(replace(r, holds_requests=True) if r.path == want else r
-                      for r in roots)
+        roots = tuple(replace(r, holds_requests=True, exclude=(*r.exclude, DAEMON_AREA))
+                      if r.path == want else r for r in roots)
         builders = {pwd.getpwnam(n).pw_uid  # their builds are healed like a member's work
                     for n in (*requests.build_users, *filter(None, [requests.build_user]))}
         if builders:

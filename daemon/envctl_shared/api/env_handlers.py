@@ -3,7 +3,8 @@
 Why a module of its own: these ops read and change what is in the shared root, not jobs; they
 are mixed into :class:`~envctl_shared.api.handlers.Handlers` (which dispatches ``env-list`` to
 ``op_env_list``). Who may do what: anyone who can connect may list, show and export (the
-records are world-readable in the root anyway); rollback and remove are for the env's owner —
+records are world-readable in the root anyway), and verify (it only reads, and records its
+result); rollback and remove are for the env's owner —
 the requester of its first version, as the daemon recorded it — or admins (the jobs layer
 checks it under the name's lock); GC is for admins. ``env-add`` and ``env-update`` are a create
 with replace whose spec the daemon takes from the current version's record (the one copy it
@@ -59,6 +60,10 @@ class EnvHandlers:
     def op_env_export(self, who: Requester, gone: Callable[[], bool], name: str,
                       version: str | None) -> Iterator[Message]:
         yield protocol.ok(self._manager().env_export(name, version))
+
+    def op_env_verify(self, who: Requester, gone: Callable[[], bool], name: str,
+                      version: str | None) -> Iterator[Message]:
+        yield protocol.ok(self._manager().env_verify(name, version))
 
     def op_env_rollback(self, who: Requester, gone: Callable[[], bool], name: str,
                         to: str | None) -> Iterator[Message]:

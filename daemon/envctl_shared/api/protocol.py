@@ -140,6 +140,11 @@ OPS: dict[str, Op] = {op.name: op for op in (
        "one), which create accepts back; replies {name, version, text}. Anyone who can "
        "connect.", {"name": _ENV, "version": Arg((str,), "a version (v1, v2, ...)",
                                                  check=_word)}),
+    Op("env-verify", "Recompute a version's digest (default: the current one) and list every "
+       "difference from what was frozen (path: added, removed, type, mode, size, owner, "
+       "content, link target); records verified_at and the result in the version's record; "
+       "replies {name, version, digest, ok, count, differences}. Anyone who can connect.",
+       {"name": _ENV, "version": Arg((str,), "a version (v1, v2, ...)", check=_word)}),
     Op("env-rollback", "Make an earlier version current again (default: the newest one older "
        "than the current), by one atomic rename. The owner (requester of the first version) "
        "or admins.", {"name": _ENV, "to": Arg((str,), "the version to make current",

@@ -14,7 +14,7 @@ import argparse
 import sys
 from typing import Any
 
-from ..errors import EX_OK, UsageError
+from ..errors import EX_FAILURE, EX_OK, UsageError
 from . import layer_cmd
 from .output import emit_json, local_time, quote_name, table
 from .request_cmd import queue
@@ -39,6 +39,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[
     exp.add_argument("name")
     exp.add_argument("--version", metavar="V", help="a version (default: the current one)")
     exp.set_defaults(func=run_export)
+    ver = sub.add_parser("verify", help="recompute a version's digest and list every "
+                         "difference from what was frozen (exit 1 on any)")
+    ver.add_argument("name")
+    ver.add_argument("--version", metavar="V", help="a version (default: the current one)")
+    ver.set_defaults(func=run_verify)
     rb = sub.add_parser("rollback", help="make an earlier version current again (atomic)")
     rb.add_argument("name")
     rb.add_argument("--to", metavar="V", help="the version (default: the one before)")
@@ -49,7 +54,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[
     gc = sub.add_parser("gc", help="remove old versions now (admins)")
     gc.add_argument("--dry-run", action="store_true", help="only say what would be removed")
     gc.set_defaults(func=run_gc)
-    for parser in (ls, show, exp, rb, rm, gc):
+    for parser in (ls, show, exp, ver, rb, rm, gc):
         parser.add_argument("--json", action="store_true", help="print the answer as JSON")
         add_socket_option(parser)
     _add_change_parsers(sub)
@@ -118,7 +123,9 @@ def run_list(args: argparse.Namespace) -> int:
     if not envs:
         print("no environments")
         return EX_OK
-    rows = [[quote_name(e["name"]), e["status"] + (" (updating)" if e.get("updating") else ""),
+    rows = [[quote_name(e["name"]), e["status"] + (" (updating)" if e.get("updating") else "")
+             + (f" (verify failed: {', '.join(e['failed_verify'])})"
+                if e.get("failed_verify") else ""),
              e.get("current") or "-", e.get("backend") or "-", _who(e.get("owner")),
              local_time(e.get("built_at")), _size(e.get("size_bytes")), e.get("kernel") or "-"]
             for e in envs]
@@ -142,6 +149,7 @@ def run_show(args: argparse.Namespace) -> int:
               f"{_size(v.get('size_bytes'))}"
               + (f"  (not current since {local_time(v['retired_at'])})"
                  if v.get("retired_at") and not v.get("current") else ""))
+        print(f"    {_verified(v)}")
         for test in v.get("tests") or []:
             print(f"    tested: {test}")
         for key, value in (v.get("variables") or {}).items():
@@ -150,6 +158,32 @@ def run_show(args: argparse.Namespace) -> int:
             build = f" {pkg['build']}" if pkg.get("build") else ""
             print(f"    {pkg['name']} {pkg['version']}{build}  ({pkg['manager']})")
     return EX_OK
+
+
+def _verified(v: dict[str, Any]) -> str:
+    """One line on a version's integrity: its digest and its last verify."""
+    if not v.get("digest"):
+        return "not frozen yet (built before versions were frozen)"
+    result = v.get("verify") or {}
+    last = (f"last verified {local_time(v['verified_at'])}: "
+            + ("passed" if result.get("ok") else f"FAILED, {result.get('count')} difference(s)")
+            if v.get("verified_at") else "never verified")
+    return f"frozen {local_time(v.get('frozen_at'))}, {v['digest'][:19]}…, {last}"
+
+
+def run_verify(args: argparse.Namespace) -> int:
+    out = _call(args, "env-verify", name=args.name, version=args.version)
+    if args.json:
+        emit_json(out)
+    else:
+        for diff in out["differences"]:
+            print(f"{quote_name(diff['path'])}: {diff['what']} ({diff['detail']})")
+        more = out["count"] - len(out["differences"])
+        print(f"{out['name']} {out['version']}: "
+              + ("verified, no difference" if out["ok"] else
+                 f"{out['count']} difference(s)" + (f" ({more} not listed)" if more else ""))
+              + f" ({out['digest']})")
+    return EX_OK if out["ok"] else EX_FAILURE
 
 
 def run_export(args: argparse.Namespace) -> int:

@@ -104,6 +104,12 @@ def render(data: dict[str, Any]) -> str:
         lines += ["", f"jobs: {counts}"]
     elif not data.get("requests_enabled", True):
         lines += ["", "jobs: requests disabled"]
+    for key, what in (("tampered", "TAMPERED"), ("failed_verify", "FAILED VERIFY")):
+        for item in (data.get("integrity") or {}).get(key) or []:
+            name = quote_name(str(item.get("name")))
+            lines.append(f"{what}: {name} {item.get('version')}"
+                         + (f": {item['what']}" if item.get("what") else "")
+                         + f" (envctl env verify {name} --version {item.get('version')})")
     return "\n".join(lines)
 
 

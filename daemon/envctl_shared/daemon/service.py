@@ -37,6 +37,7 @@ class _Jobs(Protocol):
     def stop(self, timeout: float) -> Any: ...
     def reload(self, config: Config) -> None: ...
     def counts(self) -> dict[str, int]: ...
+    integrity: dict[str, Any]
 
 
 class _Server(Protocol):
@@ -208,6 +209,8 @@ class Daemon:
             "roots": [w.status(watches) for w in self._roots.values()],
             "inotify": self.inotify_budget(),
             "jobs": self._jobs.counts() if self._jobs is not None else None,
+            # frozen versions whose stamp changed, or whose last verify failed (never deleted)
+            "integrity": self._jobs.integrity if self._jobs is not None else None,
         }
 
     def wait_idle(self, timeout: float) -> bool:

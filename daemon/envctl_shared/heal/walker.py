@@ -242,6 +242,14 @@ def compile_excludes(patterns: tuple[str, ...]) -> Callable[[str], bool]:
     return lambda rel: bool(rx.match(rel))
 
 
+def excludes_below(patterns: tuple[str, ...], at_root: bool) -> bool:
+    """Whether ``patterns`` may exclude an entry of a directory (``at_root``: of the root
+    itself). Plain names (no ``/``, no wildcard: like the requests root's built-in ``.envctl``)
+    only ever match entries of the root, so every directory below keeps the C fast path and
+    the watcher checks nothing there."""
+    return bool(patterns) and (at_root or any(c in p for p in patterns for c in "/*?["))
+
+
 class DirPlanner(Protocol):
     """Lets a caller skip listing directories it knows to be unchanged (the poll pass).
 
@@ -590,14 +598,15 @@ class _Pass:
         whichever worker is free.
         """
         concurrent = self.h.concurrency > 1
-        if not concurrent and not self.root.exclude:
+        filtered = excludes_below(self.root.exclude, not ref.rel)
+        if not concurrent and not filtered:
             if self.planner is None:
                 self._walk_below(ref, stats)
             else:
                 self.planner.listed(ref.rel, st, self._scan(ref, None, stats))
             return
         names = os.listdir(ref.fd)
-        if self.root.exclude:
+        if filtered:
             keep = [n for n in names if not self.h.excluded(ref.child(n))]
             stats.skipped["excluded"] += len(names) - len(keep)
             names = keep

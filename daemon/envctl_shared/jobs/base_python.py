@@ -20,11 +20,12 @@ Decisions:
 - **Built like an env version** by the first venv job that needs it, inside that job (its log
   shows the base's build; its timeout and cancel apply; a failure fails that job and the next
   venv job tries again): the record first (``building``), then the directory for the build
-  user, the rattler child as the build user, the healing pass with its proof, the package
-  inventory, the record ``ready``. One build of a base at a time, under its ``NameLock``
-  (``.envctl/locks/.base-python-<key>.lock``: across daemons sharing the root, and between the
-  jobs of this one); a base not ``ready`` found by the holder is a dead build's (removed). A
-  second venv job waits for the lock — for the base it needs — instead of failing.
+  user, the rattler child as the build user, the freeze (the daemon's, read-only, with its
+  digest: see ``freeze``), the package inventory, the record ``ready``. One build of a base at
+  a time, under its ``NameLock`` (``.envctl/locks/.base-python-<key>.lock``: across daemons
+  sharing the root, and between the jobs of this one); a base not ``ready`` found by the
+  holder is a dead build's (removed). A second venv job waits for the lock — for the base it
+  needs — instead of failing.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from ..config import RequestsConfig
 from ..errors import BuildFailed, Conflict
 from . import envs, layout
 from .backends.rattler import default_platforms
+from .freeze import Frozen
 from .lock import NameLock
 from .procs import BuildUser
 
@@ -102,12 +104,12 @@ def _locked(fds: dict[str, int], area: layout.RootArea, name: str, job_id: str,
 
 
 def ensure(fds: dict[str, int], area: layout.RootArea, cfg: RequestsConfig, user: BuildUser,
-           job_id: str, build: Callable[[Path], None], say: Callable[[str], None],
+           job_id: str, build: Callable[[int, Path], Frozen], say: Callable[[str], None],
            wait: Callable[[float], None]) -> Path:
     """The interpreter of the base ``cfg.venv_base`` names, built first if it is not ready.
 
-    ``build(prefix)`` installs and heals the base at ``prefix`` (the caller's job runs the
-    rattler child and the healing pass); ``wait(seconds)`` sleeps and raises when the job is
+    ``build(base_fd, prefix)`` installs and freezes the base at ``prefix`` (the caller's job
+    runs the rattler child and the freeze); ``wait(seconds)`` sleeps and raises when the job is
     aborted. ``fds`` are :meth:`layout.RootArea.open`'s."""
     name = base_name(cfg)
     python = interpreter(area, name)
@@ -128,7 +130,7 @@ def ensure(fds: dict[str, int], area: layout.RootArea, cfg: RequestsConfig, user
 
 
 def _build(base_fd: int, area: layout.RootArea, cfg: RequestsConfig, user: BuildUser,
-           job_id: str, name: str, build: Callable[[Path], None],
+           job_id: str, name: str, build: Callable[[int, Path], Frozen],
            say: Callable[[str], None]) -> None:
     prefix = area.path(AREA_DIR, name)
     solve = _solve_input(cfg)
@@ -141,12 +143,12 @@ def _build(base_fd: int, area: layout.RootArea, cfg: RequestsConfig, user: Build
         f"{', '.join(solve['specs'])}); every venv built from now on runs its bin/python3")
     envs.begin(base_fd, name, record, user.uid, user.gid)
     try:
-        build(prefix)
+        frozen = build(base_fd, prefix)
         if not os.access(interpreter(area, name), os.X_OK):
             raise BuildFailed(f"the venv base {name} has no bin/python3",
                               hint="requests.venv_base.dependencies must install python")
         ready = envs.ready_fields(base_fd, name)
-        envs.write_record(base_fd, f"{name}.json", {**record, **ready})
+        envs.write_record(base_fd, f"{name}.json", {**record, **ready, **frozen.fields()})
     except BaseException:
         envs.drop_version(base_fd, name)
         say(f"removed the unfinished venv base {name}")

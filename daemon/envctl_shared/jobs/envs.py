@@ -11,8 +11,8 @@ started in the previous version keeps it: versions stay on disk until GC (``keep
 newest, and ``gc_grace`` after they stopped being current).
 
 Layout of ``<root>/.envctl/envs/<name>/`` (the daemon's, 0755; nothing in it is a user's to
-change): ``vN/`` (the prefix, owned by the build user, healed like the root), ``vN.json`` (that
-version's record: ``state`` ``building`` until it is healed, tested and inventoried, then
+change): ``vN/`` (the prefix, built by the build user, then frozen: see ``freeze``), ``vN.json``
+(that version's record: ``state`` ``building`` until it is frozen, tested and inventoried, then
 ``ready``; who built it, when, from which spec and tests, the installed packages, its size),
 ``env.json`` (the owner — the requester of the first version —, when each version stopped being
 current, whether the name was removed). The symlink is the truth about which version is current;
@@ -511,7 +511,7 @@ def owner_name(owner: object) -> str:
 
 
 _SUMMARY = ("job", "backend", "requester", "created_at", "built_at", "size_bytes", "entries",
-            "prefix", "tests")
+            "prefix", "tests", "digest", "frozen_at", "verified_at", "verify")
 
 
 def describe(env_fd: int, name: str, cur: Current, with_versions: bool) -> dict[str, Any]:
@@ -546,7 +546,8 @@ def describe(env_fd: int, name: str, cur: Current, with_versions: bool) -> dict[
         "status": status, "current": cur.version, "updating": building,
         "owner": env.get("owner"), "created_at": env.get("created_at"),
         "removed_at": env.get("removed_at"),
-        "versions": rows if with_versions else len([r for r in rows if r["state"] == "ready"])}
+        "versions": rows if with_versions else len([r for r in rows if r["state"] == "ready"]),
+        "failed_verify": [r["version"] for r in rows if (r["verify"] or {}).get("ok") is False]}
     for key in ("backend", "requester", "built_at", "size_bytes", "entries", "job"):
         out[key] = now.get(key) if now else None
     return out

@@ -11,9 +11,9 @@ expected one (the healer may have added group write when the daemon is not root 
 
 Layout in the root: ``.envctl/locks/<name>.lock`` (fcntl locks, 0644) and
 ``.envctl/envs/<name>/`` (0755, the daemon's): the versions of one environment, each built at
-the path it keeps for its whole life (``v<N>/``, owned by the build user), its metadata
-(``v<N>.json``, ``env.json``, the daemon's, 0644), while ``<root>/<name>`` is the daemon's
-symlink to the current version (see ``envs``). Layout of the state dir (local disk, 0711 so
+the path it keeps for its whole life (``v<N>/``, the build user's, then frozen: the daemon's),
+its metadata (``v<N>.json``, ``env.json``, the daemon's, 0644), while ``<root>/<name>`` is the
+daemon's symlink to the current version (see ``envs``). Layout of the state dir (local disk, 0711 so
 the build user can reach its own job files without listing anyone else's): ``envctld.lock``
 (see ``StateDir.ensure``), ``jobs.db``,
 ``jobs/<id>/{environment.yml,build.json}`` (root:build-group 0640: the build user reads them,
@@ -42,12 +42,13 @@ import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from ..config import DAEMON_AREA
 from ..errors import Conflict, FilesystemError
 from ..heal.fsops import DIR_FLAGS
 
 log = logging.getLogger(__name__)
 
-AREA = ".envctl"
+AREA = DAEMON_AREA
 AREA_DIRS = {"locks": 0o755, "envs": 0o755}
 
 

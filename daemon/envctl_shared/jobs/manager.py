@@ -33,7 +33,7 @@ from ..errors import (ConfigError, Conflict, DaemonUnavailable, EnvctlError, Lim
                       NotFound, ValidationError)
 from ..logfields import fields
 from . import cgroup as cgroups
-from . import envs, kernels, layout, procs
+from . import envs, integrity, kernels, layout, procs
 from .backends import get_backend
 from .cluster import ClusterJobs
 from .lock import NameLock
@@ -68,6 +68,8 @@ class JobManager:
         self.containment = "none"  # how builds are contained: "cgroup" or "sweep" once started
         self.sandbox = "none"  # "mount-namespace" once started where the kernel allows it
         self._busy_uids: set[int] = set()  # the pool's accounts running a build now
+        # The last periodic integrity check (see ``integrity.check``), for ``status``.
+        self.integrity: dict[str, Any] = {"tampered": [], "failed_verify": [], "checked_at": None}
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -96,6 +98,7 @@ class JobManager:
         try:
             with layout.RootArea(self._config.requests_root.path).open():
                 pass  # create <root>/.envctl now; a tampered one fails each job, not the daemon
+            self._freeze_old()
         except (OSError, EnvctlError) as exc:
             log.warning("jobs-area-unusable root=%s error=%s", self._config.requests_root.path,
                         exc)
@@ -658,14 +661,32 @@ class JobManager:
         if removed:
             log.info("env-gc removed=%d dry_run=%s skipped=%d", len(removed), dry_run,
                      len(skipped))
+        store = None if dry_run else integrity.sweep_store(self._config)
         return {"removed": removed, "skipped": skipped, "dry_run": dry_run,
-                "keep_versions": cfg.keep_versions, "gc_grace": cfg.gc_grace}
+                "keep_versions": cfg.keep_versions, "gc_grace": cfg.gc_grace, "store": store}
+
+    def env_verify(self, name: str, version: str | None = None) -> dict[str, Any]:
+        """Recompute a version's digest and list every difference (see ``integrity.verify``)."""
+        return integrity.verify(self._config, validate_name(name), version)
+
+    def _check_integrity(self) -> None:
+        self.integrity = {**integrity.check(self._config), "checked_at": time.time()}
+
+    def _freeze_old(self) -> None:
+        """At start, before any build: freeze the versions built before freezing existed (once:
+        then they have a digest), and take the first integrity check."""
+        frozen = integrity.freeze_old(self._config)
+        if frozen:
+            log.info("env-freeze-old frozen=%d", frozen)
+        self._check_integrity()
 
     def _gc_loop(self) -> None:
-        """The periodic GC (``requests.gc_interval``); a failure is logged, never fatal."""
+        """The periodic GC and integrity check (``requests.gc_interval``); a failure is logged,
+        never fatal."""
         while not self._gc_stop.wait(self._config.requests.gc_interval):
             try:
                 self.env_gc()
+                self._check_integrity()
             except Exception:  # noqa: BLE001 - e.g. a tampered .envctl: say so, try again later
                 log.exception("env-gc-failed")
 

@@ -10,7 +10,7 @@ with these stable keys (times are Unix seconds, or null when not reached yet)::
 
 ``state`` is one of queued, running, succeeded, failed, cancelled, interrupted; ``phase`` is the
 running build's current step (``preparing``, ``solving``, ``downloading``, ``linking``,
-``creating``, ``installing``, ``building``, ``testing``, ``healing``, ``finalizing``,
+``creating``, ``installing``, ``building``, ``freezing``, ``testing``, ``finalizing``,
 ``cleanup``) or
 null. ``claimed_user`` is what the
 client *said* it acts for (JUPYTERHUB_USER): recorded for audit, never used to authorise.

@@ -1,15 +1,15 @@
-"""One build, from name lock to a healed, tested version made current — or to nothing at all.
+"""One build, from name lock to a frozen, tested version made current — or to nothing at all.
 
 Why one class owns the whole sequence: the guarantees are about ordering. The name lock is
 taken before anything is created and released only after the outcome is on disk; a new version
 is built at its own path (``.envctl/envs/<name>/vN``, see ``envs``) while ``<root>/<name>``
-keeps pointing at the current one; the requester's ``--test`` commands pass inside it, it is
-healed (and re-checked with a dry run: zero violations left, whatever the tests wrote), its
-record says ``ready`` — and only then is the stable path switched to it, by one atomic rename. Every way
-out before that (failure, a failing test, cancel, timeout, daemon stop, crash recovery) goes
-through ``discard``, which removes the new version and leaves the current one untouched and
-serving. Every backend goes the same way, relocatable or not: the path a version is built at
-is the path it runs at.
+keeps pointing at the current one; it is frozen (the daemon's, read-only, its digest taken:
+see ``freeze``), the requester's ``--test`` commands pass inside the frozen version (what users
+will get), its record says ``ready`` with the digest — and only then is the stable path
+switched to it, by one atomic rename. Every way out before that (failure, a failing test,
+cancel, timeout, daemon stop, crash recovery) goes through ``discard``, which removes the new
+version and leaves the current one untouched and serving. Every backend goes the same way,
+relocatable or not: the path a version is built at is the path it runs at.
 """
 
 from __future__ import annotations
@@ -27,10 +27,9 @@ from typing import Any
 
 from ..config import Config
 from ..errors import BuildFailed, Conflict, EnvctlError
-from ..fsinfo import walk_concurrency
-from ..heal import Healer
+from ..heal import fsops
 from . import cgroup as cgroups
-from . import base_python, envs, kernels, layout, procs
+from . import base_python, envs, freeze, kernels, layout, procs
 from .backends import (PHASE_MARK, PHASES, BuildContext, Step, backend_named, get_backend,
                        test_step)
 from .lock import NameLock
@@ -82,7 +81,8 @@ class Build:
         self._log_lock = threading.Lock()
         self._cgroup_tree = cgroup_tree
         self._cgroup: Path | None = None  # made before the first step, removed at the end
-        self._daemon_owned: str | None = None  # a version made for a trusted step, not handed over
+        # a prefix (relative to .envctl) made for a trusted step and not handed over yet
+        self._daemon_owned: str | None = None
         self.tests: list[str] = state_dir.read_tests(job.id)
 
     # -- control from other threads ------------------------------------------------------------
@@ -173,13 +173,12 @@ class Build:
                     self._check_abort()
                     self._run_step(step, user, ctx)
                 self._check_abort()
-                self._test(ctx, user)  # before healing: what a test writes is healed too
+                frozen = self._freeze(fds, env_fd, version, self.version_path(version))
                 self._check_abort()
-                self._phase("healing")
-                self._heal(f"{layout.AREA}/envs/{job.name}/{version}")
+                self._test(ctx, user)  # against the frozen version: what users get
                 self._check_abort()
                 self._phase("finalizing")
-                self._finalize(fds, env_fd, version, spec)
+                self._finalize(fds, env_fd, version, spec, frozen)
             except BaseException:
                 self._phase("cleanup")
                 self.discard(env_fd, cur.version)
@@ -190,15 +189,16 @@ class Build:
     def _venv_base(self, fds: dict[str, int], ctx: BuildContext,
                    user: procs.BuildUser) -> BuildContext:
         """The venv's base interpreter is the Python env the daemon keeps in the root
-        (``requests.venv_base``), built here with rattler and healed if this is the first venv
+        (``requests.venv_base``), built here with rattler and frozen if this is the first venv
         that needs it (see ``base_python``); the venv is then created by it."""
-        def build(prefix: Path) -> None:
+        def build(base_fd: int, prefix: Path) -> freeze.Frozen:
             base = replace(ctx, prefix=prefix, spec=replace(ctx.spec, pip=()))  # python alone
+            self._daemon_owned = f"base/{prefix.name}"  # its trusted step writes as us
             for step in backend_named("rattler").steps(base):
                 self._check_abort()
                 self._run_step(step, user, base)
             self._check_abort()
-            self._heal(str(prefix.relative_to(self.area.root)))
+            return self._freeze(fds, base_fd, prefix.name, prefix)
 
         def wait(seconds: float) -> None:
             self._abort_event.wait(seconds)
@@ -256,7 +256,7 @@ class Build:
         owner = procs.daemon_user() if first and first[0].trusted else user
         envs.begin(env_fd, version, self._record(version, spec), owner.uid, owner.gid)
         if not owner.switch:
-            self._daemon_owned = version
+            self._daemon_owned = f"envs/{job.name}/{version}"
         self.say(f"building version {version} of {job.name!r} at {prefix}")
         return ctx
 
@@ -358,15 +358,19 @@ class Build:
             raise BuildFailed(f"{how} {proc.returncode}", hint="see the build log")
 
     def _hand_over(self, user: procs.BuildUser) -> None:
-        """Before a build-uid step writes the version a trusted step made: its directories
-        become the build uid's (``layout.hand_over``)."""
-        version, self._daemon_owned = self._daemon_owned, None
-        if version is None:
+        """Before a build-uid step writes the prefix a trusted step made (a version, or the
+        venv base): its directories become the build uid's (``layout.hand_over``)."""
+        rel, self._daemon_owned = self._daemon_owned, None
+        if rel is None:
             return
-        with self.area.open() as fds, envs.env_dir(fds, self.job.name, create=False) as env_fd:
-            assert env_fd is not None
-            changed = layout.hand_over(env_fd, version, user.uid, user.gid)
-        log.debug("job-hand-over id=%s version=%s dirs=%d", self.job.id, version, changed)
+        parent, _, name = rel.rpartition("/")
+        with self.area.open() as fds:
+            parent_fd = fsops.open_dir(fds["area"], parent)
+            try:
+                changed = layout.hand_over(parent_fd, name, user.uid, user.gid)
+            finally:
+                os.close(parent_fd)
+        log.debug("job-hand-over id=%s prefix=%s dirs=%d", self.job.id, rel, changed)
 
     def _pump(self, proc: subprocess.Popen[bytes]) -> None:
         """Copy the step's output to the log; turn ``ENVCTL-PHASE x`` lines into phases."""
@@ -382,28 +386,28 @@ class Build:
             self._write(line)
         proc.stdout.close()
 
-    def _heal(self, rel: str) -> None:
-        """Heal the new prefix with the root's policy, then prove nothing is left to fix.
-
-        The root's ``exclude`` patterns are not applied: they protect users' content from the
-        healer, while this tree is brand new and entirely the daemon's (and ``.envctl`` itself
-        may well be excluded by the admin).
-        """
-        root = replace(self.config.requests_root, exclude=())
-        workers = walk_concurrency(root.path, self.config.walk.concurrency)
-        stats = Healer(root, concurrency=workers).run(rel)
-        left = Healer(root, dry_run=True, concurrency=workers).run(rel)
-        self.say(f"healed {rel}: scanned={stats.scanned} fixed={stats.writes} "
-                 f"errors={stats.errors} left={left.violations}")
-        if stats.errors or left.violations or left.errors:
-            raise BuildFailed(f"the new environment could not be healed ({stats.errors} errors, "
-                              f"{left.violations} violations left)", hint="see the build log")
+    def _freeze(self, fds: dict[str, int], dir_fd: int, name: str,
+                shown: Path) -> freeze.Frozen:
+        """Make the built prefix ``name`` in ``dir_fd`` (at ``shown``) the daemon's and
+        read-only (see ``freeze``), its files shared through the root's store; returns its
+        digest."""
+        self._phase("freezing")
+        target = freeze.Target.of(self.config.requests_root)
+        store = freeze.Store.in_area(self.area, fds["area"], target)
+        try:
+            frozen = freeze.freeze(dir_fd, name, target, str(shown), store)
+        finally:
+            store.close()
+        self.say(f"froze {shown}: {frozen.entries} entries, {frozen.linked} file(s) shared "
+                 f"with the store, digest {frozen.digest}")
+        return frozen
 
     def _finalize(self, fds: dict[str, int], env_fd: int, version: str,
-                  spec: EnvSpec) -> None:
+                  spec: EnvSpec, frozen: freeze.Frozen) -> None:
         """Inventory the version, mark it ready, then switch the stable path to it."""
         job = self.job
-        record = {**self._record(version, spec), **envs.ready_fields(env_fd, version)}
+        record = {**self._record(version, spec), **envs.ready_fields(env_fd, version),
+                  **frozen.fields()}
         envs.write_record(env_fd, f"{version}.json", record)
         self._check_abort()  # the last moment a cancel can still keep the current version
         previous = envs.switch(fds[""], env_fd, job.name, version, owner=record["requester"])

@@ -69,6 +69,7 @@ from watchdog.observers.inotify_c import InotifyConstants as IN
 from watchdog.observers.inotify_c import inotify_add_watch, inotify_init, inotify_rm_watch
 
 from ..heal.fsops import DIR_FLAGS, PATH_DIR_FLAGS, Stat, stat_at
+from ..heal.walker import compile_excludes, excludes_below
 from .queue import WorkQueue, path_of
 
 MASK = (IN.IN_CREATE | IN.IN_MOVED_TO | IN.IN_MOVED_FROM | IN.IN_ATTRIB | IN.IN_MOVE_SELF
@@ -180,10 +181,14 @@ class InotifyWatch:
     """
 
     def __init__(self, root: Path, queue: WorkQueue, hooks: Hooks, count: Callable[[], None],
-                 progress: Callable[[], None] | None = None) -> None:
+                 progress: Callable[[], None] | None = None,
+                 exclude: tuple[str, ...] = ()) -> None:
         """``count`` is called for every event; ``progress`` for every directory a walk
-        visits (a liveness signal during long walks)."""
+        visits (a liveness signal during long walks). Directories ``exclude`` matches (the
+        root's patterns) get no watch: the healer never enters them either."""
         self._root_path = root
+        self._exclude = exclude
+        self._excluded = compile_excludes(exclude)
         self._queue = queue
         self._hooks = hooks
         self._count = count
@@ -528,7 +533,8 @@ class InotifyWatch:
         """Open and watch directory ``name`` of ``parent`` and place its node where it is now
         (``evict``: for an arrival event at that name, see :meth:`_place`). Returns the level
         to walk (None: nothing to walk) and whether it was already watched in place."""
-        if self._limited:
+        if self._limited or (excludes_below(self._exclude, parent.parent is None)
+                             and self._excluded(path_of(parent, name))):
             return None, False
         try:
             fd = os.open(name, DIR_FLAGS | os.O_NONBLOCK, dir_fd=dirfd)

@@ -199,7 +199,7 @@ class RootWatcher:
         """A started watch of the whole root, or None when not even the root gets a watch
         (``ENOSPC``); other OSErrors are raised."""
         watch = InotifyWatch(self.root.path, self.queue, self, self._count_event,
-                             self._walk_progressed)
+                             self._walk_progressed, self.root.exclude)
         try:
             watch.start()
         except OSError as exc:

@@ -1,7 +1,7 @@
 """Backends: how an environment is built, as data — the command lines a build runs.
 
 Why "command lines as data": the runner owns everything that must be the same for every
-backend (user switch, process group, log, timeout, cancel, versions, healing, tests, the
+backend (user switch, process group, log, timeout, cancel, versions, freezing, tests, the
 switch of the stable path); a backend only says (1) what it refuses at submit time (``check``),
 (2) which input files it needs in the job's directory (``files``) and (3) the steps to run
 (``steps``), building at the path the version keeps for its whole life. That keeps each
@@ -33,7 +33,7 @@ from ..spec import EnvSpec
 from .rattler_child import PHASE_MARK as PHASE_MARK  # the runner reads it from here
 
 PHASES = ("preparing", "solving", "downloading", "linking", "creating", "installing",
-          "building", "compiling", "testing", "healing", "finalizing")
+          "building", "compiling", "freezing", "testing", "finalizing")
 
 
 @dataclass(frozen=True)
