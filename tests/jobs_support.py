@@ -351,3 +351,5 @@ def daemon_argv(cfg: dict[str, Any], who: Requester, specs: list[list[str]],
 
 ENV_HELLO = "name: ignored\nchannels: []\ndependencies:\n  - hello\n"
 ENV_VENV = "dependencies:\n  - python\n  - pip:\n    - envctl_demo\n"
+# With pip seeded (ensurepip: ~2 s, in a child process): for tests that need a step still running
+ENV_VENV_PIP = "dependencies:\n  - python\n  - pip\n  - pip:\n    - envctl_demo\n"
