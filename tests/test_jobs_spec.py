@@ -261,3 +261,17 @@ def test_an_empty_spec_is_valid_here() -> None:
     """An empty venv may be requested; conda-family backends refuse an empty list themselves."""
     assert parse_spec("dependencies: []\n", _cfg()).package_count == 0
     assert parse_spec("{}\n", _cfg()).package_count == 0
+
+
+@pytest.mark.parametrize("dep", ["https://evil.example/conda-forge::numpy",
+                                 "numpy[channel='https://evil.example/conda-forge']",
+                                 "file:///home/mallory/srv/chan::numpy"])
+def test_a_channel_is_judged_by_where_it_points_not_by_its_name(dep: str) -> None:
+    """``https://evil.example/conda-forge`` is called ``conda-forge`` too: a ``channel::``
+    that only shares an allowed channel's name is refused (conda fetches what a match spec's
+    channel names), while every spelling of an allowed channel passes."""
+    with pytest.raises(ValidationError, match="not among the spec's channels"):
+        parse_spec(f"channels: [conda-forge, /srv/chan]\ndependencies: [\"{dep}\"]\n", _cfg())
+    for ok in ("conda-forge::numpy", "https://conda.anaconda.org/conda-forge/::numpy",
+               "/srv/chan::numpy", "file:///srv/chan::numpy"):
+        parse_spec(f"channels: [conda-forge, /srv/chan]\ndependencies: ['{ok}']\n", _cfg())

@@ -25,9 +25,9 @@ Every refusal is a :class:`~envctl_shared.errors.ValidationError` with a hint sa
 
 from __future__ import annotations
 
+import contextlib
 import re
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from packaging.requirements import InvalidRequirement, Requirement
@@ -191,14 +191,26 @@ def _check_conda(entry: str, position: int, channels: tuple[str, ...]) -> None:
     if 'url="' in canonical:
         raise ValidationError(f"{where} names a package URL", hint="name the package; it "
                               "comes from the spec's channels")
-    if spec.channel is not None:
-        known = {c.rstrip("/") for c in channels} | {
-            Path(c).as_uri() for c in channels if c.startswith("/")}
-        if spec.channel.name not in known and spec.channel.base_url.rstrip("/") not in known:
-            raise ValidationError(f"{where} names channel {brief(spec.channel.name or '')}, "
-                                  "which is not among the spec's channels",
-                                  hint="list that channel under channels: (if the site "
-                                       "allows it), or leave the channel:: out")
+    if spec.channel is not None and spec.channel.base_url not in _channel_urls(channels):
+        raise ValidationError(f"{where} names channel {brief(spec.channel.name or '')}, "
+                              "which is not among the spec's channels (it is "
+                              f"{brief(spec.channel.base_url)})", hint="list that channel under "
+                              "channels: (if the site allows it), or leave the channel:: out")
+
+
+def _channel_urls(channels: tuple[str, ...]) -> set[str]:
+    """Where the spec's channels are, as rattler resolves a name, a path or a URL. A
+    ``channel::`` is judged by where it points, never by its name: the name of
+    ``https://elsewhere/conda-forge`` is ``conda-forge`` too, and conda fetches what a match
+    spec's channel names (one rattler cannot read matches nothing)."""
+    from rattler import Channel
+    from rattler.exceptions import InvalidChannelError
+
+    urls = set()
+    for channel in channels:
+        with contextlib.suppress(InvalidChannelError):
+            urls.add(Channel(channel).base_url)
+    return urls
 
 
 def conda_names(spec: EnvSpec) -> set[str]:
