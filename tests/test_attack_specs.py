@@ -9,7 +9,11 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
+from envctl_shared.config import parse
+from envctl_shared.errors import ValidationError
 from envctl_shared.jobs import JobManager, State
+from envctl_shared.jobs.spec import parse_spec
 
 from tests.jobs_support import CondaPackage, JobsEnv, build_channel, full_log, wait_done
 
@@ -36,3 +40,32 @@ def test_a_packaged_state_symlink_does_not_redirect_the_variables(
     state = jobs_env.root / "statevars" / "conda-meta" / "state"
     assert not state.is_symlink()
     assert json.loads(state.read_text()) == {"env_vars": {"MODE": "offline"}}
+
+
+@pytest.mark.parametrize("name,value", [
+    ("LD_PRELOAD", "/home/mallory/.cache/x.so"), ("LD_LIBRARY_PATH", "/home/mallory/lib"),
+    ("PYTHONPATH", "/home/mallory/site"), ("PYTHONSTARTUP", "/home/mallory/s.py"),
+    ("PYTHONUSERBASE", "/home/mallory/.local"), ("BASH_ENV", "/home/mallory/.b"),
+    ("PROMPT_COMMAND", "sh /home/mallory/x"), ("PS1", "$(sh /home/mallory/x)"),
+    ("HOME", "/home/mallory"), ("IPYTHONDIR", "/home/mallory/.ipython"),
+    ("JUPYTER_CONFIG_DIR", "/home/mallory/.jupyter"), ("R_PROFILE_USER", "/home/mallory/.Rp"),
+])
+def test_variables_that_load_code_from_outside_the_version_are_refused(
+        jobs_env: JobsEnv, manager_factory: Factory, name: str, value: str) -> None:
+    """Every user of a shared env runs it with its variables (``conda activate``, its kernel):
+    ``LD_PRELOAD`` or ``PYTHONPATH`` pointing into a requester's home ran her files, changed at
+    will after the build, in every user's process — past the site's channel policy and any
+    check of the version. Refused at submit, nothing created."""
+    mgr = manager_factory()
+    with pytest.raises(ValidationError, match=f"variable {name} would make every user"):
+        mgr.submit(jobs_env.requester(), "codevars",
+                   f"dependencies: [hello]\nvariables: {{{name}: '{value}'}}\n")
+    assert mgr.list(include_finished=True) == []
+
+
+def test_ordinary_variables_pass() -> None:
+    cfg = parse({"roots": [{"path": "/srv/envs", "group": 0}], "requests": {}}).requests
+    ordinary = {"OMP_NUM_THREADS": "4", "PYTHONUNBUFFERED": "1", "PYTHONHASHSEED": "0",
+                "CUDA_VISIBLE_DEVICES": "0", "MPLBACKEND": "Agg", "LDFLAGS_EXTRA": "x"}
+    spec = parse_spec(f"dependencies: [x]\nvariables: {json.dumps(ordinary)}\n", cfg)
+    assert dict(spec.variables) == ordinary

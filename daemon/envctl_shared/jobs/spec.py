@@ -8,7 +8,8 @@ keys are accepted, so a typo is an error rather than a silently different enviro
 ``conda env export`` writes is accepted as it is: its ``prefix:`` is ignored (the daemon, not
 the spec, decides where environments live) and a ``name:`` that differs from the requested name
 is built under the requested one, each with a note for the job's log; ``variables:`` become the
-env's activation variables (conda's ``env_vars``), names and values bounded.
+env's activation variables (conda's ``env_vars``), names and values bounded, and none that would
+make its users' programs load code from outside the version (``LD_PRELOAD``, ``PYTHONPATH``...).
 The YAML is read by :mod:`~envctl_shared.safeyaml` (depth and alias expansion bounded before
 anything is built) and values are quoted in messages through :func:`~envctl_shared.untrusted.brief`
 (bounded length), so no spec costs the daemon more than a bounded amount of CPU and memory.
@@ -44,6 +45,20 @@ _VAR_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
 # Set by activation itself: a spec that set them would break activating the env.
 RESERVED_VARIABLES = frozenset({"PATH", "CONDA_PREFIX", "CONDA_DEFAULT_ENV", "CONDA_SHLVL",
                                 "CONDA_PROMPT_MODIFIER", "CONDA_EXE", "VIRTUAL_ENV"})
+# Tell the programs every user of the env runs where to load code from, or are code themselves:
+# the dynamic loader (LD_*), interpreters' search and start-up paths, shells' start-up files and
+# prompts, HOME and the config dirs whose files Jupyter and IPython run at start. A shared env
+# runs what was built from the site's channels and index; with these, it would run whatever a
+# requester's files outside it say, long after the build, unseen by any check of the version.
+CODE_VARIABLE_PREFIXES = ("LD_",)
+CODE_VARIABLES = frozenset({
+    "PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP", "PYTHONUSERBASE", "PYTHONPYCACHEPREFIX",
+    "PYTHONPLATLIBDIR", "PYTHONEXECUTABLE", "BASH_ENV", "ENV", "PROMPT_COMMAND", "PS1", "PS2",
+    "PS4", "SHELLOPTS", "BASHOPTS", "HOME", "XDG_CONFIG_HOME", "XDG_DATA_HOME", "IPYTHONDIR",
+    "JUPYTER_CONFIG_DIR", "JUPYTER_CONFIG_PATH", "JUPYTER_PATH", "JUPYTER_DATA_DIR",
+    "PERL5LIB", "PERLLIB", "PERL5OPT", "RUBYLIB", "RUBYOPT", "NODE_OPTIONS", "NODE_PATH",
+    "R_LIBS", "R_LIBS_USER", "R_LIBS_SITE", "R_PROFILE", "R_PROFILE_USER", "R_ENVIRON",
+    "R_ENVIRON_USER", "JAVA_TOOL_OPTIONS", "JDK_JAVA_OPTIONS", "_JAVA_OPTIONS", "GCONV_PATH"})
 MAX_ENTRY_CHARS = 1000  # one channel URL, match spec or requirement line; bounds every message
 _SCHEME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")  # http:, git+ssh:, file: ...
 _COMMENT_RE = re.compile(r"(^|\s+)#.*$")  # pip's own rule for comments in requirement files
@@ -251,6 +266,11 @@ def _variables(value: object) -> tuple[tuple[str, str], ...]:
         if key in RESERVED_VARIABLES:
             raise ValidationError(f"spec: variable {key} is set by activation itself",
                                   hint="leave it out; activation sets it")
+        if key in CODE_VARIABLES or key.startswith(CODE_VARIABLE_PREFIXES):
+            raise ValidationError(f"spec: variable {key} would make every user of the "
+                                  "environment load code from outside it",
+                                  hint="install what it points to as a package of the "
+                                       "environment (from the site's channels or index)")
         if isinstance(val, bool):
             text = "true" if val else "false"
         elif isinstance(val, (str, int, float)):
