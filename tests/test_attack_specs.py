@@ -49,6 +49,8 @@ def test_a_packaged_state_symlink_does_not_redirect_the_variables(
     ("PROMPT_COMMAND", "sh /home/mallory/x"), ("PS1", "$(sh /home/mallory/x)"),
     ("HOME", "/home/mallory"), ("IPYTHONDIR", "/home/mallory/.ipython"),
     ("JUPYTER_CONFIG_DIR", "/home/mallory/.jupyter"), ("R_PROFILE_USER", "/home/mallory/.Rp"),
+    ("PIP_INDEX_URL", "https://mallory.example/simple"), ("UV_INDEX_URL", "https://m.example"),
+    ("CONDA_CHANNELS", "https://mallory.example/chan"), ("CONDARC", "/home/mallory/condarc"),
 ])
 def test_variables_that_load_code_from_outside_the_version_are_refused(
         jobs_env: JobsEnv, manager_factory: Factory, name: str, value: str) -> None:

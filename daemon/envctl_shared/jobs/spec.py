@@ -47,10 +47,11 @@ RESERVED_VARIABLES = frozenset({"PATH", "CONDA_PREFIX", "CONDA_DEFAULT_ENV", "CO
                                 "CONDA_PROMPT_MODIFIER", "CONDA_EXE", "VIRTUAL_ENV"})
 # Tell the programs every user of the env runs where to load code from, or are code themselves:
 # the dynamic loader (LD_*), interpreters' search and start-up paths, shells' start-up files and
-# prompts, HOME and the config dirs whose files Jupyter and IPython run at start. A shared env
+# prompts, HOME and the config dirs whose files Jupyter and IPython run at start, and where the
+# users' own installers fetch packages (pip, uv, conda and its shell functions). A shared env
 # runs what was built from the site's channels and index; with these, it would run whatever a
 # requester's files outside it say, long after the build, unseen by any check of the version.
-CODE_VARIABLE_PREFIXES = ("LD_",)
+CODE_VARIABLE_PREFIXES = ("LD_", "PIP_", "UV_", "CONDA_")
 CODE_VARIABLES = frozenset({
     "PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP", "PYTHONUSERBASE", "PYTHONPYCACHEPREFIX",
     "PYTHONPLATLIBDIR", "PYTHONEXECUTABLE", "BASH_ENV", "ENV", "PROMPT_COMMAND", "PS1", "PS2",
@@ -58,7 +59,8 @@ CODE_VARIABLES = frozenset({
     "JUPYTER_CONFIG_DIR", "JUPYTER_CONFIG_PATH", "JUPYTER_PATH", "JUPYTER_DATA_DIR",
     "PERL5LIB", "PERLLIB", "PERL5OPT", "RUBYLIB", "RUBYOPT", "NODE_OPTIONS", "NODE_PATH",
     "R_LIBS", "R_LIBS_USER", "R_LIBS_SITE", "R_PROFILE", "R_PROFILE_USER", "R_ENVIRON",
-    "R_ENVIRON_USER", "JAVA_TOOL_OPTIONS", "JDK_JAVA_OPTIONS", "_JAVA_OPTIONS", "GCONV_PATH"})
+    "R_ENVIRON_USER", "JAVA_TOOL_OPTIONS", "JDK_JAVA_OPTIONS", "_JAVA_OPTIONS", "GCONV_PATH",
+    "CONDARC", "_CE_M", "_CE_CONDA"})
 MAX_ENTRY_CHARS = 1000  # one channel URL, match spec or requirement line; bounds every message
 _SCHEME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")  # http:, git+ssh:, file: ...
 _COMMENT_RE = re.compile(r"(^|\s+)#.*$")  # pip's own rule for comments in requirement files
