@@ -73,6 +73,16 @@ def test_a_layer_is_never_made_where_another_user_can_swap_it(
     res = _layer(bob, home, shared, trap / "inner")
     assert res.returncode != 0 and "could swap your layer" in res.stderr, res.stderr
     assert os.listdir(trap) == []
+    # a directory of bob's that a group of others may write (a shared project dir): refused;
+    # his own group's (a user private group, umask 002): fine
+    shared_dir = home / "project"
+    shared_dir.mkdir()
+    os.chown(shared_dir, bob.uid, accounts.shared_gid)
+    os.chmod(shared_dir, 0o2775)
+    res = _layer(bob, home, shared, shared_dir / "layer")
+    assert res.returncode != 0 and "writable by others" in res.stderr, res.stderr
+    os.chown(shared_dir, bob.uid, bob.gid)
+    assert _layer(bob, home, shared, shared_dir / "layer").returncode == 0
     # bob's own directory in the sticky /tmp-like place, and his home: made
     assert _layer(bob, home, shared, trap.parent / "bobs").returncode == 0
     res = _layer(bob, home, shared, home / "layers" / "mine")

@@ -209,9 +209,11 @@ def _check_dest(dest: Path, env: Path) -> bool:
 
 def _check_holder(parent: Path) -> None:
     """The directory holding a layer: yours or root's, and sticky when others may write it
-    (as /tmp): else its owner, or those who may write it, could swap the layer for theirs."""
+    (as /tmp): else its owner, or those who may write it, could swap the layer for theirs.
+    A group that is your own primary group (a user private group, umask 002) is you."""
     st = os.stat(parent)
-    writable = st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX
+    others = st.st_mode & 0o002 or st.st_mode & 0o020 and st.st_gid != os.getegid()
+    writable = others and not st.st_mode & stat.S_ISVTX
     if st.st_uid not in (os.geteuid(), 0) or writable:
         who = f"owned by uid {st.st_uid}" if st.st_uid not in (os.geteuid(), 0) else \
             "writable by others (and not sticky)"
