@@ -71,3 +71,12 @@ def test_ordinary_variables_pass() -> None:
                 "CUDA_VISIBLE_DEVICES": "0", "MPLBACKEND": "Agg", "LDFLAGS_EXTRA": "x"}
     spec = parse_spec(f"dependencies: [x]\nvariables: {json.dumps(ordinary)}\n", cfg)
     assert dict(spec.variables) == ordinary
+
+
+def test_the_package_cap_comes_before_each_entry_is_parsed() -> None:
+    """A 64 KiB spec holds 32,000 entries: each parsed as a match spec or requirement before
+    the count was checked took half a second of one of the daemon's two parse turns per
+    request. The count is judged first; the entries' own checks follow within it."""
+    cfg = parse({"roots": [{"path": "/srv/envs", "group": 0}], "requests": {}}).requests
+    with pytest.raises(ValidationError, match="spec lists 32000 packages"):
+        parse_spec("dependencies: [nu$mpy" + ",a" * 31999 + "]\n", cfg)

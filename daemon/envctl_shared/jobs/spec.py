@@ -339,15 +339,15 @@ def parse_spec(text: str, cfg: RequestsConfig, name: str | None = None) -> EnvSp
             raise ValidationError(f"spec: unsupported dependency {brief(dep)}",
                                   hint="each dependency is a match spec string, or one "
                                        "mapping {pip: [...]}")
+    spec = EnvSpec(tuple(conda), tuple(pip), channels, variables, tuple(notes))
+    if spec.package_count > cfg.max_packages:  # first: each entry's check costs a parse
+        raise ValidationError(
+            f"spec lists {spec.package_count} packages, more than the limit of "
+            f"{cfg.max_packages}", hint="split the environment (requests.max_packages)")
     for position, entry in conda_positions:
         _check_conda(entry, position, channels)
     for entry in pip:
         _check_pip(entry, cfg)
-    spec = EnvSpec(tuple(conda), tuple(pip), channels, variables, tuple(notes))
-    if spec.package_count > cfg.max_packages:
-        raise ValidationError(
-            f"spec lists {spec.package_count} packages, more than the limit of "
-            f"{cfg.max_packages}", hint="split the environment (requests.max_packages)")
     return spec
 
 
