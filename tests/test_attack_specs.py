@@ -15,7 +15,13 @@ from envctl_shared.errors import ValidationError
 from envctl_shared.jobs import JobManager, State
 from envctl_shared.jobs.spec import parse_spec
 
-from tests.jobs_support import CondaPackage, JobsEnv, build_channel, full_log, wait_done
+from tests.jobs_support import (
+    CondaPackage,
+    JobsEnv,
+    build_channel,
+    full_log,
+    wait_done,
+)
 
 pytest_plugins = ("tests.fixtures_jobs",)
 Factory = Callable[..., JobManager]
@@ -80,3 +86,24 @@ def test_the_package_cap_comes_before_each_entry_is_parsed() -> None:
     cfg = parse({"roots": [{"path": "/srv/envs", "group": 0}], "requests": {}}).requests
     with pytest.raises(ValidationError, match="spec lists 32000 packages"):
         parse_spec("dependencies: [nu$mpy" + ",a" * 31999 + "]\n", cfg)
+
+
+def test_package_names_from_a_build_are_printable_text(
+        jobs_env: JobsEnv, scratch: Path, manager_factory: Factory) -> None:
+    """The version's inventory is read from the tree the build wrote: a package (or an sdist's
+    setup.py) can leave a ``.dist-info`` whose METADATA names a "package" with terminal
+    escapes, which ``env show`` printed to every user who looked at the env (retitling their
+    terminal, rewriting lines above). The record keeps printable text only."""
+    esc = "evil\x1b]0;owned\x07\x1b[2K"
+    site = "lib/python3.11/site-packages/fake-9.dist-info"
+    channel = build_channel(scratch / "escchan", [CondaPackage("carrier", files={
+        f"{site}/METADATA": (f"Metadata-Version: 2.1\nName: {esc}\nVersion: 9\n", False),
+        f"{site}/INSTALLER": ("uv\n", False)})])
+    mgr = manager_factory(jobs_env.config(channels=[str(channel)],
+                                          default_channels=[str(channel)]))
+    job = mgr.submit(jobs_env.requester(), "escapes", "dependencies: [carrier]\n")
+    assert wait_done(mgr, job.id).state is State.SUCCEEDED, full_log(mgr, job.id)
+    current = next(v for v in mgr.env_show("escapes")["versions"] if v["current"])
+    names = [p["name"] for p in current["packages"]]
+    assert "carrier" in names and any(n.startswith("evil") for n in names), names
+    assert all(n.isprintable() for n in names), names
