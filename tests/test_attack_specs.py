@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
@@ -107,3 +108,37 @@ def test_package_names_from_a_build_are_printable_text(
     names = [p["name"] for p in current["packages"]]
     assert "carrier" in names and any(n.startswith("evil") for n in names), names
     assert all(n.isprintable() for n in names), names
+
+
+# conda's own activation templates (conda/activate.py: PosixActivator, CshActivator): the value
+# is pasted in as it is.
+CONDA_SH = "export %s='%s'"
+
+
+@pytest.mark.parametrize("value", ["x'; touch {mark}; : '", "`touch {mark}`",
+                                   "$(touch {mark})", 'say "hi"', "C:\\temp"])
+def test_variable_values_conda_activation_would_run_are_refused(
+        scratch: Path, value: str) -> None:
+    """``conda activate`` turns each variable into ``export NAME='value'`` without escaping:
+    a quote in a value ended the string and the rest ran in the shell of every user who
+    activated the env (any variable name will do). Shown with conda's template in a real
+    sh, then refused at submit."""
+    cfg = parse({"roots": [{"path": "/srv/envs", "group": 0}], "requests": {}}).requests
+    mark = scratch / "ran"
+    text = value.format(mark=mark)
+    if "'" in text:
+        subprocess.run(["sh", "-c", CONDA_SH % ("GREETING", text)], check=False)
+        assert mark.exists()  # what conda activation does with it
+    with pytest.raises(ValidationError, match="conda activation would run as shell code"):
+        parse_spec(f"dependencies: [x]\nvariables: {{GREETING: {json.dumps(text)}}}\n", cfg)
+
+
+def test_accepted_variable_values_are_inert_in_condas_activation() -> None:
+    cfg = parse({"roots": [{"path": "/srv/envs", "group": 0}], "requests": {}}).requests
+    values = {"A": "offline run", "B": "a=b,c=d; e", "C": "/opt/x:/opt/y", "D": "#1 & (2) | <3>",
+              "E": "ünïcode * ? [x] ~ !", "F": "https://h.example/p?q=1&r=2"}
+    spec = parse_spec(f"dependencies: [x]\nvariables: {json.dumps(values)}\n", cfg)
+    for key, value in spec.variables:
+        out = subprocess.run(["sh", "-c", CONDA_SH % (key, value) + f'; printf %s "${key}"'],
+                             capture_output=True, text=True, check=True).stdout
+        assert out == values[key]

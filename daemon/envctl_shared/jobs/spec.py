@@ -61,6 +61,10 @@ CODE_VARIABLES = frozenset({
     "R_LIBS", "R_LIBS_USER", "R_LIBS_SITE", "R_PROFILE", "R_PROFILE_USER", "R_ENVIRON",
     "R_ENVIRON_USER", "JAVA_TOOL_OPTIONS", "JDK_JAVA_OPTIONS", "_JAVA_OPTIONS", "GCONV_PATH",
     "CONDARC", "_CE_M", "_CE_CONDA"})
+# conda activation writes ``export NAME='value'`` (sh, bash, zsh) and ``setenv NAME "value"``
+# (csh) with the value pasted in unescaped: a quote ends the string and what follows runs, as
+# does a backquote (csh), in the shell of every user who activates the env.
+SHELL_SYNTAX = "'\"`$\\"
 MAX_ENTRY_CHARS = 1000  # one channel URL, match spec or requirement line; bounds every message
 _SCHEME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")  # http:, git+ssh:, file: ...
 _COMMENT_RE = re.compile(r"(^|\s+)#.*$")  # pip's own rule for comments in requirement files
@@ -283,6 +287,12 @@ def _variables(value: object) -> tuple[tuple[str, str], ...]:
         if len(text) > MAX_ENTRY_CHARS or not text.isprintable():
             raise ValidationError(f"spec: the value of {key} must be one line of at most "
                                   f"{MAX_ENTRY_CHARS} printable characters", hint=_SPEC_HINT)
+        quote = next((c for c in text if c in SHELL_SYNTAX), None)
+        if quote is not None:
+            raise ValidationError(f"spec: the value of {key} contains {quote!r}, which conda "
+                                  "activation would run as shell code", hint="conda pastes "
+                                  "values into its activation script unescaped (export NAME="
+                                  f"'value'; setenv NAME \"value\"): leave out {SHELL_SYNTAX}")
         out.append((key, text))
     return tuple(out)
 
