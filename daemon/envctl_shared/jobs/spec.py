@@ -253,8 +253,9 @@ def _check_channels(channels: list[str], cfg: RequestsConfig) -> tuple[str, ...]
 
 
 def _variables(value: object) -> tuple[tuple[str, str], ...]:
-    """``variables:``: a mapping of environment variable names to scalar values (as conda
-    takes them: numbers and booleans become their text)."""
+    """``variables:``: a mapping of environment variable names to scalar values, each the
+    text written (the spec is read with text scalars: ``UMASK: 0022`` is ``0022``, not
+    YAML 1.1's 18; a value tagged ``!!int`` or ``!!bool`` becomes its text)."""
     if value is None:
         return ()
     if not isinstance(value, dict):
@@ -310,7 +311,7 @@ def parse_spec(text: str, cfg: RequestsConfig, name: str | None = None) -> EnvSp
         raise ValidationError(f"spec is {size} bytes, more than the limit of {cfg.max_spec_bytes}",
                               hint="trim the environment file (requests.max_spec_bytes)")
     try:
-        data: Any = safeyaml.safe_load(text)
+        data: Any = safeyaml.safe_load(text, text_scalars=True)
     except safeyaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""

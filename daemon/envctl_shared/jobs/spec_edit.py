@@ -69,7 +69,7 @@ def _merge(entries: list[Any], new: Sequence[str],
 def add_packages(text: str, conda: Sequence[str], pip: Sequence[str]) -> str:
     """The spec ``text`` with ``conda`` match specs and ``pip`` requirements added."""
     try:
-        doc = safeyaml.safe_load(text) or {}
+        doc = safeyaml.safe_load(text, text_scalars=True) or {}  # as parse_spec reads it
     except safeyaml.YAMLError as exc:
         raise ValidationError(f"the current version's spec cannot be read: {exc}",
                               hint="replace the environment with 'envctl request create "
