@@ -42,9 +42,9 @@ __all__ = ["BoundedLoader", "LimitExceeded", "YAMLError", "safe_load"]
 MAX_DEPTH = 64  # an environment.yml needs 4 levels, the daemon's config 3
 MAX_NODES = 100_000  # far above any real document (a 64 KiB spec holds ~30,000 nodes at most)
 MAX_PROBLEM = 160  # characters of a parser's problem text kept in the error
-# libyaml's scanner refuses flow nesting past 1,000 levels itself, scanning ahead of our composer.
-_NULLS = frozenset({"", "~", "null", "Null", "NULL"})
+_NULLS = frozenset({"", "~", "null", "Null", "NULL"})  # plain scalars that stay null as text
 _STR = "tag:yaml.org,2002:str"
+# libyaml's scanner refuses flow nesting past 1,000 levels itself, scanning ahead of our composer.
 _LIBYAML_DEPTH = "exceeded maximum nesting depth"
 
 

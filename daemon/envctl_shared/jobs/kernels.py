@@ -88,7 +88,7 @@ def kernel_name(env: str) -> str | None:
     if not _ENV_NAME.fullmatch(env):
         return None
     name = PREFIX + "".join("__" if c == "_" else "_" + c.lower() if c.isupper() else c
-                            for c in env)
+                          for c in env)
     return name if len(name) <= _NAME_MAX else None
 
 

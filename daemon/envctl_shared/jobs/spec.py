@@ -8,8 +8,10 @@ keys are accepted, so a typo is an error rather than a silently different enviro
 ``conda env export`` writes is accepted as it is: its ``prefix:`` is ignored (the daemon, not
 the spec, decides where environments live) and a ``name:`` that differs from the requested name
 is built under the requested one, each with a note for the job's log; ``variables:`` become the
-env's activation variables (conda's ``env_vars``), names and values bounded, and none that would
-make its users' programs load code from outside the version (``LD_PRELOAD``, ``PYTHONPATH``...).
+env's activation variables (conda's ``env_vars``), names and values bounded, none that would
+make its users' programs load code from outside the version (``LD_PRELOAD``, ``PYTHONPATH``...)
+and no value that conda's activation script would run as shell code (a quote, ``$``...).
+The file is read with text scalars: a value is the text written, not YAML 1.1's reading of it.
 The YAML is read by :mod:`~envctl_shared.safeyaml` (depth and alias expansion bounded before
 anything is built) and values are quoted in messages through :func:`~envctl_shared.untrusted.brief`
 (bounded length), so no spec costs the daemon more than a bounded amount of CPU and memory.
