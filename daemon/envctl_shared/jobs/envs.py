@@ -322,7 +322,12 @@ def _read_small(dir_fd: int, name: str, limit: int = 1 << 20) -> bytes | None:
 
 
 def _field(value: object) -> str:
-    return str(value)[:_FIELD] if isinstance(value, (str, int, float)) else ""
+    """A name, version, build or channel as the build's metadata says it, bounded and as
+    printable text (a control character becomes U+FFFD): ``env show`` prints it to whoever
+    looks, and a terminal obeys the escapes a package's METADATA may carry."""
+    text = str(value)[:_FIELD] if isinstance(value, (str, int, float)) else ""
+    return text if text.isprintable() else "".join(
+        c if c.isprintable() else "\ufffd" for c in text)
 
 
 def inventory(prefix_fd: int) -> list[dict[str, str]]:

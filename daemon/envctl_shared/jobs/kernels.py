@@ -65,6 +65,7 @@ SYNC_LIMIT = 60.0  # seconds for one whole sync; envs left when it is over keep 
 MAX_SPEC = 1 << 20  # a kernel.json larger than this is not one of ours
 _KERNEL_NAME = re.compile(r"[a-z0-9._-]+")
 _ENV_NAME = re.compile(r"[A-Za-z0-9._-]{1,128}")  # hand-made names with "_" too
+_NAME_MAX = 255  # bytes of one directory name (Linux): a kernelspec is a directory
 # Where an env's python finds its packages: conda and venv; Debian's scheme.
 _SITE_DIRS = (("lib",), ("local", "lib"))
 _SITE_NAMES = ("site-packages", "dist-packages")
@@ -82,11 +83,13 @@ class SyncResult:
 
 def kernel_name(env: str) -> str | None:
     """``envctl-`` + ``env`` escaped one-to-one into lower case (see the module docstring);
-    None for a name that cannot be escaped (a hand-made env with spaces, say)."""
+    None for a name that cannot be escaped (a hand-made env with spaces, say) or whose escape
+    is longer than a directory name may be (a hand-made env of 125 capitals)."""
     if not _ENV_NAME.fullmatch(env):
         return None
-    return PREFIX + "".join("__" if c == "_" else "_" + c.lower() if c.isupper() else c
-                            for c in env)
+    name = PREFIX + "".join("__" if c == "_" else "_" + c.lower() if c.isupper() else c
+                          for c in env)
+    return name if len(name) <= _NAME_MAX else None
 
 
 # -- whether an env can be a kernel, from what is on disk ---------------------------------------
