@@ -286,3 +286,17 @@ def test_a_channel_is_judged_by_where_it_points_not_by_its_name(dep: str) -> Non
     for ok in ("conda-forge::numpy", "https://conda.anaconda.org/conda-forge/::numpy",
                "/srv/chan::numpy", "file:///srv/chan::numpy"):
         parse_spec(f"channels: [conda-forge, /srv/chan]\ndependencies: ['{ok}']\n", _cfg())
+
+
+@pytest.mark.parametrize("channel", ["/root/private-chan", "file:///root/private-chan",
+                                     "./chan", "FILE:///srv/other"])
+def test_a_local_channel_needs_the_admin_when_any_channel_is_allowed(channel: str) -> None:
+    """``requests.channels: []`` allows any channel, but the trusted step reads local ones as
+    the daemon: a requester naming a directory only root may read got its packages. A local
+    channel must be one the admin named; a remote one stays open."""
+    cfg = _cfg(channels=[], default_channels=["/srv/chan"])
+    with pytest.raises(ValidationError, match="is not allowed on this daemon") as err:
+        parse_spec(f"channels: [{channel}]\ndependencies: [x]\n", cfg)
+    assert "named by the admin" in (err.value.hint or "")
+    assert parse_spec("channels: [/srv/chan, conda-forge]\ndependencies: [x]\n",
+                      cfg).channels == ("/srv/chan", "conda-forge")

@@ -242,16 +242,27 @@ def conda_names(spec: EnvSpec) -> set[str]:
 
 
 def _check_channels(channels: list[str], cfg: RequestsConfig) -> tuple[str, ...]:
+    """The spec's channels, each one the site allows: any (``requests.channels`` empty) but a
+    local one — a path or ``file:`` URL is read by the trusted step, as the daemon, so only a
+    local channel the admin named (in ``channels`` or ``default_channels``) may be used: a
+    requester could otherwise pull packages out of a directory only root may read."""
     if not channels:
         return cfg.default_channels
-    if cfg.channels:
-        for ch in channels:
-            if ch not in cfg.channels:
-                raise ValidationError(
-                    f"spec: channel {brief(ch)} is not allowed on this daemon",
-                    hint=f"allowed channels: {', '.join(cfg.channels)} (or leave channels: out "
-                         f"to use {', '.join(cfg.default_channels)})")
+    for ch in channels:
+        allowed = ch in cfg.channels if cfg.channels else (
+            not _is_local(ch) or ch in cfg.default_channels)
+        if not allowed:
+            raise ValidationError(
+                f"spec: channel {brief(ch)} is not allowed on this daemon",
+                hint=(f"allowed channels: {', '.join(cfg.channels)}" if cfg.channels else
+                      "a local channel must be named by the admin (requests.channels)") +
+                     f" (or leave channels: out to use {', '.join(cfg.default_channels)})")
     return tuple(channels)
+
+
+def _is_local(channel: str) -> bool:
+    """A channel on this host's filesystem: an absolute or relative path, or a file: URL."""
+    return channel.startswith(("/", ".", "~")) or channel.lower().startswith("file:")
 
 
 def _variables(value: object) -> tuple[tuple[str, str], ...]:
