@@ -352,7 +352,7 @@ def inventory(prefix_fd: int) -> list[dict[str, str]]:
                                   "channel": _field(rec.get("channel"))})
         finally:
             os.close(meta)
-    for site in _site_packages(prefix_fd):
+    for site in site_dirs(prefix_fd):
         try:
             for entry in sorted(os.listdir(site))[:MAX_PACKAGES]:
                 if entry.endswith(".dist-info"):
@@ -371,7 +371,10 @@ _SITE_NAMES = ("site-packages", "dist-packages")
 _INSTALLERS = (b"uv", b"pip")
 
 
-def _site_packages(prefix_fd: int) -> Iterator[int]:
+def site_dirs(prefix_fd: int) -> Iterator[int]:
+    """fds of a prefix's site directories (``lib/python*/{site,dist}-packages``,
+    ``local/lib/python*/...``), opened without following a symlink; each is the caller's to
+    close. The one list of where an env's packages are, for the inventory and for kernels."""
     for parts in _SITE_DIRS:
         lib = _descend(prefix_fd, parts)
         if lib is None:
