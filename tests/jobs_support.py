@@ -217,7 +217,7 @@ def build_channel(root: Path, packages: list[CondaPackage]) -> Path:
     import rattler.index  # the venv has py-rattler (the daemon extra)
 
     asyncio.run(rattler.index.index_fs(root))
-    for dirpath, dirnames, filenames in os.walk(root):  # readable by the build user
+    for dirpath, _dirs, filenames in os.walk(root):  # readable by the build user
         os.chmod(dirpath, 0o755)
         for name in filenames:
             os.chmod(os.path.join(dirpath, name), 0o644)

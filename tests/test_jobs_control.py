@@ -23,8 +23,15 @@ from envctl_shared.errors import Conflict, NotAuthorised
 from envctl_shared.jobs import JobManager, State
 
 from tests.helpers import live_processes, wait_for
-from tests.jobs_support import (ENV_HELLO, ENV_VENV, ENV_VENV_PIP, JobsEnv, daemon_argv, full_log,
-                                wait_done)
+from tests.jobs_support import (
+    ENV_HELLO,
+    ENV_VENV,
+    ENV_VENV_PIP,
+    JobsEnv,
+    daemon_argv,
+    full_log,
+    wait_done,
+)
 
 pytest_plugins = ("tests.fixtures_jobs",)  # the jobs fixtures
 

@@ -302,7 +302,10 @@ def layer_kernel_name(name: str, hub_user: str | None) -> str:
     on JUPYTER_PATH), per hub user on a hub (a shared HOME holds everyone's)."""
     from ..jobs.kernels import PREFIX, kernel_name
 
-    base = f"envctl.layer-{kernel_name(name).removeprefix(PREFIX)}"
+    shared = kernel_name(name)
+    if shared is None:  # a name the request API could not have made: no kernel for it
+        raise UsageError(f"{name!r} cannot have a kernel", hint="pass --no-kernel")
+    base = f"envctl.layer-{shared.removeprefix(PREFIX)}"
     return base + (f"-{hashlib.sha256(hub_user.encode()).hexdigest()[:8]}" if hub_user else "")
 
 

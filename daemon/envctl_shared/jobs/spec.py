@@ -17,9 +17,9 @@ anything is built) and values are quoted in messages through :func:`~envctl_shar
 (bounded length), so no spec costs the daemon more than a bounded amount of CPU and memory.
 Conda dependencies are match specs read as conda reads them (py-rattler's lenient parser: the
 ``name=version=build`` pins of ``conda env export``, ``name==version``, ``name version build``,
-``channel::name``, version globs), and the solver reads them the same way; a ``channel::`` must be one of
-the spec's (allowed) channels and a ``[url=...]`` is refused, so a match spec cannot reach past
-the channel policy.
+``channel::name``, version globs), and the solver reads them the same way; a ``channel::`` must be
+one of the spec's (allowed) channels and a ``[url=...]`` is refused, so a match spec cannot reach
+past the channel policy.
 ``pip:`` entries are lines of a pip requirements file: each is parsed the way pip splits it
 (requirement, then per-requirement options) and the requirement by ``packaging``, so options
 and direct references (URLs, VCS links, local paths) are refused wherever they hide in a line.
