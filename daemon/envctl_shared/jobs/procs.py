@@ -3,8 +3,8 @@
 Why these rules:
 - package code never as root: the child drops to the build user with ``setgroups`` (the build
   user's own groups from the group database, as a login would have: never the daemon's),
-  ``setregid``, ``setreuid`` (``subprocess``'s ``extra_groups``/``group``/``user``, done in C between fork and
-  exec — a ``preexec_fn`` is unsafe in a threaded daemon; in a :class:`Sandbox`, ``setpriv``
+  ``setregid``, ``setreuid`` (``subprocess``'s ``extra_groups``/``group``/``user``, done in C
+  between fork and exec — a ``preexec_fn`` is unsafe in a threaded daemon; in a :class:`Sandbox`, ``setpriv``
   does the same once the namespace is set up). Only a *trusted* step (the daemon's own code,
   e.g. py-rattler's download and link) runs as the daemon. An admin who adds the build user to
   a ``2770`` root's group as a supplementary member therefore gets what they expect, and a
