@@ -10,6 +10,14 @@ a file (``python -I <this file>``) and imports nothing of envctl: importing the 
 pull in the job manager, 0.2 s of every build spent on imports the child never uses; so the
 phase marker every build step may print is defined here.
 
+Every package's cache entry is checked after the install (``check_cache``): its tarball is the
+requester's, and an entry of it may be a symlink leading out of the cache (``vt -> /etc``, with
+``vt/shadow`` in ``info/paths.json``, or a listed file that is itself such a link). rattler
+follows it, as root, and copies or hard-links the host's file into the version, which the
+freeze then makes readable to everyone. So a listed path must be reached without crossing a
+symlink, and a listed file must be one; the prefix is closed to everyone (0700) until the
+check has passed, and a package that fails it fails the build, naming the package and path.
+
 It ends with ``os._exit``: py-rattler 0.28 leaves native worker threads that, at interpreter
 finalisation, crash the process in about 1 run in 10 (measured here: SIGSEGV or SIGABRT with
 "PyGILState_Release: thread state ... must be current" *after* a complete install). The work is
@@ -22,6 +30,7 @@ import argparse
 import asyncio
 import json
 import os
+import stat
 import sys
 import time
 from pathlib import Path
@@ -65,6 +74,66 @@ def _source(channel: str) -> str:
     return Path(channel).as_uri() if channel.startswith("/") else channel
 
 
+class HostilePackage(Exception):
+    """A cached package that lists a path through a symlink (see the module docstring)."""
+
+
+def _cache_entry(cache_dir: Path, file_name: str) -> Path:
+    """Where rattler extracted the package ``file_name`` (its name minus the extension)."""
+    for ext in (".tar.bz2", ".conda"):
+        if file_name.endswith(ext):
+            return cache_dir / file_name.removesuffix(ext)
+    return cache_dir / file_name
+
+
+def _wrong(pkg: Path, rel: str, kinds: tuple[int, ...]) -> str | None:
+    """What is wrong with the path ``rel`` of the package extracted at ``pkg``: None when it
+    is relative, each of its parents a real directory, and it is of a type in ``kinds``."""
+    parts = rel.split("/")
+    if rel.startswith("/") or any(part in ("", ".", "..") for part in parts):
+        return "is not a plain relative path"
+    here = pkg
+    for n, part in enumerate(parts, 1):
+        here = here / part
+        try:
+            mode = os.lstat(here).st_mode
+        except FileNotFoundError:
+            return "is missing from its cache entry"
+        if n < len(parts) and not stat.S_ISDIR(mode):
+            return f"lies below {'/'.join(parts[:n])}, which is a symlink or a file"
+        if n == len(parts) and stat.S_IFMT(mode) not in kinds:
+            return "is a symlink or a special file where a file is listed"
+    return None
+
+
+_KINDS = {"hardlink": (stat.S_IFREG,), "softlink": (stat.S_IFLNK,),
+          "directory": (stat.S_IFDIR,)}
+
+
+def check_cache(cache_dir: Path, records: list[Any]) -> None:
+    """Raise HostilePackage unless every path each record's cache entry lists (its
+    ``info/paths.json``, else ``info/files``) lies inside that entry (see the docstring)."""
+    for rec in records:
+        pkg = _cache_entry(cache_dir, rec.file_name)
+        listed: list[tuple[str, tuple[int, ...]]] = []
+        if _wrong(pkg, "info/paths.json", (stat.S_IFREG,)) is None:
+            data = json.loads((pkg / "info" / "paths.json").read_text(encoding="utf-8"))
+            listed = [(e["_path"], _KINDS.get(e.get("path_type", ""), (stat.S_IFREG,)))
+                      for e in data.get("paths", [])]
+        elif _wrong(pkg, "info/files", (stat.S_IFREG,)) is None:
+            files = (pkg / "info" / "files").read_text(encoding="utf-8").splitlines()
+            listed = [(f, (stat.S_IFREG, stat.S_IFLNK)) for f in files if f]
+        else:
+            listed = [("info/paths.json", (stat.S_IFREG,))]  # reported as what is wrong
+        for rel, kinds in listed:
+            what = _wrong(pkg, rel, kinds)
+            if what is not None:
+                raise HostilePackage(
+                    f"package {rec.name.normalized} {rec.version}: {rel} {what}: a package "
+                    "never lists a path through a symlink out of its files (refused; nothing "
+                    "of it is kept in the environment)")
+
+
 async def build(args: argparse.Namespace) -> None:
     import rattler  # here: the daemon imports this module for PHASE_MARK alone
 
@@ -79,9 +148,12 @@ async def build(args: argparse.Namespace) -> None:
     for rec in records:
         print(f"  {rec.name.normalized} {rec.version} {rec.build} ({rec.channel})", flush=True)
     phase("downloading")
+    os.chmod(args.prefix, 0o700)  # nobody sees what it holds before check_cache passed
     await rattler.install(records, target_prefix=args.prefix, cache_dir=Path(args.cache_dir),
                           show_progress=False, execute_link_scripts=False,  # trusted: no
                           reporter=_Reporter())  # package code runs here
+    check_cache(Path(args.cache_dir), records)
+    os.chmod(args.prefix, 0o755)
     print(f"installed {len(records)} packages in {args.prefix}", flush=True)
     if spec.get("variables"):  # where conda keeps them: 'conda activate' exports them
         state = Path(args.prefix) / "conda-meta" / "state"

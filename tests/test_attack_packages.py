@@ -1,0 +1,90 @@
+"""Hostile conda packages against the trusted (root) rattler step, with real builds.
+
+Why: the rattler step runs as the daemon (root) to fill the shared package cache, and reads
+every package's files from that cache to link or copy them into the version. A package's
+tarball is the requester's (a channel they may publish to): it may make an entry of its cache
+directory a symlink that leads out (``vt -> /var/tmp``) and list ``vt/secret`` in its
+``info/paths.json``. Root then copied (or hard-linked) any file of the host into the version,
+and the freeze made it readable by the root's group and others. The build must fail naming the
+package and the path, and nothing of the host file may reach the root.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import tarfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from envctl_shared.jobs import JobManager, State
+
+from tests.jobs_support import JobsEnv, _add, build_channel, full_log, wait_done
+
+pytest_plugins = ("tests.fixtures_jobs",)
+Factory = Callable[..., JobManager]
+SECRET = b"envctl-attack-secret-4f1c\n"
+
+
+@pytest.fixture
+def host_secret() -> Iterator[Path]:
+    """A root-only file outside every place the build's mount namespace covers (/var/tmp is
+    neither private nor read-only there)."""
+    base = Path(f"/var/tmp/envctl-attack-{os.getpid()}")
+    shutil.rmtree(base, ignore_errors=True)
+    base.mkdir(mode=0o700)
+    (base / "secret").write_bytes(SECRET)
+    os.chmod(base / "secret", 0o600)
+    yield base
+    shutil.rmtree(base, ignore_errors=True)
+
+
+def _raw_package(subdir: Path, name: str, paths: list[dict[str, object]],
+                 links: dict[str, str]) -> None:
+    """A .tar.bz2 whose paths.json is ``paths`` and whose payload is the symlinks ``links``."""
+    index = {"name": name, "version": "1.0", "build": "0", "build_number": 0, "depends": [],
+             "subdir": "noarch", "license": "MIT", "noarch": "generic"}
+    subdir.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(subdir / f"{name}-1.0-0.tar.bz2", "w:bz2") as tar:
+        _add(tar, "info/index.json", json.dumps(index).encode())
+        _add(tar, "info/paths.json", json.dumps({"paths": paths, "paths_version": 1}).encode())
+        _add(tar, "info/files", "".join(f"{p['_path']}\n" for p in paths).encode())
+        for rel, target in links.items():
+            info = tarfile.TarInfo(rel)
+            info.type, info.linkname = tarfile.SYMTYPE, target
+            tar.addfile(info)
+
+
+def _grep_root(root: Path) -> str:
+    """Files below ``root`` holding the secret (GNU grep, not envctl)."""
+    res = subprocess.run(["grep", "-rlF", SECRET.decode().strip(), str(root)],
+                         capture_output=True, text=True, check=False)
+    return res.stdout
+
+
+@pytest.mark.parametrize("how", ["through-dir", "file-is-link"])
+def test_a_package_cannot_make_root_copy_a_host_file(jobs_env: JobsEnv,
+                                                     manager_factory: Factory, scratch: Path,
+                                                     host_secret: Path, how: str) -> None:
+    channel = scratch / "hostile-channel"
+    entry = {"path_type": "hardlink", "sha256": hashlib.sha256(SECRET).hexdigest(),
+             "size_in_bytes": len(SECRET)}
+    if how == "through-dir":  # an ancestor of a listed file leads out of the cache
+        _raw_package(channel / "noarch", "leaky", [{"_path": "vt/secret", **entry}],
+                     {"vt": str(host_secret)})
+    else:  # the listed file itself is a symlink out (copied, the link followed)
+        _raw_package(channel / "noarch", "leaky", [{"_path": "share/secret", **entry}],
+                     {"share/secret": str(host_secret / "secret")})
+    build_channel(channel, [])
+    mgr = manager_factory(jobs_env.config(channels=[str(channel)],
+                                          default_channels=[str(channel)]))
+    job = wait_done(mgr, mgr.submit(jobs_env.requester(), "leaky",
+                                    "dependencies:\n  - leaky\n").id, 120)
+    log = full_log(mgr, job.id)
+    assert _grep_root(jobs_env.root) == "", log
+    assert job.state is State.FAILED, log
+    assert "package leaky 1.0: " in log and "symlink" in log, log
