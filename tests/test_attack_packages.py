@@ -12,6 +12,7 @@ package and the path, and nothing of the host file may reach the root.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -88,3 +89,67 @@ def test_a_package_cannot_make_root_copy_a_host_file(jobs_env: JobsEnv,
     assert _grep_root(jobs_env.root) == "", log
     assert job.state is State.FAILED, log
     assert "package leaky 1.0: " in log and "symlink" in log, log
+
+
+_GRABBER = r"""
+import os, select, sys
+path = sys.argv[1]
+while True:  # until it opens, or the test says the build is over (a line on stdin)
+    try:
+        fd = os.open(path, os.O_WRONLY)
+        break
+    except OSError:
+        if select.select([sys.stdin], [], [], 0.001)[0]:
+            print("never", flush=True)
+            sys.exit(0)
+print("opened", flush=True)
+sys.stdin.readline()  # the build is over: the cache was sealed long ago
+os.pwrite(fd, b"POISON", 0)
+print("wrote", flush=True)
+"""
+
+
+def test_nobody_keeps_a_writable_fd_on_the_cache(jobs_env: JobsEnv, manager_factory: Factory,
+                                                 scratch: Path) -> None:
+    """A package's file extracted with mode 0666 is the cache's until ``seal_cache`` takes the
+    write bits off, after the trusted step: any local user who opened it meanwhile (its path
+    is predictable) could write the shared cache for ever after, and every later version
+    linked from it."""
+    channel = scratch / "wide-channel"
+    fillers = {f"share/filler/{n}": (f"{n}\n", False) for n in range(3000)}
+    from tests.jobs_support import CondaPackage, write_conda_package
+    pkg = CondaPackage("wide", files={"share/w": ("GOOD\n", False), **fillers})
+    (channel / "noarch").mkdir(parents=True)
+    path = write_conda_package(pkg, channel / "noarch")
+    with tarfile.open(path) as tar:  # the same package, its share/w world-writable
+        members = [(m, tar.extractfile(m).read() if m.isfile() else b"")  # type: ignore[union-attr]
+                   for m in tar.getmembers()]
+    with tarfile.open(path, "w:bz2", compresslevel=1) as tar:
+        for member, data in members:
+            if member.name == "share/w":
+                member.mode = 0o666
+            tar.addfile(member, io.BytesIO(data))
+    build_channel(channel, [])
+    cfg = jobs_env.config(channels=[str(channel)], default_channels=[str(channel)])
+    mgr = manager_factory(cfg)
+    target = jobs_env.root / ".envctl/cache/conda/wide-1.0-0/share/w"
+    mallory = jobs_env.accounts.mallory
+    grab = subprocess.Popen(["setpriv", f"--reuid={mallory.uid}", f"--regid={mallory.gid}",
+                             "--clear-groups", "/usr/bin/python3", "-c", _GRABBER, str(target)],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        job = wait_done(mgr, mgr.submit(jobs_env.requester(), "wide1",
+                                        "dependencies:\n  - wide\n").id, 120)
+        assert job.state is State.SUCCEEDED, full_log(mgr, job.id)
+        assert grab.stdout is not None and grab.stdin is not None
+        grab.stdin.write("\n")
+        grab.stdin.flush()
+        said = grab.stdout.read()
+    finally:
+        grab.kill()
+        grab.wait()
+    job = wait_done(mgr, mgr.submit(jobs_env.requester(), "wide2",
+                                    "dependencies:\n  - wide\n").id, 120)
+    assert job.state is State.SUCCEEDED, full_log(mgr, job.id)
+    assert (jobs_env.root / "wide2/share/w").read_bytes() == b"GOOD\n", said
+    assert said.split() == ["never"]

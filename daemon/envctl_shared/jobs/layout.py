@@ -21,11 +21,13 @@ the requester cannot), ``jobs/<id>/build.log`` (written by the daemon only),
 ``jobs/<id>/home`` (the build's HOME/TMPDIR), ``jobs/<id>/tests.json`` (the ``--test``
 commands, the daemon's).
 
-The conda package cache is ``<root>/.envctl/cache/conda`` (the daemon's, 0755): on the
-versions' filesystem, so that installing hard-links from it. Only trusted steps (running as
-the daemon) write it, and :func:`seal_cache` takes every group/other write bit off what they
-added: a build uid can read and link its files, never change them, so one build cannot
-poison the next.
+The conda package cache is ``<root>/.envctl/cache/conda`` (the daemon's): on the versions'
+filesystem, so that installing hard-links from it. Only trusted steps (running as the daemon)
+write it, and :func:`seal_cache` takes every group/other write bit off what they added: a
+build uid can never change a file linked from it into its version, so one build cannot poison
+the next. ``.envctl/cache`` itself is 0700 (``CACHE_MODE``): a package's file is extracted with
+the mode its tarball says (0666 too) and stays so until the seal, and anyone who could reach
+it could open it for writing meanwhile and write the shared cache with that fd for ever after.
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ log = logging.getLogger(__name__)
 
 AREA = DAEMON_AREA
 AREA_DIRS = {"locks": 0o755, "envs": 0o755}
+CACHE_MODE = 0o700  # .envctl/cache: the daemon's alone (see the module docstring)
 
 
 def checked_dir(parent_fd: int | None, path: str, mode: int, shown: str,
@@ -114,7 +117,7 @@ class RootArea:
 
     def conda_cache(self, fds: dict[str, int]) -> Path:
         """``.envctl/cache/conda``, created (or checked) as the daemon's own."""
-        cache = checked_dir(fds["area"], "cache", 0o755, str(self.path("cache")))
+        cache = checked_dir(fds["area"], "cache", CACHE_MODE, str(self.path("cache")))
         try:
             os.close(checked_dir(cache, "conda", 0o755, str(self.path("cache", "conda"))))
         finally:
@@ -181,7 +184,7 @@ def seal_cache(fds: dict[str, int], since: float) -> int:
     """Take group and other write off what a trusted step added to the conda cache since
     ``since`` (a directory changed since then is entered: new entries change its ctime);
     returns how many entries changed."""
-    fd = checked_dir(fds["area"], "cache", 0o755, "cache", create=False)
+    fd = checked_dir(fds["area"], "cache", CACHE_MODE, "cache", create=False)
     try:
         conda = checked_dir(fd, "conda", 0o755, "cache/conda", create=False)
     finally:
