@@ -15,6 +15,7 @@ import hashlib
 import io
 import json
 import os
+import resource
 import shutil
 import subprocess
 import tarfile
@@ -22,7 +23,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from envctl_shared.jobs import JobManager, State
+from envctl_shared.jobs import JobManager, State, layout
 
 from tests.jobs_support import JobsEnv, _add, build_channel, full_log, wait_done
 
@@ -153,3 +154,22 @@ def test_nobody_keeps_a_writable_fd_on_the_cache(jobs_env: JobsEnv, manager_fact
     assert job.state is State.SUCCEEDED, full_log(mgr, job.id)
     assert (jobs_env.root / "wide2/share/w").read_bytes() == b"GOOD\n", said
     assert said.split() == ["never"]
+
+
+def test_hand_over_holds_no_fd_per_pending_directory(scratch: Path) -> None:
+    """A package's wide directory (here 3,000 empty subdirectories of one) made the hand-over
+    hold one fd per subdirectory waiting to be entered: past the daemon's RLIMIT_NOFILE it
+    failed, and every other thread of the daemon (builds, the socket, the healer) got EMFILE
+    meanwhile. A walk holds one fd per level it is in, whatever the width."""
+    top = scratch / "v1"
+    for n in range(3000):
+        (top / "wide" / str(n)).mkdir(parents=True)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    fd = os.open(scratch, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (1024, hard))
+        assert layout.hand_over(fd, "v1", 12345, 12345) == 3002
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        os.close(fd)
+    assert os.stat(top / "wide" / "2999").st_uid == 12345

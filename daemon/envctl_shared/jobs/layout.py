@@ -127,35 +127,39 @@ class RootArea:
 
 def _walk(top_fd: int, descend: Callable[[os.stat_result], bool]
           ) -> Iterator[tuple[int, str, os.stat_result, int | None]]:
-    """Every entry below the directory ``top_fd``: fd-based, never following a symlink, with
-    an explicit stack (no recursion, whatever the depth). Yields (parent fd, name, lstat, fd):
-    ``fd`` is the entry's own ``O_NOFOLLOW`` fd when it is a directory (valid until the next
-    item), else None; a directory is entered when ``descend(its stat)`` is true."""
-    stack = [os.dup(top_fd)]
+    """Every entry below the directory ``top_fd``: fd-based, never following a symlink,
+    depth-first with an explicit stack (no recursion, whatever the depth) holding one fd per
+    level it is in, whatever the width (a package's directory of 100k subdirectories must not
+    take the daemon past its fd limit). Yields (parent fd, name, lstat, fd): ``fd`` is the
+    entry's own ``O_NOFOLLOW`` fd when it is a directory (valid until the next item), else
+    None; a directory is entered when ``descend(its stat)`` is true."""
+    stack = [(os.dup(top_fd), iter(os.listdir(top_fd)))]
     try:
         while stack:
-            dfd = stack.pop()
-            try:
-                for name in os.listdir(dfd):
-                    st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
-                    if not stat.S_ISDIR(st.st_mode):
-                        yield dfd, name, st, None
-                        continue
-                    sub = os.open(name, DIR_FLAGS, dir_fd=dfd)
-                    try:
-                        st = os.fstat(sub)
-                        yield dfd, name, st, sub
-                    except BaseException:
-                        os.close(sub)
-                        raise
-                    if descend(st):
-                        stack.append(sub)
-                    else:
-                        os.close(sub)
-            finally:
+            dfd, names = stack[-1]
+            name = next(names, None)
+            if name is None:
+                stack.pop()
                 os.close(dfd)
+                continue
+            st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+            if not stat.S_ISDIR(st.st_mode):
+                yield dfd, name, st, None
+                continue
+            sub = os.open(name, DIR_FLAGS, dir_fd=dfd)
+            try:
+                st = os.fstat(sub)
+                yield dfd, name, st, sub
+                entered = descend(st)
+                if entered:
+                    stack.append((sub, iter(os.listdir(sub))))
+            except BaseException:
+                os.close(sub)
+                raise
+            if not entered:
+                os.close(sub)
     finally:
-        for fd in stack:
+        for fd, _names in stack:
             os.close(fd)
 
 
