@@ -173,3 +173,34 @@ def test_hand_over_holds_no_fd_per_pending_directory(scratch: Path) -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
         os.close(fd)
     assert os.stat(top / "wide" / "2999").st_uid == 12345
+
+
+_DEEP_PYTHON = """#!/bin/sh
+# the compile step runs PREFIX/bin/python: this one leaves a 1,500-level tree and fails
+cd "$(dirname "$0")/.." || exit 2
+i=0
+while [ $i -lt 1500 ]; do mkdir d && cd d || exit 3; i=$((i+1)); done
+exit 1
+"""
+
+
+def test_a_failed_build_deep_tree_is_removed(jobs_env: JobsEnv, manager_factory: Factory,
+                                             scratch: Path) -> None:
+    """A build that leaves a tree deeper than Python's recursion limit in its version and
+    fails: its removal (``shutil.rmtree``, recursive) raised RecursionError, the job ended in
+    "internal error", the tree stayed, and every later build of the name failed the same way
+    clearing it."""
+    from tests.jobs_support import CondaPackage, hello_packages
+
+    channel = build_channel(scratch / "deep-channel", [
+        *hello_packages(), CondaPackage("deep", files={"bin/python": (_DEEP_PYTHON, True)})])
+    mgr = manager_factory(jobs_env.config(channels=[str(channel)],
+                                          default_channels=[str(channel)]))
+    job = wait_done(mgr, mgr.submit(jobs_env.requester(), "deep",
+                                    "dependencies:\n  - deep\n").id, 120)
+    assert job.state is State.FAILED, full_log(mgr, job.id)
+    assert "status 1" in job.exit_detail, job.exit_detail
+    assert os.listdir(jobs_env.root / ".envctl/envs/deep") == [], full_log(mgr, job.id)
+    job = wait_done(mgr, mgr.submit(jobs_env.requester(), "deep",
+                                    "dependencies:\n  - hello\n").id, 120)
+    assert job.state is State.SUCCEEDED, full_log(mgr, job.id)

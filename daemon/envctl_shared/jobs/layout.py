@@ -7,7 +7,7 @@ component at a time relative to a parent fd with ``O_NOFOLLOW|O_DIRECTORY``, its
 to be the daemon's uid (anything else is refused as tampered), and its mode is put back to the
 expected one (the healer may have added group write when the daemon is not root and not a
 ``protected_owner``). Callers then act only through the returned fds (``mkdir``/``rename``/
-``rmtree`` with ``dir_fd``), never through path strings.
+``remove_tree`` with ``dir_fd``), never through path strings.
 
 Layout in the root: ``.envctl/locks/<name>.lock`` (fcntl locks, 0644) and
 ``.envctl/envs/<name>/`` (0755, the daemon's): the versions of one environment, each built at
@@ -38,7 +38,6 @@ import fcntl
 import json
 import logging
 import os
-import shutil
 import stat
 import threading
 from collections.abc import Callable, Iterator
@@ -125,22 +124,26 @@ class RootArea:
         return self.path("cache", "conda")
 
 
-def _walk(top_fd: int, descend: Callable[[os.stat_result], bool]
+def _walk(top_fd: int, descend: Callable[[os.stat_result], bool],
+          leave: Callable[[int, str], None] | None = None
           ) -> Iterator[tuple[int, str, os.stat_result, int | None]]:
     """Every entry below the directory ``top_fd``: fd-based, never following a symlink,
     depth-first with an explicit stack (no recursion, whatever the depth) holding one fd per
     level it is in, whatever the width (a package's directory of 100k subdirectories must not
     take the daemon past its fd limit). Yields (parent fd, name, lstat, fd): ``fd`` is the
     entry's own ``O_NOFOLLOW`` fd when it is a directory (valid until the next item), else
-    None; a directory is entered when ``descend(its stat)`` is true."""
-    stack = [(os.dup(top_fd), iter(os.listdir(top_fd)))]
+    None; a directory is entered when ``descend(its stat)`` is true, and ``leave(its parent's
+    fd, its name)`` is called once its fd is closed, after its last entry."""
+    stack = [(os.dup(top_fd), iter(os.listdir(top_fd)), "")]
     try:
         while stack:
-            dfd, names = stack[-1]
+            dfd, names, own = stack[-1]
             name = next(names, None)
             if name is None:
                 stack.pop()
                 os.close(dfd)
+                if leave is not None and stack:
+                    leave(stack[-1][0], own)
                 continue
             st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
             if not stat.S_ISDIR(st.st_mode):
@@ -152,14 +155,14 @@ def _walk(top_fd: int, descend: Callable[[os.stat_result], bool]
                 yield dfd, name, st, sub
                 entered = descend(st)
                 if entered:
-                    stack.append((sub, iter(os.listdir(sub))))
+                    stack.append((sub, iter(os.listdir(sub)), name))
             except BaseException:
                 os.close(sub)
                 raise
             if not entered:
                 os.close(sub)
     finally:
-        for fd, _names in stack:
+        for fd, _names, _own in stack:
             os.close(fd)
 
 
@@ -236,15 +239,26 @@ def make_owned_dir(parent_fd: int, name: str, uid: int, gid: int, mode: int) -> 
 
 def remove_tree(parent_fd: int, name: str) -> bool:
     """Remove ``name`` under ``parent_fd`` (fd-based, never follows symlinks); True if it was
-    there. A symlink or file in its place is unlinked, never followed."""
+    there. A symlink or file in its place is unlinked, never followed. Iterative (``_walk``):
+    a build leaves trees of any depth, and ``shutil.rmtree`` recursed past Python's limit on
+    one 1,000 levels deep (RecursionError: the version stayed, and so did every later build
+    of its name, failing to clear it)."""
     try:
         st = os.stat(name, dir_fd=parent_fd, follow_symlinks=False)
     except FileNotFoundError:
         return False
-    if stat.S_ISDIR(st.st_mode):
-        shutil.rmtree(name, dir_fd=parent_fd)
-    else:
+    if not stat.S_ISDIR(st.st_mode):
         os.unlink(name, dir_fd=parent_fd)
+        return True
+    top = os.open(name, DIR_FLAGS, dir_fd=parent_fd)
+    try:
+        for dfd, entry, _st, sub in _walk(top, lambda st: True,
+                                         leave=lambda dfd, sub: os.rmdir(sub, dir_fd=dfd)):
+            if sub is None:
+                os.unlink(entry, dir_fd=dfd)
+    finally:
+        os.close(top)
+    os.rmdir(name, dir_fd=parent_fd)
     return True
 
 
