@@ -204,3 +204,75 @@ def test_a_failed_build_deep_tree_is_removed(jobs_env: JobsEnv, manager_factory:
     job = wait_done(mgr, mgr.submit(jobs_env.requester(), "deep",
                                     "dependencies:\n  - hello\n").id, 120)
     assert job.state is State.SUCCEEDED, full_log(mgr, job.id)
+
+
+_FD_PYTHON = """#!/bin/sh
+# run by the compile step as the build uid: makes share/x and hands an O_RDWR fd on it to a
+# process outside the build (an abstract unix socket: the sandbox has no network namespace)
+p="$(cd "$(dirname "$0")/.." && pwd)"
+mkdir -p "$p/share" && printf 'GOOD-CONTENT-123\\n' > "$p/share/x" || exit 2
+exec /usr/bin/python3 -c '
+import os, socket, sys
+fd = os.open(sys.argv[1], os.O_RDWR)
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+s.connect(chr(0) + sys.argv[2])
+socket.send_fds(s, [b"x"], [fd])
+s.recv(1)
+' "$p/share/x" SOCKET
+"""
+GOOD = b"GOOD-CONTENT-123\n"
+
+
+def test_a_write_fd_kept_outside_the_build_cannot_change_what_is_frozen(
+        jobs_env: JobsEnv, manager_factory: Factory, scratch: Path) -> None:
+    """A build hands an fd open for writing on a file of its version to a process outside it
+    (the requester's own, here the test's): the freeze's chown/chmod does not revoke it. The
+    file became the store's copy, so writing it later changed the frozen version and every
+    later version of anyone with the same file (the store links by content, size and mode).
+    The freeze refuses a file something still holds open for writing."""
+    import socket
+
+    from tests.jobs_support import CondaPackage
+
+    sock_name = f"envctl-attack-{os.getpid()}"
+    channel = build_channel(scratch / "fd-channel", [
+        CondaPackage("handfd", files={"bin/python": (_FD_PYTHON.replace("SOCKET", sock_name),
+                                                     True)}),
+        CondaPackage("honest", files={"share/y": (GOOD.decode(), False)})])
+    mgr = manager_factory(jobs_env.config(channels=[str(channel)],
+                                          default_channels=[str(channel)]))
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind("\0" + sock_name)
+    server.listen(1)
+    server.settimeout(60)
+    got: list[int] = []
+    conns: list[socket.socket] = []
+
+    def receive() -> None:
+        conn, _ = server.accept()
+        conns.append(conn)
+        _msg, fds, _flags, _addr = socket.recv_fds(conn, 16, 1)
+        got.extend(fds)
+        conn.send(b"k")
+    import threading
+    thread = threading.Thread(target=receive, daemon=True)
+    thread.start()
+    try:
+        job = wait_done(mgr, mgr.submit(jobs_env.requester(), "handfd",
+                                        "dependencies:\n  - handfd\n").id, 120)
+        thread.join(10)
+        assert got, full_log(mgr, job.id)
+        os.pwrite(got[0], b"POISONED-CONT-99\n", 0)  # after the freeze, as the holder
+        assert not (jobs_env.root / "handfd").exists(), "the version was made current"
+        assert job.state is State.FAILED, full_log(mgr, job.id)
+        assert "share/x is still open for writing" in (job.exit_detail or ""), job.exit_detail
+        job = wait_done(mgr, mgr.submit(jobs_env.requester(), "honest",
+                                        "dependencies:\n  - honest\n").id, 120)
+        assert job.state is State.SUCCEEDED, full_log(mgr, job.id)
+        assert (jobs_env.root / "honest/share/y").read_bytes() == GOOD
+    finally:
+        for fd in got:
+            os.close(fd)
+        for conn in conns:
+            conn.close()
+        server.close()

@@ -15,7 +15,11 @@ entry, ``lchown`` for symlinks); it is iterative with an explicit stack (a user-
 thousands must not hit Python's recursion limit) and holds a bounded number of directory fds
 (a directory's fd is released once its last subdirectory is opened). Setuid/setgid files and
 special files (fifo, socket, device) fail the freeze with their path: a shared env never needs
-them, and freezing one would hand the daemon's ownership to whatever it is.
+them, and freezing one would hand the daemon's ownership to whatever it is. So does a file that
+something still holds open for writing (``_writer_left``): taking its write bits off revokes no
+open fd, and a build can hand one to a process outside it (an fd passed over a unix socket to
+the requester's own process): that holder would then rewrite the frozen version and, through
+the store, every later version of anyone with the same file.
 
 The digest: sha256 over the sorted manifest, one JSON line per entry (relative path, type,
 mode, size, content sha256, link target). The manifest is kept in the store under its digest
@@ -39,6 +43,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import gzip
 import hashlib
 import json
@@ -294,6 +299,10 @@ class _Walk:
                 raise BuildFailed(f"{self.shown}/{rel} changed type while it was read",
                                   hint="nothing may run in a frozen version; retry")
             entry = self._entry(rel, fd, st)
+            if self.mutate and _writer_left(fd):
+                raise BuildFailed(f"{self.shown}/{rel} is still open for writing by a process "
+                                  "outside the build: it cannot be frozen",
+                                  hint="a build must not hand its files to other processes")
         except BaseException:
             os.close(fd)
             raise
@@ -329,6 +338,23 @@ class _Walk:
             with self.lock:
                 self._hashes[key] = sha
         return sha
+
+
+def _writer_left(fd: int) -> bool:
+    """Whether any open file description (in any process, or in flight over a socket) can
+    still write the file open as ``fd`` (read-only), asked once its write bits are off: the
+    kernel grants a read lease only when none can. A filesystem without leases cannot tell
+    (False: as before)."""
+    try:
+        fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_RDLCK)
+    except OSError as exc:
+        if exc.errno == errno.EAGAIN:
+            return True
+        if exc.errno in (errno.EINVAL, errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
+            return False
+        raise
+    fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_UNLCK)
+    return False
 
 
 def _scan(fd: int) -> list[os.DirEntry[str]]:
