@@ -276,3 +276,23 @@ def test_a_write_fd_kept_outside_the_build_cannot_change_what_is_frozen(
         for conn in conns:
             conn.close()
         server.close()
+
+
+def test_the_variables_are_never_written_through_a_package_link(
+        jobs_env: JobsEnv, manager_factory: Factory, scratch: Path, host_secret: Path) -> None:
+    """The trusted step (root) writes the spec's ``variables:`` to ``conda-meta/state``; a
+    package that ships ``conda-meta/state`` as a symlink made root overwrite the file it
+    points to (any file of the host) with that JSON. It is replaced, never written through."""
+    from tests.jobs_support import CondaPackage
+
+    channel = build_channel(scratch / "state-channel", [CondaPackage(
+        "stately", links={"conda-meta/state": str(host_secret / "secret")})])
+    mgr = manager_factory(jobs_env.config(channels=[str(channel)],
+                                          default_channels=[str(channel)]))
+    spec = "dependencies:\n  - stately\nvariables:\n  OWNED: 'yes'\n"
+    job = wait_done(mgr, mgr.submit(jobs_env.requester(), "stately", spec).id, 120)
+    assert (host_secret / "secret").read_bytes() == SECRET
+    assert job.state is State.SUCCEEDED, full_log(mgr, job.id)
+    state = jobs_env.root / "stately/conda-meta/state"
+    assert not state.is_symlink()
+    assert json.loads(state.read_text()) == {"env_vars": {"OWNED": "yes"}}

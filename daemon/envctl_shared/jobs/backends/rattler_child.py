@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import stat
@@ -134,6 +135,17 @@ def check_cache(cache_dir: Path, records: list[Any]) -> None:
                     "of it is kept in the environment)")
 
 
+def write_fresh(path: Path, text: str) -> None:
+    """Write ``path`` as a new file: whatever a package put there (a symlink to a host file,
+    which root would have written through) is unlinked first, never followed."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                 0o644)
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        fh.write(text)
+
+
 async def build(args: argparse.Namespace) -> None:
     import rattler  # here: the daemon imports this module for PHASE_MARK alone
 
@@ -156,9 +168,8 @@ async def build(args: argparse.Namespace) -> None:
     os.chmod(args.prefix, 0o755)
     print(f"installed {len(records)} packages in {args.prefix}", flush=True)
     if spec.get("variables"):  # where conda keeps them: 'conda activate' exports them
-        state = Path(args.prefix) / "conda-meta" / "state"
-        state.write_text(json.dumps({"env_vars": spec["variables"]}, indent=2) + "\n",
-                         encoding="utf-8")
+        write_fresh(Path(args.prefix) / "conda-meta" / "state",
+                    json.dumps({"env_vars": spec["variables"]}, indent=2) + "\n")
         print(f"activation variables: {', '.join(spec['variables'])}", flush=True)
 
 
