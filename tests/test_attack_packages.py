@@ -296,3 +296,30 @@ def test_the_variables_are_never_written_through_a_package_link(
     state = jobs_env.root / "stately/conda-meta/state"
     assert not state.is_symlink()
     assert json.loads(state.read_text()) == {"env_vars": {"OWNED": "yes"}}
+
+
+def test_a_deep_tree_builds(jobs_env: JobsEnv, manager_factory: Factory,
+                            scratch: Path) -> None:
+    """A version holding a tree deeper than Python's recursion limit: frozen (the freeze is
+    iterative), but the record's size (``os.fwalk``, recursive) raised RecursionError: the
+    build ended in "internal error". It is built, its size and entries counted."""
+    from tests.jobs_support import CondaPackage
+
+    script = _DEEP_PYTHON.replace("exit 1\n", "exit 0\n")
+    channel = build_channel(scratch / "deep-ok-channel",
+                            [CondaPackage("deepok", files={"bin/python": (script, True)})])
+    mgr = manager_factory(jobs_env.config(channels=[str(channel)],
+                                          default_channels=[str(channel)]))
+    job = wait_done(mgr, mgr.submit(jobs_env.requester(), "deepok",
+                                    "dependencies:\n  - deepok\n").id, 120)
+    try:
+        assert job.state is State.SUCCEEDED, job.exit_detail
+        record = json.loads((jobs_env.root / ".envctl/envs/deepok/v1.json").read_text())
+        assert record["entries"] >= 1500
+    finally:  # the scratch dir's rmtree recurses too
+        mgr.stop(timeout=20)
+        fd = os.open(scratch, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            layout.remove_tree(fd, "root")
+        finally:
+            os.close(fd)

@@ -124,7 +124,7 @@ class RootArea:
         return self.path("cache", "conda")
 
 
-def _walk(top_fd: int, descend: Callable[[os.stat_result], bool],
+def walk(top_fd: int, descend: Callable[[os.stat_result], bool],
           leave: Callable[[int, str], None] | None = None
           ) -> Iterator[tuple[int, str, os.stat_result, int | None]]:
     """Every entry below the directory ``top_fd``: fd-based, never following a symlink,
@@ -179,7 +179,7 @@ def hand_over(parent_fd: int, name: str, uid: int, gid: int) -> int:
     top = os.open(name, DIR_FLAGS, dir_fd=parent_fd)
     try:
         changed = give(top, os.fstat(top))
-        for _parent, _name, st, fd in _walk(top, lambda st: True):
+        for _parent, _name, st, fd in walk(top, lambda st: True):
             if fd is not None:
                 changed += give(fd, st)
     finally:
@@ -198,7 +198,7 @@ def seal_cache(fds: dict[str, int], since: float) -> int:
         os.close(fd)
     changed = 0
     try:
-        for parent, name, st, sub in _walk(conda, lambda st: st.st_ctime >= since):
+        for parent, name, st, sub in walk(conda, lambda st: st.st_ctime >= since):
             mode = stat.S_IMODE(st.st_mode)
             if not mode & 0o022 or stat.S_ISLNK(st.st_mode):
                 continue
@@ -239,7 +239,7 @@ def make_owned_dir(parent_fd: int, name: str, uid: int, gid: int, mode: int) -> 
 
 def remove_tree(parent_fd: int, name: str) -> bool:
     """Remove ``name`` under ``parent_fd`` (fd-based, never follows symlinks); True if it was
-    there. A symlink or file in its place is unlinked, never followed. Iterative (``_walk``):
+    there. A symlink or file in its place is unlinked, never followed. Iterative (``walk``):
     a build leaves trees of any depth, and ``shutil.rmtree`` recursed past Python's limit on
     one 1,000 levels deep (RecursionError: the version stayed, and so did every later build
     of its name, failing to clear it)."""
@@ -252,7 +252,7 @@ def remove_tree(parent_fd: int, name: str) -> bool:
         return True
     top = os.open(name, DIR_FLAGS, dir_fd=parent_fd)
     try:
-        for dfd, entry, _st, sub in _walk(top, lambda st: True,
+        for dfd, entry, _st, sub in walk(top, lambda st: True,
                                          leave=lambda dfd, sub: os.rmdir(sub, dir_fd=dfd)):
             if sub is None:
                 os.unlink(entry, dir_fd=dfd)
