@@ -19,7 +19,9 @@ them, and freezing one would hand the daemon's ownership to whatever it is. So d
 something still holds open for writing (``_writer_left``): taking its write bits off revokes no
 open fd, and a build can hand one to a process outside it (an fd passed over a unix socket to
 the requester's own process): that holder would then rewrite the frozen version and, through
-the store, every later version of anyone with the same file.
+the store, every later version of anyone with the same file. Asked of the kernel with a read
+lease, on local filesystems only: an NFSv4 client grants none without a delegation (every file
+would look held), nor can it see another client's writers.
 
 The digest: sha256 over the sorted manifest, one JSON line per entry (relative path, type,
 mode, size, content sha256, link target). The manifest is kept in the store under its digest
@@ -57,6 +59,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+from .. import fsinfo
 from ..config import RootConfig
 from ..errors import BuildFailed
 from ..heal.fsops import DIR_FLAGS
@@ -177,6 +180,7 @@ class _Walk:
     mutate: bool
     shown: str  # the version's path, for messages
     store: Store | None = None
+    leases: bool = False  # ask whether a writer is left (``_writer_left``)
     entries: dict[str, Entry] = field(default_factory=dict)
     owners: dict[str, str] = field(default_factory=dict)  # verify: rel -> wrong owner/group
     linked: int = 0  # files replaced by a link to the store
@@ -299,7 +303,7 @@ class _Walk:
                 raise BuildFailed(f"{self.shown}/{rel} changed type while it was read",
                                   hint="nothing may run in a frozen version; retry")
             entry = self._entry(rel, fd, st)
-            if self.mutate and _writer_left(fd):
+            if self.leases and _writer_left(fd):
                 raise BuildFailed(f"{self.shown}/{rel} is still open for writing by a process "
                                   "outside the build: it cannot be frozen",
                                   hint="a build must not hand its files to other processes")
@@ -526,7 +530,8 @@ def freeze(dir_fd: int, name: str, target: Target, shown: str, store: Store) -> 
     """Freeze the tree ``name`` in ``dir_fd`` for ``target``, its files shared with ``store``
     and its manifest kept there; returns its digest. Raises BuildFailed naming a path that
     cannot be frozen (a special or setuid/setgid file)."""
-    walk = _Walk(target, mutate=True, shown=shown, store=store)
+    walk = _Walk(target, mutate=True, shown=shown, store=store,
+                 leases=not fsinfo.mount_of(shown).remote)
     walk.run(dir_fd, name)
     manifest = manifest_bytes(walk.entries)
     digest = store.write_manifest(manifest)
