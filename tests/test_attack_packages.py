@@ -17,14 +17,17 @@ import json
 import os
 import resource
 import shutil
+import stat
 import subprocess
 import tarfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
-from envctl_shared.jobs import JobManager, State, layout
+from envctl_shared.jobs import JobManager, State, layout, procs
 
+from tests.helpers import as_user
 from tests.jobs_support import JobsEnv, _add, build_channel, full_log, wait_done
 
 pytest_plugins = ("tests.fixtures_jobs",)
@@ -323,3 +326,46 @@ def test_a_deep_tree_builds(jobs_env: JobsEnv, manager_factory: Factory,
             layout.remove_tree(fd, "root")
         finally:
             os.close(fd)
+
+
+_LINK_PYTHON = """#!/bin/sh
+# run by the compile step as the build uid: links a member's group-writable file into the
+# version (protected_hardlinks lets whoever may read and write a file link it)
+p="$(cd "$(dirname "$0")/.." && pwd)"
+mkdir -p "$p/share" && ln VICTIM "$p/share/stolen"
+exit 0
+"""
+
+
+def test_a_build_cannot_take_over_a_file_it_links_from_outside(
+        jobs_env: JobsEnv, manager_factory: Factory, scratch: Path, pool: Any,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without a mount namespace (the shipped unit has none), a build account in the root's
+    group hard-linked a member's group-writable file into its version; the freeze then made
+    that inode the daemon's and read-only, and the store's: the member's own file was taken
+    from them. A file with links outside the version is frozen as a copy of its own."""
+    from tests.jobs_support import CondaPackage
+
+    monkeypatch.setattr(procs, "_NAMESPACES", ["no mount namespace in this test"])
+    alice = jobs_env.accounts.alice
+    handmade = jobs_env.root / "handmade"
+    handmade.mkdir()
+    os.chown(handmade, alice.uid, jobs_env.accounts.shared_gid)
+    os.chmod(handmade, 0o2770)
+    data = handmade / "data.txt"
+    data.write_text("alice's data\n")
+    os.chown(data, alice.uid, jobs_env.accounts.shared_gid)
+    os.chmod(data, 0o660)
+    channel = build_channel(scratch / "link-channel", [CondaPackage("linker", files={
+        "bin/python": (_LINK_PYTHON.replace("VICTIM", str(data)), True)})])
+    mgr = manager_factory(jobs_env.config(channels=[str(channel)],
+                                          default_channels=[str(channel)],
+                                          build_user=pool.names[0]))
+    job = wait_done(mgr, mgr.submit(jobs_env.requester(), "linker",
+                                    "dependencies:\n  - linker\n").id, 120)
+    assert job.state is State.SUCCEEDED, full_log(mgr, job.id)
+    assert (jobs_env.root / "linker/share/stolen").read_text() == "alice's data\n"
+    st = data.stat()
+    assert (st.st_uid, stat.S_IMODE(st.st_mode)) == (alice.uid, 0o660)
+    as_user(alice.uid, alice.gid, f"echo more >> '{data}'")
+    assert (jobs_env.root / "linker/share/stolen").read_text() == "alice's data\n"

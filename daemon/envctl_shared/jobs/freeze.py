@@ -302,6 +302,9 @@ class _Walk:
             if not stat.S_ISREG(st.st_mode):
                 raise BuildFailed(f"{self.shown}/{rel} changed type while it was read",
                                   hint="nothing may run in a frozen version; retry")
+            if self.mutate and st.st_nlink > 1 and not st.st_mode & _SETID and \
+                    (st.st_uid != self.target.uid or st.st_mode & (_WRITE & ~stat.S_IWUSR)):
+                fd, st = self._own_copy(parent.fd, name, fd, st)
             entry = self._entry(rel, fd, st)
             if self.leases and _writer_left(fd):
                 raise BuildFailed(f"{self.shown}/{rel} is still open for writing by a process "
@@ -326,6 +329,32 @@ class _Walk:
             finish()
         else:
             submit(finish)
+
+    def _own_copy(self, dir_fd: int, name: str, fd: int, st: os.stat_result
+                  ) -> tuple[int, os.stat_result]:
+        """Put a copy of the file ``name`` (open as ``fd``, closed on success) in its place and
+        return it opened: a file the daemon may not simply take (not its own, or writable by
+        others) that has other names, maybe outside the version, keeps its inode for them. A
+        build account can hard-link whatever it may read and write (protected_hardlinks): a
+        member's group-writable file, which the freeze made the daemon's and read-only."""
+        tmp = f"{_LINK_TMP}{secrets.token_hex(6)}"
+        out = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                      0o600, dir_fd=dir_fd)
+        try:
+            try:
+                while os.sendfile(out, fd, None, 1 << 30):
+                    pass
+                os.fchmod(out, stat.S_IMODE(st.st_mode))
+            finally:
+                os.close(out)
+            os.rename(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp, dir_fd=dir_fd)
+            raise
+        new = os.open(name, _FILE_FLAGS, dir_fd=dir_fd)
+        os.close(fd)
+        return new, os.fstat(new)
 
     def _hash(self, fd: int, st: os.stat_result) -> str:
         key = (st.st_dev, st.st_ino)
