@@ -87,23 +87,28 @@ def _cache_entry(cache_dir: Path, file_name: str) -> Path:
     return cache_dir / file_name
 
 
-def _wrong(pkg: Path, rel: str, kinds: tuple[int, ...]) -> str | None:
+def _wrong(pkg: Path, rel: str, kinds: tuple[int, ...], dirs: set[str]) -> str | None:
     """What is wrong with the path ``rel`` of the package extracted at ``pkg``: None when it
-    is relative, each of its parents a real directory, and it is of a type in ``kinds``."""
+    is relative, each of its parents a real directory (``dirs``: those already seen to be,
+    added to), and it is of a type in ``kinds``."""
     parts = rel.split("/")
     if rel.startswith("/") or any(part in ("", ".", "..") for part in parts):
         return "is not a plain relative path"
-    here = pkg
-    for n, part in enumerate(parts, 1):
-        here = here / part
+    for n in range(1, len(parts) + 1):
+        sub = "/".join(parts[:n])
+        last = n == len(parts)
+        if not last and sub in dirs:
+            continue
         try:
-            mode = os.lstat(here).st_mode
+            mode = os.lstat(pkg / sub).st_mode
         except FileNotFoundError:
             return "is missing from its cache entry"
-        if n < len(parts) and not stat.S_ISDIR(mode):
-            return f"lies below {'/'.join(parts[:n])}, which is a symlink or a file"
-        if n == len(parts) and stat.S_IFMT(mode) not in kinds:
-            return "is a symlink or a special file where a file is listed"
+        if last:
+            return None if stat.S_IFMT(mode) in kinds else \
+                "is a symlink or a special file where a file is listed"
+        if not stat.S_ISDIR(mode):
+            return f"lies below {sub}, which is a symlink or a file"
+        dirs.add(sub)
     return None
 
 
@@ -116,18 +121,19 @@ def check_cache(cache_dir: Path, records: list[Any]) -> None:
     ``info/paths.json``, else ``info/files``) lies inside that entry (see the docstring)."""
     for rec in records:
         pkg = _cache_entry(cache_dir, rec.file_name)
+        dirs: set[str] = set()
         listed: list[tuple[str, tuple[int, ...]]] = []
-        if _wrong(pkg, "info/paths.json", (stat.S_IFREG,)) is None:
+        if _wrong(pkg, "info/paths.json", (stat.S_IFREG,), dirs) is None:
             data = json.loads((pkg / "info" / "paths.json").read_text(encoding="utf-8"))
             listed = [(e["_path"], _KINDS.get(e.get("path_type", ""), (stat.S_IFREG,)))
                       for e in data.get("paths", [])]
-        elif _wrong(pkg, "info/files", (stat.S_IFREG,)) is None:
+        elif _wrong(pkg, "info/files", (stat.S_IFREG,), dirs) is None:
             files = (pkg / "info" / "files").read_text(encoding="utf-8").splitlines()
             listed = [(f, (stat.S_IFREG, stat.S_IFLNK)) for f in files if f]
         else:
             listed = [("info/paths.json", (stat.S_IFREG,))]  # reported as what is wrong
         for rel, kinds in listed:
-            what = _wrong(pkg, rel, kinds)
+            what = _wrong(pkg, rel, kinds, dirs)
             if what is not None:
                 raise HostilePackage(
                     f"package {rec.name.normalized} {rec.version}: {rel} {what}: a package "
