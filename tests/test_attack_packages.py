@@ -369,3 +369,50 @@ def test_a_build_cannot_take_over_a_file_it_links_from_outside(
     assert (st.st_uid, stat.S_IMODE(st.st_mode)) == (alice.uid, 0o660)
     as_user(alice.uid, alice.gid, f"echo more >> '{data}'")
     assert (jobs_env.root / "linker/share/stolen").read_text() == "alice's data\n"
+
+
+def _lying_channel(channel: Path, claim: dict[str, Any] | None) -> None:
+    """Rewrite the channel's index: every package's sha256/md5/size replaced by ``claim``
+    (another package's), or dropped (None); only repodata.json is left to read."""
+    for path in list(channel.rglob("*")):
+        if path.name == "repodata.json":
+            data = json.loads(path.read_text())
+            for key in ("packages", "packages.conda"):
+                for rec in data.get(key, {}).values():
+                    for field in ("sha256", "md5", "size"):
+                        rec.pop(field, None)
+                    rec.update(claim or {})
+            path.write_text(json.dumps(data))
+        elif path.is_file() and (path.name.startswith("repodata") or "shard" in path.name):
+            path.unlink()
+
+
+@pytest.mark.parametrize("lie", ["borrowed-sha256", "no-sha256"])
+def test_a_channel_cannot_poison_the_shared_cache(jobs_env: JobsEnv, manager_factory: Factory,
+                                                  scratch: Path, lie: str) -> None:
+    """The conda cache is shared by every build and keyed by name-version-build. A hostile
+    channel's index that gives its package the sha256 of the honest channel's package of the
+    same file name (or none) had rattler cache the hostile content under it, unchecked; an
+    honest user's later build from the honest channel installed it. A package whose archive
+    does not match its index's sha256, or that has none, is refused before anything is
+    fetched."""
+    from tests.jobs_support import CondaPackage
+
+    honest = build_channel(scratch / "honest", [
+        CondaPackage("samename", files={"share/s": ("GOOD\n", False)})])
+    hostile = build_channel(scratch / "hostile", [
+        CondaPackage("samename", files={"share/s": ("EVIL\n", False)})])
+    rec = json.loads((honest / "noarch/repodata.json").read_text())["packages"]
+    claim = {k: v for k, v in next(iter(rec.values())).items() if k in ("sha256", "md5", "size")}
+    _lying_channel(hostile, claim if lie == "borrowed-sha256" else None)
+    mgr = manager_factory(jobs_env.config(channels=[str(honest), str(hostile)],
+                                          default_channels=[str(honest)]))
+    spec = f"channels: ['{hostile}']\ndependencies:\n  - samename\n"
+    job = wait_done(mgr, mgr.submit(jobs_env.requester("bob"), "evil", spec).id, 120)
+    log = full_log(mgr, job.id)
+    assert job.state is State.FAILED, log
+    assert "package samename 1.0 (file:" in log and "sha256" in log, log
+    spec = f"channels: ['{honest}']\ndependencies:\n  - samename\n"
+    job = wait_done(mgr, mgr.submit(jobs_env.requester(), "good", spec).id, 120)
+    assert job.state is State.SUCCEEDED, full_log(mgr, job.id)
+    assert (jobs_env.root / "good/share/s").read_text() == "GOOD\n"

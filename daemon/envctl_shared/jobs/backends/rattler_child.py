@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import hashlib
 import json
 import os
 import stat
@@ -36,6 +37,8 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
+from urllib.request import url2pathname
 
 PHASE_MARK = "ENVCTL-PHASE "  # a step prints "ENVCTL-PHASE linking" on its stdout
 
@@ -77,6 +80,28 @@ def _source(channel: str) -> str:
 
 class HostilePackage(Exception):
     """A cached package that lists a path through a symlink (see the module docstring)."""
+
+
+def check_records(records: list[Any]) -> None:
+    """Raise HostilePackage unless every record has a sha256 in its channel's index and, for
+    a local channel, its archive has that sha256. The cache is shared by every build and keyed
+    by name-version-build: rattler kept what a ``file://`` channel's archive held under the
+    sha256 its index claimed, unchecked (the claim copied from another channel's package of
+    the same file name, or none at all), and an honest build of that other package then
+    installed it. Archives of remote channels are rattler's to check as it downloads them."""
+    for rec in records:
+        what = f"package {rec.name.normalized} {rec.version} ({rec.url})"
+        if rec.sha256 is None:
+            raise HostilePackage(f"{what} has no sha256 in its channel's index: the shared "
+                                 "package cache tells packages of the same file name apart by it")
+        if rec.url.startswith("file://"):
+            digest = hashlib.sha256()
+            with open(url2pathname(urlparse(rec.url).path), "rb") as fh:
+                while chunk := fh.read(1 << 20):
+                    digest.update(chunk)
+            if digest.digest() != rec.sha256:
+                raise HostilePackage(f"{what}: its archive does not have the sha256 its "
+                                     "channel's index gives (refused)")
 
 
 def _cache_entry(cache_dir: Path, file_name: str) -> Path:
@@ -165,6 +190,7 @@ async def build(args: argparse.Namespace) -> None:
     print(f"solved {len(records)} packages in {time.monotonic() - start:.2f}s:", flush=True)
     for rec in records:
         print(f"  {rec.name.normalized} {rec.version} {rec.build} ({rec.channel})", flush=True)
+    check_records(records)
     phase("downloading")
     os.chmod(args.prefix, 0o700)  # nobody sees what it holds before check_cache passed
     await rattler.install(records, target_prefix=args.prefix, cache_dir=Path(args.cache_dir),
