@@ -416,3 +416,28 @@ def test_a_channel_cannot_poison_the_shared_cache(jobs_env: JobsEnv, manager_fac
     job = wait_done(mgr, mgr.submit(jobs_env.requester(), "good", spec).id, 120)
     assert job.state is State.SUCCEEDED, full_log(mgr, job.id)
     assert (jobs_env.root / "good/share/s").read_text() == "GOOD\n"
+
+
+def test_the_archive_installed_is_the_one_checked(scratch: Path) -> None:
+    """Whoever writes a local channel may swap an archive between the trusted step's check of
+    its sha256 and rattler's read (inotify says when the check closed it): what is installed
+    is the copy that was checked."""
+    import asyncio
+
+    import rattler
+    from envctl_shared.jobs.backends import rattler_child
+
+    from tests.jobs_support import CondaPackage
+
+    honest = build_channel(scratch / "honest", [
+        CondaPackage("swapped", files={"share/s": ("GOOD\n", False)})])
+    evil = build_channel(scratch / "evil", [
+        CondaPackage("swapped", files={"share/s": ("EVIL\n", False)})])
+    records = asyncio.run(rattler.solve([honest.as_uri()], [rattler.MatchSpec("swapped")],
+                                        platforms=["noarch"]))
+    rattler_child.check_records(records, scratch / "private")
+    shutil.copy(evil / "noarch/swapped-1.0-0.tar.bz2", honest / "noarch/swapped-1.0-0.tar.bz2")
+    prefix = scratch / "prefix"
+    asyncio.run(rattler.install(records, target_prefix=prefix, cache_dir=scratch / "cache",
+                                show_progress=False, execute_link_scripts=False))
+    assert (prefix / "share/s").read_text() == "GOOD\n"

@@ -32,6 +32,7 @@ import contextlib
 import hashlib
 import json
 import os
+import shutil
 import stat
 import sys
 import time
@@ -82,26 +83,38 @@ class HostilePackage(Exception):
     """A cached package that lists a path through a symlink (see the module docstring)."""
 
 
-def check_records(records: list[Any]) -> None:
+def check_records(records: list[Any], private: Path) -> None:
     """Raise HostilePackage unless every record has a sha256 in its channel's index and, for
-    a local channel, its archive has that sha256. The cache is shared by every build and keyed
-    by name-version-build: rattler kept what a ``file://`` channel's archive held under the
-    sha256 its index claimed, unchecked (the claim copied from another channel's package of
-    the same file name, or none at all), and an honest build of that other package then
-    installed it. Archives of remote channels are rattler's to check as it downloads them."""
+    a local channel, its archive has that sha256; such an archive is installed from a copy
+    in ``private`` (the daemon's), the one that was hashed. The cache is shared by every build
+    and keyed by name-version-build: rattler kept what a ``file://`` channel's archive held
+    under the sha256 its index claimed, unchecked (the claim copied from another channel's
+    package of the same file name, or none at all), and an honest build of that other package
+    then installed it; and whoever writes the channel could swap the archive between a check
+    and rattler's read. Archives of remote channels are rattler's to check as it downloads."""
     for rec in records:
         what = f"package {rec.name.normalized} {rec.version} ({rec.url})"
         if rec.sha256 is None:
             raise HostilePackage(f"{what} has no sha256 in its channel's index: the shared "
                                  "package cache tells packages of the same file name apart by it")
-        if rec.url.startswith("file://"):
-            digest = hashlib.sha256()
-            with open(url2pathname(urlparse(rec.url).path), "rb") as fh:
-                while chunk := fh.read(1 << 20):
-                    digest.update(chunk)
-            if digest.digest() != rec.sha256:
-                raise HostilePackage(f"{what}: its archive does not have the sha256 its "
-                                     "channel's index gives (refused)")
+        if not rec.url.startswith("file://"):
+            continue
+        private.mkdir(mode=0o700, exist_ok=True)
+        copy = private / rec.file_name
+        digest = hashlib.sha256()
+        with open(url2pathname(urlparse(rec.url).path), "rb") as src, \
+                open(copy, "xb", opener=_private) as dst:
+            while chunk := src.read(1 << 20):
+                digest.update(chunk)
+                dst.write(chunk)
+        if digest.digest() != rec.sha256:
+            raise HostilePackage(f"{what}: its archive does not have the sha256 its "
+                                 "channel's index gives (refused)")
+        rec.url = copy.as_uri()
+
+
+def _private(path: str, flags: int) -> int:
+    return os.open(path, flags | os.O_NOFOLLOW, 0o600)
 
 
 def _cache_entry(cache_dir: Path, file_name: str) -> Path:
@@ -190,12 +203,14 @@ async def build(args: argparse.Namespace) -> None:
     print(f"solved {len(records)} packages in {time.monotonic() - start:.2f}s:", flush=True)
     for rec in records:
         print(f"  {rec.name.normalized} {rec.version} {rec.build} ({rec.channel})", flush=True)
-    check_records(records)
+    private = Path(args.build).parent / "pkgs"  # in the job dir: the daemon's
+    check_records(records, private)
     phase("downloading")
     os.chmod(args.prefix, 0o700)  # nobody sees what it holds before check_cache passed
     await rattler.install(records, target_prefix=args.prefix, cache_dir=Path(args.cache_dir),
                           show_progress=False, execute_link_scripts=False,  # trusted: no
                           reporter=_Reporter())  # package code runs here
+    shutil.rmtree(private, ignore_errors=True)  # the cache holds what they held
     check_cache(Path(args.cache_dir), records)
     os.chmod(args.prefix, 0o755)
     print(f"installed {len(records)} packages in {args.prefix}", flush=True)
