@@ -10,8 +10,12 @@ a file (``python -I <this file>``) and imports nothing of envctl: importing the 
 pull in the job manager, 0.2 s of every build spent on imports the child never uses; so the
 phase marker every build step may print is defined here.
 
-Every package's cache entry is checked after the install (``check_cache``): its tarball is the
-requester's, and an entry of it may be a symlink leading out of the cache (``vt -> /etc``, with
+Packages are the requester's, and this runs as root, filling a cache every build shares. So:
+before the install, each package must have its channel's sha256, which a local archive must
+match (``check_records``: the cache is keyed by file name and that sha256, unchecked by rattler
+for ``file://``); the ``variables`` file is written fresh, never through a package's symlink
+(``write_fresh``); and every package's cache entry is checked after the install
+(``check_cache``): its tarball is the requester's, and an entry of it may be a symlink leading out of the cache (``vt -> /etc``, with
 ``vt/shadow`` in ``info/paths.json``, or a listed file that is itself such a link). rattler
 follows it, as root, and copies or hard-links the host's file into the version, which the
 freeze then makes readable to everyone. So a listed path must be reached without crossing a
