@@ -21,7 +21,9 @@ open fd, and a build can hand one to a process outside it (an fd passed over a u
 the requester's own process): that holder would then rewrite the frozen version and, through
 the store, every later version of anyone with the same file. Asked of the kernel with a read
 lease, on local filesystems only: an NFSv4 client grants none without a delegation (every file
-would look held), nor can it see another client's writers.
+would look held), nor can it see another client's writers; there, every file the daemon may
+not simply take (not its own, or writable by others) is frozen as a fresh copy (``_own_copy``),
+which no one else ever had open.
 
 The digest: sha256 over the sorted manifest, one JSON line per entry (relative path, type,
 mode, size, content sha256, link target). The manifest is kept in the store under its digest
@@ -302,8 +304,9 @@ class _Walk:
             if not stat.S_ISREG(st.st_mode):
                 raise BuildFailed(f"{self.shown}/{rel} changed type while it was read",
                                   hint="nothing may run in a frozen version; retry")
-            if self.mutate and st.st_nlink > 1 and not st.st_mode & _SETID and \
-                    (st.st_uid != self.target.uid or st.st_mode & (_WRITE & ~stat.S_IWUSR)):
+            takeable = st.st_uid == self.target.uid and not st.st_mode & (_WRITE & ~stat.S_IWUSR)
+            if self.mutate and not takeable and not st.st_mode & _SETID and \
+                    (st.st_nlink > 1 or not self.leases):
                 fd, st = self._own_copy(parent.fd, name, fd, st)
             entry = self._entry(rel, fd, st)
             if self.leases and _writer_left(fd):
