@@ -183,6 +183,7 @@ class _Walk:
     shown: str  # the version's path, for messages
     store: Store | None = None
     leases: bool = False  # ask whether a writer is left (``_writer_left``)
+    copies: bool = False  # freeze every file the daemon may not simply take as a copy
     entries: dict[str, Entry] = field(default_factory=dict)
     owners: dict[str, str] = field(default_factory=dict)  # verify: rel -> wrong owner/group
     linked: int = 0  # files replaced by a link to the store
@@ -306,7 +307,7 @@ class _Walk:
                                   hint="nothing may run in a frozen version; retry")
             takeable = st.st_uid == self.target.uid and not st.st_mode & (_WRITE & ~stat.S_IWUSR)
             if self.mutate and not takeable and not st.st_mode & _SETID and \
-                    (st.st_nlink > 1 or not self.leases):
+                    (st.st_nlink > 1 or self.copies):
                 fd, st = self._own_copy(parent.fd, name, fd, st)
             entry = self._entry(rel, fd, st)
             if self.leases and _writer_left(fd):
@@ -558,12 +559,17 @@ def stamp(dir_fd: int, name: str) -> list[int]:
     return [st.st_uid, st.st_gid, st.st_mode, st.st_mtime_ns, st.st_ctime_ns]
 
 
-def freeze(dir_fd: int, name: str, target: Target, shown: str, store: Store) -> Frozen:
+def freeze(dir_fd: int, name: str, target: Target, shown: str, store: Store,
+           old: bool = False) -> Frozen:
     """Freeze the tree ``name`` in ``dir_fd`` for ``target``, its files shared with ``store``
     and its manifest kept there; returns its digest. Raises BuildFailed naming a path that
-    cannot be frozen (a special or setuid/setgid file)."""
-    walk = _Walk(target, mutate=True, shown=shown, store=store,
-                 leases=not fsinfo.mount_of(shown).remote)
+    cannot be frozen (a special or setuid/setgid file, one still open for writing). ``old``:
+    a version built before freezing existed, whose files were every member's to write until
+    now: on a network filesystem they are taken as they are, not copied (that would copy
+    every old env at the first start)."""
+    remote = fsinfo.mount_of(shown).remote
+    walk = _Walk(target, mutate=True, shown=shown, store=store, leases=not remote,
+                 copies=remote and not old)
     walk.run(dir_fd, name)
     manifest = manifest_bytes(walk.entries)
     digest = store.write_manifest(manifest)

@@ -145,7 +145,7 @@ def _freeze_one(area: layout.RootArea, fds: dict[str, int], lock_name: str, dir_
             return False
         shown = str(area.path(where if where == BASE_DIR else f"envs/{where}", version))
         try:
-            frozen = freeze.freeze(dir_fd, version, store.target, shown, store)
+            frozen = freeze.freeze(dir_fd, version, store.target, shown, store, old=True)
         except (OSError, EnvctlError) as exc:
             log.warning("env-freeze-old-failed path=%s error=%s", shown, exc)
             return False
