@@ -20,6 +20,7 @@ import shutil
 import stat
 import subprocess
 import tarfile
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -452,3 +453,25 @@ def test_the_archive_installed_is_the_one_checked(scratch: Path) -> None:
     asyncio.run(rattler.install(records, target_prefix=prefix, cache_dir=scratch / "cache",
                                 show_progress=False, execute_link_scripts=False))
     assert (prefix / "share/s").read_text() == "GOOD\n"
+
+
+def test_the_manifest_of_a_version_still_testing_is_kept(jobs_env: JobsEnv) -> None:
+    """A freeze writes the manifest before the record names its digest (the tests run in
+    between); the store's sweep took a manifest no record named once an hour old, so a build
+    whose tests ran past that (``requests.timeout`` allows hours) lost it: its every verify
+    then failed, listing every entry as added. Kept as long as a build may run."""
+    from envctl_shared.jobs import freeze, integrity
+
+    config = jobs_env.config(timeout=4 * 3600.0)
+    area = layout.RootArea(jobs_env.root)
+    with area.open() as fds:
+        store = freeze.Store.in_area(area, fds["area"], freeze.Target.of(config.requests_root))
+        try:
+            digest = store.write_manifest(b'["x", "f", "0444", 1, "", ""]\n')
+        finally:
+            store.close()
+    path = jobs_env.root / ".envctl/store/manifests" / f"{digest.removeprefix('sha256:')}.gz"
+    two_hours_ago = time.time() - 2 * 3600
+    os.utime(path, (two_hours_ago, two_hours_ago))
+    integrity.sweep_store(config)
+    assert path.exists()

@@ -166,7 +166,9 @@ def sweep_store(config: Config) -> dict[str, int]:
                     digest = (envs.read_record(dir_fd, entry) or {}).get("digest")
                     if isinstance(digest, str):
                         digests.add(digest)
-        swept = store.sweep(digests, time.time())
+        # a freeze writes its manifest before its record, its tests run in between: kept
+        # for as long as a build may run
+        swept = store.sweep(digests, time.time(), min_age=max(3600.0, config.requests.timeout))
     if swept["files"] or swept["manifests"]:
         log.info("env-store-sweep files=%d manifests=%d bytes=%d", swept["files"],
                  swept["manifests"], swept["bytes"])
