@@ -31,7 +31,7 @@ from ..heal import fsops
 from . import cgroup as cgroups
 from . import base_python, envs, freeze, kernels, layout, procs
 from .backends import (PHASE_MARK, PHASES, BuildContext, Step, backend_named, get_backend,
-                       test_step)
+                       rattler, rattler_child, test_step)
 from .lock import NameLock
 from .model import Job, State
 from .spec import EnvSpec, parse_spec
@@ -166,12 +166,16 @@ class Build:
                 raise Conflict(f"{job.prefix} already exists", hint="request it with --replace")
             version = envs.next_version(env_fd)
             try:
-                ctx = self._prepare(env_fd, user, spec, version)
+                ctx = self._prepare(env_fd, user, spec, version, cur)
                 if job.backend == "venv" and self.cfg.venv_base is not None:
                     ctx = self._venv_base(fds, ctx, user)
                 for step in self.backend.steps(ctx):
                     self._check_abort()
                     self._run_step(step, user, ctx)
+                    if (ctx.job_dir / rattler_child.UNCHANGED_FILE).exists():
+                        self.discard(env_fd, cur.version)
+                        return Outcome(State.SUCCEEDED, f"no change: {cur.version} already "
+                                       "has exactly these packages")
                 self._check_abort()
                 frozen = self._freeze(fds, env_fd, version, self.version_path(version))
                 self._check_abort()
@@ -239,11 +243,15 @@ class Build:
         return self.area.path("envs", self.job.name, version)
 
     def _prepare(self, env_fd: int, user: procs.BuildUser, spec: EnvSpec,
-                 version: str) -> BuildContext:
+                 version: str, cur: envs.Current) -> BuildContext:
         job = self.job
         self._phase("preparing")
         files = {"environment.yml": self.store.spec_text(job.id),
                  **self.backend.files(spec, self.cfg)}
+        if job.backend == "rattler" and job.replace and cur.version and not self.tests:
+            # an unchanged --replace keeps the current version (``--test``: a new build)
+            files.update(rattler.unchanged_if(envs.read_record(env_fd, f"{cur.version}.json"),
+                                              spec, files["environment.yml"]))
         job_dir = self.state_dir.prepare_job(job.id, user.uid, user.gid, files)
         with self.area.open() as fds:
             cache = self.area.conda_cache(fds)

@@ -28,6 +28,11 @@ from pathlib import Path
 from typing import Any
 
 PHASE_MARK = "ENVCTL-PHASE "  # a step prints "ENVCTL-PHASE linking" on its stdout
+# beside build.json: the current version's conda packages, when a solve that gives exactly
+# them is no change (``rattler.unchanged_if``); the child then writes UNCHANGED_FILE there
+# and installs nothing
+CURRENT_FILE = "current.json"
+UNCHANGED_FILE = "unchanged"
 
 
 def phase(name: str) -> None:
@@ -78,6 +83,8 @@ async def build(args: argparse.Namespace) -> None:
     print(f"solved {len(records)} packages in {time.monotonic() - start:.2f}s:", flush=True)
     for rec in records:
         print(f"  {rec.name.normalized} {rec.version} {rec.build} ({rec.channel})", flush=True)
+    if _unchanged(Path(args.build).parent, records):
+        return
     phase("downloading")
     await rattler.install(records, target_prefix=args.prefix, cache_dir=Path(args.cache_dir),
                           show_progress=False, execute_link_scripts=False,  # trusted: no
@@ -88,6 +95,24 @@ async def build(args: argparse.Namespace) -> None:
         state.write_text(json.dumps({"env_vars": spec["variables"]}, indent=2) + "\n",
                          encoding="utf-8")
         print(f"activation variables: {', '.join(spec['variables'])}", flush=True)
+
+
+def _unchanged(job_dir: Path, records: list[Any]) -> bool:
+    """True (and UNCHANGED_FILE written) when the solve is exactly the current version's."""
+    try:
+        current = json.loads((job_dir / CURRENT_FILE).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return False
+    solved = sorted([r.name.normalized, str(r.version), str(r.build), str(r.channel)]
+                    for r in records)
+    if solved != current["packages"]:
+        new = ", ".join(" ".join(p) for p in solved if p not in current["packages"])
+        print(f"the solve differs from {current['version']} ({new or 'fewer packages'}): "
+              "building a new version", flush=True)
+        return False
+    (job_dir / UNCHANGED_FILE).write_text(current["version"] + "\n", encoding="utf-8")
+    print(f"no change: {current['version']} already has exactly these packages", flush=True)
+    return True
 
 
 def main(argv: list[str] | None = None) -> int:
