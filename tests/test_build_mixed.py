@@ -138,6 +138,9 @@ def test_an_unchanged_replace_keeps_the_current_version(mixed: tuple[JobManager,
     assert done.state is State.SUCCEEDED and "the solve differs from v1" in log, log
     assert (jobs_env.root / "analysis").resolve().name == "v2"
     assert ("conda", "app", "3.0") in _packages(mgr, "analysis")
+    # the .pyc of a file linked from the conda cache is one copy (the store's) in both
+    site = "lib/python3.11/dist-packages/pip/__pycache__/__init__.cpython-311.pyc"
+    assert (versions / "v1" / site).stat().st_ino == (versions / "v2" / site).stat().st_ino
     # a pip entry that is not an exact pin may resolve anew: built, not short-circuited
     loose = text.replace("mixdep==2.0", "mixdep>=2")
     _build(mgr, jobs_env, "analysis-loose", loose)
