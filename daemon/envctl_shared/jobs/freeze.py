@@ -24,15 +24,20 @@ path that differs, not only "changed"; the record holds the digest, so altering 
 is a difference too. Files from ``PARALLEL_BYTES`` up are hashed on worker threads (a pool
 sized from the CPU count; hashlib releases the GIL on large buffers), the rest on the walking
 thread: measured on a 60k-entry CPython install (2 CPUs), handing every file to the pool made
-the freeze 2.8x slower (each syscall of the walk then waited for the GIL: a convoy), while a
-few large libraries (a 500 MB ``libtorch``) do hash in parallel with the walk.
+the freeze 2.8x slower (each syscall of the walk then waited for the GIL: a convoy), and even
+the six files of 8 to 44 MB there cost the walk 1 to 2 s of such waits on a loaded machine
+(0.25 s to hash them inline); a few very large libraries (a 500 MB ``libtorch``) do hash in
+parallel with the walk.
 
 The store: each frozen regular file is hard-linked to one content-addressed copy in
 ``<root>/.envctl/store/<sha[:2]>/<sha>-<mode>`` (daemon-owned, read-only, like
 ``nix-store --optimise``): an identical file already there replaces the version's copy (link to
 a temporary name, rename over), else the version's file becomes the store's copy. Versions and
 envs then share their bytes; freezing an inode freezes it everywhere it is linked, which is
-what the store and conda's cache (daemon-owned, read-only) want anyway.
+what the store and conda's cache (daemon-owned, read-only) want anyway. So a version's file
+that is one of the store's copies already (a link from conda's cache, after its first freeze)
+is found by its inode in the store's index (``Store.index``) and neither opened nor hashed
+again: a rebuild from a warm cache pays for its new files only.
 """
 
 from __future__ import annotations
@@ -61,7 +66,7 @@ from . import layout
 STORE = "store"  # <root>/.envctl/store
 MANIFESTS = "manifests"  # <root>/.envctl/store/manifests/<digest hex>.gz
 FD_BUDGET = 512  # directory fds a walk may hold (pending siblings on the way down)
-PARALLEL_BYTES = 8 << 20  # files from this size are hashed on workers (see the docstring)
+PARALLEL_BYTES = 64 << 20  # files from this size are hashed on workers (see the docstring)
 _CHUNK = 1 << 20
 IN_FLIGHT = 16  # large files queued or being hashed at once (each holds its fd)
 _FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
@@ -413,15 +418,19 @@ class Store:
 
     def write_manifest(self, manifest: bytes) -> str:
         """Keep ``manifest`` under its digest (atomically: temporary name, fsync, rename; the
-        daemon's, 0444); returns the digest."""
+        daemon's, 0444) unless an identical version's is there already; returns the digest."""
         digest = digest_of(manifest)
         sub = self._sub(MANIFESTS)
+        with contextlib.suppress(FileNotFoundError):
+            st = os.stat(_manifest_name(digest), dir_fd=sub, follow_symlinks=False)
+            if stat.S_ISREG(st.st_mode) and st.st_uid == os.geteuid():
+                return digest  # (verify says so if it was altered since)
         tmp = f".tmp-{secrets.token_hex(6)}"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
                      0o444, dir_fd=sub)
         try:
             with os.fdopen(fd, "wb") as fh:
-                fh.write(gzip.compress(manifest, compresslevel=6, mtime=0))
+                fh.write(gzip.compress(manifest, compresslevel=1, mtime=0))
                 fh.flush()
                 os.fchown(fd, self.target.uid, self.target.gid)
                 os.fchmod(fd, 0o444)
@@ -479,18 +488,19 @@ class Store:
         key = f"{entry.sha}-{entry.mode:04o}"
         sub = self._sub(entry.sha[:2])
         for _ in range(2):
+            try:  # this very inode (not whatever the name holds now) becomes the copy
+                os.link(f"/proc/self/fd/{fd}", key, dst_dir_fd=sub, follow_symlinks=True)
+                return False
+            except FileExistsError:
+                pass  # stored before (or it is this inode already): share it
+            except OSError as exc:
+                if exc.errno in (errno.EMLINK, errno.EXDEV):
+                    return False
+                raise
             try:
                 have = os.stat(key, dir_fd=sub, follow_symlinks=False)
             except FileNotFoundError:
-                try:  # this very inode (not whatever the name holds now) becomes the copy
-                    os.link(f"/proc/self/fd/{fd}", key, dst_dir_fd=sub, follow_symlinks=True)
-                    return False
-                except FileExistsError:
-                    continue  # another freeze stored it first: share it
-                except OSError as exc:
-                    if exc.errno in (errno.EMLINK, errno.EXDEV):
-                        return False
-                    raise
+                continue  # collected meanwhile: this one becomes the copy
             if (have.st_dev, have.st_ino) == (st.st_dev, st.st_ino):
                 return False
             if not (stat.S_ISREG(have.st_mode) and have.st_uid == self.target.uid
