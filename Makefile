@@ -11,7 +11,7 @@ BUILD_PACKAGES := python3-venv python3-dev gcc
 APT_PACKAGES := $(BUILD_PACKAGES) bindfs fuse3 libfuse3-dev inotify-tools strace libsystemd-dev pkg-config systemd-container tini
 PYTEST_ARGS ?=
 
-.PHONY: run demo-config test deps venv apt bench clean install
+.PHONY: run demo-config test check deps venv apt bench clean install
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -63,11 +63,19 @@ demo-config:
 test: deps
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
+# Lint and types (CI runs it before the tests): ruff's rule set and mypy's strictness are in
+# pyproject.toml.
+check: deps
+	$(BIN)/ruff check daemon tests bench
+	$(BIN)/mypy daemon/envctl_shared
+
 # Full benchmarks (tables under bench/results/); each takes minutes. `--quick` runs are in the tests.
 bench: deps
 	$(BIN)/python bench/bench_heal.py
 	$(BIN)/python bench/bench_daemon.py
 	$(BIN)/python bench/bench_api.py
+	$(BIN)/python bench/bench_builds.py
+	$(BIN)/python bench/bench_freeze.py
 
 # Install system-wide (root): venv /opt/envctl from $(PYTHON), units, sysusers/tmpfiles, config
 # if absent, daemon-reload. Does not start anything; see docs/systemd.md.

@@ -46,9 +46,15 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import (VENV_BIN, exit_on_sigterm, start_requests_daemon,  # noqa: E402
-                          write_results, writer_account)
 from envctl_shared.jobs.backends import uv_bin  # noqa: E402
+
+from bench.common import (  # noqa: E402
+    VENV_BIN,
+    exit_on_sigterm,
+    start_requests_daemon,
+    write_results,
+    writer_account,
+)
 from tests.jobs_support import python_channel, write_wheel  # noqa: E402
 
 ENVCTL = str(VENV_BIN / "envctl")

@@ -33,8 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from envctl_shared.api.client import Client  # noqa: E402
 
-from bench.common import (VENV_BIN, start_requests_daemon, write_results,  # noqa: E402
-                          writer_account)
+from bench.common import VENV_BIN, start_requests_daemon, write_results, writer_account  # noqa: E402
 from tests.jobs_support import CondaPackage, build_channel  # noqa: E402
 
 ENVCTL = str(VENV_BIN / "envctl")

@@ -132,11 +132,14 @@ def main() -> None:
             [f"verify of the frozen version ({frozen.entries} entries)", f"{verify:.2f} s",
              f"sha256sum via find: {sha:.2f} s ({verify / sha:.2f}×)", "", ""],
         ]
-        write_results("freeze-quick" if args.quick else "freeze", "freezing a version: cost against its build, verify",
+        write_results("freeze-quick" if args.quick else "freeze",
+                      "freezing a version: cost against its build, verify",
                       ["measure", "envctl", "baseline / ratio", "target", "verdict"], rows,
                       {"entries": entries, "build_s": build, "freeze_s": cost,
                        "freeze_ratio": ratio, "build2_s": build2, "freeze2_s": cost2,
-                       "linked2": frozen2.linked, "freeze_linked_s": cost4, "rm_copy_s": remove, "du_one_kib": one, "du_two_kib": two,
+                       "linked2": frozen2.linked, "freeze_linked_s": cost4,
+                       "rm_copy_s": remove, "du_one_kib": one,
+                       "du_two_kib": two,
                        "verify_s": verify, "sha256sum_s": sha, "source": str(src),
                        "cpus": os.cpu_count(), "load_1min": os.getloadavg()[0]})
     finally:

@@ -37,11 +37,19 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import (VENV_BIN, count_syscalls, exit_on_sigterm,  # noqa: E402
-                          fresh_ext4, timed, write_results, writer_account)
+from envctl_shared.heal.walker import LANES  # noqa: E402
+
+from bench.common import (  # noqa: E402
+    VENV_BIN,
+    count_syscalls,
+    exit_on_sigterm,
+    fresh_ext4,
+    timed,
+    write_results,
+    writer_account,
+)
 from bench.envtree import copy_as, count_entries, make_template  # noqa: E402
 from bench.latencyfs import LatencyFs, latencyfs, stat_storm  # noqa: E402
-from envctl_shared.heal.walker import LANES  # noqa: E402
 
 ENVCTL = str(VENV_BIN / "envctl")
 WRITES = "chmod,fchmod,fchmodat,chown,fchown,lchown,fchownat"

@@ -17,9 +17,9 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
 
 # Where tables go: bench/results/ (committed), or ENVCTL_BENCH_RESULTS (the test suite's smoke
 # runs write to a scratch dir, so running the tests never rewrites the committed results).
@@ -139,7 +139,6 @@ def start_requests_daemon(base: Path, group: str, build_user: str,
     (``requests`` adds the backend's keys), its socket in ``base/run``; returned once it answers
     ``ping``. The caller stops it (own session: a kill reaches nothing else)."""
     import yaml
-
     from envctl_shared.api.client import Client
     from envctl_shared.errors import EnvctlError
 
@@ -169,5 +168,5 @@ def start_requests_daemon(base: Path, group: str, build_user: str,
             return proc, sock
         except EnvctlError:
             if proc.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit((base / "envctld.log").read_text())
+                raise SystemExit((base / "envctld.log").read_text()) from None
             time.sleep(0.05)

@@ -19,12 +19,12 @@ import shutil
 import socket
 import subprocess
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import yaml
-
 from envctl_shared.api.client import Client
 
 from tests.conftest import Accounts, User

@@ -10,8 +10,8 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 REPO = Path(__file__).resolve().parent.parent
 # Debian's python: other uids cannot execute the pyenv build under /root (mode 700).

@@ -217,7 +217,7 @@ def build_channel(root: Path, packages: list[CondaPackage]) -> Path:
     import rattler.index  # the venv has py-rattler (the daemon extra)
 
     asyncio.run(rattler.index.index_fs(root))
-    for dirpath, dirnames, filenames in os.walk(root):  # readable by the build user
+    for dirpath, _dirs, filenames in os.walk(root):  # readable by the build user
         os.chmod(dirpath, 0o755)
         for name in filenames:
             os.chmod(os.path.join(dirpath, name), 0o644)
@@ -351,3 +351,5 @@ def daemon_argv(cfg: dict[str, Any], who: Requester, specs: list[list[str]],
 
 ENV_HELLO = "name: ignored\nchannels: []\ndependencies:\n  - hello\n"
 ENV_VENV = "dependencies:\n  - python\n  - pip:\n    - envctl_demo\n"
+# With pip seeded (ensurepip: ~2 s, in a child process): for tests that need a step still running
+ENV_VENV_PIP = "dependencies:\n  - python\n  - pip\n  - pip:\n    - envctl_demo\n"

@@ -18,7 +18,7 @@ import stat
 import subprocess
 import threading
 import time
-from typing import Iterator
+from collections.abc import Iterator
 
 import pytest
 import yaml

@@ -25,8 +25,9 @@ import string
 import subprocess
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 from envctl_shared.api import protocol

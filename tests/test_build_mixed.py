@@ -23,8 +23,7 @@ from envctl_shared.errors import ValidationError
 from envctl_shared.jobs import JobManager, State
 
 from tests.helpers import as_user
-from tests.jobs_support import (JobsEnv, app_package, build_channel, full_log, wait_done,
-                                write_wheel)
+from tests.jobs_support import JobsEnv, app_package, build_channel, full_log, wait_done, write_wheel
 
 pytest_plugins = ("tests.fixtures_jobs",)
 Factory = Callable[..., JobManager]

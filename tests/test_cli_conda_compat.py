@@ -7,7 +7,7 @@ variables (and nothing else of the daemon's environment) to builds.
 from __future__ import annotations
 
 import json
-from typing import Iterator
+from collections.abc import Iterator
 
 import pytest
 import yaml

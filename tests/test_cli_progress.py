@@ -18,7 +18,6 @@ import time
 from pathlib import Path
 
 from bench.latencyfs import latencyfs
-
 from tests.helpers import VENV_BIN
 
 ENVCTL = str(VENV_BIN / "envctl")

@@ -19,9 +19,9 @@ from typing import Any
 
 import pytest
 import yaml
+from envctl_shared.daemon.leader import PollerLease
 
 from bench.latencyfs import Counters, LatencyFs, latencyfs
-from envctl_shared.daemon.leader import PollerLease
 from tests.conftest import Accounts
 from tests.daemon_support import write_config
 from tests.helpers import VENV_BIN, as_user, find_violations, wait_for

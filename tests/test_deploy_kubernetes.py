@@ -18,8 +18,8 @@ from typing import Any
 
 import pytest
 import yaml
-
 from envctl_shared import config as envctl_config
+
 from tests.conftest import Accounts
 from tests.helpers import REPO
 

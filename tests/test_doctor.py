@@ -9,8 +9,9 @@ import json
 import os
 import signal
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 
@@ -283,8 +284,9 @@ def _managed(root: Path, name: str) -> Path:
 def test_doctor_as_root_never_runs_an_envs_code_as_root(root: Path, scratch: Path,
                                                         accounts: Accounts) -> None:
     """A planted ``.pth`` in a hand-made env and in a managed one: doctor as root ran it as
-    root. Now the python runs as nobody, with -I -S (no .pth at all); a hostile bin/python
-    that is not python at all runs as nobody, never as root."""
+    root. Now root runs no env's python at all (as another account, a process that starts its
+    own session would outlive doctor); a user's own run uses -I -S (no .pth at all); a hostile
+    bin/python that is not python at all never runs as root."""
     marks = scratch / "marks"
     marks.mkdir(mode=0o777)
     os.chmod(marks, 0o1777)
@@ -293,7 +295,7 @@ def test_doctor_as_root_never_runs_an_envs_code_as_root(root: Path, scratch: Pat
     rootuser = User("root", 0, 0)
     for name in ("hand", "shared"):
         _, c = doctor(rootuser, "--socket", _no_daemon(scratch), "--root", str(root), name)
-        assert c["python"]["ok"] and "runs as nobody" in c["python"]["summary"], c["python"]
+        assert c["python"]["ok"] and "not run" in c["python"]["summary"], c["python"]
         assert list(marks.iterdir()) == []
         # ... and as the user who runs it, for their own run: still no .pth
         _, c = doctor(accounts.alice, "--socket", _no_daemon(scratch), "--root", str(root),
@@ -305,8 +307,10 @@ def test_doctor_as_root_never_runs_an_envs_code_as_root(root: Path, scratch: Pat
     (evil / "bin" / "python").write_text(f"#!/bin/sh\nid -u > {marks}/sh\n")
     os.chmod(evil / "bin" / "python", 0o755)
     doctor(rootuser, "--socket", _no_daemon(scratch), "--root", str(root), "evil")
+    assert not (marks / "sh").exists()  # root ran nothing of it
+    doctor(accounts.alice, "--socket", _no_daemon(scratch), "--root", str(root), "evil")
     st = (marks / "sh").stat()
-    assert st.st_uid != 0 and (marks / "sh").read_text().strip() == str(st.st_uid)
+    assert st.st_uid == accounts.alice.uid and (marks / "sh").read_text().strip() == str(st.st_uid)
 
 
 def test_a_read_only_version_explains_permission_denied(root: Path, scratch: Path,

@@ -11,11 +11,11 @@ import shutil
 from pathlib import Path
 
 import pytest
-
-from bench.latencyfs import latencyfs
 from envctl_shared.config import RootConfig
 from envctl_shared.fsinfo import mount_of, walk_concurrency
 from envctl_shared.heal import Healer
+
+from bench.latencyfs import latencyfs
 
 from .conftest import Accounts
 from .helpers import as_user, find_violations, snapshot

@@ -18,10 +18,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-
 from envctl_shared.config import RootConfig
 from envctl_shared.heal import Healer
 from envctl_shared.heal.walker import FD_BUDGET
+
 from tests.conftest import Accounts
 from tests.daemon_support import Envctld, write_config
 from tests.helpers import VENV_BIN, find_violations

@@ -18,10 +18,19 @@ from pathlib import Path
 from typing import NamedTuple
 
 import pytest
-
 from envctl_shared.config import RootConfig
-from envctl_shared.heal.fsops import (NodePaths, ScanResult, WalkResult, check_stamps, chgrp_fd,
-                                      chmod_fd, open_dir, scan, stat_at, walk)
+from envctl_shared.heal.fsops import (
+    NodePaths,
+    ScanResult,
+    WalkResult,
+    check_stamps,
+    chgrp_fd,
+    chmod_fd,
+    open_dir,
+    scan,
+    stat_at,
+    walk,
+)
 from envctl_shared.policy import NEVER_FIXED, judge, mode_table
 
 from .conftest import Accounts

@@ -7,7 +7,6 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
 from envctl_shared import config
 from envctl_shared.errors import ConfigError
 from envctl_shared.policy import Kind, judge, wanted_mode

@@ -15,7 +15,6 @@ import threading
 from pathlib import Path
 
 import pytest
-
 from envctl_shared.config import RootConfig
 from envctl_shared.heal import Healer
 

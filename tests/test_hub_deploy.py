@@ -13,8 +13,8 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import yaml
-
 from envctl_shared import config as envctl_config
+
 from tests.helpers import REPO
 
 K8S = REPO / "deploy" / "kubernetes"

@@ -23,8 +23,15 @@ from envctl_shared.errors import Conflict, NotAuthorised
 from envctl_shared.jobs import JobManager, State
 
 from tests.helpers import live_processes, wait_for
-from tests.jobs_support import (ENV_HELLO, ENV_VENV, JobsEnv, daemon_argv, full_log,
-                                wait_done)
+from tests.jobs_support import (
+    ENV_HELLO,
+    ENV_VENV,
+    ENV_VENV_PIP,
+    JobsEnv,
+    daemon_argv,
+    full_log,
+    wait_done,
+)
 
 pytest_plugins = ("tests.fixtures_jobs",)  # the jobs fixtures
 
@@ -125,7 +132,7 @@ def test_admin_cancels_queued_job(jobs_env: JobsEnv, manager_factory) -> None:
 
 def test_timeout_kills_the_group(jobs_env: JobsEnv, manager_factory) -> None:
     mgr = manager_factory(jobs_env.config(timeout=1.5))
-    job = mgr.submit(jobs_env.requester(), "slow", ENV_VENV, backend="venv")
+    job = mgr.submit(jobs_env.requester(), "slow", ENV_VENV_PIP, backend="venv")
     done = wait_done(mgr, job.id, 60)
     assert done.state is State.FAILED and "timed out after 1.5s" in (done.exit_detail or "")
     assert done.finished_at and done.started_at and done.finished_at - done.started_at < 10
@@ -154,7 +161,7 @@ def test_kill9_daemon_then_restart(jobs_env: JobsEnv, accounts) -> None:
     manager must find and kill that orphaned group, remove the half-built prefix, mark the job
     interrupted, release the lock and resume the job that was still queued."""
     cfg = jobs_env.raw(max_concurrent=1)
-    specs = [["k9", ENV_VENV, "venv"], ["after", ENV_HELLO, "rattler"]]
+    specs = [["k9", ENV_VENV_PIP, "venv"], ["after", ENV_HELLO, "rattler"]]
     daemon = subprocess.Popen(daemon_argv(cfg, jobs_env.requester(), specs),
                               stdout=subprocess.PIPE, text=True)
     try:

@@ -143,9 +143,10 @@ def _alias_bomb(levels: int = 9, width: int = 9) -> str:
     ("dependencies: " + "[" * 20_000 + "]" * 20_000 + "\n", "nested more than 64 levels"),
     ("dependencies:\n  " + "- " * 20_000 + "x\n", "nested more than 64 levels"),
     ("dependencies:\n" + "".join(f"{'  ' * i}- \n" for i in range(1, 200)), "nested more"),
-    ("dependencies: [" + "1" * 5000 + "]\n", "4300 digits"),
+    # plain scalars are read as text (see test_plain_scalars_are_the_text_written): tagged
+    ("dependencies: [!!int " + "1" * 5000 + "]\n", "4300 digits"),
     ("dependencies: [!!int 0x]\n", "cannot read the value"),
-    ("dependencies: [2020-13-45]\n", "month must be in 1..12"),
+    ("dependencies: [!!timestamp 2020-13-45]\n", "month must be in 1..12"),
     ("dependencies: [!!timestamp x]\n", "cannot read the value"),
 ])
 def test_hostile_yaml_is_refused_cheaply(text: str, message: str) -> None:
@@ -257,7 +258,45 @@ def test_conda_env_export_output_is_accepted() -> None:
     assert parse_spec("name: analysis\ndependencies: [x]\n", _cfg(), "analysis").notes == ()
 
 
+def test_plain_scalars_are_the_text_written() -> None:
+    """YAML 1.1 read ``UMASK: 0022`` as the octal 18, ``FLAG: no`` as False ("false"),
+    ``CUDA_VERSION: 11.10`` as 11.1 and ``START: 8:30`` as 510: a variable silently took
+    another value than the one written (conda, reading YAML 1.2, keeps most as written)."""
+    spec = parse_spec("dependencies: [x]\nvariables: {UMASK: 0022, FLAG: no, CUDA_VERSION: "
+                      "11.10, START: 8:30, N: 4, DEBUG: true, BIG: 1_000}\n", _cfg())
+    assert dict(spec.variables) == {"UMASK": "0022", "FLAG": "no", "CUDA_VERSION": "11.10",
+                                    "START": "8:30", "N": "4", "DEBUG": "true", "BIG": "1_000"}
+
+
 def test_an_empty_spec_is_valid_here() -> None:
     """An empty venv may be requested; conda-family backends refuse an empty list themselves."""
     assert parse_spec("dependencies: []\n", _cfg()).package_count == 0
     assert parse_spec("{}\n", _cfg()).package_count == 0
+
+
+@pytest.mark.parametrize("dep", ["https://evil.example/conda-forge::numpy",
+                                 "numpy[channel='https://evil.example/conda-forge']",
+                                 "file:///home/mallory/srv/chan::numpy"])
+def test_a_channel_is_judged_by_where_it_points_not_by_its_name(dep: str) -> None:
+    """``https://evil.example/conda-forge`` is called ``conda-forge`` too: a ``channel::``
+    that only shares an allowed channel's name is refused (conda fetches what a match spec's
+    channel names), while every spelling of an allowed channel passes."""
+    with pytest.raises(ValidationError, match="not among the spec's channels"):
+        parse_spec(f"channels: [conda-forge, /srv/chan]\ndependencies: [\"{dep}\"]\n", _cfg())
+    for ok in ("conda-forge::numpy", "https://conda.anaconda.org/conda-forge/::numpy",
+               "/srv/chan::numpy", "file:///srv/chan::numpy"):
+        parse_spec(f"channels: [conda-forge, /srv/chan]\ndependencies: ['{ok}']\n", _cfg())
+
+
+@pytest.mark.parametrize("channel", ["/root/private-chan", "file:///root/private-chan",
+                                     "./chan", "FILE:///srv/other"])
+def test_a_local_channel_needs_the_admin_when_any_channel_is_allowed(channel: str) -> None:
+    """``requests.channels: []`` allows any channel, but the trusted step reads local ones as
+    the daemon: a requester naming a directory only root may read got its packages. A local
+    channel must be one the admin named; a remote one stays open."""
+    cfg = _cfg(channels=[], default_channels=["/srv/chan"])
+    with pytest.raises(ValidationError, match="is not allowed on this daemon") as err:
+        parse_spec(f"channels: [{channel}]\ndependencies: [x]\n", cfg)
+    assert "named by the admin" in (err.value.hint or "")
+    assert parse_spec("channels: [/srv/chan, conda-forge]\ndependencies: [x]\n",
+                      cfg).channels == ("/srv/chan", "conda-forge")

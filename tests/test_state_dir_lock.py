@@ -10,8 +10,8 @@ the store or recovers anything; the first daemon's build runs on and is cancelle
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 import yaml

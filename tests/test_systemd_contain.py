@@ -15,8 +15,7 @@ import json
 
 import yaml
 
-from tests.test_systemd_daemon import CONFIG, SERVICE, Site, _build_demo
-from tests.test_systemd_daemon import pytestmark, site  # noqa: F401 (marks and fixture)
+from tests.test_systemd_daemon import CONFIG, SERVICE, Site, _build_demo, pytestmark, site  # noqa: F401 (marks and fixture)
 
 WRAPPER = """#!/bin/sh
 # test wrapper (requests.venv_python): leaves an escapee that notes its pid and cgroup
@@ -26,7 +25,7 @@ exec /usr/bin/python3 "$@"
 """
 
 
-def test_build_runs_in_a_cgroup_of_the_delegated_subtree(site: Site) -> None:
+def test_build_runs_in_a_cgroup_of_the_delegated_subtree(site: Site) -> None:  # noqa: F811
     site.m.write("/usr/local/bin/escaping-python", WRAPPER, mode=0o755)
     cfg = yaml.safe_load(site.m.path(CONFIG).read_text())
     cfg["requests"]["venv_python"] = "/usr/local/bin/escaping-python"

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from envctl_shared import config as envctl_config
+
 from tests.helpers import REPO
 
 UNITS = REPO / "systemd"

@@ -20,8 +20,9 @@ import os
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import pytest
 import yaml
@@ -32,8 +33,17 @@ from envctl_shared.jobs import JobManager, State, base_python, envs, layout
 from tests.api_support import VENV_SPEC, ApiDaemon, start_api_daemon
 from tests.conftest import Accounts, User
 from tests.helpers import VENV_BIN
-from tests.jobs_support import (ENV_VENV, HOST_PYTHON, HOST_STDLIB, JobsEnv, Pool,
-                                build_channel, full_log, python_package, wait_done)
+from tests.jobs_support import (
+    ENV_VENV,
+    HOST_PYTHON,
+    HOST_STDLIB,
+    JobsEnv,
+    Pool,
+    build_channel,
+    full_log,
+    python_package,
+    wait_done,
+)
 
 pytest_plugins = ("tests.fixtures_jobs",)  # jobs_env, manager_factory
 

@@ -18,8 +18,14 @@ from pathlib import Path
 from tests.conftest import Accounts
 from tests.daemon_support import write_config
 from tests.helpers import VENV_BIN, wait_for
-from tests.watch_support import (SETTLE, alice_sh, daemon_status, make_root, new_entries_healed,
-                                 settled)
+from tests.watch_support import (
+    SETTLE,
+    alice_sh,
+    daemon_status,
+    make_root,
+    new_entries_healed,
+    settled,
+)
 
 pytest_plugins = ("tests.fixtures_daemon",)  # the envctld fixture
 

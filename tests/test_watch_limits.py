@@ -19,8 +19,15 @@ import pytest
 from tests.conftest import Accounts
 from tests.daemon_support import write_config
 from tests.helpers import VENV_BIN, as_user, find_violations, wait_for
-from tests.watch_support import (daemon_status, make_root, make_source, out_of_watches,
-                                 scaled, sysctl, watches_of_uid0)
+from tests.watch_support import (
+    daemon_status,
+    make_root,
+    make_source,
+    out_of_watches,
+    scaled,
+    sysctl,
+    watches_of_uid0,
+)
 
 pytest_plugins = ("tests.fixtures_daemon",)  # the envctld fixture
 

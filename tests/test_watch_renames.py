@@ -21,8 +21,17 @@ import pytest
 from tests.conftest import Accounts
 from tests.daemon_support import Envctld, write_config
 from tests.helpers import SYSTEM_PYTHON, as_user, find_violations, wait_for
-from tests.watch_support import (SETTLE, alice_sh, alice_tmp, daemon_status, make_root,
-                                 new_entries_healed, scaled, settled, sysctl)
+from tests.watch_support import (
+    SETTLE,
+    alice_sh,
+    alice_tmp,
+    daemon_status,
+    make_root,
+    new_entries_healed,
+    scaled,
+    settled,
+    sysctl,
+)
 
 pytest_plugins = ("tests.fixtures_daemon",)  # the envctld fixture
 

@@ -25,7 +25,6 @@ from tests.helpers import as_user, find_violations
 from tests.trees import make_chain
 from tests.watch_support import make_root, make_source
 
-
 Drained = tuple[str, bool, tuple[str, ...]]  # an item as (rel, subtree, names)
 
 

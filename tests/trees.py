@@ -19,19 +19,19 @@ def build_tree(scratch: Path, acc: Accounts, hardlink: bool = True) -> tuple[Pat
     os.chown(root, acc.alice.uid, acc.alice.gid)
     os.chmod(root, 0o700)
     os.chown(outside, acc.alice.uid, acc.alice.gid)
-    script = """
+    script = f"""
         mkdir -p env/lib/python3.11/site-packages/pkg env/bin env/share/excluded/deep cache
         echo data > env/lib/python3.11/site-packages/pkg/__init__.py
         printf '#!/bin/sh\\n' > env/bin/tool && chmod 700 env/bin/tool
         echo x > env/share/excluded/deep/file
-        echo secret > {out}/alice-private && chmod 600 {out}/alice-private
-        mkdir {out}/alice-dir && echo y > {out}/alice-dir/inner
-        ln -s {out}/alice-private env/link-to-file
-        ln -s {out}/alice-dir env/link-to-dir
+        echo secret > {outside}/alice-private && chmod 600 {outside}/alice-private
+        mkdir {outside}/alice-dir && echo y > {outside}/alice-dir/inner
+        ln -s {outside}/alice-private env/link-to-file
+        ln -s {outside}/alice-dir env/link-to-dir
         ln -s /etc env/link-to-etc
         mkfifo env/fifo
         mkdir env/locked && echo z > env/locked/inside && chmod 000 env/locked
-    """.format(out=outside)
+    """
     as_user(acc.alice.uid, acc.alice.gid, f"cd {root} && {script}")
     if hardlink:
         os.link("/etc/passwd", root / "env" / "hardlink-to-passwd")  # root-owned, same fs
@@ -69,12 +69,14 @@ def make_chain(top: Path, levels: int, uid: int, gid: int, *, name: str = "d",
     """A chain of ``levels`` directories ``name`` below ``top``, made by uid/gid with umask
     077 the way an attacker would (mkdir + chdir, fd-relative: far deeper than PATH_MAX), each
     level holding a file ``side`` and an empty directory ``sibling<level>`` if given (a comb:
-    a depth-first walk leaves work queued at every level). Levels before ``wrong_from`` are made compliant
-    (group ``shared_gid``, 2770/660: the user must be in it); the rest are left broken, in the
+    a depth-first walk leaves work queued at every level). Levels before ``wrong_from`` are made
+    compliant (group ``shared_gid``, 2770/660: the user must be in it); the rest are left broken, in
+    the
     user's own group."""
     os.chown(top, uid, gid)
     as_user(uid, gid, ["/usr/bin/python3", "-c", _CHAIN, str(top), str(levels), name, side,
-                       sibling, str(shared_gid), str(wrong_from), str(gid)], init_groups=wrong_from > 0)
+                       sibling, str(shared_gid), str(wrong_from), str(gid)],
+            init_groups=wrong_from > 0)
 
 
 _UNHEAL = """

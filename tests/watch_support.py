@@ -87,7 +87,7 @@ def make_source(base: Path, dirs: int, files_per_dir: int, name: str = "src") ->
             if f % 7 == 0:
                 p.chmod(0o755)
         (sub / "link").symlink_to("f0.py")
-    for dirpath, dirnames, filenames in os.walk(src):
+    for dirpath, _dirs, _files in os.walk(src):
         os.chmod(dirpath, 0o755)
     return src
 

@@ -24,9 +24,9 @@ import signal
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 SOURCE = Path(__file__).resolve().with_name("latencyfs.c")
 BUILD_DIR = SOURCE.parent.parent.parent / "build" / "latencyfs"

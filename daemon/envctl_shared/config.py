@@ -22,10 +22,10 @@ import os
 import pwd
 import re
 import stat
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Literal, NoReturn, TypeVar
-
+from typing import Any, Literal, NoReturn, TypeVar
 
 from .errors import ConfigError
 

@@ -1,7 +1,7 @@
 """What "correct" means for one entry under a shared root.
 
-Pure functions of an ``os.stat_result`` and a :class:`~envctl_shared.config.RootConfig`: no I/O, so the
-healer, the checker and the daemon agree by construction, and the rules are testable on their
+Pure functions of an ``os.stat_result`` and a :class:`~envctl_shared.config.RootConfig`: no I/O, so
+the healer, the checker and the daemon agree by construction, and the rules are testable on their
 own. The rules (README, "Policy"):
 
 - group = the root's group; the owner is never changed;
@@ -27,7 +27,7 @@ import stat
 from array import array
 from dataclasses import dataclass
 from enum import Enum
-from functools import lru_cache
+from functools import cache
 
 from .config import RootConfig
 
@@ -116,7 +116,7 @@ def judge(st_mode: int, st_gid: int, root: RootConfig, is_root: bool = False) ->
 NEVER_FIXED = 0xFFFF  # mode_table value for entries the fast path hands back (specials)
 
 
-@lru_cache(maxsize=None)
+@cache
 def mode_table(others: str) -> bytes:
     """The wanted permission bits for every possible ``st_mode``, as 65536 native uint16.
 

@@ -42,6 +42,8 @@ __all__ = ["BoundedLoader", "LimitExceeded", "YAMLError", "safe_load"]
 MAX_DEPTH = 64  # an environment.yml needs 4 levels, the daemon's config 3
 MAX_NODES = 100_000  # far above any real document (a 64 KiB spec holds ~30,000 nodes at most)
 MAX_PROBLEM = 160  # characters of a parser's problem text kept in the error
+_NULLS = frozenset({"", "~", "null", "Null", "NULL"})  # plain scalars that stay null as text
+_STR = "tag:yaml.org,2002:str"
 # libyaml's scanner refuses flow nesting past 1,000 levels itself, scanning ahead of our composer.
 _LIBYAML_DEPTH = "exceeded maximum nesting depth"
 
@@ -56,6 +58,13 @@ class _Bounds(Composer, SafeConstructor):
 
     max_depth = MAX_DEPTH
     max_nodes = MAX_NODES
+    text_scalars = False  # see ``safe_load``
+
+    def resolve(self, kind: type[Node], value: str, implicit: tuple[bool, bool]) -> str:
+        if self.text_scalars and kind is yaml.ScalarNode and implicit[0] and \
+                value not in _NULLS:
+            return _STR
+        return str(super().resolve(kind, value, implicit))  # type: ignore[misc]
 
     def _start_bounds(self) -> None:
         self._depth = 0
@@ -138,8 +147,11 @@ else:  # pragma: no cover — libyaml is a dependency of the packaged builds
     _Loader = BoundedLoader
 
 
-def safe_load(text: str) -> Any:
+def safe_load(text: str, text_scalars: bool = False) -> Any:
     """``yaml.safe_load`` with the limits above; every failure is a ``yaml.YAMLError``.
+    ``text_scalars``: a plain scalar is the text written, not YAML 1.1's reading of it
+    (``0022`` stays ``0022``, not 18; ``no`` stays ``no``, not False; ``1.10``, ``8:30``
+    likewise); an empty one, ``~`` and ``null`` are still null, a tag still says its type.
 
     PyYAML quotes the document in its problems (``found undefined alias 'a111...'``): the
     quote is cut to :data:`MAX_PROBLEM` characters, since messages go to logs and peers.
@@ -152,6 +164,7 @@ def safe_load(text: str) -> Any:
                          exc.start - (text.rfind("\n", 0, exc.start) + 1), None, None)
         raise yaml.MarkedYAMLError(problem="special characters are not allowed",
                                    problem_mark=mark) from None
+    loader.text_scalars = text_scalars
     try:
         return loader.get_single_data()
     except yaml.MarkedYAMLError as exc:

@@ -20,8 +20,14 @@ import pytest
 from envctl_shared.config import Config
 from envctl_shared.jobs import JobManager
 
-from tests.jobs_support import (JobsEnv, Pool, build_channel, hello_packages, python_channel,
-                                 write_wheel)
+from tests.jobs_support import (
+    JobsEnv,
+    Pool,
+    build_channel,
+    hello_packages,
+    python_channel,
+    write_wheel,
+)
 
 
 @pytest.fixture(scope="session")

@@ -22,12 +22,19 @@ import json
 import os
 import socket
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from ..config import DEFAULT_SOCKET, SOCKET_ENV
-from ..errors import (DaemonUnavailable, EnvctlError, ProtocolError, SocketPermissionDenied,
-                      UntrustedSocket, UsageError)
+from ..errors import (
+    DaemonUnavailable,
+    EnvctlError,
+    ProtocolError,
+    SocketPermissionDenied,
+    UntrustedSocket,
+    UsageError,
+)
 from . import protocol
 from .peercred import peer_cred
 

@@ -15,7 +15,8 @@ what everyone else can do instead.
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any
 
 from ..errors import EnvctlError, NotAuthorised, ValidationError
 from ..jobs import kernels, spec_edit

@@ -13,9 +13,10 @@ quoted in messages through :func:`~envctl_shared.untrusted.brief`. Whatever a pe
 answer is a ``protocol-error`` naming the problem, never an internal error.
 
 Request: ``{"v": 1, "op": "<op>", "args": {...}[, "hub_token": "..."]}`` (``hub_token``: the
-caller's ``JUPYTERHUB_API_TOKEN``, checked with the hub by the daemon; see ``hub``). Replies: ``{"ok": true, "data": ...}`` or
-``{"ok": false, "error": {"code", "message"[, "hint"]}}``. Streaming ops send any number of
-``{"ok": true, "event": "<kind>", "data": ...}`` lines and then ``{"ok": true, "end": true,
+caller's ``JUPYTERHUB_API_TOKEN``, checked with the hub by the daemon; see ``hub``). Replies:
+``{"ok": true, "data": ...}`` or ``{"ok": false, "error": {"code", "message"[, "hint"]}}``.
+Streaming ops send any number of ``{"ok": true, "event": "<kind>", "data": ...}`` lines and then
+``{"ok": true, "end": true,
 "data": ...}``.
 """
 
@@ -23,8 +24,9 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from ..errors import EnvctlError, ProtocolError
 from ..untrusted import brief
@@ -36,7 +38,7 @@ MAX_OFFSET = 2**53 - 1  # the largest integer every JSON implementation represen
 _WORD_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _HINT = "send one JSON object per line, see docs/protocol.md"
 MAX_TOKEN = 512
-_TOKEN_RE = re.compile(r"[A-Za-z0-9._~+/=-]{8,%d}" % MAX_TOKEN)
+_TOKEN_RE = re.compile(rf"[A-Za-z0-9._~+/=-]{{8,{MAX_TOKEN}}}")
 FIELDS = ("v", "op", "args", "hub_token")
 
 

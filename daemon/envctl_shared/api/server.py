@@ -28,7 +28,8 @@ import socket
 import threading
 import time
 from collections import Counter
-from typing import TYPE_CHECKING, Iterator
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 from ..config import Config
 from ..errors import DaemonUnavailable, EnvctlError, ProtocolError

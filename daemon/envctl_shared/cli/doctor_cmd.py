@@ -8,7 +8,7 @@ machine, not the user: a kernel that lets anyone hard-link others' files (``fs.p
 = 0``) lets a member share another user's private file through a root. ``doctor`` checks every one
 as the user who runs it (no root needed), prints one line per check (✓, or ✗ and the fix), and
 exits 0 when all is well, 1 when something is not. With NAME it also checks one environment: its
-tree, who built it and when, whether its python runs (as the user; run as root, as ``nobody``:
+tree, who built it and when, whether its python runs (as the user; run as root, not at all:
 an env's interpreter and its ``.pth`` files are its members' code, never run as root), why a
 ``pip install`` into it says "Permission denied" (a version envctl built is read-only by design)
 and what to run instead, whether its kernel is registered.
@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import pwd
 import signal
 import stat
 import subprocess
@@ -455,36 +454,30 @@ def check_env_tree(ctx: Context, name: str, prefix: Path) -> None:
 # Only the version is asked: isolated (no PYTHON* variables, no user site) and without ``site``,
 # so none of the env's ``.pth`` files or packages run.
 _VERSION = "import sys; print(sys.version.split()[0])"
-UNPRIVILEGED = "nobody"
 
 
 def check_python(ctx: Context, name: str, prefix: Path) -> None:
-    """Whether the env's python starts: as you, or — run as root — as ``nobody`` (an env's
-    interpreter is its members' code: root never runs it); ``-I -S``, a timeout."""
+    """Whether the env's python starts, as you: ``-I -S``, a timeout. Run as root, doctor does
+    not run it at all: an env's interpreter is its members' code, and running it as another
+    account (``nobody``) would not contain it either — a process that starts its own session
+    outlives doctor's kill, as an account other services share."""
     python = prefix / "bin" / "python"
     if not os.path.lexists(python):
         ctx.add("python", True, f"{name} has no bin/python (not a Python environment)",
                 subject=name)
         return
-    as_user: dict[str, Any] = {}
     if os.geteuid() == 0:
-        try:
-            pw = pwd.getpwnam(UNPRIVILEGED)
-        except KeyError:
-            ctx.add("python", True, f"not run: doctor runs as root and this host has no "
-                    f"'{UNPRIVILEGED}' user to run it as (root never runs an env's code)",
-                    subject=name)
-            return
-        as_user = {"user": pw.pw_uid, "group": pw.pw_gid, "extra_groups": []}
-    who = f" as {UNPRIVILEGED}" if as_user else ""
+        ctx.add("python", True, "not run: doctor runs as root, and root never runs an env's "
+                "code (run 'envctl doctor' as a member of the root's group to try it)",
+                subject=name)
+        return
     try:
         proc = subprocess.Popen([str(python), "-I", "-S", "-c", _VERSION], cwd="/",
                                 env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"},
                                 stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True, start_new_session=True,
-                                **as_user)
+                                stderr=subprocess.PIPE, text=True, start_new_session=True)
     except OSError as exc:
-        ctx.add("python", False, f"{quote_name(str(python))} does not run{who}: {exc.strerror}",
+        ctx.add("python", False, f"{quote_name(str(python))} does not run: {exc.strerror}",
                 "check the env's tree above; rebuild it with 'envctl request create --replace'",
                 name)
         return
@@ -494,16 +487,16 @@ def check_python(ctx: Context, name: str, prefix: Path) -> None:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
         proc.communicate()
-        ctx.add("python", False, f"{quote_name(str(python))} did not answer{who} within "
+        ctx.add("python", False, f"{quote_name(str(python))} did not answer within "
                 f"{PYTHON_TIMEOUT:g}s", "check the env's tree above and its filesystem", name)
         return
     if proc.returncode != 0:
         last = (err.strip().splitlines() or ["?"])[-1]
-        ctx.add("python", False, f"{quote_name(str(python))} exits {proc.returncode}{who}: "
+        ctx.add("python", False, f"{quote_name(str(python))} exits {proc.returncode}: "
                 f"{quote_name(last)}", "check the env's tree above; rebuild it with "
                 "'envctl request create --replace'", name)
         return
-    ctx.add("python", True, f"python {(out.split() or ['?'])[0]} runs{who}", subject=name)
+    ctx.add("python", True, f"python {(out.split() or ['?'])[0]} runs", subject=name)
 
 
 def check_frozen(ctx: Context, name: str, real: Path) -> None:

@@ -31,7 +31,7 @@ from typing import Any
 from .. import config as cfgmod
 from ..errors import EX_FAILURE, EX_IOERR, EX_OK, FilesystemError, UsageError
 from ..fsinfo import walk_concurrency
-from ..heal import Finding, HealStats, Healer
+from ..heal import Finding, Healer, HealStats
 from .access import missing_hint, permission_hint
 from .output import emit_json, quote_name
 from .progress import Progress

@@ -41,6 +41,7 @@ import json
 import os
 import shlex
 import shutil
+import stat
 import subprocess
 import time
 from pathlib import Path
@@ -172,14 +173,29 @@ def _cfg(prefix: Path) -> dict[str, str]:
 
 def _check_dest(dest: Path, env: Path) -> bool:
     """True for an existing layer over ``env`` (re-pointed, its packages kept); a missing or
-    empty directory is made; anything else is refused, untouched."""
+    empty directory is made; anything else is refused, untouched. A layer runs from its
+    directory at every start, so whoever may replace what is in it chooses what you run: it
+    must be a directory of yours (not a symlink, which another may have planted in /tmp), held
+    by a directory of yours or root's that nobody else may rename it out of (``_check_holder``)."""
+    try:
+        st: os.stat_result | None = os.lstat(dest)
+    except FileNotFoundError:
+        st = None
+    except OSError as exc:
+        raise FilesystemError(f"cannot look at {quote_name(str(dest))}: {exc.strerror}",
+                              hint="give a directory of yours with --prefix") from None
+    if st is not None and (not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid()):
+        what = "a symlink" if stat.S_ISLNK(st.st_mode) else \
+            "not a directory" if not stat.S_ISDIR(st.st_mode) else f"owned by uid {st.st_uid}"
+        raise FilesystemError(f"{quote_name(str(dest))} is {what}: a layer must be a directory "
+                              "of yours (whoever can change it chooses what your layer runs)",
+                              hint="give a new directory of yours with --prefix")
     over = _cfg(dest).get(MARKER)
-    if over == str(env):
-        return True
-    if over is not None:
+    refreshed = over == str(env)
+    if over is not None and not refreshed:
         raise ValidationError(f"{quote_name(str(dest))} is a layer over {quote_name(over)}",
                               hint="give another --prefix, or remove that layer first")
-    if dest.is_dir() and any(dest.iterdir()) or dest.exists() and not dest.is_dir():
+    if not refreshed and st is not None and any(dest.iterdir()):
         raise FilesystemError(f"{quote_name(str(dest))} exists and is not a layer",
                               hint="give an empty or new directory with --prefix")
     try:
@@ -187,7 +203,23 @@ def _check_dest(dest: Path, env: Path) -> bool:
     except OSError as exc:
         raise FilesystemError(f"cannot make {quote_name(str(dest.parent))}: {exc.strerror}",
                               hint="give a writable directory with --prefix") from None
-    return False
+    _check_holder(dest.parent)
+    return refreshed
+
+
+def _check_holder(parent: Path) -> None:
+    """The directory holding a layer: yours or root's, and sticky when others may write it
+    (as /tmp): else its owner, or those who may write it, could swap the layer for theirs.
+    A group that is your own primary group (a user private group, umask 002) is you."""
+    st = os.stat(parent)
+    others = st.st_mode & 0o002 or st.st_mode & 0o020 and st.st_gid != os.getegid()
+    writable = others and not st.st_mode & stat.S_ISVTX
+    if st.st_uid not in (os.geteuid(), 0) or writable:
+        who = f"owned by uid {st.st_uid}" if st.st_uid not in (os.geteuid(), 0) else \
+            "writable by others (and not sticky)"
+        raise FilesystemError(f"{quote_name(str(parent))} is {who}: whoever can rename "
+                              "entries in it could swap your layer for theirs",
+                              hint="give a --prefix in a directory of yours")
 
 
 # -- making it ----------------------------------------------------------------------------------
@@ -270,7 +302,10 @@ def layer_kernel_name(name: str, hub_user: str | None) -> str:
     on JUPYTER_PATH), per hub user on a hub (a shared HOME holds everyone's)."""
     from ..jobs.kernels import PREFIX, kernel_name
 
-    base = f"envctl.layer-{kernel_name(name).removeprefix(PREFIX)}"
+    shared = kernel_name(name)
+    if shared is None:  # a name the request API could not have made: no kernel for it
+        raise UsageError(f"{name!r} cannot have a kernel", hint="pass --no-kernel")
+    base = f"envctl.layer-{shared.removeprefix(PREFIX)}"
     return base + (f"-{hashlib.sha256(hub_user.encode()).hexdigest()[:8]}" if hub_user else "")
 
 

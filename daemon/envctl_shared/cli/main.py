@@ -15,13 +15,21 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 from .. import __version__
 from ..config import DEFAULT_SOCKET, SOCKET_ENV
 from ..errors import EX_SOFTWARE, EnvctlError, UsageError
-from . import (doctor_cmd, env_cmd, heal_cmd, init_cmd, kernels_cmd, request_cmd, status_cmd,
-               whoami_cmd)
+from . import (
+    doctor_cmd,
+    env_cmd,
+    heal_cmd,
+    init_cmd,
+    kernels_cmd,
+    request_cmd,
+    status_cmd,
+    whoami_cmd,
+)
 from .output import emit_error, json_emitted
 
 COMMAND_MODULES = [heal_cmd, request_cmd, env_cmd, status_cmd, whoami_cmd, kernels_cmd,
@@ -105,10 +113,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:  # a bug: say so in one line unless debugging
         if debug:
             raise
-        err = EnvctlError(f"internal error: {exc.__class__.__name__}: {exc}",
+        bug = EnvctlError(f"internal error: {exc.__class__.__name__}: {exc}",
                           hint="re-run with --debug and report the traceback")
-        err.exit_code = EX_SOFTWARE  # type: ignore[misc]
-        return _fail(err, as_json)
+        bug.exit_code = EX_SOFTWARE  # type: ignore[misc]
+        return _fail(bug, as_json)
 
 
 def _fail(err: EnvctlError, as_json: bool) -> int:

@@ -8,10 +8,10 @@ import time
 from typing import Any, TextIO
 
 from ..errors import EnvctlError
+
 # quote_name lives at the bottom of the stack (the daemon's logs use it too); commands import it
 # from here.
 from ..quoting import quote_name  # noqa: F401
-
 
 _emitted = False  # a JSON document was printed by this process (see ``json_emitted``)
 

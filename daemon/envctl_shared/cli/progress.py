@@ -14,7 +14,8 @@ import shutil
 import sys
 import threading
 import time
-from typing import Callable, TextIO
+from collections.abc import Callable
+from typing import TextIO
 
 from .output import quote_name
 

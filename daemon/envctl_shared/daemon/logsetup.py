@@ -1,10 +1,10 @@
 """Logging for envctld: key=value lines on stderr, or structured records in the journal.
 
-Why two sinks: an admin greps stderr/container logs for ``root=/shared/envs``; under systemd
-the same facts are better as journal fields (``journalctl ENVCTL_ROOT=/shared/envs``). Call
-sites pass those fields with ``extra=envctl_shared.logfields.fields(root=..., path=..., job=...)``; the
-stderr formatter
-ignores them (the message already says ``root=...``), the journal handler stores them and sets
+Why two sinks: an admin greps stderr/container logs for ``root=/shared/envs``; under systemd the
+same facts are better as journal fields (``journalctl ENVCTL_ROOT=/shared/envs``). Call sites pass
+those fields with ``extra=envctl_shared.logfields.fields(root=..., path=..., job=...)``; the stderr
+formatter ignores them (the message already says ``root=...``), the journal handler stores them and
+sets
 ``PRIORITY`` from the level. Python warnings go through logging too, so a library's warning
 flood cannot bypass the level.
 """

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import importlib
 import os
+from collections.abc import Sequence
 from types import ModuleType
-from typing import Any, NamedTuple, Sequence
+from typing import Any, NamedTuple
 
 from ..errors import ExtensionMissing
 

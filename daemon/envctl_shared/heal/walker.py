@@ -50,14 +50,31 @@ import threading
 import time
 import weakref
 from collections import Counter, OrderedDict
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Protocol, Sequence
+from typing import Any, Protocol
 
 from ..config import RootConfig
 from ..policy import Kind, Verdict, judge, kind_of, mode_table
-from .fsops import (DIR_FLAGS, PATH_DIR_FLAGS, PATH_FLAGS, Fixed, NodePaths, ScanResult,
-                    Skipped, Stat, Tallied, check_stamps, chgrp_fd, chmod_fd, fix_fd, open_dir,
-                    scan, stat_at, walk)
+from .fsops import (
+    DIR_FLAGS,
+    PATH_DIR_FLAGS,
+    PATH_FLAGS,
+    Fixed,
+    NodePaths,
+    ScanResult,
+    Skipped,
+    Stat,
+    Tallied,
+    check_stamps,
+    chgrp_fd,
+    chmod_fd,
+    fix_fd,
+    open_dir,
+    scan,
+    stat_at,
+    walk,
+)
 from .stats import Finding, FindingSink, HealStats
 
 BATCH = 32  # entries inspected per task when concurrent

@@ -1,7 +1,7 @@
 """Environment requests: validated, persisted, locked, built as an unprivileged user, healed.
 
-The jobs layer sits between the healer and the socket API. It knows nothing about sockets: the
-API builds a :class:`~envctl_shared.jobs.model.Requester` from the kernel's peer credentials and calls
+The jobs layer sits between the healer and the socket API. It knows nothing about sockets: the API
+builds a :class:`~envctl_shared.jobs.model.Requester` from the kernel's peer credentials and calls
 :class:`~envctl_shared.jobs.manager.JobManager`. Roles, one module each:
 
 - ``model``: the value types the API serialises (``Job.to_dict`` is the wire format);

@@ -33,7 +33,6 @@ import struct
 import threading
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 from ..errors import EnvctlError
 from ..heal.fsops import DIR_FLAGS

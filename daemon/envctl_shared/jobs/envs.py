@@ -322,7 +322,12 @@ def _read_small(dir_fd: int, name: str, limit: int = 1 << 20) -> bytes | None:
 
 
 def _field(value: object) -> str:
-    return str(value)[:_FIELD] if isinstance(value, (str, int, float)) else ""
+    """A name, version, build or channel as the build's metadata says it, bounded and as
+    printable text (a control character becomes U+FFFD): ``env show`` prints it to whoever
+    looks, and a terminal obeys the escapes a package's METADATA may carry."""
+    text = str(value)[:_FIELD] if isinstance(value, (str, int, float)) else ""
+    return text if text.isprintable() else "".join(
+        c if c.isprintable() else "\ufffd" for c in text)
 
 
 def inventory(prefix_fd: int) -> list[dict[str, str]]:
@@ -347,7 +352,7 @@ def inventory(prefix_fd: int) -> list[dict[str, str]]:
                                   "channel": _field(rec.get("channel"))})
         finally:
             os.close(meta)
-    for site in _site_packages(prefix_fd):
+    for site in site_dirs(prefix_fd):
         try:
             for entry in sorted(os.listdir(site))[:MAX_PACKAGES]:
                 if entry.endswith(".dist-info"):
@@ -366,7 +371,10 @@ _SITE_NAMES = ("site-packages", "dist-packages")
 _INSTALLERS = (b"uv", b"pip")
 
 
-def _site_packages(prefix_fd: int) -> Iterator[int]:
+def site_dirs(prefix_fd: int) -> Iterator[int]:
+    """fds of a prefix's site directories (``lib/python*/{site,dist}-packages``,
+    ``local/lib/python*/...``), opened without following a symlink; each is the caller's to
+    close. The one list of where an env's packages are, for the inventory and for kernels."""
     for parts in _SITE_DIRS:
         lib = _descend(prefix_fd, parts)
         if lib is None:

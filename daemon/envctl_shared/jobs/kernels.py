@@ -48,7 +48,6 @@ import re
 import secrets
 import stat
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -65,9 +64,7 @@ SYNC_LIMIT = 60.0  # seconds for one whole sync; envs left when it is over keep 
 MAX_SPEC = 1 << 20  # a kernel.json larger than this is not one of ours
 _KERNEL_NAME = re.compile(r"[a-z0-9._-]+")
 _ENV_NAME = re.compile(r"[A-Za-z0-9._-]{1,128}")  # hand-made names with "_" too
-# Where an env's python finds its packages: conda and venv; Debian's scheme.
-_SITE_DIRS = (("lib",), ("local", "lib"))
-_SITE_NAMES = ("site-packages", "dist-packages")
+_NAME_MAX = 255  # bytes of one directory name (Linux): a kernelspec is a directory
 _LAUNCHER_MODULE = "ipykernel_launcher.py"
 
 
@@ -82,11 +79,13 @@ class SyncResult:
 
 def kernel_name(env: str) -> str | None:
     """``envctl-`` + ``env`` escaped one-to-one into lower case (see the module docstring);
-    None for a name that cannot be escaped (a hand-made env with spaces, say)."""
+    None for a name that cannot be escaped (a hand-made env with spaces, say) or whose escape
+    is longer than a directory name may be (a hand-made env of 125 capitals)."""
     if not _ENV_NAME.fullmatch(env):
         return None
-    return PREFIX + "".join("__" if c == "_" else "_" + c.lower() if c.isupper() else c
-                            for c in env)
+    name = PREFIX + "".join("__" if c == "_" else "_" + c.lower() if c.isupper() else c
+                          for c in env)
+    return name if len(name) <= _NAME_MAX else None
 
 
 # -- whether an env can be a kernel, from what is on disk ---------------------------------------
@@ -126,7 +125,7 @@ def launcher_in(parent: int | None, name: str) -> bool:
     if prefix is None:
         return False
     try:
-        return any(_site_has_launcher(site) for site in _site_dirs(prefix))
+        return any(_site_has_launcher(site) for site in envs.site_dirs(prefix))
     finally:
         os.close(prefix)
 
@@ -139,33 +138,6 @@ def _site_has_launcher(site: int) -> bool:
     finally:
         os.close(site)
     return stat.S_ISREG(st.st_mode)
-
-
-def _site_dirs(prefix: int) -> Iterator[int]:
-    """fds of ``lib/python*/{site,dist}-packages`` and ``local/lib/python*/dist-packages``
-    (each to be closed by the caller)."""
-    for parts in _SITE_DIRS:
-        lib = _open_dir(prefix, parts[0])
-        for part in parts[1:]:
-            if lib is not None:
-                parent, lib = lib, _open_dir(lib, part)
-                os.close(parent)
-        if lib is None:
-            continue
-        try:
-            for entry in sorted(os.listdir(lib)):
-                py = _open_dir(lib, entry) if entry.startswith("python") else None
-                if py is None:
-                    continue
-                try:
-                    for site_name in _SITE_NAMES:
-                        site = _open_dir(py, site_name)
-                        if site is not None:
-                            yield site
-                finally:
-                    os.close(py)
-        finally:
-            os.close(lib)
 
 
 # -- the kernelspec -----------------------------------------------------------------------------

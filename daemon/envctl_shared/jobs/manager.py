@@ -5,8 +5,8 @@ so it enforces the limits (``requests.max_concurrent``, one queued/running job p
 ``requests.max_queued_per_user`` per requester), turns a daemon restart into a non-event
 (``start`` resumes queued jobs and turns running ones into ``interrupted`` after killing what
 the dead daemon left and removing its partial output), and wakes waiters (``wait``) on every
-state, phase or log change so ``logs -f`` needs no polling of its own. Threads: one scheduler, one thread per running build (plus its log reader). Every
-public method is safe to call from any thread.
+state, phase or log change so ``logs -f`` needs no polling of its own. Threads: one scheduler, one
+thread per running build (plus its log reader). Every public method is safe to call from any thread.
 
 Validation order in ``submit`` is what makes "nothing is created on bad input" true: name,
 backend, spec, backend-specific checks and the build user are all checked before the job row
@@ -28,9 +28,16 @@ from pathlib import Path
 from typing import Any
 
 from ..config import Config
-from ..errors import (ConfigError, Conflict, DaemonUnavailable, EnvctlError, LimitReached,
-                      NotAuthorised,
-                      NotFound, ValidationError)
+from ..errors import (
+    ConfigError,
+    Conflict,
+    DaemonUnavailable,
+    EnvctlError,
+    LimitReached,
+    NotAuthorised,
+    NotFound,
+    ValidationError,
+)
 from ..logfields import fields
 from . import cgroup as cgroups
 from . import envs, integrity, kernels, layout, procs

@@ -1,15 +1,15 @@
 """Build processes: spawned as the build user in their own group; groups killed, orphans too.
 
 Why these rules:
-- package code never as root: the child drops to the build user with ``setgroups`` (the build user's own
-  groups from the group database, as a login would have: never the daemon's), ``setregid``,
+- package code never as root: the child drops to the build user with ``setgroups`` (the build user's
+  own groups from the group database, as a login would have: never the daemon's), ``setregid``,
   ``setreuid`` (``subprocess``'s ``extra_groups``/``group``/``user``, done in C between fork and
-  exec — a ``preexec_fn`` is unsafe in a threaded daemon; in a :class:`Sandbox`, ``setpriv``
-  does the same once the namespace is set up). Only a *trusted* step (the daemon's own code,
-  e.g. py-rattler's download and link) runs as the daemon. An admin who adds the build user to
-  a ``2770`` root's group as a supplementary member therefore gets what they expect, and a
-  build user who cannot enter the requests root at all is refused at start with the fix
-  (:func:`check_reach`), not by every build failing on "Permission denied";
+  exec — a ``preexec_fn`` is unsafe in a threaded daemon; in a :class:`Sandbox`, ``setpriv`` does
+  the same once the namespace is set up). Only a *trusted* step (the daemon's own code, e.g.
+  py-rattler's download and link) runs as the daemon. An admin who adds the build user to a ``2770``
+  root's group as a supplementary member therefore gets what they expect, and a build user who
+  cannot enter the requests root at all is refused at start with the fix (:func:`check_reach`), not
+  by every build failing on "Permission denied";
 - ``start_new_session``: the build is the leader of a new session and process group, so cancel
   and timeout kill everything it started (``killpg``), not just the first process;
 - ``setpriv --pdeathsig KILL``: the leader dies with the daemon thread that started it (set
@@ -326,9 +326,9 @@ def spawn(argv: list[str], user: BuildUser, home: Path, cgroup: Path | None = No
     with _steps_lock:  # a sweep never sees the new group before it counts as running
         proc = subprocess.Popen(  # type: ignore[call-overload]
             command, cwd=home,
-            env=scrubbed_env(user, home, passthrough), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT, close_fds=True, start_new_session=True, umask=0o022,
-            **ids)
+            env=scrubbed_env(user, home, passthrough), stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, close_fds=True,
+            start_new_session=True, umask=0o022, **ids)
         _running.add(proc.pid)
     step = Step(proc)
     if cgroup is not None:

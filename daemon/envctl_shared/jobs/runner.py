@@ -28,10 +28,19 @@ from typing import Any
 from ..config import Config
 from ..errors import BuildFailed, Conflict, EnvctlError
 from ..heal import fsops
-from . import cgroup as cgroups
 from . import base_python, envs, freeze, kernels, layout, procs
-from .backends import (PHASE_MARK, PHASES, BuildContext, Step, backend_named, get_backend,
-                       rattler, rattler_child, test_step)
+from . import cgroup as cgroups
+from .backends import (
+    PHASE_MARK,
+    PHASES,
+    BuildContext,
+    Step,
+    backend_named,
+    get_backend,
+    rattler,
+    rattler_child,
+    test_step,
+)
 from .lock import NameLock
 from .model import Job, State
 from .spec import EnvSpec, parse_spec

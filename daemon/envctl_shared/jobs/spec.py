@@ -8,15 +8,18 @@ keys are accepted, so a typo is an error rather than a silently different enviro
 ``conda env export`` writes is accepted as it is: its ``prefix:`` is ignored (the daemon, not
 the spec, decides where environments live) and a ``name:`` that differs from the requested name
 is built under the requested one, each with a note for the job's log; ``variables:`` become the
-env's activation variables (conda's ``env_vars``), names and values bounded.
+env's activation variables (conda's ``env_vars``), names and values bounded, none that would
+make its users' programs load code from outside the version (``LD_PRELOAD``, ``PYTHONPATH``...)
+and no value that conda's activation script would run as shell code (a quote, ``$``...).
+The file is read with text scalars: a value is the text written, not YAML 1.1's reading of it.
 The YAML is read by :mod:`~envctl_shared.safeyaml` (depth and alias expansion bounded before
 anything is built) and values are quoted in messages through :func:`~envctl_shared.untrusted.brief`
 (bounded length), so no spec costs the daemon more than a bounded amount of CPU and memory.
 Conda dependencies are match specs read as conda reads them (py-rattler's lenient parser: the
 ``name=version=build`` pins of ``conda env export``, ``name==version``, ``name version build``,
-``channel::name``, version globs), and the solver reads them the same way; a ``channel::`` must be one of
-the spec's (allowed) channels and a ``[url=...]`` is refused, so a match spec cannot reach past
-the channel policy.
+``channel::name``, version globs), and the solver reads them the same way; a ``channel::`` must be
+one of the spec's (allowed) channels and a ``[url=...]`` is refused, so a match spec cannot reach
+past the channel policy.
 ``pip:`` entries are lines of a pip requirements file: each is parsed the way pip splits it
 (requirement, then per-requirement options) and the requirement by ``packaging``, so options
 and direct references (URLs, VCS links, local paths) are refused wherever they hide in a line.
@@ -25,9 +28,9 @@ Every refusal is a :class:`~envctl_shared.errors.ValidationError` with a hint sa
 
 from __future__ import annotations
 
+import contextlib
 import re
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from packaging.requirements import InvalidRequirement, Requirement
@@ -44,6 +47,26 @@ _VAR_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
 # Set by activation itself: a spec that set them would break activating the env.
 RESERVED_VARIABLES = frozenset({"PATH", "CONDA_PREFIX", "CONDA_DEFAULT_ENV", "CONDA_SHLVL",
                                 "CONDA_PROMPT_MODIFIER", "CONDA_EXE", "VIRTUAL_ENV"})
+# Tell the programs every user of the env runs where to load code from, or are code themselves:
+# the dynamic loader (LD_*), interpreters' search and start-up paths, shells' start-up files and
+# prompts, HOME and the config dirs whose files Jupyter and IPython run at start, and where the
+# users' own installers fetch packages (pip, uv, conda and its shell functions). A shared env
+# runs what was built from the site's channels and index; with these, it would run whatever a
+# requester's files outside it say, long after the build, unseen by any check of the version.
+CODE_VARIABLE_PREFIXES = ("LD_", "PIP_", "UV_", "CONDA_")
+CODE_VARIABLES = frozenset({
+    "PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP", "PYTHONUSERBASE", "PYTHONPYCACHEPREFIX",
+    "PYTHONPLATLIBDIR", "PYTHONEXECUTABLE", "BASH_ENV", "ENV", "PROMPT_COMMAND", "PS1", "PS2",
+    "PS4", "SHELLOPTS", "BASHOPTS", "HOME", "XDG_CONFIG_HOME", "XDG_DATA_HOME", "IPYTHONDIR",
+    "JUPYTER_CONFIG_DIR", "JUPYTER_CONFIG_PATH", "JUPYTER_PATH", "JUPYTER_DATA_DIR",
+    "PERL5LIB", "PERLLIB", "PERL5OPT", "RUBYLIB", "RUBYOPT", "NODE_OPTIONS", "NODE_PATH",
+    "R_LIBS", "R_LIBS_USER", "R_LIBS_SITE", "R_PROFILE", "R_PROFILE_USER", "R_ENVIRON",
+    "R_ENVIRON_USER", "JAVA_TOOL_OPTIONS", "JDK_JAVA_OPTIONS", "_JAVA_OPTIONS", "GCONV_PATH",
+    "CONDARC", "_CE_M", "_CE_CONDA"})
+# conda activation writes ``export NAME='value'`` (sh, bash, zsh) and ``setenv NAME "value"``
+# (csh) with the value pasted in unescaped: a quote ends the string and what follows runs, as
+# does a backquote (csh), in the shell of every user who activates the env.
+SHELL_SYNTAX = "'\"`$\\"
 MAX_ENTRY_CHARS = 1000  # one channel URL, match spec or requirement line; bounds every message
 _SCHEME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")  # http:, git+ssh:, file: ...
 _COMMENT_RE = re.compile(r"(^|\s+)#.*$")  # pip's own rule for comments in requirement files
@@ -191,14 +214,26 @@ def _check_conda(entry: str, position: int, channels: tuple[str, ...]) -> None:
     if 'url="' in canonical:
         raise ValidationError(f"{where} names a package URL", hint="name the package; it "
                               "comes from the spec's channels")
-    if spec.channel is not None:
-        known = {c.rstrip("/") for c in channels} | {
-            Path(c).as_uri() for c in channels if c.startswith("/")}
-        if spec.channel.name not in known and spec.channel.base_url.rstrip("/") not in known:
-            raise ValidationError(f"{where} names channel {brief(spec.channel.name or '')}, "
-                                  "which is not among the spec's channels",
-                                  hint="list that channel under channels: (if the site "
-                                       "allows it), or leave the channel:: out")
+    if spec.channel is not None and spec.channel.base_url not in _channel_urls(channels):
+        raise ValidationError(f"{where} names channel {brief(spec.channel.name or '')}, "
+                              "which is not among the spec's channels (it is "
+                              f"{brief(spec.channel.base_url)})", hint="list that channel under "
+                              "channels: (if the site allows it), or leave the channel:: out")
+
+
+def _channel_urls(channels: tuple[str, ...]) -> set[str]:
+    """Where the spec's channels are, as rattler resolves a name, a path or a URL. A
+    ``channel::`` is judged by where it points, never by its name: the name of
+    ``https://elsewhere/conda-forge`` is ``conda-forge`` too, and conda fetches what a match
+    spec's channel names (one rattler cannot read matches nothing)."""
+    from rattler import Channel
+    from rattler.exceptions import InvalidChannelError
+
+    urls = set()
+    for channel in channels:
+        with contextlib.suppress(InvalidChannelError):
+            urls.add(Channel(channel).base_url)
+    return urls
 
 
 def conda_names(spec: EnvSpec) -> set[str]:
@@ -207,21 +242,33 @@ def conda_names(spec: EnvSpec) -> set[str]:
 
 
 def _check_channels(channels: list[str], cfg: RequestsConfig) -> tuple[str, ...]:
+    """The spec's channels, each one the site allows: any (``requests.channels`` empty) but a
+    local one — a path or ``file:`` URL is read by the trusted step, as the daemon, so only a
+    local channel the admin named (in ``channels`` or ``default_channels``) may be used: a
+    requester could otherwise pull packages out of a directory only root may read."""
     if not channels:
         return cfg.default_channels
-    if cfg.channels:
-        for ch in channels:
-            if ch not in cfg.channels:
-                raise ValidationError(
-                    f"spec: channel {brief(ch)} is not allowed on this daemon",
-                    hint=f"allowed channels: {', '.join(cfg.channels)} (or leave channels: out "
-                         f"to use {', '.join(cfg.default_channels)})")
+    for ch in channels:
+        allowed = ch in cfg.channels if cfg.channels else (
+            not _is_local(ch) or ch in cfg.default_channels)
+        if not allowed:
+            raise ValidationError(
+                f"spec: channel {brief(ch)} is not allowed on this daemon",
+                hint=(f"allowed channels: {', '.join(cfg.channels)}" if cfg.channels else
+                      "a local channel must be named by the admin (requests.channels)") +
+                     f" (or leave channels: out to use {', '.join(cfg.default_channels)})")
     return tuple(channels)
 
 
+def _is_local(channel: str) -> bool:
+    """A channel on this host's filesystem: an absolute or relative path, or a file: URL."""
+    return channel.startswith(("/", ".", "~")) or channel.lower().startswith("file:")
+
+
 def _variables(value: object) -> tuple[tuple[str, str], ...]:
-    """``variables:``: a mapping of environment variable names to scalar values (as conda
-    takes them: numbers and booleans become their text)."""
+    """``variables:``: a mapping of environment variable names to scalar values, each the
+    text written (the spec is read with text scalars: ``UMASK: 0022`` is ``0022``, not
+    YAML 1.1's 18; a value tagged ``!!int`` or ``!!bool`` becomes its text)."""
     if value is None:
         return ()
     if not isinstance(value, dict):
@@ -239,6 +286,11 @@ def _variables(value: object) -> tuple[tuple[str, str], ...]:
         if key in RESERVED_VARIABLES:
             raise ValidationError(f"spec: variable {key} is set by activation itself",
                                   hint="leave it out; activation sets it")
+        if key in CODE_VARIABLES or key.startswith(CODE_VARIABLE_PREFIXES):
+            raise ValidationError(f"spec: variable {key} would make every user of the "
+                                  "environment load code from outside it",
+                                  hint="install what it points to as a package of the "
+                                       "environment (from the site's channels or index)")
         if isinstance(val, bool):
             text = "true" if val else "false"
         elif isinstance(val, (str, int, float)):
@@ -249,6 +301,12 @@ def _variables(value: object) -> tuple[tuple[str, str], ...]:
         if len(text) > MAX_ENTRY_CHARS or not text.isprintable():
             raise ValidationError(f"spec: the value of {key} must be one line of at most "
                                   f"{MAX_ENTRY_CHARS} printable characters", hint=_SPEC_HINT)
+        quote = next((c for c in text if c in SHELL_SYNTAX), None)
+        if quote is not None:
+            raise ValidationError(f"spec: the value of {key} contains {quote!r}, which conda "
+                                  "activation would run as shell code", hint="conda pastes "
+                                  "values into its activation script unescaped (export NAME="
+                                  f"'value'; setenv NAME \"value\"): leave out {SHELL_SYNTAX}")
         out.append((key, text))
     return tuple(out)
 
@@ -266,7 +324,7 @@ def parse_spec(text: str, cfg: RequestsConfig, name: str | None = None) -> EnvSp
         raise ValidationError(f"spec is {size} bytes, more than the limit of {cfg.max_spec_bytes}",
                               hint="trim the environment file (requests.max_spec_bytes)")
     try:
-        data: Any = safeyaml.safe_load(text)
+        data: Any = safeyaml.safe_load(text, text_scalars=True)
     except safeyaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
@@ -305,15 +363,15 @@ def parse_spec(text: str, cfg: RequestsConfig, name: str | None = None) -> EnvSp
             raise ValidationError(f"spec: unsupported dependency {brief(dep)}",
                                   hint="each dependency is a match spec string, or one "
                                        "mapping {pip: [...]}")
+    spec = EnvSpec(tuple(conda), tuple(pip), channels, variables, tuple(notes))
+    if spec.package_count > cfg.max_packages:  # first: each entry's check costs a parse
+        raise ValidationError(
+            f"spec lists {spec.package_count} packages, more than the limit of "
+            f"{cfg.max_packages}", hint="split the environment (requests.max_packages)")
     for position, entry in conda_positions:
         _check_conda(entry, position, channels)
     for entry in pip:
         _check_pip(entry, cfg)
-    spec = EnvSpec(tuple(conda), tuple(pip), channels, variables, tuple(notes))
-    if spec.package_count > cfg.max_packages:
-        raise ValidationError(
-            f"spec lists {spec.package_count} packages, more than the limit of "
-            f"{cfg.max_packages}", hint="split the environment (requests.max_packages)")
     return spec
 
 

@@ -45,24 +45,31 @@ def pip_name(line: str) -> str | None:
 def _merge(entries: list[Any], new: Sequence[str],
            name_of: Callable[[str], str | None]) -> list[Any]:
     """``entries`` with each of ``new`` replacing the string entry of the same name (in place)
-    or inserted after the last string entry."""
+    or inserted after the last string entry. Each entry is named once (a request may carry
+    tens of thousands: naming every pair would hold a parse turn for hours)."""
     out = list(entries)
+    strings = [i for i, e in enumerate(out) if isinstance(e, str)]
+    at = {}  # name -> index of the first string entry of that name
+    for i in reversed(strings):
+        if (key := name_of(out[i])) is not None:
+            at[key] = i
+    last = strings[-1] if strings else -1
     for item in new:
         key = name_of(item)
-        at = next((i for i, e in enumerate(out)
-                   if isinstance(e, str) and key is not None and name_of(e) == key), None)
-        if at is not None:
-            out[at] = item
+        if key is not None and key in at:
+            out[at[key]] = item
             continue
-        last = max((i for i, e in enumerate(out) if isinstance(e, str)), default=-1)
-        out.insert(last + 1, item)
+        last += 1  # only mappings follow the last string: no index in ``at`` moves
+        out.insert(last, item)
+        if key is not None:
+            at[key] = last
     return out
 
 
 def add_packages(text: str, conda: Sequence[str], pip: Sequence[str]) -> str:
     """The spec ``text`` with ``conda`` match specs and ``pip`` requirements added."""
     try:
-        doc = safeyaml.safe_load(text) or {}
+        doc = safeyaml.safe_load(text, text_scalars=True) or {}  # as parse_spec reads it
     except safeyaml.YAMLError as exc:
         raise ValidationError(f"the current version's spec cannot be read: {exc}",
                               hint="replace the environment with 'envctl request create "

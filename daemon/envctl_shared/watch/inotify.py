@@ -380,7 +380,7 @@ class InotifyWatch:
         while stack:
             n = stack.pop()
             stack.extend(n.below())
-            inotify_rm_watch(self._ifd, n.wd)  # EINVAL when already gone: nothing to do
+            inotify_rm_watch(self._ifd, n.wd)  # type: ignore[arg-type]  # EINVAL when gone: fine
             self._forget(n)
 
     def _forget(self, node: _Node) -> None:

@@ -4,8 +4,9 @@ Why not watchdog's PollingObserver: it keeps a full stat per entry (~800 B each)
 symlinks. Here the state is one small record per *directory* (inode, mtime, ctime, names of its
 subdirectories), keyed by the directory's inode number: a key of bounded size whatever the
 depth (keyed by path, a chain of d directories would cost d²/2 characters of keys), and one a
-directory keeps when it is renamed within the root. Creating, removing or renaming an entry changes its parent directory's mtime,
-and a chmod/chgrp of a directory changes its own ctime, so an incremental pass opens and stats
+directory keeps when it is renamed within the root. Creating, removing or renaming an entry changes
+its parent directory's mtime, and a chmod/chgrp of a directory changes its own ctime, so an
+incremental pass opens and stats
 every directory but lists — and inspects the entries of — only those whose stamp moved; new
 subdirectories are walked whole. What it cannot see — a chmod of a *file* by another NFS client,
 which touches only that file's ctime — is caught by the full pass (``full=True``, run at start,
@@ -26,8 +27,8 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 from ..heal import Healer, HealStats
 from ..heal.fsops import Stat

@@ -8,9 +8,9 @@ created in it before are found by the subtree pass, and files created after prod
 Losses end in reconciles: a watch that cannot be added (``max_user_watches``) switches the root
 to polling with one WARNING line, until the limit is raised (or, at a periodic full pass, the
 root or this uid's other watchers need fewer): then inotify is tried again, and the root is back
-to real time with one INFO line and a reconcile; an overflow, a table the watch cannot trust any more, or an
-exception on its reader thread ends the watch, and the maintenance thread rebuilds it (every
-directory watched again) and then reconciles the whole root. Nothing dies silently: every
+to real time with one INFO line and a reconcile; an overflow, a table the watch cannot trust any
+more, or an exception on its reader thread ends the watch, and the maintenance thread rebuilds it
+(every directory watched again) and then reconciles the whole root. Nothing dies silently: every
 exception is logged with its traceback and counted (``watch_errors``, ``rebuilds`` in status);
 a watch that cannot be rebuilt after a few attempts, errors that keep coming back, or any
 thread of this root ending on an exception make the root *failed* (``on_fatal``): the daemon

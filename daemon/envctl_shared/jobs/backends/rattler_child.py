@@ -91,10 +91,25 @@ async def build(args: argparse.Namespace) -> None:
                           reporter=_Reporter())  # package code runs here
     print(f"installed {len(records)} packages in {args.prefix}", flush=True)
     if spec.get("variables"):  # where conda keeps them: 'conda activate' exports them
-        state = Path(args.prefix) / "conda-meta" / "state"
-        state.write_text(json.dumps({"env_vars": spec["variables"]}, indent=2) + "\n",
-                         encoding="utf-8")
+        write_state(Path(args.prefix), {"env_vars": spec["variables"]})
         print(f"activation variables: {', '.join(spec['variables'])}", flush=True)
+
+
+def write_state(prefix: Path, state: dict[str, Any]) -> None:
+    """``conda-meta/state`` written anew, never through what a package put there: a package
+    may ship ``conda-meta/state`` as a symlink to any file, which a write by name would
+    overwrite with this step's privileges. A new file (``O_EXCL|O_NOFOLLOW``) renamed over
+    the name replaces whatever the name is."""
+    meta = os.open(prefix / "conda-meta", os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    tmp = f".state.{os.getpid()}"
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644,
+                     dir_fd=meta)
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(json.dumps(state, indent=2) + "\n")
+        os.replace(tmp, "state", src_dir_fd=meta, dst_dir_fd=meta)
+    finally:
+        os.close(meta)
 
 
 def _unchanged(job_dir: Path, records: list[Any]) -> bool:
