@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+import select
 import socket
 import subprocess
 import threading
@@ -339,7 +340,9 @@ class Build:
                                   name=f"envctl-log-{self.job.id}")
         reader.start()
         deadline = (self.job.started_at or time.time()) + self.cfg.timeout
+        exited = -1  # a pidfd: readable the moment the step ends (no poll interval per step)
         try:
+            exited = os.pidfd_open(proc.pid)
             started = procs.start_time(proc.pid)
             self.store.update(self.job.id, build_uid=user.uid, pgid=proc.pid, pgid_start=started)
             running.release()  # only now, with its group on disk, does the command run
@@ -351,8 +354,10 @@ class Build:
                     self.say(f"stopping the build ({self._abort.detail})")
                     procs.kill_group(proc.pid, leader=proc)
                     break
-                self._abort_event.wait(0.1)
+                select.select([exited], [], [], 0.1)  # cancel and timeout: seen within 0.1 s
         finally:
+            if exited >= 0:
+                os.close(exited)
             running.close_gate()
             procs.kill_group(proc.pid, grace=0, leader=proc)  # nothing of a step outlives it
             running.wait()
