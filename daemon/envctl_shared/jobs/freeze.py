@@ -186,7 +186,8 @@ class _Walk:
     _stored: dict[int, tuple[str, int]] = field(default_factory=dict)  # Store.index
     _store_dev: int = -1
     # root reads without touching atimes: an atime update is an inode write per file
-    _flags: int = _FILE_FLAGS | (os.O_NOATIME if os.geteuid() == 0 else 0)
+    _flags: int = field(
+        default_factory=lambda: _FILE_FLAGS | (os.O_NOATIME if os.geteuid() == 0 else 0))
 
     def run(self, parent_fd: int, name: str) -> None:
         if self.store is not None:
