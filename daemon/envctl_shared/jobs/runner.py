@@ -86,6 +86,7 @@ class Build:
         self.backend = get_backend(job.backend, self.cfg)
         self._abort: Outcome | None = None
         self._abort_event = threading.Event()
+        self._wake = threading.Event()  # the running step's: set by abort() and by its end
         self._log_fd = state_dir.open_log(job.id)
         self._log_bytes = os.fstat(self._log_fd).st_size
         self._log_lock = threading.Lock()
@@ -101,6 +102,7 @@ class Build:
         if self._abort is None:
             self._abort = Outcome(state, detail)
         self._abort_event.set()
+        self._wake.set()
 
     def _check_abort(self) -> None:
         if self._abort is not None:
@@ -340,9 +342,9 @@ class Build:
                                   name=f"envctl-log-{self.job.id}")
         reader.start()
         deadline = (self.job.started_at or time.time()) + self.cfg.timeout
-        exited = -1  # a pidfd: readable the moment the step ends (no poll interval per step)
+        wake = self._wake = threading.Event()
+        watcher = _Exit(proc.pid, wake)  # the step's end is seen at once, not on a poll
         try:
-            exited = os.pidfd_open(proc.pid)
             started = procs.start_time(proc.pid)
             self.store.update(self.job.id, build_uid=user.uid, pgid=proc.pid, pgid_start=started)
             running.release()  # only now, with its group on disk, does the command run
@@ -354,13 +356,12 @@ class Build:
                     self.say(f"stopping the build ({self._abort.detail})")
                     procs.kill_group(proc.pid, leader=proc)
                     break
-                select.select([exited], [], [], 0.1)  # cancel and timeout: seen within 0.1 s
+                wake.wait(0.1)
         finally:
-            if exited >= 0:
-                os.close(exited)
             running.close_gate()
             procs.kill_group(proc.pid, grace=0, leader=proc)  # nothing of a step outlives it
             running.wait()
+            watcher.close()
             # nor anything that left its group: all of it is in the cgroup, if there is one;
             # the sweep reaps what that leaves us (and is all there is without a cgroup)
             escaped = (cgroups.kill(cgroup) if cgroup is not None else 0) + procs.sweep(user)
@@ -441,6 +442,33 @@ class Build:
         """Remove this job's new version (idempotent); ``keep`` (the current one) never."""
         for version in envs.clear_dead(env_fd, keep, job_id=self.job.id):
             self.say(f"removed the unfinished version {version}")
+
+
+class _Exit:
+    """Sets ``wake`` when process ``pid`` (a child not yet reaped) exits: a thread blocked on
+    its pidfd. Without pidfds (an old kernel) it does nothing: the step loop's 0.1 s timeout
+    sees the end."""
+
+    def __init__(self, pid: int, wake: threading.Event) -> None:
+        try:
+            self._fd = os.pidfd_open(pid)
+        except OSError:
+            self._fd, self._thread = -1, None
+            return
+        self._thread = threading.Thread(target=self._run, args=(wake,), daemon=True,
+                                        name=f"envctl-exit-{pid}")
+        self._thread.start()
+
+    def _run(self, wake: threading.Event) -> None:
+        select.select([self._fd], [], [])
+        wake.set()
+
+    def close(self) -> None:
+        """After the process has exited (the pidfd is readable: the thread ends)."""
+        if self._thread is not None:
+            self._thread.join()
+        if self._fd >= 0:
+            os.close(self._fd)
 
 
 def discard(job: Job, fds: dict[str, int], say: Callable[[str], None]) -> None:
