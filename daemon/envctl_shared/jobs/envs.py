@@ -448,13 +448,12 @@ def ready_fields(dir_fd: int, name: str) -> dict[str, Any]:
 
 
 def tree_size(prefix_fd: int) -> tuple[int, int]:
-    """(bytes, entries) of a prefix, walked without following symlinks."""
+    """(bytes, entries) of a prefix, walked without following symlinks, whatever its depth
+    (``layout.walk``: ``os.fwalk`` recursed past Python's limit on a deep tree)."""
     total = count = 0
-    for _top, dirs, files, top_fd in os.fwalk(".", dir_fd=prefix_fd, follow_symlinks=False):
-        for name in files + dirs:
-            with contextlib.suppress(OSError):
-                total += os.stat(name, dir_fd=top_fd, follow_symlinks=False).st_size
-                count += 1
+    for _parent, _name, st, _fd in layout.walk(prefix_fd, lambda st: True):
+        total += st.st_size
+        count += 1
     return total, count
 
 

@@ -15,7 +15,15 @@ entry, ``lchown`` for symlinks); it is iterative with an explicit stack (a user-
 thousands must not hit Python's recursion limit) and holds a bounded number of directory fds
 (a directory's fd is released once its last subdirectory is opened). Setuid/setgid files and
 special files (fifo, socket, device) fail the freeze with their path: a shared env never needs
-them, and freezing one would hand the daemon's ownership to whatever it is.
+them, and freezing one would hand the daemon's ownership to whatever it is. So does a file that
+something still holds open for writing (``_writer_left``): taking its write bits off revokes no
+open fd, and a build can hand one to a process outside it (an fd passed over a unix socket to
+the requester's own process): that holder would then rewrite the frozen version and, through
+the store, every later version of anyone with the same file. Asked of the kernel with a read
+lease, on local filesystems only: an NFSv4 client grants none without a delegation (every file
+would look held), nor can it see another client's writers; there, every file the daemon may
+not simply take (not its own, or writable by others) is frozen as a fresh copy (``_own_copy``),
+which no one else ever had open.
 
 The digest: sha256 over the sorted manifest, one JSON line per entry (relative path, type,
 mode, size, content sha256, link target). The manifest is kept in the store under its digest
@@ -44,6 +52,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import gzip
 import hashlib
 import json
@@ -57,6 +66,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+from .. import fsinfo
 from ..config import RootConfig
 from ..errors import BuildFailed
 from ..heal.fsops import DIR_FLAGS
@@ -177,6 +187,8 @@ class _Walk:
     mutate: bool
     shown: str  # the version's path, for messages
     store: Store | None = None
+    leases: bool = False  # ask whether a writer is left (``_writer_left``)
+    copies: bool = False  # freeze every file the daemon may not simply take as a copy
     entries: dict[str, Entry] = field(default_factory=dict)
     owners: dict[str, str] = field(default_factory=dict)  # verify: rel -> wrong owner/group
     linked: int = 0  # files replaced by a link to the store
@@ -259,7 +271,8 @@ class _Walk:
         inode is listed in ``Store.index`` (the trusted step links conda's cache, whose inodes
         the first freeze made the store's), its owner and mode are the target's (nothing to
         change) and the store's name carries its hash: only the daemon writes the store, and
-        nobody can write a read-only inode it owns. A verify never takes this path."""
+        nobody can write a read-only inode it owns (nor held it open for writing: the freeze
+        that stored it asked, ``_writer_left``, or copied it). A verify never takes this path."""
         stored = self._stored.get(entry.inode())
         if stored is None:
             return False
@@ -325,7 +338,15 @@ class _Walk:
             if not stat.S_ISREG(st.st_mode):
                 raise BuildFailed(f"{self.shown}/{rel} changed type while it was read",
                                   hint="nothing may run in a frozen version; retry")
+            takeable = st.st_uid == self.target.uid and not st.st_mode & (_WRITE & ~stat.S_IWUSR)
+            if self.mutate and not takeable and not st.st_mode & _SETID and \
+                    (st.st_nlink > 1 or self.copies):
+                fd, st = self._own_copy(parent.fd, name, fd, st)
             entry = self._entry(rel, fd, st)
+            if self.leases and _writer_left(fd):
+                raise BuildFailed(f"{self.shown}/{rel} is still open for writing by a process "
+                                  "outside the build: it cannot be frozen",
+                                  hint="a build must not hand its files to other processes")
         except BaseException:
             os.close(fd)
             raise
@@ -346,6 +367,32 @@ class _Walk:
         else:
             submit(finish)
 
+    def _own_copy(self, dir_fd: int, name: str, fd: int, st: os.stat_result
+                  ) -> tuple[int, os.stat_result]:
+        """Put a copy of the file ``name`` (open as ``fd``, closed on success) in its place and
+        return it opened: a file the daemon may not simply take (not its own, or writable by
+        others) that has other names, maybe outside the version, keeps its inode for them. A
+        build account can hard-link whatever it may read and write (protected_hardlinks): a
+        member's group-writable file, which the freeze made the daemon's and read-only."""
+        tmp = f"{_LINK_TMP}{secrets.token_hex(6)}"
+        out = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                      0o600, dir_fd=dir_fd)
+        try:
+            try:
+                while os.sendfile(out, fd, None, 1 << 30):
+                    pass
+                os.fchmod(out, stat.S_IMODE(st.st_mode))
+            finally:
+                os.close(out)
+            os.rename(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp, dir_fd=dir_fd)
+            raise
+        new = os.open(name, _FILE_FLAGS, dir_fd=dir_fd)
+        os.close(fd)
+        return new, os.fstat(new)
+
     def _hash(self, fd: int, st: os.stat_result) -> str:
         key = (st.st_dev, st.st_ino)
         if st.st_nlink > 1:
@@ -361,6 +408,23 @@ class _Walk:
             with self.lock:
                 self._hashes[key] = sha
         return sha
+
+
+def _writer_left(fd: int) -> bool:
+    """Whether any open file description (in any process, or in flight over a socket) can
+    still write the file open as ``fd`` (read-only), asked once its write bits are off: the
+    kernel grants a read lease only when none can. A filesystem without leases cannot tell
+    (False: as before)."""
+    try:
+        fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_RDLCK)
+    except OSError as exc:
+        if exc.errno == errno.EAGAIN:
+            return True
+        if exc.errno in (errno.EINVAL, errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
+            return False
+        raise
+    fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_UNLCK)
+    return False
 
 
 def _scan(fd: int) -> list[os.DirEntry[str]]:
@@ -549,11 +613,17 @@ def stamp(dir_fd: int, name: str) -> list[int]:
     return [st.st_uid, st.st_gid, st.st_mode, st.st_mtime_ns, st.st_ctime_ns]
 
 
-def freeze(dir_fd: int, name: str, target: Target, shown: str, store: Store) -> Frozen:
+def freeze(dir_fd: int, name: str, target: Target, shown: str, store: Store,
+           old: bool = False) -> Frozen:
     """Freeze the tree ``name`` in ``dir_fd`` for ``target``, its files shared with ``store``
     and its manifest kept there; returns its digest. Raises BuildFailed naming a path that
-    cannot be frozen (a special or setuid/setgid file)."""
-    walk = _Walk(target, mutate=True, shown=shown, store=store)
+    cannot be frozen (a special or setuid/setgid file, one still open for writing). ``old``:
+    a version built before freezing existed, whose files were every member's to write until
+    now: on a network filesystem they are taken as they are, not copied (that would copy
+    every old env at the first start)."""
+    remote = fsinfo.mount_of(shown).remote
+    walk = _Walk(target, mutate=True, shown=shown, store=store, leases=not remote,
+                 copies=remote and not old)
     walk.run(dir_fd, name)
     manifest = manifest_bytes(walk.entries)
     digest = store.write_manifest(manifest)

@@ -145,7 +145,7 @@ def _freeze_one(area: layout.RootArea, fds: dict[str, int], lock_name: str, dir_
             return False
         shown = str(area.path(where if where == BASE_DIR else f"envs/{where}", version))
         try:
-            frozen = freeze.freeze(dir_fd, version, store.target, shown, store)
+            frozen = freeze.freeze(dir_fd, version, store.target, shown, store, old=True)
         except (OSError, EnvctlError) as exc:
             log.warning("env-freeze-old-failed path=%s error=%s", shown, exc)
             return False
@@ -166,7 +166,9 @@ def sweep_store(config: Config) -> dict[str, int]:
                     digest = (envs.read_record(dir_fd, entry) or {}).get("digest")
                     if isinstance(digest, str):
                         digests.add(digest)
-        swept = store.sweep(digests, time.time())
+        # a freeze writes its manifest before its record, its tests run in between: kept
+        # for as long as a build may run
+        swept = store.sweep(digests, time.time(), min_age=max(3600.0, config.requests.timeout))
     if swept["files"] or swept["manifests"]:
         log.info("env-store-sweep files=%d manifests=%d bytes=%d", swept["files"],
                  swept["manifests"], swept["bytes"])

@@ -7,7 +7,7 @@ component at a time relative to a parent fd with ``O_NOFOLLOW|O_DIRECTORY``, its
 to be the daemon's uid (anything else is refused as tampered), and its mode is put back to the
 expected one (the healer may have added group write when the daemon is not root and not a
 ``protected_owner``). Callers then act only through the returned fds (``mkdir``/``rename``/
-``rmtree`` with ``dir_fd``), never through path strings.
+``remove_tree`` with ``dir_fd``), never through path strings.
 
 Layout in the root: ``.envctl/locks/<name>.lock`` (fcntl locks, 0644) and
 ``.envctl/envs/<name>/`` (0755, the daemon's): the versions of one environment, each built at
@@ -21,11 +21,13 @@ the requester cannot), ``jobs/<id>/build.log`` (written by the daemon only),
 ``jobs/<id>/home`` (the build's HOME/TMPDIR), ``jobs/<id>/tests.json`` (the ``--test``
 commands, the daemon's).
 
-The conda package cache is ``<root>/.envctl/cache/conda`` (the daemon's, 0755): on the
-versions' filesystem, so that installing hard-links from it. Only trusted steps (running as
-the daemon) write it, and :func:`seal_cache` takes every group/other write bit off what they
-added: a build uid can read and link its files, never change them, so one build cannot
-poison the next.
+The conda package cache is ``<root>/.envctl/cache/conda`` (the daemon's): on the versions'
+filesystem, so that installing hard-links from it. Only trusted steps (running as the daemon)
+write it, and :func:`seal_cache` takes every group/other write bit off what they added: a
+build uid can never change a file linked from it into its version, so one build cannot poison
+the next. ``.envctl/cache`` itself is 0700 (``CACHE_MODE``): a package's file is extracted with
+the mode its tarball says (0666 too) and stays so until the seal, and anyone who could reach
+it could open it for writing meanwhile and write the shared cache with that fd for ever after.
 """
 
 from __future__ import annotations
@@ -36,7 +38,6 @@ import fcntl
 import json
 import logging
 import os
-import shutil
 import stat
 import threading
 from collections.abc import Callable, Iterator
@@ -50,6 +51,7 @@ log = logging.getLogger(__name__)
 
 AREA = DAEMON_AREA
 AREA_DIRS = {"locks": 0o755, "envs": 0o755}
+CACHE_MODE = 0o700  # .envctl/cache: the daemon's alone (see the module docstring)
 
 
 def checked_dir(parent_fd: int | None, path: str, mode: int, shown: str,
@@ -114,7 +116,7 @@ class RootArea:
 
     def conda_cache(self, fds: dict[str, int]) -> Path:
         """``.envctl/cache/conda``, created (or checked) as the daemon's own."""
-        cache = checked_dir(fds["area"], "cache", 0o755, str(self.path("cache")))
+        cache = checked_dir(fds["area"], "cache", CACHE_MODE, str(self.path("cache")))
         try:
             os.close(checked_dir(cache, "conda", 0o755, str(self.path("cache", "conda"))))
         finally:
@@ -122,37 +124,45 @@ class RootArea:
         return self.path("cache", "conda")
 
 
-def _walk(top_fd: int, descend: Callable[[os.stat_result], bool]
+def walk(top_fd: int, descend: Callable[[os.stat_result], bool],
+          leave: Callable[[int, str], None] | None = None
           ) -> Iterator[tuple[int, str, os.stat_result, int | None]]:
-    """Every entry below the directory ``top_fd``: fd-based, never following a symlink, with
-    an explicit stack (no recursion, whatever the depth). Yields (parent fd, name, lstat, fd):
-    ``fd`` is the entry's own ``O_NOFOLLOW`` fd when it is a directory (valid until the next
-    item), else None; a directory is entered when ``descend(its stat)`` is true."""
-    stack = [os.dup(top_fd)]
+    """Every entry below the directory ``top_fd``: fd-based, never following a symlink,
+    depth-first with an explicit stack (no recursion, whatever the depth) holding one fd per
+    level it is in, whatever the width (a package's directory of 100k subdirectories must not
+    take the daemon past its fd limit). Yields (parent fd, name, lstat, fd): ``fd`` is the
+    entry's own ``O_NOFOLLOW`` fd when it is a directory (valid until the next item), else
+    None; a directory is entered when ``descend(its stat)`` is true, and ``leave(its parent's
+    fd, its name)`` is called once its fd is closed, after its last entry."""
+    stack = [(os.dup(top_fd), iter(os.listdir(top_fd)), "")]
     try:
         while stack:
-            dfd = stack.pop()
-            try:
-                for name in os.listdir(dfd):
-                    st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
-                    if not stat.S_ISDIR(st.st_mode):
-                        yield dfd, name, st, None
-                        continue
-                    sub = os.open(name, DIR_FLAGS, dir_fd=dfd)
-                    try:
-                        st = os.fstat(sub)
-                        yield dfd, name, st, sub
-                    except BaseException:
-                        os.close(sub)
-                        raise
-                    if descend(st):
-                        stack.append(sub)
-                    else:
-                        os.close(sub)
-            finally:
+            dfd, names, own = stack[-1]
+            name = next(names, None)
+            if name is None:
+                stack.pop()
                 os.close(dfd)
+                if leave is not None and stack:
+                    leave(stack[-1][0], own)
+                continue
+            st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+            if not stat.S_ISDIR(st.st_mode):
+                yield dfd, name, st, None
+                continue
+            sub = os.open(name, DIR_FLAGS, dir_fd=dfd)
+            try:
+                st = os.fstat(sub)
+                yield dfd, name, st, sub
+                entered = descend(st)
+                if entered:
+                    stack.append((sub, iter(os.listdir(sub)), name))
+            except BaseException:
+                os.close(sub)
+                raise
+            if not entered:
+                os.close(sub)
     finally:
-        for fd in stack:
+        for fd, _names, _own in stack:
             os.close(fd)
 
 
@@ -169,7 +179,7 @@ def hand_over(parent_fd: int, name: str, uid: int, gid: int) -> int:
     top = os.open(name, DIR_FLAGS, dir_fd=parent_fd)
     try:
         changed = give(top, os.fstat(top))
-        for _parent, _name, st, fd in _walk(top, lambda st: True):
+        for _parent, _name, st, fd in walk(top, lambda st: True):
             if fd is not None:
                 changed += give(fd, st)
     finally:
@@ -181,14 +191,14 @@ def seal_cache(fds: dict[str, int], since: float) -> int:
     """Take group and other write off what a trusted step added to the conda cache since
     ``since`` (a directory changed since then is entered: new entries change its ctime);
     returns how many entries changed."""
-    fd = checked_dir(fds["area"], "cache", 0o755, "cache", create=False)
+    fd = checked_dir(fds["area"], "cache", CACHE_MODE, "cache", create=False)
     try:
         conda = checked_dir(fd, "conda", 0o755, "cache/conda", create=False)
     finally:
         os.close(fd)
     changed = 0
     try:
-        for parent, name, st, sub in _walk(conda, lambda st: st.st_ctime >= since):
+        for parent, name, st, sub in walk(conda, lambda st: st.st_ctime >= since):
             mode = stat.S_IMODE(st.st_mode)
             if not mode & 0o022 or stat.S_ISLNK(st.st_mode):
                 continue
@@ -229,15 +239,26 @@ def make_owned_dir(parent_fd: int, name: str, uid: int, gid: int, mode: int) -> 
 
 def remove_tree(parent_fd: int, name: str) -> bool:
     """Remove ``name`` under ``parent_fd`` (fd-based, never follows symlinks); True if it was
-    there. A symlink or file in its place is unlinked, never followed."""
+    there. A symlink or file in its place is unlinked, never followed. Iterative (``walk``):
+    a build leaves trees of any depth, and ``shutil.rmtree`` recursed past Python's limit on
+    one 1,000 levels deep (RecursionError: the version stayed, and so did every later build
+    of its name, failing to clear it)."""
     try:
         st = os.stat(name, dir_fd=parent_fd, follow_symlinks=False)
     except FileNotFoundError:
         return False
-    if stat.S_ISDIR(st.st_mode):
-        shutil.rmtree(name, dir_fd=parent_fd)
-    else:
+    if not stat.S_ISDIR(st.st_mode):
         os.unlink(name, dir_fd=parent_fd)
+        return True
+    top = os.open(name, DIR_FLAGS, dir_fd=parent_fd)
+    try:
+        for dfd, entry, _st, sub in walk(top, lambda st: True,
+                                         leave=lambda dfd, sub: os.rmdir(sub, dir_fd=dfd)):
+            if sub is None:
+                os.unlink(entry, dir_fd=dfd)
+    finally:
+        os.close(top)
+    os.rmdir(name, dir_fd=parent_fd)
     return True
 
 
