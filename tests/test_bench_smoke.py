@@ -65,10 +65,12 @@ def test_bench_builds_quick(tmp_path: Path) -> None:
     raw = json.loads((tmp_path / "builds-quick.json").read_text())
     assert all(len(v) == 1 and v[0] > 0 for v in raw["times"].values())
     assert set(raw["disk"]) == {"rattler", "venv"}
+    assert set(raw["replace_s"]) == {"pinned", "loose", "venv"}
 
 
 def test_bench_freeze_quick(tmp_path: Path) -> None:
     out = _run("bench_freeze.py", tmp_path)
     assert "freeze + digest, empty store" in out and "sha256sum via find" in out
+    assert "hard-linked from the cache" in out
     raw = json.loads((tmp_path / "freeze-quick.json").read_text())
     assert raw["linked2"] > 0 and raw["du_two_kib"] <= 1.2 * raw["du_one_kib"]

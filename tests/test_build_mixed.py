@@ -23,7 +23,7 @@ from envctl_shared.errors import ValidationError
 from envctl_shared.jobs import JobManager, State
 
 from tests.helpers import as_user
-from tests.jobs_support import JobsEnv, full_log, wait_done, write_wheel
+from tests.jobs_support import JobsEnv, app_package, build_channel, full_log, wait_done, write_wheel
 
 pytest_plugins = ("tests.fixtures_jobs",)
 Factory = Callable[..., JobManager]
@@ -109,6 +109,43 @@ def test_conda_and_pip_in_one_env_with_variables(mixed: tuple[JobManager, str],
     assert _packages(mgr, "analysis-copy") == packages
     state = json.loads((jobs_env.root / "analysis-copy/conda-meta/state").read_text())
     assert state["env_vars"] == {"OMP_NUM_THREADS": "4", "ANALYSIS_MODE": "offline run"}
+
+
+def test_an_unchanged_replace_keeps_the_current_version(mixed: tuple[JobManager, str],
+                                                        jobs_env: JobsEnv) -> None:
+    """A --replace whose solve gives exactly the current version's packages (same spec text,
+    every pip entry an exact pin of what the version holds) makes no new version, as
+    ``conda update`` says so; once the channel has a newer package, the same text builds."""
+    mgr, text = mixed
+    text = text.replace("    - mixdemo==1.0\n", "    - mixdemo==1.0\n    - mixdep==2.0\n")
+    text = text.replace("  - hello 2.1.*\n", "  - hello 2.1.*\n  - app\n")
+    _build(mgr, jobs_env, "analysis", text)
+    versions = jobs_env.root / ".envctl/envs/analysis"
+    job = mgr.submit(jobs_env.requester(), "analysis", text, replace=True)
+    done = wait_done(mgr, job.id, timeout=120)
+    log = full_log(mgr, job.id)
+    assert done.state is State.SUCCEEDED, log
+    assert done.exit_detail == "no change: v1 already has exactly these packages", log
+    assert "no change: v1" in log and "compileall" not in log
+    assert not (versions / "v2").exists() and (jobs_env.root / "analysis").resolve().name == "v1"
+    assert ("conda", "app", "2.0") in _packages(mgr, "analysis")
+    # a package published since: the same text solves to something new, a new version
+    build_channel(jobs_env.channel, [app_package("3.0")])
+    job = mgr.submit(jobs_env.requester(), "analysis", text, replace=True)
+    done = wait_done(mgr, job.id, timeout=120)
+    log = full_log(mgr, job.id)
+    assert done.state is State.SUCCEEDED and "the solve differs from v1" in log, log
+    assert (jobs_env.root / "analysis").resolve().name == "v2"
+    assert ("conda", "app", "3.0") in _packages(mgr, "analysis")
+    # the .pyc of a file linked from the conda cache is one copy (the store's) in both
+    site = "lib/python3.11/dist-packages/pip/__pycache__/__init__.cpython-311.pyc"
+    assert (versions / "v1" / site).stat().st_ino == (versions / "v2" / site).stat().st_ino
+    # a pip entry that is not an exact pin may resolve anew: built, not short-circuited
+    loose = text.replace("mixdep==2.0", "mixdep>=2")
+    _build(mgr, jobs_env, "analysis-loose", loose)
+    job = mgr.submit(jobs_env.requester(), "analysis-loose", loose, replace=True)
+    assert wait_done(mgr, job.id, timeout=120).state is State.SUCCEEDED
+    assert (jobs_env.root / "analysis-loose").resolve().name == "v2"
 
 
 def test_a_pip_section_needs_a_python(mixed: tuple[JobManager, str], jobs_env: JobsEnv) -> None:

@@ -201,6 +201,56 @@ def test_store_shares_identical_versions(scratch: Path) -> None:
     assert total <= 1.2 * single, (total, single)
 
 
+def test_files_that_are_store_copies_are_not_read_again(scratch: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """A version whose files are hard links to the store's copies (what the trusted step's
+    links from conda's cache are after their first freeze) is frozen from the store's index:
+    no file hashed again, the same digest, verify clean (it reads every file). A link whose
+    mode is no longer the frozen one is not taken on trust: frozen and hashed as any file."""
+    env = scratch / "env"
+    for d in range(3):
+        (env / "v1" / f"pkg{d}").mkdir(parents=True)
+        for f in range(5):
+            (env / "v1" / f"pkg{d}" / f"m{f}.py").write_bytes(os.urandom(4096))
+
+    def linked_copy(name: str) -> None:  # as rattler links a version from its cache
+        for path in sorted((env / "v1").rglob("*")):
+            dest = env / name / path.relative_to(env / "v1")
+            if path.is_dir():
+                dest.mkdir(parents=True)
+            else:
+                os.link(path, dest)
+
+    hashed: list[int] = []
+    real = freeze._Walk._hash
+
+    def spy(walk: freeze._Walk, fd: int, st: os.stat_result) -> str:
+        hashed.append(st.st_ino)
+        return real(walk, fd, st)
+
+    target = freeze.Target(0, 0, "read")
+    fd = os.open(env, os.O_RDONLY)
+    store = freeze.Store(fd, str(env / "store"), target)
+    try:
+        first = freeze.freeze(fd, "v1", target, "v1", store)
+        linked_copy("v2")
+        monkeypatch.setattr(freeze._Walk, "_hash", spy)
+        second = freeze.freeze(fd, "v2", target, "v2", store)
+        assert second.digest == first.digest and hashed == []
+        _, diffs = freeze.verify(fd, "v2", target, second.digest, "v2", store)
+        assert diffs == [] and len(hashed) == 15
+        hashed.clear()
+        changed = env / "v1" / "pkg0" / "m0.py"
+        os.chmod(changed, 0o644)  # the store's copy itself: it is one inode
+        linked_copy("v3")
+        third = freeze.freeze(fd, "v3", target, "v3", store)
+        assert hashed == [changed.stat().st_ino] and third.digest == first.digest
+        assert stat.S_IMODE(changed.stat().st_mode) == 0o444
+    finally:
+        store.close()
+        os.close(fd)
+
+
 def test_store_sweep_drops_what_only_removed_versions_held(scratch: Path) -> None:
     env = scratch / "env"
     for n in (1, 2):

@@ -32,15 +32,20 @@ path that differs, not only "changed"; the record holds the digest, so altering 
 is a difference too. Files from ``PARALLEL_BYTES`` up are hashed on worker threads (a pool
 sized from the CPU count; hashlib releases the GIL on large buffers), the rest on the walking
 thread: measured on a 60k-entry CPython install (2 CPUs), handing every file to the pool made
-the freeze 2.8x slower (each syscall of the walk then waited for the GIL: a convoy), while a
-few large libraries (a 500 MB ``libtorch``) do hash in parallel with the walk.
+the freeze 2.8x slower (each syscall of the walk then waited for the GIL: a convoy), and even
+the six files of 8 to 44 MB there cost the walk 1 to 2 s of such waits on a loaded machine
+(0.25 s to hash them inline); a few very large libraries (a 500 MB ``libtorch``) do hash in
+parallel with the walk.
 
 The store: each frozen regular file is hard-linked to one content-addressed copy in
 ``<root>/.envctl/store/<sha[:2]>/<sha>-<mode>`` (daemon-owned, read-only, like
 ``nix-store --optimise``): an identical file already there replaces the version's copy (link to
 a temporary name, rename over), else the version's file becomes the store's copy. Versions and
 envs then share their bytes; freezing an inode freezes it everywhere it is linked, which is
-what the store and conda's cache (daemon-owned, read-only) want anyway.
+what the store and conda's cache (daemon-owned, read-only) want anyway. So a version's file
+that is one of the store's copies already (a link from conda's cache, after its first freeze)
+is found by its inode in the store's index (``Store.index``) and neither opened nor hashed
+again: a rebuild from a warm cache pays for its new files only.
 """
 
 from __future__ import annotations
@@ -71,7 +76,7 @@ from . import layout
 STORE = "store"  # <root>/.envctl/store
 MANIFESTS = "manifests"  # <root>/.envctl/store/manifests/<digest hex>.gz
 FD_BUDGET = 512  # directory fds a walk may hold (pending siblings on the way down)
-PARALLEL_BYTES = 8 << 20  # files from this size are hashed on workers (see the docstring)
+PARALLEL_BYTES = 64 << 20  # files from this size are hashed on workers (see the docstring)
 _CHUNK = 1 << 20
 IN_FLIGHT = 16  # large files queued or being hashed at once (each holds its fd)
 _FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
@@ -190,8 +195,15 @@ class _Walk:
     held: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
     _hashes: dict[tuple[int, int], str] = field(default_factory=dict)
+    _stored: dict[int, tuple[str, int]] = field(default_factory=dict)  # Store.index
+    _store_dev: int = -1
+    # root reads without touching atimes: an atime update is an inode write per file
+    _flags: int = field(
+        default_factory=lambda: _FILE_FLAGS | (os.O_NOATIME if os.geteuid() == 0 else 0))
 
     def run(self, parent_fd: int, name: str) -> None:
+        if self.store is not None:
+            self._store_dev, self._stored = self.store.index()
         workers = max(2, os.cpu_count() or 2)
         gate = threading.BoundedSemaphore(IN_FLIGHT)
         futures: list[Future[None]] = []
@@ -247,11 +259,32 @@ class _Walk:
                     elif entry.is_symlink():
                         self._symlink(fd, entry.name, child)
                     elif entry.is_file(follow_symlinks=False):
-                        self._file(ref, entry.name, child, submit)
+                        if not self._as_frozen(entry, child):
+                            self._file(ref, entry.name, child, submit)
                     else:  # never opened: opening a device may act on it
                         self._entry(child, -1, entry.stat(follow_symlinks=False))
             finally:
                 ref.release()
+
+    def _as_frozen(self, entry: os.DirEntry[str], rel: str) -> bool:
+        """Note a file that is one of the store's copies already, without opening it: its
+        inode is listed in ``Store.index`` (the trusted step links conda's cache, whose inodes
+        the first freeze made the store's), its owner and mode are the target's (nothing to
+        change) and the store's name carries its hash: only the daemon writes the store, and
+        nobody can write a read-only inode it owns (nor held it open for writing: the freeze
+        that stored it asked, ``_writer_left``, or copied it). A verify never takes this path."""
+        stored = self._stored.get(entry.inode())
+        if stored is None:
+            return False
+        st = entry.stat(follow_symlinks=False)  # the walk's own lstat: never follows
+        perm = stat.S_IMODE(st.st_mode)
+        if not stat.S_ISREG(st.st_mode) or st.st_mode & _SETID or (st.st_dev, st.st_ino) != (
+                self._store_dev, entry.inode()) or st.st_nlink < 2 or perm != stored[1] \
+                or perm != self.target.mode(st.st_mode) \
+                or (st.st_uid, st.st_gid) != (self.target.uid, self.target.gid):
+            return False
+        self.entries[rel] = Entry("f", perm, st.st_size, stored[0])
+        return True
 
     def _entry(self, rel: str, fd: int, st: os.stat_result) -> Entry:
         """Freeze (or, verifying, note the owner of) a directory or file opened as ``fd``."""
@@ -299,7 +332,7 @@ class _Walk:
               submit: Callable[[Callable[[], None]], None]) -> None:
         """Freeze and hash a regular file (inline if small, else on a worker; the parent's
         fd is kept for the store's rename until then)."""
-        fd = os.open(name, _FILE_FLAGS, dir_fd=parent.fd)  # O_NONBLOCK: a fifo swapped in
+        fd = os.open(name, self._flags, dir_fd=parent.fd)  # O_NONBLOCK: a fifo swapped in
         try:
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode):
@@ -432,17 +465,37 @@ class Store:
                     self.fd, prefix, 0o755, f"{self.shown}/{prefix}")
             return fd
 
+    def index(self) -> tuple[int, dict[int, tuple[str, int]]]:
+        """The store's device and its copies by inode number: {st_ino: (sha256, mode)}, read
+        from their names as listed (readdir gives the inode: nothing is stat'ed, ~50 ms for
+        60k copies). What a freeze lists may be collected meanwhile; it is then only absent
+        from what the freeze walks (a collected copy was linked nowhere else)."""
+        out: dict[int, tuple[str, int]] = {}
+        for prefix in os.listdir(self.fd):
+            if len(prefix) != 2 or prefix.startswith("."):
+                continue  # manifests, a temporary name
+            with os.scandir(self._sub(prefix)) as it:
+                for entry in it:
+                    sha, _, mode = entry.name.partition("-")
+                    if len(sha) == 64 and len(mode) == 4:
+                        out[entry.inode()] = (sha, int(mode, 8))
+        return os.fstat(self.fd).st_dev, out
+
     def write_manifest(self, manifest: bytes) -> str:
         """Keep ``manifest`` under its digest (atomically: temporary name, fsync, rename; the
-        daemon's, 0444); returns the digest."""
+        daemon's, 0444) unless an identical version's is there already; returns the digest."""
         digest = digest_of(manifest)
         sub = self._sub(MANIFESTS)
+        with contextlib.suppress(FileNotFoundError):
+            st = os.stat(_manifest_name(digest), dir_fd=sub, follow_symlinks=False)
+            if stat.S_ISREG(st.st_mode) and st.st_uid == os.geteuid():
+                return digest  # (verify says so if it was altered since)
         tmp = f".tmp-{secrets.token_hex(6)}"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
                      0o444, dir_fd=sub)
         try:
             with os.fdopen(fd, "wb") as fh:
-                fh.write(gzip.compress(manifest, compresslevel=6, mtime=0))
+                fh.write(gzip.compress(manifest, compresslevel=1, mtime=0))
                 fh.flush()
                 os.fchown(fd, self.target.uid, self.target.gid)
                 os.fchmod(fd, 0o444)
@@ -500,18 +553,19 @@ class Store:
         key = f"{entry.sha}-{entry.mode:04o}"
         sub = self._sub(entry.sha[:2])
         for _ in range(2):
+            try:  # this very inode (not whatever the name holds now) becomes the copy
+                os.link(f"/proc/self/fd/{fd}", key, dst_dir_fd=sub, follow_symlinks=True)
+                return False
+            except FileExistsError:
+                pass  # stored before (or it is this inode already): share it
+            except OSError as exc:
+                if exc.errno in (errno.EMLINK, errno.EXDEV):
+                    return False
+                raise
             try:
                 have = os.stat(key, dir_fd=sub, follow_symlinks=False)
             except FileNotFoundError:
-                try:  # this very inode (not whatever the name holds now) becomes the copy
-                    os.link(f"/proc/self/fd/{fd}", key, dst_dir_fd=sub, follow_symlinks=True)
-                    return False
-                except FileExistsError:
-                    continue  # another freeze stored it first: share it
-                except OSError as exc:
-                    if exc.errno in (errno.EMLINK, errno.EXDEV):
-                        return False
-                    raise
+                continue  # collected meanwhile: this one becomes the copy
             if (have.st_dev, have.st_ino) == (st.st_dev, st.st_ino):
                 return False
             if not (stat.S_ISREG(have.st_mode) and have.st_uid == self.target.uid

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+import select
 import socket
 import subprocess
 import threading
@@ -30,7 +31,17 @@ from ..errors import BuildFailed, Conflict, EnvctlError
 from ..heal import fsops
 from . import base_python, envs, freeze, kernels, layout, procs
 from . import cgroup as cgroups
-from .backends import PHASE_MARK, PHASES, BuildContext, Step, backend_named, get_backend, test_step
+from .backends import (
+    PHASE_MARK,
+    PHASES,
+    BuildContext,
+    Step,
+    backend_named,
+    get_backend,
+    rattler,
+    rattler_child,
+    test_step,
+)
 from .lock import NameLock
 from .model import Job, State
 from .spec import EnvSpec, parse_spec
@@ -75,6 +86,7 @@ class Build:
         self.backend = get_backend(job.backend, self.cfg)
         self._abort: Outcome | None = None
         self._abort_event = threading.Event()
+        self._wake = threading.Event()  # the running step's: set by abort() and by its end
         self._log_fd = state_dir.open_log(job.id)
         self._log_bytes = os.fstat(self._log_fd).st_size
         self._log_lock = threading.Lock()
@@ -90,6 +102,7 @@ class Build:
         if self._abort is None:
             self._abort = Outcome(state, detail)
         self._abort_event.set()
+        self._wake.set()
 
     def _check_abort(self) -> None:
         if self._abort is not None:
@@ -165,12 +178,16 @@ class Build:
                 raise Conflict(f"{job.prefix} already exists", hint="request it with --replace")
             version = envs.next_version(env_fd)
             try:
-                ctx = self._prepare(env_fd, user, spec, version)
+                ctx = self._prepare(env_fd, user, spec, version, cur)
                 if job.backend == "venv" and self.cfg.venv_base is not None:
                     ctx = self._venv_base(fds, ctx, user)
                 for step in self.backend.steps(ctx):
                     self._check_abort()
                     self._run_step(step, user, ctx)
+                    if (ctx.job_dir / rattler_child.UNCHANGED_FILE).exists():
+                        self.discard(env_fd, cur.version)
+                        return Outcome(State.SUCCEEDED, f"no change: {cur.version} already "
+                                       "has exactly these packages")
                 self._check_abort()
                 frozen = self._freeze(fds, env_fd, version, self.version_path(version))
                 self._check_abort()
@@ -238,11 +255,15 @@ class Build:
         return self.area.path("envs", self.job.name, version)
 
     def _prepare(self, env_fd: int, user: procs.BuildUser, spec: EnvSpec,
-                 version: str) -> BuildContext:
+                 version: str, cur: envs.Current) -> BuildContext:
         job = self.job
         self._phase("preparing")
         files = {"environment.yml": self.store.spec_text(job.id),
                  **self.backend.files(spec, self.cfg)}
+        if job.backend == "rattler" and job.replace and cur.version and not self.tests:
+            # an unchanged --replace keeps the current version (``--test``: a new build)
+            files.update(rattler.unchanged_if(envs.read_record(env_fd, f"{cur.version}.json"),
+                                              spec, files["environment.yml"]))
         job_dir = self.state_dir.prepare_job(job.id, user.uid, user.gid, files)
         with self.area.open() as fds:
             cache = self.area.conda_cache(fds)
@@ -321,6 +342,8 @@ class Build:
                                   name=f"envctl-log-{self.job.id}")
         reader.start()
         deadline = (self.job.started_at or time.time()) + self.cfg.timeout
+        wake = self._wake = threading.Event()
+        watcher = _Exit(proc.pid, wake)  # the step's end is seen at once, not on a poll
         try:
             started = procs.start_time(proc.pid)
             self.store.update(self.job.id, build_uid=user.uid, pgid=proc.pid, pgid_start=started)
@@ -333,11 +356,12 @@ class Build:
                     self.say(f"stopping the build ({self._abort.detail})")
                     procs.kill_group(proc.pid, leader=proc)
                     break
-                self._abort_event.wait(0.1)
+                wake.wait(0.1)
         finally:
             running.close_gate()
             procs.kill_group(proc.pid, grace=0, leader=proc)  # nothing of a step outlives it
             running.wait()
+            watcher.close()
             # nor anything that left its group: all of it is in the cgroup, if there is one;
             # the sweep reaps what that leaves us (and is all there is without a cgroup)
             escaped = (cgroups.kill(cgroup) if cgroup is not None else 0) + procs.sweep(user)
@@ -418,6 +442,33 @@ class Build:
         """Remove this job's new version (idempotent); ``keep`` (the current one) never."""
         for version in envs.clear_dead(env_fd, keep, job_id=self.job.id):
             self.say(f"removed the unfinished version {version}")
+
+
+class _Exit:
+    """Sets ``wake`` when process ``pid`` (a child not yet reaped) exits: a thread blocked on
+    its pidfd. Without pidfds (an old kernel) it does nothing: the step loop's 0.1 s timeout
+    sees the end."""
+
+    def __init__(self, pid: int, wake: threading.Event) -> None:
+        try:
+            self._fd = os.pidfd_open(pid)
+        except OSError:
+            self._fd, self._thread = -1, None
+            return
+        self._thread = threading.Thread(target=self._run, args=(wake,), daemon=True,
+                                        name=f"envctl-exit-{pid}")
+        self._thread.start()
+
+    def _run(self, wake: threading.Event) -> None:
+        select.select([self._fd], [], [])
+        wake.set()
+
+    def close(self) -> None:
+        """After the process has exited (the pidfd is readable: the thread ends)."""
+        if self._thread is not None:
+            self._thread.join()
+        if self._fd >= 0:
+            os.close(self._fd)
 
 
 def discard(job: Job, fds: dict[str, int], say: Callable[[str], None]) -> None:

@@ -85,12 +85,15 @@ _UV_OPTIONS = frozenset({"--no-index", "--find-links", "-f", "--index-url", "-i"
 # site's own list: Debian's dist-packages, a venv's site-packages). A file that does not
 # compile (a test fixture with Python 2 syntax) is left as it is, as conda and pip do. Workers:
 # the CPUs the build may use, at most 8 (a pool forks them all at once, however few the files).
-_COMPILE = ("import compileall, site, sysconfig, os\n"
+# The path baked into each .pyc is relative to the prefix (``stripdir``): import puts the real
+# one back (``_imp._fix_co_filename``), and the .pyc of a file linked from the conda cache is
+# then the same bytes in every version, which the store shares (not one copy per version).
+_COMPILE = ("import compileall, site, sysconfig, os, sys\n"
             "dirs = {sysconfig.get_path('purelib'), sysconfig.get_path('platlib'), "
             "*site.getsitepackages()}\n"
             "workers = min(8, len(os.sched_getaffinity(0)))\n"
             "for d in sorted(x for x in dirs if os.path.isdir(x)):\n"
-            "    compileall.compile_dir(d, quiet=1, workers=workers)\n"
+            "    compileall.compile_dir(d, quiet=1, workers=workers, stripdir=sys.prefix)\n"
             "    print('compiled', d, flush=True)\n")
 
 

@@ -11,13 +11,17 @@ placeholder is the one it runs at.
 (``install_step``, as the build's uid): so a spec with a ``pip:`` section must list python among
 its conda packages, and pip too where pip rather than uv installs (refused at submit time
 otherwise, not after a solve).
+An unchanged ``--replace`` makes no new version (``unchanged_if``): what ``conda update`` says
+when the solve gives what is installed, and what an admin re-running the same request expects.
 """
 
 from __future__ import annotations
 
 import json
 import platform
+import re
 import sys
+from typing import Any
 
 from ...config import RequestsConfig
 from ...errors import ValidationError
@@ -25,6 +29,8 @@ from ..spec import EnvSpec, conda_names
 from . import REQUIREMENTS, BuildContext, Step, compile_step, install_step, rattler_child, uv_for
 
 BUILD_FILE = "build.json"
+# "name==version" and nothing else: the one pip entry whose install is known without resolving
+_PIN_RE = re.compile(r"([A-Za-z0-9][A-Za-z0-9._-]*)\s*==\s*([A-Za-z0-9.+!_-]+)")
 
 
 def default_platforms() -> list[str]:
@@ -72,3 +78,29 @@ class RattlerBackend:
         if ctx.spec.pip:
             steps.append(install_step(ctx, f"{ctx.prefix}/bin/python"))
         return [*steps, compile_step(ctx)]
+
+
+def _pip_name(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()  # PEP 503
+
+
+def unchanged_if(record: dict[str, Any] | None, spec: EnvSpec, spec_text: str
+                 ) -> dict[str, str]:
+    """The job file (``rattler_child.CURRENT_FILE``) that lets the trusted step end a
+    ``--replace`` with no new version when its solve gives exactly the conda packages (name,
+    version, build, channel) of the current version ``record``; empty when that would not
+    mean "nothing changes": the version was not built ready by this backend from this very
+    spec text, or a pip: entry is not an exact ``name==version`` pin, or the pins are not
+    exactly the pip packages the version holds (an unpinned entry may resolve anew)."""
+    if not record or record.get("state") != "ready" or record.get("backend") != "rattler" \
+            or not record.get("digest") or record.get("spec") != spec_text:
+        return {}
+    packages = [p for p in record.get("packages") or [] if isinstance(p, dict)]
+    pins = [_PIN_RE.fullmatch(entry.strip()) for entry in spec.pip]
+    have = {(_pip_name(p["name"]), p["version"]) for p in packages if p.get("manager") == "pip"}
+    if not all(pins) or {(_pip_name(m[1]), m[2]) for m in pins if m} != have:
+        return {}
+    conda = sorted([p["name"].lower(), p["version"], p["build"], p["channel"]] for p in packages
+                   if p.get("manager") == "conda")
+    return {rattler_child.CURRENT_FILE: json.dumps(
+        {"version": record.get("version"), "packages": conda}) + "\n"}

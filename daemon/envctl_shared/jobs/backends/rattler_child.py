@@ -46,6 +46,11 @@ from urllib.parse import urlparse
 from urllib.request import url2pathname
 
 PHASE_MARK = "ENVCTL-PHASE "  # a step prints "ENVCTL-PHASE linking" on its stdout
+# beside build.json: the current version's conda packages, when a solve that gives exactly
+# them is no change (``rattler.unchanged_if``); the child then writes UNCHANGED_FILE there
+# and installs nothing
+CURRENT_FILE = "current.json"
+UNCHANGED_FILE = "unchanged"
 
 
 def phase(name: str) -> None:
@@ -196,6 +201,8 @@ async def build(args: argparse.Namespace) -> None:
     print(f"solved {len(records)} packages in {time.monotonic() - start:.2f}s:", flush=True)
     for rec in records:
         print(f"  {rec.name.normalized} {rec.version} {rec.build} ({rec.channel})", flush=True)
+    if _unchanged(Path(args.build).parent, records):
+        return
     private = Path(args.build).parent / "pkgs"  # in the job dir: the daemon's
     check_records(records, private)
     phase("downloading")
@@ -227,6 +234,24 @@ def write_state(prefix: Path, state: dict[str, Any]) -> None:
         os.replace(tmp, "state", src_dir_fd=meta, dst_dir_fd=meta)
     finally:
         os.close(meta)
+
+
+def _unchanged(job_dir: Path, records: list[Any]) -> bool:
+    """True (and UNCHANGED_FILE written) when the solve is exactly the current version's."""
+    try:
+        current = json.loads((job_dir / CURRENT_FILE).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return False
+    solved = sorted([r.name.normalized, str(r.version), str(r.build), str(r.channel)]
+                    for r in records)
+    if solved != current["packages"]:
+        new = ", ".join(" ".join(p) for p in solved if p not in current["packages"])
+        print(f"the solve differs from {current['version']} ({new or 'fewer packages'}): "
+              "building a new version", flush=True)
+        return False
+    (job_dir / UNCHANGED_FILE).write_text(current["version"] + "\n", encoding="utf-8")
+    print(f"no change: {current['version']} already has exactly these packages", flush=True)
+    return True
 
 
 def main(argv: list[str] | None = None) -> int:
