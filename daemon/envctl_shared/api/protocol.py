@@ -169,8 +169,10 @@ OPS: dict[str, Op] = {op.name: op for op in (
         "follow": _FOLLOW,
     }, streaming=True),
     Op("env-update", "A new version built from the current version's spec unchanged: solved "
-       "again, so it takes newer packages where the spec allows them; otherwise as env-add. "
-       "The owner or admins.", {"name": _ENV, "tests": _TESTS, "follow": _FOLLOW},
+       "again, so it takes newer packages where the spec allows them (with every pip entry "
+       "pinned and no test to run, a solve that gives exactly the current packages makes no "
+       "new version: \"no change\"); otherwise as env-add. The owner or admins.",
+       {"name": _ENV, "tests": _TESTS, "follow": _FOLLOW},
        streaming=True),
     Op("env-gc", "Remove versions that are neither current nor among the newest "
        "requests.keep_versions and stopped being current over requests.gc_grace ago, and "
