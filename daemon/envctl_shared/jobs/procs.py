@@ -76,6 +76,7 @@ log = logging.getLogger(__name__)
 
 KILL_GRACE = 3.0  # seconds between SIGTERM and SIGKILL
 SAFE_PATH = "/usr/local/bin:/usr/bin:/bin"
+PACKAGE_DIR = Path(__file__).resolve().parent.parent  # envctl_shared: a trusted step runs a file of it
 # argv[0] of the gate ("$0"), then the step's argv ("$@"); the step gets /dev/null as stdin.
 GATE = ("/bin/sh", "-c", 'IFS= read -r go && [ "$go" = go ] || exit 125; exec "$@" </dev/null',
         "envctl-gate")
@@ -245,11 +246,12 @@ def sandbox_places(config: Config) -> tuple[Path, ...]:
     """What every step sees read-only: the roots (every env, built or hand-made), the state
     dir (other jobs' homes), the kernels dir, and the inputs an admin configured by path — the
     local channels, ``pip_args`` wheelhouses, ``venv_python``/``conda_exe``, the daemon's own
-    Python — bound so that they stay visible below a private dir (a root in ``/tmp``, as in
-    the tests)."""
+    Python and package (a trusted step runs a file of it; an editable install keeps it outside
+    ``sys.prefix``) — bound so that they stay visible below a private dir (a root or a checkout
+    in ``/tmp``, as in the tests and CI)."""
     cfg = config.requests
     places = [r.path for r in config.roots] + [cfg.state_dir, Path(sys.prefix),
-                                               Path(sys.base_prefix)]
+                                               Path(sys.base_prefix), PACKAGE_DIR]
     if config.kernels.dir is not None:
         places.append(config.kernels.dir)
     base_channels = cfg.venv_base.channels if cfg.venv_base is not None else ()
