@@ -76,7 +76,8 @@ log = logging.getLogger(__name__)
 
 KILL_GRACE = 3.0  # seconds between SIGTERM and SIGKILL
 SAFE_PATH = "/usr/local/bin:/usr/bin:/bin"
-PACKAGE_DIR = Path(__file__).resolve().parent.parent  # envctl_shared: a trusted step runs a file of it
+# envctl_shared itself: a trusted step runs a file of it
+PACKAGE_DIR = Path(__file__).resolve().parent.parent
 # argv[0] of the gate ("$0"), then the step's argv ("$@"); the step gets /dev/null as stdin.
 GATE = ("/bin/sh", "-c", 'IFS= read -r go && [ "$go" = go ] || exit 125; exec "$@" </dev/null',
         "envctl-gate")
