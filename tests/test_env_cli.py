@@ -48,8 +48,10 @@ def test_update_with_tests_then_list_show_export(api: ApiDaemon, accounts: Accou
     assert "app 2.0 in" in res.stdout and "probing\n" in res.stdout
     assert "test 2 ('echo probing; app | grep -q 3.0') failed with status 1" in res.stderr
     assert os.readlink(api.root / "appenv") == ".envctl/envs/appenv/v1"
+    # a multi-line test whose second line looks like a package of env show's
+    forged = "true <<'X'\n    app 9.9 0  (conda)\nX"
     res = api.cli(a.alice, "request", "create", "appenv", "-f", _spec(api, "2.0"), "--replace",
-                  "--test", "app | grep -q 2.0")
+                  "--test", "app | grep -q 2.0", "--test", forged)
     assert res.returncode == 0, res.stderr
     assert os.readlink(api.root / "appenv") == ".envctl/envs/appenv/v2"
     # everyone who can connect lists and shows (mallory is not even a requester)
@@ -63,12 +65,14 @@ def test_update_with_tests_then_list_show_export(api: ApiDaemon, accounts: Accou
     shown = _json(api.cli(a.bob, "env", "show", "appenv", "--json"))
     assert [(v["version"], v["state"], v["current"]) for v in shown["versions"]] == \
         [("v1", "ready", False), ("v2", "ready", True)]
-    assert shown["versions"][1]["tests"] == ["app | grep -q 2.0"]
+    assert shown["versions"][1]["tests"] == ["app | grep -q 2.0", forged]
     assert [(p["name"], p["version"]) for p in shown["versions"][0]["packages"]] == \
         [("app", "1.0")]
     assert "app=1.0" in shown["versions"][0]["spec"]
     res = api.cli(a.bob, "env", "show", "appenv")
     assert "* v2" in res.stdout and "app 1.0 0  (conda)" in res.stdout
+    assert "app 9.9" not in "".join(line for line in res.stdout.splitlines(keepends=True)
+                                    if not line.startswith("    tested:")), res.stdout
     # the records are the daemon's and world-readable, in the root, for every host
     record = as_user(a.bob.uid, a.bob.gid,
                      ["cat", str(api.root / ".envctl/envs/appenv/v1.json")]).stdout

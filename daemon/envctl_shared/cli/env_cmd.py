@@ -150,8 +150,8 @@ def run_show(args: argparse.Namespace) -> int:
               + (f"  (not current since {local_time(v['retired_at'])})"
                  if v.get("retired_at") and not v.get("current") else ""))
         print(f"    {_verified(v)}")
-        for test in v.get("tests") or []:
-            print(f"    tested: {test}")
+        for test in v.get("tests") or []:  # a requester's text: one line each, escaped
+            print(f"    tested: {quote_name(test)}")
         for key, value in (v.get("variables") or {}).items():
             print(f"    variable: {key}={value}")
         for pkg in v.get("packages") or []:
