@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from envctl_shared.api.client import Client  # noqa: E402
 from envctl_shared.errors import EnvctlError  # noqa: E402
 
-from bench.common import start_requests_daemon, write_results, writer_account  # noqa: E402
+from bench.common import requests_daemon, write_results, writer_account  # noqa: E402
 from tests.jobs_support import write_wheel  # noqa: E402
 
 PYTHON = "/usr/bin/python3"
@@ -141,28 +141,22 @@ def main() -> None:
 
     base = Path(tempfile.mkdtemp(prefix="envctl-bench-api-", dir="/tmp"))
     os.chmod(base, 0o755)
-    proc = None
     try:
         with writer_account("build") as builder:
             import pwd
             build_name = pwd.getpwuid(builder.uid).pw_name
             write_wheel(base / "wheels", "benchlib")
-            proc, sock = start_requests_daemon(base, builder.group, build_name, {
+            with requests_daemon(base, builder.group, build_name, {
                 "backend": "venv", "allowed_backends": ["venv"], "venv_python": PYTHON,
-                "pip_args": ["--no-index", "--find-links", str(base / "wheels")]})
-            ping = bench_ping(sock, pings) if "ping" in parts else {}
-            status = bench_status(sock, args.clients, seconds) if "status" in parts else {}
-            direct: list[float] = []
-            via: list[float] = []
-            for i in range(builds if "build" in parts else 0):  # interleaved: drift hits both
-                direct.append(direct_build(base, builder.uid, builder.gid, i))
-                via.append(daemon_build(sock, i))
-            proc.terminate()
-            proc.wait(30)
+                "pip_args": ["--no-index", "--find-links", str(base / "wheels")]}) as sock:
+                ping = bench_ping(sock, pings) if "ping" in parts else {}
+                status = bench_status(sock, args.clients, seconds) if "status" in parts else {}
+                direct: list[float] = []
+                via: list[float] = []
+                for i in range(builds if "build" in parts else 0):  # interleaved: drift hits both
+                    direct.append(direct_build(base, builder.uid, builder.gid, i))
+                    via.append(daemon_build(sock, i))
     finally:
-        if proc is not None and proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
         shutil.rmtree(base, ignore_errors=True)
 
     rows: list[list[str]] = []

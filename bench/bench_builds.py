@@ -51,7 +51,7 @@ from envctl_shared.jobs.backends import uv_bin  # noqa: E402
 from bench.common import (  # noqa: E402
     VENV_BIN,
     exit_on_sigterm,
-    start_requests_daemon,
+    requests_daemon,
     write_results,
     writer_account,
 )
@@ -196,53 +196,47 @@ def main() -> None:
     channel_s = time.perf_counter() - t
     base = Path(tempfile.mkdtemp(prefix="envctl-bench-builds-", dir="/tmp"))
     os.chmod(base, 0o755)
-    proc = None
     try:
         with writer_account("build") as member:
             for i, name in enumerate(WHEELS):
                 write_wheel(base / "wheels", name, "1.0", f"VALUE = {i}\n" + "X = 1\n" * 200,
                             requires=() if name == "benchdep" else ("benchdep",))
-            proc, sock = start_requests_daemon(base, member.group, pwd.getpwuid(member.uid)
-                                               .pw_name, {
+            build_name = pwd.getpwuid(member.uid).pw_name
+            with requests_daemon(base, member.group, build_name, {
                 "backend": "rattler", "allowed_backends": ["rattler", "venv"], "timeout": 600,
                 "channels": [channel.as_uri()], "default_channels": [channel.as_uri()],
                 "venv_python": BASE_PYTHON, "keep_versions": 10, "gc_grace": 86400,
-                "pip_args": ["--no-index", "--find-links", str(base / "wheels")]})
-            b = Bench(base, sock, channel, member.uid, member.gid)
-            b.envctl(CONDA)  # one untimed build: the daemon's first-build work (imports)
-            b.bare_rattler("warm-cache")  # and the warm caches
-            b.bare_uv_venv("warm-uv")
-            times = rounds(n, {
-                "envctl_rattler_cold": lambda: b.envctl(CONDA),
-                "bare_rattler_cold": lambda: b.bare_rattler(b._fresh("cold-cache")),
-                "envctl_rattler_warm": lambda: b.envctl(CONDA),
-                "bare_rattler_warm": lambda: b.bare_rattler("warm-cache"),
-                "bare_compiled_warm": lambda: b.bare_rattler("warm-cache", compiled=True),
-                "envctl_mixed_warm": lambda: b.envctl(MIXED),
-                "bare_mixed_warm": lambda: b.bare_rattler("warm-cache", pip=True),
-                "envctl_venv": lambda: b.envctl(VENV, backend="venv"),
-                "uv_venv_cold": lambda: b.bare_uv_venv(b._fresh("cold-uv")),
-                "uv_venv_warm": lambda: b.bare_uv_venv("warm-uv"),
-                "pip_venv": b.bare_pip_venv,
-            }, before={"envctl_rattler_cold": b.cold_envctl_cache})
-            # --replace of an unchanged spec vs its first build; then 3 versions vs 1 on disk
-            disk: dict[str, list[int]] = {}
-            replace: dict[str, list[float]] = {}  # first build, then each --replace
-            for backend, text, key in (("rattler", PINNED, "pinned"), ("rattler", MIXED, "loose"),
-                                       ("venv", VENV, "venv")):
-                name = f"same-{key}"
-                first = b.envctl(text, name, backend)
-                one = b.du(base / "envs" / ".envctl" / "envs" / name)
-                replace[key] = [first, *(b.envctl(text, name, backend, replace=True)
-                                         for _ in range(2))]
-                if key != "pinned":
-                    disk[backend] = [one, b.du(base / "envs" / ".envctl" / "envs" / name)]
-            proc.terminate()
-            proc.wait(60)
+                "pip_args": ["--no-index", "--find-links", str(base / "wheels")]}) as sock:
+                b = Bench(base, sock, channel, member.uid, member.gid)
+                b.envctl(CONDA)  # one untimed build: the daemon's first-build work (imports)
+                b.bare_rattler("warm-cache")  # and the warm caches
+                b.bare_uv_venv("warm-uv")
+                times = rounds(n, {
+                    "envctl_rattler_cold": lambda: b.envctl(CONDA),
+                    "bare_rattler_cold": lambda: b.bare_rattler(b._fresh("cold-cache")),
+                    "envctl_rattler_warm": lambda: b.envctl(CONDA),
+                    "bare_rattler_warm": lambda: b.bare_rattler("warm-cache"),
+                    "bare_compiled_warm": lambda: b.bare_rattler("warm-cache", compiled=True),
+                    "envctl_mixed_warm": lambda: b.envctl(MIXED),
+                    "bare_mixed_warm": lambda: b.bare_rattler("warm-cache", pip=True),
+                    "envctl_venv": lambda: b.envctl(VENV, backend="venv"),
+                    "uv_venv_cold": lambda: b.bare_uv_venv(b._fresh("cold-uv")),
+                    "uv_venv_warm": lambda: b.bare_uv_venv("warm-uv"),
+                    "pip_venv": b.bare_pip_venv,
+                }, before={"envctl_rattler_cold": b.cold_envctl_cache})
+                # --replace of an unchanged spec vs its first build; then 3 versions vs 1 on disk
+                disk: dict[str, list[int]] = {}
+                replace: dict[str, list[float]] = {}  # first build, then each --replace
+                for backend, text, key in (("rattler", PINNED, "pinned"),
+                                           ("rattler", MIXED, "loose"), ("venv", VENV, "venv")):
+                    name = f"same-{key}"
+                    first = b.envctl(text, name, backend)
+                    one = b.du(base / "envs" / ".envctl" / "envs" / name)
+                    replace[key] = [first, *(b.envctl(text, name, backend, replace=True)
+                                             for _ in range(2))]
+                    if key != "pinned":
+                        disk[backend] = [one, b.du(base / "envs" / ".envctl" / "envs" / name)]
     finally:
-        if proc is not None and proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
         shutil.rmtree(base, ignore_errors=True)
 
     med = {k: statistics.median(v) for k, v in times.items()}

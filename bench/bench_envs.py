@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from envctl_shared.api.client import Client  # noqa: E402
 
-from bench.common import VENV_BIN, start_requests_daemon, write_results, writer_account  # noqa: E402
+from bench.common import VENV_BIN, requests_daemon, write_results, writer_account  # noqa: E402
 from tests.jobs_support import CondaPackage, build_channel  # noqa: E402
 
 ENVCTL = str(VENV_BIN / "envctl")
@@ -131,7 +131,6 @@ def main() -> None:
 
     base = Path(tempfile.mkdtemp(prefix="envctl-bench-envs-", dir="/tmp"))
     os.chmod(base, 0o755)
-    proc = None
     try:
         with writer_account("build") as builder:
             reader = pwd.getpwnam("nobody")  # another user, reading what others may read
@@ -140,23 +139,18 @@ def main() -> None:
                                                        big_package("2.0", files)])
             channel_s = time.perf_counter() - t
             build_name = pwd.getpwuid(builder.uid).pw_name
-            proc, sock = start_requests_daemon(base, builder.group, build_name, {
+            with requests_daemon(base, builder.group, build_name, {
                 "backend": "rattler", "allowed_backends": ["rattler"], "timeout": 3600,
-                "channels": [channel.as_uri()], "default_channels": [channel.as_uri()]})
-            root = base / "envs"
-            first_s, _ = build(sock, SPEC.format(channel=channel.as_uri(), version="1.0"),
-                               replace=False)
-            entries = sum(len(d) + len(f) for _, d, f in os.walk(root / "big/"))
-            update = update_under_reader(base, sock, root,
-                                         SPEC.format(channel=channel.as_uri(), version="2.0"),
-                                         reader.pw_uid, reader.pw_gid)
-            rb = rollbacks(sock, n_rollbacks)
-            proc.terminate()
-            proc.wait(60)
+                "channels": [channel.as_uri()], "default_channels": [channel.as_uri()]}) as sock:
+                root = base / "envs"
+                first_s, _ = build(sock, SPEC.format(channel=channel.as_uri(), version="1.0"),
+                                   replace=False)
+                entries = sum(len(d) + len(f) for _, d, f in os.walk(root / "big/"))
+                update = update_under_reader(base, sock, root,
+                                             SPEC.format(channel=channel.as_uri(), version="2.0"),
+                                             reader.pw_uid, reader.pw_gid)
+                rb = rollbacks(sock, n_rollbacks)
     finally:
-        if proc is not None and proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
         shutil.rmtree(base, ignore_errors=True)
 
     unavailable_ms = update["unavailable_s"] * 1000

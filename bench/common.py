@@ -133,11 +133,13 @@ def write_results(name: str, title: str, headers: list[str], rows: list[list[str
     return text
 
 
-def start_requests_daemon(base: Path, group: str, build_user: str,
-                          requests: dict[str, object]) -> tuple[subprocess.Popen[bytes], Path]:
+@contextlib.contextmanager
+def requests_daemon(base: Path, group: str, build_user: str,
+                    requests: dict[str, object]) -> Iterator[Path]:
     """A real ``envctld`` on ``base/envs`` (SGID, ``group``) with requests on for ``group``
-    (``requests`` adds the backend's keys), its socket in ``base/run``; returned once it answers
-    ``ping``. The caller stops it (own session: a kill reaches nothing else)."""
+    (``requests`` adds the backend's keys); yields its socket (in ``base/run``) once it answers
+    ``ping``, and stops it when the block ends (killed if it does not stop in 60 s; its own
+    session: a kill reaches nothing else)."""
     import yaml
     from envctl_shared.api.client import Client
     from envctl_shared.errors import EnvctlError
@@ -160,13 +162,21 @@ def start_requests_daemon(base: Path, group: str, build_user: str,
         proc = subprocess.Popen([str(VENV_BIN / "envctld"), "--config",
                                  str(base / "envctld.yaml")],
                                 stdout=log, stderr=log, start_new_session=True)
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            with Client(sock, timeout=2) as c:
-                c.call("ping")
-            return proc, sock
-        except EnvctlError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit((base / "envctld.log").read_text()) from None
-            time.sleep(0.05)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with Client(sock, timeout=2) as c:
+                    c.call("ping")
+                break
+            except EnvctlError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise SystemExit((base / "envctld.log").read_text()) from None
+                time.sleep(0.05)
+        yield sock
+        proc.terminate()
+        proc.wait(60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
