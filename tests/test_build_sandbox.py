@@ -72,33 +72,35 @@ def test_a_build_writes_nothing_but_its_own(jobs_env: JobsEnv, manager_factory: 
     left = Path("/tmp") / f"envctl-left-{os.getpid()}"
     left.write_text("left by another build\n")
     os.chown(left, pool.uids[0], pool.gids[0])
-    victim_home = jobs_env.state_dir / "jobs" / victim.id / "home"
-    targets = {
-        "version": f"touch {root}/victim/zz.pth",
-        "linked": f"echo evil >> {message}",
-        "handmade": f"touch {handmade}/x",
-        "rename": f"mv {root}/victim {root}/victim2",
-        "cache": (f"echo evil >> {cached[0]}" if cached else "false"),
-        "cache-dir": f"touch {root}/.envctl/cache/conda/x",
-        "state": f"touch {victim_home}/x",
-        "kernels": f"mkdir {kernels}/envctl-evil",
-        "tmp": f"echo evil > {left}",
-    }
-    job = _build(mgr, jobs_env, "attacker",
-                 tests=tuple(_attempt(k, v) for k, v in targets.items()))
-    log = full_log(mgr, job.id)
-    assert job.state is State.SUCCEEDED, (job.exit_detail, log)
-    said = [x for x in log.splitlines() if x.startswith(("WROTE ", "REFUSED "))]
-    assert said[-1] == "WROTE tmp" and len(said) == len(targets), said  # /tmp: a private one
-    for line in said[:-1]:  # a file not the build's: no permission, before the read-only mount
-        assert line.endswith(("Read-only file system", "Permission denied")), line
-    assert cached and message.read_text() == "hello from envctl\n" == cached[0].read_text()
-    assert os.listdir(root / "victim") == os.listdir(root / ".envctl/envs/victim/v1")
-    assert not (root / "victim" / "zz.pth").exists() and os.path.islink(root / "victim")
-    assert os.listdir(handmade) == [] and os.listdir(kernels) == []
-    assert not (victim_home / "x").exists()
-    assert left.read_text() == "left by another build\n"
-    left.unlink()
+    try:  # the file in the host's /tmp goes, whatever happens
+        victim_home = jobs_env.state_dir / "jobs" / victim.id / "home"
+        targets = {
+            "version": f"touch {root}/victim/zz.pth",
+            "linked": f"echo evil >> {message}",
+            "handmade": f"touch {handmade}/x",
+            "rename": f"mv {root}/victim {root}/victim2",
+            "cache": (f"echo evil >> {cached[0]}" if cached else "false"),
+            "cache-dir": f"touch {root}/.envctl/cache/conda/x",
+            "state": f"touch {victim_home}/x",
+            "kernels": f"mkdir {kernels}/envctl-evil",
+            "tmp": f"echo evil > {left}",
+        }
+        job = _build(mgr, jobs_env, "attacker",
+                     tests=tuple(_attempt(k, v) for k, v in targets.items()))
+        log = full_log(mgr, job.id)
+        assert job.state is State.SUCCEEDED, (job.exit_detail, log)
+        said = [x for x in log.splitlines() if x.startswith(("WROTE ", "REFUSED "))]
+        assert said[-1] == "WROTE tmp" and len(said) == len(targets), said  # /tmp: a private one
+        for line in said[:-1]:  # a file not the build's: no permission, before the read-only mount
+            assert line.endswith(("Read-only file system", "Permission denied")), line
+        assert cached and message.read_text() == "hello from envctl\n" == cached[0].read_text()
+        assert os.listdir(root / "victim") == os.listdir(root / ".envctl/envs/victim/v1")
+        assert not (root / "victim" / "zz.pth").exists() and os.path.islink(root / "victim")
+        assert os.listdir(handmade) == [] and os.listdir(kernels) == []
+        assert not (victim_home / "x").exists()
+        assert left.read_text() == "left by another build\n"
+    finally:
+        left.unlink(missing_ok=True)
 
 
 def test_the_cache_is_the_daemons_and_read_only_to_builds(jobs_env: JobsEnv,
