@@ -50,7 +50,6 @@ from .store import JobStore
 log = logging.getLogger(__name__)
 
 MAX_LOG_BYTES = 64 << 20  # a runaway build cannot fill the state disk through its log
-TESTS_FILE = "tests.json"  # the job's --test commands, next to its log (the daemon's)
 
 
 @dataclass
