@@ -32,7 +32,7 @@ from envctl_shared.jobs.procs import BuildUser, spawn, sweep_orphans
 
 from tests.conftest import Accounts
 from tests.helpers import wait_for
-from tests.jobs_support import ENV_VENV, JobsEnv, daemon_argv, full_log, wait_done
+from tests.jobs_support import ENV_VENV, ENV_VENV_PIP, JobsEnv, daemon_argv, full_log, wait_done
 
 pytest_plugins = ("tests.fixtures_jobs",)  # the jobs fixtures
 
@@ -187,7 +187,8 @@ def test_escapee_does_not_survive_kill9_and_restart(jobs_env: JobsEnv,
         pytest.skip("no writable cgroup v2 here: the sweep variant covers this host")
     builder = jobs_env.accounts.builder.uid
     cfg = jobs_env.raw(venv_python=wrapper(scratch, kind))
-    argv = daemon_argv(cfg, jobs_env.requester(), [["k9", ENV_VENV, "venv"]])
+    # pip seeded: the step still runs when the daemon is killed (the venv on uv ends first)
+    argv = daemon_argv(cfg, jobs_env.requester(), [["k9", ENV_VENV_PIP, "venv"]])
     if mechanism == "sweep":
         argv = without_cgroups(argv)
     escapees: list[int] = []
