@@ -104,7 +104,7 @@ def test_package_names_from_a_build_are_printable_text(
                                           default_channels=[str(channel)]))
     job = mgr.submit(jobs_env.requester(), "escapes", "dependencies: [carrier]\n")
     assert wait_done(mgr, job.id).state is State.SUCCEEDED, full_log(mgr, job.id)
-    current = next(v for v in mgr.env_show("escapes")["versions"] if v["current"])
+    current = next(v for v in mgr.environments.show("escapes")["versions"] if v["current"])
     names = [p["name"] for p in current["packages"]]
     assert "carrier" in names and any(n.startswith("evil") for n in names), names
     assert all(n.isprintable() for n in names), names

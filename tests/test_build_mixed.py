@@ -71,7 +71,7 @@ def _build(mgr: JobManager, jobs_env: JobsEnv, name: str, text: str,
 
 
 def _packages(mgr: JobManager, name: str) -> set[tuple[str, str, str]]:
-    current = next(v for v in mgr.env_show(name)["versions"] if v["current"])
+    current = next(v for v in mgr.environments.show(name)["versions"] if v["current"])
     return {(p["manager"], p["name"], p["version"]) for p in current["packages"]}
 
 
@@ -97,10 +97,10 @@ def test_conda_and_pip_in_one_env_with_variables(mixed: tuple[JobManager, str],
     packages = _packages(mgr, "analysis")
     assert {("conda", "python", "3.11.2"), ("conda", "pip", "23.0.1"), ("conda", "hello", "2.1"),
             ("pip", "mixdemo", "1.0"), ("pip", "mixdep", "2.0")} <= packages, packages
-    shown = next(v for v in mgr.env_show("analysis")["versions"] if v["current"])
+    shown = next(v for v in mgr.environments.show("analysis")["versions"] if v["current"])
     assert shown["variables"] == {"OMP_NUM_THREADS": "4", "ANALYSIS_MODE": "offline run"}
     # the export: conda pins, a pip: list, the variables; it builds the same packages back
-    exported = mgr.env_export("analysis")["text"]
+    exported = mgr.environments.export("analysis")["text"]
     doc = yaml.safe_load(exported)
     assert "python ==3.11.2 0" in doc["dependencies"]
     assert {"pip": ["mixdemo==1.0", "mixdep==2.0"]} in doc["dependencies"]

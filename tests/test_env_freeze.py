@@ -85,23 +85,23 @@ def test_verify_names_what_root_changed(jobs_env: JobsEnv, manager_factory: Fact
     update = NameLock(locks, str(jobs_env.root), "checked", "an update")
     update.acquire()  # an update of the name under way does not hold a verify back
     try:
-        clean = mgr.env_verify("checked")
+        clean = mgr.environments.verify("checked")
     finally:
         update.release()
         os.close(locks)
     assert clean["ok"] and clean["differences"] == [] and clean["digest_now"] == clean["digest"]
-    shown = mgr.env_show("checked")["versions"][0]
+    shown = mgr.environments.show("checked")["versions"][0]
     assert shown["verify"]["ok"] and shown["verified_at"] == clean["verified_at"]
     # root tampers: a content change, a chmod, an added file at the top
     (version / "share/greet/message").write_text("pwned\n")
     os.chmod(version / "lib/greet/VERSION", 0o666)
     (version / "zz.pth").write_text("import os\n")
-    out = mgr.env_verify("checked")
+    out = mgr.environments.verify("checked")
     found = {(d["path"], d["what"]) for d in out["differences"]}
     assert not out["ok"] and out["count"] == len(out["differences"])
     assert {("share/greet/message", "content"), ("share/greet/message", "size"),
             ("lib/greet/VERSION", "mode"), ("zz.pth", "added")} <= found, found
-    assert mgr.env_list()[0]["failed_verify"] == ["v1"]
+    assert mgr.environments.list()[0]["failed_verify"] == ["v1"]
     checked = integrity.check(jobs_env.config())
     assert [(t["name"], t["version"]) for t in checked["tampered"]] == [("checked", "v1")]
     assert [(f["name"], f["version"]) for f in checked["failed_verify"]] == [("checked", "v1")]
@@ -299,7 +299,7 @@ def test_versions_built_before_are_frozen_at_start(jobs_env: JobsEnv, manager_fa
     second = manager_factory()  # frozen in start, before any build
     assert "digest" in json.loads((version.parent / "v1.json").read_text())
     assert _writable(version) == [] and _owners(version) == {f"0:{acc.shared_gid}"}
-    assert second.env_verify("legacy")["ok"]
+    assert second.environments.verify("legacy")["ok"]
     second.stop()
     manager_factory()  # once: a later start has nothing to freeze
     said = [r.getMessage() for r in caplog.records if "env-freeze-old" in r.getMessage()]

@@ -135,10 +135,10 @@ def test_update_without_a_gap_and_old_process_keeps_its_version(
         assert ran.stdout == f"app 2.0 in {new}\n"
     assert f"{stable} now points to v2" in full_log(mgr, job)
     if backend == "venv":  # the inventory and the export of a venv: pip's own records
-        pkgs = {p["name"]: p for p in mgr.env_show(name)["versions"][1]["packages"]}
+        pkgs = {p["name"]: p for p in mgr.environments.show(name)["versions"][1]["packages"]}
         assert pkgs["envctl_demo"] == {"manager": "pip", "name": "envctl_demo",
                                        "version": "2.0"}
-        text = mgr.env_export(name)["text"]
+        text = mgr.environments.export(name)["text"]
         assert "- envctl_demo==2.0" in text and "- pip==" not in text  # the venv brings pip
 
 
@@ -240,37 +240,38 @@ def test_rollback_remove_and_gc(jobs_env: JobsEnv, manager_factory: Factory) -> 
     stable = jobs_env.root / "rb"
     assert os.readlink(stable) == ".envctl/envs/rb/v3"
     with pytest.raises(NotAuthorised, match="belongs to .*alice"):
-        mgr.env_rollback(bob, "rb")
+        mgr.environments.rollback(bob, "rb")
     t0 = time.monotonic()
-    done = mgr.env_rollback(alice, "rb")
+    done = mgr.environments.rollback(alice, "rb")
     assert time.monotonic() - t0 < 1.0
     assert done == {"name": "rb", "current": "v2", "previous": "v3"}
     assert (stable / "share/app/VERSION").read_text() == "2.0\n"
-    assert mgr.env_rollback(admin, "rb", to="v3")["current"] == "v3"  # admins may; forward too
+    # admins may; forward too
+    assert mgr.environments.rollback(admin, "rb", to="v3")["current"] == "v3"
     with pytest.raises(NotFound):
-        mgr.env_rollback(alice, "rb", to="v9")
+        mgr.environments.rollback(alice, "rb", to="v9")
     # GC: v3 current, v2 among the 2 newest, v1 retired under the grace: all kept
-    assert mgr.env_gc()["removed"] == []
+    assert mgr.environments.gc()["removed"] == []
     _age(jobs_env, "rb", 601)
-    assert mgr.env_gc(dry_run=True)["removed"] == [{"name": "rb", "version": "v1"}]
+    assert mgr.environments.gc(dry_run=True)["removed"] == [{"name": "rb", "version": "v1"}]
     assert (stable.resolve().parent / "v1").is_dir()  # a dry run removes nothing
-    assert mgr.env_gc()["removed"] == [{"name": "rb", "version": "v1"}]
+    assert mgr.environments.gc()["removed"] == [{"name": "rb", "version": "v1"}]
     assert sorted(os.listdir(stable.resolve().parent)) == [
         "env.json", "v2", "v2.json", "v3", "v3.json"]
     # remove: the name goes at once, the versions after the grace
     with pytest.raises(NotAuthorised):
-        mgr.env_remove(bob, "rb")
-    assert mgr.env_remove(alice, "rb") == {"name": "rb", "removed": "v3"}
+        mgr.environments.remove(bob, "rb")
+    assert mgr.environments.remove(alice, "rb") == {"name": "rb", "removed": "v3"}
     assert not os.path.lexists(stable)
-    listed = {e["name"]: e for e in mgr.env_list()}
+    listed = {e["name"]: e for e in mgr.environments.list()}
     assert listed["rb"]["status"] == "removed"
     # a removed name keeps no newest versions: v2 (not current for over the grace) goes now,
     # v3 (current until just now) only after the grace
-    assert mgr.env_gc()["removed"] == [{"name": "rb", "version": "v2"}]
+    assert mgr.environments.gc()["removed"] == [{"name": "rb", "version": "v2"}]
     _age(jobs_env, "rb", 601)
-    assert mgr.env_gc()["removed"] == [{"name": "rb", "version": "v3"}]
+    assert mgr.environments.gc()["removed"] == [{"name": "rb", "version": "v3"}]
     assert not (jobs_env.root / ".envctl" / "envs" / "rb").exists()
-    assert "rb" not in {e["name"] for e in mgr.env_list()}
+    assert "rb" not in {e["name"] for e in mgr.environments.list()}
 
 
 def test_hand_made_env_is_unmanaged_and_never_touched(jobs_env: JobsEnv,
@@ -282,7 +283,7 @@ def test_hand_made_env_is_unmanaged_and_never_touched(jobs_env: JobsEnv,
     before = sorted((p.name, p.stat().st_ino) for p in hand.rglob("*"))
     (jobs_env.root / "notes.txt").write_text("a file is not an env\n")
     _build(mgr, jobs_env, "managed", APP.format(v="1.0"))
-    listed = {e["name"]: e for e in mgr.env_list()}
+    listed = {e["name"]: e for e in mgr.environments.list()}
     assert sorted(listed) == ["byhand", "managed"]
     assert listed["byhand"]["status"] == "unmanaged" and listed["byhand"]["current"] is None
     assert listed["managed"]["status"] == "ready" and listed["managed"]["current"] == "v1"
@@ -292,16 +293,16 @@ def test_hand_made_env_is_unmanaged_and_never_touched(jobs_env: JobsEnv,
     with pytest.raises(Conflict, match="not an environment envctl manages"):
         mgr.submit(admin, "byhand", APP.format(v="1.0"), replace=True)
     with pytest.raises(NotFound):
-        mgr.env_remove(admin, "byhand")
+        mgr.environments.remove(admin, "byhand")
     with pytest.raises(NotFound):
-        mgr.env_rollback(admin, "byhand")
-    mgr.env_gc()
+        mgr.environments.rollback(admin, "byhand")
+    mgr.environments.gc()
     assert sorted((p.name, p.stat().st_ino) for p in hand.rglob("*")) == before
     # show and export: the exact packages, and a spec create accepts back
-    shown = mgr.env_show("managed")
+    shown = mgr.environments.show("managed")
     pkgs = shown["versions"][0]["packages"]
     assert {(p["name"], p["version"]) for p in pkgs} == {("app", "1.0")}
-    text = mgr.env_export("managed")["text"]
+    text = mgr.environments.export("managed")["text"]
     assert "- app ==1.0 0" in text
     again = _build(mgr, jobs_env, "copy", text)
     assert (jobs_env.root / "copy" / "share/app/VERSION").read_text() == "1.0\n", again
@@ -329,12 +330,12 @@ def test_owner_on_a_shared_uid_is_the_hub_user(jobs_env: JobsEnv, manager_factor
     for v in ("1.0", "2.0"):
         job = wait_done(mgr, mgr.submit(ann, "hubenv", APP.format(v=v), replace=True).id)
         assert job.state is State.SUCCEEDED, full_log(mgr, job.id)
-    assert mgr.env_owner("hubenv")["hub_user"] == "ann"  # type: ignore[index]
+    assert mgr.environments.owner("hubenv")["hub_user"] == "ann"  # type: ignore[index]
     with pytest.raises(NotAuthorised, match="belongs to hub user ann"):
-        mgr.env_rollback(ben, "hubenv")
+        mgr.environments.rollback(ben, "hubenv")
     with pytest.raises(NotAuthorised, match="belongs to hub user ann"):
-        mgr.env_remove(ben, "hubenv")
-    assert mgr.env_rollback(ann, "hubenv")["current"] == "v1"
+        mgr.environments.remove(ben, "hubenv")
+    assert mgr.environments.rollback(ann, "hubenv")["current"] == "v1"
 
 
 RECORD_READER = """
@@ -372,7 +373,7 @@ def test_rollback_and_remove_are_atomic_for_readers(jobs_env: JobsEnv, manager_f
     try:
         time.sleep(0.2)
         for i in range(60):
-            mgr.env_rollback(alice, "atomic", to="v1" if i % 2 == 0 else "v2")
+            mgr.environments.rollback(alice, "atomic", to="v1" if i % 2 == 0 else "v2")
             time.sleep(0.005)
     finally:
         samples, runs = poller.finish()
@@ -385,7 +386,7 @@ def test_rollback_and_remove_are_atomic_for_readers(jobs_env: JobsEnv, manager_f
     poller = Poller(jobs_env, stable / "share/app/VERSION", scratch / "rm")
     try:
         time.sleep(0.2)
-        mgr.env_remove(alice, "atomic")
+        mgr.environments.remove(alice, "atomic")
         time.sleep(0.2)
     finally:
         samples, runs = poller.finish()
@@ -421,7 +422,7 @@ def test_conda_backend_builds_versions_the_same_way(jobs_env: JobsEnv, manager_f
     out = subprocess.run([str(stable / "bin" / "fake")], capture_output=True, text=True)
     assert out.stdout == f"fake in {stable.resolve()}\n"
     assert (stable.resolve().parent / "v1" / "bin" / "fake").exists()
-    shown = mgr.env_show("condaenv")
+    shown = mgr.environments.show("condaenv")
     assert shown["backend"] == "conda" and shown["versions"][1]["packages"] == [
         {"manager": "conda", "name": "fake", "version": "1.0", "build": "0",
          "channel": "local"}]

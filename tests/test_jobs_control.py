@@ -99,7 +99,7 @@ def test_cancel_mid_build(jobs_env: JobsEnv, manager_factory) -> None:
     version = jobs_env.root / ".envctl" / "envs" / "cx" / "v1"
     assert version.is_dir() and not os.path.lexists(jobs_env.root / "cx")  # built aside
     assert f'"job": "{job.id}"' in (version.parent / "v1.json").read_text()
-    listed = {e["name"]: e for e in mgr.env_list()}
+    listed = {e["name"]: e for e in mgr.environments.list()}
     assert (listed["cx"]["status"], listed["cx"]["current"]) == ("building", None)
     with pytest.raises(NotAuthorised, match="only your own jobs"):
         mgr.cancel(job.id, bob)
@@ -109,7 +109,7 @@ def test_cancel_mid_build(jobs_env: JobsEnv, manager_factory) -> None:
     assert done.state is State.CANCELLED, full_log(mgr, job.id)
     assert "cancelled by" in (done.exit_detail or "") and took < 10
     assert_clean(jobs_env, "cx")
-    assert "cx" not in {e["name"] for e in mgr.env_list()}
+    assert "cx" not in {e["name"] for e in mgr.environments.list()}
     with pytest.raises(Conflict, match="already ended"):
         mgr.cancel(job.id, alice)
     log = full_log(mgr, job.id)

@@ -52,29 +52,29 @@ class EnvHandlers:
         raise NotImplementedError
 
     def op_env_list(self, who: Requester, gone: Callable[[], bool]) -> Iterator[Message]:
-        yield protocol.ok(self._manager().env_list())
+        yield protocol.ok(self._manager().environments.list())
 
     def op_env_show(self, who: Requester, gone: Callable[[], bool],
                     name: str) -> Iterator[Message]:
-        yield protocol.ok(self._manager().env_show(name))
+        yield protocol.ok(self._manager().environments.show(name))
 
     def op_env_export(self, who: Requester, gone: Callable[[], bool], name: str,
                       version: str | None) -> Iterator[Message]:
-        yield protocol.ok(self._manager().env_export(name, version))
+        yield protocol.ok(self._manager().environments.export(name, version))
 
     def op_env_verify(self, who: Requester, gone: Callable[[], bool], name: str,
                       version: str | None) -> Iterator[Message]:
-        yield protocol.ok(self._manager().env_verify(name, version))
+        yield protocol.ok(self._manager().environments.verify(name, version))
 
     def op_env_rollback(self, who: Requester, gone: Callable[[], bool], name: str,
                         to: str | None) -> Iterator[Message]:
         self._may_change(who, "env-rollback", name)
-        yield protocol.ok(self._manager().env_rollback(who, name, to))
+        yield protocol.ok(self._manager().environments.rollback(who, name, to))
 
     def op_env_remove(self, who: Requester, gone: Callable[[], bool],
                       name: str) -> Iterator[Message]:
         self._may_change(who, "env-remove", name)
-        done = self._manager().env_remove(who, name)
+        done = self._manager().environments.remove(who, name)
         if self.config.kernels.dir is not None:  # the kernelspec goes away with the env
             try:
                 done["kernel"] = kernels.publish(self.config, name, False)
@@ -116,7 +116,7 @@ class EnvHandlers:
             raise NotAuthorised("only envctl admins may run the environment GC",
                                 hint="the daemon runs it every requests.gc_interval seconds; "
                                      "'envctl env list' shows what is kept")
-        yield protocol.ok(self._manager().env_gc(dry_run))
+        yield protocol.ok(self._manager().environments.gc(dry_run))
 
     def _may_change(self, who: Requester, op: str, name: str) -> None:
         """Requesters and admins only (the owner check itself happens under the lock)."""

@@ -182,7 +182,8 @@ class Handlers(EnvHandlers):
         daemon recorded it in the root (``jobs.envs``; an env without a record: admins)."""
         if not os.path.lexists(self.config.requests_root.path / name):
             return
-        self.auth.require_env_owner(who, self._manager().env_owner(name), f"environment {name!r}")
+        owner = self._manager().environments.owner(name)
+        self.auth.require_env_owner(who, owner, f"environment {name!r}")
 
     def op_get(self, who: Requester, gone: Callable[[], bool], id: str | int) -> Iterator[Message]:
         yield protocol.ok(self._visible(who, id).to_dict())

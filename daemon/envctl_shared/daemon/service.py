@@ -32,12 +32,17 @@ log = logging.getLogger("envctl.daemon")
 WATCH_HEADROOM = 0.8
 
 
+class _Environments(Protocol):
+    integrity: dict[str, Any]
+
+
 class _Jobs(Protocol):
     def start(self) -> None: ...
     def stop(self, timeout: float) -> Any: ...
     def reload(self, config: Config) -> None: ...
     def counts(self) -> dict[str, int]: ...
-    integrity: dict[str, Any]
+    @property
+    def environments(self) -> _Environments: ...
 
 
 class _Server(Protocol):
@@ -210,7 +215,7 @@ class Daemon:
             "inotify": self.inotify_budget(),
             "jobs": self._jobs.counts() if self._jobs is not None else None,
             # frozen versions whose stamp changed, or whose last verify failed (never deleted)
-            "integrity": self._jobs.integrity if self._jobs is not None else None,
+            "integrity": self._jobs.environments.integrity if self._jobs is not None else None,
         }
 
     def wait_idle(self, timeout: float) -> bool:

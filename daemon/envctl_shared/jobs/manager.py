@@ -15,17 +15,14 @@ and its directory exist.
 
 from __future__ import annotations
 
-import builtins
-import contextlib
 import logging
 import os
 import secrets
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 from ..config import Config
 from ..errors import (
@@ -40,9 +37,10 @@ from ..errors import (
 )
 from ..logfields import fields
 from . import cgroup as cgroups
-from . import envs, integrity, kernels, layout, procs
+from . import envs, layout, procs
 from .backends import get_backend
 from .cluster import ClusterJobs
+from .env_service import EnvService
 from .lock import NameLock
 from .model import Job, Requester, State
 from .runner import Build, discard
@@ -69,14 +67,12 @@ class JobManager:
         self._submit_lock = threading.Lock()
         self._stopping = False
         self._scheduler: threading.Thread | None = None
-        self._gc_stop = threading.Event()
         self._cgroups: cgroups.CgroupTree | None = None
         self._cluster: ClusterJobs | None = None  # our jobs in the root, other hosts' read back
         self.containment = "none"  # how builds are contained: "cgroup" or "sweep" once started
         self.sandbox = "none"  # "mount-namespace" once started where the kernel allows it
         self._busy_uids: set[int] = set()  # the pool's accounts running a build now
-        # The last periodic integrity check (see ``integrity.check``), for ``status``.
-        self.integrity: dict[str, Any] = {"tampered": [], "failed_verify": [], "checked_at": None}
+        self.environments = EnvService(config)  # the env-* ops; started and stopped with us
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -102,19 +98,12 @@ class JobManager:
         log.info("jobs-sandbox mechanism=%s%s", self.sandbox, f" reason={why!r}" if why else "")
         for user in self._pool():  # one who cannot reach the root: refuse to start
             procs.check_reach(user, self._config.requests_root.path)
-        try:
-            with layout.RootArea(self._config.requests_root.path).open():
-                pass  # create <root>/.envctl now; a tampered one fails each job, not the daemon
-            self._freeze_old()
-        except (OSError, EnvctlError) as exc:
-            log.warning("jobs-area-unusable root=%s error=%s", self._config.requests_root.path,
-                        exc)
+        self.environments.start()
         self._recover()
         self._prune_logs()
         self._scheduler = threading.Thread(target=self._schedule, name="envctl-jobs",
                                            daemon=True)
         self._scheduler.start()
-        threading.Thread(target=self._gc_loop, name="envctl-gc", daemon=True).start()
         log.info("jobs-start state_dir=%s %s", self._state.path,
                  " ".join(f"{k}={v}" for k, v in self.counts().items()))
 
@@ -141,7 +130,7 @@ class JobManager:
 
     def stop(self, timeout: float = 10.0) -> None:
         """Stop scheduling; kill running builds (they become ``interrupted``)."""
-        self._gc_stop.set()
+        self.environments.stop()
         with self._cond:
             self._stopping = True
             for build in self._running.values():
@@ -168,6 +157,7 @@ class JobManager:
             log.warning("jobs-reload state_dir change needs a restart old=%s new=%s",
                         self._config.requests.state_dir, config.requests.state_dir)
             config = _with_state_dir(config, self._config.requests.state_dir)
+        self.environments.reload(config)
         with self._cond:
             self._config = config
             self._cond.notify_all()
@@ -357,7 +347,7 @@ class JobManager:
                     f"{requester.who} already has {mine} jobs queued or running, the most one "
                     f"requester may (requests.max_queued_per_user = {cfg.max_queued_per_user})",
                     hint="wait for one to finish, or cancel one ('envctl request list')")
-            cur = self._current(name)
+            cur = self.environments.current(name)
             kind = cur.kind
             if base is not None and cur.version != base:
                 raise Conflict(f"{name!r} changed while the request was prepared (now "
@@ -403,7 +393,7 @@ class JobManager:
         current, so a replace or rollback that came in between is never undone. A queued
         build of the name is refused first: taking its lock now would fail that build."""
         _refuse_busy(name, self.store.list())
-        with self._env_locked(name, "change") as (fds, env_fd):
+        with self.environments.locked(name, "change") as (fds, env_fd):
             cur = envs.current(fds[""], name)
             rec = envs.ready(env_fd, cur.version) if cur.version is not None else None
         if rec is None or not isinstance(rec.get("spec"), str):
@@ -509,193 +499,6 @@ class JobManager:
 
     def counts(self) -> dict[str, int]:
         return self.store.counts()
-
-    # -- environments (versions behind the stable path; see ``envs``) ---------------------------
-
-    @contextlib.contextmanager
-    def _root(self) -> Iterator[dict[str, int]]:
-        with layout.RootArea(self._config.requests_root.path).open() as fds:
-            yield fds
-
-    def _current(self, name: str) -> envs.Current:
-        fd = os.open(self._config.requests_root.path, layout.DIR_FLAGS)
-        try:
-            return envs.current(fd, name)
-        finally:
-            os.close(fd)
-
-    @contextlib.contextmanager
-    def _env_locked(self, name: str, why: str) -> Iterator[tuple[dict[str, int], int]]:
-        """The root's fds and the env's directory, with the name's lock held (no build of it
-        runs, here or on another host); NotFound when envctl never built that name."""
-        name = validate_name(name)
-        area = layout.RootArea(self._config.requests_root.path)
-        with area.open() as fds:
-            lock = NameLock(fds["locks"], str(area.root), name, why)
-            lock.acquire()
-            try:
-                with envs.env_dir(fds, name, create=False) as env_fd:
-                    if env_fd is None:
-                        raise NotFound(f"no environment {name!r} built by envctl",
-                                       hint="see: envctl env list")
-                    yield fds, env_fd
-            finally:
-                lock.release()
-
-    def env_owner(self, name: str) -> dict[str, Any] | None:
-        """The owner recorded (by the daemon) for a managed env; None when there is none."""
-        with self._root() as fds, envs.env_dir(fds, validate_name(name), False) as env_fd:
-            rec = envs.read_record(env_fd, envs.ENV_FILE) if env_fd is not None else None
-        owner = (rec or {}).get("owner")
-        return owner if isinstance(owner, dict) else None
-
-    def _require_owner(self, who: Requester, name: str, env_fd: int, what: str) -> None:
-        owner = (envs.read_record(env_fd, envs.ENV_FILE) or {}).get("owner")
-        if who.is_admin or envs.owned_by(owner, who.uid, who.hub_user):
-            return
-        raise NotAuthorised(f"environment {name!r} belongs to {envs.owner_name(owner)}; only "
-                            f"its owner or an admin may {what} it",
-                            hint="ask its owner or an envctl admin")
-
-    def env_list(self) -> builtins.list[dict[str, Any]]:  # (``list`` is a method here)
-        """Every env in the request root, hand-made ones included (``unmanaged``)."""
-        with self._root() as fds:
-            return [d for name in envs.scan_names(fds[""], fds["envs"])
-                    if (d := self._describe(fds, name, versions=False)) is not None]
-
-    def env_show(self, name: str) -> dict[str, Any]:
-        with self._root() as fds:
-            found = self._describe(fds, validate_name(name), versions=True)
-        if found is None:
-            raise NotFound(f"no environment {name!r}", hint="see: envctl env list")
-        return found
-
-    def _describe(self, fds: dict[str, int], name: str,
-                  versions: bool) -> dict[str, Any] | None:
-        cur = envs.current(fds[""], name)
-        root = self._config.requests_root.path
-        out: dict[str, Any] = {"name": name, "prefix": str(root / name), "current": None,
-                               "kernel": self._kernel(name)}
-        if cur.kind == "unmanaged":
-            return {**out, "status": "unmanaged"}
-        with envs.env_dir(fds, name, create=False) as env_fd:
-            if env_fd is None and cur.kind == "managed":  # our link, its versions gone
-                log.warning("env-broken name=%s current=%s reason=no-versions-in-area", name,
-                            cur.version)
-                return {**out, "status": "broken", "current": cur.version}
-            if env_fd is None or cur.kind == "missing" and not envs.versions(env_fd):
-                return None  # never built, or nothing left of a failed first build
-            return {**out, **envs.describe(env_fd, name, cur, versions)}
-
-    def _kernel(self, name: str) -> str | None:
-        kdir = self._config.kernels.dir
-        if kdir is None:
-            return None
-        kname = kernels.kernel_name(name)
-        return kname if kname and (kdir / kname / "kernel.json").is_file() else None
-
-    def env_export(self, name: str, version: str | None = None) -> dict[str, Any]:
-        """An environment.yml with exact pins of ``version`` (default: the current one)."""
-        with self._root() as fds, envs.env_dir(fds, validate_name(name), False) as env_fd:
-            cur = envs.current(fds[""], name)
-            version = version or cur.version
-            rec = envs.ready(env_fd, version) if env_fd is not None and version else None
-        if rec is None:
-            raise NotFound(f"no built version {version or '(current)'} of {name!r}",
-                           hint="see: envctl env show " + name)
-        return {"name": name, "version": version, "text": envs.export(rec)}
-
-    def env_rollback(self, who: Requester, name: str, to: str | None = None) -> dict[str, Any]:
-        """Make an earlier (or ``to``) version current again: one atomic rename."""
-        with self._env_locked(name, "rollback") as (fds, env_fd):
-            self._require_owner(who, name, env_fd, "roll back")
-            cur = envs.current(fds[""], name)
-            if cur.kind == "unmanaged":
-                raise Conflict(f"{name!r} is not an environment envctl manages")
-            done = [v for v in envs.versions(env_fd) if envs.ready(env_fd, v) is not None]
-            if to is None:
-                older = [v for v in done if cur.version is None or
-                         envs.version_number(v) < envs.version_number(cur.version)]
-                if not older:
-                    raise Conflict(f"{name!r} has no version before {cur.version} to roll back "
-                                   "to", hint=f"see: envctl env show {name}")
-                to = older[-1]
-            elif to not in done:
-                envs.version_number(to)  # NotFound for a malformed name
-                raise NotFound(f"{name!r} has no built version {to}",
-                               hint=f"see: envctl env show {name}")
-            previous = envs.switch(fds[""], env_fd, name, to)
-            kernel = kernels.refresh(self._config, name)
-        log.info("env-rollback name=%s from=%s to=%s by=%s", name, previous, to, who.who)
-        reply: dict[str, Any] = {"name": name, "current": to, "previous": previous}
-        return reply if kernel is None else {**reply, "kernel": kernel}
-
-    def env_remove(self, who: Requester, name: str) -> dict[str, Any]:
-        """The name disappears at once; its versions go at GC (after gc_grace)."""
-        with self._env_locked(name, "remove") as (fds, env_fd):
-            self._require_owner(who, name, env_fd, "remove")
-            was = envs.unlink_name(fds[""], env_fd, name)
-        log.info("env-remove name=%s version=%s by=%s", name, was, who.who)
-        return {"name": name, "removed": was}
-
-    def env_gc(self, dry_run: bool = False) -> dict[str, Any]:
-        """Remove the versions nobody may need any more (see ``envs.collectable``) and what
-        dead builds left; names being built are skipped (their lock is taken)."""
-        cfg = self._config.requests
-        now = time.time()
-        removed: list[dict[str, str]] = []
-        skipped: list[str] = []
-        area = layout.RootArea(self._config.requests_root.path)
-        with area.open() as fds:
-            for name in sorted(os.listdir(fds["envs"])):
-                if not envs.is_env_name(name):
-                    continue
-                lock = NameLock(fds["locks"], str(area.root), name, "gc")
-                try:
-                    lock.acquire()
-                except Conflict:
-                    skipped.append(name)
-                    continue
-                try:
-                    with envs.env_dir(fds, name, create=False) as env_fd:
-                        if env_fd is not None:
-                            cur = envs.current(fds[""], name).version
-                            gone = envs.gc_one(fds["envs"], env_fd, name, cur, cfg.keep_versions,
-                                               cfg.gc_grace, now, dry_run)
-                            removed.extend({"name": name, "version": v} for v in gone)
-                finally:
-                    lock.release()
-        if removed:
-            log.info("env-gc removed=%d dry_run=%s skipped=%d", len(removed), dry_run,
-                     len(skipped))
-        store = None if dry_run else integrity.sweep_store(self._config)
-        return {"removed": removed, "skipped": skipped, "dry_run": dry_run,
-                "keep_versions": cfg.keep_versions, "gc_grace": cfg.gc_grace, "store": store}
-
-    def env_verify(self, name: str, version: str | None = None) -> dict[str, Any]:
-        """Recompute a version's digest and list every difference (see ``integrity.verify``)."""
-        return integrity.verify(self._config, validate_name(name), version)
-
-    def _check_integrity(self) -> None:
-        self.integrity = {**integrity.check(self._config), "checked_at": time.time()}
-
-    def _freeze_old(self) -> None:
-        """At start, before any build: freeze the versions built before freezing existed (once:
-        then they have a digest), and take the first integrity check."""
-        frozen = integrity.freeze_old(self._config)
-        if frozen:
-            log.info("env-freeze-old frozen=%d", frozen)
-        self._check_integrity()
-
-    def _gc_loop(self) -> None:
-        """The periodic GC and integrity check (``requests.gc_interval``); a failure is logged,
-        never fatal."""
-        while not self._gc_stop.wait(self._config.requests.gc_interval):
-            try:
-                self.env_gc()
-                self._check_integrity()
-            except Exception:  # noqa: BLE001 - e.g. a tampered .envctl: say so, try again later
-                log.exception("env-gc-failed")
 
 
 def _refuse_busy(name: str, active: Sequence[Job]) -> None:
