@@ -241,8 +241,8 @@ def test_name_locked_by_another_daemon(jobs_env: JobsEnv, manager_factory) -> No
         assert holder.stdout is not None and holder.stdout.readline() == "locked\n"
         job = wait_done(mgr, mgr.submit(jobs_env.requester(), "shared", ENV_HELLO).id)
         assert job.state is State.FAILED
-        assert "another envctl daemon is building 'shared'" in (job.exit_detail or "")
-        assert "otherhost 4242" in (job.exit_detail or "")
+        assert "another envctl daemon is using 'shared'" in (job.exit_detail or "")
+        assert "envctld on otherhost (pid 4242, j-other)" in (job.exit_detail or "")
         assert not (jobs_env.root / "shared").exists()
     finally:
         holder.kill()

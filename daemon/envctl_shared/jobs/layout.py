@@ -9,7 +9,8 @@ expected one (the healer may have added group write when the daemon is not root 
 ``protected_owner``). Callers then act only through the returned fds (``mkdir``/``rename``/
 ``remove_tree`` with ``dir_fd``), never through path strings.
 
-Layout in the root: ``.envctl/locks/<name>.lock`` (fcntl locks, 0644) and
+Layout in the root: ``.envctl/locks/<name>.lock`` (the names' locks, 0600 in a 0700 directory:
+no member can open one, see ``jobs.lock``) and
 ``.envctl/envs/<name>/`` (0755, the daemon's): the versions of one environment, each built at
 the path it keeps for its whole life (``v<N>/``, the build user's, then frozen: the daemon's),
 its metadata (``v<N>.json``, ``env.json``, the daemon's, 0644), while ``<root>/<name>`` is the
@@ -33,8 +34,6 @@ it could open it for writing meanwhile and write the shared cache with that fd f
 from __future__ import annotations
 
 import contextlib
-import errno
-import fcntl
 import json
 import logging
 import os
@@ -46,11 +45,12 @@ from pathlib import Path
 from ..config import DAEMON_AREA
 from ..errors import Conflict, FilesystemError
 from ..heal.fsops import DIR_FLAGS
+from ..locks import LockFile
 
 log = logging.getLogger(__name__)
 
 AREA = DAEMON_AREA
-AREA_DIRS = {"locks": 0o755, "envs": 0o755}
+AREA_DIRS = {"locks": 0o700, "envs": 0o755}  # locks: the daemon's alone (see ``jobs.lock``)
 CACHE_MODE = 0o700  # .envctl/cache: the daemon's alone (see the module docstring)
 
 
@@ -213,8 +213,8 @@ def seal_cache(fds: dict[str, int], since: float) -> int:
 
 
 STATE_LOCK = "envctld.lock"
-# (st_dev, st_ino) of a state dir -> [fd holding its lock, job managers using it], per process.
-_STATE_LOCKS: dict[tuple[int, int], list[int]] = {}
+# (st_dev, st_ino) of a state dir -> (its lock, job managers using it), per process.
+_STATE_LOCKS: dict[tuple[int, int], tuple[LockFile, int]] = {}
 _STATE_LOCKS_GUARD = threading.Lock()
 
 
@@ -297,13 +297,14 @@ class StateDir:
         Why the lock: two daemons on one state dir share its job store and cgroup names, and
         the second one's recovery would kill the first one's running builds and tell their
         requesters the daemon had stopped. So before anything in it is opened, the daemon takes
-        an exclusive ``flock`` on ``envctld.lock`` (0600: whoever could open it could hold a
-        shared lock and keep every daemon from starting) and writes its pid there, so a refusal
-        names the holder. The kernel drops the lock when the holder dies, ``kill -9`` included:
-        no stale lock. The fd is ``O_CLOEXEC`` (builds are also spawned with ``close_fds``), so
-        a build that outlives its daemon never keeps the lock. The lock is the process's: a job
-        manager started again in it before the last one let go (a stop that timed out with
-        builds still running) shares it, and ``release`` by the last user unlocks."""
+        an exclusive lock on ``envctld.lock`` (``locks.LockFile``: 0600, whoever could open it
+        could hold a shared lock and keep every daemon from starting) and writes its pid there,
+        so a refusal names the holder. The kernel drops the lock when the holder dies,
+        ``kill -9`` included: no stale lock. The fd is ``O_CLOEXEC`` (builds are also spawned
+        with ``close_fds``), so a build that outlives its daemon never keeps the lock. The lock
+        is the process's: a job manager started again in it before the last one let go (a stop
+        that timed out with builds still running) shares it, and ``release`` by the last user
+        unlocks."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = checked_dir(None, str(self.path), 0o711, str(self.path))
         try:
@@ -319,26 +320,22 @@ class StateDir:
         key = (st.st_dev, st.st_ino)
         with _STATE_LOCKS_GUARD:
             if key in _STATE_LOCKS:
-                _STATE_LOCKS[key][1] += 1
+                held, users = _STATE_LOCKS[key]
+                _STATE_LOCKS[key] = (held, users + 1)
                 self._lock_key = key
                 return
-            fd = os.open(STATE_LOCK, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
-                         0o600, dir_fd=dir_fd)
+            lock = LockFile(dir_fd, STATE_LOCK, str(self.path / STATE_LOCK))
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                by = lock.acquire("state dir")
             except OSError as exc:
-                holder = os.pread(fd, 64, 0).decode("ascii", "replace").strip() or "unknown"
-                os.close(fd)
-                if exc.errno != errno.EWOULDBLOCK:
-                    raise FilesystemError(f"cannot lock {self.path / STATE_LOCK}: "
-                                          f"{exc.strerror}") from None
-                raise Conflict(f"another envctld (pid {holder}) is using the state dir "
-                               f"{self.path}",
+                raise FilesystemError(f"cannot lock {self.path / STATE_LOCK}: "
+                                      f"{exc.strerror}") from None
+            if by is not None:
+                raise Conflict(f"another envctld (pid {by.pid or 'unknown'}) is using the "
+                               f"state dir {self.path}",
                                hint="stop that daemon first, or give this one a "
-                               "requests.state_dir of its own") from None
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-            _STATE_LOCKS[key] = [fd, 1]
+                               "requests.state_dir of its own")
+            _STATE_LOCKS[key] = (lock, 1)
             self._lock_key = key
 
     def release(self) -> None:
@@ -347,11 +344,11 @@ class StateDir:
         with _STATE_LOCKS_GUARD:
             if self._lock_key is None:
                 return
-            held = _STATE_LOCKS[self._lock_key]
-            held[1] -= 1
-            if held[1] == 0:
-                os.close(held[0])  # the only fd on that open file: the flock goes with it
-                del _STATE_LOCKS[self._lock_key]
+            held, users = _STATE_LOCKS.pop(self._lock_key)
+            if users > 1:
+                _STATE_LOCKS[self._lock_key] = (held, users - 1)
+            else:
+                held.release()
             self._lock_key = None
 
     @property

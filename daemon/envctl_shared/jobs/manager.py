@@ -39,7 +39,7 @@ from ..logfields import fields
 from . import cgroup as cgroups
 from . import envs, layout, procs
 from .backends import get_backend
-from .cluster import ClusterJobs
+from .cluster import ClusterJobs, Located
 from .env_service import EnvService
 from .lock import NameLock
 from .model import Job, Requester, State
@@ -69,6 +69,7 @@ class JobManager:
         self._scheduler: threading.Thread | None = None
         self._cgroups: cgroups.CgroupTree | None = None
         self._cluster: ClusterJobs | None = None  # our jobs in the root, other hosts' read back
+        self._cluster_stop = threading.Event()
         self.containment = "none"  # how builds are contained: "cgroup" or "sweep" once started
         self.sandbox = "none"  # "mount-namespace" once started where the kernel allows it
         self._busy_uids: set[int] = set()  # the pool's accounts running a build now
@@ -110,8 +111,8 @@ class JobManager:
     def _start_cluster(self) -> None:
         """Publish our jobs where the other hosts sharing the root read them (``cluster``);
         a root that cannot hold them leaves this daemon's view local, as before."""
-        cluster = ClusterJobs(self._config.requests_root.path)
         try:
+            cluster = ClusterJobs(self._config.requests_root.path, self._state.path)
             cluster.start()
         except (OSError, EnvctlError) as exc:
             log.warning("jobs-cluster unusable root=%s error=%s",
@@ -127,10 +128,37 @@ class JobManager:
         for job in store.list(include_finished=True):
             if not job.terminal or (job.finished_at or 0) >= recent:
                 cluster.publish(job)
+        self._cluster_stop.clear()
+        threading.Thread(target=self._cluster_loop, args=(cluster,), name="envctl-cluster",
+                         daemon=True).start()
+
+    def _cluster_loop(self, cluster: ClusterJobs) -> None:
+        """Every ``watch.poll_interval``: publish what running builds' logs gained, and take
+        the cancels other daemons relayed for our jobs; hourly, drop published logs whose
+        local log was pruned."""
+        pruned = 0.0
+        while not self._cluster_stop.wait(self._config.watch.poll_interval):
+            try:
+                cluster.sync_logs(self.store.list(states=(State.RUNNING,)))
+                for job_id, who in cluster.cancels():
+                    threading.Thread(target=self._relayed_cancel, args=(job_id, who),
+                                     name=f"envctl-cancel-{job_id}", daemon=True).start()
+                if time.monotonic() - pruned > 3600:
+                    pruned = time.monotonic()
+                    cluster.prune_logs(lambda job_id: self._state.log_path(job_id).exists())
+            except Exception:  # noqa: BLE001 - e.g. the store closing at stop: try again
+                log.exception("jobs-cluster-loop")
+
+    def _relayed_cancel(self, job_id: str, who: str) -> None:
+        try:
+            self._cancel_here(self.store.get(job_id), who)
+        except EnvctlError as exc:
+            log.info("jobs-cluster cancel-refused job=%s reason=%s", job_id, exc.message)
 
     def stop(self, timeout: float = 10.0) -> None:
         """Stop scheduling; kill running builds (they become ``interrupted``)."""
         self.environments.stop()
+        self._cluster_stop.set()
         with self._cond:
             self._stopping = True
             for build in self._running.values():
@@ -406,49 +434,70 @@ class JobManager:
                            tests=list(dict.fromkeys([*kept, *tests])), base=cur.version)
 
     def get(self, job_id: str) -> Job:
-        """Our job, or another host's as its record in the root says (``host`` set)."""
+        """Our job, or another daemon's as its record in the root says (``host`` set)."""
         try:
             return self.store.get(job_id)
         except NotFound:
-            remote = self._cluster.find(job_id) if self._cluster is not None else None
-            if remote is None:
+            found = self._cluster.find(job_id) if self._cluster is not None else None
+            if found is None:
                 raise
-            return remote
+            return found.job
+
+    def _elsewhere(self, job_id: str) -> Located:
+        """Another daemon's job (``cluster``) by its full id; NotFound when it is gone."""
+        found = self._cluster.find(job_id) if self._cluster is not None else None
+        if found is None:
+            raise NotFound(f"no job {job_id}", hint="see: envctl request list --all")
+        return found
 
     def list(self, uid: int | None = None, include_finished: bool = False,
              hub_user: str | None = None) -> list[Job]:
         """Our jobs, then the other hosts' sharing the root (their records), filtered alike."""
         jobs = self.store.list(uid=uid, include_finished=include_finished, hub_user=hub_user)
         if self._cluster is not None:
-            jobs += [j for j in self._cluster.others()
+            own = {j.id for j in self.store.list(include_finished=True)}
+            jobs += [j for j in self._cluster.others(skip=own.__contains__)
                      if (include_finished or not j.terminal)
                      and (uid is None or (j.requester_uid, j.hub_user) == (uid, hub_user))]
         return jobs
 
-    def _local(self, job: Job, what: str) -> None:
-        """Refuse what only the job's own daemon can do (its log, cancelling it)."""
-        if job.host is not None:
-            up = {True: "its daemon is up", False: "its daemon is gone: the host left or "
-                  "stopped", None: "its daemon's state is unknown"}[job.host_alive]
-            raise Conflict(f"job {job.id} is on host {job.host} ({up}): {what} there",
-                           hint=f"run the command on {job.host}, or with the socket of its "
-                                "daemon")
-
     def cancel(self, job_id: str, requester: Requester) -> Job:
-        """Cancel a queued or running job: the requester's own, or any for an admin."""
+        """Cancel a queued or running job: the requester's own, or any for an admin; another
+        daemon's job through the root (``cluster``), within its poll interval."""
         job = self.get(job_id)
-        self._local(job, "cancel it")
         if not requester.owns(job) and not requester.is_admin:
             raise NotAuthorised(f"job {job_id} belongs to {job.owner}; you may cancel "
                                 "only your own jobs", hint="ask an envctl admin")
-        detail = f"cancelled by {requester.who}"
+        if job.host is None:
+            return self._cancel_here(job, requester.who)
+        assert self._cluster is not None
+        where = self._elsewhere(job.id)
+        if job.terminal:
+            raise Conflict(f"job {job.id} has already ended ({job.state.value})")
+        if job.host_alive is False:
+            raise Conflict(f"job {job.id} is on host {job.host}, whose daemon is gone: nothing "
+                           "runs it now", hint="its daemon marks it interrupted when it starts "
+                           "again")
+        self._cluster.ask_cancel(where, f"{requester.who} via {self._cluster.host}")
+        deadline = time.monotonic() + 2 * self._config.watch.poll_interval + \
+            procs.KILL_GRACE + 10.0
+        while time.monotonic() < deadline:
+            time.sleep(0.2)
+            now = self._cluster.find(job.id)
+            if now is not None and now.job.terminal:
+                return now.job
+        return self.get(job.id)
+
+    def _cancel_here(self, job: Job, who: str) -> Job:
+        """Cancel our own job ``job`` for ``who`` (already allowed to)."""
+        job_id = job.id
+        detail = f"cancelled by {who}"
         with self._cond:
             if self.store.update(job_id, expect=(State.QUEUED,), state=State.CANCELLED,
                                  finished_at=time.time(), exit_detail=detail):
                 self._version += 1
                 self._cond.notify_all()
-                log.info("job-cancel id=%s by=%d queued", job_id, requester.uid,
-                         extra=fields(job=job_id))
+                log.info("job-cancel id=%s by=%r queued", job_id, who, extra=fields(job=job_id))
                 return self.store.get(job_id)
             build = self._running.get(job_id)
             if build is None:
@@ -456,8 +505,7 @@ class JobManager:
                 raise Conflict(f"job {job_id} has already ended ({job.state.value})")
             build.abort(State.CANCELLED, detail)
             thread = self._threads[job_id]
-        log.info("job-cancel id=%s by=%d running", job_id, requester.uid,
-                 extra=fields(job=job_id))
+        log.info("job-cancel id=%s by=%r running", job_id, who, extra=fields(job=job_id))
         thread.join(procs.KILL_GRACE + 10.0)
         return self.store.get(job_id)
 
@@ -466,7 +514,9 @@ class JobManager:
         if offset < 0 or limit < 0:
             raise ValidationError("log offset and limit must not be negative")
         job = self.get(job_id)
-        self._local(job, "its build log is kept")
+        if job.host is not None:
+            assert self._cluster is not None
+            return self._cluster.read_log(self._elsewhere(job.id), offset, limit)
         try:
             fd = os.open(job.log_path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         except FileNotFoundError:
@@ -480,8 +530,10 @@ class JobManager:
     def wait(self, job_id: str, timeout: float) -> Job:
         """Return when the job's state or phase changes, its log grows, or after ``timeout``."""
         job = self.get(job_id)
-        if job.terminal or job.host is not None:
+        if job.terminal:
             return job
+        if job.host is not None:
+            return self._wait_elsewhere(job, timeout)
         size = _size(job.log_path)
         deadline = time.monotonic() + max(0.0, timeout)
         while True:
@@ -496,6 +548,23 @@ class JobManager:
             now = self.store.get(job_id)
             if (now.state, now.phase) != (job.state, job.phase) or _size(job.log_path) != size:
                 return now
+
+    def _wait_elsewhere(self, job: Job, timeout: float) -> Job:
+        """``wait`` for another daemon's job: its record and published log, read again every
+        half second (they change at most once per that daemon's poll interval)."""
+        assert self._cluster is not None
+        where = self._elsewhere(job.id)
+        size = self._cluster.log_size(where)
+        deadline = time.monotonic() + max(0.0, timeout)
+        while (remaining := deadline - time.monotonic()) > 0:
+            time.sleep(min(0.5, remaining))
+            now = self._cluster.find(job.id)
+            if now is None:
+                return job
+            if (now.job.state, now.job.phase) != (job.state, job.phase) or \
+                    self._cluster.log_size(now) != size:
+                return now.job
+        return job
 
     def counts(self) -> dict[str, int]:
         return self.store.counts()
