@@ -186,6 +186,20 @@ def holder(fd: int) -> Holder:
     return here[0] if here else Holder()
 
 
+def _true_holder(fd: int) -> Holder:
+    """``holder``, not believing a daemon's line that this host's processes contradict: the
+    line of a daemon killed before it could clear it stays in the file, and whoever holds the
+    lock now may be anybody."""
+    by = holder(fd)
+    if not by.daemon:
+        return by
+    here = local_holders(fd)
+    if any(h.uid != os.geteuid() for h in here) or (
+            not here and by.host == socket.gethostname()):
+        return here[0] if here else Holder()
+    return by
+
+
 class LockFile:
     """One of the daemon's lock files, ``name`` in the directory ``dir_fd``: created 0600,
     never through a symlink, replaced when it is not safely the daemon's (see the module
@@ -226,10 +240,8 @@ class LockFile:
         if st.st_uid == os.geteuid() and stat.S_IMODE(st.st_mode) == LOCK_FILE_MODE:
             return fd
         # Not safely ours: someone else may have it open (and locked, or lock it later).
-        held = is_locked(fd)
-        by = holder(fd) if held else None
-        if st.st_uid == os.geteuid() and by is not None and by.daemon and (
-                by.uid in (None, os.geteuid())):
+        by = _true_holder(fd) if is_locked(fd) else None
+        if st.st_uid == os.geteuid() and by is not None and by.daemon:
             os.fchmod(fd, LOCK_FILE_MODE)  # an (older) daemon holds it: no new opener now
             log.warning("lock-file mode-fixed path=%s mode=%04o held_by=%s", self.shown,
                         stat.S_IMODE(st.st_mode), by.describe())

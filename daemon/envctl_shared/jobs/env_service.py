@@ -209,8 +209,8 @@ class EnvService:
         freezing existed (once: then they have a digest), take the first integrity check, and
         start the periodic GC. A tampered area fails each job, not the daemon."""
         try:
-            with self._root():
-                pass
+            with self._root() as fds:
+                envs.mark_current(fds)
             frozen = integrity.freeze_old(self._config)
             if frozen:
                 log.info("env-freeze-old frozen=%d", frozen)

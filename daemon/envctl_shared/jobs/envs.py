@@ -44,7 +44,7 @@ from typing import Any
 
 from ..errors import Conflict, NotFound
 from ..heal.fsops import DIR_FLAGS
-from . import layout
+from . import layout, usemarks
 
 log = logging.getLogger(__name__)
 
@@ -193,6 +193,7 @@ def drop_version(env_fd: int, version: str) -> None:
         os.rename(version, trash, src_dir_fd=env_fd, dst_dir_fd=env_fd)
     with contextlib.suppress(FileNotFoundError):
         os.unlink(f"{version}.json", dir_fd=env_fd)
+    usemarks.forget(env_fd, version)
     layout.remove_tree(env_fd, trash)
 
 
@@ -243,6 +244,7 @@ def switch(root_fd: int, env_fd: int, name: str, version: str,
     retired.pop(version, None)
     env.update(retired=retired, removed_at=None, current=version)
     write_record(env_fd, ENV_FILE, env)
+    usemarks.create(env_fd, version)  # before any kernel can resolve the name to it
     link = f"{_LINK}{secrets.token_hex(6)}"
     os.symlink(link_target(name, version), link, dir_fd=env_fd)
     try:  # the root's group, as if made in the (SGID) root: the healer has nothing to fix
@@ -255,6 +257,17 @@ def switch(root_fd: int, env_fd: int, name: str, version: str,
                            "replaces one", hint="move it away yourself") from None
         raise
     return cur.version
+
+
+def mark_current(fds: dict[str, int]) -> None:
+    """A use mark (``usemarks``) for every current version: those made current before marks
+    existed get theirs at the daemon's start."""
+    for name in os.listdir(fds["envs"]):
+        cur = current(fds[""], name) if is_env_name(name) else Current("missing")
+        if cur.version is not None:
+            with env_dir(fds, name, create=False) as env_fd:
+                if env_fd is not None:
+                    usemarks.create(env_fd, cur.version)
 
 
 def unlink_name(root_fd: int, env_fd: int, name: str) -> str:
@@ -562,12 +575,14 @@ def describe(env_fd: int, name: str, cur: Current, with_versions: bool) -> dict[
 
 def gc_one(envs_fd: int, env_fd: int, name: str, cur: str | None, keep: int, grace: float,
            now: float, dry_run: bool) -> list[str]:
-    """GC of one name (its lock held): dead builds' leftovers, then collectable versions; the
-    env's directory itself once nothing of it is left."""
+    """GC of one name (its lock held): dead builds' leftovers, then collectable versions that
+    no process uses (``usemarks``); the env's directory itself once nothing of it is left."""
+    if not dry_run:
+        clear_dead(env_fd, cur)
+    gone = [v for v in collectable(env_fd, cur, keep, grace, now, record=not dry_run)
+            if not usemarks.in_use(env_fd, v, grace, now)]
     if dry_run:
-        return collectable(env_fd, cur, keep, grace, now, record=False)
-    clear_dead(env_fd, cur)
-    gone = collectable(env_fd, cur, keep, grace, now)
+        return gone
     for version in gone:
         drop_version(env_fd, version)
     if cur is None and not versions(env_fd):

@@ -29,8 +29,9 @@ sync``, the daemon:
   execs the kernel. Not a static ``env`` in ``kernel.json``: a switch or rollback would leave a
   window where a new kernel starts one version with another's variables, and hand-made envs
   (``conda env config vars set``) would not get theirs. A replaced env is picked up at the next
-  kernel start, and a running kernel keeps the version it started on (GC keeps it for
-  ``gc_grace``);
+  kernel start, and a running kernel keeps the version it started on: the launcher holds a
+  shared lock on that version's mark for the kernel's lifetime, and GC never removes a version
+  whose mark is held (``usemarks``; a mark the launcher cannot take does not stop the kernel);
 - writes atomically (a temporary file renamed over ``kernel.json``) through directory fds
   opened ``O_NOFOLLOW``; files are the daemon's, 0644 in 0755 directories: every user can read
   them, no user can point another user's kernel elsewhere. ``kernels.dir`` inside a root is
@@ -170,6 +171,15 @@ area = os.path.dirname(os.path.dirname(p))
 found = None
 if os.path.basename(area) == 'envs' and os.path.basename(os.path.dirname(area)) == '.envctl':
     found = load(p + '.json', 'variables')
+    try:
+        import fcntl, struct
+        mark = os.open(p + '.use', os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        fcntl.fcntl(mark, getattr(fcntl, 'F_OFD_SETLK', 37),
+                    struct.pack('hhqqi4x', fcntl.F_RDLCK, 0, 0, 0, 0))
+        os.read(mark, 1)
+        os.set_inheritable(mark, True)
+    except Exception:
+        pass
 if found is None:
     found = load(os.path.join(p, 'conda-meta', 'state'), 'env_vars') or dict()
 for key, value in found.items():
