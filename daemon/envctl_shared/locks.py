@@ -289,5 +289,6 @@ class LockFile:
             self._wrote = False
             with contextlib.suppress(OSError):
                 os.ftruncate(fd, 0)
-        os.close(fd)  # the lock goes with the last fd of its open file description
+        with contextlib.suppress(OSError):  # a lost filesystem: the fd is closed all the same
+            os.close(fd)  # the lock goes with the last fd of its open file description
 
