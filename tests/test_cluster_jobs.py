@@ -92,6 +92,8 @@ def test_logs_and_cancel_from_another_node_and_a_restart_under_a_new_name(
         jobs = _json(sock, "request", "list", "--all", "--finished")
         ids = Counter(j["id"] for j in jobs)
         assert ids[done["id"]] == 1 and ids[job_id] == 1, jobs
+    ident = (scratch / "state-hostA" / "daemon-id").read_text().strip()
+    assert _json(sock_a, "status")["cluster"] == {"daemon_id": ident, "host": "hostA2"}
     seen = {j["id"]: j for j in _json(sock_c, "request", "list", "--all", "--finished")}
     assert (seen[job_id]["host"], seen[job_id]["host_alive"]) == ("hostA2", True), seen
     assert _cli(sock_c, "request", "logs", done["id"]).stdout == logs.stdout

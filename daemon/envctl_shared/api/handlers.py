@@ -122,7 +122,8 @@ class Handlers(EnvHandlers):
                     # how they are kept from each other: a mount namespace per step, or
                     # "none" (then only their uids and file modes), and how many run at once
                     sandbox=self.jobs.sandbox if self.jobs is not None else None,
-                    max_builds=self.jobs.max_builds() if self.jobs is not None else None)
+                    max_builds=self.jobs.max_builds() if self.jobs is not None else None,
+                    cluster=self.jobs.cluster() if self.jobs is not None else None)
         yield protocol.ok(data)
 
     # -- job ops ---------------------------------------------------------------------------

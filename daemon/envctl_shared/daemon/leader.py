@@ -165,8 +165,9 @@ class PollerLease:
             try:
                 tmp = f".{RECORD_FILE}.{self.host}.{os.getpid()}"
                 fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW
-                             | os.O_CLOEXEC, 0o644, dir_fd=area)
+                             | os.O_CLOEXEC, 0o600, dir_fd=area)
                 try:
+                    os.fchmod(fd, 0o600)  # the daemons' alone, as every state file
                     os.write(fd, data.encode())
                 finally:
                     os.close(fd)

@@ -566,6 +566,12 @@ class JobManager:
                 return now.job
         return job
 
+    def cluster(self) -> dict[str, str] | None:
+        """This daemon's identity among those sharing the root (``status``), or None."""
+        cluster = self._cluster
+        return None if cluster is None else {"daemon_id": cluster.daemon_id,
+                                             "host": cluster.host}
+
     def counts(self) -> dict[str, int]:
         return self.store.counts()
 
