@@ -156,7 +156,7 @@ def test_tests_gate_the_promotion(jobs_env: JobsEnv, manager_factory: Factory) -
         in (done.exit_detail or "")
     assert "checking the version\n" in log  # the command's own output
     assert os.readlink(stable) == ".envctl/envs/gated/v1"  # not promoted
-    assert sorted(os.listdir(versions)) == ["env.json", "v1", "v1.json"]  # v2 removed
+    assert sorted(os.listdir(versions)) == ["env.json", "v1", "v1.json", "v1.use"]  # v2 removed
     # the test runs inside the new version, activated, as the build user
     probe = ('test "$CONDA_PREFIX" = "$(dirname "$(dirname "$(command -v app)")")" && '
              'case "$CONDA_PREFIX" in */v2) ;; *) exit 9 ;; esac && '
@@ -209,7 +209,7 @@ def test_kill9_mid_update_keeps_current_and_restart_cleans(jobs_env: JobsEnv, sc
         job = mgr.get(job_id)
         assert job.state is State.INTERRUPTED
         assert "removed the unfinished version v2 of 'k9env'" in full_log(mgr, job_id)
-        assert sorted(os.listdir(versions)) == ["env.json", "v1", "v1.json"]
+        assert sorted(os.listdir(versions)) == ["env.json", "v1", "v1.json", "v1.use"]
         assert os.readlink(stable) == ".envctl/envs/k9env/v1"
     finally:
         mgr.stop()
@@ -257,7 +257,7 @@ def test_rollback_remove_and_gc(jobs_env: JobsEnv, manager_factory: Factory) -> 
     assert (stable.resolve().parent / "v1").is_dir()  # a dry run removes nothing
     assert mgr.environments.gc()["removed"] == [{"name": "rb", "version": "v1"}]
     assert sorted(os.listdir(stable.resolve().parent)) == [
-        "env.json", "v2", "v2.json", "v3", "v3.json"]
+        "env.json", "v2", "v2.json", "v2.use", "v3", "v3.json", "v3.use"]
     # remove: the name goes at once, the versions after the grace
     with pytest.raises(NotAuthorised):
         mgr.environments.remove(bob, "rb")
@@ -316,7 +316,7 @@ def test_the_daemon_collects_periodically(jobs_env: JobsEnv, manager_factory: Fa
     _build(mgr, jobs_env, "periodic", APP.format(v="2.0"), replace=True)
     versions = jobs_env.root / ".envctl" / "envs" / "periodic"
     # v1 goes out of its name first (.gc-v1-*), then away
-    wait_for(lambda: sorted(os.listdir(versions)) == ["env.json", "v2", "v2.json"], 10,
+    wait_for(lambda: sorted(os.listdir(versions)) == ["env.json", "v2", "v2.json", "v2.use"], 10,
              what="v1 collected")
     assert (jobs_env.root / "periodic" / "share/app/VERSION").read_text() == "2.0\n"
 
@@ -440,5 +440,5 @@ def test_cancelled_update_leaves_the_current_version(jobs_env: JobsEnv,
     assert mgr.cancel(job.id, alice).state is State.CANCELLED
     assert os.readlink(jobs_env.root / "cu") == ".envctl/envs/cu/v1"
     assert (jobs_env.root / "cu" / "share/app/VERSION").read_text() == "1.0\n"
-    assert sorted(os.listdir(versions)) == ["env.json", "v1", "v1.json"]
+    assert sorted(os.listdir(versions)) == ["env.json", "v1", "v1.json", "v1.use"]
     assert "removed the unfinished version v2" in full_log(mgr, job.id)

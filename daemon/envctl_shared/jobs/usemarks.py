@@ -14,7 +14,7 @@ creates (its own, 0644) when the version becomes current (``create``, from ``env
 - GC asks :func:`in_use` before removing a collectable version: a held mark (any host: record
   locks go through NFS's lock manager and EFS) keeps it, and so does a use within ``gc_grace``
   (the grace counts from the last use: the latest of the atime stamped at acquire and the mtime
-  the daemon stamps whenever it finds the mark held).
+  the daemon stamps whenever it finds the mark held; a new mark says "never used").
 
 Limits: a process that is not our kernel launcher (``conda activate`` in a terminal, a script
 run by its path) takes no mark; such a use is protected by the time-based grace only. On a
@@ -43,13 +43,21 @@ def mark_name(version: str) -> str:
 
 
 def create(env_fd: int, version: str) -> None:
-    """The mark of ``version`` (in its env's directory), made if missing: the daemon's own."""
-    fd = os.open(mark_name(version), os.O_RDONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
-                 | os.O_NONBLOCK, MODE, dir_fd=env_fd)
+    """The mark of ``version`` (in its env's directory), made if missing: the daemon's own,
+    stamped "never used" (time 0: a launcher's first read stamps its atime, see ``in_use``)."""
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+    try:
+        fd = os.open(mark_name(version), flags | os.O_CREAT | os.O_EXCL, MODE, dir_fd=env_fd)
+        new = True
+    except FileExistsError:
+        fd = os.open(mark_name(version), flags, dir_fd=env_fd)
+        new = False
     try:
         st = os.fstat(fd)
         if stat.S_ISREG(st.st_mode) and stat.S_IMODE(st.st_mode) != MODE:
             os.fchmod(fd, MODE)  # the umask took bits away
+        if new:
+            os.utime(fd, (0, 0))
     finally:
         os.close(fd)
 
