@@ -127,3 +127,25 @@ def test_who_holds_a_lock_is_named(accounts: Accounts, scratch: Path) -> None:
             holder.communicate("")
     finally:
         os.close(dfd)
+
+
+def test_a_lock_held_by_a_process_that_is_no_daemon_is_named(jobs_env: JobsEnv,
+                                                             manager_factory) -> None:
+    """Whoever can still hold a name lock (root's own processes: a backup, an admin's
+    script) is named with pid and uid, never reported as "another envctl daemon"."""
+    mgr = manager_factory()
+    lock = jobs_env.root / ".envctl" / "locks" / "held.lock"
+    lock.touch(mode=0o600)
+    proc = subprocess.Popen(["/usr/bin/python3", "-c", HOLD, str(lock)], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline() == "held\n"
+        job = wait_done(mgr, mgr.submit(jobs_env.requester(), "held", ENV_HELLO).id)
+        assert job.state is State.FAILED
+        detail = job.exit_detail or ""
+        assert f"is held by process {proc.pid} (uid 0) on this host, not by an envctl " \
+            "daemon" in detail and "another envctl daemon" not in detail, detail
+    finally:
+        proc.communicate("")
+    job = wait_done(mgr, mgr.submit(jobs_env.requester(), "held", ENV_HELLO).id)
+    assert job.state is State.SUCCEEDED, job.exit_detail
