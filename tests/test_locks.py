@@ -85,10 +85,10 @@ def test_an_old_open_lock_file_a_member_holds_is_replaced(jobs_env: JobsEnv, man
     holder = _hold(accounts, lock)
     try:
         mgr = manager_factory()
+        st = lock.stat()  # replaced at start, before any use of the name
+        assert st.st_ino != old and st.st_mode & 0o777 == 0o600
         job = wait_done(mgr, mgr.submit(jobs_env.requester(), "victim", ENV_HELLO).id)
         assert job.state is State.SUCCEEDED, job.exit_detail
-        st = lock.stat()
-        assert st.st_ino != old and st.st_mode & 0o777 == 0o600
         assert holder.poll() is None  # still holding, harmlessly
         again = wait_done(mgr, mgr.submit(jobs_env.requester(), "victim", ENV_HELLO,
                                           replace=True).id)

@@ -262,6 +262,11 @@ class LockFile:
                     st.st_uid, stat.S_IMODE(st.st_mode), by.describe() if by else "nobody")
         return new
 
+    def release_after_open(self) -> None:
+        """Open (making the file safe, see ``open``) and close again."""
+        self.open()
+        self.release()
+
     def acquire(self, what: str | None = None) -> Holder | None:
         """Take the lock exclusively; None when taken, else who holds it."""
         fd = self.open()

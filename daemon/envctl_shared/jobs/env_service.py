@@ -21,7 +21,7 @@ from typing import Any
 from ..config import Config
 from ..errors import Conflict, EnvctlError, NotAuthorised, NotFound
 from . import envs, integrity, kernels, layout
-from .lock import NameLock
+from .lock import NameLock, secure_all
 from .model import Requester
 from .spec import validate_name
 
@@ -211,6 +211,7 @@ class EnvService:
         try:
             with self._root() as fds:
                 envs.mark_current(fds)
+                secure_all(fds["locks"], str(self._config.requests_root.path))
             frozen = integrity.freeze_old(self._config)
             if frozen:
                 log.info("env-freeze-old frozen=%d", frozen)

@@ -21,8 +21,13 @@ waiting job would hold a build slot for an unbounded time on another host's say-
 
 from __future__ import annotations
 
-from ..errors import Conflict
+import logging
+import os
+
+from ..errors import Conflict, EnvctlError
 from ..locks import LockFile
+
+log = logging.getLogger(__name__)
 
 
 class NameLock:
@@ -51,3 +56,16 @@ class NameLock:
 
     def release(self) -> None:
         self._file.release()
+
+
+def secure_all(locks_fd: int, root: str) -> None:
+    """At start: every name lock file left open to others (by an older daemon) is made the
+    daemon's alone now — replaced by a fresh inode, or closed to new openers while a daemon
+    holds it (``locks.LockFile``) — instead of at the name's next use."""
+    for entry in os.listdir(locks_fd):
+        if entry.endswith(".lock") and not entry.startswith("."):
+            try:
+                LockFile(locks_fd, entry, f"{root}/.envctl/locks/{entry}").release_after_open()
+            except (OSError, EnvctlError) as exc:  # its name's next use says so again
+                log.warning("lock-file unusable path=%s/.envctl/locks/%s error=%s", root,
+                            entry, exc)
