@@ -107,7 +107,7 @@ class Holder:
         return self.daemon and self.pid == os.getpid() and self.host == socket.gethostname()
 
     def describe(self) -> str:
-        """For messages: 'envctld on hostA (pid 12, job abc)', 'pid 42 (uid 1001) on this
+        """For messages: 'envctld on hostA (pid 12, abc)', 'process 42 (uid 1001) on this
         host', or 'an unknown holder (...)'."""
         if self.daemon:
             what = f", {self.what}" if self.what else ""

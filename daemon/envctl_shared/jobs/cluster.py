@@ -57,7 +57,7 @@ DAEMON_FILE = "daemon.json"
 CANCEL_DIR = "cancel"
 ID_FILE = "daemon-id"  # in the state directory: this daemon's identity
 MAX_RECORD = 256 << 10  # a job record: its fields, no spec, no log
-MAX_LOG_CHUNK = 1 << 20
+_COPY_CHUNK = 1 << 20  # bytes of a log copied per read
 _ID = re.compile(r"[0-9a-f]{16}")
 _JOB = re.compile(r"[0-9a-f]{1,64}")
 
@@ -173,7 +173,7 @@ class ClusterJobs:
                 done = self._published.get(job.id)
                 if done is None:  # after a restart: what an earlier run published
                     done = os.fstat(dst).st_size
-                while chunk := os.pread(src, MAX_LOG_CHUNK, done):
+                while chunk := os.pread(src, _COPY_CHUNK, done):
                     done += os.write(dst, chunk)
             finally:
                 os.close(dst)
@@ -286,7 +286,7 @@ class ClusterJobs:
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
                 return b"", offset
-            chunk = os.pread(fd, min(limit, MAX_LOG_CHUNK), offset)
+            chunk = os.pread(fd, limit, offset)
         finally:
             os.close(fd)
         return chunk, offset + len(chunk)

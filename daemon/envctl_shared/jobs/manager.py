@@ -479,6 +479,7 @@ class JobManager:
                            "runs it now", hint="its daemon marks it interrupted when it starts "
                            "again")
         self._cluster.ask_cancel(where, f"{requester.who} via {self._cluster.host}")
+        # its daemon takes it within its poll interval (the same as ours, in one cluster)
         deadline = time.monotonic() + 2 * self._config.watch.poll_interval + \
             procs.KILL_GRACE + 10.0
         while time.monotonic() < deadline:
@@ -516,7 +517,8 @@ class JobManager:
         job = self.get(job_id)
         if job.host is not None:
             assert self._cluster is not None
-            return self._cluster.read_log(self._elsewhere(job.id), offset, limit)
+            return self._cluster.read_log(self._elsewhere(job.id), offset,
+                                          min(limit, MAX_LOG_CHUNK))
         try:
             fd = os.open(job.log_path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         except FileNotFoundError:
