@@ -495,13 +495,6 @@ def scan_names(root_fd: int, envs_fd: int) -> list[str]:
     return sorted(names)
 
 
-def is_env_name(name: str) -> bool:
-    """A name the request API could have created (the env directory of one)."""
-    from .spec import NAME_RE
-
-    return bool(NAME_RE.fullmatch(name))
-
-
 def owned_by(owner: object, uid: int, hub_user: str | None) -> bool:
     """The same rule as for jobs: the same uid and the same verified hub user (None on both
     sides off the hub)."""
