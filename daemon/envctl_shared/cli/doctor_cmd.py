@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .. import config as cfgmod
-from ..accounts import group_name
+from ..accounts import group_name, person
 from ..errors import EX_FAILURE, EX_OK, EnvctlError
 from ..fsinfo import mount_of
 from .access import group_access, membership_fix, missing_hint
@@ -305,7 +305,8 @@ def check_umask(ctx: Context, root: RootInfo, umask: int) -> None:
 
 
 def check_mode(ctx: Context, root: RootInfo, st: os.stat_result, gid: int) -> None:
-    """The root itself: its group, group rwx, and SGID (so new entries inherit the group)."""
+    """The root itself: its group, group rwx, SGID (so new entries inherit the group), and not
+    writable by everyone (then anyone on the host, not just the group, adds entries to it)."""
     shown = quote_name(str(root.path))
     mode = stat.S_IMODE(st.st_mode)
     wrong = []
@@ -315,15 +316,19 @@ def check_mode(ctx: Context, root: RootInfo, st: os.stat_result, gid: int) -> No
         wrong.append(f"group lacks {_group_bits(~mode)}")
     if not mode & stat.S_ISGID:
         wrong.append("no SGID: new entries will not inherit the group")
+    if mode & stat.S_IWOTH:
+        wrong.append("writable by everyone: any user of the host can add entries, not just "
+                     "the group")
     desc = f"group {group_name(st.st_gid)}, mode {mode:04o}"
     if not wrong:
         ctx.add("root mode", True, f"{shown}: {desc}", subject=str(root.path))
         return
-    want = 0o2000 | (mode & 0o707) | 0o070
+    want = 0o2000 | (mode & 0o1705) | 0o070  # the sticky bit kept, o+w taken
     ctx.add("root mode", False, f"{shown}: {desc}: " + "; ".join(wrong),
             f"an administrator runs 'chgrp {group_name(gid)} {shown} && chmod {want:04o} "
-            f"{shown}' (or 'envctl init'); a running daemon heals it at its next pass",
-            str(root.path))
+            f"{shown}' (or 'envctl init'); a running daemon heals group and SGID at its next "
+            "pass" + ("; it leaves others' write bit as it is under roots[].others: keep"
+                      if mode & stat.S_IWOTH else ""), str(root.path))
 
 
 PROTECTED_HARDLINKS = Path("/proc/sys/fs/protected_hardlinks")
@@ -388,9 +393,9 @@ def check_env(ctx: Context, name: str, socket: str | None, timeout: float) -> No
             return
         status = info.get("status")
         built = (f"version {info.get('current')} built by "
-                 f"{quote_name(str(info.get('requester') or '?'))} on "
+                 f"{quote_name(person(info.get('requester')))} on "
                  f"{local_time(info.get('built_at'))}"
-                 f", owner {quote_name(str(info.get('owner') or '?'))}")
+                 f", owner {quote_name(person(info.get('owner')))}")
         ctx.add("env", status == "ready", f"{name}: {status}; {built}",
                 None if status == "ready" else "see 'envctl env show " + name + "'", name)
     prefix = Path(info["prefix"]) if info and info.get("prefix") else _find_prefix(ctx, name)
