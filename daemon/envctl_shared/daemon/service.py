@@ -20,11 +20,12 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from ..config import Config, RootConfig
-from ..errors import ConfigError, EnvctlError
+from ..errors import EnvctlError
 from ..fsinfo import mount_of, walk_concurrency
 from ..logfields import fields
 from ..watch import RootWatcher, max_user_watches
 from .leader import PollerLease
+from .preflight import root_problems
 
 log = logging.getLogger("envctl.daemon")
 # Warn when the roots alone need more than this share of the limit: the daemon's uid (root,
@@ -54,10 +55,8 @@ class _Server(Protocol):
 
 def check_roots(config: Config) -> None:
     """Refuse a config whose roots do not exist (before anything is started or replaced)."""
-    for root in config.roots:
-        if not root.path.is_dir() or root.path.is_symlink():
-            raise ConfigError(f"{config.source}: root {root.path} is not an existing directory",
-                              hint="create the directory or fix roots[].path")
+    for problem in root_problems(config):
+        raise problem
 
 
 class Daemon:
