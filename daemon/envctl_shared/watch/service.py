@@ -42,6 +42,7 @@ from ..fsinfo import mount_of
 from ..heal import Finding, Healer, HealStats
 from ..logfields import fields
 from ..quoting import quote_name
+from ..status import RootStatus
 from .inotify import InotifyWatch, max_user_watches
 from .poll import Poller
 from .queue import ROOT, Item, WorkQueue
@@ -54,8 +55,8 @@ ERROR_REBUILDS = (5, 600.0)  # this many rebuilds after errors within this many 
 
 
 @dataclass
-class RootStatus:
-    """Counters of one root since the daemon started watching it."""
+class RootCounters:
+    """Counters of one root since the daemon started watching it (``status`` reports them)."""
 
     mode: str = "starting"
     events: int = 0
@@ -102,7 +103,7 @@ class RootWatcher:
         self._walker = Healer(root, concurrency=concurrency, on_finding=self._finding,
                               report_fixes=per_fix, on_progress=self._walk_progressed)
         self._walk_beat = time.monotonic()  # last directory any walk of this root visited
-        self._status = RootStatus()
+        self._status = RootCounters()
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._wake = threading.Event()
@@ -512,43 +513,28 @@ class RootWatcher:
             beats.append(watch.beat)
         return min(beats)
 
-    def status(self, watches: bool = True) -> dict[str, Any]:
-        """JSON-ready counters of this root; ``watches=False`` skips counting the kernel's
-        watches (it reads /proc, one line per watch: too costly for a 5 s STATUS= line) and
-        reading the poller leader's record (round trips on the shared filesystem)."""
+    def status(self, watches: bool = True) -> RootStatus:
+        """This root's counters; ``watches=False`` skips counting the kernel's watches (it
+        reads /proc, one line per watch: too costly for a 5 s STATUS= line) and reading the
+        poller leader's record (round trips on the shared filesystem)."""
         st = self._status
         with self._lock:
             h = st.heals
-            # fixed: entries changed (at most the violations found); fixed_by: the writes
-            # that took (a wrong group and a wrong mode are two writes to one entry)
-            heals: dict[str, Any] = {"scanned": h.scanned, "violations": h.violations,
-                                     "fixed": sum(h.fixed_kinds.values()),
-                                     "fixed_by": dict(h.fixed),
-                                     "skipped": dict(h.skipped), "errors": h.errors}
-        return {
-            "path": str(self.root.path),
-            "mode": st.mode,
-            **heals,
-            "events": st.events,
-            "echoes": st.echoes,
-            "overflows": st.overflows,
-            "rebuilds": st.rebuilds,
-            "watch_errors": st.watch_errors,
-            "failure": self.failure,
-            "queue": len(self.queue),
-            "watches": (self._inotify.watch_count() if self._inotify else 0) if watches else None,
-            # What inotify needs for this root (one watch per directory), whatever the mode:
-            # the figure to size fs.inotify.max_user_watches by (0 when configured to poll).
-            "watches_needed": 0 if self.watch_cfg.mode == "poll" else st.dirs,
-            "poll_dirs": self._poller.directories if self._poller else 0,
-            "full_passes": st.full_passes,
-            "last_full_pass": st.last_full_pass,
-            "last_full_duration": st.last_full_duration,
-            "poll_passes": st.poll_passes,
-            "last_poll_duration": st.last_poll_duration,
-            "poller": self._gate.status(fresh=watches) if self._gate is not None else None,
-        }
-
+            scanned, violations, errors = h.scanned, h.violations, h.errors
+            fixed, fixed_by, skipped = sum(h.fixed_kinds.values()), dict(h.fixed), dict(h.skipped)
+        return RootStatus(
+            path=str(self.root.path), mode=st.mode, failure=self.failure, queue=len(self.queue),
+            watches=(self._inotify.watch_count() if self._inotify else 0) if watches else None,
+            watches_needed=0 if self.watch_cfg.mode == "poll" else st.dirs,
+            scanned=scanned, violations=violations, fixed=fixed, fixed_by=fixed_by,
+            skipped=skipped, errors=errors, events=st.events, echoes=st.echoes,
+            overflows=st.overflows,
+            rebuilds=st.rebuilds, watch_errors=st.watch_errors,
+            poll_dirs=self._poller.directories if self._poller else 0,
+            poll_passes=st.poll_passes, last_poll_duration=st.last_poll_duration,
+            full_passes=st.full_passes, last_full_pass=st.last_full_pass,
+            last_full_duration=st.last_full_duration,
+            poller=self._gate.status(fresh=watches) if self._gate is not None else None)
 
 
 def _describe(exc: BaseException) -> str:
