@@ -21,6 +21,7 @@ from envctl_shared.api.peercred import peer_cred, proc_groups
 from envctl_shared.api.server import Server
 from envctl_shared.config import SocketConfig, parse
 from envctl_shared.errors import ConfigError, Conflict, DaemonUnavailable, FilesystemError
+from envctl_shared.status import DaemonStatus
 
 from tests.conftest import Accounts
 
@@ -144,7 +145,8 @@ def test_inherited_socket_is_never_unlinked(scratch: Path) -> None:
     inherited = bind_unix(_cfg(path, 0o666))
     cfg = parse({"roots": [{"path": str(scratch), "group": "root"}],
                  "socket": {"path": str(scratch / "unused.sock")}})
-    server = Server(cfg, None, lambda: {"ready": True})
+    status = DaemonStatus.from_dict({"ready": True, "requests_enabled": False})
+    server = Server(cfg, None, lambda: status)
     server.start(inherited)
     try:
         with Client(path, timeout=5) as client:
