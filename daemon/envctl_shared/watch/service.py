@@ -254,6 +254,7 @@ class RootWatcher:
 
     @property
     def state(self) -> WatchState:
+        """Where this root's watch is now (status shows it as ``mode``)."""
         return self._state
 
     def _fail(self, reason: str) -> None:
