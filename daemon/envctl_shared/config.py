@@ -31,7 +31,10 @@ from .errors import ConfigError
 
 Others = Literal["keep", "none", "read"]
 WatchMode = Literal["auto", "inotify", "poll"]
-BACKENDS = ("rattler", "venv", "conda", "mamba", "micromamba")
+# Every backend a config may name, and the module of ``jobs.backends`` that implements it (the
+# conda family shares one, spelled per flavour): the one registry of backends.
+BACKENDS: dict[str, str] = {"rattler": "rattler", "venv": "venv", "conda": "conda",
+                            "mamba": "conda", "micromamba": "conda"}
 DEFAULT_SOCKET = "/run/envctl/envctld.sock"
 SOCKET_ENV = "ENVCTL_SOCKET"  # where clients look for the socket before DEFAULT_SOCKET
 # The daemon's area in the requests root (``jobs.layout``): frozen versions, their store, the
@@ -199,10 +202,14 @@ class Config:
     @property
     def requests_root(self) -> RootConfig:
         """The root environment requests are built into (``requests.root`` or the first root)."""
-        want = self.requests.root or self.roots[0].path
-        root = self.root_for(want)
+        root = self.root_for(requests_root_path(self.requests, self.roots))
         assert root is not None  # validated at load time
         return root
+
+
+def requests_root_path(requests: RequestsConfig, roots: tuple[RootConfig, ...]) -> Path:
+    """Where environments are built: ``requests.root``, else the first root."""
+    return requests.root or roots[0].path
 
 
 T = TypeVar("T")
@@ -417,7 +424,7 @@ def _requests(source: str, data: Any, roots: tuple[RootConfig, ...],
                "build_users (a pool), not both")
     state_dir = r.get("state_dir", str, None)
     conda_exe = r.get("conda_exe", str, None)
-    if any(b in ("conda", "mamba", "micromamba") for b in allowed) and not conda_exe:
+    if any(BACKENDS[b] == "conda" for b in allowed) and not conda_exe:
         r.fail("conda_exe", "is required when a conda-style backend is allowed")
     cfg = RequestsConfig(
         enabled=r.get("enabled", bool, d.enabled),
@@ -503,7 +510,7 @@ def _check_venv_python(source: str, cfg: RequestsConfig, roots: tuple[RootConfig
         return  # venv_base: a Python in the root by construction
     from .fsinfo import mount_of  # here: the filesystem is only asked when venvs are built
 
-    root = cfg.root or roots[0].path
+    root = requests_root_path(cfg, roots)
     if not os.path.isdir(root) or not mount_of(root).remote:
         return
     python = Path(os.path.normpath(cfg.venv_python))
@@ -657,7 +664,7 @@ def parse(data: Any, source: str = "<memory>", base: Path | None = None) -> Conf
 
     requests = _requests(source, top.get("requests", dict, None), roots, base)
     if requests.enabled:
-        want = requests.root or roots[0].path
+        want = requests_root_path(requests, roots)
         roots = tuple(replace(r, holds_requests=True, exclude=(*r.exclude, DAEMON_AREA))
                       if r.path == want else r for r in roots)
         builders = {pwd.getpwnam(n).pw_uid  # their builds are healed like a member's work

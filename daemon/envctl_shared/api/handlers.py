@@ -23,6 +23,7 @@ from ..errors import DaemonUnavailable, NotAuthorised, ValidationError
 from ..jobs import kernels
 from ..jobs.model import Job, Requester
 from ..jobs.spec import validate_name
+from ..status import DaemonStatus
 from . import protocol
 from .auth import Authoriser
 from .env_handlers import EnvHandlers
@@ -35,7 +36,7 @@ if TYPE_CHECKING:  # the manager is only ever handed to us by the daemon
 log = logging.getLogger(__name__)
 
 Message = dict[str, Any]
-StatusFn = Callable[[], dict[str, Any]]
+StatusFn = Callable[[], DaemonStatus]
 
 # How often a follow stream re-reads the log when nothing else woke it (the jobs layer's wait()
 # wakes on state/phase changes only, log growth is polled).
@@ -114,17 +115,7 @@ class Handlers(EnvHandlers):
         yield protocol.ok(self.auth.describe(who))
 
     def op_status(self, who: Requester, gone: Callable[[], bool]) -> Iterator[Message]:
-        data = dict(self.status_fn())  # the daemon's own: pid, uptime_s, roots, jobs...
-        data.update(version=__version__, protocol=protocol.VERSION,
-                    requests_enabled=self.jobs is not None,
-                    # how builds are kept from outliving their job: "cgroup" or "sweep"
-                    containment=self.jobs.containment if self.jobs is not None else None,
-                    # how they are kept from each other: a mount namespace per step, or
-                    # "none" (then only their uids and file modes), and how many run at once
-                    sandbox=self.jobs.sandbox if self.jobs is not None else None,
-                    max_builds=self.jobs.max_builds() if self.jobs is not None else None,
-                    cluster=self.jobs.cluster() if self.jobs is not None else None)
-        yield protocol.ok(data)
+        yield protocol.ok(self.status_fn().to_dict())  # the daemon's (``status.DaemonStatus``)
 
     # -- job ops ---------------------------------------------------------------------------
 

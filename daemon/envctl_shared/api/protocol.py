@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import EnvctlError, ProtocolError
+from ..names import ENV_NAME_RE, env_name_problem
 from ..untrusted import brief
 
 VERSION = 1
@@ -88,7 +89,7 @@ class Op:
 
 _ID = Arg((str, int), "job id, as printed by create/list", required=True, check=_job_id)
 _FOLLOW = Arg((bool,), "stream events until the job ends instead of replying once", default=False)
-_ENV = Arg((str,), "environment name", required=True, check=_word)
+_ENV = Arg((str,), "environment name", required=True, check=env_name_problem)
 _TESTS = Arg((list,), "shell command lines (at most 16, each at most 1000 characters) run as "
              "the build user inside the new version, activated, before it is made current; "
              "any failure: not promoted, the job fails", default=(), check=_commands)
@@ -102,7 +103,7 @@ OPS: dict[str, Op] = {op.name: op for op in (
        "Anyone who can connect (used by readiness probes).", aliases=("daemon-status",)),
     Op("create", "Queue an environment build (requires allow_users/allow_groups/allow_hub_groups "
        "or admin); replace only for the owner of the environment or admins.", {
-        "name": Arg((str,), "environment name, ^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$", required=True),
+        "name": Arg((str,), f"environment name, ^{ENV_NAME_RE.pattern}$", required=True),
         "spec": Arg((str,), "environment.yml text (name/channels/dependencies)", required=True),
         "backend": Arg((str,), "one of requests.allowed_backends; default requests.backend",
                        check=_word),

@@ -20,6 +20,7 @@ from typing import Any
 
 from ..config import Config
 from ..errors import Conflict, EnvctlError, NotAuthorised, NotFound
+from ..names import is_env_name
 from . import envs, integrity, kernels, layout
 from .lock import NameLock, secure_all
 from .model import Requester
@@ -173,7 +174,7 @@ class EnvService:
         area = layout.RootArea(self._config.requests_root.path)
         with area.open() as fds:
             for name in sorted(os.listdir(fds["envs"])):
-                if not envs.is_env_name(name):
+                if not is_env_name(name):
                     continue
                 lock = NameLock(fds["locks"], str(area.root), name, "gc")
                 try:

@@ -44,6 +44,7 @@ from typing import Any
 
 from ..errors import Conflict, NotFound
 from ..heal.fsops import DIR_FLAGS
+from ..names import is_env_name
 from . import layout, usemarks
 
 log = logging.getLogger(__name__)
@@ -506,13 +507,6 @@ def scan_names(root_fd: int, envs_fd: int) -> list[str]:
                  (e.is_symlink() or e.is_dir(follow_symlinks=False))}
     names.update(e for e in os.listdir(envs_fd) if not e.startswith("."))
     return sorted(names)
-
-
-def is_env_name(name: str) -> bool:
-    """A name the request API could have created (the env directory of one)."""
-    from .spec import NAME_RE
-
-    return bool(NAME_RE.fullmatch(name))
 
 
 def owned_by(owner: object, uid: int, hub_user: str | None) -> bool:
