@@ -122,7 +122,9 @@ class Handlers(EnvHandlers):
                     # how they are kept from each other: a mount namespace per step, or
                     # "none" (then only their uids and file modes), and how many run at once
                     sandbox=self.jobs.sandbox if self.jobs is not None else None,
-                    max_builds=self.jobs.max_builds() if self.jobs is not None else None)
+                    max_builds=self.jobs.max_builds() if self.jobs is not None else None,
+                    # each build's requests.limits, and the cgroup controllers enforcing them
+                    limits=self.jobs.limits() if self.jobs is not None else None)
         yield protocol.ok(data)
 
     # -- job ops ---------------------------------------------------------------------------
