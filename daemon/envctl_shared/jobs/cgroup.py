@@ -221,19 +221,27 @@ def _enable_v2(mine: Path, base: Path) -> dict[str, str]:
 
 def _enable(cgroup: Path, controller: str, leaf_parent: Path | None) -> None:
     """``+controller`` in ``cgroup.subtree_control``; on EBUSY (processes in ``cgroup``) with
-    ``leaf_parent``, move this process to ``leaf_parent/daemon`` and try once more."""
-    if controller in _read(cgroup / "cgroup.subtree_control").split():
+    ``leaf_parent``, move this process to ``leaf_parent/daemon`` and try once more — and back
+    when that fails too (other processes share our cgroup: a test run, a unit's helpers)."""
+    control = cgroup / "cgroup.subtree_control"
+    if controller in _read(control).split():
         return
     try:
-        (cgroup / "cgroup.subtree_control").write_text(f"+{controller}\n")
+        control.write_text(f"+{controller}\n")
+        return
     except OSError as exc:
         if exc.errno != errno.EBUSY or leaf_parent is None:
             raise
-        leaf = leaf_parent / DAEMON_LEAF
-        leaf.mkdir(exist_ok=True)
-        enter(leaf, os.getpid())
-        log.info("cgroup-daemon-moved to=%s reason=no-internal-processes", leaf)
-        (cgroup / "cgroup.subtree_control").write_text(f"+{controller}\n")
+    leaf = leaf_parent / DAEMON_LEAF
+    leaf.mkdir(exist_ok=True)
+    enter(leaf, os.getpid())
+    try:
+        control.write_text(f"+{controller}\n")
+    except OSError:
+        enter(cgroup, os.getpid())
+        _rmdir(leaf)
+        raise
+    log.info("cgroup-daemon-moved to=%s reason=no-internal-processes", leaf)
 
 
 def _v1_base(controller: str, tag: str) -> Path | None:
