@@ -181,6 +181,10 @@ def test_the_tree_leaves_no_cgroup_behind(scratch: Path) -> None:
             where = job.v1.get("memory", job.path)
             name = "memory.limit_in_bytes" if "memory" in job.v1 else "memory.max"
             assert (where / name).read_text().strip() == str(64 << 20)
+        if "cpu" in tree.controllers:
+            where = job.v1.get("cpu", job.path)
+            name, value = ("cpu.shares", "2048") if "cpu" in job.v1 else ("cpu.weight", "200")
+            assert (where / name).read_text().strip() == value
         assert job.hits() == {"memory": 0, "tasks": 0}
     finally:
         tree.discard(job.path)

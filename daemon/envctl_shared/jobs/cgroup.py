@@ -110,23 +110,25 @@ class CgroupTree:
     def create(self, job_id: str, limits: BuildLimits | None = None) -> JobCgroup:
         """A new, empty cgroup for one job, owned by root (a build can neither write to it nor
         make cgroups below it), with ``limits`` set where a controller enforces them."""
-        name = self.path(job_id).name
-        with self._lock:  # not between another job's removal of its cgroup and of base
-            self.base.mkdir(exist_ok=True)
-            for controller in self.controllers:  # again: an idle tree's base was removed
-                if controller not in self.v1:
-                    _enable(self.base, controller, None)
-            self.path(job_id).mkdir(mode=0o755)
-            v1 = {}
-            for controller, top in self.v1.items():
-                top.mkdir(exist_ok=True)
-                (top / name).mkdir(mode=0o755)
-                v1[controller] = top / name
-        job = JobCgroup(self.path(job_id), v1)
-        if limits is not None:
+        job = JobCgroup(self.path(job_id),
+                        {c: top / self.path(job_id).name for c, top in self.v1.items()})
+        try:
+            with self._lock:  # not between another job's removal of its cgroup and of base
+                self.base.mkdir(exist_ok=True)
+                for controller in self.controllers:  # again: an idle tree's base was removed
+                    if controller not in self.v1:
+                        _enable(self.base, controller, None)
+                job.path.mkdir(mode=0o755)
+                for place in job.v1.values():
+                    place.parent.mkdir(exist_ok=True)
+                    place.mkdir(mode=0o755)
             for controller in self.controllers:
-                _set_limit(controller, v1.get(controller) or job.path, limits,
-                           controller in v1)
+                if limits is not None:
+                    _set_limit(controller, job.v1.get(controller, job.path), limits,
+                               controller in job.v1)
+        except OSError:
+            self.discard(job.path)  # nothing runs in it yet: never half made
+            raise
         return job
 
     def discard(self, path: Path) -> int:

@@ -35,7 +35,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from ..config import Config, format_size
+from ..config import BuildLimits, Config, format_size
 from ..errors import BuildFailed, Conflict, EnvctlError
 from ..heal import fsops
 from . import base_python, envs, freeze, kernels, layout, procs
@@ -318,22 +318,14 @@ class Build:
             self._hits = self._cgroup.hits()
         return self._cgroup
 
-    def _limit_hit(self, what: str) -> None:
-        """After a failed step: raise naming the cgroup limit that killed it or refused it a
-        process, if one did."""
+    def _limits_hit(self) -> dict[str, int]:
+        """How often each cgroup limit (by its ``requests.limits`` key) refused the build
+        since the last call: after every step, so a failure is blamed on its own step's."""
         if self._cgroup is None:
-            return
+            return {}
         before, self._hits = self._hits, self._cgroup.hits()
-        limits = self.cfg.limits
-        if self._hits["memory"] > before.get("memory", 0):
-            raise BuildFailed(f"the build exceeded {limits.named('memory')}: the kernel killed "
-                              f"a process of {what} that wanted more memory",
-                              hint="build less at once, or ask an admin to raise the limit")
-        if self._hits["tasks"] > before.get("tasks", 0):
-            raise BuildFailed(f"the build exceeded {limits.named('tasks')}: the kernel refused "
-                              f"{what} {self._hits['tasks'] - before.get('tasks', 0)} new "
-                              "process(es) or thread(s)",
-                              hint="start fewer at once, or ask an admin to raise the limit")
+        return {key: n - before.get(key, 0) for key, n in self._hits.items()
+                if n > before.get(key, 0)}
 
     def _check_disk(self, ctx: BuildContext, now: bool = False) -> None:
         """Count what the build wrote (its version and HOME) when due, or ``now``; past
@@ -426,8 +418,10 @@ class Build:
                     layout.seal_cache(fds, since)
         self._check_disk(ctx, now=True)
         self._check_abort()
+        hit = self._limits_hit()
         if proc.returncode != 0:
-            self._limit_hit(what or f"the {phase} step")
+            if hit:
+                raise _exceeded(self.cfg.limits, hit, what or f"the {phase} step")
             how = (f"{what} failed with status" if what else
                    f"{phase} step failed: {Path(argv[0]).name} exited with status")
             raise BuildFailed(f"{how} {proc.returncode}", hint="see the build log")
@@ -521,6 +515,17 @@ class _Exit:
             self._thread.join()
         if self._fd >= 0:
             os.close(self._fd)
+
+
+def _exceeded(limits: BuildLimits, hit: dict[str, int], what: str) -> BuildFailed:
+    """The failure of a step a cgroup limit stopped (``hit``: ``Build._limits_hit``)."""
+    if "memory" in hit:
+        return BuildFailed(f"the build exceeded {limits.named('memory')}: the kernel killed a "
+                           f"process of {what} that wanted more memory",
+                           hint="build less at once, or ask an admin to raise the limit")
+    return BuildFailed(f"the build exceeded {limits.named('tasks')}: the kernel refused {what} "
+                       f"{hit['tasks']} new process(es) or thread(s)",
+                       hint="start fewer at once, or ask an admin to raise the limit")
 
 
 def tree_bytes(path: Path) -> int:
