@@ -197,10 +197,13 @@ def setup(state_dir: Path) -> tuple[CgroupTree | None, str]:
         if top is not None:
             v1[controller] = top
             del missing[controller]
+        else:
+            missing[controller] += "; no writable cgroup v1 hierarchy has it either"
     tree = CgroupTree(base, v1, tuple(c for c in LIMITED_BY if c not in missing), missing)
-    where = " ".join(f"{c}={'v1' if c in v1 else 'v2'}" for c in tree.controllers)
-    lacking = "".join(f" missing_{c}={why!r}" for c, why in missing.items())
-    return tree, f"cgroup={base} kill={how} {where}{lacking}"
+    words = [f"cgroup={base}", f"kill={how}",
+             *(f"{c}={'v1' if c in v1 else 'v2'}" for c in tree.controllers),
+             *(f"missing_{c}={why!r}" for c, why in missing.items())]
+    return tree, " ".join(words)
 
 
 def _enable_v2(mine: Path, base: Path) -> dict[str, str]:
