@@ -17,6 +17,9 @@ never the current one.
 from __future__ import annotations
 
 import hashlib
+import json
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -80,7 +83,7 @@ def _job_cgroups(api: ApiDaemon) -> list[Path]:
 
 
 def test_status_and_doctor_name_the_limits(api: ApiDaemon, accounts: Accounts) -> None:
-    limits = _alive(api)["limits"]
+    limits = json.loads(api.cli(accounts.alice, "status", "--json").stdout)["limits"]
     assert limits["memory"] == 256 << 20 and limits["tasks"] == TASKS
     assert limits["disk"] == 60 << 20 and limits["cpu_weight"] == 50
     assert sorted(limits["controllers"] + limits["missing"]) == ["cpu", "memory", "pids"]
@@ -142,6 +145,60 @@ def test_a_build_printing_past_its_log_cap_goes_on(api: ApiDaemon, accounts: Acc
     log = api.cli(accounts.bob, "request", "logs", job["id"]).stdout
     assert "log truncated at 512K" in log
     assert len(log.encode()) < (512 << 10) + 8192
+
+
+# A job manager in its own process (run in a mount namespace): prints its status limits, then
+# the state of one build with a --test; argv = config, requester fields, spec.
+WITHOUT = """
+import json, sys, time
+from envctl_shared.config import parse
+from envctl_shared.jobs import JobManager, Requester
+mgr = JobManager(parse(json.loads(sys.argv[1])))
+mgr.start()
+try:
+    print(json.dumps(mgr.limits()), flush=True)
+    job = mgr.submit(Requester(**json.loads(sys.argv[2])), "nolimits", sys.argv[3],
+                     tests=["true"])
+    while not mgr.get(job.id).terminal:
+        time.sleep(0.1)
+    print(mgr.get(job.id).state.value, flush=True)
+finally:
+    mgr.stop()
+"""
+
+
+def _v1_mounts() -> list[str]:
+    """Mount points of the cgroup v1 hierarchies that hold a limit controller."""
+    out = []
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        fields, _, tail = line.partition(" - ")
+        kind, _source, options = (tail.split() + ["", "", ""])[:3]
+        if kind == "cgroup" and set(options.split(",")) & set(cgroups.LIMITED_BY):
+            out.append(fields.split()[4])
+    return out
+
+
+def test_missing_controllers_are_reported_and_builds_still_run(jobs_env: JobsEnv) -> None:
+    """The v1 hierarchies read-only (as in a container that does not delegate them): the
+    controllers are missing, the build runs without those limits, and succeeds."""
+    mounts = _v1_mounts()
+    tree, how = cgroups.setup(jobs_env.state_dir / "probe")
+    if tree is None or not mounts or set(tree.controllers) - set(tree.v1):
+        pytest.skip(f"the limit controllers are not (only) in v1 hierarchies here: {how}")
+    tree.clear()
+    who = jobs_env.requester()
+    fields = {k: getattr(who, k) for k in ("uid", "gid", "groups", "pid", "username",
+                                           "claimed_user", "is_admin")}
+    argv = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+            'while [ "$1" != -- ]; do mount -o remount,bind,ro "$1" || exit 1; shift; done; '
+            'shift; exec "$@"', "sh", *mounts, "--", sys.executable, "-c", WITHOUT,
+            json.dumps(jobs_env.raw()), json.dumps(fields), ENV_HELLO]
+    res = subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False)
+    assert res.returncode == 0, res.stderr
+    limits, state = res.stdout.splitlines()
+    assert json.loads(limits)["missing"] == ["memory", "pids", "cpu"]
+    assert json.loads(limits)["controllers"] == []
+    assert state == "succeeded"
 
 
 def test_config_refuses_limits_it_cannot_mean() -> None:
