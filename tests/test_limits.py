@@ -296,3 +296,46 @@ def test_kept_logs_stay_under_their_total_cap(jobs_env: JobsEnv, manager_factory
     assert not (jobs / ids[0]).exists()
     assert "log truncated at 256K" in full_log(mgr, ids[-1])
     assert mgr.get(ids[0]).state is State.SUCCEEDED  # the row stays
+
+
+def test_the_disk_walk_survives_a_build_changing_its_tree(scratch: Path) -> None:
+    """Entries vanish, and directories turn into files or symlinks, under the walk (a build
+    is still writing): they are skipped, never an error that would fail the build."""
+    import os
+    import threading
+
+    from envctl_shared.jobs.runner import tree_bytes
+
+    top = scratch / "version"
+    top.mkdir()
+    for i in range(300):
+        (top / f"d{i}").mkdir()
+        (top / f"d{i}" / "f").write_bytes(b"y" * 100)
+    stop = threading.Event()
+
+    def churn() -> None:
+        i = 0
+        while not stop.is_set():
+            i += 1
+            d = top / f"d{i % 300}"
+            if d.is_symlink() or d.is_file():
+                d.unlink()
+            elif d.is_dir():
+                (d / "f").unlink(missing_ok=True)
+                d.rmdir()
+                (os.symlink if i % 2 else lambda _t, p: Path(p).write_bytes(b"x"))("/", d)
+            else:
+                d.mkdir()
+                (d / "f").write_bytes(b"y" * 100)
+
+    worker = threading.Thread(target=churn)
+    worker.start()
+    sizes = []
+    try:
+        deadline = time.monotonic() + 1.5
+        while time.monotonic() < deadline:
+            sizes.append(tree_bytes(top))
+    finally:
+        stop.set()
+        worker.join()
+    assert all(s >= 0 for s in sizes) and max(sizes) > 0
