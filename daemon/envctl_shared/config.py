@@ -103,6 +103,38 @@ class VenvBaseConfig:
     channels: tuple[str, ...] = ()
 
 
+_SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def format_size(n: int) -> str:
+    """Bytes as the config writes them: ``4G``, ``512M``, or a plain number."""
+    for unit in ("T", "G", "M", "K"):
+        if n >= _SIZE_UNITS[unit] and n % _SIZE_UNITS[unit] == 0:
+            return f"{n // _SIZE_UNITS[unit]}{unit}"
+    return str(n)
+
+
+@dataclass(frozen=True)
+class BuildLimits:
+    """What one build may use (``requests.limits``), enforced by its cgroup (``jobs.cgroup``:
+    memory, tasks, cpu_weight) and by the runner's size checks (disk: its version and HOME)."""
+
+    memory: int = 4 << 30  # bytes of RAM (memory.max); no swap beyond it
+    tasks: int = 4096  # processes and threads at once (pids.max)
+    disk: int = 20 << 30  # bytes the version and the build's HOME may hold
+    cpu_weight: int = 100  # its share of CPU against other builds (cpu.weight, 1-10000)
+
+    def named(self, key: str) -> str:
+        """``requests.limits.memory = 4G``: how a failed build names the limit it hit."""
+        value = getattr(self, key)
+        shown = format_size(value) if key in ("memory", "disk") else str(value)
+        return f"requests.limits.{key} = {shown}"
+
+    def to_dict(self) -> dict[str, int]:
+        return {"memory": self.memory, "tasks": self.tasks, "disk": self.disk,
+                "cpu_weight": self.cpu_weight}
+
+
 @dataclass(frozen=True)
 class RequestsConfig:
     """Who may ask for environments, and how the daemon builds them."""
@@ -144,6 +176,9 @@ class RequestsConfig:
     max_request_bytes: int = 262144
     keep_logs_days: int = 30
     keep_versions: int = 2  # the newest versions of an env GC keeps (the current one always)
+    max_versions: int = 10  # versions of an env on disk at most, even inside gc_grace
+    max_log_bytes: int = 1 << 30  # all kept build logs together (oldest finished go first)
+    limits: BuildLimits = field(default_factory=BuildLimits)
     gc_grace: float = 86400.0  # seconds a version stays after it stopped being current
     gc_interval: float = 3600.0  # how often the daemon runs the env GC
 
@@ -458,12 +493,54 @@ def _requests(source: str, data: Any, roots: tuple[RootConfig, ...],
         max_request_bytes=r.get("max_request_bytes", int, d.max_request_bytes, _positive),
         keep_logs_days=r.get("keep_logs_days", int, d.keep_logs_days, _positive),
         keep_versions=r.get("keep_versions", int, d.keep_versions, _positive),
+        max_versions=r.get("max_versions", int, d.max_versions,
+                           lambda v: None if v >= 2 else "must be at least 2 (the current "
+                           "version and the one being built)"),
+        max_log_bytes=_size(r, "max_log_bytes", d.max_log_bytes, 1 << 20),
+        limits=_limits(source, r),
         gc_grace=r.get("gc_grace", float, d.gc_grace,
                        lambda v: None if v >= 0 else "must not be negative"),
         gc_interval=r.get("gc_interval", float, d.gc_interval, _positive),
     )
+    if cfg.keep_versions >= cfg.max_versions:
+        r.fail("keep_versions", f"{cfg.keep_versions} must be less than requests.max_versions "
+               f"({cfg.max_versions}), the cap that leaves room for the version being built")
     r.finish()
     return cfg
+
+
+def _size(r: _Reader, key: str, default: int, least: int) -> int:
+    """A size: bytes as an integer, or a string with a unit (``512M``, ``4G``: powers of
+    1024); at least ``least`` (a bare ``4`` meant as gigabytes is refused, not obeyed)."""
+    value = r.get(key, (int, str), default)
+    if isinstance(value, str):
+        m = re.fullmatch(r"\s*(\d+)\s*([KMGT]?)(?:i?B)?\s*", value, re.IGNORECASE)
+        if m is None:
+            r.fail(key, f"{value!r} is not a size: write bytes or a number with K, M, G or T "
+                   "(e.g. 4G, 512M)")
+        value = int(m[1]) * _SIZE_UNITS[m[2].upper()]
+    if value < least:
+        r.fail(key, f"{value} bytes is less than the least allowed, {format_size(least)} "
+               "(a number without a unit is bytes: write e.g. 4G)")
+    return int(value)
+
+
+def _limits(source: str, r: _Reader) -> BuildLimits:
+    """``requests.limits``: what one build may use (see ``BuildLimits``)."""
+    d = BuildLimits()
+    lim = _Reader(source, "requests.limits", r.get("limits", dict, None))
+    out = BuildLimits(
+        memory=_size(lim, "memory", d.memory, 16 << 20),
+        tasks=lim.get("tasks", int, d.tasks,
+                      lambda v: None if v >= 8 else "must be at least 8 (a build step is a "
+                      "few processes before it runs anything)"),
+        disk=_size(lim, "disk", d.disk, 1 << 20),
+        cpu_weight=lim.get("cpu_weight", int, d.cpu_weight,
+                           lambda v: None if 1 <= v <= 10000 else "must be 1 to 10000 (100 is "
+                           "an equal share)"),
+    )
+    lim.finish()
+    return out
 
 
 # Set by the build's scrubbed environment itself (jobs.procs.scrubbed_env): not passed through.

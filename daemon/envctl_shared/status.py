@@ -129,6 +129,12 @@ class DaemonStatus(_Record):
     max_builds: int | None = _doc("how many builds run at once, one per build account at most "
                                   "(`min(max_concurrent, len(build_users))`); null without "
                                   "requests")
+    limits: dict[str, Any] | None = _doc(
+        "`{memory, tasks, disk, cpu_weight, controllers, missing}`: what one build may use "
+        "(`requests.limits`; memory and disk in bytes), `controllers`: the cgroup controllers "
+        "that enforce them here (`memory`, `pids`, `cpu`; in cgroup v2, or the v1 hierarchy a "
+        "hybrid host binds them to), `missing`: those the daemon has not got (builds run "
+        "without that limit; `envctl doctor` says so). Null without requests")
     jobs: dict[str, int] | None = _doc("job counts per state (null without requests)")
     cluster: dict[str, str] | None = _doc(
         "`{daemon_id, host}`: this daemon's identity among the daemons sharing the requests "

@@ -132,6 +132,7 @@ def run(args: argparse.Namespace) -> int:
     check_condarc_files(ctx, envs)
     if ctx.daemon is not None:
         check_hub(ctx, socket, args.timeout)
+        check_limits(ctx)
     if args.name:
         check_env(ctx, args.name, socket, args.timeout)
     code = EX_OK if all(c.ok for c in ctx.checks) else EX_FAILURE
@@ -194,6 +195,31 @@ def check_daemon(ctx: Context, socket: str | None, timeout: float, stale: float)
     lag = f"heal queue {queue}" + (f", last progress {age:.1f}s ago"
                                    if isinstance(age, (int, float)) else "")
     ctx.add("daemon", True, f"{head} is up and ready; {lag}")
+
+
+def check_limits(ctx: Context) -> None:
+    """One line: the daemon's per-build limits, and whether its cgroup controllers enforce
+    them (a missing one: builds run without that limit). Only when it builds envs."""
+    limits = ctx.daemon.limits if ctx.daemon is not None else None
+    if not isinstance(limits, dict):
+        return
+    missing = [str(c) for c in limits.get("missing") or []]
+    shown = ", ".join(f"{k} {_size(limits.get(k))}" for k in ("memory", "disk")) + \
+        f", tasks {limits.get('tasks')}, cpu weight {limits.get('cpu_weight')}"
+    if not missing:
+        ctx.add("build limits", True, f"{shown}; enforced by the cgroup controllers "
+                f"{', '.join(str(c) for c in limits.get('controllers') or [])}")
+        return
+    ctx.add("build limits", False, f"{shown}; NOT enforced: the daemon has no cgroup "
+            f"controller {', '.join(missing)} (builds run without "
+            f"{'that limit' if len(missing) == 1 else 'those limits'})",
+            "an administrator delegates them to envctld: Delegate=yes in its unit on a host "
+            "with cgroup v2 (or the v1 hierarchies writable by root); see the daemon's log "
+            "line jobs-containment for why")
+
+
+def _size(value: object) -> str:
+    return cfgmod.format_size(value) if isinstance(value, int) else "?"
 
 
 def check_hub(ctx: Context, socket: str | None, timeout: float) -> None:

@@ -187,7 +187,7 @@ class EnvService:
                         if env_fd is not None:
                             cur = envs.current(fds[""], name).version
                             gone = envs.gc_one(fds["envs"], env_fd, name, cur, cfg.keep_versions,
-                                               cfg.gc_grace, now, dry_run)
+                                               cfg.gc_grace, now, dry_run, cfg.max_versions)
                             removed.extend({"name": name, "version": v} for v in gone)
                 finally:
                     lock.release()

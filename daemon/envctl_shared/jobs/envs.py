@@ -38,7 +38,7 @@ import re
 import secrets
 import stat
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -312,6 +312,28 @@ def collectable(env_fd: int, cur: str | None, keep: int, grace: float, now: floa
     return out
 
 
+def over_cap(env_fd: int, cur: str | None, cap: int, going: Sequence[str] = ()) -> list[str]:
+    """The hard cap (``requests.max_versions``), grace or not: the oldest ready versions, never
+    the current one nor one a process holds now (``usemarks``), that take the versions on disk
+    (all of them, built or building, but ``going``) beyond ``cap``."""
+    present = [v for v in versions(env_fd) if v not in going]
+    excess = len(present) - cap
+    if excess <= 0:
+        return []
+    candidates = [v for v in present if v != cur and ready(env_fd, v) is not None
+                  and not usemarks.in_use(env_fd, v, 0.0)]  # a running kernel's: never
+    return candidates[:excess]
+
+
+def make_room(env_fd: int, cur: str | None, cap: int) -> list[str]:
+    """Before a build of the name (its lock held): remove what ``over_cap`` names so that the
+    new version fits under the cap. Returns the versions removed."""
+    gone = over_cap(env_fd, cur, cap - 1)
+    for version in gone:
+        drop_version(env_fd, version)
+    return gone
+
+
 # -- what a built version holds ---------------------------------------------------------------
 
 
@@ -461,11 +483,12 @@ def ready_fields(dir_fd: int, name: str) -> dict[str, Any]:
             "size_bytes": size, "entries": entries}
 
 
-def tree_size(prefix_fd: int) -> tuple[int, int]:
+def tree_size(prefix_fd: int, racing: bool = False) -> tuple[int, int]:
     """(bytes, entries) of a prefix, walked without following symlinks, whatever its depth
-    (``layout.walk``: ``os.fwalk`` recursed past Python's limit on a deep tree)."""
+    (``layout.walk``: ``os.fwalk`` recursed past Python's limit on a deep tree); ``racing``:
+    one a build is still writing (the runner's disk limit)."""
     total = count = 0
-    for _parent, _name, st, _fd in layout.walk(prefix_fd, lambda st: True):
+    for _parent, _name, st, _fd in layout.walk(prefix_fd, lambda st: True, racing=racing):
         total += st.st_size
         count += 1
     return total, count
@@ -568,13 +591,15 @@ def describe(env_fd: int, name: str, cur: Current, with_versions: bool) -> dict[
 
 
 def gc_one(envs_fd: int, env_fd: int, name: str, cur: str | None, keep: int, grace: float,
-           now: float, dry_run: bool) -> list[str]:
+           now: float, dry_run: bool, cap: int) -> list[str]:
     """GC of one name (its lock held): dead builds' leftovers, then collectable versions that
-    no process uses (``usemarks``); the env's directory itself once nothing of it is left."""
+    no process uses (``usemarks``) and those beyond the hard ``cap`` (``over_cap``); the env's
+    directory itself once nothing of it is left."""
     if not dry_run:
         clear_dead(env_fd, cur)
     gone = [v for v in collectable(env_fd, cur, keep, grace, now, record=not dry_run)
             if not usemarks.in_use(env_fd, v, grace, now)]
+    gone += over_cap(env_fd, cur, cap, gone)
     if dry_run:
         return gone
     for version in gone:

@@ -34,6 +34,7 @@ it could open it for writing meanwhile and write the shared cache with that fd f
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -125,7 +126,7 @@ class RootArea:
 
 
 def walk(top_fd: int, descend: Callable[[os.stat_result], bool],
-          leave: Callable[[int, str], None] | None = None
+          leave: Callable[[int, str], None] | None = None, racing: bool = False
           ) -> Iterator[tuple[int, str, os.stat_result, int | None]]:
     """Every entry below the directory ``top_fd``: fd-based, never following a symlink,
     depth-first with an explicit stack (no recursion, whatever the depth) holding one fd per
@@ -133,7 +134,9 @@ def walk(top_fd: int, descend: Callable[[os.stat_result], bool],
     take the daemon past its fd limit). Yields (parent fd, name, lstat, fd): ``fd`` is the
     entry's own ``O_NOFOLLOW`` fd when it is a directory (valid until the next item), else
     None; a directory is entered when ``descend(its stat)`` is true, and ``leave(its parent's
-    fd, its name)`` is called once its fd is closed, after its last entry."""
+    fd, its name)`` is called once its fd is closed, after its last entry. ``racing``: a tree
+    a build is still writing; an entry that vanishes or changes type under the walk is
+    skipped."""
     stack = [(os.dup(top_fd), iter(os.listdir(top_fd)), "")]
     try:
         while stack:
@@ -145,11 +148,16 @@ def walk(top_fd: int, descend: Callable[[os.stat_result], bool],
                 if leave is not None and stack:
                     leave(stack[-1][0], own)
                 continue
-            st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
-            if not stat.S_ISDIR(st.st_mode):
-                yield dfd, name, st, None
-                continue
-            sub = os.open(name, DIR_FLAGS, dir_fd=dfd)
+            try:
+                st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+                if not stat.S_ISDIR(st.st_mode):
+                    yield dfd, name, st, None
+                    continue
+                sub = os.open(name, DIR_FLAGS, dir_fd=dfd)
+            except OSError as exc:
+                if racing and exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):
+                    continue
+                raise
             try:
                 st = os.fstat(sub)
                 yield dfd, name, st, sub

@@ -5,7 +5,9 @@ so it enforces the limits (``requests.max_concurrent``, one queued/running job p
 ``requests.max_queued_per_user`` per requester), turns a daemon restart into a non-event
 (``start`` resumes queued jobs and turns running ones into ``interrupted`` after killing what
 the dead daemon left and removing its partial output), and wakes waiters (``wait``) on every
-state, phase or log change so ``logs -f`` needs no polling of its own. Threads: one scheduler, one
+state, phase or log change so ``logs -f`` needs no polling of its own. Free build slots go round
+robin across requesters (``fair_order``), not first come first served: one requester's queue
+of slow builds must not hold every slot while another's waits. Threads: one scheduler, one
 thread per running build (plus its log reader). Every public method is safe to call from any thread.
 
 Validation order in ``submit`` is what makes "nothing is created on bad input" true: name,
@@ -20,9 +22,11 @@ import os
 import secrets
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 from ..config import Config
 from ..errors import (
@@ -43,7 +47,7 @@ from .cluster import ClusterJobs, Located
 from .env_service import EnvService
 from .lock import NameLock
 from .model import Job, Requester, State
-from .runner import Build, discard
+from .runner import Build, discard, tree_bytes
 from .spec import parse_spec, validate_name, validate_tests
 from .store import JobStore
 
@@ -73,6 +77,9 @@ class JobManager:
         self.containment = "none"  # how builds are contained: "cgroup" or "sweep" once started
         self.sandbox = "none"  # "mount-namespace" once started where the kernel allows it
         self._busy_uids: set[int] = set()  # the pool's accounts running a build now
+        self._last_start: dict[tuple[int, str | None], float] = {}  # requester -> monotonic
+        self._prune_lock = threading.Lock()
+        self._dir_bytes: dict[str, int] = {}  # finished jobs' directory sizes (they are done)
         self.environments = EnvService(config)  # the env-* ops; started and stopped with us
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -262,16 +269,34 @@ class JobManager:
                 lock.release()
 
     def _prune_logs(self) -> None:
-        """Remove job directories (spec copy, log) of jobs finished over keep_logs_days ago;
-        the job rows stay, so history and audit survive."""
-        cutoff = time.time() - self._config.requests.keep_logs_days * 86400
-        pruned = 0
-        for job in self.store.list(include_finished=True):
-            if job.terminal and (job.finished_at or 0) < cutoff:
-                pruned += self._state.remove_job_dir(job.id)
+        """Remove job directories (spec copy, log, HOME) of jobs finished over keep_logs_days
+        ago, then the oldest finished jobs' until all together hold at most
+        ``requests.max_log_bytes``; the job rows stay, so history and audit survive. At start
+        and after every build."""
+        cfg = self._config.requests
+        cutoff = time.time() - cfg.keep_logs_days * 86400
+        with self._prune_lock:
+            jobs = self.store.list(include_finished=True)
+            sizes = {j.id: self._job_dir_bytes(j) for j in jobs}
+            total = sum(sizes.values())
+            pruned = 0
+            for job in sorted((j for j in jobs if j.terminal), key=lambda j: j.finished_at or 0):
+                if sizes[job.id] and ((job.finished_at or 0) < cutoff
+                                      or total > cfg.max_log_bytes):
+                    pruned += self._state.remove_job_dir(job.id)
+                    total -= sizes[job.id]
+                    self._dir_bytes[job.id] = 0
         if pruned:
-            log.info("jobs-prune removed=%d days=%d", pruned,
-                     self._config.requests.keep_logs_days)
+            log.info("jobs-prune removed=%d days=%d kept_bytes=%d max_log_bytes=%d", pruned,
+                     cfg.keep_logs_days, total, cfg.max_log_bytes)
+
+    def _job_dir_bytes(self, job: Job) -> int:
+        """What a job's directory holds; a finished one's is measured once."""
+        if not job.terminal:
+            return tree_bytes(self._state.job_dir(job.id))
+        if job.id not in self._dir_bytes:
+            self._dir_bytes[job.id] = tree_bytes(self._state.job_dir(job.id))
+        return self._dir_bytes[job.id]
 
     def _append_log(self, job_id: str, lines: list[str]) -> None:
         try:
@@ -300,7 +325,9 @@ class JobManager:
                            len(users) if pool else 1)  # no account: each job says so
                 queued = self.store.list(states=(State.QUEUED,)) if free > 0 else []
                 slots: list[procs.BuildUser | None] = [*users] if pool else [None] * free
-                for job, user in zip(queued[:free], slots):
+                chosen = fair_order(queued, (b.job for b in self._running.values()),
+                                    self._last_start, free)
+                for job, user in zip(chosen, slots):
                     self._launch(job, user)
                 self._cond.wait(1.0)
 
@@ -324,6 +351,7 @@ class JobManager:
                                   name=f"envctl-job-{job.id}")
         self._running[job.id] = build
         self._busy_uids.add(build.user.uid)
+        self._last_start[requester_key(job)] = time.monotonic()
         self._threads[job.id] = thread
         self._version += 1
         self._cond.notify_all()
@@ -345,6 +373,10 @@ class JobManager:
         log.info("job-end id=%s name=%s state=%s seconds=%.1f", job.id, job.name,
                  outcome.state.value, time.time() - (job.started_at or time.time()),
                  extra=fields(job=job.id))
+        try:
+            self._prune_logs()
+        except Exception:  # noqa: BLE001 - retention must not take the scheduler down
+            log.exception("jobs-prune-failed")
 
     # -- the API --------------------------------------------------------------------------------
 
@@ -576,6 +608,35 @@ class JobManager:
 
     def counts(self) -> dict[str, int]:
         return self.store.counts()
+
+    def limits(self) -> dict[str, Any]:
+        """``status``'s ``limits``: each build's (``requests.limits``) and which cgroup
+        controllers enforce them here (``missing``: builds run without those limits)."""
+        present = list(self._cgroups.controllers) if self._cgroups is not None else []
+        return {**self._config.requests.limits.to_dict(), "controllers": present,
+                "missing": [c for c in cgroups.LIMITED_BY if c not in present]}
+
+
+def requester_key(job: Job) -> tuple[int, str | None]:
+    """Who a job is for, for fair share: its uid, and its hub user when one shares the uid."""
+    return job.requester_uid, job.hub_user
+
+
+def fair_order(queued: Sequence[Job], running: Iterable[Job],
+               last_start: dict[tuple[int, str | None], float], slots: int) -> list[Job]:
+    """The queued jobs the next ``slots`` free slots go to: each to the requester with the
+    fewest builds running (counting those picked before it), then the one whose last build
+    started longest ago, then the oldest job — round robin across requesters, first come
+    first served within one."""
+    load = Counter(requester_key(j) for j in running)
+    waiting, chosen = list(queued), list[Job]()
+    while waiting and len(chosen) < slots:
+        job = min(waiting, key=lambda j: (load[requester_key(j)],
+                                          last_start.get(requester_key(j), 0.0), j.created_at))
+        waiting.remove(job)
+        chosen.append(job)
+        load[requester_key(job)] += 1
+    return chosen
 
 
 def _refuse_busy(name: str, active: Sequence[Job]) -> None:
