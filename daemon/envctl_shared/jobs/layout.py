@@ -41,6 +41,7 @@ import os
 import stat
 import threading
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..config import DAEMON_AREA
@@ -124,46 +125,87 @@ class RootArea:
         return self.path("cache", "conda")
 
 
+HELD_LEVELS = 64  # directory fds a walk keeps open (its top levels); deeper ones are closed
+
+
+@dataclass
+class _Level:
+    """One directory a walk is in: its fd (-1 once closed to stay within ``HELD_LEVELS``), the
+    names still to visit, its name in its parent, and its identity (to check a re-open)."""
+
+    fd: int
+    names: Iterator[str]
+    name: str
+    key: tuple[int, int]
+
+
+def _up(child_fd: int, want: tuple[int, int], shown: str) -> int:
+    """The parent of the directory ``child_fd``, opened through its ``..``, which must be the
+    directory the walk came from (``want``: device and inode): a tree moved meanwhile is
+    refused, never walked on in its new place."""
+    fd = os.open("..", DIR_FLAGS, dir_fd=child_fd)
+    st = os.fstat(fd)
+    if (st.st_dev, st.st_ino) != want:
+        os.close(fd)
+        raise FilesystemError(f"{shown}: a directory moved while the daemon walked it",
+                              hint="retry; if it happens again, someone is moving it on purpose")
+    return fd
+
+
 def walk(top_fd: int, descend: Callable[[os.stat_result], bool],
-          leave: Callable[[int, str], None] | None = None
-          ) -> Iterator[tuple[int, str, os.stat_result, int | None]]:
+         leave: Callable[[int, str], None] | None = None, shown: str = "a tree"
+         ) -> Iterator[tuple[int, str, os.stat_result, int | None]]:
     """Every entry below the directory ``top_fd``: fd-based, never following a symlink,
-    depth-first with an explicit stack (no recursion, whatever the depth) holding one fd per
-    level it is in, whatever the width (a package's directory of 100k subdirectories must not
-    take the daemon past its fd limit). Yields (parent fd, name, lstat, fd): ``fd`` is the
-    entry's own ``O_NOFOLLOW`` fd when it is a directory (valid until the next item), else
-    None; a directory is entered when ``descend(its stat)`` is true, and ``leave(its parent's
-    fd, its name)`` is called once its fd is closed, after its last entry."""
-    stack = [(os.dup(top_fd), iter(os.listdir(top_fd)), "")]
+    depth-first with an explicit stack (no recursion, whatever the depth). Its fds are bounded
+    whatever the shape of the tree: one per level for the top ``HELD_LEVELS`` levels and the
+    one it is in, the deeper levels closed on the way down and re-opened through ``..`` on the
+    way up (checked to be the same directory: ``_up``). Neither a directory of 100k
+    subdirectories nor a chain of 100k levels (which a build user makes in a second with
+    ``mkdirat``) takes the daemon near its fd limit — one fd per level did: ``EMFILE`` at 1,024
+    levels under systemd's default limit, so GC and every later build of the name failed.
+    Yields (parent fd, name, lstat, fd): ``fd`` is the entry's own ``O_NOFOLLOW`` fd when it is
+    a directory (valid until the next item), else None; a directory is entered when
+    ``descend(its stat)`` is true, and ``leave(its parent's fd, its name)`` is called once its
+    fd is closed, after its last entry."""
+    st = os.fstat(top_fd)
+    stack = [_Level(os.dup(top_fd), iter(os.listdir(top_fd)), "", (st.st_dev, st.st_ino))]
     try:
         while stack:
-            dfd, names, own = stack[-1]
-            name = next(names, None)
+            level = stack[-1]
+            name = next(level.names, None)
             if name is None:
                 stack.pop()
-                os.close(dfd)
+                if stack and stack[-1].fd < 0:
+                    stack[-1].fd = _up(level.fd, stack[-1].key, shown)
+                os.close(level.fd)
+                level.fd = -1
                 if leave is not None and stack:
-                    leave(stack[-1][0], own)
+                    leave(stack[-1].fd, level.name)
                 continue
-            st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+            st = os.stat(name, dir_fd=level.fd, follow_symlinks=False)
             if not stat.S_ISDIR(st.st_mode):
-                yield dfd, name, st, None
+                yield level.fd, name, st, None
                 continue
-            sub = os.open(name, DIR_FLAGS, dir_fd=dfd)
+            sub = os.open(name, DIR_FLAGS, dir_fd=level.fd)
             try:
                 st = os.fstat(sub)
-                yield dfd, name, st, sub
+                yield level.fd, name, st, sub
                 entered = descend(st)
                 if entered:
-                    stack.append((sub, iter(os.listdir(sub)), name))
+                    stack.append(_Level(sub, iter(os.listdir(sub)), name,
+                                        (st.st_dev, st.st_ino)))
             except BaseException:
                 os.close(sub)
                 raise
             if not entered:
                 os.close(sub)
+            elif len(stack) > HELD_LEVELS + 1:
+                os.close(level.fd)  # re-opened through ``..`` when the walk comes back up
+                level.fd = -1
     finally:
-        for fd, _names, _own in stack:
-            os.close(fd)
+        for level in stack:
+            if level.fd >= 0:
+                os.close(level.fd)
 
 
 def hand_over(parent_fd: int, name: str, uid: int, gid: int) -> int:
