@@ -34,6 +34,9 @@ WATCH_HEADROOM = 0.8
 
 class _Environments(Protocol):
     integrity: dict[str, Any]
+    area: dict[str, str] | None
+
+    def failure_line(self) -> str | None: ...
 
 
 class _Jobs(Protocol):
@@ -201,11 +204,18 @@ class Daemon:
         return min(beats) if beats else time.monotonic()
 
     def status(self, watches: bool = True) -> dict[str, Any]:
-        """JSON-ready: every root's counters, the job counts, the daemon's identity."""
+        """JSON-ready: every root's counters, the job counts, the daemon's identity. Not
+        ``ready`` while the requests root's area cannot be trusted (``area``: path, problem,
+        fix; the daemon runs on and takes requests again once it is fixed); ``failure`` is the
+        daemon's own, else the environments' (``EnvService.failure_line``: GC or update of one
+        env failed; the daemon is ready)."""
+        envs = self._jobs.environments if self._jobs is not None else None
+        area = envs.area if envs is not None else None
         return {
             "pid": os.getpid(),
-            "ready": self.ready,
-            "failure": self.failure,
+            "ready": self.ready and area is None,
+            "failure": self.failure or (envs.failure_line() if envs is not None else None),
+            "area": area,
             "config": self.config.source,
             "uptime_s": round(time.time() - self._started, 1),
             # Seconds since the stalest worker, poller or server loop showed progress: what a
@@ -215,7 +225,7 @@ class Daemon:
             "inotify": self.inotify_budget(),
             "jobs": self._jobs.counts() if self._jobs is not None else None,
             # frozen versions whose stamp changed, or whose last verify failed (never deleted)
-            "integrity": self._jobs.environments.integrity if self._jobs is not None else None,
+            "integrity": envs.integrity if envs is not None else None,
         }
 
     def wait_idle(self, timeout: float) -> bool:

@@ -360,6 +360,17 @@ def _description(env: dict[str, Any]) -> str | None:
     return _field(text, MAX_DESCRIPTION) or None if isinstance(text, str) else None
 
 
+def description_of(fds: dict[str, int], name: str) -> str | None:
+    """The description ``env.json`` of ``name`` holds (``fds`` of ``layout.RootArea.open``);
+    None too when its directory cannot be read (a hand-made name, a tampered directory)."""
+    try:
+        with env_dir(fds, name, create=False) as env_fd:
+            rec = read_record(env_fd, ENV_FILE) if env_fd is not None else None
+    except (OSError, EnvctlError):
+        return None
+    return _description(rec or {})
+
+
 def failure_message(exc: BaseException) -> str:
     """What went wrong, for a person: an envctl error's message, a system call's error with
     the file it was about, anything else by its type."""

@@ -38,15 +38,18 @@ import fcntl
 import json
 import logging
 import os
+import pwd
 import stat
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from ..config import DAEMON_AREA
-from ..errors import Conflict, FilesystemError
+from ..errors import AreaUntrusted, Conflict, FilesystemError
 from ..heal.fsops import DIR_FLAGS
+from ..quoting import quote_name
 
 log = logging.getLogger(__name__)
 
@@ -100,11 +103,12 @@ class RootArea:
 
     @contextlib.contextmanager
     def open(self) -> Iterator[dict[str, int]]:
-        """fds of the root (``""``), ``.envctl`` (``"area"``) and its subdirectories."""
+        """fds of the root (``""``), ``.envctl`` (``"area"``, see ``open_area``) and its
+        subdirectories."""
         fds: dict[str, int] = {}
         try:
             fds[""] = os.open(self.root, DIR_FLAGS)
-            fds["area"] = checked_dir(fds[""], AREA, 0o755, f"{self.root}/{AREA}")
+            fds["area"] = self.open_area(fds[""])
             for sub, mode in AREA_DIRS.items():
                 fds[sub] = checked_dir(fds["area"], sub, mode, f"{self.root}/{AREA}/{sub}")
             yield fds
@@ -114,6 +118,34 @@ class RootArea:
 
     def path(self, *parts: str) -> Path:
         return self.root.joinpath(AREA, *parts)
+
+    def open_area(self, root_fd: int) -> int:
+        """``.envctl`` in the root (created when missing), or AreaUntrusted saying what is
+        wrong with it and how an admin fixes it.
+
+        Why refused rather than repaired: whoever made it (a member, before the daemon's first
+        start: the root is the group's to write) owns what the daemon would keep there — its
+        locks, its records, every version's path —, and the daemon can neither take it over
+        (that member's entries and hard links would come with it) nor remove what it did not
+        make. A symlink or a file in its place, or a directory everyone may write, is no more
+        the daemon's. Group write alone on the daemon's own directory is taken off (as
+        ``checked_dir`` does: an older healer added it)."""
+        shown = self.path()
+        problem = _area_problem(root_fd)
+        if problem is None:
+            try:
+                return checked_dir(root_fd, AREA, 0o755, str(shown))
+            except FilesystemError:
+                problem = _area_problem(root_fd)  # made or changed since the first look
+                if problem is None:
+                    raise
+        fix = (f"as root, look at what is in {shown}, then move it out of the way (mv {shown} "
+               f"{shown}.untrusted) or remove it: the daemon makes its own at its next check "
+               "or start" if problem[0] != "mode" else
+               f"as root, look at what was put in {shown}, then: chmod 755 {shown}")
+        raise AreaUntrusted(f"{shown} {problem[1]}: the daemon uses nothing in it and refuses "
+                            "every request until an admin fixes it", hint=fix,
+                            path=str(shown), problem=problem[1])
 
     def conda_cache(self, fds: dict[str, int]) -> Path:
         """``.envctl/cache/conda``, created (or checked) as the daemon's own."""
@@ -150,6 +182,31 @@ def _up(child_fd: int, want: tuple[int, int], shown: str) -> int:
         raise FilesystemError(f"{shown}: a directory moved while the daemon walked it",
                               hint="retry; if it happens again, someone is moving it on purpose")
     return fd
+
+
+def _area_problem(root_fd: int) -> tuple[str, str] | None:
+    """(kind, what is wrong) with the entry ``.envctl`` in the root, or None."""
+    try:
+        st = os.stat(AREA, dir_fd=root_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return None
+    if stat.S_ISLNK(st.st_mode):
+        return "type", f"is a symlink (to {quote_name(os.readlink(AREA, dir_fd=root_fd))}), " \
+            "not the daemon's directory"
+    if not stat.S_ISDIR(st.st_mode):
+        return "type", "is not a directory"
+    if st.st_uid != os.geteuid():
+        return "owner", f"is owned by {_user(st.st_uid)}, not by the daemon ({_user(os.geteuid())})"
+    if st.st_mode & 0o002:
+        return "mode", f"is writable by everyone (mode {stat.S_IMODE(st.st_mode):04o})"
+    return None
+
+
+def _user(uid: int) -> str:
+    try:
+        return f"{pwd.getpwuid(uid).pw_name} (uid {uid})"
+    except KeyError:
+        return f"uid {uid}"
 
 
 def walk(top_fd: int, descend: Callable[[os.stat_result], bool],
@@ -444,21 +501,38 @@ class StateDir:
 
     def write_tests(self, job_id: str, tests: list[str]) -> None:
         """The job's ``--test`` commands (kept with its log: a queued job survives a restart)."""
+        self._write_json(job_id, "tests.json", tests)
+
+    def read_tests(self, job_id: str) -> list[str]:
+        return [str(t) for t in self._read_json(job_id, "tests.json") or []]
+
+    def write_note(self, job_id: str, description: str | None, why: str | None) -> None:
+        """What the requester said about the build (``create --description``: the env's new
+        description, and why the version was made) or the daemon did (``why``: ``env add``
+        and its packages), for the version's record; kept like the tests."""
+        self._write_json(job_id, "note.json", {"description": description, "why": why})
+
+    def read_note(self, job_id: str) -> dict[str, str | None]:
+        note = self._read_json(job_id, "note.json") or {}
+        return {k: note[k] if isinstance(note.get(k), str) else None
+                for k in ("description", "why")}
+
+    def _write_json(self, job_id: str, name: str, value: Any) -> None:
         fd = os.open(self.job_dir(job_id), DIR_FLAGS)
         try:
-            _write_new(fd, "tests.json", json.dumps(tests), -1, -1)
+            _write_new(fd, name, json.dumps(value), -1, -1)
         finally:
             os.close(fd)
 
-    def read_tests(self, job_id: str) -> list[str]:
+    def _read_json(self, job_id: str, name: str) -> Any:
+        """One of the job's files the daemon wrote (None when there is none)."""
         try:
-            fd = os.open(self.job_dir(job_id) / "tests.json", os.O_RDONLY | os.O_NOFOLLOW
+            fd = os.open(self.job_dir(job_id) / name, os.O_RDONLY | os.O_NOFOLLOW
                          | os.O_CLOEXEC)
         except FileNotFoundError:
-            return []
+            return None
         with os.fdopen(fd, encoding="utf-8") as fh:
-            tests = json.load(fh)
-        return [str(t) for t in tests]
+            return json.load(fh)
 
     def open_log(self, job_id: str) -> int:
         """An append fd on the job's log, created 0600 by the daemon, never via a symlink."""

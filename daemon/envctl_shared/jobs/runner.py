@@ -14,6 +14,7 @@ relocatable or not: the path a version is built at is the path it runs at.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import select
@@ -27,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import Config
-from ..errors import BuildFailed, Conflict, EnvctlError
+from ..errors import BuildFailed, Conflict, EnvctlError, FilesystemError
 from ..heal import fsops
 from . import base_python, envs, freeze, kernels, layout, procs
 from . import cgroup as cgroups
@@ -94,6 +95,7 @@ class Build:
         # a prefix (relative to .envctl) made for a trusted step and not handed over yet
         self._daemon_owned: str | None = None
         self.tests: list[str] = state_dir.read_tests(job.id)
+        self.note = state_dir.read_note(job.id)  # the env's new description, the why
 
     # -- control from other threads ------------------------------------------------------------
 
@@ -164,40 +166,55 @@ class Build:
         return outcome
 
     def _locked(self, fds: dict[str, int], user: procs.BuildUser, spec: EnvSpec) -> Outcome:
-        job = self.job
-        with envs.env_dir(fds, job.name, create=True) as env_fd:
+        """The build with the name's lock held. A failure that is the env's and not the
+        request's (its tree, the filesystem, a bug: not a failed step, a refusal or a cancel)
+        of an existing env is recorded on it (``envs.set_failure``): ``env list`` shows it
+        to everyone until an update goes through."""
+        with envs.env_dir(fds, self.job.name, create=True) as env_fd:
             assert env_fd is not None
-            cur = envs.current(fds[""], job.name)
-            self._clear_leftovers(env_fd, cur.version)
-            if cur.kind == "unmanaged":
-                raise Conflict(f"{job.prefix} is not an environment envctl manages (made by "
-                               "hand): the daemon never replaces or moves it",
-                               hint="pick another name, or move it away yourself")
-            if cur.kind == "managed" and not job.replace:
-                raise Conflict(f"{job.prefix} already exists", hint="request it with --replace")
-            version = envs.next_version(env_fd)
             try:
-                ctx = self._prepare(env_fd, user, spec, version, cur)
-                if job.backend == "venv" and self.cfg.venv_base is not None:
-                    ctx = self._venv_base(fds, ctx, user)
-                for step in self.backend.steps(ctx):
-                    self._check_abort()
-                    self._run_step(step, user, ctx)
-                    if (ctx.job_dir / rattler_child.UNCHANGED_FILE).exists():
-                        self.discard(env_fd, cur.version)
-                        return Outcome(State.SUCCEEDED, f"no change: {cur.version} already "
-                                       "has exactly these packages")
-                self._check_abort()
-                frozen = self._freeze(fds, env_fd, version, self.version_path(version))
-                self._check_abort()
-                self._test(ctx, user)  # against the frozen version: what users get
-                self._check_abort()
-                self._phase("finalizing")
-                self._finalize(fds, env_fd, version, spec, frozen)
-            except BaseException:
-                self._phase("cleanup")
-                self.discard(env_fd, cur.version)
+                return self._build(fds, env_fd, user, spec)
+            except Exception as exc:
+                if _env_fault(exc) and envs.current(fds[""], self.job.name).kind == "managed":
+                    with contextlib.suppress(OSError, EnvctlError):  # the job says it anyway
+                        envs.set_failure(env_fd, self.job.name, "update",
+                                         f"job {self.job.id}: {envs.failure_message(exc)}")
                 raise
+
+    def _build(self, fds: dict[str, int], env_fd: int, user: procs.BuildUser,
+               spec: EnvSpec) -> Outcome:
+        job = self.job
+        cur = envs.current(fds[""], job.name)
+        self._clear_leftovers(env_fd, cur.version)
+        if cur.kind == "unmanaged":
+            raise Conflict(f"{job.prefix} is not an environment envctl manages (made by "
+                           "hand): the daemon never replaces or moves it",
+                           hint="pick another name, or move it away yourself")
+        if cur.kind == "managed" and not job.replace:
+            raise Conflict(f"{job.prefix} already exists", hint="request it with --replace")
+        version = envs.next_version(env_fd)
+        try:
+            ctx = self._prepare(env_fd, user, spec, version, cur)
+            if job.backend == "venv" and self.cfg.venv_base is not None:
+                ctx = self._venv_base(fds, ctx, user)
+            for step in self.backend.steps(ctx):
+                self._check_abort()
+                self._run_step(step, user, ctx)
+                if (ctx.job_dir / rattler_child.UNCHANGED_FILE).exists():
+                    self.discard(env_fd, cur.version)
+                    return Outcome(State.SUCCEEDED, f"no change: {cur.version} already "
+                                   "has exactly these packages")
+            self._check_abort()
+            frozen = self._freeze(fds, env_fd, version, self.version_path(version))
+            self._check_abort()
+            self._test(ctx, user)  # against the frozen version: what users get
+            self._check_abort()
+            self._phase("finalizing")
+            self._finalize(fds, env_fd, version, spec, frozen)
+        except BaseException:
+            self._phase("cleanup")
+            self.discard(env_fd, cur.version)
+            raise
         self._publish_kernel()
         return Outcome(State.SUCCEEDED, f"ready at {job.prefix} (version {version})")
 
@@ -248,7 +265,9 @@ class Build:
                 "created_at": time.time(), "spec": self.store.spec_text(job.id),
                 "spec_channels": list(spec.channels), "spec_pip": list(spec.pip),
                 "variables": dict(spec.variables),
-                "tests": self.tests, "prefix": str(self.version_path(version))}
+                "tests": self.tests, "prefix": str(self.version_path(version)),
+                "why": self.note["why"] or self.note["description"]
+                or ("replace" if job.replace else "create")}
 
     def version_path(self, version: str) -> Path:
         return self.area.path("envs", self.job.name, version)
@@ -432,7 +451,8 @@ class Build:
                   **frozen.fields()}
         envs.write_record(env_fd, f"{version}.json", record)
         self._check_abort()  # the last moment a cancel can still keep the current version
-        previous = envs.switch(fds[""], env_fd, job.name, version, owner=record["requester"])
+        previous = envs.switch(fds[""], env_fd, job.name, version, owner=record["requester"],
+                               description=self.note["description"])
         self.say(f"{job.prefix} now points to {version} ({len(record['packages'])} packages, "
                  f"{record['entries']} entries)" + (f"; {previous} stays on disk until GC"
                                          if previous else ""))
@@ -441,6 +461,12 @@ class Build:
         """Remove this job's new version (idempotent); ``keep`` (the current one) never."""
         for version in envs.clear_dead(env_fd, keep, job_id=self.job.id):
             self.say(f"removed the unfinished version {version}")
+
+
+def _env_fault(exc: BaseException) -> bool:
+    """Whether a build's failure is the env's own trouble rather than its request's: the
+    filesystem, the env's tree, a bug — not a failed step or test, a refusal or a cancel."""
+    return isinstance(exc, FilesystemError) or not isinstance(exc, (EnvctlError, Aborted))
 
 
 class _Exit:
