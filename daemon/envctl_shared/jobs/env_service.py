@@ -278,21 +278,19 @@ class EnvService:
                     if name in self.failures:  # known until its GC can run again
                         failures[name] = self.failures[name]
                     continue
+                error = None
                 try:
                     removed.extend({"name": name, "version": v}
                                    for v in self._gc_env(fds, name, now, dry_run))
-                    with envs.env_dir(fds, name, create=False) as env_fd:
-                        text = envs.failure_text(
-                            (envs.read_record(env_fd, envs.ENV_FILE) if env_fd else None) or {})
                 except Exception as exc:  # noqa: BLE001 - whatever it is, the next env is GCed
-                    text = f"GC failed: {envs.failure_message(exc)}"
-                    log.warning("env-gc-failed name=%s error=%s", name,
-                                envs.failure_message(exc),
+                    error = envs.failure_message(exc)
+                    log.warning("env-gc-failed name=%s error=%s", name, error,
                                 exc_info=not isinstance(exc, (OSError, EnvctlError)))
-                    failed.append({"name": name, "error": envs.failure_message(exc)})
+                    failed.append({"name": name, "error": error})
                 finally:
                     lock.release()
-                if text is not None:
+                text = self._recorded_failure(fds, name) or (error and f"GC failed: {error}")
+                if text:
                     failures[name] = text
         if not dry_run:
             self.failures = failures
@@ -319,6 +317,16 @@ class EnvService:
                     with contextlib.suppress(Exception):  # its env.json may be what fails
                         envs.set_failure(env_fd, name, "gc", envs.failure_message(exc))
                 raise
+
+    @staticmethod
+    def _recorded_failure(fds: dict[str, int], name: str) -> str | None:
+        """The failure the env's ``env.json`` records (None: none, or it cannot be read)."""
+        try:
+            with envs.env_dir(fds, name, create=False) as env_fd:
+                rec = envs.read_record(env_fd, envs.ENV_FILE) if env_fd is not None else None
+        except (OSError, EnvctlError):
+            return None
+        return envs.failure_text(rec or {})
 
     def failure_line(self) -> str | None:
         """``status``'s ``failure`` when the daemon itself is fine: the envs that failed."""
