@@ -18,6 +18,7 @@ CLI as real users:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -29,6 +30,7 @@ from typing import Any
 
 import pytest
 import yaml
+from envctl_shared.jobs import layout
 
 from tests.api_support import ApiDaemon, api_config, new_base, start_api_daemon
 from tests.conftest import Accounts, User
@@ -65,8 +67,26 @@ def _build(api: ApiDaemon, user: User, name: str, *deps: str) -> None:
     assert res.returncode == 0, res.stderr
 
 
-def _chain(top: Path, depth: int = DEPTH) -> None:
+@pytest.fixture
+def chains() -> Iterator[list[Path]]:
+    """Chains a test made: removed at its end if the daemon did not (``shutil.rmtree`` of
+    the daemon's directory would recurse past Python's limit on them)."""
+    made: list[Path] = []
+    yield made
+    for top in made:  # or what a failed GC renamed it into (the env's trash, ``.gc-*``)
+        env = next(p for p in top.parents if p.parent.name == "envs")
+        for path in [top, *env.glob(".gc-*")]:
+            with contextlib.suppress(FileNotFoundError):
+                fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+                try:
+                    layout.remove_tree(fd, path.name)
+                finally:
+                    os.close(fd)
+
+
+def _chain(made: list[Path], top: Path, depth: int = DEPTH) -> None:
     """``top/d/d/.../d/bottom``, ``depth`` levels, made through fds (no path is that long)."""
+    made.append(top)
     top.mkdir()
     fd = os.open(top, os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -91,13 +111,13 @@ def _status(api: ApiDaemon) -> dict[str, Any]:
 
 
 def test_deep_chain_in_a_retired_version_is_collected_and_replaced(
-        api: ApiDaemon, accounts: Accounts) -> None:
+        api: ApiDaemon, accounts: Accounts, chains: list[Path]) -> None:
     a = accounts
     for version in ("1.0", "2.0"):
         _build(api, a.alice, "aa-victim", f"app={version}")
         _build(api, a.bob, "zz-other", f"app={version}")
     area = api.root / ".envctl" / "envs"
-    _chain(area / "aa-victim" / "v1" / "deep")
+    _chain(chains, area / "aa-victim" / "v1" / "deep")
     time.sleep(1.1)  # gc_grace
     gc = _json(api.cli(ROOT, "env", "gc", "--json"))
     assert gc["failed"] == [], gc
@@ -105,7 +125,7 @@ def test_deep_chain_in_a_retired_version_is_collected_and_replaced(
     assert {"name": "zz-other", "version": "v1"} in gc["removed"]
     assert sorted(os.listdir(area / "aa-victim")) == ["env.json", "v2", "v2.json"]
     # what a removal that died half-way leaves: the next build of the name clears it
-    _chain(area / "aa-victim" / ".gc-v1-0123abcd")
+    _chain(chains, area / "aa-victim" / ".gc-v1-0123abcd")
     _build(api, a.alice, "aa-victim", "app=1.0")
     assert not (area / "aa-victim" / ".gc-v1-0123abcd").exists()
     assert (api.root / "aa-victim" / "share/app/VERSION").read_text() == "1.0\n"
