@@ -353,12 +353,17 @@ class EnvService:
 
     def _first_use(self) -> None:
         """Once the area can be used: freeze the versions built before freezing existed
-        (once: then they have a digest) and take the first integrity check. A tampered
+        (once: then they have a digest), take the first integrity check and read the
+        failures the envs record (for ``status`` until the first GC). A tampered
         subdirectory fails each job, not the daemon."""
         if not self.check_area():
             return
         self._started = True
         try:
+            with self._root() as fds:
+                self.failures = {name: text for name in sorted(os.listdir(fds["envs"]))
+                                 if envs.is_env_name(name)
+                                 and (text := self._recorded_failure(fds, name))}
             frozen = integrity.freeze_old(self._config)
             if frozen:
                 log.info("env-freeze-old frozen=%d", frozen)

@@ -352,7 +352,8 @@ def remove_tree(parent_fd: int, name: str) -> bool:
     top = os.open(name, DIR_FLAGS, dir_fd=parent_fd)
     try:
         for dfd, entry, _st, sub in walk(top, lambda st: True,
-                                         leave=lambda dfd, sub: os.rmdir(sub, dir_fd=dfd)):
+                                         leave=lambda dfd, sub: os.rmdir(sub, dir_fd=dfd),
+                                         shown=name):
             if sub is None:
                 os.unlink(entry, dir_fd=dfd)
     finally:
