@@ -49,7 +49,8 @@ class EnvService:
         # Why the area cannot be trusted ({path, problem, fix}), or None: ``status``'s ``area``.
         self.area: dict[str, str] | None = None
         self._started = False  # the start-up work on the area (``_first_use``) is done
-        self.failures: dict[str, str] = {}  # env -> its recorded failure, as of the last GC
+        # env -> its recorded failure, as of the last GC, start, or list/show of it
+        self.failures: dict[str, str] = {}
 
     @contextlib.contextmanager
     def _root(self) -> Iterator[dict[str, int]]:
@@ -159,8 +160,10 @@ class EnvService:
             if env_fd is None or cur.kind == "missing" and not envs.versions(env_fd):
                 return None  # never built, or nothing left of a failed first build
             found = {**out, **envs.describe(env_fd, name, cur, versions)}
-        if found["failure"] is None:  # its env.json could not take it: this daemon knows
-            found["failure"] = self.failures.get(name)
+        if found["failure"]:  # what ``status`` says follows what was just read
+            self.failures[name] = found["failure"]
+        else:
+            self.failures.pop(name, None)
         return found
 
     def _kernel(self, name: str) -> str | None:
@@ -383,13 +386,17 @@ class EnvService:
         """The area check (every ``AREA_CHECK_S``: start-up work left undone waits for it),
         the periodic GC and integrity check (``requests.gc_interval``); a failure is logged,
         never fatal."""
-        due = time.monotonic() + self._config.requests.gc_interval
-        while not self._gc_stop.wait(min(AREA_CHECK_S, max(0.0, due - time.monotonic()))):
+        last = time.monotonic()
+        while True:
+            left = last + self._config.requests.gc_interval - time.monotonic()  # after a reload too
+            if self._gc_stop.wait(min(AREA_CHECK_S, max(0.0, left))):
+                return
             if not self._started:
                 self._first_use()
-            if not self.check_area() or time.monotonic() < due:
+            if not self.check_area() or \
+                    time.monotonic() < last + self._config.requests.gc_interval:
                 continue
-            due = time.monotonic() + self._config.requests.gc_interval
+            last = time.monotonic()
             try:
                 self.gc()
                 self.check_integrity()
