@@ -30,6 +30,7 @@ from typing import Any
 
 import pytest
 import yaml
+from envctl_shared.errors import FilesystemError
 from envctl_shared.jobs import layout
 
 from tests.api_support import ApiDaemon, api_config, new_base, start_api_daemon
@@ -250,3 +251,37 @@ def test_planted_area_is_not_ready_refuses_requests_and_recovers(accounts: Accou
         if daemon is not None:
             daemon.cleanup()
         shutil.rmtree(base, ignore_errors=True)
+
+
+def test_a_walk_past_its_held_levels_never_climbs_into_another_tree(scratch: Path) -> None:
+    """Deeper than ``layout.HELD_LEVELS`` a walk climbs back through ``..``: a directory moved
+    meanwhile into another tree is refused there, and nothing of that tree is removed."""
+    top = scratch / "top"
+    made: list[Path] = []
+    _chain(made, top, 200)
+    moved = top.joinpath(*["d"] * 150)
+    outside = scratch / "outside"
+    outside.mkdir()
+    (outside / "keep").touch()
+    target = moved.stat().st_ino
+
+    def descend(st: os.stat_result) -> bool:
+        if st.st_ino == target:  # as the walk enters it, someone moves it elsewhere
+            moved.rename(outside / "d")
+        return True
+
+    fd = os.open(top, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        with pytest.raises(FilesystemError, match="moved while the daemon walked it"):
+            for dfd, name, _st, sub in layout.walk(
+                    fd, descend, leave=lambda dfd, name: os.rmdir(name, dir_fd=dfd)):
+                if sub is None:
+                    os.unlink(name, dir_fd=dfd)
+    finally:
+        os.close(fd)
+    assert (outside / "keep").exists() and (outside / "d").is_dir()
+    fd = os.open(scratch, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        layout.remove_tree(fd, "top")
+    finally:
+        os.close(fd)
