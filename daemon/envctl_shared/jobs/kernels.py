@@ -162,7 +162,7 @@ def load(path, key):
     try:
         with open(path, 'rb') as fh:
             doc = json.load(fh)
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return None
     found = doc.get(key) if isinstance(doc, dict) else None
     return found if isinstance(found, dict) else None
