@@ -147,6 +147,9 @@ class Build:
                 lock.acquire()
                 try:
                     outcome = self._locked(fds, user, spec)
+                except Exception as exc:
+                    self._note_failure(fds, exc)
+                    raise
                 finally:
                     lock.release()
         except Aborted as exc:
@@ -166,57 +169,57 @@ class Build:
         return outcome
 
     def _locked(self, fds: dict[str, int], user: procs.BuildUser, spec: EnvSpec) -> Outcome:
-        """The build with the name's lock held. A failure that is the env's and not the
-        request's (its tree, the filesystem, a bug: not a failed step, a refusal or a cancel)
-        of an existing env is recorded on it (``envs.set_failure``): ``env list`` shows it
-        to everyone until an update goes through."""
-        with envs.env_dir(fds, self.job.name, create=True) as env_fd:
-            assert env_fd is not None
-            try:
-                return self._build(fds, env_fd, user, spec)
-            except Exception as exc:
-                if _env_fault(exc) and envs.current(fds[""], self.job.name).kind == "managed":
-                    with contextlib.suppress(OSError, EnvctlError):  # the job says it anyway
-                        envs.set_failure(env_fd, self.job.name, "update",
-                                         f"job {self.job.id}: {envs.failure_message(exc)}")
-                raise
-
-    def _build(self, fds: dict[str, int], env_fd: int, user: procs.BuildUser,
-               spec: EnvSpec) -> Outcome:
         job = self.job
-        cur = envs.current(fds[""], job.name)
-        self._clear_leftovers(env_fd, cur.version)
-        if cur.kind == "unmanaged":
-            raise Conflict(f"{job.prefix} is not an environment envctl manages (made by "
-                           "hand): the daemon never replaces or moves it",
-                           hint="pick another name, or move it away yourself")
-        if cur.kind == "managed" and not job.replace:
-            raise Conflict(f"{job.prefix} already exists", hint="request it with --replace")
-        version = envs.next_version(env_fd)
-        try:
-            ctx = self._prepare(env_fd, user, spec, version, cur)
-            if job.backend == "venv" and self.cfg.venv_base is not None:
-                ctx = self._venv_base(fds, ctx, user)
-            for step in self.backend.steps(ctx):
+        with envs.env_dir(fds, job.name, create=True) as env_fd:
+            assert env_fd is not None
+            cur = envs.current(fds[""], job.name)
+            self._clear_leftovers(env_fd, cur.version)
+            if cur.kind == "unmanaged":
+                raise Conflict(f"{job.prefix} is not an environment envctl manages (made by "
+                               "hand): the daemon never replaces or moves it",
+                               hint="pick another name, or move it away yourself")
+            if cur.kind == "managed" and not job.replace:
+                raise Conflict(f"{job.prefix} already exists", hint="request it with --replace")
+            version = envs.next_version(env_fd)
+            try:
+                ctx = self._prepare(env_fd, user, spec, version, cur)
+                if job.backend == "venv" and self.cfg.venv_base is not None:
+                    ctx = self._venv_base(fds, ctx, user)
+                for step in self.backend.steps(ctx):
+                    self._check_abort()
+                    self._run_step(step, user, ctx)
+                    if (ctx.job_dir / rattler_child.UNCHANGED_FILE).exists():
+                        self.discard(env_fd, cur.version)
+                        return Outcome(State.SUCCEEDED, f"no change: {cur.version} already "
+                                       "has exactly these packages")
                 self._check_abort()
-                self._run_step(step, user, ctx)
-                if (ctx.job_dir / rattler_child.UNCHANGED_FILE).exists():
-                    self.discard(env_fd, cur.version)
-                    return Outcome(State.SUCCEEDED, f"no change: {cur.version} already "
-                                   "has exactly these packages")
-            self._check_abort()
-            frozen = self._freeze(fds, env_fd, version, self.version_path(version))
-            self._check_abort()
-            self._test(ctx, user)  # against the frozen version: what users get
-            self._check_abort()
-            self._phase("finalizing")
-            self._finalize(fds, env_fd, version, spec, frozen)
-        except BaseException:
-            self._phase("cleanup")
-            self.discard(env_fd, cur.version)
-            raise
+                frozen = self._freeze(fds, env_fd, version, self.version_path(version))
+                self._check_abort()
+                self._test(ctx, user)  # against the frozen version: what users get
+                self._check_abort()
+                self._phase("finalizing")
+                self._finalize(fds, env_fd, version, spec, frozen)
+            except BaseException:
+                self._phase("cleanup")
+                self.discard(env_fd, cur.version)
+                raise
         self._publish_kernel()
         return Outcome(State.SUCCEEDED, f"ready at {job.prefix} (version {version})")
+
+    def _note_failure(self, fds: dict[str, int], exc: Exception) -> None:
+        """A failure that is an existing env's own and not its request's (its tree, the
+        filesystem, a bug: not a failed step or test, a refusal or a cancel) is recorded on
+        the env (``envs.set_failure``; the name's lock still held): ``env list`` shows it to
+        everyone until an update goes through."""
+        if not _env_fault(exc):
+            return
+        with contextlib.suppress(OSError, EnvctlError):  # the job says it anyway
+            if envs.current(fds[""], self.job.name).kind != "managed":
+                return  # a first build: no env to report it on
+            with envs.env_dir(fds, self.job.name, create=False) as env_fd:
+                if env_fd is not None:
+                    envs.set_failure(env_fd, self.job.name, "update",
+                                     f"job {self.job.id}: {envs.failure_message(exc)}")
 
     def _venv_base(self, fds: dict[str, int], ctx: BuildContext,
                    user: procs.BuildUser) -> BuildContext:
