@@ -30,7 +30,7 @@ from typing import Any
 
 import pytest
 import yaml
-from envctl_shared.errors import FilesystemError
+from envctl_shared.errors import FilesystemError, ValidationError
 from envctl_shared.jobs import layout
 
 from tests.api_support import ApiDaemon, api_config, new_base, start_api_daemon
@@ -285,3 +285,21 @@ def test_a_walk_past_its_held_levels_never_climbs_into_another_tree(scratch: Pat
         layout.remove_tree(fd, "top")
     finally:
         os.close(fd)
+
+
+@pytest.mark.parametrize(("data", "problem"), [
+    (b"[" * 64 + b"]" * 64, None),
+    (b'{"a": "[[[[\\" [{", "b": [1, {"c": []}]}', None),  # brackets in strings are text
+    (b"[" * 65 + b"]" * 65, "nests deeper than 64 levels"),
+    (b"[" * 100_000, "nests deeper than 64 levels"),  # json.loads: RecursionError
+    (b'{"a": [1, 2}', "is not valid JSON"),
+    (b'"' + b'\\"' * 100_000, "is not valid JSON"),  # an unterminated string, linear time
+])
+def test_json_from_a_version_is_read_at_a_bounded_depth(data: bytes, problem: str | None) -> None:
+    from envctl_shared.untrusted import load_json
+
+    if problem is None:
+        load_json(data, "conda-meta/x.json")
+        return
+    with pytest.raises(ValidationError, match=f"^conda-meta/x.json {problem}"):
+        load_json(data, "conda-meta/x.json")
