@@ -230,13 +230,17 @@ def _record_line(path: str, data: bytes) -> str:
 
 
 def write_wheel(wheelhouse: Path, name: str, version: str = "1.0",
-                module_source: str = "GREETING = 'hi'\n", requires: tuple[str, ...] = ()) -> Path:
+                module_source: str = "GREETING = 'hi'\n", requires: tuple[str, ...] = (),
+                data: Mapping[str, str] | None = None) -> Path:
     """A pure-Python ``py3-none-any`` wheel with one module ``<name>.py`` (and the
-    ``Requires-Dist`` lines ``requires``), written by hand."""
+    ``Requires-Dist`` lines ``requires``; ``data``: files pip installs relative to the
+    prefix, from the wheel's ``.data/data/``), written by hand."""
     dist = f"{name}-{version}.dist-info"
     metadata = f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n" + "".join(
         f"Requires-Dist: {req}\n" for req in requires)
     files = {
+        **{f"{name}-{version}.data/data/{rel}": text.encode()
+           for rel, text in (data or {}).items()},
         f"{name}.py": module_source.encode(),
         f"{dist}/METADATA": metadata.encode(),
         f"{dist}/WHEEL": b"Wheel-Version: 1.0\nGenerator: envctl-tests\nRoot-Is-Purelib: true\n"

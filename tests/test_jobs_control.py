@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 from envctl_shared.config import parse
-from envctl_shared.errors import Conflict, NotAuthorised
+from envctl_shared.errors import Conflict, FilesystemError, NotAuthorised
 from envctl_shared.jobs import JobManager, State
 
 from tests.helpers import live_processes, wait_for
@@ -252,20 +252,23 @@ def test_name_locked_by_another_daemon(jobs_env: JobsEnv, manager_factory) -> No
 
 
 def test_tampered_area_is_refused(jobs_env: JobsEnv, manager_factory, scratch: Path) -> None:
+    """Refused when submitted (the area is checked before a job is queued that could only
+    fail), with what is wrong."""
     mgr = manager_factory()
     target = scratch / "target"
     target.mkdir()
     area = jobs_env.root / ".envctl" / "envs"
     area.rmdir()
     area.symlink_to(target)
-    job = wait_done(mgr, mgr.submit(jobs_env.requester(), "t", ENV_HELLO).id)
-    assert job.state is State.FAILED and "tampered" in (job.exit_detail or "")
+    with pytest.raises(FilesystemError, match="a symlink or a file where"):
+        mgr.submit(jobs_env.requester(), "t", ENV_HELLO)
     assert os.listdir(target) == []
     area.unlink()
     os.mkdir(area)
     os.chown(area, jobs_env.accounts.alice.uid, -1)  # a user's directory in its place
-    job = wait_done(mgr, mgr.submit(jobs_env.requester(), "t", ENV_HELLO).id)
-    assert job.state is State.FAILED and "not by the daemon" in (job.exit_detail or "")
+    with pytest.raises(FilesystemError, match="not by the daemon"):
+        mgr.submit(jobs_env.requester(), "t", ENV_HELLO)
+    assert mgr.list(include_finished=True) == []
     os.rmdir(area)
     assert wait_done(mgr, mgr.submit(jobs_env.requester(), "t", ENV_HELLO).id).state \
         is State.SUCCEEDED

@@ -112,7 +112,14 @@ class DaemonStatus(_Record):
     pid: int = _doc("the daemon's process id")
     ready: bool = _doc("every root watched and reconciled (what `READY=1` tells systemd)")
     failure: str | None = _doc("null, or why a root failed at run time (the daemon then "
-                               "exits 70)")
+                               "exits 70), or else the last GC or update failure of an "
+                               "environment (`environment 'x': ...`; the daemon stays ready, "
+                               "`env list` names each env's own)")
+    area: dict[str, str] | None = _doc(
+        "null, or `{path, problem, fix}`: the requests root's `.envctl` cannot be trusted (a "
+        "symlink, not a directory, not the daemon's, writable by everyone); `ready` is false "
+        "and every request is refused with this message until it is fixed (checked again every "
+        "10 s, no restart needed)")
     config: str = _doc("the configuration file it runs on")
     uptime_s: float = _doc("seconds since it started")
     progress_age_s: float = _doc("seconds since the stalest worker, poller or server loop "

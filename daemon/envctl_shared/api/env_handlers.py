@@ -3,8 +3,8 @@
 Why a module of its own: these ops read and change what is in the shared root, not jobs; they
 are mixed into :class:`~envctl_shared.api.handlers.Handlers` (which dispatches ``env-list`` to
 ``op_env_list``). Who may do what: anyone who can connect may list, show and export (the
-records are world-readable in the root anyway), and verify (it only reads, and records its
-result); rollback and remove are for the env's owner —
+records are world-readable in the root anyway), diff, and verify (it only reads, and records
+its result); describe, rollback and remove are for the env's owner —
 the requester of its first version, as the daemon recorded it — or admins (the jobs layer
 checks it under the name's lock); GC is for admins. ``env-add`` and ``env-update`` are a create
 with replace whose spec the daemon takes from the current version's record (the one copy it
@@ -58,6 +58,16 @@ class EnvHandlers:
                     name: str) -> Iterator[Message]:
         yield protocol.ok(self._manager().environments.show(name))
 
+    def op_env_diff(self, who: Requester, gone: Callable[[], bool], name: str, to: str | None,
+                    **since: str | None) -> Iterator[Message]:
+        """(``from`` is the argument's name on the wire, and a keyword in Python.)"""
+        yield protocol.ok(self._manager().environments.diff(name, since["from"], to))
+
+    def op_env_describe(self, who: Requester, gone: Callable[[], bool], name: str,
+                        description: str) -> Iterator[Message]:
+        self._may_change(who, "env-describe", name)
+        yield protocol.ok(self._manager().environments.set_description(who, name, description))
+
     def op_env_export(self, who: Requester, gone: Callable[[], bool], name: str,
                       version: str | None) -> Iterator[Message]:
         yield protocol.ok(self._manager().environments.export(name, version))
@@ -88,17 +98,20 @@ class EnvHandlers:
         if not packages and not pip:
             raise ValidationError("env-add needs at least one package (packages or pip)",
                                   hint=f"to solve the same spec again: envctl env update {name}")
+        why = "env add: " + ", ".join([*packages, *(f"pip {p}" for p in pip)])
         yield from self._change("env-add", who, gone, name, tests, follow,
-                                lambda text: spec_edit.add_packages(text, packages, pip))
+                                lambda text: spec_edit.add_packages(text, packages, pip), why)
 
     def op_env_update(self, who: Requester, gone: Callable[[], bool], name: str,
                       tests: list[str], follow: bool) -> Iterator[Message]:
-        yield from self._change("env-update", who, gone, name, tests, follow, None)
+        yield from self._change("env-update", who, gone, name, tests, follow, None,
+                                "env update")
 
     def _change(self, op: str, who: Requester, gone: Callable[[], bool], name: str,
                 tests: list[str], follow: bool,
-                change: Callable[[str], str] | None) -> Iterator[Message]:
-        """A replace of ``name`` from its current spec (``change``d): a create's checks."""
+                change: Callable[[str], str] | None, why: str) -> Iterator[Message]:
+        """A replace of ``name`` from its current spec (``change``d): a create's checks;
+        ``why`` goes into the new version's record."""
         jobs = self._manager()
         try:
             self.auth.require_create(who)
@@ -108,7 +121,7 @@ class EnvHandlers:
                      who.username, who.hub_user, name)
             raise NotAuthorised(exc.message, hint=alternatives(name)) from None
         yield from self._queue(op, who, gone, follow,
-                               lambda: jobs.submit_change(who, name, change, tests))
+                               lambda: jobs.submit_change(who, name, change, tests, why))
 
     def op_env_gc(self, who: Requester, gone: Callable[[], bool],
                   dry_run: bool) -> Iterator[Message]:

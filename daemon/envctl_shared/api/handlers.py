@@ -132,7 +132,8 @@ class Handlers(EnvHandlers):
 
     def op_create(self, who: Requester, gone: Callable[[], bool], name: str, spec: str,
                   backend: str | None, replace: bool, claimed_user: str | None,
-                  follow: bool, tests: list[str]) -> Iterator[Message]:
+                  follow: bool, tests: list[str],
+                  description: str | None) -> Iterator[Message]:
         jobs = self._manager()
         try:
             self.auth.require_create(who)
@@ -144,7 +145,8 @@ class Handlers(EnvHandlers):
                      replace)
             raise
         yield from self._queue("create", who, gone, follow, lambda: jobs.submit(
-            who, name, spec, backend=backend, replace=replace, tests=tests))
+            who, name, spec, backend=backend, replace=replace, tests=tests,
+            description=description))
 
     def _queue(self, op: str, who: Requester, gone: Callable[[], bool], follow: bool,
                submit: Callable[[], Job]) -> Iterator[Message]:

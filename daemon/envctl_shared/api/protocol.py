@@ -90,6 +90,10 @@ class Op:
 _ID = Arg((str, int), "job id, as printed by create/list", required=True, check=_job_id)
 _FOLLOW = Arg((bool,), "stream events until the job ends instead of replying once", default=False)
 _ENV = Arg((str,), "environment name", required=True, check=env_name_problem)
+_DESCRIPTION = Arg((str,), "what the environment is for: one paragraph of plain text, at most "
+                   "500 characters (no control characters); shown in env list, env show and "
+                   "its kernel's name; \"\" clears it")
+_ENV_VERSION = Arg((str,), "a version (v1, v2, ...)", check=_word)
 _TESTS = Arg((list,), "shell command lines (at most 16, each at most 1000 characters) run as "
              "the build user inside the new version, activated, before it is made current; "
              "any failure: not promoted, the job fails", default=(), check=_commands)
@@ -113,6 +117,7 @@ OPS: dict[str, Op] = {op.name: op for op in (
                             "recorded, never trusted (hub users are identified by hub_token)"),
         "follow": _FOLLOW,
         "tests": _TESTS,
+        "description": _DESCRIPTION,
     }, streaming=True),
     Op("get", "One job (state, phase, prefix, exit detail). Own jobs; everyone's for "
        "requesters and admins.", {"id": _ID}),
@@ -139,15 +144,24 @@ OPS: dict[str, Op] = {op.name: op for op in (
     Op("env-show", "One environment with all its versions (current marked): who built each, "
        "when, from which spec and tests, the exact packages installed. Anyone who can connect.",
        {"name": _ENV}),
+    Op("env-diff", "What changed from one version to another (default: from the built "
+       "version before `to`, to the current one): packages added, removed and changed (conda "
+       "and pip, with the direction: up, down, or other for a rebuild or versions that do not "
+       "compare), who built `to`, when and why; replies {name, from, to, added, removed, "
+       "changed, by, at, why}. Anyone who can connect.",
+       {"name": _ENV, "from": _ENV_VERSION, "to": _ENV_VERSION}),
+    Op("env-describe", "Set (or, with \"\", clear) the environment's description, shown in "
+       "env list, env show and its kernel's display name; replies {name, description}. The "
+       "owner (requester of the first version) or admins.",
+       {"name": _ENV, "description": Arg((str,), _DESCRIPTION.help, required=True)}),
     Op("env-export", "An environment.yml with exact pins of a version (default: the current "
        "one), which create accepts back; replies {name, version, text}. Anyone who can "
-       "connect.", {"name": _ENV, "version": Arg((str,), "a version (v1, v2, ...)",
-                                                 check=_word)}),
+       "connect.", {"name": _ENV, "version": _ENV_VERSION}),
     Op("env-verify", "Recompute a version's digest (default: the current one) and list every "
        "difference from what was frozen (path: added, removed, type, mode, size, owner, "
        "content, link target); records verified_at and the result in the version's record; "
        "replies {name, version, digest, ok, count, differences}. Anyone who can connect.",
-       {"name": _ENV, "version": Arg((str,), "a version (v1, v2, ...)", check=_word)}),
+       {"name": _ENV, "version": _ENV_VERSION}),
     Op("env-rollback", "Make an earlier version current again (default: the newest one older "
        "than the current), by one atomic rename. The owner (requester of the first version) "
        "or admins.", {"name": _ENV, "to": Arg((str,), "the version to make current",

@@ -98,6 +98,11 @@ def render(st: DaemonStatus) -> str:
         lines += ["", "FAILED: " + "".join(c if c.isprintable() else
                                            c.encode("unicode_escape").decode("ascii")
                                            for c in str(st.failure))]
+    area = st.area
+    if isinstance(area, dict):  # the requests root's .envctl: every request is refused
+        lines += ["", f"NOT READY: {quote_name(str(area.get('path')))} "
+                      f"{quote_name(str(area.get('problem')))}",
+                  f"fix: {quote_name(str(area.get('fix')))}"]
     if isinstance(st.jobs, dict):
         counts = ", ".join(f"{k} {v}" for k, v in sorted(st.jobs.items())) or "none"
         lines += ["", f"jobs: {counts}"]

@@ -38,6 +38,9 @@ WATCH_HEADROOM = 0.8
 
 class _Environments(Protocol):
     integrity: dict[str, Any]
+    area: dict[str, str] | None
+
+    def failure_line(self) -> str | None: ...
 
 
 class _Jobs(Protocol):
@@ -210,11 +213,18 @@ class Daemon:
 
     def status(self, watches: bool = True) -> DaemonStatus:
         """Every root's counters, the job side, the daemon's identity (``to_dict``: the JSON
-        the ``status`` op replies)."""
+        the ``status`` op replies). Not ``ready`` while the requests root's area cannot be
+        trusted (``area``: path, problem, fix; the daemon runs on and takes requests again once
+        it is fixed); ``failure`` is the daemon's own, else the environments'
+        (``EnvService.failure_line``: GC or update of one env failed; the daemon is ready)."""
         jobs = self._jobs
+        envs = jobs.environments if jobs is not None else None
+        area = envs.area if envs is not None else None
         return DaemonStatus(
-            version=__version__, protocol=PROTOCOL, pid=os.getpid(), ready=self.ready,
-            failure=self.failure, config=self.config.source,
+            version=__version__, protocol=PROTOCOL, pid=os.getpid(),
+            ready=self.ready and area is None,
+            failure=self.failure or (envs.failure_line() if envs is not None else None),
+            area=area, config=self.config.source,
             uptime_s=round(time.time() - self._started, 1),
             progress_age_s=round(time.monotonic() - self.heartbeat(), 1),
             requests_enabled=jobs is not None,
@@ -224,7 +234,7 @@ class Daemon:
             limits=jobs.limits() if jobs is not None else None,
             jobs=jobs.counts() if jobs is not None else None,
             cluster=jobs.cluster() if jobs is not None else None,
-            integrity=jobs.environments.integrity if jobs is not None else None,
+            integrity=envs.integrity if envs is not None else None,
             inotify=self.inotify_budget(),
             roots=[w.status(watches) for w in self._roots.values()])
 

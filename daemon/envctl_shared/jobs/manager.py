@@ -382,10 +382,13 @@ class JobManager:
 
     def submit(self, requester: Requester, name: str, spec_text: str,
                backend: str | None = None, replace: bool = False,
-               tests: Sequence[str] = (), base: str | None = None) -> Job:
+               tests: Sequence[str] = (), base: str | None = None,
+               description: str | None = None, why: str | None = None) -> Job:
         """Validate, persist and queue a build; ValidationError/Conflict before anything exists.
         ``tests`` are command lines the new version must pass before it is made current;
-        ``base``: the version the spec was derived from, which must still be current."""
+        ``base``: the version the spec was derived from, which must still be current;
+        ``description``: the env's description once the version is current (and its ``why``,
+        unless ``why`` says otherwise: see ``StateDir.write_note``)."""
         config = self._config
         cfg = config.requests
         if not cfg.enabled:
@@ -396,6 +399,8 @@ class JobManager:
         spec = parse_spec(spec_text, cfg)
         chosen.check(spec, cfg)
         tests = validate_tests(list(tests))
+        if description is not None:
+            description = envs.validate_description(description)
         procs.check_reach(procs.build_user(cfg), config.requests_root.path)
         prefix = config.requests_root.path / name
         with self._submit_lock:
@@ -432,6 +437,8 @@ class JobManager:
             self._state.create_job_dir(job_id)  # before the row: the scheduler may start it
             if tests:
                 self._state.write_tests(job_id, list(tests))
+            if description is not None or why is not None:
+                self._state.write_note(job_id, description, why)
             try:
                 self.store.insert(job, spec_text, requester.pid)
             except Conflict:
@@ -445,7 +452,8 @@ class JobManager:
         return job
 
     def submit_change(self, requester: Requester, name: str,
-                      change: Callable[[str], str] | None, tests: Sequence[str] = ()) -> Job:
+                      change: Callable[[str], str] | None, tests: Sequence[str] = (),
+                      why: str | None = None) -> Job:
         """``env add``/``env update``: a replace built from the current version's spec as its
         record keeps it (``change`` edits the text; None re-solves it as it is), its backend,
         and its tests followed by ``tests``. The record is read under the name's lock (no build
@@ -463,7 +471,8 @@ class JobManager:
         spec = rec["spec"] if change is None else change(rec["spec"])
         kept = [t for t in rec.get("tests") or [] if isinstance(t, str)]
         return self.submit(requester, name, spec, backend=rec.get("backend"), replace=True,
-                           tests=list(dict.fromkeys([*kept, *tests])), base=cur.version)
+                           tests=list(dict.fromkeys([*kept, *tests])), base=cur.version,
+                           why=why)
 
     def get(self, job_id: str) -> Job:
         """Our job, or another daemon's as its record in the root says (``host`` set)."""

@@ -23,6 +23,7 @@ of all kept logs), with a note, and the build goes on.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import select
@@ -36,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import BuildLimits, Config, format_size
-from ..errors import BuildFailed, Conflict, EnvctlError
+from ..errors import BuildFailed, Conflict, EnvctlError, FilesystemError
 from ..heal import fsops
 from . import base_python, envs, freeze, kernels, layout, procs
 from . import cgroup as cgroups
@@ -107,6 +108,7 @@ class Build:
         # a prefix (relative to .envctl) made for a trusted step and not handed over yet
         self._daemon_owned: str | None = None
         self.tests: list[str] = state_dir.read_tests(job.id)
+        self.note = state_dir.read_note(job.id)  # the env's new description, the why
 
     # -- control from other threads ------------------------------------------------------------
 
@@ -160,6 +162,9 @@ class Build:
                 lock.acquire()
                 try:
                     outcome = self._locked(fds, user, spec)
+                except Exception as exc:
+                    self._note_failure(fds, exc)
+                    raise
                 finally:
                     lock.release()
         except Aborted as exc:
@@ -221,6 +226,21 @@ class Build:
         self._publish_kernel()
         return Outcome(State.SUCCEEDED, f"ready at {job.prefix} (version {version})")
 
+    def _note_failure(self, fds: dict[str, int], exc: Exception) -> None:
+        """A failure that is an existing env's own and not its request's (its tree, the
+        filesystem, a bug: not a failed step or test, a refusal or a cancel) is recorded on
+        the env (``envs.set_failure``; the name's lock still held): ``env list`` shows it to
+        everyone until an update goes through."""
+        if not _env_fault(exc):
+            return
+        with contextlib.suppress(OSError, EnvctlError):  # the job says it anyway
+            if envs.current(fds[""], self.job.name).kind != "managed":
+                return  # a first build: no env to report it on
+            with envs.env_dir(fds, self.job.name, create=False) as env_fd:
+                if env_fd is not None:
+                    envs.set_failure(env_fd, self.job.name, "update",
+                                     f"job {self.job.id}: {envs.failure_message(exc)}")
+
     def _venv_base(self, fds: dict[str, int], ctx: BuildContext,
                    user: procs.BuildUser) -> BuildContext:
         """The venv's base interpreter is the Python env the daemon keeps in the root
@@ -268,7 +288,9 @@ class Build:
                 "created_at": time.time(), "spec": self.store.spec_text(job.id),
                 "spec_channels": list(spec.channels), "spec_pip": list(spec.pip),
                 "variables": dict(spec.variables),
-                "tests": self.tests, "prefix": str(self.version_path(version))}
+                "tests": self.tests, "prefix": str(self.version_path(version)),
+                "why": self.note["why"] or self.note["description"]
+                or ("replace" if job.replace else "create")}
 
     def version_path(self, version: str) -> Path:
         return self.area.path("envs", self.job.name, version)
@@ -479,7 +501,8 @@ class Build:
                   **frozen.fields()}
         envs.write_record(env_fd, f"{version}.json", record)
         self._check_abort()  # the last moment a cancel can still keep the current version
-        previous = envs.switch(fds[""], env_fd, job.name, version, owner=record["requester"])
+        previous = envs.switch(fds[""], env_fd, job.name, version, owner=record["requester"],
+                               description=self.note["description"])
         self.say(f"{job.prefix} now points to {version} ({len(record['packages'])} packages, "
                  f"{record['entries']} entries)" + (f"; {previous} stays on disk until GC"
                                          if previous else ""))
@@ -488,6 +511,12 @@ class Build:
         """Remove this job's new version (idempotent); ``keep`` (the current one) never."""
         for version in envs.clear_dead(env_fd, keep, job_id=self.job.id):
             self.say(f"removed the unfinished version {version}")
+
+
+def _env_fault(exc: BaseException) -> bool:
+    """Whether a build's failure is the env's own trouble rather than its request's: the
+    filesystem, the env's tree, a bug — not a failed step or test, a refusal or a cancel."""
+    return isinstance(exc, FilesystemError) or not isinstance(exc, (EnvctlError, Aborted))
 
 
 class _Exit:
