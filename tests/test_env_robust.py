@@ -124,7 +124,7 @@ def test_deep_chain_in_a_retired_version_is_collected_and_replaced(
     assert gc["failed"] == [], gc
     assert {"name": "aa-victim", "version": "v1"} in gc["removed"]
     assert {"name": "zz-other", "version": "v1"} in gc["removed"]
-    assert sorted(os.listdir(area / "aa-victim")) == ["env.json", "v2", "v2.json"]
+    assert sorted(os.listdir(area / "aa-victim")) == ["env.json", "v2", "v2.json", "v2.use"]
     # what a removal that died half-way leaves: the next build of the name clears it
     _chain(chains, area / "aa-victim" / ".gc-v1-0123abcd")
     _build(api, a.alice, "aa-victim", "app=1.0")
