@@ -45,6 +45,7 @@ from typing import Any
 from ..errors import Conflict, NotFound
 from ..heal.fsops import DIR_FLAGS
 from . import layout
+from .model import Requester
 
 log = logging.getLogger(__name__)
 
@@ -502,14 +503,15 @@ def is_env_name(name: str) -> bool:
     return bool(NAME_RE.fullmatch(name))
 
 
-def owned_by(owner: object, uid: int, hub_user: str | None) -> bool:
-    """The same rule as for jobs: the same uid and the same verified hub user (None on both
-    sides off the hub)."""
-    return isinstance(owner, dict) and owner.get("uid") == uid and \
-        owner.get("hub_user") == hub_user
+def owned_by(owner: object, who: Requester) -> bool:
+    """The same rule as for jobs (``Requester.matches``), on the owner ``env.json`` records:
+    ``{uid, name, hub_user, hub_id, claimed_user}``."""
+    return isinstance(owner, dict) and \
+        who.matches(owner.get("uid"), owner.get("hub_user"), owner.get("hub_id"))
 
 
 def owner_name(owner: object) -> str:
+    """The owner as refusals name them (the name recorded: a renamed hub user's old one)."""
     if not isinstance(owner, dict):
         return "nobody (envctl did not build it)"
     if owner.get("hub_user"):

@@ -40,7 +40,7 @@ from . import cgroup as cgroups
 from . import envs, layout, procs
 from .backends import get_backend
 from .cluster import ClusterJobs
-from .env_service import EnvService
+from .env_service import Allow, EnvService
 from .lock import NameLock
 from .model import Job, Requester, State
 from .runner import Build, discard
@@ -386,15 +386,18 @@ class JobManager:
         return job
 
     def submit_change(self, requester: Requester, name: str,
-                      change: Callable[[str], str] | None, tests: Sequence[str] = ()) -> Job:
+                      change: Callable[[str], str] | None, tests: Sequence[str],
+                      allow: Allow) -> Job:
         """``env add``/``env update``: a replace built from the current version's spec as its
         record keeps it (``change`` edits the text; None re-solves it as it is), its backend,
         and its tests followed by ``tests``. The record is read under the name's lock (no build
         of the name is running) and ``submit`` queues the job only if that version is still
-        current, so a replace or rollback that came in between is never undone. A queued
+        current, so a replace or rollback that came in between is never undone. ``allow``: the
+        API's owner check, called with the recorded owner under the lock. A queued
         build of the name is refused first: taking its lock now would fail that build."""
         _refuse_busy(name, self.store.list())
         with self.environments.locked(name, "change") as (fds, env_fd):
+            allow(self.environments.owner_locked(env_fd))
             cur = envs.current(fds[""], name)
             rec = envs.ready(env_fd, cur.version) if cur.version is not None else None
         if rec is None or not isinstance(rec.get("spec"), str):
