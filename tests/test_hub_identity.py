@@ -277,7 +277,8 @@ def test_replace_is_for_the_owner_or_a_hub_admin(world: World) -> None:
     res = world.cli("bob", "request", "create", "alice-env", "-f", str(spec), "--replace",
                     claim="alice")
     assert res.returncode == EX_NOPERM, res.stderr
-    assert "belongs to hub user alice" in res.stderr and "only its owner or an admin" in res.stderr
+    assert "environment 'alice-env' belongs to hub user alice; only its owner or an envctl " \
+        "admin may replace it" in res.stderr
     res = world.cli("alice", "request", "create", "alice-env", "-f", str(spec), "--replace",
                     "--json")
     assert res.returncode == 0 and json.loads(res.stdout)["state"] == "succeeded", res.stderr

@@ -136,7 +136,7 @@ class Authoriser:
         """NotAuthorised unless ``who`` may call ``op`` with ``args`` on ``target``: a Job for
         job access, an :class:`EnvTarget` for env access (a name that exists); PENDING: what
         can be decided without it."""
-        access = op.access_for(args or {})
+        access, action = op.access_for(args or {})
         if not access.needs_token:
             return
         if self.unverified(who):
@@ -146,14 +146,13 @@ class Authoriser:
                                 hint=TOKEN_HINT)
         if access is Access.ADMIN:
             if not who.is_admin:
-                raise NotAuthorised(f"only envctl admins may {op.action}",
+                raise NotAuthorised(f"only envctl admins may {action}",
                                     hint=op.hint or "ask an envctl admin")
             return
         if access in (Access.REQUESTER, Access.ENV_OWNER) and not self.may_create(who):
-            action = op.action if access is Access.REQUESTER else \
-                "request or change environments"
-            raise NotAuthorised(f"{who.subject} may not {action} on this daemon",
-                                hint=self._allow_hint(who))
+            what = action if access is Access.REQUESTER else "request or change environments"
+            raise NotAuthorised(f"{who.subject} may not {what} on this daemon: only "
+                                "requesters and admins may", hint=self._allow_hint(who))
         if target is PENDING or who.is_admin or access.target is None:
             return
         if isinstance(target, Job):
@@ -161,7 +160,7 @@ class Authoriser:
                 return
             raise NotAuthorised(f"job {target.id} belongs to {target.owner}; only its owner"
                                 f"{', requesters' if access is Access.JOB_READER else ''} or "
-                                f"an envctl admin may {op.action}", hint=op.hint)
+                                f"an envctl admin may {action}", hint=op.hint)
         env: EnvTarget = target
         if envs.owned_by(env.owner, who):
             if who.hub_user is not None and not env.owner.get("hub_id"):  # type: ignore[union-attr]
@@ -170,7 +169,7 @@ class Authoriser:
             return
         raise NotAuthorised(f"environment {env.name!r} belongs to "
                             f"{envs.owner_name(env.owner)}; only its owner or an envctl admin "
-                            f"may {op.action}", hint=op.hint)
+                            f"may {action}", hint=op.hint)
 
     def _allow_hint(self, who: Requester) -> str:
         """Which keys would make ``who`` a requester: a hub user's hub groups, else the

@@ -108,7 +108,7 @@ class Handlers(EnvHandlers):
         when the op's access uses an identity at all (so what anyone may call answers while
         the hub is down), asked afresh for a change. Peers on other uids are who the kernel
         says (their token, if any, is not used); a missing token is the check's to refuse."""
-        access = req.op.access_for(req.args)
+        access, _ = req.op.access_for(req.args)
         if self.hub is None or cred.uid not in self.auth.shared_uids or \
                 req.hub_token is None or not access.identified:
             return None

@@ -131,9 +131,9 @@ ACCESS_DOCS = {
 
 @dataclass(frozen=True)
 class Op:
-    """One operation: its shape, and who may call it (``access``; ``escalate``: a boolean
-    argument that, when true, asks for more; ``action``: what a refusal says may not be done,
-    "it" being the target of a job or env access)."""
+    """One operation: its shape, and who may call it (``access``; ``action``: what a refusal
+    says may not be done, "it" being the target of a job or env access; ``escalate``: a
+    boolean argument that, when true, asks for another access and action)."""
 
     name: str
     summary: str
@@ -141,13 +141,14 @@ class Op:
     streaming: bool = False  # True when ``follow`` turns the reply into an event stream
     aliases: tuple[str, ...] = ()
     access: Access = Access.ANYONE
-    escalate: dict[str, Access] = field(default_factory=dict)
     action: str = ""
+    escalate: dict[str, tuple[Access, str]] = field(default_factory=dict)
     hint: str | None = None  # what a refused caller can do instead, when there is something
 
-    def access_for(self, args: dict[str, Any]) -> Access:
-        """The access these arguments ask for."""
-        return next((a for key, a in self.escalate.items() if args.get(key)), self.access)
+    def access_for(self, args: dict[str, Any]) -> tuple[Access, str]:
+        """The access these arguments ask for, and the action a refusal names."""
+        return next((more for key, more in self.escalate.items() if args.get(key)),
+                    (self.access, self.action))
 
 
 _ID = Arg((str, int), "job id, as printed by create/list", required=True, check=_job_id)
@@ -177,17 +178,17 @@ OPS: dict[str, Op] = {op.name: op for op in (
                             "recorded, never trusted (hub users are identified by hub_token)"),
         "follow": _FOLLOW,
         "tests": _TESTS,
-    }, streaming=True, access=Access.REQUESTER, escalate={"replace": Access.ENV_OWNER},
-       action="request environments", hint="pick another name, or ask its owner or an envctl "
-       "admin"),
+    }, streaming=True, access=Access.REQUESTER, action="request environments",
+       escalate={"replace": (Access.ENV_OWNER, "replace it")},
+       hint="pick another name, or ask its owner or an envctl admin"),
     Op("get", "One job (state, phase, prefix, exit detail).", {"id": _ID},
        access=Access.JOB_READER, action="see it", hint="you may see your own jobs"),
     Op("list", "Jobs: your own by default (on a shared uid: your verified hub user's); "
        "everyone's with all=true (requesters and admins).", {
         "all": Arg((bool,), "include other users' jobs", default=False),
         "finished": Arg((bool,), "include finished jobs", default=False),
-    }, access=Access.VERIFIED, escalate={"all": Access.REQUESTER},
-       action="list everyone's jobs", hint="drop --all to see your own jobs"),
+    }, access=Access.VERIFIED, escalate={"all": (Access.REQUESTER, "list everyone's jobs")},
+       hint="drop --all to see your own jobs"),
     Op("logs", "Build log bytes from an offset; with follow, stream until the job ends.", {
         "id": _ID,
         "offset": Arg((int,), f"byte offset to start from (0 to {MAX_OFFSET})", default=0,
@@ -398,7 +399,8 @@ def _unicode_problem(value: object) -> str | None:
 
 def access_text(op: Op) -> str:
     """Who may call ``op``: its access level, and those its arguments escalate to."""
-    more = "".join(f"; with `{key}`: {access.value}" for key, access in op.escalate.items())
+    more = "".join(f"; with `{key}`: {access.value}"
+                   for key, (access, _) in op.escalate.items())
     return f"{op.access.value}{more}"
 
 
