@@ -162,8 +162,8 @@ class Authoriser:
                                 f"{', requesters' if access is Access.JOB_READER else ''} or "
                                 f"an envctl admin may {action}", hint=op.hint)
         env: EnvTarget = target
-        if envs.owned_by(env.owner, who):
-            if who.hub_user is not None and not env.owner.get("hub_id"):  # type: ignore[union-attr]
+        if env.owner is not None and envs.owned_by(env.owner, who):
+            if who.hub_user is not None and not env.owner.get("hub_id"):
                 log.info("auth owner-by-name op=%s name=%s hub_user=%s uid=%d (its record has "
                          "no hub_id)", op.name, env.name, who.hub_user, who.uid)
             return
