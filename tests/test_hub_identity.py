@@ -119,11 +119,17 @@ def test_whoami_names_the_hub_user_the_hub_verified(world: World) -> None:
     assert (me["hub_user"], me["hub_verified"], me["hub_groups"]) == ("bob", True, ["builders"])
     assert me["uid"] == world.accounts.alice.uid and me["may_create"] is True
     assert me["is_admin"] is False and me["may_cancel"] == "your own jobs"
+    # a server's default token does not show the user's creation time: no hub_id, said once
+    assert me["hub_id"] is None
+    assert world.api.daemon.log_text().count("hub no-created-time user=bob") == 1
     res = world.cli("carol", "whoami")
     assert res.returncode == 0, res.stderr
     assert "carol (verified by JupyterHub)" in res.stdout and "admin:      yes" in res.stdout
     me = json.loads(world.cli("dave", "whoami", "--json").stdout)
     assert me["hub_user"] == "dave" and me["may_create"] is False
+    assert me["hub_id"] == world.hub.call("GET", "/users/dave")["created"]  # a full token
+    world.cli("bob", "whoami")
+    assert world.api.daemon.log_text().count("hub no-created-time") == 1
 
 
 def test_two_hub_users_on_one_uid_are_two_owners(world: World) -> None:

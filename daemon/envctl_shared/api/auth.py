@@ -189,7 +189,7 @@ class Authoriser:
         return {"uid": who.uid, "gid": who.gid, "groups": list(who.groups), "pid": who.pid,
                 "username": who.username, "claimed_user": who.claimed_user,
                 "group_names": [group_name(g) for g in who.groups],
-                "shared_uid": shared, "hub_user": who.hub_user,
+                "shared_uid": shared, "hub_user": who.hub_user, "hub_id": who.hub_id,
                 "hub_verified": who.hub_user is not None, "hub_groups": list(who.hub_groups),
                 "is_admin": who.is_admin and not self.unverified(who),
                 "may_create": self.may_create(who),

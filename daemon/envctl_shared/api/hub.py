@@ -125,6 +125,7 @@ class HubVerifier:
         self._flights: dict[bytes, _Flight] = {}
         self._buckets = _Buckets(cfg.verify_rate, cfg.verify_burst)
         self._lock = threading.Lock()
+        self._told_no_created = False
 
     def user(self, token: str, uid: int, fresh: bool = False) -> HubUser:
         """The hub user owning ``token``, sent by a peer of ``uid``; or NotAuthorised,
@@ -195,6 +196,12 @@ class HubVerifier:
             reason = getattr(exc, "reason", None) or exc
             raise self._unavailable(f"cannot be reached ({_short(reason)})") from None
         user = self._parse(body)
+        if user.hub_id is None and not self._told_no_created:
+            self._told_no_created = True  # once per daemon: it is the hub's configuration
+            log.warning("hub no-created-time user=%s: the hub does not show this token's owner's "
+                        "creation time, so envs and jobs of hub users go by name (a new user "
+                        "given a renamed user's name would own them); give server tokens "
+                        "read:users!user (c.Spawner.server_token_scopes)", user.name)
         log.debug("hub verified user=%s admin=%s groups=%d seconds=%.3f", user.name,
                   user.admin, len(user.groups), time.monotonic() - started)
         return user
