@@ -47,9 +47,6 @@ class EnvHandlers:
                submit: Callable[[], Job]) -> Iterator[Message]:
         raise NotImplementedError
 
-    def _allow_env(self, allow: Allow, name: str) -> None:
-        raise NotImplementedError
-
     def op_env_list(self, who: Requester, gone: Callable[[], bool],
                     allow: Allow) -> Iterator[Message]:
         yield protocol.ok(self._manager().environments.list())

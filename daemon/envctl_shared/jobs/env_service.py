@@ -74,10 +74,10 @@ class EnvService:
     def owner(self, name: str) -> dict[str, Any] | None:
         """The owner recorded (by the daemon) for a managed env; None when there is none."""
         with self._root() as fds, envs.env_dir(fds, validate_name(name), False) as env_fd:
-            return self.owner_locked(env_fd) if env_fd is not None else None
+            return self.owner_of(env_fd) if env_fd is not None else None
 
-    def owner_locked(self, env_fd: int) -> dict[str, Any] | None:
-        """The owner recorded in the env's directory (read with its lock held)."""
+    def owner_of(self, env_fd: int) -> dict[str, Any] | None:
+        """The owner recorded in the env's directory ``env_fd`` (None: no trusted record)."""
         owner = (envs.read_record(env_fd, envs.ENV_FILE) or {}).get("owner")
         return owner if isinstance(owner, dict) else None
 
@@ -134,7 +134,7 @@ class EnvService:
         """Make an earlier (or ``to``) version current again: one atomic rename. ``allow``
         (the API's access check) is called with the recorded owner under the name's lock."""
         with self.locked(name, "rollback") as (fds, env_fd):
-            allow(self.owner_locked(env_fd))
+            allow(self.owner_of(env_fd))
             cur = envs.current(fds[""], name)
             if cur.kind == "unmanaged":
                 raise Conflict(f"{name!r} is not an environment envctl manages")
@@ -160,7 +160,7 @@ class EnvService:
         """The name disappears at once; its versions go at GC (after gc_grace). ``allow`` as
         for ``rollback``."""
         with self.locked(name, "remove") as (fds, env_fd):
-            allow(self.owner_locked(env_fd))
+            allow(self.owner_of(env_fd))
             was = envs.unlink_name(fds[""], env_fd, name)
         log.info("env-remove name=%s version=%s by=%s", name, was, who.who)
         return {"name": name, "removed": was}

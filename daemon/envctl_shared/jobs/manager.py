@@ -397,7 +397,7 @@ class JobManager:
         build of the name is refused first: taking its lock now would fail that build."""
         _refuse_busy(name, self.store.list())
         with self.environments.locked(name, "change") as (fds, env_fd):
-            allow(self.environments.owner_locked(env_fd))
+            allow(self.environments.owner_of(env_fd))
             cur = envs.current(fds[""], name)
             rec = envs.ready(env_fd, cur.version) if cur.version is not None else None
         if rec is None or not isinstance(rec.get("spec"), str):
