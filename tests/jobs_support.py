@@ -25,11 +25,13 @@ import tarfile
 import tempfile
 import time
 import zipfile
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from envctl_shared.api.auth import Authoriser, EnvTarget
+from envctl_shared.api.protocol import OPS
 from envctl_shared.config import Config, parse
 from envctl_shared.jobs import Job, JobManager, Requester
 
@@ -293,6 +295,13 @@ class JobsEnv:
         groups = (self.accounts.shared_gid,) if who in ("alice", "bob") else ()
         return Requester(uid=user.uid, gid=user.gid, groups=groups, pid=os.getpid(),
                          username=user.name, claimed_user=claimed, is_admin=admin)
+
+    def allow(self, who: Requester, op: str, name: str) -> Callable[[Any], None]:
+        """The API's access check of ``op`` on env ``name``, as the jobs layer is handed it
+        (members of the root's group are requesters)."""
+        cfg = replace(self.config().requests, allow_groups=(self.accounts.shared_group,))
+        auth = Authoriser(cfg)
+        return lambda owner: auth.check(OPS[op], who, EnvTarget(name, owner))
 
 
 @dataclass(frozen=True)

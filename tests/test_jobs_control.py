@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 from envctl_shared.config import parse
-from envctl_shared.errors import Conflict, FilesystemError, NotAuthorised
+from envctl_shared.errors import Conflict, FilesystemError
 from envctl_shared.jobs import JobManager, State
 
 from tests.helpers import live_processes, wait_for
@@ -91,7 +91,7 @@ def wait_creating(env: JobsEnv, job_id: str) -> int:
 
 def test_cancel_mid_build(jobs_env: JobsEnv, manager_factory) -> None:
     mgr = manager_factory()
-    alice, bob = jobs_env.requester("alice"), jobs_env.requester("bob")
+    alice = jobs_env.requester("alice")  # who may cancel is the API's check (test_api_access)
     job = mgr.submit(alice, "cx", ENV_VENV, backend="venv")
     wait_creating(jobs_env, job.id)
     wait_for(lambda: procs_of(jobs_env.accounts.builder.uid, jobs_env.state_dir), 10,
@@ -101,8 +101,6 @@ def test_cancel_mid_build(jobs_env: JobsEnv, manager_factory) -> None:
     assert f'"job": "{job.id}"' in (version.parent / "v1.json").read_text()
     listed = {e["name"]: e for e in mgr.environments.list()}
     assert (listed["cx"]["status"], listed["cx"]["current"]) == ("building", None)
-    with pytest.raises(NotAuthorised, match="only your own jobs"):
-        mgr.cancel(job.id, bob)
     t0 = time.monotonic()
     done = mgr.cancel(job.id, alice)
     took = time.monotonic() - t0

@@ -194,6 +194,12 @@ class JupyterHubConfig:
     timeout: float = 5.0
     cache_seconds: float = 60.0
     ca_file: Path | None = None
+    # A token the hub refused is refused again without asking for this long (by its hash).
+    refusal_cache_seconds: float = 30.0
+    # Tokens the daemon has not seen accepted, checked with the hub per peer uid: a burst,
+    # then this many per second (a flood of invented tokens costs the hub little).
+    verify_rate: float = 2.0
+    verify_burst: int = 20
 
 
 @dataclass(frozen=True)
@@ -622,7 +628,12 @@ def _jupyterhub(source: str, data: Any, base: Path) -> JupyterHubConfig:
         timeout=h.get("timeout", float, d.timeout, _positive),
         cache_seconds=h.get("cache_seconds", float, d.cache_seconds,
                             lambda v: None if v >= 0 else "must not be negative"),
-        ca_file=ca_file)
+        ca_file=ca_file,
+        refusal_cache_seconds=h.get("refusal_cache_seconds", float, d.refusal_cache_seconds,
+                                    lambda v: None if v >= 0 else "must not be negative"),
+        verify_rate=h.get("verify_rate", float, d.verify_rate, _positive),
+        verify_burst=h.get("verify_burst", int, d.verify_burst,
+                           lambda v: None if v >= 1 else "must be at least 1"))
     h.finish()
     return cfg
 

@@ -48,6 +48,7 @@ from ..names import is_env_name
 from ..quoting import quote_name
 from ..untrusted import load_json
 from . import layout, usemarks
+from .model import Requester
 
 log = logging.getLogger(__name__)
 
@@ -691,14 +692,15 @@ def scan_names(root_fd: int, envs_fd: int) -> list[str]:
     return sorted(names)
 
 
-def owned_by(owner: object, uid: int, hub_user: str | None) -> bool:
-    """The same rule as for jobs: the same uid and the same verified hub user (None on both
-    sides off the hub)."""
-    return isinstance(owner, dict) and owner.get("uid") == uid and \
-        owner.get("hub_user") == hub_user
+def owned_by(owner: object, who: Requester) -> bool:
+    """The same rule as for jobs (``Requester.matches``), on the owner ``env.json`` records:
+    ``{uid, name, hub_user, hub_id, claimed_user}``."""
+    return isinstance(owner, dict) and \
+        who.matches(owner.get("uid"), owner.get("hub_user"), owner.get("hub_id"))
 
 
 def owner_name(owner: object) -> str:
+    """The owner as refusals name them (the name recorded: a renamed hub user's old one)."""
     if not isinstance(owner, dict):
         return "nobody (envctl did not build it)"
     if owner.get("hub_user"):

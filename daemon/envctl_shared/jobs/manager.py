@@ -44,7 +44,7 @@ from . import cgroup as cgroups
 from . import envs, layout, procs
 from .backends import get_backend
 from .cluster import ClusterJobs, Located
-from .env_service import EnvService
+from .env_service import Allow, EnvService
 from .lock import NameLock
 from .model import Job, Requester, State
 from .runner import Build, discard, tree_bytes
@@ -433,7 +433,8 @@ class JobManager:
                       requester_name=requester.username, claimed_user=requester.claimed_user,
                       replace=replace, created_at=time.time(), started_at=None,
                       finished_at=None, prefix=str(prefix), exit_detail=None,
-                      log_path=str(self._state.log_path(job_id)), hub_user=requester.hub_user)
+                      log_path=str(self._state.log_path(job_id)), hub_user=requester.hub_user,
+                      hub_id=requester.hub_id)
             self._state.create_job_dir(job_id)  # before the row: the scheduler may start it
             if tests:
                 self._state.write_tests(job_id, list(tests))
@@ -452,16 +453,18 @@ class JobManager:
         return job
 
     def submit_change(self, requester: Requester, name: str,
-                      change: Callable[[str], str] | None, tests: Sequence[str] = (),
-                      why: str | None = None) -> Job:
+                      change: Callable[[str], str] | None, tests: Sequence[str],
+                      why: str | None, allow: Allow) -> Job:
         """``env add``/``env update``: a replace built from the current version's spec as its
         record keeps it (``change`` edits the text; None re-solves it as it is), its backend,
         and its tests followed by ``tests``. The record is read under the name's lock (no build
         of the name is running) and ``submit`` queues the job only if that version is still
-        current, so a replace or rollback that came in between is never undone. A queued
+        current, so a replace or rollback that came in between is never undone. ``allow``: the
+        API's owner check, called with the recorded owner under the lock. A queued
         build of the name is refused first: taking its lock now would fail that build."""
         _refuse_busy(name, self.store.list())
         with self.environments.locked(name, "change") as (fds, env_fd):
+            allow(self.environments.owner_of(env_fd))
             cur = envs.current(fds[""], name)
             rec = envs.ready(env_fd, cur.version) if cur.version is not None else None
         if rec is None or not isinstance(rec.get("spec"), str):
@@ -503,12 +506,9 @@ class JobManager:
         return jobs
 
     def cancel(self, job_id: str, requester: Requester) -> Job:
-        """Cancel a queued or running job: the requester's own, or any for an admin; another
+        """Cancel a queued or running job (who may is the API's decision: ``auth``); another
         daemon's job through the root (``cluster``), within its poll interval."""
         job = self.get(job_id)
-        if not requester.owns(job) and not requester.is_admin:
-            raise NotAuthorised(f"job {job_id} belongs to {job.owner}; you may cancel "
-                                "only your own jobs", hint="ask an envctl admin")
         if job.host is None:
             return self._cancel_here(job, requester.who)
         assert self._cluster is not None
