@@ -465,7 +465,7 @@ def test_the_manifest_of_a_version_still_testing_is_kept(jobs_env: JobsEnv) -> N
     config = jobs_env.config(timeout=4 * 3600.0)
     area = layout.RootArea(jobs_env.root)
     with area.open() as fds:
-        store = freeze.Store.in_area(area, fds["area"], freeze.Target.of(config.requests_root))
+        store = freeze.Store.in_area(area, fds.area, freeze.Target.of(config.requests_root))
         try:
             digest = store.write_manifest(b'["x", "f", "0444", 1, "", ""]\n')
         finally:

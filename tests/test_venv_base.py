@@ -208,7 +208,7 @@ def test_one_base_for_venv_jobs_at_once_and_a_dead_builds_base_is_replaced(
     area = layout.RootArea(jobs_env.root)
     name = base_python.base_name(cfg.requests)
     with area.open() as fds:  # as a build killed mid-way leaves it
-        base_fd = layout.checked_dir(fds["area"], "base", 0o755, "base")
+        base_fd = layout.checked_dir(fds.area, "base", 0o755, "base")
         envs.begin(base_fd, name, {"name": name}, 0, 0)
         os.close(base_fd)
     (area.path("base", name) / "half-linked").write_text("")

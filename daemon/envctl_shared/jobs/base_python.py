@@ -77,13 +77,13 @@ def interpreter(area: layout.RootArea, name: str) -> Path:
 
 
 @contextlib.contextmanager
-def _locked(fds: dict[str, int], area: layout.RootArea, name: str, job_id: str,
+def _locked(fds: layout.AreaFds, area: layout.RootArea, name: str, job_id: str,
             say: Callable[[str], None], wait: Callable[[float], None],
             timeout: float) -> Iterator[None]:
     """Hold the base's build lock, waiting (abortably, up to ``timeout``) while another job of
     this daemon or another daemon holds it: it is building the very base this job needs."""
     deadline = time.monotonic() + timeout
-    lock = NameLock(fds["locks"], str(area.root), f".base-{name}", job_id)
+    lock = NameLock(fds.locks, str(area.root), f".base-{name}", job_id)
     told = False
     while True:
         try:
@@ -103,7 +103,7 @@ def _locked(fds: dict[str, int], area: layout.RootArea, name: str, job_id: str,
         lock.release()
 
 
-def ensure(fds: dict[str, int], area: layout.RootArea, cfg: RequestsConfig, user: BuildUser,
+def ensure(fds: layout.AreaFds, area: layout.RootArea, cfg: RequestsConfig, user: BuildUser,
            job_id: str, build: Callable[[int, Path], Frozen], say: Callable[[str], None],
            wait: Callable[[float], None]) -> Path:
     """The interpreter of the base ``cfg.venv_base`` names, built first if it is not ready.
@@ -114,7 +114,7 @@ def ensure(fds: dict[str, int], area: layout.RootArea, cfg: RequestsConfig, user
     name = base_name(cfg)
     python = interpreter(area, name)
     with _locked(fds, area, name, job_id, say, wait, cfg.timeout):
-        base_fd = layout.checked_dir(fds["area"], AREA_DIR, 0o755, str(area.path(AREA_DIR)))
+        base_fd = layout.checked_dir(fds.area, AREA_DIR, 0o755, str(area.path(AREA_DIR)))
         try:
             envs.clear_dead(base_fd, None)  # only what a dead removal or write left: no vN here
             if envs.ready(base_fd, name) is not None:

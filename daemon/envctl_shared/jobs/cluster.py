@@ -321,7 +321,7 @@ class ClusterJobs:
         """The fd of ``<root>/.envctl/jobs`` (created, owner and mode checked, never a
         symlink)."""
         with layout.RootArea(self.root).open() as fds:
-            jobs = layout.checked_dir(fds["area"], JOBS_DIR, AREA_MODE,
+            jobs = layout.checked_dir(fds.area, JOBS_DIR, AREA_MODE,
                                       f"{self.root}/.envctl/{JOBS_DIR}", create)
             try:
                 yield jobs

@@ -58,7 +58,7 @@ class EnvService:
         self.failures: dict[str, str] = {}
 
     @contextlib.contextmanager
-    def _root(self) -> Iterator[dict[str, int]]:
+    def _root(self) -> Iterator[layout.AreaFds]:
         """The root's fds (``layout.RootArea.open``); every use is a check of the area."""
         try:
             with layout.RootArea(self._config.requests_root.path).open() as fds:
@@ -92,15 +92,15 @@ class EnvService:
         """What ``<root>/<name>`` is; AreaUntrusted while the area cannot be trusted (so no
         request is queued that could only fail)."""
         with self._root() as fds:
-            return envs.current(fds[""], name)
+            return envs.current(fds.root, name)
 
     @contextlib.contextmanager
-    def locked(self, name: str, why: str) -> Iterator[tuple[dict[str, int], int]]:
+    def locked(self, name: str, why: str) -> Iterator[tuple[layout.AreaFds, int]]:
         """The root's fds and the env's directory, with the name's lock held (no build of it
         runs, here or on another host); NotFound when envctl never built that name."""
         name = validate_name(name)
         with self._root() as fds:
-            lock = NameLock(fds["locks"], str(self._config.requests_root.path), name, why)
+            lock = NameLock(fds.locks, str(self._config.requests_root.path), name, why)
             lock.acquire()
             try:
                 with envs.env_dir(fds, name, create=False) as env_fd:
@@ -125,10 +125,10 @@ class EnvService:
         """Every env in the request root, hand-made ones included (``unmanaged``); one env
         that cannot be read is listed ``broken`` with its ``failure``, never fails the list."""
         with self._root() as fds:
-            return [d for name in envs.scan_names(fds[""], fds["envs"])
+            return [d for name in envs.scan_names(fds.root, fds.envs)
                     if (d := self._describe_safely(fds, name)) is not None]
 
-    def _describe_safely(self, fds: dict[str, int], name: str) -> dict[str, Any] | None:
+    def _describe_safely(self, fds: layout.AreaFds, name: str) -> dict[str, Any] | None:
         try:
             return self._describe(fds, name, versions=False)
         except (OSError, EnvctlError) as exc:
@@ -144,9 +144,9 @@ class EnvService:
             raise NotFound(f"no environment {name!r}", hint="see: envctl env list")
         return found
 
-    def _describe(self, fds: dict[str, int], name: str,
+    def _describe(self, fds: layout.AreaFds, name: str,
                   versions: bool) -> dict[str, Any] | None:
-        cur = envs.current(fds[""], name)
+        cur = envs.current(fds.root, name)
         root = self._config.requests_root.path
         out: dict[str, Any] = {"name": name, "prefix": str(root / name), "current": None,
                                "kernel": self._kernel(name)}
@@ -182,7 +182,7 @@ class EnvService:
                 raise NotFound(f"no environment {name!r} built by envctl",
                                hint="see: envctl env list")
             done = [v for v in envs.versions(env_fd) if envs.ready(env_fd, v) is not None]
-            new = new or envs.current(fds[""], name).version or (done[-1] if done else None)
+            new = new or envs.current(fds.root, name).version or (done[-1] if done else None)
             for version in (new, old):
                 if version is not None and version not in done:
                     envs.version_number(version)  # NotFound for a malformed name
@@ -207,7 +207,7 @@ class EnvService:
         with self.locked(name, "describe") as (fds, env_fd):
             allow(self.owner_of(env_fd))
             env = envs.read_record(env_fd, envs.ENV_FILE)
-            if env is None or envs.current(fds[""], name).kind != "managed":
+            if env is None or envs.current(fds.root, name).kind != "managed":
                 raise Conflict(f"{name!r} is not a current environment envctl manages",
                                hint="see: envctl env list")
             envs.write_record(env_fd, envs.ENV_FILE, {**env, "description": text or None})
@@ -219,7 +219,7 @@ class EnvService:
     def export(self, name: str, version: str | None = None) -> dict[str, Any]:
         """An environment.yml with exact pins of ``version`` (default: the current one)."""
         with self._root() as fds, envs.env_dir(fds, validate_name(name), False) as env_fd:
-            cur = envs.current(fds[""], name)
+            cur = envs.current(fds.root, name)
             version = version or cur.version
             rec = envs.ready(env_fd, version) if env_fd is not None and version else None
         if rec is None:
@@ -233,7 +233,7 @@ class EnvService:
         (the API's access check) is called with the recorded owner under the name's lock."""
         with self.locked(name, "rollback") as (fds, env_fd):
             allow(self.owner_of(env_fd))
-            cur = envs.current(fds[""], name)
+            cur = envs.current(fds.root, name)
             if cur.kind == "unmanaged":
                 raise Conflict(f"{name!r} is not an environment envctl manages")
             done = [v for v in envs.versions(env_fd) if envs.ready(env_fd, v) is not None]
@@ -248,7 +248,7 @@ class EnvService:
                 envs.version_number(to)  # NotFound for a malformed name
                 raise NotFound(f"{name!r} has no built version {to}",
                                hint=f"see: envctl env show {name}")
-            previous = envs.switch(fds[""], env_fd, name, to)
+            previous = envs.switch(fds.root, env_fd, name, to)
             kernel = kernels.refresh(self._config, name)
         log.info("env-rollback name=%s from=%s to=%s by=%s", name, previous, to, who.who)
         reply: dict[str, Any] = {"name": name, "current": to, "previous": previous}
@@ -259,7 +259,7 @@ class EnvService:
         for ``rollback``."""
         with self.locked(name, "remove") as (fds, env_fd):
             allow(self.owner_of(env_fd))
-            was = envs.unlink_name(fds[""], env_fd, name)
+            was = envs.unlink_name(fds.root, env_fd, name)
         log.info("env-remove name=%s version=%s by=%s", name, was, who.who)
         return {"name": name, "removed": was}
 
@@ -275,10 +275,10 @@ class EnvService:
         failed: list[dict[str, str]] = []
         failures: dict[str, str] = {}
         with self._root() as fds:
-            for name in sorted(os.listdir(fds["envs"])):
+            for name in sorted(os.listdir(fds.envs)):
                 if not is_env_name(name):
                     continue
-                lock = NameLock(fds["locks"], str(self._config.requests_root.path), name, "gc")
+                lock = NameLock(fds.locks, str(self._config.requests_root.path), name, "gc")
                 try:
                     lock.acquire()
                 except Conflict:
@@ -309,7 +309,7 @@ class EnvService:
         return {"removed": removed, "skipped": skipped, "failed": failed, "dry_run": dry_run,
                 "keep_versions": cfg.keep_versions, "gc_grace": cfg.gc_grace, "store": store}
 
-    def _gc_env(self, fds: dict[str, int], name: str, now: float,
+    def _gc_env(self, fds: layout.AreaFds, name: str, now: float,
                 dry_run: bool) -> builtins.list[str]:
         """GC of one env (its lock held); what stops it is recorded on the env, then raised."""
         cfg = self._config.requests
@@ -317,8 +317,8 @@ class EnvService:
             if env_fd is None:
                 return []
             try:
-                cur = envs.current(fds[""], name).version
-                return envs.gc_one(fds["envs"], env_fd, name, cur, cfg.keep_versions,
+                cur = envs.current(fds.root, name).version
+                return envs.gc_one(fds.envs, env_fd, name, cur, cfg.keep_versions,
                                    cfg.gc_grace, now, dry_run, cfg.max_versions)
             except Exception as exc:
                 if not dry_run:
@@ -327,7 +327,7 @@ class EnvService:
                 raise
 
     @staticmethod
-    def _recorded_failure(fds: dict[str, int], name: str) -> str | None:
+    def _recorded_failure(fds: layout.AreaFds, name: str) -> str | None:
         """The failure the env's ``env.json`` records (None: none, or it cannot be read)."""
         try:
             with envs.env_dir(fds, name, create=False) as env_fd:
@@ -370,8 +370,8 @@ class EnvService:
         try:
             with self._root() as fds:
                 envs.mark_current(fds)
-                secure_all(fds["locks"], str(self._config.requests_root.path))
-                self.failures = {name: text for name in sorted(os.listdir(fds["envs"]))
+                secure_all(fds.locks, str(self._config.requests_root.path))
+                self.failures = {name: text for name in sorted(os.listdir(fds.envs))
                                  if is_env_name(name)
                                  and (text := self._recorded_failure(fds, name))}
             frozen = integrity.freeze_old(self._config)

@@ -154,10 +154,10 @@ def read_record(dir_fd: int, name: str) -> dict[str, Any] | None:
 
 
 @contextlib.contextmanager
-def env_dir(fds: dict[str, int], name: str, create: bool) -> Iterator[int | None]:
+def env_dir(fds: layout.AreaFds, name: str, create: bool) -> Iterator[int | None]:
     """The fd of ``.envctl/envs/<name>`` (None when it does not exist and ``create`` is off)."""
     try:
-        fd = layout.checked_dir(fds["envs"], name, 0o755, f".envctl/envs/{name}", create)
+        fd = layout.checked_dir(fds.envs, name, 0o755, f".envctl/envs/{name}", create)
     except FileNotFoundError:
         yield None
         return
@@ -268,11 +268,11 @@ def switch(root_fd: int, env_fd: int, name: str, version: str,
     return cur.version
 
 
-def mark_current(fds: dict[str, int]) -> None:
+def mark_current(fds: layout.AreaFds) -> None:
     """A use mark (``usemarks``) for every current version: those made current before marks
     existed get theirs at the daemon's start."""
-    for name in os.listdir(fds["envs"]):
-        cur = current(fds[""], name) if is_env_name(name) else Current("missing")
+    for name in os.listdir(fds.envs):
+        cur = current(fds.root, name) if is_env_name(name) else Current("missing")
         if cur.version is not None:
             with env_dir(fds, name, create=False) as env_fd:
                 if env_fd is not None:
@@ -396,7 +396,7 @@ def _description(env: dict[str, Any]) -> str | None:
     return _field(text, MAX_DESCRIPTION) or None if isinstance(text, str) else None
 
 
-def description_of(fds: dict[str, int], name: str) -> str | None:
+def description_of(fds: layout.AreaFds, name: str) -> str | None:
     """The description ``env.json`` of ``name`` holds (``fds`` of ``layout.RootArea.open``);
     None too when its directory cannot be read (a hand-made name, a tampered directory)."""
     try:

@@ -43,10 +43,10 @@ class Area:
         return freeze.Target.of(self.config.requests_root)
 
     @contextlib.contextmanager
-    def open(self) -> Iterator[tuple[layout.RootArea, dict[str, int], freeze.Store]]:
+    def open(self) -> Iterator[tuple[layout.RootArea, layout.AreaFds, freeze.Store]]:
         area = layout.RootArea(self.config.requests_root.path)
         with area.open() as fds:
-            store = freeze.Store.in_area(area, fds["area"], self.target)
+            store = freeze.Store.in_area(area, fds.area, self.target)
             try:
                 yield area, fds, store
             finally:
@@ -66,7 +66,7 @@ def verify(config: Config, name: str, version: str | None) -> dict[str, Any]:
         if env_fd is None:
             raise NotFound(f"no environment {name!r} built by envctl",
                            hint="see: envctl env list")
-        version = version or envs.current(fds[""], name).version
+        version = version or envs.current(fds.root, name).version
         rec = envs.ready(env_fd, version) if version else None
         if rec is None or version is None:
             raise NotFound(f"no built version {version or '(current)'} of {name!r}",
@@ -95,15 +95,15 @@ def verify(config: Config, name: str, version: str | None) -> dict[str, Any]:
             "verified_at": now, **result}
 
 
-def _versions(fds: dict[str, int]) -> Iterator[tuple[str, str, int]]:
+def _versions(fds: layout.AreaFds) -> Iterator[tuple[str, str, int]]:
     """(lock name, directory name, its fd) of every env and of the venv bases' area."""
-    for name in sorted(os.listdir(fds["envs"])):
+    for name in sorted(os.listdir(fds.envs)):
         if is_env_name(name):
             with envs.env_dir(fds, name, create=False) as env_fd:
                 if env_fd is not None:
                     yield name, name, env_fd
     try:
-        base_fd = layout.checked_dir(fds["area"], BASE_DIR, 0o755, BASE_DIR, create=False)
+        base_fd = layout.checked_dir(fds.area, BASE_DIR, 0o755, BASE_DIR, create=False)
     except FileNotFoundError:
         return
     try:
@@ -131,11 +131,11 @@ def freeze_old(config: Config) -> int:
     return done
 
 
-def _freeze_one(area: layout.RootArea, fds: dict[str, int], lock_name: str, dir_fd: int,
+def _freeze_one(area: layout.RootArea, fds: layout.AreaFds, lock_name: str, dir_fd: int,
                 where: str, version: str, store: freeze.Store) -> bool:
     """Freeze one old version under its lock; False when skipped or not freezable (logged:
     it stays serving as it was)."""
-    lock = NameLock(fds["locks"], str(area.root), lock_name or f".base-{version}", "freeze")
+    lock = NameLock(fds.locks, str(area.root), lock_name or f".base-{version}", "freeze")
     try:
         lock.acquire()
     except Conflict:
@@ -183,7 +183,7 @@ def check(config: Config) -> dict[str, list[dict[str, Any]]]:
     failed: list[dict[str, Any]] = []
     with Area(config).open() as (_area, fds, _store):
         for _lock, where, dir_fd in _versions(fds):
-            cur = envs.current(fds[""], where).version if where != BASE_DIR else None
+            cur = envs.current(fds.root, where).version if where != BASE_DIR else None
             for version in envs.versions(dir_fd) if where != BASE_DIR else []:
                 rec = envs.read_record(dir_fd, f"{version}.json")
                 ident = {"name": where, "version": version}

@@ -92,10 +92,10 @@ def kernel_name(env: str) -> str | None:
 # -- whether an env can be a kernel, from what is on disk ---------------------------------------
 
 
-def has_ipykernel(fds: dict[str, int], env: str) -> bool:
+def has_ipykernel(fds: layout.AreaFds, env: str) -> bool:
     """Whether ``env`` in the root (``fds`` of ``layout.RootArea.open``) has ipykernel: its
     current version's record says, else its files do. Nothing of the env runs."""
-    cur = envs.current(fds[""], env)
+    cur = envs.current(fds.root, env)
     if cur.kind == "managed":
         assert cur.version is not None
         with envs.env_dir(fds, env, create=False) as env_fd:
@@ -109,7 +109,7 @@ def has_ipykernel(fds: dict[str, int], env: str) -> bool:
                 return any(isinstance(p, dict) and str(p.get("name", "")).lower() == "ipykernel"
                            for p in packages)
             return launcher_in(env_fd, cur.version)
-    return cur.kind == "unmanaged" and launcher_in(fds[""], env)
+    return cur.kind == "unmanaged" and launcher_in(fds.root, env)
 
 
 def _open_dir(parent: int | None, name: str) -> int | None:
@@ -266,7 +266,7 @@ def sync(config: Config, busy: set[str], limit: float = SYNC_LIMIT) -> SyncResul
     skipped: list[str] = []
     keep: set[str] = set(busy)  # envs whose kernelspecs this sync must not remove
     with layout.RootArea(config.requests_root.path).open() as fds:
-        names = envs.scan_names(fds[""], fds["envs"])
+        names = envs.scan_names(fds.root, fds.envs)
         for i, env in enumerate(names):
             if time.monotonic() >= deadline:
                 log.warning("kernels-sync-limit limit=%g left=%d", limit, len(names) - i)

@@ -55,7 +55,8 @@ from ..quoting import quote_name
 log = logging.getLogger(__name__)
 
 AREA = DAEMON_AREA
-AREA_DIRS = {"locks": 0o700, "envs": 0o755}  # locks: the daemon's alone (see ``jobs.lock``)
+# In AreaFds' order. locks: the daemon's alone (see ``jobs.lock``).
+AREA_DIRS = {"locks": 0o700, "envs": 0o755}
 CACHE_MODE = 0o700  # .envctl/cache: the daemon's alone (see the module docstring)
 
 
@@ -96,6 +97,18 @@ def checked_dir(parent_fd: int | None, path: str, mode: int, shown: str,
     return fd
 
 
+@dataclass(frozen=True)
+class AreaFds:
+    """The directories of an open :class:`RootArea`, as ``O_NOFOLLOW`` fds: the root, its
+    ``.envctl`` (``area``) and the area's subdirectories (``AREA_DIRS``). Valid while the
+    ``RootArea.open()`` that made them is."""
+
+    root: int
+    area: int
+    locks: int
+    envs: int
+
+
 class RootArea:
     """``<root>/.envctl``: name locks and the environments' versions in the shared root."""
 
@@ -103,18 +116,17 @@ class RootArea:
         self.root = root
 
     @contextlib.contextmanager
-    def open(self) -> Iterator[dict[str, int]]:
-        """fds of the root (``""``), ``.envctl`` (``"area"``, see ``open_area``) and its
-        subdirectories."""
-        fds: dict[str, int] = {}
+    def open(self) -> Iterator[AreaFds]:
+        """fds of the root, ``.envctl`` (see ``open_area``) and its subdirectories."""
+        opened: list[int] = []
         try:
-            fds[""] = os.open(self.root, DIR_FLAGS)
-            fds["area"] = self.open_area(fds[""])
+            opened.append(os.open(self.root, DIR_FLAGS))
+            opened.append(self.open_area(opened[0]))
             for sub, mode in AREA_DIRS.items():
-                fds[sub] = checked_dir(fds["area"], sub, mode, f"{self.root}/{AREA}/{sub}")
-            yield fds
+                opened.append(checked_dir(opened[1], sub, mode, f"{self.root}/{AREA}/{sub}"))
+            yield AreaFds(*opened)
         finally:
-            for fd in fds.values():
+            for fd in opened:
                 os.close(fd)
 
     def path(self, *parts: str) -> Path:
@@ -148,9 +160,9 @@ class RootArea:
                             "every request until an admin fixes it", hint=fix,
                             path=str(shown), problem=problem[1])
 
-    def conda_cache(self, fds: dict[str, int]) -> Path:
+    def conda_cache(self, fds: AreaFds) -> Path:
         """``.envctl/cache/conda``, created (or checked) as the daemon's own."""
-        cache = checked_dir(fds["area"], "cache", CACHE_MODE, str(self.path("cache")))
+        cache = checked_dir(fds.area, "cache", CACHE_MODE, str(self.path("cache")))
         try:
             os.close(checked_dir(cache, "conda", 0o755, str(self.path("cache", "conda"))))
         finally:
@@ -293,11 +305,11 @@ def hand_over(parent_fd: int, name: str, uid: int, gid: int) -> int:
     return changed
 
 
-def seal_cache(fds: dict[str, int], since: float) -> int:
+def seal_cache(fds: AreaFds, since: float) -> int:
     """Take group and other write off what a trusted step added to the conda cache since
     ``since`` (a directory changed since then is entered: new entries change its ctime);
     returns how many entries changed."""
-    fd = checked_dir(fds["area"], "cache", CACHE_MODE, "cache", create=False)
+    fd = checked_dir(fds.area, "cache", CACHE_MODE, "cache", create=False)
     try:
         conda = checked_dir(fd, "conda", 0o755, "cache/conda", create=False)
     finally:

@@ -256,7 +256,7 @@ class JobManager:
     def _discard_dead(self, job: Job, say: Callable[[str], None]) -> None:
         area = layout.RootArea(self._config.requests_root.path)
         with area.open() as fds:
-            lock = NameLock(fds["locks"], str(area.root), job.name, job.id)
+            lock = NameLock(fds.locks, str(area.root), job.name, job.id)
             try:
                 lock.acquire()
             except Conflict:  # another host builds this name now: its next build or GC
@@ -465,7 +465,7 @@ class JobManager:
         _refuse_busy(name, self.store.list())
         with self.environments.locked(name, "change") as (fds, env_fd):
             allow(self.environments.owner_of(env_fd))
-            cur = envs.current(fds[""], name)
+            cur = envs.current(fds.root, name)
             rec = envs.ready(env_fd, cur.version) if cur.version is not None else None
         if rec is None or not isinstance(rec.get("spec"), str):
             raise Conflict(f"{name!r} has no current version built from a spec to start from",

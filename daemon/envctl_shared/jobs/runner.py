@@ -158,7 +158,7 @@ class Build:
             for note in spec.notes:
                 self.say(note)
             with self.area.open() as fds:
-                lock = NameLock(fds["locks"], str(self.area.root), job.name, job.id)
+                lock = NameLock(fds.locks, str(self.area.root), job.name, job.id)
                 lock.acquire()
                 try:
                     outcome = self._locked(fds, user, spec)
@@ -183,11 +183,11 @@ class Build:
             self._log_fd = -1
         return outcome
 
-    def _locked(self, fds: dict[str, int], user: procs.BuildUser, spec: EnvSpec) -> Outcome:
+    def _locked(self, fds: layout.AreaFds, user: procs.BuildUser, spec: EnvSpec) -> Outcome:
         job = self.job
         with envs.env_dir(fds, job.name, create=True) as env_fd:
             assert env_fd is not None
-            cur = envs.current(fds[""], job.name)
+            cur = envs.current(fds.root, job.name)
             self._clear_leftovers(env_fd, cur.version)
             if cur.kind == "unmanaged":
                 raise Conflict(f"{job.prefix} is not an environment envctl manages (made by "
@@ -226,7 +226,7 @@ class Build:
         self._publish_kernel()
         return Outcome(State.SUCCEEDED, f"ready at {job.prefix} (version {version})")
 
-    def _note_failure(self, fds: dict[str, int], exc: Exception) -> None:
+    def _note_failure(self, fds: layout.AreaFds, exc: Exception) -> None:
         """A failure that is an existing env's own and not its request's (its tree, the
         filesystem, a bug: not a failed step or test, a refusal or a cancel) is recorded on
         the env (``envs.set_failure``; the name's lock still held): ``env list`` shows it to
@@ -234,14 +234,14 @@ class Build:
         if not _env_fault(exc):
             return
         with contextlib.suppress(OSError, EnvctlError):  # the job says it anyway
-            if envs.current(fds[""], self.job.name).kind != "managed":
+            if envs.current(fds.root, self.job.name).kind != "managed":
                 return  # a first build: no env to report it on
             with envs.env_dir(fds, self.job.name, create=False) as env_fd:
                 if env_fd is not None:
                     envs.set_failure(env_fd, self.job.name, "update",
                                      f"job {self.job.id}: {envs.failure_message(exc)}")
 
-    def _venv_base(self, fds: dict[str, int], ctx: BuildContext,
+    def _venv_base(self, fds: layout.AreaFds, ctx: BuildContext,
                    user: procs.BuildUser) -> BuildContext:
         """The venv's base interpreter is the Python env the daemon keeps in the root
         (``requests.venv_base``), built here with rattler and frozen if this is the first venv
@@ -457,7 +457,7 @@ class Build:
             return
         parent, _, name = rel.rpartition("/")
         with self.area.open() as fds:
-            parent_fd = fsops.open_dir(fds["area"], parent)
+            parent_fd = fsops.open_dir(fds.area, parent)
             try:
                 changed = layout.hand_over(parent_fd, name, user.uid, user.gid)
             finally:
@@ -478,14 +478,14 @@ class Build:
             self._write(line)
         proc.stdout.close()
 
-    def _freeze(self, fds: dict[str, int], dir_fd: int, name: str,
+    def _freeze(self, fds: layout.AreaFds, dir_fd: int, name: str,
                 shown: Path) -> freeze.Frozen:
         """Make the built prefix ``name`` in ``dir_fd`` (at ``shown``) the daemon's and
         read-only (see ``freeze``), its files shared through the root's store; returns its
         digest."""
         self._phase("freezing")
         target = freeze.Target.of(self.config.requests_root)
-        store = freeze.Store.in_area(self.area, fds["area"], target)
+        store = freeze.Store.in_area(self.area, fds.area, target)
         try:
             frozen = freeze.freeze(dir_fd, name, target, str(shown), store)
         finally:
@@ -494,7 +494,7 @@ class Build:
                  f"with the store, digest {frozen.digest}")
         return frozen
 
-    def _finalize(self, fds: dict[str, int], env_fd: int, version: str,
+    def _finalize(self, fds: layout.AreaFds, env_fd: int, version: str,
                   spec: EnvSpec, frozen: freeze.Frozen) -> None:
         """Inventory the version, mark it ready, then switch the stable path to it."""
         job = self.job
@@ -502,7 +502,7 @@ class Build:
                   **frozen.fields()}
         envs.write_record(env_fd, f"{version}.json", record)
         self._check_abort()  # the last moment a cancel can still keep the current version
-        previous = envs.switch(fds[""], env_fd, job.name, version, owner=record["requester"],
+        previous = envs.switch(fds.root, env_fd, job.name, version, owner=record["requester"],
                                description=self.note["description"])
         self.say(f"{job.prefix} now points to {version} ({len(record['packages'])} packages, "
                  f"{record['entries']} entries)" + (f"; {previous} stays on disk until GC"
@@ -571,12 +571,12 @@ def tree_bytes(path: Path) -> int:
         os.close(fd)
 
 
-def discard(job: Job, fds: dict[str, int], say: Callable[[str], None]) -> None:
+def discard(job: Job, fds: layout.AreaFds, say: Callable[[str], None]) -> None:
     """Undo a dead job's build (crash recovery; the caller holds the name's lock): its
     versions that are not current, and whatever else a dead build left of that name."""
     with envs.env_dir(fds, job.name, create=False) as env_fd:
         if env_fd is None:
             return
-        cur = envs.current(fds[""], job.name).version
+        cur = envs.current(fds.root, job.name).version
         for version in envs.clear_dead(env_fd, cur, job_id=job.id):
             say(f"removed the unfinished version {version} of {job.name!r}")
