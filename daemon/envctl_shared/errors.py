@@ -180,3 +180,14 @@ _BY_CODE: dict[str, type[EnvctlError]] = {
                 SocketPermissionDenied, DaemonUnavailable, ProtocolError, BuildFailed,
                 FilesystemError)
 }
+
+
+class NotSupported(EnvctlError):
+    """The daemon does not know an operation a client asked for (a daemon of an older release
+    than the web service or CLI): a page hides what needs it."""
+
+    code = "not-supported"
+    exit_code = EX_UNAVAILABLE
+
+
+_BY_CODE[NotSupported.code] = NotSupported

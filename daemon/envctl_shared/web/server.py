@@ -1,0 +1,80 @@
+"""Start the service from what the hub hands a service: its environment.
+
+Why from the environment: a hub-managed service (``c.JupyterHub.services`` with a
+``command``) gets ``JUPYTERHUB_API_TOKEN``, ``JUPYTERHUB_API_URL``, ``JUPYTERHUB_CLIENT_ID``,
+``JUPYTERHUB_SERVICE_PREFIX``, ``JUPYTERHUB_SERVICE_URL``, ``JUPYTERHUB_OAUTH_CALLBACK_URL``
+(and, with the hub's ``internal_ssl``, ``JUPYTERHUB_SSL_*``); an externally run one is given
+the same variables by whoever runs it (docs/web.md). ``HubOAuth`` reads them; this module only
+refuses to start where they cannot work: no hub to sign people in with, or an ``https`` service
+URL without the certificate the hub would expect it to serve with.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import secrets
+import ssl
+from pathlib import Path
+from urllib.parse import urlparse
+
+from jupyterhub.services.auth import HubOAuth  # type: ignore[import-untyped]
+from jupyterhub.utils import make_ssl_context  # type: ignore[import-untyped]
+from tornado.httpserver import HTTPServer
+
+from ..errors import ConfigError
+from .app import make_app
+from .link import DaemonLink, keep_service_token
+
+log = logging.getLogger(__name__)
+NEEDED = ("JUPYTERHUB_API_TOKEN", "JUPYTERHUB_API_URL", "JUPYTERHUB_CLIENT_ID",
+          "JUPYTERHUB_SERVICE_PREFIX")
+_HINT = ("run it as a JupyterHub service (c.JupyterHub.services with a command), or give an "
+         "external one the variables the hub would: see docs/web.md")
+
+
+def listen_address(ip: str | None, port: int | None) -> tuple[str, int, bool]:
+    """Where to listen: ``--ip``/``--port``, else ``JUPYTERHUB_SERVICE_URL``; and whether
+    it is https."""
+    url = urlparse(os.environ.get("JUPYTERHUB_SERVICE_URL", "http://127.0.0.1:10101"))
+    host = ip if ip is not None else (url.hostname or "127.0.0.1")
+    return host, port if port is not None else (url.port or 10101), url.scheme == "https"
+
+
+def tls_context(https: bool) -> ssl.SSLContext | None:
+    """The hub's internal TLS for an ``https`` service URL; refusing to serve plain HTTP there
+    (the hub and the proxy would speak TLS to us). Plain HTTP where the hub uses it."""
+    if not https:
+        return None
+    cert, key = os.environ.get("JUPYTERHUB_SSL_CERTFILE"), os.environ.get("JUPYTERHUB_SSL_KEYFILE")
+    if not cert or not key:
+        raise ConfigError("the service URL is https, but no certificate was given "
+                          "(JUPYTERHUB_SSL_CERTFILE, JUPYTERHUB_SSL_KEYFILE): refusing to "
+                          "serve without TLS", hint="the hub sets them with internal_ssl; an "
+                          "external service is given its own (docs/web.md)")
+    return make_ssl_context(key, cert, cafile=os.environ.get("JUPYTERHUB_SSL_CLIENT_CA"),
+                            purpose=ssl.Purpose.CLIENT_AUTH)  # type: ignore[no-any-return]
+
+
+def serve(socket: Path, ip: str | None = None, port: int | None = None) -> None:
+    missing = [name for name in NEEDED if not os.environ.get(name)]
+    if missing:
+        raise ConfigError(f"envctl web is a JupyterHub service, and {', '.join(missing)} "
+                          "is not set", hint=_HINT)
+    host, port, https = listen_address(ip, port)
+    context = tls_context(https)
+    HubOAuth.instance()  # reads the service's token and the hub's URLs from the environment
+    keep_service_token()  # ... which no daemon call may fall back to
+    prefix = os.environ["JUPYTERHUB_SERVICE_PREFIX"].rstrip("/") + "/"
+    link = DaemonLink(socket)
+    app = make_app(prefix, link, cookie_secret=secrets.token_bytes(32))
+    server = HTTPServer(app, ssl_options=context, xheaders=True)
+    server.listen(port, host)
+    log.info("web listening url=%s://%s:%d%s socket=%s", "https" if https else "http", host,
+             port, prefix, socket)
+    try:
+        asyncio.get_event_loop_policy().get_event_loop().run_forever()
+    finally:
+        server.stop()
+        link.close()

@@ -1,0 +1,196 @@
+"""envctl as a JupyterHub service, used the way people use it: in a browser, through the hub.
+
+A real JupyterHub starts ``envctl web`` (see ``web_support``); hub users alice and bob sign in
+through the hub's own login form in headless Chromium, and every request the service forwards
+reaches the daemon from one uid with the user's own hub token. The story of issue 20:
+
+- alice sees the list, requests an environment from the form, watches its log to "ready" on
+  the job page (no reload), sees its kernel named on the env page, rolls back;
+- bob sees alice's env without rollback/remove buttons; his forged POST (his own valid
+  ``_xsrf``, alice's env) is refused by the daemon, 403, nothing changed; a POST without the
+  ``_xsrf`` token (what a cross-site form sends) is refused before any daemon call;
+- the HTTP API answers with a hub token and refuses without one (401);
+- with the daemon stopped, pages say it is unavailable (503), and come back by themselves.
+
+Screenshots of the env list and a job page are saved to docs/img/ (shown in the README).
+"""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+from typing import Any
+
+import pytest
+
+from tests.api_support import VENV_SPEC
+from tests.helpers import REPO, wait_for
+from tests.web_support import PASSWORD, WebWorld, browser_factory, web  # noqa: F401
+
+pytestmark = pytest.mark.timeout(600)
+IMG = REPO / "docs" / "img"
+SPEC = VENV_SPEC.replace("- greetlib", "- greetlib\n    - ipykernel")
+ENV = "web-demo"
+
+
+def sign_in(driver: Any, w: WebWorld, user: str) -> None:
+    """Open the service: the hub's login form, then OAuth straight back to the service."""
+    from selenium.webdriver.common.by import By
+    driver.get(w.service)
+    wait_for(lambda: driver.find_elements(By.ID, "username_input"), 60, interval=0.2,
+             what="the hub's login form")
+    driver.find_element(By.ID, "username_input").send_keys(user)
+    driver.find_element(By.ID, "password_input").send_keys(PASSWORD)
+    driver.find_element(By.ID, "login_submit").click()
+    wait_for(lambda: driver.current_url.startswith(w.service) and
+             driver.find_elements(By.CSS_SELECTOR, "nav.navbar"), 60, interval=0.2,
+             what=f"{user} back on the service after signing in")
+    assert driver.find_element(By.ID, "me").text.startswith(user)
+
+
+def env_state(w: WebWorld) -> dict[str, Any]:
+    from envctl_shared.api.client import Client
+    with Client(w.api.sock) as client:  # as root: the truth, not the page
+        return dict(client.call("env-show", name=ENV))
+
+
+def cookie_header(driver: Any) -> str:
+    return "; ".join(f"{c['name']}={c['value']}" for c in driver.get_cookies())
+
+
+def post_form(w: WebWorld, driver: Any, path: str, fields: dict[str, str]) -> int:
+    """A POST with the browser's cookies, as a form from anywhere would send it."""
+    data = "&".join(f"{k}={urllib.request.quote(v)}" for k, v in fields.items()).encode()
+    req = urllib.request.Request(w.service + path, data=data, method="POST", headers={
+        "Cookie": cookie_header(driver), "Content-Type": "application/x-www-form-urlencoded",
+        "Sec-Fetch-Mode": "navigate", "Sec-Fetch-Site": "cross-site"})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            return int(resp.status)
+    except urllib.error.HTTPError as exc:
+        exc.close()
+        return int(exc.code)
+
+
+def test_the_story_in_a_browser(web: WebWorld, browser_factory: Any) -> None:  # noqa: F811
+    from selenium.webdriver.common.by import By
+    w = web
+    alice = browser_factory()
+    sign_in(alice, w, "alice")
+    assert alice.find_elements(By.ID, "no-envs") or alice.find_elements(By.ID, "envs")
+
+    # The request form, then the job page following the build to "ready" without a reload.
+    alice.get(w.service + "new")
+    alice.find_element(By.ID, "name").send_keys(ENV)
+    spec = alice.find_element(By.ID, "spec")
+    alice.execute_script("arguments[0].value = arguments[1]", spec, SPEC)
+    alice.find_element(By.ID, "tests").send_keys("python -c 'import greetlib'")
+    alice.find_element(By.ID, "submit").click()
+    wait_for(lambda: "/jobs/" in alice.current_url, 30, what="the job page")
+    job_url = alice.current_url
+    outcome = alice.find_element(By.ID, "outcome")
+    wait_for(lambda: outcome.is_displayed(), 240, interval=0.5, what="the build's outcome")
+    assert outcome.text == f"Environment {ENV} is ready.", alice.find_element(By.ID, "log").text
+    assert alice.current_url == job_url  # no reload, no navigation
+    assert alice.find_element(By.ID, "state").text == "succeeded"
+    assert alice.find_element(By.ID, "log").text.strip()  # the build log streamed in
+    IMG.mkdir(exist_ok=True)
+    alice.save_screenshot(str(IMG / "web-job.png"))
+
+    # A second version (replace), so there is something to roll back to.
+    alice.get(w.service + "new")
+    alice.find_element(By.ID, "name").send_keys(ENV)
+    alice.execute_script("arguments[0].value = arguments[1]", alice.find_element(By.ID, "spec"),
+                         SPEC.replace("- greetlib\n", "- greetlib==1.0\n"))
+    alice.find_element(By.ID, "replace").click()
+    alice.find_element(By.ID, "submit").click()
+    wait_for(lambda: "/jobs/" in alice.current_url and alice.current_url != job_url, 30,
+             what="the second job page")
+    outcome = alice.find_element(By.ID, "outcome")
+    wait_for(lambda: outcome.is_displayed(), 240, interval=0.5, what="the second build")
+    assert "is ready" in outcome.text
+    assert env_state(w)["current"] == "v2"
+
+    # The list, and the env page with its kernel, versions and buttons.
+    alice.get(w.service)
+    row = alice.find_element(By.CSS_SELECTOR, f"tr[data-env='{ENV}']")
+    assert "ready" in row.text and "alice" in row.text
+    alice.save_screenshot(str(IMG / "web-envs.png"))
+    alice.get(w.service + f"envs/{ENV}")
+    kernel = env_state(w)["kernel"]
+    assert kernel and alice.find_element(By.ID, "kernel").text == kernel
+    assert alice.find_element(By.ID, "current").text == "v2"
+    assert alice.find_elements(By.ID, "remove")
+    alice.find_element(By.CSS_SELECTOR, "#version-v1 .rollback").click()
+    wait_for(lambda: alice.find_element(By.ID, "current").text == "v1", 30,
+             what="the page showing v1 current")
+    assert env_state(w)["current"] == "v1"
+
+    # bob: same uid at the daemon, another hub user. He sees the env, without the buttons.
+    bob = browser_factory()
+    sign_in(bob, w, "bob")
+    bob.get(w.service + f"envs/{ENV}")
+    assert bob.find_element(By.ID, "owner").text.startswith("alice")
+    assert not bob.find_elements(By.ID, "remove")
+    assert not bob.find_elements(By.CSS_SELECTOR, ".rollback")
+    # His forged POST carries his own valid _xsrf (from a page of his): the daemon refuses.
+    bob.get(w.service + "new")
+    xsrf = bob.find_element(By.CSS_SELECTOR, "input[name=_xsrf]").get_attribute("value")
+    bob.execute_script("""
+        const f = document.createElement('form'); f.method = 'post';
+        f.action = arguments[0];
+        for (const [k, v] of [['_xsrf', arguments[1]], ['to', 'v2']]) {
+          const i = document.createElement('input'); i.name = k; i.value = v; f.append(i); }
+        document.body.append(f); f.submit();""", w.service + f"envs/{ENV}/rollback", xsrf)
+    wait_for(lambda: bob.find_elements(By.ID, "error"), 30, what="bob's refusal")
+    error = bob.find_element(By.ID, "error")
+    assert error.get_attribute("data-status") == "403"
+    assert "belongs to hub user alice" in error.text and "hint:" in error.text
+    assert env_state(w)["current"] == "v1"
+    # The same POST without _xsrf, as a cross-site form sends it, with bob's cookies: no user.
+    assert post_form(w, bob, f"envs/{ENV}/remove", {}) == 403
+    assert post_form(w, alice, f"envs/{ENV}/remove", {}) == 403  # even alice's own
+    assert env_state(w)["status"] == "ready"
+    assert "web-demo" in json.dumps(w.http("GET", "api/envs", token=w.hub.token("bob"))[1])
+
+
+def test_the_http_api_needs_a_token_and_maps_errors(web: WebWorld) -> None:
+    token = web.hub.token("bob")
+    assert web.http("GET", "api/envs")[0] == 401
+    status, body = web.http("GET", "api/whoami")
+    assert status == 401 and body["ok"] is False and body["error"]["code"] == "not-signed-in"
+    status, me = web.http("GET", "api/whoami", token=token)
+    assert status == 200 and me["hub_user"] == "bob" and me["hub_verified"] is True
+    status, body = web.http("GET", "api/envs/no-such-env", token=token)
+    assert status == 404 and body["error"]["code"] == "not-found" and body["error"]["hint"]
+    assert body["exit_code"] == 65  # the CLI's --json error document, exit code included
+    status, body = web.http("POST", "api/jobs", token=token, body={"name": "x", "spec": "[:"})
+    assert status == 422, body
+    status, body = web.http("GET", "api/envs", token=token, headers={"X-Ignored": "1"})
+    assert status == 200 and isinstance(body, list)
+    status, body = web.http("POST", "api/gc", token=token, body={"dry_run": True})
+    assert status == 403 and body["error"]["code"] == "not-authorised"
+    # A token the hub never issued: 401 at the service, before the daemon is asked.
+    assert web.http("GET", "api/envs", token="0" * 32)[0] == 401
+
+
+def test_pages_survive_a_daemon_restart(web: WebWorld, browser_factory: Any) -> None:  # noqa: F811
+    from selenium.webdriver.common.by import By
+    token = web.hub.token("alice")
+    driver = browser_factory()
+    sign_in(driver, web, "alice")
+    web.api.daemon.stop()
+    try:
+        status, body = web.http("GET", "api/envs", token=token)
+        assert status == 503 and body["error"]["code"] == "daemon-unavailable"
+        driver.get(web.service)
+        error = driver.find_element(By.ID, "error")
+        assert error.get_attribute("data-status") == "503"
+        assert "daemon is unavailable" in error.text.lower() and "hint:" in error.text
+    finally:
+        web.api.daemon.restart()
+    wait_for(lambda: driver.find_elements(By.CSS_SELECTOR, "h1") and
+             driver.find_element(By.CSS_SELECTOR, "h1").text == "Environments", 30,
+             interval=0.3, what="the page recovering by itself")
+    assert web.http("GET", "api/envs", token=token)[0] == 200
