@@ -43,10 +43,22 @@ def sign_in(driver: Any, w: WebWorld, user: str) -> None:
     driver.find_element(By.ID, "username_input").send_keys(user)
     driver.find_element(By.ID, "password_input").send_keys(PASSWORD)
     driver.find_element(By.ID, "login_submit").click()
-    wait_for(lambda: driver.current_url.startswith(w.service) and
-             driver.find_elements(By.CSS_SELECTOR, "nav.navbar"), 60, interval=0.2,
-             what=f"{user} back on the service after signing in")
+    wait_page(w, driver, lambda: driver.current_url.startswith(w.service) and
+              driver.find_elements(By.CSS_SELECTOR, "nav.navbar"), 60,
+              f"{user} back on the service after signing in")
     assert driver.find_element(By.ID, "me").text.startswith(user)
+
+
+def wait_page(w: WebWorld, driver: Any, pred: Any, timeout: float, what: str) -> None:
+    """wait_for, and on failure say where the browser is, what it shows, and the hub's log
+    (the service's output is in it)."""
+    from selenium.webdriver.common.by import By
+    try:
+        wait_for(pred, timeout, interval=0.2, what=what)
+    except AssertionError as exc:
+        body = driver.find_element(By.TAG_NAME, "body").text
+        raise AssertionError(f"{exc}: at {driver.current_url}: {body[:3000]}\n"
+                             f"{w.web_log()[-3000:]}") from None
 
 
 def env_state(w: WebWorld) -> dict[str, Any]:
@@ -86,11 +98,12 @@ def test_the_story_in_a_browser(web: WebWorld, browser_factory: Any) -> None:  #
     spec = alice.find_element(By.ID, "spec")
     alice.execute_script("arguments[0].value = arguments[1]", spec, SPEC)
     alice.find_element(By.ID, "tests").send_keys("python -c 'import greetlib'")
+    alice.find_element(By.ID, "backend").send_keys("venv")
     alice.find_element(By.ID, "submit").click()
-    wait_for(lambda: "/jobs/" in alice.current_url, 30, what="the job page")
+    wait_page(w, alice, lambda: "/jobs/" in alice.current_url, 30, "the job page")
     job_url = alice.current_url
     outcome = alice.find_element(By.ID, "outcome")
-    wait_for(lambda: outcome.is_displayed(), 240, interval=0.5, what="the build's outcome")
+    wait_page(w, alice, outcome.is_displayed, 240, "the build's outcome")
     assert outcome.text == f"Environment {ENV} is ready.", alice.find_element(By.ID, "log").text
     assert alice.current_url == job_url  # no reload, no navigation
     assert alice.find_element(By.ID, "state").text == "succeeded"
@@ -103,12 +116,13 @@ def test_the_story_in_a_browser(web: WebWorld, browser_factory: Any) -> None:  #
     alice.find_element(By.ID, "name").send_keys(ENV)
     alice.execute_script("arguments[0].value = arguments[1]", alice.find_element(By.ID, "spec"),
                          SPEC.replace("- greetlib\n", "- greetlib==1.0\n"))
+    alice.find_element(By.ID, "backend").send_keys("venv")
     alice.find_element(By.ID, "replace").click()
     alice.find_element(By.ID, "submit").click()
-    wait_for(lambda: "/jobs/" in alice.current_url and alice.current_url != job_url, 30,
-             what="the second job page")
+    wait_page(w, alice, lambda: "/jobs/" in alice.current_url and alice.current_url != job_url,
+              30, "the second job page")
     outcome = alice.find_element(By.ID, "outcome")
-    wait_for(lambda: outcome.is_displayed(), 240, interval=0.5, what="the second build")
+    wait_page(w, alice, outcome.is_displayed, 240, "the second build")
     assert "is ready" in outcome.text
     assert env_state(w)["current"] == "v2"
 
@@ -123,8 +137,8 @@ def test_the_story_in_a_browser(web: WebWorld, browser_factory: Any) -> None:  #
     assert alice.find_element(By.ID, "current").text == "v2"
     assert alice.find_elements(By.ID, "remove")
     alice.find_element(By.CSS_SELECTOR, "#version-v1 .rollback").click()
-    wait_for(lambda: alice.find_element(By.ID, "current").text == "v1", 30,
-             what="the page showing v1 current")
+    wait_page(w, alice, lambda: alice.find_elements(By.ID, "current") and
+              alice.find_element(By.ID, "current").text == "v1", 30, "the page showing v1")
     assert env_state(w)["current"] == "v1"
 
     # bob: same uid at the daemon, another hub user. He sees the env, without the buttons.
@@ -143,7 +157,7 @@ def test_the_story_in_a_browser(web: WebWorld, browser_factory: Any) -> None:  #
         for (const [k, v] of [['_xsrf', arguments[1]], ['to', 'v2']]) {
           const i = document.createElement('input'); i.name = k; i.value = v; f.append(i); }
         document.body.append(f); f.submit();""", w.service + f"envs/{ENV}/rollback", xsrf)
-    wait_for(lambda: bob.find_elements(By.ID, "error"), 30, what="bob's refusal")
+    wait_page(w, bob, lambda: bob.find_elements(By.ID, "error"), 30, "bob's refusal")
     error = bob.find_element(By.ID, "error")
     assert error.get_attribute("data-status") == "403"
     assert "belongs to hub user alice" in error.text and "hint:" in error.text
@@ -190,7 +204,7 @@ def test_pages_survive_a_daemon_restart(web: WebWorld, browser_factory: Any) -> 
         assert "daemon is unavailable" in error.text.lower() and "hint:" in error.text
     finally:
         web.api.daemon.restart()
-    wait_for(lambda: driver.find_elements(By.CSS_SELECTOR, "h1") and
-             driver.find_element(By.CSS_SELECTOR, "h1").text == "Environments", 30,
-             interval=0.3, what="the page recovering by itself")
+    wait_page(web, driver, lambda: driver.find_elements(By.CSS_SELECTOR, "h1") and
+              driver.find_element(By.CSS_SELECTOR, "h1").text == "Environments", 30,
+              "the page recovering by itself")
     assert web.http("GET", "api/envs", token=token)[0] == 200

@@ -4,7 +4,7 @@ Why a module: three rules hold for every call, and they are kept here once.
 
 - Each call carries the signed-in user's hub token, so the daemon asks the hub who it is, as
   for the CLI. The service's own token (``JUPYTERHUB_API_TOKEN``, which ``HubOAuth`` needs) is
-  taken out of the environment at start-up (:func:`keep_service_token`), so a call without a
+  taken out of the environment at start-up (:func:`take_service_token`), so a call without a
   user's token can never fall back to it.
 - The daemon must see the service as a *shared* uid (``jupyterhub.shared_uids``): otherwise it
   would act on the service's own uid for whoever signed in. This is checked with the daemon
@@ -34,7 +34,7 @@ T = TypeVar("T")
 THREADS = 16  # concurrent daemon calls (a follow stream holds one for its length)
 
 
-def keep_service_token() -> str | None:
+def take_service_token() -> str | None:
     """Take the service's own token out of the environment (for ``HubOAuth`` only)."""
     return os.environ.pop(HUB_TOKEN_ENV, None)
 

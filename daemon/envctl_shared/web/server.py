@@ -25,7 +25,7 @@ from tornado.httpserver import HTTPServer
 
 from ..errors import ConfigError
 from .app import make_app
-from .link import DaemonLink, keep_service_token
+from .link import DaemonLink, take_service_token
 
 log = logging.getLogger(__name__)
 NEEDED = ("JUPYTERHUB_API_TOKEN", "JUPYTERHUB_API_URL", "JUPYTERHUB_CLIENT_ID",
@@ -64,8 +64,9 @@ def serve(socket: Path, ip: str | None = None, port: int | None = None) -> None:
                           "is not set", hint=_HINT)
     host, port, https = listen_address(ip, port)
     context = tls_context(https)
-    HubOAuth.instance()  # reads the service's token and the hub's URLs from the environment
-    keep_service_token()  # ... which no daemon call may fall back to
+    # The service's token goes to HubOAuth (its OAuth client secret) and out of the
+    # environment: no daemon call may fall back to it. The hub's URLs come from there too.
+    HubOAuth.instance(api_token=take_service_token())
     prefix = os.environ["JUPYTERHUB_SERVICE_PREFIX"].rstrip("/") + "/"
     link = DaemonLink(socket)
     app = make_app(prefix, link, cookie_secret=secrets.token_bytes(32))
