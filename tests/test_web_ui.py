@@ -32,6 +32,8 @@ pytestmark = pytest.mark.timeout(600)
 IMG = REPO / "docs" / "img"
 SPEC = VENV_SPEC.replace("- greetlib", "- greetlib\n    - ipykernel")
 ENV = "web-demo"
+# A test command is the requester's free text, shown to everyone on the env page and in the log.
+XSS = "echo '<img src=x onerror=document.title=1> </pre><b>bold</b>'"
 
 
 def sign_in(driver: Any, w: WebWorld, user: str) -> None:
@@ -52,9 +54,16 @@ def sign_in(driver: Any, w: WebWorld, user: str) -> None:
 def wait_page(w: WebWorld, driver: Any, pred: Any, timeout: float, what: str) -> None:
     """wait_for, and on failure say where the browser is, what it shows, and the hub's log
     (the service's output is in it)."""
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.common.by import By
+
+    def settled() -> bool:
+        try:
+            return bool(pred())
+        except StaleElementReferenceException:  # the page changed under the look: look again
+            return False
     try:
-        wait_for(pred, timeout, interval=0.2, what=what)
+        wait_for(settled, timeout, interval=0.2, what=what)
     except AssertionError as exc:
         body = driver.find_element(By.TAG_NAME, "body").text
         raise AssertionError(f"{exc}: at {driver.current_url}: {body[:3000]}\n"
@@ -97,7 +106,7 @@ def test_the_story_in_a_browser(web: WebWorld, browser_factory: Any) -> None:  #
     alice.find_element(By.ID, "name").send_keys(ENV)
     spec = alice.find_element(By.ID, "spec")
     alice.execute_script("arguments[0].value = arguments[1]", spec, SPEC)
-    alice.find_element(By.ID, "tests").send_keys("python -c 'import greetlib'")
+    alice.find_element(By.ID, "tests").send_keys("python -c 'import greetlib'\n" + XSS)
     alice.find_element(By.ID, "backend").send_keys("venv")
     alice.find_element(By.ID, "submit").click()
     wait_page(w, alice, lambda: "/jobs/" in alice.current_url, 30, "the job page")
@@ -107,7 +116,10 @@ def test_the_story_in_a_browser(web: WebWorld, browser_factory: Any) -> None:  #
     assert outcome.text == f"Environment {ENV} is ready.", alice.find_element(By.ID, "log").text
     assert alice.current_url == job_url  # no reload, no navigation
     assert alice.find_element(By.ID, "state").text == "succeeded"
-    assert alice.find_element(By.ID, "log").text.strip()  # the build log streamed in
+    assert "<img src=x" in alice.find_element(By.ID, "log").text  # the log streamed in, as text
+    assert not alice.find_elements(By.CSS_SELECTOR, "#log *")
+    badge = alice.find_element(By.ID, "jobs-badge")
+    wait_page(w, alice, lambda: badge.text == f"{ENV} ready", 30, "the jobs badge")
     IMG.mkdir(exist_ok=True)
     alice.save_screenshot(str(IMG / "web-job.png"))
 
@@ -135,6 +147,9 @@ def test_the_story_in_a_browser(web: WebWorld, browser_factory: Any) -> None:  #
     kernel = env_state(w)["kernel"]
     assert kernel and alice.find_element(By.ID, "kernel").text == kernel
     assert alice.find_element(By.ID, "current").text == "v2"
+    v1 = alice.find_element(By.ID, "version-v1")
+    assert XSS in v1.text  # shown as text ...
+    assert not alice.find_elements(By.CSS_SELECTOR, "main img, main b")  # ... never as markup
     assert alice.find_elements(By.ID, "remove")
     alice.find_element(By.CSS_SELECTOR, "#version-v1 .rollback").click()
     wait_page(w, alice, lambda: alice.find_elements(By.ID, "current") and

@@ -87,31 +87,28 @@
   // -- every page: a badge for your builds, which says when one ends -------------------------
   const badge = document.getElementById("jobs-badge");
   const active = new Map();  // id -> name of your jobs seen queued or running
-  let first = true;
+  let done = null;  // the last of them seen ending: stays until the next page
   async function poll() {
     try {
       const jobs = await get("jobs?finished=true");
-      const ended = [];
       let running = 0;
       for (const job of jobs) {
         if (!job.terminal) { running++; active.set(job.id, job.name); }
-        else if (active.has(job.id)) { ended.push(job); active.delete(job.id); }
+        else if (active.has(job.id)) { done = job; active.delete(job.id); }
       }
-      if (ended.length && !first) {
-        const job = ended[ended.length - 1];
-        badge.textContent = job.name + (job.state === "succeeded" ? " ready" : " " + job.state);
-        badge.className = "badge " + (job.state === "succeeded" ? "badge-ok" : "badge-bad");
-        badge.hidden = false;
-      } else if (running) {
+      if (done) {
+        const ok = done.state === "succeeded";
+        badge.textContent = done.name + (ok ? " ready" : " " + done.state);
+        badge.className = "badge " + (ok ? "badge-ok" : "badge-bad");
+      } else {
         badge.textContent = running + " building";
         badge.className = "badge";
-        badge.hidden = false;
       }
-      first = false;
+      badge.hidden = !done && !running;
     } catch (err) {
-      if (err.status !== 503 && err.status !== 401) return;  // not ours to say twice
+      if (err.status !== 503) return;  // signed out, or refused: nothing to follow
     }
-    setTimeout(poll, 3000);
+    setTimeout(poll, 2000);
   }
   poll();
 
