@@ -8,7 +8,8 @@ BIN    := $(VENV)/bin
 # Tests and benchmarks also build our FUSE latency filesystem (bench/latencyfs/) with gcc and
 # libfuse3-dev (+ pkg-config), and mount it with fuse3.
 BUILD_PACKAGES := python3-venv python3-dev gcc
-APT_PACKAGES := $(BUILD_PACKAGES) bindfs fuse3 libfuse3-dev inotify-tools strace libsystemd-dev pkg-config systemd-container tini
+# The web tests (tests/test_web_*.py) sign in through a real JupyterHub in headless Chromium.
+APT_PACKAGES := $(BUILD_PACKAGES) bindfs fuse3 libfuse3-dev inotify-tools strace libsystemd-dev pkg-config systemd-container tini chromium chromium-driver
 PYTEST_ARGS ?=
 
 .PHONY: run demo-config test check deps venv apt bench clean install
@@ -20,7 +21,7 @@ $(BIN)/python:
 # ENVCTL_REQUIRE_EXTENSION=1: the C extension is optional for client-only installs (see setup.py);
 # here it must build, or the healer cannot run.
 venv: $(BIN)/python
-	ENVCTL_REQUIRE_EXTENSION=1 $(BIN)/pip install -q -e '.[daemon,test]'
+	ENVCTL_REQUIRE_EXTENSION=1 $(BIN)/pip install -q -e '.[daemon,web,test]'
 	# systemd-python is optional (journald logging, sd_notify via libsystemd): best effort.
 	$(BIN)/pip install -q -e '.[systemd]' || echo "systemd-python unavailable: falling back to the built-in notify/stderr logging"
 

@@ -41,7 +41,7 @@ def take_service_token() -> str | None:
 
 class Session:
     """Calls on one connection, as one user: ``call`` raises NotSupported for an op the
-    daemon does not know yet (instead of a protocol error)."""
+    daemon does not know yet (instead of a protocol error): the API answers 501."""
 
     def __init__(self, client: Client) -> None:
         self._client = client
@@ -51,15 +51,6 @@ class Session:
             return self._client.call(op, **args)
         except EnvctlError as err:
             raise unsupported(err, op) from None
-
-    def optional(self, op: str, **args: Any) -> Any:
-        """``call``, or None when the daemon does not know ``op`` (pages hide that part)."""
-        try:
-            return self.call(op, **args)
-        except EnvctlError as err:
-            if err.code == "not-supported":
-                return None
-            raise
 
     def stream(self, op: str, **args: Any) -> Iterator[dict[str, Any]]:
         return self._client.stream(op, **args)

@@ -25,15 +25,16 @@ _WORD = r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}"
 # ``claimed_user`` is free text a web client has no use for.
 _NOT_ARGS = frozenset({"follow", "claimed_user"})
 
-# Error code -> HTTP status. 401 (no hub user) is the web layer's own; anything not here is 500.
+# Error code -> HTTP status (every code errors.py knows). 401 (no hub user) is the web layer's
+# own; a code not here (a newer daemon's) is 500.
 STATUS = {
     "not-authorised": 403, "permission-denied": 403,
     "not-found": 404,
     "conflict": 409, "limit-reached": 409,
-    "invalid-request": 422, "protocol-error": 422, "usage": 422,
+    "invalid-request": 422, "protocol-error": 422, "usage": 422, "filesystem-error": 422,
     "not-supported": 501,
     "daemon-unavailable": 503, "socket-permission-denied": 503, "socket-untrusted": 503,
-    "config-invalid": 503,  # the service or the daemon is set up wrong: an admin must look
+    "config-invalid": 503, "extension-missing": 503,  # set up wrong: an admin must look
     "build-failed": 200,  # the job document says how it failed
 }
 
