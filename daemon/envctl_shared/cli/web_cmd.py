@@ -25,6 +25,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[
                    help="address to listen on (default: the host of JUPYTERHUB_SERVICE_URL)")
     p.add_argument("--port", type=int, default=None,
                    help="port to listen on (default: the port of JUPYTERHUB_SERVICE_URL)")
+    p.add_argument("--local", action="store_true",
+                   help="dev-only: no hub; serve on 127.0.0.1 as yourself (your uid, like your "
+                   "CLI), to whoever has the secret URL it prints")
     p.set_defaults(func=run)
 
 
@@ -38,5 +41,5 @@ def run(args: argparse.Namespace) -> int:
                         format="%(asctime)s %(levelname)s %(name)s %(message)s")
     if not args.debug:
         logging.getLogger("tornado.access").setLevel(logging.WARNING)
-    server.serve(socket_path(args.socket), args.ip, args.port)
+    server.serve(socket_path(args.socket), args.ip, args.port, local=args.local)
     return EX_OK

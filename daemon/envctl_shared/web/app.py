@@ -16,6 +16,8 @@ HTTP API and shows a badge when one of your builds ends — no reload, no build 
 from __future__ import annotations
 
 import asyncio
+import getpass
+import hmac
 import json
 import logging
 import threading
@@ -42,19 +44,70 @@ log = logging.getLogger(__name__)
 HERE = Path(__file__).parent
 MAX_STREAMS = 8  # log streams at once (each holds a thread while the build runs)
 MAX_SPEC_BYTES = 256 * 1024  # an upload bigger than this is no environment.yml
+LOCAL_COOKIE = "envctl-local"
 
 
 class Base(HubOAuthenticated, web.RequestHandler):  # type: ignore[misc]
-    """Sign-in by the hub; the daemon call with the signed-in user's token; errors shown."""
+    """Sign-in by the hub; the daemon call with the signed-in user's token; errors shown.
+
+    In the local mode (``envctl web --local``, no hub) the one user is whoever holds the
+    secret printed at start: tornado's own signed cookie and ``_xsrf`` instead of the hub's."""
 
     @property
     def link(self) -> DaemonLink:
         return self.settings["envctl_link"]  # type: ignore[no-any-return]
 
-    def token(self) -> str:
+    @property
+    def local_secret(self) -> str | None:
+        return self.settings.get("envctl_local_secret")
+
+    def get_current_user(self) -> Any:
+        if self.local_secret is None:
+            return super().get_current_user()
+        return self._local_user(self.local_secret)
+
+    def _local_user(self, secret: str) -> dict[str, str] | None:
+        """The secret in the header (scripts), in ``?token=`` (the printed URL: kept in a
+        cookie), or that cookie — with the page's ``_xsrf`` for a write."""
+        user = {"name": getpass.getuser(), "kind": "user"}
+        header = self.request.headers.get("Authorization", "")
+        if hmac.compare_digest(header.encode(), f"token {secret}".encode()):
+            return user
+        query = self.get_query_argument("token", "")
+        if query and self.request.method == "GET" and \
+                hmac.compare_digest(query.encode(), secret.encode()):
+            self.set_secure_cookie(LOCAL_COOKIE, "1", expires_days=None, httponly=True,
+                                   samesite="Strict", path=self.url())
+            return user
+        if self.get_secure_cookie(LOCAL_COOKIE, max_age_days=1) != b"1":
+            return None
+        if self.request.method not in ("GET", "HEAD"):
+            try:
+                web.RequestHandler.check_xsrf_cookie(self)
+            except web.HTTPError:
+                return None
+        return user
+
+    @property
+    def xsrf_token(self) -> bytes:
+        if self.local_secret is None:
+            return super().xsrf_token  # type: ignore[no-any-return]
+        return web.RequestHandler.xsrf_token.fget(self)  # type: ignore[attr-defined,no-any-return]
+
+    def get_login_url(self) -> str:
+        if self.local_secret is None:
+            return super().get_login_url()  # type: ignore[no-any-return]
+        raise web.HTTPError(401, "open the URL 'envctl web --local' printed (with its token)")
+
+    def token(self) -> str | None:
         """The signed-in user's hub token (header or the OAuth cookie): what the daemon
-        verifies. No user, no token: nothing is sent."""
-        token = self.hub_auth.get_token(self) if self.current_user else None
+        verifies. No user, no token: nothing is sent. Local mode: none (the daemon sees the
+        uid that runs the service: the person who started it)."""
+        token = None
+        if self.current_user:
+            if self.local_secret is not None:
+                return None
+            token = self.hub_auth.get_token(self)
         if not token:
             raise NotAuthorised("sign in through JupyterHub, or send a hub API token",
                                 hint="Authorization: token <your JupyterHub API token>")
@@ -301,8 +354,9 @@ class Api(Base):
             raise web.HTTPError(401)
 
 
-def make_app(prefix: str, link: DaemonLink, cookie_secret: bytes) -> web.Application:
-    """Every URL under ``prefix`` (which ends in ``/``)."""
+def make_app(prefix: str, link: DaemonLink, cookie_secret: bytes,
+             local_secret: str | None = None) -> web.Application:
+    """Every URL under ``prefix`` (which ends in ``/``); ``local_secret``: the local mode."""
     by_path: dict[str, dict[str, Route]] = {}
     for route in ROUTES:
         by_path.setdefault(route.pattern, {})[route.method] = route
@@ -311,7 +365,6 @@ def make_app(prefix: str, link: DaemonLink, cookie_secret: bytes) -> web.Applica
     word = r"([A-Za-z0-9][A-Za-z0-9._-]{0,63})"
     pages = [
         (prefix, EnvsPage),
-        (url_path_join(prefix, "oauth_callback"), HubOAuthCallbackHandler),
         (url_path_join(prefix, "envs", word) + "$", EnvPage),
         (url_path_join(prefix, "envs", word, "export.yml") + "$", ExportDownload),
         (url_path_join(prefix, "envs", word, "(rollback|remove|description)") + "$", EnvAction),
@@ -320,8 +373,11 @@ def make_app(prefix: str, link: DaemonLink, cookie_secret: bytes) -> web.Applica
         (url_path_join(prefix, "jobs", word) + "$", JobPage),
         (url_path_join(prefix, "jobs", word, "cancel") + "$", JobCancel),
     ]
+    if local_secret is None:
+        pages.append((url_path_join(prefix, "oauth_callback"), HubOAuthCallbackHandler))
     return web.Application(
         [*api, *pages], cookie_secret=cookie_secret, envctl_link=link, envctl_prefix=prefix,
+        envctl_local_secret=local_secret,
         template_path=str(HERE / "templates"), static_path=str(HERE / "static"),
         static_url_prefix=url_path_join(prefix, "static") + "/",
         default_handler_class=NotFoundPage, xsrf_cookie_kwargs={"path": prefix})

@@ -59,27 +59,30 @@ class Session:
 class DaemonLink:
     """The socket path, the thread pool, and whether the shared-uid rule was checked."""
 
-    def __init__(self, socket: Path, timeout: float = 30.0) -> None:
+    def __init__(self, socket: Path, timeout: float = 30.0, hub: bool = True) -> None:
+        """``hub=False``: the local mode, where the service acts as its own uid (no token)."""
         self.socket = socket
+        self.hub = hub
         self.timeout = timeout
         self._pool = ThreadPoolExecutor(THREADS, thread_name_prefix="envctl-web")
         self._checked = False
         self._lock = threading.Lock()
 
-    async def run(self, token: str, work: Callable[[Session], T]) -> T:
+    async def run(self, token: str | None, work: Callable[[Session], T]) -> T:
         """``work`` on a fresh connection as the user of ``token``, in the pool."""
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._pool, self._run, token, work)
 
-    def run_sync(self, token: str, work: Callable[[Session], T]) -> T:
+    def run_sync(self, token: str | None, work: Callable[[Session], T]) -> T:
         """``run`` from a pool thread (a stream's reader)."""
         return self._run(token, work)
 
-    def _run(self, token: str, work: Callable[[Session], T]) -> T:
-        if not token:
+    def _run(self, token: str | None, work: Callable[[Session], T]) -> T:
+        if self.hub and not token:
             raise ConfigError("no hub token to forward")  # the handlers never get here
         try:
-            self._check_shared_uid()
+            if self.hub:
+                self._check_shared_uid()
             with Client(self.socket, timeout=self.timeout, hub_token=token) as client:
                 return work(Session(client))
         except DaemonUnavailable:
