@@ -42,12 +42,17 @@ deps: apt venv
 # quick start is the same text).
 DEMO ?= var
 DEMO_BUILD_USER ?= envctl-demo
+# The web UI next to the demo daemon: `envctl web --local` (no hub: loopback only, as you, to
+# whoever has the URL with the secret it prints; docs/web.md).
+WEB_PORT ?= 8765
 run:
 	@$(MAKE) --no-print-directory apt APT_PACKAGES="$(BUILD_PACKAGES)"
 	@$(MAKE) --no-print-directory venv
 	@$(MAKE) --no-print-directory demo-config
 	@cat config/quickstart.sh
-	$(BIN)/envctld --config $(DEMO)/dev.yaml
+	@$(BIN)/envctl --socket "$(abspath $(DEMO))/run/envctld.sock" web --local --port $(WEB_PORT) & \
+	  web=$$!; trap 'kill $$web 2>/dev/null' EXIT INT TERM; \
+	  $(BIN)/envctld --config $(DEMO)/dev.yaml
 
 demo-config:
 	@mkdir -p $(DEMO)/envs $(DEMO)/run

@@ -26,8 +26,9 @@ import pytest
 
 from tests.api_support import VENV_SPEC
 from tests.helpers import REPO, wait_for
-from tests.web_support import PASSWORD, WebWorld, browser_factory, web  # noqa: F401
+from tests.web_support import PASSWORD, WebWorld
 
+pytest_plugins = ("tests.web_support",)  # web, browser_factory
 pytestmark = pytest.mark.timeout(600)
 IMG = REPO / "docs" / "img"
 SPEC = VENV_SPEC.replace("- greetlib", "- greetlib\n    - ipykernel")
@@ -94,7 +95,7 @@ def post_form(w: WebWorld, driver: Any, path: str, fields: dict[str, str]) -> in
         return int(exc.code)
 
 
-def test_the_story_in_a_browser(web: WebWorld, browser_factory: Any) -> None:  # noqa: F811
+def test_the_story_in_a_browser(web: WebWorld, browser_factory: Any) -> None:
     from selenium.webdriver.common.by import By
     w = web
     alice = browser_factory()
@@ -204,7 +205,7 @@ def test_the_http_api_needs_a_token_and_maps_errors(web: WebWorld) -> None:
     assert web.http("GET", "api/envs", token="0" * 32)[0] == 401
 
 
-def test_pages_survive_a_daemon_restart(web: WebWorld, browser_factory: Any) -> None:  # noqa: F811
+def test_pages_survive_a_daemon_restart(web: WebWorld, browser_factory: Any) -> None:
     from selenium.webdriver.common.by import By
     token = web.hub.token("alice")
     driver = browser_factory()

@@ -4,8 +4,9 @@ The hub (PyPI ``jupyterhub`` with the PyPI ``configurable-http-proxy``) runs on 
 the dummy authenticator and a fixed password; it starts ``envctl web`` itself (a ``command``
 service) as an account of the module's own (``envw<pid>``: a service lives as long as the
 module, and no process of the test accounts may outlive a test) — the uid every hub user's
-request reaches the daemon with, listed in the daemon's ``jupyterhub.shared_uids``. Hub users ``alice`` and ``bob`` are both in the hub group
-``builders`` (``requests.allow_hub_groups``); nothing but the hub tells them apart.
+request reaches the daemon with, listed in the daemon's ``jupyterhub.shared_uids``. Hub users
+``alice`` and ``bob`` are both in the hub group ``builders`` (``requests.allow_hub_groups``);
+nothing but the hub tells them apart.
 
 The browser is Debian's headless Chromium driven by selenium through ``chromium-driver``, with
 a fresh profile per user.
@@ -17,8 +18,8 @@ import json
 import os
 import pwd
 import secrets
-import signal
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -159,10 +160,8 @@ def web(accounts: Accounts) -> Iterator[WebWorld]:
             hub.call("POST", "/groups/builders", {"users": ["alice", "bob"]})
             world = WebWorld(hub, api, f"http://127.0.0.1:{ports['public_port']}", accounts)
 
-            def serving() -> bool:
-                status, _ = world.http("GET", "api/ping")
-                return status == 401  # the service answers (and wants a user)
-            wait_for(serving, 60, interval=0.2, what="envctl web behind the proxy")
+            wait_for(lambda w=world: w.http("GET", "api/ping")[0] == 401, 60, interval=0.2,
+                     what="envctl web behind the proxy (answering: sign in)")
             yield world
     finally:
         if hub is not None:
