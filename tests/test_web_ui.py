@@ -28,7 +28,7 @@ from tests.api_support import VENV_SPEC
 from tests.helpers import REPO, wait_for
 from tests.web_support import PASSWORD, WebWorld
 
-pytest_plugins = ("tests.web_support",)  # web, browser_factory
+pytest_plugins = ("tests.fixtures_web",)  # web, browser_factory
 pytestmark = pytest.mark.timeout(600)
 IMG = REPO / "docs" / "img"
 SPEC = VENV_SPEC.replace("- greetlib", "- greetlib\n    - ipykernel")
@@ -203,6 +203,21 @@ def test_the_http_api_needs_a_token_and_maps_errors(web: WebWorld) -> None:
     assert status == 403 and body["error"]["code"] == "not-authorised"
     # A token the hub never issued: 401 at the service, before the daemon is asked.
     assert web.http("GET", "api/envs", token="0" * 32)[0] == 401
+    # A build from the API, its log streamed as JSON lines to the end, then a conflict.
+    status, job = web.http("POST", "api/jobs", token=token, body={
+        "name": "api-env", "spec": VENV_SPEC, "backend": "venv"})
+    assert status == 200 and job["hub_user"] == "bob", job
+    req = urllib.request.Request(web.service + f"api/jobs/{job['id']}/logs?follow=true",
+                                 headers={"Authorization": f"token {token}"})
+    with urllib.request.urlopen(req, timeout=120) as resp:
+        assert resp.headers["Content-Type"].startswith("application/x-ndjson")
+        lines = [json.loads(line) for line in resp]
+    assert lines[-1]["end"] is True and lines[-1]["ok"] is True
+    assert "greetlib" in "".join(m["data"].get("text", "") for m in lines if m.get("event"))
+    status, done = web.http("GET", f"api/jobs/{job['id']}", token=token)
+    assert status == 200 and done["state"] == "succeeded"
+    status, body = web.http("DELETE", f"api/jobs/{job['id']}", token=token)
+    assert status == 409 and body["error"]["code"] == "conflict"
 
 
 def test_pages_survive_a_daemon_restart(web: WebWorld, browser_factory: Any) -> None:

@@ -2,9 +2,9 @@
 
 The hub (PyPI ``jupyterhub`` with the PyPI ``configurable-http-proxy``) runs on loopback with
 the dummy authenticator and a fixed password; it starts ``envctl web`` itself (a ``command``
-service) as an account of the module's own (``envw<pid>``: a service lives as long as the
-module, and no process of the test accounts may outlive a test) — the uid every hub user's
-request reaches the daemon with, listed in the daemon's ``jupyterhub.shared_uids``. Hub users
+service) as ``nobody`` (not a test account: the service lives as long as the module, and no
+process of the test accounts may outlive a test) — the uid every hub user's request reaches
+the daemon with, listed in this daemon's ``jupyterhub.shared_uids``. Hub users
 ``alice`` and ``bob`` are both in the hub group ``builders`` (``requests.allow_hub_groups``);
 nothing but the hub tells them apart.
 
@@ -15,27 +15,18 @@ a fresh profile per user.
 from __future__ import annotations
 
 import json
-import os
-import pwd
 import secrets
-import shutil
-import signal
 import socket
 import subprocess
-import tempfile
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import pytest
-
-from tests.api_support import ApiDaemon, start_api_daemon
+from tests.api_support import ApiDaemon
 from tests.conftest import Accounts
-from tests.helpers import REPO, VENV_BIN, live_processes, wait_for
-from tests.jobs_support import write_wheel
+from tests.helpers import REPO, VENV_BIN, wait_for
 from tests.test_hub_identity import Hub
 
 PASSWORD = "envctl-web-tests"
@@ -137,41 +128,6 @@ def start_web_hub(base: Path, api: ApiDaemon, web_user: str, ports: dict[str, in
     return hub
 
 
-@pytest.fixture(scope="module")
-def web(accounts: Accounts) -> Iterator[WebWorld]:
-    base = Path(tempfile.mkdtemp(dir="/tmp", prefix="envctl-web-"))
-    ports = {"public_port": free_port(), "hub_port": free_port(),
-             "proxy_api_port": free_port(), "web_port": free_port()}
-    api_url = f"http://127.0.0.1:{ports['hub_port']}/hub/api"
-    web_user = f"envw{os.getpid()}"
-    subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin",
-                    web_user], check=True)
-    extra = {"jupyterhub": {"api_url": api_url, "shared_uids": [pwd.getpwnam(web_user).pw_uid],
-                            "timeout": 5, "cache_seconds": 30},
-             "kernels": {"dir": str(base / "kernels")}}
-    hub: Hub | None = None
-    try:
-        for api in start_api_daemon(accounts, extra=extra, allow_groups=[],
-                                    allow_hub_groups=["builders"]):
-            # A wheel named ipykernel: the env it is in gets a kernelspec (nothing runs it).
-            # (The hub makes alice and bob: its allowed_users.)
-            write_wheel(api.base / "wheelhouse", "ipykernel")
-            hub = start_web_hub(base, api, web_user, ports)
-            hub.call("POST", "/groups/builders", {"users": ["alice", "bob"]})
-            world = WebWorld(hub, api, f"http://127.0.0.1:{ports['public_port']}", accounts)
-
-            wait_for(lambda w=world: w.http("GET", "api/ping")[0] == 401, 60, interval=0.2,
-                     what="envctl web behind the proxy (answering: sign in)")
-            yield world
-    finally:
-        if hub is not None:
-            stop_hub(hub)
-        for pid in live_processes({pwd.getpwnam(web_user).pw_uid}):
-            os.kill(pid, signal.SIGKILL)  # only the service's account: nothing else runs as it
-        subprocess.run(["userdel", "-f", web_user], check=False, capture_output=True)
-        shutil.rmtree(base, ignore_errors=True)
-
-
 def stop_hub(hub: Hub) -> None:
     """SIGTERM first: the hub stops the services it started; then whatever is left is killed."""
     hub.proc.terminate()
@@ -186,32 +142,3 @@ CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic
                   "--no-first-run", "--disable-background-networking",
                   "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage",
                   "--window-size=1280,900")
-
-
-@pytest.fixture
-def browser_factory() -> Iterator[Any]:
-    """``new()`` gives a fresh headless Chromium (its own profile); all quit at the end."""
-    webdriver = pytest.importorskip("selenium.webdriver")
-    if shutil.which("chromedriver") is None or shutil.which("chromium") is None:
-        pytest.skip("chromium and chromium-driver are not installed (make deps installs them)")
-    drivers = []
-    profiles = []
-
-    def new() -> Any:
-        profile = tempfile.mkdtemp(prefix="envctl-chromium-")
-        profiles.append(profile)
-        options = webdriver.ChromeOptions()
-        options.binary_location = shutil.which("chromium")
-        for flag in (*CHROMIUM_FLAGS, f"--user-data-dir={profile}"):
-            options.add_argument(flag)
-        service = webdriver.ChromeService(executable_path=shutil.which("chromedriver"))
-        driver = webdriver.Chrome(options=options, service=service)
-        driver.set_page_load_timeout(60)
-        drivers.append(driver)
-        return driver
-
-    yield new
-    for driver in drivers:
-        driver.quit()
-    for profile in profiles:
-        shutil.rmtree(profile, ignore_errors=True)

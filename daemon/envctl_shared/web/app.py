@@ -325,6 +325,8 @@ class Api(Base):
                     if not started:
                         raise item
                     item = {**error_document(item), "end": True}
+                else:
+                    item = {"ok": True, **item}  # the protocol's lines (the client drops ok)
                 started = True
                 self.write(json.dumps(item) + "\n")
                 await self.flush()
