@@ -34,6 +34,7 @@ IMG = REPO / "docs" / "img"
 SPEC = VENV_SPEC.replace("- greetlib", "- greetlib\n    - ipykernel")
 ENV = "web-demo"
 # A test command is the requester's free text, shown to everyone on the env page and in the log.
+DESCRIPTION = "Demo of <the web UI> & its tests"
 XSS = "echo '<img src=x onerror=document.title=1> </pre><b>bold</b>'"
 
 
@@ -109,6 +110,9 @@ def test_the_story_in_a_browser(web: WebWorld, browser_factory: Any) -> None:
     alice.execute_script("arguments[0].value = arguments[1]", spec, SPEC)
     alice.find_element(By.ID, "tests").send_keys("python -c 'import greetlib'\n" + XSS)
     alice.find_element(By.ID, "backend").send_keys("venv")
+    described = alice.find_elements(By.ID, "description")  # where the protocol has it
+    if described:
+        described[0].send_keys(DESCRIPTION)
     alice.find_element(By.ID, "submit").click()
     wait_page(w, alice, lambda: "/jobs/" in alice.current_url, 30, "the job page")
     job_url = alice.current_url
@@ -130,6 +134,8 @@ def test_the_story_in_a_browser(web: WebWorld, browser_factory: Any) -> None:
     alice.execute_script("arguments[0].value = arguments[1]", alice.find_element(By.ID, "spec"),
                          SPEC.replace("- greetlib\n", "- greetlib==1.0\n"))
     alice.find_element(By.ID, "backend").send_keys("venv")
+    if described:
+        alice.find_element(By.ID, "description").send_keys(DESCRIPTION)
     alice.find_element(By.ID, "replace").click()
     alice.find_element(By.ID, "submit").click()
     wait_page(w, alice, lambda: "/jobs/" in alice.current_url and alice.current_url != job_url,
@@ -148,6 +154,8 @@ def test_the_story_in_a_browser(web: WebWorld, browser_factory: Any) -> None:
     kernel = env_state(w)["kernel"]
     assert kernel and alice.find_element(By.ID, "kernel").text == kernel
     assert alice.find_element(By.ID, "current").text == "v2"
+    if described:  # shown as the owner typed it, as text
+        assert alice.find_element(By.ID, "description").text == DESCRIPTION
     v1 = alice.find_element(By.ID, "version-v1")
     assert XSS in v1.text  # shown as text ...
     assert not alice.find_elements(By.CSS_SELECTOR, "main img, main b")  # ... never as markup

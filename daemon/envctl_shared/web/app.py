@@ -32,6 +32,7 @@ from jupyterhub.utils import url_path_join  # type: ignore[import-untyped]
 from tornado import web
 
 from .. import __version__
+from ..api import protocol
 from ..cli.env_cmd import _size as size_text
 from ..cli.env_cmd import _who as who_text
 from ..cli.output import error_document, hint_of, local_time
@@ -202,7 +203,10 @@ class NewRequest(Page):
     @web.authenticated
     async def get(self) -> None:
         me = await self.daemon(lambda s: s.call("whoami"))
-        self.render_page("new.html", me=me, form={})
+        # The description field only where this release's protocol has it (a daemon of an
+        # older one says so in its error if it is given one anyway).
+        self.render_page("new.html", me=me, form={},
+                         describe="description" in protocol.OPS["create"].args)
 
     @web.authenticated
     async def post(self) -> None:

@@ -34,7 +34,7 @@ STATUS = {
     "invalid-request": 422, "protocol-error": 422, "usage": 422, "filesystem-error": 422,
     "not-supported": 501,
     "daemon-unavailable": 503, "socket-permission-denied": 503, "socket-untrusted": 503,
-    "config-invalid": 503, "extension-missing": 503,  # set up wrong: an admin must look
+    "config-invalid": 503, "extension-missing": 503, "area-untrusted": 503,  # an admin must look
     "build-failed": 200,  # the job document says how it failed
 }
 
