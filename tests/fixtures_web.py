@@ -45,6 +45,7 @@ def web(accounts: Accounts) -> Iterator[WebWorld]:
             # A wheel named ipykernel: the env it is in gets a kernelspec (nothing runs it).
             # (The hub makes alice and bob: its allowed_users.)
             write_wheel(api.base / "wheelhouse", "ipykernel")
+            write_wheel(api.base / "wheelhouse", "colorlib")  # what a second version adds
             hub = start_web_hub(base, api, web_user, ports)
             hub.call("POST", "/groups/builders", {"users": ["alice", "bob"]})
             world = WebWorld(hub, api, f"http://127.0.0.1:{ports['public_port']}", accounts)

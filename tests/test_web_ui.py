@@ -132,7 +132,7 @@ def test_the_story_in_a_browser(web: WebWorld, browser_factory: Any) -> None:
     alice.get(w.service + "new")
     alice.find_element(By.ID, "name").send_keys(ENV)
     alice.execute_script("arguments[0].value = arguments[1]", alice.find_element(By.ID, "spec"),
-                         SPEC.replace("- greetlib\n", "- greetlib==1.0\n"))
+                         SPEC.replace("- greetlib\n", "- greetlib==1.0\n    - colorlib\n"))
     alice.find_element(By.ID, "backend").send_keys("venv")
     if described:
         alice.find_element(By.ID, "description").send_keys(DESCRIPTION)
@@ -156,6 +156,10 @@ def test_the_story_in_a_browser(web: WebWorld, browser_factory: Any) -> None:
     assert alice.find_element(By.ID, "current").text == "v2"
     if described:  # shown as the owner typed it, as text
         assert alice.find_element(By.ID, "description").text == DESCRIPTION
+    v2 = alice.find_element(By.ID, "version-v2")
+    if "changes" in env_state(w)["versions"][-1]:  # what changed from v1, where the daemon says
+        assert "+ colorlib 1.0" in v2.find_element(By.CSS_SELECTOR, ".changes").text
+    alice.save_screenshot(str(IMG / "web-env.png"))
     v1 = alice.find_element(By.ID, "version-v1")
     assert XSS in v1.text  # shown as text ...
     assert not alice.find_elements(By.CSS_SELECTOR, "main img, main b")  # ... never as markup
