@@ -164,6 +164,13 @@ def test_the_story_in_a_browser(web: WebWorld, browser_factory: Any) -> None:
     assert XSS in v1.text  # shown as text ...
     assert not alice.find_elements(By.CSS_SELECTOR, "main img, main b")  # ... never as markup
     assert alice.find_elements(By.ID, "remove")
+    edit = alice.find_elements(By.CSS_SELECTOR, "form.describe input[name=description]")
+    if edit:  # the owner edits the description, where the daemon keeps one
+        edit[0].clear()
+        edit[0].send_keys("edited <by> alice")
+        alice.find_element(By.CSS_SELECTOR, "form.describe button").click()
+        wait_page(w, alice, lambda: [e.text for e in alice.find_elements(By.ID, "description")]
+                  == ["edited <by> alice"], 30, "the edited description")
     alice.find_element(By.CSS_SELECTOR, "#version-v1 .rollback").click()
     wait_page(w, alice, lambda: alice.find_elements(By.ID, "current") and
               alice.find_element(By.ID, "current").text == "v1", 30, "the page showing v1")
@@ -175,7 +182,7 @@ def test_the_story_in_a_browser(web: WebWorld, browser_factory: Any) -> None:
     bob.get(w.service + f"envs/{ENV}")
     assert bob.find_element(By.ID, "owner").text.startswith("alice")
     assert not bob.find_elements(By.ID, "remove")
-    assert not bob.find_elements(By.CSS_SELECTOR, ".rollback")
+    assert not bob.find_elements(By.CSS_SELECTOR, ".rollback, form.describe")
     # His forged POST carries his own valid _xsrf (from a page of his): the daemon refuses.
     bob.get(w.service + "new")
     xsrf = bob.find_element(By.CSS_SELECTOR, "input[name=_xsrf]").get_attribute("value")
@@ -195,6 +202,13 @@ def test_the_story_in_a_browser(web: WebWorld, browser_factory: Any) -> None:
     assert post_form(w, alice, f"envs/{ENV}/remove", {}) == 403  # even alice's own
     assert env_state(w)["status"] == "ready"
     assert "web-demo" in json.dumps(w.http("GET", "api/envs", token=w.hub.token("bob"))[1])
+    # What changed between two versions: where the daemon knows the op; else 501, not an error
+    # of the request (the pages then show nothing of it).
+    status, diff = w.http("GET", f"api/envs/{ENV}/diff?from=v1&to=v2", token=w.hub.token("bob"))
+    if status == 501:
+        assert diff["error"]["code"] == "not-supported" and "env-diff" in diff["error"]["message"]
+    else:
+        assert status == 200 and [p["name"] for p in diff["added"]] == ["colorlib"], diff
 
 
 def test_the_http_api_needs_a_token_and_maps_errors(web: WebWorld) -> None:
