@@ -14,7 +14,13 @@ from collections.abc import Iterator
 
 import pytest
 from envctl_shared.api import protocol
-from envctl_shared.errors import _BY_CODE, ConfigError, ProtocolError, ValidationError
+from envctl_shared.errors import (
+    _BY_CODE,
+    ConfigError,
+    NotSupported,
+    ProtocolError,
+    ValidationError,
+)
 from envctl_shared.web import routes
 
 from tests.api_support import ApiDaemon, start_api_daemon
@@ -65,6 +71,8 @@ def test_an_op_the_daemon_does_not_know_is_not_supported() -> None:
     assert err.code == "not-supported" and routes.http_status(err) == 501
     other = ProtocolError("list: argument 'all' must be bool, not str")
     assert routes.unsupported(other, "list") is other
+    with pytest.raises(NotSupported, match="'no-such-op'"):  # a route newer than the table
+        routes.arguments(routes.Route("GET", "x", "no-such-op"), {}, {}, b"")
 
 
 @pytest.fixture(scope="module")

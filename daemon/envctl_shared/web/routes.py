@@ -104,7 +104,10 @@ def arguments(route: Route, params: dict[str, str], query: dict[str, list[bytes]
     Query values are converted to the argument's type (``true``/``false``, integers); the
     daemon checks every value again, as it does for any client."""
     op = protocol.OPS.get(route.op)
-    known = {} if op is None else {k: a for k, a in op.args.items() if k not in _NOT_ARGS}
+    if op is None:  # a route of a newer release than this protocol table
+        raise NotSupported(f"this envctl does not know the operation {route.op!r} yet",
+                           hint="upgrade envctl (the web service and the daemon)")
+    known = {k: a for k, a in op.args.items() if k not in _NOT_ARGS}
     if route.method in ("POST", "PUT") and body.strip():
         try:
             data = json.loads(body)
