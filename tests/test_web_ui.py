@@ -56,14 +56,14 @@ def sign_in(driver: Any, w: WebWorld, user: str) -> None:
 def wait_page(w: WebWorld, driver: Any, pred: Any, timeout: float, what: str) -> None:
     """wait_for, and on failure say where the browser is, what it shows, and the hub's log
     (the service's output is in it)."""
-    from selenium.common.exceptions import StaleElementReferenceException
+    from selenium.common.exceptions import WebDriverException
     from selenium.webdriver.common.by import By
 
     def settled() -> bool:
         try:
             return bool(pred())
-        except StaleElementReferenceException:  # the page changed under the look: look again
-            return False
+        except WebDriverException:  # the page changed under the look (stale, detached nodes):
+            return False  # look again; a page that never settles times out with what it shows
     try:
         wait_for(settled, timeout, interval=0.2, what=what)
     except AssertionError as exc:
@@ -164,6 +164,9 @@ def test_the_story_in_a_browser(web: WebWorld, browser_factory: Any) -> None:
     assert XSS in v1.text  # shown as text ...
     assert not alice.find_elements(By.CSS_SELECTOR, "main img, main b")  # ... never as markup
     assert alice.find_elements(By.ID, "remove")
+    alice.find_element(By.ID, "remove").click()  # asks first; dismissed: nothing happens
+    alice.switch_to.alert.dismiss()
+    assert env_state(w)["status"] == "ready"
     edit = alice.find_elements(By.CSS_SELECTOR, "form.describe input[name=description]")
     if edit:  # the owner edits the description, where the daemon keeps one
         edit[0].clear()

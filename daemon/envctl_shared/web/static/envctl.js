@@ -112,6 +112,11 @@
   }
   poll();
 
+  // -- forms that ask first (no inline handlers: the pages' CSP allows none) ----------------
+  for (const form of document.querySelectorAll("form[data-confirm]")) {
+    form.addEventListener("submit", (e) => { if (!confirm(form.dataset.confirm)) e.preventDefault(); });
+  }
+
   // -- an error page for an unavailable daemon tries again ------------------------------------
   const error = document.getElementById("error");
   if (error && error.dataset.status === "503") {
