@@ -186,6 +186,12 @@ def test_the_story_in_a_browser(web: WebWorld, browser_factory: Any) -> None:
     assert bob.find_element(By.ID, "owner").text.startswith("alice")
     assert not bob.find_elements(By.ID, "remove")
     assert not bob.find_elements(By.CSS_SELECTOR, ".rollback, form.describe")
+    # His jobs are none; everyone's (he may build, so he may see them) are alice's two.
+    bob.get(w.service + "jobs")
+    assert not bob.find_elements(By.CSS_SELECTOR, "#jobs tbody tr")
+    bob.find_element(By.LINK_TEXT, "Everyone's").click()
+    rows = bob.find_elements(By.CSS_SELECTOR, "#jobs tbody tr")
+    assert len(rows) == 2 and all(ENV in r.text and "alice" in r.text for r in rows)
     # His forged POST carries his own valid _xsrf (from a page of his): the daemon refuses.
     bob.get(w.service + "new")
     xsrf = bob.find_element(By.CSS_SELECTOR, "input[name=_xsrf]").get_attribute("value")
