@@ -36,7 +36,7 @@ from ..api import protocol
 from ..cli.env_cmd import _size as size_text
 from ..cli.env_cmd import _who as who_text
 from ..cli.output import error_document, hint_of, local_time
-from ..errors import EnvctlError, NotAuthorised, ValidationError
+from ..errors import EnvctlError, LimitReached, NotAuthorised, ValidationError
 from ..jobs import envs
 from .link import DaemonLink, Session
 from .routes import ROUTES, Route, arguments, http_status
@@ -165,7 +165,8 @@ class EnvsPage(Page):
 
 
 def _owns(me: dict[str, Any], owner: Any) -> bool:
-    """Whether the rollback/remove buttons are shown (the daemon decides either way)."""
+    """Whether a page shows the owner's buttons (rollback, remove, cancel): the daemon's own
+    rule, from what ``whoami`` says; the daemon decides either way."""
     return bool(me.get("is_admin")) or envs.owned_by(owner, me["uid"], me.get("hub_user"))
 
 
@@ -249,8 +250,8 @@ class JobPage(Page):
     @web.authenticated
     async def get(self, job_id: str) -> None:
         me, job = await self.daemon(lambda s: (s.call("whoami"), s.call("get", id=job_id)))
-        self.render_page("job.html", me=me, job=job, may_cancel=bool(me.get("is_admin")) or (
-            job["requester"]["uid"] == me["uid"] and job.get("hub_user") == me.get("hub_user")))
+        owner = {**job["requester"], "hub_user": job.get("hub_user")}
+        self.render_page("job.html", me=me, job=job, may_cancel=_owns(me, owner))
 
 
 class JobCancel(Page):
@@ -309,7 +310,8 @@ class Api(Base):
         """The op's events as JSON lines (``{"event", "data"}`` ..., then ``{"end": true,
         "data"}``), read by a pool thread and written here as they come."""
         if not self._streams.acquire(blocking=False):
-            raise EnvctlError("too many log streams are open", hint="retry in a moment")
+            raise LimitReached(f"{MAX_STREAMS} log streams are open already",
+                               hint="retry in a moment, or read the log without follow")
         try:
             queue: asyncio.Queue[Any] = asyncio.Queue()
             loop = asyncio.get_running_loop()

@@ -71,19 +71,22 @@ class DaemonLink:
     async def run(self, token: str | None, work: Callable[[Session], T]) -> T:
         """``work`` on a fresh connection as the user of ``token``, in the pool."""
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._pool, self._run, token, work)
+        return await loop.run_in_executor(self._pool, self._run, token, work, self.timeout)
 
-    def run_sync(self, token: str | None, work: Callable[[Session], T]) -> T:
-        """``run`` from a pool thread (a stream's reader)."""
-        return self._run(token, work)
+    def run_sync(self, token: str | None, work: Callable[[Session], T],
+                 timeout: float | None = None) -> T:
+        """``run`` from a pool thread: a stream's reader, with no timeout by default (the
+        daemon sends nothing while a build is quiet; the stream ends when the job does)."""
+        return self._run(token, work, timeout)
 
-    def _run(self, token: str | None, work: Callable[[Session], T]) -> T:
+    def _run(self, token: str | None, work: Callable[[Session], T],
+             timeout: float | None) -> T:
         if self.hub and not token:
             raise ConfigError("no hub token to forward")  # the handlers never get here
         try:
             if self.hub:
                 self._check_shared_uid()
-            with Client(self.socket, timeout=self.timeout, hub_token=token) as client:
+            with Client(self.socket, timeout=timeout, hub_token=token) as client:
                 return work(Session(client))
         except DaemonUnavailable:
             self._checked = False  # check again once it is back
