@@ -9,8 +9,12 @@ person: run as root, or as a uid not on ``jupyterhub.shared_uids``.
 
 from __future__ import annotations
 
+import ssl
 import subprocess
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from envctl_shared.api import protocol
@@ -25,7 +29,8 @@ from envctl_shared.web import routes
 
 from tests.api_support import ApiDaemon, start_api_daemon
 from tests.conftest import Accounts
-from tests.helpers import REPO, VENV_BIN
+from tests.helpers import REPO, VENV_BIN, wait_for
+from tests.web_support import free_port
 
 
 def test_every_op_has_a_route_and_the_docs_carry_the_table() -> None:
@@ -107,3 +112,63 @@ def test_the_service_forwards_nothing_for_a_uid_the_daemon_does_not_share(
     res = subprocess.run([str(VENV_BIN / "python"), "-c", LINK_SCRIPT, str(plain_daemon.sock)],
                          capture_output=True, text=True, timeout=60)
     assert res.stdout.startswith("config-invalid\nenvctl web runs as root"), res.stderr
+
+
+HUB_ENV = {"JUPYTERHUB_API_TOKEN": "0123456789abcdef", "JUPYTERHUB_API_URL":
+           "http://127.0.0.1:9/hub/api", "JUPYTERHUB_CLIENT_ID": "service-envctl",
+           "JUPYTERHUB_SERVICE_PREFIX": "/services/envctl/"}
+
+
+def _web(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(VENV_BIN / "envctl"), "web"], capture_output=True, text=True,
+                          timeout=60, env={"PATH": "/usr/bin:/bin",
+                                           "PYTHONPATH": str(REPO / "daemon"), **env})
+
+
+def test_the_service_refuses_to_start_where_it_cannot_work() -> None:
+    """Not run by a hub (nothing to sign people in with); an https service URL (the hub's
+    internal_ssl) without the certificate the hub would hand it: refusing plain HTTP there."""
+    res = _web({})
+    assert res.returncode == 78 and "is a JupyterHub service" in res.stderr, res.stderr
+    assert "JUPYTERHUB_API_TOKEN" in res.stderr and "hint:" in res.stderr
+    res = _web({**HUB_ENV, "JUPYTERHUB_SERVICE_URL": "https://127.0.0.1:10101"})
+    assert res.returncode == 78 and "refusing to serve without TLS" in res.stderr, res.stderr
+
+
+def test_with_the_hubs_certificate_it_serves_tls(tmp_path: Path) -> None:
+    """internal_ssl: the hub hands the service a certificate and the CA of its clients (the
+    proxy and the hub present theirs: mutual TLS, as for a single-user server). One
+    self-signed certificate plays every part here."""
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                    "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+                    "-keyout", str(tmp_path / "key.pem"),
+                    "-out", str(tmp_path / "cert.pem")], check=True, capture_output=True)
+    port = free_port()
+    env = {**HUB_ENV, "JUPYTERHUB_SERVICE_URL": f"https://127.0.0.1:{port}",
+           "JUPYTERHUB_SSL_CERTFILE": str(tmp_path / "cert.pem"),
+           "JUPYTERHUB_SSL_KEYFILE": str(tmp_path / "key.pem"),
+           "JUPYTERHUB_SSL_CLIENT_CA": str(tmp_path / "cert.pem"),
+           "PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO / "daemon")}
+    proc = subprocess.Popen([str(VENV_BIN / "envctl"), "web"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        context = ssl.create_default_context(cafile=str(tmp_path / "cert.pem"))
+        context.load_cert_chain(tmp_path / "cert.pem", tmp_path / "key.pem")
+        url = f"https://127.0.0.1:{port}/services/envctl/api/ping"
+
+        def answers() -> bool:
+            assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+            try:
+                urllib.request.urlopen(url, context=context, timeout=5)
+            except urllib.error.HTTPError as exc:
+                exc.close()
+                return exc.code == 401  # over TLS, and no user
+            except OSError:
+                return False
+            return False
+        wait_for(answers, 30, interval=0.1, what="envctl web over TLS")
+        with pytest.raises(OSError):  # plain HTTP is not served there
+            urllib.request.urlopen(url.replace("https", "http"), timeout=5)
+    finally:
+        proc.kill()
+        proc.communicate(timeout=10)

@@ -351,9 +351,12 @@ class Api(Base):
     def write_error(self, status_code: int, **kwargs: Any) -> None:
         exc = kwargs.get("exc_info", (None, None, None))[1]
         if not isinstance(exc, EnvctlError):
-            text = "sign in: send Authorization: token <hub API token>" if status_code == 401 \
-                else self._reason
-            exc = EnvctlError(text)
+            if status_code == 401:
+                exc = EnvctlError("no hub user: no token, or one JupyterHub does not accept",
+                                  hint="send 'Authorization: token <your JupyterHub API token>' "
+                                  "(a token with access:services!service=envctl)")
+            else:
+                exc = EnvctlError(self._reason)
             exc.code = {401: "not-signed-in", 403: "not-authorised"}.get(  # type: ignore[misc]
                 status_code, "http-error")
         self.set_header("Content-Type", "application/json; charset=utf-8")
