@@ -56,7 +56,7 @@
       }
       document.getElementById("state").textContent = job.state;
       document.getElementById("state").className = "status status-" + job.state;
-      document.getElementById("phase").textContent = job.phase || "-";
+      document.getElementById("phase").textContent = job.phase || (job.terminal ? "ended" : "-");
       document.getElementById("detail").textContent = job.exit_detail || "";
       if (job.phase && seen[seen.length - 1] !== job.phase) {
         seen.push(job.phase);
