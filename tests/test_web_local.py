@@ -82,6 +82,12 @@ def test_local_mode_is_for_the_holder_of_the_url_only(daemon: ApiDaemon,
                                 "backend": "venv"}
         no_token = urllib.parse.urlencode(form).encode()
         assert _open(me, base + "new", no_token)[0] == 403  # a cross-site form's POST
+        # A spec the daemon refuses: the form again, as it was sent (escaped), the refusal on top.
+        bad = {**form, "spec": "dependencies: [</textarea><b>x</b>", "_xsrf": xsrf.group(1)}
+        status, page = _open(me, base + "new", urllib.parse.urlencode(bad).encode())
+        assert status == 422 and 'id="error"' in page and "hint:" in page, page
+        assert "dependencies: [&lt;/textarea&gt;&lt;b&gt;x&lt;/b&gt;</textarea>" in page
+        assert 'value="venv"' in page and 'value="local-env"' in page
         with_token = urllib.parse.urlencode({**form, "_xsrf": xsrf.group(1)}).encode()
         status, page = _open(me, base + "new", with_token)
         assert status == 200 and "Job " in page, page

@@ -212,9 +212,14 @@ class NewRequest(Page):
     @web.authenticated
     async def get(self) -> None:
         me = await self.daemon(lambda s: s.call("whoami"))
-        # The description field only where this release's protocol has it (a daemon of an
-        # older one says so in its error if it is given one anyway).
-        self.render_page("new.html", me=me, form={},
+        self._form(me, {}, None)
+
+    def _form(self, me: dict[str, Any], form: dict[str, str], error: EnvctlError | None) -> None:
+        """The form, filled with what was sent when the daemon refused it (nothing typed is
+        lost), its refusal above it. The description field only where this release's protocol
+        has it (a daemon of an older one says so in its error if it is given one anyway)."""
+        self.render_page("new.html", me=me, form=form, error=error,
+                         hint=None if error is None else hint_of(error),
                          describe="description" in protocol.OPS["create"].args)
 
     @web.authenticated
@@ -233,7 +238,15 @@ class NewRequest(Page):
             "tests": [t for t in form["tests"].splitlines() if t.strip()],
             "backend": form["backend"].strip() or None,
             "description": form["description"].strip() or None}
-        job = await self.daemon(lambda s: s.call("create", **args))
+        try:
+            job = await self.daemon(lambda s: s.call("create", **args))
+        except EnvctlError as err:
+            if http_status(err) != 422:
+                raise  # not the form's fault: the error page says what is
+            me = await self.daemon(lambda s: s.call("whoami"))
+            self.set_status(422)
+            self._form(me, {**form, "replace": "on" if args["replace"] else ""}, err)
+            return
         self.redirect(self.url("jobs", str(job["id"])))
 
 
