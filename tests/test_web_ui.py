@@ -209,6 +209,14 @@ def test_the_story_in_a_browser(web: WebWorld, browser_factory: Any) -> None:
     # The same POST without _xsrf, as a cross-site form sends it, with bob's cookies: no user.
     assert post_form(w, bob, f"envs/{ENV}/remove", {}) == 403
     assert post_form(w, alice, f"envs/{ENV}/remove", {}) == 403  # even alice's own
+    # The API with the cookie and no _xsrf (what another site's script would send): no user.
+    status, body = w.http("POST", f"api/envs/{ENV}/rollback", body={"to": "v2"},
+                          headers={"Cookie": cookie_header(alice), "Sec-Fetch-Mode": "cors",
+                                   "Sec-Fetch-Site": "cross-site"})
+    assert status == 401 and body["error"]["code"] == "not-signed-in"
+    status, _ = w.http("DELETE", f"api/envs/{ENV}", headers={"Cookie": cookie_header(alice)})
+    assert status == 401
+    assert env_state(w)["current"] == "v1"
     assert env_state(w)["status"] == "ready"
     assert "web-demo" in json.dumps(w.http("GET", "api/envs", token=w.hub.token("bob"))[1])
     # What changed between two versions: where the daemon knows the op; else 501, not an error

@@ -276,17 +276,17 @@ class JobCancel(Page):
 
 class Api(Base):
     """One route of the HTTP API (``routes.ROUTES``): JSON in, JSON out, errors as the CLI's
-    ``--json`` error document with a status that says what kind of failure it is."""
+    ``--json`` error document with a status that says what kind of failure it is.
+
+    With the cookie (the pages' script), HubOAuth accepts a request only with the page's
+    ``_xsrf`` token (``X-XSRFToken``), except a plain navigation: a failed check leaves no
+    user, 401. With a token in the header, none is needed."""
 
     _streams = threading.BoundedSemaphore(MAX_STREAMS)
 
     def initialize(self, routes: dict[str, Route]) -> None:
         self.routes = routes
         self._gone = threading.Event()
-
-    def check_xsrf_cookie(self) -> None:
-        """Cookie-authenticated writes are checked by HubOAuth when it identifies the user
-        (a failed check leaves no user: 401); token-authenticated ones need none."""
 
     def get_login_url(self) -> str:
         raise web.HTTPError(401)

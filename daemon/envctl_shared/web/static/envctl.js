@@ -7,7 +7,9 @@
   const notice = document.getElementById("notice");
 
   async function get(path) {
-    const resp = await fetch(api + path, {headers: {Accept: "application/json"}});
+    // The page's _xsrf: the hub's cookie counts for a script's request only with it.
+    const resp = await fetch(api + path, {headers: {Accept: "application/json",
+                                                    "X-XSRFToken": document.body.dataset.xsrf}});
     const body = await resp.json().catch(() => null);
     if (!resp.ok) {
       const err = new Error(body && body.error ? body.error.message : resp.statusText);
