@@ -36,12 +36,15 @@ deps: apt venv
 
 # Run the daemon in the foreground on the embedded demo config: root, socket, state under ./var/.
 # demo-config renders config/dev.yaml into $(DEMO)/ (its ./ paths are relative to the rendered
-# file); the daemon creates its state dir itself (its own mode). Builds run as you when you are
-# not root, else as $SUDO_USER, else as the demo account $(DEMO_BUILD_USER) (created here: a
-# root daemon never builds as root). config/quickstart.sh is what to try next (the README's
-# quick start is the same text).
+# file); the daemon creates its state dir itself (its own mode). Not root: the demo root is
+# shared with your primary group and builds run as you. As root: with the demo group
+# $(DEMO_GROUP), whose member the demo account $(DEMO_USER) writes into it in the quick start
+# (both created here), and builds run as $SUDO_USER, else as $(DEMO_USER): a root daemon never
+# builds as root, and no demo file is root's group's. config/quickstart.sh is what to try next
+# (the README's quick start is the same text, which names the demo account).
 DEMO ?= var
-DEMO_BUILD_USER ?= envctl-demo
+DEMO_USER := envctl-demo
+DEMO_GROUP := envctl-demo
 # The web UI next to the demo daemon: `envctl web --local` (no hub: loopback only, as you, to
 # whoever has the URL with the secret it prints; docs/web.md).
 WEB_PORT ?= 8765
@@ -56,15 +59,22 @@ run:
 
 demo-config:
 	@mkdir -p $(DEMO)/envs $(DEMO)/run
-	@if [ "$$(id -u)" != 0 ]; then u=$$(id -un); \
-	elif [ -n "$$SUDO_USER" ] && [ "$$SUDO_USER" != root ]; then u=$$SUDO_USER; \
-	else u=$(DEMO_BUILD_USER); id -u $$u >/dev/null 2>&1 || \
-	  useradd --system --no-create-home --shell /usr/sbin/nologin $$u; fi; \
-	if [ "$$(id -u)" = 0 ] && ! setpriv --reuid=$$u --regid=$$(id -g $$u) --clear-groups \
-	    test -x "$(abspath $(DEMO))"; then \
-	  echo "make: builds run as $$u, who cannot reach $(abspath $(DEMO)): use a checkout" \
-	    "others can traverse (not under /root)"; exit 1; fi; \
-	sed -e "s/@GROUP@/$$(id -gn)/g" -e "s/@BUILD_USER@/$$u/" config/dev.yaml > $(DEMO)/dev.yaml
+	@if [ "$$(id -u)" != 0 ]; then u=$$(id -un); g=$$(id -gn); who=$$u; \
+	else g=$(DEMO_GROUP); who="$(DEMO_USER)"; \
+	  getent group $$g >/dev/null || groupadd --system $$g || exit 1; \
+	  id -u $(DEMO_USER) >/dev/null 2>&1 || useradd --system --no-create-home \
+	    --shell /usr/sbin/nologin --gid $$g $(DEMO_USER) || exit 1; \
+	  if ! id -nG $(DEMO_USER) | tr ' ' '\n' | grep -qx $$g; then \
+	    echo "make: the demo account $(DEMO_USER) is not in group $$g:" \
+	      "'usermod -aG $$g $(DEMO_USER)'"; exit 1; fi; \
+	  if [ -n "$$SUDO_USER" ] && [ "$$SUDO_USER" != root ]; then u=$$SUDO_USER; \
+	  else u=$(DEMO_USER); fi; who="$$who $$u"; \
+	  for a in $$who; do \
+	    if ! setpriv --reuid=$$a --regid=$$(id -g $$a) --clear-groups \
+	        test -x "$(abspath $(DEMO))"; then \
+	      echo "make: $$a (builds, or writes in the demo) cannot reach $(abspath $(DEMO)):" \
+	        "use a checkout others can traverse (not under /root)"; exit 1; fi; done; fi; \
+	sed -e "s/@GROUP@/$$g/g" -e "s/@BUILD_USER@/$$u/" config/dev.yaml > $(DEMO)/dev.yaml
 
 test: deps
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

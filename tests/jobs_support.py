@@ -25,11 +25,13 @@ import tarfile
 import tempfile
 import time
 import zipfile
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from envctl_shared.api.auth import Authoriser, EnvTarget
+from envctl_shared.api.protocol import OPS
 from envctl_shared.config import Config, parse
 from envctl_shared.jobs import Job, JobManager, Requester
 
@@ -230,13 +232,17 @@ def _record_line(path: str, data: bytes) -> str:
 
 
 def write_wheel(wheelhouse: Path, name: str, version: str = "1.0",
-                module_source: str = "GREETING = 'hi'\n", requires: tuple[str, ...] = ()) -> Path:
+                module_source: str = "GREETING = 'hi'\n", requires: tuple[str, ...] = (),
+                data: Mapping[str, str] | None = None) -> Path:
     """A pure-Python ``py3-none-any`` wheel with one module ``<name>.py`` (and the
-    ``Requires-Dist`` lines ``requires``), written by hand."""
+    ``Requires-Dist`` lines ``requires``; ``data``: files pip installs relative to the
+    prefix, from the wheel's ``.data/data/``), written by hand."""
     dist = f"{name}-{version}.dist-info"
     metadata = f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n" + "".join(
         f"Requires-Dist: {req}\n" for req in requires)
     files = {
+        **{f"{name}-{version}.data/data/{rel}": text.encode()
+           for rel, text in (data or {}).items()},
         f"{name}.py": module_source.encode(),
         f"{dist}/METADATA": metadata.encode(),
         f"{dist}/WHEEL": b"Wheel-Version: 1.0\nGenerator: envctl-tests\nRoot-Is-Purelib: true\n"
@@ -289,6 +295,13 @@ class JobsEnv:
         groups = (self.accounts.shared_gid,) if who in ("alice", "bob") else ()
         return Requester(uid=user.uid, gid=user.gid, groups=groups, pid=os.getpid(),
                          username=user.name, claimed_user=claimed, is_admin=admin)
+
+    def allow(self, who: Requester, op: str, name: str) -> Callable[[Any], None]:
+        """The API's access check of ``op`` on env ``name``, as the jobs layer is handed it
+        (members of the root's group are requesters)."""
+        cfg = replace(self.config().requests, allow_groups=(self.accounts.shared_group,))
+        auth = Authoriser(cfg)
+        return lambda owner: auth.check(OPS[op], who, EnvTarget(name, owner))
 
 
 @dataclass(frozen=True)

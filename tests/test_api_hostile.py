@@ -34,7 +34,7 @@ from envctl_shared.api import protocol
 from envctl_shared.api.client import Client
 from envctl_shared.config import load
 from envctl_shared.errors import ConfigError, ValidationError
-from envctl_shared.jobs.spec import NAME_RE
+from envctl_shared.names import ENV_NAME_RE
 
 from tests.api_support import ENVCTL, ApiDaemon, start_api_daemon
 from tests.conftest import Accounts, User
@@ -274,7 +274,7 @@ def _request(rng: random.Random) -> bytes:
     if rng.random() < 0.1:
         args[str(_value(rng))[:30]] = _value(rng)
     if name == "create":  # a valid request must never start a build: the name is invalid,
-        if NAME_RE.fullmatch(str(args.get("name"))) or rng.random() < 0.5:  # or exists and is
+        if ENV_NAME_RE.fullmatch(str(args.get("name"))) or rng.random() < 0.5:  # or exists and is
             args["name"] = EXISTING                                       # never replaced
         args.pop("replace", None)
     if name in ("create", "logs"):  # one reply per request

@@ -16,11 +16,12 @@ from pathlib import Path
 
 import pytest
 from envctl_shared.api.client import Client
-from envctl_shared.api.listener import bind_unix
+from envctl_shared.api.listener import bind_unix, parent_problem
 from envctl_shared.api.peercred import peer_cred, proc_groups
 from envctl_shared.api.server import Server
 from envctl_shared.config import SocketConfig, parse
 from envctl_shared.errors import ConfigError, Conflict, DaemonUnavailable, FilesystemError
+from envctl_shared.status import DaemonStatus
 
 from tests.conftest import Accounts
 
@@ -53,9 +54,28 @@ def test_stale_socket_is_replaced_live_one_refused(scratch: Path) -> None:
     second.close()
 
 
+def test_a_missing_socket_directory_is_made_as_runtime_directory_would(scratch: Path) -> None:
+    """/run/envctl outside systemd: made, the daemon's, 0755 (whatever the umask); one level
+    only: a missing grandparent is a typo, refused before anything is made."""
+    path = scratch / "run" / "d.sock"
+    assert parent_problem(path) is None
+    old = os.umask(0o077)
+    try:
+        sock = bind_unix(_cfg(path))
+    finally:
+        os.umask(old)
+    sock.close()
+    st = os.stat(path.parent)
+    assert (st.st_uid, stat.S_IMODE(st.st_mode)) == (os.geteuid(), 0o755)
+    deep = scratch / "missing" / "deeper" / "d.sock"
+    problem = parent_problem(deep)
+    assert problem is not None and "does not exist, nor does" in problem.message
+    with pytest.raises(FilesystemError, match="cannot create socket directory"):
+        bind_unix(_cfg(deep))
+    assert not (scratch / "missing").exists()
+
+
 def test_refuses_unsafe_places(scratch: Path, accounts: Accounts) -> None:
-    with pytest.raises(FilesystemError, match="does not exist"):
-        bind_unix(_cfg(scratch / "missing" / "d.sock"))
     shared = scratch / "shared"
     shared.mkdir()
     os.chmod(shared, 0o777)
@@ -125,7 +145,8 @@ def test_inherited_socket_is_never_unlinked(scratch: Path) -> None:
     inherited = bind_unix(_cfg(path, 0o666))
     cfg = parse({"roots": [{"path": str(scratch), "group": "root"}],
                  "socket": {"path": str(scratch / "unused.sock")}})
-    server = Server(cfg, None, lambda: {"ready": True})
+    status = DaemonStatus.from_dict({"ready": True, "requests_enabled": False})
+    server = Server(cfg, None, lambda: status)
     server.start(inherited)
     try:
         with Client(path, timeout=5) as client:

@@ -70,3 +70,13 @@ def test_encoded_lines_are_single_ascii_lines() -> None:
 def test_docs_carry_the_op_table() -> None:
     doc = (REPO / "docs" / "protocol.md").read_text()
     assert protocol.reference().strip() in doc
+
+
+def test_docs_carry_the_status_objects() -> None:
+    """The status section is generated from the dataclasses the daemon fills: every key, its
+    type and its meaning, in the docs as in the code."""
+    from envctl_shared import status
+
+    doc = (REPO / "docs" / "protocol.md").read_text()
+    assert status.reference().strip() in doc
+    assert "| `roots` | `list[RootStatus]` |" in doc and "| `watches_needed` |" in doc

@@ -1,15 +1,24 @@
 """``make run`` as a demo of the whole product: the rendered demo configuration starts a daemon
 without a single warning (first start and restart), and config/quickstart.sh — what ``make run``
-prints, and what the README's quick start shows verbatim — runs as written: a file written with
-a private umask is healed in the root and left alone elsewhere, and an environment is built.
+prints, and what the README's quick start shows verbatim — runs as written, from a shell whose
+PATH has no envctl: a file written with a private umask is healed in the root and left alone
+elsewhere, an environment is built, and ``envctl doctor`` names who built it. As root the demo
+root's group is the demo group, whose member the demo account writes in it (never ``root``'s
+group, and never a world-writable root).
 """
 
 from __future__ import annotations
 
+import grp
 import os
+import pwd
 import re
+import stat
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
+
+import pytest
 
 from tests.conftest import Accounts
 from tests.daemon_support import Envctld
@@ -29,19 +38,48 @@ def test_readme_quick_start_is_what_make_run_prints() -> None:
     assert "cat config/quickstart.sh" in res.stdout
 
 
-def test_make_run_demo_end_to_end(scratch: Path, accounts: Accounts) -> None:
+DEMO_ACCOUNT = "envctl-demo"  # the demo account and group, as the quick start names them
+
+
+@pytest.fixture
+def demo_account() -> Iterator[None]:
+    """``make demo-config`` as root creates the demo group and account: removed after the test
+    unless they existed before (a developer's own ``make run``)."""
+    def exists() -> tuple[bool, bool]:
+        try:
+            pwd.getpwnam(DEMO_ACCOUNT)
+            user = True
+        except KeyError:
+            user = False
+        try:
+            grp.getgrnam(DEMO_ACCOUNT)
+            return user, True
+        except KeyError:
+            return user, False
+
+    had_user, had_group = exists()
+    yield
+    if not had_user:
+        subprocess.run(["userdel", "-f", DEMO_ACCOUNT], capture_output=True)
+    if not had_group:
+        subprocess.run(["groupdel", DEMO_ACCOUNT], capture_output=True)
+
+
+def test_make_run_demo_end_to_end(scratch: Path, demo_account: None) -> None:
     checkout = scratch / "checkout"  # stands for the checkout: var/ and .venv as make run has
     checkout.mkdir()
     os.chmod(checkout, 0o755)
     (checkout / ".venv").symlink_to(REPO / ".venv")
     var = checkout / "var"
-    res = subprocess.run(["make", "-s", "--no-print-directory", "demo-config", f"DEMO={var}",
-                          f"DEMO_BUILD_USER={accounts.builder.name}"],
+    res = subprocess.run(["make", "-s", "--no-print-directory", "demo-config", f"DEMO={var}"],
                          cwd=REPO, capture_output=True, text=True, env={**os.environ,
                                                                          "SUDO_USER": ""})
     assert res.returncode == 0, res.stderr + res.stdout
     rendered = (var / "dev.yaml").read_text()
-    assert f'build_user: "{accounts.builder.name}"' in rendered and "@" not in rendered
+    assert f'build_user: "{DEMO_ACCOUNT}"' in rendered and "@" not in rendered
+    assert f'group: "{DEMO_ACCOUNT}"' in rendered  # the demo group, not root's
+    demo = pwd.getpwnam(DEMO_ACCOUNT)
+    assert demo.pw_gid == grp.getgrnam(DEMO_ACCOUNT).gr_gid  # the account's own group is it
     daemon = Envctld(var / "dev.yaml", scratch).start()
     try:
         assert _warnings(daemon.log_text()) == [], daemon.log_text()
@@ -52,10 +90,19 @@ def test_make_run_demo_end_to_end(scratch: Path, accounts: Accounts) -> None:
         assert res.returncode == 0, res.stderr + res.stdout
         out = res.stdout
         assert re.search(r"^-rw------- .* var/elsewhere/a\.csv$", out, re.M), out
-        assert re.search(r"^-rw-rw---- .* var/envs/demo/a\.csv$", out, re.M), out
+        assert re.search(rf"^-rw-rw---- 1 {DEMO_ACCOUNT} {DEMO_ACCOUNT} .* var/envs/demo/a\.csv$",
+                         out, re.M), out
         assert re.search(r"^/\S+/var/envs  inotify .*", out, re.M), out
         assert f"environment demo-env is ready: {var}/envs/demo-env" in out
-        assert out.rstrip().endswith(f"\n{var}/envs/demo-env"), out  # its python runs
+        assert f"\n{var}/envs/demo-env\n" in out  # its python runs
+        st = os.stat(var / "envs")  # the demo root: the demo group's, not world-writable
+        assert st.st_gid == demo.pw_gid and stat.S_IMODE(st.st_mode) == 0o3775
+        # doctor, as printed (envctl on PATH): people, not records; the root's mode is fine
+        assert re.search(r"^✓ env: demo-env: ready; version v1 built by root \(uid 0\) on .*, "
+                         r"owner root \(uid 0\)$", out, re.M), out
+        assert re.search(rf"^✓ root mode: .*var/envs: group {DEMO_ACCOUNT}, mode 3775$", out,
+                         re.M), out
+        assert "{" not in out.split("✓ env:")[1].splitlines()[0]
         version = os.path.realpath(var / "envs" / "demo-env")
         st = os.stat(version)  # built as the build account, then frozen: the daemon's
         assert st.st_uid == 0 and st.st_mode & 0o222 == 0
@@ -94,6 +141,9 @@ def test_make_run_demo_as_a_normal_user(scratch: Path, accounts: Accounts) -> No
         assert res.returncode == 0, res.stderr + res.stdout + log.read_text()
         assert re.search(r"^-rw-rw---- .* var/envs/demo/a\.csv$", res.stdout, re.M), res.stdout
         assert f"environment demo-env is ready: {var}/envs/demo-env" in res.stdout
+        assert re.search(rf"^✓ env: demo-env: ready; version v1 built by {alice.name} "
+                         rf"\(uid {alice.uid}\)", res.stdout, re.M), res.stdout
+        assert re.search(r"^✓ python: python 3\.", res.stdout, re.M), res.stdout
         assert os.stat(os.path.realpath(var / "envs" / "demo-env")).st_uid == alice.uid
     finally:
         daemon.terminate()

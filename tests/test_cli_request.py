@@ -72,7 +72,8 @@ def test_rattler_build_end_to_end(api: ApiDaemon, accounts: Accounts) -> None:
     # Replacing is for the environment's owner (bob built it) or admins.
     res = api.cli(accounts.alice, "request", "create", "hello-env", "-f", str(spec),
                   "--replace")
-    assert res.returncode == EX_NOPERM and "only its owner or an admin" in res.stderr
+    assert res.returncode == EX_NOPERM and "only its owner or an envctl admin may replace it" \
+        in res.stderr
     res = api.cli(accounts.bob, "request", "create", "hello-env", "-f", str(spec),
                   "--replace", "--json")
     assert res.returncode == 0, res.stderr

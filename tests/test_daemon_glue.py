@@ -91,7 +91,7 @@ def test_status_is_json_and_counts_what_was_healed(accounts: Accounts, scratch: 
     d.start()
     try:
         assert not find_violations(root, accounts.shared_gid)
-        st = json.loads(json.dumps(d.status()))
+        st = json.loads(json.dumps(d.status().to_dict()))
         (r,) = st["roots"]
         assert r["mode"] == "inotify" and r["watches"] == 3 and r["full_passes"] == 1
         assert r["fixed"] >= 4 and r["violations"] == 4 and r["errors"] == 0
@@ -101,10 +101,10 @@ def test_status_is_json_and_counts_what_was_healed(accounts: Accounts, scratch: 
         # the event may still be on its way from the reader: wait for the audit, not a sleep
         from tests.helpers import wait_for
         wait_for(lambda: not find_violations(root, accounts.shared_gid), 10, 0.02, "healed")
-        wait_for(lambda: d.status()["roots"][0]["events"] >= 1, 10, 0.02, "event counted")
+        wait_for(lambda: d.status().roots[0].events >= 1, 10, 0.02, "event counted")
         # Our own chgrp/chmod come back as events and end as "echoes": one lstat, no write.
-        wait_for(lambda: d.status()["roots"][0]["echoes"] >= 1, 10, 0.02, "echo counted")
-        assert d.status()["roots"][0]["violations"] == 5
+        wait_for(lambda: d.status().roots[0].echoes >= 1, 10, 0.02, "echo counted")
+        assert d.status().roots[0].violations == 5
         assert d.summary().startswith("roots=1 mode=inotify fixed=")
     finally:
         assert d.stop()

@@ -10,7 +10,10 @@ import json
 import os
 import subprocess
 from collections.abc import Callable
+from dataclasses import fields
 from pathlib import Path
+
+from envctl_shared.status import DaemonStatus, InotifyBudget, RootStatus
 
 from tests.conftest import Accounts
 from tests.daemon_support import Envctld, write_config
@@ -57,7 +60,18 @@ def test_reload_switches_requests_on(accounts: Accounts, scratch: Path,
     r = subprocess.run([ENVCTL, "request", "list", "--json", "--socket", str(sock)],
                        capture_output=True, text=True, timeout=30)
     assert r.returncode == 0, r.stderr
-    assert json.loads(_status(sock, "--json").stdout)["requests_enabled"] is True
+    data = json.loads(_status(sock, "--json").stdout)
+    assert data["requests_enabled"] is True
+    # the wire shape is the typed status's, key for key, at the top, per root and nested
+    assert set(data) == {f.name for f in fields(DaemonStatus)}
+    assert set(data["roots"][0]) == {f.name for f in fields(RootStatus)}
+    assert set(data["inotify"]) == {f.name for f in fields(InotifyBudget)}
+    assert data["containment"] in ("cgroup", "sweep") and data["max_builds"] == 1
+    assert DaemonStatus.from_dict(data).to_dict() == data
+    # ... and what people read is built from it
+    text = _status(sock).stdout
+    assert text.startswith(f"envctld {data['version']} (pid {data['pid']}), ready, up "), text
+    assert f"{root}  " in text and "jobs: " in text
 
 
 def test_wedged_worker_fails_the_liveness_probe(accounts: Accounts, scratch: Path,

@@ -211,3 +211,21 @@ def test_user_pods_can_connect_through_a_readonly_mount(tmp_path: Path) -> None:
     finally:
         server.close()
     assert not os.path.ismount(ro)
+
+
+def test_the_guides_root_and_the_one_default_kernels_dir(cfg: envctl_config.Config,
+                                                         singleuser: dict[str, Any]) -> None:
+    """The root is the guide's and the README's ``/efs/shared/.conda/envs``; the kernels dir is
+    what ``envctl init`` picks for that root by default, users' JUPYTER_PATH its parent, their
+    conda's envs_dirs the root — and the example config names the same kernels dir."""
+    from envctl_shared.cli.init_cmd import default_kernels_dir
+
+    root = Path("/efs/shared/.conda/envs")
+    assert cfg.roots[0].path == root and cfg.requests_root.path == root
+    assert cfg.kernels.dir == default_kernels_dir(root)
+    env = singleuser["extraEnv"]
+    assert Path(env["JUPYTER_PATH"]) == default_kernels_dir(root).parent
+    assert env["CONDA_ENVS_DIRS"] == str(root)
+    example = (REPO / "config" / "envctld.yaml").read_text()
+    assert f"# example: {default_kernels_dir(root)}" in example
+    assert "/efs/shared/envs" not in "".join(p.read_text() for p in K8S.iterdir())

@@ -141,6 +141,29 @@ def test_root_mode_and_sgid(root: Path, scratch: Path, accounts: Accounts) -> No
     assert "chmod 2775" in c["root mode"]["fix"]
 
 
+def test_a_world_writable_root_is_a_problem(root: Path, scratch: Path,
+                                            accounts: Accounts) -> None:
+    """3777 (what ``chmod 1777`` becomes once healed): group, SGID and sticky are right, and
+    still anyone on the host may add entries to the shared root."""
+    os.chmod(root, 0o3777)
+    _, c = doctor(accounts.alice, "--socket", _no_daemon(scratch), "--root", str(root))
+    mode = c["root mode"]
+    assert not mode["ok"] and "mode 3777" in mode["summary"], mode
+    assert "writable by everyone" in mode["summary"]
+    assert "chmod 3775" in mode["fix"] and "others: keep" in mode["fix"]
+
+
+def test_people_are_named_not_printed_as_records() -> None:
+    from envctl_shared.accounts import person
+
+    assert person({"uid": 1001, "name": "alice", "hub_user": None,
+                   "claimed_user": "bob"}) == "alice (uid 1001)"
+    assert person({"uid": 1000, "name": "jovyan", "hub_user": "ann",
+                   "claimed_user": None}) == "hub user ann"
+    assert person({"uid": 0}) == "root (uid 0)"
+    assert person(None) == "unknown"
+
+
 def test_hardlink_protection(root: Path, scratch: Path, accounts: Accounts) -> None:
     """fs.protected_hardlinks=0 lets a member hard-link another user's private file into the
     root, where the healer shares it: doctor says so, with the sysctl that fixes it. Set for

@@ -206,7 +206,7 @@ def test_envctld_killed_mid_update_keeps_serving_and_cleans_up(api: ApiDaemon,
     api.daemon.restart()
     job = api.job(job_id)
     assert job["state"] == "interrupted", job
-    assert sorted(os.listdir(versions)) == ["env.json", "v1", "v1.json"]
+    assert sorted(os.listdir(versions)) == ["env.json", "v1", "v1.json", "v1.use"]
     log = api.cli(a.alice, "request", "logs", job_id).stdout
     assert "removed the unfinished version v2 of 'slowk9'" in log
     assert (stable / "share/app/VERSION").read_text() == "1.0\n"

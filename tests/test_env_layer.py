@@ -167,11 +167,12 @@ def test_a_change_is_not_built_over_a_version_that_stopped_being_current(
         assert job.state is State.SUCCEEDED, full_log(mgr, job.id)
 
     def change(text: str) -> str:
-        mgr.environments.rollback(who, "racy", "v1")  # what another request did meanwhile
+        # what another request did meanwhile
+        mgr.environments.rollback(who, "racy", "v1", jobs_env.allow(who, "env-rollback", "racy"))
         return text
 
     with pytest.raises(Conflict, match="changed while the request was prepared"):
-        mgr.submit_change(who, "racy", change)
+        mgr.submit_change(who, "racy", change, (), jobs_env.allow(who, "env-update", "racy"))
     assert mgr.list() == [] and mgr.environments.show("racy")["current"] == "v1"
 
 

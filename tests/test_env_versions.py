@@ -26,11 +26,12 @@ import time
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 from envctl_shared.config import parse
 from envctl_shared.errors import Conflict, NotAuthorised, NotFound
-from envctl_shared.jobs import JobManager, State
+from envctl_shared.jobs import JobManager, Requester, State
 
 from tests.helpers import live_processes, wait_for
 from tests.jobs_support import JobsEnv, daemon_argv, full_log, wait_done, write_wheel
@@ -156,7 +157,7 @@ def test_tests_gate_the_promotion(jobs_env: JobsEnv, manager_factory: Factory) -
         in (done.exit_detail or "")
     assert "checking the version\n" in log  # the command's own output
     assert os.readlink(stable) == ".envctl/envs/gated/v1"  # not promoted
-    assert sorted(os.listdir(versions)) == ["env.json", "v1", "v1.json"]  # v2 removed
+    assert sorted(os.listdir(versions)) == ["env.json", "v1", "v1.json", "v1.use"]  # v2 removed
     # the test runs inside the new version, activated, as the build user
     probe = ('test "$CONDA_PREFIX" = "$(dirname "$(dirname "$(command -v app)")")" && '
              'case "$CONDA_PREFIX" in */v2) ;; *) exit 9 ;; esac && '
@@ -209,7 +210,7 @@ def test_kill9_mid_update_keeps_current_and_restart_cleans(jobs_env: JobsEnv, sc
         job = mgr.get(job_id)
         assert job.state is State.INTERRUPTED
         assert "removed the unfinished version v2 of 'k9env'" in full_log(mgr, job_id)
-        assert sorted(os.listdir(versions)) == ["env.json", "v1", "v1.json"]
+        assert sorted(os.listdir(versions)) == ["env.json", "v1", "v1.json", "v1.use"]
         assert os.readlink(stable) == ".envctl/envs/k9env/v1"
     finally:
         mgr.stop()
@@ -231,6 +232,16 @@ def _age(jobs_env: JobsEnv, name: str, seconds: float) -> None:
     os.replace(tmp, path)
 
 
+def _rollback(mgr: JobManager, jobs_env: JobsEnv, who: Requester, name: str,
+              to: str | None = None) -> dict[str, Any]:
+    """``env rollback`` with the API's access check (the service calls it under the lock)."""
+    return mgr.environments.rollback(who, name, to, jobs_env.allow(who, "env-rollback", name))
+
+
+def _remove(mgr: JobManager, jobs_env: JobsEnv, who: Requester, name: str) -> dict[str, Any]:
+    return mgr.environments.remove(who, name, jobs_env.allow(who, "env-remove", name))
+
+
 def test_rollback_remove_and_gc(jobs_env: JobsEnv, manager_factory: Factory) -> None:
     mgr = manager_factory(jobs_env.config(keep_versions=2, gc_grace=600.0))
     alice, bob = jobs_env.requester("alice"), jobs_env.requester("bob")
@@ -240,16 +251,16 @@ def test_rollback_remove_and_gc(jobs_env: JobsEnv, manager_factory: Factory) -> 
     stable = jobs_env.root / "rb"
     assert os.readlink(stable) == ".envctl/envs/rb/v3"
     with pytest.raises(NotAuthorised, match="belongs to .*alice"):
-        mgr.environments.rollback(bob, "rb")
+        _rollback(mgr, jobs_env, bob, "rb")
     t0 = time.monotonic()
-    done = mgr.environments.rollback(alice, "rb")
+    done = _rollback(mgr, jobs_env, alice, "rb")
     assert time.monotonic() - t0 < 1.0
     assert done == {"name": "rb", "current": "v2", "previous": "v3"}
     assert (stable / "share/app/VERSION").read_text() == "2.0\n"
     # admins may; forward too
-    assert mgr.environments.rollback(admin, "rb", to="v3")["current"] == "v3"
+    assert _rollback(mgr, jobs_env, admin, "rb", "v3")["current"] == "v3"
     with pytest.raises(NotFound):
-        mgr.environments.rollback(alice, "rb", to="v9")
+        _rollback(mgr, jobs_env, alice, "rb", "v9")
     # GC: v3 current, v2 among the 2 newest, v1 retired under the grace: all kept
     assert mgr.environments.gc()["removed"] == []
     _age(jobs_env, "rb", 601)
@@ -257,11 +268,11 @@ def test_rollback_remove_and_gc(jobs_env: JobsEnv, manager_factory: Factory) -> 
     assert (stable.resolve().parent / "v1").is_dir()  # a dry run removes nothing
     assert mgr.environments.gc()["removed"] == [{"name": "rb", "version": "v1"}]
     assert sorted(os.listdir(stable.resolve().parent)) == [
-        "env.json", "v2", "v2.json", "v3", "v3.json"]
+        "env.json", "v2", "v2.json", "v2.use", "v3", "v3.json", "v3.use"]
     # remove: the name goes at once, the versions after the grace
     with pytest.raises(NotAuthorised):
-        mgr.environments.remove(bob, "rb")
-    assert mgr.environments.remove(alice, "rb") == {"name": "rb", "removed": "v3"}
+        _remove(mgr, jobs_env, bob, "rb")
+    assert _remove(mgr, jobs_env, alice, "rb") == {"name": "rb", "removed": "v3"}
     assert not os.path.lexists(stable)
     listed = {e["name"]: e for e in mgr.environments.list()}
     assert listed["rb"]["status"] == "removed"
@@ -293,9 +304,9 @@ def test_hand_made_env_is_unmanaged_and_never_touched(jobs_env: JobsEnv,
     with pytest.raises(Conflict, match="not an environment envctl manages"):
         mgr.submit(admin, "byhand", APP.format(v="1.0"), replace=True)
     with pytest.raises(NotFound):
-        mgr.environments.remove(admin, "byhand")
+        _remove(mgr, jobs_env, admin, "byhand")
     with pytest.raises(NotFound):
-        mgr.environments.rollback(admin, "byhand")
+        _rollback(mgr, jobs_env, admin, "byhand")
     mgr.environments.gc()
     assert sorted((p.name, p.stat().st_ino) for p in hand.rglob("*")) == before
     # show and export: the exact packages, and a spec create accepts back
@@ -316,7 +327,7 @@ def test_the_daemon_collects_periodically(jobs_env: JobsEnv, manager_factory: Fa
     _build(mgr, jobs_env, "periodic", APP.format(v="2.0"), replace=True)
     versions = jobs_env.root / ".envctl" / "envs" / "periodic"
     # v1 goes out of its name first (.gc-v1-*), then away
-    wait_for(lambda: sorted(os.listdir(versions)) == ["env.json", "v2", "v2.json"], 10,
+    wait_for(lambda: sorted(os.listdir(versions)) == ["env.json", "v2", "v2.json", "v2.use"], 10,
              what="v1 collected")
     assert (jobs_env.root / "periodic" / "share/app/VERSION").read_text() == "2.0\n"
 
@@ -332,10 +343,42 @@ def test_owner_on_a_shared_uid_is_the_hub_user(jobs_env: JobsEnv, manager_factor
         assert job.state is State.SUCCEEDED, full_log(mgr, job.id)
     assert mgr.environments.owner("hubenv")["hub_user"] == "ann"  # type: ignore[index]
     with pytest.raises(NotAuthorised, match="belongs to hub user ann"):
-        mgr.environments.rollback(ben, "hubenv")
+        _rollback(mgr, jobs_env, ben, "hubenv")
     with pytest.raises(NotAuthorised, match="belongs to hub user ann"):
-        mgr.environments.remove(ben, "hubenv")
-    assert mgr.environments.rollback(ann, "hubenv")["current"] == "v1"
+        _remove(mgr, jobs_env, ben, "hubenv")
+    assert _rollback(mgr, jobs_env, ann, "hubenv")["current"] == "v1"
+
+
+def test_an_owner_renamed_on_the_hub_keeps_the_env_and_a_new_user_of_the_name_does_not(
+        jobs_env: JobsEnv, manager_factory: Factory) -> None:
+    """The record keeps the hub's stable identity (``hub_id``: the user's ``created`` time,
+    which the hub keeps across a rename); a record without one (older envs) goes by name."""
+    mgr = manager_factory()
+    ann = replace(jobs_env.requester("alice"), hub_user="ann", hub_id="2026-01-01T00:00:00Z")
+    job = wait_done(mgr, mgr.submit(ann, "renamed", APP.format(v="1.0")).id)
+    assert job.state is State.SUCCEEDED, full_log(mgr, job.id)
+    job = wait_done(mgr, mgr.submit(ann, "renamed", APP.format(v="2.0"), replace=True).id)
+    assert mgr.environments.owner("renamed") == {  # as the record keeps it
+        "uid": ann.uid, "name": ann.username, "hub_user": "ann",
+        "hub_id": "2026-01-01T00:00:00Z", "claimed_user": None}
+    newcomer = replace(ann, hub_id="2026-06-01T00:00:00Z")  # a new "ann" after the rename
+    with pytest.raises(NotAuthorised, match="belongs to hub user ann"):
+        _rollback(mgr, jobs_env, newcomer, "renamed")
+    unproven = replace(ann, hub_id=None)  # a token that does not show the creation time
+    with pytest.raises(NotAuthorised, match="belongs to hub user ann"):
+        _rollback(mgr, jobs_env, unproven, "renamed")
+    anna = replace(ann, hub_user="anna")  # ann, renamed on the hub
+    assert _rollback(mgr, jobs_env, anna, "renamed")["current"] == "v1"
+    # a record from before hub_id: the name decides (and the decision is logged)
+    path = jobs_env.root / ".envctl" / "envs" / "renamed" / "env.json"
+    env = json.loads(path.read_text())
+    del env["owner"]["hub_id"]
+    tmp = path.with_name(".env.json.test")
+    tmp.write_text(json.dumps(env))
+    os.replace(tmp, path)
+    with pytest.raises(NotAuthorised):
+        _rollback(mgr, jobs_env, anna, "renamed", "v2")
+    assert _rollback(mgr, jobs_env, newcomer, "renamed", "v2")["current"] == "v2"
 
 
 RECORD_READER = """
@@ -373,7 +416,7 @@ def test_rollback_and_remove_are_atomic_for_readers(jobs_env: JobsEnv, manager_f
     try:
         time.sleep(0.2)
         for i in range(60):
-            mgr.environments.rollback(alice, "atomic", to="v1" if i % 2 == 0 else "v2")
+            _rollback(mgr, jobs_env, alice, "atomic", "v1" if i % 2 == 0 else "v2")
             time.sleep(0.005)
     finally:
         samples, runs = poller.finish()
@@ -386,7 +429,7 @@ def test_rollback_and_remove_are_atomic_for_readers(jobs_env: JobsEnv, manager_f
     poller = Poller(jobs_env, stable / "share/app/VERSION", scratch / "rm")
     try:
         time.sleep(0.2)
-        mgr.environments.remove(alice, "atomic")
+        _remove(mgr, jobs_env, alice, "atomic")
         time.sleep(0.2)
     finally:
         samples, runs = poller.finish()
@@ -440,5 +483,5 @@ def test_cancelled_update_leaves_the_current_version(jobs_env: JobsEnv,
     assert mgr.cancel(job.id, alice).state is State.CANCELLED
     assert os.readlink(jobs_env.root / "cu") == ".envctl/envs/cu/v1"
     assert (jobs_env.root / "cu" / "share/app/VERSION").read_text() == "1.0\n"
-    assert sorted(os.listdir(versions)) == ["env.json", "v1", "v1.json"]
+    assert sorted(os.listdir(versions)) == ["env.json", "v1", "v1.json", "v1.use"]
     assert "removed the unfinished version v2" in full_log(mgr, job.id)

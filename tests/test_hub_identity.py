@@ -16,15 +16,12 @@ The hub is started once for the module (it takes a few seconds); the last test s
 from __future__ import annotations
 
 import json
-import os
 import secrets
 import signal
-import socket
 import sqlite3
 import subprocess
 import tempfile
 import time
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,108 +33,8 @@ from envctl_shared.errors import EX_NOPERM, EX_UNAVAILABLE
 
 from tests.api_support import VENV_SPEC, ApiDaemon, start_api_daemon
 from tests.conftest import Accounts
-from tests.helpers import VENV_BIN, wait_for
-
-HUB_CONFIG = """
-c.JupyterHub.ip = "127.0.0.1"
-c.JupyterHub.port = {public_port}
-c.JupyterHub.hub_ip = "127.0.0.1"
-c.JupyterHub.hub_port = {hub_port}
-c.ConfigurableHTTPProxy.api_url = "http://127.0.0.1:{proxy_api_port}"
-c.JupyterHub.authenticator_class = "dummy"
-c.Authenticator.admin_users = {{"carol"}}
-c.JupyterHub.db_url = "sqlite:///{base}/jupyterhub.sqlite"
-c.JupyterHub.cookie_secret_file = "{base}/jupyterhub_cookie_secret"
-c.JupyterHub.services = [{{"name": "envctl-tests", "api_token": "{service_token}"}}]
-c.JupyterHub.load_roles = [{{
-    "name": "envctl-tests",
-    "scopes": ["admin:users", "admin:groups", "tokens"],
-    "services": ["envctl-tests"],
-}}]
-"""
-
-
-SERVER_SCOPES = ["users:activity!user", "access:servers!server"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@dataclass
-class Hub:
-    """A running JupyterHub (its own process group) and its proxy (the hub starts it in a
-    session of its own and records its pid in ``jupyterhub-proxy.pid``)."""
-
-    proc: subprocess.Popen[bytes]
-    api_url: str
-    service_token: str
-    base: Path
-
-    def call(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
-        """The hub's REST API with the service token."""
-        req = urllib.request.Request(
-            self.api_url + path, method=method,
-            data=None if body is None else json.dumps(body).encode(),
-            headers={"Authorization": f"token {self.service_token}"})
-        with urllib.request.urlopen(req, timeout=10) as resp:
-            return json.loads(resp.read() or b"null")
-
-    def token(self, user: str, scopes: list[str] | None = None) -> str:
-        """A new API token of ``user``, as the hub creates it (with all of the user's
-        permissions, or only ``scopes``)."""
-        body: dict[str, Any] = {"note": "envctl tests"}
-        if scopes is not None:
-            body["scopes"] = scopes
-        return str(self.call("POST", f"/users/{user}/tokens", body)["token"])
-
-    def signal(self, sig: int) -> None:
-        os.killpg(self.proc.pid, sig)
-
-    def stop(self) -> None:
-        """Killed, the hub and its proxy: their clean shutdown (2 s) is not what any test is
-        about; the proxy is found through the pid file the hub leaves behind."""
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        self.proc.wait(10)
-        try:
-            pid = int((self.base / "jupyterhub-proxy.pid").read_text())
-            if b"configurable-http-proxy" in Path(f"/proc/{pid}/cmdline").read_bytes():
-                os.kill(pid, signal.SIGKILL)
-        except (OSError, ValueError):
-            pass  # no pid file or the proxy is gone
-
-
-def start_hub(base: Path) -> Hub:
-    ports = {"public_port": _free_port(), "hub_port": _free_port(),
-             "proxy_api_port": _free_port()}
-    service_token = secrets.token_hex(24)
-    (base / "jupyterhub_config.py").write_text(
-        HUB_CONFIG.format(base=base, service_token=service_token, **ports))
-    log = base / "jupyterhub.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [str(VENV_BIN / "jupyterhub"), "-f", str(base / "jupyterhub_config.py")],
-            cwd=base, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-            env={"PATH": f"{VENV_BIN}:/usr/bin:/bin", "HOME": str(base), "LANG": "C.UTF-8"})
-    hub = Hub(proc, f"http://127.0.0.1:{ports['hub_port']}/hub/api", service_token, base)
-    try:
-        def up() -> bool:
-            assert proc.poll() is None, log.read_text()[-3000:]  # the hub's own output
-            try:
-                hub.call("GET", "/")
-            except OSError:
-                return False
-            return True
-        wait_for(up, 90, what="JupyterHub answering")
-    except BaseException:
-        hub.stop()
-        raise
-    return hub
+from tests.helpers import wait_for
+from tests.hub_support import SERVER_SCOPES, Hub, start_hub
 
 
 @dataclass
@@ -222,11 +119,17 @@ def test_whoami_names_the_hub_user_the_hub_verified(world: World) -> None:
     assert (me["hub_user"], me["hub_verified"], me["hub_groups"]) == ("bob", True, ["builders"])
     assert me["uid"] == world.accounts.alice.uid and me["may_create"] is True
     assert me["is_admin"] is False and me["may_cancel"] == "your own jobs"
+    # a server's default token does not show the user's creation time: no hub_id, said once
+    assert me["hub_id"] is None
+    assert world.api.daemon.log_text().count("hub no-created-time user=bob") == 1
     res = world.cli("carol", "whoami")
     assert res.returncode == 0, res.stderr
     assert "carol (verified by JupyterHub)" in res.stdout and "admin:      yes" in res.stdout
     me = json.loads(world.cli("dave", "whoami", "--json").stdout)
     assert me["hub_user"] == "dave" and me["may_create"] is False
+    assert me["hub_id"] == world.hub.call("GET", "/users/dave")["created"]  # a full token
+    world.cli("bob", "whoami")
+    assert world.api.daemon.log_text().count("hub no-created-time") == 1
 
 
 def test_two_hub_users_on_one_uid_are_two_owners(world: World) -> None:
@@ -277,7 +180,8 @@ def test_replace_is_for_the_owner_or_a_hub_admin(world: World) -> None:
     res = world.cli("bob", "request", "create", "alice-env", "-f", str(spec), "--replace",
                     claim="alice")
     assert res.returncode == EX_NOPERM, res.stderr
-    assert "belongs to hub user alice" in res.stderr and "only its owner or an admin" in res.stderr
+    assert "environment 'alice-env' belongs to hub user alice; only its owner or an envctl " \
+        "admin may replace it" in res.stderr
     res = world.cli("alice", "request", "create", "alice-env", "-f", str(spec), "--replace",
                     "--json")
     assert res.returncode == 0 and json.loads(res.stdout)["state"] == "succeeded", res.stderr

@@ -15,15 +15,19 @@ import yaml
 from envctl_shared import config as cfgmod
 
 from tests.conftest import Accounts
+from tests.daemon_support import Envctld
 from tests.helpers import VENV_BIN
 
 ENVCTL = str(VENV_BIN / "envctl")
 
 
-def init(*args: str, home: Path | None = None) -> subprocess.CompletedProcess[str]:
+def init(*args: str, home: Path | None = None,
+         build_user: str = "nobody") -> subprocess.CompletedProcess[str]:
+    """``envctl init ARGS`` as root; ``build_user``: an account that exists (init as root
+    creates a missing one, which a test must then remove)."""
     env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": str(home or "/nonexistent")}
-    return subprocess.run([ENVCTL, "init", *args], capture_output=True, text=True, env=env,
-                          timeout=60)
+    return subprocess.run([ENVCTL, "init", *args, "--build-user", build_user],
+                          capture_output=True, text=True, env=env, timeout=60)
 
 
 def _state(*paths: Path) -> dict[str, tuple[int, int, int, float]]:
@@ -53,7 +57,7 @@ def test_fresh_then_again_then_doctor(scratch: Path, accounts: Accounts) -> None
     assert conf.roots[0].path == root and conf.roots[0].gid == accounts.shared_gid
     assert conf.kernels.dir == kernels
     assert [line.split()[0] for line in res.stdout.splitlines()] == \
-        ["created", "created", "changed", "created"]
+        ["created", "unchanged", "created", "changed", "created"]
     before = _state(root, rc, cfg, kernels)
     res = init(*args, "--json")
     assert res.returncode == 0, res.stderr
@@ -82,8 +86,9 @@ def test_dry_run_changes_nothing(scratch: Path, accounts: Accounts) -> None:
     assert sorted(os.listdir(scratch)) == []
     lines = res.stdout.splitlines()
     assert lines[0] == f"would create {root} (group {accounts.shared_group}, mode 3770)"
-    assert lines[1].startswith("would change envs_dirs in")
-    assert lines[2].startswith("would create kernels directory")
+    assert lines[1] == "unchanged    build account nobody"
+    assert lines[2].startswith("would change envs_dirs in")
+    assert lines[3].startswith("would create kernels directory")
     assert "others: none" in res.stdout  # the printed daemon configuration
 
 
@@ -127,3 +132,38 @@ def test_refusals_say_what_to_do(scratch: Path, accounts: Accounts) -> None:
                str(cfg), "--condarc", str(scratch / "rc"), "--kernels-dir", str(scratch / "k"))
     assert res.returncode == 74 and "other settings" in res.stderr
     assert cfg.read_text() == "roots: []\n"
+
+
+def test_the_written_config_starts(scratch: Path, accounts: Accounts) -> None:
+    """What ``init --write-config`` writes, as written (the socket in a directory that does
+    not exist yet, as /run/envctl outside systemd; the state dir moved to scratch, so that tests
+    can run side by side): the build account is made, and the daemon starts on it."""
+    builder = f"envctl-t{os.getpid()}b"
+    root = scratch / "shared" / ".conda" / "envs"
+    cfg = scratch / "etc" / "envctld.yaml"
+    try:
+        res = init(str(root), "--group", accounts.shared_group, "--condarc",
+                   str(scratch / "rc"), "--write-config", str(cfg), "--parents",
+                   build_user=builder)
+        assert res.returncode == 0, res.stderr
+        assert f"created      build account {builder}" in res.stdout.splitlines()
+        data = yaml.safe_load(cfg.read_text())
+        assert data["requests"]["build_user"] == builder
+        run = scratch / "run"
+        data["socket"]["path"] = str(run / "envctld.sock")
+        data["requests"]["state_dir"] = str(scratch / "state")
+        cfg.write_text(yaml.safe_dump(data))
+        daemon = Envctld(cfg, scratch).start()
+        try:
+            st = os.stat(run)
+            assert (st.st_uid, stat.S_IMODE(st.st_mode)) == (0, 0o755)  # RuntimeDirectory=
+            res = subprocess.run([ENVCTL, "status", "--json", "--socket",
+                                  str(run / "envctld.sock")], capture_output=True, text=True,
+                                 timeout=30)
+            assert res.returncode == 0 and json.loads(res.stdout)["ready"] is True, res.stderr
+            daemon.stop()
+        finally:
+            daemon.cleanup()
+    finally:
+        subprocess.run(["userdel", "-f", builder], capture_output=True)
+        subprocess.run(["groupdel", builder], capture_output=True)

@@ -52,7 +52,7 @@ def test_rattler_build_end_to_end(jobs_env: JobsEnv, manager_factory, accounts) 
     assert os.stat(prefix / "bin" / "hello").st_uid == 0  # linked by the trusted step, frozen
     script = (prefix / "bin" / "hello").read_text()
     assert f"cat {version}/share/greet/message" in script  # the prefix baked in is the version's
-    assert sorted(os.listdir(version.parent)) == ["env.json", "v1", "v1.json"]
+    assert sorted(os.listdir(version.parent)) == ["env.json", "v1", "v1.json", "v1.use"]
     # a group member can run it; the claimed user is recorded, not trusted
     out = as_user(accounts.bob.uid, accounts.bob.gid, [str(prefix / "bin" / "hello")])
     assert out.stdout == "hello from envctl\n"
@@ -105,7 +105,7 @@ def test_venv_build_then_failed_replace_restores_it(jobs_env: JobsEnv, manager_f
     assert failed.state is State.FAILED and "installing step failed" in failed.exit_detail
     assert os.lstat(py).st_ino == before  # the very same old env, never moved
     assert os.readlink(prefix) == ".envctl/envs/webenv/v1"
-    assert sorted(os.listdir(prefix.resolve().parent)) == ["env.json", "v1", "v1.json"]
+    assert sorted(os.listdir(prefix.resolve().parent)) == ["env.json", "v1", "v1.json", "v1.use"]
 
 
 def test_replace_keeps_old_until_new_succeeds(jobs_env: JobsEnv, manager_factory) -> None:

@@ -276,9 +276,10 @@ def test_freezer_kills_everything_in_the_cgroup(accounts: Accounts, scratch: Pat
     b = accounts.builder
     tree, _ = cgroups.setup(scratch / "state")
     assert tree is not None
-    path = tree.create("freeze")
+    job = tree.create("freeze")
+    path = job.path
     step = spawn(["sh", "-c", "setsid sleep 333 & setsid sleep 333 & exec sleep 333"],
-                 BuildUser(b.uid, b.gid, b.name, True), scratch, path)
+                 BuildUser(b.uid, b.gid, b.name, True), scratch, job)
     try:
         step.release()
         wait_for(lambda: len(cgroups.members(path)) >= 3, 10, what="three sleeps")
@@ -352,7 +353,7 @@ def test_step_that_cannot_enter_its_cgroup_never_runs(accounts: Accounts, scratc
     at its gate and the error raised — the command never ran outside its cgroup."""
     b = accounts.builder
     os.chmod(scratch, 0o777)
-    gone = scratch / "no-such-cgroup"
+    gone = cgroups.JobCgroup(scratch / "no-such-cgroup")
     with pytest.raises(FileNotFoundError):
         spawn(["touch", str(scratch / "ran")], BuildUser(b.uid, b.gid, b.name, True), scratch,
               gone)

@@ -60,7 +60,7 @@ def test_builds_with_random_cancels(jobs_env: JobsEnv, manager_factory, accounts
         if job.state is State.SUCCEEDED:
             assert (prefix / "bin" / "hello").is_file(), job
             assert os.stat(prefix.resolve()).st_uid == 0  # linked by the trusted step
-            assert versions == ["env.json", "v1", "v1.json"], job
+            assert versions == ["env.json", "v1", "v1.json", "v1.use"], job
         else:
             assert not os.path.lexists(prefix) and versions == [], job
     counts = mgr.counts()

@@ -35,10 +35,11 @@ def test_schema_version_and_newer_file_refused(scratch) -> None:
         JobStore(path)
 
 
-@pytest.mark.parametrize("version,dropped", [(1, ("cgroup", "hub_user")), (2, ("hub_user",))])
+@pytest.mark.parametrize("version,dropped", [(1, ("cgroup", "hub_user", "hub_id")),
+                                             (2, ("hub_user", "hub_id")), (3, ("hub_id",))])
 def test_older_schema_file_is_upgraded(scratch, version: int, dropped: tuple[str, ...]) -> None:
-    """A job store written before builds had cgroups (1), or before jobs recorded the verified
-    hub user (2), gains the columns."""
+    """A job store written before builds had cgroups (1), before jobs recorded the verified
+    hub user (2), or its stable identity (3), gains the columns."""
     path = scratch / "jobs.db"
     JobStore(path).close()
     db = sqlite3.connect(path)
@@ -48,7 +49,7 @@ def test_older_schema_file_is_upgraded(scratch, version: int, dropped: tuple[str
     db.close()
     JobStore(path).close()
     db = sqlite3.connect(path)
-    assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
+    assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 4
     columns = [row[1] for row in db.execute("PRAGMA table_info(jobs)")]
     assert all(column in columns for column in dropped)
     db.close()

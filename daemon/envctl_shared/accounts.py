@@ -25,3 +25,16 @@ def group_name(gid: int) -> str:
         return grp.getgrgid(gid).gr_name
     except KeyError:
         return str(gid)
+
+
+def person(record: object) -> str:
+    """A requester or owner as records keep it (``{uid, name, hub_user, claimed_user}``), as
+    people read it: ``hub user ann`` when the hub named them, else ``alice (uid 1001)``; an
+    unverified claim is never shown as the person. ``unknown`` for anything else."""
+    if not isinstance(record, dict):
+        return "unknown"
+    if record.get("hub_user"):
+        return f"hub user {record['hub_user']}"
+    uid = record.get("uid")
+    name = record.get("name") or (user_name(uid) if isinstance(uid, int) else "unknown")
+    return f"{name} (uid {uid})" if isinstance(uid, int) else str(name)

@@ -31,7 +31,10 @@ from .errors import ConfigError
 
 Others = Literal["keep", "none", "read"]
 WatchMode = Literal["auto", "inotify", "poll"]
-BACKENDS = ("rattler", "venv", "conda", "mamba", "micromamba")
+# Every backend a config may name, and the module of ``jobs.backends`` that implements it (the
+# conda family shares one, spelled per flavour): the one registry of backends.
+BACKENDS: dict[str, str] = {"rattler": "rattler", "venv": "venv", "conda": "conda",
+                            "mamba": "conda", "micromamba": "conda"}
 DEFAULT_SOCKET = "/run/envctl/envctld.sock"
 SOCKET_ENV = "ENVCTL_SOCKET"  # where clients look for the socket before DEFAULT_SOCKET
 # The daemon's area in the requests root (``jobs.layout``): frozen versions, their store, the
@@ -100,6 +103,38 @@ class VenvBaseConfig:
     channels: tuple[str, ...] = ()
 
 
+_SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def format_size(n: int) -> str:
+    """Bytes as the config writes them: ``4G``, ``512M``, or a plain number."""
+    for unit in ("T", "G", "M", "K"):
+        if n >= _SIZE_UNITS[unit] and n % _SIZE_UNITS[unit] == 0:
+            return f"{n // _SIZE_UNITS[unit]}{unit}"
+    return str(n)
+
+
+@dataclass(frozen=True)
+class BuildLimits:
+    """What one build may use (``requests.limits``), enforced by its cgroup (``jobs.cgroup``:
+    memory, tasks, cpu_weight) and by the runner's size checks (disk: its version and HOME)."""
+
+    memory: int = 4 << 30  # bytes of RAM (memory.max); no swap beyond it
+    tasks: int = 4096  # processes and threads at once (pids.max)
+    disk: int = 20 << 30  # bytes the version and the build's HOME may hold
+    cpu_weight: int = 100  # its share of CPU against other builds (cpu.weight, 1-10000)
+
+    def named(self, key: str) -> str:
+        """``requests.limits.memory = 4G``: how a failed build names the limit it hit."""
+        value = getattr(self, key)
+        shown = format_size(value) if key in ("memory", "disk") else str(value)
+        return f"requests.limits.{key} = {shown}"
+
+    def to_dict(self) -> dict[str, int]:
+        return {"memory": self.memory, "tasks": self.tasks, "disk": self.disk,
+                "cpu_weight": self.cpu_weight}
+
+
 @dataclass(frozen=True)
 class RequestsConfig:
     """Who may ask for environments, and how the daemon builds them."""
@@ -141,6 +176,9 @@ class RequestsConfig:
     max_request_bytes: int = 262144
     keep_logs_days: int = 30
     keep_versions: int = 2  # the newest versions of an env GC keeps (the current one always)
+    max_versions: int = 10  # versions of an env on disk at most, even inside gc_grace
+    max_log_bytes: int = 1 << 30  # all kept build logs together (oldest finished go first)
+    limits: BuildLimits = field(default_factory=BuildLimits)
     gc_grace: float = 86400.0  # seconds a version stays after it stopped being current
     gc_interval: float = 3600.0  # how often the daemon runs the env GC
 
@@ -156,6 +194,12 @@ class JupyterHubConfig:
     timeout: float = 5.0
     cache_seconds: float = 60.0
     ca_file: Path | None = None
+    # A token the hub refused is refused again without asking for this long (by its hash).
+    refusal_cache_seconds: float = 30.0
+    # Tokens the daemon has not seen accepted, checked with the hub per peer uid: a burst,
+    # then this many per second (a flood of invented tokens costs the hub little).
+    verify_rate: float = 2.0
+    verify_burst: int = 20
 
 
 @dataclass(frozen=True)
@@ -199,10 +243,14 @@ class Config:
     @property
     def requests_root(self) -> RootConfig:
         """The root environment requests are built into (``requests.root`` or the first root)."""
-        want = self.requests.root or self.roots[0].path
-        root = self.root_for(want)
+        root = self.root_for(requests_root_path(self.requests, self.roots))
         assert root is not None  # validated at load time
         return root
+
+
+def requests_root_path(requests: RequestsConfig, roots: tuple[RootConfig, ...]) -> Path:
+    """Where environments are built: ``requests.root``, else the first root."""
+    return requests.root or roots[0].path
 
 
 T = TypeVar("T")
@@ -417,7 +465,7 @@ def _requests(source: str, data: Any, roots: tuple[RootConfig, ...],
                "build_users (a pool), not both")
     state_dir = r.get("state_dir", str, None)
     conda_exe = r.get("conda_exe", str, None)
-    if any(b in ("conda", "mamba", "micromamba") for b in allowed) and not conda_exe:
+    if any(BACKENDS[b] == "conda" for b in allowed) and not conda_exe:
         r.fail("conda_exe", "is required when a conda-style backend is allowed")
     cfg = RequestsConfig(
         enabled=r.get("enabled", bool, d.enabled),
@@ -451,12 +499,54 @@ def _requests(source: str, data: Any, roots: tuple[RootConfig, ...],
         max_request_bytes=r.get("max_request_bytes", int, d.max_request_bytes, _positive),
         keep_logs_days=r.get("keep_logs_days", int, d.keep_logs_days, _positive),
         keep_versions=r.get("keep_versions", int, d.keep_versions, _positive),
+        max_versions=r.get("max_versions", int, d.max_versions,
+                           lambda v: None if v >= 2 else "must be at least 2 (the current "
+                           "version and the one being built)"),
+        max_log_bytes=_size(r, "max_log_bytes", d.max_log_bytes, 1 << 20),
+        limits=_limits(source, r),
         gc_grace=r.get("gc_grace", float, d.gc_grace,
                        lambda v: None if v >= 0 else "must not be negative"),
         gc_interval=r.get("gc_interval", float, d.gc_interval, _positive),
     )
+    if cfg.keep_versions >= cfg.max_versions:
+        r.fail("keep_versions", f"{cfg.keep_versions} must be less than requests.max_versions "
+               f"({cfg.max_versions}), the cap that leaves room for the version being built")
     r.finish()
     return cfg
+
+
+def _size(r: _Reader, key: str, default: int, least: int) -> int:
+    """A size: bytes as an integer, or a string with a unit (``512M``, ``4G``: powers of
+    1024); at least ``least`` (a bare ``4`` meant as gigabytes is refused, not obeyed)."""
+    value = r.get(key, (int, str), default)
+    if isinstance(value, str):
+        m = re.fullmatch(r"\s*(\d+)\s*([KMGT]?)(?:i?B)?\s*", value, re.IGNORECASE)
+        if m is None:
+            r.fail(key, f"{value!r} is not a size: write bytes or a number with K, M, G or T "
+                   "(e.g. 4G, 512M)")
+        value = int(m[1]) * _SIZE_UNITS[m[2].upper()]
+    if value < least:
+        r.fail(key, f"{value} bytes is less than the least allowed, {format_size(least)} "
+               "(a number without a unit is bytes: write e.g. 4G)")
+    return int(value)
+
+
+def _limits(source: str, r: _Reader) -> BuildLimits:
+    """``requests.limits``: what one build may use (see ``BuildLimits``)."""
+    d = BuildLimits()
+    lim = _Reader(source, "requests.limits", r.get("limits", dict, None))
+    out = BuildLimits(
+        memory=_size(lim, "memory", d.memory, 16 << 20),
+        tasks=lim.get("tasks", int, d.tasks,
+                      lambda v: None if v >= 8 else "must be at least 8 (a build step is a "
+                      "few processes before it runs anything)"),
+        disk=_size(lim, "disk", d.disk, 1 << 20),
+        cpu_weight=lim.get("cpu_weight", int, d.cpu_weight,
+                           lambda v: None if 1 <= v <= 10000 else "must be 1 to 10000 (100 is "
+                           "an equal share)"),
+    )
+    lim.finish()
+    return out
 
 
 # Set by the build's scrubbed environment itself (jobs.procs.scrubbed_env): not passed through.
@@ -503,7 +593,7 @@ def _check_venv_python(source: str, cfg: RequestsConfig, roots: tuple[RootConfig
         return  # venv_base: a Python in the root by construction
     from .fsinfo import mount_of  # here: the filesystem is only asked when venvs are built
 
-    root = cfg.root or roots[0].path
+    root = requests_root_path(cfg, roots)
     if not os.path.isdir(root) or not mount_of(root).remote:
         return
     python = Path(os.path.normpath(cfg.venv_python))
@@ -538,7 +628,12 @@ def _jupyterhub(source: str, data: Any, base: Path) -> JupyterHubConfig:
         timeout=h.get("timeout", float, d.timeout, _positive),
         cache_seconds=h.get("cache_seconds", float, d.cache_seconds,
                             lambda v: None if v >= 0 else "must not be negative"),
-        ca_file=ca_file)
+        ca_file=ca_file,
+        refusal_cache_seconds=h.get("refusal_cache_seconds", float, d.refusal_cache_seconds,
+                                    lambda v: None if v >= 0 else "must not be negative"),
+        verify_rate=h.get("verify_rate", float, d.verify_rate, _positive),
+        verify_burst=h.get("verify_burst", int, d.verify_burst,
+                           lambda v: None if v >= 1 else "must be at least 1"))
     h.finish()
     return cfg
 
@@ -657,7 +752,7 @@ def parse(data: Any, source: str = "<memory>", base: Path | None = None) -> Conf
 
     requests = _requests(source, top.get("requests", dict, None), roots, base)
     if requests.enabled:
-        want = requests.root or roots[0].path
+        want = requests_root_path(requests, roots)
         roots = tuple(replace(r, holds_requests=True, exclude=(*r.exclude, DAEMON_AREA))
                       if r.path == want else r for r in roots)
         builders = {pwd.getpwnam(n).pw_uid  # their builds are healed like a member's work

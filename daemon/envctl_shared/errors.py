@@ -191,3 +191,16 @@ class NotSupported(EnvctlError):
 
 
 _BY_CODE[NotSupported.code] = NotSupported
+
+
+class AreaUntrusted(FilesystemError):
+    """The daemon's own area in the requests root (``<root>/.envctl``) is not the daemon's (a
+    member made it before the daemon did, a symlink, writable by everyone): the daemon uses
+    nothing in it and refuses every request that needs it until an admin fixes it. Its
+    ``context`` holds ``path`` and ``problem``, its hint the fix (``status``'s ``area``)."""
+
+    code = "area-untrusted"
+    exit_code = EX_UNAVAILABLE
+
+
+_BY_CODE[AreaUntrusted.code] = AreaUntrusted

@@ -1,4 +1,4 @@
-"""Turn a kernel-verified peer into a Requester, and decide what it may do.
+"""Turn a kernel-verified peer into a Requester, and decide what it may do: one check for all.
 
 Why here and not in jobs: authorisation is about the socket's peer, and the identities we trust
 are the one the kernel reports (``peercred``) and, for peers on ``jupyterhub.shared_uids`` (where
@@ -6,20 +6,25 @@ one uid is every hub user), the hub user the hub itself names as the owner of th
 client sent (``hub``). A client may *claim* to act for someone (``JUPYTERHUB_USER``); the claim
 is recorded on the job for the audit trail and never consulted here.
 
-The rules (also in docs/protocol.md):
+Who may call which op is data: each op of ``protocol.OPS`` declares its :class:`Access`, and
+:meth:`Authoriser.check` is the only place that reads it. The dispatcher checks before the
+handler runs; where the decision needs a target (a job, the owner of an environment), the
+handler calls the same check with it — for environments under the name's lock, where the
+owner cannot change meanwhile (``jobs.env_service``). The people:
 
 - admins: uid 0, the daemon's own uid, ``requests.admin_users``, members of
   ``requests.admin_groups``; hub admins and members of ``requests.admin_hub_groups`` (verified
-  hub users). Admins may do everything, including cancel or replace anyone's.
+  hub users). Admins may do everything.
 - requesters: ``requests.allow_users``, members of ``requests.allow_groups`` (primary or
   supplementary group, as the kernel reported them at connect time) and verified hub users in
   ``requests.allow_hub_groups``. Requesters may create builds and see everyone's jobs and logs —
   they share the root, and seeing who is building what avoids duplicate builds.
-- owners: a job, and the environment it built, belong to its requester — the same uid and, on a
-  shared uid, the same verified hub user. Cancel and replace are for the owner or admins.
-- everyone else who can open the socket (its mode and group are the first gate): ping, version,
-  whoami, daemon status, and their own jobs. Empty allow lists mean nobody but admins may create:
-  a daemon never hands out builds until an admin says to whom.
+- owners: a job, and the environment it built, belong to its requester (``Requester.matches``:
+  the same uid and, on a shared uid, the same verified hub user, told by its hub_id when
+  recorded).
+- a peer on a shared uid without a verified hub user: only what needs no identity.
+Empty allow lists mean nobody but admins may create: a daemon never hands out builds until an
+admin says to whom.
 """
 
 from __future__ import annotations
@@ -27,21 +32,30 @@ from __future__ import annotations
 import logging
 import os
 import pwd
-from typing import Any
+from typing import Any, NamedTuple
 
 from ..accounts import group_name, user_name
 from ..config import JupyterHubConfig, RequestsConfig, resolve_group
 from ..errors import NotAuthorised, ValidationError
 from ..jobs import envs
 from ..jobs.model import Job, Requester
-from .hub import HubUser
+from .hub import TOKEN_HINT, HubUser
 from .peercred import PeerCred
+from .protocol import Access, Op
 
 log = logging.getLogger(__name__)
 
-_ALLOW_HINT = ("ask an administrator to add you or one of your groups to requests.allow_users "
-               "or requests.allow_groups in the daemon's configuration")
+class EnvTarget(NamedTuple):
+    """An existing environment as the access check sees it: its owner as ``env.json`` records
+    it (None: envctl did not build it, so admins only)."""
 
+    name: str
+    owner: dict[str, Any] | None
+
+
+# A target of the check not known yet: the dispatcher checks what it can before the handler
+# runs; the handler checks again with the job or the environment's owner.
+PENDING: Any = object()
 
 
 def _uids(names: tuple[str, ...], key: str) -> frozenset[int]:
@@ -95,7 +109,8 @@ class Authoriser:
                          claimed_user=claimed_user or None,
                          is_admin=self.is_admin(cred) or hub_admin,
                          hub_user=None if hub_user is None else hub_user.name,
-                         hub_groups=() if hub_user is None else hub_user.groups)
+                         hub_groups=() if hub_user is None else hub_user.groups,
+                         hub_id=None if hub_user is None else hub_user.hub_id)
 
     def is_admin(self, cred: PeerCred) -> bool:
         """Admin by uid, or by primary or supplementary group (cheap: the server asks this
@@ -105,42 +120,67 @@ class Authoriser:
 
     def unverified(self, who: Requester) -> bool:
         """A peer on a shared uid that has not proved which hub user it is: it may do nothing
-        beyond ping, version, status and whoami (the handlers refuse it earlier)."""
+        that needs an identity."""
         return who.uid in self.shared_uids and who.hub_user is None
 
     def may_create(self, who: Requester) -> bool:
+        """A requester (or admin): may build, and see everyone's jobs."""
         if self.unverified(who):
             return False
         return who.is_admin or who.uid in self.allow_uids or \
             bool({who.gid, *who.groups} & self.allow_gids) or \
             bool(self.allow_hub_groups.intersection(who.hub_groups))
 
-    def require_create(self, who: Requester) -> None:
-        if not self.may_create(who):
-            raise NotAuthorised(f"user {who.username} (uid {who.uid}) may not request "
-                                "environments from this daemon", hint=_ALLOW_HINT)
-
-    def require_view(self, who: Requester, job: Job) -> None:
-        """Own jobs are always visible; other people's to requesters and admins."""
-        if not who.owns(job) and not self.may_create(who):
-            raise NotAuthorised(f"job {job.id} belongs to {job.owner}; you may only "
-                                "see your own jobs", hint=_ALLOW_HINT)
-
-    def require_env_owner(self, who: Requester, owner: dict[str, Any] | None,
-                          what: str) -> None:
-        """Replace (and whatever else changes an existing environment) is for its owner — the
-        requester of its first version, as the daemon recorded it (``jobs.envs``) — or admins;
-        an environment envctl did not build is for admins."""
-        if who.is_admin or envs.owned_by(owner, who.uid, who.hub_user):
+    def check(self, op: Op, who: Requester, target: Any = PENDING,
+              args: dict[str, Any] | None = None) -> None:
+        """NotAuthorised unless ``who`` may call ``op`` with ``args`` on ``target``: a Job for
+        job access, an :class:`EnvTarget` for env access (a name that exists); PENDING: what
+        can be decided without it."""
+        access, action = op.access_for(args or {})
+        if not access.needs_token:
             return
-        raise NotAuthorised(f"{what} belongs to {envs.owner_name(owner)}; only its owner or an "
-                            "admin may replace it", hint="pick another name, or ask its owner "
-                            "or an envctl admin")
+        if self.unverified(who):
+            raise NotAuthorised(f"uid {who.uid} is shared by the users of JupyterHub "
+                                "(jupyterhub.shared_uids): a request from it must carry the "
+                                "hub API token that says which hub user you are",
+                                hint=TOKEN_HINT)
+        if access is Access.ADMIN:
+            if not who.is_admin:
+                raise NotAuthorised(f"only envctl admins may {action}",
+                                    hint=op.hint or "ask an envctl admin")
+            return
+        if access in (Access.REQUESTER, Access.ENV_OWNER) and not self.may_create(who):
+            what = action if access is Access.REQUESTER else "request or change environments"
+            raise NotAuthorised(f"{who.subject} may not {what} on this daemon: only "
+                                "requesters and admins may", hint=self._allow_hint(who))
+        if target is PENDING or who.is_admin or access.target is None:
+            return
+        if isinstance(target, Job):
+            if who.owns(target) or (access is Access.JOB_READER and self.may_create(who)):
+                return
+            raise NotAuthorised(f"job {target.id} belongs to {target.owner}; only its owner"
+                                f"{', requesters' if access is Access.JOB_READER else ''} or "
+                                f"an envctl admin may {action}", hint=op.hint)
+        env: EnvTarget = target
+        if env.owner is not None and envs.owned_by(env.owner, who):
+            if who.hub_user is not None and not env.owner.get("hub_id"):
+                log.info("auth owner-by-name op=%s name=%s hub_user=%s uid=%d (its record has "
+                         "no hub_id)", op.name, env.name, who.hub_user, who.uid)
+            return
+        raise NotAuthorised(f"environment {env.name!r} belongs to "
+                            f"{envs.owner_name(env.owner)}; only its owner or an envctl admin "
+                            f"may {action}", hint=op.hint)
 
-    def require_view_all(self, who: Requester) -> None:
-        if not self.may_create(who):
-            raise NotAuthorised("only requesters and admins may list everyone's jobs",
-                                hint="drop --all to see your own jobs")
+    def _allow_hint(self, who: Requester) -> str:
+        """Which keys would make ``who`` a requester: a hub user's hub groups, else the
+        Unix user's name and groups."""
+        if who.hub_user is not None:
+            groups = ", ".join(who.hub_groups) or "none"
+            return (f"an administrator adds one of your JupyterHub groups ({groups}) to "
+                    "requests.allow_hub_groups in the daemon's configuration (or to "
+                    "requests.admin_hub_groups)")
+        return (f"an administrator adds {who.username} to requests.allow_users, or one of "
+                "your groups to requests.allow_groups, in the daemon's configuration")
 
     def describe(self, who: Requester) -> dict[str, Any]:
         """What ``whoami`` returns: identity, claim, and the permissions that follow from it.
@@ -149,7 +189,7 @@ class Authoriser:
         return {"uid": who.uid, "gid": who.gid, "groups": list(who.groups), "pid": who.pid,
                 "username": who.username, "claimed_user": who.claimed_user,
                 "group_names": [group_name(g) for g in who.groups],
-                "shared_uid": shared, "hub_user": who.hub_user,
+                "shared_uid": shared, "hub_user": who.hub_user, "hub_id": who.hub_id,
                 "hub_verified": who.hub_user is not None, "hub_groups": list(who.hub_groups),
                 "is_admin": who.is_admin and not self.unverified(who),
                 "may_create": self.may_create(who),

@@ -1,15 +1,20 @@
-"""What each op does: authorise, call the jobs layer or the status callback, shape the reply.
+"""What each op does: identify, authorise, call the jobs layer or the status callback, shape
+the reply.
 
 Why separate from ``server``: the server owns bytes, threads and sockets; this module owns
-meaning. Every handler takes the checked :class:`~envctl_shared.api.protocol.Request` and the peer's
-identity (the kernel's, and on a shared uid the hub user the hub verified) and yields protocol
-messages — one for plain ops, a stream of events ending in an
-``end`` message for ``create``/``logs`` with ``follow``. Handlers raise
-:class:`~envctl_shared.errors.EnvctlError`; the server turns that into the error envelope.
+meaning. :meth:`Handlers.handle` resolves the peer's identity as far as the op's access needs it
+(the kernel's; on a shared uid the hub user the hub verified — never asked for ops anyone may
+call, asked afresh for changes), runs ``Authoriser.check`` and hands the handler ``allow``: the
+same check bound to the op, for the target only the handler knows (a job; an environment's owner,
+under its lock). Handlers yield protocol messages — one for plain ops, a stream of events ending
+in an ``end`` message for ``create``/``logs`` with ``follow`` — and raise
+:class:`~envctl_shared.errors.EnvctlError`; the server turns that into the error envelope. Every
+refusal is logged once, bounded under a flood (``refusals``).
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import threading
@@ -19,15 +24,17 @@ from typing import TYPE_CHECKING, Any
 
 from .. import __version__
 from ..config import Config
-from ..errors import DaemonUnavailable, NotAuthorised, ValidationError
+from ..errors import DaemonUnavailable, LimitReached, NotAuthorised, ValidationError
 from ..jobs import kernels
 from ..jobs.model import Job, Requester
 from ..jobs.spec import validate_name
+from ..status import DaemonStatus
 from . import protocol
-from .auth import Authoriser
-from .env_handlers import EnvHandlers
-from .hub import TOKEN_HINT, HubUser, HubVerifier
+from .auth import Authoriser, EnvTarget
+from .env_handlers import Allow, EnvHandlers
+from .hub import HubUser, HubVerifier
 from .peercred import PeerCred
+from .refusals import Refusals
 
 if TYPE_CHECKING:  # the manager is only ever handed to us by the daemon
     from ..jobs.manager import JobManager
@@ -35,14 +42,12 @@ if TYPE_CHECKING:  # the manager is only ever handed to us by the daemon
 log = logging.getLogger(__name__)
 
 Message = dict[str, Any]
-StatusFn = Callable[[], dict[str, Any]]
+StatusFn = Callable[[], DaemonStatus]
 
 # How often a follow stream re-reads the log when nothing else woke it (the jobs layer's wait()
 # wakes on state/phase changes only, log growth is polled).
 FOLLOW_POLL = 0.25
 LOG_CHUNK = 65536
-# What a peer on a shared uid may ask without proving which hub user it is: nothing about jobs.
-ANONYMOUS_OPS = frozenset({"ping", "version", "status", "whoami"})
 # Specs checked at once, across all connections, and how long a create waits for a turn. Parsing
 # a spec is CPU-bound Python holding the GIL (~0.1 s for 60 KB even with libyaml's parser): with
 # one turn per connection thread, a requester holding dozens of connections would starve every
@@ -63,6 +68,7 @@ class Handlers(EnvHandlers):
         self.stopping = stopping
         self.config = config
         self.hub: HubVerifier | None = None
+        self.refusals = Refusals()
         self.reload(config)
 
     def reload(self, config: Config) -> None:
@@ -76,54 +82,56 @@ class Handlers(EnvHandlers):
 
     def handle(self, req: protocol.Request, cred: PeerCred,
                gone: Callable[[], bool]) -> Iterator[Message]:
-        """Dispatch one request; ``gone()`` tells a stream its client has hung up. Runs in the
-        connection's thread, so asking the hub never holds up the accept loop."""
-        claimed = req.args.get("claimed_user") if req.op.name == "create" else None
-        who = self.auth.requester(cred, claimed, self._hub_user(req, cred))
-        method: Callable[..., Iterator[Message]] = getattr(self, "op_" + req.op.name.replace(
-            "-", "_"))
-        yield from method(who, gone=gone, **req.args)
+        """Identify, authorise and dispatch one request; ``gone()`` tells a stream its client
+        has hung up. Runs in the connection's thread, so asking the hub never holds up the
+        accept loop."""
+        hub_user: HubUser | None = None
+        try:
+            try:
+                hub_user = self._hub_user(req, cred)
+            except DaemonUnavailable as exc:
+                self.refusals.note(req.op.name, cred, exc, None)
+                raise
+            claimed = req.args.get("claimed_user") if req.op.name == "create" else None
+            who = self.auth.requester(cred, claimed, hub_user)
+            self.auth.check(req.op, who, args=req.args)
+            allow: Allow = functools.partial(self.auth.check, req.op, who, args=req.args)
+            method: Callable[..., Iterator[Message]] = getattr(
+                self, "op_" + req.op.name.replace("-", "_"))
+            yield from method(who, gone=gone, allow=allow, **req.args)
+        except (NotAuthorised, LimitReached) as exc:
+            self.refusals.note(req.op.name, cred, exc,
+                               None if hub_user is None else hub_user.name)
+            raise
 
     def _hub_user(self, req: protocol.Request, cred: PeerCred) -> HubUser | None:
-        """The hub user of a peer on a shared uid, as the hub names the owner of its token.
-        Peers on other uids are who the kernel says (their token, if any, is not used)."""
-        if self.hub is None or cred.uid not in self.auth.shared_uids:
+        """The hub user of a peer on a shared uid, as the hub names the owner of its token —
+        when the op's access uses an identity at all (so what anyone may call answers while
+        the hub is down), asked afresh for a change. Peers on other uids are who the kernel
+        says (their token, if any, is not used); a missing token is the check's to refuse."""
+        access, _ = req.op.access_for(req.args)
+        if self.hub is None or cred.uid not in self.auth.shared_uids or \
+                req.hub_token is None or not access.identified:
             return None
-        if req.hub_token is None:
-            if req.op.name in ANONYMOUS_OPS:
-                return None
-            log.info("api refused reason=no-hub-token op=%s uid=%d pid=%d", req.op.name,
-                     cred.uid, cred.pid)
-            raise NotAuthorised(f"uid {cred.uid} is shared by the users of JupyterHub "
-                                "(jupyterhub.shared_uids): a request from it must carry the "
-                                "hub API token that says which hub user you are",
-                                hint=TOKEN_HINT)
-        if req.op.name in ("ping", "version", "status"):
-            return None  # nothing to decide: the hub is not asked
-        return self.hub.user(req.hub_token)
+        return self.hub.user(req.hub_token, cred.uid, fresh=access.changes)
 
     # -- ops anyone who can connect may call ---------------------------------------------
 
-    def op_ping(self, who: Requester, gone: Callable[[], bool]) -> Iterator[Message]:
+    def op_ping(self, who: Requester, gone: Callable[[], bool],
+                allow: Allow) -> Iterator[Message]:
         yield protocol.ok({"pong": True, "version": __version__, "protocol": protocol.VERSION})
 
-    def op_version(self, who: Requester, gone: Callable[[], bool]) -> Iterator[Message]:
+    def op_version(self, who: Requester, gone: Callable[[], bool],
+                   allow: Allow) -> Iterator[Message]:
         yield protocol.ok({"version": __version__, "protocol": protocol.VERSION})
 
-    def op_whoami(self, who: Requester, gone: Callable[[], bool]) -> Iterator[Message]:
+    def op_whoami(self, who: Requester, gone: Callable[[], bool],
+                  allow: Allow) -> Iterator[Message]:
         yield protocol.ok(self.auth.describe(who))
 
-    def op_status(self, who: Requester, gone: Callable[[], bool]) -> Iterator[Message]:
-        data = dict(self.status_fn())  # the daemon's own: pid, uptime_s, roots, jobs...
-        data.update(version=__version__, protocol=protocol.VERSION,
-                    requests_enabled=self.jobs is not None,
-                    # how builds are kept from outliving their job: "cgroup" or "sweep"
-                    containment=self.jobs.containment if self.jobs is not None else None,
-                    # how they are kept from each other: a mount namespace per step, or
-                    # "none" (then only their uids and file modes), and how many run at once
-                    sandbox=self.jobs.sandbox if self.jobs is not None else None,
-                    max_builds=self.jobs.max_builds() if self.jobs is not None else None)
-        yield protocol.ok(data)
+    def op_status(self, who: Requester, gone: Callable[[], bool],
+                  allow: Allow) -> Iterator[Message]:
+        yield protocol.ok(self.status_fn().to_dict())  # the daemon's (``status.DaemonStatus``)
 
     # -- job ops ---------------------------------------------------------------------------
 
@@ -133,26 +141,16 @@ class Handlers(EnvHandlers):
                                     hint="an administrator can set requests.enabled: true")
         return self.jobs
 
-    def _visible(self, who: Requester, job_id: str | int) -> Job:
-        job = self._manager().get(str(job_id))
-        self.auth.require_view(who, job)
-        return job
-
-    def op_create(self, who: Requester, gone: Callable[[], bool], name: str, spec: str,
-                  backend: str | None, replace: bool, claimed_user: str | None,
-                  follow: bool, tests: list[str]) -> Iterator[Message]:
+    def op_create(self, who: Requester, gone: Callable[[], bool], allow: Allow, name: str,
+                  spec: str, backend: str | None, replace: bool, claimed_user: str | None,
+                  follow: bool, tests: list[str],
+                  description: str | None) -> Iterator[Message]:
         jobs = self._manager()
-        try:
-            self.auth.require_create(who)
-            if replace:
-                self._require_env_owner(who, validate_name(name))
-        except NotAuthorised:
-            log.info("api refused op=create uid=%d user=%s hub_user=%s claimed=%s name=%s "
-                     "replace=%s", who.uid, who.username, who.hub_user, who.claimed_user, name,
-                     replace)
-            raise
+        if replace:
+            self._allow_env(allow, validate_name(name))
         yield from self._queue("create", who, gone, follow, lambda: jobs.submit(
-            who, name, spec, backend=backend, replace=replace, tests=tests))
+            who, name, spec, backend=backend, replace=replace, tests=tests,
+            description=description))
 
     def _queue(self, op: str, who: Requester, gone: Callable[[], bool], follow: bool,
                submit: Callable[[], Job]) -> Iterator[Message]:
@@ -177,28 +175,31 @@ class Handlers(EnvHandlers):
         yield from self._follow(job.id, 0, gone, job_events=True,
                                 last=(job.state.value, job.phase))
 
-    def _require_env_owner(self, who: Requester, name: str) -> None:
-        """An existing environment belongs to the requester of its first version, as the
-        daemon recorded it in the root (``jobs.envs``; an env without a record: admins)."""
-        if not os.path.lexists(self.config.requests_root.path / name):
-            return
-        owner = self._manager().environments.owner(name)
-        self.auth.require_env_owner(who, owner, f"environment {name!r}")
+    def _allow_env(self, allow: Allow, name: str) -> None:
+        """The env-owner check of an existing environment, against the owner the daemon
+        recorded for it (``jobs.envs``; none: admins only). Nothing to check for a new name."""
+        if os.path.lexists(self.config.requests_root.path / name):
+            allow(EnvTarget(name, self._manager().environments.owner(name)))
 
-    def op_get(self, who: Requester, gone: Callable[[], bool], id: str | int) -> Iterator[Message]:
-        yield protocol.ok(self._visible(who, id).to_dict())
+    def _job(self, allow: Allow, job_id: str | int) -> Job:
+        """The job (a prefix of its id too), once ``allow``ed."""
+        job = self._manager().get(str(job_id))
+        allow(job)
+        return job
 
-    def op_list(self, who: Requester, gone: Callable[[], bool], all: bool,
+    def op_get(self, who: Requester, gone: Callable[[], bool], allow: Allow,
+               id: str | int) -> Iterator[Message]:
+        yield protocol.ok(self._job(allow, id).to_dict())
+
+    def op_list(self, who: Requester, gone: Callable[[], bool], allow: Allow, all: bool,
                 finished: bool) -> Iterator[Message]:
-        if all:
-            self.auth.require_view_all(who)
         jobs = self._manager().list(uid=None if all else who.uid, include_finished=finished,
                                     hub_user=who.hub_user)
         yield protocol.ok([j.to_dict() for j in jobs])
 
-    def op_logs(self, who: Requester, gone: Callable[[], bool], id: str | int, offset: int,
-                follow: bool) -> Iterator[Message]:
-        job = self._visible(who, id)
+    def op_logs(self, who: Requester, gone: Callable[[], bool], allow: Allow, id: str | int,
+                offset: int, follow: bool) -> Iterator[Message]:
+        job = self._job(allow, id)
         if not follow:
             data, new_offset = self._manager().read_log(job.id, offset, LOG_CHUNK)
             yield protocol.ok({"offset": new_offset, "text": data.decode("utf-8", "replace"),
@@ -206,17 +207,15 @@ class Handlers(EnvHandlers):
             return
         yield from self._follow(job.id, offset, gone, job_events=False)
 
-    def op_cancel(self, who: Requester, gone: Callable[[], bool],
+    def op_cancel(self, who: Requester, gone: Callable[[], bool], allow: Allow,
                   id: str | int) -> Iterator[Message]:
-        job = self._manager().cancel(self._manager().get(str(id)).id, who)  # a prefix too
+        job = self._manager().cancel(self._job(allow, id).id, who)
         log.debug("api cancel job=%s name=%s uid=%d user=%s hub_user=%s", job.id, job.name,
                   who.uid, who.username, who.hub_user)
         yield protocol.ok(job.to_dict())
 
-    def op_kernels_sync(self, who: Requester, gone: Callable[[], bool]) -> Iterator[Message]:
-        if not who.is_admin:
-            raise NotAuthorised("only envctl admins may rewrite the kernelspecs",
-                                hint="ask an administrator to run 'envctl kernels sync'")
+    def op_kernels_sync(self, who: Requester, gone: Callable[[], bool],
+                        allow: Allow) -> Iterator[Message]:
         if self.config.kernels.dir is None:
             raise ValidationError("this daemon keeps no kernelspecs (kernels.dir is not set)",
                                   hint="an administrator sets kernels.dir in the configuration")

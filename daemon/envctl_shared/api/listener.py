@@ -1,7 +1,9 @@
 """Create the daemon's listening Unix socket safely, or refuse with a reason.
 
 Why so careful: the daemon runs privileged and the socket usually lives in a directory it does
-not fully control. The checks: the parent directory exists, is a real directory (not a symlink),
+not fully control. A missing socket directory is made as systemd's ``RuntimeDirectory=`` would
+(the daemon's, 0755; its own parent must exist), so a configuration works outside systemd too.
+The checks: the parent directory exists, is a real directory (not a symlink),
 is owned by root or by us, and is writable by nobody else — sticky or not: the sticky bit of a
 ``/tmp``-style directory stops others from removing our entry, not from binding the name first
 (before the daemon starts, or while it restarts) and posing as the daemon to every client, who
@@ -26,11 +28,14 @@ from ..config import SocketConfig, resolve_group
 from ..errors import Conflict, FilesystemError
 
 log = logging.getLogger(__name__)
+SOCKET_DIR_MODE = 0o755  # systemd's RuntimeDirectoryMode= default, as envctld.service sets it
 
 
 def bind_unix(cfg: SocketConfig, backlog: int = 128) -> socket.socket:
-    """A listening socket at ``cfg.path`` with ``cfg.mode`` and ``cfg.group`` applied."""
+    """A listening socket at ``cfg.path`` with ``cfg.mode`` and ``cfg.group`` applied; its
+    directory is created first when missing, as systemd's ``RuntimeDirectory=`` would."""
     path = cfg.path
+    _make_parent(path.parent)
     _check_parent(path.parent)
     _remove_stale(path)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -50,6 +55,40 @@ def bind_unix(cfg: SocketConfig, backlog: int = 128) -> socket.socket:
                               hint="check socket.path and socket.group in the config") from None
     log.info("api listening socket=%s mode=%04o group=%s", path, cfg.mode, cfg.group or "-")
     return sock
+
+
+def parent_problem(path: Path) -> FilesystemError | None:
+    """What keeps the daemon from listening at ``path``, asked before it changes anything:
+    a socket directory that is missing where it cannot be made (its own parent missing), or
+    that exists and is not the daemon's alone."""
+    parent = path.parent
+    if not os.path.lexists(parent):
+        if os.path.isdir(parent.parent):
+            return None  # made at bind time (_make_parent)
+        return FilesystemError(f"socket directory {parent} does not exist, nor does "
+                               f"{parent.parent}", hint="change socket.path, or create "
+                               f"{parent.parent}")
+    try:
+        _check_parent(parent)
+    except FilesystemError as exc:
+        return exc
+    return None
+
+
+def _make_parent(parent: Path) -> None:
+    """The socket directory as ``RuntimeDirectory=envctl`` makes it: the daemon's, 0755. One
+    level only (a missing grandparent is a typo, not ours to invent); a directory someone else
+    made first is judged by ``_check_parent`` as any other."""
+    try:
+        os.mkdir(parent, SOCKET_DIR_MODE)
+    except FileExistsError:
+        return
+    except OSError as exc:
+        raise FilesystemError(f"cannot create socket directory {parent}: {exc.strerror}",
+                              hint="create it (systemd: RuntimeDirectory=envctl) or change "
+                              "socket.path") from None
+    os.chmod(parent, SOCKET_DIR_MODE)  # whatever the umask took
+    log.info("api created socket_dir=%s mode=%04o", parent, SOCKET_DIR_MODE)
 
 
 def _check_parent(parent: Path) -> None:

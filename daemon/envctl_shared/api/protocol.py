@@ -26,9 +26,11 @@ import json
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any
 
 from ..errors import EnvctlError, ProtocolError
+from ..names import ENV_NAME_RE, env_name_problem
 from ..untrusted import brief
 
 VERSION = 1
@@ -75,34 +77,103 @@ def _commands(value: list[Any]) -> str | None:
     return next(("must hold valid Unicode only" for v in value if _unicode_problem(v)), None)
 
 
+class Access(str, Enum):
+    """Who may call an op: declared per op below, enforced by ``auth.Authoriser.check`` alone.
+    Admins may do everything but what needs no identity at all; the table in docs/protocol.md
+    is generated from :data:`ACCESS_DOCS`."""
+
+    ANYONE = "anyone"
+    SELF = "self"
+    VERIFIED = "verified"
+    JOB_READER = "job reader"
+    REQUESTER = "requester"
+    JOB_OWNER = "job owner"
+    ENV_OWNER = "env owner"
+    ADMIN = "admin"
+
+    @property
+    def identified(self) -> bool:
+        """The caller's identity is used: on a shared uid, the hub is asked about its token."""
+        return self is not Access.ANYONE
+
+    @property
+    def needs_token(self) -> bool:
+        """A peer on a shared uid must send a hub token (its identity decides)."""
+        return self not in (Access.ANYONE, Access.SELF)
+
+    @property
+    def changes(self) -> bool:
+        """The op changes something: the hub is asked again, whatever it said before."""
+        return self in (Access.REQUESTER, Access.JOB_OWNER, Access.ENV_OWNER, Access.ADMIN)
+
+    @property
+    def target(self) -> str | None:
+        """What the decision also needs, known only to the handler: a job, or the owner of an
+        environment (read under the name's lock where it can change)."""
+        return {Access.JOB_READER: "job", Access.JOB_OWNER: "job",
+                Access.ENV_OWNER: "env"}.get(self)
+
+
+ACCESS_DOCS = {
+    Access.ANYONE: "anyone who can connect; no identity is used, so the hub is never asked "
+                   "(answers while the hub is down)",
+    Access.SELF: "anyone who can connect; the answer is about the caller (a hub token sent "
+                 "is verified, none is needed)",
+    Access.VERIFIED: "anyone whose identity is known (on a shared uid: a verified hub user); "
+                     "each sees their own",
+    Access.JOB_READER: "the job's owner, requesters and admins",
+    Access.REQUESTER: "requesters and admins",
+    Access.JOB_OWNER: "the job's owner and admins",
+    Access.ENV_OWNER: "the environment's owner (a requester: the requester of its first "
+                      "version) and admins; one envctl did not build: admins",
+    Access.ADMIN: "admins",
+}
+
+
 @dataclass(frozen=True)
 class Op:
-    """One operation: who may call it is decided in ``auth``; here only its shape."""
+    """One operation: its shape, and who may call it (``access``; ``action``: what a refusal
+    says may not be done, "it" being the target of a job or env access; ``escalate``: a
+    boolean argument that, when true, asks for another access and action)."""
 
     name: str
     summary: str
     args: dict[str, Arg] = field(default_factory=dict)
     streaming: bool = False  # True when ``follow`` turns the reply into an event stream
     aliases: tuple[str, ...] = ()
+    access: Access = Access.ANYONE
+    action: str = ""
+    escalate: dict[str, tuple[Access, str]] = field(default_factory=dict)
+    hint: str | None = None  # what a refused caller can do instead, when there is something
+
+    def access_for(self, args: dict[str, Any]) -> tuple[Access, str]:
+        """The access these arguments ask for, and the action a refusal names."""
+        return next((more for key, more in self.escalate.items() if args.get(key)),
+                    (self.access, self.action))
 
 
 _ID = Arg((str, int), "job id, as printed by create/list", required=True, check=_job_id)
 _FOLLOW = Arg((bool,), "stream events until the job ends instead of replying once", default=False)
-_ENV = Arg((str,), "environment name", required=True, check=_word)
+_ENV = Arg((str,), "environment name", required=True, check=env_name_problem)
+_DESCRIPTION = Arg((str,), "what the environment is for: one paragraph of plain text, at most "
+                   "500 characters (no control characters); shown in env list, env show and "
+                   "its kernel's name; \"\" clears it")
+_ENV_VERSION = Arg((str,), "a version (v1, v2, ...)", check=_word)
 _TESTS = Arg((list,), "shell command lines (at most 16, each at most 1000 characters) run as "
              "the build user inside the new version, activated, before it is made current; "
              "any failure: not promoted, the job fails", default=(), check=_commands)
 
 OPS: dict[str, Op] = {op.name: op for op in (
-    Op("ping", "Liveness check; replies {pong, version, protocol}. Anyone who can connect."),
-    Op("version", "Daemon and protocol version. Anyone who can connect."),
+    Op("ping", "Liveness check; replies {pong, version, protocol}."),
+    Op("version", "Daemon and protocol version."),
     Op("whoami", "How the daemon sees you: uid and groups from the kernel, the hub user (verified "
-       "by the hub when your uid is one of jupyterhub.shared_uids), and what you may do."),
-    Op("status", "Daemon status: roots, watch modes, healer counters, job counts, uptime. "
-       "Anyone who can connect (used by readiness probes).", aliases=("daemon-status",)),
-    Op("create", "Queue an environment build (requires allow_users/allow_groups/allow_hub_groups "
-       "or admin); replace only for the owner of the environment or admins.", {
-        "name": Arg((str,), "environment name, ^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$", required=True),
+       "by the hub when your uid is one of jupyterhub.shared_uids), and what you may do.",
+       access=Access.SELF),
+    Op("status", "Daemon status: roots, watch modes, healer counters, job counts, uptime (used "
+       "by readiness probes).", aliases=("daemon-status",)),
+    Op("create", "Queue an environment build (requesters: allow_users/allow_groups/"
+       "allow_hub_groups); with replace, of an existing environment: its owner.", {
+        "name": Arg((str,), f"environment name, ^{ENV_NAME_RE.pattern}$", required=True),
         "spec": Arg((str,), "environment.yml text (name/channels/dependencies)", required=True),
         "backend": Arg((str,), "one of requests.allowed_backends; default requests.backend",
                        check=_word),
@@ -112,54 +183,69 @@ OPS: dict[str, Op] = {op.name: op for op in (
                             "recorded, never trusted (hub users are identified by hub_token)"),
         "follow": _FOLLOW,
         "tests": _TESTS,
-    }, streaming=True),
-    Op("get", "One job (state, phase, prefix, exit detail). Own jobs; everyone's for "
-       "requesters and admins.", {"id": _ID}),
+        "description": _DESCRIPTION,
+    }, streaming=True, access=Access.REQUESTER, action="request environments",
+       escalate={"replace": (Access.ENV_OWNER, "replace it")},
+       hint="pick another name, or ask its owner or an envctl admin"),
+    Op("get", "One job (state, phase, prefix, exit detail).", {"id": _ID},
+       access=Access.JOB_READER, action="see it", hint="you may see your own jobs"),
     Op("list", "Jobs: your own by default (on a shared uid: your verified hub user's); "
        "everyone's with all=true (requesters and admins).", {
         "all": Arg((bool,), "include other users' jobs", default=False),
         "finished": Arg((bool,), "include finished jobs", default=False),
-    }),
+    }, access=Access.VERIFIED, escalate={"all": (Access.REQUESTER, "list everyone's jobs")},
+       hint="drop --all to see your own jobs"),
     Op("logs", "Build log bytes from an offset; with follow, stream until the job ends.", {
         "id": _ID,
         "offset": Arg((int,), f"byte offset to start from (0 to {MAX_OFFSET})", default=0,
                       check=_offset),
         "follow": _FOLLOW,
-    }, streaming=True),
-    Op("cancel", "Cancel a queued or running job: the owner's (same uid and, on a shared uid, "
-       "same verified hub user); admins any.", {"id": _ID}),
+    }, streaming=True, access=Access.JOB_READER, action="read its log",
+       hint="you may read your own jobs' logs"),
+    Op("cancel", "Cancel a queued or running job (its owner: the same uid and, on a shared "
+       "uid, the same verified hub user).", {"id": _ID}, access=Access.JOB_OWNER,
+       action="cancel it", hint="ask an envctl admin"),
     Op("kernels-sync", "Rewrite the kernelspec of every environment in the root that has "
        "ipykernel (hand-made ones included) and remove those of environments that have none "
-       "or are gone; replies {written, removed, skipped}. Admins."),
+       "or are gone; replies {written, removed, skipped}.", access=Access.ADMIN,
+       action="rewrite the kernelspecs",
+       hint="ask an administrator to run 'envctl kernels sync'"),
     # environments: versions behind the stable path <root>/NAME (see docs/environments.md)
     Op("env-list", "Every environment in the request root: name, status (ready, building, "
        "removed, broken, unmanaged for hand-made ones), current version, backend, owner, when "
-       "built, size, kernel. Anyone who can connect."),
+       "built, size, kernel."),
     Op("env-show", "One environment with all its versions (current marked): who built each, "
-       "when, from which spec and tests, the exact packages installed. Anyone who can connect.",
-       {"name": _ENV}),
+       "when, from which spec and tests, the exact packages installed.", {"name": _ENV}),
+    Op("env-diff", "What changed from one version to another (default: from the built "
+       "version before `to`, to the current one): packages added, removed and changed (conda "
+       "and pip, with the direction: up, down, or other for a rebuild or versions that do not "
+       "compare), who built `to`, when and why; replies {name, from, to, added, removed, "
+       "changed, by, at, why}.", {"name": _ENV, "from": _ENV_VERSION, "to": _ENV_VERSION}),
+    Op("env-describe", "Set (or, with \"\", clear) the environment's description, shown in "
+       "env list, env show and its kernel's display name; replies {name, description}.",
+       {"name": _ENV, "description": Arg((str,), _DESCRIPTION.help, required=True)},
+       access=Access.ENV_OWNER, action="describe it", hint="ask its owner or an envctl admin"),
     Op("env-export", "An environment.yml with exact pins of a version (default: the current "
-       "one), which create accepts back; replies {name, version, text}. Anyone who can "
-       "connect.", {"name": _ENV, "version": Arg((str,), "a version (v1, v2, ...)",
-                                                 check=_word)}),
+       "one), which create accepts back; replies {name, version, text}.",
+       {"name": _ENV, "version": _ENV_VERSION}),
     Op("env-verify", "Recompute a version's digest (default: the current one) and list every "
        "difference from what was frozen (path: added, removed, type, mode, size, owner, "
        "content, link target); records verified_at and the result in the version's record; "
-       "replies {name, version, digest, ok, count, differences}. Anyone who can connect.",
-       {"name": _ENV, "version": Arg((str,), "a version (v1, v2, ...)", check=_word)}),
+       "replies {name, version, digest, ok, count, differences}.",
+       {"name": _ENV, "version": _ENV_VERSION}),
     Op("env-rollback", "Make an earlier version current again (default: the newest one older "
-       "than the current), by one atomic rename. The owner (requester of the first version) "
-       "or admins.", {"name": _ENV, "to": Arg((str,), "the version to make current",
-                                               check=_word)}),
+       "than the current), by one atomic rename.",
+       {"name": _ENV, "to": Arg((str,), "the version to make current", check=_word)},
+       access=Access.ENV_OWNER, action="roll it back", hint="ask its owner or an envctl admin"),
     Op("env-remove", "The name disappears at once (atomically); its versions are removed by "
-       "GC after requests.gc_grace. The owner or admins.", {"name": _ENV}),
+       "GC after requests.gc_grace.", {"name": _ENV}, access=Access.ENV_OWNER,
+       action="remove it", hint="ask its owner or an envctl admin"),
     Op("env-add", "A new version of an environment: the current version's spec (as its "
        "record keeps it) with packages added — a package already listed is replaced by the "
        "new entry of the same name —, built, tested (the current version's tests, then "
        "these) and made current: a create with replace (the same checks, queue and limits; "
        "cancel it like any job), refused with conflict when another version became current "
-       "meanwhile. Replies (or streams, with follow) like create. The owner (requester of the "
-       "first version) or admins.", {
+       "meanwhile. Replies (or streams, with follow) like create.", {
         "name": _ENV,
         "packages": Arg((list,), "conda match specs added to dependencies", default=(),
                         check=_commands),
@@ -167,17 +253,20 @@ OPS: dict[str, Op] = {op.name: op for op in (
                    default=(), check=_commands),
         "tests": _TESTS,
         "follow": _FOLLOW,
-    }, streaming=True),
+    }, streaming=True, access=Access.ENV_OWNER, action="add packages to it"),
     Op("env-update", "A new version built from the current version's spec unchanged: solved "
        "again, so it takes newer packages where the spec allows them (with every pip entry "
        "pinned and no test to run, a solve that gives exactly the current packages makes no "
-       "new version: \"no change\"); otherwise as env-add. The owner or admins.",
+       "new version: \"no change\"); otherwise as env-add.",
        {"name": _ENV, "tests": _TESTS, "follow": _FOLLOW},
-       streaming=True),
+       streaming=True, access=Access.ENV_OWNER, action="update it"),
     Op("env-gc", "Remove versions that are neither current nor among the newest "
        "requests.keep_versions and stopped being current over requests.gc_grace ago, and "
-       "what dead builds left; replies {removed, skipped, ...}. Admins.",
-       {"dry_run": Arg((bool,), "only say what would be removed", default=False)}),
+       "what dead builds left; replies {removed, skipped, ...}.",
+       {"dry_run": Arg((bool,), "only say what would be removed", default=False)},
+       access=Access.ADMIN, action="run the environment GC",
+       hint="the daemon runs it every requests.gc_interval seconds; 'envctl env list' shows "
+            "what is kept"),
 )}
 _BY_NAME: dict[str, Op] = {alias: op for op in OPS.values() for alias in (op.name, *op.aliases)}
 
@@ -323,12 +412,26 @@ def _unicode_problem(value: object) -> str | None:
     return None
 
 
+def access_text(op: Op) -> str:
+    """Who may call ``op``: its access level, and those its arguments escalate to."""
+    more = "".join(f"; with `{key}`: {access.value}"
+                   for key, (access, _) in op.escalate.items())
+    return f"{op.access.value}{more}"
+
+
 def reference() -> str:
-    """The op table as Markdown: the reference section of docs/protocol.md."""
-    lines = []
+    """The op table as Markdown: the reference section of docs/protocol.md (the access levels,
+    the access of each op, then each op)."""
+    lines = ["Access levels (declared per op in `api/protocol.py`, enforced by "
+             "`api/auth.py`'s `Authoriser.check` alone):", ""]
+    lines += [f"- `{access.value}`: {text}" for access, text in ACCESS_DOCS.items()]
+    lines += ["", "| op | access |", "|---|---|"]
+    lines += [f"| `{op.name}` | {access_text(op)} |" for op in OPS.values()]
+    lines.append("")
     for op in OPS.values():
         alias = f" (alias: {', '.join(op.aliases)})" if op.aliases else ""
-        lines.append(f"### `{op.name}`{alias}\n\n{op.summary}\n")
+        lines.append(f"### `{op.name}`{alias}\n\n{op.summary}\n\nAccess: "
+                     f"{access_text(op)}.\n")
         for key, spec in op.args.items():
             kind = "|".join(t.__name__ for t in spec.types)
             need = "required" if spec.required else f"default {json.dumps(spec.default)}"

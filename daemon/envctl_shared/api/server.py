@@ -128,6 +128,7 @@ class Server:
     def stop(self, timeout: float = 5.0) -> None:
         """Stop accepting, hang up on every client, remove the socket file if we created it."""
         self._stopping.set()
+        self.handlers.refusals.close()  # what a flood held back is told now, not lost
         if self._accept_thread is not None:
             self._wake_accept()
             self._accept_thread.join(timeout)

@@ -31,9 +31,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .. import config as cfgmod
-from ..accounts import group_name
+from ..accounts import group_name, person
 from ..errors import EX_FAILURE, EX_OK, EnvctlError
 from ..fsinfo import mount_of
+from ..status import DaemonStatus
 from .access import group_access, membership_fix, missing_hint
 from .output import emit_json, hint_of, local_time, quote_name
 
@@ -71,7 +72,7 @@ class RootInfo:
 class Context:
     """What the checks learn along the way and share: the daemon's answer, the roots."""
 
-    daemon: dict[str, Any] | None = None
+    daemon: DaemonStatus | None = None
     roots: list[RootInfo] = field(default_factory=list)
     requests_root: Path | None = None
     kernels_dir: Path | None = None
@@ -117,8 +118,7 @@ def run(args: argparse.Namespace) -> int:
         ctx.roots = [RootInfo(Path(os.path.abspath(p))) for p in args.root]
     check_daemon(ctx, socket, args.timeout, args.stale)
     if not ctx.roots and ctx.daemon is not None:
-        ctx.roots = [RootInfo(Path(r["path"])) for r in ctx.daemon.get("roots") or []
-                     if isinstance(r, dict) and r.get("path")]
+        ctx.roots = [RootInfo(Path(r.path)) for r in ctx.daemon.roots or [] if r.path]
     if not ctx.roots:
         ctx.add("roots", False, "no root to check: the daemon did not say, and none was given",
                 "name one: 'envctl doctor --root /efs/shared/.conda/envs', or --config FILE")
@@ -132,6 +132,7 @@ def run(args: argparse.Namespace) -> int:
     check_condarc_files(ctx, envs)
     if ctx.daemon is not None:
         check_hub(ctx, socket, args.timeout)
+        check_limits(ctx)
     if args.name:
         check_env(ctx, args.name, socket, args.timeout)
     code = EX_OK if all(c.ok for c in ctx.checks) else EX_FAILURE
@@ -175,25 +176,50 @@ def check_daemon(ctx: Context, socket: str | None, timeout: float, stale: float)
         ctx.add("daemon", False, err.message, hint_of(err) + "; until it runs nothing heals "
                 "what you write (files may lack group access)")
         return
-    ctx.daemon = data
-    head = f"envctld {data.get('version', '?')} (pid {data.get('pid', '?')})"
-    if data.get("failure"):
-        ctx.add("daemon", False, f"{head} reports a failure: {quote_name(str(data['failure']))}",
+    st = ctx.daemon = DaemonStatus.from_dict(data)
+    head = f"envctld {st.version or '?'} (pid {st.pid or '?'})"
+    if st.failure:
+        ctx.add("daemon", False, f"{head} reports a failure: {quote_name(str(st.failure))}",
                 "an administrator reads its log ('journalctl -u envctld') and restarts it")
         return
-    if data.get("ready") is False:
+    if st.ready is False:
         ctx.add("daemon", False, f"{head} is up but not ready (its first scan is running)",
                 "wait a minute and run doctor again ('envctl status' shows progress)")
         return
-    age = data.get("progress_age_s")
+    age = st.progress_age_s
     if isinstance(age, (int, float)) and age > stale:
         ctx.add("daemon", False, f"{head} shows no progress for {age:.0f}s: wedged",
                 "an administrator restarts it ('systemctl restart envctld')")
         return
-    queue = sum(int(r.get("queue") or 0) for r in data.get("roots") or [] if isinstance(r, dict))
+    queue = sum(r.queue or 0 for r in st.roots or [])
     lag = f"heal queue {queue}" + (f", last progress {age:.1f}s ago"
                                    if isinstance(age, (int, float)) else "")
     ctx.add("daemon", True, f"{head} is up and ready; {lag}")
+
+
+def check_limits(ctx: Context) -> None:
+    """One line: the daemon's per-build limits, and whether its cgroup controllers enforce
+    them (a missing one: builds run without that limit). Only when it builds envs."""
+    limits = ctx.daemon.limits if ctx.daemon is not None else None
+    if not isinstance(limits, dict):
+        return
+    missing = [str(c) for c in limits.get("missing") or []]
+    shown = ", ".join(f"{k} {_size(limits.get(k))}" for k in ("memory", "disk")) + \
+        f", tasks {limits.get('tasks')}, cpu weight {limits.get('cpu_weight')}"
+    if not missing:
+        ctx.add("build limits", True, f"{shown}; enforced by the cgroup controllers "
+                f"{', '.join(str(c) for c in limits.get('controllers') or [])}")
+        return
+    ctx.add("build limits", False, f"{shown}; NOT enforced: the daemon has no cgroup "
+            f"controller {', '.join(missing)} (builds run without "
+            f"{'that limit' if len(missing) == 1 else 'those limits'})",
+            "an administrator delegates them to envctld: Delegate=yes in its unit on a host "
+            "with cgroup v2 (or the v1 hierarchies writable by root); see the daemon's log "
+            "line jobs-containment for why")
+
+
+def _size(value: object) -> str:
+    return cfgmod.format_size(value) if isinstance(value, int) else "?"
 
 
 def check_hub(ctx: Context, socket: str | None, timeout: float) -> None:
@@ -279,8 +305,7 @@ def _watched(ctx: Context, root: Path) -> bool:
     """Whether the daemon answered and watches ``root`` (so it heals what users write)."""
     if ctx.daemon is None:
         return False
-    return any(isinstance(r, dict) and r.get("path") == str(root)
-               for r in ctx.daemon.get("roots") or [])
+    return any(r.path == str(root) for r in ctx.daemon.roots or [])
 
 
 def _group_bits(mask: int) -> str:
@@ -305,7 +330,8 @@ def check_umask(ctx: Context, root: RootInfo, umask: int) -> None:
 
 
 def check_mode(ctx: Context, root: RootInfo, st: os.stat_result, gid: int) -> None:
-    """The root itself: its group, group rwx, and SGID (so new entries inherit the group)."""
+    """The root itself: its group, group rwx, SGID (so new entries inherit the group), and not
+    writable by everyone (then anyone on the host, not just the group, adds entries to it)."""
     shown = quote_name(str(root.path))
     mode = stat.S_IMODE(st.st_mode)
     wrong = []
@@ -315,15 +341,19 @@ def check_mode(ctx: Context, root: RootInfo, st: os.stat_result, gid: int) -> No
         wrong.append(f"group lacks {_group_bits(~mode)}")
     if not mode & stat.S_ISGID:
         wrong.append("no SGID: new entries will not inherit the group")
+    if mode & stat.S_IWOTH:
+        wrong.append("writable by everyone: any user of the host can add entries, not just "
+                     "the group")
     desc = f"group {group_name(st.st_gid)}, mode {mode:04o}"
     if not wrong:
         ctx.add("root mode", True, f"{shown}: {desc}", subject=str(root.path))
         return
-    want = 0o2000 | (mode & 0o707) | 0o070
+    want = 0o2000 | (mode & 0o1705) | 0o070  # the sticky bit kept, o+w taken
     ctx.add("root mode", False, f"{shown}: {desc}: " + "; ".join(wrong),
             f"an administrator runs 'chgrp {group_name(gid)} {shown} && chmod {want:04o} "
-            f"{shown}' (or 'envctl init'); a running daemon heals it at its next pass",
-            str(root.path))
+            f"{shown}' (or 'envctl init'); a running daemon heals group and SGID at its next "
+            "pass" + ("; it leaves others' write bit as it is under roots[].others: keep"
+                      if mode & stat.S_IWOTH else ""), str(root.path))
 
 
 PROTECTED_HARDLINKS = Path("/proc/sys/fs/protected_hardlinks")
@@ -388,9 +418,9 @@ def check_env(ctx: Context, name: str, socket: str | None, timeout: float) -> No
             return
         status = info.get("status")
         built = (f"version {info.get('current')} built by "
-                 f"{quote_name(str(info.get('requester') or '?'))} on "
+                 f"{quote_name(person(info.get('requester')))} on "
                  f"{local_time(info.get('built_at'))}"
-                 f", owner {quote_name(str(info.get('owner') or '?'))}")
+                 f", owner {quote_name(person(info.get('owner')))}")
         ctx.add("env", status == "ready", f"{name}: {status}; {built}",
                 None if status == "ready" else "see 'envctl env show " + name + "'", name)
     prefix = Path(info["prefix"]) if info and info.get("prefix") else _find_prefix(ctx, name)

@@ -54,7 +54,22 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[
     gc = sub.add_parser("gc", help="remove old versions now (admins)")
     gc.add_argument("--dry-run", action="store_true", help="only say what would be removed")
     gc.set_defaults(func=run_gc)
-    for parser in (ls, show, exp, ver, rb, rm, gc):
+    diff = sub.add_parser("diff", help="what changed between two versions (packages added, "
+                          "removed, up- or downgraded; who, when, why)",
+                          description="Compare the packages (conda and pip) of two versions: "
+                          "with no version, the current one against the one before it; with "
+                          "one, that version against the one before it; with two, V1 to V2.")
+    diff.add_argument("name")
+    diff.add_argument("versions", nargs="*", metavar="V", help="V1 V2, or V, or none")
+    diff.set_defaults(func=run_diff)
+    desc = sub.add_parser("describe", help="set what an environment is for (the owner, "
+                          "admins)", description="Set the description shown in 'env list', "
+                          "'env show' and the kernel's name: one paragraph, at most 500 "
+                          "characters; '' clears it.")
+    desc.add_argument("name")
+    desc.add_argument("description", metavar="TEXT")
+    desc.set_defaults(func=run_describe)
+    for parser in (ls, show, exp, ver, rb, rm, gc, diff, desc):
         parser.add_argument("--json", action="store_true", help="print the answer as JSON")
         add_socket_option(parser)
     _add_change_parsers(sub)
@@ -125,13 +140,25 @@ def run_list(args: argparse.Namespace) -> int:
         return EX_OK
     rows = [[quote_name(e["name"]), e["status"] + (" (updating)" if e.get("updating") else "")
              + (f" (verify failed: {', '.join(e['failed_verify'])})"
-                if e.get("failed_verify") else ""),
+                if e.get("failed_verify") else "") + (" (FAILED)" if e.get("failure") else ""),
              e.get("current") or "-", e.get("backend") or "-", _who(e.get("owner")),
-             local_time(e.get("built_at")), _size(e.get("size_bytes")), e.get("kernel") or "-"]
+             local_time(e.get("built_at")), _size(e.get("size_bytes")), e.get("kernel") or "-",
+             _short(e.get("description"))]
             for e in envs]
     print(table(rows, ["NAME", "STATUS", "CURRENT", "BACKEND", "OWNER", "BUILT", "SIZE",
-                       "KERNEL"]))
+                       "KERNEL", "DESCRIPTION"]))
+    for e in envs:
+        if e.get("failure"):
+            print(f"{quote_name(e['name'])}: {quote_name(e['failure'])}")
     return EX_OK
+
+
+def _short(text: str | None, width: int = 40) -> str:
+    """A description in a table cell: one line, cut with an ellipsis."""
+    if not text:
+        return "-"
+    text = quote_name(text)
+    return text if len(text) <= width else text[:width - 1] + "…"
 
 
 def run_show(args: argparse.Namespace) -> int:
@@ -141,6 +168,10 @@ def run_show(args: argparse.Namespace) -> int:
         return EX_OK
     print(f"{quote_name(env['name'])}: {env['status']}, current {env.get('current') or '-'}, "
           f"owner {_who(env.get('owner'))}, path {quote_name(env['prefix'])}")
+    if env.get("description"):
+        print(f"  {quote_name(env['description'])}")
+    if env.get("failure"):
+        print(f"  FAILED: {quote_name(env['failure'])}")
     for v in env.get("versions") or []:
         mark = "*" if v.get("current") else " "
         built = local_time(v.get("built_at"))
@@ -150,6 +181,14 @@ def run_show(args: argparse.Namespace) -> int:
               + (f"  (not current since {local_time(v['retired_at'])})"
                  if v.get("retired_at") and not v.get("current") else ""))
         print(f"    {_verified(v)}")
+        if v.get("why"):
+            print(f"    why: {quote_name(v['why'])}")
+        changes = v.get("changes")
+        if changes and changes.get("from"):
+            lines = _change_lines(changes)
+            print(f"    changes from {changes['from']}:" + ("" if lines else " none"))
+            for line in lines:
+                print(f"      {line}")
         for test in v.get("tests") or []:  # a requester's text: one line each, escaped
             print(f"    tested: {quote_name(test)}")
         for key, value in (v.get("variables") or {}).items():
@@ -169,6 +208,46 @@ def _verified(v: dict[str, Any]) -> str:
             + ("passed" if result.get("ok") else f"FAILED, {result.get('count')} difference(s)")
             if v.get("verified_at") else "never verified")
     return f"frozen {local_time(v.get('frozen_at'))}, {v['digest'][:19]}…, {last}"
+
+
+def _change_lines(diff: dict[str, Any]) -> list[str]:
+    """A package diff (``env-diff``, a version's ``changes``) one package a line."""
+    lines = [f"added    {p['name']} {p['version']} ({p['source']})" for p in diff["added"]]
+    lines += [f"removed  {p['name']} {p['version']} ({p['source']})" for p in diff["removed"]]
+    lines += [f"{ {'up': 'up', 'down': 'down'}.get(c['direction'], 'changed'):<8} {c['name']} "
+              f"{c['from']} -> {c['to']} ({c['source']})" for c in diff["changed"]]
+    return lines
+
+
+def run_diff(args: argparse.Namespace) -> int:
+    if len(args.versions) > 2:
+        raise UsageError("give at most two versions: envctl env diff NAME [V1 V2]")
+    old, new = (args.versions if len(args.versions) == 2 else
+                [None, *args.versions] if args.versions else [None, None])
+    out = _call(args, "env-diff", name=args.name, to=new, **{"from": old})
+    if args.json:
+        emit_json(out)
+        return EX_OK
+    by = _who(out.get("by"))
+    print(f"{quote_name(out['name'])}: {out.get('from') or '(nothing)'} -> {out['to']}, built "
+          f"{local_time(out.get('at'))} by {by}"
+          + (f", why: {quote_name(out['why'])}" if out.get("why") else ""))
+    lines = _change_lines(out)
+    for line in lines:
+        print(f"  {line}")
+    if not lines:
+        print("  no package changed")
+    return EX_OK
+
+
+def run_describe(args: argparse.Namespace) -> int:
+    out = _call(args, "env-describe", name=args.name, description=args.description)
+    if args.json:
+        emit_json(out)
+    else:
+        print(f"{out['name']}: " + (f"described as {quote_name(out['description'])}"
+                                   if out.get("description") else "description cleared"))
+    return EX_OK
 
 
 def run_verify(args: argparse.Namespace) -> int:
@@ -223,7 +302,9 @@ def run_gc(args: argparse.Namespace) -> int:
         print(f"{verb} {item['name']} {item['version']}")
     print(f"{verb} {len(out['removed'])} version(s)" + (
         f"; skipped (being built): {', '.join(out['skipped'])}" if out["skipped"] else ""))
-    return EX_OK
+    for item in out.get("failed") or []:  # the others were collected all the same
+        print(f"FAILED {quote_name(item['name'])}: {quote_name(item['error'])}")
+    return EX_FAILURE if out.get("failed") else EX_OK
 
 
 def run_add(args: argparse.Namespace) -> int:

@@ -1,9 +1,10 @@
 """``envctl init ROOT --group G``: the set-up steps of the guide, done once and done right.
 
-Why a command: the guide's set-up is five steps (mkdir, chgrp, ``chmod 2775``, a daemon
-configuration, ``conda config --append envs_dirs``) and each has a way to go subtly wrong — a
-root without SGID, the same envs_dir listed twice, a root created on the local disk because the
-share was not mounted. ``init`` does every step, says what it did (``created``, ``changed``,
+Why a command: the guide's set-up is six steps (mkdir, chgrp, ``chmod 2775``, the build
+account, a daemon configuration, ``conda config --append envs_dirs``) and each has a way to go
+subtly wrong — a root without SGID, the same envs_dir listed twice, a root created on the local
+disk because the share was not mounted, a configuration whose daemon (root) has no account to
+build as. ``init`` does every step, says what it did (``created``, ``changed``,
 ``unchanged``) and is idempotent: a second run changes nothing. ``--dry-run`` prints the same
 steps as ``would ...`` and touches nothing. It never creates a missing parent unless asked
 (``--parents``): a missing ``/efs/shared`` usually means EFS is not mounted.
@@ -19,7 +20,10 @@ from __future__ import annotations
 
 import argparse
 import os
+import pwd
+import shutil
 import stat
+import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +44,15 @@ MODES = {"2770": ("none", 0o3770), "2775": ("read", 0o3775)}
 # group it is not in: root has them, a container's root may lack them, a user may hold them.
 CAP_CHOWN = 1 << 0
 CAP_FOWNER = 1 << 3
+# The account builds run as (systemd/envctl.sysusers.conf makes the same one at install).
+DEFAULT_BUILD_USER = "envctl-build"
+
+
+def default_kernels_dir(root: Path) -> Path:
+    """The one default kernels dir: beside the conda directory that holds ROOT
+    (``/efs/shared/.conda/envs`` → ``/efs/shared/share/jupyter/kernels``), outside every root,
+    found by Jupyter through ``JUPYTER_PATH`` = its parent."""
+    return Path(os.path.normpath(root.parent.parent / "share" / "jupyter" / "kernels"))
 
 
 @dataclass
@@ -58,6 +71,8 @@ def add_parser(sub: Any) -> None:
                        description="Create ROOT with group G, mode 2775 (or 2770), SGID and "
                        "the sticky bit (members cannot rename or delete entries they do not "
                        "own, such as the daemon's .envctl); "
+                       "as root, create the build account (--build-user, default "
+                       f"{DEFAULT_BUILD_USER}) unless it exists; "
                        "write (--write-config FILE) or print a daemon configuration for it; add "
                        "it to envs_dirs in the system .condarc (--user: ~/.condarc) unless "
                        "listed; create the kernels directory. Idempotent: a second run changes "
@@ -74,6 +89,10 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--kernels-dir", metavar="DIR",
                    help="the shared Jupyter kernels directory (default: "
                    "ROOT/../../share/jupyter/kernels, as JUPYTER_PATH=ROOT/../../share/jupyter)")
+    p.add_argument("--build-user", metavar="NAME", default=DEFAULT_BUILD_USER,
+                   help="as root: the unprivileged account the daemon builds as, created when "
+                   f"missing (default {DEFAULT_BUILD_USER}); a daemon run as a user builds as "
+                   "that user")
     p.add_argument("--write-config", metavar="FILE",
                    help="write the daemon configuration to FILE (if absent) instead of printing "
                    "it")
@@ -95,10 +114,13 @@ class Plan:
     text: str  # the daemon configuration
     condarc: Path
     kernels: Path
+    build_user: str | None  # root: the build account (made when missing); else None
 
     def steps(self, dry: bool) -> list[Step]:
         """Every step in order; each raises (before changing anything) what it cannot do."""
         out = [make_root(self.root, self.gid, self.bits, self.parents, dry)]
+        if self.build_user is not None:
+            out.append(make_build_user(self.build_user, dry))
         if self.config is not None:
             out.append(write_config(self.config, self.text, dry))
         out.append(add_to_condarc(self.condarc, self.root, dry))
@@ -111,15 +133,16 @@ def run(args: argparse.Namespace) -> int:
 
     root = Path(os.path.abspath(args.root))
     others, bits = MODES[args.mode]
-    kernels = Path(os.path.normpath(args.kernels_dir or root.parent.parent / "share" /
-                                    "jupyter" / "kernels"))
+    kernels = (Path(os.path.normpath(args.kernels_dir)) if args.kernels_dir else
+               default_kernels_dir(root))
+    builder = args.build_user if os.geteuid() == 0 else None
     plan = Plan(root=root, gid=_gid(args.group), bits=bits, parents=args.parents,
                 config=Path(args.write_config) if args.write_config else None,
-                text=daemon_config(root, args.group, others, kernels),
+                text=daemon_config(root, args.group, others, kernels, builder),
                 condarc=(Path(args.condarc) if args.condarc else
                          Path(os.path.expanduser("~/.condarc")) if args.user else
                          condarc.SYSTEM_CONDARC),
-                kernels=kernels)
+                kernels=kernels, build_user=builder)
     dry = bool(args.dry_run)
     steps = plan.steps(dry=True)  # all checks, no change: a refusal leaves nothing half-done
     if not dry:
@@ -290,6 +313,38 @@ def add_to_condarc(target: Path, root: Path, dry: bool) -> Step:
     return Step(f"envs_dirs in {target}: appended {root}", "changed")
 
 
+def make_build_user(name: str, dry: bool) -> Step:
+    """The account a root daemon builds as: a system account of its own group, no home, no
+    shell (as ``systemd/envctl.sysusers.conf`` makes it). Without one every build is refused
+    and the daemon does not start."""
+    what = f"build account {name}"
+    try:
+        pwd.getpwnam(name)
+        return Step(what, "unchanged")
+    except KeyError:
+        pass
+    useradd = shutil.which("useradd", path="/usr/sbin:/sbin:/usr/bin:/bin")
+    if useradd is None:
+        raise FilesystemError(f"cannot create the build account {name}: no useradd here",
+                              hint="create it yourself, or pass --build-user with an "
+                              "existing unprivileged account")
+    if not dry:
+        try:
+            import grp
+
+            grp.getgrnam(name)
+            group = ["--gid", name]
+        except KeyError:
+            group = ["--user-group"]
+        res = subprocess.run([useradd, "--system", "--no-create-home", "--shell",
+                              "/usr/sbin/nologin", "--comment", "envctl environment builds",
+                              *group, name], capture_output=True, text=True)
+        if res.returncode != 0:
+            raise FilesystemError(f"useradd {name}: {res.stderr.strip() or res.returncode}",
+                                  hint="create the account yourself, or pass --build-user")
+    return Step(what, _outcome(True, dry, "created"))
+
+
 def make_kernels_dir(path: Path, dry: bool) -> Step:
     what = f"kernels directory {path}"
     if os.path.isdir(path):
@@ -305,20 +360,32 @@ def make_kernels_dir(path: Path, dry: bool) -> Step:
     return Step(what, _outcome(True, dry, "created"))
 
 
-def daemon_config(root: Path, group: str, others: str, kernels: Path) -> str:
+def daemon_config(root: Path, group: str, others: str, kernels: Path,
+                  build_user: str | None) -> str:
     """A minimal daemon configuration for this root, checked by the daemon's own loader (an
-    unknown group or key would be caught here, not at the daemon's start)."""
+    unknown group or key would be caught here, not at the daemon's start). ``build_user``
+    (root's init) is made by a step when missing, so it is checked once it exists."""
     import yaml
 
+    requests: dict[str, Any] = {"root": str(root), "allow_groups": [group]}
+    if build_user is not None:
+        requests["build_user"] = build_user
     data = {"roots": [{"path": str(root), "group": group, "others": others}],
-            "socket": {"group": group},
-            "requests": {"root": str(root), "allow_groups": [group]},
+            "socket": {"group": group}, "requests": requests,
             "kernels": {"dir": str(kernels)}}
+    builds = ("" if build_user is not None else
+              " A daemon run as root also needs requests.build_user (an unprivileged account).")
     text = ("# envctld configuration written by 'envctl init'; every key and its default:\n"
-            "# config/envctld.yaml. Builds also need requests.build_user (an unprivileged "
-            "account).\n" + yaml.safe_dump(data, default_flow_style=False, sort_keys=False))
+            f"# config/envctld.yaml.{builds}\n"
+            + yaml.safe_dump(data, default_flow_style=False, sort_keys=False))
+    check = yaml.safe_load(text)
+    if build_user is not None:
+        try:
+            pwd.getpwnam(build_user)
+        except KeyError:
+            del check["requests"]["build_user"]  # not made yet (a dry run, or the step ahead)
     try:
-        cfgmod.parse(yaml.safe_load(text), source="<envctl init>")
+        cfgmod.parse(check, source="<envctl init>")
     except ConfigError as err:
         raise ConfigError(err.message, hint="fix the option it names") from None
     return text

@@ -45,6 +45,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[
     c.add_argument("--test", action="append", default=[], metavar="CMD", dest="tests",
                    help="a shell command the new version must pass before it is made current "
                         "(run inside it, activated, as the build user; repeatable)")
+    c.add_argument("--description", metavar="TEXT",
+                   help="what the environment is for (one paragraph, at most 500 "
+                        "characters): shown in 'env list', 'env show' and its kernel's name; "
+                        "with --replace, the new one")
     c.add_argument("--no-wait", action="store_true", help="print the job id and return")
     c.add_argument("--json", action="store_true", help="print the job as JSON")
     c.set_defaults(func=run_create)
@@ -119,7 +123,8 @@ def run_create(args: argparse.Namespace) -> int:
     spec = _read_spec(args.file)
     return queue(args, "create", {
         "name": args.name, "spec": spec, "backend": args.backend, "replace": args.replace,
-        "claimed_user": os.environ.get(CLAIM_ENV) or None, "tests": args.tests or None})
+        "claimed_user": os.environ.get(CLAIM_ENV) or None, "tests": args.tests or None,
+        "description": args.description})
 
 
 def queue(args: argparse.Namespace, op: str, request: dict[str, Any]) -> int:

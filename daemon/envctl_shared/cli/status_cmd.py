@@ -14,10 +14,11 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from ..config import DEFAULT_SOCKET, SOCKET_ENV
 from ..errors import EX_OK, EX_TEMPFAIL
+from ..status import DaemonStatus, RootStatus
 from .output import emit_json, quote_name, table
 
 if TYPE_CHECKING:
@@ -56,13 +57,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[
 def run(args: argparse.Namespace) -> int:
     with client_for(args, timeout=args.timeout) as client:
         data = client.call("status")
+    st = DaemonStatus.from_dict(data)
     if args.json:
         emit_json(data)
     else:
-        print(render(data))
-    if data.get("ready") is False:
+        print(render(st))
+    if st.ready is False:
         return EX_TEMPFAIL
-    age = data.get("progress_age_s")
+    age = st.progress_age_s
     if isinstance(age, (int, float)) and age > args.stale:
         print(f"envctl: daemon shows no progress for {age:.0f}s (limit {args.stale:.0f}s): "
               "wedged", file=sys.stderr)
@@ -70,42 +72,44 @@ def run(args: argparse.Namespace) -> int:
     return EX_OK
 
 
-def render(data: dict[str, Any]) -> str:
-    """People's view: a header line, one row per root, the job counts."""
-    ready = {True: "ready", False: "NOT READY", None: "up"}[data.get("ready")]
-    head = (f"envctld {data.get('version', '?')} (pid {data.get('pid', '?')}), {ready}, "
-            f"up {_duration(float(data.get('uptime_s') or 0))}")
+def render(st: DaemonStatus) -> str:
+    """People's view: a header line, one row per root, the job counts. A key a daemon of
+    another version did not send shows as ``-`` (``from_dict`` made it None)."""
+    ready = {True: "ready", False: "NOT READY", None: "up"}[st.ready]
+    head = (f"envctld {st.version or '?'} (pid {st.pid or '?'}), {ready}, "
+            f"up {_duration(float(st.uptime_s or 0))}")
     lines = [head]
-    roots = data.get("roots")
-    if isinstance(roots, list) and roots:
-        rows = [[str(r.get(k, "-")) for k in ("path", "mode", "scanned", "violations", "fixed",
-                                                "errors", "events", "overflows", "rebuilds",
-                                                "watch_errors")]
-                for r in roots if isinstance(r, dict)]
+    if st.roots:
+        rows = [[_cell(v) for v in (r.path, r.mode, r.scanned, r.violations, r.fixed, r.errors,
+                                    r.events, r.overflows, r.rebuilds, r.watch_errors)]
+                for r in st.roots]
         lines += ["", table(rows, ["ROOT", "WATCH", "SCANNED", "VIOLATIONS", "FIXED", "ERRORS",
                                    "EVENTS", "OVERFLOWS", "REBUILDS", "WATCH-ERRORS"])]
-        pollers = [line for r in roots if isinstance(r, dict) if (line := _poller_line(r))]
+        pollers = [line for r in st.roots if (line := _poller_line(r))]
         if pollers:
             lines += ["", *pollers]
-    budget = data.get("inotify")
-    if isinstance(budget, dict) and budget.get("needed"):
-        limit = budget.get("max_user_watches")
-        lines += ["", f"inotify watches: {budget['needed']:,} needed, "
+    budget = st.inotify
+    if budget is not None and budget.needed:
+        limit = budget.max_user_watches
+        lines += ["", f"inotify watches: {budget.needed:,} needed, "
                       f"fs.inotify.max_user_watches "
                       f"{f'{limit:,}' if isinstance(limit, int) else 'unknown'}"]
-    failure = data.get("failure")
-    if failure:  # printable only: it may quote a name from the tree
+    if st.failure:  # printable only: it may quote a name from the tree
         lines += ["", "FAILED: " + "".join(c if c.isprintable() else
                                            c.encode("unicode_escape").decode("ascii")
-                                           for c in str(failure))]
-    jobs = data.get("jobs")
-    if isinstance(jobs, dict):
-        counts = ", ".join(f"{k} {v}" for k, v in sorted(jobs.items())) or "none"
+                                           for c in str(st.failure))]
+    area = st.area
+    if isinstance(area, dict):  # the requests root's .envctl: every request is refused
+        lines += ["", f"NOT READY: {quote_name(str(area.get('path')))} "
+                      f"{quote_name(str(area.get('problem')))}",
+                  f"fix: {quote_name(str(area.get('fix')))}"]
+    if isinstance(st.jobs, dict):
+        counts = ", ".join(f"{k} {v}" for k, v in sorted(st.jobs.items())) or "none"
         lines += ["", f"jobs: {counts}"]
-    elif not data.get("requests_enabled", True):
+    elif st.requests_enabled is False:
         lines += ["", "jobs: requests disabled"]
     for key, what in (("tampered", "TAMPERED"), ("failed_verify", "FAILED VERIFY")):
-        for item in (data.get("integrity") or {}).get(key) or []:
+        for item in (st.integrity or {}).get(key) or []:
             name = quote_name(str(item.get("name")))
             lines.append(f"{what}: {name} {item.get('version')}"
                          + (f": {item['what']}" if item.get("what") else "")
@@ -113,12 +117,16 @@ def render(data: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _poller_line(root: dict[str, Any]) -> str | None:
+def _cell(value: object) -> str:
+    return "-" if value is None else str(value)
+
+
+def _poller_line(root: RootStatus) -> str | None:
     """Who polls this root for every daemon sharing it, and since when (the election)."""
-    p = root.get("poller")
+    p = root.poller
     if not isinstance(p, dict):
         return None
-    path = quote_name(str(root.get("path", "?")))
+    path = quote_name(str(root.path or "?"))
     role = p.get("role")
     if role == "standalone":
         return f"poller {path}: this daemon, alone ({quote_name(str(p.get('error') or ''))})"

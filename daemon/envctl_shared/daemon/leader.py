@@ -7,10 +7,9 @@ metadata operations EFS meters and throttles, for the work of one.
 
 How: through the filesystem the daemons already share, with no service of its own. The daemon
 that holds a write lock on ``<root>/.envctl/poller.lock`` polls; the others try to take it once
-per ``poll_interval``. The lock is an fcntl *open-file-description* lock (``F_OFD_SETLK``): a
-POSIX record lock that NFSv4 and EFS hold for the client with a lease and release when the
-holder dies (after the lease on NFS; at once locally and through FUSE), and that — unlike a
-classic ``lockf`` lock — no other ``open``/``close`` of the file in this process can drop.
+per ``poll_interval``. The lock is the daemon's one primitive (``envctl_shared.locks``): a
+record lock that NFSv4 and EFS hold for the client with a lease and release when the holder
+dies (after the lease on NFS; at once locally and through FUSE).
 Before every pass the leader asserts its lock again: on NFS that is a LOCK call to the server,
 so a leader whose lease expired (another daemon may hold the lock by now) or whose filesystem is
 gone learns it there and stops polling at once. Takeover therefore comes within one
@@ -28,20 +27,18 @@ cannot coordinate: it polls alone, as before elections existed, and says so once
 from __future__ import annotations
 
 import errno
-import fcntl
 import json
 import logging
 import os
-import stat
-import struct
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
 from ..errors import FilesystemError
-from ..jobs.cluster import FLOCK, host_name
+from ..jobs.cluster import host_name
 from ..jobs.layout import AREA, checked_dir
+from ..locks import LockFile, is_locked
 from ..logfields import fields
 
 log = logging.getLogger("envctl.leader")
@@ -50,10 +47,6 @@ LOCK_FILE = "poller.lock"
 RECORD_FILE = "poller.json"
 # The root cannot host a lock at all: coordinate with nobody, poll as a lone daemon does.
 _STANDALONE_ERRNOS = {errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EDQUOT}
-
-
-def _ofd(fd: int, cmd: int, kind: int) -> bytes:
-    return fcntl.fcntl(fd, cmd, struct.pack(FLOCK, kind, os.SEEK_SET, 0, 0, 0))
 
 
 class PollerLease:
@@ -68,7 +61,7 @@ class PollerLease:
         self.role = "starting"  # leader | follower | standalone | unreachable
         self.since: float | None = None  # wall clock when this daemon became the leader
         self.error: str | None = None  # why the lock cannot be taken or was lost
-        self._fd: int | None = None
+        self._file: LockFile | None = None
         self._lock = threading.Lock()
 
     # -- the election ------------------------------------------------------------------------
@@ -81,7 +74,7 @@ class PollerLease:
             if self.role == "standalone":
                 return True
             try:
-                fd = self._open()
+                lock = self._open()
             except OSError as exc:
                 if exc.errno in _STANDALONE_ERRNOS:
                     self._set("standalone", f"lock file cannot be created: {exc.strerror}")
@@ -92,13 +85,13 @@ class PollerLease:
                 self._set("standalone", exc.message)
                 return True
             try:
-                _ofd(fd, fcntl.F_OFD_SETLK, fcntl.F_WRLCK)
+                mine = lock.assert_held()
             except OSError as exc:
-                taken = exc.errno in (errno.EAGAIN, errno.EACCES)
-                if not taken:
-                    self._drop()  # the next attempt opens afresh (a remounted filesystem)
-                self._set("follower" if taken else "unreachable",
-                          None if taken else exc.strerror)
+                self._drop()  # the next attempt opens afresh (a remounted filesystem)
+                self._set("unreachable", exc.strerror)
+                return False
+            if not mine:
+                self._set("follower", None)
                 return False
             if self.role != "leader":
                 self.since = time.time()
@@ -139,39 +132,30 @@ class PollerLease:
         self.role = role
         self.error = error
 
-    def _open(self) -> int:
-        """The lock file's fd, opened once and kept: the lock lives with this open."""
-        if self._fd is not None:
-            return self._fd
+    def _open(self) -> LockFile:
+        """The lock file, opened once and kept: the lock lives with this open (the daemon's
+        own file, see ``locks.LockFile``)."""
+        if self._file is not None:
+            return self._file
         root = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
         try:
             area = checked_dir(root, AREA, 0o755, f"{self.root}/{AREA}")
         finally:
             os.close(root)
         try:
-            fd = os.open(LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
-                         0o600, dir_fd=area)
+            lock = LockFile(area, LOCK_FILE, f"{self.root}/{AREA}/{LOCK_FILE}")
+            lock.open()
         finally:
             os.close(area)
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
-            os.close(fd)
-            raise FilesystemError(f"{self.root}/{AREA}/{LOCK_FILE} is not the daemon's file",
-                                  hint="someone tampered with it: remove it")
-        if stat.S_IMODE(st.st_mode) != 0o600:
-            os.fchmod(fd, 0o600)
-        self._fd = fd
-        return fd
+        self._file = lock
+        return lock
 
     def _drop(self) -> None:
         """Close the lock file: that releases the lock if this daemon held it (and, after a
         lost lease or a lost filesystem, gives the next attempt a fresh open)."""
-        if self._fd is not None:
-            try:
-                os.close(self._fd)
-            except OSError:
-                pass
-            self._fd = None
+        if self._file is not None:
+            self._file.release()
+            self._file = None
 
     def _write_record(self) -> None:
         data = json.dumps({"host": self.host, "pid": os.getpid(), "since": self.since})
@@ -181,8 +165,9 @@ class PollerLease:
             try:
                 tmp = f".{RECORD_FILE}.{self.host}.{os.getpid()}"
                 fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW
-                             | os.O_CLOEXEC, 0o644, dir_fd=area)
+                             | os.O_CLOEXEC, 0o600, dir_fd=area)
                 try:
+                    os.fchmod(fd, 0o600)  # the daemons' alone, as every state file
                     os.write(fd, data.encode())
                 finally:
                     os.close(fd)
@@ -219,11 +204,10 @@ class PollerLease:
     def _held(self) -> bool | None:
         """Whether any daemon holds the lock now (the record may be a dead leader's)."""
         with self._lock:
-            fd = self._fd
+            fd = None if self._file is None else self._file.fd
             if fd is None:
                 return None
             try:
-                out = _ofd(fd, fcntl.F_OFD_GETLK, fcntl.F_WRLCK)
+                return is_locked(fd)
             except OSError:
                 return None
-        return struct.unpack(FLOCK, out)[0] != fcntl.F_UNLCK

@@ -9,6 +9,8 @@ out. Exit codes: 0 after SIGTERM/SIGINT, the error's exit code (sysexits) when s
 70 (EX_SOFTWARE) when a root fails at run time (its watch cannot be rebuilt, one of its threads
 died): running on without real-time healing would be a blind spot nobody sees, so the daemon
 says why, stops, and leaves the restart to systemd (``Restart=on-failure``) or Kubernetes.
+Before the start changes anything, ``preflight`` lists every problem that would stop it (all of
+them, one ERROR line each) and the daemon exits with the first one's code.
 
 Test hook: ``ENVCTL_TEST_WEDGE_AFTER=<seconds>`` makes one heal worker per root block forever
 after that many seconds, so tests can prove the watchdog fires. It is read only from the
@@ -30,7 +32,7 @@ from .. import __version__
 from ..config import Config, load
 from ..errors import EX_SOFTWARE, EnvctlError
 from ..watch.service import IDLE_TICK
-from . import logsetup, systemd
+from . import logsetup, preflight, systemd
 from .service import Daemon
 
 log = logging.getLogger("envctl.daemon")
@@ -85,11 +87,18 @@ def main(argv: list[str] | None = None) -> int:
     # and directory it makes its mode at creation, and a chmod after creation can race the
     # healer's own (see jobs.layout.make_owned_dir). Builds set their own umask.
     os.umask(0o022)
+    listen_sock = systemd.listen_socket()
+    found = preflight.problems(config, socket_activated=listen_sock is not None)
+    if found:  # every one, and nothing changed yet: no root healed, no state dir made
+        for problem in found:
+            log.error("startup problem error=%s hint=%s", problem.message, problem.hint or "")
+        log.error("startup refused problems=%d changed=nothing", len(found))
+        return found[0].exit_code
     signals = _Signals()
     daemon = Daemon(config, wedge_after=_wedge_after(), on_failure=signals.wake.set)
     t0 = time.monotonic()
     try:
-        daemon.start(systemd.listen_socket())
+        daemon.start(listen_sock)
     except EnvctlError as exc:
         log.error("startup failed error=%s hint=%s", exc.message, exc.hint or "")
         daemon.stop(1.0)

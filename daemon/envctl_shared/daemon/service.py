@@ -19,12 +19,16 @@ import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
+from .. import __version__
+from ..api.protocol import VERSION as PROTOCOL
 from ..config import Config, RootConfig
-from ..errors import ConfigError, EnvctlError
+from ..errors import EnvctlError
 from ..fsinfo import mount_of, walk_concurrency
 from ..logfields import fields
+from ..status import DaemonStatus, InotifyBudget
 from ..watch import RootWatcher, max_user_watches
 from .leader import PollerLease
+from .preflight import root_problems
 
 log = logging.getLogger("envctl.daemon")
 # Warn when the roots alone need more than this share of the limit: the daemon's uid (root,
@@ -34,13 +38,22 @@ WATCH_HEADROOM = 0.8
 
 class _Environments(Protocol):
     integrity: dict[str, Any]
+    area: dict[str, str] | None
+
+    def failure_line(self) -> str | None: ...
 
 
 class _Jobs(Protocol):
+    containment: str
+    sandbox: str
+
     def start(self) -> None: ...
     def stop(self, timeout: float) -> Any: ...
     def reload(self, config: Config) -> None: ...
     def counts(self) -> dict[str, int]: ...
+    def max_builds(self) -> int: ...
+    def cluster(self) -> dict[str, str] | None: ...
+    def limits(self) -> dict[str, Any]: ...
     @property
     def environments(self) -> _Environments: ...
 
@@ -54,10 +67,8 @@ class _Server(Protocol):
 
 def check_roots(config: Config) -> None:
     """Refuse a config whose roots do not exist (before anything is started or replaced)."""
-    for root in config.roots:
-        if not root.path.is_dir() or root.path.is_symlink():
-            raise ConfigError(f"{config.source}: root {root.path} is not an existing directory",
-                              hint="create the directory or fix roots[].path")
+    for problem in root_problems(config):
+        raise problem
 
 
 class Daemon:
@@ -109,27 +120,27 @@ class Daemon:
             self._leases[str(root.path)] = lease
         st = watcher.status()
         log.info("watching root=%s mode=%s watches=%d scanned=%d fixed=%d start=%.3f "
-                 "poller=%s", root.path, st["mode"], st["watches"], st["scanned"], st["fixed"],
+                 "poller=%s", root.path, st.mode, st.watches, st.scanned, st.fixed,
                  time.monotonic() - t0, lease.role if lease else "-",
                  extra=fields(root=root.path))
 
-    def inotify_budget(self) -> dict[str, int | None]:
+    def inotify_budget(self) -> InotifyBudget:
         """The inotify watches every root needs (one per directory) against the kernel's
         per-user limit, which every process of the daemon's uid shares."""
-        needed = [w.status(watches=False)["watches_needed"] for w in self._roots.values()]
-        return {"needed": sum(n or 0 for n in needed),
-                "max_user_watches": max_user_watches()}
+        needed = [w.status(watches=False).watches_needed for w in self._roots.values()]
+        return InotifyBudget(needed=sum(n or 0 for n in needed),
+                             max_user_watches=max_user_watches())
 
     def _log_watch_budget(self) -> None:
         """One line at start: what the roots need against the limit; a WARNING with the
         value to set when the limit is close or a root already fell back to polling for
         want of watches (other processes of this uid held the rest)."""
         budget = self.inotify_budget()
-        needed, limit = budget["needed"] or 0, budget["max_user_watches"]
+        needed, limit = budget.needed, budget.max_user_watches
         roots = [w.status(watches=True) for w in self._roots.values()]
-        starved = any(r["watches_needed"] and "inotify" not in r["mode"] for r in roots)
+        starved = any(r.watches_needed and "inotify" not in r.mode for r in roots)
         short = limit is not None and (starved or needed > WATCH_HEADROOM * limit)
-        held = sum(r["watches"] or 0 for r in roots)
+        held = sum(r.watches or 0 for r in roots)
         want = max(int(needed / WATCH_HEADROOM), (limit or 0) + needed - held)
         log.log(logging.WARNING if short else logging.INFO,
                 "inotify watches needed=%d max_user_watches=%s%s", needed,
@@ -200,23 +211,32 @@ class Daemon:
             beats.append(self._server.heartbeat())
         return min(beats) if beats else time.monotonic()
 
-    def status(self, watches: bool = True) -> dict[str, Any]:
-        """JSON-ready: every root's counters, the job counts, the daemon's identity."""
-        return {
-            "pid": os.getpid(),
-            "ready": self.ready,
-            "failure": self.failure,
-            "config": self.config.source,
-            "uptime_s": round(time.time() - self._started, 1),
-            # Seconds since the stalest worker, poller or server loop showed progress: what a
-            # liveness probe without systemd's watchdog (Kubernetes) judges a wedge by.
-            "progress_age_s": round(time.monotonic() - self.heartbeat(), 1),
-            "roots": [w.status(watches) for w in self._roots.values()],
-            "inotify": self.inotify_budget(),
-            "jobs": self._jobs.counts() if self._jobs is not None else None,
-            # frozen versions whose stamp changed, or whose last verify failed (never deleted)
-            "integrity": self._jobs.environments.integrity if self._jobs is not None else None,
-        }
+    def status(self, watches: bool = True) -> DaemonStatus:
+        """Every root's counters, the job side, the daemon's identity (``to_dict``: the JSON
+        the ``status`` op replies). Not ``ready`` while the requests root's area cannot be
+        trusted (``area``: path, problem, fix; the daemon runs on and takes requests again once
+        it is fixed); ``failure`` is the daemon's own, else the environments'
+        (``EnvService.failure_line``: GC or update of one env failed; the daemon is ready)."""
+        jobs = self._jobs
+        envs = jobs.environments if jobs is not None else None
+        area = envs.area if envs is not None else None
+        return DaemonStatus(
+            version=__version__, protocol=PROTOCOL, pid=os.getpid(),
+            ready=self.ready and area is None,
+            failure=self.failure or (envs.failure_line() if envs is not None else None),
+            area=area, config=self.config.source,
+            uptime_s=round(time.time() - self._started, 1),
+            progress_age_s=round(time.monotonic() - self.heartbeat(), 1),
+            requests_enabled=jobs is not None,
+            containment=jobs.containment if jobs is not None else None,
+            sandbox=jobs.sandbox if jobs is not None else None,
+            max_builds=jobs.max_builds() if jobs is not None else None,
+            limits=jobs.limits() if jobs is not None else None,
+            jobs=jobs.counts() if jobs is not None else None,
+            cluster=jobs.cluster() if jobs is not None else None,
+            integrity=envs.integrity if envs is not None else None,
+            inotify=self.inotify_budget(),
+            roots=[w.status(watches) for w in self._roots.values()])
 
     def wait_idle(self, timeout: float) -> bool:
         """True once every root's queue is empty and no heal is running."""
@@ -227,26 +247,25 @@ class Daemon:
     def summary(self) -> str:
         """One line for systemd's STATUS=."""
         st = self.status(watches=False)
-        roots = st["roots"]
-        modes = sorted({r["mode"] for r in roots})
+        roots = st.roots
+        modes = sorted({r.mode for r in roots})
         line = (f"roots={len(roots)} mode={','.join(modes) or '-'} "
-                f"fixed={sum(r['fixed'] for r in roots)} queue={sum(r['queue'] for r in roots)} "
-                f"errors={sum(r['errors'] for r in roots)} "
-                f"watch_errors={sum(r['watch_errors'] for r in roots)} "
-                f"rebuilds={sum(r['rebuilds'] for r in roots)}")
-        if st["jobs"] is not None:
-            line += " jobs=" + ",".join(f"{k}:{v}" for k, v in sorted(st["jobs"].items()))
+                f"fixed={sum(r.fixed for r in roots)} queue={sum(r.queue for r in roots)} "
+                f"errors={sum(r.errors for r in roots)} "
+                f"watch_errors={sum(r.watch_errors for r in roots)} "
+                f"rebuilds={sum(r.rebuilds for r in roots)}")
+        if st.jobs is not None:
+            line += " jobs=" + ",".join(f"{k}:{v}" for k, v in sorted(st.jobs.items()))
         return line
 
     def log_status(self) -> None:
-        for r in self.status(watches=False)["roots"]:
+        for r in self.status(watches=False).roots:
             log.info("status root=%s mode=%s scanned=%d fixed=%d skipped=%d errors=%d "
                      "events=%d overflows=%d rebuilds=%d watch_errors=%d queue=%d "
                      "full_passes=%d last_full_duration=%.3f",
-                     r["path"], r["mode"], r["scanned"], r["fixed"], sum(r["skipped"].values()),
-                     r["errors"], r["events"], r["overflows"], r["rebuilds"], r["watch_errors"],
-                     r["queue"], r["full_passes"], r["last_full_duration"] or 0.0,
-                     extra=fields(root=r["path"]))
+                     r.path, r.mode, r.scanned, r.fixed, sum(r.skipped.values()), r.errors,
+                     r.events, r.overflows, r.rebuilds, r.watch_errors, r.queue, r.full_passes,
+                     r.last_full_duration or 0.0, extra=fields(root=r.path))
 
 
 def _start_jobs(config: Config) -> _Jobs:

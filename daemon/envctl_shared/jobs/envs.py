@@ -38,13 +38,17 @@ import re
 import secrets
 import stat
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import Conflict, NotFound
+from ..errors import Conflict, EnvctlError, NotFound, ValidationError
 from ..heal.fsops import DIR_FLAGS
-from . import layout
+from ..names import is_env_name
+from ..quoting import quote_name
+from ..untrusted import load_json
+from . import layout, usemarks
+from .model import Requester
 
 log = logging.getLogger(__name__)
 
@@ -139,7 +143,7 @@ def read_record(dir_fd: int, name: str) -> dict[str, Any] | None:
             data += chunk
     finally:
         os.close(fd)
-    try:
+    try:  # the daemon's own: its depth is the daemon's (no ``load_json`` pass needed)
         doc = json.loads(data)
     except (ValueError, RecursionError):
         return None
@@ -193,6 +197,7 @@ def drop_version(env_fd: int, version: str) -> None:
         os.rename(version, trash, src_dir_fd=env_fd, dst_dir_fd=env_fd)
     with contextlib.suppress(FileNotFoundError):
         os.unlink(f"{version}.json", dir_fd=env_fd)
+    usemarks.forget(env_fd, version)
     layout.remove_tree(env_fd, trash)
 
 
@@ -223,9 +228,10 @@ def begin(env_fd: int, version: str, record: dict[str, Any], uid: int, gid: int)
 
 
 def switch(root_fd: int, env_fd: int, name: str, version: str,
-           owner: dict[str, Any] | None = None) -> str | None:
+           owner: dict[str, Any] | None = None, description: str | None = None) -> str | None:
     """Make ``version`` current: ``env.json`` first (owner when the name is new, when the
-    previous version stopped being current), then a new symlink renamed over ``<root>/<name>``.
+    previous version stopped being current, ``description`` when one is given; a build's
+    switch also ends an ``update`` failure), then a new symlink renamed over ``<root>/<name>``.
     Returns the previous version. Refuses (Conflict) an unmanaged entry at the name: rename
     cannot put a symlink over a directory, and the daemon never removes one."""
     cur = current(root_fd, name)
@@ -242,7 +248,12 @@ def switch(root_fd: int, env_fd: int, name: str, version: str,
         retired[cur.version] = now
     retired.pop(version, None)
     env.update(retired=retired, removed_at=None, current=version)
+    if description is not None:
+        env["description"] = description or None
+    if owner is not None:  # a build (a rollback passes no owner): an update went through
+        env["failures"] = {k: v for k, v in (env.get("failures") or {}).items() if k != "update"}
     write_record(env_fd, ENV_FILE, env)
+    usemarks.create(env_fd, version)  # before any kernel can resolve the name to it
     link = f"{_LINK}{secrets.token_hex(6)}"
     os.symlink(link_target(name, version), link, dir_fd=env_fd)
     try:  # the root's group, as if made in the (SGID) root: the healer has nothing to fix
@@ -255,6 +266,17 @@ def switch(root_fd: int, env_fd: int, name: str, version: str,
                            "replaces one", hint="move it away yourself") from None
         raise
     return cur.version
+
+
+def mark_current(fds: dict[str, int]) -> None:
+    """A use mark (``usemarks``) for every current version: those made current before marks
+    existed get theirs at the daemon's start."""
+    for name in os.listdir(fds["envs"]):
+        cur = current(fds[""], name) if is_env_name(name) else Current("missing")
+        if cur.version is not None:
+            with env_dir(fds, name, create=False) as env_fd:
+                if env_fd is not None:
+                    usemarks.create(env_fd, cur.version)
 
 
 def unlink_name(root_fd: int, env_fd: int, name: str) -> str:
@@ -298,6 +320,103 @@ def collectable(env_fd: int, cur: str | None, keep: int, grace: float, now: floa
     return out
 
 
+def over_cap(env_fd: int, cur: str | None, cap: int, going: Sequence[str] = ()) -> list[str]:
+    """The hard cap (``requests.max_versions``), grace or not: the oldest ready versions, never
+    the current one nor one a process holds now (``usemarks``), that take the versions on disk
+    (all of them, built or building, but ``going``) beyond ``cap``."""
+    present = [v for v in versions(env_fd) if v not in going]
+    excess = len(present) - cap
+    if excess <= 0:
+        return []
+    candidates = [v for v in present if v != cur and ready(env_fd, v) is not None
+                  and not usemarks.in_use(env_fd, v, 0.0)]  # a running kernel's: never
+    return candidates[:excess]
+
+
+def make_room(env_fd: int, cur: str | None, cap: int) -> list[str]:
+    """Before a build of the name (its lock held): remove what ``over_cap`` names so that the
+    new version fits under the cap. Returns the versions removed."""
+    gone = over_cap(env_fd, cur, cap - 1)
+    for version in gone:
+        drop_version(env_fd, version)
+    return gone
+
+
+# -- what people are told about an env: its description, its last failure ---------------------
+
+MAX_DESCRIPTION = 500
+FAILURE_KINDS = {"gc": "GC", "update": "update"}
+
+
+def validate_description(text: str) -> str:
+    """A description as kept: one paragraph of printable text (a control character, a line
+    break, a bidi override is refused: ``env list``, the web page and the kernel launcher show
+    it to everyone), at most ``MAX_DESCRIPTION`` characters, outer blanks dropped; "" clears."""
+    text = text.strip()
+    if len(text) > MAX_DESCRIPTION:
+        raise ValidationError(f"the description has {len(text)} characters; at most "
+                              f"{MAX_DESCRIPTION} are kept", hint="say it shorter")
+    bad = next((c for c in text if not c.isprintable()), None)
+    if bad is not None:
+        raise ValidationError(f"the description holds the character U+{ord(bad):04X} (a "
+                              "control or format character, or a line break)",
+                              hint="one paragraph of plain text")
+    return text
+
+
+def set_failure(env_fd: int, name: str, kind: str, message: str | None) -> None:
+    """Record (``message``) or clear (None) the env's last ``kind`` failure in ``env.json``
+    (the name's lock held): ``env list`` on every host shows it until a later ``kind``
+    succeeds."""
+    env = read_record(env_fd, ENV_FILE) or {"format": FORMAT, "name": name}
+    failures = dict(env.get("failures") or {})
+    if message is None and kind not in failures:
+        return
+    if message is None:
+        del failures[kind]
+    else:
+        failures[kind] = {"message": message, "at": time.time()}
+    write_record(env_fd, ENV_FILE, {**env, "failures": failures})
+
+
+def failure_text(env: dict[str, Any]) -> str | None:
+    """The most recent failure ``env.json`` records, as one line (None: none)."""
+    failures = env.get("failures")
+    found = [(f.get("at") or 0, kind, f.get("message")) for kind, f in
+             (failures.items() if isinstance(failures, dict) else ()) if isinstance(f, dict)]
+    if not found:
+        return None
+    at, kind, message = max(found, key=lambda f: f[0])
+    when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(at))
+    return f"{FAILURE_KINDS.get(kind, kind)} failed at {when}: {_field(message, 1000)}"
+
+
+def _description(env: dict[str, Any]) -> str | None:
+    text = env.get("description")
+    return _field(text, MAX_DESCRIPTION) or None if isinstance(text, str) else None
+
+
+def description_of(fds: dict[str, int], name: str) -> str | None:
+    """The description ``env.json`` of ``name`` holds (``fds`` of ``layout.RootArea.open``);
+    None too when its directory cannot be read (a hand-made name, a tampered directory)."""
+    try:
+        with env_dir(fds, name, create=False) as env_fd:
+            rec = read_record(env_fd, ENV_FILE) if env_fd is not None else None
+    except (OSError, EnvctlError):
+        return None
+    return _description(rec or {})
+
+
+def failure_message(exc: BaseException) -> str:
+    """What went wrong, for a person: an envctl error's message, a system call's error with
+    the file it was about, anything else by its type."""
+    if isinstance(exc, EnvctlError):
+        return exc.message
+    if isinstance(exc, OSError):
+        return f"{exc.filename or 'system call'}: {exc.strerror or exc}"
+    return f"internal error: {type(exc).__name__}: {exc}"
+
+
 # -- what a built version holds ---------------------------------------------------------------
 
 
@@ -321,11 +440,11 @@ def _read_small(dir_fd: int, name: str, limit: int = 1 << 20) -> bytes | None:
         os.close(fd)
 
 
-def _field(value: object) -> str:
+def _field(value: object, limit: int = _FIELD) -> str:
     """A name, version, build or channel as the build's metadata says it, bounded and as
     printable text (a control character becomes U+FFFD): ``env show`` prints it to whoever
     looks, and a terminal obeys the escapes a package's METADATA may carry."""
-    text = str(value)[:_FIELD] if isinstance(value, (str, int, float)) else ""
+    text = str(value)[:limit] if isinstance(value, (str, int, float)) else ""
     return text if text.isprintable() else "".join(
         c if c.isprintable() else "\ufffd" for c in text)
 
@@ -334,17 +453,16 @@ def inventory(prefix_fd: int) -> list[dict[str, str]]:
     """The packages installed in a prefix, read from what the installers leave (conda-meta
     records; the ``.dist-info`` of every site directory whose INSTALLER is uv or pip). The tree
     belongs to the build user, so it is read as untrusted: relative to fds, no symlink
-    followed, sizes bounded."""
+    followed, sizes and nesting bounded (a conda-meta record that is not JSON, or nests deeper
+    than any record does, is a ValidationError naming it: the build fails saying so, as conda
+    itself refuses such a prefix)."""
     found: list[dict[str, str]] = []
     meta = _child(prefix_fd, "conda-meta")
     if meta is not None:
         try:
             for entry in sorted(os.listdir(meta))[:MAX_PACKAGES]:
                 raw = _read_small(meta, entry) if entry.endswith(".json") else None
-                try:
-                    rec = json.loads(raw) if raw else None
-                except ValueError:
-                    rec = None
+                rec = load_json(raw, quote_name(f"conda-meta/{entry}")) if raw else None
                 if isinstance(rec, dict) and rec.get("name"):
                     found.append({"manager": "conda", "name": _field(rec.get("name")),
                                   "version": _field(rec.get("version")),
@@ -447,11 +565,12 @@ def ready_fields(dir_fd: int, name: str) -> dict[str, Any]:
             "size_bytes": size, "entries": entries}
 
 
-def tree_size(prefix_fd: int) -> tuple[int, int]:
+def tree_size(prefix_fd: int, racing: bool = False) -> tuple[int, int]:
     """(bytes, entries) of a prefix, walked without following symlinks, whatever its depth
-    (``layout.walk``: ``os.fwalk`` recursed past Python's limit on a deep tree)."""
+    (``layout.walk``: ``os.fwalk`` recursed past Python's limit on a deep tree); ``racing``:
+    one a build is still writing (the runner's disk limit)."""
     total = count = 0
-    for _parent, _name, st, _fd in layout.walk(prefix_fd, lambda st: True):
+    for _parent, _name, st, _fd in layout.walk(prefix_fd, lambda st: True, racing=racing):
         total += st.st_size
         count += 1
     return total, count
@@ -485,6 +604,84 @@ def export(record: dict[str, Any]) -> str:
     return head + yaml.safe_dump(doc, sort_keys=False)
 
 
+# -- what changed from one version to another ------------------------------------------------
+
+
+def _pkg_key(pkg: dict[str, Any]) -> tuple[str, str]:
+    """A package's identity across versions: its installer and its name as that installer
+    compares names (pip: PEP 503's normalised name; conda: lower case)."""
+    source, name = str(pkg.get("manager")), str(pkg.get("name"))
+    if source == "pip":
+        return source, re.sub(r"[-_.]+", "-", name).lower()
+    return source, name.lower()
+
+
+def compare_versions(source: str, old: str, new: str) -> str:
+    """``up``, ``down`` or ``other`` (the same version, or versions that do not compare) by
+    the ordering of the package's installer: conda's (rattler's ``Version``: ``1.10 > 1.9``,
+    ``2.0a1 < 2.0``), pip's (PEP 440, ``packaging``); without those, numeric dot-segments."""
+    try:
+        if source == "pip":
+            from packaging.version import Version as PipVersion
+
+            a, b = PipVersion(old), PipVersion(new)
+            return "up" if b > a else "down" if b < a else "other"
+        from rattler import Version as CondaVersion
+
+        c, d = CondaVersion(old), CondaVersion(new)
+        return "up" if d > c else "down" if d < c else "other"
+    except Exception:  # noqa: BLE001 - an unparsable version (any text a build left)
+        pass
+    x, y = _segments(old), _segments(new)
+    if x is None or y is None or x == y:
+        return "other"
+    return "up" if y > x else "down"
+
+
+def _segments(version: str) -> tuple[int, ...] | None:
+    parts = re.split(r"[.\-_+]", version)
+    return tuple(int(p) for p in parts) if all(p.isdigit() for p in parts) else None
+
+
+def _shown_version(pkg: dict[str, Any], other: dict[str, Any]) -> str:
+    """A package's version in a diff; with its build when only the build differs."""
+    version = str(pkg.get("version"))
+    same = version == str(other.get("version")) and pkg.get("build") != other.get("build")
+    return f"{version} ({pkg.get('build')})" if same else version
+
+
+def diff_packages(old: list[dict[str, Any]], new: list[dict[str, Any]]) -> dict[str, Any]:
+    """What changed between two package lists (records' ``packages``): ``added`` and
+    ``removed`` ({name, version, source}), ``changed`` ({name, from, to, source, direction}),
+    each sorted by source and name."""
+    before = {_pkg_key(p): p for p in old if isinstance(p, dict)}
+    after = {_pkg_key(p): p for p in new if isinstance(p, dict)}
+
+    def entry(pkg: dict[str, Any]) -> dict[str, str]:
+        return {"name": str(pkg.get("name")), "version": str(pkg.get("version")),
+                "source": str(pkg.get("manager"))}
+
+    changed = []
+    for key in sorted(before.keys() & after.keys()):
+        a, b = before[key], after[key]
+        if (a.get("version"), a.get("build")) != (b.get("version"), b.get("build")):
+            changed.append({"name": str(b.get("name")), "from": _shown_version(a, b),
+                            "to": _shown_version(b, a), "source": key[0],
+                            "direction": compare_versions(key[0], str(a.get("version")),
+                                                          str(b.get("version")))})
+    return {"added": [entry(after[k]) for k in sorted(after.keys() - before.keys())],
+            "removed": [entry(before[k]) for k in sorted(before.keys() - after.keys())],
+            "changed": changed}
+
+
+def changes(old: dict[str, Any] | None, new: dict[str, Any]) -> dict[str, Any]:
+    """The ``changes`` of version record ``new`` from ``old`` (None: it is the first):
+    ``from``, ``to``, the package diff and ``why`` it was built."""
+    return {"from": old.get("version") if old else None, "to": new.get("version"),
+            **diff_packages((old or {}).get("packages") or [], new.get("packages") or []),
+            "why": new.get("why")}
+
+
 def scan_names(root_fd: int, envs_fd: int) -> list[str]:
     """Every directory or symlink in the root (hand-made envs included; files are not envs)
     and every name with versions."""
@@ -495,21 +692,15 @@ def scan_names(root_fd: int, envs_fd: int) -> list[str]:
     return sorted(names)
 
 
-def is_env_name(name: str) -> bool:
-    """A name the request API could have created (the env directory of one)."""
-    from .spec import NAME_RE
-
-    return bool(NAME_RE.fullmatch(name))
-
-
-def owned_by(owner: object, uid: int, hub_user: str | None) -> bool:
-    """The same rule as for jobs: the same uid and the same verified hub user (None on both
-    sides off the hub)."""
-    return isinstance(owner, dict) and owner.get("uid") == uid and \
-        owner.get("hub_user") == hub_user
+def owned_by(owner: object, who: Requester) -> bool:
+    """The same rule as for jobs (``Requester.matches``), on the owner ``env.json`` records:
+    ``{uid, name, hub_user, hub_id, claimed_user}``."""
+    return isinstance(owner, dict) and \
+        who.matches(owner.get("uid"), owner.get("hub_user"), owner.get("hub_id"))
 
 
 def owner_name(owner: object) -> str:
+    """The owner as refusals name them (the name recorded: a renamed hub user's old one)."""
     if not isinstance(owner, dict):
         return "nobody (envctl did not build it)"
     if owner.get("hub_user"):
@@ -530,6 +721,7 @@ def describe(env_fd: int, name: str, cur: Current, with_versions: bool) -> dict[
     retired = env.get("retired", {})
     rows = []
     building = False
+    before: dict[str, Any] | None = None  # the previous ready version's record
     for version in versions(env_fd):
         rec = read_record(env_fd, f"{version}.json") or {}
         state = rec.get("state") if layout.exists(env_fd, version) else "missing"
@@ -538,7 +730,10 @@ def describe(env_fd: int, name: str, cur: Current, with_versions: bool) -> dict[
                "retired_at": retired.get(version), **{k: rec.get(k) for k in _SUMMARY}}
         if with_versions:
             row.update(spec=rec.get("spec"), packages=rec.get("packages") or [],
-                       variables=rec.get("variables") or {})
+                       variables=rec.get("variables") or {}, why=rec.get("why"),
+                       changes=changes(before, rec) if state == "ready" else None)
+            if state == "ready":
+                before = rec
         rows.append(row)
     now = next((r for r in rows if r["current"]), None)
     if now is not None and now["state"] == "ready":
@@ -552,7 +747,8 @@ def describe(env_fd: int, name: str, cur: Current, with_versions: bool) -> dict[
     out: dict[str, Any] = {
         "status": status, "current": cur.version, "updating": building,
         "owner": env.get("owner"), "created_at": env.get("created_at"),
-        "removed_at": env.get("removed_at"),
+        "removed_at": env.get("removed_at"), "description": _description(env),
+        "failure": failure_text(env),
         "versions": rows if with_versions else len([r for r in rows if r["state"] == "ready"]),
         "failed_verify": [r["version"] for r in rows if (r["verify"] or {}).get("ok") is False]}
     for key in ("backend", "requester", "built_at", "size_bytes", "entries", "job"):
@@ -561,13 +757,17 @@ def describe(env_fd: int, name: str, cur: Current, with_versions: bool) -> dict[
 
 
 def gc_one(envs_fd: int, env_fd: int, name: str, cur: str | None, keep: int, grace: float,
-           now: float, dry_run: bool) -> list[str]:
-    """GC of one name (its lock held): dead builds' leftovers, then collectable versions; the
-    env's directory itself once nothing of it is left."""
+           now: float, dry_run: bool, cap: int) -> list[str]:
+    """GC of one name (its lock held): dead builds' leftovers, then collectable versions that
+    no process uses (``usemarks``) and those beyond the hard ``cap`` (``over_cap``); the env's
+    directory itself once nothing of it is left."""
+    if not dry_run:
+        clear_dead(env_fd, cur)
+    gone = [v for v in collectable(env_fd, cur, keep, grace, now, record=not dry_run)
+            if not usemarks.in_use(env_fd, v, grace, now)]
+    gone += over_cap(env_fd, cur, cap, gone)
     if dry_run:
-        return collectable(env_fd, cur, keep, grace, now, record=False)
-    clear_dead(env_fd, cur)
-    gone = collectable(env_fd, cur, keep, grace, now)
+        return gone
     for version in gone:
         drop_version(env_fd, version)
     if cur is None and not versions(env_fd):
@@ -575,4 +775,6 @@ def gc_one(envs_fd: int, env_fd: int, name: str, cur: str | None, keep: int, gra
             os.unlink(ENV_FILE, dir_fd=env_fd)
         with contextlib.suppress(OSError):  # not empty: something appeared meanwhile
             os.rmdir(name, dir_fd=envs_fd)
+    else:
+        set_failure(env_fd, name, "gc", None)
     return gone

@@ -24,6 +24,7 @@ from typing import Any
 
 from ..config import Config
 from ..errors import Conflict, EnvctlError, NotFound
+from ..names import is_env_name
 from . import envs, freeze, layout
 from .base_python import AREA_DIR as BASE_DIR
 from .lock import NameLock
@@ -97,7 +98,7 @@ def verify(config: Config, name: str, version: str | None) -> dict[str, Any]:
 def _versions(fds: dict[str, int]) -> Iterator[tuple[str, str, int]]:
     """(lock name, directory name, its fd) of every env and of the venv bases' area."""
     for name in sorted(os.listdir(fds["envs"])):
-        if envs.is_env_name(name):
+        if is_env_name(name):
             with envs.env_dir(fds, name, create=False) as env_fd:
                 if env_fd is not None:
                     yield name, name, env_fd

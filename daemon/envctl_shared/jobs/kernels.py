@@ -29,8 +29,9 @@ sync``, the daemon:
   execs the kernel. Not a static ``env`` in ``kernel.json``: a switch or rollback would leave a
   window where a new kernel starts one version with another's variables, and hand-made envs
   (``conda env config vars set``) would not get theirs. A replaced env is picked up at the next
-  kernel start, and a running kernel keeps the version it started on (GC keeps it for
-  ``gc_grace``);
+  kernel start, and a running kernel keeps the version it started on: the launcher holds a
+  shared lock on that version's mark for the kernel's lifetime, and GC never removes a version
+  whose mark is held (``usemarks``; a mark the launcher cannot take does not stop the kernel);
 - writes atomically (a temporary file renamed over ``kernel.json``) through directory fds
   opened ``O_NOFOLLOW``; files are the daemon's, 0644 in 0755 directories: every user can read
   them, no user can point another user's kernel elsewhere. ``kernels.dir`` inside a root is
@@ -162,7 +163,7 @@ def load(path, key):
     try:
         with open(path, 'rb') as fh:
             doc = json.load(fh)
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return None
     found = doc.get(key) if isinstance(doc, dict) else None
     return found if isinstance(found, dict) else None
@@ -170,6 +171,15 @@ area = os.path.dirname(os.path.dirname(p))
 found = None
 if os.path.basename(area) == 'envs' and os.path.basename(os.path.dirname(area)) == '.envctl':
     found = load(p + '.json', 'variables')
+    try:
+        import fcntl, struct
+        mark = os.open(p + '.use', os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        fcntl.fcntl(mark, getattr(fcntl, 'F_OFD_SETLK', 37),
+                    struct.pack('hhqqi4x', fcntl.F_RDLCK, 0, 0, 0, 0))
+        os.read(mark, 1)
+        os.set_inheritable(mark, True)
+    except Exception:
+        pass
 if found is None:
     found = load(os.path.join(p, 'conda-meta', 'state'), 'env_vars') or dict()
 for key, value in found.items():
@@ -180,13 +190,30 @@ os.execv(python, [python, '-m', 'ipykernel_launcher', '-f', conn])
 """
 
 
-def spec_for(config: Config, env: str) -> dict[str, object]:
+DISPLAY_MAX = 80  # characters of a kernel's display name (a launcher tile, a menu entry)
+_UNSAFE = dict.fromkeys(map(ord, "<>&\"'`"))  # markup in whatever renders the name: dropped
+
+
+def display_name(config: Config, env: str, description: str | None = None) -> str:
+    """``<display_prefix>: <env>``, then `` — `` and as much of the env's description as
+    fits in ``DISPLAY_MAX`` (cut with ``…``). The description is its owner's text, shown in
+    everyone's launcher: printable characters only, markup characters dropped."""
+    name = f"{config.kernels.display_prefix}: {env}"
+    text = " ".join("".join(c for c in description or "" if c.isprintable())
+                    .translate(_UNSAFE).split())
+    room = DISPLAY_MAX - len(name) - 3
+    if not text or room < 8:
+        return name
+    return f"{name} — " + (text if len(text) <= room else text[:room - 1].rstrip() + "…")
+
+
+def spec_for(config: Config, env: str, description: str | None = None) -> dict[str, object]:
     """The kernelspec of the env called ``env``: through its stable path, resolved at start;
     ``metadata.envctl.env`` says which env owns it."""
     prefix = config.requests_root.path / env
     return {"argv": ["/bin/sh", "-c", _LAUNCH, "envctl-kernel", str(prefix),
                      "{connection_file}", env, _VARIABLES],
-            "display_name": f"{config.kernels.display_prefix}: {env}",
+            "display_name": display_name(config, env, description),
             "language": "python",
             "metadata": {"envctl": {"env": env, "prefix": str(prefix)},
                          "debugger": True}}
@@ -201,13 +228,14 @@ def refresh(config: Config, env: str) -> str | None:
     try:
         with layout.RootArea(config.requests_root.path).open() as fds:
             present = has_ipykernel(fds, env)
-        return publish(config, env, present)
+            description = envs.description_of(fds, env)
+        return publish(config, env, present, description)
     except (OSError, EnvctlError) as exc:
         log.warning("kernelspec-failed name=%s error=%s", env, exc)
         return f"kernelspec not written: {exc}"
 
 
-def publish(config: Config, env: str, has_kernel: bool) -> str:
+def publish(config: Config, env: str, has_kernel: bool, description: str | None = None) -> str:
     """Write (``has_kernel``) or remove the env's kernelspec; a line for the build log."""
     assert config.kernels.dir is not None
     name = kernel_name(env)
@@ -215,7 +243,7 @@ def publish(config: Config, env: str, has_kernel: bool) -> str:
         return f"no kernelspec: {env!r} cannot be a kernel name"
     with _KernelsDir(config.kernels.dir) as kdir:
         if has_kernel:
-            kdir.write(name, env, spec_for(config, env))
+            kdir.write(name, env, spec_for(config, env, description))
             old = [n for n, owner in kdir.ours().items() if owner == env and n != name]
             for stale in old:
                 kdir.remove(stale, env)
@@ -234,6 +262,7 @@ def sync(config: Config, busy: set[str], limit: float = SYNC_LIMIT) -> SyncResul
     assert config.kernels.dir is not None
     deadline = time.monotonic() + limit
     wanted: dict[str, str] = {}
+    descriptions: dict[str, str | None] = {}
     skipped: list[str] = []
     keep: set[str] = set(busy)  # envs whose kernelspecs this sync must not remove
     with layout.RootArea(config.requests_root.path).open() as fds:
@@ -250,6 +279,7 @@ def sync(config: Config, busy: set[str], limit: float = SYNC_LIMIT) -> SyncResul
                 continue
             if has_ipykernel(fds, env):
                 wanted[name] = env
+                descriptions[env] = envs.description_of(fds, env)
     written, removed = [], []
     with _KernelsDir(config.kernels.dir) as kdir:
         # First what no env wants any more under its owner (gone, no ipykernel, an old name
@@ -259,7 +289,7 @@ def sync(config: Config, busy: set[str], limit: float = SYNC_LIMIT) -> SyncResul
                 removed.append(name)
         for name, env in wanted.items():
             try:
-                kdir.write(name, env, spec_for(config, env))
+                kdir.write(name, env, spec_for(config, env, descriptions[env]))
             except Conflict as exc:  # held by an env being built: its build decides
                 log.warning("kernels-sync-conflict name=%s env=%s problem=%s", name, env,
                             exc.message)

@@ -9,7 +9,8 @@ expected one (the healer may have added group write when the daemon is not root 
 ``protected_owner``). Callers then act only through the returned fds (``mkdir``/``rename``/
 ``remove_tree`` with ``dir_fd``), never through path strings.
 
-Layout in the root: ``.envctl/locks/<name>.lock`` (fcntl locks, 0644) and
+Layout in the root: ``.envctl/locks/<name>.lock`` (the names' locks, 0600 in a 0700 directory:
+no member can open one, see ``jobs.lock``) and
 ``.envctl/envs/<name>/`` (0755, the daemon's): the versions of one environment, each built at
 the path it keeps for its whole life (``v<N>/``, the build user's, then frozen: the daemon's),
 its metadata (``v<N>.json``, ``env.json``, the daemon's, 0644), while ``<root>/<name>`` is the
@@ -34,23 +35,27 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import json
 import logging
 import os
+import pwd
 import stat
 import threading
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from ..config import DAEMON_AREA
-from ..errors import Conflict, FilesystemError
+from ..errors import AreaUntrusted, Conflict, FilesystemError
 from ..heal.fsops import DIR_FLAGS
+from ..locks import LockFile
+from ..quoting import quote_name
 
 log = logging.getLogger(__name__)
 
 AREA = DAEMON_AREA
-AREA_DIRS = {"locks": 0o755, "envs": 0o755}
+AREA_DIRS = {"locks": 0o700, "envs": 0o755}  # locks: the daemon's alone (see ``jobs.lock``)
 CACHE_MODE = 0o700  # .envctl/cache: the daemon's alone (see the module docstring)
 
 
@@ -99,11 +104,12 @@ class RootArea:
 
     @contextlib.contextmanager
     def open(self) -> Iterator[dict[str, int]]:
-        """fds of the root (``""``), ``.envctl`` (``"area"``) and its subdirectories."""
+        """fds of the root (``""``), ``.envctl`` (``"area"``, see ``open_area``) and its
+        subdirectories."""
         fds: dict[str, int] = {}
         try:
             fds[""] = os.open(self.root, DIR_FLAGS)
-            fds["area"] = checked_dir(fds[""], AREA, 0o755, f"{self.root}/{AREA}")
+            fds["area"] = self.open_area(fds[""])
             for sub, mode in AREA_DIRS.items():
                 fds[sub] = checked_dir(fds["area"], sub, mode, f"{self.root}/{AREA}/{sub}")
             yield fds
@@ -113,6 +119,34 @@ class RootArea:
 
     def path(self, *parts: str) -> Path:
         return self.root.joinpath(AREA, *parts)
+
+    def open_area(self, root_fd: int) -> int:
+        """``.envctl`` in the root (created when missing), or AreaUntrusted saying what is
+        wrong with it and how an admin fixes it.
+
+        Why refused rather than repaired: whoever made it (a member, before the daemon's first
+        start: the root is the group's to write) owns what the daemon would keep there — its
+        locks, its records, every version's path —, and the daemon can neither take it over
+        (that member's entries and hard links would come with it) nor remove what it did not
+        make. A symlink or a file in its place, or a directory everyone may write, is no more
+        the daemon's. Group write alone on the daemon's own directory is taken off (as
+        ``checked_dir`` does: an older healer added it)."""
+        shown = self.path()
+        problem = _area_problem(root_fd)
+        if problem is None:
+            try:
+                return checked_dir(root_fd, AREA, 0o755, str(shown))
+            except FilesystemError:
+                problem = _area_problem(root_fd)  # made or changed since the first look
+                if problem is None:
+                    raise
+        fix = (f"as root, look at what is in {shown}, then move it out of the way (mv {shown} "
+               f"{shown}.untrusted) or remove it: the daemon makes its own at its next check "
+               "or start" if problem[0] != "mode" else
+               f"as root, look at what was put in {shown}, then: chmod 755 {shown}")
+        raise AreaUntrusted(f"{shown} {problem[1]}: the daemon uses nothing in it and refuses "
+                            "every request until an admin fixes it", hint=fix,
+                            path=str(shown), problem=problem[1])
 
     def conda_cache(self, fds: dict[str, int]) -> Path:
         """``.envctl/cache/conda``, created (or checked) as the daemon's own."""
@@ -124,46 +158,118 @@ class RootArea:
         return self.path("cache", "conda")
 
 
+HELD_LEVELS = 64  # directory fds a walk keeps open (its top levels); deeper ones are closed
+
+
+@dataclass
+class _Level:
+    """One directory a walk is in: its fd (-1 once closed to stay within ``HELD_LEVELS``), the
+    names still to visit, its name in its parent, and its identity (to check a re-open)."""
+
+    fd: int
+    names: Iterator[str]
+    name: str
+    key: tuple[int, int]
+
+
+def _up(child_fd: int, want: tuple[int, int], shown: str) -> int:
+    """The parent of the directory ``child_fd``, opened through its ``..``, which must be the
+    directory the walk came from (``want``: device and inode): a tree moved meanwhile is
+    refused, never walked on in its new place."""
+    fd = os.open("..", DIR_FLAGS, dir_fd=child_fd)
+    st = os.fstat(fd)
+    if (st.st_dev, st.st_ino) != want:
+        os.close(fd)
+        raise FilesystemError(f"{shown}: a directory moved while the daemon walked it",
+                              hint="retry; if it happens again, someone is moving it on purpose")
+    return fd
+
+
+def _area_problem(root_fd: int) -> tuple[str, str] | None:
+    """(kind, what is wrong) with the entry ``.envctl`` in the root, or None."""
+    try:
+        st = os.stat(AREA, dir_fd=root_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return None
+    if stat.S_ISLNK(st.st_mode):
+        return "type", f"is a symlink (to {quote_name(os.readlink(AREA, dir_fd=root_fd))}), " \
+            "not the daemon's directory"
+    if not stat.S_ISDIR(st.st_mode):
+        return "type", "is not a directory"
+    if st.st_uid != os.geteuid():
+        return "owner", f"is owned by {_user(st.st_uid)}, not by the daemon ({_user(os.geteuid())})"
+    if st.st_mode & 0o002:
+        return "mode", f"is writable by everyone (mode {stat.S_IMODE(st.st_mode):04o})"
+    return None
+
+
+def _user(uid: int) -> str:
+    try:
+        return f"{pwd.getpwuid(uid).pw_name} (uid {uid})"
+    except KeyError:
+        return f"uid {uid}"
+
+
 def walk(top_fd: int, descend: Callable[[os.stat_result], bool],
-          leave: Callable[[int, str], None] | None = None
-          ) -> Iterator[tuple[int, str, os.stat_result, int | None]]:
+         leave: Callable[[int, str], None] | None = None, shown: str = "a tree",
+         racing: bool = False) -> Iterator[tuple[int, str, os.stat_result, int | None]]:
     """Every entry below the directory ``top_fd``: fd-based, never following a symlink,
-    depth-first with an explicit stack (no recursion, whatever the depth) holding one fd per
-    level it is in, whatever the width (a package's directory of 100k subdirectories must not
-    take the daemon past its fd limit). Yields (parent fd, name, lstat, fd): ``fd`` is the
-    entry's own ``O_NOFOLLOW`` fd when it is a directory (valid until the next item), else
-    None; a directory is entered when ``descend(its stat)`` is true, and ``leave(its parent's
-    fd, its name)`` is called once its fd is closed, after its last entry."""
-    stack = [(os.dup(top_fd), iter(os.listdir(top_fd)), "")]
+    depth-first with an explicit stack (no recursion, whatever the depth). Its fds are bounded
+    whatever the shape of the tree: one per level for the top ``HELD_LEVELS`` levels and the
+    one it is in, the deeper levels closed on the way down and re-opened through ``..`` on the
+    way up (checked to be the same directory: ``_up``). Neither a directory of 100k
+    subdirectories nor a chain of 100k levels (which a build user makes in a second with
+    ``mkdirat``) takes the daemon near its fd limit — one fd per level did: ``EMFILE`` at 1,024
+    levels under systemd's default limit, so GC and every later build of the name failed.
+    Yields (parent fd, name, lstat, fd): ``fd`` is the entry's own ``O_NOFOLLOW`` fd when it is
+    a directory (valid until the next item), else None; a directory is entered when
+    ``descend(its stat)`` is true, and ``leave(its parent's fd, its name)`` is called once its
+    fd is closed, after its last entry. ``racing``: a tree a build is still writing; an entry
+    that vanishes or changes type under the walk is skipped."""
+    st = os.fstat(top_fd)
+    stack = [_Level(os.dup(top_fd), iter(os.listdir(top_fd)), "", (st.st_dev, st.st_ino))]
     try:
         while stack:
-            dfd, names, own = stack[-1]
-            name = next(names, None)
+            level = stack[-1]
+            name = next(level.names, None)
             if name is None:
                 stack.pop()
-                os.close(dfd)
+                if stack and stack[-1].fd < 0:
+                    stack[-1].fd = _up(level.fd, stack[-1].key, shown)
+                os.close(level.fd)
+                level.fd = -1
                 if leave is not None and stack:
-                    leave(stack[-1][0], own)
+                    leave(stack[-1].fd, level.name)
                 continue
-            st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
-            if not stat.S_ISDIR(st.st_mode):
-                yield dfd, name, st, None
-                continue
-            sub = os.open(name, DIR_FLAGS, dir_fd=dfd)
+            try:
+                st = os.stat(name, dir_fd=level.fd, follow_symlinks=False)
+                if not stat.S_ISDIR(st.st_mode):
+                    yield level.fd, name, st, None
+                    continue
+                sub = os.open(name, DIR_FLAGS, dir_fd=level.fd)
+            except OSError as exc:
+                if racing and exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):
+                    continue
+                raise
             try:
                 st = os.fstat(sub)
-                yield dfd, name, st, sub
+                yield level.fd, name, st, sub
                 entered = descend(st)
                 if entered:
-                    stack.append((sub, iter(os.listdir(sub)), name))
+                    stack.append(_Level(sub, iter(os.listdir(sub)), name,
+                                        (st.st_dev, st.st_ino)))
             except BaseException:
                 os.close(sub)
                 raise
             if not entered:
                 os.close(sub)
+            elif len(stack) > HELD_LEVELS + 1:
+                os.close(level.fd)  # re-opened through ``..`` when the walk comes back up
+                level.fd = -1
     finally:
-        for fd, _names, _own in stack:
-            os.close(fd)
+        for level in stack:
+            if level.fd >= 0:
+                os.close(level.fd)
 
 
 def hand_over(parent_fd: int, name: str, uid: int, gid: int) -> int:
@@ -213,8 +319,8 @@ def seal_cache(fds: dict[str, int], since: float) -> int:
 
 
 STATE_LOCK = "envctld.lock"
-# (st_dev, st_ino) of a state dir -> [fd holding its lock, job managers using it], per process.
-_STATE_LOCKS: dict[tuple[int, int], list[int]] = {}
+# (st_dev, st_ino) of a state dir -> (its lock, job managers using it), per process.
+_STATE_LOCKS: dict[tuple[int, int], tuple[LockFile, int]] = {}
 _STATE_LOCKS_GUARD = threading.Lock()
 
 
@@ -253,7 +359,8 @@ def remove_tree(parent_fd: int, name: str) -> bool:
     top = os.open(name, DIR_FLAGS, dir_fd=parent_fd)
     try:
         for dfd, entry, _st, sub in walk(top, lambda st: True,
-                                         leave=lambda dfd, sub: os.rmdir(sub, dir_fd=dfd)):
+                                         leave=lambda dfd, sub: os.rmdir(sub, dir_fd=dfd),
+                                         shown=name):
             if sub is None:
                 os.unlink(entry, dir_fd=dfd)
     finally:
@@ -297,13 +404,14 @@ class StateDir:
         Why the lock: two daemons on one state dir share its job store and cgroup names, and
         the second one's recovery would kill the first one's running builds and tell their
         requesters the daemon had stopped. So before anything in it is opened, the daemon takes
-        an exclusive ``flock`` on ``envctld.lock`` (0600: whoever could open it could hold a
-        shared lock and keep every daemon from starting) and writes its pid there, so a refusal
-        names the holder. The kernel drops the lock when the holder dies, ``kill -9`` included:
-        no stale lock. The fd is ``O_CLOEXEC`` (builds are also spawned with ``close_fds``), so
-        a build that outlives its daemon never keeps the lock. The lock is the process's: a job
-        manager started again in it before the last one let go (a stop that timed out with
-        builds still running) shares it, and ``release`` by the last user unlocks."""
+        an exclusive lock on ``envctld.lock`` (``locks.LockFile``: 0600, whoever could open it
+        could hold a shared lock and keep every daemon from starting) and writes its pid there,
+        so a refusal names the holder. The kernel drops the lock when the holder dies,
+        ``kill -9`` included: no stale lock. The fd is ``O_CLOEXEC`` (builds are also spawned
+        with ``close_fds``), so a build that outlives its daemon never keeps the lock. The lock
+        is the process's: a job manager started again in it before the last one let go (a stop
+        that timed out with builds still running) shares it, and ``release`` by the last user
+        unlocks."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = checked_dir(None, str(self.path), 0o711, str(self.path))
         try:
@@ -319,26 +427,22 @@ class StateDir:
         key = (st.st_dev, st.st_ino)
         with _STATE_LOCKS_GUARD:
             if key in _STATE_LOCKS:
-                _STATE_LOCKS[key][1] += 1
+                held, users = _STATE_LOCKS[key]
+                _STATE_LOCKS[key] = (held, users + 1)
                 self._lock_key = key
                 return
-            fd = os.open(STATE_LOCK, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
-                         0o600, dir_fd=dir_fd)
+            lock = LockFile(dir_fd, STATE_LOCK, str(self.path / STATE_LOCK))
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                by = lock.acquire("state dir")
             except OSError as exc:
-                holder = os.pread(fd, 64, 0).decode("ascii", "replace").strip() or "unknown"
-                os.close(fd)
-                if exc.errno != errno.EWOULDBLOCK:
-                    raise FilesystemError(f"cannot lock {self.path / STATE_LOCK}: "
-                                          f"{exc.strerror}") from None
-                raise Conflict(f"another envctld (pid {holder}) is using the state dir "
-                               f"{self.path}",
+                raise FilesystemError(f"cannot lock {self.path / STATE_LOCK}: "
+                                      f"{exc.strerror}") from None
+            if by is not None:
+                raise Conflict(f"another envctld (pid {by.pid or 'unknown'}) is using the "
+                               f"state dir {self.path}",
                                hint="stop that daemon first, or give this one a "
-                               "requests.state_dir of its own") from None
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-            _STATE_LOCKS[key] = [fd, 1]
+                               "requests.state_dir of its own")
+            _STATE_LOCKS[key] = (lock, 1)
             self._lock_key = key
 
     def release(self) -> None:
@@ -347,11 +451,11 @@ class StateDir:
         with _STATE_LOCKS_GUARD:
             if self._lock_key is None:
                 return
-            held = _STATE_LOCKS[self._lock_key]
-            held[1] -= 1
-            if held[1] == 0:
-                os.close(held[0])  # the only fd on that open file: the flock goes with it
-                del _STATE_LOCKS[self._lock_key]
+            held, users = _STATE_LOCKS.pop(self._lock_key)
+            if users > 1:
+                _STATE_LOCKS[self._lock_key] = (held, users - 1)
+            else:
+                held.release()
             self._lock_key = None
 
     @property
@@ -402,21 +506,38 @@ class StateDir:
 
     def write_tests(self, job_id: str, tests: list[str]) -> None:
         """The job's ``--test`` commands (kept with its log: a queued job survives a restart)."""
+        self._write_json(job_id, "tests.json", tests)
+
+    def read_tests(self, job_id: str) -> list[str]:
+        return [str(t) for t in self._read_json(job_id, "tests.json") or []]
+
+    def write_note(self, job_id: str, description: str | None, why: str | None) -> None:
+        """What the requester said about the build (``create --description``: the env's new
+        description, and why the version was made) or the daemon did (``why``: ``env add``
+        and its packages), for the version's record; kept like the tests."""
+        self._write_json(job_id, "note.json", {"description": description, "why": why})
+
+    def read_note(self, job_id: str) -> dict[str, str | None]:
+        note = self._read_json(job_id, "note.json") or {}
+        return {k: note[k] if isinstance(note.get(k), str) else None
+                for k in ("description", "why")}
+
+    def _write_json(self, job_id: str, name: str, value: Any) -> None:
         fd = os.open(self.job_dir(job_id), DIR_FLAGS)
         try:
-            _write_new(fd, "tests.json", json.dumps(tests), -1, -1)
+            _write_new(fd, name, json.dumps(value), -1, -1)
         finally:
             os.close(fd)
 
-    def read_tests(self, job_id: str) -> list[str]:
+    def _read_json(self, job_id: str, name: str) -> Any:
+        """One of the job's files the daemon wrote (None when there is none)."""
         try:
-            fd = os.open(self.job_dir(job_id) / "tests.json", os.O_RDONLY | os.O_NOFOLLOW
+            fd = os.open(self.job_dir(job_id) / name, os.O_RDONLY | os.O_NOFOLLOW
                          | os.O_CLOEXEC)
         except FileNotFoundError:
-            return []
+            return None
         with os.fdopen(fd, encoding="utf-8") as fh:
-            tests = json.load(fh)
-        return [str(t) for t in tests]
+            return json.load(fh)
 
     def open_log(self, job_id: str) -> int:
         """An append fd on the job's log, created 0600 by the daemon, never via a symlink."""

@@ -5,7 +5,9 @@ so it enforces the limits (``requests.max_concurrent``, one queued/running job p
 ``requests.max_queued_per_user`` per requester), turns a daemon restart into a non-event
 (``start`` resumes queued jobs and turns running ones into ``interrupted`` after killing what
 the dead daemon left and removing its partial output), and wakes waiters (``wait``) on every
-state, phase or log change so ``logs -f`` needs no polling of its own. Threads: one scheduler, one
+state, phase or log change so ``logs -f`` needs no polling of its own. Free build slots go round
+robin across requesters (``fair_order``), not first come first served: one requester's queue
+of slow builds must not hold every slot while another's waits. Threads: one scheduler, one
 thread per running build (plus its log reader). Every public method is safe to call from any thread.
 
 Validation order in ``submit`` is what makes "nothing is created on bad input" true: name,
@@ -20,9 +22,11 @@ import os
 import secrets
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 from ..config import Config
 from ..errors import (
@@ -39,11 +43,11 @@ from ..logfields import fields
 from . import cgroup as cgroups
 from . import envs, layout, procs
 from .backends import get_backend
-from .cluster import ClusterJobs
-from .env_service import EnvService
+from .cluster import ClusterJobs, Located
+from .env_service import Allow, EnvService
 from .lock import NameLock
 from .model import Job, Requester, State
-from .runner import Build, discard
+from .runner import Build, discard, tree_bytes
 from .spec import parse_spec, validate_name, validate_tests
 from .store import JobStore
 
@@ -69,9 +73,13 @@ class JobManager:
         self._scheduler: threading.Thread | None = None
         self._cgroups: cgroups.CgroupTree | None = None
         self._cluster: ClusterJobs | None = None  # our jobs in the root, other hosts' read back
+        self._cluster_stop = threading.Event()
         self.containment = "none"  # how builds are contained: "cgroup" or "sweep" once started
         self.sandbox = "none"  # "mount-namespace" once started where the kernel allows it
         self._busy_uids: set[int] = set()  # the pool's accounts running a build now
+        self._last_start: dict[tuple[int, str | None], float] = {}  # requester -> monotonic
+        self._prune_lock = threading.Lock()
+        self._dir_bytes: dict[str, int] = {}  # finished jobs' directory sizes (they are done)
         self.environments = EnvService(config)  # the env-* ops; started and stopped with us
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -110,8 +118,8 @@ class JobManager:
     def _start_cluster(self) -> None:
         """Publish our jobs where the other hosts sharing the root read them (``cluster``);
         a root that cannot hold them leaves this daemon's view local, as before."""
-        cluster = ClusterJobs(self._config.requests_root.path)
         try:
+            cluster = ClusterJobs(self._config.requests_root.path, self._state.path)
             cluster.start()
         except (OSError, EnvctlError) as exc:
             log.warning("jobs-cluster unusable root=%s error=%s",
@@ -127,10 +135,37 @@ class JobManager:
         for job in store.list(include_finished=True):
             if not job.terminal or (job.finished_at or 0) >= recent:
                 cluster.publish(job)
+        self._cluster_stop.clear()
+        threading.Thread(target=self._cluster_loop, args=(cluster,), name="envctl-cluster",
+                         daemon=True).start()
+
+    def _cluster_loop(self, cluster: ClusterJobs) -> None:
+        """Every ``watch.poll_interval``: publish what running builds' logs gained, and take
+        the cancels other daemons relayed for our jobs; hourly, drop published logs whose
+        local log was pruned."""
+        pruned = 0.0
+        while not self._cluster_stop.wait(self._config.watch.poll_interval):
+            try:
+                cluster.sync_logs(self.store.list(states=(State.RUNNING,)))
+                for job_id, who in cluster.cancels():
+                    threading.Thread(target=self._relayed_cancel, args=(job_id, who),
+                                     name=f"envctl-cancel-{job_id}", daemon=True).start()
+                if time.monotonic() - pruned > 3600:
+                    pruned = time.monotonic()
+                    cluster.prune_logs(lambda job_id: self._state.log_path(job_id).exists())
+            except Exception:  # noqa: BLE001 - e.g. the store closing at stop: try again
+                log.exception("jobs-cluster-loop")
+
+    def _relayed_cancel(self, job_id: str, who: str) -> None:
+        try:
+            self._cancel_here(self.store.get(job_id), who)
+        except EnvctlError as exc:
+            log.info("jobs-cluster cancel-refused job=%s reason=%s", job_id, exc.message)
 
     def stop(self, timeout: float = 10.0) -> None:
         """Stop scheduling; kill running builds (they become ``interrupted``)."""
         self.environments.stop()
+        self._cluster_stop.set()
         with self._cond:
             self._stopping = True
             for build in self._running.values():
@@ -234,16 +269,34 @@ class JobManager:
                 lock.release()
 
     def _prune_logs(self) -> None:
-        """Remove job directories (spec copy, log) of jobs finished over keep_logs_days ago;
-        the job rows stay, so history and audit survive."""
-        cutoff = time.time() - self._config.requests.keep_logs_days * 86400
-        pruned = 0
-        for job in self.store.list(include_finished=True):
-            if job.terminal and (job.finished_at or 0) < cutoff:
-                pruned += self._state.remove_job_dir(job.id)
+        """Remove job directories (spec copy, log, HOME) of jobs finished over keep_logs_days
+        ago, then the oldest finished jobs' until all together hold at most
+        ``requests.max_log_bytes``; the job rows stay, so history and audit survive. At start
+        and after every build."""
+        cfg = self._config.requests
+        cutoff = time.time() - cfg.keep_logs_days * 86400
+        with self._prune_lock:
+            jobs = self.store.list(include_finished=True)
+            sizes = {j.id: self._job_dir_bytes(j) for j in jobs}
+            total = sum(sizes.values())
+            pruned = 0
+            for job in sorted((j for j in jobs if j.terminal), key=lambda j: j.finished_at or 0):
+                if sizes[job.id] and ((job.finished_at or 0) < cutoff
+                                      or total > cfg.max_log_bytes):
+                    pruned += self._state.remove_job_dir(job.id)
+                    total -= sizes[job.id]
+                    self._dir_bytes[job.id] = 0
         if pruned:
-            log.info("jobs-prune removed=%d days=%d", pruned,
-                     self._config.requests.keep_logs_days)
+            log.info("jobs-prune removed=%d days=%d kept_bytes=%d max_log_bytes=%d", pruned,
+                     cfg.keep_logs_days, total, cfg.max_log_bytes)
+
+    def _job_dir_bytes(self, job: Job) -> int:
+        """What a job's directory holds; a finished one's is measured once."""
+        if not job.terminal:
+            return tree_bytes(self._state.job_dir(job.id))
+        if job.id not in self._dir_bytes:
+            self._dir_bytes[job.id] = tree_bytes(self._state.job_dir(job.id))
+        return self._dir_bytes[job.id]
 
     def _append_log(self, job_id: str, lines: list[str]) -> None:
         try:
@@ -272,7 +325,9 @@ class JobManager:
                            len(users) if pool else 1)  # no account: each job says so
                 queued = self.store.list(states=(State.QUEUED,)) if free > 0 else []
                 slots: list[procs.BuildUser | None] = [*users] if pool else [None] * free
-                for job, user in zip(queued[:free], slots):
+                chosen = fair_order(queued, (b.job for b in self._running.values()),
+                                    self._last_start, free)
+                for job, user in zip(chosen, slots):
                     self._launch(job, user)
                 self._cond.wait(1.0)
 
@@ -296,6 +351,7 @@ class JobManager:
                                   name=f"envctl-job-{job.id}")
         self._running[job.id] = build
         self._busy_uids.add(build.user.uid)
+        self._last_start[requester_key(job)] = time.monotonic()
         self._threads[job.id] = thread
         self._version += 1
         self._cond.notify_all()
@@ -317,15 +373,22 @@ class JobManager:
         log.info("job-end id=%s name=%s state=%s seconds=%.1f", job.id, job.name,
                  outcome.state.value, time.time() - (job.started_at or time.time()),
                  extra=fields(job=job.id))
+        try:
+            self._prune_logs()
+        except Exception:  # noqa: BLE001 - retention must not take the scheduler down
+            log.exception("jobs-prune-failed")
 
     # -- the API --------------------------------------------------------------------------------
 
     def submit(self, requester: Requester, name: str, spec_text: str,
                backend: str | None = None, replace: bool = False,
-               tests: Sequence[str] = (), base: str | None = None) -> Job:
+               tests: Sequence[str] = (), base: str | None = None,
+               description: str | None = None, why: str | None = None) -> Job:
         """Validate, persist and queue a build; ValidationError/Conflict before anything exists.
         ``tests`` are command lines the new version must pass before it is made current;
-        ``base``: the version the spec was derived from, which must still be current."""
+        ``base``: the version the spec was derived from, which must still be current;
+        ``description``: the env's description once the version is current (and its ``why``,
+        unless ``why`` says otherwise: see ``StateDir.write_note``)."""
         config = self._config
         cfg = config.requests
         if not cfg.enabled:
@@ -336,6 +399,8 @@ class JobManager:
         spec = parse_spec(spec_text, cfg)
         chosen.check(spec, cfg)
         tests = validate_tests(list(tests))
+        if description is not None:
+            description = envs.validate_description(description)
         procs.check_reach(procs.build_user(cfg), config.requests_root.path)
         prefix = config.requests_root.path / name
         with self._submit_lock:
@@ -368,10 +433,13 @@ class JobManager:
                       requester_name=requester.username, claimed_user=requester.claimed_user,
                       replace=replace, created_at=time.time(), started_at=None,
                       finished_at=None, prefix=str(prefix), exit_detail=None,
-                      log_path=str(self._state.log_path(job_id)), hub_user=requester.hub_user)
+                      log_path=str(self._state.log_path(job_id)), hub_user=requester.hub_user,
+                      hub_id=requester.hub_id)
             self._state.create_job_dir(job_id)  # before the row: the scheduler may start it
             if tests:
                 self._state.write_tests(job_id, list(tests))
+            if description is not None or why is not None:
+                self._state.write_note(job_id, description, why)
             try:
                 self.store.insert(job, spec_text, requester.pid)
             except Conflict:
@@ -385,15 +453,18 @@ class JobManager:
         return job
 
     def submit_change(self, requester: Requester, name: str,
-                      change: Callable[[str], str] | None, tests: Sequence[str] = ()) -> Job:
+                      change: Callable[[str], str] | None, tests: Sequence[str],
+                      why: str | None, allow: Allow) -> Job:
         """``env add``/``env update``: a replace built from the current version's spec as its
         record keeps it (``change`` edits the text; None re-solves it as it is), its backend,
         and its tests followed by ``tests``. The record is read under the name's lock (no build
         of the name is running) and ``submit`` queues the job only if that version is still
-        current, so a replace or rollback that came in between is never undone. A queued
+        current, so a replace or rollback that came in between is never undone. ``allow``: the
+        API's owner check, called with the recorded owner under the lock. A queued
         build of the name is refused first: taking its lock now would fail that build."""
         _refuse_busy(name, self.store.list())
         with self.environments.locked(name, "change") as (fds, env_fd):
+            allow(self.environments.owner_of(env_fd))
             cur = envs.current(fds[""], name)
             rec = envs.ready(env_fd, cur.version) if cur.version is not None else None
         if rec is None or not isinstance(rec.get("spec"), str):
@@ -403,52 +474,72 @@ class JobManager:
         spec = rec["spec"] if change is None else change(rec["spec"])
         kept = [t for t in rec.get("tests") or [] if isinstance(t, str)]
         return self.submit(requester, name, spec, backend=rec.get("backend"), replace=True,
-                           tests=list(dict.fromkeys([*kept, *tests])), base=cur.version)
+                           tests=list(dict.fromkeys([*kept, *tests])), base=cur.version,
+                           why=why)
 
     def get(self, job_id: str) -> Job:
-        """Our job, or another host's as its record in the root says (``host`` set)."""
+        """Our job, or another daemon's as its record in the root says (``host`` set)."""
         try:
             return self.store.get(job_id)
         except NotFound:
-            remote = self._cluster.find(job_id) if self._cluster is not None else None
-            if remote is None:
+            found = self._cluster.find(job_id) if self._cluster is not None else None
+            if found is None:
                 raise
-            return remote
+            return found.job
+
+    def _elsewhere(self, job_id: str) -> Located:
+        """Another daemon's job (``cluster``) by its full id; NotFound when it is gone."""
+        found = self._cluster.find(job_id) if self._cluster is not None else None
+        if found is None:
+            raise NotFound(f"no job {job_id}", hint="see: envctl request list --all")
+        return found
 
     def list(self, uid: int | None = None, include_finished: bool = False,
              hub_user: str | None = None) -> list[Job]:
         """Our jobs, then the other hosts' sharing the root (their records), filtered alike."""
         jobs = self.store.list(uid=uid, include_finished=include_finished, hub_user=hub_user)
         if self._cluster is not None:
-            jobs += [j for j in self._cluster.others()
+            own = {j.id for j in self.store.list(include_finished=True)}
+            jobs += [j for j in self._cluster.others(skip=own.__contains__)
                      if (include_finished or not j.terminal)
                      and (uid is None or (j.requester_uid, j.hub_user) == (uid, hub_user))]
         return jobs
 
-    def _local(self, job: Job, what: str) -> None:
-        """Refuse what only the job's own daemon can do (its log, cancelling it)."""
-        if job.host is not None:
-            up = {True: "its daemon is up", False: "its daemon is gone: the host left or "
-                  "stopped", None: "its daemon's state is unknown"}[job.host_alive]
-            raise Conflict(f"job {job.id} is on host {job.host} ({up}): {what} there",
-                           hint=f"run the command on {job.host}, or with the socket of its "
-                                "daemon")
-
     def cancel(self, job_id: str, requester: Requester) -> Job:
-        """Cancel a queued or running job: the requester's own, or any for an admin."""
+        """Cancel a queued or running job (who may is the API's decision: ``auth``); another
+        daemon's job through the root (``cluster``), within its poll interval."""
         job = self.get(job_id)
-        self._local(job, "cancel it")
-        if not requester.owns(job) and not requester.is_admin:
-            raise NotAuthorised(f"job {job_id} belongs to {job.owner}; you may cancel "
-                                "only your own jobs", hint="ask an envctl admin")
-        detail = f"cancelled by {requester.who}"
+        if job.host is None:
+            return self._cancel_here(job, requester.who)
+        assert self._cluster is not None
+        where = self._elsewhere(job.id)
+        if job.terminal:
+            raise Conflict(f"job {job.id} has already ended ({job.state.value})")
+        if job.host_alive is False:
+            raise Conflict(f"job {job.id} is on host {job.host}, whose daemon is gone: nothing "
+                           "runs it now", hint="its daemon marks it interrupted when it starts "
+                           "again")
+        self._cluster.ask_cancel(where, f"{requester.who} via {self._cluster.host}")
+        # its daemon takes it within its poll interval (the same as ours, in one cluster)
+        deadline = time.monotonic() + 2 * self._config.watch.poll_interval + \
+            procs.KILL_GRACE + 10.0
+        while time.monotonic() < deadline:
+            time.sleep(0.2)
+            now = self._cluster.find(job.id)
+            if now is not None and now.job.terminal:
+                return now.job
+        return self.get(job.id)
+
+    def _cancel_here(self, job: Job, who: str) -> Job:
+        """Cancel our own job ``job`` for ``who`` (already allowed to)."""
+        job_id = job.id
+        detail = f"cancelled by {who}"
         with self._cond:
             if self.store.update(job_id, expect=(State.QUEUED,), state=State.CANCELLED,
                                  finished_at=time.time(), exit_detail=detail):
                 self._version += 1
                 self._cond.notify_all()
-                log.info("job-cancel id=%s by=%d queued", job_id, requester.uid,
-                         extra=fields(job=job_id))
+                log.info("job-cancel id=%s by=%r queued", job_id, who, extra=fields(job=job_id))
                 return self.store.get(job_id)
             build = self._running.get(job_id)
             if build is None:
@@ -456,8 +547,7 @@ class JobManager:
                 raise Conflict(f"job {job_id} has already ended ({job.state.value})")
             build.abort(State.CANCELLED, detail)
             thread = self._threads[job_id]
-        log.info("job-cancel id=%s by=%d running", job_id, requester.uid,
-                 extra=fields(job=job_id))
+        log.info("job-cancel id=%s by=%r running", job_id, who, extra=fields(job=job_id))
         thread.join(procs.KILL_GRACE + 10.0)
         return self.store.get(job_id)
 
@@ -466,7 +556,10 @@ class JobManager:
         if offset < 0 or limit < 0:
             raise ValidationError("log offset and limit must not be negative")
         job = self.get(job_id)
-        self._local(job, "its build log is kept")
+        if job.host is not None:
+            assert self._cluster is not None
+            return self._cluster.read_log(self._elsewhere(job.id), offset,
+                                          min(limit, MAX_LOG_CHUNK))
         try:
             fd = os.open(job.log_path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         except FileNotFoundError:
@@ -480,8 +573,10 @@ class JobManager:
     def wait(self, job_id: str, timeout: float) -> Job:
         """Return when the job's state or phase changes, its log grows, or after ``timeout``."""
         job = self.get(job_id)
-        if job.terminal or job.host is not None:
+        if job.terminal:
             return job
+        if job.host is not None:
+            return self._wait_elsewhere(job, timeout)
         size = _size(job.log_path)
         deadline = time.monotonic() + max(0.0, timeout)
         while True:
@@ -497,8 +592,60 @@ class JobManager:
             if (now.state, now.phase) != (job.state, job.phase) or _size(job.log_path) != size:
                 return now
 
+    def _wait_elsewhere(self, job: Job, timeout: float) -> Job:
+        """``wait`` for another daemon's job: its record and published log, read again every
+        half second (they change at most once per that daemon's poll interval)."""
+        assert self._cluster is not None
+        where = self._elsewhere(job.id)
+        size = self._cluster.log_size(where)
+        deadline = time.monotonic() + max(0.0, timeout)
+        while (remaining := deadline - time.monotonic()) > 0:
+            time.sleep(min(0.5, remaining))
+            now = self._cluster.find(job.id)
+            if now is None:
+                return job
+            if (now.job.state, now.job.phase) != (job.state, job.phase) or \
+                    self._cluster.log_size(now) != size:
+                return now.job
+        return job
+
+    def cluster(self) -> dict[str, str] | None:
+        """This daemon's identity among those sharing the root (``status``), or None."""
+        cluster = self._cluster
+        return None if cluster is None else {"daemon_id": cluster.daemon_id,
+                                             "host": cluster.host}
+
     def counts(self) -> dict[str, int]:
         return self.store.counts()
+
+    def limits(self) -> dict[str, Any]:
+        """``status``'s ``limits``: each build's (``requests.limits``) and which cgroup
+        controllers enforce them here (``missing``: builds run without those limits)."""
+        present = list(self._cgroups.controllers) if self._cgroups is not None else []
+        return {**self._config.requests.limits.to_dict(), "controllers": present,
+                "missing": [c for c in cgroups.LIMITED_BY if c not in present]}
+
+
+def requester_key(job: Job) -> tuple[int, str | None]:
+    """Who a job is for, for fair share: its uid, and its hub user when one shares the uid."""
+    return job.requester_uid, job.hub_user
+
+
+def fair_order(queued: Sequence[Job], running: Iterable[Job],
+               last_start: dict[tuple[int, str | None], float], slots: int) -> list[Job]:
+    """The queued jobs the next ``slots`` free slots go to: each to the requester with the
+    fewest builds running (counting those picked before it), then the one whose last build
+    started longest ago, then the oldest job — round robin across requesters, first come
+    first served within one."""
+    load = Counter(requester_key(j) for j in running)
+    waiting, chosen = list(queued), list[Job]()
+    while waiting and len(chosen) < slots:
+        job = min(waiting, key=lambda j: (load[requester_key(j)],
+                                          last_start.get(requester_key(j), 0.0), j.created_at))
+        waiting.remove(job)
+        chosen.append(job)
+        load[requester_key(job)] += 1
+    return chosen
 
 
 def _refuse_busy(name: str, active: Sequence[Job]) -> None:

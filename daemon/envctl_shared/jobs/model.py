@@ -15,7 +15,9 @@ running build's current step (``preparing``, ``solving``, ``downloading``, ``lin
 null. ``claimed_user`` is what the
 client *said* it acts for (JUPYTERHUB_USER): recorded for audit, never used to authorise.
 ``hub_user`` is the JupyterHub user the hub itself named as the owner of the client's token
-(peers on ``jupyterhub.shared_uids``), or null.
+(peers on ``jupyterhub.shared_uids``), or null. Its stable identity (``hub_id``: the hub's
+``created`` time of the user, which survives a rename) is kept in the store and the env records,
+not in the job object.
 """
 
 from __future__ import annotations
@@ -38,11 +40,24 @@ class Requester:
     is_admin: bool
     hub_user: str | None = None  # verified by the hub (peers on jupyterhub.shared_uids)
     hub_groups: tuple[str, ...] = ()
+    hub_id: str | None = None  # the hub's stable identity of hub_user (None: not told)
+
+    def matches(self, uid: object, hub_user: object, hub_id: object) -> bool:
+        """The one ownership rule (jobs and environments): the same uid and the same hub user
+        (None on both sides off the hub) — on a shared uid the uid alone would make every hub
+        user the owner of everything. A recorded ``hub_id`` decides who that hub user is: a
+        renamed user still matches, a new user given the old name does not, and a requester
+        whose token does not show the hub_id cannot prove it is the same. Without a recorded
+        ``hub_id`` (records older than it, or made with a token that does not show it), the
+        name decides."""
+        if uid != self.uid or (hub_user is None) != (self.hub_user is None):
+            return False
+        if hub_user is None:
+            return True
+        return self.hub_id == hub_id if hub_id is not None else hub_user == self.hub_user
 
     def owns(self, job: Job) -> bool:
-        """Same uid and same verified hub user (None on both sides off the hub): on a shared
-        uid the uid alone would make every hub user the owner of every job."""
-        return job.requester_uid == self.uid and job.hub_user == self.hub_user
+        return self.matches(job.requester_uid, job.hub_user, job.hub_id)
 
     @property
     def who(self) -> str:
@@ -50,6 +65,14 @@ class Requester:
         if self.hub_user is not None:
             return f"hub user {self.hub_user} (uid {self.uid})"
         return f"{self.username} (uid {self.uid})"
+
+    @property
+    def subject(self) -> str:
+        """How a refusal addresses this requester: the hub user when verified (the uid is
+        every hub user's), else the Unix user."""
+        if self.hub_user is not None:
+            return f"hub user {self.hub_user}"
+        return f"user {self.username} (uid {self.uid})"
 
 
 class State(str, Enum):
@@ -89,6 +112,7 @@ class Job:
     exit_detail: str | None
     log_path: str
     hub_user: str | None = None
+    hub_id: str | None = None  # the hub user's stable identity (not in ``to_dict``)
     # Another host's job, read from its record in the root (``cluster``): that host, and
     # whether its daemon is alive (None: cannot tell). None for this daemon's own jobs.
     host: str | None = None

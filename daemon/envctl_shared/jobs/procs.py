@@ -317,8 +317,9 @@ def _wrapped(argv: list[str], user: BuildUser, sandbox: Sandbox | None) -> tuple
             setpriv, *who, *drop, "--pdeathsig", "KILL", "--", *GATE, *argv], False
 
 
-def spawn(argv: list[str], user: BuildUser, home: Path, cgroup: Path | None = None,
-          passthrough: tuple[str, ...] = (), sandbox: Sandbox | None = None) -> Step:
+def spawn(argv: list[str], user: BuildUser, home: Path,
+          cgroup: cgroups.JobCgroup | None = None, passthrough: tuple[str, ...] = (),
+          sandbox: Sandbox | None = None) -> Step:
     """Start one build step behind its gate, in ``cgroup`` when given (moved there while the
     gate still holds it: everything the command starts is born inside) and in ``sandbox``
     when given; stdout and stderr come back merged on ``step.proc.stdout``."""
@@ -336,7 +337,7 @@ def spawn(argv: list[str], user: BuildUser, home: Path, cgroup: Path | None = No
     step = Step(proc)
     if cgroup is not None:
         try:
-            cgroups.enter(cgroup, proc.pid)
+            cgroup.enter(proc.pid)
         except OSError:
             step.close_gate()  # never contained, so never run
             kill_group(proc.pid, grace=0, leader=proc)

@@ -10,10 +10,20 @@ switched to it, by one atomic rename. Every way out before that (failure, a fail
 cancel, timeout, daemon stop, crash recovery) goes through ``discard``, which removes the new
 version and leaves the current one untouched and serving. Every backend goes the same way,
 relocatable or not: the path a version is built at is the path it runs at.
+
+Limits (``requests.limits``): memory, tasks and CPU share are the build cgroup's (``cgroup``);
+when a step fails, the cgroup's counters say whether the kernel's OOM killer or a refused fork
+did it, and the build's message names the limit. Disk is counted here: the new version and the
+build's HOME (the places a step may write), walked while a step runs — every ``DISK_CHECK_S``,
+or ten times as long as the last walk took, so that a huge tree costs at most a tenth of a
+core — and after each step; past ``limits.disk`` the build is stopped and fails naming it.
+A build's own log stops growing at 64M or a quarter of ``requests.max_log_bytes`` (the cap
+of all kept logs), with a note, and the build goes on.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import select
@@ -26,8 +36,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from ..config import Config
-from ..errors import BuildFailed, Conflict, EnvctlError
+from ..config import BuildLimits, Config, format_size
+from ..errors import BuildFailed, Conflict, EnvctlError, FilesystemError
 from ..heal import fsops
 from . import base_python, envs, freeze, kernels, layout, procs
 from . import cgroup as cgroups
@@ -50,6 +60,7 @@ from .store import JobStore
 log = logging.getLogger(__name__)
 
 MAX_LOG_BYTES = 64 << 20  # a runaway build cannot fill the state disk through its log
+DISK_CHECK_S = 2.0  # least seconds between two walks counting a running build's disk use
 
 
 @dataclass
@@ -88,12 +99,16 @@ class Build:
         self._wake = threading.Event()  # the running step's: set by abort() and by its end
         self._log_fd = state_dir.open_log(job.id)
         self._log_bytes = os.fstat(self._log_fd).st_size
+        self._log_cap = min(MAX_LOG_BYTES, self.cfg.max_log_bytes // 4)
         self._log_lock = threading.Lock()
         self._cgroup_tree = cgroup_tree
-        self._cgroup: Path | None = None  # made before the first step, removed at the end
+        self._cgroup: cgroups.JobCgroup | None = None  # made before the first step, removed
+        self._hits: dict[str, int] = {}  # the cgroup's limit counters after the last step
+        self._disk_due = 0.0  # monotonic time of the next disk walk
         # a prefix (relative to .envctl) made for a trusted step and not handed over yet
         self._daemon_owned: str | None = None
         self.tests: list[str] = state_dir.read_tests(job.id)
+        self.note = state_dir.read_note(job.id)  # the env's new description, the why
 
     # -- control from other threads ------------------------------------------------------------
 
@@ -115,10 +130,12 @@ class Build:
 
     def _write(self, data: bytes) -> None:
         with self._log_lock:
-            if self._log_fd < 0 or self._log_bytes >= MAX_LOG_BYTES:
+            if self._log_fd < 0 or self._log_bytes >= self._log_cap:
                 return  # closed: a process that escaped its group still writes to the pipe
-            if self._log_bytes + len(data) >= MAX_LOG_BYTES:
-                data = data[:MAX_LOG_BYTES - self._log_bytes] + b"\n[envctl] log truncated\n"
+            if self._log_bytes + len(data) >= self._log_cap:
+                data = (data[:self._log_cap - self._log_bytes] + b"\n[envctl] log truncated at "
+                        + format_size(self._log_cap).encode() + b" (a quarter of "
+                        b"requests.max_log_bytes, at most 64M): the build goes on\n")
             self._log_bytes += os.write(self._log_fd, data)
         self.notify()
 
@@ -145,6 +162,9 @@ class Build:
                 lock.acquire()
                 try:
                     outcome = self._locked(fds, user, spec)
+                except Exception as exc:
+                    self._note_failure(fds, exc)
+                    raise
                 finally:
                     lock.release()
         except Aborted as exc:
@@ -175,6 +195,11 @@ class Build:
                                hint="pick another name, or move it away yourself")
             if cur.kind == "managed" and not job.replace:
                 raise Conflict(f"{job.prefix} already exists", hint="request it with --replace")
+            capped = envs.make_room(env_fd, cur.version, self.cfg.max_versions)
+            if capped:
+                self.say(f"removed {', '.join(capped)} of {job.name!r}: at most "
+                         f"{self.cfg.max_versions} versions of an env are kept "
+                         "(requests.max_versions)")
             version = envs.next_version(env_fd)
             try:
                 ctx = self._prepare(env_fd, user, spec, version, cur)
@@ -200,6 +225,21 @@ class Build:
                 raise
         self._publish_kernel()
         return Outcome(State.SUCCEEDED, f"ready at {job.prefix} (version {version})")
+
+    def _note_failure(self, fds: dict[str, int], exc: Exception) -> None:
+        """A failure that is an existing env's own and not its request's (its tree, the
+        filesystem, a bug: not a failed step or test, a refusal or a cancel) is recorded on
+        the env (``envs.set_failure``; the name's lock still held): ``env list`` shows it to
+        everyone until an update goes through."""
+        if not _env_fault(exc):
+            return
+        with contextlib.suppress(OSError, EnvctlError):  # the job says it anyway
+            if envs.current(fds[""], self.job.name).kind != "managed":
+                return  # a first build: no env to report it on
+            with envs.env_dir(fds, self.job.name, create=False) as env_fd:
+                if env_fd is not None:
+                    envs.set_failure(env_fd, self.job.name, "update",
+                                     f"job {self.job.id}: {envs.failure_message(exc)}")
 
     def _venv_base(self, fds: dict[str, int], ctx: BuildContext,
                    user: procs.BuildUser) -> BuildContext:
@@ -244,11 +284,14 @@ class Build:
         return {"format": envs.FORMAT, "name": job.name, "version": version, "job": job.id,
                 "backend": job.backend, "host": socket.gethostname(),
                 "requester": {"uid": job.requester_uid, "name": job.requester_name,
-                              "hub_user": job.hub_user, "claimed_user": job.claimed_user},
+                              "hub_user": job.hub_user, "hub_id": job.hub_id,
+                              "claimed_user": job.claimed_user},
                 "created_at": time.time(), "spec": self.store.spec_text(job.id),
                 "spec_channels": list(spec.channels), "spec_pip": list(spec.pip),
                 "variables": dict(spec.variables),
-                "tests": self.tests, "prefix": str(self.version_path(version))}
+                "tests": self.tests, "prefix": str(self.version_path(version)),
+                "why": self.note["why"] or self.note["description"]
+                or ("replace" if job.replace else "create")}
 
     def version_path(self, version: str) -> Path:
         return self.area.path("envs", self.job.name, version)
@@ -289,23 +332,45 @@ class Build:
         if self.tests:
             self.say(f"{len(self.tests)} test command(s) passed")
 
-    def _job_cgroup(self) -> Path | None:
-        """The build's cgroup: recorded with the job before it exists, so that a restarted
-        daemon finds it whenever it may hold a process."""
+    def _job_cgroup(self) -> cgroups.JobCgroup | None:
+        """The build's cgroup, with its limits: recorded with the job before it exists, so
+        that a restarted daemon finds it whenever it may hold a process."""
         if self._cgroup is None and self._cgroup_tree is not None:
             self.store.update(self.job.id, cgroup=str(self._cgroup_tree.path(self.job.id)))
-            self._cgroup = self._cgroup_tree.create(self.job.id)
+            self._cgroup = self._cgroup_tree.create(self.job.id, self.cfg.limits)
+            self._hits = self._cgroup.hits()
         return self._cgroup
+
+    def _limits_hit(self) -> dict[str, int]:
+        """How often each cgroup limit (by its ``requests.limits`` key) refused the build
+        since the last call: after every step, so a failure is blamed on its own step's."""
+        if self._cgroup is None:
+            return {}
+        before, self._hits = self._hits, self._cgroup.hits()
+        return {key: n - before.get(key, 0) for key, n in self._hits.items()
+                if n > before.get(key, 0)}
+
+    def _check_disk(self, ctx: BuildContext, now: bool = False) -> None:
+        """Count what the build wrote (its version and HOME) when due, or ``now``; past
+        ``limits.disk`` the build is aborted (failed, naming the limit)."""
+        start = time.monotonic()
+        if not now and start < self._disk_due:
+            return
+        used = sum(tree_bytes(p) for p in (ctx.prefix, ctx.home))
+        self._disk_due = time.monotonic() + max(DISK_CHECK_S, 10 * (time.monotonic() - start))
+        if used > self.cfg.limits.disk:
+            self.abort(State.FAILED, f"the build exceeded {self.cfg.limits.named('disk')}: "
+                       f"its version and HOME hold {format_size(used)} or more")
 
     def _remove_cgroup(self) -> None:
         if self._cgroup is None:
             return
         assert self._cgroup_tree is not None
         try:
-            killed = self._cgroup_tree.discard(self._cgroup)
+            killed = self._cgroup_tree.discard(self._cgroup.path)
         except OSError as exc:
-            log.warning("job-cgroup-remove id=%s path=%s error=%s", self.job.id, self._cgroup,
-                        exc.strerror)
+            log.warning("job-cgroup-remove id=%s path=%s error=%s", self.job.id,
+                        self._cgroup.path, exc.strerror)
             return
         if killed:  # every step's end kills it already: only a bug leaves something here
             log.warning("job-cgroup-leftovers id=%s killed=%d", self.job.id, killed)
@@ -351,6 +416,7 @@ class Build:
                 if time.time() >= deadline:
                     self.abort(State.FAILED, f"timed out after {self.cfg.timeout:g}s "
                                              "(requests.timeout)")
+                self._check_disk(ctx)
                 if self._abort is not None:
                     self.say(f"stopping the build ({self._abort.detail})")
                     procs.kill_group(proc.pid, leader=proc)
@@ -363,7 +429,7 @@ class Build:
             watcher.close()
             # nor anything that left its group: all of it is in the cgroup, if there is one;
             # the sweep reaps what that leaves us (and is all there is without a cgroup)
-            escaped = (cgroups.kill(cgroup) if cgroup is not None else 0) + procs.sweep(user)
+            escaped = (cgroups.kill(cgroup.path) if cgroup is not None else 0) + procs.sweep(user)
             reader.join(5)  # after the kills: an escapee may hold the output pipe
             self.store.update(self.job.id, pgid=None, pgid_start=None)
             if escaped:
@@ -373,8 +439,12 @@ class Build:
             if step.trusted:
                 with self.area.open() as fds:
                     layout.seal_cache(fds, since)
+        self._check_disk(ctx, now=True)
         self._check_abort()
+        hit = self._limits_hit()
         if proc.returncode != 0:
+            if hit:
+                raise _exceeded(self.cfg.limits, hit, what or f"the {phase} step")
             how = (f"{what} failed with status" if what else
                    f"{phase} step failed: {Path(argv[0]).name} exited with status")
             raise BuildFailed(f"{how} {proc.returncode}", hint="see the build log")
@@ -432,7 +502,8 @@ class Build:
                   **frozen.fields()}
         envs.write_record(env_fd, f"{version}.json", record)
         self._check_abort()  # the last moment a cancel can still keep the current version
-        previous = envs.switch(fds[""], env_fd, job.name, version, owner=record["requester"])
+        previous = envs.switch(fds[""], env_fd, job.name, version, owner=record["requester"],
+                               description=self.note["description"])
         self.say(f"{job.prefix} now points to {version} ({len(record['packages'])} packages, "
                  f"{record['entries']} entries)" + (f"; {previous} stays on disk until GC"
                                          if previous else ""))
@@ -441,6 +512,12 @@ class Build:
         """Remove this job's new version (idempotent); ``keep`` (the current one) never."""
         for version in envs.clear_dead(env_fd, keep, job_id=self.job.id):
             self.say(f"removed the unfinished version {version}")
+
+
+def _env_fault(exc: BaseException) -> bool:
+    """Whether a build's failure is the env's own trouble rather than its request's: the
+    filesystem, the env's tree, a bug — not a failed step or test, a refusal or a cancel."""
+    return isinstance(exc, FilesystemError) or not isinstance(exc, (EnvctlError, Aborted))
 
 
 class _Exit:
@@ -468,6 +545,30 @@ class _Exit:
             self._thread.join()
         if self._fd >= 0:
             os.close(self._fd)
+
+
+def _exceeded(limits: BuildLimits, hit: dict[str, int], what: str) -> BuildFailed:
+    """The failure of a step a cgroup limit stopped (``hit``: ``Build._limits_hit``)."""
+    if "memory" in hit:
+        return BuildFailed(f"the build exceeded {limits.named('memory')}: the kernel killed a "
+                           f"process of {what} that wanted more memory",
+                           hint="build less at once, or ask an admin to raise the limit")
+    return BuildFailed(f"the build exceeded {limits.named('tasks')}: the kernel refused {what} "
+                       f"{hit['tasks']} new process(es) or thread(s)",
+                       hint="start fewer at once, or ask an admin to raise the limit")
+
+
+def tree_bytes(path: Path) -> int:
+    """Bytes below ``path`` (a directory a build may be writing: never followed if a
+    symlink); 0 when it is not there (yet)."""
+    try:
+        fd = os.open(path, fsops.DIR_FLAGS)
+    except (FileNotFoundError, NotADirectoryError):
+        return 0
+    try:
+        return envs.tree_size(fd, racing=True)[0]
+    finally:
+        os.close(fd)
 
 
 def discard(job: Job, fds: dict[str, int], say: Callable[[str], None]) -> None:

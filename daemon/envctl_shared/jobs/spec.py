@@ -38,9 +38,11 @@ from packaging.requirements import InvalidRequirement, Requirement
 from .. import safeyaml
 from ..config import RequestsConfig
 from ..errors import ValidationError
+
+# The name rule lives in ``names``; the jobs layer's callers import it from here.
+from ..names import validate_name as validate_name
 from ..untrusted import brief
 
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 KNOWN_KEYS = ("name", "channels", "dependencies", "prefix", "variables")
 MAX_VARIABLES = 64
 _VAR_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
@@ -94,17 +96,6 @@ class EnvSpec:
     @property
     def package_count(self) -> int:
         return len(self.conda) + len(self.pip)
-
-
-def validate_name(name: object) -> str:
-    """The env name, or ValidationError: it becomes ``<root>/<name>``, so no traversal."""
-    if not isinstance(name, str) or not NAME_RE.fullmatch(name) or name in (".", ".."):
-        shown = brief(name) if isinstance(name, str) else type(name).__name__
-        raise ValidationError(
-            f"invalid environment name {shown}",
-            hint="use 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit "
-                 "(no '/', no leading dot)")
-    return name
 
 
 def _strings(value: object, where: str) -> list[str]:

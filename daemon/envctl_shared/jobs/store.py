@@ -28,7 +28,7 @@ from typing import Any
 from ..errors import Conflict, NotFound
 from .model import Job, State
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 MIN_PREFIX = 4  # hex digits of a job id that may stand for it when unique (ids have 12)
 _HEX = re.compile(r"[0-9a-fA-F]+")
 _SCHEMA = """
@@ -56,25 +56,26 @@ CREATE TABLE jobs (
     pgid INTEGER,
     pgid_start INTEGER,
     cgroup TEXT,
-    hub_user TEXT
+    hub_user TEXT,
+    hub_id TEXT
 );
 CREATE UNIQUE INDEX jobs_active_name ON jobs(name) WHERE state IN ('queued', 'running');
 CREATE INDEX jobs_state ON jobs(state, created_at);
 """
 _PUBLIC = ("id, name, state, phase, backend, requester_uid, requester_gid, requester_groups, "
            "requester_name, claimed_user, replace, created_at, started_at, finished_at, prefix, "
-           "exit_detail, log_path, hub_user")
+           "exit_detail, log_path, hub_user, hub_id")
 
 
 def _job(row: tuple[Any, ...]) -> Job:
     (jid, name, state, phase, backend, uid, gid, groups, rname, claimed, replace, created,
-     started, finished, prefix, detail, log_path, hub_user) = row
+     started, finished, prefix, detail, log_path, hub_user, hub_id) = row
     return Job(id=jid, name=name, state=State(state), phase=phase, backend=backend,
                requester_uid=uid, requester_gid=gid,
                requester_groups=tuple(json.loads(groups)), requester_name=rname,
                claimed_user=claimed, replace=bool(replace), created_at=created,
                started_at=started, finished_at=finished, prefix=prefix, exit_detail=detail,
-               log_path=log_path, hub_user=hub_user)
+               log_path=log_path, hub_user=hub_user, hub_id=hub_id)
 
 
 class JobStore:
@@ -109,8 +110,9 @@ class JobStore:
             if version == 0:
                 self._db.executescript(f"BEGIN; {_SCHEMA} PRAGMA user_version={SCHEMA_VERSION};"
                                        " COMMIT;")
-            elif version < SCHEMA_VERSION:  # cgroup came with schema 2, hub_user with 3
-                added = {1: ("cgroup", "hub_user"), 2: ("hub_user",)}[version]
+            elif version < SCHEMA_VERSION:  # cgroup: schema 2, hub_user: 3, hub_id: 4
+                added = {1: ("cgroup", "hub_user", "hub_id"), 2: ("hub_user", "hub_id"),
+                         3: ("hub_id",)}[version]
                 self._db.executescript("BEGIN; " + "".join(
                     f"ALTER TABLE jobs ADD COLUMN {col} TEXT; " for col in added)
                     + f"PRAGMA user_version={SCHEMA_VERSION}; COMMIT;")
@@ -126,11 +128,12 @@ class JobStore:
             with self._lock:
                 self._db.execute(
                     f"INSERT INTO jobs ({_PUBLIC}, requester_pid, spec) VALUES "
-                    "(?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                    "(?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                     (d.id, d.name, d.state.value, d.phase, d.backend, d.requester_uid,
                      d.requester_gid, json.dumps(list(d.requester_groups)), d.requester_name,
                      d.claimed_user, int(d.replace), d.created_at, d.started_at, d.finished_at,
-                     d.prefix, d.exit_detail, d.log_path, d.hub_user, requester_pid, spec_text))
+                     d.prefix, d.exit_detail, d.log_path, d.hub_user, d.hub_id, requester_pid,
+                     spec_text))
         except sqlite3.IntegrityError:
             raise Conflict(f"a build of {job.name!r} is already queued or running",
                            hint="wait for it to finish (envctl request list), or cancel it"

@@ -9,6 +9,6 @@ loss ends in a reconcile pass: events are for speed, reconciles are the guarante
 """
 
 from .inotify import max_user_watches
-from .service import RootStatus, RootWatcher
+from .service import RootWatcher
 
-__all__ = ["RootStatus", "RootWatcher", "max_user_watches"]
+__all__ = ["RootWatcher", "max_user_watches"]

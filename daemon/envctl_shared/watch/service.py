@@ -21,6 +21,12 @@ daemon's election) says before every poll and periodic full pass whether this da
 to run it. The others keep their inotify watch, which is what heals their own host's writes in
 real time, and their startup and overflow reconciles, which recover what that watch missed.
 
+The watch's life is one explicit state (:class:`WatchState`), changed only along the edges of
+``TRANSITIONS``: starting; watching (inotify); rebuilding (the watch ended, a new one is due);
+starved (out of watches: polling instead, inotify retried); polling (configured so); failed. The
+``mode`` in status is derived from it and from the poller (``+poll`` when this daemon polls,
+``+standby`` when another daemon sharing the root does), never kept beside it.
+
 Workers only call :class:`envctl_shared.heal.Healer`; entries come in batches of siblings, each one
 costing one ``fstatat`` when already compliant, so the echo events of our own chgrp/chmod end
 there with no write.
@@ -34,6 +40,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any, Protocol
 
 from ..config import RootConfig, WatchConfig
@@ -42,6 +49,7 @@ from ..fsinfo import mount_of
 from ..heal import Finding, Healer, HealStats
 from ..logfields import fields
 from ..quoting import quote_name
+from ..status import RootStatus
 from .inotify import InotifyWatch, max_user_watches
 from .poll import Poller
 from .queue import ROOT, Item, WorkQueue
@@ -53,11 +61,46 @@ REBUILD_ATTEMPTS = 4  # consecutive failed rebuilds (1 s, 2 s, 4 s apart) before
 ERROR_REBUILDS = (5, 600.0)  # this many rebuilds after errors within this many seconds: failed
 
 
-@dataclass
-class RootStatus:
-    """Counters of one root since the daemon started watching it."""
+class WatchState(Enum):
+    """Where one root's watch is in its life (see ``TRANSITIONS`` for how it moves)."""
 
-    mode: str = "starting"
+    STARTING = "starting"
+    WATCHING = "watching"  # an inotify watch of every directory
+    REBUILDING = "rebuilding"  # the watch ended (overflow, error): the maint thread rebuilds it
+    STARVED = "starved"  # out of inotify watches: polled instead, inotify retried
+    POLLING = "polling"  # configured to poll only (watch.mode: poll)
+    FAILED = "failed"  # cannot be kept correct in real time any more: the daemon exits
+
+
+_S = WatchState
+TRANSITIONS: dict[WatchState, frozenset[WatchState]] = {
+    _S.STARTING: frozenset({_S.WATCHING, _S.REBUILDING, _S.STARVED, _S.POLLING, _S.FAILED}),
+    _S.WATCHING: frozenset({_S.REBUILDING, _S.STARVED, _S.FAILED}),
+    _S.REBUILDING: frozenset({_S.WATCHING, _S.STARVED, _S.FAILED}),
+    _S.STARVED: frozenset({_S.WATCHING, _S.FAILED}),
+    _S.POLLING: frozenset({_S.FAILED}),
+    _S.FAILED: frozenset(),
+}
+# The first word of the mode in status, for the states that have an inotify side.
+_MODE_WORD = {_S.WATCHING: "inotify", _S.REBUILDING: "rebuilding"}
+
+
+def mode_of(state: WatchState, polled: bool, leading: bool) -> str:
+    """The ``mode`` status shows: the state's word, joined by ``+`` with the poller's part
+    (``poll`` when this daemon polls, ``standby`` when another one does); ``starting`` and
+    ``failed`` alone."""
+    if state in (_S.STARTING, _S.FAILED):
+        return state.value
+    parts = [_MODE_WORD[state]] if state in _MODE_WORD else []
+    if polled:
+        parts.append("poll" if leading else "standby")
+    return "+".join(parts)
+
+
+@dataclass
+class RootCounters:
+    """Counters of one root since the daemon started watching it (``status`` reports them)."""
+
     events: int = 0
     overflows: int = 0
     rebuilds: int = 0  # the inotify watch rebuilt (after an overflow, a resync or an error)
@@ -102,15 +145,20 @@ class RootWatcher:
         self._walker = Healer(root, concurrency=concurrency, on_finding=self._finding,
                               report_fixes=per_fix, on_progress=self._walk_progressed)
         self._walk_beat = time.monotonic()  # last directory any walk of this root visited
-        self._status = RootStatus()
+        self._status = RootCounters()
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._wake = threading.Event()
+        self._state = WatchState.STARTING
+        self._state_lock = threading.Lock()
+        # Out of watches, said by the reader thread (or a watch being started): the maint
+        # thread moves to STARVED. Starved: the limit then (inotify is retried when it changes,
+        # and at full passes).
         self._degrade = threading.Event()
-        # Polling for want of watches: the limit then (inotify is retried when it changes, and
-        # at full passes), and whether the poller exists only for that (dropped on recovery).
         self._starved_at: int | None = None
-        self._starved_poller = False
+        # A poller for good (watch.mode poll, or auto on a network filesystem); else one exists
+        # only while starved, and is dropped when inotify is back.
+        self._polls_always = False
         self._inotify: InotifyWatch | None = None
         self._watch_lock = threading.Lock()  # swaps of ``_inotify`` (maint thread vs stop)
         self._poller: Poller | None = None
@@ -120,8 +168,7 @@ class RootWatcher:
         self._wedge_after = wedge_after
         self._started = time.monotonic()
         self._last_overflow_log = 0.0
-        self._rebuild = threading.Event()  # the inotify watch ended: the maint thread rebuilds
-        self._rebuild_after_error = False
+        self._rebuild_after_error = False  # why the state is REBUILDING: an exception
         self._rebuild_failures = 0
         self._next_rebuild = 0.0
         self._error_rebuilds: list[float] = []  # monotonic times of rebuilds after errors
@@ -137,10 +184,15 @@ class RootWatcher:
         mode = self.watch_cfg.mode
         if mode in ("auto", "inotify"):
             self._start_inotify()
-        if mode == "poll" or (mode == "auto" and mount_of(path).remote):
+        self._polls_always = mode == "poll" or (mode == "auto" and mount_of(path).remote)
+        if self._polls_always:
             self._poller = Poller(self._walker)
         if self._degrade.is_set():
             self._fall_back_to_polling()
+        elif mode == "poll":
+            self._to(WatchState.POLLING)
+        else:  # unless the watch already ended during its start (REBUILDING)
+            self._to(WatchState.WATCHING, only_from=(WatchState.STARTING,))
         self._may_poll()
         self._reconcile()
         n = self.watch_cfg.workers
@@ -185,11 +237,31 @@ class RootWatcher:
                       _describe(exc), exc_info=exc, extra=fields(root=self.root.path))
             self._fail(f"thread {name} died: {_describe(exc)}")
 
+    def _to(self, new: WatchState, only_from: tuple[WatchState, ...] | None = None) -> bool:
+        """Move to ``new`` along an edge of ``TRANSITIONS`` (another is a bug: RuntimeError);
+        staying is no move. ``only_from``: move only from these states (a hook of another
+        thread that may come late, e.g. the end of a watch that was replaced meanwhile).
+        False when it did not move."""
+        with self._state_lock:
+            old = self._state
+            if old is WatchState.FAILED or (only_from is not None and old not in only_from):
+                return False  # failed is final: what other threads still do changes nothing
+            if new is not old and new not in TRANSITIONS[old]:
+                raise RuntimeError(f"root {self.root.path}: watch state {old.value} cannot "
+                                   f"become {new.value}")
+            self._state = new
+        return True
+
+    @property
+    def state(self) -> WatchState:
+        """Where this root's watch is now (status shows it as ``mode``)."""
+        return self._state
+
     def _fail(self, reason: str) -> None:
         if self.failure is not None:
             return
         self.failure = reason
-        self._status.mode = "failed"
+        self._to(WatchState.FAILED)
         log.error("root failed root=%s reason=%s action=exit", self.root.path, reason,
                   extra=fields(root=self.root.path))
         if self._on_fatal is not None:
@@ -242,7 +314,7 @@ class RootWatcher:
             log.warning("inotify watch ended root=%s reason=%s action=rebuild", self.root.path,
                         reason)
         self._rebuild_after_error = exc is not None
-        self._rebuild.set()
+        self._to(WatchState.REBUILDING, only_from=(WatchState.STARTING, WatchState.WATCHING))
         self._wake.set()
 
     def on_watch_failed(self, rel: str, err: int) -> None:
@@ -262,7 +334,6 @@ class RootWatcher:
         if self._inotify is not None:
             self._inotify.stop()
             self._inotify = None
-        self._update_mode()
         try:
             self._start_inotify()
         except Exception as exc:
@@ -275,11 +346,11 @@ class RootWatcher:
             self._next_rebuild = time.monotonic() + 2.0 ** (self._rebuild_failures - 1)
             return
         now = time.monotonic()
-        self._rebuild.clear()
+        if self._inotify is not None:  # else not even the root got a watch: starved, next
+            self._to(WatchState.WATCHING)
         self._rebuild_failures = 0
         self._status.rebuilds += 1
         self.queue.put(ROOT, subtree=True)
-        self._update_mode()
         log.info("inotify rebuilt root=%s rebuilds=%d watches=%d action=reconcile",
                  self.root.path, self._status.rebuilds,
                  self._inotify.watch_count() if self._inotify is not None else 0,
@@ -299,7 +370,7 @@ class RootWatcher:
                 self._inotify = None
         if self._poller is None:
             self._poller = Poller(self._walker)
-            self._starved_poller = True
+        self._to(WatchState.STARVED)
         self._starved_at = max_user_watches()
         log.warning("inotify watch limit reached root=%s watches=%d action=poll "
                     "poll_interval=%s hint=raise fs.inotify.max_user_watches",
@@ -329,23 +400,14 @@ class RootWatcher:
                 watch.stop()
                 return
             self._inotify = watch
-        if self._starved_poller:
+        if not self._polls_always:
             self._poller = None
-            self._starved_poller = False
         self._starved_at = None
+        self._to(WatchState.WATCHING)
         self.queue.put(ROOT, subtree=True)
-        self._update_mode()
         log.info("inotify restored root=%s watches=%d limit=%s action=reconcile",
                  self.root.path, watch.watch_count(), max_user_watches(),
                  extra=fields(root=self.root.path))
-
-    def _update_mode(self) -> None:
-        if self.failure is not None:
-            return
-        parts = (["inotify"] if self._inotify is not None else
-                 ["rebuilding"] if self._rebuild.is_set() else []) + \
-            ([] if self._poller is None else ["poll"] if self._leading else ["standby"])
-        self._status.mode = "+".join(parts)
 
     # -- threads -------------------------------------------------------------------------------
 
@@ -436,19 +498,18 @@ class RootWatcher:
         next_full = now + self.watch_cfg.full_scan_interval
         while not self._stop.is_set():
             self._beats[idx] = now = time.monotonic()
-            if self._degrade.is_set():
-                self._rebuild.clear()  # no watch to rebuild: polling replaces it
+            state = self._state
+            if self._degrade.is_set():  # no watch to rebuild: polling replaces it
                 self._fall_back_to_polling()
                 self.queue.put(ROOT, subtree=True)  # reconcile what the lost watches missed
-                self._update_mode()
-            elif self._rebuild.is_set() and now >= self._next_rebuild and self.failure is None:
+            elif state is WatchState.REBUILDING and now >= self._next_rebuild:
                 self._busy[idx] = True  # a long rebuild shows progress through its walk
                 try:
                     self._rebuild_watch()
                 finally:
                     self._busy[idx] = False
-            elif self._starved_at is not None and (now >= next_full
-                                                   or max_user_watches() != self._starved_at):
+            elif state is WatchState.STARVED and (now >= next_full
+                                                  or max_user_watches() != self._starved_at):
                 self._busy[idx] = True
                 try:
                     self._retry_inotify()
@@ -470,7 +531,7 @@ class RootWatcher:
                 next_full = now + self.watch_cfg.full_scan_interval
             polls = self._poller is not None or self._gate is not None
             wait = min(next_full, next_poll if polls else next_full,
-                       self._next_rebuild if self._rebuild.is_set() else next_full)
+                       self._next_rebuild if self._state is WatchState.REBUILDING else next_full)
             wait -= time.monotonic()
             self._wake.wait(max(0.0, min(wait, IDLE_TICK)))
             self._wake.clear()
@@ -480,7 +541,6 @@ class RootWatcher:
         filesystem learns it here and does not start the pass)."""
         if self._gate is not None:
             self._leading = self._gate.may_poll()
-        self._update_mode()
         return self._leading
 
     def _poll(self) -> None:
@@ -512,43 +572,30 @@ class RootWatcher:
             beats.append(watch.beat)
         return min(beats)
 
-    def status(self, watches: bool = True) -> dict[str, Any]:
-        """JSON-ready counters of this root; ``watches=False`` skips counting the kernel's
-        watches (it reads /proc, one line per watch: too costly for a 5 s STATUS= line) and
-        reading the poller leader's record (round trips on the shared filesystem)."""
+    def status(self, watches: bool = True) -> RootStatus:
+        """This root's counters; ``watches=False`` skips counting the kernel's watches (it
+        reads /proc, one line per watch: too costly for a 5 s STATUS= line) and reading the
+        poller leader's record (round trips on the shared filesystem)."""
         st = self._status
         with self._lock:
             h = st.heals
-            # fixed: entries changed (at most the violations found); fixed_by: the writes
-            # that took (a wrong group and a wrong mode are two writes to one entry)
-            heals: dict[str, Any] = {"scanned": h.scanned, "violations": h.violations,
-                                     "fixed": sum(h.fixed_kinds.values()),
-                                     "fixed_by": dict(h.fixed),
-                                     "skipped": dict(h.skipped), "errors": h.errors}
-        return {
-            "path": str(self.root.path),
-            "mode": st.mode,
-            **heals,
-            "events": st.events,
-            "echoes": st.echoes,
-            "overflows": st.overflows,
-            "rebuilds": st.rebuilds,
-            "watch_errors": st.watch_errors,
-            "failure": self.failure,
-            "queue": len(self.queue),
-            "watches": (self._inotify.watch_count() if self._inotify else 0) if watches else None,
-            # What inotify needs for this root (one watch per directory), whatever the mode:
-            # the figure to size fs.inotify.max_user_watches by (0 when configured to poll).
-            "watches_needed": 0 if self.watch_cfg.mode == "poll" else st.dirs,
-            "poll_dirs": self._poller.directories if self._poller else 0,
-            "full_passes": st.full_passes,
-            "last_full_pass": st.last_full_pass,
-            "last_full_duration": st.last_full_duration,
-            "poll_passes": st.poll_passes,
-            "last_poll_duration": st.last_poll_duration,
-            "poller": self._gate.status(fresh=watches) if self._gate is not None else None,
-        }
-
+            scanned, violations, errors = h.scanned, h.violations, h.errors
+            fixed, fixed_by, skipped = sum(h.fixed_kinds.values()), dict(h.fixed), dict(h.skipped)
+        return RootStatus(
+            path=str(self.root.path),
+            mode=mode_of(self._state, self._poller is not None, self._leading),
+            failure=self.failure, queue=len(self.queue),
+            watches=(self._inotify.watch_count() if self._inotify else 0) if watches else None,
+            watches_needed=0 if self.watch_cfg.mode == "poll" else st.dirs,
+            scanned=scanned, violations=violations, fixed=fixed, fixed_by=fixed_by,
+            skipped=skipped, errors=errors, events=st.events, echoes=st.echoes,
+            overflows=st.overflows,
+            rebuilds=st.rebuilds, watch_errors=st.watch_errors,
+            poll_dirs=self._poller.directories if self._poller else 0,
+            poll_passes=st.poll_passes, last_poll_duration=st.last_poll_duration,
+            full_passes=st.full_passes, last_full_pass=st.last_full_pass,
+            last_full_duration=st.last_full_duration,
+            poller=self._gate.status(fresh=watches) if self._gate is not None else None)
 
 
 def _describe(exc: BaseException) -> str:

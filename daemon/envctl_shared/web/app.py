@@ -38,6 +38,7 @@ from ..cli.env_cmd import _who as who_text
 from ..cli.output import error_document, hint_of, local_time
 from ..errors import EnvctlError, LimitReached, NotAuthorised, ValidationError
 from ..jobs import envs
+from ..jobs.model import Requester
 from .link import DaemonLink, Session
 from .routes import ROUTES, Route, arguments, http_status
 
@@ -166,8 +167,12 @@ class EnvsPage(Page):
 
 def _owns(me: dict[str, Any], owner: Any) -> bool:
     """Whether a page shows the owner's buttons (rollback, remove, cancel): the daemon's own
-    rule, from what ``whoami`` says; the daemon decides either way."""
-    return bool(me.get("is_admin")) or envs.owned_by(owner, me["uid"], me.get("hub_user"))
+    rule, applied to the user as ``whoami`` describes them; the daemon decides either way."""
+    who = Requester(uid=me["uid"], gid=me["gid"], groups=tuple(me["groups"]), pid=me["pid"],
+                    username=me["username"], claimed_user=None, is_admin=bool(me["is_admin"]),
+                    hub_user=me.get("hub_user"), hub_groups=tuple(me.get("hub_groups") or ()),
+                    hub_id=me.get("hub_id"))
+    return who.is_admin or envs.owned_by(owner, who)
 
 
 class EnvPage(Page):

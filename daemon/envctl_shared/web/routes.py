@@ -148,7 +148,7 @@ def _from_query(key: str, text: str, types: tuple[type, ...]) -> Any:
 
 def reference() -> str:
     """The route table as Markdown: the reference section of docs/http-api.md. Each route
-    repeats the op's own summary and arguments from the protocol's op table."""
+    repeats the op's own summary, access and arguments from the protocol's op table."""
     lines = []
     for route in ROUTES:
         op = protocol.OPS.get(route.op)
@@ -156,7 +156,8 @@ def reference() -> str:
             continue
         follow = " (`?follow=true`: streams JSON lines)" if route.streams else ""
         lines.append(f"### `{route.method} api/{route.path}` → `{route.op}`{follow}\n\n"
-                     f"{op.summary}\n")
+                     f"{op.summary}\n\nAccess: {protocol.access_text(op)} (levels: "
+                     "[protocol.md](protocol.md)).\n")
         where = "body" if route.method in ("POST", "PUT") else "query"
         for key, spec in op.args.items():
             if key in _NOT_ARGS:

@@ -21,12 +21,13 @@ put there, which compiles it as it installs).
 
 from __future__ import annotations
 
+import importlib
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from ...config import RequestsConfig
+from ...config import BACKENDS, RequestsConfig
 from ...errors import ValidationError
 from ..procs import SAFE_PATH
 from ..spec import EnvSpec
@@ -165,16 +166,13 @@ def test_step(ctx: BuildContext, name: str, command: str) -> Step:
 
 
 def backend_named(name: str) -> Backend:
-    """The backend implementation called ``name``, allowed or not (recovery needs it)."""
-    from . import conda, rattler, venv
-
-    if name == "rattler":
-        return rattler.RattlerBackend()
-    if name == "venv":
-        return venv.VenvBackend()
-    if name in ("conda", "mamba", "micromamba"):
-        return conda.CondaBackend(name)
-    raise ValidationError(f"unknown backend {name!r}")
+    """The backend implementation called ``name``, allowed or not (recovery needs it): the
+    module ``config.BACKENDS`` names for it, imported only when a build needs it."""
+    if name not in BACKENDS:
+        raise ValidationError(f"unknown backend {name!r}")
+    module = importlib.import_module(f"{__name__}.{BACKENDS[name]}")
+    backend: Backend = module.BACKEND(name)
+    return backend
 
 
 def get_backend(name: str, cfg: RequestsConfig) -> Backend:

@@ -54,3 +54,6 @@ class CondaBackend:
         else:
             args = ("env", "create", "--prefix", prefix, "--file", spec_file)
         return [Step("building", (exe, *args))]
+
+
+BACKEND = CondaBackend  # what ``backend_named`` makes (see ``config.BACKENDS``)

@@ -41,7 +41,8 @@ def default_platforms() -> list[str]:
 class RattlerBackend:
     """Solve + install with py-rattler into the version's prefix; pip entries with uv."""
 
-    name = "rattler"
+    def __init__(self, name: str = "rattler") -> None:
+        self.name = name
 
     def check(self, spec: EnvSpec, cfg: RequestsConfig) -> None:
         if not spec.conda:
@@ -104,3 +105,6 @@ def unchanged_if(record: dict[str, Any] | None, spec: EnvSpec, spec_text: str
                    if p.get("manager") == "conda")
     return {rattler_child.CURRENT_FILE: json.dumps(
         {"version": record.get("version"), "packages": conda}) + "\n"}
+
+
+BACKEND = RattlerBackend  # what ``backend_named`` makes (see ``config.BACKENDS``)

@@ -32,7 +32,8 @@ _IMPLIED = ("python", "pip")
 class VenvBackend:
     """A stdlib venv plus pip requirements."""
 
-    name = "venv"
+    def __init__(self, name: str = "venv") -> None:
+        self.name = name
 
     def check(self, spec: EnvSpec, cfg: RequestsConfig) -> None:
         extra = [dep for dep in spec.conda if dep not in _IMPLIED]
@@ -61,3 +62,6 @@ class VenvBackend:
         if install is not None:  # none: an empty venv
             steps.append(install)
         return steps
+
+
+BACKEND = VenvBackend  # what ``backend_named`` makes (see ``config.BACKENDS``)

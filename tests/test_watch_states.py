@@ -1,0 +1,100 @@
+"""RootWatcher's life as an explicit state machine: one state, moved only along the edges of
+``TRANSITIONS``, the status ``mode`` derived from it. Driven on a real root through the hooks
+the inotify reader calls (the end of a watch, a watch that could not be added), with the real
+maintenance thread doing the rebuild, the fall-back to polling and the return to inotify."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from envctl_shared.config import WatchConfig, parse
+from envctl_shared.watch.service import TRANSITIONS, RootWatcher, WatchState, mode_of
+
+from tests.conftest import Accounts
+from tests.helpers import wait_for
+from tests.watch_support import make_root
+
+S = WatchState
+
+
+def test_the_table_and_the_modes() -> None:
+    assert set(TRANSITIONS) == set(WatchState)
+    assert TRANSITIONS[S.FAILED] == frozenset()  # final
+    assert all(S.FAILED in TRANSITIONS[s] for s in WatchState if s is not S.FAILED)
+    assert S.STARTING not in set().union(*TRANSITIONS.values())  # never entered again
+    # the mode strings status has always shown, now derived
+    assert mode_of(S.STARTING, False, True) == "starting"
+    assert mode_of(S.WATCHING, False, True) == "inotify"
+    assert mode_of(S.WATCHING, True, True) == "inotify+poll"
+    assert mode_of(S.WATCHING, True, False) == "inotify+standby"
+    assert mode_of(S.REBUILDING, False, True) == "rebuilding"
+    assert mode_of(S.REBUILDING, True, False) == "rebuilding+standby"
+    assert mode_of(S.STARVED, True, True) == "poll"
+    assert mode_of(S.POLLING, True, False) == "standby"
+    assert mode_of(S.FAILED, True, True) == "failed"
+
+
+class _Recorded(RootWatcher):
+    """The real watcher, with every state it moved to recorded (some last only milliseconds)."""
+
+    seen: list[WatchState]
+
+    def _to(self, new: WatchState, only_from: tuple[WatchState, ...] | None = None) -> bool:
+        moved = super()._to(new, only_from)
+        if moved and new is not self.seen[-1]:
+            self.seen.append(new)
+        return moved
+
+
+def _watcher(root: Path, group: str, mode: str = "auto") -> _Recorded:
+    cfg = parse({"roots": [{"path": str(root), "group": group}],
+                 "requests": {"enabled": False}})
+    w = _Recorded(cfg.roots[0], WatchConfig(mode=mode, poll_interval=0.2,  # type: ignore
+                                            full_scan_interval=0.5, workers=1), concurrency=1)
+    w.seen = [w.state]
+    return w
+
+
+def test_a_root_lives_through_every_state(scratch: Path, accounts: Accounts) -> None:
+    root = make_root(scratch, accounts)
+    (root / "sub").mkdir()
+    w = _watcher(root, accounts.shared_group)
+    assert w.state is S.STARTING and w.status(watches=False).mode == "starting"
+    fatal: list[str] = []
+    w._on_fatal = fatal.append
+    w.start()
+    try:
+        assert w.state is S.WATCHING and w.status().mode == "inotify"
+        # the watch ends by itself (an overflow): rebuilding, then the maint thread rebuilds
+        w.on_end("overflow", None)
+        wait_for(lambda: w.state is S.WATCHING and w.status().rebuilds == 1, 10, 0.02,
+                 "rebuilt")
+        # a directory got no watch: polling instead (mode "poll"), inotify retried at the next
+        # full pass, which gets every watch here: back to inotify, the poller dropped
+        w.on_watch_failed("sub", 28)
+        wait_for(lambda: w.seen[-1] is S.WATCHING and S.STARVED in w.seen, 10, 0.02,
+                 "starved, then inotify restored")
+        assert w.seen == [S.STARTING, S.WATCHING, S.REBUILDING, S.WATCHING, S.STARVED,
+                          S.WATCHING]
+        assert w.status().mode == "inotify" and w.status().poll_dirs == 0
+        # an edge the table does not have is a bug, said at once
+        with pytest.raises(RuntimeError, match="watching cannot become starting"):
+            w._to(S.STARTING)
+        w._fail("test: gone")
+        assert w.state is S.FAILED and w.status().mode == "failed" and fatal == ["test: gone"]
+        w.on_end("overflow", None)  # a late hook changes nothing: failed is final
+        assert w.state is S.FAILED
+    finally:
+        w.stop(5)
+
+
+def test_configured_polling_is_its_own_state(scratch: Path, accounts: Accounts) -> None:
+    root = make_root(scratch, accounts)
+    w = _watcher(root, accounts.shared_group, mode="poll")
+    w.start()
+    try:
+        assert w.state is S.POLLING and w.status().mode == "poll"
+        assert TRANSITIONS[S.POLLING] == {S.FAILED}
+    finally:
+        w.stop(5)
