@@ -8,7 +8,8 @@ BIN    := $(VENV)/bin
 # Tests and benchmarks also build our FUSE latency filesystem (bench/latencyfs/) with gcc and
 # libfuse3-dev (+ pkg-config), and mount it with fuse3.
 BUILD_PACKAGES := python3-venv python3-dev gcc
-APT_PACKAGES := $(BUILD_PACKAGES) bindfs fuse3 libfuse3-dev inotify-tools strace libsystemd-dev pkg-config systemd-container tini
+# The web tests (tests/test_web_*.py) sign in through a real JupyterHub in headless Chromium.
+APT_PACKAGES := $(BUILD_PACKAGES) bindfs fuse3 libfuse3-dev inotify-tools strace libsystemd-dev pkg-config systemd-container tini chromium chromium-driver
 PYTEST_ARGS ?=
 
 .PHONY: run demo-config test check deps venv apt bench clean install
@@ -20,7 +21,7 @@ $(BIN)/python:
 # ENVCTL_REQUIRE_EXTENSION=1: the C extension is optional for client-only installs (see setup.py);
 # here it must build, or the healer cannot run.
 venv: $(BIN)/python
-	ENVCTL_REQUIRE_EXTENSION=1 $(BIN)/pip install -q -e '.[daemon,test]'
+	ENVCTL_REQUIRE_EXTENSION=1 $(BIN)/pip install -q -e '.[daemon,web,test]'
 	# systemd-python is optional (journald logging, sd_notify via libsystemd): best effort.
 	$(BIN)/pip install -q -e '.[systemd]' || echo "systemd-python unavailable: falling back to the built-in notify/stderr logging"
 
@@ -44,12 +45,17 @@ deps: apt venv
 DEMO ?= var
 DEMO_USER := envctl-demo
 DEMO_GROUP := envctl-demo
+# The web UI next to the demo daemon: `envctl web --local` (no hub: loopback only, as you, to
+# whoever has the URL with the secret it prints; docs/web.md).
+WEB_PORT ?= 8765
 run:
 	@$(MAKE) --no-print-directory apt APT_PACKAGES="$(BUILD_PACKAGES)"
 	@$(MAKE) --no-print-directory venv
 	@$(MAKE) --no-print-directory demo-config
 	@cat config/quickstart.sh
-	$(BIN)/envctld --config $(DEMO)/dev.yaml
+	@$(BIN)/envctl --socket "$(abspath $(DEMO))/run/envctld.sock" web --local --port $(WEB_PORT) & \
+	  web=$$!; trap 'kill $$web 2>/dev/null' EXIT INT TERM; \
+	  $(BIN)/envctld --config $(DEMO)/dev.yaml
 
 demo-config:
 	@mkdir -p $(DEMO)/envs $(DEMO)/run

@@ -182,6 +182,17 @@ _BY_CODE: dict[str, type[EnvctlError]] = {
 }
 
 
+class NotSupported(EnvctlError):
+    """The daemon does not know an operation a client asked for (a daemon of an older release
+    than the web service or CLI): a page hides what needs it."""
+
+    code = "not-supported"
+    exit_code = EX_UNAVAILABLE
+
+
+_BY_CODE[NotSupported.code] = NotSupported
+
+
 class AreaUntrusted(FilesystemError):
     """The daemon's own area in the requests root (``<root>/.envctl``) is not the daemon's (a
     member made it before the daemon did, a symlink, writable by everyone): the daemon uses

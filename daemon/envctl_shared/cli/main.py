@@ -28,7 +28,8 @@ from .output import emit_error, json_emitted
 # start (``request`` needs half of it); help, or a word that is no command, imports them all.
 COMMANDS = {"heal": "heal_cmd", "check": "heal_cmd", "request": "request_cmd",
             "env": "env_cmd", "status": "status_cmd", "whoami": "whoami_cmd",
-            "kernels": "kernels_cmd", "doctor": "doctor_cmd", "init": "init_cmd"}
+            "kernels": "kernels_cmd", "doctor": "doctor_cmd", "init": "init_cmd",
+            "web": "web_cmd"}
 # Options every command accepts on either side of its name: (flags, argparse keywords).
 GLOBAL_OPTIONS: dict[str, tuple[tuple[str, ...], dict[str, object]]] = {
     "socket": (("--socket",), {"metavar": "PATH", "default": None}),

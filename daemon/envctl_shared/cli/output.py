@@ -56,6 +56,7 @@ DEFAULT_HINTS = {
     "build-failed": "find the job with 'envctl request list --finished', then read its log "
                     "with 'envctl request logs' and its id",
     "filesystem-error": "check the path and its owner, group and mode: 'namei -l PATH'",
+    "not-supported": "compare 'envctl --version' with 'envctl status': the daemon is older",
 }
 GENERIC_HINT = "re-run with --debug for details"
 
@@ -65,12 +66,17 @@ def hint_of(err: EnvctlError) -> str:
     return err.hint or DEFAULT_HINTS.get(err.code, GENERIC_HINT)
 
 
+def error_document(err: EnvctlError) -> dict[str, Any]:
+    """The one JSON document an error is for scripts (the CLI's ``--json``, the web API)."""
+    return {"ok": False, "exit_code": err.exit_code,
+            "error": {**err.to_dict(), "hint": hint_of(err)}}
+
+
 def emit_error(err: EnvctlError, as_json: bool) -> None:
     """An error as the one JSON document of ``--json`` (on stdout, where a script reads:
     ``{"ok": false, "exit_code", "error": {"code", "message", "hint"}}``), or as text."""
     if as_json:
-        emit_json({"ok": False, "exit_code": err.exit_code,
-                   "error": {**err.to_dict(), "hint": hint_of(err)}})
+        emit_json(error_document(err))
     else:
         print_error(err)
 

@@ -1,0 +1,108 @@
+"""Start the service from what the hub hands a service: its environment.
+
+Why from the environment: a hub-managed service (``c.JupyterHub.services`` with a
+``command``) gets ``JUPYTERHUB_API_TOKEN``, ``JUPYTERHUB_API_URL``, ``JUPYTERHUB_CLIENT_ID``,
+``JUPYTERHUB_SERVICE_PREFIX``, ``JUPYTERHUB_SERVICE_URL``, ``JUPYTERHUB_OAUTH_CALLBACK_URL``
+(and, with the hub's ``internal_ssl``, ``JUPYTERHUB_SSL_*``); an externally run one is given
+the same variables by whoever runs it (docs/web.md). ``HubOAuth`` reads them; this module only
+refuses to start where they cannot work: no hub to sign people in with, or an ``https`` service
+URL without the certificate the hub would expect it to serve with.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import os
+import secrets
+import ssl
+from pathlib import Path
+from urllib.parse import urlparse
+
+from jupyterhub.services.auth import HubOAuth  # type: ignore[import-untyped]
+from jupyterhub.utils import make_ssl_context  # type: ignore[import-untyped]
+from tornado.httpserver import HTTPServer
+
+from ..errors import ConfigError
+from .app import make_app
+from .link import DaemonLink, take_service_token
+
+log = logging.getLogger(__name__)
+NEEDED = ("JUPYTERHUB_API_TOKEN", "JUPYTERHUB_API_URL", "JUPYTERHUB_CLIENT_ID",
+          "JUPYTERHUB_SERVICE_PREFIX")
+_HINT = ("run it as a JupyterHub service (c.JupyterHub.services with a command), or give an "
+         "external one the variables the hub would: see docs/web.md")
+
+
+def listen_address(ip: str | None, port: int | None) -> tuple[str, int, bool]:
+    """Where to listen: ``--ip``/``--port``, else ``JUPYTERHUB_SERVICE_URL``; and whether
+    it is https."""
+    url = urlparse(os.environ.get("JUPYTERHUB_SERVICE_URL", "http://127.0.0.1:10101"))
+    host = ip if ip is not None else (url.hostname or "127.0.0.1")
+    return host, port if port is not None else (url.port or 10101), url.scheme == "https"
+
+
+def _local(ip: str | None, port: int | None) -> tuple[str, int, str, str]:
+    """The local mode: no hub, so no one to tell users apart — the pages act as the uid
+    running them (your own CLI, in a browser). Safe only for its starter: loopback only (other
+    users of the machine reach loopback too, so every request needs the secret in the printed
+    URL, kept in a cookie), and the service's environment token is dropped all the same."""
+    host = ip or "127.0.0.1"
+    try:
+        loopback = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback:
+        raise ConfigError(f"envctl web --local listens on loopback only, not {host}",
+                          hint="run it as a JupyterHub service to serve others (docs/web.md)")
+    take_service_token()
+    return host, port if port is not None else 10101, "/", secrets.token_urlsafe(24)
+
+
+def tls_context(https: bool) -> ssl.SSLContext | None:
+    """The hub's internal TLS for an ``https`` service URL; refusing to serve plain HTTP there
+    (the hub and the proxy would speak TLS to us). Plain HTTP where the hub uses it."""
+    if not https:
+        return None
+    cert, key = os.environ.get("JUPYTERHUB_SSL_CERTFILE"), os.environ.get("JUPYTERHUB_SSL_KEYFILE")
+    if not cert or not key:
+        raise ConfigError("the service URL is https, but no certificate was given "
+                          "(JUPYTERHUB_SSL_CERTFILE, JUPYTERHUB_SSL_KEYFILE): refusing to "
+                          "serve without TLS", hint="the hub sets them with internal_ssl; an "
+                          "external service is given its own (docs/web.md)")
+    return make_ssl_context(key, cert, cafile=os.environ.get("JUPYTERHUB_SSL_CLIENT_CA"),
+                            purpose=ssl.Purpose.CLIENT_AUTH)  # type: ignore[no-any-return]
+
+
+def serve(socket: Path, ip: str | None = None, port: int | None = None,
+          local: bool = False) -> None:
+    """Serve until stopped; ``local``: the dev-only mode without a hub (:func:`_local`)."""
+    if local:
+        host, port, prefix, secret = _local(ip, port)
+        link, context = DaemonLink(socket, hub=False), None
+    else:
+        missing = [name for name in NEEDED if not os.environ.get(name)]
+        if missing:
+            raise ConfigError(f"envctl web is a JupyterHub service, and {', '.join(missing)} "
+                              "is not set", hint=_HINT)
+        host, port, https = listen_address(ip, port)
+        context, secret = tls_context(https), None
+        # The service's token goes to HubOAuth (its OAuth client secret) and out of the
+        # environment: no daemon call may fall back to it. The hub's URLs come from there too.
+        HubOAuth.instance(api_token=take_service_token())
+        prefix = os.environ["JUPYTERHUB_SERVICE_PREFIX"].rstrip("/") + "/"
+        link = DaemonLink(socket)
+    app = make_app(prefix, link, cookie_secret=secrets.token_bytes(32), local_secret=secret)
+    server = HTTPServer(app, ssl_options=context, xheaders=not local)
+    server.listen(port, host)
+    log.info("web listening url=%s://%s:%d%s socket=%s local=%s",
+             "https" if context else "http", host, port, prefix, socket, local)
+    if secret is not None:
+        print(f"envctl web (local mode: you, uid {os.geteuid()}, and only who has this URL):\n"
+              f"    http://{host}:{port}/?token={secret}", flush=True)
+    try:
+        asyncio.get_event_loop_policy().get_event_loop().run_forever()
+    finally:
+        server.stop()
+        link.close()
