@@ -221,7 +221,8 @@ def _change_lines(diff: dict[str, Any]) -> list[str]:
 
 def run_diff(args: argparse.Namespace) -> int:
     if len(args.versions) > 2:
-        raise UsageError("give at most two versions: envctl env diff NAME [V1 V2]")
+        raise UsageError("give at most two versions: envctl env diff NAME [V1 V2]",
+                         hint="versions are listed by: envctl env show NAME")
     old, new = (args.versions if len(args.versions) == 2 else
                 [None, *args.versions] if args.versions else [None, None])
     out = _call(args, "env-diff", name=args.name, to=new, **{"from": old})

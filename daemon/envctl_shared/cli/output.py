@@ -56,6 +56,8 @@ DEFAULT_HINTS = {
     "build-failed": "find the job with 'envctl request list --finished', then read its log "
                     "with 'envctl request logs' and its id",
     "filesystem-error": "check the path and its owner, group and mode: 'namei -l PATH'",
+    "area-untrusted": "tell an administrator: 'envctl status' says what is wrong with the "
+                      "daemon's area and how to fix it",
     "not-supported": "compare 'envctl --version' with 'envctl status': the daemon is older",
 }
 GENERIC_HINT = "re-run with --debug for details"
