@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import sys
 from importlib import import_module
-from typing import TYPE_CHECKING
 
 from .. import __version__
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (half the start-up)
 if TYPE_CHECKING:
     import argparse
     from collections.abc import Sequence
