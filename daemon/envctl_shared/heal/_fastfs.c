@@ -7,11 +7,14 @@
  * Here a whole batch of entries is listed, inspected and fixed with the GIL released, so
  * walk threads on NFS/FUSE really overlap and Python only sees what needs a decision.
  *
- * This module holds mechanism only. What "correct" means stays in envctl_shared.policy: the caller
- * passes a table of the wanted permission bits for every st_mode (computed by the policy), the
- * wanted group and the protected owners. Entries never changed (special files, protected
- * owners, another mount) come back as skipped with their reason; an entry that changed between
- * inspection and fix is handed back to Python's slow path, which re-judges it. A walk has no
+ * This module executes rules; it does not make them. What "correct" means stays in
+ * envctl_shared.policy, compiled once per root into a Rules object (the tables of wanted
+ * permission bits for every st_mode — of an entry and of the root itself —, the group, the
+ * protected owners, the members of a members-only root). classify() is the one place their
+ * order is applied (another mount, special, compliant, protected, foreign), for the walks,
+ * the scans, the poller's stamp check and Python's slow path (judge) alike. Entries never
+ * changed come back as skipped with their reason; an entry that changed between inspection
+ * and fix is handed back to Python's slow path, which judges it again here. A walk has no
  * recursion and keeps at most WINDOW directory fds whatever the depth, and names entries by
  * (directory node, name), never by a path string. The fast path keeps the healer's safety rules:
  *

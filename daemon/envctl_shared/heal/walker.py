@@ -20,10 +20,10 @@ reconciles of new directories and its per-event heals. Safety rules, all enforce
   from an event is resolved by the kernel in one ``openat2``).
 
 Speed: the per-entry loop — list, inspect, fix, or report as skipped (special files, protected
-owners, other mounts) — runs in C (``fsops.scan``) with the GIL released, judged by the
+owners, other mounts) — runs in C (``Engine.scan``) with the GIL released, judged by the
 root's ``Rules``; Python handles directories and what changed under the fast path (an
 entry swapped mid-fix). A serial walk with no exclusions and no planner (``heal``/``check``
-and reconciles on a local disk) hands whole subtrees to C (``fsops.walk``), which takes
+and reconciles on a local disk) hands whole subtrees to C (``Engine.walk``), which takes
 directories too; Python then revisits by path only what was swapped or moved mid-walk.
 Entries fixed are only counted in C unless a finding is wanted for each (``heal -v``, a
 check's listener): a tuple per entry cost ~8% of the CPU of a broken 60k-entry heal.

@@ -576,9 +576,9 @@ class InotifyWatch:
                 os.close(fd)
                 return None, False
             wd = self._add_watch(fd)
-            if wd < 0:
-                os.close(fd)
+            if wd < 0:  # the hook first: should it raise, the handler below closes fd once
                 self._hooks.on_watch_failed(path_of(parent, name), errno.ENOSPC)
+                os.close(fd)
                 return None, False
             ident = (st.st_dev, st.st_ino)
             node = self._nodes.get(wd)
