@@ -25,15 +25,6 @@ queue ahead of entries still broken and delay the end of the burst by seconds. A
 a user waits only until the new entries are done, and an entry waiting in the later lane moves
 to the first when an urgent event names it.
 
-Why settle: an item is handed out only ``settle`` seconds after it was queued. Installers
-create an entry, then set its mode (``tar``, ``pip``, a ``mkdir`` then ``chmod``): healed at
-once, the entry is fixed twice (before and after the writer's chmod) — and a heal that judged
-the mode before that chmod and wrote after it undid the writer's bits. Waiting a moment lets
-the writer finish with the entry, lets a new directory's subtree item absorb the entries
-written in it meanwhile (one C walk instead of one batch each), and gathers more siblings
-(and more echoes of our own fixes) into each batch: fewer, larger heals, which is what a
-writer racing the healer on two cores pays for.
-
 Thread-safety of the places: only the watch's reader thread changes them (and calls ``put``
 and then ``moved``); a worker reads a place's parent links to build its path. A rename racing
 that read gives a path that is only a hint, as every event path is: the healer re-resolves it
@@ -45,14 +36,12 @@ it is one string copy, not a walk up thousands of parent links); any rename disc
 from __future__ import annotations
 
 import threading
-import time
 from collections import OrderedDict
 from typing import NamedTuple, Protocol
 
 # Parent links followed to build one path, at most: past it a rename racing the read (see the
 # module docstring) made a loop, which no tree deeper than this can be confused with.
 MAX_DEPTH = 1 << 22
-SETTLE = 0.03  # seconds an entry waits before it is healed (see the module docstring)
 
 
 class Dir(Protocol):
@@ -107,12 +96,9 @@ class Item(NamedTuple):
 class WorkQueue:
     """FIFO of distinct entries; ``subtree`` wins over ``entry`` for the same or a deeper one."""
 
-    def __init__(self, settle: float = 0.0) -> None:
-        """``settle``: seconds an item waits after it was queued (the service: ``SETTLE``)."""
-        self._settle = settle
-        # key -> (subtree?, when queued): both lanes are in the order items were queued
-        self._items: OrderedDict[Key, tuple[bool, float]] = OrderedDict()
-        self._later: OrderedDict[Key, float] = OrderedDict()  # entries from attribute events
+    def __init__(self) -> None:
+        self._items: OrderedDict[Key, bool] = OrderedDict()  # key -> subtree?
+        self._later: OrderedDict[Key, None] = OrderedDict()  # entries from attribute events
         self._siblings: dict[Dir, set[str]] = {}  # directory -> names waiting as entries
         self._subtrees: set[Key] = set()  # keys waiting as subtree items
         self._cond = threading.Condition()
@@ -136,22 +122,20 @@ class WorkQueue:
                 del self._later[key]  # promoted: re-queued below in the first lane
                 self._unlink(key)
             if key in self._items:
-                was, since = self._items[key]
-                if subtree and not was:
-                    self._items[key] = (True, since)
+                if subtree and not self._items[key]:
+                    self._items[key] = True
                     self._subtrees.add(key)
                     self._unlink(key)
                     return True
                 return False
             if self._covered(key):
                 return False
-            now = time.monotonic()
             if urgent or subtree or not name:
-                self._items[key] = (subtree, now)
+                self._items[key] = subtree
                 if subtree:
                     self._subtrees.add(key)
             else:
-                self._later[key] = now
+                self._later[key] = None
             if not subtree and name:
                 self._siblings.setdefault(key[0], set()).add(name)
             self._cond.notify()
@@ -183,36 +167,20 @@ class WorkQueue:
             up = up.parent
         return False
 
-    def _due(self) -> float | None:
-        """When the next item may be handed out (under the lock); None: nothing waits."""
-        if self._items:
-            return next(iter(self._items.values()))[1] + self._settle
-        if self._later:
-            return next(iter(self._later.values())) + self._settle
-        return None
-
     def get(self, timeout: float) -> Item | None:
-        """The oldest waiting item once it has settled (with its waiting siblings), or None
-        after ``timeout`` (so workers wake to show liveness)."""
-        deadline = time.monotonic() + timeout
+        """The oldest waiting item (with its waiting siblings), or None after ``timeout`` (so
+        workers wake to show liveness)."""
         with self._cond:
-            while not self._closed:
-                now = time.monotonic()
-                due = self._due()
-                if due is not None and due <= now:
-                    break
-                wait = deadline - now if due is None else min(deadline, due) - now
-                if wait <= 0 or not self._cond.wait(wait) and due is None:
-                    break
-            due = self._due()
-            if due is None or due > time.monotonic() and not self._closed:
-                return None
+            if not self._items and not self._later and not self._closed:
+                self._cond.wait(timeout)
             if self._items:
-                key, (subtree, _) = self._items.popitem(last=False)
+                key, subtree = self._items.popitem(last=False)
                 if subtree:
                     self._subtrees.discard(key)
-            else:
+            elif self._later:
                 key, subtree = self._later.popitem(last=False)[0], False
+            else:
+                return None
             self._busy += 1
             d, name = key
             if subtree or not name:

@@ -44,7 +44,7 @@ from ..logfields import fields
 from ..quoting import quote_name
 from .inotify import InotifyWatch, max_user_watches
 from .poll import Poller
-from .queue import ROOT, SETTLE, Item, WorkQueue
+from .queue import ROOT, Item, WorkQueue
 
 log = logging.getLogger("envctl.watch")
 IDLE_TICK = 1.0  # workers wake at least this often, so their heartbeat shows they are alive
@@ -95,7 +95,7 @@ class RootWatcher:
         self._on_fatal = on_fatal
         self.failure: str | None = None
         self.watch_cfg = watch
-        self.queue = WorkQueue(SETTLE)
+        self.queue = WorkQueue()
         # Entry batches: serial, no thread start-up cost. Subtrees and reconciles: concurrent.
         per_fix = log.isEnabledFor(logging.DEBUG)  # each fix is logged only at DEBUG
         self._healer = Healer(root, on_finding=self._finding, report_fixes=per_fix)
