@@ -120,12 +120,19 @@ typedef struct {
     size_t name_off; /* in the output arena */
 } dnode;
 
-/* One level of the walk's explicit stack (no C recursion, whatever the depth). */
+/* A directory on a walk's explicit stack, as the walk and the stamp check both hold it: its fd
+ * (-1 once closed: outside the window) and the identity a reopened fd must show (inode,
+ * device, mount). One type, one identity test (same_dir), one window (slide_window). */
 typedef struct {
-    int fd;        /* -1: closed (outside the window) */
-    int lost;      /* could not be reopened as the same directory: abandoned */
+    int fd;
     uint64_t ino, mnt;
     unsigned long long dev;
+} level;
+
+/* One level of the walk's explicit stack (no C recursion, whatever the depth). */
+typedef struct {
+    level at;
+    int lost; /* could not be reopened as the same directory: abandoned */
     size_t node;
     size_t mark; /* its subdirectory names begin here in b->names (they end at the child's mark) */
     size_t next; /* the next of them to visit */
@@ -495,14 +502,43 @@ static int list_dir(batch *b, int dirfd, int rewind)
     }
 }
 
-/* Whether the directory behind fd is the one frame f entered (same inode, device, mount). */
-static int same_dir(int fd, const frame *f)
+/* The level of the directory fd, whose statx is st. */
+static level level_of(int fd, const statx_buf *st)
+{
+    return (level){.fd = fd, .ino = st->sx.stx_ino,
+                   .mnt = (st->sx.stx_mask & STATX_MNT_ID) ? statx_mnt_id(st) : 0,
+                   .dev = makedev(st->sx.stx_dev_major, st->sx.stx_dev_minor)};
+}
+
+/* Whether the directory behind fd is the one level l entered (same inode, device, mount). */
+static int same_dir(int fd, const level *l)
 {
     statx_buf st;
     return fd_statx(fd, "", AT_EMPTY_PATH, STATX_WANT, &st) == 0 && S_ISDIR(st.sx.stx_mode) &&
-           st.sx.stx_ino == f->ino &&
-           makedev(st.sx.stx_dev_major, st.sx.stx_dev_minor) == f->dev &&
-           (!(st.sx.stx_mask & STATX_MNT_ID) || statx_mnt_id(&st) == f->mnt);
+           st.sx.stx_ino == l->ino &&
+           makedev(st.sx.stx_dev_major, st.sx.stx_dev_minor) == l->dev &&
+           (!(st.sx.stx_mask & STATX_MNT_ID) || statx_mnt_id(&st) == l->mnt);
+}
+
+/* A level WINDOW below the one just pushed leaves the window: its fd is closed. */
+static void slide_window(level *old)
+{
+    if (old->fd >= 0) {
+        close(old->fd);
+        old->fd = -1;
+    }
+}
+
+/* Reopen the closed level `up` through its open child's "..": -1 unless it is that very
+ * directory (moved or swapped since: the caller decides). */
+static int reopen_through_child(const level *up, const level *child)
+{
+    int fd = openat(child->fd, "..", O_PATH | O_DIRECTORY | O_CLOEXEC);
+    if (fd >= 0 && !same_dir(fd, up)) {
+        close(fd);
+        fd = -1;
+    }
+    return fd;
 }
 
 /* Open frame i again, proven to be the directory it was: through its child's ".." (one
@@ -514,26 +550,21 @@ static int reopen_frame(batch *b, size_t i)
 {
     frame *f = &b->frames[i];
     int fd = -1;
-    if (i + 1 < b->depth && b->frames[i + 1].fd >= 0) {
-        fd = openat(b->frames[i + 1].fd, "..", O_PATH | O_DIRECTORY | O_CLOEXEC);
-        if (fd >= 0 && !same_dir(fd, f)) {
-            close(fd);
-            fd = -1;
-        }
-    }
+    if (i + 1 < b->depth && b->frames[i + 1].at.fd >= 0)
+        fd = reopen_through_child(&f->at, &b->frames[i + 1].at);
     if (fd < 0 && !f->lost) {
         size_t j = i;
-        while (b->frames[j].fd < 0) /* frame 0, the caller's fd, is always open */
+        while (b->frames[j].at.fd < 0) /* frame 0, the caller's fd, is always open */
             j--;
-        int cur = b->frames[j].fd;
+        int cur = b->frames[j].at.fd;
         for (size_t k = j + 1; k <= i; k++) {
             const char *name = b->out.buf + b->nodes[b->frames[k].node].name_off;
             int next = openat(cur, name, O_PATH | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
-            if (next >= 0 && !same_dir(next, &b->frames[k])) {
+            if (next >= 0 && !same_dir(next, &b->frames[k].at)) {
                 close(next);
                 next = -1;
             }
-            if (cur != b->frames[j].fd)
+            if (cur != b->frames[j].at.fd)
                 close(cur);
             if (next < 0) {
                 for (size_t m = k; m <= i; m++)
@@ -551,7 +582,7 @@ static int reopen_frame(batch *b, size_t i)
         if (!f->lost)
             fd = cur;
     }
-    f->fd = fd;
+    f->at.fd = fd;
     if (fd < 0)
         f->next = b->names.len; /* its remaining subdirectories are not visited from here */
     return 0;
@@ -606,14 +637,10 @@ static int visit_subdir(batch *b, int parent, const char *name, int *entered)
         return -1;
     }
     size_t d = b->depth++;
-    b->frames[d] = (frame){.fd = fd, .ino = st.sx.stx_ino, .node = node,
-                           .mnt = (st.sx.stx_mask & STATX_MNT_ID) ? statx_mnt_id(&st) : 0,
-                           .dev = makedev(st.sx.stx_dev_major, st.sx.stx_dev_minor),
-                           .mark = b->names.len, .next = b->names.len};
-    if (d > WINDOW && b->frames[d - WINDOW].fd >= 0) {
-        close(b->frames[d - WINDOW].fd);
-        b->frames[d - WINDOW].fd = -1;
-    }
+    b->frames[d] = (frame){.at = level_of(fd, &st), .node = node, .mark = b->names.len,
+                           .next = b->names.len};
+    if (d > WINDOW)
+        slide_window(&b->frames[d - WINDOW].at);
     *entered = 1;
     return 0;
 }
@@ -625,10 +652,10 @@ static int pop_frame(batch *b)
     frame *f = &b->frames[i];
     b->names.len = f->mark;
     int rc = 0;
-    if (i > 0 && b->frames[i - 1].fd < 0 && !b->frames[i - 1].lost)
+    if (i > 0 && b->frames[i - 1].at.fd < 0 && !b->frames[i - 1].lost)
         rc = reopen_frame(b, i - 1);
-    if (i > 0 && f->fd >= 0)
-        close(f->fd); /* frame 0's fd is the caller's */
+    if (i > 0 && f->at.fd >= 0)
+        close(f->at.fd); /* frame 0's fd is the caller's */
     b->depth--;
     return rc;
 }
@@ -642,7 +669,7 @@ static int walk_tree(batch *b, int dirfd)
     if (add_node(b, NO_NODE, "", &root_node) != 0 ||
         grow((void **)&b->frames, &b->cap_frames, 1, sizeof *b->frames) != 0)
         return -1;
-    b->frames[0] = (frame){.fd = dirfd, .node = root_node};
+    b->frames[0] = (frame){.at = {.fd = dirfd}, .node = root_node};
     b->depth = 1;
     b->cur = root_node;
     int rc = list_dir(b, dirfd, 1);
@@ -650,7 +677,7 @@ static int walk_tree(batch *b, int dirfd)
         return rc;
     while (b->depth > 0) {
         frame *f = &b->frames[b->depth - 1];
-        if (f->fd < 0 || f->next >= b->names.len) { /* done, or lost */
+        if (f->at.fd < 0 || f->next >= b->names.len) { /* done, or lost */
             if (pop_frame(b) != 0)
                 return -1;
             continue;
@@ -661,13 +688,13 @@ static int walk_tree(batch *b, int dirfd)
         f->next += nlen + 1;
         b->cur = f->node;
         int entered;
-        if (visit_subdir(b, f->fd, name, &entered) != 0) /* f may move: not used after */
+        if (visit_subdir(b, f->at.fd, name, &entered) != 0) /* f may move: not used after */
             return -1;
         if (!entered)
             continue;
         frame *child = &b->frames[b->depth - 1];
         b->cur = child->node;
-        rc = list_dir(b, child->fd, 0);
+        rc = list_dir(b, child->at.fd, 0);
         if (rc < 0)
             return -1;
         if (rc > 0) { /* listing it failed: report the directory, go on */
@@ -871,8 +898,8 @@ static int setup_batch(batch *b, PyObject *rules)
 static void free_batch(batch *b)
 {
     for (size_t i = 1; i < b->depth; i++) /* left open only when the walk stopped early */
-        if (b->frames[i].fd >= 0)
-            close(b->frames[i].fd);
+        if (b->frames[i].at.fd >= 0)
+            close(b->frames[i].at.fd);
     free(b->out.buf);
     free(b->names.buf);
     free(b->dents);
@@ -1113,9 +1140,7 @@ typedef struct {
 
 /* One level of check_stamps' explicit stack. */
 typedef struct {
-    int fd; /* -1: closed (outside the window) */
-    uint64_t ino, mnt;
-    unsigned long long dev;
+    level at;
     PyObject *rel;     /* owned */
     PyObject *subdirs; /* owned: the stamp's tuple of names */
     Py_ssize_t next;
@@ -1176,13 +1201,9 @@ static int stamp_push(stamp_frame **frames, size_t *depth, size_t *cap, int fd, 
         subdirs = PyTuple_New(0);
     }
     stamp_frame *f = &(*frames)[(*depth)++];
-    *f = (stamp_frame){.fd = fd, .ino = st->sx.stx_ino, .rel = rel, .subdirs = subdirs,
-                       .mnt = (st->sx.stx_mask & STATX_MNT_ID) ? statx_mnt_id(st) : 0,
-                       .dev = makedev(st->sx.stx_dev_major, st->sx.stx_dev_minor)};
-    if (*depth - 1 > WINDOW && (*frames)[*depth - 1 - WINDOW].fd >= 0) {
-        close((*frames)[*depth - 1 - WINDOW].fd);
-        (*frames)[*depth - 1 - WINDOW].fd = -1;
-    }
+    *f = (stamp_frame){.at = level_of(fd, st), .rel = rel, .subdirs = subdirs};
+    if (*depth - 1 > WINDOW)
+        slide_window(&(*frames)[*depth - 1 - WINDOW].at);
     return 0;
 }
 
@@ -1194,25 +1215,18 @@ static int check_tree(stamp_walk *w, stamp_frame **frames, size_t *depth, size_t
 {
     while (*depth > 0) {
         stamp_frame *f = &(*frames)[*depth - 1];
-        if (f->fd < 0 || f->next >= PyTuple_GET_SIZE(f->subdirs)) {
+        if (f->at.fd < 0 || f->next >= PyTuple_GET_SIZE(f->subdirs)) {
             size_t i = *depth - 1;
             stamp_frame *up = i > 0 ? &(*frames)[i - 1] : NULL;
-            if (up && up->fd < 0 && f->fd >= 0) {
-                int fd = openat(f->fd, "..", O_PATH | O_DIRECTORY | O_CLOEXEC);
-                frame id = {.ino = up->ino, .mnt = up->mnt, .dev = up->dev};
-                if (fd >= 0 && !same_dir(fd, &id)) {
-                    close(fd);
-                    fd = -1;
-                }
-                up->fd = fd;
-            }
-            if (up && up->fd < 0 && up->next < PyTuple_GET_SIZE(up->subdirs)) {
+            if (up && up->at.fd < 0 && f->at.fd >= 0)
+                up->at.fd = reopen_through_child(&up->at, &f->at);
+            if (up && up->at.fd < 0 && up->next < PyTuple_GET_SIZE(up->subdirs)) {
                 up->next = PyTuple_GET_SIZE(up->subdirs); /* lost: let the poller walk it */
                 if (PyList_Append(w->stale, up->rel) != 0)
                     return -1;
             }
-            if (i > 0 && f->fd >= 0)
-                close(f->fd);
+            if (i > 0 && f->at.fd >= 0)
+                close(f->at.fd);
             Py_DECREF(f->rel);
             Py_DECREF(f->subdirs);
             (*depth)--;
@@ -1226,7 +1240,7 @@ static int check_tree(stamp_walk *w, stamp_frame **frames, size_t *depth, size_t
             Py_XDECREF(child);
             return -1;
         }
-        int cfd = openat(f->fd, PyBytes_AS_STRING(enc),
+        int cfd = openat(f->at.fd, PyBytes_AS_STRING(enc),
                          O_PATH | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
         Py_DECREF(enc);
         statx_buf st;
@@ -1295,8 +1309,8 @@ static PyObject *py_check_stamps(PyObject *self, PyObject *args)
         result = Py_BuildValue("(nO)", w.visited, w.stale);
 out:
     for (size_t i = 0; i < depth; i++) { /* left only after an error */
-        if (i > 0 && frames[i].fd >= 0)
-            close(frames[i].fd);
+        if (i > 0 && frames[i].at.fd >= 0)
+            close(frames[i].at.fd);
         Py_DECREF(frames[i].rel);
         Py_DECREF(frames[i].subdirs);
     }
