@@ -334,8 +334,14 @@ class InotifyWatch:
         return b"".join(chunks)
 
     def _dispatch(self, data: bytes) -> str | None:
-        """Handle one batch's events in order; a reason when the watch must end."""
+        """Handle one batch's events in order; a reason when the watch must end.
+
+        A file's later events in the same batch (its creation, the writer's chmod, the echo
+        of our own fix) queue nothing more than its first did: a heal that starts after the
+        batch was read sees every change the batch reports. Only the lane may differ (an
+        attribute change, then a creation, is promoted), so the lane is part of the key."""
         nodes = self._nodes
+        queued: set[tuple[_Node, bytes, bool]] = set()  # file entries this batch queued
         off, end = 0, len(data)
         while off < end:
             wd, mask, cookie, length = _HEADER.unpack_from(data, off)
@@ -348,6 +354,11 @@ class InotifyWatch:
                 continue  # a watch removed since (its IN_IGNORED, or late events)
             self._count()
             if name:
+                if not mask & (IN.IN_ISDIR | IN.IN_MOVED_FROM):
+                    key = (node, name, bool(mask & _ARRIVED))
+                    if key in queued:
+                        continue
+                    queued.add(key)
                 self._on_entry(node, os.fsdecode(name), mask, cookie)
             elif node is self._root:
                 if mask & _ROOT_GONE:
