@@ -265,6 +265,13 @@ def excludes_below(patterns: tuple[str, ...], at_root: bool) -> bool:
     return bool(patterns) and (at_root or any(c in p for p in patterns for c in "/*?["))
 
 
+def _clean(rel: str, names: Sequence[str]) -> bool:
+    """Whether ``rel`` ("" : the root) is a clean relative path and ``names`` plain names."""
+    parts = rel.split("/") if rel else []
+    return not any(p in ("", ".", "..") for p in (*parts, *names)) and \
+        not any("/" in n for n in names)
+
+
 class DirPlanner(Protocol):
     """Lets a caller skip listing directories it knows to be unchanged (the poll pass).
 
@@ -354,10 +361,85 @@ class Healer:
 
     def run_entries(self, parent: str, names: list[str]) -> HealStats:
         """Heal entries ``names`` of the directory ``parent`` (not their subtrees), resolving
-        ``parent`` once: the daemon's batches of event paths cost what a walk pays per entry."""
-        return _Pass(self).run(parent, False, names)
+        ``parent`` once: the daemon's batches of event paths cost what a walk pays per entry.
+
+        The usual batch (a directory below the root, no pattern that may exclude there, one
+        thread) is one C scan and its accounting, without a pass's machinery (~65 µs a batch,
+        and a burst of 60k entries makes ~20k batches); only what the scan hands back
+        (directories, entries changed under it or failed) goes through a full pass."""
+        top = parent.partition("/")[0]
+        if (not parent or self.concurrency > 1 or excludes_below(self.rules.exclude, False)
+                or self.excluded(top) or not _clean(parent, names)):
+            return _Pass(self).run(parent, False, names)
+        start = time.monotonic()
+        stats = HealStats()
+        root_fd = os.open(self.root.path, DIR_FLAGS)
+        try:
+            mount = MountRef.of(stat_at(root_fd))
+            try:
+                fd = open_dir(root_fd, parent)
+            except OSError:  # gone, another mount, a symlink: the full pass tells which
+                return _Pass(self).run(parent, False, names)
+            try:
+                found = self.engine.scan(fd, names, mount, fix=not self.dry_run,
+                                         tally=not self.c_reporting)
+            finally:
+                os.close(fd)
+        finally:
+            os.close(root_fd)
+        stats.scanned += found.scanned
+        self.count_c(found.fixed, found.skipped, found.tallied,
+                     lambda _node, name: f"{parent}/{name}", stats)
+        again = [*found.subdirs, *(a[1] for a in found.attention)]
+        if again:
+            stats.merge(_Pass(self).run(parent, False, again))
+        stats.duration = time.monotonic() - start
+        return stats
 
     # -- reporting (called from worker threads) ------------------------------------------
+
+    @property
+    def c_reporting(self) -> bool:
+        """Whether each entry C fixes (or with fix off, finds wrong) becomes a finding; when
+        not, C only tallies them."""
+        return self.reporting if self.dry_run else self.report_fixes
+
+    def count_c(self, fixed: Fixed, skipped: Skipped, tallied: Tallied,
+                 path: Callable[[int, str], str], stats: HealStats) -> None:
+        """Account for what C fixed (or with fix off, found wrong: listed in ``fixed``, or
+        counted in ``tallied``) and skipped, as ``_judge_and_fix`` and ``_skip`` do for the
+        slow path; ``path`` names an entry (built only for a finding someone listens to). C
+        counted every one of them as scanned."""
+        stats.violations += len(fixed)
+        groups = modes = 0
+        kinds: Counter[int] = Counter()
+        for fmt, entries, set_gids, set_modes, changed in tallied:
+            stats.violations += entries
+            groups += set_gids
+            modes += set_modes
+            if changed:
+                kinds[fmt] += changed
+        reporting = self.c_reporting
+        action = "would-fix" if self.dry_run else "fixed"
+        for node, name, mode, gid, set_gid, set_mode in fixed:
+            groups += set_gid
+            modes += set_mode >= 0
+            if set_gid or set_mode >= 0:
+                kinds[stat.S_IFMT(mode)] += 1
+            if reporting:
+                problems = tuple(self.verdict(mode, gid).problems(gid, mode))
+                self.report(Finding(path(node, name), kind_of(mode).value, action, problems))
+        stats.fixed["group"] += groups
+        stats.fixed["mode"] += modes
+        for fmt, n in kinds.items():
+            stats.fixed_kinds[kind_of(fmt).value] += n
+        for node, name, reason, mode, _uid, gid in skipped:
+            stats.skipped[reason] += 1
+            if self.reporting:
+                verdict = self.verdict(mode, gid)
+                problems = tuple(verdict.problems(gid, mode)) if reason == "protected" else ()
+                self.report(Finding(path(node, name), verdict.kind.value, "skipped", problems,
+                                    reason))
 
     @property
     def reporting(self) -> bool:
@@ -426,8 +508,7 @@ class _Pass:
         if not rel and names is None:
             return _DirTask(None, "", "", recursive)
         parts = rel.split("/") if rel else []
-        if any(p in ("", ".", "..") for p in parts + list(names or ())) or \
-                any("/" in n for n in names or ()):
+        if not _clean(rel, names or ()):
             raise ValueError(f"not a clean relative path: {rel!r} {names!r}")
         parent_rel = rel if names is not None else rel.rpartition("/")[0]
         if self.root.exclude:  # every prefix, as a slice of rel (joins would cost depth²)
@@ -633,7 +714,7 @@ class _Pass:
         """Inspect (and heal) ``names`` of ``ref`` (None: all of it) through the C fast path;
         returns the subdirectories found, which are queued as tasks."""
         found: ScanResult = self.h.engine.scan(
-            ref.fd, names, self.mount, fix=not self.h.dry_run, tally=not self._reporting,
+            ref.fd, names, self.mount, fix=not self.h.dry_run, tally=not self.h.c_reporting,
             lanes=LANES if self.h.concurrency > 1 else 1)
         stats.scanned += found.scanned
         for name in found.subdirs:
@@ -645,14 +726,14 @@ class _Pass:
                 self._error(stats, ref.child(name), "file", OSError(err, os.strerror(err)))
             else:
                 self._inspect(ref, name, stats, descend)
-        self._count_c(found.fixed, found.skipped, found.tallied,
+        self.h.count_c(found.fixed, found.skipped, found.tallied,
                       lambda _node, name: ref.child(name), stats)
         return found.subdirs
 
     def _walk_below(self, ref: _DirRef, stats: HealStats) -> None:
         """Hand the whole subtree below ``ref`` to C; visit what it hands back by its path."""
         found = self.h.engine.walk(ref.fd, self.mount, fix=not self.h.dry_run,
-                                   tally=not self._reporting)
+                                   tally=not self.h.c_reporting)
         stats.scanned += found.scanned
         stats.dirs += found.dirs
 
@@ -672,50 +753,7 @@ class _Pass:
                 task = self._resolve(self.root_ref, path(node, name), True, stats)
                 if task is not None:
                     self._push(task)
-        self._count_c(found.fixed, found.skipped, found.tallied, path, stats)
-
-    @property
-    def _reporting(self) -> bool:
-        """Whether each entry C fixes (or with fix off, finds wrong) becomes a finding; when
-        not, C only tallies them."""
-        return self.h.reporting if self.h.dry_run else self.h.report_fixes
-
-    def _count_c(self, fixed: Fixed, skipped: Skipped, tallied: Tallied,
-                 path: Callable[[int, str], str], stats: HealStats) -> None:
-        """Account for what C fixed (or with fix off, found wrong: listed in ``fixed``, or
-        counted in ``tallied``) and skipped, as ``_judge_and_fix`` and ``_skip`` do for the
-        slow path; ``path`` names an entry (built only for a finding someone listens to). C
-        counted every one of them as scanned."""
-        stats.violations += len(fixed)
-        groups = modes = 0
-        kinds: Counter[int] = Counter()
-        for fmt, entries, set_gids, set_modes, changed in tallied:
-            stats.violations += entries
-            groups += set_gids
-            modes += set_modes
-            if changed:
-                kinds[fmt] += changed
-        reporting = self._reporting
-        action = "would-fix" if self.h.dry_run else "fixed"
-        for node, name, mode, gid, set_gid, set_mode in fixed:
-            groups += set_gid
-            modes += set_mode >= 0
-            if set_gid or set_mode >= 0:
-                kinds[stat.S_IFMT(mode)] += 1
-            if reporting:
-                problems = tuple(self.h.verdict(mode, gid).problems(gid, mode))
-                self.h.report(Finding(path(node, name), kind_of(mode).value, action, problems))
-        stats.fixed["group"] += groups
-        stats.fixed["mode"] += modes
-        for fmt, n in kinds.items():
-            stats.fixed_kinds[kind_of(fmt).value] += n
-        for node, name, reason, mode, _uid, gid in skipped:
-            stats.skipped[reason] += 1
-            if self.h.reporting:
-                verdict = self.h.verdict(mode, gid)
-                problems = tuple(verdict.problems(gid, mode)) if reason == "protected" else ()
-                self.h.report(Finding(path(node, name), verdict.kind.value, "skipped", problems,
-                                      reason))
+        self.h.count_c(found.fixed, found.skipped, found.tallied, path, stats)
 
     def _inspect(self, parent: _DirRef, name: str, stats: HealStats,
                  descend: bool = True) -> None:
