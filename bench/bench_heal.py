@@ -4,9 +4,10 @@ Two parts, each compared in the same run and reported as ratios:
 
 - local disk (issue 2): a ≥60k-entry env-shaped tree; heal of a fully broken tree (written by
   another uid under umask 077) vs ``chgrp -R && chmod -R`` and a ``find``-based fix script; a
-  check and a heal of the compliant tree vs ``find ROOT ! -group G -o ! -perm -g+rw`` (target
-  ≤ 1.5×) with metadata writes counted by strace (target 0); and concurrency 16 vs serial on
-  local disk (target: never more than 10% slower).
+  check and a heal of the compliant tree vs ``find ROOT ! -group G -o ! -perm -g+rw`` (targets,
+  whole processes: check ≤ 1.25× — also a row of bench/bench_walk.py —, heal ≤ 1.5×) with
+  metadata writes counted by strace (target 0); and concurrency 16 vs serial on local disk
+  (target: never more than 10% slower).
 - latencyfs (our FUSE passthrough, ``bench/latencyfs/``) at 1 ms per metadata call (issue 6,
   EFS-like): on a ≥10k-entry tree, ``envctl check`` vs the find filter (target ≥ 5× faster) and
   vs ``chgrp -R && chmod -R`` (≥ 20×), and ``envctl heal`` of a broken tree vs
@@ -112,7 +113,7 @@ def local_part(work: Path, template: Path, w: object, repeat: int) -> tuple[list
          "heal faster"],
         ["broken tree: find fix script", f"{t_findfix:.3f}", ratio(t_findfix, t_heal), ""],
         ["compliant: find ! -group -o ! -perm", f"{t_find:.3f}", "1.00×", ""],
-        ["compliant: envctl check -j1", f"{t_check:.3f}", ratio(t_check, t_find), "≤ 1.5×"],
+        ["compliant: envctl check -j1", f"{t_check:.3f}", ratio(t_check, t_find), "≤ 1.25×"],
         ["compliant: envctl heal -j1", f"{t_heal_ok:.3f}", ratio(t_heal_ok, t_find),
          f"≤ 1.5×, writes {w_heal}"],
         ["compliant: envctl check -j16", f"{t_check16:.3f}", ratio(t_check16, t_find),

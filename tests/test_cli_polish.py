@@ -297,6 +297,8 @@ def test_a_command_imports_only_its_own_module() -> None:
     """A command starts with its own module's imports, not every command's (they were ~0.07 s
     of every start, a no-op --replace's fifth); help lists every command; the map of command
     words to modules is what the modules register."""
+    import argparse
+
     from envctl_shared.cli import main
 
     code = ("import sys\nfrom envctl_shared.cli.main import build_parser\n"
@@ -306,8 +308,8 @@ def test_a_command_imports_only_its_own_module() -> None:
                          text=True, check=True).stdout.split()
     assert "envctl_shared.cli.request_cmd" in out and "envctl_shared.cli.doctor_cmd" not in out
     registered = next(a for a in main.build_parser()._actions
-                      if isinstance(a, main.argparse._SubParsersAction)).choices
+                      if isinstance(a, argparse._SubParsersAction)).choices
     assert set(registered) == set(main.COMMANDS)
     helped = next(a for a in main.build_parser(["-h", "request"])._actions
-                  if isinstance(a, main.argparse._SubParsersAction)).choices
+                  if isinstance(a, argparse._SubParsersAction)).choices
     assert set(helped) == set(main.COMMANDS)

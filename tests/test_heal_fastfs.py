@@ -1,7 +1,7 @@
 """The C fast path (``envctl_shared.heal._fastfs`` via ``fsops``) on its own, on real directories.
 
 The walker's tree tests exercise it end to end; these pin down its contract: the policy table
-means what ``policy.judge`` means, wrong entries are fixed through a proven fd, special files,
+means what ``policy.wanted_mode`` means, wrong entries are fixed through a proven fd, special files,
 protected owners and other mounts are skipped untouched (a protected directory still entered),
 and the walk keeps going at any depth with a bounded number of fds.
 """
@@ -15,49 +15,52 @@ import stat
 import subprocess
 from array import array
 from pathlib import Path
-from typing import NamedTuple
 
 import pytest
 from envctl_shared.config import RootConfig
 from envctl_shared.heal.fsops import (
+    Engine,
+    MountRef,
     NodePaths,
     ScanResult,
+    Stamp,
     WalkResult,
-    check_stamps,
-    chgrp_fd,
-    chmod_fd,
     open_dir,
-    scan,
     stat_at,
-    walk,
 )
-from envctl_shared.policy import NEVER_FIXED, judge, mode_table
+from envctl_shared.policy import NEVER_FIXED, Kind, Rules, kind_of, mode_table, wanted_mode
 
 from .conftest import Accounts
 from .trees import make_chain, remove_tree
 
 
 @pytest.mark.parametrize("others", ["keep", "none", "read"])
-def test_mode_table_agrees_with_judge(others: str) -> None:
+def test_mode_table_agrees_with_wanted_mode(others: str) -> None:
     table = array("H")
     table.frombytes(mode_table(others))
-    root = RootConfig(path=Path("/x"), group="0", gid=0, others=others)  # type: ignore[arg-type]
-    for kind in (stat.S_IFDIR, stat.S_IFREG, stat.S_IFLNK):
+    rules = Rules.of(RootConfig(path=Path("/x"), group="0", gid=0,
+                                others=others))  # type: ignore[arg-type]
+    for fmt in (stat.S_IFDIR, stat.S_IFREG, stat.S_IFLNK):
         for perm in range(0o10000):
-            mode = kind | perm
-            verdict = judge(mode, 0, root)
-            assert (table[mode] == perm) == verdict.ok, oct(mode)
-            if verdict.mode is not None:
-                assert table[mode] == verdict.mode, oct(mode)
-    for kind in (stat.S_IFIFO, stat.S_IFSOCK, stat.S_IFCHR, stat.S_IFBLK, 0):
-        assert table[kind | 0o755] == NEVER_FIXED
+            mode = fmt | perm
+            kind = kind_of(mode)
+            want = perm if kind is Kind.SYMLINK else NEVER_FIXED if kind is Kind.SPECIAL \
+                else wanted_mode(perm, kind, others)
+            assert table[mode] == want, oct(mode)
+            assert rules.verdict(mode, 0).ok == (want == perm), oct(mode)
+    for fmt in (stat.S_IFIFO, stat.S_IFSOCK, stat.S_IFCHR, stat.S_IFBLK, 0):
+        assert table[fmt | 0o755] == NEVER_FIXED
+
+
+def _engine(gid: int, **kw: object) -> Engine:
+    return Engine(Rules(gid=gid, **kw))  # type: ignore[arg-type]
 
 
 def _scan(d: Path, gid: int, names: list[str] | None = None, fix: bool = True,
           root_mnt: int = -1) -> ScanResult:
     fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        return scan(fd, names, gid, mode_table("keep"), (0,), fix, os.fstat(fd).st_dev, root_mnt)
+        return _engine(gid).scan(fd, names, MountRef(os.fstat(fd).st_dev, root_mnt), fix=fix)
     finally:
         os.close(fd)
 
@@ -146,8 +149,8 @@ def test_scan_skips_a_bind_mounted_file(scratch: Path, accounts: Accounts) -> No
     try:
         fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
         try:
-            found = scan(fd, None, accounts.shared_gid, mode_table("keep"), (0,), True,
-                         os.fstat(fd).st_dev, stat_at(fd).mnt_id)
+            found = _engine(accounts.shared_gid).scan(fd, None, MountRef.of(stat_at(fd)),
+                                                      fix=True)
         finally:
             os.close(fd)
     finally:
@@ -156,32 +159,39 @@ def test_scan_skips_a_bind_mounted_file(scratch: Path, accounts: Accounts) -> No
     assert stat.S_IMODE(os.lstat(victim).st_mode) == 0o600
 
 
-def test_fd_primitives_act_on_the_inode_behind_an_o_path_fd(scratch: Path,
-                                                            accounts: Accounts) -> None:
+def test_judge_acts_on_the_inode_behind_an_o_path_fd(scratch: Path,
+                                                    accounts: Accounts) -> None:
+    """The slow path's one entry heals the very inode behind an O_PATH fd: a symlink's fd
+    changes the link's group only, never its target, and its mode is never asked for."""
     target = scratch / "target"
     target.touch()
     os.chmod(target, 0o600)
+    os.chown(target, accounts.alice.uid, accounts.alice.gid)
     link = scratch / "link"
     os.symlink(target, link)
-    fd = os.open(target, os.O_PATH | os.O_NOFOLLOW)
-    try:
-        chgrp_fd(fd, accounts.shared_gid)
-        chmod_fd(fd, 0o640)
-    finally:
-        os.close(fd)
-    assert os.lstat(target).st_gid == accounts.shared_gid
-    assert stat.S_IMODE(os.lstat(target).st_mode) == 0o640
+    os.lchown(link, accounts.alice.uid, accounts.alice.gid)
+    engine = _engine(accounts.shared_gid)
+    sfd = os.open(scratch, os.O_PATH)
+    mount = MountRef.of(stat_at(sfd))
+    os.close(sfd)
     lfd = os.open(link, os.O_PATH | os.O_NOFOLLOW)
     try:
-        chgrp_fd(lfd, accounts.bob.gid)  # the link itself
-        with pytest.raises(OSError):
-            chmod_fd(lfd, 0o777)  # the kernel refuses a symlink's mode; nothing followed
-        st = stat_at(lfd)
+        judged = engine.judge(lfd, mount, fix=True)
     finally:
         os.close(lfd)
-    assert stat.S_ISLNK(st.st_mode) and st.st_gid == accounts.bob.gid
-    assert os.lstat(target).st_gid == accounts.shared_gid
-    assert stat.S_IMODE(os.lstat(target).st_mode) == 0o640
+    assert (judged.outcome, judged.set_gid, judged.set_mode) == ("fixed", True, -1)
+    assert os.lstat(link).st_gid == accounts.shared_gid
+    assert os.lstat(target).st_gid == accounts.alice.gid  # nothing followed
+    fd = os.open(target, os.O_PATH | os.O_NOFOLLOW)
+    try:
+        assert engine.judge(fd, mount, fix=False).outcome == "would-fix"
+        judged = engine.judge(fd, mount, fix=True)
+        assert engine.judge(fd, mount, fix=True).outcome == "compliant"
+    finally:
+        os.close(fd)
+    assert (judged.outcome, judged.mode, judged.set_gid, judged.set_mode) == \
+        ("fixed", stat.S_IFREG | 0o600, True, 0o660)
+    assert stat.S_IMODE(os.lstat(target).st_mode) == 0o660
 
 
 def test_tallied_and_laned_scans_do_what_a_listed_scan_does(scratch: Path,
@@ -197,14 +207,14 @@ def test_tallied_and_laned_scans_do_what_a_listed_scan_does(scratch: Path,
             os.chmod(d / f"f{i}", 0o600 if i % 3 else 0o660)
             os.chown(d / f"f{i}", accounts.alice.uid, accounts.alice.gid if i % 2 else
                      accounts.shared_gid)
-    gid, table = accounts.shared_gid, mode_table("keep")
+    engine = _engine(accounts.shared_gid)
     results = []
     for d, tally, lanes in ((dirs[0], False, 1), (dirs[1], True, 3)):
         names = sorted(os.listdir(d)) + ["gone"]
         fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
         try:
-            results.append(scan(fd, names, gid, table, (0,), True, os.fstat(fd).st_dev, -1,
-                                tally=tally, lanes=lanes))
+            results.append(engine.scan(fd, names, MountRef(os.fstat(fd).st_dev, -1), fix=True,
+                                       tally=tally, lanes=lanes))
         finally:
             os.close(fd)
     listed, tallied = results
@@ -225,7 +235,7 @@ def _walk(top: Path, gid: int, fix: bool = True) -> WalkResult:
     fd = os.open(top, os.O_RDONLY | os.O_DIRECTORY)
     try:
         st = stat_at(fd)
-        return walk(fd, gid, mode_table("keep"), (0,), fix, st.st_dev, st.mnt_id)
+        return _engine(gid).walk(fd, MountRef.of(st), fix=fix)
     finally:
         os.close(fd)
 
@@ -338,13 +348,6 @@ def test_open_dir_resolves_beneath_without_symlinks_or_mounts(scratch: Path,
         remove_tree(top)
 
 
-class _Stamp(NamedTuple):
-    ino: int
-    mtime: int
-    ctime: int
-    subdirs: tuple[str, ...]
-
-
 def test_check_stamps_of_a_chain_deeper_than_the_fd_window(scratch: Path,
                                                            accounts: Accounts) -> None:
     """The poller's stamp check descends on an explicit stack: thousands of levels, no
@@ -357,16 +360,16 @@ def test_check_stamps_of_a_chain_deeper_than_the_fd_window(scratch: Path,
         fd = os.open(top, os.O_RDONLY | os.O_DIRECTORY)
         try:
             st = stat_at(fd)
-            walk(fd, gid, mode_table("keep"), (0,), True, st.st_dev, st.mnt_id)  # compliant
+            engine = _engine(gid)
+            engine.walk(fd, MountRef.of(st), fix=True)  # compliant
             os.chown(top, accounts.alice.uid, gid)
             os.chmod(top, 0o2770)
-            stamps: dict[int, _Stamp] = {}
+            stamps: dict[int, Stamp] = {}
             cur, rel = os.dup(fd), ""
             for i in range(levels + 1):  # stamp every level, fd by fd (paths > PATH_MAX)
                 st = stat_at(cur)
                 last = i == levels
-                stamps[st.st_ino] = _Stamp(st.st_ino, st.st_mtime_ns, st.st_ctime_ns,
-                                           () if last else ("d",))
+                stamps[st.st_ino] = Stamp.of(st, () if last else ("d",))
                 nxt = -1 if last else os.open("d", os.O_RDONLY | os.O_DIRECTORY, dir_fd=cur)
                 os.close(cur)
                 cur, rel = nxt, f"{rel}/d" if rel else "d"
@@ -379,8 +382,7 @@ def test_check_stamps_of_a_chain_deeper_than_the_fd_window(scratch: Path,
             resource.setrlimit(resource.RLIMIT_NOFILE,  # an fd per level would not fit
                                (len(os.listdir("/proc/self/fd")) + 100, hard))
             try:
-                visited, stale = check_stamps(fd, stamps, gid, mode_table("keep"), st.st_dev,
-                                              st.mnt_id)
+                visited, stale = engine.check_stamps(fd, stamps, MountRef.of(st))
             finally:
                 resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
         finally:

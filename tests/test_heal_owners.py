@@ -74,20 +74,21 @@ def test_the_fast_path_finds_an_owner_among_many_members(tmp_path: Path,
                                                          accounts: Accounts) -> None:
     """C looks owners up by binary search: an owner anywhere in a long sorted list is a
     member, a uid between two members is not."""
-    from envctl_shared.heal.fsops import scan, stat_at
-    from envctl_shared.policy import mode_table
+    from envctl_shared.heal.fsops import Engine, MountRef, stat_at
+    from envctl_shared.policy import Rules
 
     for name, owner in (("mine", accounts.alice.uid), ("theirs", accounts.mallory.uid)):
         (tmp_path / name).write_text("x")
         os.chown(tmp_path / name, owner, owner)
         os.chmod(tmp_path / name, 0o600)
     alice = accounts.alice.uid  # in the middle of 1,000 others; mallory between two of them
-    members = sorted({*range(alice - 999, alice + 1000, 2), alice} - {accounts.mallory.uid})
+    members = sorted({*range(alice - 999, alice + 1000, 2), alice} - {accounts.mallory.uid},
+                     reverse=True)  # the engine sorts them itself
     fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         st = stat_at(fd)
-        found = scan(fd, ["mine", "theirs"], accounts.shared_gid, mode_table("keep"), [0],
-                     False, st.st_dev, st.mnt_id, members=members)
+        engine = Engine(Rules(gid=accounts.shared_gid, members=tuple(members)))
+        found = engine.scan(fd, ["mine", "theirs"], MountRef.of(st), fix=False)
     finally:
         os.close(fd)
     assert [f[1] for f in found.fixed] == ["mine"]  # would be fixed

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from envctl_shared import config
 from envctl_shared.errors import ConfigError
-from envctl_shared.policy import Kind, judge, wanted_mode
+from envctl_shared.policy import Kind, Rules, Verdict, wanted_mode
 
 from .helpers import VENV_BIN
 
@@ -39,6 +39,10 @@ def _root(others: str = "keep") -> config.RootConfig:
     return config.RootConfig(path=Path("/r"), group="g", gid=100, others=others)  # type: ignore[arg-type]
 
 
+def judge(st_mode: int, st_gid: int, root: config.RootConfig, is_root: bool = False) -> Verdict:
+    return Rules.of(root).verdict(st_mode, st_gid, is_root)
+
+
 def test_judge_kinds() -> None:
     assert judge(D | 0o2770, 100, _root()).ok
     v = judge(F | 0o600, 5, _root())
@@ -49,6 +53,15 @@ def test_judge_kinds() -> None:
     fifo = judge(stat.S_IFIFO | 0o600, 5, _root())
     assert fifo.kind is Kind.SPECIAL and fifo.gid is None and fifo.mode is None  # never changed
     assert not fifo.ok  # but always reported
+
+
+def test_the_requests_roots_own_rule_is_in_its_rules() -> None:
+    """The requests root's directory is sticky (its own table); nothing below it is."""
+    from dataclasses import replace
+    root = replace(_root(), holds_requests=True)
+    assert judge(D | 0o2770, 100, root, is_root=True).mode == 0o3770
+    assert judge(D | 0o2770, 100, root).ok
+    assert judge(D | 0o2770, 100, _root(), is_root=True).ok
 
 
 def _write(tmp_path: Path, text: str) -> Path:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 from envctl_shared import config
-from envctl_shared.policy import NEVER_FIXED, Kind, judge, mode_table
+from envctl_shared.policy import NEVER_FIXED, Kind, Rules, mode_table
 
 from tests.conftest import Accounts
 from tests.daemon_support import Envctld, write_config
@@ -30,7 +30,7 @@ F = stat.S_IFREG
 @pytest.mark.parametrize("perm", [0o4700, 0o2700, 0o6755, 0o2640, 0o4000])
 def test_setid_files_are_never_fixed(perm: int, others: str) -> None:
     root = config.RootConfig(path=Path("/r"), group="g", gid=100, others=others)  # type: ignore[arg-type]
-    v = judge(F | perm, 5, root)
+    v = Rules.of(root).verdict(F | perm, 5)
     assert v.kind is Kind.SPECIAL and v.gid is None and v.mode is None and not v.ok
     table = memoryview(mode_table(others)).cast("H")
     assert table[F | perm] == NEVER_FIXED  # the C fast path hands it back too

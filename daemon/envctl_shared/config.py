@@ -21,7 +21,6 @@ import grp
 import os
 import pwd
 import re
-import stat
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -361,20 +360,6 @@ def _absolute(reader: _Reader, key: str, value: str | None) -> Path | None:
     return Path("/" + os.path.normpath(path).lstrip("/"))
 
 
-def _first_symlink(path: Path) -> Path | None:
-    """The first component of ``path`` that is a symlink (lstat, from '/' down), or None; the
-    look stops at the first component that does not exist or cannot be looked at."""
-    here = Path("/")
-    for part in path.parts[1:]:
-        here = here / part
-        try:
-            if stat.S_ISLNK(os.lstat(here).st_mode):
-                return here
-        except OSError:
-            return None
-    return None
-
-
 def _root(source: str, i: int, data: Any) -> RootConfig:
     r = _Reader(source, f"roots[{i}]", data)
     path = _absolute(r, "path", r.get("path", str, None))
@@ -383,7 +368,8 @@ def _root(source: str, i: int, data: Any) -> RootConfig:
     assert path is not None
     if path == Path("/"):
         r.fail("path", "must not be '/'")
-    link = _first_symlink(path)
+    from .fsinfo import first_symlink  # here: the filesystem is only asked for roots
+    link = first_symlink(path)
     if link is not None:
         r.fail("path", f"{path}: {link} is a symlink (to {os.path.realpath(link)}): name the "
                f"real directory, {os.path.realpath(path)} (through a link a root could overlap "

@@ -1,17 +1,23 @@
-"""Which filesystem a path lives on, from /proc/self/mountinfo.
+"""Which filesystem a path lives on (from /proc/self/mountinfo), and whether a path is safe.
 
 Why: two decisions depend on it. inotify is blind to other clients' writes on network and FUSE
 filesystems, so the watcher must add polling there; and every metadata call is a round trip
 there, so walks should be concurrent. On a local disk neither is worth its cost. (Whether an
 entry is on the root's mount is not decided here: the healer compares ``statx`` mount ids.)
+
+``first_symlink`` is the one check that a configured or typed path is named without a symlink
+(a root in the config, a path given to ``envctl heal``): through a link, a root could overlap
+another unseen, and the link's owner would choose what root's writes reach.
 """
 
 from __future__ import annotations
 
 import os
 import select
+import stat
 import threading
 from dataclasses import dataclass
+from pathlib import Path
 
 # Filesystem types where inotify misses writes made elsewhere and metadata calls are remote.
 REMOTE_TYPES = frozenset({
@@ -122,3 +128,36 @@ def walk_concurrency(path: str | os.PathLike[str], configured: int | None = None
     except OSError:
         remote = False
     return (configured or REMOTE_CONCURRENCY) if remote else LOCAL_CONCURRENCY
+
+
+_PATH_DIR = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def first_symlink(path: Path, base: Path = Path("/")) -> Path | None:
+    """The first component of the absolute ``path`` below ``base`` that is a symlink, or None.
+
+    Each directory is looked at through an ``O_PATH|O_NOFOLLOW`` fd of its parent (never by
+    re-resolving a path string, which a rename racing the look could redirect). The look stops
+    (None) at a component that does not exist, is no directory, or cannot be looked at: what
+    uses the path reports that itself."""
+    try:
+        fd = os.open(base, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        here = base
+        for part in path.relative_to(base).parts:
+            here = here / part
+            st = os.stat(part, dir_fd=fd, follow_symlinks=False)
+            if stat.S_ISLNK(st.st_mode):
+                return here
+            if not stat.S_ISDIR(st.st_mode):
+                return None
+            nxt = os.open(part, _PATH_DIR, dir_fd=fd)
+            os.close(fd)
+            fd = nxt
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    return None

@@ -1,8 +1,11 @@
-"""What "correct" means for one entry under a shared root.
+"""What "correct" means for one entry under a shared root: the one place the rules live.
 
-Pure functions of an ``os.stat_result`` and a :class:`~envctl_shared.config.RootConfig`: no I/O, so
-the healer, the checker and the daemon agree by construction, and the rules are testable on their
-own. The rules (README, "Policy"):
+A root's rules are compiled once into a :class:`Rules` (gid, the mode tables, protected owners,
+members, the root's own rule, the excluded trees), and the C engine (``heal/_fastfs.c``, through
+``heal.fsops.Engine``) executes them for every entry — the walks, the poller's stamp check and
+the walker's slow path alike ask the same C ``classify``, so no order of the owner rules (another
+mount, special, compliant, protected, foreign) is written anywhere else. No I/O here: the rules
+are testable on their own. The rules (README, "Policy"):
 
 - group = the root's group; the owner is never changed;
 - directories: group rwx and SGID (so new entries inherit the group);
@@ -13,6 +16,12 @@ own. The rules (README, "Policy"):
   members still create their own entries, but cannot rename or delete the daemon's ``.envctl``
   and ``NAME`` links, or each other's entries (like /tmp);
 - symlinks: only their own group (their mode means nothing on Linux);
+- another mount below the root: neither changed nor entered;
+- entries of ``protected_owners`` are never changed (the root itself excepted: the admin named
+  it); with ``owners: members``, entries of owners who are not members are never changed either
+  (a member could move a non-member's tree into the root and share it with the group);
+- the excluded patterns — the requests root's ``.envctl`` (``config.DAEMON_AREA``, the daemon's
+  managed tree) among them — are neither changed nor entered;
 - fifos, sockets, devices: never touched, only reported;
 - regular files with setuid or setgid: never touched either, only reported. Widening one gives
   its owner's (or its group's) privileges to everyone it is widened to: a member's private
@@ -25,11 +34,11 @@ from __future__ import annotations
 
 import stat
 from array import array
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 from functools import cache
 
-from .config import RootConfig
+from .config import Others, RootConfig
 
 
 class Kind(str, Enum):
@@ -98,36 +107,68 @@ def wanted_mode(mode: int, kind: Kind, others: str) -> int:
     return perm
 
 
-def judge(st_mode: int, st_gid: int, root: RootConfig, is_root: bool = False) -> Verdict:
-    """The verdict for an entry whose lstat/fstat gave ``st_mode`` and ``st_gid``; ``is_root``:
-    the entry is the root directory itself."""
-    kind = kind_of(st_mode)
-    if kind is Kind.SPECIAL:
-        return Verdict(kind)
-    gid = None if st_gid == root.gid else root.gid
-    if kind is Kind.SYMLINK:
-        return Verdict(kind, gid=gid)
-    want = wanted_mode(st_mode, kind, root.others)
-    if is_root and kind is Kind.DIR and root.holds_requests:
-        want |= stat.S_ISVTX
-    return Verdict(kind, gid=gid, mode=None if want == stat.S_IMODE(st_mode) else want)
-
-
 NEVER_FIXED = 0xFFFF  # mode_table value for entries the fast path hands back (specials)
 
 
 @cache
-def mode_table(others: str) -> bytes:
+def mode_table(others: str, sticky_dirs: bool = False) -> bytes:
     """The wanted permission bits for every possible ``st_mode``, as 65536 native uint16.
 
-    The healer's C fast path judges an entry as ``gid == root gid and table[st_mode] ==
-    st_mode & 0o7777`` and fixes it to ``table[st_mode]``, so the rules stay here, in one place.
-    Special files (setuid/setgid ones included) get ``NEVER_FIXED``: they are only reported.
+    The C engine judges an entry as ``gid == root gid and table[st_mode] == st_mode & 0o7777``
+    and fixes it to ``table[st_mode]``, so the rules stay here, in one place. Special files
+    (setuid/setgid ones included) get ``NEVER_FIXED``: they are only reported. ``sticky_dirs``:
+    directories also want the sticky bit (the requests root's own rule).
     """
     table = array("H", [NEVER_FIXED]) * 65536
+    sticky = stat.S_ISVTX if sticky_dirs else 0
     for perm in range(0o10000):
-        table[stat.S_IFDIR | perm] = wanted_mode(perm, Kind.DIR, others)
+        table[stat.S_IFDIR | perm] = wanted_mode(perm, Kind.DIR, others) | sticky
         if not perm & _SETID:
             table[stat.S_IFREG | perm] = wanted_mode(perm, Kind.FILE, others)
         table[stat.S_IFLNK | perm] = perm  # a symlink's mode means nothing: only its group
     return table.tobytes()
+
+
+@dataclass(frozen=True)
+class Rules:
+    """One root's rules, compiled once (:meth:`of`) and executed by the C engine.
+
+    ``table``/``root_table``: the wanted bits of an entry and of the root directory itself;
+    ``members``: None (any owner), else the only owners whose entries may be changed, sorted;
+    ``exclude``: patterns (root-relative) neither changed nor entered, the daemon's managed tree
+    (``.envctl`` of the requests root) included.
+    """
+
+    gid: int
+    others: Others = "keep"
+    protected: tuple[int, ...] = (0,)
+    members: tuple[int, ...] | None = None
+    sticky_root: bool = False
+    exclude: tuple[str, ...] = ()
+    table: bytes = field(init=False, repr=False, compare=False)
+    root_table: bytes = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "table", mode_table(self.others))
+        object.__setattr__(self, "root_table", mode_table(self.others, self.sticky_root))
+
+    @classmethod
+    def of(cls, root: RootConfig) -> Rules:
+        """The rules of ``root``: the requests root's directory is sticky (members create
+        their own entries but cannot rename the daemon's ``.envctl`` and ``NAME`` links away,
+        nor each other's entries: like /tmp)."""
+        members = None if root.member_uids is None else tuple(sorted(root.member_uids))
+        return cls(gid=root.gid, others=root.others, protected=root.protected_owners,
+                   members=members, sticky_root=root.holds_requests, exclude=root.exclude)
+
+    def verdict(self, st_mode: int, st_gid: int, is_root: bool = False) -> Verdict:
+        """What an entry with ``st_mode`` and ``st_gid`` needs, by the tables (for reporting:
+        whether it may be changed — mount, owners — is the engine's ``classify``)."""
+        kind = kind_of(st_mode)
+        if kind is Kind.SPECIAL:
+            return Verdict(kind)
+        gid = None if st_gid == self.gid else self.gid
+        if kind is Kind.SYMLINK:
+            return Verdict(kind, gid=gid)
+        want = memoryview(self.root_table if is_root else self.table).cast("H")[st_mode]
+        return Verdict(kind, gid=gid, mode=None if want == stat.S_IMODE(st_mode) else want)

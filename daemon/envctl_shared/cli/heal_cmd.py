@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import errno
 import os
-import stat
 import sys
 import time
 from dataclasses import dataclass
@@ -30,7 +29,7 @@ from typing import Any
 
 from .. import config as cfgmod
 from ..errors import EX_FAILURE, EX_IOERR, EX_OK, FilesystemError, UsageError
-from ..fsinfo import walk_concurrency
+from ..fsinfo import first_symlink, walk_concurrency
 from ..heal import Finding, Healer, HealStats
 from .access import missing_hint, permission_hint
 from .output import emit_json, quote_name
@@ -151,34 +150,10 @@ def _absolute(p: str) -> Path:
     return Path("/" + "/".join(kept))
 
 
-def _first_symlink(path: Path, base: Path) -> Path | None:
-    """The first component of ``path`` below ``base`` that is a symlink, looked at through an
-    ``O_PATH`` fd per directory (never by re-resolving a path string), or None."""
-    fd = os.open(base, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        here = base
-        for part in path.relative_to(base).parts:
-            here = here / part
-            st = os.stat(part, dir_fd=fd, follow_symlinks=False)
-            if stat.S_ISLNK(st.st_mode):
-                return here
-            if not stat.S_ISDIR(st.st_mode):
-                return None  # the last component (or an error reported later)
-            nxt = os.open(part, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
-                          dir_fd=fd)
-            os.close(fd)
-            fd = nxt
-    except FileNotFoundError:
-        return None  # reported as missing by the caller
-    finally:
-        os.close(fd)
-    return None
-
-
 def _refuse_symlinks(p: str, path: Path, base: Path) -> None:
     """Refuse ``path`` when a component below ``base`` is a symlink: healing through it would
     change whatever its owner points it at (another user's private directory), as root."""
-    link = _first_symlink(path, base)
+    link = first_symlink(path, base)
     if link is None:
         return
     what = f"{quote_name(p)} is a symlink" if link == path else \

@@ -13,16 +13,18 @@ The global options ``--socket``, ``--json`` and ``--debug`` are accepted before 
 
 from __future__ import annotations
 
-import argparse
 import sys
-from collections.abc import Iterator, Sequence
 from importlib import import_module
-from types import ModuleType
 
 from .. import __version__
-from ..config import DEFAULT_SOCKET, SOCKET_ENV
-from ..errors import EX_SOFTWARE, EnvctlError, UsageError
-from .output import emit_error, json_emitted
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (half the start-up)
+if TYPE_CHECKING:
+    import argparse
+    from collections.abc import Sequence
+    from types import ModuleType
+
+    from ..errors import EnvctlError
 
 # Each command's module, imported only when that command runs: all of them are ~0.14 s of every
 # start (``request`` needs half of it); help, or a word that is no command, imports them all.
@@ -36,39 +38,6 @@ GLOBAL_OPTIONS: dict[str, tuple[tuple[str, ...], dict[str, object]]] = {
     "json": (("--json",), {"action": "store_true", "default": False}),
     "debug": (("--debug",), {"action": "store_true", "default": False}),
 }
-_GLOBAL_HELP = {"socket": f"daemon socket (default: ${SOCKET_ENV} or {DEFAULT_SOCKET})",
-                "json": "print one JSON document (errors too)",
-                "debug": "show tracebacks on errors"}
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse, but usage errors become UsageError (exit 64) through the one handler."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        raise UsageError(f"{message}", hint=f"run '{self.prog} --help'")
-
-
-def _leaves(parser: argparse.ArgumentParser) -> Iterator[argparse.ArgumentParser]:
-    """Every parser that ends a command line (``heal``, ``request create``, ...)."""
-    subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
-    if not subs:
-        yield parser
-    for action in subs:
-        for child in dict.fromkeys(action.choices.values()):  # aliases share a parser
-            yield from _leaves(child)
-
-
-def _globals_after(leaf: argparse.ArgumentParser) -> None:
-    """Accept the global options after the subcommand without overriding the ones given before
-    it: argparse copies a subparser's defaults over the main namespace, so here they are
-    SUPPRESS (absent unless typed). A command's own ``--json``/``--socket`` keeps its help."""
-    have = {a.dest: a for a in leaf._actions}
-    for dest, (flags, kw) in GLOBAL_OPTIONS.items():
-        if dest in have:
-            have[dest].default = argparse.SUPPRESS
-        else:
-            hidden = {**kw, "default": argparse.SUPPRESS, "help": argparse.SUPPRESS}
-            leaf.add_argument(*flags, **hidden)  # type: ignore[arg-type]
 
 
 def _command(argv: Sequence[str]) -> str | None:
@@ -97,16 +66,18 @@ def command_modules(argv: Sequence[str] = ()) -> list[ModuleType]:
 
 
 def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
-    parser = _Parser(prog="envctl", description="Shared conda environments that simply work.")
+    from .parsing import Parser, global_help, globals_after, leaves
+    parser = Parser(prog="envctl", description="Shared conda environments that simply work.")
     parser.add_argument("--version", action="version", version=f"envctl {__version__}")
+    helps = global_help()
     for dest, (flags, kw) in GLOBAL_OPTIONS.items():
-        parser.add_argument(*flags, **kw, help=_GLOBAL_HELP[dest])  # type: ignore[arg-type]
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+        parser.add_argument(*flags, **kw, help=helps[dest])  # type: ignore[arg-type]
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
     sub.required = True
     for mod in command_modules(argv):
         mod.add_parser(sub)
-    for leaf in _leaves(parser):
-        _globals_after(leaf)
+    for leaf in leaves(parser):
+        globals_after(leaf, GLOBAL_OPTIONS)
     return parser
 
 
@@ -118,6 +89,10 @@ def _typed(argv: list[str], flag: str) -> bool:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv == ["--version"]:  # what scripts probe: answered before anything is imported
+        print(f"envctl {__version__}")  # (argparse, its formatter, errors: 2/3 of the start)
+        return 0
+    from ..errors import EX_SOFTWARE, EnvctlError
     debug, as_json = _typed(argv, "--debug"), _typed(argv, "--json")
     try:
         args = build_parser(argv).parse_args(argv)
@@ -143,6 +118,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _fail(err: EnvctlError, as_json: bool) -> int:
     """Report ``err`` once: as JSON when asked and no document was printed yet (a command that
     printed its result, e.g. a failed build's job, has said it), else as text on stderr."""
+    from .output import emit_error, json_emitted
     emit_error(err, as_json=as_json and not json_emitted())
     return err.exit_code
 

@@ -7,11 +7,14 @@
  * Here a whole batch of entries is listed, inspected and fixed with the GIL released, so
  * walk threads on NFS/FUSE really overlap and Python only sees what needs a decision.
  *
- * This module holds mechanism only. What "correct" means stays in envctl_shared.policy: the caller
- * passes a table of the wanted permission bits for every st_mode (computed by the policy), the
- * wanted group and the protected owners. Entries never changed (special files, protected
- * owners, another mount) come back as skipped with their reason; an entry that changed between
- * inspection and fix is handed back to Python's slow path, which re-judges it. A walk has no
+ * This module executes rules; it does not make them. What "correct" means stays in
+ * envctl_shared.policy, compiled once per root into a Rules object (the tables of wanted
+ * permission bits for every st_mode — of an entry and of the root itself —, the group, the
+ * protected owners, the members of a members-only root). classify() is the one place their
+ * order is applied (another mount, special, compliant, protected, foreign), for the walks,
+ * the scans, the poller's stamp check and Python's slow path (judge) alike. Entries never
+ * changed come back as skipped with their reason; an entry that changed between inspection
+ * and fix is handed back to Python's slow path, which judges it again here. A walk has no
  * recursion and keeps at most WINDOW directory fds whatever the depth, and names entries by
  * (directory node, name), never by a path string. The fast path keeps the healer's safety rules:
  *
@@ -117,25 +120,40 @@ typedef struct {
     size_t name_off; /* in the output arena */
 } dnode;
 
-/* One level of the walk's explicit stack (no C recursion, whatever the depth). */
+/* A directory on a walk's explicit stack, as the walk and the stamp check both hold it: its fd
+ * (-1 once closed: outside the window) and the identity a reopened fd must show (inode,
+ * device, mount). One type, one identity test (same_dir), one window (slide_window). */
 typedef struct {
-    int fd;        /* -1: closed (outside the window) */
-    int lost;      /* could not be reopened as the same directory: abandoned */
+    int fd;
     uint64_t ino, mnt;
     unsigned long long dev;
+} level;
+
+/* One level of the walk's explicit stack (no C recursion, whatever the depth). */
+typedef struct {
+    level at;
+    int lost; /* could not be reopened as the same directory: abandoned */
     size_t node;
     size_t mark; /* its subdirectory names begin here in b->names (they end at the child's mark) */
     size_t next; /* the next of them to visit */
 } frame;
 
+/* A root's rules, compiled once by envctl_shared.policy.Rules (see fsops.Engine) and shared,
+ * read only, by every walk, scan, stamp check and single-entry judgement of that root. */
 typedef struct {
+    PyObject_HEAD
     uint32_t gid;
-    const uint16_t *table;
-    const uint32_t *protected_uids;
+    uint16_t *table;      /* the wanted permission bits of an entry, by st_mode; NO_FIX: never */
+    uint16_t *root_table; /* the same for the root directory itself (its own rule: sticky) */
+    uint32_t *protected_uids;
     Py_ssize_t n_protected;
-    const uint32_t *member_uids; /* members_only: the owners that may be healed */
+    uint32_t *member_uids; /* members_only: the owners that may be healed, sorted */
     Py_ssize_t n_members;
     int members_only;
+} rules_obj;
+
+typedef struct {
+    const rules_obj *rules;
     int fix;
     int tally; /* fixed entries are only counted (in tallies), not recorded one by one */
     int walk;  /* descend into subdirectories (walk) instead of reporting them (scan) */
@@ -281,11 +299,12 @@ static int same_fs(unsigned long long root_dev, long long root_mnt, const statx_
 
 /* Set group and permission bits on the inode behind fd (an O_PATH or a directory fd), as
  * judged from `now`; fills r->set_gid/set_mode. Returns 0 or -1 with r->err set. */
-static int apply_fix(const batch *b, int fd, statx_buf *now, record *r)
+static int apply_fix(const rules_obj *rules, const uint16_t *table, int fd, statx_buf *now,
+                     record *r)
 {
-    uint16_t want = b->table[now->sx.stx_mode];
-    if (now->sx.stx_gid != b->gid) {
-        if (fchownat(fd, "", (uid_t)-1, b->gid, AT_EMPTY_PATH) != 0)
+    uint16_t want = table[now->sx.stx_mode];
+    if (now->sx.stx_gid != rules->gid) {
+        if (fchownat(fd, "", (uid_t)-1, rules->gid, AT_EMPTY_PATH) != 0)
             goto fail;
         r->set_gid = 1;
     }
@@ -319,32 +338,45 @@ static enum outcome fix_entry(const batch *b, int dirfd, const char *name,
                (now.sx.stx_mode & S_IFMT) != (seen->sx.stx_mode & S_IFMT) ||
                !same_fs(b->root_dev, b->root_mnt, &now)) {
         out = ATTENTION; /* swapped, re-owned or another mount: the slow path re-judges it */
-    } else if (b->table[now.sx.stx_mode] == NO_FIX) {
+    } else if (b->rules->table[now.sx.stx_mode] == NO_FIX) {
         out = ATTENTION; /* became special (a chmod u+s): never touched, the slow path reports it */
-    } else if (apply_fix(b, fd, &now, r) != 0) {
+    } else if (apply_fix(b->rules, b->rules->table, fd, &now, r) != 0) {
         out = ERROR;
     }
     close(fd);
     return out;
 }
 
-/* What to do with an entry of a directory (not the start) judged by `st`: COMPLIANT,
- * WOULD_FIX, FIXED (call fix), or one of the SKIP_ outcomes. The one place the fast path's
- * rules are ordered: another mount first, then specials, then compliance, then owners. */
-static enum outcome classify(const batch *b, const statx_buf *st)
+/* What to do with an entry judged by `st`: COMPLIANT, WOULD_FIX, FIXED (call apply_fix), or
+ * one of the SKIP_ outcomes. THE one place the owner rules are ordered, for the fast path and
+ * Python's slow path alike (py_judge): another mount first, then specials, then compliance,
+ * then owners. The root directory itself (`is_root`) is the mount everything is compared to,
+ * has its own table, and is healed whoever owns it: the admin named it. */
+static enum outcome classify(const rules_obj *rules, const statx_buf *st,
+                             unsigned long long root_dev, long long root_mnt, int is_root,
+                             int fix)
 {
-    uint16_t mode = st->sx.stx_mode, want = b->table[mode];
-    if (!same_fs(b->root_dev, b->root_mnt, st))
+    uint16_t mode = st->sx.stx_mode, want = (is_root ? rules->root_table : rules->table)[mode];
+    if (!is_root && !same_fs(root_dev, root_mnt, st))
         return SKIP_MOUNT;
     if (want == NO_FIX)
         return SKIP_SPECIAL;
-    if (st->sx.stx_gid == b->gid && want == (mode & 07777))
+    if (st->sx.stx_gid == rules->gid && want == (mode & 07777))
         return COMPLIANT;
-    if (in_uids(b->protected_uids, b->n_protected, st->sx.stx_uid))
+    if (is_root)
+        return fix ? FIXED : WOULD_FIX;
+    if (in_uids(rules->protected_uids, rules->n_protected, st->sx.stx_uid))
         return SKIP_PROTECTED;
-    if (b->members_only && !in_sorted_uids(b->member_uids, b->n_members, st->sx.stx_uid))
+    if (rules->members_only &&
+        !in_sorted_uids(rules->member_uids, rules->n_members, st->sx.stx_uid))
         return SKIP_FOREIGN;
-    return b->fix ? FIXED : WOULD_FIX;
+    return fix ? FIXED : WOULD_FIX;
+}
+
+/* classify() an entry of the walk's root's tree (never the root itself). */
+static enum outcome classify_entry(const batch *b, const statx_buf *st)
+{
+    return classify(b->rules, st, b->root_dev, b->root_mnt, 0, b->fix);
 }
 
 static void fill_seen(record *r, const statx_buf *st)
@@ -398,8 +430,8 @@ static int judge_open(batch *b, int dirfd, const char *name, int *is_dir)
     } else {
         b->n_scanned++;
         fill_seen(&tmp, &st);
-        tmp.what = classify(b, &st);
-        if (tmp.what == FIXED && apply_fix(b, fd, &st, &tmp) != 0)
+        tmp.what = classify_entry(b, &st);
+        if (tmp.what == FIXED && apply_fix(b->rules, b->rules->table, fd, &st, &tmp) != 0)
             tmp.what = ERROR;
     }
     if (fd >= 0)
@@ -428,7 +460,7 @@ static int do_entry(batch *b, int dirfd, const char *name, int known_dir, int *i
         *is_dir = 1;
         return 0;
     }
-    tmp.what = classify(b, &seen);
+    tmp.what = classify_entry(b, &seen);
     if (tmp.what != COMPLIANT)
         fill_seen(&tmp, &seen);
     if (tmp.what == FIXED)
@@ -470,14 +502,43 @@ static int list_dir(batch *b, int dirfd, int rewind)
     }
 }
 
-/* Whether the directory behind fd is the one frame f entered (same inode, device, mount). */
-static int same_dir(int fd, const frame *f)
+/* The level of the directory fd, whose statx is st. */
+static level level_of(int fd, const statx_buf *st)
+{
+    return (level){.fd = fd, .ino = st->sx.stx_ino,
+                   .mnt = (st->sx.stx_mask & STATX_MNT_ID) ? statx_mnt_id(st) : 0,
+                   .dev = makedev(st->sx.stx_dev_major, st->sx.stx_dev_minor)};
+}
+
+/* Whether the directory behind fd is the one level l entered (same inode, device, mount). */
+static int same_dir(int fd, const level *l)
 {
     statx_buf st;
     return fd_statx(fd, "", AT_EMPTY_PATH, STATX_WANT, &st) == 0 && S_ISDIR(st.sx.stx_mode) &&
-           st.sx.stx_ino == f->ino &&
-           makedev(st.sx.stx_dev_major, st.sx.stx_dev_minor) == f->dev &&
-           (!(st.sx.stx_mask & STATX_MNT_ID) || statx_mnt_id(&st) == f->mnt);
+           st.sx.stx_ino == l->ino &&
+           makedev(st.sx.stx_dev_major, st.sx.stx_dev_minor) == l->dev &&
+           (!(st.sx.stx_mask & STATX_MNT_ID) || statx_mnt_id(&st) == l->mnt);
+}
+
+/* A level WINDOW below the one just pushed leaves the window: its fd is closed. */
+static void slide_window(level *old)
+{
+    if (old->fd >= 0) {
+        close(old->fd);
+        old->fd = -1;
+    }
+}
+
+/* Reopen the closed level `up` through its open child's "..": -1 unless it is that very
+ * directory (moved or swapped since: the caller decides). */
+static int reopen_through_child(const level *up, const level *child)
+{
+    int fd = openat(child->fd, "..", O_PATH | O_DIRECTORY | O_CLOEXEC);
+    if (fd >= 0 && !same_dir(fd, up)) {
+        close(fd);
+        fd = -1;
+    }
+    return fd;
 }
 
 /* Open frame i again, proven to be the directory it was: through its child's ".." (one
@@ -489,26 +550,21 @@ static int reopen_frame(batch *b, size_t i)
 {
     frame *f = &b->frames[i];
     int fd = -1;
-    if (i + 1 < b->depth && b->frames[i + 1].fd >= 0) {
-        fd = openat(b->frames[i + 1].fd, "..", O_PATH | O_DIRECTORY | O_CLOEXEC);
-        if (fd >= 0 && !same_dir(fd, f)) {
-            close(fd);
-            fd = -1;
-        }
-    }
+    if (i + 1 < b->depth && b->frames[i + 1].at.fd >= 0)
+        fd = reopen_through_child(&f->at, &b->frames[i + 1].at);
     if (fd < 0 && !f->lost) {
         size_t j = i;
-        while (b->frames[j].fd < 0) /* frame 0, the caller's fd, is always open */
+        while (b->frames[j].at.fd < 0) /* frame 0, the caller's fd, is always open */
             j--;
-        int cur = b->frames[j].fd;
+        int cur = b->frames[j].at.fd;
         for (size_t k = j + 1; k <= i; k++) {
             const char *name = b->out.buf + b->nodes[b->frames[k].node].name_off;
             int next = openat(cur, name, O_PATH | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
-            if (next >= 0 && !same_dir(next, &b->frames[k])) {
+            if (next >= 0 && !same_dir(next, &b->frames[k].at)) {
                 close(next);
                 next = -1;
             }
-            if (cur != b->frames[j].fd)
+            if (cur != b->frames[j].at.fd)
                 close(cur);
             if (next < 0) {
                 for (size_t m = k; m <= i; m++)
@@ -526,7 +582,7 @@ static int reopen_frame(batch *b, size_t i)
         if (!f->lost)
             fd = cur;
     }
-    f->fd = fd;
+    f->at.fd = fd;
     if (fd < 0)
         f->next = b->names.len; /* its remaining subdirectories are not visited from here */
     return 0;
@@ -558,10 +614,10 @@ static int visit_subdir(batch *b, int parent, const char *name, int *entered)
         b->n_scanned++;
         b->n_dirs++;
         fill_seen(&tmp, &st);
-        what = classify(b, &st);
+        what = classify_entry(b, &st);
         if (what == FIXED) {
             statx_buf now = st;
-            if (apply_fix(b, fd, &now, &tmp) != 0)
+            if (apply_fix(b->rules, b->rules->table, fd, &now, &tmp) != 0)
                 what = ERROR;
         }
     }
@@ -581,14 +637,10 @@ static int visit_subdir(batch *b, int parent, const char *name, int *entered)
         return -1;
     }
     size_t d = b->depth++;
-    b->frames[d] = (frame){.fd = fd, .ino = st.sx.stx_ino, .node = node,
-                           .mnt = (st.sx.stx_mask & STATX_MNT_ID) ? statx_mnt_id(&st) : 0,
-                           .dev = makedev(st.sx.stx_dev_major, st.sx.stx_dev_minor),
-                           .mark = b->names.len, .next = b->names.len};
-    if (d > WINDOW && b->frames[d - WINDOW].fd >= 0) {
-        close(b->frames[d - WINDOW].fd);
-        b->frames[d - WINDOW].fd = -1;
-    }
+    b->frames[d] = (frame){.at = level_of(fd, &st), .node = node, .mark = b->names.len,
+                           .next = b->names.len};
+    if (d > WINDOW)
+        slide_window(&b->frames[d - WINDOW].at);
     *entered = 1;
     return 0;
 }
@@ -600,10 +652,10 @@ static int pop_frame(batch *b)
     frame *f = &b->frames[i];
     b->names.len = f->mark;
     int rc = 0;
-    if (i > 0 && b->frames[i - 1].fd < 0 && !b->frames[i - 1].lost)
+    if (i > 0 && b->frames[i - 1].at.fd < 0 && !b->frames[i - 1].lost)
         rc = reopen_frame(b, i - 1);
-    if (i > 0 && f->fd >= 0)
-        close(f->fd); /* frame 0's fd is the caller's */
+    if (i > 0 && f->at.fd >= 0)
+        close(f->at.fd); /* frame 0's fd is the caller's */
     b->depth--;
     return rc;
 }
@@ -617,7 +669,7 @@ static int walk_tree(batch *b, int dirfd)
     if (add_node(b, NO_NODE, "", &root_node) != 0 ||
         grow((void **)&b->frames, &b->cap_frames, 1, sizeof *b->frames) != 0)
         return -1;
-    b->frames[0] = (frame){.fd = dirfd, .node = root_node};
+    b->frames[0] = (frame){.at = {.fd = dirfd}, .node = root_node};
     b->depth = 1;
     b->cur = root_node;
     int rc = list_dir(b, dirfd, 1);
@@ -625,7 +677,7 @@ static int walk_tree(batch *b, int dirfd)
         return rc;
     while (b->depth > 0) {
         frame *f = &b->frames[b->depth - 1];
-        if (f->fd < 0 || f->next >= b->names.len) { /* done, or lost */
+        if (f->at.fd < 0 || f->next >= b->names.len) { /* done, or lost */
             if (pop_frame(b) != 0)
                 return -1;
             continue;
@@ -636,13 +688,13 @@ static int walk_tree(batch *b, int dirfd)
         f->next += nlen + 1;
         b->cur = f->node;
         int entered;
-        if (visit_subdir(b, f->fd, name, &entered) != 0) /* f may move: not used after */
+        if (visit_subdir(b, f->at.fd, name, &entered) != 0) /* f may move: not used after */
             return -1;
         if (!entered)
             continue;
         frame *child = &b->frames[b->depth - 1];
         b->cur = child->node;
-        rc = list_dir(b, child->fd, 0);
+        rc = list_dir(b, child->at.fd, 0);
         if (rc < 0)
             return -1;
         if (rc > 0) { /* listing it failed: report the directory, go on */
@@ -726,7 +778,6 @@ static PyObject *build_nodes(batch *b)
     return nodes;
 }
 
-/* Parse the arguments both entry points share; fills b and the protected uid array. */
 /* A Python sequence of uids as a C array (PyMem, freed by the caller); -1 with an exception. */
 static int uid_array(PyObject *seq, const char *what, uint32_t **out, Py_ssize_t *n)
 {
@@ -745,25 +796,97 @@ static int uid_array(PyObject *seq, const char *what, uint32_t **out, Py_ssize_t
     return PyErr_Occurred() ? -1 : 0;
 }
 
-/* `members`: None, or the only owners whose entries may be changed (a members-only root). */
-static int setup_batch(batch *b, Py_buffer *table, PyObject *protected_seq, PyObject *members,
-                       uint32_t **prot, uint32_t **mem)
+static int cmp_uid(const void *a, const void *b)
 {
-    if (table->len != TABLE_BYTES) {
+    uint32_t x = *(const uint32_t *)a, y = *(const uint32_t *)b;
+    return (x > y) - (x < y);
+}
+
+/* A copy of a 65536-entry uint16 table (PyMem); NULL with an exception. */
+static uint16_t *table_copy(Py_buffer *buf)
+{
+    if (buf->len != TABLE_BYTES) {
         PyErr_SetString(PyExc_ValueError, "table must hold 65536 uint16 values");
+        return NULL;
+    }
+    uint16_t *t = PyMem_Malloc(TABLE_BYTES);
+    if (!t)
+        return (uint16_t *)PyErr_NoMemory();
+    memcpy(t, buf->buf, TABLE_BYTES);
+    return t;
+}
+
+static void rules_dealloc(rules_obj *self)
+{
+    PyMem_Free(self->table);
+    PyMem_Free(self->root_table);
+    PyMem_Free(self->protected_uids);
+    PyMem_Free(self->member_uids);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyObject *rules_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+{
+    unsigned int gid;
+    Py_buffer table, root_table;
+    PyObject *protected_seq, *members;
+    static char *kwlist[] = {"gid", "table", "root_table", "protected", "members", NULL};
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "Iy*y*OO", kwlist, &gid, &table, &root_table,
+                                     &protected_seq, &members))
+        return NULL;
+    rules_obj *self = (rules_obj *)type->tp_alloc(type, 0);
+    int ok = self != NULL;
+    if (ok) {
+        self->gid = gid;
+        ok = (self->table = table_copy(&table)) != NULL &&
+             (self->root_table = table_copy(&root_table)) != NULL &&
+             uid_array(protected_seq, "protected must be a sequence of uids",
+                       &self->protected_uids, &self->n_protected) == 0;
+    }
+    if (ok && members != Py_None) {
+        ok = uid_array(members, "members must be a sequence of uids", &self->member_uids,
+                       &self->n_members) == 0;
+        if (ok) { /* looked up by binary search: every wrong entry is */
+            qsort(self->member_uids, (size_t)self->n_members, sizeof *self->member_uids,
+                  cmp_uid);
+            self->members_only = 1;
+        }
+    }
+    PyBuffer_Release(&table);
+    PyBuffer_Release(&root_table);
+    if (!ok) {
+        Py_XDECREF(self);
+        return NULL;
+    }
+    return (PyObject *)self;
+}
+
+PyDoc_STRVAR(rules_doc,
+"Rules(gid, table, root_table, protected, members)\n\n"
+"A root's rules compiled for C (built by envctl_shared.heal.fsops.Engine from a\n"
+"policy.Rules): the root's gid, the wanted permission bits for every st_mode of an entry\n"
+"(``table``) and of the root directory itself (``root_table``), as 65536 native uint16\n"
+"(0xFFFF: never fixed), the protected owners, and ``members`` (None: any owner; else the\n"
+"only owners whose entries may be changed).");
+
+static PyTypeObject RulesType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "envctl_shared.heal._fastfs.Rules",
+    .tp_basicsize = sizeof(rules_obj),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = rules_doc,
+    .tp_new = rules_new,
+    .tp_dealloc = (destructor)rules_dealloc,
+};
+
+/* Set up a batch for `rules` (a Rules object, checked). */
+static int setup_batch(batch *b, PyObject *rules)
+{
+    if (!PyObject_TypeCheck(rules, &RulesType)) {
+        PyErr_SetString(PyExc_TypeError, "rules must be a _fastfs.Rules");
         return -1;
     }
-    b->table = table->buf;
-    if (uid_array(protected_seq, "protected must be a sequence of uids", prot,
-                  &b->n_protected) != 0)
-        return -1;
-    b->protected_uids = *prot;
-    if (members != NULL && members != Py_None) {
-        if (uid_array(members, "members must be a sequence of uids", mem, &b->n_members) != 0)
-            return -1;
-        b->member_uids = *mem;
-        b->members_only = 1;
-    }
+    b->rules = (const rules_obj *)rules;
     b->dents = malloc(DENTS_SIZE);
     if (!b->dents) {
         PyErr_NoMemory();
@@ -775,8 +898,8 @@ static int setup_batch(batch *b, Py_buffer *table, PyObject *protected_seq, PyOb
 static void free_batch(batch *b)
 {
     for (size_t i = 1; i < b->depth; i++) /* left open only when the walk stopped early */
-        if (b->frames[i].fd >= 0)
-            close(b->frames[i].fd);
+        if (b->frames[i].at.fd >= 0)
+            close(b->frames[i].at.fd);
     free(b->out.buf);
     free(b->names.buf);
     free(b->dents);
@@ -827,19 +950,17 @@ static PyObject *batch_result(batch *bs, int n, int err)
 }
 
 PyDoc_STRVAR(scan_doc,
-"scan(dirfd, names, gid, table, protected, fix, root_dev, root_mnt, tally=False, lanes=1,\n"
-"     members=None)\n"
+"scan(dirfd, names, rules, fix, root_dev, root_mnt, tally=False, lanes=1)\n"
 "    -> (n_scanned, subdirs, attention, fixed, skipped, tallied)\n\n"
 "Inspect the entries ``names`` of the directory ``dirfd`` (None: list it), and with ``fix``\n"
-"heal them. ``table`` is 65536 native uint16: the wanted permission bits for each st_mode,\n"
-"0xFFFF for entries never fixed (special files). ``root_mnt`` is the root's mount id (-1:\n"
+"heal them by ``rules`` (a Rules). ``root_mnt`` is the root's mount id (-1:\n"
 "unknown, st_dev decides). n_scanned counts the non-directories judged here; subdirs are\n"
 "directory names (not inspected). Entries are (node, name, ...) with node 0: attention holds\n"
 "(node, name, errno, mode, uid, gid) for what changed under us (errno 0) or failed (ENOENT:\n"
 "vanished); fixed holds (node, name, old_mode, old_gid, set_gid, set_mode), entries fixed or,\n"
 "with fix off, that would be; skipped holds (node, name, reason, mode, uid, gid), reason\n"
-"'protected', 'special', 'mount' or 'foreign' (``members`` given, sorted: the owner is not\n"
-"one of those uids, whose entries alone may be changed). With ``tally``, the entries of ``fixed`` are not listed\n"
+"'protected', 'special', 'mount' or 'foreign' (a members-only root: the owner is not a\n"
+"member). With ``tally``, the entries of ``fixed`` are not listed\n"
 "but counted in tallied, as (S_IFMT type, entries, groups set, modes set, entries changed).\n"
 "``names`` are inspected by up to ``lanes`` threads at once, each its own share (on\n"
 "NFS/FUSE: that many lookups in flight).");
@@ -887,11 +1008,7 @@ static int scan_names(batch *bs, int lanes, int dirfd, const size_t *offs, Py_ss
         pthread_attr_setstacksize(&attr, LANE_STACK);
     for (int i = 0; i < lanes; i++) {
         if (i > 0)
-            bs[i] = (batch){.gid = bs[0].gid, .table = bs[0].table, .fix = bs[0].fix,
-                            .protected_uids = bs[0].protected_uids,
-                            .n_protected = bs[0].n_protected,
-                            .member_uids = bs[0].member_uids, .n_members = bs[0].n_members,
-                            .members_only = bs[0].members_only, .tally = bs[0].tally,
+            bs[i] = (batch){.rules = bs[0].rules, .fix = bs[0].fix, .tally = bs[0].tally,
                             .root_dev = bs[0].root_dev, .root_mnt = bs[0].root_mnt};
         Py_ssize_t lo = n * i / lanes, hi = n * (i + 1) / lanes;
         ls[i] = (lane){.b = &bs[i], .dirfd = dirfd, .names = bs[0].names.buf,
@@ -917,22 +1034,19 @@ static int scan_names(batch *bs, int lanes, int dirfd, const size_t *offs, Py_ss
 static PyObject *py_scan(PyObject *self, PyObject *args)
 {
     int dirfd, fix, tally = 0, lanes = 1;
-    unsigned int gid;
-    PyObject *names, *protected_seq, *members = NULL;
-    Py_buffer table;
+    PyObject *names, *rules;
     unsigned long long root_dev;
     long long root_mnt;
-    if (!PyArg_ParseTuple(args, "iOIy*OpKL|piO", &dirfd, &names, &gid, &table, &protected_seq,
-                          &fix, &root_dev, &root_mnt, &tally, &lanes, &members))
+    if (!PyArg_ParseTuple(args, "iOOpKL|pi", &dirfd, &names, &rules, &fix, &root_dev,
+                          &root_mnt, &tally, &lanes))
         return NULL;
-    batch bs[MAX_LANES] = {{.gid = gid, .fix = fix, .tally = tally, .root_dev = root_dev,
+    batch bs[MAX_LANES] = {{.fix = fix, .tally = tally, .root_dev = root_dev,
                             .root_mnt = root_mnt}};
     int used = 1;
     lanes = lanes < 1 ? 1 : lanes > MAX_LANES ? MAX_LANES : lanes;
     PyObject *result = NULL;
-    uint32_t *prot = NULL, *mem = NULL;
     size_t *offs = NULL;
-    if (setup_batch(&bs[0], &table, protected_seq, members, &prot, &mem) != 0)
+    if (setup_batch(&bs[0], rules) != 0)
         goto out;
     int err = 0;
     if (names == Py_None) {
@@ -972,9 +1086,6 @@ static PyObject *py_scan(PyObject *self, PyObject *args)
     }
     result = batch_result(bs, used, err);
 out:
-    PyBuffer_Release(&table);
-    PyMem_Free(prot);
-    PyMem_Free(mem);
     PyMem_Free(offs);
     for (int i = 0; i < used; i++)
         free_batch(&bs[i]);
@@ -982,7 +1093,7 @@ out:
 }
 
 PyDoc_STRVAR(walk_doc,
-"walk(dirfd, gid, table, protected, fix, root_dev, root_mnt, tally=False, members=None)\n"
+"walk(dirfd, rules, fix, root_dev, root_mnt, tally=False)\n"
 "    -> (n_scanned, n_dirs, nodes, attention, fixed, skipped, tallied)\n\n"
 "scan() for the whole subtree below ``dirfd`` (not dirfd itself), on an explicit stack:\n"
 "no recursion and a bounded number of open fds whatever the depth. Each subdirectory is\n"
@@ -996,20 +1107,16 @@ PyDoc_STRVAR(walk_doc,
 static PyObject *py_walk(PyObject *self, PyObject *args)
 {
     int dirfd, fix;
-    unsigned int gid;
-    PyObject *protected_seq, *members = NULL;
-    Py_buffer table;
+    PyObject *rules;
     unsigned long long root_dev;
     long long root_mnt;
     int tally = 0;
-    if (!PyArg_ParseTuple(args, "iIy*OpKL|pO", &dirfd, &gid, &table, &protected_seq, &fix,
-                          &root_dev, &root_mnt, &tally, &members))
+    if (!PyArg_ParseTuple(args, "iOpKL|p", &dirfd, &rules, &fix, &root_dev, &root_mnt, &tally))
         return NULL;
-    batch b = {.gid = gid, .fix = fix, .tally = tally, .walk = 1, .root_dev = root_dev,
+    batch b = {.fix = fix, .tally = tally, .walk = 1, .root_dev = root_dev,
                .root_mnt = root_mnt};
     PyObject *result = NULL;
-    uint32_t *prot = NULL, *mem = NULL;
-    if (setup_batch(&b, &table, protected_seq, members, &prot, &mem) != 0)
+    if (setup_batch(&b, rules) != 0)
         goto out;
     int err;
     Py_BEGIN_ALLOW_THREADS
@@ -1017,19 +1124,15 @@ static PyObject *py_walk(PyObject *self, PyObject *args)
     Py_END_ALLOW_THREADS
     result = batch_result(&b, 1, err);
 out:
-    PyBuffer_Release(&table);
-    PyMem_Free(prot);
-    PyMem_Free(mem);
     free_batch(&b);
     return result;
 }
 
 /* The stamp check of a serial poll pass: what the walk needs of the poller's table. */
 typedef struct {
-    PyObject *stamps; /* dict: inode number -> object with ino, mtime, ctime, subdirs */
+    PyObject *stamps; /* dict: inode number -> stamp tuple (ino, mtime, ctime, subdirs) */
     PyObject *stale;  /* list of rel */
-    uint32_t gid;
-    const uint16_t *table;
+    const rules_obj *rules;
     unsigned long long root_dev;
     long long root_mnt;
     Py_ssize_t visited;
@@ -1037,15 +1140,14 @@ typedef struct {
 
 /* One level of check_stamps' explicit stack. */
 typedef struct {
-    int fd; /* -1: closed (outside the window) */
-    uint64_t ino, mnt;
-    unsigned long long dev;
+    level at;
     PyObject *rel;     /* owned */
     PyObject *subdirs; /* owned: the stamp's tuple of names */
     Py_ssize_t next;
 } stamp_frame;
 
-static PyObject *s_ino, *s_mtime, *s_ctime, *s_subdirs;
+/* A stamp is a tuple (fsops.Stamp, a NamedTuple): (ino, mtime_ns, ctime_ns, subdirs). */
+enum { STAMP_INO, STAMP_MTIME, STAMP_CTIME, STAMP_SUBDIRS, STAMP_FIELDS };
 
 /* statx of the directory behind fd (counted as visited) and its stamp, looked up by its inode
  * number: NULL (no Python error set) when it has none or cannot be statx'ed. Borrowed. */
@@ -1059,25 +1161,27 @@ static PyObject *dir_stamp(stamp_walk *w, int fd, statx_buf *st)
         return NULL;
     PyObject *stamp = PyDict_GetItemWithError(w->stamps, key);
     Py_DECREF(key);
+    if (stamp && (!PyTuple_Check(stamp) || PyTuple_GET_SIZE(stamp) != STAMP_FIELDS)) {
+        PyErr_SetString(PyExc_TypeError, "a stamp is a tuple (ino, mtime, ctime, subdirs)");
+        return NULL;
+    }
     return stamp;
 }
 
 /* Whether the directory statx'ed in *st is correct and exactly as `stamp` recorded it. */
-static int dir_unchanged(stamp_walk *w, PyObject *stamp, const statx_buf *st)
+static int dir_unchanged(stamp_walk *w, PyObject *stamp, const statx_buf *st, int is_root)
 {
     uint16_t mode = st->sx.stx_mode;
-    if (!S_ISDIR(mode) || !same_fs(w->root_dev, w->root_mnt, st) || st->sx.stx_gid != w->gid ||
-        w->table[mode] != (mode & 07777))
+    if (!S_ISDIR(mode) || classify(w->rules, st, w->root_dev, w->root_mnt, is_root, 0) != COMPLIANT)
         return 0;
     long long mtime = (long long)st->sx.stx_mtime.tv_sec * 1000000000LL + st->sx.stx_mtime.tv_nsec;
     long long ctime = (long long)st->sx.stx_ctime.tv_sec * 1000000000LL + st->sx.stx_ctime.tv_nsec;
-    PyObject *ino = PyObject_GetAttr(stamp, s_ino), *mt = PyObject_GetAttr(stamp, s_mtime),
-             *ct = PyObject_GetAttr(stamp, s_ctime);
-    int same = ino && mt && ct && PyLong_AsUnsignedLongLong(ino) == st->sx.stx_ino &&
+    PyObject *ino = PyTuple_GET_ITEM(stamp, STAMP_INO), *mt = PyTuple_GET_ITEM(stamp, STAMP_MTIME),
+             *ct = PyTuple_GET_ITEM(stamp, STAMP_CTIME);
+    int same = PyLong_AsUnsignedLongLong(ino) == st->sx.stx_ino &&
                PyLong_AsLongLong(mt) == mtime && PyLong_AsLongLong(ct) == ctime;
-    Py_XDECREF(ino);
-    Py_XDECREF(mt);
-    Py_XDECREF(ct);
+    if (PyErr_Occurred())
+        PyErr_Clear(); /* a stamp that is no ints is no match: the poller lists it */
     return same;
 }
 
@@ -1085,11 +1189,11 @@ static int dir_unchanged(stamp_walk *w, PyObject *stamp, const statx_buf *st)
 static int stamp_push(stamp_frame **frames, size_t *depth, size_t *cap, int fd, PyObject *rel,
                       PyObject *stamp, const statx_buf *st)
 {
-    PyObject *subdirs = PyObject_GetAttr(stamp, s_subdirs);
-    if (!subdirs || grow((void **)frames, cap, *depth + 1, sizeof **frames) != 0) {
-        Py_XDECREF(subdirs);
-        if (!PyErr_Occurred())
-            PyErr_NoMemory();
+    PyObject *subdirs = PyTuple_GET_ITEM(stamp, STAMP_SUBDIRS);
+    Py_INCREF(subdirs);
+    if (grow((void **)frames, cap, *depth + 1, sizeof **frames) != 0) {
+        Py_DECREF(subdirs);
+        PyErr_NoMemory();
         return -1;
     }
     if (!PyTuple_Check(subdirs)) { /* nothing known below */
@@ -1097,13 +1201,9 @@ static int stamp_push(stamp_frame **frames, size_t *depth, size_t *cap, int fd, 
         subdirs = PyTuple_New(0);
     }
     stamp_frame *f = &(*frames)[(*depth)++];
-    *f = (stamp_frame){.fd = fd, .ino = st->sx.stx_ino, .rel = rel, .subdirs = subdirs,
-                       .mnt = (st->sx.stx_mask & STATX_MNT_ID) ? statx_mnt_id(st) : 0,
-                       .dev = makedev(st->sx.stx_dev_major, st->sx.stx_dev_minor)};
-    if (*depth - 1 > WINDOW && (*frames)[*depth - 1 - WINDOW].fd >= 0) {
-        close((*frames)[*depth - 1 - WINDOW].fd);
-        (*frames)[*depth - 1 - WINDOW].fd = -1;
-    }
+    *f = (stamp_frame){.at = level_of(fd, st), .rel = rel, .subdirs = subdirs};
+    if (*depth - 1 > WINDOW)
+        slide_window(&(*frames)[*depth - 1 - WINDOW].at);
     return 0;
 }
 
@@ -1115,25 +1215,18 @@ static int check_tree(stamp_walk *w, stamp_frame **frames, size_t *depth, size_t
 {
     while (*depth > 0) {
         stamp_frame *f = &(*frames)[*depth - 1];
-        if (f->fd < 0 || f->next >= PyTuple_GET_SIZE(f->subdirs)) {
+        if (f->at.fd < 0 || f->next >= PyTuple_GET_SIZE(f->subdirs)) {
             size_t i = *depth - 1;
             stamp_frame *up = i > 0 ? &(*frames)[i - 1] : NULL;
-            if (up && up->fd < 0 && f->fd >= 0) {
-                int fd = openat(f->fd, "..", O_PATH | O_DIRECTORY | O_CLOEXEC);
-                frame id = {.ino = up->ino, .mnt = up->mnt, .dev = up->dev};
-                if (fd >= 0 && !same_dir(fd, &id)) {
-                    close(fd);
-                    fd = -1;
-                }
-                up->fd = fd;
-            }
-            if (up && up->fd < 0 && up->next < PyTuple_GET_SIZE(up->subdirs)) {
+            if (up && up->at.fd < 0 && f->at.fd >= 0)
+                up->at.fd = reopen_through_child(&up->at, &f->at);
+            if (up && up->at.fd < 0 && up->next < PyTuple_GET_SIZE(up->subdirs)) {
                 up->next = PyTuple_GET_SIZE(up->subdirs); /* lost: let the poller walk it */
                 if (PyList_Append(w->stale, up->rel) != 0)
                     return -1;
             }
-            if (i > 0 && f->fd >= 0)
-                close(f->fd);
+            if (i > 0 && f->at.fd >= 0)
+                close(f->at.fd);
             Py_DECREF(f->rel);
             Py_DECREF(f->subdirs);
             (*depth)--;
@@ -1147,12 +1240,12 @@ static int check_tree(stamp_walk *w, stamp_frame **frames, size_t *depth, size_t
             Py_XDECREF(child);
             return -1;
         }
-        int cfd = openat(f->fd, PyBytes_AS_STRING(enc),
+        int cfd = openat(f->at.fd, PyBytes_AS_STRING(enc),
                          O_PATH | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
         Py_DECREF(enc);
         statx_buf st;
         PyObject *cstamp = cfd < 0 ? NULL : dir_stamp(w, cfd, &st); /* borrowed */
-        if (PyErr_Occurred() || !cstamp || !dir_unchanged(w, cstamp, &st)) {
+        if (PyErr_Occurred() || !cstamp || !dir_unchanged(w, cstamp, &st, 0)) {
             if (cfd >= 0)
                 close(cfd);
             int rc = PyErr_Occurred() ? -1 : PyList_Append(w->stale, child);
@@ -1171,12 +1264,12 @@ static int check_tree(stamp_walk *w, stamp_frame **frames, size_t *depth, size_t
 }
 
 PyDoc_STRVAR(check_stamps_doc,
-"check_stamps(root_fd, stamps, gid, table, root_dev, root_mnt) -> (visited, stale)\n\n"
+"check_stamps(root_fd, stamps, rules, root_dev, root_mnt) -> (visited, stale)\n\n"
 "The incremental poll pass of a serial (local disk) walk. ``stamps`` maps directories'\n"
-"inode numbers to objects with ``ino``, ``mtime``, ``ctime`` (ns) and ``subdirs`` (a\n"
-"tuple of names). From the root, every known subdirectory is opened O_PATH|O_NOFOLLOW\n"
+"inode numbers to stamps, tuples (ino, mtime_ns, ctime_ns, subdirs: a tuple of names).\n"
+"From the root, every known subdirectory is opened O_PATH|O_NOFOLLOW\n"
 "relative to its parent, statx'ed and looked up by its inode number; one that is\n"
-"unknown, changed, wrong by ``table`` or\n"
+"unknown, changed, not compliant by ``rules`` or\n"
 "on another mount is returned in ``stale`` and not entered. Iterative, with a bounded\n"
 "number of open fds whatever the depth. Runs with the GIL held (it reads the dict): meant\n"
 "for local disks, where the whole pass takes a fraction of a second.");
@@ -1184,31 +1277,25 @@ PyDoc_STRVAR(check_stamps_doc,
 static PyObject *py_check_stamps(PyObject *self, PyObject *args)
 {
     int root_fd;
-    unsigned int gid;
-    PyObject *stamps;
-    Py_buffer table;
+    PyObject *stamps, *rules;
     unsigned long long root_dev;
     long long root_mnt;
-    if (!PyArg_ParseTuple(args, "iO!Iy*KL", &root_fd, &PyDict_Type, &stamps, &gid, &table,
+    if (!PyArg_ParseTuple(args, "iO!O!KL", &root_fd, &PyDict_Type, &stamps, &RulesType, &rules,
                           &root_dev, &root_mnt))
         return NULL;
     PyObject *result = NULL, *root = PyUnicode_FromString("");
-    stamp_walk w = {.stamps = stamps, .stale = PyList_New(0), .gid = gid, .table = table.buf,
+    stamp_walk w = {.stamps = stamps, .stale = PyList_New(0), .rules = (rules_obj *)rules,
                     .root_dev = root_dev, .root_mnt = root_mnt};
     stamp_frame *frames = NULL;
     size_t depth = 0, cap = 0;
     if (!root || !w.stale)
         goto out;
-    if (table.len != TABLE_BYTES) {
-        PyErr_SetString(PyExc_ValueError, "table must hold 65536 uint16 values");
-        goto out;
-    }
     statx_buf st;
     PyObject *stamp = dir_stamp(&w, root_fd, &st); /* borrowed */
     if (PyErr_Occurred())
         goto out;
     int rc;
-    if (!stamp || !dir_unchanged(&w, stamp, &st)) {
+    if (!stamp || !dir_unchanged(&w, stamp, &st, 1)) {
         rc = PyList_Append(w.stale, root);
     } else {
         Py_INCREF(root);
@@ -1222,15 +1309,14 @@ static PyObject *py_check_stamps(PyObject *self, PyObject *args)
         result = Py_BuildValue("(nO)", w.visited, w.stale);
 out:
     for (size_t i = 0; i < depth; i++) { /* left only after an error */
-        if (i > 0 && frames[i].fd >= 0)
-            close(frames[i].fd);
+        if (i > 0 && frames[i].at.fd >= 0)
+            close(frames[i].at.fd);
         Py_DECREF(frames[i].rel);
         Py_DECREF(frames[i].subdirs);
     }
     free(frames);
     Py_XDECREF(root);
     Py_XDECREF(w.stale);
-    PyBuffer_Release(&table);
     return result;
 }
 
@@ -1364,83 +1450,77 @@ static PyObject *py_stat(PyObject *self, PyObject *args)
                          mnt);
 }
 
-PyDoc_STRVAR(chgrp_doc,
-"chgrp(fd, gid)\n\nSet the group of the inode behind ``fd`` (an O_PATH fd included: a symlink\n"
-"stays the link) with fchownat(AT_EMPTY_PATH), which Python's os module cannot express.");
+PyDoc_STRVAR(same_mount_doc,
+"same_mount(fd, root_dev, root_mnt) -> bool\n\n"
+"Whether the inode behind ``fd`` is on the root's very mount (mount id ``root_mnt``; -1:\n"
+"the kernel gives none, ``root_dev`` decides): the engine's one same-mount test, for\n"
+"Python callers (the inotify watch). Raises OSError.");
 
-/* chgrp and chmod of the inode behind an fd: parse (fd, value), run without the GIL. */
-typedef int (*fd_op)(int fd, unsigned int value);
-
-static PyObject *call_fd_op(PyObject *args, fd_op op)
+static PyObject *py_same_mount(PyObject *self, PyObject *args)
 {
     int fd, rc;
-    unsigned int value;
-    if (!PyArg_ParseTuple(args, "iI", &fd, &value))
+    unsigned long long root_dev;
+    long long root_mnt;
+    if (!PyArg_ParseTuple(args, "iKL", &fd, &root_dev, &root_mnt))
         return NULL;
+    statx_buf st;
     Py_BEGIN_ALLOW_THREADS
-    rc = op(fd, value);
+    rc = fd_statx(fd, "", AT_EMPTY_PATH, STATX_WANT, &st);
     Py_END_ALLOW_THREADS
     if (rc != 0)
         return PyErr_SetFromErrno(PyExc_OSError);
-    Py_RETURN_NONE;
+    return PyBool_FromLong(same_fs(root_dev, root_mnt, &st));
 }
 
-static int chgrp_fd(int fd, unsigned int gid)
+static const char *const outcome_name[] = {
+    [COMPLIANT] = "compliant", [FIXED] = "fixed", [WOULD_FIX] = "would-fix",
+    [SKIP_PROTECTED] = "protected", [SKIP_SPECIAL] = "special", [SKIP_MOUNT] = "mount",
+    [SKIP_FOREIGN] = "foreign"};
+
+PyDoc_STRVAR(judge_doc,
+"judge(fd, rules, fix, root_dev, root_mnt, is_root) -> (outcome, mode, uid, gid, set_gid,\n"
+"                                                     set_mode)\n\n"
+"The slow path's one entry: judge the inode behind ``fd`` (an O_PATH or a directory fd) by\n"
+"its own statx and ``rules`` (the same classify() as every walk: mount, special,\n"
+"compliant, protected, foreign), and with ``fix`` heal it right after, in one call without\n"
+"the GIL. ``is_root``: ``fd`` is the root directory itself (its own table; owners not asked).\n"
+"outcome: 'compliant', 'fixed', 'would-fix', 'protected', 'special', 'mount' or 'foreign';\n"
+"mode/uid/gid as judged; ``set_gid``: the group was changed; ``set_mode``: the bits set, or\n"
+"-1. Why in one call: a chmod computed from a mode read earlier undoes a chmod its writer\n"
+"made in between (tar and pip create, then chmod at once). Raises OSError.");
+
+static PyObject *py_judge(PyObject *self, PyObject *args)
 {
-    return fchownat(fd, "", (uid_t)-1, gid, AT_EMPTY_PATH);
-}
-
-static PyObject *py_chgrp(PyObject *self, PyObject *args)
-{
-    return call_fd_op(args, chgrp_fd);
-}
-
-PyDoc_STRVAR(chmod_doc,
-"chmod(fd, mode)\n\nSet the permission bits of the inode behind ``fd`` (O_PATH fds included)\n"
-"with fchmodat2(AT_EMPTY_PATH), or /proc/self/fd before Linux 6.6.");
-
-static PyObject *py_chmod(PyObject *self, PyObject *args)
-{
-    return call_fd_op(args, chmod_path_fd);
-}
-
-PyDoc_STRVAR(fix_doc,
-"fix(fd, gid, table) -> (set_gid, set_mode)\n\nHeal the inode behind ``fd`` (an O_PATH or a directory fd):\n"
-"judged from its own statx and changed right after, in one call without the GIL. Why: a\n"
-"chmod computed from a mode read earlier undoes a chmod its writer made in between (tar\n"
-"and pip create, then chmod at once); here that window is the few microseconds between\n"
-"the statx and the write. ``set_gid``: the group was changed; ``set_mode``: the bits set,\n"
-"or -1. A mode the table never fixes (a special file, setuid/setgid) is left alone.");
-
-static PyObject *py_fix(PyObject *self, PyObject *args)
-{
-    int fd, rc = 0;
-    Py_buffer table;
-    batch b = {0};
+    int fd, fix, is_root, rc = 0;
+    PyObject *rules_arg;
+    unsigned long long root_dev;
+    long long root_mnt;
+    if (!PyArg_ParseTuple(args, "iO!pKLp", &fd, &RulesType, &rules_arg, &fix, &root_dev,
+                          &root_mnt, &is_root))
+        return NULL;
+    const rules_obj *rules = (const rules_obj *)rules_arg;
     record r = {.set_mode = -1};
     statx_buf now;
-    if (!PyArg_ParseTuple(args, "iIy*", &fd, &b.gid, &table))
-        return NULL;
-    if (table.len != TABLE_BYTES) {
-        PyBuffer_Release(&table);
-        PyErr_SetString(PyExc_ValueError, "table must hold 65536 uint16 values");
-        return NULL;
-    }
-    b.table = table.buf;
+    enum outcome what = COMPLIANT;
     Py_BEGIN_ALLOW_THREADS
     if (fd_statx(fd, "", AT_EMPTY_PATH, STATX_WANT, &now) != 0) {
         r.err = errno;
         rc = -1;
-    } else if (b.table[now.sx.stx_mode] != NO_FIX) {
-        rc = apply_fix(&b, fd, &now, &r);
+    } else {
+        what = classify(rules, &now, root_dev, root_mnt, is_root, fix);
+        if (what == FIXED)
+            rc = apply_fix(rules, is_root ? rules->root_table : rules->table, fd, &now, &r);
     }
     Py_END_ALLOW_THREADS
-    PyBuffer_Release(&table);
     if (rc != 0) {
         errno = r.err;
         return PyErr_SetFromErrno(PyExc_OSError);
     }
-    return Py_BuildValue("(Oi)", r.set_gid ? Py_True : Py_False, r.set_mode);
+    if (what == FIXED && !r.set_gid && r.set_mode < 0)
+        what = COMPLIANT; /* (cannot happen: classify saw something to change) */
+    return Py_BuildValue("(sIIIOi)", outcome_name[what], (unsigned int)now.sx.stx_mode,
+                         now.sx.stx_uid, now.sx.stx_gid, r.set_gid ? Py_True : Py_False,
+                         r.set_mode);
 }
 
 static PyMethodDef methods[] = {
@@ -1449,9 +1529,8 @@ static PyMethodDef methods[] = {
     {"check_stamps", py_check_stamps, METH_VARARGS, check_stamps_doc},
     {"open_dir", py_open_dir, METH_VARARGS, open_dir_doc},
     {"stat", py_stat, METH_VARARGS, stat_doc},
-    {"chgrp", py_chgrp, METH_VARARGS, chgrp_doc},
-    {"chmod", py_chmod, METH_VARARGS, chmod_doc},
-    {"fix", py_fix, METH_VARARGS, fix_doc},
+    {"judge", py_judge, METH_VARARGS, judge_doc},
+    {"same_mount", py_same_mount, METH_VARARGS, same_mount_doc},
     {NULL, NULL, 0, NULL},
 };
 
@@ -1462,11 +1541,10 @@ static struct PyModuleDef module = {
 
 PyMODINIT_FUNC PyInit__fastfs(void)
 {
-    s_ino = PyUnicode_InternFromString("ino");
-    s_mtime = PyUnicode_InternFromString("mtime");
-    s_ctime = PyUnicode_InternFromString("ctime");
-    s_subdirs = PyUnicode_InternFromString("subdirs");
-    if (!s_ino || !s_mtime || !s_ctime || !s_subdirs)
+    if (PyType_Ready(&RulesType) < 0)
         return NULL;
-    return PyModule_Create(&module);
+    PyObject *m = PyModule_Create(&module);
+    if (m && PyModule_AddObjectRef(m, "Rules", (PyObject *)&RulesType) < 0)
+        Py_CLEAR(m);
+    return m;
 }

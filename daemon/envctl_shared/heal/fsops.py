@@ -1,9 +1,11 @@
-"""Race-free metadata primitives on file descriptors, for a privileged process in a user tree.
+"""The C engine's typed face: a root's compiled rules (:class:`Engine`) and fd primitives.
 
 Python's ``os`` module cannot chown or chmod the inode behind an ``O_PATH`` fd, nor read a
 mount id, and its per-call overhead dominates a walk whose syscalls take a microsecond. The
-C extension :mod:`envctl_shared.heal._fastfs` provides those primitives and the per-directory batch
-loop (``scan``); this module is its typed face, so the walker never touches ctypes or C types.
+C extension :mod:`envctl_shared.heal._fastfs` executes a root's :class:`~envctl_shared.policy.Rules`
+— its walks, scans, the poller's stamp check and the slow path's single-entry judgement all
+go through its one ``classify`` — and holds the fd primitives (``stat``, ``open_dir``,
+``same_mount``); this module is its typed face, so the walker never touches C types.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from types import ModuleType
 from typing import Any, NamedTuple
 
 from ..errors import ExtensionMissing
+from ..policy import Rules
 
 
 class _Extension:
@@ -70,22 +73,23 @@ def stat_at(dirfd: int, name: str = "") -> Stat:
     return Stat(*_fastfs.stat(dirfd, name))
 
 
-def chgrp_fd(fd: int, gid: int) -> None:
-    """Set the group of the inode ``fd`` refers to (a symlink stays the link, never its target)."""
-    _fastfs.chgrp(fd, gid)
+class MountRef(NamedTuple):
+    """The root's mount, what "on the same mount" compares to: its mount id (-1: the kernel
+    gives none) and, only then, its device."""
+
+    dev: int
+    mnt: int
+
+    @classmethod
+    def of(cls, st: Stat) -> MountRef:
+        return cls(st.st_dev, st.mnt_id)
 
 
-def chmod_fd(fd: int, mode: int) -> None:
-    """Set the permission bits of the inode behind ``fd``, an ``O_PATH`` fd included."""
-    _fastfs.chmod(fd, mode)
-
-
-def fix_fd(fd: int, gid: int, table: bytes) -> tuple[bool, int]:
-    """Heal the inode behind ``fd`` as judged from its own ``statx`` right then, in C without
-    the GIL: (group changed, bits set or -1). A chmod computed in Python from an earlier stat
-    could land after a writer's own chmod and undo it (the GIL can pause us in between)."""
-    set_gid, set_mode = _fastfs.fix(fd, gid, table)
-    return bool(set_gid), int(set_mode)
+def same_mount(fd: int, root: MountRef) -> bool:
+    """Whether the inode behind ``fd`` is on the root's very mount: the engine's one test (by
+    mount id: bind mounts share a device, and on overlayfs a regular file reports its
+    layer's device; by ``st_dev`` only before Linux 5.8)."""
+    return bool(_fastfs.same_mount(fd, root.dev, root.mnt))
 
 
 # Entries handed back by the C loop name their directory by a node index (see ``WalkResult``;
@@ -116,29 +120,8 @@ class ScanResult(NamedTuple):
     subdirs: list[str]  # directories, not inspected: the walk visits them through their own fd
     attention: Attention  # changed under us (errno 0: re-judge), failed, vanished (ENOENT)
     fixed: Fixed
-    skipped: Skipped  # reason: protected, special, mount
+    skipped: Skipped  # reason: protected, special, mount, foreign
     tallied: Tallied  # with tally: the entries fixed, counted instead of listed in ``fixed``
-
-
-def scan(dirfd: int, names: Sequence[str] | None, gid: int, table: bytes,
-         protected: Sequence[int], fix: bool, root_dev: int, root_mnt: int, *,
-         tally: bool = False, lanes: int = 1,
-         members: Sequence[int] | None = None) -> ScanResult:
-    """Inspect ``names`` in ``dirfd`` (None: list it) with the GIL released.
-
-    ``table`` maps every ``st_mode`` to its wanted permission bits (``policy.mode_table``).
-    Wrong entries are fixed in C through a proven ``O_PATH`` fd (or with ``fix`` off, listed
-    in ``fixed`` unchanged); special files, protected owners and other mounts (by mount id,
-    ``root_mnt``; -1: by ``root_dev``) come back in ``skipped``; an entry swapped or re-owned
-    mid-fix in ``attention`` with errno 0, for the walker's slow path. With ``tally``, entries
-    fixed are only counted (``tallied``): a heal nobody reads entry by entry builds no tuple
-    per entry. ``names`` are shared among up to ``lanes`` C threads, each inspecting its share
-    (on NFS/FUSE each lookup is a round trip: lanes keep that many in flight per caller).
-    ``members``: the only owners whose entries may be changed, sorted (a members-only root); the
-    others' wrong entries come back in ``skipped`` as ``foreign``.
-    """
-    return ScanResult(*_fastfs.scan(dirfd, names, gid, table, protected, fix, root_dev,
-                                    root_mnt, tally, lanes, members))
 
 
 class WalkResult(NamedTuple):
@@ -153,6 +136,98 @@ class WalkResult(NamedTuple):
     tallied: Tallied
 
 
+class Judged(NamedTuple):
+    """One entry judged (and with ``fix``, healed) by the engine from its fd's own statx."""
+
+    outcome: str  # compliant, fixed, would-fix, or a skip reason: protected, special, mount,
+    #               foreign
+    mode: int  # as judged
+    uid: int
+    gid: int
+    set_gid: bool  # the group was changed
+    set_mode: int  # the permission bits set, or -1
+
+
+class Stamp(NamedTuple):
+    """What the poller's last listing saw of one directory: the C stamp check reads it by
+    position (a tuple), so this is its whole interface."""
+
+    ino: int
+    mtime: int  # ns
+    ctime: int  # ns
+    subdirs: tuple[str, ...]
+
+    @classmethod
+    def of(cls, st: Stat, subdirs: tuple[str, ...]) -> Stamp:
+        return cls(st.st_ino, st.st_mtime_ns, st.st_ctime_ns, subdirs)
+
+    def same(self, st: Stat) -> bool:
+        return (self.ino, self.mtime, self.ctime) == (st.st_ino, st.st_mtime_ns, st.st_ctime_ns)
+
+
+class Engine:
+    """A root's :class:`~envctl_shared.policy.Rules`, compiled once for C, and every visit the C
+    engine makes by them. ``root`` is the root's mount (see :class:`MountRef`)."""
+
+    def __init__(self, rules: Rules) -> None:
+        self.rules = rules
+        self._compiled: Any = None
+
+    @property
+    def _c(self) -> Any:
+        """The C rules, compiled on first use (a CLI without the extension builds a Healer to
+        show a plan, and says what is missing only when a walk starts)."""
+        if self._compiled is None:
+            r = self.rules
+            self._compiled = _fastfs.Rules(r.gid, r.table, r.root_table, r.protected, r.members)
+        return self._compiled
+
+    def judge(self, fd: int, root: MountRef, *, fix: bool, is_root: bool = False) -> Judged:
+        """The slow path's one entry: the inode behind ``fd`` judged by its own ``statx`` and
+        with ``fix`` healed right after, in one C call without the GIL (a chmod computed in
+        Python from an earlier stat could land after a writer's own chmod and undo it).
+        ``is_root``: ``fd`` is the root directory itself (its own rule; owners not asked)."""
+        return Judged(*_fastfs.judge(fd, self._c, fix, root.dev, root.mnt, is_root))
+
+    def scan(self, dirfd: int, names: Sequence[str] | None, root: MountRef, *, fix: bool,
+             tally: bool = False, lanes: int = 1) -> ScanResult:
+        """Inspect ``names`` in ``dirfd`` (None: list it) with the GIL released.
+
+        Wrong entries are fixed in C through a proven ``O_PATH`` fd (or with ``fix`` off, listed
+        in ``fixed`` unchanged); special files, protected or foreign owners and other mounts
+        come back in ``skipped``; an entry swapped or re-owned mid-fix in ``attention`` with
+        errno 0, for the walker's slow path. With ``tally``, entries fixed are only counted
+        (``tallied``): a heal nobody reads entry by entry builds no tuple per entry. ``names``
+        are shared among up to ``lanes`` C threads, each inspecting its share (on NFS/FUSE each
+        lookup is a round trip: lanes keep that many in flight per caller).
+        """
+        return ScanResult(*_fastfs.scan(dirfd, names, self._c, fix, root.dev, root.mnt, tally,
+                                        lanes))
+
+    def walk(self, dirfd: int, root: MountRef, *, fix: bool, tally: bool = False) -> WalkResult:
+        """``scan`` the whole subtree below ``dirfd`` in one call, with the GIL released.
+
+        Iterative, with a bounded number of open fds at any depth: levels beyond a window are
+        reopened on the way back up through their child's ``..``, proven to be the same
+        directory (inode, device, mount). Each subdirectory is opened ``O_NOFOLLOW|O_DIRECTORY``,
+        judged, healed through its own fd and entered — protected and (with ``fix`` off) wrong
+        ones too, since what lies below them may need healing; one on another mount is skipped
+        and not entered. ``attention`` holds what changed under the walk (a directory swapped
+        for a symlink, a level moved away mid-walk), for the walker to revisit by path. Raises
+        OSError when ``dirfd`` itself cannot be listed.
+        """
+        return WalkResult(*_fastfs.walk(dirfd, self._c, fix, root.dev, root.mnt, tally))
+
+    def check_stamps(self, root_fd: int, stamps: dict[int, Stamp],
+                     root: MountRef) -> tuple[int, list[str]]:
+        """The poller's incremental pass on a local disk, in one C call: every directory known
+        to ``stamps`` (inode number -> :class:`Stamp`) is opened ``O_PATH|O_NOFOLLOW`` relative
+        to its parent, ``statx``-ed and looked up by its inode number (keys of bounded size,
+        whatever the depth). Returns how many were checked and the paths that are unknown,
+        changed, not compliant or on another mount (not entered). Holds the GIL throughout:
+        it reads the dict.
+        """
+        return _fastfs.check_stamps(root_fd, stamps, self._c, root.dev, root.mnt)
 class NodePaths:
     """Paths of a walk's entries, from its node table, relative to the directory walked.
 
@@ -194,34 +269,3 @@ class NodePaths:
             self._ends.append(end)
         self._path = "/".join([self._path[:self._ends[keep - 1]], *names] if keep else names)
         return self._path
-
-
-def walk(dirfd: int, gid: int, table: bytes, protected: Sequence[int], fix: bool,
-         root_dev: int, root_mnt: int, *, tally: bool = False,
-         members: Sequence[int] | None = None) -> WalkResult:
-    """``scan`` the whole subtree below ``dirfd`` in one call, with the GIL released.
-
-    Iterative, with a bounded number of open fds at any depth: levels beyond a window are
-    reopened on the way back up through their child's ``..``, proven to be the same
-    directory (inode, device, mount). Each subdirectory is opened ``O_NOFOLLOW|O_DIRECTORY``,
-    judged by ``table``, healed through its own fd and entered — protected and (with ``fix``
-    off) wrong ones too, since what lies below them may need healing; one on another mount is
-    skipped and not entered. ``attention`` holds what changed under the walk (a directory
-    swapped for a symlink, a level moved away mid-walk), for the walker to revisit by path.
-    ``tally`` and ``members`` as for ``scan``. Raises OSError when ``dirfd`` itself cannot be
-    listed.
-    """
-    return WalkResult(*_fastfs.walk(dirfd, gid, table, protected, fix, root_dev, root_mnt,
-                                    tally, members))
-
-
-def check_stamps(root_fd: int, stamps: dict[int, Any], gid: int, table: bytes,
-                 root_dev: int, root_mnt: int) -> tuple[int, list[str]]:
-    """The poller's incremental pass on a local disk, in one C call: every directory known to
-    ``stamps`` (inode number -> object with ``ino``, ``mtime``, ``ctime``, ``subdirs``) is
-    opened ``O_PATH|O_NOFOLLOW`` relative to its parent, ``statx``-ed and looked up by its
-    inode number (keys of bounded size, whatever the depth). Returns how many were
-    checked and the paths that are unknown, changed, wrong or on another mount (not entered).
-    Holds the GIL throughout: it reads the dict.
-    """
-    return _fastfs.check_stamps(root_fd, stamps, gid, table, root_dev, root_mnt)

@@ -7,11 +7,11 @@ reconciles of new directories and its per-event heals. Safety rules, all enforce
   is changed only through an fd opened ``O_PATH|O_NOFOLLOW`` and ``fstat``-ed, so what is judged
   is exactly the inode that is changed. A symlink or rename swapped in mid-walk can at worst
   make us chgrp the link itself.
-- Nothing on another mount (by ``statx`` mount id: bind mounts on the same device are other
-  mounts; overlayfs files, which report their layer's device, are not) is changed or descended
-  into; entries owned by ``protected_owners`` are never changed (the root directory itself
-  excepted: the admin named it); fifos, sockets and devices are only reported; excluded
-  patterns are neither changed nor descended into.
+- What may be changed is the root's :class:`~envctl_shared.policy.Rules`, executed by the C
+  engine (``fsops.Engine``): its walks and scans, and this module's slow path for a single
+  entry (``Engine.judge``), ask the same C ``classify`` — nothing on another mount, no special
+  file, no protected or (``owners: members``) foreign owner is changed, in that one order.
+  Excluded patterns are neither changed nor descended into.
 - A compliant entry costs one ``statx`` and no open, no write. After an entry fixed in the
   same directory (a broken tree: nearly all are), C opens the next one ``O_PATH`` first and
   judges it by that fd: one call less per wrong entry, an open and close more per right one.
@@ -20,10 +20,10 @@ reconciles of new directories and its per-event heals. Safety rules, all enforce
   from an event is resolved by the kernel in one ``openat2``).
 
 Speed: the per-entry loop — list, inspect, fix, or report as skipped (special files, protected
-owners, other mounts) — runs in C (``fsops.scan``) with the GIL released, judged by the
-policy's ``mode_table``; Python handles directories and what changed under the fast path (an
+owners, other mounts) — runs in C (``Engine.scan``) with the GIL released, judged by the
+root's ``Rules``; Python handles directories and what changed under the fast path (an
 entry swapped mid-fix). A serial walk with no exclusions and no planner (``heal``/``check``
-and reconciles on a local disk) hands whole subtrees to C (``fsops.walk``), which takes
+and reconciles on a local disk) hands whole subtrees to C (``Engine.walk``), which takes
 directories too; Python then revisits by path only what was swapped or moved mid-walk.
 Entries fixed are only counted in C unless a finding is wanted for each (``heal -v``, a
 check's listener): a tuple per entry cost ~8% of the CPU of a broken 60k-entry heal.
@@ -52,28 +52,26 @@ import weakref
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Protocol
 
 from ..config import RootConfig
-from ..policy import Kind, Verdict, judge, kind_of, mode_table
+from ..policy import Kind, Rules, Verdict, kind_of
 from .fsops import (
     DIR_FLAGS,
     PATH_DIR_FLAGS,
     PATH_FLAGS,
+    Engine,
     Fixed,
+    Judged,
+    MountRef,
     NodePaths,
     ScanResult,
     Skipped,
+    Stamp,
     Stat,
     Tallied,
-    check_stamps,
-    chgrp_fd,
-    chmod_fd,
-    fix_fd,
     open_dir,
-    scan,
     stat_at,
-    walk,
 )
 from .stats import Finding, FindingSink, HealStats
 
@@ -267,6 +265,13 @@ def excludes_below(patterns: tuple[str, ...], at_root: bool) -> bool:
     return bool(patterns) and (at_root or any(c in p for p in patterns for c in "/*?["))
 
 
+def _clean(rel: str, names: Sequence[str]) -> bool:
+    """Whether ``rel`` ("" : the root) is a clean relative path and ``names`` plain names."""
+    parts = rel.split("/") if rel else []
+    return not any(p in ("", ".", "..") for p in (*parts, *names)) and \
+        not any("/" in n for n in names)
+
+
 class DirPlanner(Protocol):
     """Lets a caller skip listing directories it knows to be unchanged (the poll pass).
 
@@ -300,18 +305,19 @@ class Healer:
         self._on_finding = on_finding
         self.report_fixes = report_fixes and on_finding is not None
         self._report_lock = threading.Lock()
-        self.excluded = compile_excludes(root.exclude)
+        self.rules = Rules.of(root)
+        self.engine = Engine(self.rules)
+        self.excluded = compile_excludes(self.rules.exclude)
         self._current: _Pass | None = None  # the latest pass started (see ``progress``)
-        self.table = mode_table(root.others)
-        self._verdicts: dict[tuple[int, int], Verdict] = {}
+        self._verdicts: dict[tuple[int, int, bool], Verdict] = {}
 
-    def verdict(self, st_mode: int, st_gid: int) -> Verdict:
-        """``policy.judge`` memoised: a tree has few distinct (mode, group) pairs, and this is
-        asked once per entry of every walk."""
-        key = (st_mode, st_gid)
+    def verdict(self, st_mode: int, st_gid: int, is_root: bool = False) -> Verdict:
+        """``Rules.verdict`` memoised (what a finding reports as wanted): a tree has few
+        distinct (mode, group) pairs."""
+        key = (st_mode, st_gid, is_root)
         found = self._verdicts.get(key)
         if found is None:
-            found = judge(st_mode, st_gid, self.root)
+            found = self.rules.verdict(st_mode, st_gid, is_root)
             if len(self._verdicts) < 4096:
                 self._verdicts[key] = found
         return found
@@ -343,23 +349,97 @@ class Healer:
             out[3] += st.errors
         return (out[0], out[1], out[2], out[3])
 
-    def stale_dirs(self, stamps: dict[int, Any]) -> tuple[int, list[str]]:
-        """The directories of ``stamps`` (see ``fsops.check_stamps``) that a serial poll pass
+    def stale_dirs(self, stamps: dict[int, Stamp]) -> tuple[int, list[str]]:
+        """The directories of ``stamps`` (see ``Engine.check_stamps``) that a serial poll pass
         must visit: unknown, changed since stamped, wrong, or on another mount. Returns how
         many directories were checked, and those paths."""
         fd = os.open(self.root.path, DIR_FLAGS)
         try:
-            st = stat_at(fd)
-            return check_stamps(fd, stamps, self.root.gid, self.table, st.st_dev, st.mnt_id)
+            return self.engine.check_stamps(fd, stamps, MountRef.of(stat_at(fd)))
         finally:
             os.close(fd)
 
     def run_entries(self, parent: str, names: list[str]) -> HealStats:
         """Heal entries ``names`` of the directory ``parent`` (not their subtrees), resolving
-        ``parent`` once: the daemon's batches of event paths cost what a walk pays per entry."""
-        return _Pass(self).run(parent, False, names)
+        ``parent`` once: the daemon's batches of event paths cost what a walk pays per entry.
+
+        The usual batch (a directory below the root, no pattern that may exclude there, one
+        thread) is one C scan and its accounting, without a pass's machinery (~65 µs a batch,
+        and a burst of 60k entries makes ~20k batches); only what the scan hands back
+        (directories, entries changed under it or failed) goes through a full pass."""
+        top = parent.partition("/")[0]
+        if (not parent or self.concurrency > 1 or excludes_below(self.rules.exclude, False)
+                or self.excluded(top) or not _clean(parent, names)):
+            return _Pass(self).run(parent, False, names)
+        start = time.monotonic()
+        stats = HealStats()
+        root_fd = os.open(self.root.path, DIR_FLAGS)
+        try:
+            mount = MountRef.of(stat_at(root_fd))
+            try:
+                fd = open_dir(root_fd, parent)
+            except OSError:  # gone, another mount, a symlink: the full pass tells which
+                return _Pass(self).run(parent, False, names)
+            try:
+                found = self.engine.scan(fd, names, mount, fix=not self.dry_run,
+                                         tally=not self.c_reporting)
+            finally:
+                os.close(fd)
+        finally:
+            os.close(root_fd)
+        stats.scanned += found.scanned
+        self.count_c(found.fixed, found.skipped, found.tallied,
+                     lambda _node, name: f"{parent}/{name}", stats)
+        again = [*found.subdirs, *(a[1] for a in found.attention)]
+        if again:
+            stats.merge(_Pass(self).run(parent, False, again))
+        stats.duration = time.monotonic() - start
+        return stats
 
     # -- reporting (called from worker threads) ------------------------------------------
+
+    @property
+    def c_reporting(self) -> bool:
+        """Whether each entry C fixes (or with fix off, finds wrong) becomes a finding; when
+        not, C only tallies them."""
+        return self.reporting if self.dry_run else self.report_fixes
+
+    def count_c(self, fixed: Fixed, skipped: Skipped, tallied: Tallied,
+                 path: Callable[[int, str], str], stats: HealStats) -> None:
+        """Account for what C fixed (or with fix off, found wrong: listed in ``fixed``, or
+        counted in ``tallied``) and skipped, as ``_judge_and_fix`` and ``_skip`` do for the
+        slow path; ``path`` names an entry (built only for a finding someone listens to). C
+        counted every one of them as scanned."""
+        stats.violations += len(fixed)
+        groups = modes = 0
+        kinds: Counter[int] = Counter()
+        for fmt, entries, set_gids, set_modes, changed in tallied:
+            stats.violations += entries
+            groups += set_gids
+            modes += set_modes
+            if changed:
+                kinds[fmt] += changed
+        reporting = self.c_reporting
+        action = "would-fix" if self.dry_run else "fixed"
+        for node, name, mode, gid, set_gid, set_mode in fixed:
+            groups += set_gid
+            modes += set_mode >= 0
+            if set_gid or set_mode >= 0:
+                kinds[stat.S_IFMT(mode)] += 1
+            if reporting:
+                problems = tuple(self.verdict(mode, gid).problems(gid, mode))
+                self.report(Finding(path(node, name), kind_of(mode).value, action, problems))
+        stats.fixed["group"] += groups
+        stats.fixed["mode"] += modes
+        for fmt, n in kinds.items():
+            stats.fixed_kinds[kind_of(fmt).value] += n
+        for node, name, reason, mode, _uid, gid in skipped:
+            stats.skipped[reason] += 1
+            if self.reporting:
+                verdict = self.verdict(mode, gid)
+                problems = tuple(verdict.problems(gid, mode)) if reason == "protected" else ()
+                self.report(Finding(path(node, name), verdict.kind.value, "skipped", problems,
+                                    reason))
 
     @property
     def reporting(self) -> bool:
@@ -379,13 +459,10 @@ class _Pass:
         self.h = healer
         self.planner = planner
         self.root = healer.root
-        # owners: members — sorted: C looks an owner up by binary search
-        self._members = None if self.root.member_uids is None else sorted(self.root.member_uids)
         self.stack: list[_Task] = []
         self.cond = threading.Condition()
         self.pending = 0
-        self.root_dev = -1
-        self.root_mnt = -1  # -1: the kernel gives no mount ids (st_dev decides)
+        self.mount = MountRef(-1, -1)  # the root's, once opened
         self.root_ref: _DirRef | None = None  # open for the whole pass (paths from C walks)
         self.fds: _Fds | None = None
         self.totals = HealStats()
@@ -407,8 +484,7 @@ class _Pass:
         self.fds = _Fds(root_fd)
         root_ref = self.root_ref = self.fds.new(root_fd, "", st)  # in use: never closed early
         try:
-            self.root_dev = st.st_dev
-            self.root_mnt = st.mnt_id
+            self.mount = MountRef.of(st)
             first = self._resolve(root_ref, rel, recursive, stats, names)
             if first is not None:
                 self._push(first)
@@ -432,8 +508,7 @@ class _Pass:
         if not rel and names is None:
             return _DirTask(None, "", "", recursive)
         parts = rel.split("/") if rel else []
-        if any(p in ("", ".", "..") for p in parts + list(names or ())) or \
-                any("/" in n for n in names or ()):
+        if not _clean(rel, names or ()):
             raise ValueError(f"not a clean relative path: {rel!r} {names!r}")
         parent_rel = rel if names is not None else rel.rpartition("/")[0]
         if self.root.exclude:  # every prefix, as a slice of rel (joins would cost depth²)
@@ -538,13 +613,6 @@ class _Pass:
 
     # -- the work ----------------------------------------------------------------------------
 
-    def _same_fs(self, st: Stat) -> bool:
-        """On the root's very mount. The mount id decides, not ``st_dev``: bind mounts share a
-        device, and on overlayfs a regular file reports its layer's device."""
-        if self.root_mnt >= 0 and st.mnt_id >= 0:
-            return st.mnt_id == self.root_mnt
-        return st.st_dev == self.root_dev
-
     def _visit_dir(self, task: _DirTask, stats: HealStats) -> None:
         rel = task.rel
         # With a planner most directories are unchanged and need no listing: open them O_PATH
@@ -578,11 +646,10 @@ class _Pass:
         try:
             stats.scanned += 1
             stats.dirs += 1
-            if task.parent is not None and not self._same_fs(st):
-                self._skip(stats, rel, "dir", "mount")
+            judged = self._judge_and_fix(fd, rel, stats, task.parent is None)
+            if judged.outcome == "mount":
                 return
-            if self._judge_and_fix(fd, st, rel, stats, is_dir_fd=True,
-                                   is_root=task.parent is None):
+            if judged.set_gid or judged.set_mode >= 0:
                 st = stat_at(fd)
             if not task.descend:
                 return
@@ -646,11 +713,9 @@ class _Pass:
               descend: bool = True) -> list[str]:
         """Inspect (and heal) ``names`` of ``ref`` (None: all of it) through the C fast path;
         returns the subdirectories found, which are queued as tasks."""
-        found: ScanResult = scan(ref.fd, names, self.root.gid, self.h.table,
-                                 self.root.protected_owners, not self.h.dry_run,
-                                 self.root_dev, self.root_mnt, tally=not self._reporting,
-                                 lanes=LANES if self.h.concurrency > 1 else 1,
-                                 members=self._members)
+        found: ScanResult = self.h.engine.scan(
+            ref.fd, names, self.mount, fix=not self.h.dry_run, tally=not self.h.c_reporting,
+            lanes=LANES if self.h.concurrency > 1 else 1)
         stats.scanned += found.scanned
         for name in found.subdirs:
             self._push(_DirTask(ref.acquire(), name, ref.child(name), descend))
@@ -661,15 +726,14 @@ class _Pass:
                 self._error(stats, ref.child(name), "file", OSError(err, os.strerror(err)))
             else:
                 self._inspect(ref, name, stats, descend)
-        self._count_c(found.fixed, found.skipped, found.tallied,
+        self.h.count_c(found.fixed, found.skipped, found.tallied,
                       lambda _node, name: ref.child(name), stats)
         return found.subdirs
 
     def _walk_below(self, ref: _DirRef, stats: HealStats) -> None:
         """Hand the whole subtree below ``ref`` to C; visit what it hands back by its path."""
-        found = walk(ref.fd, self.root.gid, self.h.table, self.root.protected_owners,
-                     not self.h.dry_run, self.root_dev, self.root_mnt, tally=not self._reporting,
-                     members=self._members)
+        found = self.h.engine.walk(ref.fd, self.mount, fix=not self.h.dry_run,
+                                   tally=not self.h.c_reporting)
         stats.scanned += found.scanned
         stats.dirs += found.dirs
 
@@ -689,145 +753,59 @@ class _Pass:
                 task = self._resolve(self.root_ref, path(node, name), True, stats)
                 if task is not None:
                     self._push(task)
-        self._count_c(found.fixed, found.skipped, found.tallied, path, stats)
-
-    @property
-    def _reporting(self) -> bool:
-        """Whether each entry C fixes (or with fix off, finds wrong) becomes a finding; when
-        not, C only tallies them."""
-        return self.h.reporting if self.h.dry_run else self.h.report_fixes
-
-    def _count_c(self, fixed: Fixed, skipped: Skipped, tallied: Tallied,
-                 path: Callable[[int, str], str], stats: HealStats) -> None:
-        """Account for what C fixed (or with fix off, found wrong: listed in ``fixed``, or
-        counted in ``tallied``) and skipped, as ``_judge_and_fix`` and ``_skip`` do for the
-        slow path; ``path`` names an entry (built only for a finding someone listens to). C
-        counted every one of them as scanned."""
-        stats.violations += len(fixed)
-        groups = modes = 0
-        kinds: Counter[int] = Counter()
-        for fmt, entries, set_gids, set_modes, changed in tallied:
-            stats.violations += entries
-            groups += set_gids
-            modes += set_modes
-            if changed:
-                kinds[fmt] += changed
-        reporting = self._reporting
-        action = "would-fix" if self.h.dry_run else "fixed"
-        for node, name, mode, gid, set_gid, set_mode in fixed:
-            groups += set_gid
-            modes += set_mode >= 0
-            if set_gid or set_mode >= 0:
-                kinds[stat.S_IFMT(mode)] += 1
-            if reporting:
-                problems = tuple(self.h.verdict(mode, gid).problems(gid, mode))
-                self.h.report(Finding(path(node, name), kind_of(mode).value, action, problems))
-        stats.fixed["group"] += groups
-        stats.fixed["mode"] += modes
-        for fmt, n in kinds.items():
-            stats.fixed_kinds[kind_of(fmt).value] += n
-        for node, name, reason, mode, _uid, gid in skipped:
-            stats.skipped[reason] += 1
-            if self.h.reporting:
-                verdict = self.h.verdict(mode, gid)
-                problems = tuple(verdict.problems(gid, mode)) if reason == "protected" else ()
-                self.h.report(Finding(path(node, name), verdict.kind.value, "skipped", problems,
-                                      reason))
+        self.h.count_c(found.fixed, found.skipped, found.tallied, path, stats)
 
     def _inspect(self, parent: _DirRef, name: str, stats: HealStats,
                  descend: bool = True) -> None:
         """The slow path for one entry the fast path handed back (or a directory's name that
-        turned out not to be one): judge it by ``statx``, open and fix it only when wrong."""
-        try:
-            st = stat_at(parent.fd, name)
-        except FileNotFoundError:
-            stats.skipped["vanished"] += 1
-            return
-        except OSError as exc:
-            self._error(stats, parent.child(name), "file", exc)
-            return
-        if stat.S_ISDIR(st.st_mode):  # a directory now (listed as something else, or an event)
-            self._push(_DirTask(parent.acquire(), name, parent.child(name), descend))
-            return
-        stats.scanned += 1
-        verdict = self.h.verdict(st.st_mode, st.st_gid)
-        if verdict.ok:
-            return
+        turned out not to be one): opened ``O_PATH|O_NOFOLLOW``, then judged and healed by
+        the engine through that fd, or visited when it is a directory now."""
         rel = parent.child(name)
-        if verdict.kind is Kind.SPECIAL:
-            self._skip(stats, rel, verdict.kind.value, "special")
-            return
         try:
             fd = os.open(name, PATH_FLAGS, dir_fd=parent.fd)
         except FileNotFoundError:
             stats.skipped["vanished"] += 1
             return
         except OSError as exc:
-            self._error(stats, rel, verdict.kind.value, exc)
+            self._error(stats, rel, "file", exc)
             return
         try:
-            st = stat_at(fd)
-            if stat.S_ISDIR(st.st_mode):
+            if stat.S_ISDIR(stat_at(fd).st_mode):  # a directory now (listed as something else)
                 self._push(_DirTask(parent.acquire(), name, rel, descend))
-            elif not self._same_fs(st):
-                self._skip(stats, rel, verdict.kind.value, "mount")
-            else:
-                self._judge_and_fix(fd, st, rel, stats, is_dir_fd=False, is_root=False)
+                return
+            stats.scanned += 1
+            self._judge_and_fix(fd, rel, stats, False)
         except OSError as exc:
-            self._error(stats, rel, verdict.kind.value, exc)
+            self._error(stats, rel, "file", exc)
         finally:
             os.close(fd)
 
-    def _judge_and_fix(self, fd: int, st: Stat, rel: str, stats: HealStats, *,
-                       is_dir_fd: bool, is_root: bool) -> bool:
-        """Decide from the fd's own fstat, then change that inode through that fd.
-
-        Returns True when something was written (the caller's stat is then stale)."""
-        verdict = self._verdict(st.st_mode, st.st_gid, is_root)
+    def _judge_and_fix(self, fd: int, rel: str, stats: HealStats, is_root: bool) -> Judged:
+        """Judge the inode behind ``fd`` by its own statx and heal it through that fd, in one
+        call to the engine (the same ``classify`` as every C walk); account for it here."""
+        judged = self.h.engine.judge(fd, self.mount, fix=not self.h.dry_run, is_root=is_root)
+        outcome = judged.outcome
+        if outcome == "compliant":
+            return judged
+        verdict = self.h.verdict(judged.mode, judged.gid, is_root)
         kind = verdict.kind.value
-        if verdict.kind is Kind.SPECIAL:
-            self._skip(stats, rel, kind, "special")
-            return False
-        if verdict.ok:
-            return False
-        if st.st_uid in self.root.protected_owners and not is_root:
-            self._skip(stats, rel, kind, "protected",
-                       lambda: verdict.problems(st.st_gid, st.st_mode))
-            return False
-        members = self.root.member_uids
-        if members is not None and st.st_uid not in members and not is_root:
-            self._skip(stats, rel, kind, "foreign",
-                       lambda: verdict.problems(st.st_gid, st.st_mode))
-            return False
+        if outcome not in ("fixed", "would-fix"):  # a skip: mount, special, protected, foreign
+            owner = outcome in ("protected", "foreign")
+            self._skip(stats, rel, kind, outcome,
+                       (lambda: verdict.problems(judged.gid, judged.mode)) if owner else None)
+            return judged
         stats.violations += 1
         wanted = self.h.reporting if self.h.dry_run else self.h.report_fixes
-        problems = tuple(verdict.problems(st.st_gid, st.st_mode)) if wanted else ()
+        problems = tuple(verdict.problems(judged.gid, judged.mode)) if wanted else ()
         if self.h.dry_run:
             self.h.report(Finding(rel, kind, "would-fix", problems))
-            return False
-        if is_root:  # its own rule (sticky), outside the table; only the admin names it
-            if verdict.gid is not None:
-                chgrp_fd(fd, verdict.gid)
-                stats.fixed["group"] += 1
-                verdict = self._verdict(st.st_mode, verdict.gid, is_root)
-            if verdict.mode is not None:
-                chmod_fd(fd, verdict.mode)
-                stats.fixed["mode"] += 1
-        else:  # judged again from the fd's own statx at the moment of the write (see fix_fd)
-            set_gid, set_mode = fix_fd(fd, self.root.gid, self.h.table)
-            stats.fixed["group"] += set_gid
-            stats.fixed["mode"] += set_mode >= 0
-            if not set_gid and set_mode < 0:
-                return False  # fixed meanwhile by its writer (or became special)
+            return judged
+        stats.fixed["group"] += judged.set_gid
+        stats.fixed["mode"] += judged.set_mode >= 0
         stats.fixed_kinds[kind] += 1
         if self.h.report_fixes:
             self.h.report(Finding(rel, kind, "fixed", problems))
-        return True
-
-    def _verdict(self, st_mode: int, st_gid: int, is_root: bool) -> Verdict:
-        """The root directory's own rule differs (the requests root is sticky): not memoised."""
-        return judge(st_mode, st_gid, self.root, True) if is_root else \
-            self.h.verdict(st_mode, st_gid)
+        return judged
 
     def _skip(self, stats: HealStats, rel: str, kind: str, reason: str,
               problems: Callable[[], list[str]] | None = None) -> None:

@@ -32,17 +32,14 @@ bounded number of fds open whatever the depth: a directory's fd is released befo
 into its last subdirectory, and past ``FD_BUDGET`` open levels it is released anyway and
 re-opened on the way back through ``..`` (checked against its identity).
 
-Why not watchdog's observer (see docs/field-facts.md): its inotify bookkeeping is keyed by path,
-so a directory renamed away and back kept its events attributed to the old path (and after a
-rename plus an overflow its reader thread died on a ``KeyError`` while status said all was
-well); it adds watches by path string (nothing below ``PATH_MAX``); it reports a queue overflow
-to no handler, swallows ``ENOSPC`` when a watch cannot be added, floods stderr with
-``RuntimeWarning``\\s in bursts, and passes every event through two extra threads. Fixing that
-meant reaching into its private internals. What it does serve is its public, decade-stable
-binding of the kernel interface (``inotify_init``, ``inotify_add_watch``, ``inotify_rm_watch``
-and ``InotifyConstants`` in ``watchdog.observers.inotify_c``, unchanged since watchdog 0.x):
-that is what is used here, with its public names only. Its polling observer does not fit either
-(see :mod:`~envctl_shared.watch.poll`).
+Why not watchdog (see docs/field-facts.md, "watchdog", and ``bench/watchdog_fit.py``): its
+7.1.1 observer, used through its public API, passes our rename, move-in and overflow stories
+but adds watches by path string, so nothing deeper than ``PATH_MAX`` is watched, and its
+bookkeeping is keyed by path where ours is keyed by directory identity. Its public API has no
+bare kernel binding (``watchdog.observers.inotify_c`` is an internal module), so the three calls
+are bound here with ctypes: ``inotify_init1``, ``inotify_add_watch``, ``inotify_rm_watch``, and
+the kernel ABI's constants (``<sys/inotify.h>``, stable since Linux 2.6.13). Its polling observer
+does not fit either (see :mod:`~envctl_shared.watch.poll`).
 
 The mask: IN_CREATE, IN_MOVED_TO, IN_MOVED_FROM (to pair renames), IN_ATTRIB, IN_MOVE_SELF and
 IN_DELETE_SELF (the root itself). Not IN_OPEN/IN_CLOSE_*/IN_MODIFY: writing data never changes
@@ -65,12 +62,55 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
-from watchdog.observers.inotify_c import InotifyConstants as IN
-from watchdog.observers.inotify_c import inotify_add_watch, inotify_init, inotify_rm_watch
-
-from ..heal.fsops import DIR_FLAGS, PATH_DIR_FLAGS, Stat, stat_at
+from ..heal.fsops import DIR_FLAGS, PATH_DIR_FLAGS, MountRef, same_mount, stat_at
 from ..heal.walker import compile_excludes, excludes_below
 from .queue import WorkQueue, path_of
+
+
+class IN:
+    """The inotify constants of ``<sys/inotify.h>`` this module uses (kernel ABI)."""
+
+    IN_ATTRIB = 0x00000004
+    IN_MOVED_FROM = 0x00000040
+    IN_MOVED_TO = 0x00000080
+    IN_CREATE = 0x00000100
+    IN_DELETE_SELF = 0x00000400
+    IN_MOVE_SELF = 0x00000800
+    IN_UNMOUNT = 0x00002000
+    IN_Q_OVERFLOW = 0x00004000
+    IN_IGNORED = 0x00008000
+    IN_ONLYDIR = 0x01000000
+    IN_ISDIR = 0x40000000
+    IN_NONBLOCK = os.O_NONBLOCK
+    IN_CLOEXEC = os.O_CLOEXEC
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.inotify_init1.argtypes = [ctypes.c_int]
+_libc.inotify_add_watch.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_uint32]
+_libc.inotify_rm_watch.argtypes = [ctypes.c_int, ctypes.c_int]
+
+
+def inotify_init() -> int:
+    """A new inotify instance, non-blocking and close-on-exec; raises OSError."""
+    fd: int = _libc.inotify_init1(IN.IN_NONBLOCK | IN.IN_CLOEXEC)
+    if fd < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"inotify_init1: {os.strerror(err)}")
+    return fd
+
+
+def inotify_add_watch(ifd: int, path: bytes, mask: int) -> int:
+    """The watch descriptor of ``path`` (the kernel's existing one for a watched inode), or -1
+    with the errno in ``ctypes.get_errno()``."""
+    wd: int = _libc.inotify_add_watch(ifd, path, mask)
+    return wd
+
+
+def inotify_rm_watch(ifd: int, wd: int) -> None:
+    """Remove a watch (EINVAL when the kernel already did: ignored)."""
+    _libc.inotify_rm_watch(ifd, wd)
+
 
 MASK = (IN.IN_CREATE | IN.IN_MOVED_TO | IN.IN_MOVED_FROM | IN.IN_ATTRIB | IN.IN_MOVE_SELF
         | IN.IN_DELETE_SELF | IN.IN_ONLYDIR)
@@ -199,7 +239,7 @@ class InotifyWatch:
         self._stopping = False
         self._nodes: dict[int, _Node] = {}
         self._root: _Node | None = None
-        self._root_dev = self._root_mnt = -1
+        self._mount = MountRef(-1, -1)  # the root's, once opened
         self._moving: dict[int, _Node] = {}  # cookie -> node renamed, destination not seen yet
         self._cache: OrderedDict[_Node, int] = OrderedDict()  # node -> fd (LRU)
         self._limited = False  # ENOSPC seen: adding more watches is pointless
@@ -211,13 +251,7 @@ class InotifyWatch:
     def start(self) -> None:
         """Watch every directory present now (returns once they are), then read events."""
         try:
-            fd = inotify_init()
-            if fd < 0:
-                err = ctypes.get_errno()
-                raise OSError(err, f"inotify_init: {os.strerror(err)}")
-            self._ifd = fd
-            os.set_inheritable(fd, False)
-            os.set_blocking(fd, False)
+            self._ifd = inotify_init()
             self._wake_r, self._wake_w = os.pipe()
             self._watch_root()
         except BaseException:
@@ -243,12 +277,11 @@ class InotifyWatch:
         self._ifd = self._wake_r = self._wake_w = -1
 
     def watch_count(self) -> int:
-        """Watches in this inotify instance (from /proc: the kernel's count, not ours)."""
-        try:
-            with open(f"/proc/self/fdinfo/{self._ifd}", encoding="ascii") as fh:
-                return sum(1 for line in fh if line.startswith("inotify wd:"))
-        except OSError:
-            return -1
+        """Watches in this inotify instance: the size of the table, which follows the kernel's
+        (a watch enters it when added, leaves it on its IN_IGNORED or when we remove it), so a
+        status read costs the same at 160k watches as at 1k — re-reading
+        /proc/self/fdinfo cost 0.38 s at 160k. -1 once stopped."""
+        return len(self._nodes) if self._ifd >= 0 else -1
 
     # -- the reader thread ----------------------------------------------------------------
 
@@ -301,8 +334,14 @@ class InotifyWatch:
         return b"".join(chunks)
 
     def _dispatch(self, data: bytes) -> str | None:
-        """Handle one batch's events in order; a reason when the watch must end."""
+        """Handle one batch's events in order; a reason when the watch must end.
+
+        A file's later events in the same batch (its creation, the writer's chmod, the echo
+        of our own fix) queue nothing more than its first did: a heal that starts after the
+        batch was read sees every change the batch reports. Only the lane may differ (an
+        attribute change, then a creation, is promoted), so the lane is part of the key."""
         nodes = self._nodes
+        queued: set[tuple[_Node, bytes, bool]] = set()  # file entries this batch queued
         off, end = 0, len(data)
         while off < end:
             wd, mask, cookie, length = _HEADER.unpack_from(data, off)
@@ -315,6 +354,11 @@ class InotifyWatch:
                 continue  # a watch removed since (its IN_IGNORED, or late events)
             self._count()
             if name:
+                if not mask & (IN.IN_ISDIR | IN.IN_MOVED_FROM):
+                    key = (node, name, bool(mask & _ARRIVED))
+                    if key in queued:
+                        continue
+                    queued.add(key)
                 self._on_entry(node, os.fsdecode(name), mask, cookie)
             elif node is self._root:
                 if mask & _ROOT_GONE:
@@ -380,7 +424,7 @@ class InotifyWatch:
         while stack:
             n = stack.pop()
             stack.extend(n.below())
-            inotify_rm_watch(self._ifd, n.wd)  # type: ignore[arg-type]  # EINVAL when gone: fine
+            inotify_rm_watch(self._ifd, n.wd)
             self._forget(n)
 
     def _forget(self, node: _Node) -> None:
@@ -488,7 +532,7 @@ class InotifyWatch:
         fd = os.open(self._root_path, DIR_FLAGS)
         try:
             st = stat_at(fd)
-            self._root_dev, self._root_mnt = st.st_dev, st.mnt_id
+            self._mount = MountRef.of(st)
             wd = self._add_watch(fd)
             if wd < 0:
                 raise OSError(errno.ENOSPC, "inotify watch limit reached")
@@ -511,11 +555,6 @@ class InotifyWatch:
             self._limited = True
             return -1
         raise OSError(err, f"inotify_add_watch: {os.strerror(err)}")
-
-    def _same_mount(self, st: Stat) -> bool:
-        if st.mnt_id >= 0 and self._root_mnt >= 0:
-            return st.mnt_id == self._root_mnt
-        return st.st_dev == self._root_dev
 
     @staticmethod
     def _listing(fd: int) -> tuple[list[str], bool]:
@@ -544,13 +583,13 @@ class InotifyWatch:
             raise
         try:
             st = stat_at(fd)
-            if not self._same_mount(st):  # the healer never enters another mount either
+            if not same_mount(fd, self._mount):  # the healer never enters one either
                 os.close(fd)
                 return None, False
             wd = self._add_watch(fd)
-            if wd < 0:
-                os.close(fd)
+            if wd < 0:  # the hook first: should it raise, the handler below closes fd once
                 self._hooks.on_watch_failed(path_of(parent, name), errno.ENOSPC)
+                os.close(fd)
                 return None, False
             ident = (st.st_dev, st.st_ino)
             node = self._nodes.get(wd)

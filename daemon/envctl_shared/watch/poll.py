@@ -31,22 +31,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from ..heal import Healer, HealStats
-from ..heal.fsops import Stat
-
-
-class _Stamp:
-    """What the last listing saw of one directory."""
-
-    __slots__ = ("ino", "mtime", "ctime", "subdirs")
-
-    def __init__(self, st: Stat, subdirs: tuple[str, ...]) -> None:
-        self.ino = st.st_ino
-        self.mtime = st.st_mtime_ns
-        self.ctime = st.st_ctime_ns
-        self.subdirs = subdirs
-
-    def same(self, st: Stat) -> bool:
-        return (self.ino, self.mtime, self.ctime) == (st.st_ino, st.st_mtime_ns, st.st_ctime_ns)
+from ..heal.fsops import Stamp, Stat
 
 
 @dataclass
@@ -82,7 +67,7 @@ class _Plan:
         return known.subdirs
 
     def listed(self, rel: str, st: Stat, subdirs: list[str]) -> None:
-        self.poller.record(_Stamp(st, tuple(subdirs)))
+        self.poller.record(Stamp.of(st, tuple(subdirs)))
 
 
 class Poller:
@@ -91,7 +76,7 @@ class Poller:
     def __init__(self, walker: Healer) -> None:
         self.walker = walker
         self.lock = threading.Lock()
-        self._stamps: dict[int, _Stamp] = {}  # directory inode number -> what was seen
+        self._stamps: dict[int, Stamp] = {}  # directory inode number -> what was seen
 
     @property
     def directories(self) -> int:
@@ -126,11 +111,11 @@ class Poller:
         plan.stats.heal = heal
         return plan.stats
 
-    def stamp(self, ino: int) -> _Stamp | None:
+    def stamp(self, ino: int) -> Stamp | None:
         with self.lock:
             return self._stamps.get(ino)
 
-    def record(self, stamp: _Stamp) -> None:
+    def record(self, stamp: Stamp) -> None:
         """Store a fresh listing of the directory ``stamp.ino``."""
         with self.lock:
             self._stamps[stamp.ino] = stamp

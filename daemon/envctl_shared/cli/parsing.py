@@ -1,0 +1,53 @@
+"""The argparse side of ``envctl``'s entry point (:mod:`~envctl_shared.cli.main`).
+
+Why a module of its own: ``main`` imports it only when a command line is really parsed, so
+``envctl --version`` (what scripts and installers probe) starts without argparse, its help
+formatter or the config module.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Iterator
+
+from ..errors import UsageError
+
+GlobalOptions = dict[str, tuple[tuple[str, ...], dict[str, object]]]
+
+
+def global_help() -> dict[str, str]:
+    """The global options' help (config is imported here, when a parser is built)."""
+    from ..config import DEFAULT_SOCKET, SOCKET_ENV
+    return {"socket": f"daemon socket (default: ${SOCKET_ENV} or {DEFAULT_SOCKET})",
+            "json": "print one JSON document (errors too)",
+            "debug": "show tracebacks on errors"}
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but usage errors become UsageError (exit 64) through the one handler."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UsageError(f"{message}", hint=f"run '{self.prog} --help'")
+
+
+def leaves(parser: argparse.ArgumentParser) -> Iterator[argparse.ArgumentParser]:
+    """Every parser that ends a command line (``heal``, ``request create``, ...)."""
+    subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    if not subs:
+        yield parser
+    for action in subs:
+        for child in dict.fromkeys(action.choices.values()):  # aliases share a parser
+            yield from leaves(child)
+
+
+def globals_after(leaf: argparse.ArgumentParser, options: GlobalOptions) -> None:
+    """Accept the global options after the subcommand without overriding the ones given before
+    it: argparse copies a subparser's defaults over the main namespace, so here they are
+    SUPPRESS (absent unless typed). A command's own ``--json``/``--socket`` keeps its help."""
+    have = {a.dest: a for a in leaf._actions}
+    for dest, (flags, kw) in options.items():
+        if dest in have:
+            have[dest].default = argparse.SUPPRESS
+        else:
+            hidden = {**kw, "default": argparse.SUPPRESS, "help": argparse.SUPPRESS}
+            leaf.add_argument(*flags, **hidden)  # type: ignore[arg-type]
