@@ -141,6 +141,7 @@ def test_root_mode_and_sgid(root: Path, scratch: Path, accounts: Accounts) -> No
     assert "chmod 2775" in c["root mode"]["fix"]
 
 
+@pytest.mark.serial  # a machine-wide sysctl
 def test_hardlink_protection(root: Path, scratch: Path, accounts: Accounts) -> None:
     """fs.protected_hardlinks=0 lets a member hard-link another user's private file into the
     root, where the healer shares it: doctor says so, with the sysctl that fixes it. Set for

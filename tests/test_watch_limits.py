@@ -58,6 +58,7 @@ def test_bindfs_writes_through_backing_are_healed_by_polling(accounts: Accounts,
         subprocess.run(["fusermount", "-u", str(mnt)], check=False)
 
 
+@pytest.mark.serial  # a machine-wide sysctl
 def test_queue_overflow_triggers_reconcile(accounts: Accounts, scratch: Path, envctld) -> None:
     root = make_root(scratch, accounts)
     cfg = write_config(scratch, [(root, accounts.shared_group)])
@@ -83,6 +84,7 @@ def test_queue_overflow_triggers_reconcile(accounts: Accounts, scratch: Path, en
     d.stop()
 
 
+@pytest.mark.serial  # a machine-wide sysctl
 def test_watch_exhaustion_falls_back_to_polling(accounts: Accounts, scratch: Path,
                                                 envctld) -> None:
     root = make_root(scratch, accounts)
@@ -126,6 +128,7 @@ def test_poll_mode_and_periodic_full_reconcile(accounts: Accounts, scratch: Path
     d.stop()
 
 
+@pytest.mark.serial  # a machine-wide sysctl
 def test_watches_needed_against_the_limit_at_start_and_in_status(accounts: Accounts,
                                                                   scratch: Path,
                                                                   envctld) -> None:
