@@ -11,7 +11,6 @@ from __future__ import annotations
 import re
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -26,6 +25,7 @@ from tests.watch_support import (
     out_of_watches,
     scaled,
     sysctl,
+    wait_poll_passes,
     watches_of_uid0,
 )
 
@@ -116,7 +116,8 @@ def test_poll_mode_and_periodic_full_reconcile(accounts: Accounts, scratch: Path
     assert "mode=poll watches=0" in d.log_text()
     as_user(a.uid, a.gid, f"mkdir -p {root}/p/q && echo > {root}/p/q/f && echo > {root}/g")
     wait_for(lambda: not find_violations(root, accounts.shared_gid), 5, 0.05, "healed by a poll")
-    time.sleep(1.5)  # a few more passes: the table now holds the stamps our own heal left
+    # a few more passes: the table now holds the stamps our own heal left
+    wait_poll_passes(scratch / "envctld.sock", 3, "three poll passes after the heal")
     fixes = re.compile(r"reconcile root=\S+ scanned=\d+ fixed=[1-9]")
     before = len(fixes.findall(d.log_text()))
     # A file's own chmod changes no directory: only the periodic full reconcile can see it.

@@ -131,6 +131,15 @@ def daemon_status(sock: Path) -> dict[str, Any]:
     return data
 
 
+def wait_poll_passes(sock: Path, passes: int, what: str, timeout: float = SETTLE) -> None:
+    """Until the first root of the daemon on ``sock`` has ended ``passes`` more poll passes
+    than it had now (its status counter; a pass under way now counts when it ends)."""
+    def done() -> int:
+        return int(daemon_status(sock)["roots"][0]["poll_passes"])
+    start = done()
+    wait_for(lambda: done() >= start + passes, timeout, 0.05, what)
+
+
 def alice_sh(accounts: Accounts, root: Path, script: str) -> None:
     """Run shell ``script`` in ``root`` as alice (umask 077, no supplementary groups)."""
     a = accounts.alice
