@@ -61,11 +61,12 @@ demo-config:
 	sed -e "s/@GROUP@/$$(id -gn)/g" -e "s/@BUILD_USER@/$$u/" config/dev.yaml > $(DEMO)/dev.yaml
 
 # Two passes (tests/conftest.py's docstring says why): the suite on $(TEST_WORKERS) pytest-xdist
-# workers, each test file on one worker (more workers than cores pay: tests wait on builds,
-# daemons and the disk); then the tests marked serial, alone. Both run whatever happens; exit
+# workers, each test file on one worker, files marked slow first (more workers than cores pay:
+# tests wait on builds, daemons and the disk); then the tests marked serial, alone. Both run whatever happens; exit
 # status 5 of one pass (PYTEST_ARGS selected none of its tests) is no failure.
 TEST_WORKERS ?= 3
-PARALLEL_PASS := $(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile --serial-tests=exclude
+PARALLEL_PASS := $(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder \
+	--serial-tests=exclude
 SERIAL_PASS := $(BIN)/python -m pytest --serial-tests=only
 test: deps
 	@echo "$(PARALLEL_PASS) $(PYTEST_ARGS)"; $(PARALLEL_PASS) $(PYTEST_ARGS); p=$$?; \

@@ -5,9 +5,11 @@ The suite runs as root (it needs other uids, mounts and sysctls). Users are crea
 
 Parallel runs. ``make test`` runs the suite in two passes (the Makefile's ``test`` target):
 
-1. ``pytest -n 3 --dist loadfile --serial-tests=exclude``: pytest-xdist workers, each its own
-   session (its own accounts, named after the worker's pid), each test file on one worker (a
-   module's daemon fixture is started once);
+1. ``pytest -n 3 --dist loadfile --no-loadscope-reorder --serial-tests=exclude``: pytest-xdist
+   workers, each its own session (its own accounts, named after the worker's pid), each test
+   file on one worker (a module's daemon fixture is started once), handed out in collection
+   order — files marked ``slow`` (a minute or more together) first, so that none of them is
+   still running alone at the end while the other workers idle;
 2. ``pytest --serial-tests=only``: the tests marked ``@pytest.mark.serial``, one process, with
    nothing else of the suite running.
 
@@ -94,6 +96,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    # Files marked slow first (a stable sort: each file's tests stay together, in order).
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
     mode = config.getoption("--serial-tests")
     if mode == "include":
         return

@@ -50,6 +50,7 @@ from tests.jobs_support import (
 from tests.test_kernels import kernel_wheels
 
 pytest_plugins = ("tests.fixtures_jobs",)  # jobs_env, manager_factory
+pytestmark = pytest.mark.slow
 
 jupyter_client = pytest.importorskip("jupyter_client")
 
