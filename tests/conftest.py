@@ -2,10 +2,29 @@
 
 The suite runs as root (it needs other uids, mounts and sysctls). Users are created with
 ``useradd`` once per session and removed at the end, whatever happened.
+
+Parallel runs. ``make test`` runs the suite in two passes (the Makefile's ``test`` target):
+
+1. ``pytest -n 3 --dist loadfile --no-loadscope-reorder --serial-tests=exclude``: pytest-xdist
+   workers, each its own session (its own accounts, named after the worker's pid), each test
+   file on one worker (a module's daemon fixture is started once), handed out in collection
+   order — files marked ``slow`` (a minute or more together) first, so that none of them is
+   still running alone at the end while the other workers idle;
+2. ``pytest --serial-tests=only``: the tests marked ``@pytest.mark.serial``, one process, with
+   nothing else of the suite running.
+
+The rule for ``serial``: a test that changes what every process on the machine sees (a sysctl
+such as ``fs.inotify.max_user_watches``/``max_queued_events`` or ``fs.protected_hardlinks``, a
+mount outside its scratch dir) or whose assertion depends on having the CPUs to itself (a race
+that must be lost within a time window). Everything else must run beside other tests: its own
+scratch dir (``scratch``/``tmp_path``), socket paths under it, port 0, unique names, and it
+cleans up its processes, mounts and cgroups. Without ``--serial-tests``, every test runs
+(``pytest tests/test_x.py`` by hand works as before).
 """
 
 from __future__ import annotations
 
+import fcntl
 import grp
 import os
 import pwd
@@ -15,6 +34,7 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,16 +88,45 @@ def _sweep_stale() -> None:
                 _remove_accounts(tag)
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--serial-tests", choices=("include", "exclude", "only"),
+                     default="include",
+                     help="exclude/only the tests marked serial (make test: a parallel pass "
+                          "without them, then a pass of them alone)")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    # Files marked slow first (a stable sort: each file's tests stay together, in order).
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+    mode = config.getoption("--serial-tests")
+    if mode == "include":
+        return
+    keep = [i for i in items if (i.get_closest_marker("serial") is not None) == (mode == "only")]
+    if len(keep) != len(items):
+        config.hook.pytest_deselected(items=[i for i in items if i not in keep])
+        items[:] = keep
+
+
+@contextmanager
+def _accounts_lock() -> Iterator[None]:
+    """One suite at a time edits /etc/passwd and /etc/group: xdist workers start together, and
+    useradd gives up when another holds the shadow lock for long."""
+    with open("/run/envctl-tests-accounts.lock", "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        yield
+
+
 @pytest.fixture(scope="session")
 def accounts() -> Iterator[Accounts]:
     if os.geteuid() != 0:
         pytest.skip("the suite needs root to create users")
-    _sweep_stale()
-    subprocess.run(["groupadd", _GROUP], check=True)
-    for name in _USERS:
-        extra = [] if name.endswith(("-mallory", "-build")) else ["-G", _GROUP]
-        subprocess.run(["useradd", "--no-create-home", "--user-group", "-s", "/bin/sh", *extra,
-                        name], check=True)
+    with _accounts_lock():
+        _sweep_stale()
+        subprocess.run(["groupadd", _GROUP], check=True)
+        for name in _USERS:
+            extra = [] if name.endswith(("-mallory", "-build")) else ["-G", _GROUP]
+            subprocess.run(["useradd", "--no-create-home", "--user-group", "-s", "/bin/sh",
+                            *extra, name], check=True)
     try:
         users = [pwd.getpwnam(n) for n in _USERS]
         made = [User(u.pw_name, u.pw_uid, u.pw_gid) for u in users]
@@ -85,7 +134,8 @@ def accounts() -> Iterator[Accounts]:
         yield Accounts(*made, shared_group=_GROUP, shared_gid=grp.getgrnam(_GROUP).gr_gid)
     finally:
         _UIDS.clear()
-        _remove_accounts(_TAG)
+        with _accounts_lock():
+            _remove_accounts(_TAG)
 
 
 @pytest.fixture(autouse=True)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import fcntl
 import hashlib
 import io
 import json
@@ -177,13 +178,18 @@ def python_channel(base: Path = Path("/tmp/envctl-tests")) -> Path:
     if (path / "linux-64" / "repodata.json").exists():
         return path
     base.mkdir(mode=0o755, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=base, prefix=".pychannel-"))
-    build_channel(tmp, [python_package(), pip_package()])
-    os.chmod(tmp, 0o755)
-    try:
-        tmp.rename(path)
-    except OSError:  # built meanwhile by another session: theirs is the same
-        shutil.rmtree(tmp, ignore_errors=True)
+    # One builder at a time (xdist workers ask together); the rename publishes it whole.
+    with open(base / ".pychannel.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (path / "linux-64" / "repodata.json").exists():
+            return path  # built while we waited
+        tmp = Path(tempfile.mkdtemp(dir=base, prefix=".pychannel-"))
+        build_channel(tmp, [python_package(), pip_package()])
+        os.chmod(tmp, 0o755)
+        try:
+            tmp.rename(path)
+        except OSError:  # built meanwhile by a session without this lock: theirs is the same
+            shutil.rmtree(tmp, ignore_errors=True)
     return path
 
 

@@ -111,6 +111,9 @@ def test_requester_parse_flood_leaves_the_probe_answering(api: ApiDaemon,
     """Root pings for 5 s (some 20 probes) inside an 8 s flood. Before the fix a ping went
     unanswered for over 20 s: any probe in the flood failed its 5 s timeout."""
     a = accounts.alice
+    assert api.daemon.proc is not None
+    pid = api.daemon.proc.pid
+    idle = _sockets(pid)
     flood = subprocess.Popen(
         ["setpriv", f"--reuid={a.uid}", f"--regid={a.gid}",
          f"--groups={accounts.shared_gid}", SYSTEM_PYTHON, "-c", FLOOD, str(api.sock),
@@ -118,7 +121,8 @@ def test_requester_parse_flood_leaves_the_probe_answering(api: ApiDaemon,
     times: list[float] = []
     failures: list[str] = []
     try:
-        time.sleep(2)  # the flood is parsing
+        wait_for(lambda: _sockets(pid) >= idle + 32, 30, 0.05,
+                 "the flood connected (half its threads)")
         end = time.monotonic() + 5
         while time.monotonic() < end:
             t0 = time.monotonic()
@@ -134,6 +138,17 @@ def test_requester_parse_flood_leaves_the_probe_answering(api: ApiDaemon,
     # Let the daemon finish what the flood left queued, so the module's daemon stops cleanly.
     wait_for(lambda: _ping_ok(api.sock), 120, 1, "the daemon answering again")
     assert failures == [] and max(times) < 2.0, (failures[:3], max(times, default=0))
+
+
+def _sockets(pid: int) -> int:
+    """Open sockets of process ``pid`` (the daemon's: its listeners and connections)."""
+    count = 0
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            count += os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:")
+        except OSError:
+            continue  # closed meanwhile
+    return count
 
 
 def _ping_ok(sock: Path) -> bool:

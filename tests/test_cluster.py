@@ -28,7 +28,7 @@ from tests.helpers import VENV_BIN, as_user, find_violations, wait_for
 from tests.watch_support import daemon_status, make_root, make_source
 
 pytest_plugins = ("tests.fixtures_daemon", "tests.fixtures_jobs")  # envctld, jobs_env
-pytestmark = pytest.mark.fuse
+pytestmark = [pytest.mark.fuse, pytest.mark.slow]
 
 POLL = 1.0  # poll_interval of every daemon: takeover must come within 2 x this
 PASSES = 5  # poll passes per window of metadata traffic compared

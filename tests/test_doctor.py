@@ -164,6 +164,7 @@ def test_people_are_named_not_printed_as_records() -> None:
     assert person(None) == "unknown"
 
 
+@pytest.mark.serial  # a machine-wide sysctl
 def test_hardlink_protection(root: Path, scratch: Path, accounts: Accounts) -> None:
     """fs.protected_hardlinks=0 lets a member hard-link another user's private file into the
     root, where the healer shares it: doctor says so, with the sysctl that fixes it. Set for

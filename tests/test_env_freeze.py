@@ -31,6 +31,7 @@ from envctl_shared.jobs.lock import NameLock
 from tests.api_support import ApiDaemon, start_api_daemon
 from tests.helpers import as_user, wait_for
 from tests.jobs_support import ENV_HELLO, JobsEnv, full_log, wait_done
+from tests.watch_support import wait_quiet
 
 pytest_plugins = ("tests.fixtures_jobs",)
 Factory = Callable[..., JobManager]
@@ -338,13 +339,13 @@ def test_daemon_neither_watches_nor_heals_versions(api: ApiDaemon, accounts: obj
                   "-f", str(spec))
     assert res.returncode == 0, res.stderr
     version = (api.root / "watched").resolve()
-    time.sleep(2.5)  # events handled, two poll passes (poll_interval 1)
+    wait_quiet(api.sock, "the build's events handled")
     assert _watches(pid) == before
     assert _writable(version) == []
     # a file root hands to the build user inside the version: the healer would make it g+w
     planted = version / "share" / "greet" / "message"
     os.chown(planted, acc.builder.uid, acc.shared_gid)  # type: ignore[attr-defined]
-    time.sleep(2.5)
+    wait_quiet(api.sock, "the chown's event, if any, handled")
     assert stat.S_IMODE(planted.stat().st_mode) == 0o444
     out = api.cli(acc.bob, "env", "verify", "watched")  # type: ignore[attr-defined]
     assert out.returncode == 1 and "share/greet/message: owner" in out.stdout, \

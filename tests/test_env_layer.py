@@ -35,7 +35,7 @@ from envctl_shared.jobs import JobManager, State
 
 from tests.api_support import ApiDaemon, start_api_daemon
 from tests.conftest import Accounts, User
-from tests.helpers import VENV_BIN
+from tests.helpers import SYSTEM_PYTHON, VENV_BIN
 from tests.jobs_support import (
     CondaPackage,
     JobsEnv,
@@ -50,6 +50,7 @@ from tests.jobs_support import (
 from tests.test_kernels import kernel_wheels
 
 pytest_plugins = ("tests.fixtures_jobs",)  # jobs_env, manager_factory
+pytestmark = pytest.mark.slow
 
 jupyter_client = pytest.importorskip("jupyter_client")
 
@@ -207,6 +208,20 @@ def _layer(api: ApiDaemon, user: User, home: Path, name: str,
     return dict(json.loads(res.stdout))
 
 
+@pytest.mark.serial  # a wall-time bound: it needs the CPUs to itself
+def test_a_layer_is_made_in_well_under_a_second(scratch: Path, accounts: Accounts) -> None:
+    """The README's promise, timed where nothing else runs (the stories below print their
+    times beside other tests): a layer over a plain venv, named by its path (no daemon)."""
+    shared = scratch / "envs" / "plain"
+    subprocess.run([SYSTEM_PYTHON, "-m", "venv", "--without-pip", str(shared)], check=True)
+    home = scratch / "home"
+    home.mkdir()
+    os.chown(home, accounts.bob.uid, accounts.bob.gid)
+    res = _as(accounts.bob, home, str(VENV_BIN / "envctl"), "env", "layer", str(shared), "--json")
+    made = json.loads(res.stdout)
+    assert made["env"] == str(shared) and made["seconds"] < 1.0, made
+
+
 def _tree(path: Path) -> list[tuple[str, int, int, float]]:
     """Every entry of a version with its mode, size and (files) mtime: what "untouched" means.
     Python's bytecode caches aside: importing from a version that is still group-writable
@@ -259,7 +274,6 @@ def test_a_layer_takes_pip_installs_follows_the_shared_env_and_is_a_kernel(
     made = _layer(api, bob, home, name)
     with capsys.disabled():
         print(f"\nenv layer made in {made['seconds']:.3f} s (a venv over a shared venv)")
-    assert made["seconds"] < 1.0
     layer = home / ".local" / "share" / "envctl" / "layers" / name
     assert made["prefix"] == str(layer) and made["env"] == str(api.root / name)
     # through the stable path, at every start
@@ -355,7 +369,7 @@ def test_a_layer_over_a_conda_prefix_has_its_stable_bin_as_home(
     with capsys.disabled():
         print(f"\nenv layer made in {made['seconds']:.3f} s (a venv over a conda prefix)")
     stable = pyapi.root / name
-    assert made["seconds"] < 1.0 and made["home"] == str(stable / "bin")
+    assert made["home"] == str(stable / "bin")
     assert made["kernel"] is None  # no ipykernel anywhere
     layer = Path(made["prefix"])
     code = "import sys, pymod; print(sys.base_prefix, pymod.V, pymod.__file__)"

@@ -42,11 +42,12 @@ Factory = Callable[..., JobManager]
 APP = "dependencies:\n  - app={v}\n"
 DEMO = "dependencies:\n  - python\n  - pip:\n    - envctl_demo=={v}\n"
 
-# Reads one file every 20 ms until the stop file appears; prints the distinct runs it saw.
+# Reads one file every 20 ms until the stop file appears; prints each distinct run as it
+# begins, then the number of reads.
 POLLER = """
 import os, sys, time
 path, stop = sys.argv[1], sys.argv[2]
-runs, n = [], 0
+last, n = None, 0
 while not os.path.exists(stop):
     try:
         with open(path) as f:
@@ -54,30 +55,38 @@ while not os.path.exists(stop):
     except OSError as exc:
         got = f"<{exc.strerror}>"
     n += 1
-    if not runs or runs[-1] != got:
-        runs.append(got)
+    if got != last:
+        print(got, flush=True)
+        last = got
     time.sleep(0.02)
 print(n)
-print("\\n".join(runs))
 """
 
 
 class Poller:
-    """``POLLER`` as another user (bob), in its own process."""
+    """``POLLER`` as another user (bob), in its own process; its output goes to a file the
+    test opened, so the test can wait on what it has seen so far."""
 
     def __init__(self, env: JobsEnv, path: Path, scratch: Path) -> None:
         self.stop = scratch / "stop-poller"
+        self.out = scratch / "poller.out"
         bob = env.accounts.bob
-        self.proc = subprocess.Popen(
-            ["setpriv", f"--reuid={bob.uid}", f"--regid={bob.gid}", "--init-groups",
-             sys.executable, "-c", POLLER, str(path), str(self.stop)],
-            stdout=subprocess.PIPE, text=True)
+        with open(self.out, "w") as out:
+            self.proc = subprocess.Popen(
+                ["setpriv", f"--reuid={bob.uid}", f"--regid={bob.gid}", "--init-groups",
+                 sys.executable, "-c", POLLER, str(path), str(self.stop)], stdout=out, text=True)
+        self.wait_seen(None)  # a first read done: what follows happens while it reads
+
+    def wait_seen(self, run: str | None, timeout: float = 30) -> None:
+        """Until the poller has read ``run`` (None: anything)."""
+        wait_for(lambda: bool(lines := self.out.read_text().splitlines()) and
+                 (run is None or run in lines), timeout, what=f"the poller reading {run!r}")
 
     def finish(self) -> tuple[int, list[str]]:
         self.stop.touch()
-        out, _ = self.proc.communicate(timeout=30)
-        lines = out.splitlines()
-        return int(lines[0]), lines[1:]
+        self.proc.wait(timeout=30)
+        lines = self.out.read_text().splitlines()
+        return int(lines[-1]), lines[:-1]
 
 
 def _build(mgr: JobManager, env: JobsEnv, name: str, spec: str, backend: str = "rattler",
@@ -109,25 +118,27 @@ def test_update_without_a_gap_and_old_process_keeps_its_version(
     else:
         first = "1.0"
     # bound to the old version at start: cwd there, its baked prefix read after the switch
+    switched = scratch / "switched"
     survivor = subprocess.Popen(
         ["setpriv", f"--reuid={jobs_env.accounts.alice.uid}",
          f"--regid={jobs_env.accounts.alice.gid}", "--init-groups", "sh", "-c",
-         f'sleep 3; cat {rel}; ls bin >/dev/null && echo "bin ok"'], cwd=old,
+         f'while [ ! -e {switched} ]; do sleep 0.05; done; '
+         f'cat {rel}; ls bin >/dev/null && echo "bin ok"'], cwd=old,
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     poller = Poller(jobs_env, stable / rel, scratch)
     try:
-        time.sleep(0.2)
         job = _build(mgr, jobs_env, name, spec.format(v="2.0"), backend, replace=True)
-        time.sleep(0.2)
+        new = stable.resolve()
+        second = (new / rel).read_text().strip()
+        poller.wait_seen(second)
     finally:
+        switched.touch()
         samples, runs = poller.finish()
-    new = stable.resolve()
-    second = (new / rel).read_text().strip()
     assert new == old.parent / "v2" and second != first
     assert runs == [first, second], runs  # never missing, never empty, never back
     assert samples > 10
     out, _ = survivor.communicate(timeout=30)
-    assert out == f"{first}\nbin ok\n", out  # after the switch (sleep 3 > the update)
+    assert out == f"{first}\nbin ok\n", out  # read after the switch
     assert (old / rel).read_text().strip() == first  # the old version stays until GC
     if backend == "rattler":  # has_prefix: each version's files name that version's prefix
         assert (new / "share/app/prefix.txt").read_text() == f"{new}\n"
@@ -392,6 +403,8 @@ while not os.path.exists(stop):
     except ValueError:
         bad += 1
     n += 1
+    if n == 1:
+        print("reading", flush=True)
 print(n, bad)
 """
 
@@ -413,8 +426,8 @@ def test_rollback_and_remove_are_atomic_for_readers(jobs_env: JobsEnv, manager_f
         ["setpriv", f"--reuid={bob.uid}", f"--regid={bob.gid}", "--init-groups",
          sys.executable, "-c", RECORD_READER, str(stable.resolve().parent / "env.json"),
          str(stop)], stdout=subprocess.PIPE, text=True)
+    assert records.stdout is not None and records.stdout.readline() == "reading\n"
     try:
-        time.sleep(0.2)
         for i in range(60):
             _rollback(mgr, jobs_env, alice, "atomic", "v1" if i % 2 == 0 else "v2")
             time.sleep(0.005)
@@ -428,9 +441,8 @@ def test_rollback_and_remove_are_atomic_for_readers(jobs_env: JobsEnv, manager_f
     (scratch / "rm").mkdir()
     poller = Poller(jobs_env, stable / "share/app/VERSION", scratch / "rm")
     try:
-        time.sleep(0.2)
         _remove(mgr, jobs_env, alice, "atomic")
-        time.sleep(0.2)
+        poller.wait_seen("<No such file or directory>")
     finally:
         samples, runs = poller.finish()
     assert runs == ["2.0", "<No such file or directory>"], runs

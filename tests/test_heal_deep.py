@@ -28,6 +28,7 @@ from tests.helpers import VENV_BIN, find_violations
 from tests.trees import make_chain, remove_tree, unheal_chain
 
 pytest_plugins = ("tests.fixtures_daemon",)  # the envctld fixture
+pytestmark = pytest.mark.slow
 
 LEVELS = 20_000
 WRONG = 1_000  # the deepest levels are broken (each with its file): 2,000 violations

@@ -31,6 +31,7 @@ from envctl_shared.heal.fsops import (
 from envctl_shared.policy import NEVER_FIXED, Kind, Rules, kind_of, mode_table, wanted_mode
 
 from .conftest import Accounts
+from .helpers import snapshot
 from .trees import make_chain, remove_tree
 
 
@@ -86,7 +87,9 @@ def test_scan_fixes_plain_entries_and_hands_back_the_rest(scratch: Path,
                                                           accounts: Accounts) -> None:
     gid = accounts.shared_gid
     _populate(scratch, accounts)
-    passwd = os.stat("/etc/passwd")
+    # what the healer could change (the inode itself is replaced by every useradd of a suite
+    # running beside this one)
+    passwd = snapshot(Path("/etc/passwd"))
 
     found = _scan(scratch, gid)
 
@@ -101,7 +104,7 @@ def test_scan_fixes_plain_entries_and_hands_back_the_rest(scratch: Path,
     assert fixed["broken"][2:] == (stat.S_IFREG | 0o600, accounts.alice.gid, 1, 0o660)
     assert fixed["link"][4:] == (1, -1)  # a symlink: its group only
     assert os.lstat(scratch / "link").st_gid == gid
-    assert os.stat("/etc/passwd") == passwd  # never its target
+    assert snapshot(Path("/etc/passwd")) == passwd  # never its target
     assert stat.S_IMODE(os.lstat(scratch / "exe").st_mode) == 0o770
     # chown cleared setgid on a file; the bits were judged afresh, and setgid is never added
     assert stat.S_IMODE(os.lstat(scratch / "setgid").st_mode) == 0o770

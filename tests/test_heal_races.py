@@ -14,6 +14,7 @@ import stat
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 from envctl_shared.jobs.layout import make_owned_dir
 
 from tests.conftest import Accounts
@@ -22,6 +23,7 @@ from tests.helpers import SYSTEM_PYTHON, as_user, wait_for
 from tests.watch_support import make_root
 
 pytest_plugins = ("tests.fixtures_daemon",)
+pytestmark = pytest.mark.serial  # races a daemon's healer: needs the CPUs to itself
 DIRS = 1500  # the old code lost bits on ~1 in 200
 
 

@@ -35,6 +35,7 @@ jupyter_client = pytest.importorskip("jupyter_client")
 from jupyter_client.kernelspec import KernelSpecManager  # noqa: E402
 from jupyter_client.manager import KernelManager  # noqa: E402
 
+pytestmark = pytest.mark.slow
 WHEELS = Path("/tmp/envctl-kernel-wheels")  # a download cache shared by test runs
 SPEC = "dependencies:\n  - pip:\n    - ipykernel\n    - kversion=={version}\n"
 

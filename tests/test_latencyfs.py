@@ -22,7 +22,7 @@ import pytest
 from bench.latencyfs import latencyfs, stat_storm
 
 from .conftest import Accounts
-from .helpers import as_user
+from .helpers import as_user, wait_for
 
 pytestmark = pytest.mark.fuse
 
@@ -90,7 +90,8 @@ def test_zero_latency_is_fast_and_history_is_a_time_series(scratch: Path) -> Non
         for name in names:
             os.lstat(fs.path / name)
         assert time.perf_counter() - start < 0.5  # no hidden delay at latency 0
-        time.sleep(0.35)
+        wait_for(lambda: history.exists() and len(history.read_text().splitlines()) >= 2, 10,
+                 what="two periodic snapshots")
     lines = [json.loads(line) for line in history.read_text().splitlines()]
     assert len(lines) >= 3 and lines[-1]["final"] is True
     totals = [line["total"] for line in lines]

@@ -19,7 +19,7 @@ from tests.conftest import Accounts
 from tests.helpers import REPO
 from tests.nspawn_support import Bind, boot, unavailable_reason
 
-pytestmark = [pytest.mark.systemd, pytest.mark.timeout(600),
+pytestmark = [pytest.mark.slow, pytest.mark.systemd, pytest.mark.timeout(600),
               pytest.mark.skipif(unavailable_reason() is not None,
                                  reason=str(unavailable_reason()))]
 

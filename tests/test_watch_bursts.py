@@ -18,7 +18,7 @@ import pytest
 from tests.conftest import Accounts
 from tests.daemon_support import Envctld, write_config
 from tests.helpers import VENV_BIN, as_user, find_violations, wait_for
-from tests.watch_support import alice_tmp, make_root, make_source, scaled
+from tests.watch_support import alice_tmp, make_root, make_source, scaled, wait_quiet
 
 pytest_plugins = ("tests.fixtures_daemon",)  # the envctld fixture
 
@@ -112,7 +112,7 @@ def test_chmod_g_minus_w_after_healing_is_reverted(accounts: Accounts, scratch: 
     _healed(root, accounts.shared_gid, "chmod g-w reverted")
     assert os.lstat(root / "env/bin/tool").st_ctime_ns > healed_ctime
     # Our own chmod/chgrp events must settle: no write loop (the file's ctime stops moving).
-    time.sleep(0.5)
+    wait_quiet(scratch / "envctld.sock", "the echoes of our own chmods handled")
     before = os.lstat(root / "env/bin/tool").st_ctime_ns
     time.sleep(1.0)
     assert os.lstat(root / "env/bin/tool").st_ctime_ns == before, "daemon keeps rewriting"

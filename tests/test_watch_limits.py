@@ -11,7 +11,6 @@ from __future__ import annotations
 import re
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -26,6 +25,7 @@ from tests.watch_support import (
     out_of_watches,
     scaled,
     sysctl,
+    wait_poll_passes,
     watches_of_uid0,
 )
 
@@ -58,6 +58,7 @@ def test_bindfs_writes_through_backing_are_healed_by_polling(accounts: Accounts,
         subprocess.run(["fusermount", "-u", str(mnt)], check=False)
 
 
+@pytest.mark.serial  # a machine-wide sysctl
 def test_queue_overflow_triggers_reconcile(accounts: Accounts, scratch: Path, envctld) -> None:
     root = make_root(scratch, accounts)
     cfg = write_config(scratch, [(root, accounts.shared_group)])
@@ -83,6 +84,7 @@ def test_queue_overflow_triggers_reconcile(accounts: Accounts, scratch: Path, en
     d.stop()
 
 
+@pytest.mark.serial  # a machine-wide sysctl
 def test_watch_exhaustion_falls_back_to_polling(accounts: Accounts, scratch: Path,
                                                 envctld) -> None:
     root = make_root(scratch, accounts)
@@ -114,7 +116,8 @@ def test_poll_mode_and_periodic_full_reconcile(accounts: Accounts, scratch: Path
     assert "mode=poll watches=0" in d.log_text()
     as_user(a.uid, a.gid, f"mkdir -p {root}/p/q && echo > {root}/p/q/f && echo > {root}/g")
     wait_for(lambda: not find_violations(root, accounts.shared_gid), 5, 0.05, "healed by a poll")
-    time.sleep(1.5)  # a few more passes: the table now holds the stamps our own heal left
+    # a few more passes: the table now holds the stamps our own heal left
+    wait_poll_passes(scratch / "envctld.sock", 3, "three poll passes after the heal")
     fixes = re.compile(r"reconcile root=\S+ scanned=\d+ fixed=[1-9]")
     before = len(fixes.findall(d.log_text()))
     # A file's own chmod changes no directory: only the periodic full reconcile can see it.
@@ -126,6 +129,7 @@ def test_poll_mode_and_periodic_full_reconcile(accounts: Accounts, scratch: Path
     d.stop()
 
 
+@pytest.mark.serial  # a machine-wide sysctl
 def test_watches_needed_against_the_limit_at_start_and_in_status(accounts: Accounts,
                                                                   scratch: Path,
                                                                   envctld) -> None:

@@ -11,6 +11,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import Accounts
 from tests.daemon_support import write_config
 from tests.helpers import as_user, find_violations, wait_for
@@ -20,6 +22,7 @@ pytest_plugins = ("tests.fixtures_daemon",)  # the envctld fixture
 DIRS = 400
 
 
+@pytest.mark.serial  # a machine-wide sysctl
 def test_raising_the_watch_limit_brings_inotify_back(accounts: Accounts, scratch: Path,
                                                      envctld) -> None:
     root = make_root(scratch, accounts)

@@ -90,6 +90,7 @@ def test_two_directories_swapped_through_a_third_name(accounts: Accounts, scratc
     d.stop()
 
 
+@pytest.mark.serial  # a machine-wide sysctl
 def test_renames_then_overflow_keep_healing_in_real_time(accounts: Accounts, scratch: Path,
                                                          envctld) -> None:
     root = make_root(scratch, accounts)

@@ -131,6 +131,29 @@ def daemon_status(sock: Path) -> dict[str, Any]:
     return data
 
 
+def wait_poll_passes(sock: Path, passes: int, what: str, timeout: float = SETTLE) -> None:
+    """Until the first root of the daemon on ``sock`` has ended ``passes`` more poll passes
+    than it had now (its status counter; a pass under way now counts when it ends)."""
+    def done() -> int:
+        return int(daemon_status(sock)["roots"][0]["poll_passes"])
+    start = done()
+    wait_for(lambda: done() >= start + passes, timeout, 0.05, what)
+
+
+def wait_quiet(sock: Path, what: str, timeout: float = SETTLE) -> None:
+    """Until the first root of the daemon on ``sock`` is quiet: its queue empty and no event,
+    echo or fix counted between two status reads (each one a CLI round trip apart)."""
+    last: list[tuple[int, int, int]] = []
+
+    def quiet() -> bool:
+        root = daemon_status(sock)["roots"][0]
+        now = (root["events"], root["echoes"], root["fixed"])
+        same = last == [now]
+        last[:] = [now]
+        return same and root["queue"] == 0
+    wait_for(quiet, timeout, 0.05, what)
+
+
 def alice_sh(accounts: Accounts, root: Path, script: str) -> None:
     """Run shell ``script`` in ``root`` as alice (umask 077, no supplementary groups)."""
     a = accounts.alice

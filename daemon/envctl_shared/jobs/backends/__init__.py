@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import importlib
 import shutil
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -98,13 +99,19 @@ _COMPILE = ("import compileall, site, sysconfig, os, sys\n"
             "    print('compiled', d, flush=True)\n")
 
 
+# find_uv_bin reads sysconfig, whose first use fills its cache unlocked in Python 3.11: two
+# builds starting together saw a half-filled cache (EXE None: "can only concatenate str").
+_SYSCONFIG_LOCK = threading.Lock()
+
+
 def uv_bin() -> str | None:
     """The uv executable, found the way the ``uv`` package finds its own (the daemon may run
     from a venv that is not on PATH), else on the safe PATH; None when uv is not installed."""
     try:
         import uv  # type: ignore[import-not-found,unused-ignore]
 
-        return str(uv.find_uv_bin())
+        with _SYSCONFIG_LOCK:
+            return str(uv.find_uv_bin())
     except (ImportError, FileNotFoundError):
         return shutil.which("uv", path=SAFE_PATH)
 
