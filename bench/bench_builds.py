@@ -205,7 +205,8 @@ def main() -> None:
             with requests_daemon(base, member.group, build_name, {
                 "backend": "rattler", "allowed_backends": ["rattler", "venv"], "timeout": 600,
                 "channels": [channel.as_uri()], "default_channels": [channel.as_uri()],
-                "venv_python": BASE_PYTHON, "keep_versions": 10, "gc_grace": 86400,
+                "venv_python": BASE_PYTHON, "keep_versions": 10, "max_versions": 20,
+                "gc_grace": 86400,
                 "pip_args": ["--no-index", "--find-links", str(base / "wheels")]}) as sock:
                 b = Bench(base, sock, channel, member.uid, member.gid)
                 b.envctl(CONDA)  # one untimed build: the daemon's first-build work (imports)

@@ -118,8 +118,8 @@ class EnvHandlers:
 
         jobs = self._manager()
         yield from self._queue(op, who, gone, follow,
-                               lambda: jobs.submit_change(who, name, change, tests, why,
-                                                          allow=allow_owner))
+                               lambda: jobs.submit_change(who, name, change, tests,
+                                                          allow_owner, why))
 
     def op_env_gc(self, who: Requester, gone: Callable[[], bool], allow: Allow,
                   dry_run: bool) -> Iterator[Message]:

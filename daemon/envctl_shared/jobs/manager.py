@@ -454,7 +454,7 @@ class JobManager:
 
     def submit_change(self, requester: Requester, name: str,
                       change: Callable[[str], str] | None, tests: Sequence[str],
-                      why: str | None, allow: Allow) -> Job:
+                      allow: Allow, why: str | None = None) -> Job:
         """``env add``/``env update``: a replace built from the current version's spec as its
         record keeps it (``change`` edits the text; None re-solves it as it is), its backend,
         and its tests followed by ``tests``. The record is read under the name's lock (no build
