@@ -39,9 +39,9 @@ from ..errors import FilesystemError
 from ..jobs.cluster import host_name
 from ..jobs.layout import AREA, checked_dir
 from ..locks import LockFile, is_locked
-from ..logfields import fields
+from ..logfields import Subject
 
-log = logging.getLogger("envctl.leader")
+log = logging.getLogger(__name__)
 
 LOCK_FILE = "poller.lock"
 RECORD_FILE = "poller.json"
@@ -57,6 +57,7 @@ class PollerLease:
 
     def __init__(self, root: Path) -> None:
         self.root = root
+        self._log = Subject(log, root=root)  # every line names its root once
         self.host = host_name()
         self.role = "starting"  # leader | follower | standalone | unreachable
         self.since: float | None = None  # wall clock when this daemon became the leader
@@ -125,8 +126,8 @@ class PollerLease:
         if role != self.role:
             level = logging.WARNING if role in ("standalone", "unreachable") or (
                 self.role == "leader") else logging.INFO
-            log.log(level, "poller role root=%s role=%s was=%s host=%s error=%s", self.root,
-                    role, self.role, self.host, error or "", extra=fields(root=self.root))
+            self._log.log(level, "poller role role=%s was=%s host=%s error=%s", role, self.role,
+                          self.host, error or "")
         if role != "leader":
             self.since = None
         self.role = role
@@ -175,8 +176,7 @@ class PollerLease:
             finally:
                 os.close(area)
         except OSError as exc:  # status then says less; the election itself is the lock
-            log.warning("poller record not written root=%s error=%s", self.root,
-                        exc.strerror, extra=fields(root=self.root))
+            self._log.warning("poller record not written error=%s", exc.strerror)
 
     def _read_record(self) -> dict[str, Any] | None:
         try:

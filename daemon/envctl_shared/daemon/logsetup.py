@@ -53,6 +53,6 @@ def setup(cfg: LoggingConfig, debug: bool = False) -> str:
     root.setLevel(level)
     logging.captureWarnings(True)
     if use_journal and sink == "stderr":
-        logging.getLogger("envctl.daemon").warning(
+        logging.getLogger(__name__).warning(
             "journal logging requested but systemd-python is not installed: using stderr")
     return sink

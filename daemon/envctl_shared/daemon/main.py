@@ -35,7 +35,7 @@ from ..watch.service import IDLE_TICK
 from . import logsetup, preflight, systemd
 from .service import Daemon
 
-log = logging.getLogger("envctl.daemon")
+log = logging.getLogger(__name__)
 STATUS_NOTIFY_EVERY = 5.0  # seconds between STATUS= updates
 STALE_DEFAULT = 60.0  # progress older than this is "stuck" when systemd sets no watchdog
 

@@ -24,13 +24,13 @@ from ..api.protocol import VERSION as PROTOCOL
 from ..config import Config, RootConfig
 from ..errors import EnvctlError
 from ..fsinfo import mount_of, walk_concurrency
-from ..logfields import fields
+from ..logfields import Subject
 from ..status import DaemonStatus, InotifyBudget
 from ..watch import RootWatcher, max_user_watches
 from .leader import PollerLease
 from .preflight import root_problems
 
-log = logging.getLogger("envctl.daemon")
+log = logging.getLogger(__name__)
 # Warn when the roots alone need more than this share of the limit: the daemon's uid (root,
 # usually) shares it with every other process of that uid, and trees grow.
 WATCH_HEADROOM = 0.8
@@ -119,10 +119,9 @@ class Daemon:
         if lease is not None:
             self._leases[str(root.path)] = lease
         st = watcher.status()
-        log.info("watching root=%s mode=%s watches=%d scanned=%d fixed=%d start=%.3f "
-                 "poller=%s", root.path, st.mode, st.watches, st.scanned, st.fixed,
-                 time.monotonic() - t0, lease.role if lease else "-",
-                 extra=fields(root=root.path))
+        Subject(log, root=root.path).info(
+            "watching mode=%s watches=%d scanned=%d fixed=%d start=%.3f poller=%s", st.mode,
+            st.watches, st.scanned, st.fixed, time.monotonic() - t0, lease.role if lease else "-")
 
     def inotify_budget(self) -> InotifyBudget:
         """The inotify watches every root needs (one per directory) against the kernel's
@@ -183,15 +182,14 @@ class Daemon:
         for path, watcher in list(self._roots.items()):
             if path not in wanted or not same_watch or watcher.root != wanted[path]:
                 self._unwatch(path)
-                log.info("unwatched root=%s", path, extra=fields(root=path))
+                Subject(log, root=path).info("unwatched")
         self.config = new
         for path, root in wanted.items():
             if path not in self._roots:
                 try:
                     self._start_root(root)
                 except EnvctlError as exc:
-                    log.error("cannot watch root=%s error=%s", path, exc.message,
-                              extra=fields(root=path))
+                    Subject(log, root=path).error("cannot watch error=%s", exc.message)
         if not new.requests.enabled and self._jobs is not None:
             self._jobs.stop(10.0)  # switched off: running builds end as interrupted
             self._jobs = None
@@ -260,12 +258,12 @@ class Daemon:
 
     def log_status(self) -> None:
         for r in self.status(watches=False).roots:
-            log.info("status root=%s mode=%s scanned=%d fixed=%d skipped=%d errors=%d "
-                     "events=%d overflows=%d rebuilds=%d watch_errors=%d queue=%d "
-                     "full_passes=%d last_full_duration=%.3f",
-                     r.path, r.mode, r.scanned, r.fixed, sum(r.skipped.values()), r.errors,
-                     r.events, r.overflows, r.rebuilds, r.watch_errors, r.queue, r.full_passes,
-                     r.last_full_duration or 0.0, extra=fields(root=r.path))
+            Subject(log, root=r.path).info(
+                "status mode=%s scanned=%d fixed=%d skipped=%d errors=%d events=%d "
+                "overflows=%d rebuilds=%d watch_errors=%d queue=%d full_passes=%d "
+                "last_full_duration=%.3f", r.mode, r.scanned, r.fixed, sum(r.skipped.values()),
+                r.errors, r.events, r.overflows, r.rebuilds, r.watch_errors, r.queue,
+                r.full_passes, r.last_full_duration or 0.0)
 
 
 def _start_jobs(config: Config) -> _Jobs:

@@ -16,7 +16,7 @@ import socket
 import sys
 from typing import Any
 
-log = logging.getLogger("envctl.daemon")
+log = logging.getLogger(__name__)
 
 try:  # optional: systemd-python
     from systemd import daemon as _sd_daemon  # type: ignore[attr-defined]  # repo has systemd/

@@ -39,7 +39,7 @@ from ..errors import (
     NotFound,
     ValidationError,
 )
-from ..logfields import fields
+from ..logfields import Subject
 from . import cgroup as cgroups
 from . import envs, layout, procs
 from .backends import get_backend
@@ -355,8 +355,7 @@ class JobManager:
         self._threads[job.id] = thread
         self._version += 1
         self._cond.notify_all()
-        log.info("job-start id=%s name=%s backend=%s", job.id, job.name, job.backend,
-                 extra=fields(job=job.id))
+        Subject(log, job=job.id).info("job-start name=%s backend=%s", job.name, job.backend)
         thread.start()
 
     def _execute(self, build: Build) -> None:
@@ -370,9 +369,9 @@ class JobManager:
             del self._threads[job.id]
             self._version += 1
             self._cond.notify_all()
-        log.info("job-end id=%s name=%s state=%s seconds=%.1f", job.id, job.name,
-                 outcome.state.value, time.time() - (job.started_at or time.time()),
-                 extra=fields(job=job.id))
+        Subject(log, job=job.id).info("job-end name=%s state=%s seconds=%.1f", job.name,
+                                      outcome.state.value,
+                                      time.time() - (job.started_at or time.time()))
         try:
             self._prune_logs()
         except Exception:  # noqa: BLE001 - retention must not take the scheduler down
@@ -445,10 +444,9 @@ class JobManager:
             except Conflict:
                 self._state.remove_job_dir(job_id)
                 raise
-        log.info("job-submit id=%s name=%s backend=%s uid=%d hub_user=%s claimed=%s replace=%s",
-                 job_id, name, job.backend, requester.uid, requester.hub_user,
-                 requester.claimed_user, replace,
-                 extra=fields(job=job_id))
+        Subject(log, job=job_id).info(
+            "job-submit name=%s backend=%s uid=%d hub_user=%s claimed=%s replace=%s", name,
+            job.backend, requester.uid, requester.hub_user, requester.claimed_user, replace)
         self._notify()
         return job
 
@@ -539,7 +537,7 @@ class JobManager:
                                  finished_at=time.time(), exit_detail=detail):
                 self._version += 1
                 self._cond.notify_all()
-                log.info("job-cancel id=%s by=%r queued", job_id, who, extra=fields(job=job_id))
+                Subject(log, job=job_id).info("job-cancel by=%r queued", who)
                 return self.store.get(job_id)
             build = self._running.get(job_id)
             if build is None:
@@ -547,7 +545,7 @@ class JobManager:
                 raise Conflict(f"job {job_id} has already ended ({job.state.value})")
             build.abort(State.CANCELLED, detail)
             thread = self._threads[job_id]
-        log.info("job-cancel id=%s by=%r running", job_id, who, extra=fields(job=job_id))
+        Subject(log, job=job_id).info("job-cancel by=%r running", who)
         thread.join(procs.KILL_GRACE + 10.0)
         return self.store.get(job_id)
 

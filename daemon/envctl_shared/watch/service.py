@@ -47,14 +47,14 @@ from ..config import RootConfig, WatchConfig
 from ..errors import FilesystemError
 from ..fsinfo import mount_of
 from ..heal import Finding, Healer, HealStats
-from ..logfields import fields
+from ..logfields import Subject, fields
 from ..quoting import quote_name
 from ..status import RootStatus
 from .inotify import InotifyWatch, max_user_watches
 from .poll import Poller
 from .queue import ROOT, Item, WorkQueue
 
-log = logging.getLogger("envctl.watch")
+log = logging.getLogger(__name__)
 IDLE_TICK = 1.0  # workers wake at least this often, so their heartbeat shows they are alive
 OVERFLOW_LOG_EVERY = 10.0  # at most one overflow WARNING per root per this many seconds
 REBUILD_ATTEMPTS = 4  # consecutive failed rebuilds (1 s, 2 s, 4 s apart) before the root fails
@@ -133,6 +133,7 @@ class RootWatcher:
         be kept correct in real time and only a restart of the daemon can help. ``gate``: asked
         before every poll and periodic full pass (None: this daemon runs them all)."""
         self.root = root
+        self._log = Subject(log, root=root.path)  # every line names its root once
         self._gate = gate
         self._leading = gate is None
         self._on_fatal = on_fatal
@@ -233,8 +234,8 @@ class RootWatcher:
         except BaseException as exc:
             self._status.watch_errors += 1
             name = threading.current_thread().name
-            log.error("thread died root=%s thread=%s error=%s", self.root.path, name,
-                      _describe(exc), exc_info=exc, extra=fields(root=self.root.path))
+            self._log.error("thread died thread=%s error=%s", name, _describe(exc),
+                            exc_info=exc)
             self._fail(f"thread {name} died: {_describe(exc)}")
 
     def _to(self, new: WatchState, only_from: tuple[WatchState, ...] | None = None) -> bool:
@@ -262,8 +263,7 @@ class RootWatcher:
             return
         self.failure = reason
         self._to(WatchState.FAILED)
-        log.error("root failed root=%s reason=%s action=exit", self.root.path, reason,
-                  extra=fields(root=self.root.path))
+        self._log.error("root failed reason=%s action=exit", reason)
         if self._on_fatal is not None:
             self._on_fatal(reason)
 
@@ -301,18 +301,17 @@ class RootWatcher:
         st = self._status
         if exc is not None:
             st.watch_errors += 1
-            log.error("inotify watch failed root=%s error=%s action=rebuild", self.root.path,
-                      _describe(exc), exc_info=exc, extra=fields(root=self.root.path))
+            self._log.error("inotify watch failed error=%s action=rebuild", _describe(exc),
+                            exc_info=exc)
         elif reason == "overflow":
             st.overflows += 1
             now = time.monotonic()
             if now - self._last_overflow_log >= OVERFLOW_LOG_EVERY:
                 self._last_overflow_log = now
-                log.warning("inotify queue overflow root=%s overflows=%d action=rebuild",
-                            self.root.path, st.overflows)
+                self._log.warning("inotify queue overflow overflows=%d action=rebuild",
+                                  st.overflows)
         else:
-            log.warning("inotify watch ended root=%s reason=%s action=rebuild", self.root.path,
-                        reason)
+            self._log.warning("inotify watch ended reason=%s action=rebuild", reason)
         self._rebuild_after_error = exc is not None
         self._to(WatchState.REBUILDING, only_from=(WatchState.STARTING, WatchState.WATCHING))
         self._wake.set()
@@ -339,8 +338,8 @@ class RootWatcher:
         except Exception as exc:
             self._status.watch_errors += 1
             self._rebuild_failures += 1
-            log.error("inotify rebuild failed root=%s attempt=%d error=%s", self.root.path,
-                      self._rebuild_failures, _describe(exc), extra=fields(root=self.root.path))
+            self._log.error("inotify rebuild failed attempt=%d error=%s",
+                            self._rebuild_failures, _describe(exc))
             if self._rebuild_failures >= REBUILD_ATTEMPTS:
                 self._fail(f"inotify watch cannot be rebuilt: {_describe(exc)}")
             self._next_rebuild = time.monotonic() + 2.0 ** (self._rebuild_failures - 1)
@@ -351,10 +350,9 @@ class RootWatcher:
         self._rebuild_failures = 0
         self._status.rebuilds += 1
         self.queue.put(ROOT, subtree=True)
-        log.info("inotify rebuilt root=%s rebuilds=%d watches=%d action=reconcile",
-                 self.root.path, self._status.rebuilds,
-                 self._inotify.watch_count() if self._inotify is not None else 0,
-                 extra=fields(root=self.root.path))
+        self._log.info("inotify rebuilt rebuilds=%d watches=%d action=reconcile",
+                       self._status.rebuilds,
+                       self._inotify.watch_count() if self._inotify is not None else 0)
         if self._rebuild_after_error:
             limit, window = ERROR_REBUILDS
             self._error_rebuilds = [t for t in self._error_rebuilds if now - t < window] + [now]
@@ -372,9 +370,9 @@ class RootWatcher:
             self._poller = Poller(self._walker)
         self._to(WatchState.STARVED)
         self._starved_at = max_user_watches()
-        log.warning("inotify watch limit reached root=%s watches=%d action=poll "
-                    "poll_interval=%s hint=raise fs.inotify.max_user_watches",
-                    self.root.path, watches, self.watch_cfg.poll_interval)
+        self._log.warning("inotify watch limit reached watches=%d action=poll "
+                          "poll_interval=%s hint=raise fs.inotify.max_user_watches", watches,
+                          self.watch_cfg.poll_interval)
         self._degrade.clear()
 
     def _retry_inotify(self) -> None:
@@ -386,14 +384,14 @@ class RootWatcher:
         try:
             watch = self._new_watch()
         except OSError as exc:
-            log.warning("inotify retry failed root=%s error=%s", self.root.path, exc.strerror)
+            self._log.warning("inotify retry failed error=%s", exc.strerror)
             return
         if watch is None:
             return
         if self._degrade.is_set():  # some directory got no watch: still short
             watch.stop()
             self._degrade.clear()
-            log.debug("inotify retry short root=%s limit=%s", self.root.path, self._starved_at)
+            self._log.debug("inotify retry short limit=%s", self._starved_at)
             return
         with self._watch_lock:
             if self._stop.is_set():
@@ -405,9 +403,8 @@ class RootWatcher:
         self._starved_at = None
         self._to(WatchState.WATCHING)
         self.queue.put(ROOT, subtree=True)
-        log.info("inotify restored root=%s watches=%d limit=%s action=reconcile",
-                 self.root.path, watch.watch_count(), max_user_watches(),
-                 extra=fields(root=self.root.path))
+        self._log.info("inotify restored watches=%d limit=%s action=reconcile",
+                       watch.watch_count(), max_user_watches())
 
     # -- threads -------------------------------------------------------------------------------
 
@@ -416,8 +413,7 @@ class RootWatcher:
             self._beats[idx] = time.monotonic()
             if (idx == 0 and self._wedge_after is not None
                     and time.monotonic() - self._started > self._wedge_after):
-                log.warning("test hook ENVCTL_TEST_WEDGE_AFTER: worker wedged root=%s",
-                            self.root.path)
+                self._log.warning("test hook ENVCTL_TEST_WEDGE_AFTER: worker wedged")
                 threading.Event().wait()
             item = self.queue.get(IDLE_TICK)
             if item is None:
@@ -429,8 +425,8 @@ class RootWatcher:
                 self._heal(item)
             except Exception:  # a bug must not kill the worker: log it, keep healing
                 rel = self.queue.path(item)
-                log.exception("heal failed root=%s path=%s", self.root.path, quote_name(rel),
-                              extra=fields(root=self.root.path, path=rel))
+                self._log.exception("heal failed path=%s", quote_name(rel),
+                                    extra=fields(path=rel))
                 self._status.heals.errors += 1
             finally:
                 self._busy[idx] = False
@@ -463,8 +459,7 @@ class RootWatcher:
             stats = (self._poller.run(full=True).heal if self._poller is not None
                      else self._walker.run("", recursive=True))
         except OSError as exc:
-            log.error("reconcile failed root=%s error=%s", self.root.path, exc.strerror,
-                      extra=fields(root=self.root.path))
+            self._log.error("reconcile failed error=%s", exc.strerror)
             self._status.heals.errors += 1
             return
         self._account(stats)
@@ -474,18 +469,16 @@ class RootWatcher:
         st.last_full_pass = time.time()
         st.last_full_duration = stats.duration
         level = logging.INFO if stats.violations or stats.errors else logging.DEBUG
-        log.log(level, "reconcile root=%s scanned=%d fixed=%d errors=%d duration=%.3f",
-                self.root.path, stats.scanned, stats.writes, stats.errors, stats.duration,
-                extra=fields(root=self.root.path))
+        self._log.log(level, "reconcile scanned=%d fixed=%d errors=%d duration=%.3f",
+                      stats.scanned, stats.writes, stats.errors, stats.duration)
 
     def _finding(self, f: Finding) -> None:
         """Each entry fixed, skipped or failed, at DEBUG (with ENVCTL_PATH for the journal);
         compliant entries produce no finding, so this costs nothing on a correct tree."""
         if log.isEnabledFor(logging.DEBUG):
-            log.debug("%s root=%s path=%s kind=%s problems=%s reason=%s", f.action,
-                      self.root.path, quote_name(f.path), f.kind, ";".join(f.problems),
-                      f.reason or "",
-                      extra=fields(root=self.root.path, path=f.path))
+            self._log.debug("%s path=%s kind=%s problems=%s reason=%s", f.action,
+                            quote_name(f.path), f.kind, ";".join(f.problems), f.reason or "",
+                            extra=fields(path=f.path))
 
     def _account(self, stats: HealStats) -> None:
         with self._lock:
@@ -547,14 +540,14 @@ class RootWatcher:
         try:
             ps = self._poller.run()  # type: ignore[union-attr]
         except OSError as exc:
-            log.error("poll failed root=%s error=%s", self.root.path, exc.strerror)
+            self._log.error("poll failed error=%s", exc.strerror)
             return
         self._account(ps.heal)
         self._status.poll_passes += 1
         self._status.last_poll_duration = ps.duration
         if ps.heal.violations:
-            log.debug("poll root=%s dirs=%d listed=%d fixed=%d duration=%.3f",
-                      self.root.path, ps.dirs, ps.listed, ps.heal.writes, ps.duration)
+            self._log.debug("poll dirs=%d listed=%d fixed=%d duration=%.3f", ps.dirs,
+                            ps.listed, ps.heal.writes, ps.duration)
 
     # -- what the daemon reads -----------------------------------------------------------------
 
