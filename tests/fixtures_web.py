@@ -22,9 +22,10 @@ import pytest
 from tests.api_support import ApiDaemon, start_api_daemon
 from tests.conftest import Accounts
 from tests.helpers import live_processes, wait_for
+from tests.hub_support import free_port
 from tests.jobs_support import write_wheel
 from tests.test_hub_identity import Hub
-from tests.web_support import CHROMIUM_FLAGS, WebWorld, free_port, start_web_hub, stop_hub
+from tests.web_support import CHROMIUM_FLAGS, WebWorld, start_web_hub, stop_hub
 
 
 @pytest.fixture(scope="module")

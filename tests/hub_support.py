@@ -50,7 +50,7 @@ c.JupyterHub.load_roles = [{{
 SERVER_SCOPES = ["users:activity!user", "access:servers!server"]
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
@@ -107,18 +107,24 @@ class Hub:
 
 
 def start_hub(base: Path) -> Hub:
-    ports = {"public_port": _free_port(), "hub_port": _free_port(),
-             "proxy_api_port": _free_port()}
+    ports = {"public_port": free_port(), "hub_port": free_port(),
+             "proxy_api_port": free_port()}
     service_token = secrets.token_hex(24)
-    (base / "jupyterhub_config.py").write_text(
-        HUB_CONFIG.format(base=base, service_token=service_token, **ports))
+    return launch_hub(base, HUB_CONFIG.format(base=base, service_token=service_token, **ports),
+                      ports["hub_port"], service_token)
+
+
+def launch_hub(base: Path, config: str, hub_port: int, service_token: str) -> Hub:
+    """JupyterHub on ``config`` (written as ``base/jupyterhub_config.py``), once its REST API
+    answers; its own output goes to ``base/jupyterhub.log`` (shown if it dies starting)."""
+    (base / "jupyterhub_config.py").write_text(config)
     log = base / "jupyterhub.log"
     with open(log, "wb") as out:
         proc = subprocess.Popen(
             [str(VENV_BIN / "jupyterhub"), "-f", str(base / "jupyterhub_config.py")],
             cwd=base, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
             env={"PATH": f"{VENV_BIN}:/usr/bin:/bin", "HOME": str(base), "LANG": "C.UTF-8"})
-    hub = Hub(proc, f"http://127.0.0.1:{ports['hub_port']}/hub/api", service_token, base)
+    hub = Hub(proc, f"http://127.0.0.1:{hub_port}/hub/api", service_token, base)
     try:
         def up() -> bool:
             assert proc.poll() is None, log.read_text()[-3000:]  # the hub's own output

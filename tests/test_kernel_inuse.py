@@ -11,42 +11,25 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from envctl_shared.jobs import usemarks
 
-from tests.api_support import ApiDaemon, start_api_daemon
+from tests.api_support import ApiDaemon
 from tests.conftest import Accounts, User
 from tests.helpers import as_user, wait_for
-from tests.jobs_support import write_wheel
 
 pytest.importorskip("jupyter_client")
-from tests.test_kernels import _build, _kernel, _specs, kernel_wheels  # noqa: E402
+from tests.test_kernels import _build, _kernel, _specs, kernel_daemon  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def gcapi(accounts: Accounts) -> Iterator[tuple[ApiDaemon, Path]]:
-    base = Path(tempfile.mkdtemp(dir="/tmp", prefix="envctl-inuse-"))
-    os.chmod(base, 0o755)
-    own = base / "wheels"
-    for version in ("1.0", "2.0"):
-        write_wheel(own, "kversion", version, f"VERSION = {version!r}\n")
-    kernels = base / "share" / "jupyter" / "kernels"
-    try:
-        for api in start_api_daemon(
-                accounts, extra={"kernels": {"dir": str(kernels)}}, timeout=600,
-                keep_versions=1, gc_grace=0,
-                pip_args=["--no-index", "--no-compile", "--find-links", str(kernel_wheels()),
-                          "--find-links", str(own)]):
-            yield api, kernels
-    finally:
-        shutil.rmtree(base, ignore_errors=True)
+    yield from kernel_daemon(accounts, "envctl-inuse-", keep_versions=1, gc_grace=0)
 
 
 def _gc(api: ApiDaemon) -> list[str]:

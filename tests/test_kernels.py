@@ -21,6 +21,7 @@ import subprocess
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from envctl_shared.errors import EX_NOPERM
@@ -56,9 +57,11 @@ def kernel_wheels() -> Path:
     return WHEELS
 
 
-@pytest.fixture(scope="module")
-def kapi(accounts: Accounts) -> Iterator[tuple[ApiDaemon, Path]]:
-    base = Path(tempfile.mkdtemp(dir="/tmp", prefix="envctl-kernels-"))
+def kernel_daemon(accounts: Accounts, prefix: str,
+                  **settings: Any) -> Iterator[tuple[ApiDaemon, Path]]:
+    """A daemon that publishes kernelspecs into a kernels dir of its own, and builds from the
+    ipykernel wheels plus ``kversion`` 1.0 and 2.0 (``settings``: more requests keys)."""
+    base = Path(tempfile.mkdtemp(dir="/tmp", prefix=prefix))
     os.chmod(base, 0o755)
     own = base / "wheels"
     for version in ("1.0", "2.0"):
@@ -70,10 +73,15 @@ def kapi(accounts: Accounts) -> Iterator[tuple[ApiDaemon, Path]]:
         for api in start_api_daemon(
                 accounts, extra={"kernels": {"dir": str(kernels)}}, timeout=600,
                 pip_args=["--no-index", "--no-compile", "--find-links", str(kernel_wheels()),
-                          "--find-links", str(own)]):
+                          "--find-links", str(own)], **settings):
             yield api, kernels
     finally:
         shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def kapi(accounts: Accounts) -> Iterator[tuple[ApiDaemon, Path]]:
+    yield from kernel_daemon(accounts, "envctl-kernels-")
 
 
 def _build(api: ApiDaemon, accounts: Accounts, name: str, version: str,

@@ -30,7 +30,7 @@ from envctl_shared.web import routes
 from tests.api_support import ApiDaemon, start_api_daemon
 from tests.conftest import Accounts
 from tests.helpers import REPO, VENV_BIN, wait_for
-from tests.web_support import free_port
+from tests.hub_support import free_port
 
 
 def test_every_op_has_a_route_and_the_docs_carry_the_table() -> None:

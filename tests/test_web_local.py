@@ -25,7 +25,7 @@ import pytest
 from tests.api_support import ApiDaemon, start_api_daemon
 from tests.conftest import Accounts
 from tests.helpers import wait_for
-from tests.web_support import free_port
+from tests.hub_support import free_port
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import secrets
-import socket
 import subprocess
 import urllib.error
 import urllib.request
@@ -26,8 +25,8 @@ from typing import Any
 
 from tests.api_support import ApiDaemon
 from tests.conftest import Accounts
-from tests.helpers import REPO, VENV_BIN, wait_for
-from tests.test_hub_identity import Hub
+from tests.helpers import REPO, VENV_BIN
+from tests.hub_support import Hub, launch_hub
 
 PASSWORD = "envctl-web-tests"
 SERVICE = "envctl"
@@ -54,12 +53,6 @@ c.JupyterHub.load_roles = [
     {{"name": "user", "scopes": ["self", "access:services!service={service}"]}},
 ]
 """
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass
@@ -102,30 +95,10 @@ def start_web_hub(base: Path, api: ApiDaemon, web_user: str, ports: dict[str, in
     command = [str(VENV_BIN / "envctl"), "--socket", str(api.sock), "web"]
     environment = {"PATH": f"{VENV_BIN}:/usr/bin:/bin", "PYTHONPATH": str(REPO / "daemon"),
                    "HOME": "/", "LANG": "C.UTF-8"}
-    (base / "jupyterhub_config.py").write_text(HUB_CONFIG.format(
+    return launch_hub(base, HUB_CONFIG.format(
         base=base, service_token=service_token, password=PASSWORD, service=SERVICE,
-        command=repr(command), environment=repr(environment), web_user=web_user,
-        **ports))
-    log = base / "jupyterhub.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [str(VENV_BIN / "jupyterhub"), "-f", str(base / "jupyterhub_config.py")],
-            cwd=base, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-            env={"PATH": f"{VENV_BIN}:/usr/bin:/bin", "HOME": str(base), "LANG": "C.UTF-8"})
-    hub = Hub(proc, f"http://127.0.0.1:{ports['hub_port']}/hub/api", service_token, base)
-    try:
-        def up() -> bool:
-            assert proc.poll() is None, log.read_text()[-3000:]
-            try:
-                hub.call("GET", "/")
-            except OSError:
-                return False
-            return True
-        wait_for(up, 90, what="JupyterHub answering")
-    except BaseException:
-        hub.stop()
-        raise
-    return hub
+        command=repr(command), environment=repr(environment), web_user=web_user, **ports),
+        ports["hub_port"], service_token)
 
 
 def stop_hub(hub: Hub) -> None:
