@@ -46,7 +46,6 @@ log = logging.getLogger(__name__)
 HERE = Path(__file__).parent
 MAX_STREAMS = 8  # log streams at once (each holds a thread while the build runs)
 MAX_SPEC_BYTES = 256 * 1024  # an upload bigger than this is no environment.yml
-LOCAL_COOKIE = "envctl-local"
 CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; "
        "connect-src 'self'; form-action 'self'; frame-ancestors 'self'; base-uri 'none'")
 
@@ -54,8 +53,9 @@ CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self';
 class Base(HubOAuthenticated, web.RequestHandler):  # type: ignore[misc]
     """Sign-in by the hub; the daemon call with the signed-in user's token; errors shown.
 
-    In the local mode (``envctl web --local``, no hub) the one user is whoever holds the
-    secret printed at start: tornado's own signed cookie and ``_xsrf`` instead of the hub's."""
+    In the local mode (``envctl web --local``, no hub) the one user is whoever knows the
+    secret printed at start: it is the prefix of every URL (tornado's ``_xsrf`` instead of the
+    hub's)."""
 
     def set_default_headers(self) -> None:
         """Only our own script and stylesheet run; no page of ours in another site's frame."""
@@ -77,20 +77,14 @@ class Base(HubOAuthenticated, web.RequestHandler):  # type: ignore[misc]
         return self._local_user(self.local_secret)
 
     def _local_user(self, secret: str) -> dict[str, str] | None:
-        """The secret in the header (scripts), in ``?token=`` (the printed URL: kept in a
-        cookie), or that cookie — with the page's ``_xsrf`` for a write."""
+        """Whoever reached a page under the secret prefix (every page is), or sends the secret
+        in the header (scripts, no ``_xsrf`` then); a write from a page needs its ``_xsrf``.
+        No cookie says who you are: cookies go to every port of 127.0.0.1, so another local
+        user's server would receive it and could replay it."""
         user = {"name": getpass.getuser(), "kind": "user"}
         header = self.request.headers.get("Authorization", "")
         if hmac.compare_digest(header.encode(), f"token {secret}".encode()):
             return user
-        query = self.get_query_argument("token", "")
-        if query and self.request.method == "GET" and \
-                hmac.compare_digest(query.encode(), secret.encode()):
-            self.set_secure_cookie(LOCAL_COOKIE, "1", expires_days=None, httponly=True,
-                                   samesite="Strict", path=self.url())
-            return user
-        if self.get_secure_cookie(LOCAL_COOKIE, max_age_days=1) != b"1":
-            return None
         if self.request.method not in ("GET", "HEAD"):
             try:
                 web.RequestHandler.check_xsrf_cookie(self)
@@ -103,11 +97,6 @@ class Base(HubOAuthenticated, web.RequestHandler):  # type: ignore[misc]
         if self.local_secret is None:
             return super().xsrf_token  # type: ignore[no-any-return]
         return web.RequestHandler.xsrf_token.fget(self)  # type: ignore[attr-defined,no-any-return]
-
-    def get_login_url(self) -> str:
-        if self.local_secret is None:
-            return super().get_login_url()  # type: ignore[no-any-return]
-        raise web.HTTPError(401, "open the URL 'envctl web --local' printed (with its token)")
 
     def token(self) -> str | None:
         """The signed-in user's hub token (header or the OAuth cookie): what the daemon
@@ -393,7 +382,8 @@ class Api(Base):
 
 def make_app(prefix: str, link: DaemonLink, cookie_secret: bytes,
              local_secret: str | None = None) -> web.Application:
-    """Every URL under ``prefix`` (which ends in ``/``); ``local_secret``: the local mode."""
+    """Every URL under ``prefix`` (which ends in ``/``); ``local_secret``: the local mode,
+    whose prefix holds it: a URL outside it gets a bare 404 (our page would link the prefix)."""
     by_path: dict[str, dict[str, Route]] = {}
     for route in ROUTES:
         by_path.setdefault(route.pattern, {})[route.method] = route
@@ -412,12 +402,17 @@ def make_app(prefix: str, link: DaemonLink, cookie_secret: bytes,
     ]
     if local_secret is None:
         pages.append((url_path_join(prefix, "oauth_callback"), HubOAuthCallbackHandler))
+        missing: dict[str, Any] = {"default_handler_class": NotFoundPage}
+    else:
+        assert local_secret in prefix
+        missing = {"default_handler_class": web.ErrorHandler,
+                   "default_handler_args": {"status_code": 404}}
     return web.Application(
         [*api, *pages], cookie_secret=cookie_secret, envctl_link=link, envctl_prefix=prefix,
         envctl_local_secret=local_secret,
         template_path=str(HERE / "templates"), static_path=str(HERE / "static"),
         static_url_prefix=url_path_join(prefix, "static") + "/",
-        default_handler_class=NotFoundPage, xsrf_cookie_kwargs={"path": prefix})
+        xsrf_cookie_kwargs={"path": prefix}, **missing)
 
 
 class NotFoundPage(Page):

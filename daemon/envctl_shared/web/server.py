@@ -46,8 +46,9 @@ def listen_address(ip: str | None, port: int | None) -> tuple[str, int, bool]:
 def _local(ip: str | None, port: int | None) -> tuple[str, int, str, str]:
     """The local mode: no hub, so no one to tell users apart — the pages act as the uid
     running them (your own CLI, in a browser). Safe only for its starter: loopback only (other
-    users of the machine reach loopback too, so every request needs the secret in the printed
-    URL, kept in a cookie), and the service's environment token is dropped all the same."""
+    users of the machine reach loopback too, so every URL starts with the secret: the prefix;
+    no cookie, which the browser would send to their servers on other ports), and the
+    service's environment token is dropped all the same."""
     host = ip or "127.0.0.1"
     try:
         loopback = ipaddress.ip_address(host).is_loopback
@@ -57,7 +58,8 @@ def _local(ip: str | None, port: int | None) -> tuple[str, int, str, str]:
         raise ConfigError(f"envctl web --local listens on loopback only, not {host}",
                           hint="run it as a JupyterHub service to serve others (docs/web.md)")
     take_service_token()
-    return host, port if port is not None else 10101, "/", secrets.token_urlsafe(24)
+    secret = secrets.token_urlsafe(24)
+    return host, port if port is not None else 10101, f"/{secret}/", secret
 
 
 def tls_context(https: bool) -> ssl.SSLContext | None:
@@ -97,10 +99,11 @@ def serve(socket: Path, ip: str | None = None, port: int | None = None,
     server = HTTPServer(app, ssl_options=context, xheaders=not local)
     server.listen(port, host)
     log.info("web listening url=%s://%s:%d%s socket=%s local=%s",
-             "https" if context else "http", host, port, prefix, socket, local)
+             "https" if context else "http", host, port,
+             prefix if secret is None else "/<secret>/", socket, local)
     if secret is not None:
         print(f"envctl web (local mode: you, uid {os.geteuid()}, and only who has this URL):\n"
-              f"    http://{host}:{port}/?token={secret}", flush=True)
+              f"    http://{host}:{port}{prefix}", flush=True)
     try:
         asyncio.get_event_loop_policy().get_event_loop().run_forever()
     finally:
