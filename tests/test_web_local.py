@@ -8,6 +8,7 @@ secret of the URL it prints (kept in a cookie; a write with the cookie also need
 
 from __future__ import annotations
 
+import http.client
 import http.cookiejar
 import http.server
 import json
@@ -16,6 +17,7 @@ import re
 import signal
 import subprocess
 import threading
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -156,3 +158,36 @@ def test_another_loopback_server_gets_nothing_to_replay(local_web: tuple[str, in
             status, body = _open(stranger, f"http://127.0.0.1:{port}/{path}",
                                  headers={"Cookie": cookie} if cookie else {})
             assert status != 200 and secret not in body, (cookie, path, status)
+
+
+def test_a_closed_log_stream_frees_its_slot_while_the_build_is_quiet(
+        local_web: tuple[str, int]) -> None:
+    """Follow streams are few (``MAX_STREAMS``): one whose reader went away must give its
+    slot back at once, not when the job next writes a line — else anyone opening and
+    dropping a handful of follows on a quiet build (a long test) locks everyone out."""
+    from envctl_shared.web.app import MAX_STREAMS
+    url, port = local_web
+    auth = {"Authorization": f"token {url.rstrip('/').rsplit('/', 1)[1]}",
+            "Content-Type": "application/json"}
+    opener = urllib.request.build_opener()
+    status, body = _open(opener, url + "api/jobs", json.dumps({
+        "name": "quiet-env", "spec": "dependencies: []", "backend": "venv",
+        "tests": ["echo started", "sleep 120"]}).encode(), auth)
+    assert status == 200, body
+    job = json.loads(body)["id"]
+    logs = url + f"api/jobs/{job}/logs"
+    wait_for(lambda: "started" in json.loads(_open(opener, logs, headers=auth)[1])["text"],
+             120, interval=0.2, what="the quiet test running")
+    path = urllib.parse.urlparse(logs).path + "?follow=true"
+    try:
+        for n in range(MAX_STREAMS + 2):
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+            conn.request("GET", path, headers=auth)
+            resp = conn.getresponse()
+            assert resp.status == 200, (n, resp.read())
+            assert b"started" in resp.readline()  # the log so far; then nothing comes
+            conn.close()  # the reader goes away
+            time.sleep(0.2)
+    finally:
+        req = urllib.request.Request(url + f"api/jobs/{job}", method="DELETE", headers=auth)
+        opener.open(req, timeout=30).close()

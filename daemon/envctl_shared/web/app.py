@@ -21,6 +21,8 @@ import hmac
 import json
 import logging
 import threading
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +47,7 @@ from .routes import ROUTES, Route, arguments, http_status
 log = logging.getLogger(__name__)
 HERE = Path(__file__).parent
 MAX_STREAMS = 8  # log streams at once (each holds a thread while the build runs)
+STREAM_BACKLOG = 16  # messages read ahead of a slow reader (each at most a 64 KiB log chunk)
 MAX_SPEC_BYTES = 256 * 1024  # an upload bigger than this is no environment.yml
 CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; "
        "connect-src 'self'; form-action 'self'; frame-ancestors 'self'; base-uri 'none'")
@@ -277,16 +280,25 @@ class Api(Base):
     user, 401. With a token in the header, none is needed."""
 
     _streams = threading.BoundedSemaphore(MAX_STREAMS)
+    _stream_threads = ThreadPoolExecutor(MAX_STREAMS, thread_name_prefix="envctl-web-stream")
 
     def initialize(self, routes: dict[str, Route]) -> None:
         self.routes = routes
         self._gone = threading.Event()
+        self._session: Session | None = None
+        self._queue: asyncio.Queue[Any] | None = None
 
     def get_login_url(self) -> str:
         raise web.HTTPError(401)
 
     def on_connection_close(self) -> None:
+        """A stream's reader went away: its daemon connection ends now, not when the build
+        next writes a line, and the writer stops waiting (the slot is free at once)."""
         self._gone.set()
+        if self._session is not None:
+            self._session.abort()
+        if self._queue is not None and not self._queue.full():
+            self._queue.put_nowait(None)
 
     async def get(self, **params: str) -> None:
         await self._serve("GET", params)
@@ -315,33 +327,50 @@ class Api(Base):
 
     async def _stream(self, route: Route, args: dict[str, Any]) -> None:
         """The op's events as JSON lines (``{"event", "data"}`` ..., then ``{"end": true,
-        "data"}``), read by a pool thread and written here as they come."""
+        "data"}``), read by a thread of its own and written here as they come: at most
+        STREAM_BACKLOG ahead of the reader (a slow one slows the daemon's stream, not the
+        service's memory); a reader that goes away ends it (``on_connection_close``)."""
         if not self._streams.acquire(blocking=False):
             raise LimitReached(f"{MAX_STREAMS} log streams are open already",
                                hint="retry in a moment, or read the log without follow")
+        reader = None
         try:
-            queue: asyncio.Queue[Any] = asyncio.Queue()
+            queue = self._queue = asyncio.Queue(STREAM_BACKLOG)
             loop = asyncio.get_running_loop()
             token = self.token()
 
+            def put(item: Any) -> bool:
+                """Hand ``item`` to the writer; False once the reader is gone."""
+                handed = asyncio.run_coroutine_threadsafe(queue.put(item), loop)
+                while not self._gone.is_set():
+                    try:
+                        handed.result(timeout=1.0)
+                        return True
+                    except FutureTimeout:
+                        continue
+                handed.cancel()
+                return False
+
             def read(session: Session) -> None:
+                self._session = session
+                if self._gone.is_set():
+                    return
                 for msg in session.stream(route.op, follow=True, **args):
-                    loop.call_soon_threadsafe(queue.put_nowait, msg)
-                    if self._gone.is_set():
+                    if not put(msg):
                         return
 
             def pump() -> None:
                 try:
                     self.link.run_sync(token, read)
                 except EnvctlError as err:
-                    loop.call_soon_threadsafe(queue.put_nowait, err)
+                    put(err)
                 finally:
-                    loop.call_soon_threadsafe(queue.put_nowait, None)
+                    put(None)
 
-            reader = loop.run_in_executor(None, pump)
+            reader = loop.run_in_executor(self._stream_threads, pump)
             self.set_header("Content-Type", "application/x-ndjson; charset=utf-8")
             started = False
-            while (item := await queue.get()) is not None:
+            while (item := await queue.get()) is not None and not self._gone.is_set():
                 if isinstance(item, EnvctlError):
                     if not started:
                         raise item
@@ -351,8 +380,12 @@ class Api(Base):
                 started = True
                 self.write(json.dumps(item) + "\n")
                 await self.flush()
-            await reader
         finally:
+            self._gone.set()  # the reader stops handing over, whatever ended the writer
+            if self._session is not None:
+                self._session.abort()
+            if reader is not None:
+                await reader
             self._streams.release()
 
     def write_error(self, status_code: int, **kwargs: Any) -> None:

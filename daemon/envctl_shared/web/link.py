@@ -55,6 +55,11 @@ class Session:
     def stream(self, op: str, **args: Any) -> Iterator[dict[str, Any]]:
         return self._client.stream(op, **args)
 
+    def abort(self) -> None:
+        """From another thread: end the call or stream waiting on the daemon (its reader is
+        gone); it raises DaemonUnavailable."""
+        self._client.interrupt()
+
 
 class DaemonLink:
     """The socket path, the thread pool, and whether the shared-uid rule was checked."""
