@@ -49,6 +49,7 @@ HERE = Path(__file__).parent
 MAX_STREAMS = 8  # log streams at once (each holds a thread while the build runs)
 STREAM_BACKLOG = 16  # messages read ahead of a slow reader (each at most a 64 KiB log chunk)
 MAX_SPEC_BYTES = 256 * 1024  # an upload bigger than this is no environment.yml
+MAX_BODY_BYTES = 4 * MAX_SPEC_BYTES  # a request body: the form (spec, upload, tests) and no more
 CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; "
        "connect-src 'self'; form-action 'self'; frame-ancestors 'self'; base-uri 'none'")
 

@@ -25,7 +25,7 @@ from jupyterhub.utils import make_ssl_context  # type: ignore[import-untyped]
 from tornado.httpserver import HTTPServer
 
 from ..errors import ConfigError
-from .app import make_app
+from .app import MAX_BODY_BYTES, make_app
 from .link import DaemonLink, take_service_token
 
 log = logging.getLogger(__name__)
@@ -96,7 +96,9 @@ def serve(socket: Path, ip: str | None = None, port: int | None = None,
         prefix = os.environ["JUPYTERHUB_SERVICE_PREFIX"].rstrip("/") + "/"
         link = DaemonLink(socket)
     app = make_app(prefix, link, cookie_secret=secrets.token_bytes(32), local_secret=secret)
-    server = HTTPServer(app, ssl_options=context, xheaders=not local)
+    # Bodies are read whole before any handler runs: no more than a request form needs.
+    server = HTTPServer(app, ssl_options=context, xheaders=not local,
+                        max_body_size=MAX_BODY_BYTES)
     server.listen(port, host)
     log.info("web listening url=%s://%s:%d%s socket=%s local=%s",
              "https" if context else "http", host, port,
