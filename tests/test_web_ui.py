@@ -282,3 +282,32 @@ def test_pages_survive_a_daemon_restart(web: WebWorld, browser_factory: Any) -> 
               driver.find_element(By.CSS_SELECTOR, "h1").text == "Environments", 30,
               "the page recovering by itself")
     assert web.http("GET", "api/envs", token=token)[0] == 200
+
+
+def test_on_the_pages_alice_owns_what_she_built_from_her_server(
+        web: WebWorld, browser_factory: Any) -> None:
+    """Ownership on a shared uid goes by the hub's stable identity (``hub_id``, the user's
+    creation time) where a record has it: an env alice requested with her own API token
+    records it. The pages forward the OAuth token the service got for her, which must show
+    the same identity — else the env is not hers on the pages (and an env built there would
+    record none, and go by a name the hub may give someone else)."""
+    from selenium.webdriver.common.by import By
+    token = web.hub.token("alice")
+    status, job = web.http("POST", "api/jobs", token=token, body={
+        "name": "from-her-server", "spec": "dependencies: []", "backend": "venv"})
+    assert status == 200, job
+    wait_for(lambda: web.http("GET", f"api/jobs/{job['id']}", token=token)[1]["terminal"],
+             120, interval=0.5, what="alice's build")
+    from envctl_shared.api.client import Client
+    with Client(web.api.sock) as client:
+        owner = client.call("env-show", name="from-her-server")["owner"]
+    assert owner["hub_user"] == "alice" and owner["hub_id"], owner
+    driver = browser_factory()
+    sign_in(driver, web, "alice")
+    me = driver.execute_async_script("""
+        const done = arguments[arguments.length - 1];
+        fetch(document.body.dataset.api + 'whoami', {headers: {'X-XSRFToken':
+              document.body.dataset.xsrf}}).then(r => r.json()).then(done);""")
+    assert me["hub_user"] == "alice" and me["hub_id"] == owner["hub_id"], me
+    driver.get(web.service + "envs/from-her-server")
+    assert driver.find_elements(By.ID, "remove")
