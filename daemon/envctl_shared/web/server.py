@@ -5,8 +5,9 @@ Why from the environment: a hub-managed service (``c.JupyterHub.services`` with 
 ``JUPYTERHUB_SERVICE_PREFIX``, ``JUPYTERHUB_SERVICE_URL``, ``JUPYTERHUB_OAUTH_CALLBACK_URL``
 (and, with the hub's ``internal_ssl``, ``JUPYTERHUB_SSL_*``); an externally run one is given
 the same variables by whoever runs it (docs/web.md). ``HubOAuth`` reads them; this module only
-refuses to start where they cannot work: no hub to sign people in with, or an ``https`` service
-URL without the certificate the hub would expect it to serve with.
+refuses to start where they cannot work: no hub to sign people in with, no service name to
+know who may use the service by (``HubOAuth`` would let in any hub token), or an ``https``
+service URL without the certificate the hub would expect it to serve with.
 """
 
 from __future__ import annotations
@@ -92,7 +93,14 @@ def serve(socket: Path, ip: str | None = None, port: int | None = None,
         context, secret = tls_context(https), None
         # The service's token goes to HubOAuth (its OAuth client secret) and out of the
         # environment: no daemon call may fall back to it. The hub's URLs come from there too.
-        HubOAuth.instance(api_token=take_service_token())
+        auth = HubOAuth.instance(api_token=take_service_token())
+        if not auth.access_scopes:
+            raise ConfigError("envctl web does not know its service name (JUPYTERHUB_SERVICE_NAME "
+                              "or JUPYTERHUB_OAUTH_ACCESS_SCOPES), so it would let in any hub "
+                              "token, whatever the hub's roles say about who may use it",
+                              hint="the hub sets it for a service it starts; give an external "
+                              "one JUPYTERHUB_SERVICE_NAME=<its name in c.JupyterHub.services> "
+                              "(docs/web.md)")
         prefix = os.environ["JUPYTERHUB_SERVICE_PREFIX"].rstrip("/") + "/"
         link = DaemonLink(socket)
     app = make_app(prefix, link, cookie_secret=secrets.token_bytes(32), local_secret=secret)
