@@ -75,6 +75,14 @@ class Base(HubOAuthenticated, web.RequestHandler):  # type: ignore[misc]
     def local_secret(self) -> str | None:
         return self.settings.get("envctl_local_secret")
 
+    async def prepare(self) -> None:
+        """Ask the hub who the token is without holding the service: ``HubAuthenticated``'s
+        ``get_current_user`` asks synchronously, stalling every other request while the hub
+        answers (a slow hub, or one question per invented token of a stranger's flood). Its
+        answer is kept on the request, where ``get_current_user`` then finds it."""
+        if self.local_secret is None:
+            await self.hub_auth.get_user(self, sync=False)
+
     def get_current_user(self) -> Any:
         if self.local_secret is None:
             return super().get_current_user()
@@ -410,6 +418,7 @@ class Api(Base):
         super()._handle_request_exception(e)
 
     async def prepare(self) -> None:
+        await super().prepare()
         if not self.current_user:
             raise web.HTTPError(401)
 
@@ -450,5 +459,5 @@ def make_app(prefix: str, link: DaemonLink, cookie_secret: bytes,
 
 
 class NotFoundPage(Page):
-    def prepare(self) -> None:
+    async def prepare(self) -> None:
         raise web.HTTPError(404, "no such page")
