@@ -15,6 +15,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import threading
 import time
@@ -220,3 +221,56 @@ def test_a_body_no_request_needs_is_not_read(local_web: tuple[str, int]) -> None
     status, _ = _open(urllib.request.build_opener(), url + "api/jobs", b"{}",
                       {"Content-Type": "application/json"})
     assert status == 401
+
+
+def test_an_api_path_that_is_none_answers_the_error_document(local_web: tuple[str, int]) -> None:
+    """A script that gets a path wrong (a typo, a name longer than names are, an encoded
+    slash) gets the API's JSON error document like any other failure, not an HTML page."""
+    url, _ = local_web
+    auth = {"Authorization": f"token {url.rstrip('/').rsplit('/', 1)[1]}"}
+    opener = urllib.request.build_opener()
+    for path in ("api/env", "api/envs/" + "a" * 80, "api/envs/a%2F..%2Fb", "api/jobs/1/x/y"):
+        status, body = _open(opener, url + path, headers=auth)
+        assert status == 404 and json.loads(body)["error"]["code"] == "not-found", (path, body)
+
+
+def _rss(pid: int) -> int:
+    """A process's resident memory, bytes."""
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError(f"no VmRSS for {pid}")
+
+
+def test_a_reader_that_does_not_read_costs_the_service_little_memory(
+        local_web: tuple[str, int], daemon: ApiDaemon) -> None:
+    """A follow stream read slowly (or not at all) while the build writes a big log: the
+    service reads ahead only a little; the rest waits in the daemon's log file."""
+    url, port = local_web
+    service = int(subprocess.run(["fuser", f"{port}/tcp"], capture_output=True,
+                                 text=True).stdout.split()[0])
+    auth = {"Authorization": f"token {url.rstrip('/').rsplit('/', 1)[1]}",
+            "Content-Type": "application/json"}
+    opener = urllib.request.build_opener()
+    big = 80 << 20
+    status, body = _open(opener, url + "api/jobs", json.dumps({
+        "name": "loud-env", "spec": "dependencies: []", "backend": "venv",
+        "tests": ["echo started", f"yes {'x' * 99} | head -c {big}"]}
+    ).encode(), auth)
+    assert status == 200, body
+    job = json.loads(body)["id"]
+    logs = url + f"api/jobs/{job}/logs"
+    wait_for(lambda: "started" in json.loads(_open(opener, logs, headers=auth)[1])["text"],
+             120, interval=0.2, what="the loud test running")
+    before = _rss(service)
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    conn.sock = socket.create_connection(("127.0.0.1", port))
+    conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    try:
+        conn.request("GET", urllib.parse.urlparse(logs).path + "?follow=true", headers=auth)
+        wait_for(lambda: daemon.job(job)["terminal"], 180, interval=0.5, what="the loud build")
+        time.sleep(2)  # what the service would read ahead, it has read by now
+        grown = _rss(service) - before
+        assert grown < 24 << 20, f"the service grew by {grown >> 20} MiB for one reader"
+    finally:
+        conn.close()

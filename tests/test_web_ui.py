@@ -252,6 +252,10 @@ def test_the_http_api_needs_a_token_and_maps_errors(web: WebWorld) -> None:
     assert status == 403 and body["error"]["code"] == "not-authorised"
     # A token the hub never issued: 401 at the service, before the daemon is asked.
     assert web.http("GET", "api/envs", token="0" * 32)[0] == 401
+    # A path of no route: the error document too (after the sign-in check, which says no more).
+    status, body = web.http("GET", "api/env", token=token)
+    assert status == 404 and body["error"]["code"] == "not-found", body
+    assert web.http("GET", "api/env")[0] == 401
     # A build from the API, its log streamed as JSON lines to the end, then a conflict.
     status, job = web.http("POST", "api/jobs", token=token, body={
         "name": "api-env", "spec": VENV_SPEC, "backend": "venv"})

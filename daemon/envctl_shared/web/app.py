@@ -38,9 +38,10 @@ from ..api import protocol
 from ..cli.env_cmd import _size as size_text
 from ..cli.env_cmd import _who as who_text
 from ..cli.output import error_document, hint_of, local_time
-from ..errors import EnvctlError, LimitReached, NotAuthorised, ValidationError
+from ..errors import EnvctlError, LimitReached, NotAuthorised, NotFound, ValidationError
 from ..jobs import envs
 from ..jobs.model import Requester
+from ..untrusted import brief
 from .link import DaemonLink, Session
 from .routes import ROUTES, Route, arguments, http_status
 
@@ -322,6 +323,9 @@ class Api(Base):
         await self._serve("DELETE", params)
 
     async def _serve(self, method: str, params: dict[str, str]) -> None:
+        if not self.routes:
+            raise NotFound(f"no such API path: {brief(self.request.path)}",
+                           hint="the routes are listed in docs/http-api.md")
         route = self.routes.get(method)
         if route is None:
             raise ValidationError(f"{method} is not allowed here",
@@ -432,6 +436,7 @@ def make_app(prefix: str, link: DaemonLink, cookie_secret: bytes,
         by_path.setdefault(route.pattern, {})[route.method] = route
     api = [(url_path_join(prefix, "api", pattern) + "$", Api, {"routes": routes})
            for pattern, routes in by_path.items()]
+    api.append((url_path_join(prefix, "api") + "/.*", Api, {"routes": {}}))  # none of them
     word = r"([A-Za-z0-9][A-Za-z0-9._-]{0,63})"
     pages = [
         (prefix, EnvsPage),
