@@ -116,23 +116,29 @@ def test_the_service_forwards_nothing_for_a_uid_the_daemon_does_not_share(
 
 HUB_ENV = {"JUPYTERHUB_API_TOKEN": "0123456789abcdef", "JUPYTERHUB_API_URL":
            "http://127.0.0.1:9/hub/api", "JUPYTERHUB_CLIENT_ID": "service-envctl",
-           "JUPYTERHUB_SERVICE_PREFIX": "/services/envctl/"}
+           "JUPYTERHUB_SERVICE_PREFIX": "/services/envctl/",
+           "JUPYTERHUB_SERVICE_NAME": "envctl"}
 
 
 def _web(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     return subprocess.run([str(VENV_BIN / "envctl"), "web"], capture_output=True, text=True,
-                          timeout=60, env={"PATH": "/usr/bin:/bin",
+                          timeout=30, env={"PATH": "/usr/bin:/bin",
                                            "PYTHONPATH": str(REPO / "daemon"), **env})
 
 
 def test_the_service_refuses_to_start_where_it_cannot_work() -> None:
     """Not run by a hub (nothing to sign people in with); an https service URL (the hub's
-    internal_ssl) without the certificate the hub would hand it: refusing plain HTTP there."""
+    internal_ssl) without the certificate the hub would hand it: refusing plain HTTP there;
+    no name to know who may use the service by."""
     res = _web({})
     assert res.returncode == 78 and "is a JupyterHub service" in res.stderr, res.stderr
     assert "JUPYTERHUB_API_TOKEN" in res.stderr and "hint:" in res.stderr
     res = _web({**HUB_ENV, "JUPYTERHUB_SERVICE_URL": "https://127.0.0.1:10101"})
     assert res.returncode == 78 and "refusing to serve without TLS" in res.stderr, res.stderr
+    # An external service given no name (nor access scopes): HubOAuth would let in any hub
+    # token, whatever the hub's roles say about who may use the service.
+    res = _web({k: v for k, v in HUB_ENV.items() if k != "JUPYTERHUB_SERVICE_NAME"})
+    assert res.returncode == 78 and "JUPYTERHUB_SERVICE_NAME" in res.stderr, res.stderr
 
 
 def test_with_the_hubs_certificate_it_serves_tls(tmp_path: Path) -> None:

@@ -17,7 +17,13 @@ Screenshots of the env list and a job page are saved to docs/img/ (shown in the 
 
 from __future__ import annotations
 
+import http.server
 import json
+import os
+import signal
+import subprocess
+import threading
+import time
 import urllib.error
 import urllib.request
 from typing import Any
@@ -25,8 +31,8 @@ from typing import Any
 import pytest
 
 from tests.api_support import VENV_SPEC
-from tests.helpers import REPO, wait_for
-from tests.web_support import PASSWORD, WebWorld
+from tests.helpers import REPO, VENV_BIN, wait_for
+from tests.web_support import PASSWORD, WebWorld, free_port
 
 pytest_plugins = ("tests.fixtures_web",)  # web, browser_factory
 pytestmark = pytest.mark.timeout(600)
@@ -246,6 +252,10 @@ def test_the_http_api_needs_a_token_and_maps_errors(web: WebWorld) -> None:
     assert status == 403 and body["error"]["code"] == "not-authorised"
     # A token the hub never issued: 401 at the service, before the daemon is asked.
     assert web.http("GET", "api/envs", token="0" * 32)[0] == 401
+    # A path of no route: the error document too (after the sign-in check, which says no more).
+    status, body = web.http("GET", "api/env", token=token)
+    assert status == 404 and body["error"]["code"] == "not-found", body
+    assert web.http("GET", "api/env")[0] == 401
     # A build from the API, its log streamed as JSON lines to the end, then a conflict.
     status, job = web.http("POST", "api/jobs", token=token, body={
         "name": "api-env", "spec": VENV_SPEC, "backend": "venv"})
@@ -282,3 +292,109 @@ def test_pages_survive_a_daemon_restart(web: WebWorld, browser_factory: Any) -> 
               driver.find_element(By.CSS_SELECTOR, "h1").text == "Environments", 30,
               "the page recovering by itself")
     assert web.http("GET", "api/envs", token=token)[0] == 200
+
+
+def test_on_the_pages_alice_owns_what_she_built_from_her_server(
+        web: WebWorld, browser_factory: Any) -> None:
+    """Ownership on a shared uid goes by the hub's stable identity (``hub_id``, the user's
+    creation time) where a record has it: an env alice requested with her own API token
+    records it. The pages forward the OAuth token the service got for her, which must show
+    the same identity — else the env is not hers on the pages (and an env built there would
+    record none, and go by a name the hub may give someone else)."""
+    from selenium.webdriver.common.by import By
+    token = web.hub.token("alice")
+    status, job = web.http("POST", "api/jobs", token=token, body={
+        "name": "from-her-server", "spec": "dependencies: []", "backend": "venv"})
+    assert status == 200, job
+    wait_for(lambda: web.http("GET", f"api/jobs/{job['id']}", token=token)[1]["terminal"],
+             120, interval=0.5, what="alice's build")
+    from envctl_shared.api.client import Client
+    with Client(web.api.sock) as client:
+        owner = client.call("env-show", name="from-her-server")["owner"]
+    assert owner["hub_user"] == "alice" and owner["hub_id"], owner
+    driver = browser_factory()
+    sign_in(driver, web, "alice")
+    me = driver.execute_async_script("""
+        const done = arguments[arguments.length - 1];
+        fetch(document.body.dataset.api + 'whoami', {headers: {'X-XSRFToken':
+              document.body.dataset.xsrf}}).then(r => r.json()).then(done);""")
+    assert me["hub_user"] == "alice" and me["hub_id"] == owner["hub_id"], me
+    driver.get(web.service + "envs/from-her-server")
+    assert driver.find_elements(By.ID, "remove")
+
+
+def test_a_slow_hub_answer_for_one_holds_up_no_one_else(web: WebWorld) -> None:
+    """The service asks the hub who a token is; while it waits for one answer (a hub under
+    load, or a stranger's flood of invented tokens, each one question), the requests of users
+    it knows already are answered. An ``envctl web`` run as an external service here, whose
+    hub API is a door that answers the token ``slow-...`` only after SLOW seconds."""
+    slow, port = 3.0, free_port()
+
+    class Door(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - the http.server API
+            auth = self.headers.get("Authorization", "")
+            if "slow-" in auth:
+                time.sleep(slow)
+                status, body = 403, b'{"status": 403}'
+            else:
+                req = urllib.request.Request(web.hub.api_url.removesuffix("/hub/api") +
+                                             self.path, headers={"Authorization": auth})
+                try:
+                    with urllib.request.urlopen(req, timeout=10) as resp:
+                        status, body = resp.status, resp.read()
+                except urllib.error.HTTPError as exc:
+                    with exc:
+                        status, body = exc.code, exc.read()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    door = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Door)
+    door.daemon_threads = True
+    threading.Thread(target=door.serve_forever, daemon=True).start()
+    env = {"PATH": f"{VENV_BIN}:/usr/bin:/bin", "PYTHONPATH": str(REPO / "daemon"),
+           "HOME": "/", "LANG": "C.UTF-8", "JUPYTERHUB_API_TOKEN": "unused-for-user-tokens",
+           "JUPYTERHUB_API_URL": f"http://127.0.0.1:{door.server_address[1]}/hub/api",
+           "JUPYTERHUB_CLIENT_ID": "service-envctl", "JUPYTERHUB_SERVICE_NAME": "envctl",
+           "JUPYTERHUB_SERVICE_PREFIX": "/services/envctl/",
+           "JUPYTERHUB_SERVICE_URL": f"http://127.0.0.1:{port}"}
+    proc = subprocess.Popen(["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups",
+                             "env", "-i", *(f"{k}={v}" for k, v in env.items()),
+                             str(VENV_BIN / "envctl"), "--socket", str(web.api.sock), "web"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    base = f"http://127.0.0.1:{port}/services/envctl/api/"
+
+    def whoami(token: str) -> int:
+        req = urllib.request.Request(base + "whoami",
+                                     headers={"Authorization": f"token {token}"})
+        try:
+            with urllib.request.urlopen(req, timeout=30) as resp:
+                return int(resp.status)
+        except urllib.error.HTTPError as exc:
+            exc.close()
+            return int(exc.code)
+        except OSError:
+            assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+            return 0
+    try:
+        alice = web.hub.token("alice")
+        wait_for(lambda: whoami(alice) == 200, 60, interval=0.2, what="the external service")
+        stranger = threading.Thread(target=whoami, args=("slow-" + "0" * 32,))
+        stranger.start()
+        time.sleep(0.5)  # the stranger's question is with the hub
+        started = time.monotonic()
+        assert whoami(alice) == 200
+        took = time.monotonic() - started
+        stranger.join()
+        assert took < slow / 2, f"alice waited {took:.1f}s for the stranger's hub answer"
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate(timeout=10)
+        door.shutdown()
+        door.server_close()

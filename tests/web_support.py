@@ -44,6 +44,7 @@ c.JupyterHub.cookie_secret_file = "{base}/jupyterhub_cookie_secret"
 c.JupyterHub.services = [
     {{"name": "{service}", "url": "http://127.0.0.1:{web_port}", "command": {command},
       "user": "{web_user}", "cwd": "/", "oauth_no_confirm": True,
+      "oauth_client_allowed_scopes": ["read:users!user"],
       "environment": {environment}}},
     {{"name": "envctl-tests", "api_token": "{service_token}"}},
 ]

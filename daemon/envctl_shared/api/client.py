@@ -74,6 +74,7 @@ class Client:
         self.hub_token = hub_token or os.environ.get(HUB_TOKEN_ENV) or None
         self._sock: socket.socket | None = None
         self._file: Any = None
+        self._interrupted = False
 
     def __enter__(self) -> Client:
         return self
@@ -105,6 +106,19 @@ class Client:
             raise
         self._sock = sock
         self._file = sock.makefile("rb")
+        if self._interrupted:  # interrupt() came while connecting
+            self.interrupt()
+
+    def interrupt(self) -> None:
+        """From another thread: whoever waits on this connection for the daemon wakes and sees
+        it lost (``close`` would not wake a blocked read), and so does any later wait."""
+        self._interrupted = True
+        sock = self._sock
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass  # closed meanwhile
 
     def close(self) -> None:
         if self._file is not None:

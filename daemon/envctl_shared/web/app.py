@@ -21,6 +21,8 @@ import hmac
 import json
 import logging
 import threading
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from pathlib import Path
 from typing import Any
 
@@ -36,17 +38,19 @@ from ..api import protocol
 from ..cli.env_cmd import _size as size_text
 from ..cli.env_cmd import _who as who_text
 from ..cli.output import error_document, hint_of, local_time
-from ..errors import EnvctlError, LimitReached, NotAuthorised, ValidationError
+from ..errors import EnvctlError, LimitReached, NotAuthorised, NotFound, ValidationError
 from ..jobs import envs
 from ..jobs.model import Requester
+from ..untrusted import brief
 from .link import DaemonLink, Session
 from .routes import ROUTES, Route, arguments, http_status
 
 log = logging.getLogger(__name__)
 HERE = Path(__file__).parent
 MAX_STREAMS = 8  # log streams at once (each holds a thread while the build runs)
+STREAM_BACKLOG = 16  # messages read ahead of a slow reader (each at most a 64 KiB log chunk)
 MAX_SPEC_BYTES = 256 * 1024  # an upload bigger than this is no environment.yml
-LOCAL_COOKIE = "envctl-local"
+MAX_BODY_BYTES = 4 * MAX_SPEC_BYTES  # a request body: the form (spec, upload, tests) and no more
 CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; "
        "connect-src 'self'; form-action 'self'; frame-ancestors 'self'; base-uri 'none'")
 
@@ -54,8 +58,9 @@ CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self';
 class Base(HubOAuthenticated, web.RequestHandler):  # type: ignore[misc]
     """Sign-in by the hub; the daemon call with the signed-in user's token; errors shown.
 
-    In the local mode (``envctl web --local``, no hub) the one user is whoever holds the
-    secret printed at start: tornado's own signed cookie and ``_xsrf`` instead of the hub's."""
+    In the local mode (``envctl web --local``, no hub) the one user is whoever knows the
+    secret printed at start: it is the prefix of every URL (tornado's ``_xsrf`` instead of the
+    hub's)."""
 
     def set_default_headers(self) -> None:
         """Only our own script and stylesheet run; no page of ours in another site's frame."""
@@ -71,26 +76,28 @@ class Base(HubOAuthenticated, web.RequestHandler):  # type: ignore[misc]
     def local_secret(self) -> str | None:
         return self.settings.get("envctl_local_secret")
 
+    async def prepare(self) -> None:
+        """Ask the hub who the token is without holding the service: ``HubAuthenticated``'s
+        ``get_current_user`` asks synchronously, stalling every other request while the hub
+        answers (a slow hub, or one question per invented token of a stranger's flood). Its
+        answer is kept on the request, where ``get_current_user`` then finds it."""
+        if self.local_secret is None:
+            await self.hub_auth.get_user(self, sync=False)
+
     def get_current_user(self) -> Any:
         if self.local_secret is None:
             return super().get_current_user()
         return self._local_user(self.local_secret)
 
     def _local_user(self, secret: str) -> dict[str, str] | None:
-        """The secret in the header (scripts), in ``?token=`` (the printed URL: kept in a
-        cookie), or that cookie — with the page's ``_xsrf`` for a write."""
+        """Whoever reached a page under the secret prefix (every page is), or sends the secret
+        in the header (scripts, no ``_xsrf`` then); a write from a page needs its ``_xsrf``.
+        No cookie says who you are: cookies go to every port of 127.0.0.1, so another local
+        user's server would receive it and could replay it."""
         user = {"name": getpass.getuser(), "kind": "user"}
         header = self.request.headers.get("Authorization", "")
         if hmac.compare_digest(header.encode(), f"token {secret}".encode()):
             return user
-        query = self.get_query_argument("token", "")
-        if query and self.request.method == "GET" and \
-                hmac.compare_digest(query.encode(), secret.encode()):
-            self.set_secure_cookie(LOCAL_COOKIE, "1", expires_days=None, httponly=True,
-                                   samesite="Strict", path=self.url())
-            return user
-        if self.get_secure_cookie(LOCAL_COOKIE, max_age_days=1) != b"1":
-            return None
         if self.request.method not in ("GET", "HEAD"):
             try:
                 web.RequestHandler.check_xsrf_cookie(self)
@@ -103,11 +110,6 @@ class Base(HubOAuthenticated, web.RequestHandler):  # type: ignore[misc]
         if self.local_secret is None:
             return super().xsrf_token  # type: ignore[no-any-return]
         return web.RequestHandler.xsrf_token.fget(self)  # type: ignore[attr-defined,no-any-return]
-
-    def get_login_url(self) -> str:
-        if self.local_secret is None:
-            return super().get_login_url()  # type: ignore[no-any-return]
-        raise web.HTTPError(401, "open the URL 'envctl web --local' printed (with its token)")
 
     def token(self) -> str | None:
         """The signed-in user's hub token (header or the OAuth cookie): what the daemon
@@ -288,16 +290,25 @@ class Api(Base):
     user, 401. With a token in the header, none is needed."""
 
     _streams = threading.BoundedSemaphore(MAX_STREAMS)
+    _stream_threads = ThreadPoolExecutor(MAX_STREAMS, thread_name_prefix="envctl-web-stream")
 
     def initialize(self, routes: dict[str, Route]) -> None:
         self.routes = routes
         self._gone = threading.Event()
+        self._session: Session | None = None
+        self._queue: asyncio.Queue[Any] | None = None
 
     def get_login_url(self) -> str:
         raise web.HTTPError(401)
 
     def on_connection_close(self) -> None:
+        """A stream's reader went away: its daemon connection ends now, not when the build
+        next writes a line, and the writer stops waiting (the slot is free at once)."""
         self._gone.set()
+        if self._session is not None:
+            self._session.abort()
+        if self._queue is not None and not self._queue.full():
+            self._queue.put_nowait(None)
 
     async def get(self, **params: str) -> None:
         await self._serve("GET", params)
@@ -312,6 +323,9 @@ class Api(Base):
         await self._serve("DELETE", params)
 
     async def _serve(self, method: str, params: dict[str, str]) -> None:
+        if not self.routes:
+            raise NotFound(f"no such API path: {brief(self.request.path)}",
+                           hint="the routes are listed in docs/http-api.md")
         route = self.routes.get(method)
         if route is None:
             raise ValidationError(f"{method} is not allowed here",
@@ -326,33 +340,50 @@ class Api(Base):
 
     async def _stream(self, route: Route, args: dict[str, Any]) -> None:
         """The op's events as JSON lines (``{"event", "data"}`` ..., then ``{"end": true,
-        "data"}``), read by a pool thread and written here as they come."""
+        "data"}``), read by a thread of its own and written here as they come: at most
+        STREAM_BACKLOG ahead of the reader (a slow one slows the daemon's stream, not the
+        service's memory); a reader that goes away ends it (``on_connection_close``)."""
         if not self._streams.acquire(blocking=False):
             raise LimitReached(f"{MAX_STREAMS} log streams are open already",
                                hint="retry in a moment, or read the log without follow")
+        reader = None
         try:
-            queue: asyncio.Queue[Any] = asyncio.Queue()
+            queue = self._queue = asyncio.Queue(STREAM_BACKLOG)
             loop = asyncio.get_running_loop()
             token = self.token()
 
+            def put(item: Any) -> bool:
+                """Hand ``item`` to the writer; False once the reader is gone."""
+                handed = asyncio.run_coroutine_threadsafe(queue.put(item), loop)
+                while not self._gone.is_set():
+                    try:
+                        handed.result(timeout=1.0)
+                        return True
+                    except FutureTimeout:
+                        continue
+                handed.cancel()
+                return False
+
             def read(session: Session) -> None:
+                self._session = session
+                if self._gone.is_set():
+                    return
                 for msg in session.stream(route.op, follow=True, **args):
-                    loop.call_soon_threadsafe(queue.put_nowait, msg)
-                    if self._gone.is_set():
+                    if not put(msg):
                         return
 
             def pump() -> None:
                 try:
                     self.link.run_sync(token, read)
                 except EnvctlError as err:
-                    loop.call_soon_threadsafe(queue.put_nowait, err)
+                    put(err)
                 finally:
-                    loop.call_soon_threadsafe(queue.put_nowait, None)
+                    put(None)
 
-            reader = loop.run_in_executor(None, pump)
+            reader = loop.run_in_executor(self._stream_threads, pump)
             self.set_header("Content-Type", "application/x-ndjson; charset=utf-8")
             started = False
-            while (item := await queue.get()) is not None:
+            while (item := await queue.get()) is not None and not self._gone.is_set():
                 if isinstance(item, EnvctlError):
                     if not started:
                         raise item
@@ -362,8 +393,12 @@ class Api(Base):
                 started = True
                 self.write(json.dumps(item) + "\n")
                 await self.flush()
-            await reader
         finally:
+            self._gone.set()  # the reader stops handing over, whatever ended the writer
+            if self._session is not None:
+                self._session.abort()
+            if reader is not None:
+                await reader
             self._streams.release()
 
     def write_error(self, status_code: int, **kwargs: Any) -> None:
@@ -387,18 +422,21 @@ class Api(Base):
         super()._handle_request_exception(e)
 
     async def prepare(self) -> None:
+        await super().prepare()
         if not self.current_user:
             raise web.HTTPError(401)
 
 
 def make_app(prefix: str, link: DaemonLink, cookie_secret: bytes,
              local_secret: str | None = None) -> web.Application:
-    """Every URL under ``prefix`` (which ends in ``/``); ``local_secret``: the local mode."""
+    """Every URL under ``prefix`` (which ends in ``/``); ``local_secret``: the local mode,
+    whose prefix holds it: a URL outside it gets a bare 404 (our page would link the prefix)."""
     by_path: dict[str, dict[str, Route]] = {}
     for route in ROUTES:
         by_path.setdefault(route.pattern, {})[route.method] = route
     api = [(url_path_join(prefix, "api", pattern) + "$", Api, {"routes": routes})
            for pattern, routes in by_path.items()]
+    api.append((url_path_join(prefix, "api") + "/.*", Api, {"routes": {}}))  # none of them
     word = r"([A-Za-z0-9][A-Za-z0-9._-]{0,63})"
     pages = [
         (prefix, EnvsPage),
@@ -412,14 +450,19 @@ def make_app(prefix: str, link: DaemonLink, cookie_secret: bytes,
     ]
     if local_secret is None:
         pages.append((url_path_join(prefix, "oauth_callback"), HubOAuthCallbackHandler))
+        missing: dict[str, Any] = {"default_handler_class": NotFoundPage}
+    else:
+        assert local_secret in prefix
+        missing = {"default_handler_class": web.ErrorHandler,
+                   "default_handler_args": {"status_code": 404}}
     return web.Application(
         [*api, *pages], cookie_secret=cookie_secret, envctl_link=link, envctl_prefix=prefix,
         envctl_local_secret=local_secret,
         template_path=str(HERE / "templates"), static_path=str(HERE / "static"),
         static_url_prefix=url_path_join(prefix, "static") + "/",
-        default_handler_class=NotFoundPage, xsrf_cookie_kwargs={"path": prefix})
+        xsrf_cookie_kwargs={"path": prefix}, **missing)
 
 
 class NotFoundPage(Page):
-    def prepare(self) -> None:
+    async def prepare(self) -> None:
         raise web.HTTPError(404, "no such page")

@@ -45,6 +45,7 @@ class Session:
 
     def __init__(self, client: Client) -> None:
         self._client = client
+        self.aborted = False
 
     def call(self, op: str, **args: Any) -> Any:
         try:
@@ -54,6 +55,12 @@ class Session:
 
     def stream(self, op: str, **args: Any) -> Iterator[dict[str, Any]]:
         return self._client.stream(op, **args)
+
+    def abort(self) -> None:
+        """From another thread: end the call or stream waiting on the daemon (its reader is
+        gone); it raises DaemonUnavailable, which says nothing of the daemon."""
+        self.aborted = True
+        self._client.interrupt()
 
 
 class DaemonLink:
@@ -83,13 +90,16 @@ class DaemonLink:
              timeout: float | None) -> T:
         if self.hub and not token:
             raise ConfigError("no hub token to forward")  # the handlers never get here
+        session = None
         try:
             if self.hub:
                 self._check_shared_uid()
             with Client(self.socket, timeout=timeout, hub_token=token) as client:
-                return work(Session(client))
+                session = Session(client)
+                return work(session)
         except DaemonUnavailable:
-            self._checked = False  # check again once it is back
+            if session is None or not session.aborted:
+                self._checked = False  # check again once it is back
             raise
 
     def _check_shared_uid(self) -> None:

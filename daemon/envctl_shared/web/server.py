@@ -5,8 +5,9 @@ Why from the environment: a hub-managed service (``c.JupyterHub.services`` with 
 ``JUPYTERHUB_SERVICE_PREFIX``, ``JUPYTERHUB_SERVICE_URL``, ``JUPYTERHUB_OAUTH_CALLBACK_URL``
 (and, with the hub's ``internal_ssl``, ``JUPYTERHUB_SSL_*``); an externally run one is given
 the same variables by whoever runs it (docs/web.md). ``HubOAuth`` reads them; this module only
-refuses to start where they cannot work: no hub to sign people in with, or an ``https`` service
-URL without the certificate the hub would expect it to serve with.
+refuses to start where they cannot work: no hub to sign people in with, no service name to
+know who may use the service by (``HubOAuth`` would let in any hub token), or an ``https``
+service URL without the certificate the hub would expect it to serve with.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from jupyterhub.utils import make_ssl_context  # type: ignore[import-untyped]
 from tornado.httpserver import HTTPServer
 
 from ..errors import ConfigError
-from .app import make_app
+from .app import MAX_BODY_BYTES, make_app
 from .link import DaemonLink, take_service_token
 
 log = logging.getLogger(__name__)
@@ -46,8 +47,9 @@ def listen_address(ip: str | None, port: int | None) -> tuple[str, int, bool]:
 def _local(ip: str | None, port: int | None) -> tuple[str, int, str, str]:
     """The local mode: no hub, so no one to tell users apart — the pages act as the uid
     running them (your own CLI, in a browser). Safe only for its starter: loopback only (other
-    users of the machine reach loopback too, so every request needs the secret in the printed
-    URL, kept in a cookie), and the service's environment token is dropped all the same."""
+    users of the machine reach loopback too, so every URL starts with the secret: the prefix;
+    no cookie, which the browser would send to their servers on other ports), and the
+    service's environment token is dropped all the same."""
     host = ip or "127.0.0.1"
     try:
         loopback = ipaddress.ip_address(host).is_loopback
@@ -57,7 +59,8 @@ def _local(ip: str | None, port: int | None) -> tuple[str, int, str, str]:
         raise ConfigError(f"envctl web --local listens on loopback only, not {host}",
                           hint="run it as a JupyterHub service to serve others (docs/web.md)")
     take_service_token()
-    return host, port if port is not None else 10101, "/", secrets.token_urlsafe(24)
+    secret = secrets.token_urlsafe(24)
+    return host, port if port is not None else 10101, f"/{secret}/", secret
 
 
 def tls_context(https: bool) -> ssl.SSLContext | None:
@@ -90,17 +93,27 @@ def serve(socket: Path, ip: str | None = None, port: int | None = None,
         context, secret = tls_context(https), None
         # The service's token goes to HubOAuth (its OAuth client secret) and out of the
         # environment: no daemon call may fall back to it. The hub's URLs come from there too.
-        HubOAuth.instance(api_token=take_service_token())
+        auth = HubOAuth.instance(api_token=take_service_token())
+        if not auth.access_scopes:
+            raise ConfigError("envctl web does not know its service name (JUPYTERHUB_SERVICE_NAME "
+                              "or JUPYTERHUB_OAUTH_ACCESS_SCOPES), so it would let in any hub "
+                              "token, whatever the hub's roles say about who may use it",
+                              hint="the hub sets it for a service it starts; give an external "
+                              "one JUPYTERHUB_SERVICE_NAME=<its name in c.JupyterHub.services> "
+                              "(docs/web.md)")
         prefix = os.environ["JUPYTERHUB_SERVICE_PREFIX"].rstrip("/") + "/"
         link = DaemonLink(socket)
     app = make_app(prefix, link, cookie_secret=secrets.token_bytes(32), local_secret=secret)
-    server = HTTPServer(app, ssl_options=context, xheaders=not local)
+    # Bodies are read whole before any handler runs: no more than a request form needs.
+    server = HTTPServer(app, ssl_options=context, xheaders=not local,
+                        max_body_size=MAX_BODY_BYTES)
     server.listen(port, host)
     log.info("web listening url=%s://%s:%d%s socket=%s local=%s",
-             "https" if context else "http", host, port, prefix, socket, local)
+             "https" if context else "http", host, port,
+             prefix if secret is None else "/<secret>/", socket, local)
     if secret is not None:
         print(f"envctl web (local mode: you, uid {os.geteuid()}, and only who has this URL):\n"
-              f"    http://{host}:{port}/?token={secret}", flush=True)
+              f"    http://{host}:{port}{prefix}", flush=True)
     try:
         asyncio.get_event_loop_policy().get_event_loop().run_forever()
     finally:
