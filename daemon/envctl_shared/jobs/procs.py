@@ -42,13 +42,13 @@ Why these rules:
   writable version through it). So a daemon with one build user runs one build at a time;
 - a mount namespace per step (:class:`Sandbox`, where ``unshare --mount`` works): every root,
   the state dir and the kernels dir read-only, only the step's own directories writable,
-  ``/tmp`` and ``/dev/shm`` fresh and private. It is set up as root *before* the uid switch
-  (the writable places are bound from fds opened before anything was covered: a bind made
-  through a read-only mount is read-only, and a tmpfs on ``/tmp`` hides what lay below it),
-  every fd to the original mounts is closed before the step's code runs, and no step keeps
-  ``CAP_SYS_ADMIN`` (a trusted step, which stays root, drops it from its bounding set): no
-  step can remount. Mount flags of a namespace made by root are locked for a user namespace a
-  build makes inside it, so ``unshare -Urm`` cannot lift them either.
+  ``/tmp``, ``/var/tmp``, ``/dev/shm`` and ``/run/lock`` fresh and private. It is set up as
+  root *before* the uid switch (the writable places are bound from fds opened before anything
+  was covered: a bind made through a read-only mount is read-only, and a tmpfs on ``/tmp``
+  hides what lay below it), every fd to the original mounts is closed before the step's code
+  runs, and no step keeps ``CAP_SYS_ADMIN`` (a trusted step, which stays root, drops it from
+  its bounding set): no step can remount. Mount flags of a namespace made by root are locked
+  for a user namespace a build makes inside it, so ``unshare -Urm`` cannot lift them either.
 """
 
 from __future__ import annotations
@@ -198,7 +198,11 @@ class Step:
         return code
 
 
-PRIVATE_DIRS = ("/tmp", "/dev/shm")  # a fresh tmpfs each, in every sandboxed step
+# A fresh tmpfs each, in every sandboxed step (those the host has): every directory a build
+# uid may write on a stock host besides its own. A host's /var/tmp or /run/lock let a build
+# write past limits.disk (not its version, not its HOME) and leave files for the next build
+# of its pool account, another requester's. A tmpfs is charged to the step's memory cgroup.
+PRIVATE_DIRS = ("/tmp", "/var/tmp", "/dev/shm", "/run/lock")
 # Run as root in the step's new mount namespace; argv: (ro|rw PATH)... -- COMMAND...
 # Each place is opened first, so that it is bound from the original mount (neither covered by
 # a tmpfs nor read-only through a bind made earlier); each bind is then remounted with its own
@@ -211,7 +215,9 @@ while [ "$1" != -- ]; do
   shift 2
 done
 shift
-for d in {private}; do mount -t tmpfs -o nosuid,nodev,mode=1777 envctl-private "$d"; done
+for d in {private}; do
+  if [ -d "$d" ]; then mount -t tmpfs -o nosuid,nodev,mode=1777 envctl-private "$d"; fi
+done
 for i in "${!paths[@]}"; do
   p=${paths[$i]} fd=${fds[$i]}
   mkdir -p -- "$p"
