@@ -339,3 +339,51 @@ def test_the_disk_walk_survives_a_build_changing_its_tree(scratch: Path) -> None
         stop.set()
         worker.join()
     assert all(s >= 0 for s in sizes) and max(sizes) > 0
+
+
+def test_held_use_marks_cannot_lift_the_version_cap(jobs_env: JobsEnv, manager_factory,
+                                                     accounts: Accounts) -> None:
+    """Attack: bob (any user: marks are 0644 for every kernel's sake) holds the use mark of
+    each version of alice's env as it becomes current, as a kernel would, and never lets go.
+    GC and the cap never remove a held version, so every ``--replace`` added one: the hard
+    cap bounded nothing. Now the build that finds no room fails at once, naming the cap and
+    who holds each old version (pid and uid), and the versions on disk stay within it."""
+    mgr = manager_factory(jobs_env.config(max_versions=3, keep_versions=1, gc_grace=86400))
+    alice = jobs_env.requester()
+    env_dir = jobs_env.root / ".envctl" / "envs" / "held"
+    hold = ("import fcntl, os, struct, sys, time\n"
+            "fd = os.open(sys.argv[1], os.O_RDONLY)\n"
+            "fcntl.fcntl(fd, 37, struct.pack('hhqqi4x', fcntl.F_RDLCK, 0, 0, 0, 0))\n"
+            "print('held', flush=True)\n"
+            "time.sleep(600)\n")
+    holders = []
+    try:
+        for i in range(5):
+            job = wait_done(mgr, mgr.submit(alice, "held", ENV_HELLO, replace=i > 0,
+                                            tests=["hello"]).id)
+            assert len(_versions(jobs_env, "held")) <= 3
+            if job.state is not State.SUCCEEDED:
+                break
+            cur = (jobs_env.root / "held").resolve().name
+            proc = subprocess.Popen(
+                ["setpriv", f"--reuid={accounts.bob.uid}", f"--regid={accounts.bob.gid}",
+                 "--clear-groups", sys.executable, "-c", hold, str(env_dir / f"{cur}.use")],
+                stdout=subprocess.PIPE, text=True)
+            holders.append(proc)
+            assert proc.stdout is not None and proc.stdout.readline() == "held\n"
+        assert job.state is State.FAILED, "a build past the cap went through"
+        assert "requests.max_versions" in (job.exit_detail or ""), job.exit_detail
+        assert f"uid {accounts.bob.uid}" in (job.exit_detail or ""), job.exit_detail
+        assert _versions(jobs_env, "held") == ["v1", "v2", "v3"]
+        assert (jobs_env.root / "held").resolve().name == "v3"
+        for proc in holders[:2]:  # v1's and v2's kernels end: room for the next build
+            proc.kill()
+            proc.wait()
+        job = wait_done(mgr, mgr.submit(alice, "held", ENV_HELLO, replace=True,
+                                        tests=["hello"]).id)
+        assert job.state is State.SUCCEEDED, job.exit_detail
+        assert len(_versions(jobs_env, "held")) <= 3
+    finally:
+        for proc in holders:
+            proc.kill()
+            proc.wait()

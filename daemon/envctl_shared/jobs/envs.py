@@ -42,7 +42,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import Conflict, EnvctlError, NotFound, ValidationError
+from ..errors import Conflict, EnvctlError, LimitReached, NotFound, ValidationError
 from ..heal.fsops import DIR_FLAGS
 from ..names import is_env_name
 from ..quoting import quote_name
@@ -333,12 +333,22 @@ def over_cap(env_fd: int, cur: str | None, cap: int, going: Sequence[str] = ()) 
     return candidates[:excess]
 
 
-def make_room(env_fd: int, cur: str | None, cap: int) -> list[str]:
+def make_room(env_fd: int, name: str, cur: str | None, cap: int) -> list[str]:
     """Before a build of the name (its lock held): remove what ``over_cap`` names so that the
-    new version fits under the cap. Returns the versions removed."""
+    new version fits under the cap. Returns the versions removed; LimitReached when the
+    versions processes use (``usemarks``) leave no room: the cap holds, in use or not."""
     gone = over_cap(env_fd, cur, cap - 1)
     for version in gone:
         drop_version(env_fd, version)
+    present = versions(env_fd)
+    if len(present) >= cap:
+        held = [v for v in present if v != cur]
+        raise LimitReached(
+            f"{name!r} already has {cap} versions (requests.max_versions = {cap}) and "
+            "processes use every old one: " + "; ".join(
+                f"{v} by {usemarks.holders(env_fd, v)}" for v in held[:5]),
+            hint="stop those kernels or processes (or ask their owners to), then request "
+                 "again")
     return gone
 
 

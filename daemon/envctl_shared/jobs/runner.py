@@ -195,7 +195,7 @@ class Build:
                                hint="pick another name, or move it away yourself")
             if cur.kind == "managed" and not job.replace:
                 raise Conflict(f"{job.prefix} already exists", hint="request it with --replace")
-            capped = envs.make_room(env_fd, cur.version, self.cfg.max_versions)
+            capped = envs.make_room(env_fd, job.name, cur.version, self.cfg.max_versions)
             if capped:
                 self.say(f"removed {', '.join(capped)} of {job.name!r}: at most "
                          f"{self.cfg.max_versions} versions of an env are kept "
