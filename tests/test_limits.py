@@ -138,6 +138,30 @@ def test_writing_past_the_disk_limit_stops_the_running_build(api: ApiDaemon,
     assert _alive(api)["limits"]["disk"] == 60 << 20
 
 
+def test_a_deleted_file_held_open_counts_against_the_disk_limit(api: ApiDaemon,
+                                                                 accounts: Accounts) -> None:
+    """Attack: the step unlinks its file and keeps writing through the open fd (and a
+    mapping of another, its fd closed). The walk of version and HOME never sees either, so
+    a step could fill the state disk (or the shared root) for as long as its timeout allowed.
+    Files the build's processes hold open or mapped, linked nowhere, count too."""
+    write = ("python -c \"import mmap, os, time\n"
+             "path = os.path.expanduser('~/gone')\n"
+             "f = open(path, 'wb')\n"
+             "os.unlink(path)\n"
+             "[f.write(b'x' * (1 << 20)) for _ in range(40)]\n"
+             "f.flush()\n"
+             "fd = os.open(path, os.O_RDWR | os.O_CREAT)\n"
+             "os.ftruncate(fd, 40 << 20)\n"
+             "m = mmap.mmap(fd, 40 << 20)\n"
+             "os.close(fd)\n"
+             "os.unlink(path)\n"
+             "m[:] = b'y' * (40 << 20)\n"
+             "time.sleep(45)\"")
+    job = _build(api, accounts.alice, "hiddenhog", write)
+    assert job["state"] == "failed", job
+    assert f"the build exceeded requests.limits.disk = {DISK}" in job["exit_detail"]
+
+
 def test_a_build_printing_past_its_log_cap_goes_on(api: ApiDaemon, accounts: Accounts) -> None:
     """A quarter of max_log_bytes (2M): 512K of the build's output, then a note."""
     job = _build(api, accounts.bob, "chatty", "head -c 3000000 /dev/zero | tr '\\0' 'y'")

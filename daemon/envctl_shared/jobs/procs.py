@@ -482,6 +482,29 @@ def _strays(uid: int, tops: frozenset[int]) -> list[Proc]:
     return out
 
 
+def unlinked_bytes(pids: list[int], devices: set[int]) -> int:
+    """Bytes of the regular files on ``devices`` that the processes ``pids`` hold open or
+    mapped and that no directory links any more (``st_nlink`` 0): what a step writes after
+    unlinking its file takes disk no tree walk sees, until the last process lets go. Read
+    from ``/proc/<pid>/fd`` and ``/proc/<pid>/map_files`` (root's), each file counted once."""
+    found: dict[tuple[int, int], int] = {}
+    for pid in pids:
+        for kind in ("fd", "map_files"):
+            where = f"/proc/{pid}/{kind}"
+            try:
+                names = os.listdir(where)
+            except OSError:  # gone, or not ours to look at
+                continue
+            for name in names:
+                try:
+                    st = os.stat(f"{where}/{name}")
+                except OSError:
+                    continue
+                if st.st_nlink == 0 and st.st_dev in devices and stat.S_ISREG(st.st_mode):
+                    found[(st.st_dev, st.st_ino)] = st.st_size
+    return sum(found.values())
+
+
 def sweep(user: BuildUser) -> int:
     """Kill the build user's processes below us that belong to no running step; reap them.
 

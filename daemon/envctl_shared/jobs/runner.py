@@ -14,7 +14,8 @@ relocatable or not: the path a version is built at is the path it runs at.
 Limits (``requests.limits``): memory, tasks and CPU share are the build cgroup's (``cgroup``);
 when a step fails, the cgroup's counters say whether the kernel's OOM killer or a refused fork
 did it, and the build's message names the limit. Disk is counted here: the new version and the
-build's HOME (the places a step may write), walked while a step runs — every ``DISK_CHECK_S``,
+build's HOME (the places a step may write; and what its processes write there into files they
+unlinked), walked while a step runs — every ``DISK_CHECK_S``,
 or ten times as long as the last walk took, so that a huge tree costs at most a tenth of a
 core — and after each step; past ``limits.disk`` the build is stopped and fails naming it.
 A build's own log stops growing at 64M or a quarter of ``requests.max_log_bytes`` (the cap
@@ -351,12 +352,17 @@ class Build:
                 if n > before.get(key, 0)}
 
     def _check_disk(self, ctx: BuildContext, now: bool = False) -> None:
-        """Count what the build wrote (its version and HOME) when due, or ``now``; past
-        ``limits.disk`` the build is aborted (failed, naming the limit)."""
+        """Count what the build wrote (its version and HOME, and the files on their
+        filesystems its processes hold unlinked: ``procs.unlinked_bytes``) when due, or
+        ``now``; past ``limits.disk`` the build is aborted (failed, naming the limit)."""
         start = time.monotonic()
         if not now and start < self._disk_due:
             return
-        used = sum(tree_bytes(p) for p in (ctx.prefix, ctx.home))
+        places = (ctx.prefix, ctx.home)
+        used = sum(tree_bytes(p) for p in places)
+        if self._cgroup is not None:
+            devices = {os.stat(p).st_dev for p in places if p.exists()}
+            used += procs.unlinked_bytes(cgroups.members(self._cgroup.path), devices)
         self._disk_due = time.monotonic() + max(DISK_CHECK_S, 10 * (time.monotonic() - start))
         if used > self.cfg.limits.disk:
             self.abort(State.FAILED, f"the build exceeded {self.cfg.limits.named('disk')}: "
