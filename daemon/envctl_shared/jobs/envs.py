@@ -648,9 +648,14 @@ def compare_versions(source: str, old: str, new: str) -> str:
     return "up" if y > x else "down"
 
 
+_DIGITS = re.compile(r"[0-9]+")
+
+
 def _segments(version: str) -> tuple[int, ...] | None:
     parts = re.split(r"[.\-_+]", version)
-    return tuple(int(p) for p in parts) if all(p.isdigit() for p in parts) else None
+    # ASCII digits only: str.isdigit() takes "²", which int() refuses (a build's own code
+    # writes the METADATA its inventory reads)
+    return tuple(int(p) for p in parts) if all(_DIGITS.fullmatch(p) for p in parts) else None
 
 
 def _shown_version(pkg: dict[str, Any], other: dict[str, Any]) -> str:
