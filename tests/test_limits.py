@@ -162,6 +162,26 @@ def test_a_deleted_file_held_open_counts_against_the_disk_limit(api: ApiDaemon,
     assert f"the build exceeded requests.limits.disk = {DISK}" in job["exit_detail"]
 
 
+def _peak_rss(pid: int) -> int:
+    """The process's peak resident memory so far (``VmHWM``), in bytes."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(next(x for x in status.splitlines() if x.startswith("VmHWM:")).split()[1]) << 10
+
+
+def test_one_endless_output_line_costs_the_daemon_no_memory(api: ApiDaemon,
+                                                             accounts: Accounts) -> None:
+    """Attack: a step prints 300M without a line break. The daemon read its output by lines,
+    so the whole "line" grew in the daemon's own memory (no build limit applies there): a
+    few GB of zeros took the daemon, and every build, down. Output is read in bounded
+    pieces; the log is cut at its cap as for any output."""
+    assert api.daemon.proc is not None
+    before = _peak_rss(api.daemon.proc.pid)
+    job = _build(api, accounts.bob, "oneline", "head -c 300000000 /dev/zero")
+    assert job["state"] == "succeeded", job
+    grew = _peak_rss(api.daemon.proc.pid) - before
+    assert grew < 64 << 20, f"the daemon's peak memory grew by {grew >> 20}M"
+
+
 def test_a_build_printing_past_its_log_cap_goes_on(api: ApiDaemon, accounts: Accounts) -> None:
     """A quarter of max_log_bytes (2M): 512K of the build's output, then a note."""
     job = _build(api, accounts.bob, "chatty", "head -c 3000000 /dev/zero | tr '\\0' 'y'")

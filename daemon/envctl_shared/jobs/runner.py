@@ -61,6 +61,7 @@ from .store import JobStore
 log = logging.getLogger(__name__)
 
 MAX_LOG_BYTES = 64 << 20  # a runaway build cannot fill the state disk through its log
+OUTPUT_PIECE = 64 << 10  # bytes of a step's output read at once, line break or not
 DISK_CHECK_S = 2.0  # least seconds between two walks counting a running build's disk use
 
 
@@ -473,14 +474,18 @@ class Build:
     def _pump(self, proc: subprocess.Popen[bytes]) -> None:
         """Copy the step's output to the log; turn ``ENVCTL-PHASE x`` lines into phases."""
         assert proc.stdout is not None
-        for line in proc.stdout:
+        at_start = True  # the piece read next begins a line
+        # In pieces of at most OUTPUT_PIECE: one line without end (``head -c 5G /dev/zero``)
+        # read whole grew in the daemon's memory, where no build limit applies.
+        while line := proc.stdout.readline(OUTPUT_PIECE):
             if self._log_fd < 0:
                 break  # the job is over; only an escaped process can still be writing
-            if line.startswith(PHASE_MARK.encode()):  # ours, not the user's: never logged
+            if at_start and line.startswith(PHASE_MARK.encode()):  # ours: never logged
                 name = line[len(PHASE_MARK):].decode("ascii", "replace").strip()
                 if name in PHASES:
                     self._phase(name)
                 continue
+            at_start = line.endswith(b"\n")
             self._write(line)
         proc.stdout.close()
 
