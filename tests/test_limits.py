@@ -162,6 +162,20 @@ def test_a_deleted_file_held_open_counts_against_the_disk_limit(api: ApiDaemon,
     assert f"the build exceeded requests.limits.disk = {DISK}" in job["exit_detail"]
 
 
+def test_many_small_files_count_the_disk_they_take(api: ApiDaemon, accounts: Accounts) -> None:
+    """Attack: 24,000 one-byte files take ~94M of disk (a block each) but were counted as
+    24K (their sizes): ``limits.disk`` was no limit for a tree of small files. Each file
+    counts what it takes on disk (its blocks) when that is more than its size."""
+    write = ("python -c \"import os\n"
+             "home = os.path.expanduser('~')\n"
+             "for i in range(24000):\n"
+             "    with open(os.path.join(home, str(i)), 'wb') as f: f.write(b'x')\n"
+             "import time; time.sleep(45)\"")
+    job = _build(api, accounts.alice, "smallhog", write)
+    assert job["state"] == "failed", job
+    assert f"the build exceeded requests.limits.disk = {DISK}" in job["exit_detail"]
+
+
 def _peak_rss(pid: int) -> int:
     """The process's peak resident memory so far (``VmHWM``), in bytes."""
     status = Path(f"/proc/{pid}/status").read_text()

@@ -577,7 +577,7 @@ def tree_bytes(path: Path) -> int:
     except (FileNotFoundError, NotADirectoryError):
         return 0
     try:
-        return envs.tree_size(fd, racing=True)[0]
+        return envs.tree_size(fd, racing=True, allocated=True)[0]
     finally:
         os.close(fd)
 
