@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import subprocess
 import sys
 import time
@@ -194,6 +195,31 @@ def test_one_endless_output_line_costs_the_daemon_no_memory(api: ApiDaemon,
     assert job["state"] == "succeeded", job
     grew = _peak_rss(api.daemon.proc.pid) - before
     assert grew < 64 << 20, f"the daemon's peak memory grew by {grew >> 20}M"
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User and system CPU time the process has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_a_flood_past_the_log_cap_costs_the_daemon_little_cpu(api: ApiDaemon,
+                                                               accounts: Accounts) -> None:
+    """Attack: a step prints short lines as fast as it can (``yes``) for as long as it runs.
+    Past its log cap the output is dropped, but the daemon still split it line by line:
+    Python work per two bytes, under the daemon's one GIL, for the whole step — a core of
+    the daemon's, and every other thread of it slowed. Past the cap it is drained in large
+    pieces."""
+    assert api.daemon.proc is not None
+    pid = api.daemon.proc.pid
+    used = {}
+    for name, test in (("quiet", "sleep 12"), ("flood", "timeout 12 yes || true")):
+        before = _cpu_seconds(pid)
+        job = _build(api, accounts.bob, name, test)
+        assert job["state"] == "succeeded", job
+        used[name] = _cpu_seconds(pid) - before
+    extra = used["flood"] - used["quiet"]
+    assert extra < 1.0, f"the daemon used {extra:.1f}s more CPU on a 12 s flood ({used})"
 
 
 def test_a_build_printing_past_its_log_cap_goes_on(api: ApiDaemon, accounts: Accounts) -> None:

@@ -25,6 +25,8 @@ of all kept logs), with a note, and the build goes on.
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import io
 import logging
 import os
 import select
@@ -62,6 +64,8 @@ log = logging.getLogger(__name__)
 
 MAX_LOG_BYTES = 64 << 20  # a runaway build cannot fill the state disk through its log
 OUTPUT_PIECE = 64 << 10  # bytes of a step's output read at once, line break or not
+DRAIN_PIECE = 1 << 20  # bytes dropped at once of a step's output past the log's cap,
+DRAIN_PAUSE = 0.05  # then a pause: at most 20M/s of it
 DISK_CHECK_S = 2.0  # least seconds between two walks counting a running build's disk use
 
 
@@ -472,22 +476,46 @@ class Build:
         log.debug("job-hand-over id=%s prefix=%s dirs=%d", self.job.id, rel, changed)
 
     def _pump(self, proc: subprocess.Popen[bytes]) -> None:
-        """Copy the step's output to the log; turn ``ENVCTL-PHASE x`` lines into phases."""
-        assert proc.stdout is not None
-        at_start = True  # the piece read next begins a line
-        # In pieces of at most OUTPUT_PIECE: one line without end (``head -c 5G /dev/zero``)
-        # read whole grew in the daemon's memory, where no build limit applies.
-        while line := proc.stdout.readline(OUTPUT_PIECE):
+        """Copy the step's output to the log; turn ``ENVCTL-PHASE x`` lines into phases.
+
+        Read in pieces of at most ``OUTPUT_PIECE``, whole lines written at once: one line
+        without end (``head -c 5G /dev/zero``) read whole grew in the daemon's memory, where
+        no build limit applies, and ``yes`` read line by line cost Python work per two bytes
+        under the daemon's one GIL (a 64M log of it, a minute of the daemon's CPU)."""
+        assert isinstance(proc.stdout, io.BufferedReader)
+        pending = b""  # the start of a line not ended yet
+        at_start = True  # ``pending`` begins a line
+        while chunk := proc.stdout.read1(OUTPUT_PIECE):
             if self._log_fd < 0:
                 break  # the job is over; only an escaped process can still be writing
-            if at_start and line.startswith(PHASE_MARK.encode()):  # ours: never logged
-                name = line[len(PHASE_MARK):].decode("ascii", "replace").strip()
+            if self._log_bytes >= self._log_cap:
+                _drain(proc.stdout.fileno())
+                break
+            pending += chunk
+            cut = pending.rfind(b"\n") + 1 or (len(pending) if len(pending) >= OUTPUT_PIECE
+                                                else 0)
+            if cut:
+                self._emit(pending[:cut], at_start)
+                at_start = pending[cut - 1:cut] == b"\n"
+                pending = pending[cut:]
+        if pending and self._log_fd >= 0:
+            self._emit(pending, at_start)
+        proc.stdout.close()
+
+    def _emit(self, text: bytes, at_start: bool) -> None:
+        """Output into the log, but for the phase marks at a line's start (ours, never
+        logged): they become the job's phase."""
+        mark = PHASE_MARK.encode()
+        if mark not in text:
+            self._write(text)
+            return
+        for i, line in enumerate(text.splitlines(keepends=True)):
+            if (i or at_start) and line.startswith(mark):
+                name = line[len(mark):].decode("ascii", "replace").strip()
                 if name in PHASES:
                     self._phase(name)
                 continue
-            at_start = line.endswith(b"\n")
             self._write(line)
-        proc.stdout.close()
 
     def _freeze(self, fds: layout.AreaFds, dir_fd: int, name: str,
                 shown: Path) -> freeze.Frozen:
@@ -556,6 +584,23 @@ class _Exit:
             self._thread.join()
         if self._fd >= 0:
             os.close(self._fd)
+
+
+def _drain(pipe: int) -> None:
+    """Drop what a step writes past its log's cap, to its end, at most ``DRAIN_PIECE`` per
+    ``DRAIN_PAUSE``: read as it came, line by line, ``yes`` cost the daemon Python work per
+    two bytes under its one GIL (and copying as fast as ``yes`` writes a core of its own) for
+    as long as the step ran. The step is slowed only when it writes faster than that, and
+    only its output nobody keeps (phase marks past the cap go too). The kernel moves the
+    pipe's pages to ``/dev/null`` (``splice``): nothing is copied into the daemon."""
+    with contextlib.suppress(OSError):  # a bigger pipe: fewer calls (best effort)
+        fcntl.fcntl(pipe, fcntl.F_SETPIPE_SZ, DRAIN_PIECE)
+    sink = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        while os.splice(pipe, sink, DRAIN_PIECE):
+            time.sleep(DRAIN_PAUSE)
+    finally:
+        os.close(sink)
 
 
 def _exceeded(limits: BuildLimits, hit: dict[str, int], what: str) -> BuildFailed:
