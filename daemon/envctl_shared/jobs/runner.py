@@ -19,7 +19,8 @@ unlinked), walked while a step runs — every ``DISK_CHECK_S``,
 or ten times as long as the last walk took, so that a huge tree costs at most a tenth of a
 core — and after each step; past ``limits.disk`` the build is stopped and fails naming it.
 A build's own log stops growing at 64M or a quarter of ``requests.max_log_bytes`` (the cap
-of all kept logs), with a note, and the build goes on.
+of all kept logs), with a note, and the build goes on; what it writes past that is dropped at
+most ``DRAIN_PIECE`` per ``DRAIN_PAUSE`` (a flood is slowed, never split into lines).
 """
 
 from __future__ import annotations
