@@ -58,6 +58,14 @@ def test_a_packaged_state_symlink_does_not_redirect_the_variables(
     ("JUPYTER_CONFIG_DIR", "/home/mallory/.jupyter"), ("R_PROFILE_USER", "/home/mallory/.Rp"),
     ("PIP_INDEX_URL", "https://mallory.example/simple"), ("UV_INDEX_URL", "https://m.example"),
     ("CONDA_CHANNELS", "https://mallory.example/chan"), ("CONDARC", "/home/mallory/condarc"),
+    # commands the programs every user runs in the env start (help() and git's pager, IPython's
+    # %edit, webbrowser, less's preprocessor, git's ssh), and the certificates they trust: a
+    # requester's own file, changed at will, trusted by everyone's HTTPS from the env
+    ("PAGER", "/home/mallory/p"), ("EDITOR", "/home/mallory/e"), ("VISUAL", "/home/mallory/e"),
+    ("BROWSER", "/home/mallory/b"), ("LESSOPEN", "|/home/mallory/l %s"),
+    ("GIT_SSH_COMMAND", "/home/mallory/s"), ("GIT_EXEC_PATH", "/home/mallory/git"),
+    ("SSL_CERT_FILE", "/home/mallory/ca.pem"), ("REQUESTS_CA_BUNDLE", "/home/mallory/ca.pem"),
+    ("CURL_CA_BUNDLE", "/home/mallory/ca.pem"),
 ])
 def test_variables_that_load_code_from_outside_the_version_are_refused(
         jobs_env: JobsEnv, manager_factory: Factory, name: str, value: str) -> None:

@@ -103,6 +103,32 @@ def test_a_build_writes_nothing_but_its_own(jobs_env: JobsEnv, manager_factory: 
         left.unlink(missing_ok=True)
 
 
+def test_world_writable_places_are_private_to_the_step(jobs_env: JobsEnv, manager_factory: Any,
+                                                       pool: Pool) -> None:
+    """Attack: a build writes what it wants to keep (or what fills the disk) in the host's
+    other world-writable directories, ``/var/tmp`` and ``/run/lock``: outside its version and
+    HOME, so ``limits.disk`` never counts it, it outlives the build, and the next build of the
+    same pool account (another requester's) finds it. Each is a fresh one of the step's own:
+    nothing reaches the host's, and nothing left there by a build is seen by the next."""
+    mgr = manager_factory(jobs_env.config(build_user=pool.names[0]))
+    tag = f"envctl-atk-{os.getpid()}"
+    places = [Path(d) for d in ("/var/tmp", "/run/lock") if os.path.isdir(d)]
+    left = places[0] / f"{tag}-left"
+    left.write_text("left by an earlier build\n")
+    os.chown(left, pool.uids[0], pool.gids[0])
+    try:
+        tests = [*(f"echo kept > {d}/{tag}" for d in places),
+                 f"if [ -e {left} ]; then echo SAW-LEFT; fi"]
+        job = _build(mgr, jobs_env, "stasher", tests=tuple(tests))
+        assert job.state is State.SUCCEEDED, (job.exit_detail, full_log(mgr, job.id))
+        assert "SAW-LEFT" not in full_log(mgr, job.id).splitlines()
+        assert not [d for d in places if (d / tag).exists()], "a build wrote the host's"
+    finally:
+        left.unlink(missing_ok=True)
+        for d in places:
+            (d / tag).unlink(missing_ok=True)
+
+
 def test_the_cache_is_the_daemons_and_read_only_to_builds(jobs_env: JobsEnv,
                                                           manager_factory: Any,
                                                           pool: Pool) -> None:

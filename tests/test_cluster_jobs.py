@@ -97,3 +97,32 @@ def test_logs_and_cancel_from_another_node_and_a_restart_under_a_new_name(
     seen = {j["id"]: j for j in _json(sock_c, "request", "list", "--all", "--finished")}
     assert (seen[job_id]["host"], seen[job_id]["host_alive"]) == ("hostA2", True), seen
     assert _cli(sock_c, "request", "logs", done["id"]).stdout == logs.stdout
+
+
+def test_a_cloned_state_directory_gets_an_identity_of_its_own(
+        jobs_env: JobsEnv, scratch: Path, envctld) -> None:
+    """Attack (or a golden image): hostB's state directory carries hostA's ``daemon-id``. Both
+    daemons then took one directory in the root: each skipped the other's jobs as its own
+    (hostB and every node asking it never saw hostA's), pruned the other's published logs,
+    and took cancels meant for it. The second daemon finds the identity's liveness lock held
+    by a daemon that is not itself and takes a new identity: hostA's job is seen from hostB."""
+    cfg_a, sock_a = _config(jobs_env, scratch, "hostA")
+    cfg_b, sock_b = _config(jobs_env, scratch, "hostB")
+    envctld(cfg_a, host="hostA")
+    ident = (scratch / "state-hostA" / "daemon-id").read_text()
+    clone = scratch / "state-hostB"
+    clone.mkdir(mode=0o711)
+    (clone / "daemon-id").write_text(ident)
+    (clone / "daemon-id").chmod(0o600)
+    spec = scratch / "hello.yml"
+    spec.write_text(f"channels: [{jobs_env.channel}]\ndependencies: [hello]\n")
+    done = _json(sock_a, "request", "create", "quick", "-f", str(spec))
+    assert done["state"] == "succeeded", done
+    envctld(cfg_b, host="hostB")
+    own = _json(sock_b, "status")["cluster"]["daemon_id"]
+    assert own != ident.strip() and (clone / "daemon-id").read_text().strip() == own
+    seen = {j["id"]: j for j in _json(sock_b, "request", "list", "--all", "--finished")}
+    assert done["id"] in seen and seen[done["id"]]["host"] == "hostA", seen
+    logs = _cli(sock_b, "request", "logs", done["id"])
+    assert logs.returncode == 0 and "succeeded" in logs.stdout, logs.stderr
+    assert _json(sock_a, "status")["cluster"]["daemon_id"] == ident.strip()

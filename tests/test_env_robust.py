@@ -253,6 +253,49 @@ def test_planted_area_is_not_ready_refuses_requests_and_recovers(accounts: Accou
         shutil.rmtree(base, ignore_errors=True)
 
 
+def test_the_planted_area_fix_holds_against_a_member_racing_it(accounts: Accounts) -> None:
+    """Attack: alice planted ``.envctl`` and loops making it again whenever it is missing. The
+    fix as said (move it away, "the daemon makes its own at its next check") lost that race
+    every time: her next one was there before the daemon's check, and every request stayed
+    refused. The fix is now a command an admin runs as printed, which makes the daemon's own
+    area in the same breath (or fails, saying so, if she won the microsecond between)."""
+    a = accounts
+    base = new_base()
+    daemon: Envctld | None = None
+    racer: subprocess.Popen[str] | None = None
+    try:
+        config = api_config(base, a)
+        cfg = yaml.safe_load(config.read_text())
+        root = Path(cfg["requests"]["root"])
+        planted = root / ".envctl"
+        planted.mkdir()
+        os.chown(planted, a.alice.uid, a.shared_gid)
+        daemon = Envctld(config, base).start()
+        api = ApiDaemon(daemon, base, root, Path(cfg["socket"]["path"]), base / "channel",
+                        config)
+        fix = _status(api)["area"]["fix"]
+        assert "then: " in fix, fix
+        racer = subprocess.Popen(
+            ["setpriv", f"--reuid={a.alice.uid}", f"--regid={a.shared_gid}", "--clear-groups",
+             "sh", "-c", f"while :; do mkdir {planted} 2>/dev/null; done"])
+        time.sleep(0.5)
+        for _ in range(20):  # she may win the instant between the two commands: run it again
+            res = subprocess.run(["sh", "-c", fix.split("then: ", 1)[1]], capture_output=True,
+                                 text=True)
+            if res.returncode == 0:
+                break
+        assert res.returncode == 0, res.stderr
+        wait_for(lambda: _status(api)["ready"] is True, 30, 0.5, "ready after the fix")
+        assert planted.stat().st_uid == 0
+    finally:
+        if racer is not None:
+            racer.kill()
+            racer.wait()
+        if daemon is not None:
+            daemon.cleanup()
+        shutil.rmtree(base, ignore_errors=True)
+
+
 def test_a_walk_past_its_held_levels_never_climbs_into_another_tree(scratch: Path) -> None:
     """Deeper than ``layout.HELD_LEVELS`` a walk climbs back through ``..``: a directory moved
     meanwhile into another tree is refused there, and nothing of that tree is removed."""

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import subprocess
 import sys
 import time
@@ -136,6 +137,89 @@ def test_writing_past_the_disk_limit_stops_the_running_build(api: ApiDaemon,
     assert f"the build exceeded requests.limits.disk = {DISK}" in job["exit_detail"]
     assert time.monotonic() - started < 100
     assert _alive(api)["limits"]["disk"] == 60 << 20
+
+
+def test_a_deleted_file_held_open_counts_against_the_disk_limit(api: ApiDaemon,
+                                                                 accounts: Accounts) -> None:
+    """Attack: the step unlinks its file and keeps writing through the open fd (and a
+    mapping of another, its fd closed). The walk of version and HOME never sees either, so
+    a step could fill the state disk (or the shared root) for as long as its timeout allowed.
+    Files the build's processes hold open or mapped, linked nowhere, count too."""
+    write = ("python -c \"import mmap, os, time\n"
+             "path = os.path.expanduser('~/gone')\n"
+             "f = open(path, 'wb')\n"
+             "os.unlink(path)\n"
+             "[f.write(b'x' * (1 << 20)) for _ in range(40)]\n"
+             "f.flush()\n"
+             "fd = os.open(path, os.O_RDWR | os.O_CREAT)\n"
+             "os.ftruncate(fd, 40 << 20)\n"
+             "m = mmap.mmap(fd, 40 << 20)\n"
+             "os.close(fd)\n"
+             "os.unlink(path)\n"
+             "m[:] = b'y' * (40 << 20)\n"
+             "time.sleep(45)\"")
+    job = _build(api, accounts.alice, "hiddenhog", write)
+    assert job["state"] == "failed", job
+    assert f"the build exceeded requests.limits.disk = {DISK}" in job["exit_detail"]
+
+
+def test_many_small_files_count_the_disk_they_take(api: ApiDaemon, accounts: Accounts) -> None:
+    """Attack: 24,000 one-byte files take ~94M of disk (a block each) but were counted as
+    24K (their sizes): ``limits.disk`` was no limit for a tree of small files. Each file
+    counts what it takes on disk (its blocks) when that is more than its size."""
+    write = ("python -c \"import os\n"
+             "home = os.path.expanduser('~')\n"
+             "for i in range(24000):\n"
+             "    with open(os.path.join(home, str(i)), 'wb') as f: f.write(b'x')\n"
+             "import time; time.sleep(45)\"")
+    job = _build(api, accounts.alice, "smallhog", write)
+    assert job["state"] == "failed", job
+    assert f"the build exceeded requests.limits.disk = {DISK}" in job["exit_detail"]
+
+
+def _peak_rss(pid: int) -> int:
+    """The process's peak resident memory so far (``VmHWM``), in bytes."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(next(x for x in status.splitlines() if x.startswith("VmHWM:")).split()[1]) << 10
+
+
+def test_one_endless_output_line_costs_the_daemon_no_memory(api: ApiDaemon,
+                                                             accounts: Accounts) -> None:
+    """Attack: a step prints 300M without a line break. The daemon read its output by lines,
+    so the whole "line" grew in the daemon's own memory (no build limit applies there): a
+    few GB of zeros took the daemon, and every build, down. Output is read in bounded
+    pieces; the log is cut at its cap as for any output."""
+    assert api.daemon.proc is not None
+    before = _peak_rss(api.daemon.proc.pid)
+    job = _build(api, accounts.bob, "oneline", "head -c 300000000 /dev/zero")
+    assert job["state"] == "succeeded", job
+    grew = _peak_rss(api.daemon.proc.pid) - before
+    assert grew < 64 << 20, f"the daemon's peak memory grew by {grew >> 20}M"
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User and system CPU time the process has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_a_flood_past_the_log_cap_costs_the_daemon_little_cpu(api: ApiDaemon,
+                                                               accounts: Accounts) -> None:
+    """Attack: a step prints short lines as fast as it can (``yes``) for as long as it runs.
+    Past its log cap the output is dropped, but the daemon still split it line by line:
+    Python work per two bytes, under the daemon's one GIL, for the whole step — a core of
+    the daemon's, and every other thread of it slowed. Past the cap it is drained in large
+    pieces."""
+    assert api.daemon.proc is not None
+    pid = api.daemon.proc.pid
+    used = {}
+    for name, test in (("quiet", "sleep 12"), ("flood", "timeout 12 yes || true")):
+        before = _cpu_seconds(pid)
+        job = _build(api, accounts.bob, name, test)
+        assert job["state"] == "succeeded", job
+        used[name] = _cpu_seconds(pid) - before
+    extra = used["flood"] - used["quiet"]
+    assert extra < 1.0, f"the daemon used {extra:.1f}s more CPU on a 12 s flood ({used})"
 
 
 def test_a_build_printing_past_its_log_cap_goes_on(api: ApiDaemon, accounts: Accounts) -> None:
@@ -339,3 +423,51 @@ def test_the_disk_walk_survives_a_build_changing_its_tree(scratch: Path) -> None
         stop.set()
         worker.join()
     assert all(s >= 0 for s in sizes) and max(sizes) > 0
+
+
+def test_held_use_marks_cannot_lift_the_version_cap(jobs_env: JobsEnv, manager_factory,
+                                                     accounts: Accounts) -> None:
+    """Attack: bob (any user: marks are 0644 for every kernel's sake) holds the use mark of
+    each version of alice's env as it becomes current, as a kernel would, and never lets go.
+    GC and the cap never remove a held version, so every ``--replace`` added one: the hard
+    cap bounded nothing. Now the build that finds no room fails at once, naming the cap and
+    who holds each old version (pid and uid), and the versions on disk stay within it."""
+    mgr = manager_factory(jobs_env.config(max_versions=3, keep_versions=1, gc_grace=86400))
+    alice = jobs_env.requester()
+    env_dir = jobs_env.root / ".envctl" / "envs" / "held"
+    hold = ("import fcntl, os, struct, sys, time\n"
+            "fd = os.open(sys.argv[1], os.O_RDONLY)\n"
+            "fcntl.fcntl(fd, 37, struct.pack('hhqqi4x', fcntl.F_RDLCK, 0, 0, 0, 0))\n"
+            "print('held', flush=True)\n"
+            "time.sleep(600)\n")
+    holders = []
+    try:
+        for i in range(5):
+            job = wait_done(mgr, mgr.submit(alice, "held", ENV_HELLO, replace=i > 0,
+                                            tests=["hello"]).id)
+            assert len(_versions(jobs_env, "held")) <= 3
+            if job.state is not State.SUCCEEDED:
+                break
+            cur = (jobs_env.root / "held").resolve().name
+            proc = subprocess.Popen(
+                ["setpriv", f"--reuid={accounts.bob.uid}", f"--regid={accounts.bob.gid}",
+                 "--clear-groups", sys.executable, "-c", hold, str(env_dir / f"{cur}.use")],
+                stdout=subprocess.PIPE, text=True)
+            holders.append(proc)
+            assert proc.stdout is not None and proc.stdout.readline() == "held\n"
+        assert job.state is State.FAILED, "a build past the cap went through"
+        assert "requests.max_versions" in (job.exit_detail or ""), job.exit_detail
+        assert f"uid {accounts.bob.uid}" in (job.exit_detail or ""), job.exit_detail
+        assert _versions(jobs_env, "held") == ["v1", "v2", "v3"]
+        assert (jobs_env.root / "held").resolve().name == "v3"
+        for proc in holders[:2]:  # v1's and v2's kernels end: room for the next build
+            proc.kill()
+            proc.wait()
+        job = wait_done(mgr, mgr.submit(alice, "held", ENV_HELLO, replace=True,
+                                        tests=["hello"]).id)
+        assert job.state is State.SUCCEEDED, job.exit_detail
+        assert len(_versions(jobs_env, "held")) <= 3
+    finally:
+        for proc in holders:
+            proc.kill()
+            proc.wait()

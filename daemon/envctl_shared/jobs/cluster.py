@@ -14,7 +14,9 @@ or its log only through a daemon's answer, under that daemon's access rules.
 - ``<id>/daemon.json``: that daemon's host name (what messages show), pid and start time.
 - ``<id>/alive.lock``: a lock (``envctl_shared.locks``) the daemon holds while it runs; NFSv4/EFS
   release it (after the lease) when the host dies. Readers ask whether it is held: a daemon that
-  is gone is *marked* (``host_alive: false``), its records kept.
+  is gone is *marked* (``host_alive: false``), its records kept. A daemon that finds it held by
+  another at start has a copied state directory (its own lock keeps two daemons off one): it
+  takes a new identity rather than share the directory (``ClusterJobs.start``).
 - ``<id>/<job>.json``: the job as ``Job.to_dict`` gives it, written atomically by its daemon on
   every change of state or phase. Only a regular file owned by the daemon's uid and writable by
   nobody else is believed (the same rule as the env records).
@@ -108,6 +110,7 @@ class ClusterJobs:
     def __init__(self, root: Path, state_dir: Path, host: str | None = None) -> None:
         self.root = root
         self.host = host or host_name()
+        self._state_dir = state_dir
         self.daemon_id = daemon_identity(state_dir)
         self._alive: LockFile | None = None
         self._published: dict[str, int] = {}  # job id -> bytes of its log published
@@ -115,25 +118,42 @@ class ClusterJobs:
     # -- our side ------------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Create our directory, take our liveness lock and say who we are (a second daemon
-        with the same identity gets no lock: readers still see the daemon alive)."""
+        """Create our directory, take our liveness lock and say who we are. A liveness lock
+        another daemon holds means a second daemon with this identity (a state directory
+        copied from another node's, by a clone or on purpose: the state directory's own lock
+        keeps two daemons off one): sharing a directory, each would skip the other's jobs as
+        its own, prune its logs and take its cancels — so this one takes a new identity."""
+        while not self._start_as(self.daemon_id):
+            fresh = self._new_identity()
+            log.warning("jobs-cluster identity-taken daemon_id=%s new_daemon_id=%s: another "
+                        "daemon has this identity (a copied state directory)", self.daemon_id,
+                        fresh)
+            self.daemon_id = fresh
+        log.info("jobs-cluster start daemon_id=%s host=%s", self.daemon_id, self.host)
+
+    def _start_as(self, ident: str) -> bool:
+        """Our directory under ``ident`` with its liveness lock taken (or held by another
+        manager of this process); False when another daemon holds it."""
         with self._area() as jobs:
-            mine = layout.checked_dir(jobs, self.daemon_id, AREA_MODE,
-                                      f"{self.root}/.envctl/jobs/{self.daemon_id}")
+            mine = layout.checked_dir(jobs, ident, AREA_MODE,
+                                      f"{self.root}/.envctl/jobs/{ident}")
             try:
                 os.close(layout.checked_dir(mine, CANCEL_DIR, AREA_MODE, "cancel"))
-                alive = LockFile(mine, ALIVE, f"{self.root}/.envctl/jobs/{self.daemon_id}/"
-                                 f"{ALIVE}")
-                if alive.acquire("alive") is not None:
-                    log.warning("jobs-cluster alive-lock held daemon_id=%s: another daemon "
-                                "with this state directory's identity runs", self.daemon_id)
+                alive = LockFile(mine, ALIVE, f"{self.root}/.envctl/jobs/{ident}/{ALIVE}")
+                other = alive.acquire("alive")
+                if other is not None and not other.here:
+                    return False
                 self._alive = alive
                 _write_atomic(mine, DAEMON_FILE, json.dumps(
-                    {"daemon_id": self.daemon_id, "host": self.host, "pid": os.getpid(),
+                    {"daemon_id": ident, "host": self.host, "pid": os.getpid(),
                      "since": time.time()}).encode())
             finally:
                 os.close(mine)
-        log.info("jobs-cluster start daemon_id=%s host=%s", self.daemon_id, self.host)
+        return True
+
+    def _new_identity(self) -> str:
+        os.unlink(self._state_dir / ID_FILE)
+        return daemon_identity(self._state_dir)
 
     def stop(self) -> None:
         if self._alive is not None:

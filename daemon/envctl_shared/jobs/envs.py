@@ -42,7 +42,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import Conflict, EnvctlError, NotFound, ValidationError
+from ..errors import Conflict, EnvctlError, LimitReached, NotFound, ValidationError
 from ..heal.fsops import DIR_FLAGS
 from ..names import is_env_name
 from ..quoting import quote_name
@@ -333,12 +333,22 @@ def over_cap(env_fd: int, cur: str | None, cap: int, going: Sequence[str] = ()) 
     return candidates[:excess]
 
 
-def make_room(env_fd: int, cur: str | None, cap: int) -> list[str]:
+def make_room(env_fd: int, name: str, cur: str | None, cap: int) -> list[str]:
     """Before a build of the name (its lock held): remove what ``over_cap`` names so that the
-    new version fits under the cap. Returns the versions removed."""
+    new version fits under the cap. Returns the versions removed; LimitReached when the
+    versions processes use (``usemarks``) leave no room: the cap holds, in use or not."""
     gone = over_cap(env_fd, cur, cap - 1)
     for version in gone:
         drop_version(env_fd, version)
+    present = versions(env_fd)
+    if len(present) >= cap:
+        held = [v for v in present if v != cur]
+        raise LimitReached(
+            f"{name!r} already has {cap} versions (requests.max_versions = {cap}) and "
+            "processes use every old one: " + "; ".join(
+                f"{v} by {usemarks.holders(env_fd, v)}" for v in held[:5]),
+            hint="stop those kernels or processes (or ask their owners to), then request "
+                 "again")
     return gone
 
 
@@ -565,13 +575,16 @@ def ready_fields(dir_fd: int, name: str) -> dict[str, Any]:
             "size_bytes": size, "entries": entries}
 
 
-def tree_size(prefix_fd: int, racing: bool = False) -> tuple[int, int]:
+def tree_size(prefix_fd: int, racing: bool = False,
+              allocated: bool = False) -> tuple[int, int]:
     """(bytes, entries) of a prefix, walked without following symlinks, whatever its depth
     (``layout.walk``: ``os.fwalk`` recursed past Python's limit on a deep tree); ``racing``:
-    one a build is still writing (the runner's disk limit)."""
+    one a build is still writing; ``allocated``: each entry counted as what it takes on disk
+    when that is more than its size (the runner's disk limit: a one-byte file takes a block,
+    and 24,000 of them were 24K of the limit while they took 94M)."""
     total = count = 0
     for _parent, _name, st, _fd in layout.walk(prefix_fd, lambda st: True, racing=racing):
-        total += st.st_size
+        total += max(st.st_size, st.st_blocks * 512) if allocated else st.st_size
         count += 1
     return total, count
 
@@ -638,9 +651,14 @@ def compare_versions(source: str, old: str, new: str) -> str:
     return "up" if y > x else "down"
 
 
+_DIGITS = re.compile(r"[0-9]+")
+
+
 def _segments(version: str) -> tuple[int, ...] | None:
     parts = re.split(r"[.\-_+]", version)
-    return tuple(int(p) for p in parts) if all(p.isdigit() for p in parts) else None
+    # ASCII digits only: str.isdigit() takes "²", which int() refuses (a build's own code
+    # writes the METADATA its inventory reads)
+    return tuple(int(p) for p in parts) if all(_DIGITS.fullmatch(p) for p in parts) else None
 
 
 def _shown_version(pkg: dict[str, Any], other: dict[str, Any]) -> str:

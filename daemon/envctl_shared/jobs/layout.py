@@ -39,6 +39,7 @@ import json
 import logging
 import os
 import pwd
+import shlex
 import stat
 import threading
 from collections.abc import Callable, Iterator
@@ -152,10 +153,14 @@ class RootArea:
                 problem = _area_problem(root_fd)  # made or changed since the first look
                 if problem is None:
                     raise
-        fix = (f"as root, look at what is in {shown}, then move it out of the way (mv {shown} "
-               f"{shown}.untrusted) or remove it: the daemon makes its own at its next check "
-               "or start" if problem[0] != "mode" else
-               f"as root, look at what was put in {shown}, then: chmod 755 {shown}")
+        # One command that makes the daemon's own area as it moves the other away: a member
+        # who loops making hers again would win any wait for the daemon's next check.
+        path = shlex.quote(str(shown))
+        make = f"mkdir -m 755 {path}" + (
+            f" && chown {os.geteuid()} {path}" if os.geteuid() != 0 else "")
+        fix = (f"as root, look at what is in {shown}, then: mv {path} {path}.untrusted && {make}"
+               if problem[0] != "mode" else
+               f"as root, look at what was put in {shown}, then: chmod 755 {path}")
         raise AreaUntrusted(f"{shown} {problem[1]}: the daemon uses nothing in it and refuses "
                             "every request until an admin fixes it", hint=fix,
                             path=str(shown), problem=problem[1])

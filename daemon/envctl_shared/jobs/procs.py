@@ -42,13 +42,13 @@ Why these rules:
   writable version through it). So a daemon with one build user runs one build at a time;
 - a mount namespace per step (:class:`Sandbox`, where ``unshare --mount`` works): every root,
   the state dir and the kernels dir read-only, only the step's own directories writable,
-  ``/tmp`` and ``/dev/shm`` fresh and private. It is set up as root *before* the uid switch
-  (the writable places are bound from fds opened before anything was covered: a bind made
-  through a read-only mount is read-only, and a tmpfs on ``/tmp`` hides what lay below it),
-  every fd to the original mounts is closed before the step's code runs, and no step keeps
-  ``CAP_SYS_ADMIN`` (a trusted step, which stays root, drops it from its bounding set): no
-  step can remount. Mount flags of a namespace made by root are locked for a user namespace a
-  build makes inside it, so ``unshare -Urm`` cannot lift them either.
+  ``/tmp``, ``/var/tmp``, ``/dev/shm`` and ``/run/lock`` fresh and private. It is set up as
+  root *before* the uid switch (the writable places are bound from fds opened before anything
+  was covered: a bind made through a read-only mount is read-only, and a tmpfs on ``/tmp``
+  hides what lay below it), every fd to the original mounts is closed before the step's code
+  runs, and no step keeps ``CAP_SYS_ADMIN`` (a trusted step, which stays root, drops it from
+  its bounding set): no step can remount. Mount flags of a namespace made by root are locked
+  for a user namespace a build makes inside it, so ``unshare -Urm`` cannot lift them either.
 """
 
 from __future__ import annotations
@@ -198,7 +198,11 @@ class Step:
         return code
 
 
-PRIVATE_DIRS = ("/tmp", "/dev/shm")  # a fresh tmpfs each, in every sandboxed step
+# A fresh tmpfs each, in every sandboxed step (those the host has): every directory a build
+# uid may write on a stock host besides its own. A host's /var/tmp or /run/lock let a build
+# write past limits.disk (not its version, not its HOME) and leave files for the next build
+# of its pool account, another requester's. A tmpfs is charged to the step's memory cgroup.
+PRIVATE_DIRS = ("/tmp", "/var/tmp", "/dev/shm", "/run/lock")
 # Run as root in the step's new mount namespace; argv: (ro|rw PATH)... -- COMMAND...
 # Each place is opened first, so that it is bound from the original mount (neither covered by
 # a tmpfs nor read-only through a bind made earlier); each bind is then remounted with its own
@@ -211,7 +215,9 @@ while [ "$1" != -- ]; do
   shift 2
 done
 shift
-for d in {private}; do mount -t tmpfs -o nosuid,nodev,mode=1777 envctl-private "$d"; done
+for d in {private}; do
+  if [ -d "$d" ]; then mount -t tmpfs -o nosuid,nodev,mode=1777 envctl-private "$d"; fi
+done
 for i in "${!paths[@]}"; do
   p=${paths[$i]} fd=${fds[$i]}
   mkdir -p -- "$p"
@@ -474,6 +480,29 @@ def _strays(uid: int, tops: frozenset[int]) -> list[Proc]:
         if up is not None and up.runs_as(uid) and up.ppid in tops:
             out.append(p)
     return out
+
+
+def unlinked_bytes(pids: list[int], devices: set[int]) -> int:
+    """Bytes of the regular files on ``devices`` that the processes ``pids`` hold open or
+    mapped and that no directory links any more (``st_nlink`` 0): what a step writes after
+    unlinking its file takes disk no tree walk sees, until the last process lets go. Read
+    from ``/proc/<pid>/fd`` and ``/proc/<pid>/map_files`` (root's), each file counted once."""
+    found: dict[tuple[int, int], int] = {}
+    for pid in pids:
+        for kind in ("fd", "map_files"):
+            where = f"/proc/{pid}/{kind}"
+            try:
+                names = os.listdir(where)
+            except OSError:  # gone, or not ours to look at
+                continue
+            for name in names:
+                try:
+                    st = os.stat(f"{where}/{name}")
+                except OSError:
+                    continue
+                if st.st_nlink == 0 and st.st_dev in devices and stat.S_ISREG(st.st_mode):
+                    found[(st.st_dev, st.st_ino)] = st.st_size
+    return sum(found.values())
 
 
 def sweep(user: BuildUser) -> int:

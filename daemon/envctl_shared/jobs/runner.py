@@ -14,16 +14,20 @@ relocatable or not: the path a version is built at is the path it runs at.
 Limits (``requests.limits``): memory, tasks and CPU share are the build cgroup's (``cgroup``);
 when a step fails, the cgroup's counters say whether the kernel's OOM killer or a refused fork
 did it, and the build's message names the limit. Disk is counted here: the new version and the
-build's HOME (the places a step may write), walked while a step runs — every ``DISK_CHECK_S``,
+build's HOME (the places a step may write; and what its processes write there into files they
+unlinked), walked while a step runs — every ``DISK_CHECK_S``,
 or ten times as long as the last walk took, so that a huge tree costs at most a tenth of a
 core — and after each step; past ``limits.disk`` the build is stopped and fails naming it.
 A build's own log stops growing at 64M or a quarter of ``requests.max_log_bytes`` (the cap
-of all kept logs), with a note, and the build goes on.
+of all kept logs), with a note, and the build goes on; what it writes past that is dropped at
+most ``DRAIN_PIECE`` per ``DRAIN_PAUSE`` (a flood is slowed, never split into lines).
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import io
 import logging
 import os
 import select
@@ -60,6 +64,9 @@ from .store import JobStore
 log = logging.getLogger(__name__)
 
 MAX_LOG_BYTES = 64 << 20  # a runaway build cannot fill the state disk through its log
+OUTPUT_PIECE = 64 << 10  # bytes of a step's output read at once, line break or not
+DRAIN_PIECE = 1 << 20  # bytes dropped at once of a step's output past the log's cap,
+DRAIN_PAUSE = 0.05  # then a pause: at most 20M/s of it
 DISK_CHECK_S = 2.0  # least seconds between two walks counting a running build's disk use
 
 
@@ -195,7 +202,7 @@ class Build:
                                hint="pick another name, or move it away yourself")
             if cur.kind == "managed" and not job.replace:
                 raise Conflict(f"{job.prefix} already exists", hint="request it with --replace")
-            capped = envs.make_room(env_fd, cur.version, self.cfg.max_versions)
+            capped = envs.make_room(env_fd, job.name, cur.version, self.cfg.max_versions)
             if capped:
                 self.say(f"removed {', '.join(capped)} of {job.name!r}: at most "
                          f"{self.cfg.max_versions} versions of an env are kept "
@@ -351,12 +358,17 @@ class Build:
                 if n > before.get(key, 0)}
 
     def _check_disk(self, ctx: BuildContext, now: bool = False) -> None:
-        """Count what the build wrote (its version and HOME) when due, or ``now``; past
-        ``limits.disk`` the build is aborted (failed, naming the limit)."""
+        """Count what the build wrote (its version and HOME, and the files on their
+        filesystems its processes hold unlinked: ``procs.unlinked_bytes``) when due, or
+        ``now``; past ``limits.disk`` the build is aborted (failed, naming the limit)."""
         start = time.monotonic()
         if not now and start < self._disk_due:
             return
-        used = sum(tree_bytes(p) for p in (ctx.prefix, ctx.home))
+        places = (ctx.prefix, ctx.home)
+        used = sum(tree_bytes(p) for p in places)
+        if self._cgroup is not None:
+            devices = {os.stat(p).st_dev for p in places if p.exists()}
+            used += procs.unlinked_bytes(cgroups.members(self._cgroup.path), devices)
         self._disk_due = time.monotonic() + max(DISK_CHECK_S, 10 * (time.monotonic() - start))
         if used > self.cfg.limits.disk:
             self.abort(State.FAILED, f"the build exceeded {self.cfg.limits.named('disk')}: "
@@ -465,18 +477,46 @@ class Build:
         log.debug("job-hand-over id=%s prefix=%s dirs=%d", self.job.id, rel, changed)
 
     def _pump(self, proc: subprocess.Popen[bytes]) -> None:
-        """Copy the step's output to the log; turn ``ENVCTL-PHASE x`` lines into phases."""
-        assert proc.stdout is not None
-        for line in proc.stdout:
+        """Copy the step's output to the log; turn ``ENVCTL-PHASE x`` lines into phases.
+
+        Read in pieces of at most ``OUTPUT_PIECE``, whole lines written at once: one line
+        without end (``head -c 5G /dev/zero``) read whole grew in the daemon's memory, where
+        no build limit applies, and ``yes`` read line by line cost Python work per two bytes
+        under the daemon's one GIL (a 64M log of it, a minute of the daemon's CPU)."""
+        assert isinstance(proc.stdout, io.BufferedReader)
+        pending = b""  # the start of a line not ended yet
+        at_start = True  # ``pending`` begins a line
+        while chunk := proc.stdout.read1(OUTPUT_PIECE):
             if self._log_fd < 0:
                 break  # the job is over; only an escaped process can still be writing
-            if line.startswith(PHASE_MARK.encode()):  # ours, not the user's: never logged
-                name = line[len(PHASE_MARK):].decode("ascii", "replace").strip()
+            if self._log_bytes >= self._log_cap:
+                _drain(proc.stdout.fileno())
+                break
+            pending += chunk
+            cut = pending.rfind(b"\n") + 1 or (len(pending) if len(pending) >= OUTPUT_PIECE
+                                                else 0)
+            if cut:
+                self._emit(pending[:cut], at_start)
+                at_start = pending[cut - 1:cut] == b"\n"
+                pending = pending[cut:]
+        if pending and self._log_fd >= 0:
+            self._emit(pending, at_start)
+        proc.stdout.close()
+
+    def _emit(self, text: bytes, at_start: bool) -> None:
+        """Output into the log, but for the phase marks at a line's start (ours, never
+        logged): they become the job's phase."""
+        mark = PHASE_MARK.encode()
+        if mark not in text:
+            self._write(text)
+            return
+        for i, line in enumerate(text.splitlines(keepends=True)):
+            if (i or at_start) and line.startswith(mark):
+                name = line[len(mark):].decode("ascii", "replace").strip()
                 if name in PHASES:
                     self._phase(name)
                 continue
             self._write(line)
-        proc.stdout.close()
 
     def _freeze(self, fds: layout.AreaFds, dir_fd: int, name: str,
                 shown: Path) -> freeze.Frozen:
@@ -547,6 +587,23 @@ class _Exit:
             os.close(self._fd)
 
 
+def _drain(pipe: int) -> None:
+    """Drop what a step writes past its log's cap, to its end, at most ``DRAIN_PIECE`` per
+    ``DRAIN_PAUSE``: read as it came, line by line, ``yes`` cost the daemon Python work per
+    two bytes under its one GIL (and copying as fast as ``yes`` writes a core of its own) for
+    as long as the step ran. The step is slowed only when it writes faster than that, and
+    only its output nobody keeps (phase marks past the cap go too). The kernel moves the
+    pipe's pages to ``/dev/null`` (``splice``): nothing is copied into the daemon."""
+    with contextlib.suppress(OSError):  # a bigger pipe: fewer calls (best effort)
+        fcntl.fcntl(pipe, fcntl.F_SETPIPE_SZ, DRAIN_PIECE)
+    sink = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        while os.splice(pipe, sink, DRAIN_PIECE):
+            time.sleep(DRAIN_PAUSE)
+    finally:
+        os.close(sink)
+
+
 def _exceeded(limits: BuildLimits, hit: dict[str, int], what: str) -> BuildFailed:
     """The failure of a step a cgroup limit stopped (``hit``: ``Build._limits_hit``)."""
     if "memory" in hit:
@@ -566,7 +623,7 @@ def tree_bytes(path: Path) -> int:
     except (FileNotFoundError, NotADirectoryError):
         return 0
     try:
-        return envs.tree_size(fd, racing=True)[0]
+        return envs.tree_size(fd, racing=True, allocated=True)[0]
     finally:
         os.close(fd)
 

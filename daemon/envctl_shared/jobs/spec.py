@@ -51,8 +51,10 @@ RESERVED_VARIABLES = frozenset({"PATH", "CONDA_PREFIX", "CONDA_DEFAULT_ENV", "CO
                                 "CONDA_PROMPT_MODIFIER", "CONDA_EXE", "VIRTUAL_ENV"})
 # Tell the programs every user of the env runs where to load code from, or are code themselves:
 # the dynamic loader (LD_*), interpreters' search and start-up paths, shells' start-up files and
-# prompts, HOME and the config dirs whose files Jupyter and IPython run at start, and where the
-# users' own installers fetch packages (pip, uv, conda and its shell functions). A shared env
+# prompts, HOME and the config dirs whose files Jupyter and IPython run at start, where the
+# users' own installers fetch packages (pip, uv, conda and its shell functions), the commands
+# programs start for them (pagers, editors, browsers, git's ssh) and the certificates their
+# HTTPS trusts (a requester's CA file would let her read everyone's traffic). A shared env
 # runs what was built from the site's channels and index; with these, it would run whatever a
 # requester's files outside it say, long after the build, unseen by any check of the version.
 CODE_VARIABLE_PREFIXES = ("LD_", "PIP_", "UV_", "CONDA_")
@@ -64,7 +66,10 @@ CODE_VARIABLES = frozenset({
     "PERL5LIB", "PERLLIB", "PERL5OPT", "RUBYLIB", "RUBYOPT", "NODE_OPTIONS", "NODE_PATH",
     "R_LIBS", "R_LIBS_USER", "R_LIBS_SITE", "R_PROFILE", "R_PROFILE_USER", "R_ENVIRON",
     "R_ENVIRON_USER", "JAVA_TOOL_OPTIONS", "JDK_JAVA_OPTIONS", "_JAVA_OPTIONS", "GCONV_PATH",
-    "CONDARC", "_CE_M", "_CE_CONDA"})
+    "CONDARC", "_CE_M", "_CE_CONDA", "PAGER", "MANPAGER", "EDITOR", "VISUAL", "BROWSER",
+    "LESSOPEN", "LESSCLOSE", "GIT_SSH", "GIT_SSH_COMMAND", "GIT_EXEC_PATH", "GIT_ASKPASS",
+    "SSH_ASKPASS", "GIT_CONFIG_GLOBAL", "SSL_CERT_FILE", "SSL_CERT_DIR", "REQUESTS_CA_BUNDLE",
+    "CURL_CA_BUNDLE", "NODE_EXTRA_CA_CERTS"})
 # conda activation writes ``export NAME='value'`` (sh, bash, zsh) and ``setenv NAME "value"``
 # (csh) with the value pasted in unescaped: a quote ends the string and what follows runs, as
 # does a backquote (csh), in the shell of every user who activates the env.

@@ -20,9 +20,10 @@ Limits: a process that is not our kernel launcher (``conda activate`` in a termi
 run by its path) takes no mark; such a use is protected by the time-based grace only. On a
 filesystem mounted ``noatime`` (or one that never updates atime, as EFS may not), the last use is
 the last time GC saw the mark held. A member can open a mark (so it can take the shared lock a
-kernel takes) and hold it for ever: that keeps one version from GC, nothing more — the daemon
-never locks a mark itself, so no build, replace, rollback or remove waits for one; the hard cap
-on versions per env bounds what held marks can keep.
+kernel takes) and hold it for ever: that keeps the version from GC — the daemon never locks a
+mark itself, so no rollback or remove waits for one. The hard cap on versions per env
+(``requests.max_versions``) bounds what held marks can keep: a build that finds every old
+version held fails at once, naming who holds them (``holders``), rather than adding one more.
 """
 
 from __future__ import annotations
@@ -66,6 +67,21 @@ def forget(env_fd: int, version: str) -> None:
     """Remove the mark with its version."""
     with contextlib.suppress(FileNotFoundError):
         os.unlink(mark_name(version), dir_fd=env_fd)
+
+
+def holders(env_fd: int, version: str) -> str:
+    """Who holds ``version``'s mark, for a message: the processes of this host
+    (``locks.local_holders``), else "a process on another host"."""
+    try:
+        fd = os.open(mark_name(version), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+                     | os.O_NONBLOCK, dir_fd=env_fd)
+    except OSError:
+        return "no process any more"
+    try:
+        found = locks.local_holders(fd)
+    finally:
+        os.close(fd)
+    return ", ".join(h.describe() for h in found[:3]) or "a process on another host"
 
 
 def in_use(env_fd: int, version: str, grace: float, now: float | None = None) -> bool:
