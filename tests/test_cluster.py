@@ -61,6 +61,7 @@ def _healed(backing: Path, accounts: Accounts, timeout: float, what: str) -> flo
                     what)
 
 
+@pytest.mark.serial  # compares the CPU three hosts cost with one host's: needs the CPUs alone
 def test_three_hosts_one_poller(accounts: Accounts, scratch: Path, envctld) -> None:
     a = accounts.alice
     backing = make_root(scratch, accounts, "backing")

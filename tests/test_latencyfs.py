@@ -210,7 +210,14 @@ def test_two_mounts_of_one_backing_directory_share_locks(scratch: Path) -> None:
                     os.close(fd)
             os.close(fa)  # the holder's close releases it (so does its death: same path)
             fa = -1
-            _ofd_lock(fb, fcntl.F_WRLCK)
+
+            def taken() -> bool:  # (FUSE sends the release after close returns)
+                try:
+                    _ofd_lock(fb, fcntl.F_WRLCK)
+                except BlockingIOError:
+                    return False
+                return True
+            wait_for(taken, 10, what="the lock free once its holder closed it")
         finally:
             for fd in (fa, fb):
                 if fd >= 0:
