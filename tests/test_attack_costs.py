@@ -106,7 +106,7 @@ def api(accounts: Accounts) -> Iterator[ApiDaemon]:
     yield from start_api_daemon(accounts, max_request_bytes=262144)
 
 
-@pytest.mark.serial  # its probes' answer times need the CPUs to themselves
+@pytest.mark.serial  # a latency bound (2 s) on the probe: needs the CPUs to itself
 def test_requester_parse_flood_leaves_the_probe_answering(api: ApiDaemon,
                                                           accounts: Accounts) -> None:
     """Root pings for 5 s (some 20 probes) inside an 8 s flood. Before the fix a ping went

@@ -38,7 +38,14 @@ pytest_plugins = ("tests.fixtures_jobs",)  # the jobs fixtures
 
 WRAPPER = """#!/bin/sh
 # envctl test wrapper (requests.venv_python): leave a process behind, then run the real python.
+# It waits (60 s at most) until the escapee has recorded itself: a step that ended first would
+# take it down with its cgroup before the test could see it (seen on a loaded machine).
+before=$(cat "$HOME/escapees" 2>/dev/null | wc -l)
 {escape} </dev/null >/dev/null 2>&1 &
+i=0
+while [ "$(cat "$HOME/escapees" 2>/dev/null | wc -l)" -le "$before" ] && [ $i -lt 600 ]; do
+  sleep 0.1; i=$((i+1))
+done
 exec {python} "$@"
 """
 SETSID = """setsid sh -c 'echo $$ >> "$HOME/escapees"; exec sleep 333'"""

@@ -178,6 +178,17 @@ def _ofd_lock(fd: int, kind: int) -> None:
     fcntl.fcntl(fd, fcntl.F_OFD_SETLK, struct.pack("hhqqi", kind, 0, 0, 0, 0))
 
 
+def _ofd_lock_free(fd: int) -> bool:
+    """Whether :func:`_ofd_lock` takes the write lock now (it keeps it)."""
+    import fcntl
+
+    try:
+        _ofd_lock(fd, fcntl.F_WRLCK)
+    except BlockingIOError:
+        return False
+    return True
+
+
 def test_two_mounts_of_one_backing_directory_share_locks(scratch: Path) -> None:
     """Hosts sharing an export see each other's record locks through the server; so must two
     latencyfs mounts of one backing directory (separate servers), or every cluster test built
@@ -210,14 +221,9 @@ def test_two_mounts_of_one_backing_directory_share_locks(scratch: Path) -> None:
                     os.close(fd)
             os.close(fa)  # the holder's close releases it (so does its death: same path)
             fa = -1
-
-            def taken() -> bool:  # (FUSE sends the release after close returns)
-                try:
-                    _ofd_lock(fb, fcntl.F_WRLCK)
-                except BlockingIOError:
-                    return False
-                return True
-            wait_for(taken, 10, what="the lock free once its holder closed it")
+            # The kernel sends the RELEASE that drops it after close() returned (FUSE's
+            # release is asynchronous): the lock is free once latencyfs has handled it.
+            wait_for(lambda: _ofd_lock_free(fb), 10, 0.01, "the lock free after the close")
         finally:
             for fd in (fa, fb):
                 if fd >= 0:
