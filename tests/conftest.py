@@ -16,9 +16,9 @@ Parallel runs. ``make test`` runs the suite in two passes (the Makefile's ``test
 The rule for ``serial``: a test that changes what every process on the machine sees (a sysctl
 such as ``fs.inotify.max_user_watches``/``max_queued_events`` or ``fs.protected_hardlinks``, a
 mount outside its scratch dir) or whose assertion depends on having the CPUs to itself (a race
-that must be lost within a time window, a latency bound, rates compared over time). Everything else must run beside other tests: its own
-scratch dir (``scratch``/``tmp_path``), socket paths under it, port 0, unique names, and it
-cleans up its processes, mounts and cgroups. Without ``--serial-tests``, every test runs
+that must be lost within a time window, a latency bound, rates compared over time). Everything
+else must run beside other tests: its own scratch dir (``scratch``/``tmp_path``), socket paths
+under it, port 0, unique names, and it cleans up its processes, mounts and cgroups. Without ``--serial-tests``, every test runs
 (``pytest tests/test_x.py`` by hand works as before).
 """
 
