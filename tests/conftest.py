@@ -18,8 +18,8 @@ such as ``fs.inotify.max_user_watches``/``max_queued_events`` or ``fs.protected_
 mount outside its scratch dir) or whose assertion depends on having the CPUs to itself (a race
 that must be lost within a time window, a latency bound, rates compared over time). Everything
 else must run beside other tests: its own scratch dir (``scratch``/``tmp_path``), socket paths
-under it, port 0, unique names, and it cleans up its processes, mounts and cgroups. Without ``--serial-tests``, every test runs
-(``pytest tests/test_x.py`` by hand works as before).
+under it, port 0, unique names, and it cleans up its processes, mounts and cgroups. Without
+``--serial-tests``, every test runs (``pytest tests/test_x.py`` by hand works as before).
 """
 
 from __future__ import annotations
