@@ -14,9 +14,15 @@
  * order is applied (another mount, special, compliant, protected, foreign), for the walks,
  * the scans, the poller's stamp check and Python's slow path (judge) alike. Entries never
  * changed come back as skipped with their reason; an entry that changed between inspection
- * and fix is handed back to Python's slow path, which judges it again here. A walk has no
- * recursion and keeps at most WINDOW directory fds whatever the depth, and names entries by
- * (directory node, name), never by a path string. The fast path keeps the healer's safety rules:
+ * and fix is handed back to Python's slow path, which judges it again here.
+ *
+ * There is one walk (tree_walk) and it has visit modes: heal/check (judge and heal every
+ * entry, the GIL released), the poller's stamp check (known directories against their stamps)
+ * and list (the directories the inotify watcher must watch, each handed to Python with an fd
+ * on it). It has no recursion, keeps at most WINDOW directory fds whatever the depth, reopens
+ * a level on the way back up only as the very directory it was, never leaves the root's mount,
+ * and names entries by (directory node, name), never by a path string. The fast path keeps the
+ * healer's safety rules:
  *
  *   - entries are inspected with statx(AT_SYMLINK_NOFOLLOW) relative to a directory fd, or
  *     after an entry fixed in the same directory, opened O_PATH|O_NOFOLLOW relative to it and
