@@ -409,7 +409,11 @@ class InotifyWatch:
             # A renamed node holds its name from its event on; what is found there now is
             # only seen. A created (or moved-in) directory is the name's new holder.
             top = _Visit(parent, force, evict=moved is None)
-            entered = self._walk(pfd, top, [name])
+            pfd = os.dup(pfd)  # the cache's may close while the walk uses it (see _forget)
+            try:
+                entered = self._walk(pfd, top, [name])
+            finally:
+                os.close(pfd)
             if entered:
                 # Empty when listed after its watch existed: whatever appears in it has events
                 # of its own, only the directory itself is to heal (a chain built one level
