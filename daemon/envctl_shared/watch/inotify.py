@@ -195,15 +195,17 @@ class _Visit:
     node; ``force``: list even what is already watched in place below it (a renamed subtree:
     what was created in it while it could not be found); ``evict``: its entries found take
     their names (an arrival event's, see :meth:`InotifyWatch._place`); ``known``: the last
-    entry visited in it was already watched in place."""
+    entry visited in it was already watched in place; ``keep``: the fds of the directories
+    found in it go to the fd cache (an arrival's: what a writer creates next is in there)."""
 
-    __slots__ = ("node", "force", "evict", "known")
+    __slots__ = ("node", "force", "evict", "known", "keep")
 
-    def __init__(self, node: _Node, force: bool, evict: bool = False) -> None:
+    def __init__(self, node: _Node, force: bool, evict: bool = False, keep: bool = False) -> None:
         self.node = node
         self.force = force
         self.evict = evict
         self.known = False
+        self.keep = keep
 
 
 def max_user_watches() -> int | None:
@@ -408,7 +410,7 @@ class InotifyWatch:
         if pfd >= 0:
             # A renamed node holds its name from its event on; what is found there now is
             # only seen. A created (or moved-in) directory is the name's new holder.
-            top = _Visit(parent, force, evict=moved is None)
+            top = _Visit(parent, force, evict=moved is None, keep=True)
             pfd = os.dup(pfd)  # the cache's may close while the walk uses it (see _forget)
             try:
                 entered = self._walk(pfd, top, [name])
@@ -604,4 +606,6 @@ class InotifyWatch:
             self._moving.pop(node.cookie, None)
             node.cookie = 0
         parent.known = known
+        if parent.keep:
+            self._keep(node, os.dup(fd))
         return None if known and not force else _Visit(node, force)
