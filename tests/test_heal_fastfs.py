@@ -3,7 +3,8 @@
 The walker's tree tests exercise it end to end; these pin down its contract: the policy table
 means what ``policy.wanted_mode`` means, wrong entries are fixed through a proven fd, special files,
 protected owners and other mounts are skipped untouched (a protected directory still entered),
-and the walk keeps going at any depth with a bounded number of fds.
+and the walk keeps going at any depth with a bounded number of fds — in each of its visit modes
+(heal/check, the poller's stamp check, the watcher's directory listing).
 """
 
 from __future__ import annotations
@@ -25,8 +26,10 @@ from envctl_shared.heal.fsops import (
     ScanResult,
     Stamp,
     WalkResult,
+    list_dirs,
     open_dir,
     stat_at,
+    window,
 )
 from envctl_shared.policy import NEVER_FIXED, Kind, Rules, kind_of, mode_table, wanted_mode
 
@@ -394,3 +397,60 @@ def test_check_stamps_of_a_chain_deeper_than_the_fd_window(scratch: Path,
         remove_tree(top)
     assert stale == [marked]  # its mtime changed after it was stamped
     assert visited == levels - 10 + 1  # the root and every level down to it, none below
+
+
+def test_list_dirs_walks_a_comb_past_its_window_and_never_follows_a_link(scratch: Path) -> None:
+    """The walk's list mode (the inotify watcher's walk): every directory of a comb deeper than
+    the fd window is handed to ``visit`` with an fd on that very inode, levels past the window
+    are reopened through "..", no symlink is followed and no file taken for a directory, a
+    directory ``visit`` declines is not entered, the fds held stay bounded, and an exception in
+    ``visit`` ends the walk with no fd left open."""
+    depth = 2 * window() + 5
+    top = scratch / "comb"
+    top.mkdir()
+    fd = os.open(top, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        cur = os.dup(fd)
+        for i in range(depth):  # a side directory before and after the chain at every level
+            for name in (f"s{i}a", f"n{i}", f"s{i}z"):
+                os.mkdir(name, dir_fd=cur)
+            nxt = os.open(f"n{i}", os.O_RDONLY | os.O_DIRECTORY, dir_fd=cur)
+            os.close(cur)
+            cur = nxt
+        os.close(cur)
+        for name in ("empty", "skip", "skip/below"):
+            (top / name).mkdir()
+        (top / "file").write_text("x")
+        os.symlink("/etc", top / "link")
+        seen: dict[str, tuple[int, int]] = {}
+        base = len(os.listdir("/proc/self/fd"))
+        held: list[int] = []
+
+        def visit(parent: str, name: str, dfd: int, dev: int, ino: int) -> str | None:
+            rel = f"{parent}/{name}" if parent else name
+            st = os.fstat(dfd)
+            assert (st.st_dev, st.st_ino) == (dev, ino) and stat.S_ISDIR(st.st_mode), rel
+            seen[rel] = (dev, ino)
+            held.append(len(os.listdir("/proc/self/fd")) - base)
+            return None if name == "skip" else rel
+
+        listed = list_dirs(fd, "", None, MountRef.of(stat_at(fd)), visit)
+        chain = ["/".join(f"n{j}" for j in range(i + 1)) for i in range(depth)]
+        want = {"empty", "skip", *chain,
+                *(f"{c.rpartition('/')[0]}/s{i}{x}".lstrip("/") for i, c in enumerate(chain)
+                  for x in "az")}
+        assert set(seen) == want and listed.visited == len(want)
+        assert sorted(listed.entered) == [("empty", True), ("n0", False), ("s0a", True),
+                                          ("s0z", True)]
+        assert listed.reopened > 0  # the way back up the chain went through ".."
+        assert max(held) <= window() + 4, max(held)
+        os.stat(top / "skip/below")  # there, and not visited: its parent was declined
+        assert all(os.stat(top / rel).st_ino == ino for rel, (_, ino) in seen.items())
+        # Only the names asked for, and an exception ends the walk with every fd closed.
+        with pytest.raises(ZeroDivisionError):
+            list_dirs(fd, "", ["n0", "link", "file", "gone"], MountRef.of(stat_at(fd)),
+                      lambda *a: 1 // (a[1] == "deep"))
+        assert len(os.listdir("/proc/self/fd")) == base
+    finally:
+        os.close(fd)
+        remove_tree(top)

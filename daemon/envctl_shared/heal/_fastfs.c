@@ -14,9 +14,15 @@
  * order is applied (another mount, special, compliant, protected, foreign), for the walks,
  * the scans, the poller's stamp check and Python's slow path (judge) alike. Entries never
  * changed come back as skipped with their reason; an entry that changed between inspection
- * and fix is handed back to Python's slow path, which judges it again here. A walk has no
- * recursion and keeps at most WINDOW directory fds whatever the depth, and names entries by
- * (directory node, name), never by a path string. The fast path keeps the healer's safety rules:
+ * and fix is handed back to Python's slow path, which judges it again here.
+ *
+ * There is one walk (tree_walk) and it has visit modes: heal/check (judge and heal every
+ * entry, the GIL released), the poller's stamp check (known directories against their stamps)
+ * and list (the directories the inotify watcher must watch, each handed to Python with an fd
+ * on it). It has no recursion, keeps at most WINDOW directory fds whatever the depth, reopens
+ * a level on the way back up only as the very directory it was, never leaves the root's mount,
+ * and names entries by (directory node, name), never by a path string. The fast path keeps the
+ * healer's safety rules:
  *
  *   - entries are inspected with statx(AT_SYMLINK_NOFOLLOW) relative to a directory fd, or
  *     after an entry fixed in the same directory, opened O_PATH|O_NOFOLLOW relative to it and
@@ -136,7 +142,22 @@ typedef struct {
     size_t node;
     size_t mark; /* its subdirectory names begin here in b->names (they end at the child's mark) */
     size_t next; /* the next of them to visit */
+    PyObject *token; /* list mode: the caller's token for this directory (owned); else NULL */
 } frame;
+
+typedef struct batch batch;
+
+/* A walk's visit mode: what the one walk (tree_walk) does with each subdirectory name of the
+ * directory on top of its stack, and how it reports a level that could not be reopened as the
+ * directory it was (moved mid-walk). Heal/check (judge and heal every entry, GIL released),
+ * stamp check (the poller's table, GIL held) and list (the watcher's directories, GIL held).
+ * Both return 0, or -1: out of memory, or a Python exception set (a mode holding the GIL). */
+typedef struct {
+    /* Visit subdirectory `name` of `parent` (the top frame's fd; b->cur is its node); to enter
+     * it, push_frame() and push its subdirectory names on b->names. */
+    int (*visit)(batch *b, int parent, const char *name);
+    int (*lost)(batch *b, size_t node);
+} visit_mode;
 
 /* A root's rules, compiled once by envctl_shared.policy.Rules (see fsops.Engine) and shared,
  * read only, by every walk, scan, stamp check and single-entry judgement of that root. */
@@ -152,7 +173,8 @@ typedef struct {
     int members_only;
 } rules_obj;
 
-typedef struct {
+struct batch {
+    const visit_mode *mode; /* a walk's (tree_walk) */
     const rules_obj *rules;
     int fix;
     int tally; /* fixed entries are only counted (in tallies), not recorded one by one */
@@ -174,7 +196,11 @@ typedef struct {
     /* tally: by file type (S_IFMT >> 12): entries fixed (or wrong), groups set, modes set,
      * entries changed */
     Py_ssize_t tallies[16][4];
-} batch;
+    Py_ssize_t n_reopened; /* walk: levels reopened on the way back up */
+    PyObject *stamps;      /* stamp mode: inode number -> stamp (borrowed) */
+    PyObject *visit;       /* list mode: the caller's visit (borrowed) */
+    PyObject *found;       /* stamp mode: stale paths; list mode: (token, empty) below the start */
+};
 
 #define DENTS_SIZE 32768
 
@@ -544,8 +570,9 @@ static int reopen_through_child(const level *up, const level *child)
 /* Open frame i again, proven to be the directory it was: through its child's ".." (one
  * openat: the way back up a deep chain), else down by name from the nearest open ancestor.
  * A level that is no longer where it was (moved or swapped mid-walk) and everything below it
- * are marked lost; the first lost level is handed back (ATTENTION) for Python to revisit by
- * its path. Returns -1 only when out of memory. */
+ * are marked lost; the first lost level goes to the visit mode's `lost` (the heal walk hands
+ * it back as ATTENTION, the stamp check as stale; the watcher's pending events place it).
+ * Returns -1 on error (no memory, or a Python exception in a mode that holds the GIL). */
 static int reopen_frame(batch *b, size_t i)
 {
     frame *f = &b->frames[i];
@@ -569,12 +596,8 @@ static int reopen_frame(batch *b, size_t i)
             if (next < 0) {
                 for (size_t m = k; m <= i; m++)
                     b->frames[m].lost = 1;
-                size_t node = b->frames[k].node;
-                record *r = add_record_in(b, b->nodes[node].parent,
-                                          b->out.buf + b->nodes[node].name_off, ATTENTION);
-                if (!r)
+                if (b->mode->lost(b, b->frames[k].node) != 0)
                     return -1;
-                r->mode = S_IFDIR;
                 break;
             }
             cur = next;
@@ -585,14 +608,101 @@ static int reopen_frame(batch *b, size_t i)
     f->at.fd = fd;
     if (fd < 0)
         f->next = b->names.len; /* its remaining subdirectories are not visited from here */
+    else
+        b->n_reopened++;
     return 0;
 }
 
-/* Walk mode: open a subdirectory no-follow, judge it and heal it through its own fd; when it
- * is on the root's mount and could be opened, push it as a new frame (*entered = 1). */
-static int visit_subdir(batch *b, int parent, const char *name, int *entered)
+/* Enter the directory behind fd (its statx: st), entry `name` of the directory node b->cur:
+ * a new node and top frame (b->cur becomes it), whose subdirectory names the caller pushes
+ * next on b->names; the level WINDOW above leaves the window. fd and token are taken (closed
+ * and released when this fails: -1, out of memory). */
+static int push_frame(batch *b, int fd, const statx_buf *st, const char *name, PyObject *token)
 {
-    *entered = 0;
+    size_t node;
+    if (add_node(b, b->cur, name, &node) != 0 ||
+        grow((void **)&b->frames, &b->cap_frames, b->depth + 1, sizeof *b->frames) != 0) {
+        close(fd);
+        Py_XDECREF(token);
+        return -1;
+    }
+    size_t d = b->depth++;
+    b->frames[d] = (frame){.at = level_of(fd, st), .node = node, .mark = b->names.len,
+                           .next = b->names.len, .token = token};
+    if (d > WINDOW)
+        slide_window(&b->frames[d - WINDOW].at);
+    b->cur = node;
+    return 0;
+}
+
+/* The walk's start: the caller's dirfd (never closed or reopened here) as frame 0, node 0;
+ * token is taken. Its subdirectory names are pushed next by the caller. */
+static int start_frame(batch *b, int dirfd, PyObject *token)
+{
+    size_t root_node;
+    if (add_node(b, NO_NODE, "", &root_node) != 0 ||
+        grow((void **)&b->frames, &b->cap_frames, 1, sizeof *b->frames) != 0) {
+        Py_XDECREF(token);
+        return -1;
+    }
+    b->frames[0] = (frame){.at = {.fd = dirfd}, .node = root_node, .token = token};
+    b->depth = 1;
+    b->cur = root_node;
+    return 0;
+}
+
+/* Leave the top frame: drop its names, reopen its parent if the window had closed it. */
+static int pop_frame(batch *b)
+{
+    size_t i = b->depth - 1;
+    frame *f = &b->frames[i];
+    b->names.len = f->mark;
+    int rc = 0;
+    if (i > 0 && b->frames[i - 1].at.fd < 0 && !b->frames[i - 1].lost)
+        rc = reopen_frame(b, i - 1);
+    f = &b->frames[i];
+    if (i > 0 && f->at.fd >= 0)
+        close(f->at.fd); /* frame 0's fd is the caller's */
+    Py_XDECREF(f->token); /* NULL (no Python object) in the heal walk, which runs GIL-free */
+    f->token = NULL;
+    b->depth--;
+    return rc;
+}
+
+/* THE walk: every directory below the start frame, depth first on an explicit stack, each
+ * subdirectory name of the top frame handed to the visit mode, which enters it (push_frame)
+ * or not. Memory and open fds are bounded whatever the depth (WINDOW levels keep their fd; a
+ * level is reopened on the way back up, its identity proven, or reported lost), and each
+ * entry costs the same at any depth. Returns 0 or -1 (see visit_mode). */
+static int tree_walk(batch *b)
+{
+    while (b->depth > 0) {
+        frame *f = &b->frames[b->depth - 1];
+        if (f->at.fd < 0 || f->next >= b->names.len) { /* done, or lost */
+            if (pop_frame(b) != 0)
+                return -1;
+            continue;
+        }
+        char name[NAME_MAX + 1];
+        size_t nlen = strlen(b->names.buf + f->next);
+        if (nlen > NAME_MAX) { /* no directory entry has such a name */
+            f->next += nlen + 1;
+            continue;
+        }
+        memcpy(name, b->names.buf + f->next, nlen + 1); /* the arena may move below */
+        f->next += nlen + 1;
+        b->cur = f->node;
+        if (b->mode->visit(b, f->at.fd, name) != 0) /* f may move: not used after */
+            return -1;
+    }
+    return 0;
+}
+
+/* Heal/check mode: open a subdirectory no-follow, judge it and heal it through its own fd;
+ * when it is on the root's mount and could be opened, enter it and list (judge, heal) its
+ * entries. The GIL is not held. */
+static int heal_visit(batch *b, int parent, const char *name)
+{
     int fd = openat(parent, name, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
     if (fd < 0) {
         int err = errno;
@@ -630,83 +740,46 @@ static int visit_subdir(batch *b, int parent, const char *name, int *entered)
         close(fd);
         return 0;
     }
-    size_t node;
-    if (add_node(b, b->cur, name, &node) != 0 ||
-        grow((void **)&b->frames, &b->cap_frames, b->depth + 1, sizeof *b->frames) != 0) {
-        close(fd);
+    size_t up = b->cur;
+    if (push_frame(b, fd, &st, name, NULL) != 0)
         return -1;
+    int rc = list_dir(b, fd, 0);
+    if (rc < 0)
+        return -1;
+    if (rc > 0) { /* listing it failed: report the directory, go on */
+        b->frames[b->depth - 1].next = b->names.len;
+        record *r = add_record_in(b, up, name, ERROR);
+        if (!r)
+            return -1;
+        r->err = rc;
+        r->mode = S_IFDIR;
     }
-    size_t d = b->depth++;
-    b->frames[d] = (frame){.at = level_of(fd, &st), .node = node, .mark = b->names.len,
-                           .next = b->names.len};
-    if (d > WINDOW)
-        slide_window(&b->frames[d - WINDOW].at);
-    *entered = 1;
     return 0;
 }
 
-/* Leave the top frame: drop its names, reopen its parent if the window had closed it. */
-static int pop_frame(batch *b)
+/* Heal/check mode: a level moved mid-walk is handed back to Python (ATTENTION) by its path. */
+static int heal_lost(batch *b, size_t node)
 {
-    size_t i = b->depth - 1;
-    frame *f = &b->frames[i];
-    b->names.len = f->mark;
-    int rc = 0;
-    if (i > 0 && b->frames[i - 1].at.fd < 0 && !b->frames[i - 1].lost)
-        rc = reopen_frame(b, i - 1);
-    if (i > 0 && f->at.fd >= 0)
-        close(f->at.fd); /* frame 0's fd is the caller's */
-    b->depth--;
-    return rc;
+    char name[NAME_MAX + 1]; /* copied: the record's name goes to the same arena */
+    snprintf(name, sizeof name, "%s", b->out.buf + b->nodes[node].name_off);
+    record *r = add_record_in(b, b->nodes[node].parent, name, ATTENTION);
+    if (!r)
+        return -1;
+    r->mode = S_IFDIR;
+    return 0;
 }
 
-/* The whole subtree below dirfd, depth first on an explicit stack: memory and open fds are
- * bounded whatever the depth (WINDOW levels keep their fd), and each entry costs the same at
- * any depth. The GIL is not held. Returns 0, an errno from listing dirfd itself, or -1. */
+static const visit_mode heal_mode = {heal_visit, heal_lost};
+
+/* The whole subtree below dirfd in heal/check mode. The GIL is not held. Returns 0, an errno
+ * from listing dirfd itself, or -1. */
 static int walk_tree(batch *b, int dirfd)
 {
-    size_t root_node;
-    if (add_node(b, NO_NODE, "", &root_node) != 0 ||
-        grow((void **)&b->frames, &b->cap_frames, 1, sizeof *b->frames) != 0)
+    b->mode = &heal_mode;
+    if (start_frame(b, dirfd, NULL) != 0)
         return -1;
-    b->frames[0] = (frame){.at = {.fd = dirfd}, .node = root_node};
-    b->depth = 1;
-    b->cur = root_node;
     int rc = list_dir(b, dirfd, 1);
-    if (rc != 0)
-        return rc;
-    while (b->depth > 0) {
-        frame *f = &b->frames[b->depth - 1];
-        if (f->at.fd < 0 || f->next >= b->names.len) { /* done, or lost */
-            if (pop_frame(b) != 0)
-                return -1;
-            continue;
-        }
-        char name[NAME_MAX + 1];
-        size_t nlen = strlen(b->names.buf + f->next);
-        memcpy(name, b->names.buf + f->next, nlen + 1); /* the arena may move below */
-        f->next += nlen + 1;
-        b->cur = f->node;
-        int entered;
-        if (visit_subdir(b, f->at.fd, name, &entered) != 0) /* f may move: not used after */
-            return -1;
-        if (!entered)
-            continue;
-        frame *child = &b->frames[b->depth - 1];
-        b->cur = child->node;
-        rc = list_dir(b, child->at.fd, 0);
-        if (rc < 0)
-            return -1;
-        if (rc > 0) { /* listing it failed: report the directory, go on */
-            child->next = b->names.len;
-            record *r = add_record_in(b, b->frames[b->depth - 2].node, name, ERROR);
-            if (!r)
-                return -1;
-            r->err = rc;
-            r->mode = S_IFDIR;
-        }
-    }
-    return 0;
+    return rc != 0 ? rc : tree_walk(b);
 }
 
 /* Python's view of b's records, appended to lists[] = {subdirs, attention, fixed, skipped}
@@ -897,9 +970,11 @@ static int setup_batch(batch *b, PyObject *rules)
 
 static void free_batch(batch *b)
 {
-    for (size_t i = 1; i < b->depth; i++) /* left open only when the walk stopped early */
-        if (b->frames[i].at.fd >= 0)
+    for (size_t i = 0; i < b->depth; i++) { /* left only when the walk stopped early */
+        if (i > 0 && b->frames[i].at.fd >= 0)
             close(b->frames[i].at.fd);
+        Py_XDECREF(b->frames[i].token);
+    }
     free(b->out.buf);
     free(b->names.buf);
     free(b->dents);
@@ -1128,38 +1203,22 @@ out:
     return result;
 }
 
-/* The stamp check of a serial poll pass: what the walk needs of the poller's table. */
-typedef struct {
-    PyObject *stamps; /* dict: inode number -> stamp tuple (ino, mtime, ctime, subdirs) */
-    PyObject *stale;  /* list of rel */
-    const rules_obj *rules;
-    unsigned long long root_dev;
-    long long root_mnt;
-    Py_ssize_t visited;
-} stamp_walk;
-
-/* One level of check_stamps' explicit stack. */
-typedef struct {
-    level at;
-    PyObject *rel;     /* owned */
-    PyObject *subdirs; /* owned: the stamp's tuple of names */
-    Py_ssize_t next;
-} stamp_frame;
+/* -- stamp check mode: the poller's incremental pass ------------------------------------- */
 
 /* A stamp is a tuple (fsops.Stamp, a NamedTuple): (ino, mtime_ns, ctime_ns, subdirs). */
 enum { STAMP_INO, STAMP_MTIME, STAMP_CTIME, STAMP_SUBDIRS, STAMP_FIELDS };
 
-/* statx of the directory behind fd (counted as visited) and its stamp, looked up by its inode
+/* statx of the directory behind fd (counted in n_dirs) and its stamp, looked up by its inode
  * number: NULL (no Python error set) when it has none or cannot be statx'ed. Borrowed. */
-static PyObject *dir_stamp(stamp_walk *w, int fd, statx_buf *st)
+static PyObject *dir_stamp(batch *b, int fd, statx_buf *st)
 {
     if (fd_statx(fd, "", AT_EMPTY_PATH, STATX_WANT, st) != 0)
         return NULL;
-    w->visited++;
+    b->n_dirs++;
     PyObject *key = PyLong_FromUnsignedLongLong(st->sx.stx_ino);
     if (!key)
         return NULL;
-    PyObject *stamp = PyDict_GetItemWithError(w->stamps, key);
+    PyObject *stamp = PyDict_GetItemWithError(b->stamps, key);
     Py_DECREF(key);
     if (stamp && (!PyTuple_Check(stamp) || PyTuple_GET_SIZE(stamp) != STAMP_FIELDS)) {
         PyErr_SetString(PyExc_TypeError, "a stamp is a tuple (ino, mtime, ctime, subdirs)");
@@ -1169,10 +1228,11 @@ static PyObject *dir_stamp(stamp_walk *w, int fd, statx_buf *st)
 }
 
 /* Whether the directory statx'ed in *st is correct and exactly as `stamp` recorded it. */
-static int dir_unchanged(stamp_walk *w, PyObject *stamp, const statx_buf *st, int is_root)
+static int dir_unchanged(const batch *b, PyObject *stamp, const statx_buf *st, int is_root)
 {
     uint16_t mode = st->sx.stx_mode;
-    if (!S_ISDIR(mode) || classify(w->rules, st, w->root_dev, w->root_mnt, is_root, 0) != COMPLIANT)
+    if (!S_ISDIR(mode) ||
+        classify(b->rules, st, b->root_dev, b->root_mnt, is_root, 0) != COMPLIANT)
         return 0;
     long long mtime = (long long)st->sx.stx_mtime.tv_sec * 1000000000LL + st->sx.stx_mtime.tv_nsec;
     long long ctime = (long long)st->sx.stx_ctime.tv_sec * 1000000000LL + st->sx.stx_ctime.tv_nsec;
@@ -1185,94 +1245,99 @@ static int dir_unchanged(stamp_walk *w, PyObject *stamp, const statx_buf *st, in
     return same;
 }
 
-/* Push the unchanged directory fd at `rel` (references stolen), its identity from st. */
-static int stamp_push(stamp_frame **frames, size_t *depth, size_t *cap, int fd, PyObject *rel,
-                      PyObject *stamp, const statx_buf *st)
+/* Push the names of stamp's subdirs (a tuple of str; anything else: nothing known below) on
+ * b->names, for the top frame. A name that no directory entry can have is left out. */
+static int stamp_names(batch *b, PyObject *stamp)
 {
     PyObject *subdirs = PyTuple_GET_ITEM(stamp, STAMP_SUBDIRS);
-    Py_INCREF(subdirs);
-    if (grow((void **)frames, cap, *depth + 1, sizeof **frames) != 0) {
-        Py_DECREF(subdirs);
-        PyErr_NoMemory();
-        return -1;
-    }
-    if (!PyTuple_Check(subdirs)) { /* nothing known below */
-        Py_DECREF(subdirs);
-        subdirs = PyTuple_New(0);
-    }
-    stamp_frame *f = &(*frames)[(*depth)++];
-    *f = (stamp_frame){.at = level_of(fd, st), .rel = rel, .subdirs = subdirs};
-    if (*depth - 1 > WINDOW)
-        slide_window(&(*frames)[*depth - 1 - WINDOW].at);
-    return 0;
-}
-
-/* Check every known subdirectory below the unchanged root, depth first on an explicit stack
- * (open fds bounded as in walk_tree). A level whose fd was closed is reopened through its
- * child's "..", identity checked; if that fails it is reported stale (the poller walks it).
- * Returns -1 on a Python error. */
-static int check_tree(stamp_walk *w, stamp_frame **frames, size_t *depth, size_t *cap)
-{
-    while (*depth > 0) {
-        stamp_frame *f = &(*frames)[*depth - 1];
-        if (f->at.fd < 0 || f->next >= PyTuple_GET_SIZE(f->subdirs)) {
-            size_t i = *depth - 1;
-            stamp_frame *up = i > 0 ? &(*frames)[i - 1] : NULL;
-            if (up && up->at.fd < 0 && f->at.fd >= 0)
-                up->at.fd = reopen_through_child(&up->at, &f->at);
-            if (up && up->at.fd < 0 && up->next < PyTuple_GET_SIZE(up->subdirs)) {
-                up->next = PyTuple_GET_SIZE(up->subdirs); /* lost: let the poller walk it */
-                if (PyList_Append(w->stale, up->rel) != 0)
-                    return -1;
-            }
-            if (i > 0 && f->at.fd >= 0)
-                close(f->at.fd);
-            Py_DECREF(f->rel);
-            Py_DECREF(f->subdirs);
-            (*depth)--;
-            continue;
-        }
-        PyObject *name = PyTuple_GET_ITEM(f->subdirs, f->next++);
-        PyObject *child = PyUnicode_GET_LENGTH(f->rel) ? PyUnicode_FromFormat("%U/%U", f->rel, name)
-                                                        : (Py_INCREF(name), name);
-        PyObject *enc = child ? PyUnicode_EncodeFSDefault(name) : NULL;
+    if (!PyTuple_Check(subdirs))
+        return 0;
+    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(subdirs); i++) {
+        PyObject *enc = PyUnicode_Check(PyTuple_GET_ITEM(subdirs, i))
+                            ? PyUnicode_EncodeFSDefault(PyTuple_GET_ITEM(subdirs, i)) : NULL;
         if (!enc) {
-            Py_XDECREF(child);
-            return -1;
-        }
-        int cfd = openat(f->at.fd, PyBytes_AS_STRING(enc),
-                         O_PATH | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
-        Py_DECREF(enc);
-        statx_buf st;
-        PyObject *cstamp = cfd < 0 ? NULL : dir_stamp(w, cfd, &st); /* borrowed */
-        if (PyErr_Occurred() || !cstamp || !dir_unchanged(w, cstamp, &st, 0)) {
-            if (cfd >= 0)
-                close(cfd);
-            int rc = PyErr_Occurred() ? -1 : PyList_Append(w->stale, child);
-            Py_DECREF(child);
-            if (rc != 0)
+            if (PyErr_Occurred())
                 return -1;
             continue;
         }
-        if (stamp_push(frames, depth, cap, cfd, child, cstamp, &st) != 0) {
-            close(cfd);
-            Py_DECREF(child);
+        const char *s = PyBytes_AS_STRING(enc);
+        size_t len = (size_t)PyBytes_GET_SIZE(enc);
+        int ok = len > 0 && !memchr(s, '/', len) && strlen(s) == len && strcmp(s, ".") != 0 &&
+                 strcmp(s, "..") != 0;
+        int rc = ok ? arena_put(&b->names, s, len, NULL) : 0;
+        Py_DECREF(enc);
+        if (rc != 0) {
+            PyErr_NoMemory();
             return -1;
         }
     }
     return 0;
 }
 
+/* Append the path of `name` in directory node `node` (relative to the start) to b->found. */
+static int found_path(batch *b, size_t node, const char *name)
+{
+    size_t len = strlen(name), total = len;
+    for (size_t d = node; b->nodes[d].parent != NO_NODE; d = b->nodes[d].parent)
+        total += strlen(b->out.buf + b->nodes[d].name_off) + 1;
+    char *buf = malloc(total + 1);
+    if (!buf) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    size_t end = total - len;
+    memcpy(buf + end, name, len + 1);
+    for (size_t d = node; b->nodes[d].parent != NO_NODE; d = b->nodes[d].parent) {
+        const char *part = b->out.buf + b->nodes[d].name_off;
+        size_t n = strlen(part);
+        if (end < total)
+            buf[--end] = '/';
+        end -= n;
+        memcpy(buf + end, part, n);
+    }
+    PyObject *path = PyUnicode_DecodeFSDefaultAndSize(buf + end, (Py_ssize_t)(total - end));
+    free(buf);
+    int rc = path ? PyList_Append(b->found, path) : -1;
+    Py_XDECREF(path);
+    return rc;
+}
+
+/* Stamp mode: a known subdirectory opened O_PATH|O_NOFOLLOW, statx'ed and looked up by its
+ * inode number; entered (its stamp's subdirs as names) when unchanged, else reported stale and
+ * not entered. Holds the GIL (it reads the dict). */
+static int stamp_visit(batch *b, int parent, const char *name)
+{
+    int fd = openat(parent, name, O_PATH | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+    statx_buf st;
+    PyObject *stamp = fd < 0 ? NULL : dir_stamp(b, fd, &st); /* borrowed */
+    if (PyErr_Occurred() || !stamp || !dir_unchanged(b, stamp, &st, 0)) {
+        if (fd >= 0)
+            close(fd);
+        return PyErr_Occurred() ? -1 : found_path(b, b->cur, name);
+    }
+    if (push_frame(b, fd, &st, name, NULL) != 0)
+        return -1;
+    return stamp_names(b, stamp);
+}
+
+/* Stamp mode: a level moved mid-check is stale (the poller walks it). */
+static int stamp_lost(batch *b, size_t node)
+{
+    return found_path(b, b->nodes[node].parent, b->out.buf + b->nodes[node].name_off);
+}
+
+static const visit_mode stamp_mode = {stamp_visit, stamp_lost};
+
 PyDoc_STRVAR(check_stamps_doc,
 "check_stamps(root_fd, stamps, rules, root_dev, root_mnt) -> (visited, stale)\n\n"
-"The incremental poll pass of a serial (local disk) walk. ``stamps`` maps directories'\n"
-"inode numbers to stamps, tuples (ino, mtime_ns, ctime_ns, subdirs: a tuple of names).\n"
-"From the root, every known subdirectory is opened O_PATH|O_NOFOLLOW\n"
-"relative to its parent, statx'ed and looked up by its inode number; one that is\n"
-"unknown, changed, not compliant by ``rules`` or\n"
-"on another mount is returned in ``stale`` and not entered. Iterative, with a bounded\n"
-"number of open fds whatever the depth. Runs with the GIL held (it reads the dict): meant\n"
-"for local disks, where the whole pass takes a fraction of a second.");
+"The incremental poll pass of a serial (local disk) walk: the walk's stamp check mode.\n"
+"``stamps`` maps directories' inode numbers to stamps, tuples (ino, mtime_ns, ctime_ns,\n"
+"subdirs: a tuple of names). From the root, every known subdirectory is opened\n"
+"O_PATH|O_NOFOLLOW relative to its parent, statx'ed and looked up by its inode number; one\n"
+"that is unknown, changed, not compliant by ``rules`` or on another mount is returned in\n"
+"``stale`` and not entered, as is a level moved mid-check. Iterative, with a bounded number\n"
+"of open fds whatever the depth. Runs with the GIL held (it reads the dict): meant for local\n"
+"disks, where the whole pass takes a fraction of a second.");
 
 static PyObject *py_check_stamps(PyObject *self, PyObject *args)
 {
@@ -1283,40 +1348,174 @@ static PyObject *py_check_stamps(PyObject *self, PyObject *args)
     if (!PyArg_ParseTuple(args, "iO!O!KL", &root_fd, &PyDict_Type, &stamps, &RulesType, &rules,
                           &root_dev, &root_mnt))
         return NULL;
-    PyObject *result = NULL, *root = PyUnicode_FromString("");
-    stamp_walk w = {.stamps = stamps, .stale = PyList_New(0), .rules = (rules_obj *)rules,
-                    .root_dev = root_dev, .root_mnt = root_mnt};
-    stamp_frame *frames = NULL;
-    size_t depth = 0, cap = 0;
-    if (!root || !w.stale)
+    batch b = {.rules = (const rules_obj *)rules, .root_dev = root_dev, .root_mnt = root_mnt,
+               .mode = &stamp_mode, .stamps = stamps, .found = PyList_New(0)};
+    PyObject *result = NULL;
+    if (!b.found)
         goto out;
     statx_buf st;
-    PyObject *stamp = dir_stamp(&w, root_fd, &st); /* borrowed */
+    PyObject *stamp = dir_stamp(&b, root_fd, &st); /* borrowed */
     if (PyErr_Occurred())
         goto out;
     int rc;
-    if (!stamp || !dir_unchanged(&w, stamp, &st, 1)) {
-        rc = PyList_Append(w.stale, root);
-    } else {
-        Py_INCREF(root);
-        rc = stamp_push(&frames, &depth, &cap, root_fd, root, stamp, &st);
-        if (rc != 0)
-            Py_DECREF(root);
-        else
-            rc = check_tree(&w, &frames, &depth, &cap);
-    }
+    if (start_frame(&b, root_fd, NULL) != 0)
+        rc = -1;
+    else if (!stamp || !dir_unchanged(&b, stamp, &st, 1))
+        rc = found_path(&b, 0, "");
+    else
+        rc = stamp_names(&b, stamp) != 0 ? -1 : tree_walk(&b);
+    if (rc != 0 && !PyErr_Occurred())
+        PyErr_NoMemory();
     if (rc == 0)
-        result = Py_BuildValue("(nO)", w.visited, w.stale);
+        result = Py_BuildValue("(nO)", b.n_dirs, b.found);
 out:
-    for (size_t i = 0; i < depth; i++) { /* left only after an error */
-        if (i > 0 && frames[i].at.fd >= 0)
-            close(frames[i].at.fd);
-        Py_DECREF(frames[i].rel);
-        Py_DECREF(frames[i].subdirs);
+    Py_XDECREF(b.found);
+    free_batch(&b);
+    return result;
+}
+
+/* -- list mode: the directories the inotify watcher must watch ---------------------------- */
+
+/* The subdirectories of the directory fd (its own offset; rewound first when `rewind`) pushed
+ * on b->names, and whether it had no entry at all. 0, or -1 with a Python error set. */
+static int list_subdirs(batch *b, int fd, int rewind, int *empty)
+{
+    *empty = 1;
+    if (rewind && lseek(fd, 0, SEEK_SET) < 0)
+        goto fail;
+    for (;;) {
+        long n = syscall(SYS_getdents64, fd, b->dents, DENTS_SIZE);
+        if (n < 0)
+            goto fail;
+        if (n == 0)
+            return 0;
+        for (long pos = 0; pos < n;) {
+            struct dirent64 *d = (struct dirent64 *)(b->dents + pos);
+            pos += d->d_reclen;
+            const char *nm = d->d_name;
+            if (nm[0] == '.' && (nm[1] == '\0' || (nm[1] == '.' && nm[2] == '\0')))
+                continue;
+            *empty = 0;
+            statx_buf st;
+            int is_dir = d->d_type == DT_DIR ||
+                         (d->d_type == DT_UNKNOWN &&
+                          fd_statx(fd, nm, 0, STATX_TYPE, &st) == 0 && S_ISDIR(st.sx.stx_mode));
+            if (is_dir && arena_put(&b->names, nm, strlen(nm), NULL) != 0) {
+                PyErr_NoMemory();
+                return -1;
+            }
+        }
     }
-    free(frames);
-    Py_XDECREF(root);
-    Py_XDECREF(w.stale);
+fail:
+    PyErr_SetFromErrno(PyExc_OSError);
+    return -1;
+}
+
+/* List mode: open a subdirectory O_RDONLY|O_NOFOLLOW relative to its parent (gone, or not a
+ * directory any more: skipped); on the root's mount, ask visit(parent token, name, fd, dev,
+ * ino) for its token (None: not entered), then list its subdirectories. The fd is valid only
+ * during the call (the watch is added through /proc/self/fd/N). Holds the GIL. */
+static int list_visit(batch *b, int parent, const char *name)
+{
+    int fd = openat(parent, name, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC);
+    if (fd < 0) {
+        if (errno == ENOENT || errno == ENOTDIR || errno == ELOOP)
+            return 0;
+        PyErr_SetFromErrno(PyExc_OSError);
+        return -1;
+    }
+    statx_buf st;
+    if (fd_statx(fd, "", AT_EMPTY_PATH, STATX_WANT, &st) != 0) {
+        PyErr_SetFromErrno(PyExc_OSError);
+        close(fd);
+        return -1;
+    }
+    if (!same_fs(b->root_dev, b->root_mnt, &st)) { /* the healer never enters one either */
+        close(fd);
+        return 0;
+    }
+    b->n_dirs++;
+    PyObject *token = PyObject_CallFunction(
+        b->visit, "ONiKK", b->frames[b->depth - 1].token, PyUnicode_DecodeFSDefault(name), fd,
+        (unsigned long long)makedev(st.sx.stx_dev_major, st.sx.stx_dev_minor),
+        (unsigned long long)st.sx.stx_ino);
+    if (!token || token == Py_None) {
+        Py_XDECREF(token);
+        close(fd);
+        return token ? 0 : -1;
+    }
+    int first = b->depth == 1, empty;
+    if (push_frame(b, fd, &st, name, token) != 0 || list_subdirs(b, fd, 0, &empty) != 0)
+        return -1;
+    if (!first)
+        return 0;
+    PyObject *item = Py_BuildValue("(OO)", token, empty ? Py_True : Py_False);
+    int rc = item ? PyList_Append(b->found, item) : -1;
+    Py_XDECREF(item);
+    return rc;
+}
+
+/* List mode: a level moved mid-walk is not reported (the watcher's events will place it). */
+static int list_lost(batch *b, size_t node)
+{
+    (void)b;
+    (void)node;
+    return 0;
+}
+
+static const visit_mode list_mode = {list_visit, list_lost};
+
+PyDoc_STRVAR(list_dirs_doc,
+"list_dirs(dirfd, token, names, root_dev, root_mnt, visit) -> (entered, visited, reopened)\n\n"
+"The walk's list mode, for the inotify watcher: every directory below ``dirfd`` (only the\n"
+"entries ``names`` of it when not None) on the root's mount, depth first. Each is opened\n"
+"O_RDONLY|O_DIRECTORY|O_NOFOLLOW relative to its parent's fd and handed to\n"
+"``visit(parent_token, name, fd, st_dev, st_ino)``, ``token`` being the start's: it returns\n"
+"the directory's token, or None to not enter it. ``fd`` is valid during the call only.\n"
+"Gone or swapped entries are skipped; a level moved mid-walk is abandoned (its events place\n"
+"it). Iterative, at most WINDOW levels' fds open whatever the depth, levels reopened through\n"
+"a child's '..' with their identity proven. ``entered``: (token, empty) of the directories\n"
+"entered right below ``dirfd``, ``empty`` when it had no entry at all; ``visited``: the\n"
+"directories handed to ``visit``; ``reopened``: levels reopened. Holds the GIL.");
+
+static PyObject *py_list_dirs(PyObject *self, PyObject *args)
+{
+    int dirfd;
+    PyObject *token, *names, *visit;
+    unsigned long long root_dev;
+    long long root_mnt;
+    if (!PyArg_ParseTuple(args, "iOOKLO", &dirfd, &token, &names, &root_dev, &root_mnt, &visit))
+        return NULL;
+    batch b = {.root_dev = root_dev, .root_mnt = root_mnt, .mode = &list_mode, .visit = visit,
+               .found = PyList_New(0), .dents = malloc(DENTS_SIZE)};
+    PyObject *result = NULL;
+    int rc = -1, empty;
+    if (!b.found || !b.dents) {
+        if (!PyErr_Occurred())
+            PyErr_NoMemory();
+        goto out;
+    }
+    Py_INCREF(token);
+    if (start_frame(&b, dirfd, token) != 0)
+        goto out;
+    if (names == Py_None) {
+        if (list_subdirs(&b, dirfd, 1, &empty) != 0)
+            goto out;
+    } else {
+        PyObject *tuple = PyTuple_Pack(4, Py_None, Py_None, Py_None, names);
+        rc = tuple ? stamp_names(&b, tuple) : -1; /* the same checks on each name */
+        Py_XDECREF(tuple);
+        if (rc != 0)
+            goto out;
+    }
+    rc = tree_walk(&b);
+out:
+    if (rc != 0 && !PyErr_Occurred())
+        PyErr_NoMemory();
+    if (rc == 0)
+        result = Py_BuildValue("(Onn)", b.found, b.n_dirs, b.n_reopened);
+    Py_XDECREF(b.found);
+    free_batch(&b);
     return result;
 }
 
@@ -1450,28 +1649,6 @@ static PyObject *py_stat(PyObject *self, PyObject *args)
                          mnt);
 }
 
-PyDoc_STRVAR(same_mount_doc,
-"same_mount(fd, root_dev, root_mnt) -> bool\n\n"
-"Whether the inode behind ``fd`` is on the root's very mount (mount id ``root_mnt``; -1:\n"
-"the kernel gives none, ``root_dev`` decides): the engine's one same-mount test, for\n"
-"Python callers (the inotify watch). Raises OSError.");
-
-static PyObject *py_same_mount(PyObject *self, PyObject *args)
-{
-    int fd, rc;
-    unsigned long long root_dev;
-    long long root_mnt;
-    if (!PyArg_ParseTuple(args, "iKL", &fd, &root_dev, &root_mnt))
-        return NULL;
-    statx_buf st;
-    Py_BEGIN_ALLOW_THREADS
-    rc = fd_statx(fd, "", AT_EMPTY_PATH, STATX_WANT, &st);
-    Py_END_ALLOW_THREADS
-    if (rc != 0)
-        return PyErr_SetFromErrno(PyExc_OSError);
-    return PyBool_FromLong(same_fs(root_dev, root_mnt, &st));
-}
-
 static const char *const outcome_name[] = {
     [COMPLIANT] = "compliant", [FIXED] = "fixed", [WOULD_FIX] = "would-fix",
     [SKIP_PROTECTED] = "protected", [SKIP_SPECIAL] = "special", [SKIP_MOUNT] = "mount",
@@ -1527,10 +1704,10 @@ static PyMethodDef methods[] = {
     {"scan", py_scan, METH_VARARGS, scan_doc},
     {"walk", py_walk, METH_VARARGS, walk_doc},
     {"check_stamps", py_check_stamps, METH_VARARGS, check_stamps_doc},
+    {"list_dirs", py_list_dirs, METH_VARARGS, list_dirs_doc},
     {"open_dir", py_open_dir, METH_VARARGS, open_dir_doc},
     {"stat", py_stat, METH_VARARGS, stat_doc},
     {"judge", py_judge, METH_VARARGS, judge_doc},
-    {"same_mount", py_same_mount, METH_VARARGS, same_mount_doc},
     {NULL, NULL, 0, NULL},
 };
 
@@ -1544,7 +1721,8 @@ PyMODINIT_FUNC PyInit__fastfs(void)
     if (PyType_Ready(&RulesType) < 0)
         return NULL;
     PyObject *m = PyModule_Create(&module);
-    if (m && PyModule_AddObjectRef(m, "Rules", (PyObject *)&RulesType) < 0)
+    if (m && (PyModule_AddObjectRef(m, "Rules", (PyObject *)&RulesType) < 0 ||
+              PyModule_AddIntConstant(m, "WINDOW", WINDOW) < 0))
         Py_CLEAR(m);
     return m;
 }

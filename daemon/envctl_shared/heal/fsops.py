@@ -4,15 +4,18 @@ Python's ``os`` module cannot chown or chmod the inode behind an ``O_PATH`` fd, 
 mount id, and its per-call overhead dominates a walk whose syscalls take a microsecond. The
 C extension :mod:`envctl_shared.heal._fastfs` executes a root's :class:`~envctl_shared.policy.Rules`
 — its walks, scans, the poller's stamp check and the slow path's single-entry judgement all
-go through its one ``classify`` — and holds the fd primitives (``stat``, ``open_dir``,
-``same_mount``); this module is its typed face, so the walker never touches C types.
+go through its one ``classify``, and every walk is its one walk (``tree_walk`` in C) in one
+of three visit modes: heal/check (:meth:`Engine.walk`), the poller's stamp check
+(:meth:`Engine.check_stamps`) and the watcher's directory listing (:func:`list_dirs`); it
+also holds the fd primitives (``stat``, ``open_dir``). This module is its typed face, so the
+walker and the watcher never touch C types.
 """
 
 from __future__ import annotations
 
 import importlib
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from types import ModuleType
 from typing import Any, NamedTuple
 
@@ -85,11 +88,35 @@ class MountRef(NamedTuple):
         return cls(st.st_dev, st.mnt_id)
 
 
-def same_mount(fd: int, root: MountRef) -> bool:
-    """Whether the inode behind ``fd`` is on the root's very mount: the engine's one test (by
-    mount id: bind mounts share a device, and on overlayfs a regular file reports its
-    layer's device; by ``st_dev`` only before Linux 5.8)."""
-    return bool(_fastfs.same_mount(fd, root.dev, root.mnt))
+class Listed(NamedTuple):
+    """What a :func:`list_dirs` walk did."""
+
+    entered: list[tuple[Any, bool]]  # (token, had no entry at all) right below the start
+    visited: int  # directories handed to ``visit``
+    reopened: int  # levels reopened on the way back up (through a child's "..", proven)
+
+
+def window() -> int:
+    """Directory levels whose fds the C walk keeps open (deeper ones are reopened)."""
+    return int(_fastfs.WINDOW)
+
+
+def list_dirs(dirfd: int, token: Any, names: Sequence[str] | None, root: MountRef,
+              visit: Callable[[Any, str, int, int, int], Any]) -> Listed:
+    """The watcher's walk (the C walk's list mode): every directory below ``dirfd`` (only its
+    entries ``names`` when given) that is on the root's mount, depth first.
+
+    Each is opened ``O_RDONLY|O_DIRECTORY|O_NOFOLLOW`` relative to its parent's fd (a symlink
+    or a file swapped in is skipped, as is what vanished) and handed to ``visit(parent_token,
+    name, fd, st_dev, st_ino)`` — ``token`` is the start's — which returns the directory's token
+    or None to not enter it; ``fd`` is valid during the call only (a watch is added through
+    ``/proc/self/fd/N``). No path string is resolved, so any depth works; at most
+    :func:`window` levels keep an fd, the others are reopened through a child's ``..`` and
+    proven to be the same directory, and a level moved mid-walk is abandoned (its events
+    place it). Holds the GIL: ``visit`` runs on the caller's thread. Raises what ``visit``
+    raises, and OSError for an entry that cannot be opened or listed for another reason."""
+    return Listed(*_fastfs.list_dirs(dirfd, token, None if names is None else tuple(names),
+                                     root.dev, root.mnt, visit))
 
 
 # Entries handed back by the C loop name their directory by a node index (see ``WalkResult``;

@@ -37,6 +37,19 @@ Tasks sit on a LIFO stack (depth first), and when the stack is long, batches run
 of being queued, which bounds memory on very wide trees. A queued task pins its directory but
 not its fd (``_Fds``). With concurrency 1 everything runs in the caller's thread and the C loop
 lists each directory itself.
+
+Why the concurrent walk's fd table (``_Fds``) is Python and not the C walk: the C engine has
+one walk (``tree_walk``, with its heal/check, stamp-check and list visit modes), a
+single-threaded depth-first stack whose open levels are exactly its path. A concurrent pass has
+no such path: directories are held by tasks queued on a LIFO stack and run by a pool of Python
+threads, with the planner (the poller's stamps, excludes, per-directory listeners) deciding
+between them; which fds may close depends on which tasks are still queued on which thread.
+That is the orchestration the issue leaves to Python, and moving ``_Fds`` alone would mean
+moving the task stack and the pool with it. It costs one lock and dict step per directory,
+not per entry (entries are inspected in C with the GIL released, in lanes), and proves a
+reopened directory the same way the C walk does: by inode, device and mount, reached through
+its child's ``..`` or resolved by the kernel from the root (``open_dir``: no symlink, no mount
+crossing).
 """
 
 from __future__ import annotations

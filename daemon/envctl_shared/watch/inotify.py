@@ -24,13 +24,16 @@ would make a cycle in it) or any exception on the reader thread ends this watch,
 root (``Hooks.on_end``): the reader never dies silently, and never runs on a table it cannot
 trust. (Tested with random renames in, out and across the root, read live and read late.)
 
-Watches are added through ``/proc/self/fd/N`` of a directory fd opened ``O_NOFOLLOW`` relative
-to its parent's fd: no path string is ever resolved, so a symlink swapped in cannot redirect a
-watch outside the root, and directories deeper than ``PATH_MAX`` are watched like any other.
-Walks (the initial one, new and moved-in directories, rebuilds) are iterative and keep a
-bounded number of fds open whatever the depth: a directory's fd is released before descending
-into its last subdirectory, and past ``FD_BUDGET`` open levels it is released anyway and
-re-opened on the way back through ``..`` (checked against its identity).
+Walks (the initial one, new and moved-in directories, rebuilds) are the C engine's one walk in
+its list mode (:func:`~envctl_shared.heal.fsops.list_dirs`): each directory is opened
+``O_NOFOLLOW`` relative to its parent's fd, on the root's mount only (the engine's one
+same-mount test), and handed here with its identity; its watch is added through
+``/proc/self/fd/N`` of that fd. No path string is ever resolved, so a symlink swapped in
+cannot redirect a watch outside the root, and directories deeper than ``PATH_MAX`` are watched
+like any other; the walk is iterative and keeps a bounded number of fds open whatever the
+depth (levels past its window are reopened through ``..``, checked against their identity).
+What stays here is the table: which node a directory is, whether it is entered (see
+:meth:`_visit`).
 
 Why not watchdog (see docs/field-facts.md, "watchdog", and ``bench/watchdog_fit.py``): its
 7.1.1 observer, used through its public API, passes our rename, move-in and overflow stories
@@ -62,7 +65,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
-from ..heal.fsops import DIR_FLAGS, PATH_DIR_FLAGS, MountRef, same_mount, stat_at
+from ..heal.fsops import DIR_FLAGS, PATH_DIR_FLAGS, MountRef, list_dirs, stat_at
 from ..heal.walker import compile_excludes, excludes_below
 from .queue import WorkQueue, path_of
 
@@ -122,7 +125,6 @@ READ_SIZE = 64 * 1024
 MAX_USER_WATCHES = "/proc/sys/fs/inotify/max_user_watches"
 DRAIN_MAX = 8 * 1024 * 1024  # a full default queue (16,384 events) is ~0.5-4 MB
 TICK = 1.0  # the reader wakes at least this often: its heartbeat, and idle fds released
-FD_BUDGET = 64  # directory fds a walk keeps open on its path, whatever the depth
 CACHE_SIZE = 64  # fds of recently used directories (the parent of the next new directory)
 
 Ident = tuple[int, int]  # (st_dev, st_ino)
@@ -188,19 +190,22 @@ class _Node:
         self.strays.add(node)
 
 
-class _Level:
-    """One directory on a walk's path: its fd (-1 once released) and the subdirectories
-    still to visit; ``force`` lists even the ones already watched in place; ``empty``: it had
-    no entry at all when listed (after its watch was added)."""
+class _Visit:
+    """A directory of a walk, as the C walk hands it back to :meth:`InotifyWatch._visit`: its
+    node; ``force``: list even what is already watched in place below it (a renamed subtree:
+    what was created in it while it could not be found); ``evict``: its entries found take
+    their names (an arrival event's, see :meth:`InotifyWatch._place`); ``known``: the last
+    entry visited in it was already watched in place; ``keep``: the fds of the directories
+    found in it go to the fd cache (an arrival's: what a writer creates next is in there)."""
 
-    __slots__ = ("node", "fd", "names", "force", "empty")
+    __slots__ = ("node", "force", "evict", "known", "keep")
 
-    def __init__(self, node: _Node, fd: int, listing: tuple[list[str], bool],
-                 force: bool) -> None:
+    def __init__(self, node: _Node, force: bool, evict: bool = False, keep: bool = False) -> None:
         self.node = node
-        self.fd = fd
-        self.names, self.empty = listing
         self.force = force
+        self.evict = evict
+        self.known = False
+        self.keep = keep
 
 
 def max_user_watches() -> int | None:
@@ -405,14 +410,18 @@ class InotifyWatch:
         if pfd >= 0:
             # A renamed node holds its name from its event on; what is found there now is
             # only seen. A created (or moved-in) directory is the name's new holder.
-            level, known = self._enter(pfd, parent, name, force, evict=moved is None)
-            if level is not None:
+            top = _Visit(parent, force, evict=moved is None, keep=True)
+            pfd = os.dup(pfd)  # the cache's may close while the walk uses it (see _forget)
+            try:
+                entered = self._walk(pfd, top, [name])
+            finally:
+                os.close(pfd)
+            if entered:
                 # Empty when listed after its watch existed: whatever appears in it has events
                 # of its own, only the directory itself is to heal (a chain built one level
                 # at a time is then not walked again from each level).
-                subtree = force or not level.empty
-                self._walk(level)
-            elif known:
+                subtree = force or not entered[0][1]
+            elif top.known:
                 return  # watched in place by an earlier walk, whose queued subtree covers it
         self._queue.put(parent, name, subtree)
 
@@ -538,11 +547,11 @@ class InotifyWatch:
                 raise OSError(errno.ENOSPC, "inotify watch limit reached")
             root = self._root = _Node(wd, (st.st_dev, st.st_ino), None, "")
             self._nodes[wd] = root
-            listing = self._listing(fd)
+            self._walk(fd, _Visit(root, True), None)
         except BaseException:
             os.close(fd)
             raise
-        self._walk(_Level(root, fd, listing, True))
+        self._keep(root, fd)
 
     def _add_watch(self, fd: int) -> int:
         """The watch descriptor of the directory behind ``fd`` (the kernel returns the existing
@@ -556,135 +565,47 @@ class InotifyWatch:
             return -1
         raise OSError(err, f"inotify_add_watch: {os.strerror(err)}")
 
-    @staticmethod
-    def _listing(fd: int) -> tuple[list[str], bool]:
-        """The subdirectories of directory ``fd``, and whether it has no entry at all."""
-        subdirs, empty = [], True
-        with os.scandir(fd) as it:
-            for e in it:
-                empty = False
-                if e.is_dir(follow_symlinks=False):
-                    subdirs.append(e.name)
-        return subdirs, empty
+    def _walk(self, fd: int, top: _Visit, names: list[str] | None) -> list[tuple[_Visit, bool]]:
+        """Watch every directory below ``top`` (already watched; its fd ``fd``; only its entries
+        ``names`` when given) not watched in place yet, by the C walk's list mode, which hands
+        each one to :meth:`_visit`. Returns the directories entered right below ``top``, each
+        with whether it had no entry at all when listed (after its watch was added)."""
+        return list_dirs(fd, top, names, self._mount, self._visit).entered
 
-    def _enter(self, dirfd: int, parent: _Node, name: str, force: bool,
-               evict: bool = False) -> tuple[_Level | None, bool]:
-        """Open and watch directory ``name`` of ``parent`` and place its node where it is now
-        (``evict``: for an arrival event at that name, see :meth:`_place`). Returns the level
-        to walk (None: nothing to walk) and whether it was already watched in place."""
-        if self._limited or (excludes_below(self._exclude, parent.parent is None)
-                             and self._excluded(path_of(parent, name))):
-            return None, False
-        try:
-            fd = os.open(name, DIR_FLAGS | os.O_NONBLOCK, dir_fd=dirfd)
-        except OSError as exc:
-            if exc.errno in _VANISHED:
-                return None, False
-            raise
-        try:
-            st = stat_at(fd)
-            if not same_mount(fd, self._mount):  # the healer never enters one either
-                os.close(fd)
-                return None, False
-            wd = self._add_watch(fd)
-            if wd < 0:  # the hook first: should it raise, the handler below closes fd once
-                self._hooks.on_watch_failed(path_of(parent, name), errno.ENOSPC)
-                os.close(fd)
-                return None, False
-            ident = (st.st_dev, st.st_ino)
-            node = self._nodes.get(wd)
-            if node is not None and node.ident != ident:  # a watch descriptor reused
-                self._forget(node)
-                node = None
-            known = (node is not None and node.parent is parent and node.name == name
-                     and parent.children.get(name) is node)
-            if node is None:
-                node = self._nodes[wd] = _Node(wd, ident, parent, name)
-                self._place(node, parent, name, evict)
-            elif not known:  # found elsewhere than the table said: the disk is newer
-                self._place(node, parent, name, evict)
-                force = True
-            node.seen = self._batch
-            if node.cookie:  # seen after its IN_MOVED_FROM was handled: it is in the root
-                self._moving.pop(node.cookie, None)
-                node.cookie = 0
-            if known and not force:
-                self._keep(node, fd)
-                return None, True
-            listing = self._listing(fd)
-        except BaseException:
-            os.close(fd)
-            raise
-        return _Level(node, fd, listing, force), known
-
-    def _walk(self, first: _Level) -> None:
-        """Watch every directory below ``first`` (already watched), depth first, iteratively.
-
-        Directories already watched in place are not listed again unless ``force`` (a renamed
-        subtree: what was created in it while it could not be found is watched now). The path
-        of levels holds at most ``FD_BUDGET`` fds: a level's fd is released once its last
-        subdirectory is entered, or when the budget is exceeded; a level that still has
-        subdirectories to visit re-opens its fd from the level below through ``..``, checked
-        against its identity (a mismatch: renamed meanwhile, its pending events place it)."""
-        levels = [first]
-        held = 1  # levels whose fd is open
-        carry: tuple[_Node, int] | None = None  # the last popped level that had an fd
-        climb: list[_Node] = []  # levels popped since ``carry``, without an fd, bottom-up
-        try:
-            while levels:
-                top = levels[-1]
-                if not top.names:
-                    levels.pop()
-                    if top.fd >= 0:
-                        held -= 1
-                        if carry is not None:
-                            self._keep(*carry)
-                        carry, climb = (top.node, top.fd), []
-                    else:
-                        climb.append(top.node)
-                    continue
-                if top.fd < 0:  # released on the way down: still cached, or climb back
-                    top.fd = self._cache.pop(top.node, -1)
-                    if top.fd < 0:
-                        top.fd = self._climb(carry, climb, top.node)
-                        carry = None
-                    climb = []
-                    if top.fd < 0:
-                        top.names.clear()
-                        continue
-                    held += 1
-                if carry is not None:
-                    self._keep(*carry)
-                    carry, climb = None, []
-                self.beat = time.monotonic()
-                if self._progress is not None:
-                    self._progress()
-                level, _ = self._enter(top.fd, top.node, top.names.pop(), top.force)
-                if level is None:
-                    continue
-                if not top.names or held >= FD_BUDGET:
-                    self._keep(top.node, top.fd)
-                    top.fd = -1
-                    held -= 1
-                levels.append(level)
-                held += 1
-        finally:
-            if carry is not None:
-                self._keep(*carry)
-            for lv in levels:
-                if lv.fd >= 0:
-                    self._keep(lv.node, lv.fd)
-
-    def _climb(self, carry: tuple[_Node, int] | None, climb: list[_Node], target: _Node) -> int:
-        """An fd of ``target``, reached through ``..`` from ``carry`` via the ``climb`` nodes,
-        each checked against its identity; -1 when a step is not what the table says."""
-        if carry is None:
-            return -1
-        node, fd = carry
-        for up in [*climb, target]:
-            nxt = self._open_checked("..", fd, up, PATH_DIR_FLAGS)
-            self._keep(node, fd)
-            if nxt < 0:
-                return -1
-            node, fd = up, nxt
-        return fd
+    def _visit(self, parent: _Visit, name: str, fd: int, dev: int, ino: int) -> _Visit | None:
+        """Directory ``name`` of ``parent`` found by a walk (``fd``: open on it for this call):
+        watch it and place its node where it is now. Returns what to enter, or None: excluded,
+        out of watches, or already watched in place (unless ``force``: its subtree covers it)."""
+        self.beat = time.monotonic()
+        if self._progress is not None:
+            self._progress()
+        up = parent.node
+        if self._limited or (excludes_below(self._exclude, up.parent is None)
+                             and self._excluded(path_of(up, name))):
+            return None
+        wd = self._add_watch(fd)
+        if wd < 0:
+            self._hooks.on_watch_failed(path_of(up, name), errno.ENOSPC)
+            return None
+        ident = (dev, ino)
+        node = self._nodes.get(wd)
+        if node is not None and node.ident != ident:  # a watch descriptor reused
+            self._forget(node)
+            node = None
+        known = (node is not None and node.parent is up and node.name == name
+                 and up.children.get(name) is node)
+        force = parent.force
+        if node is None:
+            node = self._nodes[wd] = _Node(wd, ident, up, name)
+            self._place(node, up, name, parent.evict)
+        elif not known:  # found elsewhere than the table said: the disk is newer
+            self._place(node, up, name, parent.evict)
+            force = True
+        node.seen = self._batch
+        if node.cookie:  # seen after its IN_MOVED_FROM was handled: it is in the root
+            self._moving.pop(node.cookie, None)
+            node.cookie = 0
+        parent.known = known
+        if parent.keep:
+            self._keep(node, os.dup(fd))
+        return None if known and not force else _Visit(node, force)
