@@ -38,9 +38,9 @@ SECRET = b"envctl-attack-secret-4f1c\n"
 
 @pytest.fixture
 def host_secret() -> Iterator[Path]:
-    """A root-only file outside every place the build's mount namespace covers (/var/tmp is
-    neither private nor read-only there)."""
-    base = Path(f"/var/tmp/envctl-attack-{os.getpid()}")
+    """A root-only file outside every place the build's mount namespace covers (/var/lib is
+    neither private nor read-only there; /tmp, /var/tmp and /run/lock are private)."""
+    base = Path(f"/var/lib/envctl-attack-{os.getpid()}")
     shutil.rmtree(base, ignore_errors=True)
     base.mkdir(mode=0o700)
     (base / "secret").write_bytes(SECRET)

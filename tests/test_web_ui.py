@@ -32,7 +32,8 @@ import pytest
 
 from tests.api_support import VENV_SPEC
 from tests.helpers import REPO, VENV_BIN, wait_for
-from tests.web_support import PASSWORD, WebWorld, free_port
+from tests.hub_support import free_port
+from tests.web_support import PASSWORD, WebWorld
 
 pytest_plugins = ("tests.fixtures_web",)  # web, browser_factory
 pytestmark = pytest.mark.timeout(600)
