@@ -140,6 +140,28 @@ def launch_hub(base: Path, config: str, hub_port: int, service_token: str) -> Hu
     return hub
 
 
+def ask_hub(hub: Hub, path: str, auth: str) -> tuple[int, bytes]:
+    """The hub's answer (status, JSON body) to ``GET path`` with ``auth``: what a door in front
+    of the hub's API passes back."""
+    req = urllib.request.Request(hub.api_url.removesuffix("/hub/api") + path,
+                                 headers={"Authorization": auth})
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return resp.status, resp.read()
+    except urllib.error.HTTPError as exc:
+        with exc:
+            return exc.code, exc.read()
+
+
+def answer(handler: http.server.BaseHTTPRequestHandler, status: int, body: bytes) -> None:
+    """Reply ``status`` with the JSON ``body`` from an ``http.server`` handler."""
+    handler.send_response(status)
+    handler.send_header("Content-Type", "application/json")
+    handler.send_header("Content-Length", str(len(body)))
+    handler.end_headers()
+    handler.wfile.write(body)
+
+
 class HubDoor:
     """Forwards ``GET /hub/api/user`` to the hub and counts the calls (by token hash)."""
 
@@ -153,18 +175,7 @@ class HubDoor:
                 auth = self.headers.get("Authorization", "")
                 with door._lock:
                     door.calls[hashlib.sha256(auth.encode()).hexdigest()] += 1
-                req = urllib.request.Request(hub.api_url.removesuffix("/hub/api") + self.path,
-                                             headers={"Authorization": auth})
-                try:
-                    with urllib.request.urlopen(req, timeout=10) as resp:
-                        status, body = resp.status, resp.read()
-                except urllib.error.HTTPError as exc:
-                    status, body = exc.code, exc.read()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
+                answer(self, *ask_hub(hub, self.path, auth))
 
             def log_message(self, *args: object) -> None:
                 pass

@@ -61,7 +61,7 @@ def _healed(backing: Path, accounts: Accounts, timeout: float, what: str) -> flo
                     what)
 
 
-@pytest.mark.serial  # compares rates measured a minute apart: needs a steady machine
+@pytest.mark.serial  # compares the CPU three hosts cost with one host's: needs the CPUs alone
 def test_three_hosts_one_poller(accounts: Accounts, scratch: Path, envctld) -> None:
     a = accounts.alice
     backing = make_root(scratch, accounts, "backing")
@@ -193,8 +193,8 @@ def test_a_local_root_holds_no_election(accounts: Accounts, scratch: Path, envct
 def test_jobs_of_every_host_seen_from_any_host(accounts: Accounts, scratch: Path, envctld,
                                                jobs_env) -> None:
     """A job started on host A is listed with its state by host C (its record in the root),
-    its status too; its log is A's, and C says so; once A's daemon is gone, C marks its jobs
-    instead of losing them."""
+    its status and its log too (published in the root); once A's daemon is gone, C marks its
+    jobs instead of losing them."""
     backing = jobs_env.root
     with contextlib.ExitStack() as stack:
         socks = {}
@@ -235,8 +235,7 @@ def test_jobs_of_every_host_seen_from_any_host(accounts: Accounts, scratch: Path
         assert (done["state"], done["host"]) == ("succeeded", "hostA"), done
         logs = subprocess.run([str(VENV_BIN / "envctl"), "request", "logs", job["id"],
                                "--socket", str(socks["hostC"])], capture_output=True, text=True)
-        assert logs.returncode != 0 and "on host hostA (its daemon is up)" in logs.stderr, \
-            logs.stderr
+        assert logs.returncode == 0 and "building 'greeter'" in logs.stdout, logs.stderr
         human = _cli_table(socks["hostC"])
         assert human[0][-1] == "HOST" and [job["id"], "hostA"] in ([r[0], r[-1]] for r in human)
         first.kill9()

@@ -32,7 +32,7 @@ import pytest
 
 from tests.api_support import VENV_SPEC
 from tests.helpers import REPO, VENV_BIN, wait_for
-from tests.hub_support import free_port
+from tests.hub_support import answer, ask_hub, free_port
 from tests.web_support import PASSWORD, WebWorld
 
 pytest_plugins = ("tests.fixtures_web",)  # web, browser_factory
@@ -338,19 +338,8 @@ def test_a_slow_hub_answer_for_one_holds_up_no_one_else(web: WebWorld) -> None:
                 time.sleep(slow)
                 status, body = 403, b'{"status": 403}'
             else:
-                req = urllib.request.Request(web.hub.api_url.removesuffix("/hub/api") +
-                                             self.path, headers={"Authorization": auth})
-                try:
-                    with urllib.request.urlopen(req, timeout=10) as resp:
-                        status, body = resp.status, resp.read()
-                except urllib.error.HTTPError as exc:
-                    with exc:
-                        status, body = exc.code, exc.read()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
+                status, body = ask_hub(web.hub, self.path, auth)
+            answer(self, status, body)
 
         def log_message(self, *args: object) -> None:
             pass
