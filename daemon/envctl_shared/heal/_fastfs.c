@@ -497,6 +497,33 @@ static int do_entry(batch *b, int dirfd, const char *name, int known_dir, int *i
     return put_outcome(b, name, &tmp);
 }
 
+/* Where a listing is in b->dents: the bytes the last getdents64 gave, and the next record. */
+typedef struct {
+    long n, pos;
+} dents_cursor;
+
+/* The next entry of the directory fd (read from the fd's own offset), "." and ".." skipped:
+ * 1 with *out set (valid until the next call), 0 at the end, -1 with errno set. The one
+ * getdents64 loop of every listing (the walk's and the watcher's). */
+static int next_dent(batch *b, int fd, dents_cursor *c, struct dirent64 **out)
+{
+    for (;;) {
+        if (c->pos >= c->n) {
+            c->n = syscall(SYS_getdents64, fd, b->dents, DENTS_SIZE);
+            c->pos = 0;
+            if (c->n <= 0)
+                return c->n < 0 ? -1 : 0;
+        }
+        struct dirent64 *d = (struct dirent64 *)(b->dents + c->pos);
+        c->pos += d->d_reclen;
+        const char *nm = d->d_name;
+        if (nm[0] == '.' && (nm[1] == '\0' || (nm[1] == '.' && nm[2] == '\0')))
+            continue;
+        *out = d;
+        return 1;
+    }
+}
+
 /* List dirfd with getdents64 and inspect every entry. Subdirectories are reported (scan) or
  * pushed on b->names for the walk to visit. The fd's own offset is used, rewound first when
  * `rewind` (a caller's fd; one the walk just opened is at 0). Returns 0, an errno from the
@@ -506,26 +533,19 @@ static int list_dir(batch *b, int dirfd, int rewind)
     if (rewind && lseek(dirfd, 0, SEEK_SET) < 0)
         return errno;
     b->open_first = 0;
-    for (;;) {
-        long n = syscall(SYS_getdents64, dirfd, b->dents, DENTS_SIZE);
-        if (n < 0)
-            return errno;
-        if (n == 0)
-            return 0;
-        for (long pos = 0; pos < n;) {
-            struct dirent64 *d = (struct dirent64 *)(b->dents + pos);
-            pos += d->d_reclen;
-            const char *nm = d->d_name;
-            if (nm[0] == '.' && (nm[1] == '\0' || (nm[1] == '.' && nm[2] == '\0')))
-                continue;
-            int is_dir;
-            if (do_entry(b, dirfd, nm, d->d_type == DT_DIR, &is_dir) != 0)
-                return -1;
-            if (is_dir && (b->walk ? arena_put(&b->names, nm, strlen(nm), NULL)
-                                   : (add_record(b, nm, SUBDIR) ? 0 : -1)) != 0)
-                return -1;
-        }
+    dents_cursor c = {0, 0};
+    struct dirent64 *d;
+    int got;
+    while ((got = next_dent(b, dirfd, &c, &d)) > 0) {
+        const char *nm = d->d_name;
+        int is_dir;
+        if (do_entry(b, dirfd, nm, d->d_type == DT_DIR, &is_dir) != 0)
+            return -1;
+        if (is_dir && (b->walk ? arena_put(&b->names, nm, strlen(nm), NULL)
+                               : (add_record(b, nm, SUBDIR) ? 0 : -1)) != 0)
+            return -1;
     }
+    return got < 0 ? errno : 0;
 }
 
 /* The level of the directory fd, whose statx is st. */
@@ -1383,29 +1403,23 @@ static int list_subdirs(batch *b, int fd, int rewind, int *empty)
     *empty = 1;
     if (rewind && lseek(fd, 0, SEEK_SET) < 0)
         goto fail;
-    for (;;) {
-        long n = syscall(SYS_getdents64, fd, b->dents, DENTS_SIZE);
-        if (n < 0)
-            goto fail;
-        if (n == 0)
-            return 0;
-        for (long pos = 0; pos < n;) {
-            struct dirent64 *d = (struct dirent64 *)(b->dents + pos);
-            pos += d->d_reclen;
-            const char *nm = d->d_name;
-            if (nm[0] == '.' && (nm[1] == '\0' || (nm[1] == '.' && nm[2] == '\0')))
-                continue;
-            *empty = 0;
-            statx_buf st;
-            int is_dir = d->d_type == DT_DIR ||
-                         (d->d_type == DT_UNKNOWN &&
-                          fd_statx(fd, nm, 0, STATX_TYPE, &st) == 0 && S_ISDIR(st.sx.stx_mode));
-            if (is_dir && arena_put(&b->names, nm, strlen(nm), NULL) != 0) {
-                PyErr_NoMemory();
-                return -1;
-            }
+    dents_cursor c = {0, 0};
+    struct dirent64 *d;
+    int got;
+    while ((got = next_dent(b, fd, &c, &d)) > 0) {
+        const char *nm = d->d_name;
+        *empty = 0;
+        statx_buf st;
+        int is_dir = d->d_type == DT_DIR ||
+                     (d->d_type == DT_UNKNOWN &&
+                      fd_statx(fd, nm, 0, STATX_TYPE, &st) == 0 && S_ISDIR(st.sx.stx_mode));
+        if (is_dir && arena_put(&b->names, nm, strlen(nm), NULL) != 0) {
+            PyErr_NoMemory();
+            return -1;
         }
     }
+    if (got == 0)
+        return 0;
 fail:
     PyErr_SetFromErrno(PyExc_OSError);
     return -1;
