@@ -28,16 +28,20 @@ from typing import Any
 
 from tests.helpers import VENV_BIN, wait_for
 
-HUB_CONFIG = """
+# Every test hub: loopback ports, the dummy authenticator, its database and cookie secret in
+# the test's base directory (str.format fields; {{ }} is a brace).
+HUB_BASE = """
 c.JupyterHub.ip = "127.0.0.1"
 c.JupyterHub.port = {public_port}
 c.JupyterHub.hub_ip = "127.0.0.1"
 c.JupyterHub.hub_port = {hub_port}
 c.ConfigurableHTTPProxy.api_url = "http://127.0.0.1:{proxy_api_port}"
 c.JupyterHub.authenticator_class = "dummy"
-c.Authenticator.admin_users = {{"carol"}}
 c.JupyterHub.db_url = "sqlite:///{base}/jupyterhub.sqlite"
 c.JupyterHub.cookie_secret_file = "{base}/jupyterhub_cookie_secret"
+"""
+HUB_CONFIG = HUB_BASE + """
+c.Authenticator.admin_users = {{"carol"}}
 c.JupyterHub.services = [{{"name": "envctl-tests", "api_token": "{service_token}"}}]
 c.JupyterHub.load_roles = [{{
     "name": "envctl-tests",

@@ -26,21 +26,13 @@ from typing import Any
 from tests.api_support import ApiDaemon
 from tests.conftest import Accounts
 from tests.helpers import REPO, VENV_BIN
-from tests.hub_support import Hub, launch_hub
+from tests.hub_support import HUB_BASE, Hub, launch_hub
 
 PASSWORD = "envctl-web-tests"
 SERVICE = "envctl"
-HUB_CONFIG = """
-c.JupyterHub.ip = "127.0.0.1"
-c.JupyterHub.port = {public_port}
-c.JupyterHub.hub_ip = "127.0.0.1"
-c.JupyterHub.hub_port = {hub_port}
-c.ConfigurableHTTPProxy.api_url = "http://127.0.0.1:{proxy_api_port}"
-c.JupyterHub.authenticator_class = "dummy"
+HUB_CONFIG = HUB_BASE + """
 c.DummyAuthenticator.password = "{password}"
 c.Authenticator.allowed_users = {{"alice", "bob"}}
-c.JupyterHub.db_url = "sqlite:///{base}/jupyterhub.sqlite"
-c.JupyterHub.cookie_secret_file = "{base}/jupyterhub_cookie_secret"
 c.JupyterHub.services = [
     {{"name": "{service}", "url": "http://127.0.0.1:{web_port}", "command": {command},
       "user": "{web_user}", "cwd": "/", "oauth_no_confirm": True,

@@ -42,6 +42,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from ..accounts import person
 from ..errors import Conflict, EnvctlError, LimitReached, NotFound, ValidationError
 from ..heal.fsops import DIR_FLAGS
 from ..names import is_env_name
@@ -718,12 +719,9 @@ def owned_by(owner: object, who: Requester) -> bool:
 
 
 def owner_name(owner: object) -> str:
-    """The owner as refusals name them (the name recorded: a renamed hub user's old one)."""
-    if not isinstance(owner, dict):
-        return "nobody (envctl did not build it)"
-    if owner.get("hub_user"):
-        return f"hub user {owner['hub_user']}"
-    return f"{owner.get('name')} (uid {owner.get('uid')})"
+    """The owner as refusals name them (``accounts.person`` of the name recorded: a renamed hub
+    user's old one)."""
+    return person(owner) if isinstance(owner, dict) else "nobody (envctl did not build it)"
 
 
 _SUMMARY = ("job", "backend", "requester", "created_at", "built_at", "size_bytes", "entries",
