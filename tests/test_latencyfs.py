@@ -18,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from envctl_shared.locks import Kind, try_lock
 
 from bench.latencyfs import latencyfs, stat_storm
 
@@ -170,25 +171,6 @@ def test_concurrent_writers_and_a_clean_exit(scratch: Path) -> None:
     assert fs.final is not None and fs.final.ops["create"] == 200
 
 
-def _ofd_lock(fd: int, kind: int) -> None:
-    """An OFD write/unlock of the whole file, not waiting (EAGAIN when another holds it)."""
-    import fcntl
-    import struct
-
-    fcntl.fcntl(fd, fcntl.F_OFD_SETLK, struct.pack("hhqqi", kind, 0, 0, 0, 0))
-
-
-def _ofd_lock_free(fd: int) -> bool:
-    """Whether :func:`_ofd_lock` takes the write lock now (it keeps it)."""
-    import fcntl
-
-    try:
-        _ofd_lock(fd, fcntl.F_WRLCK)
-    except BlockingIOError:
-        return False
-    return True
-
-
 def test_two_mounts_of_one_backing_directory_share_locks(scratch: Path) -> None:
     """Hosts sharing an export see each other's record locks through the server; so must two
     latencyfs mounts of one backing directory (separate servers), or every cluster test built
@@ -204,26 +186,25 @@ def test_two_mounts_of_one_backing_directory_share_locks(scratch: Path) -> None:
         fb = os.open(b.path / "lock", os.O_RDWR)
         try:
             before = a.counters()
-            _ofd_lock(fa, fcntl.F_WRLCK)
+            assert try_lock(fa, Kind.EXCLUSIVE)  # an OFD lock, as the daemons take
             assert a.counters().since(before).ops["lock"] == 1
             # A forked child closing its copy of the descriptor (at exec) sends a FLUSH, on
             # which libfuse unlocks "the closing owner": the open file's lock must survive it.
             subprocess.run(["true"], check=True)
-            with pytest.raises(BlockingIOError):
-                _ofd_lock(fb, fcntl.F_WRLCK)
+            assert not try_lock(fb, Kind.EXCLUSIVE)
             with pytest.raises(BlockingIOError):  # classic POSIX locks (lockf) too
                 fcntl.lockf(fb, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            with pytest.raises(BlockingIOError):  # and a third party on the backing file
-                fd = os.open(backing / "lock", os.O_RDWR)
-                try:
-                    _ofd_lock(fd, fcntl.F_WRLCK)
-                finally:
-                    os.close(fd)
+            fd = os.open(backing / "lock", os.O_RDWR)  # and a third party on the backing file
+            try:
+                assert not try_lock(fd, Kind.EXCLUSIVE)
+            finally:
+                os.close(fd)
             os.close(fa)  # the holder's close releases it (so does its death: same path)
             fa = -1
             # The kernel sends the RELEASE that drops it after close() returned (FUSE's
             # release is asynchronous): the lock is free once latencyfs has handled it.
-            wait_for(lambda: _ofd_lock_free(fb), 10, 0.01, "the lock free after the close")
+            wait_for(lambda: try_lock(fb, Kind.EXCLUSIVE), 10, 0.01,
+                     "the lock free after the close")
         finally:
             for fd in (fa, fb):
                 if fd >= 0:

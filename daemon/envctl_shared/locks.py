@@ -79,10 +79,6 @@ def try_lock(fd: int, kind: Kind) -> bool:
     return True
 
 
-def unlock(fd: int) -> None:
-    fcntl.fcntl(fd, F_OFD_SETLK, _flock(fcntl.F_UNLCK))
-
-
 def is_locked(fd: int, kind: Kind = Kind.EXCLUSIVE) -> bool:
     """Whether another open file description holds a lock that conflicts with ``kind`` (the
     default: any lock at all)."""
