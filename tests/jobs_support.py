@@ -27,7 +27,7 @@ import tempfile
 import time
 import zipfile
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -305,7 +305,7 @@ class JobsEnv:
     def allow(self, who: Requester, op: str, name: str) -> Callable[[Any], None]:
         """The API's access check of ``op`` on env ``name``, as the jobs layer is handed it
         (members of the root's group are requesters)."""
-        cfg = replace(self.config().requests, allow_groups=(self.accounts.shared_group,))
+        cfg = self.config().requests._replace(allow_groups=(self.accounts.shared_group,))
         auth = Authoriser(cfg)
         return lambda owner: auth.check(OPS[op], who, EnvTarget(name, owner))
 

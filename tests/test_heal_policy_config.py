@@ -57,8 +57,7 @@ def test_judge_kinds() -> None:
 
 def test_the_requests_roots_own_rule_is_in_its_rules() -> None:
     """The requests root's directory is sticky (its own table); nothing below it is."""
-    from dataclasses import replace
-    root = replace(_root(), holds_requests=True)
+    root = _root()._replace(holds_requests=True)
     assert judge(D | 0o2770, 100, root, is_root=True).mode == 0o3770
     assert judge(D | 0o2770, 100, root).ok
     assert judge(D | 0o2770, 100, _root(), is_root=True).ok

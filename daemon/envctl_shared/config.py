@@ -1,4 +1,4 @@
-"""Load and validate envctl's YAML configuration into frozen dataclasses.
+"""Load and validate envctl's YAML configuration into immutable records (``NamedTuple``).
 
 Why strict: a typo in a daemon's config that is silently ignored (``exlude:``) turns into a
 security or data-loss incident months later. Every unknown key, wrong type, relative path,
@@ -22,9 +22,8 @@ import os
 import pwd
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal, NoReturn, TypeVar
+from typing import Any, Literal, NamedTuple, NoReturn, TypeVar
 
 from .errors import ConfigError
 
@@ -41,8 +40,7 @@ SOCKET_ENV = "ENVCTL_SOCKET"  # where clients look for the socket before DEFAULT
 DAEMON_AREA = ".envctl"
 
 
-@dataclass(frozen=True)
-class RootConfig:
+class RootConfig(NamedTuple):
     """One shared tree and the policy that makes it correct."""
 
     path: Path
@@ -61,8 +59,7 @@ class RootConfig:
     member_uids: frozenset[int] | None = None
 
 
-@dataclass(frozen=True)
-class WatchConfig:
+class WatchConfig(NamedTuple):
     """How the daemon notices changes: inotify, polling, or both (auto)."""
 
     mode: WatchMode = "auto"
@@ -72,15 +69,13 @@ class WatchConfig:
     status_interval: float = 300.0
 
 
-@dataclass(frozen=True)
-class WalkConfig:
+class WalkConfig(NamedTuple):
     """Concurrency of every tree walk; ``None`` picks a default per filesystem type."""
 
     concurrency: int | None = None
 
 
-@dataclass(frozen=True)
-class SocketConfig:
+class SocketConfig(NamedTuple):
     """The request socket; ``group`` None leaves the daemon's primary group."""
 
     path: Path = Path(DEFAULT_SOCKET)
@@ -92,8 +87,7 @@ class SocketConfig:
     admin_connections: int = 16  # of max_connections, kept for admins (and readiness probes)
 
 
-@dataclass(frozen=True)
-class VenvBaseConfig:
+class VenvBaseConfig(NamedTuple):
     """The venvs' base Python, built by the daemon with rattler inside the requests root (see
     ``jobs.base_python``): ``dependencies`` are conda match specs (python among them),
     ``channels`` empty means ``requests.default_channels``."""
@@ -113,8 +107,7 @@ def format_size(n: int) -> str:
     return str(n)
 
 
-@dataclass(frozen=True)
-class BuildLimits:
+class BuildLimits(NamedTuple):
     """What one build may use (``requests.limits``), enforced by its cgroup (``jobs.cgroup``:
     memory, tasks, cpu_weight) and by the runner's size checks (disk: its version and HOME)."""
 
@@ -134,8 +127,7 @@ class BuildLimits:
                 "cpu_weight": self.cpu_weight}
 
 
-@dataclass(frozen=True)
-class RequestsConfig:
+class RequestsConfig(NamedTuple):
     """Who may ask for environments, and how the daemon builds them."""
 
     enabled: bool = True
@@ -177,13 +169,12 @@ class RequestsConfig:
     keep_versions: int = 2  # the newest versions of an env GC keeps (the current one always)
     max_versions: int = 10  # versions of an env on disk at most, even inside gc_grace
     max_log_bytes: int = 1 << 30  # all kept build logs together (oldest finished go first)
-    limits: BuildLimits = field(default_factory=BuildLimits)
+    limits: BuildLimits = BuildLimits()
     gc_grace: float = 86400.0  # seconds a version stays after it stopped being current
     gc_interval: float = 3600.0  # how often the daemon runs the env GC
 
 
-@dataclass(frozen=True)
-class JupyterHubConfig:
+class JupyterHubConfig(NamedTuple):
     """Where hub tokens are checked, and which peer uids must present one.
 
     ``api_url`` None disables hub identity (every peer is who the kernel says)."""
@@ -201,8 +192,7 @@ class JupyterHubConfig:
     verify_burst: int = 20
 
 
-@dataclass(frozen=True)
-class KernelsConfig:
+class KernelsConfig(NamedTuple):
     """The shared Jupyter kernels directory the daemon keeps one kernelspec per env in;
     ``dir`` None: no kernelspecs."""
 
@@ -210,26 +200,24 @@ class KernelsConfig:
     display_prefix: str = "envctl"
 
 
-@dataclass(frozen=True)
-class LoggingConfig:
+class LoggingConfig(NamedTuple):
     """``journal`` auto = use journald when JOURNAL_STREAM says stderr goes there."""
 
     level: str = "INFO"
     journal: Literal["auto", "true", "false"] = "auto"
 
 
-@dataclass(frozen=True)
-class Config:
+class Config(NamedTuple):
     """The whole configuration; ``source`` is the file it came from (for messages)."""
 
     roots: tuple[RootConfig, ...]
-    watch: WatchConfig = field(default_factory=WatchConfig)
-    walk: WalkConfig = field(default_factory=WalkConfig)
-    socket: SocketConfig = field(default_factory=SocketConfig)
-    requests: RequestsConfig = field(default_factory=RequestsConfig)
-    logging: LoggingConfig = field(default_factory=LoggingConfig)
-    jupyterhub: JupyterHubConfig = field(default_factory=JupyterHubConfig)
-    kernels: KernelsConfig = field(default_factory=KernelsConfig)
+    watch: WatchConfig = WatchConfig()
+    walk: WalkConfig = WalkConfig()
+    socket: SocketConfig = SocketConfig()
+    requests: RequestsConfig = RequestsConfig()
+    logging: LoggingConfig = LoggingConfig()
+    jupyterhub: JupyterHubConfig = JupyterHubConfig()
+    kernels: KernelsConfig = KernelsConfig()
     source: str = "<memory>"
 
     def root_for(self, path: Path) -> RootConfig | None:
@@ -721,15 +709,16 @@ def parse(data: Any, source: str = "<memory>", base: Path | None = None) -> Conf
     sock_group = s.get("group", (str, int), None)
     if sock_group is not None:
         _gid(s, "group", sock_group)
+    dflt = SocketConfig()
     socket_cfg = SocketConfig(
         path=_absolute(s, "path", _relative_to(base, s.get("path", str, DEFAULT_SOCKET)))
         or Path(DEFAULT_SOCKET),
         mode=mode, group=None if sock_group is None else str(sock_group),
-        read_timeout=s.get("read_timeout", float, SocketConfig.read_timeout, _positive),
-        max_connections=s.get("max_connections", int, SocketConfig.max_connections, _positive),
+        read_timeout=s.get("read_timeout", float, dflt.read_timeout, _positive),
+        max_connections=s.get("max_connections", int, dflt.max_connections, _positive),
         max_connections_per_uid=s.get("max_connections_per_uid", int,
-                                      SocketConfig.max_connections_per_uid, _positive),
-        admin_connections=s.get("admin_connections", int, SocketConfig.admin_connections,
+                                      dflt.max_connections_per_uid, _positive),
+        admin_connections=s.get("admin_connections", int, dflt.admin_connections,
                                 lambda v: None if v >= 0 else "must not be negative"))
     if socket_cfg.admin_connections >= socket_cfg.max_connections:
         s.fail("admin_connections", "must be less than max_connections (the rest is for "
@@ -739,12 +728,12 @@ def parse(data: Any, source: str = "<memory>", base: Path | None = None) -> Conf
     requests = _requests(source, top.get("requests", dict, None), roots, base)
     if requests.enabled:
         want = requests_root_path(requests, roots)
-        roots = tuple(replace(r, holds_requests=True, exclude=(*r.exclude, DAEMON_AREA))
+        roots = tuple(r._replace(holds_requests=True, exclude=(*r.exclude, DAEMON_AREA))
                       if r.path == want else r for r in roots)
         builders = {pwd.getpwnam(n).pw_uid  # their builds are healed like a member's work
                     for n in (*requests.build_users, *filter(None, [requests.build_user]))}
         if builders:
-            roots = tuple(replace(r, member_uids=r.member_uids | builders)
+            roots = tuple(r._replace(member_uids=r.member_uids | builders)
                           if r.holds_requests and r.member_uids is not None else r
                           for r in roots)
     _check_venv_python(source, requests, roots)

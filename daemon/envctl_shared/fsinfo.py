@@ -16,8 +16,8 @@ import os
 import select
 import stat
 import threading
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 # Filesystem types where inotify misses writes made elsewhere and metadata calls are remote.
 REMOTE_TYPES = frozenset({
@@ -28,8 +28,7 @@ LOCAL_CONCURRENCY = 1
 REMOTE_CONCURRENCY = 16
 
 
-@dataclass(frozen=True)
-class MountInfo:
+class MountInfo(NamedTuple):
     """The mount a path is on: its mount point and filesystem type (``fuse.bindfs``, ``nfs4``)."""
 
     mount_point: str

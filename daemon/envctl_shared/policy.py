@@ -34,9 +34,9 @@ from __future__ import annotations
 
 import stat
 from array import array
-from dataclasses import dataclass, field
 from enum import Enum
 from functools import cache
+from typing import NamedTuple
 
 from .config import Others, RootConfig
 
@@ -64,8 +64,7 @@ def kind_of(mode: int) -> Kind:
     return Kind.SPECIAL
 
 
-@dataclass(frozen=True)
-class Verdict:
+class Verdict(NamedTuple):
     """The corrections an entry needs; both ``None`` means it is already correct."""
 
     kind: Kind
@@ -129,11 +128,11 @@ def mode_table(others: str, sticky_dirs: bool = False) -> bytes:
     return table.tobytes()
 
 
-@dataclass(frozen=True)
-class Rules:
+class Rules(NamedTuple):
     """One root's rules, compiled once (:meth:`of`) and executed by the C engine.
 
-    ``table``/``root_table``: the wanted bits of an entry and of the root directory itself;
+    ``table``/``root_table``: the wanted bits of an entry and of the root directory itself
+    (computed once per ``others`` and sticky rule: ``mode_table`` is cached);
     ``members``: None (any owner), else the only owners whose entries may be changed, sorted;
     ``exclude``: patterns (root-relative) neither changed nor entered, the daemon's managed tree
     (``.envctl`` of the requests root) included.
@@ -145,12 +144,14 @@ class Rules:
     members: tuple[int, ...] | None = None
     sticky_root: bool = False
     exclude: tuple[str, ...] = ()
-    table: bytes = field(init=False, repr=False, compare=False)
-    root_table: bytes = field(init=False, repr=False, compare=False)
 
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "table", mode_table(self.others))
-        object.__setattr__(self, "root_table", mode_table(self.others, self.sticky_root))
+    @property
+    def table(self) -> bytes:
+        return mode_table(self.others, False)
+
+    @property
+    def root_table(self) -> bytes:
+        return mode_table(self.others, self.sticky_root)
 
     @classmethod
     def of(cls, root: RootConfig) -> Rules:

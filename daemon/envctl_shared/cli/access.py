@@ -12,15 +12,14 @@ from __future__ import annotations
 import grp
 import os
 import pwd
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from ..accounts import group_name, user_name
 from .output import quote_name
 
 
-@dataclass(frozen=True)
-class GroupAccess:
+class GroupAccess(NamedTuple):
     """The calling user and one group: member on paper (passwd/group database), and in fact
     (this process's credentials)."""
 

@@ -23,9 +23,8 @@ import errno
 import os
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from .. import config as cfgmod
 from ..errors import EX_FAILURE, EX_IOERR, EX_OK, FilesystemError, UsageError
@@ -36,8 +35,7 @@ from .output import emit_json, quote_name
 from .progress import Progress
 
 
-@dataclass(frozen=True)
-class Target:
+class Target(NamedTuple):
     """One pass to run: a root's policy and the root-relative path to walk."""
 
     root: cfgmod.RootConfig

@@ -1,7 +1,9 @@
 """Counters and findings a heal or check pass returns.
 
 Why separate: the CLI prints them, the daemon adds them to its status, benchmarks read them;
-none of those should import the walker to do so. Workers each fill their own
+none of those should import the walker to do so. Plain classes, not dataclasses: ``envctl
+check`` imports this, and the ``dataclasses`` module with the code it generates per class was
+a third of that command's start-up (bench/results/walk.md). Workers each fill their own
 :class:`HealStats` and merge at the end, so counting needs no lock on the hot path.
 """
 
@@ -9,12 +11,10 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 
-@dataclass(frozen=True)
-class Finding:
+class Finding(NamedTuple):
     """One entry worth reporting: fixed, would be fixed (check/dry-run), skipped or failed."""
 
     path: str  # relative to the root; "" is the root itself
@@ -35,7 +35,6 @@ class Finding:
 FindingSink = Callable[[Finding], None]
 
 
-@dataclass
 class HealStats:
     """What one pass saw and did.
 
@@ -44,14 +43,21 @@ class HealStats:
     ``symlink``); ``skipped`` counts entries left alone on purpose, by reason.
     """
 
-    scanned: int = 0
-    violations: int = 0
-    fixed: Counter[str] = field(default_factory=Counter)
-    fixed_kinds: Counter[str] = field(default_factory=Counter)
-    skipped: Counter[str] = field(default_factory=Counter)
-    errors: int = 0
-    dirs: int = 0
-    duration: float = 0.0
+    __slots__ = ("scanned", "violations", "fixed", "fixed_kinds", "skipped", "errors", "dirs",
+                 "duration")
+
+    def __init__(self, scanned: int = 0, dirs: int = 0) -> None:
+        self.scanned = scanned
+        self.violations = 0
+        self.fixed: Counter[str] = Counter()
+        self.fixed_kinds: Counter[str] = Counter()
+        self.skipped: Counter[str] = Counter()
+        self.errors = 0
+        self.dirs = dirs
+        self.duration = 0.0
+
+    def __repr__(self) -> str:
+        return f"HealStats({self.to_dict()})"
 
     @property
     def writes(self) -> int:

@@ -64,8 +64,7 @@ import time
 import weakref
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from ..config import RootConfig
 from ..policy import Kind, Rules, Verdict, kind_of
@@ -243,16 +242,14 @@ class _Listing:
             self._planner.listed(self.rel, self.st, self.subdirs)
 
 
-@dataclass
-class _DirTask:
+class _DirTask(NamedTuple):
     parent: _DirRef | None  # None: the root itself
     name: str
     rel: str
     descend: bool = True
 
 
-@dataclass
-class _EntriesTask:
+class _EntriesTask(NamedTuple):
     parent: _DirRef
     names: list[str]
     descend: bool = True  # for an entry that turns out to be a directory

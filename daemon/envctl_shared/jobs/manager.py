@@ -24,7 +24,6 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -661,4 +660,4 @@ def _size(path: str) -> int:
 
 
 def _with_state_dir(config: Config, state_dir: Path) -> Config:
-    return replace(config, requests=replace(config.requests, state_dir=state_dir))
+    return config._replace(requests=config.requests._replace(state_dir=state_dir))

@@ -268,7 +268,7 @@ class Build:
 
         python = base_python.ensure(fds, self.area, self.cfg, user, self.job.id, build,
                                     self.say, wait)
-        return replace(ctx, cfg=replace(ctx.cfg, venv_python=str(python)))
+        return replace(ctx, cfg=ctx.cfg._replace(venv_python=str(python)))
 
     def _publish_kernel(self) -> None:
         """Write or remove the env's kernelspec now that its version is current (decided from
