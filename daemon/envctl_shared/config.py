@@ -1,4 +1,5 @@
-"""Load and validate envctl's YAML configuration into immutable records (``NamedTuple``).
+"""Load and validate envctl's YAML configuration into immutable records (``NamedTuple``: every
+CLI command imports this module, see :mod:`envctl_shared.cli.main`).
 
 Why strict: a typo in a daemon's config that is silently ignored (``exlude:``) turns into a
 security or data-loss incident months later. Every unknown key, wrong type, relative path,

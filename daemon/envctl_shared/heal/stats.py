@@ -2,8 +2,7 @@
 
 Why separate: the CLI prints them, the daemon adds them to its status, benchmarks read them;
 none of those should import the walker to do so. Plain classes, not dataclasses: ``envctl
-check`` imports this, and the ``dataclasses`` module with the code it generates per class was
-a third of that command's start-up (bench/results/walk.md). Workers each fill their own
+check`` imports this (why that matters: :mod:`envctl_shared.cli.main`). Workers each fill their own
 :class:`HealStats` and merge at the end, so counting needs no lock on the hot path.
 """
 
