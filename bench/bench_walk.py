@@ -36,7 +36,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from envctl_shared.api.client import Client  # noqa: E402
-from envctl_shared.status import DaemonStatus  # noqa: E402
+from envctl_shared.status import DaemonStatus, RootStatus  # noqa: E402
 from envctl_shared.watch.inotify import max_user_watches  # noqa: E402
 
 from bench.common import (  # noqa: E402
@@ -48,6 +48,7 @@ from bench.common import (  # noqa: E402
 )
 from bench.envtree import copy_as, count_entries, make_template  # noqa: E402
 from tests.daemon_support import Envctld, write_config  # noqa: E402
+from tests.helpers import wait_for  # noqa: E402
 from tests.watch_support import daemon_status, sysctl, watches_of_uid0  # noqa: E402
 
 ENVCTL = str(VENV_BIN / "envctl")
@@ -167,6 +168,10 @@ def watch_limit(needed: int, may_raise: bool) -> Iterator[None]:
             yield
 
 
+def _root_status(sock: Path) -> RootStatus:
+    return DaemonStatus.from_dict(daemon_status(sock)).roots[0]
+
+
 def _status_call(sock: Path) -> None:
     """The ``status`` op alone, as ``envctl status`` makes it: connect, one call."""
     with Client(sock) as c:
@@ -197,8 +202,9 @@ def status_by_watches(work: Path, w: object, sizes: tuple[int, int], repeat: int
                 start = time.perf_counter()
                 d.start(timeout=600)
                 sock = run_dir / "envctld.sock"
-                st = DaemonStatus.from_dict(daemon_status(sock)).roots[0]
+                wait_for(lambda s=sock, k=n: _root_status(s).watches == k, 60, 0.1, f"{n} watches")
                 raw[f"ready_s_{n}"] = time.perf_counter() - start
+                st = _root_status(sock)
                 if (st.watches, st.mode, st.fixed) != (n, "inotify", 0):
                     raise SystemExit(f"daemon on {n} directories not as expected: {st}")
                 socks.append(sock)
