@@ -214,7 +214,7 @@ def status_by_watches(work: Path, w: object, sizes: tuple[int, int], repeat: int
                         repeat * 10)
         # One call per sample: a median of single calls drops the stalls another process's
         # time slice puts into some of them. The daemon's CPU per call does not see the load.
-        calls = repeat * 100
+        calls = repeat * 300  # the CPU is counted in 10 ms ticks; a call takes ~0.4 ms
         cpu0 = [_proc_cpu(p) for p in pids]
         op = alternate(*(partial(_status_call, s) for s in socks), calls)
         cpu = [(_proc_cpu(p) - c) / calls for p, c in zip(pids, cpu0)]

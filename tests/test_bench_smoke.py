@@ -84,7 +84,6 @@ def test_bench_walk_quick(tmp_path: Path) -> None:
     assert "envctl status, 3000 watches" in out and "status op (socket, one call)" in out
     assert "envctld CPU per status op, 3000 watches" in out
     raw = json.loads((tmp_path / "walk-quick.json").read_text())
-    assert all(raw[f"{k}_{n}"] > 0 for k in ("status_cli", "status_op", "fdinfo")
+    assert all(raw[f"{k}_{n}"] > 0 for k in ("status_cli", "status_op", "status_cpu", "fdinfo")
                for n in (1000, 3000))
-    assert raw["status_cpu_3000"] >= 0  # in clock ticks: 100 calls may take less than one
     assert limit.read_text() == before  # --quick never touches the sysctl
