@@ -41,6 +41,7 @@ from envctl_shared.watch.inotify import max_user_watches  # noqa: E402
 
 from bench.common import (  # noqa: E402
     VENV_BIN,
+    Writer,
     exit_on_sigterm,
     fresh_ext4,
     write_results,
@@ -152,11 +153,11 @@ def make_dirs(root: Path, n: int, gid: int) -> None:
 @contextlib.contextmanager
 def watch_limit(needed: int, may_raise: bool) -> Iterator[None]:
     """``fs.inotify.max_user_watches`` at least ``needed`` more than root's processes hold now
-    (every process of a uid shares the limit): raised while the block adds its watches (held ones
-    stay when it is lowered again) and restored after when
-    ``may_raise`` (the bench's choice: the daemon never changes a sysctl), else refused.
-    ``max_user_instances`` (one instance per root: two here) and ``max_queued_events`` (no
-    writes while status is timed) do not matter."""
+    (every process of a uid shares the limit). When it is not, raised while the block adds its
+    watches (held ones stay when it is lowered again) and restored after if ``may_raise`` (the
+    bench's choice: the daemon never changes a sysctl), else refused. ``max_user_instances``
+    (one instance per root: two here) and ``max_queued_events`` (no writes while status is
+    timed) do not matter."""
     limit = max_user_watches() or 0
     want = watches_of_uid0() + needed + max(1000, needed // 20)
     if want <= limit:
@@ -172,19 +173,22 @@ def _root_status(sock: Path) -> RootStatus:
     return DaemonStatus.from_dict(daemon_status(sock)).roots[0]
 
 
+def _watching(sock: Path, n: int) -> bool:
+    return _root_status(sock).watches == n
+
+
 def _status_call(sock: Path) -> None:
     """The ``status`` op alone, as ``envctl status`` makes it: connect, one call."""
     with Client(sock) as c:
         c.call("status")
 
 
-def status_by_watches(work: Path, w: object, sizes: tuple[int, int], repeat: int,
+def status_by_watches(work: Path, w: Writer, sizes: tuple[int, int], repeat: int,
                       may_raise: bool) -> tuple[list[list[str]], dict[str, object]]:
     """``envctl status`` (the whole process) and the ``status`` op alone (the client API,
     many calls), against a real ``envctld`` watching ``sizes[0]`` directories and another
     watching ``sizes[1]``, alternated: the same at every size is the target. The old cost
     (re-reading /proc/<pid>/fdinfo) is measured beside it on the same daemons."""
-    gid = w.shared_gid  # type: ignore[attr-defined]
     daemons: list[Envctld] = []
     socks: list[Path] = []
     raw: dict[str, object] = {}
@@ -193,37 +197,37 @@ def status_by_watches(work: Path, w: object, sizes: tuple[int, int], repeat: int
             for n in sizes:
                 root = work / f"watched-{n}"
                 start = time.perf_counter()
-                make_dirs(root, n, gid)
+                make_dirs(root, n, w.shared_gid)
                 raw[f"tree_s_{n}"] = time.perf_counter() - start
                 run_dir = work / f"daemon-{n}"
                 run_dir.mkdir(mode=0o755)
-                d = Envctld(write_config(run_dir, [(root, w.group)]), run_dir)  # type: ignore[attr-defined]
+                d = Envctld(write_config(run_dir, [(root, w.group)]), run_dir)
                 daemons.append(d)
                 start = time.perf_counter()
                 d.start(timeout=600)
                 sock = run_dir / "envctld.sock"
-                wait_for(lambda s=sock, k=n: _root_status(s).watches == k, 60, 0.1, f"{n} watches")
+                wait_for(partial(_watching, sock, n), 60, 0.1, f"{n} watches")
                 raw[f"ready_s_{n}"] = time.perf_counter() - start
                 st = _root_status(sock)
                 if (st.watches, st.mode, st.fixed) != (n, "inotify", 0):
                     raise SystemExit(f"daemon on {n} directories not as expected: {st}")
                 socks.append(sock)
-        assert all(d.proc is not None for d in daemons)
-        pids = [d.proc.pid for d in daemons]  # type: ignore[union-attr]
-        cli = alternate(*(run([ENVCTL, "status", "--socket", str(s)]) for s in socks),
-                        repeat * 10)
+        (s0, s1), pids = socks, [d.proc.pid for d in daemons if d.proc is not None]
+        cli = alternate(run([ENVCTL, "status", "--socket", str(s0)]),
+                        run([ENVCTL, "status", "--socket", str(s1)]), repeat * 10)
         # One call per sample: a median of single calls drops the stalls another process's
         # time slice puts into some of them. The daemon's CPU per call does not see the load.
         calls = repeat * 300  # the CPU is counted in 10 ms ticks; a call takes ~0.4 ms
         cpu0 = [_proc_cpu(p) for p in pids]
-        op = alternate(*(partial(_status_call, s) for s in socks), calls)
+        op = alternate(partial(_status_call, s0), partial(_status_call, s1), calls)
         cpu = [(_proc_cpu(p) - c) / calls for p, c in zip(pids, cpu0)]
-        fdinfo = alternate(*(partial(_calls, partial(_fdinfo_count, p), 3) for p in pids),
+        fdinfo = alternate(partial(_calls, partial(_fdinfo_count, pids[0]), 3),
+                           partial(_calls, partial(_fdinfo_count, pids[1]), 3),
                            repeat)  # a reference: 0.4 s a call at 160k
         fdinfo = (fdinfo[0] / 3, fdinfo[1] / 3)
     finally:
         for d in daemons:
-            d.stop()
+            d.stop() if d.alive else d.cleanup()
         for n in sizes:
             shutil.rmtree(work / f"watched-{n}", ignore_errors=True)
     small, large = sizes
