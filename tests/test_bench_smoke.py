@@ -74,3 +74,16 @@ def test_bench_freeze_quick(tmp_path: Path) -> None:
     assert "hard-linked from the cache" in out
     raw = json.loads((tmp_path / "freeze-quick.json").read_text())
     assert raw["linked2"] > 0 and raw["du_two_kib"] <= 1.2 * raw["du_one_kib"]
+
+
+def test_bench_walk_quick(tmp_path: Path) -> None:
+    limit = Path("/proc/sys/fs/inotify/max_user_watches")
+    before = limit.read_text()
+    out = _run("bench_walk.py", tmp_path)
+    assert "envctl --version" in out and "envctl check -j1" in out and "writer (" in out
+    assert "envctl status, 3000 watches" in out and "status op (socket, one call)" in out
+    assert "envctld CPU per status op, 3000 watches" in out
+    raw = json.loads((tmp_path / "walk-quick.json").read_text())
+    assert all(raw[f"{k}_{n}"] > 0 for k in ("status_cli", "status_op", "status_cpu", "fdinfo")
+               for n in (1000, 3000))
+    assert limit.read_text() == before  # --quick never touches the sysctl
