@@ -17,7 +17,7 @@ from envctl_shared.config import parse
 from envctl_shared.heal import Healer
 from envctl_shared.watch.inotify import InotifyWatch
 from envctl_shared.watch.poll import Poller
-from envctl_shared.watch.queue import ROOT, WorkQueue
+from envctl_shared.watch.queue import ROOT, SETTLE, WorkQueue
 
 from tests.conftest import Accounts
 from tests.helpers import as_user, find_violations, wait_for
@@ -28,8 +28,9 @@ Drained = tuple[str, bool, tuple[str, ...]]  # an item as (rel, subtree, names)
 
 
 def _drain(q: WorkQueue) -> list[Drained]:
+    """Every item waiting now (each handed out once it has settled)."""
     out = []
-    while (item := q.get(0)) is not None:
+    while (item := q.get(2 * SETTLE)) is not None:
         out.append((q.path(item), item.subtree, item.names))
         q.done()
     return out
@@ -214,7 +215,7 @@ def test_inotify_filter_delivers_chmod_not_reads_or_writes(accounts: Accounts,
     q = WorkQueue()
     hooks = _Hooks()
     counted = hooks.seen
-    w = InotifyWatch(root, q, hooks, lambda: counted.append("event"))
+    w = InotifyWatch(root, q, hooks, lambda n: counted.extend(["event"] * n))
     w.start()
     try:
         assert w.watch_count() == 2
@@ -294,7 +295,7 @@ def test_inotify_walk_keeps_few_fds_open_whatever_the_depth(scratch: Path) -> No
     held: list[int] = []
     hooks = _Hooks()
     q = WorkQueue()
-    w = inotify.InotifyWatch(root, q, hooks, lambda: None,
+    w = inotify.InotifyWatch(root, q, hooks, lambda n: None,
                              lambda: held.append(len(os.listdir("/proc/self/fd")) - base))
     w.start()
     try:

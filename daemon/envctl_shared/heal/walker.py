@@ -378,8 +378,10 @@ class Healer:
 
         The usual batch (a directory below the root, no pattern that may exclude there, one
         thread) is one C scan and its accounting, without a pass's machinery (~65 µs a batch,
-        and a burst of 60k entries makes ~20k batches); only what the scan hands back
-        (directories, entries changed under it or failed) goes through a full pass."""
+        and a burst of 60k entries makes ~20k batches): directories among ``names`` are judged
+        there like files (the entry, not its subtree: a pass per directory named cost more
+        than the rest of the batch); only what the scan hands back (entries changed under it
+        or failed) goes through a full pass."""
         top = parent.partition("/")[0]
         if (not parent or self.concurrency > 1 or excludes_below(self.rules.exclude, False)
                 or self.excluded(top) or not _clean(parent, names)):
@@ -395,7 +397,7 @@ class Healer:
                 return _Pass(self).run(parent, False, names)
             try:
                 found = self.engine.scan(fd, names, mount, fix=not self.dry_run,
-                                         tally=not self.c_reporting)
+                                         tally=not self.c_reporting, dirs=True)
             finally:
                 os.close(fd)
         finally:
@@ -403,7 +405,7 @@ class Healer:
         stats.scanned += found.scanned
         self.count_c(found.fixed, found.skipped, found.tallied,
                      lambda _node, name: f"{parent}/{name}", stats)
-        again = [*found.subdirs, *(a[1] for a in found.attention)]
+        again = [a[1] for a in found.attention]
         if again:
             stats.merge(_Pass(self).run(parent, False, again))
         stats.duration = time.monotonic() - start

@@ -36,12 +36,21 @@ it is one string copy, not a walk up thousands of parent links); any rename disc
 from __future__ import annotations
 
 import threading
+import time
 from collections import OrderedDict
+from collections.abc import Iterable
 from typing import NamedTuple, Protocol
 
 # Parent links followed to build one path, at most: past it a rename racing the read (see the
 # module docstring) made a loop, which no tree deeper than this can be confused with.
 MAX_DEPTH = 1 << 22
+# How long an item waits before a worker takes it. A burst names each entry several times
+# (its creation, the writer's own chmod or utime, the echo of our fix) and a directory's
+# entries one by one: taken at once, a batch held one or two names, and its fixed cost (a
+# resolve from the root, a C call, the accounting) was paid per entry. After this wait a
+# batch holds what the writer made in that time, and entries below a waiting new directory
+# are not queued at all (its subtree pass covers them). Far below what a person notices.
+SETTLE = 0.02
 
 
 class Dir(Protocol):
@@ -97,8 +106,9 @@ class WorkQueue:
     """FIFO of distinct entries; ``subtree`` wins over ``entry`` for the same or a deeper one."""
 
     def __init__(self) -> None:
-        self._items: OrderedDict[Key, bool] = OrderedDict()  # key -> subtree?
-        self._later: OrderedDict[Key, None] = OrderedDict()  # entries from attribute events
+        # key -> when queued (monotonic), in each lane; subtree items are also in _subtrees
+        self._items: OrderedDict[Key, float] = OrderedDict()
+        self._later: OrderedDict[Key, float] = OrderedDict()  # entries from attribute events
         self._siblings: dict[Dir, set[str]] = {}  # directory -> names waiting as entries
         self._subtrees: set[Key] = set()  # keys waiting as subtree items
         self._cond = threading.Condition()
@@ -114,32 +124,52 @@ class WorkQueue:
         ``urgent`` False (an attribute change) queues an entry in the later lane."""
         key = _key(d, name)
         with self._cond:
-            if self._closed:
+            if self._closed or not self._put(key, subtree, urgent, self._covered(key),
+                                             time.monotonic()):
                 return False
-            if key in self._later:
-                if not (urgent or subtree):
-                    return False
-                del self._later[key]  # promoted: re-queued below in the first lane
-                self._unlink(key)
-            if key in self._items:
-                if subtree and not self._items[key]:
-                    self._items[key] = True
-                    self._subtrees.add(key)
-                    self._unlink(key)
-                    return True
-                return False
-            if self._covered(key):
-                return False
-            if urgent or subtree or not name:
-                self._items[key] = subtree
-                if subtree:
-                    self._subtrees.add(key)
-            else:
-                self._later[key] = None
-            if not subtree and name:
-                self._siblings.setdefault(key[0], set()).add(name)
             self._cond.notify()
             return True
+
+    def put_names(self, d: Dir, names: Iterable[str], urgent: bool) -> None:
+        """Queue entries ``names`` of directory ``d`` as :meth:`put` does each one (one read
+        batch's events on that directory), under one lock, with one wake-up: a burst's
+        events cost one step each here, not a lock and a notify each."""
+        with self._cond:
+            if self._closed:
+                return
+            covered = self._covered(_key(d, ""))  # the same for every entry of ``d``
+            queued, now = False, time.monotonic()
+            for name in names:
+                queued |= self._put(_key(d, name), False, urgent, covered, now)
+            if queued:
+                self._cond.notify()
+
+    def _put(self, key: Key, subtree: bool, urgent: bool, covered: bool, now: float) -> bool:
+        """:meth:`put` of ``key`` under the lock at time ``now``; ``covered``:
+        :meth:`_covered` of it."""
+        if key in self._later:
+            if not (urgent or subtree):
+                return False
+            del self._later[key]  # promoted: re-queued below in the first lane
+            self._unlink(key)
+        if key in self._items:
+            if subtree and key not in self._subtrees:
+                self._subtrees.add(key)
+                self._unlink(key)
+                return True
+            return False
+        if covered:
+            return False
+        name = key[1]
+        if urgent or subtree or not name:
+            self._items[key] = now
+            if subtree:
+                self._subtrees.add(key)
+        else:
+            self._later[key] = now
+        if not subtree and name:
+            self._siblings.setdefault(key[0], set()).add(name)
+        return True
 
     def _unlink(self, key: Key) -> None:
         d, name = key
@@ -168,19 +198,17 @@ class WorkQueue:
         return False
 
     def get(self, timeout: float) -> Item | None:
-        """The oldest waiting item (with its waiting siblings), or None after ``timeout`` (so
-        workers wake to show liveness)."""
+        """The oldest waiting item (with its waiting siblings) once it has waited ``SETTLE``
+        (the first lane's first), or None after ``timeout`` (so workers wake to show
+        liveness)."""
         with self._cond:
-            if not self._items and not self._later and not self._closed:
-                self._cond.wait(timeout)
-            if self._items:
-                key, subtree = self._items.popitem(last=False)
-                if subtree:
-                    self._subtrees.discard(key)
-            elif self._later:
-                key, subtree = self._later.popitem(last=False)[0], False
-            else:
+            lane = self._ready(time.monotonic() + timeout)
+            if lane is None:
                 return None
+            key = lane.popitem(last=False)[0]
+            subtree = key in self._subtrees
+            if subtree:
+                self._subtrees.discard(key)
             self._busy += 1
             d, name = key
             if subtree or not name:
@@ -190,6 +218,22 @@ class WorkQueue:
                 self._items.pop((d, n), None)
                 self._later.pop((d, n), None)
             return Item(d, "", False, tuple(sorted(names)))
+
+    def _ready(self, end: float) -> OrderedDict[Key, float] | None:
+        """The lane whose oldest item has settled (waiting until one has, or until ``end``);
+        None at ``end`` with nothing settled. Once closed, nothing waits to settle."""
+        while True:
+            now = time.monotonic()
+            wait = end - now
+            for lane in (self._items, self._later):
+                if lane:
+                    ready = next(iter(lane.values())) + SETTLE
+                    if ready <= now or self._closed:
+                        return lane
+                    wait = min(wait, ready - now)
+            if wait <= 0 or (self._closed and not (self._items or self._later)):
+                return None
+            self._cond.wait(wait)
 
     def moved(self) -> None:
         """A directory was placed elsewhere (called by the reader once the place is updated):

@@ -270,7 +270,7 @@ class RootWatcher:
     def _new_watch(self) -> InotifyWatch | None:
         """A started watch of the whole root, or None when not even the root gets a watch
         (``ENOSPC``); other OSErrors are raised."""
-        watch = InotifyWatch(self.root.path, self.queue, self, self._count_event,
+        watch = InotifyWatch(self.root.path, self.queue, self, self._count_events,
                              self._walk_progressed, self.root.exclude)
         try:
             watch.start()
@@ -293,8 +293,8 @@ class RootWatcher:
 
     # -- hooks from the inotify reader thread --------------------------------------------------
 
-    def _count_event(self) -> None:
-        self._status.events += 1
+    def _count_events(self, n: int) -> None:
+        self._status.events += n
 
     def on_end(self, reason: str, exc: BaseException | None) -> None:
         """The watch ended by itself: the maintenance thread rebuilds it, then reconciles."""
