@@ -7,6 +7,8 @@ an unchanged tree lists nothing; the inotify mask delivers chmod but not reads o
 from __future__ import annotations
 
 import os
+import random
+import struct
 import subprocess
 import sys
 import time
@@ -27,10 +29,11 @@ from tests.watch_support import make_root, make_source
 Drained = tuple[str, bool, tuple[str, ...]]  # an item as (rel, subtree, names)
 
 
-def _drain(q: WorkQueue) -> list[Drained]:
-    """Every item waiting now (each handed out once it has settled)."""
+def _drain(q: WorkQueue, wait: float = 2 * SETTLE) -> list[Drained]:
+    """Every item waiting now (each handed out once it has settled: ``wait`` 0 when all
+    have)."""
     out = []
-    while (item := q.get(2 * SETTLE)) is not None:
+    while (item := q.get(wait)) is not None:
         out.append((q.path(item), item.subtree, item.names))
         q.done()
     return out
@@ -133,6 +136,80 @@ def test_queue_puts_attribute_changes_after_new_entries() -> None:
     assert _drain(q) == [("c", False, ("new",)), ("b", False, ("echo2",)),
                          ("d", True, ()), ("a", False, ("echo1", "sibling"))]
     assert q.wait_idle(0)
+
+
+def test_queue_put_names_is_put_of_each_name() -> None:
+    """The reader queues a batch's names of one directory at once (set operations): the same
+    queue, item for item and lane for lane, as a put of each name. With subtree items in the
+    mix, the same items: where an entry upgraded in place stands depends on the order of the
+    names of its batch, which is a set's."""
+    rng = random.Random(7)
+    names = [f"n{i}" for i in range(6)]
+    for i in range(60):
+        one, many = WorkQueue(), WorkQueue()
+        t1, tm = _Tree(one), _Tree(many)
+        subtrees = i % 2 == 1
+        for _ in range(12):
+            rel = rng.choice(["", "d", "d/s", "e"])
+            if subtrees and rng.random() < 0.2:  # a directory arriving: its subtree item
+                sub = f"{rel}/{rng.choice(names)}" if rel else rng.choice(names)
+                t1.put(sub, subtree=True)
+                tm.put(sub, subtree=True)
+                continue
+            batch = set(rng.sample(names, rng.randint(1, 4)))
+            urgent = rng.random() < 0.5
+            for n in sorted(batch):
+                t1.put(f"{rel}/{n}" if rel else n, urgent=urgent)
+            many.put_names(tm.dir(rel), batch, urgent)
+        time.sleep(SETTLE)  # all settled: handed out lane by lane
+        got, want = _drain(many, 0), _drain(one, 0)
+        assert (sorted(got) == sorted(want)) if subtrees else (got == want)
+
+
+def test_queue_settles_an_entry_so_its_siblings_join_it() -> None:
+    """An item is handed out once it has waited SETTLE: the entries a writer makes meanwhile
+    in the same directory come with it, in one batch (one resolve, one C call)."""
+    q = WorkQueue()
+    t = _Tree(q)
+    start = time.monotonic()
+    t.put("d/a")
+    assert q.get(SETTLE / 4) is None  # not settled yet
+    t.put("d/b", urgent=False)
+    item = q.get(1.0)
+    assert item is not None and time.monotonic() - start >= SETTLE
+    assert (q.path(item), item.names) == ("d", ("a", "b"))
+    q.done()
+    q.close()
+    t.put("late")
+    assert q.get(0) is None  # closed: nothing waits to settle, nothing more is queued
+
+
+def test_read_events_keeps_table_events_in_order_and_groups_entries() -> None:
+    """The C reduction of a read batch: table events in order, entry names grouped per watch
+    and lane (each once), unknown watches and those after their IN_IGNORED dropped, a file
+    moved away dropped, a directory's own IN_ATTRIB kept only for the root."""
+    from envctl_shared.heal.fsops import read_events
+    from envctl_shared.watch.inotify import IN
+
+    def ev(wd: int, mask: int, name: bytes = b"", cookie: int = 0) -> bytes:
+        padded = name + b"\0" * (16 - len(name) % 16) if name else b""
+        return struct.pack("iIII", wd, mask, cookie, len(padded)) + padded
+
+    data = b"".join([
+        ev(1, IN.IN_CREATE, b"f"), ev(1, IN.IN_ATTRIB, b"f"), ev(1, IN.IN_ATTRIB, b"g"),
+        ev(2, IN.IN_CREATE | IN.IN_ISDIR, b"d"), ev(2, IN.IN_ATTRIB | IN.IN_ISDIR, b"d"),
+        ev(3, IN.IN_ATTRIB | IN.IN_ISDIR), ev(1, IN.IN_ATTRIB), ev(9, IN.IN_CREATE, b"x"),
+        ev(2, IN.IN_MOVED_FROM, b"m", 5), ev(2, IN.IN_MOVED_FROM | IN.IN_ISDIR, b"s", 6),
+        ev(4, IN.IN_CREATE, b"y"), ev(4, IN.IN_IGNORED), ev(4, IN.IN_CREATE, b"z"),
+        ev(2, IN.IN_ATTRIB, b"\xff")])
+    got = read_events(data, {1: "root", 2: "d2", 3: "d3", 4: "d4"}, 1)
+    assert not got.overflow and got.counted == 12
+    assert got.ordered == [(2, IN.IN_CREATE | IN.IN_ISDIR, 0, "d"), (1, IN.IN_ATTRIB, 0, None),
+                           (2, IN.IN_MOVED_FROM | IN.IN_ISDIR, 6, "s"),
+                           (4, IN.IN_IGNORED, 0, None)]
+    assert got.entries == [(1, {"f"}, {"g"}), (2, set(), {"d", os.fsdecode(b"\xff")})]
+    over = read_events(data + ev(-1, IN.IN_Q_OVERFLOW) + ev(1, IN.IN_CREATE, b"h"), {1: "r"}, 1)
+    assert over.overflow and not over.ordered and not over.entries
 
 
 def _root_cfg(root: Path, group: str):  # type: ignore[no-untyped-def]

@@ -18,6 +18,9 @@ because the subtree pass will see them anyway. Readers never block: ``put`` only
 Entries are handed out in batches of siblings: taking one entry takes every waiting entry of
 the same directory with it, so a worker resolves that directory once for all of them (a burst
 writes many files per directory; resolving each path from the root costs ~4x the heal itself).
+An item is handed out only once it has waited ``SETTLE``, so that a batch holds what a writer
+made meanwhile rather than the one or two entries an idle worker would find; the reader queues
+one read batch's names of a directory at once (``put_names``).
 
 Two lanes: creations and moves (``urgent``) go before attribute changes. Most IN_ATTRIB events
 of a burst are the echoes of our own fixes, which find nothing to do; in one lane they would
@@ -38,7 +41,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Iterable
+from itertools import repeat
 from typing import NamedTuple, Protocol
 
 # Parent links followed to build one path, at most: past it a rename racing the read (see the
@@ -124,52 +127,69 @@ class WorkQueue:
         ``urgent`` False (an attribute change) queues an entry in the later lane."""
         key = _key(d, name)
         with self._cond:
-            if self._closed or not self._put(key, subtree, urgent, self._covered(key),
-                                             time.monotonic()):
+            if self._closed:
                 return False
+            if key in self._later:
+                if not (urgent or subtree):
+                    return False
+                del self._later[key]  # promoted: re-queued below in the first lane
+                self._unlink(key)
+            if key in self._items:
+                if subtree and key not in self._subtrees:
+                    self._subtrees.add(key)
+                    self._unlink(key)
+                    return True
+                return False
+            if self._covered(key):
+                return False
+            now = time.monotonic()
+            if urgent or subtree or not name:
+                self._items[key] = now
+                if subtree:
+                    self._subtrees.add(key)
+            else:
+                self._later[key] = now
+            if not subtree and name:
+                self._siblings.setdefault(key[0], set()).add(name)
             self._cond.notify()
             return True
 
-    def put_names(self, d: Dir, names: Iterable[str], urgent: bool) -> None:
-        """Queue entries ``names`` of directory ``d`` as :meth:`put` does each one (one read
-        batch's events on that directory), under one lock, with one wake-up: a burst's
-        events cost one step each here, not a lock and a notify each."""
+    def put_names(self, d: Dir, names: set[str], urgent: bool) -> None:
+        """:meth:`put` of every entry ``names`` of directory ``d`` (one read batch's events on
+        it), the same rules as set operations under one lock, with one wake-up: a burst's
+        names cost a C step each here, not a lock, a notify and a dozen lookups each."""
+        if not names:
+            return
         with self._cond:
             if self._closed:
                 return
-            covered = self._covered(_key(d, ""))  # the same for every entry of ``d``
-            queued, now = False, time.monotonic()
-            for name in names:
-                queued |= self._put(_key(d, name), False, urgent, covered, now)
-            if queued:
-                self._cond.notify()
-
-    def _put(self, key: Key, subtree: bool, urgent: bool, covered: bool, now: float) -> bool:
-        """:meth:`put` of ``key`` under the lock at time ``now``; ``covered``:
-        :meth:`_covered` of it."""
-        if key in self._later:
-            if not (urgent or subtree):
-                return False
-            del self._later[key]  # promoted: re-queued below in the first lane
-            self._unlink(key)
-        if key in self._items:
-            if subtree and key not in self._subtrees:
-                self._subtrees.add(key)
-                self._unlink(key)
-                return True
-            return False
-        if covered:
-            return False
-        name = key[1]
-        if urgent or subtree or not name:
-            self._items[key] = now
-            if subtree:
-                self._subtrees.add(key)
-        else:
-            self._later[key] = now
-        if not subtree and name:
-            self._siblings.setdefault(key[0], set()).add(name)
-        return True
+            d = _key(d, "")[0]
+            covered = self._covered((d, ""))  # the same for every entry of ``d``
+            now = time.monotonic()
+            waiting = self._siblings.get(d)
+            if urgent and waiting:
+                later = self._later
+                for key in [k for k in zip(repeat(d), names & waiting) if k in later]:
+                    del later[key]  # promoted: to the end of the first lane, unless covered
+                    if covered:
+                        self._unlink(key)
+                    else:
+                        self._items[key] = now
+            if covered:
+                return
+            waiting = self._siblings.get(d)
+            fresh = names - waiting if waiting else set(names)
+            if self._subtrees:  # a directory of ``d`` waiting as a subtree covers its name
+                fresh = {n for n in fresh if (d, n) not in self._subtrees}
+            if not fresh:
+                return
+            (self._items if urgent else self._later).update(dict.fromkeys(zip(repeat(d), fresh),
+                                                                          now))
+            if waiting is None:
+                self._siblings[d] = fresh
+            else:
+                waiting |= fresh
+            self._cond.notify()
 
     def _unlink(self, key: Key) -> None:
         d, name = key
