@@ -335,12 +335,12 @@ def test_run_entries_heals_siblings_not_subtrees(accounts: Accounts, scratch: Pa
                           f"ln -s /etc/shadow {root}/d/link")
     cfg = parse({"roots": [{"path": str(root), "group": accounts.shared_group,
                             "exclude": ["d/skip"]}]}).roots[0]
-    stats = Healer(cfg).run_entries("d", ["f1", "f2", "sub", "link", "skip", "gone"])
+    stats = Healer(cfg).run_entries([("d", ["f1", "f2", "sub", "link", "skip", "gone"])])
     left = {p.removeprefix(f"{root}/") for p in find_violations(root, accounts.shared_gid)}
     assert left == {"d", "d/sub/inner", "d/sub/deeper", "d/skip", "d/skip/x"}
     assert stats.skipped["excluded"] == 1 and stats.skipped["vanished"] == 1
     assert os.stat("/etc/shadow").st_gid != accounts.shared_gid
-    again = Healer(cfg).run_entries("d", ["f1", "f2", "sub", "link"])
+    again = Healer(cfg).run_entries([("d", ["f1", "f2", "sub", "link"])])
     assert again.violations == 0 and again.writes == 0  # compliant: one stat each, no write
 
 

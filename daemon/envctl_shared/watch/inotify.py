@@ -125,6 +125,7 @@ DRAIN_MAX = 8 * 1024 * 1024  # a full default queue (16,384 events) is ~0.5-4 MB
 # batch holds what came in that time: a Python step per batch, not per event. The kernel's
 # queue (16,384 events by default) takes a burst of ~150k events/s for ~100 ms.
 GATHER = 0.005
+READ_AHEAD_EVERY = 32  # directory events handled, or walked, between reads ahead
 TICK = 1.0  # the reader wakes at least this often: its heartbeat, and idle fds released
 CACHE_SIZE = 64  # fds of recently used directories (the parent of the next new directory)
 
@@ -251,6 +252,9 @@ class InotifyWatch:
         self._cache: OrderedDict[_Node, int] = OrderedDict()  # node -> fd (LRU)
         self._limited = False  # ENOSPC seen: adding more watches is pointless
         self._batch = 0  # drained batches of events so far
+        self._ahead: list[bytes] = []  # events read while a batch was handled: the next one
+        self._ahead_size = 0
+        self._visits = 0  # directories walked so far (see _read_ahead)
         self.beat = time.monotonic()  # last sign of life of the reader (or of a walk)
 
     # -- lifecycle ------------------------------------------------------------------------
@@ -312,13 +316,16 @@ class InotifyWatch:
         poller.register(self._wake_r, select.POLLIN)
         while True:
             self.beat = time.monotonic()
-            ready = poller.poll(TICK * 1000)
-            if self._stopping:
+            if not self._ahead:
+                ready = poller.poll(TICK * 1000)
+                if self._stopping:
+                    return "stopped"
+                if not ready:
+                    self._clear_cache()  # idle: hold no directory open
+                    continue
+                time.sleep(GATHER)
+            elif self._stopping:
                 return "stopped"
-            if not ready:
-                self._clear_cache()  # idle: hold no directory open
-                continue
-            time.sleep(GATHER)
             data = self._drain()
             if not data:
                 continue
@@ -328,18 +335,29 @@ class InotifyWatch:
                 return reason
 
     def _drain(self) -> bytes:
-        """Every event queued now (up to DRAIN_MAX bytes), in one batch: whatever a walk then
-        finds on the disk is newer than all of them (see :meth:`_place`)."""
-        chunks: list[bytes] = []
-        size = 0
-        while size < DRAIN_MAX:
+        """Every event read ahead or queued now (up to DRAIN_MAX bytes), in one batch: whatever
+        a walk then finds on the disk is newer than all of them (see :meth:`_place`)."""
+        self._read_ahead()
+        data = b"".join(self._ahead)
+        self._ahead.clear()
+        self._ahead_size = 0
+        return data
+
+    def _read_ahead(self) -> None:
+        """Move what the kernel queued into the next batch (up to DRAIN_MAX bytes).
+
+        Called while a batch is handled too: the kernel's queue is bounded (16,384 events by
+        default), and a batch that walks many new directories takes long enough, with the heal
+        workers sharing the interpreter, for a burst to overflow it. Read ahead, events wait
+        here, in order, exactly as they would have waited there: they are the next batch, and
+        the walks of this one are newer than them only as they would have been anyway."""
+        while self._ahead_size < DRAIN_MAX:
             try:
                 chunk = os.read(self._ifd, READ_SIZE)
             except BlockingIOError:
-                break
-            chunks.append(chunk)
-            size += len(chunk)
-        return b"".join(chunks)
+                return
+            self._ahead.append(chunk)
+            self._ahead_size += len(chunk)
 
     def _dispatch(self, data: bytes) -> str | None:
         """Handle one batch's events; a reason when the watch must end.
@@ -358,7 +376,9 @@ class InotifyWatch:
         if overflow:
             return "overflow"
         self._count(counted)
-        for wd, mask, cookie, name in ordered:
+        for i, (wd, mask, cookie, name) in enumerate(ordered):
+            if i % READ_AHEAD_EVERY == READ_AHEAD_EVERY - 1:
+                self._read_ahead()
             node = nodes.get(wd)
             if node is None:
                 continue  # a watch removed since (moved out earlier in this batch)
@@ -577,6 +597,9 @@ class InotifyWatch:
         self.beat = time.monotonic()
         if self._progress is not None:
             self._progress()
+        self._visits += 1
+        if self._visits % READ_AHEAD_EVERY == 0:  # a long walk (a big tree moved in)
+            self._read_ahead()
         up = parent.node
         if self._limited or (excludes_below(self._exclude, up.parent is None)
                              and self._excluded(path_of(up, name))):

@@ -218,26 +218,46 @@ class WorkQueue:
         return False
 
     def get(self, timeout: float) -> Item | None:
+        """:meth:`get_many` of one item; None after ``timeout``."""
+        items = self.get_many(timeout, 1)
+        return items[0] if items else None
+
+    def get_many(self, timeout: float, most: int) -> list[Item]:
         """The oldest waiting item (with its waiting siblings) once it has waited ``SETTLE``
-        (the first lane's first), or None after ``timeout`` (so workers wake to show
-        liveness)."""
+        (the first lane's first), or [] after ``timeout`` (so workers wake to show liveness).
+        When it is a batch of entries, up to ``most`` - 1 more batches of other directories
+        that have settled come with it (a burst's directories hold a few entries each: one
+        hand-out, and one call of the healer, for many of them). Call :meth:`done` once."""
         with self._cond:
             lane = self._ready(time.monotonic() + timeout)
             if lane is None:
-                return None
-            key = lane.popitem(last=False)[0]
-            subtree = key in self._subtrees
-            if subtree:
-                self._subtrees.discard(key)
+                return []
             self._busy += 1
-            d, name = key
-            if subtree or not name:
-                return Item(d, name, subtree)
-            names = self._siblings.pop(d)
-            for n in names:  # siblings from both lanes: one resolve serves them all
-                self._items.pop((d, n), None)
-                self._later.pop((d, n), None)
-            return Item(d, "", False, tuple(sorted(names)))
+            items = [self._take(lane)]
+            while items[0].names and len(items) < most:
+                lane = self._ready(0.0)
+                if lane is None:
+                    break
+                d, name = next(iter(lane))
+                if not name or (d, name) in self._subtrees:
+                    break
+                items.append(self._take(lane))
+            return items
+
+    def _take(self, lane: OrderedDict[Key, float]) -> Item:
+        """The first item of ``lane``, with its waiting siblings (under the lock)."""
+        key = lane.popitem(last=False)[0]
+        subtree = key in self._subtrees
+        if subtree:
+            self._subtrees.discard(key)
+        d, name = key
+        if subtree or not name:
+            return Item(d, name, subtree)
+        names = self._siblings.pop(d)
+        for n in names:  # siblings from both lanes: one resolve serves them all
+            self._items.pop((d, n), None)
+            self._later.pop((d, n), None)
+        return Item(d, "", False, tuple(sorted(names)))
 
     def _ready(self, end: float) -> OrderedDict[Key, float] | None:
         """The lane whose oldest item has settled (waiting until one has, or until ``end``);
