@@ -63,7 +63,7 @@ import threading
 import time
 import weakref
 from collections import Counter, OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import Protocol
@@ -378,7 +378,7 @@ class Healer:
         finally:
             os.close(fd)
 
-    def run_entries(self, groups: Sequence[tuple[str, list[str]]]) -> HealStats:
+    def run_entries(self, groups: Iterable[tuple[str, list[str]]]) -> HealStats:
         """Heal, for each ``(parent, names)`` of ``groups``, entries ``names`` of the directory
         ``parent`` (not their subtrees), resolving ``parent`` once: the daemon's batches of
         event paths cost what a walk pays per entry.
