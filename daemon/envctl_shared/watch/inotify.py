@@ -10,8 +10,9 @@ follows without being rewritten. The queue holds nodes and names, not path strin
 item, and the healer re-resolves it from the root fd anyway.
 
 Two clocks meet in that table. Events are history, read in batches (everything queued is
-drained first); walks, which add watches, see the disk *now*, newer than every event of the
-batch being handled. A walk places what it finds where it is, but never takes a name from a
+drained first; what comes in while a batch is handled is read ahead into the next one, so the
+kernel's bounded queue does not overflow behind a long batch); walks, which add watches, see
+the disk *now*, newer than every event of the batch being handled. A walk places what it finds where it is, but never takes a name from a
 node that history still has there (an ``IN_MOVED_FROM`` still to come must find it); a rename
 event moves its node and takes the name. A directory renamed inside the root has its subtree
 re-walked where it is and queued for a subtree reconcile; one renamed away with no
