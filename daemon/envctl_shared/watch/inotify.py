@@ -12,9 +12,10 @@ item, and the healer re-resolves it from the root fd anyway.
 Two clocks meet in that table. Events are history, read in batches (everything queued is
 drained first; what comes in while a batch is handled is read ahead into the next one, so the
 kernel's bounded queue does not overflow behind a long batch); walks, which add watches, see
-the disk *now*, newer than every event of the batch being handled. A walk places what it finds where it is, but never takes a name from a
-node that history still has there (an ``IN_MOVED_FROM`` still to come must find it); a rename
-event moves its node and takes the name. A directory renamed inside the root has its subtree
+the disk *now*, newer than every event of the batch being handled. A walk places what it
+finds where it is, but never takes a name from a node that history still has there (an
+``IN_MOVED_FROM`` still to come must find it); a rename event moves its node and takes the
+name. A directory renamed inside the root has its subtree
 re-walked where it is and queued for a subtree reconcile; one renamed away with no
 ``IN_MOVED_TO`` in the root loses its watches (no event from outside may be taken for one
 inside), unless a walk of the same batch found it in the root, which is newer news; a directory
