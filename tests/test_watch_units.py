@@ -326,6 +326,50 @@ def test_inotify_filter_delivers_chmod_not_reads_or_writes(accounts: Accounts,
         w.stop()
 
 
+def test_inotify_reads_ahead_while_a_long_walk_runs(scratch: Path) -> None:
+    """A tree moved in is walked in one batch; the events a writer makes meanwhile, more than
+    the kernel's queue holds, are read ahead (into the next batch) instead of overflowing it:
+    no rebuild and reconcile of the root, and every file created is queued."""
+    limit = int(Path("/proc/sys/fs/inotify/max_queued_events").read_text())
+    files = limit + 5000
+    root = scratch / "root"
+    (root / "files").mkdir(parents=True)
+    tree = scratch / "tree"
+    for i in range(3000):
+        (tree / f"d{i}").mkdir(parents=True)
+    writer: list[subprocess.Popen[bytes]] = []
+
+    def slow_walk() -> None:  # each directory walked takes 1 ms while the writer runs
+        if not writer:
+            writer.append(subprocess.Popen([
+                sys.executable, "-c", "import os, sys\nfor i in range(int(sys.argv[2])):\n"
+                "    os.close(os.open(f'{sys.argv[1]}/f{i}', os.O_CREAT | os.O_WRONLY))",
+                str(root / "files"), str(files)]))
+        if writer[0].poll() is None:
+            time.sleep(0.001)
+
+    hooks = _Hooks()
+    q = WorkQueue()
+    w = InotifyWatch(root, q, hooks, lambda n: None, slow_walk)
+    w.start()
+    try:
+        os.rename(tree, root / "tree")
+        wait_for(lambda: bool(writer) and writer[0].poll() is not None, 60, 0.05, "the writer")
+        assert writer[0].returncode == 0
+        queued: set[str] = set()
+
+        def all_queued() -> bool:
+            for rel, _subtree, names in _drain(q):
+                if rel == "files":
+                    queued.update(names)
+            return len(queued) == files
+        wait_for(lambda: all_queued() or bool(hooks.seen), 30, 0.05, "every file queued")
+        assert hooks.seen == [] and len(queued) == files, hooks.seen  # no end:overflow
+        assert w.watch_count() == 3003
+    finally:
+        w.stop()
+
+
 def test_run_entries_heals_siblings_not_subtrees(accounts: Accounts, scratch: Path) -> None:
     """The healer's batch entry point the workers use (one resolution of the parent)."""
     root = make_root(scratch, accounts)
