@@ -1859,6 +1859,51 @@ static PyObject *py_events(PyObject *self, PyObject *args)
     return result;
 }
 
+/* The three inotify calls the watcher makes. Adding a watch is made once per directory walked
+ * (160k on a big root): through ctypes it cost ~7 us of the ~20 us the reader spends on a new
+ * directory, and it let the interpreter go to another thread on every one. */
+PyDoc_STRVAR(inotify_init_doc,
+"inotify_init() -> fd\n\n"
+"A new inotify instance, non-blocking and close-on-exec; raises OSError.");
+
+static PyObject *py_inotify_init(PyObject *self, PyObject *args)
+{
+    int fd = inotify_init1(IN_NONBLOCK | IN_CLOEXEC);
+    return fd < 0 ? PyErr_SetFromErrno(PyExc_OSError) : PyLong_FromLong(fd);
+}
+
+PyDoc_STRVAR(add_watch_doc,
+"add_watch(ifd, fd, mask) -> wd\n\n"
+"The watch descriptor of the directory open on ``fd``, added through /proc/self/fd/N (no\n"
+"path is resolved: the very directory opened; the kernel's existing descriptor for an inode\n"
+"already watched); raises OSError (ENOSPC: out of max_user_watches). Holds the GIL: one\n"
+"system call.");
+
+static PyObject *py_add_watch(PyObject *self, PyObject *args)
+{
+    int ifd, fd;
+    unsigned int mask;
+    if (!PyArg_ParseTuple(args, "iiI", &ifd, &fd, &mask))
+        return NULL;
+    char path[64];
+    snprintf(path, sizeof path, "/proc/self/fd/%d", fd);
+    int wd = inotify_add_watch(ifd, path, mask);
+    return wd < 0 ? PyErr_SetFromErrno(PyExc_OSError) : PyLong_FromLong(wd);
+}
+
+PyDoc_STRVAR(rm_watch_doc,
+"rm_watch(ifd, wd)\n\n"
+"Remove a watch (EINVAL, when the kernel already did, is ignored: so is every error).");
+
+static PyObject *py_rm_watch(PyObject *self, PyObject *args)
+{
+    int ifd, wd;
+    if (!PyArg_ParseTuple(args, "ii", &ifd, &wd))
+        return NULL;
+    inotify_rm_watch(ifd, wd);
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
     {"scan", py_scan, METH_VARARGS, scan_doc},
     {"walk", py_walk, METH_VARARGS, walk_doc},
@@ -1868,6 +1913,9 @@ static PyMethodDef methods[] = {
     {"stat", py_stat, METH_VARARGS, stat_doc},
     {"judge", py_judge, METH_VARARGS, judge_doc},
     {"events", py_events, METH_VARARGS, events_doc},
+    {"inotify_init", py_inotify_init, METH_NOARGS, inotify_init_doc},
+    {"add_watch", py_add_watch, METH_VARARGS, add_watch_doc},
+    {"rm_watch", py_rm_watch, METH_VARARGS, rm_watch_doc},
     {NULL, NULL, 0, NULL},
 };
 

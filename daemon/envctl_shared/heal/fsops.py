@@ -128,6 +128,25 @@ class Events(NamedTuple):
     entries: list[tuple[int, set[str], set[str]]]  # (wd, urgent names, later names)
 
 
+def inotify_init() -> int:
+    """A new inotify instance, non-blocking and close-on-exec; raises OSError."""
+    fd: int = _fastfs.inotify_init()
+    return fd
+
+
+def add_watch(ifd: int, fd: int, mask: int) -> int:
+    """The watch descriptor of the directory open on ``fd`` in the inotify instance ``ifd``
+    (through ``/proc/self/fd/N``: no path resolved; the kernel's existing one for an inode
+    already watched); raises OSError (``ENOSPC``: out of ``max_user_watches``)."""
+    wd: int = _fastfs.add_watch(ifd, fd, mask)
+    return wd
+
+
+def rm_watch(ifd: int, wd: int) -> None:
+    """Remove a watch (an error, as when the kernel already did, is ignored)."""
+    _fastfs.rm_watch(ifd, wd)
+
+
 def read_events(data: bytes, wds: dict[int, Any], root_wd: int) -> Events:
     """The watcher's batch of events (``struct inotify_event`` records) reduced in one C call:
     events of watch descriptors not in ``wds`` (and of one after its ``IN_IGNORED``) dropped;
