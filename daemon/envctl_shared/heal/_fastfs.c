@@ -16,6 +16,10 @@
  * changed come back as skipped with their reason; an entry that changed between inspection
  * and fix is handed back to Python's slow path, which judges it again here.
  *
+ * The watcher's per-event work is here too (events: one read batch of inotify events reduced
+ * to what Python acts on; the three inotify calls): a Python step per event cost more than
+ * the heal it asked for.
+ *
  * There is one walk (tree_walk) and it has visit modes: heal/check (judge and heal every
  * entry, the GIL released), the poller's stamp check (known directories against their stamps)
  * and list (the directories the inotify watcher must watch, each handed to Python with an fd

@@ -7,8 +7,9 @@ C extension :mod:`envctl_shared.heal._fastfs` executes a root's :class:`~envctl_
 go through its one ``classify``, and every walk is its one walk (``tree_walk`` in C) in one
 of three visit modes: heal/check (:meth:`Engine.walk`), the poller's stamp check
 (:meth:`Engine.check_stamps`) and the watcher's directory listing (:func:`list_dirs`); it
-also holds the fd primitives (``stat``, ``open_dir``). This module is its typed face, so the
-walker and the watcher never touch C types.
+also holds the fd primitives (``stat``, ``open_dir``), and the watcher's inotify calls and
+the reduction of its read batches (:func:`read_events`): per event, Python cost more than
+the kernel. This module is its typed face, so the walker and the watcher never touch C types.
 """
 
 from __future__ import annotations
