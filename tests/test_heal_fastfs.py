@@ -120,6 +120,35 @@ def test_scan_fixes_plain_entries_and_hands_back_the_rest(scratch: Path,
     assert again.fixed == [] and again.scanned == 7 and len(again.skipped) == 2
 
 
+def test_scan_with_dirs_heals_a_directory_entry_not_its_contents(scratch: Path,
+                                                                 accounts: Accounts) -> None:
+    """The daemon's batches of named entries: a directory named is judged and healed like a
+    file (through its proven O_PATH fd), never entered; a symlink to a directory is the link."""
+    gid, uid = accounts.shared_gid, accounts.alice.uid
+    (scratch / "sub").mkdir(mode=0o700)
+    (scratch / "sub" / "inner").touch(mode=0o600)
+    os.chown(scratch / "sub", uid, accounts.alice.gid)
+    os.chown(scratch / "sub" / "inner", uid, accounts.alice.gid)
+    (scratch / "elsewhere").mkdir(mode=0o700)
+    os.symlink(scratch / "elsewhere", scratch / "dirlink")
+    os.lchown(scratch / "dirlink", uid, accounts.alice.gid)
+    fd = os.open(scratch, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        found = _engine(gid).scan(fd, ["sub", "dirlink"], MountRef(os.fstat(fd).st_dev, -1),
+                                  fix=True, dirs=True)
+    finally:
+        os.close(fd)
+    assert found.subdirs == [] and found.attention == [] and found.scanned == 2
+    fixed = {f[1]: f for f in found.fixed}
+    assert fixed["sub"][2:] == (stat.S_IFDIR | 0o700, accounts.alice.gid, 1, 0o2770)
+    assert os.lstat(scratch / "sub").st_gid == gid
+    assert stat.S_IMODE(os.lstat(scratch / "sub" / "inner").st_mode) == 0o600  # not entered
+    assert os.lstat(scratch / "sub" / "inner").st_gid == accounts.alice.gid
+    assert os.lstat(scratch / "dirlink").st_gid == gid  # the link itself
+    assert os.lstat(scratch / "elsewhere").st_gid != gid  # never its target
+    assert stat.S_IMODE(os.lstat(scratch / "elsewhere").st_mode) == 0o700
+
+
 def test_scan_without_fix_changes_nothing(scratch: Path, accounts: Accounts) -> None:
     _populate(scratch, accounts)
     before = {p.name: os.lstat(p) for p in scratch.iterdir()}

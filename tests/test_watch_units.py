@@ -7,6 +7,8 @@ an unchanged tree lists nothing; the inotify mask delivers chmod but not reads o
 from __future__ import annotations
 
 import os
+import random
+import struct
 import subprocess
 import sys
 import time
@@ -17,7 +19,7 @@ from envctl_shared.config import parse
 from envctl_shared.heal import Healer
 from envctl_shared.watch.inotify import InotifyWatch
 from envctl_shared.watch.poll import Poller
-from envctl_shared.watch.queue import ROOT, WorkQueue
+from envctl_shared.watch.queue import ROOT, SETTLE, WorkQueue
 
 from tests.conftest import Accounts
 from tests.helpers import as_user, find_violations, wait_for
@@ -27,9 +29,11 @@ from tests.watch_support import make_root, make_source
 Drained = tuple[str, bool, tuple[str, ...]]  # an item as (rel, subtree, names)
 
 
-def _drain(q: WorkQueue) -> list[Drained]:
+def _drain(q: WorkQueue, wait: float = 2 * SETTLE) -> list[Drained]:
+    """Every item waiting now (each handed out once it has settled: ``wait`` 0 when all
+    have)."""
     out = []
-    while (item := q.get(0)) is not None:
+    while (item := q.get(wait)) is not None:
         out.append((q.path(item), item.subtree, item.names))
         q.done()
     return out
@@ -134,6 +138,80 @@ def test_queue_puts_attribute_changes_after_new_entries() -> None:
     assert q.wait_idle(0)
 
 
+def test_queue_put_names_is_put_of_each_name() -> None:
+    """The reader queues a batch's names of one directory at once (set operations): the same
+    queue, item for item and lane for lane, as a put of each name. With subtree items in the
+    mix, the same items: where an entry upgraded in place stands depends on the order of the
+    names of its batch, which is a set's."""
+    rng = random.Random(7)
+    names = [f"n{i}" for i in range(6)]
+    for i in range(60):
+        one, many = WorkQueue(), WorkQueue()
+        t1, tm = _Tree(one), _Tree(many)
+        subtrees = i % 2 == 1
+        for _ in range(12):
+            rel = rng.choice(["", "d", "d/s", "e"])
+            if subtrees and rng.random() < 0.2:  # a directory arriving: its subtree item
+                sub = f"{rel}/{rng.choice(names)}" if rel else rng.choice(names)
+                t1.put(sub, subtree=True)
+                tm.put(sub, subtree=True)
+                continue
+            batch = set(rng.sample(names, rng.randint(1, 4)))
+            urgent = rng.random() < 0.5
+            for n in sorted(batch):
+                t1.put(f"{rel}/{n}" if rel else n, urgent=urgent)
+            many.put_names(tm.dir(rel), batch, urgent)
+        time.sleep(SETTLE)  # all settled: handed out lane by lane
+        got, want = _drain(many, 0), _drain(one, 0)
+        assert (sorted(got) == sorted(want)) if subtrees else (got == want)
+
+
+def test_queue_settles_an_entry_so_its_siblings_join_it() -> None:
+    """An item is handed out once it has waited SETTLE: the entries a writer makes meanwhile
+    in the same directory come with it, in one batch (one resolve, one C call)."""
+    q = WorkQueue()
+    t = _Tree(q)
+    start = time.monotonic()
+    t.put("d/a")
+    assert q.get(SETTLE / 4) is None  # not settled yet
+    t.put("d/b", urgent=False)
+    item = q.get(1.0)
+    assert item is not None and time.monotonic() - start >= SETTLE
+    assert (q.path(item), item.names) == ("d", ("a", "b"))
+    q.done()
+    q.close()
+    t.put("late")
+    assert q.get(0) is None  # closed: nothing waits to settle, nothing more is queued
+
+
+def test_read_events_keeps_table_events_in_order_and_groups_entries() -> None:
+    """The C reduction of a read batch: table events in order, entry names grouped per watch
+    and lane (each once), unknown watches and those after their IN_IGNORED dropped, a file
+    moved away dropped, a directory's own IN_ATTRIB kept only for the root."""
+    from envctl_shared.heal.fsops import read_events
+    from envctl_shared.watch.inotify import IN
+
+    def ev(wd: int, mask: int, name: bytes = b"", cookie: int = 0) -> bytes:
+        padded = name + b"\0" * (16 - len(name) % 16) if name else b""
+        return struct.pack("iIII", wd, mask, cookie, len(padded)) + padded
+
+    data = b"".join([
+        ev(1, IN.IN_CREATE, b"f"), ev(1, IN.IN_ATTRIB, b"f"), ev(1, IN.IN_ATTRIB, b"g"),
+        ev(2, IN.IN_CREATE | IN.IN_ISDIR, b"d"), ev(2, IN.IN_ATTRIB | IN.IN_ISDIR, b"d"),
+        ev(3, IN.IN_ATTRIB | IN.IN_ISDIR), ev(1, IN.IN_ATTRIB), ev(9, IN.IN_CREATE, b"x"),
+        ev(2, IN.IN_MOVED_FROM, b"m", 5), ev(2, IN.IN_MOVED_FROM | IN.IN_ISDIR, b"s", 6),
+        ev(4, IN.IN_CREATE, b"y"), ev(4, IN.IN_IGNORED), ev(4, IN.IN_CREATE, b"z"),
+        ev(2, IN.IN_ATTRIB, b"\xff")])
+    got = read_events(data, {1: "root", 2: "d2", 3: "d3", 4: "d4"}, 1)
+    assert not got.overflow and got.counted == 12
+    assert got.ordered == [(2, IN.IN_CREATE | IN.IN_ISDIR, 0, "d"), (1, IN.IN_ATTRIB, 0, None),
+                           (2, IN.IN_MOVED_FROM | IN.IN_ISDIR, 6, "s"),
+                           (4, IN.IN_IGNORED, 0, None)]
+    assert got.entries == [(1, {"f"}, {"g"}), (2, set(), {"d", os.fsdecode(b"\xff")})]
+    over = read_events(data + ev(-1, IN.IN_Q_OVERFLOW) + ev(1, IN.IN_CREATE, b"h"), {1: "r"}, 1)
+    assert over.overflow and not over.ordered and not over.entries
+
+
 def _root_cfg(root: Path, group: str):  # type: ignore[no-untyped-def]
     return parse({"roots": [{"path": str(root), "group": group}]}).roots[0]
 
@@ -214,7 +292,7 @@ def test_inotify_filter_delivers_chmod_not_reads_or_writes(accounts: Accounts,
     q = WorkQueue()
     hooks = _Hooks()
     counted = hooks.seen
-    w = InotifyWatch(root, q, hooks, lambda: counted.append("event"))
+    w = InotifyWatch(root, q, hooks, lambda n: counted.extend(["event"] * n))
     w.start()
     try:
         assert w.watch_count() == 2
@@ -248,6 +326,50 @@ def test_inotify_filter_delivers_chmod_not_reads_or_writes(accounts: Accounts,
         w.stop()
 
 
+def test_inotify_reads_ahead_while_a_long_walk_runs(scratch: Path) -> None:
+    """A tree moved in is walked in one batch; the events a writer makes meanwhile, more than
+    the kernel's queue holds, are read ahead (into the next batch) instead of overflowing it:
+    no rebuild and reconcile of the root, and every file created is queued."""
+    limit = int(Path("/proc/sys/fs/inotify/max_queued_events").read_text())
+    files = limit + 5000
+    root = scratch / "root"
+    (root / "files").mkdir(parents=True)
+    tree = scratch / "tree"
+    for i in range(3000):
+        (tree / f"d{i}").mkdir(parents=True)
+    writer: list[subprocess.Popen[bytes]] = []
+
+    def slow_walk() -> None:  # each directory walked takes 1 ms while the writer runs
+        if not writer:
+            writer.append(subprocess.Popen([
+                sys.executable, "-c", "import os, sys\nfor i in range(int(sys.argv[2])):\n"
+                "    os.close(os.open(f'{sys.argv[1]}/f{i}', os.O_CREAT | os.O_WRONLY))",
+                str(root / "files"), str(files)]))
+        if writer[0].poll() is None:
+            time.sleep(0.001)
+
+    hooks = _Hooks()
+    q = WorkQueue()
+    w = InotifyWatch(root, q, hooks, lambda n: None, slow_walk)
+    w.start()
+    try:
+        os.rename(tree, root / "tree")
+        wait_for(lambda: bool(writer) and writer[0].poll() is not None, 60, 0.05, "the writer")
+        assert writer[0].returncode == 0
+        queued: set[str] = set()
+
+        def all_queued() -> bool:
+            for rel, _subtree, names in _drain(q):
+                if rel == "files":
+                    queued.update(names)
+            return len(queued) == files
+        wait_for(lambda: all_queued() or bool(hooks.seen), 30, 0.05, "every file queued")
+        assert hooks.seen == [] and len(queued) == files, hooks.seen  # no end:overflow
+        assert w.watch_count() == 3003
+    finally:
+        w.stop()
+
+
 def test_run_entries_heals_siblings_not_subtrees(accounts: Accounts, scratch: Path) -> None:
     """The healer's batch entry point the workers use (one resolution of the parent)."""
     root = make_root(scratch, accounts)
@@ -257,12 +379,12 @@ def test_run_entries_heals_siblings_not_subtrees(accounts: Accounts, scratch: Pa
                           f"ln -s /etc/shadow {root}/d/link")
     cfg = parse({"roots": [{"path": str(root), "group": accounts.shared_group,
                             "exclude": ["d/skip"]}]}).roots[0]
-    stats = Healer(cfg).run_entries("d", ["f1", "f2", "sub", "link", "skip", "gone"])
+    stats = Healer(cfg).run_entries([("d", ["f1", "f2", "sub", "link", "skip", "gone"])])
     left = {p.removeprefix(f"{root}/") for p in find_violations(root, accounts.shared_gid)}
     assert left == {"d", "d/sub/inner", "d/sub/deeper", "d/skip", "d/skip/x"}
     assert stats.skipped["excluded"] == 1 and stats.skipped["vanished"] == 1
     assert os.stat("/etc/shadow").st_gid != accounts.shared_gid
-    again = Healer(cfg).run_entries("d", ["f1", "f2", "sub", "link"])
+    again = Healer(cfg).run_entries([("d", ["f1", "f2", "sub", "link"])])
     assert again.violations == 0 and again.writes == 0  # compliant: one stat each, no write
 
 
@@ -294,7 +416,7 @@ def test_inotify_walk_keeps_few_fds_open_whatever_the_depth(scratch: Path) -> No
     held: list[int] = []
     hooks = _Hooks()
     q = WorkQueue()
-    w = inotify.InotifyWatch(root, q, hooks, lambda: None,
+    w = inotify.InotifyWatch(root, q, hooks, lambda n: None,
                              lambda: held.append(len(os.listdir("/proc/self/fd")) - base))
     w.start()
     try:

@@ -7,8 +7,9 @@ C extension :mod:`envctl_shared.heal._fastfs` executes a root's :class:`~envctl_
 go through its one ``classify``, and every walk is its one walk (``tree_walk`` in C) in one
 of three visit modes: heal/check (:meth:`Engine.walk`), the poller's stamp check
 (:meth:`Engine.check_stamps`) and the watcher's directory listing (:func:`list_dirs`); it
-also holds the fd primitives (``stat``, ``open_dir``). This module is its typed face, so the
-walker and the watcher never touch C types.
+also holds the fd primitives (``stat``, ``open_dir``), and the watcher's inotify calls and
+the reduction of its read batches (:func:`read_events`): per event, Python cost more than
+the kernel. This module is its typed face, so the walker and the watcher never touch C types.
 """
 
 from __future__ import annotations
@@ -119,6 +120,45 @@ def list_dirs(dirfd: int, token: Any, names: Sequence[str] | None, root: MountRe
                                      root.dev, root.mnt, visit))
 
 
+class Events(NamedTuple):
+    """One read batch of inotify events, as :func:`read_events` reduced it."""
+
+    counted: int  # events of known watches
+    overflow: bool  # the kernel's queue overflowed (the rest is empty)
+    ordered: list[tuple[int, int, int, str | None]]  # (wd, mask, cookie, name): in order
+    entries: list[tuple[int, set[str], set[str]]]  # (wd, urgent names, later names)
+
+
+def inotify_init() -> int:
+    """A new inotify instance, non-blocking and close-on-exec; raises OSError."""
+    fd: int = _fastfs.inotify_init()
+    return fd
+
+
+def add_watch(ifd: int, fd: int, mask: int) -> int:
+    """The watch descriptor of the directory open on ``fd`` in the inotify instance ``ifd``
+    (through ``/proc/self/fd/N``: no path resolved; the kernel's existing one for an inode
+    already watched); raises OSError (``ENOSPC``: out of ``max_user_watches``)."""
+    wd: int = _fastfs.add_watch(ifd, fd, mask)
+    return wd
+
+
+def rm_watch(ifd: int, wd: int) -> None:
+    """Remove a watch (an error, as when the kernel already did, is ignored)."""
+    _fastfs.rm_watch(ifd, wd)
+
+
+def read_events(data: bytes, wds: dict[int, Any], root_wd: int) -> Events:
+    """The watcher's batch of events (``struct inotify_event`` records) reduced in one C call:
+    events of watch descriptors not in ``wds`` (and of one after its ``IN_IGNORED``) dropped;
+    the events that change the watcher's table (a directory created, moved in or away, a
+    watch's own ``IN_IGNORED``/``IN_MOVE_SELF``/..., ``root_wd``'s own ``IN_ATTRIB``) kept in
+    order; every other named event only names an entry to heal, and those are grouped by
+    watch, each name once, in two sets: created or moved in (``urgent``), attributes changed
+    only (``later``). A file moved away is dropped."""
+    return Events(*_fastfs.events(data, wds, root_wd))
+
+
 # Entries handed back by the C loop name their directory by a node index (see ``WalkResult``;
 # always 0 in a scan) and carry their own name.
 def open_dir(dirfd: int, rel: str) -> int:
@@ -217,7 +257,7 @@ class Engine:
         return Judged(*_fastfs.judge(fd, self._c, fix, root.dev, root.mnt, is_root))
 
     def scan(self, dirfd: int, names: Sequence[str] | None, root: MountRef, *, fix: bool,
-             tally: bool = False, lanes: int = 1) -> ScanResult:
+             tally: bool = False, lanes: int = 1, dirs: bool = False) -> ScanResult:
         """Inspect ``names`` in ``dirfd`` (None: list it) with the GIL released.
 
         Wrong entries are fixed in C through a proven ``O_PATH`` fd (or with ``fix`` off, listed
@@ -226,10 +266,12 @@ class Engine:
         errno 0, for the walker's slow path. With ``tally``, entries fixed are only counted
         (``tallied``): a heal nobody reads entry by entry builds no tuple per entry. ``names``
         are shared among up to ``lanes`` C threads, each inspecting its share (on NFS/FUSE each
-        lookup is a round trip: lanes keep that many in flight per caller).
+        lookup is a round trip: lanes keep that many in flight per caller). With ``dirs``, a
+        directory among ``names`` is judged and healed like any other entry (the entry itself,
+        not what is below it) instead of coming back in ``subdirs``.
         """
         return ScanResult(*_fastfs.scan(dirfd, names, self._c, fix, root.dev, root.mnt, tally,
-                                        lanes))
+                                        lanes, dirs))
 
     def walk(self, dirfd: int, root: MountRef, *, fix: bool, tally: bool = False) -> WalkResult:
         """``scan`` the whole subtree below ``dirfd`` in one call, with the GIL released.

@@ -63,7 +63,8 @@ import threading
 import time
 import weakref
 from collections import Counter, OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from functools import partial
 from typing import NamedTuple, Protocol
 
 from ..config import RootConfig
@@ -275,6 +276,11 @@ def excludes_below(patterns: tuple[str, ...], at_root: bool) -> bool:
     return bool(patterns) and (at_root or any(c in p for p in patterns for c in "/*?["))
 
 
+def _child(parent: str, _node: int, name: str) -> str:
+    """The path of entry ``name`` of ``parent`` (a finding's, from a scan's record)."""
+    return f"{parent}/{name}"
+
+
 def _clean(rel: str, names: Sequence[str]) -> bool:
     """Whether ``rel`` ("" : the root) is a clean relative path and ``names`` plain names."""
     parts = rel.split("/") if rel else []
@@ -369,42 +375,58 @@ class Healer:
         finally:
             os.close(fd)
 
-    def run_entries(self, parent: str, names: list[str]) -> HealStats:
-        """Heal entries ``names`` of the directory ``parent`` (not their subtrees), resolving
-        ``parent`` once: the daemon's batches of event paths cost what a walk pays per entry.
+    def run_entries(self, groups: Iterable[tuple[str, list[str]]]) -> HealStats:
+        """Heal, for each ``(parent, names)`` of ``groups``, entries ``names`` of the directory
+        ``parent`` (not their subtrees), resolving ``parent`` once: the daemon's batches of
+        event paths cost what a walk pays per entry.
 
-        The usual batch (a directory below the root, no pattern that may exclude there, one
-        thread) is one C scan and its accounting, without a pass's machinery (~65 µs a batch,
-        and a burst of 60k entries makes ~20k batches); only what the scan hands back
-        (directories, entries changed under it or failed) goes through a full pass."""
-        top = parent.partition("/")[0]
-        if (not parent or self.concurrency > 1 or excludes_below(self.rules.exclude, False)
-                or self.excluded(top) or not _clean(parent, names)):
-            return _Pass(self).run(parent, False, names)
+        The usual group (a directory below the root, no pattern that may exclude there, one
+        thread) is one C scan, without a pass's machinery (~65 µs a batch, and a burst of 60k
+        entries makes ~20k batches); directories among ``names`` are judged there like files
+        (the entry, not its subtree: a pass per directory named cost more than the rest of the
+        batch). The root is opened, and C's tallies counted, once for all groups (a burst's
+        directories hold a few entries each). Only what a scan hands back (entries changed
+        under it or failed) goes through a full pass, as do the other groups."""
         start = time.monotonic()
         stats = HealStats()
+        tallied: Tallied = []
+        serial = self.concurrency == 1 and not excludes_below(self.rules.exclude, False)
         root_fd = os.open(self.root.path, DIR_FLAGS)
         try:
             mount = MountRef.of(stat_at(root_fd))
-            try:
-                fd = open_dir(root_fd, parent)
-            except OSError:  # gone, another mount, a symlink: the full pass tells which
-                return _Pass(self).run(parent, False, names)
-            try:
-                found = self.engine.scan(fd, names, mount, fix=not self.dry_run,
-                                         tally=not self.c_reporting)
-            finally:
-                os.close(fd)
+            for parent, names in groups:
+                again = names
+                if (serial and parent and not self.excluded(parent.partition("/")[0])
+                        and _clean(parent, names)):
+                    found = self._scan_entries(root_fd, mount, parent, names)
+                    if found is not None:
+                        stats.scanned += found.scanned
+                        tallied += found.tallied
+                        if found.fixed or found.skipped:
+                            self.count_c(found.fixed, found.skipped, [],
+                                         partial(_child, parent), stats)
+                        again = [a[1] for a in found.attention]
+                if again:
+                    stats.merge(_Pass(self).run(parent, False, again))
         finally:
             os.close(root_fd)
-        stats.scanned += found.scanned
-        self.count_c(found.fixed, found.skipped, found.tallied,
-                     lambda _node, name: f"{parent}/{name}", stats)
-        again = [*found.subdirs, *(a[1] for a in found.attention)]
-        if again:
-            stats.merge(_Pass(self).run(parent, False, again))
+        self.count_c([], [], tallied, lambda _node, name: name, stats)
         stats.duration = time.monotonic() - start
         return stats
+
+    def _scan_entries(self, root_fd: int, mount: MountRef, parent: str,
+                      names: list[str]) -> ScanResult | None:
+        """``names`` of ``parent`` (resolved from the root) through one C scan; None when
+        ``parent`` cannot be opened (gone, another mount, a symlink: a full pass says which)."""
+        try:
+            fd = open_dir(root_fd, parent)
+        except OSError:
+            return None
+        try:
+            return self.engine.scan(fd, names, mount, fix=not self.dry_run,
+                                    tally=not self.c_reporting, dirs=True)
+        finally:
+            os.close(fd)
 
     # -- reporting (called from worker threads) ------------------------------------------
 

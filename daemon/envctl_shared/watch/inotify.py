@@ -10,10 +10,12 @@ follows without being rewritten. The queue holds nodes and names, not path strin
 item, and the healer re-resolves it from the root fd anyway.
 
 Two clocks meet in that table. Events are history, read in batches (everything queued is
-drained first); walks, which add watches, see the disk *now*, newer than every event of the
-batch being handled. A walk places what it finds where it is, but never takes a name from a
-node that history still has there (an ``IN_MOVED_FROM`` still to come must find it); a rename
-event moves its node and takes the name. A directory renamed inside the root has its subtree
+drained first; what comes in while a batch is handled is read ahead into the next one, so the
+kernel's bounded queue does not overflow behind a long batch); walks, which add watches, see
+the disk *now*, newer than every event of the batch being handled. A walk places what it
+finds where it is, but never takes a name from a node that history still has there (an
+``IN_MOVED_FROM`` still to come must find it); a rename event moves its node and takes the
+name. A directory renamed inside the root has its subtree
 re-walked where it is and queued for a subtree reconcile; one renamed away with no
 ``IN_MOVED_TO`` in the root loses its watches (no event from outside may be taken for one
 inside), unless a walk of the same batch found it in the root, which is newer news; a directory
@@ -40,8 +42,9 @@ Why not watchdog (see docs/field-facts.md, "watchdog", and ``bench/watchdog_fit.
 but adds watches by path string, so nothing deeper than ``PATH_MAX`` is watched, and its
 bookkeeping is keyed by path where ours is keyed by directory identity. Its public API has no
 bare kernel binding (``watchdog.observers.inotify_c`` is an internal module), so the three calls
-are bound here with ctypes: ``inotify_init1``, ``inotify_add_watch``, ``inotify_rm_watch``, and
-the kernel ABI's constants (``<sys/inotify.h>``, stable since Linux 2.6.13). Its polling observer
+are bound by the C engine (``fsops.inotify_init``, ``add_watch``, ``rm_watch``: a watch added
+once per directory walked cost ~7 µs more through ctypes), and the kernel ABI's constants are
+here (``<sys/inotify.h>``, stable since Linux 2.6.13). Its polling observer
 does not fit either (see :mod:`~envctl_shared.watch.poll`).
 
 The mask: IN_CREATE, IN_MOVED_TO, IN_MOVED_FROM (to pair renames), IN_ATTRIB, IN_MOVE_SELF and
@@ -53,11 +56,9 @@ Everything runs on one reader thread; the queue it feeds does no I/O.
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import os
 import select
-import struct
 import threading
 import time
 from collections import OrderedDict
@@ -65,7 +66,17 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
-from ..heal.fsops import DIR_FLAGS, PATH_DIR_FLAGS, MountRef, list_dirs, stat_at
+from ..heal.fsops import (
+    DIR_FLAGS,
+    PATH_DIR_FLAGS,
+    MountRef,
+    add_watch,
+    inotify_init,
+    list_dirs,
+    read_events,
+    rm_watch,
+    stat_at,
+)
 from ..heal.walker import compile_excludes, excludes_below
 from .queue import WorkQueue, path_of
 
@@ -84,46 +95,20 @@ class IN:
     IN_IGNORED = 0x00008000
     IN_ONLYDIR = 0x01000000
     IN_ISDIR = 0x40000000
-    IN_NONBLOCK = os.O_NONBLOCK
-    IN_CLOEXEC = os.O_CLOEXEC
-
-
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.inotify_init1.argtypes = [ctypes.c_int]
-_libc.inotify_add_watch.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_uint32]
-_libc.inotify_rm_watch.argtypes = [ctypes.c_int, ctypes.c_int]
-
-
-def inotify_init() -> int:
-    """A new inotify instance, non-blocking and close-on-exec; raises OSError."""
-    fd: int = _libc.inotify_init1(IN.IN_NONBLOCK | IN.IN_CLOEXEC)
-    if fd < 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"inotify_init1: {os.strerror(err)}")
-    return fd
-
-
-def inotify_add_watch(ifd: int, path: bytes, mask: int) -> int:
-    """The watch descriptor of ``path`` (the kernel's existing one for a watched inode), or -1
-    with the errno in ``ctypes.get_errno()``."""
-    wd: int = _libc.inotify_add_watch(ifd, path, mask)
-    return wd
-
-
-def inotify_rm_watch(ifd: int, wd: int) -> None:
-    """Remove a watch (EINVAL when the kernel already did: ignored)."""
-    _libc.inotify_rm_watch(ifd, wd)
 
 
 MASK = (IN.IN_CREATE | IN.IN_MOVED_TO | IN.IN_MOVED_FROM | IN.IN_ATTRIB | IN.IN_MOVE_SELF
         | IN.IN_DELETE_SELF | IN.IN_ONLYDIR)
-_ARRIVED = IN.IN_CREATE | IN.IN_MOVED_TO
 _ROOT_GONE = IN.IN_MOVE_SELF | IN.IN_DELETE_SELF | IN.IN_UNMOUNT | IN.IN_IGNORED
-_HEADER = struct.Struct("iIII")  # struct inotify_event: wd, mask, cookie, len; then the name
 _VANISHED = (errno.ENOENT, errno.ENOTDIR, errno.ELOOP)  # gone, or replaced by a non-directory
 READ_SIZE = 64 * 1024
 MAX_USER_WATCHES = "/proc/sys/fs/inotify/max_user_watches"
 DRAIN_MAX = 8 * 1024 * 1024  # a full default queue (16,384 events) is ~0.5-4 MB
+# Woken by the first event of a burst, the reader waits this long before draining, so that a
+# batch holds what came in that time: a Python step per batch, not per event. The kernel's
+# queue (16,384 events by default) takes a burst of ~150k events/s for ~100 ms.
+GATHER = 0.005
+READ_AHEAD_EVERY = 32  # directory events handled, or walked, between reads ahead
 TICK = 1.0  # the reader wakes at least this often: its heartbeat, and idle fds released
 CACHE_SIZE = 64  # fds of recently used directories (the parent of the next new directory)
 
@@ -225,12 +210,13 @@ class InotifyWatch:
     is attributed to the root it happened on, and a removed root releases its watches.
     """
 
-    def __init__(self, root: Path, queue: WorkQueue, hooks: Hooks, count: Callable[[], None],
+    def __init__(self, root: Path, queue: WorkQueue, hooks: Hooks, count: Callable[[int], None],
                  progress: Callable[[], None] | None = None,
                  exclude: tuple[str, ...] = ()) -> None:
-        """``count`` is called for every event; ``progress`` for every directory a walk
-        visits (a liveness signal during long walks). Directories ``exclude`` matches (the
-        root's patterns) get no watch: the healer never enters them either."""
+        """``count`` is called with the number of events of each batch; ``progress`` for
+        every directory a walk visits (a liveness signal during long walks). Directories
+        ``exclude`` matches (the root's patterns) get no watch: the healer never enters them
+        either."""
         self._root_path = root
         self._exclude = exclude
         self._excluded = compile_excludes(exclude)
@@ -249,6 +235,9 @@ class InotifyWatch:
         self._cache: OrderedDict[_Node, int] = OrderedDict()  # node -> fd (LRU)
         self._limited = False  # ENOSPC seen: adding more watches is pointless
         self._batch = 0  # drained batches of events so far
+        self._ahead: list[bytes] = []  # events read while a batch was handled: the next one
+        self._ahead_size = 0
+        self._visits = 0  # directories walked so far (see _read_ahead)
         self.beat = time.monotonic()  # last sign of life of the reader (or of a walk)
 
     # -- lifecycle ------------------------------------------------------------------------
@@ -310,12 +299,16 @@ class InotifyWatch:
         poller.register(self._wake_r, select.POLLIN)
         while True:
             self.beat = time.monotonic()
-            ready = poller.poll(TICK * 1000)
-            if self._stopping:
+            if not self._ahead:
+                ready = poller.poll(TICK * 1000)
+                if self._stopping:
+                    return "stopped"
+                if not ready:
+                    self._clear_cache()  # idle: hold no directory open
+                    continue
+                time.sleep(GATHER)
+            elif self._stopping:
                 return "stopped"
-            if not ready:
-                self._clear_cache()  # idle: hold no directory open
-                continue
             data = self._drain()
             if not data:
                 continue
@@ -325,46 +318,55 @@ class InotifyWatch:
                 return reason
 
     def _drain(self) -> bytes:
-        """Every event queued now (up to DRAIN_MAX bytes), in one batch: whatever a walk then
-        finds on the disk is newer than all of them (see :meth:`_place`)."""
-        chunks: list[bytes] = []
-        size = 0
-        while size < DRAIN_MAX:
+        """Every event read ahead or queued now (up to DRAIN_MAX bytes), in one batch: whatever
+        a walk then finds on the disk is newer than all of them (see :meth:`_place`)."""
+        self._read_ahead()
+        data = b"".join(self._ahead)
+        self._ahead.clear()
+        self._ahead_size = 0
+        return data
+
+    def _read_ahead(self) -> None:
+        """Move what the kernel queued into the next batch (up to DRAIN_MAX bytes).
+
+        Called while a batch is handled too: the kernel's queue is bounded (16,384 events by
+        default), and a batch that walks many new directories takes long enough, with the heal
+        workers sharing the interpreter, for a burst to overflow it. Read ahead, events wait
+        here, in order, exactly as they would have waited there: they are the next batch, and
+        the walks of this one are newer than them only as they would have been anyway."""
+        while self._ahead_size < DRAIN_MAX:
             try:
                 chunk = os.read(self._ifd, READ_SIZE)
             except BlockingIOError:
-                break
-            chunks.append(chunk)
-            size += len(chunk)
-        return b"".join(chunks)
+                return
+            self._ahead.append(chunk)
+            self._ahead_size += len(chunk)
 
     def _dispatch(self, data: bytes) -> str | None:
-        """Handle one batch's events in order; a reason when the watch must end.
+        """Handle one batch's events; a reason when the watch must end.
 
+        C reduces the batch first (:func:`~envctl_shared.heal.fsops.read_events`): the events
+        that change the table (directories placed, watches gone) are handled here in order;
+        then every other entry named, once per batch and lane, is queued with its siblings.
         A file's later events in the same batch (its creation, the writer's chmod, the echo
         of our own fix) queue nothing more than its first did: a heal that starts after the
-        batch was read sees every change the batch reports. Only the lane may differ (an
-        attribute change, then a creation, is promoted), so the lane is part of the key."""
+        batch was read sees every change the batch reports. Entries are queued after the
+        table is updated: those of a directory whose watch went in this batch (deleted, or
+        moved out of the root) are not queued at all."""
         nodes = self._nodes
-        queued: set[tuple[_Node, bytes, bool]] = set()  # file entries this batch queued
-        off, end = 0, len(data)
-        while off < end:
-            wd, mask, cookie, length = _HEADER.unpack_from(data, off)
-            name = data[off + 16:off + 16 + length].rstrip(b"\0")
-            off += 16 + length
+        assert self._root is not None
+        counted, overflow, ordered, entries = read_events(data, nodes, self._root.wd)
+        if overflow:
+            return "overflow"
+        self._count(counted)
+        for i, (wd, mask, cookie, name) in enumerate(ordered):
+            if i % READ_AHEAD_EVERY == READ_AHEAD_EVERY - 1:
+                self._read_ahead()
             node = nodes.get(wd)
             if node is None:
-                if mask & IN.IN_Q_OVERFLOW:
-                    return "overflow"
-                continue  # a watch removed since (its IN_IGNORED, or late events)
-            self._count()
-            if name:
-                if not mask & (IN.IN_ISDIR | IN.IN_MOVED_FROM):
-                    key = (node, name, bool(mask & _ARRIVED))
-                    if key in queued:
-                        continue
-                    queued.add(key)
-                self._on_entry(node, os.fsdecode(name), mask, cookie)
+                continue  # a watch removed since (moved out earlier in this batch)
+            if name is not None:
+                self._on_dir(node, name, mask, cookie)
             elif node is self._root:
                 if mask & _ROOT_GONE:
                     return "root"
@@ -378,25 +380,24 @@ class InotifyWatch:
                     node.cookie = 0
                 else:
                     self._moved_out(node)
+        for wd, urgent, later in entries:
+            node = nodes.get(wd)
+            if node is not None:
+                self._queue.put_names(node, urgent, True)
+                self._queue.put_names(node, later, False)
         return None
 
-    def _on_entry(self, parent: _Node, name: str, mask: int, cookie: int) -> None:
-        """An event about entry ``name`` of the watched directory ``parent``."""
-        if mask & IN.IN_ISDIR:
-            if mask & IN.IN_MOVED_FROM:
-                child = parent.children.get(name)
-                if child is not None:  # where it lands decides: here, or out of the root
-                    self._moving.pop(child.cookie, None)
-                    child.cookie = cookie
-                    self._moving[cookie] = child
-                return
-            if mask & _ARRIVED:
-                moved = self._moving.pop(cookie, None) if mask & IN.IN_MOVED_TO else None
-                self._arrived(parent, name, moved)
-                return
-        elif mask & IN.IN_MOVED_FROM:
-            return  # a file leaving: nothing to heal
-        self._queue.put(parent, name, False, bool(mask & _ARRIVED))
+    def _on_dir(self, parent: _Node, name: str, mask: int, cookie: int) -> None:
+        """Directory ``name`` of the watched directory ``parent`` created, moved in or away."""
+        if mask & IN.IN_MOVED_FROM:
+            child = parent.children.get(name)
+            if child is not None:  # where it lands decides: here, or out of the root
+                self._moving.pop(child.cookie, None)
+                child.cookie = cookie
+                self._moving[cookie] = child
+            return
+        moved = self._moving.pop(cookie, None) if mask & IN.IN_MOVED_TO else None
+        self._arrived(parent, name, moved)
 
     def _arrived(self, parent: _Node, name: str, moved: _Node | None) -> None:
         """A directory created or moved in: watch it (and everything below it not watched in
@@ -433,7 +434,7 @@ class InotifyWatch:
         while stack:
             n = stack.pop()
             stack.extend(n.below())
-            inotify_rm_watch(self._ifd, n.wd)
+            rm_watch(self._ifd, n.wd)
             self._forget(n)
 
     def _forget(self, node: _Node) -> None:
@@ -556,14 +557,13 @@ class InotifyWatch:
     def _add_watch(self, fd: int) -> int:
         """The watch descriptor of the directory behind ``fd`` (the kernel returns the existing
         one for an inode already watched); -1 when out of watches."""
-        wd = inotify_add_watch(self._ifd, b"/proc/self/fd/%d" % fd, MASK)
-        if wd >= 0:
-            return wd
-        err = ctypes.get_errno()
-        if err == errno.ENOSPC:
-            self._limited = True
-            return -1
-        raise OSError(err, f"inotify_add_watch: {os.strerror(err)}")
+        try:
+            return add_watch(self._ifd, fd, MASK)
+        except OSError as exc:
+            if exc.errno != errno.ENOSPC:
+                raise
+        self._limited = True
+        return -1
 
     def _walk(self, fd: int, top: _Visit, names: list[str] | None) -> list[tuple[_Visit, bool]]:
         """Watch every directory below ``top`` (already watched; its fd ``fd``; only its entries
@@ -579,6 +579,9 @@ class InotifyWatch:
         self.beat = time.monotonic()
         if self._progress is not None:
             self._progress()
+        self._visits += 1
+        if self._visits % READ_AHEAD_EVERY == 0:  # a long walk (a big tree moved in)
+            self._read_ahead()
         up = parent.node
         if self._limited or (excludes_below(self._exclude, up.parent is None)
                              and self._excluded(path_of(up, name))):
