@@ -166,13 +166,21 @@ def test_queue_put_names_is_put_of_each_name() -> None:
         assert (sorted(got) == sorted(want)) if subtrees else (got == want)
 
 
-def test_queue_settles_an_entry_so_its_siblings_join_it() -> None:
-    """An item is handed out once it has waited SETTLE: the entries a writer makes meanwhile
-    in the same directory come with it, in one batch (one resolve, one C call)."""
+def test_queue_settles_an_entry_in_a_burst_so_its_siblings_join_it() -> None:
+    """At rest an item is handed out at once (a lone change healed in a millisecond). While a
+    burst goes on (something handed out less than SETTLE ago) it is handed out once it has
+    waited SETTLE: the entries a writer makes meanwhile in the same directory come with it, in
+    one batch (one resolve, one C call)."""
     q = WorkQueue()
     t = _Tree(q)
+    t.put("d/first")
     start = time.monotonic()
-    t.put("d/a")
+    item = q.get(1.0)
+    assert item is not None and item.names == ("first",)
+    assert time.monotonic() - start < SETTLE / 2  # at rest: no wait
+    q.done()
+    start = time.monotonic()
+    t.put("d/a")  # just after a hand-out: a burst
     assert q.get(SETTLE / 4) is None  # not settled yet
     t.put("d/b", urgent=False)
     item = q.get(1.0)

@@ -18,9 +18,11 @@ because the subtree pass will see them anyway. Readers never block: ``put`` only
 Entries are handed out in batches of siblings: taking one entry takes every waiting entry of
 the same directory with it, so a worker resolves that directory once for all of them (a burst
 writes many files per directory; resolving each path from the root costs ~4x the heal itself).
-An item is handed out only once it has waited ``SETTLE``, so that a batch holds what a writer
-made meanwhile rather than the one or two entries an idle worker would find; the reader queues
-one read batch's names of a directory at once (``put_names``).
+While a burst goes on, an item is handed out only once it has waited ``SETTLE``, so that a
+batch holds what a writer made meanwhile rather than the one or two entries an idle worker would
+find; at rest (nothing handed out for ``SETTLE``) an item is ready at once, so a lone change is
+healed in a millisecond, not in ``SETTLE``. The reader queues one read batch's names of a
+directory at once (``put_names``).
 
 Two lanes: creations and moves (``urgent``) go before attribute changes. Most IN_ATTRIB events
 of a burst are the echoes of our own fixes, which find nothing to do; in one lane they would
@@ -47,10 +49,10 @@ from typing import NamedTuple, Protocol
 # Parent links followed to build one path, at most: past it a rename racing the read (see the
 # module docstring) made a loop, which no tree deeper than this can be confused with.
 MAX_DEPTH = 1 << 22
-# How long an item waits before a worker takes it. A burst names each entry several times
-# (its creation, the writer's own chmod or utime, the echo of our fix) and a directory's
-# entries one by one: taken at once, a batch held one or two names, and its fixed cost (a
-# resolve from the root, a C call, the accounting) was paid per entry. After this wait a
+# How long an item waits before a worker takes it during a burst. A burst names each entry
+# several times (its creation, the writer's own chmod or utime, the echo of our fix) and a
+# directory's entries one by one: taken at once, a batch held one or two names, and its fixed
+# cost (a resolve from the root, a C call, the accounting) was paid per entry. After this wait a
 # batch holds what the writer made in that time, and entries below a waiting new directory
 # are not queued at all (its subtree pass covers them). Far below what a person notices.
 SETTLE = 0.02
@@ -109,7 +111,8 @@ class WorkQueue:
     """FIFO of distinct entries; ``subtree`` wins over ``entry`` for the same or a deeper one."""
 
     def __init__(self) -> None:
-        # key -> when queued (monotonic), in each lane; subtree items are also in _subtrees
+        # key -> when it may be handed out (monotonic: ``_ready_at``), in each lane; subtree
+        # items are also in _subtrees
         self._items: OrderedDict[Key, float] = OrderedDict()
         self._later: OrderedDict[Key, float] = OrderedDict()  # entries from attribute events
         self._siblings: dict[Dir, set[str]] = {}  # directory -> names waiting as entries
@@ -119,6 +122,7 @@ class WorkQueue:
         self._closed = False
         self._moves = 0  # renames so far: a path built before one may be stale
         self._last: tuple[Dir, str, int] | None = None  # a directory, its path, at _moves
+        self._handed = float("-inf")  # when get_many last handed something out
 
     def put(self, d: Dir, name: str = "", subtree: bool = False, urgent: bool = True) -> bool:
         """Queue entry ``name`` of directory ``d`` (the root: ``ROOT`` and ""); False when it
@@ -142,7 +146,7 @@ class WorkQueue:
                 return False
             if self._covered(key):
                 return False
-            now = time.monotonic()
+            now = self._ready_at()
             if urgent or subtree or not name:
                 self._items[key] = now
                 if subtree:
@@ -165,7 +169,7 @@ class WorkQueue:
                 return
             d = _key(d, "")[0]
             covered = self._covered((d, ""))  # the same for every entry of ``d``
-            now = time.monotonic()
+            now = self._ready_at()
             waiting = self._siblings.get(d)
             if urgent and waiting:
                 later = self._later
@@ -190,6 +194,12 @@ class WorkQueue:
             else:
                 waiting |= fresh
             self._cond.notify()
+
+    def _ready_at(self) -> float:
+        """When an item queued now may be handed out: at once at rest, after ``SETTLE`` while
+        a burst goes on (something was handed out less than ``SETTLE`` ago)."""
+        now = time.monotonic()
+        return now + SETTLE if now - self._handed < SETTLE else now
 
     def _unlink(self, key: Key) -> None:
         d, name = key
@@ -223,7 +233,7 @@ class WorkQueue:
         return items[0] if items else None
 
     def get_many(self, timeout: float, most: int) -> list[Item]:
-        """The oldest waiting item (with its waiting siblings) once it has waited ``SETTLE``
+        """The oldest waiting item (with its waiting siblings) once it is ready (``_ready_at``)
         (the first lane's first), or [] after ``timeout`` (so workers wake to show liveness).
         When it is a batch of entries, up to ``most`` - 1 more batches of other directories
         that have settled come with it (a burst's directories hold a few entries each: one
@@ -233,6 +243,7 @@ class WorkQueue:
             if lane is None:
                 return []
             self._busy += 1
+            self._handed = time.monotonic()
             items = [self._take(lane)]
             while items[0].names and len(items) < most:
                 lane = self._ready(0.0)
@@ -267,7 +278,7 @@ class WorkQueue:
             wait = end - now
             for lane in (self._items, self._later):
                 if lane:
-                    ready = next(iter(lane.values())) + SETTLE
+                    ready = next(iter(lane.values()))
                     if ready <= now or self._closed:
                         return lane
                     wait = min(wait, ready - now)
