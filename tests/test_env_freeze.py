@@ -5,8 +5,10 @@
 - its record holds a digest; ``verify`` recomputes it and names every difference a root made
   (content, mode, an added file), exit 1, and 0 when clean; ``env show``/``env list``/
   ``status`` say so;
-- the freeze walks any depth (a 3,000-level chain), refuses fifos and setuid files naming
-  them, and shares identical files through the store (3 copies ≈ the disk of one);
+- the freeze walks any depth (a 3,000-level chain; a 1,000-level tree with directories
+  pending at every level, within a few dozen fds, and verify names a change at its bottom),
+  refuses fifos and setuid files naming them, and shares identical files through the store
+  (3 copies ≈ the disk of one);
 - versions built before freezing existed are frozen when the daemon starts;
 - a running daemon adds no inotify watch for a version, and leaves it without write bits.
 """
