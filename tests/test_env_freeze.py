@@ -166,11 +166,14 @@ def test_a_deep_bushy_tree_freezes_and_verify_finds_a_change_at_its_bottom(
 
 def _bushy_freeze_and_tamper(tree: Path, levels: int, gid: int) -> None:
     cur = tree
-    for _ in range(levels):
+    for level in range(levels):
         for sib in ("s0", "s1", "s2"):
             (cur / sib).mkdir(parents=True)
             (cur / sib / "f").write_text("same\n")
         (cur / "f").write_text("same\n")
+        if level in (300, 700):  # hashed on a worker, its directory closed by the walk meanwhile
+            with open(cur / "big", "wb") as fh:
+                fh.truncate(freeze.PARALLEL_BYTES)  # sparse: no disk
         cur = cur / "d"
     cur.mkdir()
     (cur / "f").write_text("bottom\n")
@@ -188,7 +191,7 @@ def _bushy_freeze_and_tamper(tree: Path, levels: int, gid: int) -> None:
                            (in_use + layout.HELD_LEVELS + 2 * freeze.IN_FLIGHT + 32, hard))
         try:
             frozen = freeze.freeze(parent, "v1", target, str(tree), store)
-            assert frozen.entries == 3 + 8 * levels
+            assert (frozen.entries, frozen.linked) == (5 + 8 * levels, 4 * levels)
             assert freeze.verify(parent, "v1", target, frozen.digest, str(tree), store)[1] == []
             (cur / "f").write_text("BOTTOM\n")  # root writes a read-only file
             os.chown(cur / "g", 1, 1)

@@ -80,8 +80,7 @@ STORE = "store"  # <root>/.envctl/store
 MANIFESTS = "manifests"  # <root>/.envctl/store/manifests/<digest hex>.gz
 PARALLEL_BYTES = 64 << 20  # files from this size are hashed on workers (see the docstring)
 _CHUNK = 1 << 20
-IN_FLIGHT = 16  # large files queued or being hashed at once (each holds its fd and a dup
-#   of its directory's)
+IN_FLIGHT = 16  # large files queued or hashed at once (each holds its fd, its directory's dup)
 _FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
 _LINK_TMP = ".envctl-link-"
 _WRITE = stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH

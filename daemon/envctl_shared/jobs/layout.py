@@ -206,6 +206,9 @@ class _Level:
     key: tuple[int, int]
 
 
+_listed = tuple.__new__  # a Listed without its generated __new__: 0.5 us less per entry
+
+
 def _listing(fd: int) -> Iterator[tuple[str, str, int]]:
     """The entries of the directory ``fd``: their types are taken from the listing (``d_type``;
     a filesystem that gives none is asked with an ``lstat`` here, while ``fd`` is open)."""
@@ -281,41 +284,43 @@ def walk_listed(top_fd: int, descend: Callable[[os.stat_result], bool],
         stack[0].names = _listing(stack[0].fd)
         while stack:
             level = stack[-1]
-            found = next(level.names, None)
-            if found is None:
+            fd, where = level.fd, level.path
+            for name, kind, ino in level.names:  # left (and resumed) to enter a directory
+                if kind != "d":
+                    yield _listed(Listed, (fd, where, name, kind, ino, None))
+                    continue
+                try:
+                    sub = os.open(name, DIR_FLAGS, dir_fd=fd)
+                except OSError as exc:
+                    if racing and exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):
+                        continue
+                    raise
+                try:
+                    st = os.fstat(sub)
+                    yield _listed(Listed, (fd, where, name, kind, ino, (sub, st)))
+                    entered = descend(st)
+                    if entered:
+                        path = f"{where}/{name}" if where else name
+                        stack.append(_Level(sub, _listing(sub), name, path,
+                                            (st.st_dev, st.st_ino)))
+                except BaseException:
+                    os.close(sub)
+                    raise
+                if not entered:
+                    os.close(sub)
+                    continue
+                if len(stack) > HELD_LEVELS + 1:
+                    os.close(fd)  # re-opened through ``..`` when the walk comes back up
+                    level.fd = -1
+                break
+            else:  # its last entry: back to its parent
                 stack.pop()
                 if stack and stack[-1].fd < 0:
-                    stack[-1].fd = _up(level.fd, stack[-1].key, shown)
-                os.close(level.fd)
+                    stack[-1].fd = _up(fd, stack[-1].key, shown)
+                os.close(fd)
                 level.fd = -1
                 if leave is not None and stack:
                     leave(stack[-1].fd, level.name)
-                continue
-            name, kind, ino = found
-            if kind != "d":
-                yield Listed(level.fd, level.path, name, kind, ino, None)
-                continue
-            try:
-                sub = os.open(name, DIR_FLAGS, dir_fd=level.fd)
-            except OSError as exc:
-                if racing and exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):
-                    continue
-                raise
-            try:
-                st = os.fstat(sub)
-                yield Listed(level.fd, level.path, name, kind, ino, (sub, st))
-                entered = descend(st)
-                if entered:
-                    path = f"{level.path}/{name}" if level.path else name
-                    stack.append(_Level(sub, _listing(sub), name, path, (st.st_dev, st.st_ino)))
-            except BaseException:
-                os.close(sub)
-                raise
-            if not entered:
-                os.close(sub)
-            elif len(stack) > HELD_LEVELS + 1:
-                os.close(level.fd)  # re-opened through ``..`` when the walk comes back up
-                level.fd = -1
     finally:
         for level in stack:
             if level.fd >= 0:
