@@ -178,13 +178,13 @@ class _Walk:
     _flags: int = field(
         default_factory=lambda: _FILE_FLAGS | (os.O_NOATIME if os.geteuid() == 0 else 0))
 
-    def run(self, parent_fd: int, name: str) -> None:
+    def run(self, parent_fd: int, tree: str) -> None:
         if self.store is not None:
             self._store_dev, self._stored = self.store.index()
         workers = max(2, os.cpu_count() or 2)
         gate = threading.BoundedSemaphore(IN_FLIGHT)
         futures: list[Future[None]] = []
-        top = os.open(name, DIR_FLAGS, dir_fd=parent_fd)
+        top = os.open(tree, DIR_FLAGS, dir_fd=parent_fd)
         try:
             with ThreadPoolExecutor(workers, thread_name_prefix="envctl-freeze") as pool:
                 def submit(fn: Callable[[], None]) -> None:
@@ -202,8 +202,18 @@ class _Walk:
                         raise
                 try:
                     self._entry(".", top, os.fstat(top))
-                    for item in layout.walk_listed(top, lambda st: True, shown=self.shown):
-                        self._visit(item, submit)
+                    for parent, where, name, kind, ino, opened in layout.walk_listed(
+                            top, lambda st: True, shown=self.shown):  # unpacked: 60k entries
+                        rel = f"{where}/{name}" if where else name
+                        if opened is not None:
+                            self._entry(rel, *opened)
+                        elif kind == "l":
+                            self._symlink(parent, name, rel)
+                        elif kind != "f":  # never opened: opening a device may act on it
+                            self._entry(rel, -1, os.stat(name, dir_fd=parent,
+                                                         follow_symlinks=False))
+                        elif not self._as_frozen(parent, name, ino, rel):
+                            self._file(parent, name, rel, submit)
                 finally:
                     for fut in futures:
                         fut.exception()  # every file closed before the error is raised
@@ -212,33 +222,20 @@ class _Walk:
         for fut in futures:
             fut.result()
 
-    def _visit(self, item: layout.Listed, submit: Callable[[Callable[[], None]], None]
-               ) -> None:
-        rel = f"{item.where}/{item.name}" if item.where else item.name
-        if item.opened is not None:
-            self._entry(rel, *item.opened)
-        elif item.kind == "l":
-            self._symlink(item.parent, item.name, rel)
-        elif item.kind == "f":
-            if not self._as_frozen(item, rel):
-                self._file(item.parent, item.name, rel, submit)
-        else:  # never opened: opening a device may act on it
-            self._entry(rel, -1, os.stat(item.name, dir_fd=item.parent, follow_symlinks=False))
-
-    def _as_frozen(self, item: layout.Listed, rel: str) -> bool:
+    def _as_frozen(self, dir_fd: int, name: str, ino: int, rel: str) -> bool:
         """Note a file that is one of the store's copies already, without opening it: its
         inode is listed in ``Store.index`` (the trusted step links conda's cache, whose inodes
         the first freeze made the store's), its owner and mode are the target's (nothing to
         change) and the store's name carries its hash: only the daemon writes the store, and
         nobody can write a read-only inode it owns (nor held it open for writing: the freeze
         that stored it asked, ``_writer_left``, or copied it). A verify never takes this path."""
-        stored = self._stored.get(item.ino)
+        stored = self._stored.get(ino)
         if stored is None:
             return False
-        st = os.stat(item.name, dir_fd=item.parent, follow_symlinks=False)
+        st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
         perm = stat.S_IMODE(st.st_mode)
         if not stat.S_ISREG(st.st_mode) or st.st_mode & _SETID or (st.st_dev, st.st_ino) != (
-                self._store_dev, item.ino) or st.st_nlink < 2 or perm != stored[1] \
+                self._store_dev, ino) or st.st_nlink < 2 or perm != stored[1] \
                 or perm != self.target.mode(st.st_mode) \
                 or (st.st_uid, st.st_gid) != (self.target.uid, self.target.gid):
             return False
