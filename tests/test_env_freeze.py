@@ -5,8 +5,10 @@
 - its record holds a digest; ``verify`` recomputes it and names every difference a root made
   (content, mode, an added file), exit 1, and 0 when clean; ``env show``/``env list``/
   ``status`` say so;
-- the freeze walks any depth (a 3,000-level chain), refuses fifos and setuid files naming
-  them, and shares identical files through the store (3 copies ≈ the disk of one);
+- the freeze walks any depth (a 3,000-level chain; a 1,000-level tree with directories
+  pending at every level, within a few dozen fds, and verify names a change at its bottom),
+  refuses fifos and setuid files naming them, and shares identical files through the store
+  (3 copies ≈ the disk of one);
 - versions built before freezing existed are frozen when the daemon starts;
 - a running daemon adds no inotify watch for a version, and leaves it without write bits.
 """
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import shutil
 import stat
 import subprocess
@@ -23,9 +26,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from envctl_shared import fsinfo
 from envctl_shared.api.client import Client
 from envctl_shared.errors import BuildFailed
-from envctl_shared.jobs import JobManager, State, envs, freeze, integrity
+from envctl_shared.jobs import JobManager, State, envs, freeze, integrity, layout
 from envctl_shared.jobs.lock import NameLock
 
 from tests.api_support import ApiDaemon, start_api_daemon
@@ -143,6 +147,65 @@ def test_a_3000_level_chain_freezes(scratch: Path, accounts: object) -> None:
                            capture_output=True, text=True, check=True).stdout.count("\n")
     assert depth == 3001
     subprocess.run(["rm", "-rf", str(scratch / "deep")], check=True)  # rmtree recurses per level
+
+
+def test_a_deep_bushy_tree_freezes_and_verify_finds_a_change_at_its_bottom(
+        scratch: Path, accounts: object) -> None:
+    """A chain of 1,000 levels with three more directories (a file in each) and a file at
+    every level: the freeze's own walk once let at most 512 directories pend and refused this
+    tree (a version GC removes without a word could be neither frozen nor verified). Frozen
+    and verified through the jobs layer's one walk under an fd limit far below one fd per
+    level; a file changed and a file given away at the bottom are named by verify."""
+    levels = 1000
+    tree = scratch / "env" / "v1"
+    try:
+        _bushy_freeze_and_tamper(tree, levels, accounts.shared_gid)  # type: ignore[attr-defined]
+    finally:
+        subprocess.run(["rm", "-rf", str(tree.parent)], check=True)  # rmtree recurses per level
+
+
+def _bushy_freeze_and_tamper(tree: Path, levels: int, gid: int) -> None:
+    cur = tree
+    for level in range(levels):
+        for sib in ("s0", "s1", "s2"):
+            (cur / sib).mkdir(parents=True)
+            (cur / sib / "f").write_text("same\n")
+        (cur / "f").write_text("same\n")
+        if level in (300, 700):  # hashed on a worker, its directory closed by the walk meanwhile
+            with open(cur / "big", "wb") as fh:
+                fh.truncate(freeze.PARALLEL_BYTES)  # sparse: no disk
+        cur = cur / "d"
+    cur.mkdir()
+    (cur / "f").write_text("bottom\n")
+    (cur / "g").write_text("given away\n")  # unique: the store links the same ones together
+    bottom = "/".join(["d"] * levels)
+    target = freeze.Target(0, gid, "none")
+    fsinfo.mount_of(str(tree))  # its mount table stays open (MountWatch), not the walk's
+    fds = len(os.listdir("/proc/self/fd"))
+    parent = os.open(tree.parent, os.O_RDONLY)
+    store = freeze.Store(parent, str(tree.parent / "store"), target)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    in_use = len(os.listdir("/proc/self/fd"))
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE,
+                           (in_use + layout.HELD_LEVELS + 2 * freeze.IN_FLIGHT + 32, hard))
+        try:
+            frozen = freeze.freeze(parent, "v1", target, str(tree), store)
+            assert (frozen.entries, frozen.linked) == (5 + 8 * levels, 4 * levels)
+            assert freeze.verify(parent, "v1", target, frozen.digest, str(tree), store)[1] == []
+            (cur / "f").write_text("BOTTOM\n")  # root writes a read-only file
+            os.chown(cur / "g", 1, 1)
+            now, diffs = freeze.verify(parent, "v1", target, frozen.digest, str(tree), store)
+        finally:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    finally:
+        store.close()
+        os.close(parent)
+    assert len(os.listdir("/proc/self/fd")) == fds
+    assert now != frozen.digest
+    assert [(d.path, d.what) for d in diffs] == [
+        (f"{bottom}/f", "content"),
+        (f"{bottom}/g", "owner")]
 
 
 @pytest.mark.parametrize("kind", ["fifo", "setuid"])

@@ -9,11 +9,14 @@ owner = the daemon's uid, group = the requests root's group, no write bit for an
 ``others`` policy. Nothing in it can then be added, changed, renamed or removed but by root.
 
 How, and why so: the tree was made by the build's uid, which may have left anything in it.
-So the walk is fd-based and never follows a symlink (each directory opened ``O_NOFOLLOW``
-relative to its parent's fd, changes made through fds: ``fchown``/``fchmod`` of the opened
-entry, ``lchown`` for symlinks); it is iterative with an explicit stack (a user-made depth of
-thousands must not hit Python's recursion limit) and holds a bounded number of directory fds
-(a directory's fd is released once its last subdirectory is opened). Setuid/setgid files and
+So the walk is the jobs layer's one walk, ``layout.walk_listed`` (fd-based, never following a
+symlink, iterative, a bounded number of directory fds whatever the depth or width: the tree GC
+and ``remove_tree`` walk alike), and changes are made through fds: ``fchown``/``fchmod`` of the
+opened entry, ``lchown`` for symlinks. The freeze once kept a stack of its own, whose directory
+fds were shared with the files still queued for hashing, and refused a tree with more than 512
+directories pending at once: a build could make a version that could be neither frozen nor
+verified, yet GC removed it. A file hashed on a worker now holds a ``dup`` of its directory's
+fd instead (``_file``), bounded by the queue (``IN_FLIGHT``). Setuid/setgid files and
 special files (fifo, socket, device) fail the freeze with their path: a shared env never needs
 them, and freezing one would hand the daemon's ownership to whatever it is. So does a file that
 something still holds open for writing (``_writer_left``): taking its write bits off revokes no
@@ -75,10 +78,9 @@ from . import layout
 
 STORE = "store"  # <root>/.envctl/store
 MANIFESTS = "manifests"  # <root>/.envctl/store/manifests/<digest hex>.gz
-FD_BUDGET = 512  # directory fds a walk may hold (pending siblings on the way down)
 PARALLEL_BYTES = 64 << 20  # files from this size are hashed on workers (see the docstring)
 _CHUNK = 1 << 20
-IN_FLIGHT = 16  # large files queued or being hashed at once (each holds its fd)
+IN_FLIGHT = 16  # large files queued or hashed at once (each holds its fd, its directory's dup)
 _FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
 _LINK_TMP = ".envctl-link-"
 _WRITE = stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH
@@ -155,30 +157,6 @@ def parse_manifest(data: bytes) -> dict[str, Entry]:
     return out
 
 
-class _Ref:
-    """A directory fd shared by its pending subdirectories and files; closed by the last."""
-
-    __slots__ = ("count", "fd", "lock", "walk")
-
-    def __init__(self, fd: int, walk: _Walk) -> None:
-        self.fd, self.count, self.lock, self.walk = fd, 1, threading.Lock(), walk
-        with walk.lock:
-            walk.held += 1
-
-    def take(self) -> None:
-        with self.lock:
-            self.count += 1
-
-    def release(self) -> None:
-        with self.lock:
-            self.count -= 1
-            last = self.count == 0
-        if last:
-            os.close(self.fd)
-            with self.walk.lock:
-                self.walk.held -= 1
-
-
 @dataclass
 class _Walk:
     """One walk of a version: frozen (``store`` set when deduplicating) or only read."""
@@ -192,7 +170,6 @@ class _Walk:
     entries: dict[str, Entry] = field(default_factory=dict)
     owners: dict[str, str] = field(default_factory=dict)  # verify: rel -> wrong owner/group
     linked: int = 0  # files replaced by a link to the store
-    held: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
     _hashes: dict[tuple[int, int], str] = field(default_factory=dict)
     _stored: dict[int, tuple[str, int]] = field(default_factory=dict)  # Store.index
@@ -201,85 +178,64 @@ class _Walk:
     _flags: int = field(
         default_factory=lambda: _FILE_FLAGS | (os.O_NOATIME if os.geteuid() == 0 else 0))
 
-    def run(self, parent_fd: int, name: str) -> None:
+    def run(self, parent_fd: int, tree: str) -> None:
         if self.store is not None:
             self._store_dev, self._stored = self.store.index()
         workers = max(2, os.cpu_count() or 2)
         gate = threading.BoundedSemaphore(IN_FLIGHT)
         futures: list[Future[None]] = []
-        with ThreadPoolExecutor(workers, thread_name_prefix="envctl-freeze") as pool:
-            def submit(fn: Callable[[], None]) -> None:
-                gate.acquire()
+        top = os.open(tree, DIR_FLAGS, dir_fd=parent_fd)
+        try:
+            with ThreadPoolExecutor(workers, thread_name_prefix="envctl-freeze") as pool:
+                def submit(fn: Callable[[], None]) -> None:
+                    gate.acquire()
 
-                def task() -> None:
+                    def task() -> None:
+                        try:
+                            fn()
+                        finally:
+                            gate.release()
                     try:
-                        fn()
-                    finally:
+                        futures.append(pool.submit(task))
+                    except BaseException:
                         gate.release()
-                futures.append(pool.submit(task))
-            try:
-                self._walk(parent_fd, name, submit)
-            finally:
-                for fut in futures:
-                    fut.exception()  # every file closed before the error is raised
+                        raise
+                try:
+                    self._entry(".", top, os.fstat(top))
+                    for parent, where, name, kind, ino, opened in layout.walk_listed(
+                            top, lambda st: True, shown=self.shown):  # unpacked: 60k entries
+                        rel = f"{where}/{name}" if where else name
+                        if opened is not None:
+                            self._entry(rel, *opened)
+                        elif kind == "l":
+                            self._symlink(parent, name, rel)
+                        elif kind != "f":  # never opened: opening a device may act on it
+                            self._entry(rel, -1, os.stat(name, dir_fd=parent,
+                                                         follow_symlinks=False))
+                        elif not self._as_frozen(parent, name, ino, rel):
+                            self._file(parent, name, rel, submit)
+                finally:
+                    for fut in futures:
+                        fut.exception()  # every file closed before the error is raised
+        finally:
+            os.close(top)
         for fut in futures:
             fut.result()
 
-    def _walk(self, parent_fd: int, name: str, submit: Callable[[Callable[[], None]], None]
-              ) -> None:
-        stack: list[tuple[_Ref | None, str, str]] = [(None, name, ".")]
-        try:
-            self._descend(parent_fd, stack, submit)
-        finally:  # an error: the directories still to visit let go of their parents' fds
-            for parent, _sub, _rel in stack:
-                if parent is not None:
-                    parent.release()
-
-    def _descend(self, parent_fd: int, stack: list[tuple[_Ref | None, str, str]],
-                 submit: Callable[[Callable[[], None]], None]) -> None:
-        while stack:
-            parent, sub, rel = stack.pop()
-            try:
-                fd = os.open(sub, DIR_FLAGS, dir_fd=parent_fd if parent is None else parent.fd)
-            finally:
-                if parent is not None:
-                    parent.release()
-            ref = _Ref(fd, self)
-            try:
-                if self.held > FD_BUDGET:
-                    raise BuildFailed(f"{self.shown}: more than {FD_BUDGET} directories with "
-                                      f"subdirectories still to freeze are nested at {rel}",
-                                      hint="a tree this shape is not an environment")
-                self._entry(rel, fd, os.fstat(fd))
-                for entry in _scan(fd):
-                    child = entry.name if rel == "." else f"{rel}/{entry.name}"
-                    if entry.is_dir(follow_symlinks=False):
-                        ref.take()
-                        stack.append((ref, entry.name, child))
-                    elif entry.is_symlink():
-                        self._symlink(fd, entry.name, child)
-                    elif entry.is_file(follow_symlinks=False):
-                        if not self._as_frozen(entry, child):
-                            self._file(ref, entry.name, child, submit)
-                    else:  # never opened: opening a device may act on it
-                        self._entry(child, -1, entry.stat(follow_symlinks=False))
-            finally:
-                ref.release()
-
-    def _as_frozen(self, entry: os.DirEntry[str], rel: str) -> bool:
+    def _as_frozen(self, dir_fd: int, name: str, ino: int, rel: str) -> bool:
         """Note a file that is one of the store's copies already, without opening it: its
         inode is listed in ``Store.index`` (the trusted step links conda's cache, whose inodes
         the first freeze made the store's), its owner and mode are the target's (nothing to
         change) and the store's name carries its hash: only the daemon writes the store, and
         nobody can write a read-only inode it owns (nor held it open for writing: the freeze
         that stored it asked, ``_writer_left``, or copied it). A verify never takes this path."""
-        stored = self._stored.get(entry.inode())
+        stored = self._stored.get(ino)
         if stored is None:
             return False
-        st = entry.stat(follow_symlinks=False)  # the walk's own lstat: never follows
+        st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
         perm = stat.S_IMODE(st.st_mode)
         if not stat.S_ISREG(st.st_mode) or st.st_mode & _SETID or (st.st_dev, st.st_ino) != (
-                self._store_dev, entry.inode()) or st.st_nlink < 2 or perm != stored[1] \
+                self._store_dev, ino) or st.st_nlink < 2 or perm != stored[1] \
                 or perm != self.target.mode(st.st_mode) \
                 or (st.st_uid, st.st_gid) != (self.target.uid, self.target.gid):
             return False
@@ -328,11 +284,13 @@ class _Walk:
         target = os.fsdecode(os.readlink(name, dir_fd=dir_fd))
         self.entries[rel] = Entry("l", 0o777, 0, target=target)
 
-    def _file(self, parent: _Ref, name: str, rel: str,
+    def _file(self, dir_fd: int, name: str, rel: str,
               submit: Callable[[Callable[[], None]], None]) -> None:
-        """Freeze and hash a regular file (inline if small, else on a worker; the parent's
-        fd is kept for the store's rename until then)."""
-        fd = os.open(name, self._flags, dir_fd=parent.fd)  # O_NONBLOCK: a fifo swapped in
+        """Freeze and hash a regular file: inline if small, else on a worker, which gets the
+        file's fd and a ``dup`` of its directory's (for the store's rename: the walk may have
+        left and closed that directory by then), both closed when it is done. The gate
+        (``IN_FLIGHT``) bounds how many are held so."""
+        fd = os.open(name, self._flags, dir_fd=dir_fd)  # O_NONBLOCK: a fifo swapped in
         try:
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode):
@@ -341,7 +299,7 @@ class _Walk:
             takeable = st.st_uid == self.target.uid and not st.st_mode & (_WRITE & ~stat.S_IWUSR)
             if self.mutate and not takeable and not st.st_mode & _SETID and \
                     (st.st_nlink > 1 or self.copies):
-                fd, st = self._own_copy(parent.fd, name, fd, st)
+                fd, st = self._own_copy(dir_fd, name, fd, st)
             entry = self._entry(rel, fd, st)
             if self.leases and _writer_left(fd):
                 raise BuildFailed(f"{self.shown}/{rel} is still open for writing by a process "
@@ -350,22 +308,39 @@ class _Walk:
         except BaseException:
             os.close(fd)
             raise
-        parent.take()
-
-        def finish() -> None:
-            try:
-                entry.sha = self._hash(fd, st)
-                if self.store is not None and st.st_size and \
-                        self.store.link(parent.fd, name, fd, st, entry):
-                    with self.lock:
-                        self.linked += 1
-            finally:
-                os.close(fd)
-                parent.release()
         if st.st_size < PARALLEL_BYTES:
-            finish()
-        else:
-            submit(finish)
+            self._finish(dir_fd, name, fd, st, entry)
+            return
+        try:
+            held = os.dup(dir_fd)
+        except BaseException:
+            os.close(fd)
+            raise
+
+        def task() -> None:
+            try:
+                self._finish(held, name, fd, st, entry)
+            finally:
+                os.close(held)
+        try:
+            submit(task)
+        except BaseException:
+            os.close(fd)
+            os.close(held)
+            raise
+
+    def _finish(self, dir_fd: int, name: str, fd: int, st: os.stat_result, entry: Entry
+                ) -> None:
+        """Hash the frozen file ``name`` open as ``fd`` (closed here) and share it with the
+        store."""
+        try:
+            entry.sha = self._hash(fd, st)
+            if self.store is not None and st.st_size and \
+                    self.store.link(dir_fd, name, fd, st, entry):
+                with self.lock:
+                    self.linked += 1
+        finally:
+            os.close(fd)
 
     def _own_copy(self, dir_fd: int, name: str, fd: int, st: os.stat_result
                   ) -> tuple[int, os.stat_result]:
@@ -425,11 +400,6 @@ def _writer_left(fd: int) -> bool:
         raise
     fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_UNLCK)
     return False
-
-
-def _scan(fd: int) -> list[os.DirEntry[str]]:
-    with os.scandir(fd) as it:
-        return list(it)
 
 
 def _manifest_name(digest: str) -> str:
