@@ -16,7 +16,8 @@ gids, not names), but only 0..4294967294: chown(2) reads -1 (4294967295) as "lea
 alone" and larger numbers wrap around (2**40 is gid 0).
 """
 
-from __future__ import annotations
+# No ``from __future__ import annotations`` here: a NamedTuple compiles each string annotation
+# at import, and every CLI command imports this module (start-up: see cli/main.py).
 
 import grp
 import os

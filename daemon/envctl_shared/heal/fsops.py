@@ -12,7 +12,8 @@ the reduction of its read batches (:func:`read_events`): per event, Python cost 
 the kernel. This module is its typed face, so the walker and the watcher never touch C types.
 """
 
-from __future__ import annotations
+# No ``from __future__ import annotations`` here: a NamedTuple compiles each string annotation
+# at import, and every CLI command imports this module (start-up: see cli/main.py).
 
 import importlib
 import os
@@ -85,7 +86,7 @@ class MountRef(NamedTuple):
     mnt: int
 
     @classmethod
-    def of(cls, st: Stat) -> MountRef:
+    def of(cls, st: Stat) -> "MountRef":
         return cls(st.st_dev, st.mnt_id)
 
 
@@ -225,7 +226,7 @@ class Stamp(NamedTuple):
     subdirs: tuple[str, ...]
 
     @classmethod
-    def of(cls, st: Stat, subdirs: tuple[str, ...]) -> Stamp:
+    def of(cls, st: Stat, subdirs: tuple[str, ...]) -> "Stamp":
         return cls(st.st_ino, st.st_mtime_ns, st.st_ctime_ns, subdirs)
 
     def same(self, st: Stat) -> bool:
