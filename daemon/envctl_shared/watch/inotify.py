@@ -104,10 +104,12 @@ _VANISHED = (errno.ENOENT, errno.ENOTDIR, errno.ELOOP)  # gone, or replaced by a
 READ_SIZE = 64 * 1024
 MAX_USER_WATCHES = "/proc/sys/fs/inotify/max_user_watches"
 DRAIN_MAX = 8 * 1024 * 1024  # a full default queue (16,384 events) is ~0.5-4 MB
-# Woken by the first event of a burst, the reader waits this long before draining, so that a
-# batch holds what came in that time: a Python step per batch, not per event. The kernel's
-# queue (16,384 events by default) takes a burst of ~150k events/s for ~100 ms.
+# Woken while a burst goes on (a batch was read less than REST ago), the reader waits this long
+# before draining, so that a batch holds what came in that time: a Python step per batch, not
+# per event. The kernel's queue (16,384 events by default) takes a burst of ~150k events/s for
+# ~100 ms. Woken at rest, it reads at once: a lone change is not delayed by GATHER.
 GATHER = 0.005
+REST = 0.02
 READ_AHEAD_EVERY = 32  # directory events handled, or walked, between reads ahead
 TICK = 1.0  # the reader wakes at least this often: its heartbeat, and idle fds released
 CACHE_SIZE = 64  # fds of recently used directories (the parent of the next new directory)
@@ -235,6 +237,7 @@ class InotifyWatch:
         self._cache: OrderedDict[_Node, int] = OrderedDict()  # node -> fd (LRU)
         self._limited = False  # ENOSPC seen: adding more watches is pointless
         self._batch = 0  # drained batches of events so far
+        self._read_at = float("-inf")  # when the last batch was drained (monotonic)
         self._ahead: list[bytes] = []  # events read while a batch was handled: the next one
         self._ahead_size = 0
         self._visits = 0  # directories walked so far (see _read_ahead)
@@ -306,10 +309,12 @@ class InotifyWatch:
                 if not ready:
                     self._clear_cache()  # idle: hold no directory open
                     continue
-                time.sleep(GATHER)
+                if time.monotonic() - self._read_at < REST:
+                    time.sleep(GATHER)
             elif self._stopping:
                 return "stopped"
             data = self._drain()
+            self._read_at = time.monotonic()
             if not data:
                 continue
             self._batch += 1
