@@ -33,7 +33,7 @@ from envctl_shared.jobs import JobManager, State, envs, freeze, integrity, layou
 from envctl_shared.jobs.lock import NameLock
 
 from tests.api_support import ApiDaemon, start_api_daemon
-from tests.helpers import as_user, wait_for
+from tests.helpers import VENV_BIN, as_user, wait_for
 from tests.jobs_support import ENV_HELLO, JobsEnv, full_log, wait_done
 from tests.watch_support import wait_quiet
 
@@ -208,6 +208,71 @@ def _bushy_freeze_and_tamper(tree: Path, levels: int, gid: int) -> None:
         (f"{bottom}/g", "owner")]
 
 
+def _chain(top: Path, levels: int) -> None:
+    """``levels`` nested directories named ``d`` below ``top``, made through fds (a path to
+    the bottom is longer than the kernel resolves)."""
+    cur = os.open(top, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for _ in range(levels):
+            os.mkdir("d", dir_fd=cur)
+            nxt = os.open("d", os.O_RDONLY | os.O_DIRECTORY, dir_fd=cur)
+            os.close(cur)
+            cur = nxt
+    finally:
+        os.close(cur)
+
+
+# The GC's walk of a chain in a process of its own: its peak memory, less what it held before.
+CHAIN_WALK = """
+import os, resource, sys
+from envctl_shared.jobs import layout
+fd = os.open(sys.argv[1], os.O_RDONLY | os.O_DIRECTORY)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+n = sum(1 for _ in layout.walk(fd, lambda st: True))
+print(n, (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)
+"""
+
+
+def test_a_deep_chain_costs_the_gc_walk_memory_by_its_depth_not_its_square(
+        scratch: Path) -> None:
+    """Attack: a build leaves a chain of 20,000 levels (a second of mkdirat). The walk once
+    kept each open level's path from the top: their sum grows with the square of the depth
+    (0.4 GB here; 10 GB for 100k levels, the daemon killed by the OOM killer at GC)."""
+    top = scratch / "chain"
+    top.mkdir()
+    _chain(top, 20000)
+    try:
+        out = subprocess.run([str(VENV_BIN / "python"), "-c", CHAIN_WALK, str(top)], check=True,
+                             capture_output=True, text=True).stdout.split()
+    finally:
+        subprocess.run(["rm", "-rf", str(top)], check=True)  # rmtree recurses per level
+    assert int(out[0]) == 20000 and int(out[1]) < 64, f"{out[1]} MB more for the walk"
+
+
+def test_a_version_whose_paths_outgrow_the_cap_fails_the_freeze_and_closes_its_fds(
+        scratch: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The manifest lists every entry by its path, so a chain's paths sum to the square of
+    its depth: past MAX_PATH_BYTES the freeze is refused, not paid for with the daemon's
+    memory (a lower cap here: a chain of 2,000 levels, 4 MB of paths, against 1 MiB)."""
+    monkeypatch.setattr(freeze, "MAX_PATH_BYTES", 1 << 20)
+    tree = scratch / "env" / "v1"
+    tree.mkdir(parents=True)
+    _chain(tree, 2000)
+    target = freeze.Target(0, os.getegid(), "none")
+    fsinfo.mount_of(str(tree))  # its mount table stays open (MountWatch), not the walk's
+    parent = os.open(tree.parent, os.O_RDONLY)
+    store = freeze.Store(parent, str(tree.parent / "store"), target)
+    fds = len(os.listdir("/proc/self/fd"))
+    try:
+        with pytest.raises(BuildFailed, match="its paths take more than 1 MiB"):
+            freeze.freeze(parent, "v1", target, str(tree), store)
+        assert len(os.listdir("/proc/self/fd")) == fds
+    finally:
+        store.close()
+        os.close(parent)
+        subprocess.run(["rm", "-rf", str(tree.parent)], check=True)
+
+
 @pytest.mark.parametrize("kind", ["fifo", "setuid"])
 def test_specials_fail_the_freeze_naming_the_path(scratch: Path, kind: str) -> None:
     tree = scratch / "v1" / "lib"
@@ -221,6 +286,7 @@ def test_specials_fail_the_freeze_naming_the_path(scratch: Path, kind: str) -> N
     for n in range(20):  # directories still to visit when it fails: their fds are let go
         (scratch / "v1" / f"z{n}" / "sub").mkdir(parents=True)
     target = freeze.Target(0, 0, "keep")
+    fsinfo.mount_of(str(scratch))  # its mount table stays open (MountWatch), not the walk's
     fds = len(os.listdir("/proc/self/fd"))
     fd = os.open(scratch, os.O_RDONLY)
     store = freeze.Store(fd, str(scratch / "store"), target)

@@ -74,12 +74,17 @@ from ..config import RootConfig
 from ..errors import BuildFailed
 from ..heal.fsops import DIR_FLAGS
 from ..policy import Kind, wanted_mode
+from ..quoting import quote_name
 from . import layout
 
 STORE = "store"  # <root>/.envctl/store
 MANIFESTS = "manifests"  # <root>/.envctl/store/manifests/<digest hex>.gz
 PARALLEL_BYTES = 64 << 20  # files from this size are hashed on workers (see the docstring)
 _CHUNK = 1 << 20
+# The bytes of all paths of a version, at most: its manifest lists each entry by its path, so
+# a chain of directories makes it grow with the square of the depth (100k levels, made by a
+# build in a second: 10 GB in the daemon's memory). A 60k-file conda env takes ~6 MB.
+MAX_PATH_BYTES = 256 << 20
 IN_FLIGHT = 16  # large files queued or hashed at once (each holds its fd, its directory's dup)
 _FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
 _LINK_TMP = ".envctl-link-"
@@ -202,9 +207,18 @@ class _Walk:
                         raise
                 try:
                     self._entry(".", top, os.fstat(top))
+                    path_bytes = 0
                     for parent, where, name, kind, ino, opened in layout.walk_listed(
-                            top, lambda st: True, shown=self.shown):  # unpacked: 60k entries
+                            top, lambda st: True, shown=self.shown, paths=True):  # unpacked
                         rel = f"{where}/{name}" if where else name
+                        path_bytes += len(rel)
+                        if path_bytes > MAX_PATH_BYTES:
+                            raise BuildFailed(
+                                f"{self.shown}: its paths take more than "
+                                f"{MAX_PATH_BYTES >> 20} MiB (a manifest lists each entry by "
+                                f"its path; reached at {quote_name(rel[:80])}...)",
+                                hint="a tree this shape (directories nested thousands deep) "
+                                "is not an environment")
                         if opened is not None:
                             self._entry(rel, *opened)
                         elif kind == "l":
