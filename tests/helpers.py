@@ -62,6 +62,22 @@ def find_violations(root: Path, gid: int, only: list[str] | None = None) -> list
     return [line for line in out.splitlines() if line]
 
 
+def make_chain(top: Path, levels: int, bottom: str | None = None) -> None:
+    """``levels`` nested directories named ``d`` below the directory ``top`` (and a file
+    ``bottom`` in the deepest), made through fds: no path to the bottom need be resolvable."""
+    fd = os.open(top, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for _ in range(levels):
+            os.mkdir("d", dir_fd=fd)
+            below = os.open("d", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+            os.close(fd)
+            fd = below
+        if bottom is not None:
+            os.close(os.open(bottom, os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd))
+    finally:
+        os.close(fd)
+
+
 def wait_for(pred: Callable[[], bool], timeout: float, interval: float = 0.02,
              what: str = "condition") -> float:
     """Poll ``pred`` until true; return the seconds it took, fail the test after ``timeout``."""

@@ -33,7 +33,7 @@ from envctl_shared.jobs import JobManager, State, envs, freeze, integrity, layou
 from envctl_shared.jobs.lock import NameLock
 
 from tests.api_support import ApiDaemon, start_api_daemon
-from tests.helpers import VENV_BIN, as_user, wait_for
+from tests.helpers import VENV_BIN, as_user, make_chain, wait_for
 from tests.jobs_support import ENV_HELLO, JobsEnv, full_log, wait_done
 from tests.watch_support import wait_quiet
 
@@ -208,20 +208,6 @@ def _bushy_freeze_and_tamper(tree: Path, levels: int, gid: int) -> None:
         (f"{bottom}/g", "owner")]
 
 
-def _chain(top: Path, levels: int) -> None:
-    """``levels`` nested directories named ``d`` below ``top``, made through fds (a path to
-    the bottom is longer than the kernel resolves)."""
-    cur = os.open(top, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        for _ in range(levels):
-            os.mkdir("d", dir_fd=cur)
-            nxt = os.open("d", os.O_RDONLY | os.O_DIRECTORY, dir_fd=cur)
-            os.close(cur)
-            cur = nxt
-    finally:
-        os.close(cur)
-
-
 # The GC's walk of a chain in a process of its own: its peak memory, less what it held before.
 CHAIN_WALK = """
 import os, resource, sys
@@ -240,7 +226,7 @@ def test_a_deep_chain_costs_the_gc_walk_memory_by_its_depth_not_its_square(
     (0.4 GB here; 10 GB for 100k levels, the daemon killed by the OOM killer at GC)."""
     top = scratch / "chain"
     top.mkdir()
-    _chain(top, 20000)
+    make_chain(top, 20000)
     try:
         out = subprocess.run([str(VENV_BIN / "python"), "-c", CHAIN_WALK, str(top)], check=True,
                              capture_output=True, text=True).stdout.split()
@@ -257,7 +243,7 @@ def test_a_version_whose_paths_outgrow_the_cap_fails_the_freeze_and_closes_its_f
     monkeypatch.setattr(freeze, "MAX_PATH_BYTES", 1 << 20)
     tree = scratch / "env" / "v1"
     tree.mkdir(parents=True)
-    _chain(tree, 2000)
+    make_chain(tree, 2000)
     target = freeze.Target(0, os.getegid(), "none")
     fsinfo.mount_of(str(tree))  # its mount table stays open (MountWatch), not the walk's
     parent = os.open(tree.parent, os.O_RDONLY)

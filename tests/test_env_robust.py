@@ -36,7 +36,7 @@ from envctl_shared.jobs import layout
 from tests.api_support import ApiDaemon, api_config, new_base, start_api_daemon
 from tests.conftest import Accounts, User
 from tests.daemon_support import Envctld
-from tests.helpers import wait_for
+from tests.helpers import make_chain, wait_for
 from tests.jobs_support import write_wheel
 
 ROOT = User("root", 0, 0)
@@ -86,19 +86,10 @@ def chains() -> Iterator[list[Path]]:
 
 
 def _chain(made: list[Path], top: Path, depth: int = DEPTH) -> None:
-    """``top/d/d/.../d/bottom``, ``depth`` levels, made through fds (no path is that long)."""
+    """``top/d/d/.../d/bottom``, ``depth`` levels (no path is that long)."""
     made.append(top)
     top.mkdir()
-    fd = os.open(top, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        for _ in range(depth):
-            os.mkdir("d", dir_fd=fd)
-            below = os.open("d", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
-            os.close(fd)
-            fd = below
-        os.close(os.open("bottom", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd))
-    finally:
-        os.close(fd)
+    make_chain(top, depth, "bottom")
 
 
 def _envs(api: ApiDaemon, user: User) -> dict[str, dict[str, Any]]:
