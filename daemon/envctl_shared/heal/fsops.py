@@ -78,6 +78,32 @@ def stat_at(dirfd: int, name: str = "") -> Stat:
     return Stat(*_fastfs.stat(dirfd, name))
 
 
+Ident = tuple[int, int, int]  # (st_ino, st_dev, mnt_id): which directory, on which mount
+
+
+def ident(st: Stat) -> Ident:
+    return (st.st_ino, st.st_dev, st.mnt_id)
+
+
+def reopen(how: Callable[[], int], want: Ident) -> int:
+    """An fd from ``how`` (an open through a child's ``..``, or by the kernel from the root)
+    when it is the directory ``want`` names, else -1 (closed): the proof every walk that
+    closes a level and comes back to it asks of the re-opened fd in Python — the heal pass's
+    fd table and the jobs layer's walk (C's ``tree_walk`` proves its own the same way). A
+    directory moved meanwhile is never walked on in its new place."""
+    try:
+        fd = how()
+    except OSError:
+        return -1
+    try:
+        if ident(stat_at(fd)) == want:
+            return fd
+    except OSError:
+        pass
+    os.close(fd)
+    return -1
+
+
 class MountRef(NamedTuple):
     """The root's mount, what "on the same mount" compares to: its mount id (-1: the kernel
     gives none) and, only then, its device."""

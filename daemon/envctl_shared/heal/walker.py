@@ -83,7 +83,9 @@ from .fsops import (
     Stamp,
     Stat,
     Tallied,
+    ident,
     open_dir,
+    reopen,
     stat_at,
 )
 from .stats import Finding, FindingSink, HealStats
@@ -109,7 +111,7 @@ class _DirRef:
         self._fds = fds
         self.fd = fd
         self.rel = rel
-        self.ident = (st.st_ino, st.st_dev, st.mnt_id)
+        self.ident = ident(st)
         self.refs = 1
         self.users = 1  # its creator uses it: call unuse() when done
         # The last subdirectory opened (".." leads back here), weakly: a strong link would keep
@@ -168,26 +170,11 @@ class _Fds:
                 return True
             child = ref.child_seen() if ref.child_seen is not None else None
             if child is not None and child.fd >= 0:
-                ref.fd = self._reopen(ref, lambda: os.open("..", PATH_DIR_FLAGS, dir_fd=child.fd))
+                ref.fd = reopen(lambda: os.open("..", PATH_DIR_FLAGS, dir_fd=child.fd),
+                                ref.ident)
             if ref.fd < 0:
-                ref.fd = self._reopen(ref, lambda: open_dir(self.root_fd, ref.rel))
+                ref.fd = reopen(lambda: open_dir(self.root_fd, ref.rel), ref.ident)
             return ref.fd >= 0
-
-    @staticmethod
-    def _reopen(ref: _DirRef, how: Callable[[], int]) -> int:
-        """An fd from ``how`` when it is the directory ``ref`` was, else -1."""
-        try:
-            fd = how()
-        except OSError:
-            return -1
-        try:
-            st = stat_at(fd)
-            if (st.st_ino, st.st_dev, st.mnt_id) == ref.ident:
-                return fd
-        except OSError:
-            pass
-        os.close(fd)
-        return -1
 
     def unuse(self, ref: _DirRef) -> None:
         with self.lock:

@@ -49,7 +49,7 @@ from typing import Any, NamedTuple
 
 from ..config import DAEMON_AREA
 from ..errors import AreaUntrusted, Conflict, FilesystemError
-from ..heal.fsops import DIR_FLAGS
+from ..heal.fsops import DIR_FLAGS, Ident, ident, reopen, stat_at
 from ..locks import LockFile
 from ..quoting import quote_name
 
@@ -197,13 +197,13 @@ class Listed(NamedTuple):
 class _Level:
     """One directory a walk is in: its fd (-1 once closed to stay within ``HELD_LEVELS``), the
     entries still to visit (name, kind, inode, as listed), its name in its parent and path from
-    the top, and its identity (to check a re-open)."""
+    the top, and its identity once its fd is closed (to prove the re-open)."""
 
     fd: int
     names: Iterator[tuple[str, str, int]]
     name: str
     path: str
-    key: tuple[int, int]
+    key: Ident | None = None  # taken when its fd is closed
 
 
 _listed = tuple.__new__  # a Listed without its generated __new__: 0.5 us less per entry
@@ -218,14 +218,11 @@ def _listing(fd: int) -> Iterator[tuple[str, str, int]]:
                       "l" if e.is_symlink() else "?", e.inode()) for e in it])
 
 
-def _up(child_fd: int, want: tuple[int, int], shown: str) -> int:
+def _up(child_fd: int, want: Ident, shown: str) -> int:
     """The parent of the directory ``child_fd``, opened through its ``..``, which must be the
-    directory the walk came from (``want``: device and inode): a tree moved meanwhile is
-    refused, never walked on in its new place."""
-    fd = os.open("..", DIR_FLAGS, dir_fd=child_fd)
-    st = os.fstat(fd)
-    if (st.st_dev, st.st_ino) != want:
-        os.close(fd)
+    directory the walk came from (``fsops.reopen``): a tree moved meanwhile is refused."""
+    fd = reopen(lambda: os.open("..", DIR_FLAGS, dir_fd=child_fd), want)
+    if fd < 0:
         raise FilesystemError(f"{shown}: a directory moved while the daemon walked it",
                               hint="retry; if it happens again, someone is moving it on purpose")
     return fd
@@ -282,8 +279,7 @@ def walk_listed(top_fd: int, descend: Callable[[os.stat_result], bool],
     anyway (the freeze's manifest, which bounds their total): the open levels then hold their
     paths, whose sum grows with the square of the depth (a 20,000-level chain of one-letter
     names: 0.4 GB; a 100k one, 10 GB)."""
-    st = os.fstat(top_fd)
-    stack = [_Level(os.dup(top_fd), iter(()), "", "", (st.st_dev, st.st_ino))]
+    stack = [_Level(os.dup(top_fd), iter(()), "", "")]
     try:
         stack[0].names = _listing(stack[0].fd)
         while stack:
@@ -305,8 +301,7 @@ def walk_listed(top_fd: int, descend: Callable[[os.stat_result], bool],
                     entered = descend(st)
                     if entered:
                         path = (f"{where}/{name}" if where else name) if paths else ""
-                        stack.append(_Level(sub, _listing(sub), name, path,
-                                            (st.st_dev, st.st_ino)))
+                        stack.append(_Level(sub, _listing(sub), name, path))
                 except BaseException:
                     os.close(sub)
                     raise
@@ -314,12 +309,14 @@ def walk_listed(top_fd: int, descend: Callable[[os.stat_result], bool],
                     os.close(sub)
                     continue
                 if len(stack) > HELD_LEVELS + 1:
+                    level.key = ident(stat_at(fd))
                     os.close(fd)  # re-opened through ``..`` when the walk comes back up
                     level.fd = -1
                 break
             else:  # its last entry: back to its parent
                 stack.pop()
                 if stack and stack[-1].fd < 0:
+                    assert stack[-1].key is not None  # taken when it was closed
                     stack[-1].fd = _up(fd, stack[-1].key, shown)
                 os.close(fd)
                 level.fd = -1
