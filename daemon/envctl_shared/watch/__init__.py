@@ -1,4 +1,4 @@
-"""Noticing change: inotify keyed by directory identity (the kernel calls bound by our C extension) and a poller.
+"""Noticing change: inotify keyed by directory identity (bound by our C engine) and a poller.
 
 Nothing here decides what is correct or writes to a tree: events and poll passes only produce
 root-relative *hints* on a coalescing :mod:`~envctl_shared.watch.queue`; the per-root
