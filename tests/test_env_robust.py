@@ -298,7 +298,9 @@ def test_the_planted_area_fix_holds_against_a_member_racing_it(accounts: Account
 
 def test_a_walk_past_its_held_levels_never_climbs_into_another_tree(scratch: Path) -> None:
     """Deeper than ``layout.HELD_LEVELS`` a walk climbs back through ``..``: a directory moved
-    meanwhile into another tree is refused there, and nothing of that tree is removed."""
+    meanwhile into another tree is refused there, nothing of that tree is removed, and the walk
+    leaves no fd open (it leaked the level it refused to climb from: one fd per attempt, and a
+    build user can make GC attempt it again and again)."""
     top = scratch / "top"
     made: list[Path] = []
     _chain(made, top, 200)
@@ -313,6 +315,7 @@ def test_a_walk_past_its_held_levels_never_climbs_into_another_tree(scratch: Pat
             moved.rename(outside / "d")
         return True
 
+    fds = len(os.listdir("/proc/self/fd"))
     fd = os.open(top, os.O_RDONLY | os.O_DIRECTORY)
     try:
         with pytest.raises(FilesystemError, match="moved while the daemon walked it"):
@@ -322,6 +325,7 @@ def test_a_walk_past_its_held_levels_never_climbs_into_another_tree(scratch: Pat
                     os.unlink(name, dir_fd=dfd)
     finally:
         os.close(fd)
+    assert len(os.listdir("/proc/self/fd")) == fds
     assert (outside / "keep").exists() and (outside / "d").is_dir()
     fd = os.open(scratch, os.O_RDONLY | os.O_DIRECTORY)
     try:
