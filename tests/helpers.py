@@ -54,10 +54,11 @@ def find_violations(root: Path, gid: int, only: list[str] | None = None) -> list
         # root's, 0755, by design: not the group's to write, and left alone by the healer.
         out = subprocess.run(["find", str(root), "-path", f"{root}/.envctl", "-prune", "-o",
                               "(", *expr, ")", "-print"], check=True,
-                             text=True, capture_output=True).stdout
+                             text=True, errors="surrogateescape", capture_output=True).stdout
     else:
         out = subprocess.run(["find", "-files0-from", "-", "-maxdepth", "0", "(", *expr, ")",
-                              "-print"], check=True, text=True, capture_output=True,
+                              "-print"], check=True, text=True, errors="surrogateescape",
+                             capture_output=True,
                              input="\0".join(only) + "\0" if only else "").stdout
     return [line for line in out.splitlines() if line]
 

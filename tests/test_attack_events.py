@@ -1,0 +1,137 @@
+"""A hostile member against the daemon's event path (inotify read batch -> C reduction -> queue ->
+``run_entries``' scan of entries through their O_PATH fds).
+
+A real daemon, alice writing with umask 077. Names no decoder expects (not UTF-8, a newline,
+255 bytes); directories swapped for symlinks to trees outside the root between their events and
+their heal (the daemon frozen in between, so the heal comes after the swap); a watched directory
+deleted, and its name taken again, while its entries wait. Each test checks what the brief of
+the event path promises: everything inside ends compliant (the independent ``find`` audit),
+nothing outside changes (modes, owners, groups, symlink targets), the daemon stays up and holds
+no more fds than before.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections.abc import Callable
+from pathlib import Path
+
+from tests.conftest import Accounts
+from tests.daemon_support import Envctld, write_config
+from tests.helpers import as_user, wait_for
+from tests.watch_support import (
+    REALTIME,
+    SETTLE,
+    alice_tmp,
+    daemon_status,
+    make_root,
+    settled,
+)
+
+pytest_plugins = ("tests.fixtures_daemon",)  # the envctld fixture
+
+# Names as bytes: not UTF-8, a newline, the longest a name may be (ASCII and 2-byte UTF-8).
+HOSTILE = [b"\xff\xfe-not-utf8", b"line\nbreak", b"x" * 255, "\u00e9".encode() * 127 + b"z",
+           b"\xc3(", b"-dash", b" *glob?[", b"\\back"]
+
+# ``python3 -c MAKE ROOT``: as alice, each hostile name as a file and as a directory holding a
+# file of every hostile name, then a chmod of each (an attribute event of its own).
+MAKE = ("import os,sys\n"
+        f"names={HOSTILE!r}\n"
+        "root=os.fsencode(sys.argv[1])\n"
+        "for i,n in enumerate(names):\n"
+        "    d=os.path.join(root,b'd'+n[:250]); os.mkdir(d)\n"
+        "    open(os.path.join(root,b'f'+n[:250]),'w').close()\n"
+        "    for m in names: open(os.path.join(d,m),'w').close()\n"
+        "    os.chmod(d,0o700); os.chmod(os.path.join(root,b'f'+n[:250]),0o600)\n")
+
+
+def _fds(d: Envctld) -> int:
+    assert d.proc is not None
+    return len(os.listdir(f"/proc/{d.proc.pid}/fd"))
+
+
+def _fds_back(d: Envctld, before: int) -> None:
+    """The daemon's fds back to ``before`` (its reader releases idle directory fds each TICK)."""
+    wait_for(lambda: _fds(d) <= before, SETTLE, 0.1, f"daemon fds back to {before}")
+
+
+def _snapshot(top: Path) -> dict[bytes, tuple[int, int, int, bytes | None]]:
+    """Every entry below ``top`` (bytes paths): mode, uid, gid, symlink target."""
+    out: dict[bytes, tuple[int, int, int, bytes | None]] = {}
+    for dirpath, dirs, files in os.walk(os.fsencode(top)):
+        for n in (dirpath, *(os.path.join(dirpath, e) for e in (*dirs, *files))):
+            st = os.lstat(n)
+            out[n] = (st.st_mode, st.st_uid, st.st_gid,
+                      os.readlink(n) if os.path.islink(n) else None)
+    return out
+
+
+def _start(scratch: Path, accounts: Accounts, envctld: Callable[..., Envctld]) -> Envctld:
+    root = make_root(scratch, accounts)
+    d = envctld(write_config(scratch, [(root, accounts.shared_group)]))
+    settled(root, accounts, "empty root quiet")
+    return d
+
+
+def test_hostile_names_healed_in_real_time(accounts: Accounts, scratch: Path, envctld) -> None:
+    d = _start(scratch, accounts, envctld)
+    root = scratch / "root"
+    before = _fds(d)
+    a = accounts.alice
+    as_user(a.uid, a.gid, ["/usr/bin/python3", "-c", MAKE, str(root)])
+    took = settled(root, accounts, "hostile names healed in real time", REALTIME)
+    print(f"healed {took:.3f}s after the writer's end")
+    st = daemon_status(scratch / "envctld.sock")
+    r = st["roots"][0]
+    assert (st["ready"], r["mode"], r["overflows"], r["watch_errors"]) == \
+        (True, "inotify", 0, 0), st
+    assert r["watches"] == 1 + len(HOSTILE)  # the root and every hostile directory
+    _fds_back(d, before)
+    d.stop()
+
+
+def test_directories_swapped_for_symlinks_before_their_heal(accounts: Accounts, scratch: Path,
+                                                           envctld) -> None:
+    """Frozen, the daemon reads nothing while alice makes wrong entries in directories and then
+    swaps each directory for a symlink: to a tree of root's (an /etc), to a tree of her own
+    outside the root (wrong by the policy: healed if anything followed the link), to a
+    directory of the root. And a directory deleted and made again under the same name while its
+    entries wait. Its queued batches name the old places; nothing behind a link changes."""
+    d = _start(scratch, accounts, envctld)
+    root = scratch / "root"
+    a = accounts.alice
+    etc = scratch / "etc"
+    etc.mkdir()
+    for i in range(5):
+        (etc / f"conf{i}").write_text("x")
+        (etc / f"conf{i}").chmod(0o644)
+    (etc / "sub").mkdir()
+    (etc / "sub" / "f0").write_text("x")
+    own = alice_tmp(scratch, accounts, "alice-own")
+    as_user(a.uid, a.gid, f"cd {own} && mkdir f0 sub && echo > f1 && echo > sub/f0 && "
+                          "chmod 0700 . sub")
+    outside = {etc: _snapshot(etc), own: _snapshot(own)}
+    before = _fds(d)
+    assert d.proc is not None
+    d.proc.send_signal(signal.SIGSTOP)
+    try:
+        as_user(a.uid, a.gid, f"cd {root} && "
+                "mkdir -p e/sub o/sub i/sub keep gone && "
+                "for n in e o i gone; do for f in f0 f1 f2; do echo > $n/$f; done; "
+                "echo > $n/sub/f0; chmod 0600 $n/f1; done && "
+                f"mv e e.old && ln -s {etc} e && "
+                f"mv o o.old && ln -s {own} o && "
+                "mv i i.old && ln -s keep i && "
+                "rm -r gone && mkdir gone && echo > gone/f0 && echo > gone/new")
+    finally:
+        d.proc.send_signal(signal.SIGCONT)
+    settled(root, accounts, "the moved directories and the new one healed")
+    for top, snap in outside.items():
+        assert _snapshot(top) == snap, f"{top} changed through a symlink in the root"
+    assert {os.readlink(root / n) for n in "eoi"} == {str(etc), str(own), "keep"}
+    st = daemon_status(scratch / "envctld.sock")
+    assert (st["ready"], st["roots"][0]["mode"]) == (True, "inotify"), st
+    _fds_back(d, before)
+    d.stop()
