@@ -14,8 +14,12 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
+
+import pytest
 
 from tests.conftest import Accounts
 from tests.daemon_support import Envctld, write_config
@@ -23,10 +27,13 @@ from tests.helpers import as_user, wait_for
 from tests.watch_support import (
     REALTIME,
     SETTLE,
+    alice_sh,
     alice_tmp,
     daemon_status,
     make_root,
+    scaled,
     settled,
+    sysctl,
 )
 
 pytest_plugins = ("tests.fixtures_daemon",)  # the envctld fixture
@@ -134,4 +141,97 @@ def test_directories_swapped_for_symlinks_before_their_heal(accounts: Accounts, 
     st = daemon_status(scratch / "envctld.sock")
     assert (st["ready"], st["roots"][0]["mode"]) == (True, "inotify"), st
     _fds_back(d, before)
+    d.stop()
+
+
+# ``python3 -c CHURN ROOT SECONDS``: nested directories made and removed as fast as a member can.
+CHURN = ("import os,sys,time\n"
+         "end=time.monotonic()+float(sys.argv[2])\n"
+         "while time.monotonic()<end:\n"
+         "    for i in range(20):\n"
+         "        p=os.path.join(sys.argv[1],f'c{i}','u','v','w'); os.makedirs(p)\n"
+         "        os.removedirs(p)\n")
+
+
+def test_directories_made_and_removed_fast_never_end_the_watch(accounts: Accounts,
+                                                                scratch: Path, envctld) -> None:
+    """A directory removed between the watcher's open and its listing (getdents64 then fails
+    with ENOENT) is a directory gone, as one gone before the open is: it ended the reader
+    (FileNotFoundError), five in ten minutes made the daemon exit, and any member can make
+    directories and remove them."""
+    d = _start(scratch, accounts, envctld)
+    root = scratch / "root"
+    a = accounts.alice
+    before = _fds(d)
+    as_user(a.uid, a.gid, ["/usr/bin/python3", "-c", CHURN, str(root), "3"])
+    assert d.alive, d.log_text()[-3000:]
+    alice_sh(accounts, root, "mkdir -p n/m && echo > n/m/f")
+    settled(root, accounts, "the churn's leftovers healed", REALTIME)
+    r = daemon_status(scratch / "envctld.sock")["roots"][0]
+    assert (r["mode"], r["watch_errors"], r["rebuilds"]) == ("inotify", 0, 0), \
+        d.log_text()[-3000:]
+    _fds_back(d, before)
+    d.stop()
+
+# ``python3 -c STORM ROOT OUT N``: N directories of 100 files under ROOT/b, and meanwhile
+# directories renamed back and forth, out of the root (to OUT) and back, and small directories
+# made and removed.
+STORM = ("import os,sys\n"
+         "root,out,n=sys.argv[1],sys.argv[2],int(sys.argv[3])\n"
+         "b=os.path.join(root,'b'); os.mkdir(b)\n"
+         "for i in range(n):\n"
+         "    d=os.path.join(b,f'd{i}'); os.mkdir(d)\n"
+         "    for f in range(100): open(os.path.join(d,f'f{f}'),'w').close()\n"
+         "    t=os.path.join(root,f't{i}'); os.makedirs(os.path.join(t,'u','v'))\n"
+         "    open(os.path.join(t,'u','g'),'w').close()\n"
+         "    if i%3: os.remove(os.path.join(t,'u','g')); os.removedirs(os.path.join(t,'u','v'))\n"
+         "    if i>=5:\n"
+         "        old=os.path.join(b,f'd{i-5}')\n"
+         "        os.rename(old,old+'x'); os.rename(old+'x',old)\n"
+         "        os.rename(old,os.path.join(out,'away'))\n"
+         "        open(os.path.join(out,'away',f'back{i}'),'w').close()\n"
+         "        os.rename(os.path.join(out,'away'),old)\n"
+         "        os.rename(old,os.path.join(root,'mv'))\n"
+         "        os.rename(os.path.join(root,'mv'),old)\n")
+
+
+@pytest.mark.serial  # a machine-wide sysctl
+def test_rename_storm_in_an_overflowing_burst(accounts: Accounts, scratch: Path,
+                                              envctld) -> None:
+    """A 20k-file burst with directories renamed back and forth, out of the root and back, and
+    small directories made and removed, into a queue of 512 events: it overflows; the
+    reconcile heals the root, the daemon stays up on inotify, a tree outside never touched."""
+    root = make_root(scratch, accounts)
+    cfg = write_config(scratch, [(root, accounts.shared_group)])
+    with sysctl("max_queued_events", 512):  # applies to inotify instances created now
+        d = envctld(cfg)
+    out = alice_tmp(scratch, accounts, "alice-out")
+    control = alice_tmp(scratch, accounts, "alice-control")
+    a = accounts.alice
+    as_user(a.uid, a.gid, f"cd {control} && mkdir sub && echo > sub/f && echo > f")
+    snap = _snapshot(control)
+    before = _fds(d)
+    storm = threading.Thread(target=as_user, args=(a.uid, a.gid, [
+        "/usr/bin/python3", "-c", STORM, str(root), str(out), str(scaled(200))]))
+    storm.start()
+    assert d.proc is not None
+    time.sleep(0.3)
+    d.proc.send_signal(signal.SIGSTOP)  # reads nothing for a while: the queue overflows
+    try:
+        time.sleep(1.0)
+    finally:
+        d.proc.send_signal(signal.SIGCONT)
+    storm.join()
+    settled(root, accounts, "the storm healed", SETTLE * 2)
+    assert _snapshot(control) == snap
+    assert os.listdir(out) == []
+    sock = scratch / "envctld.sock"
+    st = daemon_status(sock)
+    r = st["roots"][0]
+    assert (st["ready"], r["mode"], r["watch_errors"]) == (True, "inotify", 0), st
+    assert r["overflows"] >= 1 and r["rebuilds"] >= 1, r
+    _fds_back(d, before)
+    # Still in real time afterwards: the rebuilt watch follows the renamed directories.
+    as_user(a.uid, a.gid, f"cd {root} && echo > b/d0/after && mkdir b/d7/new && echo > b/d7/new/f")
+    settled(root, accounts, "after the storm: healed in real time", REALTIME)
     d.stop()
