@@ -334,6 +334,44 @@ def test_a_walk_past_its_held_levels_never_climbs_into_another_tree(scratch: Pat
         os.close(fd)
 
 
+@pytest.mark.parametrize("racing", [False, True])
+def test_a_directory_swapped_for_a_symlink_under_the_walk_is_never_followed(
+        scratch: Path, racing: bool) -> None:
+    """A directory listed, then swapped for a symlink to another tree before the walk opens
+    it: never entered (a walk of a tree a build still writes skips it, any other refuses),
+    nothing of the other tree removed, no fd left open, whatever happens."""
+    top = scratch / "top"
+    for sub in ("a", "b"):
+        (top / sub / "deep").mkdir(parents=True)
+        (top / sub / "deep" / "f").touch()
+    outside = scratch / "outside"
+    (outside / "deep").mkdir(parents=True)
+    (outside / "deep" / "keep").touch()
+    swapped: list[str] = []
+
+    def descend(st: os.stat_result) -> bool:
+        if not swapped:  # the first directory entered: its sibling is listed, not opened
+            for sub in ("a", "b"):
+                if os.stat(top / sub).st_ino != st.st_ino:
+                    (top / sub).rename(scratch / "gone")
+                    (top / sub).symlink_to(outside)
+                    swapped.append(sub)
+        return True
+
+    fds = len(os.listdir("/proc/self/fd"))
+    fd = os.open(top, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        with pytest.raises(OSError) if not racing else contextlib.nullcontext():
+            for dfd, name, _st, sub in layout.walk(
+                    fd, descend, leave=lambda dfd, name: os.rmdir(name, dir_fd=dfd),
+                    racing=racing):
+                if sub is None:
+                    os.unlink(name, dir_fd=dfd)
+    finally:
+        os.close(fd)
+    assert len(os.listdir("/proc/self/fd")) == fds
+    assert (outside / "deep" / "keep").exists() and (top / swapped[0]).is_symlink()
+
 @pytest.mark.parametrize(("data", "problem"), [
     (b"[" * 64 + b"]" * 64, None),
     (b'{"a": "[[[[\\" [{", "b": [1, {"c": []}]}', None),  # brackets in strings are text
