@@ -208,14 +208,14 @@ def _bushy_freeze_and_tamper(tree: Path, levels: int, gid: int) -> None:
         (f"{bottom}/g", "owner")]
 
 
-def _chain(top: Path, levels: int) -> None:
-    """``levels`` nested directories named ``d`` below ``top``, made through fds (a path to
+def _chain(top: Path, levels: int, name: str = "d") -> None:
+    """``levels`` nested directories named ``name`` below ``top``, made through fds (a path to
     the bottom is longer than the kernel resolves)."""
     cur = os.open(top, os.O_RDONLY | os.O_DIRECTORY)
     try:
         for _ in range(levels):
-            os.mkdir("d", dir_fd=cur)
-            nxt = os.open("d", os.O_RDONLY | os.O_DIRECTORY, dir_fd=cur)
+            os.mkdir(name, dir_fd=cur)
+            nxt = os.open(name, os.O_RDONLY | os.O_DIRECTORY, dir_fd=cur)
             os.close(cur)
             cur = nxt
     finally:
@@ -249,15 +249,20 @@ def test_a_deep_chain_costs_the_gc_walk_memory_by_its_depth_not_its_square(
     assert int(out[0]) == 20000 and int(out[1]) < 64, f"{out[1]} MB more for the walk"
 
 
+@pytest.mark.parametrize(("levels", "name"), [(2000, "d"), (500, "\U0001f600"), (700, "\x01")])
 def test_a_version_whose_paths_outgrow_the_cap_fails_the_freeze_and_closes_its_fds(
-        scratch: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        scratch: Path, monkeypatch: pytest.MonkeyPatch, levels: int, name: str) -> None:
     """The manifest lists every entry by its path, so a chain's paths sum to the square of
     its depth: past MAX_PATH_BYTES the freeze is refused, not paid for with the daemon's
-    memory (a lower cap here: a chain of 2,000 levels, 4 MB of paths, against 1 MiB)."""
+    memory (a lower cap here: a chain of 2,000 levels, 4 MB of paths, against 1 MiB). The
+    paths are counted as the manifest spells them: a name of one emoji (4 bytes, 12 in the
+    manifest's JSON) or a control character (6) counted as one let a chain of 500 or 700
+    levels (0.25 M and 0.49 M characters: 1.6 and 1.7 MB of manifest) through a 1 MiB cap:
+    the real cap was up to 12 times the one set."""
     monkeypatch.setattr(freeze, "MAX_PATH_BYTES", 1 << 20)
     tree = scratch / "env" / "v1"
     tree.mkdir(parents=True)
-    _chain(tree, 2000)
+    _chain(tree, levels, name)
     target = freeze.Target(0, os.getegid(), "none")
     fsinfo.mount_of(str(tree))  # its mount table stays open (MountWatch), not the walk's
     parent = os.open(tree.parent, os.O_RDONLY)
