@@ -173,6 +173,49 @@ def test_directories_made_and_removed_fast_never_end_the_watch(accounts: Account
     _fds_back(d, before)
     d.stop()
 
+# ``python3 -c SWAP ROOT SECONDS OUT...``: directories filled with wrong entries and swapped for
+# symlinks to each OUT (and back) as fast as a member can, for SECONDS.
+SWAP = ("import os,sys,time\n"
+        "root,end,outs=sys.argv[1],time.monotonic()+float(sys.argv[2]),sys.argv[3:]\n"
+        "n=0\n"
+        "while time.monotonic()<end:\n"
+        "    for i,out in enumerate(outs):\n"
+        "        d=os.path.join(root,f's{i}'); n+=1\n"
+        "        os.mkdir(d); os.mkdir(os.path.join(d,'sub'))\n"
+        "        for f in ('f0','f1','sub/f0'): open(os.path.join(d,f),'w').close()\n"
+        "        os.chmod(os.path.join(d,'f1'),0o600)\n"
+        "        os.rename(d,d+f'.{n}'); os.symlink(out,d)\n"
+        "        os.chmod(d+f'.{n}',0o700); open(os.path.join(d+f'.{n}','f2'),'w').close()\n"
+        "        os.unlink(d)\n"
+        "        os.symlink(out,d+'.l'); os.rename(d+'.l',d); os.unlink(d)\n")
+
+
+def test_directories_swapped_for_symlinks_while_healed_change_nothing_outside(
+        accounts: Accounts, scratch: Path, envctld) -> None:
+    """Live, not frozen: alice swaps directories for symlinks to trees outside the root (one of
+    root's, one of her own that is wrong by the policy) while the daemon heals their entries;
+    whatever a worker resolves, nothing outside changes, and the root ends compliant."""
+    d = _start(scratch, accounts, envctld)
+    root = scratch / "root"
+    a = accounts.alice
+    etc = scratch / "etc"
+    (etc / "sub").mkdir(parents=True)
+    for f in ("f0", "f1", "f2", "sub/f0"):
+        (etc / f).write_text("x")
+    own = alice_tmp(scratch, accounts, "alice-own")
+    as_user(a.uid, a.gid, f"cd {own} && mkdir sub && echo > f0 && echo > f1 && echo > f2 && "
+                          "echo > sub/f0 && chmod 0700 . sub")
+    outside = {etc: _snapshot(etc), own: _snapshot(own)}
+    before = _fds(d)
+    as_user(a.uid, a.gid, ["/usr/bin/python3", "-c", SWAP, str(root), "2", str(etc), str(own)])
+    settled(root, accounts, "the swapped directories healed")
+    for top, snap in outside.items():
+        assert _snapshot(top) == snap, f"{top} changed through a symlink in the root"
+    r = daemon_status(scratch / "envctld.sock")["roots"][0]
+    assert (r["mode"], r["watch_errors"]) == ("inotify", 0), d.log_text()[-3000:]
+    _fds_back(d, before)
+    d.stop()
+
 # ``python3 -c STORM ROOT OUT N``: N directories of 100 files under ROOT/b, and meanwhile
 # directories renamed back and forth, out of the root (to OUT) and back, and small directories
 # made and removed.
