@@ -173,6 +173,41 @@ def test_directories_made_and_removed_fast_never_end_the_watch(accounts: Account
     _fds_back(d, before)
     d.stop()
 
+# ``python3 -c DEEP ROOT OUT SECONDS``: a chain deeper than the walks' fd windows moved into the
+# root, and at once out again or removed level by level from the bottom, over and over.
+DEEP = ("import os,sys,time\n"
+        "root,out,end=sys.argv[1],sys.argv[2],time.monotonic()+float(sys.argv[3])\n"
+        "n=0\n"
+        "while time.monotonic()<end:\n"
+        "    n+=1; top=os.path.join(out,f'k{n}'); p=os.path.join(top,*['d']*100)\n"
+        "    os.makedirs(p); open(os.path.join(p,'f'),'w').close()\n"
+        "    inside=os.path.join(root,f'k{n}'); os.rename(top,inside)\n"
+        "    if n%2: os.rename(inside,top); continue\n"
+        "    p=os.path.join(inside,*['d']*100); os.remove(os.path.join(p,'f')); os.removedirs(p)\n")
+
+
+def test_deep_trees_moved_in_and_away_under_the_walk(accounts: Accounts, scratch: Path,
+                                                      envctld) -> None:
+    """Chains of 100 levels (past the list walk's fd window, so levels are reopened through
+    ``..``) moved into the root and at once out again or removed under the watcher's walk:
+    the watch never ends, no watch is left on a chain gone, no fd kept."""
+    d = _start(scratch, accounts, envctld)
+    root = scratch / "root"
+    out = alice_tmp(scratch, accounts, "alice-out")
+    before = _fds(d)
+    a = accounts.alice
+    as_user(a.uid, a.gid, ["/usr/bin/python3", "-c", DEEP, str(root), str(out), "2"])
+    settled(root, accounts, "what stayed in the root healed")
+    r = daemon_status(scratch / "envctld.sock")["roots"][0]
+    assert (r["mode"], r["watch_errors"], r["rebuilds"]) == ("inotify", 0, 0), \
+        d.log_text()[-3000:]
+    # Only the root watched in the end: every chain left or was removed (the count follows
+    # the reader, which may still be reading the storm's last events when the audit is clean).
+    wait_for(lambda: daemon_status(scratch / "envctld.sock")["roots"][0]["watches"] == 1,
+             SETTLE, 0.05, "only the root watched")
+    _fds_back(d, before)
+    d.stop()
+
 # ``python3 -c SWAP ROOT SECONDS OUT...``: directories filled with wrong entries and swapped for
 # symlinks to each OUT (and back) as fast as a member can, for SECONDS.
 SWAP = ("import os,sys,time\n"
