@@ -54,22 +54,23 @@ def find_violations(root: Path, gid: int, only: list[str] | None = None) -> list
         # root's, 0755, by design: not the group's to write, and left alone by the healer.
         out = subprocess.run(["find", str(root), "-path", f"{root}/.envctl", "-prune", "-o",
                               "(", *expr, ")", "-print"], check=True,
-                             text=True, capture_output=True).stdout
+                             text=True, errors="surrogateescape", capture_output=True).stdout
     else:
         out = subprocess.run(["find", "-files0-from", "-", "-maxdepth", "0", "(", *expr, ")",
-                              "-print"], check=True, text=True, capture_output=True,
+                              "-print"], check=True, text=True, errors="surrogateescape",
+                             capture_output=True,
                              input="\0".join(only) + "\0" if only else "").stdout
     return [line for line in out.splitlines() if line]
 
 
-def make_chain(top: Path, levels: int, bottom: str | None = None) -> None:
-    """``levels`` nested directories named ``d`` below the directory ``top`` (and a file
+def make_chain(top: Path, levels: int, bottom: str | None = None, name: str = "d") -> None:
+    """``levels`` nested directories named ``name`` below the directory ``top`` (and a file
     ``bottom`` in the deepest), made through fds: no path to the bottom need be resolvable."""
     fd = os.open(top, os.O_RDONLY | os.O_DIRECTORY)
     try:
         for _ in range(levels):
-            os.mkdir("d", dir_fd=fd)
-            below = os.open("d", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+            os.mkdir(name, dir_fd=fd)
+            below = os.open(name, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
             os.close(fd)
             fd = below
         if bottom is not None:

@@ -235,15 +235,20 @@ def test_a_deep_chain_costs_the_gc_walk_memory_by_its_depth_not_its_square(
     assert int(out[0]) == 20000 and int(out[1]) < 64, f"{out[1]} MB more for the walk"
 
 
+@pytest.mark.parametrize(("levels", "name"), [(2000, "d"), (500, "\U0001f600"), (700, "\x01")])
 def test_a_version_whose_paths_outgrow_the_cap_fails_the_freeze_and_closes_its_fds(
-        scratch: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        scratch: Path, monkeypatch: pytest.MonkeyPatch, levels: int, name: str) -> None:
     """The manifest lists every entry by its path, so a chain's paths sum to the square of
     its depth: past MAX_PATH_BYTES the freeze is refused, not paid for with the daemon's
-    memory (a lower cap here: a chain of 2,000 levels, 4 MB of paths, against 1 MiB)."""
+    memory (a lower cap here: a chain of 2,000 levels, 4 MB of paths, against 1 MiB). The
+    paths are counted as the manifest spells them: a name of one emoji (4 bytes, 12 in the
+    manifest's JSON) or a control character (6) counted as one let a chain of 500 or 700
+    levels (0.25 M and 0.49 M characters: 1.6 and 1.7 MB of manifest) through a 1 MiB cap:
+    the real cap was up to 12 times the one set."""
     monkeypatch.setattr(freeze, "MAX_PATH_BYTES", 1 << 20)
     tree = scratch / "env" / "v1"
     tree.mkdir(parents=True)
-    make_chain(tree, 2000)
+    make_chain(tree, levels, name=name)
     target = freeze.Target(0, os.getegid(), "none")
     fsinfo.mount_of(str(tree))  # its mount table stays open (MountWatch), not the walk's
     parent = os.open(tree.parent, os.O_RDONLY)

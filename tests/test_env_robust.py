@@ -289,7 +289,9 @@ def test_the_planted_area_fix_holds_against_a_member_racing_it(accounts: Account
 
 def test_a_walk_past_its_held_levels_never_climbs_into_another_tree(scratch: Path) -> None:
     """Deeper than ``layout.HELD_LEVELS`` a walk climbs back through ``..``: a directory moved
-    meanwhile into another tree is refused there, and nothing of that tree is removed."""
+    meanwhile into another tree is refused there, nothing of that tree is removed, and the walk
+    leaves no fd open (it leaked the level it refused to climb from: one fd per attempt, and a
+    build user can make GC attempt it again and again)."""
     top = scratch / "top"
     made: list[Path] = []
     _chain(made, top, 200)
@@ -304,6 +306,7 @@ def test_a_walk_past_its_held_levels_never_climbs_into_another_tree(scratch: Pat
             moved.rename(outside / "d")
         return True
 
+    fds = len(os.listdir("/proc/self/fd"))
     fd = os.open(top, os.O_RDONLY | os.O_DIRECTORY)
     try:
         with pytest.raises(FilesystemError, match="moved while the daemon walked it"):
@@ -313,6 +316,7 @@ def test_a_walk_past_its_held_levels_never_climbs_into_another_tree(scratch: Pat
                     os.unlink(name, dir_fd=dfd)
     finally:
         os.close(fd)
+    assert len(os.listdir("/proc/self/fd")) == fds
     assert (outside / "keep").exists() and (outside / "d").is_dir()
     fd = os.open(scratch, os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -320,6 +324,44 @@ def test_a_walk_past_its_held_levels_never_climbs_into_another_tree(scratch: Pat
     finally:
         os.close(fd)
 
+
+@pytest.mark.parametrize("racing", [False, True])
+def test_a_directory_swapped_for_a_symlink_under_the_walk_is_never_followed(
+        scratch: Path, racing: bool) -> None:
+    """A directory listed, then swapped for a symlink to another tree before the walk opens
+    it: never entered (a walk of a tree a build still writes skips it, any other refuses),
+    nothing of the other tree removed, no fd left open, whatever happens."""
+    top = scratch / "top"
+    for sub in ("a", "b"):
+        (top / sub / "deep").mkdir(parents=True)
+        (top / sub / "deep" / "f").touch()
+    outside = scratch / "outside"
+    (outside / "deep").mkdir(parents=True)
+    (outside / "deep" / "keep").touch()
+    swapped: list[str] = []
+
+    def descend(st: os.stat_result) -> bool:
+        if not swapped:  # the first directory entered: its sibling is listed, not opened
+            for sub in ("a", "b"):
+                if os.stat(top / sub).st_ino != st.st_ino:
+                    (top / sub).rename(scratch / "gone")
+                    (top / sub).symlink_to(outside)
+                    swapped.append(sub)
+        return True
+
+    fds = len(os.listdir("/proc/self/fd"))
+    fd = os.open(top, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        with pytest.raises(OSError) if not racing else contextlib.nullcontext():
+            for dfd, name, _st, sub in layout.walk(
+                    fd, descend, leave=lambda dfd, name: os.rmdir(name, dir_fd=dfd),
+                    racing=racing):
+                if sub is None:
+                    os.unlink(name, dir_fd=dfd)
+    finally:
+        os.close(fd)
+    assert len(os.listdir("/proc/self/fd")) == fds
+    assert (outside / "deep" / "keep").exists() and (top / swapped[0]).is_symlink()
 
 @pytest.mark.parametrize(("data", "problem"), [
     (b"[" * 64 + b"]" * 64, None),

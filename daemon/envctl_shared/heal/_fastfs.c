@@ -1406,7 +1406,9 @@ out:
 /* -- list mode: the directories the inotify watcher must watch ---------------------------- */
 
 /* The subdirectories of the directory fd (its own offset; rewound first when `rewind`) pushed
- * on b->names, and whether it had no entry at all. 0, or -1 with a Python error set. */
+ * on b->names, and whether it had no entry at all (so one removed since it was opened, whose
+ * listing fails with ENOENT: a member's mkdir/rmdir raced the walk). 0, or -1 with a Python
+ * error set. */
 static int list_subdirs(batch *b, int fd, int rewind, int *empty)
 {
     *empty = 1;
@@ -1427,7 +1429,7 @@ static int list_subdirs(batch *b, int fd, int rewind, int *empty)
             return -1;
         }
     }
-    if (got == 0)
+    if (got == 0 || errno == ENOENT)
         return 0;
 fail:
     PyErr_SetFromErrno(PyExc_OSError);

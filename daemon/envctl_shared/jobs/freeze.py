@@ -67,6 +67,7 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from json.encoder import encode_basestring_ascii as _json_str  # json.dumps' own, in C
 from typing import Any
 
 from .. import fsinfo
@@ -83,7 +84,9 @@ PARALLEL_BYTES = 64 << 20  # files from this size are hashed on workers (see the
 _CHUNK = 1 << 20
 # The bytes of all paths of a version, at most: its manifest lists each entry by its path, so
 # a chain of directories makes it grow with the square of the depth (100k levels, made by a
-# build in a second: 10 GB in the daemon's memory). A 60k-file conda env takes ~6 MB.
+# build in a second: 10 GB in the daemon's memory). A 60k-file conda env takes ~6 MB. Counted
+# as the manifest's JSON spells them (``_json_str``): a character counted as one byte let names
+# of emoji (12 bytes each there) or control characters (6) through at 12 or 6 times the cap.
 MAX_PATH_BYTES = 256 << 20
 IN_FLIGHT = 16  # large files queued or hashed at once (each holds its fd, its directory's dup)
 _FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
@@ -211,7 +214,7 @@ class _Walk:
                     for parent, where, name, kind, ino, opened in layout.walk_listed(
                             top, lambda st: True, shown=self.shown, paths=True):  # unpacked
                         rel = f"{where}/{name}" if where else name
-                        path_bytes += len(rel)
+                        path_bytes += len(_json_str(rel))
                         if path_bytes > MAX_PATH_BYTES:
                             raise BuildFailed(
                                 f"{self.shown}: its paths take more than "

@@ -315,11 +315,13 @@ def walk_listed(top_fd: int, descend: Callable[[os.stat_result], bool],
                 break
             else:  # its last entry: back to its parent
                 stack.pop()
-                if stack and stack[-1].fd < 0:
-                    assert stack[-1].key is not None  # taken when it was closed
-                    stack[-1].fd = _up(fd, stack[-1].key, shown)
-                os.close(fd)
-                level.fd = -1
+                try:
+                    if stack and stack[-1].fd < 0:
+                        assert stack[-1].key is not None  # taken when it was closed
+                        stack[-1].fd = _up(fd, stack[-1].key, shown)
+                finally:  # off the stack: closed here, also when the climb is refused
+                    os.close(fd)
+                    level.fd = -1
                 if leave is not None and stack:
                     leave(stack[-1].fd, level.name)
     finally:
