@@ -125,6 +125,13 @@ def test_forking_past_the_tasks_limit_fails_the_build(api: ApiDaemon,
     assert not _job_cgroups(api)
 
 
+def _fails_on_the_disk_limit(api: ApiDaemon, user: User, name: str, write: str) -> None:
+    """A build of ``name`` whose test step runs ``write`` fails, naming ``limits.disk``."""
+    job = _build(api, user, name, write)
+    assert job["state"] == "failed", job
+    assert f"the build exceeded requests.limits.disk = {DISK}" in job["exit_detail"]
+
+
 def test_writing_past_the_disk_limit_stops_the_running_build(api: ApiDaemon,
                                                             accounts: Accounts) -> None:
     """The step would sleep for minutes after writing: the walk while it runs stops it."""
@@ -133,9 +140,7 @@ def test_writing_past_the_disk_limit_stops_the_running_build(api: ApiDaemon,
              "    [f.write(b'x' * (1 << 20)) for _ in range(100)]\n"
              "time.sleep(300)\"")
     started = time.monotonic()
-    job = _build(api, accounts.alice, "diskhog", write)
-    assert job["state"] == "failed"
-    assert f"the build exceeded requests.limits.disk = {DISK}" in job["exit_detail"]
+    _fails_on_the_disk_limit(api, accounts.alice, "diskhog", write)
     assert time.monotonic() - started < 100
     assert _alive(api)["limits"]["disk"] == 60 << 20
 
@@ -159,9 +164,7 @@ def test_a_deleted_file_held_open_counts_against_the_disk_limit(api: ApiDaemon,
              "os.unlink(path)\n"
              "m[:] = b'y' * (40 << 20)\n"
              "time.sleep(45)\"")
-    job = _build(api, accounts.alice, "hiddenhog", write)
-    assert job["state"] == "failed", job
-    assert f"the build exceeded requests.limits.disk = {DISK}" in job["exit_detail"]
+    _fails_on_the_disk_limit(api, accounts.alice, "hiddenhog", write)
 
 
 def test_many_small_files_count_the_disk_they_take(api: ApiDaemon, accounts: Accounts) -> None:
@@ -173,9 +176,7 @@ def test_many_small_files_count_the_disk_they_take(api: ApiDaemon, accounts: Acc
              "for i in range(24000):\n"
              "    with open(os.path.join(home, str(i)), 'wb') as f: f.write(b'x')\n"
              "import time; time.sleep(45)\"")
-    job = _build(api, accounts.alice, "smallhog", write)
-    assert job["state"] == "failed", job
-    assert f"the build exceeded requests.limits.disk = {DISK}" in job["exit_detail"]
+    _fails_on_the_disk_limit(api, accounts.alice, "smallhog", write)
 
 
 def _peak_rss(pid: int) -> int:

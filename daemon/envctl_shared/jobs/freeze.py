@@ -209,28 +209,7 @@ class _Walk:
                         gate.release()
                         raise
                 try:
-                    self._entry(".", top, os.fstat(top))
-                    path_bytes = 0
-                    for parent, where, name, kind, ino, opened in layout.walk_listed(
-                            top, lambda st: True, shown=self.shown, paths=True):  # unpacked
-                        rel = f"{where}/{name}" if where else name
-                        path_bytes += len(_json_str(rel))
-                        if path_bytes > MAX_PATH_BYTES:
-                            raise BuildFailed(
-                                f"{self.shown}: its paths take more than "
-                                f"{MAX_PATH_BYTES >> 20} MiB (a manifest lists each entry by "
-                                f"its path; reached at {quote_name(rel[:80])}...)",
-                                hint="a tree this shape (directories nested thousands deep) "
-                                "is not an environment")
-                        if opened is not None:
-                            self._entry(rel, *opened)
-                        elif kind == "l":
-                            self._symlink(parent, name, rel)
-                        elif kind != "f":  # never opened: opening a device may act on it
-                            self._entry(rel, -1, os.stat(name, dir_fd=parent,
-                                                         follow_symlinks=False))
-                        elif not self._as_frozen(parent, name, ino, rel):
-                            self._file(parent, name, rel, submit)
+                    self._visit(top, submit)
                 finally:
                     for fut in futures:
                         fut.exception()  # every file closed before the error is raised
@@ -238,6 +217,30 @@ class _Walk:
             os.close(top)
         for fut in futures:
             fut.result()
+
+    def _visit(self, top: int, submit: Callable[[Callable[[], None]], None]) -> None:
+        """Freeze (or read) the directory ``top`` and every entry below it, in the one
+        walk's order; large files go to ``submit``."""
+        self._entry(".", top, os.fstat(top))
+        path_bytes = 0
+        for parent, where, name, kind, ino, opened in layout.walk_listed(
+                top, lambda st: True, shown=self.shown, paths=True):  # unpacked
+            rel = f"{where}/{name}" if where else name
+            path_bytes += len(_json_str(rel))
+            if path_bytes > MAX_PATH_BYTES:
+                raise BuildFailed(
+                    f"{self.shown}: its paths take more than {MAX_PATH_BYTES >> 20} MiB (a "
+                    f"manifest lists each entry by its path; reached at {quote_name(rel[:80])}...)",
+                    hint="a tree this shape (directories nested thousands deep) is not an "
+                    "environment")
+            if opened is not None:
+                self._entry(rel, *opened)
+            elif kind == "l":
+                self._symlink(parent, name, rel)
+            elif kind != "f":  # never opened: opening a device may act on it
+                self._entry(rel, -1, os.stat(name, dir_fd=parent, follow_symlinks=False))
+            elif not self._as_frozen(parent, name, ino, rel):
+                self._file(parent, name, rel, submit)
 
     def _as_frozen(self, dir_fd: int, name: str, ino: int, rel: str) -> bool:
         """Note a file that is one of the store's copies already, without opening it: its
