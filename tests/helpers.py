@@ -91,6 +91,15 @@ def wait_for(pred: Callable[[], bool], timeout: float, interval: float = 0.02,
         time.sleep(interval)
 
 
+def wait_escapees(home: Path, timeout: float = 60) -> list[int]:
+    """The pids a build's escapees wrote into ``$HOME/escapees``, once a line is whole: the
+    shell's ``>>`` creates the file before its ``echo`` writes the pid."""
+    pids_file = home / "escapees"
+    wait_for(lambda: pids_file.exists() and pids_file.read_text().endswith("\n"), timeout,
+             what="an escapee")
+    return [int(p) for p in pids_file.read_text().split()]
+
+
 def snapshot(path: Path) -> dict[str, tuple[int, int, int]]:
     """(mode, uid, gid) of every entry under ``path`` (lstat): to prove nothing changed."""
     out = {}

@@ -31,7 +31,7 @@ from envctl_shared.jobs import cgroup as cgroups
 from envctl_shared.jobs.procs import BuildUser, spawn, sweep_orphans
 
 from tests.conftest import Accounts
-from tests.helpers import wait_for
+from tests.helpers import wait_escapees, wait_for
 from tests.jobs_support import ENV_VENV, ENV_VENV_PIP, JobsEnv, daemon_argv, full_log, wait_done
 
 pytest_plugins = ("tests.fixtures_jobs",)  # the jobs fixtures
@@ -165,14 +165,6 @@ def not_a_subreaper() -> Iterator[None]:
         yield
     finally:
         libc.prctl(36, flag.value, 0, 0, 0)
-
-
-def wait_escapees(home: Path, timeout: float = 60) -> list[int]:
-    """The pids the escapees wrote into ``$HOME/escapees`` (once at least one line is whole)."""
-    pids_file = home / "escapees"
-    wait_for(lambda: pids_file.exists() and pids_file.read_text().endswith("\n"), timeout,
-             what="an escapee")
-    return [int(p) for p in pids_file.read_text().split()]
 
 
 def kill_all(pids: list[int]) -> None:

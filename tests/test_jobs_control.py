@@ -22,7 +22,7 @@ from envctl_shared.config import parse
 from envctl_shared.errors import Conflict, FilesystemError
 from envctl_shared.jobs import JobManager, State
 
-from tests.helpers import live_processes, wait_for
+from tests.helpers import live_processes, wait_escapees, wait_for
 from tests.jobs_support import (
     ENV_HELLO,
     ENV_VENV,
@@ -335,13 +335,12 @@ def test_processes_that_leave_the_group_are_killed(jobs_env: JobsEnv, manager_fa
     mgr = manager_factory(jobs_env.config(venv_python=str(wrapper)))
     alice = jobs_env.requester("alice")
     job = mgr.submit(alice, "esc", ENV_VENV, backend="venv")
-    pids_file = jobs_env.state_dir / "jobs" / job.id / "home" / "escapees"
-    wait_for(pids_file.exists, 60, what="the first escapee")
-    first = int(pids_file.read_text().split()[0])
+    home = jobs_env.state_dir / "jobs" / job.id / "home"
+    first = wait_escapees(home)[0]
     assert os.getsid(first) == first  # really out of the build's session and group
     done = mgr.cancel(job.id, alice) if cancel else wait_done(mgr, job.id, 120)
     assert done.state is (State.CANCELLED if cancel else State.SUCCEEDED), full_log(mgr, job.id)
-    for pid in map(int, pids_file.read_text().split()):
+    for pid in map(int, (home / "escapees").read_text().split()):
         assert not os.path.exists(f"/proc/{pid}"), f"escapee {pid} still there"
     assert "that had left the build's process group" in full_log(mgr, job.id)
     assert not procs_of(jobs_env.accounts.builder.uid, jobs_env.state_dir)
