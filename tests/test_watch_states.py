@@ -5,14 +5,17 @@ maintenance thread doing the rebuild, the fall-back to polling and the return to
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Iterable
 from pathlib import Path
 
 import pytest
 from envctl_shared.config import WatchConfig, parse
+from envctl_shared.heal.stats import HealStats
 from envctl_shared.watch.service import TRANSITIONS, RootWatcher, WatchState, mode_of
 
 from tests.conftest import Accounts
-from tests.helpers import wait_for
+from tests.helpers import as_user, find_violations, wait_for
 from tests.watch_support import make_root
 
 S = WatchState
@@ -97,4 +100,45 @@ def test_configured_polling_is_its_own_state(scratch: Path, accounts: Accounts) 
         assert w.state is S.POLLING and w.status().mode == "poll"
         assert TRANSITIONS[S.POLLING] == {S.FAILED}
     finally:
+        w.stop(5)
+
+
+def test_a_bug_healing_one_directory_costs_no_other_of_its_batch(scratch: Path,
+                                                                  accounts: Accounts) -> None:
+    """A worker heals the entries of up to ENTRY_DIRS directories in one call. An exception
+    there (a bug: planted here, for ``d7`` only, since no real input is known to raise) is
+    logged and counted once, and the other directories of that batch are healed anyway — not
+    left for the next full pass (hours away here)."""
+    root = make_root(scratch, accounts)
+    alice = accounts.alice
+    names = [f"d{i}" for i in range(20)]
+    as_user(alice.uid, alice.gid, ["mkdir", *(str(root / n) for n in names)])
+    w = _watcher(root, accounts.shared_group)
+    w.watch_cfg = w.watch_cfg._replace(full_scan_interval=3600.0)  # type: ignore[attr-defined]
+    real = w._healer.run_entries
+    release = threading.Event()
+    batches: list[list[str]] = []
+
+    def run_entries(groups: Iterable[tuple[str, list[str]]]) -> HealStats:
+        release.wait(30)  # the first call holds the worker while the burst queues up
+        listed = list(groups)
+        batches.append([parent for parent, _ in listed])
+        if any(parent == "d7" for parent, _ in listed):
+            raise RuntimeError("planted bug")
+        return real(listed)
+
+    w._healer.run_entries = run_entries  # type: ignore[method-assign]
+    w.start()
+    try:
+        as_user(alice.uid, alice.gid, ["touch", *(str(root / n / "f") for n in names)])
+        wait_for(lambda: len(w.queue) >= len(names), 10, 0.01, "the burst queued")
+        release.set()
+        wait_for(lambda: not find_violations(root, accounts.shared_gid,
+                                             [str(root / n / "f") for n in names
+                                              if n != "d7"]), 10, 0.02, "the others healed")
+        assert any("d7" in b and len(b) > 1 for b in batches), batches  # d7 came in a batch
+        assert find_violations(root, accounts.shared_gid, [str(root / "d7" / "f")])
+        assert w.status().errors == 1
+    finally:
+        release.set()
         w.stop(5)

@@ -423,15 +423,26 @@ class RootWatcher:
                 continue
             self._busy[idx] = True
             try:
-                self._heal(items)
-            except Exception:  # a bug must not kill the worker: log it, keep healing
-                rel = self.queue.path(items[0])
-                self._log.exception("heal failed path=%s", quote_name(rel),
-                                    extra=fields(path=rel))
-                self._status.heals.errors += 1
+                self._heal_guarded(items)
             finally:
                 self._busy[idx] = False
                 self.queue.done()
+
+    def _heal_guarded(self, items: list[Item]) -> None:
+        """``_heal``, where a bug must not kill the worker: it is logged and healing goes on.
+        A batch that failed is healed again item by item, so that the bug costs only its own
+        directory, not the up to ENTRY_DIRS - 1 others handed over with it (healing again
+        what the batch already healed finds those entries compliant)."""
+        try:
+            self._heal(items)
+        except Exception:
+            if len(items) > 1:
+                for item in items:
+                    self._heal_guarded([item])
+                return
+            rel = self.queue.path(items[0])
+            self._log.exception("heal failed path=%s", quote_name(rel), extra=fields(path=rel))
+            self._status.heals.errors += 1
 
     def _walk_progressed(self) -> None:
         self._walk_beat = time.monotonic()
