@@ -256,3 +256,25 @@ def test_heal_follows_no_race_with_many_writers(scratch: Path, accounts: Account
     t.join()
     healer.run()
     assert find_violations(root, accounts.shared_gid) == []
+
+
+
+@pytest.mark.parametrize("concurrency", CONCURRENCY)
+def test_a_directory_removed_between_its_open_and_its_listing_is_empty(
+        scratch: Path, accounts: Accounts, concurrency: int) -> None:
+    """A member's ``rmdir`` between the walk's open of a directory and its listing: the
+    listing (C's getdents64) fails with ENOENT. The directory is empty, not an error, which
+    would make ``envctl heal`` exit 74 and could be had at will. The removal is made at that
+    very moment, through the progress hook a walk calls once it has opened a directory."""
+    root = scratch / "r"
+    (root / "victim").mkdir(parents=True)
+    opened: list[int] = []
+
+    def opened_one() -> None:
+        opened.append(1)
+        (root / "victim").rmdir()
+
+    stats = Healer(_root(root, accounts.shared_gid), concurrency=concurrency,
+                   on_progress=opened_one).run("victim")
+    assert len(opened) == 1 and not (root / "victim").exists()
+    assert stats.errors == 0 and stats.dirs == 1, stats.to_dict()

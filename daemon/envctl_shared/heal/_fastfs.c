@@ -510,13 +510,19 @@ typedef struct {
 
 /* The next entry of the directory fd (read from the fd's own offset), "." and ".." skipped:
  * 1 with *out set (valid until the next call), 0 at the end, -1 with errno set. The one
- * getdents64 loop of every listing (the walk's and the watcher's). */
+ * getdents64 loop of every listing (the walk's, the scan's and the watcher's).
+ *
+ * A directory removed since it was opened (a member's rmdir racing the walk) fails its
+ * listing with ENOENT: it is listed as empty, which it is, as glibc's readdir does. It is not
+ * an error: a member could otherwise make every walk report one, and end the watch. */
 static int next_dent(batch *b, int fd, dents_cursor *c, struct dirent64 **out)
 {
     for (;;) {
         if (c->pos >= c->n) {
             c->n = syscall(SYS_getdents64, fd, b->dents, DENTS_SIZE);
             c->pos = 0;
+            if (c->n < 0 && errno == ENOENT)
+                c->n = 0;
             if (c->n <= 0)
                 return c->n < 0 ? -1 : 0;
         }
@@ -1406,9 +1412,8 @@ out:
 /* -- list mode: the directories the inotify watcher must watch ---------------------------- */
 
 /* The subdirectories of the directory fd (its own offset; rewound first when `rewind`) pushed
- * on b->names, and whether it had no entry at all (so one removed since it was opened, whose
- * listing fails with ENOENT: a member's mkdir/rmdir raced the walk). 0, or -1 with a Python
- * error set. */
+ * on b->names, and whether it had no entry at all (so one removed since it was opened, see
+ * next_dent). 0, or -1 with a Python error set. */
 static int list_subdirs(batch *b, int fd, int rewind, int *empty)
 {
     *empty = 1;
@@ -1429,7 +1434,7 @@ static int list_subdirs(batch *b, int fd, int rewind, int *empty)
             return -1;
         }
     }
-    if (got == 0 || errno == ENOENT)
+    if (got == 0)
         return 0;
 fail:
     PyErr_SetFromErrno(PyExc_OSError);
