@@ -38,6 +38,7 @@ CGROUP_HIERARCHIES = (Path("/sys/fs/cgroup/unified"), Path("/sys/fs/cgroup/syste
 _COUNTER = itertools.count()
 WORK_BASE = "/tmp"  # workdirs and cgroups are both named envctl-nspawn-<test pid>-<n>
 BOOT_TIMEOUT = 30.0
+STATE_DIR = "/var/lib/envctl"  # the units' StateDirectory=: hidden from the host, see boot()
 
 
 def unavailable_reason() -> str | None:
@@ -229,7 +230,11 @@ def boot(binds: Sequence[Bind] = (), units: Mapping[str, Path] = {},
     console = workdir / "console.log"
     all_binds = list(binds) + [Bind(src, Path("/etc/systemd/system") / unit)
                                for unit, src in units.items()]
+    # The overlay shows the host's /var: a daemon run on this host (by hand, or by a test of
+    # the host's units) left its state there — jobs, daemon-id, lock — which the container's
+    # daemon must not take over. An empty tmpfs there, as on a fresh machine.
     nspawn_argv = ["systemd-nspawn", "--quiet", "-D", str(rootdir), "--volatile=overlay",
+                   f"--tmpfs={STATE_DIR}",
                    "--register=no", "--keep-unit", "--boot", "--console=passive",
                    *([] if network else ["--private-network"]),
                    *(b.option() for b in all_binds),
