@@ -103,6 +103,14 @@ def test_make_run_demo_end_to_end(scratch: Path, demo_account: None) -> None:
         assert re.search(rf"^✓ root mode: .*var/envs: group {DEMO_ACCOUNT}, mode 3775$", out,
                          re.M), out
         assert "{" not in out.split("✓ env:")[1].splitlines()[0]
+        # the demo account, a member of the root's group, may use the CLI as allow_groups
+        # says: the socket is the demo group's (it was root's group's: exit 77)
+        res = subprocess.run(["setpriv", f"--reuid={DEMO_ACCOUNT}", f"--regid={DEMO_ACCOUNT}",
+                              "--init-groups", str(REPO / ".venv" / "bin" / "envctl"),
+                              "--socket", str(var / "run" / "envctld.sock"), "whoami"],
+                             cwd="/", capture_output=True, text=True, timeout=60)
+        assert res.returncode == 0, res.stderr
+        assert "may create: yes" in res.stdout, res.stdout
         version = os.path.realpath(var / "envs" / "demo-env")
         st = os.stat(version)  # built as the build account, then frozen: the daemon's
         assert st.st_uid == 0 and st.st_mode & 0o222 == 0
