@@ -109,6 +109,16 @@ def test_a_stopped_daemon_is_reported(root: Path, scratch: Path, accounts: Accou
     assert not c["daemon"]["ok"] and "wedged" in c["daemon"]["summary"]
 
 
+def test_root_is_told_what_applies_to_root(root: Path, scratch: Path) -> None:
+    """An admin's doctor as root: not told to add root to the group (the kernel lets root in),
+    nor that the daemon heals what root's umask leaves (root's files are protected)."""
+    code, c = doctor(User("root", 0, 0), "--socket", _no_daemon(scratch), "--root", str(root),
+                     umask=0o022)
+    assert c["group"]["ok"] and c["group"]["fix"] is None, c["group"]
+    assert "you are root" in c["group"]["summary"]
+    assert c["umask"]["ok"] and "no daemon heals root's files" in c["umask"]["summary"]
+
+
 def test_group_membership_three_ways(root: Path, scratch: Path, accounts: Accounts) -> None:
     sock = ("--socket", _no_daemon(scratch), "--root", str(root))
     _, c = doctor(accounts.alice, *sock)
@@ -201,6 +211,7 @@ def test_envs_dirs_from_real_condarc_files(root: Path, scratch: Path,
     _, c = doctor(accounts.alice, *sock, home=home)  # no .condarc at all
     assert not c["envs_dirs"]["ok"]
     assert f"conda config --append envs_dirs {root}" in c["envs_dirs"]["fix"]
+    assert f"envctl init {root} --group {accounts.shared_group}'" in c["envs_dirs"]["fix"]
     (home / ".condarc").write_text("envs_dirs:\n  - /somewhere/else\n")
     _, c = doctor(accounts.alice, *sock, home=home)
     assert not c["envs_dirs"]["ok"]
