@@ -78,6 +78,29 @@ def test_errors_are_json_under_json(api: ApiDaemon, accounts: Accounts) -> None:
     assert res.stdout == "" and res.stderr.startswith("envctl: error: ")
 
 
+def test_heal_and_check_name_what_is_wrong_on_their_command_line(scratch: Path,
+                                                                  accounts: Accounts) -> None:
+    """A group that does not exist is the --group flag's (exit 64), not a configuration key;
+    a configured root that does not exist is a typo or an unmounted share, not a race to
+    retry; each command's example is itself."""
+    def envctl(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([str(VENV_BIN / "envctl"), *args], capture_output=True,
+                              text=True, timeout=60, cwd="/")
+
+    res = envctl("heal")
+    assert res.returncode == EX_USAGE and "'envctl heal --group" in res.stderr, res.stderr
+    res = envctl("check", "--group", "no-such-grp-x", str(scratch))
+    assert res.returncode == EX_USAGE, res.stderr
+    assert "--group: no such group 'no-such-grp-x'" in res.stderr
+    assert "roots[0]" not in res.stderr and "getent group" in res.stderr
+    cfg = scratch / "envctld.yaml"
+    cfg.write_text(f"roots:\n  - path: ./share/envs\n    group: {accounts.shared_group}\n")
+    res = envctl("check", "--config", str(cfg))
+    assert res.returncode == EX_IOERR
+    assert f"{scratch}/share/envs: no such directory" in res.stderr
+    assert "findmnt" in res.stderr and "retry" not in res.stderr, res.stderr
+
+
 def _hintless_raises(path: Path, error_names: set[str]) -> list[str]:
     tree = ast.parse(path.read_text())
     out = []
