@@ -202,6 +202,21 @@ def test_request_subcommand_help_says_what_it_does(api: ApiDaemon, accounts: Acc
     assert words in res.stdout
 
 
+def test_every_command_help_says_what_it_does() -> None:
+    """``envctl env rollback --help`` (remove, gc, ...) printed a bare usage line: every
+    command's own help has a description, and every positional argument a help."""
+    import argparse
+
+    from envctl_shared.cli import main
+    from envctl_shared.cli.parsing import leaves
+
+    bare = [leaf.prog for leaf in leaves(main.build_parser()) if not leaf.description]
+    unexplained = [f"{leaf.prog} {a.dest}" for leaf in leaves(main.build_parser())
+                   for a in leaf._actions if not a.option_strings and not a.help
+                   and not isinstance(a, argparse._SubParsersAction)]
+    assert bare == [] and unexplained == []
+
+
 def test_daemon_area_is_the_daemons_not_an_error(accounts: Accounts, scratch: Path) -> None:
     """A normal user's check of a root with the daemon's private ``.envctl`` in it: those
     entries are the daemon's, the tree is complete; elsewhere an unreadable dir stays an error,
