@@ -12,6 +12,7 @@ import ast
 import io
 import json
 import os
+import re
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -215,6 +216,31 @@ def test_every_command_help_says_what_it_does() -> None:
                    for a in leaf._actions if not a.option_strings and not a.help
                    and not isinstance(a, argparse._SubParsersAction)]
     assert bare == [] and unexplained == []
+
+
+def test_the_readme_command_table_has_every_command_and_option() -> None:
+    """README's "Command line" table is where an admin looks first: every command, action and
+    option of ``--help`` (the global ones aside) is in a row of its command (whoami, kernels
+    sync, env diff/describe and a dozen options were not)."""
+    from envctl_shared.cli import main
+    from envctl_shared.cli.parsing import leaves
+
+    section = (REPO / "README.md").read_text().split("\n## Command line\n")[1]
+    rows = [line for line in section.split("\n## ")[0].splitlines()
+            if line.startswith("| `envctl ")]
+    common = {"-h", "--help", *(f for flags, _ in main.GLOBAL_OPTIONS.values() for f in flags)}
+    missing = []
+    for leaf in leaves(main.build_parser()):
+        words = leaf.prog.split()[1:]  # "envctl env rollback": its command and action
+        mine = " ".join(r for r in rows if re.match(rf"\| `envctl {words[0]}[ `]", r))
+        if not mine or words[1:] and not re.search(rf"`((envctl )?{words[0]} )?{words[1]}\b",
+                                                   mine):
+            missing.append(leaf.prog)
+        missing += [f"{leaf.prog} {a.option_strings[0]}" for a in leaf._actions
+                    if a.option_strings and not common & set(a.option_strings)
+                    and not any(re.search(rf"(?<![\w-]){re.escape(o)}(?![\w-])", mine)
+                                for o in a.option_strings)]
+    assert missing == []
 
 
 def test_daemon_area_is_the_daemons_not_an_error(accounts: Accounts, scratch: Path) -> None:
