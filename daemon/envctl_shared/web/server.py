@@ -88,7 +88,9 @@ def serve(socket: Path, ip: str | None = None, port: int | None = None,
         missing = [name for name in NEEDED if not os.environ.get(name)]
         if missing:
             raise ConfigError(f"envctl web is a JupyterHub service, and {', '.join(missing)} "
-                              "is not set", hint=_HINT)
+                              f"{'is' if len(missing) == 1 else 'are'} not set",
+                              hint=f"{_HINT}; to try it on this machine without a hub: "
+                              "'envctl web --local'")
         host, port, https = listen_address(ip, port)
         context, secret = tls_context(https), None
         # The service's token goes to HubOAuth (its OAuth client secret) and out of the
