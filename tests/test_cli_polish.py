@@ -218,6 +218,16 @@ def test_every_command_help_says_what_it_does() -> None:
     assert bare == [] and unexplained == []
 
 
+def test_a_stray_word_hints_at_its_commands_help() -> None:
+    """Left-over words are the top parser's to report: the hint was 'envctl --help'."""
+    for argv, helped in ((["doctor", "a", "b"], "envctl doctor --help"),
+                         (["env", "show", "x", "y"], "envctl env show --help")):
+        res = subprocess.run([str(VENV_BIN / "envctl"), *argv], capture_output=True, text=True,
+                             timeout=60)
+        assert res.returncode == EX_USAGE, res.stderr
+        assert f"hint: run '{helped}'" in res.stderr, res.stderr
+
+
 def test_the_readme_command_table_has_every_command_and_option() -> None:
     """README's "Command line" table is where an admin looks first: every command, action and
     option of ``--help`` (the global ones aside) is in a row of its command (whoami, kernels
