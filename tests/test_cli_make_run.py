@@ -153,6 +153,12 @@ def test_make_run_demo_as_a_normal_user(scratch: Path, accounts: Accounts) -> No
                          rf"\(uid {alice.uid}\)", res.stdout, re.M), res.stdout
         assert re.search(r"^✓ python: python 3\.", res.stdout, re.M), res.stdout
         assert os.stat(os.path.realpath(var / "envs" / "demo-env")).st_uid == alice.uid
+        # run again, as people do: the same, and a second version (was 'mkdir: File exists')
+        res = subprocess.run([*as_alice, "bash", "-e", str(QUICKSTART)], cwd=checkout,
+                             capture_output=True, text=True, timeout=300)
+        assert res.returncode == 0, res.stderr + res.stdout
+        assert re.search(r"^-rw-rw---- .* var/envs/demo/a\.csv$", res.stdout, re.M), res.stdout
+        assert re.search(r"^✓ env: demo-env: ready; version v2 ", res.stdout, re.M), res.stdout
     finally:
         daemon.terminate()
         daemon.wait(30)
