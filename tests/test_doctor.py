@@ -235,6 +235,17 @@ def test_envs_dirs_from_real_condarc_files(root: Path, scratch: Path,
     assert code == 1 and not c["condarc"]["ok"] and "not valid" in c["condarc"]["summary"]
 
 
+def test_a_home_it_cannot_look_into(root: Path, scratch: Path, accounts: Accounts) -> None:
+    """HOME left as another user's (``su`` without ``-``, ``sudo -u``): its .condarc files are
+    not this user's to see, as for conda — doctor ran into an internal error (exit 70)."""
+    home = scratch / "private-home"
+    (home / ".config" / "conda").mkdir(parents=True)
+    os.chmod(home, 0o700)
+    code, c = doctor(accounts.alice, "--socket", _no_daemon(scratch), "--root", str(root),
+                     home=home)
+    assert code == 1 and not c["envs_dirs"]["ok"], c["all"]
+
+
 def test_one_environment(root: Path, scratch: Path, accounts: Accounts) -> None:
     """NAME: its tree audited as the user (first violations named), its python run."""
     sock = ("--socket", _no_daemon(scratch), "--root", str(root))
