@@ -237,13 +237,17 @@ def test_envs_dirs_from_real_condarc_files(root: Path, scratch: Path,
 
 def test_a_home_it_cannot_look_into(root: Path, scratch: Path, accounts: Accounts) -> None:
     """HOME left as another user's (``su`` without ``-``, ``sudo -u``): its .condarc files are
-    not this user's to see, as for conda — doctor ran into an internal error (exit 70)."""
+    not this user's to see, as for conda, nor its kernelspecs, as for Jupyter — doctor ran into
+    an internal error (exit 70) on each."""
     home = scratch / "private-home"
     (home / ".config" / "conda").mkdir(parents=True)
+    (home / ".local" / "share" / "jupyter" / "kernels").mkdir(parents=True)
     os.chmod(home, 0o700)
+    (root / "hand").mkdir()
     code, c = doctor(accounts.alice, "--socket", _no_daemon(scratch), "--root", str(root),
-                     home=home)
+                     "hand", home=home)
     assert code == 1 and not c["envs_dirs"]["ok"], c["all"]
+    assert c["kernel"]["ok"] and "no kernel expected" in c["kernel"]["summary"]
 
 
 def test_one_environment(root: Path, scratch: Path, accounts: Accounts) -> None:

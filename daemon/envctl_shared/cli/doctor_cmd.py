@@ -575,7 +575,8 @@ def check_kernel(ctx: Context, name: str, info: dict[str, Any] | None, has_kerne
                 subject=name)
         return
     dirs = jupyter_kernel_dirs() + ([ctx.kernels_dir] if ctx.kernels_dir else [])
-    found = next((d / kname for d in dirs if (d / kname / "kernel.json").is_file()), None)
+    # os.path.isfile, as Jupyter looks: a directory this user cannot enter has no kernel
+    found = next((d / kname for d in dirs if os.path.isfile(d / kname / "kernel.json")), None)
     if found is not None:
         ctx.add("kernel", True, f"kernel {kname} registered in {quote_name(str(found.parent))}",
                 subject=name)
