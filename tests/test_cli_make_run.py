@@ -10,6 +10,7 @@ group, and never a world-writable root).
 from __future__ import annotations
 
 import grp
+import json
 import os
 import pwd
 import re
@@ -140,8 +141,9 @@ def test_make_run_demo_as_a_normal_user(scratch: Path, accounts: Accounts) -> No
     log = scratch / "envctld.log"
     with open(log, "wb") as out:
         daemon = subprocess.Popen([*as_alice, str(REPO / ".venv" / "bin" / "envctld"),
-                                   "--config", str(var / "dev.yaml")], stdout=out, stderr=out,
-                                  stdin=subprocess.DEVNULL, start_new_session=True)
+                                   "--config", "var/dev.yaml"], stdout=out, stderr=out,
+                                  stdin=subprocess.DEVNULL, start_new_session=True,
+                                  cwd=checkout)  # as make run starts it
     try:
         wait_for(lambda: " ready " in log.read_text(), 30, what="the daemon ready")
         res = subprocess.run([*as_alice, "bash", "-e", str(QUICKSTART)], cwd=checkout,
@@ -153,6 +155,10 @@ def test_make_run_demo_as_a_normal_user(scratch: Path, accounts: Accounts) -> No
                          rf"\(uid {alice.uid}\)", res.stdout, re.M), res.stdout
         assert re.search(r"^✓ python: python 3\.", res.stdout, re.M), res.stdout
         assert os.stat(os.path.realpath(var / "envs" / "demo-env")).st_uid == alice.uid
+        res = subprocess.run([*as_alice, str(REPO / ".venv" / "bin" / "envctl"), "--socket",
+                              str(var / "run" / "envctld.sock"), "status", "--json"],
+                             capture_output=True, text=True, timeout=60)
+        assert json.loads(res.stdout)["config"] == str(var / "dev.yaml")  # was "var/dev.yaml"
         # run again, as people do: the same, and a second version (was 'mkdir: File exists')
         res = subprocess.run([*as_alice, "bash", "-e", str(QUICKSTART)], cwd=checkout,
                              capture_output=True, text=True, timeout=300)

@@ -76,7 +76,11 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--config", required=True, help="the daemon's YAML configuration")
     p.add_argument("--debug", action="store_true", help="log at DEBUG level")
     p.add_argument("--version", action="version", version=f"envctld {__version__}")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    # absolute: status and every message name the file wherever they are read (make run's
+    # --config var/dev.yaml said "var/dev.yaml" to a status asked from anywhere)
+    args.config = os.path.abspath(args.config)
+    return args
 
 
 def _wedge_after() -> float | None:
