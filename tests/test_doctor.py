@@ -79,11 +79,27 @@ def test_all_good_with_a_daemon_whose_roots_it_learns(
     assert code == 0 and "heals it" in c["umask"]["summary"]
 
 
+def test_a_socket_that_keeps_you_out_is_no_daemon_down(
+        root: Path, scratch: Path, accounts: Accounts,
+        envctld: Callable[..., Envctld]) -> None:
+    """The daemon runs and heals; its socket lets in its group only: the fix says whose group,
+    not "until it runs nothing heals what you write"."""
+    sock = scratch / "envctld.sock"
+    cfg = write_config(scratch, [(root, accounts.shared_group)], extra={"socket": {
+        "path": str(sock), "mode": "0660", "group": accounts.shared_group}})
+    envctld(cfg)
+    code, c = doctor(accounts.mallory, "--socket", str(sock), "--root", str(root))
+    assert code == 1 and not c["daemon"]["ok"]
+    assert "permission denied" in c["daemon"]["summary"]
+    assert f"group {accounts.shared_group}" in c["daemon"]["fix"]
+    assert "until it runs" not in c["daemon"]["fix"], c["daemon"]
+
+
 def test_no_daemon_and_no_root(scratch: Path, accounts: Accounts) -> None:
     code, c = doctor(accounts.alice, "--socket", _no_daemon(scratch))
     assert code == 1
     assert not c["daemon"]["ok"] and "not running" in c["daemon"]["summary"]
-    assert "systemctl start envctld" in c["daemon"]["fix"]
+    assert "systemctl start envctld" in c["daemon"]["fix"] and "until it runs" in c["daemon"]["fix"]
     assert not c["roots"]["ok"] and "--root" in c["roots"]["fix"]
 
 

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 from .. import config as cfgmod
 from ..accounts import group_name, person
-from ..errors import EX_FAILURE, EX_OK, EnvctlError
+from ..errors import EX_FAILURE, EX_OK, DaemonUnavailable, EnvctlError
 from ..fsinfo import mount_of
 from ..status import DaemonStatus
 from .access import group_access, membership_fix, missing_hint
@@ -172,9 +172,10 @@ def check_daemon(ctx: Context, socket: str | None, timeout: float, stale: float)
     try:
         with _client(socket, timeout) as client:
             data = client.call("status")
-    except EnvctlError as err:
-        ctx.add("daemon", False, err.message, hint_of(err) + "; until it runs nothing heals "
-                "what you write (files may lack group access)")
+    except EnvctlError as err:  # refused by the socket's mode, it may be healing all the same
+        ctx.add("daemon", False, err.message, hint_of(err) + (
+            "; until it runs nothing heals what you write (files may lack group access)"
+            if isinstance(err, DaemonUnavailable) else ""))
         return
     st = ctx.daemon = DaemonStatus.from_dict(data)
     head = f"envctld {st.version or '?'} (pid {st.pid or '?'})"
