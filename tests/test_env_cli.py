@@ -161,6 +161,18 @@ def test_hand_made_and_planted_records_are_not_trusted(api: ApiDaemon,
              what="the refusal logged")
 
 
+def test_a_malformed_name_or_id_is_the_users_typo(api: ApiDaemon, accounts: Accounts) -> None:
+    """``envctl env show ../x`` was the daemon's protocol error (exit 76, "the CLI and the
+    daemon may be of different versions"): what the user typed is checked by the client,
+    against the op's own argument rule, before anything is sent."""
+    for argv, arg in ((["env", "show", "../x"], "name"), (["env", "rollback", "a b"], "name"),
+                      (["env", "export", "x/y"], "name"), (["request", "status", "../.."], "id"),
+                      (["env", "rollback", "x", "--to", "../v1"], "to")):
+        res = api.cli(accounts.alice, *argv)
+        assert res.returncode == EX_DATAERR, res.stderr
+        assert f"argument {arg!r} must be" in res.stderr and "versions" not in res.stderr
+
+
 def test_protocol_checks_new_arguments(api: ApiDaemon) -> None:
     def ask(msg: dict[str, object]) -> Any:
         return json.loads(api.raw((json.dumps(msg) + "\n").encode(), lines=1))
