@@ -228,6 +228,18 @@ def test_a_stray_word_hints_at_its_commands_help() -> None:
         assert f"hint: run '{helped}'" in res.stderr, res.stderr
 
 
+@pytest.mark.parametrize("command", ["status", "doctor"])
+def test_a_timeout_is_seconds_above_zero(command: str) -> None:
+    """``--timeout -1`` was 'internal error: ValueError' (70); 0 was 'the daemon closed the
+    connection' (69): both the user's typo, said so before any socket is opened."""
+    for value in ("-1", "0", "nan"):
+        res = subprocess.run([str(VENV_BIN / "envctl"), command, "--timeout", value,
+                              "--socket", "/nonexistent.sock"], capture_output=True, text=True,
+                             timeout=60)
+        assert res.returncode == EX_USAGE, res.stdout + res.stderr
+        assert "is not a number of seconds above 0" in res.stderr
+
+
 def test_the_readme_command_table_has_every_command_and_option() -> None:
     """README's "Command line" table is where an admin looks first: every command, action and
     option of ``--help`` (the global ones aside) is in a row of its command (whoami, kernels

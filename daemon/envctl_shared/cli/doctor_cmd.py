@@ -37,6 +37,7 @@ from ..fsinfo import mount_of
 from ..status import DaemonStatus
 from .access import group_access, membership_fix, missing_hint
 from .output import emit_json, hint_of, local_time, quote_name
+from .parsing import timeout_seconds
 
 if TYPE_CHECKING:
     from ..condarc import EnvsDirs
@@ -101,7 +102,7 @@ def add_parser(sub: Any) -> None:
                      help="check this root (repeatable; default: the daemon's roots)")
     p.add_argument("--stale", type=float, default=300.0, metavar="SECONDS",
                    help="call the daemon stale after this long without progress (default 300)")
-    p.add_argument("--timeout", type=float, default=10.0, metavar="SECONDS",
+    p.add_argument("--timeout", type=timeout_seconds, default=10.0, metavar="SECONDS",
                    help="how long to wait for the daemon's answer (default 10)")
     p.set_defaults(func=run)
 

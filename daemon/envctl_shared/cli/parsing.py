@@ -27,6 +27,18 @@ def global_help() -> dict[str, str]:
             "debug": "show tracebacks on errors"}
 
 
+def timeout_seconds(text: str) -> float:
+    """``--timeout SECONDS``: above 0 and finite (-1 reached the socket as an internal error,
+    0 as "the daemon closed the connection")."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds above 0")
+    return value
+
+
 class Parser(argparse.ArgumentParser):
     """argparse, but usage errors become UsageError (exit 64) through the one handler, each
     hinting at the help of the command that was typed."""
