@@ -120,6 +120,8 @@ def test_who_may_roll_back_remove_and_collect(api: ApiDaemon, accounts: Accounts
     gc = _json(api.cli(_root(), "env", "gc", "--json"))
     assert {"name": "owned", "version": "v1"} in gc["removed"]
     assert not (api.root / ".envctl/envs/owned/v1").exists()
+    res = api.cli(a.alice, "env", "rollback", "owned", "--to", "v2")  # the current one
+    assert res.returncode == 0 and res.stdout == "owned: already at v2\n", res.stdout
     # remove: one unlink, by the owner
     res = api.cli(a.alice, "env", "remove", "owned")
     assert res.returncode == 0 and "its versions go at the next GC" in res.stdout

@@ -306,7 +306,9 @@ def run_rollback(args: argparse.Namespace) -> int:
     if args.json:
         emit_json(out)
     else:
-        print(f"{out['name']}: now {out['current']} (was {out.get('previous') or '-'})")
+        was = out.get("previous")
+        print(f"{out['name']}: already at {out['current']}" if was == out["current"] else
+              f"{out['name']}: now {out['current']} (was {was or '-'})")
     return EX_OK
 
 
