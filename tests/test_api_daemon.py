@@ -11,6 +11,7 @@ the socket and create nothing.
 
 from __future__ import annotations
 
+import grp
 import json
 import os
 import socket
@@ -91,6 +92,8 @@ def test_three_distinct_connection_failures(api: ApiDaemon, accounts: Accounts) 
         res = api.cli(accounts.mallory, "status")
         assert res.returncode == EX_NOPERM and "permission denied on the daemon socket" in \
             res.stderr, res.stderr
+        group = grp.getgrgid(os.stat(api.sock).st_gid).gr_name  # the hint names it
+        assert f"the socket (group {group}, mode 0660)" in res.stderr, res.stderr
     finally:
         os.chmod(api.sock, 0o666)
     # not authorised (the daemon's own refusal) is covered above: a third, different message.

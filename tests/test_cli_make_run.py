@@ -10,6 +10,7 @@ group, and never a world-writable root).
 from __future__ import annotations
 
 import grp
+import json
 import os
 import pwd
 import re
@@ -103,6 +104,14 @@ def test_make_run_demo_end_to_end(scratch: Path, demo_account: None) -> None:
         assert re.search(rf"^✓ root mode: .*var/envs: group {DEMO_ACCOUNT}, mode 3775$", out,
                          re.M), out
         assert "{" not in out.split("✓ env:")[1].splitlines()[0]
+        # the demo account, a member of the root's group, may use the CLI as allow_groups
+        # says: the socket is the demo group's (it was root's group's: exit 77)
+        res = subprocess.run(["setpriv", f"--reuid={DEMO_ACCOUNT}", f"--regid={DEMO_ACCOUNT}",
+                              "--init-groups", str(REPO / ".venv" / "bin" / "envctl"),
+                              "--socket", str(var / "run" / "envctld.sock"), "whoami"],
+                             cwd="/", capture_output=True, text=True, timeout=60)
+        assert res.returncode == 0, res.stderr
+        assert "may create: yes" in res.stdout, res.stdout
         version = os.path.realpath(var / "envs" / "demo-env")
         st = os.stat(version)  # built as the build account, then frozen: the daemon's
         assert st.st_uid == 0 and st.st_mode & 0o222 == 0
@@ -132,8 +141,9 @@ def test_make_run_demo_as_a_normal_user(scratch: Path, accounts: Accounts) -> No
     log = scratch / "envctld.log"
     with open(log, "wb") as out:
         daemon = subprocess.Popen([*as_alice, str(REPO / ".venv" / "bin" / "envctld"),
-                                   "--config", str(var / "dev.yaml")], stdout=out, stderr=out,
-                                  stdin=subprocess.DEVNULL, start_new_session=True)
+                                   "--config", "var/dev.yaml"], stdout=out, stderr=out,
+                                  stdin=subprocess.DEVNULL, start_new_session=True,
+                                  cwd=checkout)  # as make run starts it
     try:
         wait_for(lambda: " ready " in log.read_text(), 30, what="the daemon ready")
         res = subprocess.run([*as_alice, "bash", "-e", str(QUICKSTART)], cwd=checkout,
@@ -145,6 +155,16 @@ def test_make_run_demo_as_a_normal_user(scratch: Path, accounts: Accounts) -> No
                          rf"\(uid {alice.uid}\)", res.stdout, re.M), res.stdout
         assert re.search(r"^✓ python: python 3\.", res.stdout, re.M), res.stdout
         assert os.stat(os.path.realpath(var / "envs" / "demo-env")).st_uid == alice.uid
+        res = subprocess.run([*as_alice, str(REPO / ".venv" / "bin" / "envctl"), "--socket",
+                              str(var / "run" / "envctld.sock"), "status", "--json"],
+                             capture_output=True, text=True, timeout=60)
+        assert json.loads(res.stdout)["config"] == str(var / "dev.yaml")  # was "var/dev.yaml"
+        # run again, as people do: the same, and a second version (was 'mkdir: File exists')
+        res = subprocess.run([*as_alice, "bash", "-e", str(QUICKSTART)], cwd=checkout,
+                             capture_output=True, text=True, timeout=300)
+        assert res.returncode == 0, res.stderr + res.stdout
+        assert re.search(r"^-rw-rw---- .* var/envs/demo/a\.csv$", res.stdout, re.M), res.stdout
+        assert re.search(r"^✓ env: demo-env: ready; version v2 ", res.stdout, re.M), res.stdout
     finally:
         daemon.terminate()
         daemon.wait(30)

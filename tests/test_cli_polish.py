@@ -12,6 +12,7 @@ import ast
 import io
 import json
 import os
+import re
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -76,6 +77,29 @@ def test_errors_are_json_under_json(api: ApiDaemon, accounts: Accounts) -> None:
     # without --json: text on stderr, nothing on stdout
     res = _envctl(api, accounts.alice, "--socket", str(api.sock), "request", "status", "nope")
     assert res.stdout == "" and res.stderr.startswith("envctl: error: ")
+
+
+def test_heal_and_check_name_what_is_wrong_on_their_command_line(scratch: Path,
+                                                                  accounts: Accounts) -> None:
+    """A group that does not exist is the --group flag's (exit 64), not a configuration key;
+    a configured root that does not exist is a typo or an unmounted share, not a race to
+    retry; each command's example is itself."""
+    def envctl(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([str(VENV_BIN / "envctl"), *args], capture_output=True,
+                              text=True, timeout=60, cwd="/")
+
+    res = envctl("heal")
+    assert res.returncode == EX_USAGE and "'envctl heal --group" in res.stderr, res.stderr
+    res = envctl("check", "--group", "no-such-grp-x", str(scratch))
+    assert res.returncode == EX_USAGE, res.stderr
+    assert "--group: no such group 'no-such-grp-x'" in res.stderr
+    assert "roots[0]" not in res.stderr and "getent group" in res.stderr
+    cfg = scratch / "envctld.yaml"
+    cfg.write_text(f"roots:\n  - path: ./share/envs\n    group: {accounts.shared_group}\n")
+    res = envctl("check", "--config", str(cfg))
+    assert res.returncode == EX_IOERR
+    assert f"{scratch}/share/envs: no such directory" in res.stderr
+    assert "findmnt" in res.stderr and "retry" not in res.stderr, res.stderr
 
 
 def _hintless_raises(path: Path, error_names: set[str]) -> list[str]:
@@ -177,6 +201,68 @@ def test_request_subcommand_help_says_what_it_does(api: ApiDaemon, accounts: Acc
     res = api.cli(accounts.alice, "request", action, "--help")
     assert res.returncode == EX_OK
     assert words in res.stdout
+
+
+def test_every_command_help_says_what_it_does() -> None:
+    """``envctl env rollback --help`` (remove, gc, ...) printed a bare usage line: every
+    command's own help has a description, and every positional argument a help."""
+    import argparse
+
+    from envctl_shared.cli import main
+    from envctl_shared.cli.parsing import leaves
+
+    bare = [leaf.prog for leaf in leaves(main.build_parser()) if not leaf.description]
+    unexplained = [f"{leaf.prog} {a.dest}" for leaf in leaves(main.build_parser())
+                   for a in leaf._actions if not a.option_strings and not a.help
+                   and not isinstance(a, argparse._SubParsersAction)]
+    assert bare == [] and unexplained == []
+
+
+def test_a_stray_word_hints_at_its_commands_help() -> None:
+    """Left-over words are the top parser's to report: the hint was 'envctl --help'."""
+    for argv, helped in ((["doctor", "a", "b"], "envctl doctor --help"),
+                         (["env", "show", "x", "y"], "envctl env show --help")):
+        res = subprocess.run([str(VENV_BIN / "envctl"), *argv], capture_output=True, text=True,
+                             timeout=60)
+        assert res.returncode == EX_USAGE, res.stderr
+        assert f"hint: run '{helped}'" in res.stderr, res.stderr
+
+
+@pytest.mark.parametrize("command", ["status", "doctor"])
+def test_a_timeout_is_seconds_above_zero(command: str) -> None:
+    """``--timeout -1`` was 'internal error: ValueError' (70); 0 was 'the daemon closed the
+    connection' (69): both the user's typo, said so before any socket is opened."""
+    for value in ("-1", "0", "nan"):
+        res = subprocess.run([str(VENV_BIN / "envctl"), command, "--timeout", value,
+                              "--socket", "/nonexistent.sock"], capture_output=True, text=True,
+                             timeout=60)
+        assert res.returncode == EX_USAGE, res.stdout + res.stderr
+        assert "is not a number of seconds above 0" in res.stderr
+
+
+def test_the_readme_command_table_has_every_command_and_option() -> None:
+    """README's "Command line" table is where an admin looks first: every command, action and
+    option of ``--help`` (the global ones aside) is in a row of its command (whoami, kernels
+    sync, env diff/describe and a dozen options were not)."""
+    from envctl_shared.cli import main
+    from envctl_shared.cli.parsing import leaves
+
+    section = (REPO / "README.md").read_text().split("\n## Command line\n")[1]
+    rows = [line for line in section.split("\n## ")[0].splitlines()
+            if line.startswith("| `envctl ")]
+    common = {"-h", "--help", *(f for flags, _ in main.GLOBAL_OPTIONS.values() for f in flags)}
+    missing = []
+    for leaf in leaves(main.build_parser()):
+        words = leaf.prog.split()[1:]  # "envctl env rollback": its command and action
+        mine = " ".join(r for r in rows if re.match(rf"\| `envctl {words[0]}[ `]", r))
+        if not mine or words[1:] and not re.search(rf"`((envctl )?{words[0]} )?{words[1]}\b",
+                                                   mine):
+            missing.append(leaf.prog)
+        missing += [f"{leaf.prog} {a.option_strings[0]}" for a in leaf._actions
+                    if a.option_strings and not common & set(a.option_strings)
+                    and not any(re.search(rf"(?<![\w-]){re.escape(o)}(?![\w-])", mine)
+                                for o in a.option_strings)]
+    assert missing == []
 
 
 def test_daemon_area_is_the_daemons_not_an_error(accounts: Accounts, scratch: Path) -> None:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 from envctl_shared.api.client import Client
-from envctl_shared.errors import EX_FAILURE, EX_NOPERM, EX_TEMPFAIL, EX_UNAVAILABLE
+from envctl_shared.errors import EX_FAILURE, EX_NOPERM, EX_TEMPFAIL, EX_UNAVAILABLE, EX_USAGE
 
 from tests.api_support import VENV_SPEC, ApiDaemon, start_api_daemon
 from tests.conftest import Accounts
@@ -81,6 +81,10 @@ def test_rattler_build_end_to_end(api: ApiDaemon, accounts: Accounts) -> None:
     assert (prefix / "bin" / "hello").exists()
     # The log is there, for the owner and for other requesters, not for outsiders.
     assert "hello" in api.cli(accounts.alice, "request", "logs", job_id).stdout
+    res = api.cli(accounts.alice, "request", "logs", job_id, "--json")  # was the raw text
+    assert res.returncode == 0 and "hello" in json.loads(res.stdout)["text"]
+    res = api.cli(accounts.alice, "request", "logs", job_id, "-f", "--json")
+    assert res.returncode == EX_USAGE and "cannot follow" in res.stdout
     res = api.cli(accounts.mallory, "request", "logs", job_id)
     assert res.returncode == EX_NOPERM and "own jobs" in res.stderr
 

@@ -119,6 +119,10 @@ def test_invalid_config_at_start_exits_with_config_code(scratch: Path) -> None:
     r = subprocess.run([ENVCTLD, "--config", str(cfg)], capture_output=True, text=True,
                        timeout=30, check=False)
     assert r.returncode == 78 and "roots" in r.stderr
+    # a wrong command line is a usage error, as for envctl (was argparse's 2)
+    for argv in ([], ["--config", str(cfg), "--bogus"]):
+        r = subprocess.run([ENVCTLD, *argv], capture_output=True, text=True, timeout=30)
+        assert r.returncode == 64 and r.stderr.startswith("usage: envctld"), r.stderr
 
 
 def test_watchdog_pings_stop_when_a_worker_wedges(accounts: Accounts, scratch: Path,

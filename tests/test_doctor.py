@@ -79,11 +79,27 @@ def test_all_good_with_a_daemon_whose_roots_it_learns(
     assert code == 0 and "heals it" in c["umask"]["summary"]
 
 
+def test_a_socket_that_keeps_you_out_is_no_daemon_down(
+        root: Path, scratch: Path, accounts: Accounts,
+        envctld: Callable[..., Envctld]) -> None:
+    """The daemon runs and heals; its socket lets in its group only: the fix says whose group,
+    not "until it runs nothing heals what you write"."""
+    sock = scratch / "envctld.sock"
+    cfg = write_config(scratch, [(root, accounts.shared_group)], extra={"socket": {
+        "path": str(sock), "mode": "0660", "group": accounts.shared_group}})
+    envctld(cfg)
+    code, c = doctor(accounts.mallory, "--socket", str(sock), "--root", str(root))
+    assert code == 1 and not c["daemon"]["ok"]
+    assert "permission denied" in c["daemon"]["summary"]
+    assert f"group {accounts.shared_group}" in c["daemon"]["fix"]
+    assert "until it runs" not in c["daemon"]["fix"], c["daemon"]
+
+
 def test_no_daemon_and_no_root(scratch: Path, accounts: Accounts) -> None:
     code, c = doctor(accounts.alice, "--socket", _no_daemon(scratch))
     assert code == 1
     assert not c["daemon"]["ok"] and "not running" in c["daemon"]["summary"]
-    assert "systemctl start envctld" in c["daemon"]["fix"]
+    assert "systemctl start envctld" in c["daemon"]["fix"] and "until it runs" in c["daemon"]["fix"]
     assert not c["roots"]["ok"] and "--root" in c["roots"]["fix"]
 
 
@@ -107,6 +123,16 @@ def test_a_stopped_daemon_is_reported(root: Path, scratch: Path, accounts: Accou
     code, c = doctor(accounts.alice, "--socket", str(scratch / "envctld.sock"),
                      "--stale", "-1", "--root", str(root))
     assert not c["daemon"]["ok"] and "wedged" in c["daemon"]["summary"]
+
+
+def test_root_is_told_what_applies_to_root(root: Path, scratch: Path) -> None:
+    """An admin's doctor as root: not told to add root to the group (the kernel lets root in),
+    nor that the daemon heals what root's umask leaves (root's files are protected)."""
+    code, c = doctor(User("root", 0, 0), "--socket", _no_daemon(scratch), "--root", str(root),
+                     umask=0o022)
+    assert c["group"]["ok"] and c["group"]["fix"] is None, c["group"]
+    assert "you are root" in c["group"]["summary"]
+    assert c["umask"]["ok"] and "no daemon heals root's files" in c["umask"]["summary"]
 
 
 def test_group_membership_three_ways(root: Path, scratch: Path, accounts: Accounts) -> None:
@@ -201,6 +227,7 @@ def test_envs_dirs_from_real_condarc_files(root: Path, scratch: Path,
     _, c = doctor(accounts.alice, *sock, home=home)  # no .condarc at all
     assert not c["envs_dirs"]["ok"]
     assert f"conda config --append envs_dirs {root}" in c["envs_dirs"]["fix"]
+    assert f"envctl init {root} --group {accounts.shared_group}'" in c["envs_dirs"]["fix"]
     (home / ".condarc").write_text("envs_dirs:\n  - /somewhere/else\n")
     _, c = doctor(accounts.alice, *sock, home=home)
     assert not c["envs_dirs"]["ok"]
@@ -222,6 +249,21 @@ def test_envs_dirs_from_real_condarc_files(root: Path, scratch: Path,
     (home / ".condarc").write_text("envs_dirs: [unclosed\n")
     code, c = doctor(accounts.alice, *sock, home=home)
     assert code == 1 and not c["condarc"]["ok"] and "not valid" in c["condarc"]["summary"]
+
+
+def test_a_home_it_cannot_look_into(root: Path, scratch: Path, accounts: Accounts) -> None:
+    """HOME left as another user's (``su`` without ``-``, ``sudo -u``): its .condarc files are
+    not this user's to see, as for conda, nor its kernelspecs, as for Jupyter — doctor ran into
+    an internal error (exit 70) on each."""
+    home = scratch / "private-home"
+    (home / ".config" / "conda").mkdir(parents=True)
+    (home / ".local" / "share" / "jupyter" / "kernels").mkdir(parents=True)
+    os.chmod(home, 0o700)
+    (root / "hand").mkdir()
+    code, c = doctor(accounts.alice, "--socket", _no_daemon(scratch), "--root", str(root),
+                     "hand", home=home)
+    assert code == 1 and not c["envs_dirs"]["ok"], c["all"]
+    assert c["kernel"]["ok"] and "no kernel expected" in c["kernel"]["summary"]
 
 
 def test_one_environment(root: Path, scratch: Path, accounts: Accounts) -> None:

@@ -120,6 +120,8 @@ def test_who_may_roll_back_remove_and_collect(api: ApiDaemon, accounts: Accounts
     gc = _json(api.cli(_root(), "env", "gc", "--json"))
     assert {"name": "owned", "version": "v1"} in gc["removed"]
     assert not (api.root / ".envctl/envs/owned/v1").exists()
+    res = api.cli(a.alice, "env", "rollback", "owned", "--to", "v2")  # the current one
+    assert res.returncode == 0 and res.stdout == "owned: already at v2\n", res.stdout
     # remove: one unlink, by the owner
     res = api.cli(a.alice, "env", "remove", "owned")
     assert res.returncode == 0 and "its versions go at the next GC" in res.stdout
@@ -159,6 +161,18 @@ def test_hand_made_and_planted_records_are_not_trusted(api: ApiDaemon,
     assert listed["planted"]["owner"] is None
     wait_for(lambda: "envs record-refused name=env.json" in api.daemon.log_text(), 5,
              what="the refusal logged")
+
+
+def test_a_malformed_name_or_id_is_the_users_typo(api: ApiDaemon, accounts: Accounts) -> None:
+    """``envctl env show ../x`` was the daemon's protocol error (exit 76, "the CLI and the
+    daemon may be of different versions"): what the user typed is checked by the client,
+    against the op's own argument rule, before anything is sent."""
+    for argv, arg in ((["env", "show", "../x"], "name"), (["env", "rollback", "a b"], "name"),
+                      (["env", "export", "x/y"], "name"), (["request", "status", "../.."], "id"),
+                      (["env", "rollback", "x", "--to", "../v1"], "to")):
+        res = api.cli(accounts.alice, *argv)
+        assert res.returncode == EX_DATAERR, res.stderr
+        assert f"argument {arg!r} must be" in res.stderr and "versions" not in res.stderr
 
 
 def test_protocol_checks_new_arguments(api: ApiDaemon) -> None:

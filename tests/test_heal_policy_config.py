@@ -87,6 +87,7 @@ def _write(tmp_path: Path, text: str) -> Path:
      "no such user"),
     ("roots:\n  - {path: /srv/x, group: root\n", "not valid YAML at line"),
     ("roots:\n  - {path: /srv/x, group: root, exclude: ['../etc']}\n", "relative to the root"),
+    ('<?xml version="1.0"?><config/>\n', "the file must be a mapping, not str (roots:,"),
 ])
 def test_config_errors_name_file_and_key(tmp_path: Path, text: str, needle: str) -> None:
     p = _write(tmp_path, text)

@@ -56,8 +56,12 @@ def test_fresh_then_again_then_doctor(scratch: Path, accounts: Accounts) -> None
     conf = cfgmod.load(cfg)  # the daemon's own strict loader accepts it
     assert conf.roots[0].path == root and conf.roots[0].gid == accounts.shared_gid
     assert conf.kernels.dir == kernels
-    assert [line.split()[0] for line in res.stdout.splitlines()] == \
+    steps, after = res.stdout.split("\n\n")
+    assert [line.split()[0] for line in steps.splitlines()] == \
         ["created", "unchanged", "created", "changed", "created"]
+    # what to do next, with what was written: run it, the kernels' path, doctor
+    assert f"'envctld --config {cfg}'" in after and f"JUPYTER_PATH={kernels.parent}" in after
+    assert after.strip().endswith(f"'envctl doctor' as a member of {accounts.shared_group}")
     before = _state(root, rc, cfg, kernels)
     res = init(*args, "--json")
     assert res.returncode == 0, res.stderr

@@ -132,7 +132,8 @@ def test_the_service_refuses_to_start_where_it_cannot_work() -> None:
     no name to know who may use the service by."""
     res = _web({})
     assert res.returncode == 78 and "is a JupyterHub service" in res.stderr, res.stderr
-    assert "JUPYTERHUB_API_TOKEN" in res.stderr and "hint:" in res.stderr
+    assert "JUPYTERHUB_API_TOKEN" in res.stderr and "are not set" in res.stderr
+    assert "hint:" in res.stderr and "'envctl web --local'" in res.stderr  # the way to try it
     res = _web({**HUB_ENV, "JUPYTERHUB_SERVICE_URL": "https://127.0.0.1:10101"})
     assert res.returncode == 78 and "refusing to serve without TLS" in res.stderr, res.stderr
     # An external service given no name (nor access scopes): HubOAuth would let in any hub

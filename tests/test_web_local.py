@@ -29,7 +29,7 @@ import pytest
 
 from tests.api_support import ApiDaemon, start_api_daemon
 from tests.conftest import Accounts
-from tests.helpers import wait_for
+from tests.helpers import VENV_BIN, wait_for
 from tests.hub_support import free_port
 
 pytest_plugins = ("tests.fixtures_web",)  # browser_factory
@@ -116,6 +116,24 @@ def test_local_mode_is_for_the_holder_of_the_url_only(daemon: ApiDaemon, account
              what="the local build")
     job = daemon.job(job_id.group(1))
     assert job["state"] == "succeeded" and job["requester"]["uid"] == accounts.alice.uid
+
+
+def test_a_port_it_cannot_have_is_said_so() -> None:
+    """A port another server holds (a second ``make run``): was 'internal error: OSError'
+    (exit 70); a port beyond 65535 was served on that number modulo 65536."""
+    envctl = [str(VENV_BIN / "envctl"), "--socket", "/nonexistent.sock", "web", "--local"]
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        res = subprocess.run([*envctl, "--port", str(port)], capture_output=True, text=True,
+                             timeout=60)
+    assert res.returncode == 78, res.stderr
+    assert f"cannot listen on 127.0.0.1:{port}: Address already in use" in res.stderr
+    assert "--port N" in res.stderr and "internal error" not in res.stderr
+    res = subprocess.run([*envctl, "--port", "99999"], capture_output=True, text=True,
+                         timeout=60)
+    assert res.returncode == 64 and "is not a port" in res.stderr, res.stderr
 
 
 def test_another_loopback_server_gets_nothing_to_replay(local_web: tuple[str, int],

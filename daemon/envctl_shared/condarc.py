@@ -84,7 +84,9 @@ def conda_root(env: Mapping[str, str]) -> str | None:
 
 
 def search_files(env: Mapping[str, str], home: str) -> list[Path]:
-    """The files conda reads, lowest precedence first (those that exist)."""
+    """The files conda reads, lowest precedence first (those that exist). A place this user
+    cannot look into (another user's HOME after ``su``, a 0700 directory) holds none, as for
+    conda (``os.path.isfile``, ``glob``: no error)."""
     env = {**env, **({"CONDA_ROOT": root} if (root := conda_root(env)) else {})}
     out: list[Path] = []
     for entry in SEARCH_PATH:
@@ -93,9 +95,11 @@ def search_files(env: Mapping[str, str], home: str) -> list[Path]:
             continue
         path = Path(text)
         if entry.endswith("/"):
-            if path.is_dir():
+            try:
                 out += sorted(p for p in path.iterdir() if p.suffix in (".yml", ".yaml"))
-        elif path.is_file() and path not in out:
+            except OSError:  # none there, not a directory, or not ours to list
+                continue
+        elif os.path.isfile(path) and path not in out:
             out.append(path)
     return out
 

@@ -259,8 +259,11 @@ class _Reader:
         self.seen: set[str] = set()
 
     def fail(self, key: str, what: str) -> NoReturn:
-        name = f"{self.where}.{key}" if self.where and key else (self.where or key or "<top>")
-        raise ConfigError(f"{self.source}: {name}: {what}",
+        name = f"{self.where}.{key}" if self.where and key else (self.where or key)
+        # the document itself (a TOML or XML file, a bare word): say what it must be
+        where = f"{name}: " if name else "the file "
+        raise ConfigError(f"{self.source}: {where}{what}" + ("" if name else
+                          " (roots:, socket:, requests:... as in config/envctld.yaml)"),
                           hint="see config/envctld.yaml for every key with its meaning")
 
     def get(self, key: str, kind: type[T] | tuple[type, ...], default: Any,

@@ -26,6 +26,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from ..accounts import group_name
 from ..config import DEFAULT_SOCKET, SOCKET_ENV
 from ..errors import (
     DaemonUnavailable,
@@ -207,12 +208,22 @@ def _check_server(sock: socket.socket, path: Path) -> None:
         "administrator")
 
 
+def _socket_denied_hint(path: Path) -> str:
+    """Who the socket lets in, named: its group (``socket.group``), or a directory on the way."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return f"a directory on the way keeps you out: 'namei -l {path}'"
+    group = group_name(st.st_gid)
+    return (f"the socket (group {group}, mode {st.st_mode & 0o777:04o}) lets in its owner and "
+            f"group {group}: ask an administrator to add you to {group}, or to set socket.group "
+            "in the daemon's configuration to a group you are in; then log in again")
+
+
 def _connect_error(path: Path, exc: OSError) -> EnvctlError:
     if exc.errno in (errno.EACCES, errno.EPERM):
-        return SocketPermissionDenied(
-            f"permission denied on the daemon socket {path}",
-            hint="the socket's group decides who may use envctl requests; ask an administrator "
-            "to add you to it (socket.group), then log in again")
+        return SocketPermissionDenied(f"permission denied on the daemon socket {path}",
+                                      hint=_socket_denied_hint(path))
     if exc.errno in (errno.ENOENT, errno.ECONNREFUSED, errno.ENOTDIR):
         return DaemonUnavailable(
             f"the envctl daemon is not running (no one is listening on {path})",

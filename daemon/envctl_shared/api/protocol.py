@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
-from ..errors import EnvctlError, ProtocolError
+from ..errors import EnvctlError, ProtocolError, ValidationError
 from ..names import ENV_NAME_RE, env_name_problem
 from ..untrusted import brief
 
@@ -304,9 +304,23 @@ def error(err: EnvctlError) -> dict[str, Any]:
 def request(op: str, args: dict[str, Any] | None = None,
             hub_token: str | None = None) -> dict[str, Any]:
     """The message a client sends (``args`` without ``None`` values; ``hub_token`` only when
-    there is one, so a client outside JupyterHub sends what older daemons understand)."""
+    there is one, so a client outside JupyterHub sends what older daemons understand).
+
+    A value that fails its argument's check is what a user typed (a job id, an env name):
+    ValidationError here (exit 65) — the daemon's refusal of it is a protocol error, whose
+    hint is about client and daemon versions."""
     msg: dict[str, Any] = {"v": VERSION, "op": op,
                            "args": {k: v for k, v in (args or {}).items() if v is not None}}
+    known = _BY_NAME.get(op)
+    for key, value in msg["args"].items():
+        spec = known.args.get(key) if known is not None else None
+        if spec is None or spec.check is None or not isinstance(value, spec.types) or \
+                isinstance(value, bool) and bool not in spec.types:
+            continue
+        problem = _unicode_problem(value) or spec.check(value)
+        if problem:
+            raise ValidationError(f"argument {key!r} {problem}, not {brief(value)}",
+                                  hint=f"{key}: {spec.help}; check it for a typo")
     if hub_token:
         msg["hub_token"] = hub_token
     return msg

@@ -32,11 +32,12 @@ from typing import TYPE_CHECKING, Any
 
 from .. import config as cfgmod
 from ..accounts import group_name, person
-from ..errors import EX_FAILURE, EX_OK, EnvctlError
+from ..errors import EX_FAILURE, EX_OK, DaemonUnavailable, EnvctlError
 from ..fsinfo import mount_of
 from ..status import DaemonStatus
 from .access import group_access, membership_fix, missing_hint
 from .output import emit_json, hint_of, local_time, quote_name
+from .parsing import timeout_seconds
 
 if TYPE_CHECKING:
     from ..condarc import EnvsDirs
@@ -101,7 +102,7 @@ def add_parser(sub: Any) -> None:
                      help="check this root (repeatable; default: the daemon's roots)")
     p.add_argument("--stale", type=float, default=300.0, metavar="SECONDS",
                    help="call the daemon stale after this long without progress (default 300)")
-    p.add_argument("--timeout", type=float, default=10.0, metavar="SECONDS",
+    p.add_argument("--timeout", type=timeout_seconds, default=10.0, metavar="SECONDS",
                    help="how long to wait for the daemon's answer (default 10)")
     p.set_defaults(func=run)
 
@@ -172,9 +173,10 @@ def check_daemon(ctx: Context, socket: str | None, timeout: float, stale: float)
     try:
         with _client(socket, timeout) as client:
             data = client.call("status")
-    except EnvctlError as err:
-        ctx.add("daemon", False, err.message, hint_of(err) + "; until it runs nothing heals "
-                "what you write (files may lack group access)")
+    except EnvctlError as err:  # refused by the socket's mode, it may be healing all the same
+        ctx.add("daemon", False, err.message, hint_of(err) + (
+            "; until it runs nothing heals what you write (files may lack group access)"
+            if isinstance(err, DaemonUnavailable) else ""))
         return
     st = ctx.daemon = DaemonStatus.from_dict(data)
     head = f"envctld {st.version or '?'} (pid {st.pid or '?'})"
@@ -284,14 +286,19 @@ def check_root(ctx: Context, root: RootInfo, umask: int, envs: EnvsDirs) -> None
             f"{quote_name(mnt.mount_point)} ({where})", subject=str(root.path))
     gid = root.gid if root.gid is not None else st.st_gid
     acc = group_access(gid)
-    fix = membership_fix(acc)
-    ctx.add("group", fix is None,
-            f"you ({acc.user}) are in group {acc.group}, and this session has it" if fix is None
-            else f"{shown} belongs to group {acc.group}, which this session lacks", fix,
-            str(root.path))
+    fix = None if os.geteuid() == 0 else membership_fix(acc)
+    if os.geteuid() == 0:  # the kernel lets root in whatever its groups (unless squashed)
+        summary = (f"you are root: group {acc.group}'s permissions do not limit you"
+                   + (" (unless the export squashes root: run doctor as a member to see what "
+                      "members see)" if mnt.remote else ""))
+    elif fix is None:
+        summary = f"you ({acc.user}) are in group {acc.group}, and this session has it"
+    else:
+        summary = f"{shown} belongs to group {acc.group}, which this session lacks"
+    ctx.add("group", fix is None, summary, fix, str(root.path))
     check_umask(ctx, root, umask)
     check_mode(ctx, root, st, gid)
-    check_envs_dirs(ctx, root, envs)
+    check_envs_dirs(ctx, root, envs, acc.group)
 
 
 def _parent_gid(path: Path) -> int | None:
@@ -320,6 +327,10 @@ def check_umask(ctx: Context, root: RootInfo, umask: int) -> None:
     if not lost:
         ctx.add("umask", True, f"{shown}: what you create is usable by your group",
                 subject=str(root.path))
+    elif os.geteuid() == 0:  # protected_owners: [0] by default
+        ctx.add("umask", True, f"{shown} removes group {lost} from what you create, and no "
+                "daemon heals root's files (roots[].protected_owners): create what members "
+                "change as a member, or with 'umask 002'", subject=str(root.path))
     elif _watched(ctx, root.path):
         ctx.add("umask", True, f"{shown} removes group {lost} from what you create; the daemon "
                 "heals it within seconds", subject=str(root.path))
@@ -379,9 +390,9 @@ def check_hardlinks(ctx: Context) -> None:
             "keeps it in /etc/sysctl.d/ (most distributions set it by default)")
 
 
-def check_envs_dirs(ctx: Context, root: RootInfo, envs: EnvsDirs) -> None:
+def check_envs_dirs(ctx: Context, root: RootInfo, envs: EnvsDirs, group: str) -> None:
     """conda lists a root's envs only when envs_dirs names it; only the root where envs are
-    built matters when a configuration says which."""
+    built matters when a configuration says which. ``group``: the root's, for the fix."""
     if ctx.requests_root is not None and root.path != ctx.requests_root:
         return
     shown = quote_name(str(root.path))
@@ -393,7 +404,7 @@ def check_envs_dirs(ctx: Context, root: RootInfo, envs: EnvsDirs) -> None:
         ctx.add("envs_dirs", False, f"conda's envs_dirs does not list {shown}: 'conda env list'"
                 " will not show its environments",
                 f"run 'conda config --append envs_dirs {shown}' (or an administrator runs "
-                f"'envctl init {shown} --group G' for everyone)", str(root.path))
+                f"'envctl init {shown} --group {group}' for everyone)", str(root.path))
 
 
 def check_condarc_files(ctx: Context, envs: EnvsDirs) -> None:
@@ -566,7 +577,8 @@ def check_kernel(ctx: Context, name: str, info: dict[str, Any] | None, has_kerne
                 subject=name)
         return
     dirs = jupyter_kernel_dirs() + ([ctx.kernels_dir] if ctx.kernels_dir else [])
-    found = next((d / kname for d in dirs if (d / kname / "kernel.json").is_file()), None)
+    # os.path.isfile, as Jupyter looks: a directory this user cannot enter has no kernel
+    found = next((d / kname for d in dirs if os.path.isfile(d / kname / "kernel.json")), None)
     if found is not None:
         ctx.add("kernel", True, f"kernel {kname} registered in {quote_name(str(found.parent))}",
                 subject=name)

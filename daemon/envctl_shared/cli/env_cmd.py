@@ -20,6 +20,8 @@ from .output import emit_json, local_time, quote_name, table
 from .request_cmd import queue
 from .status_cmd import add_socket_option, client_for
 
+_NAME_HELP = "the environment's name (<root>/NAME)"
+
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = subparsers.add_parser("env", help="list, inspect, export, change, roll back and remove "
@@ -29,29 +31,53 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[
     sub = p.add_subparsers(dest="action", metavar="ACTION", parser_class=type(p))
     sub.required = True
 
-    ls = sub.add_parser("list", help="every environment in the root (hand-made ones too)")
+    ls = sub.add_parser("list", help="every environment in the root (hand-made ones too)",
+                        description="Every environment in the request root, hand-made ones "
+                        "too (listed unmanaged): status, current version, backend, owner, when "
+                        "it was built, size, kernel, description.")
     ls.set_defaults(func=run_list)
-    show = sub.add_parser("show", help="an environment's versions, specs and packages")
-    show.add_argument("name")
+    show = sub.add_parser("show", help="an environment's versions, specs and packages",
+                          description="An environment's versions (* the current one): who "
+                          "built each, when and why, what changed from the one before, the "
+                          "tests it passed, its digest and last verify.")
+    show.add_argument("name", help=_NAME_HELP)
     show.set_defaults(func=run_show)
     exp = sub.add_parser("export", help="an environment.yml with exact pins (request create "
-                         "-f accepts it back)")
-    exp.add_argument("name")
+                         "-f accepts it back)",
+                         description="Print an environment.yml with the exact packages of a "
+                         "version, for version control: 'envctl request create NAME -f FILE "
+                         "--replace' builds it again.")
+    exp.add_argument("name", help=_NAME_HELP)
     exp.add_argument("--version", metavar="V", help="a version (default: the current one)")
     exp.set_defaults(func=run_export)
     ver = sub.add_parser("verify", help="recompute a version's digest and list every "
-                         "difference from what was frozen (exit 1 on any)")
-    ver.add_argument("name")
+                         "difference from what was frozen (exit 1 on any)",
+                         description="Recompute a version's digest (paths, types, modes, "
+                         "owners, sizes, content, link targets) and list every difference from "
+                         "what was frozen; the result is recorded ('env show', 'env list', "
+                         "'status'). Exit 0 as built, 1 on any difference.")
+    ver.add_argument("name", help=_NAME_HELP)
     ver.add_argument("--version", metavar="V", help="a version (default: the current one)")
     ver.set_defaults(func=run_verify)
-    rb = sub.add_parser("rollback", help="make an earlier version current again (atomic)")
-    rb.add_argument("name")
+    rb = sub.add_parser("rollback", help="make an earlier version current again (atomic)",
+                        description="Make an earlier version current again in one atomic "
+                        "rename: the one before the current one, or --to V (any version still "
+                        "built, a newer one too). The owner, admins; exit 77 for others.")
+    rb.add_argument("name", help=_NAME_HELP)
     rb.add_argument("--to", metavar="V", help="the version (default: the one before)")
     rb.set_defaults(func=run_rollback)
-    rm = sub.add_parser("remove", help="remove the name at once; versions go at the next GC")
-    rm.add_argument("name")
+    rm = sub.add_parser("remove", help="remove the name at once; versions go at the next GC",
+                        description="Remove NAME from the root at once (the owner, admins; "
+                        "exit 77 for others): <root>/NAME disappears, and its versions are "
+                        "deleted by the GC after requests.gc_grace, so what runs in them "
+                        "keeps running until then.")
+    rm.add_argument("name", help=_NAME_HELP)
     rm.set_defaults(func=run_remove)
-    gc = sub.add_parser("gc", help="remove old versions now (admins)")
+    gc = sub.add_parser("gc", help="remove old versions now (admins)",
+                        description="Remove now what the daemon's GC removes every "
+                        "requests.gc_interval seconds: versions that are not current, not among "
+                        "the requests.keep_versions newest and not current for "
+                        "requests.gc_grace, and what failed builds left (admins).")
     gc.add_argument("--dry-run", action="store_true", help="only say what would be removed")
     gc.set_defaults(func=run_gc)
     diff = sub.add_parser("diff", help="what changed between two versions (packages added, "
@@ -59,15 +85,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[
                           description="Compare the packages (conda and pip) of two versions: "
                           "with no version, the current one against the one before it; with "
                           "one, that version against the one before it; with two, V1 to V2.")
-    diff.add_argument("name")
+    diff.add_argument("name", help=_NAME_HELP)
     diff.add_argument("versions", nargs="*", metavar="V", help="V1 V2, or V, or none")
     diff.set_defaults(func=run_diff)
     desc = sub.add_parser("describe", help="set what an environment is for (the owner, "
                           "admins)", description="Set the description shown in 'env list', "
                           "'env show' and the kernel's name: one paragraph, at most 500 "
                           "characters; '' clears it.")
-    desc.add_argument("name")
-    desc.add_argument("description", metavar="TEXT")
+    desc.add_argument("name", help=_NAME_HELP)
+    desc.add_argument("description", metavar="TEXT", help="the description ('' clears it)")
     desc.set_defaults(func=run_describe)
     for parser in (ls, show, exp, ver, rb, rm, gc, diff, desc):
         parser.add_argument("--json", action="store_true", help="print the answer as JSON")
@@ -83,7 +109,7 @@ def _add_change_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignor
                          "plus the packages named (a package already listed is replaced by the "
                          "new entry of its name), test it and make it current; follows the "
                          "build like 'request create'. Others: 'envctl env layer NAME'.")
-    add.add_argument("name")
+    add.add_argument("name", help=_NAME_HELP)
     add.add_argument("packages", nargs="*", metavar="PKG", help="conda match specs to add")
     add.add_argument("--pip", nargs="+", action="extend", default=[], metavar="PKG",
                      help="pip requirements to add to the spec's pip: list")
@@ -93,7 +119,7 @@ def _add_change_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignor
                          description="Build a new version from the current version's spec as "
                          "it is (a new solve takes newer packages where the spec allows), test "
                          "it and make it current; follows the build like 'request create'.")
-    upd.add_argument("name")
+    upd.add_argument("name", help=_NAME_HELP)
     upd.set_defaults(func=run_update)
     for parser in (add, upd):
         parser.add_argument("--test", action="append", default=[], metavar="CMD", dest="tests",
@@ -280,7 +306,9 @@ def run_rollback(args: argparse.Namespace) -> int:
     if args.json:
         emit_json(out)
     else:
-        print(f"{out['name']}: now {out['current']} (was {out.get('previous') or '-'})")
+        was = out.get("previous")
+        print(f"{out['name']}: already at {out['current']}" if was == out["current"] else
+              f"{out['name']}: now {out['current']} (was {was or '-'})")
     return EX_OK
 
 

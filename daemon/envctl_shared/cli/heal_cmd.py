@@ -74,13 +74,19 @@ def add_parser(sub: Any) -> None:
 
 def targets(args: argparse.Namespace) -> list[Target]:
     """Resolve PATH arguments into (root policy, relative path) pairs, validating each."""
+    example = f"e.g. 'envctl {args.mode} --group users /efs/shared/.conda/envs'"
     if args.group is None and args.config is None:
         raise UsageError("say which policy to apply: --config FILE or --group GROUP",
-                         hint="e.g. 'envctl check --group users /efs/shared/.conda/envs'")
+                         hint=example)
     if args.group is not None:
         if not args.paths:
-            raise UsageError("--group needs at least one PATH",
-                             hint="e.g. 'envctl check --group users /efs/shared/.conda/envs'")
+            raise UsageError("--group needs at least one PATH", hint=example)
+        try:
+            cfgmod.resolve_group(args.group)
+        except KeyError as exc:
+            raise UsageError(f"--group: {exc.args[0]}",
+                             hint="name a group of this host ('getent group' lists them) or a "
+                             "numeric gid") from None
         out = []
         for p in args.paths:
             _must_be_dir(p)
@@ -88,6 +94,11 @@ def targets(args: argparse.Namespace) -> list[Target]:
         return out
     conf = cfgmod.load(args.config)
     if not args.paths:
+        for configured in conf.roots:
+            if not os.path.lexists(configured.path):
+                raise FilesystemError(f"{quote_name(str(configured.path))}: no such directory "
+                                      f"(a root of {quote_name(conf.source)})",
+                                      hint=missing_hint(configured.path))
         return [Target(root, "") for root in conf.roots]
     out = []
     for p in args.paths:

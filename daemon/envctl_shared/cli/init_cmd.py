@@ -165,6 +165,12 @@ def run(args: argparse.Namespace) -> int:
         print("\n# daemon configuration (save as /etc/envctl/envctld.yaml, or pass "
               "--write-config FILE):")
         sys.stdout.write(plan.text)
+    elif not dry:  # what an admin does next, with what was just set up
+        shown = quote_name(os.path.abspath(args.write_config))
+        print(f"\nnext: start the daemon with it ('envctld --config {shown}'; as a service: "
+              f"docs/systemd.md); give users' servers JUPYTER_PATH="
+              f"{quote_name(str(kernels.parent))} for the kernels; then run 'envctl doctor' as "
+              f"a member of {quote_name(args.group)}")
     return EX_OK
 
 

@@ -22,7 +22,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[
     sub = p.add_subparsers(dest="action", metavar="ACTION", parser_class=type(p))
     sub.required = True
     s = sub.add_parser("sync", help="rewrite every kernelspec from the envs in the root "
-                       "(admins)")
+                       "(admins)",
+                       description="Rewrite the kernelspec of every environment in the root "
+                       "that has ipykernel (hand-made ones too), and remove those of "
+                       "environments that have none or are gone (admins): for envs made or "
+                       "removed by hand, or a kernels.dir that was lost.")
     add_socket_option(s)
     s.add_argument("--json", action="store_true", help="print the daemon's answer as JSON")
     s.set_defaults(func=run_sync)

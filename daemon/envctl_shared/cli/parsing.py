@@ -12,6 +12,10 @@ from collections.abc import Iterator
 
 from ..errors import UsageError
 
+TYPE_CHECKING = False  # as in main: typing is not imported at run time
+if TYPE_CHECKING:
+    from typing import Any
+
 GlobalOptions = dict[str, tuple[tuple[str, ...], dict[str, object]]]
 
 
@@ -23,11 +27,35 @@ def global_help() -> dict[str, str]:
             "debug": "show tracebacks on errors"}
 
 
+def timeout_seconds(text: str) -> float:
+    """``--timeout SECONDS``: above 0 and finite (-1 reached the socket as an internal error,
+    0 as "the daemon closed the connection")."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds above 0")
+    return value
+
+
 class Parser(argparse.ArgumentParser):
-    """argparse, but usage errors become UsageError (exit 64) through the one handler."""
+    """argparse, but usage errors become UsageError (exit 64) through the one handler, each
+    hinting at the help of the command that was typed."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
         raise UsageError(f"{message}", hint=f"run '{self.prog} --help'")
+
+    def parse_args(self, args: Any = None, namespace: Any = None) -> Any:
+        """Words left over are reported by the top parser, after the command's own has
+        finished: the hint names the command's help (``envctl doctor --help``)."""
+        parsed, extra = self.parse_known_args(args, namespace)
+        if extra:
+            words = [w for w in (getattr(parsed, "command", None),
+                                 getattr(parsed, "action", None)) if isinstance(w, str)]
+            raise UsageError(f"unrecognized arguments: {' '.join(extra)}",
+                             hint=f"run '{' '.join([self.prog, *words])} --help'")
+        return parsed
 
 
 def leaves(parser: argparse.ArgumentParser) -> Iterator[argparse.ArgumentParser]:

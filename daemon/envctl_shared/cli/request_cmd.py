@@ -17,7 +17,7 @@ import sys
 from datetime import datetime
 from typing import Any
 
-from ..errors import EX_OK, BuildFailed, FilesystemError, ValidationError
+from ..errors import EX_OK, BuildFailed, FilesystemError, UsageError, ValidationError
 from ..quoting import quote_name, quote_text
 from .output import emit_json, local_time, table
 from .status_cmd import add_socket_option, client_for
@@ -77,6 +77,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[
                         "escaped (\\033, \\r...); redirected, the log is written exactly.")
     lg.add_argument("id", help=_ID_HELP)
     lg.add_argument("-f", "--follow", action="store_true", help="keep printing until it ends")
+    lg.add_argument("--json", action="store_true",
+                    help="print the log so far as one JSON document: {text, offset} (not with "
+                    "-f)")
     lg.set_defaults(func=run_logs)
 
     x = sub.add_parser("cancel", help="cancel a queued or running job (yours; admins any)",
@@ -284,19 +287,29 @@ def _host(job: dict[str, Any]) -> str:
 
 def run_logs(args: argparse.Namespace) -> int:
     if args.follow:
+        if args.json:
+            raise UsageError("--json prints one document when the command ends: it cannot "
+                             "follow a log", hint="leave out -f for the log so far as JSON, "
+                             "or --json to follow it as text")
         with client_for(args, timeout=None) as client:
             for msg in client.stream("logs", id=args.id, follow=True):
                 if msg.get("event") == "log":
                     _show_log(msg["data"]["text"])
         return EX_OK
     offset = 0
+    texts = []
     with client_for(args) as client:
         while True:
             chunk = client.call("logs", id=args.id, offset=offset)
-            _show_log(chunk["text"])
+            if args.json:
+                texts.append(chunk["text"])
+            else:
+                _show_log(chunk["text"])
             if chunk["offset"] == offset:
                 break
             offset = chunk["offset"]
+    if args.json:
+        emit_json({"text": "".join(texts), "offset": offset})
     return EX_OK
 
 

@@ -20,6 +20,7 @@ from ..config import DEFAULT_SOCKET, SOCKET_ENV
 from ..errors import EX_OK, EX_TEMPFAIL
 from ..status import DaemonStatus, RootStatus
 from .output import emit_json, quote_name, table
+from .parsing import timeout_seconds
 
 if TYPE_CHECKING:
     from ..api.client import Client
@@ -46,7 +47,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[
         "no daemon is listening, 77 when the socket's permissions keep you out.")
     add_socket_option(p)
     p.add_argument("--json", action="store_true", help="print the daemon's status as JSON")
-    p.add_argument("--timeout", type=float, default=10.0, metavar="SECONDS",
+    p.add_argument("--timeout", type=timeout_seconds, default=10.0, metavar="SECONDS",
                    help="give up waiting for an answer after this long (default 10)")
     p.add_argument("--stale", type=float, default=300.0, metavar="SECONDS",
                    help="exit 75 when the daemon has shown no progress for this long "

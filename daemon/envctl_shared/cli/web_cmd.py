@@ -23,12 +23,19 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[
         "daemon's jupyterhub.shared_uids. See docs/web.md.")
     p.add_argument("--ip", default=None,
                    help="address to listen on (default: the host of JUPYTERHUB_SERVICE_URL)")
-    p.add_argument("--port", type=int, default=None,
+    p.add_argument("--port", type=_port, default=None,
                    help="port to listen on (default: the port of JUPYTERHUB_SERVICE_URL)")
     p.add_argument("--local", action="store_true",
                    help="dev-only: no hub; serve on 127.0.0.1 as yourself (your uid, like your "
                    "CLI), to whoever has the secret URL it prints")
     p.set_defaults(func=run)
+
+
+def _port(text: str) -> int:
+    """A TCP port (an int beyond 65535 was taken, and served on that number modulo 65536)."""
+    if not text.isdigit() or not 1 <= int(text) <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port (1 to 65535)")
+    return int(text)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -5,10 +5,11 @@ set flags and wake the loop, and the loop does the work (reload, shutdown) outsi
 The same loop tells the service manager the truth: ``READY=1`` only after every root has been
 watched and reconciled, ``WATCHDOG=1`` only while every worker and the server show recent
 progress (a wedged worker stops the pings, and systemd restarts us), ``STOPPING=1`` on the way
-out. Exit codes: 0 after SIGTERM/SIGINT, the error's exit code (sysexits) when startup fails,
-70 (EX_SOFTWARE) when a root fails at run time (its watch cannot be rebuilt, one of its threads
-died): running on without real-time healing would be a blind spot nobody sees, so the daemon
-says why, stops, and leaves the restart to systemd (``Restart=on-failure``) or Kubernetes.
+out. Exit codes: 0 after SIGTERM/SIGINT, 64 for a wrong command line, the error's exit code
+(sysexits) when startup fails, 70 (EX_SOFTWARE) when a root fails at run time (its watch cannot
+be rebuilt, one of its threads died): running on without real-time healing would be a blind
+spot nobody sees, so the daemon says why, stops, and leaves the restart to systemd
+(``Restart=on-failure``) or Kubernetes.
 Before the start changes anything, ``preflight`` lists every problem that would stop it (all of
 them, one ERROR line each) and the daemon exits with the first one's code.
 
@@ -27,10 +28,11 @@ import sys
 import threading
 import time
 from types import FrameType
+from typing import NoReturn
 
 from .. import __version__
 from ..config import Config, load
-from ..errors import EX_SOFTWARE, EnvctlError
+from ..errors import EX_SOFTWARE, EX_USAGE, EnvctlError
 from ..watch.service import IDLE_TICK
 from . import logsetup, preflight, systemd
 from .service import Daemon
@@ -60,13 +62,25 @@ class _Signals:
         self.wake.set()
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a wrong command line exits 64 (EX_USAGE) like the CLI's, not 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(EX_USAGE, f"envctld: error: {message}\n")
+
+
 def _parse(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="envctld", description="Heal shared environment roots in "
-                                "real time and serve environment requests.")
+    p = _Parser(prog="envctld", description="Heal shared environment roots in real time and "
+                "serve environment requests.")
     p.add_argument("--config", required=True, help="the daemon's YAML configuration")
     p.add_argument("--debug", action="store_true", help="log at DEBUG level")
     p.add_argument("--version", action="version", version=f"envctld {__version__}")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    # absolute: status and every message name the file wherever they are read (make run's
+    # --config var/dev.yaml said "var/dev.yaml" to a status asked from anywhere)
+    args.config = os.path.abspath(args.config)
+    return args
 
 
 def _wedge_after() -> float | None:

@@ -88,7 +88,9 @@ def serve(socket: Path, ip: str | None = None, port: int | None = None,
         missing = [name for name in NEEDED if not os.environ.get(name)]
         if missing:
             raise ConfigError(f"envctl web is a JupyterHub service, and {', '.join(missing)} "
-                              "is not set", hint=_HINT)
+                              f"{'is' if len(missing) == 1 else 'are'} not set",
+                              hint=f"{_HINT}; to try it on this machine without a hub: "
+                              "'envctl web --local'")
         host, port, https = listen_address(ip, port)
         context, secret = tls_context(https), None
         # The service's token goes to HubOAuth (its OAuth client secret) and out of the
@@ -107,7 +109,12 @@ def serve(socket: Path, ip: str | None = None, port: int | None = None,
     # Bodies are read whole before any handler runs: no more than a request form needs.
     server = HTTPServer(app, ssl_options=context, xheaders=not local,
                         max_body_size=MAX_BODY_BYTES)
-    server.listen(port, host)
+    try:
+        server.listen(port, host)
+    except OSError as exc:  # another server has the port (a second make run, say)
+        raise ConfigError(f"envctl web cannot listen on {host}:{port}: {exc.strerror}",
+                          hint=f"see who has it ('ss -ltnp sport = :{port}'), or choose another "
+                          "port with --port N (make run: 'make run WEB_PORT=N')") from None
     log.info("web listening url=%s://%s:%d%s socket=%s local=%s",
              "https" if context else "http", host, port,
              prefix if secret is None else "/<secret>/", socket, local)
