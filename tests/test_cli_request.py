@@ -127,9 +127,11 @@ def test_cancel_mid_build_over_the_socket(api: ApiDaemon, accounts: Accounts) ->
     job = api.job(job_id)
     assert job["state"] == "cancelled" and accounts.alice.name in job["exit_detail"]
     assert not (api.root / "slow-cancel").exists()
-    # Cancelling again is a conflict, not a success.
+    # Cancelling again is a conflict, not a success; its hint is no "wait, then retry".
     res = api.cli(accounts.alice, "request", "cancel", job_id)
     assert res.returncode == EX_TEMPFAIL and "already ended" in res.stderr
+    assert f"'envctl request status {job_id}' says how it ended" in res.stderr
+    assert "retry" not in res.stderr
 
 
 def test_follower_vanishing_mid_stream_harms_nobody(api: ApiDaemon, accounts: Accounts) -> None:

@@ -296,6 +296,31 @@ def test_rollback_remove_and_gc(jobs_env: JobsEnv, manager_factory: Factory) -> 
     assert "rb" not in {e["name"] for e in mgr.environments.list()}
 
 
+
+def test_a_name_no_build_succeeded_for_is_not_found(jobs_env: JobsEnv,
+                                                   manager_factory: Factory) -> None:
+    """A name whose only build failed has a directory (the failed version's record) and no
+    current version: rollback and remove say there is nothing (not-found, 65), not "no version
+    before None" or a conflict to wait out (75); so does a second remove. A name never
+    requested is "no environment" for export too, with the list as the hint."""
+    mgr = manager_factory(jobs_env.config(gc_grace=600.0))
+    admin = jobs_env.requester("mallory", admin=True)
+    failed = wait_done(mgr, mgr.submit(admin, "broke", APP.format(v="1.0"),
+                                       tests=["exit 3"]).id)
+    assert failed.state is State.FAILED, full_log(mgr, failed.id)
+    with pytest.raises(NotFound, match="'broke' has no built version to roll back to"):
+        _rollback(mgr, jobs_env, admin, "broke")
+    with pytest.raises(NotFound, match="'broke' has no current version: removed already"):
+        _remove(mgr, jobs_env, admin, "broke")
+    _build(mgr, jobs_env, "gone", APP.format(v="1.0"))
+    _remove(mgr, jobs_env, admin, "gone")
+    with pytest.raises(NotFound, match="removed already"):
+        _remove(mgr, jobs_env, admin, "gone")
+    assert _rollback(mgr, jobs_env, admin, "gone")["current"] == "v1"  # a remove undone
+    with pytest.raises(NotFound, match="no environment 'nope' built by envctl") as err:
+        mgr.environments.export("nope")
+    assert err.value.hint == "see: envctl env list"
+
 def test_hand_made_env_is_unmanaged_and_never_touched(jobs_env: JobsEnv,
                                                       manager_factory: Factory) -> None:
     mgr = manager_factory(jobs_env.config(gc_grace=0.0))

@@ -105,8 +105,7 @@ class EnvService:
             try:
                 with envs.env_dir(fds, name, create=False) as env_fd:
                     if env_fd is None:
-                        raise NotFound(f"no environment {name!r} built by envctl",
-                                       hint="see: envctl env list")
+                        raise _never_built(name)
                     yield fds, env_fd
             finally:
                 lock.release()
@@ -222,6 +221,8 @@ class EnvService:
             cur = envs.current(fds.root, name)
             version = version or cur.version
             rec = envs.ready(env_fd, version) if env_fd is not None and version else None
+        if env_fd is None:
+            raise _never_built(name)
         if rec is None:
             raise NotFound(f"no built version {version or '(current)'} of {name!r}",
                            hint="see: envctl env show " + name)
@@ -240,6 +241,9 @@ class EnvService:
             if to is None:
                 older = [v for v in done if cur.version is None or
                          envs.version_number(v) < envs.version_number(cur.version)]
+                if not older and cur.version is None:  # its builds all failed
+                    raise NotFound(f"{name!r} has no built version to roll back to",
+                                   hint=f"see: envctl env show {name}")
                 if not older:
                     raise Conflict(f"{name!r} has no version before {cur.version} to roll back "
                                    "to", hint=f"see: envctl env show {name}")
@@ -409,3 +413,8 @@ class EnvService:
                 self.check_integrity()
             except Exception:  # noqa: BLE001 - e.g. a tampered subdirectory: try again later
                 log.exception("env-gc-failed")
+
+
+def _never_built(name: str) -> NotFound:
+    """A name envctl has no directory for: never requested (or collected since)."""
+    return NotFound(f"no environment {name!r} built by envctl", hint="see: envctl env list")

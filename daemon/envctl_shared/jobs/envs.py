@@ -284,6 +284,9 @@ def unlink_name(root_fd: int, env_fd: int, name: str) -> str:
     """``env remove``: the name disappears at once (one unlink of the symlink); its versions
     stay until GC, counted from now."""
     cur = current(root_fd, name)
+    if cur.kind == "missing":
+        raise NotFound(f"{name!r} has no current version: removed already, or no build of it "
+                       "succeeded", hint=f"see: envctl env show {name}")
     if cur.kind != "managed" or cur.version is None:
         raise Conflict(f"{name!r} is not a current environment envctl manages" + (
             " (a hand-made one: the daemon never removes those)"

@@ -511,7 +511,7 @@ class JobManager:
         assert self._cluster is not None
         where = self._elsewhere(job.id)
         if job.terminal:
-            raise Conflict(f"job {job.id} has already ended ({job.state.value})")
+            raise _ended(job)
         if job.host_alive is False:
             raise Conflict(f"job {job.id} is on host {job.host}, whose daemon is gone: nothing "
                            "runs it now", hint="its daemon marks it interrupted when it starts "
@@ -540,8 +540,7 @@ class JobManager:
                 return self.store.get(job_id)
             build = self._running.get(job_id)
             if build is None:
-                job = self.store.get(job_id)
-                raise Conflict(f"job {job_id} has already ended ({job.state.value})")
+                raise _ended(self.store.get(job_id))
             build.abort(State.CANCELLED, detail)
             thread = self._threads[job_id]
         Subject(log, job=job_id).info("job-cancel by=%r running", who)
@@ -661,3 +660,10 @@ def _size(path: str) -> int:
 
 def _with_state_dir(config: Config, state_dir: Path) -> Config:
     return config._replace(requests=config.requests._replace(state_dir=state_dir))
+
+
+def _ended(job: Job) -> Conflict:
+    """A cancel that came too late: there is nothing left to cancel, and never will be (the
+    default hint of a conflict, to wait and retry, would be wrong)."""
+    return Conflict(f"job {job.id} has already ended ({job.state.value}): nothing to cancel",
+                    hint=f"'envctl request status {job.id}' says how it ended")
