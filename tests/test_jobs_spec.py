@@ -14,6 +14,7 @@ import time
 import pytest
 from envctl_shared.config import parse
 from envctl_shared.errors import Conflict, ValidationError
+from envctl_shared.jobs.backends import backend_named
 from envctl_shared.jobs.spec import parse_spec, validate_name
 
 from tests.jobs_support import ENV_HELLO, JobsEnv
@@ -300,3 +301,14 @@ def test_a_local_channel_needs_the_admin_when_any_channel_is_allowed(channel: st
     assert "named by the admin" in (err.value.hint or "")
     assert parse_spec("channels: [/srv/chan, conda-forge]\ndependencies: [x]\n",
                       cfg).channels == ("/srv/chan", "conda-forge")
+
+
+@pytest.mark.parametrize("allowed,venv_hint", [(["rattler", "venv"], True), (["rattler"], False)])
+def test_no_conda_packages_hints_at_venv_only_where_it_is_allowed(allowed: list[str],
+                                                                  venv_hint: bool) -> None:
+    """The hint offers an empty environment (``--backend venv``) only on a daemon that builds
+    venvs: ``init``'s config allows rattler alone, where the offer would be refused next."""
+    cfg = _cfg(allowed_backends=allowed)
+    with pytest.raises(ValidationError, match="no conda packages") as err:
+        backend_named("rattler").check(parse_spec("dependencies: []\n", cfg), cfg)
+    assert err.value.hint is not None and ("--backend venv" in err.value.hint) is venv_hint

@@ -47,8 +47,9 @@ class RattlerBackend:
     def check(self, spec: EnvSpec, cfg: RequestsConfig) -> None:
         if not spec.conda:
             raise ValidationError("spec lists no conda packages for the rattler backend",
-                                  hint="list packages under dependencies:, or request an empty "
-                                  "environment with --backend venv")
+                                  hint="list packages under dependencies:" + (
+                                      ", or request an empty environment with --backend venv"
+                                      if "venv" in cfg.allowed_backends else ""))
         if not spec.pip:
             return
         names = conda_names(spec)
