@@ -7,6 +7,7 @@ with the built-in implementations when systemd-python is absent (the sidecar cas
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 import subprocess
@@ -81,20 +82,27 @@ def test_listen_socket_falls_back_to_the_first(scratch: Path, prelude: str) -> N
     assert got["name"] == str(scratch / "s0.sock")
 
 
-def test_status_is_json_and_counts_what_was_healed(accounts: Accounts, scratch: Path) -> None:
+def test_status_is_json_and_counts_what_was_healed(accounts: Accounts, scratch: Path,
+                                                   caplog: pytest.LogCaptureFixture) -> None:
     root = make_root(scratch, accounts)
     a = accounts.alice
-    as_user(a.uid, a.gid, f"mkdir -p {root}/x/y && touch {root}/x/y/f {root}/x/g")
+    # group and mode wrong: two writes for each of the four entries
+    as_user(a.uid, a.gid, f"mkdir -p {root}/x/y && touch {root}/x/y/f {root}/x/g && "
+            f"chgrp -R {a.gid} {root}/x")
     cfg = parse({"roots": [{"path": str(root), "group": accounts.shared_group}],
                  "requests": {"enabled": False}, "socket": {"path": str(scratch / "s.sock")}})
     d = Daemon(cfg)
+    caplog.set_level(logging.INFO, logger="envctl_shared")
     d.start()
     try:
         assert not find_violations(root, accounts.shared_gid)
         st = json.loads(json.dumps(d.status().to_dict()))
         (r,) = st["roots"]
         assert r["mode"] == "inotify" and r["watches"] == 3 and r["full_passes"] == 1
-        assert r["fixed"] >= 4 and r["violations"] == 4 and r["errors"] == 0
+        assert r["fixed"] == 4 and r["violations"] == 4 and r["errors"] == 0
+        # the start's log lines count entries fixed as status does (not chgrp + chmod calls)
+        said = [m for m in caplog.messages if m.startswith(("reconcile ", "watching "))]
+        assert len(said) == 2 and all(" fixed=4 " in m for m in said), said
         assert st["ready"] and st["jobs"] is None
         as_user(a.uid, a.gid, f"touch {root}/x/new")
         assert d.wait_idle(10)

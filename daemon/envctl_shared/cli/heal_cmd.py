@@ -228,7 +228,7 @@ def _summary(mode: str, t: Target, s: HealStats) -> str:
     skipped = ", ".join(f"{k} {v}" for k, v in sorted(s.skipped.items())) or "none"
     path = quote_name(str(t.path))
     head = (f"{path}: scanned {s.scanned}, {s.violations} wrong" if mode == "check"
-            else f"{path}: scanned {s.scanned}, fixed {sum(s.fixed_kinds.values())}"
+            else f"{path}: scanned {s.scanned}, fixed {s.entries_fixed}"
             f" (group {s.fixed['group']}, mode {s.fixed['mode']})")
     line = f"{head}, skipped: {skipped}, errors {s.errors}, {s.duration:.2f}s"
     if s.skipped["mount"]:

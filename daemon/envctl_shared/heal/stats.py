@@ -59,6 +59,12 @@ class HealStats:
         return f"HealStats({self.to_dict()})"
 
     @property
+    def entries_fixed(self) -> int:
+        """Entries changed, each once however many writes it took: what every report calls
+        "fixed" (``writes`` counts the calls)."""
+        return sum(self.fixed_kinds.values())
+
+    @property
     def writes(self) -> int:
         """Metadata calls that changed something (each chgrp or chmod is one)."""
         return sum(self.fixed.values())

@@ -490,7 +490,7 @@ class RootWatcher:
         st.last_full_duration = stats.duration
         level = logging.INFO if stats.violations or stats.errors else logging.DEBUG
         self._log.log(level, "reconcile scanned=%d fixed=%d errors=%d duration=%.3f",
-                      stats.scanned, stats.writes, stats.errors, stats.duration)
+                      stats.scanned, stats.entries_fixed, stats.errors, stats.duration)
 
     def _finding(self, f: Finding) -> None:
         """Each entry fixed, skipped or failed, at DEBUG (with ENVCTL_PATH for the journal);
@@ -567,7 +567,7 @@ class RootWatcher:
         self._status.last_poll_duration = ps.duration
         if ps.heal.violations:
             self._log.debug("poll dirs=%d listed=%d fixed=%d duration=%.3f", ps.dirs,
-                            ps.listed, ps.heal.writes, ps.duration)
+                            ps.listed, ps.heal.entries_fixed, ps.duration)
 
     # -- what the daemon reads -----------------------------------------------------------------
 
@@ -593,7 +593,7 @@ class RootWatcher:
         with self._lock:
             h = st.heals
             scanned, violations, errors = h.scanned, h.violations, h.errors
-            fixed, fixed_by, skipped = sum(h.fixed_kinds.values()), dict(h.fixed), dict(h.skipped)
+            fixed, fixed_by, skipped = h.entries_fixed, dict(h.fixed), dict(h.skipped)
         return RootStatus(
             path=str(self.root.path),
             mode=mode_of(self._state, self._poller is not None, self._leading),
