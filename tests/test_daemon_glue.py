@@ -116,3 +116,30 @@ def test_status_is_json_and_counts_what_was_healed(accounts: Accounts, scratch: 
         assert d.summary().startswith("roots=1 mode=inotify fixed=")
     finally:
         assert d.stop()
+
+
+@pytest.mark.parametrize("others,warned", [("keep", True), ("read", False)])
+def test_a_root_writable_by_everyone_is_said_at_start(accounts: Accounts, scratch: Path,
+                                                      caplog: pytest.LogCaptureFixture,
+                                                      others: str, warned: bool) -> None:
+    """A root left 3777 (anyone on the host adds entries) starts, and is kept so under
+    ``others: keep`` — said once, as a WARNING with the two ways out; ``others: read`` heals
+    the write bit away, and there is nothing to say."""
+    root = make_root(scratch, accounts)
+    os.chmod(root, 0o3777)
+    cfg = parse({"roots": [{"path": str(root), "group": accounts.shared_group,
+                            "others": others}],
+                 "requests": {"enabled": False}, "socket": {"path": str(scratch / "s.sock")}})
+    d = Daemon(cfg)
+    caplog.set_level(logging.INFO, logger="envctl_shared")
+    d.start()
+    try:
+        said = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        if warned:
+            assert os.stat(root).st_mode & 0o7777 == 0o3777
+            assert said == [f"root-writable-by-everyone root={root} mode=3777 others=keep "
+                            f"hint='chmod o-w {root}', or roots[].others: read"], said
+        else:
+            assert os.stat(root).st_mode & 0o7777 == 0o3775 and said == [], said
+    finally:
+        assert d.stop()

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import stat
 import time
 from collections.abc import Callable
 from typing import Any, Protocol
@@ -119,9 +120,17 @@ class Daemon:
         if lease is not None:
             self._leases[str(root.path)] = lease
         st = watcher.status()
-        Subject(log, root=root.path).info(
-            "watching mode=%s watches=%d scanned=%d fixed=%d start=%.3f poller=%s", st.mode,
-            st.watches, st.scanned, st.fixed, time.monotonic() - t0, lease.role if lease else "-")
+        said = Subject(log, root=root.path)
+        said.info("watching mode=%s watches=%d scanned=%d fixed=%d start=%.3f poller=%s", st.mode,
+                  st.watches, st.scanned, st.fixed, time.monotonic() - t0,
+                  lease.role if lease else "-")
+        # Healed as the rules say, and still writable by everyone (others: keep): any user of
+        # the host, not only the group, adds entries — an admin's choice the daemon keeps, and
+        # says once at start, for a root is seldom meant to be so (doctor flags it too).
+        mode = stat.S_IMODE(os.stat(root.path).st_mode)
+        if mode & stat.S_IWOTH:
+            said.warning("root-writable-by-everyone mode=%04o others=%s hint=%s", mode,
+                         root.others, f"'chmod o-w {root.path}', or roots[].others: read")
 
     def inotify_budget(self) -> InotifyBudget:
         """The inotify watches every root needs (one per directory) against the kernel's
