@@ -15,7 +15,9 @@ The hub is started once for the module (it takes a few seconds); the last test s
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import secrets
 import signal
 import sqlite3
@@ -242,12 +244,22 @@ def test_doctor_checks_the_hub_identity_both_ways(world: World) -> None:
 
 def _asks_the_hub(world: World) -> bool:
     """The daemon holds a connection to the hub's API: a question is with the hub (the
-    kernel completes the handshake for a stopped hub)."""
+    kernel completes the handshake for a stopped hub). Read from /proc: the established
+    TCP connections to the hub's port, and the daemon's open sockets."""
     assert world.api.daemon.proc is not None
     port = urllib.parse.urlparse(world.hub.api_url).port
-    out = subprocess.run(["ss", "-Htnp", "state", "established", "dst", f"127.0.0.1:{port}"],
-                         capture_output=True, text=True, check=True).stdout
-    return f"pid={world.api.daemon.proc.pid}," in out
+    to_hub = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()  # sl local rem st ... inode
+            if int(fields[2].rsplit(":", 1)[1], 16) == port and fields[3] == "01":
+                to_hub.add(f"socket:[{fields[9]}]")
+    fds = Path(f"/proc/{world.api.daemon.proc.pid}/fd")
+    held = set()
+    for fd in fds.iterdir():
+        with contextlib.suppress(OSError):  # closed while listed
+            held.add(os.readlink(fd))
+    return bool(to_hub & held)
 
 
 def test_an_unreachable_hub_is_unavailable_and_nothing_is_trusted(world: World) -> None:
