@@ -172,20 +172,32 @@ class Envctld:
 
     def _read(self) -> None:
         sock = self._sock
-        while sock is not None and sock.fileno() >= 0:
+        while sock is not None and self._sock is sock:  # until _close_socket takes it
             try:
                 data = sock.recv(65536)
             except TimeoutError:
                 continue
             except OSError:
                 return
-            with self._cond:
-                self.messages.append(data.decode(errors="replace"))
-                self._cond.notify_all()
+            self._received(data)
+
+    def _received(self, data: bytes) -> None:
+        with self._cond:
+            self.messages.append(data.decode(errors="replace"))
+            self._cond.notify_all()
 
     def _close_socket(self) -> None:
+        """Stop reading notify messages — after the last ones sent: a daemon that has exited
+        may have left its STOPPING=1 queued on the socket, unread by a reader thread a loaded
+        machine had not scheduled yet, and closing the socket would drop it."""
         if self._sock is not None:
             sock, self._sock = self._sock, None
-            sock.close()
             if self._reader is not None:
-                self._reader.join(2)
+                self._reader.join(2)  # it sees the socket taken within its 0.2 s timeout
+            sock.setblocking(False)
+            try:
+                while True:
+                    self._received(sock.recv(65536))
+            except OSError:
+                pass  # BlockingIOError: nothing left
+            sock.close()

@@ -39,6 +39,21 @@ from envctl_shared.jobs import Job, JobManager, Requester
 # conda's convention: a long placeholder path that the installer rewrites to the real prefix.
 PLACEHOLDER = "/opt/anaconda1anaconda2anaconda3"
 
+# A ``requests.venv_python`` (format ``escape``, a command that appends one whole line to
+# ``$HOME/escapees``, and ``python``): leave a process behind, then run the real python.
+ESCAPING_PYTHON = """#!/bin/sh
+# envctl test wrapper (requests.venv_python): leave a process behind, then run the real python.
+# It waits (60 s at most) until the escapee has recorded itself: a step that ended first would
+# take it down with its cgroup before the test could see it (seen on a loaded machine).
+before=$(cat "$HOME/escapees" 2>/dev/null | wc -l)
+{escape} </dev/null >/dev/null 2>&1 &
+i=0
+while [ "$(cat "$HOME/escapees" 2>/dev/null | wc -l)" -le "$before" ] && [ $i -lt 600 ]; do
+  sleep 0.1; i=$((i+1))
+done
+exec {python} "$@"
+"""
+
 
 @dataclass
 class CondaPackage:

@@ -26,7 +26,7 @@ def test_ready_only_after_startup_reconcile_and_restart_after_kill9(
     as_user(a.uid, a.gid, f"mkdir -p {root}/before/x && echo > {root}/before/x/f")
     cfg = write_config(scratch, [(root, accounts.shared_group)])
     d = envctld(cfg)
-    ready = d.messages[-1]
+    ready = d.wait_message(lambda m: "READY=1" in m, 0, "READY=1")  # a STATUS= may follow it
     assert "READY=1" in ready and "STATUS=roots=1 mode=inotify" in ready
     # READY=1 means the startup reconcile is done: no waiting here.
     assert not find_violations(root, accounts.shared_gid)

@@ -71,6 +71,14 @@ def _pids_under(ppid: int) -> list[tuple[int, str]]:
     return out
 
 
+def _comm(pid: int) -> str:
+    """The process's command name ("" once it is gone)."""
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return ""
+
+
 @pytest.fixture
 def pid1(scratch: Path, accounts: Accounts) -> Iterator[Pid1]:
     """ENTRYPOINT + CMD as PID 1 of a new PID namespace, killed with its namespace at the end."""
@@ -112,13 +120,18 @@ def pid1(scratch: Path, accounts: Accounts) -> Iterator[Pid1]:
 
 def test_pid1_is_tini_and_reaps_orphans(pid1: Pid1) -> None:
     assert Path(f"/proc/{pid1.init}/comm").read_text().strip() == "tini"
-    # A double fork inside the namespace: the grandchild is re-parented to PID 1 and exits.
+    # A double fork inside the namespace: the grandchild is re-parented to PID 1, then dies.
+    # It lives until we kill it: seen as PID 1's child only once it has exec'd sleep, it must
+    # not have exited (and been reaped) before we look — a fixed lifetime raced the look.
     subprocess.run(["nsenter", "-t", str(pid1.init), "-p", "-m", "sh", "-c",
-                    "(sleep 0.3 &); exit 0"], check=True, timeout=10)
-    orphans = [pid for pid, _ in _pids_under(pid1.init)
-               if Path(f"/proc/{pid}/comm").read_text().strip() == "sleep"]
-    assert orphans, "the orphan was not re-parented to PID 1"
-    wait_for(lambda: not any(pid in orphans for pid, _ in _pids_under(pid1.init)), timeout=10,
+                    "(sleep 300 &); exit 0"], check=True, timeout=10)
+
+    def orphans() -> list[int]:
+        return [pid for pid, _ in _pids_under(pid1.init) if _comm(pid) == "sleep"]
+    wait_for(lambda: bool(orphans()), timeout=10, what="the orphan re-parented to PID 1")
+    (orphan,) = orphans()
+    os.kill(orphan, signal.SIGKILL)
+    wait_for(lambda: orphan not in [pid for pid, _ in _pids_under(pid1.init)], timeout=10,
              what="PID 1 reaping the orphan (a zombie stays listed until reaped)")
 
 

@@ -32,22 +32,18 @@ from envctl_shared.jobs.procs import BuildUser, spawn, sweep_orphans
 
 from tests.conftest import Accounts
 from tests.helpers import wait_escapees, wait_for
-from tests.jobs_support import ENV_VENV, ENV_VENV_PIP, JobsEnv, daemon_argv, full_log, wait_done
+from tests.jobs_support import (
+    ENV_VENV,
+    ENV_VENV_PIP,
+    ESCAPING_PYTHON,
+    JobsEnv,
+    daemon_argv,
+    full_log,
+    wait_done,
+)
 
 pytest_plugins = ("tests.fixtures_jobs",)  # the jobs fixtures
 
-WRAPPER = """#!/bin/sh
-# envctl test wrapper (requests.venv_python): leave a process behind, then run the real python.
-# It waits (60 s at most) until the escapee has recorded itself: a step that ended first would
-# take it down with its cgroup before the test could see it (seen on a loaded machine).
-before=$(cat "$HOME/escapees" 2>/dev/null | wc -l)
-{escape} </dev/null >/dev/null 2>&1 &
-i=0
-while [ "$(cat "$HOME/escapees" 2>/dev/null | wc -l)" -le "$before" ] && [ $i -lt 600 ]; do
-  sleep 0.1; i=$((i+1))
-done
-exec {python} "$@"
-"""
 SETSID = """setsid sh -c 'echo $$ >> "$HOME/escapees"; exec sleep 333'"""
 TRIES_HARD = """
 import ctypes, os, time
@@ -78,7 +74,8 @@ def escape_command(kind: str, scratch: Path) -> str:
 def wrapper(scratch: Path, kind: str) -> str:
     """A ``venv_python`` that leaves an escapee of ``kind`` behind at every call."""
     path = scratch / f"escaping-python-{kind}"
-    path.write_text(WRAPPER.format(escape=escape_command(kind, scratch), python=sys.executable))
+    path.write_text(ESCAPING_PYTHON.format(escape=escape_command(kind, scratch),
+                                           python=sys.executable))
     os.chmod(path, 0o755)
     os.chmod(scratch, 0o755)
     return str(path)

@@ -15,14 +15,14 @@ import json
 
 import yaml
 
+from tests.jobs_support import ESCAPING_PYTHON
 from tests.test_systemd_daemon import CONFIG, SERVICE, Site, _build_demo, pytestmark, site  # noqa: F401 (marks and fixture)
 
-WRAPPER = """#!/bin/sh
-# test wrapper (requests.venv_python): leaves an escapee that notes its pid and cgroup
-setsid sh -c 'echo "$$ $(grep ^0:: /proc/self/cgroup)" >> "$HOME/escapees"; exec sleep 333' \\
-    </dev/null >/dev/null 2>&1 &
-exec /usr/bin/python3 "$@"
-"""
+# An escapee that notes its pid and cgroup (the line is written once the cgroup is read: the
+# wrapper waits for it, so that the step cannot end, and take the escapee along, first).
+WRAPPER = ESCAPING_PYTHON.format(
+    escape="""setsid sh -c 'echo "$$ $(grep ^0:: /proc/self/cgroup)" >> "$HOME/escapees"; """
+           """exec sleep 333'""", python="/usr/bin/python3")
 
 
 def test_build_runs_in_a_cgroup_of_the_delegated_subtree(site: Site) -> None:  # noqa: F811

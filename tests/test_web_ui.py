@@ -330,11 +330,13 @@ def test_a_slow_hub_answer_for_one_holds_up_no_one_else(web: WebWorld) -> None:
     it knows already are answered. An ``envctl web`` run as an external service here, whose
     hub API is a door that answers the token ``slow-...`` only after SLOW seconds."""
     slow, port = 3.0, free_port()
+    asked = threading.Event()  # the stranger's question has reached the hub
 
     class Door(http.server.BaseHTTPRequestHandler):
         def do_GET(self) -> None:  # noqa: N802 - the http.server API
             auth = self.headers.get("Authorization", "")
             if "slow-" in auth:
+                asked.set()
                 time.sleep(slow)
                 status, body = 403, b'{"status": 403}'
             else:
@@ -377,7 +379,7 @@ def test_a_slow_hub_answer_for_one_holds_up_no_one_else(web: WebWorld) -> None:
         wait_for(lambda: whoami(alice) == 200, 60, interval=0.2, what="the external service")
         stranger = threading.Thread(target=whoami, args=("slow-" + "0" * 32,))
         stranger.start()
-        time.sleep(0.5)  # the stranger's question is with the hub
+        assert asked.wait(30), "the stranger's question never reached the hub"
         started = time.monotonic()
         assert whoami(alice) == 200
         took = time.monotonic() - started

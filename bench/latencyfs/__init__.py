@@ -131,12 +131,15 @@ class LatencyFs:
 @contextlib.contextmanager
 def latencyfs(backing: Path, mountpoint: Path, latency_ms: float, *,
               threads: int = DEFAULT_THREADS, history: Path | None = None,
-              stats_interval: float = 0) -> Iterator[LatencyFs]:
+              stats_interval: float = 0,
+              cache_timeout: float | None = None) -> Iterator[LatencyFs]:
     """Mount ``backing`` at ``mountpoint`` with ``latency_ms`` per metadata call; always unmounted.
 
     The filesystem process ends with the thread that started it (it is the parent that
     ``PR_SET_PDEATHSIG`` watches), so a killed run leaves no server behind. ``history``: every
     snapshot also appended there as a JSON line, one each ``stats_interval`` seconds if > 0.
+    ``cache_timeout``: seconds the kernel keeps entries and attributes (libfuse's 1 s if None);
+    0 sends every call to the filesystem, so that its counters do not depend on timing.
     """
     mountpoint.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="latencyfs-"))
@@ -144,6 +147,8 @@ def latencyfs(backing: Path, mountpoint: Path, latency_ms: float, *,
     opts = f"latency={latency_ms},threads={threads},stats={stats}"
     if history is not None:
         opts += f",history={history},stats_interval={stats_interval}"
+    if cache_timeout is not None:
+        opts += f",entry_timeout={cache_timeout},attr_timeout={cache_timeout}"
     proc = subprocess.Popen([str(binary()), str(backing), str(mountpoint), "-f", "-o", opts],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     fs = LatencyFs(mountpoint, proc, stats)

@@ -153,13 +153,19 @@ class RootArea:
                 problem = _area_problem(root_fd)  # made or changed since the first look
                 if problem is None:
                     raise
-        # One command that makes the daemon's own area as it moves the other away: a member
-        # who loops making hers again would win any wait for the daemon's next check.
+        # One process that moves the other away and makes the daemon's own area: a member who
+        # loops making hers again would win any wait for the daemon's next check, and the
+        # start of a second command too (``mv ... && mkdir ...`` lost to such a loop about 4
+        # times in 5 on a loaded machine); between a rename and a mkdir of one process she has
+        # microseconds. Made 0700, then 0755: nobody else can enter it in between. Moved to a
+        # name of its own at each run: run again after a lost race, it must not meet the
+        # first run's (a rename onto a full directory fails).
         path = shlex.quote(str(shown))
-        make = f"mkdir -m 755 {path}" + (
-            f" && chown {os.geteuid()} {path}" if os.geteuid() != 0 else "")
-        fix = (f"as root, look at what is in {shown}, then: mv {path} {path}.untrusted && {make}"
-               if problem[0] != "mode" else
+        owner = f"; os.chown(p, {os.geteuid()}, -1)" if os.geteuid() != 0 else ""
+        script = ('import os, sys; p = sys.argv[1]; os.rename(p, "%s.untrusted-%d" % '
+                  f"(p, os.getpid())); os.mkdir(p, 0o700); os.chmod(p, 0o755){owner}")
+        fix = (f"as root, look at what is in {shown}, then: python3 -c {shlex.quote(script)} "
+               f"{path}" if problem[0] != "mode" else
                f"as root, look at what was put in {shown}, then: chmod 755 {path}")
         raise AreaUntrusted(f"{shown} {problem[1]}: the daemon uses nothing in it and refuses "
                             "every request until an admin fixes it", hint=fix,
