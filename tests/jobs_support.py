@@ -53,6 +53,9 @@ while [ "$(cat "$HOME/escapees" 2>/dev/null | wc -l)" -le "$before" ] && [ $i -l
 done
 exec {python} "$@"
 """
+# The usual ``escape``: a process in a session of its own (setsid), out of reach of a kill of
+# the step's process group, that records its pid.
+SETSID = """setsid sh -c 'echo $$ >> "$HOME/escapees"; exec sleep 333'"""
 
 
 @dataclass

@@ -36,6 +36,7 @@ from tests.jobs_support import (
     ENV_VENV,
     ENV_VENV_PIP,
     ESCAPING_PYTHON,
+    SETSID,
     JobsEnv,
     daemon_argv,
     full_log,
@@ -44,7 +45,6 @@ from tests.jobs_support import (
 
 pytest_plugins = ("tests.fixtures_jobs",)  # the jobs fixtures
 
-SETSID = """setsid sh -c 'echo $$ >> "$HOME/escapees"; exec sleep 333'"""
 TRIES_HARD = """
 import ctypes, os, time
 if os.fork():

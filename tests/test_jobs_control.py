@@ -27,6 +27,8 @@ from tests.jobs_support import (
     ENV_HELLO,
     ENV_VENV,
     ENV_VENV_PIP,
+    ESCAPING_PYTHON,
+    SETSID,
     JobsEnv,
     daemon_argv,
     full_log,
@@ -315,21 +317,13 @@ def test_leftovers_of_a_dead_build_elsewhere_are_undone(jobs_env: JobsEnv,
     assert json.loads((envdir / "v2.json").read_text())["job"] == job.id
 
 
-ESCAPING_PYTHON = """#!/bin/sh
-# envctl test wrapper: every step leaves a process behind in a session of its own (setsid),
-# out of reach of a kill of the step's process group, then runs the real python.
-setsid sh -c 'echo $$ >> "$HOME/escapees"; exec sleep 300' </dev/null >/dev/null 2>&1 &
-exec {python} "$@"
-"""
-
-
 @pytest.mark.parametrize("cancel", [False, True], ids=["succeeds", "cancelled"])
 def test_processes_that_leave_the_group_are_killed(jobs_env: JobsEnv, manager_factory,
                                                    scratch: Path, cancel: bool) -> None:
     """A build that daemonizes something (setsid) outlives no step: the daemon is its
     subreaper and sweeps the build user's processes outside running steps' groups."""
     wrapper = scratch / "escaping-python"
-    wrapper.write_text(ESCAPING_PYTHON.format(python=sys.executable))
+    wrapper.write_text(ESCAPING_PYTHON.format(escape=SETSID, python=sys.executable))
     os.chmod(wrapper, 0o755)
     os.chmod(scratch, 0o755)
     mgr = manager_factory(jobs_env.config(venv_python=str(wrapper)))

@@ -123,11 +123,6 @@ def site(accounts: Accounts, scratch: Path) -> Iterator[Site]:
         binds.append(Bind(_venv_root()))
     units = {SERVICE: UNITS / SERVICE, "envctld.socket": UNITS / "envctld.socket"}
     with boot(binds, units) as machine:
-        # The container's / is an overlay of the host's: what a host's envctld left in
-        # /var/lib/envctl (an install, a manual run) would be this daemon's state — its jobs
-        # listed, its job dirs beside ours. A fresh machine has none: systemd makes the
-        # directory when the service starts (StateDirectory=).
-        machine.run(["rm", "-rf", "/var/lib/envctl"])
         built = machine.run(["id", "-u", "envctl-build"], check=False)
         assert built.returncode == 0, "systemd-sysusers did not create envctl-build at boot"
         assert machine.path("/etc/envctl").is_dir(), "systemd-tmpfiles did not run at boot"
