@@ -442,7 +442,7 @@ class RootWatcher:
                 return
             rel = self.queue.path(items[0])
             self._log.exception("heal failed path=%s", quote_name(rel), extra=fields(path=rel))
-            self._status.heals.errors += 1
+            self._account(errors=1)
 
     def _walk_progressed(self) -> None:
         self._walk_beat = time.monotonic()
@@ -458,8 +458,7 @@ class RootWatcher:
             stats = self._healer.run_entries((self.queue.path(i), list(i.names))
                                              for i in items)
             entries = sum(len(i.names) for i in items)
-            self._status.echoes += max(0, entries - stats.violations)
-            self._account(stats)
+            self._account(stats, echoes=max(0, entries - stats.violations))
             return
         rel = self.queue.path(item)
         if item.subtree and not rel:
@@ -480,7 +479,7 @@ class RootWatcher:
                      else self._walker.run("", recursive=True))
         except OSError as exc:
             self._log.error("reconcile failed error=%s", exc.strerror)
-            self._status.heals.errors += 1
+            self._account(errors=1)
             return
         self._account(stats)
         st = self._status
@@ -500,9 +499,15 @@ class RootWatcher:
                             quote_name(f.path), f.kind, ";".join(f.problems), f.reason or "",
                             extra=fields(path=f.path))
 
-    def _account(self, stats: HealStats) -> None:
+    def _account(self, stats: HealStats | None = None, echoes: int = 0,
+                 errors: int = 0) -> None:
+        """Add to the counters that several workers change at once, under the one lock: a
+        ``+=`` of two threads can lose one of the additions."""
         with self._lock:
-            self._status.heals.merge(stats)
+            if stats is not None:
+                self._status.heals.merge(stats)
+            self._status.echoes += echoes
+            self._status.heals.errors += errors
 
     def _maintain(self, idx: int) -> None:
         """Polling, periodic reconciles and the fallback to polling, off the hot path."""
