@@ -16,10 +16,17 @@ from pathlib import Path
 
 import pytest
 from envctl_shared.api.client import Client
-from envctl_shared.errors import EX_FAILURE, EX_NOPERM, EX_TEMPFAIL, EX_UNAVAILABLE, EX_USAGE
+from envctl_shared.errors import (
+    EX_CONFIG,
+    EX_FAILURE,
+    EX_NOPERM,
+    EX_TEMPFAIL,
+    EX_UNAVAILABLE,
+    EX_USAGE,
+)
 
 from tests.api_support import VENV_SPEC, ApiDaemon, start_api_daemon
-from tests.conftest import Accounts
+from tests.conftest import Accounts, User
 from tests.helpers import find_violations, wait_for
 
 
@@ -230,3 +237,13 @@ def test_daemon_killed_mid_build_then_restarted(api: ApiDaemon, accounts: Accoun
     assert not (api.root / "slow-killed").exists()
     res = api.cli(accounts.alice, "status")
     assert res.returncode == 0 and "ready" in res.stdout and str(api.root) in res.stdout
+
+
+def test_kernels_sync_on_a_daemon_without_kernels_dir_is_its_configuration(
+        api: ApiDaemon, accounts: Accounts) -> None:
+    """An admin's ``kernels sync`` where the daemon keeps no kernelspecs: the daemon's
+    configuration decides (78, as the web's 503 "an admin must look"), not a request to change
+    (65)."""
+    res = api.cli(User("root", 0, 0), "kernels", "sync")
+    assert res.returncode == EX_CONFIG, res.stderr
+    assert "kernels.dir is not set" in res.stderr and "sets kernels.dir" in res.stderr

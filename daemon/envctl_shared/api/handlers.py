@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from .. import __version__
 from ..config import Config
-from ..errors import DaemonUnavailable, LimitReached, NotAuthorised, ValidationError
+from ..errors import ConfigError, DaemonUnavailable, LimitReached, NotAuthorised
 from ..jobs import kernels
 from ..jobs.model import Job, Requester
 from ..jobs.spec import validate_name
@@ -217,7 +217,7 @@ class Handlers(EnvHandlers):
     def op_kernels_sync(self, who: Requester, gone: Callable[[], bool],
                         allow: Allow) -> Iterator[Message]:
         if self.config.kernels.dir is None:
-            raise ValidationError("this daemon keeps no kernelspecs (kernels.dir is not set)",
+            raise ConfigError("this daemon keeps no kernelspecs (kernels.dir is not set)",
                                   hint="an administrator sets kernels.dir in the configuration")
         busy = {job.name for job in self._manager().list()}  # queued or running builds
         result = kernels.sync(self.config, busy)
