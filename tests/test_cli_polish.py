@@ -231,8 +231,9 @@ def test_a_stray_word_hints_at_its_commands_help() -> None:
 @pytest.mark.parametrize("command", ["status", "doctor"])
 def test_a_timeout_is_seconds_above_zero(command: str) -> None:
     """``--timeout -1`` was 'internal error: ValueError' (70); 0 was 'the daemon closed the
-    connection' (69): both the user's typo, said so before any socket is opened."""
-    for value in ("-1", "0", "nan"):
+    connection' (69), 1e10 'internal error: OverflowError' (70, beyond what a socket's timeout
+    can be): each the user's typo, said so before any socket is opened."""
+    for value in ("-1", "0", "nan", "1e10", "inf"):
         res = subprocess.run([str(VENV_BIN / "envctl"), command, "--timeout", value,
                               "--socket", "/nonexistent.sock"], capture_output=True, text=True,
                              timeout=60)
