@@ -323,6 +323,25 @@ def test_the_planted_area_fix_is_not_stopped_by_names_a_member_planted_for_it(
         pass
 
 
+def test_the_planted_area_fix_runs_where_no_python3_is_on_the_path(scratch: Path,
+                                                                   accounts: Accounts) -> None:
+    """The fix is run by the daemon's own interpreter, named by its path: a host whose
+    Python is python3.11 alone (RHEL's AppStream, one built from source) has no ``python3``,
+    and the line printed failed there with 'python3: not found'."""
+    root = scratch / "root"
+    root.mkdir()
+    os.chown(root, 0, accounts.shared_gid)
+    os.chmod(root, 0o3775)
+    as_user(accounts.alice.uid, accounts.shared_gid, f"mkdir {root}/.envctl")
+    with pytest.raises(AreaUntrusted) as refused, layout.RootArea(root).open():
+        pass
+    fix = (refused.value.hint or "").split("then: ", 1)[1]
+    res = subprocess.run(["env", "PATH=/nonexistent", "/bin/sh", "-c", fix],
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    assert os.lstat(root / ".envctl").st_uid == 0
+
+
 def test_a_walk_past_its_held_levels_never_climbs_into_another_tree(scratch: Path) -> None:
     """Deeper than ``layout.HELD_LEVELS`` a walk climbs back through ``..``: a directory moved
     meanwhile into another tree is refused there, nothing of that tree is removed, and the walk

@@ -41,6 +41,7 @@ import os
 import pwd
 import shlex
 import stat
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -167,7 +168,9 @@ class RootArea:
         script = ("import os, sys, tempfile; p = sys.argv[1]; os.rename(p, os.path.join("
                   'tempfile.mkdtemp(prefix=".envctl.untrusted-", dir=os.path.dirname(p)), '
                   f'"envctl")); os.mkdir(p, 0o700); os.chmod(p, 0o755){owner}')
-        fix = (f"as root, look at what is in {shown}, then: python3 -c {shlex.quote(script)} "
+        # run by the daemon's own interpreter: a host may have no python3 (python3.11 alone)
+        python = shlex.quote(sys.executable or "python3")
+        fix = (f"as root, look at what is in {shown}, then: {python} -c {shlex.quote(script)} "
                f"{path}" if problem[0] != "mode" else
                f"as root, look at what was put in {shown}, then: chmod 755 {path}")
         raise AreaUntrusted(f"{shown} {problem[1]}: the daemon uses nothing in it and refuses "
