@@ -13,6 +13,7 @@ import io
 import json
 import os
 import re
+import socket
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -231,8 +232,9 @@ def test_a_stray_word_hints_at_its_commands_help() -> None:
 @pytest.mark.parametrize("command", ["status", "doctor"])
 def test_a_timeout_is_seconds_above_zero(command: str) -> None:
     """``--timeout -1`` was 'internal error: ValueError' (70); 0 was 'the daemon closed the
-    connection' (69): both the user's typo, said so before any socket is opened."""
-    for value in ("-1", "0", "nan"):
+    connection' (69), 1e10 'internal error: OverflowError' (70, beyond what a socket's timeout
+    can be): each the user's typo, said so before any socket is opened."""
+    for value in ("-1", "0", "nan", "1e10", "inf"):
         res = subprocess.run([str(VENV_BIN / "envctl"), command, "--timeout", value,
                               "--socket", "/nonexistent.sock"], capture_output=True, text=True,
                              timeout=60)
@@ -399,3 +401,20 @@ def test_a_command_imports_only_its_own_module() -> None:
     helped = next(a for a in main.build_parser(["-h", "request"])._actions
                   if isinstance(a, argparse._SubParsersAction)).choices
     assert set(helped) == set(main.COMMANDS)
+
+
+def test_a_socket_only_its_owner_may_use_is_not_said_to_let_its_group_in(
+        scratch: Path, accounts: Accounts) -> None:
+    """``socket.mode: 0600``: joining the socket's group lets nobody in, yet the hint said
+    'lets in its owner and group G: ask an administrator to add you to G' — a newcomer did,
+    logged in again, and was refused the same."""
+    path = scratch / "s.sock"
+    with socket.socket(socket.AF_UNIX) as server:
+        server.bind(str(path))
+        server.listen()
+        os.chmod(path, 0o600)
+        res = as_user(accounts.alice.uid, accounts.alice.gid,
+                      [str(VENV_BIN / "envctl"), "status", "--socket", str(path)], check=False)
+    assert res.returncode == errors.EX_NOPERM, res.stderr
+    assert "add you to" not in res.stderr and "lets in its owner alone" in res.stderr, res.stderr
+    assert "socket.mode" in res.stderr, res.stderr

@@ -22,6 +22,7 @@ import contextlib
 import json
 import os
 import shutil
+import stat
 import subprocess
 import time
 from collections.abc import Iterator
@@ -30,13 +31,13 @@ from typing import Any
 
 import pytest
 import yaml
-from envctl_shared.errors import FilesystemError, ValidationError
+from envctl_shared.errors import AreaUntrusted, FilesystemError, ValidationError
 from envctl_shared.jobs import layout
 
 from tests.api_support import ApiDaemon, api_config, new_base, start_api_daemon
 from tests.conftest import Accounts, User
 from tests.daemon_support import Envctld
-from tests.helpers import make_chain, wait_for
+from tests.helpers import as_user, make_chain, wait_for
 from tests.jobs_support import write_wheel
 
 ROOT = User("root", 0, 0)
@@ -209,7 +210,8 @@ def test_planted_area_is_not_ready_refuses_requests_and_recovers(accounts: Accou
         status = _status(api)
         assert status["ready"] is False and status["area"]["path"] == str(planted)
         assert f"owned by {a.alice.name} (uid {a.alice.uid})" in status["area"]["problem"]
-        assert '.untrusted-%d" % (p, os.getpid())); os.mkdir(p' in status["area"]["fix"]
+        assert '.envctl.untrusted-", dir=os.path.dirname(p)), "envctl")); os.mkdir(p' in \
+            status["area"]["fix"]
         assert status["area"]["fix"].endswith(f" {planted}")
         res = api.cli(a.bob, "status")
         assert res.returncode == EX_TEMPFAIL and f"NOT READY: {planted} is owned by" in \
@@ -289,6 +291,55 @@ def test_the_planted_area_fix_holds_against_a_member_racing_it(accounts: Account
         if daemon is not None:
             daemon.cleanup()
         shutil.rmtree(base, ignore_errors=True)
+
+
+def test_the_planted_area_fix_is_not_stopped_by_names_a_member_planted_for_it(
+        scratch: Path, accounts: Accounts) -> None:
+    """Attack: alice, who planted ``.envctl``, also plants a symlink at every name the printed
+    fix could move hers to (``.envctl.untrusted-<pid>``: 32768 pids here, a second's work).
+    Its rename onto a symlink failed (ENOTDIR) on every run, and she re-plants whatever the
+    admin removes: every request stayed refused. Here the fix runs in a pid namespace, where
+    its pid is one of the first few, so that a few dozen symlinks cover it."""
+    a = accounts
+    root = scratch / "root"
+    root.mkdir()
+    os.chown(root, 0, a.shared_gid)
+    os.chmod(root, 0o3775)  # the requests root, as the daemon heals it
+    planted = root / ".envctl"
+    as_user(a.alice.uid, a.shared_gid, f"mkdir {planted} && echo hers > {planted}/mine && "
+            f"for i in $(seq 1 64); do ln -s /etc {planted}.untrusted-$i; done")
+    with pytest.raises(AreaUntrusted) as refused, layout.RootArea(root).open():
+        pass
+    fix = (refused.value.hint or "").split("then: ", 1)[1]
+    res = subprocess.run(["unshare", "--pid", "--fork", "sh", "-c", fix], capture_output=True,
+                         text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    st = os.lstat(planted)
+    assert stat.S_ISDIR(st.st_mode) and st.st_uid == 0 and stat.S_IMODE(st.st_mode) == 0o755
+    assert os.listdir(planted) == []
+    moved = [p for p in root.glob(".envctl.untrusted-*/**/mine")]
+    assert [p.read_text() for p in moved] == ["hers\n"], moved  # kept for the admin to look at
+    with layout.RootArea(root).open():
+        pass
+
+
+def test_the_planted_area_fix_runs_where_no_python3_is_on_the_path(scratch: Path,
+                                                                   accounts: Accounts) -> None:
+    """The fix is run by the daemon's own interpreter, named by its path: a host whose
+    Python is python3.11 alone (RHEL's AppStream, one built from source) has no ``python3``,
+    and the line printed failed there with 'python3: not found'."""
+    root = scratch / "root"
+    root.mkdir()
+    os.chown(root, 0, accounts.shared_gid)
+    os.chmod(root, 0o3775)
+    as_user(accounts.alice.uid, accounts.shared_gid, f"mkdir {root}/.envctl")
+    with pytest.raises(AreaUntrusted) as refused, layout.RootArea(root).open():
+        pass
+    fix = (refused.value.hint or "").split("then: ", 1)[1]
+    res = subprocess.run(["env", "PATH=/nonexistent", "/bin/sh", "-c", fix],
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    assert os.lstat(root / ".envctl").st_uid == 0
 
 
 def test_a_walk_past_its_held_levels_never_climbs_into_another_tree(scratch: Path) -> None:

@@ -5,6 +5,7 @@ maintenance thread doing the rebuild, the fall-back to polling and the return to
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Iterable
 from pathlib import Path
@@ -139,6 +140,49 @@ def test_a_bug_healing_one_directory_costs_no_other_of_its_batch(scratch: Path,
         assert any("d7" in b and len(b) > 1 for b in batches), batches  # d7 came in a batch
         assert find_violations(root, accounts.shared_gid, [str(root / "d7" / "f")])
         assert w.status().errors == 1
+    finally:
+        release.set()
+        w.stop(5)
+
+
+def test_a_bug_only_batches_hit_is_logged_though_each_directory_heals_alone(
+        scratch: Path, accounts: Accounts, caplog: pytest.LogCaptureFixture) -> None:
+    """A bug in the batch itself (one no single directory shows: every batch raises, each of
+    its directories then heals alone) is logged with its traceback: it went unsaid — no line,
+    no count —, while every batch cost ENTRY_DIRS + 1 heals instead of one."""
+    root = make_root(scratch, accounts)
+    alice = accounts.alice
+    names = [f"d{i}" for i in range(20)]
+    as_user(alice.uid, alice.gid, ["mkdir", *(str(root / n) for n in names)])
+    w = _watcher(root, accounts.shared_group)
+    w.watch_cfg = w.watch_cfg._replace(full_scan_interval=3600.0)  # type: ignore[attr-defined]
+    real = w._healer.run_entries
+    release = threading.Event()
+    batches: list[int] = []
+
+    def run_entries(groups: Iterable[tuple[str, list[str]]]) -> HealStats:
+        release.wait(30)  # the first call holds the worker while the burst queues up
+        listed = list(groups)
+        batches.append(len(listed))
+        if len(listed) > 1:
+            raise RuntimeError("planted batch bug")
+        return real(listed)
+
+    w._healer.run_entries = run_entries  # type: ignore[method-assign]
+    caplog.set_level(logging.INFO, logger="envctl_shared")
+    w.start()
+    try:
+        as_user(alice.uid, alice.gid, ["touch", *(str(root / n / "f") for n in names)])
+        wait_for(lambda: len(w.queue) >= len(names), 10, 0.01, "the burst queued")
+        release.set()
+        wait_for(lambda: not find_violations(root, accounts.shared_gid,
+                                             [str(root / n / "f") for n in names]),
+                 10, 0.02, "all healed")
+        assert any(n > 1 for n in batches), batches
+        said = [r for r in caplog.records if r.levelno == logging.ERROR]
+        assert said and all(r.exc_info and "planted batch bug" in str(r.exc_info[1])
+                            for r in said), [r.getMessage() for r in said]
+        assert w.status().errors == 0  # every directory healed
     finally:
         release.set()
         w.stop(5)

@@ -214,8 +214,12 @@ def _socket_denied_hint(path: Path) -> str:
         st = os.stat(path)
     except OSError:
         return f"a directory on the way keeps you out: 'namei -l {path}'"
-    group = group_name(st.st_gid)
-    return (f"the socket (group {group}, mode {st.st_mode & 0o777:04o}) lets in its owner and "
+    group, mode = group_name(st.st_gid), st.st_mode & 0o777
+    if mode & 0o060 != 0o060:  # no group is let in: joining one would not help
+        return (f"the socket (group {group}, mode {mode:04o}) lets in its owner alone: ask an "
+                "administrator to set socket.mode to 0660 and socket.group to a group you are "
+                "in, in the daemon's configuration")
+    return (f"the socket (group {group}, mode {mode:04o}) lets in its owner and "
             f"group {group}: ask an administrator to add you to {group}, or to set socket.group "
             "in the daemon's configuration to a group you are in; then log in again")
 

@@ -27,15 +27,20 @@ def global_help() -> dict[str, str]:
             "debug": "show tracebacks on errors"}
 
 
+MAX_TIMEOUT = 86400.0  # a day: far beyond any answer, far below what a socket can take
+
+
 def timeout_seconds(text: str) -> float:
-    """``--timeout SECONDS``: above 0 and finite (-1 reached the socket as an internal error,
-    0 as "the daemon closed the connection")."""
+    """``--timeout SECONDS``: above 0 and at most MAX_TIMEOUT (-1 reached the socket as an
+    internal error, 0 as "the daemon closed the connection", 1e10 as an internal error too:
+    OverflowError, the socket's timeout is bounded)."""
     try:
         value = float(text)
     except ValueError:
         value = 0.0
-    if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds above 0")
+    if not 0 < value <= MAX_TIMEOUT:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds above 0 "
+                                         f"(and at most {MAX_TIMEOUT:g}, a day)")
     return value
 
 

@@ -41,6 +41,7 @@ import os
 import pwd
 import shlex
 import stat
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -157,14 +158,19 @@ class RootArea:
         # loops making hers again would win any wait for the daemon's next check, and the
         # start of a second command too (``mv ... && mkdir ...`` lost to such a loop about 4
         # times in 5 on a loaded machine); between a rename and a mkdir of one process she has
-        # microseconds. Made 0700, then 0755: nobody else can enter it in between. Moved to a
-        # name of its own at each run: run again after a lost race, it must not meet the
-        # first run's (a rename onto a full directory fails).
+        # microseconds. Made 0700, then 0755: nobody else can enter it in between. Moved into
+        # a directory of its own at each run (mkdtemp: root's, 0700, a name nobody could
+        # plant before): run again after a lost race, it must not meet the first run's (a
+        # rename onto a full directory fails), and a name she can guess (the pid: 32768 of
+        # them) she plants a symlink at, onto which every run's rename failed.
         path = shlex.quote(str(shown))
         owner = f"; os.chown(p, {os.geteuid()}, -1)" if os.geteuid() != 0 else ""
-        script = ('import os, sys; p = sys.argv[1]; os.rename(p, "%s.untrusted-%d" % '
-                  f"(p, os.getpid())); os.mkdir(p, 0o700); os.chmod(p, 0o755){owner}")
-        fix = (f"as root, look at what is in {shown}, then: python3 -c {shlex.quote(script)} "
+        script = ("import os, sys, tempfile; p = sys.argv[1]; os.rename(p, os.path.join("
+                  'tempfile.mkdtemp(prefix=".envctl.untrusted-", dir=os.path.dirname(p)), '
+                  f'"envctl")); os.mkdir(p, 0o700); os.chmod(p, 0o755){owner}')
+        # run by the daemon's own interpreter: a host may have no python3 (python3.11 alone)
+        python = shlex.quote(sys.executable or "python3")
+        fix = (f"as root, look at what is in {shown}, then: {python} -c {shlex.quote(script)} "
                f"{path}" if problem[0] != "mode" else
                f"as root, look at what was put in {shown}, then: chmod 755 {path}")
         raise AreaUntrusted(f"{shown} {problem[1]}: the daemon uses nothing in it and refuses "

@@ -432,11 +432,14 @@ class RootWatcher:
         """``_heal``, where a bug must not kill the worker: it is logged and healing goes on.
         A batch that failed is healed again item by item, so that the bug costs only its own
         directory, not the up to ENTRY_DIRS - 1 others handed over with it (healing again
-        what the batch already healed finds those entries compliant)."""
+        what the batch already healed finds those entries compliant). The batch's own failure
+        is logged too: a bug no single directory shows would go unsaid, while every batch
+        cost ENTRY_DIRS + 1 heals."""
         try:
             self._heal(items)
         except Exception:
             if len(items) > 1:
+                self._log.exception("heal failed dirs=%d again=one-by-one", len(items))
                 for item in items:
                     self._heal_guarded([item])
                 return
