@@ -374,6 +374,10 @@ def test_journal_names_paths_and_jobs(site: Site) -> None:
     _build_demo(site)
     site.as_user(site.acc.bob, f"echo x > {site.root}/late")
     wait_for(lambda: violations(site, site.root) == [], timeout=15, what="late file healed")
+    # The daemon logs what it fixed once its heal call returns: after find can see the file
+    # healed, so a journal read just then may come before the record.
+    wait_for(lambda: any(str(e.get("ENVCTL_PATH", "")).endswith("late")
+                         for e in _daemon_entries(site)), timeout=15, what="the heal's record")
     entries = _daemon_entries(site)
     messages = [e.get("MESSAGE") for e in entries]
     assert any(e.get("ENVCTL_JOB") for e in entries), messages
