@@ -42,9 +42,13 @@ def test_teardown_after_a_failing_body_removes_everything(scratch: Path) -> None
             stray = int(m.systemctl("show", "-p", "MainPID", "--value", "stray").stdout)
             seen["leader"] = m.leader
             seen["workdir"] = m.console_log.parent
+            # In this container's PID namespace: another worker's container may run a sleep
+            # under the same small pid, and it may outlive this one's teardown.
+            ours = os.readlink(f"/proc/{m.leader}/ns/pid")
             seen["stray_host_pids"] = [
                 int(p.parent.name) for p in Path("/proc").glob("[0-9]*/comm")
-                if p.exists() and _read(p) == "sleep" and _ns_pid(int(p.parent.name)) == stray]
+                if p.exists() and _read(p) == "sleep" and _ns_pid(int(p.parent.name)) == stray
+                and _pid_ns(int(p.parent.name)) == ours]
             assert seen["stray_host_pids"], "the stray sleep is not visible from the host"
             seen["cgroups"] = _our_cgroups()
             assert seen["cgroups"], "the container was not put in its own cgroup"
@@ -71,3 +75,11 @@ def _ns_pid(host_pid: int) -> int | None:
         if line.startswith("NSpid:"):
             return int(line.split()[-1])
     return None
+
+
+def _pid_ns(host_pid: int) -> str | None:
+    """The PID namespace of a host process (None once it is gone)."""
+    try:
+        return os.readlink(f"/proc/{host_pid}/ns/pid")
+    except OSError:
+        return None
