@@ -12,7 +12,7 @@ BUILD_PACKAGES := python3-venv python3-dev gcc
 APT_PACKAGES := $(BUILD_PACKAGES) bindfs fuse3 libfuse3-dev inotify-tools strace libsystemd-dev pkg-config systemd-container tini chromium chromium-driver
 PYTEST_ARGS ?=
 
-.PHONY: run demo-config test check deps venv apt bench clean install
+.PHONY: run demo-config test check deps venv apt bench clean install screenshots
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -94,6 +94,10 @@ test: deps
 	echo "$(SERIAL_PASS) $(PYTEST_ARGS)"; $(SERIAL_PASS) $(PYTEST_ARGS); s=$$?; \
 	if [ $$p = 5 ] && [ $$s = 5 ]; then exit 5; fi; \
 	[ $$p = 0 -o $$p = 5 ] && [ $$s = 0 -o $$s = 5 ]
+
+# The README's pictures of the web pages: the browser test, its screenshots kept in docs/img.
+screenshots: deps
+	ENVCTL_SCREENSHOTS=$(CURDIR)/docs/img $(BIN)/python -m pytest tests/test_web_ui.py -k story
 
 # Lint and types (CI runs it before the tests): ruff's rule set and mypy's strictness are in
 # pyproject.toml.

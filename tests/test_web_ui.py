@@ -12,7 +12,9 @@ reaches the daemon from one uid with the user's own hub token. The story of issu
 - the HTTP API answers with a hub token and refuses without one (401);
 - with the daemon stopped, pages say it is unavailable (503), and come back by themselves.
 
-Screenshots of the env list and a job page are saved to docs/img/ (shown in the README).
+Screenshots of the env list, an env and a job page are taken on every run; ``make screenshots``
+saves them to docs/img/ (shown in the README), a plain run to its scratch directory (a test run
+leaves the checkout as it found it).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -37,7 +40,6 @@ from tests.web_support import PASSWORD, WebWorld
 
 pytest_plugins = ("tests.fixtures_web",)  # web, browser_factory
 pytestmark = pytest.mark.timeout(600)
-IMG = REPO / "docs" / "img"
 SPEC = VENV_SPEC.replace("- greetlib", "- greetlib\n    - ipykernel")
 ENV = "web-demo"
 # A test command is the requester's free text, shown to everyone on the env page and in the log.
@@ -103,8 +105,9 @@ def post_form(w: WebWorld, driver: Any, path: str, fields: dict[str, str]) -> in
         return int(exc.code)
 
 
-def test_the_story_in_a_browser(web: WebWorld, browser_factory: Any) -> None:
+def test_the_story_in_a_browser(web: WebWorld, browser_factory: Any, scratch: Path) -> None:
     from selenium.webdriver.common.by import By
+    img = Path(os.environ.get("ENVCTL_SCREENSHOTS") or scratch)
     w = web
     alice = browser_factory()
     sign_in(alice, w, "alice")
@@ -132,8 +135,8 @@ def test_the_story_in_a_browser(web: WebWorld, browser_factory: Any) -> None:
     assert not alice.find_elements(By.CSS_SELECTOR, "#log *")
     badge = alice.find_element(By.ID, "jobs-badge")
     wait_page(w, alice, lambda: badge.text == f"{ENV} ready", 30, "the jobs badge")
-    IMG.mkdir(exist_ok=True)
-    alice.save_screenshot(str(IMG / "web-job.png"))
+    img.mkdir(exist_ok=True)
+    alice.save_screenshot(str(img / "web-job.png"))
 
     # A second version (replace), so there is something to roll back to.
     alice.get(w.service + "new")
@@ -156,7 +159,7 @@ def test_the_story_in_a_browser(web: WebWorld, browser_factory: Any) -> None:
     alice.get(w.service)
     row = alice.find_element(By.CSS_SELECTOR, f"tr[data-env='{ENV}']")
     assert "ready" in row.text and "alice" in row.text
-    alice.save_screenshot(str(IMG / "web-envs.png"))
+    alice.save_screenshot(str(img / "web-envs.png"))
     alice.get(w.service + f"envs/{ENV}")
     kernel = env_state(w)["kernel"]
     assert kernel and alice.find_element(By.ID, "kernel").text == kernel
@@ -166,7 +169,7 @@ def test_the_story_in_a_browser(web: WebWorld, browser_factory: Any) -> None:
     v2 = alice.find_element(By.ID, "version-v2")
     if "changes" in env_state(w)["versions"][-1]:  # what changed from v1, where the daemon says
         assert "+ colorlib 1.0" in v2.find_element(By.CSS_SELECTOR, ".changes").text
-    alice.save_screenshot(str(IMG / "web-env.png"))
+    alice.save_screenshot(str(img / "web-env.png"))
     v1 = alice.find_element(By.ID, "version-v1")
     assert XSS in v1.text  # shown as text ...
     assert not alice.find_elements(By.CSS_SELECTOR, "main img, main b")  # ... never as markup
