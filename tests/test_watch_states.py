@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -104,12 +105,15 @@ def test_configured_polling_is_its_own_state(scratch: Path, accounts: Accounts) 
         w.stop(5)
 
 
-def test_a_bug_healing_one_directory_costs_no_other_of_its_batch(scratch: Path,
-                                                                  accounts: Accounts) -> None:
-    """A worker heals the entries of up to ENTRY_DIRS directories in one call. An exception
-    there (a bug: planted here, for ``d7`` only, since no real input is known to raise) is
-    logged and counted once, and the other directories of that batch are healed anyway — not
-    left for the next full pass (hours away here)."""
+@contextmanager
+def _burst_held(scratch: Path, accounts: Accounts,
+                plant: Callable[[list[str]], None]) -> Iterator[tuple[RootWatcher, Path,
+                                                                     list[str],
+                                                                     list[list[str]]]]:
+    """A real watcher on a root of 20 directories (d0..d19) whose batch heals go through
+    ``plant(parents)`` first (it raises the planted bug) — the first one held until alice's
+    burst (a file in each) is all held by the worker or queued, so that the rest comes as
+    batches. Yields the watcher, the root, the names and the parents of every batch."""
     root = make_root(scratch, accounts)
     alice = accounts.alice
     names = [f"d{i}" for i in range(20)]
@@ -124,32 +128,51 @@ def test_a_bug_healing_one_directory_costs_no_other_of_its_batch(scratch: Path,
         listed = list(groups)
         batches.append([parent for parent, _ in listed])
         release.wait(30)  # the first call holds the worker while the burst queues up
-        if any(parent == "d7" for parent, _ in listed):
-            raise RuntimeError("planted bug")
+        plant([parent for parent, _ in listed])
         return real(listed)
+
+    # Every directory of the burst held by the worker or waiting. Not a count of the queue:
+    # the first hand-out takes every directory settled by then, one or many.
+    def held_or_queued() -> set[str]:
+        with w.queue._cond:
+            queued = {d.name for d in w.queue._siblings}
+        return queued | {parent for batch in batches for parent in batch}
 
     w._healer.run_entries = run_entries  # type: ignore[method-assign]
     w.start()
     try:
         as_user(alice.uid, alice.gid, ["touch", *(str(root / n / "f") for n in names)])
-        # Every directory of the burst held by the worker or waiting. Not a count of the
-        # queue: the first hand-out takes every directory settled by then, one or many.
-        def held_or_queued() -> set[str]:
-            with w.queue._cond:
-                queued = {d.name for d in w.queue._siblings}
-            return queued | {parent for batch in batches for parent in batch}
-
         wait_for(lambda: held_or_queued() >= set(names), 10, 0.01, "the burst queued")
         release.set()
+        yield w, root, names, batches
+    finally:
+        release.set()
+        w.stop(5)
+
+
+def _bug_in_d7(parents: list[str]) -> None:
+    if "d7" in parents:
+        raise RuntimeError("planted bug")
+
+
+def _bug_in_batches(parents: list[str]) -> None:
+    if len(parents) > 1:
+        raise RuntimeError("planted batch bug")
+
+
+def test_a_bug_healing_one_directory_costs_no_other_of_its_batch(scratch: Path,
+                                                                  accounts: Accounts) -> None:
+    """A worker heals the entries of up to ENTRY_DIRS directories in one call. An exception
+    there (a bug: planted here, for ``d7`` only, since no real input is known to raise) is
+    logged and counted once, and the other directories of that batch are healed anyway — not
+    left for the next full pass (hours away here)."""
+    with _burst_held(scratch, accounts, _bug_in_d7) as (w, root, names, batches):
         wait_for(lambda: not find_violations(root, accounts.shared_gid,
                                              [str(root / n / "f") for n in names
                                               if n != "d7"]), 10, 0.02, "the others healed")
         assert any("d7" in b and len(b) > 1 for b in batches), batches  # d7 came in a batch
         assert find_violations(root, accounts.shared_gid, [str(root / "d7" / "f")])
         assert w.status().errors == 1
-    finally:
-        release.set()
-        w.stop(5)
 
 
 def test_a_bug_only_batches_hit_is_logged_though_each_directory_heals_alone(
@@ -157,39 +180,13 @@ def test_a_bug_only_batches_hit_is_logged_though_each_directory_heals_alone(
     """A bug in the batch itself (one no single directory shows: every batch raises, each of
     its directories then heals alone) is logged with its traceback: it went unsaid — no line,
     no count —, while every batch cost ENTRY_DIRS + 1 heals instead of one."""
-    root = make_root(scratch, accounts)
-    alice = accounts.alice
-    names = [f"d{i}" for i in range(20)]
-    as_user(alice.uid, alice.gid, ["mkdir", *(str(root / n) for n in names)])
-    w = _watcher(root, accounts.shared_group)
-    w.watch_cfg = w.watch_cfg._replace(full_scan_interval=3600.0)  # type: ignore[attr-defined]
-    real = w._healer.run_entries
-    release = threading.Event()
-    batches: list[int] = []
-
-    def run_entries(groups: Iterable[tuple[str, list[str]]]) -> HealStats:
-        release.wait(30)  # the first call holds the worker while the burst queues up
-        listed = list(groups)
-        batches.append(len(listed))
-        if len(listed) > 1:
-            raise RuntimeError("planted batch bug")
-        return real(listed)
-
-    w._healer.run_entries = run_entries  # type: ignore[method-assign]
     caplog.set_level(logging.INFO, logger="envctl_shared")
-    w.start()
-    try:
-        as_user(alice.uid, alice.gid, ["touch", *(str(root / n / "f") for n in names)])
-        wait_for(lambda: len(w.queue) >= len(names), 10, 0.01, "the burst queued")
-        release.set()
+    with _burst_held(scratch, accounts, _bug_in_batches) as (w, root, names, batches):
         wait_for(lambda: not find_violations(root, accounts.shared_gid,
                                              [str(root / n / "f") for n in names]),
                  10, 0.02, "all healed")
-        assert any(n > 1 for n in batches), batches
+        assert any(len(b) > 1 for b in batches), batches
         said = [r for r in caplog.records if r.levelno == logging.ERROR]
         assert said and all(r.exc_info and "planted batch bug" in str(r.exc_info[1])
                             for r in said), [r.getMessage() for r in said]
         assert w.status().errors == 0  # every directory healed
-    finally:
-        release.set()
-        w.stop(5)
