@@ -6,6 +6,7 @@ export PATH="$PWD/.venv/bin:$PATH" ENVCTL_SOCKET="$PWD/var/run/envctld.sock"
 mkdir -p -m 1777 var/elsewhere
 W=$([ "$(id -u)" != 0 ] || echo setpriv --reuid=envctl-demo --regid=envctl-demo --init-groups)
 $W sh -c 'umask 077; mkdir -p var/envs/demo; touch var/elsewhere/a.csv var/envs/demo/a.csv'
+sleep 1                                 # the daemon heals as files appear (ms); a busy host: a moment
 envctl check --config var/dev.yaml      # exit 0: nothing left to fix in the root
 ls -l var/elsewhere/a.csv var/envs/demo/a.csv   # -rw------- elsewhere, -rw-rw---- in the root
 envctl status                           # FIXED: what the daemon healed
