@@ -54,6 +54,16 @@ class Arg:
     default: Any = None
     check: Callable[[Any], str | None] | None = None  # a problem with the value, or None
 
+    def takes_type(self, value: object) -> bool:
+        """Whether ``value`` is of an accepted JSON type (a bool is no int here)."""
+        return isinstance(value, self.types) and (bool in self.types
+                                                  or not isinstance(value, bool))
+
+    def problem(self, value: object) -> str | None:
+        """What is wrong with ``value`` (of an accepted type), or None: the one check of an
+        argument, asked by the daemon of every request and by a client before it sends one."""
+        return _unicode_problem(value) or (self.check(value) if self.check else None)
+
 
 def _job_id(value: str | int) -> str | None:
     if isinstance(value, int):
@@ -314,10 +324,9 @@ def request(op: str, args: dict[str, Any] | None = None,
     known = _BY_NAME.get(op)
     for key, value in msg["args"].items():
         spec = known.args.get(key) if known is not None else None
-        if spec is None or spec.check is None or not isinstance(value, spec.types) or \
-                isinstance(value, bool) and bool not in spec.types:
-            continue
-        problem = _unicode_problem(value) or spec.check(value)
+        if spec is None or spec.check is None or not spec.takes_type(value):
+            continue  # the daemon's to refuse: no value a user types
+        problem = spec.problem(value)
         if problem:
             raise ValidationError(f"argument {key!r} {problem}, not {brief(value)}",
                                   hint=f"{key}: {spec.help}; check it for a typo")
@@ -403,12 +412,11 @@ def _check_args(op: Op, args: dict[str, Any]) -> dict[str, Any]:
                 raise ProtocolError(f"{op.name}: argument {key!r} is required")
             out[key] = spec.default
             continue
-        if isinstance(value, bool) and bool not in spec.types or \
-                not isinstance(value, spec.types):
+        if not spec.takes_type(value):
             want = " or ".join(t.__name__ for t in spec.types)
             raise ProtocolError(f"{op.name}: argument {key!r} must be {want}, "
                                 f"not {type(value).__name__}")
-        problem = _unicode_problem(value) or (spec.check(value) if spec.check else None)
+        problem = spec.problem(value)
         if problem:
             raise ProtocolError(f"{op.name}: argument {key!r} {problem}, not {brief(value)}")
         out[key] = value

@@ -286,8 +286,9 @@ def check_root(ctx: Context, root: RootInfo, umask: int, envs: EnvsDirs) -> None
             f"{quote_name(mnt.mount_point)} ({where})", subject=str(root.path))
     gid = root.gid if root.gid is not None else st.st_gid
     acc = group_access(gid)
-    fix = None if os.geteuid() == 0 else membership_fix(acc)
-    if os.geteuid() == 0:  # the kernel lets root in whatever its groups (unless squashed)
+    as_root = os.geteuid() == 0
+    fix = None if as_root else membership_fix(acc)
+    if as_root:  # the kernel lets root in whatever its groups (unless squashed)
         summary = (f"you are root: group {acc.group}'s permissions do not limit you"
                    + (" (unless the export squashes root: run doctor as a member to see what "
                       "members see)" if mnt.remote else ""))
