@@ -172,7 +172,11 @@ def test_a_bug_healing_one_directory_costs_no_other_of_its_batch(scratch: Path,
                                               if n != "d7"]), 10, 0.02, "the others healed")
         assert any("d7" in b and len(b) > 1 for b in batches), batches  # d7 came in a batch
         assert find_violations(root, accounts.shared_gid, [str(root / "d7" / "f")])
-        assert w.status().errors == 1
+        # Each failure counted once: d7's heals alone, each of which raised. Usually one, but
+        # its events may come in two reads (the create, then the close), and d7 is handed out
+        # again — so the count is taken of what happened, once nothing is left to heal.
+        assert w.queue.wait_idle(10)
+        assert w.status().errors == sum(b == ["d7"] for b in batches) >= 1, batches
 
 
 def test_a_bug_only_batches_hit_is_logged_though_each_directory_heals_alone(
